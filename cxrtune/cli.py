@@ -1,0 +1,159 @@
+"""The ``cxrtune`` command line: a thin layer over the library.
+
+Every user error (a :class:`~cxrtune.errors.CxrtuneError`) is printed as one plain message that
+names the file or key at fault, with exit code 2 and no traceback (``-v`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import CxrtuneError
+
+log = logging.getLogger("cxrtune")
+
+
+def _data_import(args) -> None:
+    from .importers import run_import
+
+    options = {"default_label": args.default_label, "min_age": args.min_age,
+               "drop_derived": args.drop_derived}
+    result = run_import(args.format, args.src, args.out, data_dir=args.data_dir,
+                        progress=not args.quiet, **options)
+    if result.excluded:
+        from .importers import _report_uri
+        print(f"exclusion report: {_report_uri(args.out)}", file=sys.stderr)
+    print(result.summary())
+
+
+def _data_split(args) -> None:
+    from . import manifest
+    from .splits import assign_splits, split_summary
+
+    df = manifest.load_manifest(args.manifest, check_files=not args.no_check)
+    out = assign_splits(df, val=args.val, test=args.test, folds=args.folds, seed=args.seed,
+                        tuning_fraction=args.tuning_fraction, keep_test=args.keep_test)
+    target = args.out or args.manifest
+    manifest.save_manifest(_for_saving(out, target), target)
+    print(json.dumps(split_summary(out)))
+
+
+def _for_saving(df, target: str):
+    """Keep relative paths when the manifest stays beside its files (phantom folders)."""
+    from . import manifest, storage
+
+    if storage.is_s3(target):
+        return df
+    base = storage.parent(target)
+    local = [u for u in df["image"] if u and not storage.is_s3(u)]
+    if local and all(os.path.abspath(u).startswith(base + os.sep) for u in local):
+        return manifest.relative_to(df, base)
+    return df
+
+
+def _data_push(args) -> None:
+    from . import manifest
+
+    df = manifest.load_manifest(args.manifest)
+    counts = manifest.push_manifest(df, args.dest, args.out, workers=args.workers,
+                                    progress=not args.quiet)
+    print(f"pushed {counts['files']} files: uploaded {counts['uploaded']}, "
+          f"already present {counts['skipped']}; manifest {args.out}")
+
+
+def _data_phantom(args) -> None:
+    from .phantom import write_phantoms
+
+    df = write_phantoms(args.out, args.n, size=args.size, seed=args.seed, progress=not args.quiet)
+    print(f"wrote {len(df)} phantoms and {os.path.join(args.out, 'manifest.parquet')}")
+
+
+def _data_validate(args) -> None:
+    from . import manifest
+
+    df = manifest.load_manifest(args.manifest, check_files=not args.no_check)
+    print(f"{args.manifest}: {len(df)} rows, valid")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxrtune", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    p.add_argument("--s3-endpoint-url", help="S3 endpoint (MinIO, a local server); "
+                   "default: $CXRTUNE_S3_ENDPOINT_URL or AWS")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="import, split, push and generate datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    imp = dsub.add_parser("import", help="turn a dataset layout into a manifest")
+    imp.add_argument("src", help="dataset folder")
+    imp.add_argument("--format", required=True, help="covid-qu-ex, jsrt, folder or dicom")
+    imp.add_argument("--out", required=True, help="manifest to write (.parquet or .csv)")
+    imp.add_argument("--data-dir", help="where converted files go (default: beside --out)")
+    imp.add_argument("--default-label", help="label for images without one (folder, dicom)")
+    imp.add_argument("--min-age", type=float, default=18.0, help="dicom: drop younger patients")
+    imp.add_argument("--drop-derived", action="store_true",
+                     help="dicom: also drop DERIVED images (SECONDARY ones are always dropped)")
+    imp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    imp.set_defaults(func=_data_import)
+
+    spl = dsub.add_parser("split", help="patient-level stratified train/val/test, folds, tuning subset")
+    spl.add_argument("manifest")
+    spl.add_argument("--val", type=float, default=0.1)
+    spl.add_argument("--test", type=float, default=0.1)
+    spl.add_argument("--folds", type=int, default=0)
+    spl.add_argument("--seed", type=int, default=0)
+    spl.add_argument("--tuning-fraction", type=float, help="mark a patient subset for tuning")
+    spl.add_argument("--keep-test", action="store_true", help="keep existing test rows as they are")
+    spl.add_argument("--out", help="write here instead of in place")
+    spl.add_argument("--no-check", action="store_true", help="skip the file-existence check")
+    spl.set_defaults(func=_data_split)
+
+    push = dsub.add_parser("push", help="upload images and masks to S3, write an S3 manifest")
+    push.add_argument("manifest")
+    push.add_argument("dest", help="s3://bucket/prefix")
+    push.add_argument("--out", required=True, help="manifest of S3 URIs to write (local or s3://)")
+    push.add_argument("--workers", type=int, default=8)
+    push.add_argument("-q", "--quiet", action="store_true")
+    push.set_defaults(func=_data_push)
+
+    ph = dsub.add_parser("phantom", help="synthetic CXRs with known lungs, opacities and zone scores")
+    ph.add_argument("--n", type=int, default=64)
+    ph.add_argument("--out", required=True)
+    ph.add_argument("--size", type=int, default=256)
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("-q", "--quiet", action="store_true")
+    ph.set_defaults(func=_data_phantom)
+
+    val = dsub.add_parser("validate", help="check a manifest and list every bad row")
+    val.add_argument("manifest")
+    val.add_argument("--no-check", action="store_true", help="skip the file-existence check")
+    val.set_defaults(func=_data_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.s3_endpoint_url:
+        os.environ["CXRTUNE_S3_ENDPOINT_URL"] = args.s3_endpoint_url
+    try:
+        args.func(args)
+    except CxrtuneError as exc:
+        if args.verbose:
+            raise
+        print(f"cxrtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cxrtune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

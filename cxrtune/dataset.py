@@ -1,0 +1,113 @@
+"""A torch Dataset over a manifest, with seed 004's augmentation pipeline.
+
+Each item is a dict of tensors: ``image`` (C x H x W float32), ``lung_mask`` and ``opacity_mask``
+(1 x H x W float32 in {0, 1}), ``opacity_annotated`` (bool: False means the opacity mask is not
+annotated and must be left out of the segmentation loss), ``label`` (1 = disease) and ``index``
+(the manifest row). Masks go through exactly the same geometric transforms as their image.
+Remote files are read through a :class:`~cxrtune.storage.ContentCache`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from . import images, manifest, storage
+
+IMAGENET_MEAN = 0.449  # grey equivalent of ImageNet's RGB mean/std, for 1-channel input
+IMAGENET_STD = 0.226
+
+
+@dataclass
+class Preprocessing:
+    """How an image becomes a model input; stored with every checkpoint and bundle."""
+
+    size: int = 256
+    in_channels: int = 1
+    mean: float = IMAGENET_MEAN
+    std: float = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(**{k: d[k] for k in ("size", "in_channels", "mean", "std") if k in d})
+
+    def to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """HxW float [0, 1] at model size -> C x H x W normalised tensor."""
+        x = torch.from_numpy((np.ascontiguousarray(image, np.float32) - self.mean) / self.std)[None]
+        return x.expand(self.in_channels, -1, -1).contiguous() if self.in_channels > 1 else x
+
+
+def seed_augmentation(size: int) -> A.Compose:
+    """Seed 004's final-training augmentation (albumentations): CLAHE p=0.2; random-sized crop of
+    0.7-0.9 of the height p=0.2; rotate +-15 deg p=0.5; horizontal flip p=0.5;
+    brightness/contrast +-0.2 p=0.2. Input is uint8 at the model size."""
+    return A.Compose([
+        A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=0.2),
+        A.RandomSizedCrop(min_max_height=(int(0.7 * size), int(0.9 * size)), size=(size, size), p=0.2),
+        A.Rotate(limit=15, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+        A.HorizontalFlip(p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.2),
+    ])
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+
+
+class CXRDataset(Dataset):
+    """Rows of a manifest as training examples.
+
+    ``augment`` applies :func:`seed_augmentation`; a missing lung mask gives an all-zero mask
+    (filter rows by ``lung_mask != ""`` when training Stage I).
+    """
+
+    def __init__(self, df: pd.DataFrame, preprocessing: Preprocessing = Preprocessing(),
+                 augment: bool = False, cache: storage.ContentCache | None = None):
+        self.df = df.reset_index(drop=True)
+        self.pre = preprocessing
+        self.augment = seed_augmentation(preprocessing.size) if augment else None
+        self.cache = cache or storage.ContentCache()
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def _mask(self, uri: str, shape: tuple[int, int]) -> np.ndarray:
+        if not uri:
+            return np.zeros((self.pre.size, self.pre.size), np.uint8)
+        m = images.read_mask(uri, self.cache)
+        if m.shape != shape:
+            raise images.ImageDecodeError(f"{uri}: mask is {m.shape[1]}x{m.shape[0]} but its image "
+                                          f"is {shape[1]}x{shape[0]}")
+        return resize_mask(m, self.pre.size)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.df.iloc[i]
+        image = images.read_image(row["image"], self.cache)
+        lung = self._mask(row.get("lung_mask", ""), image.shape)
+        opacity = self._mask(row.get("opacity_mask", ""), image.shape)
+        image = resize_image(image, self.pre.size)
+        if self.augment is not None:
+            out = self.augment(image=(image * 255).round().astype(np.uint8), masks=[lung, opacity])
+            image = out["image"].astype(np.float32) / 255.0
+            lung, opacity = out["masks"]
+        return {
+            "image": self.pre.to_tensor(image),
+            "lung_mask": torch.from_numpy(np.ascontiguousarray(lung, np.float32))[None],
+            "opacity_mask": torch.from_numpy(np.ascontiguousarray(opacity, np.float32))[None],
+            "opacity_annotated": torch.tensor(bool(row.get("opacity_mask", ""))),
+            "label": torch.tensor(float(manifest.is_disease(row["label"]))),
+            "index": torch.tensor(i),
+        }

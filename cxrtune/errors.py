@@ -1,0 +1,30 @@
+"""User-facing errors: the CLI prints these as one plain message, without a traceback."""
+
+from __future__ import annotations
+
+
+class CxrtuneError(Exception):
+    """An error the user can fix: the message names the file or key at fault and how to fix it."""
+
+
+class ManifestError(CxrtuneError):
+    """A manifest failed validation; ``problems`` lists every bad row, not just the first."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        shown = "\n".join(f"  - {p}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"manifest {source} has {len(problems)} problem(s):\n{shown}{more}")
+
+
+class ImageDecodeError(CxrtuneError):
+    """A file could not be decoded as a chest radiograph (corrupt, truncated, wrong type)."""
+
+
+class ImageTooLargeError(CxrtuneError):
+    """A file exceeds the configured byte or pixel limit."""
+
+
+class UnsupportedFormatError(CxrtuneError):
+    """A file is not PNG, JPEG or DICOM."""

@@ -1,0 +1,154 @@
+"""Decode chest radiographs and masks from PNG, JPEG or DICOM bytes into arrays.
+
+Images come out as 2-D ``float32`` in [0, 1] with the full precision of the file (16-bit PNG and
+15-bit DICOM keep their levels), bright = dense, whatever the file's photometric convention.
+Masks come out as 2-D ``bool``. Size limits are checked from the header before any pixel is decoded,
+so a hostile file cannot make us allocate gigabytes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from . import storage
+from .errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+
+MAX_BYTES = int(os.environ.get("CXRTUNE_MAX_IMAGE_BYTES", 256 * 1024 * 1024))
+MAX_PIXELS = int(os.environ.get("CXRTUNE_MAX_IMAGE_PIXELS", 64 * 1024 * 1024))
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Byte and pixel limits for one decode (Serve tightens them per request)."""
+
+    max_bytes: int = MAX_BYTES
+    max_pixels: int = MAX_PIXELS
+
+
+def sniff_format(data: bytes) -> str:
+    """``"png"``, ``"jpeg"`` or ``"dicom"`` from the file's magic bytes (extensions lie)."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    raise UnsupportedFormatError("not a PNG, JPEG or DICOM file (unrecognised leading bytes)")
+
+
+def _header_size(data: bytes, fmt: str) -> tuple[int, int]:
+    """(height, width) read from the header only."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.height, im.width
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on junk
+        raise ImageDecodeError(f"unreadable {fmt.upper()} header ({type(exc).__name__})") from None
+
+
+def _check_pixels(h: int, w: int, limits: Limits) -> None:
+    if h * w > limits.max_pixels:
+        raise ImageTooLargeError(
+            f"image is {w}x{h} = {h * w / 1e6:.1f} MP, over the limit of "
+            f"{limits.max_pixels / 1e6:.1f} MP (CXRTUNE_MAX_IMAGE_PIXELS)")
+
+
+def _to_unit_float(arr: np.ndarray) -> np.ndarray:
+    """Integer or float pixels -> float32 in [0, 1], by the dtype's range for integers."""
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    arr = arr.astype(np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+
+
+def _to_gray(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        return arr
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        # cv2 decodes as BGR; radiographs are grey, so the channel order barely matters
+        return cv2.cvtColor(arr, cv2.COLOR_BGR2GRAY)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        return arr[:, :, 0]
+    raise ImageDecodeError(f"unexpected pixel array shape {arr.shape}")
+
+
+def decode_raster(data: bytes, limits: Limits = Limits()) -> np.ndarray:
+    """PNG or JPEG bytes -> the raw pixel array (grey, original dtype)."""
+    fmt = sniff_format(data)
+    h, w = _header_size(data, fmt)
+    _check_pixels(h, w, limits)
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.size == 0:
+        raise ImageDecodeError(f"corrupt or truncated {fmt.upper()} data")
+    return _to_gray(arr)
+
+
+def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
+    """Image bytes (PNG, JPEG, DICOM) -> 2-D float32 in [0, 1], bright = dense."""
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(f"file is {len(data) / 1e6:.1f} MB, over the limit of "
+                                 f"{limits.max_bytes / 1e6:.1f} MB (CXRTUNE_MAX_IMAGE_BYTES)")
+    if not data:
+        raise ImageDecodeError("empty file")
+    fmt = sniff_format(data)
+    if fmt == "dicom":
+        from .dicom import read_dicom
+
+        return read_dicom(data, limits=limits).pixels
+    return _to_unit_float(decode_raster(data, limits))
+
+
+def decode_mask(data: bytes, limits: Limits = Limits()) -> np.ndarray:
+    """Mask bytes -> 2-D bool (any non-zero pixel is inside)."""
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(f"mask file is {len(data) / 1e6:.1f} MB, over the limit")
+    return decode_raster(data, limits) > 0
+
+
+def read_image(uri: str, cache: storage.ContentCache | None = None) -> np.ndarray:
+    """Read an image from a local path or S3 URI; errors name the URI."""
+    data = cache.read_bytes(uri) if cache else storage.read_bytes(uri)
+    try:
+        return decode_image(data)
+    except (ImageDecodeError, ImageTooLargeError, UnsupportedFormatError) as exc:
+        raise type(exc)(f"{uri}: {exc}") from None
+
+
+def read_mask(uri: str, cache: storage.ContentCache | None = None) -> np.ndarray:
+    data = cache.read_bytes(uri) if cache else storage.read_bytes(uri)
+    try:
+        return decode_mask(data)
+    except (ImageDecodeError, ImageTooLargeError, UnsupportedFormatError) as exc:
+        raise type(exc)(f"{uri}: {exc}") from None
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """Lossless PNG: bool -> 0/255 8-bit, uint8/uint16 kept, float [0,1] -> 16-bit."""
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype.kind == "f":
+        arr = np.round(np.clip(arr, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    elif arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"cannot write {arr.dtype} as PNG")
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def write_png(uri: str, arr: np.ndarray) -> None:
+    storage.write_bytes(uri, encode_png(arr))

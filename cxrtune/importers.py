@@ -1,0 +1,285 @@
+"""Turn real dataset layouts into manifests: ``cxrtune data import --format FORMAT SRC --out M``.
+
+Formats (a registry, like SMP's architectures): ``covid-qu-ex``, ``jsrt``, ``folder``, ``dicom``.
+Every importer returns an :class:`ImportResult`; one bad file never stops a batch, it is listed in
+the exclusion report with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from . import images, manifest
+from .errors import CxrtuneError
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass
+class ImportResult:
+    manifest: pd.DataFrame
+    excluded: list[dict] = field(default_factory=list)  # {"file", "reason"}
+    failed: list[dict] = field(default_factory=list)  # unreadable files, also in excluded
+
+    def summary(self) -> str:
+        return (f"imported {len(self.manifest)}, excluded {len(self.excluded) - len(self.failed)}, "
+                f"failed {len(self.failed)}")
+
+
+IMPORTERS: dict[str, Callable[..., ImportResult]] = {}
+
+
+def importer(name: str):
+    def register(fn):
+        IMPORTERS[name] = fn
+        return fn
+    return register
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise CxrtuneError(f"{path}: {what} folder not found; check SRC and --format")
+
+
+# ------------------------------------------------------------------------------------ COVID-QU-Ex
+
+COVID_QU_EX_CLASSES = {"COVID-19": "covid", "Non-COVID": "other_pneumonia", "Normal": "normal"}
+COVID_QU_EX_SPLITS = {"Train": "train", "Val": "val", "Test": "test"}
+
+
+@importer("covid-qu-ex")
+def import_covid_qu_ex(src: str, data_dir: str | None = None, progress: bool = True, **_) -> ImportResult:
+    """The official "Infection Segmentation Data" layout:
+    ``{Train,Val,Test}/{COVID-19,Non-COVID,Normal}/{images,lung masks,infection masks}/<name>.png``.
+
+    Official splits are kept in ``split``. Non-COVID infection masks are empty because that
+    pneumonia was never outlined: recorded as NOT annotated. Normal masks are annotated empty.
+    Each image is its own patient (the dataset has no patient key).
+    """
+    root = Path(src)
+    _require_dir(root, "COVID-QU-Ex")
+    rows, excluded = [], []
+    found_any = False
+    for split_dir, split in COVID_QU_EX_SPLITS.items():
+        for cls_dir, label in COVID_QU_EX_CLASSES.items():
+            img_dir = root / split_dir / cls_dir / "images"
+            if not img_dir.is_dir():
+                continue
+            found_any = True
+            for img in sorted(img_dir.iterdir()):
+                if img.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                lung = img.parent.parent / "lung masks" / img.name
+                inf = img.parent.parent / "infection masks" / img.name
+                if not lung.exists():
+                    excluded.append({"file": str(img), "reason": "lung mask missing"})
+                    continue
+                opacity = str(inf) if (label != "other_pneumonia" and inf.exists()) else ""
+                rows.append({"image": str(img), "lung_mask": str(lung), "opacity_mask": opacity,
+                             "label": label, "patient_id": f"cqe-{cls_dir}-{img.stem}",
+                             "source": "covid-qu-ex", "view": "frontal", "split": split})
+    if not found_any:
+        raise CxrtuneError(f"{src}: no {{Train,Val,Test}}/{{COVID-19,Non-COVID,Normal}}/images folders; "
+                           "is this the 'Infection Segmentation Data' folder?")
+    return ImportResult(manifest.new_manifest(rows), excluded)
+
+
+# ------------------------------------------------------------------------------------------- JSRT
+
+@importer("jsrt")
+def import_jsrt(src: str, data_dir: str | None = None, progress: bool = True, **_) -> ImportResult:
+    """``images/<ID>.png`` + ``masks/{left_lung,right_lung}/<ID>.png`` (SCR masks).
+
+    The two lungs are combined into one lung mask written under ``data_dir/lung_masks``; the
+    per-side masks stay in ``lung_mask_right``/``lung_mask_left`` (``left_lung`` is the patient's
+    left). Labels: ``JPCLN`` = nodule case, ``JPCNN`` = normal. No opacity annotation.
+    """
+    from tqdm import tqdm
+
+    root = Path(src)
+    _require_dir(root / "images", "JSRT images")
+    out = Path(data_dir or ".") / "lung_masks"
+    rows, excluded, failed = [], [], []
+    files = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for img in tqdm(files, desc="jsrt", unit="img", disable=not progress):
+        right = root / "masks" / "right_lung" / img.name
+        left = root / "masks" / "left_lung" / img.name
+        if not (right.exists() and left.exists()):
+            excluded.append({"file": str(img), "reason": "right_lung or left_lung mask missing"})
+            continue
+        try:
+            both = images.read_mask(str(right)) | images.read_mask(str(left))
+        except CxrtuneError as exc:
+            entry = {"file": str(img), "reason": f"unreadable mask: {exc}"}
+            excluded.append(entry)
+            failed.append(entry)
+            continue
+        combined = out / img.name
+        images.write_png(str(combined), both)
+        label = "nodule" if img.stem.upper().startswith("JPCLN") else "normal"
+        rows.append({"image": str(img), "lung_mask": str(combined.resolve()), "opacity_mask": "",
+                     "label": label, "patient_id": f"jsrt-{img.stem}", "source": "jsrt", "view": "PA",
+                     "lung_mask_right": str(right), "lung_mask_left": str(left)})
+    return ImportResult(manifest.new_manifest(rows), excluded, failed)
+
+
+# ----------------------------------------------------------------------------------------- folder
+
+FOLDER_LABEL_COLUMNS = ("label", "patient_id", "view", "split", "source", "age", "sex", "site",
+                        "grade_right", "grade_left", *manifest.ZONE_COLUMNS, "score")
+
+
+@importer("folder")
+def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
+                  default_label: str | None = None, **_) -> ImportResult:
+    """``images/``, optional ``lung_masks/`` and ``opacity_masks/`` (same file names as the
+    images) and an optional ``labels.csv`` with an ``image`` column (file name) and any of
+    ``label, patient_id, view, split, source, age, sex, site, grade_*, zone_A..F, score``.
+
+    A missing opacity mask file means not annotated; an all-zero file means annotated, no opacity.
+    Images with no label in labels.csv get ``default_label`` or, without one, are excluded.
+    """
+    root = Path(src)
+    _require_dir(root / "images", "images")
+    labels_csv = root / "labels.csv"
+    table: dict[str, dict] = {}
+    if labels_csv.exists():
+        lab = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+        if "image" not in lab.columns:
+            raise CxrtuneError(f"{labels_csv}: needs an 'image' column with the image file names")
+        unknown = [c for c in lab.columns if c != "image" and c not in FOLDER_LABEL_COLUMNS]
+        if unknown:
+            raise CxrtuneError(f"{labels_csv}: unknown column(s) {', '.join(unknown)}; "
+                               f"allowed: image, {', '.join(FOLDER_LABEL_COLUMNS)}")
+        table = {Path(r["image"]).name: r for r in lab.to_dict("records")}
+    rows, excluded = [], []
+    for img in sorted((root / "images").iterdir()):
+        if img.suffix.lower() not in IMAGE_SUFFIXES | {".dcm"}:
+            continue
+        meta = dict(table.get(img.name, {}))
+        meta.pop("image", None)
+        if "label" not in meta or not meta["label"]:
+            if default_label is None:
+                excluded.append({"file": str(img), "reason": "no label in labels.csv (or pass --default-label)"})
+                continue
+            meta["label"] = default_label
+        lung = root / "lung_masks" / img.name
+        lung = lung if lung.exists() else lung.with_suffix(".png")
+        opac = root / "opacity_masks" / img.name
+        opac = opac if opac.exists() else opac.with_suffix(".png")
+        row = {"image": str(img), "lung_mask": str(lung) if lung.exists() else "",
+               "opacity_mask": str(opac) if opac.exists() else "",
+               "patient_id": img.stem, "source": root.name, "view": "unknown"}
+        row.update({k: v for k, v in meta.items() if v != ""})
+        rows.append(row)
+    if table:
+        missing = sorted(set(table) - {Path(r["image"]).name for r in rows} - {Path(e["file"]).name for e in excluded})
+        excluded += [{"file": str(root / "images" / m), "reason": "listed in labels.csv but no such image"} for m in missing]
+    return ImportResult(manifest.new_manifest(rows), excluded)
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+
+@importer("dicom")
+def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, min_age: float = 18.0,
+                 drop_derived: bool = False, default_label: str | None = None, **_) -> ImportResult:
+    """A folder tree of DICOM files -> lossless PNGs (16-bit where BitsStored > 8) + manifest.
+
+    Seed 000's rules: first image per AccessionNumber (ordered by series, instance, acquisition
+    time; the next one is taken when the first is unreadable), frontal views only, adults only
+    (PatientAge, when present), no post-processed images, no non-image DICOM, no unreadable
+    files. Output names and patient ids are pseudonyms: no identifier reaches the manifest or
+    the logs. ``default_label`` labels every kept image (DICOM carries no diagnosis).
+    """
+    from tqdm import tqdm
+
+    from .dicom import read_dicom, read_header
+
+    root = Path(src)
+    if not root.exists():
+        raise CxrtuneError(f"{src}: folder not found")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    out_dir = Path(data_dir or ".") / "images"
+    label = default_label or "other_disease"
+    if label not in manifest.LABELS:
+        raise CxrtuneError(f"--default-label {label!r} is not one of {', '.join(manifest.LABELS)}")
+    excluded, failed, candidates = [], [], []
+    for path in tqdm(files, desc="dicom headers", unit="file", disable=not progress):
+        try:
+            header = read_header(path)
+        except CxrtuneError as exc:
+            entry = {"file": str(path), "reason": f"unreadable: {exc}"}
+            excluded.append(entry)
+            failed.append(entry)
+            continue
+        reason = header.exclusion_reason(min_age=min_age, drop_derived=drop_derived)
+        if reason:
+            excluded.append({"file": str(path), "reason": reason})
+            continue
+        candidates.append((path, header))
+    by_accession: dict[str, list] = {}
+    for path, header in candidates:
+        key = header.accession or header.instance or str(path)
+        by_accession.setdefault(key, []).append((path, header))
+    rows = []
+    for group in tqdm(by_accession.values(), desc="dicom pixels", unit="study", disable=not progress):
+        group.sort(key=lambda ph: (ph[1].series_number, ph[1].instance_number, ph[1].acquired, str(ph[0])))
+        kept = None
+        for path, header in group:
+            if kept is not None:
+                excluded.append({"file": str(path), "reason": "not the first image of its accession"
+                                 if header.accession else "duplicate of a kept image (same SOPInstanceUID)"})
+                continue
+            try:
+                dcm = read_dicom(path)
+            except CxrtuneError as exc:
+                entry = {"file": str(path), "reason": f"unreadable: {exc}"}
+                excluded.append(entry)
+                failed.append(entry)
+                continue
+            kept = path
+            pixels = dcm.pixels
+            bits = dcm.header.bits_stored or 8
+            arr = (np.round(pixels * 65535).astype(np.uint16) if bits > 8
+                   else np.round(pixels * 255).astype(np.uint8))
+            name = (header.instance or header.accession or f"img-{len(rows):06d}") + ".png"
+            target = out_dir / name
+            images.write_png(str(target), arr)
+            rows.append({"image": str(target.resolve()), "label": label,
+                         "patient_id": header.patient or header.instance,
+                         "source": "dicom", "view": header.view or "unknown",
+                         "age": min(header.age_years, 90.0) if header.age_years is not None else None,
+                         "sex": header.sex})
+    return ImportResult(manifest.new_manifest(rows), excluded, failed)
+
+
+def run_import(fmt: str, src: str, out: str, data_dir: str | None = None, progress: bool = True,
+               **options) -> ImportResult:
+    """Run one importer, write the manifest and, if anything was excluded, a report beside it."""
+    if fmt not in IMPORTERS:
+        raise CxrtuneError(f"unknown --format {fmt!r}; choose one of {', '.join(sorted(IMPORTERS))}")
+    from . import storage
+
+    data_dir = data_dir or (str(Path(out).resolve().parent) if not storage.is_s3(out) else None)
+    if data_dir is None:
+        raise CxrtuneError("an S3 --out needs --data-dir (a local folder for converted files); "
+                           "push the result with `cxrtune data push`")
+    result = IMPORTERS[fmt](src, data_dir=data_dir, progress=progress, **options)
+    manifest.validate(result.manifest, out, check_files=True)
+    manifest.save_manifest(result.manifest, out)
+    if result.excluded:
+        report = pd.DataFrame(result.excluded, columns=["file", "reason"])
+        storage.write_text(_report_uri(out), report.to_csv(index=False))
+    return result
+
+
+def _report_uri(out: str) -> str:
+    base = out.rsplit(".", 1)[0] if out.rsplit("/", 1)[-1].count(".") else out
+    return base + ".excluded.csv"

@@ -1,0 +1,233 @@
+"""The dataset manifest: one table, one row per image, Parquet (CSV accepted).
+
+Columns (``docs/manifest.md`` has the full description):
+
+=================  ==========================================================================
+image              image URI (local path, relative to the manifest, or ``s3://``) - required
+lung_mask          both-lungs mask URI; empty = not annotated
+opacity_mask       opacity (infection) mask URI; empty = NOT ANNOTATED. An annotated image
+                   with no opacity has a real, all-zero mask file.
+label              one of :data:`LABELS` - required
+patient_id         pseudonymous patient key; splits never cut a patient - required
+source             dataset name (``covid-qu-ex``, ``jsrt``, ``dicom``, ...)
+view               PA, AP, frontal or unknown
+split              train, val, test or empty (unassigned)
+fold               cross-validation fold, -1 = none
+=================  ==========================================================================
+
+Optional: ``lung_mask_right``, ``lung_mask_left`` (per-side masks), ``grade_right``,
+``grade_left`` (seed 000, 0-3), ``zone_A`` ... ``zone_F`` (0/1, Brixia letters), ``score`` (0-6),
+``age``, ``sex``, ``site``, ``tuning`` (part of the tuning subset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import storage
+from .errors import CxrtuneError, ManifestError
+
+log = logging.getLogger(__name__)
+
+LABELS = ("normal", "covid", "other_pneumonia", "pneumonia", "tuberculosis", "nodule", "other_disease")
+SPLITS = ("train", "val", "test", "")
+ZONE_COLUMNS = tuple(f"zone_{z}" for z in "ABCDEF")
+REQUIRED = ("image", "label", "patient_id")
+STANDARD = ("image", "lung_mask", "opacity_mask", "label", "patient_id", "source", "view", "split", "fold")
+OPTIONAL = ("lung_mask_right", "lung_mask_left", "grade_right", "grade_left", *ZONE_COLUMNS, "score",
+            "age", "sex", "site", "tuning")
+URI_COLUMNS = ("image", "lung_mask", "opacity_mask", "lung_mask_right", "lung_mask_left")
+INT_COLUMNS = ("fold", "grade_right", "grade_left", *ZONE_COLUMNS, "score")
+_DEFAULTS = {"lung_mask": "", "opacity_mask": "", "source": "", "view": "unknown", "split": "", "fold": -1}
+
+
+def is_disease(label: str) -> bool:
+    """Stage II's binary target: anything but ``normal``."""
+    return label != "normal"
+
+
+def new_manifest(rows: list[dict]) -> pd.DataFrame:
+    """A manifest from row dicts, standard columns first, defaults filled in."""
+    df = pd.DataFrame(rows)
+    for col in STANDARD:
+        if col not in df.columns:
+            df[col] = _DEFAULTS.get(col, "")
+    for col, default in _DEFAULTS.items():
+        df[col] = df[col].fillna(default) if col in df.columns else default
+    extra = [c for c in df.columns if c not in STANDARD]
+    df = df[list(STANDARD) + extra]
+    return _coerce(df)
+
+
+def _coerce(df: pd.DataFrame) -> pd.DataFrame:
+    for col in df.columns:
+        if col in INT_COLUMNS:
+            df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
+            df[col] = df[col].fillna(-1).astype(int) if col == "fold" else df[col].astype("Int64")
+        elif col == "age":
+            df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
+        elif col == "tuning":
+            df[col] = df[col].map(lambda v: str(v).strip().lower() in {"1", "true", "yes"})
+        elif df[col].dtype == object or str(df[col].dtype).startswith("str"):
+            df[col] = df[col].fillna("").astype(str)
+    return df
+
+
+def _read_table(uri: str) -> pd.DataFrame:
+    data = storage.read_bytes(uri)
+    try:
+        if data[:4] == b"PAR1":
+            return pd.read_parquet(io.BytesIO(data))
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except Exception as exc:  # noqa: BLE001
+        raise CxrtuneError(f"{uri}: not a readable Parquet or CSV manifest ({type(exc).__name__}: "
+                           f"{str(exc)[:200]})") from None
+
+
+def load_manifest(uri: str, check_files: bool = True) -> pd.DataFrame:
+    """Read and validate a manifest. Relative URIs are resolved against the manifest's folder.
+
+    Raises :class:`ManifestError` listing every bad row at once.
+    """
+    df = _read_table(str(uri))
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ManifestError(str(uri), [f"missing required column(s): {', '.join(missing)} "
+                                       f"(columns present: {', '.join(map(str, df.columns))})"])
+    df = new_manifest(df.to_dict("records"))
+    base = storage.parent(str(uri))
+    for col in URI_COLUMNS:
+        if col in df.columns:
+            df[col] = [storage.resolve(u, base) for u in df[col]]
+    validate(df, str(uri), check_files=check_files)
+    df.attrs["source_uri"] = str(uri)
+    return df
+
+
+def validate(df: pd.DataFrame, source: str = "<manifest>", check_files: bool = True) -> None:
+    """Check every row; raise one :class:`ManifestError` that lists all problems."""
+    problems: list[str] = []
+
+    def where(i: int) -> str:
+        return f"row {i + 2} ({Path(str(df.at[i, 'image'])).name or 'no image'})"
+
+    df = df.reset_index(drop=True)
+    for i, img in enumerate(df["image"]):
+        if not img:
+            problems.append(f"row {i + 2}: empty image URI")
+    for i, label in enumerate(df["label"]):
+        if label not in LABELS:
+            problems.append(f"{where(i)}: unknown label {label!r}; use one of {', '.join(LABELS)}")
+    for i, pid in enumerate(df["patient_id"]):
+        if not str(pid):
+            problems.append(f"{where(i)}: empty patient_id (use the image name if each image is its own patient)")
+    dup = df["image"][df["image"].duplicated(keep=False) & (df["image"] != "")]
+    for img, idx in dup.groupby(dup).groups.items():
+        rows = ", ".join(str(j + 2) for j in idx)
+        problems.append(f"duplicate image {img} in rows {rows}; each image must appear once")
+    for i, split in enumerate(df["split"]):
+        if split not in SPLITS:
+            problems.append(f"{where(i)}: unknown split {split!r}; use train, val, test or leave empty")
+    for col in ZONE_COLUMNS:
+        if col in df.columns:
+            bad = df.index[df[col].notna() & ~df[col].isin([0, 1])]
+            problems += [f"{where(i)}: {col} must be 0 or 1, got {df.at[i, col]}" for i in bad]
+    for col in ("grade_right", "grade_left"):
+        if col in df.columns:
+            bad = df.index[df[col].notna() & ~df[col].isin([0, 1, 2, 3])]
+            problems += [f"{where(i)}: {col} must be 0-3, got {df.at[i, col]}" for i in bad]
+    assigned = df[df["split"] != ""]
+    spread = assigned.groupby("patient_id")["split"].nunique()
+    for pid in spread[spread > 1].index:
+        problems.append(f"patient {pid} appears in several splits "
+                        f"({', '.join(sorted(assigned[assigned.patient_id == pid].split.unique()))}); "
+                        "re-run `cxrtune data split`")
+    if check_files:
+        cols = [c for c in URI_COLUMNS if c in df.columns]
+        wanted = {u for c in cols for u in df[c] if u}
+        found = storage.existing(wanted)
+        for c in cols:
+            for i, u in enumerate(df[c]):
+                if u and u not in found:
+                    problems.append(f"{where(i)}: {c} file not found: {u}")
+    if problems:
+        raise ManifestError(source, problems)
+
+
+def save_manifest(df: pd.DataFrame, uri: str) -> None:
+    """Write Parquet (``.parquet``) or CSV (anything else), atomically, locally or to S3."""
+    uri = str(uri)
+    out = df.copy()
+    out.attrs = {}
+    if uri.endswith(".parquet"):
+        buf = io.BytesIO()
+        out.to_parquet(buf, index=False)
+        data = buf.getvalue()
+    else:
+        data = out.to_csv(index=False).encode("utf-8")
+    storage.write_bytes(uri, data)
+
+
+def relative_to(df: pd.DataFrame, base: str) -> pd.DataFrame:
+    """Rewrite local URIs relative to ``base`` so a folder with its manifest can be moved."""
+    out = df.copy()
+    for col in URI_COLUMNS:
+        if col in out.columns:
+            out[col] = [os.path.relpath(u, base) if u and not storage.is_s3(u) else u for u in out[col]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ push
+
+def _content_key(prefix: str, kind: str, data: bytes, uri: str) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    ext = Path(storage.split_s3(uri)[1] if storage.is_s3(uri) else uri).suffix.lower() or ".bin"
+    return storage.join(prefix, kind, digest[:2], digest + ext)
+
+
+def push_manifest(df: pd.DataFrame, dest_prefix: str, out_uri: str, workers: int = 8,
+                  progress: bool = True) -> dict:
+    """Upload every image and mask under ``dest_prefix`` and write a manifest of S3 URIs.
+
+    Keys are content-addressed (``<prefix>/<kind>/<sha256>.<ext>``): identical files are stored
+    once, re-running a push uploads nothing new, and training caches keyed by URI are never
+    stale. Returns counts (``uploaded``, ``skipped`` already present, ``files``).
+    """
+    from tqdm import tqdm
+
+    if not storage.is_s3(dest_prefix):
+        raise CxrtuneError(f"push destination must be s3://bucket/prefix, got {dest_prefix!r}")
+    storage.ensure_bucket(dest_prefix)
+    present = set(storage.list_keys(dest_prefix.rstrip("/") + "/"))
+    cols = [c for c in URI_COLUMNS if c in df.columns]
+    sources = sorted({u for c in cols for u in df[c] if u})
+    mapping: dict[str, str] = {}
+    counts = {"uploaded": 0, "skipped": 0, "files": len(sources)}
+    kinds = {u: ("images" if u in set(df["image"]) else "masks") for u in sources}
+
+    def one(uri: str) -> tuple[str, str, bool]:
+        data = storage.read_bytes(uri)
+        key = _content_key(dest_prefix, kinds[uri], data, uri)
+        if key in present:
+            return uri, key, False
+        storage.write_bytes(key, data)
+        return uri, key, True
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for uri, key, uploaded in tqdm(pool.map(one, sources), total=len(sources), desc="push",
+                                       unit="file", disable=not progress):
+            mapping[uri] = key
+            counts["uploaded" if uploaded else "skipped"] += 1
+    out = df.copy()
+    for c in cols:
+        out[c] = [mapping.get(u, u) if u else "" for u in out[c]]
+    save_manifest(out, out_uri)
+    return counts

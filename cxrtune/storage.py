@@ -1,0 +1,371 @@
+"""One place to read and write local paths and ``s3://bucket/key`` URIs.
+
+The S3 endpoint comes from ``CXRTUNE_S3_ENDPOINT_URL`` (or boto3's own ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL``), so MinIO, a local test server and AWS work alike. Credentials and region come
+from the usual AWS environment or config files; none are ever logged.
+
+Reads for training go through :class:`ContentCache`: objects are fetched once into a local cache
+directory and every later read is a local file read. Keys written by ``cxrtune data push`` are
+content-addressed (their name is the SHA-256 of their bytes), so a cached copy can never be stale.
+Every write lands under a temporary name first and is renamed into place, so no reader ever sees a
+partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+from urllib.parse import urlparse
+
+from .errors import CxrtuneError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ENDPOINT_ENV = "CXRTUNE_S3_ENDPOINT_URL"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+CACHE_ENV = "CXRTUNE_CACHE_DIR"
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    parsed = urlparse(str(uri))
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise CxrtuneError(f"not an S3 URI: {uri!r} (expected s3://bucket/key)")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or S3 URI."""
+    if is_s3(base):
+        out = str(base).rstrip("/")
+        for p in parts:
+            out += "/" + str(p).strip("/")
+        return out
+    return str(Path(base, *parts))
+
+
+def resolve(uri: str, base: str | None) -> str:
+    """Resolve a manifest entry: absolute paths and S3 URIs stay, relative ones join ``base``."""
+    if not uri or is_s3(uri) or os.path.isabs(uri) or base is None:
+        return uri
+    return join(base, uri)
+
+
+def parent(uri: str) -> str:
+    if is_s3(uri):
+        return str(uri).rstrip("/").rsplit("/", 1)[0]
+    return str(Path(uri).resolve().parent)
+
+
+# --------------------------------------------------------------------------------------------- S3
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint override, if any (``None`` means AWS itself)."""
+    return (os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+@dataclass
+class S3Stats:
+    """Counts the HTTP requests this process sent to S3 (retries included); tests read it."""
+
+    requests: int = 0
+    gets: int = 0
+
+    def reset(self) -> None:
+        self.requests = 0
+        self.gets = 0
+
+
+s3_stats = S3Stats()
+_clients: dict[tuple[int, str | None], object] = {}
+_clients_lock = threading.Lock()
+
+
+def _count_request(request=None, **_kwargs) -> None:
+    s3_stats.requests += 1
+    if request is not None and getattr(request, "method", "") == "GET":
+        s3_stats.gets += 1
+
+
+def s3_client():
+    """A boto3 S3 client for this process (DataLoader workers each build their own)."""
+    import boto3
+    from botocore.config import Config
+
+    key = (os.getpid(), endpoint_url())
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            config = Config(retries={"max_attempts": 8, "mode": "standard"},
+                            connect_timeout=10, read_timeout=60, max_pool_connections=32)
+            client = boto3.session.Session().client("s3", endpoint_url=key[1], config=config)
+            client.meta.events.register("before-send.s3", _count_request)
+            _clients[key] = client
+    return client
+
+
+def _is_not_found(exc: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        return code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+    return False
+
+
+def _transient(exc: Exception) -> bool:
+    """Errors worth another try: broken connections and truncated bodies (botocore already
+    retries throttling and 5xx answers on the request itself)."""
+    from botocore.exceptions import (ConnectionClosedError, EndpointConnectionError,
+                                     IncompleteReadError, ReadTimeoutError,
+                                     ResponseStreamingError)
+    from urllib3.exceptions import ProtocolError
+
+    return isinstance(exc, (ConnectionClosedError, EndpointConnectionError, IncompleteReadError,
+                            ReadTimeoutError, ResponseStreamingError, ProtocolError,
+                            ConnectionError))
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Call ``fn`` again on transient network errors, with exponential back-off."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not _transient(exc) or attempt == attempts:
+                raise
+            delay = base_delay * 2 ** (attempt - 1)
+            log.warning("transient error on %s (%s), retry %d/%d in %.1fs",
+                        what, type(exc).__name__, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _wrap_s3_error(exc: Exception, uri: str, action: str) -> CxrtuneError:
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if _is_not_found(exc):
+        return CxrtuneError(f"{uri}: not found on S3 (check the bucket and key)")
+    if isinstance(exc, NoCredentialsError):
+        return CxrtuneError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (or an AWS profile)")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "?")
+        return CxrtuneError(f"{uri}: S3 refused to {action} ({code}); check permissions and "
+                            f"the endpoint ({ENDPOINT_ENV}={endpoint_url() or 'AWS'})")
+    return CxrtuneError(f"{uri}: could not {action} ({type(exc).__name__}: {exc})")
+
+
+# ---------------------------------------------------------------------------------- read / write
+
+def read_bytes(uri: str) -> bytes:
+    """The whole object or file. Raises :class:`CxrtuneError` naming the URI on failure."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+
+        def fetch() -> bytes:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+        try:
+            return with_retries(fetch, uri)
+        except CxrtuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _wrap_s3_error(exc, uri, "read") from exc
+    try:
+        return Path(uri).read_bytes()
+    except FileNotFoundError:
+        raise CxrtuneError(f"{uri}: file not found") from None
+    except OSError as exc:
+        raise CxrtuneError(f"{uri}: cannot read ({exc.strerror})") from None
+
+
+def _atomic_local_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; finished files follow the umask
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: a reader sees the old content or the new, never a partial file."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:  # a PUT is atomic on S3: the object appears whole or not at all
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as exc:  # noqa: BLE001
+            raise _wrap_s3_error(exc, uri, "write") from exc
+        return
+    try:
+        _atomic_local_write(Path(uri), data)
+    except OSError as exc:
+        raise CxrtuneError(f"{uri}: cannot write ({exc.strerror})") from None
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if _is_not_found(exc):
+                return False
+            raise _wrap_s3_error(exc, uri, "look up") from exc
+    return Path(uri).exists()
+
+
+def list_keys(prefix_uri: str) -> Iterator[str]:
+    """Every object URI under an S3 prefix, or every file under a local folder."""
+    if is_s3(prefix_uri):
+        bucket, prefix = split_s3(prefix_uri)
+        paginator = s3_client().get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    yield f"s3://{bucket}/{obj['Key']}"
+        except Exception as exc:  # noqa: BLE001
+            raise _wrap_s3_error(exc, prefix_uri, "list") from exc
+        return
+    root = Path(prefix_uri)
+    if root.is_file():
+        yield str(root)
+    elif root.is_dir():
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                yield str(p)
+
+
+def existing(uris: Iterable[str]) -> set[str]:
+    """Which of ``uris`` exist, answered with one listing per S3 bucket rather than a request
+    per object (a manifest of thousands of rows validates in a few requests)."""
+    uris = [u for u in uris if u]
+    found: set[str] = {u for u in uris if not is_s3(u) and os.path.exists(u)}
+    by_bucket: dict[str, list[str]] = {}
+    for u in uris:
+        if is_s3(u):
+            by_bucket.setdefault(split_s3(u)[0], []).append(u)
+    for bucket, group in by_bucket.items():
+        keys = [split_s3(u)[1] for u in group]
+        prefix = os.path.commonprefix(keys)
+        listed = set(list_keys(f"s3://{bucket}/{prefix}"))
+        found.update(u for u in group if u in listed)
+    return found
+
+
+def upload_file(local: str, uri: str) -> None:
+    if not is_s3(uri):
+        write_bytes(uri, Path(local).read_bytes())
+        return
+    bucket, key = split_s3(uri)
+    try:
+        s3_client().upload_file(str(local), bucket, key)
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap_s3_error(exc, uri, "upload") from exc
+
+
+def ensure_bucket(uri: str) -> None:
+    """Create the bucket of an S3 URI if it does not exist (local paths: nothing to do)."""
+    if not is_s3(uri):
+        return
+    bucket, _ = split_s3(uri)
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as exc:  # noqa: BLE001
+        if not _is_not_found(exc):
+            raise _wrap_s3_error(exc, uri, "open the bucket") from exc
+        client.create_bucket(Bucket=bucket)
+
+
+def pyarrow_filesystem(uri: str):
+    """``(filesystem, path)`` for pyarrow consumers such as Ray Tune's ``storage_filesystem``.
+
+    For S3 the endpoint override and credentials are the ones boto3 uses, so Tune writes to the
+    same server as everything else. The returned path has no ``s3://`` scheme, as Tune expects.
+    """
+    import pyarrow.fs as pafs
+
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    import boto3
+
+    bucket, key = split_s3(uri)
+    creds = boto3.session.Session().get_credentials()
+    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION")
+                    or os.environ.get("AWS_REGION") or "us-east-1"}
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
+                      session_token=frozen.token)
+    ep = endpoint_url()
+    if ep:
+        parsed = urlparse(ep)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+
+
+# ----------------------------------------------------------------------------------------- cache
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cxrtune")
+
+
+class ContentCache:
+    """A local copy of remote objects, keyed by URI.
+
+    The first read of an ``s3://`` URI downloads it under a temporary name and renames it into
+    the cache; later reads (the second epoch, another trial on the same node) are local reads and
+    make no S3 request. Local paths are read directly and never copied.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+
+    def local_path(self, uri: str) -> Path:
+        digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()
+        suffix = Path(split_s3(uri)[1]).suffix[:8] if is_s3(uri) else ""
+        return self.root / digest[:2] / f"{digest}{suffix}"
+
+    def fetch(self, uri: str) -> str:
+        """A local file path holding the object's bytes."""
+        if not is_s3(uri):
+            return uri
+        path = self.local_path(uri)
+        if not path.exists():
+            _atomic_local_write(path, read_bytes(uri))
+        return str(path)
+
+    def read_bytes(self, uri: str) -> bytes:
+        if not is_s3(uri):
+            return read_bytes(uri)
+        return Path(self.fetch(uri)).read_bytes()
