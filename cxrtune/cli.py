@@ -61,8 +61,8 @@ def _data_push(args) -> None:
     df = manifest.load_manifest(args.manifest)
     counts = manifest.push_manifest(df, args.dest, args.out, workers=args.workers,
                                     progress=not args.quiet)
-    print(f"pushed {counts['files']} files: uploaded {counts['uploaded']}, "
-          f"already present {counts['skipped']}; manifest {args.out}")
+    print(f"pushed {counts['files']} files as {counts['objects']} objects: uploaded "
+          f"{counts['uploaded']}, already present {counts['skipped']}; manifest {args.out}")
 
 
 def _data_phantom(args) -> None:

@@ -46,11 +46,23 @@ def sniff_format(data: bytes) -> str:
 
 def _header_size(data: bytes, fmt: str) -> tuple[int, int]:
     """(height, width) read from the header only."""
+    import struct
+    import warnings
+
     from PIL import Image
 
+    if fmt == "png":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ImageDecodeError("unreadable PNG header (no IHDR)")
+        width, height = struct.unpack(">II", data[16:24])
+        return height, width
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.height, im.width
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.height, im.width
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError("image dimensions exceed the pixel limit") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on junk
         raise ImageDecodeError(f"unreadable {fmt.upper()} header ({type(exc).__name__})") from None
 

@@ -197,9 +197,10 @@ def push_manifest(df: pd.DataFrame, dest_prefix: str, out_uri: str, workers: int
                   progress: bool = True) -> dict:
     """Upload every image and mask under ``dest_prefix`` and write a manifest of S3 URIs.
 
-    Keys are content-addressed (``<prefix>/<kind>/<sha256>.<ext>``): identical files are stored
-    once, re-running a push uploads nothing new, and training caches keyed by URI are never
-    stale. Returns counts (``uploaded``, ``skipped`` already present, ``files``).
+    Keys are content-addressed (``<prefix>/<kind>/<sha256>.<ext>``): identical files (all the
+    empty masks, say) are stored once, re-running a push uploads nothing new, and training
+    caches keyed by URI are never stale. Returns counts: ``files`` (distinct source files),
+    ``objects`` (distinct keys), ``uploaded`` and ``skipped`` (keys already present).
     """
     from tqdm import tqdm
 
@@ -209,25 +210,25 @@ def push_manifest(df: pd.DataFrame, dest_prefix: str, out_uri: str, workers: int
     present = set(storage.list_keys(dest_prefix.rstrip("/") + "/"))
     cols = [c for c in URI_COLUMNS if c in df.columns]
     sources = sorted({u for c in cols for u in df[c] if u})
-    mapping: dict[str, str] = {}
-    counts = {"uploaded": 0, "skipped": 0, "files": len(sources)}
-    kinds = {u: ("images" if u in set(df["image"]) else "masks") for u in sources}
+    image_set = set(df["image"])
 
-    def one(uri: str) -> tuple[str, str, bool]:
-        data = storage.read_bytes(uri)
-        key = _content_key(dest_prefix, kinds[uri], data, uri)
-        if key in present:
-            return uri, key, False
-        storage.write_bytes(key, data)
-        return uri, key, True
+    def key_of(uri: str) -> tuple[str, str]:
+        kind = "images" if uri in image_set else "masks"
+        return uri, _content_key(dest_prefix, kind, storage.read_bytes(uri), uri)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for uri, key, uploaded in tqdm(pool.map(one, sources), total=len(sources), desc="push",
-                                       unit="file", disable=not progress):
-            mapping[uri] = key
-            counts["uploaded" if uploaded else "skipped"] += 1
+        mapping = dict(tqdm(pool.map(key_of, sources), total=len(sources), desc="hash",
+                            unit="file", disable=not progress))
+        first_source = {}
+        for uri, key in mapping.items():
+            first_source.setdefault(key, uri)
+        todo = [(key, uri) for key, uri in first_source.items() if key not in present]
+        for _ in tqdm(pool.map(lambda ku: storage.write_bytes(ku[0], storage.read_bytes(ku[1])), todo),
+                      total=len(todo), desc="push", unit="file", disable=not progress):
+            pass
     out = df.copy()
     for c in cols:
         out[c] = [mapping.get(u, u) if u else "" for u in out[c]]
     save_manifest(out, out_uri)
-    return counts
+    return {"files": len(sources), "objects": len(first_source), "uploaded": len(todo),
+            "skipped": len(first_source) - len(todo)}

@@ -33,6 +33,12 @@ ENDPOINT_ENV = "CXRTUNE_S3_ENDPOINT_URL"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 CACHE_ENV = "CXRTUNE_CACHE_DIR"
+RETRIES_ENV = "CXRTUNE_S3_RETRIES"
+
+
+def retry_attempts() -> int:
+    """Attempts per S3 call, for botocore's own retries and for ours on broken streams."""
+    return max(1, int(os.environ.get(RETRIES_ENV, "5")))
 
 
 def is_s3(uri: str) -> bool:
@@ -91,7 +97,7 @@ class S3Stats:
 
 
 s3_stats = S3Stats()
-_clients: dict[tuple[int, str | None], object] = {}
+_clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
@@ -106,11 +112,11 @@ def s3_client():
     import boto3
     from botocore.config import Config
 
-    key = (os.getpid(), endpoint_url())
+    key = (os.getpid(), endpoint_url(), retry_attempts())
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            config = Config(retries={"max_attempts": 8, "mode": "standard"},
+            config = Config(retries={"max_attempts": retry_attempts(), "mode": "standard"},
                             connect_timeout=10, read_timeout=60, max_pool_connections=32)
             client = boto3.session.Session().client("s3", endpoint_url=key[1], config=config)
             client.meta.events.register("before-send.s3", _count_request)
@@ -140,8 +146,10 @@ def _transient(exc: Exception) -> bool:
                             ConnectionError))
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
+def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None,
+                 base_delay: float = 0.2) -> T:
     """Call ``fn`` again on transient network errors, with exponential back-off."""
+    attempts = attempts or retry_attempts()
     for attempt in range(1, attempts + 1):
         try:
             return fn()

@@ -1,0 +1,79 @@
+"""Shared fixtures: a real S3 server on 127.0.0.1, phantom data, the real-data folder."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_data() -> Path:
+    """``$CXRTUNE_SHARED_DATA`` or ``../shared/data`` beside the project."""
+    return Path(os.environ.get("CXRTUNE_SHARED_DATA") or ROOT.parent / "shared" / "data")
+
+
+def need_shared(sub: str) -> Path:
+    path = shared_data() / sub
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (set CXRTUNE_SHARED_DATA to the shared data folder)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server over real HTTP on 127.0.0.1; boto3 and pyarrow talk to it unpatched."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "CXRTUNE_S3_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", CXRTUNE_S3_ENDPOINT_URL=endpoint)
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket per test, named after it."""
+    from cxrtune import storage
+
+    name = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    storage.ensure_bucket(f"s3://{name}/")
+    return name
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    from cxrtune.phantom import write_phantoms
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(out, 24, size=128, seed=0)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRTUNE_CACHE_DIR", str(tmp_path / "cache"))

@@ -1,0 +1,97 @@
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrtune import images, manifest
+from cxrtune.errors import CxrtuneError
+from cxrtune.importers import run_import
+from tests.conftest import need_shared
+
+
+@pytest.mark.realdata
+def test_covid_qu_ex_counts(tmp_path):
+    src = need_shared("covid-qu-ex")
+    out = tmp_path / "cqe.parquet"
+    result = run_import("covid-qu-ex", str(src), str(out), progress=False)
+    df = manifest.load_manifest(str(out))
+    assert len(df) == 4660 and result.summary() == "imported 4660, excluded 0, failed 0"
+    assert df.label.value_counts().to_dict() == {"covid": 2330, "other_pneumonia": 1165, "normal": 1165}
+    # Non-COVID: not annotated; Normal: annotated empty (a real, all-zero file)
+    assert (df.loc[df.label == "other_pneumonia", "opacity_mask"] == "").all()
+    normal = df[df.label == "normal"]
+    assert (normal.opacity_mask != "").all()
+    assert not images.read_mask(normal.opacity_mask.iloc[0]).any()
+    assert df.split.value_counts().to_dict() == {"train": 3728, "val": 932}
+    assert df.patient_id.is_unique
+
+
+@pytest.mark.realdata
+def test_jsrt_combines_lungs(tmp_path):
+    src = need_shared("jsrt")
+    out = tmp_path / "jsrt.parquet"
+    run_import("jsrt", str(src), str(out), progress=False)
+    df = manifest.load_manifest(str(out))
+    assert len(df) == 247 and set(df.label) == {"normal", "nodule"}
+    row = df.iloc[0]
+    both = images.read_mask(row.lung_mask)
+    right, left = images.read_mask(row.lung_mask_right), images.read_mask(row.lung_mask_left)
+    assert np.array_equal(both, right | left)
+    # the patient's right lung sits on the image's left
+    assert np.nonzero(right)[1].mean() < np.nonzero(left)[1].mean()
+
+
+def test_folder_layout(tmp_path):
+    src = tmp_path / "site"
+    for sub in ("images", "lung_masks", "opacity_masks"):
+        (src / sub).mkdir(parents=True)
+    img = np.full((32, 32), 100, np.uint8)
+    for name in ("a.png", "b.png", "c.png"):
+        images.write_png(str(src / "images" / name), img)
+        images.write_png(str(src / "lung_masks" / name), img > 0)
+    images.write_png(str(src / "opacity_masks" / "a.png"), np.zeros((32, 32), bool))
+    (src / "labels.csv").write_text("image,label,patient_id,zone_A\na.png,normal,P1,0\nb.png,covid,P1,\n"
+                                    "ghost.png,covid,P9,\n")
+    out = tmp_path / "m.csv"
+    result = run_import("folder", str(src), str(out), progress=False)
+    df = manifest.load_manifest(str(out))
+    assert list(df.label) == ["normal", "covid"] and list(df.patient_id) == ["P1", "P1"]
+    assert df.opacity_mask.iloc[0] != "" and df.opacity_mask.iloc[1] == ""
+    reasons = {e["file"].rsplit("/", 1)[-1]: e["reason"] for e in result.excluded}
+    assert "no label" in reasons["c.png"] and "no such image" in reasons["ghost.png"]
+
+
+def test_unknown_format_and_wrong_folder_are_plain_errors(tmp_path):
+    with pytest.raises(CxrtuneError, match="unknown --format"):
+        run_import("nifti", str(tmp_path), str(tmp_path / "m.csv"))
+    with pytest.raises(CxrtuneError, match="Infection Segmentation Data"):
+        run_import("covid-qu-ex", str(tmp_path), str(tmp_path / "m.csv"))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxrtune.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_phantom_split_validate(tmp_path):
+    r = cli("data", "phantom", "--n", "12", "--size", "64", "--out", str(tmp_path / "ph"), "-q")
+    assert r.returncode == 0, r.stderr
+    m = str(tmp_path / "ph" / "manifest.parquet")
+    r = cli("data", "split", m, "--val", "0.2", "--test", "0.2", "--folds", "2", "--tuning-fraction", "0.5")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(m)
+    assert not df.image.iloc[0].startswith("/")  # still relative: the folder can move
+    assert (df.fold >= -1).all() and df.tuning.any()
+    assert cli("data", "validate", m).returncode == 0
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,label,patient_id\nmissing.png,flu,p1\n")
+    r = cli("data", "validate", str(bad))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "unknown label 'flu'" in r.stderr and "missing.png" in r.stderr
+    r = cli("data", "import", "--format", "jsrt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.csv"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nowhere" in r.stderr

@@ -1,0 +1,76 @@
+import shutil
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+from torch.utils.data import DataLoader
+
+from cxrtune import manifest, storage
+from cxrtune.dataset import CXRDataset, Preprocessing
+from cxrtune.errors import ManifestError
+
+
+def test_phantom_manifest_loads_with_relative_paths(phantom_dir):
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    assert len(df) == 24
+    assert all(p.startswith(str(phantom_dir)) for p in df.image)
+    assert set(df.split) <= {"train", "val", "test"}
+
+
+def test_csv_is_accepted(phantom_dir, tmp_path):
+    df = pd.read_parquet(phantom_dir / "manifest.parquet")
+    csv = phantom_dir / "copy.csv"
+    df.to_csv(csv, index=False)
+    assert len(manifest.load_manifest(str(csv))) == 24
+
+
+def test_every_bad_row_is_reported_at_once(phantom_dir, tmp_path):
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    bad = df.copy()
+    bad.loc[0, "label"] = "covid19"
+    bad.loc[1, "image"] = str(tmp_path / "gone.png")
+    bad.loc[2, "image"] = bad.loc[3, "image"]
+    bad.loc[4, "zone_A"] = 3
+    path = tmp_path / "bad.csv"
+    manifest.save_manifest(bad, str(path))
+    with pytest.raises(ManifestError) as err:
+        manifest.load_manifest(str(path))
+    text = str(err.value)
+    assert "unknown label 'covid19'" in text
+    assert "image file not found" in text and "gone.png" in text
+    assert "duplicate image" in text and "zone_A must be 0 or 1" in text
+    assert len(err.value.problems) == 4
+
+
+def test_missing_required_column(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("image,label\na.png,normal\n")
+    with pytest.raises(ManifestError, match="patient_id"):
+        manifest.load_manifest(str(p))
+
+
+def test_push_then_train_reader_caches(phantom_dir, bucket, tmp_path):
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    out = f"s3://{bucket}/manifests/phantom.parquet"
+    counts = manifest.push_manifest(df, f"s3://{bucket}/data", out, progress=False)
+    n_files = len({u for c in manifest.URI_COLUMNS if c in df for u in df[c] if u})
+    assert counts["files"] == n_files
+    assert counts["uploaded"] == counts["objects"] < n_files  # the empty masks are one object
+    s3 = boto3.client("s3", endpoint_url=storage.endpoint_url())
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="data/")["Contents"]]
+    assert len(keys) == counts["objects"] and all(k.endswith(".png") for k in keys)
+    again = manifest.push_manifest(df, f"s3://{bucket}/data", out, progress=False)
+    assert again["uploaded"] == 0 and again["skipped"] == counts["objects"]
+    n_objects = counts["objects"]
+
+    remote = manifest.load_manifest(out)
+    assert remote.image.str.startswith(f"s3://{bucket}/data/images/").all()
+    ds = CXRDataset(remote, Preprocessing(size=64), augment=True, cache=storage.ContentCache(tmp_path / "c"))
+    storage.s3_stats.reset()
+    first = [b["image"] for b in DataLoader(ds, batch_size=8)]
+    assert storage.s3_stats.gets == n_objects
+    storage.s3_stats.reset()
+    second = [b["image"] for b in DataLoader(ds, batch_size=8)]
+    assert storage.s3_stats.requests == 0
+    assert len(first) == len(second) == 3

@@ -1,0 +1,87 @@
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cxrtune import zones
+
+
+def two_lungs(h: int = 200, w: int = 200) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[30:170, 20:85] = True  # image-left = patient's right
+    m[40:160, 115:180] = True
+    return m
+
+
+def test_opacity_in_upper_third_of_right_lung_is_exactly_zone_a():
+    lung = two_lungs()
+    right = zones.split_lungs(lung).right
+    y_top, _ = zones.equal_area_zones(right)
+    opacity = np.zeros_like(lung)
+    opacity[30:y_top, 20:85] = True
+    rec = zones.score_masks(lung, opacity, threshold=0.5)
+    assert rec["score"] == 1
+    assert [z for z, v in rec["zones"].items() if v["affected"]] == ["A"]
+    assert rec["zones"]["A"]["opacity_fraction"] == 1.0
+    assert rec["lungs"]["right"]["grade"] == 2 and rec["lungs"]["left"]["grade"] == 0
+    assert rec["lungs_found"] == 2
+
+
+def test_sides_follow_the_image_and_flip_swaps_them():
+    lung = two_lungs()
+    opacity = np.zeros_like(lung)
+    opacity[150:170, 20:85] = True  # lower right lung
+    assert zones.score_masks(lung, opacity, 0.1)["zones"]["C"]["affected"]
+    flipped = zones.score_masks(lung[:, ::-1], opacity[:, ::-1], 0.1)
+    assert flipped["zones"]["F"]["affected"] and not flipped["zones"]["C"]["affected"]
+
+
+def test_no_lungs_one_blob_and_tiny_blobs_never_crash():
+    empty = np.zeros((50, 50), bool)
+    rec = zones.score_masks(empty, empty, 0.1)
+    assert rec["score"] == 0 and rec["lungs_found"] == 0 and rec["opacity_percent"] == 0
+    one = np.zeros((100, 100), bool)
+    one[20:80, 10:40] = True
+    pair = zones.split_lungs(one)
+    assert pair.lungs_found == 1 and pair.right.any() and not pair.left.any()
+    merged = np.zeros((100, 100), bool)
+    merged[20:80, 10:90] = True
+    merged[20:80, 48:52] = False
+    merged[40:50, 48:52] = True  # a bridge joins the lungs
+    pair = zones.split_lungs(merged)
+    assert pair.lungs_found == 2 and pair.right[:, :45].any() and pair.left[:, 55:].any()
+    noisy = two_lungs()
+    noisy[5:7, 5:7] = True
+    pair = zones.split_lungs(noisy)
+    assert pair.lungs_found == 2 and not pair.right[5:7, 5:7].any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(top=st.integers(0, 60), left=st.integers(0, 60), h=st.integers(12, 120), w=st.integers(3, 60),
+       dy=st.integers(0, 40), dx=st.integers(0, 40))
+def test_equal_area_zones_within_one_row_and_translation_invariant(top, left, h, w, dy, dx):
+    rng = np.random.default_rng(top * 1000 + left)
+    canvas = np.zeros((260, 200), bool)
+    widths = np.clip(w + rng.integers(-2, 3, h), 1, None)
+    for r in range(h):
+        canvas[top + r, left:left + widths[r]] = True
+    y1, y2 = zones.equal_area_zones(canvas)
+    areas = [canvas[:y1].sum(), canvas[y1:y2].sum(), canvas[y2:].sum()]
+    assert max(areas) - min(areas) <= 2 * widths.max()
+    moved = np.roll(np.roll(canvas, dy, axis=0), dx, axis=1)
+    assert zones.equal_area_zones(moved) == (y1 + dy, y2 + dy)
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(2, 4), h=st.integers(9, 40), w=st.integers(3, 30))
+def test_equal_area_zones_scale_with_the_image(k, h, w):
+    small = np.zeros((60, 40), bool)
+    small[5:5 + h, 2:2 + w] = True
+    small[5 + h // 2:5 + h, 2 + w:4 + w] = True
+    big = np.kron(small, np.ones((k, k), bool))
+    y1, y2 = zones.equal_area_zones(small)
+    b1, b2 = zones.equal_area_zones(big)
+    assert abs(b1 - k * y1) <= k and abs(b2 - k * y2) <= k
+
+
+def test_grades():
+    assert [zones.grade_from_percent(p) for p in (0, 0.4, 1, 33, 34, 66, 67, 100)] == [0, 0, 1, 1, 2, 2, 3, 3]
