@@ -79,6 +79,57 @@ def _data_validate(args) -> None:
     print(f"{args.manifest}: {len(df)} rows, valid")
 
 
+def _parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` pairs (``model.arch=Unet`` for nested keys), values parsed as YAML."""
+    import yaml
+
+    out: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise CxrtuneError(f"--set {pair!r}: expected key=value")
+        key, value = pair.split("=", 1)
+        target = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out.get(k, {}) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def embedded_manifest(n: int = 48, size: int = 128) -> str:
+    """The embedded default dataset: phantoms in a local cache folder, generated once."""
+    from . import storage
+    from .phantom import write_phantoms
+
+    root = storage.default_cache_dir() / f"phantoms-n{n}-s{size}"
+    target = root / "manifest.parquet"
+    if not target.exists():
+        print(f"no --manifest: generating {n} phantom CXRs in {root}", file=sys.stderr)
+        write_phantoms(root, n, size=size, seed=0)
+    return str(target)
+
+
+def _train(args) -> None:
+    from . import manifest
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig.from_yaml(args.config)
+    if args.set:
+        cfg = TrainConfig.from_dict(_merge(cfg.to_dict(), _parse_overrides(args.set)))
+    df = manifest.load_manifest(args.manifest or embedded_manifest())
+    summary = train(cfg, df, args.out, resume=args.resume)
+    best = summary["best"] or {}
+    print(f"trained {summary['epochs']} epoch(s); best {cfg.monitor} {best.get('value', float('nan')):.4f} "
+          f"at epoch {best.get('epoch')}; run {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrtune", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -133,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("manifest")
     val.add_argument("--no-check", action="store_true", help="skip the file-existence check")
     val.set_defaults(func=_data_validate)
+
+    tr = sub.add_parser("train", help="train Stage I (task: lung) or Stage II (task: disease)")
+    tr.add_argument("--config", required=True, help="training YAML (see configs/)")
+    tr.add_argument("--manifest", help="manifest (default: the embedded phantom dataset)")
+    tr.add_argument("--out", required=True, help="run folder: local path or s3://bucket/prefix")
+    tr.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override settings, e.g. lr=1e-4 model.arch=Unet")
+    tr.set_defaults(func=_train)
     return p
 
 

@@ -59,6 +59,27 @@ def seed_augmentation(size: int) -> A.Compose:
     ])
 
 
+def lung_box(lung: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, int] | None:
+    """``(y0, y1, x0, x1)``: the lungs' bounding box grown by ``margin`` of its size, or None."""
+    ys, xs = np.nonzero(lung)
+    if len(ys) == 0:
+        return None
+    h, w = lung.shape
+    my, mx = int(margin * (ys.max() - ys.min() + 1)), int(margin * (xs.max() - xs.min() + 1))
+    return (max(0, ys.min() - my), min(h, ys.max() + 1 + my), max(0, xs.min() - mx), min(w, xs.max() + 1 + mx))
+
+
+def extract_roi(image: np.ndarray, lung: np.ndarray, *masks: np.ndarray):
+    """Seed 004's ROI step: image AND lung mask, cropped to the lungs' box (masks cropped alike).
+    Returns ``(image, masks, box)``; with no lung pixels the whole image is kept and box is None."""
+    box = lung_box(lung)
+    if box is None:
+        return image, list(masks), None
+    y0, y1, x0, x1 = box
+    roi = (image * (lung > 0))[y0:y1, x0:x1]
+    return roi, [m[y0:y1, x0:x1] for m in masks], box
+
+
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
 
@@ -75,9 +96,10 @@ class CXRDataset(Dataset):
     """
 
     def __init__(self, df: pd.DataFrame, preprocessing: Preprocessing = Preprocessing(),
-                 augment: bool = False, cache: storage.ContentCache | None = None):
+                 augment: bool = False, cache: storage.ContentCache | None = None, roi: bool = False):
         self.df = df.reset_index(drop=True)
         self.pre = preprocessing
+        self.roi = roi  # Stage II input: lungs only, cropped to their box
         self.augment = seed_augmentation(preprocessing.size) if augment else None
         self.cache = cache or storage.ContentCache()
 
@@ -86,19 +108,22 @@ class CXRDataset(Dataset):
 
     def _mask(self, uri: str, shape: tuple[int, int]) -> np.ndarray:
         if not uri:
-            return np.zeros((self.pre.size, self.pre.size), np.uint8)
+            return np.zeros(shape, np.uint8)
         m = images.read_mask(uri, self.cache)
         if m.shape != shape:
             raise images.ImageDecodeError(f"{uri}: mask is {m.shape[1]}x{m.shape[0]} but its image "
                                           f"is {shape[1]}x{shape[0]}")
-        return resize_mask(m, self.pre.size)
+        return m.astype(np.uint8)
 
     def __getitem__(self, i: int) -> dict:
         row = self.df.iloc[i]
         image = images.read_image(row["image"], self.cache)
         lung = self._mask(row.get("lung_mask", ""), image.shape)
         opacity = self._mask(row.get("opacity_mask", ""), image.shape)
+        if self.roi:
+            image, (lung, opacity), _ = extract_roi(image, lung, lung, opacity)
         image = resize_image(image, self.pre.size)
+        lung, opacity = resize_mask(lung, self.pre.size), resize_mask(opacity, self.pre.size)
         if self.augment is not None:
             out = self.augment(image=(image * 255).round().astype(np.uint8), masks=[lung, opacity])
             image = out["image"].astype(np.float32) / 255.0

@@ -1,0 +1,76 @@
+"""Metrics: segmentation (seed 002 conventions), classification, and severity scores.
+
+Dice and IoU are undefined on empty-vs-empty masks, so they are averaged over images whose reference
+is non-empty; images whose reference is annotated-empty give the false-positive rate instead (the
+share of them with any predicted pixel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class SegmentationMeter:
+    """Accumulates per-image Dice/IoU over non-empty references and FPs over empty ones."""
+
+    def __init__(self) -> None:
+        self.dice: list[float] = []
+        self.iou: list[float] = []
+        self.empty_refs = 0
+        self.false_positives = 0
+
+    def update(self, pred: np.ndarray, ref: np.ndarray) -> None:
+        """``pred`` and ``ref``: bool arrays (N, H, W) or (H, W)."""
+        pred = np.asarray(pred, bool).reshape(-1, *np.shape(pred)[-2:])
+        ref = np.asarray(ref, bool).reshape(-1, *np.shape(ref)[-2:])
+        for p, r in zip(pred, ref):
+            if not r.any():
+                self.empty_refs += 1
+                self.false_positives += int(p.any())
+                continue
+            inter = float((p & r).sum())
+            union = float((p | r).sum())
+            self.dice.append(2 * inter / (p.sum() + r.sum()))
+            self.iou.append(inter / union)
+
+    def result(self, prefix: str = "") -> dict:
+        out = {f"{prefix}dice": float(np.mean(self.dice)) if self.dice else float("nan"),
+               f"{prefix}iou": float(np.mean(self.iou)) if self.iou else float("nan"),
+               f"{prefix}n_nonempty": len(self.dice)}
+        if self.empty_refs:
+            out[f"{prefix}fp_rate_empty"] = self.false_positives / self.empty_refs
+            out[f"{prefix}n_empty"] = self.empty_refs
+        return out
+
+
+def classification_metrics(prob: np.ndarray, label: np.ndarray, threshold: float = 0.5) -> dict:
+    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+    prob, label = np.asarray(prob, float), np.asarray(label).astype(int)
+    pred = (prob >= threshold).astype(int)
+    out = {"f1": float(f1_score(label, pred, zero_division=0)),
+           "precision": float(precision_score(label, pred, zero_division=0)),
+           "recall": float(recall_score(label, pred, zero_division=0)),
+           "accuracy": float((pred == label).mean()) if len(label) else float("nan")}
+    out["roc_auc"] = float(roc_auc_score(label, prob)) if len(set(label)) == 2 else float("nan")
+    return out
+
+
+def score_metrics(pred: np.ndarray, ref: np.ndarray) -> dict:
+    """MAE, RMSE, Pearson rho and Cohen's kappa (linear, quadratic) for 0-6 scores."""
+    from sklearn.metrics import cohen_kappa_score
+
+    pred, ref = np.asarray(pred, float), np.asarray(ref, float)
+    err = pred - ref
+    both_vary = pred.std() > 0 and ref.std() > 0
+    labels = list(range(7))
+    agree = len(set(pred.round().astype(int)) | set(ref.astype(int))) > 1
+    return {
+        "mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
+        "pearson": float(np.corrcoef(pred, ref)[0, 1]) if both_vary else float("nan"),
+        "kappa_linear": float(cohen_kappa_score(ref.astype(int), pred.round().astype(int), labels=labels,
+                                                weights="linear")) if agree else float("nan"),
+        "kappa_quadratic": float(cohen_kappa_score(ref.astype(int), pred.round().astype(int), labels=labels,
+                                                   weights="quadratic")) if agree else float("nan"),
+        "n": int(len(ref)),
+    }

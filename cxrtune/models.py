@@ -1,0 +1,78 @@
+"""One model factory over segmentation-models-pytorch's architectures (a registry, as in SMP).
+
+Stage I is a binary segmenter; Stage II adds SMP's ``aux_params`` classification head (adaptive avg
+pool, flatten, dropout 0.2, one unit; it outputs a logit, the sigmoid is applied at inference).
+Encoders are any SMP name, ``tu-`` timm encoders included. ``encoder_weights`` is None, "imagenet"
+(downloads, for machines that can) or a local/S3 path to an encoder state dict.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import CxrtuneError
+
+ARCHITECTURES = {
+    "Unet": "unet", "UnetPlusPlus": "unetplusplus", "DeepLabV3": "deeplabv3",
+    "DeepLabV3Plus": "deeplabv3plus", "FPN": "fpn", "Linknet": "linknet", "PSPNet": "pspnet",
+    "PAN": "pan", "MAnet": "manet",
+}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    in_channels: int = 1
+    encoder_weights: str | None = None
+    classification: bool = False  # Stage II: add the normal/disease head
+    dropout: float = 0.2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _load_encoder_weights(model: nn.Module, uri: str) -> None:
+    from . import storage
+
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except CxrtuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CxrtuneError(f"{uri}: not a torch state dict ({type(exc).__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+    if len(missing) == len(model.encoder.state_dict()):
+        raise CxrtuneError(f"{uri}: no tensor matches the encoder's parameter names")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """An SMP model for ``cfg``; raises a plain error naming a bad architecture or encoder."""
+    import segmentation_models_pytorch as smp
+
+    if cfg.arch not in ARCHITECTURES:
+        raise CxrtuneError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if cfg.in_channels not in (1, 3):
+        raise CxrtuneError(f"in_channels must be 1 or 3, got {cfg.in_channels}")
+    weights = cfg.encoder_weights
+    hub_weights = weights if weights in (None, "imagenet") else None
+    aux = {"classes": 1, "dropout": cfg.dropout} if cfg.classification else None
+    try:
+        model = smp.create_model(ARCHITECTURES[cfg.arch], encoder_name=cfg.encoder,
+                                 encoder_weights=hub_weights, in_channels=cfg.in_channels, classes=1,
+                                 aux_params=aux)
+    except (KeyError, ValueError) as exc:
+        raise CxrtuneError(f"cannot build {cfg.arch} with encoder {cfg.encoder!r}: {exc}") from None
+    if weights not in (None, "imagenet"):
+        _load_encoder_weights(model, weights)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

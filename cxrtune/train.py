@@ -1,0 +1,341 @@
+"""One trainer for ``cxrtune train`` and for every Ray Tune trial.
+
+``task="lung"`` trains Stage I (binary lung segmentation, monitored by validation Dice);
+``task="disease"`` trains Stage II (opacity segmentation + normal/disease classification on the
+lung ROI, combined with Dynamic Loss Weighting, monitored by (Dice + F1) / 2). Rows whose opacity
+mask is not annotated are left out of the segmentation loss and still train the classifier.
+
+Each epoch: train, validate, report (the ``on_epoch`` hook: Tune plugs in here), checkpoint
+(weights + full config + preprocessing + metrics, to a local or S3 URI), early stopping on the
+monitored metric (min delta, patience). ``resume`` continues from the newest checkpoint.
+On a GPU: bf16 autocast and channels_last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from . import manifest, storage
+from .dataset import CXRDataset, Preprocessing
+from .errors import CxrtuneError
+from .losses import DynamicLossWeighting, build_optimizer, classification_loss, segmentation_loss
+from .metrics import SegmentationMeter, classification_metrics
+from .models import ModelConfig, build_model
+
+log = logging.getLogger(__name__)
+TASKS = ("lung", "disease")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved with every checkpoint."""
+
+    task: str = "lung"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    size: int = 256
+    batch_size: int = 4
+    epochs: int = 16
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: str = "none"  # "none" or "cosine"
+    seg_loss: str = "dice"
+    cls_loss: str = "bce"
+    dlw_alpha: float = 0.5
+    cls_threshold: float = 0.5
+    patience: int = 6
+    min_delta: float = 0.01
+    seed: int = 0
+    num_workers: int = 0
+    augment: bool = True
+    tuning_subset: bool = False  # use only rows marked ``tuning`` (seed 004's tuning subsets)
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+    amp: bool = True  # bf16 autocast, on GPU only
+
+    @property
+    def monitor(self) -> str:
+        return "val_dice" if self.task == "lung" else "val_dice_f1"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CxrtuneError(f"unknown training setting(s): {', '.join(unknown)}; "
+                               f"known: {', '.join(sorted(known))}")
+        model = d.pop("model", {}) or {}
+        if isinstance(model, dict):
+            mknown = {f.name for f in fields(ModelConfig)}
+            bad = sorted(set(model) - mknown)
+            if bad:
+                raise CxrtuneError(f"unknown model setting(s): {', '.join(bad)}; known: {', '.join(sorted(mknown))}")
+            model = ModelConfig(**model)
+        cfg = cls(model=model, **d)
+        if cfg.task not in TASKS:
+            raise CxrtuneError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+        cfg.model.classification = cfg.task == "disease"
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, uri: str) -> "TrainConfig":
+        import yaml
+
+        try:
+            data = yaml.safe_load(storage.read_text(uri)) or {}
+        except yaml.YAMLError as exc:
+            raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise CxrtuneError(f"{uri}: expected a mapping of settings")
+        return cls.from_dict(data)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_rows(df: pd.DataFrame, cfg: TrainConfig, split: str) -> pd.DataFrame:
+    rows = df[df["split"] == split]
+    if cfg.tuning_subset and "tuning" in rows.columns:
+        rows = rows[rows["tuning"]]
+    if cfg.task == "lung":
+        rows = rows[rows["lung_mask"] != ""]
+    limit = cfg.max_train_images if split == "train" else cfg.max_val_images
+    if limit:
+        rows = rows.sample(n=min(limit, len(rows)), random_state=cfg.seed) if len(rows) > limit else rows
+    if rows.empty:
+        raise CxrtuneError(f"no {split} rows for task {cfg.task!r} in the manifest "
+                           "(run `cxrtune data split`, and check lung masks for Stage I)")
+    return rows
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Trainer:
+    """Builds the model, data and optimiser for a :class:`TrainConfig` and runs epochs."""
+
+    def __init__(self, cfg: TrainConfig, df: pd.DataFrame, cache: storage.ContentCache | None = None):
+        seed_everything(cfg.seed)
+        self.cfg = cfg
+        self.device = _device()
+        self.pre = Preprocessing(size=cfg.size, in_channels=cfg.model.in_channels)
+        roi = cfg.task == "disease"
+        self.train_ds = CXRDataset(select_rows(df, cfg, "train"), self.pre, augment=cfg.augment, cache=cache, roi=roi)
+        self.val_ds = CXRDataset(select_rows(df, cfg, "val"), self.pre, augment=False, cache=cache, roi=roi)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+                                       num_workers=cfg.num_workers, generator=gen,
+                                       pin_memory=self.device.type == "cuda",
+                                       persistent_workers=cfg.num_workers > 0)
+        self.val_loader = DataLoader(self.val_ds, batch_size=max(cfg.batch_size, 8), shuffle=False,
+                                     num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+        self.model = build_model(cfg.model).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.weight_decay)
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(cfg.epochs, 1))
+                          if cfg.lr_schedule == "cosine" else None)
+        self.seg_loss = segmentation_loss(cfg.seg_loss)
+        self.cls_loss = classification_loss(cfg.cls_loss) if cfg.task == "disease" else None
+        self.dlw = DynamicLossWeighting(cfg.dlw_alpha)
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.stale = 0
+
+    # ------------------------------------------------------------------------------------ steps
+    def _autocast(self):
+        enabled = self.cfg.amp and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _inputs(self, batch: dict) -> torch.Tensor:
+        x = batch["image"].to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def _losses(self, out, batch: dict) -> dict[str, torch.Tensor | None]:
+        if self.cfg.task == "lung":
+            return {"seg": self.seg_loss(out.float(), batch["lung_mask"].to(self.device))}
+        seg_logits, cls_logits = out
+        annotated = batch["opacity_annotated"].to(self.device)
+        seg = None
+        if annotated.any():
+            seg = self.seg_loss(seg_logits[annotated].float(), batch["opacity_mask"].to(self.device)[annotated])
+        cls = self.cls_loss(cls_logits.float().squeeze(1), batch["label"].to(self.device))
+        return {"seg": seg, "cls": cls}
+
+    def train_epoch(self) -> dict:
+        self.model.train()
+        total, n = 0.0, 0
+        for batch in self.train_loader:
+            with self._autocast():
+                out = self.model(self._inputs(batch))
+            losses = self._losses(out, batch)
+            loss = self.dlw(losses) if self.cfg.task == "disease" else losses["seg"]
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach()) * len(batch["index"])
+            n += len(batch["index"])
+        if self.scheduler:
+            self.scheduler.step()
+        return {"train_loss": total / max(n, 1)}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.model.eval()
+        seg = SegmentationMeter()
+        probs, labels, losses = [], [], []
+        for batch in self.val_loader:
+            with self._autocast():
+                out = self.model(self._inputs(batch))
+            batch_losses = self._losses(out, batch)
+            losses.append(sum(float(v) for v in batch_losses.values() if v is not None))
+            if self.cfg.task == "lung":
+                seg.update((torch.sigmoid(out.float()) >= 0.5).cpu().numpy()[:, 0],
+                           batch["lung_mask"].numpy()[:, 0] > 0.5)
+                continue
+            seg_logits, cls_logits = out
+            p_cls = torch.sigmoid(cls_logits.float()).squeeze(1).cpu()
+            refined = torch.sigmoid(seg_logits.float()).cpu() * (p_cls >= self.cfg.cls_threshold).float()[:, None, None, None]
+            keep = batch["opacity_annotated"].numpy()
+            seg.update((refined.numpy()[:, 0] >= 0.5)[keep], (batch["opacity_mask"].numpy()[:, 0] > 0.5)[keep])
+            probs.append(p_cls.numpy())
+            labels.append(batch["label"].numpy())
+        metrics = {"val_loss": float(np.mean(losses))}
+        metrics.update({f"val_{k}": v for k, v in seg.result().items()})
+        if self.cfg.task == "disease":
+            cls = classification_metrics(np.concatenate(probs), np.concatenate(labels), self.cfg.cls_threshold)
+            metrics.update({f"val_{k}": v for k, v in cls.items()})
+            dice = metrics["val_dice"] if not np.isnan(metrics["val_dice"]) else 0.0
+            metrics["val_dice_f1"] = (dice + metrics["val_f1"]) / 2
+        return metrics
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "dlw": self.dlw.state_dict(), "epoch": self.epoch, "history": self.history,
+                "best": self.best, "stale": self.stale, "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state()}
+
+    def meta(self, metrics: dict) -> dict:
+        return {"format": "cxrtune-checkpoint/1", "epoch": self.epoch, "config": self.cfg.to_dict(),
+                "preprocessing": self.pre.to_dict(), "metrics": metrics, "monitor": self.cfg.monitor,
+                "roi": self.cfg.task == "disease", "versions": versions()}
+
+    def write_checkpoint(self, directory: str | Path, metrics: dict) -> Path:
+        """Weights (``model.pt``), resumable state (``state.pt``) and ``meta.json`` in a folder."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), d / "model.pt")
+        torch.save(self.state(), d / "state.pt")
+        (d / "meta.json").write_text(json.dumps(self.meta(metrics), indent=2, default=float))
+        return d
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.dlw.load_state_dict(state["dlw"])
+        self.epoch, self.history = state["epoch"], state["history"]
+        self.best, self.stale = state["best"], state["stale"]
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+
+    # ------------------------------------------------------------------------------------- fit
+    def fit(self, on_epoch: Callable[[dict, Path], bool | None] | None = None,
+            checkpoint_root: str | Path | None = None) -> dict:
+        """Run epochs until ``cfg.epochs`` or early stopping. ``on_epoch(metrics, ckpt_dir)`` is
+        called after each epoch with a local checkpoint folder; returning True stops training."""
+        staging = Path(tempfile.mkdtemp(prefix="cxrtune-ckpt-"))
+        while self.epoch < self.cfg.epochs:
+            t0 = time.perf_counter()
+            metrics = self.train_epoch()
+            metrics.update(self.validate())
+            self.epoch += 1
+            metrics.update(epoch=self.epoch, epoch_seconds=time.perf_counter() - t0,
+                           lr=self.optimizer.param_groups[0]["lr"])
+            value = metrics[self.cfg.monitor]
+            value = -1.0 if value is None or np.isnan(value) else value
+            if self.best is None or value > self.best["value"] + self.cfg.min_delta:
+                self.best, self.stale = {"value": value, "epoch": self.epoch}, 0
+            else:
+                self.stale += 1
+            metrics["best_" + self.cfg.monitor] = self.best["value"]
+            self.history.append(metrics)
+            log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+            ckpt = self.write_checkpoint(staging / f"epoch_{self.epoch:04d}", metrics)
+            if checkpoint_root is not None:
+                upload_dir(ckpt, storage.join(str(checkpoint_root), "checkpoints", ckpt.name))
+            stop = on_epoch(metrics, ckpt) if on_epoch else False
+            if stop or self.stale >= self.cfg.patience:
+                break
+        return {"epochs": self.epoch, "best": self.best, "history": self.history}
+
+
+def versions() -> dict:
+    import segmentation_models_pytorch as smp
+
+    from . import __version__
+
+    return {"cxrtune": __version__, "torch": torch.__version__, "smp": smp.__version__}
+
+
+def upload_dir(local: Path, uri: str) -> None:
+    for f in sorted(Path(local).iterdir()):
+        if f.is_file():
+            storage.write_bytes(storage.join(uri, f.name), f.read_bytes())
+
+
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The newest ``checkpoints/epoch_NNNN`` folder under a run, or None."""
+    root = storage.join(run_uri, "checkpoints")
+    names = sorted({u.rstrip("/").split("/")[-2] for u in storage.list_keys(root) if u.endswith("meta.json")})
+    return storage.join(root, names[-1]) if names else None
+
+
+def load_torch(uri: str):
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
+
+
+def train(cfg: TrainConfig, df: pd.DataFrame, out_uri: str, resume: bool = False,
+          on_epoch: Callable[[dict, Path], bool | None] | None = None) -> dict:
+    """Train and write a run folder: ``checkpoints/epoch_NNNN/`` per epoch, ``best/`` (the best
+    epoch's weights + meta, what ``cxrtune bundle`` takes) and ``run.json`` (config + history)."""
+    trainer = Trainer(cfg, df)
+    if resume:
+        last = latest_checkpoint(out_uri)
+        if last:
+            trainer.load_state(load_torch(storage.join(last, "state.pt")))
+            log.info("resumed from %s at epoch %d", last, trainer.epoch)
+    result = trainer.fit(on_epoch=on_epoch, checkpoint_root=out_uri)
+    best_epoch = result["best"]["epoch"] if result["best"] else trainer.epoch
+    best_dir = storage.join(out_uri, "checkpoints", f"epoch_{best_epoch:04d}")
+    for name in ("model.pt", "meta.json"):
+        storage.write_bytes(storage.join(out_uri, "best", name), storage.read_bytes(storage.join(best_dir, name)))
+    summary = {"config": cfg.to_dict(), "best": result["best"], "epochs": result["epochs"],
+               "history": result["history"], "versions": versions()}
+    storage.write_text(storage.join(out_uri, "run.json"), json.dumps(summary, indent=2, default=float))
+    return summary
