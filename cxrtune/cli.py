@@ -130,6 +130,104 @@ def _train(args) -> None:
           f"at epoch {best.get('epoch')}; run {args.out}")
 
 
+def _bundle(args) -> None:
+    from .scorer import make_bundle
+
+    b = make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
+    print(f"bundle {args.out}: lung {b['lung']['config']['model']['arch']}, disease "
+          f"{b['disease']['config']['model']['arch']}, zone threshold {b['zone_threshold']}")
+
+
+def _calibrate(args) -> None:
+    from . import manifest
+    from .evaluation import calibrate
+    from .scorer import load_bundle, update_bundle
+
+    scorer = load_bundle(args.bundle, device=args.device)
+    result = calibrate(scorer, manifest.load_manifest(args.manifest), split=args.split,
+                       reference_threshold=args.reference_threshold, limit=args.limit)
+    update_bundle(args.bundle, zone_threshold=result["threshold"],
+                  calibration={k: v for k, v in result.items() if k != "curve"} | {"manifest": args.manifest,
+                                                                                   "split": args.split})
+    print(f"zone threshold {result['threshold']:.2f}: score MAE {result['mae']:.3f}, RMSE "
+          f"{result['rmse']:.3f} on {result['n']} images; stored in {args.bundle}")
+
+
+SCORABLE = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+
+
+def _expand(paths: list[str]) -> list[str]:
+    from pathlib import Path
+
+    out = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            out += sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SCORABLE)
+        elif path.exists():
+            out.append(str(path))
+        else:
+            raise CxrtuneError(f"{p}: no such file or folder")
+    if not out:
+        raise CxrtuneError("no PNG, JPEG or DICOM files among the given paths")
+    return out
+
+
+def _score(args) -> None:
+    from pathlib import Path
+
+    from . import images, storage
+    from .overlay import encode_overlay
+    from .scorer import load_bundle
+
+    scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
+    files = _expand(args.paths)
+    lines, failed = [], 0
+    for i in range(0, len(files), args.batch_size):
+        chunk, imgs, good = files[i:i + args.batch_size], [], []
+        for f in chunk:
+            try:
+                imgs.append(images.decode_image(Path(f).read_bytes()))
+                good.append(f)
+            except CxrtuneError as exc:
+                failed += 1
+                lines.append({"image": f, "error": str(exc)})
+        for f, img, (record, detail) in zip(good, imgs, scorer.score_images(imgs)):
+            if record["lungs_found"] == 0:
+                record["error"] = "no lungs found: not a frontal chest radiograph?"
+            lines.append({"image": f, **record})
+            if args.overlays:
+                name = Path(f).stem + ".overlay.png"
+                storage.write_bytes(str(Path(args.overlays) / name), encode_overlay(img, detail.lungs, detail.opacity, record))
+    storage.write_text(args.out, "".join(json.dumps(line) + "\n" for line in lines))
+    print(f"scored {len(files) - failed}, failed {failed}; records in {args.out}")
+
+
+def _score_masks(args) -> None:
+    from . import images
+    from .zones import score_masks
+
+    lung = images.read_mask(args.lung)
+    opacity = images.read_mask(args.opacity)
+    if lung.shape != opacity.shape:
+        raise CxrtuneError(f"{args.opacity}: {opacity.shape[1]}x{opacity.shape[0]} does not match the lung "
+                           f"mask's {lung.shape[1]}x{lung.shape[0]}")
+    print(json.dumps(score_masks(lung, opacity, args.threshold)))
+
+
+def _evaluate(args) -> None:
+    from . import manifest
+    from .evaluation import evaluate
+    from .scorer import load_bundle
+
+    scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
+    result = evaluate(scorer, manifest.load_manifest(args.manifest), args.out, split=args.split,
+                      reference_threshold=args.reference_threshold, limit=args.limit)
+    summary = {"lung_dice": result["lung"].get("dice"), "opacity_dice": result["opacity"].get("dice"),
+               "f1": result["classification"]["f1"], "score_mae": result.get("score", {}).get("mae")}
+    print(json.dumps(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrtune", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -192,6 +290,50 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override settings, e.g. lr=1e-4 model.arch=Unet")
     tr.set_defaults(func=_train)
+
+    bd = sub.add_parser("bundle", help="package a Stage I and a Stage II run as a scorer bundle")
+    bd.add_argument("--lung", required=True, help="Stage I run URI")
+    bd.add_argument("--disease", required=True, help="Stage II run URI")
+    bd.add_argument("--out", required=True, help="bundle folder (local or s3://)")
+    bd.add_argument("--threshold", type=float, default=0.1, help="zone threshold until calibrated")
+    bd.add_argument("--name")
+    bd.set_defaults(func=_bundle)
+
+    cal = sub.add_parser("calibrate", help="choose the zone threshold T by minimum score MAE")
+    cal.add_argument("bundle")
+    cal.add_argument("--manifest", required=True)
+    cal.add_argument("--split", default="train,val", help="rows to use (never test)")
+    cal.add_argument("--reference-threshold", type=float, default=0.1,
+                     help="T for deriving reference scores from masks when zone_* columns are absent")
+    cal.add_argument("--limit", type=int)
+    cal.add_argument("--device")
+    cal.set_defaults(func=_calibrate)
+
+    sc = sub.add_parser("score", help="score images or folders (PNG, JPEG, DICOM) to JSON lines")
+    sc.add_argument("paths", nargs="+")
+    sc.add_argument("--bundle", required=True)
+    sc.add_argument("--out", required=True, help="results.jsonl")
+    sc.add_argument("--overlays", help="folder for overlay PNGs")
+    sc.add_argument("--batch-size", type=int, default=8)
+    sc.add_argument("--device")
+    sc.set_defaults(func=_score)
+
+    sm = sub.add_parser("score-masks", help="the record computed from given lung and opacity masks")
+    sm.add_argument("--lung", required=True)
+    sm.add_argument("--opacity", required=True)
+    sm.add_argument("--threshold", type=float, default=0.1)
+    sm.set_defaults(func=_score_masks)
+
+    ev = sub.add_parser("evaluate", help="metrics JSON and plots for a bundle on a manifest")
+    ev.add_argument("--bundle", required=True)
+    ev.add_argument("--manifest", required=True)
+    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--reference-threshold", type=float, default=0.1)
+    ev.add_argument("--limit", type=int)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device")
+    ev.set_defaults(func=_evaluate)
     return p
 
 
