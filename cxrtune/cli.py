@@ -228,6 +228,67 @@ def _evaluate(args) -> None:
     print(json.dumps(summary))
 
 
+def parse_duration(text: str | None) -> float | None:
+    """``90s``, ``30m``, ``2h`` or plain seconds."""
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1].lower() in units:
+            return float(text[:-1]) * units[text[-1].lower()]
+        return float(text)
+    except ValueError:
+        raise CxrtuneError(f"--time-budget {text!r}: use e.g. 90s, 30m or 2h") from None
+
+
+def _tune(args) -> None:
+    import time as _time
+
+    from .search_space import load_space
+    from .tuning import EMBEDDED_SPACE, TuneOptions, resume_tune, run_tune
+
+    if args.resume:
+        summary = resume_tune(args.resume)
+    else:
+        embedded = args.manifest is None
+        if args.space:
+            space, source = load_space(args.space).to_dict(), args.space
+        elif embedded:
+            space, source = EMBEDDED_SPACE, "embedded default"
+        else:
+            raise CxrtuneError("--space is required with --manifest (see search_spaces/)")
+        opts = TuneOptions(
+            space=space, space_source=source,
+            manifest=args.manifest or embedded_manifest(),
+            name=args.name or _time.strftime("sweep-%Y%m%d-%H%M%S"),
+            storage=args.storage or os.path.abspath("cxrtune-results"),
+            num_samples=args.num_samples or (6 if embedded else 16),
+            scheduler=args.scheduler, max_epochs=args.max_epochs or (4 if embedded else 16),
+            grace=args.grace if args.grace is not None else (1 if embedded else 4),
+            reduction_factor=args.reduction_factor, patience=args.patience, min_delta=args.min_delta,
+            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+            max_concurrent=args.max_concurrent, time_budget_s=parse_duration(args.time_budget),
+            objective=args.objective, multi_objective=args.multi_objective, lung_bundle=args.lung_bundle,
+            wandb_project=args.wandb_project, seed=args.seed, max_failures=args.max_failures,
+            num_cpus=args.num_cpus)
+        summary = run_tune(opts)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _report(args) -> None:
+    from .report import write_report
+
+    out = write_report(args.experiment, args.out)
+    print(f"report in {args.out}: {', '.join(out)}")
+
+
+def _promote(args) -> None:
+    from .report import promote
+
+    run = promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs)
+    print(f"promoted to {run}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrtune", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -334,6 +395,44 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--device")
     ev.set_defaults(func=_evaluate)
+
+    tu = sub.add_parser("tune", help="hyperparameter search with Ray Tune, Optuna and ASHA/HyperBand")
+    tu.add_argument("--space", help="search-space YAML (see search_spaces/)")
+    tu.add_argument("--manifest", help="manifest (default: the embedded phantom dataset and a small space)")
+    tu.add_argument("--name", help="experiment name (default: sweep-DATE-TIME)")
+    tu.add_argument("--storage", help="local folder or s3://bucket/prefix (default: ./cxrtune-results)")
+    tu.add_argument("--num-samples", type=int)
+    tu.add_argument("--scheduler", default="asha", choices=["asha", "hyperband", "none"])
+    tu.add_argument("--max-epochs", type=int, help="I_max (default 16; embedded 4)")
+    tu.add_argument("--grace", type=int, help="ASHA grace period in epochs (default 4; embedded 1)")
+    tu.add_argument("--reduction-factor", type=float, default=2)
+    tu.add_argument("--patience", type=int, default=6, help="per-trial early stopping, 0 = off")
+    tu.add_argument("--min-delta", type=float, default=0.01)
+    tu.add_argument("--cpus-per-trial", type=float, default=1)
+    tu.add_argument("--gpus-per-trial", type=float, default=0, help="fractions allowed, e.g. 0.25")
+    tu.add_argument("--max-concurrent", type=int)
+    tu.add_argument("--time-budget", help="e.g. 2h")
+    tu.add_argument("--objective", choices=["dice", "dice_cls", "score_mae"])
+    tu.add_argument("--lung-bundle", help="fixed Stage I bundle for --objective score_mae")
+    tu.add_argument("--multi-objective", action="store_true", help="accuracy vs latency (NSGA-II, no ASHA)")
+    tu.add_argument("--wandb-project", help="log to Weights & Biases (offline without WANDB_API_KEY)")
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--max-failures", type=int, default=2)
+    tu.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance")
+    tu.add_argument("--resume", metavar="EXP_URI", help="continue an interrupted experiment (STORAGE/NAME)")
+    tu.set_defaults(func=_tune)
+
+    rp = sub.add_parser("report", help="trials table, hyperparameter importance and correlation plots")
+    rp.add_argument("experiment", help="experiment URI (STORAGE/NAME)")
+    rp.add_argument("--out", required=True)
+    rp.set_defaults(func=_report)
+
+    pr = sub.add_parser("promote", help="export the best trial as a run that `cxrtune bundle` takes")
+    pr.add_argument("experiment")
+    pr.add_argument("--to", required=True, help="run URI")
+    pr.add_argument("--retrain", action="store_true", help="retrain the best config on all training data")
+    pr.add_argument("--epochs", type=int)
+    pr.set_defaults(func=_promote)
     return p
 
 

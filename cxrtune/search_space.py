@@ -1,0 +1,201 @@
+"""YAML search spaces, validated, translated to an Optuna define-by-run function.
+
+Schema (``docs/search_spaces.md`` has examples)::
+
+    task: lung | disease                 # which stage the trials train
+    objective: dice | dice_cls | score_mae   # default: dice (lung), dice_cls (disease)
+    fixed:                               # TrainConfig settings shared by every trial
+      batch_size: 4
+      model: {in_channels: 1}
+    parameters:                          # tuned settings, sampled in this order
+      NAME: {type: choice, values: [a, b]}
+      NAME: {type: int, low: 256, high: 512, step: 32}
+      NAME: {type: float, low: 0.0, high: 1.0}
+      NAME: {type: log-float, low: 1.0e-4, high: 1.0e-2}
+      NAME: {type: choice, given: OTHER, values: {OTHER_VALUE: [..], default: [..]}}  # conditional
+
+``NAME`` is a TrainConfig setting (``lr``, ``size``, ``seg_loss``...) or a model setting
+(``arch``, ``encoder``, ``in_channels``, ``dropout``). A conditional parameter (``given``) draws
+from the list for the value its parent took, so an encoder can depend on the architecture; each
+branch is its own Optuna parameter (``encoder|Unet``) so the sampler models them apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from . import storage
+from .errors import CxrtuneError
+from .losses import OPTIMIZERS
+from .models import ARCHITECTURES, ModelConfig
+from .train import TASKS, TrainConfig
+
+TYPES = ("choice", "int", "float", "log-float")
+MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"classification"}
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"model", "task"}
+OBJECTIVES = {"dice": ("val_dice", "max"), "dice_cls": ("val_dice_f1", "max"), "score_mae": ("val_score_mae", "min")}
+CHECK_VALUES = {"arch": set(ARCHITECTURES), "optimizer": set(OPTIMIZERS),
+                "seg_loss": {"dice", "jaccard", "bce", "lovasz", "focal", "dice_focal"},
+                "cls_loss": {"bce", "l1", "smooth_l1"}}
+
+
+@dataclass
+class Param:
+    name: str
+    type: str
+    values: Any = None
+    low: float | None = None
+    high: float | None = None
+    step: int | None = None
+    given: str | None = None
+
+
+@dataclass
+class SearchSpace:
+    task: str
+    objective: str
+    fixed: dict
+    params: list[Param] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def metric(self) -> str:
+        return OBJECTIVES[self.objective][0]
+
+    @property
+    def mode(self) -> str:
+        return OBJECTIVES[self.objective][1]
+
+    def suggest(self, trial) -> dict:
+        """Optuna define-by-run: sample every parameter into ``trial``; returns the sampled
+        settings as a flat dict (conditional names resolved)."""
+        out: dict = {}
+        for p in self.params:
+            name, values = p.name, p.values
+            if p.given:
+                parent = out[p.given]
+                values = p.values.get(parent, p.values.get("default"))
+                if values is None:
+                    continue
+                name = f"{p.name}|{parent}"
+            if p.type == "choice":
+                out[p.name] = trial.suggest_categorical(name, list(values))
+            elif p.type == "int":
+                out[p.name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1))
+            else:
+                out[p.name] = trial.suggest_float(name, float(p.low), float(p.high), log=p.type == "log-float")
+        return out
+
+    def __call__(self, trial) -> None:
+        """Ray's OptunaSearch define-by-run hook (a picklable object, since Tune saves the searcher)."""
+        self.suggest(trial)
+
+    def train_config(self, sampled: dict) -> TrainConfig:
+        """The TrainConfig of one trial: fixed settings, then the sampled ones."""
+        cfg = {k: v for k, v in self.fixed.items() if k != "model"}
+        model = dict(self.fixed.get("model", {}) or {})
+        for k, v in sampled.items():
+            (model if k in MODEL_KEYS else cfg)[k] = v
+        return TrainConfig.from_dict({**cfg, "task": self.task, "model": model})
+
+    def to_dict(self) -> dict:
+        params = {}
+        for p in self.params:
+            d = {"type": p.type}
+            for k in ("values", "low", "high", "step", "given"):
+                if getattr(p, k) is not None:
+                    d[k] = getattr(p, k)
+            params[p.name] = d
+        return {"task": self.task, "objective": self.objective, "fixed": self.fixed, "parameters": params}
+
+
+def _fail(source: str, key: str, msg: str) -> CxrtuneError:
+    return CxrtuneError(f"{source}: {key}: {msg}")
+
+
+def _check_values(source: str, key: str, name: str, values: list) -> None:
+    allowed = CHECK_VALUES.get(name)
+    if allowed:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise _fail(source, key, f"unknown value(s) {bad}; allowed: {', '.join(sorted(allowed))}")
+
+
+def parse_space(data: dict, source: str = "<space>") -> SearchSpace:
+    if not isinstance(data, dict):
+        raise CxrtuneError(f"{source}: expected a mapping with task, fixed and parameters")
+    unknown = set(data) - {"task", "objective", "fixed", "parameters", "description"}
+    if unknown:
+        raise _fail(source, ", ".join(sorted(unknown)), "unknown top-level key(s); allowed: task, objective, "
+                    "fixed, parameters, description")
+    task = data.get("task")
+    if task not in TASKS:
+        raise _fail(source, "task", f"must be one of {', '.join(TASKS)}, got {task!r}")
+    objective = data.get("objective") or ("dice" if task == "lung" else "dice_cls")
+    if objective not in OBJECTIVES:
+        raise _fail(source, "objective", f"must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective != "dice" and task == "lung":
+        raise _fail(source, "objective", f"{objective!r} needs task: disease")
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise _fail(source, "fixed", "must be a mapping of training settings")
+    for k in fixed:
+        if k != "model" and k not in TRAIN_KEYS:
+            raise _fail(source, f"fixed.{k}", f"unknown training setting; known: {', '.join(sorted(TRAIN_KEYS))}")
+    for k in fixed.get("model", {}) or {}:
+        if k not in MODEL_KEYS:
+            raise _fail(source, f"fixed.model.{k}", f"unknown model setting; known: {', '.join(sorted(MODEL_KEYS))}")
+    raw = data.get("parameters") or {}
+    if not isinstance(raw, dict) or not raw:
+        raise _fail(source, "parameters", "must be a non-empty mapping of NAME: {type: ...}")
+    params: list[Param] = []
+    seen: dict[str, Param] = {}
+    for name, spec in raw.items():
+        key = f"parameters.{name}"
+        if name not in MODEL_KEYS | TRAIN_KEYS:
+            raise _fail(source, key, f"not a training or model setting; known: {', '.join(sorted(MODEL_KEYS | TRAIN_KEYS))}")
+        if not isinstance(spec, dict):
+            raise _fail(source, key, "must be a mapping with a type")
+        extra = set(spec) - {"type", "values", "low", "high", "step", "given"}
+        if extra:
+            raise _fail(source, f"{key}.{sorted(extra)[0]}", "unknown field; allowed: type, values, low, high, step, given")
+        ptype = spec.get("type")
+        if ptype not in TYPES:
+            raise _fail(source, f"{key}.type", f"must be one of {', '.join(TYPES)}, got {ptype!r}")
+        p = Param(name, ptype, spec.get("values"), spec.get("low"), spec.get("high"), spec.get("step"), spec.get("given"))
+        if p.given is not None:
+            if p.given not in seen:
+                raise _fail(source, f"{key}.given", f"{p.given!r} must be a parameter listed before {name!r}")
+            if ptype != "choice" or not isinstance(p.values, dict):
+                raise _fail(source, f"{key}.values", "a conditional parameter is a choice with a mapping "
+                            "parent value -> list (and optionally default)")
+            for parent_value, lst in p.values.items():
+                if not isinstance(lst, list) or not lst:
+                    raise _fail(source, f"{key}.values.{parent_value}", "must be a non-empty list")
+                _check_values(source, f"{key}.values.{parent_value}", name, lst)
+        elif ptype == "choice":
+            if not isinstance(p.values, list) or not p.values:
+                raise _fail(source, f"{key}.values", "a choice needs a non-empty list of values")
+            _check_values(source, f"{key}.values", name, p.values)
+        else:
+            for bound in ("low", "high"):
+                if not isinstance(getattr(p, bound), (int, float)):
+                    raise _fail(source, f"{key}.{bound}", f"{ptype} needs a numeric {bound}")
+            if p.low >= p.high:
+                raise _fail(source, key, f"low ({p.low}) must be below high ({p.high})")
+            if ptype == "log-float" and p.low <= 0:
+                raise _fail(source, f"{key}.low", "log-float needs low > 0")
+        params.append(p)
+        seen[name] = p
+    return SearchSpace(task, objective, fixed, params, source)
+
+
+def load_space(uri: str) -> SearchSpace:
+    import yaml
+
+    try:
+        data = yaml.safe_load(storage.read_text(uri))
+    except yaml.YAMLError as exc:
+        raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
+    return parse_space(data, uri)

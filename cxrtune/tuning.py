@@ -1,0 +1,361 @@
+"""``cxrtune tune``: Ray Tune + Optuna (TPE, or NSGA-II for two objectives) + ASHA/HyperBand.
+
+Every trial runs the same :class:`~cxrtune.train.Trainer` as ``cxrtune train`` and reports each
+epoch with ``tune.report(metrics, checkpoint=...)``. Results and checkpoints go to a local folder or
+S3 (through a pyarrow filesystem with the same endpoint as everything else). The experiment folder
+also holds ``cxrtune.json`` (the options, the search space and the manifest URI), so
+``--resume EXP_URI`` and ``cxrtune report`` need nothing else. Tune saves the searcher (the Optuna
+study with every finished trial) beside the experiment, so a resumed sweep continues the study
+rather than starting a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import manifest, storage
+from .errors import CxrtuneError
+from .search_space import SearchSpace, parse_space
+
+log = logging.getLogger(__name__)
+EXPERIMENT_FILE = "cxrtune.json"
+SCHEDULERS = ("asha", "hyperband", "none")
+
+# The embedded default's space: a small lung-segmentation sweep that finishes in a few minutes on
+# a laptop CPU over the phantom dataset (the full seed-004 spaces are in search_spaces/).
+EMBEDDED_SPACE = {
+    "description": "embedded default: small lung-segmentation sweep on phantoms",
+    "task": "lung", "objective": "dice",
+    "fixed": {"batch_size": 4, "model": {"in_channels": 1}},
+    "parameters": {
+        "arch": {"type": "choice", "values": ["FPN", "Unet", "Linknet"]},
+        "encoder": {"type": "choice", "values": ["resnet18"]},
+        "size": {"type": "int", "low": 64, "high": 96, "step": 32},
+        "seg_loss": {"type": "choice", "values": ["dice", "bce", "focal"]},
+        "optimizer": {"type": "choice", "values": ["adam", "adamw", "sgd"]},
+        "lr": {"type": "log-float", "low": 1e-4, "high": 1e-2},
+    },
+}
+
+
+@dataclass
+class TuneOptions:
+    space: dict
+    manifest: str
+    name: str
+    storage: str
+    num_samples: int = 16
+    scheduler: str = "asha"
+    max_epochs: int = 16
+    grace: int = 4
+    reduction_factor: float = 2
+    patience: int = 6  # per-trial early stopping (0 = off)
+    min_delta: float = 0.01
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0
+    max_concurrent: int | None = None
+    time_budget_s: float | None = None
+    objective: str | None = None
+    multi_objective: bool = False
+    lung_bundle: str | None = None
+    wandb_project: str | None = None
+    seed: int = 0
+    max_failures: int = 2
+    num_cpus: int | None = None  # for a local Ray instance
+    space_source: str = ""
+    created: float = field(default_factory=time.time)
+
+    @property
+    def experiment_uri(self) -> str:
+        return storage.join(self.storage, self.name)
+
+    def search_space(self) -> SearchSpace:
+        data = dict(self.space)
+        if self.objective:
+            data["objective"] = self.objective
+        return parse_space(data, self.space_source or "<space>")
+
+
+# ------------------------------------------------------------------------------------ the trial
+
+def measure_latency_ms(model, size: int, in_channels: int, device, repeats: int = 5) -> float:
+    """Median forward time of one image at batch size 1: the multi-objective's cost axis."""
+    import torch
+
+    model.eval()
+    x = torch.rand(1, in_channels, size, size, device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append(1000 * (time.perf_counter() - t))
+    model.train()
+    return float(np.median(times))
+
+
+class ClinicalObjective:
+    """Validation severity-score MAE of a Stage II trial through a fixed Stage I bundle.
+
+    Stage I is fixed, so the validation images, their lung masks and their reference zones are
+    computed once; each epoch only Stage II runs. The zone threshold is the bundle's (not fit on
+    the validation images)."""
+
+    def __init__(self, bundle_uri: str, rows, limit: int | None = 64):
+        from . import images
+        from .scorer import load_bundle, reference_zones
+
+        self.bundle = load_bundle(bundle_uri)
+        cache = storage.ContentCache()
+        self.images, self.refs = [], []
+        for _, row in rows.iterrows():
+            ref = reference_zones(row, cache=cache)
+            if ref is None:
+                continue
+            self.images.append(images.read_image(row["image"], cache))
+            self.refs.append(sum(ref))
+            if limit and len(self.images) >= limit:
+                break
+        if not self.images:
+            raise CxrtuneError("score_mae needs validation rows with reference zone scores or masks")
+        self.lungs = self.bundle.lung_masks(self.images)
+
+    def __call__(self, model, pre, config: dict) -> float:
+        from . import zones
+        from .scorer import StageModel
+
+        model.eval()
+        self.bundle.disease = StageModel(model, pre, config)
+        preds = []
+        for lung, (opacity, _) in zip(self.lungs, self.bundle.opacity_masks(self.images, self.lungs)):
+            preds.append(zones.score_masks(lung, opacity & lung, self.bundle.zone_threshold)["score"])
+        model.train()
+        return float(np.mean(np.abs(np.array(preds) - np.array(self.refs))))
+
+
+def _sampled(config: dict) -> dict:
+    """Tune's config holds Optuna's names; conditional ones look like ``encoder|Unet``."""
+    return {k.split("|", 1)[0]: v for k, v in config.items()}
+
+
+def run_trial(config: dict, opts: dict) -> None:
+    """The Tune function trainable: one config, trained epoch by epoch, reported to Tune."""
+    import torch
+    from ray import tune
+
+    from .train import Trainer, load_torch
+
+    o = TuneOptions(**opts)
+    space = o.search_space()
+    cfg = space.train_config(_sampled(config))
+    cfg.epochs, cfg.patience, cfg.seed = o.max_epochs, o.max_epochs + 1, o.seed  # Tune stops trials
+    df = manifest.load_manifest(o.manifest, check_files=False)
+    trainer = Trainer(cfg, df)
+    ckpt = tune.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            trainer.load_state(torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False))
+    latency = measure_latency_ms(trainer.model, cfg.size, cfg.model.in_channels, trainer.device)
+    clinical = None
+    if space.objective == "score_mae":
+        if not o.lung_bundle:
+            raise CxrtuneError("--objective score_mae needs --lung-bundle (a fixed Stage I bundle)")
+        clinical = ClinicalObjective(o.lung_bundle, trainer.val_ds.df, limit=cfg.max_val_images or 64)
+
+    def on_epoch(metrics: dict, ckpt_dir: Path) -> None:
+        metrics = {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        metrics["latency_ms"] = latency
+        if clinical is not None:
+            metrics["val_score_mae"] = clinical(trainer.model, trainer.pre, cfg.to_dict())
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+
+    trainer.fit(on_epoch=on_epoch)
+
+
+# ------------------------------------------------------------------------------------- the sweep
+
+class PatienceStopper:
+    """Per-trial early stopping as in seed 004: stop a trial when its metric has not improved by
+    ``min_delta`` for ``patience`` epochs. Hand-written because Ray's TrialPlateauStopper measures
+    a standard deviation over a window, not improvement over the best value."""
+
+    def __new__(cls, *args, **kwargs):
+        from ray.tune import Stopper
+
+        class _Impl(Stopper):
+            def __init__(self, metric: str, mode: str, min_delta: float, patience: int):
+                self.metric, self.sign = metric, 1.0 if mode == "max" else -1.0
+                self.min_delta, self.patience = min_delta, patience
+                self.best: dict[str, float] = {}
+                self.stale: dict[str, int] = {}
+                self.stopped: set[str] = set()
+
+            def __call__(self, trial_id: str, result: dict) -> bool:
+                if self.metric not in result:
+                    return False
+                value = self.sign * float(result[self.metric])
+                if trial_id not in self.best or value > self.best[trial_id] + self.min_delta:
+                    self.best[trial_id], self.stale[trial_id] = value, 0
+                else:
+                    self.stale[trial_id] += 1
+                if self.stale[trial_id] >= self.patience:
+                    self.stopped.add(trial_id)
+                    return True
+                return False
+
+            def stop_all(self) -> bool:
+                return False
+
+        return _Impl(*args, **kwargs)
+
+
+def _scheduler(o: TuneOptions):
+    """Metric and mode come from TuneConfig (Ray refuses them twice)."""
+    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
+
+    if o.scheduler not in SCHEDULERS:
+        raise CxrtuneError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
+    if o.multi_objective and o.scheduler != "none":
+        raise CxrtuneError("multi-objective mode needs --scheduler none: Ray's OptunaSearch drops "
+                           "intermediate results for several objectives, so ASHA/HyperBand cannot compare trials")
+    if o.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=o.max_epochs,
+                             grace_period=min(o.grace, o.max_epochs), reduction_factor=o.reduction_factor)
+    if o.scheduler == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=o.max_epochs,
+                                  reduction_factor=o.reduction_factor)
+    return None
+
+
+def _searcher(o: TuneOptions, space: SearchSpace):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if o.multi_objective:
+        sampler = optuna.samplers.NSGAIISampler(seed=o.seed)
+        return OptunaSearch(space, metric=[space.metric, "latency_ms"], mode=[space.mode, "min"],
+                            sampler=sampler, study_name=o.name)
+    sampler = optuna.samplers.TPESampler(seed=o.seed)
+    # a define-by-run searcher does not take metric/mode from TuneConfig: it needs its own
+    return OptunaSearch(space, metric=space.metric, mode=space.mode, sampler=sampler, study_name=o.name)
+
+
+def _wandb(o: TuneOptions) -> list:
+    if not o.wandb_project:
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    kwargs = {}
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_MODE"] = "offline"  # no key: write runs locally, sync later with `wandb sync`
+        kwargs["mode"] = "offline"
+    # the key travels in the environment only; it is never put in a config, a log or storage
+    return [WandbLoggerCallback(project=o.wandb_project, group=o.name, log_config=True, **kwargs)]
+
+
+def _ray_init(o: TuneOptions) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=o.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _trainable(o: TuneOptions):
+    from ray import tune
+
+    resources = {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(run_trial, opts=asdict(o)), resources)
+
+
+def _run_config(o: TuneOptions, space: SearchSpace):
+    from ray import tune
+
+    fs, path = storage.pyarrow_filesystem(o.storage)
+    stoppers = []
+    if o.patience and not o.multi_objective:
+        stoppers.append(PatienceStopper(space.metric, space.mode, o.min_delta, o.patience))
+    checkpoint_config = tune.CheckpointConfig(
+        num_to_keep=2, checkpoint_score_attribute=None if o.multi_objective else space.metric,
+        checkpoint_score_order=space.mode)
+    return tune.RunConfig(name=o.name, storage_path=path, storage_filesystem=fs,
+                          failure_config=tune.FailureConfig(max_failures=o.max_failures),
+                          checkpoint_config=checkpoint_config, stop=stoppers[0] if stoppers else None,
+                          callbacks=_wandb(o), verbose=1)
+
+
+def run_tune(o: TuneOptions) -> dict:
+    """Start a sweep; returns the closing summary (also written to ``summary.json``)."""
+    from ray import tune
+
+    space = o.search_space()
+    df = manifest.load_manifest(o.manifest)  # validated once, here, with a clear error
+    if o.multi_objective and space.objective == "score_mae":
+        raise CxrtuneError("multi-objective mode supports the dice and dice_cls objectives")
+    storage.ensure_bucket(o.storage)
+    storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(asdict(o), indent=2))
+    _ray_init(o)
+    tune_config = tune.TuneConfig(
+        metric=None if o.multi_objective else space.metric, mode=None if o.multi_objective else space.mode,
+        search_alg=_searcher(o, space), scheduler=_scheduler(o),
+        num_samples=o.num_samples, max_concurrent_trials=o.max_concurrent, time_budget_s=o.time_budget_s)
+    tuner = tune.Tuner(_trainable(o), tune_config=tune_config, run_config=_run_config(o, space))
+    log.info("sweep %s over %d rows", o.name, len(df))
+    return summarize(tuner.fit(), o, space)
+
+
+def load_options(exp_uri: str) -> TuneOptions:
+    try:
+        data = json.loads(storage.read_text(storage.join(exp_uri, EXPERIMENT_FILE)))
+    except CxrtuneError:
+        raise CxrtuneError(f"{exp_uri}: no {EXPERIMENT_FILE}; is this a cxrtune experiment folder "
+                           "(STORAGE/NAME)?") from None
+    return TuneOptions(**data)
+
+
+def resume_tune(exp_uri: str) -> dict:
+    """Continue an interrupted sweep: finished trials kept, errored ones restarted, the Optuna
+    searcher restored with its study."""
+    from ray import tune
+
+    o = load_options(exp_uri)
+    space = o.search_space()
+    _ray_init(o)
+    fs, path = storage.pyarrow_filesystem(exp_uri)
+    tuner = tune.Tuner.restore(path, _trainable(o), resume_unfinished=True, resume_errored=False,
+                               restart_errored=True, storage_filesystem=fs)
+    return summarize(tuner.fit(), o, space)
+
+
+def summarize(results, o: TuneOptions, space: SearchSpace) -> dict:
+    df = results.get_dataframe()
+    n_errors = sum(1 for r in results if r.error)
+    iters = df["training_iteration"] if "training_iteration" in df else []
+    stopped = int(sum(1 for i in iters if i < o.max_epochs))
+    hours = float(df["time_total_s"].sum()) / 3600 if "time_total_s" in df else 0.0
+    summary = {"experiment": o.experiment_uri, "trials": len(df), "errored": n_errors,
+               "stopped_early": stopped, "gpu_hours": round(hours * o.gpus_per_trial, 4),
+               "trial_hours": round(hours, 4), "metric": space.metric, "mode": space.mode}
+    if not o.multi_objective and len(df):
+        best = results.get_best_result(space.metric, space.mode, scope="all")
+        summary["best_metric"] = float(best.metrics_dataframe[space.metric].agg(space.mode))
+        summary["best_config"] = _sampled(best.config)
+        summary["best_trial"] = best.path
+    storage.write_text(storage.join(o.experiment_uri, "summary.json"), json.dumps(summary, indent=2, default=str))
+    return summary
