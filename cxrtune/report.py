@@ -1,0 +1,273 @@
+"""``cxrtune report`` and ``cxrtune promote`` over a finished (or running) experiment.
+
+Importance: a random forest on trial configs -> metric, Optuna's mean-decrease-impurity evaluator
+(seed 004 Fig. 7, fast.ai style; importance <= 0.05 = not important). Correlation: Pearson's r of
+each hyperparameter with the metric (Fig. 8); a categorical one gets one r per value (indicator).
+Conditional parameters (``encoder|Unet``) vary in their set of trials, so they enter the
+correlation table but not the forest, which needs parameters every trial has.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import storage
+from .errors import CxrtuneError
+from .tuning import TuneOptions, load_options
+
+IMPORTANCE_FLOOR = 0.05
+
+
+def _analysis(exp_uri: str, o: TuneOptions):
+    from ray.tune import ExperimentAnalysis
+
+    space = o.search_space()
+    fs, path = storage.pyarrow_filesystem(exp_uri)
+    try:
+        return ExperimentAnalysis(path, storage_filesystem=fs, default_metric=space.metric if not o.multi_objective else None,
+                                  default_mode=space.mode if not o.multi_objective else None), space
+    except Exception as exc:  # noqa: BLE001
+        raise CxrtuneError(f"{exp_uri}: cannot read the Tune experiment ({type(exc).__name__}: {exc})") from None
+
+
+def trials_table(exp_uri: str) -> tuple[pd.DataFrame, TuneOptions]:
+    """One row per trial: its sampled parameters, status, epochs, last and best metric."""
+    o = load_options(exp_uri)
+    analysis, space = _analysis(exp_uri, o)
+    rows = []
+    frames = analysis.trial_dataframes
+    for t in analysis.trials:
+        df = frames.get(t.trial_id, pd.DataFrame())
+        row = {"trial_id": t.trial_id, "status": t.status}
+        row.update({f"param:{k}": v for k, v in t.config.items()})
+        last = t.last_result or {}
+        row["epochs"] = last.get("training_iteration", 0)
+        row["time_s"] = last.get("time_total_s", float("nan"))
+        if space.metric in df:
+            series = df[space.metric]
+            row[space.metric] = float(series.iloc[-1])
+            row["best_" + space.metric] = float(series.max() if space.mode == "max" else series.min())
+        if "latency_ms" in df:
+            row["latency_ms"] = float(df["latency_ms"].iloc[-1])
+        rows.append(row)
+    return pd.DataFrame(rows), o
+
+
+def _distributions(space, columns: list[str]) -> dict:
+    import optuna.distributions as d
+
+    by_name = {p.name: p for p in space.params}
+    out = {}
+    for col in columns:
+        name = col.split(":", 1)[1]
+        base, _, parent = name.partition("|")
+        p = by_name.get(base)
+        if p is None:
+            continue
+        if p.type == "choice":
+            values = p.values[parent] if parent and parent in p.values else (p.values.get("default") if parent else p.values)
+            out[name] = d.CategoricalDistribution(list(values))
+        elif p.type == "int":
+            out[name] = d.IntDistribution(int(p.low), int(p.high), step=int(p.step or 1))
+        else:
+            out[name] = d.FloatDistribution(float(p.low), float(p.high), log=p.type == "log-float")
+    return out
+
+
+def importance(table: pd.DataFrame, o: TuneOptions) -> dict:
+    """Optuna MDI importances over the parameters every finished trial has."""
+    import optuna
+
+    space = o.search_space()
+    target = "best_" + space.metric
+    done = table[table[target].notna()] if target in table else table.iloc[0:0]
+    cols = [c for c in done.columns if c.startswith("param:") and done[c].notna().all()]
+    dists = _distributions(space, cols)
+    if len(done) < 2 or not dists:
+        return {}
+    study = optuna.create_study(direction="maximize" if space.mode == "max" else "minimize")
+    for _, r in done.iterrows():
+        params = {n: (r[f"param:{n}"].item() if hasattr(r[f"param:{n}"], "item") else r[f"param:{n}"]) for n in dists}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(r[target])))
+    evaluator = optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0)
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
+    except (RuntimeError, ValueError):
+        return {}
+
+
+def correlation(table: pd.DataFrame, metric: str) -> dict:
+    out: dict = {}
+    y_all = table[metric] if metric in table else None
+    if y_all is None:
+        return out
+    for col in [c for c in table.columns if c.startswith("param:")]:
+        sub = table[[col, metric]].dropna()
+        if len(sub) < 3:
+            continue
+        name, x, y = col.split(":", 1)[1], sub[col], sub[metric].astype(float)
+        if pd.api.types.is_numeric_dtype(x) and not pd.api.types.is_bool_dtype(x):
+            r = _pearson(x.astype(float), y)
+            if r is not None:
+                out[name] = r
+        else:
+            levels = {}
+            for level in sorted(x.astype(str).unique()):
+                r = _pearson((x.astype(str) == level).astype(float), y)
+                if r is not None:
+                    levels[level] = r
+            if levels:
+                out[name] = levels
+    return out
+
+
+def _pearson(x: pd.Series, y: pd.Series) -> float | None:
+    if x.std() == 0 or y.std() == 0:
+        return None
+    r = float(np.corrcoef(x, y)[0, 1])
+    return None if math.isnan(r) else r
+
+
+def pareto_front(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """Trials no other trial beats on both the metric and latency."""
+    sub = table.dropna(subset=[metric, "latency_ms"]) if {metric, "latency_ms"} <= set(table) else table.iloc[0:0]
+    sign = 1 if mode == "max" else -1
+    keep = []
+    for i, r in sub.iterrows():
+        dominated = ((sign * sub[metric] >= sign * r[metric]) & (sub["latency_ms"] <= r["latency_ms"])
+                     & ((sign * sub[metric] > sign * r[metric]) | (sub["latency_ms"] < r["latency_ms"]))).any()
+        if not dominated:
+            keep.append(i)
+    return sub.loc[keep].sort_values("latency_ms")
+
+
+def write_report(exp_uri: str, out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table, o = trials_table(exp_uri)
+    if table.empty:
+        raise CxrtuneError(f"{exp_uri}: the experiment has no trials yet")
+    space = o.search_space()
+    metric = "best_" + space.metric if "best_" + space.metric in table else space.metric
+    written = []
+
+    def put(name: str, data: bytes) -> None:
+        storage.write_bytes(storage.join(out_dir, name), data)
+        written.append(name)
+
+    put("trials.csv", table.to_csv(index=False).encode())
+    imp = importance(table, o)
+    corr = correlation(table, metric)
+    put("importance.json", json.dumps({"metric": metric, "evaluator": "optuna MeanDecreaseImpurity",
+                                       "not_important_below": IMPORTANCE_FLOOR, "importance": imp}, indent=2).encode())
+    put("correlation.json", json.dumps({"metric": metric, "pearson": corr}, indent=2).encode())
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    if imp:
+        fig, ax = plt.subplots(figsize=(6, 0.4 * len(imp) + 1))
+        names = list(imp)[::-1]
+        ax.barh(names, [imp[n] for n in names], color=["#888" if imp[n] <= IMPORTANCE_FLOOR else "#1f77b4" for n in names])
+        ax.axvline(IMPORTANCE_FLOOR, color="k", ls=":", lw=1)
+        ax.set(xlabel="importance (MDI)", title=f"Hyperparameter importance for {metric}")
+        put("importance.png", png(fig))
+    flat = {}
+    for k, v in corr.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}={lvl}": r for lvl, r in v.items()})
+        else:
+            flat[k] = v
+    if flat:
+        fig, ax = plt.subplots(figsize=(6, 0.3 * len(flat) + 1))
+        names = sorted(flat, key=flat.get)
+        ax.barh(names, [flat[n] for n in names], color=["#d62728" if flat[n] < 0 else "#2ca02c" for n in names])
+        ax.set(xlabel="Pearson r with " + metric, title="Linear correlation")
+        put("correlation.png", png(fig))
+    if o.multi_objective:
+        front = pareto_front(table, space.metric, space.mode)
+        put("pareto.csv", front.to_csv(index=False).encode())
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.scatter(table["latency_ms"], table[space.metric], c="#bbb", label="trials")
+        ax.plot(front["latency_ms"], front[space.metric], "o-", c="#d62728", label="Pareto front")
+        ax.set(xlabel="latency per image (ms)", ylabel=space.metric, title="Accuracy vs latency")
+        ax.legend()
+        put("pareto.png", png(fig))
+    return written
+
+
+def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | None = None) -> str:
+    """Export the best trial's best checkpoint as a run (``best/model.pt`` + ``best/meta.json``),
+    or with ``retrain`` train its config again on all training data (not only the tuning subset),
+    with the batch size that fills the GPU as in seed 004."""
+    from .train import TrainConfig, train
+
+    o = load_options(exp_uri)
+    if o.multi_objective:
+        raise CxrtuneError("promote needs a single-objective experiment; pick a Pareto trial from the report")
+    analysis, space = _analysis(exp_uri, o)
+    trial = analysis.get_best_trial(space.metric, space.mode, scope="all")
+    if trial is None:
+        raise CxrtuneError(f"{exp_uri}: no finished trial reports {space.metric}")
+    ckpt = analysis.get_best_checkpoint(trial, space.metric, space.mode)
+    if ckpt is None:
+        raise CxrtuneError(f"{exp_uri}: the best trial has no checkpoint")
+    with ckpt.as_directory() as d:
+        meta = json.loads((Path(d) / "meta.json").read_text())
+        if not retrain:
+            for name in ("model.pt", "meta.json"):
+                storage.write_bytes(storage.join(run_uri, "best", name), (Path(d) / name).read_bytes())
+            storage.write_text(storage.join(run_uri, "run.json"), json.dumps(
+                {"promoted_from": exp_uri, "trial": trial.trial_id, "metrics": meta["metrics"],
+                 "config": meta["config"]}, indent=2, default=float))
+            return run_uri
+    cfg = TrainConfig.from_dict({**meta["config"], "tuning_subset": False, "patience": 6})
+    if epochs:
+        cfg.epochs = epochs
+    cfg.batch_size = fill_gpu_batch_size(cfg)
+    from . import manifest
+
+    train(cfg, manifest.load_manifest(o.manifest), run_uri)
+    return run_uri
+
+
+def fill_gpu_batch_size(cfg, target: float = 0.9, limit: int = 256) -> int:
+    """The largest power-of-two batch whose training step stays under ``target`` of GPU memory
+    (seed 004 filled 90-100 %). On a CPU the configured batch size is kept."""
+    import torch
+
+    from .models import build_model
+
+    if not torch.cuda.is_available():
+        return cfg.batch_size
+    model = build_model(cfg.model).cuda().to(memory_format=torch.channels_last)
+    total = torch.cuda.get_device_properties(0).total_memory
+    best, bs = cfg.batch_size, cfg.batch_size
+    while bs <= limit:
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            x = torch.rand(bs, cfg.model.in_channels, cfg.size, cfg.size, device="cuda").contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x)
+            (out[0] if isinstance(out, tuple) else out).float().mean().backward()
+            model.zero_grad(set_to_none=True)
+            if torch.cuda.max_memory_allocated() > target * total:
+                break
+            best, bs = bs, bs * 2
+        except torch.cuda.OutOfMemoryError:
+            break
+    del model
+    torch.cuda.empty_cache()
+    return best
