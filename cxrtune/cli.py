@@ -289,6 +289,22 @@ def _promote(args) -> None:
     print(f"promoted to {run}")
 
 
+def _serve(args) -> None:
+    from pathlib import Path
+
+    from .serving import run_local
+
+    config = args.config
+    if config is None:
+        import torch
+
+        root = Path(__file__).resolve().parent.parent / "serve"
+        config = str(root / ("config.yaml" if torch.cuda.is_available() else "config.cpu.yaml"))
+        if not Path(config).exists():
+            raise CxrtuneError("pass --config (serve/config.yaml from the cxrtune source tree)")
+    run_local(args.bundle, config, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrtune", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -433,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--retrain", action="store_true", help="retrain the best config on all training data")
     pr.add_argument("--epochs", type=int)
     pr.set_defaults(func=_promote)
+
+    sv = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve (viewer at /, API at /v1)")
+    sv.add_argument("--bundle", required=True)
+    sv.add_argument("--config", help="Serve config (default: serve/config.yaml on GPU, serve/config.cpu.yaml on CPU)")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    sv.set_defaults(func=_serve)
     return p
 
 

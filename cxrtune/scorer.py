@@ -76,12 +76,14 @@ def _load_stage(state_bytes: bytes, meta: dict, device: torch.device) -> StageMo
 class Scorer:
     """Both stages, loaded once; scores lists of images in batches (on GPU when there is one)."""
 
-    def __init__(self, lung: StageModel, disease: StageModel, zone_threshold: float = DEFAULT_ZONE_THRESHOLD,
-                 cls_threshold: float = 0.5, lung_threshold: float = 0.5, device: torch.device | None = None,
-                 batch_size: int = 8, info: dict | None = None):
+    def __init__(self, lung: StageModel | None, disease: StageModel | None,
+                 zone_threshold: float = DEFAULT_ZONE_THRESHOLD, cls_threshold: float = 0.5,
+                 lung_threshold: float = 0.5, device: torch.device | None = None, batch_size: int = 8,
+                 info: dict | None = None):
+        """Either stage may be None where only the other is used (one Serve deployment each)."""
         self.lung, self.disease = lung, disease
         self.zone_threshold, self.cls_threshold, self.lung_threshold = zone_threshold, cls_threshold, lung_threshold
-        self.device = device or next(lung.model.parameters()).device
+        self.device = device or next((lung or disease).model.parameters()).device
         self.batch_size = batch_size
         self.info = info or {}
 
@@ -150,20 +152,29 @@ class Scorer:
         return results
 
     def models_info(self) -> dict:
-        return {"lung": self.lung.name, "disease": self.disease.name,
+        return {"lung": self.lung.name if self.lung else None,
+                "disease": self.disease.name if self.disease else None,
                 "cls_threshold": self.cls_threshold, **self.info}
 
 
-def load_bundle(uri: str, device: str | None = None, batch_size: int = 8) -> Scorer:
+def read_bundle_meta(uri: str) -> dict:
     try:
         meta = json.loads(storage.read_text(storage.join(uri, "bundle.json")))
     except json.JSONDecodeError:
         raise CxrtuneError(f"{uri}/bundle.json: not valid JSON") from None
     if meta.get("format") != BUNDLE_FORMAT:
         raise CxrtuneError(f"{uri}: not a cxrtune bundle (format {meta.get('format')!r})")
+    return meta
+
+
+def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
+                stages: tuple[str, ...] = ("lung", "disease")) -> Scorer:
+    """Load a bundle's models (``stages`` picks which) onto ``device`` (default: GPU if any)."""
+    meta = read_bundle_meta(uri)
     dev = _device(device)
-    lung = _load_stage(storage.read_bytes(storage.join(uri, "lung.pt")), meta["lung"], dev)
-    disease = _load_stage(storage.read_bytes(storage.join(uri, "disease.pt")), meta["disease"], dev)
+    loaded = {stage: _load_stage(storage.read_bytes(storage.join(uri, f"{stage}.pt")), meta[stage], dev)
+              for stage in stages}
+    lung, disease = loaded.get("lung"), loaded.get("disease")
     info = {"bundle": meta.get("name", ""), "created": meta.get("created", "")}
     return Scorer(lung, disease, zone_threshold=meta["zone_threshold"], cls_threshold=meta["cls_threshold"],
                   lung_threshold=meta.get("lung_threshold", 0.5), device=dev, batch_size=batch_size, info=info)

@@ -77,3 +77,19 @@ def phantom_dir(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CXRTUNE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def phantom_bundle(phantom_dir, tmp_path_factory) -> Path:
+    """A scorer bundle trained on the phantoms (both stages, 2 epochs at 64 px)."""
+    from cxrtune import manifest
+    from cxrtune.scorer import make_bundle
+    from cxrtune.train import TrainConfig, train
+
+    work = tmp_path_factory.mktemp("bundle")
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    base = {"model": {"arch": "FPN", "encoder": "resnet18"}, "size": 64, "batch_size": 4, "epochs": 2, "lr": 0.003}
+    train(TrainConfig.from_dict({**base, "task": "lung"}), df, str(work / "lung"))
+    train(TrainConfig.from_dict({**base, "task": "disease"}), df, str(work / "disease"))
+    make_bundle(str(work / "lung"), str(work / "disease"), str(work / "bundle"))
+    return work / "bundle"

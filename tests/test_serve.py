@@ -1,0 +1,258 @@
+"""The Serve application on a real local Ray instance, answering real HTTP on 127.0.0.1."""
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+import torch
+from pydicom.data import get_testdata_file
+
+from cxrtune import images
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-123"
+SECRET = "Doe^Secret"
+
+SMALL = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 8, "max_queued_requests": 64}
+AUTOSCALE = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+             "downscale_delay_s": 3, "look_back_period_s": 2, "metrics_interval_s": 0.5}
+
+
+def deployments(ingress: dict | None = None) -> dict:
+    return {"Ingress": {**SMALL, "max_ongoing_requests": 32, **(ingress or {})},
+            "Stage1": {**SMALL, "autoscaling_config": AUTOSCALE},
+            "Stage2": {**SMALL, "autoscaling_config": AUTOSCALE}}
+
+
+@pytest.fixture(scope="module")
+def server(phantom_bundle, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from cxrtune.serving import build_app
+
+    os.environ["CXRTUNE_TEST_API_KEY"] = KEY
+    ray.init(num_cpus=2, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"bundle": str(phantom_bundle), "max_batch_size": 4, "work_size": 256,
+            "max_upload_bytes": 8_000_000, "max_pixels": 20_000_000, "api_key_env": "CXRTUNE_TEST_API_KEY"}
+    serve.run(build_app(args, deployments()), name="cxrtune", route_prefix="/")
+    # a bundle whose lung model sees nothing, for the no-lungs path
+    blind = tmp_path_factory.mktemp("blind") / "bundle"
+    shutil.copytree(phantom_bundle, blind)
+    state = torch.load(blind / "lung.pt", weights_only=True)
+    bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
+    state[bias] = torch.full_like(state[bias], -1e4)
+    torch.save(state, blind / "lung.pt")
+    serve.run(build_app({**args, "bundle": str(blind)},
+                        {k: {**v, "autoscaling_config": None} if k != "Ingress" else v
+                         for k, v in deployments({"max_ongoing_requests": 1, "max_queued_requests": 1}).items()}),
+              name="blind", route_prefix="/blind")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def post(url: str, data: bytes, key: str | None = KEY, **kw) -> requests.Response:
+    headers = {"X-API-Key": key} if key else {}
+    headers.update(kw.pop("headers", {}))
+    return requests.post(url, data=data, headers=headers, timeout=60, **kw)
+
+
+def phantom_png(phantom_dir: Path, i: int = 1) -> bytes:
+    return sorted((phantom_dir / "images").iterdir())[i].read_bytes()
+
+
+def test_health_models_and_openapi(server):
+    assert requests.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert requests.get(f"{server}/readyz").json() == {"status": "ready"}
+    assert requests.get(f"{server}/v1/models").status_code == 401
+    models = requests.get(f"{server}/v1/models", headers={"X-API-Key": KEY}).json()
+    assert models["lung"].startswith("FPN/resnet18") and "zone_threshold" in models
+    spec = requests.get(f"{server}/openapi.json").json()
+    assert "/v1/score" in spec["paths"] and "/v1/score/batch" in spec["paths"]
+
+
+def test_score_png_multipart_raw_16bit_and_jpeg(server, phantom_dir):
+    import cv2
+
+    png = phantom_png(phantom_dir)
+    r = requests.post(f"{server}/v1/score", files={"file": ("x.png", png)}, headers={"X-API-Key": KEY})
+    assert r.status_code == 200, r.text
+    rec = r.json()
+    assert set(rec["zones"]) == set("ABCDEF") and 0 <= rec["score"] <= 6 and rec["request_id"]
+    assert {"decode", "models", "post", "total"} <= set(rec["timings_ms"])
+    raw = post(f"{server}/v1/score", png).json()
+    assert raw["score"] == rec["score"]
+    img = images.decode_raster(png)
+    sixteen = images.encode_png(img.astype(np.uint16) * 257)
+    assert post(f"{server}/v1/score", sixteen).json()["score"] == rec["score"]
+    ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert post(f"{server}/v1/score", jpg.tobytes()).status_code == 200
+
+
+def test_overlay_as_json_and_png(server, phantom_dir):
+    png = phantom_png(phantom_dir)
+    rec = post(f"{server}/v1/score?overlay=true", png).json()
+    import base64
+
+    assert images.decode_raster(base64.b64decode(rec["overlay_png_base64"])).ndim == 2
+    r = post(f"{server}/v1/score?overlay=true", png, headers={"Accept": "image/png"})
+    assert r.headers["content-type"] == "image/png" and r.content.startswith(images.PNG_MAGIC)
+    assert r.headers["x-score"].isdigit()
+
+
+def test_batch(server, phantom_dir):
+    files = [("files", ("a.png", phantom_png(phantom_dir, 1))), ("files", ("b.png", b"junk" * 50)),
+             ("files", ("c.png", phantom_png(phantom_dir, 2)))]
+    r = requests.post(f"{server}/v1/score/batch", files=files, headers={"X-API-Key": KEY})
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [200, 415, 200]
+    assert results[0]["file"] == "a.png" and "score" in results[2]
+
+
+def _dicom(pixels: np.ndarray, **tags) -> bytes:
+    from tests.test_dicom import make_dicom
+
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-{os.getpid()}-{time.time_ns()}.dcm"
+    make_dicom(path, pixels, **tags)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def test_dicom_scored_and_identifiers_never_echoed(server, phantom_dir):
+    img = images.decode_raster(phantom_png(phantom_dir)).astype(np.uint16) * 16
+    data = _dicom(img, BitsStored=12, PatientName=SECRET, PatientID="ID-999")
+    r = post(f"{server}/v1/score?overlay=true", data)
+    assert r.status_code == 200, r.text
+    assert SECRET not in r.text and "ID-999" not in r.text
+    real = Path(get_testdata_file("RG1_UNCR.dcm")).read_bytes()  # 1955 x 1841, 15-bit, MONOCHROME1
+    assert post(f"{server}/v1/score", real).status_code == 200
+    lateral = post(f"{server}/v1/score", _dicom(img, BitsStored=12, ViewPosition="LL"))
+    assert lateral.status_code == 422 and "non-frontal" in lateral.json()["error"]
+    report = post(f"{server}/v1/score", _dicom(None))
+    assert report.status_code == 422 and "no image" in report.json()["error"].lower()
+    time.sleep(1)
+    for log in Path("/tmp/ray/session_latest/logs").rglob("*"):
+        if log.is_file() and log.stat().st_size < 50_000_000:
+            assert SECRET.encode() not in log.read_bytes(), log
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return images.PNG_MAGIC + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_bad_input_never_500(server, phantom_dir):
+    url = f"{server}/v1/score"
+    assert post(url, b"x", key=None).status_code == 401
+    assert post(url, b"x", key="wrong").status_code == 401
+    assert post(url, b"GIF89a" + b"\0" * 200).status_code == 415
+    assert post(url, b"").status_code == 422
+    assert post(url, phantom_png(phantom_dir)[:200]).status_code == 422
+    assert post(url, images.encode_png(np.full((128, 128), 90, np.uint8))).status_code == 422  # blank
+    assert post(url, images.encode_png(np.zeros((8, 8), np.uint8) + 5)).status_code == 422  # tiny
+    big = post(url, b"\x89PNG" + os.urandom(9_000_000))
+    assert big.status_code == 413
+    assert post(url, png_claiming(50_000, 50_000)).status_code == 413
+    r = requests.post(url, files={"nofile": (None, "text")}, headers={"X-API-Key": KEY})
+    assert r.status_code == 422
+
+
+def test_no_lungs_is_422_not_a_zero_score(server, phantom_dir):
+    r = post(f"{server}/blind/v1/score", phantom_png(phantom_dir))
+    assert r.status_code == 422 and "no lungs found" in r.json()["error"]
+
+
+def test_full_queue_answers_503(server, phantom_dir):
+    png = phantom_png(phantom_dir)
+
+    async def flood():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            async def one():
+                async with s.post(f"{server}/blind/v1/score", data=png, headers={"X-API-Key": KEY}) as r:
+                    return r.status
+            return await asyncio.gather(*(one() for _ in range(16)))
+
+    statuses = asyncio.run(flood())
+    assert 503 in statuses and 500 not in statuses and set(statuses) <= {422, 503}
+
+
+def test_load_autoscales_up_and_down_with_zero_errors(server, phantom_dir):
+    from ray import serve
+
+    def replicas() -> int:
+        """Replicas the autoscaler wants (starting or running) for the busier stage."""
+        st = serve.status().applications["cxrtune"].deployments
+        return max(sum(n for s, n in st[d].replica_states.items() if s in ("STARTING", "RUNNING"))
+                   for d in ("Stage1", "Stage2"))
+
+    seen = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.append(replicas())
+            time.sleep(0.5)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    r = subprocess.run([sys.executable, "bench/serve_load.py", "--url", server, "--images",
+                        str(phantom_dir / "images"), "--concurrency", "8", "--duration", "15", "--api-key", KEY],
+                       capture_output=True, text=True, timeout=120)
+    result = json.loads(r.stdout)
+    assert result["errors"] == 0 and result["ok"] > 10
+    assert result["latency_ms"]["p99"] >= result["latency_ms"]["p50"] > 0
+    assert max(seen) >= 2, f"no upscale under load: {seen}"
+    deadline = time.time() + 60
+    while time.time() < deadline and replicas() > 1:
+        time.sleep(1)
+    stop.set()
+    t.join()
+    assert replicas() == 1, "replicas did not fall after the load"
+
+
+def test_viewer_page_in_headless_chromium(server, phantom_dir, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+    pw = pytest.importorskip("playwright.sync_api")
+    img = tmp_path / "cxr.png"
+    img.write_bytes(phantom_png(phantom_dir))
+    with pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(f"{server}/")
+        page.fill("#key", KEY)
+        page.set_input_files("#file", str(img))
+        page.click("#submit")
+        page.wait_for_selector("#result:not([hidden])", timeout=30000)
+        assert page.locator("#score").inner_text().isdigit()
+        assert page.locator("#zones tbody tr").count() == 6
+        assert page.evaluate("document.getElementById('overlay').naturalWidth") >= 256
+        page.screenshot(path=str(tmp_path / "viewer.png"))
+        page.fill("#key", "wrong")
+        page.click("#submit")
+        page.wait_for_function("document.getElementById('error').textContent.includes('401')", timeout=15000)
+        browser.close()
