@@ -225,7 +225,9 @@ def _evaluate(args) -> None:
                       reference_threshold=args.reference_threshold, limit=args.limit)
     summary = {"lung_dice": result["lung"].get("dice"), "opacity_dice": result["opacity"].get("dice"),
                "f1": result["classification"]["f1"], "score_mae": result.get("score", {}).get("mae")}
-    print(json.dumps(summary))
+    from .metrics import json_safe
+
+    print(json.dumps(json_safe(summary)))
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -269,10 +271,12 @@ def _tune(args) -> None:
             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
             max_concurrent=args.max_concurrent, time_budget_s=parse_duration(args.time_budget),
             objective=args.objective, multi_objective=args.multi_objective, lung_bundle=args.lung_bundle,
-            wandb_project=args.wandb_project, seed=args.seed, max_failures=args.max_failures,
+            wandb_project=args.wandb_project, seed=args.seed, sampler=args.sampler, max_failures=args.max_failures,
             num_cpus=args.num_cpus)
         summary = run_tune(opts)
-    print(json.dumps(summary, indent=2, default=str))
+    from .metrics import json_safe
+
+    print(json.dumps(json_safe(summary), indent=2, default=str))
 
 
 def _report(args) -> None:
@@ -433,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--multi-objective", action="store_true", help="accuracy vs latency (NSGA-II, no ASHA)")
     tu.add_argument("--wandb-project", help="log to Weights & Biases (offline without WANDB_API_KEY)")
     tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--sampler", default="tpe", choices=["tpe", "random"], help="Optuna sampler (random = baseline)")
     tu.add_argument("--max-failures", type=int, default=2)
     tu.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance")
     tu.add_argument("--resume", metavar="EXP_URI", help="continue an interrupted experiment (STORAGE/NAME)")

@@ -10,7 +10,7 @@ import pandas as pd
 
 from . import images, manifest, storage, zones
 from .errors import CxrtuneError
-from .metrics import SegmentationMeter, classification_metrics, score_metrics
+from .metrics import SegmentationMeter, classification_metrics, json_safe, score_metrics
 from .scorer import Scorer, reference_zones, sweep_threshold, zone_fractions
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, split: str | None =
         result["score"] = score_metrics(p.sum(axis=1), r.sum(axis=1))
         result["zones"] = {z: {"accuracy": float((p[:, i] == r[:, i]).mean())} for i, z in enumerate(zones.ZONE_LETTERS)}
         _plots(p, r, out_dir)
-    storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(result, indent=2, default=float))
+    storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(json_safe(result), indent=2))
     storage.write_text(storage.join(out_dir, "scores.csv"), pd.DataFrame(records).to_csv(index=False))
     return result
 

@@ -63,7 +63,7 @@ def import_covid_qu_ex(src: str, data_dir: str | None = None, progress: bool = T
     pneumonia was never outlined: recorded as NOT annotated. Normal masks are annotated empty.
     Each image is its own patient (the dataset has no patient key).
     """
-    root = Path(src)
+    root = Path(src).resolve()  # manifests hold absolute paths: relative ones follow the manifest
     _require_dir(root, "COVID-QU-Ex")
     rows, excluded = [], []
     found_any = False
@@ -103,7 +103,7 @@ def import_jsrt(src: str, data_dir: str | None = None, progress: bool = True, **
     """
     from tqdm import tqdm
 
-    root = Path(src)
+    root = Path(src).resolve()  # manifests hold absolute paths: relative ones follow the manifest
     _require_dir(root / "images", "JSRT images")
     out = Path(data_dir or ".") / "lung_masks"
     rows, excluded, failed = [], [], []
@@ -146,7 +146,7 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
     A missing opacity mask file means not annotated; an all-zero file means annotated, no opacity.
     Images with no label in labels.csv get ``default_label`` or, without one, are excluded.
     """
-    root = Path(src)
+    root = Path(src).resolve()  # manifests hold absolute paths: relative ones follow the manifest
     _require_dir(root / "images", "images")
     labels_csv = root / "labels.csv"
     table: dict[str, dict] = {}
@@ -202,7 +202,7 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
 
     from .dicom import read_dicom, read_header
 
-    root = Path(src)
+    root = Path(src).resolve()  # manifests hold absolute paths: relative ones follow the manifest
     if not root.exists():
         raise CxrtuneError(f"{src}: folder not found")
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())

@@ -19,6 +19,7 @@ import pandas as pd
 
 from . import storage
 from .errors import CxrtuneError
+from .metrics import json_safe
 from .tuning import TuneOptions, load_options
 
 IMPORTANCE_FLOOR = 0.05
@@ -169,7 +170,7 @@ def write_report(exp_uri: str, out_dir: str) -> list[str]:
     corr = correlation(table, metric)
     put("importance.json", json.dumps({"metric": metric, "evaluator": "optuna MeanDecreaseImpurity",
                                        "not_important_below": IMPORTANCE_FLOOR, "importance": imp}, indent=2).encode())
-    put("correlation.json", json.dumps({"metric": metric, "pearson": corr}, indent=2).encode())
+    put("correlation.json", json.dumps(json_safe({"metric": metric, "pearson": corr}), indent=2).encode())
 
     def png(fig) -> bytes:
         buf = io.BytesIO()
@@ -229,9 +230,9 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
         if not retrain:
             for name in ("model.pt", "meta.json"):
                 storage.write_bytes(storage.join(run_uri, "best", name), (Path(d) / name).read_bytes())
-            storage.write_text(storage.join(run_uri, "run.json"), json.dumps(
+            storage.write_text(storage.join(run_uri, "run.json"), json.dumps(json_safe(
                 {"promoted_from": exp_uri, "trial": trial.trial_id, "metrics": meta["metrics"],
-                 "config": meta["config"]}, indent=2, default=float))
+                 "config": meta["config"]}), indent=2))
             return run_uri
     cfg = TrainConfig.from_dict({**meta["config"], "tuning_subset": False, "patience": 6})
     if epochs:

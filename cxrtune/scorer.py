@@ -23,6 +23,7 @@ import torch
 from . import storage, zones
 from .dataset import Preprocessing, extract_roi, resize_image
 from .errors import CxrtuneError
+from .metrics import json_safe
 from .models import ModelConfig, build_model
 
 BUNDLE_FORMAT = "cxrtune-bundle/1"
@@ -198,14 +199,14 @@ def make_bundle(lung_run: str, disease_run: str, out_uri: str, zone_threshold: f
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "zone_threshold": zone_threshold, "cls_threshold": cls_threshold, "lung_threshold": 0.5,
               "calibration": None, "versions": versions(), **metas}
-    storage.write_text(storage.join(out_uri, "bundle.json"), json.dumps(bundle, indent=2, default=float))
+    storage.write_text(storage.join(out_uri, "bundle.json"), json.dumps(json_safe(bundle), indent=2))
     return bundle
 
 
 def update_bundle(uri: str, **changes) -> dict:
     meta = json.loads(storage.read_text(storage.join(uri, "bundle.json")))
     meta.update(changes)
-    storage.write_text(storage.join(uri, "bundle.json"), json.dumps(meta, indent=2, default=float))
+    storage.write_text(storage.join(uri, "bundle.json"), json.dumps(json_safe(meta), indent=2))
     return meta
 
 

@@ -32,7 +32,7 @@ from . import manifest, storage
 from .dataset import CXRDataset, Preprocessing
 from .errors import CxrtuneError
 from .losses import DynamicLossWeighting, build_optimizer, classification_loss, segmentation_loss
-from .metrics import SegmentationMeter, classification_metrics
+from .metrics import SegmentationMeter, classification_metrics, json_safe
 from .models import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), d / "model.pt")
         torch.save(self.state(), d / "state.pt")
-        (d / "meta.json").write_text(json.dumps(self.meta(metrics), indent=2, default=float))
+        (d / "meta.json").write_text(json.dumps(json_safe(self.meta(metrics)), indent=2))
         return d
 
     def load_state(self, state: dict) -> None:
@@ -337,5 +337,5 @@ def train(cfg: TrainConfig, df: pd.DataFrame, out_uri: str, resume: bool = False
         storage.write_bytes(storage.join(out_uri, "best", name), storage.read_bytes(storage.join(best_dir, name)))
     summary = {"config": cfg.to_dict(), "best": result["best"], "epochs": result["epochs"],
                "history": result["history"], "versions": versions()}
-    storage.write_text(storage.join(out_uri, "run.json"), json.dumps(summary, indent=2, default=float))
+    storage.write_text(storage.join(out_uri, "run.json"), json.dumps(json_safe(summary), indent=2))
     return summary

@@ -68,6 +68,7 @@ class TuneOptions:
     lung_bundle: str | None = None
     wandb_project: str | None = None
     seed: int = 0
+    sampler: str = "tpe"  # "tpe" (Bayesian) or "random" (the baseline)
     max_failures: int = 2
     num_cpus: int | None = None  # for a local Ray instance
     space_source: str = ""
@@ -248,7 +249,10 @@ def _searcher(o: TuneOptions, space: SearchSpace):
         sampler = optuna.samplers.NSGAIISampler(seed=o.seed)
         return OptunaSearch(space, metric=[space.metric, "latency_ms"], mode=[space.mode, "min"],
                             sampler=sampler, study_name=o.name)
-    sampler = optuna.samplers.TPESampler(seed=o.seed)
+    if o.sampler not in ("tpe", "random"):
+        raise CxrtuneError(f"--sampler must be tpe or random, got {o.sampler!r}")
+    sampler = (optuna.samplers.TPESampler(seed=o.seed) if o.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=o.seed))
     # a define-by-run searcher does not take metric/mode from TuneConfig: it needs its own
     return OptunaSearch(space, metric=space.metric, mode=space.mode, sampler=sampler, study_name=o.name)
 

@@ -63,6 +63,17 @@ def test_folder_layout(tmp_path):
     assert "no label" in reasons["c.png"] and "no such image" in reasons["ghost.png"]
 
 
+def test_relative_source_gives_a_loadable_manifest(tmp_path, monkeypatch):
+    src = tmp_path / "site"
+    (src / "images").mkdir(parents=True)
+    images.write_png(str(src / "images" / "a.png"), np.full((32, 32), 7, np.uint8))
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    run_import("folder", "../site", "m.csv", progress=False, default_label="normal")
+    df = manifest.load_manifest(str(tmp_path / "out" / "m.csv"))
+    assert df.image.iloc[0] == str(src / "images" / "a.png")
+
+
 def test_unknown_format_and_wrong_folder_are_plain_errors(tmp_path):
     with pytest.raises(CxrtuneError, match="unknown --format"):
         run_import("nifti", str(tmp_path), str(tmp_path / "m.csv"))

@@ -51,7 +51,7 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     wandb_dir.mkdir()
     r = cli("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"),
             "--name", "asha", "--storage", f"s3://{bucket}/exps", "--num-samples", "6", "--scheduler", "asha",
-            "--max-epochs", "4", "--grace", "1", "--num-cpus", "2", "--max-concurrent", "2",
+            "--max-epochs", "3", "--grace", "1", "--num-cpus", "2", "--max-concurrent", "2",
             "--wandb-project", "cxrtune-test", env={"WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": ""})
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert summary["trials"] == 6 and summary["errored"] == 0

@@ -1,0 +1,178 @@
+"""End-to-end HTTP benchmark of the scorer (GPU), against the seed-style reference.
+
+    python bench/serve_gpu.py --images ../shared/data/covid-qu-ex/Val/COVID-19/images [--quick]
+
+* builds a bundle with seed 004's chosen pair and random weights (speed does not depend on them):
+  DeepLabV3+ / EfficientNet-B1 at 512 and MA-Net / RegNetX-064 at 544, 3-channel input;
+* deploys it with Ray Serve (batched stages on fractional GPUs) on 127.0.0.1, drives it with
+  bench/serve_load.py at rising concurrency to find the peak throughput, then at half the peak
+  rate to read p50/p95/p99 latency;
+* in the same run, the seed-style reference: one image at a time, FP32, preprocessing with PIL
+  and torchvision transforms, both stages and the zone post-processing in one Python loop.
+
+Targets (issue 5): >= 300 images/s end to end; p99 <= 250 ms at half of peak load.
+``--quick`` uses tiny models on the CPU to check the script. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SEED_PAIR = ({"arch": "DeepLabV3Plus", "encoder": "efficientnet-b1", "size": 512},
+             {"arch": "MAnet", "encoder": "tu-regnetx_064", "size": 544})
+QUICK_PAIR = ({"arch": "FPN", "encoder": "resnet18", "size": 128}, {"arch": "FPN", "encoder": "resnet18", "size": 128})
+
+
+def random_bundle(out: Path, pair) -> Path:
+    """A bundle with random weights in cxrtune's bundle format."""
+    import torch
+
+    from cxrtune.dataset import Preprocessing
+    from cxrtune.models import ModelConfig, build_model
+    from cxrtune.scorer import BUNDLE_FORMAT
+    from cxrtune.train import TrainConfig, versions
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": BUNDLE_FORMAT, "name": "seed004-random", "created": "", "zone_threshold": 0.3,
+            "cls_threshold": 0.5, "lung_threshold": 0.5, "calibration": None, "versions": versions()}
+    for stage, task, spec in (("lung", "lung", pair[0]), ("disease", "disease", pair[1])):
+        model_cfg = ModelConfig(arch=spec["arch"], encoder=spec["encoder"], in_channels=3,
+                                classification=task == "disease")
+        torch.save(build_model(model_cfg).state_dict(), out / f"{stage}.pt")
+        cfg = TrainConfig(task=task, model=model_cfg, size=spec["size"])
+        meta[stage] = {"config": cfg.to_dict(), "preprocessing": Preprocessing(size=spec["size"], in_channels=3).to_dict(),
+                       "metrics": {}}
+    (out / "bundle.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def reference(bundle: Path, files: list[Path], device: str, n: int) -> dict:
+    """Seed-style inference: one image at a time, FP32, PIL + torchvision preprocessing."""
+    import numpy as np
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from cxrtune import zones
+    from cxrtune.dataset import extract_roi
+    from cxrtune.scorer import load_bundle
+
+    scorer = load_bundle(str(bundle), device=device, batch_size=1)
+    lung_m, dis_m = scorer.lung.model.float().eval(), scorer.disease.model.float().eval()
+    if device.startswith("cuda"):
+        lung_m, dis_m = lung_m.to(memory_format=torch.contiguous_format), dis_m.to(memory_format=torch.contiguous_format)
+    pre = lambda size: T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    t_lung, t_dis = pre(scorer.lung.pre.size), pre(scorer.disease.pre.size)
+
+    def one(path: Path) -> int:
+        img = Image.open(path).convert("RGB")
+        with torch.no_grad():
+            p = torch.sigmoid(lung_m(t_lung(img)[None].to(device)))[0, 0].cpu().numpy()
+        grey = np.asarray(img.convert("L"), np.float32) / 255
+        lung = np.asarray(Image.fromarray((p * 255).astype(np.uint8)).resize(img.size)) >= 128
+        roi, _, box = extract_roi(grey, lung)
+        roi_img = Image.fromarray((roi * 255).astype(np.uint8)).convert("RGB")
+        with torch.no_grad():
+            seg, cls = dis_m(t_dis(roi_img)[None].to(device))
+        prob = torch.sigmoid(seg)[0, 0].cpu().numpy() * float(torch.sigmoid(cls)[0, 0] >= 0.5)
+        opacity = np.zeros_like(lung)
+        if box is not None:
+            y0, y1, x0, x1 = box
+            opacity[y0:y1, x0:x1] = np.asarray(Image.fromarray((prob * 255).astype(np.uint8)).resize((x1 - x0, y1 - y0))) >= 128
+        return zones.score_masks(lung, opacity & lung, 0.3)["score"]
+
+    for f in files[:3]:
+        one(f)  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in range(n):
+        one(files[i % len(files)])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    return {"images": n, "images_per_s": round(n / wall, 2), "ms_per_image": round(1000 * wall / n, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", nargs="+", required=True, help="real CXR PNG files or folders")
+    ap.add_argument("--out", default="/tmp/cxrtune-serve-bench")
+    ap.add_argument("--duration", type=float, default=20)
+    ap.add_argument("--concurrency", default="16,32,64,128,256")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--stage-replicas", type=int, default=2, help="replicas per stage (GPU fraction = 1 / (2 x this))")
+    ap.add_argument("--ingress-replicas", type=int, default=6)
+    ap.add_argument("--reference-images", type=int, default=200)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+
+    import ray
+    import torch
+    from ray import serve
+
+    from cxrtune.serving import build_app
+    from serve_load import collect, run_load
+
+    from tests.conftest import free_port
+
+    gpu = torch.cuda.is_available() and not args.quick
+    device = "cuda" if gpu else "cpu"
+    bundle = random_bundle(Path(args.out) / "bundle", QUICK_PAIR if args.quick else SEED_PAIR)
+    payloads = collect(args.images)
+    files = [f for p in args.images for f in (sorted(Path(p).rglob("*.png")) if Path(p).is_dir() else [Path(p)])]
+
+    ray.init(include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    frac = 1.0 / (2 * args.stage_replicas) if gpu else 0
+    stage = {"num_replicas": args.stage_replicas, "max_ongoing_requests": 4 * args.batch_size,
+             "max_queued_requests": 4096, "ray_actor_options": {"num_cpus": 1, "num_gpus": frac}}
+    deployments = {"Stage1": stage, "Stage2": stage,
+                   "Ingress": {"num_replicas": args.ingress_replicas, "max_ongoing_requests": 512,
+                               "max_queued_requests": 4096, "ray_actor_options": {"num_cpus": 1}}}
+    settings = {"bundle": str(bundle), "max_batch_size": args.batch_size, "batch_wait_timeout_s": 0.005,
+                "work_size": 1024, "device": device}
+    serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    asyncio.run(run_load(url, payloads, 4, 5))  # warm-up: compile kernels, fill caches
+    sweep = []
+    for c in [int(x) for x in args.concurrency.split(",")]:
+        r = asyncio.run(run_load(url, payloads, c, args.duration))
+        sweep.append(r)
+        print(json.dumps({"concurrency": c, "images_per_s": r["throughput_images_per_s"], "p99": r["latency_ms"]["p99"],
+                          "errors": r["errors"]}), file=sys.stderr)
+    peak = max(sweep, key=lambda r: r["throughput_images_per_s"])
+    half = asyncio.run(run_load(url, payloads, peak["concurrency"], args.duration,
+                                rate=peak["throughput_images_per_s"] / 2))
+    serve.shutdown()
+    ray.shutdown()
+    ref = reference(bundle, files, device, 20 if args.quick else args.reference_images)
+    result = {
+        "benchmark": "serve_gpu", "device": torch.cuda.get_device_name(0) if gpu else "cpu", "quick": args.quick,
+        "models": {"lung": SEED_PAIR[0], "disease": SEED_PAIR[1]} if not args.quick else "tiny",
+        "images": len(payloads), "batch_size": args.batch_size, "stage_replicas": args.stage_replicas,
+        "peak": {"concurrency": peak["concurrency"], "images_per_s": peak["throughput_images_per_s"],
+                 "latency_ms": peak["latency_ms"], "errors": peak["errors"]},
+        "half_peak_load": {"rate": half["rate_cap"], "images_per_s": half["throughput_images_per_s"],
+                           "latency_ms": half["latency_ms"], "errors": half["errors"]},
+        "reference_seed_style": ref,
+        "speedup_vs_reference": round(peak["throughput_images_per_s"] / ref["images_per_s"], 1),
+        "targets_met": {">=300 img/s": peak["throughput_images_per_s"] >= 300,
+                        "p99<=250ms at half peak": half["latency_ms"]["p99"] <= 250},
+        "sweep": [{"concurrency": r["concurrency"], "images_per_s": r["throughput_images_per_s"],
+                   "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"], "errors": r["errors"]} for r in sweep],
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
