@@ -134,11 +134,12 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     frac = 1.0 / (2 * args.stage_replicas) if gpu else 0
+    cpus = 1 if not args.quick else 0.5  # quick mode fits a 2-core machine
     stage = {"num_replicas": args.stage_replicas, "max_ongoing_requests": 4 * args.batch_size,
-             "max_queued_requests": 4096, "ray_actor_options": {"num_cpus": 1, "num_gpus": frac}}
+             "max_queued_requests": 4096, "ray_actor_options": {"num_cpus": cpus, "num_gpus": frac}}
     deployments = {"Stage1": stage, "Stage2": stage,
                    "Ingress": {"num_replicas": args.ingress_replicas, "max_ongoing_requests": 512,
-                               "max_queued_requests": 4096, "ray_actor_options": {"num_cpus": 1}}}
+                               "max_queued_requests": 4096, "ray_actor_options": {"num_cpus": cpus}}}
     settings = {"bundle": str(bundle), "max_batch_size": args.batch_size, "batch_wait_timeout_s": 0.005,
                 "work_size": 1024, "device": device}
     serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
