@@ -63,31 +63,29 @@ def import_covid_qu_ex(src: str, data_dir: str | None = None, progress: bool = T
     pneumonia was never outlined: recorded as NOT annotated. Normal masks are annotated empty.
     Each image is its own patient (the dataset has no patient key).
     """
+    from tqdm import tqdm
+
     root = Path(src).resolve()  # manifests hold absolute paths: relative ones follow the manifest
     _require_dir(root, "COVID-QU-Ex")
     rows, excluded = [], []
-    found_any = False
-    for split_dir, split in COVID_QU_EX_SPLITS.items():
-        for cls_dir, label in COVID_QU_EX_CLASSES.items():
-            img_dir = root / split_dir / cls_dir / "images"
-            if not img_dir.is_dir():
-                continue
-            found_any = True
-            for img in sorted(img_dir.iterdir()):
-                if img.suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                lung = img.parent.parent / "lung masks" / img.name
-                inf = img.parent.parent / "infection masks" / img.name
-                if not lung.exists():
-                    excluded.append({"file": str(img), "reason": "lung mask missing"})
-                    continue
-                opacity = str(inf) if (label != "other_pneumonia" and inf.exists()) else ""
-                rows.append({"image": str(img), "lung_mask": str(lung), "opacity_mask": opacity,
-                             "label": label, "patient_id": f"cqe-{cls_dir}-{img.stem}",
-                             "source": "covid-qu-ex", "view": "frontal", "split": split})
-    if not found_any:
+    dirs = [(split, cls_dir, label, root / split_dir / cls_dir / "images")
+            for split_dir, split in COVID_QU_EX_SPLITS.items() for cls_dir, label in COVID_QU_EX_CLASSES.items()]
+    dirs = [d for d in dirs if d[3].is_dir()]
+    if not dirs:
         raise CxrtuneError(f"{src}: no {{Train,Val,Test}}/{{COVID-19,Non-COVID,Normal}}/images folders; "
                            "is this the 'Infection Segmentation Data' folder?")
+    files = [(split, cls_dir, label, img) for split, cls_dir, label, d in dirs for img in sorted(d.iterdir())
+             if img.suffix.lower() in IMAGE_SUFFIXES]
+    for split, cls_dir, label, img in tqdm(files, desc="covid-qu-ex", unit="img", disable=not progress):
+        lung = img.parent.parent / "lung masks" / img.name
+        inf = img.parent.parent / "infection masks" / img.name
+        if not lung.exists():
+            excluded.append({"file": str(img), "reason": "lung mask missing"})
+            continue
+        opacity = str(inf) if (label != "other_pneumonia" and inf.exists()) else ""
+        rows.append({"image": str(img), "lung_mask": str(lung), "opacity_mask": opacity,
+                     "label": label, "patient_id": f"cqe-{cls_dir}-{img.stem}",
+                     "source": "covid-qu-ex", "view": "frontal", "split": split})
     return ImportResult(manifest.new_manifest(rows), excluded)
 
 

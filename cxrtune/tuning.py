@@ -147,6 +147,38 @@ class ClinicalObjective:
         return float(np.mean(np.abs(np.array(preds) - np.array(self.refs))))
 
 
+OVERLAY_KEY = "overlays_png_b64"
+
+
+def validation_overlays(trainer, n: int = 3) -> str:
+    """A few validation images with the reference (green) and predicted (red) masks, as one
+    base64 PNG string: small enough for Tune's result files, decoded for W&B by the callback."""
+    import base64
+
+    import cv2
+    import torch
+
+    tiles = []
+    trainer.model.eval()
+    with torch.inference_mode():
+        for i in range(min(n, len(trainer.val_ds))):
+            item = trainer.val_ds[i]
+            out = trainer.model(item["image"][None].to(trainer.device))
+            logits = out[0] if isinstance(out, tuple) else out
+            pred = (torch.sigmoid(logits.float())[0, 0] >= 0.5).cpu().numpy().astype(np.uint8)
+            ref_key = "lung_mask" if trainer.cfg.task == "lung" else "opacity_mask"
+            ref = (item[ref_key][0].numpy() > 0.5).astype(np.uint8)
+            grey = item["image"][0].numpy() * trainer.pre.std + trainer.pre.mean
+            tile = cv2.cvtColor((np.clip(grey, 0, 1) * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+            for mask, colour in ((ref, (80, 220, 80)), (pred, (40, 40, 230))):
+                contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                cv2.drawContours(tile, contours, -1, colour, 1)
+            tiles.append(tile)
+    trainer.model.train()
+    ok, buf = cv2.imencode(".png", np.hstack(tiles)) if tiles else (False, None)
+    return base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
+
+
 def _sampled(config: dict) -> dict:
     """Tune's config holds Optuna's names; conditional ones look like ``encoder|Unet``."""
     return {k.split("|", 1)[0]: v for k, v in config.items()}
@@ -179,6 +211,9 @@ def run_trial(config: dict, opts: dict) -> None:
     def on_epoch(metrics: dict, ckpt_dir: Path) -> None:
         metrics = {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         metrics["latency_ms"] = latency
+        epoch = metrics["epoch"]
+        if o.wandb_project and (epoch == 1 or epoch % 4 == 0 or epoch == o.max_epochs):
+            metrics[OVERLAY_KEY] = validation_overlays(trainer)
         if clinical is not None:
             metrics["val_score_mae"] = clinical(trainer.model, trainer.pre, cfg.to_dict())
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
@@ -262,12 +297,28 @@ def _wandb(o: TuneOptions) -> list:
         return []
     from ray.air.integrations.wandb import WandbLoggerCallback
 
+    class OverlayWandbCallback(WandbLoggerCallback):
+        """Ray's W&B callback, plus the trials' overlay PNGs logged as images."""
+
+        def log_trial_result(self, iteration, trial, result):
+            if result.get(OVERLAY_KEY):
+                import base64
+
+                import cv2
+
+                result = dict(result)
+                png = np.frombuffer(base64.b64decode(result.pop(OVERLAY_KEY)), np.uint8)
+                image = cv2.imdecode(png, cv2.IMREAD_COLOR)
+                if image is not None:
+                    result["overlays"] = image[:, :, ::-1].copy()  # HxWx3 RGB: Ray logs it as wandb.Image
+            super().log_trial_result(iteration, trial, result)
+
     kwargs = {}
     if not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"  # no key: write runs locally, sync later with `wandb sync`
         kwargs["mode"] = "offline"
     # the key travels in the environment only; it is never put in a config, a log or storage
-    return [WandbLoggerCallback(project=o.wandb_project, group=o.name, log_config=True, **kwargs)]
+    return [OverlayWandbCallback(project=o.wandb_project, group=o.name, log_config=True, **kwargs)]
 
 
 def _ray_init(o: TuneOptions) -> None:

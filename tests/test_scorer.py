@@ -86,3 +86,17 @@ def test_threshold_sweep_picks_min_mae():
     ref = np.array([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     best = sweep_threshold(fr, ref)
     assert best["mae"] == 0 and 0.3 < best["threshold"] <= 0.5
+
+
+def test_clinical_objective_scores_validation_images(phantom_dir, phantom_bundle):
+    from cxrtune import manifest
+    from cxrtune.train import Trainer, TrainConfig
+    from cxrtune.tuning import ClinicalObjective
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    trainer = Trainer(TrainConfig.from_dict({"task": "disease", "size": 64,
+                                             "model": {"arch": "FPN", "encoder": "resnet18"}}), df)
+    objective = ClinicalObjective(str(phantom_bundle), trainer.val_ds.df)
+    assert objective.images and len(objective.lungs) == len(objective.refs)
+    mae = objective(trainer.model, trainer.pre, trainer.cfg.to_dict())
+    assert 0 <= mae <= 6

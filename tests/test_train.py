@@ -80,3 +80,36 @@ def test_both_stages_train_checkpoint_and_resume(phantom_dir, bucket):
                     f"s3://{bucket}/runs/disease")
     last = disease["history"][-1]
     assert {"val_dice", "val_f1", "val_roc_auc", "val_dice_f1", "val_fp_rate_empty"} <= set(last)
+
+
+def test_unannotated_masks_stay_out_of_the_segmentation_loss(phantom_dir):
+    from cxrtune.train import Trainer
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    trainer = Trainer(TrainConfig.from_dict({"task": "disease", "model": {"arch": "FPN", "encoder": "resnet18"},
+                                             "size": 64, "seg_loss": "bce"}), df)
+    seg = torch.randn(4, 1, 64, 64)
+    cls = torch.randn(4, 1)
+    batch = {"opacity_annotated": torch.tensor([True, False, True, False]),
+             "opacity_mask": torch.zeros(4, 1, 64, 64), "label": torch.ones(4)}
+    batch["opacity_mask"][1] = 1.0  # garbage in an unannotated row must not count
+    losses = trainer._losses((seg, cls), batch)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(seg[[0, 2]], batch["opacity_mask"][[0, 2]])
+    assert torch.isclose(losses["seg"], expected)
+    none = {**batch, "opacity_annotated": torch.zeros(4, dtype=torch.bool)}
+    assert trainer._losses((seg, cls), none)["seg"] is None  # the classifier still trains
+
+
+def test_score_metrics():
+    from cxrtune.metrics import json_safe, score_metrics
+
+    m = score_metrics([0, 1, 2, 3], [0, 1, 2, 4])
+    assert m["mae"] == 0.25 and m["rmse"] == 0.5 and m["pearson"] > 0.9
+    assert 0 < m["kappa_linear"] <= 1 and 0 < m["kappa_quadratic"] <= 1
+    assert json_safe({"a": float("nan"), "b": [np_float(1.5)]}) == {"a": None, "b": [1.5]}
+
+
+def np_float(x):
+    import numpy as np
+
+    return np.float32(x)

@@ -72,6 +72,8 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     assert logged["project"] == "cxrtune-test" and logged["group"] == "asha"
     assert {"arch", "optimizer", "lr"} <= set(logged["config"])
     assert logged["history"] and "val_dice" in logged["history"][0]
+    images = [row["overlays"] for run in runs for row in summarize(run)["history"] if "overlays" in row]
+    assert images and images[0]["_type"] == "image-file"  # validation overlays per trial
     for f in wandb_dir.rglob("*"):  # no API key anywhere
         if f.is_file() and f.stat().st_size < 5_000_000:
             assert b"WANDB_API_KEY=" not in f.read_bytes()
@@ -87,6 +89,10 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     cli("promote", f"s3://{bucket}/exps/asha", "--to", str(tmp_path / "promoted"))
     meta = json.loads((tmp_path / "promoted" / "best" / "meta.json").read_text())
     assert meta["config"]["task"] == "lung" and (tmp_path / "promoted" / "best" / "model.pt").exists()
+    cli("promote", f"s3://{bucket}/exps/asha", "--to", f"s3://{bucket}/runs/retrained", "--retrain", "--epochs", "1")
+    run = json.loads(storage.read_text(f"s3://{bucket}/runs/retrained/run.json"))
+    assert run["epochs"] == 1 and run["config"]["tuning_subset"] is False
+    assert {k: run["config"]["model"][k] for k in ("arch",)} == {"arch": summary["best_config"]["arch"]}
 
 
 def _finished_trials(exp: Path, epochs: int) -> int:

@@ -85,3 +85,20 @@ def test_equal_area_zones_scale_with_the_image(k, h, w):
 
 def test_grades():
     assert [zones.grade_from_percent(p) for p in (0, 0.4, 1, 33, 34, 66, 67, 100)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_rotated_image_keeps_two_lungs_and_equal_zones():
+    import cv2
+
+    lung = two_lungs()
+    opacity = np.zeros_like(lung)
+    opacity[30:60, 20:85] = True
+    rot = cv2.getRotationMatrix2D((100, 100), 12, 1.0)
+    turn = lambda m: cv2.warpAffine(m.astype(np.uint8), rot, (200, 200), flags=cv2.INTER_NEAREST) > 0
+    rec = zones.score_masks(turn(lung), turn(opacity), 0.3)
+    assert rec["lungs_found"] == 2 and rec["zones"]["A"]["affected"]
+    assert not any(rec["zones"][z]["affected"] for z in "DEF")
+    pair = zones.split_lungs(turn(lung))
+    y1, y2 = zones.equal_area_zones(pair.right)
+    areas = [pair.right[:y1].sum(), pair.right[y1:y2].sum(), pair.right[y2:].sum()]
+    assert max(areas) - min(areas) <= 2 * pair.right.sum(axis=1).max()
