@@ -131,21 +131,21 @@ def decode_mask(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     return decode_raster(data, limits) > 0
 
 
-def read_image(uri: str, cache: storage.ContentCache | None = None) -> np.ndarray:
-    """Read an image from a local path or S3 URI; errors name the URI."""
+def _read(uri: str, cache: storage.ContentCache | None, decode) -> np.ndarray:
     data = cache.read_bytes(uri) if cache else storage.read_bytes(uri)
     try:
-        return decode_image(data)
+        return decode(data)
     except (ImageDecodeError, ImageTooLargeError, UnsupportedFormatError) as exc:
         raise type(exc)(f"{uri}: {exc}") from None
+
+
+def read_image(uri: str, cache: storage.ContentCache | None = None) -> np.ndarray:
+    """Read an image from a local path or S3 URI; errors name the URI."""
+    return _read(uri, cache, decode_image)
 
 
 def read_mask(uri: str, cache: storage.ContentCache | None = None) -> np.ndarray:
-    data = cache.read_bytes(uri) if cache else storage.read_bytes(uri)
-    try:
-        return decode_mask(data)
-    except (ImageDecodeError, ImageTooLargeError, UnsupportedFormatError) as exc:
-        raise type(exc)(f"{uri}: {exc}") from None
+    return _read(uri, cache, decode_mask)
 
 
 def encode_png(arr: np.ndarray) -> bytes:

@@ -209,13 +209,17 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
     if label not in manifest.LABELS:
         raise CxrtuneError(f"--default-label {label!r} is not one of {', '.join(manifest.LABELS)}")
     excluded, failed, candidates = [], [], []
+
+    def unreadable(path: Path, exc: Exception) -> None:
+        entry = {"file": str(path), "reason": f"unreadable: {exc}"}
+        excluded.append(entry)
+        failed.append(entry)
+
     for path in tqdm(files, desc="dicom headers", unit="file", disable=not progress):
         try:
             header = read_header(path)
         except CxrtuneError as exc:
-            entry = {"file": str(path), "reason": f"unreadable: {exc}"}
-            excluded.append(entry)
-            failed.append(entry)
+            unreadable(path, exc)
             continue
         reason = header.exclusion_reason(min_age=min_age, drop_derived=drop_derived)
         if reason:
@@ -238,9 +242,7 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
             try:
                 dcm = read_dicom(path)
             except CxrtuneError as exc:
-                entry = {"file": str(path), "reason": f"unreadable: {exc}"}
-                excluded.append(entry)
-                failed.append(entry)
+                unreadable(path, exc)
                 continue
             kept = path
             pixels = dcm.pixels

@@ -72,8 +72,9 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     assert logged["project"] == "cxrtune-test" and logged["group"] == "asha"
     assert {"arch", "optimizer", "lr"} <= set(logged["config"])
     assert logged["history"] and "val_dice" in logged["history"][0]
-    images = [row["overlays"] for run in runs for row in summarize(run)["history"] if "overlays" in row]
-    assert images and images[0]["_type"] == "image-file"  # validation overlays per trial
+    images = [row for run in runs for row in summarize(run)["history"] if "overlays/_type" in row]
+    assert images and images[0]["overlays/_type"] == "image-file"  # validation overlays per trial
+    assert images[0]["overlays/format"] == "png" and images[0]["overlays/width"] > images[0]["overlays/height"]
     for f in wandb_dir.rglob("*"):  # no API key anywhere
         if f.is_file() and f.stat().st_size < 5_000_000:
             assert b"WANDB_API_KEY=" not in f.read_bytes()
