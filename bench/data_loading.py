@@ -102,6 +102,9 @@ def main() -> None:
         }
     if server:
         server.stop()
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"benchmark": "data_loading", "source": source, "images": len(df),
                       "size": args.size, "batch_size": args.batch_size, "augment": "seed 004",
                       "cpu_count": os.cpu_count(), "machine": platform.machine(),

@@ -230,6 +230,19 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise CxrtuneError(f"{uri}: cannot write ({exc.strerror})") from None
 
 
+def delete(uri: str) -> None:
+    """Remove one file or object; a missing one is not an error."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            if not _is_not_found(exc):
+                raise _wrap_s3_error(exc, uri, "delete") from exc
+        return
+    Path(uri).unlink(missing_ok=True)
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 

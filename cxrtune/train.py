@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -270,28 +271,33 @@ class Trainer:
         """Run epochs until ``cfg.epochs`` or early stopping. ``on_epoch(metrics, ckpt_dir)`` is
         called after each epoch with a local checkpoint folder; returning True stops training."""
         staging = Path(tempfile.mkdtemp(prefix="cxrtune-ckpt-"))
-        while self.epoch < self.cfg.epochs:
-            t0 = time.perf_counter()
-            metrics = self.train_epoch()
-            metrics.update(self.validate())
-            self.epoch += 1
-            metrics.update(epoch=self.epoch, epoch_seconds=time.perf_counter() - t0,
-                           lr=self.optimizer.param_groups[0]["lr"])
-            value = metrics[self.cfg.monitor]
-            value = -1.0 if value is None or np.isnan(value) else value
-            if self.best is None or value > self.best["value"] + self.cfg.min_delta:
-                self.best, self.stale = {"value": value, "epoch": self.epoch}, 0
-            else:
-                self.stale += 1
-            metrics["best_" + self.cfg.monitor] = self.best["value"]
-            self.history.append(metrics)
-            log.info("epoch %d: %s", self.epoch, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-            ckpt = self.write_checkpoint(staging / f"epoch_{self.epoch:04d}", metrics)
-            if checkpoint_root is not None:
-                upload_dir(ckpt, storage.join(str(checkpoint_root), "checkpoints", ckpt.name))
-            stop = on_epoch(metrics, ckpt) if on_epoch else False
-            if stop or self.stale >= self.cfg.patience:
-                break
+        try:
+            while self.epoch < self.cfg.epochs:
+                t0 = time.perf_counter()
+                metrics = self.train_epoch()
+                metrics.update(self.validate())
+                self.epoch += 1
+                metrics.update(epoch=self.epoch, epoch_seconds=time.perf_counter() - t0,
+                               lr=self.optimizer.param_groups[0]["lr"])
+                value = metrics[self.cfg.monitor]
+                value = -1.0 if value is None or np.isnan(value) else value
+                if self.best is None or value > self.best["value"] + self.cfg.min_delta:
+                    self.best, self.stale = {"value": value, "epoch": self.epoch}, 0
+                else:
+                    self.stale += 1
+                metrics["best_" + self.cfg.monitor] = self.best["value"]
+                self.history.append(metrics)
+                log.info("epoch %d: %s", self.epoch,
+                         {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+                ckpt = self.write_checkpoint(staging / f"epoch_{self.epoch:04d}", metrics)
+                if checkpoint_root is not None:
+                    upload_checkpoint(ckpt, str(checkpoint_root), self.epoch)
+                stop = on_epoch(metrics, ckpt) if on_epoch else False  # Tune persists it in report()
+                shutil.rmtree(ckpt, ignore_errors=True)
+                if stop or self.stale >= self.cfg.patience:
+                    break
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return {"epochs": self.epoch, "best": self.best, "history": self.history}
 
 
@@ -303,10 +309,16 @@ def versions() -> dict:
     return {"cxrtune": __version__, "torch": torch.__version__, "smp": smp.__version__}
 
 
-def upload_dir(local: Path, uri: str) -> None:
+def upload_checkpoint(local: Path, run_uri: str, epoch: int) -> None:
+    """Copy one epoch's checkpoint into ``run_uri/checkpoints/epoch_NNNN``. Every epoch keeps its
+    weights and meta; only the newest keeps ``state.pt`` (optimizer and RNG state, ~3x the
+    weights), which is all that resuming needs."""
+    target = storage.join(run_uri, "checkpoints", f"epoch_{epoch:04d}")
     for f in sorted(Path(local).iterdir()):
         if f.is_file():
-            storage.write_bytes(storage.join(uri, f.name), f.read_bytes())
+            storage.write_bytes(storage.join(target, f.name), f.read_bytes())
+    if epoch > 1:
+        storage.delete(storage.join(run_uri, "checkpoints", f"epoch_{epoch - 1:04d}", "state.pt"))
 
 
 def latest_checkpoint(run_uri: str) -> str | None:

@@ -64,12 +64,20 @@ def test_both_stages_train_checkpoint_and_resume(phantom_dir, bucket):
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     base = {"model": {"arch": "FPN", "encoder": "resnet18"}, "size": 64, "batch_size": 4, "epochs": 2}
     seen = []
+    import glob
+    import tempfile
+
+    staged = lambda: set(glob.glob(f"{tempfile.gettempdir()}/cxrtune-ckpt-*"))
+    before = staged()
     lung = train(TrainConfig.from_dict({**base, "task": "lung"}), df, f"s3://{bucket}/runs/lung",
                  on_epoch=lambda m, d: seen.append((m["epoch"], sorted(p.name for p in d.iterdir()))))
+    assert staged() == before  # no local staging left behind
     assert seen == [(1, ["meta.json", "model.pt", "state.pt"]), (2, ["meta.json", "model.pt", "state.pt"])]
     assert lung["epochs"] == 2 and 0 <= lung["history"][-1]["val_dice"] <= 1
     keys = set(storage.list_keys(f"s3://{bucket}/runs/lung/"))
     assert f"s3://{bucket}/runs/lung/checkpoints/epoch_0002/state.pt" in keys
+    assert f"s3://{bucket}/runs/lung/checkpoints/epoch_0001/model.pt" in keys
+    assert f"s3://{bucket}/runs/lung/checkpoints/epoch_0001/state.pt" not in keys  # only the newest resumes
     meta = json.loads(storage.read_text(f"s3://{bucket}/runs/lung/best/meta.json"))
     assert meta["config"]["task"] == "lung" and meta["preprocessing"]["size"] == 64
     resumed = train(TrainConfig.from_dict({**base, "task": "lung", "epochs": 3}), df,
