@@ -25,8 +25,8 @@ def _data_import(args) -> None:
     result = run_import(args.format, args.src, args.out, data_dir=args.data_dir,
                         progress=not args.quiet, **options)
     if result.excluded:
-        from .importers import _report_uri
-        print(f"exclusion report: {_report_uri(args.out)}", file=sys.stderr)
+        from .importers import report_uri
+        print(f"exclusion report: {report_uri(args.out)}", file=sys.stderr)
     print(result.summary())
 
 

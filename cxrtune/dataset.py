@@ -9,7 +9,7 @@ Remote files are read through a :class:`~cxrtune.storage.ContentCache`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import albumentations as A
 import cv2

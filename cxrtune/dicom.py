@@ -18,7 +18,7 @@ import io
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +79,6 @@ class DicomHeader:
     series_number: int = 0
     instance_number: int = 0
     acquired: str = ""
-    extra: dict = field(default_factory=dict)
 
     def exclusion_reason(self, min_age: float = 18.0, drop_derived: bool = False) -> str | None:
         """The seed-000 rule this image breaks, or None to keep it.

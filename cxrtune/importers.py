@@ -276,10 +276,10 @@ def run_import(fmt: str, src: str, out: str, data_dir: str | None = None, progre
     manifest.save_manifest(result.manifest, out)
     if result.excluded:
         report = pd.DataFrame(result.excluded, columns=["file", "reason"])
-        storage.write_text(_report_uri(out), report.to_csv(index=False))
+        storage.write_text(report_uri(out), report.to_csv(index=False))
     return result
 
 
-def _report_uri(out: str) -> str:
+def report_uri(out: str) -> str:
     base = out.rsplit(".", 1)[0] if out.rsplit("/", 1)[-1].count(".") else out
     return base + ".excluded.csv"

@@ -73,6 +73,3 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         _load_encoder_weights(model, weights)
     return model
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

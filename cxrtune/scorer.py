@@ -30,10 +30,6 @@ BUNDLE_FORMAT = "cxrtune-bundle/1"
 DEFAULT_ZONE_THRESHOLD = 0.1
 
 
-class NoLungsError(CxrtuneError):
-    """Stage I found no lungs: the image is probably not a frontal chest radiograph."""
-
-
 @dataclass
 class Detail:
     """What the record summarises, for overlays and evaluation."""
@@ -52,8 +48,25 @@ class StageModel:
 
     @property
     def name(self) -> str:
-        m = self.config["model"]
-        return f"{m['arch']}/{m['encoder']}@{self.pre.size}"
+        return stage_name(self.config, self.pre.size)
+
+
+def stage_name(config: dict, size: int) -> str:
+    """``arch/encoder@size``: how records and ``/v1/models`` name a stage's model."""
+    m = config["model"]
+    return f"{m['arch']}/{m['encoder']}@{size}"
+
+
+def build_record(lung: np.ndarray, opacity: np.ndarray, p_disease: float, threshold: float,
+                 models: dict) -> tuple[dict, Detail]:
+    """The record of one scored image from the two stages' outputs (CLI and HTTP alike), and
+    the masks behind it; the lungs are split once, for the zones and for any overlay."""
+    opacity = opacity & lung
+    lungs = zones.split_lungs(lung)
+    record = zones.score_lungs(lungs, opacity, threshold)
+    record["disease_probability"] = round(float(p_disease), 4)
+    record["models"] = models
+    return record, Detail(lung, opacity, lungs)
 
 
 def _device(device: str | None) -> torch.device:
@@ -131,7 +144,7 @@ class Scorer:
         return out
 
     # ---------------------------------------------------------------------------------- scoring
-    def score_images(self, images: list[np.ndarray], threshold: float | None = None) -> list[tuple[dict, Detail]]:
+    def score_images(self, images: list[np.ndarray]) -> list[tuple[dict, Detail]]:
         """Records (and the masks behind them) for 2-D float images in [0, 1]."""
         if not images:
             return []
@@ -140,13 +153,8 @@ class Scorer:
         t1 = time.perf_counter()
         opac = self.opacity_masks(images, lungs)
         t2 = time.perf_counter()
-        results = []
-        for lung, (opacity, p) in zip(lungs, opac):
-            opacity = opacity & lung
-            record = zones.score_masks(lung, opacity, self.zone_threshold if threshold is None else threshold)
-            record["disease_probability"] = round(p, 4)
-            record["models"] = self.models_info()
-            results.append((record, Detail(lung, opacity, zones.split_lungs(lung))))
+        results = [build_record(lung, opacity, p, self.zone_threshold, self.models_info())
+                   for lung, (opacity, p) in zip(lungs, opac)]
         n = len(images)
         for record, _ in results:
             record["timings_ms"] = {"stage1": round(1000 * (t1 - t0) / n, 2), "stage2": round(1000 * (t2 - t1) / n, 2)}

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from . import __version__, zones
+from . import __version__
 from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 
 log = logging.getLogger("cxrtune.serve")
@@ -67,11 +67,10 @@ class _Stage:
 
         s = ServeSettings(**settings)
         self.scorer = load_bundle(s.bundle, device=s.device, batch_size=s.max_batch_size, stages=(self.stage,))
-        for method in (self.run,):
-            if hasattr(method, "set_max_batch_size"):
-                method.set_max_batch_size(s.max_batch_size)
-            if hasattr(method, "set_batch_wait_timeout_s"):
-                method.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        if hasattr(self.run, "set_max_batch_size"):  # the config's batching, not the decorator's
+            self.run.set_max_batch_size(s.max_batch_size)
+        if hasattr(self.run, "set_batch_wait_timeout_s"):
+            self.run.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
     def info(self) -> dict:
         return self.scorer.models_info()
@@ -147,16 +146,11 @@ def _decode(data: bytes, s: ServeSettings) -> np.ndarray:
     return image.astype(np.float32)
 
 
-def _stage_name(meta: dict) -> str:
-    m = meta["config"]["model"]
-    return f"{m['arch']}/{m['encoder']}@{meta['preprocessing']['size']}"
-
-
 @serve.deployment(name="Ingress", max_ongoing_requests=128)
 @serve.ingress(fastapi_app)
 class Ingress:
     def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
-        from .scorer import read_bundle_meta
+        from .scorer import read_bundle_meta, stage_name
 
         self.s = ServeSettings(**settings)
         self.stage1, self.stage2 = stage1, stage2
@@ -164,7 +158,8 @@ class Ingress:
         self.zone_threshold = float(meta["zone_threshold"])
         self.models = {
             "bundle": meta.get("name", ""), "created": meta.get("created", ""),
-            "lung": _stage_name(meta["lung"]), "disease": _stage_name(meta["disease"]),
+            "lung": stage_name(meta["lung"]["config"], meta["lung"]["preprocessing"]["size"]),
+            "disease": stage_name(meta["disease"]["config"], meta["disease"]["preprocessing"]["size"]),
             "zone_threshold": self.zone_threshold, "cls_threshold": meta.get("cls_threshold", 0.5),
             "calibration": {k: v for k, v in (meta.get("calibration") or {}).items() if k in ("mae", "rmse", "n")},
             "versions": meta.get("versions", {}),
@@ -224,16 +219,17 @@ class Ingress:
         t2 = time.perf_counter()
 
         def finish():
-            record = zones.score_masks(lung, opacity & lung, self.zone_threshold)
-            record["disease_probability"] = round(float(p), 4)
-            record["models"] = {k: self.models[k] for k in ("lung", "disease", "cls_threshold", "bundle", "created")}
+            from .scorer import build_record
+
+            models = {k: self.models[k] for k in ("lung", "disease", "cls_threshold", "bundle", "created")}
+            record, detail = build_record(lung, opacity, p, self.zone_threshold, models)
             if record["lungs_found"] == 1:
                 record["warnings"] = ["only one lung found; the other lung's zones are unscored"]
             png = None
             if overlay:
                 from .overlay import encode_overlay
 
-                png = encode_overlay(image, zones.split_lungs(lung), opacity & lung, record)
+                png = encode_overlay(image, detail.lungs, detail.opacity, record)
             return record, png
 
         record, png = await asyncio.to_thread(finish)

@@ -302,17 +302,6 @@ def existing(uris: Iterable[str]) -> set[str]:
     return found
 
 
-def upload_file(local: str, uri: str) -> None:
-    if not is_s3(uri):
-        write_bytes(uri, Path(local).read_bytes())
-        return
-    bucket, key = split_s3(uri)
-    try:
-        s3_client().upload_file(str(local), bucket, key)
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap_s3_error(exc, uri, "upload") from exc
-
-
 def ensure_bucket(uri: str) -> None:
     """Create the bucket of an S3 URI if it does not exist (local paths: nothing to do)."""
     if not is_s3(uri):

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from . import manifest, storage
+from . import storage
 from .dataset import CXRDataset, Preprocessing
 from .errors import CxrtuneError
 from .losses import DynamicLossWeighting, build_optimizer, classification_loss, segmentation_loss

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from ray.tune import Stopper
 
 from . import manifest, storage
 from .errors import CxrtuneError
@@ -189,7 +190,7 @@ def run_trial(config: dict, opts: dict) -> None:
     import torch
     from ray import tune
 
-    from .train import Trainer, load_torch
+    from .train import Trainer
 
     o = TuneOptions(**opts)
     space = o.search_space()
@@ -223,39 +224,29 @@ def run_trial(config: dict, opts: dict) -> None:
 
 # ------------------------------------------------------------------------------------- the sweep
 
-class PatienceStopper:
+class PatienceStopper(Stopper):
     """Per-trial early stopping as in seed 004: stop a trial when its metric has not improved by
     ``min_delta`` for ``patience`` epochs. Hand-written because Ray's TrialPlateauStopper measures
     a standard deviation over a window, not improvement over the best value."""
 
-    def __new__(cls, *args, **kwargs):
-        from ray.tune import Stopper
+    def __init__(self, metric: str, mode: str, min_delta: float, patience: int):
+        self.metric, self.sign = metric, 1.0 if mode == "max" else -1.0
+        self.min_delta, self.patience = min_delta, patience
+        self.best: dict[str, float] = {}
+        self.stale: dict[str, int] = {}
 
-        class _Impl(Stopper):
-            def __init__(self, metric: str, mode: str, min_delta: float, patience: int):
-                self.metric, self.sign = metric, 1.0 if mode == "max" else -1.0
-                self.min_delta, self.patience = min_delta, patience
-                self.best: dict[str, float] = {}
-                self.stale: dict[str, int] = {}
-                self.stopped: set[str] = set()
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if self.metric not in result:
+            return False
+        value = self.sign * float(result[self.metric])
+        if trial_id not in self.best or value > self.best[trial_id] + self.min_delta:
+            self.best[trial_id], self.stale[trial_id] = value, 0
+        else:
+            self.stale[trial_id] += 1
+        return self.stale[trial_id] >= self.patience
 
-            def __call__(self, trial_id: str, result: dict) -> bool:
-                if self.metric not in result:
-                    return False
-                value = self.sign * float(result[self.metric])
-                if trial_id not in self.best or value > self.best[trial_id] + self.min_delta:
-                    self.best[trial_id], self.stale[trial_id] = value, 0
-                else:
-                    self.stale[trial_id] += 1
-                if self.stale[trial_id] >= self.patience:
-                    self.stopped.add(trial_id)
-                    return True
-                return False
-
-            def stop_all(self) -> bool:
-                return False
-
-        return _Impl(*args, **kwargs)
+    def stop_all(self) -> bool:
+        return False
 
 
 def _scheduler(o: TuneOptions):

@@ -127,7 +127,11 @@ def score_masks(lung_mask: np.ndarray, opacity_mask: np.ndarray, threshold: floa
     """
     if lung_mask.shape != opacity_mask.shape:
         raise ValueError(f"lung mask {lung_mask.shape} and opacity mask {opacity_mask.shape} differ in shape")
-    lungs = split_lungs(lung_mask)
+    return score_lungs(split_lungs(lung_mask), opacity_mask, threshold)
+
+
+def score_lungs(lungs: LungPair, opacity_mask: np.ndarray, threshold: float) -> dict:
+    """:func:`score_masks` for lungs already split (callers that also draw them split once)."""
     opacity = np.asarray(opacity_mask, dtype=bool)
     zones = {}
     for letter, zone in zone_masks(lungs).items():

@@ -135,7 +135,7 @@ def test_dicom_import_applies_exclusion_rules_without_leaking_identifiers(tmp_pa
     make_dicom(src / "ct.dcm", g, BitsStored=12, Modality="CT")
     make_dicom(src / "report.dcm", None)
     (src / "junk.dcm").write_bytes(b"not dicom at all")
-    good = make_dicom(src / "eight.dcm", (g >> 4).astype(np.uint8))
+    make_dicom(src / "eight.dcm", (g >> 4).astype(np.uint8))
     truncated = make_dicom(src / "trunc.dcm", g, BitsStored=12).read_bytes()
     (src / "trunc.dcm").write_bytes(truncated[:-3000])
     out = tmp_path / "out" / "manifest.csv"

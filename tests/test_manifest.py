@@ -1,7 +1,5 @@
-import shutil
 
 import boto3
-import numpy as np
 import pandas as pd
 import pytest
 from torch.utils.data import DataLoader

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from cxrtune import images, storage
+from cxrtune import images
 from cxrtune.scorer import sweep_threshold
 
 

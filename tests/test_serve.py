@@ -1,7 +1,6 @@
 """The Serve application on a real local Ray instance, answering real HTTP on 127.0.0.1."""
 
 import asyncio
-import io
 import json
 import os
 import shutil
@@ -14,7 +13,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import requests
 import torch
