@@ -46,17 +46,27 @@ class Preprocessing:
         return x.expand(self.in_channels, -1, -1).contiguous() if self.in_channels > 1 else x
 
 
-def seed_augmentation(size: int) -> A.Compose:
+def seed_augmentation(size: int, seed: int | None = None) -> A.Compose:
     """Seed 004's final-training augmentation (albumentations): CLAHE p=0.2; random-sized crop of
     0.7-0.9 of the height p=0.2; rotate +-15 deg p=0.5; horizontal flip p=0.5;
-    brightness/contrast +-0.2 p=0.2. Input is uint8 at the model size."""
+    brightness/contrast +-0.2 p=0.2. Input is uint8 at the model size. Albumentations draws from
+    its own generator, so ``seed`` (not torch's or numpy's) makes it reproducible."""
     return A.Compose([
         A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=0.2),
         A.RandomSizedCrop(min_max_height=(int(0.7 * size), int(0.9 * size)), size=(size, size), p=0.2),
         A.Rotate(limit=15, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
         A.HorizontalFlip(p=0.5),
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.2),
-    ])
+    ], seed=seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker's copy of the augmentation its own stream,
+    from torch's per-worker seed (set by the loader's generator, so still reproducible)."""
+    info = torch.utils.data.get_worker_info()
+    augment = getattr(info.dataset, "augment", None)
+    if augment is not None:
+        augment.set_random_seed(info.seed % 2**32)
 
 
 def lung_box(lung: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, int] | None:
@@ -91,16 +101,18 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 class CXRDataset(Dataset):
     """Rows of a manifest as training examples.
 
-    ``augment`` applies :func:`seed_augmentation`; a missing lung mask gives an all-zero mask
-    (filter rows by ``lung_mask != ""`` when training Stage I).
+    ``augment`` applies :func:`seed_augmentation` (reproducible with ``seed``; use
+    :func:`seed_worker` as the DataLoader's ``worker_init_fn``); a missing lung mask gives an
+    all-zero mask (filter rows by ``lung_mask != ""`` when training Stage I).
     """
 
     def __init__(self, df: pd.DataFrame, preprocessing: Preprocessing = Preprocessing(),
-                 augment: bool = False, cache: storage.ContentCache | None = None, roi: bool = False):
+                 augment: bool = False, cache: storage.ContentCache | None = None, roi: bool = False,
+                 seed: int | None = None):
         self.df = df.reset_index(drop=True)
         self.pre = preprocessing
         self.roi = roi  # Stage II input: lungs only, cropped to their box
-        self.augment = seed_augmentation(preprocessing.size) if augment else None
+        self.augment = seed_augmentation(preprocessing.size, seed) if augment else None
         self.cache = cache or storage.ContentCache()
 
     def __len__(self) -> int:

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import storage
-from .dataset import CXRDataset, Preprocessing
+from .dataset import CXRDataset, Preprocessing, seed_worker
 from .errors import CxrtuneError
 from .losses import DynamicLossWeighting, build_optimizer, classification_loss, segmentation_loss
 from .metrics import SegmentationMeter, classification_metrics, json_safe
@@ -142,11 +142,12 @@ class Trainer:
         self.device = _device()
         self.pre = Preprocessing(size=cfg.size, in_channels=cfg.model.in_channels)
         roi = cfg.task == "disease"
-        self.train_ds = CXRDataset(select_rows(df, cfg, "train"), self.pre, augment=cfg.augment, cache=cache, roi=roi)
+        self.train_ds = CXRDataset(select_rows(df, cfg, "train"), self.pre, augment=cfg.augment, cache=cache,
+                                   roi=roi, seed=cfg.seed)
         self.val_ds = CXRDataset(select_rows(df, cfg, "val"), self.pre, augment=False, cache=cache, roi=roi)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                                       num_workers=cfg.num_workers, generator=gen,
+                                       num_workers=cfg.num_workers, generator=gen, worker_init_fn=seed_worker,
                                        pin_memory=self.device.type == "cuda",
                                        persistent_workers=cfg.num_workers > 0)
         self.val_loader = DataLoader(self.val_ds, batch_size=max(cfg.batch_size, 8), shuffle=False,
