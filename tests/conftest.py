@@ -10,6 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Keep every Ray process of the tests on 127.0.0.1. Without this, Ray on Linux resolves "localhost"
+# to the machine's outbound address (e.g. 192.0.2.2) and listens on all interfaces; this switch
+# (named for macOS/Windows, where it is the default) makes it use the loopback address only.
+# Set before anything imports ray; subprocesses (the CLI, `ray start`) inherit it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def shared_data() -> Path:
     """``$CXRTUNE_SHARED_DATA`` or ``../shared/data`` beside the project."""
