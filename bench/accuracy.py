@@ -10,7 +10,8 @@
 
 Targets (issue 3): lung Dice >= 0.97, COVID-19 infection Dice >= 0.78 over non-empty references,
 normal-vs-disease F1 >= 0.93, opacity false-positive rate on Normal images <= 5 %, both stages
-trained in <= 15 minutes on one H100. ``--quick`` runs a tiny CPU version to check the script.
+trained in <= 15 minutes on one H100. ``--quick`` runs a tiny CPU version to check the script; ``--override`` changes both
+stages' configs (a CPU sanity run on a subset, another architecture).
 Prints one JSON object.
 """
 
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny CPU run that checks the script")
     ap.add_argument("--lung-epochs", type=int)
     ap.add_argument("--disease-epochs", type=int)
+    ap.add_argument("--override", type=json.loads, default={},
+                    help='JSON merged into both stages\' configs, e.g. \'{"size": 128, "max_train_images": 1000}\'')
     args = ap.parse_args()
 
     import pandas as pd
@@ -71,6 +74,8 @@ def main() -> None:
     if args.quick:
         lung_cfg.update(QUICK)
         disease_cfg.update(QUICK)
+    lung_cfg.update(args.override)
+    disease_cfg.update(args.override)
     if args.lung_epochs:
         lung_cfg["epochs"] = args.lung_epochs
     if args.disease_epochs:
