@@ -313,14 +313,32 @@ def _wandb(o: TuneOptions) -> list:
 
 
 def _ray_init(o: TuneOptions) -> None:
+    """Join the cluster that ``RAY_ADDRESS`` or ``ray start`` names, else start a local instance;
+    then refuse trials the instance can never place."""
     import ray
 
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(num_cpus=o.num_cpus, include_dashboard=False, log_to_driver=True)
+    _check_trial_fits(o, ray.cluster_resources())
+
+
+def _check_trial_fits(o: TuneOptions, available: dict) -> None:
+    """Tune waits forever, warning once a minute, for a trial that asks for more than the cluster
+    has. An autoscaling cluster may still grow (``RAY_ADDRESS`` set, or a cluster-launcher node,
+    which has ``~/ray_bootstrap_config.yaml``), so only a fixed instance is checked."""
+    if os.environ.get("RAY_ADDRESS") or Path("~/ray_bootstrap_config.yaml").expanduser().exists():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=o.num_cpus, include_dashboard=False, log_to_driver=True)
+    gpus, cpus = available.get("GPU", 0), available.get("CPU", 0)
+    if o.gpus_per_trial > gpus:
+        raise CxrtuneError(f"--gpus-per-trial {o.gpus_per_trial:g} but this Ray instance has {gpus:g} GPUs: "
+                           "no trial could ever start. Use --gpus-per-trial 0 on a CPU machine, or run on a "
+                           "GPU cluster (RAY_ADDRESS).")
+    if o.cpus_per_trial > cpus:
+        raise CxrtuneError(f"--cpus-per-trial {o.cpus_per_trial:g} but this Ray instance has {cpus:g} CPUs: "
+                           "no trial could ever start. Lower --cpus-per-trial or raise --num-cpus.")
 
 
 def _trainable(o: TuneOptions):
@@ -354,9 +372,9 @@ def run_tune(o: TuneOptions) -> dict:
     df = manifest.load_manifest(o.manifest)  # validated once, here, with a clear error
     if o.multi_objective and space.objective == "score_mae":
         raise CxrtuneError("multi-objective mode supports the dice and dice_cls objectives")
+    _ray_init(o)  # before anything is written: a sweep that cannot start leaves no experiment behind
     storage.ensure_bucket(o.storage)
     storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(asdict(o), indent=2))
-    _ray_init(o)
     tune_config = tune.TuneConfig(
         metric=None if o.multi_objective else space.metric, mode=None if o.multi_objective else space.mode,
         search_alg=_searcher(o, space), scheduler=_scheduler(o),

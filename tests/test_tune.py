@@ -152,6 +152,17 @@ def test_multi_objective_pareto(phantom_dir, space_file, tmp_path):
     assert (tmp_path / "rep" / "pareto.png").exists()
 
 
+def test_trial_that_cannot_fit_fails_fast(phantom_dir, space_file, tmp_path):
+    """A local instance never grows: asking for more than it has is an error, not an endless wait."""
+    common = ("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"),
+              "--name", "nofit", "--storage", str(tmp_path / "exps"), "--num-cpus", "1")
+    r = cli(*common, "--gpus-per-trial", "1000", check=False, timeout=120)
+    assert r.returncode == 2 and "GPUs: no trial could ever start" in r.stderr and "Traceback" not in r.stderr
+    r = cli(*common, "--cpus-per-trial", "2", check=False, timeout=120)
+    assert r.returncode == 2 and "has 1 CPUs" in r.stderr
+    assert not (tmp_path / "exps").exists()  # nothing written
+
+
 def test_space_errors_name_the_key(tmp_path):
     from cxrtune.errors import CxrtuneError
     from cxrtune.search_space import load_space, parse_space
