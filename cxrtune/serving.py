@@ -33,6 +33,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from . import __version__
+from .cluster import check_fits
 from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 
 log = logging.getLogger("cxrtune.serve")
@@ -354,6 +355,11 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
     app = build_app(args, deployments)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    for name, d in deployments.items():
+        need = d.get("ray_actor_options") or {}
+        check_fits(f"a {name} replica", need.get("num_cpus", 0), need.get("num_gpus", 0),
+                   f"Use a config that fits this machine (serve/config.cpu.yaml without a GPU), "
+                   f"or deploy on a cluster; {config} sets it.")
     serve.start(http_options={k: v for k, v in http.items() if k in ("host", "port", "request_timeout_s")})
     handle = serve.run(app, name="cxrtune", route_prefix="/", blocking=False)
     if blocking:

@@ -23,6 +23,7 @@ import numpy as np
 from ray.tune import Stopper
 
 from . import manifest, storage
+from .cluster import check_fits
 from .errors import CxrtuneError
 from .search_space import SearchSpace, parse_space
 
@@ -313,8 +314,7 @@ def _wandb(o: TuneOptions) -> list:
 
 
 def _ray_init(o: TuneOptions) -> None:
-    """Join the cluster that ``RAY_ADDRESS`` or ``ray start`` names, else start a local instance;
-    then refuse trials the instance can never place."""
+    """Join the cluster that ``RAY_ADDRESS`` or ``ray start`` names, else start a local instance."""
     import ray
 
     if not ray.is_initialized():
@@ -322,23 +322,9 @@ def _ray_init(o: TuneOptions) -> None:
             ray.init()
         else:
             ray.init(num_cpus=o.num_cpus, include_dashboard=False, log_to_driver=True)
-    _check_trial_fits(o, ray.cluster_resources())
-
-
-def _check_trial_fits(o: TuneOptions, available: dict) -> None:
-    """Tune waits forever, warning once a minute, for a trial that asks for more than the cluster
-    has. An autoscaling cluster may still grow (``RAY_ADDRESS`` set, or a cluster-launcher node,
-    which has ``~/ray_bootstrap_config.yaml``), so only a fixed instance is checked."""
-    if os.environ.get("RAY_ADDRESS") or Path("~/ray_bootstrap_config.yaml").expanduser().exists():
-        return
-    gpus, cpus = available.get("GPU", 0), available.get("CPU", 0)
-    if o.gpus_per_trial > gpus:
-        raise CxrtuneError(f"--gpus-per-trial {o.gpus_per_trial:g} but this Ray instance has {gpus:g} GPUs: "
-                           "no trial could ever start. Use --gpus-per-trial 0 on a CPU machine, or run on a "
-                           "GPU cluster (RAY_ADDRESS).")
-    if o.cpus_per_trial > cpus:
-        raise CxrtuneError(f"--cpus-per-trial {o.cpus_per_trial:g} but this Ray instance has {cpus:g} CPUs: "
-                           "no trial could ever start. Lower --cpus-per-trial or raise --num-cpus.")
+    check_fits("a trial", o.cpus_per_trial, o.gpus_per_trial,
+               "Lower --cpus-per-trial / --gpus-per-trial (0 on a CPU machine), raise --num-cpus, "
+               "or run on a cluster (RAY_ADDRESS).")
 
 
 def _trainable(o: TuneOptions):

@@ -36,6 +36,47 @@ def deployments(ingress: dict | None = None) -> dict:
             "Stage2": {**SMALL, "autoscaling_config": AUTOSCALE}}
 
 
+# The two `cxrtune serve` tests come first: each starts its own Ray in a subprocess, before the
+# module's in-process instance (the `server` fixture) exists.
+def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
+    """README's `cxrtune serve --bundle`: the CPU config on this machine, real HTTP, Ctrl-C stops it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cxrtune.cli", "serve", "--bundle", str(phantom_bundle),
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, ready = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None and ready is None:
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                ready = r if r.status_code == 200 else None
+            except requests.RequestException:  # proxy not up yet, or the app still deploying
+                pass
+            time.sleep(1)
+        assert ready is not None, proc.stdout.read()[-3000:] if proc.poll() is not None else "not ready"
+        models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
+        assert models["lung"].startswith("FPN/resnet18") and "zone_threshold" in models
+    finally:
+        proc.send_signal(2)  # Ctrl-C
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_gpu_config_on_a_cpu_instance_fails_fast(phantom_bundle, tmp_path):
+    """serve/config.yaml asks for GPUs (and 4 CPUs for the ingress): on a fixed instance without
+    them Serve would wait forever; cxrtune says why and exits."""
+    if torch.cuda.is_available() and (os.cpu_count() or 0) >= 4:
+        pytest.skip("this machine can place serve/config.yaml")
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "serve", "--bundle", str(phantom_bundle),
+                        "--config", "serve/config.yaml", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "replica asks for" in r.stderr and "could never start" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.fixture(scope="module")
 def server(phantom_bundle, tmp_path_factory):
     import ray

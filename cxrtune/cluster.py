@@ -1,0 +1,28 @@
+"""What the Ray instance can place. Tune and Serve both wait forever, warning now and then, for
+work that asks for more CPUs or GPUs than the cluster has. A fixed local instance never grows, so
+cxrtune says so at once instead. A cluster that may autoscale is not checked: one named by
+``RAY_ADDRESS``, or a cluster-launcher node (``ray up`` leaves ``~/ray_bootstrap_config.yaml``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import CxrtuneError
+
+
+def may_autoscale() -> bool:
+    return bool(os.environ.get("RAY_ADDRESS")) or Path("~/ray_bootstrap_config.yaml").expanduser().exists()
+
+
+def check_fits(what: str, cpus: float, gpus: float, hint: str) -> None:
+    """Raise if one unit of ``what`` (a trial, a replica) needs more than the running instance has."""
+    import ray
+
+    if may_autoscale():
+        return
+    have = ray.cluster_resources()
+    for name, asked in (("GPUs", gpus), ("CPUs", cpus)):
+        if asked > have.get(name[:-1], 0):
+            raise CxrtuneError(f"{what} asks for {asked:g} {name} but this Ray instance has "
+                               f"{have.get(name[:-1], 0):g}: it could never start. {hint}")
