@@ -32,31 +32,38 @@ class _OnProbability(nn.Module):
         return self.loss(torch.sigmoid(logits), target)
 
 
-def segmentation_loss(name: str) -> nn.Module:
+def _smp_losses():
     import segmentation_models_pytorch as smp
 
-    table = {
-        "dice": lambda: smp.losses.DiceLoss("binary"),
-        "jaccard": lambda: smp.losses.JaccardLoss("binary"),
-        "bce": lambda: smp.losses.SoftBCEWithLogitsLoss(),
-        "lovasz": lambda: smp.losses.LovaszLoss("binary"),
-        "focal": lambda: smp.losses.FocalLoss("binary"),
-        "dice_focal": lambda: _Sum(smp.losses.DiceLoss("binary"), smp.losses.FocalLoss("binary")),
-    }
-    if name not in table:
-        raise CxrtuneError(f"unknown segmentation loss {name!r}; choose one of {', '.join(table)}")
-    return table[name]()
+    return smp.losses
+
+
+# name -> factory: the names a config or a search space may use (search_space.py checks against these)
+SEG_LOSSES = {
+    "dice": lambda: _smp_losses().DiceLoss("binary"),
+    "jaccard": lambda: _smp_losses().JaccardLoss("binary"),
+    "bce": lambda: _smp_losses().SoftBCEWithLogitsLoss(),
+    "lovasz": lambda: _smp_losses().LovaszLoss("binary"),
+    "focal": lambda: _smp_losses().FocalLoss("binary"),
+    "dice_focal": lambda: _Sum(_smp_losses().DiceLoss("binary"), _smp_losses().FocalLoss("binary")),
+}
+CLS_LOSSES = {
+    "bce": lambda: nn.BCEWithLogitsLoss(),
+    "l1": lambda: _OnProbability(nn.L1Loss()),
+    "smooth_l1": lambda: _OnProbability(nn.SmoothL1Loss()),
+}
+
+
+def segmentation_loss(name: str) -> nn.Module:
+    if name not in SEG_LOSSES:
+        raise CxrtuneError(f"unknown segmentation loss {name!r}; choose one of {', '.join(SEG_LOSSES)}")
+    return SEG_LOSSES[name]()
 
 
 def classification_loss(name: str) -> nn.Module:
-    table = {
-        "bce": lambda: nn.BCEWithLogitsLoss(),
-        "l1": lambda: _OnProbability(nn.L1Loss()),
-        "smooth_l1": lambda: _OnProbability(nn.SmoothL1Loss()),
-    }
-    if name not in table:
-        raise CxrtuneError(f"unknown classification loss {name!r}; choose one of {', '.join(table)}")
-    return table[name]()
+    if name not in CLS_LOSSES:
+        raise CxrtuneError(f"unknown classification loss {name!r}; choose one of {', '.join(CLS_LOSSES)}")
+    return CLS_LOSSES[name]()
 
 
 class DynamicLossWeighting:

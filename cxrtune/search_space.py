@@ -27,7 +27,7 @@ from typing import Any
 
 from . import storage
 from .errors import CxrtuneError
-from .losses import OPTIMIZERS
+from .losses import CLS_LOSSES, OPTIMIZERS, SEG_LOSSES
 from .models import ARCHITECTURES, ModelConfig
 from .train import TASKS, TrainConfig
 
@@ -36,8 +36,7 @@ MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"classification"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"model", "task"}
 OBJECTIVES = {"dice": ("val_dice", "max"), "dice_cls": ("val_dice_f1", "max"), "score_mae": ("val_score_mae", "min")}
 CHECK_VALUES = {"arch": set(ARCHITECTURES), "optimizer": set(OPTIMIZERS),
-                "seg_loss": {"dice", "jaccard", "bce", "lovasz", "focal", "dice_focal"},
-                "cls_loss": {"bce", "l1", "smooth_l1"}}
+                "seg_loss": set(SEG_LOSSES), "cls_loss": set(CLS_LOSSES)}
 
 
 @dataclass
