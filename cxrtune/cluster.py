@@ -1,7 +1,7 @@
-"""What the Ray instance can place. Tune and Serve both wait forever, warning now and then, for
-work that asks for more CPUs or GPUs than the cluster has. A fixed local instance never grows, so
-cxrtune says so at once instead. A cluster that may autoscale is not checked: one named by
-``RAY_ADDRESS``, or a cluster-launcher node (``ray up`` leaves ``~/ray_bootstrap_config.yaml``)."""
+"""Joining or starting Ray, and what it can place. Tune and Serve both wait forever, warning now
+and then, for work that asks for more CPUs or GPUs than the cluster has. A fixed local instance
+never grows, so cxrtune says so at once instead. A cluster that may autoscale is not checked: one
+named by ``RAY_ADDRESS``, or a cluster-launcher node (``ray up`` leaves ``~/ray_bootstrap_config.yaml``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,19 @@ import os
 from pathlib import Path
 
 from .errors import CxrtuneError
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster that ``RAY_ADDRESS`` or ``ray start`` names, else start a local instance
+    (with ``num_cpus``, default all)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def may_autoscale() -> bool:
@@ -22,7 +35,7 @@ def check_fits(what: str, cpus: float, gpus: float, hint: str) -> None:
     if may_autoscale():
         return
     have = ray.cluster_resources()
-    for name, asked in (("GPUs", gpus), ("CPUs", cpus)):
-        if asked > have.get(name[:-1], 0):
-            raise CxrtuneError(f"{what} asks for {asked:g} {name} but this Ray instance has "
-                               f"{have.get(name[:-1], 0):g}: it could never start. {hint}")
+    for resource, asked in (("GPU", gpus), ("CPU", cpus)):
+        if asked > have.get(resource, 0):
+            raise CxrtuneError(f"{what} asks for {asked:g} {resource}s but this Ray instance has "
+                               f"{have.get(resource, 0):g}: it could never start. {hint}")

@@ -33,7 +33,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from . import __version__
-from .cluster import check_fits
+from .cluster import check_fits, init_ray
 from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 
 log = logging.getLogger("cxrtune.serve")
@@ -345,20 +345,17 @@ def load_config(path: str, bundle: str | None = None) -> tuple[dict, dict, dict]
 def run_local(bundle: str, config: str, host: str | None = None, port: int | None = None,
               blocking: bool = True):
     """Start Ray (if needed) and Serve, and deploy the scorer (``cxrtune serve``)."""
-    import ray
-
     http, args, deployments = load_config(config, bundle)
     if host:
         http["host"] = host
     if port:
         http["port"] = port
     app = build_app(args, deployments)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    init_ray()
     for name, d in deployments.items():
         need = d.get("ray_actor_options") or {}
         check_fits(f"a {name} replica", need.get("num_cpus", 0), need.get("num_gpus", 0),
-                   f"Use a config that fits this machine (serve/config.cpu.yaml without a GPU), "
+                   "Use a config that fits this machine (serve/config.cpu.yaml without a GPU), "
                    f"or deploy on a cluster; {config} sets it.")
     serve.start(http_options={k: v for k, v in http.items() if k in ("host", "port", "request_timeout_s")})
     handle = serve.run(app, name="cxrtune", route_prefix="/", blocking=False)

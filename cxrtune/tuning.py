@@ -23,7 +23,7 @@ import numpy as np
 from ray.tune import Stopper
 
 from . import manifest, storage
-from .cluster import check_fits
+from .cluster import check_fits, init_ray
 from .errors import CxrtuneError
 from .search_space import SearchSpace, parse_space
 
@@ -314,14 +314,7 @@ def _wandb(o: TuneOptions) -> list:
 
 
 def _ray_init(o: TuneOptions) -> None:
-    """Join the cluster that ``RAY_ADDRESS`` or ``ray start`` names, else start a local instance."""
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(num_cpus=o.num_cpus, include_dashboard=False, log_to_driver=True)
+    init_ray(o.num_cpus)
     check_fits("a trial", o.cpus_per_trial, o.gpus_per_trial,
                "Lower --cpus-per-trial / --gpus-per-trial (0 on a CPU machine), raise --num-cpus, "
                "or run on a cluster (RAY_ADDRESS).")
