@@ -46,10 +46,6 @@ class StageModel:
     config: dict
     metrics: dict = field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        return stage_name(self.config, self.pre.size)
-
 
 def stage_name(config: dict, size: int) -> str:
     """``arch/encoder@size``: how records and ``/v1/models`` name a stage's model."""
@@ -93,13 +89,14 @@ class Scorer:
     def __init__(self, lung: StageModel | None, disease: StageModel | None,
                  zone_threshold: float = DEFAULT_ZONE_THRESHOLD, cls_threshold: float = 0.5,
                  lung_threshold: float = 0.5, device: torch.device | None = None, batch_size: int = 8,
-                 info: dict | None = None):
-        """Either stage may be None where only the other is used (one Serve deployment each)."""
+                 models: dict | None = None):
+        """Either stage may be None where only the other is used (one Serve deployment each).
+        ``models`` names them in records (:func:`bundle_models`)."""
         self.lung, self.disease = lung, disease
         self.zone_threshold, self.cls_threshold, self.lung_threshold = zone_threshold, cls_threshold, lung_threshold
         self.device = device or next((lung or disease).model.parameters()).device
         self.batch_size = batch_size
-        self.info = info or {}
+        self.models = models or {}
 
     # ---------------------------------------------------------------------------------- models
     def _run(self, stage: StageModel, batch: list[np.ndarray]):
@@ -161,9 +158,15 @@ class Scorer:
         return results
 
     def models_info(self) -> dict:
-        return {"lung": self.lung.name if self.lung else None,
-                "disease": self.disease.name if self.disease else None,
-                "cls_threshold": self.cls_threshold, **self.info}
+        return dict(self.models)
+
+
+def bundle_models(meta: dict) -> dict:
+    """How records (CLI and HTTP) name a bundle's models."""
+    names = {stage: stage_name(meta[stage]["config"], meta[stage]["preprocessing"]["size"])
+             for stage in ("lung", "disease")}
+    return {**names, "cls_threshold": meta.get("cls_threshold", 0.5), "bundle": meta.get("name", ""),
+            "created": meta.get("created", "")}
 
 
 def read_bundle_meta(uri: str) -> dict:
@@ -184,9 +187,9 @@ def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
     loaded = {stage: _load_stage(storage.read_bytes(storage.join(uri, f"{stage}.pt")), meta[stage], dev)
               for stage in stages}
     lung, disease = loaded.get("lung"), loaded.get("disease")
-    info = {"bundle": meta.get("name", ""), "created": meta.get("created", "")}
     return Scorer(lung, disease, zone_threshold=meta["zone_threshold"], cls_threshold=meta["cls_threshold"],
-                  lung_threshold=meta.get("lung_threshold", 0.5), device=dev, batch_size=batch_size, info=info)
+                  lung_threshold=meta.get("lung_threshold", 0.5), device=dev, batch_size=batch_size,
+                  models=bundle_models(meta))
 
 
 def make_bundle(lung_run: str, disease_run: str, out_uri: str, zone_threshold: float = DEFAULT_ZONE_THRESHOLD,
@@ -212,7 +215,7 @@ def make_bundle(lung_run: str, disease_run: str, out_uri: str, zone_threshold: f
 
 
 def update_bundle(uri: str, **changes) -> dict:
-    meta = json.loads(storage.read_text(storage.join(uri, "bundle.json")))
+    meta = read_bundle_meta(uri)
     meta.update(changes)
     storage.write_text(storage.join(uri, "bundle.json"), json.dumps(json_safe(meta), indent=2))
     return meta

@@ -151,17 +151,15 @@ def _decode(data: bytes, s: ServeSettings) -> np.ndarray:
 @serve.ingress(fastapi_app)
 class Ingress:
     def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
-        from .scorer import read_bundle_meta, stage_name
+        from .scorer import bundle_models, read_bundle_meta
 
         self.s = ServeSettings(**settings)
         self.stage1, self.stage2 = stage1, stage2
         meta = read_bundle_meta(self.s.bundle)
         self.zone_threshold = float(meta["zone_threshold"])
-        self.models = {
-            "bundle": meta.get("name", ""), "created": meta.get("created", ""),
-            "lung": stage_name(meta["lung"]["config"], meta["lung"]["preprocessing"]["size"]),
-            "disease": stage_name(meta["disease"]["config"], meta["disease"]["preprocessing"]["size"]),
-            "zone_threshold": self.zone_threshold, "cls_threshold": meta.get("cls_threshold", 0.5),
+        self.record_models = bundle_models(meta)  # what each record names
+        self.models = {  # GET /v1/models: that, plus how the bundle was calibrated
+            **self.record_models, "zone_threshold": self.zone_threshold,
             "calibration": {k: v for k, v in (meta.get("calibration") or {}).items() if k in ("mae", "rmse", "n")},
             "versions": meta.get("versions", {}),
         }
@@ -222,8 +220,7 @@ class Ingress:
         def finish():
             from .scorer import build_record
 
-            models = {k: self.models[k] for k in ("lung", "disease", "cls_threshold", "bundle", "created")}
-            record, detail = build_record(lung, opacity, p, self.zone_threshold, models)
+            record, detail = build_record(lung, opacity, p, self.zone_threshold, self.record_models)
             if record["lungs_found"] == 1:
                 record["warnings"] = ["only one lung found; the other lung's zones are unscored"]
             png = None
