@@ -113,6 +113,10 @@ class RequestError(Exception):
     def __init__(self, status: int, detail: str):
         self.status, self.detail = status, detail
 
+    def response(self, request_id: str) -> JSONResponse:
+        return JSONResponse({"error": self.detail, "request_id": request_id}, status_code=self.status,
+                            headers={"Retry-After": "1"} if self.status == 503 else None)
+
 
 def _decode(data: bytes, s: ServeSettings) -> np.ndarray:
     """Bytes -> the working image (float32, long side <= work_size). Runs in a thread."""
@@ -247,8 +251,7 @@ class Ingress:
             record, png = await self._score(data, overlay, request_id)
         except RequestError as exc:
             log.info("request %s -> %d", request_id, exc.status)
-            return JSONResponse({"error": exc.detail, "request_id": request_id}, status_code=exc.status,
-                                headers={"Retry-After": "1"} if exc.status == 503 else None)
+            return exc.response(request_id)
         log.info("request %s scored in %.0f ms", request_id, record["timings_ms"]["total"])
         if png is not None and "image/png" in request.headers.get("accept", ""):
             return Response(png, media_type="image/png",
@@ -264,7 +267,7 @@ class Ingress:
             self._check_key(request)
             files = await self._body(request)
         except RequestError as exc:
-            return JSONResponse({"error": exc.detail, "request_id": request_id}, status_code=exc.status)
+            return exc.response(request_id)
 
         async def one(i: int, name: str, data: bytes) -> dict:
             try:
