@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -67,9 +66,9 @@ def main() -> None:
     else:
         from moto.server import ThreadedMotoServer
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from serve_load import free_port
+
+        port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         os.environ.update(CXRTUNE_S3_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",

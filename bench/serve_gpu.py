@@ -32,26 +32,27 @@ QUICK_PAIR = ({"arch": "FPN", "encoder": "resnet18", "size": 128}, {"arch": "FPN
 
 
 def random_bundle(out: Path, pair) -> Path:
-    """A bundle with random weights in cxrtune's bundle format."""
+    """A bundle of two runs with random weights, made by ``make_bundle`` like any other."""
     import torch
 
     from cxrtune.dataset import Preprocessing
     from cxrtune.models import ModelConfig, build_model
-    from cxrtune.scorer import BUNDLE_FORMAT
-    from cxrtune.train import TrainConfig, versions
+    from cxrtune.scorer import make_bundle
+    from cxrtune.train import TrainConfig
 
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": BUNDLE_FORMAT, "name": "seed004-random", "created": "", "zone_threshold": 0.3,
-            "cls_threshold": 0.5, "lung_threshold": 0.5, "calibration": None, "versions": versions()}
-    for stage, task, spec in (("lung", "lung", pair[0]), ("disease", "disease", pair[1])):
+    runs = {}
+    for task, spec in (("lung", pair[0]), ("disease", pair[1])):
         model_cfg = ModelConfig(arch=spec["arch"], encoder=spec["encoder"], in_channels=3,
                                 classification=task == "disease")
-        torch.save(build_model(model_cfg).state_dict(), out / f"{stage}.pt")
-        cfg = TrainConfig(task=task, model=model_cfg, size=spec["size"])
-        meta[stage] = {"config": cfg.to_dict(), "preprocessing": Preprocessing(size=spec["size"], in_channels=3).to_dict(),
-                       "metrics": {}}
-    (out / "bundle.json").write_text(json.dumps(meta, indent=2))
-    return out
+        best = out / "runs" / task / "best"
+        best.mkdir(parents=True, exist_ok=True)
+        torch.save(build_model(model_cfg).state_dict(), best / "model.pt")
+        meta = {"config": TrainConfig(task=task, model=model_cfg, size=spec["size"]).to_dict(),
+                "preprocessing": Preprocessing(size=spec["size"], in_channels=3).to_dict(), "metrics": {}}
+        (best / "meta.json").write_text(json.dumps(meta))
+        runs[task] = str(out / "runs" / task)
+    make_bundle(runs["lung"], runs["disease"], str(out / "bundle"), zone_threshold=0.3, name="seed004-random")
+    return out / "bundle"
 
 
 def reference(bundle: Path, files: list[Path], device: str, n: int) -> dict:
@@ -120,13 +121,11 @@ def main() -> None:
     from ray import serve
 
     from cxrtune.serving import build_app
-    from serve_load import collect, run_load
-
-    from tests.conftest import free_port
+    from serve_load import collect, free_port, run_load
 
     gpu = torch.cuda.is_available() and not args.quick
     device = "cuda" if gpu else "cpu"
-    bundle = random_bundle(Path(args.out) / "bundle", QUICK_PAIR if args.quick else SEED_PAIR)
+    bundle = random_bundle(Path(args.out), QUICK_PAIR if args.quick else SEED_PAIR)
     payloads = collect(args.images)
     files = [f for p in args.images for f in (sorted(Path(p).rglob("*.png")) if Path(p).is_dir() else [Path(p)])]
 

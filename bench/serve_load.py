@@ -14,11 +14,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (benchmarks stay on this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def collect(paths: list[str]) -> list[bytes]:

@@ -50,8 +50,8 @@ class GpuSampler(threading.Thread):
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
-def curve(exp_uri: str, metric: str, mode: str) -> tuple[list[dict], float]:
-    """Best-so-far metric against elapsed wall time and trials finished."""
+def curve(exp_uri: str, metric: str, mode: str) -> list[dict]:
+    """Best-so-far metric against elapsed wall time: one point each time it improves."""
     from ray.tune import ExperimentAnalysis
 
     from cxrtune import storage
@@ -64,7 +64,7 @@ def curve(exp_uri: str, metric: str, mode: str) -> tuple[list[dict], float]:
             events += list(zip(df["timestamp"], df[metric]))
     events.sort()
     if not events:
-        return [], 0.0
+        return []
     start = events[0][0]
     best, points = None, []
     sign = 1 if mode == "max" else -1
@@ -72,7 +72,7 @@ def curve(exp_uri: str, metric: str, mode: str) -> tuple[list[dict], float]:
         if best is None or sign * value > sign * best:
             best = value
             points.append({"elapsed_s": round(ts - start, 1), "best": round(float(best), 4)})
-    return points, start
+    return points
 
 
 def main() -> None:
@@ -130,7 +130,7 @@ def main() -> None:
         summary = run_tune(opts)
         wall = time.time() - t0
         gpu.stop_event.set()
-        points, _ = curve(opts.experiment_uri, metric, "max")
+        points = curve(opts.experiment_uri, metric, "max")
         reach = next((p["elapsed_s"] for p in points if p["best"] >= target), None)
         results[label] = {"trials": summary["trials"], "trials_per_hour": round(summary["trials"] / wall * 3600, 1),
                           "stopped_early": summary["stopped_early"], "mean_gpu_util_percent": gpu.mean(),
