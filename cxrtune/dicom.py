@@ -5,9 +5,11 @@ MONOCHROME1 inverted, so that bright = dense for every file. BitsStored 8-16 and
 transfer syntaxes that pydicom's pylibjpeg plugins decode (JPEG Baseline/Extended/Lossless, JPEG-LS,
 JPEG 2000) are supported.
 
-Patient identifiers (PatientID, AccessionNumber, names, UIDs) never leave this module in clear: they
-are replaced by keyed HMAC-SHA256 pseudonyms (key from ``CXRTUNE_PSEUDONYM_KEY``), so that patient-level
-splits still work while logs, manifests and reports hold no identifier.
+Patient identifiers (PatientID, AccessionNumber, names, UIDs) never leave this module in clear. With
+a study key (:func:`pseudonym_key`: ``CXRTUNE_PSEUDONYM_KEY`` or a key file) they are replaced by keyed
+HMAC-SHA256 pseudonyms, so that patient-level splits still work while logs, manifests and reports hold
+no identifier; the same key on two machines gives the same pseudonyms. There is no default key: an
+import without one is refused. Without a key (scoring), the identifier fields are simply left empty.
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageDecodeError, ImageTooLargeError
+from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError
 
 PSEUDONYM_ENV = "CXRTUNE_PSEUDONYM_KEY"
-_DEFAULT_KEY = "cxrtune-default-pseudonym-key"  # set CXRTUNE_PSEUDONYM_KEY for real deployments
+MIN_KEY_CHARS = 16
+KEY_HOWTO = ("create one study key once, e.g. `openssl rand -hex 32 > study.key`, then pass "
+             "`--pseudonym-key-file study.key` (or set CXRTUNE_PSEUDONYM_KEY to its content); use the "
+             "same key on every machine importing for the same study, and keep it out of the data and "
+             "out of version control")
+SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # .7 and its multi-frame family .7.1-.7.4
 
 FRONTAL_VIEWS = {"PA", "AP"}
 RADIOGRAPHY_MODALITIES = {"CR", "DX", "RG", "DR"}
@@ -37,11 +44,37 @@ class NotAnImageError(ImageDecodeError):
     """A valid DICOM file that holds no image (a report, a PDF, a structured document)."""
 
 
-def pseudonym(value: str | None, kind: str) -> str:
-    """Keyed, stable pseudonym of an identifier; empty in, empty out."""
+def pseudonym_key(key_file: str | Path | None = None) -> bytes:
+    """The study's pseudonym key: the stripped content of ``key_file`` if given, else
+    ``$CXRTUNE_PSEUDONYM_KEY``. Raises :class:`CxrtuneError` (saying how to make one) when there is
+    none or it is shorter than :data:`MIN_KEY_CHARS` characters."""
+    if key_file:
+        try:
+            key = Path(key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CxrtuneError(f"--pseudonym-key-file {key_file}: cannot read it "
+                               f"({type(exc).__name__}); {KEY_HOWTO}") from None
+        where = f"--pseudonym-key-file {key_file}"
+    else:
+        key = (os.environ.get(PSEUDONYM_ENV) or "").strip()
+        where = PSEUDONYM_ENV
+    if not key:
+        raise CxrtuneError("a DICOM import needs the study's pseudonym key and none is set: "
+                           f"{KEY_HOWTO}" if not key_file else f"{where} is empty; {KEY_HOWTO}")
+    if len(key) < MIN_KEY_CHARS:
+        raise CxrtuneError(f"{where}: the pseudonym key has {len(key)} characters, fewer than "
+                           f"{MIN_KEY_CHARS}; a short key lets anyone recompute pseudonyms; {KEY_HOWTO}")
+    return key.encode("utf-8")
+
+
+def pseudonym(value: str | None, kind: str, key: bytes | str) -> str:
+    """Keyed, stable pseudonym of an identifier (``key`` from :func:`pseudonym_key`); empty in,
+    empty out."""
     if not value:
         return ""
-    key = (os.environ.get(PSEUDONYM_ENV) or _DEFAULT_KEY).encode("utf-8")
+    if not key:
+        raise CxrtuneError(f"no pseudonym key; {KEY_HOWTO}")
+    key = key.encode("utf-8") if isinstance(key, str) else bytes(key)
     digest = hmac.new(key, f"{kind}:{value}".encode("utf-8"), hashlib.sha256).hexdigest()
     return f"{kind[:3]}-{digest[:16]}"
 
@@ -68,6 +101,7 @@ class DicomHeader:
     view: str = ""
     body_part: str = ""
     image_type: tuple[str, ...] = ()
+    sop_class: str = ""
     age_years: float | None = None
     sex: str = ""
     rows: int = 0
@@ -80,12 +114,19 @@ class DicomHeader:
     instance_number: int = 0
     acquired: str = ""
 
-    def exclusion_reason(self, min_age: float = 18.0, drop_derived: bool = False) -> str | None:
-        """The seed-000 rule this image breaks, or None to keep it.
+    @property
+    def secondary_capture(self) -> bool:
+        """A Secondary Capture SOP class (1.2.840.10008.5.1.4.1.1.7 and .7.x): screenshots, scans."""
+        uid = self.sop_class
+        return uid == SECONDARY_CAPTURE_SOP_CLASS or uid.startswith(SECONDARY_CAPTURE_SOP_CLASS + ".")
 
-        Post-processed images: ``SECONDARY`` images are always dropped; ``DERIVED\\PRIMARY`` is what
-        many CR/DX units write for their routine processed-for-presentation image, so it is kept
-        unless ``drop_derived`` (for sites that mark filtered copies as DERIVED).
+    def exclusion_reason(self, min_age: float = 18.0, keep_derived: bool = False) -> str | None:
+        """The seed-000 rule this image breaks, or None to keep it. Scoring uses it too (``min_age=0``).
+
+        Post-processed images: ``SECONDARY`` in ImageType's second value (screenshots, reformats,
+        ``DERIVED\\SECONDARY``) and the Secondary Capture SOP classes are dropped unless
+        ``keep_derived``. ``DERIVED\\PRIMARY`` is what many CR/DX units write for their routine
+        processed-for-presentation image: always kept.
         """
         if not self.has_pixels:
             return "no image: a DICOM without pixel data (report, document or structured data)"
@@ -95,11 +136,12 @@ class DicomHeader:
             return f"not a chest image (BodyPartExamined {self.body_part})"
         if self.view and self.view not in FRONTAL_VIEWS:
             return f"non-frontal view (ViewPosition {self.view})"
-        secondary = len(self.image_type) > 1 and self.image_type[1] == "SECONDARY"
-        derived = bool(self.image_type) and self.image_type[0] == "DERIVED"
-        if secondary or (drop_derived and derived):
-            kind = "/".join(self.image_type[:2])
-            return f"post-processed image (ImageType {kind})"
+        if not keep_derived:
+            if self.secondary_capture:
+                return f"secondary capture (SOPClassUID {self.sop_class}; --keep-derived keeps it)"
+            if len(self.image_type) > 1 and self.image_type[1] == "SECONDARY":
+                kind = "/".join(self.image_type[:2])
+                return f"post-processed image (ImageType {kind}; --keep-derived keeps it)"
         if self.age_years is not None and self.age_years < min_age:
             return f"patient under {min_age:g} years"
         return None
@@ -117,21 +159,40 @@ def _int(ds, name: str) -> int:
         return 0
 
 
-def header_of(ds) -> DicomHeader:
-    """Extract the header fields, pseudonymising every identifier."""
+def header_of(ds, key: bytes | str | None = None) -> DicomHeader:
+    """Extract the header fields. With ``key``, every identifier is pseudonymised; without one
+    (scoring) ``patient``, ``accession`` and ``instance`` are left empty: never in clear."""
+    with warnings.catch_warnings():  # pydicom's value warnings quote the values: never show them
+        warnings.simplefilter("ignore")
+        try:
+            return _header_fields(ds, key)
+        except CxrtuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a malformed element, converted on first access
+            raise ImageDecodeError(f"unreadable DICOM header ({type(exc).__name__})") from None
+
+
+def _header_fields(ds, key: bytes | str | None) -> DicomHeader:
     view = _str(ds, "ViewPosition").upper()
-    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
-    ts = ""
+    raw_type = ds.get("ImageType") or ()
+    image_type = (str(raw_type).upper(),) if isinstance(raw_type, str) else tuple(str(v).upper() for v in raw_type)
+    ts, sop_class = "", _str(ds, "SOPClassUID")
     if getattr(ds, "file_meta", None) is not None:
         ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        sop_class = sop_class or str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "").strip()
+
+    def pseudo(name: str, kind: str) -> str:
+        return pseudonym(_str(ds, name), kind, key) if key else ""
+
     return DicomHeader(
-        patient=pseudonym(_str(ds, "PatientID"), "patient"),
-        accession=pseudonym(_str(ds, "AccessionNumber"), "accession"),
-        instance=pseudonym(_str(ds, "SOPInstanceUID"), "instance"),
+        patient=pseudo("PatientID", "patient"),
+        accession=pseudo("AccessionNumber", "accession"),
+        instance=pseudo("SOPInstanceUID", "instance"),
         modality=_str(ds, "Modality").upper(),
         view=view,
         body_part=_str(ds, "BodyPartExamined").upper(),
         image_type=image_type,
+        sop_class=sop_class,
         age_years=parse_age_years(_str(ds, "PatientAge")),
         sex=_str(ds, "PatientSex").upper()[:1],
         rows=_int(ds, "Rows"),
@@ -163,9 +224,10 @@ def _dcmread(source, stop_before_pixels: bool):
         raise ImageDecodeError(f"unreadable DICOM ({type(exc).__name__})") from None
 
 
-def read_header(source: bytes | str | Path) -> DicomHeader:
-    """Header only (no pixel decoding): cheap enough for a first pass over thousands of files."""
-    return header_of(_dcmread(str(source) if isinstance(source, Path) else source, True))
+def read_header(source: bytes | str | Path, key: bytes | str | None = None) -> DicomHeader:
+    """Header only (no pixel decoding): cheap enough for a first pass over thousands of files.
+    ``key``: see :func:`header_of`."""
+    return header_of(_dcmread(str(source) if isinstance(source, Path) else source, True), key)
 
 
 @dataclass
@@ -184,6 +246,10 @@ def pixels_of(ds) -> np.ndarray:
             arr = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - missing plugin, truncated data, bad syntax
             msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            fn = getattr(ds, "filename", None)
+            if isinstance(fn, str) and fn:  # a message must never carry the file's path
+                for part in (fn, Path(fn).name):
+                    msg = msg.replace(part, "<file>")
             raise ImageDecodeError(f"cannot decode DICOM pixel data: {msg}") from None
     if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
         arr = arr[0]  # multi-frame: the first frame
@@ -205,13 +271,14 @@ def pixels_of(ds) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def read_dicom(source: bytes | str | Path, limits=None) -> DicomImage:
-    """Read one DICOM file completely; raises :class:`ImageDecodeError` with a plain reason."""
+def read_dicom(source: bytes | str | Path, limits=None, key: bytes | str | None = None) -> DicomImage:
+    """Read one DICOM file completely; raises :class:`ImageDecodeError` with a plain reason (never
+    the file's path). No key is needed: without one the header's identifier fields are empty."""
     from .images import Limits
 
     limits = limits or Limits()
     ds = _dcmread(str(source) if isinstance(source, Path) else source, False)
-    header = header_of(ds)
+    header = header_of(ds, key)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise NotAnImageError("DICOM holds no image (no PixelData)")
     if header.rows * header.columns > limits.max_pixels:

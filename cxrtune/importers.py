@@ -187,77 +187,145 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
 
 @importer("dicom")
 def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, min_age: float = 18.0,
-                 drop_derived: bool = False, default_label: str | None = None, **_) -> ImportResult:
+                 keep_derived: bool = False, default_label: str | None = None,
+                 pseudonym_key_file: str | None = None, **_) -> ImportResult:
     """A folder tree of DICOM files -> lossless PNGs (16-bit where BitsStored > 8) + manifest.
 
     Seed 000's rules: first image per AccessionNumber (ordered by series, instance, acquisition
     time; the next one is taken when the first is unreadable), frontal views only, adults only
-    (PatientAge, when present), no post-processed images, no non-image DICOM, no unreadable
-    files. Output names and patient ids are pseudonyms: no identifier reaches the manifest or
-    the logs. ``default_label`` labels every kept image (DICOM carries no diagnosis).
+    (PatientAge, when present), no secondary captures or ``SECONDARY`` images unless
+    ``keep_derived`` (``DERIVED\\PRIMARY`` is kept), no non-image DICOM, no unreadable files.
+
+    Needs the study's pseudonym key (``pseudonym_key_file`` or ``$CXRTUNE_PSEUDONYM_KEY``; refused
+    without one). Output names, patient ids and the exclusion report's ``file`` column are keyed
+    pseudonyms (of the SOPInstanceUID, else of the path relative to ``src``): no identifier and no
+    source path reaches the manifest, the report or the logs. Images get ``default_label`` or,
+    without one, the empty label (unlabelled: DICOM carries no diagnosis). PNGs are named
+    ``<instance pseudonym>-<content hash>.png`` and never overwrite a different file, so several
+    imports can share one ``data_dir``.
     """
+    import hashlib
+
     from tqdm import tqdm
 
-    from .dicom import read_dicom, read_header
+    from .dicom import pseudonym, pseudonym_key, read_dicom, read_header
 
+    key = pseudonym_key(pseudonym_key_file)  # refuse before touching any file
+    label = default_label or ""
+    if label and label not in manifest.LABELS:
+        raise CxrtuneError(f"--default-label {label!r} is not one of {', '.join(manifest.LABELS)}")
     root = Path(src).resolve()  # manifests hold absolute paths: relative ones follow the manifest
     if not root.exists():
-        raise CxrtuneError(f"{src}: folder not found")
+        raise CxrtuneError("the DICOM source (SRC) was not found; check the path")  # no path: may name a patient
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     out_dir = Path(data_dir or ".") / "images"
-    label = default_label or "other_disease"
-    if label not in manifest.LABELS:
-        raise CxrtuneError(f"--default-label {label!r} is not one of {', '.join(manifest.LABELS)}")
     excluded, failed, candidates = [], [], []
 
-    def unreadable(path: Path, exc: Exception) -> None:
-        entry = {"file": str(path), "reason": f"unreadable: {exc}"}
+    def file_id(path: Path) -> str:
+        """Keyed pseudonym of the path relative to SRC: the same on every machine with the key."""
+        rel = path.name if path == root else path.relative_to(root).as_posix()
+        return pseudonym(rel, "file", key)
+
+    def scrub(message: str, path: Path) -> str:
+        """Remove the path and every folder or file name in it from a message."""
+        parts = {str(path), path.as_posix(), path.name, root.name,
+                 *(path.relative_to(root).parts if path != root else ())}
+        for part in sorted((p for p in parts if len(p) >= 3), key=len, reverse=True):
+            message = message.replace(part, "<file>")
+        return message
+
+    def unreadable(path: Path, exc: Exception, item: str | None = None) -> None:
+        entry = {"file": item or file_id(path), "reason": f"unreadable: {scrub(str(exc), path)}"}
         excluded.append(entry)
         failed.append(entry)
 
     for path in tqdm(files, desc="dicom headers", unit="file", disable=not progress):
         try:
-            header = read_header(path)
+            header = read_header(path, key=key)
         except CxrtuneError as exc:
             unreadable(path, exc)
             continue
-        reason = header.exclusion_reason(min_age=min_age, drop_derived=drop_derived)
+        reason = header.exclusion_reason(min_age=min_age, keep_derived=keep_derived)
         if reason:
-            excluded.append({"file": str(path), "reason": reason})
+            excluded.append({"file": header.instance or file_id(path), "reason": scrub(reason, path)})
             continue
         candidates.append((path, header))
     by_accession: dict[str, list] = {}
     for path, header in candidates:
-        key = header.accession or header.instance or str(path)
-        by_accession.setdefault(key, []).append((path, header))
-    rows = []
+        group_key = header.accession or header.instance or file_id(path)
+        by_accession.setdefault(group_key, []).append((path, header))
+    rows, written = [], set()
     for group in tqdm(by_accession.values(), desc="dicom pixels", unit="study", disable=not progress):
         group.sort(key=lambda ph: (ph[1].series_number, ph[1].instance_number, ph[1].acquired, str(ph[0])))
         kept = None
         for path, header in group:
+            item = header.instance or file_id(path)
             if kept is not None:
-                excluded.append({"file": str(path), "reason": "not the first image of its accession"
+                excluded.append({"file": item, "reason": "not the first image of its accession"
                                  if header.accession else "duplicate of a kept image (same SOPInstanceUID)"})
                 continue
             try:
-                dcm = read_dicom(path)
+                dcm = read_dicom(path, key=key)
             except CxrtuneError as exc:
-                unreadable(path, exc)
+                unreadable(path, exc, item)
                 continue
             kept = path
             pixels = dcm.pixels
             bits = dcm.header.bits_stored or 8
             arr = (np.round(pixels * 65535).astype(np.uint16) if bits > 8
                    else np.round(pixels * 255).astype(np.uint8))
-            name = (header.instance or header.accession or f"img-{len(rows):06d}") + ".png"
-            target = out_dir / name
-            images.write_png(str(target), arr)
+            data = images.encode_png(arr)
+            stem = f"{header.instance or header.accession or 'img'}-{hashlib.sha256(data).hexdigest()[:12]}"
+            target = _free_target(out_dir, stem, data, written)
             rows.append({"image": str(target.resolve()), "label": label,
-                         "patient_id": header.patient or header.instance,
+                         "patient_id": header.patient or header.instance or file_id(path),
                          "source": "dicom", "view": header.view or "unknown",
                          "age": min(header.age_years, 90.0) if header.age_years is not None else None,
                          "sex": header.sex})
     return ImportResult(manifest.new_manifest(rows), excluded, failed)
+
+
+def _free_target(out_dir: Path, stem: str, data: bytes, written: set) -> Path:
+    """Write ``data`` to ``out_dir/stem.png``, or ``stem-1.png``... when that name holds different
+    bytes (another import) or was already used by this import; an existing file with the same
+    bytes is reused. A file is never replaced, even by an import running at the same time."""
+    n = 0
+    while True:
+        target = out_dir / (f"{stem}-{n}.png" if n else f"{stem}.png")
+        n += 1
+        if target in written:
+            continue
+        if (not target.exists() and _create_new(target, data)) or target.read_bytes() == data:
+            written.add(target)
+            return target
+
+
+def _create_new(path: Path, data: bytes) -> bool:
+    """Create ``path`` whole (temporary file + hard link), False if it already exists."""
+    import os
+    import tempfile
+
+    from . import storage
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~getattr(storage, "_UMASK", 0o022))
+        try:
+            os.link(tmp, path)  # fails if path exists: never overwrites
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        raise CxrtuneError(f"{path}: cannot write ({exc.strerror})") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def run_import(fmt: str, src: str, out: str, data_dir: str | None = None, progress: bool = True,
@@ -283,3 +351,6 @@ def run_import(fmt: str, src: str, out: str, data_dir: str | None = None, progre
 def report_uri(out: str) -> str:
     base = out.rsplit(".", 1)[0] if out.rsplit("/", 1)[-1].count(".") else out
     return base + ".excluded.csv"
+
+
+from . import readers  # noqa: E402,F401  registers the "readers" importer

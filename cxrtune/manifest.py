@@ -17,7 +17,9 @@ fold               cross-validation fold, -1 = none
 
 Optional: ``lung_mask_right``, ``lung_mask_left`` (per-side masks), ``grade_right``,
 ``grade_left`` (seed 000, 0-3), ``zone_A`` ... ``zone_F`` (0/1, Brixia letters), ``score`` (0-6),
-``age``, ``sex``, ``site``, ``tuning`` (part of the tuning subset).
+``age``, ``sex``, ``site``, ``tuning`` (part of the tuning subset), ``eval_only`` (never trained
+on: calibration and evaluation only, set by the readers importer), ``reader_<R>_A`` ...
+``reader_<R>_F`` (reader ``R``'s Brixia grade 0-3 per zone, empty = not graded; see :func:`reader_grades`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,15 +46,22 @@ ZONE_COLUMNS = tuple(f"zone_{z}" for z in "ABCDEF")
 REQUIRED = ("image", "label", "patient_id")
 STANDARD = ("image", "lung_mask", "opacity_mask", "label", "patient_id", "source", "view", "split", "fold")
 OPTIONAL = ("lung_mask_right", "lung_mask_left", "grade_right", "grade_left", *ZONE_COLUMNS, "score",
-            "age", "sex", "site", "tuning")
+            "age", "sex", "site", "tuning", "eval_only")
 URI_COLUMNS = ("image", "lung_mask", "opacity_mask", "lung_mask_right", "lung_mask_left")
 INT_COLUMNS = ("fold", "grade_right", "grade_left", *ZONE_COLUMNS, "score")
 _DEFAULTS = {"lung_mask": "", "opacity_mask": "", "source": "", "view": "unknown", "split": "", "fold": -1}
 
 
 def is_disease(label: str) -> bool:
-    """Stage II's binary target: anything but ``normal``."""
+    """Stage II's binary target: anything but ``normal``. Only for labelled rows: check
+    :func:`is_labelled` first (an unlabelled row is no target at all)."""
     return label != "normal"
+
+
+def is_labelled(label) -> bool:
+    """True for a row with a diagnosis label; False for ``""`` (unlabelled, e.g. a DICOM import
+    without ``--default-label``), None or NaN."""
+    return isinstance(label, str) and label.strip() != ""
 
 
 def new_manifest(rows: list[dict]) -> pd.DataFrame:
@@ -67,14 +77,22 @@ def new_manifest(rows: list[dict]) -> pd.DataFrame:
     return _coerce(df)
 
 
+READER_COLUMN = re.compile(r"^reader_([A-Za-z0-9]+)_([A-F])$")
+
+
+def _is_reader_column(col) -> bool:
+    """``reader_<R>_<zone>``: one reader's 0-3 grades, an integer column like the zones."""
+    return bool(READER_COLUMN.match(str(col)))
+
+
 def _coerce(df: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
-        if col in INT_COLUMNS:
+        if col in INT_COLUMNS or _is_reader_column(col):
             df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
             df[col] = df[col].fillna(-1).astype(int) if col == "fold" else df[col].astype("Int64")
         elif col == "age":
             df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
-        elif col == "tuning":
+        elif col in ("tuning", "eval_only"):
             df[col] = df[col].map(lambda v: str(v).strip().lower() in {"1", "true", "yes"})
         elif df[col].dtype == object or str(df[col].dtype).startswith("str"):
             df[col] = df[col].fillna("").astype(str)
@@ -124,8 +142,9 @@ def validate(df: pd.DataFrame, source: str = "<manifest>", check_files: bool = T
         if not img:
             problems.append(f"row {i + 2}: empty image URI")
     for i, label in enumerate(df["label"]):
-        if label not in LABELS:
-            problems.append(f"{where(i)}: unknown label {label!r}; use one of {', '.join(LABELS)}")
+        if label not in LABELS and label != "":  # "" = unlabelled (see is_labelled)
+            problems.append(f"{where(i)}: unknown label {label!r}; use one of {', '.join(LABELS)} "
+                            "or leave it empty (unlabelled)")
     for i, pid in enumerate(df["patient_id"]):
         if not str(pid):
             problems.append(f"{where(i)}: empty patient_id (use the image name if each image is its own patient)")
@@ -158,8 +177,28 @@ def validate(df: pd.DataFrame, source: str = "<manifest>", check_files: bool = T
             for i, u in enumerate(df[c]):
                 if u and u not in found:
                     problems.append(f"{where(i)}: {c} file not found: {u}")
+    problems += [f"{where(i)}: {col} must be 0-3, got {df.at[i, col]}"  # reader grades (readers.py)
+                 for col in df.columns if _is_reader_column(col)
+                 for i in df.index[df[col].notna() & ~df[col].isin([0, 1, 2, 3])]]
     if problems:
         raise ManifestError(source, problems)
+
+
+def readers_in(df: pd.DataFrame) -> list[str]:
+    """Reader ids with all six ``reader_<R>_A..F`` columns, sorted."""
+    zones: dict[str, set] = {}
+    for col in df.columns:
+        m = READER_COLUMN.match(str(col))
+        if m:
+            zones.setdefault(m.group(1), set()).add(m.group(2))
+    return sorted(r for r, z in zones.items() if z == set("ABCDEF"))
+
+
+def reader_grades(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Reader id -> N x 6 int grades in zone order A-F; -1 where a grade is missing."""
+    return {r: np.column_stack([pd.to_numeric(df[f"reader_{r}_{z}"], errors="coerce").fillna(-1)
+                                .to_numpy(dtype=float).astype(int) for z in "ABCDEF"]).reshape(len(df), 6)
+            for r in readers_in(df)}
 
 
 def save_manifest(df: pd.DataFrame, uri: str) -> None:

@@ -16,10 +16,12 @@ from .errors import CxrtuneError
 
 
 def _patient_strata(df: pd.DataFrame) -> pd.Series:
-    """One label per patient: the most frequent non-normal label, else ``normal``."""
+    """One label per patient: the most frequent non-normal label, else ``normal``, else ``""``
+    (unlabelled images form their own stratum and never outvote a patient's labelled ones)."""
     def pick(labels: pd.Series) -> str:
-        disease = labels[labels != "normal"]
-        return (disease if len(disease) else labels).value_counts().index[0]
+        labelled = labels[labels != ""]
+        disease = labelled[labelled != "normal"]
+        return (disease if len(disease) else labelled if len(labelled) else labels).value_counts().index[0]
 
     return df.groupby("patient_id")["label"].agg(pick)
 

@@ -2,6 +2,9 @@
 files built here with pydicom."""
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +15,22 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrtune import images
-from cxrtune.dicom import NotAnImageError, parse_age_years, read_dicom
-from cxrtune.errors import ImageDecodeError
+from cxrtune import dicom, images, manifest
+from cxrtune.dicom import DicomHeader, NotAnImageError, parse_age_years, pseudonym, read_dicom, read_header
+from cxrtune.errors import CxrtuneError, ImageDecodeError
 from cxrtune.importers import run_import
 from tests.conftest import need_shared
 
 SECRET_ID = "PATIENT-SECRET-4711"
 SECRET_NAME = "Doe^Jane"
+KEY = "0123456789abcdef0123456789abcdef"  # a study key for the tests (>= 16 characters)
+SC = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+
+
+@pytest.fixture
+def study_key(monkeypatch):
+    monkeypatch.setenv(dicom.PSEUDONYM_ENV, KEY)
+    return KEY
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -123,38 +134,283 @@ def test_age_parsing():
     assert parse_age_years("") is None and parse_age_years("abc") is None
 
 
-def test_dicom_import_applies_exclusion_rules_without_leaking_identifiers(tmp_path, caplog):
+def instance_id(path: Path, key: str = KEY) -> str:
+    """The report's / output name's pseudonym of a file's SOPInstanceUID."""
+    return pseudonym(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID), "instance", key)
+
+
+def test_dicom_import_applies_exclusion_rules_without_leaking_identifiers(tmp_path, caplog, study_key):
     src = tmp_path / "pacs" / SECRET_NAME.replace("^", "_")
     src.mkdir(parents=True)
     g = gradient()
-    make_dicom(src / "keep.dcm", g, BitsStored=12, AccessionNumber="ACC1", InstanceNumber=1, PatientAge="045Y")
-    make_dicom(src / "second.dcm", g, BitsStored=12, AccessionNumber="ACC1", InstanceNumber=2)
-    make_dicom(src / "lateral.dcm", g, BitsStored=12, ViewPosition="LL")
-    make_dicom(src / "child.dcm", g, BitsStored=12, PatientAge="010Y")
-    make_dicom(src / "secondary.dcm", g, BitsStored=12, ImageType=["DERIVED", "SECONDARY"])
-    make_dicom(src / "ct.dcm", g, BitsStored=12, Modality="CT")
-    make_dicom(src / "report.dcm", None)
+    made = {
+        "keep": make_dicom(src / "keep.dcm", g, BitsStored=12, AccessionNumber="ACC1", InstanceNumber=1,
+                           PatientAge="045Y"),
+        "second": make_dicom(src / "second.dcm", g, BitsStored=12, AccessionNumber="ACC1", InstanceNumber=2),
+        "lateral": make_dicom(src / "lateral.dcm", g, BitsStored=12, ViewPosition="LL"),
+        "child": make_dicom(src / "child.dcm", g, BitsStored=12, PatientAge="010Y"),
+        "secondary": make_dicom(src / "secondary.dcm", g, BitsStored=12, ImageType=["DERIVED", "SECONDARY"]),
+        "capture": make_dicom(src / "capture.dcm", g, BitsStored=12, SOPClassUID=SC),
+        "derived_primary": make_dicom(src / "derived_primary.dcm", g, BitsStored=12,
+                                      ImageType=["DERIVED", "PRIMARY"]),
+        "ct": make_dicom(src / "ct.dcm", g, BitsStored=12, Modality="CT"),
+        "report": make_dicom(src / "report.dcm", None),
+        "eight": make_dicom(src / "eight.dcm", (g >> 4).astype(np.uint8)),
+        "trunc": make_dicom(src / "trunc.dcm", g, BitsStored=12),
+    }
+    (src / "trunc.dcm").write_bytes(made["trunc"].read_bytes()[:-3000])
     (src / "junk.dcm").write_bytes(b"not dicom at all")
-    make_dicom(src / "eight.dcm", (g >> 4).astype(np.uint8))
-    truncated = make_dicom(src / "trunc.dcm", g, BitsStored=12).read_bytes()
-    (src / "trunc.dcm").write_bytes(truncated[:-3000])
+    ids = {name: instance_id(path) for name, path in made.items()}
+    ids["junk"] = pseudonym("junk.dcm", "file", KEY)  # unreadable: keyed pseudonym of the relative path
     out = tmp_path / "out" / "manifest.csv"
     with caplog.at_level(logging.DEBUG):
         result = run_import("dicom", str(src), str(out), progress=False, default_label="covid")
-    reasons = {Path(e["file"]).name: e["reason"] for e in result.excluded}
-    assert set(reasons) == {"second.dcm", "lateral.dcm", "child.dcm", "secondary.dcm", "ct.dcm",
-                            "report.dcm", "junk.dcm", "trunc.dcm"}
-    assert "first image of its accession" in reasons["second.dcm"]
-    assert "non-frontal" in reasons["lateral.dcm"] and "under 18" in reasons["child.dcm"]
-    assert "post-processed" in reasons["secondary.dcm"] and "not a radiograph" in reasons["ct.dcm"]
-    assert "no image" in reasons["report.dcm"] and "unreadable" in reasons["junk.dcm"]
-    assert "unreadable" in reasons["trunc.dcm"]
-    assert result.summary() == "imported 2, excluded 6, failed 2"
-    df = pd.read_csv(out)
-    assert len(df) == 2 and set(df.label) == {"covid"}
+    by_id = {v: k for k, v in ids.items()}
+    reasons = {by_id[e["file"]]: e["reason"] for e in result.excluded}
+    assert set(reasons) == {"second", "lateral", "child", "secondary", "capture", "ct", "report", "junk", "trunc"}
+    assert "first image of its accession" in reasons["second"]
+    assert "non-frontal" in reasons["lateral"] and "under 18" in reasons["child"]
+    assert reasons["secondary"].startswith("post-processed image (ImageType DERIVED/SECONDARY")
+    assert reasons["capture"].startswith(f"secondary capture (SOPClassUID {SC}")
+    assert "not a radiograph" in reasons["ct"]
+    assert "no image" in reasons["report"] and reasons["junk"].startswith("unreadable")
+    assert reasons["trunc"].startswith("unreadable")
+    assert result.summary() == "imported 3, excluded 7, failed 2"
+    df = pd.read_csv(out, keep_default_na=False)
+    assert len(df) == 3 and set(df.label) == {"covid"}
+    # output names: the instance pseudonym plus a content hash, DERIVED\PRIMARY kept
+    stems = sorted(Path(p).name.rsplit("-", 1)[0] for p in df.image)
+    assert stems == sorted(ids[k] for k in ("keep", "derived_primary", "eight"))
+    assert all(len(Path(p).stem.rsplit("-", 1)[1]) == 12 for p in df.image)
     sixteen = [images.decode_raster(Path(p).read_bytes()) for p in df.image]
-    assert sorted(a.dtype.name for a in sixteen) == ["uint16", "uint8"]
-    report = (tmp_path / "out" / "manifest.excluded.csv").read_text()
-    for text in (out.read_text(), caplog.text, " ".join(df.image)):
-        assert SECRET_ID not in text and "Doe" not in text and "ACC1" not in text
-    assert "ACC1" not in report and SECRET_ID not in report
+    assert sorted(a.dtype.name for a in sixteen) == ["uint16", "uint16", "uint8"]
+    report_path = tmp_path / "out" / "manifest.excluded.csv"
+    report = pd.read_csv(report_path)
+    assert list(report.columns) == ["file", "reason"] and len(report) == 9
+    assert report.file.str.fullmatch(r"(ins|fil)-[0-9a-f]{16}").all()
+    for text in (out.read_text(), caplog.text, report_path.read_text()):
+        assert SECRET_ID not in text and "Doe" not in text and "ACC1" not in text and "pacs" not in text
+        assert ".dcm" not in text
+
+
+def test_keep_derived_keeps_secondary_images_and_captures(tmp_path, study_key):
+    g = gradient()
+    (tmp_path / "src").mkdir()
+    make_dicom(tmp_path / "src" / "sec.dcm", g, BitsStored=12, ImageType=["DERIVED", "SECONDARY"])
+    make_dicom(tmp_path / "src" / "sc.dcm", g, BitsStored=12, SOPClassUID=SC + ".4")  # multi-frame SC family
+    dropped = run_import("dicom", str(tmp_path / "src"), str(tmp_path / "a.csv"), progress=False)
+    assert dropped.summary() == "imported 0, excluded 2, failed 0"
+    kept = run_import("dicom", str(tmp_path / "src"), str(tmp_path / "b.csv"), progress=False, keep_derived=True)
+    assert kept.summary() == "imported 2, excluded 0, failed 0"
+
+
+def test_post_processing_rules_on_headers():
+    def reason(**kw):
+        return DicomHeader(has_pixels=True, modality="DX", **kw).exclusion_reason(min_age=0)
+
+    assert reason(image_type=("DERIVED", "PRIMARY")) is None  # routine processed CR/DX output
+    assert reason(image_type=("ORIGINAL", "PRIMARY")) is None
+    assert reason(image_type=("DERIVED", "SECONDARY")).startswith("post-processed")
+    assert reason(image_type=("ORIGINAL", "SECONDARY")).startswith("post-processed")
+    assert reason(sop_class=SC).startswith("secondary capture")
+    assert reason(sop_class=SC + ".2").startswith("secondary capture")
+    assert reason(sop_class="1.2.840.10008.5.1.4.1.1.77.1.4") is None  # VL photographic: a prefix, not SC
+    assert reason(sop_class="1.2.840.10008.5.1.4.1.1.1.1") is None
+    header = DicomHeader(has_pixels=True, image_type=("DERIVED", "SECONDARY"), sop_class=SC)
+    assert header.exclusion_reason(min_age=0, keep_derived=True) is None
+
+
+def test_reading_for_scoring_needs_no_key(tmp_path, monkeypatch):
+    monkeypatch.delenv(dicom.PSEUDONYM_ENV, raising=False)
+    assert not hasattr(dicom, "_DEFAULT_KEY")
+    path = make_dicom(tmp_path / "x.dcm", gradient(), BitsStored=12)
+    img = read_dicom(path.read_bytes())
+    assert img.pixels.shape == (64, 48) and img.header.exclusion_reason(min_age=0) is None
+    # without a key no identifier is kept at all, not even in clear
+    assert (img.header.patient, img.header.accession, img.header.instance) == ("", "", "")
+    assert read_header(path).patient == ""
+    assert images.decode_image(path.read_bytes()).shape == (64, 48)
+    keyed = read_header(path, key=KEY)
+    assert keyed.patient == pseudonym(SECRET_ID, "patient", KEY) and keyed.patient.startswith("pat-")
+    # the scoring path (service and CLI): no key, same rules but age; a secondary capture is refused
+    from cxrtune.preprocessing import InputRefused, load_scan
+
+    scan = load_scan(path.read_bytes())
+    assert scan.format == "dicom" and scan.dicom.patient == ""
+    capture = make_dicom(tmp_path / "sc.dcm", gradient(), BitsStored=12, SOPClassUID=SC)
+    with pytest.raises(InputRefused, match="secondary capture"):
+        load_scan(capture.read_bytes())
+
+
+def test_pseudonym_key_comes_from_env_or_file_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.delenv(dicom.PSEUDONYM_ENV, raising=False)
+    with pytest.raises(CxrtuneError, match="openssl rand -hex 32") as err:
+        dicom.pseudonym_key()
+    assert "--pseudonym-key-file" in str(err.value) and dicom.PSEUDONYM_ENV in str(err.value)
+    key_file = tmp_path / "study.key"
+    key_file.write_text(f"  {KEY}\n")
+    assert dicom.pseudonym_key(str(key_file)) == KEY.encode()
+    monkeypatch.setenv(dicom.PSEUDONYM_ENV, "f" * 32)
+    assert dicom.pseudonym_key() == b"f" * 32
+    assert dicom.pseudonym_key(key_file) == KEY.encode()  # the file named on the command line wins
+    (tmp_path / "short.key").write_text("abc\n")
+    with pytest.raises(CxrtuneError, match="fewer than 16"):
+        dicom.pseudonym_key(tmp_path / "short.key")
+    with pytest.raises(CxrtuneError, match="cannot read"):
+        dicom.pseudonym_key(tmp_path / "missing.key")
+    assert pseudonym("P1", "patient", KEY) == pseudonym("P1", "patient", KEY.encode())
+    assert pseudonym("P1", "patient", KEY) != pseudonym("P1", "patient", "f" * 32)
+    assert pseudonym("", "patient", KEY) == ""
+
+
+def test_dicom_import_refuses_without_a_key(tmp_path, monkeypatch):
+    monkeypatch.delenv(dicom.PSEUDONYM_ENV, raising=False)
+    (tmp_path / "src").mkdir()
+    make_dicom(tmp_path / "src" / "a.dcm", gradient(), BitsStored=12)
+    with pytest.raises(CxrtuneError, match="pseudonym key"):
+        run_import("dicom", str(tmp_path / "src"), str(tmp_path / "out" / "m.csv"), progress=False)
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_same_key_same_pseudonyms_on_two_machines(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_dicom(src / "a.dcm", gradient(), BitsStored=12)
+    monkeypatch.delenv(dicom.PSEUDONYM_ENV, raising=False)
+    (tmp_path / "study.key").write_text(KEY + "\n")
+    (tmp_path / "other.key").write_text("f" * 32 + "\n")
+
+    def patient(machine: str, key_file: str | None) -> str:
+        out = tmp_path / machine / "m.csv"
+        run_import("dicom", str(src), str(out), progress=False,
+                   pseudonym_key_file=str(tmp_path / key_file) if key_file else None)
+        return manifest.load_manifest(str(out)).patient_id.iloc[0]
+
+    one, two = patient("machine1", "study.key"), patient("machine2", "study.key")
+    assert one == two == pseudonym(SECRET_ID, "patient", KEY)
+    monkeypatch.setenv(dicom.PSEUDONYM_ENV, KEY)
+    assert patient("machine3", "other.key") != one  # the key file wins over the environment
+    assert patient("machine4", None) == one  # the same key from the environment
+
+
+def test_dicom_without_default_label_is_unlabelled(tmp_path, study_key):
+    (tmp_path / "src").mkdir()
+    make_dicom(tmp_path / "src" / "a.dcm", gradient(), BitsStored=12)
+    out = tmp_path / "m.parquet"
+    run_import("dicom", str(tmp_path / "src"), str(out), progress=False)
+    df = manifest.load_manifest(str(out))
+    assert list(df.label) == [""] and not manifest.is_labelled(df.label.iloc[0])
+    with pytest.raises(CxrtuneError, match="--default-label 'flu'"):
+        run_import("dicom", str(tmp_path / "src"), str(out), progress=False, default_label="flu")
+
+
+def test_two_imports_into_one_data_dir_never_overwrite(tmp_path, study_key):
+    uid = generate_uid()
+    g = gradient()
+    for site, pixels in (("site1", g), ("site2", (4095 - g).astype(np.uint16))):
+        (tmp_path / site).mkdir()
+        # the same SOPInstanceUID at two sites (a re-sent study), different pixels
+        make_dicom(tmp_path / site / "x.dcm", pixels, BitsStored=12, SOPInstanceUID=uid)
+    data = tmp_path / "data"
+    run_import("dicom", str(tmp_path / "site1"), str(tmp_path / "m1.csv"), data_dir=str(data), progress=False)
+    first = Path(manifest.load_manifest(str(tmp_path / "m1.csv")).image.iloc[0])
+    first_bytes = first.read_bytes()
+    run_import("dicom", str(tmp_path / "site2"), str(tmp_path / "m2.csv"), data_dir=str(data), progress=False)
+    second = Path(manifest.load_manifest(str(tmp_path / "m2.csv")).image.iloc[0])
+    assert first != second and first.read_bytes() == first_bytes
+    stem = pseudonym(uid, "instance", KEY)
+    assert first.name.startswith(stem + "-") and second.name.startswith(stem + "-")
+    a, b = images.decode_raster(first.read_bytes()), images.decode_raster(second.read_bytes())
+    assert corr(a.astype(float), b.astype(float)) <= -0.99
+    # importing site1 again reuses its identical file: no new file
+    run_import("dicom", str(tmp_path / "site1"), str(tmp_path / "m3.csv"), data_dir=str(data), progress=False)
+    assert Path(manifest.load_manifest(str(tmp_path / "m3.csv")).image.iloc[0]) == first
+    assert sorted(p.name for p in (data / "images").iterdir()) == sorted([first.name, second.name])
+
+
+def test_a_name_taken_by_different_bytes_gets_another_name(tmp_path, study_key):
+    (tmp_path / "src").mkdir()
+    make_dicom(tmp_path / "src" / "a.dcm", gradient(), BitsStored=12)
+    data = tmp_path / "data"
+    run_import("dicom", str(tmp_path / "src"), str(tmp_path / "m1.csv"), data_dir=str(data), progress=False)
+    first = Path(manifest.load_manifest(str(tmp_path / "m1.csv")).image.iloc[0])
+    first.write_bytes(b"someone else's file under this name")
+    run_import("dicom", str(tmp_path / "src"), str(tmp_path / "m2.csv"), data_dir=str(data), progress=False)
+    second = Path(manifest.load_manifest(str(tmp_path / "m2.csv")).image.iloc[0])
+    assert second.name == first.stem + "-1.png"
+    assert first.read_bytes() == b"someone else's file under this name"
+
+
+PLANTED = "DOE^JOHN_1970"
+
+
+def test_patient_named_folders_never_reach_outputs_or_logs(tmp_path, caplog, capsys, monkeypatch):
+    """A folder named after a patient, holding excluded, unreadable and kept files: the name must
+    not appear in the manifest, the exclusion report, stdout/stderr or the logs."""
+    monkeypatch.delenv(dicom.PSEUDONYM_ENV, raising=False)
+    src = tmp_path / "pacs" / PLANTED
+    src.mkdir(parents=True)
+    g = gradient()
+    make_dicom(src / "DOE_JOHN_lateral.dcm", g, BitsStored=12, ViewPosition="LL")
+    make_dicom(src / "DOE_JOHN_pa.dcm", g, BitsStored=12)
+    (src / "DOE_JOHN_junk.dcm").write_bytes(b"DICM? no")
+    good = make_dicom(tmp_path / "t.dcm", g, BitsStored=12).read_bytes()
+    (src / "DOE_JOHN_trunc.dcm").write_bytes(good[:-3000])  # header fine, pixels unreadable
+    key_file = tmp_path / "study.key"
+    key_file.write_text(KEY + "\n")
+
+    out = tmp_path / "out" / "m.csv"
+    with caplog.at_level(logging.DEBUG):
+        result = run_import("dicom", str(tmp_path / "pacs"), str(out), progress=True,
+                            pseudonym_key_file=str(key_file))
+    captured = capsys.readouterr()
+    assert result.summary() == "imported 1, excluded 1, failed 2"
+    report = out.with_name("m.excluded.csv")
+    texts = {"manifest": out.read_text(), "report": report.read_text(), "stdout": captured.out,
+             "stderr": captured.err, "logs": caplog.text}
+
+    # the CLI, in a fresh process, with its progress bars and messages
+    cli_out = tmp_path / "cli" / "m.csv"
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "-v", "data", "import", "--format", "dicom",
+                        str(tmp_path / "pacs"), "--out", str(cli_out), "--pseudonym-key-file", str(key_file)],
+                       capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                            if k != dicom.PSEUDONYM_ENV})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "imported 1, excluded 1, failed 2"
+    texts.update({"cli manifest": cli_out.read_text(), "cli report": cli_out.with_name("m.excluded.csv").read_text(),
+                  "cli stdout": r.stdout, "cli stderr": r.stderr})
+    for where, text in texts.items():
+        for needle in ("DOE", "JOHN", "1970", "pacs"):
+            assert needle not in text, f"{needle!r} leaked into the {where}"
+    rep = pd.read_csv(report)
+    assert sorted(rep.reason.str.split(" ").str[0]) == ["non-frontal", "unreadable:", "unreadable:"]
+    assert rep.file.str.fullmatch(r"(ins|fil)-[0-9a-f]{16}").all()
+
+
+def test_cli_refuses_a_dicom_import_without_a_key(tmp_path):
+    (tmp_path / "src").mkdir()
+    make_dicom(tmp_path / "src" / "a.dcm", gradient(), BitsStored=12)
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "data", "import", "--format", "dicom",
+                        str(tmp_path / "src"), "--out", str(tmp_path / "m.csv")], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != dicom.PSEUDONYM_ENV})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "openssl rand -hex 32 > study.key" in r.stderr and "--pseudonym-key-file study.key" in r.stderr
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_error_messages_that_name_the_file_are_scrubbed(tmp_path, monkeypatch, study_key):
+    """Whatever a reader's message says about the file, its path and names never reach the report."""
+    src = tmp_path / PLANTED
+    src.mkdir()
+    make_dicom(src / "JOHN_DOE.dcm", gradient(), BitsStored=12)
+
+    def failing_read(source, limits=None, key=None):
+        raise ImageDecodeError(f"cannot decode {source} (in {Path(source).parent.name}/{Path(source).name})")
+
+    monkeypatch.setattr(dicom, "read_dicom", failing_read)
+    out = tmp_path / "out" / "m.csv"
+    result = run_import("dicom", str(src), str(out), progress=False)
+    assert result.summary() == "imported 0, excluded 0, failed 1"
+    report = out.with_name("m.excluded.csv").read_text()
+    assert "DOE" not in report and "JOHN" not in report and str(tmp_path) not in report
+    assert "unreadable: cannot decode <file> (in <file>/<file>)" in report

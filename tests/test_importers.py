@@ -106,3 +106,23 @@ def test_cli_errors_have_no_traceback(tmp_path):
     assert "unknown label 'flu'" in r.stderr and "missing.png" in r.stderr
     r = cli("data", "import", "--format", "jsrt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.csv"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "nowhere" in r.stderr
+
+
+def test_cli_dicom_flags(tmp_path):
+    from tests.test_dicom import KEY, gradient, make_dicom
+
+    src = tmp_path / "src"
+    src.mkdir()
+    make_dicom(src / "primary.dcm", gradient(), BitsStored=12, ImageType=["DERIVED", "PRIMARY"])
+    make_dicom(src / "secondary.dcm", gradient(), BitsStored=12, ImageType=["DERIVED", "SECONDARY"])
+    key = tmp_path / "study.key"
+    key.write_text(KEY + "\n")
+    base = ["data", "import", "--format", "dicom", str(src), "--pseudonym-key-file", str(key), "-q"]
+    r = cli(*base, "--out", str(tmp_path / "a.csv"))
+    assert r.returncode == 0 and r.stdout.strip() == "imported 1, excluded 1, failed 0", r.stderr
+    assert pd.read_csv(tmp_path / "a.csv", keep_default_na=False).label.tolist() == [""]
+    r = cli(*base, "--out", str(tmp_path / "b.csv"), "--keep-derived", "--default-label", "covid")
+    assert r.returncode == 0 and r.stdout.strip() == "imported 2, excluded 0, failed 0", r.stderr
+    assert pd.read_csv(tmp_path / "b.csv").label.tolist() == ["covid", "covid"]
+    r = cli(*base, "--out", str(tmp_path / "c.csv"), "--drop-derived")
+    assert r.returncode == 2 and "unrecognized arguments: --drop-derived" in r.stderr
