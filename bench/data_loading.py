@@ -47,7 +47,8 @@ def main() -> None:
     import torch
 
     from cxrtune import manifest, storage
-    from cxrtune.dataset import CXRDataset, Preprocessing
+    from cxrtune.dataset import CXRDataset
+    from cxrtune.preprocessing import Preprocessing
     from cxrtune.phantom import write_phantoms
 
     torch.set_num_threads(1)

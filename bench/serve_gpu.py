@@ -35,9 +35,9 @@ def random_bundle(out: Path, pair) -> Path:
     """A bundle of two runs with random weights, made by ``make_bundle`` like any other."""
     import torch
 
-    from cxrtune.dataset import Preprocessing
+    from cxrtune.preprocessing import Preprocessing
     from cxrtune.models import ModelConfig, build_model
-    from cxrtune.scorer import make_bundle
+    from cxrtune.artifacts import make_bundle
     from cxrtune.train import TrainConfig
 
     runs = {}
@@ -66,7 +66,7 @@ def reference(bundle: Path, files: list[Path], device: str, n: int) -> dict:
     from PIL import Image
 
     from cxrtune import zones
-    from cxrtune.dataset import extract_roi
+    from cxrtune.preprocessing import extract_roi
     from cxrtune.scorer import load_bundle
 
     scorer = load_bundle(str(bundle), device=device, batch_size=1)
@@ -124,7 +124,7 @@ def main() -> None:
     from ray import serve
 
     from cxrtune.metrics import json_safe
-    from cxrtune.serving import build_app
+    from cxrtune.serving import application as build_app
     from serve_load import collect, free_port, run_load
 
     gpu = torch.cuda.is_available() and not args.quick

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from .artifacts import DEFAULT_ZONE_THRESHOLD
 from .errors import CxrtuneError
 
 log = logging.getLogger("cxrtune")
@@ -21,7 +22,9 @@ def _data_import(args) -> None:
     from .importers import run_import
 
     options = {"default_label": args.default_label, "min_age": args.min_age,
-               "drop_derived": args.drop_derived}
+               "keep_derived": args.keep_derived, "pseudonym_key_file": args.pseudonym_key_file}
+    if args.csv:
+        options["csv"] = args.csv
     result = run_import(args.format, args.src, args.out, data_dir=args.data_dir,
                         progress=not args.quiet, **options)
     if result.excluded:
@@ -124,83 +127,64 @@ def _train(args) -> None:
     if args.set:
         cfg = TrainConfig.from_dict(_merge(cfg.to_dict(), _parse_overrides(args.set)))
     df = manifest.load_manifest(args.manifest or embedded_manifest())
-    summary = train(cfg, df, args.out, resume=args.resume)
+    summary = train(cfg, df, args.out, resume=args.resume, progress=not args.quiet)
     best = summary["best"] or {}
     print(f"trained {summary['epochs']} epoch(s); best {cfg.monitor} {best.get('value', float('nan')):.4f} "
           f"at epoch {best.get('epoch')}; run {args.out}")
 
 
 def _bundle(args) -> None:
-    from .scorer import make_bundle
+    from .artifacts import make_bundle, migrate_bundle
 
+    if args.migrate:
+        meta = migrate_bundle(args.migrate)
+        print(f"bundle {args.migrate}: now {meta.format}")
+        return
+    if not (args.lung and args.disease and args.out):
+        raise CxrtuneError("cxrtune bundle needs --lung, --disease and --out (or --migrate URI)")
     b = make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
-    print(f"bundle {args.out}: lung {b['lung']['config']['model']['arch']}, disease "
-          f"{b['disease']['config']['model']['arch']}, zone threshold {b['zone_threshold']}")
+    print(f"bundle {args.out}: lung {b.lung.config['model']['arch']}, disease "
+          f"{b.disease.config['model']['arch']}, zone threshold {b.zone_threshold}")
 
 
 def _calibrate(args) -> None:
     from . import manifest
+    from .artifacts import update_bundle
     from .evaluation import calibrate
-    from .scorer import load_bundle, update_bundle
+    from .scorer import load_bundle
 
+    what = tuple(w.strip() for w in args.what.split(","))
     scorer = load_bundle(args.bundle, device=args.device)
-    result = calibrate(scorer, manifest.load_manifest(args.manifest), split=args.split,
-                       reference_threshold=args.reference_threshold, limit=args.limit)
-    update_bundle(args.bundle, zone_threshold=result["threshold"],
-                  calibration={k: v for k, v in result.items() if k != "curve"} | {"manifest": args.manifest,
-                                                                                   "split": args.split})
-    print(f"zone threshold {result['threshold']:.2f}: score MAE {result['mae']:.3f}, RMSE "
-          f"{result['rmse']:.3f} on {result['n']} images; stored in {args.bundle}")
-
-
-SCORABLE = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
-
-
-def _expand(paths: list[str]) -> list[str]:
-    from pathlib import Path
-
-    out = []
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            out += sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SCORABLE)
-        elif path.exists():
-            out.append(str(path))
-        else:
-            raise CxrtuneError(f"{p}: no such file or folder")
-    if not out:
-        raise CxrtuneError("no PNG, JPEG or DICOM files among the given paths")
-    return out
+    result = calibrate(scorer, manifest.load_manifest(args.manifest), split=args.split, cls_split=args.cls_split,
+                       reference=args.reference, reference_threshold=args.reference_threshold,
+                       specificity=args.specificity, limit=args.limit, what=what)
+    changes = {}
+    if result["cls"] is not None:
+        c = result["cls"]
+        changes.update(cls_threshold=c.threshold, cls_calibration=c)
+        print(f"T_cls {c.threshold:.3f} ({c.method}): F1 {c.f1:.3f}, specificity {c.specificity:.3f}, "
+              f"sensitivity {c.sensitivity:.3f} on {c.n} labelled images")
+    elif "cls" in what:
+        print("T_cls unchanged: no labelled normal and disease images in --cls-split", file=sys.stderr)
+    if result["zone"] is not None:
+        z = result["zone"]
+        changes.update(zone_threshold=z.threshold, zone_calibration=z)
+        print(f"zone threshold T {z.threshold:.2f} against {z.reference}: score MAE {z.mae:.3f}, RMSE {z.rmse:.3f} "
+              f"on {z.n} images")
+    update_bundle(args.bundle, **changes)
+    print(f"stored in {args.bundle}")
 
 
 def _score(args) -> None:
-    from pathlib import Path
-
-    from . import images, storage
-    from .overlay import encode_overlay
+    from .batch_scoring import expand_inputs, score_files
     from .scorer import load_bundle
 
     scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
-    files = _expand(args.paths)
-    lines, failed = [], 0
-    for i in range(0, len(files), args.batch_size):
-        chunk, imgs, good = files[i:i + args.batch_size], [], []
-        for f in chunk:
-            try:
-                imgs.append(images.decode_image(Path(f).read_bytes()))
-                good.append(f)
-            except CxrtuneError as exc:
-                failed += 1
-                lines.append({"image": f, "error": str(exc)})
-        for f, img, (record, detail) in zip(good, imgs, scorer.score_images(imgs)):
-            if record["lungs_found"] == 0:
-                record["error"] = "no lungs found: not a frontal chest radiograph?"
-            lines.append({"image": f, **record})
-            if args.overlays:
-                name = Path(f).stem + ".overlay.png"
-                storage.write_bytes(str(Path(args.overlays) / name), encode_overlay(img, detail.lungs, detail.opacity, record))
-    storage.write_text(args.out, "".join(json.dumps(line) + "\n" for line in lines))
-    print(f"scored {len(files) - failed}, failed {failed}; records in {args.out}")
+    uris = expand_inputs(args.paths, args.manifest)
+    counts = score_files(scorer, uris, args.out, overlays=args.overlays, resume=args.resume,
+                         progress=not args.quiet)
+    print(f"scored {counts['scored']}, partial {counts['partial']}, unscored {counts['unscored']}, "
+          f"failed {counts['error']}, already done {counts['skipped']}; records in {args.out}")
 
 
 def _score_masks(args) -> None:
@@ -220,11 +204,24 @@ def _evaluate(args) -> None:
     from .evaluation import evaluate
     from .scorer import load_bundle
 
+    from .artifacts import read_bundle_meta
+
     scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
-    result = evaluate(scorer, manifest.load_manifest(args.manifest), args.out, split=args.split,
-                      reference_threshold=args.reference_threshold, limit=args.limit)
-    summary = {"lung_dice": result["lung"].get("dice"), "opacity_dice": result["opacity"].get("dice"),
-               "f1": result["classification"]["f1"], "score_mae": result.get("score", {}).get("mae")}
+    by = tuple(c.strip() for c in (args.by or "").split(",") if c.strip())
+    df = manifest.load_manifest(args.manifest)
+    cv = args.cv_reference
+    cal = read_bundle_meta(args.bundle).zone_calibration
+    if not cv and cal and cal.reference.startswith("reader:") and cal.manifest == df.attrs.get("source_uri"):
+        cv = cal.reference  # T was chosen on this very set: in-sample figures would flatter it
+        print(f"T was calibrated on {args.manifest}: reader figures are cross-validated against {cv}", file=sys.stderr)
+    result = evaluate(scorer, df, args.out, split=args.split, reference_threshold=args.reference_threshold,
+                      limit=args.limit, by=by, cv_reference=cv, folds=args.folds)
+    summary = {"status": result["status"], "lung_dice": result["lung"].get("dice"),
+               "opacity_dice": result["opacity"].get("dice"),
+               "f1": (result["classification"] or {}).get("f1"), "normal_score_fp_rate": result["normal_score_fp_rate"],
+               "score_mae": result.get("score", {}).get("mae")}
+    for reader, figures in (result.get("readers", {}).get("readers", {}) or {}).items():
+        summary[f"mae_vs_{reader}"] = figures.get("score", {}).get("mae")
     from .metrics import json_safe
 
     print(json.dumps(json_safe(summary)))
@@ -321,13 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = dsub.add_parser("import", help="turn a dataset layout into a manifest")
     imp.add_argument("src", help="dataset folder")
-    imp.add_argument("--format", required=True, help="covid-qu-ex, jsrt, folder or dicom")
+    imp.add_argument("--format", required=True, help="covid-qu-ex, jsrt, folder, dicom or readers "
+                     "(images + a CSV of per-zone reader grades, e.g. brixia-dev)")
+    imp.add_argument("--csv", help="readers: the grades CSV (default: SRC/scores.csv)")
     imp.add_argument("--out", required=True, help="manifest to write (.parquet or .csv)")
     imp.add_argument("--data-dir", help="where converted files go (default: beside --out)")
-    imp.add_argument("--default-label", help="label for images without one (folder, dicom)")
+    imp.add_argument("--default-label", help="label for images without one (folder: else excluded; "
+                     "dicom: else unlabelled, an empty label)")
     imp.add_argument("--min-age", type=float, default=18.0, help="dicom: drop younger patients")
-    imp.add_argument("--drop-derived", action="store_true",
-                     help="dicom: also drop DERIVED images (SECONDARY ones are always dropped)")
+    imp.add_argument("--keep-derived", action="store_true",
+                     help="dicom: keep secondary captures and ImageType SECONDARY images (dropped by "
+                     "default; DERIVED\\PRIMARY is always kept)")
+    imp.add_argument("--pseudonym-key-file", metavar="PATH",
+                     help="dicom: the study's pseudonym key (file content; default $CXRTUNE_PSEUDONYM_KEY); "
+                     "required, e.g. `openssl rand -hex 32 > study.key`, shared by every machine of the study")
     imp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     imp.set_defaults(func=_data_import)
 
@@ -370,47 +374,62 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="run folder: local path or s3://bucket/prefix")
     tr.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override settings, e.g. lr=1e-4 model.arch=Unet")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-epoch lines")
     tr.set_defaults(func=_train)
 
     bd = sub.add_parser("bundle", help="package a Stage I and a Stage II run as a scorer bundle")
-    bd.add_argument("--lung", required=True, help="Stage I run URI")
-    bd.add_argument("--disease", required=True, help="Stage II run URI")
-    bd.add_argument("--out", required=True, help="bundle folder (local or s3://)")
-    bd.add_argument("--threshold", type=float, default=0.1, help="zone threshold until calibrated")
+    bd.add_argument("--lung", help="Stage I run URI")
+    bd.add_argument("--disease", help="Stage II run URI")
+    bd.add_argument("--out", help="bundle folder (local or s3://)")
+    bd.add_argument("--threshold", type=float, default=DEFAULT_ZONE_THRESHOLD, help="zone threshold until calibrated")
+    bd.add_argument("--migrate", metavar="URI", help="rewrite an older bundle's bundle.json in the current format")
     bd.add_argument("--name")
     bd.set_defaults(func=_bundle)
 
-    cal = sub.add_parser("calibrate", help="choose the zone threshold T by minimum score MAE")
+    cal = sub.add_parser("calibrate", help="choose T_cls (classifier) and the zone threshold T, with provenance")
     cal.add_argument("bundle")
     cal.add_argument("--manifest", required=True)
-    cal.add_argument("--split", default="train,val", help="rows to use (never test)")
-    cal.add_argument("--reference-threshold", type=float, default=0.1,
+    cal.add_argument("--what", default="cls,zone", help="which thresholds: cls, zone or both")
+    cal.add_argument("--split", default="train,val", help="rows for the zone threshold (never test; 'all' = every row)")
+    cal.add_argument("--cls-split", default="val", help="labelled rows for T_cls (validation data)")
+    cal.add_argument("--specificity", type=float,
+                     help="T_cls operating point: this specificity on normals (default: maximum F1)")
+    cal.add_argument("--reference", default="auto",
+                     help="zone reference: a reader id from the manifest (e.g. S), 'zones', 'masks' or 'auto'")
+    cal.add_argument("--reference-threshold", type=float, default=DEFAULT_ZONE_THRESHOLD,
                      help="T for deriving reference scores from masks when zone_* columns are absent")
     cal.add_argument("--limit", type=int)
     cal.add_argument("--device")
     cal.set_defaults(func=_calibrate)
 
     sc = sub.add_parser("score", help="score images or folders (PNG, JPEG, DICOM) to JSON lines")
-    sc.add_argument("paths", nargs="+")
+    sc.add_argument("paths", nargs="*", help="files, folders, s3:// prefixes or manifests")
+    sc.add_argument("--manifest", help="score a manifest's images")
     sc.add_argument("--bundle", required=True)
-    sc.add_argument("--out", required=True, help="results.jsonl")
+    sc.add_argument("--out", required=True, help="results.jsonl (each record written as it is made)")
+    sc.add_argument("--resume", action="store_true", help="skip images already in --out")
     sc.add_argument("--overlays", help="folder for overlay PNGs")
     sc.add_argument("--batch-size", type=int, default=8)
+    sc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sc.add_argument("--device")
     sc.set_defaults(func=_score)
 
     sm = sub.add_parser("score-masks", help="the record computed from given lung and opacity masks")
     sm.add_argument("--lung", required=True)
     sm.add_argument("--opacity", required=True)
-    sm.add_argument("--threshold", type=float, default=0.1)
+    sm.add_argument("--threshold", type=float, default=DEFAULT_ZONE_THRESHOLD)
     sm.set_defaults(func=_score_masks)
 
     ev = sub.add_parser("evaluate", help="metrics JSON and plots for a bundle on a manifest")
     ev.add_argument("--bundle", required=True)
     ev.add_argument("--manifest", required=True)
     ev.add_argument("--out", required=True, help="output folder")
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--reference-threshold", type=float, default=0.1)
+    ev.add_argument("--split", default="test", help="rows to use ('all' = every row)")
+    ev.add_argument("--reference-threshold", type=float, default=DEFAULT_ZONE_THRESHOLD)
+    ev.add_argument("--by", help="comma-separated manifest columns for subgroup figures (view,sex,site)")
+    ev.add_argument("--cv-reference", metavar="READER",
+                    help="the same set chose T: report cross-validated figures, T fit on the other folds against READER")
+    ev.add_argument("--folds", type=int, default=5)
     ev.add_argument("--limit", type=int)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--device")

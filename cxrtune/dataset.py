@@ -9,8 +9,6 @@ Remote files are read through a :class:`~cxrtune.storage.ContentCache`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import albumentations as A
 import cv2
 import numpy as np
@@ -19,32 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import images, manifest, storage
-
-IMAGENET_MEAN = 0.449  # grey equivalent of ImageNet's RGB mean/std, for 1-channel input
-IMAGENET_STD = 0.226
-
-
-@dataclass
-class Preprocessing:
-    """How an image becomes a model input; stored with every checkpoint and bundle."""
-
-    size: int = 256
-    in_channels: int = 1
-    mean: float = IMAGENET_MEAN
-    std: float = IMAGENET_STD
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(**{k: d[k] for k in ("size", "in_channels", "mean", "std") if k in d})
-
-    def to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        """HxW float [0, 1] at model size -> C x H x W normalised tensor."""
-        x = torch.from_numpy((np.ascontiguousarray(image, np.float32) - self.mean) / self.std)[None]
-        return x.expand(self.in_channels, -1, -1).contiguous() if self.in_channels > 1 else x
-
+from .preprocessing import Preprocessing, extract_roi, resize_image, resize_mask
 
 def seed_augmentation(size: int, seed: int | None = None) -> A.Compose:
     """Seed 004's final-training augmentation (albumentations): CLAHE p=0.2; random-sized crop of
@@ -67,35 +40,6 @@ def seed_worker(worker_id: int) -> None:
     augment = getattr(info.dataset, "augment", None)
     if augment is not None:
         augment.set_random_seed(info.seed % 2**32)
-
-
-def lung_box(lung: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, int] | None:
-    """``(y0, y1, x0, x1)``: the lungs' bounding box grown by ``margin`` of its size, or None."""
-    ys, xs = np.nonzero(lung)
-    if len(ys) == 0:
-        return None
-    h, w = lung.shape
-    my, mx = int(margin * (ys.max() - ys.min() + 1)), int(margin * (xs.max() - xs.min() + 1))
-    return (max(0, ys.min() - my), min(h, ys.max() + 1 + my), max(0, xs.min() - mx), min(w, xs.max() + 1 + mx))
-
-
-def extract_roi(image: np.ndarray, lung: np.ndarray, *masks: np.ndarray):
-    """Seed 004's ROI step: image AND lung mask, cropped to the lungs' box (masks cropped alike).
-    Returns ``(image, masks, box)``; with no lung pixels the whole image is kept and box is None."""
-    box = lung_box(lung)
-    if box is None:
-        return image, list(masks), None
-    y0, y1, x0, x1 = box
-    roi = (image * (lung > 0))[y0:y1, x0:x1]
-    return roi, [m[y0:y1, x0:x1] for m in masks], box
-
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-
-
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
 
 
 class CXRDataset(Dataset):

@@ -11,84 +11,247 @@ import pandas as pd
 from . import images, manifest, storage, zones
 from .errors import CxrtuneError
 from .metrics import SegmentationMeter, classification_metrics, json_safe, score_metrics
-from .scorer import Scorer, reference_zones, sweep_threshold, zone_fractions
+from .artifacts import DEFAULT_ZONE_THRESHOLD
+from .scorer import STATUSES, Scorer, reference_zones, sweep_threshold, zone_fractions
 
 log = logging.getLogger(__name__)
 
 
 def _rows(df: pd.DataFrame, split: str | None, limit: int | None) -> pd.DataFrame:
-    rows = df if not split else df[df["split"].isin(split.split(","))]
-    if limit:
-        rows = rows.head(limit)
+    """Rows of the given split(s) (comma-separated; ``all`` or None: every row). ``limit`` takes a
+    seeded sample stratified by label (manifests are often in class order: the first rows alone
+    would be one class)."""
+    rows = df if not split or split == "all" else df[df["split"].isin(split.split(","))]
+    if limit and len(rows) > limit:
+        share = limit / len(rows)
+        rows = (rows.groupby("label", group_keys=False)
+                .apply(lambda g: g.sample(n=max(1, round(share * len(g))), random_state=0))
+                .sort_index().head(limit))
     if rows.empty:
-        raise CxrtuneError(f"no manifest rows in split(s) {split!r}")
+        raise CxrtuneError(f"no manifest rows in split(s) {split!r} (use --split all for a manifest without splits)")
     return rows
 
 
-def _score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool):
+def _score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool, cls_threshold: float | None = None):
+    """(row, image, record, detail) per row, through the scoring policy; unreadable or refused
+    images are logged by row number (never by path) and skipped."""
     from tqdm import tqdm
+
+    from .preprocessing import load_scan
 
     batch = max(1, scorer.batch_size)
     for i in tqdm(range(0, len(rows), batch), desc="score", unit="batch", disable=not progress):
         chunk = rows.iloc[i:i + batch]
-        imgs = [images.read_image(u, cache) for u in chunk["image"]]
-        for (_, row), img, (record, detail) in zip(chunk.iterrows(), imgs, scorer.score_images(imgs)):
-            yield row, img, record, detail
+        good, scans = [], []
+        for j, (_, row) in enumerate(chunk.iterrows()):
+            try:
+                scans.append(load_scan(cache.read_bytes(row["image"])))
+                good.append(row)
+            except CxrtuneError as exc:
+                log.warning("manifest row %d not scored: %s", i + j, exc)
+        results = scorer.score_images([s.image for s in scans], scans=scans, cls_threshold=cls_threshold)
+        for row, scan, (record, detail) in zip(good, scans, results):
+            yield row, scan.image, record, detail
 
 
-def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
-              reference_threshold: float = 0.1, limit: int | None = None, progress: bool = True) -> dict:
-    """Seed 004: choose the zone threshold T by minimum score MAE on labelled training and
-    validation images (never test). Reference scores: ``zone_*`` columns, or derived from the
-    reference masks with ``reference_threshold``."""
+def _resized(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A reference mask at the working image's size (the working copy may be downscaled)."""
+    if mask.shape == shape:
+        return mask
+    import cv2
+
+    return cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float | None = None) -> dict:
+    """T_cls at a stated operating point: maximum F1 (default), or the lowest threshold whose
+    specificity on the normal images is >= ``specificity``. Candidates: every distinct probability."""
+    prob, label = np.asarray(prob, float), np.asarray(label, int)
+    if len(set(label)) < 2:
+        raise CxrtuneError("T_cls needs labelled normal and disease images in the calibration rows")
+    best = None
+    for t in np.unique(prob):
+        pred = prob >= t
+        tp, fp = int((pred & (label == 1)).sum()), int((pred & (label == 0)).sum())
+        fn, tn = int((~pred & (label == 1)).sum()), int((~pred & (label == 0)).sum())
+        f1 = 2 * tp / max(2 * tp + fp + fn, 1)
+        spec, sens = tn / max(tn + fp, 1), tp / max(tp + fn, 1)
+        if specificity is not None:
+            key = (spec >= specificity, sens if spec >= specificity else spec, -t)
+        else:
+            key = (True, f1, -t)
+        if best is None or key > best[0]:
+            best = (key, {"threshold": float(t), "f1": f1, "specificity": spec, "sensitivity": sens})
+    return best[1]
+
+
+def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val", cls_split: str | None = "val",
+              reference: str = "auto", reference_threshold: float = DEFAULT_ZONE_THRESHOLD,
+              specificity: float | None = None, limit: int | None = None, progress: bool = True,
+              what: tuple[str, ...] = ("cls", "zone")) -> dict:
+    """Both thresholds, each with its provenance (:class:`~cxrtune.artifacts.Calibration`).
+
+    * T_cls on the labelled rows of ``cls_split`` (validation data) at the operating point:
+      maximum F1, or ``specificity``. Skipped (kept as it is) when those rows hold no labels.
+    * Zone T by minimum score MAE (seed 004) on the rows of ``split`` against ``reference``: a
+      reader's grades (``reader:S``), the ``zone_*`` columns or the mask-derived reference
+      (``masks``); ``auto`` takes a reader if the manifest has exactly one, else zone columns,
+      else masks. Never the test split. Refinement uses the new T_cls.
+
+    Each image is scored once, unrefined; T_cls is then applied to the stored probabilities."""
+    from .artifacts import Calibration, now
+
     cache = storage.ContentCache()
-    rows = _rows(df, split, limit)
-    fracs, refs = [], []
-    for row, _, record, _ in _score_rows(scorer, rows, cache, progress):
-        ref = reference_zones(row, reference_threshold, cache)
-        if ref is not None:
-            fracs.append(zone_fractions(record))
+    zone_rows = _rows(df, split, limit) if "zone" in what else df.iloc[:0]
+    cls_rows = df.iloc[:0]
+    if "cls" in what:
+        try:
+            cls_rows = _rows(df, cls_split, limit)
+        except CxrtuneError:
+            cls_rows = df.iloc[:0]  # no validation rows here: T_cls is left as it is (the CLI says so)
+        cls_rows = cls_rows[cls_rows["label"].map(manifest.is_labelled)]
+    readers = manifest.readers_in(df)
+    if reference == "auto" and len(readers) > 1 and "zone" in what:
+        raise CxrtuneError(f"the manifest has several readers ({', '.join(readers)}): choose one with --reference")
+    if reference == "auto":
+        reference = f"reader:{readers[0]}" if len(readers) == 1 else "auto"
+    elif reference not in ("zones", "masks"):
+        reference = "reader:" + reference.split(":", 1)[-1]
+        if reference[7:] not in readers:
+            raise CxrtuneError(f"--reference {reference[7:]!r}: the manifest's readers are "
+                               f"{', '.join(readers) or 'none (no reader_<ID>_<A-F> columns)'}")
+    rows = pd.concat([zone_rows, cls_rows]).loc[lambda d: ~d.index.duplicated()]
+    scored = {}
+    for row, _, record, _ in _score_rows(scorer, rows, cache, progress, cls_threshold=0.0):
+        scored[row.name] = (row, record)
+    out: dict = {"cls": None, "zone": None}
+    t_cls = scorer.cls_threshold
+    probs = [(r["disease_probability"], int(manifest.is_disease(row["label"]))) for i, (row, r) in scored.items()
+             if i in cls_rows.index and r["disease_probability"] is not None]
+    if "cls" in what and probs:
+        choice = choose_cls_threshold(*map(np.array, zip(*probs)), specificity=specificity)
+        t_cls = choice["threshold"]
+        out["cls"] = Calibration(threshold=t_cls, method="specificity" if specificity is not None else "max_f1",
+                                 reference="labels", n=len(probs), manifest=df.attrs.get("source_uri", ""),
+                                 split=cls_split or "all", f1=choice["f1"], specificity=choice["specificity"],
+                                 sensitivity=choice["sensitivity"], target=specificity, created=now())
+    if "zone" in what:
+        fracs, refs, kinds = [], [], set()
+        for i, (row, record) in scored.items():
+            if i not in zone_rows.index:
+                continue
+            ref = reference_zones(row, reference_threshold, cache, reference=reference)
+            if reference == "auto" and ref is not None:  # which one this row gave: zone columns, else masks
+                kinds.add("zones" if reference_zones(row, reference_threshold, cache, reference="zones") else "masks")
+            f = zone_fractions(record)
+            if ref is None or f is None:
+                continue
+            fracs.append(f if record["disease_probability"] >= t_cls else [0.0] * 6)  # Eq. 1-2 with the new T_cls
             refs.append(ref)
-    if not refs:
-        raise CxrtuneError("no row has reference zone scores (zone_A..zone_F) or both reference masks; "
-                           "calibration needs labelled images")
-    return sweep_threshold(np.array(fracs), np.array(refs))
+        if not refs:
+            raise CxrtuneError(f"no scored row has a {reference!r} reference (reader grades, zone_A..zone_F or "
+                               "both reference masks); zone calibration needs labelled images")
+        sweep = sweep_threshold(np.array(fracs), np.array(refs))
+        kind = reference if reference != "auto" else "+".join(sorted(kinds))
+        out["zone"] = Calibration(threshold=sweep["threshold"], method="min_mae", reference=kind, n=sweep["n"],
+                                  manifest=df.attrs.get("source_uri", ""), split=split or "all", mae=sweep["mae"],
+                                  rmse=sweep["rmse"], created=now())
+        out["curve"] = sweep["curve"]
+    return out
 
 
 def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, split: str | None = "test",
-             reference_threshold: float = 0.1, limit: int | None = None, progress: bool = True) -> dict:
+             reference_threshold: float = DEFAULT_ZONE_THRESHOLD, limit: int | None = None, progress: bool = True,
+             by: tuple[str, ...] = (), cv_reference: str | None = None, folds: int = 5, n_boot: int = 2000) -> dict:
     """Metrics JSON and plots: lung Dice, opacity Dice/IoU over non-empty references and the
-    false-positive rate on annotated-empty ones, classification metrics, score MAE/RMSE/rho/kappa,
-    the predicted-vs-reference score density heatmap (seed 004 Fig. 9) and per-zone confusion
-    matrices."""
+    false-positive rate on annotated-empty ones, classification metrics, the share of Normal
+    images with a score > 0, record statuses, score MAE/RMSE/rho/kappa against the mask or zone
+    reference with the predicted-vs-reference density heatmap (seed 004 Fig. 9) and per-zone
+    confusion, and, where the manifest has reader grades, agreement with each reader (and
+    reader against reader) with 95 % bootstrap intervals, overall and ``by`` manifest columns.
+
+    ``cv_reference`` (a reader id): the same set also chooses T, so the reader figures are
+    cross-validated: T chosen by minimum MAE against that reader on the other ``folds``."""
     cache = storage.ContentCache()
     rows = _rows(df, split, limit)
     lung_meter, opac_meter = SegmentationMeter(), SegmentationMeter()
     probs, labels, pred_zones, ref_zones, records = [], [], [], [], []
+    statuses = {s: 0 for s in STATUSES}
+    reader_rows, reader_fracs = [], []
     for row, img, record, detail in _score_rows(scorer, rows, cache, progress):
+        statuses[record["status"]] += 1
         if row.get("lung_mask", ""):
-            lung_meter.update(detail.lung, images.read_mask(row["lung_mask"], cache))
+            lung_meter.update(detail.lung, _resized(images.read_mask(row["lung_mask"], cache), img.shape))
         if row.get("opacity_mask", ""):
-            opac_meter.update(detail.opacity, images.read_mask(row["opacity_mask"], cache))
-        probs.append(record["disease_probability"])
-        labels.append(int(manifest.is_disease(row["label"])))
+            opac_meter.update(detail.opacity, _resized(images.read_mask(row["opacity_mask"], cache), img.shape))
+        if manifest.is_labelled(row["label"]) and record["disease_probability"] is not None:
+            probs.append(record["disease_probability"])
+            labels.append(int(manifest.is_disease(row["label"])))
         ref = reference_zones(row, reference_threshold, cache)
-        if ref is not None:
+        if ref is not None and record["status"] == "scored":
             pred_zones.append([int(record["zones"][z]["affected"]) for z in zones.ZONE_LETTERS])
             ref_zones.append(ref)
-        records.append({"image": row["image"], **{k: record[k] for k in ("score", "opacity_percent", "disease_probability")}})
-    result = {"n_images": len(rows), "split": split, "zone_threshold": scorer.zone_threshold,
-              "models": scorer.models_info(),
+        if record["status"] == "scored":
+            reader_rows.append(row.name)
+            reader_fracs.append(zone_fractions(record))
+        records.append({"row": row.name, "label": row["label"], "status": record["status"], "score": record["score"],
+                        "opacity_percent": record["opacity_percent"],
+                        "disease_probability": record["disease_probability"]})
+    table = pd.DataFrame(records)
+    normal = table[table["label"] == "normal"] if len(table) else table
+    result = {"n_images": len(rows), "n_read": len(table), "split": split, "zone_threshold": scorer.zone_threshold,
+              "cls_threshold": scorer.cls_threshold, "models": scorer.models_info(), "status": statuses,
               "lung": lung_meter.result(), "opacity": opac_meter.result(),
-              "classification": classification_metrics(np.array(probs), np.array(labels), scorer.cls_threshold)}
+              "classification": (classification_metrics(np.array(probs), np.array(labels), scorer.cls_threshold)
+                                  if probs else None),
+              "normal_score_fp_rate": (float((normal["score"].fillna(0) > 0).mean()) if len(normal) else None),
+              "n_normal": int(len(normal))}
     if ref_zones:
         p, r = np.array(pred_zones), np.array(ref_zones)
         result["score"] = score_metrics(p.sum(axis=1), r.sum(axis=1))
         result["zones"] = {z: {"accuracy": float((p[:, i] == r[:, i]).mean())} for i, z in enumerate(zones.ZONE_LETTERS)}
         _plots(p, r, out_dir)
+    if len(table):
+        result["status_by_label"] = {str(k): {str(s): int(n) for s, n in g["status"].value_counts().items()}
+                                     for k, g in table.groupby("label")}
+    readers = manifest.readers_in(df)
+    if readers and reader_rows:
+        result["readers"] = _reader_figures(df.loc[reader_rows], np.array(reader_fracs), scorer.zone_threshold,
+                                            readers, by, cv_reference, folds, n_boot, out_dir)
+        result["readers"]["n_not_scored"] = int(len(table) - len(reader_rows))  # partial/unscored: not in the figures
     storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(json_safe(result), indent=2))
-    storage.write_text(storage.join(out_dir, "scores.csv"), pd.DataFrame(records).to_csv(index=False))
+    storage.write_text(storage.join(out_dir, "scores.csv"), table.to_csv(index=False))
     return result
+
+
+def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float, readers: list[str],
+                    by: tuple[str, ...], cv_reference: str | None, folds: int, n_boot: int, out_dir: str) -> dict:
+    from . import agreement
+
+    missing = [c for c in by if c not in rows.columns]
+    if missing:
+        raise CxrtuneError(f"--by {', '.join(missing)}: no such manifest column")
+    grades = manifest.reader_grades(rows)
+    complete = np.all([np.all(grades[r] >= 0, axis=1) for r in readers], axis=0)
+    rows, fractions = rows[complete], fractions[complete]
+    grades = {r: g[complete] for r, g in grades.items()}
+    info: dict = {"n": int(complete.sum()), "n_incomplete_grades": int((~complete).sum())}
+    if cv_reference:
+        reader = cv_reference.split(":", 1)[-1]
+        if reader not in grades:
+            raise CxrtuneError(f"--cv-reference {cv_reference!r}: the manifest's readers are {', '.join(readers)}")
+        if len(fractions) < 2 * folds:
+            raise CxrtuneError(f"cross-validation over {folds} folds needs at least {2 * folds} scored images with "
+                               f"reader grades; {len(fractions)} here (use --folds)")
+        pred, thresholds = agreement.cross_validated_predictions(fractions, grades[reader] > 0, folds=folds)
+        info.update(threshold="cross-validated", cv_reference=reader, cv_folds=folds,
+                    cv_thresholds=[float(t) for t in thresholds])
+    else:
+        pred = fractions >= threshold
+        info["threshold"] = threshold
+    info.update(agreement.reader_report(pred, grades, groups=rows.reset_index(drop=True), by=list(by), n_boot=n_boot))
+    agreement.plot_reader_agreement(pred.sum(axis=1), grades, out_dir)
+    return info
 
 
 def _plots(pred: np.ndarray, ref: np.ndarray, out_dir: str) -> None:

@@ -67,14 +67,25 @@ def classification_loss(name: str) -> nn.Module:
 
 
 class DynamicLossWeighting:
-    """Seed 004 Eq. 3: ``loss = sum_t (L_t / L_t0) ** alpha * L_t``, with ``L_t0`` the task's
-    first loss. The ratios are weights only: they are detached, so no gradient flows through
-    them. ``alpha = 0`` is the plain sum. A task absent from a batch (no annotated mask) is
-    skipped; its ``L_t0`` is taken the first time it appears. Written by hand: no library has it.
+    """Seed 004 Eq. 3: ``loss = sum_t w_t * L_t`` with ``w_t = (L_t / L_t0) ** alpha``.
+
+    * The ratios are weights only: detached, so no gradient flows through them. ``alpha = 0`` is
+      the plain sum.
+    * ``L_t0`` is the task's loss on the first batch in which it has a *non-empty* target (for the
+      opacity task: an annotated mask with opacity in it). A loss on an all-empty target is tiny
+      and would make every later ratio enormous; until ``L_t0`` exists the task's weight is 1.
+    * Weights are clipped to ``[min_weight, max_weight]`` (default [0.1, 10]), so one odd batch can
+      neither silence a task nor blow the loss up.
+    * A task absent from a batch (``None``: no annotated mask) is skipped.
+
+    Written by hand: no library has it.
     """
 
-    def __init__(self, alpha: float = 0.5):
+    MIN_WEIGHT, MAX_WEIGHT = 0.1, 10.0
+
+    def __init__(self, alpha: float = 0.5, min_weight: float = MIN_WEIGHT, max_weight: float = MAX_WEIGHT):
         self.alpha = float(alpha)
+        self.min_weight, self.max_weight = float(min_weight), float(max_weight)
         self.initial: dict[str, float] = {}
         self.last_weights: dict[str, float] = {}
 
@@ -85,14 +96,24 @@ class DynamicLossWeighting:
         self.alpha = float(state["alpha"])
         self.initial = dict(state["initial"])
 
-    def __call__(self, losses: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    def weight(self, name: str, value: float) -> float:
+        l0 = self.initial.get(name)
+        if not self.alpha or l0 is None or l0 <= 0:
+            return 1.0
+        return float(min(self.max_weight, max(self.min_weight, (value / l0) ** self.alpha)))
+
+    def __call__(self, losses: dict[str, torch.Tensor | None],
+                 nonempty: dict[str, bool] | None = None) -> torch.Tensor:
+        """``nonempty[task]`` says whether the batch's target for that task has any positive
+        (default True): only such a batch may set the task's ``L_t0``."""
         total = None
         for name, loss in losses.items():
             if loss is None:
                 continue
             value = float(loss.detach())
-            l0 = self.initial.setdefault(name, max(value, 1e-8))
-            weight = (value / l0) ** self.alpha if self.alpha else 1.0
+            if name not in self.initial and (nonempty or {}).get(name, True) and value > 0:
+                self.initial[name] = value
+            weight = self.weight(name, value)
             self.last_weights[name] = weight
             term = loss * weight  # weight is a Python float: constant for autograd
             total = term if total is None else total + term

@@ -9,7 +9,7 @@ Encoders are any SMP name, ``tu-`` timm encoders included. ``encoder_weights`` i
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ class ModelConfig:
     encoder_weights: str | None = None
     classification: bool = False  # Stage II: add the normal/disease head
     dropout: float = 0.2
+    decoder: dict = field(default_factory=dict)  # the architecture's own decoder options, e.g. decoder_channels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +67,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     try:
         model = smp.create_model(ARCHITECTURES[cfg.arch], encoder_name=cfg.encoder,
                                  encoder_weights=hub_weights, in_channels=cfg.in_channels, classes=1,
-                                 aux_params=aux)
-    except (KeyError, ValueError) as exc:
+                                 aux_params=aux, **cfg.decoder)
+    except (KeyError, ValueError, TypeError) as exc:
         raise CxrtuneError(f"cannot build {cfg.arch} with encoder {cfg.encoder!r}: {exc}") from None
     if weights not in (None, "imagenet"):
         _load_encoder_weights(model, weights)

@@ -43,11 +43,16 @@ def render_overlay(image: np.ndarray, lungs: zones.LungPair, opacity: np.ndarray
         rows = np.flatnonzero(m.any(axis=1))
         bands = ((rows[0], y_top), (y_top, y_bot), (y_bot, rows[-1]))
         for letter, (a, b) in zip(letters, bands):
-            affected = record["zones"][letter]["affected"]
+            affected = (record["zones"] or {}).get(letter, {}).get("affected")
             cv2.putText(out, letter, ((x0 + x1) // 2 - int(8 * font), (int(a) + int(b)) // 2 + int(8 * font)),
                         cv2.FONT_HERSHEY_SIMPLEX, font, OPACITY if affected else ZONE_LINE, thick + 1, cv2.LINE_AA)
-    label = f"score {record['score']}/6  opacity {record['opacity_percent']:.1f}%"
-    if "disease_probability" in record:
+    if record.get("status", "scored") == "scored":
+        label = f"score {record['score']}/6  opacity {record['opacity_percent']:.1f}%"
+    elif record.get("status") == "partial":
+        label = f"PARTIAL: one lung only, no score  opacity {record['opacity_percent']:.1f}%"
+    else:
+        label = "UNSCORED: no lungs found"
+    if record.get("disease_probability") is not None:
         label += f"  p(disease) {record['disease_probability']:.2f}"
     banner = np.zeros((int(30 * font) + 8, size[0], 3), np.uint8)
     cv2.putText(banner, label, (6, int(22 * font) + 2), cv2.FONT_HERSHEY_SIMPLEX, font * 0.7, (255, 255, 255), 1, cv2.LINE_AA)

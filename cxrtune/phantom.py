@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import images, manifest, zones
 
-REFERENCE_ZONE_THRESHOLD = 0.1
+from .artifacts import DEFAULT_ZONE_THRESHOLD as REFERENCE_ZONE_THRESHOLD  # the one default T
 LABEL_MIX = (("normal", 0.4), ("covid", 0.4), ("other_pneumonia", 0.2))
 
 

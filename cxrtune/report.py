@@ -225,16 +225,18 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     ckpt = analysis.get_best_checkpoint(trial, space.metric, space.mode)
     if ckpt is None:
         raise CxrtuneError(f"{exp_uri}: the best trial has no checkpoint")
+    from .artifacts import read_checkpoint_meta
+
     with ckpt.as_directory() as d:
-        meta = json.loads((Path(d) / "meta.json").read_text())
+        meta = read_checkpoint_meta(str(d))
         if not retrain:
             for name in ("model.pt", "meta.json"):
                 storage.write_bytes(storage.join(run_uri, "best", name), (Path(d) / name).read_bytes())
             storage.write_text(storage.join(run_uri, "run.json"), json.dumps(json_safe(
-                {"promoted_from": exp_uri, "trial": trial.trial_id, "metrics": meta["metrics"],
-                 "config": meta["config"]}), indent=2))
+                {"promoted_from": exp_uri, "trial": trial.trial_id, "metrics": meta.metrics,
+                 "config": meta.config}), indent=2))
             return run_uri
-    cfg = TrainConfig.from_dict({**meta["config"], "tuning_subset": False, "patience": 6})
+    cfg = TrainConfig.from_dict({**meta.config, "tuning_subset": False, "patience": 6})
     if epochs:
         cfg.epochs = epochs
     cfg.batch_size = fill_gpu_batch_size(cfg)

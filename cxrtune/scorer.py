@@ -1,18 +1,25 @@
-"""The two-stage severity scorer and its bundle.
+"""The scoring policy: one code path from bytes to a record, for every caller.
 
-Pipeline (seed 004): Stage I -> threshold -> image AND lung mask -> crop to the lungs' box ->
-Stage II -> refinement by the classifier (mask x [p >= T_cls], Eq. 1-2) -> masks back in image
-coordinates -> lung split, equal-area zones, zone scores (:mod:`cxrtune.zones`) -> the record.
+    bytes -> :func:`~cxrtune.preprocessing.load_scan` (decode keeping the DICOM header, input
+    checks, working size) -> Stage I -> lung cleanup (:func:`~cxrtune.zones.clean_lungs`) ->
+    ROI from the cleaned lungs -> Stage II -> refinement by the classifier (mask x [p >= T_cls],
+    seed 004 Eq. 1-2) -> masks back in image coordinates -> lung split, equal-area zones, zone
+    scores -> :func:`build_record`.
 
-A *bundle* is a folder (local or S3) holding both models' weights, their configs and
-preprocessing, the thresholds and the versions: ``bundle.json``, ``lung.pt``, ``disease.pt``.
-It is the unit ``cxrtune score``, ``evaluate`` and the Serve application load.
+``cxrtune score``, ``evaluate``, ``calibrate``, the clinical objective of sweeps and the Serve
+ingress all call it; Serve splits it at the stage boundaries (``Scorer.lung_masks`` in the Stage I
+deployment, ``Scorer.opacity_masks`` in Stage II, :func:`build_record` in the ingress).
+
+Records carry ``status``: ``scored``; ``partial`` (one lung found: only its zones are scored, the
+other lung's zones are null); ``unscored`` (no lungs found, with a ``reason``). ``score`` is null
+unless the status is ``scored``: a failure never reads as a healthy 0.
+
+Imports neither the trainer nor the dataset: inference stands below training.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -21,13 +28,14 @@ import numpy as np
 import torch
 
 from . import storage, zones
-from .dataset import Preprocessing, extract_roi, resize_image
-from .errors import CxrtuneError
-from .metrics import json_safe
+from .artifacts import (DEFAULT_CLS_THRESHOLD, DEFAULT_ZONE_THRESHOLD, BundleMeta, CheckpointMeta, bundle_hash,
+                        read_bundle_meta)
 from .models import ModelConfig, build_model
+from .preprocessing import Preprocessing, Scan, extract_roi, resize_image
 
-BUNDLE_FORMAT = "cxrtune-bundle/1"
-DEFAULT_ZONE_THRESHOLD = 0.1
+MIN_LUNG_FRACTION = 0.005  # cleaned lungs under this share of the image: no lungs found
+STATUSES = ("scored", "partial", "unscored")
+NO_LUNGS = "no lungs found: not a frontal chest radiograph, or Stage I failed on it"
 
 
 @dataclass
@@ -47,22 +55,48 @@ class StageModel:
     metrics: dict = field(default_factory=dict)
 
 
-def stage_name(config: dict, size: int) -> str:
+def stage_name(meta: CheckpointMeta) -> str:
     """``arch/encoder@size``: how records and ``/v1/models`` name a stage's model."""
-    m = config["model"]
-    return f"{m['arch']}/{m['encoder']}@{size}"
+    m = meta.config["model"]
+    return f"{m['arch']}/{m['encoder']}@{meta.preprocessing['size']}"
 
 
-def build_record(lung: np.ndarray, opacity: np.ndarray, p_disease: float, threshold: float,
-                 models: dict) -> tuple[dict, Detail]:
-    """The record of one scored image from the two stages' outputs (CLI and HTTP alike), and
-    the masks behind it; the lungs are split once, for the zones and for any overlay."""
-    opacity = opacity & lung
+def has_lungs(lung: np.ndarray) -> bool:
+    return bool(lung.mean() >= MIN_LUNG_FRACTION)
+
+
+def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float | None, threshold: float,
+                 models: dict, scan: Scan | None = None) -> tuple[dict, Detail]:
+    """The record of one image from the two stages' outputs (CLI and HTTP alike), and the masks
+    behind it. ``lung`` is the cleaned Stage I mask; ``opacity`` is None when Stage II did not run
+    (no lungs). The lungs are split once, for the zones and for any overlay."""
     lungs = zones.split_lungs(lung)
-    record = zones.score_lungs(lungs, opacity, threshold)
-    record["disease_probability"] = round(float(p_disease), 4)
+    empty = np.zeros(lung.shape, bool)
+    record: dict = {"status": "unscored", "reason": None, "score": None}
+    if opacity is None or lungs.lungs_found == 0 or not has_lungs(lung):
+        record.update(reason=NO_LUNGS, zones=None, lungs=None, opacity_percent=None, threshold=float(threshold),
+                      lungs_found=0, disease_probability=None)
+        detail = Detail(lung, empty, lungs)
+    else:
+        opacity = opacity & lung
+        scored = zones.score_lungs(lungs, opacity, threshold)
+        record.update({k: v for k, v in scored.items() if k != "score"})
+        record["disease_probability"] = round(float(p_disease), 4)
+        if lungs.lungs_found == 2:
+            record["status"], record["score"] = "scored", scored["score"]
+        else:
+            missing = "left" if not lungs.left.any() else "right"
+            letters = zones.LEFT_ZONES if missing == "left" else zones.RIGHT_ZONES
+            for letter in letters:
+                record["zones"][letter] = {"affected": None, "opacity_fraction": None}
+            record["lungs"][missing] = None
+            record["status"] = "partial"
+            record["reason"] = f"one lung found: the patient's {missing} lung's zones are not scored"
+        detail = Detail(lung, opacity, lungs)
     record["models"] = models
-    return record, Detail(lung, opacity, lungs)
+    if scan is not None:
+        record["input"] = {"format": scan.format, "width": scan.width, "height": scan.height}
+    return record, detail
 
 
 def _device(device: str | None) -> torch.device:
@@ -71,23 +105,23 @@ def _device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_stage(state_bytes: bytes, meta: dict, device: torch.device) -> StageModel:
-    cfg = dict(meta["config"]["model"])
+def _load_stage(state_bytes: bytes, meta: CheckpointMeta, device: torch.device) -> StageModel:
+    cfg = dict(meta.config["model"])
     cfg["encoder_weights"] = None  # the bundle's weights replace any pretrained ones
-    cfg["classification"] = meta["config"]["task"] == "disease"
+    cfg["classification"] = meta.task == "disease"
     model = build_model(ModelConfig(**cfg))
     model.load_state_dict(torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True))
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return StageModel(model, Preprocessing.from_dict(meta["preprocessing"]), meta["config"], meta.get("metrics", {}))
+    return StageModel(model, Preprocessing.from_dict(meta.preprocessing), meta.config, meta.metrics)
 
 
 class Scorer:
-    """Both stages, loaded once; scores lists of images in batches (on GPU when there is one)."""
+    """Both stages, loaded once; scores lists of working images in batches (on GPU if any)."""
 
     def __init__(self, lung: StageModel | None, disease: StageModel | None,
-                 zone_threshold: float = DEFAULT_ZONE_THRESHOLD, cls_threshold: float = 0.5,
+                 zone_threshold: float = DEFAULT_ZONE_THRESHOLD, cls_threshold: float = DEFAULT_CLS_THRESHOLD,
                  lung_threshold: float = 0.5, device: torch.device | None = None, batch_size: int = 8,
                  models: dict | None = None):
         """Either stage may be None where only the other is used (one Serve deployment each).
@@ -98,7 +132,7 @@ class Scorer:
         self.batch_size = batch_size
         self.models = models or {}
 
-    # ---------------------------------------------------------------------------------- models
+    # ---------------------------------------------------------------------------------- stages
     def _run(self, stage: StageModel, batch: list[np.ndarray]):
         x = torch.stack([stage.pre.to_tensor(resize_image(im, stage.pre.size)) for im in batch]).to(self.device)
         if self.device.type == "cuda":
@@ -108,16 +142,22 @@ class Scorer:
             return stage.model(x)
 
     def lung_masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Stage I and the lung cleanup: cleaned bool lung masks at each image's size."""
         out = []
         for i in range(0, len(images), self.batch_size):
             chunk = images[i:i + self.batch_size]
             probs = torch.sigmoid(self._run(self.lung, chunk).float())[:, 0].cpu().numpy()
             for im, p in zip(chunk, probs):
                 full = cv2.resize(p, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR)
-                out.append(full >= self.lung_threshold)
+                out.append(zones.clean_lungs(full >= self.lung_threshold))
         return out
 
-    def opacity_masks(self, images: list[np.ndarray], lungs: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+    def opacity_masks(self, images: list[np.ndarray], lungs: list[np.ndarray],
+                      cls_threshold: float | None = None) -> list[tuple[np.ndarray, float]]:
+        """Stage II on the ROI of the cleaned lungs, refined by the classifier: ``(mask, p)`` per
+        image, the mask in image coordinates. ``cls_threshold=0`` returns unrefined masks
+        (calibration chooses T_cls afterwards)."""
+        t_cls = self.cls_threshold if cls_threshold is None else cls_threshold
         rois, boxes = [], []
         for im, lung in zip(images, lungs):
             roi, _, box = extract_roi(im, lung)
@@ -130,7 +170,7 @@ class Scorer:
             p_seg = torch.sigmoid(seg.float())[:, 0].cpu().numpy()
             for j, (prob, pc) in enumerate(zip(p_seg, p_cls)):
                 k = i + j
-                refined = prob * float(pc >= self.cls_threshold)  # Eq. 1-2
+                refined = prob * float(pc >= t_cls)  # Eq. 1-2
                 canvas = np.zeros(images[k].shape, np.float32)
                 if boxes[k] is None:
                     canvas[:] = cv2.resize(refined, (images[k].shape[1], images[k].shape[0]))
@@ -140,43 +180,42 @@ class Scorer:
                 out.append((canvas >= 0.5, float(pc)))
         return out
 
-    # ---------------------------------------------------------------------------------- scoring
-    def score_images(self, images: list[np.ndarray]) -> list[tuple[dict, Detail]]:
-        """Records (and the masks behind them) for 2-D float images in [0, 1]."""
+    # ---------------------------------------------------------------------------------- policy
+    def score_images(self, images: list[np.ndarray], lungs: list[np.ndarray] | None = None,
+                     scans: list[Scan] | None = None, cls_threshold: float | None = None) -> list[tuple[dict, Detail]]:
+        """Records (and the masks behind them) for working images (float32 in [0, 1]).
+        ``lungs`` skips Stage I with masks already made by :meth:`lung_masks`."""
         if not images:
             return []
         t0 = time.perf_counter()
-        lungs = self.lung_masks(images)
+        lungs = self.lung_masks(images) if lungs is None else lungs
         t1 = time.perf_counter()
-        opac = self.opacity_masks(images, lungs)
+        found = [i for i, lung in enumerate(lungs) if has_lungs(lung)]
+        stage2 = dict(zip(found, self.opacity_masks([images[i] for i in found], [lungs[i] for i in found],
+                                                    cls_threshold))) if found else {}
         t2 = time.perf_counter()
-        results = [build_record(lung, opacity, p, self.zone_threshold, self.models_info())
-                   for lung, (opacity, p) in zip(lungs, opac)]
         n = len(images)
-        for record, _ in results:
+        results = []
+        for i, lung in enumerate(lungs):
+            opacity, p = stage2.get(i, (None, None))
+            record, detail = build_record(lung, opacity, p, self.zone_threshold, self.models_info(),
+                                          scans[i] if scans else None)
             record["timings_ms"] = {"stage1": round(1000 * (t1 - t0) / n, 2), "stage2": round(1000 * (t2 - t1) / n, 2)}
+            results.append((record, detail))
         return results
+
+    def score_scans(self, scans: list[Scan]) -> list[tuple[dict, Detail]]:
+        """:meth:`score_images` for inputs from :func:`~cxrtune.preprocessing.load_scan`."""
+        return self.score_images([s.image for s in scans], scans=scans)
 
     def models_info(self) -> dict:
         return dict(self.models)
 
 
-def bundle_models(meta: dict) -> dict:
+def bundle_models(meta: BundleMeta, content_hash: str = "") -> dict:
     """How records (CLI and HTTP) name a bundle's models."""
-    names = {stage: stage_name(meta[stage]["config"], meta[stage]["preprocessing"]["size"])
-             for stage in ("lung", "disease")}
-    return {**names, "cls_threshold": meta.get("cls_threshold", 0.5), "bundle": meta.get("name", ""),
-            "created": meta.get("created", "")}
-
-
-def read_bundle_meta(uri: str) -> dict:
-    try:
-        meta = json.loads(storage.read_text(storage.join(uri, "bundle.json")))
-    except json.JSONDecodeError:
-        raise CxrtuneError(f"{uri}/bundle.json: not valid JSON") from None
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise CxrtuneError(f"{uri}: not a cxrtune bundle (format {meta.get('format')!r})")
-    return meta
+    return {"lung": stage_name(meta.lung), "disease": stage_name(meta.disease), "cls_threshold": meta.cls_threshold,
+            "bundle": meta.name, "bundle_hash": content_hash, "created": meta.created}
 
 
 def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
@@ -184,54 +223,35 @@ def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
     """Load a bundle's models (``stages`` picks which) onto ``device`` (default: GPU if any)."""
     meta = read_bundle_meta(uri)
     dev = _device(device)
-    loaded = {stage: _load_stage(storage.read_bytes(storage.join(uri, f"{stage}.pt")), meta[stage], dev)
+    loaded = {stage: _load_stage(storage.read_bytes(storage.join(uri, f"{stage}.pt")), meta.stage(stage), dev)
               for stage in stages}
-    lung, disease = loaded.get("lung"), loaded.get("disease")
-    return Scorer(lung, disease, zone_threshold=meta["zone_threshold"], cls_threshold=meta["cls_threshold"],
-                  lung_threshold=meta.get("lung_threshold", 0.5), device=dev, batch_size=batch_size,
-                  models=bundle_models(meta))
-
-
-def make_bundle(lung_run: str, disease_run: str, out_uri: str, zone_threshold: float = DEFAULT_ZONE_THRESHOLD,
-                cls_threshold: float = 0.5, name: str = "") -> dict:
-    """Copy each run's best weights and meta into a bundle folder."""
-    from datetime import datetime, timezone
-
-    from .train import versions
-
-    metas = {}
-    for stage, run, task in (("lung", lung_run, "lung"), ("disease", disease_run, "disease")):
-        meta = json.loads(storage.read_text(storage.join(run, "best", "meta.json")))
-        if meta["config"]["task"] != task:
-            raise CxrtuneError(f"{run}: a {meta['config']['task']!r} run, but --{stage} needs a {task!r} run")
-        metas[stage] = {**meta, "run": run}
-        storage.write_bytes(storage.join(out_uri, f"{stage}.pt"), storage.read_bytes(storage.join(run, "best", "model.pt")))
-    bundle = {"format": BUNDLE_FORMAT, "name": name or storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1],
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "zone_threshold": zone_threshold, "cls_threshold": cls_threshold, "lung_threshold": 0.5,
-              "calibration": None, "versions": versions(), **metas}
-    storage.write_text(storage.join(out_uri, "bundle.json"), json.dumps(json_safe(bundle), indent=2))
-    return bundle
-
-
-def update_bundle(uri: str, **changes) -> dict:
-    meta = read_bundle_meta(uri)
-    meta.update(changes)
-    storage.write_text(storage.join(uri, "bundle.json"), json.dumps(json_safe(meta), indent=2))
-    return meta
+    return Scorer(loaded.get("lung"), loaded.get("disease"), zone_threshold=meta.zone_threshold,
+                  cls_threshold=meta.cls_threshold, lung_threshold=meta.lung_threshold, device=dev,
+                  batch_size=batch_size, models=bundle_models(meta, bundle_hash(uri)))
 
 
 # -------------------------------------------------------------------------- references and sweeps
 
-def reference_zones(row, reference_threshold: float = DEFAULT_ZONE_THRESHOLD, cache=None) -> list[int] | None:
-    """Reference zone scores A-F of a manifest row: its ``zone_*`` columns, else derived from its
-    reference lung and opacity masks; None when neither is there."""
+def reference_zones(row, reference_threshold: float = DEFAULT_ZONE_THRESHOLD, cache=None,
+                    reference: str = "auto") -> list[int] | None:
+    """Reference zone scores A-F (0/1) of a manifest row, or None when it has none.
+
+    ``reference``: a reader id (``S`` or ``reader:S``: that reader's grades > 0, from the
+    ``reader_S_A`` .. ``reader_S_F`` columns); ``zones`` (the ``zone_*`` columns); ``masks``
+    (derived from the reference lung and opacity masks with ``reference_threshold``); ``auto``
+    (zone columns, else masks)."""
     from . import images
 
+    if reference not in ("auto", "zones", "masks"):
+        reader = reference.split(":", 1)[-1]
+        cols = [f"reader_{reader}_{z}" for z in zones.ZONE_LETTERS]
+        if not all(c in row.index for c in cols) or any(_missing(row[c]) for c in cols):
+            return None
+        return [int(int(row[c]) > 0) for c in cols]
     cols = [f"zone_{z}" for z in zones.ZONE_LETTERS]
-    if all(c in row.index for c in cols) and not any(_missing(row[c]) for c in cols):
+    if reference != "masks" and all(c in row.index for c in cols) and not any(_missing(row[c]) for c in cols):
         return [int(row[c]) for c in cols]
-    if row.get("lung_mask", "") and row.get("opacity_mask", ""):
+    if reference != "zones" and row.get("lung_mask", "") and row.get("opacity_mask", ""):
         lung = images.read_mask(row["lung_mask"], cache)
         opacity = images.read_mask(row["opacity_mask"], cache)
         rec = zones.score_masks(lung, opacity, reference_threshold)
@@ -248,7 +268,10 @@ def _missing(v) -> bool:
         return v is None
 
 
-def zone_fractions(record: dict) -> list[float]:
+def zone_fractions(record: dict) -> list[float] | None:
+    """The six zones' opacity fractions of a scored record (None unless status is scored)."""
+    if record.get("status") != "scored":
+        return None
     return [record["zones"][z]["opacity_fraction"] for z in zones.ZONE_LETTERS]
 
 

@@ -6,7 +6,8 @@
 * ``Ingress`` (FastAPI) decodes uploads and resizes them in worker threads (never on the event
   loop), calls the stages through DeploymentHandles, computes zones and the record, renders the
   overlay, and turns every kind of bad input into a clear 4xx: 413 (bytes, pixels), 415 (not PNG,
-  JPEG or DICOM), 422 (undecodable, truncated, non-frontal or non-image DICOM, no lungs found),
+  JPEG or DICOM), 422 (undecodable, truncated, blank, tiny, non-frontal or non-image DICOM);
+  a readable image with no lungs found is a 200 with `status: unscored`, like the CLI;
   503 with Retry-After when the queue is full. DICOM tags are never logged or echoed. An optional
   API key (``X-API-Key``) comes from an environment variable.
 
@@ -22,35 +23,37 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from . import __version__
 from .cluster import check_fits, init_ray
 from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+from .preprocessing import WORK_SIZE
 
 log = logging.getLogger("cxrtune.serve")
 API_VERSION = "v1"
-MIN_LUNG_FRACTION = 0.005  # less lung than this share of the image: no lungs (422), not a score of 0
 
 
-@dataclass
-class ServeSettings:
-    """What the application builder takes (``args`` in serve/config.yaml)."""
+class ServeSettings(BaseModel):
+    """What the application builder takes (``args`` in serve/config.yaml); Serve validates the
+    config's ``args`` against it, so a misspelt key fails at deploy time, naming the key."""
 
-    bundle: str = ""
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     max_upload_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 64 * 1024 * 1024
-    work_size: int = 1024  # long side of the working copy: zones are scale-invariant
+    work_size: int = WORK_SIZE  # long side of the working copy (the CLI's too): zones are scale-invariant
     api_key_env: str = "CXRTUNE_API_KEY"
     device: str | None = None
     max_files_per_batch: int = 16
@@ -118,54 +121,43 @@ class RequestError(Exception):
                             headers={"Retry-After": "1"} if self.status == 503 else None)
 
 
-def _decode(data: bytes, s: ServeSettings) -> np.ndarray:
-    """Bytes -> the working image (float32, long side <= work_size). Runs in a thread."""
-    from .dicom import read_dicom
-    from .images import Limits, decode_image, sniff_format
+def _decode(data: bytes, s: ServeSettings):
+    """Bytes -> a checked Scan at the working size (the scoring policy's first step), with the
+    errors mapped to HTTP codes. Runs in a thread."""
+    from .images import Limits
+    from .preprocessing import InputRefused, load_scan
 
-    limits = Limits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels)
     try:
-        fmt = sniff_format(data)
-        if fmt == "dicom":
-            dcm = read_dicom(data, limits=limits)
-            reason = dcm.header.exclusion_reason(min_age=0)  # age is not a reason to refuse a score
-            if reason:
-                raise RequestError(422, f"DICOM not scorable: {reason}")
-            image = dcm.pixels
-        else:
-            image = decode_image(data, limits)
+        return load_scan(data, Limits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels), s.work_size)
     except UnsupportedFormatError as exc:
         raise RequestError(415, f"{exc}; send PNG (8/16-bit), JPEG or DICOM") from None
     except ImageTooLargeError as exc:
         raise RequestError(413, str(exc)) from None
+    except InputRefused as exc:
+        raise RequestError(422, str(exc)) from None
     except ImageDecodeError as exc:
         raise RequestError(422, f"cannot decode the image: {exc}") from None
-    h, w = image.shape
-    if min(h, w) < 32:
-        raise RequestError(422, f"image is {w}x{h}: too small to be a radiograph")
-    if float(image.std()) < 1e-3:
-        raise RequestError(422, "blank image: every pixel has the same value")
-    scale = s.work_size / max(h, w)
-    if scale < 1:
-        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    return image.astype(np.float32)
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=128)
 @serve.ingress(fastapi_app)
 class Ingress:
     def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
-        from .scorer import bundle_models, read_bundle_meta
+        from dataclasses import asdict
+
+        from .artifacts import bundle_hash, read_bundle_meta
+        from .scorer import bundle_models
 
         self.s = ServeSettings(**settings)
         self.stage1, self.stage2 = stage1, stage2
         meta = read_bundle_meta(self.s.bundle)
-        self.zone_threshold = float(meta["zone_threshold"])
-        self.record_models = bundle_models(meta)  # what each record names
+        self.zone_threshold = float(meta.zone_threshold)
+        self.record_models = bundle_models(meta, bundle_hash(self.s.bundle))  # what each record names
         self.models = {  # GET /v1/models: that, plus how the bundle was calibrated
             **self.record_models, "zone_threshold": self.zone_threshold,
-            "calibration": {k: v for k, v in (meta.get("calibration") or {}).items() if k in ("mae", "rmse", "n")},
-            "versions": meta.get("versions", {}),
+            "zone_calibration": asdict(meta.zone_calibration) if meta.zone_calibration else None,
+            "cls_calibration": asdict(meta.cls_calibration) if meta.cls_calibration else None,
+            "model_card": meta.model_card, "audits": meta.audits, "versions": meta.versions,
         }
         self.api_key = os.environ.get(self.s.api_key_env, "")
         self.viewer = (Path(__file__).parent / "viewer.html").read_text()
@@ -204,16 +196,17 @@ class Ingress:
         return files
 
     async def _score(self, data: bytes, overlay: bool, request_id: str) -> tuple[dict, bytes | None]:
+        from .scorer import has_lungs
+
         t0 = time.perf_counter()
-        image = await asyncio.to_thread(_decode, data, self.s)
+        scan = await asyncio.to_thread(_decode, data, self.s)
+        image = scan.image
         t1 = time.perf_counter()
+        opacity = p = None
         try:
             lung = await self.stage1.run.remote(image)
-            if lung.mean() < MIN_LUNG_FRACTION:
-                raise RequestError(422, "no lungs found: not a frontal chest radiograph?")
-            opacity, p = await self.stage2.run.remote((image, lung))
-        except RequestError:
-            raise
+            if has_lungs(lung):  # no lungs: an unscored record (HTTP 200), Stage II is not asked
+                opacity, p = await self.stage2.run.remote((image, lung))
         except Exception as exc:  # noqa: BLE001 - Serve's queue-full and unavailable errors
             name = type(exc).__name__
             if "BackPressure" in name or "Unavailable" in name:
@@ -224,9 +217,7 @@ class Ingress:
         def finish():
             from .scorer import build_record
 
-            record, detail = build_record(lung, opacity, p, self.zone_threshold, self.record_models)
-            if record["lungs_found"] == 1:
-                record["warnings"] = ["only one lung found; the other lung's zones are unscored"]
+            record, detail = build_record(lung, opacity, p, self.zone_threshold, self.record_models, scan)
             png = None
             if overlay:
                 from .overlay import encode_overlay
@@ -254,8 +245,10 @@ class Ingress:
             return exc.response(request_id)
         log.info("request %s scored in %.0f ms", request_id, record["timings_ms"]["total"])
         if png is not None and "image/png" in request.headers.get("accept", ""):
-            return Response(png, media_type="image/png",
-                            headers={"X-Request-Id": request_id, "X-Score": str(record["score"])})
+            headers = {"X-Request-Id": request_id, "X-Status": record["status"]}
+            if record["score"] is not None:
+                headers["X-Score"] = str(record["score"])
+            return Response(png, media_type="image/png", headers=headers)
         if png is not None:
             record["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
         return JSONResponse(record, headers={"X-Request-Id": request_id})
@@ -274,9 +267,10 @@ class Ingress:
                 record, png = await self._score(data, overlay, f"{request_id}-{i}")
                 if png is not None:
                     record["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
-                return {"file": name, "status": 200, **record}
+                return {"file": name, "http_status": 200, **record}
             except RequestError as exc:
-                return {"file": name, "status": exc.status, "error": exc.detail}
+                return {"file": name, "http_status": exc.status, "status": "error", "error": exc.detail,
+                        "request_id": f"{request_id}-{i}"}
 
         results = await asyncio.gather(*(one(i, n, d) for i, (n, d) in enumerate(files)))
         return JSONResponse({"request_id": request_id, "results": results})
@@ -303,25 +297,30 @@ class Ingress:
         return self.viewer
 
 
-def build_app(args: dict, deployments: dict[str, dict] | None = None):
-    """Application builder for ``serve run`` / ``serve deploy`` (``args`` from the config).
+def build_app(args: ServeSettings):
+    """The application builder that ``serve run`` / ``serve deploy`` import (``import_path:
+    cxrtune.serving:build_app``): one typed argument, the config's ``args``."""
+    return application(args)
 
-    ``deployments`` (name -> options) applies a config's per-deployment settings when the app
-    is run in-process (``cxrtune serve``); ``serve run CONFIG`` applies them itself."""
-    unknown = set(args or {}) - {f for f in ServeSettings.__dataclass_fields__}
-    if unknown:
-        raise CxrtuneError(f"unknown Serve args: {', '.join(sorted(unknown))}; "
-                           f"known: {', '.join(ServeSettings.__dataclass_fields__)}")
-    settings = asdict(ServeSettings(**(args or {})))
-    if not settings["bundle"]:
-        raise CxrtuneError("the Serve application needs args.bundle (a bundle URI)")
-    from .scorer import read_bundle_meta
 
-    read_bundle_meta(settings["bundle"])  # fail here, plainly, rather than in three replicas
+def application(settings: ServeSettings | dict, deployments: dict[str, dict] | None = None):
+    """The scorer app. ``deployments`` (name -> options) applies a config's per-deployment
+    settings when the app is run in-process (``cxrtune serve``, tests); ``serve run CONFIG``
+    applies them itself."""
+    from pydantic import ValidationError
+
+    try:
+        settings = settings if isinstance(settings, ServeSettings) else ServeSettings(**(settings or {}))
+    except ValidationError as exc:
+        raise CxrtuneError(f"bad Serve args: {exc}") from None
+    from .artifacts import read_bundle_meta
+
+    read_bundle_meta(settings.bundle)  # fail here, plainly, rather than in three replicas
+    plain = settings.model_dump()
     opts = {k: {o: v for o, v in d.items() if o != "name"} for k, d in (deployments or {}).items()}
-    stage1 = Stage1.options(**opts.get("Stage1", {})).bind(settings)
-    stage2 = Stage2.options(**opts.get("Stage2", {})).bind(settings)
-    return Ingress.options(**opts.get("Ingress", {})).bind(stage1, stage2, settings)
+    stage1 = Stage1.options(**opts.get("Stage1", {})).bind(plain)
+    stage2 = Stage2.options(**opts.get("Stage2", {})).bind(plain)
+    return Ingress.options(**opts.get("Ingress", {})).bind(stage1, stage2, plain)
 
 
 def load_config(path: str, bundle: str | None = None) -> tuple[dict, dict, dict]:
@@ -350,7 +349,7 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
         http["host"] = host
     if port:
         http["port"] = port
-    app = build_app(args, deployments)
+    app = application(args, deployments)
     init_ray()
     for name, d in deployments.items():
         need = d.get("ray_actor_options") or {}

@@ -30,7 +30,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import storage
-from .dataset import CXRDataset, Preprocessing, seed_worker
+from .artifacts import CheckpointMeta, versions
+from .dataset import CXRDataset, seed_worker
+from .preprocessing import Preprocessing
 from .errors import CxrtuneError
 from .losses import DynamicLossWeighting, build_optimizer, classification_loss, segmentation_loss
 from .metrics import SegmentationMeter, classification_metrics, json_safe
@@ -66,6 +68,7 @@ class TrainConfig:
     max_train_images: int | None = None
     max_val_images: int | None = None
     amp: bool = True  # bf16 autocast, on GPU only
+    max_minutes: float | None = None  # wall-clock budget: no epoch starts that would end past it
 
     @property
     def monitor(self) -> str:
@@ -116,10 +119,14 @@ def seed_everything(seed: int) -> None:
 
 def select_rows(df: pd.DataFrame, cfg: TrainConfig, split: str) -> pd.DataFrame:
     rows = df[df["split"] == split]
+    if "eval_only" in rows.columns:  # e.g. radiologists' reference sets: calibration and evaluation only
+        rows = rows[~rows["eval_only"].astype(bool)]
     if cfg.tuning_subset and "tuning" in rows.columns:
         rows = rows[rows["tuning"]]
     if cfg.task == "lung":
         rows = rows[rows["lung_mask"] != ""]
+    else:  # the classifier never trains or validates on rows without a diagnosis
+        rows = rows[rows["label"].astype(str) != ""]
     limit = cfg.max_train_images if split == "train" else cfg.max_val_images
     if limit:
         rows = rows.sample(n=min(limit, len(rows)), random_state=cfg.seed) if len(rows) > limit else rows
@@ -145,6 +152,10 @@ class Trainer:
         self.train_ds = CXRDataset(select_rows(df, cfg, "train"), self.pre, augment=cfg.augment, cache=cache,
                                    roi=roi, seed=cfg.seed)
         self.val_ds = CXRDataset(select_rows(df, cfg, "val"), self.pre, augment=False, cache=cache, roi=roi)
+        self.data = {"manifest": df.attrs.get("source_uri", ""),  # for the model card
+                     **{f"{name}_images": {"total": len(ds.df), **ds.df["label"].value_counts().to_dict()}
+                        for name, ds in (("train", self.train_ds), ("val", self.val_ds))},
+                     "sources": sorted(set(ds_df for ds_df in self.train_ds.df.get("source", []) if ds_df))}
         gen = torch.Generator().manual_seed(cfg.seed)
         self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
                                        num_workers=cfg.num_workers, generator=gen, worker_init_fn=seed_worker,
@@ -165,6 +176,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best: dict | None = None
         self.stale = 0
+        self.progress_value: float | None = None
 
     # ------------------------------------------------------------------------------------ steps
     def _autocast(self):
@@ -186,19 +198,29 @@ class Trainer:
         cls = self.cls_loss(cls_logits.float().squeeze(1), batch["label"].to(self.device))
         return {"seg": seg, "cls": cls}
 
-    def train_epoch(self) -> dict:
+    def train_epoch(self, progress: bool = False) -> dict:
+        from tqdm import tqdm
+
         self.model.train()
         total, n = 0.0, 0
-        for batch in self.train_loader:
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="batch",
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        for batch in bar:
             with self._autocast():
                 out = self.model(self._inputs(batch))
             losses = self._losses(out, batch)
-            loss = self.dlw(losses) if self.cfg.task == "disease" else losses["seg"]
+            if self.cfg.task == "disease":
+                annotated = batch["opacity_annotated"]
+                nonempty = bool((batch["opacity_mask"][annotated] > 0).any()) if annotated.any() else False
+                loss = self.dlw(losses, {"seg": nonempty, "cls": True})
+            else:
+                loss = losses["seg"]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += float(loss.detach()) * len(batch["index"])
             n += len(batch["index"])
+            bar.set_postfix(loss=f"{total / n:.4f}", refresh=False)
         if self.scheduler:
             self.scheduler.step()
         return {"train_loss": total / max(n, 1)}
@@ -238,13 +260,14 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "dlw": self.dlw.state_dict(), "epoch": self.epoch, "history": self.history,
-                "best": self.best, "stale": self.stale, "torch_rng": torch.get_rng_state(),
+                "best": self.best, "stale": self.stale,
+                "progress_value": self.progress_value, "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state()}
 
     def meta(self, metrics: dict) -> dict:
-        return {"format": "cxrtune-checkpoint/1", "epoch": self.epoch, "config": self.cfg.to_dict(),
-                "preprocessing": self.pre.to_dict(), "metrics": metrics, "monitor": self.cfg.monitor,
-                "roi": self.cfg.task == "disease", "versions": versions()}
+        return CheckpointMeta(config=self.cfg.to_dict(), preprocessing=self.pre.to_dict(), epoch=self.epoch,
+                              metrics=metrics, monitor=self.cfg.monitor, roi=self.cfg.task == "disease",
+                              versions=versions(), data=self.data).to_dict()
 
     def write_checkpoint(self, directory: str | Path, metrics: dict) -> Path:
         """Weights (``model.pt``), resumable state (``state.pt``) and ``meta.json`` in a folder."""
@@ -263,51 +286,70 @@ class Trainer:
         self.dlw.load_state_dict(state["dlw"])
         self.epoch, self.history = state["epoch"], state["history"]
         self.best, self.stale = state["best"], state["stale"]
+        self.progress_value = state.get("progress_value", (state["best"] or {}).get("value"))
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
 
     # ------------------------------------------------------------------------------------- fit
     def fit(self, on_epoch: Callable[[dict, Path], bool | None] | None = None,
-            checkpoint_root: str | Path | None = None) -> dict:
+            checkpoint_root: str | Path | None = None, progress: bool = False) -> dict:
         """Run epochs until ``cfg.epochs`` or early stopping. ``on_epoch(metrics, ckpt_dir)`` is
-        called after each epoch with a local checkpoint folder; returning True stops training."""
+        called after each epoch with a local checkpoint folder; returning True stops training.
+        ``progress`` shows a bar per epoch and prints one line of metrics after each."""
         staging = Path(tempfile.mkdtemp(prefix="cxrtune-ckpt-"))
+        started = time.perf_counter()
         try:
             while self.epoch < self.cfg.epochs:
                 t0 = time.perf_counter()
-                metrics = self.train_epoch()
+                metrics = self.train_epoch(progress)
                 metrics.update(self.validate())
                 self.epoch += 1
                 metrics.update(epoch=self.epoch, epoch_seconds=time.perf_counter() - t0,
                                lr=self.optimizer.param_groups[0]["lr"])
                 value = metrics[self.cfg.monitor]
                 value = -1.0 if value is None or np.isnan(value) else value
-                if self.best is None or value > self.best["value"] + self.cfg.min_delta:
-                    self.best, self.stale = {"value": value, "epoch": self.epoch}, 0
-                else:
-                    self.stale += 1
+                # best/ is the best epoch, full stop; min_delta only decides what counts as
+                # progress for patience (one rule, shared with the Tune stopper)
+                if self.best is None or value > self.best["value"]:
+                    self.best = {"value": value, "epoch": self.epoch}
+                self.stale, self.progress_value = patience_step(self.progress_value, value, self.stale,
+                                                                self.cfg.min_delta)
                 metrics["best_" + self.cfg.monitor] = self.best["value"]
                 self.history.append(metrics)
-                log.info("epoch %d: %s", self.epoch,
-                         {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+                line = epoch_line(metrics, self.cfg.monitor)
+                log.info("%s", line)
+                if progress:
+                    print(line, flush=True)
                 ckpt = self.write_checkpoint(staging / f"epoch_{self.epoch:04d}", metrics)
                 if checkpoint_root is not None:
                     upload_checkpoint(ckpt, str(checkpoint_root), self.epoch)
                 stop = on_epoch(metrics, ckpt) if on_epoch else False  # Tune persists it in report()
                 shutil.rmtree(ckpt, ignore_errors=True)
-                if stop or self.stale >= self.cfg.patience:
+                if stop or (self.cfg.patience and self.stale >= self.cfg.patience):
+                    break
+                elapsed = time.perf_counter() - started
+                if self.cfg.max_minutes and elapsed + metrics["epoch_seconds"] > 60 * self.cfg.max_minutes:
+                    log.info("time budget of %.1f min: no room for epoch %d", self.cfg.max_minutes, self.epoch + 1)
                     break
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return {"epochs": self.epoch, "best": self.best, "history": self.history}
 
 
-def versions() -> dict:
-    import segmentation_models_pytorch as smp
+def patience_step(reference: float | None, value: float, stale: int, min_delta: float) -> tuple[int, float]:
+    """The patience rule: an epoch is progress when it beats the last progress value by more than
+    ``min_delta`` (mode max). Returns ``(stale epochs, new reference value)``."""
+    if reference is None or value > reference + min_delta:
+        return 0, value
+    return stale + 1, reference
 
-    from . import __version__
 
-    return {"cxrtune": __version__, "torch": torch.__version__, "smp": smp.__version__}
+def epoch_line(metrics: dict, monitor: str) -> str:
+    """One line per epoch for people: the monitored value first, then losses and the rest."""
+    keys = [monitor, "train_loss", "val_loss", "val_dice", "val_f1", "val_fp_rate_empty"]
+    parts = [f"{k}={metrics[k]:.4f}" for k in dict.fromkeys(keys) if isinstance(metrics.get(k), float)
+             and not np.isnan(metrics[k])]
+    return f"epoch {metrics['epoch']}: " + " ".join(parts) + f" ({metrics['epoch_seconds']:.0f} s)"
 
 
 def upload_checkpoint(local: Path, run_uri: str, epoch: int) -> None:
@@ -334,7 +376,7 @@ def load_torch(uri: str):
 
 
 def train(cfg: TrainConfig, df: pd.DataFrame, out_uri: str, resume: bool = False,
-          on_epoch: Callable[[dict, Path], bool | None] | None = None) -> dict:
+          on_epoch: Callable[[dict, Path], bool | None] | None = None, progress: bool = False) -> dict:
     """Train and write a run folder: ``checkpoints/epoch_NNNN/`` per epoch, ``best/`` (the best
     epoch's weights + meta, what ``cxrtune bundle`` takes) and ``run.json`` (config + history)."""
     trainer = Trainer(cfg, df)
@@ -343,7 +385,7 @@ def train(cfg: TrainConfig, df: pd.DataFrame, out_uri: str, resume: bool = False
         if last:
             trainer.load_state(load_torch(storage.join(last, "state.pt")))
             log.info("resumed from %s at epoch %d", last, trainer.epoch)
-    result = trainer.fit(on_epoch=on_epoch, checkpoint_root=out_uri)
+    result = trainer.fit(on_epoch=on_epoch, checkpoint_root=out_uri, progress=progress)
     best_epoch = result["best"]["epoch"] if result["best"] else trainer.epoch
     best_dir = storage.join(out_uri, "checkpoints", f"epoch_{best_epoch:04d}")
     for name in ("model.pt", "meta.json"):

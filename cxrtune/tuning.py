@@ -111,14 +111,16 @@ def measure_latency_ms(model, size: int, in_channels: int, device, repeats: int 
 
 
 class ClinicalObjective:
-    """Validation severity-score MAE of a Stage II trial through a fixed Stage I bundle.
+    """Validation severity-score MAE of a Stage II trial through a fixed Stage I bundle, scored by
+    the scoring policy (:meth:`cxrtune.scorer.Scorer.score_images`).
 
-    Stage I is fixed, so the validation images, their lung masks and their reference zones are
-    computed once; each epoch only Stage II runs. The zone threshold is the bundle's (not fit on
-    the validation images)."""
+    Stage I is fixed, so the validation images (through ``load_scan``), their cleaned lung masks
+    and their reference zones are computed once; each epoch only Stage II runs. The zone threshold
+    is the bundle's (not fit on the validation images). A record that is not ``scored`` counts
+    with the worst error its reference allows: a trial gains nothing by failing to score."""
 
     def __init__(self, bundle_uri: str, rows, limit: int | None = 64):
-        from . import images
+        from .preprocessing import load_scan
         from .scorer import load_bundle, reference_zones
 
         self.bundle = load_bundle(bundle_uri)
@@ -128,7 +130,11 @@ class ClinicalObjective:
             ref = reference_zones(row, cache=cache)
             if ref is None:
                 continue
-            self.images.append(images.read_image(row["image"], cache))
+            try:
+                self.images.append(load_scan(cache.read_bytes(row["image"])).image)
+            except CxrtuneError as exc:  # an unreadable or refused image must not end the sweep
+                log.warning("score_mae: a validation image is skipped: %s", exc)
+                continue
             self.refs.append(sum(ref))
             if limit and len(self.images) >= limit:
                 break
@@ -137,16 +143,15 @@ class ClinicalObjective:
         self.lungs = self.bundle.lung_masks(self.images)
 
     def __call__(self, model, pre, config: dict) -> float:
-        from . import zones
         from .scorer import StageModel
 
         model.eval()
         self.bundle.disease = StageModel(model, pre, config)
-        preds = []
-        for lung, (opacity, _) in zip(self.lungs, self.bundle.opacity_masks(self.images, self.lungs)):
-            preds.append(zones.score_masks(lung, opacity & lung, self.bundle.zone_threshold)["score"])
+        errors = []
+        for (record, _), ref in zip(self.bundle.score_images(self.images, lungs=self.lungs), self.refs):
+            errors.append(abs(record["score"] - ref) if record["status"] == "scored" else max(ref, 6 - ref))
         model.train()
-        return float(np.mean(np.abs(np.array(preds) - np.array(self.refs))))
+        return float(np.mean(errors))
 
 
 OVERLAY_KEY = "overlays_png_b64"
@@ -239,11 +244,11 @@ class PatienceStopper(Stopper):
     def __call__(self, trial_id: str, result: dict) -> bool:
         if self.metric not in result:
             return False
+        from .train import patience_step  # the one patience rule, shared with `cxrtune train`
+
         value = self.sign * float(result[self.metric])
-        if trial_id not in self.best or value > self.best[trial_id] + self.min_delta:
-            self.best[trial_id], self.stale[trial_id] = value, 0
-        else:
-            self.stale[trial_id] += 1
+        self.stale[trial_id], self.best[trial_id] = patience_step(
+            self.best.get(trial_id), value, self.stale.get(trial_id, 0), self.min_delta)
         return self.stale[trial_id] >= self.patience
 
     def stop_all(self) -> bool:

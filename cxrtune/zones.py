@@ -13,7 +13,10 @@ Written by hand because no library does it; connected components come from OpenC
 
 Defined behaviour on odd masks (never an exception):
 * no lung pixels: both lungs empty, every zone unaffected, ``lungs_found`` 0;
-* blobs smaller than ``MIN_BLOB_FRACTION`` of the largest are noise and ignored;
+* :func:`clean_lungs` first drops Stage I specks: blobs under ``MIN_LUNG_BLOB_FRACTION`` of the
+  *image* (not of the largest blob: a white-out lung that Stage I under-segments is small and
+  must survive) and any blob that sits in the column range of a larger one (fragments of the same
+  lung, stray marks above or below it); at most two blobs remain;
 * one blob: if it straddles the image centre it is taken as two merged lungs and cut at the column
   with the fewest lung pixels in its central part; otherwise it is one lung, on the side of its
   centroid, and the other lung is empty (``lungs_found`` 1);
@@ -30,7 +33,7 @@ import numpy as np
 ZONE_LETTERS = ("A", "B", "C", "D", "E", "F")
 RIGHT_ZONES = ("A", "B", "C")  # patient's right lung: upper, middle, lower
 LEFT_ZONES = ("D", "E", "F")
-MIN_BLOB_FRACTION = 0.1
+MIN_LUNG_BLOB_FRACTION = 0.002  # of the image area; smaller blobs are specks, not lungs
 
 
 @dataclass
@@ -51,16 +54,48 @@ def _merged_split_column(blob: np.ndarray) -> int:
     return lo + int(np.argmin(counts)) if hi > lo else (x0 + x1) // 2
 
 
-def split_lungs(lung_mask: np.ndarray) -> LungPair:
-    """Two largest connected components -> (patient's right, patient's left)."""
+def clean_lungs(lung_mask: np.ndarray) -> np.ndarray:
+    """Stage I's mask -> at most two lung blobs (bool). The lung cleanup of the scoring policy:
+    the ROI crop, the split and the zones all use its output, in training and in use.
+
+    Keeps the largest blob, then the largest other blob that lies beside it: overlapping at most
+    half of its own width with the first blob's columns, and at least half of its own height with
+    the first blob's rows (a marker or label above or below is not a lung). Blobs under ``MIN_LUNG_BLOB_FRACTION``
+    of the image are specks. Size is never judged against the other lung, so a small, fully
+    opaque lung is kept."""
     mask = np.ascontiguousarray(lung_mask > 0, dtype=np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return np.zeros(mask.shape, dtype=bool)
+    min_area = max(1.0, MIN_LUNG_BLOB_FRACTION * mask.size)
+    blobs = sorted((int(stats[i, cv2.CC_STAT_AREA]), i) for i in range(1, n)
+                   if stats[i, cv2.CC_STAT_AREA] >= min_area)
+    if not blobs:
+        return np.zeros(mask.shape, dtype=bool)
+    blobs.reverse()
+    first = blobs[0][1]
+    fx0, fy0 = stats[first, cv2.CC_STAT_LEFT], stats[first, cv2.CC_STAT_TOP]
+    fx1, fy1 = fx0 + stats[first, cv2.CC_STAT_WIDTH], fy0 + stats[first, cv2.CC_STAT_HEIGHT]
+    keep = [first]
+    for _, i in blobs[1:]:
+        x0, w = stats[i, cv2.CC_STAT_LEFT], stats[i, cv2.CC_STAT_WIDTH]
+        y0, h = stats[i, cv2.CC_STAT_TOP], stats[i, cv2.CC_STAT_HEIGHT]
+        beside = max(0, min(fx1, x0 + w) - max(fx0, x0)) <= 0.5 * w
+        level = max(0, min(fy1, y0 + h) - max(fy0, y0)) >= 0.5 * h
+        if beside and level:
+            keep.append(i)
+            break
+    return np.isin(labels, keep)
+
+
+def split_lungs(lung_mask: np.ndarray) -> LungPair:
+    """Cleaned lung mask (:func:`clean_lungs`) -> (patient's right, patient's left)."""
+    mask = clean_lungs(lung_mask).astype(np.uint8)
     empty = np.zeros(mask.shape, dtype=bool)
     n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:
         return LungPair(empty, empty.copy(), 0)
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    order = np.argsort(areas)[::-1] + 1
-    keep = [int(i) for i in order[:2] if stats[i, cv2.CC_STAT_AREA] >= MIN_BLOB_FRACTION * areas.max()]
+    keep = list(range(1, n))
     width = mask.shape[1]
     if len(keep) == 2:
         a, b = keep

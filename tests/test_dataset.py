@@ -2,7 +2,8 @@ import numpy as np
 import torch
 
 from cxrtune import images, manifest
-from cxrtune.dataset import CXRDataset, Preprocessing, seed_augmentation
+from cxrtune.dataset import CXRDataset, seed_augmentation
+from cxrtune.preprocessing import Preprocessing
 
 
 def test_items_and_channels(phantom_dir):

@@ -5,7 +5,8 @@ import pytest
 from torch.utils.data import DataLoader
 
 from cxrtune import manifest, storage
-from cxrtune.dataset import CXRDataset, Preprocessing
+from cxrtune.dataset import CXRDataset
+from cxrtune.preprocessing import Preprocessing
 from cxrtune.errors import ManifestError
 
 
@@ -72,3 +73,45 @@ def test_push_then_train_reader_caches(phantom_dir, bucket, tmp_path):
     second = [b["image"] for b in DataLoader(ds, batch_size=8)]
     assert storage.s3_stats.requests == 0
     assert len(first) == len(second) == 3
+
+
+def test_empty_label_means_unlabelled(tmp_path):
+    from cxrtune import images
+
+    import numpy as np
+
+    for name in ("a.png", "b.png"):
+        images.write_png(str(tmp_path / name), np.full((8, 8), 9, np.uint8))
+    p = tmp_path / "m.csv"
+    p.write_text("image,label,patient_id\na.png,,p1\nb.png,normal,p2\n")
+    df = manifest.load_manifest(str(p))
+    assert list(df.label) == ["", "normal"]
+    assert [manifest.is_labelled(v) for v in df.label] == [False, True]
+    assert not manifest.is_labelled(None) and not manifest.is_labelled(float("nan"))
+    assert not manifest.is_labelled("  ")
+    p.write_text("image,label,patient_id\na.png,flu,p1\n")
+    with pytest.raises(ManifestError, match="unknown label 'flu'.*leave it empty"):
+        manifest.load_manifest(str(p))
+
+
+def test_splits_and_folds_work_with_unlabelled_rows():
+    from cxrtune.splits import _patient_strata, assign_splits, split_summary
+
+    rows = [{"image": f"/x/{p}_{k}.png", "label": ["", "normal", "covid"][p % 3], "patient_id": f"p{p}"}
+            for p in range(60) for k in range(2)]
+    rows += [{"image": "/x/mixed_0.png", "label": "", "patient_id": "mixed"},
+             {"image": "/x/mixed_1.png", "label": "", "patient_id": "mixed"},
+             {"image": "/x/mixed_2.png", "label": "normal", "patient_id": "mixed"}]
+    df = manifest.new_manifest(rows)
+    strata = _patient_strata(df)
+    assert strata["mixed"] == "normal"  # unlabelled images never outvote labelled ones
+    assert strata["p0"] == "" and strata["p1"] == "normal" and strata["p2"] == "covid"
+    out = assign_splits(df, val=0.2, test=0.2, folds=2, seed=0, tuning_fraction=0.5)
+    patients = out.drop_duplicates("patient_id").set_index("patient_id").split
+    per = patients.groupby(strata).value_counts().unstack(fill_value=0)
+    assert per.loc[""].to_dict() == {"test": 4, "train": 12, "val": 4}  # 20 unlabelled patients
+    assert per.loc["normal"].sum() == 21 and per.loc["covid"].to_dict() == {"test": 4, "train": 12, "val": 4}
+    assert out.groupby("patient_id").split.nunique().max() == 1
+    assert set(out.loc[out.split != "test", "fold"]) == {0, 1}
+    manifest.validate(out, check_files=False)
+    assert split_summary(out)["test"][""] == 8 + 2 * (patients["mixed"] == "test")  # images, not patients

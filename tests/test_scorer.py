@@ -28,12 +28,23 @@ def bundle(phantom_dir, tmp_path_factory):
     return work
 
 
-def test_calibrate_stores_threshold(bundle, phantom_dir):
+def test_calibrate_stores_both_thresholds_with_provenance(bundle, phantom_dir):
     out = run("calibrate", str(bundle / "bundle"), "--manifest", str(phantom_dir / "manifest.parquet"))
-    assert "zone threshold" in out
+    assert "zone threshold" in out and "T_cls" in out
     meta = json.loads((bundle / "bundle" / "bundle.json").read_text())
-    assert meta["calibration"]["split"] == "train,val" and 0 < meta["zone_threshold"] <= 1
-    assert meta["calibration"]["n"] > 0 and meta["versions"]["cxrtune"]
+    zone, cls = meta["zone_calibration"], meta["cls_calibration"]
+    assert meta["format"] == "cxrtune-bundle/2" and meta["versions"]["cxrtune"]
+    assert zone["split"] == "train,val" and zone["reference"] == "zones" and zone["method"] == "min_mae"
+    assert zone["threshold"] == meta["zone_threshold"] and 0 < meta["zone_threshold"] <= 1
+    assert zone["n"] > 0 and zone["mae"] is not None
+    assert cls["split"] == "val" and cls["method"] == "max_f1" and cls["threshold"] == meta["cls_threshold"]
+    assert cls["n"] == 5  # the phantoms' val rows (24 phantoms, 20 % val), all labelled
+    card = meta["model_card"]
+    assert card["thresholds"]["zone_calibration"]["reference"] == "zones" and card["intended_use"]
+    out = run("calibrate", str(bundle / "bundle"), "--manifest", str(phantom_dir / "manifest.parquet"),
+              "--what", "cls", "--specificity", "1.0")
+    meta = json.loads((bundle / "bundle" / "bundle.json").read_text())
+    assert meta["cls_calibration"]["method"] == "specificity" and meta["cls_calibration"]["specificity"] == 1.0
 
 
 def test_score_images_dicom_and_bad_files(bundle, phantom_dir, tmp_path):
@@ -47,23 +58,67 @@ def test_score_images_dicom_and_bad_files(bundle, phantom_dir, tmp_path):
         str(bundle / "bundle"), "--out", str(out), "--overlays", str(tmp_path / "ov"))
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 5
-    good = [x for x in lines if "score" in x]
+    good = [x for x in lines if x["status"] != "error"]
     assert len(good) == 4
     for rec in good:
-        assert 0 <= rec["score"] <= 6 and set(rec["zones"]) == set("ABCDEF")
-        assert set(rec["lungs"]) == {"right", "left"} and 0 <= rec["disease_probability"] <= 1
-        assert rec["models"]["lung"].startswith("FPN/resnet18")
-    assert "broken.png" in [x for x in lines if "error" in x and "score" not in x][0]["image"]
+        assert rec["status"] in ("scored", "partial", "unscored")
+        assert (rec["score"] is None) == (rec["status"] != "scored")
+        if rec["status"] == "scored":
+            assert 0 <= rec["score"] <= 6 and set(rec["zones"]) == set("ABCDEF")
+            assert set(rec["lungs"]) == {"right", "left"} and 0 <= rec["disease_probability"] <= 1
+        assert rec["models"]["lung"].startswith("FPN/resnet18") and len(rec["models"]["bundle_hash"]) == 16
+    assert [x["input"]["format"] for x in good] == ["png", "png", "png", "dicom"]
+    bad_line = [x for x in lines if x["status"] == "error"][0]
+    assert "broken.png" in bad_line["image"] and bad_line["score"] is None and bad_line["error"]
     overlays = sorted((tmp_path / "ov").iterdir())
     assert len(overlays) == 4 and images.decode_raster(overlays[0].read_bytes()).shape[0] >= 512
+    assert sorted(x["overlay"] for x in good) == [p.name for p in overlays]
+    assert not any("phantom" in p.name or "RG1" in p.name for p in overlays)  # named by hash, not by file
+
+
+def test_score_streams_records_and_resumes(bundle, phantom_dir, tmp_path):
+    imgs = sorted((phantom_dir / "images").iterdir())[:5]
+    out = tmp_path / "r.jsonl"
+    run("score", *map(str, imgs[:2]), "--bundle", str(bundle / "bundle"), "--out", str(out), "-q")
+    first = out.read_text().splitlines()
+    assert len(first) == 2
+    # a run cut off mid-line: the cut line is scored again, complete lines are kept as they were
+    out.write_text("\n".join(first) + "\n" + '{"image": "' + str(imgs[2])[:10])
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "score", *map(str, imgs), "--bundle",
+                        str(bundle / "bundle"), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr  # never overwrites without being asked
+    stdout = run("score", *map(str, imgs), "--bundle", str(bundle / "bundle"), "--out", str(out), "--resume", "-q")
+    assert "already done 2" in stdout
+    lines = out.read_text().splitlines()
+    assert len(lines) == 5 and lines[:2] == first  # the cut line is gone, its image scored again
+    assert [json.loads(x)["image"] for x in lines[2:]] == [str(p) for p in imgs[2:]]
+
+
+def test_score_takes_a_manifest_and_an_s3_prefix(bundle, phantom_dir, tmp_path, bucket):
+    from cxrtune import storage
+
+    imgs = sorted((phantom_dir / "images").iterdir())[:2]
+    for p in imgs:
+        storage.write_bytes(f"s3://{bucket}/cxr/{p.name}", p.read_bytes())
+    out = tmp_path / "r.jsonl"
+    run("score", f"s3://{bucket}/cxr/", "--manifest", str(phantom_dir / "manifest.parquet"),
+        "--bundle", str(bundle / "bundle"), "--out", str(out), "-q")
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["image"] for x in lines[:2]] == [f"s3://{bucket}/cxr/{p.name}" for p in imgs]
+    assert len(lines) == 2 + 24 and all(x["status"] != "error" for x in lines)
 
 
 def test_evaluate_writes_metrics_and_plots(bundle, phantom_dir):
     out = bundle / "eval"
     summary = json.loads(run("evaluate", "--bundle", str(bundle / "bundle"), "--manifest",
                              str(phantom_dir / "manifest.parquet"), "--out", str(out), "--split", "val,test"))
-    assert {"lung_dice", "opacity_dice", "f1", "score_mae"} <= set(summary)
+    assert summary["lung_dice"] > 0 and summary["score_mae"] is not None and 0 <= summary["f1"] <= 1
     metrics = json.loads((out / "metrics.json").read_text())
+    from cxrtune import manifest
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    assert sum(metrics["status"].values()) == metrics["n_read"] == df["split"].isin(["val", "test"]).sum()
+    assert metrics["n_normal"] == ((df["label"] == "normal") & df["split"].isin(["val", "test"])).sum()
     assert {"mae", "rmse", "pearson", "kappa_linear", "kappa_quadratic"} <= set(metrics["score"])
     assert (out / "score_density.png").stat().st_size > 1000 and (out / "zone_confusion.png").exists()
 
@@ -100,3 +155,51 @@ def test_clinical_objective_scores_validation_images(phantom_dir, phantom_bundle
     assert objective.images and len(objective.lungs) == len(objective.refs)
     mae = objective(trainer.model, trainer.pre, trainer.cfg.to_dict())
     assert 0 <= mae <= 6
+
+
+def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, tmp_path):
+    """Reader grades in the manifest: calibrate T against reader S, then evaluate against both
+    readers with T cross-validated (the same set chose it), by label, with the reader-vs-reader row."""
+    import shutil
+
+    from cxrtune import manifest
+
+    b = tmp_path / "bundle"
+    shutil.copytree(bundle / "bundle", b)
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    for z in "ABCDEF":
+        df[f"reader_S_{z}"] = (df[f"zone_{z}"] * 2).astype("Int64")
+        df[f"reader_J_{z}"] = df[f"reader_S_{z}"]
+    df.loc[df.index[::3], "reader_J_A"] = 3 - df.loc[df.index[::3], "reader_J_A"].clip(upper=1) * 3  # J flips A
+    df["split"] = ""
+    m = tmp_path / "readers.parquet"
+    manifest.save_manifest(df, str(m))
+    out = run("calibrate", str(b), "--manifest", str(m), "--what", "zone", "--split", "all", "--reference", "S")
+    meta = json.loads((b / "bundle.json").read_text())
+    assert meta["zone_calibration"]["reference"] == "reader:S" and meta["zone_calibration"]["split"] == "all"
+    assert "against reader:S" in out and "T_cls" not in out  # --what zone leaves T_cls as it was
+    summary = json.loads(run("evaluate", "--bundle", str(b), "--manifest", str(m), "--out", str(tmp_path / "ev"),
+                             "--split", "all", "--cv-reference", "S", "--folds", "3", "--by", "label"))
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    readers = metrics["readers"]
+    assert readers["threshold"] == "cross-validated" and len(readers["cv_thresholds"]) == 3
+    graded = df[[f"zone_{z}" for z in "ABCDEF"]].notna().all(axis=1)  # some phantoms carry no zone reference
+    assert readers["n"] == graded.sum() < metrics["status"]["scored"] == 24
+    assert readers["n_incomplete_grades"] == (~graded).sum()
+    assert summary["mae_vs_S"] == readers["readers"]["S"]["score"]["mae"]
+    lo, hi = readers["readers"]["S"]["score"]["mae_ci"]
+    assert lo <= readers["readers"]["S"]["score"]["mae"] <= hi
+    flips = ((df["reader_J_A"] > 0) != (df["reader_S_A"] > 0))[graded]
+    assert readers["pairs"]["J_vs_S"]["score"]["n"] == graded.sum()
+    assert readers["pairs"]["J_vs_S"]["score"]["mae"] == pytest.approx(flips.mean())
+    assert set(readers["readers"]["S"]["by"]["label"]) <= {"covid", "normal", "other_pneumonia"}
+    assert (tmp_path / "ev" / "score_agreement.png").stat().st_size > 1000
+    assert (tmp_path / "ev" / "zone_agreement.png").stat().st_size > 1000
+    # without the flag, evaluating the very set T was calibrated on is cross-validated all the same
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "evaluate", "--bundle", str(b), "--manifest", str(m),
+                        "--out", str(tmp_path / "ev2"), "--split", "all", "--folds", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "cross-validated against reader:S" in r.stderr
+    again = json.loads((tmp_path / "ev2" / "metrics.json").read_text())["readers"]
+    assert again["threshold"] == "cross-validated" and again["cv_reference"] == "S"
+    assert again["n_not_scored"] == 0

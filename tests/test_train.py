@@ -121,3 +121,78 @@ def np_float(x):
     import numpy as np
 
     return np.float32(x)
+
+
+def test_dlw_initial_loss_waits_for_a_nonempty_target_and_weights_stay_bounded():
+    dlw = DynamicLossWeighting(alpha=0.5)
+    # first batch: only annotated-empty opacity masks; the Dice loss on them is ~0
+    dlw({"seg": torch.tensor(1e-7), "cls": torch.tensor(0.7)}, {"seg": False, "cls": True})
+    assert "seg" not in dlw.initial and dlw.initial["cls"] == pytest.approx(0.7)
+    assert dlw.last_weights["seg"] == 1.0
+    dlw({"seg": torch.tensor(0.8), "cls": torch.tensor(0.7)}, {"seg": True, "cls": True})
+    assert dlw.initial["seg"] == pytest.approx(0.8)
+    dlw({"seg": torch.tensor(800.0), "cls": torch.tensor(1e-6)})
+    assert dlw.last_weights == {"seg": 10.0, "cls": 0.1}  # clipped to [0.1, 10]
+
+
+def test_trainer_never_takes_l0_from_an_empty_target(phantom_dir):
+    """A first epoch of annotated-empty masks only (normal phantoms): no L0 for the opacity task."""
+    from cxrtune.train import Trainer
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    normals = df[df["label"] == "normal"].assign(split="train")
+    df = __import__("pandas").concat([normals, df[df["split"] == "val"]], ignore_index=True)
+    trainer = Trainer(TrainConfig.from_dict({"task": "disease", "size": 64, "batch_size": 4, "epochs": 1,
+                                             "model": {"arch": "FPN", "encoder": "resnet18"}}), df)
+    trainer.train_epoch()
+    assert "seg" not in trainer.dlw.initial and "cls" in trainer.dlw.initial
+    assert trainer.dlw.last_weights["seg"] == 1.0
+
+
+def test_best_is_the_best_epoch_and_min_delta_only_drives_patience(phantom_dir, tmp_path, monkeypatch, capsys):
+    from cxrtune.train import Trainer
+
+    values = iter([0.50, 0.505, 0.503, 0.99])
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, progress=False: {"train_loss": 1.0})
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"val_dice": next(values), "val_loss": 1.0})
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    cfg = TrainConfig.from_dict({"task": "lung", "size": 64, "epochs": 4, "patience": 2, "min_delta": 0.01,
+                                 "model": {"arch": "FPN", "encoder": "resnet18"}})
+    summary = train(cfg, df, str(tmp_path / "run"), progress=True)
+    # epoch 2 beat epoch 1 by less than min_delta: not progress (patience runs out after epoch 3),
+    # but it is the best epoch, and best/ holds it
+    assert summary["epochs"] == 3 and summary["best"] == {"value": 0.505, "epoch": 2}
+    assert json.loads((tmp_path / "run" / "best" / "meta.json").read_text())["epoch"] == 2
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch ")]
+    assert lines[1].startswith("epoch 2: val_dice=0.5050 train_loss=1.0000")
+
+
+def test_patience_rule_is_shared_with_the_tune_stopper():
+    from cxrtune.tuning import PatienceStopper
+
+    stopper = PatienceStopper("val_dice", "max", min_delta=0.01, patience=2)
+    assert [stopper("t", {"val_dice": v}) for v in (0.50, 0.505, 0.503)] == [False, False, True]
+    low = PatienceStopper("val_score_mae", "min", min_delta=0.01, patience=1)
+    assert [low("t", {"val_score_mae": v}) for v in (1.0, 0.5, 0.499)] == [False, False, True]
+
+
+def test_unlabelled_rows_never_train_the_classifier(phantom_dir):
+    from cxrtune.train import select_rows
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    df.loc[df.index[:3], "label"] = ""
+    rows = select_rows(df, TrainConfig.from_dict({"task": "disease"}), "train")
+    assert (rows["label"] != "").all() and len(rows) == (df[df.split == "train"]["label"] != "").sum()
+
+
+def test_eval_only_rows_never_train(phantom_dir):
+    """Reader-graded reference sets (brixia-dev) are for calibration and evaluation only."""
+    from cxrtune.train import select_rows
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    df["eval_only"] = False
+    train_rows = df.index[df.split == "train"]
+    df.loc[train_rows[:4], "eval_only"] = True
+    for task in ("lung", "disease"):
+        rows = select_rows(df, TrainConfig.from_dict({"task": task}), "train")
+        assert not rows.index.isin(train_rows[:4]).any() and len(rows) == len(train_rows) - 4

@@ -1,0 +1,267 @@
+"""Checkpoints and bundles on disk or S3: one typed, versioned metadata schema for both.
+
+* A *checkpoint* is a folder: ``model.pt`` (weights), ``meta.json`` (:class:`CheckpointMeta`) and,
+  for resuming, ``state.pt``. A run keeps one per epoch and its best epoch in ``best/``.
+* A *bundle* is the unit ``cxrtune score``, ``evaluate``, ``calibrate`` and Serve load:
+  ``bundle.json`` (:class:`BundleMeta`), ``lung.pt``, ``disease.pt``. It carries both stages'
+  checkpoint metadata, the thresholds with how each was calibrated, a model card and audits.
+
+``cxrtune-bundle/1`` bundles (before calibration provenance and model cards) still load: they are
+upgraded in memory on read, and ``cxrtune bundle --migrate URI`` rewrites them.
+
+Imports no training code: the trainer, the scorer, ``promote`` and Serve all stand on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+
+from . import storage
+from .errors import CxrtuneError
+from .metrics import json_safe
+
+CHECKPOINT_FORMAT = "cxrtune-checkpoint/1"
+BUNDLE_FORMAT = "cxrtune-bundle/2"
+LEGACY_BUNDLE_FORMATS = ("cxrtune-bundle/1",)
+DEFAULT_ZONE_THRESHOLD = 0.1  # T until a bundle is calibrated; also the mask-derived reference's T
+DEFAULT_CLS_THRESHOLD = 0.5  # seed 004's T_cls until calibrated
+DEFAULT_LUNG_THRESHOLD = 0.5
+
+
+def versions() -> dict:
+    """Library versions written into every checkpoint and bundle."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    from . import __version__
+
+    return {"cxrtune": __version__, "torch": torch.__version__, "smp": smp.__version__}
+
+
+def _from_dict(cls, d: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class CheckpointMeta:
+    """``meta.json`` of a checkpoint: what trained it and how its input is prepared."""
+
+    config: dict
+    preprocessing: dict
+    epoch: int = 0
+    metrics: dict = field(default_factory=dict)
+    monitor: str = ""
+    roi: bool = False
+    versions: dict = field(default_factory=dict)
+    format: str = CHECKPOINT_FORMAT
+    run: str = ""  # the run it came from (set when bundled)
+    data: dict = field(default_factory=dict)  # what it was trained on: manifest, image counts by split and label
+    audits: dict = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.config["task"]
+
+    def to_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "meta.json") -> "CheckpointMeta":
+        if d.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+            raise CxrtuneError(f"{where}: not a cxrtune checkpoint (format {d.get('format')!r})")
+        if "config" not in d or "preprocessing" not in d:
+            raise CxrtuneError(f"{where}: checkpoint metadata lacks config or preprocessing")
+        return _from_dict(cls, d, where)
+
+
+def read_checkpoint_meta(checkpoint_uri: str) -> CheckpointMeta:
+    uri = storage.join(checkpoint_uri, "meta.json")
+    try:
+        return CheckpointMeta.from_dict(json.loads(storage.read_text(uri)), uri)
+    except json.JSONDecodeError:
+        raise CxrtuneError(f"{uri}: not valid JSON") from None
+
+
+@dataclass
+class Calibration:
+    """How a threshold was chosen: on what, against what, with what result."""
+
+    threshold: float
+    method: str  # "min_mae" (zone T), "max_f1" or "specificity" (T_cls), "default"
+    reference: str = ""  # zone T: "reader:<ID>" or "masks"; T_cls: "labels"
+    n: int = 0
+    manifest: str = ""
+    split: str = ""
+    mae: float | None = None
+    rmse: float | None = None
+    f1: float | None = None
+    specificity: float | None = None
+    sensitivity: float | None = None
+    target: float | None = None  # the asked-for specificity
+    created: str = ""
+
+
+@dataclass
+class BundleMeta:
+    """``bundle.json``. ``zone_threshold`` is T: a zone is affected when the share of its pixels
+    that the refined opacity mask covers is >= T (docs/scoring.md)."""
+
+    lung: CheckpointMeta
+    disease: CheckpointMeta
+    name: str = ""
+    created: str = ""
+    zone_threshold: float = DEFAULT_ZONE_THRESHOLD
+    cls_threshold: float = DEFAULT_CLS_THRESHOLD
+    lung_threshold: float = DEFAULT_LUNG_THRESHOLD
+    zone_calibration: Calibration | None = None
+    cls_calibration: Calibration | None = None
+    model_card: dict = field(default_factory=dict)
+    audits: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    format: str = BUNDLE_FORMAT
+    migrated_from: str = ""
+
+    def stage(self, name: str) -> CheckpointMeta:
+        return {"lung": self.lung, "disease": self.disease}[name]
+
+    def to_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "bundle.json") -> "BundleMeta":
+        fmt = d.get("format")
+        if fmt in LEGACY_BUNDLE_FORMATS:
+            d = _migrate_v1(d)
+        elif fmt != BUNDLE_FORMAT:
+            raise CxrtuneError(f"{where}: not a cxrtune bundle (format {fmt!r})")
+        try:
+            meta = _from_dict(cls, d, where)
+            meta.lung = CheckpointMeta.from_dict(d["lung"], f"{where} lung")
+            meta.disease = CheckpointMeta.from_dict(d["disease"], f"{where} disease")
+        except (KeyError, TypeError) as exc:
+            raise CxrtuneError(f"{where}: malformed bundle metadata ({exc})") from None
+        for key in ("zone_calibration", "cls_calibration"):
+            if isinstance(d.get(key), dict):
+                setattr(meta, key, _from_dict(Calibration, d[key], where))
+        return meta
+
+
+def _migrate_v1(d: dict) -> dict:
+    """cxrtune-bundle/1 -> /2: ``calibration`` (zone T against masks) becomes ``zone_calibration``;
+    T_cls is recorded as seed 004's default; a model card is written from what the bundle holds."""
+    d = dict(d)
+    old = d.pop("calibration", None) or None
+    if old:
+        d["zone_calibration"] = {"threshold": d.get("zone_threshold", DEFAULT_ZONE_THRESHOLD), "method": "min_mae",
+                                 "reference": "masks", "n": old.get("n", 0), "manifest": old.get("manifest", ""),
+                                 "split": old.get("split", ""), "mae": old.get("mae"), "rmse": old.get("rmse")}
+    d["cls_calibration"] = None
+    d["format"] = BUNDLE_FORMAT
+    d["migrated_from"] = "cxrtune-bundle/1"
+    return d
+
+
+def read_bundle_meta(uri: str) -> BundleMeta:
+    where = storage.join(uri, "bundle.json")
+    try:
+        raw = json.loads(storage.read_text(where))
+    except json.JSONDecodeError:
+        raise CxrtuneError(f"{where}: not valid JSON") from None
+    meta = BundleMeta.from_dict(raw, where)
+    if not meta.model_card:
+        meta.model_card = model_card(meta)
+    return meta
+
+
+def write_bundle_meta(uri: str, meta: BundleMeta) -> None:
+    meta.model_card = model_card(meta)
+    storage.write_text(storage.join(uri, "bundle.json"), json.dumps(meta.to_dict(), indent=2))
+
+
+def bundle_hash(uri: str) -> str:
+    """Content hash of a bundle's weights and metadata (sha256, first 16 hex digits): what records
+    and audit lines name, so that two bundles with the same name are still told apart."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("bundle.json", "lung.pt", "disease.pt"):
+        h.update(storage.read_bytes(storage.join(uri, name)))
+    return h.hexdigest()[:16]
+
+
+def make_bundle(lung_run: str, disease_run: str, out_uri: str, zone_threshold: float = DEFAULT_ZONE_THRESHOLD,
+                cls_threshold: float = DEFAULT_CLS_THRESHOLD, name: str = "") -> BundleMeta:
+    """Copy each run's best weights and metadata into a bundle folder."""
+    stages = {}
+    for stage, run in (("lung", lung_run), ("disease", disease_run)):
+        meta = read_checkpoint_meta(storage.join(run, "best"))
+        if meta.task != stage:
+            raise CxrtuneError(f"{run}: a {meta.task!r} run, but --{stage} needs a {stage!r} run")
+        meta.run = run
+        stages[stage] = meta
+        storage.write_bytes(storage.join(out_uri, f"{stage}.pt"), storage.read_bytes(storage.join(run, "best", "model.pt")))
+    bundle = BundleMeta(lung=stages["lung"], disease=stages["disease"],
+                        name=name or storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1],
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        zone_threshold=zone_threshold, cls_threshold=cls_threshold, versions=versions())
+    write_bundle_meta(out_uri, bundle)
+    return bundle
+
+
+def update_bundle(uri: str, **changes) -> BundleMeta:
+    """Change fields of ``bundle.json`` (thresholds, calibrations, audits) and rewrite its card."""
+    meta = read_bundle_meta(uri)
+    for key, value in changes.items():
+        if not hasattr(meta, key):
+            raise CxrtuneError(f"bundle.json has no field {key!r}")
+        setattr(meta, key, value)
+    write_bundle_meta(uri, meta)
+    return meta
+
+
+def migrate_bundle(uri: str) -> BundleMeta:
+    """Rewrite an old bundle's ``bundle.json`` in the current format (weights untouched)."""
+    meta = read_bundle_meta(uri)
+    write_bundle_meta(uri, meta)
+    return meta
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def model_card(meta: BundleMeta) -> dict:
+    """The bundle's model card, from what the bundle knows: data, metrics, calibration, intended
+    use and limits. Rewritten whenever the bundle changes, so it never goes stale."""
+    def stage_card(m: CheckpointMeta) -> dict:
+        model = m.config.get("model", {})
+        return {"architecture": f"{model.get('arch')}/{model.get('encoder')}", "input_size": m.preprocessing.get("size"),
+                "trained_epochs": m.epoch, "run": m.run,
+                "training_data": m.data or {k: m.config.get(k) for k in ("max_train_images", "tuning_subset")
+                                            if m.config.get(k)},
+                "validation_metrics": {k: v for k, v in m.metrics.items() if k.startswith("val_")}}
+
+    cal = meta.zone_calibration
+    return {
+        "intended_use": ("Decision support for grading lung opacity on frontal (PA/AP) chest radiographs of "
+                         "adults: six equal-area lung zones, a 0-6 severity score and opacity percent. Not a "
+                         "diagnosis; a radiologist reviews every result."),
+        "limits": [
+            "Frontal chest radiographs only; lateral views, CT and paediatric images are out of scope.",
+            "Zones are cut at equal areas, not at the Brixia anatomical landmarks: expect some disagreement "
+            "with readers from that alone.",
+            "A record whose status is not 'scored' has no score: one lung ('partial') or none ('unscored') "
+            "was found.",
+            "Performance on devices, sites and populations unlike the training data is unknown until measured.",
+        ],
+        "stages": {"lung": stage_card(meta.lung), "disease": stage_card(meta.disease)},
+        "thresholds": {
+            "zone_threshold": meta.zone_threshold, "cls_threshold": meta.cls_threshold,
+            "zone_calibration": asdict(cal) if cal else "not calibrated (default T)",
+            "cls_calibration": asdict(meta.cls_calibration) if meta.cls_calibration else "not calibrated (default 0.5)",
+        },
+        "audits": meta.audits,
+    }

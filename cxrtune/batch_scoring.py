@@ -1,0 +1,132 @@
+"""``cxrtune score``: many files through the scoring policy, one JSON line each, as they are made.
+
+Inputs are local files or folders, ``s3://`` prefixes and manifests (their ``image`` column).
+Each record is appended to the output and flushed as soon as it exists, so a crash or Ctrl-C
+loses nothing already scored, and ``resume`` skips images already in the output. A file that
+cannot be read or is refused by the input rules gets a line with ``status: error`` and the
+reason; a readable image without lungs gets its ``unscored`` record, as over HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from . import storage
+from .errors import CxrtuneError
+from .preprocessing import load_scan
+from .scorer import Scorer
+
+SCORABLE = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+MANIFEST_SUFFIXES = (".parquet", ".csv")
+S3_UPLOAD_EVERY_S = 30.0  # an S3 --out is re-uploaded at most this often (and at the end), not per batch
+
+
+def expand_inputs(paths: list[str], manifest_uri: str | None = None) -> list[str]:
+    """Files, folders (recursively), ``s3://`` prefixes and manifests -> image URIs, in order."""
+    out: list[str] = []
+    for p in paths:
+        if storage.is_s3(p):
+            if p.lower().endswith(SCORABLE):
+                out.append(p)
+            else:
+                out += sorted(u for u in storage.list_keys(p) if u.lower().endswith(SCORABLE))
+            continue
+        path = Path(p)
+        if path.is_dir():
+            out += sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SCORABLE)
+        elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+            out += _manifest_images(p)
+        elif path.is_file():
+            out.append(str(path))
+        else:
+            raise CxrtuneError(f"{p}: no such file or folder")
+    if manifest_uri:
+        out += _manifest_images(manifest_uri)
+    if not out:
+        raise CxrtuneError("no PNG, JPEG or DICOM files among the given inputs")
+    return list(dict.fromkeys(out))
+
+
+def _manifest_images(uri: str) -> list[str]:
+    from . import manifest
+
+    return list(manifest.load_manifest(uri, check_files=False)["image"])
+
+
+def complete_lines(out_uri: str) -> list[str]:
+    """The whole records of an earlier output (``--resume``); a line cut by a crash is dropped,
+    and its image is scored again."""
+    if not storage.exists(out_uri):
+        return []
+    lines = []
+    for line in storage.read_text(out_uri).splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "image" in record and record.get("status") != "error":
+            lines.append(line)  # an error (a read that failed, perhaps for a while) is tried again
+    return lines
+
+
+def score_files(scorer: Scorer, uris: list[str], out_uri: str, overlays: str | None = None, resume: bool = False,
+                progress: bool = True) -> dict:
+    """Score ``uris`` into JSON lines at ``out_uri`` (local, or S3: written through a local file
+    uploaded every ``S3_UPLOAD_EVERY_S`` and at the end). Returns counts by status."""
+    from tqdm import tqdm
+
+    if not resume and storage.exists(out_uri):
+        raise CxrtuneError(f"{out_uri} exists: pass --resume to continue it, or choose another --out")
+    kept = complete_lines(out_uri) if resume else []
+    done = {json.loads(line)["image"] for line in kept}
+    todo = [u for u in uris if u not in done]
+    local = out_uri if not storage.is_s3(out_uri) else os.path.join(tempfile.mkdtemp(prefix="cxrtune-score-"),
+                                                                   "records.jsonl")
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    if resume:  # start from the whole lines only, so appended records never join a cut one
+        storage.write_text(local, "".join(line + "\n" for line in kept))
+    counts = {"scored": 0, "partial": 0, "unscored": 0, "error": 0, "skipped": len(uris) - len(todo)}
+    uploaded = time.monotonic()
+    bar = tqdm(total=len(todo), desc="score", unit="image", disable=not progress)
+    with open(local, "a", encoding="utf-8") as f:
+        for chunk in _chunks(todo, max(1, scorer.batch_size)):
+            scans, good = [], []
+            for uri in chunk:
+                try:
+                    scans.append(load_scan(storage.read_bytes(uri)))
+                    good.append(uri)
+                except CxrtuneError as exc:
+                    counts["error"] += 1
+                    f.write(json.dumps({"image": uri, "status": "error", "error": str(exc), "score": None}) + "\n")
+            for uri, scan, (record, detail) in zip(good, scans, scorer.score_scans(scans)):
+                counts[record["status"]] += 1
+                line = {"image": uri, **record}
+                if overlays:
+                    from .overlay import encode_overlay
+
+                    # named by a hash of the URI: unique across folders, and file names can carry identifiers
+                    line["overlay"] = hashlib.sha256(uri.encode()).hexdigest()[:20] + ".overlay.png"
+                    storage.write_bytes(storage.join(overlays, line["overlay"]),
+                                        encode_overlay(scan.image, detail.lungs, detail.opacity, record))
+                f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            if local != out_uri and time.monotonic() - uploaded >= S3_UPLOAD_EVERY_S:
+                storage.write_bytes(out_uri, Path(local).read_bytes())
+                uploaded = time.monotonic()
+            bar.update(len(chunk))
+    bar.close()
+    if local != out_uri:
+        storage.write_bytes(out_uri, Path(local).read_bytes())
+    return counts
+
+
+def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]

@@ -1,0 +1,157 @@
+"""The scoring policy's pieces without models: lung cleanup, ROI, record statuses, thresholds,
+bundle formats, and that inference stands below training."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cxrtune import zones
+from cxrtune.evaluation import choose_cls_threshold
+from cxrtune.phantom import make_phantom
+from cxrtune.preprocessing import extract_roi, lung_box
+from cxrtune.scorer import build_record
+
+
+def two_lungs(size: int = 256) -> np.ndarray:
+    lung = np.zeros((size, size), bool)
+    lung[40:220, 30:110] = True  # image left: patient's right
+    lung[40:220, 146:226] = True
+    return lung
+
+
+def test_small_fully_opaque_lung_survives_the_cleanup():
+    """The white-out lung is the one Stage I under-segments: a small blob beside a full lung is a
+    lung, not a speck (the old rule dropped blobs under 10 % of the largest)."""
+    lung = np.zeros((256, 256), bool)
+    lung[40:220, 30:110] = True  # 14,400 px
+    lung[150:172, 170:200] = True  # 660 px: 4.6 % of the other lung, 1 % of the image
+    cleaned = zones.clean_lungs(lung)
+    assert cleaned.sum() == 14_400 + 660
+    opacity = np.zeros_like(lung)
+    opacity[150:172, 170:200] = True  # the small lung is fully opaque
+    record, _ = build_record(cleaned, opacity, 0.9, 0.1, {})
+    assert record["status"] == "scored" and record["lungs_found"] == 2
+    assert [record["zones"][z]["affected"] for z in "DEF"] == [True, True, True]
+    assert record["lungs"]["left"]["opacity_percent"] == 100.0 and record["score"] == 3
+
+
+def test_specks_and_fragments_are_dropped():
+    lung = two_lungs()
+    lung[2:6, 2:6] = True  # a 16-px speck in the corner
+    lung[230:250, 60:80] = True  # 400 px below the right lung, in its columns: a fragment
+    cleaned = zones.clean_lungs(lung)
+    assert np.array_equal(cleaned, two_lungs())
+
+
+def test_a_marker_beside_one_lung_is_not_a_second_lung():
+    """A radiographer's marker or label beside a lone lung, above its rows, is not the other lung."""
+    lung = np.zeros((256, 256), bool)
+    lung[60:220, 30:110] = True
+    lung[8:40, 180:220] = True  # 1,280 px: above the lung's rows, on the other side
+    cleaned = zones.clean_lungs(lung)
+    assert cleaned.sum() == 160 * 80
+    record, _ = build_record(cleaned, np.zeros_like(lung), 0.1, 0.1, {})
+    assert record["status"] == "partial" and record["score"] is None
+
+
+def test_shipped_serve_configs_use_the_cli_working_size():
+    import yaml
+
+    from cxrtune.preprocessing import WORK_SIZE
+    from tests.conftest import ROOT
+
+    for name in ("config.yaml", "config.cpu.yaml"):
+        args = yaml.safe_load((ROOT / "serve" / name).read_text())["applications"][0]["args"]
+        assert args.get("work_size", WORK_SIZE) == WORK_SIZE, name
+
+
+def test_a_stray_speck_cannot_widen_the_crop():
+    image = make_phantom(256, "covid", seed=3).image
+    lung = two_lungs()
+    speckled = lung.copy()
+    speckled[250:254, 250:254] = True
+    roi, _, box = extract_roi(image, speckled)
+    clean_roi, _, clean_box = extract_roi(image, lung)
+    assert box == clean_box == lung_box(lung)
+    assert np.array_equal(roi, clean_roi)
+
+
+def test_training_crop_uses_the_same_cleanup(tmp_path):
+    """CXRDataset (training) crops reference masks with the same function: a speck in a reference
+    lung mask changes nothing either."""
+    from cxrtune import images, manifest
+    from cxrtune.dataset import CXRDataset
+    from cxrtune.preprocessing import Preprocessing
+
+    ph = make_phantom(128, "covid", seed=1)
+    speckled = ph.lung.copy()
+    speckled[125:127, 125:127] = True
+    rows = []
+    for name, lung in (("clean", ph.lung), ("speck", speckled)):
+        images.write_png(str(tmp_path / f"{name}.png"), (ph.image * 255).astype(np.uint8))
+        images.write_png(str(tmp_path / f"{name}_lung.png"), lung)
+        images.write_png(str(tmp_path / f"{name}_op.png"), ph.opacity)
+        rows.append({"image": str(tmp_path / f"{name}.png"), "lung_mask": str(tmp_path / f"{name}_lung.png"),
+                     "opacity_mask": str(tmp_path / f"{name}_op.png"), "label": "covid", "patient_id": name})
+    ds = CXRDataset(manifest.new_manifest(rows), Preprocessing(size=64), roi=True)
+    assert ds[0]["image"].equal(ds[1]["image"]) and ds[0]["opacity_mask"].equal(ds[1]["opacity_mask"])
+
+
+def test_partial_and_unscored_records_never_read_as_healthy():
+    one = two_lungs()
+    one[:, 128:] = False
+    record, _ = build_record(one, np.zeros_like(one), 0.2, 0.1, {})
+    assert record["status"] == "partial" and record["score"] is None
+    assert "left" in record["reason"] and record["lungs"]["left"] is None
+    assert [record["zones"][z]["affected"] for z in "ABCDEF"] == [False, False, False, None, None, None]
+    none = np.zeros_like(one)
+    record, _ = build_record(none, None, None, 0.1, {})
+    assert record["status"] == "unscored" and record["score"] is None and "no lungs" in record["reason"]
+    assert record["zones"] is None and record["disease_probability"] is None
+    record, _ = build_record(two_lungs(), np.zeros_like(one), 0.2, 0.1, {})
+    assert record["status"] == "scored" and record["score"] == 0 and record["reason"] is None
+
+
+def test_cls_threshold_operating_points():
+    prob = np.array([0.1, 0.2, 0.35, 0.4, 0.6, 0.7, 0.8, 0.9])
+    label = np.array([0, 0, 1, 0, 1, 1, 1, 1])
+    best = choose_cls_threshold(prob, label)
+    assert best["threshold"] == 0.35 and best["f1"] == pytest.approx(2 * 5 / (2 * 5 + 1))
+    strict = choose_cls_threshold(prob, label, specificity=1.0)
+    assert strict["threshold"] == 0.6 and strict["specificity"] == 1.0 and strict["sensitivity"] == 0.8
+
+
+def test_inference_does_not_import_training():
+    code = ("import sys, cxrtune.scorer, cxrtune.serving, cxrtune.preprocessing, cxrtune.artifacts, "
+            "cxrtune.batch_scoring; bad = [m for m in ('cxrtune.train', 'cxrtune.dataset', 'albumentations') "
+            "if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_v1_bundles_load_and_migrate(phantom_bundle, tmp_path):
+    import shutil
+
+    from cxrtune.cli import main
+    from cxrtune.scorer import load_bundle
+
+    old = tmp_path / "old"
+    shutil.copytree(phantom_bundle, old)
+    meta = json.loads((old / "bundle.json").read_text())
+    for key in ("zone_calibration", "cls_calibration", "model_card", "audits"):
+        meta.pop(key)
+    meta.update(format="cxrtune-bundle/1", zone_threshold=0.23,
+                calibration={"threshold": 0.23, "mae": 0.5, "rmse": 0.7, "n": 12, "manifest": "m.parquet",
+                             "split": "train,val"})
+    (old / "bundle.json").write_text(json.dumps(meta))
+    scorer = load_bundle(str(old))
+    assert scorer.zone_threshold == 0.23 and scorer.cls_threshold == 0.5
+    assert main(["bundle", "--migrate", str(old)]) == 0
+    new = json.loads((old / "bundle.json").read_text())
+    assert new["format"] == "cxrtune-bundle/2" and "calibration" not in new
+    assert new["zone_calibration"] == {**new["zone_calibration"], "threshold": 0.23, "reference": "masks", "n": 12,
+                                       "mae": 0.5}
+    assert new["model_card"]["thresholds"]["zone_threshold"] == 0.23
