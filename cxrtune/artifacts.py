@@ -91,9 +91,9 @@ class Calibration:
 
     threshold: float
     method: str  # "min_mae" (zone T), "max_f1" or "specificity" (T_cls), "default"
-    reference: str = ""  # zone T: "reader:<ID>" or "masks"; T_cls: "labels"
+    reference: str = ""  # zone T: "reader:<ID>", "zones", "masks" or "masks+zones"; T_cls: "labels"
     n: int = 0
-    manifest: str = ""
+    manifest: str = ""  # absolute for a local manifest, so that evaluate can tell the same set again
     split: str = ""
     mae: float | None = None
     rmse: float | None = None
@@ -264,4 +264,5 @@ def model_card(meta: BundleMeta) -> dict:
             "cls_calibration": asdict(meta.cls_calibration) if meta.cls_calibration else "not calibrated (default 0.5)",
         },
         "audits": meta.audits,
+        **({"migrated_from": meta.migrated_from} if meta.migrated_from else {}),
     }

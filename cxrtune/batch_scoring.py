@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -94,36 +95,39 @@ def score_files(scorer: Scorer, uris: list[str], out_uri: str, overlays: str | N
     counts = {"scored": 0, "partial": 0, "unscored": 0, "error": 0, "skipped": len(uris) - len(todo)}
     uploaded = time.monotonic()
     bar = tqdm(total=len(todo), desc="score", unit="image", disable=not progress)
-    with open(local, "a", encoding="utf-8") as f:
-        for chunk in _chunks(todo, max(1, scorer.batch_size)):
-            scans, good = [], []
-            for uri in chunk:
-                try:
-                    scans.append(load_scan(storage.read_bytes(uri)))
-                    good.append(uri)
-                except CxrtuneError as exc:
-                    counts["error"] += 1
-                    f.write(json.dumps({"image": uri, "status": "error", "error": str(exc), "score": None}) + "\n")
-            for uri, scan, (record, detail) in zip(good, scans, scorer.score_scans(scans)):
-                counts[record["status"]] += 1
-                line = {"image": uri, **record}
-                if overlays:
-                    from .overlay import encode_overlay
+    try:
+        with open(local, "a", encoding="utf-8") as f:
+            for chunk in _chunks(todo, max(1, scorer.batch_size)):
+                scans, good = [], []
+                for uri in chunk:
+                    try:
+                        scans.append(load_scan(storage.read_bytes(uri)))
+                        good.append(uri)
+                    except CxrtuneError as exc:
+                        counts["error"] += 1
+                        f.write(json.dumps({"image": uri, "status": "error", "error": str(exc), "score": None}) + "\n")
+                for uri, scan, (record, detail) in zip(good, scans, scorer.score_scans(scans)):
+                    counts[record["status"]] += 1
+                    line = {"image": uri, **record}
+                    if overlays:
+                        from .overlay import encode_overlay
 
-                    # named by a hash of the URI: unique across folders, and file names can carry identifiers
-                    line["overlay"] = hashlib.sha256(uri.encode()).hexdigest()[:20] + ".overlay.png"
-                    storage.write_bytes(storage.join(overlays, line["overlay"]),
-                                        encode_overlay(scan.image, detail.lungs, detail.opacity, record))
-                f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            if local != out_uri and time.monotonic() - uploaded >= S3_UPLOAD_EVERY_S:
-                storage.write_bytes(out_uri, Path(local).read_bytes())
-                uploaded = time.monotonic()
-            bar.update(len(chunk))
-    bar.close()
-    if local != out_uri:
-        storage.write_bytes(out_uri, Path(local).read_bytes())
+                        # named by a hash of the URI: unique across folders; file names can carry identifiers
+                        line["overlay"] = hashlib.sha256(uri.encode()).hexdigest()[:20] + ".overlay.png"
+                        storage.write_bytes(storage.join(overlays, line["overlay"]),
+                                            encode_overlay(scan.image, detail.lungs, detail.opacity, record))
+                    f.write(json.dumps(line) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                if local != out_uri and time.monotonic() - uploaded >= S3_UPLOAD_EVERY_S:
+                    storage.write_bytes(out_uri, Path(local).read_bytes())
+                    uploaded = time.monotonic()
+                bar.update(len(chunk))
+    finally:  # a crash or Ctrl-C: what was scored still reaches an S3 --out
+        bar.close()
+        if local != out_uri:
+            storage.write_bytes(out_uri, Path(local).read_bytes())
+            shutil.rmtree(Path(local).parent, ignore_errors=True)
     return counts
 
 

@@ -205,13 +205,15 @@ def _evaluate(args) -> None:
     from .scorer import load_bundle
 
     from .artifacts import read_bundle_meta
+    from .evaluation import manifest_id, same_rows
 
     scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
     by = tuple(c.strip() for c in (args.by or "").split(",") if c.strip())
     df = manifest.load_manifest(args.manifest)
     cv = args.cv_reference
     cal = read_bundle_meta(args.bundle).zone_calibration
-    if not cv and cal and cal.reference.startswith("reader:") and cal.manifest == df.attrs.get("source_uri"):
+    if (not cv and cal and cal.reference.startswith("reader:") and cal.manifest == manifest_id(df)
+            and same_rows(cal.split, args.split)):
         cv = cal.reference  # T was chosen on this very set: in-sample figures would flatter it
         print(f"T was calibrated on {args.manifest}: reader figures are cross-validated against {cv}", file=sys.stderr)
     result = evaluate(scorer, df, args.out, split=args.split, reference_threshold=args.reference_threshold,

@@ -23,10 +23,10 @@ def _rows(df: pd.DataFrame, split: str | None, limit: int | None) -> pd.DataFram
     would be one class)."""
     rows = df if not split or split == "all" else df[df["split"].isin(split.split(","))]
     if limit and len(rows) > limit:
-        share = limit / len(rows)
-        rows = (rows.groupby("label", group_keys=False)
-                .apply(lambda g: g.sample(n=max(1, round(share * len(g))), random_state=0))
-                .sort_index().head(limit))
+        picked = rows.groupby("label").sample(frac=limit / len(rows), random_state=0).index
+        if len(picked) > limit:  # rounding per label: trim at random, not by class order
+            picked = pd.Index(np.random.default_rng(0).choice(picked, size=limit, replace=False))
+        rows = rows.loc[sorted(picked)]
     if rows.empty:
         raise CxrtuneError(f"no manifest rows in split(s) {split!r} (use --split all for a manifest without splits)")
     return rows
@@ -61,6 +61,20 @@ def _resized(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     import cv2
 
     return cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def manifest_id(df: pd.DataFrame) -> str:
+    """Where a manifest came from, comparable across runs: absolute for a local path."""
+    import os
+
+    uri = df.attrs.get("source_uri", "")
+    return uri if not uri or storage.is_s3(uri) else os.path.abspath(uri)
+
+
+def same_rows(split_a: str, split_b: str) -> bool:
+    """Whether two split selections (comma-separated, ``all``) share rows."""
+    a, b = set((split_a or "all").split(",")), set((split_b or "all").split(","))
+    return "all" in a or "all" in b or bool(a & b)
 
 
 def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float | None = None) -> dict:
@@ -132,7 +146,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
         choice = choose_cls_threshold(*map(np.array, zip(*probs)), specificity=specificity)
         t_cls = choice["threshold"]
         out["cls"] = Calibration(threshold=t_cls, method="specificity" if specificity is not None else "max_f1",
-                                 reference="labels", n=len(probs), manifest=df.attrs.get("source_uri", ""),
+                                 reference="labels", n=len(probs), manifest=manifest_id(df),
                                  split=cls_split or "all", f1=choice["f1"], specificity=choice["specificity"],
                                  sensitivity=choice["sensitivity"], target=specificity, created=now())
     if "zone" in what:
@@ -141,11 +155,11 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
             if i not in zone_rows.index:
                 continue
             ref = reference_zones(row, reference_threshold, cache, reference=reference)
-            if reference == "auto" and ref is not None:  # which one this row gave: zone columns, else masks
-                kinds.add("zones" if reference_zones(row, reference_threshold, cache, reference="zones") else "masks")
             f = zone_fractions(record)
             if ref is None or f is None:
                 continue
+            if reference == "auto":  # which one this row gave: zone columns, else masks
+                kinds.add("zones" if reference_zones(row, reference_threshold, cache, reference="zones") else "masks")
             fracs.append(f if record["disease_probability"] >= t_cls else [0.0] * 6)  # Eq. 1-2 with the new T_cls
             refs.append(ref)
         if not refs:
@@ -154,7 +168,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
         sweep = sweep_threshold(np.array(fracs), np.array(refs))
         kind = reference if reference != "auto" else "+".join(sorted(kinds))
         out["zone"] = Calibration(threshold=sweep["threshold"], method="min_mae", reference=kind, n=sweep["n"],
-                                  manifest=df.attrs.get("source_uri", ""), split=split or "all", mae=sweep["mae"],
+                                  manifest=manifest_id(df), split=split or "all", mae=sweep["mae"],
                                   rmse=sweep["rmse"], created=now())
         out["curve"] = sweep["curve"]
     return out

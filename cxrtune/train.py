@@ -120,7 +120,7 @@ def seed_everything(seed: int) -> None:
 def select_rows(df: pd.DataFrame, cfg: TrainConfig, split: str) -> pd.DataFrame:
     rows = df[df["split"] == split]
     if "eval_only" in rows.columns:  # e.g. radiologists' reference sets: calibration and evaluation only
-        rows = rows[~rows["eval_only"].astype(bool)]
+        rows = rows[~rows["eval_only"].map(lambda v: str(v).strip().lower() in {"1", "true", "yes"})]
     if cfg.tuning_subset and "tuning" in rows.columns:
         rows = rows[rows["tuning"]]
     if cfg.task == "lung":

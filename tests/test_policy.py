@@ -155,3 +155,19 @@ def test_v1_bundles_load_and_migrate(phantom_bundle, tmp_path):
     assert new["zone_calibration"] == {**new["zone_calibration"], "threshold": 0.23, "reference": "masks", "n": 12,
                                        "mae": 0.5}
     assert new["model_card"]["thresholds"]["zone_threshold"] == 0.23
+    assert new["migrated_from"] == "cxrtune-bundle/1" and new["model_card"]["migrated_from"] == "cxrtune-bundle/1"
+
+
+def test_row_limit_samples_every_label():
+    """calibrate/evaluate --limit: a seeded sample stratified by label, not the first rows (a
+    manifest in class order would give one class)."""
+    import pandas as pd
+
+    from cxrtune.evaluation import _rows
+
+    df = pd.DataFrame({"label": ["covid"] * 60 + ["normal"] * 30 + ["other_pneumonia"] * 10,
+                       "split": ["train"] * 100, "x": range(100)})
+    rows = _rows(df, "train", 20)
+    assert len(rows) == 20 and list(rows.columns) == ["label", "split", "x"]
+    assert rows["label"].value_counts().to_dict() == {"covid": 12, "normal": 6, "other_pneumonia": 2}
+    assert rows.index.is_monotonic_increasing and rows.equals(_rows(df, "train", 20))
