@@ -11,9 +11,10 @@ from pathlib import Path
 from .errors import CxrtuneError
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Join the cluster that ``RAY_ADDRESS`` or ``ray start`` names, else start a local instance
-    (with ``num_cpus``, default all)."""
+    (with ``num_cpus``, default all). ``dashboard`` keeps Ray's dashboard on (``cxrtune serve``:
+    ``serve status`` and ``serve deploy`` talk to it)."""
     import ray
 
     if ray.is_initialized():
@@ -21,7 +22,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
 
 
 def may_autoscale() -> bool:

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 KEY = "test-key-123"
 SECRET = "Doe^Secret"
 
+METRICS_PORT = free_port()  # Ray's Prometheus endpoint for the module's instance
 SMALL = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 8, "max_queued_requests": 64}
 AUTOSCALE = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
              "downscale_delay_s": 3, "look_back_period_s": 2, "metrics_interval_s": 0.5}
@@ -126,7 +127,7 @@ def server(phantom_bundle, tmp_path_factory):
     from cxrtune.serving import application as build_app
 
     os.environ["CXRTUNE_TEST_API_KEY"] = KEY
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=METRICS_PORT)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"bundle": str(phantom_bundle), "max_batch_size": 4,  # the CLI's working size (the default)
@@ -139,10 +140,17 @@ def server(phantom_bundle, tmp_path_factory):
     bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
     state[bias] = torch.full_like(state[bias], -1e4)
     torch.save(state, blind / "lung.pt")
+    tiny = {"num_cpus": 0.1}  # the side apps: 3 apps must fit 2 CPUs with the main app scaled to 2 replicas
     serve.run(build_app({**args, "bundle": str(blind)},
-                        {k: {**v, "autoscaling_config": None} if k != "Ingress" else v
+                        {k: {**v, "autoscaling_config": None, "ray_actor_options": tiny} if k != "Ingress"
+                         else {**v, "ray_actor_options": tiny}
                          for k, v in deployments({"max_ongoing_requests": 1, "max_queued_requests": 1}).items()}),
               name="blind", route_prefix="/blind")
+    # one scoring request in flight per ingress replica: cxrtune's own admission control
+    serve.run(build_app({**args, "max_in_flight": 1, "retry_after_s": 2},
+                        {k: {**v, "autoscaling_config": None, "ray_actor_options": tiny}
+                         for k, v in deployments().items()}),
+              name="tight", route_prefix="/tight")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -296,6 +304,148 @@ def test_cli_and_http_give_the_same_record(server, phantom_bundle, phantom_dir, 
         b = {k: v for k, v in http.json().items() if k not in ignore}
         _same(a, b)
     assert [c["input"]["format"] for c in cli] == ["png", "dicom"] and cli[1]["input"]["width"] == 1841
+
+
+def test_admission_control_answers_json_503_with_retry_after(server, phantom_dir):
+    png = phantom_png(phantom_dir)
+
+    async def flood():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            async def one():
+                async with s.post(f"{server}/tight/v1/score", data=png, headers={"X-API-Key": KEY}) as r:
+                    return r.status, await r.json(), r.headers.get("Retry-After")
+            return await asyncio.gather(*(one() for _ in range(8)))
+
+    answers = asyncio.run(flood())
+    codes = [a[0] for a in answers]
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    for code, body, retry in answers:
+        if code == 503:
+            assert set(body) == {"error", "request_id"} and "capacity" in body["error"] and retry == "2"
+
+
+def test_every_error_has_one_shape(server):
+    answers = [requests.get(f"{server}/v1/models"),  # 401
+               requests.get(f"{server}/v1/nowhere"),  # 404
+               requests.get(f"{server}/v1/score", headers={"X-Request-Id": "abc-1"}),  # 405
+               post(f"{server}/v1/score?overlay=maybe", b"x"),  # 422: query validation
+               post(f"{server}/v1/score", b"GIF89a" + b"\0" * 64)]  # 415
+    assert [r.status_code for r in answers] == [401, 404, 405, 422, 415]
+    for r in answers:
+        assert set(r.json()) == {"error", "request_id"} and r.json()["error"], r.text
+    assert answers[2].json()["request_id"] == "abc-1"
+
+
+def test_openapi_documents_upload_query_record_and_errors(server):
+    spec = requests.get(f"{server}/openapi.json").json()
+    op = spec["paths"]["/v1/score"]["post"]
+    multipart = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert multipart["properties"]["file"] == {"type": "string", "format": "binary"}
+    assert "application/dicom" in op["requestBody"]["content"]
+    assert [p["name"] for p in op["parameters"] if p["in"] == "query"] == ["overlay"]
+    assert {"200", "401", "413", "415", "422", "503"} <= set(op["responses"])
+    ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    record = spec["components"]["schemas"][ref]
+    assert {"status", "score", "zones", "lungs", "disease_probability", "request_id"} <= set(record["properties"])
+    err = op["responses"]["503"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert set(spec["components"]["schemas"][err]["properties"]) == {"error", "request_id"}
+    assert "files" in str(spec["paths"]["/v1/score/batch"]["post"]["requestBody"])
+
+
+def test_audit_line_per_request_without_patient_data(server, phantom_dir):
+    import hashlib
+
+    img = images.decode_raster(phantom_png(phantom_dir)).astype(np.uint16) * 16
+    data = _dicom(img, BitsStored=12, PatientName=SECRET, PatientID="ID-999")
+    r = post(f"{server}/v1/score", data, headers={"X-Request-Id": "audit-test-1"})
+    assert r.status_code == 200
+    time.sleep(2)
+    lines = []
+    for log in Path("/tmp/ray/session_latest/logs/serve").glob("*Ingress*"):
+        lines += [x for x in log.read_text(errors="replace").splitlines() if '"audit-test-1"' in x]
+    assert len(lines) == 1, lines
+    entry = json.loads(lines[0][lines[0].index("{\"event\""):])
+    assert entry["input_sha256"] == hashlib.sha256(data).hexdigest() and entry["http_status"] == 200
+    assert entry["status"] == r.json()["status"] and entry["score"] == r.json()["score"]
+    assert len(entry["bundle_hash"]) == 16 and set(entry["timings_ms"]) >= {"decode", "models", "total"}
+    assert SECRET not in lines[0] and "ID-999" not in lines[0]
+
+
+def _scrape(name: str) -> list[tuple[dict, float]]:
+    """(labels, value) of every sample of one metric on Ray's Prometheus endpoint."""
+    import re as _re
+
+    text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    out = []
+    for line in text.splitlines():
+        m = _re.match(rf"^{name}(?:{{(.*)}})? ([0-9.e+-]+)$", line)
+        if m:
+            labels = dict(_re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+            out.append((labels, float(m.group(2))))
+    return out
+
+
+def test_metrics_reach_prometheus_and_batches_form(server, phantom_dir):
+    png = phantom_png(phantom_dir)
+
+    async def burst():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            async def one():
+                async with s.post(f"{server}/v1/score", data=png, headers={"X-API-Key": KEY}) as r:
+                    return r.status
+            return await asyncio.gather(*(one() for _ in range(12)))
+
+    assert set(asyncio.run(burst())) == {200}
+    post(f"{server}/v1/score", b"GIF89a" + b"\0" * 64)  # a refusal, counted by reason
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        requests_ = _scrape("ray_cxrtune_requests_total")
+        batches = _scrape("ray_cxrtune_batch_size_bucket")
+        steps = _scrape("ray_cxrtune_step_ms_count")
+        if requests_ and batches and steps and any(l.get("code") == "415" for l, _ in requests_):
+            break
+        time.sleep(3)
+    scored = sum(v for l, v in requests_ if l.get("code") == "200" and l.get("outcome") == "scored")
+    assert scored >= 12
+    assert any(l.get("outcome") == "unsupported_format" and v >= 1 for l, v in requests_)
+    assert {l.get("step") for l, _ in steps} >= {"decode", "stage1", "stage2", "post"}
+    for stage in ("lung", "disease"):
+        counts: dict[str, float] = {}
+        for labels, v in batches:  # summed over the main app's replicas
+            if labels.get("stage") == stage and labels.get("application") == "cxrtune" and "le" in labels:
+                counts[labels["le"]] = counts.get(labels["le"], 0) + v
+        assert counts["+Inf"] - counts["1.0"] > 0, (stage, counts)  # some batches held more than one image
+
+
+def test_a_killed_stage_replica_loses_no_request(server, phantom_dir):
+    """ray.kill a Stage1 replica while it has requests in flight: the ingress retries them on a live
+    or restarted replica; every request succeeds."""
+    import ray
+
+    png = phantom_png(phantom_dir)
+    statuses: list[int] = []
+
+    def client():
+        for _ in range(8):
+            statuses.append(post(f"{server}/v1/score", png).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # load is running: the replica has requests in flight
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::cxrtune#Stage1#")]
+    assert names
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join(timeout=240)
+    assert len(statuses) == 32 and statuses.count(200) == 32, statuses
+    # Not asserted: that the killed replica had a request in flight at that moment (with two
+    # replicas it may have been idle, and Serve may also re-route before the ingress sees an error).
 
 
 def test_full_queue_answers_503(server, phantom_dir):
