@@ -319,23 +319,19 @@ def ensure_bucket(uri: str) -> None:
 def pyarrow_filesystem(uri: str):
     """``(filesystem, path)`` for pyarrow consumers such as Ray Tune's ``storage_filesystem``.
 
-    For S3 the endpoint override and credentials are the ones boto3 uses, so Tune writes to the
-    same server as everything else. The returned path has no ``s3://`` scheme, as Tune expects.
+    For S3 the endpoint override is the one boto3 uses, so Tune writes to the same server as
+    everything else. Credentials are never put in the object: Tune pickles it into the experiment
+    (``tuner.pkl``, the experiment state), so anyone who could read the experiment would get the
+    writer's keys. pyarrow resolves them itself, on each node, from that node's environment,
+    profile or instance role, as boto3 does. The returned path has no ``s3://`` scheme, as Tune
+    expects.
     """
     import pyarrow.fs as pafs
 
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(Path(uri).resolve())
-    import boto3
-
     bucket, key = split_s3(uri)
-    creds = boto3.session.Session().get_credentials()
-    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION")
-                    or os.environ.get("AWS_REGION") or "us-east-1"}
-    if creds is not None:
-        frozen = creds.get_frozen_credentials()
-        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
-                      session_token=frozen.token)
+    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
     ep = endpoint_url()
     if ep:
         parsed = urlparse(ep)

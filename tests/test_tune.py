@@ -47,20 +47,29 @@ def space_file(tmp_path):
 
 
 def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file, bucket, tmp_path):
+    import secrets
+
     wandb_dir = tmp_path / "wb"
     wandb_dir.mkdir()
+    creds = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),  # distinctive: grep-able
+             "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30), "AWS_SESSION_TOKEN": secrets.token_urlsafe(40)}
     r = cli("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"),
             "--name", "asha", "--storage", f"s3://{bucket}/exps", "--num-samples", "6", "--scheduler", "asha",
             "--max-epochs", "3", "--grace", "1", "--num-cpus", "2", "--max-concurrent", "2",
-            "--wandb-project", "cxrtune-test", env={"WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": ""})
+            "--wandb-project", "cxrtune-test", env={"WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": "", **creds})
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert summary["trials"] == 6 and summary["errored"] == 0
     assert summary["stopped_early"] >= 1  # ASHA cut some trials before 4 epochs
     assert 0 < summary["best_metric"] <= 1 and set(summary["best_config"]) == {"arch", "optimizer", "lr"}
     assert "Trial status" in r.stdout or "Trial status" in r.stderr  # the live progress table
 
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=storage.endpoint_url())
-            .list_objects_v2(Bucket=bucket, Prefix="exps/asha/")["Contents"]]
+    s3 = boto3.client("s3", endpoint_url=storage.endpoint_url())
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="exps/asha/")["Contents"]]
+    assert any(k.endswith("tuner.pkl") for k in keys) and any("experiment_state" in k for k in keys)
+    for k in keys:  # no secret in experiment storage: tuner.pkl and the state files pickle the filesystem
+        body = s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+        for name, value in creds.items():
+            assert value.encode() not in body, (name, k)
     assert "exps/asha/cxrtune.json" in keys and "exps/asha/summary.json" in keys
     assert any(k.endswith("/result.json") for k in keys)
     assert any("/checkpoint_" in k and k.endswith("/model.pt") for k in keys)
