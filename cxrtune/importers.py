@@ -301,31 +301,13 @@ def _free_target(out_dir: Path, stem: str, data: bytes, written: set) -> Path:
 
 
 def _create_new(path: Path, data: bytes) -> bool:
-    """Create ``path`` whole (temporary file + hard link), False if it already exists."""
-    import os
-    import tempfile
-
+    """Create ``path`` whole, never overwriting (:func:`cxrtune.storage.create_local`)."""
     from . import storage
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~getattr(storage, "_UMASK", 0o022))
-        try:
-            os.link(tmp, path)  # fails if path exists: never overwrites
-        except FileExistsError:
-            return False
-        except OSError:  # a filesystem without hard links
-            if path.exists():
-                return False
-            os.replace(tmp, path)
-        return True
+        return storage.create_local(path, data)
     except OSError as exc:
         raise CxrtuneError(f"{path}: cannot write ({exc.strerror})") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def run_import(fmt: str, src: str, out: str, data_dir: str | None = None, progress: bool = True,

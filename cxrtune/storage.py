@@ -202,17 +202,45 @@ def read_bytes(uri: str) -> bytes:
         raise CxrtuneError(f"{uri}: cannot read ({exc.strerror})") from None
 
 
-def _atomic_local_write(path: Path, data: bytes) -> None:
+def _staged(path: Path, data: bytes) -> str:
+    """``data`` in a temporary file beside ``path``, with a finished file's permissions; its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; finished files follow the umask
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _atomic_local_write(path: Path, data: bytes) -> None:
+    tmp = _staged(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def create_local(path: Path, data: bytes) -> bool:
+    """Create ``path`` whole, never overwriting: False if it already exists (hard link of a
+    finished temporary file; a plain rename where the filesystem has no hard links)."""
+    tmp = _staged(path, data)
+    try:
+        try:
+            os.link(tmp, path)  # fails if path exists
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

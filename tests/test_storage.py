@@ -90,3 +90,14 @@ def test_unreachable_endpoint_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CXRTUNE_S3_RETRIES", "1")
     with pytest.raises(CxrtuneError, match="could not read"):
         storage.read_bytes("s3://b/k")
+
+
+def test_create_local_never_overwrites(tmp_path):
+    """The importers' no-overwrite guarantee, even between the existence check and the write
+    (two imports at once): create_local refuses an existing path and leaves it as it was."""
+    target = tmp_path / "sub" / "a.png"
+    assert storage.create_local(target, b"first") is True
+    assert target.read_bytes() == b"first" and (target.stat().st_mode & 0o777) == 0o666 & ~storage._UMASK
+    assert storage.create_local(target, b"second") is False
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in target.parent.iterdir()] == ["a.png"]  # no temporary file left behind
