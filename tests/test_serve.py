@@ -306,19 +306,23 @@ def test_cli_and_http_give_the_same_record(server, phantom_bundle, phantom_dir, 
     assert [c["input"]["format"] for c in cli] == ["png", "dicom"] and cli[1]["input"]["width"] == 1841
 
 
-def test_admission_control_answers_json_503_with_retry_after(server, phantom_dir):
-    png = phantom_png(phantom_dir)
-
-    async def flood():
+def concurrent_posts(url: str, data: bytes, n: int) -> list[tuple[int, dict | None, str | None]]:
+    """``n`` simultaneous POSTs: (status, JSON body or None, Retry-After) of each."""
+    async def all_of():
         import aiohttp
 
         async with aiohttp.ClientSession() as s:
             async def one():
-                async with s.post(f"{server}/tight/v1/score", data=png, headers={"X-API-Key": KEY}) as r:
-                    return r.status, await r.json(), r.headers.get("Retry-After")
-            return await asyncio.gather(*(one() for _ in range(8)))
+                async with s.post(url, data=data, headers={"X-API-Key": KEY}) as r:
+                    body = await r.json() if r.content_type == "application/json" else None
+                    return r.status, body, r.headers.get("Retry-After")
+            return await asyncio.gather(*(one() for _ in range(n)))
 
-    answers = asyncio.run(flood())
+    return asyncio.run(all_of())
+
+
+def test_admission_control_answers_json_503_with_retry_after(server, phantom_dir):
+    answers = concurrent_posts(f"{server}/tight/v1/score", phantom_png(phantom_dir), 8)
     codes = [a[0] for a in answers]
     assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
     for code, body, retry in answers:
@@ -388,18 +392,7 @@ def _scrape(name: str) -> list[tuple[dict, float]]:
 
 
 def test_metrics_reach_prometheus_and_batches_form(server, phantom_dir):
-    png = phantom_png(phantom_dir)
-
-    async def burst():
-        import aiohttp
-
-        async with aiohttp.ClientSession() as s:
-            async def one():
-                async with s.post(f"{server}/v1/score", data=png, headers={"X-API-Key": KEY}) as r:
-                    return r.status
-            return await asyncio.gather(*(one() for _ in range(12)))
-
-    assert set(asyncio.run(burst())) == {200}
+    assert {a[0] for a in concurrent_posts(f"{server}/v1/score", phantom_png(phantom_dir), 12)} == {200}
     post(f"{server}/v1/score", b"GIF89a" + b"\0" * 64)  # a refusal, counted by reason
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -449,18 +442,7 @@ def test_a_killed_stage_replica_loses_no_request(server, phantom_dir):
 
 
 def test_full_queue_answers_503(server, phantom_dir):
-    png = phantom_png(phantom_dir)
-
-    async def flood():
-        import aiohttp
-
-        async with aiohttp.ClientSession() as s:
-            async def one():
-                async with s.post(f"{server}/blind/v1/score", data=png, headers={"X-API-Key": KEY}) as r:
-                    return r.status
-            return await asyncio.gather(*(one() for _ in range(16)))
-
-    statuses = asyncio.run(flood())
+    statuses = [a[0] for a in concurrent_posts(f"{server}/blind/v1/score", phantom_png(phantom_dir), 16)]
     assert 503 in statuses and 500 not in statuses and set(statuses) <= {200, 503}
 
 
