@@ -3,7 +3,9 @@
 Stage I is a binary segmenter; Stage II adds SMP's ``aux_params`` classification head (adaptive avg
 pool, flatten, dropout 0.2, one unit; it outputs a logit, the sigmoid is applied at inference).
 Encoders are any SMP name, ``tu-`` timm encoders included. ``encoder_weights`` is None, "imagenet"
-(downloads, for machines that can) or a local/S3 path to an encoder state dict.
+(downloads, for machines that can) or a local/S3 path to weights: an encoder state dict, or a
+cxrtune run, checkpoint or ``model.pt`` (its encoder is used: transfer from a model the project
+trained itself, e.g. Stage II starting from the Stage I encoder where nothing can be downloaded).
 """
 
 from __future__ import annotations
@@ -37,20 +39,42 @@ class ModelConfig:
         return asdict(self)
 
 
+def _weights_file(uri: str) -> str:
+    """A weights file itself, or the best (else own) ``model.pt`` of a cxrtune run or checkpoint."""
+    from . import storage
+
+    if uri.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        return uri
+    for candidate in (storage.join(uri, "best", "model.pt"), storage.join(uri, "model.pt")):
+        if storage.exists(candidate):
+            return candidate
+    return uri
+
+
 def _load_encoder_weights(model: nn.Module, uri: str) -> None:
     from . import storage
 
+    path = _weights_file(uri)
     try:
-        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     except CxrtuneError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise CxrtuneError(f"{uri}: not a torch state dict ({type(exc).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-    if len(missing) == len(model.encoder.state_dict()):
+    if not isinstance(state, dict):
+        raise CxrtuneError(f"{uri}: not a torch state dict")
+    if any(k.startswith("encoder.") for k in state):  # a whole model: keep its encoder
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    own = model.encoder.state_dict()
+    clash = sorted(k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
+    if clash:
+        raise CxrtuneError(f"{uri}: {len(clash)} tensor(s) have other shapes than this encoder's "
+                           f"(e.g. {clash[0]}): another encoder or in_channels")
+    if not set(state) & set(own):
         raise CxrtuneError(f"{uri}: no tensor matches the encoder's parameter names")
+    model.encoder.load_state_dict(state, strict=False)  # SMP encoders drop their unused head keys
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

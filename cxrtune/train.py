@@ -69,10 +69,17 @@ class TrainConfig:
     max_val_images: int | None = None
     amp: bool = True  # bf16 autocast, on GPU only
     max_minutes: float | None = None  # wall-clock budget: no epoch starts that would end past it
+    # what picks best/ and drives patience: "" is val_dice (lung) or val_dice_f1 (disease); any
+    # validation metric may be named, losses and FP rates are minimised, the rest maximised
+    monitor: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.monitor:
+            self.monitor = "val_dice" if self.task == "lung" else "val_dice_f1"
 
     @property
-    def monitor(self) -> str:
-        return "val_dice" if self.task == "lung" else "val_dice_f1"
+    def monitor_mode(self) -> str:
+        return "min" if self.monitor.endswith("loss") or "fp_rate" in self.monitor else "max"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -306,13 +313,18 @@ class Trainer:
                 self.epoch += 1
                 metrics.update(epoch=self.epoch, epoch_seconds=time.perf_counter() - t0,
                                lr=self.optimizer.param_groups[0]["lr"])
+                if self.cfg.monitor not in metrics:
+                    raise CxrtuneError(f"monitor {self.cfg.monitor!r} is not a validation metric of a "
+                                       f"{self.cfg.task} run; choose one of "
+                                       f"{', '.join(sorted(k for k in metrics if k.startswith('val_')))}")
                 value = metrics[self.cfg.monitor]
-                value = -1.0 if value is None or np.isnan(value) else value
+                sign = 1.0 if self.cfg.monitor_mode == "max" else -1.0
+                signed = _signed(value, sign)
                 # best/ is the best epoch, full stop; min_delta only decides what counts as
                 # progress for patience (one rule, shared with the Tune stopper)
-                if self.best is None or value > self.best["value"]:
+                if self.best is None or signed > _signed(self.best["value"], sign):
                     self.best = {"value": value, "epoch": self.epoch}
-                self.stale, self.progress_value = patience_step(self.progress_value, value, self.stale,
+                self.stale, self.progress_value = patience_step(self.progress_value, signed, self.stale,
                                                                 self.cfg.min_delta)
                 metrics["best_" + self.cfg.monitor] = self.best["value"]
                 self.history.append(metrics)
@@ -334,6 +346,11 @@ class Trainer:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return {"epochs": self.epoch, "best": self.best, "history": self.history}
+
+
+def _signed(value: float | None, sign: float) -> float:
+    """A monitored value turned "higher is better"; a missing or NaN value is the worst."""
+    return -np.inf if value is None or np.isnan(value) else sign * float(value)
 
 
 def patience_step(reference: float | None, value: float, stale: int, min_delta: float) -> tuple[int, float]:

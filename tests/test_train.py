@@ -167,6 +167,43 @@ def test_best_is_the_best_epoch_and_min_delta_only_drives_patience(phantom_dir, 
     assert lines[1].startswith("epoch 2: val_dice=0.5050 train_loss=1.0000")
 
 
+def test_a_loss_monitor_is_minimised(phantom_dir, tmp_path, monkeypatch):
+    from cxrtune.train import Trainer
+
+    losses = iter([0.9, 0.6, 0.7])
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, progress=False: {"train_loss": 1.0})
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"val_dice": 0.5, "val_loss": next(losses, 1.0)})
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    cfg = TrainConfig.from_dict({"task": "lung", "size": 64, "epochs": 3, "monitor": "val_loss",
+                                 "model": {"arch": "FPN", "encoder": "resnet18"}})
+    assert cfg.monitor_mode == "min" and TrainConfig().monitor == "val_dice"
+    assert TrainConfig.from_dict({"task": "disease"}).monitor == "val_dice_f1"
+    summary = train(cfg, df, str(tmp_path / "run"))
+    assert summary["best"] == {"value": 0.6, "epoch": 2}
+    bad = TrainConfig.from_dict({"task": "lung", "size": 64, "epochs": 1, "monitor": "val_f1",
+                                 "model": {"arch": "FPN", "encoder": "resnet18"}})
+    with pytest.raises(CxrtuneError, match="monitor 'val_f1' is not a validation metric of a lung run"):
+        train(bad, df, str(tmp_path / "bad"))
+
+
+def test_encoder_transfer_from_a_cxrtune_run(tmp_path):
+    """Stage II can start from the Stage I encoder a run trained (no hub download needed)."""
+    from cxrtune.artifacts import CheckpointMeta  # noqa: F401  (the run layout the trainer writes)
+
+    lung = build_model(ModelConfig(arch="Unet", encoder="resnet18"))
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    torch.save(lung.state_dict(), tmp_path / "run" / "best" / "model.pt")
+    two = build_model(ModelConfig(arch="Unet", encoder="resnet18", classification=True,
+                                  encoder_weights=str(tmp_path / "run")))
+    for key, value in lung.encoder.state_dict().items():
+        assert torch.equal(two.encoder.state_dict()[key], value), key
+    fresh = build_model(ModelConfig(arch="Unet", encoder="resnet18", classification=True))
+    assert not torch.equal(fresh.encoder.conv1.weight, lung.encoder.conv1.weight)
+    with pytest.raises(CxrtuneError, match="other shapes"):
+        build_model(ModelConfig(arch="Unet", encoder="resnet18", in_channels=3,
+                                encoder_weights=str(tmp_path / "run" / "best" / "model.pt")))
+
+
 def test_patience_rule_is_shared_with_the_tune_stopper():
     from cxrtune.tuning import PatienceStopper
 
