@@ -120,6 +120,7 @@ class BundleMeta:
     cls_calibration: Calibration | None = None
     model_card: dict = field(default_factory=dict)
     audits: dict = field(default_factory=dict)
+    onnx: dict = field(default_factory=dict)  # `cxrtune bundle --export onnx`: files and the hashes they match
     versions: dict = field(default_factory=dict)
     format: str = BUNDLE_FORMAT
     migrated_from: str = ""

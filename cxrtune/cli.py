@@ -140,8 +140,14 @@ def _bundle(args) -> None:
         meta = migrate_bundle(args.migrate)
         print(f"bundle {args.migrate}: now {meta.format}")
         return
+    if args.export:
+        from .onnx_runtime import export_bundle
+
+        rec = export_bundle(args.export[1])
+        print(f"bundle {args.export[1]}: exported lung.onnx and disease.onnx (opset {rec['opset']})")
+        return
     if not (args.lung and args.disease and args.out):
-        raise CxrtuneError("cxrtune bundle needs --lung, --disease and --out (or --migrate URI)")
+        raise CxrtuneError("cxrtune bundle needs --lung, --disease and --out (or --migrate URI, --export onnx URI)")
     b = make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
     print(f"bundle {args.out}: lung {b.lung.config['model']['arch']}, disease "
           f"{b.disease.config['model']['arch']}, zone threshold {b.zone_threshold}")
@@ -179,7 +185,7 @@ def _score(args) -> None:
     from .batch_scoring import expand_inputs, score_files
     from .scorer import load_bundle
 
-    scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
+    scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size, runtime=args.runtime)
     uris = expand_inputs(args.paths, args.manifest)
     counts = score_files(scorer, uris, args.out, overlays=args.overlays, resume=args.resume,
                          progress=not args.quiet)
@@ -292,20 +298,29 @@ def _promote(args) -> None:
     print(f"promoted to {run}")
 
 
-def _serve(args) -> None:
+def _default_serve_config() -> str:
     from pathlib import Path
 
+    import torch
+
+    root = Path(__file__).resolve().parent.parent / "serve"
+    config = str(root / ("config.yaml" if torch.cuda.is_available() else "config.cpu.yaml"))
+    if not Path(config).exists():
+        raise CxrtuneError("pass --config (serve/config.yaml from the cxrtune source tree)")
+    return config
+
+
+def _serve(args) -> None:
     from .serving import run_local
 
-    config = args.config
-    if config is None:
-        import torch
+    run_local(args.bundle, args.config or _default_serve_config(), host=args.host, port=args.port)
 
-        root = Path(__file__).resolve().parent.parent / "serve"
-        config = str(root / ("config.yaml" if torch.cuda.is_available() else "config.cpu.yaml"))
-        if not Path(config).exists():
-            raise CxrtuneError("pass --config (serve/config.yaml from the cxrtune source tree)")
-    run_local(args.bundle, config, host=args.host, port=args.port)
+
+def _deploy(args) -> None:
+    from .serving import deploy_config
+
+    status = deploy_config(args.config or _default_serve_config(), args.bundle, args.address, args.wait)
+    print(json.dumps(status))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", help="bundle folder (local or s3://)")
     bd.add_argument("--threshold", type=float, default=DEFAULT_ZONE_THRESHOLD, help="zone threshold until calibrated")
     bd.add_argument("--migrate", metavar="URI", help="rewrite an older bundle's bundle.json in the current format")
+    bd.add_argument("--export", nargs=2, metavar=("FORMAT", "URI"),
+                    help="add an export of both networks to a bundle: `--export onnx BUNDLE` (the CPU fast path)")
     bd.add_argument("--name")
     bd.set_defaults(func=_bundle)
 
@@ -412,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--resume", action="store_true", help="skip images already in --out")
     sc.add_argument("--overlays", help="folder for overlay PNGs")
     sc.add_argument("--batch-size", type=int, default=8)
+    sc.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
+                    help="auto: ONNX Runtime on a CPU when the bundle has an ONNX export, else torch")
     sc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sc.add_argument("--device")
     sc.set_defaults(func=_score)
@@ -482,6 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
     sv.set_defaults(func=_serve)
+
+    dp = sub.add_parser("deploy", help="deploy or update the scorer on a running Ray cluster (as `serve deploy`), "
+                                       "e.g. a new bundle with no downtime")
+    dp.add_argument("--bundle", help="bundle URI (default: the config's)")
+    dp.add_argument("--config", help="Serve config (default: serve/config.yaml on GPU, serve/config.cpu.yaml on CPU)")
+    dp.add_argument("--address", help="Ray dashboard URL (default: $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265)")
+    dp.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the app to be RUNNING")
+    dp.set_defaults(func=_deploy)
     return p
 
 

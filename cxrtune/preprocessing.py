@@ -51,8 +51,9 @@ class Preprocessing:
         return cls(**{k: d[k] for k in ("size", "in_channels", "mean", "std") if k in d})
 
     def to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        """HxW float [0, 1] at model size -> C x H x W normalised tensor."""
-        x = torch.from_numpy((np.ascontiguousarray(image, np.float32) - self.mean) / self.std)[None]
+        """HxW at model size, float [0, 1] or uint8 -> C x H x W normalised tensor."""
+        image = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else np.ascontiguousarray(image, np.float32)
+        x = torch.from_numpy((image - self.mean) / self.std)[None]
         return x.expand(self.in_channels, -1, -1).contiguous() if self.in_channels > 1 else x
 
 

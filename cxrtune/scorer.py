@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import storage, zones
+from .errors import CxrtuneError
 from .artifacts import (DEFAULT_CLS_THRESHOLD, DEFAULT_ZONE_THRESHOLD, BundleMeta, CheckpointMeta, bundle_hash,
                         read_bundle_meta)
 from .models import ModelConfig, build_model
@@ -99,6 +100,43 @@ def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float 
     return record, detail
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A [0, 1] float image as uint8: what a stage is sent (a quarter of float32's bytes; the
+    training images were 8-bit)."""
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def lung_input(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Stage I's input: the working image at the lung model's size, uint8."""
+    return to_uint8(resize_image(image, pre.size))
+
+
+def lung_output(prob: np.ndarray, shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
+    """Stage I's probabilities (model size) -> the cleaned bool lung mask at the image's size."""
+    full = cv2.resize(prob.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return zones.clean_lungs(full >= threshold)
+
+
+def disease_input(image: np.ndarray, lung: np.ndarray, pre: Preprocessing) -> tuple[np.ndarray, tuple | None]:
+    """Stage II's input: the ROI of the cleaned lungs at the model's size (uint8), and its box."""
+    roi, _, box = extract_roi(image, lung)
+    return lung_input(roi, pre), box
+
+
+def opacity_output(prob: np.ndarray, p_disease: float, box: tuple | None, shape: tuple[int, int],
+                   cls_threshold: float) -> tuple[np.ndarray, float]:
+    """Stage II's outputs -> the refined opacity mask in image coordinates (seed 004 Eq. 1-2:
+    the mask counts only when p(disease) >= T_cls), and p."""
+    refined = prob.astype(np.float32) * float(p_disease >= cls_threshold)
+    canvas = np.zeros(shape, np.float32)
+    if box is None:
+        canvas[:] = cv2.resize(refined, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    else:
+        y0, y1, x0, x1 = box
+        canvas[y0:y1, x0:x1] = cv2.resize(refined, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    return canvas >= 0.5, float(p_disease)
+
+
 def _device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
@@ -123,7 +161,7 @@ class Scorer:
     def __init__(self, lung: StageModel | None, disease: StageModel | None,
                  zone_threshold: float = DEFAULT_ZONE_THRESHOLD, cls_threshold: float = DEFAULT_CLS_THRESHOLD,
                  lung_threshold: float = 0.5, device: torch.device | None = None, batch_size: int = 8,
-                 models: dict | None = None):
+                 models: dict | None = None, runtime: str = "torch"):
         """Either stage may be None where only the other is used (one Serve deployment each).
         ``models`` names them in records (:func:`bundle_models`)."""
         self.lung, self.disease = lung, disease
@@ -131,26 +169,37 @@ class Scorer:
         self.device = device or next((lung or disease).model.parameters()).device
         self.batch_size = batch_size
         self.models = models or {}
+        self.runtime = runtime  # "torch" or "onnx": which runs the networks
 
     # ---------------------------------------------------------------------------------- stages
-    def _run(self, stage: StageModel, batch: list[np.ndarray]):
-        x = torch.stack([stage.pre.to_tensor(resize_image(im, stage.pre.size)) for im in batch]).to(self.device)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.device.type == "cuda"):
-            return stage.model(x)
+    # Each stage is input -> forward -> output. Inputs are uint8 at the model's size and outputs
+    # float16 probabilities at the model's size: the lean payloads Serve moves between the ingress
+    # and the stage deployments (which run ``forward`` only). The library path runs the same three
+    # steps, so the CLI and HTTP give the same records.
+    def forward(self, stage: str, inputs: list[np.ndarray]):
+        """Run one stage's network on model-size uint8 inputs, in batches. Lung: a float16
+        probability map per input; disease: ``(float16 map, p(disease))`` per input."""
+        model = self.lung if stage == "lung" else self.disease
+        out = []
+        for i in range(0, len(inputs), self.batch_size):
+            x = torch.stack([model.pre.to_tensor(u8) for u8 in inputs[i:i + self.batch_size]]).to(self.device)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                        enabled=self.device.type == "cuda"):
+                y = model.model(x)
+            if stage == "lung":
+                out += list(torch.sigmoid(y.float())[:, 0].cpu().numpy().astype(np.float16))
+            else:
+                seg, cls = y
+                probs = torch.sigmoid(seg.float())[:, 0].cpu().numpy().astype(np.float16)
+                out += list(zip(probs, torch.sigmoid(cls.float())[:, 0].cpu().numpy().tolist()))
+        return out
 
     def lung_masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Stage I and the lung cleanup: cleaned bool lung masks at each image's size."""
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            chunk = images[i:i + self.batch_size]
-            probs = torch.sigmoid(self._run(self.lung, chunk).float())[:, 0].cpu().numpy()
-            for im, p in zip(chunk, probs):
-                full = cv2.resize(p, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR)
-                out.append(zones.clean_lungs(full >= self.lung_threshold))
-        return out
+        probs = self.forward("lung", [lung_input(im, self.lung.pre) for im in images])
+        return [lung_output(p, im.shape, self.lung_threshold) for im, p in zip(images, probs)]
 
     def opacity_masks(self, images: list[np.ndarray], lungs: list[np.ndarray],
                       cls_threshold: float | None = None) -> list[tuple[np.ndarray, float]]:
@@ -158,27 +207,10 @@ class Scorer:
         image, the mask in image coordinates. ``cls_threshold=0`` returns unrefined masks
         (calibration chooses T_cls afterwards)."""
         t_cls = self.cls_threshold if cls_threshold is None else cls_threshold
-        rois, boxes = [], []
-        for im, lung in zip(images, lungs):
-            roi, _, box = extract_roi(im, lung)
-            rois.append(roi)
-            boxes.append(box)
-        out = []
-        for i in range(0, len(rois), self.batch_size):
-            seg, cls = self._run(self.disease, rois[i:i + self.batch_size])
-            p_cls = torch.sigmoid(cls.float())[:, 0].cpu().numpy()
-            p_seg = torch.sigmoid(seg.float())[:, 0].cpu().numpy()
-            for j, (prob, pc) in enumerate(zip(p_seg, p_cls)):
-                k = i + j
-                refined = prob * float(pc >= t_cls)  # Eq. 1-2
-                canvas = np.zeros(images[k].shape, np.float32)
-                if boxes[k] is None:
-                    canvas[:] = cv2.resize(refined, (images[k].shape[1], images[k].shape[0]))
-                else:
-                    y0, y1, x0, x1 = boxes[k]
-                    canvas[y0:y1, x0:x1] = cv2.resize(refined, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-                out.append((canvas >= 0.5, float(pc)))
-        return out
+        prepared = [disease_input(im, lung, self.disease.pre) for im, lung in zip(images, lungs)]
+        outs = self.forward("disease", [x for x, _ in prepared])
+        return [opacity_output(prob, p, box, im.shape, t_cls)
+                for im, (_, box), (prob, p) in zip(images, prepared, outs)]
 
     # ---------------------------------------------------------------------------------- policy
     def score_images(self, images: list[np.ndarray], lungs: list[np.ndarray] | None = None,
@@ -198,7 +230,9 @@ class Scorer:
         results = []
         for i, lung in enumerate(lungs):
             opacity, p = stage2.get(i, (None, None))
-            record, detail = build_record(lung, opacity, p, self.zone_threshold, self.models_info(),
+            digest = self.models.get("bundle_hash")
+            models = {**self.models_info(), "stage_bundles": {"lung": digest, "disease": digest if i in stage2 else None}}
+            record, detail = build_record(lung, opacity, p, self.zone_threshold, models,
                                           scans[i] if scans else None)
             record["timings_ms"] = {"stage1": round(1000 * (t1 - t0) / n, 2), "stage2": round(1000 * (t2 - t1) / n, 2)}
             results.append((record, detail))
@@ -218,16 +252,42 @@ def bundle_models(meta: BundleMeta, content_hash: str = "") -> dict:
             "bundle": meta.name, "bundle_hash": content_hash, "created": meta.created}
 
 
+def choose_runtime(runtime: str, device: torch.device, meta: BundleMeta) -> str:
+    """``auto``: ONNX Runtime on a CPU when the bundle has an ONNX export and onnxruntime is
+    installed, else torch. ``onnx`` insists (and says what is missing)."""
+    from .onnx_runtime import RUNTIMES, onnxruntime_available
+
+    if runtime not in RUNTIMES:
+        raise CxrtuneError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "auto":
+        return "onnx" if device.type == "cpu" and meta.onnx and onnxruntime_available() else "torch"
+    if runtime == "onnx":
+        if device.type != "cpu":
+            raise CxrtuneError("runtime onnx runs on the CPU; use torch on a GPU")
+        if not meta.onnx:
+            raise CxrtuneError("the bundle has no ONNX export: run `cxrtune bundle --export onnx BUNDLE`")
+        if not onnxruntime_available():
+            raise CxrtuneError("runtime onnx needs onnxruntime: pip install onnxruntime")
+    return runtime
+
+
 def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
-                stages: tuple[str, ...] = ("lung", "disease")) -> Scorer:
-    """Load a bundle's models (``stages`` picks which) onto ``device`` (default: GPU if any)."""
+                stages: tuple[str, ...] = ("lung", "disease"), runtime: str = "auto") -> Scorer:
+    """Load a bundle's models (``stages`` picks which) onto ``device`` (default: GPU if any),
+    run by torch or ONNX Runtime (:func:`choose_runtime`)."""
     meta = read_bundle_meta(uri)
     dev = _device(device)
+    runtime = choose_runtime(runtime, dev, meta)
     loaded = {stage: _load_stage(storage.read_bytes(storage.join(uri, f"{stage}.pt")), meta.stage(stage), dev)
               for stage in stages}
+    if runtime == "onnx":
+        from .onnx_runtime import load_onnx_stage
+
+        for stage, model in loaded.items():
+            model.model = load_onnx_stage(uri, stage, meta.onnx)
     return Scorer(loaded.get("lung"), loaded.get("disease"), zone_threshold=meta.zone_threshold,
                   cls_threshold=meta.cls_threshold, lung_threshold=meta.lung_threshold, device=dev,
-                  batch_size=batch_size, models=bundle_models(meta, bundle_hash(uri)))
+                  batch_size=batch_size, models=bundle_models(meta, bundle_hash(uri)), runtime=runtime)
 
 
 # -------------------------------------------------------------------------- references and sweeps

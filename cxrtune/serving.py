@@ -75,6 +75,7 @@ class ServeSettings(BaseModel):
     work_size: int = WORK_SIZE  # long side of the working copy (the CLI's too): zones are scale-invariant
     api_key_env: str = "CXRTUNE_API_KEY"
     device: str | None = None
+    runtime: Literal["auto", "torch", "onnx"] = "auto"  # auto: ONNX Runtime on CPU when the bundle has an export
     max_files_per_batch: int = 16
     max_in_flight: int = 256  # images one ingress replica scores at once (a batch counts each file); more: 503
     retry_after_s: int = 1
@@ -87,53 +88,93 @@ MS_BUCKETS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
 
 class _Stage:
-    """Shared by both stages: the bundle's model for one stage, loaded once per replica."""
+    """Shared by both stages: one stage's network, run on the lean inputs the ingress prepared.
+
+    Every item names the bundle it is for (URI and content hash): the ingress that made it
+    decides, so one request never mixes the stages of two bundles, even while ``serve deploy``
+    replaces one bundle with another (old and new ingress replicas then both have live stage
+    replicas that answer them). A replica keeps its own bundle loaded and loads another on first
+    use (the two newest stay loaded)."""
 
     stage = ""
+    KEEP = 2
 
     def __init__(self, settings: dict):
         from ray.serve import metrics
 
-        from .scorer import load_bundle
-
         self.batch_sizes = metrics.Histogram("cxrtune_batch_size", description="images per batch a stage ran",
                                              boundaries=BATCH_BUCKETS, tag_keys=("stage",))
         self.batch_sizes.set_default_tags({"stage": self.stage})
-        s = ServeSettings(**settings)
-        self.scorer = load_bundle(s.bundle, device=s.device, batch_size=s.max_batch_size, stages=(self.stage,))
+        self.s = ServeSettings(**settings)
+        self.scorers: dict = {}  # bundle hash -> Scorer (insertion order: oldest first)
+        self.loading = asyncio.Lock()
+        self.own_hash = self._load(self.s.bundle)
         if hasattr(self.run, "set_max_batch_size"):  # the config's batching, not the decorator's
-            self.run.set_max_batch_size(s.max_batch_size)
+            self.run.set_max_batch_size(self.s.max_batch_size)
         if hasattr(self.run, "set_batch_wait_timeout_s"):
-            self.run.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+            self.run.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
+
+    def _load(self, uri: str, expected: str | None = None) -> str:
+        from .artifacts import bundle_hash
+        from .scorer import load_bundle
+
+        digest = bundle_hash(uri)
+        if expected and digest != expected:
+            raise CxrtuneError(f"the bundle at {uri} changed after it was deployed (hash {digest[:12]}, "
+                               f"expected {expected[:12]}); deploy it again")
+        self.scorers[digest] = load_bundle(uri, device=self.s.device, batch_size=self.s.max_batch_size,
+                                           stages=(self.stage,), runtime=self.s.runtime)
+        while len(self.scorers) > self.KEEP:
+            oldest = next(k for k in self.scorers if k != digest)
+            del self.scorers[oldest]
+        return digest
+
+    async def _scorer(self, uri: str, digest: str):
+        if digest not in self.scorers:
+            async with self.loading:
+                if digest not in self.scorers:
+                    log.info("%s: loading bundle %s for a request", self.stage, digest[:12])
+                    await asyncio.to_thread(self._load, uri, digest)
+        return self.scorers[digest]
+
+    async def _forward(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, object]]:
+        """``(bundle URI, bundle hash, model-size uint8 input)`` -> ``(bundle hash, output)``."""
+        self.batch_sizes.observe(len(items))
+        out: list = [None] * len(items)
+        for digest in dict.fromkeys(d for _, d, _ in items):  # one forward per bundle in the batch
+            idx = [i for i, (_, d, _) in enumerate(items) if d == digest]
+            scorer = await self._scorer(items[idx[0]][0], digest)
+            results = await asyncio.to_thread(scorer.forward, self.stage, [items[i][2] for i in idx])
+            for i, r in zip(idx, results):
+                out[i] = (digest, r)
+        return out
 
     def info(self) -> dict:
-        return self.scorer.models_info()
+        return {"bundle_hash": self.own_hash, "loaded": list(self.scorers),
+                "runtime": self.scorers[self.own_hash].runtime}
 
 
 @serve.deployment(name="Stage1", max_ongoing_requests=64)
 class Stage1(_Stage):
-    """Lung segmentation: working image -> bool lung mask of the same size."""
+    """Lung segmentation: the lung model's uint8 input -> float16 lung probabilities."""
 
     stage = "lung"
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def run(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        self.batch_sizes.observe(len(images))
-        return await asyncio.to_thread(self.scorer.lung_masks, [im.astype(np.float32) for im in images])
+    async def run(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+        return await self._forward(items)
 
 
 @serve.deployment(name="Stage2", max_ongoing_requests=64)
 class Stage2(_Stage):
-    """Opacity segmentation + classification on the lung ROI: (image, lung) -> (mask, p)."""
+    """Opacity segmentation + classification: the lung ROI's uint8 input -> (float16 opacity
+    probabilities, p(disease))."""
 
     stage = "disease"
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def run(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, float]]:
-        self.batch_sizes.observe(len(items))
-        imgs = [im.astype(np.float32) for im, _ in items]
-        lungs = [lung for _, lung in items]
-        return await asyncio.to_thread(self.scorer.opacity_masks, imgs, lungs)
+    async def run(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, tuple[np.ndarray, float]]]:
+        return await self._forward(items)
 
 
 # ----------------------------------------------------------------------------------- the ingress
@@ -166,7 +207,9 @@ class ScoreRecord(BaseModel):
     threshold: float = Field(description="the zone threshold T")
     lungs_found: int
     disease_probability: float | None
-    models: dict
+    models: dict = Field(description="the models, T_cls and the bundle (name, content hash); `stage_bundles` "
+                                     "gives the content hash of the bundle behind each stage's answer "
+                                     "(null for a stage that did not run)")
     input: dict
     request_id: str
     timings_ms: dict[str, float]
@@ -277,13 +320,17 @@ class Ingress:
         from dataclasses import asdict
 
         from .artifacts import bundle_hash, read_bundle_meta
+        from .preprocessing import Preprocessing
         from .scorer import bundle_models
 
         self.s = ServeSettings(**settings)
         self.stage1, self.stage2 = stage1, stage2
         meta = read_bundle_meta(self.s.bundle)
-        self.zone_threshold = float(meta.zone_threshold)
-        self.record_models = bundle_models(meta, bundle_hash(self.s.bundle))  # what each record names
+        self.zone_threshold, self.cls_threshold = float(meta.zone_threshold), float(meta.cls_threshold)
+        self.lung_threshold = float(meta.lung_threshold)
+        self.pre = {stage: Preprocessing.from_dict(meta.stage(stage).preprocessing) for stage in ("lung", "disease")}
+        self.bundle_hash = bundle_hash(self.s.bundle)  # every stage call names it
+        self.record_models = bundle_models(meta, self.bundle_hash)  # what each record names
         self.models = {  # GET /v1/models: that, plus how the bundle was calibrated
             **self.record_models, "zone_threshold": self.zone_threshold,
             "zone_calibration": asdict(meta.zone_calibration) if meta.zone_calibration else None,
@@ -374,19 +421,33 @@ class Ingress:
                 log.warning("a %s replica failed; retrying (attempt %d)", stage.deployment_name, attempt + 2)
                 await asyncio.sleep(min(5.0, 0.25 * 2 ** attempt))
 
+    async def _stage(self, stage: DeploymentHandle, x: np.ndarray):
+        """One stage call for this ingress's bundle: ``(bundle hash that answered, output)``."""
+        digest, out = await self._call(stage, (self.s.bundle, self.bundle_hash, x))
+        if digest != self.bundle_hash:  # cannot happen: the stage serves the bundle it is asked for
+            raise RequestError(500, "a stage answered for another bundle")
+        return digest, out
+
     async def _score(self, data: bytes, overlay: bool, request_id: str) -> tuple[dict, bytes | None]:
-        from .scorer import has_lungs
+        """The scoring policy split at the stage boundaries: the ingress prepares each stage's lean
+        input and turns its output into masks with the library's own functions."""
+        from .scorer import disease_input, has_lungs, lung_input, lung_output, opacity_output
 
         t0 = time.perf_counter()
         scan = await asyncio.to_thread(_decode, data, self.s)
         image = scan.image
         t1 = time.perf_counter()
         opacity = p = None
+        stages = {"lung": None, "disease": None}
         try:
-            lung = await self._call(self.stage1, image)
+            x1 = await asyncio.to_thread(lung_input, image, self.pre["lung"])
+            stages["lung"], prob = await self._stage(self.stage1, x1)
+            lung = await asyncio.to_thread(lung_output, prob, image.shape, self.lung_threshold)
             t_mid = time.perf_counter()
             if has_lungs(lung):  # no lungs: an unscored record (HTTP 200), Stage II is not asked
-                opacity, p = await self._call(self.stage2, (image, lung))
+                x2, box = await asyncio.to_thread(disease_input, image, lung, self.pre["disease"])
+                stages["disease"], (prob2, p) = await self._stage(self.stage2, x2)
+                opacity, p = await asyncio.to_thread(opacity_output, prob2, p, box, image.shape, self.cls_threshold)
         except (BackPressureError, DeploymentUnavailableError):
             raise RequestError(503, "the scorer is at capacity; retry shortly", self.s.retry_after_s) from None
         t2 = time.perf_counter()
@@ -394,7 +455,8 @@ class Ingress:
         def finish():
             from .scorer import build_record
 
-            record, detail = build_record(lung, opacity, p, self.zone_threshold, self.record_models, scan)
+            models = {**self.record_models, "stage_bundles": stages}  # the bundle behind each stage's answer
+            record, detail = build_record(lung, opacity, p, self.zone_threshold, models, scan)
             png = None
             if overlay:
                 from .overlay import encode_overlay
@@ -534,6 +596,77 @@ def load_config(path: str, bundle: str | None = None) -> tuple[dict, dict, dict]
         args["bundle"] = bundle
     deployments = {d["name"]: d for d in app.get("deployments") or []}
     return dict(cfg.get("http_options") or {}), args, deployments
+
+
+def ray_auth_headers() -> dict:
+    """The ``Authorization`` header for a Ray cluster with token authentication (the default for
+    local clusters in Ray 2.60): from ``RAY_AUTH_TOKEN``, else ``RAY_AUTH_TOKEN_PATH``, else
+    ``~/.ray/auth_token``. Ray's own clients send it only when ``RAY_AUTH_MODE=token`` is set in
+    their environment (so ``serve status`` needs that exported); cxrtune sends it whenever a token
+    exists."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        with contextlib.suppress(OSError):
+            token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def deploy_config(config: str, bundle: str | None = None, address: str | None = None,
+                  wait_s: float = 300.0) -> dict:
+    """Deploy (or update) the scorer on a running Ray cluster from a Serve config, as ``serve
+    deploy CONFIG`` does (the dashboard's REST API), with ``bundle`` replacing the config's.
+
+    A changed bundle is a rolling update with no downtime: Serve starts replicas with the new
+    bundle and retires the old ones once the new are healthy; each old ingress replica finishes
+    its requests on its own bundle (see :class:`_Stage`). Waits until the application is
+    RUNNING and returns Serve's status of it."""
+    import yaml
+    from pydantic import ValidationError
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    from ray.serve.schema import ServeDeploySchema
+
+    from . import storage
+    from .artifacts import bundle_hash, read_bundle_meta
+
+    try:
+        cfg = yaml.safe_load(storage.read_text(config)) or {}
+        app = cfg["applications"][0]
+    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+        raise CxrtuneError(f"{config}: not a Serve config with an applications list") from None
+    args = app.setdefault("args", {})
+    if bundle:
+        args["bundle"] = bundle
+    if args.get("bundle") and not storage.is_s3(args["bundle"]):
+        args["bundle"] = str(Path(args["bundle"]).expanduser().resolve())  # replicas run elsewhere
+    try:
+        ServeSettings(**args)
+        ServeDeploySchema.model_validate(cfg)
+    except ValidationError as exc:
+        raise CxrtuneError(f"{config}: {exc}") from None
+    read_bundle_meta(args["bundle"])  # a bad bundle fails here, not in the replicas
+    digest = bundle_hash(args["bundle"])
+    address = address or os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
+    try:
+        client = ServeSubmissionClient(address, headers=ray_auth_headers())
+        client.deploy_applications(cfg)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise CxrtuneError(f"cannot deploy through the Ray dashboard at {address}: {exc}") from None
+    name = app.get("name", "default")
+    deadline = time.monotonic() + wait_s
+    time.sleep(2.0)  # the controller applies a config on its next loop
+    while True:
+        status = (client.get_serve_details().get("applications") or {}).get(name) or {}
+        state = status.get("status")
+        deployed = ((status.get("deployed_app_config") or {}).get("args") or {}).get("bundle")
+        healthy = all(d.get("status") == "HEALTHY" for d in (status.get("deployments") or {}).values())
+        if state == "RUNNING" and healthy and deployed == args["bundle"]:
+            return {"application": name, "status": state, "bundle": deployed, "bundle_hash": digest}
+        if state == "DEPLOY_FAILED":
+            raise CxrtuneError(f"Serve could not deploy {name!r}: {status.get('message', '')[-2000:]}")
+        if time.monotonic() > deadline:
+            raise CxrtuneError(f"{name!r} is {state} after {wait_s:.0f} s; see `serve status`")
+        time.sleep(1.0)
 
 
 def run_local(bundle: str, config: str, host: str | None = None, port: int | None = None,

@@ -1,0 +1,141 @@
+"""Serve's own tools against a real Ray cluster (`ray start --head` with the dashboard and token
+authentication): `serve deploy` of the shipped CPU config, `serve status`, a bundle update under
+load with `cxrtune deploy` (no failed request, no answer mixing two bundles' stages), and
+`serve shutdown`."""
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node cluster started as an operator would, with token auth on (Ray 2.60's default
+    for local clusters); 4 logical CPUs so a rolling update can place new replicas beside the old."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    dash = free_port()
+    r = subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "4", "--port", str(free_port()),
+                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+                        "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    try:
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def serve_cli(cluster, *args, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "serve"), *args, "--address", cluster["address"]], env=cluster["env"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_ready(url: str, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} not ready after {seconds} s")
+
+
+def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bundle, phantom_dir, tmp_path):
+    from cxrtune.artifacts import bundle_hash, update_bundle
+
+    # two bundles with different content hashes
+    second = tmp_path / "bundle-b"
+    shutil.copytree(phantom_bundle, second)
+    update_bundle(str(second), name="phantom-b")
+    hash_a, hash_b = bundle_hash(str(phantom_bundle)), bundle_hash(str(second))
+    assert hash_a != hash_b
+
+    cfg = yaml.safe_load((ROOT / "serve" / "config.cpu.yaml").read_text())
+    port = free_port()
+    cfg["http_options"]["port"] = port
+    cfg["applications"][0]["args"]["bundle"] = str(phantom_bundle)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    url = f"http://127.0.0.1:{port}"
+
+    # Ray's own `serve deploy` and `serve status` with the shipped config
+    r = serve_cli(cluster, "deploy", str(path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    wait_ready(url)
+    status = serve_cli(cluster, "status")
+    assert status.returncode == 0 and "RUNNING" in status.stdout and "cxrtune" in status.stdout, status.stdout
+
+    png = sorted((phantom_dir / "images").iterdir())[1].read_bytes()
+    first = requests.post(f"{url}/v1/score", data=png, timeout=60).json()
+    assert first["models"]["stage_bundles"] == {"lung": hash_a, "disease": hash_a}
+
+    # load from two clients while `cxrtune deploy` swaps the bundle
+    answers, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                resp = requests.post(f"{url}/v1/score", data=png, timeout=120)
+                answers.append((resp.status_code, resp.json() if resp.status_code == 200 else resp.text))
+            except requests.RequestException as exc:
+                answers.append((0, repr(exc)))
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(3)
+        r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "deploy", "--config", str(path), "--bundle",
+                            str(second), "--address", cluster["address"], "--wait", "300"],
+                           env=cluster["env"], capture_output=True, text=True, timeout=360)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert f'"bundle_hash": "{hash_b}"' in r.stdout
+        n_at_update = len(answers)
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(
+                a[0] == 200 and a[1]["models"]["bundle_hash"] == hash_b for a in answers[n_at_update:]):
+            time.sleep(1)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=180)
+
+    failures = [a for a in answers if a[0] != 200]
+    assert not failures, failures[:3]
+    seen = []
+    for _, record in answers:
+        stages = record["models"]["stage_bundles"]
+        assert stages["lung"] == record["models"]["bundle_hash"], stages  # no answer mixes two bundles
+        assert stages["disease"] in (None, stages["lung"]), stages
+        seen.append(stages["lung"])
+    assert set(seen) == {hash_a, hash_b}, set(seen)
+    assert seen[-1] == hash_b and seen.index(hash_b) > 0
+    assert len(answers) >= 10
+
+    # Ray's `serve shutdown` takes the app down
+    r = serve_cli(cluster, "shutdown", "-y")
+    assert r.returncode == 0, r.stderr[-2000:]
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            requests.get(f"{url}/healthz", timeout=3)
+        except requests.RequestException:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("the app still answers after `serve shutdown`")
