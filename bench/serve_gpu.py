@@ -69,7 +69,7 @@ def reference(bundle: Path, files: list[Path], device: str, n: int) -> dict:
     from cxrtune.preprocessing import extract_roi
     from cxrtune.scorer import load_bundle
 
-    scorer = load_bundle(str(bundle), device=device, batch_size=1)
+    scorer = load_bundle(str(bundle), device=device, batch_size=1, runtime="torch")
     lung_m, dis_m = scorer.lung.model.float().eval(), scorer.disease.model.float().eval()
     if device.startswith("cuda"):
         lung_m, dis_m = lung_m.to(memory_format=torch.contiguous_format), dis_m.to(memory_format=torch.contiguous_format)

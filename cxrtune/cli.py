@@ -123,7 +123,7 @@ def _train(args) -> None:
     from . import manifest
     from .train import TrainConfig, train
 
-    cfg = TrainConfig.from_yaml(args.config)
+    cfg = TrainConfig.from_yaml(shipped_or(args.config, "configs"))
     if args.set:
         cfg = TrainConfig.from_dict(_merge(cfg.to_dict(), _parse_overrides(args.set)))
     df = manifest.load_manifest(args.manifest or embedded_manifest())
@@ -248,36 +248,58 @@ def parse_duration(text: str | None) -> float | None:
         raise CxrtuneError(f"--time-budget {text!r}: use e.g. 90s, 30m or 2h") from None
 
 
+def shipped_or(uri: str, kind: str) -> str:
+    """``uri`` itself, or a shipped file's path when given a bare name (``lung_segmentation``)."""
+    if "/" in uri or uri.endswith((".yaml", ".yml")):
+        return uri
+    from .resources import shipped
+
+    return str(shipped(kind, uri))
+
+
+def load_warm_start(uris: list[str]) -> list[dict]:
+    """Configurations from YAML/JSON files: each file one mapping or a list of them."""
+    import yaml
+
+    from . import storage
+
+    points = []
+    for uri in uris:
+        try:
+            data = yaml.safe_load(storage.read_text(uri))
+        except yaml.YAMLError as exc:
+            raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
+        data = data if isinstance(data, list) else [data]
+        if not all(isinstance(d, dict) for d in data):
+            raise CxrtuneError(f"{uri}: expected a mapping NAME: value, or a list of them")
+        points += data
+    return points
+
+
 def _tune(args) -> None:
     import time as _time
 
     from .search_space import load_space
-    from .tuning import EMBEDDED_SPACE, TuneOptions, resume_tune, run_tune
+    from .tuning import EMBEDDED_OPTIONS, EMBEDDED_SPACE, TUNE_FLAGS, TuneOptions, resume_tune, run_tune
 
     if args.resume:
         summary = resume_tune(args.resume)
     else:
         embedded = args.manifest is None
         if args.space:
-            space, source = load_space(args.space).to_dict(), args.space
+            uri = shipped_or(args.space, "search_spaces")
+            space, source = load_space(uri).to_dict(), uri
         elif embedded:
             space, source = EMBEDDED_SPACE, "embedded default"
         else:
             raise CxrtuneError("--space is required with --manifest (see search_spaces/)")
-        opts = TuneOptions(
-            space=space, space_source=source,
-            manifest=args.manifest or embedded_manifest(),
-            name=args.name or _time.strftime("sweep-%Y%m%d-%H%M%S"),
-            storage=args.storage or os.path.abspath("cxrtune-results"),
-            num_samples=args.num_samples or (6 if embedded else 16),
-            scheduler=args.scheduler, max_epochs=args.max_epochs or (4 if embedded else 16),
-            grace=args.grace if args.grace is not None else (1 if embedded else 4),
-            reduction_factor=args.reduction_factor, patience=args.patience, min_delta=args.min_delta,
-            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-            max_concurrent=args.max_concurrent, time_budget_s=parse_duration(args.time_budget),
-            objective=args.objective, multi_objective=args.multi_objective, lung_bundle=args.lung_bundle,
-            wandb_project=args.wandb_project, seed=args.seed, sampler=args.sampler, max_failures=args.max_failures,
-            num_cpus=args.num_cpus)
+        given = {k: v for k, v in vars(args).items() if v is not None and k in TUNE_FLAGS}
+        given["time_budget_s"] = parse_duration(args.time_budget)
+        given["warm_start"] = load_warm_start(args.warm_start or [])
+        opts = TuneOptions(**{**(EMBEDDED_OPTIONS if embedded else {}), **given},
+                           space=space, space_source=source, manifest=args.manifest or embedded_manifest(),
+                           name=args.name or _time.strftime("sweep-%Y%m%d-%H%M%S"),
+                           storage=args.storage or os.path.abspath("cxrtune-results"))
         summary = run_tune(opts)
     from .metrics import json_safe
 
@@ -299,15 +321,11 @@ def _promote(args) -> None:
 
 
 def _default_serve_config() -> str:
-    from pathlib import Path
-
     import torch
 
-    root = Path(__file__).resolve().parent.parent / "serve"
-    config = str(root / ("config.yaml" if torch.cuda.is_available() else "config.cpu.yaml"))
-    if not Path(config).exists():
-        raise CxrtuneError("pass --config (serve/config.yaml from the cxrtune source tree)")
-    return config
+    from .resources import shipped
+
+    return str(shipped("serve", "config.yaml" if torch.cuda.is_available() else "config.cpu.yaml"))
 
 
 def _serve(args) -> None:
@@ -386,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=_data_validate)
 
     tr = sub.add_parser("train", help="train Stage I (task: lung) or Stage II (task: disease)")
-    tr.add_argument("--config", required=True, help="training YAML (see configs/)")
+    tr.add_argument("--config", required=True, help="training YAML, or the name of a shipped one (see configs/)")
     tr.add_argument("--manifest", help="manifest (default: the embedded phantom dataset)")
     tr.add_argument("--out", required=True, help="run folder: local path or s3://bucket/prefix")
     tr.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
@@ -457,29 +475,46 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_evaluate)
 
     tu = sub.add_parser("tune", help="hyperparameter search with Ray Tune, Optuna and ASHA/HyperBand")
-    tu.add_argument("--space", help="search-space YAML (see search_spaces/)")
+    tu.add_argument("--space", help="search-space YAML, or the name of a shipped one (lung_segmentation, "
+                                    "disease_segmentation; see search_spaces/)")
     tu.add_argument("--manifest", help="manifest (default: the embedded phantom dataset and a small space)")
     tu.add_argument("--name", help="experiment name (default: sweep-DATE-TIME)")
     tu.add_argument("--storage", help="local folder or s3://bucket/prefix (default: ./cxrtune-results)")
-    tu.add_argument("--num-samples", type=int)
-    tu.add_argument("--scheduler", default="asha", choices=["asha", "hyperband", "none"])
-    tu.add_argument("--max-epochs", type=int, help="I_max (default 16; embedded 4)")
-    tu.add_argument("--grace", type=int, help="ASHA grace period in epochs (default 4; embedded 1)")
-    tu.add_argument("--reduction-factor", type=float, default=2)
-    tu.add_argument("--patience", type=int, default=6, help="per-trial early stopping, 0 = off")
-    tu.add_argument("--min-delta", type=float, default=0.01)
-    tu.add_argument("--cpus-per-trial", type=float, default=1)
-    tu.add_argument("--gpus-per-trial", type=float, default=0, help="fractions allowed, e.g. 0.25")
-    tu.add_argument("--max-concurrent", type=int)
-    tu.add_argument("--time-budget", help="e.g. 2h")
-    tu.add_argument("--objective", choices=["dice", "dice_cls", "score_mae"])
-    tu.add_argument("--lung-bundle", help="fixed Stage I bundle for --objective score_mae")
-    tu.add_argument("--multi-objective", action="store_true", help="accuracy vs latency (NSGA-II, no ASHA)")
-    tu.add_argument("--wandb-project", help="log to Weights & Biases (offline without WANDB_API_KEY)")
-    tu.add_argument("--seed", type=int, default=0)
-    tu.add_argument("--sampler", default="tpe", choices=["tpe", "random"], help="Optuna sampler (random = baseline)")
-    tu.add_argument("--max-failures", type=int, default=2)
-    tu.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance")
+    from .tuning import EMBEDDED_OPTIONS, TuneOptions
+
+    d = TuneOptions.__dataclass_fields__  # the defaults live in TuneOptions only
+
+    def opt(flag: str, help_: str, **kw):
+        name = flag[2:].replace("-", "_")
+        default = d[name].default
+        extra = f"; embedded default {EMBEDDED_OPTIONS[name]}" if name in EMBEDDED_OPTIONS else ""
+        tu.add_argument(flag, help=f"{help_} (default: {default}{extra})", **kw)
+
+    opt("--num-samples", "trials", type=int)
+    opt("--scheduler", "early stopping", choices=["asha", "hyperband", "none"])
+    opt("--max-epochs", "I_max, epochs per trial; None: the space's fixed epochs, else 16", type=int)
+    opt("--grace", "ASHA grace period in epochs", type=int)
+    opt("--reduction-factor", "ASHA/HyperBand reduction factor", type=float)
+    opt("--patience", "per-trial early stopping in epochs, 0 = off", type=int)
+    opt("--min-delta", "what counts as progress for patience", type=float)
+    opt("--cpus-per-trial", "CPUs per trial", type=float)
+    opt("--gpus-per-trial", "GPUs per trial, fractions allowed, e.g. 0.25", type=float)
+    opt("--max-concurrent", "trials at once; None: as many as the cluster holds", type=int)
+    tu.add_argument("--time-budget", help="wall-clock budget of the sweep, e.g. 2h")
+    opt("--objective", "the space's objective unless given", choices=["dice", "dice_cls", "score_mae"])
+    opt("--lung-bundle", "fixed Stage I bundle for --objective score_mae")
+    opt("--reference", "score_mae's reference: a reader id from the manifest (e.g. S), zones, masks or auto")
+    tu.add_argument("--multi-objective", action="store_true", default=None,
+                    help="accuracy vs latency (NSGA-II, no ASHA)")
+    opt("--wandb-project", "log to Weights & Biases (offline without WANDB_API_KEY)")
+    opt("--seed", "sampler seed", type=int)
+    opt("--sampler", "Optuna sampler (random = the baseline)", choices=["tpe", "random"])
+    opt("--max-failures", "retries of a failed trial (a lost node, an error)", type=int)
+    opt("--num-cpus", "CPUs for a local Ray instance", type=int)
+    opt("--optuna-storage", "Optuna storage URL (a database); default: a journal file beside the experiment")
+    tu.add_argument("--warm-start", nargs="+", metavar="CONFIG",
+                    help="YAML/JSON files, each a configuration (NAME: value) or a list of them, tried first")
+    opt("--latency-batch", "batch size at which --multi-objective times the network", type=int)
     tu.add_argument("--resume", metavar="EXP_URI", help="continue an interrupted experiment (STORAGE/NAME)")
     tu.set_defaults(func=_tune)
 

@@ -11,18 +11,87 @@ from pathlib import Path
 from .errors import CxrtuneError
 
 
-def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+# What trials and replicas on other nodes need from the driver's environment, passed through the
+# job's runtime_env. Never credentials: each node signs S3 requests with its own (instance profile,
+# or its own environment), and the W&B key stays with the driver, whose callback does the logging.
+WORKER_ENV = ("CXRTUNE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION",
+              "AWS_DEFAULT_REGION", "CXRTUNE_S3_RETRIES", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY")
+SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY")
+
+
+def worker_env(extra: dict | None = None) -> dict:
+    """The environment variables the job's workers get (``WORKER_ENV`` that are set, plus
+    ``extra``); a secret is refused even if asked for."""
+    env = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+    env.update({k: str(v) for k, v in (extra or {}).items() if v is not None})
+    leaked = sorted(set(env) & set(SECRETS))
+    if leaked:
+        raise CxrtuneError(f"{', '.join(leaked)} must not travel in a runtime_env; each node uses its own")
+    return env
+
+
+def init_ray(num_cpus: int | None = None, dashboard: bool = False, env: dict | None = None) -> None:
     """Join the cluster that ``RAY_ADDRESS`` or ``ray start`` names, else start a local instance
     (with ``num_cpus``, default all). ``dashboard`` keeps Ray's dashboard on (``cxrtune serve``:
-    ``serve status`` and ``serve deploy`` talk to it)."""
+    ``serve status`` and ``serve deploy`` talk to it). Every task and actor of the job gets
+    :func:`worker_env` (with ``env``) through the runtime_env, so a trial on another node reads
+    the same S3 endpoint and logs to the same W&B project as the driver."""
     import ray
 
     if ray.is_initialized():
         return
+    vars_ = worker_env(env)
+    runtime_env = {"env_vars": vars_} if vars_ else None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True, runtime_env=runtime_env)
+
+
+CLUSTER_CONFIG_ENV = "CXRTUNE_CLUSTER_CONFIG"
+
+
+def cluster_config_path() -> Path | None:
+    """The autoscaling config of the cluster this driver runs on: ``$CXRTUNE_CLUSTER_CONFIG``, or
+    the one the cluster launcher leaves on the head (``~/ray_bootstrap_config.yaml``)."""
+    for candidate in (os.environ.get(CLUSTER_CONFIG_ENV), "~/ray_bootstrap_config.yaml"):
+        if candidate and Path(candidate).expanduser().is_file():
+            return Path(candidate).expanduser()
+    return None
+
+
+def _per_node(resources: dict, cpus: float, gpus: float) -> int:
+    fits = []
+    if gpus:
+        fits.append(int(resources.get("GPU", 0) // gpus))
+    if cpus:
+        fits.append(int(resources.get("CPU", 0) // cpus))
+    return min(fits) if fits else 0
+
+
+def max_parallel(cpus: float, gpus: float) -> int:
+    """How many units of (cpus, gpus) the cluster could run at once at its maximum size.
+
+    From the autoscaling config when there is one (each node type's ``resources`` x its
+    ``max_workers``; a type whose resources the cloud fills in at launch counts one unit per
+    node), else from what the running instance has. At least 1."""
+    path = cluster_config_path()
+    if path is None:
+        import ray
+
+        return max(1, _per_node(ray.cluster_resources(), cpus, gpus))
+    import yaml
+
+    config = yaml.safe_load(path.read_text()) or {}
+    head = config.get("head_node_type")
+    budget = int(config.get("max_workers", 10 ** 6))
+    total = 0
+    for name, node in (config.get("available_node_types") or {}).items():
+        resources = node.get("resources") or {}
+        units = _per_node(resources, cpus, gpus) if resources else 1
+        count = 1 if name == head else min(int(node.get("max_workers", 0)), budget)
+        total += units * count
+    return max(1, total)
 
 
 def may_autoscale() -> bool:

@@ -75,6 +75,8 @@ class OnnxStage:
         opts.intra_op_num_threads = threads or int(os.environ.get("CXRTUNE_ORT_THREADS", 0)) or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle threads sleep instead of spinning: two stage replicas share a CPU's cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
 

@@ -13,6 +13,8 @@ Schema (``docs/search_spaces.md`` has examples)::
       NAME: {type: float, low: 0.0, high: 1.0}
       NAME: {type: log-float, low: 1.0e-4, high: 1.0e-2}
       NAME: {type: choice, given: OTHER, values: {OTHER_VALUE: [..], default: [..]}}  # conditional
+    warm_start:                          # known good configurations, tried first (may be partial)
+      - {arch: Unet, encoder: resnet34, size: 256}
 
 ``NAME`` is a TrainConfig setting (``lr``, ``size``, ``seg_loss``...) or a model setting
 (``arch``, ``encoder``, ``in_channels``, ``dropout``). A conditional parameter (``given``) draws
@@ -57,6 +59,7 @@ class SearchSpace:
     fixed: dict
     params: list[Param] = field(default_factory=list)
     source: str = ""
+    warm_start: list[dict] = field(default_factory=list)
 
     @property
     def metric(self) -> str:
@@ -86,6 +89,31 @@ class SearchSpace:
                 out[p.name] = trial.suggest_float(name, float(p.low), float(p.high), log=p.type == "log-float")
         return out
 
+    def optuna_params(self, point: dict, where: str = "warm_start") -> dict:
+        """A configuration in settings' names -> Optuna's parameter names (``encoder|Unet``), checked
+        against the space, for ``Study.enqueue_trial``. Parameters it leaves out are sampled."""
+        out: dict = {}
+        by_name = {p.name: p for p in self.params}
+        unknown = sorted(set(point) - set(by_name))
+        if unknown:
+            raise _fail(self.source, where, f"{unknown[0]!r} is not a parameter of this space")
+        for p in self.params:
+            if p.name not in point:
+                continue
+            value, name, allowed = point[p.name], p.name, p.values
+            if p.given:
+                parent = point.get(p.given)
+                if parent is None:
+                    raise _fail(self.source, where, f"{p.name!r} depends on {p.given!r}: give both")
+                allowed = p.values.get(parent, p.values.get("default"))
+                name = f"{p.name}|{parent}"
+            if p.type == "choice" and value not in (allowed or []):
+                raise _fail(self.source, where, f"{p.name}={value!r} is not among its choices")
+            if p.type != "choice" and not (p.low <= value <= p.high):
+                raise _fail(self.source, where, f"{p.name}={value!r} is outside [{p.low}, {p.high}]")
+            out[name] = value
+        return out
+
     def __call__(self, trial) -> None:
         """Ray's OptunaSearch define-by-run hook (a picklable object, since Tune saves the searcher)."""
         self.suggest(trial)
@@ -106,7 +134,10 @@ class SearchSpace:
                 if getattr(p, k) is not None:
                     d[k] = getattr(p, k)
             params[p.name] = d
-        return {"task": self.task, "objective": self.objective, "fixed": self.fixed, "parameters": params}
+        out = {"task": self.task, "objective": self.objective, "fixed": self.fixed, "parameters": params}
+        if self.warm_start:
+            out["warm_start"] = self.warm_start
+        return out
 
 
 def _fail(source: str, key: str, msg: str) -> CxrtuneError:
@@ -124,10 +155,10 @@ def _check_values(source: str, key: str, name: str, values: list) -> None:
 def parse_space(data: dict, source: str = "<space>") -> SearchSpace:
     if not isinstance(data, dict):
         raise CxrtuneError(f"{source}: expected a mapping with task, fixed and parameters")
-    unknown = set(data) - {"task", "objective", "fixed", "parameters", "description"}
+    unknown = set(data) - {"task", "objective", "fixed", "parameters", "description", "warm_start"}
     if unknown:
         raise _fail(source, ", ".join(sorted(unknown)), "unknown top-level key(s); allowed: task, objective, "
-                    "fixed, parameters, description")
+                    "fixed, parameters, warm_start, description")
     task = data.get("task")
     if task not in TASKS:
         raise _fail(source, "task", f"must be one of {', '.join(TASKS)}, got {task!r}")
@@ -187,7 +218,13 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:
                 raise _fail(source, f"{key}.low", "log-float needs low > 0")
         params.append(p)
         seen[name] = p
-    return SearchSpace(task, objective, fixed, params, source)
+    warm = data.get("warm_start") or []
+    if not isinstance(warm, list) or not all(isinstance(w, dict) for w in warm):
+        raise _fail(source, "warm_start", "must be a list of mappings NAME: value")
+    space = SearchSpace(task, objective, fixed, params, source, [dict(w) for w in warm])
+    for i, point in enumerate(space.warm_start):
+        space.optuna_params(point, f"warm_start[{i}]")  # checked now, not when the sweep starts
+    return space
 
 
 def load_space(uri: str) -> SearchSpace:

@@ -76,6 +76,7 @@ class ServeSettings(BaseModel):
     api_key_env: str = "CXRTUNE_API_KEY"
     device: str | None = None
     runtime: Literal["auto", "torch", "onnx"] = "auto"  # auto: ONNX Runtime on CPU when the bundle has an export
+    threads: int | None = None  # network threads per stage replica (default: Ray's, from the replica's num_cpus)
     max_files_per_batch: int = 16
     max_in_flight: int = 256  # images one ingress replica scores at once (a batch counts each file); more: 503
     retry_after_s: int = 1
@@ -106,6 +107,10 @@ class _Stage:
                                              boundaries=BATCH_BUCKETS, tag_keys=("stage",))
         self.batch_sizes.set_default_tags({"stage": self.stage})
         self.s = ServeSettings(**settings)
+        if self.s.threads:
+            import torch
+
+            torch.set_num_threads(self.s.threads)  # ONNX Runtime sessions take the same count
         self.scorers: dict = {}  # bundle hash -> Scorer (insertion order: oldest first)
         self.loading = asyncio.Lock()
         self.own_hash = self._load(self.s.bundle)
@@ -344,6 +349,8 @@ class Ingress:
 
         self.m_requests = metrics.Counter("cxrtune_requests", description="scoring requests by HTTP code and "
                                           "outcome (record status, or the refusal reason)", tag_keys=("code", "outcome"))
+        self.m_retries = metrics.Counter("cxrtune_stage_retries", description="stage calls retried after the "
+                                         "replica that had them failed", tag_keys=("stage",))
         self.m_ms = metrics.Histogram("cxrtune_step_ms", description="milliseconds per request in each step",
                                       boundaries=MS_BUCKETS, tag_keys=("step",))
 
@@ -419,6 +426,7 @@ class Ingress:
                 if attempt == STAGE_RETRIES or died > 1:
                     raise RequestError(503, "a scoring replica failed; retry shortly", self.s.retry_after_s) from None
                 log.warning("a %s replica failed; retrying (attempt %d)", stage.deployment_name, attempt + 2)
+                self.m_retries.inc(tags={"stage": stage.deployment_name})
                 await asyncio.sleep(min(5.0, 0.25 * 2 ** attempt))
 
     async def _stage(self, stage: DeploymentHandle, x: np.ndarray):
@@ -535,7 +543,13 @@ class Ingress:
             self._check_key(request)
         except RequestError as exc:
             return exc.response(request_id_of(request))
-        return self.models
+        stages = {}
+        for name, handle in (("lung", self.stage1), ("disease", self.stage2)):
+            try:  # what one replica of each stage runs (bundles loaded, torch or ONNX Runtime)
+                stages[name] = await asyncio.wait_for(handle.info.remote(), timeout=5)
+            except Exception:  # noqa: BLE001
+                stages[name] = None
+        return {**self.models, "stages": stages}
 
     @fastapi_app.get("/healthz", include_in_schema=False)
     async def healthz(self):

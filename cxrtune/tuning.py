@@ -23,13 +23,16 @@ import numpy as np
 from ray.tune import Stopper
 
 from . import manifest, storage
-from .cluster import check_fits, init_ray
+from .cluster import check_fits, init_ray, max_parallel
 from .errors import CxrtuneError
 from .search_space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
 EXPERIMENT_FILE = "cxrtune.json"
+JOURNAL_FILE = "optuna.journal"
 SCHEDULERS = ("asha", "hyperband", "none")
+DEFAULT_EPOCHS = 16
+EMBEDDED_OPTIONS = {"num_samples": 6, "max_epochs": 4, "grace": 1}  # the embedded default: minutes on a laptop
 
 # The embedded default's space: a small lung-segmentation sweep that finishes in a few minutes on
 # a laptop CPU over the phantom dataset (the full seed-004 spaces are in search_spaces/).
@@ -50,13 +53,16 @@ EMBEDDED_SPACE = {
 
 @dataclass
 class TuneOptions:
+    """Every setting of a sweep, with its default: the one place they are defined (the CLI's
+    flags take their defaults from here). Saved as ``cxrtune.json`` in the experiment."""
+
     space: dict
     manifest: str
     name: str
     storage: str
     num_samples: int = 16
     scheduler: str = "asha"
-    max_epochs: int = 16
+    max_epochs: int | None = None  # None: the space's `fixed: epochs`, else DEFAULT_EPOCHS
     grace: int = 4
     reduction_factor: float = 2
     patience: int = 6  # per-trial early stopping (0 = off)
@@ -73,12 +79,20 @@ class TuneOptions:
     sampler: str = "tpe"  # "tpe" (Bayesian) or "random" (the baseline)
     max_failures: int = 2
     num_cpus: int | None = None  # for a local Ray instance
+    optuna_storage: str | None = None  # a database URL; default: a journal file beside the experiment
+    warm_start: list = field(default_factory=list)  # configurations tried first, besides the space's own
+    reference: str = "auto"  # score_mae's reference: a reader id (reader_<ID>_A..F columns), zones, masks or auto
+    latency_batch: int = 8  # the latency objective: median ms per image at this (serving) batch size
     space_source: str = ""
     created: float = field(default_factory=time.time)
 
     @property
     def experiment_uri(self) -> str:
         return storage.join(self.storage, self.name)
+
+    def epochs(self, space: SearchSpace) -> int:
+        """Epochs per trial (I_max): ``--max-epochs`` if given, else the space's fixed epochs."""
+        return int(self.max_epochs or space.fixed.get("epochs") or DEFAULT_EPOCHS)
 
     def search_space(self) -> SearchSpace:
         data = dict(self.space)
@@ -89,12 +103,13 @@ class TuneOptions:
 
 # ------------------------------------------------------------------------------------ the trial
 
-def measure_latency_ms(model, size: int, in_channels: int, device, repeats: int = 5) -> float:
-    """Median forward time of one image at batch size 1: the multi-objective's cost axis."""
+def measure_latency_ms(model, size: int, in_channels: int, device, batch: int = 8, repeats: int = 5) -> float:
+    """Milliseconds per image at the serving batch size, the median of ``repeats`` timed forward
+    passes after two warm-ups: the multi-objective's cost axis."""
     import torch
 
     model.eval()
-    x = torch.rand(1, in_channels, size, size, device=device)
+    x = torch.rand(batch, in_channels, size, size, device=device)
     times = []
     with torch.inference_mode():
         for i in range(repeats + 2):
@@ -107,7 +122,7 @@ def measure_latency_ms(model, size: int, in_channels: int, device, repeats: int 
             if i >= 2:
                 times.append(1000 * (time.perf_counter() - t))
     model.train()
-    return float(np.median(times))
+    return float(np.median(times)) / batch
 
 
 class ClinicalObjective:
@@ -119,7 +134,7 @@ class ClinicalObjective:
     is the bundle's (not fit on the validation images). A record that is not ``scored`` counts
     with the worst error its reference allows: a trial gains nothing by failing to score."""
 
-    def __init__(self, bundle_uri: str, rows, limit: int | None = 64):
+    def __init__(self, bundle_uri: str, rows, limit: int | None = 64, reference: str = "auto"):
         from .preprocessing import load_scan
         from .scorer import load_bundle, reference_zones
 
@@ -127,7 +142,7 @@ class ClinicalObjective:
         cache = storage.ContentCache()
         self.images, self.refs = [], []
         for _, row in rows.iterrows():
-            ref = reference_zones(row, cache=cache)
+            ref = reference_zones(row, cache=cache, reference=reference)
             if ref is None:
                 continue
             try:
@@ -139,7 +154,7 @@ class ClinicalObjective:
             if limit and len(self.images) >= limit:
                 break
         if not self.images:
-            raise CxrtuneError("score_mae needs validation rows with reference zone scores or masks")
+            raise CxrtuneError(f"score_mae needs validation rows with reference {reference!r} zone scores")
         self.lungs = self.bundle.lung_masks(self.images)
 
     def __call__(self, model, pre, config: dict) -> float:
@@ -191,35 +206,39 @@ def _sampled(config: dict) -> dict:
     return {k.split("|", 1)[0]: v for k, v in config.items()}
 
 
-def run_trial(config: dict, opts: dict) -> None:
-    """The Tune function trainable: one config, trained epoch by epoch, reported to Tune."""
+def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
+    """The Tune function trainable: one config, trained epoch by epoch, reported to Tune. The
+    search space arrives parsed (``tune.with_parameters``), never re-read."""
     import torch
     from ray import tune
 
     from .train import Trainer
 
     o = TuneOptions(**opts)
-    space = o.search_space()
     cfg = space.train_config(_sampled(config))
-    cfg.epochs, cfg.patience, cfg.seed = o.max_epochs, o.max_epochs + 1, o.seed  # Tune stops trials
+    epochs = o.epochs(space)
+    cfg.epochs, cfg.patience, cfg.seed = epochs, epochs + 1, o.seed  # Tune's stoppers stop trials
     df = manifest.load_manifest(o.manifest, check_files=False)
     trainer = Trainer(cfg, df)
     ckpt = tune.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             trainer.load_state(torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False))
-    latency = measure_latency_ms(trainer.model, cfg.size, cfg.model.in_channels, trainer.device)
+    latency = (measure_latency_ms(trainer.model, cfg.size, cfg.model.in_channels, trainer.device, o.latency_batch)
+               if o.multi_objective else None)
     clinical = None
     if space.objective == "score_mae":
         if not o.lung_bundle:
             raise CxrtuneError("--objective score_mae needs --lung-bundle (a fixed Stage I bundle)")
-        clinical = ClinicalObjective(o.lung_bundle, trainer.val_ds.df, limit=cfg.max_val_images or 64)
+        clinical = ClinicalObjective(o.lung_bundle, trainer.val_ds.df, limit=cfg.max_val_images or 64,
+                                     reference=o.reference)
 
     def on_epoch(metrics: dict, ckpt_dir: Path) -> None:
         metrics = {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-        metrics["latency_ms"] = latency
+        if latency is not None:
+            metrics["latency_ms"] = latency
         epoch = metrics["epoch"]
-        if o.wandb_project and (epoch == 1 or epoch % 4 == 0 or epoch == o.max_epochs):
+        if o.wandb_project and (epoch == 1 or epoch % 4 == 0 or epoch == epochs):
             metrics[OVERLAY_KEY] = validation_overlays(trainer)
         if clinical is not None:
             metrics["val_score_mae"] = clinical(trainer.model, trainer.pre, cfg.to_dict())
@@ -255,7 +274,7 @@ class PatienceStopper(Stopper):
         return False
 
 
-def _scheduler(o: TuneOptions):
+def _scheduler(o: TuneOptions, space: SearchSpace):
     """Metric and mode come from TuneConfig (Ray refuses them twice)."""
     from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
 
@@ -264,29 +283,135 @@ def _scheduler(o: TuneOptions):
     if o.multi_objective and o.scheduler != "none":
         raise CxrtuneError("multi-objective mode needs --scheduler none: Ray's OptunaSearch drops "
                            "intermediate results for several objectives, so ASHA/HyperBand cannot compare trials")
+    epochs = o.epochs(space)
     if o.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=o.max_epochs,
-                             grace_period=min(o.grace, o.max_epochs), reduction_factor=o.reduction_factor)
+        return ASHAScheduler(time_attr="training_iteration", max_t=epochs,
+                             grace_period=min(o.grace, epochs), reduction_factor=o.reduction_factor)
     if o.scheduler == "hyperband":
-        return HyperBandScheduler(time_attr="training_iteration", max_t=o.max_epochs,
+        log.warning("HyperBand brackets (trials, milestones in epochs): %s",
+                    "; ".join(f"{b['trials']} x {b['milestones']}" for b in hyperband_brackets(epochs, o.reduction_factor)))
+        return HyperBandScheduler(time_attr="training_iteration", max_t=epochs,
                                   reduction_factor=o.reduction_factor)
     return None
 
 
-def _searcher(o: TuneOptions, space: SearchSpace):
+def optuna_storage(o: TuneOptions):
+    """The study's Optuna storage: ``--optuna-storage URL`` (a database, e.g. postgresql://...
+    or sqlite:///...), else a journal file the driver keeps locally (``local_journal``) and
+    copies beside the experiment as trials finish (``optuna.journal``, S3 included).
+    ``optuna-dashboard`` opens either."""
     import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if o.optuna_storage:
+        return optuna.storages.RDBStorage(o.optuna_storage)
+    path = local_journal(o)
+    if not path.exists() and storage.exists(storage.join(o.experiment_uri, JOURNAL_FILE)):
+        path.write_bytes(storage.read_bytes(storage.join(o.experiment_uri, JOURNAL_FILE)))  # resume elsewhere
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def local_journal(o: TuneOptions) -> Path:
+    root = Path(os.environ.get("CXRTUNE_OPTUNA_DIR") or Path.home() / ".cache" / "cxrtune" / "optuna")
+    root.mkdir(parents=True, exist_ok=True)
+    return root / f"{o.name}-{int(o.created)}.journal"
+
+
+def startup_trials(num_samples: int) -> int:
+    """Random start-up trials of TPE, sized to the budget: Optuna's 10 would make a 16-trial sweep
+    mostly random."""
+    return max(2, min(10, num_samples // 4))
+
+
+def nsga2_population(num_samples: int) -> int:
+    """NSGA-II's population, sized so the budget holds at least four generations (Optuna's
+    default of 50 never evolves in a sweep of tens of trials)."""
+    return max(4, min(50, num_samples // 4))
+
+
+def _search_class():
     from ray.tune.search.optuna import OptunaSearch
 
+    class CxrtuneOptunaSearch(OptunaSearch):
+        """Ray's OptunaSearch, plus: a trial stopped before its last epoch (ASHA, HyperBand, the
+        patience stopper) reaches Optuna as PRUNED, with its last reported value (Ray would tell
+        it COMPLETE, as if it had finished); the journal is copied beside the experiment."""
+
+        def __init__(self, *args, epochs: int, journal_to: tuple[str, str] | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.epochs, self.journal_to = epochs, journal_to
+
+        def restore(self, checkpoint_path: str):
+            """A resumed sweep on another machine (or after the local file was lost) gets the
+            study back from the copy beside the experiment, before the study is first read."""
+            super().restore(checkpoint_path)
+            if self.journal_to and not Path(self.journal_to[0]).exists():
+                local, remote = self.journal_to
+                if storage.exists(remote):
+                    Path(local).parent.mkdir(parents=True, exist_ok=True)
+                    Path(local).write_bytes(storage.read_bytes(remote))
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            single = not isinstance(self.metric, list)
+            if single and result and not error and result.get("training_iteration", self.epochs) < self.epochs:
+                result = {k: v for k, v in result.items() if k != self.metric}  # -> PRUNED, last value kept
+            super().on_trial_complete(trial_id, result, error)
+            self._copy_journal()
+
+        def suggest(self, trial_id: str):
+            config = super().suggest(trial_id)
+            self._copy_journal()  # the new trial is in the copy too: a resumed study knows it
+            return config
+
+        def _copy_journal(self) -> None:
+            if self.journal_to:
+                local, remote = self.journal_to
+                try:
+                    storage.write_bytes(remote, Path(local).read_bytes())
+                except (OSError, CxrtuneError) as exc:  # the sweep goes on; the next event copies again
+                    log.warning("could not copy the Optuna journal beside the experiment: %s", exc)
+
+    return CxrtuneOptunaSearch
+
+
+def hyperband_brackets(max_t: int, reduction_factor: float) -> list[dict]:
+    """The brackets Ray's HyperBandScheduler builds, in the order it fills them: trials per
+    bracket and the milestones (epochs) at which it keeps the best 1/reduction_factor."""
+    from ray.tune.schedulers import HyperBandScheduler
+
+    hb = HyperBandScheduler(time_attr="training_iteration", max_t=max_t, reduction_factor=reduction_factor)
+    out = []
+    for s in range(hb._s_max_1):  # Ray's own formulas (private: this keeps docs and logs true to them)
+        r0 = hb._get_r0(s)
+        if r0 == 0:
+            continue
+        milestones, r = [], r0
+        while True:
+            milestones.append(int(min(r, max_t)))
+            if r >= max_t:
+                break
+            r *= reduction_factor
+        out.append({"bracket": s, "trials": hb._get_n0(s), "milestones": milestones})
+    return out
+
+
+def _searcher(o: TuneOptions, space: SearchSpace, warm: list[dict] | None = None):
+    import optuna
+
+    points = [space.optuna_params(p) for p in [*space.warm_start, *(warm or [])]]
+    journal = None if o.optuna_storage else (str(local_journal(o)), storage.join(o.experiment_uri, JOURNAL_FILE))
+    common = {"study_name": o.name, "storage": optuna_storage(o), "points_to_evaluate": points or None,
+              "epochs": o.epochs(space), "journal_to": journal}
+    search = _search_class()
     if o.multi_objective:
-        sampler = optuna.samplers.NSGAIISampler(seed=o.seed)
-        return OptunaSearch(space, metric=[space.metric, "latency_ms"], mode=[space.mode, "min"],
-                            sampler=sampler, study_name=o.name)
+        sampler = optuna.samplers.NSGAIISampler(seed=o.seed, population_size=nsga2_population(o.num_samples))
+        return search(space, metric=[space.metric, "latency_ms"], mode=[space.mode, "min"], sampler=sampler, **common)
     if o.sampler not in ("tpe", "random"):
         raise CxrtuneError(f"--sampler must be tpe or random, got {o.sampler!r}")
-    sampler = (optuna.samplers.TPESampler(seed=o.seed) if o.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=o.seed))
+    sampler = (optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples))
+               if o.sampler == "tpe" else optuna.samplers.RandomSampler(seed=o.seed))
     # a define-by-run searcher does not take metric/mode from TuneConfig: it needs its own
-    return OptunaSearch(space, metric=space.metric, mode=space.mode, sampler=sampler, study_name=o.name)
+    return search(space, metric=space.metric, mode=space.mode, sampler=sampler, **common)
 
 
 def _wandb(o: TuneOptions) -> list:
@@ -319,17 +444,22 @@ def _wandb(o: TuneOptions) -> list:
 
 
 def _ray_init(o: TuneOptions) -> None:
-    init_ray(o.num_cpus)
+    env = {}
+    if o.wandb_project:
+        env["WANDB_PROJECT"] = o.wandb_project
+        if not os.environ.get("WANDB_API_KEY"):
+            env["WANDB_MODE"] = "offline"
+    init_ray(o.num_cpus, env=env)
     check_fits("a trial", o.cpus_per_trial, o.gpus_per_trial,
                "Lower --cpus-per-trial / --gpus-per-trial (0 on a CPU machine), raise --num-cpus, "
                "or run on a cluster (RAY_ADDRESS).")
 
 
-def _trainable(o: TuneOptions):
+def _trainable(o: TuneOptions, space: SearchSpace):
     from ray import tune
 
     resources = {"cpu": o.cpus_per_trial, "gpu": o.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(run_trial, opts=asdict(o)), resources)
+    return tune.with_resources(tune.with_parameters(run_trial, opts=asdict(o), space=space), resources)
 
 
 def _run_config(o: TuneOptions, space: SearchSpace):
@@ -359,13 +489,17 @@ def run_tune(o: TuneOptions) -> dict:
     _ray_init(o)  # before anything is written: a sweep that cannot start leaves no experiment behind
     storage.ensure_bucket(o.storage)
     storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(asdict(o), indent=2))
+    # Ray keeps one trial pending for a custom searcher unless told otherwise: an autoscaler would
+    # then grow the cluster one trial at a time. Enough pending trials to fill the cluster at its
+    # largest, and no more (more would make TPE propose blind, before results come back).
+    concurrent = o.max_concurrent or max_parallel(o.cpus_per_trial, o.gpus_per_trial)
     tune_config = tune.TuneConfig(
         metric=None if o.multi_objective else space.metric, mode=None if o.multi_objective else space.mode,
-        search_alg=_searcher(o, space), scheduler=_scheduler(o),
-        num_samples=o.num_samples, max_concurrent_trials=o.max_concurrent, time_budget_s=o.time_budget_s)
-    tuner = tune.Tuner(_trainable(o), tune_config=tune_config, run_config=_run_config(o, space))
-    log.info("sweep %s over %d rows", o.name, len(df))
-    return summarize(tuner.fit(), o, space)
+        search_alg=_searcher(o, space, o.warm_start), scheduler=_scheduler(o, space),
+        num_samples=o.num_samples, max_concurrent_trials=concurrent, time_budget_s=o.time_budget_s)
+    tuner = tune.Tuner(_trainable(o, space), tune_config=tune_config, run_config=_run_config(o, space))
+    log.info("sweep %s over %d rows, up to %d trials at once", o.name, len(df), concurrent)
+    return summarize(tuner.fit(), o, space, {"max_concurrent": concurrent})
 
 
 def load_options(exp_uri: str) -> TuneOptions:
@@ -386,20 +520,22 @@ def resume_tune(exp_uri: str) -> dict:
     space = o.search_space()
     _ray_init(o)
     fs, path = storage.pyarrow_filesystem(exp_uri)
-    tuner = tune.Tuner.restore(path, _trainable(o), resume_unfinished=True, resume_errored=False,
+    tuner = tune.Tuner.restore(path, _trainable(o, space), resume_unfinished=True, resume_errored=False,
                                restart_errored=True, storage_filesystem=fs)
     return summarize(tuner.fit(), o, space)
 
 
-def summarize(results, o: TuneOptions, space: SearchSpace) -> dict:
+def summarize(results, o: TuneOptions, space: SearchSpace, extra: dict | None = None) -> dict:
     df = results.get_dataframe()
     n_errors = sum(1 for r in results if r.error)
     iters = df["training_iteration"] if "training_iteration" in df else []
-    stopped = int(sum(1 for i in iters if i < o.max_epochs))
+    stopped = int(sum(1 for i in iters if i < o.epochs(space)))
     hours = float(df["time_total_s"].sum()) / 3600 if "time_total_s" in df else 0.0
-    summary = {"experiment": o.experiment_uri, "trials": len(df), "errored": n_errors,
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
+    retried = sum(1 for t in trials if getattr(t, "num_failures", 0) > 0)  # failed, then retried (FailureConfig)
+    summary = {"experiment": o.experiment_uri, "trials": len(df), "errored": n_errors, "retried": retried,
                "stopped_early": stopped, "gpu_hours": round(hours * o.gpus_per_trial, 4),
-               "trial_hours": round(hours, 4), "metric": space.metric, "mode": space.mode}
+               "trial_hours": round(hours, 4), "metric": space.metric, "mode": space.mode, **(extra or {})}
     if not o.multi_objective and len(df):
         best = results.get_best_result(space.metric, space.mode, scope="all")
         summary["best_metric"] = float(best.metrics_dataframe[space.metric].agg(space.mode))

@@ -69,7 +69,7 @@ def _workers(address: str, env: dict) -> int:
 
 
 @pytest.fixture
-def fake_cluster(tmp_path):
+def fake_cluster(tmp_path):  # yields (address, env, autoscaling config path)
     port = free_port()
     config = tmp_path / "fake-cluster.json"
     config.write_text(json.dumps(_fake_config(port, workers=2)))
@@ -82,37 +82,132 @@ def fake_cluster(tmp_path):
                    check=True, env=env, capture_output=True, timeout=120)
     address = f"127.0.0.1:{port}"
     try:
-        yield address, env
+        yield address, env, config
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_sweep_scales_gpu_workers_up_and_down(fake_cluster, phantom_dir, tmp_path):
-    address, env = fake_cluster
+def _worker_raylets() -> list:
+    """The raylet processes of the fake provider's gpu_worker nodes (the head has no GPU)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if "raylet" in (p.info.get("name") or "") and "GPU" in cmd:
+            out.append(p)
+    return out
+
+
+def test_sweep_scales_gpu_workers_up_and_down_and_survives_a_lost_node(fake_cluster, phantom_dir, tmp_path):
+    """The autoscaler adds gpu_worker nodes for the fractional-GPU trials (both at once: cxrtune
+    keeps as many trials pending as the cluster holds at its largest, read from the autoscaling
+    config, without --max-concurrent); a worker node killed while it runs trials loses none: Tune
+    retries them from their last checkpoint (FailureConfig) and they complete; idle nodes go."""
+    address, env, config = fake_cluster
     assert _workers(address, env) == 0  # min_workers 0: no GPU node until a sweep asks
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     args = ["tune", "--space", str(space), "--manifest", str(phantom_dir / "manifest.parquet"),
             "--name", "cluster", "--storage", str(tmp_path / "exps"), "--num-samples", "4",
-            "--scheduler", "none", "--max-epochs", "2", "--cpus-per-trial", "0.5", "--gpus-per-trial", "0.5",
-            "--max-concurrent", "4"]
+            "--scheduler", "none", "--max-epochs", "4", "--cpus-per-trial", "0.5", "--gpus-per-trial", "0.5",
+            "--max-failures", "3"]
     log = tmp_path / "tune.log"
+    killed = 0
     with log.open("w") as out:
         sweep = subprocess.Popen([sys.executable, "-m", "cxrtune.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                 env={**env, "RAY_ADDRESS": address})
+                                 env={**env, "RAY_ADDRESS": address, "CXRTUNE_CLUSTER_CONFIG": str(config)})
         peak = 0
         while sweep.poll() is None:
             peak = max(peak, _workers(address, env))
+            running = list((tmp_path / "exps" / "cluster").glob("*/checkpoint_000000"))
+            if not killed and running and _worker_raylets():
+                # a node lost mid-trial: SIGKILL one worker's raylet (its trial processes go with it)
+                for p in _worker_raylets()[:1]:
+                    p.kill()
+                    killed += 1
             time.sleep(1)
     text = log.read_text()
     assert sweep.returncode == 0, text[-3000:]
     summary = json.loads(text[text.index("{\n"):text.rindex("}") + 1])
-    assert summary["trials"] == 4 and summary["errored"] == 0
+    assert killed == 1
+    assert summary["trials"] == 4 and summary["errored"] == 0  # every trial accounted for, none lost
+    assert summary["retried"] >= 1  # the interrupted trial was retried (FailureConfig) and completed
+    assert summary["max_concurrent"] == 4
     assert summary["gpu_hours"] > 0  # accounted at 0.5 GPU per trial
-    # the head has no GPU, so the trials could only run on gpu_worker nodes the autoscaler added
-    assert 1 <= peak <= 2
+    epochs = [len(p.read_text().strip().splitlines()) - 1 for p in (tmp_path / "exps" / "cluster").glob("*/progress.csv")]
+    assert len(epochs) == 4 and all(e >= 4 for e in epochs), epochs  # every trial ran its 4 epochs
+    # the head has no GPU, so the trials could only run on gpu_worker nodes the autoscaler added;
+    # with more than one trial pending it asked for both at once
+    assert peak == 2
 
-    deadline = time.time() + 90  # idle_timeout_minutes 0.05: the workers go once the sweep is over
+    deadline = time.time() + 120  # idle_timeout_minutes 0.05: the workers go once the sweep is over
     while _workers(address, env) and time.time() < deadline:
         time.sleep(2)
     assert _workers(address, env) == 0
+
+
+def test_trials_on_a_worker_node_get_the_endpoint_but_no_secret(phantom_dir, bucket, s3_server, tmp_path):
+    """A two-node local cluster: the head (no CPUs for trials) and a worker started with its own
+    S3 credentials but without the endpoint or the W&B variables, as an instance profile would
+    leave it. Trials run on the worker, read the manifest and images from the S3 server and write
+    checkpoints there: the endpoint and W&B settings reached them through the runtime_env, the
+    driver's credentials did not."""
+    import boto3
+
+    from cxrtune import manifest, storage
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    manifest.push_manifest(df, f"s3://{bucket}/data", f"s3://{bucket}/data/manifest.parquet", progress=False)
+    port = free_port()
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "CXRTUNE_", "WANDB_", "RAY_ADDRESS"))}
+    base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+                PATH=f"{Path(RAY).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    worker_env = {**base, "AWS_ACCESS_KEY_ID": "worker-key", "AWS_SECRET_ACCESS_KEY": "worker-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                        "--disable-usage-stats"], check=True, env=base, capture_output=True, timeout=120)
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2"], check=True,
+                       env=worker_env, capture_output=True, timeout=120)
+        driver_env = {**base, "RAY_ADDRESS": f"127.0.0.1:{port}", "CXRTUNE_S3_ENDPOINT_URL": s3_server,
+                      "AWS_ACCESS_KEY_ID": "driver-key-" + secrets.token_hex(6),
+                      "AWS_SECRET_ACCESS_KEY": "driver-secret-" + secrets.token_hex(6),
+                      "AWS_DEFAULT_REGION": "us-east-1", "WANDB_API_KEY": "", "WANDB_DIR": str(tmp_path / "wb")}
+        (tmp_path / "wb").mkdir()
+        space = tmp_path / "space.yaml"
+        space.write_text(yaml.safe_dump(SPACE))
+        r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "tune", "--space", str(space), "--manifest",
+                            f"s3://{bucket}/data/manifest.parquet", "--name", "twonode", "--storage",
+                            f"s3://{bucket}/exps", "--num-samples", "2", "--scheduler", "none", "--max-epochs", "1",
+                            "--cpus-per-trial", "1", "--wandb-project", "cxrtune-twonode"],
+                           env=driver_env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+        assert summary["trials"] == 2 and summary["errored"] == 0
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=base, capture_output=True, timeout=120)
+    s3 = boto3.client("s3", endpoint_url=storage.endpoint_url())
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="exps/twonode/")["Contents"]]
+    assert sum(k.endswith("/model.pt") for k in keys) >= 2  # each trial checkpointed to S3 from the worker
+    results = [json.loads(line) for k in keys if k.endswith("/result.json")
+               for line in s3.get_object(Bucket=bucket, Key=k)["Body"].read().decode().splitlines() if line]
+    assert len(results) == 2 and all(0 <= r["val_dice"] <= 1 for r in results)
+    for k in keys:  # the driver's credentials are nowhere in the experiment
+        body = s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+        assert driver_env["AWS_SECRET_ACCESS_KEY"].encode() not in body and b"driver-key-" not in body, k
+
+
+def test_worker_env_carries_settings_never_secrets(monkeypatch):
+    from cxrtune.cluster import worker_env
+    from cxrtune.errors import CxrtuneError
+
+    monkeypatch.setenv("CXRTUNE_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("WANDB_API_KEY", "k3y")
+    env = worker_env({"WANDB_PROJECT": "p", "WANDB_MODE": "offline"})
+    assert env["CXRTUNE_S3_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["WANDB_PROJECT"] == "p"
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "WANDB_API_KEY" not in env
+    with pytest.raises(CxrtuneError, match="must not travel"):
+        worker_env({"AWS_SECRET_ACCESS_KEY": "x"})

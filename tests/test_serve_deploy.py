@@ -56,11 +56,13 @@ def wait_ready(url: str, seconds: float = 240) -> None:
 
 def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bundle, phantom_dir, tmp_path):
     from cxrtune.artifacts import bundle_hash, update_bundle
+    from cxrtune.onnx_runtime import export_bundle
 
-    # two bundles with different content hashes
+    # two bundles with different content hashes; the second has an ONNX export (the CPU fast path)
     second = tmp_path / "bundle-b"
     shutil.copytree(phantom_bundle, second)
     update_bundle(str(second), name="phantom-b")
+    export_bundle(str(second))
     hash_a, hash_b = bundle_hash(str(phantom_bundle)), bundle_hash(str(second))
     assert hash_a != hash_b
 
@@ -114,6 +116,10 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
         stop.set()
         for t in threads:
             t.join(timeout=180)
+
+    models = requests.get(f"{url}/v1/models", timeout=30).json()
+    assert models["bundle_hash"] == hash_b and models["stages"]["lung"]["runtime"] == "onnx"
+    assert models["stages"]["disease"]["bundle_hash"] == hash_b
 
     failures = [a for a in answers if a[0] != 200]
     assert not failures, failures[:3]

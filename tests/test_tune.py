@@ -53,10 +53,14 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     wandb_dir.mkdir()
     creds = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),  # distinctive: grep-able
              "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30), "AWS_SESSION_TOKEN": secrets.token_urlsafe(40)}
+    warm = tmp_path / "warm.yaml"
+    warm.write_text(yaml.safe_dump({"arch": "Linknet", "optimizer": "sgd", "lr": 0.00123}))
     r = cli("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"),
             "--name", "asha", "--storage", f"s3://{bucket}/exps", "--num-samples", "6", "--scheduler", "asha",
             "--max-epochs", "3", "--grace", "1", "--num-cpus", "2", "--max-concurrent", "2",
-            "--wandb-project", "cxrtune-test", env={"WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": "", **creds})
+            "--warm-start", str(warm), "--wandb-project", "cxrtune-test",
+            env={"WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": "", "CXRTUNE_OPTUNA_DIR": str(tmp_path / "optuna"),
+                 **creds})
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert summary["trials"] == 6 and summary["errored"] == 0
     assert summary["stopped_early"] >= 1  # ASHA cut some trials before 4 epochs
@@ -74,6 +78,21 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     assert any(k.endswith("/result.json") for k in keys)
     assert any("/checkpoint_" in k and k.endswith("/model.pt") for k in keys)
     assert any(k.startswith("exps/asha/searcher-state") for k in keys)
+
+    # the Optuna study, in the journal copied beside the experiment: what optuna-dashboard opens
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = tmp_path / "optuna.journal"
+    journal.write_bytes(s3.get_object(Bucket=bucket, Key="exps/asha/optuna.journal")["Body"].read())
+    study = optuna.load_study(study_name="asha", storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    states = [t.state for t in study.trials]
+    assert len(states) == 6
+    # trials ASHA stopped reach Optuna as PRUNED, with their last value; the others COMPLETE
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(pruned) == summary["stopped_early"] and all(t.value is not None for t in pruned)
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6 - len(pruned)
+    assert study.trials[0].params == {"arch": "Linknet", "optimizer": "sgd", "lr": 0.00123}  # the warm start
 
     runs = glob.glob(str(wandb_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 6
@@ -105,46 +124,57 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     assert {k: run["config"]["model"][k] for k in ("arch",)} == {"arch": summary["best_config"]["arch"]}
 
 
-def _finished_trials(exp: Path, epochs: int) -> int:
-    done = 0
-    for progress in exp.glob("*/progress.csv"):
-        if len(progress.read_text().strip().splitlines()) - 1 >= epochs:
-            done += 1
-    return done
+def _trials_past(bucket: str, prefix: str, checkpoint: str) -> set[str]:
+    """Trial folders on S3 that hold ``checkpoint`` (checkpoint_000001: two epochs reported)."""
+    root = f"s3://{bucket}/{prefix}"
+    return {k[len(root):].split("/", 1)[0] for k in storage.list_keys(root) if f"/{checkpoint}/" in k}
 
 
-def test_killed_driver_resumes_with_its_searcher(phantom_dir, space_file, tmp_path):
-    from ray.tune.search.optuna import OptunaSearch
+def test_killed_driver_resumes_an_s3_experiment_with_its_searcher(phantom_dir, bucket, tmp_path):
+    """The driver of a sweep on S3 is killed (SIGKILL, no goodbye); `cxrtune tune --resume
+    s3://...` from a fresh process keeps the finished trials, runs the rest, and continues the same
+    Optuna study."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
 
-    exp = tmp_path / "exps" / "resume"
-    args = [sys.executable, "-m", "cxrtune.cli", "tune", "--space", space_file, "--manifest",
-            str(phantom_dir / "manifest.parquet"), "--name", "resume", "--storage", str(tmp_path / "exps"),
-            "--num-samples", "5", "--scheduler", "none", "--max-epochs", "2", "--num-cpus", "2",
-            "--max-concurrent", "1"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    exp = f"s3://{bucket}/exps/resume"
+    fixed = tmp_path / "fixed.yaml"  # the space's own epochs, no --max-epochs: honoured
+    fixed.write_text(yaml.safe_dump({**SPACE, "fixed": {**SPACE["fixed"], "epochs": 2}}))
+    env = {**os.environ, "CXRTUNE_OPTUNA_DIR": str(tmp_path / "optuna-1")}
+    args = [sys.executable, "-m", "cxrtune.cli", "tune", "--space", str(fixed), "--manifest",
+            str(phantom_dir / "manifest.parquet"), "--name", "resume", "--storage", f"s3://{bucket}/exps",
+            "--num-samples", "5", "--scheduler", "none", "--num-cpus", "2", "--max-concurrent", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
     deadline = time.time() + 300
-    while time.time() < deadline and _finished_trials(exp, 2) < 2:
+    while time.time() < deadline and len(_trials_past(bucket, "exps/resume/", "checkpoint_000001")) < 2:
         time.sleep(1)
-    assert _finished_trials(exp, 2) >= 2, "sweep did not get going"
-    time.sleep(2)  # let Tune save its experiment state once more
+    before = _trials_past(bucket, "exps/resume/", "checkpoint_000001")
+    assert len(before) >= 2, "sweep did not get going"
+    time.sleep(3)  # let Tune save its experiment state to S3 once more
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {p.parent.name.split("_")[2] for p in exp.glob("run_trial_*/progress.csv")
-              if len(p.read_text().strip().splitlines()) - 1 >= 2}
-    time.sleep(3)
 
-    r = cli("tune", "--resume", str(exp))
+    # a fresh driver elsewhere: the local Optuna journal is gone, the copy beside the experiment is not
+    import shutil
+
+    shutil.rmtree(tmp_path / "optuna-1")
+    r = cli("tune", "--resume", exp, env={"CXRTUNE_OPTUNA_DIR": str(tmp_path / "optuna-2")})
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert summary["trials"] == 5 and summary["errored"] == 0
+    after = _trials_past(bucket, "exps/resume/", "checkpoint_000001")
+    assert len(after) == 5 and before <= after  # finished trials were kept, not rerun under new names
 
-    searcher = OptunaSearch()
-    searcher.restore_from_dir(str(exp))
-    trials = searcher._ot_study.trials
-    assert len(trials) == 5  # one study across the restart, not a fresh one
-    configs = [tuple(sorted(t.params.items())) for t in trials]
+    journal = tmp_path / "optuna.journal"
+    journal.write_bytes(storage.read_bytes(f"{exp}/optuna.journal"))
+    study = optuna.load_study(study_name="resume", storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 5  # one study across the restart, not a fresh one
+    configs = [tuple(sorted(t.params.items())) for t in finished]
     assert len(set(configs)) == 5  # a restarted seeded sampler would repeat its first proposals
-    after = {p.name.split("_")[2] for p in exp.glob("run_trial_*")}
-    assert len(before) >= 2 and len(after) == 5 and before <= after  # finished trials were kept
+    epochs = [len(storage.read_text(k).strip().splitlines()) - 1 for k in storage.list_keys(f"{exp}/")
+              if k.endswith("/progress.csv")]
+    assert epochs == [2] * 5  # `fixed: epochs: 2`, not the default 16
 
 
 def test_multi_objective_pareto(phantom_dir, space_file, tmp_path):
@@ -172,6 +202,56 @@ def test_trial_that_cannot_fit_fails_fast(phantom_dir, space_file, tmp_path):
     assert not (tmp_path / "exps").exists()  # nothing written
 
 
+def test_hyperband_and_patience_stop_trials(phantom_dir, space_file, tmp_path):
+    """HyperBand with max_t 4: brackets (3 x [4]), (3 x [2, 4]): of 6 trials the second bracket's
+    worst is cut at epoch 2. The patience stopper with a min_delta nothing can beat ends every
+    trial after 1 + patience epochs."""
+    common = ("--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"), "--storage",
+              str(tmp_path / "exps"), "--num-cpus", "2", "--max-concurrent", "2")
+    r = cli("tune", *common, "--name", "hb", "--num-samples", "6", "--scheduler", "hyperband", "--max-epochs", "4",
+            "--patience", "0")
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert summary["trials"] == 6 and summary["errored"] == 0 and summary["stopped_early"] >= 1
+    assert "HyperBand brackets (trials, milestones in epochs): 3 x [4]; 3 x [2, 4]; 4 x [1, 2, 4]" in r.stderr
+    epochs = sorted(len(p.read_text().strip().splitlines()) - 1 for p in (tmp_path / "exps" / "hb").glob("*/progress.csv"))
+    assert epochs.count(4) >= 5 and min(epochs) == 2, epochs
+    r = cli("tune", *common, "--name", "patience", "--num-samples", "2", "--scheduler", "none", "--max-epochs", "4",
+            "--patience", "1", "--min-delta", "1.0")
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    epochs = [len(p.read_text().strip().splitlines()) - 1 for p in (tmp_path / "exps" / "patience").glob("*/progress.csv")]
+    assert summary["stopped_early"] == 2 and epochs == [2, 2], epochs
+
+
+def test_hyperband_brackets_are_rays_and_the_docs_say_so():
+    from cxrtune.tuning import hyperband_brackets
+    from tests.conftest import ROOT
+
+    brackets = hyperband_brackets(16, 2)
+    assert [(b["trials"], b["milestones"][0]) for b in brackets] == [(5, 16), (5, 8), (7, 4), (10, 2), (16, 1)]
+    assert brackets[2]["milestones"] == [4, 8, 16]
+    doc = (ROOT / "docs" / "search_spaces.md").read_text()
+    for b in brackets:
+        assert f"| s = {b['bracket']} | {b['trials']} | {b['milestones'][0]} |" in doc
+
+
+def test_budget_sized_sampler_settings_and_warm_start_checks():
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.search_space import load_space, parse_space
+    from cxrtune.tuning import nsga2_population, startup_trials
+    from tests.conftest import ROOT
+
+    assert [nsga2_population(n) for n in (8, 16, 64, 400)] == [4, 4, 16, 50]  # >= 4 generations
+    assert [startup_trials(n) for n in (4, 16, 100)] == [2, 4, 10]
+    lung = load_space(str(ROOT / "search_spaces" / "lung_segmentation.yaml"))
+    assert lung.optuna_params(lung.warm_start[0]) == {"arch": "DeepLabV3Plus", "encoder|DeepLabV3Plus": "efficientnet-b1",
+                                                      "size": 512}
+    disease = load_space(str(ROOT / "search_spaces" / "disease_segmentation.yaml"))
+    assert disease.warm_start[0] == {"arch": "MAnet", "encoder": "tu-regnetx_064", "size": 544}
+    with pytest.raises(CxrtuneError, match=r"warm_start\[0\]: size=1000 is outside"):
+        parse_space({**SPACE, "parameters": {**SPACE["parameters"], "size": {"type": "int", "low": 64, "high": 96}},
+                     "warm_start": [{"size": 1000}]}, "s")
+
+
 def test_space_errors_name_the_key(tmp_path):
     from cxrtune.errors import CxrtuneError
     from cxrtune.search_space import load_space, parse_space
@@ -186,3 +266,53 @@ def test_space_errors_name_the_key(tmp_path):
     for f in Path(__file__).parent.parent.glob("search_spaces/*.yaml"):
         space = load_space(str(f))
         assert space.params
+
+
+def _with_reader(phantom_dir: Path, out: Path, grade: int) -> str:
+    """The phantom manifest with a reader P who gives every zone ``grade`` (0-3)."""
+    from cxrtune import manifest
+    from cxrtune.zones import ZONE_LETTERS
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    for z in ZONE_LETTERS:
+        df[f"reader_P_{z}"] = grade
+    manifest.save_manifest(df, str(out))
+    return str(out)
+
+
+def test_score_mae_objective_is_measured_against_the_reader(phantom_dir, phantom_bundle, tmp_path):
+    """The clinical objective against reader P, who calls every zone affected (score 6): the MAE is
+    |score - 6| for each scored validation image (the worst error otherwise)."""
+    import numpy as np
+
+    from cxrtune import manifest
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.scorer import load_bundle
+    from cxrtune.tuning import ClinicalObjective
+
+    df = manifest.load_manifest(_with_reader(phantom_dir, tmp_path / "m.parquet", 3))
+    objective = ClinicalObjective(str(phantom_bundle), df.head(8), limit=8, reference="P")
+    scorer = load_bundle(str(phantom_bundle))
+    mae = objective(scorer.disease.model, scorer.disease.pre, scorer.disease.config)
+    records = [r for r, _ in scorer.score_images(objective.images)]
+    expected = np.mean([abs(r["score"] - 6) if r["status"] == "scored" else 6 for r in records])
+    assert objective.refs == [6] * 8 and mae == pytest.approx(expected)
+    with pytest.raises(CxrtuneError, match="reference 'Z' zone scores"):
+        ClinicalObjective(str(phantom_bundle), df.head(8), limit=8, reference="Z")
+
+
+def test_score_mae_sweep_against_reader_scores(phantom_dir, phantom_bundle, tmp_path):
+    """A Stage II sweep whose objective is the severity-score MAE against reader P (phantoms; never
+    brixia-dev: choosing models on it would be training on it)."""
+    space = tmp_path / "disease.yaml"
+    space.write_text(yaml.safe_dump({
+        "task": "disease", "objective": "score_mae",
+        "fixed": {"batch_size": 4, "size": 64, "max_val_images": 6, "model": {"in_channels": 1, "encoder": "resnet18"}},
+        "parameters": {"arch": {"type": "choice", "values": ["FPN", "Unet"]},
+                       "lr": {"type": "log-float", "low": 1e-4, "high": 1e-2}}}))
+    r = cli("tune", "--space", str(space), "--manifest", _with_reader(phantom_dir, tmp_path / "m.parquet", 2),
+            "--name", "mae", "--storage", str(tmp_path / "exps"), "--num-samples", "2", "--scheduler", "none",
+            "--max-epochs", "1", "--num-cpus", "2", "--lung-bundle", str(phantom_bundle), "--reference", "P")
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert summary["metric"] == "val_score_mae" and summary["mode"] == "min"
+    assert summary["trials"] == 2 and summary["errored"] == 0 and 0 <= summary["best_metric"] <= 6

@@ -1,0 +1,209 @@
+"""The scorer on a CPU (issue 10, item 9): seed 004's pair, seed style against cxrtune's paths.
+
+    python bench/serve_cpu.py --images ../shared/data/covid-qu-ex/Val/COVID-19/images [--quick]
+
+One run measures, on real CXRs, with seed 004's pair (DeepLabV3+/EfficientNet-B1 @512 and
+MA-Net/RegNetX-064 @544, random weights: speed does not depend on them):
+
+* the seed-style reference: one image at a time, FP32 PyTorch, PIL + torchvision preprocessing
+  (``bench/serve_gpu.py``'s ``reference``, the same function the GPU bench uses);
+* cxrtune's library path (the scoring policy, ``load_bundle`` + ``score_scans``) with torch and
+  with ONNX Runtime (``cxrtune bundle --export onnx``), one image at a time;
+* cxrtune served over HTTP (Ray Serve, serve/config.cpu.yaml's layout: one replica per stage, one
+  network thread each, so the two stages run on the two cores as a pipeline) at rising
+  concurrency to find the peak, then at half the peak rate for p50/p99 latency;
+* the FLOP bound: the networks' FLOPs per image (torch's FlopCounterMode) over a measured FP32
+  matmul rate on this machine, i.e. the images/s no implementation could beat;
+* the bytes moved between the ingress and the stages per request, before (float32 working image
+  to each stage, full-size masks back) and now (uint8 at each stage's input size, float16 maps back).
+
+Target: served throughput >= 1.4x the seed-style reference. Prints one JSON object.
+``--quick`` uses tiny models to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pickle
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def matmul_gflops(seconds: float = 3.0) -> float:
+    """FP32 GEMM rate of this machine with all its threads (GFLOP/s)."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - t) / 1e9
+
+
+def network_gflops(scorer) -> dict:
+    """FLOPs of one forward pass of each network at its input size (GFLOP, multiply-add = 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    for stage in ("lung", "disease"):
+        m = scorer.lung if stage == "lung" else scorer.disease
+        x = torch.zeros(1, m.pre.in_channels, m.pre.size, m.pre.size)
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            m.model(x)
+        out[stage] = fc.get_total_flops() / 1e9
+    return out
+
+
+def library_path(bundle: Path, data: list[bytes], runtime: str, n: int) -> dict:
+    """cxrtune's scoring policy in-process, one image at a time (decode to record)."""
+    from cxrtune.preprocessing import load_scan
+    from cxrtune.scorer import load_bundle
+
+    scorer = load_bundle(str(bundle), device="cpu", batch_size=1, runtime=runtime)
+    for d in data[:2]:
+        scorer.score_scans([load_scan(d)])
+    t = time.perf_counter()
+    for i in range(n):
+        scorer.score_scans([load_scan(data[i % len(data)])])
+    wall = time.perf_counter() - t
+    return {"runtime": scorer.runtime, "images": n, "images_per_s": round(n / wall, 3),
+            "ms_per_image": round(1000 * wall / n, 1)}
+
+
+def payload_bytes(bundle: Path, data: bytes) -> dict:
+    """Pickled bytes between the ingress and the stages for one image: before (the float32
+    working image and full-size masks) and now (the lean inputs and outputs actually sent)."""
+    import numpy as np
+
+    from cxrtune.preprocessing import load_scan
+    from cxrtune.scorer import disease_input, load_bundle, lung_input
+
+    scorer = load_bundle(str(bundle), device="cpu", batch_size=1, runtime="torch")
+    image = load_scan(data).image
+    lung = scorer.lung_masks([image])[0]
+    size = lambda obj: len(pickle.dumps(obj, protocol=5))
+    before = (size(image) + size(lung)  # Stage I: image in, bool mask out
+              + size((image, lung)) + size((np.zeros_like(lung), 0.5)))  # Stage II: image + lungs in, mask + p out
+    digest = "0" * 16
+    x1 = lung_input(image, scorer.lung.pre)
+    p1 = scorer.forward("lung", [x1])[0]
+    x2, _ = disease_input(image, lung, scorer.disease.pre)
+    p2 = scorer.forward("disease", [x2])[0]
+    after = (size((str(bundle), digest, x1)) + size((digest, p1))
+             + size((str(bundle), digest, x2)) + size((digest, p2)))
+    return {"working_image": list(image.shape), "before": before, "after": after,
+            "ratio": round(before / after, 1)}
+
+
+def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration: float) -> dict:
+    import ray
+    from ray import serve
+
+    from cxrtune.serving import application as build_app
+    from serve_load import free_port, run_load
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    stage = {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 256,
+             "ray_actor_options": {"num_cpus": 0.5}}
+    deployments = {"Stage1": stage, "Stage2": stage,
+                   "Ingress": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
+                               "ray_actor_options": {"num_cpus": 0.5}}}
+    settings = {"bundle": str(bundle), "max_batch_size": 4, "batch_wait_timeout_s": 0.02, "device": "cpu",
+                "runtime": "auto", "threads": 1}
+    serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    asyncio.run(run_load(url, payloads, 2, min(10.0, duration), timeout=300))  # warm-up
+    sweep = []
+    for c in concurrency:
+        r = asyncio.run(run_load(url, payloads, c, duration, timeout=300))
+        sweep.append(r)
+        print(json.dumps({"concurrency": c, "images_per_s": r["throughput_images_per_s"],
+                          "p99": r["latency_ms"]["p99"], "errors": r["errors"]}), file=sys.stderr)
+    peak = max(sweep, key=lambda r: r["throughput_images_per_s"])
+    half = asyncio.run(run_load(url, payloads, peak["concurrency"], duration,
+                                rate=peak["throughput_images_per_s"] / 2, timeout=300))
+    import requests
+
+    runtime = requests.get(f"{url}/v1/models", timeout=30).json()
+    serve.shutdown()
+    ray.shutdown()
+    return {"peak": {"concurrency": peak["concurrency"], "images_per_s": peak["throughput_images_per_s"],
+                     "latency_ms": peak["latency_ms"], "errors": peak["errors"]},
+            "half_peak_load": {"rate": half["rate_cap"], "images_per_s": half["throughput_images_per_s"],
+                               "latency_ms": half["latency_ms"], "errors": half["errors"]},
+            "sweep": [{"concurrency": r["concurrency"], "images_per_s": r["throughput_images_per_s"],
+                       "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"], "errors": r["errors"]}
+                      for r in sweep],
+            "bundle": runtime.get("bundle")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", nargs="+", required=True, help="real CXR PNG files or folders")
+    ap.add_argument("--out", default="/tmp/cxrtune-serve-cpu")
+    ap.add_argument("--n", type=int, default=12, help="images per in-process measurement")
+    ap.add_argument("--duration", type=float, default=45, help="seconds per load level")
+    ap.add_argument("--concurrency", default="1,2,4")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+
+    import os
+
+    import torch
+
+    from cxrtune.metrics import json_safe
+    from cxrtune.onnx_runtime import export_bundle
+    from cxrtune.scorer import load_bundle
+    from serve_gpu import QUICK_PAIR, SEED_PAIR, random_bundle, reference
+    from serve_load import collect
+
+    pair = QUICK_PAIR if args.quick else SEED_PAIR
+    n = 3 if args.quick else args.n
+    bundle = random_bundle(Path(args.out), pair)
+    payloads = collect(args.images)
+    files = [f for p in args.images for f in (sorted(Path(p).rglob("*.png")) if Path(p).is_dir() else [Path(p)])]
+
+    gflops = network_gflops(load_bundle(str(bundle), device="cpu", runtime="torch"))
+    rate = matmul_gflops(1.0 if args.quick else 3.0)
+    ref = reference(bundle, files, "cpu", n)
+    lib_torch = library_path(bundle, payloads, "torch", n)
+    t = time.perf_counter()
+    export_bundle(str(bundle))
+    export_s = time.perf_counter() - t
+    lib_onnx = library_path(bundle, payloads, "onnx", n)
+    moved = payload_bytes(bundle, payloads[0])
+    http = served(bundle, payloads, [int(c) for c in args.concurrency.split(",")], 8.0 if args.quick else args.duration)
+    bound = rate / (gflops["lung"] + gflops["disease"])
+    ratio = http["peak"]["images_per_s"] / ref["images_per_s"]
+    result = {
+        "benchmark": "serve_cpu", "device": f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__,
+        "quick": args.quick, "models": {"lung": pair[0], "disease": pair[1]}, "images": len(payloads),
+        "reference_seed_style": ref,
+        "library_torch": lib_torch, "library_onnx": lib_onnx, "onnx_export_s": round(export_s, 1),
+        "served": http,
+        "flop_bound": {"gflop_per_image": {k: round(v, 2) for k, v in gflops.items()},
+                       "matmul_gflops": round(rate, 1), "images_per_s": round(bound, 3),
+                       "served_share_of_bound": round(http["peak"]["images_per_s"] / bound, 2)},
+        "bytes_per_request": moved,
+        "ratios_to_reference": {"library_torch": round(lib_torch["images_per_s"] / ref["images_per_s"], 2),
+                                "library_onnx": round(lib_onnx["images_per_s"] / ref["images_per_s"], 2),
+                                "served": round(ratio, 2)},
+        "targets_met": {"served >= 1.4x seed style": ratio >= 1.4},
+    }
+    print(json.dumps(json_safe(result), indent=2))
+
+
+if __name__ == "__main__":
+    main()

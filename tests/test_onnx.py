@@ -1,0 +1,80 @@
+"""The CPU fast path: a bundle exported to ONNX scores like the torch bundle."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cxrtune.errors import CxrtuneError
+
+pytestmark = pytest.mark.slow
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2.0 * (a & b).sum() / total
+
+
+@pytest.fixture(scope="module")
+def exported(phantom_bundle, tmp_path_factory):
+    bundle = tmp_path_factory.mktemp("onnx") / "bundle"
+    shutil.copytree(phantom_bundle, bundle)
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "--export", "onnx", str(bundle)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return bundle
+
+
+def test_export_is_recorded_and_auto_picks_onnx_on_cpu(exported):
+    from cxrtune.scorer import load_bundle
+
+    meta = json.loads((exported / "bundle.json").read_text())
+    assert set(meta["onnx"]) >= {"lung", "disease", "opset"}
+    assert (exported / "lung.onnx").stat().st_size > 1000 and (exported / "disease.onnx").stat().st_size > 1000
+    assert load_bundle(str(exported), device="cpu").runtime == "onnx"
+    assert load_bundle(str(exported), device="cpu", runtime="torch").runtime == "torch"
+
+
+def test_torch_and_onnx_give_the_same_records_and_masks(exported, phantom_dir):
+    from cxrtune.preprocessing import load_scan
+    from cxrtune.scorer import load_bundle
+
+    scans = [load_scan(p.read_bytes()) for p in sorted((phantom_dir / "images").iterdir())[:8]]
+    by_torch = load_bundle(str(exported), device="cpu", runtime="torch").score_scans(scans)
+    by_onnx = load_bundle(str(exported), device="cpu", runtime="onnx").score_scans(scans)
+    lung_found = opacity_found = 0
+    for (rec_t, det_t), (rec_o, det_o) in zip(by_torch, by_onnx):
+        assert rec_t["status"] == rec_o["status"] and rec_t["score"] == rec_o["score"]
+        assert dice(det_t.lung, det_o.lung) >= 0.999
+        assert dice(det_t.opacity, det_o.opacity) >= 0.999
+        if rec_t["disease_probability"] is not None:
+            assert rec_o["disease_probability"] == pytest.approx(rec_t["disease_probability"], abs=1e-3)
+        lung_found += int(det_t.lung.any())
+        opacity_found += int(det_t.opacity.any())
+    # the parity means something only if the trained models find lungs and opacity
+    assert lung_found == len(scans) and opacity_found >= 2, (lung_found, opacity_found)
+
+
+def test_a_stale_export_is_refused(exported, tmp_path):
+    from cxrtune.scorer import load_bundle
+
+    stale = tmp_path / "stale"
+    shutil.copytree(exported, stale)
+    data = bytearray((stale / "lung.pt").read_bytes())
+    (stale / "lung.pt").write_bytes(bytes(data))  # same weights: still fine
+    load_bundle(str(stale), device="cpu", runtime="onnx")
+    shutil.copy(exported / "disease.onnx", stale / "lung.onnx")  # not the file bundle.json records
+    with pytest.raises(CxrtuneError, match="lung.onnx is not the file bundle.json records"):
+        load_bundle(str(stale), device="cpu", runtime="onnx")
+    with pytest.raises(CxrtuneError, match="has no ONNX export"):
+        from cxrtune.scorer import load_bundle as lb
+
+        plain = tmp_path / "plain"
+        shutil.copytree(exported, plain)
+        meta = json.loads((plain / "bundle.json").read_text())
+        meta["onnx"] = {}
+        (plain / "bundle.json").write_text(json.dumps(meta))
+        lb(str(plain), device="cpu", runtime="onnx")

@@ -1,0 +1,48 @@
+"""The wheel cluster.yaml installs carries serve/, search_spaces/ and configs/, and cxrtune finds
+them in an installed wheel, away from the source tree."""
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from cxrtune.errors import CxrtuneError
+from cxrtune.resources import shipped
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_shipped_files_in_the_source_tree():
+    assert shipped("serve", "config.cpu.yaml") == ROOT / "serve" / "config.cpu.yaml"
+    assert shipped("search_spaces", "lung_segmentation") == ROOT / "search_spaces" / "lung_segmentation.yaml"
+    with pytest.raises(CxrtuneError, match="no shipped search_spaces/nope; shipped: disease_segmentation.yaml"):
+        shipped("search_spaces", "nope")
+
+
+def test_the_wheel_carries_and_finds_them(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wheel = next((tmp_path / "dist").glob("cxrtune-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for kind, name in (("serve", "config.yaml"), ("serve", "config.cpu.yaml"),
+                       ("search_spaces", "lung_segmentation.yaml"), ("search_spaces", "disease_segmentation.yaml"),
+                       ("configs", "lung_deeplabv3plus_effb1.yaml")):
+        assert any(n.endswith(f".data/data/share/cxrtune/{kind}/{name}") for n in names), (kind, name)
+    prefix = tmp_path / "prefix"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--prefix",
+                        str(prefix), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    site = next(prefix.glob("lib/python*/site-packages"))
+    probe = ("from cxrtune.resources import shipped; import cxrtune; "
+             "print(cxrtune.__file__); print(shipped('serve', 'config.cpu.yaml')); "
+             "print(shipped('search_spaces', 'disease_segmentation'))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    package, serve_cfg, space = r.stdout.split()
+    assert package.startswith(str(site))  # the installed copy, not the checkout
+    assert serve_cfg == str(prefix / "share" / "cxrtune" / "serve" / "config.cpu.yaml")
+    assert space == str(prefix / "share" / "cxrtune" / "search_spaces" / "disease_segmentation.yaml")
