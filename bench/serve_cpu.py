@@ -9,9 +9,9 @@ MA-Net/RegNetX-064 @544, random weights: speed does not depend on them):
   (``bench/serve_gpu.py``'s ``reference``, the same function the GPU bench uses);
 * cxrtune's library path (the scoring policy, ``load_bundle`` + ``score_scans``) with torch and
   with ONNX Runtime (``cxrtune bundle --export onnx``), one image at a time;
-* cxrtune served over HTTP (Ray Serve, serve/config.cpu.yaml's layout: one replica per stage, one
-  network thread each, so the two stages run on the two cores as a pipeline) at rising
-  concurrency to find the peak, then at half the peak rate for p50/p99 latency;
+* cxrtune served over HTTP (Ray Serve: one ingress and one replica per stage, ``--threads``
+  network threads per stage replica, idle threads sleeping so the two stages share the cores) at
+  rising concurrency to find the peak, then at half the peak rate for p50/p99 latency;
 * the FLOP bound: the networks' FLOPs per image (torch's FlopCounterMode) over a measured FP32
   matmul rate on this machine, i.e. the images/s no implementation could beat;
 * the bytes moved between the ingress and the stages per request, before (float32 working image
@@ -105,7 +105,7 @@ def payload_bytes(bundle: Path, data: bytes) -> dict:
             "ratio": round(before / after, 1)}
 
 
-def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration: float) -> dict:
+def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration: float, threads: int) -> dict:
     import ray
     from ray import serve
 
@@ -121,7 +121,7 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
                    "Ingress": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
                                "ray_actor_options": {"num_cpus": 0.5}}}
     settings = {"bundle": str(bundle), "max_batch_size": 4, "batch_wait_timeout_s": 0.02, "device": "cpu",
-                "runtime": "auto", "threads": 1}
+                "runtime": "auto", "threads": threads}
     serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     asyncio.run(run_load(url, payloads, 2, min(10.0, duration), timeout=300))  # warm-up
@@ -146,7 +146,7 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
             "sweep": [{"concurrency": r["concurrency"], "images_per_s": r["throughput_images_per_s"],
                        "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"], "errors": r["errors"]}
                       for r in sweep],
-            "bundle": runtime.get("bundle")}
+            "bundle": runtime.get("bundle"), "stages": runtime.get("stages"), "threads_per_stage": threads}
 
 
 def main() -> None:
@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=12, help="images per in-process measurement")
     ap.add_argument("--duration", type=float, default=45, help="seconds per load level")
     ap.add_argument("--concurrency", default="1,2,4")
+    ap.add_argument("--threads", type=int, default=2, help="network threads per stage replica")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
 
@@ -184,7 +185,8 @@ def main() -> None:
     export_s = time.perf_counter() - t
     lib_onnx = library_path(bundle, payloads, "onnx", n)
     moved = payload_bytes(bundle, payloads[0])
-    http = served(bundle, payloads, [int(c) for c in args.concurrency.split(",")], 8.0 if args.quick else args.duration)
+    http = served(bundle, payloads, [int(c) for c in args.concurrency.split(",")], 8.0 if args.quick else args.duration,
+                  args.threads)
     bound = rate / (gflops["lung"] + gflops["disease"])
     ratio = http["peak"]["images_per_s"] / ref["images_per_s"]
     result = {

@@ -143,6 +143,8 @@ def _bundle(args) -> None:
     if args.export:
         from .onnx_runtime import export_bundle
 
+        if args.export[0] != "onnx":
+            raise CxrtuneError(f"--export {args.export[0]}: the one export format is onnx")
         rec = export_bundle(args.export[1])
         print(f"bundle {args.export[1]}: exported lung.onnx and disease.onnx (opset {rec['opset']})")
         return
@@ -418,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", help="bundle folder (local or s3://)")
     bd.add_argument("--threshold", type=float, default=DEFAULT_ZONE_THRESHOLD, help="zone threshold until calibrated")
     bd.add_argument("--migrate", metavar="URI", help="rewrite an older bundle's bundle.json in the current format")
-    bd.add_argument("--export", nargs=2, metavar=("FORMAT", "URI"),
+    bd.add_argument("--export", nargs=2, metavar=("onnx", "URI"),
                     help="add an export of both networks to a bundle: `--export onnx BUNDLE` (the CPU fast path)")
     bd.add_argument("--name")
     bd.set_defaults(func=_bundle)

@@ -10,7 +10,7 @@ bundle has an export). Everything before and after the networks is the same code
 from __future__ import annotations
 
 import hashlib
-import io
+import logging
 import os
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from . import storage
 from .errors import CxrtuneError
 
+log = logging.getLogger(__name__)
 OPSET = 18
 RUNTIMES = ("auto", "torch", "onnx")
 
@@ -32,11 +33,21 @@ def export_stage(model: torch.nn.Module, size: int, in_channels: int, classifica
     model = model.float().eval().cpu()
     x = torch.zeros(2, in_channels, size, size)
     outputs = ["opacity_logits", "cls_logits"] if classification else ["lung_logits"]
-    buf = io.BytesIO()
-    with torch.inference_mode():
-        torch.onnx.export(model, (x,), buf, input_names=["image"], output_names=outputs, opset_version=OPSET,
-                          dynamic_axes={"image": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}, dynamo=False)
-    return buf.getvalue()
+    import tempfile
+
+    axes = {"image": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        path = f"{tmp}/model.onnx"
+        try:  # the TorchScript exporter: one self-contained file, dynamic batch
+            torch.onnx.export(model, (x,), path, input_names=["image"], output_names=outputs,
+                              opset_version=OPSET, dynamic_axes=axes, dynamo=False)
+        except (TypeError, RuntimeError, NotImplementedError) as exc:  # a torch without it: the dynamo exporter
+            log.info("TorchScript ONNX export unavailable (%s); using torch.export", exc)
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            program = torch.onnx.export(model, (x,), input_names=["image"], output_names=outputs,
+                                        opset_version=OPSET, dynamic_shapes=({0: batch},), dynamo=True)
+            program.save(path, external_data=False)
+        return open(path, "rb").read()
 
 
 def export_bundle(uri: str) -> dict:

@@ -129,9 +129,9 @@ class _Stage:
                                f"expected {expected[:12]}); deploy it again")
         self.scorers[digest] = load_bundle(uri, device=self.s.device, batch_size=self.s.max_batch_size,
                                            stages=(self.stage,), runtime=self.s.runtime)
-        while len(self.scorers) > self.KEEP:
-            oldest = next(k for k in self.scorers if k != digest)
-            del self.scorers[oldest]
+        keep = {digest, getattr(self, "own_hash", digest)}  # never drop this replica's own bundle
+        while len(self.scorers) > max(self.KEEP, len(keep)):
+            del self.scorers[next(k for k in self.scorers if k not in keep)]
         return digest
 
     async def _scorer(self, uri: str, digest: str):
@@ -150,13 +150,14 @@ class _Stage:
             idx = [i for i, (_, d, _) in enumerate(items) if d == digest]
             scorer = await self._scorer(items[idx[0]][0], digest)
             results = await asyncio.to_thread(scorer.forward, self.stage, [items[i][2] for i in idx])
+            loaded = scorer.models.get("bundle_hash")  # hashed from the files when they were loaded
             for i, r in zip(idx, results):
-                out[i] = (digest, r)
+                out[i] = (loaded, r)
         return out
 
     def info(self) -> dict:
-        return {"bundle_hash": self.own_hash, "loaded": list(self.scorers),
-                "runtime": self.scorers[self.own_hash].runtime}
+        own = self.scorers.get(self.own_hash)
+        return {"bundle_hash": self.own_hash, "loaded": list(self.scorers), "runtime": own.runtime if own else None}
 
 
 @serve.deployment(name="Stage1", max_ongoing_requests=64)
@@ -239,9 +240,11 @@ class ErrorBody(BaseModel):
     request_id: str
 
 
-_ERRORS = {401: "missing or wrong X-API-Key", 413: "upload or image over the limits",
-           415: "not PNG, JPEG or DICOM", 422: "unreadable, blank, tiny or refused by the DICOM rules",
-           503: "at capacity: retry after Retry-After seconds"}
+_ERRORS = {400: "malformed request (e.g. a broken multipart body)", 401: "missing or wrong X-API-Key",
+           413: "upload or image over the limits", 415: "not PNG, JPEG or DICOM",
+           422: "unreadable, blank, tiny or refused by the DICOM rules; or invalid query parameters",
+           500: "internal error (the request id is in the server's log)",
+           503: "at capacity (admission control or a full queue) or a replica failed: retry after Retry-After seconds"}
 ERROR_RESPONSES = {code: {"model": ErrorBody, "description": text} for code, text in _ERRORS.items()}
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
@@ -280,9 +283,21 @@ def error_response(status: int, detail: str, request_id: str, headers: dict | No
                         headers={**(headers or {}), "X-Request-Id": request_id})
 
 
+_ingress: "Ingress | None" = None  # this process's ingress replica, for the handlers below
+
+
+def _refused(code: int, request_id: str) -> None:
+    """Errors raised outside the routes (404, 405, validation, bugs): counted and audited like
+    the rest, through the replica's ingress."""
+    if _ingress is not None:
+        _ingress._audit(request_id, code, None, None)
+
+
 @fastapi_app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail), request_id_of(request), getattr(exc, "headers", None))
+    request_id = request_id_of(request)
+    _refused(exc.status_code, request_id)
+    return error_response(exc.status_code, str(exc.detail), request_id, getattr(exc, "headers", None))
 
 
 @fastapi_app.exception_handler(Exception)
@@ -290,14 +305,16 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug, not bad input: still the one error shape, and logged (without the request's data)."""
     request_id = request_id_of(request)
     log.error("request %s failed: %s", request_id, type(exc).__name__)
-    audit.info("%s", json.dumps({"event": "score", "request_id": request_id, "http_status": 500, "status": "error"}))
+    _refused(500, request_id)
     return error_response(500, "internal error", request_id)
 
 
 @fastapi_app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     parts = ["{}: {}".format(".".join(str(x) for x in e.get("loc", ())), e.get("msg", "")) for e in exc.errors()]
-    return error_response(422, "invalid request: " + "; ".join(parts), request_id_of(request))
+    request_id = request_id_of(request)
+    _refused(422, request_id)
+    return error_response(422, "invalid request: " + "; ".join(parts), request_id)
 
 
 def _decode(data: bytes, s: ServeSettings):
@@ -318,7 +335,7 @@ def _decode(data: bytes, s: ServeSettings):
         raise RequestError(422, f"cannot decode the image: {exc}") from None
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=128)
+@serve.deployment(name="Ingress", max_ongoing_requests=1024)  # > max_in_flight: cxrtune answers overload itself
 @serve.ingress(fastapi_app)
 class Ingress:
     def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
@@ -351,6 +368,8 @@ class Ingress:
                                           "outcome (record status, or the refusal reason)", tag_keys=("code", "outcome"))
         self.m_retries = metrics.Counter("cxrtune_stage_retries", description="stage calls retried after the "
                                          "replica that had them failed", tag_keys=("stage",))
+        global _ingress
+        _ingress = self
         self.m_ms = metrics.Histogram("cxrtune_step_ms", description="milliseconds per request in each step",
                                       boundaries=MS_BUCKETS, tag_keys=("step",))
 
@@ -537,7 +556,8 @@ class Ingress:
             return exc.response(request_id)
         return JSONResponse({"request_id": request_id, "results": results}, headers={"X-Request-Id": request_id})
 
-    @fastapi_app.get(f"/{API_VERSION}/models", summary="The bundle being served")
+    @fastapi_app.get(f"/{API_VERSION}/models", summary="The bundle being served, and what each stage runs",
+                     responses={401: ERROR_RESPONSES[401], 500: ERROR_RESPONSES[500]})
     async def models_route(self, request: Request):
         try:
             self._check_key(request)

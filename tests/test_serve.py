@@ -57,6 +57,12 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
         assert ready is not None, proc.stdout.read()[-3000:] if proc.poll() is not None else "not ready"
         models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
         assert models["lung"].startswith("FPN/resnet18") and "zone_threshold" in models
+        # the dashboard is on, so Ray's own `serve status` answers (Ray's CLI sends the cluster's
+        # token only with RAY_AUTH_MODE=token, as docs/serving.md says)
+        status = subprocess.run([str(Path(sys.executable).parent / "serve"), "status"], capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
+        assert status.returncode == 0 and "cxrtune" in status.stdout and "RUNNING" in status.stdout, \
+            status.stdout[-2000:] + status.stderr[-2000:]
     finally:
         proc.send_signal(2)  # Ctrl-C
         try:
@@ -76,7 +82,14 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
     from tests.conftest import ROOT
 
     for name in ("config.yaml", "config.cpu.yaml"):
-        ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve" / name).read_text()))
+        cfg = yaml.safe_load((ROOT / "serve" / name).read_text())
+        ServeDeploySchema.model_validate(cfg)
+        app = cfg["applications"][0]
+        ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+        # Serve never hands a replica more than max_ongoing_requests: above max_in_flight, overload
+        # reaches cxrtune's admission control (JSON 503) instead of the proxy's plain-text 503
+        assert ingress["max_ongoing_requests"] > app["args"]["max_in_flight"], name
+        assert all(d.get("graceful_shutdown_timeout_s", 0) >= 60 for d in app["deployments"]), name
     cfg = yaml.safe_load((ROOT / "serve" / "config.cpu.yaml").read_text())
     port = free_port()
     cfg["http_options"]["port"] = port
@@ -349,7 +362,8 @@ def test_openapi_documents_upload_query_record_and_errors(server):
     assert multipart["properties"]["file"] == {"type": "string", "format": "binary"}
     assert "application/dicom" in op["requestBody"]["content"]
     assert [p["name"] for p in op["parameters"] if p["in"] == "query"] == ["overlay"]
-    assert {"200", "401", "413", "415", "422", "503"} <= set(op["responses"])
+    assert set(op["responses"]) == {"200", "400", "401", "413", "415", "422", "500", "503"}
+    assert {"401", "500"} <= set(spec["paths"]["/v1/models"]["get"]["responses"])
     ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
     record = spec["components"]["schemas"][ref]
     assert {"status", "score", "zones", "lungs", "disease_probability", "request_id"} <= set(record["properties"])
@@ -449,13 +463,13 @@ def test_a_killed_stage_replica_loses_no_request(server, phantom_bundle, phantom
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
     for t in threads:
         t.join(timeout=300)
-    serve.delete("slow")
     assert len(statuses) == 24 and statuses.count(200) == 24, statuses
     deadline, retried = time.time() + 60, 0.0
     while time.time() < deadline and not retried:
         retried = sum(v for labels, v in _scrape("ray_cxrtune_stage_retries_total")
                       if labels.get("application") == "slow" and labels.get("stage") == "Stage1")
         time.sleep(3)
+    serve.delete("slow")
     assert retried >= 1  # the killed replica had requests in flight, and they were retried
 
 

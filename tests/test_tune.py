@@ -182,12 +182,14 @@ def test_multi_objective_pareto(phantom_dir, space_file, tmp_path):
             "--storage", str(tmp_path / "exps"), "--num-samples", "3", "--scheduler", "asha", "--multi-objective",
             "--max-epochs", "1", "--num-cpus", "2", check=False)
     assert r.returncode == 2 and "no ASHA" not in r.stderr and "--scheduler none" in r.stderr
-    cli("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"), "--name", "mo",
+    disease = tmp_path / "disease.yaml"  # Stage II's objective, dice_cls, against latency
+    disease.write_text(yaml.safe_dump({**SPACE, "task": "disease", "objective": "dice_cls"}))
+    cli("tune", "--space", str(disease), "--manifest", str(phantom_dir / "manifest.parquet"), "--name", "mo",
         "--storage", str(tmp_path / "exps"), "--num-samples", "3", "--scheduler", "none", "--multi-objective",
-        "--max-epochs", "1", "--num-cpus", "2")
+        "--max-epochs", "1", "--num-cpus", "2", "--latency-batch", "2")
     cli("report", str(tmp_path / "exps" / "mo"), "--out", str(tmp_path / "rep"))
     front = (tmp_path / "rep" / "pareto.csv").read_text().splitlines()
-    assert len(front) >= 2 and "latency_ms" in front[0]
+    assert len(front) >= 2 and "latency_ms" in front[0] and "val_dice_f1" in front[0]
     assert (tmp_path / "rep" / "pareto.png").exists()
 
 
