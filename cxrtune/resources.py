@@ -21,7 +21,10 @@ def roots() -> list[Path]:
     installed into (``PREFIX/lib/pythonX.Y/site-packages/cxrtune`` -> ``PREFIX/share/cxrtune``);
     the running interpreter's prefix."""
     package = Path(__file__).resolve().parent
-    return [package.parent, package.parents[3] / "share" / "cxrtune", Path(sys.prefix) / "share" / "cxrtune"]
+    found = [package.parent]
+    if len(package.parents) > 3:
+        found.append(package.parents[3] / "share" / "cxrtune")
+    return found + [Path(sys.prefix) / "share" / "cxrtune"]
 
 
 def shipped(kind: str, name: str) -> Path:

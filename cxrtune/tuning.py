@@ -101,6 +101,11 @@ class TuneOptions:
         return parse_space(data, self.space_source or "<space>")
 
 
+# the settings `cxrtune tune` takes as flags of the same name (their defaults are TuneOptions')
+TUNE_FLAGS = {f for f in TuneOptions.__dataclass_fields__} - {
+    "space", "manifest", "name", "storage", "space_source", "created", "time_budget_s", "warm_start"}
+
+
 # ------------------------------------------------------------------------------------ the trial
 
 def measure_latency_ms(model, size: int, in_channels: int, device, batch: int = 8, repeats: int = 5) -> float:
@@ -354,7 +359,15 @@ def _search_class():
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             single = not isinstance(self.metric, list)
             if single and result and not error and result.get("training_iteration", self.epochs) < self.epochs:
-                result = {k: v for k, v in result.items() if k != self.metric}  # -> PRUNED, last value kept
+                # the stopping result never reached on_trial_result: report it, so that Optuna keeps
+                # it as the pruned trial's value (a trial cut at its first rung has no other)
+                ot_trial, value = self._ot_trials.get(trial_id), result.get(self.metric)
+                if ot_trial is not None and value is not None:
+                    try:
+                        ot_trial.report(float(value), int(result["training_iteration"]))
+                    except Exception as exc:  # noqa: BLE001 - e.g. that step was reported already
+                        log.debug("could not report the last value of %s: %s", trial_id, exc)
+                result = {k: v for k, v in result.items() if k != self.metric}  # -> PRUNED
             super().on_trial_complete(trial_id, result, error)
             self._copy_journal()
 

@@ -162,15 +162,19 @@ def test_trials_on_a_worker_node_get_the_endpoint_but_no_secret(phantom_dir, buc
     port = free_port()
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("AWS_", "CXRTUNE_", "WANDB_", "RAY_ADDRESS"))}
-    base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+    # a real multi-node cluster, on the loopback address only (conftest's single-node switch off,
+    # every node told its address is 127.0.0.1)
+    base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",
                 PATH=f"{Path(RAY).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     worker_env = {**base, "AWS_ACCESS_KEY_ID": "worker-key", "AWS_SECRET_ACCESS_KEY": "worker-secret",
                   "AWS_DEFAULT_REGION": "us-east-1"}
     try:
-        subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
-                        "--disable-usage-stats"], check=True, env=base, capture_output=True, timeout=120)
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2"], check=True,
-                       env=worker_env, capture_output=True, timeout=120)
+        for cmd, cmd_env in (([RAY, "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                               "--disable-usage-stats", "--node-ip-address=127.0.0.1"], base),
+                              ([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2",
+                                "--node-ip-address=127.0.0.1"], worker_env)):
+            started = subprocess.run(cmd, env=cmd_env, capture_output=True, text=True, timeout=120)
+            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
         driver_env = {**base, "RAY_ADDRESS": f"127.0.0.1:{port}", "CXRTUNE_S3_ENDPOINT_URL": s3_server,
                       "AWS_ACCESS_KEY_ID": "driver-key-" + secrets.token_hex(6),
                       "AWS_SECRET_ACCESS_KEY": "driver-secret-" + secrets.token_hex(6),

@@ -42,9 +42,10 @@ def deployments(ingress: dict | None = None) -> dict:
 def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
     """README's `cxrtune serve --bundle`: the CPU config on this machine, real HTTP, Ctrl-C stops it."""
     port = free_port()
+    log = (Path(str(phantom_bundle)).parent / f"serve-{port}.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "cxrtune.cli", "serve", "--bundle", str(phantom_bundle),
                              "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)  # a file: a full pipe would block it
     try:
         deadline, ready = time.time() + 240, None
         while time.time() < deadline and proc.poll() is None and ready is None:
@@ -54,7 +55,7 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
             except requests.RequestException:  # proxy not up yet, or the app still deploying
                 pass
             time.sleep(1)
-        assert ready is not None, proc.stdout.read()[-3000:] if proc.poll() is not None else "not ready"
+        assert ready is not None, Path(log.name).read_text()[-3000:]
         models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
         assert models["lung"].startswith("FPN/resnet18") and "zone_threshold" in models
         # the dashboard is on, so Ray's own `serve status` answers (Ray's CLI sends the cluster's
@@ -97,8 +98,9 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     serve_cli = str(Path(sys.executable).parent / "serve")
-    proc = subprocess.Popen([serve_cli, "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=tmp_path)
+    out = (tmp_path / "serve-run.log").open("w")  # a file, not a pipe: a full pipe would block `serve run`
+    proc = subprocess.Popen([serve_cli, "run", str(path)], stdout=out, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
     try:
         deadline, ready = time.time() + 240, False
         while time.time() < deadline and proc.poll() is None and not ready:
@@ -107,7 +109,7 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
             except requests.RequestException:
                 pass
             time.sleep(1)
-        assert ready, proc.stdout.read()[-3000:] if proc.poll() is not None else "not ready"
+        assert ready, (tmp_path / "serve-run.log").read_text()[-3000:]
         png = sorted((phantom_dir / "images").iterdir())[1].read_bytes()
         r = requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60)
         assert r.status_code == 200 and r.json()["status"] in ("scored", "partial", "unscored"), r.text
