@@ -137,8 +137,6 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
     import requests
 
     runtime = requests.get(f"{url}/v1/models", timeout=30).json()
-    serve.shutdown()
-    ray.shutdown()
     return {"peak": {"concurrency": peak["concurrency"], "images_per_s": peak["throughput_images_per_s"],
                      "latency_ms": peak["latency_ms"], "errors": peak["errors"]},
             "half_peak_load": {"rate": half["rate_cap"], "images_per_s": half["throughput_images_per_s"],
@@ -179,12 +177,15 @@ def main() -> None:
     gflops = network_gflops(load_bundle(str(bundle), device="cpu", runtime="torch"))
     rate = matmul_gflops(1.0 if args.quick else 3.0)
     ref = reference(bundle, files, "cpu", n)
+    print(json.dumps({"reference_seed_style": ref}), file=sys.stderr, flush=True)
     lib_torch = library_path(bundle, payloads, "torch", n)
+    print(json.dumps({"library_torch": lib_torch}), file=sys.stderr, flush=True)
     t = time.perf_counter()
     export_bundle(str(bundle))
     export_s = time.perf_counter() - t
     lib_onnx = library_path(bundle, payloads, "onnx", n)
     moved = payload_bytes(bundle, payloads[0])
+    print(json.dumps({"library_onnx": lib_onnx, "bytes_per_request": moved}), file=sys.stderr, flush=True)
     http = served(bundle, payloads, [int(c) for c in args.concurrency.split(",")], 8.0 if args.quick else args.duration,
                   args.threads)
     bound = rate / (gflops["lung"] + gflops["disease"])
@@ -204,7 +205,12 @@ def main() -> None:
                                 "served": round(ratio, 2)},
         "targets_met": {"served >= 1.4x seed style": ratio >= 1.4},
     }
-    print(json.dumps(json_safe(result), indent=2))
+    print(json.dumps(json_safe(result), indent=2), flush=True)
+    import ray
+    from ray import serve
+
+    serve.shutdown()  # after the result is out: a crash while shutting down loses nothing
+    ray.shutdown()
 
 
 if __name__ == "__main__":
