@@ -614,17 +614,22 @@ def application(settings: ServeSettings | dict, deployments: dict[str, dict] | N
     return Ingress.options(**opts.get("Ingress", {})).bind(stage1, stage2, plain)
 
 
-def load_config(path: str, bundle: str | None = None) -> tuple[dict, dict, dict]:
-    """(http_options, args, deployment options) of the first application in a Serve config."""
+def read_serve_config(path: str) -> tuple[dict, dict]:
+    """A Serve config (YAML, local or S3) and its first application, or a plain error."""
     import yaml
 
     from . import storage
 
     try:
         cfg = yaml.safe_load(storage.read_text(path)) or {}
-        app = cfg["applications"][0]
+        return cfg, cfg["applications"][0]
     except (yaml.YAMLError, KeyError, IndexError, TypeError):
         raise CxrtuneError(f"{path}: not a Serve config with an applications list") from None
+
+
+def load_config(path: str, bundle: str | None = None) -> tuple[dict, dict, dict]:
+    """(http_options, args, deployment options) of the first application in a Serve config."""
+    cfg, app = read_serve_config(path)
     args = dict(app.get("args") or {})
     if bundle:
         args["bundle"] = bundle
@@ -655,7 +660,6 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
     bundle and retires the old ones once the new are healthy; each old ingress replica finishes
     its requests on its own bundle (see :class:`_Stage`). Waits until the application is
     RUNNING and returns Serve's status of it."""
-    import yaml
     from pydantic import ValidationError
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
     from ray.serve.schema import ServeDeploySchema
@@ -663,11 +667,7 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
     from . import storage
     from .artifacts import bundle_hash, read_bundle_meta
 
-    try:
-        cfg = yaml.safe_load(storage.read_text(config)) or {}
-        app = cfg["applications"][0]
-    except (yaml.YAMLError, KeyError, IndexError, TypeError):
-        raise CxrtuneError(f"{config}: not a Serve config with an applications list") from None
+    cfg, app = read_serve_config(config)
     args = app.setdefault("args", {})
     if bundle:
         args["bundle"] = bundle

@@ -99,3 +99,17 @@ def phantom_bundle(phantom_dir, tmp_path_factory) -> Path:
     train(TrainConfig.from_dict({**base, "task": "disease"}), df, str(work / "disease"))
     make_bundle(str(work / "lung"), str(work / "disease"), str(work / "bundle"))
     return work / "bundle"
+
+
+def shipped_cpu_config(tmp_path: Path, bundle: Path) -> tuple[Path, int]:
+    """serve/config.cpu.yaml with only the bundle and a free port changed, written to ``tmp_path``:
+    what the tests deploy through Serve's own config path."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "serve" / "config.cpu.yaml").read_text())
+    port = free_port()
+    cfg["http_options"]["port"] = port
+    cfg["applications"][0]["args"]["bundle"] = str(bundle)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, port

@@ -80,7 +80,7 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, shipped_cpu_config
 
     for name in ("config.yaml", "config.cpu.yaml"):
         cfg = yaml.safe_load((ROOT / "serve" / name).read_text())
@@ -91,12 +91,7 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
         # reaches cxrtune's admission control (JSON 503) instead of the proxy's plain-text 503
         assert ingress["max_ongoing_requests"] > app["args"]["max_in_flight"], name
         assert all(d.get("graceful_shutdown_timeout_s", 0) >= 60 for d in app["deployments"]), name
-    cfg = yaml.safe_load((ROOT / "serve" / "config.cpu.yaml").read_text())
-    port = free_port()
-    cfg["http_options"]["port"] = port
-    cfg["applications"][0]["args"]["bundle"] = str(phantom_bundle)
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path, port = shipped_cpu_config(tmp_path, phantom_bundle)
     serve_cli = str(Path(sys.executable).parent / "serve")
     out = (tmp_path / "serve-run.log").open("w")  # a file, not a pipe: a full pipe would block `serve run`
     proc = subprocess.Popen([serve_cli, "run", str(path)], stdout=out, stderr=subprocess.STDOUT, text=True,

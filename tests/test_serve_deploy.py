@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port, shipped_cpu_config
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -66,12 +65,7 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
     hash_a, hash_b = bundle_hash(str(phantom_bundle)), bundle_hash(str(second))
     assert hash_a != hash_b
 
-    cfg = yaml.safe_load((ROOT / "serve" / "config.cpu.yaml").read_text())
-    port = free_port()
-    cfg["http_options"]["port"] = port
-    cfg["applications"][0]["args"]["bundle"] = str(phantom_bundle)
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path, port = shipped_cpu_config(tmp_path, phantom_bundle)
     url = f"http://127.0.0.1:{port}"
 
     # Ray's own `serve deploy` and `serve status` with the shipped config
