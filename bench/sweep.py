@@ -1,7 +1,8 @@
-"""Sweep benchmark (GPU): TPE + ASHA against random search without early stopping, same budget.
+"""Sweep benchmark: TPE + ASHA against random search without early stopping, same budget.
 
+    python bench/sweep.py --cpu [--seeds 0 1] [--budget-minutes 8]      # this 2-core machine
     python bench/sweep.py [--data ../shared/data] [--stage disease] [--budget-minutes 12]
-                          [--gpus-per-trial 0.25] [--target 0.75] [--quick]
+                          [--gpus-per-trial 0.25] [--target 0.75] [--quick]   # a GPU
 
 For the chosen stage it prepares COVID-QU-Ex (official Train split by patient into train/val,
 the tuning subset marked: 10 % for lungs, 50 % for disease as in seed 004), then runs two sweeps
@@ -10,6 +11,19 @@ of the shipped search space for the same wall-clock budget on fractional GPUs:
 Reports trials per hour, mean GPU utilisation (nvidia-smi), the best validation metric against
 trials and wall time, and the wall time each needed to reach ``--target`` (Stage II: COVID-19
 infection Dice 0.75 = val_dice). Prints one JSON object.
+
+``--cpu`` (issue 11, item 8): Stage I on real COVID-QU-Ex lungs at 96 px, a tuning subset of about
+600 images (16 % of the official Train part by patient; 15 % of it validates), one CPU per trial
+and two at once, the shipped lung space cut to CPU-sized networks (encoders ResNet-18,
+EfficientNet-B0 and MobileNetV2; no UNet++, DeepLabV3 or MA-Net) with batch 8 and 6 epochs per
+trial. TPE + ASHA is the service as configured for a small budget: start-up trials sized to the
+budget (``startup_trials``: 3 of at most 12 trials), the space's warm start (seed 004's
+DeepLabV3+; its EfficientNet-B1 is not in the cut space), ASHA
+rungs at 1, 2 and 4 epochs, patience 3 and trials at Dice < 0.05 after epoch 1 cut at once
+(``--cut-below``). Random search: the same space and budget, no warm start, no early stopping.
+Each method runs once per seed (``--seeds``). The Dice target (``--target``, 0.88 by default) is
+fixed before the runs. Writes ``curves.png`` (best-so-far against wall time, one band per method:
+min-max over seeds, the line the median) beside the JSON.
 """
 
 from __future__ import annotations
@@ -51,11 +65,14 @@ class GpuSampler(threading.Thread):
 
 
 def curve(exp_uri: str, metric: str, mode: str) -> list[dict]:
-    """Best-so-far metric against elapsed wall time: one point each time it improves."""
+    """Best-so-far metric against wall time since the sweep was started (``created`` in its
+    ``cxrtune.json``, set just before Ray starts: start-up counts against both methods alike): one
+    point each time it improves (``best`` unrounded)."""
     from ray.tune import ExperimentAnalysis
 
     from cxrtune import storage
 
+    start = json.loads(storage.read_text(storage.join(exp_uri, "cxrtune.json")))["created"]
     fs, path = storage.pyarrow_filesystem(exp_uri)
     analysis = ExperimentAnalysis(path, storage_filesystem=fs)
     events = []
@@ -63,16 +80,169 @@ def curve(exp_uri: str, metric: str, mode: str) -> list[dict]:
         if metric in df and "timestamp" in df:
             events += list(zip(df["timestamp"], df[metric]))
     events.sort()
-    if not events:
-        return []
-    start = events[0][0]
     best, points = None, []
     sign = 1 if mode == "max" else -1
     for ts, value in events:
         if best is None or sign * value > sign * best:
             best = value
-            points.append({"elapsed_s": round(ts - start, 1), "best": round(float(best), 4)})
+            points.append({"elapsed_s": round(ts - start, 1), "best": float(best)})
     return points
+
+
+def trial_counts(exp: Path, epochs: int) -> dict:
+    """Trials started, run to their last epoch, and ended before it (by ASHA, a stopper or the budget)."""
+    import pandas as pd
+
+    lengths = []
+    for trial in exp.glob("run_trial_*"):
+        progress = trial / "progress.csv"
+        lengths.append(len(pd.read_csv(progress)) if progress.exists() and progress.stat().st_size else 0)
+    return {"started": len(lengths), "full_length": sum(n >= epochs for n in lengths),
+            "ended_early": sum(0 < n < epochs for n in lengths), "no_result": sum(n == 0 for n in lengths)}
+
+
+CPU_ENCODERS = ["resnet18", "efficientnet-b0", "mobilenet_v2"]  # the lightest of the shipped encoders
+CPU_DROP_ARCHS = {"UnetPlusPlus", "DeepLabV3", "MAnet"}  # the slowest decoders on a CPU
+
+
+def cpu_space(shipped: dict, size: int, epochs: int) -> dict:
+    """The shipped lung space cut to what a 2-core CPU trains in minutes: its lightest encoders,
+    the faster decoders, one input size. Its warm start is kept where the cut space allows it
+    (seed 004's DeepLabV3+, whose EfficientNet-B1 is cut: the encoder is then sampled)."""
+    space = json.loads(json.dumps(shipped))
+    space["fixed"].update(size=size, epochs=epochs, batch_size=8, tuning_subset=True)
+    params = space["parameters"]
+    params.pop("size")
+    enc = {k: [e for e in v if e in CPU_ENCODERS] for k, v in params["encoder"]["values"].items()}
+    archs = [a for a in params["arch"]["values"] if a not in CPU_DROP_ARCHS and enc.get(a, enc["default"])]
+    params["arch"]["values"] = archs
+    params["encoder"]["values"] = {k: v for k, v in enc.items() if k == "default" or k in archs}
+    warm = []
+    for w in space.get("warm_start", []):
+        point = {k: v for k, v in w.items() if k != "size"}
+        if point.get("arch") not in archs:
+            continue
+        if point.get("encoder") not in enc.get(point["arch"], enc["default"]):
+            point.pop("encoder", None)
+        warm.append(point)
+    space["warm_start"] = warm
+    return space
+
+
+def bands_plot(results: dict, target: float, budget_s: float, path: Path) -> None:
+    """Best-so-far Dice against wall time: per method the median over seeds and a min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.linspace(0, budget_s, 200)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (label, runs), color in zip(results.items(), ("tab:blue", "tab:orange")):
+        curves = []
+        for run in runs:
+            y = np.full(grid.shape, np.nan)
+            for p in run["curve"]:
+                y[grid >= p["elapsed_s"]] = p["best"]
+            curves.append(y)
+        c = np.array(curves)
+        lo, hi, med = (np.nanmin(c, 0), np.nanmax(c, 0), np.nanmedian(c, 0)) if np.isfinite(c).any() else (c[0],) * 3
+        ax.fill_between(grid, lo, hi, color=color, alpha=0.25, lw=0)
+        ax.plot(grid, med, color=color, label=f"{label} ({len(runs)} seeds)")
+    ax.axhline(target, color="k", ls="--", lw=1, label=f"target Dice {target}")
+    ax.set(xlabel="wall time (s)", ylabel="best validation Dice so far", ylim=(max(0.0, target - 0.3), 1.0),
+           title="Stage I sweep on a 2-core CPU: TPE + ASHA vs random search")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_cpu(args) -> None:
+    """Issue 11, item 8: the speed-up of the service's search over random search on this CPU."""
+
+    from cxrtune import manifest
+    from cxrtune.importers import run_import
+    from cxrtune.metrics import json_safe
+    from cxrtune.search_space import load_space
+    from cxrtune.splits import assign_splits
+    from cxrtune.tuning import TuneOptions, run_tune, startup_trials
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_import("covid-qu-ex", str(Path(args.data) / "covid-qu-ex"), str(out / "cqe.parquet"), progress=False)
+    df = manifest.load_manifest(str(out / "cqe.parquet"))
+    df = df[df["split"] == "train"]  # the official Val part stays out of tuning entirely
+    df = assign_splits(df, val=0.15, test=0.0, seed=0, tuning_fraction=args.tuning_fraction)
+    manifest.save_manifest(df, str(out / "tuning.parquet"))
+    subset = df[df["tuning"]]
+    space = cpu_space(load_space(str(ROOT / "search_spaces" / "lung_segmentation.yaml")).to_dict(),
+                      args.size, args.max_epochs)
+    budget = args.budget_minutes * 60
+    methods = {"tpe_asha": {"sampler": "tpe", "scheduler": "asha", "patience": 3, "cut_below": 0.05},
+               "random_no_stopping": {"sampler": "random", "scheduler": "none", "patience": 0, "cut_below": None}}
+    results: dict = {m: [] for m in methods}
+    for k, seed in enumerate(args.seeds):
+        order = list(methods) if k % 2 == 0 else list(methods)[::-1]  # neither method always runs first
+        for label in order:
+            m = methods[label]
+            name = f"cpu-{label}-seed{seed}"
+            exp = out / "exps" / name
+            if not args.reanalyse:
+                import shutil
+
+                shutil.rmtree(exp, ignore_errors=True)  # a fresh experiment, never an old study's
+                run_space = dict(space) if label == "tpe_asha" else {**space, "warm_start": []}
+                opts = TuneOptions(space=run_space, space_source="lung_segmentation.yaml (CPU cut)",
+                                   manifest=str(out / "tuning.parquet"), name=name, storage=str(out / "exps"),
+                                   num_samples=args.num_samples, scheduler=m["scheduler"], grace=1, reduction_factor=2,
+                                   patience=m["patience"], cut_below=m["cut_below"], cpus_per_trial=1, num_cpus=2,
+                                   max_concurrent=2, time_budget_s=budget, sampler=m["sampler"], seed=seed,
+                                   objective="dice")
+                t0 = time.time()
+                run_tune(opts)
+                (exp / "bench_wall_s.txt").write_text(f"{time.time() - t0:.1f}")
+                (exp / "bench_load.txt").write_text(" ".join(f"{x:.2f}" for x in os.getloadavg()))
+                import ray
+
+                ray.shutdown()  # a fresh instance per run: no run inherits another's warm workers
+            summary = json.loads((exp / "summary.json").read_text())
+            points = curve(str(exp), "val_dice", "max")
+            reach = next((p["elapsed_s"] for p in points if p["best"] >= args.target), None)
+            wall = exp / "bench_wall_s.txt"
+            best = max((p["best"] for p in points), default=None)
+            run = {"seed": seed, "trials": trial_counts(exp, args.max_epochs), "trials_with_results": summary["trials"],
+                   "wall_s": float(wall.read_text()) if wall.exists() else None,
+                   "best_val_dice": round(best, 4) if best is not None else None,
+                   "seconds_to_target": reach, "best_config": summary.get("best_config"),
+                   "curve": [{**p, "best": round(p["best"], 4)} for p in points]}
+            results[label].append(run)
+            print(json.dumps({k: v for k, v in run.items() if k != "curve"} | {"method": label}), file=sys.stderr,
+                  flush=True)
+    bands_plot(results, args.target, budget, out / "curves.png")
+
+    per_seed = []
+    for tpe, rnd in zip(results["tpe_asha"], results["random_no_stopping"]):
+        t_tpe, t_rnd = tpe["seconds_to_target"], rnd["seconds_to_target"]
+        per_seed.append({"seed": tpe["seed"], "tpe_asha_s": t_tpe, "random_s": t_rnd,
+                         # a random run that never reached the target counts as the budget: the ratio is then a bound
+                         "speedup": (round((t_rnd if t_rnd is not None else budget) / t_tpe, 2) if t_tpe else None),
+                         "speedup_is_lower_bound": t_rnd is None})
+    tpe_all = all(r["seconds_to_target"] is not None for r in results["tpe_asha"])
+    met = tpe_all and all(p["speedup"] is not None and p["speedup"] >= 2 for p in per_seed)
+    summary = {
+        "benchmark": "sweep", "mode": "cpu", "device": f"cpu ({os.cpu_count()} cores)", "stage": "lung",
+        "metric": "val_dice", "target": args.target, "budget_minutes": args.budget_minutes, "seeds": args.seeds,
+        "setup": {"size": args.size, "epochs_per_trial": args.max_epochs, "tuning_images": int(len(subset)),
+                  "train_images": int((subset["split"] == "train").sum()),
+                  "val_images": int((subset["split"] == "val").sum()), "trials_at_once": 2,
+                  "max_trials": args.num_samples, "tpe_startup_trials": startup_trials(args.num_samples),
+                  "space": space},
+        "results": results, "per_seed": per_seed,
+        "targets_met": {"tpe_asha reaches the target in at most half random's time, every seed": met},
+        "plot": str(out / "curves.png"),
+    }
+    print(json.dumps(json_safe(summary), indent=2))
 
 
 def main() -> None:
@@ -80,13 +250,25 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("CXRTUNE_SHARED_DATA", "../shared/data"))
     ap.add_argument("--out", default="/tmp/cxrtune-sweep")
     ap.add_argument("--stage", choices=["lung", "disease"], default="disease")
-    ap.add_argument("--budget-minutes", type=float, default=12)
+    ap.add_argument("--budget-minutes", type=float, help="per run (default 12; --cpu: 8)")
     ap.add_argument("--gpus-per-trial", type=float, default=0.25)
     ap.add_argument("--cpus-per-trial", type=float, default=3)
-    ap.add_argument("--max-epochs", type=int, default=16)
-    ap.add_argument("--target", type=float, help="metric to reach (default 0.95 lung Dice, 0.75 infection Dice)")
+    ap.add_argument("--max-epochs", type=int, help="per trial (default 16; --cpu: 6)")
+    ap.add_argument("--target", type=float,
+                    help="metric to reach (default 0.95 lung Dice, 0.75 infection Dice; --cpu: 0.88 lung Dice)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU run that checks the script")
+    ap.add_argument("--cpu", action="store_true", help="the CPU benchmark (issue 11, item 8); see above")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="--cpu: one run per method and seed")
+    ap.add_argument("--size", type=int, default=96, help="--cpu: input size")
+    ap.add_argument("--tuning-fraction", type=float, default=0.16, help="--cpu: share of Train in the tuning subset")
+    ap.add_argument("--num-samples", type=int, default=12, help="--cpu: trials at most (sizes TPE's start-up)")
+    ap.add_argument("--reanalyse", action="store_true", help="--cpu: no new runs; analyse the runs in --out")
     args = ap.parse_args()
+    if args.cpu:
+        args.target = args.target or 0.88
+        args.budget_minutes, args.max_epochs = args.budget_minutes or 8, args.max_epochs or 6
+        return run_cpu(args)
+    args.budget_minutes, args.max_epochs = args.budget_minutes or 12, args.max_epochs or 16
 
     import pandas as pd
 

@@ -499,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--reduction-factor", "ASHA/HyperBand reduction factor", type=float)
     opt("--patience", "per-trial early stopping in epochs, 0 = off", type=int)
     opt("--min-delta", "what counts as progress for patience", type=float)
+    opt("--cut-below", "stop a trial at once whose metric after epoch 1 is worse than this (e.g. 0.05 Dice)",
+        type=float)
     opt("--cpus-per-trial", "CPUs per trial", type=float)
     opt("--gpus-per-trial", "GPUs per trial, fractions allowed, e.g. 0.25", type=float)
     opt("--max-concurrent", "trials at once; None: as many as the cluster holds", type=int)

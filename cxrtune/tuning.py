@@ -67,6 +67,7 @@ class TuneOptions:
     reduction_factor: float = 2
     patience: int = 6  # per-trial early stopping (0 = off)
     min_delta: float = 0.01
+    cut_below: float | None = None  # a trial whose metric is still worse than this after epoch 1 stops there
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0
     max_concurrent: int | None = None
@@ -279,6 +280,24 @@ class PatienceStopper(Stopper):
         return False
 
 
+@dataclass(frozen=True)
+class HopelessTrial:
+    """True for a trial whose metric after its first epoch is still worse than ``threshold``
+    (Dice 0: it has learnt nothing), so it stops there instead of running to ASHA's first rung.
+    At small budgets those epochs are what random search wastes. Used through Ray's FunctionStopper."""
+
+    metric: str
+    mode: str
+    threshold: float
+    after: int = 1
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if self.metric not in result or result.get("training_iteration") != self.after:
+            return False
+        value = float(result[self.metric])
+        return value < self.threshold if self.mode == "max" else value > self.threshold
+
+
 def _scheduler(o: TuneOptions, space: SearchSpace):
     """Metric and mode come from TuneConfig (Ray refuses them twice)."""
     from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
@@ -310,10 +329,8 @@ def optuna_storage(o: TuneOptions):
 
     if o.optuna_storage:
         return optuna.storages.RDBStorage(o.optuna_storage)
-    path = local_journal(o)
-    if not path.exists() and storage.exists(storage.join(o.experiment_uri, JOURNAL_FILE)):
-        path.write_bytes(storage.read_bytes(storage.join(o.experiment_uri, JOURNAL_FILE)))  # resume elsewhere
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    # a new sweep's own file (resume restores the study from the copy: CxrtuneOptunaSearch.restore)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(local_journal(o))))
 
 
 def local_journal(o: TuneOptions) -> Path:
@@ -479,15 +496,20 @@ def _run_config(o: TuneOptions, space: SearchSpace):
     from ray import tune
 
     fs, path = storage.pyarrow_filesystem(o.storage)
+    from ray.tune.stopper import CombinedStopper, FunctionStopper
+
     stoppers = []
     if o.patience and not o.multi_objective:
         stoppers.append(PatienceStopper(space.metric, space.mode, o.min_delta, o.patience))
+    if o.cut_below is not None and not o.multi_objective:
+        stoppers.append(FunctionStopper(HopelessTrial(space.metric, space.mode, o.cut_below)))
     checkpoint_config = tune.CheckpointConfig(
         num_to_keep=2, checkpoint_score_attribute=None if o.multi_objective else space.metric,
         checkpoint_score_order=space.mode)
+    stop = CombinedStopper(*stoppers) if len(stoppers) > 1 else (stoppers[0] if stoppers else None)
     return tune.RunConfig(name=o.name, storage_path=path, storage_filesystem=fs,
                           failure_config=tune.FailureConfig(max_failures=o.max_failures),
-                          checkpoint_config=checkpoint_config, stop=stoppers[0] if stoppers else None,
+                          checkpoint_config=checkpoint_config, stop=stop,
                           callbacks=_wandb(o), verbose=1)
 
 
@@ -500,6 +522,12 @@ def run_tune(o: TuneOptions) -> dict:
     if o.multi_objective and space.objective == "score_mae":
         raise CxrtuneError("multi-objective mode supports the dice and dice_cls objectives")
     _ray_init(o)  # before anything is written: a sweep that cannot start leaves no experiment behind
+    scheduler = _scheduler(o, space)
+    if o.cut_below is not None and o.multi_objective:
+        raise CxrtuneError("--cut-below judges one metric; multi-objective mode has two")
+    if storage.exists(storage.join(o.experiment_uri, EXPERIMENT_FILE)):  # its study, trials and journal are its own
+        raise CxrtuneError(f"{o.experiment_uri} exists: continue it with `cxrtune tune --resume {o.experiment_uri}` "
+                           "or choose another --name")
     storage.ensure_bucket(o.storage)
     storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(asdict(o), indent=2))
     # Ray keeps one trial pending for a custom searcher unless told otherwise: an autoscaler would
@@ -508,7 +536,7 @@ def run_tune(o: TuneOptions) -> dict:
     concurrent = o.max_concurrent or max_parallel(o.cpus_per_trial, o.gpus_per_trial)
     tune_config = tune.TuneConfig(
         metric=None if o.multi_objective else space.metric, mode=None if o.multi_objective else space.mode,
-        search_alg=_searcher(o, space, o.warm_start), scheduler=_scheduler(o, space),
+        search_alg=_searcher(o, space, o.warm_start), scheduler=scheduler,
         num_samples=o.num_samples, max_concurrent_trials=concurrent, time_budget_s=o.time_budget_s)
     tuner = tune.Tuner(_trainable(o, space), tune_config=tune_config, run_config=_run_config(o, space))
     log.info("sweep %s over %d rows, up to %d trials at once", o.name, len(df), concurrent)

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, env=None, timeout=420, check=True) -> subprocess.CompletedProcess:
+    """``cxrtune ARGS`` in a subprocess, as a user runs it; asserts success unless ``check=False``."""
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", *args], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, timeout=timeout)
+    if check:
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    return r
 
 # Keep every Ray process of the tests on 127.0.0.1. Without this, Ray on Linux resolves "localhost"
 # to the machine's outbound address (e.g. 192.0.2.2) and listens on all interfaces; this switch

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from cxrtune import storage
+from tests.conftest import cli
 from tests.wandb_reader import summarize
 
 pytestmark = pytest.mark.slow
@@ -29,14 +30,6 @@ SPACE = {
         "lr": {"type": "log-float", "low": 1e-5, "high": 1e-2},
     },
 }
-
-
-def cli(*args, env=None, timeout=420, check=True):
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", *args], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})}, timeout=timeout)
-    if check:
-        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    return r
 
 
 @pytest.fixture
@@ -222,6 +215,24 @@ def test_hyperband_and_patience_stop_trials(phantom_dir, space_file, tmp_path):
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     epochs = [len(p.read_text().strip().splitlines()) - 1 for p in (tmp_path / "exps" / "patience").glob("*/progress.csv")]
     assert summary["stopped_early"] == 2 and epochs == [2, 2], epochs
+    # a floor no trial reaches (Dice above 1) cuts every trial after its first epoch, alongside patience
+    r = cli("tune", *common, "--name", "hopeless", "--num-samples", "2", "--scheduler", "none", "--max-epochs", "3",
+            "--patience", "5", "--cut-below", "1.01")
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    epochs = [len(p.read_text().strip().splitlines()) - 1 for p in (tmp_path / "exps" / "hopeless").glob("*/progress.csv")]
+    assert summary["stopped_early"] == 2 and epochs == [1, 1], epochs
+
+
+def test_hopeless_trial_rule():
+    from cxrtune.tuning import HopelessTrial
+
+    dice = HopelessTrial("val_dice", "max", 0.05)
+    assert dice("t", {"val_dice": 0.0, "training_iteration": 1})
+    assert not dice("t", {"val_dice": 0.2, "training_iteration": 1})
+    assert not dice("t", {"val_dice": 0.0, "training_iteration": 2})  # only the first epoch is judged
+    mae = HopelessTrial("val_score_mae", "min", 2.5)
+    assert mae("t", {"val_score_mae": 3.0, "training_iteration": 1})
+    assert not mae("t", {"val_score_mae": 1.0, "training_iteration": 1})
 
 
 def test_hyperband_brackets_are_rays_and_the_docs_say_so():
