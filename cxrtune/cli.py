@@ -141,15 +141,39 @@ def _bundle(args) -> None:
         print(f"bundle {args.migrate}: now {meta.format}")
         return
     if args.export:
-        from .onnx_runtime import export_bundle
+        from .onnx_runtime import export_bundle, quantize_bundle
 
-        if args.export[0] != "onnx":
-            raise CxrtuneError(f"--export {args.export[0]}: the one export format is onnx")
-        rec = export_bundle(args.export[1])
-        print(f"bundle {args.export[1]}: exported lung.onnx and disease.onnx (opset {rec['opset']})")
+        fmt, uri = args.export
+        if fmt == "onnx":
+            rec = export_bundle(uri)
+            print(f"bundle {uri}: exported lung.onnx and disease.onnx (opset {rec['opset']})")
+            return
+        if fmt != "onnx-int8":
+            raise CxrtuneError(f"--export {fmt}: the export formats are onnx and onnx-int8")
+        from .onnx_runtime import INT8_MIN_CALIBRATION
+
+        if not args.calibration:
+            raise CxrtuneError("--export onnx-int8 needs --calibration: radiographs like the ones it will score")
+        if args.calibration_limit < INT8_MIN_CALIBRATION:
+            raise CxrtuneError(f"--calibration-limit must be at least {INT8_MIN_CALIBRATION}")
+        from . import storage
+        from .batch_scoring import expand_inputs
+
+        uris = expand_inputs(args.calibration)
+        step = max(1, len(uris) // args.calibration_limit)  # spread over the folders, not the first few files
+        data = []
+        for u in uris[::step][:args.calibration_limit]:
+            try:
+                data.append(storage.read_bytes(u))
+            except (CxrtuneError, OSError) as exc:
+                log.warning("int8 calibration: an input not read (%s)", type(exc).__name__)
+        rec = quantize_bundle(uri, data, limit=args.calibration_limit)
+        print(f"bundle {uri}: exported lung.int8.onnx and disease.int8.onnx, calibrated on "
+              f"{rec['calibration_images']} radiographs (Stage II on {rec['stage2_calibration_images']} lung crops)")
         return
     if not (args.lung and args.disease and args.out):
-        raise CxrtuneError("cxrtune bundle needs --lung, --disease and --out (or --migrate URI, --export onnx URI)")
+        raise CxrtuneError("cxrtune bundle needs --lung, --disease and --out (or --migrate URI, "
+                           "--export onnx URI, --export onnx-int8 URI --calibration PATHS)")
     b = make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
     print(f"bundle {args.out}: lung {b.lung.config['model']['arch']}, disease "
           f"{b.disease.config['model']['arch']}, zone threshold {b.zone_threshold}")
@@ -420,8 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", help="bundle folder (local or s3://)")
     bd.add_argument("--threshold", type=float, default=DEFAULT_ZONE_THRESHOLD, help="zone threshold until calibrated")
     bd.add_argument("--migrate", metavar="URI", help="rewrite an older bundle's bundle.json in the current format")
-    bd.add_argument("--export", nargs=2, metavar=("onnx", "URI"),
-                    help="add an export of both networks to a bundle: `--export onnx BUNDLE` (the CPU fast path)")
+    bd.add_argument("--export", nargs=2, metavar=("FORMAT", "URI"),
+                    help="add an export of both networks to a bundle: `--export onnx BUNDLE` (the CPU fast path) "
+                         "or `--export onnx-int8 BUNDLE --calibration IMAGES` (int8, faster, opt-in)")
+    bd.add_argument("--calibration", nargs="+", metavar="PATH",
+                    help="onnx-int8: radiographs to calibrate on (files, folders, s3:// prefixes or manifests)")
+    bd.add_argument("--calibration-limit", type=int, default=32, help="onnx-int8: radiographs used at most")
     bd.add_argument("--name")
     bd.set_defaults(func=_bundle)
 
@@ -449,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--resume", action="store_true", help="skip images already in --out")
     sc.add_argument("--overlays", help="folder for overlay PNGs")
     sc.add_argument("--batch-size", type=int, default=8)
-    sc.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
-                    help="auto: ONNX Runtime on a CPU when the bundle has an ONNX export, else torch")
+    sc.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"],
+                    help="auto: ONNX Runtime on a CPU when the bundle has an ONNX export, else torch; "
+                         "onnx-int8: the bundle's int8 export")
     sc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sc.add_argument("--device")
     sc.set_defaults(func=_score)

@@ -5,6 +5,14 @@ PyTorch weights (dynamic batch, the model's own input size) and records in ``bun
 SHA-256 of each and of the weights they came from, so a stale export is never used. The scorer
 takes them with ``runtime="onnx"`` (or ``"auto"``: ONNX on machines without a GPU when the
 bundle has an export). Everything before and after the networks is the same code as with torch.
+
+``cxrtune bundle --export onnx-int8 BUNDLE --calibration IMAGES`` adds int8 copies
+(``lung.int8.onnx``, ``disease.int8.onnx``: ONNX Runtime's static QDQ quantization, weights int8 per
+channel with 7-bit range, which ORT advises for CPUs without VNNI, activations uint8), calibrated
+on real radiographs passed through the bundle's own
+Stage I, so Stage II is calibrated on the lung crops it will see. About 1.7x faster on a CPU
+without VNNI; the numbers move slightly, so int8 runs only when asked for (``runtime:
+onnx-int8``), never by ``auto``. docs/BENCHMARKS.md reports its parity on real data.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from .errors import CxrtuneError
 
 log = logging.getLogger(__name__)
 OPSET = 18
-RUNTIMES = ("auto", "torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+INT8_MIN_CALIBRATION = 4
 
 
 def _sha(data: bytes) -> str:
@@ -67,6 +76,67 @@ def export_bundle(uri: str) -> dict:
     return record
 
 
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader over prepared network inputs (one image per batch)."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self.items = iter([{"image": b} for b in batches])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def quantize_bundle(uri: str, calibration: list[bytes], limit: int = 32) -> dict:
+    """int8 copies of the bundle's ONNX export (made first if missing), calibrated on up to
+    ``limit`` radiographs (PNG/JPEG/DICOM bytes) and recorded in ``bundle.json`` under
+    ``onnx.int8`` with the SHA-256 of each file and of the FP32 export it came from."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    from .artifacts import read_bundle_meta, update_bundle
+    from .preprocessing import load_scan
+    from .scorer import disease_input, has_lungs, load_bundle, stage_input
+
+    if not read_bundle_meta(uri).onnx:
+        export_bundle(uri)
+    record = dict(read_bundle_meta(uri).onnx)
+    scorer = load_bundle(uri, device="cpu", runtime="onnx", batch_size=1)
+    images = []
+    for data in calibration:
+        if len(images) == limit:
+            break
+        try:
+            images.append(load_scan(data).image)
+        except CxrtuneError as exc:  # unreadable or refused: skipped (logged without a path)
+            log.warning("int8 calibration: an input skipped (%s)", exc)
+    if len(images) < INT8_MIN_CALIBRATION:
+        raise CxrtuneError(f"int8 calibration needs at least {INT8_MIN_CALIBRATION} readable radiographs, "
+                           f"got {len(images)}")
+    lungs = scorer.lung_masks(images)
+    inputs = {"lung": [stage_input(im, scorer.lung.pre) for im in images],
+              "disease": [disease_input(im, lung, scorer.disease.pre)[0]
+                          for im, lung in zip(images, lungs) if has_lungs(lung)]}
+    if not inputs["disease"]:
+        raise CxrtuneError("int8 calibration: the bundle's Stage I found no lungs on any calibration image")
+    int8: dict = {"calibration_images": len(images), "stage2_calibration_images": len(inputs["disease"])}
+    for stage in ("lung", "disease"):
+        batches = [scorer.model_input(stage, [u8]).numpy() for u8 in inputs[stage]]
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(f"{tmp}/fp32.onnx", "wb") as f:
+                f.write(storage.read_bytes(storage.join(uri, record[stage]["file"])))
+            quant_pre_process(f"{tmp}/fp32.onnx", f"{tmp}/pre.onnx", skip_symbolic_shape=True)
+            quantize_static(f"{tmp}/pre.onnx", f"{tmp}/int8.onnx", _Calibration(batches),
+                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            data = open(f"{tmp}/int8.onnx", "rb").read()
+        storage.write_bytes(storage.join(uri, f"{stage}.int8.onnx"), data)
+        int8[stage] = {"file": f"{stage}.int8.onnx", "sha256": _sha(data), "onnx_sha256": record[stage]["sha256"]}
+    record["int8"] = int8
+    update_bundle(uri, onnx=record)
+    return int8
+
+
 def onnxruntime_available() -> bool:
     try:
         import onnxruntime  # noqa: F401
@@ -97,13 +167,21 @@ class OnnxStage:
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
-def load_onnx_stage(uri: str, stage: str, export: dict) -> OnnxStage:
-    """The bundle's ONNX export of ``stage``, refused when it no longer matches the weights."""
+def load_onnx_stage(uri: str, stage: str, export: dict, int8: bool = False) -> OnnxStage:
+    """The bundle's ONNX export of ``stage`` (its int8 copy with ``int8``), refused when it no
+    longer matches the weights."""
     info = (export or {}).get(stage) or {}
-    data = storage.read_bytes(storage.join(uri, info.get("file", f"{stage}.onnx")))
-    if _sha(data) != info.get("sha256"):
-        raise CxrtuneError(f"{uri}: {stage}.onnx is not the file bundle.json records; export again")
     if _sha(storage.read_bytes(storage.join(uri, f"{stage}.pt"))) != info.get("weights_sha256"):
         raise CxrtuneError(f"{uri}: {stage}.onnx was exported from other weights; run "
                            f"`cxrtune bundle --export onnx {uri}` again")
+    if int8:
+        q = ((export or {}).get("int8") or {}).get(stage) or {}
+        data = storage.read_bytes(storage.join(uri, q.get("file", f"{stage}.int8.onnx")))
+        if _sha(data) != q.get("sha256") or q.get("onnx_sha256") != info.get("sha256"):
+            raise CxrtuneError(f"{uri}: {stage}.int8.onnx is not the int8 copy of this bundle's export; "
+                               f"run `cxrtune bundle --export onnx-int8 {uri} --calibration IMAGES` again")
+        return OnnxStage(data)
+    data = storage.read_bytes(storage.join(uri, info.get("file", f"{stage}.onnx")))
+    if _sha(data) != info.get("sha256"):
+        raise CxrtuneError(f"{uri}: {stage}.onnx is not the file bundle.json records; export again")
     return OnnxStage(data)

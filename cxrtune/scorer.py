@@ -7,8 +7,10 @@
     scores -> :func:`build_record`.
 
 ``cxrtune score``, ``evaluate``, ``calibrate``, the clinical objective of sweeps and the Serve
-ingress all call it; Serve splits it at the stage boundaries (``Scorer.lung_masks`` in the Stage I
-deployment, ``Scorer.opacity_masks`` in Stage II, :func:`build_record` in the ingress).
+ingress all call it; Serve splits it at the stage boundaries: the stage deployments run only
+:meth:`Scorer.forward` (the networks), the ingress everything around them with the same functions
+(:func:`stage_input`, :func:`lung_output`, :func:`disease_input`, :func:`opacity_output`,
+:func:`build_record`).
 
 Records carry ``status``: ``scored``; ``partial`` (one lung found: only its zones are scored, the
 other lung's zones are null); ``unscored`` (no lungs found, with a ``reason``). ``score`` is null
@@ -50,7 +52,7 @@ class Detail:
 
 @dataclass
 class StageModel:
-    model: torch.nn.Module
+    model: object  # a torch module, or an OnnxStage that stands in for one (called alike)
     pre: Preprocessing
     config: dict
     metrics: dict = field(default_factory=dict)
@@ -101,33 +103,43 @@ def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float 
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """A [0, 1] float image as uint8: what a stage is sent (a quarter of float32's bytes; the
-    training images were 8-bit)."""
+    """A [0, 1] float image (or probability map) as uint8: what moves between the ingress and the
+    stages (a quarter of float32's bytes; the training images were 8-bit, and 1/255 is far finer
+    than any threshold needs)."""
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
-def lung_input(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """Stage I's input: the working image at the lung model's size, uint8."""
-    return to_uint8(resize_image(image, pre.size))
+def from_uint8(u8: np.ndarray) -> np.ndarray:
+    """:func:`to_uint8`'s inverse: float32 in [0, 1]."""
+    return u8.astype(np.float32) * np.float32(1 / 255)
+
+
+def stage_input(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """A stage's input, uint8: the image at the model's size, or as it is when it has fewer
+    pixels than that (the stage resizes it: a 256-px image is not sent at 512 px)."""
+    if image.shape[0] * image.shape[1] > pre.size * pre.size:
+        image = resize_image(image, pre.size)
+    return to_uint8(image)
 
 
 def lung_output(prob: np.ndarray, shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
-    """Stage I's probabilities (model size) -> the cleaned bool lung mask at the image's size."""
-    full = cv2.resize(prob.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    """Stage I's uint8 probabilities -> the cleaned bool lung mask at the image's size (a threshold
+    that is not a multiple of 1/255 is met within 1/510 of it)."""
+    full = cv2.resize(from_uint8(prob), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
     return zones.clean_lungs(full >= threshold)
 
 
 def disease_input(image: np.ndarray, lung: np.ndarray, pre: Preprocessing) -> tuple[np.ndarray, tuple | None]:
-    """Stage II's input: the ROI of the cleaned lungs at the model's size (uint8), and its box."""
+    """Stage II's input: the ROI of the cleaned lungs (uint8, :func:`stage_input`), and its box."""
     roi, _, box = extract_roi(image, lung)
-    return lung_input(roi, pre), box
+    return stage_input(roi, pre), box
 
 
 def opacity_output(prob: np.ndarray, p_disease: float, box: tuple | None, shape: tuple[int, int],
                    cls_threshold: float) -> tuple[np.ndarray, float]:
     """Stage II's outputs -> the refined opacity mask in image coordinates (seed 004 Eq. 1-2:
     the mask counts only when p(disease) >= T_cls), and p."""
-    refined = prob.astype(np.float32) * float(p_disease >= cls_threshold)
+    refined = from_uint8(prob) * float(p_disease >= cls_threshold)
     canvas = np.zeros(shape, np.float32)
     if box is None:
         canvas[:] = cv2.resize(refined, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
@@ -137,22 +149,42 @@ def opacity_output(prob: np.ndarray, p_disease: float, box: tuple | None, shape:
     return canvas >= 0.5, float(p_disease)
 
 
+def _to_model_size(u8: np.ndarray, size: int) -> np.ndarray:
+    return u8 if u8.shape == (size, size) else resize_image(u8, size)
+
+
+def _to_input_shape(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A model-size probability map at its input's shape (smaller inputs get smaller answers), uint8."""
+    if prob.shape != tuple(shape):
+        prob = cv2.resize(prob, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return to_uint8(prob)
+
+
 def _device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_stage(state_bytes: bytes, meta: CheckpointMeta, device: torch.device) -> StageModel:
-    cfg = dict(meta.config["model"])
+def _load_stage(uri: str, stage: str, meta: BundleMeta, device: torch.device, runtime: str) -> StageModel:
+    """One stage of a bundle: its torch network, or (ONNX runtimes) the ONNX Runtime session that
+    stands in for it; the torch network is then never built."""
+    m = meta.stage(stage)
+    pre = Preprocessing.from_dict(m.preprocessing)
+    if runtime in ("onnx", "onnx-int8"):
+        from .onnx_runtime import load_onnx_stage
+
+        return StageModel(load_onnx_stage(uri, stage, meta.onnx, int8=runtime == "onnx-int8"), pre, m.config, m.metrics)
+    cfg = dict(m.config["model"])
     cfg["encoder_weights"] = None  # the bundle's weights replace any pretrained ones
-    cfg["classification"] = meta.task == "disease"
+    cfg["classification"] = m.task == "disease"
     model = build_model(ModelConfig(**cfg))
-    model.load_state_dict(torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True))
+    state = storage.read_bytes(storage.join(uri, f"{stage}.pt"))
+    model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return StageModel(model, Preprocessing.from_dict(meta.preprocessing), meta.config, meta.metrics)
+    return StageModel(model, pre, m.config, m.metrics)
 
 
 class Scorer:
@@ -169,36 +201,44 @@ class Scorer:
         self.device = device or next((lung or disease).model.parameters()).device
         self.batch_size = batch_size
         self.models = models or {}
-        self.runtime = runtime  # "torch" or "onnx": which runs the networks
+        self.runtime = runtime  # "torch", "onnx" or "onnx-int8": which runs the networks
 
     # ---------------------------------------------------------------------------------- stages
-    # Each stage is input -> forward -> output. Inputs are uint8 at the model's size and outputs
-    # float16 probabilities at the model's size: the lean payloads Serve moves between the ingress
-    # and the stage deployments (which run ``forward`` only). The library path runs the same three
-    # steps, so the CLI and HTTP give the same records.
+    # Each stage is input -> forward -> output. Inputs are uint8, at the model's size or smaller
+    # (:func:`stage_input`); outputs are uint8 probabilities at each input's shape: the lean
+    # payloads Serve moves between the ingress and the stage deployments (which run ``forward``
+    # only). The library path runs the same three steps, so the CLI and HTTP give the same records.
     def forward(self, stage: str, inputs: list[np.ndarray]):
-        """Run one stage's network on model-size uint8 inputs, in batches. Lung: a float16
-        probability map per input; disease: ``(float16 map, p(disease))`` per input."""
+        """Run one stage's network on uint8 inputs (resized here to the model's size), in batches.
+        Lung: a uint8 probability map per input, at the input's shape; disease: ``(uint8 map,
+        p(disease))`` per input."""
         model = self.lung if stage == "lung" else self.disease
         out = []
         for i in range(0, len(inputs), self.batch_size):
-            x = torch.stack([model.pre.to_tensor(u8) for u8 in inputs[i:i + self.batch_size]]).to(self.device)
+            batch = inputs[i:i + self.batch_size]
+            x = self.model_input(stage, batch)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                         enabled=self.device.type == "cuda"):
                 y = model.model(x)
+            seg = y if stage == "lung" else y[0]
+            probs = [_to_input_shape(p, u8.shape) for p, u8 in zip(torch.sigmoid(seg.float())[:, 0].cpu().numpy(), batch)]
             if stage == "lung":
-                out += list(torch.sigmoid(y.float())[:, 0].cpu().numpy().astype(np.float16))
+                out += probs
             else:
-                seg, cls = y
-                probs = torch.sigmoid(seg.float())[:, 0].cpu().numpy().astype(np.float16)
-                out += list(zip(probs, torch.sigmoid(cls.float())[:, 0].cpu().numpy().tolist()))
+                out += list(zip(probs, torch.sigmoid(y[1].float())[:, 0].cpu().numpy().tolist()))
         return out
+
+    def model_input(self, stage: str, inputs: list[np.ndarray]) -> torch.Tensor:
+        """A stage's uint8 inputs as the network's normalised NCHW batch, on the scorer's device
+        (also what int8 calibration feeds ONNX Runtime)."""
+        pre = (self.lung if stage == "lung" else self.disease).pre
+        return torch.stack([pre.to_tensor(_to_model_size(u8, pre.size)) for u8 in inputs]).to(self.device)
 
     def lung_masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Stage I and the lung cleanup: cleaned bool lung masks at each image's size."""
-        probs = self.forward("lung", [lung_input(im, self.lung.pre) for im in images])
+        probs = self.forward("lung", [stage_input(im, self.lung.pre) for im in images])
         return [lung_output(p, im.shape, self.lung_threshold) for im, p in zip(images, probs)]
 
     def opacity_masks(self, images: list[np.ndarray], lungs: list[np.ndarray],
@@ -231,7 +271,8 @@ class Scorer:
         for i, lung in enumerate(lungs):
             opacity, p = stage2.get(i, (None, None))
             digest = self.models.get("bundle_hash")
-            models = {**self.models_info(), "stage_bundles": {"lung": digest, "disease": digest if i in stage2 else None}}
+            models = {**self.models_info(), "stage_bundles": {"lung": digest, "disease": digest if i in stage2 else None},
+                      "stage_runtimes": {"lung": self.runtime, "disease": self.runtime if i in stage2 else None}}
             record, detail = build_record(lung, opacity, p, self.zone_threshold, models,
                                           scans[i] if scans else None)
             record["timings_ms"] = {"stage1": round(1000 * (t1 - t0) / n, 2), "stage2": round(1000 * (t2 - t1) / n, 2)}
@@ -253,21 +294,25 @@ def bundle_models(meta: BundleMeta, content_hash: str = "") -> dict:
 
 
 def choose_runtime(runtime: str, device: torch.device, meta: BundleMeta) -> str:
-    """``auto``: ONNX Runtime on a CPU when the bundle has an ONNX export and onnxruntime is
-    installed, else torch. ``onnx`` insists (and says what is missing)."""
+    """``auto``: ONNX Runtime (FP32) on a CPU when the bundle has an ONNX export and onnxruntime is
+    installed, else torch. ``onnx`` and ``onnx-int8`` insist (and say what is missing); int8 is
+    never chosen for you: its numbers differ slightly from the FP32 networks'."""
     from .onnx_runtime import RUNTIMES, onnxruntime_available
 
     if runtime not in RUNTIMES:
         raise CxrtuneError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "auto":
         return "onnx" if device.type == "cpu" and meta.onnx and onnxruntime_available() else "torch"
-    if runtime == "onnx":
+    if runtime in ("onnx", "onnx-int8"):
         if device.type != "cpu":
-            raise CxrtuneError("runtime onnx runs on the CPU; use torch on a GPU")
+            raise CxrtuneError(f"runtime {runtime} runs on the CPU; use torch on a GPU")
         if not meta.onnx:
             raise CxrtuneError("the bundle has no ONNX export: run `cxrtune bundle --export onnx BUNDLE`")
+        if runtime == "onnx-int8" and not meta.onnx.get("int8"):
+            raise CxrtuneError("the bundle has no int8 export: run `cxrtune bundle --export onnx-int8 BUNDLE "
+                               "--calibration IMAGES`")
         if not onnxruntime_available():
-            raise CxrtuneError("runtime onnx needs onnxruntime: pip install onnxruntime")
+            raise CxrtuneError(f"runtime {runtime} needs onnxruntime: pip install onnxruntime")
     return runtime
 
 
@@ -278,13 +323,7 @@ def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
     meta = read_bundle_meta(uri)
     dev = _device(device)
     runtime = choose_runtime(runtime, dev, meta)
-    loaded = {stage: _load_stage(storage.read_bytes(storage.join(uri, f"{stage}.pt")), meta.stage(stage), dev)
-              for stage in stages}
-    if runtime == "onnx":
-        from .onnx_runtime import load_onnx_stage
-
-        for stage, model in loaded.items():
-            model.model = load_onnx_stage(uri, stage, meta.onnx)
+    loaded = {stage: _load_stage(uri, stage, meta, dev, runtime) for stage in stages}
     return Scorer(loaded.get("lung"), loaded.get("disease"), zone_threshold=meta.zone_threshold,
                   cls_threshold=meta.cls_threshold, lung_threshold=meta.lung_threshold, device=dev,
                   batch_size=batch_size, models=bundle_models(meta, bundle_hash(uri)), runtime=runtime)

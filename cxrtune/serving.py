@@ -37,7 +37,6 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-import cv2
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -75,7 +74,7 @@ class ServeSettings(BaseModel):
     work_size: int = WORK_SIZE  # long side of the working copy (the CLI's too): zones are scale-invariant
     api_key_env: str = "CXRTUNE_API_KEY"
     device: str | None = None
-    runtime: Literal["auto", "torch", "onnx"] = "auto"  # auto: ONNX Runtime on CPU when the bundle has an export
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"  # auto: ONNX Runtime on CPU when the bundle has an export
     threads: int | None = None  # network threads per stage replica (default: Ray's, from the replica's num_cpus)
     max_files_per_batch: int = 16
     max_in_flight: int = 256  # images one ingress replica scores at once (a batch counts each file); more: 503
@@ -127,8 +126,10 @@ class _Stage:
         if expected and digest != expected:
             raise CxrtuneError(f"the bundle at {uri} changed after it was deployed (hash {digest[:12]}, "
                                f"expected {expected[:12]}); deploy it again")
+        # another bundle (a rolling update's) may lack this replica's pinned export: auto for it
+        runtime = self.s.runtime if expected is None else "auto"
         self.scorers[digest] = load_bundle(uri, device=self.s.device, batch_size=self.s.max_batch_size,
-                                           stages=(self.stage,), runtime=self.s.runtime)
+                                           stages=(self.stage,), runtime=runtime)
         keep = {digest, getattr(self, "own_hash", digest)}  # never drop this replica's own bundle
         while len(self.scorers) > max(self.KEEP, len(keep)):
             del self.scorers[next(k for k in self.scorers if k not in keep)]
@@ -142,8 +143,8 @@ class _Stage:
                     await asyncio.to_thread(self._load, uri, digest)
         return self.scorers[digest]
 
-    async def _forward(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, object]]:
-        """``(bundle URI, bundle hash, model-size uint8 input)`` -> ``(bundle hash, output)``."""
+    async def _forward(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, str, object]]:
+        """``(bundle URI, bundle hash, lean uint8 input)`` -> ``(bundle hash, runtime, output)``."""
         self.batch_sizes.observe(len(items))
         out: list = [None] * len(items)
         for digest in dict.fromkeys(d for _, d, _ in items):  # one forward per bundle in the batch
@@ -152,7 +153,7 @@ class _Stage:
             results = await asyncio.to_thread(scorer.forward, self.stage, [items[i][2] for i in idx])
             loaded = scorer.models.get("bundle_hash")  # hashed from the files when they were loaded
             for i, r in zip(idx, results):
-                out[i] = (loaded, r)
+                out[i] = (loaded, scorer.runtime, r)
         return out
 
     def info(self) -> dict:
@@ -162,7 +163,7 @@ class _Stage:
 
 @serve.deployment(name="Stage1", max_ongoing_requests=64)
 class Stage1(_Stage):
-    """Lung segmentation: the lung model's uint8 input -> float16 lung probabilities."""
+    """Lung segmentation: the lean uint8 image -> uint8 lung probabilities at its shape."""
 
     stage = "lung"
 
@@ -173,8 +174,8 @@ class Stage1(_Stage):
 
 @serve.deployment(name="Stage2", max_ongoing_requests=64)
 class Stage2(_Stage):
-    """Opacity segmentation + classification: the lung ROI's uint8 input -> (float16 opacity
-    probabilities, p(disease))."""
+    """Opacity segmentation + classification: the lung ROI, uint8 -> (uint8 opacity probabilities
+    at its shape, p(disease))."""
 
     stage = "disease"
 
@@ -215,7 +216,8 @@ class ScoreRecord(BaseModel):
     disease_probability: float | None
     models: dict = Field(description="the models, T_cls and the bundle (name, content hash); `stage_bundles` "
                                      "gives the content hash of the bundle behind each stage's answer "
-                                     "(null for a stage that did not run)")
+                                     "and `stage_runtimes` what ran it (torch, onnx, onnx-int8); null for a "
+                                     "stage that did not run")
     input: dict
     request_id: str
     timings_ms: dict[str, float]
@@ -449,16 +451,16 @@ class Ingress:
                 await asyncio.sleep(min(5.0, 0.25 * 2 ** attempt))
 
     async def _stage(self, stage: DeploymentHandle, x: np.ndarray):
-        """One stage call for this ingress's bundle: ``(bundle hash that answered, output)``."""
-        digest, out = await self._call(stage, (self.s.bundle, self.bundle_hash, x))
+        """One stage call for this ingress's bundle: ``(bundle hash that answered, runtime, output)``."""
+        digest, runtime, out = await self._call(stage, (self.s.bundle, self.bundle_hash, x))
         if digest != self.bundle_hash:  # cannot happen: the stage serves the bundle it is asked for
             raise RequestError(500, "a stage answered for another bundle")
-        return digest, out
+        return digest, runtime, out
 
     async def _score(self, data: bytes, overlay: bool, request_id: str) -> tuple[dict, bytes | None]:
         """The scoring policy split at the stage boundaries: the ingress prepares each stage's lean
         input and turns its output into masks with the library's own functions."""
-        from .scorer import disease_input, has_lungs, lung_input, lung_output, opacity_output
+        from .scorer import disease_input, has_lungs, stage_input, lung_output, opacity_output
 
         t0 = time.perf_counter()
         scan = await asyncio.to_thread(_decode, data, self.s)
@@ -466,14 +468,15 @@ class Ingress:
         t1 = time.perf_counter()
         opacity = p = None
         stages = {"lung": None, "disease": None}
+        runtimes = {"lung": None, "disease": None}
         try:
-            x1 = await asyncio.to_thread(lung_input, image, self.pre["lung"])
-            stages["lung"], prob = await self._stage(self.stage1, x1)
+            x1 = await asyncio.to_thread(stage_input, image, self.pre["lung"])
+            stages["lung"], runtimes["lung"], prob = await self._stage(self.stage1, x1)
             lung = await asyncio.to_thread(lung_output, prob, image.shape, self.lung_threshold)
             t_mid = time.perf_counter()
             if has_lungs(lung):  # no lungs: an unscored record (HTTP 200), Stage II is not asked
                 x2, box = await asyncio.to_thread(disease_input, image, lung, self.pre["disease"])
-                stages["disease"], (prob2, p) = await self._stage(self.stage2, x2)
+                stages["disease"], runtimes["disease"], (prob2, p) = await self._stage(self.stage2, x2)
                 opacity, p = await asyncio.to_thread(opacity_output, prob2, p, box, image.shape, self.cls_threshold)
         except (BackPressureError, DeploymentUnavailableError):
             raise RequestError(503, "the scorer is at capacity; retry shortly", self.s.retry_after_s) from None
@@ -482,7 +485,8 @@ class Ingress:
         def finish():
             from .scorer import build_record
 
-            models = {**self.record_models, "stage_bundles": stages}  # the bundle behind each stage's answer
+            # the bundle behind each stage's answer, and what ran it (int8 answers differ slightly)
+            models = {**self.record_models, "stage_bundles": stages, "stage_runtimes": runtimes}
             record, detail = build_record(lung, opacity, p, self.zone_threshold, models, scan)
             png = None
             if overlay:
@@ -606,7 +610,13 @@ def application(settings: ServeSettings | dict, deployments: dict[str, dict] | N
         raise CxrtuneError(f"bad Serve args: {exc}") from None
     from .artifacts import read_bundle_meta
 
-    read_bundle_meta(settings.bundle)  # fail here, plainly, rather than in three replicas
+    meta = read_bundle_meta(settings.bundle)  # fail here, plainly, rather than in three replicas
+    if settings.runtime in ("onnx", "onnx-int8"):
+        if settings.device and settings.device != "cpu":
+            raise CxrtuneError(f"runtime {settings.runtime} runs on the CPU; use torch or auto with device {settings.device}")
+        if not meta.onnx or (settings.runtime == "onnx-int8" and not meta.onnx.get("int8")):
+            what = "an int8 export (`cxrtune bundle --export onnx-int8`)" if meta.onnx else "an ONNX export"
+            raise CxrtuneError(f"runtime {settings.runtime}: the bundle {settings.bundle} has no {what}")
     plain = settings.model_dump()
     opts = {k: {o: v for o, v in d.items() if o != "name"} for k, d in (deployments or {}).items()}
     stage1 = Stage1.options(**opts.get("Stage1", {})).bind(plain)

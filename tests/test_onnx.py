@@ -84,3 +84,54 @@ def test_a_stale_export_is_refused(exported, tmp_path):
         meta["onnx"] = {}
         (plain / "bundle.json").write_text(json.dumps(meta))
         lb(str(plain), device="cpu", runtime="onnx")
+
+
+@pytest.fixture(scope="module")
+def int8_exported(exported, phantom_dir, tmp_path_factory):
+    bundle = tmp_path_factory.mktemp("int8") / "bundle"
+    shutil.copytree(exported, bundle)
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "--export", "onnx-int8", str(bundle),
+                        "--calibration", str(phantom_dir / "images"), "--calibration-limit", "12"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "calibrated on 12 radiographs" in r.stdout, r.stdout
+    return bundle
+
+
+def test_int8_export_is_opt_in_and_close_to_fp32(int8_exported, phantom_dir):
+    """int8 runs only when asked for, and on the phantoms its masks stay close to FP32's (the
+    real-data parity is in docs/BENCHMARKS.md)."""
+    from cxrtune.preprocessing import load_scan
+    from cxrtune.scorer import load_bundle
+
+    meta = json.loads((int8_exported / "bundle.json").read_text())["onnx"]
+    assert meta["int8"]["calibration_images"] == 12
+    assert meta["int8"]["lung"]["onnx_sha256"] == meta["lung"]["sha256"]
+    assert load_bundle(str(int8_exported), device="cpu").runtime == "onnx"  # auto never picks int8
+    held_out = sorted((phantom_dir / "images").iterdir())[1::2][:8]  # calibration took every other file from 0
+    scans = [load_scan(p.read_bytes()) for p in held_out]
+    fp32 = load_bundle(str(int8_exported), device="cpu", runtime="onnx")
+    int8 = load_bundle(str(int8_exported), device="cpu", runtime="onnx-int8")
+    assert int8.runtime == "onnx-int8"
+    by_fp32, by_int8 = fp32.score_scans(scans), int8.score_scans(scans)
+    lung = [dice(a.lung, b.lung) for (_, a), (_, b) in zip(by_fp32, by_int8)]
+    images, lungs = [s.image for s in scans], [d.lung for _, d in by_fp32]
+    raw = list(zip(fp32.opacity_masks(images, lungs, 0), int8.opacity_masks(images, lungs, 0)))
+    opacity = [dice(a, b) for (a, _), (b, _) in raw if a.any() or b.any()]
+    assert min(lung) >= 0.97, lung
+    assert len(opacity) >= 2 and np.mean(opacity) >= 0.9, opacity
+    assert max(abs(pa - pb) for (_, pa), (_, pb) in raw) < 0.1
+
+
+def test_a_stale_int8_export_is_refused(int8_exported, tmp_path):
+    from cxrtune.onnx_runtime import export_bundle
+    from cxrtune.scorer import load_bundle
+
+    stale = tmp_path / "stale"
+    shutil.copytree(int8_exported, stale)
+    shutil.copy(stale / "lung.onnx", stale / "lung.int8.onnx")  # not the file bundle.json records
+    with pytest.raises(CxrtuneError, match="lung.int8.onnx is not the int8 copy"):
+        load_bundle(str(stale), device="cpu", runtime="onnx-int8")
+    export_bundle(str(stale))  # a new FP32 export: the int8 copy no longer describes it
+    with pytest.raises(CxrtuneError, match="no int8 export"):
+        load_bundle(str(stale), device="cpu", runtime="onnx-int8")

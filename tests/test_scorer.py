@@ -203,3 +203,30 @@ def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, 
     again = json.loads((tmp_path / "ev2" / "metrics.json").read_text())["readers"]
     assert again["threshold"] == "cross-validated" and again["cv_reference"] == "S"
     assert again["n_not_scored"] == 0
+
+
+def test_lean_stage_payloads_uint8_at_the_smaller_size():
+    """Each stage is sent uint8 at the smaller of the image and the network's input, and answers
+    uint8 probabilities at the size it was sent (issue 10, item 7), for non-square images too."""
+    import torch
+
+    from cxrtune.preprocessing import Preprocessing
+    from cxrtune.scorer import Scorer, StageModel, stage_input
+
+    pre = Preprocessing(size=64, in_channels=1)
+    seen = []
+
+    def network(x):  # a stand-in network: records its input, answers logit 0 (p = 0.5) everywhere
+        seen.append(tuple(x.shape))
+        return torch.zeros(x.shape[0], 1, x.shape[2], x.shape[3])
+
+    scorer = Scorer(StageModel(network, pre, {}), None, device=torch.device("cpu"))
+    big = np.random.default_rng(0).random((200, 120), dtype=np.float32)
+    small = big[:40, :30]
+    x_big, x_small = stage_input(big, pre), stage_input(small, pre)
+    assert x_big.dtype == np.uint8 and x_big.shape == (64, 64)  # more pixels than 64 x 64: resized
+    assert x_small.dtype == np.uint8 and x_small.shape == (40, 30)  # fewer: sent as it is
+    out = scorer.forward("lung", [x_big, x_small])
+    assert seen == [(2, 1, 64, 64)]  # the network always sees its own size
+    assert [o.shape for o in out] == [(64, 64), (40, 30)] and all(o.dtype == np.uint8 for o in out)
+    assert int(out[1].min()) == int(out[1].max()) == 128  # p = 0.5 as uint8

@@ -123,6 +123,9 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
         stages = record["models"]["stage_bundles"]
         assert stages["lung"] == record["models"]["bundle_hash"], stages  # no answer mixes two bundles
         assert stages["disease"] in (None, stages["lung"]), stages
+        # what ran each answer: bundle B has an ONNX export (auto picks it on a CPU), bundle A not
+        runtimes = record["models"]["stage_runtimes"]
+        assert runtimes["lung"] == ("onnx" if stages["lung"] == hash_b else "torch"), (stages, runtimes)
         seen.append(stages["lung"])
     assert set(seen) == {hash_a, hash_b}, set(seen)
     assert seen[-1] == hash_b and seen.index(hash_b) > 0
