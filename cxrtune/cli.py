@@ -71,7 +71,8 @@ def _data_push(args) -> None:
 def _data_phantom(args) -> None:
     from .phantom import write_phantoms
 
-    df = write_phantoms(args.out, args.n, size=args.size, seed=args.seed, progress=not args.quiet)
+    df = write_phantoms(args.out, args.n, size=args.size, seed=args.seed, progress=not args.quiet,
+                        shortcut=args.shortcut)
     print(f"wrote {len(df)} phantoms and {os.path.join(args.out, 'manifest.parquet')}")
 
 
@@ -174,7 +175,24 @@ def _bundle(args) -> None:
     if not (args.lung and args.disease and args.out):
         raise CxrtuneError("cxrtune bundle needs --lung, --disease and --out (or --migrate URI, "
                            "--export onnx URI, --export onnx-int8 URI --calibration PATHS)")
+    from .audit.gates import parse_gate
+
+    gates = [parse_gate(g) for g in args.gate or []]  # checked before anything is written
     b = make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
+    if gates:
+        from . import storage
+        from .artifacts import update_bundle
+        from .audit.gates import GateFailed, enforce, run_gates
+
+        results = run_gates(gates, bundle=args.out, manifest=args.gate_manifest, limit=args.gate_limit)
+        b = update_bundle(args.out, audits={**b.audits, "gates": results})
+        try:
+            enforce(results)
+        except GateFailed:
+            for name in ("bundle.json", "lung.pt", "disease.pt"):  # a refused bundle is not left to be served
+                storage.delete(storage.join(args.out, name))
+            raise
+        print(f"release gates passed: {', '.join(results)}")
     print(f"bundle {args.out}: lung {b.lung.config['model']['arch']}, disease "
           f"{b.disease.config['model']['arch']}, zone threshold {b.zone_threshold}")
 
@@ -342,7 +360,19 @@ def _report(args) -> None:
 def _promote(args) -> None:
     from .report import promote
 
+    from .audit.gates import enforce, parse_gate, run_gates
+
+    results = run_gates([parse_gate(g) for g in args.gate or []])  # before anything is written
+    enforce(results)
     run = promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs)
+    if results:
+        from . import storage
+
+        meta_uri = storage.join(run, "best", "meta.json")
+        meta = json.loads(storage.read_text(meta_uri))
+        meta["audits"] = {**(meta.get("audits") or {}), "gates": results}
+        storage.write_text(meta_uri, json.dumps(meta, indent=2))
+        print(f"release gates passed: {', '.join(results)}")
     print(f"promoted to {run}")
 
 
@@ -365,6 +395,15 @@ def _deploy(args) -> None:
 
     status = deploy_config(args.config or _default_serve_config(), args.bundle, args.address, args.wait)
     print(json.dumps(status))
+
+
+def _gate_flags(parser: argparse.ArgumentParser, bundle: bool) -> None:
+    rules = "hcs>=X, hide-and-seek=REPORT, score_mae<=X[:READER]" if bundle else "hide-and-seek=REPORT"
+    parser.add_argument("--gate", action="append", metavar="RULE",
+                        help=f"release gate, repeatable: {rules}; a model that fails is refused (docs/audits.md)")
+    if bundle:
+        parser.add_argument("--gate-manifest", help="images the hcs and score_mae gates audit on (never training rows)")
+        parser.add_argument("--gate-limit", type=int, default=64, help="gate manifest rows used at most")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--out", required=True)
     ph.add_argument("--size", type=int, default=256)
     ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--shortcut", action="store_true",
+                    help="plant a label-revealing marker outside the lungs (to check the audits catch it)")
     ph.add_argument("-q", "--quiet", action="store_true")
     ph.set_defaults(func=_data_phantom)
 
@@ -451,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnx-int8: radiographs to calibrate on (files, folders, s3:// prefixes or manifests)")
     bd.add_argument("--calibration-limit", type=int, default=32, help="onnx-int8: radiographs used at most")
     bd.add_argument("--name")
+    _gate_flags(bd, bundle=True)
     bd.set_defaults(func=_bundle)
 
     cal = sub.add_parser("calibrate", help="choose T_cls (classifier) and the zone threshold T, with provenance")
@@ -561,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--to", required=True, help="run URI")
     pr.add_argument("--retrain", action="store_true", help="retrain the best config on all training data")
     pr.add_argument("--epochs", type=int)
+    _gate_flags(pr, bundle=False)
     pr.set_defaults(func=_promote)
 
     sv = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve (viewer at /, API at /v1)")
@@ -577,7 +620,49 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--address", help="Ray dashboard URL (default: $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265)")
     dp.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the app to be RUNNING")
     dp.set_defaults(func=_deploy)
+    au = sub.add_parser("audit", help="audits of what models look at (hide-and-seek, heatmap concordance)")
+    asub = au.add_subparsers(dest="audit_command", required=True)
+    hs = asub.add_parser("hide-and-seek", help="seed 001: train and test a classifier recipe on five "
+                                               "representations; flag one that reads outside the lungs")
+    hs.add_argument("--config", required=True, help="classification recipe YAML (see configs/)")
+    hs.add_argument("--manifest", required=True, help="labelled rows with lung masks and train/test splits")
+    hs.add_argument("--out", required=True, help="folder for hide_and_seek.json and heatmap PNGs")
+    hs.add_argument("--representations", default=",".join(("original", "lungs_isolated", "lungs_removed",
+                                                            "lungs_framed", "lungs_boxed_out")))
+    hs.add_argument("--heatmaps", type=int, default=16, help="evaluation images per representation for HCS")
+    hs.add_argument("--max-retained", type=float, default=0.5,
+                    help="flag when the lungs-removed models keep this share of the skill above chance")
+    hs.add_argument("--min-margin", type=float, default=0.1, help="... and beat chance by this much")
+    hs.set_defaults(func=_audit_hide_and_seek)
     return p
+
+
+def _audit_hide_and_seek(args) -> None:
+    from . import manifest, storage
+    from .audit.heatmaps import heatmap_png
+    from .audit.hide_and_seek import Verdict, hide_and_seek
+    from .classify import ClassifyConfig
+    from .metrics import json_safe
+
+    cfg = ClassifyConfig.from_yaml(args.config)
+    df = manifest.load_manifest(args.manifest)
+    reps = tuple(args.representations.split(","))
+    result = hide_and_seek(cfg, df, reps, Verdict(args.max_retained, args.min_margin), heatmap_images=args.heatmaps)
+    shown = result.pop("heatmaps")
+    from .audit.heatmaps import concordance
+
+    for name, (images, heat, lungs) in shown.items():
+        for i in range(min(4, len(images)) if heat is not None else 0):
+            storage.write_bytes(storage.join(args.out, "heatmaps", f"{name}_{i:02d}.png"),
+                                heatmap_png(images[i], heat[i], lungs[i], concordance(heat[i], lungs[i])["hcs"]))
+    storage.write_text(storage.join(args.out, "hide_and_seek.json"), json.dumps(json_safe(result), indent=2))
+    print(f"{'representation':<16} {'accuracy':>8} {'HCS':>6}  sensitivity / PPV per class")
+    for name, r in result["representations"].items():
+        per = ", ".join(f"{c} {r['sensitivity'][c]:.2f}/{r['ppv'][c]:.2f}" for c in result["classes"])
+        print(f"{name:<16} {r['accuracy']:>8.3f} {r.get('hcs', float('nan')):>6.2f}  {per}")
+    v = result["verdict"]
+    print(("FLAGGED: " if v["flagged"] else "passed: ") + v["reason"])
+    print(f"report: {storage.join(args.out, 'hide_and_seek.json')}")
 
 
 def main(argv: list[str] | None = None) -> int:

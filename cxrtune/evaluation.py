@@ -17,7 +17,7 @@ from .scorer import STATUSES, Scorer, reference_zones, sweep_threshold, zone_fra
 log = logging.getLogger(__name__)
 
 
-def _rows(df: pd.DataFrame, split: str | None, limit: int | None) -> pd.DataFrame:
+def pick_rows(df: pd.DataFrame, split: str | None, limit: int | None) -> pd.DataFrame:
     """Rows of the given split(s) (comma-separated; ``all`` or None: every row). ``limit`` takes a
     seeded sample stratified by label (manifests are often in class order: the first rows alone
     would be one class)."""
@@ -32,7 +32,7 @@ def _rows(df: pd.DataFrame, split: str | None, limit: int | None) -> pd.DataFram
     return rows
 
 
-def _score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool, cls_threshold: float | None = None):
+def score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool, cls_threshold: float | None = None):
     """(row, image, record, detail) per row, through the scoring policy; unreadable or refused
     images are logged by row number (never by path) and skipped."""
     from tqdm import tqdm
@@ -116,11 +116,11 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
     from .artifacts import Calibration, now
 
     cache = storage.ContentCache()
-    zone_rows = _rows(df, split, limit) if "zone" in what else df.iloc[:0]
+    zone_rows = pick_rows(df, split, limit) if "zone" in what else df.iloc[:0]
     cls_rows = df.iloc[:0]
     if "cls" in what:
         try:
-            cls_rows = _rows(df, cls_split, limit)
+            cls_rows = pick_rows(df, cls_split, limit)
         except CxrtuneError:
             cls_rows = df.iloc[:0]  # no validation rows here: T_cls is left as it is (the CLI says so)
         cls_rows = cls_rows[cls_rows["label"].map(manifest.is_labelled)]
@@ -136,7 +136,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
                                f"{', '.join(readers) or 'none (no reader_<ID>_<A-F> columns)'}")
     rows = pd.concat([zone_rows, cls_rows]).loc[lambda d: ~d.index.duplicated()]
     scored = {}
-    for row, _, record, _ in _score_rows(scorer, rows, cache, progress, cls_threshold=0.0):
+    for row, _, record, _ in score_rows(scorer, rows, cache, progress, cls_threshold=0.0):
         scored[row.name] = (row, record)
     out: dict = {"cls": None, "zone": None}
     t_cls = scorer.cls_threshold
@@ -187,12 +187,12 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, split: str | None =
     ``cv_reference`` (a reader id): the same set also chooses T, so the reader figures are
     cross-validated: T chosen by minimum MAE against that reader on the other ``folds``."""
     cache = storage.ContentCache()
-    rows = _rows(df, split, limit)
+    rows = pick_rows(df, split, limit)
     lung_meter, opac_meter = SegmentationMeter(), SegmentationMeter()
     probs, labels, pred_zones, ref_zones, records = [], [], [], [], []
     statuses = {s: 0 for s in STATUSES}
     reader_rows, reader_fracs = [], []
-    for row, img, record, detail in _score_rows(scorer, rows, cache, progress):
+    for row, img, record, detail in score_rows(scorer, rows, cache, progress):
         statuses[record["status"]] += 1
         if row.get("lung_mask", ""):
             lung_meter.update(detail.lung, _resized(images.read_mask(row["lung_mask"], cache), img.shape))

@@ -89,3 +89,47 @@ def score_metrics(pred: np.ndarray, ref: np.ndarray) -> dict:
                                                    weights="quadratic")) if agree else float("nan"),
         "n": int(len(ref)),
     }
+
+
+def multiclass_metrics(label: np.ndarray, prob: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, per-class sensitivity and PPV (seed 001), weighted precision/recall/F1 (seed 000)
+    and the confusion matrix (rows: reference) of N x C probabilities."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    label = np.asarray(label).astype(int)
+    pred = np.asarray(prob).argmax(1)
+    idx = list(range(len(classes)))
+    ppv, sens, _, support = precision_recall_fscore_support(label, pred, labels=idx, zero_division=0)
+    wp, wr, wf, _ = precision_recall_fscore_support(label, pred, labels=idx, average="weighted", zero_division=0)
+    counts = np.bincount(label, minlength=len(classes))
+    return {"n": int(len(label)), "accuracy": float((pred == label).mean()) if len(label) else float("nan"),
+            "chance": float(counts.max() / max(len(label), 1)),  # always the commonest class
+            "sensitivity": {c: float(v) for c, v in zip(classes, sens)},
+            "ppv": {c: float(v) for c, v in zip(classes, ppv)},
+            "support": {c: int(v) for c, v in zip(classes, support)},
+            "weighted_precision": float(wp), "weighted_recall": float(wr), "weighted_f1": float(wf),
+            "confusion": confusion_matrix(label, pred, labels=idx).tolist()}
+
+
+GRADE_COLLAPSES = {"none_vs_any": 1, "mild_or_less_vs_moderate_or_more": 2, "not_severe_vs_severe": 3}
+
+
+def ordinal_metrics(label: np.ndarray, pred: np.ndarray, n_classes: int = 4) -> dict:
+    """Seed 000's metrics of ordinal grades 0..n-1: the macro-averaged MAE (the mean over the
+    classes present of each class's MAE: the rare severe grades count as much as the common
+    clear ones) and the three binary collapses (grade >= 1, >= 2, >= 3) with F1, sensitivity and
+    specificity."""
+    from sklearn.metrics import f1_score
+
+    label, pred = np.asarray(label).astype(int), np.asarray(pred).astype(int)
+    per_class = {int(c): float(np.abs(pred[label == c] - c).mean()) for c in range(n_classes) if (label == c).any()}
+    out: dict = {"macro_mae": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+                 "mae": float(np.abs(pred - label).mean()) if len(label) else float("nan"),
+                 "mae_by_grade": per_class, "collapses": {}}
+    for name, cut in GRADE_COLLAPSES.items():
+        t, p = label >= cut, pred >= cut
+        out["collapses"][name] = {
+            "f1": float(f1_score(t, p, zero_division=0)),
+            "sensitivity": float((p & t).sum() / t.sum()) if t.any() else float("nan"),
+            "specificity": float((~p & ~t).sum() / (~t).sum()) if (~t).any() else float("nan")}
+    return out

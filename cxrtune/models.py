@@ -51,7 +51,9 @@ def _weights_file(uri: str) -> str:
     return uri
 
 
-def _load_encoder_weights(model: nn.Module, uri: str) -> None:
+def load_encoder_weights(model: nn.Module, uri: str) -> None:
+    """Weights at ``uri`` (an encoder state dict, or a whole model's: its ``encoder.`` tensors)
+    into ``model.encoder``, for segmenters and classifiers alike; shapes must match."""
     from . import storage
 
     path = _weights_file(uri)
@@ -95,6 +97,6 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     except (KeyError, ValueError, TypeError) as exc:
         raise CxrtuneError(f"cannot build {cfg.arch} with encoder {cfg.encoder!r}: {exc}") from None
     if weights not in (None, "imagenet"):
-        _load_encoder_weights(model, weights)
+        load_encoder_weights(model, weights)
     return model
 

@@ -31,8 +31,14 @@ class Phantom:
     label: str
 
 
-def make_phantom(size: int = 256, label: str = "covid", seed: int = 0) -> Phantom:
-    """One phantom; ``label`` ``normal`` has no opacity, any other label has 1-4 opacities."""
+SHORTCUT_CORNER = {"covid": "left", "other_pneumonia": "right"}  # normal: no marker
+
+
+def make_phantom(size: int = 256, label: str = "covid", seed: int = 0, shortcut: bool = False) -> Phantom:
+    """One phantom; ``label`` ``normal`` has no opacity, any other label has 1-4 opacities.
+    ``shortcut`` plants a bright marker outside the body that gives the label away (top left for
+    COVID-19, top right for other pneumonia, none for normal), like a site's burned-in marker: the
+    shortcut the audits (hide-and-seek, HCS) must catch."""
     rng = np.random.default_rng(seed)
     scale = rng.uniform(0.85, 1.05)
     shift = rng.uniform(-0.08, 0.08, size=2)
@@ -74,6 +80,10 @@ def make_phantom(size: int = 256, label: str = "covid", seed: int = 0) -> Phanto
             field = np.maximum(field, np.exp(-d2 / (2 * sigma * sigma)))
         opacity = (field > 0.5) & lung
         img += 0.32 * field * lung
+    if shortcut and label in SHORTCUT_CORNER:
+        m, side = max(3, size // 32), max(4, size // 10)
+        x0 = m if SHORTCUT_CORNER[label] == "left" else size - m - side
+        img[m:m + side, x0:x0 + side] = 0.95
     img = cv2.GaussianBlur(img, (0, 0), sigmaX=max(0.6, size / 256))
     img += rng.normal(0, 0.015, img.shape).astype(np.float32)
     return Phantom(np.clip(img, 0, 1).astype(np.float32), lung, opacity, label)
@@ -85,10 +95,11 @@ def _pick_label(rng: np.random.Generator) -> str:
 
 
 def write_phantoms(out_dir: str | Path, n: int, size: int = 256, seed: int = 0,
-                   val: float = 0.2, test: float = 0.1, progress: bool = False) -> pd.DataFrame:
+                   val: float = 0.2, test: float = 0.1, progress: bool = False, shortcut: bool = False) -> pd.DataFrame:
     """Write ``n`` phantoms (images, lung and opacity masks) and ``manifest.parquet`` under
     ``out_dir``; returns the manifest. ``other_pneumonia`` phantoms have opacities in the image
-    but their mask is recorded as not annotated, like COVID-QU-Ex's Non-COVID images."""
+    but their mask is recorded as not annotated, like COVID-QU-Ex's Non-COVID images.
+    ``shortcut``: every phantom carries the label-revealing marker of :func:`make_phantom`."""
     from tqdm import tqdm
 
     from .splits import assign_splits
@@ -100,7 +111,7 @@ def write_phantoms(out_dir: str | Path, n: int, size: int = 256, seed: int = 0,
     rows = []
     for i in tqdm(range(n), desc="phantoms", disable=not progress):
         label = _pick_label(rng)
-        ph = make_phantom(size, label, seed=int(rng.integers(2**31)))
+        ph = make_phantom(size, label, seed=int(rng.integers(2**31)), shortcut=shortcut)
         name = f"phantom_{i:05d}.png"
         images.write_png(str(out / "images" / name), (ph.image * 255).round().astype(np.uint8))
         images.write_png(str(out / "lung_masks" / name), ph.lung)

@@ -163,11 +163,11 @@ def test_row_limit_samples_every_label():
     manifest in class order would give one class)."""
     import pandas as pd
 
-    from cxrtune.evaluation import _rows
+    from cxrtune.evaluation import pick_rows
 
     df = pd.DataFrame({"label": ["covid"] * 60 + ["normal"] * 30 + ["other_pneumonia"] * 10,
                        "split": ["train"] * 100, "x": range(100)})
-    rows = _rows(df, "train", 20)
+    rows = pick_rows(df, "train", 20)
     assert len(rows) == 20 and list(rows.columns) == ["label", "split", "x"]
     assert rows["label"].value_counts().to_dict() == {"covid": 12, "normal": 6, "other_pneumonia": 2}
-    assert rows.index.is_monotonic_increasing and rows.equals(_rows(df, "train", 20))
+    assert rows.index.is_monotonic_increasing and rows.equals(pick_rows(df, "train", 20))

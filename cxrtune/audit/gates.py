@@ -1,0 +1,157 @@
+"""Audits as release gates: ``cxrtune bundle --gate RULE`` and ``cxrtune promote --gate RULE``
+refuse a model that fails, naming the numbers, and record every audit result in the bundle's
+(or run's) metadata, which ``GET /v1/models`` shows.
+
+Rules (``--gate`` may be given several times):
+
+* ``hcs>=X``: the bundle's own Stage II classifier, on its own input: Grad-CAM heatmaps of the
+  lung-box crops (:func:`~cxrtune.scorer.disease_input`) of the gate manifest's images, HCS
+  against the cleaned Stage I lungs in the crop; the mean must be at least X. Bundles only.
+* ``hide-and-seek=REPORT``: a report of ``cxrtune audit hide-and-seek`` (it audits the recipe and
+  the data, and runs once); a flagged report fails.
+* ``score_mae<=X`` or ``score_mae<=X:READER``: the bundle's score MAE on the gate manifest against a
+  reader's grades (``reader_<ID>_A..F``), else the zone columns or masks. Bundles only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CxrtuneError
+
+KINDS = ("hcs", "hide-and-seek", "score_mae")
+BUNDLE_ONLY = ("hcs", "score_mae")
+
+
+class GateFailed(CxrtuneError):
+    """A release gate refused the model; the message names the failing numbers."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    kind: str
+    threshold: float | None = None
+    arg: str = ""  # the report (hide-and-seek) or the reader (score_mae)
+
+    @property
+    def rule(self) -> str:
+        if self.kind == "hide-and-seek":
+            return f"hide-and-seek={self.arg}"
+        op = ">=" if self.kind == "hcs" else "<="
+        return f"{self.kind}{op}{self.threshold:g}" + (f":{self.arg}" if self.arg else "")
+
+
+def parse_gate(text: str) -> Gate:
+    """``hcs>=0.5``, ``hide-and-seek=PATH``, ``score_mae<=1.1`` or ``score_mae<=1.1:S``."""
+    text = text.strip()
+    if text.startswith("hide-and-seek="):
+        return Gate("hide-and-seek", arg=text.split("=", 1)[1])
+    m = re.fullmatch(r"(hcs)>=([0-9.]+)|(score_mae)<=([0-9.]+)(?::(\w+))?", text)
+    if not m:
+        raise CxrtuneError(f"--gate {text!r}: use hcs>=X, hide-and-seek=REPORT, score_mae<=X or score_mae<=X:READER")
+    if m.group(1):
+        return Gate("hcs", float(m.group(2)))
+    return Gate("score_mae", float(m.group(4)), m.group(5) or "")
+
+
+def bundle_concordance(uri: str, images: list[np.ndarray], limit: int = 64) -> dict:
+    """Mean HCS of the bundle's Stage II classifier on its own input (torch: Grad-CAM needs
+    gradients). Images whose Stage I finds no lungs are left out (the classifier never sees them)."""
+    from ..preprocessing import resize_mask
+    from ..scorer import disease_input, has_lungs, load_bundle
+    from .heatmaps import concordance, heatmaps
+
+    scorer = load_bundle(uri, device="cpu", runtime="torch", batch_size=8)
+    model, pre = scorer.disease.model, scorer.disease.pre
+    values = []
+    for image, lung in zip(images[:limit], scorer.lung_masks(images[:limit])):
+        if not has_lungs(lung):
+            continue
+        u8, (y0, y1, x0, x1) = disease_input(image, lung, pre)  # the masks are cleaned already
+        mask = resize_mask(lung[y0:y1, x0:x1], pre.size).astype(bool)
+        heat, _ = heatmaps(model, scorer.model_input("disease", [u8]))
+        values.append(concordance(heat[0], mask))
+    if not values:
+        raise CxrtuneError("the HCS gate found lungs in none of the gate manifest's images")
+    return {"hcs": float(np.mean([v["hcs"] for v in values])),
+            "hcs_pixels": float(np.mean([v["hcs_pixels"] for v in values])), "images": len(values)}
+
+
+def _manifest_images(manifest_uri: str, limit: int) -> tuple[list[np.ndarray], object]:
+    from .. import manifest, storage
+    from ..evaluation import pick_rows
+    from ..preprocessing import load_scan
+
+    df = manifest.load_manifest(manifest_uri)
+    rows = pick_rows(df, None, limit)
+    images, kept = [], []
+    for _, row in rows.iterrows():
+        try:
+            images.append(load_scan(storage.read_bytes(row["image"])).image)
+            kept.append(row.name)
+        except CxrtuneError:
+            continue
+    return images, rows.loc[kept]
+
+
+def score_mae(uri: str, manifest_uri: str, reader: str, limit: int) -> dict:
+    """The bundle's score MAE on the manifest's rows that have a reference (a reader's, else zones/masks)."""
+    from .. import manifest, storage
+    from ..evaluation import pick_rows, score_rows
+    from ..scorer import load_bundle, reference_zones
+
+    scorer = load_bundle(uri, device="cpu", batch_size=8)
+    rows = pick_rows(manifest.load_manifest(manifest_uri), None, limit)
+    errors = []
+    for row, _, record, _ in score_rows(scorer, rows, storage.ContentCache(), progress=False):
+        ref = reference_zones(row, reference=reader or "auto")
+        if ref is not None and record["score"] is not None:
+            errors.append(abs(record["score"] - sum(ref)))
+    if not errors:
+        raise CxrtuneError(f"the score_mae gate found no scored row with a reference in {manifest_uri}")
+    return {"score_mae": float(np.mean(errors)), "images": len(errors), "reference": reader or "auto"}
+
+
+def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None = None, limit: int = 64) -> dict:
+    """Evaluate every gate; ``{rule: {value, threshold, passed, ...}}``. Never raises for a
+    failed gate (:func:`enforce` does): the results are recorded either way."""
+    from .. import storage
+
+    results = {}
+    for gate in gates:
+        if gate.kind in BUNDLE_ONLY and not bundle:
+            raise CxrtuneError(f"--gate {gate.rule} audits a bundle (both stages): give it to `cxrtune bundle`")
+        if gate.kind in BUNDLE_ONLY and not manifest:
+            raise CxrtuneError(f"--gate {gate.rule} needs --gate-manifest: the images to audit on")
+        if gate.kind == "hide-and-seek":
+            report = json.loads(storage.read_text(gate.arg))
+            verdict = report.get("verdict") or {}
+            if "flagged" not in verdict:
+                raise CxrtuneError(f"{gate.arg}: not a hide-and-seek report (no verdict)")
+            removed = (report.get("representations") or {}).get("lungs_removed", {})
+            results[gate.rule] = {"passed": not verdict["flagged"], "reason": verdict.get("reason", ""),
+                                  "lungs_removed_accuracy": removed.get("accuracy"),
+                                  "retained_skill": (report.get("retained_skill") or {}).get("lungs_removed")}
+        elif gate.kind == "hcs":
+            images, _ = _manifest_images(manifest, limit)
+            hcs = bundle_concordance(bundle, images, limit)
+            results[gate.rule] = {**hcs, "value": hcs["hcs"], "threshold": gate.threshold,
+                                  "passed": hcs["hcs"] >= gate.threshold}
+        else:
+            mae = score_mae(bundle, manifest, gate.arg, limit)
+            results[gate.rule] = {**mae, "value": mae["score_mae"], "threshold": gate.threshold,
+                                  "passed": mae["score_mae"] <= gate.threshold}
+    return results
+
+
+def enforce(results: dict) -> None:
+    """Raise :class:`GateFailed` naming each failed gate and its numbers."""
+    failed = {rule: r for rule, r in results.items() if not r["passed"]}
+    if failed:
+        lines = [f"{rule}: " + (f"{r['value']:.3f} (limit {r['threshold']:g})" if "value" in r else r.get("reason", "failed"))
+                 for rule, r in failed.items()]
+        raise GateFailed("refused by release gate(s): " + "; ".join(lines))

@@ -1,0 +1,137 @@
+"""Seed 001's ROI Hide-and-Seek: train and test a classifier recipe on five representations of
+the same data, and flag a recipe whose models stay accurate when the lungs are hidden.
+
+It audits the recipe and the data (a :class:`~cxrtune.classify.ClassifyConfig` on a manifest), not
+one trained model: a dataset whose classes come from different hospitals lets any recipe read
+the hospital instead of the lungs. Each representation gets its own model, trained on the train
+rows and tested on the test rows (the val rows when there is no test split), with accuracy,
+per-class sensitivity and PPV, and the Heatmap Concordance Score of its Grad-CAM heatmaps.
+
+The verdict: with the lungs removed, a model that reads the lungs falls to chance. ``retained``
+is the share of the original representation's skill above chance that survives:
+``(acc_removed - chance) / (acc_original - chance)``; the recipe is flagged when that is at least
+``max_retained`` (0.5) and the accuracy with the lungs removed is at least ``min_margin`` (0.1)
+above chance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from ..classify import ClassifyConfig, fit_classifier, predict
+from ..errors import CxrtuneError
+from ..metrics import multiclass_metrics
+from ..preprocessing import Preprocessing, resize_image, resize_mask
+from .representations import HIDDEN, REPRESENTATIONS, represent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Verdict:
+    max_retained: float = 0.5
+    min_margin: float = 0.1
+
+
+@dataclass
+class AuditData:
+    """Images (uint8, model size), lung masks (bool) and integer labels of one split."""
+
+    images: np.ndarray
+    lungs: np.ndarray
+    labels: np.ndarray
+
+
+def load_rows(df: pd.DataFrame, size: int, classes: list[str]) -> AuditData:
+    """The rows' images and reference lung masks at ``size`` (rows without a lung mask are
+    refused by the caller: hide-and-seek needs the lungs)."""
+    from ..images import read_image, read_mask
+    from ..scorer import to_uint8
+
+    imgs, lungs = [], []
+    for uri, lung_uri in zip(df["image"], df["lung_mask"]):
+        imgs.append(to_uint8(resize_image(read_image(uri), size)))
+        lungs.append(resize_mask(read_mask(lung_uri), size).astype(bool))
+    labels = np.array([classes.index(v) for v in df["label"]], int)
+    return AuditData(np.stack(imgs), np.stack(lungs), labels)
+
+
+def split_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Train rows and evaluation rows (test, else val), labelled and with lung masks."""
+    from ..manifest import is_labelled
+
+    usable = df[df["label"].map(is_labelled) & (df.get("lung_mask", pd.Series("", index=df.index)) != "")]
+    if len(usable) < len(df):
+        log.warning("hide-and-seek: %d row(s) without a label or a lung mask left out", len(df) - len(usable))
+    train = usable[usable["split"] == "train"]
+    for name in ("test", "val"):
+        held = usable[usable["split"] == name]
+        if len(held):
+            break
+    if len(train) == 0 or len(held) == 0:
+        raise CxrtuneError("hide-and-seek needs labelled train rows and test (or val) rows with lung masks")
+    return train, held, name
+
+
+def represented(data: AuditData, name: str) -> np.ndarray:
+    return np.stack([represent(im, lung, name) for im, lung in zip(data.images, data.lungs)])
+
+
+def mean_concordance(model, images: np.ndarray, lungs: np.ndarray, pre: Preprocessing, n: int) -> dict:
+    """Mean HCS (both definitions) of the first ``n`` evaluation images' heatmaps."""
+    import torch
+
+    from .heatmaps import concordance, heatmaps
+
+    if n <= 0 or not len(images):
+        return {}
+    x = torch.stack([pre.to_tensor(im) for im in images[:n]])
+    heat, _ = heatmaps(model, x)
+    scores = [concordance(h, lung) for h, lung in zip(heat, lungs[:n])]
+    return {"hcs": float(np.mean([s["hcs"] for s in scores])),
+            "hcs_pixels": float(np.mean([s["hcs_pixels"] for s in scores])), "heatmaps": heat}
+
+
+def hide_and_seek(cfg: ClassifyConfig, df: pd.DataFrame, representations: tuple[str, ...] = REPRESENTATIONS,
+                  verdict: Verdict = Verdict(), heatmap_images: int = 16) -> dict:
+    """Run the protocol; returns per-representation metrics, HCS and the verdict (heatmaps of the
+    evaluation images under ``heatmaps``, for the report's PNGs)."""
+    if "original" not in representations or "lungs_removed" not in representations:
+        raise CxrtuneError("hide-and-seek needs at least the original and lungs_removed representations")
+    train_df, held_df, held_name = split_rows(df)
+    classes = sorted(set(train_df["label"]))
+    held_df = held_df[held_df["label"].isin(classes)]
+    cfg = replace(cfg, classifier=replace(cfg.classifier, num_classes=len(classes)))  # the data's classes
+    pre = Preprocessing(size=cfg.size, in_channels=cfg.classifier.in_channels)
+    train, held = load_rows(train_df, cfg.size, classes), load_rows(held_df, cfg.size, classes)
+    out: dict = {"classes": classes, "train_images": len(train.labels), "eval_images": len(held.labels),
+                 "eval_split": held_name, "config": cfg.to_dict(), "representations": {}, "heatmaps": {}}
+    for name in representations:
+        log.info("hide-and-seek: %s", name)
+        model = fit_classifier(cfg, represented(train, name), train.labels)
+        x_eval = represented(held, name)
+        metrics = multiclass_metrics(held.labels, predict(model, x_eval, pre), classes)
+        hcs = mean_concordance(model, x_eval, held.lungs, pre, heatmap_images)
+        out["heatmaps"][name] = (x_eval[:heatmap_images], hcs.pop("heatmaps", None), held.lungs[:heatmap_images])
+        out["representations"][name] = {**metrics, **hcs}
+    reps = out["representations"]
+    chance = reps["original"]["chance"]
+    skill = reps["original"]["accuracy"] - chance
+
+    def retained(name: str) -> float | None:
+        return (reps[name]["accuracy"] - chance) / skill if skill > 0 else None
+
+    out["retained_skill"] = {name: retained(name) for name in HIDDEN if name in reps}
+    removed = reps["lungs_removed"]["accuracy"]
+    kept = out["retained_skill"]["lungs_removed"]
+    flagged = removed - chance >= verdict.min_margin and (kept is None or kept >= verdict.max_retained)
+    out["verdict"] = {
+        "flagged": bool(flagged), "max_retained": verdict.max_retained, "min_margin": verdict.min_margin,
+        "reason": (f"with the lungs removed the models still reach accuracy {removed:.3f} (chance {chance:.3f}): "
+                   f"they read something outside the lungs" if flagged else
+                   f"with the lungs removed accuracy falls to {removed:.3f} (chance {chance:.3f})")}
+    return out

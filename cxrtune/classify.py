@@ -1,0 +1,148 @@
+"""Training image classifiers for the classification and audit track (seeds 000 and 001).
+
+:func:`fit_classifier` trains a :class:`~cxrtune.classifiers.Classifier` on images held in memory
+(the track's datasets are small at its sizes: 1,000 images at 128 px are 16 MB as uint8), with
+seed 000's recipe: class balancing (random under-sampling, augmented over-sampling, or
+double-stage: balanced training, then full-data fine-tuning) and two-phase transfer (the head
+alone at ``head_lr``, then everything at ``lr``) when the encoder starts from weights.
+Augmentation is seed 004's (albumentations). The loop is short and written here: the
+segmentation Trainer's datasets, losses and metrics do not fit whole-image classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .classifiers import Classifier, ClassifierConfig, build_classifier
+from .errors import CxrtuneError
+from .preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+BALANCING = ("none", "undersample", "oversample", "double")
+
+
+@dataclass
+class ClassifyConfig:
+    """A classification recipe: what hide-and-seek audits and what the grading track tunes."""
+
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    size: int = 128
+    batch_size: int = 16
+    epochs: int = 4  # all layers (phase 2)
+    lr: float = 1e-4
+    head_epochs: int = 2  # phase 1, the head alone; only when the encoder starts from weights
+    head_lr: float = 1e-3
+    balancing: str = "undersample"
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.classifier, dict):
+            self.classifier = ClassifierConfig(**self.classifier)
+        if self.balancing not in BALANCING:
+            raise CxrtuneError(f"balancing must be one of {', '.join(BALANCING)}, got {self.balancing!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassifyConfig":
+        """From a mapping (a YAML file); unknown keys are refused by name."""
+        from dataclasses import fields
+
+        d = dict(d or {})
+        for known, what in ((cls, "classification"), (ClassifierConfig, "classifier")):
+            data = d if known is cls else (d.get("classifier") or {})
+            if not isinstance(data, dict):
+                raise CxrtuneError(f"{what} settings must be a mapping")
+            bad = sorted(set(data) - {f.name for f in fields(known)})
+            if bad:
+                raise CxrtuneError(f"unknown {what} setting(s): {', '.join(bad)}; known: "
+                                   f"{', '.join(sorted(f.name for f in fields(known)))}")
+        d["classifier"] = ClassifierConfig(**(d.get("classifier") or {}))
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, uri: str) -> "ClassifyConfig":
+        import yaml
+
+        from . import storage
+
+        try:
+            return cls.from_dict(yaml.safe_load(storage.read_text(uri)) or {})
+        except yaml.YAMLError as exc:
+            raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
+
+
+def balanced_indices(y: np.ndarray, how: str, rng: np.random.Generator) -> np.ndarray:
+    """Row indices after balancing: ``undersample`` cuts every class to the rarest one's count,
+    ``oversample`` repeats rows of the rarer classes up to the commonest one's count (augmentation
+    makes the repeats differ), ``none`` keeps all."""
+    classes, counts = np.unique(y, return_counts=True)
+    if how == "none" or len(classes) < 2:
+        return rng.permutation(len(y))
+    target = counts.min() if how == "undersample" else counts.max()
+    out = [rng.choice(np.flatnonzero(y == c), target, replace=how != "undersample" and n < target)
+           for c, n in zip(classes, counts)]
+    return rng.permutation(np.concatenate(out))
+
+
+def _batches(x_u8: np.ndarray, y: np.ndarray, idx: np.ndarray, cfg: ClassifyConfig,
+             pre: Preprocessing, augment):
+    for i in range(0, len(idx), cfg.batch_size):
+        rows = idx[i:i + cfg.batch_size]
+        imgs = [augment(image=x_u8[r])["image"] if augment else x_u8[r] for r in rows]
+        yield torch.stack([pre.to_tensor(im) for im in imgs]), torch.as_tensor(y[rows], dtype=torch.long)
+
+
+def _train(model: Classifier, x_u8, y, idx_fn, epochs: int, lr: float, cfg: ClassifyConfig, pre, augment) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        model.train()
+        for xb, yb in _batches(x_u8, y, idx_fn(), cfg, pre, augment):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+
+
+def fit_classifier(cfg: ClassifyConfig, images: np.ndarray, labels: np.ndarray) -> Classifier:
+    """Train on ``images`` (N x size x size, uint8) with integer ``labels`` (0..num_classes-1)."""
+    from .dataset import seed_augmentation
+
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise CxrtuneError("fit_classifier takes N x H x W uint8 images")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = build_classifier(cfg.classifier)
+    pre = Preprocessing(size=cfg.size, in_channels=cfg.classifier.in_channels)
+    augment = seed_augmentation(cfg.size, cfg.seed) if cfg.augment else None
+    balanced = "undersample" if cfg.balancing == "double" else cfg.balancing
+    first = lambda: balanced_indices(labels, balanced, rng)  # noqa: E731
+    if cfg.classifier.weights and cfg.head_epochs:  # two-phase transfer: the head first
+        model.freeze_encoder(True)
+        _train(model, images, labels, first, cfg.head_epochs, cfg.head_lr, cfg, pre, augment)
+        model.freeze_encoder(False)
+    if cfg.balancing == "double":  # balanced first, then all the data
+        half = max(1, cfg.epochs // 2)
+        _train(model, images, labels, first, half, cfg.lr, cfg, pre, augment)
+        _train(model, images, labels, lambda: rng.permutation(len(labels)), cfg.epochs - half, cfg.lr, cfg, pre, augment)
+    else:
+        _train(model, images, labels, first, cfg.epochs, cfg.lr, cfg, pre, augment)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: Classifier, images: np.ndarray, pre: Preprocessing, batch_size: int = 32) -> np.ndarray:
+    """N x C class probabilities for uint8 images at the model's size."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.stack([pre.to_tensor(im) for im in images[i:i + batch_size]])
+        out.append(torch.softmax(model(x), 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -1,0 +1,152 @@
+"""The audit track on phantoms: seed 001's representations, HCS, and hide-and-seek catching a
+planted shortcut (a label-revealing marker outside the lungs) without a false alarm on clean data."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from cxrtune.audit.heatmaps import concordance
+from cxrtune.audit.representations import REPRESENTATIONS, represent
+from cxrtune.phantom import make_phantom
+
+
+def test_the_five_representations():
+    ph = make_phantom(128, "covid", seed=3)
+    image, lung = ph.image, ph.lung
+    ys, xs = np.nonzero(lung)
+    box = np.zeros_like(lung)
+    box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+    out = {name: represent(image, lung, name) for name in REPRESENTATIONS}
+    assert np.array_equal(out["original"], image)
+    assert np.array_equal(out["lungs_isolated"][lung], image[lung]) and not out["lungs_isolated"][~lung].any()
+    assert not out["lungs_removed"][lung].any() and np.array_equal(out["lungs_removed"][~lung], image[~lung])
+    assert np.array_equal(out["lungs_framed"][box], image[box]) and not out["lungs_framed"][~box].any()
+    assert not out["lungs_boxed_out"][box].any() and np.array_equal(out["lungs_boxed_out"][~box], image[~box])
+    with pytest.raises(ValueError, match="unknown representation"):
+        represent(image, lung, "lungs_blurred")
+
+
+def test_heatmap_concordance_score():
+    lung = np.zeros((10, 10), bool)
+    lung[2:8, 1:5] = True
+    inside = np.where(lung, 0.5, 0.0)
+    assert concordance(inside, lung) == {"hcs": 1.0, "hcs_pixels": 1.0}
+    outside = np.zeros((10, 10))
+    outside[0, 9] = 1.0
+    assert concordance(outside, lung) == {"hcs": 0.0, "hcs_pixels": 0.0}
+    half = inside.copy()
+    half[9, 5:9] = 3.0  # 12 units of heat outside against 12 inside; 4 pixels against 24
+    assert concordance(half, lung)["hcs"] == pytest.approx(0.5)
+    assert concordance(half, lung)["hcs_pixels"] == pytest.approx(24 / 28)
+
+
+def test_shortcut_phantom_plants_its_marker_outside_the_lungs():
+    clean, marked = make_phantom(128, "covid", seed=5), make_phantom(128, "covid", seed=5, shortcut=True)
+    diff = np.abs(marked.image - clean.image) > 0.2
+    assert diff.sum() > 50 and not (diff & marked.lung).any()
+    normal = make_phantom(128, "normal", seed=5, shortcut=True)
+    assert np.array_equal(normal.image, make_phantom(128, "normal", seed=5).image)  # normal: no marker
+
+
+@pytest.fixture(scope="module")
+def audit_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("audit") / "recipe.yaml"
+    path.write_text("classifier: {backbone: resnet18, in_channels: 1}\n"
+                    "size: 96\nbatch_size: 16\nepochs: 5\nlr: 0.001\nbalancing: oversample\n")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shortcut", [False, True], ids=["clean", "shortcut"])
+def test_hide_and_seek_catches_a_shortcut_and_passes_clean_data(shortcut, audit_config, tmp_path):
+    from tests.conftest import cli
+
+    data = tmp_path / "phantoms"
+    cli("data", "phantom", "--n", "160", "--size", "96", "--out", str(data), "--seed", "11",
+        *(["--shortcut"] if shortcut else []), "-q")
+    r = cli("audit", "hide-and-seek", "--config", str(audit_config), "--manifest", str(data / "manifest.parquet"),
+            "--out", str(tmp_path / "audit"), "--representations", "original,lungs_removed", "--heatmaps", "16",
+            check=False, timeout=900)
+    report = json.loads((tmp_path / "audit" / "hide_and_seek.json").read_text())
+    reps = report["representations"]
+    print(json.dumps({k: {m: v[m] for m in ("accuracy", "chance", "hcs", "hcs_pixels")} for k, v in reps.items()}))
+    assert reps["original"]["accuracy"] >= reps["original"]["chance"] + 0.15  # it learnt something
+    assert report["verdict"]["flagged"] is shortcut, report["verdict"]
+    assert ("FLAGGED" in r.stdout) is shortcut
+    assert (tmp_path / "audit" / "heatmaps" / "original_00.png").stat().st_size > 200
+
+
+def test_gate_rules_parse():
+    from cxrtune.audit.gates import Gate, parse_gate
+    from cxrtune.errors import CxrtuneError
+
+    assert parse_gate("hcs>=0.5") == Gate("hcs", 0.5)
+    assert parse_gate("score_mae<=1.1:S") == Gate("score_mae", 1.1, "S")
+    assert parse_gate("hide-and-seek=a/b.json") == Gate("hide-and-seek", arg="a/b.json")
+    assert parse_gate("score_mae<=1.1").rule == "score_mae<=1.1"
+    with pytest.raises(CxrtuneError, match="use hcs>=X"):
+        parse_gate("hcs<=0.5")
+
+
+@pytest.mark.slow
+def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle, phantom_dir, tmp_path):
+    from tests.conftest import cli
+
+    runs = phantom_bundle.parent
+    flagged, clean = tmp_path / "flagged.json", tmp_path / "clean.json"
+    for path, is_flagged in ((flagged, True), (clean, False)):
+        path.write_text(json.dumps({"verdict": {"flagged": is_flagged, "reason": "lungs removed: 0.97 (chance 0.4)"},
+                                    "representations": {"lungs_removed": {"accuracy": 0.97 if is_flagged else 0.4}},
+                                    "retained_skill": {"lungs_removed": 0.95 if is_flagged else 0.0}}))
+    common = ("bundle", "--lung", str(runs / "lung"), "--disease", str(runs / "disease"),
+              "--gate-manifest", str(phantom_dir / "manifest.parquet"), "--gate-limit", "8")
+    # an HCS no model can reach (above 1) and a flagged hide-and-seek report: refused, with the numbers
+    out = tmp_path / "refused"
+    r = cli(*common, "--out", str(out), "--gate", "hcs>=1.01", "--gate", f"hide-and-seek={flagged}", check=False)
+    assert r.returncode == 2 and re.search(r"refused by release gate\(s\): hcs>=1\.01: [01]\.\d{3} \(limit 1\.01\)",
+                                          r.stderr), r.stderr
+    assert "lungs removed: 0.97" in r.stderr
+    assert not (out / "bundle.json").exists() and not (out / "lung.pt").exists()  # nothing left to serve
+    # gates that pass: the results are recorded in bundle.json
+    out = tmp_path / "passed"
+    cli(*common, "--out", str(out), "--gate", "hcs>=0", "--gate", f"hide-and-seek={clean}",
+        "--gate", "score_mae<=6")
+    gates = json.loads((out / "bundle.json").read_text())["audits"]["gates"]
+    assert set(gates) == {"hcs>=0", f"hide-and-seek={clean}", "score_mae<=6"}
+    assert all(g["passed"] for g in gates.values())
+    assert 0.0 <= gates["hcs>=0"]["hcs"] <= 1.0 and gates["hcs>=0"]["images"] >= 4
+    assert gates["score_mae<=6"]["images"] >= 4
+    # promote checks its gates before it writes anything
+    r = cli("promote", str(tmp_path / "no-experiment"), "--to", str(tmp_path / "run"),
+            "--gate", f"hide-and-seek={flagged}", check=False)
+    assert r.returncode == 2 and "hide-and-seek" in r.stderr and not (tmp_path / "run").exists()
+    r = cli("promote", str(tmp_path / "no-experiment"), "--to", str(tmp_path / "run"), "--gate", "hcs>=0.5",
+            check=False)
+    assert r.returncode == 2 and "give it to `cxrtune bundle`" in r.stderr
+
+
+def test_per_lung_grades_and_roi_schemes():
+    import pandas as pd
+
+    from cxrtune.grading import grade_labels, grading_input, mask_grades
+
+    lung = np.zeros((100, 100), bool)
+    lung[20:80, 10:40] = True  # the patient's right lung (image left)
+    lung[20:80, 60:90] = True
+    opacity = np.zeros_like(lung)
+    opacity[20:50, 10:40] = True  # half of the right lung: moderate
+    opacity[20:25, 60:90] = True  # a twelfth of the left: mild
+    assert mask_grades(lung, opacity) == {"right": 2, "left": 1}
+    image = np.linspace(0, 1, 100 * 100, dtype=np.float32).reshape(100, 100)
+    assert np.allclose(grading_input(image, lung, "left", "none", 100), image, atol=1e-6)
+    masked = grading_input(image, lung, "right", "lung_masked", 100)
+    assert masked[0, 0] == 0 and masked[50, 20] == pytest.approx(image[50, 20], abs=1e-6)
+    right, left = grading_input(image, lung, "right", "split", 50), grading_input(image, lung, "left", "split", 50)
+    assert right.mean() < left.mean()  # values rise along each row: the image's left half (patient's right) is darker
+    df = pd.DataFrame({"grade_right": [3, None], "grade_left": [0, None], "lung_mask": ["", "l"],
+                       "opacity_mask": ["", "o"], "label": ["covid", "covid"]})
+    masks = {"l": lung, "o": opacity}
+    graded = grade_labels(df, masks.__getitem__)
+    assert graded[["grade_right", "grade_left", "grade_source"]].values.tolist() == [[3, 0, "manifest"], [2, 1, "masks"]]
