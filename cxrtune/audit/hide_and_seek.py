@@ -122,16 +122,22 @@ def hide_and_seek(cfg: ClassifyConfig, df: pd.DataFrame, representations: tuple[
     chance = reps["original"]["chance"]
     skill = reps["original"]["accuracy"] - chance
 
+    learnt = skill >= verdict.min_margin  # retained skill means nothing if there was none to keep
+
     def retained(name: str) -> float | None:
-        return (reps[name]["accuracy"] - chance) / skill if skill > 0 else None
+        return (reps[name]["accuracy"] - chance) / skill if learnt else None
 
     out["retained_skill"] = {name: retained(name) for name in HIDDEN if name in reps}
     removed = reps["lungs_removed"]["accuracy"]
     kept = out["retained_skill"]["lungs_removed"]
+    # beating chance with the lungs hidden is a shortcut whether or not the original models learnt
     flagged = removed - chance >= verdict.min_margin and (kept is None or kept >= verdict.max_retained)
-    out["verdict"] = {
-        "flagged": bool(flagged), "max_retained": verdict.max_retained, "min_margin": verdict.min_margin,
-        "reason": (f"with the lungs removed the models still reach accuracy {removed:.3f} (chance {chance:.3f}): "
-                   f"they read something outside the lungs" if flagged else
-                   f"with the lungs removed accuracy falls to {removed:.3f} (chance {chance:.3f})")}
+    reason = (f"with the lungs removed the models still reach accuracy {removed:.3f} (chance {chance:.3f}): "
+              f"they read something outside the lungs" if flagged else
+              f"with the lungs removed accuracy falls to {removed:.3f} (chance {chance:.3f})")
+    if not learnt:
+        reason += (f"; the original-image models did not beat chance by {verdict.min_margin} "
+                   f"(accuracy {reps['original']['accuracy']:.3f}): train longer or from pretrained weights")
+    out["verdict"] = {"flagged": bool(flagged), "original_learnt": bool(learnt), "max_retained": verdict.max_retained,
+                      "min_margin": verdict.min_margin, "reason": reason}
     return out
