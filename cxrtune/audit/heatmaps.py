@@ -1,7 +1,7 @@
 """Grad-CAM heatmaps and seed 000's Heatmap Concordance Score (HCS).
 
-The heatmap of an image is Grad-CAM (the ``grad-cam`` package) on the encoder's deepest feature
-map, computed for every class and averaged with the predicted probabilities as weights; the
+The heatmap of an image is Grad-CAM (the ``grad-cam`` package) on the encoder's stage at stride 16
+(:func:`target_layer`; the deepest map is too coarse at CPU sizes), computed for every class and averaged with the predicted probabilities as weights; the
 heatmaps of a left-lung and a right-lung model are averaged (:func:`average_heatmaps`).
 
 HCS is the share of the heatmap inside the lung mask: ``hcs`` weighs each pixel by its heat;
@@ -53,9 +53,18 @@ def class_probabilities(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits, 1).detach().cpu().numpy()
 
 
-def heatmaps(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def target_layer(cam_model: CamModel, stride: int) -> nn.Module:
+    """Grad-CAM's layer: the encoder's stage at ``stride`` where SMP names it (``get_stages``:
+    ResNet's layer3 at 16), else the deepest feature map. At stride 32 a 128-px input gives a
+    4 x 4 map, too coarse to tell the lungs from what lies beside them; 16 gives 8 x 8."""
+    stages = cam_model.encoder.get_stages() if hasattr(cam_model.encoder, "get_stages") else {}
+    modules = stages.get(stride) if isinstance(stages, dict) else None
+    return modules[-1] if modules else cam_model.features
+
+
+def heatmaps(model: nn.Module, x: torch.Tensor, stride: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Probability-weighted Grad-CAM heatmaps (N x H x W, in [0, 1]) and the N x C probabilities
-    of a classifier on the normalised batch ``x``."""
+    of a classifier on the normalised batch ``x``, on the encoder's stage at ``stride``."""
     from pytorch_grad_cam import GradCAM
 
     cam_model = CamModel(model).eval()
@@ -64,7 +73,7 @@ def heatmaps(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]
     probs = class_probabilities(logits)
     binary = logits.shape[1] == 1
     heat = np.zeros((x.shape[0], x.shape[2], x.shape[3]), np.float32)
-    with GradCAM(model=cam_model, target_layers=[cam_model.features]) as cam:
+    with GradCAM(model=cam_model, target_layers=[target_layer(cam_model, stride)]) as cam:
         for c in range(probs.shape[1]):
             target = _Logit(0, negate=c == 0) if binary else _Logit(c)
             maps = cam(input_tensor=x, targets=[target] * x.shape[0])
