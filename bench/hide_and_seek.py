@@ -38,9 +38,8 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from cxrtune import manifest, storage
-    from cxrtune.audit.heatmaps import concordance, heatmap_png
-    from cxrtune.audit.hide_and_seek import hide_and_seek
+    from cxrtune import manifest
+    from cxrtune.audit.hide_and_seek import hide_and_seek, write_heatmaps
     from cxrtune.classify import ClassifyConfig
     from cxrtune.importers import run_import
     from cxrtune.metrics import json_safe
@@ -60,10 +59,7 @@ def main() -> None:
     t = time.perf_counter()
     result = hide_and_seek(cfg, sub, heatmap_images=args.heatmaps)
     minutes = (time.perf_counter() - t) / 60
-    for name, (images, heat, lungs) in result.pop("heatmaps").items():
-        for i in range(min(4, len(images))):
-            storage.write_bytes(str(out / "heatmaps" / f"{name}_{i:02d}.png"),
-                                heatmap_png(images[i], heat[i], lungs[i], concordance(heat[i], lungs[i])["hcs"]))
+    write_heatmaps(result.pop("heatmaps"), str(out))
     summary = {"benchmark": "hide_and_seek", "device": f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__,
                "images": {"train": len(train), "test": len(test),
                           "train_by_label": train["label"].value_counts().to_dict(),

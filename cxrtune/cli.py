@@ -639,8 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _audit_hide_and_seek(args) -> None:
     from . import manifest, storage
-    from .audit.heatmaps import heatmap_png
-    from .audit.hide_and_seek import Verdict, hide_and_seek
+    from .audit.hide_and_seek import Verdict, hide_and_seek, write_heatmaps
     from .classify import ClassifyConfig
     from .metrics import json_safe
 
@@ -648,13 +647,7 @@ def _audit_hide_and_seek(args) -> None:
     df = manifest.load_manifest(args.manifest)
     reps = tuple(args.representations.split(","))
     result = hide_and_seek(cfg, df, reps, Verdict(args.max_retained, args.min_margin), heatmap_images=args.heatmaps)
-    shown = result.pop("heatmaps")
-    from .audit.heatmaps import concordance
-
-    for name, (images, heat, lungs) in shown.items():
-        for i in range(min(4, len(images)) if heat is not None else 0):
-            storage.write_bytes(storage.join(args.out, "heatmaps", f"{name}_{i:02d}.png"),
-                                heatmap_png(images[i], heat[i], lungs[i], concordance(heat[i], lungs[i])["hcs"]))
+    write_heatmaps(result.pop("heatmaps"), args.out)
     storage.write_text(storage.join(args.out, "hide_and_seek.json"), json.dumps(json_safe(result), indent=2))
     print(f"{'representation':<16} {'accuracy':>8} {'HCS':>6}  sensitivity / PPV per class")
     for name, r in result["representations"].items():

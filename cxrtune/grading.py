@@ -62,8 +62,9 @@ def grade_labels(df: pd.DataFrame, read_mask) -> pd.DataFrame:
     """Rows with a grade per side: ``grade_right``/``grade_left`` where the manifest has them,
     else derived from the reference masks (rows with neither are dropped, and so are ``eval_only``
     rows). Adds ``grade_source``."""
-    if "eval_only" in df.columns:  # radiologists' reference sets (brixia-dev) never train or select
-        df = df[~df["eval_only"].map(lambda v: str(v).strip().lower() in {"1", "true", "yes"})]
+    from .manifest import without_eval_only
+
+    df = without_eval_only(df)  # radiologists' reference sets (brixia-dev) never train or select
     rows, index = [], []
     for i, row in df.iterrows():
         out = row.to_dict()

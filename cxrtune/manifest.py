@@ -85,6 +85,17 @@ def _is_reader_column(col) -> bool:
     return bool(READER_COLUMN.match(str(col)))
 
 
+def is_true(value) -> bool:
+    """A manifest flag (``tuning``, ``eval_only``): 1, true or yes, in any case."""
+    return str(value).strip().lower() in {"1", "true", "yes"}
+
+
+def without_eval_only(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows a model may train on or be selected by: ``eval_only`` rows (radiologists'
+    reference sets such as brixia-dev) are for calibration and evaluation only."""
+    return df[~df["eval_only"].map(is_true)] if "eval_only" in df.columns else df
+
+
 def _coerce(df: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:
         if col in INT_COLUMNS or _is_reader_column(col):
@@ -93,7 +104,7 @@ def _coerce(df: pd.DataFrame) -> pd.DataFrame:
         elif col == "age":
             df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
         elif col in ("tuning", "eval_only"):
-            df[col] = df[col].map(lambda v: str(v).strip().lower() in {"1", "true", "yes"})
+            df[col] = df[col].map(is_true)
         elif df[col].dtype == object or str(df[col].dtype).startswith("str"):
             df[col] = df[col].fillna("").astype(str)
     return df

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from . import storage
+from . import manifest, storage
 from .artifacts import CheckpointMeta, versions
 from .dataset import CXRDataset, seed_worker
 from .preprocessing import Preprocessing
@@ -125,9 +125,7 @@ def seed_everything(seed: int) -> None:
 
 
 def select_rows(df: pd.DataFrame, cfg: TrainConfig, split: str) -> pd.DataFrame:
-    rows = df[df["split"] == split]
-    if "eval_only" in rows.columns:  # e.g. radiologists' reference sets: calibration and evaluation only
-        rows = rows[~rows["eval_only"].map(lambda v: str(v).strip().lower() in {"1", "true", "yes"})]
+    rows = manifest.without_eval_only(df[df["split"] == split])
     if cfg.tuning_subset and "tuning" in rows.columns:
         rows = rows[rows["tuning"]]
     if cfg.task == "lung":

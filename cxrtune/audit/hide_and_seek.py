@@ -141,3 +141,15 @@ def hide_and_seek(cfg: ClassifyConfig, df: pd.DataFrame, representations: tuple[
     out["verdict"] = {"flagged": bool(flagged), "original_learnt": bool(learnt), "max_retained": verdict.max_retained,
                       "min_margin": verdict.min_margin, "reason": reason}
     return out
+
+
+def write_heatmaps(shown: dict, out_uri: str, per_representation: int = 4) -> None:
+    """The first heatmaps of each representation (``result["heatmaps"]``) as PNGs under
+    ``OUT/heatmaps/``, with the lung outline and each image's HCS."""
+    from .. import storage
+    from .heatmaps import concordance, heatmap_png
+
+    for name, (images, heat, lungs) in shown.items():
+        for i in range(min(per_representation, len(images)) if heat is not None else 0):
+            storage.write_bytes(storage.join(out_uri, "heatmaps", f"{name}_{i:02d}.png"),
+                                heatmap_png(images[i], heat[i], lungs[i], concordance(heat[i], lungs[i])["hcs"]))
