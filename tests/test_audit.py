@@ -26,6 +26,14 @@ def test_the_five_representations():
     assert not out["lungs_boxed_out"][box].any() and np.array_equal(out["lungs_boxed_out"][~box], image[~box])
     with pytest.raises(ValueError, match="unknown representation"):
         represent(image, lung, "lungs_blurred")
+    import pandas as pd
+
+    from cxrtune.audit.hide_and_seek import hide_and_seek
+    from cxrtune.classify import ClassifyConfig
+    from cxrtune.errors import CxrtuneError
+
+    with pytest.raises(CxrtuneError, match="unknown representation 'lungs_blured'"):  # before any data is read
+        hide_and_seek(ClassifyConfig(), pd.DataFrame(), ("original", "lungs_removed", "lungs_blured"))
 
 
 def test_heatmap_concordance_score():

@@ -100,6 +100,9 @@ def hide_and_seek(cfg: ClassifyConfig, df: pd.DataFrame, representations: tuple[
                   verdict: Verdict = Verdict(), heatmap_images: int = 16) -> dict:
     """Run the protocol; returns per-representation metrics, HCS and the verdict (heatmaps of the
     evaluation images under ``heatmaps``, for the report's PNGs)."""
+    unknown = [r for r in representations if r not in REPRESENTATIONS]
+    if unknown:  # before any training: a typo must not cost the first representation's run
+        raise CxrtuneError(f"unknown representation {unknown[0]!r}; choose from {', '.join(REPRESENTATIONS)}")
     if "original" not in representations or "lungs_removed" not in representations:
         raise CxrtuneError("hide-and-seek needs at least the original and lungs_removed representations")
     train_df, held_df, held_name = split_rows(df)
