@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,6 +49,11 @@ class ClassifyConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs over both transfer phases: what a per-epoch report counts up to."""
+        return self.epochs + (self.head_epochs if self.classifier.weights else 0)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClassifyConfig":
@@ -99,7 +105,8 @@ def _batches(x_u8: np.ndarray, y: np.ndarray, idx: np.ndarray, cfg: ClassifyConf
         yield torch.stack([pre.to_tensor(im) for im in imgs]), torch.as_tensor(y[rows], dtype=torch.long)
 
 
-def _train(model: Classifier, x_u8, y, idx_fn, epochs: int, lr: float, cfg: ClassifyConfig, pre, augment) -> None:
+def _train(model: Classifier, x_u8, y, idx_fn, epochs: int, lr: float, cfg: ClassifyConfig, pre, augment,
+           after_epoch: Callable[[], None]) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -109,10 +116,14 @@ def _train(model: Classifier, x_u8, y, idx_fn, epochs: int, lr: float, cfg: Clas
             opt.zero_grad(set_to_none=True)
             loss_fn(model(xb), yb).backward()
             opt.step()
+        after_epoch()
 
 
-def fit_classifier(cfg: ClassifyConfig, images: np.ndarray, labels: np.ndarray) -> Classifier:
-    """Train on ``images`` (N x size x size, uint8) with integer ``labels`` (0..num_classes-1)."""
+def fit_classifier(cfg: ClassifyConfig, images: np.ndarray, labels: np.ndarray,
+                   on_epoch: Callable[[int, Classifier], None] | None = None) -> Classifier:
+    """Train on ``images`` (N x size x size, uint8) with integer ``labels`` (0..num_classes-1).
+    ``on_epoch(epoch, model)`` runs after every epoch of either phase (1..``cfg.total_epochs``):
+    a Tune trial reports there, and Tune's schedulers stop it there."""
     from .dataset import seed_augmentation
 
     if images.dtype != np.uint8 or images.ndim != 3:
@@ -124,16 +135,26 @@ def fit_classifier(cfg: ClassifyConfig, images: np.ndarray, labels: np.ndarray) 
     augment = seed_augmentation(cfg.size, cfg.seed) if cfg.augment else None
     balanced = "undersample" if cfg.balancing == "double" else cfg.balancing
     first = lambda: balanced_indices(labels, balanced, rng)  # noqa: E731
+    done = 0
+
+    def after_epoch() -> None:
+        nonlocal done
+        done += 1
+        if on_epoch is not None:
+            on_epoch(done, model)
+            model.train()
+
     if cfg.classifier.weights and cfg.head_epochs:  # two-phase transfer: the head first
         model.freeze_encoder(True)
-        _train(model, images, labels, first, cfg.head_epochs, cfg.head_lr, cfg, pre, augment)
+        _train(model, images, labels, first, cfg.head_epochs, cfg.head_lr, cfg, pre, augment, after_epoch)
         model.freeze_encoder(False)
     if cfg.balancing == "double":  # balanced first, then all the data
         half = max(1, cfg.epochs // 2)
-        _train(model, images, labels, first, half, cfg.lr, cfg, pre, augment)
-        _train(model, images, labels, lambda: rng.permutation(len(labels)), cfg.epochs - half, cfg.lr, cfg, pre, augment)
+        _train(model, images, labels, first, half, cfg.lr, cfg, pre, augment, after_epoch)
+        _train(model, images, labels, lambda: rng.permutation(len(labels)), cfg.epochs - half, cfg.lr, cfg, pre,
+               augment, after_epoch)
     else:
-        _train(model, images, labels, first, cfg.epochs, cfg.lr, cfg, pre, augment)
+        _train(model, images, labels, first, cfg.epochs, cfg.lr, cfg, pre, augment, after_epoch)
     return model.eval()
 
 

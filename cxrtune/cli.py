@@ -549,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tu = sub.add_parser("tune", help="hyperparameter search with Ray Tune, Optuna and ASHA/HyperBand")
     tu.add_argument("--space", help="search-space YAML, or the name of a shipped one (lung_segmentation, "
-                                    "disease_segmentation; see search_spaces/)")
+                                    "disease_segmentation, opacity_classification; see search_spaces/)")
     tu.add_argument("--manifest", help="manifest (default: the embedded phantom dataset and a small space)")
     tu.add_argument("--name", help="experiment name (default: sweep-DATE-TIME)")
     tu.add_argument("--storage", help="local folder or s3://bucket/prefix (default: ./cxrtune-results)")
@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--gpus-per-trial", "GPUs per trial, fractions allowed, e.g. 0.25", type=float)
     opt("--max-concurrent", "trials at once; None: as many as the cluster holds", type=int)
     tu.add_argument("--time-budget", help="wall-clock budget of the sweep, e.g. 2h")
-    opt("--objective", "the space's objective unless given", choices=["dice", "dice_cls", "score_mae"])
+    opt("--objective", "the space's objective unless given", choices=["dice", "dice_cls", "score_mae", "macro_mae"])
     opt("--lung-bundle", "fixed Stage I bundle for --objective score_mae")
     opt("--reference", "score_mae's reference: a reader id from the manifest (e.g. S), zones, masks or auto")
     tu.add_argument("--multi-objective", action="store_true", default=None,
@@ -590,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--warm-start", nargs="+", metavar="CONFIG",
                     help="YAML/JSON files, each a configuration (NAME: value) or a list of them, tried first")
     opt("--latency-batch", "batch size at which --multi-objective times the network", type=int)
+    tu.add_argument("--grid", action="store_true", default=None,
+                    help="train every combination of the space's choice parameters once (seed 000's 27 per "
+                         "lung side with opacity_classification); no sampler, no ASHA/HyperBand")
     tu.add_argument("--resume", metavar="EXP_URI", help="continue an interrupted experiment (STORAGE/NAME)")
     tu.set_defaults(func=_tune)
 
@@ -634,7 +637,51 @@ def build_parser() -> argparse.ArgumentParser:
                     help="flag when the lungs-removed models keep this share of the skill above chance")
     hs.add_argument("--min-margin", type=float, default=0.1, help="... and beat chance by this much")
     hs.set_defaults(func=_audit_hide_and_seek)
+
+    gr = sub.add_parser("grade", help="per-lung ordinal opacity grading (seed 000)")
+    gsub = gr.add_subparsers(dest="grade_command", required=True)
+    cv = gsub.add_parser("cv", help="patient-level K-fold cross-validation of grading recipes, with subgroup tables")
+    which = cv.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="one grading recipe YAML (GradeConfig settings)")
+    which.add_argument("--experiment", help="a grading sweep (STORAGE/NAME): its --top recipes per lung side")
+    cv.add_argument("--top", type=int, default=5, help="recipes per side from --experiment (default: 5)")
+    cv.add_argument("--manifest", help="default: the sweep's manifest (required with --config)")
+    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--by", default="", help="manifest columns for subgroup tables, comma-separated (e.g. sex,site)")
+    cv.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    cv.add_argument("--out", required=True, help="folder for cv.json, cv.md and the out-of-fold predictions")
+    cv.set_defaults(func=_grade_cv)
     return p
+
+
+def _grade_cv(args) -> None:
+    from . import manifest, storage
+    from .grading import GradeConfig, cross_validate, cv_markdown
+    from .metrics import json_safe
+
+    if args.config:
+        if not args.manifest:
+            raise CxrtuneError("--config needs --manifest")
+        recipes, manifest_uri = [GradeConfig.from_yaml(args.config)], args.manifest
+    else:
+        from .report import top_grade_recipes
+        from .tuning import load_options
+
+        recipes = top_grade_recipes(args.experiment, args.top)
+        manifest_uri = args.manifest or load_options(args.experiment).manifest
+    df = manifest.load_manifest(manifest_uri)
+    by = tuple(c for c in args.by.split(",") if c)
+    results = []
+    for i, cfg in enumerate(recipes):
+        print(f"recipe {i + 1}/{len(recipes)}: {cfg.side} lung, {cfg.classifier.backbone}, {cfg.roi}, {cfg.balancing}",
+              file=sys.stderr)
+        r = cross_validate(cfg, df, folds=args.folds, seed=args.seed, by=by)
+        storage.write_text(storage.join(args.out, f"oof_{i + 1}.csv"), r.pop("oof").to_csv(index=False))
+        results.append(r)
+    storage.write_text(storage.join(args.out, "cv.json"), json.dumps(json_safe(results), indent=2))
+    table = cv_markdown(results)
+    storage.write_text(storage.join(args.out, "cv.md"), table)
+    print(table)
 
 
 def _audit_hide_and_seek(args) -> None:

@@ -11,16 +11,29 @@ ROI schemes, from the lung mask (the reference's in training, Stage I's in use):
 * ``lung_masked``: the image with everything outside the lungs set to 0;
 * ``split``: the side's half of the image, cut at the midline between the two lungs (seed 000's
   lateral split at the spine).
+
+A :class:`GradeConfig` is one recipe (backbone, ROI scheme, balancing, side...): what ``cxrtune
+tune`` searches (``search_spaces/opacity_classification.yaml``; ``--grid`` runs seed 000's 27
+combinations per side), and what :func:`cross_validate` checks with patient-level folds and
+subgroup tables (``cxrtune grade cv``).
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from . import zones
+from .classifiers import ClassifierConfig
+from .classify import BALANCING, ClassifyConfig
 from .errors import CxrtuneError
 from .preprocessing import resize_image
+
+log = logging.getLogger(__name__)
 
 SIDES = ("right", "left")
 ROI_SCHEMES = ("none", "lung_masked", "split")
@@ -83,3 +96,250 @@ def grade_labels(df: pd.DataFrame, read_mask) -> pd.DataFrame:
     result = pd.DataFrame(rows, index=index)
     result[["grade_right", "grade_left"]] = result[["grade_right", "grade_left"]].astype(int)
     return result
+
+
+@dataclass
+class GradeConfig(ClassifyConfig):
+    """A grading recipe: a classification recipe for one lung ``side`` in one ROI scheme (``roi``).
+    ``max_train_images``/``max_val_images`` cap the rows a trial reads (a tuning-sized subset)."""
+
+    side: str = "right"
+    roi: str = "none"
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.side not in SIDES:
+            raise CxrtuneError(f"side must be right or left, got {self.side!r}")
+        if self.roi not in ROI_SCHEMES:
+            raise CxrtuneError(f"roi must be one of {', '.join(ROI_SCHEMES)}, got {self.roi!r}")
+        if self.classifier.num_classes != len(GRADES):
+            raise CxrtuneError(f"a grading classifier has {len(GRADES)} classes (grades 0-3), "
+                               f"got num_classes {self.classifier.num_classes}")
+
+
+# the settings a search space may name for task: grade (recipe, and classifier under `classifier:`)
+GRADE_KEYS = {f.name for f in fields(GradeConfig)} - {"classifier"}
+CLASSIFIER_KEYS = {f.name for f in fields(ClassifierConfig)} - {"num_classes"}
+
+
+@dataclass
+class GradeData:
+    """One side's classifier inputs (uint8, N x size x size), grades, and their manifest rows."""
+
+    images: np.ndarray
+    grades: np.ndarray
+    rows: pd.DataFrame
+
+
+def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int) -> GradeData:
+    """The inputs of ``graded`` rows (from :func:`grade_labels`) in ROI scheme ``roi``, the ROI
+    taken from the reference lung mask. A row the scheme cannot use (no lung mask; a single lung
+    for ``split``) or an unreadable image is left out with a warning, never guessed."""
+    from .images import read_image, read_mask
+    from .scorer import to_uint8
+
+    images, keep, skipped = [], [], []
+    for i, row in graded.iterrows():
+        try:
+            lung = read_mask(row["lung_mask"]) if roi != "none" else None
+            if roi != "none" and not lung.any():
+                raise CxrtuneError("empty lung mask")
+            images.append(to_uint8(grading_input(read_image(row["image"]), lung, side, roi, size)))
+            keep.append(i)
+        except (CxrtuneError, KeyError, TypeError) as exc:
+            skipped.append(str(exc))
+    if skipped:  # messages name files by URI only through the manifest's own paths, never patients
+        log.warning("grading (%s, %s): %d row(s) left out, e.g. %s", side, roi, len(skipped), skipped[0])
+    if not keep:
+        raise CxrtuneError(f"no row could be prepared for the {side} lung in ROI scheme {roi!r}")
+    rows = graded.loc[keep]
+    return GradeData(np.stack(images), rows[f"grade_{side}"].to_numpy(int), rows)
+
+
+def grade_metrics(grades: np.ndarray, prob: np.ndarray) -> dict:
+    """Seed 000's metrics of N x 4 grade probabilities: macro-averaged MAE, MAE by grade, the
+    three binary collapses, weighted precision/recall/F1, accuracy and the confusion matrix."""
+    from .metrics import multiclass_metrics, ordinal_metrics
+
+    mc = multiclass_metrics(grades, prob, list(GRADES))
+    keep = ("n", "accuracy", "weighted_precision", "weighted_recall", "weighted_f1", "confusion")
+    return {**ordinal_metrics(grades, prob.argmax(1), len(GRADES)), **{k: mc[k] for k in keep}}
+
+
+def flat_metrics(m: dict, prefix: str = "") -> dict:
+    """The scalar metrics of :func:`grade_metrics` as one flat dict (Tune results, tables)."""
+    out = {f"{prefix}{k}": m[k] for k in ("macro_mae", "mae", "accuracy", "weighted_precision",
+                                            "weighted_recall", "weighted_f1")}
+    out.update({f"{prefix}{name}_f1": c["f1"] for name, c in m["collapses"].items()})
+    return out
+
+
+def _sample(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    return df.sample(n=limit, random_state=seed).sort_index() if limit and len(df) > limit else df
+
+
+def train_grader(cfg: GradeConfig, df: pd.DataFrame,
+                 on_epoch: Callable[[int, dict], None] | None = None):
+    """Train ``cfg`` on the manifest's train rows and validate after every epoch on its val rows
+    (``on_epoch(epoch, metrics)``: a Tune trial reports there). Returns the model and the last
+    validation metrics. ``eval_only`` rows never take part."""
+    from .classify import fit_classifier, predict
+    from .images import read_mask
+    from .manifest import without_eval_only
+    from .preprocessing import Preprocessing
+
+    df = without_eval_only(df)
+    if "split" not in df.columns:
+        raise CxrtuneError("grading needs train and val splits (cxrtune data split)")
+    parts = {}
+    for split, limit in (("train", cfg.max_train_images), ("val", cfg.max_val_images)):
+        rows = _sample(df[df["split"] == split], limit, cfg.seed)
+        if not len(rows):
+            raise CxrtuneError(f"grading needs {split} rows")
+        parts[split] = load_grade_data(grade_labels(rows, read_mask), cfg.side, cfg.roi, cfg.size)
+    pre = Preprocessing(size=cfg.size, in_channels=cfg.classifier.in_channels)
+    val, last = parts["val"], {}
+
+    def epoch(n: int, model) -> None:
+        last.clear()
+        last.update(grade_metrics(val.grades, predict(model, val.images, pre)))
+        if on_epoch is not None:
+            on_epoch(n, last)
+
+    model = fit_classifier(cfg, parts["train"].images, parts["train"].grades, on_epoch=epoch)
+    return model, dict(last)
+
+
+def patient_folds(rows: pd.DataFrame, grades: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold 0..k-1 per row: patient-level (no patient in two folds), stratified by grade
+    (scikit-learn's StratifiedGroupKFold)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    patients = rows["patient_id"].astype(str).to_numpy() if "patient_id" in rows else np.arange(len(rows)).astype(str)
+    if len(set(patients)) < folds or folds < 2:
+        raise CxrtuneError(f"{folds}-fold cross-validation needs at least {max(folds, 2)} patients, "
+                           f"found {len(set(patients))}")
+    out = np.full(len(rows), -1)
+    for k, (_, held) in enumerate(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+                                   .split(np.zeros(len(rows)), grades, groups=patients)):
+        out[held] = k
+    return out
+
+
+def subgroup_table(rows: pd.DataFrame, grades: np.ndarray, prob: np.ndarray, column: str) -> list[dict]:
+    """Metrics per value of manifest ``column`` (sex, site, label...), over the given predictions."""
+    if column not in rows.columns:
+        raise CxrtuneError(f"no manifest column {column!r} for a subgroup table; columns: {', '.join(rows.columns)}")
+    values = rows[column].map(lambda v: "(missing)" if v is None or v == "" or (isinstance(v, float) and np.isnan(v))
+                              else str(v)).to_numpy()
+    out = []
+    for value in sorted(set(values)):
+        sel = values == value
+        out.append({"column": column, "value": value, "n": int(sel.sum()),
+                    **flat_metrics(grade_metrics(grades[sel], prob[sel]))})
+    return out
+
+
+CV_SUMMARY = ("macro_mae", "mae", "weighted_f1", "weighted_precision", "weighted_recall", "accuracy",
+              "none_vs_any_f1", "mild_or_less_vs_moderate_or_more_f1", "not_severe_vs_severe_f1")
+
+
+def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int = 0,
+                   by: tuple[str, ...] = ()) -> dict:
+    """Seed 000's patient-level K-fold cross-validation of one recipe on the non-test rows: each
+    fold's model is trained on the other folds. Returns per-fold metrics, their mean and SD, the
+    pooled out-of-fold metrics, subgroup tables ``by`` manifest columns, and the out-of-fold
+    predictions (``oof``: row, patient, fold, grade, predicted grade)."""
+    from .classify import fit_classifier, predict
+    from .images import read_mask
+    from .manifest import without_eval_only
+    from .preprocessing import Preprocessing
+
+    df = without_eval_only(df)
+    if "split" in df.columns:
+        df = df[df["split"] != "test"]  # the test split stays unseen
+    for col in by:
+        if col not in df.columns:
+            raise CxrtuneError(f"no manifest column {col!r} for a subgroup table")
+    data = load_grade_data(grade_labels(df, read_mask), cfg.side, cfg.roi, cfg.size)
+    fold = patient_folds(data.rows, data.grades, folds, seed)
+    pre = Preprocessing(size=cfg.size, in_channels=cfg.classifier.in_channels)
+    prob = np.zeros((len(data.grades), len(GRADES)), np.float32)
+    per_fold = []
+    for k in range(folds):
+        held = fold == k
+        log.info("grading cross-validation: fold %d of %d (%d held out)", k + 1, folds, int(held.sum()))
+        model = fit_classifier(replace(cfg, seed=cfg.seed + k), data.images[~held], data.grades[~held])
+        prob[held] = predict(model, data.images[held], pre)
+        per_fold.append({"fold": k, **flat_metrics(grade_metrics(data.grades[held], prob[held]))})
+    summary = {m: {"mean": float(np.nanmean([f[m] for f in per_fold])), "sd": float(np.nanstd([f[m] for f in per_fold]))}
+               for m in CV_SUMMARY}
+    pooled = grade_metrics(data.grades, prob)
+    oof = pd.DataFrame({"row": data.rows.index, "patient_id": data.rows.get("patient_id", pd.Series(index=data.rows.index)).to_numpy(),
+                        "fold": fold, "grade": data.grades, "pred": prob.argmax(1)})
+    return {"config": cfg.to_dict(), "folds": folds, "images": int(len(data.grades)), "per_fold": per_fold,
+            "summary": summary, "pooled": pooled,
+            "subgroups": {col: subgroup_table(data.rows, data.grades, prob, col) for col in by}, "oof": oof}
+
+
+GRID_ROWS, GRID_COLUMNS = ("backbone", "roi"), "balancing"
+
+
+def grid_table(trials: pd.DataFrame, metric: str = "best_val_macro_mae",
+               second: str | None = "val_weighted_f1@best") -> str:
+    """Seed 000's compact results table (Markdown) from a grid sweep's trials table (``param:``
+    columns): one block per lung side, rows backbone x ROI scheme, columns the balancing; each
+    cell the trial's best macro MAE (and its weighted F1 at that epoch). The best cell per side is
+    in bold."""
+    col = {name: f"param:{name}" for name in (*GRID_ROWS, GRID_COLUMNS, "side")}
+    missing = [name for name, c in col.items() if c not in trials.columns]
+    if missing or metric not in trials.columns:
+        raise CxrtuneError(f"not a grading grid: the trials have no {', '.join(missing) or metric}")
+    lines: list[str] = []
+    for side, block in trials.groupby(col["side"], sort=False):
+        best = block[metric].min()
+        seen = list(dict.fromkeys(block[col[GRID_COLUMNS]]))
+        balancings = sorted(seen, key=lambda b: BALANCING.index(b) if b in BALANCING else len(BALANCING))
+        lines += [f"**{side} lung**: macro MAE" + (" (weighted F1)" if second else ""), "",
+                  "| backbone | ROI | " + " | ".join(balancings) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in balancings) + " |"]
+        for (backbone, roi), cells in block.groupby([col["backbone"], col["roi"]], sort=False):
+            out = []
+            for bal in balancings:
+                hit = cells[cells[col[GRID_COLUMNS]] == bal]
+                if hit.empty or pd.isna(hit[metric].iloc[0]):
+                    out.append("-")
+                    continue
+                value = hit[metric].iloc[0]
+                text = f"{value:.3f}" + (f" ({hit[second].iloc[0]:.3f})" if second and second in hit else "")
+                out.append(f"**{text}**" if value == best else text)
+            lines.append(f"| {backbone} | {roi} | " + " | ".join(out) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cv_markdown(results: list[dict]) -> str:
+    """The cross-validation results of several recipes as Markdown: mean +- SD over the folds,
+    then each recipe's subgroup tables (pooled out-of-fold predictions)."""
+    def pm(r: dict, m: str) -> str:
+        return f"{r['summary'][m]['mean']:.3f} +- {r['summary'][m]['sd']:.3f}"
+
+    lines = ["| side | backbone | ROI | balancing | images | macro MAE | weighted F1 | none vs any F1 | "
+             "<=mild vs >=moderate F1 | severe F1 |", "| --- " * 10 + "|"]
+    for r in results:
+        c = r["config"]
+        lines.append(f"| {c['side']} | {c['classifier']['backbone']} | {c['roi']} | {c['balancing']} | {r['images']} | "
+                     + " | ".join(pm(r, m) for m in ("macro_mae", "weighted_f1", "none_vs_any_f1",
+                                                      "mild_or_less_vs_moderate_or_more_f1", "not_severe_vs_severe_f1"))
+                     + " |")
+    for i, r in enumerate(results):
+        for col, table in r["subgroups"].items():
+            c = r["config"]
+            lines += ["", f"Recipe {i + 1} ({c['side']}, {c['classifier']['backbone']}, {c['roi']}, {c['balancing']}) "
+                      f"by {col}, pooled out-of-fold:", "",
+                      f"| {col} | n | macro MAE | MAE | weighted F1 | accuracy |", "| --- " * 6 + "|"]
+            lines += [f"| {t['value']} | {t['n']} | {t['macro_mae']:.3f} | {t['mae']:.3f} | {t['weighted_f1']:.3f} | "
+                      f"{t['accuracy']:.3f} |" for t in table]
+    return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ from .metrics import json_safe
 from .tuning import TuneOptions, load_options
 
 IMPORTANCE_FLOOR = 0.05
+AT_BEST = {"grade": ("val_weighted_f1", "val_accuracy")}  # also read at the best epoch, per task
 
 
 def _analysis(exp_uri: str, o: TuneOptions):
@@ -54,6 +55,10 @@ def trials_table(exp_uri: str) -> tuple[pd.DataFrame, TuneOptions]:
             series = df[space.metric]
             row[space.metric] = float(series.iloc[-1])
             row["best_" + space.metric] = float(series.max() if space.mode == "max" else series.min())
+            at_best = series.idxmax() if space.mode == "max" else series.idxmin()
+            for extra in AT_BEST.get(space.task, ()):  # e.g. the weighted F1 of the epoch with the best MAE
+                if extra in df:
+                    row[f"{extra}@best"] = float(df.loc[at_best, extra])
         if "latency_ms" in df:
             row["latency_ms"] = float(df["latency_ms"].iloc[-1])
         rows.append(row)
@@ -166,6 +171,10 @@ def write_report(exp_uri: str, out_dir: str) -> list[str]:
         written.append(name)
 
     put("trials.csv", table.to_csv(index=False).encode())
+    if o.grid and space.task == "grade":
+        from .grading import grid_table
+
+        put("grid.md", grid_table(table, metric).encode())
     imp = importance(table, o)
     corr = correlation(table, metric)
     put("importance.json", json.dumps({"metric": metric, "evaluator": "optuna MeanDecreaseImpurity",
@@ -209,6 +218,32 @@ def write_report(exp_uri: str, out_dir: str) -> list[str]:
     return written
 
 
+def top_grade_recipes(exp_uri: str, top: int = 5) -> list:
+    """The ``top`` grading recipes of a sweep per lung side, by their best validation macro MAE
+    (seed 000: the top five then go to 5-fold cross-validation), as GradeConfigs."""
+    table, o = trials_table(exp_uri)
+    space = o.search_space()
+    if space.task != "grade":
+        raise CxrtuneError(f"{exp_uri}: not a grading sweep (task {space.task})")
+    target = "best_" + space.metric
+    if target not in table or table[target].isna().all():
+        raise CxrtuneError(f"{exp_uri}: no trial has reported {space.metric} yet")
+    done = table[table[target].notna()].sort_values([target, "trial_id"], kind="stable")  # ties: a fixed order
+    params = [c for c in done.columns if c.startswith("param:")]
+    side_col = "param:side" if "param:side" in done else None
+    groups = done.groupby(side_col, sort=False) if side_col else [(None, done)]
+    epochs = int(o.max_epochs or space.fixed.get("epochs") or 16)
+    out = []
+    for _, block in groups:
+        for _, row in block.head(top).iterrows():
+            sampled = {c.split(":", 1)[1].split("|", 1)[0]: row[c] for c in params if pd.notna(row[c])}
+            sampled = {k: (v.item() if hasattr(v, "item") else v) for k, v in sampled.items()}
+            cfg = space.train_config(sampled)
+            cfg.epochs = epochs
+            out.append(cfg)
+    return out
+
+
 def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | None = None) -> str:
     """Export the best trial's best checkpoint as a run (``best/model.pt`` + ``best/meta.json``),
     or with ``retrain`` train its config again on all training data (not only the tuning subset),
@@ -219,6 +254,9 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     if o.multi_objective:
         raise CxrtuneError("promote needs a single-objective experiment; pick a Pareto trial from the report")
     analysis, space = _analysis(exp_uri, o)
+    if space.task == "grade":
+        raise CxrtuneError("a grading sweep has no scorer stage to promote: cross-validate its best recipes "
+                           f"with `cxrtune grade cv --experiment {exp_uri}`")
     trial = analysis.get_best_trial(space.metric, space.mode, scope="all")
     if trial is None:
         raise CxrtuneError(f"{exp_uri}: no finished trial reports {space.metric}")

@@ -2,11 +2,12 @@
 
 Schema (``docs/search_spaces.md`` has examples)::
 
-    task: lung | disease                 # which stage the trials train
-    objective: dice | dice_cls | score_mae   # default: dice (lung), dice_cls (disease)
-    fixed:                               # TrainConfig settings shared by every trial
+    task: lung | disease | grade         # which stage the trials train (grade: per-lung 0-3 grades)
+    objective: dice | dice_cls | score_mae | macro_mae   # default: dice (lung), dice_cls (disease),
+                                         # macro_mae (grade)
+    fixed:                               # TrainConfig (GradeConfig for grade) settings of every trial
       batch_size: 4
-      model: {in_channels: 1}
+      model: {in_channels: 1}            # grade: classifier: {in_channels: 1, weights: RUN}
     parameters:                          # tuned settings, sampled in this order
       NAME: {type: choice, values: [a, b]}
       NAME: {type: int, low: 256, high: 512, step: 32}
@@ -17,7 +18,8 @@ Schema (``docs/search_spaces.md`` has examples)::
       - {arch: Unet, encoder: resnet34, size: 256}
 
 ``NAME`` is a TrainConfig setting (``lr``, ``size``, ``seg_loss``...) or a model setting
-(``arch``, ``encoder``, ``in_channels``, ``dropout``). A conditional parameter (``given``) draws
+(``arch``, ``encoder``, ``in_channels``, ``dropout``); for ``task: grade`` a GradeConfig setting
+(``side``, ``roi``, ``balancing``, ``lr``...) or a classifier setting (``backbone``, ``weights``). A conditional parameter (``given``) draws
 from the list for the value its parent took, so an encoder can depend on the architecture; each
 branch is its own Optuna parameter (``encoder|Unet``) so the sampler models them apart.
 """
@@ -28,7 +30,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import storage
+from .classify import BALANCING
 from .errors import CxrtuneError
+from .grading import CLASSIFIER_KEYS, GRADE_KEYS, ROI_SCHEMES, SIDES, GradeConfig
 from .losses import CLS_LOSSES, OPTIMIZERS, SEG_LOSSES
 from .models import ARCHITECTURES, ModelConfig
 from .train import TASKS, TrainConfig
@@ -36,9 +40,17 @@ from .train import TASKS, TrainConfig
 TYPES = ("choice", "int", "float", "log-float")
 MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"classification"}
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"model", "task"}
-OBJECTIVES = {"dice": ("val_dice", "max"), "dice_cls": ("val_dice_f1", "max"), "score_mae": ("val_score_mae", "min")}
+SPACE_TASKS = (*TASKS, "grade")
+# per task: the nested settings' key in `fixed`, their names, and the recipe's own names
+SCHEMA = {"lung": ("model", MODEL_KEYS, TRAIN_KEYS), "disease": ("model", MODEL_KEYS, TRAIN_KEYS),
+          "grade": ("classifier", CLASSIFIER_KEYS, GRADE_KEYS)}
+OBJECTIVES = {"dice": ("val_dice", "max"), "dice_cls": ("val_dice_f1", "max"), "score_mae": ("val_score_mae", "min"),
+              "macro_mae": ("val_macro_mae", "min")}
+TASK_OBJECTIVES = {"lung": ("dice",), "disease": ("dice", "dice_cls", "score_mae"), "grade": ("macro_mae",)}
+DEFAULT_OBJECTIVE = {"lung": "dice", "disease": "dice_cls", "grade": "macro_mae"}
 CHECK_VALUES = {"arch": set(ARCHITECTURES), "optimizer": set(OPTIMIZERS),
-                "seg_loss": set(SEG_LOSSES), "cls_loss": set(CLS_LOSSES)}
+                "seg_loss": set(SEG_LOSSES), "cls_loss": set(CLS_LOSSES),
+                "roi": set(ROI_SCHEMES), "side": set(SIDES), "balancing": set(BALANCING)}
 
 
 @dataclass
@@ -118,13 +130,29 @@ class SearchSpace:
         """Ray's OptunaSearch define-by-run hook (a picklable object, since Tune saves the searcher)."""
         self.suggest(trial)
 
-    def train_config(self, sampled: dict) -> TrainConfig:
-        """The TrainConfig of one trial: fixed settings, then the sampled ones."""
-        cfg = {k: v for k, v in self.fixed.items() if k != "model"}
-        model = dict(self.fixed.get("model", {}) or {})
+    def train_config(self, sampled: dict) -> TrainConfig | GradeConfig:
+        """The config of one trial (TrainConfig, or GradeConfig for ``task: grade``): fixed
+        settings, then the sampled ones."""
+        nested, nested_keys, _ = SCHEMA[self.task]
+        cfg = {k: v for k, v in self.fixed.items() if k != nested}
+        inner = dict(self.fixed.get(nested, {}) or {})
         for k, v in sampled.items():
-            (model if k in MODEL_KEYS else cfg)[k] = v
-        return TrainConfig.from_dict({**cfg, "task": self.task, "model": model})
+            (inner if k in nested_keys else cfg)[k] = v
+        if self.task == "grade":
+            return GradeConfig.from_dict({**cfg, "classifier": inner})
+        return TrainConfig.from_dict({**cfg, "task": self.task, "model": inner})
+
+    def grid(self) -> dict:
+        """Ray Tune ``grid_search`` over every choice parameter (``cxrtune tune --grid``): seed
+        000's design, every combination trained. Numeric and conditional parameters have no grid:
+        they are refused by name (fix them under ``fixed:``)."""
+        from ray import tune
+
+        for p in self.params:
+            if p.type != "choice" or p.given:
+                raise _fail(self.source, f"parameters.{p.name}", "grid mode crosses plain choice parameters only; "
+                            "give this one a value under fixed: or make it a choice")
+        return {p.name: tune.grid_search(list(p.values)) for p in self.params}
 
     def to_dict(self) -> dict:
         params = {}
@@ -160,22 +188,24 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:
         raise _fail(source, ", ".join(sorted(unknown)), "unknown top-level key(s); allowed: task, objective, "
                     "fixed, parameters, warm_start, description")
     task = data.get("task")
-    if task not in TASKS:
-        raise _fail(source, "task", f"must be one of {', '.join(TASKS)}, got {task!r}")
-    objective = data.get("objective") or ("dice" if task == "lung" else "dice_cls")
+    if task not in SPACE_TASKS:
+        raise _fail(source, "task", f"must be one of {', '.join(SPACE_TASKS)}, got {task!r}")
+    objective = data.get("objective") or DEFAULT_OBJECTIVE[task]
     if objective not in OBJECTIVES:
         raise _fail(source, "objective", f"must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if objective != "dice" and task == "lung":
-        raise _fail(source, "objective", f"{objective!r} needs task: disease")
+    if objective not in TASK_OBJECTIVES[task]:
+        raise _fail(source, "objective", f"{objective!r} is not an objective of task {task} "
+                    f"(it has {', '.join(TASK_OBJECTIVES[task])})")
+    nested, nested_keys, recipe_keys = SCHEMA[task]
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise _fail(source, "fixed", "must be a mapping of training settings")
     for k in fixed:
-        if k != "model" and k not in TRAIN_KEYS:
-            raise _fail(source, f"fixed.{k}", f"unknown training setting; known: {', '.join(sorted(TRAIN_KEYS))}")
-    for k in fixed.get("model", {}) or {}:
-        if k not in MODEL_KEYS:
-            raise _fail(source, f"fixed.model.{k}", f"unknown model setting; known: {', '.join(sorted(MODEL_KEYS))}")
+        if k != nested and k not in recipe_keys:
+            raise _fail(source, f"fixed.{k}", f"unknown training setting; known: {', '.join(sorted(recipe_keys))}")
+    for k in fixed.get(nested, {}) or {}:
+        if k not in nested_keys:
+            raise _fail(source, f"fixed.{nested}.{k}", f"unknown {nested} setting; known: {', '.join(sorted(nested_keys))}")
     raw = data.get("parameters") or {}
     if not isinstance(raw, dict) or not raw:
         raise _fail(source, "parameters", "must be a non-empty mapping of NAME: {type: ...}")
@@ -183,8 +213,9 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:
     seen: dict[str, Param] = {}
     for name, spec in raw.items():
         key = f"parameters.{name}"
-        if name not in MODEL_KEYS | TRAIN_KEYS:
-            raise _fail(source, key, f"not a training or model setting; known: {', '.join(sorted(MODEL_KEYS | TRAIN_KEYS))}")
+        if name not in nested_keys | recipe_keys:
+            raise _fail(source, key, f"not a training or {nested} setting; known: "
+                        f"{', '.join(sorted(nested_keys | recipe_keys))}")
         if not isinstance(spec, dict):
             raise _fail(source, key, "must be a mapping with a type")
         extra = set(spec) - {"type", "values", "low", "high", "step", "given"}

@@ -84,6 +84,7 @@ class TuneOptions:
     warm_start: list = field(default_factory=list)  # configurations tried first, besides the space's own
     reference: str = "auto"  # score_mae's reference: a reader id (reader_<ID>_A..F columns), zones, masks or auto
     latency_batch: int = 8  # the latency objective: median ms per image at this (serving) batch size
+    grid: bool = False  # every combination of the space's choice parameters, once each (seed 000's design)
     space_source: str = ""
     created: float = field(default_factory=time.time)
 
@@ -92,8 +93,10 @@ class TuneOptions:
         return storage.join(self.storage, self.name)
 
     def epochs(self, space: SearchSpace) -> int:
-        """Epochs per trial (I_max): ``--max-epochs`` if given, else the space's fixed epochs."""
-        return int(self.max_epochs or space.fixed.get("epochs") or DEFAULT_EPOCHS)
+        """Epochs per trial (I_max), the results a trial reports: ``--max-epochs`` if given, else
+        the space's fixed epochs; a grading trial adds its head-only transfer epochs."""
+        n = int(self.max_epochs or space.fixed.get("epochs") or DEFAULT_EPOCHS)
+        return space.train_config({"epochs": n}).total_epochs if space.task == "grade" else n
 
     def search_space(self) -> SearchSpace:
         data = dict(self.space)
@@ -221,6 +224,8 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     from .train import Trainer
 
     o = TuneOptions(**opts)
+    if space.task == "grade":
+        return run_grade_trial(config, o, space)
     cfg = space.train_config(_sampled(config))
     epochs = o.epochs(space)
     cfg.epochs, cfg.patience, cfg.seed = epochs, epochs + 1, o.seed  # Tune's stoppers stop trials
@@ -251,6 +256,26 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
     trainer.fit(on_epoch=on_epoch)
+
+
+def run_grade_trial(config: dict, o: TuneOptions, space: SearchSpace) -> None:
+    """A grading trial (seed 000): one recipe for one lung side, validated after every epoch of
+    both transfer phases (``val_macro_mae``, weighted F1, the binary collapses). It reports no
+    checkpoint: a ResNet-50 per epoch per trial would fill the storage, and the recipes worth
+    keeping are retrained under cross-validation (``cxrtune grade cv --experiment``)."""
+    from ray import tune
+
+    from .grading import flat_metrics, train_grader
+
+    cfg = space.train_config(_sampled(config))
+    cfg.epochs = int(o.max_epochs or space.fixed.get("epochs") or DEFAULT_EPOCHS)
+    cfg.seed = o.seed
+    df = manifest.load_manifest(o.manifest, check_files=False)
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        tune.report({"epoch": epoch, **flat_metrics(metrics, "val_"), "val_n": metrics["n"]})
+
+    train_grader(cfg, df, on_epoch=on_epoch)
 
 
 # ------------------------------------------------------------------------------------- the sweep
@@ -519,10 +544,13 @@ def run_tune(o: TuneOptions) -> dict:
 
     space = o.search_space()
     df = manifest.load_manifest(o.manifest)  # validated once, here, with a clear error
-    if o.multi_objective and space.objective == "score_mae":
+    if o.multi_objective and space.objective not in ("dice", "dice_cls"):
         raise CxrtuneError("multi-objective mode supports the dice and dice_cls objectives")
+    if o.grid and (o.multi_objective or o.warm_start or space.warm_start):
+        raise CxrtuneError("--grid runs every combination once: it takes no --multi-objective and no warm start")
+    param_space = space.grid() if o.grid else None  # refuses a space without a grid before Ray starts
     _ray_init(o)  # before anything is written: a sweep that cannot start leaves no experiment behind
-    scheduler = _scheduler(o, space)
+    scheduler = None if o.grid else _scheduler(o, space)
     if o.cut_below is not None and o.multi_objective:
         raise CxrtuneError("--cut-below judges one metric; multi-objective mode has two")
     if storage.exists(storage.join(o.experiment_uri, EXPERIMENT_FILE)):  # its study, trials and journal are its own
@@ -536,9 +564,13 @@ def run_tune(o: TuneOptions) -> dict:
     concurrent = o.max_concurrent or max_parallel(o.cpus_per_trial, o.gpus_per_trial)
     tune_config = tune.TuneConfig(
         metric=None if o.multi_objective else space.metric, mode=None if o.multi_objective else space.mode,
-        search_alg=_searcher(o, space, o.warm_start), scheduler=scheduler,
-        num_samples=o.num_samples, max_concurrent_trials=concurrent, time_budget_s=o.time_budget_s)
-    tuner = tune.Tuner(_trainable(o, space), tune_config=tune_config, run_config=_run_config(o, space))
+        search_alg=None if o.grid else _searcher(o, space, o.warm_start), scheduler=scheduler,
+        num_samples=1 if o.grid else o.num_samples, max_concurrent_trials=concurrent, time_budget_s=o.time_budget_s)
+    tuner = tune.Tuner(_trainable(o, space), param_space=param_space, tune_config=tune_config,
+                       run_config=_run_config(o, space))
+    if o.grid:
+        log.warning("grid mode: %d combinations, each trained to the end (no ASHA/HyperBand, no sampler)",
+                    int(np.prod([len(p.values) for p in space.params])))
     log.info("sweep %s over %d rows, up to %d trials at once", o.name, len(df), concurrent)
     return summarize(tuner.fit(), o, space, {"max_concurrent": concurrent})
 

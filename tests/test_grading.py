@@ -1,0 +1,165 @@
+"""Per-lung ordinal grading (seed 000) as a search task: the shipped space's 27-combination grid
+per side, a real grid sweep on Ray Tune with the compact table, and patient-level K-fold
+cross-validation with subgroup tables, on phantoms."""
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cxrtune.errors import CxrtuneError
+from cxrtune.search_space import load_space, parse_space
+from tests.conftest import ROOT, cli
+
+
+def test_shipped_space_grid_is_seed_000s_27_combinations_per_side():
+    space = load_space(str(ROOT / "search_spaces" / "opacity_classification.yaml"))
+    assert (space.task, space.metric, space.mode) == ("grade", "val_macro_mae", "min")
+    grid = space.grid()
+    axes = {name: spec["grid_search"] for name, spec in grid.items()}
+    assert axes["backbone"] == ["resnet50", "vgg16", "densenet121"]
+    assert axes["roi"] == ["none", "lung_masked", "split"]
+    assert axes["balancing"] == ["undersample", "oversample", "double"]
+    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    per_side = pd.Series([c["side"] for c in combos]).value_counts().to_dict()
+    assert per_side == {"right": 27, "left": 27}
+    configs = [space.train_config(c) for c in combos]  # every combination is a valid recipe
+    assert len({(c.side, c.classifier.backbone, c.roi, c.balancing) for c in configs}) == 54
+    assert {c.classifier.num_classes for c in configs} == {4} and configs[0].size == 224
+
+
+def test_grade_space_errors_name_the_key():
+    base = {"task": "grade", "parameters": {"roi": {"type": "choice", "values": ["none", "split"]}}}
+    assert parse_space(base).objective == "macro_mae"
+    with pytest.raises(CxrtuneError, match="'dice' is not an objective of task grade"):
+        parse_space({**base, "objective": "dice"})
+    with pytest.raises(CxrtuneError, match=r"fixed\.classifier\.arch: unknown classifier setting"):
+        parse_space({**base, "fixed": {"classifier": {"arch": "Unet"}}})
+    with pytest.raises(CxrtuneError, match=r"parameters\.roi\.values: unknown value\(s\) \['lungs'\]"):
+        parse_space({"task": "grade", "parameters": {"roi": {"type": "choice", "values": ["lungs"]}}})
+    numeric = parse_space({"task": "grade", "parameters": {"lr": {"type": "log-float", "low": 1e-4, "high": 1e-2}}})
+    with pytest.raises(CxrtuneError, match=r"parameters\.lr: grid mode crosses plain choice parameters only"):
+        numeric.grid()
+    with pytest.raises(CxrtuneError, match="'macro_mae' is not an objective of task lung"):
+        parse_space({"task": "lung", "objective": "macro_mae",
+                     "parameters": {"lr": {"type": "float", "low": 0.1, "high": 0.2}}})
+
+
+def test_grid_table_is_the_papers_layout():
+    from cxrtune.grading import grid_table
+
+    rows = []
+    for side, backbone, roi, bal in itertools.product(["right", "left"], ["resnet50", "vgg16"], ["none", "split"],
+                                                      ["undersample", "double"]):
+        mae = {"right": 0.5, "left": 0.7}[side] + 0.1 * (backbone == "vgg16") + 0.01 * (roi == "split") \
+            + 0.001 * (bal == "double")
+        rows.append({"param:side": side, "param:backbone": backbone, "param:roi": roi, "param:balancing": bal,
+                     "best_val_macro_mae": mae, "val_weighted_f1@best": 1 - mae})
+    md = grid_table(pd.DataFrame(rows))
+    right, left = md.split("**left lung**")
+    assert "| backbone | ROI | undersample | double |" in right
+    assert "| resnet50 | none | **0.500 (0.500)** | 0.501 (0.499) |" in right  # the side's best in bold
+    assert "| vgg16 | split | 0.610 (0.390) | 0.611 (0.389) |" in right
+    assert "| resnet50 | none | **0.700 (0.300)** | 0.701 (0.299) |" in left
+    assert md.count("| vgg16 |") == 4
+
+
+def test_patient_folds_and_subgroup_table():
+    from cxrtune.grading import patient_folds, subgroup_table
+
+    rows = pd.DataFrame({"patient_id": [f"p{i // 2}" for i in range(40)],
+                         "sex": ["F", "M"] * 10 + [""] * 20})
+    grades = np.array([i % 4 for i in range(40)])
+    fold = patient_folds(rows, grades, 4, seed=0)
+    assert set(fold) == {0, 1, 2, 3}
+    assert rows.assign(fold=fold).groupby("patient_id")["fold"].nunique().max() == 1  # no patient in two folds
+    prob = np.eye(4)[grades]
+    prob[:10] = np.eye(4)[np.minimum(grades[:10] + 1, 3)]  # the first ten (sex F/M) are off by one or right
+    table = {t["value"]: t for t in subgroup_table(rows, grades, prob, "sex")}
+    assert {k: t["n"] for k, t in table.items()} == {"(missing)": 20, "F": 10, "M": 10}
+    assert table["(missing)"]["macro_mae"] == 0.0 and table["(missing)"]["weighted_f1"] == 1.0
+    # F rows 0,2,4,6,8 have grades 0,2,0,2,0 -> predicted 1,3,1,3,1 (all off by one); rows 10-18 right
+    assert table["F"]["mae"] == pytest.approx(5 / 10)
+    with pytest.raises(CxrtuneError, match="no manifest column 'site'"):
+        subgroup_table(rows, grades, prob, "site")
+    with pytest.raises(CxrtuneError, match="needs at least 5 patients"):
+        patient_folds(rows.head(8), grades[:8], 5, seed=0)
+
+
+def test_fit_classifier_reports_every_epoch_of_both_phases():
+    from cxrtune.classifiers import ClassifierConfig
+    from cxrtune.classify import ClassifyConfig, fit_classifier
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (12, 32, 32), dtype=np.uint8), np.arange(12) % 2
+    seen = []
+    cfg = ClassifyConfig(ClassifierConfig("resnet18", num_classes=2), size=32, batch_size=6, epochs=3,
+                         balancing="double")
+    fit_classifier(cfg, x, y, on_epoch=lambda n, model: seen.append((n, model.training)))
+    assert [n for n, _ in seen] == [1, 2, 3] and cfg.total_epochs == 3
+
+
+GRID_SPACE = {
+    "task": "grade", "objective": "macro_mae",
+    "fixed": {"size": 48, "batch_size": 8, "epochs": 3, "lr": 3e-3, "classifier": {"in_channels": 1}},
+    "parameters": {"side": {"type": "choice", "values": ["right"]},
+                   "backbone": {"type": "choice", "values": ["resnet18"]},
+                   "roi": {"type": "choice", "values": ["none", "lung_masked", "split"]},
+                   "balancing": {"type": "choice", "values": ["undersample", "oversample"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def grading_phantoms(tmp_path_factory):
+    from cxrtune.phantom import write_phantoms
+
+    out = tmp_path_factory.mktemp("grading")
+    write_phantoms(out, 48, size=64, seed=3)
+    return out
+
+
+@pytest.mark.slow
+def test_grid_sweep_compact_table_and_cross_validation(grading_phantoms, tmp_path):
+    space = tmp_path / "grade.yaml"
+    space.write_text(yaml.safe_dump(GRID_SPACE))
+    manifest = str(grading_phantoms / "manifest.parquet")
+    r = cli("tune", "--space", str(space), "--manifest", manifest, "--grid", "--num-cpus", "2",
+            "--cpus-per-trial", "1", "--name", "grid", "--storage", str(tmp_path / "results"))
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert (summary["trials"], summary["errored"], summary["metric"]) == (6, 0, "val_macro_mae")
+    exp = str(tmp_path / "results" / "grid")
+    cli("report", exp, "--out", str(tmp_path / "report"))
+    trials = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert len(trials) == 6 and (trials["epochs"] == 3).all()  # every combination trained to the end
+    assert sorted(zip(trials["param:roi"], trials["param:balancing"])) == sorted(
+        itertools.product(["none", "lung_masked", "split"], ["undersample", "oversample"]))
+    md = (tmp_path / "report" / "grid.md").read_text()
+    for _, t in trials.iterrows():  # each cell is that trial's best macro MAE and its weighted F1 there
+        cell = f"{t['best_val_macro_mae']:.3f} ({t['val_weighted_f1@best']:.3f})"
+        row = next(line for line in md.splitlines() if line.startswith(f"| resnet18 | {t['param:roi']} |"))
+        assert cell in row.split(" | ")[2 + ["undersample", "oversample"].index(t["param:balancing"])]
+
+    r = cli("promote", exp, "--to", str(tmp_path / "run"), check=False)
+    assert r.returncode == 2 and "cxrtune grade cv --experiment" in r.stderr
+
+    cli("grade", "cv", "--experiment", exp, "--top", "2", "--folds", "3", "--by", "label",
+        "--out", str(tmp_path / "cv"))
+    results = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    mae = {(t["param:roi"], t["param:balancing"]): t["best_val_macro_mae"] for _, t in trials.iterrows()}
+    chosen = [mae[(x["config"]["roi"], x["config"]["balancing"])] for x in results]
+    assert len(results) == 2 and chosen == sorted(trials["best_val_macro_mae"])[:2]  # the top two, best first
+    from cxrtune.metrics import ordinal_metrics
+
+    for i, res in enumerate(results, 1):
+        oof = pd.read_csv(tmp_path / "cv" / f"oof_{i}.csv")
+        assert oof.groupby("patient_id")["fold"].nunique().max() == 1 and set(oof["fold"]) == {0, 1, 2}
+        assert res["pooled"]["macro_mae"] == pytest.approx(ordinal_metrics(oof["grade"], oof["pred"])["macro_mae"])
+        folds = [f["macro_mae"] for f in res["per_fold"]]
+        assert res["summary"]["macro_mae"]["mean"] == pytest.approx(np.mean(folds))
+        by_label = {t["value"]: t["n"] for t in res["subgroups"]["label"]}
+        # other_pneumonia phantoms have no opacity mask, so no grade; test rows stay out of CV
+        assert "other_pneumonia" not in by_label and sum(by_label.values()) == len(oof) == res["images"]
+    assert "| right | resnet18 |" in (tmp_path / "cv" / "cv.md").read_text()
