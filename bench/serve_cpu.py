@@ -95,6 +95,7 @@ def int8_parity(src: Path, out: Path, calibration: list[str], evaluation: list[s
 
     import numpy as np
 
+    from cxrtune.metrics import agreement_dice
     from cxrtune.onnx_runtime import quantize_bundle
     from cxrtune.preprocessing import load_scan
     from cxrtune.scorer import load_bundle
@@ -108,16 +109,12 @@ def int8_parity(src: Path, out: Path, calibration: list[str], evaluation: list[s
     fp32, int8 = (load_bundle(str(bundle), device="cpu", runtime=r) for r in ("onnx", "onnx-int8"))
     a, b = fp32.score_scans(scans), int8.score_scans(scans)
 
-    def dice(x, y):
-        total = x.sum() + y.sum()
-        return 1.0 if total == 0 else 2.0 * (x & y).sum() / total
-
     images, lungs = [s.image for s in scans], [d.lung for _, d in a]
     raw_a, raw_b = fp32.opacity_masks(images, lungs, 0), int8.opacity_masks(images, lungs, 0)
     scored = [(ra["score"], rb["score"]) for (ra, _), (rb, _) in zip(a, b) if ra["score"] is not None and rb["score"] is not None]
     return {"bundle": str(src), "calibration_images": used["calibration_images"], "images": len(scans),
-            "lung_dice_mean": round(float(np.mean([dice(da.lung, db.lung) for (_, da), (_, db) in zip(a, b)])), 4),
-            "opacity_dice_mean_unrefined": round(float(np.mean([dice(ma, mb) for (ma, _), (mb, _) in zip(raw_a, raw_b)
+            "lung_dice_mean": round(float(np.mean([agreement_dice(da.lung, db.lung) for (_, da), (_, db) in zip(a, b)])), 4),
+            "opacity_dice_mean_unrefined": round(float(np.mean([agreement_dice(ma, mb) for (ma, _), (mb, _) in zip(raw_a, raw_b)
                                                                 if ma.any() or mb.any()])), 4),
             "p_disease_abs_diff_max": round(max((abs(pa - pb) for (_, pa), (_, pb) in zip(raw_a, raw_b)), default=0.0), 4),
             "same_status": sum(ra["status"] == rb["status"] for (ra, _), (rb, _) in zip(a, b)),

@@ -32,26 +32,37 @@ def pick_rows(df: pd.DataFrame, split: str | None, limit: int | None) -> pd.Data
     return rows
 
 
-def score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool, cls_threshold: float | None = None):
-    """(row, image, record, detail) per row, through the scoring policy; unreadable or refused
-    images are logged by row number (never by path) and skipped."""
-    from tqdm import tqdm
-
+def readable_scans(rows: pd.DataFrame, cache):
+    """(row, scan) per row whose image reads and passes the input rules (:func:`load_scan`);
+    the others are logged by row number (never by path) and skipped."""
     from .preprocessing import load_scan
 
-    batch = max(1, scorer.batch_size)
-    for i in tqdm(range(0, len(rows), batch), desc="score", unit="batch", disable=not progress):
-        chunk = rows.iloc[i:i + batch]
-        good, scans = [], []
-        for j, (_, row) in enumerate(chunk.iterrows()):
-            try:
-                scans.append(load_scan(cache.read_bytes(row["image"])))
-                good.append(row)
-            except CxrtuneError as exc:
-                log.warning("manifest row %d not scored: %s", i + j, exc)
+    for i, (_, row) in enumerate(rows.iterrows()):
+        try:
+            yield row, load_scan(cache.read_bytes(row["image"]))
+        except CxrtuneError as exc:
+            log.warning("manifest row %d not scored: %s", i, exc)
+
+
+def score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool, cls_threshold: float | None = None):
+    """(row, image, record, detail) per readable row, through the scoring policy, in batches of
+    the scorer's size."""
+    from tqdm import tqdm
+
+    def flush(pending):
+        scans = [scan for _, scan in pending]
         results = scorer.score_images([s.image for s in scans], scans=scans, cls_threshold=cls_threshold)
-        for row, scan, (record, detail) in zip(good, scans, results):
+        for (row, scan), (record, detail) in zip(pending, results):
             yield row, scan.image, record, detail
+
+    pending, batch = [], max(1, scorer.batch_size)
+    for item in tqdm(readable_scans(rows, cache), total=len(rows), desc="score", unit="image", disable=not progress):
+        pending.append(item)
+        if len(pending) == batch:
+            yield from flush(pending)
+            pending = []
+    if pending:
+        yield from flush(pending)
 
 
 def _resized(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

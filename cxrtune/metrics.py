@@ -25,6 +25,14 @@ def json_safe(obj):
     return obj
 
 
+def agreement_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice between two predicted masks (e.g. FP32 against int8), 1.0 when both are empty: they
+    agree. Against a reference, use :class:`SegmentationMeter` (empty references apart, seed 002)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
+
+
 class SegmentationMeter:
     """Accumulates per-image Dice/IoU over non-empty references and FPs over empty ones."""
 

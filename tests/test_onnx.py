@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 
 from cxrtune.errors import CxrtuneError
+from cxrtune.metrics import agreement_dice
 
 pytestmark = pytest.mark.slow
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else 2.0 * (a & b).sum() / total
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +44,8 @@ def test_torch_and_onnx_give_the_same_records_and_masks(exported, phantom_dir):
     lung_found = 0
     for (rec_t, det_t), (rec_o, det_o) in zip(by_torch, by_onnx):
         assert rec_t["status"] == rec_o["status"] and rec_t["score"] == rec_o["score"]
-        assert dice(det_t.lung, det_o.lung) >= 0.999
-        assert dice(det_t.opacity, det_o.opacity) >= 0.999
+        assert agreement_dice(det_t.lung, det_o.lung) >= 0.999
+        assert agreement_dice(det_t.opacity, det_o.opacity) >= 0.999
         if rec_t["disease_probability"] is not None:
             assert rec_o["disease_probability"] == pytest.approx(rec_t["disease_probability"], abs=1e-3)
         lung_found += int(det_t.lung.any())
@@ -59,7 +55,7 @@ def test_torch_and_onnx_give_the_same_records_and_masks(exported, phantom_dir):
     raw_t = load_bundle(str(exported), device="cpu", runtime="torch").opacity_masks(images, lungs, cls_threshold=0)
     raw_o = load_bundle(str(exported), device="cpu", runtime="onnx").opacity_masks(images, lungs, cls_threshold=0)
     for (m_t, p_t), (m_o, p_o) in zip(raw_t, raw_o):
-        assert dice(m_t, m_o) >= 0.999 and abs(p_t - p_o) < 1e-3
+        assert agreement_dice(m_t, m_o) >= 0.999 and abs(p_t - p_o) < 1e-3
     # the parity means something only if the trained models find lungs and opacity
     assert lung_found == len(scans) and sum(int(m.any()) for m, _ in raw_t) >= 2, lung_found
 
@@ -114,10 +110,10 @@ def test_int8_export_is_opt_in_and_close_to_fp32(int8_exported, phantom_dir):
     int8 = load_bundle(str(int8_exported), device="cpu", runtime="onnx-int8")
     assert int8.runtime == "onnx-int8"
     by_fp32, by_int8 = fp32.score_scans(scans), int8.score_scans(scans)
-    lung = [dice(a.lung, b.lung) for (_, a), (_, b) in zip(by_fp32, by_int8)]
+    lung = [agreement_dice(a.lung, b.lung) for (_, a), (_, b) in zip(by_fp32, by_int8)]
     images, lungs = [s.image for s in scans], [d.lung for _, d in by_fp32]
     raw = list(zip(fp32.opacity_masks(images, lungs, 0), int8.opacity_masks(images, lungs, 0)))
-    opacity = [dice(a, b) for (a, _), (b, _) in raw if a.any() or b.any()]
+    opacity = [agreement_dice(a, b) for (a, _), (b, _) in raw if a.any() or b.any()]
     assert min(lung) >= 0.97, lung
     assert len(opacity) >= 2 and np.mean(opacity) >= 0.9, opacity
     assert max(abs(pa - pb) for (_, pa), (_, pb) in raw) < 0.1

@@ -58,17 +58,16 @@ def parse_gate(text: str) -> Gate:
     return Gate("score_mae", float(m.group(4)), m.group(5) or "")
 
 
-def bundle_concordance(uri: str, images: list[np.ndarray], limit: int = 64) -> dict:
-    """Mean HCS of the bundle's Stage II classifier on its own input (torch: Grad-CAM needs
-    gradients). Images whose Stage I finds no lungs are left out (the classifier never sees them)."""
+def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
+    """Mean HCS of the bundle's Stage II classifier on its own input (a torch scorer: Grad-CAM
+    needs gradients). Images whose Stage I finds no lungs are left out (the classifier never sees them)."""
     from ..preprocessing import resize_mask
-    from ..scorer import disease_input, has_lungs, load_bundle
+    from ..scorer import disease_input, has_lungs
     from .heatmaps import concordance, heatmaps
 
-    scorer = load_bundle(uri, device="cpu", runtime="torch", batch_size=8)
     model, pre = scorer.disease.model, scorer.disease.pre
     values = []
-    for image, lung in zip(images[:limit], scorer.lung_masks(images[:limit])):
+    for image, lung in zip(images, scorer.lung_masks(images)):
         if not has_lungs(lung):
             continue
         u8, (y0, y1, x0, x1) = disease_input(image, lung, pre)  # the masks are cleaned already
@@ -81,38 +80,19 @@ def bundle_concordance(uri: str, images: list[np.ndarray], limit: int = 64) -> d
             "hcs_pixels": float(np.mean([v["hcs_pixels"] for v in values])), "images": len(values)}
 
 
-def _manifest_images(manifest_uri: str, limit: int) -> tuple[list[np.ndarray], object]:
-    from .. import manifest, storage
-    from ..evaluation import pick_rows
-    from ..preprocessing import load_scan
+def score_mae(scorer, rows, reader: str) -> dict:
+    """The bundle's score MAE on the rows that have a reference (a reader's, else zones/masks)."""
+    from .. import storage
+    from ..evaluation import score_rows
+    from ..scorer import reference_zones
 
-    df = manifest.load_manifest(manifest_uri)
-    rows = pick_rows(df, None, limit)
-    images, kept = [], []
-    for _, row in rows.iterrows():
-        try:
-            images.append(load_scan(storage.read_bytes(row["image"])).image)
-            kept.append(row.name)
-        except CxrtuneError:
-            continue
-    return images, rows.loc[kept]
-
-
-def score_mae(uri: str, manifest_uri: str, reader: str, limit: int) -> dict:
-    """The bundle's score MAE on the manifest's rows that have a reference (a reader's, else zones/masks)."""
-    from .. import manifest, storage
-    from ..evaluation import pick_rows, score_rows
-    from ..scorer import load_bundle, reference_zones
-
-    scorer = load_bundle(uri, device="cpu", batch_size=8)
-    rows = pick_rows(manifest.load_manifest(manifest_uri), None, limit)
     errors = []
     for row, _, record, _ in score_rows(scorer, rows, storage.ContentCache(), progress=False):
         ref = reference_zones(row, reference=reader or "auto")
         if ref is not None and record["score"] is not None:
             errors.append(abs(record["score"] - sum(ref)))
     if not errors:
-        raise CxrtuneError(f"the score_mae gate found no scored row with a reference in {manifest_uri}")
+        raise CxrtuneError("the score_mae gate found no scored row with a reference in the gate manifest")
     return {"score_mae": float(np.mean(errors)), "images": len(errors), "reference": reader or "auto"}
 
 
@@ -121,7 +101,18 @@ def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None
     failed gate (:func:`enforce` does): the results are recorded either way."""
     from .. import storage
 
-    results = {}
+    results, loaded = {}, {}
+
+    def bundle_and_rows():  # read once for every bundle gate
+        if not loaded:
+            from .. import manifest as manifests
+            from ..evaluation import pick_rows
+            from ..scorer import load_bundle
+
+            loaded["scorer"] = load_bundle(bundle, device="cpu", runtime="torch", batch_size=8)
+            loaded["rows"] = pick_rows(manifests.load_manifest(manifest), None, limit)
+        return loaded["scorer"], loaded["rows"]
+
     for gate in gates:
         if gate.kind in BUNDLE_ONLY and not bundle:
             raise CxrtuneError(f"--gate {gate.rule} audits a bundle (both stages): give it to `cxrtune bundle`")
@@ -137,12 +128,14 @@ def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None
                                   "lungs_removed_accuracy": removed.get("accuracy"),
                                   "retained_skill": (report.get("retained_skill") or {}).get("lungs_removed")}
         elif gate.kind == "hcs":
-            images, _ = _manifest_images(manifest, limit)
-            hcs = bundle_concordance(bundle, images, limit)
+            from ..evaluation import readable_scans
+
+            scorer, rows = bundle_and_rows()
+            hcs = bundle_concordance(scorer, [scan.image for _, scan in readable_scans(rows, storage.ContentCache())])
             results[gate.rule] = {**hcs, "value": hcs["hcs"], "threshold": gate.threshold,
                                   "passed": hcs["hcs"] >= gate.threshold}
         else:
-            mae = score_mae(bundle, manifest, gate.arg, limit)
+            mae = score_mae(*bundle_and_rows(), gate.arg)
             results[gate.rule] = {**mae, "value": mae["score_mae"], "threshold": gate.threshold,
                                   "passed": mae["score_mae"] <= gate.threshold}
     return results

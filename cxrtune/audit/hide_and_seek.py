@@ -61,9 +61,11 @@ def load_rows(df: pd.DataFrame, size: int, classes: list[str]) -> AuditData:
 
 
 def split_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Train rows and evaluation rows (test, else val), labelled and with lung masks."""
-    from ..manifest import is_labelled
+    """Train rows and evaluation rows (test, else val), labelled and with lung masks; ``eval_only``
+    rows (radiologists' reference sets) never train or test an audit model."""
+    from ..manifest import is_labelled, without_eval_only
 
+    df = without_eval_only(df)
     usable = df[df["label"].map(is_labelled) & (df.get("lung_mask", pd.Series("", index=df.index)) != "")]
     if len(usable) < len(df):
         log.warning("hide-and-seek: %d row(s) without a label or a lung mask left out", len(df) - len(usable))
