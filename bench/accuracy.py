@@ -79,12 +79,12 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from cxrtune import manifest
+    from cxrtune.data import manifest
     from cxrtune.artifacts import make_bundle, update_bundle
     from cxrtune.evaluation import calibrate, evaluate
-    from cxrtune.importers import run_import
+    from cxrtune.data.importers import run_import
     from cxrtune.scorer import load_bundle
-    from cxrtune.splits import assign_splits
+    from cxrtune.data.splits import assign_splits
     from cxrtune.train import TrainConfig, train
 
     out = Path(args.out or ("/tmp/cxrtune-accuracy-cpu" if args.cpu else "/tmp/cxrtune-accuracy"))

@@ -46,10 +46,10 @@ def main() -> None:
 
     import torch
 
-    from cxrtune import manifest, storage
-    from cxrtune.dataset import CXRDataset
+    from cxrtune.data import manifest, storage
+    from cxrtune.data.dataset import CXRDataset
     from cxrtune.preprocessing import Preprocessing
-    from cxrtune.phantom import write_phantoms
+    from cxrtune.data.phantom import write_phantoms
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="cxrtune-bench-"))

@@ -43,9 +43,9 @@ def main() -> None:
     import torch
     import yaml
 
-    from cxrtune import manifest, storage
+    from cxrtune.data import manifest, storage
     from cxrtune.grading import cross_validate, cv_markdown
-    from cxrtune.importers import run_import
+    from cxrtune.data.importers import run_import
     from cxrtune.metrics import json_safe
     from cxrtune.report import top_grade_recipes, write_report
     from cxrtune.tuning import TuneOptions, run_tune

@@ -38,10 +38,10 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from cxrtune import manifest
+    from cxrtune.data import manifest
     from cxrtune.audit.hide_and_seek import hide_and_seek, write_heatmaps
     from cxrtune.classify import ClassifyConfig
-    from cxrtune.importers import run_import
+    from cxrtune.data.importers import run_import
     from cxrtune.metrics import json_safe
 
     out = Path(args.out)

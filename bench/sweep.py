@@ -70,7 +70,7 @@ def curve(exp_uri: str, metric: str, mode: str) -> list[dict]:
     point each time it improves (``best`` unrounded)."""
     from ray.tune import ExperimentAnalysis
 
-    from cxrtune import storage
+    from cxrtune.data import storage
 
     start = json.loads(storage.read_text(storage.join(exp_uri, "cxrtune.json")))["created"]
     fs, path = storage.pyarrow_filesystem(exp_uri)
@@ -161,11 +161,11 @@ def bands_plot(results: dict, target: float, budget_s: float, path: Path) -> Non
 def run_cpu(args) -> None:
     """Issue 11, item 8: the speed-up of the service's search over random search on this CPU."""
 
-    from cxrtune import manifest
-    from cxrtune.importers import run_import
+    from cxrtune.data import manifest
+    from cxrtune.data.importers import run_import
     from cxrtune.metrics import json_safe
     from cxrtune.search_space import load_space
-    from cxrtune.splits import assign_splits
+    from cxrtune.data.splits import assign_splits
     from cxrtune.tuning import TuneOptions, run_tune, startup_trials
 
     out = Path(args.out)
@@ -272,11 +272,11 @@ def main() -> None:
 
     import pandas as pd
 
-    from cxrtune import manifest
-    from cxrtune.importers import run_import
+    from cxrtune.data import manifest
+    from cxrtune.data.importers import run_import
     from cxrtune.metrics import json_safe
     from cxrtune.search_space import load_space
-    from cxrtune.splits import assign_splits
+    from cxrtune.data.splits import assign_splits
     from cxrtune.tuning import TuneOptions, run_tune
 
     out = Path(args.out)

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from . import storage
+from .data import storage
 from .metrics import json_safe
 
 ZONE_LETTERS = ("A", "B", "C", "D", "E", "F")
@@ -233,7 +233,7 @@ def reader_report(pred_zones: np.ndarray, readers: dict[str, np.ndarray], groups
     """The model against each reader and each reader against each other reader, side by side.
 
     ``pred_zones``: N x 6 bool; ``readers``: id -> N x 6 grades (0-3, -1 = missing, as from
-    :func:`cxrtune.manifest.reader_grades`); ``groups``: a table aligned with the rows (e.g. the
+    :func:`cxrtune.data.manifest.reader_grades`); ``groups``: a table aligned with the rows (e.g. the
     manifest) holding the ``by`` columns. Returns a JSON-safe dict:
 
     - ``readers[R]``: model vs reader R (score and zone agreement, overall and ``by`` group) and
@@ -276,7 +276,7 @@ def reader_report(pred_zones: np.ndarray, readers: dict[str, np.ndarray], groups
 # ------------------------------------------------------------------------------------------ plots
 
 def _save(fig, uri: str) -> None:
-    """PNG bytes through :mod:`cxrtune.storage` (local or s3://); evaluation's ``_save`` without
+    """PNG bytes through :mod:`cxrtune.data.storage` (local or s3://); evaluation's ``_save`` without
     importing evaluation, which pulls in torch."""
     import matplotlib.pyplot as plt
 

@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
-from . import storage
+from .data import storage
 from .errors import CxrtuneError
 from .metrics import json_safe
 

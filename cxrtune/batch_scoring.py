@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from . import storage
+from .data import storage
 from .errors import CxrtuneError
 from .preprocessing import load_scan
 from .scorer import Scorer
@@ -55,7 +55,7 @@ def expand_inputs(paths: list[str], manifest_uri: str | None = None) -> list[str
 
 
 def _manifest_images(uri: str) -> list[str]:
-    from . import manifest
+    from .data import manifest
 
     return list(manifest.load_manifest(uri, check_files=False)["image"])
 

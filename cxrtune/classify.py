@@ -76,7 +76,7 @@ class ClassifyConfig:
     def from_yaml(cls, uri: str) -> "ClassifyConfig":
         import yaml
 
-        from . import storage
+        from .data import storage
 
         try:
             return cls.from_dict(yaml.safe_load(storage.read_text(uri)) or {})
@@ -124,7 +124,7 @@ def fit_classifier(cfg: ClassifyConfig, images: np.ndarray, labels: np.ndarray,
     """Train on ``images`` (N x size x size, uint8) with integer ``labels`` (0..num_classes-1).
     ``on_epoch(epoch, model)`` runs after every epoch of either phase (1..``cfg.total_epochs``):
     a Tune trial reports there, and Tune's schedulers stop it there."""
-    from .dataset import seed_augmentation
+    from .data.dataset import seed_augmentation
 
     if images.dtype != np.uint8 or images.ndim != 3:
         raise CxrtuneError("fit_classifier takes N x H x W uint8 images")

@@ -19,7 +19,7 @@ log = logging.getLogger("cxrtune")
 
 
 def _data_import(args) -> None:
-    from .importers import run_import
+    from .data.importers import run_import
 
     options = {"default_label": args.default_label, "min_age": args.min_age,
                "keep_derived": args.keep_derived, "pseudonym_key_file": args.pseudonym_key_file}
@@ -28,14 +28,14 @@ def _data_import(args) -> None:
     result = run_import(args.format, args.src, args.out, data_dir=args.data_dir,
                         progress=not args.quiet, **options)
     if result.excluded:
-        from .importers import report_uri
+        from .data.importers import report_uri
         print(f"exclusion report: {report_uri(args.out)}", file=sys.stderr)
     print(result.summary())
 
 
 def _data_split(args) -> None:
-    from . import manifest
-    from .splits import assign_splits, split_summary
+    from .data import manifest
+    from .data.splits import assign_splits, split_summary
 
     df = manifest.load_manifest(args.manifest, check_files=not args.no_check)
     out = assign_splits(df, val=args.val, test=args.test, folds=args.folds, seed=args.seed,
@@ -47,7 +47,7 @@ def _data_split(args) -> None:
 
 def _for_saving(df, target: str):
     """Keep relative paths when the manifest stays beside its files (phantom folders)."""
-    from . import manifest, storage
+    from .data import manifest, storage
 
     if storage.is_s3(target):
         return df
@@ -59,7 +59,7 @@ def _for_saving(df, target: str):
 
 
 def _data_push(args) -> None:
-    from . import manifest
+    from .data import manifest
 
     df = manifest.load_manifest(args.manifest)
     counts = manifest.push_manifest(df, args.dest, args.out, workers=args.workers,
@@ -69,7 +69,7 @@ def _data_push(args) -> None:
 
 
 def _data_phantom(args) -> None:
-    from .phantom import write_phantoms
+    from .data.phantom import write_phantoms
 
     df = write_phantoms(args.out, args.n, size=args.size, seed=args.seed, progress=not args.quiet,
                         shortcut=args.shortcut)
@@ -77,7 +77,7 @@ def _data_phantom(args) -> None:
 
 
 def _data_validate(args) -> None:
-    from . import manifest
+    from .data import manifest
 
     df = manifest.load_manifest(args.manifest, check_files=not args.no_check)
     print(f"{args.manifest}: {len(df)} rows, valid")
@@ -109,8 +109,8 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def embedded_manifest(n: int = 48, size: int = 128) -> str:
     """The embedded default dataset: phantoms in a local cache folder, generated once."""
-    from . import storage
-    from .phantom import write_phantoms
+    from .data import storage
+    from .data.phantom import write_phantoms
 
     root = storage.default_cache_dir() / f"phantoms-n{n}-s{size}"
     target = root / "manifest.parquet"
@@ -121,7 +121,7 @@ def embedded_manifest(n: int = 48, size: int = 128) -> str:
 
 
 def _train(args) -> None:
-    from . import manifest
+    from .data import manifest
     from .train import TrainConfig, train
 
     cfg = TrainConfig.from_yaml(shipped_or(args.config, "configs"))
@@ -157,7 +157,7 @@ def _bundle(args) -> None:
             raise CxrtuneError("--export onnx-int8 needs --calibration: radiographs like the ones it will score")
         if args.calibration_limit < INT8_MIN_CALIBRATION:
             raise CxrtuneError(f"--calibration-limit must be at least {INT8_MIN_CALIBRATION}")
-        from . import storage
+        from .data import storage
         from .batch_scoring import expand_inputs
 
         uris = expand_inputs(args.calibration)
@@ -180,7 +180,7 @@ def _bundle(args) -> None:
     gates = [parse_gate(g) for g in args.gate or []]  # checked before anything is written
     b = make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
     if gates:
-        from . import storage
+        from .data import storage
         from .artifacts import update_bundle
         from .audit.gates import GateFailed, enforce, run_gates
 
@@ -198,7 +198,7 @@ def _bundle(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from . import manifest
+    from .data import manifest
     from .artifacts import update_bundle
     from .evaluation import calibrate
     from .scorer import load_bundle
@@ -238,7 +238,7 @@ def _score(args) -> None:
 
 
 def _score_masks(args) -> None:
-    from . import images
+    from .data import images
     from .zones import score_masks
 
     lung = images.read_mask(args.lung)
@@ -250,7 +250,7 @@ def _score_masks(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from . import manifest
+    from .data import manifest
     from .evaluation import evaluate
     from .scorer import load_bundle
 
@@ -305,7 +305,7 @@ def load_warm_start(uris: list[str]) -> list[dict]:
     """Configurations from YAML/JSON files: each file one mapping or a list of them."""
     import yaml
 
-    from . import storage
+    from .data import storage
 
     points = []
     for uri in uris:
@@ -366,7 +366,7 @@ def _promote(args) -> None:
     enforce(results)
     run = promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs)
     if results:
-        from . import storage
+        from .data import storage
 
         meta_uri = storage.join(run, "best", "meta.json")
         meta = json.loads(storage.read_text(meta_uri))
@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _grade_cv(args) -> None:
-    from . import manifest, storage
+    from .data import manifest, storage
     from .grading import GradeConfig, cross_validate, cv_markdown
     from .metrics import json_safe
 
@@ -685,7 +685,7 @@ def _grade_cv(args) -> None:
 
 
 def _audit_hide_and_seek(args) -> None:
-    from . import manifest, storage
+    from .data import manifest, storage
     from .audit.hide_and_seek import Verdict, hide_and_seek, write_heatmaps
     from .classify import ClassifyConfig
     from .metrics import json_safe

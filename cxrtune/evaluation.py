@@ -8,7 +8,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from . import images, manifest, storage, zones
+from .data import images, manifest, storage
+from . import zones
 from .errors import CxrtuneError
 from .metrics import SegmentationMeter, classification_metrics, json_safe, score_metrics
 from .artifacts import DEFAULT_ZONE_THRESHOLD

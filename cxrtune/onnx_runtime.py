@@ -24,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from . import storage
+from .data import storage
 from .errors import CxrtuneError
 
 log = logging.getLogger(__name__)

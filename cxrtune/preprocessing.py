@@ -122,7 +122,7 @@ def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE) -> Scan:
 
     Raises UnsupportedFormatError (not an image), ImageTooLargeError (bytes or pixels over
     ``limits``), ImageDecodeError (corrupt) or :class:`InputRefused` (rules)."""
-    from .images import Limits, decode_image, sniff_format
+    from .data.images import Limits, decode_image, sniff_format
 
     from .errors import ImageDecodeError, ImageTooLargeError
 
@@ -134,7 +134,7 @@ def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE) -> Scan:
     fmt = sniff_format(data)
     header = None
     if fmt == "dicom":
-        from .dicom import read_dicom
+        from .data.dicom import read_dicom
 
         dcm = read_dicom(data, limits=limits)
         reason = dcm.header.exclusion_reason(min_age=0)  # age is not a reason to refuse a score

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import storage
+from .data import storage
 from .errors import CxrtuneError
 from .metrics import json_safe
 from .tuning import TuneOptions, load_options
@@ -278,7 +278,7 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     if epochs:
         cfg.epochs = epochs
     cfg.batch_size = fill_gpu_batch_size(cfg)
-    from . import manifest
+    from .data import manifest
 
     train(cfg, manifest.load_manifest(o.manifest), run_uri)
     return run_uri

@@ -29,7 +29,8 @@ import cv2
 import numpy as np
 import torch
 
-from . import storage, zones
+from .data import storage
+from . import zones
 from .errors import CxrtuneError
 from .artifacts import (DEFAULT_CLS_THRESHOLD, DEFAULT_ZONE_THRESHOLD, BundleMeta, CheckpointMeta, bundle_hash,
                         read_bundle_meta)
@@ -339,7 +340,7 @@ def reference_zones(row, reference_threshold: float = DEFAULT_ZONE_THRESHOLD, ca
     ``reader_S_A`` .. ``reader_S_F`` columns); ``zones`` (the ``zone_*`` columns); ``masks``
     (derived from the reference lung and opacity masks with ``reference_threshold``); ``auto``
     (zone columns, else masks)."""
-    from . import images
+    from .data import images
 
     if reference not in ("auto", "zones", "masks"):
         reader = reference.split(":", 1)[-1]

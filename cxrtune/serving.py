@@ -322,7 +322,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 def _decode(data: bytes, s: ServeSettings):
     """Bytes -> a checked Scan at the working size (the scoring policy's first step), with the
     errors mapped to HTTP codes. Runs in a thread."""
-    from .images import Limits
+    from .data.images import Limits
     from .preprocessing import InputRefused, load_scan
 
     try:
@@ -628,7 +628,7 @@ def read_serve_config(path: str) -> tuple[dict, dict]:
     """A Serve config (YAML, local or S3) and its first application, or a plain error."""
     import yaml
 
-    from . import storage
+    from .data import storage
 
     try:
         cfg = yaml.safe_load(storage.read_text(path)) or {}
@@ -674,7 +674,7 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
     from ray.serve.schema import ServeDeploySchema
 
-    from . import storage
+    from .data import storage
     from .artifacts import bundle_hash, read_bundle_meta
 
     cfg, app = read_serve_config(config)

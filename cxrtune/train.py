@@ -29,9 +29,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from . import manifest, storage
+from .data import manifest, storage
 from .artifacts import CheckpointMeta, versions
-from .dataset import CXRDataset, seed_worker
+from .data.dataset import CXRDataset, seed_worker
 from .preprocessing import Preprocessing
 from .errors import CxrtuneError
 from .losses import DynamicLossWeighting, build_optimizer, classification_loss, segmentation_loss

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Stopper
 
-from . import manifest, storage
+from .data import manifest, storage
 from .cluster import check_fits, init_ray, max_parallel
 from .errors import CxrtuneError
 from .search_space import SearchSpace, parse_space

@@ -75,7 +75,7 @@ def s3_server():
 @pytest.fixture
 def bucket(s3_server, request):
     """A fresh bucket per test, named after it."""
-    from cxrtune import storage
+    from cxrtune.data import storage
 
     name = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
     storage.ensure_bucket(f"s3://{name}/")
@@ -84,7 +84,7 @@ def bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
-    from cxrtune.phantom import write_phantoms
+    from cxrtune.data.phantom import write_phantoms
 
     out = tmp_path_factory.mktemp("phantoms")
     write_phantoms(out, 24, size=128, seed=0)
@@ -99,7 +99,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def phantom_bundle(phantom_dir, tmp_path_factory) -> Path:
     """A scorer bundle trained on the phantoms (both stages, 2 epochs at 64 px)."""
-    from cxrtune import manifest
+    from cxrtune.data import manifest
     from cxrtune.artifacts import make_bundle
     from cxrtune.train import TrainConfig, train
 

@@ -9,7 +9,7 @@ import pytest
 
 from cxrtune.audit.heatmaps import concordance
 from cxrtune.audit.representations import REPRESENTATIONS, represent
-from cxrtune.phantom import make_phantom
+from cxrtune.data.phantom import make_phantom
 
 
 def test_the_five_representations():

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from cxrtune import images, manifest
-from cxrtune.dataset import CXRDataset, seed_augmentation
+from cxrtune.data import images, manifest
+from cxrtune.data.dataset import CXRDataset, seed_augmentation
 from cxrtune.preprocessing import Preprocessing
 
 
@@ -47,7 +47,7 @@ def test_seed_pipeline_settings():
 def test_augmentation_is_reproducible_in_workers(phantom_dir):
     from torch.utils.data import DataLoader
 
-    from cxrtune.dataset import seed_worker
+    from cxrtune.data.dataset import seed_worker
 
     import pandas as pd
 

@@ -15,10 +15,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrtune import dicom, images, manifest
-from cxrtune.dicom import DicomHeader, NotAnImageError, parse_age_years, pseudonym, read_dicom, read_header
+from cxrtune.data import dicom, images, manifest
+from cxrtune.data.dicom import DicomHeader, NotAnImageError, parse_age_years, pseudonym, read_dicom, read_header
 from cxrtune.errors import CxrtuneError, ImageDecodeError
-from cxrtune.importers import run_import
+from cxrtune.data.importers import run_import
 from tests.conftest import need_shared
 
 SECRET_ID = "PATIENT-SECRET-4711"

@@ -114,7 +114,7 @@ GRID_SPACE = {
 
 @pytest.fixture(scope="module")
 def grading_phantoms(tmp_path_factory):
-    from cxrtune.phantom import write_phantoms
+    from cxrtune.data.phantom import write_phantoms
 
     out = tmp_path_factory.mktemp("grading")
     write_phantoms(out, 48, size=64, seed=3)

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrtune import images
+from cxrtune.data import images
 from cxrtune.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 
 

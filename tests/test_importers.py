@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrtune import images, manifest
+from cxrtune.data import images, manifest
 from cxrtune.errors import CxrtuneError
-from cxrtune.importers import run_import
+from cxrtune.data.importers import run_import
 from tests.conftest import need_shared
 
 

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 from torch.utils.data import DataLoader
 
-from cxrtune import manifest, storage
-from cxrtune.dataset import CXRDataset
+from cxrtune.data import manifest, storage
+from cxrtune.data.dataset import CXRDataset
 from cxrtune.preprocessing import Preprocessing
 from cxrtune.errors import ManifestError
 
@@ -76,7 +76,7 @@ def test_push_then_train_reader_caches(phantom_dir, bucket, tmp_path):
 
 
 def test_empty_label_means_unlabelled(tmp_path):
-    from cxrtune import images
+    from cxrtune.data import images
 
     import numpy as np
 
@@ -95,7 +95,7 @@ def test_empty_label_means_unlabelled(tmp_path):
 
 
 def test_splits_and_folds_work_with_unlabelled_rows():
-    from cxrtune.splits import _patient_strata, assign_splits, split_summary
+    from cxrtune.data.splits import _patient_strata, assign_splits, split_summary
 
     rows = [{"image": f"/x/{p}_{k}.png", "label": ["", "normal", "covid"][p % 3], "patient_id": f"p{p}"}
             for p in range(60) for k in range(2)]

@@ -10,7 +10,7 @@ import pytest
 
 from cxrtune import zones
 from cxrtune.evaluation import choose_cls_threshold
-from cxrtune.phantom import make_phantom
+from cxrtune.data.phantom import make_phantom
 from cxrtune.preprocessing import extract_roi, lung_box
 from cxrtune.scorer import build_record
 
@@ -82,8 +82,8 @@ def test_a_stray_speck_cannot_widen_the_crop():
 def test_training_crop_uses_the_same_cleanup(tmp_path):
     """CXRDataset (training) crops reference masks with the same function: a speck in a reference
     lung mask changes nothing either."""
-    from cxrtune import images, manifest
-    from cxrtune.dataset import CXRDataset
+    from cxrtune.data import images, manifest
+    from cxrtune.data.dataset import CXRDataset
     from cxrtune.preprocessing import Preprocessing
 
     ph = make_phantom(128, "covid", seed=1)
@@ -126,7 +126,7 @@ def test_cls_threshold_operating_points():
 
 def test_inference_does_not_import_training():
     code = ("import sys, cxrtune.scorer, cxrtune.serving, cxrtune.preprocessing, cxrtune.artifacts, "
-            "cxrtune.batch_scoring; bad = [m for m in ('cxrtune.train', 'cxrtune.dataset', 'albumentations') "
+            "cxrtune.batch_scoring; bad = [m for m in ('cxrtune.train', 'cxrtune.data.dataset', 'albumentations') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrtune import agreement, manifest
+from cxrtune import agreement
+from cxrtune.data import manifest
 from cxrtune.errors import CxrtuneError, ManifestError
-from cxrtune.importers import IMPORTERS
+from cxrtune.data.importers import IMPORTERS
 from tests.conftest import need_shared
 
 ZONES = "ABCDEF"
@@ -310,7 +311,7 @@ def test_brixia_dev_readers():
 
 
 def test_run_import_writes_manifest_and_exclusion_report(reader_folder, tmp_path):
-    from cxrtune.importers import report_uri, run_import
+    from cxrtune.data.importers import report_uri, run_import
 
     out = str(tmp_path / "out" / "m.parquet")
     result = run_import("readers", str(reader_folder), out, progress=False, default_label="covid")
@@ -322,7 +323,7 @@ def test_run_import_writes_manifest_and_exclusion_report(reader_folder, tmp_path
 
 
 def test_unlabelled_import_round_trips(reader_folder, tmp_path):
-    from cxrtune.importers import run_import
+    from cxrtune.data.importers import run_import
 
     out = str(tmp_path / "m.csv")
     run_import("readers", str(reader_folder), out, progress=False)

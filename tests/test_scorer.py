@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from cxrtune import images
+from cxrtune.data import images
 from cxrtune.scorer import sweep_threshold
 
 
@@ -95,7 +95,7 @@ def test_score_streams_records_and_resumes(bundle, phantom_dir, tmp_path):
 
 
 def test_score_takes_a_manifest_and_an_s3_prefix(bundle, phantom_dir, tmp_path, bucket):
-    from cxrtune import storage
+    from cxrtune.data import storage
 
     imgs = sorted((phantom_dir / "images").iterdir())[:2]
     for p in imgs:
@@ -114,7 +114,7 @@ def test_evaluate_writes_metrics_and_plots(bundle, phantom_dir):
                              str(phantom_dir / "manifest.parquet"), "--out", str(out), "--split", "val,test"))
     assert summary["lung_dice"] > 0 and summary["score_mae"] is not None and 0 <= summary["f1"] <= 1
     metrics = json.loads((out / "metrics.json").read_text())
-    from cxrtune import manifest
+    from cxrtune.data import manifest
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     assert sum(metrics["status"].values()) == metrics["n_read"] == df["split"].isin(["val", "test"]).sum()
@@ -144,7 +144,7 @@ def test_threshold_sweep_picks_min_mae():
 
 
 def test_clinical_objective_scores_validation_images(phantom_dir, phantom_bundle):
-    from cxrtune import manifest
+    from cxrtune.data import manifest
     from cxrtune.train import Trainer, TrainConfig
     from cxrtune.tuning import ClinicalObjective
 
@@ -162,7 +162,7 @@ def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, 
     readers with T cross-validated (the same set chose it), by label, with the reader-vs-reader row."""
     import shutil
 
-    from cxrtune import manifest
+    from cxrtune.data import manifest
 
     b = tmp_path / "bundle"
     shutil.copytree(bundle / "bundle", b)

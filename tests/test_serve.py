@@ -18,7 +18,7 @@ import requests
 import torch
 from pydicom.data import get_testdata_file
 
-from cxrtune import images
+from cxrtune.data import images
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow

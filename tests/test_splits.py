@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from cxrtune.errors import CxrtuneError
-from cxrtune.manifest import new_manifest
-from cxrtune.splits import assign_splits
+from cxrtune.data.manifest import new_manifest
+from cxrtune.data.splits import assign_splits
 
 
 def many_images_per_patient(n_patients: int = 120) -> pd.DataFrame:

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from cxrtune import manifest, storage
+from cxrtune.data import manifest, storage
 from cxrtune.errors import CxrtuneError
 from cxrtune.losses import DynamicLossWeighting, segmentation_loss
 from cxrtune.models import ARCHITECTURES, ModelConfig, build_model

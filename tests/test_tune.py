@@ -15,7 +15,7 @@ import boto3
 import pytest
 import yaml
 
-from cxrtune import storage
+from cxrtune.data import storage
 from tests.conftest import cli
 from tests.wandb_reader import summarize
 
@@ -283,7 +283,7 @@ def test_space_errors_name_the_key(tmp_path):
 
 def _with_reader(phantom_dir: Path, out: Path, grade: int) -> str:
     """The phantom manifest with a reader P who gives every zone ``grade`` (0-3)."""
-    from cxrtune import manifest
+    from cxrtune.data import manifest
     from cxrtune.zones import ZONE_LETTERS
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
@@ -298,7 +298,7 @@ def test_score_mae_objective_is_measured_against_the_reader(phantom_dir, phantom
     |score - 6| for each scored validation image (the worst error otherwise)."""
     import numpy as np
 
-    from cxrtune import manifest
+    from cxrtune.data import manifest
     from cxrtune.errors import CxrtuneError
     from cxrtune.scorer import load_bundle
     from cxrtune.tuning import ClinicalObjective

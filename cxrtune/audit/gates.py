@@ -82,7 +82,7 @@ def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
 
 def score_mae(scorer, rows, reader: str) -> dict:
     """The bundle's score MAE on the rows that have a reference (a reader's, else zones/masks)."""
-    from .. import storage
+    from ..data import storage
     from ..evaluation import score_rows
     from ..scorer import reference_zones
 
@@ -99,13 +99,13 @@ def score_mae(scorer, rows, reader: str) -> dict:
 def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None = None, limit: int = 64) -> dict:
     """Evaluate every gate; ``{rule: {value, threshold, passed, ...}}``. Never raises for a
     failed gate (:func:`enforce` does): the results are recorded either way."""
-    from .. import storage
+    from ..data import storage
 
     results, loaded = {}, {}
 
     def bundle_and_rows():  # read once for every bundle gate
         if not loaded:
-            from .. import manifest as manifests
+            from ..data import manifest as manifests
             from ..evaluation import pick_rows
             from ..scorer import load_bundle
 

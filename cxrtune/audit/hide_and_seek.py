@@ -49,7 +49,7 @@ class AuditData:
 def load_rows(df: pd.DataFrame, size: int, classes: list[str]) -> AuditData:
     """The rows' images and reference lung masks at ``size`` (rows without a lung mask are
     refused by the caller: hide-and-seek needs the lungs)."""
-    from ..images import read_image, read_mask
+    from ..data.images import read_image, read_mask
     from ..scorer import to_uint8
 
     imgs, lungs = [], []
@@ -63,7 +63,7 @@ def load_rows(df: pd.DataFrame, size: int, classes: list[str]) -> AuditData:
 def split_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Train rows and evaluation rows (test, else val), labelled and with lung masks; ``eval_only``
     rows (radiologists' reference sets) never train or test an audit model."""
-    from ..manifest import is_labelled, without_eval_only
+    from ..data.manifest import is_labelled, without_eval_only
 
     df = without_eval_only(df)
     usable = df[df["label"].map(is_labelled) & (df.get("lung_mask", pd.Series("", index=df.index)) != "")]
@@ -151,7 +151,7 @@ def hide_and_seek(cfg: ClassifyConfig, df: pd.DataFrame, representations: tuple[
 def write_heatmaps(shown: dict, out_uri: str, per_representation: int = 4) -> None:
     """The first heatmaps of each representation (``result["heatmaps"]``) as PNGs under
     ``OUT/heatmaps/``, with the lung outline and each image's HCS."""
-    from .. import storage
+    from ..data import storage
     from .heatmaps import concordance, heatmap_png
 
     for name, (images, heat, lungs) in shown.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .errors import CxrtuneError
+from ..errors import CxrtuneError
 
 
 def _patient_strata(df: pd.DataFrame) -> pd.Series:

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from . import storage
-from .errors import CxrtuneError, ManifestError
+from ..errors import CxrtuneError, ManifestError
 
 log = logging.getLogger(__name__)
 

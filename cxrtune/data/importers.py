@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import images, manifest
-from .errors import CxrtuneError
+from ..errors import CxrtuneError
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -301,7 +301,7 @@ def _free_target(out_dir: Path, stem: str, data: bytes, written: set) -> Path:
 
 
 def _create_new(path: Path, data: bytes) -> bool:
-    """Create ``path`` whole, never overwriting (:func:`cxrtune.storage.create_local`)."""
+    """Create ``path`` whole, never overwriting (:func:`cxrtune.data.storage.create_local`)."""
     from . import storage
 
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import manifest
-from .errors import CxrtuneError
+from ..errors import CxrtuneError
 from .importers import IMAGE_SUFFIXES, ImportResult, importer
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from . import images, manifest, zones
+from . import images, manifest
+from .. import zones
 
-from .artifacts import DEFAULT_ZONE_THRESHOLD as REFERENCE_ZONE_THRESHOLD  # the one default T
+from ..artifacts import DEFAULT_ZONE_THRESHOLD as REFERENCE_ZONE_THRESHOLD  # the one default T
 LABEL_MIX = (("normal", 0.4), ("covid", 0.4), ("other_pneumonia", 0.2))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError
+from ..errors import CxrtuneError, ImageDecodeError, ImageTooLargeError
 
 PSEUDONYM_ENV = "CXRTUNE_PSEUDONYM_KEY"
 MIN_KEY_CHARS = 16

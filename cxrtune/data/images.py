@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from . import storage
-from .errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+from ..errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 
 MAX_BYTES = int(os.environ.get("CXRTUNE_MAX_IMAGE_BYTES", 256 * 1024 * 1024))
 MAX_PIXELS = int(os.environ.get("CXRTUNE_MAX_IMAGE_PIXELS", 64 * 1024 * 1024))

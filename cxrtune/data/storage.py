@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 from urllib.parse import urlparse
 
-from .errors import CxrtuneError
+from ..errors import CxrtuneError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
