@@ -85,7 +85,7 @@ def main() -> None:
     from cxrtune.data.importers import run_import
     from cxrtune.scorer import load_bundle
     from cxrtune.data.splits import assign_splits
-    from cxrtune.train import TrainConfig, train
+    from cxrtune.model.train import TrainConfig, train
 
     out = Path(args.out or ("/tmp/cxrtune-accuracy-cpu" if args.cpu else "/tmp/cxrtune-accuracy"))
     out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ def main() -> None:
             "fp_rate_normal<=0.05": (result["fp_rate_on_normal"] if result["fp_rate_on_normal"] is not None else 1) <= 0.05,
             "train<=15min": result["train_minutes"]["both"] <= 15,
         }
-    from cxrtune.metrics import json_safe
+    from cxrtune.model.metrics import json_safe
 
     (out / "result.json").write_text(json.dumps(json_safe(result), indent=2))
     print(json.dumps(json_safe(result), indent=2))

@@ -44,9 +44,9 @@ def main() -> None:
     import yaml
 
     from cxrtune.data import manifest, storage
-    from cxrtune.grading import cross_validate, cv_markdown
+    from cxrtune.model.grading import cross_validate, cv_markdown
     from cxrtune.data.importers import run_import
-    from cxrtune.metrics import json_safe
+    from cxrtune.model.metrics import json_safe
     from cxrtune.report import top_grade_recipes, write_report
     from cxrtune.tuning import TuneOptions, run_tune
 

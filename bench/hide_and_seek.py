@@ -40,9 +40,9 @@ def main() -> None:
 
     from cxrtune.data import manifest
     from cxrtune.audit.hide_and_seek import hide_and_seek, write_heatmaps
-    from cxrtune.classify import ClassifyConfig
+    from cxrtune.model.classify import ClassifyConfig
     from cxrtune.data.importers import run_import
-    from cxrtune.metrics import json_safe
+    from cxrtune.model.metrics import json_safe
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,7 @@ def int8_parity(src: Path, out: Path, calibration: list[str], evaluation: list[s
 
     import numpy as np
 
-    from cxrtune.metrics import agreement_dice
+    from cxrtune.model.metrics import agreement_dice
     from cxrtune.onnx_runtime import quantize_bundle
     from cxrtune.preprocessing import load_scan
     from cxrtune.scorer import load_bundle
@@ -215,7 +215,7 @@ def main() -> None:
 
     import torch
 
-    from cxrtune.metrics import json_safe
+    from cxrtune.model.metrics import json_safe
     from cxrtune.onnx_runtime import export_bundle
     from cxrtune.scorer import load_bundle
     from serve_gpu import QUICK_PAIR, SEED_PAIR, random_bundle, reference

@@ -36,9 +36,9 @@ def random_bundle(out: Path, pair) -> Path:
     import torch
 
     from cxrtune.preprocessing import Preprocessing
-    from cxrtune.models import ModelConfig, build_model
+    from cxrtune.model.models import ModelConfig, build_model
     from cxrtune.artifacts import make_bundle
-    from cxrtune.train import TrainConfig
+    from cxrtune.model.train import TrainConfig
 
     runs = {}
     for task, spec in (("lung", pair[0]), ("disease", pair[1])):
@@ -123,7 +123,7 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from cxrtune.metrics import json_safe
+    from cxrtune.model.metrics import json_safe
     from cxrtune.serving import application as build_app
     from serve_load import collect, free_port, run_load
 

@@ -163,7 +163,7 @@ def run_cpu(args) -> None:
 
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
-    from cxrtune.metrics import json_safe
+    from cxrtune.model.metrics import json_safe
     from cxrtune.search_space import load_space
     from cxrtune.data.splits import assign_splits
     from cxrtune.tuning import TuneOptions, run_tune, startup_trials
@@ -274,7 +274,7 @@ def main() -> None:
 
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
-    from cxrtune.metrics import json_safe
+    from cxrtune.model.metrics import json_safe
     from cxrtune.search_space import load_space
     from cxrtune.data.splits import assign_splits
     from cxrtune.tuning import TuneOptions, run_tune

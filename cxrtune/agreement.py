@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .data import storage
-from .metrics import json_safe
+from .model.metrics import json_safe
 
 ZONE_LETTERS = ("A", "B", "C", "D", "E", "F")
 MIN_GROUP = 5  # smaller subgroups are skipped: a bootstrap over 4 images says nothing
@@ -136,7 +136,7 @@ def score_agreement(pred_scores: np.ndarray, ref_scores: np.ndarray, n_boot: int
     with a 95 % percentile bootstrap interval over images (``<stat>_ci``), and ``n``.
 
     Statistics that are undefined (kappa or rho with a constant rater) are NaN; pass the result
-    through :func:`cxrtune.metrics.json_safe` before writing JSON.
+    through :func:`cxrtune.model.metrics.json_safe` before writing JSON.
     """
     from scipy.stats import spearmanr
     from sklearn.metrics import cohen_kappa_score

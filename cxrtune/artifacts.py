@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 from .data import storage
 from .errors import CxrtuneError
-from .metrics import json_safe
+from .model.metrics import json_safe
 
 CHECKPOINT_FORMAT = "cxrtune-checkpoint/1"
 BUNDLE_FORMAT = "cxrtune-bundle/2"

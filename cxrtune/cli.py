@@ -122,7 +122,7 @@ def embedded_manifest(n: int = 48, size: int = 128) -> str:
 
 def _train(args) -> None:
     from .data import manifest
-    from .train import TrainConfig, train
+    from .model.train import TrainConfig, train
 
     cfg = TrainConfig.from_yaml(shipped_or(args.config, "configs"))
     if args.set:
@@ -274,7 +274,7 @@ def _evaluate(args) -> None:
                "score_mae": result.get("score", {}).get("mae")}
     for reader, figures in (result.get("readers", {}).get("readers", {}) or {}).items():
         summary[f"mae_vs_{reader}"] = figures.get("score", {}).get("mae")
-    from .metrics import json_safe
+    from .model.metrics import json_safe
 
     print(json.dumps(json_safe(summary)))
 
@@ -345,7 +345,7 @@ def _tune(args) -> None:
                            name=args.name or _time.strftime("sweep-%Y%m%d-%H%M%S"),
                            storage=args.storage or os.path.abspath("cxrtune-results"))
         summary = run_tune(opts)
-    from .metrics import json_safe
+    from .model.metrics import json_safe
 
     print(json.dumps(json_safe(summary), indent=2, default=str))
 
@@ -656,8 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _grade_cv(args) -> None:
     from .data import manifest, storage
-    from .grading import GradeConfig, cross_validate, cv_markdown
-    from .metrics import json_safe
+    from .model.grading import GradeConfig, cross_validate, cv_markdown
+    from .model.metrics import json_safe
 
     if args.config:
         if not args.manifest:
@@ -687,8 +687,8 @@ def _grade_cv(args) -> None:
 def _audit_hide_and_seek(args) -> None:
     from .data import manifest, storage
     from .audit.hide_and_seek import Verdict, hide_and_seek, write_heatmaps
-    from .classify import ClassifyConfig
-    from .metrics import json_safe
+    from .model.classify import ClassifyConfig
+    from .model.metrics import json_safe
 
     cfg = ClassifyConfig.from_yaml(args.config)
     df = manifest.load_manifest(args.manifest)

@@ -11,7 +11,7 @@ import pandas as pd
 from .data import images, manifest, storage
 from . import zones
 from .errors import CxrtuneError
-from .metrics import SegmentationMeter, classification_metrics, json_safe, score_metrics
+from .model.metrics import SegmentationMeter, classification_metrics, json_safe, score_metrics
 from .artifacts import DEFAULT_ZONE_THRESHOLD
 from .scorer import STATUSES, Scorer, reference_zones, sweep_threshold, zone_fractions
 

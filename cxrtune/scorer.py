@@ -34,7 +34,7 @@ from . import zones
 from .errors import CxrtuneError
 from .artifacts import (DEFAULT_CLS_THRESHOLD, DEFAULT_ZONE_THRESHOLD, BundleMeta, CheckpointMeta, bundle_hash,
                         read_bundle_meta)
-from .models import ModelConfig, build_model
+from .model.models import ModelConfig, build_model
 from .preprocessing import Preprocessing, Scan, extract_roi, resize_image
 
 MIN_LUNG_FRACTION = 0.005  # cleaned lungs under this share of the image: no lungs found

@@ -1,6 +1,6 @@
 """``cxrtune tune``: Ray Tune + Optuna (TPE, or NSGA-II for two objectives) + ASHA/HyperBand.
 
-Every trial runs the same :class:`~cxrtune.train.Trainer` as ``cxrtune train`` and reports each
+Every trial runs the same :class:`~cxrtune.model.train.Trainer` as ``cxrtune train`` and reports each
 epoch with ``tune.report(metrics, checkpoint=...)``. Results and checkpoints go to a local folder or
 S3 (through a pyarrow filesystem with the same endpoint as everything else). The experiment folder
 also holds ``cxrtune.json`` (the options, the search space and the manifest URI), so
@@ -221,7 +221,7 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     import torch
     from ray import tune
 
-    from .train import Trainer
+    from .model.train import Trainer
 
     o = TuneOptions(**opts)
     if space.task == "grade":
@@ -265,7 +265,7 @@ def run_grade_trial(config: dict, o: TuneOptions, space: SearchSpace) -> None:
     keeping are retrained under cross-validation (``cxrtune grade cv --experiment``)."""
     from ray import tune
 
-    from .grading import flat_metrics, train_grader
+    from .model.grading import flat_metrics, train_grader
 
     cfg = space.train_config(_sampled(config))
     cfg.epochs = int(o.max_epochs or space.fixed.get("epochs") or DEFAULT_EPOCHS)
@@ -294,7 +294,7 @@ class PatienceStopper(Stopper):
     def __call__(self, trial_id: str, result: dict) -> bool:
         if self.metric not in result:
             return False
-        from .train import patience_step  # the one patience rule, shared with `cxrtune train`
+        from .model.train import patience_step  # the one patience rule, shared with `cxrtune train`
 
         value = self.sign * float(result[self.metric])
         self.stale[trial_id], self.best[trial_id] = patience_step(

@@ -101,7 +101,7 @@ def phantom_bundle(phantom_dir, tmp_path_factory) -> Path:
     """A scorer bundle trained on the phantoms (both stages, 2 epochs at 64 px)."""
     from cxrtune.data import manifest
     from cxrtune.artifacts import make_bundle
-    from cxrtune.train import TrainConfig, train
+    from cxrtune.model.train import TrainConfig, train
 
     work = tmp_path_factory.mktemp("bundle")
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))

@@ -29,7 +29,7 @@ def test_the_five_representations():
     import pandas as pd
 
     from cxrtune.audit.hide_and_seek import hide_and_seek
-    from cxrtune.classify import ClassifyConfig
+    from cxrtune.model.classify import ClassifyConfig
     from cxrtune.errors import CxrtuneError
 
     with pytest.raises(CxrtuneError, match="unknown representation 'lungs_blured'"):  # before any data is read
@@ -144,7 +144,7 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
 def test_per_lung_grades_and_roi_schemes():
     import pandas as pd
 
-    from cxrtune.grading import grade_labels, grading_input, mask_grades
+    from cxrtune.model.grading import grade_labels, grading_input, mask_grades
 
     lung = np.zeros((100, 100), bool)
     lung[20:80, 10:40] = True  # the patient's right lung (image left)

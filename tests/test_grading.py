@@ -49,7 +49,7 @@ def test_grade_space_errors_name_the_key():
 
 
 def test_grid_table_is_the_papers_layout():
-    from cxrtune.grading import grid_table
+    from cxrtune.model.grading import grid_table
 
     rows = []
     for side, backbone, roi, bal in itertools.product(["right", "left"], ["resnet50", "vgg16"], ["none", "split"],
@@ -68,7 +68,7 @@ def test_grid_table_is_the_papers_layout():
 
 
 def test_patient_folds_and_subgroup_table():
-    from cxrtune.grading import patient_folds, subgroup_table
+    from cxrtune.model.grading import patient_folds, subgroup_table
 
     rows = pd.DataFrame({"patient_id": [f"p{i // 2}" for i in range(40)],
                          "sex": ["F", "M"] * 10 + [""] * 20})
@@ -90,8 +90,8 @@ def test_patient_folds_and_subgroup_table():
 
 
 def test_fit_classifier_reports_every_epoch_of_both_phases():
-    from cxrtune.classifiers import ClassifierConfig
-    from cxrtune.classify import ClassifyConfig, fit_classifier
+    from cxrtune.model.classifiers import ClassifierConfig
+    from cxrtune.model.classify import ClassifyConfig, fit_classifier
 
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 255, (12, 32, 32), dtype=np.uint8), np.arange(12) % 2
@@ -151,7 +151,7 @@ def test_grid_sweep_compact_table_and_cross_validation(grading_phantoms, tmp_pat
     mae = {(t["param:roi"], t["param:balancing"]): t["best_val_macro_mae"] for _, t in trials.iterrows()}
     chosen = [mae[(x["config"]["roi"], x["config"]["balancing"])] for x in results]
     assert len(results) == 2 and chosen == sorted(trials["best_val_macro_mae"])[:2]  # the top two, best first
-    from cxrtune.metrics import ordinal_metrics
+    from cxrtune.model.metrics import ordinal_metrics
 
     for i, res in enumerate(results, 1):
         oof = pd.read_csv(tmp_path / "cv" / f"oof_{i}.csv")

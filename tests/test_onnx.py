@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cxrtune.errors import CxrtuneError
-from cxrtune.metrics import agreement_dice
+from cxrtune.model.metrics import agreement_dice
 
 pytestmark = pytest.mark.slow
 

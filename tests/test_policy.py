@@ -126,7 +126,7 @@ def test_cls_threshold_operating_points():
 
 def test_inference_does_not_import_training():
     code = ("import sys, cxrtune.scorer, cxrtune.serving, cxrtune.preprocessing, cxrtune.artifacts, "
-            "cxrtune.batch_scoring; bad = [m for m in ('cxrtune.train', 'cxrtune.data.dataset', 'albumentations') "
+            "cxrtune.batch_scoring; bad = [m for m in ('cxrtune.model.train', 'cxrtune.data.dataset', 'albumentations') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

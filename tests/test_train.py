@@ -5,9 +5,9 @@ import torch
 
 from cxrtune.data import manifest, storage
 from cxrtune.errors import CxrtuneError
-from cxrtune.losses import DynamicLossWeighting, segmentation_loss
-from cxrtune.models import ARCHITECTURES, ModelConfig, build_model
-from cxrtune.train import TrainConfig, train
+from cxrtune.model.losses import DynamicLossWeighting, segmentation_loss
+from cxrtune.model.models import ARCHITECTURES, ModelConfig, build_model
+from cxrtune.model.train import TrainConfig, train
 
 
 def test_dlw_weights_follow_ratio_and_carry_no_gradient():
@@ -91,7 +91,7 @@ def test_both_stages_train_checkpoint_and_resume(phantom_dir, bucket):
 
 
 def test_unannotated_masks_stay_out_of_the_segmentation_loss(phantom_dir):
-    from cxrtune.train import Trainer
+    from cxrtune.model.train import Trainer
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     trainer = Trainer(TrainConfig.from_dict({"task": "disease", "model": {"arch": "FPN", "encoder": "resnet18"},
@@ -109,7 +109,7 @@ def test_unannotated_masks_stay_out_of_the_segmentation_loss(phantom_dir):
 
 
 def test_score_metrics():
-    from cxrtune.metrics import json_safe, score_metrics
+    from cxrtune.model.metrics import json_safe, score_metrics
 
     m = score_metrics([0, 1, 2, 3], [0, 1, 2, 4])
     assert m["mae"] == 0.25 and m["rmse"] == 0.5 and m["pearson"] > 0.9
@@ -137,7 +137,7 @@ def test_dlw_initial_loss_waits_for_a_nonempty_target_and_weights_stay_bounded()
 
 def test_trainer_never_takes_l0_from_an_empty_target(phantom_dir):
     """A first epoch of annotated-empty masks only (normal phantoms): no L0 for the opacity task."""
-    from cxrtune.train import Trainer
+    from cxrtune.model.train import Trainer
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     normals = df[df["label"] == "normal"].assign(split="train")
@@ -150,7 +150,7 @@ def test_trainer_never_takes_l0_from_an_empty_target(phantom_dir):
 
 
 def test_best_is_the_best_epoch_and_min_delta_only_drives_patience(phantom_dir, tmp_path, monkeypatch, capsys):
-    from cxrtune.train import Trainer
+    from cxrtune.model.train import Trainer
 
     values = iter([0.50, 0.505, 0.503, 0.99])
     monkeypatch.setattr(Trainer, "train_epoch", lambda self, progress=False: {"train_loss": 1.0})
@@ -168,7 +168,7 @@ def test_best_is_the_best_epoch_and_min_delta_only_drives_patience(phantom_dir, 
 
 
 def test_a_loss_monitor_is_minimised(phantom_dir, tmp_path, monkeypatch):
-    from cxrtune.train import Trainer
+    from cxrtune.model.train import Trainer
 
     losses = iter([0.9, 0.6, 0.7])
     monkeypatch.setattr(Trainer, "train_epoch", lambda self, progress=False: {"train_loss": 1.0})
@@ -214,7 +214,7 @@ def test_patience_rule_is_shared_with_the_tune_stopper():
 
 
 def test_unlabelled_rows_never_train_the_classifier(phantom_dir):
-    from cxrtune.train import select_rows
+    from cxrtune.model.train import select_rows
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     df.loc[df.index[:3], "label"] = ""
@@ -224,7 +224,7 @@ def test_unlabelled_rows_never_train_the_classifier(phantom_dir):
 
 def test_eval_only_rows_never_train(phantom_dir):
     """Reader-graded reference sets (brixia-dev) are for calibration and evaluation only."""
-    from cxrtune.train import select_rows
+    from cxrtune.model.train import select_rows
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     df["eval_only"] = False

@@ -20,7 +20,7 @@ NONZERO = 1e-3  # Grad-CAM maps are scaled to [0, 1]; below this a pixel counts 
 
 class CamModel(nn.Module):
     """A classifier seen by Grad-CAM: encoder -> deepest feature map (``features``, the target
-    layer) -> classification head -> logits. Wraps a :class:`~cxrtune.classifiers.Classifier` or
+    layer) -> classification head -> logits. Wraps a :class:`~cxrtune.model.classifiers.Classifier` or
     an SMP multi-task model (Stage II: its ``classification_head``, one logit)."""
 
     def __init__(self, model: nn.Module):

@@ -1,7 +1,7 @@
 """Seed 001's ROI Hide-and-Seek: train and test a classifier recipe on five representations of
 the same data, and flag a recipe whose models stay accurate when the lungs are hidden.
 
-It audits the recipe and the data (a :class:`~cxrtune.classify.ClassifyConfig` on a manifest), not
+It audits the recipe and the data (a :class:`~cxrtune.model.classify.ClassifyConfig` on a manifest), not
 one trained model: a dataset whose classes come from different hospitals lets any recipe read
 the hospital instead of the lungs. Each representation gets its own model, trained on the train
 rows and tested on the test rows (the val rows when there is no test split), with accuracy,
@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from ..classify import ClassifyConfig, fit_classifier, predict
+from ..model.classify import ClassifyConfig, fit_classifier, predict
 from ..errors import CxrtuneError
-from ..metrics import multiclass_metrics
+from ..model.metrics import multiclass_metrics
 from ..preprocessing import Preprocessing, resize_image, resize_mask
 from .representations import HIDDEN, REPRESENTATIONS, represent
 

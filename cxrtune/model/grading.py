@@ -27,11 +27,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import zones
+from .. import zones
 from .classifiers import ClassifierConfig
 from .classify import BALANCING, ClassifyConfig
-from .errors import CxrtuneError
-from .preprocessing import resize_image
+from ..errors import CxrtuneError
+from ..preprocessing import resize_image
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def grade_labels(df: pd.DataFrame, read_mask) -> pd.DataFrame:
     """Rows with a grade per side: ``grade_right``/``grade_left`` where the manifest has them,
     else derived from the reference masks (rows with neither are dropped, and so are ``eval_only``
     rows). Adds ``grade_source``."""
-    from .data.manifest import without_eval_only
+    from ..data.manifest import without_eval_only
 
     df = without_eval_only(df)  # radiologists' reference sets (brixia-dev) never train or select
     rows, index = [], []
@@ -137,8 +137,8 @@ def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int) -> Gra
     """The inputs of ``graded`` rows (from :func:`grade_labels`) in ROI scheme ``roi``, the ROI
     taken from the reference lung mask. A row the scheme cannot use (no lung mask; a single lung
     for ``split``) or an unreadable image is left out with a warning, never guessed."""
-    from .data.images import read_image, read_mask
-    from .scorer import to_uint8
+    from ..data.images import read_image, read_mask
+    from ..scorer import to_uint8
 
     images, keep, skipped = [], [], []
     for i, row in graded.iterrows():
@@ -186,9 +186,9 @@ def train_grader(cfg: GradeConfig, df: pd.DataFrame,
     (``on_epoch(epoch, metrics)``: a Tune trial reports there). Returns the model and the last
     validation metrics. ``eval_only`` rows never take part."""
     from .classify import fit_classifier, predict
-    from .data.images import read_mask
-    from .data.manifest import without_eval_only
-    from .preprocessing import Preprocessing
+    from ..data.images import read_mask
+    from ..data.manifest import without_eval_only
+    from ..preprocessing import Preprocessing
 
     df = without_eval_only(df)
     if "split" not in df.columns:
@@ -253,9 +253,9 @@ def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int
     pooled out-of-fold metrics, subgroup tables ``by`` manifest columns, and the out-of-fold
     predictions (``oof``: row, patient, fold, grade, predicted grade)."""
     from .classify import fit_classifier, predict
-    from .data.images import read_mask
-    from .data.manifest import without_eval_only
-    from .preprocessing import Preprocessing
+    from ..data.images import read_mask
+    from ..data.manifest import without_eval_only
+    from ..preprocessing import Preprocessing
 
     df = without_eval_only(df)
     if "split" in df.columns:

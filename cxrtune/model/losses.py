@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import CxrtuneError
+from ..errors import CxrtuneError
 
 
 class _Sum(nn.Module):

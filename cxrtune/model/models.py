@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .errors import CxrtuneError
+from ..errors import CxrtuneError
 
 ARCHITECTURES = {
     "Unet": "unet", "UnetPlusPlus": "unetplusplus", "DeepLabV3": "deeplabv3",
@@ -41,7 +41,7 @@ class ModelConfig:
 
 def _weights_file(uri: str) -> str:
     """A weights file itself, or the best (else own) ``model.pt`` of a cxrtune run or checkpoint."""
-    from .data import storage
+    from ..data import storage
 
     if uri.endswith((".pt", ".pth", ".bin", ".ckpt")):
         return uri
@@ -54,7 +54,7 @@ def _weights_file(uri: str) -> str:
 def load_encoder_weights(model: nn.Module, uri: str) -> None:
     """Weights at ``uri`` (an encoder state dict, or a whole model's: its ``encoder.`` tensors)
     into ``model.encoder``, for segmenters and classifiers alike; shapes must match."""
-    from .data import storage
+    from ..data import storage
 
     path = _weights_file(uri)
     try:

@@ -1,6 +1,6 @@
 """Training image classifiers for the classification and audit track (seeds 000 and 001).
 
-:func:`fit_classifier` trains a :class:`~cxrtune.classifiers.Classifier` on images held in memory
+:func:`fit_classifier` trains a :class:`~cxrtune.model.classifiers.Classifier` on images held in memory
 (the track's datasets are small at its sizes: 1,000 images at 128 px are 16 MB as uint8), with
 seed 000's recipe: class balancing (random under-sampling, augmented over-sampling, or
 double-stage: balanced training, then full-data fine-tuning) and two-phase transfer (the head
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from .classifiers import Classifier, ClassifierConfig, build_classifier
-from .errors import CxrtuneError
-from .preprocessing import Preprocessing
+from ..errors import CxrtuneError
+from ..preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 BALANCING = ("none", "undersample", "oversample", "double")
@@ -76,7 +76,7 @@ class ClassifyConfig:
     def from_yaml(cls, uri: str) -> "ClassifyConfig":
         import yaml
 
-        from .data import storage
+        from ..data import storage
 
         try:
             return cls.from_dict(yaml.safe_load(storage.read_text(uri)) or {})
@@ -124,7 +124,7 @@ def fit_classifier(cfg: ClassifyConfig, images: np.ndarray, labels: np.ndarray,
     """Train on ``images`` (N x size x size, uint8) with integer ``labels`` (0..num_classes-1).
     ``on_epoch(epoch, model)`` runs after every epoch of either phase (1..``cfg.total_epochs``):
     a Tune trial reports there, and Tune's schedulers stop it there."""
-    from .data.dataset import seed_augmentation
+    from ..data.dataset import seed_augmentation
 
     if images.dtype != np.uint8 or images.ndim != 3:
         raise CxrtuneError("fit_classifier takes N x H x W uint8 images")

@@ -29,11 +29,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .data import manifest, storage
-from .artifacts import CheckpointMeta, versions
-from .data.dataset import CXRDataset, seed_worker
-from .preprocessing import Preprocessing
-from .errors import CxrtuneError
+from ..data import manifest, storage
+from ..artifacts import CheckpointMeta, versions
+from ..data.dataset import CXRDataset, seed_worker
+from ..preprocessing import Preprocessing
+from ..errors import CxrtuneError
 from .losses import DynamicLossWeighting, build_optimizer, classification_loss, segmentation_loss
 from .metrics import SegmentationMeter, classification_metrics, json_safe
 from .models import ModelConfig, build_model

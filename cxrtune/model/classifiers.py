@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .errors import CxrtuneError
+from ..errors import CxrtuneError
 
 BACKBONES = ("resnet50", "vgg16", "densenet121")  # seed 000's three; any SMP encoder name also works
 

@@ -1,0 +1,2 @@
+"""Models and their training: the SMP model factory, losses, metrics, the segmentation trainer, and
+the classification track's classifiers, recipe and per-lung grading."""
