@@ -80,10 +80,10 @@ def main() -> None:
     import torch
 
     from cxrtune.data import manifest
-    from cxrtune.artifacts import make_bundle, update_bundle
-    from cxrtune.evaluation import calibrate, evaluate
+    from cxrtune.scoring.artifacts import make_bundle, update_bundle
+    from cxrtune.scoring.evaluation import calibrate, evaluate
     from cxrtune.data.importers import run_import
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.scorer import load_bundle
     from cxrtune.data.splits import assign_splits
     from cxrtune.model.train import TrainConfig, train
 

@@ -48,7 +48,7 @@ def main() -> None:
 
     from cxrtune.data import manifest, storage
     from cxrtune.data.dataset import CXRDataset
-    from cxrtune.preprocessing import Preprocessing
+    from cxrtune.scoring.preprocessing import Preprocessing
     from cxrtune.data.phantom import write_phantoms
 
     torch.set_num_threads(1)

@@ -73,8 +73,8 @@ def network_gflops(scorer) -> dict:
 
 def library_path(bundle: Path, data: list[bytes], runtime: str, n: int) -> dict:
     """cxrtune's scoring policy in-process, one image at a time (decode to record)."""
-    from cxrtune.preprocessing import load_scan
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.preprocessing import load_scan
+    from cxrtune.scoring.scorer import load_bundle
 
     scorer = load_bundle(str(bundle), device="cpu", batch_size=1, runtime=runtime)
     for d in data[:2]:
@@ -96,9 +96,9 @@ def int8_parity(src: Path, out: Path, calibration: list[str], evaluation: list[s
     import numpy as np
 
     from cxrtune.model.metrics import agreement_dice
-    from cxrtune.onnx_runtime import quantize_bundle
-    from cxrtune.preprocessing import load_scan
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.onnx_runtime import quantize_bundle
+    from cxrtune.scoring.preprocessing import load_scan
+    from cxrtune.scoring.scorer import load_bundle
 
     bundle = out / "parity-bundle"
     shutil.rmtree(bundle, ignore_errors=True)
@@ -127,8 +127,8 @@ def payload_bytes(bundle: Path, data: bytes) -> dict:
     working image and full-size masks) and now (the lean inputs and outputs actually sent)."""
     import numpy as np
 
-    from cxrtune.preprocessing import load_scan
-    from cxrtune.scorer import disease_input, load_bundle, stage_input
+    from cxrtune.scoring.preprocessing import load_scan
+    from cxrtune.scoring.scorer import disease_input, load_bundle, stage_input
 
     scorer = load_bundle(str(bundle), device="cpu", batch_size=1, runtime="torch")
     image = load_scan(data).image
@@ -216,8 +216,8 @@ def main() -> None:
     import torch
 
     from cxrtune.model.metrics import json_safe
-    from cxrtune.onnx_runtime import export_bundle
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.onnx_runtime import export_bundle
+    from cxrtune.scoring.scorer import load_bundle
     from serve_gpu import QUICK_PAIR, SEED_PAIR, random_bundle, reference
     from serve_load import collect
 
@@ -237,7 +237,7 @@ def main() -> None:
     export_bundle(str(bundle))
     export_s = time.perf_counter() - t
     lib_onnx = library_path(bundle, payloads, "onnx", n)
-    from cxrtune.onnx_runtime import quantize_bundle
+    from cxrtune.scoring.onnx_runtime import quantize_bundle
 
     t = time.perf_counter()
     quantize_bundle(str(bundle), payloads[:8])  # speed does not depend on the calibration of random weights

@@ -35,9 +35,9 @@ def random_bundle(out: Path, pair) -> Path:
     """A bundle of two runs with random weights, made by ``make_bundle`` like any other."""
     import torch
 
-    from cxrtune.preprocessing import Preprocessing
+    from cxrtune.scoring.preprocessing import Preprocessing
     from cxrtune.model.models import ModelConfig, build_model
-    from cxrtune.artifacts import make_bundle
+    from cxrtune.scoring.artifacts import make_bundle
     from cxrtune.model.train import TrainConfig
 
     runs = {}
@@ -65,9 +65,9 @@ def reference(bundle: Path, files: list[Path], device: str, n: int) -> dict:
     import torchvision.transforms as T
     from PIL import Image
 
-    from cxrtune import zones
-    from cxrtune.preprocessing import extract_roi
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring import zones
+    from cxrtune.scoring.preprocessing import extract_roi
+    from cxrtune.scoring.scorer import load_bundle
 
     scorer = load_bundle(str(bundle), device=device, batch_size=1, runtime="torch")
     lung_m, dis_m = scorer.lung.model.float().eval(), scorer.disease.model.float().eval()

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from .artifacts import DEFAULT_ZONE_THRESHOLD
+from .scoring.artifacts import DEFAULT_ZONE_THRESHOLD
 from .errors import CxrtuneError
 
 log = logging.getLogger("cxrtune")
@@ -135,14 +135,14 @@ def _train(args) -> None:
 
 
 def _bundle(args) -> None:
-    from .artifacts import make_bundle, migrate_bundle
+    from .scoring.artifacts import make_bundle, migrate_bundle
 
     if args.migrate:
         meta = migrate_bundle(args.migrate)
         print(f"bundle {args.migrate}: now {meta.format}")
         return
     if args.export:
-        from .onnx_runtime import export_bundle, quantize_bundle
+        from .scoring.onnx_runtime import export_bundle, quantize_bundle
 
         fmt, uri = args.export
         if fmt == "onnx":
@@ -151,14 +151,14 @@ def _bundle(args) -> None:
             return
         if fmt != "onnx-int8":
             raise CxrtuneError(f"--export {fmt}: the export formats are onnx and onnx-int8")
-        from .onnx_runtime import INT8_MIN_CALIBRATION
+        from .scoring.onnx_runtime import INT8_MIN_CALIBRATION
 
         if not args.calibration:
             raise CxrtuneError("--export onnx-int8 needs --calibration: radiographs like the ones it will score")
         if args.calibration_limit < INT8_MIN_CALIBRATION:
             raise CxrtuneError(f"--calibration-limit must be at least {INT8_MIN_CALIBRATION}")
         from .data import storage
-        from .batch_scoring import expand_inputs
+        from .scoring.batch_scoring import expand_inputs
 
         uris = expand_inputs(args.calibration)
         step = max(1, len(uris) // args.calibration_limit)  # spread over the folders, not the first few files
@@ -181,7 +181,7 @@ def _bundle(args) -> None:
     b = make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
     if gates:
         from .data import storage
-        from .artifacts import update_bundle
+        from .scoring.artifacts import update_bundle
         from .audit.gates import GateFailed, enforce, run_gates
 
         results = run_gates(gates, bundle=args.out, manifest=args.gate_manifest, limit=args.gate_limit)
@@ -199,9 +199,9 @@ def _bundle(args) -> None:
 
 def _calibrate(args) -> None:
     from .data import manifest
-    from .artifacts import update_bundle
-    from .evaluation import calibrate
-    from .scorer import load_bundle
+    from .scoring.artifacts import update_bundle
+    from .scoring.evaluation import calibrate
+    from .scoring.scorer import load_bundle
 
     what = tuple(w.strip() for w in args.what.split(","))
     scorer = load_bundle(args.bundle, device=args.device)
@@ -226,8 +226,8 @@ def _calibrate(args) -> None:
 
 
 def _score(args) -> None:
-    from .batch_scoring import expand_inputs, score_files
-    from .scorer import load_bundle
+    from .scoring.batch_scoring import expand_inputs, score_files
+    from .scoring.scorer import load_bundle
 
     scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size, runtime=args.runtime)
     uris = expand_inputs(args.paths, args.manifest)
@@ -239,7 +239,7 @@ def _score(args) -> None:
 
 def _score_masks(args) -> None:
     from .data import images
-    from .zones import score_masks
+    from .scoring.zones import score_masks
 
     lung = images.read_mask(args.lung)
     opacity = images.read_mask(args.opacity)
@@ -251,11 +251,11 @@ def _score_masks(args) -> None:
 
 def _evaluate(args) -> None:
     from .data import manifest
-    from .evaluation import evaluate
-    from .scorer import load_bundle
+    from .scoring.evaluation import evaluate
+    from .scoring.scorer import load_bundle
 
-    from .artifacts import read_bundle_meta
-    from .evaluation import manifest_id, same_rows
+    from .scoring.artifacts import read_bundle_meta
+    from .scoring.evaluation import manifest_id, same_rows
 
     scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
     by = tuple(c.strip() for c in (args.by or "").split(",") if c.strip())

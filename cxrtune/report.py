@@ -263,7 +263,7 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     ckpt = analysis.get_best_checkpoint(trial, space.metric, space.mode)
     if ckpt is None:
         raise CxrtuneError(f"{exp_uri}: the best trial has no checkpoint")
-    from .artifacts import read_checkpoint_meta
+    from .scoring.artifacts import read_checkpoint_meta
 
     with ckpt.as_directory() as d:
         meta = read_checkpoint_meta(str(d))

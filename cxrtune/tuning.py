@@ -136,7 +136,7 @@ def measure_latency_ms(model, size: int, in_channels: int, device, batch: int = 
 
 class ClinicalObjective:
     """Validation severity-score MAE of a Stage II trial through a fixed Stage I bundle, scored by
-    the scoring policy (:meth:`cxrtune.scorer.Scorer.score_images`).
+    the scoring policy (:meth:`cxrtune.scoring.scorer.Scorer.score_images`).
 
     Stage I is fixed, so the validation images (through ``load_scan``), their cleaned lung masks
     and their reference zones are computed once; each epoch only Stage II runs. The zone threshold
@@ -144,8 +144,8 @@ class ClinicalObjective:
     with the worst error its reference allows: a trial gains nothing by failing to score."""
 
     def __init__(self, bundle_uri: str, rows, limit: int | None = 64, reference: str = "auto"):
-        from .preprocessing import load_scan
-        from .scorer import load_bundle, reference_zones
+        from .scoring.preprocessing import load_scan
+        from .scoring.scorer import load_bundle, reference_zones
 
         self.bundle = load_bundle(bundle_uri)
         cache = storage.ContentCache()
@@ -167,7 +167,7 @@ class ClinicalObjective:
         self.lungs = self.bundle.lung_masks(self.images)
 
     def __call__(self, model, pre, config: dict) -> float:
-        from .scorer import StageModel
+        from .scoring.scorer import StageModel
 
         model.eval()
         self.bundle.disease = StageModel(model, pre, config)

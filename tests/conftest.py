@@ -100,7 +100,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 def phantom_bundle(phantom_dir, tmp_path_factory) -> Path:
     """A scorer bundle trained on the phantoms (both stages, 2 epochs at 64 px)."""
     from cxrtune.data import manifest
-    from cxrtune.artifacts import make_bundle
+    from cxrtune.scoring.artifacts import make_bundle
     from cxrtune.model.train import TrainConfig, train
 
     work = tmp_path_factory.mktemp("bundle")

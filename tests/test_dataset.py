@@ -3,7 +3,7 @@ import torch
 
 from cxrtune.data import images, manifest
 from cxrtune.data.dataset import CXRDataset, seed_augmentation
-from cxrtune.preprocessing import Preprocessing
+from cxrtune.scoring.preprocessing import Preprocessing
 
 
 def test_items_and_channels(phantom_dir):

@@ -233,7 +233,7 @@ def test_reading_for_scoring_needs_no_key(tmp_path, monkeypatch):
     keyed = read_header(path, key=KEY)
     assert keyed.patient == pseudonym(SECRET_ID, "patient", KEY) and keyed.patient.startswith("pat-")
     # the scoring path (service and CLI): no key, same rules but age; a secondary capture is refused
-    from cxrtune.preprocessing import InputRefused, load_scan
+    from cxrtune.scoring.preprocessing import InputRefused, load_scan
 
     scan = load_scan(path.read_bytes())
     assert scan.format == "dicom" and scan.dicom.patient == ""

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from cxrtune.data import manifest, storage
 from cxrtune.data.dataset import CXRDataset
-from cxrtune.preprocessing import Preprocessing
+from cxrtune.scoring.preprocessing import Preprocessing
 from cxrtune.errors import ManifestError
 
 

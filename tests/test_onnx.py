@@ -25,7 +25,7 @@ def exported(phantom_bundle, tmp_path_factory):
 
 
 def test_export_is_recorded_and_auto_picks_onnx_on_cpu(exported):
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.scorer import load_bundle
 
     meta = json.loads((exported / "bundle.json").read_text())
     assert set(meta["onnx"]) >= {"lung", "disease", "opset"}
@@ -35,8 +35,8 @@ def test_export_is_recorded_and_auto_picks_onnx_on_cpu(exported):
 
 
 def test_torch_and_onnx_give_the_same_records_and_masks(exported, phantom_dir):
-    from cxrtune.preprocessing import load_scan
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.preprocessing import load_scan
+    from cxrtune.scoring.scorer import load_bundle
 
     scans = [load_scan(p.read_bytes()) for p in sorted((phantom_dir / "images").iterdir())[:8]]
     by_torch = load_bundle(str(exported), device="cpu", runtime="torch").score_scans(scans)
@@ -61,7 +61,7 @@ def test_torch_and_onnx_give_the_same_records_and_masks(exported, phantom_dir):
 
 
 def test_a_stale_export_is_refused(exported, tmp_path):
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.scorer import load_bundle
 
     stale = tmp_path / "stale"
     shutil.copytree(exported, stale)
@@ -72,7 +72,7 @@ def test_a_stale_export_is_refused(exported, tmp_path):
     with pytest.raises(CxrtuneError, match="lung.onnx is not the file bundle.json records"):
         load_bundle(str(stale), device="cpu", runtime="onnx")
     with pytest.raises(CxrtuneError, match="has no ONNX export"):
-        from cxrtune.scorer import load_bundle as lb
+        from cxrtune.scoring.scorer import load_bundle as lb
 
         plain = tmp_path / "plain"
         shutil.copytree(exported, plain)
@@ -97,8 +97,8 @@ def int8_exported(exported, phantom_dir, tmp_path_factory):
 def test_int8_export_is_opt_in_and_close_to_fp32(int8_exported, phantom_dir):
     """int8 runs only when asked for, and on the phantoms its masks stay close to FP32's (the
     real-data parity is in docs/BENCHMARKS.md)."""
-    from cxrtune.preprocessing import load_scan
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.preprocessing import load_scan
+    from cxrtune.scoring.scorer import load_bundle
 
     meta = json.loads((int8_exported / "bundle.json").read_text())["onnx"]
     assert meta["int8"]["calibration_images"] == 12
@@ -120,8 +120,8 @@ def test_int8_export_is_opt_in_and_close_to_fp32(int8_exported, phantom_dir):
 
 
 def test_a_stale_int8_export_is_refused(int8_exported, tmp_path):
-    from cxrtune.onnx_runtime import export_bundle
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.onnx_runtime import export_bundle
+    from cxrtune.scoring.scorer import load_bundle
 
     stale = tmp_path / "stale"
     shutil.copytree(int8_exported, stale)

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from cxrtune import zones
-from cxrtune.evaluation import choose_cls_threshold
+from cxrtune.scoring import zones
+from cxrtune.scoring.evaluation import choose_cls_threshold
 from cxrtune.data.phantom import make_phantom
-from cxrtune.preprocessing import extract_roi, lung_box
-from cxrtune.scorer import build_record
+from cxrtune.scoring.preprocessing import extract_roi, lung_box
+from cxrtune.scoring.scorer import build_record
 
 
 def two_lungs(size: int = 256) -> np.ndarray:
@@ -60,7 +60,7 @@ def test_a_marker_beside_one_lung_is_not_a_second_lung():
 def test_shipped_serve_configs_use_the_cli_working_size():
     import yaml
 
-    from cxrtune.preprocessing import WORK_SIZE
+    from cxrtune.scoring.preprocessing import WORK_SIZE
     from tests.conftest import ROOT
 
     for name in ("config.yaml", "config.cpu.yaml"):
@@ -84,7 +84,7 @@ def test_training_crop_uses_the_same_cleanup(tmp_path):
     lung mask changes nothing either."""
     from cxrtune.data import images, manifest
     from cxrtune.data.dataset import CXRDataset
-    from cxrtune.preprocessing import Preprocessing
+    from cxrtune.scoring.preprocessing import Preprocessing
 
     ph = make_phantom(128, "covid", seed=1)
     speckled = ph.lung.copy()
@@ -125,8 +125,8 @@ def test_cls_threshold_operating_points():
 
 
 def test_inference_does_not_import_training():
-    code = ("import sys, cxrtune.scorer, cxrtune.serving, cxrtune.preprocessing, cxrtune.artifacts, "
-            "cxrtune.batch_scoring; bad = [m for m in ('cxrtune.model.train', 'cxrtune.data.dataset', 'albumentations') "
+    code = ("import sys, cxrtune.scoring.scorer, cxrtune.serving, cxrtune.scoring.preprocessing, cxrtune.scoring.artifacts, "
+            "cxrtune.scoring.batch_scoring; bad = [m for m in ('cxrtune.model.train', 'cxrtune.data.dataset', 'albumentations') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -136,7 +136,7 @@ def test_v1_bundles_load_and_migrate(phantom_bundle, tmp_path):
     import shutil
 
     from cxrtune.cli import main
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.scorer import load_bundle
 
     old = tmp_path / "old"
     shutil.copytree(phantom_bundle, old)
@@ -163,7 +163,7 @@ def test_row_limit_samples_every_label():
     manifest in class order would give one class)."""
     import pandas as pd
 
-    from cxrtune.evaluation import pick_rows
+    from cxrtune.scoring.evaluation import pick_rows
 
     df = pd.DataFrame({"label": ["covid"] * 60 + ["normal"] * 30 + ["other_pneumonia"] * 10,
                        "split": ["train"] * 100, "x": range(100)})

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrtune import agreement
+from cxrtune.scoring import agreement
 from cxrtune.data import manifest
 from cxrtune.errors import CxrtuneError, ManifestError
 from cxrtune.data.importers import IMPORTERS
@@ -168,7 +168,7 @@ def test_cross_validated_threshold_never_sees_held_out_fold():
     frac = np.repeat([[0.35], [0.25], [0.65], [0.55]], [4, 4, 4, 4], axis=0) * np.ones((1, 6))
     ref = np.repeat([[3], [0], [2], [0]], [4, 4, 4, 4], axis=0) * np.ones((1, 6), int)
     fold_ids = np.repeat([0, 1], 8)
-    from cxrtune.scorer import sweep_threshold
+    from cxrtune.scoring.scorer import sweep_threshold
 
     assert sweep_threshold(frac, (ref > 0).astype(int))["threshold"] == pytest.approx(0.26)
     pred, thresholds = agreement.cross_validated_predictions(frac, ref, fold_ids=fold_ids)
@@ -179,7 +179,7 @@ def test_cross_validated_threshold_never_sees_held_out_fold():
 
 
 def test_cross_validated_default_folds_match_sweep_on_complement():
-    from cxrtune.scorer import sweep_threshold
+    from cxrtune.scoring.scorer import sweep_threshold
 
     rng = np.random.default_rng(3)
     ref = rng.integers(0, 4, size=(40, 6))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cxrtune.data import images
-from cxrtune.scorer import sweep_threshold
+from cxrtune.scoring.scorer import sweep_threshold
 
 
 def run(*args, cwd=None):
@@ -210,8 +210,8 @@ def test_lean_stage_payloads_uint8_at_the_smaller_size():
     uint8 probabilities at the size it was sent (issue 10, item 7), for non-square images too."""
     import torch
 
-    from cxrtune.preprocessing import Preprocessing
-    from cxrtune.scorer import Scorer, StageModel, stage_input
+    from cxrtune.scoring.preprocessing import Preprocessing
+    from cxrtune.scoring.scorer import Scorer, StageModel, stage_input
 
     pre = Preprocessing(size=64, in_channels=1)
     seen = []

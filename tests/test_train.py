@@ -188,7 +188,7 @@ def test_a_loss_monitor_is_minimised(phantom_dir, tmp_path, monkeypatch):
 
 def test_encoder_transfer_from_a_cxrtune_run(tmp_path):
     """Stage II can start from the Stage I encoder a run trained (no hub download needed)."""
-    from cxrtune.artifacts import CheckpointMeta  # noqa: F401  (the run layout the trainer writes)
+    from cxrtune.scoring.artifacts import CheckpointMeta  # noqa: F401  (the run layout the trainer writes)
 
     lung = build_model(ModelConfig(arch="Unet", encoder="resnet18"))
     (tmp_path / "run" / "best").mkdir(parents=True)

@@ -284,7 +284,7 @@ def test_space_errors_name_the_key(tmp_path):
 def _with_reader(phantom_dir: Path, out: Path, grade: int) -> str:
     """The phantom manifest with a reader P who gives every zone ``grade`` (0-3)."""
     from cxrtune.data import manifest
-    from cxrtune.zones import ZONE_LETTERS
+    from cxrtune.scoring.zones import ZONE_LETTERS
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     for z in ZONE_LETTERS:
@@ -300,7 +300,7 @@ def test_score_mae_objective_is_measured_against_the_reader(phantom_dir, phantom
 
     from cxrtune.data import manifest
     from cxrtune.errors import CxrtuneError
-    from cxrtune.scorer import load_bundle
+    from cxrtune.scoring.scorer import load_bundle
     from cxrtune.tuning import ClinicalObjective
 
     df = manifest.load_manifest(_with_reader(phantom_dir, tmp_path / "m.parquet", 3))

@@ -5,7 +5,7 @@ refuse a model that fails, naming the numbers, and record every audit result in 
 Rules (``--gate`` may be given several times):
 
 * ``hcs>=X``: the bundle's own Stage II classifier, on its own input: Grad-CAM heatmaps of the
-  lung-box crops (:func:`~cxrtune.scorer.disease_input`) of the gate manifest's images, HCS
+  lung-box crops (:func:`~cxrtune.scoring.scorer.disease_input`) of the gate manifest's images, HCS
   against the cleaned Stage I lungs in the crop; the mean must be at least X. Bundles only.
 * ``hide-and-seek=REPORT``: a report of ``cxrtune audit hide-and-seek`` (it audits the recipe and
   the data, and runs once); a flagged report fails.
@@ -61,8 +61,8 @@ def parse_gate(text: str) -> Gate:
 def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
     """Mean HCS of the bundle's Stage II classifier on its own input (a torch scorer: Grad-CAM
     needs gradients). Images whose Stage I finds no lungs are left out (the classifier never sees them)."""
-    from ..preprocessing import resize_mask
-    from ..scorer import disease_input, has_lungs
+    from ..scoring.preprocessing import resize_mask
+    from ..scoring.scorer import disease_input, has_lungs
     from .heatmaps import concordance, heatmaps
 
     model, pre = scorer.disease.model, scorer.disease.pre
@@ -83,8 +83,8 @@ def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
 def score_mae(scorer, rows, reader: str) -> dict:
     """The bundle's score MAE on the rows that have a reference (a reader's, else zones/masks)."""
     from ..data import storage
-    from ..evaluation import score_rows
-    from ..scorer import reference_zones
+    from ..scoring.evaluation import score_rows
+    from ..scoring.scorer import reference_zones
 
     errors = []
     for row, _, record, _ in score_rows(scorer, rows, storage.ContentCache(), progress=False):
@@ -106,8 +106,8 @@ def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None
     def bundle_and_rows():  # read once for every bundle gate
         if not loaded:
             from ..data import manifest as manifests
-            from ..evaluation import pick_rows
-            from ..scorer import load_bundle
+            from ..scoring.evaluation import pick_rows
+            from ..scoring.scorer import load_bundle
 
             loaded["scorer"] = load_bundle(bundle, device="cpu", runtime="torch", batch_size=8)
             loaded["rows"] = pick_rows(manifests.load_manifest(manifest), None, limit)
@@ -128,7 +128,7 @@ def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None
                                   "lungs_removed_accuracy": removed.get("accuracy"),
                                   "retained_skill": (report.get("retained_skill") or {}).get("lungs_removed")}
         elif gate.kind == "hcs":
-            from ..evaluation import readable_scans
+            from ..scoring.evaluation import readable_scans
 
             scorer, rows = bundle_and_rows()
             hcs = bundle_concordance(scorer, [scan.image for _, scan in readable_scans(rows, storage.ContentCache())])

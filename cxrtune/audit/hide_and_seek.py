@@ -25,7 +25,7 @@ import pandas as pd
 from ..model.classify import ClassifyConfig, fit_classifier, predict
 from ..errors import CxrtuneError
 from ..model.metrics import multiclass_metrics
-from ..preprocessing import Preprocessing, resize_image, resize_mask
+from ..scoring.preprocessing import Preprocessing, resize_image, resize_mask
 from .representations import HIDDEN, REPRESENTATIONS, represent
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def load_rows(df: pd.DataFrame, size: int, classes: list[str]) -> AuditData:
     """The rows' images and reference lung masks at ``size`` (rows without a lung mask are
     refused by the caller: hide-and-seek needs the lungs)."""
     from ..data.images import read_image, read_mask
-    from ..scorer import to_uint8
+    from ..scoring.scorer import to_uint8
 
     imgs, lungs = [], []
     for uri, lung_uri in zip(df["image"], df["lung_mask"]):

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import images, manifest, storage
-from ..preprocessing import Preprocessing, extract_roi, resize_image, resize_mask
+from ..scoring.preprocessing import Preprocessing, extract_roi, resize_image, resize_mask
 
 def seed_augmentation(size: int, seed: int | None = None) -> A.Compose:
     """Seed 004's final-training augmentation (albumentations): CLAHE p=0.2; random-sized crop of

@@ -4,7 +4,7 @@ They feed the unit tests and the embedded default (a sweep with no dataset at al
 is a frontal CXR cartoon: body, spine, heart overlapping the patient's left lung, ribs, two dark
 lung fields, and for disease cases ground-glass opacities inside the lungs; a random shift,
 scale and small rotation per image, blur and noise. Reference zone scores A-F come from the
-true masks through :func:`cxrtune.zones.score_masks`, so they agree with the scorer by construction.
+true masks through :func:`cxrtune.scoring.zones.score_masks`, so they agree with the scorer by construction.
 Written by hand: no library draws CXR phantoms.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from . import images, manifest
-from .. import zones
+from ..scoring import zones
 
-from ..artifacts import DEFAULT_ZONE_THRESHOLD as REFERENCE_ZONE_THRESHOLD  # the one default T
+from ..scoring.artifacts import DEFAULT_ZONE_THRESHOLD as REFERENCE_ZONE_THRESHOLD  # the one default T
 LABEL_MIX = (("normal", 0.4), ("covid", 0.4), ("other_pneumonia", 0.2))
 
 

@@ -4,7 +4,7 @@ Layout: a folder with a CSV (``scores.csv`` by default, or ``--csv NAME``) and t
 ``images/`` or beside the CSV. The CSV has an ``image`` column (a file name or a path relative to
 the CSV) and, per reader ``R``, six grade columns ``R_A`` ... ``R_F`` (Brixia letters, 0-3), e.g.
 BrixIA's ``S_A..S_F`` (senior) and ``J_A..J_F`` (junior). The grades land in the manifest as
-``reader_R_A`` ... ``reader_R_F`` so that calibration and :mod:`cxrtune.agreement` can compare the
+``reader_R_A`` ... ``reader_R_F`` so that calibration and :mod:`cxrtune.scoring.agreement` can compare the
 0-6 score with each reader and the readers with each other (the human yardstick).
 
 Optional CSV columns: ``label``, ``patient_id``, ``view``, ``sex``, ``age``, ``site`` (copied);

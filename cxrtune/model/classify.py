@@ -20,7 +20,7 @@ import torch
 
 from .classifiers import Classifier, ClassifierConfig, build_classifier
 from ..errors import CxrtuneError
-from ..preprocessing import Preprocessing
+from ..scoring.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 BALANCING = ("none", "undersample", "oversample", "double")

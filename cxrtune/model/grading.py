@@ -3,7 +3,7 @@
 Each lung side (the patient's right or left) gets its own classifier and a 0-3 grade: 0 clear,
 1 mild (1-33 % of the lung opacified), 2 moderate (34-66 %), 3 severe (67-100 %). Labels are the
 manifest's reader grades (``grade_right``/``grade_left``) where it has them, else they are derived
-from the reference lung and opacity masks (:func:`~cxrtune.zones.grade_from_percent`).
+from the reference lung and opacity masks (:func:`~cxrtune.scoring.zones.grade_from_percent`).
 
 ROI schemes, from the lung mask (the reference's in training, Stage I's in use):
 
@@ -27,11 +27,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .. import zones
+from ..scoring import zones
 from .classifiers import ClassifierConfig
 from .classify import BALANCING, ClassifyConfig
 from ..errors import CxrtuneError
-from ..preprocessing import resize_image
+from ..scoring.preprocessing import resize_image
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int) -> Gra
     taken from the reference lung mask. A row the scheme cannot use (no lung mask; a single lung
     for ``split``) or an unreadable image is left out with a warning, never guessed."""
     from ..data.images import read_image, read_mask
-    from ..scorer import to_uint8
+    from ..scoring.scorer import to_uint8
 
     images, keep, skipped = [], [], []
     for i, row in graded.iterrows():
@@ -188,7 +188,7 @@ def train_grader(cfg: GradeConfig, df: pd.DataFrame,
     from .classify import fit_classifier, predict
     from ..data.images import read_mask
     from ..data.manifest import without_eval_only
-    from ..preprocessing import Preprocessing
+    from ..scoring.preprocessing import Preprocessing
 
     df = without_eval_only(df)
     if "split" not in df.columns:
@@ -255,7 +255,7 @@ def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int
     from .classify import fit_classifier, predict
     from ..data.images import read_mask
     from ..data.manifest import without_eval_only
-    from ..preprocessing import Preprocessing
+    from ..scoring.preprocessing import Preprocessing
 
     df = without_eval_only(df)
     if "split" in df.columns:

@@ -30,9 +30,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import manifest, storage
-from ..artifacts import CheckpointMeta, versions
+from ..scoring.artifacts import CheckpointMeta, versions
 from ..data.dataset import CXRDataset, seed_worker
-from ..preprocessing import Preprocessing
+from ..scoring.preprocessing import Preprocessing
 from ..errors import CxrtuneError
 from .losses import DynamicLossWeighting, build_optimizer, classification_loss, segmentation_loss
 from .metrics import SegmentationMeter, classification_metrics, json_safe

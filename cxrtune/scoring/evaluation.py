@@ -8,10 +8,10 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .data import images, manifest, storage
+from ..data import images, manifest, storage
 from . import zones
-from .errors import CxrtuneError
-from .model.metrics import SegmentationMeter, classification_metrics, json_safe, score_metrics
+from ..errors import CxrtuneError
+from ..model.metrics import SegmentationMeter, classification_metrics, json_safe, score_metrics
 from .artifacts import DEFAULT_ZONE_THRESHOLD
 from .scorer import STATUSES, Scorer, reference_zones, sweep_threshold, zone_fractions
 
@@ -115,7 +115,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
               reference: str = "auto", reference_threshold: float = DEFAULT_ZONE_THRESHOLD,
               specificity: float | None = None, limit: int | None = None, progress: bool = True,
               what: tuple[str, ...] = ("cls", "zone")) -> dict:
-    """Both thresholds, each with its provenance (:class:`~cxrtune.artifacts.Calibration`).
+    """Both thresholds, each with its provenance (:class:`~cxrtune.scoring.artifacts.Calibration`).
 
     * T_cls on the labelled rows of ``cls_split`` (validation data) at the operating point:
       maximum F1, or ``specificity``. Skipped (kept as it is) when those rows hold no labels.

@@ -1,7 +1,7 @@
 """The scoring policy: one code path from bytes to a record, for every caller.
 
-    bytes -> :func:`~cxrtune.preprocessing.load_scan` (decode keeping the DICOM header, input
-    checks, working size) -> Stage I -> lung cleanup (:func:`~cxrtune.zones.clean_lungs`) ->
+    bytes -> :func:`~cxrtune.scoring.preprocessing.load_scan` (decode keeping the DICOM header, input
+    checks, working size) -> Stage I -> lung cleanup (:func:`~cxrtune.scoring.zones.clean_lungs`) ->
     ROI from the cleaned lungs -> Stage II -> refinement by the classifier (mask x [p >= T_cls],
     seed 004 Eq. 1-2) -> masks back in image coordinates -> lung split, equal-area zones, zone
     scores -> :func:`build_record`.
@@ -29,12 +29,12 @@ import cv2
 import numpy as np
 import torch
 
-from .data import storage
+from ..data import storage
 from . import zones
-from .errors import CxrtuneError
+from ..errors import CxrtuneError
 from .artifacts import (DEFAULT_CLS_THRESHOLD, DEFAULT_ZONE_THRESHOLD, BundleMeta, CheckpointMeta, bundle_hash,
                         read_bundle_meta)
-from .model.models import ModelConfig, build_model
+from ..model.models import ModelConfig, build_model
 from .preprocessing import Preprocessing, Scan, extract_roi, resize_image
 
 MIN_LUNG_FRACTION = 0.005  # cleaned lungs under this share of the image: no lungs found
@@ -281,7 +281,7 @@ class Scorer:
         return results
 
     def score_scans(self, scans: list[Scan]) -> list[tuple[dict, Detail]]:
-        """:meth:`score_images` for inputs from :func:`~cxrtune.preprocessing.load_scan`."""
+        """:meth:`score_images` for inputs from :func:`~cxrtune.scoring.preprocessing.load_scan`."""
         return self.score_images([s.image for s in scans], scans=scans)
 
     def models_info(self) -> dict:
@@ -340,7 +340,7 @@ def reference_zones(row, reference_threshold: float = DEFAULT_ZONE_THRESHOLD, ca
     ``reader_S_A`` .. ``reader_S_F`` columns); ``zones`` (the ``zone_*`` columns); ``masks``
     (derived from the reference lung and opacity masks with ``reference_threshold``); ``auto``
     (zone columns, else masks)."""
-    from .data import images
+    from ..data import images
 
     if reference not in ("auto", "zones", "masks"):
         reader = reference.split(":", 1)[-1]

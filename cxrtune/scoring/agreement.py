@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .data import storage
-from .model.metrics import json_safe
+from ..data import storage
+from ..model.metrics import json_safe
 
 ZONE_LETTERS = ("A", "B", "C", "D", "E", "F")
 MIN_GROUP = 5  # smaller subgroups are skipped: a bootstrap over 4 images says nothing
@@ -49,7 +49,7 @@ def stratified_folds(scores: np.ndarray, folds: int = 5, seed: int = 0) -> np.nd
 def cross_validated_predictions(fractions: np.ndarray, ref_zones: np.ndarray, folds: int = 5, seed: int = 0,
                                 fold_ids: np.ndarray | None = None) -> tuple[np.ndarray, list[float]]:
     """Held-out zone predictions: each fold is thresholded with the T that
-    :func:`cxrtune.scorer.sweep_threshold` chose on the other folds only.
+    :func:`cxrtune.scoring.scorer.sweep_threshold` chose on the other folds only.
 
     ``fractions``: N x 6 opacity fractions; ``ref_zones``: N x 6 grades (0-3) or 0/1, affected =
     grade > 0. Folds are by image (pass ``fold_ids`` for patient-level folds). Returns the N x 6

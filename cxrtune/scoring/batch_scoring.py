@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .data import storage
-from .errors import CxrtuneError
+from ..data import storage
+from ..errors import CxrtuneError
 from .preprocessing import load_scan
 from .scorer import Scorer
 
@@ -55,7 +55,7 @@ def expand_inputs(paths: list[str], manifest_uri: str | None = None) -> list[str
 
 
 def _manifest_images(uri: str) -> list[str]:
-    from .data import manifest
+    from ..data import manifest
 
     return list(manifest.load_manifest(uri, check_files=False)["image"])
 

@@ -6,7 +6,7 @@
 * :class:`Preprocessing` turns a working image into a tensor at a model's size; it is stored with
   every checkpoint and bundle.
 * :func:`extract_roi` is seed 004's ROI step, applied to the *cleaned* lungs
-  (:func:`cxrtune.zones.clean_lungs`) in training (reference masks) and in use (Stage I masks),
+  (:func:`cxrtune.scoring.zones.clean_lungs`) in training (reference masks) and in use (Stage I masks),
   so Stage II sees in use what it saw in training.
 
 Imports no training code: the scorer and Serve stand on this module.
@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from .errors import CxrtuneError
+from ..errors import CxrtuneError
 from .zones import clean_lungs
 
 IMAGENET_MEAN = 0.449  # grey equivalent of ImageNet's RGB mean/std, for 1-channel input
@@ -122,9 +122,9 @@ def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE) -> Scan:
 
     Raises UnsupportedFormatError (not an image), ImageTooLargeError (bytes or pixels over
     ``limits``), ImageDecodeError (corrupt) or :class:`InputRefused` (rules)."""
-    from .data.images import Limits, decode_image, sniff_format
+    from ..data.images import Limits, decode_image, sniff_format
 
-    from .errors import ImageDecodeError, ImageTooLargeError
+    from ..errors import ImageDecodeError, ImageTooLargeError
 
     limits = limits or Limits()
     if not data:
@@ -134,7 +134,7 @@ def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE) -> Scan:
     fmt = sniff_format(data)
     header = None
     if fmt == "dicom":
-        from .data.dicom import read_dicom
+        from ..data.dicom import read_dicom
 
         dcm = read_dicom(data, limits=limits)
         reason = dcm.header.exclusion_reason(min_age=0)  # age is not a reason to refuse a score

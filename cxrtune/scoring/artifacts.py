@@ -18,9 +18,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
-from .data import storage
-from .errors import CxrtuneError
-from .model.metrics import json_safe
+from ..data import storage
+from ..errors import CxrtuneError
+from ..model.metrics import json_safe
 
 CHECKPOINT_FORMAT = "cxrtune-checkpoint/1"
 BUNDLE_FORMAT = "cxrtune-bundle/2"
@@ -35,7 +35,7 @@ def versions() -> dict:
     import segmentation_models_pytorch as smp
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     return {"cxrtune": __version__, "torch": torch.__version__, "smp": smp.__version__}
 

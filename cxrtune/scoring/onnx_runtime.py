@@ -24,8 +24,8 @@ import os
 import numpy as np
 import torch
 
-from .data import storage
-from .errors import CxrtuneError
+from ..data import storage
+from ..errors import CxrtuneError
 
 log = logging.getLogger(__name__)
 OPSET = 18
