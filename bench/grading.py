@@ -47,8 +47,8 @@ def main() -> None:
     from cxrtune.model.grading import cross_validate, cv_markdown
     from cxrtune.data.importers import run_import
     from cxrtune.model.metrics import json_safe
-    from cxrtune.report import top_grade_recipes, write_report
-    from cxrtune.tuning import TuneOptions, run_tune
+    from cxrtune.search.report import top_grade_recipes, write_report
+    from cxrtune.search.tuning import TuneOptions, run_tune
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -164,9 +164,9 @@ def run_cpu(args) -> None:
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
     from cxrtune.model.metrics import json_safe
-    from cxrtune.search_space import load_space
+    from cxrtune.search.search_space import load_space
     from cxrtune.data.splits import assign_splits
-    from cxrtune.tuning import TuneOptions, run_tune, startup_trials
+    from cxrtune.search.tuning import TuneOptions, run_tune, startup_trials
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,9 +275,9 @@ def main() -> None:
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
     from cxrtune.model.metrics import json_safe
-    from cxrtune.search_space import load_space
+    from cxrtune.search.search_space import load_space
     from cxrtune.data.splits import assign_splits
-    from cxrtune.tuning import TuneOptions, run_tune
+    from cxrtune.search.tuning import TuneOptions, run_tune
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -323,8 +323,8 @@ def load_warm_start(uris: list[str]) -> list[dict]:
 def _tune(args) -> None:
     import time as _time
 
-    from .search_space import load_space
-    from .tuning import EMBEDDED_OPTIONS, EMBEDDED_SPACE, TUNE_FLAGS, TuneOptions, resume_tune, run_tune
+    from .search.search_space import load_space
+    from .search.tuning import EMBEDDED_OPTIONS, EMBEDDED_SPACE, TUNE_FLAGS, TuneOptions, resume_tune, run_tune
 
     if args.resume:
         summary = resume_tune(args.resume)
@@ -351,14 +351,14 @@ def _tune(args) -> None:
 
 
 def _report(args) -> None:
-    from .report import write_report
+    from .search.report import write_report
 
     out = write_report(args.experiment, args.out)
     print(f"report in {args.out}: {', '.join(out)}")
 
 
 def _promote(args) -> None:
-    from .report import promote
+    from .search.report import promote
 
     from .audit.gates import enforce, parse_gate, run_gates
 
@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--manifest", help="manifest (default: the embedded phantom dataset and a small space)")
     tu.add_argument("--name", help="experiment name (default: sweep-DATE-TIME)")
     tu.add_argument("--storage", help="local folder or s3://bucket/prefix (default: ./cxrtune-results)")
-    from .tuning import EMBEDDED_OPTIONS, TuneOptions
+    from .search.tuning import EMBEDDED_OPTIONS, TuneOptions
 
     d = TuneOptions.__dataclass_fields__  # the defaults live in TuneOptions only
 
@@ -664,8 +664,8 @@ def _grade_cv(args) -> None:
             raise CxrtuneError("--config needs --manifest")
         recipes, manifest_uri = [GradeConfig.from_yaml(args.config)], args.manifest
     else:
-        from .report import top_grade_recipes
-        from .tuning import load_options
+        from .search.report import top_grade_recipes
+        from .search.tuning import load_options
 
         recipes = top_grade_recipes(args.experiment, args.top)
         manifest_uri = args.manifest or load_options(args.experiment).manifest

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cxrtune.errors import CxrtuneError
-from cxrtune.search_space import load_space, parse_space
+from cxrtune.search.search_space import load_space, parse_space
 from tests.conftest import ROOT, cli
 
 

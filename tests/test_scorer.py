@@ -146,7 +146,7 @@ def test_threshold_sweep_picks_min_mae():
 def test_clinical_objective_scores_validation_images(phantom_dir, phantom_bundle):
     from cxrtune.data import manifest
     from cxrtune.model.train import Trainer, TrainConfig
-    from cxrtune.tuning import ClinicalObjective
+    from cxrtune.search.tuning import ClinicalObjective
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     trainer = Trainer(TrainConfig.from_dict({"task": "disease", "size": 64,

@@ -205,7 +205,7 @@ def test_encoder_transfer_from_a_cxrtune_run(tmp_path):
 
 
 def test_patience_rule_is_shared_with_the_tune_stopper():
-    from cxrtune.tuning import PatienceStopper
+    from cxrtune.search.tuning import PatienceStopper
 
     stopper = PatienceStopper("val_dice", "max", min_delta=0.01, patience=2)
     assert [stopper("t", {"val_dice": v}) for v in (0.50, 0.505, 0.503)] == [False, False, True]

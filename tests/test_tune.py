@@ -224,7 +224,7 @@ def test_hyperband_and_patience_stop_trials(phantom_dir, space_file, tmp_path):
 
 
 def test_hopeless_trial_rule():
-    from cxrtune.tuning import HopelessTrial
+    from cxrtune.search.tuning import HopelessTrial
 
     dice = HopelessTrial("val_dice", "max", 0.05)
     assert dice("t", {"val_dice": 0.0, "training_iteration": 1})
@@ -236,7 +236,7 @@ def test_hopeless_trial_rule():
 
 
 def test_hyperband_brackets_are_rays_and_the_docs_say_so():
-    from cxrtune.tuning import hyperband_brackets
+    from cxrtune.search.tuning import hyperband_brackets
     from tests.conftest import ROOT
 
     brackets = hyperband_brackets(16, 2)
@@ -249,8 +249,8 @@ def test_hyperband_brackets_are_rays_and_the_docs_say_so():
 
 def test_budget_sized_sampler_settings_and_warm_start_checks():
     from cxrtune.errors import CxrtuneError
-    from cxrtune.search_space import load_space, parse_space
-    from cxrtune.tuning import nsga2_population, startup_trials
+    from cxrtune.search.search_space import load_space, parse_space
+    from cxrtune.search.tuning import nsga2_population, startup_trials
     from tests.conftest import ROOT
 
     assert [nsga2_population(n) for n in (8, 16, 64, 400)] == [4, 4, 16, 50]  # >= 4 generations
@@ -267,7 +267,7 @@ def test_budget_sized_sampler_settings_and_warm_start_checks():
 
 def test_space_errors_name_the_key(tmp_path):
     from cxrtune.errors import CxrtuneError
-    from cxrtune.search_space import load_space, parse_space
+    from cxrtune.search.search_space import load_space, parse_space
 
     bad = {**SPACE, "parameters": {"lr": {"type": "log-float", "low": 0, "high": 1}}}
     with pytest.raises(CxrtuneError, match=r"parameters.lr.low"):
@@ -301,7 +301,7 @@ def test_score_mae_objective_is_measured_against_the_reader(phantom_dir, phantom
     from cxrtune.data import manifest
     from cxrtune.errors import CxrtuneError
     from cxrtune.scoring.scorer import load_bundle
-    from cxrtune.tuning import ClinicalObjective
+    from cxrtune.search.tuning import ClinicalObjective
 
     df = manifest.load_manifest(_with_reader(phantom_dir, tmp_path / "m.parquet", 3))
     objective = ClinicalObjective(str(phantom_bundle), df.head(8), limit=8, reference="P")

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from ray.tune import Stopper
 
-from .data import manifest, storage
-from .cluster import check_fits, init_ray, max_parallel
-from .errors import CxrtuneError
+from ..data import manifest, storage
+from ..cluster import check_fits, init_ray, max_parallel
+from ..errors import CxrtuneError
 from .search_space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,8 @@ class ClinicalObjective:
     with the worst error its reference allows: a trial gains nothing by failing to score."""
 
     def __init__(self, bundle_uri: str, rows, limit: int | None = 64, reference: str = "auto"):
-        from .scoring.preprocessing import load_scan
-        from .scoring.scorer import load_bundle, reference_zones
+        from ..scoring.preprocessing import load_scan
+        from ..scoring.scorer import load_bundle, reference_zones
 
         self.bundle = load_bundle(bundle_uri)
         cache = storage.ContentCache()
@@ -167,7 +167,7 @@ class ClinicalObjective:
         self.lungs = self.bundle.lung_masks(self.images)
 
     def __call__(self, model, pre, config: dict) -> float:
-        from .scoring.scorer import StageModel
+        from ..scoring.scorer import StageModel
 
         model.eval()
         self.bundle.disease = StageModel(model, pre, config)
@@ -221,7 +221,7 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     import torch
     from ray import tune
 
-    from .model.train import Trainer
+    from ..model.train import Trainer
 
     o = TuneOptions(**opts)
     if space.task == "grade":
@@ -265,7 +265,7 @@ def run_grade_trial(config: dict, o: TuneOptions, space: SearchSpace) -> None:
     keeping are retrained under cross-validation (``cxrtune grade cv --experiment``)."""
     from ray import tune
 
-    from .model.grading import flat_metrics, train_grader
+    from ..model.grading import flat_metrics, train_grader
 
     cfg = space.train_config(_sampled(config))
     cfg.epochs = int(o.max_epochs or space.fixed.get("epochs") or DEFAULT_EPOCHS)
@@ -294,7 +294,7 @@ class PatienceStopper(Stopper):
     def __call__(self, trial_id: str, result: dict) -> bool:
         if self.metric not in result:
             return False
-        from .model.train import patience_step  # the one patience rule, shared with `cxrtune train`
+        from ..model.train import patience_step  # the one patience rule, shared with `cxrtune train`
 
         value = self.sign * float(result[self.metric])
         self.stale[trial_id], self.best[trial_id] = patience_step(

@@ -29,13 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .data import storage
-from .model.classify import BALANCING
-from .errors import CxrtuneError
-from .model.grading import CLASSIFIER_KEYS, GRADE_KEYS, ROI_SCHEMES, SIDES, GradeConfig
-from .model.losses import CLS_LOSSES, OPTIMIZERS, SEG_LOSSES
-from .model.models import ARCHITECTURES, ModelConfig
-from .model.train import TASKS, TrainConfig
+from ..data import storage
+from ..model.classify import BALANCING
+from ..errors import CxrtuneError
+from ..model.grading import CLASSIFIER_KEYS, GRADE_KEYS, ROI_SCHEMES, SIDES, GradeConfig
+from ..model.losses import CLS_LOSSES, OPTIMIZERS, SEG_LOSSES
+from ..model.models import ARCHITECTURES, ModelConfig
+from ..model.train import TASKS, TrainConfig
 
 TYPES = ("choice", "int", "float", "log-float")
 MODEL_KEYS = {f.name for f in fields(ModelConfig)} - {"classification"}

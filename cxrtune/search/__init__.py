@@ -1,0 +1,1 @@
+"""The search service: YAML search spaces, the Ray Tune sweep, reports and promote."""
