@@ -152,7 +152,7 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
     import ray
     from ray import serve
 
-    from cxrtune.serving import application as build_app
+    from cxrtune.serving.app import application as build_app
     from serve_load import free_port, run_load
 
     if not ray.is_initialized():

@@ -124,7 +124,7 @@ def main() -> None:
     from ray import serve
 
     from cxrtune.model.metrics import json_safe
-    from cxrtune.serving import application as build_app
+    from cxrtune.serving.app import application as build_app
     from serve_load import collect, free_port, run_load
 
     gpu = torch.cuda.is_available() and not args.quick

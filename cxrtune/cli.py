@@ -385,13 +385,13 @@ def _default_serve_config() -> str:
 
 
 def _serve(args) -> None:
-    from .serving import run_local
+    from .serving.app import run_local
 
     run_local(args.bundle, args.config or _default_serve_config(), host=args.host, port=args.port)
 
 
 def _deploy(args) -> None:
-    from .serving import deploy_config
+    from .serving.app import deploy_config
 
     status = deploy_config(args.config or _default_serve_config(), args.bundle, args.address, args.wait)
     print(json.dumps(status))

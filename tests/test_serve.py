@@ -134,7 +134,7 @@ def server(phantom_bundle, tmp_path_factory):
     import ray
     from ray import serve
 
-    from cxrtune.serving import application as build_app
+    from cxrtune.serving.app import application as build_app
 
     os.environ["CXRTUNE_TEST_API_KEY"] = KEY
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=METRICS_PORT)
@@ -433,7 +433,7 @@ def test_a_killed_stage_replica_loses_no_request(server, phantom_bundle, phantom
     import ray
     from ray import serve
 
-    from cxrtune.serving import application as build_app
+    from cxrtune.serving.app import application as build_app
 
     slow = tmp_path / "slow"
     shutil.copytree(phantom_bundle, slow)

@@ -48,10 +48,10 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from . import __version__
-from .cluster import check_fits, init_ray
-from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
-from .scoring.preprocessing import WORK_SIZE
+from .. import __version__
+from ..cluster import check_fits, init_ray
+from ..errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+from ..scoring.preprocessing import WORK_SIZE
 
 log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
 audit = logging.getLogger("ray.serve.cxrtune.audit")  # Serve's replica log handlers carry it to the logs
@@ -119,8 +119,8 @@ class _Stage:
             self.run.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
 
     def _load(self, uri: str, expected: str | None = None) -> str:
-        from .scoring.artifacts import bundle_hash
-        from .scoring.scorer import load_bundle
+        from ..scoring.artifacts import bundle_hash
+        from ..scoring.scorer import load_bundle
 
         digest = bundle_hash(uri)
         if expected and digest != expected:
@@ -322,8 +322,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 def _decode(data: bytes, s: ServeSettings):
     """Bytes -> a checked Scan at the working size (the scoring policy's first step), with the
     errors mapped to HTTP codes. Runs in a thread."""
-    from .data.images import Limits
-    from .scoring.preprocessing import InputRefused, load_scan
+    from ..data.images import Limits
+    from ..scoring.preprocessing import InputRefused, load_scan
 
     try:
         return load_scan(data, Limits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels), s.work_size)
@@ -343,9 +343,9 @@ class Ingress:
     def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
         from dataclasses import asdict
 
-        from .scoring.artifacts import bundle_hash, read_bundle_meta
-        from .scoring.preprocessing import Preprocessing
-        from .scoring.scorer import bundle_models
+        from ..scoring.artifacts import bundle_hash, read_bundle_meta
+        from ..scoring.preprocessing import Preprocessing
+        from ..scoring.scorer import bundle_models
 
         self.s = ServeSettings(**settings)
         self.stage1, self.stage2 = stage1, stage2
@@ -460,7 +460,7 @@ class Ingress:
     async def _score(self, data: bytes, overlay: bool, request_id: str) -> tuple[dict, bytes | None]:
         """The scoring policy split at the stage boundaries: the ingress prepares each stage's lean
         input and turns its output into masks with the library's own functions."""
-        from .scoring.scorer import disease_input, has_lungs, stage_input, lung_output, opacity_output
+        from ..scoring.scorer import disease_input, has_lungs, stage_input, lung_output, opacity_output
 
         t0 = time.perf_counter()
         scan = await asyncio.to_thread(_decode, data, self.s)
@@ -483,14 +483,14 @@ class Ingress:
         t2 = time.perf_counter()
 
         def finish():
-            from .scoring.scorer import build_record
+            from ..scoring.scorer import build_record
 
             # the bundle behind each stage's answer, and what ran it (int8 answers differ slightly)
             models = {**self.record_models, "stage_bundles": stages, "stage_runtimes": runtimes}
             record, detail = build_record(lung, opacity, p, self.zone_threshold, models, scan)
             png = None
             if overlay:
-                from .scoring.overlay import encode_overlay
+                from ..scoring.overlay import encode_overlay
 
                 png = encode_overlay(image, detail.lungs, detail.opacity, record)
             return record, png
@@ -594,7 +594,7 @@ class Ingress:
 
 def build_app(args: ServeSettings):
     """The application builder that ``serve run`` / ``serve deploy`` import (``import_path:
-    cxrtune.serving:build_app``): one typed argument, the config's ``args``."""
+    cxrtune.serving.app:build_app``): one typed argument, the config's ``args``."""
     return application(args)
 
 
@@ -608,7 +608,7 @@ def application(settings: ServeSettings | dict, deployments: dict[str, dict] | N
         settings = settings if isinstance(settings, ServeSettings) else ServeSettings(**(settings or {}))
     except ValidationError as exc:
         raise CxrtuneError(f"bad Serve args: {exc}") from None
-    from .scoring.artifacts import read_bundle_meta
+    from ..scoring.artifacts import read_bundle_meta
 
     meta = read_bundle_meta(settings.bundle)  # fail here, plainly, rather than in three replicas
     if settings.runtime in ("onnx", "onnx-int8"):
@@ -628,7 +628,7 @@ def read_serve_config(path: str) -> tuple[dict, dict]:
     """A Serve config (YAML, local or S3) and its first application, or a plain error."""
     import yaml
 
-    from .data import storage
+    from ..data import storage
 
     try:
         cfg = yaml.safe_load(storage.read_text(path)) or {}
@@ -674,8 +674,8 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
     from ray.serve.schema import ServeDeploySchema
 
-    from .data import storage
-    from .scoring.artifacts import bundle_hash, read_bundle_meta
+    from ..data import storage
+    from ..scoring.artifacts import bundle_hash, read_bundle_meta
 
     cfg, app = read_serve_config(config)
     args = app.setdefault("args", {})
