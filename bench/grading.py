@@ -82,6 +82,7 @@ def main() -> None:
     for cfg in top_grade_recipes(exp, args.top):
         r = cross_validate(cfg, sub, folds=args.folds, by=("label",))
         r.pop("oof")
+        r.pop("heatmaps", None)
         results.append(r)
     cv_minutes = (time.perf_counter() - t) / 60
     cv_md = cv_markdown(results)
@@ -99,7 +100,7 @@ def main() -> None:
         "cv": {"folds": args.folds, "minutes": round(cv_minutes, 1),
                "recipes": [{"config": {k: r["config"][k] for k in ("side", "roi", "balancing")}
                             | {"backbone": r["config"]["classifier"]["backbone"]},
-                            "images": r["images"], "summary": r["summary"]} for r in results]},
+                            "images": r["images"], "summary": r["summary"], "hcs": r.get("hcs")} for r in results]},
         "cv_md": cv_md}), indent=2))
 
 

@@ -175,22 +175,28 @@ def _bundle(args) -> None:
     if not (args.lung and args.disease and args.out):
         raise CxrtuneError("cxrtune bundle needs --lung, --disease and --out (or --migrate URI, "
                            "--export onnx URI, --export onnx-int8 URI --calibration PATHS)")
-    from .audit.gates import parse_gate
+    from .audit.gates import check_gates, parse_gate
+    from .data import storage
 
-    gates = [parse_gate(g) for g in args.gate or []]  # checked before anything is written
+    gates = [parse_gate(g) for g in args.gate or []]
+    if gates:  # checked before anything is written
+        check_gates(gates, bundle=True, manifest=args.gate_manifest)
+        if storage.exists(storage.join(args.out, "bundle.json")):
+            raise CxrtuneError(f"{args.out} holds a bundle already: a gated bundle goes to a new --out "
+                               "(a refused one is deleted)")
     b = make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
     if gates:
-        from .data import storage
+        from .audit.gates import enforce, run_gates
         from .scoring.artifacts import update_bundle
-        from .audit.gates import GateFailed, enforce, run_gates
 
-        results = run_gates(gates, bundle=args.out, manifest=args.gate_manifest, limit=args.gate_limit)
-        b = update_bundle(args.out, audits={**b.audits, "gates": results})
         try:
+            results = run_gates(gates, bundle=args.out, manifest=args.gate_manifest, limit=args.gate_limit)
+            b = update_bundle(args.out, audits={**b.audits, "gates": results})
             enforce(results)
-        except GateFailed:
-            for name in ("bundle.json", "lung.pt", "disease.pt"):  # a refused bundle is not left to be served
-                storage.delete(storage.join(args.out, name))
+        except BaseException:  # refused, or the audit could not run: nothing is left to be served
+            for name in ("bundle.json", "lung.pt", "disease.pt"):
+                if storage.exists(storage.join(args.out, name)):
+                    storage.delete(storage.join(args.out, name))
             raise
         print(f"release gates passed: {', '.join(results)}")
     print(f"bundle {args.out}: lung {b.lung.config['model']['arch']}, disease "
@@ -642,27 +648,29 @@ def build_parser() -> argparse.ArgumentParser:
     gsub = gr.add_subparsers(dest="grade_command", required=True)
     cv = gsub.add_parser("cv", help="patient-level K-fold cross-validation of grading recipes, with subgroup tables")
     which = cv.add_mutually_exclusive_group(required=True)
-    which.add_argument("--config", help="one grading recipe YAML (GradeConfig settings)")
+    which.add_argument("--config", nargs="+", help="grading recipe YAML(s) (GradeConfig settings)")
     which.add_argument("--experiment", help="a grading sweep (STORAGE/NAME): its --top recipes per lung side")
     cv.add_argument("--top", type=int, default=5, help="recipes per side from --experiment (default: 5)")
     cv.add_argument("--manifest", help="default: the sweep's manifest (required with --config)")
     cv.add_argument("--folds", type=int, default=5)
     cv.add_argument("--by", default="", help="manifest columns for subgroup tables, comma-separated (e.g. sex,site)")
     cv.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    cv.add_argument("--heatmaps", type=int, default=8, help="held-out images per recipe with Grad-CAM heatmaps and HCS")
     cv.add_argument("--out", required=True, help="folder for cv.json, cv.md and the out-of-fold predictions")
     cv.set_defaults(func=_grade_cv)
     return p
 
 
 def _grade_cv(args) -> None:
+    from .audit.heatmaps import concordance, heatmap_png
     from .data import manifest, storage
-    from .model.grading import GradeConfig, cross_validate, cv_markdown
+    from .model.grading import GradeConfig, cross_validate, cv_markdown, paired_heatmaps
     from .model.metrics import json_safe
 
     if args.config:
         if not args.manifest:
             raise CxrtuneError("--config needs --manifest")
-        recipes, manifest_uri = [GradeConfig.from_yaml(args.config)], args.manifest
+        recipes, manifest_uri = [GradeConfig.from_yaml(c) for c in args.config], args.manifest
     else:
         from .search.report import top_grade_recipes
         from .search.tuning import load_options
@@ -675,11 +683,33 @@ def _grade_cv(args) -> None:
     for i, cfg in enumerate(recipes):
         print(f"recipe {i + 1}/{len(recipes)}: {cfg.side} lung, {cfg.classifier.backbone}, {cfg.roi}, {cfg.balancing}",
               file=sys.stderr)
-        r = cross_validate(cfg, df, folds=args.folds, seed=args.seed, by=by)
+        r = cross_validate(cfg, df, folds=args.folds, seed=args.seed, by=by, heatmap_images=args.heatmaps)
         storage.write_text(storage.join(args.out, f"oof_{i + 1}.csv"), r.pop("oof").to_csv(index=False))
+        for row, (image, heat, lung) in r["heatmaps"].items():
+            storage.write_bytes(storage.join(args.out, "heatmaps", f"recipe{i + 1}_{cfg.side}_row{row}.png"),
+                                heatmap_png(image, heat, lung, concordance(heat, lung)["hcs"]))
         results.append(r)
-    storage.write_text(storage.join(args.out, "cv.json"), json.dumps(json_safe(results), indent=2))
+    pairs = []  # seed 000: a recipe cross-validated for both sides -> left and right heatmaps averaged
+    for i, right in enumerate(results):
+        for j, left in enumerate(results):
+            same = {k: v for k, v in right["config"].items() if k != "side"} == \
+                {k: v for k, v in left["config"].items() if k != "side"}
+            if right["config"]["side"] == "right" and left["config"]["side"] == "left" and same:
+                paired = paired_heatmaps(right, left)
+                for row, (image, heat, lung, hcs) in paired.items():
+                    storage.write_bytes(storage.join(args.out, "heatmaps", f"recipes{i + 1}+{j + 1}_both_row{row}.png"),
+                                        heatmap_png(image, heat, lung, hcs))
+                pairs.append({"right": i + 1, "left": j + 1, "images": len(paired),
+                              "hcs": float(sum(p[3] for p in paired.values()) / len(paired)) if paired else None})
+    for r in results:
+        r.pop("heatmaps")
+    storage.write_text(storage.join(args.out, "cv.json"), json.dumps(json_safe({"recipes": results, "both_sides": pairs}),
+                                                                     indent=2))
     table = cv_markdown(results)
+    if pairs:
+        table += "\nLeft and right heatmaps averaged (seed 000), HCS against the lungs:\n\n" + "\n".join(
+            f"- recipes {p['right']} (right) + {p['left']} (left): HCS {p['hcs']:.3f} on {p['images']} images"
+            for p in pairs if p["hcs"] is not None) + "\n"
     storage.write_text(storage.join(args.out, "cv.md"), table)
     print(table)
 

@@ -102,6 +102,8 @@ def test_gate_rules_parse():
     assert parse_gate("score_mae<=1.1").rule == "score_mae<=1.1"
     with pytest.raises(CxrtuneError, match="use hcs>=X"):
         parse_gate("hcs<=0.5")
+    with pytest.raises(CxrtuneError, match="'1.2.3' is not a number"):
+        parse_gate("hcs>=1.2.3")
 
 
 @pytest.mark.slow
@@ -123,6 +125,12 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
                                           r.stderr), r.stderr
     assert "lungs removed: 0.97" in r.stderr
     assert not (out / "bundle.json").exists() and not (out / "lung.pt").exists()  # nothing left to serve
+    # an audit that cannot run (no gate manifest; no report) writes nothing either
+    bare = ("bundle", "--lung", str(runs / "lung"), "--disease", str(runs / "disease"), "--out", str(out))
+    r = cli(*bare, "--gate", "hcs>=0.1", check=False)
+    assert r.returncode == 2 and "needs --gate-manifest" in r.stderr and not out.exists()
+    r = cli(*bare, "--gate", f"hide-and-seek={tmp_path / 'missing.json'}", check=False)
+    assert r.returncode == 2 and "no hide-and-seek report" in r.stderr and not out.exists()
     # gates that pass: the results are recorded in bundle.json
     out = tmp_path / "passed"
     cli(*common, "--out", str(out), "--gate", "hcs>=0", "--gate", f"hide-and-seek={clean}",
@@ -132,6 +140,9 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
     assert all(g["passed"] for g in gates.values())
     assert 0.0 <= gates["hcs>=0"]["hcs"] <= 1.0 and gates["hcs>=0"]["images"] >= 4
     assert gates["score_mae<=6"]["images"] >= 4
+    r = cli(*common, "--out", str(out), "--gate", "hcs>=0", check=False)  # a gated bundle never overwrites one
+    assert r.returncode == 2 and "holds a bundle already" in r.stderr
+    assert json.loads((out / "bundle.json").read_text())["audits"]["gates"] == gates
     # promote checks its gates before it writes anything
     r = cli("promote", str(tmp_path / "no-experiment"), "--to", str(tmp_path / "run"),
             "--gate", f"hide-and-seek={flagged}", check=False)
@@ -164,3 +175,10 @@ def test_per_lung_grades_and_roi_schemes():
     masks = {"l": lung, "o": opacity}
     graded = grade_labels(df, masks.__getitem__)
     assert graded[["grade_right", "grade_left", "grade_source"]].values.tolist() == [[3, 0, "manifest"], [2, 1, "masks"]]
+    # a mask with one lung (a white-out lung Stage I or a reader left out) grades that lung only: the
+    # missing side is not "clear"
+    one = lung.copy()
+    one[:, 50:] = False
+    assert mask_grades(one, opacity) == {"right": 2, "left": None}
+    graded = grade_labels(df.iloc[[1]], {"l": one, "o": opacity}.__getitem__)
+    assert graded["grade_right"].tolist() == [2] and graded["grade_left"].isna().all()

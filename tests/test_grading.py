@@ -83,10 +83,39 @@ def test_patient_folds_and_subgroup_table():
     assert table["(missing)"]["macro_mae"] == 0.0 and table["(missing)"]["weighted_f1"] == 1.0
     # F rows 0,2,4,6,8 have grades 0,2,0,2,0 -> predicted 1,3,1,3,1 (all off by one); rows 10-18 right
     assert table["F"]["mae"] == pytest.approx(5 / 10)
+    ages = rows.assign(age=pd.array([60] * 20 + [None] * 20, dtype="Int64"))  # nullable integers, NA included
+    assert {t["value"]: t["n"] for t in subgroup_table(ages, grades, prob, "age")} == {"60": 20, "(missing)": 20}
     with pytest.raises(CxrtuneError, match="no manifest column 'site'"):
         subgroup_table(rows, grades, prob, "site")
     with pytest.raises(CxrtuneError, match="needs at least 5 patients"):
         patient_folds(rows.head(8), grades[:8], 5, seed=0)
+
+
+def test_side_heatmaps_in_the_image_frame_and_averaged():
+    from cxrtune.model.grading import heatmap_in_image, paired_heatmaps
+
+    lung = np.zeros((60, 100), bool)
+    lung[10:50, 10:40] = True  # patient's right lung, image left
+    lung[10:50, 60:90] = True  # midline at column 50
+    ones = np.ones((32, 32), np.float32)
+    right = heatmap_in_image(ones, lung.shape, lung, "right", "split")
+    left = heatmap_in_image(ones, lung.shape, lung, "left", "split")
+    assert right[:, :50].min() == 1 and right[:, 50:].max() == 0 and left[:, 50:].min() == 1 and left[:, :50].max() == 0
+    assert heatmap_in_image(ones, lung.shape, None, "left", "none").shape == (60, 100)
+    image = np.zeros((60, 100), np.uint8)
+    both = paired_heatmaps({"heatmaps": {7: (image, right, lung), 9: (image, right, lung)}},
+                           {"heatmaps": {7: (image, left, lung)}})
+    assert list(both) == [7] and np.allclose(both[7][1], 0.5)  # each half from its own side's model
+    assert both[7][3] == pytest.approx(lung.mean())  # uniform heat: HCS is the lungs' share
+
+
+def test_binary_collapse_without_positives_is_undefined_not_zero():
+    from cxrtune.model.metrics import ordinal_metrics
+
+    m = ordinal_metrics(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]))
+    assert np.isnan(m["collapses"]["not_severe_vs_severe"]["f1"])  # no grade 3 in references or predictions
+    assert m["collapses"]["none_vs_any"]["f1"] == 1.0
+    assert m["macro_mae"] == pytest.approx((0 + 0.5 + 0) / 3)
 
 
 def test_fit_classifier_reports_every_epoch_of_both_phases():
@@ -100,6 +129,53 @@ def test_fit_classifier_reports_every_epoch_of_both_phases():
                          balancing="double")
     fit_classifier(cfg, x, y, on_epoch=lambda n, model: seen.append((n, model.training)))
     assert [n for n, _ in seen] == [1, 2, 3] and cfg.total_epochs == 3
+
+
+def test_roi_from_stage_one_of_a_bundle(phantom_dir, phantom_bundle):
+    """lung_bundle: the ROI lungs are the bundle's cleaned Stage I masks (what the ROI is in use),
+    not the manifest's reference masks."""
+    from cxrtune.data import manifest
+    from cxrtune.data.images import read_image, read_mask
+    from cxrtune.model.grading import grade_labels, grading_input, load_grade_data
+    from cxrtune.scoring.scorer import load_bundle, to_uint8
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    graded = grade_labels(df.head(6), read_mask)
+    stage1 = load_grade_data(graded, "right", "lung_masked", 64, lung_bundle=str(phantom_bundle))
+    reference = load_grade_data(graded, "right", "lung_masked", 64)
+    scorer = load_bundle(str(phantom_bundle), stages=("lung",))
+    for k, (_, row) in enumerate(stage1.rows.iterrows()):
+        image = read_image(row["image"])
+        expected = to_uint8(grading_input(image, scorer.lung_masks([image])[0], "right", "lung_masked", 64))
+        assert np.array_equal(stage1.images[k], expected)
+    assert not np.array_equal(stage1.images, reference.images)  # a 2-epoch Stage I is not the reference
+
+
+def test_two_phase_transfer_from_a_weights_file(tmp_path):
+    """Phase 1 trains the head alone on a frozen encoder (batch-norm statistics too), phase 2
+    everything; every epoch of both is reported."""
+    import torch
+
+    from cxrtune.model.classifiers import ClassifierConfig, build_classifier
+    from cxrtune.model.classify import ClassifyConfig, fit_classifier
+
+    source = build_classifier(ClassifierConfig("resnet18", num_classes=2))
+    torch.save(source.encoder.state_dict(), tmp_path / "encoder.pt")
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 255, (12, 32, 32), dtype=np.uint8), np.arange(12) % 2
+    cfg = ClassifyConfig(ClassifierConfig("resnet18", num_classes=2, weights=str(tmp_path / "encoder.pt")),
+                         size=32, batch_size=6, epochs=2, head_epochs=2, balancing="none", augment=False)
+    start = {k: v.clone() for k, v in source.encoder.state_dict().items()}
+    snapshots = []
+
+    def on_epoch(n, model):
+        enc = model.encoder.state_dict()
+        snapshots.append((n, all(torch.equal(enc[k], start[k]) for k in start)))
+
+    model = fit_classifier(cfg, x, y, on_epoch=on_epoch)
+    assert cfg.total_epochs == 4 and [n for n, _ in snapshots] == [1, 2, 3, 4]
+    assert [same for _, same in snapshots] == [True, True, False, False]  # frozen, frozen, then fine-tuned
+    assert all(p.requires_grad for p in model.parameters())
 
 
 GRID_SPACE = {
@@ -145,9 +221,11 @@ def test_grid_sweep_compact_table_and_cross_validation(grading_phantoms, tmp_pat
     r = cli("promote", exp, "--to", str(tmp_path / "run"), check=False)
     assert r.returncode == 2 and "cxrtune grade cv --experiment" in r.stderr
 
-    cli("grade", "cv", "--experiment", exp, "--top", "2", "--folds", "3", "--by", "label",
+    cli("grade", "cv", "--experiment", exp, "--top", "2", "--folds", "3", "--by", "label", "--heatmaps", "4",
         "--out", str(tmp_path / "cv"))
-    results = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    results = json.loads((tmp_path / "cv" / "cv.json").read_text())["recipes"]
+    assert all(r["hcs"]["images"] == 4 and 0 <= r["hcs"]["mean"] <= 1 for r in results)
+    assert len(list((tmp_path / "cv" / "heatmaps").glob("recipe1_right_row*.png"))) == 4
     mae = {(t["param:roi"], t["param:balancing"]): t["best_val_macro_mae"] for _, t in trials.iterrows()}
     chosen = [mae[(x["config"]["roi"], x["config"]["balancing"])] for x in results]
     assert len(results) == 2 and chosen == sorted(trials["best_val_macro_mae"])[:2]  # the top two, best first
@@ -163,3 +241,14 @@ def test_grid_sweep_compact_table_and_cross_validation(grading_phantoms, tmp_pat
         # other_pneumonia phantoms have no opacity mask, so no grade; test rows stay out of CV
         assert "other_pneumonia" not in by_label and sum(by_label.values()) == len(oof) == res["images"]
     assert "| right | resnet18 |" in (tmp_path / "cv" / "cv.md").read_text()
+
+    # one recipe for each side: their heatmaps of the same images are averaged (seed 000)
+    for side in ("right", "left"):
+        (tmp_path / f"{side}.yaml").write_text(yaml.safe_dump(
+            {"side": side, "roi": "split", "size": 32, "epochs": 1, "batch_size": 8, "balancing": "none",
+             "classifier": {"backbone": "resnet18"}}))
+    cli("grade", "cv", "--config", str(tmp_path / "right.yaml"), str(tmp_path / "left.yaml"), "--manifest", manifest,
+        "--folds", "2", "--heatmaps", "3", "--out", str(tmp_path / "both"))
+    both = json.loads((tmp_path / "both" / "cv.json").read_text())["both_sides"]
+    assert len(both) == 1 and both[0]["images"] >= 1 and 0 <= both[0]["hcs"] <= 1
+    assert len(list((tmp_path / "both" / "heatmaps").glob("recipes1+2_both_row*.png"))) == both[0]["images"]

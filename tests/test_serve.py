@@ -129,6 +129,9 @@ def test_gpu_config_on_a_cpu_instance_fails_fast(phantom_bundle, tmp_path):
     assert "replica asks for" in r.stderr and "could never start" in r.stderr and "Traceback" not in r.stderr
 
 
+BLIND_GATES = {"hcs>=0.3": {"hcs": 0.41, "value": 0.41, "threshold": 0.3, "passed": True, "images": 8}}
+
+
 @pytest.fixture(scope="module")
 def server(phantom_bundle, tmp_path_factory):
     import ray
@@ -150,6 +153,9 @@ def server(phantom_bundle, tmp_path_factory):
     bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
     state[bias] = torch.full_like(state[bias], -1e4)
     torch.save(state, blind / "lung.pt")
+    from cxrtune.scoring.artifacts import update_bundle
+
+    update_bundle(str(blind), audits={"gates": BLIND_GATES})  # what /v1/models must show
     tiny = {"num_cpus": 0.1}  # the side apps: 3 apps must fit 2 CPUs with the main app scaled to 2 replicas
     serve.run(build_app({**args, "bundle": str(blind)},
                         {k: {**v, "autoscaling_config": None, "ray_actor_options": tiny} if k != "Ingress"
@@ -182,6 +188,9 @@ def test_health_models_and_openapi(server):
     assert requests.get(f"{server}/v1/models").status_code == 401
     models = requests.get(f"{server}/v1/models", headers={"X-API-Key": KEY}).json()
     assert models["lung"].startswith("FPN/resnet18") and "zone_threshold" in models
+    assert models["audits"] == {} and models["stage_audits"] == {"lung": {}, "disease": {}}
+    gated = requests.get(f"{server}/blind/v1/models", headers={"X-API-Key": KEY}).json()
+    assert gated["audits"] == {"gates": BLIND_GATES}  # the release gates the bundle passed
     spec = requests.get(f"{server}/openapi.json").json()
     assert "/v1/score" in spec["paths"] and "/v1/score/batch" in spec["paths"]
 

@@ -53,9 +53,12 @@ def parse_gate(text: str) -> Gate:
     m = re.fullmatch(r"(hcs)>=([0-9.]+)|(score_mae)<=([0-9.]+)(?::(\w+))?", text)
     if not m:
         raise CxrtuneError(f"--gate {text!r}: use hcs>=X, hide-and-seek=REPORT, score_mae<=X or score_mae<=X:READER")
-    if m.group(1):
-        return Gate("hcs", float(m.group(2)))
-    return Gate("score_mae", float(m.group(4)), m.group(5) or "")
+    try:
+        if m.group(1):
+            return Gate("hcs", float(m.group(2)))
+        return Gate("score_mae", float(m.group(4)), m.group(5) or "")
+    except ValueError:
+        raise CxrtuneError(f"--gate {text!r}: {m.group(2) or m.group(4)!r} is not a number") from None
 
 
 def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
@@ -96,6 +99,20 @@ def score_mae(scorer, rows, reader: str) -> dict:
     return {"score_mae": float(np.mean(errors)), "images": len(errors), "reference": reader or "auto"}
 
 
+def check_gates(gates: list[Gate], bundle: bool, manifest: str | None) -> None:
+    """What can be checked before anything is written: a bundle gate needs a bundle and a gate
+    manifest, a hide-and-seek gate a readable report."""
+    from ..data import storage
+
+    for gate in gates:
+        if gate.kind in BUNDLE_ONLY and not bundle:
+            raise CxrtuneError(f"--gate {gate.rule} audits a bundle (both stages): give it to `cxrtune bundle`")
+        if gate.kind in BUNDLE_ONLY and not manifest:
+            raise CxrtuneError(f"--gate {gate.rule} needs --gate-manifest: the images to audit on")
+        if gate.kind == "hide-and-seek" and not storage.exists(gate.arg):
+            raise CxrtuneError(f"--gate {gate.rule}: no hide-and-seek report at {gate.arg}")
+
+
 def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None = None, limit: int = 64) -> dict:
     """Evaluate every gate; ``{rule: {value, threshold, passed, ...}}``. Never raises for a
     failed gate (:func:`enforce` does): the results are recorded either way."""
@@ -113,11 +130,8 @@ def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None
             loaded["rows"] = pick_rows(manifests.load_manifest(manifest), None, limit)
         return loaded["scorer"], loaded["rows"]
 
+    check_gates(gates, bool(bundle), manifest)
     for gate in gates:
-        if gate.kind in BUNDLE_ONLY and not bundle:
-            raise CxrtuneError(f"--gate {gate.rule} audits a bundle (both stages): give it to `cxrtune bundle`")
-        if gate.kind in BUNDLE_ONLY and not manifest:
-            raise CxrtuneError(f"--gate {gate.rule} needs --gate-manifest: the images to audit on")
         if gate.kind == "hide-and-seek":
             report = json.loads(storage.read_text(gate.arg))
             verdict = report.get("verdict") or {}

@@ -53,13 +53,37 @@ def class_probabilities(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits, 1).detach().cpu().numpy()
 
 
-def target_layer(cam_model: CamModel, stride: int) -> nn.Module:
-    """Grad-CAM's layer: the encoder's stage at ``stride`` where SMP names it (``get_stages``:
-    ResNet's layer3 at 16), else the deepest feature map. At stride 32 a 128-px input gives a
-    4 x 4 map, too coarse to tell the lungs from what lies beside them; 16 gives 8 x 8."""
-    stages = cam_model.encoder.get_stages() if hasattr(cam_model.encoder, "get_stages") else {}
+def target_layer(cam_model: CamModel, stride: int, probe: torch.Tensor | None = None) -> nn.Module:
+    """Grad-CAM's layer: the encoder's stage at ``stride``. SMP names it for some encoders
+    (``get_stages``: ResNet's layer3 at 16); for the others (VGG, DenseNet) a probe forward pass
+    finds the last block whose output is at that stride (DenseNet's denseblock3), else the last
+    convolution there (VGG's last conv before its final pooling). Without either, the deepest
+    feature map. At stride 32 a 128-px input gives a 4 x 4 map, too coarse to tell the lungs from
+    what lies beside them; 16 gives 8 x 8."""
+    try:
+        stages = cam_model.encoder.get_stages()
+    except (AttributeError, NotImplementedError):
+        stages = None
     modules = stages.get(stride) if isinstance(stages, dict) else None
-    return modules[-1] if modules else cam_model.features
+    if modules:
+        return modules[-1]
+    if probe is None:
+        return cam_model.features
+    seen: list[tuple[nn.Module, int]] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, out: seen.append((mod, out.shape[-1]))
+                                     if torch.is_tensor(out) and out.dim() == 4 else None)
+             for _, m in cam_model.encoder.named_modules() if m is not cam_model.encoder]
+    try:
+        with torch.no_grad():
+            cam_model.encoder(probe[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    width = probe.shape[-1] // stride
+    at_stride = [m for m, w in seen if w == width]
+    blocks = [m for m in at_stride if len(list(m.children()))]
+    convs = [m for m in at_stride if isinstance(m, nn.Conv2d)]
+    return (blocks or convs or [cam_model.features])[-1]
 
 
 def heatmaps(model: nn.Module, x: torch.Tensor, stride: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +97,7 @@ def heatmaps(model: nn.Module, x: torch.Tensor, stride: int = 16) -> tuple[np.nd
     probs = class_probabilities(logits)
     binary = logits.shape[1] == 1
     heat = np.zeros((x.shape[0], x.shape[2], x.shape[3]), np.float32)
-    with GradCAM(model=cam_model, target_layers=[target_layer(cam_model, stride)]) as cam:
+    with GradCAM(model=cam_model, target_layers=[target_layer(cam_model, stride, x)]) as cam:
         for c in range(probs.shape[1]):
             target = _Logit(0, negate=c == 0) if binary else _Logit(c)
             maps = cam(input_tensor=x, targets=[target] * x.shape[0])

@@ -52,12 +52,21 @@ def load_rows(df: pd.DataFrame, size: int, classes: list[str]) -> AuditData:
     from ..data.images import read_image, read_mask
     from ..scoring.scorer import to_uint8
 
-    imgs, lungs = [], []
-    for uri, lung_uri in zip(df["image"], df["lung_mask"]):
-        imgs.append(to_uint8(resize_image(read_image(uri), size)))
-        lungs.append(resize_mask(read_mask(lung_uri), size).astype(bool))
-    labels = np.array([classes.index(v) for v in df["label"]], int)
-    return AuditData(np.stack(imgs), np.stack(lungs), labels)
+    imgs, lungs, labels, skipped = [], [], [], 0
+    for uri, lung_uri, label in zip(df["image"], df["lung_mask"], df["label"]):
+        try:
+            image, lung = read_image(uri), read_mask(lung_uri)
+        except CxrtuneError:  # one unreadable file must not end the audit; counted, never named
+            skipped += 1
+            continue
+        imgs.append(to_uint8(resize_image(image, size)))
+        lungs.append(resize_mask(lung, size).astype(bool))
+        labels.append(classes.index(label))
+    if skipped:
+        log.warning("hide-and-seek: %d row(s) whose image or lung mask could not be read left out", skipped)
+    if not imgs:
+        raise CxrtuneError("hide-and-seek: no image of the split could be read")
+    return AuditData(np.stack(imgs), np.stack(lungs), np.array(labels, int))
 
 
 def split_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
@@ -66,6 +75,8 @@ def split_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     from ..data.manifest import is_labelled, without_eval_only
 
     df = without_eval_only(df)
+    if "split" not in df.columns:
+        raise CxrtuneError("hide-and-seek needs train and test (or val) splits: run `cxrtune data split`")
     usable = df[df["label"].map(is_labelled) & (df.get("lung_mask", pd.Series("", index=df.index)) != "")]
     if len(usable) < len(df):
         log.warning("hide-and-seek: %d row(s) without a label or a lung mask left out", len(df) - len(usable))
@@ -83,17 +94,23 @@ def represented(data: AuditData, name: str) -> np.ndarray:
     return np.stack([represent(im, lung, name) for im, lung in zip(data.images, data.lungs)])
 
 
-def mean_concordance(model, images: np.ndarray, lungs: np.ndarray, pre: Preprocessing, n: int) -> dict:
-    """Mean HCS (both definitions) of the first ``n`` evaluation images' heatmaps."""
+def heatmap_rows(count: int, n: int) -> np.ndarray:
+    """``n`` evaluation rows spread evenly over all ``count`` (manifests are often in class order:
+    the first rows alone would be one class)."""
+    return np.unique(np.linspace(0, count - 1, min(n, count)).round().astype(int)) if n > 0 and count else np.zeros(0, int)
+
+
+def mean_concordance(model, images: np.ndarray, lungs: np.ndarray, pre: Preprocessing) -> dict:
+    """Mean HCS (both definitions) of the given evaluation images' heatmaps."""
     import torch
 
     from .heatmaps import concordance, heatmaps
 
-    if n <= 0 or not len(images):
+    if not len(images):
         return {}
-    x = torch.stack([pre.to_tensor(im) for im in images[:n]])
+    x = torch.stack([pre.to_tensor(im) for im in images])
     heat, _ = heatmaps(model, x)
-    scores = [concordance(h, lung) for h, lung in zip(heat, lungs[:n])]
+    scores = [concordance(h, lung) for h, lung in zip(heat, lungs)]
     return {"hcs": float(np.mean([s["hcs"] for s in scores])),
             "hcs_pixels": float(np.mean([s["hcs_pixels"] for s in scores])), "heatmaps": heat}
 
@@ -120,8 +137,9 @@ def hide_and_seek(cfg: ClassifyConfig, df: pd.DataFrame, representations: tuple[
         model = fit_classifier(cfg, represented(train, name), train.labels)
         x_eval = represented(held, name)
         metrics = multiclass_metrics(held.labels, predict(model, x_eval, pre), classes)
-        hcs = mean_concordance(model, x_eval, held.lungs, pre, heatmap_images)
-        out["heatmaps"][name] = (x_eval[:heatmap_images], hcs.pop("heatmaps", None), held.lungs[:heatmap_images])
+        shown = heatmap_rows(len(x_eval), heatmap_images)
+        hcs = mean_concordance(model, x_eval[shown], held.lungs[shown], pre)
+        out["heatmaps"][name] = (x_eval[shown], hcs.pop("heatmaps", None), held.lungs[shown])
         out["representations"][name] = {**metrics, **hcs}
     reps = out["representations"]
     chance = reps["original"]["chance"]

@@ -51,9 +51,18 @@ class Classifier(nn.Module):
         return self.head(self.features(self.encoder(x)[-1]))
 
     def freeze_encoder(self, frozen: bool = True) -> None:
-        """Phase 1 of two-phase transfer: only the head learns while the encoder is frozen."""
+        """Phase 1 of two-phase transfer: only the head learns while the encoder is frozen, its
+        batch-norm statistics included (they stay in eval mode, as Keras freezes them)."""
+        self.encoder_frozen = frozen
         for p in self.encoder.parameters():
             p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and getattr(self, "encoder_frozen", False):
+            self.encoder.eval()
+        return self
 
 
 def build_classifier(cfg: ClassifierConfig) -> Classifier:

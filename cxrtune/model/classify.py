@@ -148,8 +148,9 @@ def fit_classifier(cfg: ClassifyConfig, images: np.ndarray, labels: np.ndarray,
         model.freeze_encoder(True)
         _train(model, images, labels, first, cfg.head_epochs, cfg.head_lr, cfg, pre, augment, after_epoch)
         model.freeze_encoder(False)
-    if cfg.balancing == "double":  # balanced first, then all the data
-        half = max(1, cfg.epochs // 2)
+    if cfg.balancing == "double":  # balanced, then all the data
+        # with transfer the balanced stage is the head phase above; from scratch, the first half
+        half = 0 if cfg.classifier.weights and cfg.head_epochs else cfg.epochs // 2
         _train(model, images, labels, first, half, cfg.lr, cfg, pre, augment, after_epoch)
         _train(model, images, labels, lambda: rng.permutation(len(labels)), cfg.epochs - half, cfg.lr, cfg, pre,
                augment, after_epoch)

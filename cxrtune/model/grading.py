@@ -5,12 +5,13 @@ Each lung side (the patient's right or left) gets its own classifier and a 0-3 g
 manifest's reader grades (``grade_right``/``grade_left``) where it has them, else they are derived
 from the reference lung and opacity masks (:func:`~cxrtune.scoring.zones.grade_from_percent`).
 
-ROI schemes, from the lung mask (the reference's in training, Stage I's in use):
+ROI schemes, from a lung mask: the manifest's reference mask, or, with ``lung_bundle``, the cleaned
+lungs of a scorer bundle's Stage I, which is what the ROI will come from in use:
 
 * ``none``: the whole image;
 * ``lung_masked``: the image with everything outside the lungs set to 0;
 * ``split``: the side's half of the image, cut at the midline between the two lungs (seed 000's
-  lateral split at the spine).
+  lateral split at the spine; the image's centre when only one lung is found).
 
 A :class:`GradeConfig` is one recipe (backbone, ROI scheme, balancing, side...): what ``cxrtune
 tune`` searches (``search_spaces/opacity_classification.yaml``; ``--grid`` runs seed 000's 27
@@ -40,16 +41,21 @@ ROI_SCHEMES = ("none", "lung_masked", "split")
 GRADES = ("clear", "mild", "moderate", "severe")
 
 
-def mask_grades(lung: np.ndarray, opacity: np.ndarray) -> dict[str, int]:
-    """``{"right": g, "left": g}`` from a lung and an opacity mask of the same shape."""
-    rec = zones.score_masks(lung, opacity, threshold=1.0)
-    return {side: int(rec["lungs"][side]["grade"]) for side in SIDES}
+def mask_grades(lung: np.ndarray, opacity: np.ndarray) -> dict[str, int | None]:
+    """``{"right": g, "left": g}`` from a lung and an opacity mask of the same shape; ``None`` for
+    a side whose lung the mask does not have (no area, no percent: never "clear")."""
+    lungs = zones.split_lungs(lung)
+    rec = zones.score_lungs(lungs, opacity, threshold=1.0)
+    present = {"right": lungs.right.any(), "left": lungs.left.any()}
+    return {side: int(rec["lungs"][side]["grade"]) if present[side] else None for side in SIDES}
 
 
-def midline(lungs: zones.LungPair) -> int:
-    """The column between the patient's right lung (image left) and left lung (image right)."""
+def midline(lungs: zones.LungPair, width: int) -> int:
+    """The column between the patient's right lung (image left) and left lung (image right); the
+    image's centre column when fewer than two lungs are found (a white-out lung Stage I misses),
+    so that every ROI scheme keeps the same rows."""
     if lungs.lungs_found < 2:
-        raise CxrtuneError("the split ROI scheme needs both lungs")
+        return width // 2
     right_end = int(np.flatnonzero(lungs.right.any(axis=0))[-1]) + 1
     left_start = int(np.flatnonzero(lungs.left.any(axis=0))[0])
     return (right_end + left_start) // 2
@@ -66,7 +72,7 @@ def grading_input(image: np.ndarray, lung: np.ndarray, side: str, scheme: str, s
     lungs = zones.split_lungs(lung)
     if scheme == "lung_masked":
         return resize_image(np.where(lungs.right | lungs.left, image, 0).astype(np.float32), size)
-    x = midline(lungs)
+    x = midline(lungs, image.shape[1])
     half = image[:, :x] if side == "right" else image[:, x:]
     return resize_image(np.ascontiguousarray(half), size)
 
@@ -74,7 +80,8 @@ def grading_input(image: np.ndarray, lung: np.ndarray, side: str, scheme: str, s
 def grade_labels(df: pd.DataFrame, read_mask) -> pd.DataFrame:
     """Rows with a grade per side: ``grade_right``/``grade_left`` where the manifest has them,
     else derived from the reference masks (rows with neither are dropped, and so are ``eval_only``
-    rows). Adds ``grade_source``."""
+    rows; a side whose lung the mask lacks, or whose masks cannot be read, gets no grade: NA).
+    Adds ``grade_source``. The grade columns are nullable integers."""
     from ..data.manifest import without_eval_only
 
     df = without_eval_only(df)  # radiologists' reference sets (brixia-dev) never train or select
@@ -85,7 +92,11 @@ def grade_labels(df: pd.DataFrame, read_mask) -> pd.DataFrame:
         if have:
             out["grade_source"] = "manifest"
         elif row.get("lung_mask", "") and row.get("opacity_mask", ""):
-            grades = mask_grades(read_mask(row["lung_mask"]), read_mask(row["opacity_mask"]))
+            try:
+                grades = mask_grades(read_mask(row["lung_mask"]), read_mask(row["opacity_mask"]))
+            except (CxrtuneError, ValueError) as exc:  # unreadable, or masks of different shapes
+                log.warning("grading: a row's masks give no grade: %s", exc)
+                continue
             out["grade_right"], out["grade_left"], out["grade_source"] = grades["right"], grades["left"], "masks"
         else:
             continue
@@ -94,7 +105,8 @@ def grade_labels(df: pd.DataFrame, read_mask) -> pd.DataFrame:
     if not rows:
         raise CxrtuneError("no row has per-lung grades or the lung and opacity masks to derive them")
     result = pd.DataFrame(rows, index=index)
-    result[["grade_right", "grade_left"]] = result[["grade_right", "grade_left"]].astype(int)
+    for col in ("grade_right", "grade_left"):
+        result[col] = pd.array([None if pd.isna(v) else int(v) for v in result[col]], dtype="Int64")
     return result
 
 
@@ -105,6 +117,7 @@ class GradeConfig(ClassifyConfig):
 
     side: str = "right"
     roi: str = "none"
+    lung_bundle: str | None = None  # a scorer bundle whose Stage I gives the ROI lungs; None: the reference masks
     max_train_images: int | None = None
     max_val_images: int | None = None
 
@@ -133,20 +146,33 @@ class GradeData:
     rows: pd.DataFrame
 
 
-def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int) -> GradeData:
+def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int, lung_bundle: str | None = None) -> GradeData:
     """The inputs of ``graded`` rows (from :func:`grade_labels`) in ROI scheme ``roi``, the ROI
-    taken from the reference lung mask. A row the scheme cannot use (no lung mask; a single lung
-    for ``split``) or an unreadable image is left out with a warning, never guessed."""
+    taken from the reference lung mask, or from ``lung_bundle``'s Stage I (cleaned lungs, as the
+    scorer makes them). A row the scheme cannot use (no lungs; a single lung for ``split``) or an
+    unreadable image is left out with a warning, never guessed."""
     from ..data.images import read_image, read_mask
     from ..scoring.scorer import to_uint8
 
+    stage1 = None
+    if lung_bundle and roi != "none":
+        from ..scoring.scorer import load_bundle
+
+        stage1 = load_bundle(lung_bundle, stages=("lung",), batch_size=8)
+    graded = graded[graded[f"grade_{side}"].notna()]  # no grade for this side: nothing to learn or test
     images, keep, skipped = [], [], []
     for i, row in graded.iterrows():
         try:
-            lung = read_mask(row["lung_mask"]) if roi != "none" else None
+            image = read_image(row["image"])
+            if roi == "none":
+                lung = None
+            elif stage1 is not None:
+                lung = stage1.lung_masks([image])[0]
+            else:
+                lung = read_mask(row["lung_mask"])
             if roi != "none" and not lung.any():
                 raise CxrtuneError("empty lung mask")
-            images.append(to_uint8(grading_input(read_image(row["image"]), lung, side, roi, size)))
+            images.append(to_uint8(grading_input(image, lung, side, roi, size)))
             keep.append(i)
         except (CxrtuneError, KeyError, TypeError) as exc:
             skipped.append(str(exc))
@@ -198,7 +224,7 @@ def train_grader(cfg: GradeConfig, df: pd.DataFrame,
         rows = _sample(df[df["split"] == split], limit, cfg.seed)
         if not len(rows):
             raise CxrtuneError(f"grading needs {split} rows")
-        parts[split] = load_grade_data(grade_labels(rows, read_mask), cfg.side, cfg.roi, cfg.size)
+        parts[split] = load_grade_data(grade_labels(rows, read_mask), cfg.side, cfg.roi, cfg.size, cfg.lung_bundle)
     pre = Preprocessing(size=cfg.size, in_channels=cfg.classifier.in_channels)
     val, last = parts["val"], {}
 
@@ -232,8 +258,7 @@ def subgroup_table(rows: pd.DataFrame, grades: np.ndarray, prob: np.ndarray, col
     """Metrics per value of manifest ``column`` (sex, site, label...), over the given predictions."""
     if column not in rows.columns:
         raise CxrtuneError(f"no manifest column {column!r} for a subgroup table; columns: {', '.join(rows.columns)}")
-    values = rows[column].map(lambda v: "(missing)" if v is None or v == "" or (isinstance(v, float) and np.isnan(v))
-                              else str(v)).to_numpy()
+    values = np.array(["(missing)" if pd.isna(v) or str(v) == "" else str(v) for v in rows[column]], dtype=object)
     out = []
     for value in sorted(set(values)):
         sel = values == value
@@ -246,16 +271,46 @@ CV_SUMMARY = ("macro_mae", "mae", "weighted_f1", "weighted_precision", "weighted
               "none_vs_any_f1", "mild_or_less_vs_moderate_or_more_f1", "not_severe_vs_severe_f1")
 
 
+def heatmap_in_image(heat: np.ndarray, shape: tuple[int, int], lung: np.ndarray | None, side: str,
+                     roi: str) -> np.ndarray:
+    """A side model's heatmap (at its input size) in the image's frame: over the whole image for
+    ROI ``none``/``lung_masked``, over the side's half for ``split`` (0 on the other half), the
+    inverse of :func:`grading_input`'s geometry. Left and right maps then average pixel by pixel."""
+    import cv2
+
+    h, w = shape
+    if roi != "split":
+        return cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+    x = midline(zones.split_lungs(lung), w) if lung is not None else w // 2
+    out = np.zeros((h, w), np.float32)
+    if side == "right":
+        out[:, :x] = cv2.resize(heat, (x, h), interpolation=cv2.INTER_LINEAR)
+    else:
+        out[:, x:] = cv2.resize(heat, (w - x, h), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def _lung_of(row, image: np.ndarray, stage1) -> np.ndarray:
+    from ..data.images import read_mask
+
+    return stage1.lung_masks([image])[0] if stage1 is not None else read_mask(row["lung_mask"]).astype(bool)
+
+
 def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int = 0,
-                   by: tuple[str, ...] = ()) -> dict:
+                   by: tuple[str, ...] = (), heatmap_images: int = 8) -> dict:
     """Seed 000's patient-level K-fold cross-validation of one recipe on the non-test rows: each
     fold's model is trained on the other folds. Returns per-fold metrics, their mean and SD, the
-    pooled out-of-fold metrics, subgroup tables ``by`` manifest columns, and the out-of-fold
-    predictions (``oof``: row, patient, fold, grade, predicted grade)."""
+    pooled out-of-fold metrics, subgroup tables ``by`` manifest columns, the out-of-fold
+    predictions (``oof``: row, patient, fold, grade, predicted grade), and Grad-CAM heatmaps of
+    ``heatmap_images`` held-out images (spread over the rows) in the image frame with their HCS
+    against the lungs (``heatmaps``: manifest row -> (uint8 image, heatmap, lung mask))."""
     from .classify import fit_classifier, predict
-    from ..data.images import read_mask
+    from ..audit.heatmaps import concordance, heatmaps
+    from ..audit.hide_and_seek import heatmap_rows
+    from ..data.images import read_image, read_mask
     from ..data.manifest import without_eval_only
     from ..scoring.preprocessing import Preprocessing
+    from ..scoring.scorer import to_uint8
 
     df = without_eval_only(df)
     if "split" in df.columns:
@@ -263,25 +318,58 @@ def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int
     for col in by:
         if col not in df.columns:
             raise CxrtuneError(f"no manifest column {col!r} for a subgroup table")
-    data = load_grade_data(grade_labels(df, read_mask), cfg.side, cfg.roi, cfg.size)
+    data = load_grade_data(grade_labels(df, read_mask), cfg.side, cfg.roi, cfg.size, cfg.lung_bundle)
     fold = patient_folds(data.rows, data.grades, folds, seed)
     pre = Preprocessing(size=cfg.size, in_channels=cfg.classifier.in_channels)
     prob = np.zeros((len(data.grades), len(GRADES)), np.float32)
-    per_fold = []
+    per_fold, shown, maps = [], set(heatmap_rows(len(data.grades), heatmap_images).tolist()), {}
+    stage1 = None
+    if shown and cfg.lung_bundle:
+        from ..scoring.scorer import load_bundle
+
+        stage1 = load_bundle(cfg.lung_bundle, stages=("lung",))
     for k in range(folds):
         held = fold == k
         log.info("grading cross-validation: fold %d of %d (%d held out)", k + 1, folds, int(held.sum()))
         model = fit_classifier(replace(cfg, seed=cfg.seed + k), data.images[~held], data.grades[~held])
         prob[held] = predict(model, data.images[held], pre)
         per_fold.append({"fold": k, **flat_metrics(grade_metrics(data.grades[held], prob[held]))})
+        picked = [i for i in np.flatnonzero(held) if i in shown]
+        if picked:
+            import torch
+
+            heat, _ = heatmaps(model, torch.stack([pre.to_tensor(data.images[i]) for i in picked]))
+            for i, hmap in zip(picked, heat):
+                row = data.rows.iloc[i]
+                image = read_image(row["image"])
+                lung = _lung_of(row, image, stage1)
+                maps[data.rows.index[i]] = (to_uint8(image), heatmap_in_image(hmap, image.shape, lung, cfg.side, cfg.roi),
+                                            lung)
     summary = {m: {"mean": float(np.nanmean([f[m] for f in per_fold])), "sd": float(np.nanstd([f[m] for f in per_fold]))}
                for m in CV_SUMMARY}
     pooled = grade_metrics(data.grades, prob)
     oof = pd.DataFrame({"row": data.rows.index, "patient_id": data.rows.get("patient_id", pd.Series(index=data.rows.index)).to_numpy(),
                         "fold": fold, "grade": data.grades, "pred": prob.argmax(1)})
+    hcs = [concordance(heat, lung)["hcs"] for _, heat, lung in maps.values()]
     return {"config": cfg.to_dict(), "folds": folds, "images": int(len(data.grades)), "per_fold": per_fold,
             "summary": summary, "pooled": pooled,
-            "subgroups": {col: subgroup_table(data.rows, data.grades, prob, col) for col in by}, "oof": oof}
+            "hcs": {"mean": float(np.mean(hcs)) if hcs else None, "images": len(hcs)},
+            "subgroups": {col: subgroup_table(data.rows, data.grades, prob, col) for col in by}, "oof": oof,
+            "heatmaps": maps}
+
+
+def paired_heatmaps(right: dict, left: dict) -> dict:
+    """Seed 000's heatmap of an image: the right-lung and left-lung models' heatmaps averaged, on
+    the images both cross-validations drew (two :func:`cross_validate` results of one recipe,
+    one per side), with the HCS of each against the lungs."""
+    from ..audit.heatmaps import average_heatmaps, concordance
+
+    out = {}
+    for row in sorted(set(right["heatmaps"]) & set(left["heatmaps"])):
+        image, heat_r, lung = right["heatmaps"][row]
+        heat = average_heatmaps(heat_r, left["heatmaps"][row][1])
+        out[row] = (image, heat, lung, concordance(heat, lung)["hcs"])
+    return out
 
 
 GRID_ROWS, GRID_COLUMNS = ("backbone", "roi"), "balancing"
@@ -327,13 +415,14 @@ def cv_markdown(results: list[dict]) -> str:
         return f"{r['summary'][m]['mean']:.3f} +- {r['summary'][m]['sd']:.3f}"
 
     lines = ["| side | backbone | ROI | balancing | images | macro MAE | weighted F1 | none vs any F1 | "
-             "<=mild vs >=moderate F1 | severe F1 |", "| --- " * 10 + "|"]
+             "<=mild vs >=moderate F1 | severe F1 | HCS |", "| --- " * 11 + "|"]
     for r in results:
         c = r["config"]
+        hcs = r.get("hcs", {}).get("mean")
         lines.append(f"| {c['side']} | {c['classifier']['backbone']} | {c['roi']} | {c['balancing']} | {r['images']} | "
                      + " | ".join(pm(r, m) for m in ("macro_mae", "weighted_f1", "none_vs_any_f1",
                                                       "mild_or_less_vs_moderate_or_more_f1", "not_severe_vs_severe_f1"))
-                     + " |")
+                     + f" | {'-' if hcs is None else f'{hcs:.3f}'} |")
     for i, r in enumerate(results):
         for col, table in r["subgroups"].items():
             c = r["config"]

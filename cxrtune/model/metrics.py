@@ -136,8 +136,8 @@ def ordinal_metrics(label: np.ndarray, pred: np.ndarray, n_classes: int = 4) -> 
                  "mae_by_grade": per_class, "collapses": {}}
     for name, cut in GRADE_COLLAPSES.items():
         t, p = label >= cut, pred >= cut
-        out["collapses"][name] = {
-            "f1": float(f1_score(t, p, zero_division=0)),
+        out["collapses"][name] = {  # F1 undefined (NaN) with no positive among references and predictions
+            "f1": float(f1_score(t, p, zero_division=0)) if (t.any() or p.any()) else float("nan"),
             "sensitivity": float((p & t).sum() / t.sum()) if t.any() else float("nan"),
             "specificity": float((~p & ~t).sum() / (~t).sum()) if (~t).any() else float("nan")}
     return out

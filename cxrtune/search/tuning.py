@@ -524,7 +524,7 @@ def _run_config(o: TuneOptions, space: SearchSpace):
     from ray.tune.stopper import CombinedStopper, FunctionStopper
 
     stoppers = []
-    if o.patience and not o.multi_objective:
+    if o.patience and not o.multi_objective and not o.grid:  # a grid trains every combination to the end
         stoppers.append(PatienceStopper(space.metric, space.mode, o.min_delta, o.patience))
     if o.cut_below is not None and not o.multi_objective:
         stoppers.append(FunctionStopper(HopelessTrial(space.metric, space.mode, o.cut_below)))

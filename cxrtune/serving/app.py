@@ -360,6 +360,7 @@ class Ingress:
             "zone_calibration": asdict(meta.zone_calibration) if meta.zone_calibration else None,
             "cls_calibration": asdict(meta.cls_calibration) if meta.cls_calibration else None,
             "model_card": meta.model_card, "audits": meta.audits, "versions": meta.versions,
+            "stage_audits": {stage: meta.stage(stage).audits for stage in ("lung", "disease")},  # the runs' own
         }
         self.api_key = os.environ.get(self.s.api_key_env, "")
         self.viewer = (Path(__file__).parent / "viewer.html").read_text()
