@@ -50,6 +50,25 @@ def test_heatmap_concordance_score():
     assert concordance(half, lung)["hcs_pixels"] == pytest.approx(24 / 28)
 
 
+@pytest.mark.parametrize("backbone,layer", [("resnet50", "layer3"), ("vgg16", "features.28"),
+                                            ("densenet121", "features.denseblock3")])
+def test_grad_cam_layer_is_the_stride_16_stage_of_each_backbone(backbone, layer):
+    """Seed 000's three backbones: SMP names ResNet's stages; VGG's and DenseNet's are found by a
+    probe pass (VGG's get_stages raises)."""
+    import torch
+
+    from cxrtune.audit.heatmaps import CamModel, heatmaps, target_layer
+    from cxrtune.model.classifiers import ClassifierConfig, build_classifier
+
+    model = build_classifier(ClassifierConfig(backbone, num_classes=4))
+    x = torch.rand(2, 1, 64, 64)
+    cam = CamModel(model)
+    names = {m: n for n, m in cam.encoder.named_modules()}
+    assert names[target_layer(cam, 16, x)] == layer
+    heat, prob = heatmaps(model, x)
+    assert heat.shape == (2, 64, 64) and heat.max() == pytest.approx(1.0) and prob.shape == (2, 4)
+
+
 def test_shortcut_phantom_plants_its_marker_outside_the_lungs():
     clean, marked = make_phantom(128, "covid", seed=5), make_phantom(128, "covid", seed=5, shortcut=True)
     diff = np.abs(marked.image - clean.image) > 0.2
