@@ -66,7 +66,7 @@ def test_grad_cam_layer_is_the_stride_16_stage_of_each_backbone(backbone, layer)
     names = {m: n for n, m in cam.encoder.named_modules()}
     assert names[target_layer(cam, 16, x)] == layer
     heat, prob = heatmaps(model, x)
-    assert heat.shape == (2, 64, 64) and heat.max() == pytest.approx(1.0) and prob.shape == (2, 4)
+    assert heat.shape == (2, 64, 64) and 0 <= heat.min() and heat.max() <= 1 + 1e-6 and prob.shape == (2, 4)
 
 
 def test_shortcut_phantom_plants_its_marker_outside_the_lungs():
