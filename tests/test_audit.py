@@ -145,6 +145,7 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
     assert "lungs removed: 0.97" in r.stderr
     assert not (out / "bundle.json").exists() and not (out / "lung.pt").exists()  # nothing left to serve
     # an audit that cannot run (no gate manifest; no report) writes nothing either
+    out = tmp_path / "not-written"
     bare = ("bundle", "--lung", str(runs / "lung"), "--disease", str(runs / "disease"), "--out", str(out))
     r = cli(*bare, "--gate", "hcs>=0.1", check=False)
     assert r.returncode == 2 and "needs --gate-manifest" in r.stderr and not out.exists()

@@ -393,7 +393,10 @@ def grid_table(trials: pd.DataFrame, metric: str = "best_val_macro_mae",
         lines += [f"**{side} lung**: macro MAE" + (" (weighted F1)" if second else ""), "",
                   "| backbone | ROI | " + " | ".join(balancings) + " |",
                   "| --- | --- | " + " | ".join("---" for _ in balancings) + " |"]
-        for (backbone, roi), cells in block.groupby([col["backbone"], col["roi"]], sort=False):
+        backbones = list(dict.fromkeys(block[col["backbone"]]))
+        order = lambda key: (backbones.index(key[0]), ROI_SCHEMES.index(key[1]) if key[1] in ROI_SCHEMES else 9)  # noqa: E731
+        for (backbone, roi), cells in sorted(block.groupby([col["backbone"], col["roi"]], sort=False),
+                                             key=lambda kv: order(kv[0])):  # the paper's order: backbone, then ROI
             out = []
             for bal in balancings:
                 hit = cells[cells[col[GRID_COLUMNS]] == bal]
