@@ -101,6 +101,8 @@ def _batches(x_u8: np.ndarray, y: np.ndarray, idx: np.ndarray, cfg: ClassifyConf
              pre: Preprocessing, augment):
     for i in range(0, len(idx), cfg.batch_size):
         rows = idx[i:i + cfg.batch_size]
+        if len(rows) == 1 and len(idx) > 1:  # batch norm cannot train on one image: drop that remainder
+            break
         imgs = [augment(image=x_u8[r])["image"] if augment else x_u8[r] for r in rows]
         yield torch.stack([pre.to_tensor(im) for im in imgs]), torch.as_tensor(y[rows], dtype=torch.long)
 
