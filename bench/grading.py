@@ -45,19 +45,15 @@ def main() -> None:
 
     from cxrtune.data import manifest, storage
     from cxrtune.model.grading import cross_validate, cv_markdown
-    from cxrtune.data.importers import run_import
+    from realdata import covid_qu_ex, stratified  # bench/, beside this script
     from cxrtune.model.metrics import json_safe
     from cxrtune.search.report import top_grade_recipes, write_report
     from cxrtune.search.tuning import TuneOptions, run_tune
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_import("covid-qu-ex", str(Path(args.data) / "covid-qu-ex"), str(out / "cqe.parquet"), progress=False)
-    df = manifest.load_manifest(str(out / "cqe.parquet"))
+    df = covid_qu_ex(args.data, out)
     graded = df[df["opacity_mask"] != ""]  # Non-COVID images have no infection mask: no grade
-
-    def stratified(rows: pd.DataFrame, n: int) -> pd.DataFrame:
-        return rows.groupby("label").sample(frac=min(1.0, n / len(rows)), random_state=0)
 
     sub = pd.concat([stratified(graded[graded["split"] == "train"], args.train),
                      stratified(graded[graded["split"] == "val"], args.val)], ignore_index=True)

@@ -38,19 +38,14 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from cxrtune.data import manifest
     from cxrtune.audit.hide_and_seek import hide_and_seek, write_heatmaps
     from cxrtune.model.classify import ClassifyConfig
-    from cxrtune.data.importers import run_import
+    from realdata import covid_qu_ex, stratified  # bench/, beside this script
     from cxrtune.model.metrics import json_safe
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_import("covid-qu-ex", str(Path(args.data) / "covid-qu-ex"), str(out / "cqe.parquet"), progress=False)
-    df = manifest.load_manifest(str(out / "cqe.parquet"))
-
-    def stratified(rows: pd.DataFrame, n: int) -> pd.DataFrame:
-        return rows.groupby("label").sample(frac=min(1.0, n / len(rows)), random_state=0)
+    df = covid_qu_ex(args.data, out)
 
     train = stratified(df[df["split"] == "train"], args.train).assign(split="train")
     test = stratified(df[df["split"] == "val"], args.test).assign(split="test")

@@ -232,14 +232,13 @@ def top_grade_recipes(exp_uri: str, top: int = 5) -> list:
     params = [c for c in done.columns if c.startswith("param:")]
     side_col = "param:side" if "param:side" in done else None
     groups = done.groupby(side_col, sort=False) if side_col else [(None, done)]
-    epochs = int(o.max_epochs or space.fixed.get("epochs") or 16)
     out = []
     for _, block in groups:
         for _, row in block.head(top).iterrows():
             sampled = {c.split(":", 1)[1].split("|", 1)[0]: row[c] for c in params if pd.notna(row[c])}
             sampled = {k: (v.item() if hasattr(v, "item") else v) for k, v in sampled.items()}
             cfg = space.train_config(sampled)
-            cfg.epochs = epochs
+            cfg.epochs = o.train_epochs(space)  # what the sweep trained it for
             out.append(cfg)
     return out
 

@@ -92,10 +92,14 @@ class TuneOptions:
     def experiment_uri(self) -> str:
         return storage.join(self.storage, self.name)
 
+    def train_epochs(self, space: SearchSpace) -> int:
+        """The recipe's ``epochs``: ``--max-epochs`` if given, else the space's fixed epochs."""
+        return int(self.max_epochs or space.fixed.get("epochs") or DEFAULT_EPOCHS)
+
     def epochs(self, space: SearchSpace) -> int:
-        """Epochs per trial (I_max), the results a trial reports: ``--max-epochs`` if given, else
-        the space's fixed epochs; a grading trial adds its head-only transfer epochs."""
-        n = int(self.max_epochs or space.fixed.get("epochs") or DEFAULT_EPOCHS)
+        """Epochs per trial (I_max), the results a trial reports: :meth:`train_epochs`, plus a
+        grading trial's head-only transfer epochs."""
+        n = self.train_epochs(space)
         return space.train_config({"epochs": n}).total_epochs if space.task == "grade" else n
 
     def search_space(self) -> SearchSpace:
@@ -268,7 +272,7 @@ def run_grade_trial(config: dict, o: TuneOptions, space: SearchSpace) -> None:
     from ..model.grading import flat_metrics, train_grader
 
     cfg = space.train_config(_sampled(config))
-    cfg.epochs = int(o.max_epochs or space.fixed.get("epochs") or DEFAULT_EPOCHS)
+    cfg.epochs = o.train_epochs(space)
     cfg.seed = o.seed
     df = manifest.load_manifest(o.manifest, check_files=False)
 
