@@ -667,6 +667,8 @@ def _grade_cv(args) -> None:
     from .model.grading import GradeConfig, cross_validate, cv_markdown, paired_heatmaps
     from .model.metrics import json_safe
 
+    if args.top < 1:
+        raise CxrtuneError(f"--top {args.top}: give at least 1 recipe per side")
     if args.config:
         if not args.manifest:
             raise CxrtuneError("--config needs --manifest")

@@ -87,6 +87,8 @@ def test_patient_folds_and_subgroup_table():
     assert {t["value"]: t["n"] for t in subgroup_table(ages, grades, prob, "age")} == {"60": 20, "(missing)": 20}
     with pytest.raises(CxrtuneError, match="no manifest column 'site'"):
         subgroup_table(rows, grades, prob, "site")
+    with pytest.raises(CxrtuneError, match="needs at least 2 folds"):
+        patient_folds(rows, grades, 1, seed=0)
     with pytest.raises(CxrtuneError, match="needs at least 5 patients"):
         patient_folds(rows.head(8), grades[:8], 5, seed=0)
 

@@ -244,8 +244,10 @@ def patient_folds(rows: pd.DataFrame, grades: np.ndarray, folds: int, seed: int)
     from sklearn.model_selection import StratifiedGroupKFold
 
     patients = rows["patient_id"].astype(str).to_numpy() if "patient_id" in rows else np.arange(len(rows)).astype(str)
-    if len(set(patients)) < folds or folds < 2:
-        raise CxrtuneError(f"{folds}-fold cross-validation needs at least {max(folds, 2)} patients, "
+    if folds < 2:
+        raise CxrtuneError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    if len(set(patients)) < folds:
+        raise CxrtuneError(f"{folds}-fold cross-validation needs at least {folds} patients, "
                            f"found {len(set(patients))}")
     out = np.full(len(rows), -1)
     for k, (_, held) in enumerate(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
