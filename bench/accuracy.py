@@ -53,10 +53,10 @@ CPU_LUNG = {"task": "lung", "model": {"arch": "Unet", "encoder": "resnet18", "in
             "max_minutes": 17}  # no epoch starts that would end past max_minutes
 CPU_DISEASE = {"task": "disease", "model": {"arch": "Unet", "encoder": "resnet18", "in_channels": 1,
                                          "decoder": {"decoder_channels": [128, 64, 32, 16, 16]}},
-               "size": 128, "batch_size": 16, "epochs": 14, "optimizer": "adamw", "lr": 2e-3,
+               "size": 128, "batch_size": 16, "epochs": 15, "optimizer": "adamw", "lr": 2e-3,
                "lr_schedule": "cosine", "seg_loss": "dice_focal", "cls_loss": "bce", "dlw_alpha": 0.05,
                "monitor": "val_loss", "patience": 6, "min_delta": 0.001, "num_workers": 0,
-               "max_train_images": 2600, "max_minutes": 42}
+               "max_train_images": 2600, "max_minutes": 44}
 QUICK = {"size": 64, "batch_size": 8, "epochs": 1, "num_workers": 0, "max_train_images": 64, "max_val_images": 32}
 
 
@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--disease-epochs", type=int)
     ap.add_argument("--override", type=json.loads, default={},
                     help='JSON merged into both stages\' configs, e.g. \'{"size": 128, "max_train_images": 1000}\'')
+    ap.add_argument("--disease-override", type=json.loads, default={},
+                    help='JSON merged into Stage II\'s config only (after --override), e.g. \'{"size": 160}\'')
     args = ap.parse_args()
 
     import pandas as pd
@@ -106,6 +108,7 @@ def main() -> None:
         disease_cfg.update(QUICK)
     lung_cfg.update(args.override)
     disease_cfg.update(args.override)
+    disease_cfg.update(args.disease_override)
     if args.lung_epochs:
         lung_cfg["epochs"] = args.lung_epochs
     if args.disease_epochs:
