@@ -4,6 +4,10 @@
     python bench/accuracy.py [--data /tmp/data] [--out /tmp/acc]                 # GPU mode
     python bench/accuracy.py --quick                                             # checks the script
 
+``--override JSON`` merges into both stages' configs, ``--disease-override JSON`` into Stage II's
+only (after it); top-level keys only (a "model" key replaces the whole model dict), and
+``--lung-epochs``/``--disease-epochs`` win over an "epochs" key.
+
 * imports COVID-QU-Ex; the official Train part is split by patient into train (90 %) and
   validation (10 %: early stopping and T_cls); the official Val part is the test set;
 * trains Stage I (lungs) and Stage II (opacity + normal/disease) from scratch (no pretrained
@@ -50,13 +54,13 @@ CPU_LUNG = {"task": "lung", "model": {"arch": "Unet", "encoder": "resnet18", "in
                                       "decoder": {"decoder_channels": [128, 64, 32, 16, 16]}},
             "size": 128, "batch_size": 16, "epochs": 5, "optimizer": "adamw", "lr": 2e-3, "lr_schedule": "cosine",
             "seg_loss": "dice", "patience": 4, "min_delta": 0.001, "num_workers": 0, "max_train_images": 2400,
-            "max_minutes": 17}  # no epoch starts that would end past max_minutes
+            "max_minutes": 16}  # no epoch starts that would end past max_minutes
 CPU_DISEASE = {"task": "disease", "model": {"arch": "Unet", "encoder": "resnet18", "in_channels": 1,
                                          "decoder": {"decoder_channels": [128, 64, 32, 16, 16]}},
                "size": 128, "batch_size": 16, "epochs": 15, "optimizer": "adamw", "lr": 2e-3,
                "lr_schedule": "cosine", "seg_loss": "dice_focal", "cls_loss": "bce", "dlw_alpha": 0.05,
                "monitor": "val_loss", "patience": 6, "min_delta": 0.001, "num_workers": 0,
-               "max_train_images": 2600, "max_minutes": 44}
+               "max_train_images": 2600, "max_minutes": 43}
 QUICK = {"size": 64, "batch_size": 8, "epochs": 1, "num_workers": 0, "max_train_images": 64, "max_val_images": 32}
 
 
