@@ -386,7 +386,8 @@ def _search_class():
     class CxrtuneOptunaSearch(OptunaSearch):
         """Ray's OptunaSearch, plus: a trial stopped before its last epoch (ASHA, HyperBand, the
         patience stopper) reaches Optuna as PRUNED, with its last reported value (Ray would tell
-        it COMPLETE, as if it had finished); the journal is copied beside the experiment."""
+        it COMPLETE, as if it had finished); the journal is copied beside the experiment; a rerun of a
+        trial the study already finished (driver killed in between) leaves the study as it is."""
 
         def __init__(self, *args, epochs: int, journal_to: tuple[str, str] | None = None, **kwargs):
             super().__init__(*args, **kwargs)
@@ -401,6 +402,19 @@ def _search_class():
                 if storage.exists(remote):
                     Path(local).parent.mkdir(parents=True, exist_ok=True)
                     Path(local).write_bytes(storage.read_bytes(remote))
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            """A driver can die after the study recorded a trial as finished (the journal copy)
+            but before Tune saved its own state: the resumed sweep reruns that trial from its
+            checkpoint, and its results must leave the finished study trial as it is."""
+            from optuna.exceptions import UpdateFinishedTrialError
+
+            try:
+                super().on_trial_result(trial_id, result)
+            except UpdateFinishedTrialError:
+                log.info("trial %s finished in the study before the driver stopped; its rerun is not told again",
+                         trial_id)
+                self._completed_trials.add(trial_id)  # Ray's own record: its completion is skipped too
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             single = not isinstance(self.metric, list)
