@@ -462,11 +462,18 @@ def test_a_killed_stage_replica_loses_no_request(server, phantom_bundle, phantom
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(4)  # four clients keep the one Stage1 replica busy
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith("SERVE_REPLICA::slow#Stage1#")]
     assert len(names) == 1
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    replica = ray.get_actor(names[0], namespace="serve")
+    # kill only while the replica holds requests: asked on Serve's own control thread, which user
+    # code cannot block, and a 512-px batch lasts far longer than the kill takes to land
+    deadline, ongoing = time.time() + 120, 0
+    while time.time() < deadline and ongoing < 2:
+        ongoing = ray.get(replica.get_num_ongoing_requests.remote(), timeout=30)
+        time.sleep(0.02)
+    assert ongoing >= 2, "the clients never had two requests on the Stage1 replica at once"
+    ray.kill(replica, no_restart=True)
     for t in threads:
         t.join(timeout=300)
     assert len(statuses) == 24 and statuses.count(200) == 24, statuses
