@@ -233,3 +233,48 @@ def test_eval_only_rows_never_train(phantom_dir):
     for task in ("lung", "disease"):
         rows = select_rows(df, TrainConfig.from_dict({"task": task}), "train")
         assert not rows.index.isin(train_rows[:4]).any() and len(rows) == len(train_rows) - 4
+
+
+def test_ema_is_what_is_validated_checkpointed_and_resumed(phantom_dir, tmp_path):
+    """``ema_decay``: after every optimiser step the average moves by (1 - decay) toward the weights
+    (the first step copies them); checkpoints' model.pt hold the average, state.pt resumes it."""
+    from cxrtune.model.train import Trainer
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    cfg = TrainConfig.from_dict({"task": "lung", "size": 64, "batch_size": 4, "epochs": 1, "ema_decay": 0.6,
+                                 "model": {"arch": "FPN", "encoder": "resnet18"}})
+    trainer = Trainer(cfg, df)
+    name = "segmentation_head.0.weight"
+    weights, step = [], trainer.optimizer.step
+
+    def recording_step(*a, **kw):
+        out = step(*a, **kw)
+        weights.append(dict(trainer.model.named_parameters())[name].detach().clone())
+        return out
+
+    trainer.optimizer.step = recording_step
+    trainer.train_epoch()
+    assert len(weights) >= 2
+    expected = weights[0]
+    for w in weights[1:]:
+        expected = 0.6 * expected + 0.4 * w
+    averaged = dict(trainer.eval_model.named_parameters())[name]
+    assert torch.allclose(averaged, expected, atol=1e-6)
+    assert not torch.allclose(averaged, weights[-1], atol=1e-6)  # the average, not the last weights
+    bn = "encoder.bn1.running_mean"  # batch-norm statistics are averaged too
+    assert not torch.allclose(trainer.eval_model.state_dict()[bn], trainer.model.state_dict()[bn])
+
+    metrics = trainer.validate()
+    ckpt = trainer.write_checkpoint(tmp_path / "ckpt", metrics)
+    saved = torch.load(ckpt / "model.pt", weights_only=True)
+    assert torch.equal(saved[name], averaged.detach())
+    fresh = Trainer(cfg, df)
+    fresh.load_state(torch.load(ckpt / "state.pt", weights_only=False))
+    assert torch.equal(dict(fresh.eval_model.named_parameters())[name], averaged)
+    assert fresh.validate()["val_loss"] == pytest.approx(metrics["val_loss"])
+    fresh.ema = None  # the raw weights validate differently: validation ran the average
+    assert fresh.validate()["val_loss"] != pytest.approx(metrics["val_loss"], rel=1e-4)
+    with pytest.raises(CxrtuneError, match="no weight average"):
+        Trainer(cfg, df).load_state({**torch.load(ckpt / "state.pt", weights_only=False), "ema": None})
+    with pytest.raises(CxrtuneError, match="ema_decay must be in"):
+        TrainConfig.from_dict({"ema_decay": 1.0})

@@ -194,11 +194,12 @@ def validation_overlays(trainer, n: int = 3) -> str:
     import torch
 
     tiles = []
-    trainer.model.eval()
+    model = trainer.eval_model  # what is validated and checkpointed
+    model.eval()
     with torch.inference_mode():
         for i in range(min(n, len(trainer.val_ds))):
             item = trainer.val_ds[i]
-            out = trainer.model(item["image"][None].to(trainer.device))
+            out = model(item["image"][None].to(trainer.device))
             logits = out[0] if isinstance(out, tuple) else out
             pred = (torch.sigmoid(logits.float())[0, 0] >= 0.5).cpu().numpy().astype(np.uint8)
             ref_key = "lung_mask" if trainer.cfg.task == "lung" else "opacity_mask"
@@ -209,7 +210,7 @@ def validation_overlays(trainer, n: int = 3) -> str:
                 contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
                 cv2.drawContours(tile, contours, -1, colour, 1)
             tiles.append(tile)
-    trainer.model.train()
+    model.train()
     ok, buf = cv2.imencode(".png", np.hstack(tiles)) if tiles else (False, None)
     return base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
 
@@ -239,7 +240,7 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             trainer.load_state(torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False))
-    latency = (measure_latency_ms(trainer.model, cfg.size, cfg.model.in_channels, trainer.device, o.latency_batch)
+    latency = (measure_latency_ms(trainer.eval_model, cfg.size, cfg.model.in_channels, trainer.device, o.latency_batch)
                if o.multi_objective else None)
     clinical = None
     if space.objective == "score_mae":
@@ -256,7 +257,7 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
         if o.wandb_project and (epoch == 1 or epoch % 4 == 0 or epoch == epochs):
             metrics[OVERLAY_KEY] = validation_overlays(trainer)
         if clinical is not None:
-            metrics["val_score_mae"] = clinical(trainer.model, trainer.pre, cfg.to_dict())
+            metrics["val_score_mae"] = clinical(trainer.eval_model, trainer.pre, cfg.to_dict())
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
     trainer.fit(on_epoch=on_epoch)
