@@ -39,7 +39,7 @@ def _sha(data: bytes) -> str:
 
 def export_stage(model: torch.nn.Module, size: int, in_channels: int, classification: bool) -> bytes:
     """One stage's network as ONNX bytes (float32, NCHW, batch dimension dynamic)."""
-    model = model.float().eval().cpu()
+    model = model.float().eval().cpu().to(memory_format=torch.contiguous_format)  # the scorer runs channels_last
     x = torch.zeros(2, in_channels, size, size)
     outputs = ["opacity_logits", "cls_logits"] if classification else ["lung_logits"]
     import tempfile

@@ -1,8 +1,8 @@
 """The Ray Serve application: a FastAPI ingress composing a Stage I and a Stage II deployment.
 
 * ``Stage1`` and ``Stage2`` load their model from the bundle once per replica and answer through
-  ``@serve.batch`` (batch size and wait configurable), with bf16 autocast and channels_last on GPU
-  and fractional GPUs per replica.
+  ``@serve.batch`` (batch size and wait configurable), channels_last on every device, bf16 autocast
+  and fractional GPUs per replica on a GPU.
 * ``Ingress`` (FastAPI) decodes uploads and resizes them in worker threads (never on the event
   loop), calls the stages through DeploymentHandles, computes zones and the record, renders the
   overlay, and turns every kind of bad input into a clear 4xx: 413 (bytes, pixels), 415 (not PNG,
