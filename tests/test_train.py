@@ -236,8 +236,9 @@ def test_eval_only_rows_never_train(phantom_dir):
 
 
 def test_ema_is_what_is_validated_checkpointed_and_resumed(phantom_dir, tmp_path):
-    """``ema_decay``: after every optimiser step the average moves by (1 - decay) toward the weights
-    (the first step copies them); checkpoints' model.pt hold the average, state.pt resumes it."""
+    """``ema_decay``: after every optimiser step the average moves by (1 - decay) toward the weights,
+    decay warmed up as min(decay, (1 + n) / (10 + n)) at the n-th update (the first step copies
+    them); checkpoints' model.pt hold the average, state.pt resumes it."""
     from cxrtune.model.train import Trainer
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
@@ -256,8 +257,9 @@ def test_ema_is_what_is_validated_checkpointed_and_resumed(phantom_dir, tmp_path
     trainer.train_epoch()
     assert len(weights) >= 2
     expected = weights[0]
-    for w in weights[1:]:
-        expected = 0.6 * expected + 0.4 * w
+    for n, w in enumerate(weights[1:], start=1):
+        decay = min(0.6, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * w
     averaged = dict(trainer.eval_model.named_parameters())[name]
     assert torch.allclose(averaged, expected, atol=1e-6)
     assert not torch.allclose(averaged, weights[-1], atol=1e-6)  # the average, not the last weights
@@ -276,5 +278,8 @@ def test_ema_is_what_is_validated_checkpointed_and_resumed(phantom_dir, tmp_path
     assert fresh.validate()["val_loss"] != pytest.approx(metrics["val_loss"], rel=1e-4)
     with pytest.raises(CxrtuneError, match="no weight average"):
         Trainer(cfg, df).load_state({**torch.load(ckpt / "state.pt", weights_only=False), "ema": None})
+    with pytest.raises(CxrtuneError, match="carries a weight average"):
+        Trainer(TrainConfig.from_dict({**cfg.to_dict(), "ema_decay": 0.0}), df).load_state(
+            torch.load(ckpt / "state.pt", weights_only=False))
     with pytest.raises(CxrtuneError, match="ema_decay must be in"):
         TrainConfig.from_dict({"ema_decay": 1.0})
