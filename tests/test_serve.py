@@ -470,8 +470,8 @@ def test_a_killed_stage_replica_loses_no_request(server, phantom_bundle, phantom
     # code cannot block, and a 512-px batch lasts far longer than the kill takes to land
     deadline, ongoing = time.time() + 120, 0
     while time.time() < deadline and ongoing < 2:
-        ongoing = ray.get(replica.get_num_ongoing_requests.remote(), timeout=30)
         time.sleep(0.02)
+        ongoing = ray.get(replica.get_num_ongoing_requests.remote(), timeout=30)
     assert ongoing >= 2, "the clients never had two requests on the Stage1 replica at once"
     ray.kill(replica, no_restart=True)
     for t in threads:

@@ -216,7 +216,9 @@ class Scorer:
         out = []
         for i in range(0, len(inputs), self.batch_size):
             batch = inputs[i:i + self.batch_size]
-            x = self.model_input(stage, batch).contiguous(memory_format=torch.channels_last)
+            x = self.model_input(stage, batch)
+            if self.runtime == "torch":  # ONNX Runtime wants plain NCHW: it would copy a channels_last array
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                         enabled=self.device.type == "cuda"):
                 y = model.model(x)
