@@ -141,7 +141,15 @@ def main() -> None:
     scorer = load_bundle(bundle, batch_size=32)
     # T_cls needs data the classifier never saw: 93 validation Normals alone put it anywhere in
     # 0.33-0.72 across runs; the train rows beyond Stage II's max_train_images are held out as well
-    seen = select_rows(df, TrainConfig.from_dict(disease_cfg), "train").index
+    # the rows the Stage II run itself trained on: its stored config (a reused run may differ from
+    # today's), checked against the label counts its checkpoint recorded
+    run_cfg = TrainConfig.from_dict(summaries["disease"]["config"])
+    seen = select_rows(df, run_cfg, "train").index
+    recorded = json.loads((out / "disease" / "best" / "meta.json").read_text()).get("data", {}).get("train_images", {})
+    counts = {"total": len(seen), **df.loc[seen, "label"].value_counts().to_dict()}
+    if recorded and recorded != counts:
+        raise SystemExit(f"Stage II's recorded training rows {recorded} are not this manifest's {counts}: "
+                         "T_cls would be calibrated on rows it trained on")
     held = df.index[(df["split"] == "train") & ~df.index.isin(seen)] if args.cls_calibration == "heldout" else []
     cal_df = df.copy()
     cal_df.loc[held, "split"] = "heldout"
