@@ -140,9 +140,9 @@ def main() -> None:
     make_bundle(str(out / "lung"), str(out / "disease"), bundle, name="accuracy-cpu" if args.cpu else "accuracy")
     scorer = load_bundle(bundle, batch_size=32)
     # T_cls needs data the classifier never saw: 93 validation Normals alone put it anywhere in
-    # 0.33-0.72 across runs; the train rows beyond Stage II's max_train_images are held out as well
-    # the rows the Stage II run itself trained on: its stored config (a reused run may differ from
-    # today's), checked against the label counts its checkpoint recorded
+    # 0.33-0.72 across runs, so the train rows beyond Stage II's max_train_images are held out too.
+    # Which rows Stage II trained on comes from the run's stored config (a reused run may differ
+    # from today's), checked against the label counts its checkpoint recorded.
     run_cfg = TrainConfig.from_dict(summaries["disease"]["config"])
     seen = select_rows(df, run_cfg, "train").index
     recorded = json.loads((out / "disease" / "best" / "meta.json").read_text()).get("data", {}).get("train_images", {})
