@@ -21,7 +21,8 @@ def exported(phantom_bundle, tmp_path_factory):
     r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "--export", "onnx", str(bundle)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return bundle
+    yield bundle
+    shutil.rmtree(bundle.parent, ignore_errors=True)
 
 
 def test_export_is_recorded_and_auto_picks_onnx_on_cpu(exported):
@@ -91,7 +92,8 @@ def int8_exported(exported, phantom_dir, tmp_path_factory):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "calibrated on 12 radiographs" in r.stdout, r.stdout
-    return bundle
+    yield bundle
+    shutil.rmtree(bundle.parent, ignore_errors=True)
 
 
 def test_int8_export_is_opt_in_and_close_to_fp32(int8_exported, phantom_dir):

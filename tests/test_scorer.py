@@ -1,6 +1,7 @@
 """Phantom data end to end: train both stages two epochs, bundle, calibrate, score, evaluate."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -25,7 +26,8 @@ def bundle(phantom_dir, tmp_path_factory):
     run("train", *common, "--out", str(work / "lung"))
     run("train", *common, "--out", str(work / "disease"), "--set", "task=disease", "dlw_alpha=0.05")
     run("bundle", "--lung", str(work / "lung"), "--disease", str(work / "disease"), "--out", str(work / "bundle"))
-    return work
+    yield work
+    shutil.rmtree(work, ignore_errors=True)  # ~0.7 GB of checkpoints: freed with the module
 
 
 def test_calibrate_stores_both_thresholds_with_provenance(bundle, phantom_dir):

@@ -7,6 +7,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,6 +215,7 @@ def test_hyperband_and_patience_stop_trials(phantom_dir, space_file, tmp_path):
     assert "HyperBand brackets (trials, milestones in epochs): 3 x [4]; 3 x [2, 4]; 4 x [1, 2, 4]" in r.stderr
     epochs = sorted(len(p.read_text().strip().splitlines()) - 1 for p in (tmp_path / "exps" / "hb").glob("*/progress.csv"))
     assert len(epochs) == 6 and max(epochs) == 4 and all(e in (2, 4) for e in epochs), epochs  # its milestones
+    shutil.rmtree(tmp_path / "exps" / "hb")  # 6 trials' checkpoints, ~2 GB: checked, not needed again
     r = cli("tune", *common, "--name", "patience", "--num-samples", "2", "--scheduler", "none", "--max-epochs", "4",
             "--patience", "1", "--min-delta", "1.0")
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
