@@ -69,15 +69,57 @@ def test_grad_cam_layer_is_the_stride_16_stage_of_each_backbone(backbone, layer)
     assert heat.shape == (2, 64, 64) and 0 <= heat.min() and heat.max() <= 1 + 1e-6 and prob.shape == (2, 4)
 
 
+def _marked_phantoms(quadrant: str, n: int, seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Normal phantoms; every second one (label 1) carries a bright 8-px square somewhere in the
+    top-left or top-right quadrant, the only thing that tells the labels apart."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(n):
+        image = make_phantom(size, "normal", seed=int(rng.integers(2**31))).image.copy()
+        if i % 2:
+            y0, x0 = (int(v) for v in rng.integers(2, size // 2 - 10, size=2))
+            x0 += size // 2 if quadrant == "top_right" else 0
+            image[y0:y0 + 8, x0:x0 + 8] = 0.95
+        images.append((image * 255).round().astype(np.uint8))
+        labels.append(i % 2)
+    return np.stack(images), np.array(labels)
+
+
+@pytest.mark.slow
+def test_grad_cam_heat_follows_the_evidence():
+    """Two classifiers whose only cue is a marker in the top-left or the top-right quadrant: scored
+    against the top-left quadrant (a quarter of the image) as if it were the lungs, the first
+    one's heat has a high HCS and the second one's a low one (measured for seeds 0-4 at these
+    settings: 0.36-0.43 against 0.15-0.27)."""
+    import torch
+
+    from cxrtune.audit.heatmaps import heatmaps
+    from cxrtune.model.classifiers import ClassifierConfig
+    from cxrtune.model.classify import ClassifyConfig, fit_classifier, predict
+    from cxrtune.scoring.preprocessing import Preprocessing
+
+    size = 64
+    top_left = np.zeros((size, size), bool)
+    top_left[:size // 2, :size // 2] = True
+    pre = Preprocessing(size=size, in_channels=1)
+    hcs = {}
+    for quadrant in ("top_left", "top_right"):
+        cfg = ClassifyConfig(classifier=ClassifierConfig("resnet18", num_classes=2), size=size, epochs=5,
+                             lr=1e-3, balancing="none", augment=False, seed=1)
+        model = fit_classifier(cfg, *_marked_phantoms(quadrant, 128, seed=1))
+        images, labels = _marked_phantoms(quadrant, 32, seed=101)
+        assert (predict(model, images, pre).argmax(1) == labels).mean() >= 0.9, quadrant  # it found the cue
+        heat, _ = heatmaps(model, torch.stack([pre.to_tensor(im) for im in images[labels == 1]]))
+        hcs[quadrant] = float(np.mean([concordance(h, top_left)["hcs"] for h in heat]))
+    assert hcs["top_left"] > 0.3 and hcs["top_left"] - hcs["top_right"] >= 0.1, hcs
+
+
 def test_shortcut_phantom_plants_its_marker_outside_the_lungs():
     clean, marked = make_phantom(128, "covid", seed=5), make_phantom(128, "covid", seed=5, shortcut=True)
     diff = np.abs(marked.image - clean.image) > 0.2
     assert diff.sum() > 50 and not (diff & marked.lung).any()
     normal = make_phantom(128, "normal", seed=5, shortcut=True)
     assert np.array_equal(normal.image, make_phantom(128, "normal", seed=5).image)  # normal: no marker
-
-
-HCS_GATE = 0.28  # the HCS a phantom model that looks at the lungs reaches, and a shortcut model does not
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +132,7 @@ def audit_config(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shortcut", [False, True], ids=["clean", "shortcut"])
-def test_hide_and_seek_and_hcs_catch_a_shortcut_and_pass_clean_data(shortcut, audit_config, tmp_path):
+def test_hide_and_seek_catches_a_shortcut_and_passes_clean_data(shortcut, audit_config, tmp_path):
     from tests.conftest import cli
 
     data = tmp_path / "phantoms"
@@ -104,9 +146,13 @@ def test_hide_and_seek_and_hcs_catch_a_shortcut_and_pass_clean_data(shortcut, au
     print(json.dumps({k: {m: v[m] for m in ("accuracy", "chance", "hcs", "hcs_pixels")} for k, v in reps.items()}))
     assert reps["original"]["accuracy"] >= reps["original"]["chance"] + 0.15  # it learnt something
     assert report["verdict"]["flagged"] is shortcut, report["verdict"]
-    # HCS catches it too: the marker pulls the heat out of the lungs (lungs are ~18 % of the image;
-    # measured: clean 0.33, shortcut 0.23 at Grad-CAM stride 16)
-    assert (reps["original"]["hcs"] < HCS_GATE) is shortcut, reps["original"]["hcs"]
+    # HCS is reported for every representation. It is not asserted to tell these two apart: with
+    # 16 evaluation images and Grad-CAM's 6 x 6 map at 96 px it does not do so reliably (clean vs
+    # shortcut 0.26 vs 0.27 for phantom seed 11, 0.28 vs 0.19 for seed 12, and it moved with the
+    # OpenCV release); test_grad_cam_heat_follows_the_evidence checks that the heat goes where the
+    # evidence is
+    for rep in reps.values():
+        assert 0 < rep["hcs"] <= 1 and 0 < rep["hcs_pixels"] <= 1, rep
     assert ("FLAGGED" in r.stdout) is shortcut
     assert (tmp_path / "audit" / "heatmaps" / "original_00.png").stat().st_size > 200
 
