@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -283,3 +284,24 @@ def test_ema_is_what_is_validated_checkpointed_and_resumed(phantom_dir, tmp_path
             torch.load(ckpt / "state.pt", weights_only=False))
     with pytest.raises(CxrtuneError, match="ema_decay must be in"):
         TrainConfig.from_dict({"ema_decay": 1.0})
+
+
+def test_cpu_amp_trains_the_convolutions_in_bf16_only_when_asked(phantom_dir):
+    """``cpu_amp`` turns bf16 autocast on for a CPU run (what bench/accuracy.py uses where the CPU
+    computes bf16 natively); without it a CPU run stays in float32. The weights stay float32."""
+    from cxrtune.model.train import Trainer
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    for cpu_amp, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        cfg = TrainConfig.from_dict({"task": "disease", "size": 64, "batch_size": 4, "epochs": 1, "cpu_amp": cpu_amp,
+                                     "max_train_images": 8, "max_val_images": 4,
+                                     "model": {"arch": "Unet", "encoder": "resnet18"}})
+        trainer = Trainer(cfg, df)
+        seen = []
+        hook = trainer.model.encoder.conv1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        losses = trainer.train_epoch()
+        hook.remove()
+        assert seen and set(seen) == {dtype}, (cpu_amp, set(seen))
+        assert np.isfinite(losses["train_loss"])
+        assert trainer.model.encoder.conv1.weight.dtype == torch.float32
+        assert np.isfinite(trainer.validate()["val_loss"])
