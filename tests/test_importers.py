@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -54,11 +55,17 @@ def test_folder_layout(tmp_path):
     images.write_png(str(src / "opacity_masks" / "a.png"), np.zeros((32, 32), bool))
     (src / "labels.csv").write_text("image,label,patient_id,zone_A\na.png,normal,P1,0\nb.png,covid,P1,\n"
                                     "ghost.png,covid,P9,\n")
+    # a DICOM among the PNGs bypasses the DICOM rules and pseudonyms here: left out, its name unsaid
+    (src / "images" / "Doe_Jane.dcm").write_bytes(b"\0" * 128 + b"DICM")
     out = tmp_path / "m.csv"
-    result = run_import("folder", str(src), str(out), progress=False)
+    result = run_import("folder", str(src), str(out), progress=False, default_label="normal")
     df = manifest.load_manifest(str(out))
-    assert list(df.label) == ["normal", "covid"] and list(df.patient_id) == ["P1", "P1"]
+    assert list(df.label) == ["normal", "covid", "normal"] and list(df.patient_id) == ["P1", "P1", "c"]
     assert df.opacity_mask.iloc[0] != "" and df.opacity_mask.iloc[1] == ""
+    assert "Doe_Jane" not in json.dumps(result.excluded) and not df.image.str.endswith(".dcm").any()
+    assert {"file": "1 DICOM file(s) in images/", "reason": result.excluded[-1]["reason"]} == result.excluded[-1]
+    assert "--format dicom" in result.excluded[-1]["reason"]
+    result = run_import("folder", str(src), str(out), progress=False)
     reasons = {e["file"].rsplit("/", 1)[-1]: e["reason"] for e in result.excluded}
     assert "no label" in reasons["c.png"] and "no such image" in reasons["ghost.png"]
 

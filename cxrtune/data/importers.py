@@ -143,6 +143,8 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
 
     A missing opacity mask file means not annotated; an all-zero file means annotated, no opacity.
     Images with no label in labels.csv get ``default_label`` or, without one, are excluded.
+    DICOM files are left out, counted in one exclusion line that names none of them: only
+    ``--format dicom`` applies the exclusion rules and replaces identifiers by pseudonyms.
     """
     root = Path(src).resolve()  # manifests hold absolute paths: relative ones follow the manifest
     _require_dir(root / "images", "images")
@@ -157,9 +159,12 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
             raise CxrtuneError(f"{labels_csv}: unknown column(s) {', '.join(unknown)}; "
                                f"allowed: image, {', '.join(FOLDER_LABEL_COLUMNS)}")
         table = {Path(r["image"]).name: r for r in lab.to_dict("records")}
-    rows, excluded = [], []
+    rows, excluded, dicoms = [], [], 0
     for img in sorted((root / "images").iterdir()):
-        if img.suffix.lower() not in IMAGE_SUFFIXES | {".dcm"}:
+        if img.suffix.lower() in (".dcm", ".dicom"):
+            dicoms += 1
+            continue
+        if img.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         meta = dict(table.get(img.name, {}))
         meta.pop("image", None)
@@ -180,6 +185,10 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
     if table:
         missing = sorted(set(table) - {Path(r["image"]).name for r in rows} - {Path(e["file"]).name for e in excluded})
         excluded += [{"file": str(root / "images" / m), "reason": "listed in labels.csv but no such image"} for m in missing]
+    if dicoms:  # their names may be a patient's: counted, never listed
+        excluded.append({"file": f"{dicoms} DICOM file(s) in images/",
+                         "reason": "a folder import takes PNG and JPEG; import DICOM with --format dicom "
+                                   "(exclusion rules, pseudonyms)"})
     return ImportResult(manifest.new_manifest(rows), excluded)
 
 
