@@ -286,18 +286,20 @@ def _save(fig, uri: str) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
-def plot_reader_agreement(pred_scores: np.ndarray, readers: dict[str, np.ndarray], out_dir: str) -> list[str]:
+def plot_reader_agreement(pred_zones: np.ndarray, readers: dict[str, np.ndarray], out_dir: str) -> list[str]:
     """Write ``score_agreement.png`` (predicted vs reader 0-6 density, a panel per reader) and
-    ``zone_agreement.png`` (agreement per zone; rows: the model vs each reader when
-    ``pred_scores`` is given as N x 6 zones, then each reader pair). Returns the URIs written."""
+    ``zone_agreement.png`` (agreement per zone; rows: the model vs each reader, then each reader
+    pair) from the model's N x 6 affected zones. Returns the URIs written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pred = np.asarray(pred_scores)
-    pred_zones = pred > 0 if pred.ndim == 2 else None
-    scores = pred_zones.sum(axis=1) if pred_zones is not None else _as_scores(pred, "pred_scores")
+    pred_zones = np.asarray(pred_zones)
+    if pred_zones.ndim != 2 or pred_zones.shape[1] != 6:  # 0-6 scores alone would drop the model's zone rows
+        raise ValueError(f"pred_zones must be N x 6 affected zones, got shape {pred_zones.shape}")
+    pred_zones = pred_zones > 0
+    scores = pred_zones.sum(axis=1)
     names = sorted(readers)
     written = []
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.6 * max(len(names), 1), 4.2), squeeze=False)
@@ -320,7 +322,7 @@ def plot_reader_agreement(pred_scores: np.ndarray, readers: dict[str, np.ndarray
     written.append(uri)
 
     rows, labels = [], []
-    comparisons = ([(f"model vs {r}", pred_zones, readers[r]) for r in names] if pred_zones is not None else [])
+    comparisons = [(f"model vs {r}", pred_zones, readers[r]) for r in names]
     comparisons += [(f"{x} vs {y}", readers[x], readers[y]) for x, y in itertools.combinations(names, 2)]
     for label, a, b in comparisons:
         a, b = np.asarray(a), np.asarray(b)
