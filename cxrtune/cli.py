@@ -272,6 +272,9 @@ def _evaluate(args) -> None:
             and same_rows(cal.split, args.split)):
         cv = cal.reference  # T was chosen on this very set: in-sample figures would flatter it
         print(f"T was calibrated on {args.manifest}: reader figures are cross-validated against {cv}", file=sys.stderr)
+    elif cal and cal.manifest == manifest_id(df) and same_rows(cal.split, args.split):
+        print(f"warning: T was calibrated on these rows against the {cal.reference} reference: the score "
+              f"figures against it are in-sample (evaluate another split, e.g. --split test)", file=sys.stderr)
     result = evaluate(scorer, df, args.out, split=args.split, reference_threshold=args.reference_threshold,
                       limit=args.limit, by=by, cv_reference=cv, folds=args.folds)
     summary = {"status": result["status"], "lung_dice": result["lung"].get("dice"),

@@ -12,7 +12,7 @@ from cxrtune.scoring import zones
 from cxrtune.scoring.evaluation import choose_cls_threshold
 from cxrtune.data.phantom import make_phantom
 from cxrtune.scoring.preprocessing import extract_roi, lung_box
-from cxrtune.scoring.scorer import build_record
+from cxrtune.scoring.scorer import build_record, score_error
 
 
 def two_lungs(size: int = 256) -> np.ndarray:
@@ -113,6 +113,22 @@ def test_partial_and_unscored_records_never_read_as_healthy():
     assert record["zones"] is None and record["disease_probability"] is None
     record, _ = build_record(two_lungs(), np.zeros_like(one), 0.2, 0.1, {})
     assert record["status"] == "scored" and record["score"] == 0 and record["reason"] is None
+    # an image the model fails on counts as the worst error for its reference, never as no error
+    assert [score_error(record, ref) for ref in (0, 2, 5)] == [0, 2, 5]
+    assert [score_error({"status": status, "score": None}, ref) for status in ("partial", "unscored")
+            for ref in (0, 2, 5)] == [6, 4, 5] * 2
+
+
+def test_calibration_refuses_the_test_split():
+    import pandas as pd
+
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.scoring.evaluation import calibrate
+
+    df = pd.DataFrame({"split": ["train", "test"], "label": ["covid", "normal"]})
+    for kw in ({"split": "val,test"}, {"cls_split": "test"}):
+        with pytest.raises(CxrtuneError, match="test split is never calibrated on"):
+            calibrate(None, df, **kw)  # refused before any image is scored
 
 
 def test_cls_threshold_operating_points():

@@ -127,6 +127,10 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
     Each image is scored once, unrefined; T_cls is then applied to the stored probabilities."""
     from .artifacts import Calibration, now
 
+    for what_split, chosen in (("zone", split), ("T_cls", cls_split)):
+        if chosen and "test" in chosen.split(","):
+            raise CxrtuneError(f"{what_split} calibration on split(s) {chosen!r}: the test split is never calibrated "
+                               "on (its figures would be in-sample); use train and val rows")
     cache = storage.ContentCache()
     zone_rows = pick_rows(df, split, limit) if "zone" in what else df.iloc[:0]
     cls_rows = df.iloc[:0]
@@ -276,7 +280,7 @@ def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float,
         pred = fractions >= threshold
         info["threshold"] = threshold
     info.update(agreement.reader_report(pred, grades, groups=rows.reset_index(drop=True), by=list(by), n_boot=n_boot))
-    agreement.plot_reader_agreement(pred.sum(axis=1), grades, out_dir)
+    agreement.plot_reader_agreement(pred, grades, out_dir)
     return info
 
 
