@@ -84,19 +84,22 @@ def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
 
 
 def score_mae(scorer, rows, reader: str) -> dict:
-    """The bundle's score MAE on the rows that have a reference (a reader's, else zones/masks)."""
+    """The bundle's score MAE on the rows that have a reference (a reader's, else zones/masks); a
+    partial or unscored record counts as the worst error for its reference (``score_error``)."""
     from ..data import storage
     from ..scoring.evaluation import score_rows
-    from ..scoring.scorer import reference_zones
+    from ..scoring.scorer import reference_zones, score_error
 
-    errors = []
+    errors, not_scored = [], 0
     for row, _, record, _ in score_rows(scorer, rows, storage.ContentCache(), progress=False):
         ref = reference_zones(row, reference=reader or "auto")
-        if ref is not None and record["score"] is not None:
-            errors.append(abs(record["score"] - sum(ref)))
+        if ref is not None:
+            errors.append(score_error(record, sum(ref)))
+            not_scored += record["status"] != "scored"
     if not errors:
-        raise CxrtuneError("the score_mae gate found no scored row with a reference in the gate manifest")
-    return {"score_mae": float(np.mean(errors)), "images": len(errors), "reference": reader or "auto"}
+        raise CxrtuneError("the score_mae gate found no row with a reference in the gate manifest")
+    return {"score_mae": float(np.mean(errors)), "images": len(errors), "not_scored": not_scored,
+            "reference": reader or "auto"}
 
 
 def check_gates(gates: list[Gate], bundle: bool, manifest: str | None) -> None:

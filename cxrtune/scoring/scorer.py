@@ -374,6 +374,15 @@ def zone_fractions(record: dict) -> list[float] | None:
     return [record["zones"][z]["opacity_fraction"] for z in zones.ZONE_LETTERS]
 
 
+def score_error(record: dict, reference_score: int) -> int:
+    """A record's 0-6 score error against a reference score. A record that is not ``scored``
+    (partial or unscored) gives none, so it counts as the worst error possible for that reference:
+    a model cannot look better by failing on the hard images (the sweep objective, the release gate)."""
+    if record.get("status") == "scored":
+        return abs(int(record["score"]) - int(reference_score))
+    return max(int(reference_score), 6 - int(reference_score))
+
+
 def sweep_threshold(fractions: np.ndarray, refs: np.ndarray, grid: np.ndarray | None = None) -> dict:
     """Choose the zone threshold T by minimum score MAE (ties: lower RMSE, then smaller T).
 

@@ -171,13 +171,12 @@ class ClinicalObjective:
         self.lungs = self.bundle.lung_masks(self.images)
 
     def __call__(self, model, pre, config: dict) -> float:
-        from ..scoring.scorer import StageModel
+        from ..scoring.scorer import StageModel, score_error
 
         model.eval()
         self.bundle.disease = StageModel(model, pre, config)
-        errors = []
-        for (record, _), ref in zip(self.bundle.score_images(self.images, lungs=self.lungs), self.refs):
-            errors.append(abs(record["score"] - ref) if record["status"] == "scored" else max(ref, 6 - ref))
+        errors = [score_error(record, ref)
+                  for (record, _), ref in zip(self.bundle.score_images(self.images, lungs=self.lungs), self.refs)]
         model.train()
         return float(np.mean(errors))
 
