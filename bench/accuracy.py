@@ -12,10 +12,10 @@ only (after it); top-level keys only (a "model" key replaces the whole model dic
   validation (10 %: early stopping and T_cls); the official Val part is the test set;
 * trains Stage I (lungs) and Stage II (opacity + normal/disease) from scratch (no pretrained
   weights) and bundles them; ``--reuse`` keeps runs already trained in ``--out``;
-* calibrates T_cls (maximum F1, or ``--specificity``) on every training-part row Stage II never
-  trained on: the validation rows and, in CPU mode, the train rows beyond ``max_train_images``
-  (``--cls-calibration val``: the validation rows only); and the zone threshold T on
-  train+validation against the mask-derived reference;
+* calibrates T_cls (maximum F1, or ``--specificity``) and then the opacity threshold (maximum
+  mean Dice) on every training-part row Stage II never trained on: the validation rows and, in
+  CPU mode, the train rows beyond ``max_train_images`` (``--cls-calibration val``: the validation
+  rows only); and the zone threshold T on train+validation against the mask-derived reference;
 * evaluates on the test set through the scoring policy: lung Dice, COVID-19 infection Dice (over
   non-empty references), F1 at T_cls, the FP rate on Normal (share of Normal images whose record
   has score > 0); scores JSRT's lungs with the Stage I model;
@@ -160,8 +160,9 @@ def main() -> None:
     cal_df.loc[held, "split"] = "heldout"
     cal = calibrate(scorer, cal_df, split="train,val,heldout", cls_split="val,heldout", reference="masks",
                     specificity=args.specificity, limit=64 if args.quick else 1500, progress=False)
+    opacity = {"opacity_threshold": cal["opacity"].threshold, "opacity_calibration": cal["opacity"]} if cal["opacity"] else {}
     update_bundle(bundle, cls_threshold=cal["cls"].threshold, cls_calibration=cal["cls"],
-                  zone_threshold=cal["zone"].threshold, zone_calibration=cal["zone"])
+                  zone_threshold=cal["zone"].threshold, zone_calibration=cal["zone"], **opacity)
     scorer = load_bundle(bundle, batch_size=32)
     test = evaluate(scorer, df, str(out / "eval"), split="test", progress=False)
 
@@ -197,6 +198,8 @@ def main() -> None:
         "covid_infection_dice": test["opacity"]["dice"], "covid_infection_iou": test["opacity"]["iou"],
         "cls_threshold": cal["cls"].threshold, "cls_calibration_f1": cal["cls"].f1,
         "cls_calibration_images": {"n": cal["cls"].n, "heldout_train_rows": len(held)},
+        "opacity_threshold": cal["opacity"].threshold if cal["opacity"] else None,
+        "opacity_calibration_dice": cal["opacity"].dice if cal["opacity"] else None,
         "normal_vs_disease": cls,
         "fp_rate_on_normal": test["normal_score_fp_rate"], "n_normal": test["n_normal"],
         "status_counts": test["status"],

@@ -210,6 +210,9 @@ def _calibrate(args) -> None:
     from .scoring.scorer import load_bundle
 
     what = tuple(w.strip() for w in args.what.split(","))
+    unknown = sorted(set(what) - {"cls", "opacity", "zone"})
+    if unknown:
+        raise CxrtuneError(f"--what {args.what!r}: choose from cls, opacity and zone (comma-separated)")
     scorer = load_bundle(args.bundle, device=args.device)
     result = calibrate(scorer, manifest.load_manifest(args.manifest), split=args.split, cls_split=args.cls_split,
                        reference=args.reference, reference_threshold=args.reference_threshold,
@@ -222,6 +225,12 @@ def _calibrate(args) -> None:
               f"sensitivity {c.sensitivity:.3f} on {c.n} labelled images")
     elif "cls" in what:
         print("T_cls unchanged: no labelled normal and disease images in --cls-split", file=sys.stderr)
+    if result["opacity"] is not None:
+        o = result["opacity"]
+        changes.update(opacity_threshold=o.threshold, opacity_calibration=o)
+        print(f"opacity threshold {o.threshold:.2f} ({o.method}): mean Dice {o.dice:.3f} on {o.n} images with opacity")
+    elif "opacity" in what:
+        print("opacity threshold unchanged: no image in --cls-split has a non-empty opacity mask", file=sys.stderr)
     if result["zone"] is not None:
         z = result["zone"]
         changes.update(zone_threshold=z.threshold, zone_calibration=z)
@@ -507,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="choose T_cls (classifier) and the zone threshold T, with provenance")
     cal.add_argument("bundle")
     cal.add_argument("--manifest", required=True)
-    cal.add_argument("--what", default="cls,zone", help="which thresholds: cls, zone or both")
+    cal.add_argument("--what", default="cls,opacity,zone",
+                     help="which thresholds, comma-separated: cls (T_cls), opacity (Stage II's map), zone (T)")
     cal.add_argument("--split", default="train,val", help="rows for the zone threshold (never test; 'all' = every row)")
     cal.add_argument("--cls-split", default="val", help="labelled rows for T_cls (validation data)")
     cal.add_argument("--specificity", type=float,

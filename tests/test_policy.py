@@ -119,6 +119,29 @@ def test_partial_and_unscored_records_never_read_as_healthy():
             for ref in (0, 2, 5)] == [6, 4, 5] * 2
 
 
+def test_opacity_threshold_refinement_and_choice():
+    """The opacity threshold cuts Stage II's map after Eq. 1-2 (a record refined away has no
+    opacity at any threshold); calibration picks the threshold of maximum mean Dice, counting an
+    image refined away as Dice 0."""
+    from cxrtune.scoring.evaluation import choose_opacity_threshold
+    from cxrtune.scoring.scorer import refine
+
+    prob = np.array([[0.1, 0.3], [0.6, 0.9]], np.float32)
+    assert refine(prob, 0.8, 0.5).tolist() == [[False, False], [True, True]]  # the default 0.5
+    assert refine(prob, 0.8, 0.5, threshold=0.25).tolist() == [[False, True], [True, True]]
+    assert not refine(prob, 0.4, 0.5, threshold=0.25).any()  # p(disease) < T_cls
+    grid = np.array([0.3, 0.5, 0.7])
+    # image 1: |ref| 10, at 0.3 it predicts 12 with 9 right, at 0.5 8 with 8, at 0.7 4 with 4
+    one = (0.9, np.array([9.0, 8, 4]), np.array([12.0, 8, 4]), 10)
+    two = (0.9, np.array([5.0, 5, 1]), np.array([20.0, 6, 1]), 6)  # over-segmented at 0.3
+    choice = choose_opacity_threshold([one, two], cls_threshold=0.5, grid=grid)
+    dice = [(18 / 22 + 10 / 26) / 2, (16 / 18 + 10 / 12) / 2, (8 / 14 + 2 / 7) / 2]
+    assert choice["threshold"] == 0.5 and choice["dice"] == pytest.approx(dice[1]) and choice["n"] == 2
+    assert [c["dice"] for c in choice["curve"]] == pytest.approx(dice)
+    gated = choose_opacity_threshold([one, (0.2, *two[1:])], cls_threshold=0.5, grid=grid)
+    assert gated["threshold"] == 0.5 and gated["dice"] == pytest.approx(16 / 18 / 2)  # image two counts 0
+
+
 def test_calibration_refuses_the_test_split():
     import pandas as pd
 

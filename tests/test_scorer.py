@@ -30,19 +30,31 @@ def bundle(phantom_dir, tmp_path_factory):
     shutil.rmtree(work, ignore_errors=True)  # ~0.7 GB of checkpoints: freed with the module
 
 
-def test_calibrate_stores_both_thresholds_with_provenance(bundle, phantom_dir):
+def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
+    from cxrtune.data import manifest
+    from cxrtune.scoring.evaluation import OPACITY_GRID
+    from cxrtune.scoring.scorer import load_bundle
+
     out = run("calibrate", str(bundle / "bundle"), "--manifest", str(phantom_dir / "manifest.parquet"))
-    assert "zone threshold" in out and "T_cls" in out
+    assert "zone threshold" in out and "T_cls" in out and "opacity threshold" in out
     meta = json.loads((bundle / "bundle" / "bundle.json").read_text())
-    zone, cls = meta["zone_calibration"], meta["cls_calibration"]
+    zone, cls, opacity = meta["zone_calibration"], meta["cls_calibration"], meta["opacity_calibration"]
     assert meta["format"] == "cxrtune-bundle/2" and meta["versions"]["cxrtune"]
     assert zone["split"] == "train,val" and zone["reference"] == "zones" and zone["method"] == "min_mae"
     assert zone["threshold"] == meta["zone_threshold"] and 0 < meta["zone_threshold"] <= 1
     assert zone["n"] > 0 and zone["mae"] is not None
     assert cls["split"] == "val" and cls["method"] == "max_f1" and cls["threshold"] == meta["cls_threshold"]
     assert cls["n"] == 5  # the phantoms' val rows (24 phantoms, 20 % val), all labelled
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    with_opacity = sum(images.read_mask(str(phantom_dir / m)).any()
+                       for m in df[(df.split == "val") & (df.opacity_mask != "")].opacity_mask)
+    assert (opacity["method"], opacity["reference"], opacity["split"], opacity["n"]) == ("max_dice", "masks", "val",
+                                                                                        with_opacity) and with_opacity
+    assert opacity["threshold"] == meta["opacity_threshold"] and opacity["threshold"] in OPACITY_GRID
+    assert 0 <= opacity["dice"] <= 1 and load_bundle(str(bundle / "bundle")).opacity_threshold == opacity["threshold"]
     card = meta["model_card"]
     assert card["thresholds"]["zone_calibration"]["reference"] == "zones" and card["intended_use"]
+    assert card["thresholds"]["opacity_calibration"]["method"] == "max_dice"
     out = run("calibrate", str(bundle / "bundle"), "--manifest", str(phantom_dir / "manifest.parquet"),
               "--what", "cls", "--specificity", "1.0")
     meta = json.loads((bundle / "bundle" / "bundle.json").read_text())

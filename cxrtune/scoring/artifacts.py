@@ -28,6 +28,7 @@ LEGACY_BUNDLE_FORMATS = ("cxrtune-bundle/1",)
 DEFAULT_ZONE_THRESHOLD = 0.1  # T until a bundle is calibrated; also the mask-derived reference's T
 DEFAULT_CLS_THRESHOLD = 0.5  # seed 004's T_cls until calibrated
 DEFAULT_LUNG_THRESHOLD = 0.5
+DEFAULT_OPACITY_THRESHOLD = 0.5  # on Stage II's opacity probability map, until calibrated
 
 
 def versions() -> dict:
@@ -90,8 +91,8 @@ class Calibration:
     """How a threshold was chosen: on what, against what, with what result."""
 
     threshold: float
-    method: str  # "min_mae" (zone T), "max_f1" or "specificity" (T_cls), "default"
-    reference: str = ""  # zone T: "reader:<ID>", "zones", "masks" or "masks+zones"; T_cls: "labels"
+    method: str  # "min_mae" (zone T), "max_f1" or "specificity" (T_cls), "max_dice" (opacity), "default"
+    reference: str = ""  # zone T: "reader:<ID>", "zones", "masks" or "masks+zones"; T_cls: "labels"; opacity: "masks"
     n: int = 0
     manifest: str = ""  # absolute for a local manifest, so that evaluate can tell the same set again
     split: str = ""
@@ -101,6 +102,7 @@ class Calibration:
     specificity: float | None = None
     sensitivity: float | None = None
     target: float | None = None  # the asked-for specificity
+    dice: float | None = None  # opacity threshold: mean Dice over the images with opacity in their reference
     created: str = ""
 
 
@@ -116,8 +118,10 @@ class BundleMeta:
     zone_threshold: float = DEFAULT_ZONE_THRESHOLD
     cls_threshold: float = DEFAULT_CLS_THRESHOLD
     lung_threshold: float = DEFAULT_LUNG_THRESHOLD
+    opacity_threshold: float = DEFAULT_OPACITY_THRESHOLD  # Stage II's map >= this is opacity (refinement)
     zone_calibration: Calibration | None = None
     cls_calibration: Calibration | None = None
+    opacity_calibration: Calibration | None = None
     model_card: dict = field(default_factory=dict)
     audits: dict = field(default_factory=dict)
     onnx: dict = field(default_factory=dict)  # `cxrtune bundle --export onnx`: files and the hashes they match
@@ -144,7 +148,7 @@ class BundleMeta:
             meta.disease = CheckpointMeta.from_dict(d["disease"], f"{where} disease")
         except (KeyError, TypeError) as exc:
             raise CxrtuneError(f"{where}: malformed bundle metadata ({exc})") from None
-        for key in ("zone_calibration", "cls_calibration"):
+        for key in ("zone_calibration", "cls_calibration", "opacity_calibration"):
             if isinstance(d.get(key), dict):
                 setattr(meta, key, _from_dict(Calibration, d[key], where))
         return meta
@@ -261,8 +265,11 @@ def model_card(meta: BundleMeta) -> dict:
         "stages": {"lung": stage_card(meta.lung), "disease": stage_card(meta.disease)},
         "thresholds": {
             "zone_threshold": meta.zone_threshold, "cls_threshold": meta.cls_threshold,
+            "opacity_threshold": meta.opacity_threshold,
             "zone_calibration": asdict(cal) if cal else "not calibrated (default T)",
             "cls_calibration": asdict(meta.cls_calibration) if meta.cls_calibration else "not calibrated (default 0.5)",
+            "opacity_calibration": (asdict(meta.opacity_calibration) if meta.opacity_calibration
+                                    else f"not calibrated (default {DEFAULT_OPACITY_THRESHOLD})"),
         },
         "audits": meta.audits,
         **({"migrated_from": meta.migrated_from} if meta.migrated_from else {}),

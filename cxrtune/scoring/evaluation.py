@@ -111,20 +111,69 @@ def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float
     return best[1]
 
 
+OPACITY_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate opacity thresholds
+
+
+def stage2_maps(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool):
+    """(row, image, cleaned lung mask, opacity probabilities, p(disease)) per readable row whose
+    lungs Stage I finds, before refinement, in batches of the scorer's size."""
+    from tqdm import tqdm
+
+    from .scorer import has_lungs
+
+    def flush(pending):
+        images = [scan.image for _, scan in pending]
+        lungs = scorer.lung_masks(images)
+        found = [i for i, lung in enumerate(lungs) if has_lungs(lung)]
+        maps = scorer.opacity_maps([images[i] for i in found], [lungs[i] for i in found]) if found else []
+        for i, (prob, p) in zip(found, maps):
+            yield pending[i][0], images[i], lungs[i], prob, p
+
+    pending, batch = [], max(1, scorer.batch_size)
+    for item in tqdm(readable_scans(rows, cache), total=len(rows), desc="calibrate", unit="image", disable=not progress):
+        pending.append(item)
+        if len(pending) == batch:
+            yield from flush(pending)
+            pending = []
+    if pending:
+        yield from flush(pending)
+
+
+def choose_opacity_threshold(stats: list[tuple[float, np.ndarray, np.ndarray, int]], cls_threshold: float,
+                             grid: np.ndarray = OPACITY_GRID) -> dict:
+    """The opacity threshold of maximum mean Dice (ties: the one nearest 0.5) over images whose
+    reference has opacity. ``stats`` per image: ``(p(disease), |pred AND ref| per grid threshold,
+    |pred| per grid threshold, |ref|)``; an image refined away (p < T_cls) has Dice 0 at any threshold."""
+    dice = np.zeros(len(grid))
+    for p, inter, pred, ref in stats:
+        if p >= cls_threshold:
+            dice += 2 * inter / np.maximum(pred + ref, 1)
+    dice /= max(len(stats), 1)
+    best = max(range(len(grid)), key=lambda i: (round(float(dice[i]), 6), -abs(float(grid[i]) - 0.5)))
+    return {"threshold": float(grid[best]), "dice": float(dice[best]), "n": len(stats),
+            "curve": [{"threshold": float(t), "dice": float(d)} for t, d in zip(grid, dice)]}
+
+
 def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val", cls_split: str | None = "val",
               reference: str = "auto", reference_threshold: float = DEFAULT_ZONE_THRESHOLD,
               specificity: float | None = None, limit: int | None = None, progress: bool = True,
-              what: tuple[str, ...] = ("cls", "zone")) -> dict:
-    """Both thresholds, each with its provenance (:class:`~cxrtune.scoring.artifacts.Calibration`).
+              what: tuple[str, ...] = ("cls", "opacity", "zone")) -> dict:
+    """The three thresholds, in this order, each with its provenance
+    (:class:`~cxrtune.scoring.artifacts.Calibration`).
 
     * T_cls on the labelled rows of ``cls_split`` (validation data) at the operating point:
       maximum F1, or ``specificity``. Skipped (kept as it is) when those rows hold no labels.
+    * The opacity threshold on Stage II's probability map, by maximum mean Dice over the
+      ``cls_split`` rows whose reference opacity mask is not empty, refined with the new T_cls
+      (0.5 under-segments a model trained with a focal loss). Skipped when there are none.
     * Zone T by minimum score MAE (seed 004) on the rows of ``split`` against ``reference``: a
       reader's grades (``reader:S``), the ``zone_*`` columns or the mask-derived reference
       (``masks``); ``auto`` takes a reader if the manifest has exactly one, else zone columns,
-      else masks. Never the test split. Refinement uses the new T_cls.
+      else masks. Never the test split. Refinement uses the new T_cls and opacity threshold.
 
-    Each image is scored once, unrefined; T_cls is then applied to the stored probabilities."""
+    The ``cls_split`` rows go through both stages once for the first two; the ``split`` rows are
+    scored once, unrefined, for T (T_cls is applied to the stored probabilities). The scorer's
+    ``opacity_threshold`` is left at the chosen one."""
     from .artifacts import Calibration, now
 
     for what_split, chosen in (("zone", split), ("T_cls", cls_split)):
@@ -134,12 +183,11 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
     cache = storage.ContentCache()
     zone_rows = pick_rows(df, split, limit) if "zone" in what else df.iloc[:0]
     cls_rows = df.iloc[:0]
-    if "cls" in what:
+    if "cls" in what or "opacity" in what:
         try:
             cls_rows = pick_rows(df, cls_split, limit)
         except CxrtuneError:
             cls_rows = df.iloc[:0]  # no validation rows here: T_cls is left as it is (the CLI says so)
-        cls_rows = cls_rows[cls_rows["label"].map(manifest.is_labelled)]
     readers = manifest.readers_in(df)
     if reference == "auto" and len(readers) > 1 and "zone" in what:
         raise CxrtuneError(f"the manifest has several readers ({', '.join(readers)}): choose one with --reference")
@@ -150,14 +198,18 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
         if reference[7:] not in readers:
             raise CxrtuneError(f"--reference {reference[7:]!r}: the manifest's readers are "
                                f"{', '.join(readers) or 'none (no reader_<ID>_<A-F> columns)'}")
-    rows = pd.concat([zone_rows, cls_rows]).loc[lambda d: ~d.index.duplicated()]
-    scored = {}
-    for row, _, record, _ in score_rows(scorer, rows, cache, progress, cls_threshold=0.0):
-        scored[row.name] = (row, record)
-    out: dict = {"cls": None, "zone": None}
+    out: dict = {"cls": None, "opacity": None, "zone": None}
+    probs, opacity_stats = [], []
+    for row, image, lung, prob, p in stage2_maps(scorer, cls_rows, cache, progress):
+        if manifest.is_labelled(row["label"]):
+            probs.append((p, int(manifest.is_disease(row["label"]))))
+        if "opacity" in what and row.get("opacity_mask", ""):
+            ref = _resized(images.read_mask(row["opacity_mask"], cache), image.shape)
+            if ref.any():
+                pred = [(prob >= t) & lung for t in OPACITY_GRID]
+                opacity_stats.append((p, np.array([(m & ref).sum() for m in pred], float),
+                                      np.array([m.sum() for m in pred], float), int(ref.sum())))
     t_cls = scorer.cls_threshold
-    probs = [(r["disease_probability"], int(manifest.is_disease(row["label"]))) for i, (row, r) in scored.items()
-             if i in cls_rows.index and r["disease_probability"] is not None]
     if "cls" in what and probs:
         choice = choose_cls_threshold(*map(np.array, zip(*probs)), specificity=specificity)
         t_cls = choice["threshold"]
@@ -165,11 +217,16 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
                                  reference="labels", n=len(probs), manifest=manifest_id(df),
                                  split=cls_split or "all", f1=choice["f1"], specificity=choice["specificity"],
                                  sensitivity=choice["sensitivity"], target=specificity, created=now())
+    if opacity_stats:
+        choice = choose_opacity_threshold(opacity_stats, t_cls)
+        scorer.opacity_threshold = choice["threshold"]  # the zone rows below are refined with it
+        out["opacity"] = Calibration(threshold=choice["threshold"], method="max_dice", reference="masks",
+                                     n=choice["n"], manifest=manifest_id(df), split=cls_split or "all",
+                                     dice=choice["dice"], created=now())
+        out["opacity_curve"] = choice["curve"]
     if "zone" in what:
         fracs, refs, kinds = [], [], set()
-        for i, (row, record) in scored.items():
-            if i not in zone_rows.index:
-                continue
+        for row, _, record, _ in score_rows(scorer, zone_rows, cache, progress, cls_threshold=0.0):
             ref = reference_zones(row, reference_threshold, cache, reference=reference)
             f = zone_fractions(record)
             if ref is None or f is None:

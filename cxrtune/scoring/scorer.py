@@ -2,9 +2,9 @@
 
     bytes -> :func:`~cxrtune.scoring.preprocessing.load_scan` (decode keeping the DICOM header, input
     checks, working size) -> Stage I -> lung cleanup (:func:`~cxrtune.scoring.zones.clean_lungs`) ->
-    ROI from the cleaned lungs -> Stage II -> refinement by the classifier (mask x [p >= T_cls],
-    seed 004 Eq. 1-2) -> masks back in image coordinates -> lung split, equal-area zones, zone
-    scores -> :func:`build_record`.
+    ROI from the cleaned lungs -> Stage II -> opacity map back in image coordinates -> refinement
+    by the classifier (map x [p >= T_cls], seed 004 Eq. 1-2) cut at the bundle's opacity threshold
+    -> lung split, equal-area zones, zone scores -> :func:`build_record`.
 
 ``cxrtune score``, ``evaluate``, ``calibrate``, the clinical objective of sweeps and the Serve
 ingress all call it; Serve splits it at the stage boundaries: the stage deployments run only
@@ -32,8 +32,8 @@ import torch
 from ..data import storage
 from . import zones
 from ..errors import CxrtuneError
-from .artifacts import (DEFAULT_CLS_THRESHOLD, DEFAULT_ZONE_THRESHOLD, BundleMeta, CheckpointMeta, bundle_hash,
-                        read_bundle_meta)
+from .artifacts import (DEFAULT_CLS_THRESHOLD, DEFAULT_OPACITY_THRESHOLD, DEFAULT_ZONE_THRESHOLD, BundleMeta,
+                        CheckpointMeta, bundle_hash, read_bundle_meta)
 from ..model.models import ModelConfig, build_model
 from .preprocessing import Preprocessing, Scan, extract_roi, resize_image
 
@@ -136,18 +136,31 @@ def disease_input(image: np.ndarray, lung: np.ndarray, pre: Preprocessing) -> tu
     return stage_input(roi, pre), box
 
 
-def opacity_output(prob: np.ndarray, p_disease: float, box: tuple | None, shape: tuple[int, int],
-                   cls_threshold: float) -> tuple[np.ndarray, float]:
-    """Stage II's outputs -> the refined opacity mask in image coordinates (seed 004 Eq. 1-2:
-    the mask counts only when p(disease) >= T_cls), and p."""
-    refined = from_uint8(prob) * float(p_disease >= cls_threshold)
+def opacity_probability(prob: np.ndarray, box: tuple | None, shape: tuple[int, int]) -> np.ndarray:
+    """Stage II's uint8 opacity map of the ROI -> float32 probabilities in image coordinates (0
+    outside the ROI's box)."""
     canvas = np.zeros(shape, np.float32)
     if box is None:
-        canvas[:] = cv2.resize(refined, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+        canvas[:] = cv2.resize(from_uint8(prob), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
     else:
         y0, y1, x0, x1 = box
-        canvas[y0:y1, x0:x1] = cv2.resize(refined, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-    return canvas >= 0.5, float(p_disease)
+        canvas[y0:y1, x0:x1] = cv2.resize(from_uint8(prob), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    return canvas
+
+
+def refine(probability: np.ndarray, p_disease: float, cls_threshold: float,
+           threshold: float = DEFAULT_OPACITY_THRESHOLD) -> np.ndarray:
+    """Seed 004 Eq. 1-2: the opacity map counts only when p(disease) >= T_cls; it is opacity where
+    it is >= the bundle's ``opacity_threshold``."""
+    if p_disease < cls_threshold:
+        return np.zeros(probability.shape, bool)
+    return probability >= threshold
+
+
+def opacity_output(prob: np.ndarray, p_disease: float, box: tuple | None, shape: tuple[int, int],
+                   cls_threshold: float, threshold: float = DEFAULT_OPACITY_THRESHOLD) -> tuple[np.ndarray, float]:
+    """Stage II's outputs -> the refined opacity mask in image coordinates (:func:`refine`), and p."""
+    return refine(opacity_probability(prob, box, shape), p_disease, cls_threshold, threshold), float(p_disease)
 
 
 def _to_model_size(u8: np.ndarray, size: int) -> np.ndarray:
@@ -193,11 +206,13 @@ class Scorer:
     def __init__(self, lung: StageModel | None, disease: StageModel | None,
                  zone_threshold: float = DEFAULT_ZONE_THRESHOLD, cls_threshold: float = DEFAULT_CLS_THRESHOLD,
                  lung_threshold: float = 0.5, device: torch.device | None = None, batch_size: int = 8,
-                 models: dict | None = None, runtime: str = "torch"):
+                 models: dict | None = None, runtime: str = "torch",
+                 opacity_threshold: float = DEFAULT_OPACITY_THRESHOLD):
         """Either stage may be None where only the other is used (one Serve deployment each).
         ``models`` names them in records (:func:`bundle_models`)."""
         self.lung, self.disease = lung, disease
         self.zone_threshold, self.cls_threshold, self.lung_threshold = zone_threshold, cls_threshold, lung_threshold
+        self.opacity_threshold = opacity_threshold
         self.device = device or next((lung or disease).model.parameters()).device
         self.batch_size = batch_size
         self.models = models or {}
@@ -241,16 +256,21 @@ class Scorer:
         probs = self.forward("lung", [stage_input(im, self.lung.pre) for im in images])
         return [lung_output(p, im.shape, self.lung_threshold) for im, p in zip(images, probs)]
 
-    def opacity_masks(self, images: list[np.ndarray], lungs: list[np.ndarray],
-                      cls_threshold: float | None = None) -> list[tuple[np.ndarray, float]]:
-        """Stage II on the ROI of the cleaned lungs, refined by the classifier: ``(mask, p)`` per
-        image, the mask in image coordinates. ``cls_threshold=0`` returns unrefined masks
-        (calibration chooses T_cls afterwards)."""
-        t_cls = self.cls_threshold if cls_threshold is None else cls_threshold
+    def opacity_maps(self, images: list[np.ndarray], lungs: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """Stage II on the ROI of the cleaned lungs: ``(opacity probabilities in image coordinates,
+        p(disease))`` per image, before refinement (what calibration sweeps the thresholds on)."""
         prepared = [disease_input(im, lung, self.disease.pre) for im, lung in zip(images, lungs)]
         outs = self.forward("disease", [x for x, _ in prepared])
-        return [opacity_output(prob, p, box, im.shape, t_cls)
-                for im, (_, box), (prob, p) in zip(images, prepared, outs)]
+        return [(opacity_probability(prob, box, im.shape), p) for im, (_, box), (prob, p) in zip(images, prepared, outs)]
+
+    def opacity_masks(self, images: list[np.ndarray], lungs: list[np.ndarray],
+                      cls_threshold: float | None = None) -> list[tuple[np.ndarray, float]]:
+        """Stage II refined by the classifier (:func:`refine`): ``(mask, p)`` per image, the mask
+        in image coordinates. ``cls_threshold=0`` keeps every mask (calibration chooses T_cls
+        afterwards)."""
+        t_cls = self.cls_threshold if cls_threshold is None else cls_threshold
+        return [(refine(prob, p, t_cls, self.opacity_threshold), float(p))
+                for prob, p in self.opacity_maps(images, lungs)]
 
     # ---------------------------------------------------------------------------------- policy
     def score_images(self, images: list[np.ndarray], lungs: list[np.ndarray] | None = None,
@@ -326,7 +346,8 @@ def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
     loaded = {stage: _load_stage(uri, stage, meta, dev, runtime) for stage in stages}
     return Scorer(loaded.get("lung"), loaded.get("disease"), zone_threshold=meta.zone_threshold,
                   cls_threshold=meta.cls_threshold, lung_threshold=meta.lung_threshold, device=dev,
-                  batch_size=batch_size, models=bundle_models(meta, bundle_hash(uri)), runtime=runtime)
+                  batch_size=batch_size, models=bundle_models(meta, bundle_hash(uri)), runtime=runtime,
+                  opacity_threshold=meta.opacity_threshold)
 
 
 # -------------------------------------------------------------------------- references and sweeps

@@ -351,7 +351,7 @@ class Ingress:
         self.stage1, self.stage2 = stage1, stage2
         meta = read_bundle_meta(self.s.bundle)
         self.zone_threshold, self.cls_threshold = float(meta.zone_threshold), float(meta.cls_threshold)
-        self.lung_threshold = float(meta.lung_threshold)
+        self.lung_threshold, self.opacity_threshold = float(meta.lung_threshold), float(meta.opacity_threshold)
         self.pre = {stage: Preprocessing.from_dict(meta.stage(stage).preprocessing) for stage in ("lung", "disease")}
         self.bundle_hash = bundle_hash(self.s.bundle)  # every stage call names it
         self.record_models = bundle_models(meta, self.bundle_hash)  # what each record names
@@ -359,6 +359,8 @@ class Ingress:
             **self.record_models, "zone_threshold": self.zone_threshold,
             "zone_calibration": asdict(meta.zone_calibration) if meta.zone_calibration else None,
             "cls_calibration": asdict(meta.cls_calibration) if meta.cls_calibration else None,
+            "opacity_threshold": self.opacity_threshold,
+            "opacity_calibration": asdict(meta.opacity_calibration) if meta.opacity_calibration else None,
             "model_card": meta.model_card, "audits": meta.audits, "versions": meta.versions,
             "stage_audits": {stage: meta.stage(stage).audits for stage in ("lung", "disease")},  # the runs' own
         }
@@ -478,7 +480,8 @@ class Ingress:
             if has_lungs(lung):  # no lungs: an unscored record (HTTP 200), Stage II is not asked
                 x2, box = await asyncio.to_thread(disease_input, image, lung, self.pre["disease"])
                 stages["disease"], runtimes["disease"], (prob2, p) = await self._stage(self.stage2, x2)
-                opacity, p = await asyncio.to_thread(opacity_output, prob2, p, box, image.shape, self.cls_threshold)
+                opacity, p = await asyncio.to_thread(opacity_output, prob2, p, box, image.shape, self.cls_threshold,
+                                                     self.opacity_threshold)
         except (BackPressureError, DeploymentUnavailableError):
             raise RequestError(503, "the scorer is at capacity; retry shortly", self.s.retry_after_s) from None
         t2 = time.perf_counter()
