@@ -143,7 +143,7 @@ def server(phantom_bundle, tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=METRICS_PORT)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"bundle": str(phantom_bundle), "max_batch_size": 4,  # the CLI's working size (the default)
+    args = {"bundle": str(phantom_bundle), "max_batch_size": 4, "device": "cpu",  # as the CLI test's --device cpu
             "max_upload_bytes": 8_000_000, "max_pixels": 20_000_000, "api_key_env": "CXRTUNE_TEST_API_KEY"}
     serve.run(build_app(args, deployments()), name="cxrtune", route_prefix="/")
     # a bundle whose lung model sees nothing, for the no-lungs path
@@ -323,6 +323,7 @@ def test_cli_and_http_give_the_same_record(server, phantom_bundle, phantom_dir, 
         b = {k: v for k, v in http.json().items() if k not in ignore}
         _same(a, b)
     assert [c["input"]["format"] for c in cli] == ["png", "dicom"] and cli[1]["input"]["width"] == 1841
+    assert [c["status"] for c in cli] == ["scored", "scored"]  # the same scored record, not two unscored ones
 
 
 def concurrent_posts(url: str, data: bytes, n: int) -> list[tuple[int, dict | None, str | None]]:
