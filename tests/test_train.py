@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,3 +306,33 @@ def test_cpu_amp_trains_the_convolutions_in_bf16_only_when_asked(phantom_dir):
         assert np.isfinite(losses["train_loss"])
         assert trainer.model.encoder.conv1.weight.dtype == torch.float32
         assert np.isfinite(trainer.validate()["val_loss"])
+
+
+def test_epoch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    """A process killed hard never runs fit's clean-up: the next fit (and a sweep's end) removes
+    the epoch folders no live process holds, and only those."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from cxrtune.model.train import STAGING_PREFIX, remove_orphaned_staging, staging_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom cxrtune.model.train import staging_dir\n"
+         "with staging_dir() as p:\n    (p / 'epoch_0003').mkdir()\n    print(p, flush=True)\n    time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    theirs = Path(holder.stdout.readline().strip())
+    unrelated = tmp_path / f"{STAGING_PREFIX}old_style"  # no lock file: not ours to judge
+    unrelated.mkdir()
+    with staging_dir() as mine:
+        assert theirs.parent == tmp_path and (theirs / "epoch_0003").is_dir()  # alive: kept
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert remove_orphaned_staging() == 1 and not theirs.exists()
+        assert mine.exists() and unrelated.exists()  # a live fit's folder is never an orphan
+    assert not mine.exists()
+    with staging_dir():  # its clean-up ran: nothing left to remove
+        assert remove_orphaned_staging() == 0

@@ -21,16 +21,19 @@ bundles use the average, which smooths the epoch-to-epoch swings of a short run.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
+import os
 import random
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -351,9 +354,8 @@ class Trainer:
         """Run epochs until ``cfg.epochs`` or early stopping. ``on_epoch(metrics, ckpt_dir)`` is
         called after each epoch with a local checkpoint folder; returning True stops training.
         ``progress`` shows a bar per epoch and prints one line of metrics after each."""
-        staging = Path(tempfile.mkdtemp(prefix="cxrtune-ckpt-"))
         started = time.perf_counter()
-        try:
+        with staging_dir() as staging:
             while self.epoch < self.cfg.epochs:
                 t0 = time.perf_counter()
                 metrics = self.train_epoch(progress)
@@ -391,9 +393,48 @@ class Trainer:
                 if self.cfg.max_minutes and elapsed + metrics["epoch_seconds"] > 60 * self.cfg.max_minutes:
                     log.info("time budget of %.1f min: no room for epoch %d", self.cfg.max_minutes, self.epoch + 1)
                     break
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return {"epochs": self.epoch, "best": self.best, "history": self.history}
+
+
+STAGING_PREFIX = "cxrtune-ckpt-"
+STAGING_LOCK = ".owner.lock"
+
+
+@contextmanager
+def staging_dir() -> Iterator[Path]:
+    """A private folder for a fit's epoch checkpoints, locked (flock) while the fit runs. A process
+    killed hard (a trial Ray kills after its grace period, an out-of-memory kill, a timed-out job)
+    never runs the clean-up, and its last epoch (up to a few hundred MB) would stay in /tmp for
+    good: the kernel drops a dead process's lock, so unlocked folders are removed first."""
+    remove_orphaned_staging()
+    path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX))
+    lock = os.open(path / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(lock)
+
+
+def remove_orphaned_staging() -> int:
+    """Remove the staging folders no live process holds; returns how many (written by hand:
+    nothing in Ray or the standard library does this). A sweep's driver also calls it at the end."""
+    removed = 0
+    for lock_path in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*/{STAGING_LOCK}"):
+        try:
+            fd = os.open(lock_path, os.O_RDWR)
+        except OSError:
+            continue  # removed meanwhile, or not ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live fit holds it
+        finally:
+            os.close(fd)
+        shutil.rmtree(lock_path.parent, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def _signed(value: float | None, sign: float) -> float:

@@ -617,6 +617,10 @@ def resume_tune(exp_uri: str) -> dict:
 
 
 def summarize(results, o: TuneOptions, space: SearchSpace, extra: dict | None = None) -> dict:
+    from ..model.train import remove_orphaned_staging  # epoch folders of trials killed hard
+
+    if removed := remove_orphaned_staging():
+        log.info("removed %d local epoch folders of killed trials", removed)
     df = results.get_dataframe()
     n_errors = sum(1 for r in results if r.error)
     iters = df["training_iteration"] if "training_iteration" in df else []
