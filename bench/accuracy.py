@@ -11,7 +11,8 @@ only (after it); top-level keys only (a "model" key replaces the whole model dic
 * imports COVID-QU-Ex; the official Train part is split by patient into train (90 %) and
   validation (10 %: early stopping and T_cls); the official Val part is the test set;
 * trains Stage I (lungs) and Stage II (opacity + normal/disease) from scratch (no pretrained
-  weights) and bundles them; ``--reuse`` keeps runs already trained in ``--out``;
+  weights) and bundles them; ``--reuse`` keeps runs already trained in ``--out``, ``--resume``
+  continues an interrupted one from its last epoch;
 * calibrates T_cls (maximum F1, or ``--specificity``) and then the opacity threshold (maximum
   mean Dice) on every training-part row Stage II never trained on: the validation rows and, in
   CPU mode, the train rows beyond ``max_train_images`` (``--cls-calibration val``: the validation
@@ -74,6 +75,9 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="the 2-core CPU mode (<= 60 min of training)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU run that checks the script")
     ap.add_argument("--reuse", action="store_true", help="keep runs already trained in --out")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run in --out from its last epoch checkpoint (its earlier "
+                         "epochs' seconds count towards the training time)")
     ap.add_argument("--specificity", type=float, help="T_cls operating point (default: maximum F1)")
     ap.add_argument("--cls-calibration", choices=("heldout", "val"), default="heldout",
                     help="T_cls on every row Stage II did not train on (default) or on the validation rows only")
@@ -96,7 +100,8 @@ def main() -> None:
     from cxrtune.data.importers import run_import
     from cxrtune.scoring.scorer import load_bundle
     from cxrtune.data.splits import assign_splits
-    from cxrtune.model.train import TrainConfig, native_cpu_bf16, select_rows, train
+    from cxrtune.model.train import (TrainConfig, latest_checkpoint, load_torch, native_cpu_bf16, select_rows,
+                                     train)
 
     out = Path(args.out or ("/tmp/cxrtune-accuracy-cpu" if args.cpu else "/tmp/cxrtune-accuracy"))
     out.mkdir(parents=True, exist_ok=True)
@@ -134,11 +139,15 @@ def main() -> None:
             summaries[stage] = json.loads(run_json.read_text())
             minutes[stage] = summaries[stage].get("train_minutes")
             continue
+        # a resumed run: the epochs before the interruption count, as their recorded seconds
+        last = latest_checkpoint(str(out / stage)) if args.resume else None
+        earlier = sum(h["epoch_seconds"] for h in load_torch(f"{last}/state.pt")["history"]) / 60 if last else 0.0
         if stage == "disease" and args.cpu and "max_minutes" not in cfg:
-            cfg["max_minutes"] = round(CPU_BUDGET_MINUTES - (minutes.get("lung") or 0), 2)
+            cfg["max_minutes"] = round(CPU_BUDGET_MINUTES - (minutes.get("lung") or 0) - earlier, 2)
         t = time.perf_counter()
-        summaries[stage] = train(TrainConfig.from_dict(cfg), df, str(out / stage), progress=not args.quick)
-        minutes[stage] = round((time.perf_counter() - t) / 60, 2)
+        summaries[stage] = train(TrainConfig.from_dict(cfg), df, str(out / stage), resume=bool(last),
+                                 progress=not args.quick)
+        minutes[stage] = round((time.perf_counter() - t) / 60 + earlier, 2)
         run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "train_minutes": minutes[stage]}))
     t2 = time.perf_counter()
     bundle = str(out / "bundle")
