@@ -148,9 +148,10 @@ def test_calibration_refuses_the_test_split():
     from cxrtune.errors import CxrtuneError
     from cxrtune.scoring.evaluation import calibrate
 
-    df = pd.DataFrame({"split": ["train", "test"], "label": ["covid", "normal"]})
-    for kw in ({"split": "val,test"}, {"cls_split": "test"}):
-        with pytest.raises(CxrtuneError, match="test split is never calibrated on"):
+    df = pd.DataFrame({"split": ["train", "val", "test"], "label": ["covid", "normal", "covid"]})
+    for kw in ({"split": "val,test"}, {"cls_split": "test"}, {"split": "all"}, {"split": None},
+               {"split": "val", "cls_split": "all"}):
+        with pytest.raises(CxrtuneError, match="takes 1 test-split row.*test split is never calibrated on"):
             calibrate(None, df, **kw)  # refused before any image is scored
 
 

@@ -13,7 +13,7 @@ from . import zones
 from ..errors import CxrtuneError
 from ..model.metrics import SegmentationMeter, classification_metrics, json_safe, score_metrics
 from .artifacts import DEFAULT_ZONE_THRESHOLD
-from .scorer import STATUSES, Scorer, reference_zones, sweep_threshold, zone_fractions
+from .scorer import STATUSES, Scorer, reference_zones, score_error, sweep_threshold, zone_fractions
 
 log = logging.getLogger(__name__)
 
@@ -176,18 +176,24 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
     ``opacity_threshold`` is left at the chosen one."""
     from .artifacts import Calibration, now
 
-    for what_split, chosen in (("zone", split), ("T_cls", cls_split)):
-        if chosen and "test" in chosen.split(","):
-            raise CxrtuneError(f"{what_split} calibration on split(s) {chosen!r}: the test split is never calibrated "
-                               "on (its figures would be in-sample); use train and val rows")
-    cache = storage.ContentCache()
+    def refuse_test_rows(what_split: str, chosen: str | None, rows: pd.DataFrame) -> None:
+        # the selected rows are judged, not the selector: ``all`` takes the test rows too
+        n_test = int((rows["split"] == "test").sum()) if "split" in rows else 0
+        if n_test:
+            raise CxrtuneError(f"{what_split} calibration on split(s) {chosen or 'all'!r} takes {n_test} test-split "
+                               "row(s): the test split is never calibrated on (its figures would be in-sample); "
+                               "use train and val rows")
+
     zone_rows = pick_rows(df, split, limit) if "zone" in what else df.iloc[:0]
+    refuse_test_rows("zone", split, zone_rows)
     cls_rows = df.iloc[:0]
     if "cls" in what or "opacity" in what:
         try:
             cls_rows = pick_rows(df, cls_split, limit)
         except CxrtuneError:
             cls_rows = df.iloc[:0]  # no validation rows here: T_cls is left as it is (the CLI says so)
+        refuse_test_rows("T_cls", cls_split, cls_rows)
+    cache = storage.ContentCache()
     readers = manifest.readers_in(df)
     if reference == "auto" and len(readers) > 1 and "zone" in what:
         raise CxrtuneError(f"the manifest has several readers ({', '.join(readers)}): choose one with --reference")
@@ -262,9 +268,9 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, split: str | None =
     cache = storage.ContentCache()
     rows = pick_rows(df, split, limit)
     lung_meter, opac_meter = SegmentationMeter(), SegmentationMeter()
-    probs, labels, pred_zones, ref_zones, records = [], [], [], [], []
+    probs, labels, pred_zones, ref_zones, records, errors = [], [], [], [], [], []
     statuses = {s: 0 for s in STATUSES}
-    reader_rows, reader_fracs = [], []
+    reader_rows, reader_fracs, not_scored_rows = [], [], []
     for row, img, record, detail in score_rows(scorer, rows, cache, progress):
         statuses[record["status"]] += 1
         if row.get("lung_mask", ""):
@@ -275,12 +281,16 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, split: str | None =
             probs.append(record["disease_probability"])
             labels.append(int(manifest.is_disease(row["label"])))
         ref = reference_zones(row, reference_threshold, cache)
+        if ref is not None:
+            errors.append(score_error(record, int(np.sum(ref))))
         if ref is not None and record["status"] == "scored":
             pred_zones.append([int(record["zones"][z]["affected"]) for z in zones.ZONE_LETTERS])
             ref_zones.append(ref)
         if record["status"] == "scored":
             reader_rows.append(row.name)
             reader_fracs.append(zone_fractions(record))
+        else:
+            not_scored_rows.append(row.name)
         records.append({"row": row.name, "label": row["label"], "status": record["status"], "score": record["score"],
                         "opacity_percent": record["opacity_percent"],
                         "disease_probability": record["disease_probability"]})
@@ -295,24 +305,29 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, split: str | None =
               "n_normal": int(len(normal))}
     if ref_zones:
         p, r = np.array(pred_zones), np.array(ref_zones)
-        result["score"] = score_metrics(p.sum(axis=1), r.sum(axis=1))
+        result["score"] = score_metrics(p.sum(axis=1), r.sum(axis=1))  # the scored records
         result["zones"] = {z: {"accuracy": float((p[:, i] == r[:, i]).mean())} for i, z in enumerate(zones.ZONE_LETTERS)}
         _plots(p, r, out_dir)
+    if errors:  # every record with a reference; partial/unscored as the worst error (score_error)
+        result.setdefault("score", {}).update(mae_counting_not_scored=float(np.mean(errors)), n_counted=len(errors))
     if len(table):
         result["status_by_label"] = {str(k): {str(s): int(n) for s, n in g["status"].value_counts().items()}
                                      for k, g in table.groupby("label")}
     readers = manifest.readers_in(df)
     if readers and reader_rows:
         result["readers"] = _reader_figures(df.loc[reader_rows], np.array(reader_fracs), scorer.zone_threshold,
-                                            readers, by, cv_reference, folds, n_boot, out_dir)
-        result["readers"]["n_not_scored"] = int(len(table) - len(reader_rows))  # partial/unscored: not in the figures
+                                            readers, by, cv_reference, folds, n_boot, out_dir,
+                                            not_scored=df.loc[not_scored_rows])
     storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(json_safe(result), indent=2))
     storage.write_text(storage.join(out_dir, "scores.csv"), table.to_csv(index=False))
     return result
 
 
 def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float, readers: list[str],
-                    by: tuple[str, ...], cv_reference: str | None, folds: int, n_boot: int, out_dir: str) -> dict:
+                    by: tuple[str, ...], cv_reference: str | None, folds: int, n_boot: int, out_dir: str,
+                    not_scored: pd.DataFrame | None = None) -> dict:
+    """The agreement figures are over the scored records; ``mae_counting_not_scored`` adds the
+    partial/unscored ones at the worst error for each reader's score (:func:`score_error`)."""
     from . import agreement
 
     missing = [c for c in by if c not in rows.columns]
@@ -338,6 +353,16 @@ def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float,
         info["threshold"] = threshold
     info.update(agreement.reader_report(pred, grades, groups=rows.reset_index(drop=True), by=list(by), n_boot=n_boot))
     agreement.plot_reader_agreement(pred, grades, out_dir)
+    missed = manifest.reader_grades(not_scored) if not_scored is not None and len(not_scored) else {}
+    info["n_not_scored"] = int(len(not_scored)) if not_scored is not None else 0
+    info["mae_counting_not_scored"] = {}
+    for reader in readers:
+        ref = (grades[reader] > 0).sum(axis=1)
+        err = list(np.abs((pred > 0).sum(axis=1) - ref))
+        if reader in missed:
+            g = missed[reader][np.all(missed[reader] >= 0, axis=1)]
+            err += [score_error({"status": "unscored"}, int(r)) for r in (g > 0).sum(axis=1)]
+        info["mae_counting_not_scored"][reader] = float(np.mean(err)) if err else None
     return info
 
 
