@@ -289,9 +289,11 @@ def _evaluate(args) -> None:
     summary = {"status": result["status"], "lung_dice": result["lung"].get("dice"),
                "opacity_dice": result["opacity"].get("dice"),
                "f1": (result["classification"] or {}).get("f1"), "normal_score_fp_rate": result["normal_score_fp_rate"],
-               "score_mae": result.get("score", {}).get("mae")}
+               "score_mae": result.get("score", {}).get("mae"),  # the scored records
+               "score_mae_counting_not_scored": result.get("score", {}).get("mae_counting_not_scored")}
     for reader, figures in (result.get("readers", {}).get("readers", {}) or {}).items():
         summary[f"mae_vs_{reader}"] = figures.get("score", {}).get("mae")
+        summary[f"mae_vs_{reader}_counting_not_scored"] = result["readers"]["mae_counting_not_scored"].get(reader)
     from .model.metrics import json_safe
 
     print(json.dumps(json_safe(summary)))

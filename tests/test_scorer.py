@@ -216,7 +216,36 @@ def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, 
     assert "cross-validated against reader:S" in r.stderr
     again = json.loads((tmp_path / "ev2" / "metrics.json").read_text())["readers"]
     assert again["threshold"] == "cross-validated" and again["cv_reference"] == "S"
-    assert again["n_not_scored"] == 0
+    assert again["n_not_scored"] == 0  # every record scored: counting the others changes nothing
+    assert again["mae_counting_not_scored"]["S"] == pytest.approx(again["readers"]["S"]["score"]["mae"])
+
+
+def test_evaluate_counts_unscored_records_as_the_worst_error(bundle, phantom_dir, tmp_path):
+    """A model that finds no lungs scores nothing: its MAE counts each record as the worst error
+    for its reference (score_error), as the sweep objective and the release gate do, instead of
+    reporting a perfect MAE over zero images."""
+    import shutil
+
+    import torch
+
+    from cxrtune.data import manifest, storage
+    from cxrtune.scoring.evaluation import evaluate
+    from cxrtune.scoring.scorer import load_bundle, reference_zones
+
+    b = tmp_path / "blind"
+    shutil.copytree(bundle / "bundle", b)
+    state = torch.load(b / "lung.pt", weights_only=True)
+    bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
+    state[bias] = torch.full_like(state[bias], -1e4)  # the lung model sees nothing
+    torch.save(state, b / "lung.pt")
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    result = evaluate(load_bundle(str(b), device="cpu"), df, str(tmp_path / "ev"), split="val,test", progress=False)
+    assert result["status"]["scored"] == 0 and result["status"]["unscored"] == result["n_read"] > 0
+    refs = [reference_zones(row, cache=storage.ContentCache()) for _, row in df[df["split"].isin(["val", "test"])].iterrows()]
+    worst = [max(sum(r), 6 - sum(r)) for r in refs if r is not None]
+    assert "mae" not in result["score"]  # no scored record to compare
+    assert result["score"]["n_counted"] == len(worst) > 0
+    assert result["score"]["mae_counting_not_scored"] == pytest.approx(np.mean(worst)) and np.mean(worst) >= 3
 
 
 def test_lean_stage_payloads_uint8_at_the_smaller_size():
