@@ -172,10 +172,11 @@ def test_inference_does_not_import_training():
     assert out.strip() == "[]"
 
 
-def test_v1_bundles_load_and_migrate(phantom_bundle, tmp_path):
+def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path):
     import shutil
 
     from cxrtune.cli import main
+    from cxrtune.errors import CxrtuneError
     from cxrtune.scoring.scorer import load_bundle
 
     old = tmp_path / "old"
@@ -191,11 +192,28 @@ def test_v1_bundles_load_and_migrate(phantom_bundle, tmp_path):
     assert scorer.zone_threshold == 0.23 and scorer.cls_threshold == 0.5
     assert main(["bundle", "--migrate", str(old)]) == 0
     new = json.loads((old / "bundle.json").read_text())
-    assert new["format"] == "cxrtune-bundle/2" and "calibration" not in new
+    assert new["format"] == "cxrtune-bundle/3" and "calibration" not in new
     assert new["zone_calibration"] == {**new["zone_calibration"], "threshold": 0.23, "reference": "masks", "n": 12,
                                        "mae": 0.5}
     assert new["model_card"]["thresholds"]["zone_threshold"] == 0.23
     assert new["migrated_from"] == "cxrtune-bundle/1" and new["model_card"]["migrated_from"] == "cxrtune-bundle/1"
+    assert new["opacity_threshold"] == 0.5 and new["opacity_calibration"] is None
+    # a /2 bundle (before the calibrated opacity cut) loads at 0.5 even if a key says otherwise
+    two = tmp_path / "two"
+    shutil.copytree(phantom_bundle, two)
+    meta = json.loads((two / "bundle.json").read_text())
+    meta.update(format="cxrtune-bundle/2", opacity_threshold=0.15)
+    meta.pop("opacity_calibration", None)
+    (two / "bundle.json").write_text(json.dumps(meta))
+    assert load_bundle(str(two)).opacity_threshold == 0.5
+    assert main(["bundle", "--migrate", str(two)]) == 0
+    new = json.loads((two / "bundle.json").read_text())
+    assert new["format"] == "cxrtune-bundle/3" and new["migrated_from"] == "cxrtune-bundle/2"
+    # a format newer than this code knows is refused, never scored with defaults
+    meta.update(format="cxrtune-bundle/4")
+    (two / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(CxrtuneError, match="format 'cxrtune-bundle/4'"):
+        load_bundle(str(two))
 
 
 def test_row_limit_samples_every_label():

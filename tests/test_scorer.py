@@ -39,7 +39,7 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     assert "zone threshold" in out and "T_cls" in out and "opacity threshold" in out
     meta = json.loads((bundle / "bundle" / "bundle.json").read_text())
     zone, cls, opacity = meta["zone_calibration"], meta["cls_calibration"], meta["opacity_calibration"]
-    assert meta["format"] == "cxrtune-bundle/2" and meta["versions"]["cxrtune"]
+    assert meta["format"] == "cxrtune-bundle/3" and meta["versions"]["cxrtune"]
     assert zone["split"] == "train,val" and zone["reference"] == "zones" and zone["method"] == "min_mae"
     assert zone["threshold"] == meta["zone_threshold"] and 0 < meta["zone_threshold"] <= 1
     assert zone["n"] > 0 and zone["mae"] is not None

@@ -6,8 +6,10 @@
   ``bundle.json`` (:class:`BundleMeta`), ``lung.pt``, ``disease.pt``. It carries both stages'
   checkpoint metadata, the thresholds with how each was calibrated, a model card and audits.
 
-``cxrtune-bundle/1`` bundles (before calibration provenance and model cards) still load: they are
-upgraded in memory on read, and ``cxrtune bundle --migrate URI`` rewrites them.
+Older bundles still load: ``cxrtune-bundle/1`` (before calibration provenance and model cards)
+and ``/2`` (before the calibrated opacity threshold: they cut Stage II's map at 0.5, as they were
+calibrated) are upgraded in memory on read, and ``cxrtune bundle --migrate URI`` rewrites them.
+A reader refuses a format newer than it knows: older code must not score a /3 bundle at 0.5.
 
 Imports no training code: the trainer, the scorer, ``promote`` and Serve all stand on it.
 """
@@ -23,8 +25,8 @@ from ..errors import CxrtuneError
 from ..model.metrics import json_safe
 
 CHECKPOINT_FORMAT = "cxrtune-checkpoint/1"
-BUNDLE_FORMAT = "cxrtune-bundle/2"
-LEGACY_BUNDLE_FORMATS = ("cxrtune-bundle/1",)
+BUNDLE_FORMAT = "cxrtune-bundle/3"
+LEGACY_BUNDLE_FORMATS = ("cxrtune-bundle/1", "cxrtune-bundle/2")
 DEFAULT_ZONE_THRESHOLD = 0.1  # T until a bundle is calibrated; also the mask-derived reference's T
 DEFAULT_CLS_THRESHOLD = 0.5  # seed 004's T_cls until calibrated
 DEFAULT_LUNG_THRESHOLD = 0.5
@@ -138,8 +140,11 @@ class BundleMeta:
     @classmethod
     def from_dict(cls, d: dict, where: str = "bundle.json") -> "BundleMeta":
         fmt = d.get("format")
-        if fmt in LEGACY_BUNDLE_FORMATS:
+        if fmt == "cxrtune-bundle/1":
             d = _migrate_v1(d)
+        elif fmt == "cxrtune-bundle/2":  # its maps were cut at 0.5 and its T calibrated so
+            d = {**d, "opacity_threshold": DEFAULT_OPACITY_THRESHOLD, "opacity_calibration": None,
+                 "format": BUNDLE_FORMAT, "migrated_from": fmt}
         elif fmt != BUNDLE_FORMAT:
             raise CxrtuneError(f"{where}: not a cxrtune bundle (format {fmt!r})")
         try:
@@ -155,8 +160,9 @@ class BundleMeta:
 
 
 def _migrate_v1(d: dict) -> dict:
-    """cxrtune-bundle/1 -> /2: ``calibration`` (zone T against masks) becomes ``zone_calibration``;
-    T_cls is recorded as seed 004's default; a model card is written from what the bundle holds."""
+    """cxrtune-bundle/1 -> today's: ``calibration`` (zone T against masks) becomes ``zone_calibration``;
+    T_cls is recorded as seed 004's default and the opacity cut as 0.5; a model card is written
+    from what the bundle holds."""
     d = dict(d)
     old = d.pop("calibration", None) or None
     if old:
@@ -164,6 +170,7 @@ def _migrate_v1(d: dict) -> dict:
                                  "reference": "masks", "n": old.get("n", 0), "manifest": old.get("manifest", ""),
                                  "split": old.get("split", ""), "mae": old.get("mae"), "rmse": old.get("rmse")}
     d["cls_calibration"] = None
+    d["opacity_threshold"], d["opacity_calibration"] = DEFAULT_OPACITY_THRESHOLD, None
     d["format"] = BUNDLE_FORMAT
     d["migrated_from"] = "cxrtune-bundle/1"
     return d
