@@ -324,15 +324,19 @@ def test_epoch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
         [sys.executable, "-c", "import time\nfrom cxrtune.model.train import staging_dir\n"
          "with staging_dir() as p:\n    (p / 'epoch_0003').mkdir()\n    print(p, flush=True)\n    time.sleep(120)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
-    theirs = Path(holder.stdout.readline().strip())
-    unrelated = tmp_path / f"{STAGING_PREFIX}old_style"  # no lock file: not ours to judge
-    unrelated.mkdir()
-    with staging_dir() as mine:
-        assert theirs.parent == tmp_path and (theirs / "epoch_0003").is_dir()  # alive: kept
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-        assert remove_orphaned_staging() == 1 and not theirs.exists()
-        assert mine.exists() and unrelated.exists()  # a live fit's folder is never an orphan
+    try:
+        theirs = Path(holder.stdout.readline().strip())
+        unrelated = tmp_path / f"{STAGING_PREFIX}old_style"  # no lock file: not ours to judge
+        unrelated.mkdir()
+        with staging_dir() as mine:
+            assert theirs.parent == tmp_path and (theirs / "epoch_0003").is_dir()
+            assert remove_orphaned_staging() == 0 and theirs.exists()  # alive: kept
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+            assert remove_orphaned_staging() == 1 and not theirs.exists()
+            assert mine.exists() and unrelated.exists()  # a live fit's folder is never an orphan
+    finally:
+        holder.kill()
     assert not mine.exists()
     with staging_dir():  # its clean-up ran: nothing left to remove
         assert remove_orphaned_staging() == 0

@@ -407,13 +407,18 @@ def staging_dir() -> Iterator[Path]:
     never runs the clean-up, and its last epoch (up to a few hundred MB) would stay in /tmp for
     good: the kernel drops a dead process's lock, so unlocked folders are removed first."""
     remove_orphaned_staging()
-    path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX))
-    lock = os.open(path / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    # made and locked under a name the reaper does not look at, then renamed: no one can find
+    # the folder between its lock file's creation and the lock
+    unlocked = Path(tempfile.mkdtemp(prefix="." + STAGING_PREFIX))
+    lock = os.open(unlocked / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    path = unlocked.with_name(unlocked.name[1:])
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        os.rename(unlocked, path)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(unlocked, ignore_errors=True)  # if the rename never happened
         os.close(lock)
 
 
@@ -429,11 +434,13 @@ def remove_orphaned_staging() -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            os.close(fd)
             continue  # a live fit holds it
+        try:
+            shutil.rmtree(lock_path.parent, ignore_errors=True)  # still holding the lock
+            removed += 1
         finally:
             os.close(fd)
-        shutil.rmtree(lock_path.parent, ignore_errors=True)
-        removed += 1
     return removed
 
 
