@@ -143,15 +143,20 @@ class ClinicalObjective:
     the scoring policy (:meth:`cxrtune.scoring.scorer.Scorer.score_images`).
 
     Stage I is fixed, so the validation images (through ``load_scan``), their cleaned lung masks
-    and their reference zones are computed once; each epoch only Stage II runs. The zone threshold
-    is the bundle's (not fit on the validation images). A record that is not ``scored`` counts
-    with the worst error its reference allows: a trial gains nothing by failing to score."""
+    and their reference zones are computed once; each epoch only Stage II runs. T_cls and the
+    zone threshold are the bundle's (not fit on the validation images); the trial's opacity map is
+    cut at the default 0.5, the cut training validates at, not at the bundle's calibrated cut,
+    which belongs to the bundle's own Stage II. A record that is not ``scored`` counts with the
+    worst error its reference allows: a trial gains nothing by failing to score."""
 
     def __init__(self, bundle_uri: str, rows, limit: int | None = 64, reference: str = "auto"):
         from ..scoring.preprocessing import load_scan
         from ..scoring.scorer import load_bundle, reference_zones
 
+        from ..scoring.artifacts import DEFAULT_OPACITY_THRESHOLD
+
         self.bundle = load_bundle(bundle_uri)
+        self.bundle.opacity_threshold = DEFAULT_OPACITY_THRESHOLD
         cache = storage.ContentCache()
         self.images, self.refs = [], []
         for _, row in rows.iterrows():
