@@ -214,6 +214,7 @@ def _calibrate(args) -> None:
     if unknown:
         raise CxrtuneError(f"--what {args.what!r}: choose from cls, opacity and zone (comma-separated)")
     scorer = load_bundle(args.bundle, device=args.device)
+    before = {"cls_threshold": scorer.cls_threshold, "opacity_threshold": scorer.opacity_threshold}
     result = calibrate(scorer, manifest.load_manifest(args.manifest), split=args.split, cls_split=args.cls_split,
                        reference=args.reference, reference_threshold=args.reference_threshold,
                        specificity=args.specificity, limit=args.limit, what=what)
@@ -236,6 +237,11 @@ def _calibrate(args) -> None:
         changes.update(zone_threshold=z.threshold, zone_calibration=z)
         print(f"zone threshold T {z.threshold:.2f} against {z.reference}: score MAE {z.mae:.3f}, RMSE {z.rmse:.3f} "
               f"on {z.n} images")
+    moved = [name for name, key in (("T_cls", "cls_threshold"), ("the opacity threshold", "opacity_threshold"))
+             if key in changes and changes[key] != before[key]]
+    if moved and result["zone"] is None:  # T was chosen on records made with the old values
+        print(f"warning: {' and '.join(moved)} changed but T did not: T was calibrated with the old "
+              f"value(s); recalibrate it (--what zone, or the default cls,opacity,zone)", file=sys.stderr)
     update_bundle(args.bundle, **changes)
     print(f"stored in {args.bundle}")
 

@@ -55,10 +55,16 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     card = meta["model_card"]
     assert card["thresholds"]["zone_calibration"]["reference"] == "zones" and card["intended_use"]
     assert card["thresholds"]["opacity_calibration"]["method"] == "max_dice"
-    out = run("calibrate", str(bundle / "bundle"), "--manifest", str(phantom_dir / "manifest.parquet"),
-              "--what", "cls", "--specificity", "1.0")
+    from cxrtune.scoring.artifacts import update_bundle
+
+    update_bundle(str(bundle / "bundle"), cls_threshold=0.5)  # so that calibrating T_cls moves it
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "calibrate", str(bundle / "bundle"), "--manifest",
+                        str(phantom_dir / "manifest.parquet"), "--what", "cls", "--specificity", "1.0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((bundle / "bundle" / "bundle.json").read_text())
     assert meta["cls_calibration"]["method"] == "specificity" and meta["cls_calibration"]["specificity"] == 1.0
+    assert meta["cls_threshold"] != 0.5 and "T_cls changed but T did not" in r.stderr  # T is now stale
 
 
 def test_score_images_dicom_and_bad_files(bundle, phantom_dir, tmp_path):
