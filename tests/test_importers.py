@@ -57,14 +57,18 @@ def test_folder_layout(tmp_path):
                                     "ghost.png,covid,P9,\n")
     # a DICOM among the PNGs bypasses the DICOM rules and pseudonyms here: left out, its name unsaid
     (src / "images" / "Doe_Jane.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    (src / "images" / "Roe_Richard").write_bytes(b"\0" * 128 + b"DICM")  # DICOM often has no extension
+    (src / "images" / "notes.txt").write_text("not an image")
     out = tmp_path / "m.csv"
     result = run_import("folder", str(src), str(out), progress=False, default_label="normal")
     df = manifest.load_manifest(str(out))
     assert list(df.label) == ["normal", "covid", "normal"] and list(df.patient_id) == ["P1", "P1", "c"]
     assert df.opacity_mask.iloc[0] != "" and df.opacity_mask.iloc[1] == ""
-    assert "Doe_Jane" not in json.dumps(result.excluded) and not df.image.str.endswith(".dcm").any()
-    assert {"file": "1 DICOM file(s) in images/", "reason": result.excluded[-1]["reason"]} == result.excluded[-1]
-    assert "--format dicom" in result.excluded[-1]["reason"]
+    assert "Doe_Jane" not in json.dumps(result.excluded) and "Roe_Richard" not in json.dumps(result.excluded)
+    assert not df.image.str.contains("Doe_Jane|Roe_Richard|notes").any()
+    assert {"file": "2 DICOM file(s) in images/", "reason": result.excluded[-2]["reason"]} == result.excluded[-2]
+    assert "--format dicom" in result.excluded[-2]["reason"]
+    assert result.excluded[-1]["file"] == "1 other file(s) in images/"
     result = run_import("folder", str(src), str(out), progress=False)
     reasons = {e["file"].rsplit("/", 1)[-1]: e["reason"] for e in result.excluded}
     assert "no label" in reasons["c.png"] and "no such image" in reasons["ghost.png"]

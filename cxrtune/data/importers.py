@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import images, manifest
-from ..errors import CxrtuneError
+from ..errors import CxrtuneError, UnsupportedFormatError
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -159,12 +159,19 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
             raise CxrtuneError(f"{labels_csv}: unknown column(s) {', '.join(unknown)}; "
                                f"allowed: image, {', '.join(FOLDER_LABEL_COLUMNS)}")
         table = {Path(r["image"]).name: r for r in lab.to_dict("records")}
-    rows, excluded, dicoms = [], [], 0
+    rows, excluded, dicoms, others = [], [], 0, 0
     for img in sorted((root / "images").iterdir()):
-        if img.suffix.lower() in (".dcm", ".dicom"):
-            dicoms += 1
+        if not img.is_file():
             continue
-        if img.suffix.lower() not in IMAGE_SUFFIXES:
+        with img.open("rb") as f:
+            head = f.read(132)
+        try:
+            kind = images.sniff_format(head)  # by content: extensions lie, and DICOM often has none
+        except UnsupportedFormatError:
+            others += 1
+            continue
+        if kind == "dicom":
+            dicoms += 1
             continue
         meta = dict(table.get(img.name, {}))
         meta.pop("image", None)
@@ -189,6 +196,9 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
         excluded.append({"file": f"{dicoms} DICOM file(s) in images/",
                          "reason": "a folder import takes PNG and JPEG; import DICOM with --format dicom "
                                    "(exclusion rules, pseudonyms)"})
+    if others:
+        excluded.append({"file": f"{others} other file(s) in images/",
+                         "reason": "not a PNG or JPEG image (by their leading bytes)"})
     return ImportResult(manifest.new_manifest(rows), excluded)
 
 
