@@ -127,7 +127,7 @@ def test_opacity_threshold_refinement_and_choice():
     from cxrtune.scoring.scorer import refine
 
     prob = np.array([[0.1, 0.3], [0.6, 0.9]], np.float32)
-    assert refine(prob, 0.8, 0.5).tolist() == [[False, False], [True, True]]  # the default 0.5
+    assert refine(prob, 0.8, 0.5, threshold=0.5).tolist() == [[False, False], [True, True]]
     assert refine(prob, 0.8, 0.5, threshold=0.25).tolist() == [[False, True], [True, True]]
     assert not refine(prob, 0.4, 0.5, threshold=0.25).any()  # p(disease) < T_cls
     grid = np.array([0.3, 0.5, 0.7])

@@ -133,7 +133,20 @@ BLIND_GATES = {"hcs>=0.3": {"hcs": 0.41, "value": 0.41, "threshold": 0.3, "passe
 
 
 @pytest.fixture(scope="module")
-def server(phantom_bundle, tmp_path_factory):
+def served_bundle(phantom_bundle, tmp_path_factory):
+    """The phantom bundle with a calibrated-looking opacity cut (0.3, not the default 0.5), so
+    that a path ignoring the bundle's cut gives a different record."""
+    from cxrtune.scoring.artifacts import Calibration, update_bundle
+
+    bundle = tmp_path_factory.mktemp("served") / "bundle"
+    shutil.copytree(phantom_bundle, bundle)
+    update_bundle(str(bundle), opacity_threshold=0.3,
+                  opacity_calibration=Calibration(threshold=0.3, method="max_dice", reference="masks", n=5))
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def server(served_bundle, tmp_path_factory):
     import ray
     from ray import serve
 
@@ -143,12 +156,12 @@ def server(phantom_bundle, tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=METRICS_PORT)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"bundle": str(phantom_bundle), "max_batch_size": 4, "device": "cpu",  # as the CLI test's --device cpu
+    args = {"bundle": str(served_bundle), "max_batch_size": 4, "device": "cpu",  # as the CLI test's --device cpu
             "max_upload_bytes": 8_000_000, "max_pixels": 20_000_000, "api_key_env": "CXRTUNE_TEST_API_KEY"}
     serve.run(build_app(args, deployments()), name="cxrtune", route_prefix="/")
     # a bundle whose lung model sees nothing, for the no-lungs path
     blind = tmp_path_factory.mktemp("blind") / "bundle"
-    shutil.copytree(phantom_bundle, blind)
+    shutil.copytree(served_bundle, blind)
     state = torch.load(blind / "lung.pt", weights_only=True)
     bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
     state[bias] = torch.full_like(state[bias], -1e4)
@@ -188,6 +201,7 @@ def test_health_models_and_openapi(server):
     assert requests.get(f"{server}/v1/models").status_code == 401
     models = requests.get(f"{server}/v1/models", headers={"X-API-Key": KEY}).json()
     assert models["lung"].startswith("FPN/resnet18") and "zone_threshold" in models
+    assert models["opacity_threshold"] == 0.3 and models["opacity_calibration"]["method"] == "max_dice"
     assert models["audits"] == {} and models["stage_audits"] == {"lung": {}, "disease": {}}
     gated = requests.get(f"{server}/blind/v1/models", headers={"X-API-Key": KEY}).json()
     assert gated["audits"] == {"gates": BLIND_GATES}  # the release gates the bundle passed
@@ -305,14 +319,14 @@ def _same(a, b, path=""):
         assert a == b, (path, a, b)
 
 
-def test_cli_and_http_give_the_same_record(server, phantom_bundle, phantom_dir, tmp_path):
+def test_cli_and_http_give_the_same_record(server, served_bundle, phantom_dir, tmp_path):
     """One scoring policy: the same PNG and the same DICOM through `cxrtune score` and over HTTP
     (same device, same runtime) give equal records, timings, request ids and bundle identity aside."""
     png = sorted((phantom_dir / "images").iterdir())[1]
     dcm = Path(get_testdata_file("RG1_UNCR.dcm"))  # 1955 x 1841: both paths downscale it to 1024
     out = tmp_path / "r.jsonl"
     r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "score", str(png), str(dcm), "--bundle",
-                        str(phantom_bundle), "--out", str(out), "--device", "cpu", "-q"], capture_output=True, text=True)
+                        str(served_bundle), "--out", str(out), "--device", "cpu", "-q"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     cli = [json.loads(x) for x in out.read_text().splitlines()]
     ignore = ("timings_ms", "request_id", "image")
@@ -324,6 +338,7 @@ def test_cli_and_http_give_the_same_record(server, phantom_bundle, phantom_dir, 
         _same(a, b)
     assert [c["input"]["format"] for c in cli] == ["png", "dicom"] and cli[1]["input"]["width"] == 1841
     assert [c["status"] for c in cli] == ["scored", "scored"]  # the same scored record, not two unscored ones
+    assert cli[0]["models"]["opacity_threshold"] == 0.3  # both cut at the bundle's 0.3
 
 
 def concurrent_posts(url: str, data: bytes, n: int) -> list[tuple[int, dict | None, str | None]]:

@@ -148,8 +148,7 @@ def opacity_probability(prob: np.ndarray, box: tuple | None, shape: tuple[int, i
     return canvas
 
 
-def refine(probability: np.ndarray, p_disease: float, cls_threshold: float,
-           threshold: float = DEFAULT_OPACITY_THRESHOLD) -> np.ndarray:
+def refine(probability: np.ndarray, p_disease: float, cls_threshold: float, threshold: float) -> np.ndarray:
     """Seed 004 Eq. 1-2: the opacity map counts only when p(disease) >= T_cls; it is opacity where
     it is >= the bundle's ``opacity_threshold``."""
     if p_disease < cls_threshold:
@@ -158,7 +157,7 @@ def refine(probability: np.ndarray, p_disease: float, cls_threshold: float,
 
 
 def opacity_output(prob: np.ndarray, p_disease: float, box: tuple | None, shape: tuple[int, int],
-                   cls_threshold: float, threshold: float = DEFAULT_OPACITY_THRESHOLD) -> tuple[np.ndarray, float]:
+                   cls_threshold: float, threshold: float) -> tuple[np.ndarray, float]:
     """Stage II's outputs -> the refined opacity mask in image coordinates (:func:`refine`), and p."""
     return refine(opacity_probability(prob, box, shape), p_disease, cls_threshold, threshold), float(p_disease)
 
@@ -310,7 +309,7 @@ class Scorer:
 def bundle_models(meta: BundleMeta, content_hash: str = "") -> dict:
     """How records (CLI and HTTP) name a bundle's models."""
     return {"lung": stage_name(meta.lung), "disease": stage_name(meta.disease), "cls_threshold": meta.cls_threshold,
-            "bundle": meta.name, "bundle_hash": content_hash, "created": meta.created}
+            "opacity_threshold": meta.opacity_threshold, "bundle": meta.name, "bundle_hash": content_hash, "created": meta.created}
 
 
 def choose_runtime(runtime: str, device: torch.device, meta: BundleMeta) -> str:
