@@ -48,22 +48,25 @@ def readable_scans(rows: pd.DataFrame, cache):
 def score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool, cls_threshold: float | None = None):
     """(row, image, record, detail) per readable row, through the scoring policy, in batches of
     the scorer's size."""
-    from tqdm import tqdm
-
-    def flush(pending):
+    for pending in batched_scans(rows, cache, scorer.batch_size, "score", progress):
         scans = [scan for _, scan in pending]
         results = scorer.score_images([s.image for s in scans], scans=scans, cls_threshold=cls_threshold)
         for (row, scan), (record, detail) in zip(pending, results):
             yield row, scan.image, record, detail
 
-    pending, batch = [], max(1, scorer.batch_size)
-    for item in tqdm(readable_scans(rows, cache), total=len(rows), desc="score", unit="image", disable=not progress):
+
+def batched_scans(rows: pd.DataFrame, cache, batch_size: int, desc: str, progress: bool):
+    """:func:`readable_scans` in lists of ``batch_size`` (the last one shorter), with a progress bar."""
+    from tqdm import tqdm
+
+    pending, batch = [], max(1, batch_size)
+    for item in tqdm(readable_scans(rows, cache), total=len(rows), desc=desc, unit="image", disable=not progress):
         pending.append(item)
         if len(pending) == batch:
-            yield from flush(pending)
+            yield pending
             pending = []
     if pending:
-        yield from flush(pending)
+        yield pending
 
 
 def _resized(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -117,26 +120,15 @@ OPACITY_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate opacity th
 def stage2_maps(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool):
     """(row, image, cleaned lung mask, opacity probabilities, p(disease)) per readable row whose
     lungs Stage I finds, before refinement, in batches of the scorer's size."""
-    from tqdm import tqdm
-
     from .scorer import has_lungs
 
-    def flush(pending):
+    for pending in batched_scans(rows, cache, scorer.batch_size, "calibrate", progress):
         images = [scan.image for _, scan in pending]
         lungs = scorer.lung_masks(images)
         found = [i for i, lung in enumerate(lungs) if has_lungs(lung)]
         maps = scorer.opacity_maps([images[i] for i in found], [lungs[i] for i in found]) if found else []
         for i, (prob, p) in zip(found, maps):
             yield pending[i][0], images[i], lungs[i], prob, p
-
-    pending, batch = [], max(1, scorer.batch_size)
-    for item in tqdm(readable_scans(rows, cache), total=len(rows), desc="calibrate", unit="image", disable=not progress):
-        pending.append(item)
-        if len(pending) == batch:
-            yield from flush(pending)
-            pending = []
-    if pending:
-        yield from flush(pending)
 
 
 def choose_opacity_threshold(stats: list[tuple[float, np.ndarray, np.ndarray, int]], cls_threshold: float,
