@@ -60,6 +60,9 @@ def test_bad_settings_name_the_key():
         TrainConfig.from_dict({"lrr": 1})
     with pytest.raises(CxrtuneError, match="unknown segmentation loss"):
         segmentation_loss("hinge")
+    for budget in (0, -3.5):  # a spent budget is an error, not "no budget"
+        with pytest.raises(CxrtuneError, match="max_minutes must be > 0"):
+            TrainConfig.from_dict({"max_minutes": budget})
 
 
 def test_both_stages_train_checkpoint_and_resume(phantom_dir, bucket):

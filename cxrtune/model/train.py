@@ -80,7 +80,8 @@ class TrainConfig:
     max_val_images: int | None = None
     amp: bool = True  # bf16 autocast on a GPU
     cpu_amp: bool = False  # bf16 autocast on the CPU too: pays where it computes bf16 natively (native_cpu_bf16)
-    max_minutes: float | None = None  # wall-clock budget: no epoch starts that would end past it
+    max_minutes: float | None = None  # wall-clock budget of one fit (a resumed one starts afresh):
+    # no epoch starts that would end past it
     ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the weights
     # what picks best/ and drives patience: "" is val_dice (lung) or val_dice_f1 (disease); any
     # validation metric may be named, losses and FP rates are minimised, the rest maximised
@@ -91,6 +92,8 @@ class TrainConfig:
             self.monitor = "val_dice" if self.task == "lung" else "val_dice_f1"
         if not 0.0 <= self.ema_decay < 1.0:
             raise CxrtuneError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
+        if self.max_minutes is not None and not self.max_minutes > 0:  # 0 would read as "no budget"
+            raise CxrtuneError(f"max_minutes must be > 0 (leave it out for no budget), got {self.max_minutes}")
 
     @property
     def monitor_mode(self) -> str:
