@@ -38,6 +38,28 @@ def test_small_fully_opaque_lung_survives_the_cleanup():
     assert record["lungs"]["left"]["opacity_percent"] == 100.0 and record["score"] == 3
 
 
+def test_white_out_lung_of_a_phantom_survives_the_cleanup():
+    """The phantom's lungs as Stage I sees a white-out: the opaque lung found only as a 9-row band
+    of its middle (under 10 % of the other lung, under 1 % of the image). The cleanup keeps it and all
+    three of its zones are affected; the old 10 %-of-the-largest rule would have dropped it."""
+    import cv2
+
+    phantom = make_phantom(256, "covid", seed=2)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(phantom.lung.astype(np.uint8))
+    assert n == 3  # two lungs
+    small, full = (1, 2) if stats[1, cv2.CC_STAT_LEFT] > stats[2, cv2.CC_STAT_LEFT] else (2, 1)  # image right: left lung
+    top, height = stats[small, cv2.CC_STAT_TOP], stats[small, cv2.CC_STAT_HEIGHT]
+    rows = np.arange(256)[:, None]
+    band = (labels == small) & (rows >= top + height // 2 - 4) & (rows < top + height // 2 + 5)
+    assert 0.05 < band.sum() / (labels == full).sum() < 0.10  # below the old rule's 10 %
+    cleaned = zones.clean_lungs((labels == full) | band)
+    assert np.array_equal(cleaned, (labels == full) | band)
+    record, _ = build_record(cleaned, band, 0.9, 0.1, {})
+    assert record["status"] == "scored" and record["lungs_found"] == 2 and record["score"] == 3
+    assert [record["zones"][z]["affected"] for z in "DEF"] == [True, True, True]
+    assert record["lungs"]["left"]["opacity_percent"] == 100.0
+
+
 def test_specks_and_fragments_are_dropped():
     lung = two_lungs()
     lung[2:6, 2:6] = True  # a 16-px speck in the corner
