@@ -54,7 +54,7 @@ def test_folder_layout(tmp_path):
         images.write_png(str(src / "lung_masks" / name), img > 0)
     images.write_png(str(src / "opacity_masks" / "a.png"), np.zeros((32, 32), bool))
     (src / "labels.csv").write_text("image,label,patient_id,zone_A\na.png,normal,P1,0\nb.png,covid,P1,\n"
-                                    "ghost.png,covid,P9,\n")
+                                    "ghost.png,covid,P9,\nRoe_Richard,covid,P8,\n")
     # a DICOM among the PNGs bypasses the DICOM rules and pseudonyms here: left out, its name unsaid
     (src / "images" / "Doe_Jane.dcm").write_bytes(b"\0" * 128 + b"DICM")
     (src / "images" / "Roe_Richard").write_bytes(b"\0" * 128 + b"DICM")  # DICOM often has no extension

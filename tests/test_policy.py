@@ -231,6 +231,10 @@ def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path):
     assert main(["bundle", "--migrate", str(two)]) == 0
     new = json.loads((two / "bundle.json").read_text())
     assert new["format"] == "cxrtune-bundle/3" and new["migrated_from"] == "cxrtune-bundle/2"
+    # a /2 bundle that recorded a calibrated cut keeps it
+    meta.update(opacity_threshold=0.15, opacity_calibration={"threshold": 0.15, "method": "max_dice", "n": 9})
+    (two / "bundle.json").write_text(json.dumps({**meta, "format": "cxrtune-bundle/2"}))
+    assert load_bundle(str(two)).opacity_threshold == 0.15
     # a format newer than this code knows is refused, never scored with defaults
     meta.update(format="cxrtune-bundle/4")
     (two / "bundle.json").write_text(json.dumps(meta))
@@ -251,3 +255,29 @@ def test_row_limit_samples_every_label():
     assert len(rows) == 20 and list(rows.columns) == ["label", "split", "x"]
     assert rows["label"].value_counts().to_dict() == {"covid": 12, "normal": 6, "other_pneumonia": 2}
     assert rows.index.is_monotonic_increasing and rows.equals(pick_rows(df, "train", 20))
+
+
+def test_score_mae_gate_counts_unscored_records_as_the_worst_error(phantom_bundle, phantom_dir, tmp_path):
+    """A bundle whose Stage I finds no lungs scores nothing: the release gate's MAE is the worst
+    error for each reference, so such a bundle cannot pass a gate a working one passes."""
+    import shutil
+
+    import torch
+
+    from cxrtune.audit.gates import score_mae
+    from cxrtune.data import manifest
+    from cxrtune.scoring.scorer import load_bundle, reference_zones
+
+    blind = tmp_path / "blind"
+    shutil.copytree(phantom_bundle, blind)
+    state = torch.load(blind / "lung.pt", weights_only=True)
+    bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
+    state[bias] = torch.full_like(state[bias], -1e4)
+    torch.save(state, blind / "lung.pt")
+    rows = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    refs = [sum(r) for r in (reference_zones(row) for _, row in rows.iterrows()) if r is not None]
+    result = score_mae(load_bundle(str(blind), device="cpu"), rows, "")
+    assert result["images"] == len(refs) > 0 and result["not_scored"] == len(refs)
+    assert result["score_mae"] == pytest.approx(np.mean([max(r, 6 - r) for r in refs]))
+    working = score_mae(load_bundle(str(phantom_bundle), device="cpu"), rows, "")
+    assert working["not_scored"] < len(refs) and working["score_mae"] < result["score_mae"]

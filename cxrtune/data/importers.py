@@ -159,19 +159,21 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
             raise CxrtuneError(f"{labels_csv}: unknown column(s) {', '.join(unknown)}; "
                                f"allowed: image, {', '.join(FOLDER_LABEL_COLUMNS)}")
         table = {Path(r["image"]).name: r for r in lab.to_dict("records")}
-    rows, excluded, dicoms, others = [], [], 0, 0
+    rows, excluded, dicoms, others, left_out = [], [], 0, 0, set()
     for img in sorted((root / "images").iterdir()):
         if not img.is_file():
             continue
-        with img.open("rb") as f:
-            head = f.read(132)
         try:
+            with img.open("rb") as f:
+                head = f.read(132)
             kind = images.sniff_format(head)  # by content: extensions lie, and DICOM often has none
-        except UnsupportedFormatError:
+        except (OSError, UnsupportedFormatError):
             others += 1
+            left_out.add(img.name)
             continue
         if kind == "dicom":
             dicoms += 1
+            left_out.add(img.name)
             continue
         meta = dict(table.get(img.name, {}))
         meta.pop("image", None)
@@ -190,7 +192,8 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
         row.update({k: v for k, v in meta.items() if v != ""})
         rows.append(row)
     if table:
-        missing = sorted(set(table) - {Path(r["image"]).name for r in rows} - {Path(e["file"]).name for e in excluded})
+        missing = sorted(set(table) - {Path(r["image"]).name for r in rows} - {Path(e["file"]).name for e in excluded}
+                         - left_out)  # counted above, never named
         excluded += [{"file": str(root / "images" / m), "reason": "listed in labels.csv but no such image"} for m in missing]
     if dicoms:  # their names may be a patient's: counted, never listed
         excluded.append({"file": f"{dicoms} DICOM file(s) in images/",
@@ -198,7 +201,7 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
                                    "(exclusion rules, pseudonyms)"})
     if others:
         excluded.append({"file": f"{others} other file(s) in images/",
-                         "reason": "not a PNG or JPEG image (by their leading bytes)"})
+                         "reason": "not a PNG or JPEG image (by their leading bytes), or unreadable"})
     return ImportResult(manifest.new_manifest(rows), excluded)
 
 

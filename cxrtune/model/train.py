@@ -413,16 +413,17 @@ def staging_dir() -> Iterator[Path]:
     # made and locked under a name the reaper does not look at, then renamed: no one can find
     # the folder between its lock file's creation and the lock
     unlocked = Path(tempfile.mkdtemp(prefix="." + STAGING_PREFIX))
-    lock = os.open(unlocked / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-    path = unlocked.with_name(unlocked.name[1:])
+    path, lock, made = unlocked.with_name(unlocked.name[1:]), None, unlocked
     try:
+        lock = os.open(unlocked / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(lock, fcntl.LOCK_EX)
         os.rename(unlocked, path)
+        made = path
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(unlocked, ignore_errors=True)  # if the rename never happened
-        os.close(lock)
+        shutil.rmtree(made, ignore_errors=True)  # only the folder this fit made
+        if lock is not None:
+            os.close(lock)
 
 
 def remove_orphaned_staging() -> int:

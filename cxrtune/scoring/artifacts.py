@@ -26,7 +26,6 @@ from ..model.metrics import json_safe
 
 CHECKPOINT_FORMAT = "cxrtune-checkpoint/1"
 BUNDLE_FORMAT = "cxrtune-bundle/3"
-LEGACY_BUNDLE_FORMATS = ("cxrtune-bundle/1", "cxrtune-bundle/2")
 DEFAULT_ZONE_THRESHOLD = 0.1  # T until a bundle is calibrated; also the mask-derived reference's T
 DEFAULT_CLS_THRESHOLD = 0.5  # seed 004's T_cls until calibrated
 DEFAULT_LUNG_THRESHOLD = 0.5
@@ -142,9 +141,10 @@ class BundleMeta:
         fmt = d.get("format")
         if fmt == "cxrtune-bundle/1":
             d = _migrate_v1(d)
-        elif fmt == "cxrtune-bundle/2":  # its maps were cut at 0.5 and its T calibrated so
-            d = {**d, "opacity_threshold": DEFAULT_OPACITY_THRESHOLD, "opacity_calibration": None,
-                 "format": BUNDLE_FORMAT, "migrated_from": fmt}
+        elif fmt == "cxrtune-bundle/2":  # cut at 0.5 unless it recorded a calibrated cut
+            calibrated = isinstance(d.get("opacity_calibration"), dict)
+            d = {**d, "format": BUNDLE_FORMAT, "migrated_from": fmt, "model_card": {},  # rebuilt on read
+                 **({} if calibrated else {"opacity_threshold": DEFAULT_OPACITY_THRESHOLD, "opacity_calibration": None})}
         elif fmt != BUNDLE_FORMAT:
             raise CxrtuneError(f"{where}: not a cxrtune bundle (format {fmt!r})")
         try:
