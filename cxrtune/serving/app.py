@@ -214,7 +214,7 @@ class ScoreRecord(BaseModel):
     threshold: float = Field(description="the zone threshold T")
     lungs_found: int
     disease_probability: float | None
-    models: dict = Field(description="the models, T_cls and the bundle (name, content hash); `stage_bundles` "
+    models: dict = Field(description="the models, T_cls, the opacity cut and the bundle (name, content hash); `stage_bundles` "
                                      "gives the content hash of the bundle behind each stage's answer "
                                      "and `stage_runtimes` what ran it (torch, onnx, onnx-int8); null for a "
                                      "stage that did not run")
