@@ -159,7 +159,7 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
             raise CxrtuneError(f"{labels_csv}: unknown column(s) {', '.join(unknown)}; "
                                f"allowed: image, {', '.join(FOLDER_LABEL_COLUMNS)}")
         table = {Path(r["image"]).name: r for r in lab.to_dict("records")}
-    rows, excluded, dicoms, others, left_out = [], [], 0, 0, set()
+    rows, excluded, dicoms, others = [], [], set(), set()  # names left out: counted, never named
     for img in sorted((root / "images").iterdir()):
         if not img.is_file():
             continue
@@ -168,12 +168,10 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
                 head = f.read(132)
             kind = images.sniff_format(head)  # by content: extensions lie, and DICOM often has none
         except (OSError, UnsupportedFormatError):
-            others += 1
-            left_out.add(img.name)
+            others.add(img.name)
             continue
         if kind == "dicom":
-            dicoms += 1
-            left_out.add(img.name)
+            dicoms.add(img.name)
             continue
         meta = dict(table.get(img.name, {}))
         meta.pop("image", None)
@@ -193,14 +191,14 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
         rows.append(row)
     if table:
         missing = sorted(set(table) - {Path(r["image"]).name for r in rows} - {Path(e["file"]).name for e in excluded}
-                         - left_out)  # counted above, never named
+                         - dicoms - others)
         excluded += [{"file": str(root / "images" / m), "reason": "listed in labels.csv but no such image"} for m in missing]
     if dicoms:  # their names may be a patient's: counted, never listed
-        excluded.append({"file": f"{dicoms} DICOM file(s) in images/",
+        excluded.append({"file": f"{len(dicoms)} DICOM file(s) in images/",
                          "reason": "a folder import takes PNG and JPEG; import DICOM with --format dicom "
                                    "(exclusion rules, pseudonyms)"})
     if others:
-        excluded.append({"file": f"{others} other file(s) in images/",
+        excluded.append({"file": f"{len(others)} other file(s) in images/",
                          "reason": "not a PNG or JPEG image (by their leading bytes), or unreadable"})
     return ImportResult(manifest.new_manifest(rows), excluded)
 
