@@ -607,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--lung-bundle", "fixed Stage I bundle for --objective score_mae")
     opt("--reference", "score_mae's reference: a reader id from the manifest (e.g. S), zones, masks or auto")
     tu.add_argument("--multi-objective", action="store_true", default=None,
-                    help="accuracy vs latency (NSGA-II, no ASHA)")
+                    help="accuracy vs latency (multi-objective TPE, no ASHA)")
     opt("--wandb-project", "log to Weights & Biases (offline without WANDB_API_KEY)")
     opt("--seed", "sampler seed", type=int)
     opt("--sampler", "Optuna sampler (random = the baseline)", choices=["tpe", "random"])

@@ -1,4 +1,4 @@
-"""``cxrtune tune``: Ray Tune + Optuna (TPE, or NSGA-II for two objectives) + ASHA/HyperBand.
+"""``cxrtune tune``: Ray Tune + Optuna (TPE, for one objective or two) + ASHA/HyperBand.
 
 Every trial runs the same :class:`~cxrtune.model.train.Trainer` as ``cxrtune train`` and reports each
 epoch with ``tune.report(metrics, checkpoint=...)``. Results and checkpoints go to a local folder or
@@ -379,10 +379,29 @@ def startup_trials(num_samples: int) -> int:
     return max(2, min(10, num_samples // 4))
 
 
-def nsga2_population(num_samples: int) -> int:
-    """NSGA-II's population, sized so the budget holds at least four generations (Optuna's
-    default of 50 never evolves in a sweep of tens of trials)."""
-    return max(4, min(50, num_samples // 4))
+def optuna_sampler(o: TuneOptions):
+    """The sweep's Optuna sampler: TPE (``--sampler tpe``), random search (``random``, the
+    baseline), or, for ``--multi-objective``, TPE over both objectives.
+
+    Several objectives use TPE, not NSGA-II: Ray pickles the searcher, sampler included, each
+    time it saves the experiment, and Optuna 5.1's NSGAIISampler holds a lock that cannot be
+    pickled; TPE also models from its first few trials, where NSGA-II needs several generations
+    that a sweep of tens of trials does not have. ``multivariate`` and ``group`` let it model the
+    conditional spaces (an encoder per architecture) jointly."""
+    import warnings
+
+    import optuna
+
+    if o.multi_objective:
+        with warnings.catch_warnings():  # `group` is marked experimental in Optuna 4-5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples),
+                                              multivariate=True, group=True)
+    if o.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples))
+    if o.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=o.seed)
+    raise CxrtuneError(f"--sampler must be tpe or random, got {o.sampler!r}")
 
 
 def _search_class():
@@ -474,20 +493,13 @@ def hyperband_brackets(max_t: int, reduction_factor: float) -> list[dict]:
 
 
 def _searcher(o: TuneOptions, space: SearchSpace, warm: list[dict] | None = None):
-    import optuna
-
     points = [space.optuna_params(p) for p in [*space.warm_start, *(warm or [])]]
     journal = None if o.optuna_storage else (str(local_journal(o)), storage.join(o.experiment_uri, JOURNAL_FILE))
     common = {"study_name": o.name, "storage": optuna_storage(o), "points_to_evaluate": points or None,
               "epochs": o.epochs(space), "journal_to": journal}
-    search = _search_class()
+    search, sampler = _search_class(), optuna_sampler(o)
     if o.multi_objective:
-        sampler = optuna.samplers.NSGAIISampler(seed=o.seed, population_size=nsga2_population(o.num_samples))
         return search(space, metric=[space.metric, "latency_ms"], mode=[space.mode, "min"], sampler=sampler, **common)
-    if o.sampler not in ("tpe", "random"):
-        raise CxrtuneError(f"--sampler must be tpe or random, got {o.sampler!r}")
-    sampler = (optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples))
-               if o.sampler == "tpe" else optuna.samplers.RandomSampler(seed=o.seed))
     # a define-by-run searcher does not take metric/mode from TuneConfig: it needs its own
     return search(space, metric=space.metric, mode=space.mode, sampler=sampler, **common)
 

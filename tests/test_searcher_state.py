@@ -1,0 +1,84 @@
+"""A sweep's searcher survives Ray's own save and restore, for each sampler cxrtune builds.
+
+Tune pickles the searcher object into ``tuner.pkl`` when an experiment starts, then saves its
+state with ``SearchGenerator(ConcurrencyLimiter(searcher)).save_to_dir`` as trials report, and a
+resumed sweep unpickles the object and calls ``restore_from_dir``. A sampler that cannot be
+pickled (Optuna 5.1's NSGA-II) fails the sweep at its first save; this test drives the same calls
+without starting Ray.
+"""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from ray import cloudpickle
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.search_generator import SearchGenerator
+
+from cxrtune.search.tuning import TuneOptions, _searcher, optuna_sampler
+
+SPACE = {
+    "task": "disease", "objective": "dice_cls",
+    "fixed": {"batch_size": 4, "size": 64, "model": {"in_channels": 1}},
+    "parameters": {
+        "arch": {"type": "choice", "values": ["FPN", "Linknet"]},
+        "encoder": {"type": "choice", "given": "arch",  # conditional: what multivariate + group TPE is for
+                    "values": {"FPN": ["resnet18", "resnet34"], "default": ["resnet18"]}},
+        "lr": {"type": "log-float", "low": 1e-5, "high": 1e-2},
+    },
+}
+MODES = {"tpe": {"sampler": "tpe"}, "random": {"sampler": "random"}, "multi-objective": {"multi_objective": True}}
+
+
+def options(tmp_path, mode: str) -> TuneOptions:
+    return TuneOptions(space=SPACE, manifest="unused", name=f"state-{mode}", storage=str(tmp_path / "exps"),
+                       num_samples=8, max_epochs=2, seed=3, **MODES[mode])
+
+
+def result(o: TuneOptions, value: float) -> dict:
+    return {"val_dice_f1": value, "latency_ms": 10 * value, "training_iteration": o.max_epochs}
+
+
+def study_of(alg: SearchGenerator) -> optuna.Study:
+    return alg.searcher.searcher._ot_study  # SearchGenerator -> ConcurrencyLimiter -> CxrtuneOptunaSearch
+
+
+def trials_of(study: optuna.Study) -> list[tuple]:
+    return [(t.number, t.state, t.params, t.values) for t in study.get_trials(deepcopy=False)]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_searcher_survives_rays_save_and_restore(mode, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRTUNE_OPTUNA_DIR", str(tmp_path / "optuna"))
+    o = options(tmp_path, mode)
+    searcher = _searcher(o, o.search_space())
+    tuner_pkl = cloudpickle.dumps(searcher)  # what Tuner writes to tuner.pkl at the start
+    alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
+    first = [alg.searcher.suggest(t) for t in ("t1", "t2")]
+    alg.on_trial_complete("t1", result(o, 0.4))
+    (tmp_path / "state").mkdir()  # Tune's driver staging folder
+    alg.save_to_dir(str(tmp_path / "state"), session_str="s1")  # Tune's periodic experiment save
+
+    restored = SearchGenerator(ConcurrencyLimiter(cloudpickle.loads(tuner_pkl), max_concurrent=2))
+    restored.restore_from_dir(str(tmp_path / "state"))  # what a resumed sweep does
+
+    before, after = study_of(alg), study_of(restored)
+    assert trials_of(after) == trials_of(before)  # the finished trial, and the one still running
+    assert [t.state for t in after.get_trials()] == [optuna.trial.TrialState.COMPLETE,
+                                                     optuna.trial.TrialState.RUNNING]
+    assert after.directions == ([optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+                                if o.multi_objective else [optuna.study.StudyDirection.MAXIMIZE])
+    sampler = after.sampler
+    assert type(sampler) is type(optuna_sampler(o))
+    if mode != "random":  # budget-sized start-up; multivariate (Optuna 5's default for one objective)
+        assert sampler._n_startup_trials == 2 and sampler._is_multivariate(after)
+        assert sampler._group is o.multi_objective  # both objectives over the conditional encoder
+    # the restored searcher goes on: the running trial completes, a new one is proposed and told
+    third = restored.searcher.suggest("t3")
+    assert third is not None and set(third) >= {"arch", "lr"} and third not in first
+    restored.on_trial_complete("t2", result(o, 0.6))
+    restored.on_trial_complete("t3", result(o, 0.5))
+    states = [t.state for t in after.get_trials()]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 3
+    values = [t.values for t in after.get_trials()]
+    assert values == ([[0.4, 4.0], [0.6, 6.0], [0.5, 5.0]] if o.multi_objective else [[0.4], [0.6], [0.5]])
