@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -51,7 +52,8 @@ def requirements(group: str | None = None) -> dict[str, Requirement]:
 
 def imported_modules(paths: list[Path]) -> set[str]:
     """Top-level names of the absolute imports (module level or local) in these files, and of
-    ``pytest.importorskip("...")`` calls."""
+    the modules named by literal ``pytest.importorskip``, ``importlib.import_module`` and
+    ``__import__`` calls."""
     names: set[str] = set()
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -59,8 +61,9 @@ def imported_modules(paths: list[Path]) -> set[str]:
                 names.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "importorskip"
-                  and node.args and isinstance(node.args[0], ast.Constant)):
+            elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                  and (getattr(node.func, "attr", None) or getattr(node.func, "id", None))
+                  in ("importorskip", "import_module", "__import__")):
                 names.add(str(node.args[0].value).split(".")[0])
     return names - set(sys.stdlib_module_names) - {"cxrtune", "tests", "__future__"}
 
@@ -110,10 +113,13 @@ def test_every_pin_satisfies_pyproject():
 
 def test_every_installed_distribution_is_locked():
     """Holds in an environment installed as README says (CI's); a failure names what an
-    install without the lock file brought in, or what changed since the lock was made."""
+    install without the lock file brought in, or what changed since the lock was made. Only
+    what pip installed into the environment counts, not copies vendored inside a package (Ray
+    puts its own colorama and psutil on sys.path when imported)."""
     pins = locked()
     off = {}
-    for dist in metadata.distributions():
+    site_packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    for dist in metadata.distributions(path=site_packages):
         name = canonicalize_name(dist.metadata["Name"])
         if name not in NOT_LOCKED and pins.get(name) != Version(dist.version):
             off[name] = (dist.version, str(pins.get(name, "not in the lock")))
@@ -130,11 +136,12 @@ def test_ci_installs_and_tests_exactly_as_readme_says():
         assert f"\n{command}\n" in ci, command
 
 
-@pytest.mark.parametrize("name", ["torch", "starlette", "python-multipart", "pillow"])
+@pytest.mark.parametrize("name", ["torch", "starlette", "python-multipart", "pillow", "urllib3"])
 def test_cve_floors_hold_in_pyproject(name):
     """Floors at the first releases that fix the published CVEs on cxrtune's paths
     (docs/dependencies.md): a range that admits an older release fails here."""
-    floors = {"torch": "2.10", "starlette": "1.3.1", "python-multipart": "0.0.32", "pillow": "12.3"}
+    floors = {"torch": "2.10", "starlette": "1.3.1", "python-multipart": "0.0.32", "pillow": "12.3",
+              "urllib3": "2.6.3"}
     spec = requirements()[name].specifier
     below = Version(floors[name]).release
     older = Version(".".join(map(str, (*below[:-1], below[-1] - 1))) if below[-1] else "0")

@@ -15,7 +15,7 @@ from ray import cloudpickle
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.search_generator import SearchGenerator
 
-from cxrtune.search.tuning import TuneOptions, _searcher, optuna_sampler
+from cxrtune.search.tuning import TuneOptions, _searcher, local_journal, optuna_sampler
 
 SPACE = {
     "task": "disease", "objective": "dice_cls",
@@ -27,11 +27,13 @@ SPACE = {
         "lr": {"type": "log-float", "low": 1e-5, "high": 1e-2},
     },
 }
-MODES = {"tpe": {"sampler": "tpe"}, "random": {"sampler": "random"}, "multi-objective": {"multi_objective": True}}
+MODES = {"tpe": {"sampler": "tpe"}, "random": {"sampler": "random"},
+         "multi-objective tpe": {"multi_objective": True},
+         "multi-objective random": {"multi_objective": True, "sampler": "random"}}
 
 
 def options(tmp_path, mode: str) -> TuneOptions:
-    return TuneOptions(space=SPACE, manifest="unused", name=f"state-{mode}", storage=str(tmp_path / "exps"),
+    return TuneOptions(space=SPACE, manifest="unused", name="state-" + mode.replace(" ", "-"), storage=str(tmp_path / "exps"),
                        num_samples=8, max_epochs=2, seed=3, **MODES[mode])
 
 
@@ -59,18 +61,21 @@ def test_searcher_survives_rays_save_and_restore(mode, tmp_path, monkeypatch):
     (tmp_path / "state").mkdir()  # Tune's driver staging folder
     alg.save_to_dir(str(tmp_path / "state"), session_str="s1")  # Tune's periodic experiment save
 
+    before = study_of(alg)
+    expected = trials_of(before)
+    local_journal(o).unlink()  # resumed on another machine: the study comes from the copy beside the experiment
     restored = SearchGenerator(ConcurrencyLimiter(cloudpickle.loads(tuner_pkl), max_concurrent=2))
     restored.restore_from_dir(str(tmp_path / "state"))  # what a resumed sweep does
 
-    before, after = study_of(alg), study_of(restored)
-    assert trials_of(after) == trials_of(before)  # the finished trial, and the one still running
+    after = study_of(restored)
+    assert local_journal(o).exists() and trials_of(after) == expected  # the finished trial, and the running one
     assert [t.state for t in after.get_trials()] == [optuna.trial.TrialState.COMPLETE,
                                                      optuna.trial.TrialState.RUNNING]
     assert after.directions == ([optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
                                 if o.multi_objective else [optuna.study.StudyDirection.MAXIMIZE])
     sampler = after.sampler
     assert type(sampler) is type(optuna_sampler(o))
-    if mode != "random":  # budget-sized start-up; multivariate (Optuna 5's default for one objective)
+    if o.sampler == "tpe":  # budget-sized start-up; multivariate (Optuna 5's default for one objective)
         assert sampler._n_startup_trials == 2 and sampler._is_multivariate(after)
         assert sampler._group is o.multi_objective  # both objectives over the conditional encoder
     # the restored searcher goes on: the running trial completes, a new one is proposed and told

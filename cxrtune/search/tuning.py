@@ -380,28 +380,29 @@ def startup_trials(num_samples: int) -> int:
 
 
 def optuna_sampler(o: TuneOptions):
-    """The sweep's Optuna sampler: TPE (``--sampler tpe``), random search (``random``, the
-    baseline), or, for ``--multi-objective``, TPE over both objectives.
+    """The sweep's Optuna sampler: TPE (``--sampler tpe``) or random search (``random``, the
+    baseline), for one objective or, with ``--multi-objective``, for two.
 
     Several objectives use TPE, not NSGA-II: Ray pickles the searcher, sampler included, each
     time it saves the experiment, and Optuna 5.1's NSGAIISampler holds a lock that cannot be
     pickled; TPE also models from its first few trials, where NSGA-II needs several generations
-    that a sweep of tens of trials does not have. ``multivariate`` and ``group`` let it model the
-    conditional spaces (an encoder per architecture) jointly."""
+    that a sweep of tens of trials does not have. With two objectives ``multivariate`` and
+    ``group`` are set (Optuna 5 makes one objective's TPE multivariate already), so that
+    conditional spaces (an encoder per architecture) are modelled jointly."""
     import warnings
 
     import optuna
 
-    if o.multi_objective:
-        with warnings.catch_warnings():  # `group` is marked experimental in Optuna 4-5
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples),
-                                              multivariate=True, group=True)
-    if o.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples))
     if o.sampler == "random":
         return optuna.samplers.RandomSampler(seed=o.seed)
-    raise CxrtuneError(f"--sampler must be tpe or random, got {o.sampler!r}")
+    if o.sampler != "tpe":
+        raise CxrtuneError(f"--sampler must be tpe or random, got {o.sampler!r}")
+    if not o.multi_objective:
+        return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples))
+    with warnings.catch_warnings():  # `group` is marked experimental in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples),
+                                          multivariate=True, group=True)
 
 
 def _search_class():
