@@ -397,12 +397,10 @@ def optuna_sampler(o: TuneOptions):
         return optuna.samplers.RandomSampler(seed=o.seed)
     if o.sampler != "tpe":
         raise CxrtuneError(f"--sampler must be tpe or random, got {o.sampler!r}")
-    if not o.multi_objective:
-        return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples))
+    joint = {"multivariate": True, "group": True} if o.multi_objective else {}
     with warnings.catch_warnings():  # `group` is marked experimental in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples),
-                                          multivariate=True, group=True)
+        return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples), **joint)
 
 
 def _search_class():
@@ -498,11 +496,10 @@ def _searcher(o: TuneOptions, space: SearchSpace, warm: list[dict] | None = None
     journal = None if o.optuna_storage else (str(local_journal(o)), storage.join(o.experiment_uri, JOURNAL_FILE))
     common = {"study_name": o.name, "storage": optuna_storage(o), "points_to_evaluate": points or None,
               "epochs": o.epochs(space), "journal_to": journal}
-    search, sampler = _search_class(), optuna_sampler(o)
-    if o.multi_objective:
-        return search(space, metric=[space.metric, "latency_ms"], mode=[space.mode, "min"], sampler=sampler, **common)
     # a define-by-run searcher does not take metric/mode from TuneConfig: it needs its own
-    return search(space, metric=space.metric, mode=space.mode, sampler=sampler, **common)
+    metric, mode = (([space.metric, "latency_ms"], [space.mode, "min"]) if o.multi_objective
+                    else (space.metric, space.mode))
+    return _search_class()(space, metric=metric, mode=mode, sampler=optuna_sampler(o), **common)
 
 
 def _wandb(o: TuneOptions) -> list:
