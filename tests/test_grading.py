@@ -12,6 +12,7 @@ import yaml
 
 from cxrtune.errors import CxrtuneError
 from cxrtune.search.search_space import load_space, parse_space
+from tests import golden
 from tests.conftest import ROOT, cli
 
 
@@ -226,6 +227,8 @@ def test_grid_sweep_compact_table_and_cross_validation(grading_phantoms, tmp_pat
     cli("grade", "cv", "--experiment", exp, "--top", "2", "--folds", "3", "--by", "label", "--heatmaps", "4",
         "--out", str(tmp_path / "cv"))
     results = json.loads((tmp_path / "cv" / "cv.json").read_text())["recipes"]
+    golden.check("grade_cv_json", json.loads((tmp_path / "cv" / "cv.json").read_text()))
+    golden.check("grade_cv_oof_columns", sorted(pd.read_csv(tmp_path / "cv" / "oof_1.csv").columns), exact=True)
     assert all(r["hcs"]["images"] == 4 and 0 <= r["hcs"]["mean"] <= 1 for r in results)
     assert len(list((tmp_path / "cv" / "heatmaps").glob("recipe1_right_row*.png"))) == 4
     mae = {(t["param:roi"], t["param:balancing"]): t["best_val_macro_mae"] for _, t in trials.iterrows()}

@@ -11,6 +11,8 @@ import pytest
 from cxrtune.data import images
 from cxrtune.scoring.scorer import sweep_threshold
 
+from tests import golden
+
 
 def run(*args, cwd=None):
     r = subprocess.run([sys.executable, "-m", "cxrtune.cli", *args], capture_output=True, text=True, cwd=cwd)
@@ -52,6 +54,7 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
                                                                                         with_opacity) and with_opacity
     assert opacity["threshold"] == meta["opacity_threshold"] and opacity["threshold"] in OPACITY_GRID
     assert 0 <= opacity["dice"] <= 1 and load_bundle(str(bundle / "bundle")).opacity_threshold == opacity["threshold"]
+    golden.check("bundle_json_calibrated", meta)
     card = meta["model_card"]
     assert card["thresholds"]["zone_calibration"]["reference"] == "zones" and card["intended_use"]
     assert card["thresholds"]["opacity_calibration"]["method"] == "max_dice"
@@ -89,6 +92,9 @@ def test_score_images_dicom_and_bad_files(bundle, phantom_dir, tmp_path):
         assert rec["models"]["lung"].startswith("FPN/resnet18") and len(rec["models"]["bundle_hash"]) == 16
     assert [x["input"]["format"] for x in good] == ["png", "png", "png", "dicom"]
     bad_line = [x for x in lines if x["status"] == "error"][0]
+    golden.check("cli_score_record", next(x for x in good if x["status"] == "scored"))
+    golden.check("cli_score_record_dicom", good[-1])
+    golden.check("cli_score_record_error", bad_line)
     assert "broken.png" in bad_line["image"] and bad_line["score"] is None and bad_line["error"]
     overlays = sorted((tmp_path / "ov").iterdir())
     assert len(overlays) == 4 and images.decode_raster(overlays[0].read_bytes()).shape[0] >= 512
@@ -134,6 +140,8 @@ def test_evaluate_writes_metrics_and_plots(bundle, phantom_dir):
                              str(phantom_dir / "manifest.parquet"), "--out", str(out), "--split", "val,test"))
     assert summary["lung_dice"] > 0 and summary["score_mae"] is not None and 0 <= summary["f1"] <= 1
     metrics = json.loads((out / "metrics.json").read_text())
+    golden.check("evaluate_summary", summary)
+    golden.check("evaluate_metrics", metrics)
     from cxrtune.data import manifest
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
@@ -154,6 +162,13 @@ def test_score_masks_cli(tmp_path):
     rec = json.loads(run("score-masks", "--lung", str(tmp_path / "l.png"), "--opacity", str(tmp_path / "o.png"),
                          "--threshold", "0.5"))
     assert rec["score"] == 1 and rec["zones"]["A"]["affected"]
+    golden.check("score_masks_two_lungs", rec, exact=True)
+    from cxrtune.scoring.zones import score_masks
+
+    one = lung.copy()
+    one[:, 45:] = False  # the patient's left lung missing
+    golden.check("score_masks_one_lung", score_masks(one, opacity, 0.5), exact=True)
+    golden.check("score_masks_no_lungs", score_masks(np.zeros_like(lung), opacity, 0.5), exact=True)
 
 
 def test_threshold_sweep_picks_min_mae():
@@ -201,6 +216,8 @@ def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, 
     summary = json.loads(run("evaluate", "--bundle", str(b), "--manifest", str(m), "--out", str(tmp_path / "ev"),
                              "--split", "all", "--cv-reference", "S", "--folds", "3", "--by", "label"))
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    golden.check("evaluate_summary_readers", summary)
+    golden.check("evaluate_metrics_readers", metrics)
     readers = metrics["readers"]
     assert readers["threshold"] == "cross-validated" and len(readers["cv_thresholds"]) == 3
     graded = df[[f"zone_{z}" for z in "ABCDEF"]].notna().all(axis=1)  # some phantoms carry no zone reference

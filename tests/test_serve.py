@@ -19,6 +19,7 @@ import torch
 from pydicom.data import get_testdata_file
 
 from cxrtune.data import images
+from tests import golden
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -218,6 +219,7 @@ def test_score_png_multipart_raw_16bit_and_jpeg(server, phantom_dir):
     rec = r.json()
     assert set(rec["zones"]) == set("ABCDEF") and 0 <= rec["score"] <= 6 and rec["request_id"]
     assert {"decode", "models", "post", "total"} <= set(rec["timings_ms"])
+    golden.check("http_score_record", rec)
     raw = post(f"{server}/v1/score", png).json()
     assert raw["score"] == rec["score"]
     img = images.decode_raster(png)

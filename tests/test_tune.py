@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from cxrtune.data import storage
+from tests import golden
 from tests.conftest import cli
 from tests.wandb_reader import summarize
 
@@ -106,6 +107,9 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     out = tmp_path / "report"
     cli("report", f"s3://{bucket}/exps/asha", "--out", str(out))
     table = (out / "trials.csv").read_text().splitlines()
+    golden.check("report_trials_columns", sorted(table[0].split(",")), exact=True)
+    golden.check("report_importance", json.loads((out / "importance.json").read_text()))
+    golden.check("tune_summary", summary)
     assert len(table) == 7 and "param:arch" in table[0]
     imp = json.loads((out / "importance.json").read_text())
     assert imp["evaluator"].startswith("optuna") and set(imp["importance"]) <= {"arch", "optimizer", "lr"}
