@@ -99,13 +99,19 @@ def main() -> None:
     import torch
 
     from cxrtune.data import manifest
-    from cxrtune.scoring.artifacts import make_bundle, update_bundle
-    from cxrtune.scoring.evaluation import calibrate, evaluate
     from cxrtune.data.importers import run_import
-    from cxrtune.scoring.scorer import load_bundle
     from cxrtune.data.splits import assign_splits
-    from cxrtune.model.train import (TrainConfig, latest_checkpoint, load_torch, native_cpu_bf16, select_rows,
-                                     train)
+    from cxrtune.model.artifacts import make_bundle, update_bundle
+    from cxrtune.model.train import (
+        TrainConfig,
+        latest_checkpoint,
+        load_torch,
+        native_cpu_bf16,
+        select_rows,
+        train,
+    )
+    from cxrtune.scoring.evaluation import calibrate, evaluate
+    from cxrtune.scoring.scorer import load_bundle
 
     out = Path(args.out or ("/tmp/cxrtune-accuracy-cpu" if args.cpu else "/tmp/cxrtune-accuracy"))
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +248,7 @@ def main() -> None:
             "fp_rate_normal<=0.05": (result["fp_rate_on_normal"] if result["fp_rate_on_normal"] is not None else 1) <= 0.05,
             "train<=15min": result["train_minutes"]["both"] <= 15,
         }
-    from cxrtune.model.metrics import json_safe
+    from cxrtune.jsonsafe import json_safe
 
     (out / "result.json").write_text(json.dumps(json_safe(result), indent=2))
     print(json.dumps(json_safe(result), indent=2))

@@ -46,10 +46,11 @@ def main() -> None:
 
     import torch
 
-    from cxrtune.data import manifest, storage
+    from cxrtune import storage
+    from cxrtune.data import manifest
     from cxrtune.data.dataset import CXRDataset
-    from cxrtune.scoring.preprocessing import Preprocessing
     from cxrtune.data.phantom import write_phantoms
+    from cxrtune.preprocessing import Preprocessing
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="cxrtune-bench-"))
@@ -66,7 +67,6 @@ def main() -> None:
         os.environ["CXRTUNE_S3_ENDPOINT_URL"] = args.endpoint
     else:
         from moto.server import ThreadedMotoServer
-
         from serve_load import free_port
 
         port = free_port()

@@ -42,11 +42,12 @@ def main() -> None:
     import pandas as pd
     import torch
     import yaml
-
-    from cxrtune.data import manifest, storage
-    from cxrtune.model.grading import cross_validate, cv_markdown
     from realdata import covid_qu_ex, stratified  # bench/, beside this script
-    from cxrtune.model.metrics import json_safe
+
+    from cxrtune import storage
+    from cxrtune.audit.grade_cv import cross_validate, cv_markdown
+    from cxrtune.data import manifest
+    from cxrtune.jsonsafe import json_safe
     from cxrtune.search.report import top_grade_recipes, write_report
     from cxrtune.search.tuning import TuneOptions, run_tune
 

@@ -37,11 +37,11 @@ def main() -> None:
 
     import pandas as pd
     import torch
+    from realdata import covid_qu_ex, stratified  # bench/, beside this script
 
     from cxrtune.audit.hide_and_seek import hide_and_seek, write_heatmaps
+    from cxrtune.jsonsafe import json_safe
     from cxrtune.model.classify import ClassifyConfig
-    from realdata import covid_qu_ex, stratified  # bench/, beside this script
-    from cxrtune.model.metrics import json_safe
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def network_gflops(scorer) -> dict:
 
 def library_path(bundle: Path, data: list[bytes], runtime: str, n: int) -> dict:
     """cxrtune's scoring policy in-process, one image at a time (decode to record)."""
-    from cxrtune.scoring.preprocessing import load_scan
+    from cxrtune.preprocessing import load_scan
     from cxrtune.scoring.scorer import load_bundle
 
     scorer = load_bundle(str(bundle), device="cpu", batch_size=1, runtime=runtime)
@@ -96,8 +96,8 @@ def int8_parity(src: Path, out: Path, calibration: list[str], evaluation: list[s
     import numpy as np
 
     from cxrtune.model.metrics import agreement_dice
-    from cxrtune.scoring.onnx_runtime import quantize_bundle
-    from cxrtune.scoring.preprocessing import load_scan
+    from cxrtune.preprocessing import load_scan
+    from cxrtune.scoring.onnx_export import quantize_bundle
     from cxrtune.scoring.scorer import load_bundle
 
     bundle = out / "parity-bundle"
@@ -127,7 +127,7 @@ def payload_bytes(bundle: Path, data: bytes) -> dict:
     working image and full-size masks) and now (the lean inputs and outputs actually sent)."""
     import numpy as np
 
-    from cxrtune.scoring.preprocessing import load_scan
+    from cxrtune.preprocessing import load_scan
     from cxrtune.scoring.scorer import disease_input, load_bundle, stage_input
 
     scorer = load_bundle(str(bundle), device="cpu", batch_size=1, runtime="torch")
@@ -151,9 +151,9 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
            runtime: str) -> dict:
     import ray
     from ray import serve
+    from serve_load import free_port, run_load
 
     from cxrtune.serving.app import application as build_app
-    from serve_load import free_port, run_load
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False)
@@ -214,12 +214,12 @@ def main() -> None:
     import os
 
     import torch
-
-    from cxrtune.model.metrics import json_safe
-    from cxrtune.scoring.onnx_runtime import export_bundle
-    from cxrtune.scoring.scorer import load_bundle
     from serve_gpu import QUICK_PAIR, SEED_PAIR, random_bundle, reference
     from serve_load import collect
+
+    from cxrtune.jsonsafe import json_safe
+    from cxrtune.scoring.onnx_export import export_bundle
+    from cxrtune.scoring.scorer import load_bundle
 
     pair = QUICK_PAIR if args.quick else SEED_PAIR
     n = 3 if args.quick else args.n
@@ -237,7 +237,7 @@ def main() -> None:
     export_bundle(str(bundle))
     export_s = time.perf_counter() - t
     lib_onnx = library_path(bundle, payloads, "onnx", n)
-    from cxrtune.scoring.onnx_runtime import quantize_bundle
+    from cxrtune.scoring.onnx_export import quantize_bundle
 
     t = time.perf_counter()
     quantize_bundle(str(bundle), payloads[:8])  # speed does not depend on the calibration of random weights

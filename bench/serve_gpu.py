@@ -35,10 +35,10 @@ def random_bundle(out: Path, pair) -> Path:
     """A bundle of two runs with random weights, made by ``make_bundle`` like any other."""
     import torch
 
-    from cxrtune.scoring.preprocessing import Preprocessing
+    from cxrtune.model.artifacts import make_bundle
     from cxrtune.model.models import ModelConfig, build_model
-    from cxrtune.scoring.artifacts import make_bundle
     from cxrtune.model.train import TrainConfig
+    from cxrtune.preprocessing import Preprocessing
 
     runs = {}
     for task, spec in (("lung", pair[0]), ("disease", pair[1])):
@@ -65,8 +65,8 @@ def reference(bundle: Path, files: list[Path], device: str, n: int) -> dict:
     import torchvision.transforms as T
     from PIL import Image
 
-    from cxrtune.scoring import zones
-    from cxrtune.scoring.preprocessing import extract_roi
+    from cxrtune import zones
+    from cxrtune.preprocessing import extract_roi
     from cxrtune.scoring.scorer import load_bundle
 
     scorer = load_bundle(str(bundle), device=device, batch_size=1, runtime="torch")
@@ -122,10 +122,10 @@ def main() -> None:
     import ray
     import torch
     from ray import serve
-
-    from cxrtune.model.metrics import json_safe
-    from cxrtune.serving.app import application as build_app
     from serve_load import collect, free_port, run_load
+
+    from cxrtune.jsonsafe import json_safe
+    from cxrtune.serving.app import application as build_app
 
     gpu = torch.cuda.is_available() and not args.quick
     device = "cuda" if gpu else "cpu"

@@ -70,7 +70,7 @@ def curve(exp_uri: str, metric: str, mode: str) -> list[dict]:
     point each time it improves (``best`` unrounded)."""
     from ray.tune import ExperimentAnalysis
 
-    from cxrtune.data import storage
+    from cxrtune import storage
 
     start = json.loads(storage.read_text(storage.join(exp_uri, "cxrtune.json")))["created"]
     fs, path = storage.pyarrow_filesystem(exp_uri)
@@ -163,9 +163,9 @@ def run_cpu(args) -> None:
 
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
-    from cxrtune.model.metrics import json_safe
-    from cxrtune.search.search_space import load_space
     from cxrtune.data.splits import assign_splits
+    from cxrtune.jsonsafe import json_safe
+    from cxrtune.search.search_space import load_space
     from cxrtune.search.tuning import TuneOptions, run_tune, startup_trials
 
     out = Path(args.out)
@@ -274,9 +274,9 @@ def main() -> None:
 
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
-    from cxrtune.model.metrics import json_safe
-    from cxrtune.search.search_space import load_space
     from cxrtune.data.splits import assign_splits
+    from cxrtune.jsonsafe import json_safe
+    from cxrtune.search.search_space import load_space
     from cxrtune.search.tuning import TuneOptions, run_tune
 
     out = Path(args.out)

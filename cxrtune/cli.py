@@ -11,44 +11,52 @@ import json
 import logging
 import os
 import sys
+import time as _time
 
-from .scoring.artifacts import DEFAULT_ZONE_THRESHOLD
+import torch
+import yaml
+
+from . import images, jsonsafe, resources, storage, zones
+from .audit import gates as release_gates
+from .audit import grade_cv, heatmaps
+from .audit import hide_and_seek as hide_and_seek_audit
+from .data import importers, manifest, phantom, splits
 from .errors import CxrtuneError
+from .model import artifacts, classify, grading
+from .model import train as training
+from .scoring import batch_scoring, evaluation, onnx_export
+from .scoring import scorer as scorers
+from .search import report as reports
+from .search import search_space, tuning
+from .serving import app as serving_app
+from .zones import DEFAULT_ZONE_THRESHOLD
 
 log = logging.getLogger("cxrtune")
 
 
 def _data_import(args) -> None:
-    from .data.importers import run_import
-
     options = {"default_label": args.default_label, "min_age": args.min_age,
                "keep_derived": args.keep_derived, "pseudonym_key_file": args.pseudonym_key_file}
     if args.csv:
         options["csv"] = args.csv
-    result = run_import(args.format, args.src, args.out, data_dir=args.data_dir,
+    result = importers.run_import(args.format, args.src, args.out, data_dir=args.data_dir,
                         progress=not args.quiet, **options)
     if result.excluded:
-        from .data.importers import report_uri
-        print(f"exclusion report: {report_uri(args.out)}", file=sys.stderr)
+        print(f"exclusion report: {importers.report_uri(args.out)}", file=sys.stderr)
     print(result.summary())
 
 
 def _data_split(args) -> None:
-    from .data import manifest
-    from .data.splits import assign_splits, split_summary
-
     df = manifest.load_manifest(args.manifest, check_files=not args.no_check)
-    out = assign_splits(df, val=args.val, test=args.test, folds=args.folds, seed=args.seed,
+    out = splits.assign_splits(df, val=args.val, test=args.test, folds=args.folds, seed=args.seed,
                         tuning_fraction=args.tuning_fraction, keep_test=args.keep_test)
     target = args.out or args.manifest
     manifest.save_manifest(_for_saving(out, target), target)
-    print(json.dumps(split_summary(out)))
+    print(json.dumps(splits.split_summary(out)))
 
 
 def _for_saving(df, target: str):
     """Keep relative paths when the manifest stays beside its files (phantom folders)."""
-    from .data import manifest, storage
-
     if storage.is_s3(target):
         return df
     base = storage.parent(target)
@@ -59,8 +67,6 @@ def _for_saving(df, target: str):
 
 
 def _data_push(args) -> None:
-    from .data import manifest
-
     df = manifest.load_manifest(args.manifest)
     counts = manifest.push_manifest(df, args.dest, args.out, workers=args.workers,
                                     progress=not args.quiet)
@@ -69,24 +75,18 @@ def _data_push(args) -> None:
 
 
 def _data_phantom(args) -> None:
-    from .data.phantom import write_phantoms
-
-    df = write_phantoms(args.out, args.n, size=args.size, seed=args.seed, progress=not args.quiet,
+    df = phantom.write_phantoms(args.out, args.n, size=args.size, seed=args.seed, progress=not args.quiet,
                         shortcut=args.shortcut)
     print(f"wrote {len(df)} phantoms and {os.path.join(args.out, 'manifest.parquet')}")
 
 
 def _data_validate(args) -> None:
-    from .data import manifest
-
     df = manifest.load_manifest(args.manifest, check_files=not args.no_check)
     print(f"{args.manifest}: {len(df)} rows, valid")
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
     """``key=value`` pairs (``model.arch=Unet`` for nested keys), values parsed as YAML."""
-    import yaml
-
     out: dict = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -109,58 +109,45 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def embedded_manifest(n: int = 48, size: int = 128) -> str:
     """The embedded default dataset: phantoms in a local cache folder, generated once."""
-    from .data import storage
-    from .data.phantom import write_phantoms
-
     root = storage.default_cache_dir() / f"phantoms-n{n}-s{size}"
     target = root / "manifest.parquet"
     if not target.exists():
         print(f"no --manifest: generating {n} phantom CXRs in {root}", file=sys.stderr)
-        write_phantoms(root, n, size=size, seed=0)
+        phantom.write_phantoms(root, n, size=size, seed=0)
     return str(target)
 
 
 def _train(args) -> None:
-    from .data import manifest
-    from .model.train import TrainConfig, train
-
-    cfg = TrainConfig.from_yaml(shipped_or(args.config, "configs"))
+    cfg = training.TrainConfig.from_yaml(shipped_or(args.config, "configs"))
     if args.set:
-        cfg = TrainConfig.from_dict(_merge(cfg.to_dict(), _parse_overrides(args.set)))
+        cfg = training.TrainConfig.from_dict(_merge(cfg.to_dict(), _parse_overrides(args.set)))
     df = manifest.load_manifest(args.manifest or embedded_manifest())
-    summary = train(cfg, df, args.out, resume=args.resume, progress=not args.quiet)
+    summary = training.train(cfg, df, args.out, resume=args.resume, progress=not args.quiet)
     best = summary["best"] or {}
     print(f"trained {summary['epochs']} epoch(s); best {cfg.monitor} {best.get('value', float('nan')):.4f} "
           f"at epoch {best.get('epoch')}; run {args.out}")
 
 
 def _bundle(args) -> None:
-    from .scoring.artifacts import make_bundle, migrate_bundle
-
     if args.migrate:
-        meta = migrate_bundle(args.migrate)
+        meta = artifacts.migrate_bundle(args.migrate)
         print(f"bundle {args.migrate}: now {meta.format}")
         return
     if args.export:
-        from .scoring.onnx_runtime import export_bundle, quantize_bundle
-
         fmt, uri = args.export
         if fmt == "onnx":
-            rec = export_bundle(uri)
+            rec = onnx_export.export_bundle(uri)
             print(f"bundle {uri}: exported lung.onnx and disease.onnx (opset {rec['opset']})")
             return
         if fmt != "onnx-int8":
             raise CxrtuneError(f"--export {fmt}: the export formats are onnx and onnx-int8")
-        from .scoring.onnx_runtime import INT8_MIN_CALIBRATION
 
         if not args.calibration:
             raise CxrtuneError("--export onnx-int8 needs --calibration: radiographs like the ones it will score")
-        if args.calibration_limit < INT8_MIN_CALIBRATION:
-            raise CxrtuneError(f"--calibration-limit must be at least {INT8_MIN_CALIBRATION}")
-        from .data import storage
-        from .scoring.batch_scoring import expand_inputs
+        if args.calibration_limit < onnx_export.INT8_MIN_CALIBRATION:
+            raise CxrtuneError(f"--calibration-limit must be at least {onnx_export.INT8_MIN_CALIBRATION}")
 
-        uris = expand_inputs(args.calibration)
+        uris = batch_scoring.expand_inputs(args.calibration)
         step = max(1, len(uris) // args.calibration_limit)  # spread over the folders, not the first few files
         data = []
         for u in uris[::step][:args.calibration_limit]:
@@ -168,31 +155,26 @@ def _bundle(args) -> None:
                 data.append(storage.read_bytes(u))
             except (CxrtuneError, OSError) as exc:
                 log.warning("int8 calibration: an input not read (%s)", type(exc).__name__)
-        rec = quantize_bundle(uri, data, limit=args.calibration_limit)
+        rec = onnx_export.quantize_bundle(uri, data, limit=args.calibration_limit)
         print(f"bundle {uri}: exported lung.int8.onnx and disease.int8.onnx, calibrated on "
               f"{rec['calibration_images']} radiographs (Stage II on {rec['stage2_calibration_images']} lung crops)")
         return
     if not (args.lung and args.disease and args.out):
         raise CxrtuneError("cxrtune bundle needs --lung, --disease and --out (or --migrate URI, "
                            "--export onnx URI, --export onnx-int8 URI --calibration PATHS)")
-    from .audit.gates import check_gates, parse_gate
-    from .data import storage
 
-    gates = [parse_gate(g) for g in args.gate or []]
+    gates = [release_gates.parse_gate(g) for g in args.gate or []]
     if gates:  # checked before anything is written
-        check_gates(gates, bundle=True, manifest=args.gate_manifest)
+        release_gates.check_gates(gates, bundle=True, manifest=args.gate_manifest)
         if storage.exists(storage.join(args.out, "bundle.json")):
             raise CxrtuneError(f"{args.out} holds a bundle already: a gated bundle goes to a new --out "
                                "(a refused one is deleted)")
-    b = make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
+    b = artifacts.make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
     if gates:
-        from .audit.gates import enforce, run_gates
-        from .scoring.artifacts import update_bundle
-
         try:
-            results = run_gates(gates, bundle=args.out, manifest=args.gate_manifest, limit=args.gate_limit)
-            b = update_bundle(args.out, audits={**b.audits, "gates": results})
-            enforce(results)
+            results = release_gates.run_gates(gates, bundle=args.out, manifest=args.gate_manifest, limit=args.gate_limit)
+            b = artifacts.update_bundle(args.out, audits={**b.audits, "gates": results})
+            release_gates.enforce(results)
         except BaseException:  # refused, or the audit could not run: nothing is left to be served
             for name in ("bundle.json", "lung.pt", "disease.pt"):
                 if storage.exists(storage.join(args.out, name)):
@@ -204,18 +186,13 @@ def _bundle(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from .data import manifest
-    from .scoring.artifacts import update_bundle
-    from .scoring.evaluation import calibrate
-    from .scoring.scorer import load_bundle
-
     what = tuple(w.strip() for w in args.what.split(","))
     unknown = sorted(set(what) - {"cls", "opacity", "zone"})
     if unknown:
         raise CxrtuneError(f"--what {args.what!r}: choose from cls, opacity and zone (comma-separated)")
-    scorer = load_bundle(args.bundle, device=args.device)
+    scorer = scorers.load_bundle(args.bundle, device=args.device)
     before = {"cls_threshold": scorer.cls_threshold, "opacity_threshold": scorer.opacity_threshold}
-    result = calibrate(scorer, manifest.load_manifest(args.manifest), split=args.split, cls_split=args.cls_split,
+    result = evaluation.calibrate(scorer, manifest.load_manifest(args.manifest), split=args.split, cls_split=args.cls_split,
                        reference=args.reference, reference_threshold=args.reference_threshold,
                        specificity=args.specificity, limit=args.limit, what=what)
     changes = {}
@@ -242,55 +219,42 @@ def _calibrate(args) -> None:
     if moved and result["zone"] is None:  # T was chosen on records made with the old values
         print(f"warning: {' and '.join(moved)} changed but T did not: T was calibrated with the old "
               f"value(s); recalibrate it (--what zone, or the default cls,opacity,zone)", file=sys.stderr)
-    update_bundle(args.bundle, **changes)
+    artifacts.update_bundle(args.bundle, **changes)
     print(f"stored in {args.bundle}")
 
 
 def _score(args) -> None:
-    from .scoring.batch_scoring import expand_inputs, score_files
-    from .scoring.scorer import load_bundle
-
-    scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size, runtime=args.runtime)
-    uris = expand_inputs(args.paths, args.manifest)
-    counts = score_files(scorer, uris, args.out, overlays=args.overlays, resume=args.resume,
+    scorer = scorers.load_bundle(args.bundle, device=args.device, batch_size=args.batch_size, runtime=args.runtime)
+    uris = batch_scoring.expand_inputs(args.paths, args.manifest)
+    counts = batch_scoring.score_files(scorer, uris, args.out, overlays=args.overlays, resume=args.resume,
                          progress=not args.quiet)
     print(f"scored {counts['scored']}, partial {counts['partial']}, unscored {counts['unscored']}, "
           f"failed {counts['error']}, already done {counts['skipped']}; records in {args.out}")
 
 
 def _score_masks(args) -> None:
-    from .data import images
-    from .scoring.zones import score_masks
-
     lung = images.read_mask(args.lung)
     opacity = images.read_mask(args.opacity)
     if lung.shape != opacity.shape:
         raise CxrtuneError(f"{args.opacity}: {opacity.shape[1]}x{opacity.shape[0]} does not match the lung "
                            f"mask's {lung.shape[1]}x{lung.shape[0]}")
-    print(json.dumps(score_masks(lung, opacity, args.threshold)))
+    print(json.dumps(zones.score_masks(lung, opacity, args.threshold)))
 
 
 def _evaluate(args) -> None:
-    from .data import manifest
-    from .scoring.evaluation import evaluate
-    from .scoring.scorer import load_bundle
-
-    from .scoring.artifacts import read_bundle_meta
-    from .scoring.evaluation import manifest_id, same_rows
-
-    scorer = load_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
+    scorer = scorers.load_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
     by = tuple(c.strip() for c in (args.by or "").split(",") if c.strip())
     df = manifest.load_manifest(args.manifest)
     cv = args.cv_reference
-    cal = read_bundle_meta(args.bundle).zone_calibration
-    if (not cv and cal and cal.reference.startswith("reader:") and cal.manifest == manifest_id(df)
-            and same_rows(cal.split, args.split)):
+    cal = artifacts.read_bundle_meta(args.bundle).zone_calibration
+    if (not cv and cal and cal.reference.startswith("reader:") and cal.manifest == evaluation.manifest_id(df)
+            and evaluation.same_rows(cal.split, args.split)):
         cv = cal.reference  # T was chosen on this very set: in-sample figures would flatter it
         print(f"T was calibrated on {args.manifest}: reader figures are cross-validated against {cv}", file=sys.stderr)
-    elif cal and cal.manifest == manifest_id(df) and same_rows(cal.split, args.split):
+    elif cal and cal.manifest == evaluation.manifest_id(df) and evaluation.same_rows(cal.split, args.split):
         print(f"warning: T was calibrated on these rows against the {cal.reference} reference: the score "
-              f"figures against it are in-sample (evaluate another split, e.g. --split test)", file=sys.stderr)
-    result = evaluate(scorer, df, args.out, split=args.split, reference_threshold=args.reference_threshold,
+              f"figures against it are in-sample (evaluation.evaluate another split, e.g. --split test)", file=sys.stderr)
+    result = evaluation.evaluate(scorer, df, args.out, split=args.split, reference_threshold=args.reference_threshold,
                       limit=args.limit, by=by, cv_reference=cv, folds=args.folds)
     summary = {"status": result["status"], "lung_dice": result["lung"].get("dice"),
                "opacity_dice": result["opacity"].get("dice"),
@@ -300,9 +264,8 @@ def _evaluate(args) -> None:
     for reader, figures in (result.get("readers", {}).get("readers", {}) or {}).items():
         summary[f"mae_vs_{reader}"] = figures.get("score", {}).get("mae")
         summary[f"mae_vs_{reader}_counting_not_scored"] = result["readers"]["mae_counting_not_scored"].get(reader)
-    from .model.metrics import json_safe
 
-    print(json.dumps(json_safe(summary)))
+    print(json.dumps(jsonsafe.json_safe(summary)))
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -319,20 +282,15 @@ def parse_duration(text: str | None) -> float | None:
 
 
 def shipped_or(uri: str, kind: str) -> str:
-    """``uri`` itself, or a shipped file's path when given a bare name (``lung_segmentation``)."""
+    """``uri`` itself, or a resources.shipped file's path when given a bare name (``lung_segmentation``)."""
     if "/" in uri or uri.endswith((".yaml", ".yml")):
         return uri
-    from .resources import shipped
 
-    return str(shipped(kind, uri))
+    return str(resources.shipped(kind, uri))
 
 
 def load_warm_start(uris: list[str]) -> list[dict]:
     """Configurations from YAML/JSON files: each file one mapping or a list of them."""
-    import yaml
-
-    from .data import storage
-
     points = []
     for uri in uris:
         try:
@@ -347,53 +305,39 @@ def load_warm_start(uris: list[str]) -> list[dict]:
 
 
 def _tune(args) -> None:
-    import time as _time
-
-    from .search.search_space import load_space
-    from .search.tuning import EMBEDDED_OPTIONS, EMBEDDED_SPACE, TUNE_FLAGS, TuneOptions, resume_tune, run_tune
-
     if args.resume:
-        summary = resume_tune(args.resume)
+        summary = tuning.resume_tune(args.resume)
     else:
         embedded = args.manifest is None
         if args.space:
             uri = shipped_or(args.space, "search_spaces")
-            space, source = load_space(uri).to_dict(), uri
+            space, source = search_space.load_space(uri).to_dict(), uri
         elif embedded:
-            space, source = EMBEDDED_SPACE, "embedded default"
+            space, source = tuning.EMBEDDED_SPACE, "embedded default"
         else:
             raise CxrtuneError("--space is required with --manifest (see search_spaces/)")
-        given = {k: v for k, v in vars(args).items() if v is not None and k in TUNE_FLAGS}
+        given = {k: v for k, v in vars(args).items() if v is not None and k in tuning.TUNE_FLAGS}
         given["time_budget_s"] = parse_duration(args.time_budget)
         given["warm_start"] = load_warm_start(args.warm_start or [])
-        opts = TuneOptions(**{**(EMBEDDED_OPTIONS if embedded else {}), **given},
+        opts = tuning.TuneOptions(**{**(tuning.EMBEDDED_OPTIONS if embedded else {}), **given},
                            space=space, space_source=source, manifest=args.manifest or embedded_manifest(),
                            name=args.name or _time.strftime("sweep-%Y%m%d-%H%M%S"),
                            storage=args.storage or os.path.abspath("cxrtune-results"))
-        summary = run_tune(opts)
-    from .model.metrics import json_safe
+        summary = tuning.run_tune(opts)
 
-    print(json.dumps(json_safe(summary), indent=2, default=str))
+    print(json.dumps(jsonsafe.json_safe(summary), indent=2, default=str))
 
 
 def _report(args) -> None:
-    from .search.report import write_report
-
-    out = write_report(args.experiment, args.out)
+    out = reports.write_report(args.experiment, args.out)
     print(f"report in {args.out}: {', '.join(out)}")
 
 
 def _promote(args) -> None:
-    from .search.report import promote
-
-    from .audit.gates import enforce, parse_gate, run_gates
-
-    results = run_gates([parse_gate(g) for g in args.gate or []])  # before anything is written
-    enforce(results)
-    run = promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs)
+    results = release_gates.run_gates([release_gates.parse_gate(g) for g in args.gate or []])  # before anything is written
+    release_gates.enforce(results)
+    run = reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs)
     if results:
-        from .data import storage
-
         meta_uri = storage.join(run, "best", "meta.json")
         meta = json.loads(storage.read_text(meta_uri))
         meta["audits"] = {**(meta.get("audits") or {}), "gates": results}
@@ -403,23 +347,15 @@ def _promote(args) -> None:
 
 
 def _default_serve_config() -> str:
-    import torch
-
-    from .resources import shipped
-
-    return str(shipped("serve", "config.yaml" if torch.cuda.is_available() else "config.cpu.yaml"))
+    return str(resources.shipped("serve", "config.yaml" if torch.cuda.is_available() else "config.cpu.yaml"))
 
 
 def _serve(args) -> None:
-    from .serving.app import run_local
-
-    run_local(args.bundle, args.config or _default_serve_config(), host=args.host, port=args.port)
+    serving_app.run_local(args.bundle, args.config or _default_serve_config(), host=args.host, port=args.port)
 
 
 def _deploy(args) -> None:
-    from .serving.app import deploy_config
-
-    status = deploy_config(args.config or _default_serve_config(), args.bundle, args.address, args.wait)
+    status = serving_app.deploy_config(args.config or _default_serve_config(), args.bundle, args.address, args.wait)
     print(json.dumps(status))
 
 
@@ -580,14 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--manifest", help="manifest (default: the embedded phantom dataset and a small space)")
     tu.add_argument("--name", help="experiment name (default: sweep-DATE-TIME)")
     tu.add_argument("--storage", help="local folder or s3://bucket/prefix (default: ./cxrtune-results)")
-    from .search.tuning import EMBEDDED_OPTIONS, TuneOptions
 
-    d = TuneOptions.__dataclass_fields__  # the defaults live in TuneOptions only
+    d = tuning.TuneOptions.__dataclass_fields__  # the defaults live in tuning.TuneOptions only
 
     def opt(flag: str, help_: str, **kw):
         name = flag[2:].replace("-", "_")
         default = d[name].default
-        extra = f"; embedded default {EMBEDDED_OPTIONS[name]}" if name in EMBEDDED_OPTIONS else ""
+        extra = f"; embedded default {tuning.EMBEDDED_OPTIONS[name]}" if name in tuning.EMBEDDED_OPTIONS else ""
         tu.add_argument(flag, help=f"{help_} (default: {default}{extra})", **kw)
 
     opt("--num-samples", "trials", type=int)
@@ -683,34 +618,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _grade_cv(args) -> None:
-    from .audit.heatmaps import concordance, heatmap_png
-    from .data import manifest, storage
-    from .model.grading import GradeConfig, cross_validate, cv_markdown, paired_heatmaps
-    from .model.metrics import json_safe
-
     if args.top < 1:
         raise CxrtuneError(f"--top {args.top}: give at least 1 recipe per side")
     if args.config:
         if not args.manifest:
             raise CxrtuneError("--config needs --manifest")
-        recipes, manifest_uri = [GradeConfig.from_yaml(c) for c in args.config], args.manifest
+        recipes, manifest_uri = [grading.GradeConfig.from_yaml(c) for c in args.config], args.manifest
     else:
-        from .search.report import top_grade_recipes
-        from .search.tuning import load_options
-
-        recipes = top_grade_recipes(args.experiment, args.top)
-        manifest_uri = args.manifest or load_options(args.experiment).manifest
+        recipes = reports.top_grade_recipes(args.experiment, args.top)
+        manifest_uri = args.manifest or tuning.load_options(args.experiment).manifest
     df = manifest.load_manifest(manifest_uri)
     by = tuple(c for c in args.by.split(",") if c)
     results = []
     for i, cfg in enumerate(recipes):
         print(f"recipe {i + 1}/{len(recipes)}: {cfg.side} lung, {cfg.classifier.backbone}, {cfg.roi}, {cfg.balancing}",
               file=sys.stderr)
-        r = cross_validate(cfg, df, folds=args.folds, seed=args.seed, by=by, heatmap_images=args.heatmaps)
+        r = grade_cv.cross_validate(cfg, df, folds=args.folds, seed=args.seed, by=by, heatmap_images=args.heatmaps)
         storage.write_text(storage.join(args.out, f"oof_{i + 1}.csv"), r.pop("oof").to_csv(index=False))
         for row, (image, heat, lung) in r["heatmaps"].items():
             storage.write_bytes(storage.join(args.out, "heatmaps", f"recipe{i + 1}_{cfg.side}_row{row}.png"),
-                                heatmap_png(image, heat, lung, concordance(heat, lung)["hcs"]))
+                                heatmaps.heatmap_png(image, heat, lung, heatmaps.concordance(heat, lung)["hcs"]))
         results.append(r)
     pairs = []  # seed 000: a recipe cross-validated for both sides -> left and right heatmaps averaged
     for i, right in enumerate(results):
@@ -718,17 +645,17 @@ def _grade_cv(args) -> None:
             same = {k: v for k, v in right["config"].items() if k != "side"} == \
                 {k: v for k, v in left["config"].items() if k != "side"}
             if right["config"]["side"] == "right" and left["config"]["side"] == "left" and same:
-                paired = paired_heatmaps(right, left)
+                paired = grade_cv.paired_heatmaps(right, left)
                 for row, (image, heat, lung, hcs) in paired.items():
                     storage.write_bytes(storage.join(args.out, "heatmaps", f"recipes{i + 1}+{j + 1}_both_row{row}.png"),
-                                        heatmap_png(image, heat, lung, hcs))
+                                        heatmaps.heatmap_png(image, heat, lung, hcs))
                 pairs.append({"right": i + 1, "left": j + 1, "images": len(paired),
                               "hcs": float(sum(p[3] for p in paired.values()) / len(paired)) if paired else None})
     for r in results:
         r.pop("heatmaps")
-    storage.write_text(storage.join(args.out, "cv.json"), json.dumps(json_safe({"recipes": results, "both_sides": pairs}),
+    storage.write_text(storage.join(args.out, "cv.json"), json.dumps(jsonsafe.json_safe({"recipes": results, "both_sides": pairs}),
                                                                      indent=2))
-    table = cv_markdown(results)
+    table = grade_cv.cv_markdown(results)
     if pairs:
         table += "\nLeft and right heatmaps averaged (seed 000), HCS against the lungs:\n\n" + "\n".join(
             f"- recipes {p['right']} (right) + {p['left']} (left): HCS {p['hcs']:.3f} on {p['images']} images"
@@ -738,24 +665,19 @@ def _grade_cv(args) -> None:
 
 
 def _audit_hide_and_seek(args) -> None:
-    from .data import manifest, storage
-    from .audit.hide_and_seek import Verdict, hide_and_seek, write_heatmaps
-    from .model.classify import ClassifyConfig
-    from .model.metrics import json_safe
-
-    cfg = ClassifyConfig.from_yaml(args.config)
+    cfg = classify.ClassifyConfig.from_yaml(args.config)
     df = manifest.load_manifest(args.manifest)
     reps = tuple(args.representations.split(","))
-    result = hide_and_seek(cfg, df, reps, Verdict(args.max_retained, args.min_margin), heatmap_images=args.heatmaps)
-    write_heatmaps(result.pop("heatmaps"), args.out)
-    storage.write_text(storage.join(args.out, "hide_and_seek.json"), json.dumps(json_safe(result), indent=2))
+    result = hide_and_seek_audit.hide_and_seek(cfg, df, reps, hide_and_seek_audit.Verdict(args.max_retained, args.min_margin), heatmap_images=args.heatmaps)
+    hide_and_seek_audit.write_heatmaps(result.pop("heatmaps"), args.out)
+    storage.write_text(storage.join(args.out, "hide_and_seek_audit.hide_and_seek.json"), json.dumps(jsonsafe.json_safe(result), indent=2))
     print(f"{'representation':<16} {'accuracy':>8} {'HCS':>6}  sensitivity / PPV per class")
     for name, r in result["representations"].items():
         per = ", ".join(f"{c} {r['sensitivity'][c]:.2f}/{r['ppv'][c]:.2f}" for c in result["classes"])
         print(f"{name:<16} {r['accuracy']:>8.3f} {r.get('hcs', float('nan')):>6.2f}  {per}")
     v = result["verdict"]
     print(("FLAGGED: " if v["flagged"] else "passed: ") + v["reason"])
-    print(f"report: {storage.join(args.out, 'hide_and_seek.json')}")
+    print(f"report: {storage.join(args.out, 'hide_and_seek_audit.hide_and_seek.json')}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CxrtuneError
+import yaml
 
+from .errors import CxrtuneError
 
 # What trials and replicas on other nodes need from the driver's environment, passed through the
 # job's runtime_env. Never credentials: each node signs S3 requests with its own (instance profile,
@@ -80,7 +81,6 @@ def max_parallel(cpus: float, gpus: float) -> int:
         import ray
 
         return max(1, _per_node(ray.cluster_resources(), cpus, gpus))
-    import yaml
 
     config = yaml.safe_load(path.read_text()) or {}
     head = config.get("head_node_type")

@@ -75,7 +75,7 @@ def s3_server():
 @pytest.fixture
 def bucket(s3_server, request):
     """A fresh bucket per test, named after it."""
-    from cxrtune.data import storage
+    from cxrtune import storage
 
     name = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
     storage.ensure_bucket(f"s3://{name}/")
@@ -100,7 +100,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 def phantom_bundle(phantom_dir, tmp_path_factory) -> Path:
     """A scorer bundle trained on the phantoms (both stages, 2 epochs at 64 px)."""
     from cxrtune.data import manifest
-    from cxrtune.scoring.artifacts import make_bundle
+    from cxrtune.model.artifacts import make_bundle
     from cxrtune.model.train import TrainConfig, train
 
     work = tmp_path_factory.mktemp("bundle")

@@ -29,8 +29,8 @@ def test_the_five_representations():
     import pandas as pd
 
     from cxrtune.audit.hide_and_seek import hide_and_seek
-    from cxrtune.model.classify import ClassifyConfig
     from cxrtune.errors import CxrtuneError
+    from cxrtune.model.classify import ClassifyConfig
 
     with pytest.raises(CxrtuneError, match="unknown representation 'lungs_blured'"):  # before any data is read
         hide_and_seek(ClassifyConfig(), pd.DataFrame(), ("original", "lungs_removed", "lungs_blured"))
@@ -96,7 +96,7 @@ def test_grad_cam_heat_follows_the_evidence():
     from cxrtune.audit.heatmaps import heatmaps
     from cxrtune.model.classifiers import ClassifierConfig
     from cxrtune.model.classify import ClassifyConfig, fit_classifier, predict
-    from cxrtune.scoring.preprocessing import Preprocessing
+    from cxrtune.preprocessing import Preprocessing
 
     size = 64
     top_left = np.zeros((size, size), bool)

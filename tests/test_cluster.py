@@ -155,7 +155,8 @@ def test_trials_on_a_worker_node_get_the_endpoint_but_no_secret(phantom_dir, buc
     driver's credentials did not."""
     import boto3
 
-    from cxrtune.data import manifest, storage
+    from cxrtune import storage
+    from cxrtune.data import manifest
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     manifest.push_manifest(df, f"s3://{bucket}/data", f"s3://{bucket}/data/manifest.parquet", progress=False)

@@ -1,9 +1,10 @@
 import numpy as np
 import torch
 
-from cxrtune.data import images, manifest
+from cxrtune import images
+from cxrtune.data import manifest
 from cxrtune.data.dataset import CXRDataset, seed_augmentation
-from cxrtune.scoring.preprocessing import Preprocessing
+from cxrtune.preprocessing import Preprocessing
 
 
 def test_items_and_channels(phantom_dir):
@@ -45,11 +46,10 @@ def test_seed_pipeline_settings():
 
 
 def test_augmentation_is_reproducible_in_workers(phantom_dir):
+    import pandas as pd
     from torch.utils.data import DataLoader
 
     from cxrtune.data.dataset import seed_worker
-
-    import pandas as pd
 
     df = pd.concat([manifest.load_manifest(str(phantom_dir / "manifest.parquet")).head(1)] * 8)  # one image, 8 times
 

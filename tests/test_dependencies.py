@@ -36,6 +36,12 @@ TEST_PLUGINS = {
     "pydicom-data": "pydicom.data.get_testdata_file finds its files",
     "setuptools": "the build backend test_packaging builds the wheel with (no build isolation)",
     "wheel": "the same wheel build",
+    "import-linter": "its lint-imports command checks the layer contracts (test_architecture)",
+    "ruff": "its command lints the code (test_lint)",
+    "mypy": "its command type-checks the package (test_lint)",
+    "types-pyyaml": "stubs mypy reads",
+    "types-requests": "stubs mypy reads",
+    "pytest-cov": "a pytest plugin: coverage of the fast tests (test_lint)",
 }
 NOT_LOCKED = {"pip": "the installer the virtual environment brings", "cxrtune": "this project, installed editable"}
 

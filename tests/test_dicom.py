@@ -15,10 +15,18 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrtune.data import dicom, images, manifest
-from cxrtune.data.dicom import DicomHeader, NotAnImageError, parse_age_years, pseudonym, read_dicom, read_header
-from cxrtune.errors import CxrtuneError, ImageDecodeError
+from cxrtune import dicom, images
+from cxrtune.data import importers, manifest
 from cxrtune.data.importers import run_import
+from cxrtune.dicom import (
+    DicomHeader,
+    NotAnImageError,
+    parse_age_years,
+    pseudonym,
+    read_dicom,
+    read_header,
+)
+from cxrtune.errors import CxrtuneError, ImageDecodeError
 from tests.conftest import need_shared
 
 SECRET_ID = "PATIENT-SECRET-4711"
@@ -233,7 +241,7 @@ def test_reading_for_scoring_needs_no_key(tmp_path, monkeypatch):
     keyed = read_header(path, key=KEY)
     assert keyed.patient == pseudonym(SECRET_ID, "patient", KEY) and keyed.patient.startswith("pat-")
     # the scoring path (service and CLI): no key, same rules but age; a secondary capture is refused
-    from cxrtune.scoring.preprocessing import InputRefused, load_scan
+    from cxrtune.preprocessing import InputRefused, load_scan
 
     scan = load_scan(path.read_bytes())
     assert scan.format == "dicom" and scan.dicom.patient == ""
@@ -407,7 +415,7 @@ def test_error_messages_that_name_the_file_are_scrubbed(tmp_path, monkeypatch, s
     def failing_read(source, limits=None, key=None):
         raise ImageDecodeError(f"cannot decode {source} (in {Path(source).parent.name}/{Path(source).name})")
 
-    monkeypatch.setattr(dicom, "read_dicom", failing_read)
+    monkeypatch.setattr(importers, "read_dicom", failing_read)  # the name the importer calls
     out = tmp_path / "out" / "m.csv"
     result = run_import("dicom", str(src), str(out), progress=False)
     assert result.summary() == "imported 0, excluded 0, failed 1"

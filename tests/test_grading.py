@@ -95,7 +95,7 @@ def test_patient_folds_and_subgroup_table():
 
 
 def test_side_heatmaps_in_the_image_frame_and_averaged():
-    from cxrtune.model.grading import heatmap_in_image, paired_heatmaps
+    from cxrtune.audit.grade_cv import heatmap_in_image, paired_heatmaps
 
     lung = np.zeros((60, 100), bool)
     lung[10:50, 10:40] = True  # patient's right lung, image left
@@ -138,13 +138,14 @@ def test_roi_from_stage_one_of_a_bundle(phantom_dir, phantom_bundle):
     """lung_bundle: the ROI lungs are the bundle's cleaned Stage I masks (what the ROI is in use),
     not the manifest's reference masks."""
     from cxrtune.data import manifest
-    from cxrtune.data.images import read_image, read_mask
+    from cxrtune.images import read_image, read_mask
     from cxrtune.model.grading import grade_labels, grading_input, load_grade_data
-    from cxrtune.scoring.scorer import load_bundle, to_uint8
+    from cxrtune.preprocessing import to_uint8
+    from cxrtune.scoring.scorer import load_bundle, stage_one_lungs
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     graded = grade_labels(df.head(6), read_mask)
-    stage1 = load_grade_data(graded, "right", "lung_masked", 64, lung_bundle=str(phantom_bundle))
+    stage1 = load_grade_data(graded, "right", "lung_masked", 64, find_lungs=stage_one_lungs(str(phantom_bundle)))
     reference = load_grade_data(graded, "right", "lung_masked", 64)
     scorer = load_bundle(str(phantom_bundle), stages=("lung",))
     for k, (_, row) in enumerate(stage1.rows.iterrows()):

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrtune.data import images
+from cxrtune import dicom, images
 from cxrtune.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 
 
@@ -42,7 +42,7 @@ def test_hostile_inputs_get_clear_errors():
     with pytest.raises(ImageTooLargeError, match="MP"):
         images.decode_image(png_header_only(100_000, 100_000))
     with pytest.raises(ImageTooLargeError, match="MB"):
-        images.decode_image(good, images.Limits(max_bytes=10))
+        images.decode_image(good, dicom.Limits(max_bytes=10))
 
 
 def test_mask_is_bool():

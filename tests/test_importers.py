@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrtune.data import images, manifest
-from cxrtune.errors import CxrtuneError
+from cxrtune import images
+from cxrtune.data import manifest
 from cxrtune.data.importers import run_import
+from cxrtune.errors import CxrtuneError
 from tests.conftest import need_shared
 
 

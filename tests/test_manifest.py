@@ -4,10 +4,11 @@ import pandas as pd
 import pytest
 from torch.utils.data import DataLoader
 
-from cxrtune.data import manifest, storage
+from cxrtune import storage
+from cxrtune.data import manifest
 from cxrtune.data.dataset import CXRDataset
-from cxrtune.scoring.preprocessing import Preprocessing
 from cxrtune.errors import ManifestError
+from cxrtune.preprocessing import Preprocessing
 
 
 def test_phantom_manifest_loads_with_relative_paths(phantom_dir):
@@ -76,9 +77,9 @@ def test_push_then_train_reader_caches(phantom_dir, bucket, tmp_path):
 
 
 def test_empty_label_means_unlabelled(tmp_path):
-    from cxrtune.data import images
-
     import numpy as np
+
+    from cxrtune import images
 
     for name in ("a.png", "b.png"):
         images.write_png(str(tmp_path / name), np.full((8, 8), 9, np.uint8))

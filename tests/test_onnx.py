@@ -36,7 +36,7 @@ def test_export_is_recorded_and_auto_picks_onnx_on_cpu(exported):
 
 
 def test_torch_and_onnx_give_the_same_records_and_masks(exported, phantom_dir):
-    from cxrtune.scoring.preprocessing import load_scan
+    from cxrtune.preprocessing import load_scan
     from cxrtune.scoring.scorer import load_bundle
 
     scans = [load_scan(p.read_bytes()) for p in sorted((phantom_dir / "images").iterdir())[:8]]
@@ -99,7 +99,7 @@ def int8_exported(exported, phantom_dir, tmp_path_factory):
 def test_int8_export_is_opt_in_and_close_to_fp32(int8_exported, phantom_dir):
     """int8 runs only when asked for, and on the phantoms its masks stay close to FP32's (the
     real-data parity is in docs/BENCHMARKS.md)."""
-    from cxrtune.scoring.preprocessing import load_scan
+    from cxrtune.preprocessing import load_scan
     from cxrtune.scoring.scorer import load_bundle
 
     meta = json.loads((int8_exported / "bundle.json").read_text())["onnx"]
@@ -122,7 +122,7 @@ def test_int8_export_is_opt_in_and_close_to_fp32(int8_exported, phantom_dir):
 
 
 def test_a_stale_int8_export_is_refused(int8_exported, tmp_path):
-    from cxrtune.scoring.onnx_runtime import export_bundle
+    from cxrtune.scoring.onnx_export import export_bundle
     from cxrtune.scoring.scorer import load_bundle
 
     stale = tmp_path / "stale"

@@ -32,7 +32,7 @@ def test_the_wheel_carries_and_finds_them(tmp_path):
                        ("configs", "lung_deeplabv3plus_effb1.yaml")):
         assert any(n.endswith(f".data/data/share/cxrtune/{kind}/{name}") for n in names), (kind, name)
     for module in ("cxrtune/serving/viewer.html", "cxrtune/serving/app.py", "cxrtune/scoring/scorer.py",
-                   "cxrtune/data/storage.py", "cxrtune/model/train.py", "cxrtune/search/tuning.py",
+                   "cxrtune/storage.py", "cxrtune/model/train.py", "cxrtune/search/tuning.py",
                    "cxrtune/audit/gates.py"):  # every group and the viewer page the ingress serves
         assert module in names, module
     # installed as pip lays a wheel out under a prefix (unpacked by hand: `pip install --prefix`

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from cxrtune.scoring import zones
-from cxrtune.scoring.evaluation import choose_cls_threshold
+from cxrtune import zones
 from cxrtune.data.phantom import make_phantom
-from cxrtune.scoring.preprocessing import extract_roi, lung_box
+from cxrtune.preprocessing import extract_roi, lung_box
+from cxrtune.scoring.evaluation import choose_cls_threshold
 from cxrtune.scoring.scorer import build_record, score_error
 
 
@@ -82,7 +82,7 @@ def test_a_marker_beside_one_lung_is_not_a_second_lung():
 def test_shipped_serve_configs_use_the_cli_working_size():
     import yaml
 
-    from cxrtune.scoring.preprocessing import WORK_SIZE
+    from cxrtune.preprocessing import WORK_SIZE
     from tests.conftest import ROOT
 
     for name in ("config.yaml", "config.cpu.yaml"):
@@ -104,9 +104,10 @@ def test_a_stray_speck_cannot_widen_the_crop():
 def test_training_crop_uses_the_same_cleanup(tmp_path):
     """CXRDataset (training) crops reference masks with the same function: a speck in a reference
     lung mask changes nothing either."""
-    from cxrtune.data import images, manifest
+    from cxrtune import images
+    from cxrtune.data import manifest
     from cxrtune.data.dataset import CXRDataset
-    from cxrtune.scoring.preprocessing import Preprocessing
+    from cxrtune.preprocessing import Preprocessing
 
     ph = make_phantom(128, "covid", seed=1)
     speckled = ph.lung.copy()
@@ -187,7 +188,7 @@ def test_cls_threshold_operating_points():
 
 
 def test_inference_does_not_import_training():
-    code = ("import sys, cxrtune.scoring.scorer, cxrtune.serving.app, cxrtune.scoring.preprocessing, cxrtune.scoring.artifacts, "
+    code = ("import sys, cxrtune.scoring.scorer, cxrtune.serving.app, cxrtune.preprocessing, cxrtune.model.artifacts, "
             "cxrtune.scoring.batch_scoring; bad = [m for m in ('cxrtune.model.train', 'cxrtune.data.dataset', 'albumentations') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

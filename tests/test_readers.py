@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrtune.scoring import agreement
 from cxrtune.data import manifest
-from cxrtune.errors import CxrtuneError, ManifestError
 from cxrtune.data.importers import IMPORTERS
+from cxrtune.errors import CxrtuneError, ManifestError
+from cxrtune.scoring import agreement
 from tests.conftest import need_shared
 
 ZONES = "ABCDEF"

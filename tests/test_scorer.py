@@ -8,9 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from cxrtune.data import images
+from cxrtune import images
 from cxrtune.scoring.scorer import sweep_threshold
-
 from tests import golden
 
 
@@ -58,7 +57,7 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     card = meta["model_card"]
     assert card["thresholds"]["zone_calibration"]["reference"] == "zones" and card["intended_use"]
     assert card["thresholds"]["opacity_calibration"]["method"] == "max_dice"
-    from cxrtune.scoring.artifacts import update_bundle
+    from cxrtune.model.artifacts import update_bundle
 
     update_bundle(str(bundle / "bundle"), cls_threshold=0.5)  # so that calibrating T_cls moves it
     r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "calibrate", str(bundle / "bundle"), "--manifest",
@@ -121,7 +120,7 @@ def test_score_streams_records_and_resumes(bundle, phantom_dir, tmp_path):
 
 
 def test_score_takes_a_manifest_and_an_s3_prefix(bundle, phantom_dir, tmp_path, bucket):
-    from cxrtune.data import storage
+    from cxrtune import storage
 
     imgs = sorted((phantom_dir / "images").iterdir())[:2]
     for p in imgs:
@@ -163,7 +162,7 @@ def test_score_masks_cli(tmp_path):
                          "--threshold", "0.5"))
     assert rec["score"] == 1 and rec["zones"]["A"]["affected"]
     golden.check("score_masks_two_lungs", rec, exact=True)
-    from cxrtune.scoring.zones import score_masks
+    from cxrtune.zones import score_masks
 
     one = lung.copy()
     one[:, 45:] = False  # the patient's left lung missing
@@ -180,7 +179,7 @@ def test_threshold_sweep_picks_min_mae():
 
 def test_clinical_objective_scores_validation_images(phantom_dir, phantom_bundle):
     from cxrtune.data import manifest
-    from cxrtune.model.train import Trainer, TrainConfig
+    from cxrtune.model.train import TrainConfig, Trainer
     from cxrtune.search.tuning import ClinicalObjective
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
@@ -251,7 +250,8 @@ def test_evaluate_counts_unscored_records_as_the_worst_error(bundle, phantom_dir
 
     import torch
 
-    from cxrtune.data import manifest, storage
+    from cxrtune import storage
+    from cxrtune.data import manifest
     from cxrtune.scoring.evaluation import evaluate
     from cxrtune.scoring.scorer import load_bundle, reference_zones
 
@@ -276,7 +276,7 @@ def test_lean_stage_payloads_uint8_at_the_smaller_size():
     uint8 probabilities at the size it was sent (issue 10, item 7), for non-square images too."""
     import torch
 
-    from cxrtune.scoring.preprocessing import Preprocessing
+    from cxrtune.preprocessing import Preprocessing
     from cxrtune.scoring.scorer import Scorer, StageModel, stage_input
 
     pre = Preprocessing(size=64, in_channels=1)

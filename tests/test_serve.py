@@ -18,7 +18,7 @@ import requests
 import torch
 from pydicom.data import get_testdata_file
 
-from cxrtune.data import images
+from cxrtune import images
 from tests import golden
 from tests.conftest import free_port
 
@@ -137,7 +137,7 @@ BLIND_GATES = {"hcs>=0.3": {"hcs": 0.41, "value": 0.41, "threshold": 0.3, "passe
 def served_bundle(phantom_bundle, tmp_path_factory):
     """The phantom bundle with a calibrated-looking opacity cut (0.3, not the default 0.5), so
     that a path ignoring the bundle's cut gives a different record."""
-    from cxrtune.scoring.artifacts import Calibration, update_bundle
+    from cxrtune.model.artifacts import Calibration, update_bundle
 
     bundle = tmp_path_factory.mktemp("served") / "bundle"
     shutil.copytree(phantom_bundle, bundle)
@@ -167,7 +167,7 @@ def server(served_bundle, tmp_path_factory):
     bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
     state[bias] = torch.full_like(state[bias], -1e4)
     torch.save(state, blind / "lung.pt")
-    from cxrtune.scoring.artifacts import update_bundle
+    from cxrtune.model.artifacts import update_bundle
 
     update_bundle(str(blind), audits={"gates": BLIND_GATES})  # what /v1/models must show
     tiny = {"num_cpus": 0.1}  # the side apps: 3 apps must fit 2 CPUs with the main app scaled to 2 replicas

@@ -54,8 +54,8 @@ def wait_ready(url: str, seconds: float = 240) -> None:
 
 
 def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bundle, phantom_dir, tmp_path):
-    from cxrtune.scoring.artifacts import bundle_hash, update_bundle
-    from cxrtune.scoring.onnx_runtime import export_bundle
+    from cxrtune.model.artifacts import bundle_hash, update_bundle
+    from cxrtune.scoring.onnx_export import export_bundle
 
     # two bundles with different content hashes; the second has an ONNX export (the CPU fast path)
     second = tmp_path / "bundle-b"

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrtune.errors import CxrtuneError
 from cxrtune.data.manifest import new_manifest
 from cxrtune.data.splits import assign_splits
+from cxrtune.errors import CxrtuneError
 
 
 def many_images_per_patient(n_patients: int = 120) -> pd.DataFrame:

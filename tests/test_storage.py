@@ -3,7 +3,7 @@ import os
 import boto3
 import pytest
 
-from cxrtune.data import storage
+from cxrtune import storage
 from cxrtune.errors import CxrtuneError
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxrtune.data import manifest, storage
+from cxrtune import storage
+from cxrtune.data import manifest
 from cxrtune.errors import CxrtuneError
 from cxrtune.model.losses import DynamicLossWeighting, segmentation_loss
 from cxrtune.model.models import ARCHITECTURES, ModelConfig, build_model
@@ -114,7 +115,8 @@ def test_unannotated_masks_stay_out_of_the_segmentation_loss(phantom_dir):
 
 
 def test_score_metrics():
-    from cxrtune.model.metrics import json_safe, score_metrics
+    from cxrtune.jsonsafe import json_safe
+    from cxrtune.model.metrics import score_metrics
 
     m = score_metrics([0, 1, 2, 3], [0, 1, 2, 4])
     assert m["mae"] == 0.25 and m["rmse"] == 0.5 and m["pearson"] > 0.9
@@ -193,7 +195,7 @@ def test_a_loss_monitor_is_minimised(phantom_dir, tmp_path, monkeypatch):
 
 def test_encoder_transfer_from_a_cxrtune_run(tmp_path):
     """Stage II can start from the Stage I encoder a run trained (no hub download needed)."""
-    from cxrtune.scoring.artifacts import CheckpointMeta  # noqa: F401  (the run layout the trainer writes)
+    from cxrtune.model.artifacts import CheckpointMeta  # noqa: F401  (the run layout the trainer writes)
 
     lung = build_model(ModelConfig(arch="Unet", encoder="resnet18"))
     (tmp_path / "run" / "best").mkdir(parents=True)

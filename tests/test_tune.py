@@ -18,7 +18,7 @@ import boto3
 import pytest
 import yaml
 
-from cxrtune.data import storage
+from cxrtune import storage
 from tests import golden
 from tests.conftest import cli
 from tests.wandb_reader import summarize
@@ -295,7 +295,7 @@ def test_space_errors_name_the_key(tmp_path):
 def _with_reader(phantom_dir: Path, out: Path, grade: int) -> str:
     """The phantom manifest with a reader P who gives every zone ``grade`` (0-3)."""
     from cxrtune.data import manifest
-    from cxrtune.scoring.zones import ZONE_LETTERS
+    from cxrtune.zones import ZONE_LETTERS
 
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     for z in ZONE_LETTERS:

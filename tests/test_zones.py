@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cxrtune.scoring import zones
+from cxrtune import zones
 
 
 def two_lungs(h: int = 200, w: int = 200) -> np.ndarray:

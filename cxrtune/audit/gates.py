@@ -21,7 +21,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import storage
+from ..data import manifest as manifests
 from ..errors import CxrtuneError
+from ..preprocessing import resize_mask
+from ..scoring.evaluation import pick_rows, readable_scans, score_rows
+from ..scoring.scorer import (
+    disease_input,
+    has_lungs,
+    load_bundle,
+    reference_zones,
+    score_error,
+)
+from .heatmaps import concordance, heatmaps
 
 KINDS = ("hcs", "hide-and-seek", "score_mae")
 BUNDLE_ONLY = ("hcs", "score_mae")
@@ -64,10 +76,6 @@ def parse_gate(text: str) -> Gate:
 def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
     """Mean HCS of the bundle's Stage II classifier on its own input (a torch scorer: Grad-CAM
     needs gradients). Images whose Stage I finds no lungs are left out (the classifier never sees them)."""
-    from ..scoring.preprocessing import resize_mask
-    from ..scoring.scorer import disease_input, has_lungs
-    from .heatmaps import concordance, heatmaps
-
     model, pre = scorer.disease.model, scorer.disease.pre
     values = []
     for image, lung in zip(images, scorer.lung_masks(images)):
@@ -86,10 +94,6 @@ def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
 def score_mae(scorer, rows, reader: str) -> dict:
     """The bundle's score MAE on the rows that have a reference (a reader's, else zones/masks); a
     partial or unscored record counts as the worst error for its reference (``score_error``)."""
-    from ..data import storage
-    from ..scoring.evaluation import score_rows
-    from ..scoring.scorer import reference_zones, score_error
-
     errors, not_scored = [], 0
     for row, _, record, _ in score_rows(scorer, rows, storage.ContentCache(), progress=False):
         ref = reference_zones(row, reference=reader or "auto")
@@ -105,8 +109,6 @@ def score_mae(scorer, rows, reader: str) -> dict:
 def check_gates(gates: list[Gate], bundle: bool, manifest: str | None) -> None:
     """What can be checked before anything is written: a bundle gate needs a bundle and a gate
     manifest, a hide-and-seek gate a readable report."""
-    from ..data import storage
-
     for gate in gates:
         if gate.kind in BUNDLE_ONLY and not bundle:
             raise CxrtuneError(f"--gate {gate.rule} audits a bundle (both stages): give it to `cxrtune bundle`")
@@ -119,15 +121,10 @@ def check_gates(gates: list[Gate], bundle: bool, manifest: str | None) -> None:
 def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None = None, limit: int = 64) -> dict:
     """Evaluate every gate; ``{rule: {value, threshold, passed, ...}}``. Never raises for a
     failed gate (:func:`enforce` does): the results are recorded either way."""
-    from ..data import storage
-
     results, loaded = {}, {}
 
     def bundle_and_rows():  # read once for every bundle gate
         if not loaded:
-            from ..data import manifest as manifests
-            from ..scoring.evaluation import pick_rows
-            from ..scoring.scorer import load_bundle
 
             loaded["scorer"] = load_bundle(bundle, device="cpu", runtime="torch", batch_size=8)
             loaded["rows"] = pick_rows(manifests.load_manifest(manifest), None, limit)
@@ -145,7 +142,6 @@ def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None
                                   "lungs_removed_accuracy": removed.get("accuracy"),
                                   "retained_skill": (report.get("retained_skill") or {}).get("lungs_removed")}
         elif gate.kind == "hcs":
-            from ..scoring.evaluation import readable_scans
 
             scorer, rows = bundle_and_rows()
             hcs = bundle_concordance(scorer, [scan.image for _, scan in readable_scans(rows, storage.ContentCache())])

@@ -11,6 +11,7 @@ lungs. A model that looks at the lungs scores near 1; one that reads a marker ou
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -123,8 +124,6 @@ def concordance(heat: np.ndarray, lung: np.ndarray) -> dict:
 
 def heatmap_png(image: np.ndarray, heat: np.ndarray, lung: np.ndarray | None = None, hcs: float | None = None) -> bytes:
     """The heatmap over the (uint8) image as a PNG, the lung outline in white, HCS written on it."""
-    import cv2
-
     grey = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     color = cv2.applyColorMap(np.clip(heat * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
     out = cv2.addWeighted(grey, 0.6, color, 0.4, 0)

@@ -21,11 +21,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import torch
 
-from ..model.classify import ClassifyConfig, fit_classifier, predict
+from .. import storage
+from ..data.manifest import is_labelled, without_eval_only
 from ..errors import CxrtuneError
+from ..images import read_image, read_mask
+from ..model.classify import ClassifyConfig, fit_classifier, predict
 from ..model.metrics import multiclass_metrics
-from ..scoring.preprocessing import Preprocessing, resize_image, resize_mask
+from ..preprocessing import Preprocessing, resize_image, resize_mask, to_uint8
+from .heatmaps import concordance, heatmap_png, heatmaps
 from .representations import HIDDEN, REPRESENTATIONS, represent
 
 log = logging.getLogger(__name__)
@@ -40,7 +45,6 @@ class Verdict:
 @dataclass
 class AuditData:
     """Images (uint8, model size), lung masks (bool) and integer labels of one split."""
-
     images: np.ndarray
     lungs: np.ndarray
     labels: np.ndarray
@@ -49,9 +53,6 @@ class AuditData:
 def load_rows(df: pd.DataFrame, size: int, classes: list[str]) -> AuditData:
     """The rows' images and reference lung masks at ``size`` (rows without a lung mask are
     refused by the caller: hide-and-seek needs the lungs)."""
-    from ..data.images import read_image, read_mask
-    from ..scoring.scorer import to_uint8
-
     imgs, lungs, labels, skipped = [], [], [], 0
     for uri, lung_uri, label in zip(df["image"], df["lung_mask"], df["label"]):
         try:
@@ -72,8 +73,6 @@ def load_rows(df: pd.DataFrame, size: int, classes: list[str]) -> AuditData:
 def split_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Train rows and evaluation rows (test, else val), labelled and with lung masks; ``eval_only``
     rows (radiologists' reference sets) never train or test an audit model."""
-    from ..data.manifest import is_labelled, without_eval_only
-
     df = without_eval_only(df)
     if "split" not in df.columns:
         raise CxrtuneError("hide-and-seek needs train and test (or val) splits: run `cxrtune data split`")
@@ -102,9 +101,6 @@ def heatmap_rows(count: int, n: int) -> np.ndarray:
 
 def mean_concordance(model, images: np.ndarray, lungs: np.ndarray, pre: Preprocessing) -> dict:
     """Mean HCS (both definitions) of the given evaluation images' heatmaps."""
-    import torch
-
-    from .heatmaps import concordance, heatmaps
 
     if not len(images):
         return {}
@@ -169,9 +165,6 @@ def hide_and_seek(cfg: ClassifyConfig, df: pd.DataFrame, representations: tuple[
 def write_heatmaps(shown: dict, out_uri: str, per_representation: int = 4) -> None:
     """The first heatmaps of each representation (``result["heatmaps"]``) as PNGs under
     ``OUT/heatmaps/``, with the lung outline and each image's HCS."""
-    from ..data import storage
-    from .heatmaps import concordance, heatmap_png
-
     for name, (images, heat, lungs) in shown.items():
         for i in range(min(per_representation, len(images)) if heat is not None else 0):
             storage.write_bytes(storage.join(out_uri, "heatmaps", f"{name}_{i:02d}.png"),

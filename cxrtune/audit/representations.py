@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..scoring.preprocessing import lung_box
+from ..preprocessing import lung_box
 
 REPRESENTATIONS = ("original", "lungs_isolated", "lungs_removed", "lungs_framed", "lungs_boxed_out")
 # the representations in which the lungs cannot be seen: accuracy there is a shortcut's

@@ -4,7 +4,7 @@ Each item is a dict of tensors: ``image`` (C x H x W float32), ``lung_mask`` and
 (1 x H x W float32 in {0, 1}), ``opacity_annotated`` (bool: False means the opacity mask is not
 annotated and must be left out of the segmentation loss), ``label`` (1 = disease) and ``index``
 (the manifest row). Masks go through exactly the same geometric transforms as their image.
-Remote files are read through a :class:`~cxrtune.data.storage.ContentCache`.
+Remote files are read through a :class:`~cxrtune.storage.ContentCache`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from . import images, manifest, storage
-from ..scoring.preprocessing import Preprocessing, extract_roi, resize_image, resize_mask
+from .. import images, storage
+from ..preprocessing import Preprocessing, extract_roi, resize_image, resize_mask
+from . import manifest
+
 
 def seed_augmentation(size: int, seed: int | None = None) -> A.Compose:
     """Seed 004's final-training augmentation (albumentations): CLAHE p=0.2; random-sized crop of

@@ -7,6 +7,7 @@ the exclusion report with its reason.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,12 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
-from . import images, manifest
+from .. import images, storage
+from ..dicom import pseudonym, pseudonym_key, read_dicom, read_header
 from ..errors import CxrtuneError, UnsupportedFormatError
+from . import manifest
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -63,8 +67,6 @@ def import_covid_qu_ex(src: str, data_dir: str | None = None, progress: bool = T
     pneumonia was never outlined: recorded as NOT annotated. Normal masks are annotated empty.
     Each image is its own patient (the dataset has no patient key).
     """
-    from tqdm import tqdm
-
     root = Path(src).resolve()  # manifests hold absolute paths: relative ones follow the manifest
     _require_dir(root, "COVID-QU-Ex")
     rows, excluded = [], []
@@ -99,8 +101,6 @@ def import_jsrt(src: str, data_dir: str | None = None, progress: bool = True, **
     per-side masks stay in ``lung_mask_right``/``lung_mask_left`` (``left_lung`` is the patient's
     left). Labels: ``JPCLN`` = nodule case, ``JPCNN`` = normal. No opacity annotation.
     """
-    from tqdm import tqdm
-
     root = Path(src).resolve()  # manifests hold absolute paths: relative ones follow the manifest
     _require_dir(root / "images", "JSRT images")
     out = Path(data_dir or ".") / "lung_masks"
@@ -224,11 +224,6 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
     ``<instance pseudonym>-<content hash>.png`` and never overwrite a different file, so several
     imports can share one ``data_dir``.
     """
-    import hashlib
-
-    from tqdm import tqdm
-
-    from .dicom import pseudonym, pseudonym_key, read_dicom, read_header
 
     key = pseudonym_key(pseudonym_key_file)  # refuse before touching any file
     label = default_label or ""
@@ -321,9 +316,7 @@ def _free_target(out_dir: Path, stem: str, data: bytes, written: set) -> Path:
 
 
 def _create_new(path: Path, data: bytes) -> bool:
-    """Create ``path`` whole, never overwriting (:func:`cxrtune.data.storage.create_local`)."""
-    from . import storage
-
+    """Create ``path`` whole, never overwriting (:func:`cxrtune.storage.create_local`)."""
     try:
         return storage.create_local(path, data)
     except OSError as exc:
@@ -335,7 +328,6 @@ def run_import(fmt: str, src: str, out: str, data_dir: str | None = None, progre
     """Run one importer, write the manifest and, if anything was excluded, a report beside it."""
     if fmt not in IMPORTERS:
         raise CxrtuneError(f"unknown --format {fmt!r}; choose one of {', '.join(sorted(IMPORTERS))}")
-    from . import storage
 
     data_dir = data_dir or (str(Path(out).resolve().parent) if not storage.is_s3(out) else None)
     if data_dir is None:

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
-from . import storage
+from .. import storage
 from ..errors import CxrtuneError, ManifestError
 
 log = logging.getLogger(__name__)
@@ -252,8 +253,6 @@ def push_manifest(df: pd.DataFrame, dest_prefix: str, out_uri: str, workers: int
     caches keyed by URI are never stale. Returns counts: ``files`` (distinct source files),
     ``objects`` (distinct keys), ``uploaded`` and ``skipped`` (keys already present).
     """
-    from tqdm import tqdm
-
     if not storage.is_s3(dest_prefix):
         raise CxrtuneError(f"push destination must be s3://bucket/prefix, got {dest_prefix!r}")
     storage.ensure_bucket(dest_prefix)

@@ -4,7 +4,7 @@ They feed the unit tests and the embedded default (a sweep with no dataset at al
 is a frontal CXR cartoon: body, spine, heart overlapping the patient's left lung, ribs, two dark
 lung fields, and for disease cases ground-glass opacities inside the lungs; a random shift,
 scale and small rotation per image, blur and noise. Reference zone scores A-F come from the
-true masks through :func:`cxrtune.scoring.zones.score_masks`, so they agree with the scorer by construction.
+true masks through :func:`cxrtune.zones.score_masks`, so they agree with the scorer by construction.
 Written by hand: no library draws CXR phantoms.
 """
 
@@ -16,11 +16,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
-from . import images, manifest
-from ..scoring import zones
+from .. import images, zones
+from ..zones import (
+    DEFAULT_ZONE_THRESHOLD as REFERENCE_ZONE_THRESHOLD,  # the one default T
+)
+from . import manifest
+from .splits import assign_splits
 
-from ..scoring.artifacts import DEFAULT_ZONE_THRESHOLD as REFERENCE_ZONE_THRESHOLD  # the one default T
 LABEL_MIX = (("normal", 0.4), ("covid", 0.4), ("other_pneumonia", 0.2))
 
 
@@ -101,9 +105,6 @@ def write_phantoms(out_dir: str | Path, n: int, size: int = 256, seed: int = 0,
     ``out_dir``; returns the manifest. ``other_pneumonia`` phantoms have opacities in the image
     but their mask is recorded as not annotated, like COVID-QU-Ex's Non-COVID images.
     ``shortcut``: every phantom carries the label-revealing marker of :func:`make_phantom`."""
-    from tqdm import tqdm
-
-    from .splits import assign_splits
 
     out = Path(out_dir)
     for sub in ("images", "lung_masks", "opacity_masks"):

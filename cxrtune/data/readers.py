@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import manifest
 from ..errors import CxrtuneError
+from . import manifest
 from .importers import IMAGE_SUFFIXES, ImportResult, importer
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from ..errors import CxrtuneError
+from .models import load_encoder_weights
 
 BACKBONES = ("resnet50", "vgg16", "densenet121")  # seed 000's three; any SMP encoder name also works
 
@@ -33,7 +34,6 @@ class ClassifierConfig:
 
 class Classifier(nn.Module):
     """Encoder -> its deepest feature map (``features``, Grad-CAM's target layer) -> head."""
-
     def __init__(self, cfg: ClassifierConfig):
         import segmentation_models_pytorch as smp
         from segmentation_models_pytorch.base import ClassificationHead
@@ -73,7 +73,6 @@ def build_classifier(cfg: ClassifierConfig) -> Classifier:
         raise CxrtuneError(f"a classifier needs at least 2 classes, got {cfg.num_classes}")
     model = Classifier(cfg)
     if cfg.weights not in (None, "imagenet"):
-        from .models import load_encoder_weights
 
         load_encoder_weights(model, cfg.weights)
     return model

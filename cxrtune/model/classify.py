@@ -12,15 +12,18 @@ segmentation Trainer's datasets, losses and metrics do not fit whole-image class
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import numpy as np
 import torch
+import yaml
 
-from .classifiers import Classifier, ClassifierConfig, build_classifier
+from .. import storage
+from ..data.dataset import seed_augmentation
 from ..errors import CxrtuneError
-from ..scoring.preprocessing import Preprocessing
+from ..preprocessing import Preprocessing
+from .classifiers import Classifier, ClassifierConfig, build_classifier
 
 log = logging.getLogger(__name__)
 BALANCING = ("none", "undersample", "oversample", "double")
@@ -29,7 +32,6 @@ BALANCING = ("none", "undersample", "oversample", "double")
 @dataclass
 class ClassifyConfig:
     """A classification recipe: what hide-and-seek audits and what the grading track tunes."""
-
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     size: int = 128
     batch_size: int = 16
@@ -58,8 +60,6 @@ class ClassifyConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ClassifyConfig":
         """From a mapping (a YAML file); unknown keys are refused by name."""
-        from dataclasses import fields
-
         d = dict(d or {})
         for known, what in ((cls, "classification"), (ClassifierConfig, "classifier")):
             data = d if known is cls else (d.get("classifier") or {})
@@ -74,10 +74,6 @@ class ClassifyConfig:
 
     @classmethod
     def from_yaml(cls, uri: str) -> "ClassifyConfig":
-        import yaml
-
-        from ..data import storage
-
         try:
             return cls.from_dict(yaml.safe_load(storage.read_text(uri)) or {})
         except yaml.YAMLError as exc:
@@ -126,8 +122,6 @@ def fit_classifier(cfg: ClassifyConfig, images: np.ndarray, labels: np.ndarray,
     """Train on ``images`` (N x size x size, uint8) with integer ``labels`` (0..num_classes-1).
     ``on_epoch(epoch, model)`` runs after every epoch of either phase (1..``cfg.total_epochs``):
     a Tune trial reports there, and Tune's schedulers stop it there."""
-    from ..data.dataset import seed_augmentation
-
     if images.dtype != np.uint8 or images.ndim != 3:
         raise CxrtuneError("fit_classifier takes N x H x W uint8 images")
     torch.manual_seed(cfg.seed)

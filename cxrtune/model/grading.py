@@ -3,7 +3,7 @@
 Each lung side (the patient's right or left) gets its own classifier and a 0-3 grade: 0 clear,
 1 mild (1-33 % of the lung opacified), 2 moderate (34-66 %), 3 severe (67-100 %). Labels are the
 manifest's reader grades (``grade_right``/``grade_left``) where it has them, else they are derived
-from the reference lung and opacity masks (:func:`~cxrtune.scoring.zones.grade_from_percent`).
+from the reference lung and opacity masks (:func:`~cxrtune.zones.grade_from_percent`).
 
 ROI schemes, from a lung mask: the manifest's reference mask, or, with ``lung_bundle``, the cleaned
 lungs of a scorer bundle's Stage I, which is what the ROI will come from in use:
@@ -22,23 +22,30 @@ subgroup tables (``cxrtune grade cv``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from ..scoring import zones
-from .classifiers import ClassifierConfig
-from .classify import BALANCING, ClassifyConfig
+from .. import zones
+from ..data.manifest import without_eval_only
 from ..errors import CxrtuneError
-from ..scoring.preprocessing import resize_image
+from ..images import read_image, read_mask
+from ..preprocessing import Preprocessing, resize_image, to_uint8
+from .classifiers import ClassifierConfig
+from .classify import BALANCING, ClassifyConfig, fit_classifier, predict
+from .metrics import multiclass_metrics, ordinal_metrics
 
 log = logging.getLogger(__name__)
 
 SIDES = ("right", "left")
 ROI_SCHEMES = ("none", "lung_masked", "split")
 GRADES = ("clear", "mild", "moderate", "severe")
+
+LungFinder = Callable[[np.ndarray], np.ndarray]
+"""An image (2-D float) -> its bool lung mask: how a ROI is found without a reference mask (e.g.
+:func:`cxrtune.scoring.scorer.stage_one_lungs`, the cleaned lungs of a bundle's Stage I)."""
 
 
 def mask_grades(lung: np.ndarray, opacity: np.ndarray) -> dict[str, int | None]:
@@ -82,8 +89,6 @@ def grade_labels(df: pd.DataFrame, read_mask) -> pd.DataFrame:
     else derived from the reference masks (rows with neither are dropped, and so are ``eval_only``
     rows; a side whose lung the mask lacks, or whose masks cannot be read, gets no grade: NA).
     Adds ``grade_source``. The grade columns are nullable integers."""
-    from ..data.manifest import without_eval_only
-
     df = without_eval_only(df)  # radiologists' reference sets (brixia-dev) never train or select
     rows, index = [], []
     for i, row in df.iterrows():
@@ -146,19 +151,12 @@ class GradeData:
     rows: pd.DataFrame
 
 
-def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int, lung_bundle: str | None = None) -> GradeData:
+def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int,
+                    find_lungs: LungFinder | None = None) -> GradeData:
     """The inputs of ``graded`` rows (from :func:`grade_labels`) in ROI scheme ``roi``, the ROI
-    taken from the reference lung mask, or from ``lung_bundle``'s Stage I (cleaned lungs, as the
-    scorer makes them). A row the scheme cannot use (no lungs; a single lung for ``split``) or an
-    unreadable image is left out with a warning, never guessed."""
-    from ..data.images import read_image, read_mask
-    from ..scoring.scorer import to_uint8
-
-    stage1 = None
-    if lung_bundle and roi != "none":
-        from ..scoring.scorer import load_bundle
-
-        stage1 = load_bundle(lung_bundle, stages=("lung",), batch_size=8)
+    taken from the reference lung mask, or from ``find_lungs`` (e.g. a bundle's Stage I, which is
+    what the ROI will come from in use). A row the scheme cannot use (no lungs; a single lung for
+    ``split``) or an unreadable image is left out with a warning, never guessed."""
     graded = graded[graded[f"grade_{side}"].notna()]  # no grade for this side: nothing to learn or test
     images, keep, skipped = [], [], []
     for i, row in graded.iterrows():
@@ -166,8 +164,8 @@ def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int, lung_b
             image = read_image(row["image"])
             if roi == "none":
                 lung = None
-            elif stage1 is not None:
-                lung = stage1.lung_masks([image])[0]
+            elif find_lungs is not None:
+                lung = find_lungs(image)
             else:
                 lung = read_mask(row["lung_mask"])
             if roi != "none" and not lung.any():
@@ -187,8 +185,6 @@ def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int, lung_b
 def grade_metrics(grades: np.ndarray, prob: np.ndarray) -> dict:
     """Seed 000's metrics of N x 4 grade probabilities: macro-averaged MAE, MAE by grade, the
     three binary collapses, weighted precision/recall/F1, accuracy and the confusion matrix."""
-    from .metrics import multiclass_metrics, ordinal_metrics
-
     mc = multiclass_metrics(grades, prob, list(GRADES))
     keep = ("n", "accuracy", "weighted_precision", "weighted_recall", "weighted_f1", "confusion")
     return {**ordinal_metrics(grades, prob.argmax(1), len(GRADES)), **{k: mc[k] for k in keep}}
@@ -206,16 +202,12 @@ def _sample(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     return df.sample(n=limit, random_state=seed).sort_index() if limit and len(df) > limit else df
 
 
-def train_grader(cfg: GradeConfig, df: pd.DataFrame,
-                 on_epoch: Callable[[int, dict], None] | None = None):
+def train_grader(cfg: GradeConfig, df: pd.DataFrame, on_epoch: Callable[[int, dict], None] | None = None,
+                 find_lungs: LungFinder | None = None):
     """Train ``cfg`` on the manifest's train rows and validate after every epoch on its val rows
-    (``on_epoch(epoch, metrics)``: a Tune trial reports there). Returns the model and the last
+    (``on_epoch(epoch, metrics)``: a Tune trial reports there). ``find_lungs`` finds the ROI's lungs
+    when ``cfg.lung_bundle`` is set (:func:`load_grade_data`). Returns the model and the last
     validation metrics. ``eval_only`` rows never take part."""
-    from .classify import fit_classifier, predict
-    from ..data.images import read_mask
-    from ..data.manifest import without_eval_only
-    from ..scoring.preprocessing import Preprocessing
-
     df = without_eval_only(df)
     if "split" not in df.columns:
         raise CxrtuneError("grading needs train and val splits (cxrtune data split)")
@@ -224,7 +216,7 @@ def train_grader(cfg: GradeConfig, df: pd.DataFrame,
         rows = _sample(df[df["split"] == split], limit, cfg.seed)
         if not len(rows):
             raise CxrtuneError(f"grading needs {split} rows")
-        parts[split] = load_grade_data(grade_labels(rows, read_mask), cfg.side, cfg.roi, cfg.size, cfg.lung_bundle)
+        parts[split] = load_grade_data(grade_labels(rows, read_mask), cfg.side, cfg.roi, cfg.size, find_lungs)
     pre = Preprocessing(size=cfg.size, in_channels=cfg.classifier.in_channels)
     val, last = parts["val"], {}
 
@@ -273,107 +265,6 @@ CV_SUMMARY = ("macro_mae", "mae", "weighted_f1", "weighted_precision", "weighted
               "none_vs_any_f1", "mild_or_less_vs_moderate_or_more_f1", "not_severe_vs_severe_f1")
 
 
-def heatmap_in_image(heat: np.ndarray, shape: tuple[int, int], lung: np.ndarray | None, side: str,
-                     roi: str) -> np.ndarray:
-    """A side model's heatmap (at its input size) in the image's frame: over the whole image for
-    ROI ``none``/``lung_masked``, over the side's half for ``split`` (0 on the other half), the
-    inverse of :func:`grading_input`'s geometry. Left and right maps then average pixel by pixel."""
-    import cv2
-
-    h, w = shape
-    if roi != "split":
-        return cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
-    x = midline(zones.split_lungs(lung), w) if lung is not None else w // 2
-    out = np.zeros((h, w), np.float32)
-    if side == "right":
-        out[:, :x] = cv2.resize(heat, (x, h), interpolation=cv2.INTER_LINEAR)
-    else:
-        out[:, x:] = cv2.resize(heat, (w - x, h), interpolation=cv2.INTER_LINEAR)
-    return out
-
-
-def _lung_of(row, image: np.ndarray, stage1) -> np.ndarray:
-    from ..data.images import read_mask
-
-    return stage1.lung_masks([image])[0] if stage1 is not None else read_mask(row["lung_mask"]).astype(bool)
-
-
-def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int = 0,
-                   by: tuple[str, ...] = (), heatmap_images: int = 8) -> dict:
-    """Seed 000's patient-level K-fold cross-validation of one recipe on the non-test rows: each
-    fold's model is trained on the other folds. Returns per-fold metrics, their mean and SD, the
-    pooled out-of-fold metrics, subgroup tables ``by`` manifest columns, the out-of-fold
-    predictions (``oof``: row, patient, fold, grade, predicted grade), and Grad-CAM heatmaps of
-    ``heatmap_images`` held-out images (spread over the rows) in the image frame with their HCS
-    against the lungs (``heatmaps``: manifest row -> (uint8 image, heatmap, lung mask))."""
-    from .classify import fit_classifier, predict
-    from ..audit.heatmaps import concordance, heatmaps
-    from ..audit.hide_and_seek import heatmap_rows
-    from ..data.images import read_image, read_mask
-    from ..data.manifest import without_eval_only
-    from ..scoring.preprocessing import Preprocessing
-    from ..scoring.scorer import to_uint8
-
-    df = without_eval_only(df)
-    if "split" in df.columns:
-        df = df[df["split"] != "test"]  # the test split stays unseen
-    for col in by:
-        if col not in df.columns:
-            raise CxrtuneError(f"no manifest column {col!r} for a subgroup table")
-    data = load_grade_data(grade_labels(df, read_mask), cfg.side, cfg.roi, cfg.size, cfg.lung_bundle)
-    fold = patient_folds(data.rows, data.grades, folds, seed)
-    pre = Preprocessing(size=cfg.size, in_channels=cfg.classifier.in_channels)
-    prob = np.zeros((len(data.grades), len(GRADES)), np.float32)
-    per_fold, shown, maps = [], set(heatmap_rows(len(data.grades), heatmap_images).tolist()), {}
-    stage1 = None
-    if shown and cfg.lung_bundle:
-        from ..scoring.scorer import load_bundle
-
-        stage1 = load_bundle(cfg.lung_bundle, stages=("lung",))
-    for k in range(folds):
-        held = fold == k
-        log.info("grading cross-validation: fold %d of %d (%d held out)", k + 1, folds, int(held.sum()))
-        model = fit_classifier(replace(cfg, seed=cfg.seed + k), data.images[~held], data.grades[~held])
-        prob[held] = predict(model, data.images[held], pre)
-        per_fold.append({"fold": k, **flat_metrics(grade_metrics(data.grades[held], prob[held]))})
-        picked = [i for i in np.flatnonzero(held) if i in shown]
-        if picked:
-            import torch
-
-            heat, _ = heatmaps(model, torch.stack([pre.to_tensor(data.images[i]) for i in picked]))
-            for i, hmap in zip(picked, heat):
-                row = data.rows.iloc[i]
-                image = read_image(row["image"])
-                lung = _lung_of(row, image, stage1)
-                maps[data.rows.index[i]] = (to_uint8(image), heatmap_in_image(hmap, image.shape, lung, cfg.side, cfg.roi),
-                                            lung)
-    summary = {m: {"mean": float(np.nanmean([f[m] for f in per_fold])), "sd": float(np.nanstd([f[m] for f in per_fold]))}
-               for m in CV_SUMMARY}
-    pooled = grade_metrics(data.grades, prob)
-    oof = pd.DataFrame({"row": data.rows.index, "patient_id": data.rows.get("patient_id", pd.Series(index=data.rows.index)).to_numpy(),
-                        "fold": fold, "grade": data.grades, "pred": prob.argmax(1)})
-    hcs = [concordance(heat, lung)["hcs"] for _, heat, lung in maps.values()]
-    return {"config": cfg.to_dict(), "folds": folds, "images": int(len(data.grades)), "per_fold": per_fold,
-            "summary": summary, "pooled": pooled,
-            "hcs": {"mean": float(np.mean(hcs)) if hcs else None, "images": len(hcs)},
-            "subgroups": {col: subgroup_table(data.rows, data.grades, prob, col) for col in by}, "oof": oof,
-            "heatmaps": maps}
-
-
-def paired_heatmaps(right: dict, left: dict) -> dict:
-    """Seed 000's heatmap of an image: the right-lung and left-lung models' heatmaps averaged, on
-    the images both cross-validations drew (two :func:`cross_validate` results of one recipe,
-    one per side), with the HCS of each against the lungs."""
-    from ..audit.heatmaps import average_heatmaps, concordance
-
-    out = {}
-    for row in sorted(set(right["heatmaps"]) & set(left["heatmaps"])):
-        image, heat_r, lung = right["heatmaps"][row]
-        heat = average_heatmaps(heat_r, left["heatmaps"][row][1])
-        out[row] = (image, heat, lung, concordance(heat, lung)["hcs"])
-    return out
-
-
 GRID_ROWS, GRID_COLUMNS = ("backbone", "roi"), "balancing"
 
 
@@ -411,29 +302,3 @@ def grid_table(trials: pd.DataFrame, metric: str = "best_val_macro_mae",
             lines.append(f"| {backbone} | {roi} | " + " | ".join(out) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-def cv_markdown(results: list[dict]) -> str:
-    """The cross-validation results of several recipes as Markdown: mean +- SD over the folds,
-    then each recipe's subgroup tables (pooled out-of-fold predictions)."""
-    def pm(r: dict, m: str) -> str:
-        return f"{r['summary'][m]['mean']:.3f} +- {r['summary'][m]['sd']:.3f}"
-
-    lines = ["| side | backbone | ROI | balancing | images | macro MAE | weighted F1 | none vs any F1 | "
-             "<=mild vs >=moderate F1 | severe F1 | HCS |", "| --- " * 11 + "|"]
-    for r in results:
-        c = r["config"]
-        hcs = r.get("hcs", {}).get("mean")
-        lines.append(f"| {c['side']} | {c['classifier']['backbone']} | {c['roi']} | {c['balancing']} | {r['images']} | "
-                     + " | ".join(pm(r, m) for m in ("macro_mae", "weighted_f1", "none_vs_any_f1",
-                                                      "mild_or_less_vs_moderate_or_more_f1", "not_severe_vs_severe_f1"))
-                     + f" | {'-' if hcs is None else f'{hcs:.3f}'} |")
-    for i, r in enumerate(results):
-        for col, table in r["subgroups"].items():
-            c = r["config"]
-            lines += ["", f"Recipe {i + 1} ({c['side']}, {c['classifier']['backbone']}, {c['roi']}, {c['balancing']}) "
-                      f"by {col}, pooled out-of-fold:", "",
-                      f"| {col} | n | macro MAE | MAE | weighted F1 | accuracy |", "| --- " * 6 + "|"]
-            lines += [f"| {t['value']} | {t['n']} | {t['macro_mae']:.3f} | {t['mae']:.3f} | {t['weighted_f1']:.3f} | "
-                      f"{t['accuracy']:.3f} |" for t in table]
-    return "\n".join(lines) + "\n"

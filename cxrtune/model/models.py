@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .. import storage
 from ..errors import CxrtuneError
 
 ARCHITECTURES = {
@@ -41,8 +42,6 @@ class ModelConfig:
 
 def _weights_file(uri: str) -> str:
     """A weights file itself, or the best (else own) ``model.pt`` of a cxrtune run or checkpoint."""
-    from ..data import storage
-
     if uri.endswith((".pt", ".pth", ".bin", ".ckpt")):
         return uri
     for candidate in (storage.join(uri, "best", "model.pt"), storage.join(uri, "model.pt")):
@@ -54,8 +53,6 @@ def _weights_file(uri: str) -> str:
 def load_encoder_weights(model: nn.Module, uri: str) -> None:
     """Weights at ``uri`` (an encoder state dict, or a whole model's: its ``encoder.`` tensors)
     into ``model.encoder``, for segmenters and classifiers alike; shapes must match."""
-    from ..data import storage
-
     path = _weights_file(uri)
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)

@@ -30,23 +30,32 @@ import random
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from ..data import manifest, storage
-from ..scoring.artifacts import CheckpointMeta, versions
+from .. import storage
+from ..data import manifest
 from ..data.dataset import CXRDataset, seed_worker
-from ..scoring.preprocessing import Preprocessing
 from ..errors import CxrtuneError
-from .losses import DynamicLossWeighting, build_optimizer, classification_loss, segmentation_loss
-from .metrics import SegmentationMeter, classification_metrics, json_safe
+from ..jsonsafe import json_safe
+from ..preprocessing import Preprocessing
+from .artifacts import CheckpointMeta, versions
+from .losses import (
+    DynamicLossWeighting,
+    build_optimizer,
+    classification_loss,
+    segmentation_loss,
+)
+from .metrics import SegmentationMeter, classification_metrics
 from .models import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -125,8 +134,6 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, uri: str) -> "TrainConfig":
-        import yaml
-
         try:
             data = yaml.safe_load(storage.read_text(uri)) or {}
         except yaml.YAMLError as exc:
@@ -250,8 +257,6 @@ class Trainer:
         return {"seg": seg, "cls": cls}
 
     def train_epoch(self, progress: bool = False) -> dict:
-        from tqdm import tqdm
-
         self.model.train()
         total, n = 0.0, 0
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="batch",

@@ -21,8 +21,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..data import storage
-from ..model.metrics import json_safe
+from .. import storage
+from ..jsonsafe import json_safe
+from .scorer import sweep_threshold
 
 ZONE_LETTERS = ("A", "B", "C", "D", "E", "F")
 MIN_GROUP = 5  # smaller subgroups are skipped: a bootstrap over 4 images says nothing
@@ -55,7 +56,6 @@ def cross_validated_predictions(fractions: np.ndarray, ref_zones: np.ndarray, fo
     grade > 0. Folds are by image (pass ``fold_ids`` for patient-level folds). Returns the N x 6
     bool predictions and the threshold used for each fold, in fold order.
     """
-    from .scorer import sweep_threshold  # imported here: scorer pulls in torch
 
     fractions = np.asarray(fractions, float)
     ref = _binary_zones(ref_zones, "ref_zones")
@@ -136,7 +136,7 @@ def score_agreement(pred_scores: np.ndarray, ref_scores: np.ndarray, n_boot: int
     with a 95 % percentile bootstrap interval over images (``<stat>_ci``), and ``n``.
 
     Statistics that are undefined (kappa or rho with a constant rater) are NaN; pass the result
-    through :func:`cxrtune.model.metrics.json_safe` before writing JSON.
+    through :func:`cxrtune.jsonsafe.json_safe` before writing JSON.
     """
     from scipy.stats import spearmanr
     from sklearn.metrics import cohen_kappa_score
@@ -276,7 +276,7 @@ def reader_report(pred_zones: np.ndarray, readers: dict[str, np.ndarray], groups
 # ------------------------------------------------------------------------------------------ plots
 
 def _save(fig, uri: str) -> None:
-    """PNG bytes through :mod:`cxrtune.data.storage` (local or s3://); evaluation's ``_save`` without
+    """PNG bytes through :mod:`cxrtune.storage` (local or s3://); evaluation's ``_save`` without
     importing evaluation, which pulls in torch."""
     import matplotlib.pyplot as plt
 

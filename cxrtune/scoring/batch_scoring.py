@@ -18,9 +18,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..data import storage
+from tqdm import tqdm
+
+from .. import storage
+from ..data import manifest
 from ..errors import CxrtuneError
-from .preprocessing import load_scan
+from ..preprocessing import load_scan
+from .overlay import encode_overlay
 from .scorer import Scorer
 
 SCORABLE = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -55,8 +59,6 @@ def expand_inputs(paths: list[str], manifest_uri: str | None = None) -> list[str
 
 
 def _manifest_images(uri: str) -> list[str]:
-    from ..data import manifest
-
     return list(manifest.load_manifest(uri, check_files=False)["image"])
 
 
@@ -80,8 +82,6 @@ def score_files(scorer: Scorer, uris: list[str], out_uri: str, overlays: str | N
                 progress: bool = True) -> dict:
     """Score ``uris`` into JSON lines at ``out_uri`` (local, or S3: written through a local file
     uploaded every ``S3_UPLOAD_EVERY_S`` and at the end). Returns counts by status."""
-    from tqdm import tqdm
-
     if not resume and storage.exists(out_uri):
         raise CxrtuneError(f"{out_uri} exists: pass --resume to continue it, or choose another --out")
     kept = complete_lines(out_uri) if resume else []
@@ -110,7 +110,6 @@ def score_files(scorer: Scorer, uris: list[str], out_uri: str, overlays: str | N
                     counts[record["status"]] += 1
                     line = {"image": uri, **record}
                     if overlays:
-                        from .overlay import encode_overlay
 
                         # named by a hash of the URI: unique across folders; file names can carry identifiers
                         line["overlay"] = hashlib.sha256(uri.encode()).hexdigest()[:20] + ".overlay.png"

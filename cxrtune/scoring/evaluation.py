@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 
+import cv2
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
-from ..data import images, manifest, storage
-from . import zones
+from .. import images, storage, zones
+from ..data import manifest
 from ..errors import CxrtuneError
-from ..model.metrics import SegmentationMeter, classification_metrics, json_safe, score_metrics
-from .artifacts import DEFAULT_ZONE_THRESHOLD
-from .scorer import STATUSES, Scorer, reference_zones, score_error, sweep_threshold, zone_fractions
+from ..jsonsafe import json_safe
+from ..model.artifacts import Calibration, now
+from ..model.metrics import SegmentationMeter, classification_metrics, score_metrics
+from ..preprocessing import load_scan
+from ..zones import DEFAULT_ZONE_THRESHOLD
+from . import agreement
+from .scorer import (
+    STATUSES,
+    Scorer,
+    has_lungs,
+    reference_zones,
+    score_error,
+    sweep_threshold,
+    zone_fractions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +52,6 @@ def pick_rows(df: pd.DataFrame, split: str | None, limit: int | None) -> pd.Data
 def readable_scans(rows: pd.DataFrame, cache):
     """(row, scan) per row whose image reads and passes the input rules (:func:`load_scan`);
     the others are logged by row number (never by path) and skipped."""
-    from .preprocessing import load_scan
-
     for i, (_, row) in enumerate(rows.iterrows()):
         try:
             yield row, load_scan(cache.read_bytes(row["image"]))
@@ -57,8 +71,6 @@ def score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool, cls_th
 
 def batched_scans(rows: pd.DataFrame, cache, batch_size: int, desc: str, progress: bool):
     """:func:`readable_scans` in lists of ``batch_size`` (the last one shorter), with a progress bar."""
-    from tqdm import tqdm
-
     pending, batch = [], max(1, batch_size)
     for item in tqdm(readable_scans(rows, cache), total=len(rows), desc=desc, unit="image", disable=not progress):
         pending.append(item)
@@ -73,15 +85,12 @@ def _resized(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """A reference mask at the working image's size (the working copy may be downscaled)."""
     if mask.shape == shape:
         return mask
-    import cv2
 
     return cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
 
 
 def manifest_id(df: pd.DataFrame) -> str:
     """Where a manifest came from, comparable across runs: absolute for a local path."""
-    import os
-
     uri = df.attrs.get("source_uri", "")
     return uri if not uri or storage.is_s3(uri) else os.path.abspath(uri)
 
@@ -120,8 +129,6 @@ OPACITY_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate opacity th
 def stage2_maps(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool):
     """(row, image, cleaned lung mask, opacity probabilities, p(disease)) per readable row whose
     lungs Stage I finds, before refinement, in batches of the scorer's size."""
-    from .scorer import has_lungs
-
     for pending in batched_scans(rows, cache, scorer.batch_size, "calibrate", progress):
         images = [scan.image for _, scan in pending]
         lungs = scorer.lung_masks(images)
@@ -151,7 +158,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
               specificity: float | None = None, limit: int | None = None, progress: bool = True,
               what: tuple[str, ...] = ("cls", "opacity", "zone")) -> dict:
     """The three thresholds, in this order, each with its provenance
-    (:class:`~cxrtune.scoring.artifacts.Calibration`).
+    (:class:`~cxrtune.model.artifacts.Calibration`).
 
     * T_cls on the labelled rows of ``cls_split`` (validation data) at the operating point:
       maximum F1, or ``specificity``. Skipped (kept as it is) when those rows hold no labels.
@@ -166,8 +173,6 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
     The ``cls_split`` rows go through both stages once for the first two; the ``split`` rows are
     scored once, unrefined, for T (T_cls is applied to the stored probabilities). The scorer's
     ``opacity_threshold`` is left at the chosen one."""
-    from .artifacts import Calibration, now
-
     def refuse_test_rows(what_split: str, chosen: str | None, rows: pd.DataFrame) -> None:
         # the selected rows are judged, not the selector: ``all`` takes the test rows too
         n_test = int((rows["split"] == "test").sum()) if "split" in rows else 0
@@ -320,8 +325,6 @@ def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float,
                     not_scored: pd.DataFrame | None = None) -> dict:
     """The agreement figures are over the scored records; ``mae_counting_not_scored`` adds the
     partial/unscored ones at the worst error for each reader's score (:func:`score_error`)."""
-    from . import agreement
-
     missing = [c for c in by if c not in rows.columns]
     if missing:
         raise CxrtuneError(f"--by {', '.join(missing)}: no such manifest column")
@@ -390,8 +393,6 @@ def _plots(pred: np.ndarray, ref: np.ndarray, out_dir: str) -> None:
 
 
 def _save(fig, uri: str) -> None:
-    import io
-
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from . import zones
+from .. import zones
 
 LUNG = (80, 220, 80)  # BGR
 ZONE_LINE = (0, 215, 255)

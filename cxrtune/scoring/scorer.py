@@ -1,7 +1,7 @@
 """The scoring policy: one code path from bytes to a record, for every caller.
 
-    bytes -> :func:`~cxrtune.scoring.preprocessing.load_scan` (decode keeping the DICOM header, input
-    checks, working size) -> Stage I -> lung cleanup (:func:`~cxrtune.scoring.zones.clean_lungs`) ->
+    bytes -> :func:`~cxrtune.preprocessing.load_scan` (decode keeping the DICOM header, input
+    checks, working size) -> Stage I -> lung cleanup (:func:`~cxrtune.zones.clean_lungs`) ->
     ROI from the cleaned lungs -> Stage II -> opacity map back in image coordinates -> refinement
     by the classifier (map x [p >= T_cls], seed 004 Eq. 1-2) cut at the bundle's opacity threshold
     -> lung split, equal-area zones, zone scores -> :func:`build_record`.
@@ -24,18 +24,34 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 
-from ..data import storage
-from . import zones
+from .. import images, storage, zones
 from ..errors import CxrtuneError
-from .artifacts import (DEFAULT_CLS_THRESHOLD, DEFAULT_OPACITY_THRESHOLD, DEFAULT_ZONE_THRESHOLD, BundleMeta,
-                        CheckpointMeta, bundle_hash, read_bundle_meta)
+from ..model.artifacts import (
+    DEFAULT_CLS_THRESHOLD,
+    DEFAULT_OPACITY_THRESHOLD,
+    DEFAULT_ZONE_THRESHOLD,
+    BundleMeta,
+    CheckpointMeta,
+    bundle_hash,
+    read_bundle_meta,
+)
 from ..model.models import ModelConfig, build_model
-from .preprocessing import Preprocessing, Scan, extract_roi, resize_image
+from ..preprocessing import (
+    Preprocessing,
+    Scan,
+    extract_roi,
+    from_uint8,
+    resize_image,
+    to_uint8,
+)
+from .onnx_runtime import RUNTIMES, load_onnx_stage, onnxruntime_available
 
 MIN_LUNG_FRACTION = 0.005  # cleaned lungs under this share of the image: no lungs found
 STATUSES = ("scored", "partial", "unscored")
@@ -45,7 +61,6 @@ NO_LUNGS = "no lungs found: not a frontal chest radiograph, or Stage I failed on
 @dataclass
 class Detail:
     """What the record summarises, for overlays and evaluation."""
-
     lung: np.ndarray
     opacity: np.ndarray
     lungs: zones.LungPair
@@ -101,18 +116,6 @@ def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float 
     if scan is not None:
         record["input"] = {"format": scan.format, "width": scan.width, "height": scan.height}
     return record, detail
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """A [0, 1] float image (or probability map) as uint8: what moves between the ingress and the
-    stages (a quarter of float32's bytes; the training images were 8-bit, and 1/255 is far finer
-    than any threshold needs)."""
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
-
-
-def from_uint8(u8: np.ndarray) -> np.ndarray:
-    """:func:`to_uint8`'s inverse: float32 in [0, 1]."""
-    return u8.astype(np.float32) * np.float32(1 / 255)
 
 
 def stage_input(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
@@ -185,7 +188,6 @@ def _load_stage(uri: str, stage: str, meta: BundleMeta, device: torch.device, ru
     m = meta.stage(stage)
     pre = Preprocessing.from_dict(m.preprocessing)
     if runtime in ("onnx", "onnx-int8"):
-        from .onnx_runtime import load_onnx_stage
 
         return StageModel(load_onnx_stage(uri, stage, meta.onnx, int8=runtime == "onnx-int8"), pre, m.config, m.metrics)
     cfg = dict(m.config["model"])
@@ -201,7 +203,6 @@ def _load_stage(uri: str, stage: str, meta: BundleMeta, device: torch.device, ru
 
 class Scorer:
     """Both stages, loaded once; scores lists of working images in batches (on GPU if any)."""
-
     def __init__(self, lung: StageModel | None, disease: StageModel | None,
                  zone_threshold: float = DEFAULT_ZONE_THRESHOLD, cls_threshold: float = DEFAULT_CLS_THRESHOLD,
                  lung_threshold: float = 0.5, device: torch.device | None = None, batch_size: int = 8,
@@ -299,7 +300,7 @@ class Scorer:
         return results
 
     def score_scans(self, scans: list[Scan]) -> list[tuple[dict, Detail]]:
-        """:meth:`score_images` for inputs from :func:`~cxrtune.scoring.preprocessing.load_scan`."""
+        """:meth:`score_images` for inputs from :func:`~cxrtune.preprocessing.load_scan`."""
         return self.score_images([s.image for s in scans], scans=scans)
 
     def models_info(self) -> dict:
@@ -316,8 +317,6 @@ def choose_runtime(runtime: str, device: torch.device, meta: BundleMeta) -> str:
     """``auto``: ONNX Runtime (FP32) on a CPU when the bundle has an ONNX export and onnxruntime is
     installed, else torch. ``onnx`` and ``onnx-int8`` insist (and say what is missing); int8 is
     never chosen for you: its numbers differ slightly from the FP32 networks'."""
-    from .onnx_runtime import RUNTIMES, onnxruntime_available
-
     if runtime not in RUNTIMES:
         raise CxrtuneError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "auto":
@@ -349,6 +348,13 @@ def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
                   opacity_threshold=meta.opacity_threshold)
 
 
+def stage_one_lungs(uri: str, batch_size: int = 8) -> Callable[[np.ndarray], np.ndarray]:
+    """A bundle's Stage I with the lung cleanup as an image -> bool lung mask function: the ROI a
+    grading recipe is trained on when it takes its lungs from a scorer (``lung_bundle``)."""
+    stage1 = load_bundle(uri, stages=("lung",), batch_size=batch_size)
+    return lambda image: stage1.lung_masks([image])[0]
+
+
 # -------------------------------------------------------------------------- references and sweeps
 
 def reference_zones(row, reference_threshold: float = DEFAULT_ZONE_THRESHOLD, cache=None,
@@ -359,8 +365,6 @@ def reference_zones(row, reference_threshold: float = DEFAULT_ZONE_THRESHOLD, ca
     ``reader_S_A`` .. ``reader_S_F`` columns); ``zones`` (the ``zone_*`` columns); ``masks``
     (derived from the reference lung and opacity masks with ``reference_threshold``); ``auto``
     (zone columns, else masks)."""
-    from ..data import images
-
     if reference not in ("auto", "zones", "masks"):
         reader = reference.split(":", 1)[-1]
         cols = [f"reader_{reader}_{z}" for z in zones.ZONE_LETTERS]
@@ -380,8 +384,6 @@ def reference_zones(row, reference_threshold: float = DEFAULT_ZONE_THRESHOLD, ca
 
 def _missing(v) -> bool:
     try:
-        import pandas as pd
-
         return bool(pd.isna(v))
     except (TypeError, ValueError):
         return v is None

@@ -16,10 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from ..data import storage
+from .. import storage
+from ..data import manifest
 from ..errors import CxrtuneError
-from ..model.metrics import json_safe
+from ..jsonsafe import json_safe
+from ..model.artifacts import read_checkpoint_meta
+from ..model.grading import grid_table
+from ..model.models import build_model
+from ..model.train import TrainConfig, train
 from .tuning import TuneOptions, load_options
 
 IMPORTANCE_FLOOR = 0.05
@@ -172,7 +178,6 @@ def write_report(exp_uri: str, out_dir: str) -> list[str]:
 
     put("trials.csv", table.to_csv(index=False).encode())
     if o.grid and space.task == "grade":
-        from ..model.grading import grid_table
 
         put("grid.md", grid_table(table, metric).encode())
     imp = importance(table, o)
@@ -247,8 +252,6 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     """Export the best trial's best checkpoint as a run (``best/model.pt`` + ``best/meta.json``),
     or with ``retrain`` train its config again on all training data (not only the tuning subset),
     with the batch size that fills the GPU as in seed 004."""
-    from ..model.train import TrainConfig, train
-
     o = load_options(exp_uri)
     if o.multi_objective:
         raise CxrtuneError("promote needs a single-objective experiment; pick a Pareto trial from the report")
@@ -262,7 +265,6 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     ckpt = analysis.get_best_checkpoint(trial, space.metric, space.mode)
     if ckpt is None:
         raise CxrtuneError(f"{exp_uri}: the best trial has no checkpoint")
-    from ..scoring.artifacts import read_checkpoint_meta
 
     with ckpt.as_directory() as d:
         meta = read_checkpoint_meta(str(d))
@@ -277,7 +279,6 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     if epochs:
         cfg.epochs = epochs
     cfg.batch_size = fill_gpu_batch_size(cfg)
-    from ..data import manifest
 
     train(cfg, manifest.load_manifest(o.manifest), run_uri)
     return run_uri
@@ -286,9 +287,6 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
 def fill_gpu_batch_size(cfg, target: float = 0.9, limit: int = 256) -> int:
     """The largest power-of-two batch whose training step stays under ``target`` of GPU memory
     (seed 004 filled 90-100 %). On a CPU the configured batch size is kept."""
-    import torch
-
-    from ..model.models import build_model
 
     if not torch.cuda.is_available():
         return cfg.batch_size

@@ -29,9 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..data import storage
-from ..model.classify import BALANCING
+import yaml
+
+from .. import storage
 from ..errors import CxrtuneError
+from ..model.classify import BALANCING
 from ..model.grading import CLASSIFIER_KEYS, GRADE_KEYS, ROI_SCHEMES, SIDES, GradeConfig
 from ..model.losses import CLS_LOSSES, OPTIMIZERS, SEG_LOSSES
 from ..model.models import ARCHITECTURES, ModelConfig
@@ -259,8 +261,6 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:
 
 
 def load_space(uri: str) -> SearchSpace:
-    import yaml
-
     try:
         data = yaml.safe_load(storage.read_text(uri))
     except yaml.YAMLError as exc:

@@ -11,20 +11,36 @@ rather than starting a new one.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
+import torch
 from ray.tune import Stopper
 
-from ..data import manifest, storage
+from .. import storage
 from ..cluster import check_fits, init_ray, max_parallel
+from ..data import manifest
 from ..errors import CxrtuneError
+from ..model.artifacts import DEFAULT_OPACITY_THRESHOLD
+from ..model.grading import flat_metrics, train_grader
+from ..model.train import Trainer, patience_step, remove_orphaned_staging
+from ..preprocessing import load_scan
+from ..scoring.scorer import (
+    StageModel,
+    load_bundle,
+    reference_zones,
+    score_error,
+    stage_one_lungs,
+)
 from .search_space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
@@ -55,7 +71,6 @@ EMBEDDED_SPACE = {
 class TuneOptions:
     """Every setting of a sweep, with its default: the one place they are defined (the CLI's
     flags take their defaults from here). Saved as ``cxrtune.json`` in the experiment."""
-
     space: dict
     manifest: str
     name: str
@@ -119,8 +134,6 @@ TUNE_FLAGS = {f for f in TuneOptions.__dataclass_fields__} - {
 def measure_latency_ms(model, size: int, in_channels: int, device, batch: int = 8, repeats: int = 5) -> float:
     """Milliseconds per image at the serving batch size, the median of ``repeats`` timed forward
     passes after two warm-ups: the multi-objective's cost axis."""
-    import torch
-
     model.eval()
     x = torch.rand(batch, in_channels, size, size, device=device)
     times = []
@@ -148,12 +161,8 @@ class ClinicalObjective:
     cut at the default 0.5, the cut training validates at, not at the bundle's calibrated cut,
     which belongs to the bundle's own Stage II. A record that is not ``scored`` counts with the
     worst error its reference allows: a trial gains nothing by failing to score."""
-
     def __init__(self, bundle_uri: str, rows, limit: int | None = 64, reference: str = "auto"):
-        from ..scoring.preprocessing import load_scan
-        from ..scoring.scorer import load_bundle, reference_zones
 
-        from ..scoring.artifacts import DEFAULT_OPACITY_THRESHOLD
 
         self.bundle = load_bundle(bundle_uri)
         self.bundle.opacity_threshold = DEFAULT_OPACITY_THRESHOLD
@@ -176,8 +185,6 @@ class ClinicalObjective:
         self.lungs = self.bundle.lung_masks(self.images)
 
     def __call__(self, model, pre, config: dict) -> float:
-        from ..scoring.scorer import StageModel, score_error
-
         model.eval()
         self.bundle.disease = StageModel(model, pre, config)
         errors = [score_error(record, ref)
@@ -192,11 +199,6 @@ OVERLAY_KEY = "overlays_png_b64"
 def validation_overlays(trainer, n: int = 3) -> str:
     """A few validation images with the reference (green) and predicted (red) masks, as one
     base64 PNG string: small enough for Tune's result files, decoded for W&B by the callback."""
-    import base64
-
-    import cv2
-    import torch
-
     tiles = []
     model = trainer.eval_model  # what is validated and checkpointed
     model.eval()
@@ -227,10 +229,8 @@ def _sampled(config: dict) -> dict:
 def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     """The Tune function trainable: one config, trained epoch by epoch, reported to Tune. The
     search space arrives parsed (``tune.with_parameters``), never re-read."""
-    import torch
     from ray import tune
 
-    from ..model.train import Trainer
 
     o = TuneOptions(**opts)
     if space.task == "grade":
@@ -274,7 +274,6 @@ def run_grade_trial(config: dict, o: TuneOptions, space: SearchSpace) -> None:
     keeping are retrained under cross-validation (``cxrtune grade cv --experiment``)."""
     from ray import tune
 
-    from ..model.grading import flat_metrics, train_grader
 
     cfg = space.train_config(_sampled(config))
     cfg.epochs = o.train_epochs(space)
@@ -284,7 +283,8 @@ def run_grade_trial(config: dict, o: TuneOptions, space: SearchSpace) -> None:
     def on_epoch(epoch: int, metrics: dict) -> None:
         tune.report({"epoch": epoch, **flat_metrics(metrics, "val_"), "val_n": metrics["n"]})
 
-    train_grader(cfg, df, on_epoch=on_epoch)
+    find_lungs = stage_one_lungs(cfg.lung_bundle) if cfg.lung_bundle and cfg.roi != "none" else None
+    train_grader(cfg, df, on_epoch=on_epoch, find_lungs=find_lungs)
 
 
 # ------------------------------------------------------------------------------------- the sweep
@@ -293,7 +293,6 @@ class PatienceStopper(Stopper):
     """Per-trial early stopping as in seed 004: stop a trial when its metric has not improved by
     ``min_delta`` for ``patience`` epochs. Hand-written because Ray's TrialPlateauStopper measures
     a standard deviation over a window, not improvement over the best value."""
-
     def __init__(self, metric: str, mode: str, min_delta: float, patience: int):
         self.metric, self.sign = metric, 1.0 if mode == "max" else -1.0
         self.min_delta, self.patience = min_delta, patience
@@ -303,7 +302,6 @@ class PatienceStopper(Stopper):
     def __call__(self, trial_id: str, result: dict) -> bool:
         if self.metric not in result:
             return False
-        from ..model.train import patience_step  # the one patience rule, shared with `cxrtune train`
 
         value = self.sign * float(result[self.metric])
         self.stale[trial_id], self.best[trial_id] = patience_step(
@@ -319,7 +317,6 @@ class HopelessTrial:
     """True for a trial whose metric after its first epoch is still worse than ``threshold``
     (Dice 0: it has learnt nothing), so it stops there instead of running to ASHA's first rung.
     At small budgets those epochs are what random search wastes. Used through Ray's FunctionStopper."""
-
     metric: str
     mode: str
     threshold: float
@@ -389,8 +386,6 @@ def optuna_sampler(o: TuneOptions):
     that a sweep of tens of trials does not have. With two objectives ``multivariate`` and
     ``group`` are set (Optuna 5 makes one objective's TPE multivariate already), so that
     conditional spaces (an encoder per architecture) are modelled jointly."""
-    import warnings
-
     import optuna
 
     if o.sampler == "random":
@@ -512,10 +507,6 @@ def _wandb(o: TuneOptions) -> list:
 
         def log_trial_result(self, iteration, trial, result):
             if result.get(OVERLAY_KEY):
-                import base64
-
-                import cv2
-
                 result = dict(result)
                 png = np.frombuffer(base64.b64decode(result.pop(OVERLAY_KEY)), np.uint8)
                 image = cv2.imdecode(png, cv2.IMREAD_COLOR)
@@ -632,8 +623,6 @@ def resume_tune(exp_uri: str) -> dict:
 
 
 def summarize(results, o: TuneOptions, space: SearchSpace, extra: dict | None = None) -> dict:
-    from ..model.train import remove_orphaned_staging  # epoch folders of trials killed hard
-
     if removed := remove_orphaned_staging():
         log.info("removed %d local epoch folders of killed trials", removed)
     df = results.get_dataframe()

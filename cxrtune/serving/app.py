@@ -34,24 +34,49 @@ import os
 import re
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
+import yaml
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .. import __version__, storage
 from ..cluster import check_fits, init_ray
-from ..errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
-from ..scoring.preprocessing import WORK_SIZE
+from ..dicom import Limits
+from ..errors import (
+    CxrtuneError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    UnsupportedFormatError,
+)
+from ..model.artifacts import bundle_hash, read_bundle_meta
+from ..preprocessing import WORK_SIZE, InputRefused, Preprocessing, load_scan
+from ..scoring.overlay import encode_overlay
+from ..scoring.scorer import (
+    build_record,
+    bundle_models,
+    disease_input,
+    has_lungs,
+    load_bundle,
+    lung_output,
+    opacity_output,
+    stage_input,
+)
 
 log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
 audit = logging.getLogger("ray.serve.cxrtune.audit")  # Serve's replica log handlers carry it to the logs
@@ -63,7 +88,6 @@ STAGE_RETRIES = 8  # a dead replica's requests are retried with backoff (0.25 s 
 class ServeSettings(BaseModel):
     """What the application builder takes (``args`` in serve/config.yaml); Serve validates the
     config's ``args`` against it, so a misspelt key fails at deploy time, naming the key."""
-
     model_config = ConfigDict(extra="forbid")
 
     bundle: str
@@ -95,7 +119,6 @@ class _Stage:
     replaces one bundle with another (old and new ingress replicas then both have live stage
     replicas that answer them). A replica keeps its own bundle loaded and loads another on first
     use (the two newest stay loaded)."""
-
     stage = ""
     KEEP = 2
 
@@ -107,8 +130,6 @@ class _Stage:
         self.batch_sizes.set_default_tags({"stage": self.stage})
         self.s = ServeSettings(**settings)
         if self.s.threads:
-            import torch
-
             torch.set_num_threads(self.s.threads)  # ONNX Runtime sessions take the same count
         self.scorers: dict = {}  # bundle hash -> Scorer (insertion order: oldest first)
         self.loading = asyncio.Lock()
@@ -119,9 +140,6 @@ class _Stage:
             self.run.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
 
     def _load(self, uri: str, expected: str | None = None) -> str:
-        from ..scoring.artifacts import bundle_hash
-        from ..scoring.scorer import load_bundle
-
         digest = bundle_hash(uri)
         if expected and digest != expected:
             raise CxrtuneError(f"the bundle at {uri} changed after it was deployed (hash {digest[:12]}, "
@@ -164,7 +182,6 @@ class _Stage:
 @serve.deployment(name="Stage1", max_ongoing_requests=64)
 class Stage1(_Stage):
     """Lung segmentation: the lean uint8 image -> uint8 lung probabilities at its shape."""
-
     stage = "lung"
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -176,7 +193,6 @@ class Stage1(_Stage):
 class Stage2(_Stage):
     """Opacity segmentation + classification: the lung ROI, uint8 -> (uint8 opacity probabilities
     at its shape, p(disease))."""
-
     stage = "disease"
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -204,7 +220,6 @@ class LungResult(BaseModel):
 
 class ScoreRecord(BaseModel):
     """The record of one image (docs/scoring.md): the same as `cxrtune score` writes."""
-
     status: Literal["scored", "partial", "unscored"]
     reason: str | None = Field(description="why the record is partial or unscored")
     score: int | None = Field(description="affected zones, 0-6; null unless status is scored")
@@ -322,9 +337,6 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 def _decode(data: bytes, s: ServeSettings):
     """Bytes -> a checked Scan at the working size (the scoring policy's first step), with the
     errors mapped to HTTP codes. Runs in a thread."""
-    from ..data.images import Limits
-    from ..scoring.preprocessing import InputRefused, load_scan
-
     try:
         return load_scan(data, Limits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels), s.work_size)
     except UnsupportedFormatError as exc:
@@ -341,12 +353,6 @@ def _decode(data: bytes, s: ServeSettings):
 @serve.ingress(fastapi_app)
 class Ingress:
     def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
-        from dataclasses import asdict
-
-        from ..scoring.artifacts import bundle_hash, read_bundle_meta
-        from ..scoring.preprocessing import Preprocessing
-        from ..scoring.scorer import bundle_models
-
         self.s = ServeSettings(**settings)
         self.stage1, self.stage2 = stage1, stage2
         meta = read_bundle_meta(self.s.bundle)
@@ -463,7 +469,6 @@ class Ingress:
     async def _score(self, data: bytes, overlay: bool, request_id: str) -> tuple[dict, bytes | None]:
         """The scoring policy split at the stage boundaries: the ingress prepares each stage's lean
         input and turns its output into masks with the library's own functions."""
-        from ..scoring.scorer import disease_input, has_lungs, stage_input, lung_output, opacity_output
 
         t0 = time.perf_counter()
         scan = await asyncio.to_thread(_decode, data, self.s)
@@ -487,14 +492,11 @@ class Ingress:
         t2 = time.perf_counter()
 
         def finish():
-            from ..scoring.scorer import build_record
-
             # the bundle behind each stage's answer, and what ran it (int8 answers differ slightly)
             models = {**self.record_models, "stage_bundles": stages, "stage_runtimes": runtimes}
             record, detail = build_record(lung, opacity, p, self.zone_threshold, models, scan)
             png = None
             if overlay:
-                from ..scoring.overlay import encode_overlay
 
                 png = encode_overlay(image, detail.lungs, detail.opacity, record)
             return record, png
@@ -606,13 +608,10 @@ def application(settings: ServeSettings | dict, deployments: dict[str, dict] | N
     """The scorer app. ``deployments`` (name -> options) applies a config's per-deployment
     settings when the app is run in-process (``cxrtune serve``, tests); ``serve run CONFIG``
     applies them itself."""
-    from pydantic import ValidationError
-
     try:
         settings = settings if isinstance(settings, ServeSettings) else ServeSettings(**(settings or {}))
     except ValidationError as exc:
         raise CxrtuneError(f"bad Serve args: {exc}") from None
-    from ..scoring.artifacts import read_bundle_meta
 
     meta = read_bundle_meta(settings.bundle)  # fail here, plainly, rather than in three replicas
     if settings.runtime in ("onnx", "onnx-int8"):
@@ -630,9 +629,6 @@ def application(settings: ServeSettings | dict, deployments: dict[str, dict] | N
 
 def read_serve_config(path: str) -> tuple[dict, dict]:
     """A Serve config (YAML, local or S3) and its first application, or a plain error."""
-    import yaml
-
-    from ..data import storage
 
     try:
         cfg = yaml.safe_load(storage.read_text(path)) or {}
@@ -674,12 +670,9 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
     bundle and retires the old ones once the new are healthy; each old ingress replica finishes
     its requests on its own bundle (see :class:`_Stage`). Waits until the application is
     RUNNING and returns Serve's status of it."""
-    from pydantic import ValidationError
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
     from ray.serve.schema import ServeDeploySchema
 
-    from ..data import storage
-    from ..scoring.artifacts import bundle_hash, read_bundle_meta
 
     cfg, app = read_serve_config(config)
     args = app.setdefault("args", {})

@@ -6,7 +6,7 @@
 * :class:`Preprocessing` turns a working image into a tensor at a model's size; it is stored with
   every checkpoint and bundle.
 * :func:`extract_roi` is seed 004's ROI step, applied to the *cleaned* lungs
-  (:func:`cxrtune.scoring.zones.clean_lungs`) in training (reference masks) and in use (Stage I masks),
+  (:func:`cxrtune.zones.clean_lungs`) in training (reference masks) and in use (Stage I masks),
   so Stage II sees in use what it saw in training.
 
 Imports no training code: the scorer and Serve stand on this module.
@@ -20,7 +20,9 @@ import cv2
 import numpy as np
 import torch
 
-from ..errors import CxrtuneError
+from .dicom import Limits, read_dicom
+from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError
+from .images import decode_image, sniff_format
 from .zones import clean_lungs
 
 IMAGENET_MEAN = 0.449  # grey equivalent of ImageNet's RGB mean/std, for 1-channel input
@@ -122,10 +124,6 @@ def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE) -> Scan:
 
     Raises UnsupportedFormatError (not an image), ImageTooLargeError (bytes or pixels over
     ``limits``), ImageDecodeError (corrupt) or :class:`InputRefused` (rules)."""
-    from ..data.images import Limits, decode_image, sniff_format
-
-    from ..errors import ImageDecodeError, ImageTooLargeError
-
     limits = limits or Limits()
     if not data:
         raise ImageDecodeError("empty file")
@@ -134,8 +132,6 @@ def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE) -> Scan:
     fmt = sniff_format(data)
     header = None
     if fmt == "dicom":
-        from ..data.dicom import read_dicom
-
         dcm = read_dicom(data, limits=limits)
         reason = dcm.header.exclusion_reason(min_age=0)  # age is not a reason to refuse a score
         if reason:
@@ -146,3 +142,15 @@ def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE) -> Scan:
     check_image(image)
     h, w = image.shape
     return Scan(to_working_size(image, work_size), fmt, w, h, header)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A [0, 1] float image (or probability map) as uint8: what moves between the ingress and the
+    stages (a quarter of float32's bytes; the training images were 8-bit, and 1/255 is far finer
+    than any threshold needs)."""
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def from_uint8(u8: np.ndarray) -> np.ndarray:
+    """:func:`to_uint8`'s inverse: float32 in [0, 1]."""
+    return u8.astype(np.float32) * np.float32(1 / 255)

@@ -9,28 +9,19 @@ so a hostile file cannot make us allocate gigabytes.
 from __future__ import annotations
 
 import io
-import os
-from dataclasses import dataclass
+import struct
+import warnings
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from . import storage
-from ..errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
-
-MAX_BYTES = int(os.environ.get("CXRTUNE_MAX_IMAGE_BYTES", 256 * 1024 * 1024))
-MAX_PIXELS = int(os.environ.get("CXRTUNE_MAX_IMAGE_PIXELS", 64 * 1024 * 1024))
+from .dicom import Limits, read_dicom
+from .errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Byte and pixel limits for one decode (Serve tightens them per request)."""
-
-    max_bytes: int = MAX_BYTES
-    max_pixels: int = MAX_PIXELS
 
 
 def sniff_format(data: bytes) -> str:
@@ -46,11 +37,6 @@ def sniff_format(data: bytes) -> str:
 
 def _header_size(data: bytes, fmt: str) -> tuple[int, int]:
     """(height, width) read from the header only."""
-    import struct
-    import warnings
-
-    from PIL import Image
-
     if fmt == "png":
         if len(data) < 24 or data[12:16] != b"IHDR":
             raise ImageDecodeError("unreadable PNG header (no IHDR)")
@@ -118,8 +104,6 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
         raise ImageDecodeError("empty file")
     fmt = sniff_format(data)
     if fmt == "dicom":
-        from .dicom import read_dicom
-
         return read_dicom(data, limits=limits).pixels
     return _to_unit_float(decode_raster(data, limits))
 

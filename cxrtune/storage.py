@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 from urllib.parse import urlparse
 
-from ..errors import CxrtuneError
+from urllib3.exceptions import ProtocolError
+
+from .errors import CxrtuneError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -136,10 +138,13 @@ def _is_not_found(exc: Exception) -> bool:
 def _transient(exc: Exception) -> bool:
     """Errors worth another try: broken connections and truncated bodies (botocore already
     retries throttling and 5xx answers on the request itself)."""
-    from botocore.exceptions import (ConnectionClosedError, EndpointConnectionError,
-                                     IncompleteReadError, ReadTimeoutError,
-                                     ResponseStreamingError)
-    from urllib3.exceptions import ProtocolError
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        EndpointConnectionError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
 
     return isinstance(exc, (ConnectionClosedError, EndpointConnectionError, IncompleteReadError,
                             ReadTimeoutError, ResponseStreamingError, ProtocolError,

@@ -25,7 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CxrtuneError, ImageDecodeError, ImageTooLargeError
+from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError
+
+# Decode limits for every format (images.py, which reads PNG/JPEG and hands DICOM here, uses them too).
+MAX_BYTES = int(os.environ.get("CXRTUNE_MAX_IMAGE_BYTES", 256 * 1024 * 1024))
+MAX_PIXELS = int(os.environ.get("CXRTUNE_MAX_IMAGE_PIXELS", 64 * 1024 * 1024))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Byte and pixel limits for one decode (Serve tightens them per request)."""
+
+    max_bytes: int = MAX_BYTES
+    max_pixels: int = MAX_PIXELS
 
 PSEUDONYM_ENV = "CXRTUNE_PSEUDONYM_KEY"
 MIN_KEY_CHARS = 16
@@ -274,8 +286,6 @@ def pixels_of(ds) -> np.ndarray:
 def read_dicom(source: bytes | str | Path, limits=None, key: bytes | str | None = None) -> DicomImage:
     """Read one DICOM file completely; raises :class:`ImageDecodeError` with a plain reason (never
     the file's path). No key is needed: without one the header's identifier fields are empty."""
-    from .images import Limits
-
     limits = limits or Limits()
     ds = _dcmread(str(source) if isinstance(source, Path) else source, False)
     header = header_of(ds, key)

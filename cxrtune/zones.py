@@ -35,6 +35,8 @@ RIGHT_ZONES = ("A", "B", "C")  # patient's right lung: upper, middle, lower
 LEFT_ZONES = ("D", "E", "F")
 MIN_LUNG_BLOB_FRACTION = 0.002  # of the image area; smaller blobs are specks, not lungs
 
+DEFAULT_ZONE_THRESHOLD = 0.1  # T until a bundle is calibrated; also the mask-derived reference's T
+
 
 @dataclass
 class LungPair:

@@ -16,17 +16,20 @@ Imports no training code: the trainer, the scorer, ``promote`` and Serve all sta
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
-from ..data import storage
+import torch
+
+from .. import __version__, storage
 from ..errors import CxrtuneError
-from ..model.metrics import json_safe
+from ..jsonsafe import json_safe
+from ..zones import DEFAULT_ZONE_THRESHOLD
 
 CHECKPOINT_FORMAT = "cxrtune-checkpoint/1"
 BUNDLE_FORMAT = "cxrtune-bundle/3"
-DEFAULT_ZONE_THRESHOLD = 0.1  # T until a bundle is calibrated; also the mask-derived reference's T
 DEFAULT_CLS_THRESHOLD = 0.5  # seed 004's T_cls until calibrated
 DEFAULT_LUNG_THRESHOLD = 0.5
 DEFAULT_OPACITY_THRESHOLD = 0.5  # on Stage II's opacity probability map, until calibrated
@@ -35,9 +38,7 @@ DEFAULT_OPACITY_THRESHOLD = 0.5  # on Stage II's opacity probability map, until 
 def versions() -> dict:
     """Library versions written into every checkpoint and bundle."""
     import segmentation_models_pytorch as smp
-    import torch
 
-    from .. import __version__
 
     return {"cxrtune": __version__, "torch": torch.__version__, "smp": smp.__version__}
 
@@ -50,7 +51,6 @@ def _from_dict(cls, d: dict, where: str):
 @dataclass
 class CheckpointMeta:
     """``meta.json`` of a checkpoint: what trained it and how its input is prepared."""
-
     config: dict
     preprocessing: dict
     epoch: int = 0
@@ -90,7 +90,6 @@ def read_checkpoint_meta(checkpoint_uri: str) -> CheckpointMeta:
 @dataclass
 class Calibration:
     """How a threshold was chosen: on what, against what, with what result."""
-
     threshold: float
     method: str  # "min_mae" (zone T), "max_f1" or "specificity" (T_cls), "max_dice" (opacity), "default"
     reference: str = ""  # zone T: "reader:<ID>", "zones", "masks" or "masks+zones"; T_cls: "labels"; opacity: "masks"
@@ -111,7 +110,6 @@ class Calibration:
 class BundleMeta:
     """``bundle.json``. ``zone_threshold`` is T: a zone is affected when the share of its pixels
     that the refined opacity mask covers is >= T (docs/scoring.md)."""
-
     lung: CheckpointMeta
     disease: CheckpointMeta
     name: str = ""
@@ -196,8 +194,6 @@ def write_bundle_meta(uri: str, meta: BundleMeta) -> None:
 def bundle_hash(uri: str) -> str:
     """Content hash of a bundle's weights and metadata (sha256, first 16 hex digits): what records
     and audit lines name, so that two bundles with the same name are still told apart."""
-    import hashlib
-
     h = hashlib.sha256()
     for name in ("bundle.json", "lung.pt", "disease.pt"):
         h.update(storage.read_bytes(storage.join(uri, name)))

@@ -1,0 +1,140 @@
+"""Seed 000's cross-validation of grading recipes: patient-level K folds, subgroup tables,
+Grad-CAM heatmaps in the image frame with their concordance with the lungs (HCS), left and right
+heatmaps averaged, and the reports ``cxrtune grade cv`` writes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import zones
+from ..data.manifest import without_eval_only
+from ..errors import CxrtuneError
+from ..images import read_image, read_mask
+from ..model.classify import fit_classifier, predict
+from ..model.grading import (
+    CV_SUMMARY,
+    GRADES,
+    GradeConfig,
+    flat_metrics,
+    grade_labels,
+    grade_metrics,
+    load_grade_data,
+    midline,
+    patient_folds,
+    subgroup_table,
+)
+from ..preprocessing import Preprocessing, to_uint8
+from ..scoring.scorer import stage_one_lungs
+from .heatmaps import average_heatmaps, concordance, heatmaps
+from .hide_and_seek import heatmap_rows
+
+log = logging.getLogger(__name__)
+
+
+def heatmap_in_image(heat: np.ndarray, shape: tuple[int, int], lung: np.ndarray | None, side: str,
+                     roi: str) -> np.ndarray:
+    """A side model's heatmap (at its input size) in the image's frame: over the whole image for
+    ROI ``none``/``lung_masked``, over the side's half for ``split`` (0 on the other half), the
+    inverse of :func:`grading_input`'s geometry. Left and right maps then average pixel by pixel."""
+    h, w = shape
+    if roi != "split":
+        return cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+    x = midline(zones.split_lungs(lung), w) if lung is not None else w // 2
+    out = np.zeros((h, w), np.float32)
+    if side == "right":
+        out[:, :x] = cv2.resize(heat, (x, h), interpolation=cv2.INTER_LINEAR)
+    else:
+        out[:, x:] = cv2.resize(heat, (w - x, h), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int = 0,
+                   by: tuple[str, ...] = (), heatmap_images: int = 8) -> dict:
+    """Seed 000's patient-level K-fold cross-validation of one recipe on the non-test rows: each
+    fold's model is trained on the other folds. Returns per-fold metrics, their mean and SD, the
+    pooled out-of-fold metrics, subgroup tables ``by`` manifest columns, the out-of-fold
+    predictions (``oof``: row, patient, fold, grade, predicted grade), and Grad-CAM heatmaps of
+    ``heatmap_images`` held-out images (spread over the rows) in the image frame with their HCS
+    against the lungs (``heatmaps``: manifest row -> (uint8 image, heatmap, lung mask))."""
+    df = without_eval_only(df)
+    if "split" in df.columns:
+        df = df[df["split"] != "test"]  # the test split stays unseen
+    for col in by:
+        if col not in df.columns:
+            raise CxrtuneError(f"no manifest column {col!r} for a subgroup table")
+    find_lungs = stage_one_lungs(cfg.lung_bundle) if cfg.lung_bundle else None
+    data = load_grade_data(grade_labels(df, read_mask), cfg.side, cfg.roi, cfg.size, find_lungs)
+    fold = patient_folds(data.rows, data.grades, folds, seed)
+    pre = Preprocessing(size=cfg.size, in_channels=cfg.classifier.in_channels)
+    prob = np.zeros((len(data.grades), len(GRADES)), np.float32)
+    per_fold, shown, maps = [], set(heatmap_rows(len(data.grades), heatmap_images).tolist()), {}
+    for k in range(folds):
+        held = fold == k
+        log.info("grading cross-validation: fold %d of %d (%d held out)", k + 1, folds, int(held.sum()))
+        model = fit_classifier(replace(cfg, seed=cfg.seed + k), data.images[~held], data.grades[~held])
+        prob[held] = predict(model, data.images[held], pre)
+        per_fold.append({"fold": k, **flat_metrics(grade_metrics(data.grades[held], prob[held]))})
+        picked = [i for i in np.flatnonzero(held) if i in shown]
+        if picked:
+            heat, _ = heatmaps(model, torch.stack([pre.to_tensor(data.images[i]) for i in picked]))
+            for i, hmap in zip(picked, heat):
+                row = data.rows.iloc[i]
+                image = read_image(row["image"])
+                lung = find_lungs(image) if find_lungs is not None else read_mask(row["lung_mask"]).astype(bool)
+                maps[data.rows.index[i]] = (to_uint8(image), heatmap_in_image(hmap, image.shape, lung, cfg.side, cfg.roi),
+                                            lung)
+    summary = {m: {"mean": float(np.nanmean([f[m] for f in per_fold])), "sd": float(np.nanstd([f[m] for f in per_fold]))}
+               for m in CV_SUMMARY}
+    pooled = grade_metrics(data.grades, prob)
+    oof = pd.DataFrame({"row": data.rows.index, "patient_id": data.rows.get("patient_id", pd.Series(index=data.rows.index)).to_numpy(),
+                        "fold": fold, "grade": data.grades, "pred": prob.argmax(1)})
+    hcs = [concordance(heat, lung)["hcs"] for _, heat, lung in maps.values()]
+    return {"config": cfg.to_dict(), "folds": folds, "images": int(len(data.grades)), "per_fold": per_fold,
+            "summary": summary, "pooled": pooled,
+            "hcs": {"mean": float(np.mean(hcs)) if hcs else None, "images": len(hcs)},
+            "subgroups": {col: subgroup_table(data.rows, data.grades, prob, col) for col in by}, "oof": oof,
+            "heatmaps": maps}
+
+
+def paired_heatmaps(right: dict, left: dict) -> dict:
+    """Seed 000's heatmap of an image: the right-lung and left-lung models' heatmaps averaged, on
+    the images both cross-validations drew (two :func:`cross_validate` results of one recipe,
+    one per side), with the HCS of each against the lungs."""
+    out = {}
+    for row in sorted(set(right["heatmaps"]) & set(left["heatmaps"])):
+        image, heat_r, lung = right["heatmaps"][row]
+        heat = average_heatmaps(heat_r, left["heatmaps"][row][1])
+        out[row] = (image, heat, lung, concordance(heat, lung)["hcs"])
+    return out
+
+
+def cv_markdown(results: list[dict]) -> str:
+    """The cross-validation results of several recipes as Markdown: mean +- SD over the folds,
+    then each recipe's subgroup tables (pooled out-of-fold predictions)."""
+    def pm(r: dict, m: str) -> str:
+        return f"{r['summary'][m]['mean']:.3f} +- {r['summary'][m]['sd']:.3f}"
+
+    lines = ["| side | backbone | ROI | balancing | images | macro MAE | weighted F1 | none vs any F1 | "
+             "<=mild vs >=moderate F1 | severe F1 | HCS |", "| --- " * 11 + "|"]
+    for r in results:
+        c = r["config"]
+        hcs = r.get("hcs", {}).get("mean")
+        lines.append(f"| {c['side']} | {c['classifier']['backbone']} | {c['roi']} | {c['balancing']} | {r['images']} | "
+                     + " | ".join(pm(r, m) for m in ("macro_mae", "weighted_f1", "none_vs_any_f1",
+                                                      "mild_or_less_vs_moderate_or_more_f1", "not_severe_vs_severe_f1"))
+                     + f" | {'-' if hcs is None else f'{hcs:.3f}'} |")
+    for i, r in enumerate(results):
+        for col, table in r["subgroups"].items():
+            c = r["config"]
+            lines += ["", f"Recipe {i + 1} ({c['side']}, {c['classifier']['backbone']}, {c['roi']}, {c['balancing']}) "
+                      f"by {col}, pooled out-of-fold:", "",
+                      f"| {col} | n | macro MAE | MAE | weighted F1 | accuracy |", "| --- " * 6 + "|"]
+            lines += [f"| {t['value']} | {t['n']} | {t['macro_mae']:.3f} | {t['mae']:.3f} | {t['weighted_f1']:.3f} | "
+                      f"{t['accuracy']:.3f} |" for t in table]
+    return "\n".join(lines) + "\n"
