@@ -1,2 +1,2 @@
-"""Data in: local and S3 storage, image and DICOM decoding, the manifest, importers, reader grades,
-splits, the training dataset and synthetic phantoms."""
+"""Data in: the manifest, importers, reader grades, splits, the training dataset and synthetic
+phantoms (storage and decoding are in the bottom layer: cxrtune.storage, .images, .dicom)."""

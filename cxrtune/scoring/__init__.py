@@ -1,3 +1,2 @@
-"""Inference: preprocessing, bundle artifacts, lung zones, the scoring policy, batch scoring,
-overlays, calibration and evaluation, agreement statistics, the ONNX runtime. Nothing here
-imports training (``cxrtune.model.train``) or the training dataset."""
+"""Inference: the scoring policy, batch scoring, overlays, calibration and evaluation, agreement
+statistics, the ONNX runtime and export. Nothing here imports training (an import-linter contract)."""
