@@ -110,7 +110,7 @@ def main() -> None:
         select_rows,
         train,
     )
-    from cxrtune.scoring.evaluation import calibrate, evaluate
+    from cxrtune.scoring.evaluation import CalibrateOptions, EvaluateOptions, calibrate, evaluate
     from cxrtune.scoring.scorer import load_bundle
 
     out = Path(args.out or ("/tmp/cxrtune-accuracy-cpu" if args.cpu else "/tmp/cxrtune-accuracy"))
@@ -177,13 +177,14 @@ def main() -> None:
     held = df.index[(df["split"] == "train") & ~df.index.isin(seen)] if args.cls_calibration == "heldout" else []
     cal_df = df.copy()
     cal_df.loc[held, "split"] = "heldout"
-    cal = calibrate(scorer, cal_df, split="train,val,heldout", cls_split="val,heldout", reference="masks",
-                    specificity=args.specificity, limit=64 if args.quick else 1500, progress=False)
-    opacity = {"opacity_threshold": cal["opacity"].threshold, "opacity_calibration": cal["opacity"]} if cal["opacity"] else {}
-    update_bundle(bundle, cls_threshold=cal["cls"].threshold, cls_calibration=cal["cls"],
-                  zone_threshold=cal["zone"].threshold, zone_calibration=cal["zone"], **opacity)
+    cal = calibrate(scorer, cal_df, CalibrateOptions(split="train,val,heldout", cls_split="val,heldout", reference="masks",
+                                                     specificity=args.specificity, limit=64 if args.quick else 1500,
+                                                     progress=False))
+    opacity = {"opacity_threshold": cal.opacity.threshold, "opacity_calibration": cal.opacity} if cal.opacity else {}
+    update_bundle(bundle, cls_threshold=cal.cls.threshold, cls_calibration=cal.cls,
+                  zone_threshold=cal.zone.threshold, zone_calibration=cal.zone, **opacity)
     scorer = load_bundle(bundle, batch_size=32)
-    test = evaluate(scorer, df, str(out / "eval"), split="test", progress=False)
+    test = evaluate(scorer, df, str(out / "eval"), EvaluateOptions(split="test", progress=False))
 
     jsrt = {}
     if (data / "jsrt").exists():
@@ -191,14 +192,15 @@ def main() -> None:
         jdf = manifest.load_manifest(str(out / "jsrt.parquet")).assign(split="test")
         if args.quick:
             jdf = jdf.head(8)
-        jsrt = evaluate(scorer, jdf, str(out / "eval-jsrt"), split="test", progress=False)["lung"]
+        jsrt = evaluate(scorer, jdf, str(out / "eval-jsrt"), EvaluateOptions(split="test", progress=False))["lung"]
     brixia = {}
     if (data / "brixia-dev").exists():
         run_import("readers", str(data / "brixia-dev"), str(out / "brixia.parquet"), progress=False)
         bdf = manifest.load_manifest(str(out / "brixia.parquet"))
         if args.quick:
             bdf = bdf.head(20)
-        ev = evaluate(scorer, bdf, str(out / "eval-brixia"), split="all", cv_reference="S", folds=5, progress=False)
+        ev = evaluate(scorer, bdf, str(out / "eval-brixia"),
+                      EvaluateOptions(split="all", cv_reference="S", folds=5, progress=False))
         r = ev.get("readers", {})
         brixia = {"status": ev["status"], "n": r.get("n"), "cv_thresholds": r.get("cv_thresholds"),
                   "vs_senior": r.get("readers", {}).get("S", {}), "vs_junior": r.get("readers", {}).get("J", {}),
@@ -215,14 +217,14 @@ def main() -> None:
         "test_images": int((df.split == "test").sum()),
         "lung_dice": test["lung"]["dice"],
         "covid_infection_dice": test["opacity"]["dice"], "covid_infection_iou": test["opacity"]["iou"],
-        "cls_threshold": cal["cls"].threshold, "cls_calibration_f1": cal["cls"].f1,
-        "cls_calibration_images": {"n": cal["cls"].n, "heldout_train_rows": len(held)},
-        "opacity_threshold": cal["opacity"].threshold if cal["opacity"] else None,
-        "opacity_calibration_dice": cal["opacity"].dice if cal["opacity"] else None,
+        "cls_threshold": cal.cls.threshold, "cls_calibration_f1": cal.cls.f1,
+        "cls_calibration_images": {"n": cal.cls.n, "heldout_train_rows": len(held)},
+        "opacity_threshold": cal.opacity.threshold if cal.opacity else None,
+        "opacity_calibration_dice": cal.opacity.dice if cal.opacity else None,
         "normal_vs_disease": cls,
         "fp_rate_on_normal": test["normal_score_fp_rate"], "n_normal": test["n_normal"],
         "status_counts": test["status"],
-        "zone_threshold": cal["zone"].threshold, "calibration_mae_vs_masks": cal["zone"].mae,
+        "zone_threshold": cal.zone.threshold, "calibration_mae_vs_masks": cal.zone.mae,
         "score_vs_mask_reference": test.get("score"),
         "jsrt_lung_dice": jsrt.get("dice"),
         "brixia": brixia,

@@ -11,14 +11,13 @@ import json
 import logging
 import os
 import sys
-import time as _time
+import time
 
-import torch
 import yaml
 
-from . import images, jsonsafe, resources, storage, zones
+from . import jsonsafe, resources, storage
 from .audit import gates as release_gates
-from .audit import grade_cv, heatmaps
+from .audit import grade_cv
 from .audit import hide_and_seek as hide_and_seek_audit
 from .data import importers, manifest, phantom, splits
 from .errors import CxrtuneError
@@ -27,7 +26,7 @@ from .model import train as training
 from .scoring import batch_scoring, evaluation, onnx_export
 from .scoring import scorer as scorers
 from .search import report as reports
-from .search import search_space, tuning
+from .search import tuning
 from .serving import app as serving_app
 from .zones import DEFAULT_ZONE_THRESHOLD
 
@@ -35,12 +34,10 @@ log = logging.getLogger("cxrtune")
 
 
 def _data_import(args) -> None:
-    options = {"default_label": args.default_label, "min_age": args.min_age,
-               "keep_derived": args.keep_derived, "pseudonym_key_file": args.pseudonym_key_file}
-    if args.csv:
-        options["csv"] = args.csv
-    result = importers.run_import(args.format, args.src, args.out, data_dir=args.data_dir,
-                        progress=not args.quiet, **options)
+    options = {"default_label": args.default_label, "min_age": args.min_age, "keep_derived": args.keep_derived,
+               "pseudonym_key_file": args.pseudonym_key_file, **({"csv": args.csv} if args.csv else {})}
+    result = importers.run_import(args.format, args.src, args.out, data_dir=args.data_dir, progress=not args.quiet,
+                                  **options)
     if result.excluded:
         print(f"exclusion report: {importers.report_uri(args.out)}", file=sys.stderr)
     print(result.summary())
@@ -49,34 +46,21 @@ def _data_import(args) -> None:
 def _data_split(args) -> None:
     df = manifest.load_manifest(args.manifest, check_files=not args.no_check)
     out = splits.assign_splits(df, val=args.val, test=args.test, folds=args.folds, seed=args.seed,
-                        tuning_fraction=args.tuning_fraction, keep_test=args.keep_test)
-    target = args.out or args.manifest
-    manifest.save_manifest(_for_saving(out, target), target)
+                               tuning_fraction=args.tuning_fraction, keep_test=args.keep_test)
+    manifest.save_manifest(manifest.relative_beside(out, args.out or args.manifest), args.out or args.manifest)
     print(json.dumps(splits.split_summary(out)))
 
 
-def _for_saving(df, target: str):
-    """Keep relative paths when the manifest stays beside its files (phantom folders)."""
-    if storage.is_s3(target):
-        return df
-    base = storage.parent(target)
-    local = [u for u in df["image"] if u and not storage.is_s3(u)]
-    if local and all(os.path.abspath(u).startswith(base + os.sep) for u in local):
-        return manifest.relative_to(df, base)
-    return df
-
-
 def _data_push(args) -> None:
-    df = manifest.load_manifest(args.manifest)
-    counts = manifest.push_manifest(df, args.dest, args.out, workers=args.workers,
-                                    progress=not args.quiet)
+    counts = manifest.push_manifest(manifest.load_manifest(args.manifest), args.dest, args.out,
+                                    workers=args.workers, progress=not args.quiet)
     print(f"pushed {counts['files']} files as {counts['objects']} objects: uploaded "
           f"{counts['uploaded']}, already present {counts['skipped']}; manifest {args.out}")
 
 
 def _data_phantom(args) -> None:
     df = phantom.write_phantoms(args.out, args.n, size=args.size, seed=args.seed, progress=not args.quiet,
-                        shortcut=args.shortcut)
+                                shortcut=args.shortcut)
     print(f"wrote {len(df)} phantoms and {os.path.join(args.out, 'manifest.parquet')}")
 
 
@@ -107,165 +91,105 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def embedded_manifest(n: int = 48, size: int = 128) -> str:
-    """The embedded default dataset: phantoms in a local cache folder, generated once."""
-    root = storage.default_cache_dir() / f"phantoms-n{n}-s{size}"
-    target = root / "manifest.parquet"
-    if not target.exists():
-        print(f"no --manifest: generating {n} phantom CXRs in {root}", file=sys.stderr)
-        phantom.write_phantoms(root, n, size=size, seed=0)
-    return str(target)
-
-
 def _train(args) -> None:
-    cfg = training.TrainConfig.from_yaml(shipped_or(args.config, "configs"))
+    cfg = training.TrainConfig.from_yaml(resources.shipped_or(args.config, "configs"))
     if args.set:
         cfg = training.TrainConfig.from_dict(_merge(cfg.to_dict(), _parse_overrides(args.set)))
-    df = manifest.load_manifest(args.manifest or embedded_manifest())
+    df = manifest.load_manifest(args.manifest or phantom.embedded_manifest())
     summary = training.train(cfg, df, args.out, resume=args.resume, progress=not args.quiet)
     best = summary["best"] or {}
     print(f"trained {summary['epochs']} epoch(s); best {cfg.monitor} {best.get('value', float('nan')):.4f} "
           f"at epoch {best.get('epoch')}; run {args.out}")
 
 
-def _bundle(args) -> None:
-    if args.migrate:
-        meta = artifacts.migrate_bundle(args.migrate)
-        print(f"bundle {args.migrate}: now {meta.format}")
-        return
-    if args.export:
-        fmt, uri = args.export
-        if fmt == "onnx":
-            rec = onnx_export.export_bundle(uri)
-            print(f"bundle {uri}: exported lung.onnx and disease.onnx (opset {rec['opset']})")
-            return
-        if fmt != "onnx-int8":
-            raise CxrtuneError(f"--export {fmt}: the export formats are onnx and onnx-int8")
-
-        if not args.calibration:
-            raise CxrtuneError("--export onnx-int8 needs --calibration: radiographs like the ones it will score")
-        if args.calibration_limit < onnx_export.INT8_MIN_CALIBRATION:
-            raise CxrtuneError(f"--calibration-limit must be at least {onnx_export.INT8_MIN_CALIBRATION}")
-
-        uris = batch_scoring.expand_inputs(args.calibration)
-        step = max(1, len(uris) // args.calibration_limit)  # spread over the folders, not the first few files
-        data = []
-        for u in uris[::step][:args.calibration_limit]:
-            try:
-                data.append(storage.read_bytes(u))
-            except (CxrtuneError, OSError) as exc:
-                log.warning("int8 calibration: an input not read (%s)", type(exc).__name__)
-        rec = onnx_export.quantize_bundle(uri, data, limit=args.calibration_limit)
-        print(f"bundle {uri}: exported lung.int8.onnx and disease.int8.onnx, calibrated on "
-              f"{rec['calibration_images']} radiographs (Stage II on {rec['stage2_calibration_images']} lung crops)")
-        return
-    if not (args.lung and args.disease and args.out):
-        raise CxrtuneError("cxrtune bundle needs --lung, --disease and --out (or --migrate URI, "
-                           "--export onnx URI, --export onnx-int8 URI --calibration PATHS)")
-
+def _bundle_make(args) -> None:
     gates = [release_gates.parse_gate(g) for g in args.gate or []]
-    if gates:  # checked before anything is written
-        release_gates.check_gates(gates, bundle=True, manifest=args.gate_manifest)
-        if storage.exists(storage.join(args.out, "bundle.json")):
-            raise CxrtuneError(f"{args.out} holds a bundle already: a gated bundle goes to a new --out "
-                               "(a refused one is deleted)")
-    b = artifacts.make_bundle(args.lung, args.disease, args.out, zone_threshold=args.threshold, name=args.name or "")
+    b = release_gates.make_gated_bundle(args.lung, args.disease, args.out, gates, args.gate_manifest,
+                                        args.gate_limit, zone_threshold=args.threshold, name=args.name or "")
     if gates:
-        try:
-            results = release_gates.run_gates(gates, bundle=args.out, manifest=args.gate_manifest, limit=args.gate_limit)
-            b = artifacts.update_bundle(args.out, audits={**b.audits, "gates": results})
-            release_gates.enforce(results)
-        except BaseException:  # refused, or the audit could not run: nothing is left to be served
-            for name in ("bundle.json", "lung.pt", "disease.pt"):
-                if storage.exists(storage.join(args.out, name)):
-                    storage.delete(storage.join(args.out, name))
-            raise
-        print(f"release gates passed: {', '.join(results)}")
+        print(f"release gates passed: {', '.join(b.audits['gates'])}")
     print(f"bundle {args.out}: lung {b.lung.config['model']['arch']}, disease "
           f"{b.disease.config['model']['arch']}, zone threshold {b.zone_threshold}")
 
 
+def _bundle_migrate(args) -> None:
+    print(f"bundle {args.uri}: now {artifacts.migrate_bundle(args.uri).format}")
+
+
+def _bundle_export(args) -> None:
+    rec = onnx_export.export(args.uri, args.format, args.calibration, args.calibration_limit)
+    if args.format == "onnx":
+        print(f"bundle {args.uri}: exported lung.onnx and disease.onnx (opset {rec['opset']})")
+    else:
+        print(f"bundle {args.uri}: exported lung.int8.onnx and disease.int8.onnx, calibrated on "
+              f"{rec['calibration_images']} radiographs (Stage II on {rec['stage2_calibration_images']} lung crops)")
+
+
+def _bundle_legacy(args) -> None:
+    """``cxrtune bundle --lung/--migrate/--export``: the flags before the subcommands, kept for one release."""
+    if args.migrate:
+        new, args.uri = "bundle migrate URI", args.migrate
+    elif args.export:
+        new, (args.format, args.uri) = "bundle export FORMAT URI", args.export
+    else:
+        new = "bundle make --lung --disease --out"
+    print(f"cxrtune: `cxrtune bundle` with flags is deprecated; use `cxrtune {new}`", file=sys.stderr)
+    if not args.migrate and not args.export and not (args.lung and args.disease and args.out):
+        raise CxrtuneError("cxrtune bundle make needs --lung, --disease and --out")
+    {"bundle migrate URI": _bundle_migrate, "bundle export FORMAT URI": _bundle_export}.get(new, _bundle_make)(args)
+
+
 def _calibrate(args) -> None:
-    what = tuple(w.strip() for w in args.what.split(","))
-    unknown = sorted(set(what) - {"cls", "opacity", "zone"})
-    if unknown:
-        raise CxrtuneError(f"--what {args.what!r}: choose from cls, opacity and zone (comma-separated)")
-    scorer = scorers.load_bundle(args.bundle, device=args.device)
-    before = {"cls_threshold": scorer.cls_threshold, "opacity_threshold": scorer.opacity_threshold}
-    result = evaluation.calibrate(scorer, manifest.load_manifest(args.manifest), split=args.split, cls_split=args.cls_split,
-                       reference=args.reference, reference_threshold=args.reference_threshold,
-                       specificity=args.specificity, limit=args.limit, what=what)
-    changes = {}
-    if result["cls"] is not None:
-        c = result["cls"]
-        changes.update(cls_threshold=c.threshold, cls_calibration=c)
-        print(f"T_cls {c.threshold:.3f} ({c.method}): F1 {c.f1:.3f}, specificity {c.specificity:.3f}, "
-              f"sensitivity {c.sensitivity:.3f} on {c.n} labelled images")
-    elif "cls" in what:
-        print("T_cls unchanged: no labelled normal and disease images in --cls-split", file=sys.stderr)
-    if result["opacity"] is not None:
-        o = result["opacity"]
-        changes.update(opacity_threshold=o.threshold, opacity_calibration=o)
-        print(f"opacity threshold {o.threshold:.2f} ({o.method}): mean Dice {o.dice:.3f} on {o.n} images with opacity")
-    elif "opacity" in what:
-        print("opacity threshold unchanged: no image in --cls-split has a non-empty opacity mask", file=sys.stderr)
-    if result["zone"] is not None:
-        z = result["zone"]
-        changes.update(zone_threshold=z.threshold, zone_calibration=z)
-        print(f"zone threshold T {z.threshold:.2f} against {z.reference}: score MAE {z.mae:.3f}, RMSE {z.rmse:.3f} "
-              f"on {z.n} images")
-    moved = [name for name, key in (("T_cls", "cls_threshold"), ("the opacity threshold", "opacity_threshold"))
-             if key in changes and changes[key] != before[key]]
-    if moved and result["zone"] is None:  # T was chosen on records made with the old values
-        print(f"warning: {' and '.join(moved)} changed but T did not: T was calibrated with the old "
-              f"value(s); recalibrate it (--what zone, or the default cls,opacity,zone)", file=sys.stderr)
-    artifacts.update_bundle(args.bundle, **changes)
+    options = evaluation.CalibrateOptions(
+        split=args.split, cls_split=args.cls_split, reference=args.reference, specificity=args.specificity,
+        reference_threshold=args.reference_threshold, limit=args.limit, what=tuple(w.strip() for w in args.what.split(",")))
+    outcome = evaluation.calibrate_bundle(args.bundle, manifest.load_manifest(args.manifest), options, args.device)
+    for line, to_stderr in _calibration_lines(outcome, options.what):
+        print(line, file=sys.stderr if to_stderr else sys.stdout)
     print(f"stored in {args.bundle}")
+
+
+def _calibration_lines(outcome, what: tuple[str, ...]) -> list[tuple[str, bool]]:
+    """What ``cxrtune calibrate`` says: (line, to stderr) per threshold chosen or left as it was."""
+    c, o, z = outcome.result.cls, outcome.result.opacity, outcome.result.zone
+    lines = [(f"T_cls {c.threshold:.3f} ({c.method}): F1 {c.f1:.3f}, specificity {c.specificity:.3f}, "
+              f"sensitivity {c.sensitivity:.3f} on {c.n} labelled images", False) if c else
+             ("T_cls unchanged: no labelled normal and disease images in --cls-split", True),
+             (f"opacity threshold {o.threshold:.2f} ({o.method}): mean Dice {o.dice:.3f} on {o.n} images with opacity",
+              False) if o else
+             ("opacity threshold unchanged: no image in --cls-split has a non-empty opacity mask", True),
+             (f"zone threshold T {z.threshold:.2f} against {z.reference}: score MAE {z.mae:.3f}, RMSE {z.rmse:.3f} "
+              f"on {z.n} images", False) if z else ("", True)]
+    lines = [line for line, name in zip(lines, ("cls", "opacity", "zone")) if name in what and line[0]]
+    moved = {"cls": "T_cls", "opacity": "the opacity threshold"}
+    if outcome.stale_zone_threshold_after:  # T was chosen on records made with the old values
+        lines.append((f"warning: {' and '.join(moved[m] for m in outcome.stale_zone_threshold_after)} changed but "
+                      "T did not: T was calibrated with the old value(s); recalibrate it (--what zone, or the "
+                      "default cls,opacity,zone)", True))
+    return lines
 
 
 def _score(args) -> None:
     scorer = scorers.load_bundle(args.bundle, device=args.device, batch_size=args.batch_size, runtime=args.runtime)
-    uris = batch_scoring.expand_inputs(args.paths, args.manifest)
-    counts = batch_scoring.score_files(scorer, uris, args.out, overlays=args.overlays, resume=args.resume,
-                         progress=not args.quiet)
+    counts = batch_scoring.score_files(scorer, batch_scoring.expand_inputs(args.paths, args.manifest), args.out,
+                                       overlays=args.overlays, resume=args.resume, progress=not args.quiet)
     print(f"scored {counts['scored']}, partial {counts['partial']}, unscored {counts['unscored']}, "
           f"failed {counts['error']}, already done {counts['skipped']}; records in {args.out}")
 
 
 def _score_masks(args) -> None:
-    lung = images.read_mask(args.lung)
-    opacity = images.read_mask(args.opacity)
-    if lung.shape != opacity.shape:
-        raise CxrtuneError(f"{args.opacity}: {opacity.shape[1]}x{opacity.shape[0]} does not match the lung "
-                           f"mask's {lung.shape[1]}x{lung.shape[0]}")
-    print(json.dumps(zones.score_masks(lung, opacity, args.threshold)))
+    print(json.dumps(scorers.score_mask_files(args.lung, args.opacity, args.threshold)))
 
 
 def _evaluate(args) -> None:
-    scorer = scorers.load_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
-    by = tuple(c.strip() for c in (args.by or "").split(",") if c.strip())
-    df = manifest.load_manifest(args.manifest)
-    cv = args.cv_reference
-    cal = artifacts.read_bundle_meta(args.bundle).zone_calibration
-    if (not cv and cal and cal.reference.startswith("reader:") and cal.manifest == evaluation.manifest_id(df)
-            and evaluation.same_rows(cal.split, args.split)):
-        cv = cal.reference  # T was chosen on this very set: in-sample figures would flatter it
-        print(f"T was calibrated on {args.manifest}: reader figures are cross-validated against {cv}", file=sys.stderr)
-    elif cal and cal.manifest == evaluation.manifest_id(df) and evaluation.same_rows(cal.split, args.split):
-        print(f"warning: T was calibrated on these rows against the {cal.reference} reference: the score "
-              f"figures against it are in-sample (evaluation.evaluate another split, e.g. --split test)", file=sys.stderr)
-    result = evaluation.evaluate(scorer, df, args.out, split=args.split, reference_threshold=args.reference_threshold,
-                      limit=args.limit, by=by, cv_reference=cv, folds=args.folds)
-    summary = {"status": result["status"], "lung_dice": result["lung"].get("dice"),
-               "opacity_dice": result["opacity"].get("dice"),
-               "f1": (result["classification"] or {}).get("f1"), "normal_score_fp_rate": result["normal_score_fp_rate"],
-               "score_mae": result.get("score", {}).get("mae"),  # the scored records
-               "score_mae_counting_not_scored": result.get("score", {}).get("mae_counting_not_scored")}
-    for reader, figures in (result.get("readers", {}).get("readers", {}) or {}).items():
-        summary[f"mae_vs_{reader}"] = figures.get("score", {}).get("mae")
-        summary[f"mae_vs_{reader}_counting_not_scored"] = result["readers"]["mae_counting_not_scored"].get(reader)
-
-    print(json.dumps(jsonsafe.json_safe(summary)))
+    options = evaluation.EvaluateOptions(
+        split=args.split, reference_threshold=args.reference_threshold, limit=args.limit, folds=args.folds,
+        by=tuple(c.strip() for c in (args.by or "").split(",") if c.strip()), cv_reference=args.cv_reference)
+    report = evaluation.evaluate_bundle(args.bundle, manifest.load_manifest(args.manifest), args.out, options,
+                                        device=args.device, batch_size=args.batch_size)
+    if report.note:
+        print(report.note, file=sys.stderr)
+    print(json.dumps(report.summary))
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -281,50 +205,17 @@ def parse_duration(text: str | None) -> float | None:
         raise CxrtuneError(f"--time-budget {text!r}: use e.g. 90s, 30m or 2h") from None
 
 
-def shipped_or(uri: str, kind: str) -> str:
-    """``uri`` itself, or a resources.shipped file's path when given a bare name (``lung_segmentation``)."""
-    if "/" in uri or uri.endswith((".yaml", ".yml")):
-        return uri
-
-    return str(resources.shipped(kind, uri))
-
-
-def load_warm_start(uris: list[str]) -> list[dict]:
-    """Configurations from YAML/JSON files: each file one mapping or a list of them."""
-    points = []
-    for uri in uris:
-        try:
-            data = yaml.safe_load(storage.read_text(uri))
-        except yaml.YAMLError as exc:
-            raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
-        data = data if isinstance(data, list) else [data]
-        if not all(isinstance(d, dict) for d in data):
-            raise CxrtuneError(f"{uri}: expected a mapping NAME: value, or a list of them")
-        points += data
-    return points
-
-
 def _tune(args) -> None:
     if args.resume:
         summary = tuning.resume_tune(args.resume)
     else:
-        embedded = args.manifest is None
-        if args.space:
-            uri = shipped_or(args.space, "search_spaces")
-            space, source = search_space.load_space(uri).to_dict(), uri
-        elif embedded:
-            space, source = tuning.EMBEDDED_SPACE, "embedded default"
-        else:
-            raise CxrtuneError("--space is required with --manifest (see search_spaces/)")
         given = {k: v for k, v in vars(args).items() if v is not None and k in tuning.TUNE_FLAGS}
-        given["time_budget_s"] = parse_duration(args.time_budget)
-        given["warm_start"] = load_warm_start(args.warm_start or [])
-        opts = tuning.TuneOptions(**{**(tuning.EMBEDDED_OPTIONS if embedded else {}), **given},
-                           space=space, space_source=source, manifest=args.manifest or embedded_manifest(),
-                           name=args.name or _time.strftime("sweep-%Y%m%d-%H%M%S"),
-                           storage=args.storage or os.path.abspath("cxrtune-results"))
-        summary = tuning.run_tune(opts)
-
+        given.update(time_budget_s=parse_duration(args.time_budget),
+                     warm_start=tuning.load_warm_start(args.warm_start or []))
+        summary = tuning.run_tune(tuning.cli_options(
+            given, space=args.space and resources.shipped_or(args.space, "search_spaces"), manifest=args.manifest,
+            name=args.name or time.strftime("sweep-%Y%m%d-%H%M%S"),
+            storage=args.storage or os.path.abspath("cxrtune-results")))
     print(json.dumps(jsonsafe.json_safe(summary), indent=2, default=str))
 
 
@@ -338,25 +229,18 @@ def _promote(args) -> None:
     release_gates.enforce(results)
     run = reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs)
     if results:
-        meta_uri = storage.join(run, "best", "meta.json")
-        meta = json.loads(storage.read_text(meta_uri))
-        meta["audits"] = {**(meta.get("audits") or {}), "gates": results}
-        storage.write_text(meta_uri, json.dumps(meta, indent=2))
+        release_gates.record_gates(storage.join(run, "best"), results)
         print(f"release gates passed: {', '.join(results)}")
     print(f"promoted to {run}")
 
 
-def _default_serve_config() -> str:
-    return str(resources.shipped("serve", "config.yaml" if torch.cuda.is_available() else "config.cpu.yaml"))
-
-
 def _serve(args) -> None:
-    serving_app.run_local(args.bundle, args.config or _default_serve_config(), host=args.host, port=args.port)
+    serving_app.run_local(args.bundle, args.config or serving_app.default_config(), host=args.host, port=args.port)
 
 
 def _deploy(args) -> None:
-    status = serving_app.deploy_config(args.config or _default_serve_config(), args.bundle, args.address, args.wait)
-    print(json.dumps(status))
+    print(json.dumps(serving_app.deploy_config(args.config or serving_app.default_config(), args.bundle,
+                                               args.address, args.wait)))
 
 
 def _gate_flags(parser: argparse.ArgumentParser, bundle: bool) -> None:
@@ -441,21 +325,33 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-epoch lines")
     tr.set_defaults(func=_train)
 
-    bd = sub.add_parser("bundle", help="package a Stage I and a Stage II run as a scorer bundle")
-    bd.add_argument("--lung", help="Stage I run URI")
-    bd.add_argument("--disease", help="Stage II run URI")
-    bd.add_argument("--out", help="bundle folder (local or s3://)")
-    bd.add_argument("--threshold", type=float, default=DEFAULT_ZONE_THRESHOLD, help="zone threshold until calibrated")
-    bd.add_argument("--migrate", metavar="URI", help="rewrite an older bundle's bundle.json in the current format")
-    bd.add_argument("--export", nargs=2, metavar=("FORMAT", "URI"),
-                    help="add an export of both networks to a bundle: `--export onnx BUNDLE` (the CPU fast path) "
-                         "or `--export onnx-int8 BUNDLE --calibration IMAGES` (int8, faster, opt-in)")
-    bd.add_argument("--calibration", nargs="+", metavar="PATH",
-                    help="onnx-int8: radiographs to calibrate on (files, folders, s3:// prefixes or manifests)")
-    bd.add_argument("--calibration-limit", type=int, default=32, help="onnx-int8: radiographs used at most")
-    bd.add_argument("--name")
-    _gate_flags(bd, bundle=True)
-    bd.set_defaults(func=_bundle)
+    bd = sub.add_parser("bundle", help="make, migrate or export a scorer bundle (Stage I + Stage II)")
+    bsub = bd.add_subparsers(dest="bundle_command")
+    mk = bsub.add_parser("make", help="package a Stage I and a Stage II run as a scorer bundle")
+    mg = bsub.add_parser("migrate", help="rewrite an older bundle's bundle.json in the current format")
+    mg.add_argument("uri", help="bundle URI")
+    mg.set_defaults(func=_bundle_migrate)
+    ex = bsub.add_parser("export", help="add an export of both networks: onnx (the CPU fast path) or "
+                                        "onnx-int8 (int8, faster, opt-in; needs --calibration)")
+    ex.add_argument("format", choices=["onnx", "onnx-int8"])
+    ex.add_argument("uri", help="bundle URI")
+    ex.set_defaults(func=_bundle_export)
+    for parser in (ex, bd):
+        parser.add_argument("--calibration", nargs="+", metavar="PATH",
+                            help="onnx-int8: radiographs to calibrate on (files, folders, s3:// prefixes or manifests)")
+        parser.add_argument("--calibration-limit", type=int, default=32, help="onnx-int8: radiographs used at most")
+    for parser, required in ((mk, True), (bd, False)):  # `bundle --lung ...`: the deprecated spelling
+        parser.add_argument("--lung", required=required, help="Stage I run URI")
+        parser.add_argument("--disease", required=required, help="Stage II run URI")
+        parser.add_argument("--out", required=required, help="bundle folder (local or s3://)")
+        parser.add_argument("--threshold", type=float, default=DEFAULT_ZONE_THRESHOLD,
+                            help="zone threshold until calibrated")
+        parser.add_argument("--name")
+        _gate_flags(parser, bundle=True)
+    mk.set_defaults(func=_bundle_make)
+    bd.add_argument("--migrate", metavar="URI", help="deprecated: `cxrtune bundle migrate URI`")
+    bd.add_argument("--export", nargs=2, metavar=("FORMAT", "URI"), help="deprecated: `cxrtune bundle export FORMAT URI`")
+    bd.set_defaults(func=_bundle_legacy)
 
     cal = sub.add_parser("calibrate", help="choose T_cls (classifier) and the zone threshold T, with provenance")
     cal.add_argument("bundle")
@@ -618,66 +514,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _grade_cv(args) -> None:
-    if args.top < 1:
-        raise CxrtuneError(f"--top {args.top}: give at least 1 recipe per side")
-    if args.config:
-        if not args.manifest:
-            raise CxrtuneError("--config needs --manifest")
-        recipes, manifest_uri = [grading.GradeConfig.from_yaml(c) for c in args.config], args.manifest
-    else:
-        recipes = reports.top_grade_recipes(args.experiment, args.top)
-        manifest_uri = args.manifest or tuning.load_options(args.experiment).manifest
-    df = manifest.load_manifest(manifest_uri)
-    by = tuple(c for c in args.by.split(",") if c)
-    results = []
-    for i, cfg in enumerate(recipes):
-        print(f"recipe {i + 1}/{len(recipes)}: {cfg.side} lung, {cfg.classifier.backbone}, {cfg.roi}, {cfg.balancing}",
-              file=sys.stderr)
-        r = grade_cv.cross_validate(cfg, df, folds=args.folds, seed=args.seed, by=by, heatmap_images=args.heatmaps)
-        storage.write_text(storage.join(args.out, f"oof_{i + 1}.csv"), r.pop("oof").to_csv(index=False))
-        for row, (image, heat, lung) in r["heatmaps"].items():
-            storage.write_bytes(storage.join(args.out, "heatmaps", f"recipe{i + 1}_{cfg.side}_row{row}.png"),
-                                heatmaps.heatmap_png(image, heat, lung, heatmaps.concordance(heat, lung)["hcs"]))
-        results.append(r)
-    pairs = []  # seed 000: a recipe cross-validated for both sides -> left and right heatmaps averaged
-    for i, right in enumerate(results):
-        for j, left in enumerate(results):
-            same = {k: v for k, v in right["config"].items() if k != "side"} == \
-                {k: v for k, v in left["config"].items() if k != "side"}
-            if right["config"]["side"] == "right" and left["config"]["side"] == "left" and same:
-                paired = grade_cv.paired_heatmaps(right, left)
-                for row, (image, heat, lung, hcs) in paired.items():
-                    storage.write_bytes(storage.join(args.out, "heatmaps", f"recipes{i + 1}+{j + 1}_both_row{row}.png"),
-                                        heatmaps.heatmap_png(image, heat, lung, hcs))
-                pairs.append({"right": i + 1, "left": j + 1, "images": len(paired),
-                              "hcs": float(sum(p[3] for p in paired.values()) / len(paired)) if paired else None})
-    for r in results:
-        r.pop("heatmaps")
-    storage.write_text(storage.join(args.out, "cv.json"), json.dumps(jsonsafe.json_safe({"recipes": results, "both_sides": pairs}),
-                                                                     indent=2))
-    table = grade_cv.cv_markdown(results)
-    if pairs:
-        table += "\nLeft and right heatmaps averaged (seed 000), HCS against the lungs:\n\n" + "\n".join(
-            f"- recipes {p['right']} (right) + {p['left']} (left): HCS {p['hcs']:.3f} on {p['images']} images"
-            for p in pairs if p["hcs"] is not None) + "\n"
-    storage.write_text(storage.join(args.out, "cv.md"), table)
-    print(table)
+    if args.config and not args.manifest:
+        raise CxrtuneError("--config needs --manifest")
+    recipes = ([grading.GradeConfig.from_yaml(c) for c in args.config] if args.config
+               else reports.top_grade_recipes(args.experiment, args.top))
+    df = manifest.load_manifest(args.manifest or tuning.load_options(args.experiment).manifest)
+    report = grade_cv.write_grade_cv(recipes, df, args.out, folds=args.folds, seed=args.seed,
+                                     by=tuple(c for c in args.by.split(",") if c), heatmap_images=args.heatmaps,
+                                     log_progress=lambda line: print(line, file=sys.stderr))
+    print(report.markdown)
 
 
 def _audit_hide_and_seek(args) -> None:
-    cfg = classify.ClassifyConfig.from_yaml(args.config)
-    df = manifest.load_manifest(args.manifest)
-    reps = tuple(args.representations.split(","))
-    result = hide_and_seek_audit.hide_and_seek(cfg, df, reps, hide_and_seek_audit.Verdict(args.max_retained, args.min_margin), heatmap_images=args.heatmaps)
-    hide_and_seek_audit.write_heatmaps(result.pop("heatmaps"), args.out)
-    storage.write_text(storage.join(args.out, "hide_and_seek_audit.hide_and_seek.json"), json.dumps(jsonsafe.json_safe(result), indent=2))
+    result = hide_and_seek_audit.run_hide_and_seek(
+        classify.ClassifyConfig.from_yaml(args.config), manifest.load_manifest(args.manifest), args.out,
+        tuple(args.representations.split(",")), hide_and_seek_audit.Verdict(args.max_retained, args.min_margin),
+        heatmap_images=args.heatmaps)
     print(f"{'representation':<16} {'accuracy':>8} {'HCS':>6}  sensitivity / PPV per class")
     for name, r in result["representations"].items():
         per = ", ".join(f"{c} {r['sensitivity'][c]:.2f}/{r['ppv'][c]:.2f}" for c in result["classes"])
         print(f"{name:<16} {r['accuracy']:>8.3f} {r.get('hcs', float('nan')):>6.2f}  {per}")
     v = result["verdict"]
     print(("FLAGGED: " if v["flagged"] else "passed: ") + v["reason"])
-    print(f"report: {storage.join(args.out, 'hide_and_seek_audit.hide_and_seek.json')}")
+    print(f"report: {storage.join(args.out, 'hide_and_seek.json')}")
 
 
 def main(argv: list[str] | None = None) -> int:

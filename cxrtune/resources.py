@@ -39,3 +39,10 @@ def shipped(kind: str, name: str) -> Path:
                 return path
     available = sorted({p.name for r in roots() if (r / kind).is_dir() for p in (r / kind).glob("*.yaml")})
     raise CxrtuneError(f"no shipped {kind}/{name}; shipped: {', '.join(available) or 'none found'}")
+
+
+def shipped_or(uri: str, kind: str) -> str:
+    """``uri`` itself, or the shipped file's path when given a bare name (``lung_segmentation``)."""
+    if "/" in uri or uri.endswith((".yaml", ".yml")):
+        return uri
+    return str(shipped(kind, uri))

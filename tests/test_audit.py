@@ -181,7 +181,7 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
         path.write_text(json.dumps({"verdict": {"flagged": is_flagged, "reason": "lungs removed: 0.97 (chance 0.4)"},
                                     "representations": {"lungs_removed": {"accuracy": 0.97 if is_flagged else 0.4}},
                                     "retained_skill": {"lungs_removed": 0.95 if is_flagged else 0.0}}))
-    common = ("bundle", "--lung", str(runs / "lung"), "--disease", str(runs / "disease"),
+    common = ("bundle", "make", "--lung", str(runs / "lung"), "--disease", str(runs / "disease"),
               "--gate-manifest", str(phantom_dir / "manifest.parquet"), "--gate-limit", "8")
     # an HCS no model can reach (above 1) and a flagged hide-and-seek report: refused, with the numbers
     out = tmp_path / "refused"
@@ -192,7 +192,7 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
     assert not (out / "bundle.json").exists() and not (out / "lung.pt").exists()  # nothing left to serve
     # an audit that cannot run (no gate manifest; no report) writes nothing either
     out = tmp_path / "not-written"
-    bare = ("bundle", "--lung", str(runs / "lung"), "--disease", str(runs / "disease"), "--out", str(out))
+    bare = ("bundle", "make", "--lung", str(runs / "lung"), "--disease", str(runs / "disease"), "--out", str(out))
     r = cli(*bare, "--gate", "hcs>=0.1", check=False)
     assert r.returncode == 2 and "needs --gate-manifest" in r.stderr and not out.exists()
     r = cli(*bare, "--gate", f"hide-and-seek={tmp_path / 'missing.json'}", check=False)
@@ -215,7 +215,7 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
     assert r.returncode == 2 and "hide-and-seek" in r.stderr and not (tmp_path / "run").exists()
     r = cli("promote", str(tmp_path / "no-experiment"), "--to", str(tmp_path / "run"), "--gate", "hcs>=0.5",
             check=False)
-    assert r.returncode == 2 and "give it to `cxrtune bundle`" in r.stderr
+    assert r.returncode == 2 and "give it to `cxrtune bundle make`" in r.stderr
 
 
 def test_per_lung_grades_and_roi_schemes():

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def exported(phantom_bundle, tmp_path_factory):
     bundle = tmp_path_factory.mktemp("onnx") / "bundle"
     shutil.copytree(phantom_bundle, bundle)
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "--export", "onnx", str(bundle)],
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "export", "onnx", str(bundle)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     yield bundle
@@ -87,7 +87,7 @@ def test_a_stale_export_is_refused(exported, tmp_path):
 def int8_exported(exported, phantom_dir, tmp_path_factory):
     bundle = tmp_path_factory.mktemp("int8") / "bundle"
     shutil.copytree(exported, bundle)
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "--export", "onnx-int8", str(bundle),
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "export", "onnx-int8", str(bundle),
                         "--calibration", str(phantom_dir / "images"), "--calibration-limit", "12"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -169,13 +169,13 @@ def test_calibration_refuses_the_test_split():
     import pandas as pd
 
     from cxrtune.errors import CxrtuneError
-    from cxrtune.scoring.evaluation import calibrate
+    from cxrtune.scoring.evaluation import CalibrateOptions, calibrate
 
     df = pd.DataFrame({"split": ["train", "val", "test"], "label": ["covid", "normal", "covid"]})
     for kw in ({"split": "val,test"}, {"cls_split": "test"}, {"split": "all"}, {"split": None},
                {"split": "val", "cls_split": "all"}):
         with pytest.raises(CxrtuneError, match="takes 1 test-split row.*test split is never calibrated on"):
-            calibrate(None, df, **kw)  # refused before any image is scored
+            calibrate(None, df, CalibrateOptions(**kw))  # refused before any image is scored
 
 
 def test_cls_threshold_operating_points():
@@ -195,7 +195,7 @@ def test_inference_does_not_import_training():
     assert out.strip() == "[]"
 
 
-def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path):
+def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path, capsys):
     import shutil
 
     from cxrtune.cli import main
@@ -213,7 +213,7 @@ def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path):
     (old / "bundle.json").write_text(json.dumps(meta))
     scorer = load_bundle(str(old))
     assert scorer.zone_threshold == 0.23 and scorer.cls_threshold == 0.5
-    assert main(["bundle", "--migrate", str(old)]) == 0
+    assert main(["bundle", "migrate", str(old)]) == 0
     new = json.loads((old / "bundle.json").read_text())
     assert new["format"] == "cxrtune-bundle/3" and "calibration" not in new
     assert new["zone_calibration"] == {**new["zone_calibration"], "threshold": 0.23, "reference": "masks", "n": 12,
@@ -229,7 +229,8 @@ def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path):
     meta.pop("opacity_calibration", None)
     (two / "bundle.json").write_text(json.dumps(meta))
     assert load_bundle(str(two)).opacity_threshold == 0.5
-    assert main(["bundle", "--migrate", str(two)]) == 0
+    assert main(["bundle", "--migrate", str(two)]) == 0  # the deprecated spelling still works, and says so
+    assert "deprecated; use `cxrtune bundle migrate URI`" in capsys.readouterr().err
     new = json.loads((two / "bundle.json").read_text())
     assert new["format"] == "cxrtune-bundle/3" and new["migrated_from"] == "cxrtune-bundle/2"
     # a /2 bundle that recorded a calibrated cut keeps it

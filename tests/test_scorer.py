@@ -26,7 +26,7 @@ def bundle(phantom_dir, tmp_path_factory):
     common = ["--config", "configs/phantom_quick.yaml", "--manifest", m]
     run("train", *common, "--out", str(work / "lung"))
     run("train", *common, "--out", str(work / "disease"), "--set", "task=disease", "dlw_alpha=0.05")
-    run("bundle", "--lung", str(work / "lung"), "--disease", str(work / "disease"), "--out", str(work / "bundle"))
+    run("bundle", "make", "--lung", str(work / "lung"), "--disease", str(work / "disease"), "--out", str(work / "bundle"))
     yield work
     shutil.rmtree(work, ignore_errors=True)  # ~0.7 GB of checkpoints: freed with the module
 
@@ -162,12 +162,13 @@ def test_score_masks_cli(tmp_path):
                          "--threshold", "0.5"))
     assert rec["score"] == 1 and rec["zones"]["A"]["affected"]
     golden.check("score_masks_two_lungs", rec, exact=True)
-    from cxrtune.zones import score_masks
-
     one = lung.copy()
     one[:, 45:] = False  # the patient's left lung missing
-    golden.check("score_masks_one_lung", score_masks(one, opacity, 0.5), exact=True)
-    golden.check("score_masks_no_lungs", score_masks(np.zeros_like(lung), opacity, 0.5), exact=True)
+    images.write_png(str(tmp_path / "one.png"), one)
+    images.write_png(str(tmp_path / "none.png"), np.zeros_like(lung))
+    for name, mask in (("one_lung", "one.png"), ("no_lungs", "none.png")):
+        golden.check(f"score_masks_{name}", json.loads(run("score-masks", "--lung", str(tmp_path / mask), "--opacity",
+                                                           str(tmp_path / "o.png"), "--threshold", "0.5")), exact=True)
 
 
 def test_threshold_sweep_picks_min_mae():
@@ -252,7 +253,7 @@ def test_evaluate_counts_unscored_records_as_the_worst_error(bundle, phantom_dir
 
     from cxrtune import storage
     from cxrtune.data import manifest
-    from cxrtune.scoring.evaluation import evaluate
+    from cxrtune.scoring.evaluation import EvaluateOptions, evaluate
     from cxrtune.scoring.scorer import load_bundle, reference_zones
 
     b = tmp_path / "blind"
@@ -262,7 +263,8 @@ def test_evaluate_counts_unscored_records_as_the_worst_error(bundle, phantom_dir
     state[bias] = torch.full_like(state[bias], -1e4)  # the lung model sees nothing
     torch.save(state, b / "lung.pt")
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
-    result = evaluate(load_bundle(str(b), device="cpu"), df, str(tmp_path / "ev"), split="val,test", progress=False)
+    result = evaluate(load_bundle(str(b), device="cpu"), df, str(tmp_path / "ev"),
+                      EvaluateOptions(split="val,test", progress=False))
     assert result["status"]["scored"] == 0 and result["status"]["unscored"] == result["n_read"] > 0
     refs = [reference_zones(row, cache=storage.ContentCache()) for _, row in df[df["split"].isin(["val", "test"])].iterrows()]
     worst = [max(sum(r), 6 - sum(r)) for r in refs if r is not None]

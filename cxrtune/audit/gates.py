@@ -1,4 +1,4 @@
-"""Audits as release gates: ``cxrtune bundle --gate RULE`` and ``cxrtune promote --gate RULE``
+"""Audits as release gates: ``cxrtune bundle make --gate RULE`` and ``cxrtune promote --gate RULE``
 refuse a model that fails, naming the numbers, and record every audit result in the bundle's
 (or run's) metadata, which ``GET /v1/models`` shows.
 
@@ -24,6 +24,13 @@ import numpy as np
 from .. import storage
 from ..data import manifest as manifests
 from ..errors import CxrtuneError
+from ..model.artifacts import (
+    BundleMeta,
+    make_bundle,
+    read_checkpoint_meta,
+    update_bundle,
+    write_checkpoint_meta,
+)
 from ..preprocessing import resize_mask
 from ..scoring.evaluation import pick_rows, readable_scans, score_rows
 from ..scoring.scorer import (
@@ -111,7 +118,7 @@ def check_gates(gates: list[Gate], bundle: bool, manifest: str | None) -> None:
     manifest, a hide-and-seek gate a readable report."""
     for gate in gates:
         if gate.kind in BUNDLE_ONLY and not bundle:
-            raise CxrtuneError(f"--gate {gate.rule} audits a bundle (both stages): give it to `cxrtune bundle`")
+            raise CxrtuneError(f"--gate {gate.rule} audits a bundle (both stages): give it to `cxrtune bundle make`")
         if gate.kind in BUNDLE_ONLY and not manifest:
             raise CxrtuneError(f"--gate {gate.rule} needs --gate-manifest: the images to audit on")
         if gate.kind == "hide-and-seek" and not storage.exists(gate.arg):
@@ -161,3 +168,41 @@ def enforce(results: dict) -> None:
         lines = [f"{rule}: " + (f"{r['value']:.3f} (limit {r['threshold']:g})" if "value" in r else r.get("reason", "failed"))
                  for rule, r in failed.items()]
         raise GateFailed("refused by release gate(s): " + "; ".join(lines))
+
+
+def make_gated_bundle(lung_run: str, disease_run: str, out_uri: str, gates: list[Gate],
+                      gate_manifest: str | None = None, gate_limit: int = 64, **bundle_args) -> BundleMeta:
+    """:func:`~cxrtune.model.artifacts.make_bundle` behind release gates: the gates are checked
+    before anything is written, run on the new bundle, and recorded in its ``audits``; a bundle
+    refused by a gate (or whose audit could not run) is deleted, so nothing is left to be served.
+
+    Args:
+        gates: parsed rules (:func:`parse_gate`); none makes a plain bundle.
+        bundle_args: ``zone_threshold``, ``name`` as :func:`make_bundle` takes them.
+
+    Raises:
+        GateFailed: a gate refused the bundle (its numbers in the message)."""
+    if not gates:
+        return make_bundle(lung_run, disease_run, out_uri, **bundle_args)
+    check_gates(gates, bundle=True, manifest=gate_manifest)
+    if storage.exists(storage.join(out_uri, "bundle.json")):
+        raise CxrtuneError(f"{out_uri} holds a bundle already: a gated bundle goes to a new --out "
+                           "(a refused one is deleted)")
+    meta = make_bundle(lung_run, disease_run, out_uri, **bundle_args)
+    try:
+        results = run_gates(gates, bundle=out_uri, manifest=gate_manifest, limit=gate_limit)
+        meta = update_bundle(out_uri, audits={**meta.audits, "gates": results})
+        enforce(results)
+    except BaseException:  # refused, or the audit could not run: nothing is left to be served
+        for name in ("bundle.json", "lung.pt", "disease.pt"):
+            if storage.exists(storage.join(out_uri, name)):
+                storage.delete(storage.join(out_uri, name))
+        raise
+    return meta
+
+
+def record_gates(checkpoint_uri: str, results: dict) -> None:
+    """Add gate results to a checkpoint's ``audits`` (a promoted run's ``best``), typed."""
+    meta = read_checkpoint_meta(checkpoint_uri)
+    meta.audits = {**meta.audits, "gates": results}
+    write_checkpoint_meta(checkpoint_uri, meta)

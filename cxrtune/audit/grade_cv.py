@@ -4,18 +4,20 @@ heatmaps averaged, and the reports ``cxrtune grade cv`` writes."""
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
 
-from .. import zones
+from .. import storage, zones
 from ..data.manifest import without_eval_only
 from ..errors import CxrtuneError
 from ..images import read_image, read_mask
+from ..jsonsafe import json_safe
 from ..model.classify import fit_classifier, predict
 from ..model.grading import (
     CV_SUMMARY,
@@ -31,7 +33,7 @@ from ..model.grading import (
 )
 from ..preprocessing import Preprocessing, to_uint8
 from ..scoring.scorer import stage_one_lungs
-from .heatmaps import average_heatmaps, concordance, heatmaps
+from .heatmaps import average_heatmaps, concordance, heatmap_png, heatmaps
 from .hide_and_seek import heatmap_rows
 
 log = logging.getLogger(__name__)
@@ -138,3 +140,62 @@ def cv_markdown(results: list[dict]) -> str:
             lines += [f"| {t['value']} | {t['n']} | {t['macro_mae']:.3f} | {t['mae']:.3f} | {t['weighted_f1']:.3f} | "
                       f"{t['accuracy']:.3f} |" for t in table]
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class GradeCvReport:
+    """What :func:`write_grade_cv` wrote: each recipe's results (cv.json's ``recipes``), the
+    left+right pairs (``both_sides``) and the Markdown table (cv.md)."""
+    recipes: list
+    both_sides: list
+    markdown: str
+
+
+def _same_recipe_both_sides(right: dict, left: dict) -> bool:
+    """One recipe cross-validated for the right and for the left lung (seed 000 pairs them)."""
+    other = {k: v for k, v in right["config"].items() if k != "side"}
+    return (right["config"]["side"] == "right" and left["config"]["side"] == "left"
+            and other == {k: v for k, v in left["config"].items() if k != "side"})
+
+
+def write_grade_cv(recipes: list[GradeConfig], df: pd.DataFrame, out: str, folds: int = 5, seed: int = 0,
+                   by: tuple[str, ...] = (), heatmap_images: int = 8, log_progress=None) -> GradeCvReport:
+    """``cxrtune grade cv``: :func:`cross_validate` each recipe, then write to ``out`` the
+    out-of-fold predictions (``oof_N.csv``), the heatmaps of each recipe and of each recipe
+    cross-validated for both sides (averaged, seed 000), ``cv.json`` and ``cv.md``.
+
+    Args:
+        log_progress: called with a line per recipe as it starts (the CLI prints it)."""
+    results = []
+    for i, cfg in enumerate(recipes):
+        if log_progress:
+            log_progress(f"recipe {i + 1}/{len(recipes)}: {cfg.side} lung, {cfg.classifier.backbone}, {cfg.roi}, "
+                         f"{cfg.balancing}")
+        r = cross_validate(cfg, df, folds=folds, seed=seed, by=by, heatmap_images=heatmap_images)
+        storage.write_text(storage.join(out, f"oof_{i + 1}.csv"), r.pop("oof").to_csv(index=False))
+        for row, (image, heat, lung) in r["heatmaps"].items():
+            storage.write_bytes(storage.join(out, "heatmaps", f"recipe{i + 1}_{cfg.side}_row{row}.png"),
+                                heatmap_png(image, heat, lung, concordance(heat, lung)["hcs"]))
+        results.append(r)
+    pairs = []
+    for i, right in enumerate(results):
+        for j, left in enumerate(results):
+            if not _same_recipe_both_sides(right, left):
+                continue
+            paired = paired_heatmaps(right, left)
+            for row, (image, heat, lung, hcs) in paired.items():
+                storage.write_bytes(storage.join(out, "heatmaps", f"recipes{i + 1}+{j + 1}_both_row{row}.png"),
+                                    heatmap_png(image, heat, lung, hcs))
+            pairs.append({"right": i + 1, "left": j + 1, "images": len(paired),
+                          "hcs": float(sum(p[3] for p in paired.values()) / len(paired)) if paired else None})
+    for r in results:
+        r.pop("heatmaps")
+    storage.write_text(storage.join(out, "cv.json"),
+                       json.dumps(json_safe({"recipes": results, "both_sides": pairs}), indent=2))
+    table = cv_markdown(results)
+    if pairs:
+        table += "\nLeft and right heatmaps averaged (seed 000), HCS against the lungs:\n\n" + "\n".join(
+            f"- recipes {p['right']} (right) + {p['left']} (left): HCS {p['hcs']:.3f} on {p['images']} images"
+            for p in pairs if p["hcs"] is not None) + "\n"
+    storage.write_text(storage.join(out, "cv.md"), table)
+    return GradeCvReport(results, pairs, table)

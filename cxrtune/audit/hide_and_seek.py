@@ -16,6 +16,7 @@ above chance.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 
@@ -27,6 +28,7 @@ from .. import storage
 from ..data.manifest import is_labelled, without_eval_only
 from ..errors import CxrtuneError
 from ..images import read_image, read_mask
+from ..jsonsafe import json_safe
 from ..model.classify import ClassifyConfig, fit_classifier, predict
 from ..model.metrics import multiclass_metrics
 from ..preprocessing import Preprocessing, resize_image, resize_mask, to_uint8
@@ -169,3 +171,15 @@ def write_heatmaps(shown: dict, out_uri: str, per_representation: int = 4) -> No
         for i in range(min(per_representation, len(images)) if heat is not None else 0):
             storage.write_bytes(storage.join(out_uri, "heatmaps", f"{name}_{i:02d}.png"),
                                 heatmap_png(images[i], heat[i], lungs[i], concordance(heat[i], lungs[i])["hcs"]))
+
+
+def run_hide_and_seek(cfg: ClassifyConfig, df: pd.DataFrame, out_uri: str,
+                      representations: tuple[str, ...] = REPRESENTATIONS, verdict: Verdict = Verdict(),
+                      heatmap_images: int = 8) -> dict:
+    """``cxrtune audit hide-and-seek``: :func:`hide_and_seek`, its heatmaps and
+    ``hide_and_seek.json`` (the report a release gate reads) written to ``out_uri``. Returns the
+    report."""
+    result = hide_and_seek(cfg, df, representations, verdict, heatmap_images=heatmap_images)
+    write_heatmaps(result.pop("heatmaps"), out_uri)
+    storage.write_text(storage.join(out_uri, "hide_and_seek.json"), json.dumps(json_safe(result), indent=2))
+    return result

@@ -213,6 +213,18 @@ def reader_grades(df: pd.DataFrame) -> dict[str, np.ndarray]:
             for r in readers_in(df)}
 
 
+def relative_beside(df: pd.DataFrame, target: str) -> pd.DataFrame:
+    """``df`` with relative paths when the manifest at ``target`` stays beside all its local files
+    (a phantom folder moves as one piece), else as it is."""
+    if storage.is_s3(target):
+        return df
+    base = storage.parent(target)
+    local = [u for u in df["image"] if u and not storage.is_s3(u)]
+    if local and all(os.path.abspath(u).startswith(base + os.sep) for u in local):
+        return relative_to(df, base)
+    return df
+
+
 def save_manifest(df: pd.DataFrame, uri: str) -> None:
     """Write Parquet (``.parquet``) or CSV (anything else), atomically, locally or to S3."""
     uri = str(uri)

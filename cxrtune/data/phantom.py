@@ -10,6 +10,7 @@ Written by hand: no library draws CXR phantoms.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .. import images, zones
+from .. import images, storage, zones
 from ..zones import (
     DEFAULT_ZONE_THRESHOLD as REFERENCE_ZONE_THRESHOLD,  # the one default T
 )
@@ -133,3 +134,14 @@ def write_phantoms(out_dir: str | Path, n: int, size: int = 256, seed: int = 0,
     df = assign_splits(df, val=val, test=test, seed=seed)
     manifest.save_manifest(manifest.relative_to(df, str(out.resolve())), str(out / "manifest.parquet"))
     return df
+
+
+def embedded_manifest(n: int = 48, size: int = 128) -> str:
+    """The embedded default dataset (what runs without ``--manifest``): ``n`` phantoms in a local
+    cache folder, generated once. Returns the manifest's path."""
+    root = storage.default_cache_dir() / f"phantoms-n{n}-s{size}"
+    target = root / "manifest.parquet"
+    if not target.exists():
+        print(f"no --manifest: generating {n} phantom CXRs in {root}", file=sys.stderr)
+        write_phantoms(root, n, size=size, seed=0)
+    return str(target)

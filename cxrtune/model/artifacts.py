@@ -8,7 +8,7 @@
 
 Older bundles still load: ``cxrtune-bundle/1`` (before calibration provenance and model cards)
 and ``/2`` (before the calibrated opacity threshold: they cut Stage II's map at 0.5, as they were
-calibrated) are upgraded in memory on read, and ``cxrtune bundle --migrate URI`` rewrites them.
+calibrated) are upgraded in memory on read, and ``cxrtune bundle migrate URI`` rewrites them.
 A reader refuses a format newer than it knows: older code must not score a /3 bundle at 0.5.
 
 Imports no training code: the trainer, the scorer, ``promote`` and Serve all stand on it.
@@ -79,6 +79,11 @@ class CheckpointMeta:
         return _from_dict(cls, d, where)
 
 
+def write_checkpoint_meta(checkpoint_uri: str, meta: CheckpointMeta) -> None:
+    """``meta.json`` of a checkpoint, through the typed schema (the one way it is written)."""
+    storage.write_text(storage.join(checkpoint_uri, "meta.json"), json.dumps(meta.to_dict(), indent=2))
+
+
 def read_checkpoint_meta(checkpoint_uri: str) -> CheckpointMeta:
     uri = storage.join(checkpoint_uri, "meta.json")
     try:
@@ -123,7 +128,7 @@ class BundleMeta:
     opacity_calibration: Calibration | None = None
     model_card: dict = field(default_factory=dict)
     audits: dict = field(default_factory=dict)
-    onnx: dict = field(default_factory=dict)  # `cxrtune bundle --export onnx`: files and the hashes they match
+    onnx: dict = field(default_factory=dict)  # `cxrtune bundle export onnx`: files and the hashes they match
     versions: dict = field(default_factory=dict)
     format: str = BUNDLE_FORMAT
     migrated_from: str = ""

@@ -500,7 +500,7 @@ def load_torch(uri: str):
 def train(cfg: TrainConfig, df: pd.DataFrame, out_uri: str, resume: bool = False,
           on_epoch: Callable[[dict, Path], bool | None] | None = None, progress: bool = False) -> dict:
     """Train and write a run folder: ``checkpoints/epoch_NNNN/`` per epoch, ``best/`` (the best
-    epoch's weights + meta, what ``cxrtune bundle`` takes) and ``run.json`` (config + history)."""
+    epoch's weights + meta, what ``cxrtune bundle make`` takes) and ``run.json`` (config + history)."""
     trainer = Trainer(cfg, df)
     if resume:
         last = latest_checkpoint(out_uri)

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -16,7 +17,7 @@ from .. import images, storage, zones
 from ..data import manifest
 from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
-from ..model.artifacts import Calibration, now
+from ..model.artifacts import Calibration, now, read_bundle_meta, update_bundle
 from ..model.metrics import SegmentationMeter, classification_metrics, score_metrics
 from ..preprocessing import load_scan
 from ..zones import DEFAULT_ZONE_THRESHOLD
@@ -25,6 +26,7 @@ from .scorer import (
     STATUSES,
     Scorer,
     has_lungs,
+    load_bundle,
     reference_zones,
     score_error,
     sweep_threshold,
@@ -153,10 +155,57 @@ def choose_opacity_threshold(stats: list[tuple[float, np.ndarray, np.ndarray, in
             "curve": [{"threshold": float(t), "dice": float(d)} for t, d in zip(grid, dice)]}
 
 
-def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val", cls_split: str | None = "val",
-              reference: str = "auto", reference_threshold: float = DEFAULT_ZONE_THRESHOLD,
-              specificity: float | None = None, limit: int | None = None, progress: bool = True,
-              what: tuple[str, ...] = ("cls", "opacity", "zone")) -> dict:
+CALIBRATED = ("cls", "opacity", "zone")
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """What :func:`calibrate` chooses and on what; the defaults are ``cxrtune calibrate``'s.
+
+    Args:
+        split: rows T is chosen on (comma-separated splits; ``all``/None: every row).
+        cls_split: rows T_cls and the opacity threshold are chosen on (validation data).
+        reference: ``auto``, ``zones``, ``masks`` or a reader id (``S`` or ``reader:S``).
+        reference_threshold: T of the mask-derived reference.
+        specificity: T_cls at this specificity instead of maximum F1.
+        limit: rows per split at most (a stratified sample).
+        what: which of ``cls``, ``opacity``, ``zone`` to choose."""
+    split: str | None = "train,val"
+    cls_split: str | None = "val"
+    reference: str = "auto"
+    reference_threshold: float = DEFAULT_ZONE_THRESHOLD
+    specificity: float | None = None
+    limit: int | None = None
+    what: tuple[str, ...] = CALIBRATED
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.what) - set(CALIBRATED))
+        if unknown or not self.what:
+            raise CxrtuneError(f"--what {','.join(self.what)!r}: choose from cls, opacity and zone (comma-separated)")
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """The chosen thresholds with their provenance; None for one not chosen (not asked for, or
+    no rows to choose it on). ``curve``/``opacity_curve``: the sweeps behind T and the opacity cut."""
+    cls: Calibration | None = None
+    opacity: Calibration | None = None
+    zone: Calibration | None = None
+    curve: list = field(default_factory=list)
+    opacity_curve: list = field(default_factory=list)
+
+    def bundle_changes(self) -> dict:
+        """The bundle.json fields this result sets (:func:`~cxrtune.model.artifacts.update_bundle`)."""
+        out: dict = {}
+        for name in CALIBRATED:
+            c = getattr(self, name)
+            if c is not None:
+                out.update({f"{name}_threshold": c.threshold, f"{name}_calibration": c})
+        return out
+
+
+def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = CalibrateOptions()) -> CalibrationResult:
     """The three thresholds, in this order, each with its provenance
     (:class:`~cxrtune.model.artifacts.Calibration`).
 
@@ -173,6 +222,9 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
     The ``cls_split`` rows go through both stages once for the first two; the ``split`` rows are
     scored once, unrefined, for T (T_cls is applied to the stored probabilities). The scorer's
     ``opacity_threshold`` is left at the chosen one."""
+    split, cls_split, reference, what = options.split, options.cls_split, options.reference, options.what
+    limit, progress, reference_threshold = options.limit, options.progress, options.reference_threshold
+
     def refuse_test_rows(what_split: str, chosen: str | None, rows: pd.DataFrame) -> None:
         # the selected rows are judged, not the selector: ``all`` takes the test rows too
         n_test = int((rows["split"] == "test").sum()) if "split" in rows else 0
@@ -201,7 +253,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
         if reference[7:] not in readers:
             raise CxrtuneError(f"--reference {reference[7:]!r}: the manifest's readers are "
                                f"{', '.join(readers) or 'none (no reader_<ID>_<A-F> columns)'}")
-    out: dict = {"cls": None, "opacity": None, "zone": None}
+    out: dict = {}
     probs, opacity_stats = [], []
     for row, image, lung, prob, p in stage2_maps(scorer, cls_rows, cache, progress):
         if manifest.is_labelled(row["label"]):
@@ -214,12 +266,12 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
                                       np.array([m.sum() for m in pred], float), int(ref.sum())))
     t_cls = scorer.cls_threshold
     if "cls" in what and probs:
-        choice = choose_cls_threshold(*map(np.array, zip(*probs)), specificity=specificity)
+        choice = choose_cls_threshold(*map(np.array, zip(*probs)), specificity=options.specificity)
         t_cls = choice["threshold"]
-        out["cls"] = Calibration(threshold=t_cls, method="specificity" if specificity is not None else "max_f1",
+        out["cls"] = Calibration(threshold=t_cls, method="specificity" if options.specificity is not None else "max_f1",
                                  reference="labels", n=len(probs), manifest=manifest_id(df),
                                  split=cls_split or "all", f1=choice["f1"], specificity=choice["specificity"],
-                                 sensitivity=choice["sensitivity"], target=specificity, created=now())
+                                 sensitivity=choice["sensitivity"], target=options.specificity, created=now())
     if opacity_stats:
         choice = choose_opacity_threshold(opacity_stats, t_cls)
         scorer.opacity_threshold = choice["threshold"]  # the zone rows below are refined with it
@@ -247,12 +299,53 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, split: str | None = "train,val",
                                   manifest=manifest_id(df), split=split or "all", mae=sweep["mae"],
                                   rmse=sweep["rmse"], created=now())
         out["curve"] = sweep["curve"]
-    return out
+    return CalibrationResult(**out)
 
 
-def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, split: str | None = "test",
-             reference_threshold: float = DEFAULT_ZONE_THRESHOLD, limit: int | None = None, progress: bool = True,
-             by: tuple[str, ...] = (), cv_reference: str | None = None, folds: int = 5, n_boot: int = 2000) -> dict:
+@dataclass(frozen=True)
+class BundleCalibration:
+    """:func:`calibrate_bundle`'s outcome: the result, and the thresholds that moved while T
+    stayed (T was chosen on records made with their old values: recalibrate it)."""
+    result: CalibrationResult
+    stale_zone_threshold_after: tuple[str, ...] = ()
+
+
+def calibrate_bundle(uri: str, df: pd.DataFrame, options: CalibrateOptions = CalibrateOptions(),
+                     device: str | None = None) -> BundleCalibration:
+    """``cxrtune calibrate``: :func:`calibrate` the bundle at ``uri`` on ``df`` and store the chosen
+    thresholds with their provenance in its bundle.json."""
+    scorer = load_bundle(uri, device=device)
+    before = {"cls": scorer.cls_threshold, "opacity": scorer.opacity_threshold}
+    result = calibrate(scorer, df, options)
+    moved = tuple(name for name in ("cls", "opacity")
+                  if getattr(result, name) is not None and getattr(result, name).threshold != before[name])
+    update_bundle(uri, **result.bundle_changes())
+    return BundleCalibration(result, moved if result.zone is None else ())
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """What :func:`evaluate` measures and on what; the defaults are ``cxrtune evaluate``'s.
+
+    Args:
+        split: rows to evaluate (comma-separated splits; ``all``/None: every row).
+        reference_threshold: T of the mask-derived reference.
+        limit: rows at most (a stratified sample).
+        by: manifest columns to break the reader figures down by.
+        cv_reference: a reader id: T is cross-validated against that reader (the same set chose it).
+        folds: folds of that cross-validation.
+        n_boot: bootstrap resamples of the 95 % intervals."""
+    split: str | None = "test"
+    reference_threshold: float = DEFAULT_ZONE_THRESHOLD
+    limit: int | None = None
+    by: tuple[str, ...] = ()
+    cv_reference: str | None = None
+    folds: int = 5
+    n_boot: int = 2000
+    progress: bool = True
+
+
+def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, options: EvaluateOptions = EvaluateOptions()) -> dict:
     """Metrics JSON and plots: lung Dice, opacity Dice/IoU over non-empty references and the
     false-positive rate on annotated-empty ones, classification metrics, the share of Normal
     images with a score > 0, record statuses, score MAE/RMSE/rho/kappa against the mask or zone
@@ -262,8 +355,9 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, split: str | None =
 
     ``cv_reference`` (a reader id): the same set also chooses T, so the reader figures are
     cross-validated: T chosen by minimum MAE against that reader on the other ``folds``."""
+    split, reference_threshold, progress = options.split, options.reference_threshold, options.progress
     cache = storage.ContentCache()
-    rows = pick_rows(df, split, limit)
+    rows = pick_rows(df, split, options.limit)
     lung_meter, opac_meter = SegmentationMeter(), SegmentationMeter()
     probs, labels, pred_zones, ref_zones, records, errors = [], [], [], [], [], []
     statuses = {s: 0 for s in STATUSES}
@@ -313,11 +407,60 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, split: str | None =
     readers = manifest.readers_in(df)
     if readers and reader_rows:
         result["readers"] = _reader_figures(df.loc[reader_rows], np.array(reader_fracs), scorer.zone_threshold,
-                                            readers, by, cv_reference, folds, n_boot, out_dir,
+                                            readers, options.by, options.cv_reference, options.folds,
+                                            options.n_boot, out_dir,
                                             not_scored=df.loc[not_scored_rows])
     storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(json_safe(result), indent=2))
     storage.write_text(storage.join(out_dir, "scores.csv"), table.to_csv(index=False))
     return result
+
+
+@dataclass(frozen=True)
+class BundleEvaluation:
+    """:func:`evaluate_bundle`'s outcome: metrics.json's content, the one-line summary the CLI
+    prints, and a note on how T relates to the evaluated rows (None when it does not)."""
+    metrics: dict
+    summary: dict
+    note: str | None = None
+
+
+def evaluation_mode(uri: str, df: pd.DataFrame, options: EvaluateOptions) -> tuple[EvaluateOptions, str | None]:
+    """In-sample or cross-validated: when T was calibrated against a reader on these very rows,
+    the reader figures are cross-validated against that reader (in-sample figures would flatter
+    T); when it was calibrated on them against another reference, a warning says the score
+    figures are in-sample. Returns the options to evaluate with and the note to show."""
+    cal = read_bundle_meta(uri).zone_calibration
+    if not cal or cal.manifest != manifest_id(df) or not same_rows(cal.split, options.split):
+        return options, None
+    if not options.cv_reference and cal.reference.startswith("reader:"):
+        return (replace(options, cv_reference=cal.reference),
+                f"T was calibrated on these rows: reader figures are cross-validated against {cal.reference}")
+    return options, (f"warning: T was calibrated on these rows against the {cal.reference} reference: the score "
+                     "figures against it are in-sample (evaluate another split, e.g. --split test)")
+
+
+def evaluation_summary(metrics: dict) -> dict:
+    """The headline figures of a metrics.json: what ``cxrtune evaluate`` prints."""
+    score = metrics.get("score", {})
+    summary = {"status": metrics["status"], "lung_dice": metrics["lung"].get("dice"),
+               "opacity_dice": metrics["opacity"].get("dice"), "f1": (metrics["classification"] or {}).get("f1"),
+               "normal_score_fp_rate": metrics["normal_score_fp_rate"], "score_mae": score.get("mae"),
+               "score_mae_counting_not_scored": score.get("mae_counting_not_scored")}
+    readers = metrics.get("readers", {})
+    for reader, figures in (readers.get("readers", {}) or {}).items():
+        summary[f"mae_vs_{reader}"] = figures.get("score", {}).get("mae")
+        summary[f"mae_vs_{reader}_counting_not_scored"] = readers["mae_counting_not_scored"].get(reader)
+    return json_safe(summary)
+
+
+def evaluate_bundle(uri: str, df: pd.DataFrame, out_dir: str, options: EvaluateOptions = EvaluateOptions(),
+                    device: str | None = None, batch_size: int = 8) -> BundleEvaluation:
+    """``cxrtune evaluate``: the bundle at ``uri`` on ``df``, in the mode :func:`evaluation_mode`
+    chooses; writes metrics.json, scores.csv and the plots to ``out_dir``."""
+    options, note = evaluation_mode(uri, df, options)
+    metrics = evaluate(load_bundle(uri, device=device, batch_size=batch_size), df, out_dir, options)
+    return BundleEvaluation(metrics, evaluation_summary(metrics), note)
+
 
 
 def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float, readers: list[str],

@@ -14,6 +14,7 @@ from .. import storage
 from ..errors import CxrtuneError
 from ..model.artifacts import read_bundle_meta, update_bundle
 from ..preprocessing import load_scan
+from .batch_scoring import expand_inputs
 from .onnx_runtime import sha256_hex
 from .scorer import disease_input, has_lungs, load_bundle, stage_input
 
@@ -77,7 +78,6 @@ def quantize_bundle(uri: str, calibration: list[bytes], limit: int = 32) -> dict
         quantize_static,
     )
 
-
     if not read_bundle_meta(uri).onnx:
         export_bundle(uri)
     record = dict(read_bundle_meta(uri).onnx)
@@ -115,3 +115,32 @@ def quantize_bundle(uri: str, calibration: list[bytes], limit: int = 32) -> dict
     record["int8"] = int8
     update_bundle(uri, onnx=record)
     return int8
+
+
+def calibration_sample(inputs: list[str], limit: int) -> list[bytes]:
+    """Up to ``limit`` radiographs from files, folders or S3 prefixes, spread over all of them
+    (every n-th, not the first few files of one folder); an unreadable one is skipped and logged
+    without its name."""
+    if limit < INT8_MIN_CALIBRATION:
+        raise CxrtuneError(f"--calibration-limit must be at least {INT8_MIN_CALIBRATION}")
+    uris = expand_inputs(inputs)
+    step = max(1, len(uris) // limit)
+    data = []
+    for uri in uris[::step][:limit]:
+        try:
+            data.append(storage.read_bytes(uri))
+        except (CxrtuneError, OSError) as exc:
+            log.warning("int8 calibration: an input not read (%s)", type(exc).__name__)
+    return data
+
+
+def export(uri: str, fmt: str, calibration: list[str] | None = None, calibration_limit: int = 32) -> dict:
+    """``cxrtune bundle export``: ``onnx`` (FP32) or ``onnx-int8`` (calibrated on ``calibration``:
+    radiographs like the ones it will score). Returns what bundle.json records of the export."""
+    if fmt == "onnx":
+        return export_bundle(uri)
+    if fmt != "onnx-int8":
+        raise CxrtuneError(f"export format {fmt!r}: the export formats are onnx and onnx-int8")
+    if not calibration:
+        raise CxrtuneError("an onnx-int8 export needs --calibration: radiographs like the ones it will score")
+    return quantize_bundle(uri, calibration_sample(calibration, calibration_limit), limit=calibration_limit)

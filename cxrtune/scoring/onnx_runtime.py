@@ -1,12 +1,12 @@
 """The CPU fast path: a bundle's two networks run with ONNX Runtime (:mod:`.onnx_export` makes them).
 
-``cxrtune bundle --export onnx BUNDLE`` writes ``lung.onnx`` and ``disease.onnx`` beside the
+``cxrtune bundle export onnx BUNDLE`` writes ``lung.onnx`` and ``disease.onnx`` beside the
 PyTorch weights (dynamic batch, the model's own input size) and records in ``bundle.json`` the
 SHA-256 of each and of the weights they came from, so a stale export is never used. The scorer
 takes them with ``runtime="onnx"`` (or ``"auto"``: ONNX on machines without a GPU when the
 bundle has an export). Everything before and after the networks is the same code as with torch.
 
-``cxrtune bundle --export onnx-int8 BUNDLE --calibration IMAGES`` adds int8 copies
+``cxrtune bundle export onnx-int8 BUNDLE --calibration IMAGES`` adds int8 copies
 (``lung.int8.onnx``, ``disease.int8.onnx``: ONNX Runtime's static QDQ quantization, weights int8 per
 channel with 7-bit range, which ORT advises for CPUs without VNNI, activations uint8), calibrated
 on real radiographs passed through the bundle's own
@@ -71,13 +71,13 @@ def load_onnx_stage(uri: str, stage: str, export: dict, int8: bool = False) -> O
     info = (export or {}).get(stage) or {}
     if sha256_hex(storage.read_bytes(storage.join(uri, f"{stage}.pt"))) != info.get("weights_sha256"):
         raise CxrtuneError(f"{uri}: {stage}.onnx was exported from other weights; run "
-                           f"`cxrtune bundle --export onnx {uri}` again")
+                           f"`cxrtune bundle export onnx {uri}` again")
     if int8:
         q = ((export or {}).get("int8") or {}).get(stage) or {}
         data = storage.read_bytes(storage.join(uri, q.get("file", f"{stage}.int8.onnx")))
         if sha256_hex(data) != q.get("sha256") or q.get("onnx_sha256") != info.get("sha256"):
             raise CxrtuneError(f"{uri}: {stage}.int8.onnx is not the int8 copy of this bundle's export; "
-                               f"run `cxrtune bundle --export onnx-int8 {uri} --calibration IMAGES` again")
+                               f"run `cxrtune bundle export onnx-int8 {uri} --calibration IMAGES` again")
         return OnnxStage(data)
     data = storage.read_bytes(storage.join(uri, info.get("file", f"{stage}.onnx")))
     if sha256_hex(data) != info.get("sha256"):

@@ -85,10 +85,14 @@ def has_lungs(lung: np.ndarray) -> bool:
 
 
 def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float | None, threshold: float,
-                 models: dict, scan: Scan | None = None) -> tuple[dict, Detail]:
+                 models: dict | None, scan: Scan | None = None) -> tuple[dict, Detail]:
     """The record of one image from the two stages' outputs (CLI and HTTP alike), and the masks
     behind it. ``lung`` is the cleaned Stage I mask; ``opacity`` is None when Stage II did not run
-    (no lungs). The lungs are split once, for the zones and for any overlay."""
+    (no lungs). The lungs are split once, for the zones and for any overlay.
+
+    Args:
+        p_disease: Stage II's p(disease); None when no classifier ran (a record from masks).
+        models: what made the record (:func:`bundle_models`); None leaves the key out (masks)."""
     lungs = zones.split_lungs(lung)
     empty = np.zeros(lung.shape, bool)
     record: dict = {"status": "unscored", "reason": None, "score": None}
@@ -100,7 +104,7 @@ def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float 
         opacity = opacity & lung
         scored = zones.score_lungs(lungs, opacity, threshold)
         record.update({k: v for k, v in scored.items() if k != "score"})
-        record["disease_probability"] = round(float(p_disease), 4)
+        record["disease_probability"] = None if p_disease is None else round(float(p_disease), 4)
         if lungs.lungs_found == 2:
             record["status"], record["score"] = "scored", scored["score"]
         else:
@@ -112,10 +116,22 @@ def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float 
             record["status"] = "partial"
             record["reason"] = f"one lung found: the patient's {missing} lung's zones are not scored"
         detail = Detail(lung, opacity, lungs)
-    record["models"] = models
+    if models is not None:
+        record["models"] = models
     if scan is not None:
         record["input"] = {"format": scan.format, "width": scan.width, "height": scan.height}
     return record, detail
+
+
+def score_mask_files(lung_uri: str, opacity_uri: str, threshold: float) -> dict:
+    """``cxrtune score-masks``: the record of given lung and opacity masks, made by the scoring
+    policy (:func:`build_record`): ``unscored`` without lungs, ``partial`` with null zones for a
+    lung not found, never a 0 that reads as healthy."""
+    lung, opacity = images.read_mask(lung_uri), images.read_mask(opacity_uri)
+    if lung.shape != opacity.shape:
+        raise CxrtuneError(f"{opacity_uri}: {opacity.shape[1]}x{opacity.shape[0]} does not match the lung "
+                           f"mask's {lung.shape[1]}x{lung.shape[0]}")
+    return build_record(lung, opacity, None, threshold, None)[0]
 
 
 def stage_input(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
@@ -325,9 +341,9 @@ def choose_runtime(runtime: str, device: torch.device, meta: BundleMeta) -> str:
         if device.type != "cpu":
             raise CxrtuneError(f"runtime {runtime} runs on the CPU; use torch on a GPU")
         if not meta.onnx:
-            raise CxrtuneError("the bundle has no ONNX export: run `cxrtune bundle --export onnx BUNDLE`")
+            raise CxrtuneError("the bundle has no ONNX export: run `cxrtune bundle export onnx BUNDLE`")
         if runtime == "onnx-int8" and not meta.onnx.get("int8"):
-            raise CxrtuneError("the bundle has no int8 export: run `cxrtune bundle --export onnx-int8 BUNDLE "
+            raise CxrtuneError("the bundle has no int8 export: run `cxrtune bundle export onnx-int8 BUNDLE "
                                "--calibration IMAGES`")
         if not onnxruntime_available():
             raise CxrtuneError(f"runtime {runtime} needs onnxruntime: pip install onnxruntime")

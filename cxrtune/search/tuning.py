@@ -24,11 +24,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import yaml
 from ray.tune import Stopper
 
 from .. import storage
 from ..cluster import check_fits, init_ray, max_parallel
 from ..data import manifest
+from ..data.phantom import embedded_manifest
 from ..errors import CxrtuneError
 from ..model.artifacts import DEFAULT_OPACITY_THRESHOLD
 from ..model.grading import flat_metrics, train_grader
@@ -41,7 +43,7 @@ from ..scoring.scorer import (
     score_error,
     stage_one_lungs,
 )
-from .search_space import SearchSpace, parse_space
+from .search_space import SearchSpace, load_space, parse_space
 
 log = logging.getLogger(__name__)
 EXPERIMENT_FILE = "cxrtune.json"
@@ -597,6 +599,40 @@ def run_tune(o: TuneOptions) -> dict:
                     int(np.prod([len(p.values) for p in space.params])))
     log.info("sweep %s over %d rows, up to %d trials at once", o.name, len(df), concurrent)
     return summarize(tuner.fit(), o, space, {"max_concurrent": concurrent})
+
+
+def cli_options(flags: dict, space: str | None, manifest: str | None, name: str, storage: str) -> TuneOptions:
+    """The options of ``cxrtune tune``: ``flags`` (TUNE_FLAGS given on the command line) over the
+    defaults; without ``manifest``, the embedded default (phantoms, a small space, few trials).
+
+    Args:
+        space: a search-space file (a shipped one's path already resolved), or None for the
+            embedded space (only without ``manifest``)."""
+    embedded = manifest is None
+    if space:
+        space_dict, source = load_space(space).to_dict(), space
+    elif embedded:
+        space_dict, source = EMBEDDED_SPACE, "embedded default"
+    else:
+        raise CxrtuneError("--space is required with --manifest (see search_spaces/)")
+    return TuneOptions(**{**(EMBEDDED_OPTIONS if embedded else {}), **flags}, space=space_dict, space_source=source,
+                       manifest=manifest or embedded_manifest(), name=name, storage=storage)
+
+
+def load_warm_start(uris: list[str]) -> list[dict]:
+    """Configurations to try first (``--warm-start``), from YAML/JSON files: each file one
+    mapping ``NAME: value`` or a list of them."""
+    points = []
+    for uri in uris:
+        try:
+            data = yaml.safe_load(storage.read_text(uri))
+        except yaml.YAMLError as exc:
+            raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
+        data = data if isinstance(data, list) else [data]
+        if not all(isinstance(d, dict) for d in data):
+            raise CxrtuneError(f"{uri}: expected a mapping NAME: value, or a list of them")
+        points += data
+    return points
 
 
 def load_options(exp_uri: str) -> TuneOptions:

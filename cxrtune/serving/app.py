@@ -66,6 +66,7 @@ from ..errors import (
 )
 from ..model.artifacts import bundle_hash, read_bundle_meta
 from ..preprocessing import WORK_SIZE, InputRefused, Preprocessing, load_scan
+from ..resources import shipped
 from ..scoring.overlay import encode_overlay
 from ..scoring.scorer import (
     build_record,
@@ -618,13 +619,18 @@ def application(settings: ServeSettings | dict, deployments: dict[str, dict] | N
         if settings.device and settings.device != "cpu":
             raise CxrtuneError(f"runtime {settings.runtime} runs on the CPU; use torch or auto with device {settings.device}")
         if not meta.onnx or (settings.runtime == "onnx-int8" and not meta.onnx.get("int8")):
-            what = "an int8 export (`cxrtune bundle --export onnx-int8`)" if meta.onnx else "an ONNX export"
+            what = "an int8 export (`cxrtune bundle export onnx-int8`)" if meta.onnx else "an ONNX export"
             raise CxrtuneError(f"runtime {settings.runtime}: the bundle {settings.bundle} has no {what}")
     plain = settings.model_dump()
     opts = {k: {o: v for o, v in d.items() if o != "name"} for k, d in (deployments or {}).items()}
     stage1 = Stage1.options(**opts.get("Stage1", {})).bind(plain)
     stage2 = Stage2.options(**opts.get("Stage2", {})).bind(plain)
     return Ingress.options(**opts.get("Ingress", {})).bind(stage1, stage2, plain)
+
+
+def default_config() -> str:
+    """The shipped Serve config for this machine: serve/config.yaml with a GPU, else serve/config.cpu.yaml."""
+    return str(shipped("serve", "config.yaml" if torch.cuda.is_available() else "config.cpu.yaml"))
 
 
 def read_serve_config(path: str) -> tuple[dict, dict]:
