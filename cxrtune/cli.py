@@ -27,7 +27,7 @@ from .scoring import batch_scoring, evaluation, onnx_export
 from .scoring import scorer as scorers
 from .search import report as reports
 from .search import tuning
-from .serving import app as serving_app
+from .serving import deploy as serving_deploy
 from .zones import DEFAULT_ZONE_THRESHOLD
 
 log = logging.getLogger("cxrtune")
@@ -235,11 +235,11 @@ def _promote(args) -> None:
 
 
 def _serve(args) -> None:
-    serving_app.run_local(args.bundle, args.config or serving_app.default_config(), host=args.host, port=args.port)
+    serving_deploy.run_local(args.bundle, args.config or serving_deploy.default_config(), host=args.host, port=args.port)
 
 
 def _deploy(args) -> None:
-    print(json.dumps(serving_app.deploy_config(args.config or serving_app.default_config(), args.bundle,
+    print(json.dumps(serving_deploy.deploy_config(args.config or serving_deploy.default_config(), args.bundle,
                                                args.address, args.wait)))
 
 

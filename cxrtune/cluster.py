@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-
+from .config_files import load_yaml
 from .errors import CxrtuneError
 
 # What trials and replicas on other nodes need from the driver's environment, passed through the
@@ -82,7 +81,7 @@ def max_parallel(cpus: float, gpus: float) -> int:
 
         return max(1, _per_node(ray.cluster_resources(), cpus, gpus))
 
-    config = yaml.safe_load(path.read_text()) or {}
+    config = load_yaml(str(path))
     head = config.get("head_node_type")
     budget = int(config.get("max_workers", 10 ** 6))
     total = 0

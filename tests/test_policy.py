@@ -32,7 +32,7 @@ def test_small_fully_opaque_lung_survives_the_cleanup():
     assert cleaned.sum() == 14_400 + 660
     opacity = np.zeros_like(lung)
     opacity[150:172, 170:200] = True  # the small lung is fully opaque
-    record, _ = build_record(cleaned, opacity, 0.9, 0.1, {})
+    record = build_record(cleaned, opacity, 0.9, 0.1, {})[0].to_dict()
     assert record["status"] == "scored" and record["lungs_found"] == 2
     assert [record["zones"][z]["affected"] for z in "DEF"] == [True, True, True]
     assert record["lungs"]["left"]["opacity_percent"] == 100.0 and record["score"] == 3
@@ -54,7 +54,7 @@ def test_white_out_lung_of_a_phantom_survives_the_cleanup():
     assert 0.05 < band.sum() / (labels == full).sum() < 0.10  # below the old rule's 10 %
     cleaned = zones.clean_lungs((labels == full) | band)
     assert np.array_equal(cleaned, (labels == full) | band)
-    record, _ = build_record(cleaned, band, 0.9, 0.1, {})
+    record = build_record(cleaned, band, 0.9, 0.1, {})[0].to_dict()
     assert record["status"] == "scored" and record["lungs_found"] == 2 and record["score"] == 3
     assert [record["zones"][z]["affected"] for z in "DEF"] == [True, True, True]
     assert record["lungs"]["left"]["opacity_percent"] == 100.0
@@ -75,7 +75,7 @@ def test_a_marker_beside_one_lung_is_not_a_second_lung():
     lung[8:40, 180:220] = True  # 1,280 px: above the lung's rows, on the other side
     cleaned = zones.clean_lungs(lung)
     assert cleaned.sum() == 160 * 80
-    record, _ = build_record(cleaned, np.zeros_like(lung), 0.1, 0.1, {})
+    record = build_record(cleaned, np.zeros_like(lung), 0.1, 0.1, {})[0].to_dict()
     assert record["status"] == "partial" and record["score"] is None
 
 
@@ -126,15 +126,15 @@ def test_training_crop_uses_the_same_cleanup(tmp_path):
 def test_partial_and_unscored_records_never_read_as_healthy():
     one = two_lungs()
     one[:, 128:] = False
-    record, _ = build_record(one, np.zeros_like(one), 0.2, 0.1, {})
+    record = build_record(one, np.zeros_like(one), 0.2, 0.1, {})[0].to_dict()
     assert record["status"] == "partial" and record["score"] is None
     assert "left" in record["reason"] and record["lungs"]["left"] is None
     assert [record["zones"][z]["affected"] for z in "ABCDEF"] == [False, False, False, None, None, None]
     none = np.zeros_like(one)
-    record, _ = build_record(none, None, None, 0.1, {})
+    record = build_record(none, None, None, 0.1, {})[0].to_dict()
     assert record["status"] == "unscored" and record["score"] is None and "no lungs" in record["reason"]
     assert record["zones"] is None and record["disease_probability"] is None
-    record, _ = build_record(two_lungs(), np.zeros_like(one), 0.2, 0.1, {})
+    record = build_record(two_lungs(), np.zeros_like(one), 0.2, 0.1, {})[0].to_dict()
     assert record["status"] == "scored" and record["score"] == 0 and record["reason"] is None
     # an image the model fails on counts as the worst error for its reference, never as no error
     assert [score_error(record, ref) for ref in (0, 2, 5)] == [0, 2, 5]
@@ -212,7 +212,7 @@ def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path, capsys):
                              "split": "train,val"})
     (old / "bundle.json").write_text(json.dumps(meta))
     scorer = load_bundle(str(old))
-    assert scorer.zone_threshold == 0.23 and scorer.cls_threshold == 0.5
+    assert (scorer.thresholds.zone, scorer.thresholds.cls) == (0.23, 0.5)
     assert main(["bundle", "migrate", str(old)]) == 0
     new = json.loads((old / "bundle.json").read_text())
     assert new["format"] == "cxrtune-bundle/3" and "calibration" not in new
@@ -228,7 +228,7 @@ def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path, capsys):
     meta.update(format="cxrtune-bundle/2", opacity_threshold=0.15)
     meta.pop("opacity_calibration", None)
     (two / "bundle.json").write_text(json.dumps(meta))
-    assert load_bundle(str(two)).opacity_threshold == 0.5
+    assert load_bundle(str(two)).thresholds.opacity == 0.5
     assert main(["bundle", "--migrate", str(two)]) == 0  # the deprecated spelling still works, and says so
     assert "deprecated; use `cxrtune bundle migrate URI`" in capsys.readouterr().err
     new = json.loads((two / "bundle.json").read_text())
@@ -236,7 +236,7 @@ def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path, capsys):
     # a /2 bundle that recorded a calibrated cut keeps it
     meta.update(opacity_threshold=0.15, opacity_calibration={"threshold": 0.15, "method": "max_dice", "n": 9})
     (two / "bundle.json").write_text(json.dumps({**meta, "format": "cxrtune-bundle/2"}))
-    assert load_bundle(str(two)).opacity_threshold == 0.15
+    assert load_bundle(str(two)).thresholds.opacity == 0.15
     # a format newer than this code knows is refused, never scored with defaults
     meta.update(format="cxrtune-bundle/4")
     (two / "bundle.json").write_text(json.dumps(meta))
@@ -283,3 +283,30 @@ def test_score_mae_gate_counts_unscored_records_as_the_worst_error(phantom_bundl
     assert result["score_mae"] == pytest.approx(np.mean([max(r, 6 - r) for r in refs]))
     working = score_mae(load_bundle(str(phantom_bundle), device="cpu"), rows, "")
     assert working["not_scored"] < len(refs) and working["score_mae"] < result["score_mae"]
+
+
+def test_thresholds_travel_as_one_value_and_scorers_are_never_changed():
+    """A scorer's cuts are one frozen Thresholds from bundle.json; with_thresholds/with_stage make
+    new scorers (a sweep's trial or a calibration never changes the scorer it was given)."""
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    from cxrtune.model.artifacts import Calibration, Thresholds
+    from cxrtune.preprocessing import Preprocessing
+    from cxrtune.scoring.scorer import Scorer, StageModel
+
+    stage = StageModel(nn.Conv2d(3, 1, 1), Preprocessing(size=32, in_channels=3), {})
+    scorer = Scorer(stage, None, Thresholds(zone=0.2, opacity_calibration=Calibration(0.4, "max_dice")),
+                    device=torch.device("cpu"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        scorer.thresholds.zone = 0.3
+    cut = scorer.with_thresholds(opacity=0.3)
+    assert (scorer.thresholds.opacity, cut.thresholds.opacity, cut.thresholds.zone) == (0.5, 0.3, 0.2)
+    assert cut.lung is scorer.lung and cut.thresholds.opacity_calibration == scorer.thresholds.opacity_calibration
+    other = StageModel(nn.Conv2d(3, 1, 1), stage.pre, {})
+    trial = scorer.with_stage("disease", other)
+    assert scorer.disease is None and trial.disease is other and trial.thresholds == scorer.thresholds
+    with pytest.raises(ValueError, match="lung or disease"):
+        scorer.with_stage("opacity", other)

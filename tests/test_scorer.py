@@ -52,7 +52,7 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     assert (opacity["method"], opacity["reference"], opacity["split"], opacity["n"]) == ("max_dice", "masks", "val",
                                                                                         with_opacity) and with_opacity
     assert opacity["threshold"] == meta["opacity_threshold"] and opacity["threshold"] in OPACITY_GRID
-    assert 0 <= opacity["dice"] <= 1 and load_bundle(str(bundle / "bundle")).opacity_threshold == opacity["threshold"]
+    assert 0 <= opacity["dice"] <= 1 and load_bundle(str(bundle / "bundle")).thresholds.opacity == opacity["threshold"]
     golden.check("bundle_json_calibrated", meta)
     card = meta["model_card"]
     assert card["thresholds"]["zone_calibration"]["reference"] == "zones" and card["intended_use"]

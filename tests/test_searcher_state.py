@@ -28,8 +28,8 @@ SPACE = {
     },
 }
 MODES = {"tpe": {"sampler": "tpe"}, "random": {"sampler": "random"},
-         "multi-objective tpe": {"multi_objective": True},
-         "multi-objective random": {"multi_objective": True, "sampler": "random"}}
+         "multi-objective tpe": {"multi_objective": True, "scheduler": "none"},
+         "multi-objective random": {"multi_objective": True, "scheduler": "none", "sampler": "random"}}
 
 
 def options(tmp_path, mode: str) -> TuneOptions:

@@ -340,3 +340,22 @@ def test_score_mae_sweep_against_reader_scores(phantom_dir, phantom_bundle, tmp_
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert summary["metric"] == "val_score_mae" and summary["mode"] == "min"
     assert summary["trials"] == 2 and summary["errored"] == 0 and 0 <= summary["best_metric"] <= 6
+
+
+def test_tune_options_check_themselves_once_before_anything_starts():
+    """Every option conflict is refused when the options are made (the CLI, a resume, a test),
+    naming the flag, before Ray starts or anything is written."""
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.search.tuning import EMBEDDED_SPACE, TuneOptions
+
+    base = {"space": EMBEDDED_SPACE, "manifest": "m.parquet", "name": "n", "storage": "s"}
+    TuneOptions(**base)  # the embedded default is fine
+    for bad, message in (({"scheduler": "pbt"}, "--scheduler must be one of"),
+                         ({"sampler": "cmaes"}, "--sampler must be tpe or random"),
+                         ({"multi_objective": True}, "needs --scheduler none"),
+                         ({"multi_objective": True, "scheduler": "none", "cut_below": 0.1}, "--cut-below judges one"),
+                         ({"grid": True, "warm_start": [{"lr": 0.1}]}, "--grid runs every combination once"),
+                         ({"space": {**EMBEDDED_SPACE, "task": "disease"}, "objective": "score_mae"},
+                          "needs --lung-bundle")):
+        with pytest.raises(CxrtuneError, match=message):
+            TuneOptions(**{**base, **bad})

@@ -179,6 +179,26 @@ def _migrate_v1(d: dict) -> dict:
     return d
 
 
+@dataclass(frozen=True)
+class Thresholds:
+    """The cuts of the scoring policy, with how each was chosen: T (``zone``), T_cls (``cls``),
+    Stage I's (``lung``) and Stage II's opacity map (``opacity``). One value, passed whole, derived
+    from bundle.json (which keeps its own keys); change one with :func:`dataclasses.replace`."""
+    zone: float = DEFAULT_ZONE_THRESHOLD
+    cls: float = DEFAULT_CLS_THRESHOLD
+    lung: float = DEFAULT_LUNG_THRESHOLD
+    opacity: float = DEFAULT_OPACITY_THRESHOLD
+    zone_calibration: Calibration | None = None
+    cls_calibration: Calibration | None = None
+    opacity_calibration: Calibration | None = None
+
+    @classmethod
+    def of(cls, meta: "BundleMeta") -> "Thresholds":
+        return cls(zone=float(meta.zone_threshold), cls=float(meta.cls_threshold), lung=float(meta.lung_threshold),
+                   opacity=float(meta.opacity_threshold), zone_calibration=meta.zone_calibration,
+                   cls_calibration=meta.cls_calibration, opacity_calibration=meta.opacity_calibration)
+
+
 def read_bundle_meta(uri: str) -> BundleMeta:
     where = storage.join(uri, "bundle.json")
     try:

@@ -12,14 +12,13 @@ segmentation Trainer's datasets, losses and metrics do not fit whole-image class
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
-from .. import storage
+from ..config_files import known_settings, load_yaml
 from ..data.dataset import seed_augmentation
 from ..errors import CxrtuneError
 from ..preprocessing import Preprocessing
@@ -60,24 +59,13 @@ class ClassifyConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ClassifyConfig":
         """From a mapping (a YAML file); unknown keys are refused by name."""
-        d = dict(d or {})
-        for known, what in ((cls, "classification"), (ClassifierConfig, "classifier")):
-            data = d if known is cls else (d.get("classifier") or {})
-            if not isinstance(data, dict):
-                raise CxrtuneError(f"{what} settings must be a mapping")
-            bad = sorted(set(data) - {f.name for f in fields(known)})
-            if bad:
-                raise CxrtuneError(f"unknown {what} setting(s): {', '.join(bad)}; known: "
-                                   f"{', '.join(sorted(f.name for f in fields(known)))}")
-        d["classifier"] = ClassifierConfig(**(d.get("classifier") or {}))
+        d = known_settings(cls, d, "classification")
+        d["classifier"] = ClassifierConfig(**known_settings(ClassifierConfig, d.get("classifier"), "classifier"))
         return cls(**d)
 
     @classmethod
     def from_yaml(cls, uri: str) -> "ClassifyConfig":
-        try:
-            return cls.from_dict(yaml.safe_load(storage.read_text(uri)) or {})
-        except yaml.YAMLError as exc:
-            raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
+        return cls.from_dict(load_yaml(uri))
 
 
 def balanced_indices(y: np.ndarray, how: str, rng: np.random.Generator) -> np.ndarray:

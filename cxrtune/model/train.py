@@ -31,18 +31,18 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import storage
+from ..config_files import known_settings, load_yaml
 from ..data import manifest
 from ..data.dataset import CXRDataset, seed_worker
 from ..errors import CxrtuneError
@@ -113,19 +113,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CxrtuneError(f"unknown training setting(s): {', '.join(unknown)}; "
-                               f"known: {', '.join(sorted(known))}")
+        d = known_settings(cls, d, "training")
         model = d.pop("model", {}) or {}
         if isinstance(model, dict):
-            mknown = {f.name for f in fields(ModelConfig)}
-            bad = sorted(set(model) - mknown)
-            if bad:
-                raise CxrtuneError(f"unknown model setting(s): {', '.join(bad)}; known: {', '.join(sorted(mknown))}")
-            model = ModelConfig(**model)
+            model = ModelConfig(**known_settings(ModelConfig, model, "model"))
         cfg = cls(model=model, **d)
         if cfg.task not in TASKS:
             raise CxrtuneError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
@@ -134,13 +125,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, uri: str) -> "TrainConfig":
-        try:
-            data = yaml.safe_load(storage.read_text(uri)) or {}
-        except yaml.YAMLError as exc:
-            raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise CxrtuneError(f"{uri}: expected a mapping of settings")
-        return cls.from_dict(data)
+        return cls.from_dict(load_yaml(uri))
 
 
 def seed_everything(seed: int) -> None:

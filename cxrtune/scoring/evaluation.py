@@ -22,8 +22,8 @@ from ..model.metrics import SegmentationMeter, classification_metrics, score_met
 from ..preprocessing import load_scan
 from ..zones import DEFAULT_ZONE_THRESHOLD
 from . import agreement
+from .record import STATUSES
 from .scorer import (
-    STATUSES,
     Scorer,
     has_lungs,
     load_bundle,
@@ -221,7 +221,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
 
     The ``cls_split`` rows go through both stages once for the first two; the ``split`` rows are
     scored once, unrefined, for T (T_cls is applied to the stored probabilities). The scorer's
-    ``opacity_threshold`` is left at the chosen one."""
+    scorer is left as it was."""
     split, cls_split, reference, what = options.split, options.cls_split, options.reference, options.what
     limit, progress, reference_threshold = options.limit, options.progress, options.reference_threshold
 
@@ -264,7 +264,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
                 pred = [(prob >= t) & lung for t in OPACITY_GRID]
                 opacity_stats.append((p, np.array([(m & ref).sum() for m in pred], float),
                                       np.array([m.sum() for m in pred], float), int(ref.sum())))
-    t_cls = scorer.cls_threshold
+    t_cls = scorer.thresholds.cls
     if "cls" in what and probs:
         choice = choose_cls_threshold(*map(np.array, zip(*probs)), specificity=options.specificity)
         t_cls = choice["threshold"]
@@ -274,7 +274,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
                                  sensitivity=choice["sensitivity"], target=options.specificity, created=now())
     if opacity_stats:
         choice = choose_opacity_threshold(opacity_stats, t_cls)
-        scorer.opacity_threshold = choice["threshold"]  # the zone rows below are refined with it
+        scorer = scorer.with_thresholds(opacity=choice["threshold"])  # the zone rows below are refined with it
         out["opacity"] = Calibration(threshold=choice["threshold"], method="max_dice", reference="masks",
                                      n=choice["n"], manifest=manifest_id(df), split=cls_split or "all",
                                      dice=choice["dice"], created=now())
@@ -315,7 +315,7 @@ def calibrate_bundle(uri: str, df: pd.DataFrame, options: CalibrateOptions = Cal
     """``cxrtune calibrate``: :func:`calibrate` the bundle at ``uri`` on ``df`` and store the chosen
     thresholds with their provenance in its bundle.json."""
     scorer = load_bundle(uri, device=device)
-    before = {"cls": scorer.cls_threshold, "opacity": scorer.opacity_threshold}
+    before = {"cls": scorer.thresholds.cls, "opacity": scorer.thresholds.opacity}
     result = calibrate(scorer, df, options)
     moved = tuple(name for name in ("cls", "opacity")
                   if getattr(result, name) is not None and getattr(result, name).threshold != before[name])
@@ -387,10 +387,10 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, options: EvaluateOp
                         "disease_probability": record["disease_probability"]})
     table = pd.DataFrame(records)
     normal = table[table["label"] == "normal"] if len(table) else table
-    result = {"n_images": len(rows), "n_read": len(table), "split": split, "zone_threshold": scorer.zone_threshold,
-              "cls_threshold": scorer.cls_threshold, "models": scorer.models_info(), "status": statuses,
+    result = {"n_images": len(rows), "n_read": len(table), "split": split, "zone_threshold": scorer.thresholds.zone,
+              "cls_threshold": scorer.thresholds.cls, "models": scorer.models_info(), "status": statuses,
               "lung": lung_meter.result(), "opacity": opac_meter.result(),
-              "classification": (classification_metrics(np.array(probs), np.array(labels), scorer.cls_threshold)
+              "classification": (classification_metrics(np.array(probs), np.array(labels), scorer.thresholds.cls)
                                   if probs else None),
               "normal_score_fp_rate": (float((normal["score"].fillna(0) > 0).mean()) if len(normal) else None),
               "n_normal": int(len(normal))}
@@ -406,7 +406,7 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, options: EvaluateOp
                                      for k, g in table.groupby("label")}
     readers = manifest.readers_in(df)
     if readers and reader_rows:
-        result["readers"] = _reader_figures(df.loc[reader_rows], np.array(reader_fracs), scorer.zone_threshold,
+        result["readers"] = _reader_figures(df.loc[reader_rows], np.array(reader_fracs), scorer.thresholds.zone,
                                             readers, options.by, options.cv_reference, options.folds,
                                             options.n_boot, out_dir,
                                             not_scored=df.loc[not_scored_rows])

@@ -21,9 +21,10 @@ Imports neither the trainer nor the dataset: inference stands below training.
 
 from __future__ import annotations
 
+import copy
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import cv2
@@ -34,11 +35,9 @@ import torch
 from .. import images, storage, zones
 from ..errors import CxrtuneError
 from ..model.artifacts import (
-    DEFAULT_CLS_THRESHOLD,
-    DEFAULT_OPACITY_THRESHOLD,
-    DEFAULT_ZONE_THRESHOLD,
     BundleMeta,
     CheckpointMeta,
+    Thresholds,
     bundle_hash,
     read_bundle_meta,
 )
@@ -51,10 +50,11 @@ from ..preprocessing import (
     resize_image,
     to_uint8,
 )
+from ..zones import DEFAULT_ZONE_THRESHOLD
 from .onnx_runtime import RUNTIMES, load_onnx_stage, onnxruntime_available
+from .record import ScoreRecord
 
 MIN_LUNG_FRACTION = 0.005  # cleaned lungs under this share of the image: no lungs found
-STATUSES = ("scored", "partial", "unscored")
 NO_LUNGS = "no lungs found: not a frontal chest radiograph, or Stage I failed on it"
 
 
@@ -85,7 +85,7 @@ def has_lungs(lung: np.ndarray) -> bool:
 
 
 def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float | None, threshold: float,
-                 models: dict | None, scan: Scan | None = None) -> tuple[dict, Detail]:
+                 models: dict | None, scan: Scan | None = None) -> tuple[ScoreRecord, Detail]:
     """The record of one image from the two stages' outputs (CLI and HTTP alike), and the masks
     behind it. ``lung`` is the cleaned Stage I mask; ``opacity`` is None when Stage II did not run
     (no lungs). The lungs are split once, for the zones and for any overlay.
@@ -95,32 +95,25 @@ def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float 
         models: what made the record (:func:`bundle_models`); None leaves the key out (masks)."""
     lungs = zones.split_lungs(lung)
     empty = np.zeros(lung.shape, bool)
-    record: dict = {"status": "unscored", "reason": None, "score": None}
+    source = {"models": models,
+              "input": {"format": scan.format, "width": scan.width, "height": scan.height} if scan is not None else None}
     if opacity is None or lungs.lungs_found == 0 or not has_lungs(lung):
-        record.update(reason=NO_LUNGS, zones=None, lungs=None, opacity_percent=None, threshold=float(threshold),
-                      lungs_found=0, disease_probability=None)
-        detail = Detail(lung, empty, lungs)
-    else:
-        opacity = opacity & lung
-        scored = zones.score_lungs(lungs, opacity, threshold)
-        record.update({k: v for k, v in scored.items() if k != "score"})
-        record["disease_probability"] = None if p_disease is None else round(float(p_disease), 4)
-        if lungs.lungs_found == 2:
-            record["status"], record["score"] = "scored", scored["score"]
-        else:
-            missing = "left" if not lungs.left.any() else "right"
-            letters = zones.LEFT_ZONES if missing == "left" else zones.RIGHT_ZONES
-            for letter in letters:
-                record["zones"][letter] = {"affected": None, "opacity_fraction": None}
-            record["lungs"][missing] = None
-            record["status"] = "partial"
-            record["reason"] = f"one lung found: the patient's {missing} lung's zones are not scored"
-        detail = Detail(lung, opacity, lungs)
-    if models is not None:
-        record["models"] = models
-    if scan is not None:
-        record["input"] = {"format": scan.format, "width": scan.width, "height": scan.height}
-    return record, detail
+        record = ScoreRecord(status="unscored", reason=NO_LUNGS, score=None, zones=None, lungs=None,
+                             opacity_percent=None, threshold=float(threshold), lungs_found=0,
+                             disease_probability=None, **source)
+        return record, Detail(lung, empty, lungs)
+    opacity = opacity & lung
+    scored = zones.score_lungs(lungs, opacity, threshold)
+    status, reason, score = "scored", None, scored["score"]
+    if lungs.lungs_found != 2:
+        missing = "left" if not lungs.left.any() else "right"
+        for letter in zones.LEFT_ZONES if missing == "left" else zones.RIGHT_ZONES:
+            scored["zones"][letter] = {"affected": None, "opacity_fraction": None}
+        scored["lungs"][missing] = None
+        status, reason, score = "partial", f"one lung found: the patient's {missing} lung's zones are not scored", None
+    record = ScoreRecord(status=status, reason=reason, **{**scored, "score": score},
+                         disease_probability=None if p_disease is None else round(float(p_disease), 4), **source)
+    return record, Detail(lung, opacity, lungs)
 
 
 def score_mask_files(lung_uri: str, opacity_uri: str, threshold: float) -> dict:
@@ -131,7 +124,7 @@ def score_mask_files(lung_uri: str, opacity_uri: str, threshold: float) -> dict:
     if lung.shape != opacity.shape:
         raise CxrtuneError(f"{opacity_uri}: {opacity.shape[1]}x{opacity.shape[0]} does not match the lung "
                            f"mask's {lung.shape[1]}x{lung.shape[0]}")
-    return build_record(lung, opacity, None, threshold, None)[0]
+    return build_record(lung, opacity, None, threshold, None)[0].to_dict()
 
 
 def stage_input(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
@@ -219,20 +212,34 @@ def _load_stage(uri: str, stage: str, meta: BundleMeta, device: torch.device, ru
 
 class Scorer:
     """Both stages, loaded once; scores lists of working images in batches (on GPU if any)."""
-    def __init__(self, lung: StageModel | None, disease: StageModel | None,
-                 zone_threshold: float = DEFAULT_ZONE_THRESHOLD, cls_threshold: float = DEFAULT_CLS_THRESHOLD,
-                 lung_threshold: float = 0.5, device: torch.device | None = None, batch_size: int = 8,
-                 models: dict | None = None, runtime: str = "torch",
-                 opacity_threshold: float = DEFAULT_OPACITY_THRESHOLD):
+    def __init__(self, lung: StageModel | None, disease: StageModel | None, thresholds: Thresholds = Thresholds(),
+                 device: torch.device | None = None, batch_size: int = 8, models: dict | None = None,
+                 runtime: str = "torch"):
         """Either stage may be None where only the other is used (one Serve deployment each).
-        ``models`` names them in records (:func:`bundle_models`)."""
+        ``models`` names them in records (:func:`bundle_models`). A scorer is not changed after it
+        is made: :meth:`with_thresholds` and :meth:`with_stage` make new ones."""
         self.lung, self.disease = lung, disease
-        self.zone_threshold, self.cls_threshold, self.lung_threshold = zone_threshold, cls_threshold, lung_threshold
-        self.opacity_threshold = opacity_threshold
+        self.thresholds = thresholds
         self.device = device or next((lung or disease).model.parameters()).device
         self.batch_size = batch_size
         self.models = models or {}
         self.runtime = runtime  # "torch", "onnx" or "onnx-int8": which runs the networks
+
+    def with_thresholds(self, **changes) -> "Scorer":
+        """The same networks with some thresholds changed (``zone``, ``cls``, ``lung``, ``opacity``
+        and their calibrations, as :class:`~cxrtune.model.artifacts.Thresholds` names them)."""
+        return copy.copy(self)._set(thresholds=replace(self.thresholds, **changes))
+
+    def with_stage(self, stage: str, model: StageModel) -> "Scorer":
+        """The same scorer with ``stage`` (``lung`` or ``disease``) run by another network: a
+        sweep's trial scored through a fixed Stage I."""
+        if stage not in ("lung", "disease"):
+            raise ValueError(f"stage must be lung or disease, got {stage!r}")
+        return copy.copy(self)._set(**{stage: model})
+
+    def _set(self, **fields) -> "Scorer":
+        self.__dict__.update(fields)
+        return self
 
     # ---------------------------------------------------------------------------------- stages
     # Each stage is input -> forward -> output. Inputs are uint8, at the model's size or smaller
@@ -270,7 +277,7 @@ class Scorer:
     def lung_masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Stage I and the lung cleanup: cleaned bool lung masks at each image's size."""
         probs = self.forward("lung", [stage_input(im, self.lung.pre) for im in images])
-        return [lung_output(p, im.shape, self.lung_threshold) for im, p in zip(images, probs)]
+        return [lung_output(p, im.shape, self.thresholds.lung) for im, p in zip(images, probs)]
 
     def opacity_maps(self, images: list[np.ndarray], lungs: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         """Stage II on the ROI of the cleaned lungs: ``(opacity probabilities in image coordinates,
@@ -284,8 +291,8 @@ class Scorer:
         """Stage II refined by the classifier (:func:`refine`): ``(mask, p)`` per image, the mask
         in image coordinates. ``cls_threshold=0`` keeps every mask (calibration chooses T_cls
         afterwards)."""
-        t_cls = self.cls_threshold if cls_threshold is None else cls_threshold
-        return [(refine(prob, p, t_cls, self.opacity_threshold), float(p))
+        t_cls = self.thresholds.cls if cls_threshold is None else cls_threshold
+        return [(refine(prob, p, t_cls, self.thresholds.opacity), float(p))
                 for prob, p in self.opacity_maps(images, lungs)]
 
     # ---------------------------------------------------------------------------------- policy
@@ -307,10 +314,10 @@ class Scorer:
         for i, lung in enumerate(lungs):
             opacity, p = stage2.get(i, (None, None))
             digest = self.models.get("bundle_hash")
-            models = {**self.models_info(), "stage_bundles": {"lung": digest, "disease": digest if i in stage2 else None},
-                      "stage_runtimes": {"lung": self.runtime, "disease": self.runtime if i in stage2 else None}}
-            record, detail = build_record(lung, opacity, p, self.zone_threshold, models,
-                                          scans[i] if scans else None)
+            models = record_models(self.models_info(), {"lung": digest, "disease": digest if i in stage2 else None},
+                                   {"lung": self.runtime, "disease": self.runtime if i in stage2 else None})
+            typed, detail = build_record(lung, opacity, p, self.thresholds.zone, models, scans[i] if scans else None)
+            record = typed.to_dict()
             record["timings_ms"] = {"stage1": round(1000 * (t1 - t0) / n, 2), "stage2": round(1000 * (t2 - t1) / n, 2)}
             results.append((record, detail))
         return results
@@ -327,6 +334,12 @@ def bundle_models(meta: BundleMeta, content_hash: str = "") -> dict:
     """How records (CLI and HTTP) name a bundle's models."""
     return {"lung": stage_name(meta.lung), "disease": stage_name(meta.disease), "cls_threshold": meta.cls_threshold,
             "opacity_threshold": meta.opacity_threshold, "bundle": meta.name, "bundle_hash": content_hash, "created": meta.created}
+
+
+def record_models(base: dict, stage_bundles: dict, stage_runtimes: dict) -> dict:
+    """A record's ``models``: the bundle's (:func:`bundle_models`) with the content hash of the
+    bundle behind each stage's answer and what ran it (None for a stage that did not run)."""
+    return {**base, "stage_bundles": stage_bundles, "stage_runtimes": stage_runtimes}
 
 
 def choose_runtime(runtime: str, device: torch.device, meta: BundleMeta) -> str:
@@ -358,10 +371,8 @@ def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
     dev = _device(device)
     runtime = choose_runtime(runtime, dev, meta)
     loaded = {stage: _load_stage(uri, stage, meta, dev, runtime) for stage in stages}
-    return Scorer(loaded.get("lung"), loaded.get("disease"), zone_threshold=meta.zone_threshold,
-                  cls_threshold=meta.cls_threshold, lung_threshold=meta.lung_threshold, device=dev,
-                  batch_size=batch_size, models=bundle_models(meta, bundle_hash(uri)), runtime=runtime,
-                  opacity_threshold=meta.opacity_threshold)
+    return Scorer(loaded.get("lung"), loaded.get("disease"), Thresholds.of(meta), device=dev, batch_size=batch_size,
+                  models=bundle_models(meta, bundle_hash(uri)), runtime=runtime)
 
 
 def stage_one_lungs(uri: str, batch_size: int = 8) -> Callable[[np.ndarray], np.ndarray]:

@@ -29,9 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import yaml
-
-from .. import storage
+from ..config_files import load_yaml
 from ..errors import CxrtuneError
 from ..model.classify import BALANCING
 from ..model.grading import CLASSIFIER_KEYS, GRADE_KEYS, ROI_SCHEMES, SIDES, GradeConfig
@@ -261,8 +259,4 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:
 
 
 def load_space(uri: str) -> SearchSpace:
-    try:
-        data = yaml.safe_load(storage.read_text(uri))
-    except yaml.YAMLError as exc:
-        raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
-    return parse_space(data, uri)
+    return parse_space(load_yaml(uri, expect=None), uri)

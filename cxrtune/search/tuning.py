@@ -24,11 +24,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import yaml
 from ray.tune import Stopper
 
 from .. import storage
 from ..cluster import check_fits, init_ray, max_parallel
+from ..config_files import load_yaml
 from ..data import manifest
 from ..data.phantom import embedded_manifest
 from ..errors import CxrtuneError
@@ -105,6 +105,29 @@ class TuneOptions:
     space_source: str = ""
     created: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        """Every check of the options together, once, before anything starts (the space's own
+        checks run in :func:`~cxrtune.search.search_space.parse_space`)."""
+        space = self.search_space()
+        checks = (
+            (self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}"),
+            (self.sampler in ("tpe", "random"), f"--sampler must be tpe or random, got {self.sampler!r}"),
+            (not self.multi_objective or self.scheduler == "none" or self.grid,
+             "multi-objective mode needs --scheduler none: Ray's OptunaSearch drops intermediate results for "
+             "several objectives, so ASHA/HyperBand cannot compare trials"),
+            (not self.multi_objective or space.objective in ("dice", "dice_cls"),
+             "multi-objective mode supports the dice and dice_cls objectives"),
+            (not (self.grid and (self.multi_objective or self.warm_start or space.warm_start)),
+             "--grid runs every combination once: it takes no --multi-objective and no warm start"),
+            (self.cut_below is None or not self.multi_objective, "--cut-below judges one metric; multi-objective "
+                                                                 "mode has two"),
+            (space.objective != "score_mae" or bool(self.lung_bundle),
+             "--objective score_mae needs --lung-bundle (a fixed Stage I bundle)"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise CxrtuneError(message)
+
     @property
     def experiment_uri(self) -> str:
         return storage.join(self.storage, self.name)
@@ -166,8 +189,7 @@ class ClinicalObjective:
     def __init__(self, bundle_uri: str, rows, limit: int | None = 64, reference: str = "auto"):
 
 
-        self.bundle = load_bundle(bundle_uri)
-        self.bundle.opacity_threshold = DEFAULT_OPACITY_THRESHOLD
+        self.bundle = load_bundle(bundle_uri).with_thresholds(opacity=DEFAULT_OPACITY_THRESHOLD)
         cache = storage.ContentCache()
         self.images, self.refs = [], []
         for _, row in rows.iterrows():
@@ -188,9 +210,9 @@ class ClinicalObjective:
 
     def __call__(self, model, pre, config: dict) -> float:
         model.eval()
-        self.bundle.disease = StageModel(model, pre, config)
+        trial = self.bundle.with_stage("disease", StageModel(model, pre, config))
         errors = [score_error(record, ref)
-                  for (record, _), ref in zip(self.bundle.score_images(self.images, lungs=self.lungs), self.refs)]
+                  for (record, _), ref in zip(trial.score_images(self.images, lungs=self.lungs), self.refs)]
         model.train()
         return float(np.mean(errors))
 
@@ -250,8 +272,6 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
                if o.multi_objective else None)
     clinical = None
     if space.objective == "score_mae":
-        if not o.lung_bundle:
-            raise CxrtuneError("--objective score_mae needs --lung-bundle (a fixed Stage I bundle)")
         clinical = ClinicalObjective(o.lung_bundle, trainer.val_ds.df, limit=cfg.max_val_images or 64,
                                      reference=o.reference)
 
@@ -335,11 +355,6 @@ def _scheduler(o: TuneOptions, space: SearchSpace):
     """Metric and mode come from TuneConfig (Ray refuses them twice)."""
     from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
 
-    if o.scheduler not in SCHEDULERS:
-        raise CxrtuneError(f"--scheduler must be one of {', '.join(SCHEDULERS)}")
-    if o.multi_objective and o.scheduler != "none":
-        raise CxrtuneError("multi-objective mode needs --scheduler none: Ray's OptunaSearch drops "
-                           "intermediate results for several objectives, so ASHA/HyperBand cannot compare trials")
     epochs = o.epochs(space)
     if o.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=epochs,
@@ -392,8 +407,6 @@ def optuna_sampler(o: TuneOptions):
 
     if o.sampler == "random":
         return optuna.samplers.RandomSampler(seed=o.seed)
-    if o.sampler != "tpe":
-        raise CxrtuneError(f"--sampler must be tpe or random, got {o.sampler!r}")
     joint = {"multivariate": True, "group": True} if o.multi_objective else {}
     with warnings.catch_warnings():  # `group` is marked experimental in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -570,15 +583,9 @@ def run_tune(o: TuneOptions) -> dict:
 
     space = o.search_space()
     df = manifest.load_manifest(o.manifest)  # validated once, here, with a clear error
-    if o.multi_objective and space.objective not in ("dice", "dice_cls"):
-        raise CxrtuneError("multi-objective mode supports the dice and dice_cls objectives")
-    if o.grid and (o.multi_objective or o.warm_start or space.warm_start):
-        raise CxrtuneError("--grid runs every combination once: it takes no --multi-objective and no warm start")
     param_space = space.grid() if o.grid else None  # refuses a space without a grid before Ray starts
     _ray_init(o)  # before anything is written: a sweep that cannot start leaves no experiment behind
     scheduler = None if o.grid else _scheduler(o, space)
-    if o.cut_below is not None and o.multi_objective:
-        raise CxrtuneError("--cut-below judges one metric; multi-objective mode has two")
     if storage.exists(storage.join(o.experiment_uri, EXPERIMENT_FILE)):  # its study, trials and journal are its own
         raise CxrtuneError(f"{o.experiment_uri} exists: continue it with `cxrtune tune --resume {o.experiment_uri}` "
                            "or choose another --name")
@@ -624,10 +631,7 @@ def load_warm_start(uris: list[str]) -> list[dict]:
     mapping ``NAME: value`` or a list of them."""
     points = []
     for uri in uris:
-        try:
-            data = yaml.safe_load(storage.read_text(uri))
-        except yaml.YAMLError as exc:
-            raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
+        data = load_yaml(uri, expect=None)
         data = data if isinstance(data, list) else [data]
         if not all(isinstance(d, dict) for d in data):
             raise CxrtuneError(f"{uri}: expected a mapping NAME: value, or a list of them")

@@ -1,0 +1,49 @@
+"""Reading the YAML files users write (training and classification recipes, search spaces, warm
+starts, Serve and cluster configs): one strict loader, so that every one refuses the same things
+the same way, naming the file and the key. Bundle and run metadata (JSON that cxrtune writes) have
+their own versioned, migrating readers in :mod:`cxrtune.model.artifacts`."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import yaml
+
+from . import storage
+from .errors import CxrtuneError
+
+
+def load_yaml(uri: str, expect: type | tuple[type, ...] | None = dict, empty=None):
+    """The parsed content of the YAML file at ``uri`` (local or s3://).
+
+    Args:
+        expect: the type(s) the top level must have (a mapping by default); None accepts any.
+        empty: what an empty file stands for (default: an empty instance of ``expect``).
+
+    Raises:
+        CxrtuneError: unreadable, not YAML, or not of the expected shape (naming ``uri``)."""
+    try:
+        data = yaml.safe_load(storage.read_text(uri))
+    except yaml.YAMLError as exc:
+        raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
+    if data is None:
+        data = empty if empty is not None or expect is None else (expect[0] if isinstance(expect, tuple) else expect)()
+    if expect is not None and not isinstance(data, expect):
+        names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
+        shape = {"dict": "a mapping of settings", "list": "a list"}.get(names, names)
+        raise CxrtuneError(f"{uri}: expected {shape}, got {type(data).__name__}")
+    return data
+
+
+def known_settings(cls, data, what: str) -> dict:
+    """``data`` checked against the fields of dataclass ``cls``: a mapping whose every key is a
+    field, else a :class:`CxrtuneError` naming the unknown keys and the known ones. Returns a copy."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CxrtuneError(f"{what} settings must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CxrtuneError(f"unknown {what} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return dict(data)

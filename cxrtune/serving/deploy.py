@@ -1,0 +1,139 @@
+"""Running and deploying the scorer: the shipped configs, ``cxrtune serve`` (Ray and Serve on this
+machine) and ``cxrtune deploy`` (a running cluster, through the dashboard's REST API, as ``serve
+deploy`` does, with rolling updates)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from ray import serve
+
+from .. import storage
+from ..cluster import check_fits, init_ray
+from ..config_files import load_yaml
+from ..errors import CxrtuneError
+from ..model.artifacts import bundle_hash, read_bundle_meta
+from ..resources import shipped
+from .app import application
+from .settings import ServeSettings
+
+
+def default_config() -> str:
+    """The shipped Serve config for this machine: serve/config.yaml with a GPU, else serve/config.cpu.yaml."""
+    return str(shipped("serve", "config.yaml" if torch.cuda.is_available() else "config.cpu.yaml"))
+
+
+def read_serve_config(path: str) -> tuple[dict, dict]:
+    """A Serve config (YAML, local or S3) and its first application, or a plain error."""
+
+    cfg = load_yaml(path)
+    try:
+        return cfg, cfg["applications"][0]
+    except (KeyError, IndexError, TypeError):
+        raise CxrtuneError(f"{path}: not a Serve config with an applications list") from None
+
+
+def load_config(path: str, bundle: str | None = None) -> tuple[dict, dict, dict]:
+    """(http_options, args, deployment options) of the first application in a Serve config."""
+    cfg, app = read_serve_config(path)
+    args = dict(app.get("args") or {})
+    if bundle:
+        args["bundle"] = bundle
+    deployments = {d["name"]: d for d in app.get("deployments") or []}
+    return dict(cfg.get("http_options") or {}), args, deployments
+
+
+def ray_auth_headers() -> dict:
+    """The ``Authorization`` header for a Ray cluster with token authentication (the default for
+    local clusters in Ray 2.60): from ``RAY_AUTH_TOKEN``, else ``RAY_AUTH_TOKEN_PATH``, else
+    ``~/.ray/auth_token``. Ray's own clients send it only when ``RAY_AUTH_MODE=token`` is set in
+    their environment (so ``serve status`` needs that exported); cxrtune sends it whenever a token
+    exists."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        with contextlib.suppress(OSError):
+            token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def deploy_config(config: str, bundle: str | None = None, address: str | None = None,
+                  wait_s: float = 300.0) -> dict:
+    """Deploy (or update) the scorer on a running Ray cluster from a Serve config, as ``serve
+    deploy CONFIG`` does (the dashboard's REST API), with ``bundle`` replacing the config's.
+
+    A changed bundle is a rolling update with no downtime: Serve starts replicas with the new
+    bundle and retires the old ones once the new are healthy; each old ingress replica finishes
+    its requests on its own bundle (see :class:`_Stage`). Waits until the application is
+    RUNNING and returns Serve's status of it."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    from ray.serve.schema import ServeDeploySchema
+
+
+    cfg, app = read_serve_config(config)
+    args = app.setdefault("args", {})
+    if bundle:
+        args["bundle"] = bundle
+    if args.get("bundle") and not storage.is_s3(args["bundle"]):
+        args["bundle"] = str(Path(args["bundle"]).expanduser().resolve())  # replicas run elsewhere
+    try:
+        ServeSettings(**args)
+        ServeDeploySchema.model_validate(cfg)
+    except ValidationError as exc:
+        raise CxrtuneError(f"{config}: {exc}") from None
+    read_bundle_meta(args["bundle"])  # a bad bundle fails here, not in the replicas
+    digest = bundle_hash(args["bundle"])
+    address = address or os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
+    try:
+        client = ServeSubmissionClient(address, headers=ray_auth_headers())
+        client.deploy_applications(cfg)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise CxrtuneError(f"cannot deploy through the Ray dashboard at {address}: {exc}") from None
+    name = app.get("name", "default")
+    deadline = time.monotonic() + wait_s
+    time.sleep(2.0)  # the controller applies a config on its next loop
+    while True:
+        status = (client.get_serve_details().get("applications") or {}).get(name) or {}
+        state = status.get("status")
+        deployed = ((status.get("deployed_app_config") or {}).get("args") or {}).get("bundle")
+        healthy = all(d.get("status") == "HEALTHY" for d in (status.get("deployments") or {}).values())
+        if state == "RUNNING" and healthy and deployed == args["bundle"]:
+            return {"application": name, "status": state, "bundle": deployed, "bundle_hash": digest}
+        if state == "DEPLOY_FAILED":
+            raise CxrtuneError(f"Serve could not deploy {name!r}: {status.get('message', '')[-2000:]}")
+        if time.monotonic() > deadline:
+            raise CxrtuneError(f"{name!r} is {state} after {wait_s:.0f} s; see `serve status`")
+        time.sleep(1.0)
+
+
+def run_local(bundle: str, config: str, host: str | None = None, port: int | None = None,
+              blocking: bool = True):
+    """Start Ray (if needed) and Serve, and deploy the scorer (``cxrtune serve``)."""
+    http, args, deployments = load_config(config, bundle)
+    if host:
+        http["host"] = host
+    if port:
+        http["port"] = port
+    app = application(args, deployments)
+    init_ray(dashboard=True)  # so that `serve status` (and `serve deploy` of an update) answer
+    for name, d in deployments.items():
+        need = d.get("ray_actor_options") or {}
+        check_fits(f"a {name} replica", need.get("num_cpus", 0), need.get("num_gpus", 0),
+                   "Use a config that fits this machine (serve/config.cpu.yaml without a GPU), "
+                   f"or deploy on a cluster; {config} sets it.")
+    serve.start(http_options={k: v for k, v in http.items() if k in ("host", "port", "request_timeout_s")})
+    handle = serve.run(app, name="cxrtune", route_prefix="/", blocking=False)
+    if blocking:
+        print(f"cxrtune scorer at http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/ "
+              "(viewer), /docs (API); Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return handle

@@ -1,0 +1,351 @@
+"""The ingress deployment: the scoring policy split at the stage boundaries, over HTTP.
+
+It decodes uploads and resizes them in worker threads (never on the event loop), calls the stages
+through DeploymentHandles, computes zones and the record, renders the overlay, and turns every
+kind of bad input into a clear 4xx: 413 (bytes, pixels), 415 (not PNG, JPEG or DICOM), 422
+(undecodable, truncated, blank, tiny, non-frontal or non-image DICOM); a readable image with no
+lungs found is a 200 with ``status: unscored``, like the CLI; 503 with Retry-After when the queue
+is full. DICOM tags are never logged or echoed. An optional API key (``X-API-Key``) comes from an
+environment variable.
+
+Admission control: at most ``max_in_flight`` images are scored at once per replica; beyond that
+the client gets cxrtune's JSON 503 with ``Retry-After`` at once (Serve's own
+``max_queued_requests`` stays as the outer guard). An audit trail without patient data: one JSON
+log line per request (logger ``ray.serve.cxrtune.audit``): request id, bundle hash, the SHA-256 of
+the input bytes, HTTP code, record status, score, timings. No name, path or DICOM tag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve import metrics
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+from ray.serve.handle import DeploymentHandle
+
+from .. import __version__
+from ..dicom import Limits
+from ..errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+from ..model.artifacts import Thresholds, bundle_hash, read_bundle_meta
+from ..preprocessing import InputRefused, Preprocessing, load_scan
+from ..scoring.overlay import encode_overlay
+from ..scoring.scorer import (
+    build_record,
+    bundle_models,
+    disease_input,
+    has_lungs,
+    lung_output,
+    opacity_output,
+    record_models,
+    stage_input,
+)
+from .api import (
+    BATCH_BODY,
+    ERROR_RESPONSES,
+    OVERLAY,
+    REFUSALS,
+    UPLOAD_BODY,
+    BatchResult,
+    RequestError,
+    ScoreResponse,
+    install_error_handlers,
+    request_id_of,
+)
+from .settings import ServeSettings
+
+log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
+audit = logging.getLogger("ray.serve.cxrtune.audit")  # Serve's replica log handlers carry it to the logs
+audit.setLevel(logging.INFO)
+API_VERSION = "v1"
+STAGE_RETRIES = 8  # a dead replica's requests are retried with backoff (0.25 s doubling, 5 s at most: ~25 s in all)
+MS_BUCKETS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+
+
+def _decode(data: bytes, s: ServeSettings):
+    """Bytes -> a checked Scan at the working size (the scoring policy's first step), with the
+    errors mapped to HTTP codes. Runs in a thread."""
+    try:
+        return load_scan(data, Limits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels), s.work_size)
+    except UnsupportedFormatError as exc:
+        raise RequestError(415, f"{exc}; send PNG (8/16-bit), JPEG or DICOM") from None
+    except ImageTooLargeError as exc:
+        raise RequestError(413, str(exc)) from None
+    except InputRefused as exc:
+        raise RequestError(422, str(exc)) from None
+    except ImageDecodeError as exc:
+        raise RequestError(422, f"cannot decode the image: {exc}") from None
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=1024)  # > max_in_flight: cxrtune answers overload itself
+@serve.ingress()  # the app is built per replica: __serve_build_asgi_app__
+class Ingress:
+    def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
+        self.s = ServeSettings(**settings)
+        self.stage1, self.stage2 = stage1, stage2
+        meta = read_bundle_meta(self.s.bundle)
+        self.thresholds = Thresholds.of(meta)
+        self.pre = {stage: Preprocessing.from_dict(meta.stage(stage).preprocessing) for stage in ("lung", "disease")}
+        self.bundle_hash = bundle_hash(self.s.bundle)  # every stage call names it
+        self.record_models = bundle_models(meta, self.bundle_hash)  # what each record names
+        self.models = {  # GET /v1/models: that, plus how the bundle was calibrated
+            **self.record_models, "zone_threshold": self.thresholds.zone,
+            "zone_calibration": asdict(self.thresholds.zone_calibration) if self.thresholds.zone_calibration else None,
+            "cls_calibration": asdict(self.thresholds.cls_calibration) if self.thresholds.cls_calibration else None,
+            "opacity_threshold": self.thresholds.opacity,
+            "opacity_calibration": asdict(self.thresholds.opacity_calibration) if self.thresholds.opacity_calibration else None,
+            "model_card": meta.model_card, "audits": meta.audits, "versions": meta.versions,
+            "stage_audits": {stage: meta.stage(stage).audits for stage in ("lung", "disease")},  # the runs' own
+        }
+        self.api_key = os.environ.get(self.s.api_key_env, "")
+        self.viewer = (Path(__file__).parent / "viewer.html").read_text()
+        self.in_flight = 0  # one event loop per replica: a plain counter is exact
+        self.m_requests = metrics.Counter("cxrtune_requests", description="scoring requests by HTTP code and "
+                                          "outcome (record status, or the refusal reason)", tag_keys=("code", "outcome"))
+        self.m_retries = metrics.Counter("cxrtune_stage_retries", description="stage calls retried after the "
+                                         "replica that had them failed", tag_keys=("stage",))
+        self.m_ms = metrics.Histogram("cxrtune_step_ms", description="milliseconds per request in each step",
+                                      boundaries=MS_BUCKETS, tag_keys=("step",))
+
+    @contextlib.contextmanager
+    def _admitted(self, images: int = 1):
+        """Admission control: at most ``max_in_flight`` images being scored at once, else a 503."""
+        if self.in_flight + images > self.s.max_in_flight:
+            raise RequestError(503, f"the scorer is at capacity ({self.in_flight} images in flight, at most "
+                                    f"{self.s.max_in_flight}); retry shortly", self.s.retry_after_s)
+        self.in_flight += images
+        try:
+            yield
+        finally:
+            self.in_flight -= images
+
+    def _audit(self, request_id: str, code: int, data: bytes | None, record: dict | None) -> None:
+        """One JSON line per request, without patient data (no name, path or DICOM tag), and the
+        request and step-time metrics."""
+        self.m_requests.inc(tags={"code": str(code), "outcome": (record or {}).get("status") or REFUSALS.get(code, "error")})
+        for step, ms in ((record or {}).get("timings_ms") or {}).items():
+            if step not in ("total", "models"):  # decode, stage1, stage2, post
+                self.m_ms.observe(ms, tags={"step": step})
+        audit.info("%s", json.dumps({
+            "event": "score", "request_id": request_id, "bundle_hash": self.record_models.get("bundle_hash"),
+            "input_sha256": hashlib.sha256(data).hexdigest() if data else None, "http_status": code,
+            "status": (record or {}).get("status", "error"), "score": (record or {}).get("score"),
+            "timings_ms": (record or {}).get("timings_ms")}))
+
+    # ----------------------------------------------------------------------------- plumbing
+    def _check_key(self, request: Request) -> None:
+        if self.api_key and not hmac.compare_digest(request.headers.get("x-api-key", ""), self.api_key):
+            raise RequestError(401, "missing or wrong X-API-Key")
+
+    async def _body(self, request: Request) -> list[tuple[str, bytes]]:
+        """(name, bytes) of each uploaded file: multipart ``file``/``files`` fields or a raw body.
+        Bodies over the byte limit are refused from Content-Length before they are read."""
+        limit = self.s.max_upload_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit * self.s.max_files_per_batch:
+            raise RequestError(413, f"request is {int(length) / 1e6:.1f} MB, over the limit")
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=self.s.max_files_per_batch, max_part_size=limit)
+            files = [(getattr(v, "filename", "") or k, await v.read(limit + 1))
+                     for k, v in form.multi_items() if hasattr(v, "read")]
+            if not files:
+                raise RequestError(422, "multipart request has no file field")
+        else:
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > limit:
+                    raise RequestError(413, f"upload over the limit of {limit / 1e6:.0f} MB")
+            files = [("body", bytes(data))]
+        for name, data in files:
+            if len(data) > limit:
+                raise RequestError(413, f"{name}: over the limit of {limit / 1e6:.0f} MB")
+            if not data:
+                raise RequestError(422, f"{name}: empty upload")
+        return files
+
+    async def _call(self, stage: DeploymentHandle, item):
+        """One stage call, retried when the replica that had it dies (a node lost, a replica
+        killed): Serve sends the retry to a live or restarted replica, so no request is lost."""
+        died = 0
+        for attempt in range(STAGE_RETRIES + 1):
+            try:
+                return await stage.run.remote(item)
+            except (RayActorError, ActorUnavailableError, ReplicaUnavailableError) as exc:
+                # a replica that died under this request is retried once only: an input that kills
+                # replicas (out of memory, a crash) must not take down one after another
+                died += isinstance(exc, RayActorError) and not isinstance(exc, ActorUnavailableError)
+                if attempt == STAGE_RETRIES or died > 1:
+                    raise RequestError(503, "a scoring replica failed; retry shortly", self.s.retry_after_s) from None
+                log.warning("a %s replica failed; retrying (attempt %d)", stage.deployment_name, attempt + 2)
+                self.m_retries.inc(tags={"stage": stage.deployment_name})
+                await asyncio.sleep(min(5.0, 0.25 * 2 ** attempt))
+
+    async def _stage(self, stage: DeploymentHandle, x: np.ndarray):
+        """One stage call for this ingress's bundle: ``(bundle hash that answered, runtime, output)``."""
+        digest, runtime, out = await self._call(stage, (self.s.bundle, self.bundle_hash, x))
+        if digest != self.bundle_hash:  # cannot happen: the stage serves the bundle it is asked for
+            raise RequestError(500, "a stage answered for another bundle")
+        return digest, runtime, out
+
+    async def _score(self, data: bytes, overlay: bool, request_id: str) -> tuple[dict, bytes | None]:
+        """The scoring policy split at the stage boundaries: the ingress prepares each stage's lean
+        input and turns its output into masks with the library's own functions."""
+
+        t0 = time.perf_counter()
+        scan = await asyncio.to_thread(_decode, data, self.s)
+        image = scan.image
+        t1 = time.perf_counter()
+        opacity = p = None
+        stages = {"lung": None, "disease": None}
+        runtimes = {"lung": None, "disease": None}
+        try:
+            x1 = await asyncio.to_thread(stage_input, image, self.pre["lung"])
+            stages["lung"], runtimes["lung"], prob = await self._stage(self.stage1, x1)
+            lung = await asyncio.to_thread(lung_output, prob, image.shape, self.thresholds.lung)
+            t_mid = time.perf_counter()
+            if has_lungs(lung):  # no lungs: an unscored record (HTTP 200), Stage II is not asked
+                x2, box = await asyncio.to_thread(disease_input, image, lung, self.pre["disease"])
+                stages["disease"], runtimes["disease"], (prob2, p) = await self._stage(self.stage2, x2)
+                opacity, p = await asyncio.to_thread(opacity_output, prob2, p, box, image.shape,
+                                                     self.thresholds.cls, self.thresholds.opacity)
+        except (BackPressureError, DeploymentUnavailableError):
+            raise RequestError(503, "the scorer is at capacity; retry shortly", self.s.retry_after_s) from None
+        t2 = time.perf_counter()
+
+        def finish():
+            # the bundle behind each stage's answer, and what ran it (int8 answers differ slightly)
+            models = record_models(self.record_models, stages, runtimes)
+            typed, detail = build_record(lung, opacity, p, self.thresholds.zone, models, scan)
+            record = typed.to_dict()
+            png = None
+            if overlay:
+
+                png = encode_overlay(image, detail.lungs, detail.opacity, record)
+            return record, png
+
+        record, png = await asyncio.to_thread(finish)
+        t3 = time.perf_counter()
+        record["request_id"] = request_id
+        record["timings_ms"] = {"decode": round(1000 * (t1 - t0), 1), "stage1": round(1000 * (t_mid - t1), 1),
+                                "stage2": round(1000 * (t2 - t_mid), 1), "models": round(1000 * (t2 - t1), 1),
+                                "post": round(1000 * (t3 - t2), 1), "total": round(1000 * (t3 - t0), 1)}
+        return record, png
+
+    # ----------------------------------------------------------------------------- routes
+    async def score(self, request: Request, overlay: bool = OVERLAY):
+        request_id = request_id_of(request)
+        data = None
+        try:
+            self._check_key(request)
+            with self._admitted():
+                name, data = (await self._body(request))[0]
+                record, png = await self._score(data, overlay, request_id)
+        except RequestError as exc:
+            self._audit(request_id, exc.status, data, None)
+            return exc.response(request_id)
+        self._audit(request_id, 200, data, record)
+        if png is not None and "image/png" in request.headers.get("accept", ""):
+            headers = {"X-Request-Id": request_id, "X-Status": record["status"]}
+            if record["score"] is not None:
+                headers["X-Score"] = str(record["score"])
+            return Response(png, media_type="image/png", headers=headers)
+        if png is not None:
+            record["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
+        return JSONResponse(record, headers={"X-Request-Id": request_id})
+
+    async def score_batch(self, request: Request, overlay: bool = OVERLAY):
+        request_id = request_id_of(request)
+        try:
+            self._check_key(request)
+            files = await self._body(request)
+            with self._admitted(len(files)):
+
+                async def one(i: int, name: str, data: bytes) -> dict:
+                    rid = f"{request_id}-{i}"
+                    try:
+                        record, png = await self._score(data, overlay, rid)
+                    except Exception as exc:  # noqa: BLE001 - one bad file never fails the others
+                        err = exc if isinstance(exc, RequestError) else RequestError(500, "internal error")
+                        if not isinstance(exc, RequestError):
+                            log.exception("request %s failed", rid)
+                        self._audit(rid, err.status, data, None)
+                        return {"file": name, "http_status": err.status, "status": "error", "error": err.detail,
+                                "request_id": rid}
+                    self._audit(rid, 200, data, record)
+                    if png is not None:
+                        record["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
+                    return {"file": name, "http_status": 200, **record}
+
+                results = await asyncio.gather(*(one(i, n, d) for i, (n, d) in enumerate(files)))
+        except RequestError as exc:
+            self._audit(request_id, exc.status, None, None)
+            return exc.response(request_id)
+        return JSONResponse({"request_id": request_id, "results": results}, headers={"X-Request-Id": request_id})
+
+    async def models_route(self, request: Request):
+        try:
+            self._check_key(request)
+        except RequestError as exc:
+            return exc.response(request_id_of(request))
+        stages = {}
+        for name, handle in (("lung", self.stage1), ("disease", self.stage2)):
+            try:  # what one replica of each stage runs (bundles loaded, torch or ONNX Runtime)
+                stages[name] = await asyncio.wait_for(handle.info.remote(), timeout=5)
+            except Exception:  # noqa: BLE001
+                stages[name] = None
+        return {**self.models, "stages": stages}
+
+    async def healthz(self):
+        return {"status": "ok"}
+
+    async def readyz(self):
+        try:
+            await asyncio.wait_for(asyncio.gather(self.stage1.info.remote(), self.stage2.info.remote()), timeout=5)
+        except Exception:  # noqa: BLE001
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return {"status": "ready"}
+
+    async def viewer_page(self):
+        return self.viewer
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """This replica's FastAPI app: the routes are this ingress's methods, and the errors raised
+        outside them are counted and audited by it (no module global)."""
+        app = FastAPI(title="cxrtune scorer", version=__version__,
+                      description="Two-stage chest X-ray severity scoring: lung zones A-F, a 0-6 score, opacity percent.")
+        png_or_record = {200: {"content": {"image/png": {}}, "description": "the record, or the overlay PNG"}}
+        app.post(f"/{API_VERSION}/score", summary="Score one radiograph (multipart `file` or raw body)",
+                 response_model=ScoreResponse, openapi_extra=UPLOAD_BODY,
+                 responses={**ERROR_RESPONSES, **png_or_record})(self.score)
+        app.post(f"/{API_VERSION}/score/batch", summary="Score several files (multipart `files`)",
+                 response_model=BatchResult, openapi_extra=BATCH_BODY, responses=ERROR_RESPONSES)(self.score_batch)
+        app.get(f"/{API_VERSION}/models", summary="The bundle being served, and what each stage runs",
+                responses={401: ERROR_RESPONSES[401], 500: ERROR_RESPONSES[500]})(self.models_route)
+        app.get("/healthz", include_in_schema=False)(self.healthz)
+        app.get("/readyz", include_in_schema=False)(self.readyz)
+        app.get("/", response_class=HTMLResponse, include_in_schema=False)(self.viewer_page)
+        install_error_handlers(app, self._refused, log)
+        return app
+
+    def _refused(self, code: int, request_id: str) -> None:
+        self._audit(request_id, code, None, None)

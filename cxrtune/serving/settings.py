@@ -1,0 +1,29 @@
+"""What the Serve application builder takes: ``args`` in serve/config.yaml."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ..preprocessing import WORK_SIZE
+
+
+class ServeSettings(BaseModel):
+    """What the application builder takes (``args`` in serve/config.yaml); Serve validates the
+    config's ``args`` against it, so a misspelt key fails at deploy time, naming the key."""
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 64 * 1024 * 1024
+    work_size: int = WORK_SIZE  # long side of the working copy (the CLI's too): zones are scale-invariant
+    api_key_env: str = "CXRTUNE_API_KEY"
+    device: str | None = None
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"  # auto: ONNX Runtime on CPU when the bundle has an export
+    threads: int | None = None  # network threads per stage replica (default: Ray's, from the replica's num_cpus)
+    max_files_per_batch: int = 16
+    max_in_flight: int = 256  # images one ingress replica scores at once (a batch counts each file); more: 503
+    retry_after_s: int = 1

@@ -1,0 +1,113 @@
+"""The two stage deployments: ``Stage1`` (lungs) and ``Stage2`` (opacity + normal/disease).
+
+Each loads its network from the bundle once per replica and answers through ``@serve.batch``
+(batch size and wait configurable), channels_last on every device, bf16 autocast and fractional
+GPUs per replica on a GPU. They run only the networks (:meth:`~cxrtune.scoring.scorer.Scorer.forward`);
+the ingress does everything around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import torch
+from ray import serve
+from ray.serve import metrics
+
+from ..errors import CxrtuneError
+from ..model.artifacts import bundle_hash
+from ..scoring.scorer import load_bundle
+from .settings import ServeSettings
+
+log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
+
+BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+
+
+class _Stage:
+    """Shared by both stages: one stage's network, run on the lean inputs the ingress prepared.
+
+    Every item names the bundle it is for (URI and content hash): the ingress that made it
+    decides, so one request never mixes the stages of two bundles, even while ``serve deploy``
+    replaces one bundle with another (old and new ingress replicas then both have live stage
+    replicas that answer them). A replica keeps its own bundle loaded and loads another on first
+    use (the two newest stay loaded)."""
+    stage = ""
+    KEEP = 2
+
+    def __init__(self, settings: dict):
+        self.batch_sizes = metrics.Histogram("cxrtune_batch_size", description="images per batch a stage ran",
+                                             boundaries=BATCH_BUCKETS, tag_keys=("stage",))
+        self.batch_sizes.set_default_tags({"stage": self.stage})
+        self.s = ServeSettings(**settings)
+        if self.s.threads:
+            torch.set_num_threads(self.s.threads)  # ONNX Runtime sessions take the same count
+        self.scorers: dict = {}  # bundle hash -> Scorer (insertion order: oldest first)
+        self.loading = asyncio.Lock()
+        self.own_hash = self._load(self.s.bundle)
+        if hasattr(self.run, "set_max_batch_size"):  # the config's batching, not the decorator's
+            self.run.set_max_batch_size(self.s.max_batch_size)
+        if hasattr(self.run, "set_batch_wait_timeout_s"):
+            self.run.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
+
+    def _load(self, uri: str, expected: str | None = None) -> str:
+        digest = bundle_hash(uri)
+        if expected and digest != expected:
+            raise CxrtuneError(f"the bundle at {uri} changed after it was deployed (hash {digest[:12]}, "
+                               f"expected {expected[:12]}); deploy it again")
+        # another bundle (a rolling update's) may lack this replica's pinned export: auto for it
+        runtime = self.s.runtime if expected is None else "auto"
+        self.scorers[digest] = load_bundle(uri, device=self.s.device, batch_size=self.s.max_batch_size,
+                                           stages=(self.stage,), runtime=runtime)
+        keep = {digest, getattr(self, "own_hash", digest)}  # never drop this replica's own bundle
+        while len(self.scorers) > max(self.KEEP, len(keep)):
+            del self.scorers[next(k for k in self.scorers if k not in keep)]
+        return digest
+
+    async def _scorer(self, uri: str, digest: str):
+        if digest not in self.scorers:
+            async with self.loading:
+                if digest not in self.scorers:
+                    log.info("%s: loading bundle %s for a request", self.stage, digest[:12])
+                    await asyncio.to_thread(self._load, uri, digest)
+        return self.scorers[digest]
+
+    async def _forward(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, str, object]]:
+        """``(bundle URI, bundle hash, lean uint8 input)`` -> ``(bundle hash, runtime, output)``."""
+        self.batch_sizes.observe(len(items))
+        out: list = [None] * len(items)
+        for digest in dict.fromkeys(d for _, d, _ in items):  # one forward per bundle in the batch
+            idx = [i for i, (_, d, _) in enumerate(items) if d == digest]
+            scorer = await self._scorer(items[idx[0]][0], digest)
+            results = await asyncio.to_thread(scorer.forward, self.stage, [items[i][2] for i in idx])
+            loaded = scorer.models.get("bundle_hash")  # hashed from the files when they were loaded
+            for i, r in zip(idx, results):
+                out[i] = (loaded, scorer.runtime, r)
+        return out
+
+    def info(self) -> dict:
+        own = self.scorers.get(self.own_hash)
+        return {"bundle_hash": self.own_hash, "loaded": list(self.scorers), "runtime": own.runtime if own else None}
+
+
+@serve.deployment(name="Stage1", max_ongoing_requests=64)
+class Stage1(_Stage):
+    """Lung segmentation: the lean uint8 image -> uint8 lung probabilities at its shape."""
+    stage = "lung"
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def run(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+        return await self._forward(items)
+
+
+@serve.deployment(name="Stage2", max_ongoing_requests=64)
+class Stage2(_Stage):
+    """Opacity segmentation + classification: the lung ROI, uint8 -> (uint8 opacity probabilities
+    at its shape, p(disease))."""
+    stage = "disease"
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def run(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, tuple[np.ndarray, float]]]:
+        return await self._forward(items)
