@@ -110,7 +110,12 @@ def main() -> None:
         select_rows,
         train,
     )
-    from cxrtune.scoring.evaluation import CalibrateOptions, EvaluateOptions, calibrate, evaluate
+    from cxrtune.scoring.evaluation import (
+        CalibrateOptions,
+        EvaluateOptions,
+        calibrate,
+        evaluate,
+    )
     from cxrtune.scoring.scorer import load_bundle
 
     out = Path(args.out or ("/tmp/cxrtune-accuracy-cpu" if args.cpu else "/tmp/cxrtune-accuracy"))
