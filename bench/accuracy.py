@@ -46,7 +46,8 @@ LUNG = {"task": "lung", "model": {"arch": "Unet", "encoder": "resnet34", "in_cha
         "seg_loss": "dice", "patience": 5, "min_delta": 0.001, "num_workers": 12}
 DISEASE = {"task": "disease", "model": {"arch": "Unet", "encoder": "resnet34", "in_channels": 1},
            "size": 256, "batch_size": 32, "epochs": 30, "optimizer": "adamw", "lr": 2e-3, "lr_schedule": "cosine",
-           "seg_loss": "dice_focal", "cls_loss": "bce", "dlw_alpha": 0.05, "monitor": "val_loss", "patience": 8, "min_delta": 0.001,
+           "seg_loss": "dice_focal", "cls_loss": "bce", "dlw_alpha": 0.05, "monitor": "val_loss",
+           "patience": 8, "min_delta": 0.001,
            "num_workers": 12}
 # CPU mode (issue 9): both stages from scratch in <= 60 min of training on 2 cores. FPN/ResNet-18 at
 # 128 px trains at ~15 img/s there; a U-Net with a light decoder about as fast, with full-resolution

@@ -133,7 +133,8 @@ def payload_bytes(bundle: Path, data: bytes) -> dict:
     scorer = load_bundle(str(bundle), device="cpu", batch_size=1, runtime="torch")
     image = load_scan(data).image
     lung = scorer.lung_masks([image])[0]
-    size = lambda obj: len(pickle.dumps(obj, protocol=5))
+    def size(obj):
+        return len(pickle.dumps(obj, protocol=5))
     before = (size(image) + size(lung)  # Stage I: image in, bool mask out
               + size((image, lung)) + size((np.zeros_like(lung), 0.5)))  # Stage II: image + lungs in, mask + p out
     digest = "0" * 16

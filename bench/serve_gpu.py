@@ -73,7 +73,9 @@ def reference(bundle: Path, files: list[Path], device: str, n: int) -> dict:
     lung_m, dis_m = scorer.lung.model.float().eval(), scorer.disease.model.float().eval()
     # the seed's code: the standard layout on every device (the scorer runs channels_last)
     lung_m, dis_m = lung_m.to(memory_format=torch.contiguous_format), dis_m.to(memory_format=torch.contiguous_format)
-    pre = lambda size: T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    def pre(size):
+        return T.Compose([T.Resize((size, size)), T.ToTensor(),
+                          T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     t_lung, t_dis = pre(scorer.lung.pre.size), pre(scorer.disease.pre.size)
 
     def one(path: Path) -> int:

@@ -437,13 +437,13 @@ def test_metrics_reach_prometheus_and_batches_form(server, phantom_dir):
         requests_ = _scrape("ray_cxrtune_requests_total")
         batches = _scrape("ray_cxrtune_batch_size_bucket")
         steps = _scrape("ray_cxrtune_step_ms_count")
-        scored = sum(v for l, v in requests_ if l.get("code") == "200" and l.get("outcome") == "scored")
-        if scored >= 12 and batches and steps and any(l.get("code") == "415" for l, _ in requests_):
+        scored = sum(v for labels, v in requests_ if labels.get("code") == "200" and labels.get("outcome") == "scored")
+        if scored >= 12 and batches and steps and any(labels.get("code") == "415" for labels, _ in requests_):
             break  # Ray exports on an interval: wait until the whole burst has been counted
         time.sleep(3)
     assert scored >= 12
-    assert any(l.get("outcome") == "unsupported_format" and v >= 1 for l, v in requests_)
-    assert {l.get("step") for l, _ in steps} >= {"decode", "stage1", "stage2", "post"}
+    assert any(labels.get("outcome") == "unsupported_format" and v >= 1 for labels, v in requests_)
+    assert {labels.get("step") for labels, _ in steps} >= {"decode", "stage1", "stage2", "post"}
     for stage in ("lung", "disease"):
         counts: dict[str, float] = {}
         for labels, v in batches:  # summed over the main app's replicas

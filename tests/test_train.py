@@ -73,7 +73,8 @@ def test_both_stages_train_checkpoint_and_resume(phantom_dir, bucket):
     import glob
     import tempfile
 
-    staged = lambda: set(glob.glob(f"{tempfile.gettempdir()}/cxrtune-ckpt-*"))
+    def staged():
+        return set(glob.glob(f"{tempfile.gettempdir()}/cxrtune-ckpt-*"))
     before = staged()
     lung = train(TrainConfig.from_dict({**base, "task": "lung"}), df, f"s3://{bucket}/runs/lung",
                  on_epoch=lambda m, d: seen.append((m["epoch"], sorted(p.name for p in d.iterdir()))))

@@ -94,7 +94,8 @@ def test_rotated_image_keeps_two_lungs_and_equal_zones():
     opacity = np.zeros_like(lung)
     opacity[30:60, 20:85] = True
     rot = cv2.getRotationMatrix2D((100, 100), 12, 1.0)
-    turn = lambda m: cv2.warpAffine(m.astype(np.uint8), rot, (200, 200), flags=cv2.INTER_NEAREST) > 0
+    def turn(m):
+        return cv2.warpAffine(m.astype(np.uint8), rot, (200, 200), flags=cv2.INTER_NEAREST) > 0
     rec = zones.score_masks(turn(lung), turn(opacity), 0.3)
     assert rec["lungs_found"] == 2 and rec["zones"]["A"]["affected"]
     assert not any(rec["zones"][z]["affected"] for z in "DEF")

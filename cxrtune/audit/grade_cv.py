@@ -94,7 +94,8 @@ def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int
     summary = {m: {"mean": float(np.nanmean([f[m] for f in per_fold])), "sd": float(np.nanstd([f[m] for f in per_fold]))}
                for m in CV_SUMMARY}
     pooled = grade_metrics(data.grades, prob)
-    oof = pd.DataFrame({"row": data.rows.index, "patient_id": data.rows.get("patient_id", pd.Series(index=data.rows.index)).to_numpy(),
+    patients = data.rows.get("patient_id", pd.Series(index=data.rows.index)).to_numpy()
+    oof = pd.DataFrame({"row": data.rows.index, "patient_id": patients,
                         "fold": fold, "grade": data.grades, "pred": prob.argmax(1)})
     hcs = [concordance(heat, lung)["hcs"] for _, heat, lung in maps.values()]
     return {"config": cfg.to_dict(), "folds": folds, "images": int(len(data.grades)), "per_fold": per_fold,

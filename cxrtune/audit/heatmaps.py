@@ -1,7 +1,8 @@
 """Grad-CAM heatmaps and seed 000's Heatmap Concordance Score (HCS).
 
 The heatmap of an image is Grad-CAM (the ``grad-cam`` package) on the encoder's stage at stride 16
-(:func:`target_layer`; the deepest map is too coarse at CPU sizes), computed for every class and averaged with the predicted probabilities as weights; the
+(:func:`target_layer`; the deepest map is too coarse at CPU sizes), computed for every class and
+averaged with the predicted probabilities as weights; the
 heatmaps of a left-lung and a right-lung model are averaged (:func:`average_heatmaps`).
 
 HCS is the share of the heatmap inside the lung mask: ``hcs`` weighs each pixel by its heat;

@@ -86,8 +86,9 @@ def _locate_csv(src: str, csv: str | None) -> Path:
 
 
 @importer("readers")
-def import_readers(src: str, data_dir: str | None = None, progress: bool = True, csv: str | None = None,
-                   default_label: str | None = None, source: str | None = None, **_) -> ImportResult:
+def import_readers(  # noqa: C901 - one refusal per malformed CSV case, each naming the row
+        src: str, data_dir: str | None = None, progress: bool = True, csv: str | None = None,
+        default_label: str | None = None, source: str | None = None, **_) -> ImportResult:
     """Images + a CSV of per-zone reader grades -> manifest rows with ``reader_<R>_<zone>`` columns.
 
     ``src`` is the folder (or the CSV itself). Labels come from a ``label`` column, else

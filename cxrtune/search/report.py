@@ -296,7 +296,8 @@ def fill_gpu_batch_size(cfg, target: float = 0.9, limit: int = 256) -> int:
     while bs <= limit:
         try:
             torch.cuda.reset_peak_memory_stats()
-            x = torch.rand(bs, cfg.model.in_channels, cfg.size, cfg.size, device="cuda").contiguous(memory_format=torch.channels_last)
+            x = torch.rand(bs, cfg.model.in_channels, cfg.size, cfg.size, device="cuda")
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model(x)
             (out[0] if isinstance(out, tuple) else out).float().mean().backward()

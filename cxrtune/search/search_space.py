@@ -19,7 +19,8 @@ Schema (``docs/search_spaces.md`` has examples)::
 
 ``NAME`` is a TrainConfig setting (``lr``, ``size``, ``seg_loss``...) or a model setting
 (``arch``, ``encoder``, ``in_channels``, ``dropout``); for ``task: grade`` a GradeConfig setting
-(``side``, ``roi``, ``balancing``, ``lr``...) or a classifier setting (``backbone``, ``weights``). A conditional parameter (``given``) draws
+(``side``, ``roi``, ``balancing``, ``lr``...) or a classifier setting (``backbone``, ``weights``).
+A conditional parameter (``given``) draws
 from the list for the value its parent took, so an encoder can depend on the architecture; each
 branch is its own Optuna parameter (``encoder|Unet``) so the sampler models them apart.
 """
@@ -180,7 +181,7 @@ def _check_values(source: str, key: str, name: str, values: list) -> None:
             raise _fail(source, key, f"unknown value(s) {bad}; allowed: {', '.join(sorted(allowed))}")
 
 
-def parse_space(data: dict, source: str = "<space>") -> SearchSpace:
+def parse_space(data: dict, source: str = "<space>") -> SearchSpace:  # noqa: C901 - one check per key, each naming it
     if not isinstance(data, dict):
         raise CxrtuneError(f"{source}: expected a mapping with task, fixed and parameters")
     unknown = set(data) - {"task", "objective", "fixed", "parameters", "description", "warm_start"}

@@ -15,8 +15,9 @@ log line per request (logger ``ray.serve.cxrtune.audit``): request id, bundle ha
 the input bytes, HTTP code, record status, score, timings. No name, path or DICOM tag.
 """
 
-from __future__ import annotations
 
+# No `from __future__ import annotations` here: Serve pickles the ingress class by value, and FastAPI
+# must find the routes' annotations (Request) as objects, not as names (tests/test_serve_api.py).
 import asyncio
 import base64
 import contextlib

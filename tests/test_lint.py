@@ -1,0 +1,25 @@
+"""The code's checked habits: ruff's lint (pyproject's [tool.ruff]: pycodestyle, pyflakes, import
+order, a complexity limit) over the package, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_ruff_is_clean():
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "cxrtune", "tests", "bench"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_no_blanket_lint_ignores():
+    """A `# noqa` names its rule (and, for complexity, why); no file-wide or bare ignores."""
+    blanket = re.compile(r"#\s*noqa(?!:)|#\s*ruff:\s*noqa|#\s*type:\s*ignore(?!\[)")
+    found = [f"{p.relative_to(ROOT)}:{i}" for d in ("cxrtune", "tests", "bench") for p in (ROOT / d).rglob("*.py")
+             if p.name != "test_lint.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if blanket.search(line)]
+    assert not found, found
