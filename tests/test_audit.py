@@ -2,7 +2,6 @@
 planted shortcut (a label-revealing marker outside the lungs) without a false alarm on clean data."""
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -183,13 +182,23 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
                                     "retained_skill": {"lungs_removed": 0.95 if is_flagged else 0.0}}))
     common = ("bundle", "make", "--lung", str(runs / "lung"), "--disease", str(runs / "disease"),
               "--gate-manifest", str(phantom_dir / "manifest.parquet"), "--gate-limit", "8")
-    # an HCS no model can reach (above 1) and a flagged hide-and-seek report: refused, with the numbers
+    # the bundle's own numbers on the gate rows, measured first: each gate is then set 0.01 beyond them
+    # (refused) or 0.01 short of them (passed), so both outcomes are real
+    from cxrtune.audit.gates import Gate, run_gates
+
+    measured = run_gates([Gate("hcs", 0.0), Gate("score_mae", 6.0)], bundle=str(phantom_bundle),
+                         manifest=str(phantom_dir / "manifest.parquet"), limit=8)
+    hcs, mae = measured["hcs>=0"]["value"], measured["score_mae<=6"]["value"]
+    assert 0 < hcs < 1 and mae >= 0.01
     out = tmp_path / "refused"
-    r = cli(*common, "--out", str(out), "--gate", "hcs>=1.01", "--gate", f"hide-and-seek={flagged}", check=False)
-    assert r.returncode == 2 and re.search(r"refused by release gate\(s\): hcs>=1\.01: [01]\.\d{3} \(limit 1\.01\)",
-                                          r.stderr), r.stderr
+    too_high = f"hcs>={hcs + 0.01:.4f}"
+    r = cli(*common, "--out", str(out), "--gate", too_high, "--gate", f"hide-and-seek={flagged}", check=False)
+    assert r.returncode == 2 and f"{too_high}: {hcs:.3f} (limit {hcs + 0.01:.4g})" in r.stderr, r.stderr
     assert "lungs removed: 0.97" in r.stderr
     assert not (out / "bundle.json").exists() and not (out / "lung.pt").exists()  # nothing left to serve
+    too_low = f"score_mae<={mae - 0.01:.4f}"
+    r = cli(*common, "--out", str(out), "--gate", too_low, check=False)
+    assert r.returncode == 2 and f"{too_low}: {mae:.3f}" in r.stderr and not (out / "bundle.json").exists()
     # an audit that cannot run (no gate manifest; no report) writes nothing either
     out = tmp_path / "not-written"
     bare = ("bundle", "make", "--lung", str(runs / "lung"), "--disease", str(runs / "disease"), "--out", str(out))
@@ -199,14 +208,14 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
     assert r.returncode == 2 and "no hide-and-seek report" in r.stderr and not out.exists()
     # gates that pass: the results are recorded in bundle.json
     out = tmp_path / "passed"
-    cli(*common, "--out", str(out), "--gate", "hcs>=0", "--gate", f"hide-and-seek={clean}",
-        "--gate", "score_mae<=6")
+    reachable, met = f"hcs>={hcs - 0.01:.4f}", f"score_mae<={mae + 0.01:.4f}"
+    cli(*common, "--out", str(out), "--gate", reachable, "--gate", f"hide-and-seek={clean}", "--gate", met)
     gates = json.loads((out / "bundle.json").read_text())["audits"]["gates"]
-    assert set(gates) == {"hcs>=0", f"hide-and-seek={clean}", "score_mae<=6"}
+    assert set(gates) == {reachable, f"hide-and-seek={clean}", met}
     assert all(g["passed"] for g in gates.values())
-    assert 0.0 <= gates["hcs>=0"]["hcs"] <= 1.0 and gates["hcs>=0"]["images"] >= 4
-    assert gates["score_mae<=6"]["images"] >= 4
-    r = cli(*common, "--out", str(out), "--gate", "hcs>=0", check=False)  # a gated bundle never overwrites one
+    assert gates[reachable]["hcs"] == pytest.approx(hcs) and gates[reachable]["images"] >= 4
+    assert gates[met]["score_mae"] == pytest.approx(mae) and gates[met]["images"] >= 4
+    r = cli(*common, "--out", str(out), "--gate", reachable, check=False)  # a gated bundle never overwrites one
     assert r.returncode == 2 and "holds a bundle already" in r.stderr
     assert json.loads((out / "bundle.json").read_text())["audits"]["gates"] == gates
     # promote checks its gates before it writes anything

@@ -66,8 +66,16 @@ def test_a_stale_export_is_refused(exported, tmp_path):
 
     stale = tmp_path / "stale"
     shutil.copytree(exported, stale)
-    data = bytearray((stale / "lung.pt").read_bytes())
-    (stale / "lung.pt").write_bytes(bytes(data))  # same weights: still fine
+    load_bundle(str(stale), device="cpu", runtime="onnx")  # the export of these very weights: used
+    import torch
+
+    state = torch.load(stale / "lung.pt", weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] + 0.01  # retrained weights beside the old export
+    torch.save(state, stale / "lung.pt")
+    with pytest.raises(CxrtuneError, match="lung.onnx was exported from other weights"):
+        load_bundle(str(stale), device="cpu", runtime="onnx")
+    shutil.copy(exported / "lung.pt", stale / "lung.pt")
     load_bundle(str(stale), device="cpu", runtime="onnx")
     shutil.copy(exported / "disease.onnx", stale / "lung.onnx")  # not the file bundle.json records
     with pytest.raises(CxrtuneError, match="lung.onnx is not the file bundle.json records"):
