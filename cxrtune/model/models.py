@@ -97,3 +97,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         load_encoder_weights(model, weights)
     return model
 
+
+def choose_device(name: str | None = None) -> torch.device:
+    """``name`` (``cpu``, ``cuda:1``...), or the GPU when there is one, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -56,7 +56,7 @@ from .losses import (
     segmentation_loss,
 )
 from .metrics import SegmentationMeter, classification_metrics
-from .models import ModelConfig, build_model
+from .models import ModelConfig, build_model, choose_device
 
 log = logging.getLogger(__name__)
 TASKS = ("lung", "disease")
@@ -162,10 +162,6 @@ def ema_with_warmup(decay: float) -> Callable:
     return update
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where ``cpu_amp`` pays."""
     cpu = getattr(torch, "cpu", None)
@@ -179,7 +175,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, df: pd.DataFrame, cache: storage.ContentCache | None = None):
         seed_everything(cfg.seed)
         self.cfg = cfg
-        self.device = _device()
+        self.device = choose_device()
         self.pre = Preprocessing(size=cfg.size, in_channels=cfg.model.in_channels)
         roi = cfg.task == "disease"
         self.train_ds = CXRDataset(select_rows(df, cfg, "train"), self.pre, augment=cfg.augment, cache=cache,

@@ -13,7 +13,6 @@ Pure numpy/pandas/matplotlib (plus scipy and scikit-learn); no torch.
 
 from __future__ import annotations
 
-import io
 import itertools
 import warnings
 from typing import Sequence
@@ -23,9 +22,10 @@ import pandas as pd
 
 from .. import storage
 from ..jsonsafe import json_safe
+from ..plots import pyplot, save_figure
+from ..zones import ZONE_LETTERS
 from .scorer import sweep_threshold
 
-ZONE_LETTERS = ("A", "B", "C", "D", "E", "F")
 MIN_GROUP = 5  # smaller subgroups are skipped: a bootstrap over 4 images says nothing
 SCORE_LABELS = np.arange(7)
 
@@ -275,25 +275,11 @@ def reader_report(pred_zones: np.ndarray, readers: dict[str, np.ndarray], groups
 
 # ------------------------------------------------------------------------------------------ plots
 
-def _save(fig, uri: str) -> None:
-    """PNG bytes through :mod:`cxrtune.storage` (local or s3://); evaluation's ``_save`` without
-    importing evaluation, which pulls in torch."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    storage.write_bytes(uri, buf.getvalue())
-
-
 def plot_reader_agreement(pred_zones: np.ndarray, readers: dict[str, np.ndarray], out_dir: str) -> list[str]:
     """Write ``score_agreement.png`` (predicted vs reader 0-6 density, a panel per reader) and
     ``zone_agreement.png`` (agreement per zone; rows: the model vs each reader, then each reader
     pair) from the model's N x 6 affected zones. Returns the URIs written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pred_zones = np.asarray(pred_zones)
     if pred_zones.ndim != 2 or pred_zones.shape[1] != 6:  # 0-6 scores alone would drop the model's zone rows
@@ -318,7 +304,7 @@ def plot_reader_agreement(pred_zones: np.ndarray, readers: dict[str, np.ndarray]
         fig.colorbar(im, ax=ax, label="share of images", fraction=0.046)
     fig.tight_layout()
     uri = storage.join(out_dir, "score_agreement.png")
-    _save(fig, uri)
+    save_figure(fig, uri)
     written.append(uri)
 
     rows, labels = [], []
@@ -340,6 +326,6 @@ def plot_reader_agreement(pred_zones: np.ndarray, readers: dict[str, np.ndarray]
     fig.colorbar(im, ax=ax, label="agreement")
     fig.tight_layout()
     uri = storage.join(out_dir, "zone_agreement.png")
-    _save(fig, uri)
+    save_figure(fig, uri)
     written.append(uri)
     return written

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
 from ..model.artifacts import Calibration, now, read_bundle_meta, update_bundle
 from ..model.metrics import SegmentationMeter, classification_metrics, score_metrics
+from ..plots import pyplot, save_figure
 from ..preprocessing import load_scan
 from ..zones import DEFAULT_ZONE_THRESHOLD
 from . import agreement
@@ -505,10 +505,7 @@ def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float,
 
 
 def _plots(pred: np.ndarray, ref: np.ndarray, out_dir: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     density = np.zeros((7, 7))
     for a, b in zip(ref.sum(axis=1), pred.sum(axis=1)):
@@ -521,7 +518,7 @@ def _plots(pred: np.ndarray, ref: np.ndarray, out_dir: str) -> None:
     ax.set(xlabel="reference score", ylabel="predicted score", title="Severity score density",
            xticks=range(7), yticks=range(7))
     fig.colorbar(im, ax=ax, label="share of images")
-    _save(fig, storage.join(out_dir, "score_density.png"))
+    save_figure(fig, storage.join(out_dir, "score_density.png"))
     fig, axes = plt.subplots(2, 3, figsize=(8, 5.5))
     for i, (z, ax) in enumerate(zip(zones.ZONE_LETTERS, axes.ravel())):
         cm = np.zeros((2, 2), int)
@@ -532,13 +529,6 @@ def _plots(pred: np.ndarray, ref: np.ndarray, out_dir: str) -> None:
             ax.text(x, y, n, ha="center", va="center")
         ax.set(title=f"zone {z}", xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="reference")
     fig.tight_layout()
-    _save(fig, storage.join(out_dir, "zone_confusion.png"))
+    save_figure(fig, storage.join(out_dir, "zone_confusion.png"))
 
 
-def _save(fig, uri: str) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    storage.write_bytes(uri, buf.getvalue())

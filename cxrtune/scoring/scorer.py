@@ -41,7 +41,7 @@ from ..model.artifacts import (
     bundle_hash,
     read_bundle_meta,
 )
-from ..model.models import ModelConfig, build_model
+from ..model.models import ModelConfig, build_model, choose_device
 from ..preprocessing import (
     Preprocessing,
     Scan,
@@ -183,12 +183,6 @@ def _to_input_shape(prob: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if prob.shape != tuple(shape):
         prob = cv2.resize(prob, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
     return to_uint8(prob)
-
-
-def _device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _load_stage(uri: str, stage: str, meta: BundleMeta, device: torch.device, runtime: str) -> StageModel:
@@ -369,7 +363,7 @@ def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
     """Load a bundle's models (``stages`` picks which) onto ``device`` (default: GPU if any),
     run by torch or ONNX Runtime (:func:`choose_runtime`)."""
     meta = read_bundle_meta(uri)
-    dev = _device(device)
+    dev = choose_device(device)
     runtime = choose_runtime(runtime, dev, meta)
     loaded = {stage: _load_stage(uri, stage, meta, dev, runtime) for stage in stages}
     return Scorer(loaded.get("lung"), loaded.get("disease"), Thresholds.of(meta), device=dev, batch_size=batch_size,

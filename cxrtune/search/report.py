@@ -9,7 +9,6 @@ correlation table but not the forest, which needs parameters every trial has.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..model.artifacts import read_checkpoint_meta
 from ..model.grading import grid_table
 from ..model.models import build_model
 from ..model.train import TrainConfig, train
+from ..plots import figure_png, pyplot
 from .tuning import TuneOptions, load_options
 
 IMPORTANCE_FLOOR = 0.05
@@ -160,10 +160,7 @@ def pareto_front(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
 
 
 def write_report(exp_uri: str, out_dir: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     table, o = trials_table(exp_uri)
     if table.empty:
@@ -186,19 +183,13 @@ def write_report(exp_uri: str, out_dir: str) -> list[str]:
                                        "not_important_below": IMPORTANCE_FLOOR, "importance": imp}, indent=2).encode())
     put("correlation.json", json.dumps(json_safe({"metric": metric, "pearson": corr}), indent=2).encode())
 
-    def png(fig) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        return buf.getvalue()
-
     if imp:
         fig, ax = plt.subplots(figsize=(6, 0.4 * len(imp) + 1))
         names = list(imp)[::-1]
         ax.barh(names, [imp[n] for n in names], color=["#888" if imp[n] <= IMPORTANCE_FLOOR else "#1f77b4" for n in names])
         ax.axvline(IMPORTANCE_FLOOR, color="k", ls=":", lw=1)
         ax.set(xlabel="importance (MDI)", title=f"Hyperparameter importance for {metric}")
-        put("importance.png", png(fig))
+        put("importance.png", figure_png(fig))
     flat = {}
     for k, v in corr.items():
         if isinstance(v, dict):
@@ -210,7 +201,7 @@ def write_report(exp_uri: str, out_dir: str) -> list[str]:
         names = sorted(flat, key=flat.get)
         ax.barh(names, [flat[n] for n in names], color=["#d62728" if flat[n] < 0 else "#2ca02c" for n in names])
         ax.set(xlabel="Pearson r with " + metric, title="Linear correlation")
-        put("correlation.png", png(fig))
+        put("correlation.png", figure_png(fig))
     if o.multi_objective:
         front = pareto_front(table, space.metric, space.mode)
         put("pareto.csv", front.to_csv(index=False).encode())
@@ -219,7 +210,7 @@ def write_report(exp_uri: str, out_dir: str) -> list[str]:
         ax.plot(front["latency_ms"], front[space.metric], "o-", c="#d62728", label="Pareto front")
         ax.set(xlabel="latency per image (ms)", ylabel=space.metric, title="Accuracy vs latency")
         ax.legend()
-        put("pareto.png", png(fig))
+        put("pareto.png", figure_png(fig))
     return written
 
 
