@@ -8,7 +8,7 @@ MA-Net/RegNetX-064 @544, random weights: speed does not depend on them):
 * the seed-style reference: one image at a time, FP32 PyTorch, PIL + torchvision preprocessing
   (``bench/serve_gpu.py``'s ``reference``, the same function the GPU bench uses);
 * cxrtune's library path (the scoring policy, ``load_bundle`` + ``score_scans``) with torch, with
-  ONNX Runtime (``cxrtune bundle --export onnx``) and with its int8 export (``--export onnx-int8``),
+  ONNX Runtime (``cxrtune bundle export onnx``) and with its int8 export (``bundle export onnx-int8``),
   one image at a time;
 * cxrtune served over HTTP with the FP32 and then the int8 ONNX export (Ray Serve: one ingress and
   one replica per stage, ``--threads``

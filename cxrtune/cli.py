@@ -127,6 +127,8 @@ def _bundle_export(args) -> None:
 
 def _bundle_legacy(args) -> None:
     """``cxrtune bundle --lung/--migrate/--export``: the flags before the subcommands, kept for one release."""
+    if not (args.migrate or args.export or args.lung or args.disease or args.out):
+        raise CxrtuneError("choose what to do: cxrtune bundle make | migrate | export (see --help)")
     if args.migrate:
         new, args.uri = "bundle migrate URI", args.migrate
     elif args.export:

@@ -13,9 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "cxrtune"
 
 # Third-party modules a function may import locally, and why: each is heavy to import (or
-# optional), and only some commands need it, so `cxrtune` does not pay for it on every call.
+# optional), and only some code paths need it. (The CLI imports the library at its top, so a
+# command still loads torch and ray.tune: --help takes ~5 s; see docs/architecture.md.)
 LOCAL_THIRD_PARTY = {
-    "ray": "Ray (~1.5 s, starts nothing until used): only sweeps, serving and cluster commands need it",
+    "ray": "Ray's submodules (schedulers, the Serve SDK, the dashboard client, ray.init): loaded by the "
+           "functions that use them; the bottom layer's cluster.py must not load Ray on import",
     "optuna": "Optuna: only sweeps and their reports",
     "matplotlib": "plots of evaluate and report only; the Agg backend is chosen before pyplot loads",
     "sklearn": "scikit-learn (~0.5 s): metrics and folds, not needed to score",

@@ -1,5 +1,6 @@
 """The code's checked habits: ruff's lint (pyproject's [tool.ruff]: pycodestyle, pyflakes, import
-order, a complexity limit) over the package, the tests and the benchmarks."""
+order, a complexity limit) over the package, the tests and the benchmarks, and mypy over the package
+(pyproject's [tool.mypy]), which ships its hints (py.typed)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,9 @@ def test_no_blanket_lint_ignores():
              if p.name != "test_lint.py"
              for i, line in enumerate(p.read_text().splitlines(), 1) if blanket.search(line)]
     assert not found, found
+
+
+def test_mypy_is_clean():
+    r = subprocess.run([sys.executable, "-m", "mypy"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert (ROOT / "cxrtune" / "py.typed").exists()

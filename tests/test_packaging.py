@@ -31,7 +31,7 @@ def test_the_wheel_carries_and_finds_them(tmp_path):
                        ("search_spaces", "lung_segmentation.yaml"), ("search_spaces", "disease_segmentation.yaml"),
                        ("configs", "lung_deeplabv3plus_effb1.yaml")):
         assert any(n.endswith(f".data/data/share/cxrtune/{kind}/{name}") for n in names), (kind, name)
-    for module in ("cxrtune/serving/viewer.html", "cxrtune/serving/app.py", "cxrtune/scoring/scorer.py",
+    for module in ("cxrtune/py.typed", "cxrtune/serving/viewer.html", "cxrtune/serving/app.py", "cxrtune/scoring/scorer.py",
                    "cxrtune/storage.py", "cxrtune/model/train.py", "cxrtune/search/tuning.py",
                    "cxrtune/audit/gates.py"):  # every group and the viewer page the ingress serves
         assert module in names, module

@@ -21,8 +21,19 @@ def test_routes_take_the_request_and_only_overlay_as_a_query():
     spec = replica_app([]).openapi()
     op = spec["paths"]["/v1/score"]["post"]
     assert [p["name"] for p in op["parameters"]] == ["overlay"]  # `request` is the Request, not a query
-    record = spec["components"]["schemas"]["ScoreResponse"]["properties"]
-    assert set(ScoreRecord.model_fields) | {"request_id", "timings_ms", "overlay_png_base64"} == set(record)
+    record = spec["components"]["schemas"]["ScoreRecord"]  # the name the API always had
+    assert set(ScoreRecord.model_fields) | {"request_id", "timings_ms", "overlay_png_base64"} == set(record["properties"])
+    assert {"models", "input", "request_id", "status", "score"} <= set(record["required"])
+
+
+def test_serve_validates_the_config_args_against_the_settings():
+    """Serve checks a config's `args` against build_app's annotation only when it is the class."""
+    import inspect
+
+    from cxrtune.serving.app import build_app
+    from cxrtune.serving.settings import ServeSettings
+
+    assert inspect.signature(build_app).parameters["args"].annotation is ServeSettings
 
 
 def test_errors_outside_the_routes_have_the_one_shape_and_reach_the_ingress():

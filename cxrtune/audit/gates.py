@@ -83,12 +83,14 @@ def parse_gate(text: str) -> Gate:
 def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
     """Mean HCS of the bundle's Stage II classifier on its own input (a torch scorer: Grad-CAM
     needs gradients). Images whose Stage I finds no lungs are left out (the classifier never sees them)."""
-    model, pre = scorer.disease.model, scorer.disease.pre
+    model, pre = scorer.stage("disease").model, scorer.stage("disease").pre
     values = []
     for image, lung in zip(images, scorer.lung_masks(images)):
         if not has_lungs(lung):
             continue
-        u8, (y0, y1, x0, x1) = disease_input(image, lung, pre)  # the masks are cleaned already
+        u8, box = disease_input(image, lung, pre)  # the masks are cleaned already
+        assert box is not None  # has_lungs: the ROI has a box
+        y0, y1, x0, x1 = box
         mask = resize_mask(lung[y0:y1, x0:x1], pre.size).astype(bool)
         heat, _ = heatmaps(model, scorer.model_input("disease", [u8]))
         values.append(concordance(heat[0], mask))
@@ -128,7 +130,8 @@ def check_gates(gates: list[Gate], bundle: bool, manifest: str | None) -> None:
 def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None = None, limit: int = 64) -> dict:
     """Evaluate every gate; ``{rule: {value, threshold, passed, ...}}``. Never raises for a
     failed gate (:func:`enforce` does): the results are recorded either way."""
-    results, loaded = {}, {}
+    results: dict = {}
+    loaded: dict = {}
 
     def bundle_and_rows():  # read once for every bundle gate
         if not loaded:
@@ -155,7 +158,8 @@ def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None
             results[gate.rule] = {**hcs, "value": hcs["hcs"], "threshold": gate.threshold,
                                   "passed": hcs["hcs"] >= gate.threshold}
         else:
-            mae = score_mae(*bundle_and_rows(), gate.arg)
+            scorer, rows = bundle_and_rows()
+            mae = score_mae(scorer, rows, gate.arg)
             results[gate.rule] = {**mae, "value": mae["score_mae"], "threshold": gate.threshold,
                                   "passed": mae["score_mae"] <= gate.threshold}
     return results

@@ -62,8 +62,9 @@ def target_layer(cam_model: CamModel, stride: int, probe: torch.Tensor | None = 
     convolution there (VGG's last conv before its final pooling). Without either, the deepest
     feature map. At stride 32 a 128-px input gives a 4 x 4 map, too coarse to tell the lungs from
     what lies beside them; 16 gives 8 x 8."""
+    encoder: nn.Module = cam_model.encoder  # type: ignore[assignment]  # nn.Module.__getattr__ is typed Tensor | Module
     try:
-        stages = cam_model.encoder.get_stages()
+        stages = encoder.get_stages()  # type: ignore[operator]  # SMP encoders have it, timm ones do not
     except (AttributeError, NotImplementedError):
         stages = None
     modules = stages.get(stride) if isinstance(stages, dict) else None
@@ -74,10 +75,10 @@ def target_layer(cam_model: CamModel, stride: int, probe: torch.Tensor | None = 
     seen: list[tuple[nn.Module, int]] = []
     hooks = [m.register_forward_hook(lambda mod, _i, out: seen.append((mod, out.shape[-1]))
                                      if torch.is_tensor(out) and out.dim() == 4 else None)
-             for _, m in cam_model.encoder.named_modules() if m is not cam_model.encoder]
+             for _, m in encoder.named_modules() if m is not encoder]
     try:
         with torch.no_grad():
-            cam_model.encoder(probe[:1])
+            encoder(probe[:1])
     finally:
         for h in hooks:
             h.remove()

@@ -39,6 +39,8 @@ def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: give each worker's copy of the augmentation its own stream,
     from torch's per-worker seed (set by the loader's generator, so still reproducible)."""
     info = torch.utils.data.get_worker_info()
+    if info is None:  # called outside a worker: nothing to seed
+        return
     augment = getattr(info.dataset, "augment", None)
     if augment is not None:
         augment.set_random_seed(info.seed % 2**32)

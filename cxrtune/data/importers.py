@@ -269,7 +269,8 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
     for path, header in candidates:
         group_key = header.accession or header.instance or file_id(path)
         by_accession.setdefault(group_key, []).append((path, header))
-    rows, written = [], set()
+    rows: list[dict] = []
+    written: set[str] = set()
     for group in tqdm(by_accession.values(), desc="dicom pixels", unit="study", disable=not progress):
         group.sort(key=lambda ph: (ph[1].series_number, ph[1].instance_number, ph[1].acquired, str(ph[0])))
         kept = None

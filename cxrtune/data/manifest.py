@@ -280,7 +280,7 @@ def push_manifest(df: pd.DataFrame, dest_prefix: str, out_uri: str, workers: int
     with ThreadPoolExecutor(max_workers=workers) as pool:
         mapping = dict(tqdm(pool.map(key_of, sources), total=len(sources), desc="hash",
                             unit="file", disable=not progress))
-        first_source = {}
+        first_source: dict[str, str] = {}
         for uri, key in mapping.items():
             first_source.setdefault(key, uri)
         todo = [(key, uri) for key, uri in first_source.items() if key not in present]

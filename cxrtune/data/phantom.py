@@ -90,14 +90,14 @@ def make_phantom(size: int = 256, label: str = "covid", seed: int = 0, shortcut:
         m, side = max(3, size // 32), max(4, size // 10)
         x0 = m if SHORTCUT_CORNER[label] == "left" else size - m - side
         img[m:m + side, x0:x0 + side] = 0.95
-    img = cv2.GaussianBlur(img, (0, 0), sigmaX=max(0.6, size / 256))
+    img = np.asarray(cv2.GaussianBlur(img, (0, 0), sigmaX=max(0.6, size / 256)), np.float32)
     img += rng.normal(0, 0.015, img.shape).astype(np.float32)
     return Phantom(np.clip(img, 0, 1).astype(np.float32), lung, opacity, label)
 
 
 def _pick_label(rng: np.random.Generator) -> str:
-    names, probs = zip(*LABEL_MIX)
-    return str(rng.choice(names, p=probs))
+    names = [name for name, _ in LABEL_MIX]
+    return str(rng.choice(names, p=[p for _, p in LABEL_MIX]))
 
 
 def write_phantoms(out_dir: str | Path, n: int, size: int = 256, seed: int = 0,
@@ -118,7 +118,7 @@ def write_phantoms(out_dir: str | Path, n: int, size: int = 256, seed: int = 0,
         name = f"phantom_{i:05d}.png"
         images.write_png(str(out / "images" / name), (ph.image * 255).round().astype(np.uint8))
         images.write_png(str(out / "lung_masks" / name), ph.lung)
-        row = {"image": str(out / "images" / name), "lung_mask": str(out / "lung_masks" / name),
+        row: dict = {"image": str(out / "images" / name), "lung_mask": str(out / "lung_masks" / name),
                "opacity_mask": "", "label": label, "patient_id": f"phantom-{i:05d}",
                "source": "phantom", "view": "PA"}
         record = zones.score_masks(ph.lung, ph.opacity, REFERENCE_ZONE_THRESHOLD)

@@ -119,10 +119,10 @@ def import_readers(  # noqa: C901 - one refusal per malformed CSV case, each nam
             if bad:
                 problems.append(f"reader {r}: missing or out-of-range grade(s) {', '.join(bad)} (need 0-3)")
                 continue
-            grades[r] = values
+            grades[r] = [int(v) for v in values if v is not None]
             stated = str(rec.get(f"{r}_affected_0_6", "")).strip()
             if stated:
-                count = sum(v > 0 for v in values)
+                count = sum(v > 0 for v in grades[r])
                 try:
                     agrees = float(stated) == count
                 except ValueError:
@@ -141,7 +141,7 @@ def import_readers(  # noqa: C901 - one refusal per malformed CSV case, each nam
             problems.append(f"not a PNG or JPEG image ({image.suffix})")
         elif str(image) in seen:
             problems.append("duplicate: the image is listed more than once; the first row is kept")
-        if problems:
+        if problems or image is None:
             excluded.append({"file": name, "reason": "; ".join(problems)})
             continue
         seen.add(str(image))
@@ -149,8 +149,8 @@ def import_readers(  # noqa: C901 - one refusal per malformed CSV case, each nam
                "patient_id": str(rec.get("patient_id", "")).strip() or image.stem,
                "source": source, "view": "unknown", "eval_only": True}  # radiologists' grades: never trained on
         row.update({c: str(rec[c]).strip() for c in COPIED_COLUMNS if str(rec.get(c, "")).strip()})
-        for r, values in grades.items():
-            row.update({f"reader_{r}_{z}": v for z, v in zip(ZONES, values)})
+        for r, graded in grades.items():
+            row.update({f"reader_{r}_{z}": v for z, v in zip(ZONES, graded)})
         rows.append(row)
     if excluded:
         log.info("readers: %d of %d rows excluded", len(excluded), len(table))

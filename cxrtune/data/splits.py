@@ -101,7 +101,7 @@ def assign_splits(df: pd.DataFrame, val: float = 0.1, test: float = 0.1, folds: 
 def split_summary(df: pd.DataFrame) -> dict:
     """Counts per split and label, for the CLI's closing line and the docs."""
     table = df.groupby(["split", "label"]).size().unstack(fill_value=0)
-    summary = {split: {k: int(v) for k, v in row.items() if v} for split, row in table.iterrows()}
+    summary: dict = {split: {k: int(v) for k, v in row.items() if v} for split, row in table.iterrows()}
     if "tuning" in df.columns:
         summary["tuning"] = int(df["tuning"].sum())
     return summary

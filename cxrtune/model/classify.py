@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Self
 
 import numpy as np
 import torch
@@ -57,14 +57,14 @@ class ClassifyConfig:
         return self.epochs + (self.head_epochs if self.classifier.weights else 0)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClassifyConfig":
+    def from_dict(cls, d: dict) -> Self:
         """From a mapping (a YAML file); unknown keys are refused by name."""
         d = known_settings(cls, d, "classification")
         d["classifier"] = ClassifierConfig(**known_settings(ClassifierConfig, d.get("classifier"), "classifier"))
         return cls(**d)
 
     @classmethod
-    def from_yaml(cls, uri: str) -> "ClassifyConfig":
+    def from_yaml(cls, uri: str) -> Self:
         return cls.from_dict(load_yaml(uri))
 
 

@@ -68,14 +68,17 @@ def midline(lungs: zones.LungPair, width: int) -> int:
     return (right_end + left_start) // 2
 
 
-def grading_input(image: np.ndarray, lung: np.ndarray, side: str, scheme: str, size: int) -> np.ndarray:
-    """One side's classifier input (float [0, 1], ``size`` x ``size``) in ROI ``scheme``."""
+def grading_input(image: np.ndarray, lung: np.ndarray | None, side: str, scheme: str, size: int) -> np.ndarray:
+    """One side's classifier input (float [0, 1], ``size`` x ``size``) in ROI ``scheme`` (``lung``
+    may be None for ``none``, which takes the whole image)."""
     if side not in SIDES:
         raise CxrtuneError(f"side must be right or left, got {side!r}")
     if scheme not in ROI_SCHEMES:
         raise CxrtuneError(f"ROI scheme must be one of {', '.join(ROI_SCHEMES)}, got {scheme!r}")
     if scheme == "none":
         return resize_image(image, size)
+    if lung is None:
+        raise CxrtuneError(f"ROI scheme {scheme!r} needs a lung mask")
     lungs = zones.split_lungs(lung)
     if scheme == "lung_masked":
         return resize_image(np.where(lungs.right | lungs.left, image, 0).astype(np.float32), size)
@@ -168,7 +171,7 @@ def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int,
                 lung = find_lungs(image)
             else:
                 lung = read_mask(row["lung_mask"])
-            if roi != "none" and not lung.any():
+            if lung is not None and not lung.any():
                 raise CxrtuneError("empty lung mask")
             images.append(to_uint8(grading_input(image, lung, side, roi, size)))
             keep.append(i)
@@ -218,7 +221,7 @@ def train_grader(cfg: GradeConfig, df: pd.DataFrame, on_epoch: Callable[[int, di
             raise CxrtuneError(f"grading needs {split} rows")
         parts[split] = load_grade_data(grade_labels(rows, read_mask), cfg.side, cfg.roi, cfg.size, find_lungs)
     pre = Preprocessing(size=cfg.size, in_channels=cfg.classifier.in_channels)
-    val, last = parts["val"], {}
+    val, last = parts["val"], dict[str, float]()
 
     def epoch(n: int, model) -> None:
         last.clear()

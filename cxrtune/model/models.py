@@ -66,14 +66,15 @@ def load_encoder_weights(model: nn.Module, uri: str) -> None:
         raise CxrtuneError(f"{uri}: not a torch state dict")
     if any(k.startswith("encoder.") for k in state):  # a whole model: keep its encoder
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    own = model.encoder.state_dict()
+    encoder: nn.Module = model.encoder  # type: ignore[assignment]  # nn.Module.__getattr__ is typed Tensor | Module
+    own = encoder.state_dict()
     clash = sorted(k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
     if clash:
         raise CxrtuneError(f"{uri}: {len(clash)} tensor(s) have other shapes than this encoder's "
                            f"(e.g. {clash[0]}): another encoder or in_channels")
     if not set(state) & set(own):
         raise CxrtuneError(f"{uri}: no tensor matches the encoder's parameter names")
-    model.encoder.load_state_dict(state, strict=False)  # SMP encoders drop their unused head keys
+    encoder.load_state_dict(state, strict=False)  # SMP encoders drop their unused head keys
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -48,7 +48,7 @@ from ..data.dataset import CXRDataset, seed_worker
 from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
 from ..preprocessing import Preprocessing
-from .artifacts import CheckpointMeta, versions
+from .artifacts import CheckpointMeta, versions, write_checkpoint_meta
 from .losses import (
     DynamicLossWeighting,
     build_optimizer,
@@ -231,9 +231,10 @@ class Trainer:
             return {"seg": self.seg_loss(out.float(), batch["lung_mask"].to(self.device))}
         seg_logits, cls_logits = out
         annotated = batch["opacity_annotated"].to(self.device)
-        seg = None
+        seg: torch.Tensor | None = None
         if annotated.any():
             seg = self.seg_loss(seg_logits[annotated].float(), batch["opacity_mask"].to(self.device)[annotated])
+        assert self.cls_loss is not None  # a disease task has one
         cls = self.cls_loss(cls_logits.float().squeeze(1), batch["label"].to(self.device))
         return {"seg": seg, "cls": cls}
 
@@ -251,7 +252,9 @@ class Trainer:
                 nonempty = bool((batch["opacity_mask"][annotated] > 0).any()) if annotated.any() else False
                 loss = self.dlw(losses, {"seg": nonempty, "cls": True})
             else:
-                loss = losses["seg"]
+                seg_loss = losses["seg"]
+                assert seg_loss is not None  # every lung batch has its masks
+                loss = seg_loss
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -305,10 +308,10 @@ class Trainer:
                 "progress_value": self.progress_value, "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state()}
 
-    def meta(self, metrics: dict) -> dict:
+    def meta(self, metrics: dict) -> CheckpointMeta:
         return CheckpointMeta(config=self.cfg.to_dict(), preprocessing=self.pre.to_dict(), epoch=self.epoch,
                               metrics=metrics, monitor=self.cfg.monitor, roi=self.cfg.task == "disease",
-                              versions=versions(), data=self.data).to_dict()
+                              versions=versions(), data=self.data)
 
     def write_checkpoint(self, directory: str | Path, metrics: dict) -> Path:
         """Weights (``model.pt``), resumable state (``state.pt``) and ``meta.json`` in a folder."""
@@ -316,7 +319,7 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         torch.save(self.eval_model.state_dict(), d / "model.pt")
         torch.save(self.state(), d / "state.pt")
-        (d / "meta.json").write_text(json.dumps(json_safe(self.meta(metrics)), indent=2))
+        write_checkpoint_meta(str(d), self.meta(metrics))
         return d
 
     def load_state(self, state: dict) -> None:

@@ -153,7 +153,7 @@ def score_agreement(pred_scores: np.ndarray, ref_scores: np.ndarray, n_boot: int
         warnings.simplefilter("ignore")  # constant input: NaN is the answer, not a warning
         kappa = float(cohen_kappa_score(ref, pred, labels=list(SCORE_LABELS), weights="quadratic"))
         rho = float(spearmanr(pred, ref)[0]) if pred.std() > 0 and ref.std() > 0 else float("nan")
-    out = {"n": int(n), "mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
+    out: dict = {"n": int(n), "mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
            "kappa_quadratic": kappa, "spearman": rho}
     idx = np.random.default_rng(seed).integers(0, n, size=(int(n_boot), n))
     bp, br = pred[idx], ref[idx]
@@ -214,6 +214,7 @@ def _compare(pred_zones: np.ndarray, ref_grades: np.ndarray, groups: pd.DataFram
 
     out = {**stats(ok), "n_missing": int((~ok).sum())}
     if by:
+        assert groups is not None  # checked by reader_report
         out["by"] = {}
         for col in by:
             values = groups[col].astype(object).where(groups[col].notna(), "").astype(str).to_numpy()
@@ -259,7 +260,7 @@ def reader_report(pred_zones: np.ndarray, readers: dict[str, np.ndarray], groups
             raise ValueError(f"groups has {len(groups)} rows for {n} images")
         groups = groups.reset_index(drop=True)
     skipped: list[dict] = []
-    report = {"n_images": int(n), "readers": {}, "pairs": {}, "skipped": skipped}
+    report: dict = {"n_images": int(n), "readers": {}, "pairs": {}, "skipped": skipped}
     for r in sorted(readers):
         grades = np.asarray(readers[r])
         entry = _compare(pred_zones, grades, groups, by, n_boot, seed, skipped, f"model_vs_{r}")

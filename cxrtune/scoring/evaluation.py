@@ -97,7 +97,7 @@ def manifest_id(df: pd.DataFrame) -> str:
     return uri if not uri or storage.is_s3(uri) else os.path.abspath(uri)
 
 
-def same_rows(split_a: str, split_b: str) -> bool:
+def same_rows(split_a: str | None, split_b: str | None) -> bool:
     """Whether two split selections (comma-separated, ``all``) share rows."""
     a, b = set((split_a or "all").split(",")), set((split_b or "all").split(","))
     return "all" in a or "all" in b or bool(a & b)
@@ -109,7 +109,7 @@ def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float
     prob, label = np.asarray(prob, float), np.asarray(label, int)
     if len(set(label)) < 2:
         raise CxrtuneError("T_cls needs labelled normal and disease images in the calibration rows")
-    best = None
+    best: tuple[tuple, dict] | None = None
     for t in np.unique(prob):
         pred = prob >= t
         tp, fp = int((pred & (label == 1)).sum()), int((pred & (label == 0)).sum())
@@ -122,6 +122,7 @@ def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float
             key = (True, f1, -t)
         if best is None or key > best[0]:
             best = (key, {"threshold": float(t), "f1": f1, "specificity": spec, "sensitivity": sens})
+    assert best is not None  # both classes are present, so there are candidates
     return best[1]
 
 
@@ -266,7 +267,8 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
                                       np.array([m.sum() for m in pred], float), int(ref.sum())))
     t_cls = scorer.thresholds.cls
     if "cls" in what and probs:
-        choice = choose_cls_threshold(*map(np.array, zip(*probs)), specificity=options.specificity)
+        prob, label = (np.array(column) for column in zip(*probs))
+        choice = choose_cls_threshold(prob, label, specificity=options.specificity)
         t_cls = choice["threshold"]
         out["cls"] = Calibration(threshold=t_cls, method="specificity" if options.specificity is not None else "max_f1",
                                  reference="labels", n=len(probs), manifest=manifest_id(df),
@@ -282,14 +284,14 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     if "zone" in what:
         fracs, refs, kinds = [], [], set()
         for row, _, record, _ in score_rows(scorer, zone_rows, cache, progress, cls_threshold=0.0):
-            ref = reference_zones(row, reference_threshold, cache, reference=reference)
+            zone_ref = reference_zones(row, reference_threshold, cache, reference=reference)
             f = zone_fractions(record)
-            if ref is None or f is None:
+            if zone_ref is None or f is None:
                 continue
             if reference == "auto":  # which one this row gave: zone columns, else masks
                 kinds.add("zones" if reference_zones(row, reference_threshold, cache, reference="zones") else "masks")
             fracs.append(f if record["disease_probability"] >= t_cls else [0.0] * 6)  # Eq. 1-2 with the new T_cls
-            refs.append(ref)
+            refs.append(zone_ref)
         if not refs:
             raise CxrtuneError(f"no scored row has a {reference!r} reference (reader grades, zone_A..zone_F or "
                                "both reference masks); zone calibration needs labelled images")
@@ -387,7 +389,7 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, options: EvaluateOp
                         "disease_probability": record["disease_probability"]})
     table = pd.DataFrame(records)
     normal = table[table["label"] == "normal"] if len(table) else table
-    result = {"n_images": len(rows), "n_read": len(table), "split": split, "zone_threshold": scorer.thresholds.zone,
+    result: dict = {"n_images": len(rows), "n_read": len(table), "split": split, "zone_threshold": scorer.thresholds.zone,
               "cls_threshold": scorer.thresholds.cls, "models": scorer.models_info(), "status": statuses,
               "lung": lung_meter.result(), "opacity": opac_meter.result(),
               "classification": (classification_metrics(np.array(probs), np.array(labels), scorer.thresholds.cls)
@@ -400,7 +402,8 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, options: EvaluateOp
         result["zones"] = {z: {"accuracy": float((p[:, i] == r[:, i]).mean())} for i, z in enumerate(zones.ZONE_LETTERS)}
         _plots(p, r, out_dir)
     if errors:  # every record with a reference; partial/unscored as the worst error (score_error)
-        result.setdefault("score", {}).update(mae_counting_not_scored=float(np.mean(errors)), n_counted=len(errors))
+        result.setdefault("score", {})
+        result["score"].update(mae_counting_not_scored=float(np.mean(errors)), n_counted=len(errors))
     if len(table):
         result["status_by_label"] = {str(k): {str(s): int(n) for s, n in g["status"].value_counts().items()}
                                      for k, g in table.groupby("label")}

@@ -40,6 +40,8 @@ def export_stage(model: torch.nn.Module, size: int, in_channels: int, classifica
             batch = torch.export.Dim("batch", min=1, max=1024)
             program = torch.onnx.export(model, (x,), input_names=["image"], output_names=outputs,
                                         opset_version=OPSET, dynamic_shapes=({0: batch},), dynamo=True)
+            if program is None:
+                raise CxrtuneError("torch.onnx.export returned no program")
             program.save(path, external_data=False)
         return open(path, "rb").read()
 
@@ -49,7 +51,7 @@ def export_bundle(uri: str) -> dict:
     scorer = load_bundle(uri, device="cpu", runtime="torch")
     record = {"opset": OPSET, "torch": torch.__version__}
     for stage in ("lung", "disease"):
-        model = scorer.lung if stage == "lung" else scorer.disease
+        model = scorer.stage(stage)
         data = export_stage(model.model, model.pre.size, model.pre.in_channels, stage == "disease")
         storage.write_bytes(storage.join(uri, f"{stage}.onnx"), data)
         record[stage] = {"file": f"{stage}.onnx", "sha256": sha256_hex(data),
@@ -82,7 +84,7 @@ def quantize_bundle(uri: str, calibration: list[bytes], limit: int = 32) -> dict
         export_bundle(uri)
     record = dict(read_bundle_meta(uri).onnx)
     scorer = load_bundle(uri, device="cpu", runtime="onnx", batch_size=1)
-    images = []
+    images: list[np.ndarray] = []
     for data in calibration:
         if len(images) == limit:
             break
@@ -94,8 +96,8 @@ def quantize_bundle(uri: str, calibration: list[bytes], limit: int = 32) -> dict
         raise CxrtuneError(f"int8 calibration needs at least {INT8_MIN_CALIBRATION} readable radiographs, "
                            f"got {len(images)}")
     lungs = scorer.lung_masks(images)
-    inputs = {"lung": [stage_input(im, scorer.lung.pre) for im in images],
-              "disease": [disease_input(im, lung, scorer.disease.pre)[0]
+    inputs = {"lung": [stage_input(im, scorer.stage("lung").pre) for im in images],
+              "disease": [disease_input(im, lung, scorer.stage("disease").pre)[0]
                           for im, lung in zip(images, lungs) if has_lungs(lung)]}
     if not inputs["disease"]:
         raise CxrtuneError("int8 calibration: the bundle's Stage I found no lungs on any calibration image")

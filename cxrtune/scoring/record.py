@@ -2,8 +2,8 @@
 
 :func:`~cxrtune.scoring.scorer.build_record` returns it; ``cxrtune score`` writes it with the
 image's URI (``image``) and its per-image timings, ``cxrtune score-masks`` prints it, and the HTTP
-API answers it with ``request_id`` and ``timings_ms`` (:class:`cxrtune.serving.api.ScoreResponse`),
-which is also what the OpenAPI document describes (docs/scoring.md).
+API answers it with ``request_id`` and ``timings_ms`` (:class:`cxrtune.serving.api.ScoreRecord`,
+which keeps the API's schema name and is what the OpenAPI document describes; docs/scoring.md).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import copy
 import io
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -68,7 +68,7 @@ class Detail:
 
 @dataclass
 class StageModel:
-    model: object  # a torch module, or an OnnxStage that stands in for one (called alike)
+    model: Any  # a torch module, or an OnnxStage that stands in for one (called alike)
     pre: Preprocessing
     config: dict
     metrics: dict = field(default_factory=dict)
@@ -98,9 +98,10 @@ def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float 
     source = {"models": models,
               "input": {"format": scan.format, "width": scan.width, "height": scan.height} if scan is not None else None}
     if opacity is None or lungs.lungs_found == 0 or not has_lungs(lung):
-        record = ScoreRecord(status="unscored", reason=NO_LUNGS, score=None, zones=None, lungs=None,
-                             opacity_percent=None, threshold=float(threshold), lungs_found=0,
-                             disease_probability=None, **source)
+        record = ScoreRecord.model_validate({
+            "status": "unscored", "reason": NO_LUNGS, "score": None, "zones": None, "lungs": None,
+            "opacity_percent": None, "threshold": float(threshold), "lungs_found": 0, "disease_probability": None,
+            **source})
         return record, Detail(lung, empty, lungs)
     opacity = opacity & lung
     scored = zones.score_lungs(lungs, opacity, threshold)
@@ -111,8 +112,8 @@ def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float 
             scored["zones"][letter] = {"affected": None, "opacity_fraction": None}
         scored["lungs"][missing] = None
         status, reason, score = "partial", f"one lung found: the patient's {missing} lung's zones are not scored", None
-    record = ScoreRecord(status=status, reason=reason, **{**scored, "score": score},
-                         disease_probability=None if p_disease is None else round(float(p_disease), 4), **source)
+    record = ScoreRecord.model_validate({**scored, "status": status, "reason": reason, "score": score, **source,
+                                         "disease_probability": None if p_disease is None else round(float(p_disease), 4)})
     return record, Detail(lung, opacity, lungs)
 
 
@@ -200,7 +201,7 @@ def _load_stage(uri: str, stage: str, meta: BundleMeta, device: torch.device, ru
     state = storage.read_bytes(storage.join(uri, f"{stage}.pt"))
     model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
     # channels_last on every device: on a 2-core CPU, ResNet-18 U-Net/FPN inference 1.23-1.49x (bench/memory_format.py)
-    model = model.to(device, memory_format=torch.channels_last).eval()
+    model = model.to(device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # torch's stub lacks memory_format
     return StageModel(model, pre, m.config, m.metrics)
 
 
@@ -214,7 +215,10 @@ class Scorer:
         is made: :meth:`with_thresholds` and :meth:`with_stage` make new ones."""
         self.lung, self.disease = lung, disease
         self.thresholds = thresholds
-        self.device = device or next((lung or disease).model.parameters()).device
+        loaded = lung or disease
+        if loaded is None:
+            raise ValueError("a scorer needs at least one stage")
+        self.device = device or next(loaded.model.parameters()).device
         self.batch_size = batch_size
         self.models = models or {}
         self.runtime = runtime  # "torch", "onnx" or "onnx-int8": which runs the networks
@@ -231,6 +235,13 @@ class Scorer:
             raise ValueError(f"stage must be lung or disease, got {stage!r}")
         return copy.copy(self)._set(**{stage: model})
 
+    def stage(self, name: str) -> StageModel:
+        """The loaded ``lung`` or ``disease`` stage (a scorer made for one stage has only it)."""
+        model = self.lung if name == "lung" else self.disease
+        if model is None:
+            raise CxrtuneError(f"this scorer was loaded without its {name} stage")
+        return model
+
     def _set(self, **fields) -> "Scorer":
         self.__dict__.update(fields)
         return self
@@ -244,8 +255,8 @@ class Scorer:
         """Run one stage's network on uint8 inputs (resized here to the model's size), in batches.
         Lung: a uint8 probability map per input, at the input's shape; disease: ``(uint8 map,
         p(disease))`` per input."""
-        model = self.lung if stage == "lung" else self.disease
-        out = []
+        model = self.stage(stage)
+        out: list = []
         for i in range(0, len(inputs), self.batch_size):
             batch = inputs[i:i + self.batch_size]
             x = self.model_input(stage, batch)
@@ -265,18 +276,18 @@ class Scorer:
     def model_input(self, stage: str, inputs: list[np.ndarray]) -> torch.Tensor:
         """A stage's uint8 inputs as the network's normalised NCHW batch, on the scorer's device
         (also what int8 calibration feeds ONNX Runtime)."""
-        pre = (self.lung if stage == "lung" else self.disease).pre
+        pre = self.stage(stage).pre
         return torch.stack([pre.to_tensor(_to_model_size(u8, pre.size)) for u8 in inputs]).to(self.device)
 
     def lung_masks(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Stage I and the lung cleanup: cleaned bool lung masks at each image's size."""
-        probs = self.forward("lung", [stage_input(im, self.lung.pre) for im in images])
+        probs = self.forward("lung", [stage_input(im, self.stage("lung").pre) for im in images])
         return [lung_output(p, im.shape, self.thresholds.lung) for im, p in zip(images, probs)]
 
     def opacity_maps(self, images: list[np.ndarray], lungs: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         """Stage II on the ROI of the cleaned lungs: ``(opacity probabilities in image coordinates,
         p(disease))`` per image, before refinement (what calibration sweeps the thresholds on)."""
-        prepared = [disease_input(im, lung, self.disease.pre) for im, lung in zip(images, lungs)]
+        prepared = [disease_input(im, lung, self.stage("disease").pre) for im, lung in zip(images, lungs)]
         outs = self.forward("disease", [x for x, _ in prepared])
         return [(opacity_probability(prob, box, im.shape), p) for im, (_, box), (prob, p) in zip(images, prepared, outs)]
 

@@ -75,7 +75,7 @@ def _distributions(space, columns: list[str]) -> dict:
     import optuna.distributions as d
 
     by_name = {p.name: p for p in space.params}
-    out = {}
+    out: dict[str, d.BaseDistribution] = {}
     for col in columns:
         name = col.split(":", 1)[1]
         base, _, parent = name.partition("|")
@@ -86,9 +86,9 @@ def _distributions(space, columns: list[str]) -> dict:
             values = p.values[parent] if parent and parent in p.values else (p.values.get("default") if parent else p.values)
             out[name] = d.CategoricalDistribution(list(values))
         elif p.type == "int":
-            out[name] = d.IntDistribution(int(p.low), int(p.high), step=int(p.step or 1))
+            out[name] = d.IntDistribution(int(p.bounds[0]), int(p.bounds[1]), step=int(p.step or 1))
         else:
-            out[name] = d.FloatDistribution(float(p.low), float(p.high), log=p.type == "log-float")
+            out[name] = d.FloatDistribution(p.bounds[0], p.bounds[1], log=p.type == "log-float")
     return out
 
 
@@ -198,7 +198,7 @@ def write_report(exp_uri: str, out_dir: str) -> list[str]:
             flat[k] = v
     if flat:
         fig, ax = plt.subplots(figsize=(6, 0.3 * len(flat) + 1))
-        names = sorted(flat, key=flat.get)
+        names = sorted(flat, key=lambda n: flat[n])
         ax.barh(names, [flat[n] for n in names], color=["#d62728" if flat[n] < 0 else "#2ca02c" for n in names])
         ax.set(xlabel="Pearson r with " + metric, title="Linear correlation")
         put("correlation.png", figure_png(fig))

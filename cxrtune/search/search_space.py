@@ -64,6 +64,13 @@ class Param:
     step: int | None = None
     given: str | None = None
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a numeric parameter (:func:`parse_space` has checked both are numbers)."""
+        if self.low is None or self.high is None:
+            raise CxrtuneError(f"parameter {self.name}: a {self.type} parameter needs low and high")
+        return float(self.low), float(self.high)
+
 
 @dataclass
 class SearchSpace:
@@ -97,9 +104,9 @@ class SearchSpace:
             if p.type == "choice":
                 out[p.name] = trial.suggest_categorical(name, list(values))
             elif p.type == "int":
-                out[p.name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1))
+                out[p.name] = trial.suggest_int(name, int(p.bounds[0]), int(p.bounds[1]), step=int(p.step or 1))
             else:
-                out[p.name] = trial.suggest_float(name, float(p.low), float(p.high), log=p.type == "log-float")
+                out[p.name] = trial.suggest_float(name, p.bounds[0], p.bounds[1], log=p.type == "log-float")
         return out
 
     def optuna_params(self, point: dict, where: str = "warm_start") -> dict:
@@ -244,9 +251,10 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:  # noqa: C9
             for bound in ("low", "high"):
                 if not isinstance(getattr(p, bound), (int, float)):
                     raise _fail(source, f"{key}.{bound}", f"{ptype} needs a numeric {bound}")
-            if p.low >= p.high:
+            low, high = p.bounds
+            if low >= high:
                 raise _fail(source, key, f"low ({p.low}) must be below high ({p.high})")
-            if ptype == "log-float" and p.low <= 0:
+            if ptype == "log-float" and low <= 0:
                 raise _fail(source, f"{key}.low", "log-float needs low > 0")
         params.append(p)
         seen[name] = p

@@ -20,6 +20,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -33,8 +34,8 @@ from ..data import manifest
 from ..data.phantom import embedded_manifest
 from ..errors import CxrtuneError
 from ..model.artifacts import DEFAULT_OPACITY_THRESHOLD
-from ..model.grading import flat_metrics, train_grader
-from ..model.train import Trainer, patience_step, remove_orphaned_staging
+from ..model.grading import GradeConfig, flat_metrics, train_grader
+from ..model.train import TrainConfig, Trainer, patience_step, remove_orphaned_staging
 from ..preprocessing import load_scan
 from ..scoring.scorer import (
     StageModel,
@@ -140,7 +141,8 @@ class TuneOptions:
         """Epochs per trial (I_max), the results a trial reports: :meth:`train_epochs`, plus a
         grading trial's head-only transfer epochs."""
         n = self.train_epochs(space)
-        return space.train_config({"epochs": n}).total_epochs if space.task == "grade" else n
+        cfg = space.train_config({"epochs": n})
+        return cfg.total_epochs if isinstance(cfg, GradeConfig) else n
 
     def search_space(self) -> SearchSpace:
         data = dict(self.space)
@@ -241,7 +243,9 @@ def validation_overlays(trainer, n: int = 3) -> str:
                 cv2.drawContours(tile, contours, -1, colour, 1)
             tiles.append(tile)
     model.train()
-    ok, buf = cv2.imencode(".png", np.hstack(tiles)) if tiles else (False, None)
+    if not tiles:
+        return ""
+    ok, buf = cv2.imencode(".png", np.hstack(tiles))
     return base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
 
 
@@ -260,6 +264,7 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     if space.task == "grade":
         return run_grade_trial(config, o, space)
     cfg = space.train_config(_sampled(config))
+    assert isinstance(cfg, TrainConfig)  # a segmentation space (grade spaces went above)
     epochs = o.epochs(space)
     cfg.epochs, cfg.patience, cfg.seed = epochs, epochs + 1, o.seed  # Tune's stoppers stop trials
     df = manifest.load_manifest(o.manifest, check_files=False)
@@ -271,7 +276,7 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     latency = (measure_latency_ms(trainer.eval_model, cfg.size, cfg.model.in_channels, trainer.device, o.latency_batch)
                if o.multi_objective else None)
     clinical = None
-    if space.objective == "score_mae":
+    if space.objective == "score_mae" and o.lung_bundle:  # TuneOptions refuses score_mae without one
         clinical = ClinicalObjective(o.lung_bundle, trainer.val_ds.df, limit=cfg.max_val_images or 64,
                                      reference=o.reference)
 
@@ -298,6 +303,7 @@ def run_grade_trial(config: dict, o: TuneOptions, space: SearchSpace) -> None:
 
 
     cfg = space.train_config(_sampled(config))
+    assert isinstance(cfg, GradeConfig)  # run_trial sends grade spaces here
     cfg.epochs = o.train_epochs(space)
     cfg.seed = o.seed
     df = manifest.load_manifest(o.manifest, check_files=False)
@@ -407,7 +413,7 @@ def optuna_sampler(o: TuneOptions):
 
     if o.sampler == "random":
         return optuna.samplers.RandomSampler(seed=o.seed)
-    joint = {"multivariate": True, "group": True} if o.multi_objective else {}
+    joint: dict[str, Any] = {"multivariate": True, "group": True} if o.multi_objective else {}
     with warnings.catch_warnings():  # `group` is marked experimental in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples), **joint)
@@ -491,7 +497,7 @@ def hyperband_brackets(max_t: int, reduction_factor: float) -> list[dict]:
         r0 = hb._get_r0(s)
         if r0 == 0:
             continue
-        milestones, r = [], r0
+        milestones, r = [], float(r0)
         while True:
             milestones.append(int(min(r, max_t)))
             if r >= max_t:
@@ -529,7 +535,7 @@ def _wandb(o: TuneOptions) -> list:
                     result["overlays"] = image[:, :, ::-1].copy()  # HxWx3 RGB: Ray logs it as wandb.Image
             super().log_trial_result(iteration, trial, result)
 
-    kwargs = {}
+    kwargs: dict = {}
     if not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"  # no key: write runs locally, sync later with `wandb sync`
         kwargs["mode"] = "offline"
@@ -562,7 +568,7 @@ def _run_config(o: TuneOptions, space: SearchSpace):
     fs, path = storage.pyarrow_filesystem(o.storage)
     from ray.tune.stopper import CombinedStopper, FunctionStopper
 
-    stoppers = []
+    stoppers: list = []
     if o.patience and not o.multi_objective and not o.grid:  # a grid trains every combination to the end
         stoppers.append(PatienceStopper(space.metric, space.mode, o.min_delta, o.patience))
     if o.cut_below is not None and not o.multi_objective:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Callable
+from typing import Any, Callable
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,13 +14,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..scoring.record import ScoreRecord
+from ..scoring import record
 
 
-class ScoreResponse(ScoreRecord):
-    """The record of one image as the API answers it: the scoring policy's record
-    (:class:`~cxrtune.scoring.record.ScoreRecord`, what `cxrtune score` writes) with the request's id
-    and step timings, and the overlay when asked for."""
+class ScoreRecord(record.ScoreRecord):
+    """The record of one image as the API answers it (its OpenAPI name): the scoring policy's
+    record (:class:`cxrtune.scoring.record.ScoreRecord`, what `cxrtune score` writes) with the
+    request's id and step timings, and the overlay when asked for. An HTTP record always names its
+    models and its input."""
+    models: dict = Field(description=record.ScoreRecord.model_fields["models"].description)
+    input: record.InputInfo
     request_id: str
     timings_ms: dict[str, float]
     overlay_png_base64: str | None = None
@@ -49,7 +52,8 @@ _ERRORS = {400: "malformed request (e.g. a broken multipart body)", 401: "missin
            422: "unreadable, blank, tiny or refused by the DICOM rules; or invalid query parameters",
            500: "internal error (the request id is in the server's log)",
            503: "at capacity (admission control or a full queue) or a replica failed: retry after Retry-After seconds"}
-ERROR_RESPONSES = {code: {"model": ErrorBody, "description": text} for code, text in _ERRORS.items()}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody, "description": text}
+                                                    for code, text in _ERRORS.items()}
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                        "properties": {"file": {"type": "string", "format": "binary"}}}},
@@ -109,6 +113,6 @@ def install_error_handlers(app: FastAPI, refused: Callable[[int, str], None], lo
         refused(422, request_id)
         return error_response(422, "invalid request: " + "; ".join(parts), request_id)
 
-    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]  # Starlette's stub wants Exception
     app.add_exception_handler(Exception, internal_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]  # as above

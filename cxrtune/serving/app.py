@@ -6,9 +6,11 @@ deployment (:mod:`.stages`), configured by :class:`~.settings.ServeSettings`.
 ``cxrtune deploy`` run it through :mod:`.deploy`.
 """
 
-from __future__ import annotations
 
 import torch
+
+# No postponed annotations here: Serve validates the config's `args` against build_app's annotation only
+# when it is the class itself (tests/test_serve_api.py).
 from pydantic import ValidationError
 
 from ..errors import CxrtuneError
@@ -42,6 +44,7 @@ def application(settings: ServeSettings | dict, deployments: dict[str, dict] | N
             raise CxrtuneError(f"runtime {settings.runtime} with bundle {settings.bundle}: {exc}") from None
     plain = settings.model_dump()
     opts = {k: {o: v for o, v in d.items() if o != "name"} for k, d in (deployments or {}).items()}
-    stage1 = Stage1.options(**opts.get("Stage1", {})).bind(plain)
-    stage2 = Stage2.options(**opts.get("Stage2", {})).bind(plain)
-    return Ingress.options(**opts.get("Ingress", {})).bind(stage1, stage2, plain)
+    # Serve's deployment decorator makes Deployment objects, which its stubs do not say
+    stage1 = Stage1.options(**opts.get("Stage1", {})).bind(plain)  # type: ignore[attr-defined]
+    stage2 = Stage2.options(**opts.get("Stage2", {})).bind(plain)  # type: ignore[attr-defined]
+    return Ingress.options(**opts.get("Ingress", {})).bind(stage1, stage2, plain)  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -67,7 +68,7 @@ from .api import (
     UPLOAD_BODY,
     BatchResult,
     RequestError,
-    ScoreResponse,
+    ScoreRecord,
     install_error_handlers,
     request_id_of,
 )
@@ -78,7 +79,7 @@ audit = logging.getLogger("ray.serve.cxrtune.audit")  # Serve's replica log hand
 audit.setLevel(logging.INFO)
 API_VERSION = "v1"
 STAGE_RETRIES = 8  # a dead replica's requests are retried with backoff (0.25 s doubling, 5 s at most: ~25 s in all)
-MS_BUCKETS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+MS_BUCKETS = [5.0, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 
 
 def _decode(data: bytes, s: ServeSettings):
@@ -120,7 +121,8 @@ class Ingress:
         self.viewer = (Path(__file__).parent / "viewer.html").read_text()
         self.in_flight = 0  # one event loop per replica: a plain counter is exact
         self.m_requests = metrics.Counter("cxrtune_requests", description="scoring requests by HTTP code and "
-                                          "outcome (record status, or the refusal reason)", tag_keys=("code", "outcome"))
+                                          "outcome (record status, or the refusal reason)",
+                                          tag_keys=("code", "outcome"))  # type: ignore[arg-type]  # Ray's stub says one key
         self.m_retries = metrics.Counter("cxrtune_stage_retries", description="stage calls retried after the "
                                          "replica that had them failed", tag_keys=("stage",))
         self.m_ms = metrics.Histogram("cxrtune_step_ms", description="milliseconds per request in each step",
@@ -177,6 +179,11 @@ class Ingress:
                 if len(data) > limit:
                     raise RequestError(413, f"upload over the limit of {limit / 1e6:.0f} MB")
             files = [("body", bytes(data))]
+        return self._checked(files, limit)
+
+    @staticmethod
+    def _checked(files: list[tuple[str, bytes]], limit: int) -> list[tuple[str, bytes]]:
+        """Each file within the byte limit and not empty."""
         for name, data in files:
             if len(data) > limit:
                 raise RequestError(413, f"{name}: over the limit of {limit / 1e6:.0f} MB")
@@ -334,9 +341,10 @@ class Ingress:
         outside them are counted and audited by it (no module global)."""
         app = FastAPI(title="cxrtune scorer", version=__version__,
                       description="Two-stage chest X-ray severity scoring: lung zones A-F, a 0-6 score, opacity percent.")
-        png_or_record = {200: {"content": {"image/png": {}}, "description": "the record, or the overlay PNG"}}
+        png_or_record: dict[int | str, dict[str, Any]] = {
+            200: {"content": {"image/png": {}}, "description": "the record, or the overlay PNG"}}
         app.post(f"/{API_VERSION}/score", summary="Score one radiograph (multipart `file` or raw body)",
-                 response_model=ScoreResponse, openapi_extra=UPLOAD_BODY,
+                 response_model=ScoreRecord, openapi_extra=UPLOAD_BODY,
                  responses={**ERROR_RESPONSES, **png_or_record})(self.score)
         app.post(f"/{API_VERSION}/score/batch", summary="Score several files (multipart `files`)",
                  response_model=BatchResult, openapi_extra=BATCH_BODY, responses=ERROR_RESPONSES)(self.score_batch)

@@ -23,7 +23,7 @@ from .settings import ServeSettings
 
 log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
 
-BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+BATCH_BUCKETS = [1.0, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 
 
 class _Stage:
@@ -47,10 +47,11 @@ class _Stage:
         self.scorers: dict = {}  # bundle hash -> Scorer (insertion order: oldest first)
         self.loading = asyncio.Lock()
         self.own_hash = self._load(self.s.bundle)
-        if hasattr(self.run, "set_max_batch_size"):  # the config's batching, not the decorator's
-            self.run.set_max_batch_size(self.s.max_batch_size)
-        if hasattr(self.run, "set_batch_wait_timeout_s"):
-            self.run.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
+        run = getattr(self, "run")  # the subclass's @serve.batch method
+        if hasattr(run, "set_max_batch_size"):  # the config's batching, not the decorator's
+            run.set_max_batch_size(self.s.max_batch_size)
+        if hasattr(run, "set_batch_wait_timeout_s"):
+            run.set_batch_wait_timeout_s(self.s.batch_wait_timeout_s)
 
     def _load(self, uri: str, expected: str | None = None) -> str:
         digest = bundle_hash(uri)
@@ -98,7 +99,7 @@ class Stage1(_Stage):
     stage = "lung"
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def run(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    async def run(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, str, object]]:
         return await self._forward(items)
 
 
@@ -109,5 +110,5 @@ class Stage2(_Stage):
     stage = "disease"
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def run(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, tuple[np.ndarray, float]]]:
+    async def run(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, str, object]]:
         return await self._forward(items)
