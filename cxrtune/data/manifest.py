@@ -38,12 +38,13 @@ from tqdm import tqdm
 
 from .. import storage
 from ..errors import CxrtuneError, ManifestError
+from ..zones import ZONE_LETTERS
 
 log = logging.getLogger(__name__)
 
 LABELS = ("normal", "covid", "other_pneumonia", "pneumonia", "tuberculosis", "nodule", "other_disease")
 SPLITS = ("train", "val", "test", "")
-ZONE_COLUMNS = tuple(f"zone_{z}" for z in "ABCDEF")
+ZONE_COLUMNS = tuple(f"zone_{z}" for z in ZONE_LETTERS)
 REQUIRED = ("image", "label", "patient_id")
 STANDARD = ("image", "lung_mask", "opacity_mask", "label", "patient_id", "source", "view", "split", "fold")
 OPTIONAL = ("lung_mask_right", "lung_mask_left", "grade_right", "grade_left", *ZONE_COLUMNS, "score",
@@ -203,13 +204,13 @@ def readers_in(df: pd.DataFrame) -> list[str]:
         m = READER_COLUMN.match(str(col))
         if m:
             zones.setdefault(m.group(1), set()).add(m.group(2))
-    return sorted(r for r, z in zones.items() if z == set("ABCDEF"))
+    return sorted(r for r, z in zones.items() if z == set(ZONE_LETTERS))
 
 
 def reader_grades(df: pd.DataFrame) -> dict[str, np.ndarray]:
     """Reader id -> N x 6 int grades in zone order A-F; -1 where a grade is missing."""
     return {r: np.column_stack([pd.to_numeric(df[f"reader_{r}_{z}"], errors="coerce").fillna(-1)
-                                .to_numpy(dtype=float).astype(int) for z in "ABCDEF"]).reshape(len(df), 6)
+                                .to_numpy(dtype=float).astype(int) for z in ZONE_LETTERS]).reshape(len(df), 6)
             for r in readers_in(df)}
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import CxrtuneError
+from ..zones import ZONE_LETTERS
 from . import manifest
 from .importers import IMAGE_SUFFIXES, ImportResult, importer
 
 log = logging.getLogger(__name__)
 
-ZONES = "ABCDEF"
+
 GRADE_COLUMN = re.compile(r"^([A-Za-z0-9]+)_([A-F])$")
 # ``zone_A``.. are the manifest's own 0/1 zone columns, not a reader called "zone".
 RESERVED_READERS = {"zone", "reader", "grade", "lung", "opacity"}
@@ -44,11 +45,11 @@ def grade_columns(columns) -> dict[str, list[str]]:
         m = GRADE_COLUMN.match(str(col).strip())
         if m and m.group(1).lower() not in RESERVED_READERS:
             found.setdefault(m.group(1), {})[m.group(2)] = col
-    partial = {r: sorted(z) for r, z in found.items() if set(z) != set(ZONES)}
+    partial = {r: sorted(z) for r, z in found.items() if set(z) != set(ZONE_LETTERS)}
     if partial:
         raise CxrtuneError("reader(s) without all six zone columns A-F: "
                            + "; ".join(f"{r} has {', '.join(z)}" for r, z in sorted(partial.items())))
-    return {r: [z[k] for k in ZONES] for r, z in sorted(found.items())}
+    return {r: [z[k] for k in ZONE_LETTERS] for r, z in sorted(found.items())}
 
 
 def _grade(value) -> int | None:
@@ -150,13 +151,13 @@ def import_readers(  # noqa: C901 - one refusal per malformed CSV case, each nam
                "source": source, "view": "unknown", "eval_only": True}  # radiologists' grades: never trained on
         row.update({c: str(rec[c]).strip() for c in COPIED_COLUMNS if str(rec.get(c, "")).strip()})
         for r, graded in grades.items():
-            row.update({f"reader_{r}_{z}": v for z, v in zip(ZONES, graded)})
+            row.update({f"reader_{r}_{z}": v for z, v in zip(ZONE_LETTERS, graded)})
         rows.append(row)
     if excluded:
         log.info("readers: %d of %d rows excluded", len(excluded), len(table))
     df = manifest.new_manifest(rows)
     if not rows:  # keep the reader columns (typed) even when every row was excluded
         for r in readers:
-            for z in ZONES:
+            for z in ZONE_LETTERS:
                 df[f"reader_{r}_{z}"] = pd.Series(dtype="Int64")
     return ImportResult(df, excluded)
