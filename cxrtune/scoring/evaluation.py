@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
 from .. import images, storage, zones
@@ -105,25 +106,26 @@ def same_rows(split_a: str | None, split_b: str | None) -> bool:
 
 def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float | None = None) -> dict:
     """T_cls at a stated operating point: maximum F1 (default), or the lowest threshold whose
-    specificity on the normal images is >= ``specificity``. Candidates: every distinct probability."""
+    specificity on the normal images is >= ``specificity`` with the best sensitivity there (if none
+    reaches it, the best specificity). Candidates: every distinct probability (scikit-learn's ROC
+    curve); ties go to the lowest threshold."""
     prob, label = np.asarray(prob, float), np.asarray(label, int)
     if len(set(label)) < 2:
         raise CxrtuneError("T_cls needs labelled normal and disease images in the calibration rows")
-    best: tuple[tuple, dict] | None = None
-    for t in np.unique(prob):
-        pred = prob >= t
-        tp, fp = int((pred & (label == 1)).sum()), int((pred & (label == 0)).sum())
-        fn, tn = int((~pred & (label == 1)).sum()), int((~pred & (label == 0)).sum())
-        f1 = 2 * tp / max(2 * tp + fp + fn, 1)
-        spec, sens = tn / max(tn + fp, 1), tp / max(tp + fn, 1)
-        if specificity is not None:
-            key = (spec >= specificity, sens if spec >= specificity else spec, -t)
-        else:
-            key = (True, f1, -t)
-        if best is None or key > best[0]:
-            best = (key, {"threshold": float(t), "f1": f1, "specificity": spec, "sensitivity": sens})
-    assert best is not None  # both classes are present, so there are candidates
-    return best[1]
+    fpr, tpr, thresholds = roc_curve(label, prob, drop_intermediate=False)
+    keep = np.isfinite(thresholds)  # the first point (nothing called disease) is not a candidate
+    fpr, tpr, thresholds = fpr[keep], tpr[keep], thresholds[keep]
+    positives, negatives = int(label.sum()), int((label == 0).sum())
+    tp, fp = tpr * positives, fpr * negatives
+    f1 = 2 * tp / np.maximum(2 * tp + fp + (positives - tp), 1)
+    spec = 1 - fpr
+    if specificity is not None:
+        met = spec >= specificity
+        best = np.lexsort((thresholds, -np.where(met, tpr, spec), ~met))[0]
+    else:
+        best = np.lexsort((thresholds, -np.round(f1, 12)))[0]
+    return {"threshold": float(thresholds[best]), "f1": float(f1[best]), "specificity": float(spec[best]),
+            "sensitivity": float(tpr[best])}
 
 
 OPACITY_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate opacity thresholds

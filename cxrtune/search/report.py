@@ -147,15 +147,15 @@ def _pearson(x: pd.Series, y: pd.Series) -> float | None:
 
 
 def pareto_front(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
-    """Trials no other trial beats on both the metric and latency."""
+    """Trials no other trial beats on both the metric and latency: Optuna's ``best_trials`` of an
+    in-memory study holding the table's trials (as :func:`importance` does), by latency."""
+    import optuna
+
     sub = table.dropna(subset=[metric, "latency_ms"]) if {metric, "latency_ms"} <= set(table) else table.iloc[0:0]
-    sign = 1 if mode == "max" else -1
-    keep = []
-    for i, r in sub.iterrows():
-        dominated = ((sign * sub[metric] >= sign * r[metric]) & (sub["latency_ms"] <= r["latency_ms"])
-                     & ((sign * sub[metric] > sign * r[metric]) | (sub["latency_ms"] < r["latency_ms"]))).any()
-        if not dominated:
-            keep.append(i)
+    study = optuna.create_study(directions=["maximize" if mode == "max" else "minimize", "minimize"])
+    study.add_trials([optuna.trial.create_trial(values=[float(r[metric]), float(r["latency_ms"])], user_attrs={"row": i})
+                      for i, r in sub.iterrows()])
+    keep = [t.user_attrs["row"] for t in study.best_trials] if len(sub) else []
     return sub.loc[keep].sort_values("latency_ms")
 
 
