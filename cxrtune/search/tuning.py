@@ -488,13 +488,21 @@ def _search_class():
 
 def hyperband_brackets(max_t: int, reduction_factor: float) -> list[dict]:
     """The brackets Ray's HyperBandScheduler builds, in the order it fills them: trials per
-    bracket and the milestones (epochs) at which it keeps the best 1/reduction_factor."""
+    bracket and the milestones (epochs) at which it keeps the best 1/reduction_factor.
+
+    The one place that reads Ray's private formulas (``_s_max_1``, ``_get_r0``, ``_get_n0``), so the
+    docs and logs say what Ray does; tests/test_tune.py pins the result, and a Ray that renames them
+    fails here by name."""
     from ray.tune.schedulers import HyperBandScheduler
 
     hb = HyperBandScheduler(time_attr="training_iteration", max_t=max_t, reduction_factor=reduction_factor)
+    try:
+        brackets, r0_of, n0_of = hb._s_max_1, hb._get_r0, hb._get_n0
+    except AttributeError as exc:
+        raise CxrtuneError(f"Ray's HyperBandScheduler changed its internals ({exc}): update hyperband_brackets") from None
     out = []
-    for s in range(hb._s_max_1):  # Ray's own formulas (private: this keeps docs and logs true to them)
-        r0 = hb._get_r0(s)
+    for s in range(brackets):
+        r0 = r0_of(s)
         if r0 == 0:
             continue
         milestones, r = [], float(r0)
@@ -503,7 +511,7 @@ def hyperband_brackets(max_t: int, reduction_factor: float) -> list[dict]:
             if r >= max_t:
                 break
             r *= reduction_factor
-        out.append({"bracket": s, "trials": hb._get_n0(s), "milestones": milestones})
+        out.append({"bracket": s, "trials": n0_of(s), "milestones": milestones})
     return out
 
 
