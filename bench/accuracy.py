@@ -198,7 +198,7 @@ def main() -> None:
         jdf = manifest.load_manifest(str(out / "jsrt.parquet")).assign(split="test")
         if args.quick:
             jdf = jdf.head(8)
-        jsrt = evaluate(scorer, jdf, str(out / "eval-jsrt"), EvaluateOptions(split="test", progress=False))["lung"]
+        jsrt = evaluate(scorer, jdf, str(out / "eval-jsrt"), EvaluateOptions(split="test", progress=False)).lung
     brixia = {}
     if (data / "brixia-dev").exists():
         run_import("readers", str(data / "brixia-dev"), str(out / "brixia.parquet"), progress=False)
@@ -207,13 +207,13 @@ def main() -> None:
             bdf = bdf.head(20)
         ev = evaluate(scorer, bdf, str(out / "eval-brixia"),
                       EvaluateOptions(split="all", cv_reference="S", folds=5, progress=False))
-        r = ev.get("readers", {})
-        brixia = {"status": ev["status"], "n": r.get("n"), "cv_thresholds": r.get("cv_thresholds"),
+        r = ev.readers or {}
+        brixia = {"status": ev.status, "n": r.get("n"), "cv_thresholds": r.get("cv_thresholds"),
                   "vs_senior": r.get("readers", {}).get("S", {}), "vs_junior": r.get("readers", {}).get("J", {}),
                   "junior_vs_senior": r.get("pairs", {}).get("J_vs_S", {})}
     t3 = time.perf_counter()
 
-    cls = test["classification"] or {}
+    cls = test.classification or {}
     result = {
         "benchmark": "accuracy", "mode": "quick" if args.quick else ("cpu" if args.cpu else "gpu"), "device": device,
         "train_minutes": {**minutes, "both": round(sum(v or 0 for v in minutes.values()), 2)},
@@ -221,15 +221,15 @@ def main() -> None:
         "best_epochs": {k: (v.get("best") or {}).get("epoch") for k, v in summaries.items()},
         "configs": {"lung": lung_cfg, "disease": disease_cfg},
         "test_images": int((df.split == "test").sum()),
-        "lung_dice": test["lung"]["dice"],
-        "covid_infection_dice": test["opacity"]["dice"], "covid_infection_iou": test["opacity"]["iou"],
+        "lung_dice": test.lung["dice"],
+        "covid_infection_dice": test.opacity["dice"], "covid_infection_iou": test.opacity["iou"],
         "cls_threshold": cal.cls.threshold, "cls_calibration_f1": cal.cls.f1,
         "cls_calibration_images": {"n": cal.cls.n, "heldout_train_rows": len(held)},
         "opacity_threshold": cal.opacity.threshold if cal.opacity else None,
         "opacity_calibration_dice": cal.opacity.dice if cal.opacity else None,
         "normal_vs_disease": cls,
-        "fp_rate_on_normal": test["normal_score_fp_rate"], "n_normal": test["n_normal"],
-        "status_counts": test["status"],
+        "fp_rate_on_normal": test.normal_score_fp_rate, "n_normal": test.n_normal,
+        "status_counts": test.status,
         "zone_threshold": cal.zone.threshold, "calibration_mae_vs_masks": cal.zone.mae,
         "score_vs_mask_reference": test.get("score"),
         "jsrt_lung_dice": jsrt.get("dice"),

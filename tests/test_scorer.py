@@ -275,12 +275,12 @@ def test_evaluate_counts_unscored_records_as_the_worst_error(bundle, phantom_dir
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     result = evaluate(load_bundle(str(b), device="cpu"), df, str(tmp_path / "ev"),
                       EvaluateOptions(split="val,test", progress=False))
-    assert result["status"]["scored"] == 0 and result["status"]["unscored"] == result["n_read"] > 0
+    assert result.status["scored"] == 0 and result.status["unscored"] == result.n_read > 0
     refs = [reference_zones(row, cache=storage.ContentCache()) for _, row in df[df["split"].isin(["val", "test"])].iterrows()]
     worst = [max(sum(r), 6 - sum(r)) for r in refs if r is not None]
-    assert "mae" not in result["score"]  # no scored record to compare
-    assert result["score"]["n_counted"] == len(worst) > 0
-    assert result["score"]["mae_counting_not_scored"] == pytest.approx(np.mean(worst)) and np.mean(worst) >= 3
+    assert result.score is not None and "mae" not in result.score  # no scored record to compare
+    assert result.score["n_counted"] == len(worst) > 0
+    assert result.score["mae_counting_not_scored"] == pytest.approx(np.mean(worst)) and np.mean(worst) >= 3
 
 
 def test_lean_stage_payloads_uint8_at_the_smaller_size():

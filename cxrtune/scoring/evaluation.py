@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -328,6 +328,33 @@ def calibrate_bundle(uri: str, df: pd.DataFrame, options: CalibrateOptions = Cal
 
 
 @dataclass(frozen=True)
+class EvaluationResult:
+    """What :func:`evaluate` measured: metrics.json's content, field by field (docs/scoring.md).
+    ``score``, ``zones``, ``status_by_label`` and ``readers`` are None (and absent from the file)
+    when there was nothing to measure them on."""
+    n_images: int
+    n_read: int
+    split: str | None
+    zone_threshold: float
+    cls_threshold: float
+    models: dict
+    status: dict[str, int]
+    lung: dict
+    opacity: dict
+    classification: dict | None
+    normal_score_fp_rate: float | None
+    n_normal: int
+    score: dict | None = None
+    zones: dict | None = None
+    status_by_label: dict | None = None
+    readers: dict | None = None
+
+    def to_dict(self) -> dict:
+        optional = ("score", "zones", "status_by_label", "readers")
+        return {k: v for k, v in asdict(self).items() if not (k in optional and v is None)}
+
+
+@dataclass(frozen=True)
 class EvaluateOptions:
     """What :func:`evaluate` measures and on what; the defaults are ``cxrtune evaluate``'s.
 
@@ -349,7 +376,8 @@ class EvaluateOptions:
     progress: bool = True
 
 
-def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, options: EvaluateOptions = EvaluateOptions()) -> dict:
+def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str,
+             options: EvaluateOptions = EvaluateOptions()) -> EvaluationResult:
     """Metrics JSON and plots: lung Dice, opacity Dice/IoU over non-empty references and the
     false-positive rate on annotated-empty ones, classification metrics, the share of Normal
     images with a score > 0, record statuses, score MAE/RMSE/rho/kappa against the mask or zone
@@ -391,40 +419,39 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str, options: EvaluateOp
                         "disease_probability": record["disease_probability"]})
     table = pd.DataFrame(records)
     normal = table[table["label"] == "normal"] if len(table) else table
-    result: dict = {"n_images": len(rows), "n_read": len(table), "split": split, "zone_threshold": scorer.thresholds.zone,
-              "cls_threshold": scorer.thresholds.cls, "models": scorer.models_info(), "status": statuses,
-              "lung": lung_meter.result(), "opacity": opac_meter.result(),
-              "classification": (classification_metrics(np.array(probs), np.array(labels), scorer.thresholds.cls)
-                                  if probs else None),
-              "normal_score_fp_rate": (float((normal["score"].fillna(0) > 0).mean()) if len(normal) else None),
-              "n_normal": int(len(normal))}
+    score: dict | None = None
+    zone_accuracy = None
     if ref_zones:
         p, r = np.array(pred_zones), np.array(ref_zones)
-        result["score"] = score_metrics(p.sum(axis=1), r.sum(axis=1))  # the scored records
-        result["zones"] = {z: {"accuracy": float((p[:, i] == r[:, i]).mean())} for i, z in enumerate(zones.ZONE_LETTERS)}
+        score = score_metrics(p.sum(axis=1), r.sum(axis=1))  # the scored records
+        zone_accuracy = {z: {"accuracy": float((p[:, i] == r[:, i]).mean())} for i, z in enumerate(zones.ZONE_LETTERS)}
         _plots(p, r, out_dir)
     if errors:  # every record with a reference; partial/unscored as the worst error (score_error)
-        result.setdefault("score", {})
-        result["score"].update(mae_counting_not_scored=float(np.mean(errors)), n_counted=len(errors))
-    if len(table):
-        result["status_by_label"] = {str(k): {str(s): int(n) for s, n in g["status"].value_counts().items()}
-                                     for k, g in table.groupby("label")}
+        score = {**(score or {}), "mae_counting_not_scored": float(np.mean(errors)), "n_counted": len(errors)}
     readers = manifest.readers_in(df)
-    if readers and reader_rows:
-        result["readers"] = _reader_figures(df.loc[reader_rows], np.array(reader_fracs), scorer.thresholds.zone,
-                                            readers, options.by, options.cv_reference, options.folds,
-                                            options.n_boot, out_dir,
-                                            not_scored=df.loc[not_scored_rows])
-    storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(json_safe(result), indent=2))
+    result = EvaluationResult(
+        n_images=len(rows), n_read=len(table), split=split, zone_threshold=scorer.thresholds.zone,
+        cls_threshold=scorer.thresholds.cls, models=scorer.models_info(), status=statuses,
+        lung=lung_meter.result(), opacity=opac_meter.result(),
+        classification=(classification_metrics(np.array(probs), np.array(labels), scorer.thresholds.cls)
+                        if probs else None),
+        normal_score_fp_rate=(float((normal["score"].fillna(0) > 0).mean()) if len(normal) else None),
+        n_normal=int(len(normal)), score=score, zones=zone_accuracy,
+        status_by_label=({str(k): {str(s): int(n) for s, n in g["status"].value_counts().items()}
+                          for k, g in table.groupby("label")} if len(table) else None),
+        readers=(_reader_figures(df.loc[reader_rows], np.array(reader_fracs), scorer.thresholds.zone, readers,
+                                 options.by, options.cv_reference, options.folds, options.n_boot, out_dir,
+                                 not_scored=df.loc[not_scored_rows]) if readers and reader_rows else None))
+    storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(json_safe(result.to_dict()), indent=2))
     storage.write_text(storage.join(out_dir, "scores.csv"), table.to_csv(index=False))
     return result
 
 
 @dataclass(frozen=True)
 class BundleEvaluation:
-    """:func:`evaluate_bundle`'s outcome: metrics.json's content, the one-line summary the CLI
-    prints, and a note on how T relates to the evaluated rows (None when it does not)."""
-    metrics: dict
+    """:func:`evaluate_bundle`'s outcome: what was measured (metrics.json), the one-line summary
+    the CLI prints, and a note on how T relates to the evaluated rows (None when it does not)."""
+    metrics: EvaluationResult
     summary: dict
     note: str | None = None
 
@@ -444,14 +471,14 @@ def evaluation_mode(uri: str, df: pd.DataFrame, options: EvaluateOptions) -> tup
                      "figures against it are in-sample (evaluate another split, e.g. --split test)")
 
 
-def evaluation_summary(metrics: dict) -> dict:
-    """The headline figures of a metrics.json: what ``cxrtune evaluate`` prints."""
-    score = metrics.get("score", {})
-    summary = {"status": metrics["status"], "lung_dice": metrics["lung"].get("dice"),
-               "opacity_dice": metrics["opacity"].get("dice"), "f1": (metrics["classification"] or {}).get("f1"),
-               "normal_score_fp_rate": metrics["normal_score_fp_rate"], "score_mae": score.get("mae"),
+def evaluation_summary(metrics: EvaluationResult) -> dict:
+    """The headline figures of an evaluation: what ``cxrtune evaluate`` prints."""
+    score = metrics.score or {}
+    summary = {"status": metrics.status, "lung_dice": metrics.lung.get("dice"),
+               "opacity_dice": metrics.opacity.get("dice"), "f1": (metrics.classification or {}).get("f1"),
+               "normal_score_fp_rate": metrics.normal_score_fp_rate, "score_mae": score.get("mae"),
                "score_mae_counting_not_scored": score.get("mae_counting_not_scored")}
-    readers = metrics.get("readers", {})
+    readers = metrics.readers or {}
     for reader, figures in (readers.get("readers", {}) or {}).items():
         summary[f"mae_vs_{reader}"] = figures.get("score", {}).get("mae")
         summary[f"mae_vs_{reader}_counting_not_scored"] = readers["mae_counting_not_scored"].get(reader)
