@@ -94,6 +94,8 @@ def max_parallel(cpus: float, gpus: float) -> int:
 
 
 def may_autoscale() -> bool:
+    """Whether more nodes may join (a cluster address is set, or this is a ``ray up`` head): then a
+    trial that does not fit the present nodes may wait for them instead of being refused."""
     return bool(os.environ.get("RAY_ADDRESS")) or Path("~/ray_bootstrap_config.yaml").expanduser().exists()
 
 

@@ -129,6 +129,7 @@ def read_image(uri: str, cache: storage.ContentCache | None = None) -> np.ndarra
 
 
 def read_mask(uri: str, cache: storage.ContentCache | None = None) -> np.ndarray:
+    """A mask file (PNG/JPEG, local or s3://) as 2-D bool: any non-zero pixel is inside."""
     return _read(uri, cache, decode_mask)
 
 

@@ -376,6 +376,7 @@ def pyarrow_filesystem(uri: str):
 # ----------------------------------------------------------------------------------------- cache
 
 def default_cache_dir() -> Path:
+    """cxrtune's local cache (``$CXRTUNE_CACHE_DIR``, else ``~/.cache/cxrtune``): remote copies, phantoms."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cxrtune")
 
 

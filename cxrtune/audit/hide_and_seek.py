@@ -92,6 +92,7 @@ def split_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
 
 
 def represented(data: AuditData, name: str) -> np.ndarray:
+    """The audit images in representation ``name`` (:data:`REPRESENTATIONS`), stacked."""
     return np.stack([represent(im, lung, name) for im, lung in zip(data.images, data.lungs)])
 
 

@@ -41,6 +41,7 @@ IMPORTERS: dict[str, Callable[..., ImportResult]] = {}
 
 
 def importer(name: str):
+    """Register the decorated function as the ``--format name`` importer of ``cxrtune data import``."""
     def register(fn):
         IMPORTERS[name] = fn
         return fn
@@ -344,6 +345,7 @@ def run_import(fmt: str, src: str, out: str, data_dir: str | None = None, progre
 
 
 def report_uri(out: str) -> str:
+    """Where the exclusion report of the manifest ``out`` goes: beside it, ``NAME.excluded.csv``."""
     base = out.rsplit(".", 1)[0] if out.rsplit("/", 1)[-1].count(".") else out
     return base + ".excluded.csv"
 

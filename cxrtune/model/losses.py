@@ -55,12 +55,14 @@ CLS_LOSSES = {
 
 
 def segmentation_loss(name: str) -> nn.Module:
+    """The segmentation loss ``name`` (a key of :data:`SEG_LOSSES`, SMP's losses), on logits."""
     if name not in SEG_LOSSES:
         raise CxrtuneError(f"unknown segmentation loss {name!r}; choose one of {', '.join(SEG_LOSSES)}")
     return SEG_LOSSES[name]()
 
 
 def classification_loss(name: str) -> nn.Module:
+    """The classification loss ``name`` (a key of :data:`CLS_LOSSES`), on logits."""
     if name not in CLS_LOSSES:
         raise CxrtuneError(f"unknown classification loss {name!r}; choose one of {', '.join(CLS_LOSSES)}")
     return CLS_LOSSES[name]()

@@ -52,6 +52,7 @@ class SegmentationMeter:
 
 
 def classification_metrics(prob: np.ndarray, label: np.ndarray, threshold: float = 0.5) -> dict:
+    """F1, precision, recall (disease = 1) at ``threshold``, and ROC AUC where both classes occur."""
     from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
     prob, label = np.asarray(prob, float), np.asarray(label).astype(int)

@@ -129,12 +129,16 @@ class TrainConfig:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (the data loader's workers get theirs from torch)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def select_rows(df: pd.DataFrame, cfg: TrainConfig, split: str) -> pd.DataFrame:
+    """The rows a task trains or validates on in ``split``: never ``eval_only`` rows; the tuning
+    subset when ``cfg.tuning_subset``; for Stage I rows with a lung mask, for Stage II rows with a
+    diagnosis."""
     rows = manifest.without_eval_only(df[df["split"] == split])
     if cfg.tuning_subset and "tuning" in rows.columns:
         rows = rows[rows["tuning"]]
@@ -478,6 +482,9 @@ def latest_checkpoint(run_uri: str) -> str | None:
 
 
 def load_torch(uri: str):
+    """A torch file from local disk or S3 with ``weights_only=False``: resumable training state
+    (optimizer, EMA, generators) that cxrtune itself wrote. Never use it on a file from elsewhere
+    (issue 21 replaces it)."""
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
 
 

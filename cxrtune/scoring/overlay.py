@@ -60,5 +60,6 @@ def render_overlay(image: np.ndarray, lungs: zones.LungPair, opacity: np.ndarray
 
 
 def encode_overlay(image: np.ndarray, lungs: zones.LungPair, opacity: np.ndarray, record: dict) -> bytes:
+    """The overlay PNG of a record (:func:`render_overlay`): lungs, zones, opacity and the score."""
     ok, buf = cv2.imencode(".png", render_overlay(image, lungs, opacity, record))
     return buf.tobytes()

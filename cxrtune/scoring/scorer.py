@@ -81,6 +81,8 @@ def stage_name(meta: CheckpointMeta) -> str:
 
 
 def has_lungs(lung: np.ndarray) -> bool:
+    """Whether a cleaned Stage I mask holds lungs at all (at least ``MIN_LUNG_FRACTION`` of the
+    image); without them a record is ``unscored`` and Stage II is not run."""
     return bool(lung.mean() >= MIN_LUNG_FRACTION)
 
 

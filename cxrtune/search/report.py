@@ -115,6 +115,8 @@ def importance(table: pd.DataFrame, o: TuneOptions) -> dict:
 
 
 def correlation(table: pd.DataFrame, metric: str) -> dict:
+    """Pearson's r between ``metric`` and each parameter over the trials table (seed 004 Fig. 8):
+    numeric parameters directly, choices one level against the rest (``name=level``)."""
     out: dict = {}
     y_all = table[metric] if metric in table else None
     if y_all is None:
@@ -160,6 +162,8 @@ def pareto_front(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
 
 
 def write_report(exp_uri: str, out_dir: str) -> list[str]:
+    """``cxrtune report``: the trials table, importance and correlation (JSON and plots), the Pareto
+    front of a multi-objective sweep and the grading grid. Returns the files written in ``out_dir``."""
     plt = pyplot()
 
     table, o = trials_table(exp_uri)

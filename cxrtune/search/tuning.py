@@ -388,6 +388,8 @@ def optuna_storage(o: TuneOptions):
 
 
 def local_journal(o: TuneOptions) -> Path:
+    """The local Optuna journal of a sweep (``$CXRTUNE_OPTUNA_DIR``, else the user's cache): the
+    study is written here during the sweep and copied beside the experiment."""
     root = Path(os.environ.get("CXRTUNE_OPTUNA_DIR") or Path.home() / ".cache" / "cxrtune" / "optuna")
     root.mkdir(parents=True, exist_ok=True)
     return root / f"{o.name}-{int(o.created)}.journal"
@@ -654,6 +656,7 @@ def load_warm_start(uris: list[str]) -> list[dict]:
 
 
 def load_options(exp_uri: str) -> TuneOptions:
+    """The options a sweep was started with, from its ``cxrtune.json`` (what resume and report read)."""
     try:
         data = json.loads(storage.read_text(storage.join(exp_uri, EXPERIMENT_FILE)))
     except CxrtuneError:
@@ -677,6 +680,9 @@ def resume_tune(exp_uri: str) -> dict:
 
 
 def summarize(results, o: TuneOptions, space: SearchSpace, extra: dict | None = None) -> dict:
+    """The closing summary of a sweep (also ``summary.json``): trials, errors, early stops, trial-
+    and GPU-hours, and for one objective the best config and metric (a multi-objective sweep's
+    trade-offs are in ``cxrtune report``'s Pareto front)."""
     if removed := remove_orphaned_staging():
         log.info("removed %d local epoch folders of killed trials", removed)
     df = results.get_dataframe()
