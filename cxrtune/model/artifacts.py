@@ -92,7 +92,7 @@ def read_checkpoint_meta(checkpoint_uri: str) -> CheckpointMeta:
         raise CxrtuneError(f"{uri}: not valid JSON") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Calibration:
     """How a threshold was chosen: on what, against what, with what result."""
     threshold: float
