@@ -146,29 +146,9 @@ def _calibrate(args) -> None:
         split=args.split, cls_split=args.cls_split, reference=args.reference, specificity=args.specificity,
         reference_threshold=args.reference_threshold, limit=args.limit, what=tuple(w.strip() for w in args.what.split(",")))
     outcome = evaluation.calibrate_bundle(args.bundle, manifest.load_manifest(args.manifest), options, args.device)
-    for line, to_stderr in _calibration_lines(outcome, options.what):
+    for line, to_stderr in outcome.lines(options.what):
         print(line, file=sys.stderr if to_stderr else sys.stdout)
     print(f"stored in {args.bundle}")
-
-
-def _calibration_lines(outcome, what: tuple[str, ...]) -> list[tuple[str, bool]]:
-    """What ``cxrtune calibrate`` says: (line, to stderr) per threshold chosen or left as it was."""
-    c, o, z = outcome.result.cls, outcome.result.opacity, outcome.result.zone
-    lines = [(f"T_cls {c.threshold:.3f} ({c.method}): F1 {c.f1:.3f}, specificity {c.specificity:.3f}, "
-              f"sensitivity {c.sensitivity:.3f} on {c.n} labelled images", False) if c else
-             ("T_cls unchanged: no labelled normal and disease images in --cls-split", True),
-             (f"opacity threshold {o.threshold:.2f} ({o.method}): mean Dice {o.dice:.3f} on {o.n} images with opacity",
-              False) if o else
-             ("opacity threshold unchanged: no image in --cls-split has a non-empty opacity mask", True),
-             (f"zone threshold T {z.threshold:.2f} against {z.reference}: score MAE {z.mae:.3f}, RMSE {z.rmse:.3f} "
-              f"on {z.n} images", False) if z else ("", True)]
-    lines = [line for line, name in zip(lines, ("cls", "opacity", "zone")) if name in what and line[0]]
-    moved = {"cls": "T_cls", "opacity": "the opacity threshold"}
-    if outcome.stale_zone_threshold_after:  # T was chosen on records made with the old values
-        lines.append((f"warning: {' and '.join(moved[m] for m in outcome.stale_zone_threshold_after)} changed but "
-                      "T did not: T was calibrated with the old value(s); recalibrate it (--what zone, or the "
-                      "default cls,opacity,zone)", True))
-    return lines
 
 
 def _score(args) -> None:

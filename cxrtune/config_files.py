@@ -13,12 +13,12 @@ from . import storage
 from .errors import CxrtuneError
 
 
-def load_yaml(uri: str, expect: type | tuple[type, ...] | None = dict, empty=None):
+def load_yaml(uri: str, expect: type | None = dict):
     """The parsed content of the YAML file at ``uri`` (local or s3://).
 
     Args:
-        expect: the type(s) the top level must have (a mapping by default); None accepts any.
-        empty: what an empty file stands for (default: an empty instance of ``expect``).
+        expect: the type the top level must have (a mapping by default; an empty file is an empty
+            one); None accepts anything, an empty file as None.
 
     Raises:
         CxrtuneError: unreadable, not YAML, or not of the expected shape (naming ``uri``)."""
@@ -26,11 +26,12 @@ def load_yaml(uri: str, expect: type | tuple[type, ...] | None = dict, empty=Non
         data = yaml.safe_load(storage.read_text(uri))
     except yaml.YAMLError as exc:
         raise CxrtuneError(f"{uri}: not valid YAML ({exc})") from None
+    if expect is None:
+        return data
     if data is None:
-        data = empty if empty is not None or expect is None else (expect[0] if isinstance(expect, tuple) else expect)()
-    if expect is not None and not isinstance(data, expect):
-        names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
-        shape = {"dict": "a mapping of settings", "list": "a list"}.get(names, names)
+        data = expect()
+    if not isinstance(data, expect):
+        shape = {"dict": "a mapping of settings", "list": "a list"}.get(expect.__name__, expect.__name__)
         raise CxrtuneError(f"{uri}: expected {shape}, got {type(data).__name__}")
     return data
 

@@ -313,6 +313,31 @@ class BundleCalibration:
     result: CalibrationResult
     stale_zone_threshold_after: tuple[str, ...] = ()
 
+    def lines(self, what: tuple[str, ...]) -> list[tuple[str, bool]]:
+        """What ``cxrtune calibrate`` says: (line, to stderr) per threshold chosen, or left as it was
+        of those asked for (``what``), and a warning when T is stale."""
+        c, o, z = self.result.cls, self.result.opacity, self.result.zone
+        lines: list[tuple[str, bool]] = []
+        if c:
+            lines.append((f"T_cls {c.threshold:.3f} ({c.method}): F1 {c.f1:.3f}, specificity {c.specificity:.3f}, "
+                          f"sensitivity {c.sensitivity:.3f} on {c.n} labelled images", False))
+        elif "cls" in what:
+            lines.append(("T_cls unchanged: no labelled normal and disease images in --cls-split", True))
+        if o:
+            lines.append((f"opacity threshold {o.threshold:.2f} ({o.method}): mean Dice {o.dice:.3f} on {o.n} images "
+                          "with opacity", False))
+        elif "opacity" in what:
+            lines.append(("opacity threshold unchanged: no image in --cls-split has a non-empty opacity mask", True))
+        if z:
+            lines.append((f"zone threshold T {z.threshold:.2f} against {z.reference}: score MAE {z.mae:.3f}, "
+                          f"RMSE {z.rmse:.3f} on {z.n} images", False))
+        moved = {"cls": "T_cls", "opacity": "the opacity threshold"}
+        if self.stale_zone_threshold_after:  # T was chosen on records made with the old values
+            lines.append((f"warning: {' and '.join(moved[m] for m in self.stale_zone_threshold_after)} changed but "
+                          "T did not: T was calibrated with the old value(s); recalibrate it (--what zone, or the "
+                          "default cls,opacity,zone)", True))
+        return lines
+
 
 def calibrate_bundle(uri: str, df: pd.DataFrame, options: CalibrateOptions = CalibrateOptions(),
                      device: str | None = None) -> BundleCalibration:

@@ -4,6 +4,7 @@ that give 400/404/405/422/500 that shape too. The OpenAPI document is built from
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from typing import Any, Callable
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..scoring import record
+
+log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
 
 
 class ScoreRecord(record.ScoreRecord):
@@ -91,7 +94,7 @@ def error_response(status: int, detail: str, request_id: str, headers: dict | No
                         headers={**(headers or {}), "X-Request-Id": request_id})
 
 
-def install_error_handlers(app: FastAPI, refused: Callable[[int, str], None], log) -> None:
+def install_error_handlers(app: FastAPI, refused: Callable[[int, str], None]) -> None:
     """Errors raised outside the routes (400, 404, 405, validation, bugs) in the one error shape,
     each reported to ``refused(code, request_id)`` (the ingress counts and audits it)."""
 

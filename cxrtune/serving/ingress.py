@@ -353,7 +353,7 @@ class Ingress:
         app.get("/healthz", include_in_schema=False)(self.healthz)
         app.get("/readyz", include_in_schema=False)(self.readyz)
         app.get("/", response_class=HTMLResponse, include_in_schema=False)(self.viewer_page)
-        install_error_handlers(app, self._refused, log)
+        install_error_handlers(app, self._refused)
         return app
 
     def _refused(self, code: int, request_id: str) -> None:
