@@ -14,7 +14,7 @@ PACKAGE = ROOT / "cxrtune"
 
 # Third-party modules a function may import locally, and why: each is heavy to import (or
 # optional), and only some code paths need it. (The CLI imports the library at its top, so a
-# command still loads torch and ray.tune: --help takes ~5 s; see docs/architecture.md.)
+# command still loads torch and ray.tune: --help takes ~7 s; docs/BENCHMARKS.md.)
 LOCAL_THIRD_PARTY = {
     "ray": "Ray's submodules (schedulers, the Serve SDK, the dashboard client, ray.init): loaded by the "
            "functions that use them; the bottom layer's cluster.py must not load Ray on import",
