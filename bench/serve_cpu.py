@@ -110,7 +110,8 @@ def int8_parity(src: Path, out: Path, calibration: list[str], evaluation: list[s
     a, b = fp32.score_scans(scans), int8.score_scans(scans)
 
     images, lungs = [s.image for s in scans], [d.lung for _, d in a]
-    raw_a, raw_b = fp32.opacity_masks(images, lungs, 0), int8.opacity_masks(images, lungs, 0)
+    raw_a = fp32.with_thresholds(cls=0.0).opacity_masks(images, lungs)
+    raw_b = int8.with_thresholds(cls=0.0).opacity_masks(images, lungs)
     scored = [(ra["score"], rb["score"]) for (ra, _), (rb, _) in zip(a, b) if ra["score"] is not None and rb["score"] is not None]
     return {"bundle": str(src), "calibration_images": used["calibration_images"], "images": len(scans),
             "lung_dice_mean": round(float(np.mean([agreement_dice(da.lung, db.lung) for (_, da), (_, db) in zip(a, b)])), 4),
@@ -252,7 +253,7 @@ def main() -> None:
 
             args.full_size = get_testdata_file("RG1_UNCR.dcm")
         moved["full_size"] = payload_bytes(bundle, Path(args.full_size).read_bytes())
-    except Exception as exc:  # a measure that cannot be taken must not cost the run
+    except Exception as exc:  # noqa: BLE001 - a measure that cannot be taken must not cost the run
         moved["full_size"] = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps({"library_onnx": lib_onnx, "bytes_per_request": moved}), file=sys.stderr, flush=True)
     parity = None

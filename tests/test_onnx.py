@@ -53,8 +53,8 @@ def test_torch_and_onnx_give_the_same_records_and_masks(exported, phantom_dir):
     # unrefined opacity masks too (the classifier gate can flip a whole mask when p is near T_cls)
     images = [s.image for s in scans]
     lungs = [d.lung for _, d in by_torch]
-    raw_t = load_bundle(str(exported), device="cpu", runtime="torch").opacity_masks(images, lungs, cls_threshold=0)
-    raw_o = load_bundle(str(exported), device="cpu", runtime="onnx").opacity_masks(images, lungs, cls_threshold=0)
+    raw_t = load_bundle(str(exported), device="cpu", runtime="torch").with_thresholds(cls=0.0).opacity_masks(images, lungs)
+    raw_o = load_bundle(str(exported), device="cpu", runtime="onnx").with_thresholds(cls=0.0).opacity_masks(images, lungs)
     for (m_t, p_t), (m_o, p_o) in zip(raw_t, raw_o):
         assert agreement_dice(m_t, m_o) >= 0.999 and abs(p_t - p_o) < 1e-3
     # the parity means something only if the trained models find lungs and opacity
@@ -122,7 +122,8 @@ def test_int8_export_is_opt_in_and_close_to_fp32(int8_exported, phantom_dir):
     by_fp32, by_int8 = fp32.score_scans(scans), int8.score_scans(scans)
     lung = [agreement_dice(a.lung, b.lung) for (_, a), (_, b) in zip(by_fp32, by_int8)]
     images, lungs = [s.image for s in scans], [d.lung for _, d in by_fp32]
-    raw = list(zip(fp32.opacity_masks(images, lungs, 0), int8.opacity_masks(images, lungs, 0)))
+    raw = list(zip(fp32.with_thresholds(cls=0.0).opacity_masks(images, lungs),
+                   int8.with_thresholds(cls=0.0).opacity_masks(images, lungs)))
     opacity = [agreement_dice(a, b) for (a, _), (b, _) in raw if a.any() or b.any()]
     assert min(lung) >= 0.97, lung
     assert len(opacity) >= 2 and np.mean(opacity) >= 0.9, opacity

@@ -213,10 +213,27 @@ def test_score_agreement_known_values():
     assert noisy["kappa_quadratic"] == pytest.approx(
         cohen_kappa_score(ref, pred, labels=list(range(7)), weights="quadratic"))
     assert noisy["spearman"] == pytest.approx(spearmanr(pred, ref)[0])
+    assert noisy["pearson"] == pytest.approx(np.corrcoef(pred, ref)[0, 1])
+    assert noisy["kappa_linear"] == pytest.approx(cohen_kappa_score(ref, pred, labels=list(range(7)), weights="linear"))
     for stat in ("mae", "rmse", "kappa_quadratic", "spearman"):
         lo, hi = noisy[f"{stat}_ci"]
         assert lo < noisy[stat] < hi, stat
     assert agreement.score_agreement(pred, ref, n_boot=1000, seed=1) == noisy  # seeded
+    # the intervals are the 2.5/97.5 % percentiles of the statistic over resamples of the images
+    idx = np.random.default_rng(1).integers(0, 80, size=(1000, 80))
+    expected_mae = np.percentile(np.abs(pred[idx] - ref[idx]).mean(axis=1), [2.5, 97.5])
+    assert noisy["mae_ci"] == pytest.approx(expected_mae)
+    point = agreement.score_agreement(pred, ref, n_boot=0)
+    assert not any(k.endswith("_ci") for k in point)
+    assert {k: v for k, v in noisy.items() if not k.endswith("_ci")} == point
+
+
+def test_score_agreement_interval_skips_undefined_resamples():
+    """Kappa is undefined on a resample where both raters use one category; the interval comes
+    from the other resamples instead of turning NaN."""
+    pred, ref = np.array([0] * 9 + [6]), np.array([0] * 9 + [6])
+    out = agreement.score_agreement(pred, ref, n_boot=500, seed=0)
+    assert out["kappa_quadratic"] == 1.0 and out["kappa_quadratic_ci"] == [1.0, 1.0]
 
 
 def test_zone_agreement_confusion():

@@ -65,26 +65,6 @@ def classification_metrics(prob: np.ndarray, label: np.ndarray, threshold: float
     return out
 
 
-def score_metrics(pred: np.ndarray, ref: np.ndarray) -> dict:
-    """MAE, RMSE, Pearson rho and Cohen's kappa (linear, quadratic) for 0-6 scores."""
-    from sklearn.metrics import cohen_kappa_score
-
-    pred, ref = np.asarray(pred, float), np.asarray(ref, float)
-    err = pred - ref
-    both_vary = pred.std() > 0 and ref.std() > 0
-    labels = list(range(7))
-    agree = len(set(pred.round().astype(int)) | set(ref.astype(int))) > 1
-    return {
-        "mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
-        "pearson": float(np.corrcoef(pred, ref)[0, 1]) if both_vary else float("nan"),
-        "kappa_linear": float(cohen_kappa_score(ref.astype(int), pred.round().astype(int), labels=labels,
-                                                weights="linear")) if agree else float("nan"),
-        "kappa_quadratic": float(cohen_kappa_score(ref.astype(int), pred.round().astype(int), labels=labels,
-                                                   weights="quadratic")) if agree else float("nan"),
-        "n": int(len(ref)),
-    }
-
-
 def multiclass_metrics(label: np.ndarray, prob: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, per-class sensitivity and PPV (seed 001), weighted precision/recall/F1 (seed 000)
     and the confusion matrix (rows: reference) of N x C probabilities."""

@@ -88,19 +88,34 @@ def _binary_zones(zones: np.ndarray, what: str) -> np.ndarray:
     return zones > 0
 
 
-def _ci(samples: np.ndarray) -> list[float]:
-    samples = np.asarray(samples, float)
-    samples = samples[np.isfinite(samples)]
-    if not len(samples):
-        return [float("nan"), float("nan")]
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return [float(lo), float(hi)]
+def _bootstrap(samples: Sequence[np.ndarray], statistic, n_boot: int, seed: int) -> list[list[float]]:
+    """95 % percentile intervals of a vectorised, paired ``statistic`` (one row per output) over
+    images, by :func:`scipy.stats.bootstrap`.
+
+    Statistics such as kappa are undefined (NaN) on some resamples (one rater constant). scipy's
+    interval is NaN as soon as one resample is, so the percentiles are taken over the finite
+    resamples of its ``bootstrap_distribution``, as a reader of the interval would expect."""
+    from scipy.stats import bootstrap
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant resamples: NaN is the answer, not a warning
+        distribution = np.atleast_2d(bootstrap(
+            tuple(samples), statistic, paired=True, vectorized=True, n_resamples=int(n_boot),
+            method="percentile", random_state=np.random.default_rng(seed)).bootstrap_distribution)
+    intervals = []
+    for row in distribution:
+        finite = row[np.isfinite(row)]
+        intervals.append([float(v) for v in np.percentile(finite, [2.5, 97.5])] if len(finite)
+                         else [float("nan")] * 2)
+    return intervals
 
 
 def _quadratic_kappa(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Quadratic weighted kappa over 0..6 for each row of B x n arrays (same as scikit-learn's
-    ``cohen_kappa_score(ref, pred, labels=range(7), weights="quadratic")``), vectorised for the
-    bootstrap. NaN where it is undefined (both raters use one and the same category)."""
+    """Quadratic weighted kappa over 0..6 along the last axis (same as scikit-learn's
+    ``cohen_kappa_score(ref, pred, labels=range(7), weights="quadratic")`` on each row), vectorised
+    because scikit-learn's is not and the bootstrap calls it on thousands of resamples.
+    NaN where it is undefined (both raters use one and the same category)."""
+    pred, ref = np.atleast_2d(pred), np.atleast_2d(ref)
     b, n = ref.shape
     k = len(SCORE_LABELS)
     flat = (np.arange(b)[:, None] * k * k + ref * k + pred).ravel()
@@ -113,15 +128,16 @@ def _quadratic_kappa(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
         return np.where(den > 0, 1 - num / den, np.nan)
 
 
-def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rho along the last axis; NaN where one side is constant."""
     from scipy.stats import rankdata
 
-    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
-    den = np.sqrt((ra ** 2).sum(axis=1) * (rb ** 2).sum(axis=1))
+    ra, rb = rankdata(np.atleast_2d(a), axis=-1), rankdata(np.atleast_2d(b), axis=-1)
+    ra -= ra.mean(axis=-1, keepdims=True)
+    rb -= rb.mean(axis=-1, keepdims=True)
+    den = np.sqrt((ra ** 2).sum(axis=-1) * (rb ** 2).sum(axis=-1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, (ra * rb).sum(axis=1) / den, np.nan)
+        return np.where(den > 0, (ra * rb).sum(axis=-1) / den, np.nan)
 
 
 def _as_scores(scores: np.ndarray, what: str) -> np.ndarray:
@@ -131,36 +147,55 @@ def _as_scores(scores: np.ndarray, what: str) -> np.ndarray:
     return np.clip(np.round(scores), 0, 6).astype(int)
 
 
-def score_agreement(pred_scores: np.ndarray, ref_scores: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
-    """MAE, RMSE, quadratic weighted kappa (0..6) and Spearman rho between two 0-6 scores, each
-    with a 95 % percentile bootstrap interval over images (``<stat>_ci``), and ``n``.
+SCORE_STATISTICS = ("mae", "rmse", "pearson", "spearman", "kappa_linear", "kappa_quadratic")
+BOOTSTRAPPED_STATISTICS = ("mae", "rmse", "kappa_quadratic", "spearman")
 
-    Statistics that are undefined (kappa or rho with a constant rater) are NaN; pass the result
-    through :func:`cxrtune.jsonsafe.json_safe` before writing JSON.
+
+def _bootstrapped_statistics(pred: np.ndarray, ref: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The rows of :data:`BOOTSTRAPPED_STATISTICS` for resamples along the last axis."""
+    err = (pred - ref).astype(float)
+    return np.stack([np.abs(err).mean(axis=axis), np.sqrt((err ** 2).mean(axis=axis)),
+                     _quadratic_kappa(pred, ref).reshape(err.shape[:-1]),
+                     _spearman(pred, ref).reshape(err.shape[:-1])])
+
+
+def score_agreement(pred_scores: np.ndarray, ref_scores: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
+    """How two 0-6 scores agree: the one function for it (evaluate's ``score`` block and every
+    reader comparison).
+
+    Args:
+        pred_scores, ref_scores: one score per image; rounded and clipped to 0..6.
+        n_boot: bootstrap resamples over images for the 95 % percentile intervals of MAE, RMSE,
+            quadratic kappa and Spearman rho (``<stat>_ci``); 0 gives the point values only.
+        seed: seed of the resampling.
+
+    Returns:
+        ``n`` and :data:`SCORE_STATISTICS` (MAE, RMSE, Pearson and Spearman rho, linear and
+        quadratic weighted kappa over 0..6). Undefined statistics (a constant rater) are NaN: pass
+        the result through :func:`cxrtune.jsonsafe.json_safe` before writing JSON.
     """
-    from scipy.stats import spearmanr
     from sklearn.metrics import cohen_kappa_score
 
     pred, ref = _as_scores(pred_scores, "pred_scores"), _as_scores(ref_scores, "ref_scores")
     if len(pred) != len(ref):
         raise ValueError(f"{len(pred)} predicted scores for {len(ref)} reference scores")
     n = len(ref)
+    cis = {f"{k}_ci": [float("nan")] * 2 for k in BOOTSTRAPPED_STATISTICS} if n_boot else {}
     if n == 0:
-        return {"n": 0, **{k: float("nan") for k in ("mae", "rmse", "kappa_quadratic", "spearman")},
-                **{f"{k}_ci": [float("nan")] * 2 for k in ("mae", "rmse", "kappa_quadratic", "spearman")}}
+        return {"n": 0, **{k: float("nan") for k in SCORE_STATISTICS}, **cis}
     err = (pred - ref).astype(float)
+    both_vary = pred.std() > 0 and ref.std() > 0
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # constant input: NaN is the answer, not a warning
-        kappa = float(cohen_kappa_score(ref, pred, labels=list(SCORE_LABELS), weights="quadratic"))
-        rho = float(spearmanr(pred, ref)[0]) if pred.std() > 0 and ref.std() > 0 else float("nan")
+        warnings.simplefilter("ignore")  # one category only: NaN is the answer, not a warning
+        kappa = {w: float(cohen_kappa_score(ref, pred, labels=list(SCORE_LABELS), weights=w))
+                 for w in ("linear", "quadratic")}
     out: dict = {"n": int(n), "mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
-           "kappa_quadratic": kappa, "spearman": rho}
-    idx = np.random.default_rng(seed).integers(0, n, size=(int(n_boot), n))
-    bp, br = pred[idx], ref[idx]
-    be = (bp - br).astype(float)
-    boot = {"mae": np.abs(be).mean(axis=1), "rmse": np.sqrt((be ** 2).mean(axis=1)),
-            "kappa_quadratic": _quadratic_kappa(bp, br), "spearman": _spearman_rows(bp, br)}
-    out.update({f"{k}_ci": _ci(v) for k, v in boot.items()})
+                 "pearson": float(np.corrcoef(pred, ref)[0, 1]) if both_vary else float("nan"),
+                 "spearman": float(_spearman(pred, ref)[0]),
+                 "kappa_linear": kappa["linear"], "kappa_quadratic": kappa["quadratic"]}
+    if n_boot:
+        intervals = _bootstrap((pred, ref), _bootstrapped_statistics, n_boot, seed)
+        out.update({f"{k}_ci": ci for k, ci in zip(BOOTSTRAPPED_STATISTICS, intervals)})
     return out
 
 
@@ -175,15 +210,18 @@ def zone_agreement(pred_zones: np.ndarray, ref_zones: np.ndarray, n_boot: int = 
     same = (pred == ref).astype(float)
     if n == 0:
         return {"n": 0, "zones": {}, "overall": {"agreement": float("nan"), "ci": [float("nan")] * 2}}
-    boot = same[np.random.default_rng(seed).integers(0, n, size=(int(n_boot), n))]  # B x n x 6
+
+    def shares(*zone_columns: np.ndarray, axis: int = -1) -> np.ndarray:  # per zone, then overall
+        per_zone = np.stack([c.mean(axis=axis) for c in zone_columns])
+        return np.concatenate([per_zone, per_zone.mean(axis=0, keepdims=True)])
+
+    intervals = _bootstrap(tuple(same.T), shares, n_boot, seed)
     per_zone = {}
     for i, z in enumerate(ZONE_LETTERS):
         cm = np.zeros((2, 2), int)
         np.add.at(cm, (ref[:, i].astype(int), pred[:, i].astype(int)), 1)
-        per_zone[z] = {"agreement": float(same[:, i].mean()), "ci": _ci(boot[:, :, i].mean(axis=1)),
-                       "confusion": cm.tolist()}
-    return {"n": int(n), "zones": per_zone,
-            "overall": {"agreement": float(same.mean()), "ci": _ci(boot.mean(axis=(1, 2)))}}
+        per_zone[z] = {"agreement": float(same[:, i].mean()), "ci": intervals[i], "confusion": cm.tolist()}
+    return {"n": int(n), "zones": per_zone, "overall": {"agreement": float(same.mean()), "ci": intervals[6]}}
 
 
 def best_constant(ref_scores: np.ndarray) -> dict:

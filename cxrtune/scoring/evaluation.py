@@ -18,7 +18,7 @@ from ..data import manifest
 from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
 from ..model.artifacts import Calibration, now, read_bundle_meta, update_bundle
-from ..model.metrics import SegmentationMeter, classification_metrics, score_metrics
+from ..model.metrics import SegmentationMeter, classification_metrics
 from ..plots import pyplot, save_figure
 from ..preprocessing import load_scan
 from ..zones import DEFAULT_ZONE_THRESHOLD
@@ -62,12 +62,12 @@ def readable_scans(rows: pd.DataFrame, cache):
             log.warning("manifest row %d not scored: %s", i, exc)
 
 
-def score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool, cls_threshold: float | None = None):
+def score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool):
     """(row, image, record, detail) per readable row, through the scoring policy, in batches of
     the scorer's size."""
     for pending in batched_scans(rows, cache, scorer.batch_size, "score", progress):
         scans = [scan for _, scan in pending]
-        results = scorer.score_images([s.image for s in scans], scans=scans, cls_threshold=cls_threshold)
+        results = scorer.score_images([s.image for s in scans], scans=scans)
         for (row, scan), (record, detail) in zip(pending, results):
             yield row, scan.image, record, detail
 
@@ -223,8 +223,8 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
       else masks. Never the test split. Refinement uses the new T_cls and opacity threshold.
 
     The ``cls_split`` rows go through both stages once for the first two; the ``split`` rows are
-    scored once, unrefined, for T (T_cls is applied to the stored probabilities). The scorer's
-    scorer is left as it was."""
+    scored once, unrefined, for T (T_cls is applied to the stored probabilities). The scorer
+    passed in is left as it was."""
     split, cls_split, reference, what = options.split, options.cls_split, options.reference, options.what
     limit, progress, reference_threshold = options.limit, options.progress, options.reference_threshold
 
@@ -285,7 +285,8 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
         out["opacity_curve"] = choice["curve"]
     if "zone" in what:
         fracs, refs, kinds = [], [], set()
-        for row, _, record, _ in score_rows(scorer, zone_rows, cache, progress, cls_threshold=0.0):
+        every_mask = scorer.with_thresholds(cls=0.0)  # T_cls is chosen apart from T
+        for row, _, record, _ in score_rows(every_mask, zone_rows, cache, progress):
             zone_ref = reference_zones(row, reference_threshold, cache, reference=reference)
             f = zone_fractions(record)
             if zone_ref is None or f is None:
@@ -448,7 +449,7 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str,
     zone_accuracy = None
     if ref_zones:
         p, r = np.array(pred_zones), np.array(ref_zones)
-        score = score_metrics(p.sum(axis=1), r.sum(axis=1))  # the scored records
+        score = agreement.score_agreement(p.sum(axis=1), r.sum(axis=1), n_boot=0)  # the scored records
         zone_accuracy = {z: {"accuracy": float((p[:, i] == r[:, i]).mean())} for i, z in enumerate(zones.ZONE_LETTERS)}
         _plots(p, r, out_dir)
     if errors:  # every record with a reference; partial/unscored as the worst error (score_error)

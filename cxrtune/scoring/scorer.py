@@ -51,7 +51,7 @@ from ..preprocessing import (
     to_uint8,
 )
 from ..zones import DEFAULT_ZONE_THRESHOLD
-from .onnx_runtime import RUNTIMES, load_onnx_stage, onnxruntime_available
+from .onnx_runtime import ONNX_RUNTIMES, RUNTIMES, load_onnx_stage, onnxruntime_available
 from .record import ScoreRecord
 
 MIN_LUNG_FRACTION = 0.005  # cleaned lungs under this share of the image: no lungs found
@@ -193,7 +193,7 @@ def _load_stage(uri: str, stage: str, meta: BundleMeta, device: torch.device, ru
     stands in for it; the torch network is then never built."""
     m = meta.stage(stage)
     pre = Preprocessing.from_dict(m.preprocessing)
-    if runtime in ("onnx", "onnx-int8"):
+    if runtime in ONNX_RUNTIMES:
 
         return StageModel(load_onnx_stage(uri, stage, meta.onnx, int8=runtime == "onnx-int8"), pre, m.config, m.metrics)
     cfg = dict(m.config["model"])
@@ -293,18 +293,16 @@ class Scorer:
         outs = self.forward("disease", [x for x, _ in prepared])
         return [(opacity_probability(prob, box, im.shape), p) for im, (_, box), (prob, p) in zip(images, prepared, outs)]
 
-    def opacity_masks(self, images: list[np.ndarray], lungs: list[np.ndarray],
-                      cls_threshold: float | None = None) -> list[tuple[np.ndarray, float]]:
+    def opacity_masks(self, images: list[np.ndarray], lungs: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         """Stage II refined by the classifier (:func:`refine`): ``(mask, p)`` per image, the mask
-        in image coordinates. ``cls_threshold=0`` keeps every mask (calibration chooses T_cls
-        afterwards)."""
-        t_cls = self.thresholds.cls if cls_threshold is None else cls_threshold
-        return [(refine(prob, p, t_cls, self.thresholds.opacity), float(p))
+        in image coordinates. A scorer ``with_thresholds(cls=0.0)`` keeps every mask (calibration
+        chooses T_cls afterwards)."""
+        return [(refine(prob, p, self.thresholds.cls, self.thresholds.opacity), float(p))
                 for prob, p in self.opacity_maps(images, lungs)]
 
     # ---------------------------------------------------------------------------------- policy
     def score_images(self, images: list[np.ndarray], lungs: list[np.ndarray] | None = None,
-                     scans: list[Scan] | None = None, cls_threshold: float | None = None) -> list[tuple[dict, Detail]]:
+                     scans: list[Scan] | None = None) -> list[tuple[dict, Detail]]:
         """Records (and the masks behind them) for working images (float32 in [0, 1]).
         ``lungs`` skips Stage I with masks already made by :meth:`lung_masks`."""
         if not images:
@@ -313,8 +311,7 @@ class Scorer:
         lungs = self.lung_masks(images) if lungs is None else lungs
         t1 = time.perf_counter()
         found = [i for i, lung in enumerate(lungs) if has_lungs(lung)]
-        stage2 = dict(zip(found, self.opacity_masks([images[i] for i in found], [lungs[i] for i in found],
-                                                    cls_threshold))) if found else {}
+        stage2 = dict(zip(found, self.opacity_masks([images[i] for i in found], [lungs[i] for i in found]))) if found else {}
         t2 = time.perf_counter()
         n = len(images)
         results = []
@@ -358,7 +355,7 @@ def choose_runtime(runtime: str, device: torch.device, meta: BundleMeta) -> str:
         raise CxrtuneError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "auto":
         return "onnx" if device.type == "cpu" and meta.onnx and onnxruntime_available() else "torch"
-    if runtime in ("onnx", "onnx-int8"):
+    if runtime in ONNX_RUNTIMES:
         if device.type != "cpu":
             raise CxrtuneError(f"runtime {runtime} runs on the CPU; use torch on a GPU")
         if not meta.onnx:
