@@ -13,17 +13,15 @@ import os
 import sys
 import time
 
-import yaml
-
 from . import jsonsafe, resources, storage
 from .audit import gates as release_gates
 from .audit import grade_cv
 from .audit import hide_and_seek as hide_and_seek_audit
 from .data import importers, manifest, phantom, splits
 from .errors import CxrtuneError
-from .model import artifacts, classify, grading
+from .model import artifacts, classify
 from .model import train as training
-from .scoring import batch_scoring, evaluation, onnx_export
+from .scoring import batch_scoring, evaluation, onnx_export, onnx_runtime
 from .scoring import scorer as scorers
 from .search import report as reports
 from .search import tuning
@@ -69,32 +67,8 @@ def _data_validate(args) -> None:
     print(f"{args.manifest}: {len(df)} rows, valid")
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    """``key=value`` pairs (``model.arch=Unet`` for nested keys), values parsed as YAML."""
-    out: dict = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise CxrtuneError(f"--set {pair!r}: expected key=value")
-        key, value = pair.split("=", 1)
-        target = out
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            target = target.setdefault(p, {})
-        target[leaf] = yaml.safe_load(value)
-    return out
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out.get(k, {}) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
 def _train(args) -> None:
-    cfg = training.TrainConfig.from_yaml(resources.shipped_or(args.config, "configs"))
-    if args.set:
-        cfg = training.TrainConfig.from_dict(_merge(cfg.to_dict(), _parse_overrides(args.set)))
+    cfg = training.TrainConfig.from_yaml(resources.shipped_or(args.config, "configs")).with_overrides(args.set or [])
     df = manifest.load_manifest(args.manifest or phantom.embedded_manifest())
     summary = training.train(cfg, df, args.out, resume=args.resume, progress=not args.quiet)
     best = summary["best"] or {}
@@ -207,11 +181,10 @@ def _report(args) -> None:
 
 
 def _promote(args) -> None:
-    results = release_gates.run_gates([release_gates.parse_gate(g) for g in args.gate or []])  # before anything is written
-    release_gates.enforce(results)
-    run = reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs)
+    run, results = release_gates.promote_gated(
+        [release_gates.parse_gate(g) for g in args.gate or []],
+        lambda: reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs))
     if results:
-        release_gates.record_gates(storage.join(run, "best"), results)
         print(f"release gates passed: {', '.join(results)}")
     print(f"promoted to {run}")
 
@@ -315,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.set_defaults(func=_bundle_migrate)
     ex = bsub.add_parser("export", help="add an export of both networks: onnx (the CPU fast path) or "
                                         "onnx-int8 (int8, faster, opt-in; needs --calibration)")
-    ex.add_argument("format", choices=["onnx", "onnx-int8"])
+    ex.add_argument("format", choices=onnx_runtime.ONNX_RUNTIMES)
     ex.add_argument("uri", help="bundle URI")
     ex.set_defaults(func=_bundle_export)
     for parser in (ex, bd):
@@ -360,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--resume", action="store_true", help="skip images already in --out")
     sc.add_argument("--overlays", help="folder for overlay PNGs")
     sc.add_argument("--batch-size", type=int, default=8)
-    sc.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"],
+    sc.add_argument("--runtime", default="auto", choices=onnx_runtime.RUNTIMES,
                     help="auto: ONNX Runtime on a CPU when the bundle has an ONNX export, else torch; "
                          "onnx-int8: the bundle's int8 export")
     sc.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -496,11 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _grade_cv(args) -> None:
-    if args.config and not args.manifest:
-        raise CxrtuneError("--config needs --manifest")
-    recipes = ([grading.GradeConfig.from_yaml(c) for c in args.config] if args.config
-               else reports.top_grade_recipes(args.experiment, args.top))
-    df = manifest.load_manifest(args.manifest or tuning.load_options(args.experiment).manifest)
+    recipes, df = reports.grade_cv_inputs(args.experiment, args.top, args.config or (), args.manifest)
     report = grade_cv.write_grade_cv(recipes, df, args.out, folds=args.folds, seed=args.seed,
                                      by=tuple(c for c in args.by.split(",") if c), heatmap_images=args.heatmaps,
                                      log_progress=lambda line: print(line, file=sys.stderr))
@@ -512,12 +481,7 @@ def _audit_hide_and_seek(args) -> None:
         classify.ClassifyConfig.from_yaml(args.config), manifest.load_manifest(args.manifest), args.out,
         tuple(args.representations.split(",")), hide_and_seek_audit.Verdict(args.max_retained, args.min_margin),
         heatmap_images=args.heatmaps)
-    print(f"{'representation':<16} {'accuracy':>8} {'HCS':>6}  sensitivity / PPV per class")
-    for name, r in result["representations"].items():
-        per = ", ".join(f"{c} {r['sensitivity'][c]:.2f}/{r['ppv'][c]:.2f}" for c in result["classes"])
-        print(f"{name:<16} {r['accuracy']:>8.3f} {r.get('hcs', float('nan')):>6.2f}  {per}")
-    v = result["verdict"]
-    print(("FLAGGED: " if v["flagged"] else "passed: ") + v["reason"])
+    print("\n".join(hide_and_seek_audit.summary_lines(result)))
     print(f"report: {storage.join(args.out, 'hide_and_seek.json')}")
 
 

@@ -6,6 +6,7 @@ their own versioned, migrating readers in :mod:`cxrtune.model.artifacts`."""
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Sequence
 
 import yaml
 
@@ -48,3 +49,32 @@ def known_settings(cls, data, what: str) -> dict:
     if unknown:
         raise CxrtuneError(f"unknown {what} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return dict(data)
+
+
+def with_overrides(settings: dict, pairs: Sequence[str]) -> dict:
+    """``settings`` with command-line ``key=value`` pairs applied (``model.arch=Unet`` for a nested
+    key), each value parsed as YAML (``lr=3.0e-4``, ``flip=true``). Returns a new mapping.
+
+    Raises:
+        CxrtuneError: a pair without ``=`` or a value that is not YAML, naming the pair."""
+    out = dict(settings)
+    for pair in pairs:
+        if "=" not in pair:
+            raise CxrtuneError(f"--set {pair!r}: expected key=value")
+        key, text = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise CxrtuneError(f"--set {pair!r}: the value is not valid YAML ({exc})") from None
+        *parents, leaf = key.strip().split(".")
+        out = _set_nested(out, parents, leaf, value)
+    return out
+
+
+def _set_nested(settings: dict, parents: list[str], leaf: str, value) -> dict:
+    if not parents:
+        return {**settings, leaf: value}
+    inner = settings.get(parents[0]) or {}
+    if not isinstance(inner, dict):
+        raise CxrtuneError(f"--set {'.'.join([*parents, leaf])}: {parents[0]} is not a mapping of settings")
+    return {**settings, parents[0]: _set_nested(inner, parents[1:], leaf, value)}

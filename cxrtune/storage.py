@@ -158,7 +158,7 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None,
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
+        except Exception as exc:  # classified below
             if not _transient(exc) or attempt == attempts:
                 raise
             delay = base_delay * 2 ** (attempt - 1)
@@ -197,7 +197,7 @@ def read_bytes(uri: str) -> bytes:
             return with_retries(fetch, uri)
         except CxrtuneError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _wrap_s3_error(exc, uri, "read") from exc
     try:
         return Path(uri).read_bytes()
@@ -254,7 +254,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         bucket, key = split_s3(uri)
         try:  # a PUT is atomic on S3: the object appears whole or not at all
             s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _wrap_s3_error(exc, uri, "write") from exc
         return
     try:
@@ -269,7 +269,7 @@ def delete(uri: str) -> None:
         bucket, key = split_s3(uri)
         try:
             s3_client().delete_object(Bucket=bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if not _is_not_found(exc):
                 raise _wrap_s3_error(exc, uri, "delete") from exc
         return
@@ -290,7 +290,7 @@ def exists(uri: str) -> bool:
         try:
             s3_client().head_object(Bucket=bucket, Key=key)
             return True
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if _is_not_found(exc):
                 return False
             raise _wrap_s3_error(exc, uri, "look up") from exc
@@ -306,7 +306,7 @@ def list_keys(prefix_uri: str) -> Iterator[str]:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
                     yield f"s3://{bucket}/{obj['Key']}"
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _wrap_s3_error(exc, prefix_uri, "list") from exc
         return
     root = Path(prefix_uri)
@@ -343,7 +343,7 @@ def ensure_bucket(uri: str) -> None:
     client = s3_client()
     try:
         client.head_bucket(Bucket=bucket)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if not _is_not_found(exc):
             raise _wrap_s3_error(exc, uri, "open the bucket") from exc
         client.create_bucket(Bucket=bucket)

@@ -13,17 +13,23 @@ import pandas as pd
 import pytest
 
 from cxrtune import images
-from cxrtune.audit.gates import GateFailed, make_gated_bundle, parse_gate, record_gates
+from cxrtune.audit.gates import GateFailed, make_gated_bundle, parse_gate, promote_gated, record_gates
+from cxrtune.audit.grade_cv import write_cv_report
+from cxrtune.config_files import with_overrides
 from cxrtune.errors import CxrtuneError
 from cxrtune.model.artifacts import (
     Calibration,
     CheckpointMeta,
+    RunSummary,
     make_bundle,
     read_bundle_meta,
     read_checkpoint_meta,
+    read_run_summary,
     update_bundle,
     write_checkpoint_meta,
+    write_run_summary,
 )
+from cxrtune.model.grading import CV_SUMMARY, GradeConfig
 from cxrtune.scoring.evaluation import (
     CalibrateOptions,
     CalibrationResult,
@@ -31,7 +37,9 @@ from cxrtune.scoring.evaluation import (
     evaluation_mode,
     manifest_id,
 )
+from cxrtune.scoring.onnx_export import calibration_sample
 from cxrtune.scoring.scorer import score_mask_files
+from cxrtune.search.tuning import load_options
 from tests.conftest import ROOT
 
 
@@ -129,3 +137,108 @@ def test_cli_handlers_stay_thin():
                         "lint.mccabe.max-complexity = 5", str(ROOT / "cxrtune" / "cli.py")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_promotion_behind_gates_runs_them_first_and_records_them(runs, tmp_path):
+    promoted = []
+
+    def promote() -> str:  # what search.report.promote does: a run folder with best/
+        promoted.append(True)
+        return runs[0]
+
+    with pytest.raises(GateFailed, match="planted"):
+        promote_gated([parse_gate(f"hide-and-seek={hide_and_seek_report(tmp_path / 'bad.json', True)}")], promote)
+    assert not promoted  # refused before anything was written
+    gate = parse_gate(f"hide-and-seek={hide_and_seek_report(tmp_path / 'ok.json', False)}")
+    run, results = promote_gated([gate], promote)
+    assert run == runs[0] and results[gate.rule]["passed"]
+    assert read_checkpoint_meta(f"{run}/best").audits["gates"] == results
+    assert promote_gated([], promote) == (runs[0], {})
+
+
+def test_run_summary_keeps_each_kind_of_run_json(tmp_path):
+    trained = RunSummary(config={"task": "lung"}, best={"epoch": 2, "value": 0.5}, epochs=3, history=[], versions={})
+    write_run_summary(str(tmp_path / "a"), trained)
+    assert set(json.loads((tmp_path / "a" / "run.json").read_text())) == {
+        "config", "best", "epochs", "history", "versions", "format"}
+    promoted = RunSummary(config={"task": "lung"}, promoted_from="s3://b/exp", trial="t1", metrics={"val_dice": 0.9})
+    write_run_summary(str(tmp_path / "b"), promoted)
+    assert read_run_summary(str(tmp_path / "b")) == promoted
+    assert set(json.loads((tmp_path / "b" / "run.json").read_text())) == {
+        "config", "promoted_from", "trial", "metrics", "format"}
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "run.json").write_text(json.dumps({"format": "cxrtune-run/9", "config": {}}))
+    with pytest.raises(CxrtuneError, match="not a cxrtune run summary"):
+        read_run_summary(str(tmp_path / "c"))
+
+
+def test_command_line_overrides_are_parsed_strictly():
+    base = {"lr": 0.1, "model": {"arch": "FPN", "encoder": "resnet18"}}
+    out = with_overrides(base, ["model.arch=Unet", "lr=3.0e-4", "flip=true"])
+    assert out == {"lr": 3e-4, "model": {"arch": "Unet", "encoder": "resnet18"}, "flip": True}
+    assert base["model"]["arch"] == "FPN"  # a new mapping; the settings passed in are kept
+    with pytest.raises(CxrtuneError, match="not valid YAML"):
+        with_overrides(base, ["lr=[1"])
+    with pytest.raises(CxrtuneError, match="expected key=value"):
+        with_overrides(base, ["lr"])
+    with pytest.raises(CxrtuneError, match="lr is not a mapping"):
+        with_overrides(base, ["lr.x=1"])
+
+
+def test_experiment_options_are_read_strictly(tmp_path):
+    (tmp_path / "cxrtune.json").write_text(json.dumps({"space": {}, "manifest": "m.parquet", "name": "x",
+                                                        "surprise": 1}))
+    with pytest.raises(CxrtuneError, match="surprise"):
+        load_options(str(tmp_path))
+    (tmp_path / "cxrtune.json").write_text(json.dumps({"format": "cxrtune-experiment/2"}))
+    with pytest.raises(CxrtuneError, match="newer cxrtune"):
+        load_options(str(tmp_path))
+    (tmp_path / "cxrtune.json").write_text("{")
+    with pytest.raises(CxrtuneError, match="not valid JSON"):
+        load_options(str(tmp_path))
+
+
+def test_int8_calibration_sample_spreads_over_every_input_and_skips_unreadable(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for i in range(10):
+            images.write_png(str(tmp_path / folder / f"{i:02d}.png"), np.full((8, 8), i, np.uint8))
+    (tmp_path / "b" / "99.png").symlink_to(tmp_path / "gone.png")  # listed, but unreadable
+    sample = calibration_sample([str(tmp_path / "a"), str(tmp_path / "b")], limit=5)
+    expected = [(tmp_path / "a" / f"{i:02d}.png").read_bytes() for i in (0, 4, 8)]
+    expected += [(tmp_path / "b" / f"{i:02d}.png").read_bytes() for i in (2, 6)]
+    assert sample == expected  # every 4th of the 21 files: both folders, not the first five of one
+    short = calibration_sample([str(tmp_path / "b")], limit=8)  # 11 files, every one; the broken one skipped
+    assert len(short) == 8 and all(s.startswith(b"\x89PNG") for s in short)
+    with pytest.raises(CxrtuneError, match="at least"):
+        calibration_sample([str(tmp_path / "a")], limit=2)
+
+
+def _cv_result(side: str, rows: dict) -> dict:
+    """A :func:`cross_validate` result with small heatmaps, as its report writer reads it."""
+    cfg = GradeConfig(side=side).to_dict()
+    lung = np.zeros((16, 16), bool)
+    lung[4:12, 2:14] = True
+    heat = {row: (np.full((16, 16), 90, np.uint8), value * lung.astype(np.float32), lung) for row, value in rows.items()}
+    return {"config": cfg, "folds": 2, "images": 4, "per_fold": [],
+            "summary": {m: {"mean": 0.5, "sd": 0.1} for m in CV_SUMMARY}, "pooled": {},
+            "hcs": {"mean": 1.0, "images": len(rows)}, "subgroups": {},
+            "oof": pd.DataFrame({"row": [0, 1], "fold": [0, 1], "grade": [1, 2], "pred": [1, 1]}), "heatmaps": heat}
+
+
+def test_grade_cv_report_writes_oof_heatmaps_and_both_sides(tmp_path):
+    results = [_cv_result("right", {3: 1.0, 5: 0.5}), _cv_result("left", {5: 1.0, 7: 1.0})]
+    report = write_cv_report(results, str(tmp_path))
+    assert "oof" in results[0] and "heatmaps" in results[0]  # the results passed in are not modified
+    assert pd.read_csv(tmp_path / "oof_2.csv")["pred"].tolist() == [1, 1]
+    names = sorted(p.name for p in (tmp_path / "heatmaps").iterdir())
+    assert names == ["recipe1_right_row3.png", "recipe1_right_row5.png", "recipe2_left_row5.png",
+                     "recipe2_left_row7.png", "recipes1+2_both_row5.png"]  # both sides: the rows both drew
+    assert report.both_sides == [{"right": 1, "left": 2, "images": 1, "hcs": pytest.approx(1.0)}]
+    cv = json.loads((tmp_path / "cv.json").read_text())
+    assert [r["config"]["side"] for r in cv["recipes"]] == ["right", "left"] and "oof" not in cv["recipes"][0]
+    assert cv["both_sides"] == [{"right": 1, "left": 2, "images": 1, "hcs": pytest.approx(1.0)}]
+    md = (tmp_path / "cv.md").read_text()
+    assert md == report.markdown and "recipes 1 (right) + 2 (left): HCS 1.000 on 1 images" in md
+    rows = [line for line in md.splitlines() if line.startswith(("| right |", "| left |"))]
+    assert len(rows) == 2 and all(row.count("0.500 +- 0.100") == 5 for row in rows)  # a row per recipe

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -128,8 +129,16 @@ def check_gates(gates: list[Gate], bundle: bool, manifest: str | None) -> None:
 
 
 def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None = None, limit: int = 64) -> dict:
-    """Evaluate every gate; ``{rule: {value, threshold, passed, ...}}``. Never raises for a
-    failed gate (:func:`enforce` does): the results are recorded either way."""
+    """Evaluate every gate. Never raises for a failed gate (:func:`enforce` does): the results are
+    recorded either way.
+
+    Args:
+        gates: parsed rules (:func:`parse_gate`).
+        bundle: the bundle that bundle gates (concordance, score MAE) score; None for gates on a run.
+        manifest: the manifest whose rows bundle gates score (its first ``limit`` readable rows).
+
+    Returns:
+        ``{rule: {"value", "threshold", "passed", ...}}`` in the order of ``gates``."""
     results: dict = {}
     loaded: dict = {}
 
@@ -208,5 +217,26 @@ def make_gated_bundle(lung_run: str, disease_run: str, out_uri: str, gates: list
 def record_gates(checkpoint_uri: str, results: dict) -> None:
     """Add gate results to a checkpoint's ``audits`` (a promoted run's ``best``), typed."""
     meta = read_checkpoint_meta(checkpoint_uri)
-    meta.audits = {**meta.audits, "gates": results}
-    write_checkpoint_meta(checkpoint_uri, meta)
+    write_checkpoint_meta(checkpoint_uri, replace(meta, audits={**meta.audits, "gates": results}))
+
+
+def promote_gated(gates: list[Gate], promote: Callable[[], str]) -> tuple[str, dict]:
+    """A sweep's trial promoted behind release gates: the gates run before anything is written,
+    and their results are recorded in the promoted run's ``best`` checkpoint.
+
+    Args:
+        gates: parsed rules (:func:`parse_gate`); none promotes without gates.
+        promote: writes the run and returns its URI (:func:`cxrtune.search.report.promote`; this
+            layer may not import search, so it is passed in).
+
+    Returns:
+        The run's URI and the gate results (empty without gates).
+
+    Raises:
+        GateFailed: a gate refused; nothing was written."""
+    results = run_gates(gates)
+    enforce(results)
+    run = promote()
+    if results:
+        record_gates(storage.join(run, "best"), results)
+    return run, results

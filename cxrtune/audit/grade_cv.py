@@ -161,9 +161,7 @@ def _same_recipe_both_sides(right: dict, left: dict) -> bool:
 
 def write_grade_cv(recipes: list[GradeConfig], df: pd.DataFrame, out: str, folds: int = 5, seed: int = 0,
                    by: tuple[str, ...] = (), heatmap_images: int = 8, log_progress=None) -> GradeCvReport:
-    """``cxrtune grade cv``: :func:`cross_validate` each recipe, then write to ``out`` the
-    out-of-fold predictions (``oof_N.csv``), the heatmaps of each recipe and of each recipe
-    cross-validated for both sides (averaged, seed 000), ``cv.json`` and ``cv.md``.
+    """``cxrtune grade cv``: :func:`cross_validate` each recipe, then :func:`write_cv_report`.
 
     Args:
         log_progress: called with a line per recipe as it starts (the CLI prints it)."""
@@ -172,12 +170,26 @@ def write_grade_cv(recipes: list[GradeConfig], df: pd.DataFrame, out: str, folds
         if log_progress:
             log_progress(f"recipe {i + 1}/{len(recipes)}: {cfg.side} lung, {cfg.classifier.backbone}, {cfg.roi}, "
                          f"{cfg.balancing}")
-        r = cross_validate(cfg, df, folds=folds, seed=seed, by=by, heatmap_images=heatmap_images)
-        storage.write_text(storage.join(out, f"oof_{i + 1}.csv"), r.pop("oof").to_csv(index=False))
+        results.append(cross_validate(cfg, df, folds=folds, seed=seed, by=by, heatmap_images=heatmap_images))
+    return write_cv_report(results, out)
+
+
+def write_cv_report(results: list[dict], out: str) -> GradeCvReport:
+    """Write the reports of cross-validated recipes to ``out``: the out-of-fold predictions
+    (``oof_N.csv``), the heatmaps of each recipe (``heatmaps/recipeN_SIDE_rowR.png``) and of each
+    recipe cross-validated for both sides, left and right averaged (seed 000,
+    ``heatmaps/recipesI+J_both_rowR.png``), ``cv.json`` and ``cv.md``.
+
+    Args:
+        results: :func:`cross_validate` results, in recipe order (not modified).
+
+    Returns:
+        What was written, without the out-of-fold tables and heatmap arrays."""
+    for i, r in enumerate(results):
+        storage.write_text(storage.join(out, f"oof_{i + 1}.csv"), r["oof"].to_csv(index=False))
         for row, (image, heat, lung) in r["heatmaps"].items():
-            storage.write_bytes(storage.join(out, "heatmaps", f"recipe{i + 1}_{cfg.side}_row{row}.png"),
+            storage.write_bytes(storage.join(out, "heatmaps", f"recipe{i + 1}_{r['config']['side']}_row{row}.png"),
                                 heatmap_png(image, heat, lung, concordance(heat, lung)["hcs"]))
-        results.append(r)
     pairs = []
     for i, right in enumerate(results):
         for j, left in enumerate(results):
@@ -189,14 +201,13 @@ def write_grade_cv(recipes: list[GradeConfig], df: pd.DataFrame, out: str, folds
                                     heatmap_png(image, heat, lung, hcs))
             pairs.append({"right": i + 1, "left": j + 1, "images": len(paired),
                           "hcs": float(sum(p[3] for p in paired.values()) / len(paired)) if paired else None})
-    for r in results:
-        r.pop("heatmaps")
+    recipes = [{k: v for k, v in r.items() if k not in ("oof", "heatmaps")} for r in results]
     storage.write_text(storage.join(out, "cv.json"),
-                       json.dumps(json_safe({"recipes": results, "both_sides": pairs}), indent=2))
-    table = cv_markdown(results)
+                       json.dumps(json_safe({"recipes": recipes, "both_sides": pairs}), indent=2))
+    table = cv_markdown(recipes)
     if pairs:
         table += "\nLeft and right heatmaps averaged (seed 000), HCS against the lungs:\n\n" + "\n".join(
             f"- recipes {p['right']} (right) + {p['left']} (left): HCS {p['hcs']:.3f} on {p['images']} images"
             for p in pairs if p["hcs"] is not None) + "\n"
     storage.write_text(storage.join(out, "cv.md"), table)
-    return GradeCvReport(results, pairs, table)
+    return GradeCvReport(recipes, pairs, table)

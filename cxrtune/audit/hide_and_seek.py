@@ -184,3 +184,15 @@ def run_hide_and_seek(cfg: ClassifyConfig, df: pd.DataFrame, out_uri: str,
     write_heatmaps(result.pop("heatmaps"), out_uri)
     storage.write_text(storage.join(out_uri, "hide_and_seek.json"), json.dumps(json_safe(result), indent=2))
     return result
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The report of :func:`run_hide_and_seek` as a table for a terminal: accuracy, HCS and
+    sensitivity/PPV per class for each representation, then the verdict."""
+    lines = [f"{'representation':<16} {'accuracy':>8} {'HCS':>6}  sensitivity / PPV per class"]
+    for name, r in report["representations"].items():
+        per = ", ".join(f"{c} {r['sensitivity'][c]:.2f}/{r['ppv'][c]:.2f}" for c in report["classes"])
+        lines.append(f"{name:<16} {r['accuracy']:>8.3f} {r.get('hcs', float('nan')):>6.2f}  {per}")
+    verdict = report["verdict"]
+    lines.append(("FLAGGED: " if verdict["flagged"] else "passed: ") + verdict["reason"])
+    return lines

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -20,34 +18,16 @@ from tqdm import tqdm
 from .. import images, storage
 from ..dicom import pseudonym, pseudonym_key, read_dicom, read_header
 from ..errors import CxrtuneError, UnsupportedFormatError
-from . import manifest
+from . import (
+    manifest,
+    readers,  # noqa: F401 - registers the "readers" importer
+)
+from .import_registry import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+from .import_registry import IMPORTERS as IMPORTERS
+from .import_registry import ImportResult as ImportResult
+from .import_registry import importer
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-@dataclass
-class ImportResult:
-    manifest: pd.DataFrame
-    excluded: list[dict] = field(default_factory=list)  # {"file", "reason"}
-    failed: list[dict] = field(default_factory=list)  # unreadable files, also in excluded
-
-    def summary(self) -> str:
-        return (f"imported {len(self.manifest)}, excluded {len(self.excluded) - len(self.failed)}, "
-                f"failed {len(self.failed)}")
-
-
-IMPORTERS: dict[str, Callable[..., ImportResult]] = {}
-
-
-def importer(name: str):
-    """Register the decorated function as the ``--format name`` importer of ``cxrtune data import``."""
-    def register(fn):
-        IMPORTERS[name] = fn
-        return fn
-    return register
-
-
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
         raise CxrtuneError(f"{path}: {what} folder not found; check SRC and --format")
@@ -349,5 +329,3 @@ def report_uri(out: str) -> str:
     base = out.rsplit(".", 1)[0] if out.rsplit("/", 1)[-1].count(".") else out
     return base + ".excluded.csv"
 
-
-from . import readers  # noqa: E402,F401  registers the "readers" importer

@@ -103,9 +103,17 @@ def _pick_label(rng: np.random.Generator) -> str:
 def write_phantoms(out_dir: str | Path, n: int, size: int = 256, seed: int = 0,
                    val: float = 0.2, test: float = 0.1, progress: bool = False, shortcut: bool = False) -> pd.DataFrame:
     """Write ``n`` phantoms (images, lung and opacity masks) and ``manifest.parquet`` under
-    ``out_dir``; returns the manifest. ``other_pneumonia`` phantoms have opacities in the image
-    but their mask is recorded as not annotated, like COVID-QU-Ex's Non-COVID images.
-    ``shortcut``: every phantom carries the label-revealing marker of :func:`make_phantom`."""
+    ``out_dir``. ``other_pneumonia`` phantoms have opacities in the image but their mask is
+    recorded as not annotated, like COVID-QU-Ex's Non-COVID images.
+
+    Args:
+        size: side of the square images, pixels.
+        val, test: shares of the patients in the val and test splits (:func:`assign_splits`).
+        shortcut: every phantom carries the label-revealing marker of :func:`make_phantom` (for
+            the hide-and-seek audit's tests).
+
+    Returns:
+        The manifest, as written."""
 
     out = Path(out_dir)
     for sub in ("images", "lung_masks", "opacity_masks"):

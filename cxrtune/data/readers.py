@@ -24,7 +24,7 @@ import pandas as pd
 from ..errors import CxrtuneError
 from ..zones import ZONE_LETTERS
 from . import manifest
-from .importers import IMAGE_SUFFIXES, ImportResult, importer
+from .import_registry import IMAGE_SUFFIXES, ImportResult, importer
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 
 import torch
@@ -88,6 +88,51 @@ def read_checkpoint_meta(checkpoint_uri: str) -> CheckpointMeta:
     uri = storage.join(checkpoint_uri, "meta.json")
     try:
         return CheckpointMeta.from_dict(json.loads(storage.read_text(uri)), uri)
+    except json.JSONDecodeError:
+        raise CxrtuneError(f"{uri}: not valid JSON") from None
+
+
+RUN_FORMAT = "cxrtune-run/1"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """``run.json`` of a run folder: how its ``best/`` checkpoint came to be.
+
+    A trained run fills ``best``, ``epochs``, ``history`` and ``versions``; a trial promoted from a
+    sweep without retraining fills ``promoted_from``, ``trial`` and ``metrics``. Unset fields are
+    left out of the file, so each kind keeps its keys."""
+    config: dict
+    best: dict | None = None
+    epochs: int | None = None
+    history: list[dict] | None = None
+    versions: dict | None = None
+    promoted_from: str | None = None
+    trial: str | None = None
+    metrics: dict | None = None
+    format: str = RUN_FORMAT
+
+    def to_dict(self) -> dict:
+        return json_safe({k: v for k, v in asdict(self).items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "run.json") -> "RunSummary":
+        if d.get("format", RUN_FORMAT) != RUN_FORMAT:
+            raise CxrtuneError(f"{where}: not a cxrtune run summary (format {d.get('format')!r})")
+        if "config" not in d:
+            raise CxrtuneError(f"{where}: run summary lacks config")
+        return _from_dict(cls, d, where)
+
+
+def write_run_summary(run_uri: str, summary: RunSummary) -> None:
+    """``run.json`` of a run folder, through the typed schema (the one way it is written)."""
+    storage.write_text(storage.join(run_uri, "run.json"), json.dumps(summary.to_dict(), indent=2))
+
+
+def read_run_summary(run_uri: str) -> RunSummary:
+    uri = storage.join(run_uri, "run.json")
+    try:
+        return RunSummary.from_dict(json.loads(storage.read_text(uri)), uri)
     except json.JSONDecodeError:
         raise CxrtuneError(f"{uri}: not valid JSON") from None
 
@@ -200,6 +245,10 @@ class Thresholds:
 
 
 def read_bundle_meta(uri: str) -> BundleMeta:
+    """``bundle.json`` of the bundle folder ``uri``, older formats upgraded in memory.
+
+    Raises:
+        CxrtuneError: missing, not JSON, not a bundle, or a format newer than this cxrtune."""
     where = storage.join(uri, "bundle.json")
     try:
         raw = json.loads(storage.read_text(where))
@@ -227,7 +276,16 @@ def bundle_hash(uri: str) -> str:
 
 def make_bundle(lung_run: str, disease_run: str, out_uri: str, zone_threshold: float = DEFAULT_ZONE_THRESHOLD,
                 cls_threshold: float = DEFAULT_CLS_THRESHOLD, name: str = "") -> BundleMeta:
-    """Copy each run's best weights and metadata into a bundle folder."""
+    """Copy each run's best weights and metadata into a bundle folder.
+
+    Args:
+        lung_run, disease_run: run folders (``train`` or ``promote``) whose ``best/`` checkpoint is
+            a ``lung`` and a ``disease`` one.
+        zone_threshold, cls_threshold: T and T_cls until ``cxrtune calibrate`` sets them.
+        name: the bundle's name; default: the folder's.
+
+    Returns:
+        The ``bundle.json`` written."""
     stages = {}
     for stage, run in (("lung", lung_run), ("disease", disease_run)):
         meta = read_checkpoint_meta(storage.join(run, "best"))
@@ -247,10 +305,10 @@ def make_bundle(lung_run: str, disease_run: str, out_uri: str, zone_threshold: f
 def update_bundle(uri: str, **changes) -> BundleMeta:
     """Change fields of ``bundle.json`` (thresholds, calibrations, audits) and rewrite its card."""
     meta = read_bundle_meta(uri)
-    for key, value in changes.items():
-        if not hasattr(meta, key):
-            raise CxrtuneError(f"bundle.json has no field {key!r}")
-        setattr(meta, key, value)
+    unknown = sorted(set(changes) - {f.name for f in fields(BundleMeta)})
+    if unknown:
+        raise CxrtuneError(f"bundle.json has no field(s) {', '.join(unknown)}")
+    meta = replace(meta, **changes)
     write_bundle_meta(uri, meta)
     return meta
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import fcntl
 import io
-import json
 import logging
 import os
 import random
@@ -33,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,14 +40,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import storage
+from .. import config_files, storage
 from ..config_files import known_settings, load_yaml
 from ..data import manifest
 from ..data.dataset import CXRDataset, seed_worker
 from ..errors import CxrtuneError
-from ..jsonsafe import json_safe
 from ..preprocessing import Preprocessing
-from .artifacts import CheckpointMeta, versions, write_checkpoint_meta
+from .artifacts import CheckpointMeta, RunSummary, versions, write_checkpoint_meta, write_run_summary
 from .losses import (
     DynamicLossWeighting,
     build_optimizer,
@@ -122,6 +120,11 @@ class TrainConfig:
             raise CxrtuneError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
         cfg.model.classification = cfg.task == "disease"
         return cfg
+
+    def with_overrides(self, pairs: Sequence[str]) -> "TrainConfig":
+        """A new config with command-line ``key=value`` pairs applied
+        (:func:`cxrtune.config_files.with_overrides`), checked as a file's settings are."""
+        return TrainConfig.from_dict(config_files.with_overrides(self.to_dict(), pairs)) if pairs else self
 
     @classmethod
     def from_yaml(cls, uri: str) -> "TrainConfig":
@@ -483,15 +486,24 @@ def latest_checkpoint(run_uri: str) -> str | None:
 
 def load_torch(uri: str):
     """A torch file from local disk or S3 with ``weights_only=False``: resumable training state
-    (optimizer, EMA, generators) that cxrtune itself wrote. Never use it on a file from elsewhere
-    (issue 21 replaces it)."""
+    (optimizer, EMA, generators) that cxrtune itself wrote. Never use it on a file from elsewhere."""
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
 
 
 def train(cfg: TrainConfig, df: pd.DataFrame, out_uri: str, resume: bool = False,
           on_epoch: Callable[[dict, Path], bool | None] | None = None, progress: bool = False) -> dict:
     """Train and write a run folder: ``checkpoints/epoch_NNNN/`` per epoch, ``best/`` (the best
-    epoch's weights + meta, what ``cxrtune bundle make`` takes) and ``run.json`` (config + history)."""
+    epoch's weights + meta, what ``cxrtune bundle make`` takes) and ``run.json`` (:class:`RunSummary`).
+
+    Args:
+        df: the manifest; its ``split`` column says what trains and what validates.
+        out_uri: the run folder (local or s3://).
+        resume: continue from the run's latest epoch checkpoint, if any.
+        on_epoch: called after every epoch with its metrics and checkpoint folder; True stops.
+        progress: tqdm bars.
+
+    Returns:
+        ``run.json``'s content: ``config``, ``best`` (``epoch``, ``value``), ``epochs``, ``history``."""
     trainer = Trainer(cfg, df)
     if resume:
         last = latest_checkpoint(out_uri)
@@ -503,7 +515,7 @@ def train(cfg: TrainConfig, df: pd.DataFrame, out_uri: str, resume: bool = False
     best_dir = storage.join(out_uri, "checkpoints", f"epoch_{best_epoch:04d}")
     for name in ("model.pt", "meta.json"):
         storage.write_bytes(storage.join(out_uri, "best", name), storage.read_bytes(storage.join(best_dir, name)))
-    summary = {"config": cfg.to_dict(), "best": result["best"], "epochs": result["epochs"],
-               "history": result["history"], "versions": versions()}
-    storage.write_text(storage.join(out_uri, "run.json"), json.dumps(json_safe(summary), indent=2))
-    return summary
+    summary = RunSummary(config=cfg.to_dict(), best=result["best"], epochs=result["epochs"],
+                         history=result["history"], versions=versions())
+    write_run_summary(out_uri, summary)
+    return summary.to_dict()

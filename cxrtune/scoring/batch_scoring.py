@@ -25,6 +25,7 @@ from ..data import manifest
 from ..errors import CxrtuneError
 from ..preprocessing import load_scan
 from .overlay import encode_overlay
+from .record import ErrorRecord
 from .scorer import Scorer
 
 SCORABLE = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -105,7 +106,7 @@ def score_files(scorer: Scorer, uris: list[str], out_uri: str, overlays: str | N
                         good.append(uri)
                     except CxrtuneError as exc:
                         counts["error"] += 1
-                        f.write(json.dumps({"image": uri, "status": "error", "error": str(exc), "score": None}) + "\n")
+                        f.write(json.dumps({"image": uri, **ErrorRecord(error=str(exc)).to_dict()}) + "\n")
                 for uri, scan, (record, detail) in zip(good, scans, scorer.score_scans(scans)):
                     counts[record["status"]] += 1
                     line = {"image": uri, **record}

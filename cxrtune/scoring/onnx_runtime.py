@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -28,7 +29,9 @@ from .. import storage
 from ..errors import CxrtuneError
 
 log = logging.getLogger(__name__)
-RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+Runtime = Literal["auto", "torch", "onnx", "onnx-int8"]  # auto: ONNX Runtime on CPU when the bundle has an export
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
+ONNX_RUNTIMES = ("onnx", "onnx-int8")  # the runtimes that need a bundle's ONNX export (`cxrtune bundle export`)
 
 
 def sha256_hex(data: bytes) -> str:

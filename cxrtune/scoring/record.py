@@ -54,3 +54,14 @@ class ScoreRecord(BaseModel):
         """The JSON object users read: every field, ``models`` and ``input`` only when known."""
         absent = {name for name in ("models", "input") if getattr(self, name) is None}
         return self.model_dump(exclude=absent)
+
+
+class ErrorRecord(BaseModel):
+    """The line of an image that could not be read or decoded (``cxrtune score``; the API answers
+    the same as an error body): no score at all, never a 0."""
+    status: Literal["error"] = "error"
+    error: str = Field(description="why the image could not be scored; names no patient data")
+    score: None = None
+
+    def to_dict(self) -> dict:
+        return self.model_dump()

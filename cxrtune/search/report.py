@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,8 +23,8 @@ from .. import storage
 from ..data import manifest
 from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
-from ..model.artifacts import read_checkpoint_meta
-from ..model.grading import grid_table
+from ..model.artifacts import RunSummary, read_checkpoint_meta, write_checkpoint_meta, write_run_summary
+from ..model.grading import GradeConfig, grid_table
 from ..model.models import build_model
 from ..model.train import TrainConfig, train
 from ..plots import figure_png, pyplot
@@ -237,10 +239,30 @@ def top_grade_recipes(exp_uri: str, top: int = 5) -> list:
         for _, row in block.head(top).iterrows():
             sampled = {c.split(":", 1)[1].split("|", 1)[0]: row[c] for c in params if pd.notna(row[c])}
             sampled = {k: (v.item() if hasattr(v, "item") else v) for k, v in sampled.items()}
-            cfg = space.train_config(sampled)
-            cfg.epochs = o.train_epochs(space)  # what the sweep trained it for
-            out.append(cfg)
+            # as many epochs as the sweep trained it for
+            out.append(replace(space.train_config(sampled), epochs=o.train_epochs(space)))
     return out
+
+
+def grade_cv_inputs(exp_uri: str | None, top: int, recipe_files: Sequence[str] = (),
+                    manifest_uri: str | None = None) -> tuple[list[GradeConfig], pd.DataFrame]:
+    """What ``cxrtune grade cv`` cross-validates: the recipe files given, else the sweep's ``top``
+    recipes per side (:func:`top_grade_recipes`); on ``manifest_uri``, else the sweep's manifest.
+
+    Raises:
+        CxrtuneError: recipe files without a manifest (they name none)."""
+    if recipe_files:
+        if not manifest_uri:
+            raise CxrtuneError("--config needs --manifest")
+        recipes = [GradeConfig.from_yaml(c) for c in recipe_files]
+    else:
+        if not exp_uri:
+            raise CxrtuneError("give the grading sweep (--experiment) or recipe files (--config)")
+        recipes = top_grade_recipes(exp_uri, top)
+    if not manifest_uri:
+        assert exp_uri is not None  # recipe files came with a manifest
+        manifest_uri = load_options(exp_uri).manifest
+    return recipes, manifest.load_manifest(manifest_uri)
 
 
 def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | None = None) -> str:
@@ -264,16 +286,15 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     with ckpt.as_directory() as d:
         meta = read_checkpoint_meta(str(d))
         if not retrain:
-            for name in ("model.pt", "meta.json"):
-                storage.write_bytes(storage.join(run_uri, "best", name), (Path(d) / name).read_bytes())
-            storage.write_text(storage.join(run_uri, "run.json"), json.dumps(json_safe(
-                {"promoted_from": exp_uri, "trial": trial.trial_id, "metrics": meta.metrics,
-                 "config": meta.config}), indent=2))
+            storage.write_bytes(storage.join(run_uri, "best", "model.pt"), (Path(d) / "model.pt").read_bytes())
+            write_checkpoint_meta(storage.join(run_uri, "best"), meta)
+            write_run_summary(run_uri, RunSummary(config=meta.config, promoted_from=exp_uri, trial=trial.trial_id,
+                                                  metrics=meta.metrics))
             return run_uri
     cfg = TrainConfig.from_dict({**meta.config, "tuning_subset": False, "patience": 6})
     if epochs:
-        cfg.epochs = epochs
-    cfg.batch_size = fill_gpu_batch_size(cfg)
+        cfg = replace(cfg, epochs=epochs)
+    cfg = replace(cfg, batch_size=fill_gpu_batch_size(cfg))
 
     train(cfg, manifest.load_manifest(o.manifest), run_uri)
     return run_uri

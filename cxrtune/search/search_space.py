@@ -189,6 +189,8 @@ def _check_values(source: str, key: str, name: str, values: list) -> None:
 
 
 def parse_space(data: dict, source: str = "<space>") -> SearchSpace:  # noqa: C901 - one check per key, each naming it
+    """A search space from its parsed YAML, checked whole: every refusal names ``source`` and
+    the key (docs/search_spaces.md)."""
     if not isinstance(data, dict):
         raise CxrtuneError(f"{source}: expected a mapping with task, fixed and parameters")
     unknown = set(data) - {"task", "objective", "fixed", "parameters", "description", "warm_start"}
@@ -268,4 +270,5 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:  # noqa: C9
 
 
 def load_space(uri: str) -> SearchSpace:
+    """The search space in the YAML file at ``uri`` (local or s3://), :func:`parse_space`-checked."""
     return parse_space(load_yaml(uri, expect=None), uri)

@@ -18,7 +18,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ray.tune import Stopper
 
 from .. import storage
 from ..cluster import check_fits, init_ray, max_parallel
-from ..config_files import load_yaml
+from ..config_files import known_settings, load_yaml
 from ..data import manifest
 from ..data.phantom import embedded_manifest
 from ..errors import CxrtuneError
@@ -48,6 +48,7 @@ from .search_space import SearchSpace, load_space, parse_space
 
 log = logging.getLogger(__name__)
 EXPERIMENT_FILE = "cxrtune.json"
+EXPERIMENT_FORMAT = "cxrtune-experiment/1"  # experiments written before it was recorded read as /1
 JOURNAL_FILE = "optuna.journal"
 SCHEDULERS = ("asha", "hyperband", "none")
 DEFAULT_EPOCHS = 16
@@ -70,7 +71,7 @@ EMBEDDED_SPACE = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneOptions:
     """Every setting of a sweep, with its default: the one place they are defined (the CLI's
     flags take their defaults from here). Saved as ``cxrtune.json`` in the experiment."""
@@ -263,10 +264,10 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     o = TuneOptions(**opts)
     if space.task == "grade":
         return run_grade_trial(config, o, space)
-    cfg = space.train_config(_sampled(config))
-    assert isinstance(cfg, TrainConfig)  # a segmentation space (grade spaces went above)
+    sampled = space.train_config(_sampled(config))
+    assert isinstance(sampled, TrainConfig)  # a segmentation space (grade spaces went above)
     epochs = o.epochs(space)
-    cfg.epochs, cfg.patience, cfg.seed = epochs, epochs + 1, o.seed  # Tune's stoppers stop trials
+    cfg = replace(sampled, epochs=epochs, patience=epochs + 1, seed=o.seed)  # Tune's stoppers stop trials
     df = manifest.load_manifest(o.manifest, check_files=False)
     trainer = Trainer(cfg, df)
     ckpt = tune.get_checkpoint()
@@ -302,10 +303,9 @@ def run_grade_trial(config: dict, o: TuneOptions, space: SearchSpace) -> None:
     from ray import tune
 
 
-    cfg = space.train_config(_sampled(config))
-    assert isinstance(cfg, GradeConfig)  # run_trial sends grade spaces here
-    cfg.epochs = o.train_epochs(space)
-    cfg.seed = o.seed
+    sampled = space.train_config(_sampled(config))
+    assert isinstance(sampled, GradeConfig)  # run_trial sends grade spaces here
+    cfg = replace(sampled, epochs=o.train_epochs(space), seed=o.seed)
     df = manifest.load_manifest(o.manifest, check_files=False)
 
     def on_epoch(epoch: int, metrics: dict) -> None:
@@ -606,7 +606,8 @@ def run_tune(o: TuneOptions) -> dict:
         raise CxrtuneError(f"{o.experiment_uri} exists: continue it with `cxrtune tune --resume {o.experiment_uri}` "
                            "or choose another --name")
     storage.ensure_bucket(o.storage)
-    storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(asdict(o), indent=2))
+    options = {"format": EXPERIMENT_FORMAT, **asdict(o)}
+    storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(options, indent=2))
     # Ray keeps one trial pending for a custom searcher unless told otherwise: an autoscaler would
     # then grow the cluster one trial at a time. Enough pending trials to fill the cluster at its
     # largest, and no more (more would make TPE propose blind, before results come back).
@@ -657,12 +658,22 @@ def load_warm_start(uris: list[str]) -> list[dict]:
 
 def load_options(exp_uri: str) -> TuneOptions:
     """The options a sweep was started with, from its ``cxrtune.json`` (what resume and report read)."""
+    uri = storage.join(exp_uri, EXPERIMENT_FILE)
     try:
-        data = json.loads(storage.read_text(storage.join(exp_uri, EXPERIMENT_FILE)))
+        text = storage.read_text(uri)
     except CxrtuneError:
         raise CxrtuneError(f"{exp_uri}: no {EXPERIMENT_FILE}; is this a cxrtune experiment folder "
                            "(STORAGE/NAME)?") from None
-    return TuneOptions(**data)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise CxrtuneError(f"{uri}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CxrtuneError(f"{uri}: expected a mapping of options")
+    found = data.pop("format", EXPERIMENT_FORMAT)
+    if found != EXPERIMENT_FORMAT:
+        raise CxrtuneError(f"{uri}: format {found!r}, this cxrtune reads {EXPERIMENT_FORMAT} (a newer cxrtune wrote it?)")
+    return TuneOptions(**known_settings(TuneOptions, data, f"{uri}: experiment"))
 
 
 def resume_tune(exp_uri: str) -> dict:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from ..errors import CxrtuneError
 from ..model.artifacts import read_bundle_meta
+from ..scoring.onnx_runtime import ONNX_RUNTIMES
 from ..scoring.scorer import choose_runtime
 from .ingress import Ingress
 from .settings import ServeSettings
@@ -37,7 +38,7 @@ def application(settings: ServeSettings | dict, deployments: dict[str, dict] | N
         raise CxrtuneError(f"bad Serve args: {exc}") from None
 
     meta = read_bundle_meta(settings.bundle)  # fail here, plainly, rather than in three replicas
-    if settings.runtime in ("onnx", "onnx-int8"):  # the scorer's own check, on the CPU these runtimes need
+    if settings.runtime in ONNX_RUNTIMES:  # the scorer's own check, on the CPU these runtimes need
         try:
             choose_runtime(settings.runtime, torch.device(settings.device or "cpu"), meta)
         except CxrtuneError as exc:

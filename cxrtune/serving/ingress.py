@@ -292,7 +292,7 @@ class Ingress:
                     rid = f"{request_id}-{i}"
                     try:
                         record, png = await self._score(data, overlay, rid)
-                    except Exception as exc:  # noqa: BLE001 - one bad file never fails the others
+                    except Exception as exc:  # one bad file never fails the others
                         err = exc if isinstance(exc, RequestError) else RequestError(500, "internal error")
                         if not isinstance(exc, RequestError):
                             log.exception("request %s failed", rid)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict
 
 from ..preprocessing import WORK_SIZE
+from ..scoring.onnx_runtime import Runtime
 
 
 class ServeSettings(BaseModel):
@@ -22,7 +21,7 @@ class ServeSettings(BaseModel):
     work_size: int = WORK_SIZE  # long side of the working copy (the CLI's too): zones are scale-invariant
     api_key_env: str = "CXRTUNE_API_KEY"
     device: str | None = None
-    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"  # auto: ONNX Runtime on CPU when the bundle has an export
+    runtime: Runtime = "auto"
     threads: int | None = None  # network threads per stage replica (default: Ray's, from the replica's num_cpus)
     max_files_per_batch: int = 16
     max_in_flight: int = 256  # images one ingress replica scores at once (a batch counts each file); more: 503
