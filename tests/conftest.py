@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.coverage_floor"]  # the inner loop's coverage floor per package
 
 
 def cli(*args, env=None, timeout=420, check=True) -> subprocess.CompletedProcess:

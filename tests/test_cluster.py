@@ -16,8 +16,6 @@ import yaml
 from tests.conftest import ROOT, free_port
 from tests.test_tune import SPACE
 
-pytestmark = pytest.mark.slow
-
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -99,6 +97,7 @@ def _worker_raylets() -> list:
     return out
 
 
+@pytest.mark.slow
 def test_sweep_scales_gpu_workers_up_and_down_and_survives_a_lost_node(fake_cluster, phantom_dir, tmp_path):
     """The autoscaler adds gpu_worker nodes for the fractional-GPU trials (both at once: cxrtune
     keeps as many trials pending as the cluster holds at its largest, read from the autoscaling
@@ -147,6 +146,7 @@ def test_sweep_scales_gpu_workers_up_and_down_and_survives_a_lost_node(fake_clus
     assert _workers(address, env) == 0
 
 
+@pytest.mark.slow
 def test_trials_on_a_worker_node_get_the_endpoint_but_no_secret(phantom_dir, bucket, s3_server, tmp_path):
     """A two-node local cluster: the head (no CPUs for trials) and a worker started with its own
     S3 credentials but without the endpoint or the W&B variables, as an instance profile would

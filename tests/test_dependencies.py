@@ -41,7 +41,7 @@ TEST_PLUGINS = {
     "mypy": "its command type-checks the package (test_lint)",
     "types-pyyaml": "stubs mypy reads",
     "types-requests": "stubs mypy reads",
-    "pytest-cov": "a pytest plugin: coverage of the fast tests (test_lint)",
+    "pytest-cov": "a pytest plugin: the inner loop's coverage, checked per package by tests/coverage_floor.py",
 }
 NOT_LOCKED = {"pip": "the installer the virtual environment brings", "cxrtune": "this project, installed editable"}
 

@@ -11,8 +11,6 @@ from cxrtune.errors import CxrtuneError
 from cxrtune.resources import shipped
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
-
 
 def test_shipped_files_in_the_source_tree():
     assert shipped("serve", "config.cpu.yaml") == ROOT / "serve" / "config.cpu.yaml"
@@ -21,6 +19,7 @@ def test_shipped_files_in_the_source_tree():
         shipped("search_spaces", "nope")
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_and_finds_them(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                         str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)

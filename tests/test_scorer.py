@@ -31,6 +31,7 @@ def bundle(phantom_dir, tmp_path_factory):
     shutil.rmtree(work, ignore_errors=True)  # ~0.7 GB of checkpoints: freed with the module
 
 
+@pytest.mark.slow  # trains both stages through the CLI (the module's bundle)
 def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     from cxrtune.data import manifest
     from cxrtune.scoring.evaluation import OPACITY_GRID
@@ -69,6 +70,7 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     assert meta["cls_threshold"] != 0.5 and "T_cls changed but T did not" in r.stderr  # T is now stale
 
 
+@pytest.mark.slow  # trains both stages through the CLI (the module's bundle)
 def test_score_images_dicom_and_bad_files(bundle, phantom_dir, tmp_path):
     from pydicom.data import get_testdata_file
 
@@ -101,6 +103,7 @@ def test_score_images_dicom_and_bad_files(bundle, phantom_dir, tmp_path):
     assert not any("phantom" in p.name or "RG1" in p.name for p in overlays)  # named by hash, not by file
 
 
+@pytest.mark.slow  # trains both stages through the CLI (the module's bundle)
 def test_score_streams_records_and_resumes(bundle, phantom_dir, tmp_path):
     imgs = sorted((phantom_dir / "images").iterdir())[:5]
     out = tmp_path / "r.jsonl"
@@ -119,6 +122,7 @@ def test_score_streams_records_and_resumes(bundle, phantom_dir, tmp_path):
     assert [json.loads(x)["image"] for x in lines[2:]] == [str(p) for p in imgs[2:]]
 
 
+@pytest.mark.slow  # trains both stages through the CLI (the module's bundle)
 def test_score_takes_a_manifest_and_an_s3_prefix(bundle, phantom_dir, tmp_path, bucket):
     from cxrtune import storage
 
@@ -133,6 +137,7 @@ def test_score_takes_a_manifest_and_an_s3_prefix(bundle, phantom_dir, tmp_path, 
     assert len(lines) == 2 + 24 and all(x["status"] != "error" for x in lines)
 
 
+@pytest.mark.slow  # trains both stages through the CLI (the module's bundle)
 def test_evaluate_writes_metrics_and_plots(bundle, phantom_dir):
     out = bundle / "eval"
     summary = json.loads(run("evaluate", "--bundle", str(bundle / "bundle"), "--manifest",
@@ -202,6 +207,7 @@ def test_clinical_objective_scores_validation_images(phantom_dir, phantom_bundle
     assert mae == pytest.approx(sum(errors) / len(errors)) and len(errors) == len(objective.images)
 
 
+@pytest.mark.slow  # trains both stages through the CLI (the module's bundle)
 def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, tmp_path):
     """Reader grades in the manifest: calibrate T against reader S, then evaluate against both
     readers with T cross-validated (the same set chose it), by label, with the reader-vs-reader row."""
@@ -253,6 +259,7 @@ def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, 
     assert again["mae_counting_not_scored"]["S"] == pytest.approx(again["readers"]["S"]["score"]["mae"])
 
 
+@pytest.mark.slow  # trains both stages through the CLI (the module's bundle)
 def test_evaluate_counts_unscored_records_as_the_worst_error(bundle, phantom_dir, tmp_path):
     """A model that finds no lungs scores nothing: its MAE counts each record as the worst error
     for its reference (score_error), as the sweep objective and the release gate do, instead of

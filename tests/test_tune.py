@@ -23,8 +23,6 @@ from tests import golden
 from tests.conftest import cli
 from tests.wandb_reader import summarize
 
-pytestmark = pytest.mark.slow
-
 SPACE = {
     "task": "lung", "objective": "dice",
     "fixed": {"batch_size": 4, "size": 64, "model": {"in_channels": 1, "encoder": "resnet18"}},
@@ -43,6 +41,7 @@ def space_file(tmp_path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file, bucket, tmp_path):
     import secrets
 
@@ -130,6 +129,7 @@ def _trials_past(bucket: str, prefix: str, checkpoint: str) -> set[str]:
     return {k[len(root):].split("/", 1)[0] for k in storage.list_keys(root) if f"/{checkpoint}/" in k}
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_an_s3_experiment_with_its_searcher(phantom_dir, bucket, tmp_path):
     """The driver of a sweep on S3 is killed (SIGKILL, no goodbye); `cxrtune tune --resume
     s3://...` from a fresh process keeps the finished trials, runs the rest, and continues the same
@@ -181,6 +181,7 @@ def test_killed_driver_resumes_an_s3_experiment_with_its_searcher(phantom_dir, b
     assert len(logged) == 5 and all(its in ([1, 2], [2], [1, 2, 2], [1, 1, 2]) for its in logged), logged
 
 
+@pytest.mark.slow
 def test_multi_objective_pareto(phantom_dir, space_file, tmp_path):
     r = cli("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"), "--name", "mo",
             "--storage", str(tmp_path / "exps"), "--num-samples", "3", "--scheduler", "asha", "--multi-objective",
@@ -208,6 +209,7 @@ def test_multi_objective_pareto(phantom_dir, space_file, tmp_path):
         assert (t.trial_id in on_front) == (not beaten), (t.trial_id, beaten)
 
 
+@pytest.mark.slow
 def test_trial_that_cannot_fit_fails_fast(phantom_dir, space_file, tmp_path):
     """A local instance never grows: asking for more than it has is an error, not an endless wait."""
     common = ("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"),
@@ -219,6 +221,7 @@ def test_trial_that_cannot_fit_fails_fast(phantom_dir, space_file, tmp_path):
     assert not (tmp_path / "exps").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_hyperband_and_patience_stop_trials(phantom_dir, space_file, tmp_path):
     """HyperBand with max_t 4: brackets (3 x [4]), (3 x [2, 4]): of 6 trials the second bracket's
     worst is cut at epoch 2. The patience stopper with a min_delta nothing can beat ends every
@@ -315,6 +318,7 @@ def _with_reader(phantom_dir: Path, out: Path, grade: int) -> str:
     return str(out)
 
 
+@pytest.mark.slow
 def test_score_mae_objective_is_measured_against_the_reader(phantom_dir, phantom_bundle, tmp_path):
     """The clinical objective against reader P, who calls every zone affected (score 6): the MAE is
     |score - 6| for each scored validation image (the worst error otherwise)."""
@@ -336,6 +340,7 @@ def test_score_mae_objective_is_measured_against_the_reader(phantom_dir, phantom
         ClinicalObjective(str(phantom_bundle), df.head(8), limit=8, reference="Z")
 
 
+@pytest.mark.slow
 def test_score_mae_sweep_against_reader_scores(phantom_dir, phantom_bundle, tmp_path):
     """A Stage II sweep whose objective is the severity-score MAE against reader P (phantoms; never
     brixia-dev: choosing models on it would be training on it)."""
