@@ -48,6 +48,29 @@ def _from_dict(cls, d: dict, where: str):
     return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def _versioned(cls, d: dict, where: str, fmt: str, what: str, required: tuple[str, ...]):
+    """``cls`` from the mapping ``d`` read from ``where``, if it is of format ``fmt`` (absent: an
+    older file of it) and holds the ``required`` keys."""
+    if d.get("format", fmt) != fmt:
+        raise CxrtuneError(f"{where}: not a cxrtune {what} (format {d.get('format')!r})")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise CxrtuneError(f"{where}: {what} metadata lacks {' or '.join(missing)}")
+    return _from_dict(cls, d, where)
+
+
+def _read_json(folder: str, name: str) -> tuple[dict, str]:
+    """The JSON object in ``folder/name`` and that file's URI (for messages naming it)."""
+    uri = storage.join(folder, name)
+    try:
+        data = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError:
+        raise CxrtuneError(f"{uri}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CxrtuneError(f"{uri}: expected a JSON object")
+    return data, uri
+
+
 @dataclass
 class CheckpointMeta:
     """``meta.json`` of a checkpoint: what trained it and how its input is prepared."""
@@ -72,11 +95,7 @@ class CheckpointMeta:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "meta.json") -> "CheckpointMeta":
-        if d.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
-            raise CxrtuneError(f"{where}: not a cxrtune checkpoint (format {d.get('format')!r})")
-        if "config" not in d or "preprocessing" not in d:
-            raise CxrtuneError(f"{where}: checkpoint metadata lacks config or preprocessing")
-        return _from_dict(cls, d, where)
+        return _versioned(cls, d, where, CHECKPOINT_FORMAT, "checkpoint", ("config", "preprocessing"))
 
 
 def write_checkpoint_meta(checkpoint_uri: str, meta: CheckpointMeta) -> None:
@@ -85,11 +104,7 @@ def write_checkpoint_meta(checkpoint_uri: str, meta: CheckpointMeta) -> None:
 
 
 def read_checkpoint_meta(checkpoint_uri: str) -> CheckpointMeta:
-    uri = storage.join(checkpoint_uri, "meta.json")
-    try:
-        return CheckpointMeta.from_dict(json.loads(storage.read_text(uri)), uri)
-    except json.JSONDecodeError:
-        raise CxrtuneError(f"{uri}: not valid JSON") from None
+    return CheckpointMeta.from_dict(*_read_json(checkpoint_uri, "meta.json"))
 
 
 RUN_FORMAT = "cxrtune-run/1"
@@ -117,11 +132,7 @@ class RunSummary:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "run.json") -> "RunSummary":
-        if d.get("format", RUN_FORMAT) != RUN_FORMAT:
-            raise CxrtuneError(f"{where}: not a cxrtune run summary (format {d.get('format')!r})")
-        if "config" not in d:
-            raise CxrtuneError(f"{where}: run summary lacks config")
-        return _from_dict(cls, d, where)
+        return _versioned(cls, d, where, RUN_FORMAT, "run summary", ("config",))
 
 
 def write_run_summary(run_uri: str, summary: RunSummary) -> None:
@@ -130,11 +141,7 @@ def write_run_summary(run_uri: str, summary: RunSummary) -> None:
 
 
 def read_run_summary(run_uri: str) -> RunSummary:
-    uri = storage.join(run_uri, "run.json")
-    try:
-        return RunSummary.from_dict(json.loads(storage.read_text(uri)), uri)
-    except json.JSONDecodeError:
-        raise CxrtuneError(f"{uri}: not valid JSON") from None
+    return RunSummary.from_dict(*_read_json(run_uri, "run.json"))
 
 
 @dataclass(frozen=True)
@@ -249,12 +256,7 @@ def read_bundle_meta(uri: str) -> BundleMeta:
 
     Raises:
         CxrtuneError: missing, not JSON, not a bundle, or a format newer than this cxrtune."""
-    where = storage.join(uri, "bundle.json")
-    try:
-        raw = json.loads(storage.read_text(where))
-    except json.JSONDecodeError:
-        raise CxrtuneError(f"{where}: not valid JSON") from None
-    meta = BundleMeta.from_dict(raw, where)
+    meta = BundleMeta.from_dict(*_read_json(uri, "bundle.json"))
     if not meta.model_card:
         meta.model_card = model_card(meta)
     return meta
