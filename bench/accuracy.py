@@ -106,7 +106,7 @@ def main() -> None:
     from cxrtune.model.train import (
         TrainConfig,
         latest_checkpoint,
-        load_torch,
+        load_training_state,
         native_cpu_bf16,
         select_rows,
         train,
@@ -157,7 +157,7 @@ def main() -> None:
             continue
         # a resumed run: the epochs before the interruption count, as their recorded seconds
         last = latest_checkpoint(str(out / stage)) if args.resume else None
-        earlier = sum(h["epoch_seconds"] for h in load_torch(f"{last}/state.pt")["history"]) / 60 if last else 0.0
+        earlier = sum(h["epoch_seconds"] for h in load_training_state(f"{last}/state.pt")["history"]) / 60 if last else 0.0
         if stage == "disease" and args.cpu and "max_minutes" not in cfg:
             cfg["max_minutes"] = round(CPU_BUDGET_MINUTES - (minutes.get("lung") or 0) - earlier, 2)
         t = time.perf_counter()

@@ -83,3 +83,18 @@ def test_local_third_party_imports_are_heavy_ones_with_a_reason():
              for line, mod in _local_imports(p)
              if not mod.startswith(".") and mod.split(".")[0] not in LOCAL_THIRD_PARTY.keys() | {"cxrtune"}]
     assert not found, f"import these at the module's top (or add the module with its reason): {found}"
+
+
+def test_every_torch_load_is_weights_only():
+    """Checkpoints, bundles and training state come from storage another node can write: every
+    ``torch.load`` in the package passes ``weights_only=True`` (no pickled object runs code)."""
+    calls = []
+    for path in (ROOT / "cxrtune").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                calls.append((f"{path.relative_to(ROOT)}:{node.lineno}", safe))
+    assert len(calls) >= 3  # model weights, bundle stages, training state
+    assert [c for c, safe in calls if not safe] == []

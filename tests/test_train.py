@@ -1,3 +1,4 @@
+import io
 import json
 from pathlib import Path
 
@@ -87,14 +88,36 @@ def test_both_stages_train_checkpoint_and_resume(phantom_dir, bucket):
     assert f"s3://{bucket}/runs/lung/checkpoints/epoch_0001/state.pt" not in keys  # only the newest resumes
     meta = json.loads(storage.read_text(f"s3://{bucket}/runs/lung/best/meta.json"))
     assert meta["config"]["task"] == "lung" and meta["preprocessing"]["size"] == 64
+    # an upload of epoch 3 cut off half-way (its completion marker, meta.json, never written)
+    state2 = storage.read_bytes(f"s3://{bucket}/runs/lung/checkpoints/epoch_0002/state.pt")
+    storage.write_bytes(f"s3://{bucket}/runs/lung/checkpoints/epoch_0003/model.pt", b"partial")
+    storage.write_bytes(f"s3://{bucket}/runs/lung/checkpoints/epoch_0003/state.pt", state2[: len(state2) // 2])
     resumed = train(TrainConfig.from_dict({**base, "task": "lung", "epochs": 3}), df,
-                    f"s3://{bucket}/runs/lung", resume=True)
+                    f"s3://{bucket}/runs/lung", resume=True)  # from epoch 2, the last complete one
     assert resumed["epochs"] == 3 and [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+
+    # a state.pt planted in the bucket holds a pickled object: refused, never run
+    ran = Path(tempfile.mkdtemp()) / "payload-ran"
+    torch.save({"epoch": 3, "payload": _Payload(str(ran))}, buf := io.BytesIO())
+    storage.write_bytes(f"s3://{bucket}/runs/lung/checkpoints/epoch_0003/state.pt", buf.getvalue())
+    with pytest.raises(CxrtuneError, match="refused"):
+        train(TrainConfig.from_dict({**base, "task": "lung", "epochs": 4}), df, f"s3://{bucket}/runs/lung", resume=True)
+    assert not ran.exists()
 
     disease = train(TrainConfig.from_dict({**base, "task": "disease", "dlw_alpha": 0.05}), df,
                     f"s3://{bucket}/runs/disease")
     last = disease["history"][-1]
     assert {"val_dice", "val_f1", "val_roc_auc", "val_dice_f1", "val_fp_rate_empty"} <= set(last)
+
+
+class _Payload:
+    """What an attacker pickles into a checkpoint: unpickling it creates a file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_unannotated_masks_stay_out_of_the_segmentation_loss(phantom_dir):

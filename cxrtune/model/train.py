@@ -25,6 +25,7 @@ import fcntl
 import io
 import logging
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -313,7 +314,7 @@ class Trainer:
                 "dlw": self.dlw.state_dict(), "epoch": self.epoch, "history": self.history,
                 "best": self.best, "stale": self.stale,
                 "progress_value": self.progress_value, "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state()}
+                "numpy_rng": numpy_rng_state()}
 
     def meta(self, metrics: dict) -> CheckpointMeta:
         return CheckpointMeta(config=self.cfg.to_dict(), preprocessing=self.pre.to_dict(), epoch=self.epoch,
@@ -325,7 +326,7 @@ class Trainer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         torch.save(self.eval_model.state_dict(), d / "model.pt")
-        torch.save(self.state(), d / "state.pt")
+        torch.save(plain_values(self.state()), d / "state.pt")
         write_checkpoint_meta(str(d), self.meta(metrics))
         return d
 
@@ -345,7 +346,7 @@ class Trainer:
         self.best, self.stale = state["best"], state["stale"]
         self.progress_value = state.get("progress_value", (state["best"] or {}).get("value"))
         torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
+        set_numpy_rng_state(state["numpy_rng"])
 
     # ------------------------------------------------------------------------------------- fit
     def fit(self, on_epoch: Callable[[dict, Path], bool | None] | None = None,
@@ -466,28 +467,77 @@ def epoch_line(metrics: dict, monitor: str) -> str:
 
 
 def upload_checkpoint(local: Path, run_uri: str, epoch: int) -> None:
-    """Copy one epoch's checkpoint into ``run_uri/checkpoints/epoch_NNNN``. Every epoch keeps its
-    weights and meta; only the newest keeps ``state.pt`` (optimizer and RNG state, ~3x the
-    weights), which is all that resuming needs."""
+    """Copy one epoch's checkpoint into ``run_uri/checkpoints/epoch_NNNN``, ``meta.json`` last: it
+    is the completion marker (:func:`latest_checkpoint`), so an upload cut off half-way is never
+    resumed from. Every epoch keeps its weights and meta; only the newest keeps ``state.pt``
+    (optimizer and RNG state, ~3x the weights), deleted from the previous epoch only once this
+    one is complete."""
     target = storage.join(run_uri, "checkpoints", f"epoch_{epoch:04d}")
-    for f in sorted(Path(local).iterdir()):
-        if f.is_file():
-            storage.write_bytes(storage.join(target, f.name), f.read_bytes())
+    files = sorted((f for f in Path(local).iterdir() if f.is_file()), key=lambda f: (f.name == COMPLETION_MARKER, f.name))
+    for f in files:
+        storage.write_bytes(storage.join(target, f.name), f.read_bytes())
     if epoch > 1:
         storage.delete(storage.join(run_uri, "checkpoints", f"epoch_{epoch - 1:04d}", "state.pt"))
 
 
+COMPLETION_MARKER = "meta.json"  # written last by upload_checkpoint
+
+
 def latest_checkpoint(run_uri: str) -> str | None:
-    """The newest ``checkpoints/epoch_NNNN`` folder under a run, or None."""
+    """The newest complete ``checkpoints/epoch_NNNN`` folder under a run (its completion marker
+    and ``state.pt`` both there), or None."""
     root = storage.join(run_uri, "checkpoints")
-    names = sorted({u.rstrip("/").split("/")[-2] for u in storage.list_keys(root) if u.endswith("meta.json")})
-    return storage.join(root, names[-1]) if names else None
+    files: dict[str, set[str]] = {}
+    for key in storage.list_keys(root):
+        folder, name = key.rstrip("/").split("/")[-2:]
+        files.setdefault(folder, set()).add(name)
+    complete = sorted(f for f, names in files.items() if {COMPLETION_MARKER, "state.pt"} <= names)
+    return storage.join(root, complete[-1]) if complete else None
 
 
-def load_torch(uri: str):
-    """A torch file from local disk or S3 with ``weights_only=False``: resumable training state
-    (optimizer, EMA, generators) that cxrtune itself wrote. Never use it on a file from elsewhere."""
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
+def plain_values(value):
+    """``value`` with numpy scalars and arrays turned into Python numbers and lists, so that the
+    training state holds only what ``torch.load(weights_only=True)`` accepts (tensors and plain
+    containers); NaN stays NaN."""
+    if isinstance(value, dict):
+        return {k: plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_values(v) for v in value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return value
+
+
+def numpy_rng_state() -> dict:
+    """numpy's global generator state as a tensor and plain numbers (it is a tuple holding an array)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_rng_state(state) -> None:
+    if not isinstance(state, dict):  # a state.pt written before it was made plain: numpy's own tuple
+        np.random.set_state(state)
+        return
+    np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["cached_gaussian"]))
+
+
+def load_training_state(uri: str) -> dict:
+    """``state.pt`` (resumable training state) from local disk or S3, loaded with
+    ``weights_only=True``: tensors and plain values only, so a file planted in the bucket cannot
+    run code on resume.
+
+    Raises:
+        CxrtuneError: the file holds anything else (a pickled object), or is not a torch file."""
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise CxrtuneError(f"{uri}: refused: not a training state of tensors and plain values, as cxrtune "
+                           f"writes ({type(exc).__name__}); resume from another run or start afresh") from None
+    if not isinstance(state, dict):
+        raise CxrtuneError(f"{uri}: refused: not a training state (a {type(state).__name__})")
+    return state
 
 
 def train(cfg: TrainConfig, df: pd.DataFrame, out_uri: str, resume: bool = False,
@@ -508,7 +558,7 @@ def train(cfg: TrainConfig, df: pd.DataFrame, out_uri: str, resume: bool = False
     if resume:
         last = latest_checkpoint(out_uri)
         if last:
-            trainer.load_state(load_torch(storage.join(last, "state.pt")))
+            trainer.load_state(load_training_state(storage.join(last, "state.pt")))
             log.info("resumed from %s at epoch %d", last, trainer.epoch)
     result = trainer.fit(on_epoch=on_epoch, checkpoint_root=out_uri, progress=progress)
     best_epoch = result["best"]["epoch"] if result["best"] else trainer.epoch

@@ -35,7 +35,7 @@ from ..data.phantom import embedded_manifest
 from ..errors import CxrtuneError
 from ..model.artifacts import DEFAULT_OPACITY_THRESHOLD
 from ..model.grading import GradeConfig, flat_metrics, train_grader
-from ..model.train import TrainConfig, Trainer, patience_step, remove_orphaned_staging
+from ..model.train import TrainConfig, Trainer, load_training_state, patience_step, remove_orphaned_staging
 from ..preprocessing import load_scan
 from ..scoring.scorer import (
     StageModel,
@@ -273,7 +273,7 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     ckpt = tune.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            trainer.load_state(torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False))
+            trainer.load_state(load_training_state(str(Path(d) / "state.pt")))
     latency = (measure_latency_ms(trainer.eval_model, cfg.size, cfg.model.in_channels, trainer.device, o.latency_batch)
                if o.multi_objective else None)
     clinical = None
