@@ -60,12 +60,47 @@ def _check_pixels(h: int, w: int, limits: Limits) -> None:
             f"{limits.max_pixels / 1e6:.1f} MP (CXRTUNE_MAX_IMAGE_PIXELS)")
 
 
-def _to_unit_float(arr: np.ndarray) -> np.ndarray:
-    """Integer or float pixels -> float32 in [0, 1], by the dtype's range for integers."""
+def png_significant_bits(data: bytes) -> int | None:
+    """The grey significant bits of a PNG's ``sBIT`` chunk (the first byte: grey, or red for a
+    colour PNG), or None without one. A chunk walk up to the first IDAT: neither OpenCV nor Pillow
+    reports sBIT."""
+    pos = len(PNG_MAGIC)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT" or length > len(data):
+            return None
+        if kind == b"sBIT" and length >= 1:
+            bits = data[pos + 8]
+            return bits if 1 <= bits <= 16 else None
+        pos += 12 + length
+    return None
+
+
+def full_scale_16bit(arr: np.ndarray, significant_bits: int | None) -> float:
+    """The value that means white in a 16-bit PNG, by one rule (docs/scoring.md):
+
+    * with an ``sBIT`` chunk whose bits hold the stored maximum: 2^sBIT - 1 (12-bit data stored as
+      it is, as PNG allows);
+    * else 2^b - 1 for the smallest b of 10, 12 and 14 bits that holds the stored maximum, when
+      one does: a radiograph whose brightest pixel is under 1/4 of 16-bit full scale is unscaled
+      10-14-bit detector data, not a 16-bit image 94 % black;
+    * else 65535 (a writer that scaled to 16 bits, as conforming ones do)."""
+    peak = int(arr.max()) if arr.size else 0
+    if significant_bits and peak <= (1 << significant_bits) - 1:
+        return float((1 << significant_bits) - 1)
+    for bits in (10, 12, 14):
+        if peak <= (1 << bits) - 1:
+            return float((1 << bits) - 1)
+    return 65535.0
+
+
+def _to_unit_float(arr: np.ndarray, full_scale: float | None = None) -> np.ndarray:
+    """Integer or float pixels -> float32 in [0, 1], by the dtype's range for integers (or
+    ``full_scale`` for 16-bit data, :func:`full_scale_16bit`)."""
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0
+        return np.minimum(arr.astype(np.float32) / (full_scale or 65535.0), 1.0)
     arr = arr.astype(np.float32)
     lo, hi = float(arr.min()), float(arr.max())
     return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
@@ -89,7 +124,10 @@ def decode_raster(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     fmt = sniff_format(data)
     h, w = _header_size(data, fmt)
     _check_pixels(h, w, limits)
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    # JPEG: 8-bit, with its EXIF orientation applied (IMREAD_UNCHANGED would ignore it);
+    # PNG: as stored, 16-bit and alpha included
+    flags = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH if fmt == "jpeg" else cv2.IMREAD_UNCHANGED
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if arr is None or arr.size == 0:
         raise ImageDecodeError(f"corrupt or truncated {fmt.upper()} data")
     return _to_gray(arr)
@@ -105,7 +143,10 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     fmt = sniff_format(data)
     if fmt == "dicom":
         return read_dicom(data, limits=limits).pixels
-    return _to_unit_float(decode_raster(data, limits))
+    arr = decode_raster(data, limits)
+    if arr.dtype == np.uint16:
+        return _to_unit_float(arr, full_scale_16bit(arr, png_significant_bits(data)))
+    return _to_unit_float(arr)
 
 
 def decode_mask(data: bytes, limits: Limits = Limits()) -> np.ndarray:

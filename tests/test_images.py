@@ -49,3 +49,55 @@ def test_mask_is_bool():
     m = np.zeros((8, 8), bool)
     m[2:4, 2:4] = True
     assert np.array_equal(images.decode_mask(images.encode_png(m)), m)
+
+
+def _with_sbit(png: bytes, bits: int) -> bytes:
+    """``png`` with an sBIT chunk (grey significant bits) inserted after IHDR, as a PNG writer
+    that stores 12-bit data unscaled writes it."""
+    import struct
+    import zlib
+
+    ihdr_end = 8 + 12 + 13
+    chunk = struct.pack(">I4sB", 1, b"sBIT", bits) + struct.pack(">I", zlib.crc32(b"sBIT" + bytes([bits])))
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+def test_12_bit_data_in_a_16_bit_png_is_read_at_its_own_scale():
+    """COVID-QU-Ex-like 8-bit levels stored as 12-bit data in a 16-bit PNG: read as its 8-bit copy
+    is (not divided by 65535, which left it at 6 % of full scale and scored as clear lungs)."""
+    g8 = np.tile(np.arange(256, dtype=np.uint8), (16, 1))
+    g12 = (g8.astype(np.int64) * 4095 // 255).astype(np.uint16)
+    png12 = images.encode_png(g12)
+    eight = images.decode_image(images.encode_png(g8))
+    assert images.png_significant_bits(png12) is None
+    assert np.abs(images.decode_image(png12) - eight).max() < 1 / 255  # no sBIT: the 12-bit rule
+    with_sbit = _with_sbit(png12, 12)
+    assert images.png_significant_bits(with_sbit) == 12
+    assert np.abs(images.decode_image(with_sbit) - eight).max() < 1 / 255
+    # a conforming writer scaled to 16 bits (and says 12 significant bits): full scale is 65535
+    g16 = (g8.astype(np.uint16) * 257).astype(np.uint16)
+    assert np.allclose(images.decode_image(_with_sbit(images.encode_png(g16), 12)), g16 / 65535.0)
+    assert np.allclose(images.decode_image(images.encode_png(g16)), g16 / 65535.0)
+    # unscaled 10-bit data; sBIT 14 over data that fits in it
+    g10 = (g8.astype(np.int64) * 1023 // 255).astype(np.uint16)
+    assert np.abs(images.decode_image(images.encode_png(g10)) - eight).max() < 1 / 255
+    assert np.allclose(images.decode_image(_with_sbit(png12, 14)), g12 / 16383.0)
+
+
+def test_jpeg_exif_orientation_is_applied():
+    """A radiograph stored sideways with an EXIF orientation tag (6: rotate 90 degrees clockwise to
+    display) decodes upright, as a viewer shows it."""
+    import io
+
+    from PIL import Image
+
+    upright = np.zeros((64, 48), np.uint8)
+    upright[:16, :] = 255  # a bright band at the top
+    sideways = np.rot90(upright, 1)  # stored rotated 90 degrees anticlockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(sideways)).save(buf, format="JPEG", quality=95, exif=exif)
+    decoded = images.decode_image(buf.getvalue())
+    assert decoded.shape == upright.shape
+    assert np.abs(decoded - upright / 255.0).mean() < 0.02
