@@ -249,12 +249,19 @@ class DicomImage:
 
 
 def pixels_of(ds) -> np.ndarray:
-    """Decoded, display-ready pixels: modality LUT, VOI LUT/window, MONOCHROME1 inversion."""
+    """Decoded, display-ready pixels of the first frame only (a multi-frame CXR is scored on its
+    first frame; the others are never decoded): modality LUT, VOI LUT/window, MONOCHROME1
+    inversion. Colour (RGB, or YBR that pydicom converts to RGB) becomes grey by one rule: the
+    luminance 0.299 R + 0.587 G + 0.114 B, as for colour PNG and JPEG."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples not in (1, 3):
+        raise ImageDecodeError(f"SamplesPerPixel {samples} is not supported (1 grey or 3 colour)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            ds.pixel_array_options(index=0)  # the first frame only
             arr = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - missing plugin, truncated data, bad syntax
             msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -263,13 +270,19 @@ def pixels_of(ds) -> np.ndarray:
                 for part in (fn, Path(fn).name):
                     msg = msg.replace(part, "<file>")
             raise ImageDecodeError(f"cannot decode DICOM pixel data: {msg}") from None
-    if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
-        arr = arr[0]  # multi-frame: the first frame
-    if arr.ndim == 3:  # colour secondary capture: luminance
-        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        values = arr
+    if arr.ndim == 3 and samples == 1:
+        arr = arr[0]  # a decoder that ignored the frame index: the first frame
+    elif arr.ndim == 4:
+        arr = arr[0]
+    if arr.ndim == 3:  # colour: luminance
+        values = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    elif arr.ndim != 2:
+        raise ImageDecodeError(f"unexpected DICOM pixel array of {arr.ndim} dimensions")
     else:
-        values = apply_modality_lut(arr, ds)
+        try:
+            values = apply_modality_lut(arr, ds)
+        except Exception as exc:  # noqa: BLE001 - malformed Modality LUT or rescale attributes: a plain reason
+            raise ImageDecodeError(f"malformed modality LUT or rescale attributes ({type(exc).__name__})") from None
         if "VOILUTSequence" in ds or "WindowCenter" in ds:
             try:
                 values = apply_voi_lut(values, ds, index=0, prefer_lut=True)

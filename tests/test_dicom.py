@@ -422,3 +422,43 @@ def test_error_messages_that_name_the_file_are_scrubbed(tmp_path, monkeypatch, s
     report = out.with_name("m.excluded.csv").read_text()
     assert "DOE" not in report and "JOHN" not in report and str(tmp_path) not in report
     assert "unreadable: cannot decode <file> (in <file>/<file>)" in report
+
+
+def test_multi_frame_colour_and_malformed_luts_are_one_files_error_or_read(tmp_path):
+    """A colour multi-frame DX (a 4-D pixel array) is read from its first frame as luminance; a
+    grey multi-frame one from its first frame; malformed rescale or LUT attributes are a plain
+    ImageDecodeError, never a ValueError or AttributeError (a 500 over HTTP, a stopped batch)."""
+    g = gradient(8).astype(np.uint8)
+    rgb = np.stack([g, g // 2, 255 - g], axis=-1)  # 64 x 48 x 3
+    frames = np.stack([rgb, np.zeros_like(rgb)])  # two frames; the second is black
+    path = make_dicom(tmp_path / "colour.dcm", g)
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.NumberOfFrames = 2
+    ds.PixelData = frames.tobytes()
+    ds.save_as(path)
+    colour = read_dicom(path).pixels
+    luminance = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    assert colour.shape == g.shape and corr(colour, luminance) > 0.999
+
+    grey = np.stack([gradient(), np.zeros_like(gradient())])
+    path = make_dicom(tmp_path / "frames.dcm", gradient(), BitsStored=12)
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames, ds.PixelData = 2, grey.tobytes()
+    ds.save_as(path)
+    assert corr(read_dicom(path).pixels, gradient()) > 0.999  # the first frame, not the black one
+
+    slope = make_dicom(tmp_path / "slope.dcm", gradient(), BitsStored=12, RescaleSlope="1.5", RescaleIntercept=0)
+    data = slope.read_bytes()
+    assert data.count(b"1.5 ") == 1
+    with pytest.raises(ImageDecodeError, match="rescale"):  # as a modality wrote it: pydicom refuses to
+        read_dicom(data.replace(b"1.5 ", b"DOE^"))          # set it, so the bytes are edited
+    lut = make_dicom(tmp_path / "lut.dcm", gradient(), BitsStored=12)
+    ds = pydicom.dcmread(lut)
+    item = pydicom.Dataset()
+    item.add_new(0x00283006, "US", [0, 1, 2])  # LUTData, and no LUTDescriptor
+    ds.ModalityLUTSequence = [item]
+    ds.save_as(lut)
+    with pytest.raises(ImageDecodeError):
+        read_dicom(lut)
