@@ -37,6 +37,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -102,7 +103,7 @@ def main() -> None:
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
     from cxrtune.data.splits import assign_splits
-    from cxrtune.model.artifacts import make_bundle, update_bundle
+    from cxrtune.model.artifacts import make_bundle, read_run_summary, update_bundle, write_run_summary
     from cxrtune.model.train import (
         TrainConfig,
         latest_checkpoint,
@@ -152,8 +153,8 @@ def main() -> None:
     for stage, cfg in (("lung", lung_cfg), ("disease", disease_cfg)):
         run_json = out / stage / "run.json"
         if args.reuse and run_json.exists():
-            summaries[stage] = json.loads(run_json.read_text())
-            minutes[stage] = summaries[stage].get("train_minutes")
+            reused = read_run_summary(str(out / stage))
+            summaries[stage], minutes[stage] = reused.to_dict(), reused.train_minutes
             continue
         # a resumed run: the epochs before the interruption count, as their recorded seconds
         last = latest_checkpoint(str(out / stage)) if args.resume else None
@@ -164,7 +165,7 @@ def main() -> None:
         summaries[stage] = train(TrainConfig.from_dict(cfg), df, str(out / stage), resume=bool(last),
                                  progress=not args.quick)
         minutes[stage] = round((time.perf_counter() - t) / 60 + earlier, 2)
-        run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "train_minutes": minutes[stage]}))
+        write_run_summary(str(out / stage), replace(read_run_summary(str(out / stage)), train_minutes=minutes[stage]))
     t2 = time.perf_counter()
     bundle = str(out / "bundle")
     make_bundle(str(out / "lung"), str(out / "disease"), bundle, name="accuracy-cpu" if args.cpu else "accuracy")

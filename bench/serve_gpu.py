@@ -35,7 +35,7 @@ def random_bundle(out: Path, pair) -> Path:
     """A bundle of two runs with random weights, made by ``make_bundle`` like any other."""
     import torch
 
-    from cxrtune.model.artifacts import make_bundle
+    from cxrtune.model.artifacts import CheckpointMeta, make_bundle, write_checkpoint_meta
     from cxrtune.model.models import ModelConfig, build_model
     from cxrtune.model.train import TrainConfig
     from cxrtune.preprocessing import Preprocessing
@@ -50,9 +50,9 @@ def random_bundle(out: Path, pair) -> Path:
         if task == "lung":  # random weights may find no lungs (422); speed needs every image scored
             torch.nn.init.constant_(model.segmentation_head[0].bias, 10.0)
         torch.save(model.state_dict(), best / "model.pt")
-        meta = {"config": TrainConfig(task=task, model=model_cfg, size=spec["size"]).to_dict(),
-                "preprocessing": Preprocessing(size=spec["size"], in_channels=3).to_dict(), "metrics": {}}
-        (best / "meta.json").write_text(json.dumps(meta))
+        write_checkpoint_meta(str(best), CheckpointMeta(
+            config=TrainConfig(task=task, model=model_cfg, size=spec["size"]).to_dict(),
+            preprocessing=Preprocessing(size=spec["size"], in_channels=3).to_dict()))
         runs[task] = str(out / "runs" / task)
     make_bundle(runs["lung"], runs["disease"], str(out / "bundle"), zone_threshold=0.3, name="seed004-random")
     return out / "bundle"

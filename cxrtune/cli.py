@@ -71,7 +71,7 @@ def _train(args) -> None:
     cfg = training.TrainConfig.from_yaml(resources.shipped_or(args.config, "configs")).with_overrides(args.set or [])
     df = manifest.load_manifest(args.manifest or phantom.embedded_manifest())
     summary = training.train(cfg, df, args.out, resume=args.resume, progress=not args.quiet)
-    best = summary["best"] or {}
+    best = summary.get("best") or {}
     print(f"trained {summary['epochs']} epoch(s); best {cfg.monitor} {best.get('value', float('nan')):.4f} "
           f"at epoch {best.get('epoch')}; run {args.out}")
 

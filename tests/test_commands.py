@@ -15,6 +15,7 @@ import pytest
 from cxrtune import images
 from cxrtune.audit.gates import GateFailed, make_gated_bundle, parse_gate, promote_gated, record_gates
 from cxrtune.audit.grade_cv import write_cv_report
+from cxrtune.audit.hide_and_seek import summary_lines
 from cxrtune.config_files import with_overrides
 from cxrtune.errors import CxrtuneError
 from cxrtune.model.artifacts import (
@@ -39,6 +40,7 @@ from cxrtune.scoring.evaluation import (
 )
 from cxrtune.scoring.onnx_export import calibration_sample
 from cxrtune.scoring.scorer import score_mask_files
+from cxrtune.search.report import grade_cv_inputs
 from cxrtune.search.tuning import load_options
 from tests.conftest import ROOT
 
@@ -168,6 +170,9 @@ def test_run_summary_keeps_each_kind_of_run_json(tmp_path):
         "config", "promoted_from", "trial", "metrics", "format"}
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "run.json").write_text(json.dumps({"format": "cxrtune-run/9", "config": {}}))
+    with pytest.raises(CxrtuneError, match="newer cxrtune"):
+        read_run_summary(str(tmp_path / "c"))
+    (tmp_path / "c" / "run.json").write_text(json.dumps({"format": "something-else/1", "config": {}}))
     with pytest.raises(CxrtuneError, match="not a cxrtune run summary"):
         read_run_summary(str(tmp_path / "c"))
 
@@ -242,3 +247,27 @@ def test_grade_cv_report_writes_oof_heatmaps_and_both_sides(tmp_path):
     assert md == report.markdown and "recipes 1 (right) + 2 (left): HCS 1.000 on 1 images" in md
     rows = [line for line in md.splitlines() if line.startswith(("| right |", "| left |"))]
     assert len(rows) == 2 and all(row.count("0.500 +- 0.100") == 5 for row in rows)  # a row per recipe
+
+
+def test_grade_cv_takes_recipe_files_with_a_manifest_or_a_sweep(tmp_path, phantom_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("side: left\nroi: split\n")
+    with pytest.raises(CxrtuneError, match="--config needs --manifest"):
+        grade_cv_inputs(None, 5, [str(recipe)])
+    with pytest.raises(CxrtuneError, match="--experiment"):
+        grade_cv_inputs(None, 5)
+    recipes, df = grade_cv_inputs(None, 5, [str(recipe)], str(phantom_dir / "manifest.parquet"))
+    assert [(r.side, r.roi) for r in recipes] == [("left", "split")] and len(df) == 24
+
+
+def test_hide_and_seek_summary_is_a_table_and_the_verdict():
+    report = {"classes": ["covid", "normal"], "verdict": {"flagged": True, "reason": "lungs removed: 0.90"},
+              "representations": {"original": {"accuracy": 0.91, "hcs": 0.8, "sensitivity": {"covid": 0.9, "normal": 0.5},
+                                               "ppv": {"covid": 0.7, "normal": 0.25}},
+                                  "lungs_removed": {"accuracy": 0.9, "sensitivity": {"covid": 1.0, "normal": 0.0},
+                                                    "ppv": {"covid": 0.5, "normal": 0.0}}}}
+    lines = summary_lines(report)
+    assert lines[0].split() == ["representation", "accuracy", "HCS", "sensitivity", "/", "PPV", "per", "class"]
+    assert lines[1].split() == ["original", "0.910", "0.80", "covid", "0.90/0.70,", "normal", "0.50/0.25"]
+    assert lines[2].split()[:3] == ["lungs_removed", "0.900", "nan"]
+    assert lines[-1] == "FLAGGED: lungs removed: 0.90"

@@ -228,6 +228,18 @@ def test_score_agreement_known_values():
     assert {k: v for k, v in noisy.items() if not k.endswith("_ci")} == point
 
 
+def test_agreement_of_one_image_or_no_resamples():
+    """scipy's bootstrap needs two images and one resample: one image resamples to itself, and no
+    resamples give no interval (the old hand-written bootstrap's answers)."""
+    one = agreement.score_agreement(np.array([2]), np.array([3]), n_boot=200)
+    assert one["mae"] == 1.0 and one["mae_ci"] == [1.0, 1.0] and one["n"] == 1
+    zones = agreement.zone_agreement(np.array([[1, 0, 0, 0, 0, 0]], bool), np.array([[1, 0, 0, 0, 0, 0]]), n_boot=200)
+    assert zones["overall"] == {"agreement": 1.0, "ci": [1.0, 1.0]}
+    pred, ref = np.zeros((3, 6), bool), np.ones((3, 6))
+    none = agreement.zone_agreement(pred, ref, n_boot=0)
+    assert none["overall"]["agreement"] == 0.0 and np.isnan(none["overall"]["ci"]).all()
+
+
 def test_score_agreement_interval_skips_undefined_resamples():
     """Kappa is undefined on a resample where both raters use one category; the interval comes
     from the other resamples instead of turning NaN."""

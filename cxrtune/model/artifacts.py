@@ -48,18 +48,28 @@ def _from_dict(cls, d: dict, where: str):
     return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def check_format(d: dict, where: str, fmt: str, what: str) -> None:
+    """Refuse the mapping ``d`` read from ``where`` unless it is of format ``fmt`` (absent: a file
+    written before formats were recorded), naming a newer version of it as such."""
+    found = d.get("format", fmt)
+    if found != fmt:
+        family = fmt.rsplit("/", 1)[0] + "/"
+        if isinstance(found, str) and found.startswith(family):
+            raise CxrtuneError(f"{where}: format {found!r}, this cxrtune reads {fmt} (a newer cxrtune wrote it?)")
+        raise CxrtuneError(f"{where}: not a cxrtune {what} (format {found!r})")
+
+
 def _versioned(cls, d: dict, where: str, fmt: str, what: str, required: tuple[str, ...]):
-    """``cls`` from the mapping ``d`` read from ``where``, if it is of format ``fmt`` (absent: an
-    older file of it) and holds the ``required`` keys."""
-    if d.get("format", fmt) != fmt:
-        raise CxrtuneError(f"{where}: not a cxrtune {what} (format {d.get('format')!r})")
+    """``cls`` from the mapping ``d`` read from ``where``, if it is of format ``fmt``
+    (:func:`check_format`) and holds the ``required`` keys."""
+    check_format(d, where, fmt, what)
     missing = [k for k in required if k not in d]
     if missing:
         raise CxrtuneError(f"{where}: {what} metadata lacks {' or '.join(missing)}")
     return _from_dict(cls, d, where)
 
 
-def _read_json(folder: str, name: str) -> tuple[dict, str]:
+def read_json_object(folder: str, name: str) -> tuple[dict, str]:
     """The JSON object in ``folder/name`` and that file's URI (for messages naming it)."""
     uri = storage.join(folder, name)
     try:
@@ -104,7 +114,7 @@ def write_checkpoint_meta(checkpoint_uri: str, meta: CheckpointMeta) -> None:
 
 
 def read_checkpoint_meta(checkpoint_uri: str) -> CheckpointMeta:
-    return CheckpointMeta.from_dict(*_read_json(checkpoint_uri, "meta.json"))
+    return CheckpointMeta.from_dict(*read_json_object(checkpoint_uri, "meta.json"))
 
 
 RUN_FORMAT = "cxrtune-run/1"
@@ -125,6 +135,7 @@ class RunSummary:
     promoted_from: str | None = None
     trial: str | None = None
     metrics: dict | None = None
+    train_minutes: float | None = None  # wall-clock training time, where a benchmark measured it
     format: str = RUN_FORMAT
 
     def to_dict(self) -> dict:
@@ -141,7 +152,7 @@ def write_run_summary(run_uri: str, summary: RunSummary) -> None:
 
 
 def read_run_summary(run_uri: str) -> RunSummary:
-    return RunSummary.from_dict(*_read_json(run_uri, "run.json"))
+    return RunSummary.from_dict(*read_json_object(run_uri, "run.json"))
 
 
 @dataclass(frozen=True)
@@ -256,7 +267,7 @@ def read_bundle_meta(uri: str) -> BundleMeta:
 
     Raises:
         CxrtuneError: missing, not JSON, not a bundle, or a format newer than this cxrtune."""
-    meta = BundleMeta.from_dict(*_read_json(uri, "bundle.json"))
+    meta = BundleMeta.from_dict(*read_json_object(uri, "bundle.json"))
     if not meta.model_card:
         meta.model_card = model_card(meta)
     return meta

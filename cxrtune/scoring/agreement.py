@@ -97,6 +97,13 @@ def _bootstrap(samples: Sequence[np.ndarray], statistic, n_boot: int, seed: int)
     resamples of its ``bootstrap_distribution``, as a reader of the interval would expect."""
     from scipy.stats import bootstrap
 
+    n = len(samples[0])
+    if n_boot <= 0 or n < 2:  # scipy needs two images and one resample; one image resamples to itself
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            point = np.atleast_1d(np.asarray(statistic(*[np.asarray(s)[None, :] for s in samples], axis=-1),
+                                             float).reshape(-1))
+        return [[float(v), float(v)] if n_boot > 0 and np.isfinite(v) else [float("nan")] * 2 for v in point]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant resamples: NaN is the answer, not a warning
         distribution = np.atleast_2d(bootstrap(

@@ -33,7 +33,7 @@ from ..config_files import known_settings, load_yaml
 from ..data import manifest
 from ..data.phantom import embedded_manifest
 from ..errors import CxrtuneError
-from ..model.artifacts import DEFAULT_OPACITY_THRESHOLD
+from ..model.artifacts import DEFAULT_OPACITY_THRESHOLD, check_format, read_json_object
 from ..model.grading import GradeConfig, flat_metrics, train_grader
 from ..model.train import TrainConfig, Trainer, load_training_state, patience_step, remove_orphaned_staging
 from ..preprocessing import load_scan
@@ -658,22 +658,12 @@ def load_warm_start(uris: list[str]) -> list[dict]:
 
 def load_options(exp_uri: str) -> TuneOptions:
     """The options a sweep was started with, from its ``cxrtune.json`` (what resume and report read)."""
-    uri = storage.join(exp_uri, EXPERIMENT_FILE)
-    try:
-        text = storage.read_text(uri)
-    except CxrtuneError:
-        raise CxrtuneError(f"{exp_uri}: no {EXPERIMENT_FILE}; is this a cxrtune experiment folder "
-                           "(STORAGE/NAME)?") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        raise CxrtuneError(f"{uri}: not valid JSON") from None
-    if not isinstance(data, dict):
-        raise CxrtuneError(f"{uri}: expected a mapping of options")
-    found = data.pop("format", EXPERIMENT_FORMAT)
-    if found != EXPERIMENT_FORMAT:
-        raise CxrtuneError(f"{uri}: format {found!r}, this cxrtune reads {EXPERIMENT_FORMAT} (a newer cxrtune wrote it?)")
-    return TuneOptions(**known_settings(TuneOptions, data, f"{uri}: experiment"))
+    if not storage.exists(storage.join(exp_uri, EXPERIMENT_FILE)):
+        raise CxrtuneError(f"{exp_uri}: no {EXPERIMENT_FILE}; is this a cxrtune experiment folder (STORAGE/NAME)?")
+    data, uri = read_json_object(exp_uri, EXPERIMENT_FILE)
+    check_format(data, uri, EXPERIMENT_FORMAT, "experiment")
+    options = {k: v for k, v in data.items() if k != "format"}
+    return TuneOptions(**known_settings(TuneOptions, options, f"{uri}: experiment"))
 
 
 def resume_tune(exp_uri: str) -> dict:
