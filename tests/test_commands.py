@@ -38,7 +38,6 @@ from cxrtune.scoring.evaluation import (
     evaluation_mode,
     manifest_id,
 )
-from cxrtune.scoring.onnx_export import calibration_sample
 from cxrtune.scoring.scorer import score_mask_files
 from cxrtune.search.report import grade_cv_inputs
 from cxrtune.search.tuning import load_options
@@ -201,22 +200,6 @@ def test_experiment_options_are_read_strictly(tmp_path):
     (tmp_path / "cxrtune.json").write_text("{")
     with pytest.raises(CxrtuneError, match="not valid JSON"):
         load_options(str(tmp_path))
-
-
-def test_int8_calibration_sample_spreads_over_every_input_and_skips_unreadable(tmp_path):
-    for folder in ("a", "b"):
-        (tmp_path / folder).mkdir()
-        for i in range(10):
-            images.write_png(str(tmp_path / folder / f"{i:02d}.png"), np.full((8, 8), i, np.uint8))
-    (tmp_path / "b" / "99.png").symlink_to(tmp_path / "gone.png")  # listed, but unreadable
-    sample = calibration_sample([str(tmp_path / "a"), str(tmp_path / "b")], limit=5)
-    expected = [(tmp_path / "a" / f"{i:02d}.png").read_bytes() for i in (0, 4, 8)]
-    expected += [(tmp_path / "b" / f"{i:02d}.png").read_bytes() for i in (2, 6)]
-    assert sample == expected  # every 4th of the 21 files: both folders, not the first five of one
-    short = calibration_sample([str(tmp_path / "b")], limit=8)  # 11 files, every one; the broken one skipped
-    assert len(short) == 8 and all(s.startswith(b"\x89PNG") for s in short)
-    with pytest.raises(CxrtuneError, match="at least"):
-        calibration_sample([str(tmp_path / "a")], limit=2)
 
 
 def _cv_result(side: str, rows: dict) -> dict:

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from cxrtune import images
 from cxrtune.errors import CxrtuneError
 from cxrtune.model.metrics import agreement_dice
-
-pytestmark = pytest.mark.slow
+from cxrtune.scoring.onnx_export import calibration_sample
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,7 @@ def exported(phantom_bundle, tmp_path_factory):
     shutil.rmtree(bundle.parent, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_export_is_recorded_and_auto_picks_onnx_on_cpu(exported):
     from cxrtune.scoring.scorer import load_bundle
 
@@ -35,6 +36,7 @@ def test_export_is_recorded_and_auto_picks_onnx_on_cpu(exported):
     assert load_bundle(str(exported), device="cpu", runtime="torch").runtime == "torch"
 
 
+@pytest.mark.slow
 def test_torch_and_onnx_give_the_same_records_and_masks(exported, phantom_dir):
     from cxrtune.preprocessing import load_scan
     from cxrtune.scoring.scorer import load_bundle
@@ -61,6 +63,7 @@ def test_torch_and_onnx_give_the_same_records_and_masks(exported, phantom_dir):
     assert lung_found == len(scans) and sum(int(m.any()) for m, _ in raw_t) >= 2, lung_found
 
 
+@pytest.mark.slow
 def test_a_stale_export_is_refused(exported, tmp_path):
     from cxrtune.scoring.scorer import load_bundle
 
@@ -104,6 +107,7 @@ def int8_exported(exported, phantom_dir, tmp_path_factory):
     shutil.rmtree(bundle.parent, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_int8_export_is_opt_in_and_close_to_fp32(int8_exported, phantom_dir):
     """int8 runs only when asked for, and on the phantoms its masks stay close to FP32's (the
     real-data parity is in docs/BENCHMARKS.md)."""
@@ -130,6 +134,7 @@ def test_int8_export_is_opt_in_and_close_to_fp32(int8_exported, phantom_dir):
     assert max(abs(pa - pb) for (_, pa), (_, pb) in raw) < 0.1
 
 
+@pytest.mark.slow
 def test_a_stale_int8_export_is_refused(int8_exported, tmp_path):
     from cxrtune.scoring.onnx_export import export_bundle
     from cxrtune.scoring.scorer import load_bundle
@@ -142,3 +147,19 @@ def test_a_stale_int8_export_is_refused(int8_exported, tmp_path):
     export_bundle(str(stale))  # a new FP32 export: the int8 copy no longer describes it
     with pytest.raises(CxrtuneError, match="no int8 export"):
         load_bundle(str(stale), device="cpu", runtime="onnx-int8")
+
+
+def test_int8_calibration_sample_spreads_over_every_input_and_skips_unreadable(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for i in range(10):
+            images.write_png(str(tmp_path / folder / f"{i:02d}.png"), np.full((8, 8), i, np.uint8))
+    (tmp_path / "b" / "99.png").symlink_to(tmp_path / "gone.png")  # listed, but unreadable
+    sample = calibration_sample([str(tmp_path / "a"), str(tmp_path / "b")], limit=5)
+    expected = [(tmp_path / "a" / f"{i:02d}.png").read_bytes() for i in (0, 4, 8)]
+    expected += [(tmp_path / "b" / f"{i:02d}.png").read_bytes() for i in (2, 6)]
+    assert sample == expected  # every 4th of the 21 files: both folders, not the first five of one
+    short = calibration_sample([str(tmp_path / "b")], limit=8)  # 11 files, every one; the broken one skipped
+    assert len(short) == 8 and all(s.startswith(b"\x89PNG") for s in short)
+    with pytest.raises(CxrtuneError, match="at least"):
+        calibration_sample([str(tmp_path / "a")], limit=2)

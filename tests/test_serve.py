@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -20,9 +21,8 @@ from pydicom.data import get_testdata_file
 
 from cxrtune import images
 from tests import golden
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 
-pytestmark = pytest.mark.slow
 KEY = "test-key-123"
 SECRET = "Doe^Secret"
 
@@ -40,6 +40,7 @@ def deployments(ingress: dict | None = None) -> dict:
 
 # The two `cxrtune serve` tests come first: each starts its own Ray in a subprocess, before the
 # module's in-process instance (the `server` fixture) exists.
+@pytest.mark.slow
 def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
     """README's `cxrtune serve --bundle`: the CPU config on this machine, real HTTP, Ctrl-C stops it."""
     port = free_port()
@@ -74,6 +75,7 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
             proc.wait()
 
 
+@pytest.mark.slow
 def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, tmp_path):
     """Ray Serve's own `serve run` with serve/config.cpu.yaml (bundle and port changed, nothing
     else): the typed builder validates the args, the app scores an image; the GPU config passes
@@ -118,6 +120,7 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
             proc.wait()
 
 
+@pytest.mark.slow
 def test_gpu_config_on_a_cpu_instance_fails_fast(phantom_bundle, tmp_path):
     """serve/config.yaml asks for GPUs (and 4 CPUs for the ingress): on a fixed instance without
     them Serve would wait forever; cxrtune says why and exits."""
@@ -196,6 +199,7 @@ def phantom_png(phantom_dir: Path, i: int = 1) -> bytes:
     return sorted((phantom_dir / "images").iterdir())[i].read_bytes()
 
 
+@pytest.mark.slow
 def test_health_models_and_openapi(server):
     assert requests.get(f"{server}/healthz").json() == {"status": "ok"}
     assert requests.get(f"{server}/readyz").json() == {"status": "ready"}
@@ -210,6 +214,7 @@ def test_health_models_and_openapi(server):
     assert "/v1/score" in spec["paths"] and "/v1/score/batch" in spec["paths"]
 
 
+@pytest.mark.slow
 def test_score_png_multipart_raw_16bit_and_jpeg(server, phantom_dir):
     import cv2
 
@@ -229,6 +234,7 @@ def test_score_png_multipart_raw_16bit_and_jpeg(server, phantom_dir):
     assert post(f"{server}/v1/score", jpg.tobytes()).status_code == 200
 
 
+@pytest.mark.slow
 def test_overlay_as_json_and_png(server, phantom_dir):
     png = phantom_png(phantom_dir)
     rec = post(f"{server}/v1/score?overlay=true", png).json()
@@ -240,6 +246,7 @@ def test_overlay_as_json_and_png(server, phantom_dir):
     assert r.headers["x-score"].isdigit() and r.headers["x-status"] == "scored"
 
 
+@pytest.mark.slow
 def test_batch(server, phantom_dir):
     files = [("files", ("a.png", phantom_png(phantom_dir, 1))), ("files", ("b.png", b"junk" * 50)),
              ("files", ("c.png", phantom_png(phantom_dir, 2)))]
@@ -260,6 +267,7 @@ def _dicom(pixels: np.ndarray, **tags) -> bytes:
     return data
 
 
+@pytest.mark.slow
 def test_dicom_scored_and_identifiers_never_echoed(server, phantom_dir):
     img = images.decode_raster(phantom_png(phantom_dir)).astype(np.uint16) * 16
     data = _dicom(img, BitsStored=12, PatientName=SECRET, PatientID="ID-999")
@@ -284,6 +292,7 @@ def png_claiming(width: int, height: int) -> bytes:
     return images.PNG_MAGIC + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
+@pytest.mark.slow
 def test_bad_input_never_500(server, phantom_dir):
     url = f"{server}/v1/score"
     assert post(url, b"x", key=None).status_code == 401
@@ -300,6 +309,7 @@ def test_bad_input_never_500(server, phantom_dir):
     assert r.status_code == 422
 
 
+@pytest.mark.slow
 def test_no_lungs_is_an_unscored_record_not_a_zero_score(server, phantom_dir):
     r = post(f"{server}/blind/v1/score", phantom_png(phantom_dir))
     assert r.status_code == 200, r.text
@@ -321,6 +331,7 @@ def _same(a, b, path=""):
         assert a == b, (path, a, b)
 
 
+@pytest.mark.slow
 def test_cli_and_http_give_the_same_record(server, served_bundle, phantom_dir, tmp_path):
     """One scoring policy: the same PNG and the same DICOM through `cxrtune score` and over HTTP
     (same device, same runtime) give equal records, timings, request ids and bundle identity aside."""
@@ -358,6 +369,7 @@ def concurrent_posts(url: str, data: bytes, n: int) -> list[tuple[int, dict | No
     return asyncio.run(all_of())
 
 
+@pytest.mark.slow
 def test_admission_control_answers_json_503_with_retry_after(server, phantom_dir):
     answers = concurrent_posts(f"{server}/tight/v1/score", phantom_png(phantom_dir), 8)
     codes = [a[0] for a in answers]
@@ -367,6 +379,7 @@ def test_admission_control_answers_json_503_with_retry_after(server, phantom_dir
             assert set(body) == {"error", "request_id"} and "capacity" in body["error"] and retry == "2"
 
 
+@pytest.mark.slow
 def test_every_error_has_one_shape(server):
     answers = [requests.get(f"{server}/v1/models"),  # 401
                requests.get(f"{server}/v1/nowhere"),  # 404
@@ -379,6 +392,7 @@ def test_every_error_has_one_shape(server):
     assert answers[2].json()["request_id"] == "abc-1"
 
 
+@pytest.mark.slow
 def test_openapi_documents_upload_query_record_and_errors(server):
     spec = requests.get(f"{server}/openapi.json").json()
     op = spec["paths"]["/v1/score"]["post"]
@@ -396,6 +410,7 @@ def test_openapi_documents_upload_query_record_and_errors(server):
     assert "files" in str(spec["paths"]["/v1/score/batch"]["post"]["requestBody"])
 
 
+@pytest.mark.slow
 def test_audit_line_per_request_without_patient_data(server, phantom_dir):
     import hashlib
 
@@ -429,6 +444,7 @@ def _scrape(name: str) -> list[tuple[dict, float]]:
     return out
 
 
+@pytest.mark.slow
 def test_metrics_reach_prometheus_and_batches_form(server, phantom_dir):
     assert {a[0] for a in concurrent_posts(f"{server}/v1/score", phantom_png(phantom_dir), 12)} == {200}
     post(f"{server}/v1/score", b"GIF89a" + b"\0" * 64)  # a refusal, counted by reason
@@ -452,6 +468,7 @@ def test_metrics_reach_prometheus_and_batches_form(server, phantom_dir):
         assert counts["+Inf"] - counts["1.0"] > 0, (stage, counts)  # some batches held more than one image
 
 
+@pytest.mark.slow
 def test_a_killed_stage_replica_loses_no_request(server, phantom_bundle, phantom_dir, tmp_path):
     """ray.kill the only Stage1 replica of an app while it runs requests: the ingress retries them
     on the restarted replica; every request succeeds, and the retry counter proves that requests
@@ -504,11 +521,13 @@ def test_a_killed_stage_replica_loses_no_request(server, phantom_bundle, phantom
     assert retried >= 1  # the killed replica had requests in flight, and they were retried
 
 
+@pytest.mark.slow
 def test_full_queue_answers_503(server, phantom_dir):
     statuses = [a[0] for a in concurrent_posts(f"{server}/blind/v1/score", phantom_png(phantom_dir), 16)]
     assert 503 in statuses and 500 not in statuses and set(statuses) <= {200, 503}
 
 
+@pytest.mark.slow
 def test_load_autoscales_up_and_down_with_zero_errors(server, phantom_dir):
     from ray import serve
 
@@ -543,6 +562,7 @@ def test_load_autoscales_up_and_down_with_zero_errors(server, phantom_dir):
     assert replicas() == 1, "replicas did not fall after the load"
 
 
+@pytest.mark.slow
 def test_viewer_page_in_headless_chromium(server, phantom_dir, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
@@ -568,3 +588,12 @@ def test_viewer_page_in_headless_chromium(server, phantom_dir, tmp_path):
         page.click("#submit")
         page.wait_for_function("document.getElementById('error').textContent.includes('401')", timeout=15000)
         browser.close()
+
+
+def test_viewer_page_loads_nothing_from_outside():
+    """The browser page works on a hospital network without internet: no script, style, font or
+    image from another host (a CDN would also see who uses it)."""
+    page = (ROOT / "cxrtune" / "serving" / "viewer.html").read_text()
+    assert "<html" in page.lower() and "v1/score" in page
+    assert re.findall(r"(?:src|href)\s*=\s*[\"']?(?:https?:)?//", page, flags=re.I) == []
+    assert "@import" not in page and "url(http" not in page.replace(" ", "")

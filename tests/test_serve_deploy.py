@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, shipped_cpu_config
+from cxrtune.errors import CxrtuneError
+from cxrtune.serving.deploy import load_config
+from tests.conftest import ROOT, free_port, shipped_cpu_config
 
-pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
@@ -53,6 +54,7 @@ def wait_ready(url: str, seconds: float = 240) -> None:
     raise AssertionError(f"{url} not ready after {seconds} s")
 
 
+@pytest.mark.slow
 def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bundle, phantom_dir, tmp_path):
     from cxrtune.model.artifacts import bundle_hash, update_bundle
     from cxrtune.scoring.onnx_export import export_bundle
@@ -143,3 +145,16 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
         time.sleep(1)
     else:
         raise AssertionError("the app still answers after `serve shutdown`")
+
+
+def test_shipped_cpu_config_loads_with_a_bundle_override(tmp_path):
+    """What `cxrtune serve` and `cxrtune deploy` read from a Serve config: its HTTP options, the
+    app's args with --bundle put in, and the deployments by name; a file that is not a Serve config
+    is a plain error."""
+    http, args, deployments = load_config(str(ROOT / "serve" / "config.cpu.yaml"), bundle="s3://b/bundles/v2")
+    assert args["bundle"] == "s3://b/bundles/v2" and http["host"] and http["port"]
+    assert {"Ingress", "Stage1", "Stage2"} <= set(deployments)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("http_options: {}\n")
+    with pytest.raises(CxrtuneError, match="not a Serve config"):
+        load_config(str(bad))
