@@ -19,7 +19,10 @@ import hmac
 import io
 import os
 import re
+import struct
+import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +32,28 @@ from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError
 
 # Decode limits for every format (images.py, which reads PNG/JPEG and hands DICOM here, uses them too).
 MAX_BYTES = int(os.environ.get("CXRTUNE_MAX_IMAGE_BYTES", 256 * 1024 * 1024))
-MAX_PIXELS = int(os.environ.get("CXRTUNE_MAX_IMAGE_PIXELS", 64 * 1024 * 1024))
+# the largest CXR detectors are about 4,300 x 4,300 (18.5 MP); 32 MP leaves room and refuses the rest
+MAX_PIXELS = int(os.environ.get("CXRTUNE_MAX_IMAGE_PIXELS", 32 * 1024 * 1024))
+# what a Deflated DICOM may inflate to: a 32 MP 16-bit image is 64 MB, plus its header
+MAX_DECODED_BYTES = int(os.environ.get("CXRTUNE_MAX_DECODED_BYTES", 72 * 1024 * 1024))
+
+
+# At most this many pixel decodes at once per process (the Serve ingress decodes in threads): a
+# 32 MP 16-bit decode holds ~0.3 GB, and six at once grew the ingress by ~1 GB.
+DECODE_SLOTS = threading.BoundedSemaphore(int(os.environ.get("CXRTUNE_DECODE_CONCURRENCY", 2)))
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Byte and pixel limits for one decode (Serve tightens them per request)."""
+    """Byte and pixel limits for one decode (Serve tightens them per request).
+
+    ``max_bytes`` bounds the file as it arrives, ``max_decoded_bytes`` what a Deflated DICOM
+    inflates to (51 kB of zeros inflate to 52 MB), ``max_pixels`` the frame that is decoded, read
+    from the header and from the compressed codestream's own size before any pixel is decoded."""
 
     max_bytes: int = MAX_BYTES
     max_pixels: int = MAX_PIXELS
+    max_decoded_bytes: int = MAX_DECODED_BYTES
 
 PSEUDONYM_ENV = "CXRTUNE_PSEUDONYM_KEY"
 MIN_KEY_CHARS = 16
@@ -221,19 +237,80 @@ def _header_fields(ds, key: bytes | str | None) -> DicomHeader:
     )
 
 
-def _dcmread(source, stop_before_pixels: bool):
+def inflate_capped(data: bytes, cap: int) -> bytes:
+    """Raw DEFLATE ``data`` inflated through a stream that stops past ``cap`` bytes: a
+    decompression bomb costs at most ``cap`` + 1 bytes before it is refused.
+
+    Raises:
+        ImageTooLargeError: it inflates to more than ``cap`` bytes.
+        ImageDecodeError: not a DEFLATE stream."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pending = data
+    try:
+        while pending and not inflater.eof:
+            out += inflater.decompress(pending, cap + 1 - len(out))
+            if len(out) > cap:
+                raise ImageTooLargeError(f"Deflated DICOM inflates to more than {cap / 1e6:.0f} MB "
+                                         "(CXRTUNE_MAX_DECODED_BYTES)")
+            pending = inflater.unconsumed_tail
+    except zlib.error:
+        raise ImageDecodeError("corrupt Deflated DICOM (not a DEFLATE stream)") from None
+    return bytes(out)
+
+
+def _inflated_dataset(fp, stop_before_pixels: bool, cap: int):
+    """A Deflated Explicit VR Little Endian file read with its dataset inflated here, capped
+    (:func:`inflate_capped`), instead of by pydicom, which inflates it whole before any check.
+    None for any other transfer syntax (``fp`` rewound for pydicom)."""
+    from pydicom.dataset import FileDataset
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    start = fp.tell()
+    try:
+        preamble = read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except Exception:  # noqa: BLE001 - not a file meta pydicom can read: dcmread gives the error
+        fp.seek(start)
+        return None
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        fp.seek(start)
+        return None
+    body = inflate_capped(fp.read(), cap)
+    dataset = read_dataset(io.BytesIO(body), is_implicit_VR=False, is_little_endian=True,
+                           stop_when=_pixel_data_tag if stop_before_pixels else None)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the inflated bytes are
+    ds = FileDataset("", dataset, preamble=preamble, file_meta=meta)
+    ds.set_original_encoding(False, True)
+    return ds
+
+
+def _pixel_data_tag(tag, vr, length) -> bool:
+    return tag >= 0x7FE00010
+
+
+def _dcmread(source, stop_before_pixels: bool, limits: Limits | None = None):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            inflated = _inflated_dataset(fp, stop_before_pixels, (limits or Limits()).max_decoded_bytes)
+            if inflated is not None:
+                return inflated
             return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
+    except CxrtuneError:
+        raise
     except InvalidDicomError:
         raise ImageDecodeError("not a DICOM file (no DICM preamble)") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on junk
         raise ImageDecodeError(f"unreadable DICOM ({type(exc).__name__})") from None
+    finally:
+        if not isinstance(source, (bytes, bytearray)):
+            fp.close()
 
 
 def read_header(source: bytes | str | Path, key: bytes | str | None = None) -> DicomHeader:
@@ -300,7 +377,7 @@ def read_dicom(source: bytes | str | Path, limits=None, key: bytes | str | None 
     """Read one DICOM file completely; raises :class:`ImageDecodeError` with a plain reason (never
     the file's path). No key is needed: without one the header's identifier fields are empty."""
     limits = limits or Limits()
-    ds = _dcmread(str(source) if isinstance(source, Path) else source, False)
+    ds = _dcmread(str(source) if isinstance(source, Path) else source, False, limits)
     header = header_of(ds, key)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise NotAnImageError("DICOM holds no image (no PixelData)")
@@ -308,4 +385,66 @@ def read_dicom(source: bytes | str | Path, limits=None, key: bytes | str | None 
         raise ImageTooLargeError(f"DICOM is {header.columns}x{header.rows}, over the pixel limit")
     if header.bits_stored and not 1 <= header.bits_stored <= 16:
         raise ImageDecodeError(f"BitsStored {header.bits_stored} is not supported (8-16)")
-    return DicomImage(pixels_of(ds), header)
+    check_codestream(ds, header.rows, header.columns, limits)
+    with DECODE_SLOTS:
+        return DicomImage(pixels_of(ds), header)
+
+
+JPEG_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF,
+                    0xF7}  # baseline ... lossless, arithmetic, and JPEG-LS's SOF55
+JPEG_STANDALONE = {0x01, *range(0xD0, 0xD9)}  # TEM, RSTn, SOI: no length field
+
+
+def codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(height, width) that a compressed frame declares in its own headers: JPEG 2000's SIZ
+    marker, or a JPEG / JPEG-LS start-of-frame. The decoder allocates what these say, whatever
+    the DICOM header's Rows and Columns say. None when neither is found (RLE, other codecs).
+    Hand-written: the codecs' Python bindings offer no header-only read."""
+    siz = frame.find(b"\xff\x4f\xff\x51")  # SOC then SIZ
+    if siz >= 0 and len(frame) >= siz + 24:
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[siz + 8:siz + 24])
+        return max(ysiz - yo, 0), max(xsiz - xo, 0)
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in JPEG_STANDALONE:
+            pos += 2
+            continue
+        length = struct.unpack(">H", frame[pos + 2:pos + 4])[0]
+        if marker in JPEG_SOF_MARKERS and pos + 9 <= len(frame):
+            height, width = struct.unpack(">HH", frame[pos + 5:pos + 9])
+            return height, width
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+def check_codestream(ds, rows: int, columns: int, limits: Limits) -> None:
+    """For encapsulated (compressed) pixel data: the first frame's codestream must declare the
+    header's size, within the pixel limit, before the decoder sees it (a 4,096 x 4,096 JPEG 2000
+    under a 64 x 64 header was decoded before it was refused)."""
+    from pydicom.encaps import generate_frames
+
+    transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if transfer_syntax is None or not transfer_syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    except Exception:  # noqa: BLE001 - malformed encapsulation: a plain reason
+        raise ImageDecodeError("malformed encapsulated DICOM pixel data") from None
+    size = codestream_size(frame)
+    if size is None:
+        return
+    height, width = size
+    if height * width > limits.max_pixels:
+        raise ImageTooLargeError(f"DICOM codestream is {width}x{height}, over the pixel limit")
+    if (height, width) != (rows, columns):
+        raise ImageDecodeError(f"DICOM codestream is {width}x{height} but the header says {columns}x{rows}")

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from . import storage
-from .dicom import Limits, read_dicom
+from .dicom import DECODE_SLOTS, Limits, read_dicom
 from .errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -143,7 +143,8 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     fmt = sniff_format(data)
     if fmt == "dicom":
         return read_dicom(data, limits=limits).pixels
-    arr = decode_raster(data, limits)
+    with DECODE_SLOTS:
+        arr = decode_raster(data, limits)
     if arr.dtype == np.uint16:
         return _to_unit_float(arr, full_scale_16bit(arr, png_significant_bits(data)))
     return _to_unit_float(arr)

@@ -462,3 +462,90 @@ def test_multi_frame_colour_and_malformed_luts_are_one_files_error_or_read(tmp_p
     ds.save_as(lut)
     with pytest.raises(ImageDecodeError):
         read_dicom(lut)
+
+
+def _counting_pixel_decoder(monkeypatch) -> list:
+    """Every pixel decode pydicom is asked for, counted (the property cxrtune decodes through)."""
+    calls: list = []
+    original = pydicom.dataset.Dataset.pixel_array
+
+    def counted(ds):
+        calls.append(1)
+        return original.fget(ds)
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(counted))
+    return calls
+
+
+def test_deflated_dicom_inflates_through_a_capped_stream(tmp_path, monkeypatch):
+    """A Deflated DICOM is inflated here, through a stream that stops past max_decoded_bytes:
+    pydicom would inflate it whole first (a 203 kB upload held 150 MB of zeros)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    zeros = np.zeros((1024, 1024), np.uint16)  # 2 MB of pixels that deflate to a few kB
+    zeros[::7, ::5] = 4095
+    plain = make_dicom(tmp_path / "plain.dcm", zeros, BitsStored=12)
+    ds = pydicom.dcmread(plain)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    data = (tmp_path / "deflated.dcm").read_bytes()
+    assert len(data) < 200_000
+    assert np.array_equal(read_dicom(data).pixels, read_dicom(plain).pixels)  # within the default cap
+
+    produced: list[int] = []
+    real = dicom.zlib.decompressobj
+
+    class Counting:
+        def __init__(self, *args):
+            self._inflater = real(*args)
+
+        def decompress(self, data, max_length=0):
+            out = self._inflater.decompress(data, max_length)
+            produced.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self._inflater, name)
+    monkeypatch.setattr(dicom.zlib, "decompressobj", Counting)
+    decoded = _counting_pixel_decoder(monkeypatch)
+    cap = 500_000
+    with pytest.raises(dicom.ImageTooLargeError, match="inflates to more than"):
+        read_dicom(data, limits=dicom.Limits(max_decoded_bytes=cap))
+    assert 0 < sum(produced) <= cap + 1 and decoded == []
+    with pytest.raises(ImageDecodeError, match="DEFLATE"):
+        dicom.inflate_capped(b"not deflate at all" * 10, cap)
+
+
+def test_codestream_size_is_checked_before_any_pixel_is_decoded(tmp_path, monkeypatch):
+    """The decoder allocates what the codestream declares, not what Rows x Columns say: a JPEG 2000
+    or JPEG frame larger than its header is refused, and the pixel decoder is never called."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    j2k = pydicom.dcmread(get_testdata_file("RG1_J2KR.dcm"))
+    rows, columns = int(j2k.Rows), int(j2k.Columns)
+    frame = next(pydicom.encaps.generate_frames(j2k.PixelData, number_of_frames=1))
+    assert dicom.codestream_size(frame) == (rows, columns)
+    j2k.Rows, j2k.Columns = 64, 64
+    lying = tmp_path / "lying.dcm"
+    j2k.save_as(lying)
+    decoded = _counting_pixel_decoder(monkeypatch)
+    with pytest.raises(ImageDecodeError, match=f"codestream is {columns}x{rows} but the header says 64x64"):
+        read_dicom(lying)
+    with pytest.raises(dicom.ImageTooLargeError, match="codestream"):
+        read_dicom(lying, limits=dicom.Limits(max_pixels=rows * columns - 1))
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((300, 200), 128, np.uint8)).save(buf, format="JPEG")
+    assert dicom.codestream_size(buf.getvalue()) == (300, 200)
+    jpeg = make_dicom(tmp_path / "jpeg.dcm", gradient(8).astype(np.uint8))  # a 64 x 48 header
+    ds = pydicom.dcmread(jpeg)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(jpeg)
+    with pytest.raises(ImageDecodeError, match="codestream is 200x300"):
+        read_dicom(jpeg)
+    assert decoded == []

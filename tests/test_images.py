@@ -101,3 +101,35 @@ def test_jpeg_exif_orientation_is_applied():
     decoded = images.decode_image(buf.getvalue())
     assert decoded.shape == upright.shape
     assert np.abs(decoded - upright / 255.0).mean() < 0.02
+
+
+def test_at_most_two_images_decode_at_once(monkeypatch):
+    """Decodes share DECODE_SLOTS: six threads decoding at once (as the Serve ingress does) never
+    have more than two pixel decoders running."""
+    import threading
+
+    running, peak, release = [0], [0], threading.Event()
+    lock = threading.Condition()
+    real = images.decode_raster
+
+    def slow_decoder(data, limits):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            lock.notify_all()
+        release.wait(30)
+        with lock:
+            running[0] -= 1
+        return real(data, limits)
+    monkeypatch.setattr(images, "decode_raster", slow_decoder)
+    png = images.encode_png(np.full((8, 8), 7, np.uint8))
+    threads = [threading.Thread(target=images.decode_image, args=(png,)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    with lock:
+        assert lock.wait_for(lambda: running[0] == 2, timeout=30)
+        assert not lock.wait_for(lambda: running[0] > 2, timeout=0.5)  # the others wait for a slot
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert peak[0] == 2 and running[0] == 0

@@ -86,7 +86,8 @@ def _decode(data: bytes, s: ServeSettings):
     """Bytes -> a checked Scan at the working size (the scoring policy's first step), with the
     errors mapped to HTTP codes. Runs in a thread."""
     try:
-        return load_scan(data, Limits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels), s.work_size)
+        return load_scan(data, Limits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels,
+                                      max_decoded_bytes=s.max_decoded_bytes), s.work_size)
     except UnsupportedFormatError as exc:
         raise RequestError(415, f"{exc}; send PNG (8/16-bit), JPEG or DICOM") from None
     except ImageTooLargeError as exc:

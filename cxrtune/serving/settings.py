@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from ..dicom import MAX_DECODED_BYTES, MAX_PIXELS
 from ..preprocessing import WORK_SIZE
 from ..scoring.onnx_runtime import Runtime
 
@@ -17,7 +18,8 @@ class ServeSettings(BaseModel):
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     max_upload_bytes: int = 64 * 1024 * 1024
-    max_pixels: int = 64 * 1024 * 1024
+    max_pixels: int = MAX_PIXELS  # 32 MP: the largest CXR detectors give 18.5
+    max_decoded_bytes: int = MAX_DECODED_BYTES  # what a Deflated DICOM may inflate to
     work_size: int = WORK_SIZE  # long side of the working copy (the CLI's too): zones are scale-invariant
     api_key_env: str = "CXRTUNE_API_KEY"
     device: str | None = None
