@@ -378,6 +378,15 @@ def read_dicom(source: bytes | str | Path, limits=None, key: bytes | str | None 
     the file's path). No key is needed: without one the header's identifier fields are empty."""
     limits = limits or Limits()
     ds = _dcmread(str(source) if isinstance(source, Path) else source, False, limits)
+    try:
+        return _image_of(ds, limits, key)
+    except CxrtuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a hostile header breaks pydicom in many ways: one plain reason
+        raise ImageDecodeError(f"malformed DICOM ({type(exc).__name__})") from None
+
+
+def _image_of(ds, limits: Limits, key: bytes | str | None) -> DicomImage:
     header = header_of(ds, key)
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise NotAnImageError("DICOM holds no image (no PixelData)")

@@ -549,3 +549,26 @@ def test_codestream_size_is_checked_before_any_pixel_is_decoded(tmp_path, monkey
     with pytest.raises(ImageDecodeError, match="codestream is 200x300"):
         read_dicom(jpeg)
     assert decoded == []
+
+
+def test_a_decoder_crash_is_one_files_exclusion_and_the_accession_falls_back(tmp_path, monkeypatch, study_key):
+    """Any failure decoding one file (here a crash inside the PNG encoder, as a 4-D array once gave
+    'libpng error') excludes that file with a reason that quotes nothing of it; the next image of
+    its accession is taken, and the import goes on."""
+    src = tmp_path / "pacs"
+    src.mkdir()
+    g = gradient()
+    first = make_dicom(src / "a.dcm", g, BitsStored=12, AccessionNumber="ACC9", InstanceNumber=1)
+    make_dicom(src / "b.dcm", g, BitsStored=12, AccessionNumber="ACC9", InstanceNumber=2)
+    make_dicom(src / "c.dcm", g, BitsStored=12, AccessionNumber="ACC8", InstanceNumber=1)
+    real, calls = images.encode_png, []
+
+    def encoder_that_fails_once(arr):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError(f"libpng error quoting {src}")
+        return real(arr)
+    monkeypatch.setattr(importers.images, "encode_png", encoder_that_fails_once)
+    result = run_import("dicom", str(src), str(tmp_path / "m.csv"), progress=False)
+    assert len(result.manifest) == 2 and len(result.failed) == 1
+    assert result.failed[0] == {"file": instance_id(first), "reason": "unreadable: ValueError while decoding"}

@@ -4,6 +4,8 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cxrtune import dicom, images
 from cxrtune.errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
@@ -133,3 +135,50 @@ def test_at_most_two_images_decode_at_once(monkeypatch):
     for t in threads:
         t.join(30)
     assert peak[0] == 2 and running[0] == 0
+
+
+def _seed_files() -> list[bytes]:
+    """Valid inputs of each format the entry point takes, for the fuzzer to damage."""
+    import io
+
+    import pydicom
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    g = np.tile(np.linspace(0, 1, 48, dtype=np.float32), (40, 1))
+    jpeg = io.BytesIO()
+    Image.fromarray((g * 255).astype(np.uint8)).save(jpeg, format="JPEG")
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))  # a CR chest PA, cropped to 96 x 80
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:96, :80]).tobytes()
+    ds.Rows, ds.Columns = 96, 80
+    dicoms = []
+    for syntax in (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = syntax
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        dicoms.append(buf.getvalue())
+    return [images.encode_png(g), images.encode_png((g * 255).astype(np.uint8)), jpeg.getvalue(), *dicoms]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 4), flips=st.lists(st.tuples(st.integers(0, 1500), st.integers(0, 255)), max_size=12),  # the headers
+       cut=st.integers(0, 2**31), tail=st.binary(max_size=64))
+def test_the_decoding_entry_point_lets_only_cxrtunes_errors_out(seed, flips, cut, tail):
+    """Damaged PNG, JPEG and DICOM (flipped bytes, cut short, junk appended) go through
+    ``load_scan``, the entry point of every caller: a Scan, or one of cxrtune's own errors with a
+    plain reason; never another exception (a 500, a stopped batch)."""
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.preprocessing import load_scan
+
+    data = bytearray(SEEDS[seed])
+    for position, value in flips:
+        data[position % len(data)] = value
+    data = bytes(data[: max(8, cut % (len(data) + 1))]) + tail
+    try:
+        load_scan(data, dicom.Limits(max_pixels=4 * 1024 * 1024, max_decoded_bytes=8 * 1024 * 1024))
+    except CxrtuneError:
+        pass
+
+
+SEEDS = _seed_files()

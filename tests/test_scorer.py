@@ -315,3 +315,48 @@ def test_lean_stage_payloads_uint8_at_the_smaller_size():
     assert seen == [(2, 1, 64, 64)]  # the network always sees its own size
     assert [o.shape for o in out] == [(64, 64), (40, 30)] and all(o.dtype == np.uint8 for o in out)
     assert int(out[1].min()) == int(out[1].max()) == 128  # p = 0.5 as uint8
+
+
+def test_one_bad_input_is_its_own_error_line_and_resume_keeps_refusals(tmp_path, monkeypatch):
+    """`cxrtune score` turns every failure of one input into that input's line: a refused file
+    (corrupt, or a decoder's own crash) stays refused on --resume, a failed read is tried again, and
+    an image that breaks the networks is isolated from its batch."""
+    from cxrtune.scoring import batch_scoring
+    from cxrtune.scoring.record import ErrorRecord
+
+    good = tmp_path / "good.png"
+    images.write_png(str(good), np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1)))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(images.PNG_MAGIC + b"\0" * 40)
+    assert not isinstance(batch_scoring.read_scan(str(good)), ErrorRecord)
+    refused = batch_scoring.read_scan(str(corrupt))
+    assert isinstance(refused, ErrorRecord) and not refused.retriable
+    missing = batch_scoring.read_scan(str(tmp_path / "gone.png"))
+    assert isinstance(missing, ErrorRecord) and missing.retriable and "not found" in missing.error
+
+    def crashing_decoder(data):
+        raise ValueError(f"decoder internals quoting {tmp_path}")
+    monkeypatch.setattr(batch_scoring, "load_scan", crashing_decoder)
+    crashed = batch_scoring.read_scan(str(good))
+    assert crashed == ErrorRecord(error="unreadable image (ValueError)")  # no path, not retriable
+    monkeypatch.undo()
+
+    class Scorer:  # scores every scan but the one whose width is 13
+        def score_scans(self, scans):
+            if any(s.width == 13 for s in scans):
+                raise RuntimeError("a network failed")
+            return [({"status": "scored", "score": s.width}, None) for s in scans]
+    scans = [type("S", (), {"width": w})() for w in (10, 13, 12)]
+    outcomes = batch_scoring.score_or_isolate(Scorer(), scans)
+    assert outcomes[0][0]["score"] == 10 and outcomes[2][0]["score"] == 12
+    assert outcomes[1] == ErrorRecord(error="scoring failed", retriable=True)
+
+    out = tmp_path / "records.jsonl"
+    out.write_text("\n".join(json.dumps(line) for line in [
+        {"image": "a", "status": "scored", "score": 1},
+        {"image": "b", **ErrorRecord(error="corrupt").to_dict()},
+        {"image": "c", **ErrorRecord(error="read failed", retriable=True).to_dict()},
+        {"image": "d", "status": "error", "error": "written before retriable existed", "score": None},
+    ]) + "\n{\"image\": \"e\", \"sta")  # the last line cut by a crash
+    kept = [json.loads(line)["image"] for line in batch_scoring.complete_lines(str(out))]
+    assert kept == ["a", "b"]

@@ -231,14 +231,16 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
         return message
 
     def unreadable(path: Path, exc: Exception, item: str | None = None) -> None:
-        entry = {"file": item or file_id(path), "reason": f"unreadable: {scrub(str(exc), path)}"}
+        # cxrtune's own messages are plain and scrubbed; another library's may quote anything
+        why = scrub(str(exc), path) if isinstance(exc, CxrtuneError) else f"{type(exc).__name__} while decoding"
+        entry = {"file": item or file_id(path), "reason": f"unreadable: {why}"}
         excluded.append(entry)
         failed.append(entry)
 
     for path in tqdm(files, desc="dicom headers", unit="file", disable=not progress):
         try:
             header = read_header(path, key=key)
-        except CxrtuneError as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad file is that file's exclusion, never the import's end
             unreadable(path, exc)
             continue
         reason = header.exclusion_reason(min_age=min_age, keep_derived=keep_derived)
@@ -263,15 +265,14 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
                 continue
             try:
                 dcm = read_dicom(path, key=key)
-            except CxrtuneError as exc:
+                bits = dcm.header.bits_stored or 8
+                arr = (np.round(dcm.pixels * 65535).astype(np.uint16) if bits > 8
+                       else np.round(dcm.pixels * 255).astype(np.uint8))
+                data = images.encode_png(arr)
+            except Exception as exc:  # noqa: BLE001 - one bad file is that file's exclusion, never the import's end
                 unreadable(path, exc, item)
-                continue
+                continue  # the next image of the accession is tried
             kept = path
-            pixels = dcm.pixels
-            bits = dcm.header.bits_stored or 8
-            arr = (np.round(pixels * 65535).astype(np.uint16) if bits > 8
-                   else np.round(pixels * 255).astype(np.uint8))
-            data = images.encode_png(arr)
             stem = f"{header.instance or header.accession or 'img'}-{hashlib.sha256(data).hexdigest()[:12]}"
             target = _free_target(out_dir, stem, data, written)
             rows.append({"image": str(target.resolve()), "label": label,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,10 +24,12 @@ from tqdm import tqdm
 from .. import storage
 from ..data import manifest
 from ..errors import CxrtuneError
-from ..preprocessing import load_scan
+from ..preprocessing import Scan, load_scan
 from .overlay import encode_overlay
 from .record import ErrorRecord
-from .scorer import Scorer
+from .scorer import Detail, Scorer
+
+log = logging.getLogger(__name__)
 
 SCORABLE = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
@@ -74,8 +77,9 @@ def complete_lines(out_uri: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and "image" in record and record.get("status") != "error":
-            lines.append(line)  # an error (a read that failed, perhaps for a while) is tried again
+        if isinstance(record, dict) and "image" in record and not (
+                record.get("status") == "error" and record.get("retriable", True)):
+            lines.append(line)  # a retriable error (a read that failed, perhaps for a while) is tried again
     return lines
 
 
@@ -101,13 +105,20 @@ def score_files(scorer: Scorer, uris: list[str], out_uri: str, overlays: str | N
             for chunk in _chunks(todo, max(1, scorer.batch_size)):
                 scans, good = [], []
                 for uri in chunk:
-                    try:
-                        scans.append(load_scan(storage.read_bytes(uri)))
-                        good.append(uri)
-                    except CxrtuneError as exc:
+                    scan_or_error = read_scan(uri)
+                    if isinstance(scan_or_error, ErrorRecord):
                         counts["error"] += 1
-                        f.write(json.dumps({"image": uri, **ErrorRecord(error=str(exc)).to_dict()}) + "\n")
-                for uri, scan, (record, detail) in zip(good, scans, scorer.score_scans(scans)):
+                        f.write(json.dumps({"image": uri, **scan_or_error.to_dict()}) + "\n")
+                    else:
+                        scans.append(scan_or_error)
+                        good.append(uri)
+                scored = score_or_isolate(scorer, scans)
+                for uri, scan, outcome in zip(good, scans, scored):
+                    if isinstance(outcome, ErrorRecord):
+                        counts["error"] += 1
+                        f.write(json.dumps({"image": uri, **outcome.to_dict()}) + "\n")
+                        continue
+                    record, detail = outcome
                     counts[record["status"]] += 1
                     line = {"image": uri, **record}
                     if overlays:
@@ -129,6 +140,36 @@ def score_files(scorer: Scorer, uris: list[str], out_uri: str, overlays: str | N
             storage.write_bytes(out_uri, Path(local).read_bytes())
             shutil.rmtree(Path(local).parent, ignore_errors=True)
     return counts
+
+
+def read_scan(uri: str) -> Scan | ErrorRecord:
+    """One input read and decoded (:func:`load_scan`), or its error line: a file refused for what
+    it holds stays refused on ``--resume``; a read that failed (storage, network; already retried
+    by :mod:`cxrtune.storage`) is retriable. No failure of one input ends the run."""
+    try:
+        data = storage.read_bytes(uri)
+    except Exception as exc:  # noqa: BLE001 - one input's failure is its line, never the run's end
+        why = str(exc) if isinstance(exc, CxrtuneError) else f"read failed ({type(exc).__name__})"
+        return ErrorRecord(error=why, retriable=True)
+    try:
+        return load_scan(data)
+    except CxrtuneError as exc:
+        return ErrorRecord(error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a decoder's own failure: the file is refused, the run goes on
+        log.warning("an input could not be decoded (%s)", type(exc).__name__)  # its name may identify a patient
+        return ErrorRecord(error=f"unreadable image ({type(exc).__name__})")
+
+
+def score_or_isolate(scorer: Scorer, scans: list[Scan]) -> list[tuple[dict, Detail] | ErrorRecord]:
+    """The batch scored; if the batch fails, each scan alone, so that one image that breaks the
+    networks is that image's (retriable) error line and the others are scored."""
+    try:
+        return list(scorer.score_scans(scans))
+    except Exception:
+        if len(scans) == 1:
+            log.warning("an image could not be scored", exc_info=True)
+            return [ErrorRecord(error="scoring failed", retriable=True)]
+        return [outcome for scan in scans for outcome in score_or_isolate(scorer, [scan])]
 
 
 def _chunks(items: list[str], n: int) -> Iterator[list[str]]:

@@ -62,6 +62,8 @@ class ErrorRecord(BaseModel):
     status: Literal["error"] = "error"
     error: str = Field(description="why the image could not be scored; names no patient data")
     score: None = None
+    retriable: bool = Field(default=False, description="a read or scoring failure that another try may not meet (`--resume` "
+                                               "tries it again); false: the file itself was refused, and stays so")
 
     def to_dict(self) -> dict:
         return self.model_dump()
