@@ -57,9 +57,19 @@ def readable_scans(rows: pd.DataFrame, cache):
     the others are logged by row number (never by path) and skipped."""
     for i, (_, row) in enumerate(rows.iterrows()):
         try:
-            yield row, load_scan(cache.read_bytes(row["image"]))
-        except CxrtuneError as exc:
+            data = cache.read_bytes(row["image"])
+        except Exception as exc:  # noqa: BLE001 - one row's failure; its message may name the path
+            log.warning("manifest row %d not read (%s)", i, type(exc).__name__)
+            continue
+        try:
+            scan = load_scan(data)
+        except CxrtuneError as exc:  # a plain reason, naming nothing of the file
             log.warning("manifest row %d not scored: %s", i, exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a decoder's own failure: that row only
+            log.warning("manifest row %d not scored (%s)", i, type(exc).__name__)
+            continue
+        yield row, scan
 
 
 def score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool):
