@@ -216,3 +216,45 @@ def test_worker_env_carries_settings_never_secrets(monkeypatch):
     assert "AWS_SECRET_ACCESS_KEY" not in env and "WANDB_API_KEY" not in env
     with pytest.raises(CxrtuneError, match="must not travel"):
         worker_env({"AWS_SECRET_ACCESS_KEY": "x"})
+
+
+@pytest.mark.slow
+def test_the_head_command_of_cluster_yaml_starts_a_dashboard_that_needs_the_token(tmp_path):
+    """cluster.yaml's own head command, run here (ports made free, no autoscaler file, one CPU):
+    its dashboard and job API answer 401 without the cluster's token and 200 with it. The token
+    is where `ray get-auth-token --generate` puts it and file_mounts copies it from."""
+    import requests
+
+    config = _cluster_yaml()
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    head = next(c for c in config["head_start_ray_commands"] if "ray start --head" in c)
+    workers = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
+    assert head.startswith("RAY_AUTH_MODE=token ") and all(c.startswith("RAY_AUTH_MODE=token ") for c in workers)
+    assert "--dashboard-host=127.0.0.1" in head
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    token = secrets.token_hex(32)
+    (home / ".ray" / "auth_token").write_text(token)
+    dash = free_port()
+    command = (head.replace("--port=6379", f"--port={free_port()}")
+               .replace("--autoscaling-config=~/ray_bootstrap_config.yaml", "")
+               + f" --dashboard-port={dash} --num-cpus=1 --disable-usage-stats")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env.update(HOME=str(home), PATH=f"{Path(RAY).parent}{os.pathsep}{env.get('PATH', '')}")
+    started = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        url = f"http://127.0.0.1:{dash}/api/jobs/"
+        deadline = time.time() + 60
+        while True:
+            try:
+                anonymous = requests.get(url, timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.time() < deadline, "the dashboard did not start"
+                time.sleep(1)
+        assert anonymous.status_code == 401
+        assert requests.get(url, headers={"Authorization": "Bearer wrong"}, timeout=5).status_code in (401, 403)
+        assert requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 200
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, timeout=120)
