@@ -23,7 +23,8 @@ from cxrtune import images
 from tests import golden
 from tests.conftest import ROOT, free_port
 
-KEY = "test-key-123"
+KEY = "test-key-new-0123456789"
+OLD_KEY = "test-key-old-9876543210"  # a rotation: both live, each with its id in the audit line
 SECRET = "Doe^Secret"
 
 METRICS_PORT = free_port()  # Ray's Prometheus endpoint for the module's instance
@@ -156,7 +157,7 @@ def server(served_bundle, tmp_path_factory):
 
     from cxrtune.serving.app import application as build_app
 
-    os.environ["CXRTUNE_TEST_API_KEY"] = KEY
+    os.environ["CXRTUNE_TEST_API_KEY"] = f"old:{OLD_KEY},new:{KEY}"
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=METRICS_PORT)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -204,7 +205,15 @@ def test_health_models_and_openapi(server):
     assert requests.get(f"{server}/healthz").json() == {"status": "ok"}
     assert requests.get(f"{server}/readyz").json() == {"status": "ready"}
     assert requests.get(f"{server}/v1/models").status_code == 401
+    assert requests.get(f"{server}/v1/models", headers={"X-API-Key": b"\xff"}).status_code == 401  # was a 500
+    assert requests.get(f"{server}/v1/models", headers={"X-API-Key": OLD_KEY}).status_code == 200  # rotation
     models = requests.get(f"{server}/v1/models", headers={"X-API-Key": KEY}).json()
+
+    def strings(v):
+        return ([s for x in v.values() for s in strings(x)] if isinstance(v, dict)
+                else [s for x in v for s in strings(x)] if isinstance(v, list) else [v] if isinstance(v, str) else [])
+    shown = strings(models)
+    assert shown and not [s for s in shown if s.startswith(("/", "s3://", "file://"))]  # no run URI, path
     assert models["lung"].startswith("FPN/resnet18") and "zone_threshold" in models
     assert models["opacity_threshold"] == 0.3 and models["opacity_calibration"]["method"] == "max_dice"
     assert models["audits"] == {} and models["stage_audits"] == {"lung": {}, "disease": {}}
@@ -400,7 +409,7 @@ def test_openapi_documents_upload_query_record_and_errors(server):
     assert multipart["properties"]["file"] == {"type": "string", "format": "binary"}
     assert "application/dicom" in op["requestBody"]["content"]
     assert [p["name"] for p in op["parameters"] if p["in"] == "query"] == ["overlay"]
-    assert set(op["responses"]) == {"200", "400", "401", "413", "415", "422", "500", "503"}
+    assert set(op["responses"]) == {"200", "400", "401", "413", "415", "422", "429", "500", "503"}
     assert {"401", "500"} <= set(spec["paths"]["/v1/models"]["get"]["responses"])
     ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
     record = spec["components"]["schemas"][ref]
@@ -427,6 +436,7 @@ def test_audit_line_per_request_without_patient_data(server, phantom_dir):
     assert entry["input_sha256"] == hashlib.sha256(data).hexdigest() and entry["http_status"] == 200
     assert entry["status"] == r.json()["status"] and entry["score"] == r.json()["score"]
     assert len(entry["bundle_hash"]) == 16 and set(entry["timings_ms"]) >= {"decode", "models", "total"}
+    assert entry["key_id"] == "new"  # which of the live keys, never the key
     assert SECRET not in lines[0] and "ID-999" not in lines[0]
 
 

@@ -1,6 +1,7 @@
 """The HTTP API's contract without starting Ray: the app an ingress replica builds for itself
 (its routes bound to it, its error handlers reporting to it) and the OpenAPI document."""
 
+import pytest
 from fastapi.testclient import TestClient
 from ray import cloudpickle
 
@@ -44,3 +45,47 @@ def test_errors_outside_the_routes_have_the_one_shape_and_reach_the_ingress():
     r = client.post("/v1/score?overlay=maybe", content=b"x")
     assert r.status_code == 422 and r.json()["error"].startswith("invalid request: query.overlay")
     assert [code for code, _ in refused] == [404, 422] and refused[0][1] == "abc-1"
+
+
+def test_api_keys_rotate_compare_on_bytes_and_are_never_quoted():
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.serving.auth import ApiKeys
+
+    old, new = "o" * 20, "n" * 24
+    keys = ApiKeys.parse(f"old:{old}, new:{new}")
+    assert keys.match(old) == "old" and keys.match(new) == "new"
+    assert keys.match(None) is None and keys.match("") is None and keys.match(new[:-1]) is None
+    assert keys.match("\xff" * 24) is None  # a non-ASCII header (latin-1 from Starlette): no error
+    single = ApiKeys.parse(new)
+    assert single.match(new) == single.keys[0][0] and single.keys[0][0].startswith("key-") and new not in single.keys[0][0]
+    assert not ApiKeys.parse("")
+    for bad, why in ((f"a:{old},b:{new},c:{new}x", "at most 2"), ("short-key", "shorter than 16"),
+                     (f"a:{old},a:{new}", "share an id")):
+        with pytest.raises(CxrtuneError, match=why) as err:
+            ApiKeys.parse(bad)
+        assert old not in str(err.value) and new not in str(err.value) and "short-key" not in str(err.value)
+
+
+def test_failed_key_checks_are_limited_per_client():
+    from cxrtune.serving.auth import FailedAttempts
+
+    attempts = FailedAttempts(limit=3, window_s=10)
+    for t in (0.0, 1.0, 2.0):
+        assert attempts.blocked_for("10.0.0.9", now=t) == 0
+        attempts.failed("10.0.0.9", now=t)
+    assert attempts.blocked_for("10.0.0.9", now=3.0) == pytest.approx(7.0)
+    assert attempts.blocked_for("10.0.0.8", now=3.0) == 0  # another client is not held up
+    assert attempts.blocked_for("10.0.0.9", now=10.5) == 0  # the first failure left the window
+
+
+def test_models_shown_to_clients_carry_no_location():
+    from cxrtune.serving.auth import without_locations
+
+    models = {"bundle": "v2", "bundle_hash": "abc", "lung": "FPN/resnet18@256", "zone_threshold": 0.1,
+              "zone_calibration": {"threshold": 0.1, "manifest": "s3://hospital/data/brixia.parquet", "n": 80},
+              "stage_audits": {"lung": {"run": "/home/dr_smith/runs/lung"}},
+              "model_card": {"data": ["C:\\\\exports\\\\x.csv", "covid-qu-ex"], "intended_use": "research"}}
+    shown = without_locations(models)
+    assert shown == {"bundle": "v2", "bundle_hash": "abc", "lung": "FPN/resnet18@256", "zone_threshold": 0.1,
+                     "zone_calibration": {"threshold": 0.1, "n": 80}, "stage_audits": {"lung": {}},
+                     "model_card": {"data": ["covid-qu-ex"], "intended_use": "research"}}

@@ -52,6 +52,7 @@ class ErrorBody(BaseModel):
 
 _ERRORS = {400: "malformed request (e.g. a broken multipart body)", 401: "missing or wrong X-API-Key",
            413: "upload or image over the limits", 415: "not PNG, JPEG or DICOM",
+           429: "too many failed key checks from this client: retry after Retry-After seconds",
            422: "unreadable, blank, tiny or refused by the DICOM rules; or invalid query parameters",
            500: "internal error (the request id is in the server's log)",
            503: "at capacity (admission control or a full queue) or a replica failed: retry after Retry-After seconds"}
@@ -85,7 +86,7 @@ class RequestError(Exception):
 
     def response(self, request_id: str) -> JSONResponse:
         return error_response(self.status, self.detail, request_id,
-                              {"Retry-After": str(self.retry_after)} if self.status == 503 else None)
+                              {"Retry-After": str(self.retry_after)} if self.status in (429, 503) else None)
 
 
 def error_response(status: int, detail: str, request_id: str, headers: dict | None = None) -> JSONResponse:

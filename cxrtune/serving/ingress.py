@@ -22,7 +22,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -72,6 +71,7 @@ from .api import (
     install_error_handlers,
     request_id_of,
 )
+from .auth import ApiKeys, FailedAttempts, without_locations
 from .settings import ServeSettings
 
 log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
@@ -118,7 +118,9 @@ class Ingress:
             "model_card": meta.model_card, "audits": meta.audits, "versions": meta.versions,
             "stage_audits": {stage: meta.stage(stage).audits for stage in ("lung", "disease")},  # the runs' own
         }
-        self.api_key = os.environ.get(self.s.api_key_env, "")
+        self.models = without_locations(self.models)  # a client sees no training-run URI or data path
+        self.keys = ApiKeys.parse(os.environ.get(self.s.api_key_env, ""))
+        self.failed_attempts = FailedAttempts()
         self.viewer = (Path(__file__).parent / "viewer.html").read_text()
         self.in_flight = 0  # one event loop per replica: a plain counter is exact
         self.m_requests = metrics.Counter("cxrtune_requests", description="scoring requests by HTTP code and "
@@ -141,7 +143,8 @@ class Ingress:
         finally:
             self.in_flight -= images
 
-    def _audit(self, request_id: str, code: int, data: bytes | None, record: dict | None) -> None:
+    def _audit(self, request_id: str, code: int, data: bytes | None, record: dict | None,
+               key_id: str | None = None) -> None:
         """One JSON line per request, without patient data (no name, path or DICOM tag), and the
         request and step-time metrics."""
         self.m_requests.inc(tags={"code": str(code), "outcome": (record or {}).get("status") or REFUSALS.get(code, "error")})
@@ -149,15 +152,30 @@ class Ingress:
             if step not in ("total", "models"):  # decode, stage1, stage2, post
                 self.m_ms.observe(ms, tags={"step": step})
         audit.info("%s", json.dumps({
-            "event": "score", "request_id": request_id, "bundle_hash": self.record_models.get("bundle_hash"),
+            "event": "score", "request_id": request_id, "key_id": key_id,
+            "bundle_hash": self.record_models.get("bundle_hash"),
             "input_sha256": hashlib.sha256(data).hexdigest() if data else None, "http_status": code,
             "status": (record or {}).get("status", "error"), "score": (record or {}).get("score"),
             "timings_ms": (record or {}).get("timings_ms")}))
 
     # ----------------------------------------------------------------------------- plumbing
-    def _check_key(self, request: Request) -> None:
-        if self.api_key and not hmac.compare_digest(request.headers.get("x-api-key", ""), self.api_key):
+    def _check_key(self, request: Request) -> str | None:
+        """The id of the key the request presents (None when the API runs without keys); a
+        missing or wrong key is a 401, logged without key material; a client past the failed-attempt
+        limit gets 429 until its failures age out."""
+        if not self.keys:
+            return None
+        client = request.client.host if request.client else "unknown"
+        wait = self.failed_attempts.blocked_for(client)
+        if wait:
+            raise RequestError(429, "too many failed key checks; retry later", retry_after=int(wait) + 1)
+        key_id = self.keys.match(request.headers.get("x-api-key"))
+        if key_id is None:
+            failures = self.failed_attempts.failed(client)
+            log.warning("refused a request without a valid X-API-Key from %s (%d in the last %.0f s)",
+                        client, failures, self.failed_attempts.window_s)
             raise RequestError(401, "missing or wrong X-API-Key")
+        return key_id
 
     async def _body(self, request: Request) -> list[tuple[str, bytes]]:
         """(name, bytes) of each uploaded file: multipart ``file``/``files`` fields or a raw body.
@@ -263,16 +281,16 @@ class Ingress:
     # ----------------------------------------------------------------------------- routes
     async def score(self, request: Request, overlay: bool = OVERLAY):
         request_id = request_id_of(request)
-        data = None
+        data, key_id = None, None
         try:
-            self._check_key(request)
+            key_id = self._check_key(request)
             with self._admitted():
                 name, data = (await self._body(request))[0]
                 record, png = await self._score(data, overlay, request_id)
         except RequestError as exc:
-            self._audit(request_id, exc.status, data, None)
+            self._audit(request_id, exc.status, data, None, key_id)
             return exc.response(request_id)
-        self._audit(request_id, 200, data, record)
+        self._audit(request_id, 200, data, record, key_id)
         if png is not None and "image/png" in request.headers.get("accept", ""):
             headers = {"X-Request-Id": request_id, "X-Status": record["status"]}
             if record["score"] is not None:
@@ -284,8 +302,9 @@ class Ingress:
 
     async def score_batch(self, request: Request, overlay: bool = OVERLAY):
         request_id = request_id_of(request)
+        key_id = None
         try:
-            self._check_key(request)
+            key_id = self._check_key(request)
             files = await self._body(request)
             with self._admitted(len(files)):
 
@@ -297,17 +316,17 @@ class Ingress:
                         err = exc if isinstance(exc, RequestError) else RequestError(500, "internal error")
                         if not isinstance(exc, RequestError):
                             log.exception("request %s failed", rid)
-                        self._audit(rid, err.status, data, None)
+                        self._audit(rid, err.status, data, None, key_id)
                         return {"file": name, "http_status": err.status, "status": "error", "error": err.detail,
                                 "request_id": rid}
-                    self._audit(rid, 200, data, record)
+                    self._audit(rid, 200, data, record, key_id)
                     if png is not None:
                         record["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
                     return {"file": name, "http_status": 200, **record}
 
                 results = await asyncio.gather(*(one(i, n, d) for i, (n, d) in enumerate(files)))
         except RequestError as exc:
-            self._audit(request_id, exc.status, None, None)
+            self._audit(request_id, exc.status, None, None, key_id)
             return exc.response(request_id)
         return JSONResponse({"request_id": request_id, "results": results}, headers={"X-Request-Id": request_id})
 

@@ -1,0 +1,109 @@
+"""Who may call the scorer: API keys (two live at once during a rotation, each with an id that the
+audit line records), compared in constant time on bytes, and a limit on failed attempts per client.
+Also what ``/v1/models`` may show: no storage location of any kind."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..errors import CxrtuneError
+
+MAX_KEYS = 2  # the live key and its successor, during a rotation
+MIN_KEY_CHARS = 16
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """The live API keys as ``(id, key bytes)``.
+
+    Written in the environment variable as ``KEY`` (its id: ``key-`` and the first 8 hex digits of
+    its SHA-256) or ``ID:KEY,ID:KEY`` (a rotation: both are accepted until the old one is
+    removed). Ids are not secret: they name the key in the audit log."""
+    keys: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> "ApiKeys":
+        """Raises CxrtuneError for more than two keys, an empty or short key, or a repeated id,
+        without quoting any key."""
+        entries = [e.strip() for e in text.split(",") if e.strip()]
+        if len(entries) > MAX_KEYS:
+            raise CxrtuneError(f"{len(entries)} API keys given; at most {MAX_KEYS} are live at once (a rotation)")
+        keys = []
+        for entry in entries:
+            key_id, sep, key = entry.partition(":")
+            if not sep:
+                key_id, key = "key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
+            if len(key) < MIN_KEY_CHARS:
+                raise CxrtuneError(f"API key {key_id!r} is shorter than {MIN_KEY_CHARS} characters")
+            keys.append((key_id, key.encode()))
+        if len({k for k, _ in keys}) != len(keys):
+            raise CxrtuneError("two API keys share an id")
+        return cls(tuple(keys))
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def match(self, presented: str | None) -> str | None:
+        """The id of the key ``presented`` (an HTTP header as Starlette decodes it, latin-1), or
+        None. Every key is compared, in constant time on bytes, so neither the timing nor a
+        non-ASCII header (which broke ``compare_digest`` on str: a 500) tells anything."""
+        if presented is None:
+            return None
+        given = presented.encode("latin-1", errors="replace")
+        found = None
+        for key_id, key in self.keys:
+            if hmac.compare_digest(given, key):
+                found = key_id
+        return found
+
+
+@dataclass
+class FailedAttempts:
+    """Failed key checks per client address in a sliding window: past ``limit`` in ``window_s``
+    seconds a client is refused (429) until its oldest failure leaves the window. One ingress
+    replica's event loop owns it: no lock."""
+    limit: int = 20
+    window_s: float = 60.0
+    _seen: dict[str, deque] = field(default_factory=dict)
+
+    def _recent(self, client: str, now: float) -> deque:
+        seen = self._seen.setdefault(client, deque())
+        while seen and now - seen[0] > self.window_s:
+            seen.popleft()
+        if not seen:
+            self._seen.pop(client, None)
+        return seen
+
+    def blocked_for(self, client: str, now: float | None = None) -> float:
+        """Seconds until ``client`` may try again (0: it may)."""
+        now = time.monotonic() if now is None else now
+        seen = self._recent(client, now)
+        return max(0.0, self.window_s - (now - seen[0])) if len(seen) >= self.limit else 0.0
+
+    def failed(self, client: str, now: float | None = None) -> int:
+        """Record one failure; returns the client's failures in the window."""
+        now = time.monotonic() if now is None else now
+        seen = self._recent(client, now)
+        seen.append(now)
+        self._seen[client] = seen
+        return len(seen)
+
+
+LOCATION = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|/|~/|[A-Za-z]:[\\/]|\.{1,2}/)")
+
+
+def without_locations(value):
+    """``value`` with every string that is a URI or a file path left out (dict entries dropped,
+    list items removed): what ``/v1/models`` may show a client (names, hashes, thresholds,
+    calibration figures and the model card stay; training-run URIs, manifests and bundle paths do
+    not)."""
+    if isinstance(value, dict):
+        return {k: without_locations(v) for k, v in value.items() if not (isinstance(v, str) and LOCATION.match(v))}
+    if isinstance(value, list):
+        return [without_locations(v) for v in value if not (isinstance(v, str) and LOCATION.match(v))]
+    return value
