@@ -1,10 +1,13 @@
 """The HTTP API's contract without starting Ray: the app an ingress replica builds for itself
 (its routes bound to it, its error handlers reporting to it) and the OpenAPI document."""
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 from ray import cloudpickle
 
+from cxrtune import serving
 from cxrtune.scoring.record import ScoreRecord
 from cxrtune.serving.ingress import Ingress
 
@@ -14,6 +17,7 @@ def replica_app(refused: list):
     # by name), so string annotations would lose the names they refer to
     cls = cloudpickle.loads(cloudpickle.dumps(Ingress.func_or_class))
     ingress = object.__new__(cls)
+    ingress.viewer = (Path(serving.__file__).parent / "viewer.html").read_text()
     ingress._audit = lambda request_id, code, data, record: refused.append((code, request_id))
     return cls.__serve_build_asgi_app__(ingress)
 
@@ -89,3 +93,23 @@ def test_models_shown_to_clients_carry_no_location():
     assert shown == {"bundle": "v2", "bundle_hash": "abc", "lung": "FPN/resnet18@256", "zone_threshold": 0.1,
                      "zone_calibration": {"threshold": 0.1, "n": 80}, "stage_audits": {"lung": {}},
                      "model_card": {"data": ["covid-qu-ex"], "intended_use": "research"}}
+
+
+def test_security_headers_on_every_response_and_no_cdn_pages():
+    """CSP (the viewer's own inline script and style only, by hash; nothing from another host; no
+    framing), nosniff, no-store on /v1 answers; FastAPI's /docs and /redoc (CDN scripts) are off."""
+    import base64
+    import hashlib
+
+    client = TestClient(replica_app([]))
+    page = client.get("/")
+    csp = page.headers["content-security-policy"]
+    script = page.text.split("<script>", 1)[1].split("</script>", 1)[0]
+    assert "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'" in csp
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "http" not in csp
+    assert page.headers["x-content-type-options"] == "nosniff" and "cache-control" not in page.headers
+    missing = client.get("/v1/nothing")
+    assert missing.status_code == 404 and missing.headers["cache-control"] == "no-store"
+    assert missing.headers["content-security-policy"] == csp
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    assert client.get("/openapi.json").status_code == 200

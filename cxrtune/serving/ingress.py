@@ -71,7 +71,7 @@ from .api import (
     install_error_handlers,
     request_id_of,
 )
-from .auth import ApiKeys, FailedAttempts, without_locations
+from .auth import ApiKeys, FailedAttempts, security_headers, without_locations
 from .settings import ServeSettings
 
 log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
@@ -359,8 +359,19 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         """This replica's FastAPI app: the routes are this ingress's methods, and the errors raised
         outside them are counted and audited by it (no module global)."""
-        app = FastAPI(title="cxrtune scorer", version=__version__,
+        # no /docs or /redoc: FastAPI's pages load their scripts from a CDN (openapi.json stays)
+        app = FastAPI(title="cxrtune scorer", version=__version__, docs_url=None, redoc_url=None,
                       description="Two-stage chest X-ray severity scoring: lung zones A-F, a 0-6 score, opacity percent.")
+        headers = security_headers(self.viewer)
+
+        @app.middleware("http")
+        async def secure(request: Request, call_next):
+            response = await call_next(request)
+            response.headers.update(headers)
+            if request.url.path.startswith(f"/{API_VERSION}/"):
+                response.headers["Cache-Control"] = "no-store"  # results and model details stay out of caches
+            return response
+
         png_or_record: dict[int | str, dict[str, Any]] = {
             200: {"content": {"image/png": {}}, "description": "the record, or the overlay PNG"}}
         app.post(f"/{API_VERSION}/score", summary="Score one radiograph (multipart `file` or raw body)",
