@@ -168,7 +168,8 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
                    "Ingress": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
                                "ray_actor_options": {"num_cpus": 0.5}}}
     settings = {"bundle": str(bundle), "max_batch_size": 4, "batch_wait_timeout_s": 0.02, "device": "cpu",
-                "runtime": runtime, "threads": threads}
+                "runtime": runtime, "threads": threads,
+                "auth": "none"}  # a throughput measure on 127.0.0.1: no key on purpose
     serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")  # replaces the last run's app
     url = f"http://127.0.0.1:{port}"
     asyncio.run(run_load(url, payloads, 2, min(10.0, duration), timeout=300))  # warm-up

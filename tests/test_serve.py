@@ -59,7 +59,12 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
                 pass
             time.sleep(1)
         assert ready is not None, Path(log.name).read_text()[-3000:]
-        models = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
+        # no key was given: on 127.0.0.1, `cxrtune serve` made one and printed it once
+        printed = [line for line in Path(log.name).read_text().splitlines() if line.startswith("API key for this run")]
+        assert len(printed) == 1, Path(log.name).read_text()[-3000:]
+        made = printed[0].rsplit(" ", 1)[1]
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+        models = requests.get(f"http://127.0.0.1:{port}/v1/models", headers={"X-API-Key": made}, timeout=10).json()
         assert models["lung"].startswith("FPN/resnet18") and "zone_threshold" in models
         # the dashboard is on, so Ray's own `serve status` answers (Ray's CLI sends the cluster's
         # token only with RAY_AUTH_MODE=token, as docs/serving.md says)
@@ -99,7 +104,7 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
     serve_cli = str(Path(sys.executable).parent / "serve")
     out = (tmp_path / "serve-run.log").open("w")  # a file, not a pipe: a full pipe would block `serve run`
     proc = subprocess.Popen([serve_cli, "run", str(path)], stdout=out, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path)
+                            cwd=tmp_path, env={**os.environ, "CXRTUNE_API_KEY": KEY})  # the replicas inherit it
     try:
         deadline, ready = time.time() + 240, False
         while time.time() < deadline and proc.poll() is None and not ready:
@@ -110,7 +115,7 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
             time.sleep(1)
         assert ready, (tmp_path / "serve-run.log").read_text()[-3000:]
         png = sorted((phantom_dir / "images").iterdir())[1].read_bytes()
-        r = requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60)
+        r = requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60, headers={"X-API-Key": KEY})
         assert r.status_code == 200 and r.json()["status"] in ("scored", "partial", "unscored"), r.text
     finally:
         proc.send_signal(2)
@@ -129,7 +134,7 @@ def test_gpu_config_on_a_cpu_instance_fails_fast(phantom_bundle, tmp_path):
         pytest.skip("this machine can place serve/config.yaml")
     r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "serve", "--bundle", str(phantom_bundle),
                         "--config", "serve/config.yaml", "--port", str(free_port())],
-                       capture_output=True, text=True, timeout=180)
+                       capture_output=True, text=True, timeout=180, env={**os.environ, "CXRTUNE_API_KEY": KEY})
     assert r.returncode == 2, r.stderr[-2000:]
     assert "replica asks for" in r.stderr and "could never start" in r.stderr and "Traceback" not in r.stderr
 

@@ -1,6 +1,7 @@
 """The HTTP API's contract without starting Ray: the app an ingress replica builds for itself
 (its routes bound to it, its error handlers reporting to it) and the OpenAPI document."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,38 @@ def test_security_headers_on_every_response_and_no_cdn_pages():
     assert missing.headers["content-security-policy"] == csp
     assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
     assert client.get("/openapi.json").status_code == 200
+
+
+def test_secure_by_default_an_ingress_without_a_key_refuses_to_start(monkeypatch, capsys):
+    """auth: key (the default) and no key: the ingress refuses to start, before it reads anything;
+    auth: none is the explicit way to serve without one. `cxrtune serve` on 127.0.0.1 makes a key
+    and prints it once; on any other host it refuses."""
+    import inspect
+
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.serving import ingress as ingress_module
+    from cxrtune.serving.auth import require_keys
+    from cxrtune.serving.deploy import local_key
+    from cxrtune.serving.settings import ServeSettings
+
+    with pytest.raises(CxrtuneError, match="no API key: set CXRTUNE_API_KEY"):
+        require_keys(ServeSettings(bundle="b"), "")
+    with pytest.raises(CxrtuneError, match="auth: none, but CXRTUNE_API_KEY holds a key"):
+        require_keys(ServeSettings(bundle="b", auth="none"), "k" * 20)
+    assert not require_keys(ServeSettings(bundle="b", auth="none"), "")
+    assert require_keys(ServeSettings(bundle="b"), "k" * 20).match("k" * 20)
+    # the ingress checks its keys first, before it reads the bundle or makes any metric
+    source = inspect.getsource(ingress_module)
+    init = source[source.index("    def __init__(self, stage1"):].splitlines()
+    assert "ServeSettings(" in init[1] and "require_keys(" in init[2]
+
+    monkeypatch.setenv("CXRTUNE_API_KEY", "k" * 20)
+
+    assert local_key({"bundle": "b"}, "0.0.0.0") is None  # a key is set: nothing to do
+    monkeypatch.delenv("CXRTUNE_API_KEY")
+    with pytest.raises(CxrtuneError, match="no API key for a scorer listening on 0.0.0.0"):
+        local_key({"bundle": "b"}, "0.0.0.0")
+    assert local_key({"bundle": "b", "auth": "none"}, "0.0.0.0") is None
+    made = local_key({"bundle": "b"}, "127.0.0.1")
+    assert made and len(made) >= 16 and os.environ["CXRTUNE_API_KEY"] == made
+    assert capsys.readouterr().out.count(made) == 1

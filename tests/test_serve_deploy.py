@@ -19,13 +19,15 @@ from cxrtune.serving.deploy import load_config
 from tests.conftest import ROOT, free_port, shipped_cpu_config
 
 BIN = Path(sys.executable).parent
+KEY = "deploy-test-key-0123456789"
+AUTH = {"X-API-Key": KEY}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A one-node cluster started as an operator would, with token auth on (Ray 2.60's default
     for local clusters); 4 logical CPUs so a rolling update can place new replicas beside the old."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "CXRTUNE_API_KEY": KEY}  # the replicas inherit the key
     dash = free_port()
     r = subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "4", "--port", str(free_port()),
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
@@ -78,7 +80,7 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
     assert status.returncode == 0 and "RUNNING" in status.stdout and "cxrtune" in status.stdout, status.stdout
 
     png = sorted((phantom_dir / "images").iterdir())[1].read_bytes()
-    first = requests.post(f"{url}/v1/score", data=png, timeout=60).json()
+    first = requests.post(f"{url}/v1/score", data=png, timeout=60, headers=AUTH).json()
     assert first["models"]["stage_bundles"]["lung"] == hash_a and first["models"]["bundle_hash"] == hash_a
     assert first["models"]["stage_bundles"]["disease"] in (hash_a, None)  # None: no lungs, Stage II not asked
 
@@ -88,7 +90,7 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
     def client():
         while not stop.is_set():
             try:
-                resp = requests.post(f"{url}/v1/score", data=png, timeout=120)
+                resp = requests.post(f"{url}/v1/score", data=png, timeout=120, headers=AUTH)
                 answers.append((resp.status_code, resp.json() if resp.status_code == 200 else resp.text))
             except requests.RequestException as exc:
                 answers.append((0, repr(exc)))
@@ -114,7 +116,7 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
         for t in threads:
             t.join(timeout=180)
 
-    models = requests.get(f"{url}/v1/models", timeout=30).json()
+    models = requests.get(f"{url}/v1/models", timeout=30, headers=AUTH).json()
     assert models["bundle_hash"] == hash_b and models["stages"]["lung"]["runtime"] == "onnx"
     assert models["stages"]["disease"]["bundle_hash"] == hash_b
 

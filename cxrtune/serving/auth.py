@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import re
 import time
 from collections import deque
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import CxrtuneError
 
+log = logging.getLogger(__name__)
 MAX_KEYS = 2  # the live key and its successor, during a rotation
 MIN_KEY_CHARS = 16
 
@@ -93,6 +95,26 @@ class FailedAttempts:
         seen.append(now)
         self._seen[client] = seen
         return len(seen)
+
+
+def require_keys(settings, env_value: str) -> ApiKeys:
+    """The ingress's keys from the environment variable the settings name. Secure by default:
+    with ``auth: key`` (the default) an ingress without a key refuses to start; ``auth: none``
+    serves without one, on purpose, and says so in the log (and /healthz).
+
+    Raises:
+        CxrtuneError: no key under ``auth: key``, or a malformed key list."""
+    keys = ApiKeys.parse(env_value)
+    if settings.auth == "none":
+        if keys:
+            raise CxrtuneError(f"auth: none, but {settings.api_key_env} holds a key: choose one")
+        log.warning("authentication is off (auth: none): every /v1 route is open to anyone who reaches it")
+        return keys
+    if not keys:
+        raise CxrtuneError(f"no API key: set {settings.api_key_env} on the ingress replicas (one key of 16+ "
+                           "characters, or ID:KEY,ID:KEY during a rotation; docs/serving.md), or set auth: none "
+                           "in the app's args to serve without one")
+    return keys
 
 
 LOCATION = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|/|~/|[A-Za-z]:[\\/]|\.{1,2}/)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -111,6 +112,34 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
         time.sleep(1.0)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def local_key(args: dict, host: str) -> str | None:
+    """For ``cxrtune serve`` with ``auth: key`` and no key in the environment: on a loopback host,
+    a new random key, put in the environment the local Ray instance (and so the ingress replicas)
+    inherits, and printed once; on any other host, a refusal.
+
+    Returns:
+        The key made, or None when one was given (or ``auth: none``).
+
+    Raises:
+        CxrtuneError: no key for a scorer reachable from other machines."""
+    try:
+        settings = ServeSettings(**args)
+    except ValidationError:
+        return None  # the application builder names what is wrong
+    if settings.auth == "none" or os.environ.get(settings.api_key_env):
+        return None
+    if host not in LOOPBACK:
+        raise CxrtuneError(f"no API key for a scorer listening on {host}: set {settings.api_key_env} (docs/serving.md), "
+                           "or serve on 127.0.0.1, where cxrtune makes a key for the run")
+    key = secrets.token_urlsafe(24)
+    os.environ[settings.api_key_env] = key
+    print(f"API key for this run (shown once; send it as X-API-Key): {key}", flush=True)
+    return key
+
+
 def run_local(bundle: str, config: str, host: str | None = None, port: int | None = None,
               blocking: bool = True):
     """Start Ray (if needed) and Serve, and deploy the scorer (``cxrtune serve``)."""
@@ -119,6 +148,7 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
         http["host"] = host
     if port:
         http["port"] = port
+    local_key(args, http.get("host", "127.0.0.1"))
     app = application(args, deployments)
     init_ray(dashboard=True)  # so that `serve status` (and `serve deploy` of an update) answer
     for name, d in deployments.items():
@@ -130,7 +160,7 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
     handle = serve.run(app, name="cxrtune", route_prefix="/", blocking=False)
     if blocking:
         print(f"cxrtune scorer at http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/ "
-              "(viewer), /docs (API); Ctrl-C stops", flush=True)
+              "(viewer), /openapi.json (API); Ctrl-C stops", flush=True)
         try:
             while True:
                 time.sleep(3600)

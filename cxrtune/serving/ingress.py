@@ -71,7 +71,7 @@ from .api import (
     install_error_handlers,
     request_id_of,
 )
-from .auth import ApiKeys, FailedAttempts, security_headers, without_locations
+from .auth import FailedAttempts, require_keys, security_headers, without_locations
 from .settings import ServeSettings
 
 log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
@@ -103,6 +103,7 @@ def _decode(data: bytes, s: ServeSettings):
 class Ingress:
     def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
         self.s = ServeSettings(**settings)
+        self.keys = require_keys(self.s, os.environ.get(self.s.api_key_env, ""))  # before anything else
         self.stage1, self.stage2 = stage1, stage2
         meta = read_bundle_meta(self.s.bundle)
         self.thresholds = Thresholds.of(meta)
@@ -119,7 +120,6 @@ class Ingress:
             "stage_audits": {stage: meta.stage(stage).audits for stage in ("lung", "disease")},  # the runs' own
         }
         self.models = without_locations(self.models)  # a client sees no training-run URI or data path
-        self.keys = ApiKeys.parse(os.environ.get(self.s.api_key_env, ""))
         self.failed_attempts = FailedAttempts()
         self.viewer = (Path(__file__).parent / "viewer.html").read_text()
         self.in_flight = 0  # one event loop per replica: a plain counter is exact
@@ -344,6 +344,8 @@ class Ingress:
         return {**self.models, "stages": stages}
 
     async def healthz(self):
+        if self.s.auth == "none":
+            return {"status": "ok", "warning": "authentication is off (auth: none): every /v1 route is open"}
         return {"status": "ok"}
 
     async def readyz(self):

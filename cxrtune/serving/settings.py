@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 
 from ..dicom import MAX_DECODED_BYTES, MAX_PIXELS
@@ -22,6 +24,9 @@ class ServeSettings(BaseModel):
     max_decoded_bytes: int = MAX_DECODED_BYTES  # what a Deflated DICOM may inflate to
     work_size: int = WORK_SIZE  # long side of the working copy (the CLI's too): zones are scale-invariant
     api_key_env: str = "CXRTUNE_API_KEY"
+    # "key": every /v1 call needs X-API-Key, and an ingress without a key refuses to start;
+    # "none": open, on purpose (a warning in the log and on /healthz)
+    auth: Literal["key", "none"] = "key"
     device: str | None = None
     runtime: Runtime = "auto"
     threads: int | None = None  # network threads per stage replica (default: Ray's, from the replica's num_cpus)
