@@ -601,7 +601,8 @@ def test_viewer_page_in_headless_chromium(server, phantom_dir, tmp_path):
         page.screenshot(path=str(tmp_path / "viewer.png"))
         page.fill("#key", "wrong")
         page.click("#submit")
-        page.wait_for_function("document.getElementById('error').textContent.includes('401')", timeout=15000)
+        # a locator, not wait_for_function: the page's CSP forbids the eval that one needs
+        page.locator("#error").filter(has_text="401").wait_for(timeout=15000)
         browser.close()
 
 
