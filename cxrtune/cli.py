@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--multi-objective", action="store_true", default=None,
                     help="accuracy vs latency (multi-objective TPE, no ASHA)")
     opt("--wandb-project", "log to Weights & Biases (offline without WANDB_API_KEY)")
+    tu.add_argument("--wandb-images", action="store_true", default=None,
+                    help="also send validation overlays (the manifest's radiographs) to W&B; off by default: "
+                         "patient images would leave the site")
     opt("--seed", "sampler seed", type=int)
     opt("--sampler", "Optuna sampler (random = the baseline)", choices=["tpe", "random"])
     opt("--max-failures", "retries of a failed trial (a lost node, an error)", type=int)

@@ -1,4 +1,6 @@
 
+from pathlib import Path
+
 import boto3
 import pandas as pd
 import pytest
@@ -41,6 +43,16 @@ def test_every_bad_row_is_reported_at_once(phantom_dir, tmp_path):
     assert "image file not found" in text and "gone.png" in text
     assert "duplicate image" in text and "zone_A must be 0 or 1" in text
     assert len(err.value.problems) == 4
+
+    split = df.copy()  # one patient (an identifying id) in two splits: named by rows, not by id
+    split.loc[[0, 1], "patient_id"] = "DOE_JOHN_MRN123"
+    split.loc[0, "split"], split.loc[1, "split"] = "train", "test"
+    split.loc[0, "image"] = str(Path(split.loc[0, "image"]).with_name("DOE_JOHN_MRN123.png"))
+    manifest.save_manifest(split, str(path))
+    with pytest.raises(ManifestError) as err:
+        manifest.load_manifest(str(path), check_files=False)
+    assert "rows 2, 3: one patient in several splits (test, train)" in str(err.value)
+    assert "DOE" not in str(err.value) and "MRN" not in str(err.value)
 
 
 def test_missing_required_column(tmp_path):

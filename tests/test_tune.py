@@ -54,7 +54,7 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     r = cli("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"),
             "--name", "asha", "--storage", f"s3://{bucket}/exps", "--num-samples", "6", "--scheduler", "asha",
             "--max-epochs", "3", "--grace", "1", "--num-cpus", "2", "--max-concurrent", "2",
-            "--warm-start", str(warm), "--wandb-project", "cxrtune-test",
+            "--warm-start", str(warm), "--wandb-project", "cxrtune-test", "--wandb-images",
             env={"WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": "", "CXRTUNE_OPTUNA_DIR": str(tmp_path / "optuna"),
                  **creds})
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
@@ -377,6 +377,18 @@ def test_tune_options_check_themselves_once_before_anything_starts():
                          ({"multi_objective": True, "scheduler": "none", "cut_below": 0.1}, "--cut-below judges one"),
                          ({"grid": True, "warm_start": [{"lr": 0.1}]}, "--grid runs every combination once"),
                          ({"space": {**EMBEDDED_SPACE, "task": "disease"}, "objective": "score_mae"},
-                          "needs --lung-bundle")):
+                          "needs --lung-bundle"),
+                         ({"wandb_images": True}, "--wandb-images needs --wandb-project")):
         with pytest.raises(CxrtuneError, match=message):
             TuneOptions(**{**base, **bad})
+
+
+def test_patient_images_reach_wandb_only_when_asked():
+    """Validation overlays show the manifest's radiographs: with --wandb-project alone, W&B gets
+    metrics and no image; --wandb-images adds them at epochs 1, 4, 8... and the last."""
+    from cxrtune.search.tuning import EMBEDDED_SPACE, TuneOptions, wants_overlays
+
+    base = {"space": EMBEDDED_SPACE, "manifest": "m.parquet", "name": "n", "storage": "s", "wandb_project": "p"}
+    assert not any(wants_overlays(TuneOptions(**base), e, 9) for e in range(1, 10))
+    asked = TuneOptions(**base, wandb_images=True)
+    assert [e for e in range(1, 10) if wants_overlays(asked, e, 9)] == [1, 4, 8, 9]

@@ -147,8 +147,8 @@ def validate(df: pd.DataFrame, source: str = "<manifest>", check_files: bool = T
     """Check every row; raise one :class:`ManifestError` that lists all problems."""
     problems: list[str] = []
 
-    def where(i: int) -> str:
-        return f"row {i + 2} ({Path(str(df.at[i, 'image'])).name or 'no image'})"
+    def where(i: int) -> str:  # a row number only: file names and patient ids can identify a patient
+        return f"row {i + 2}"
 
     df = df.reset_index(drop=True)
     for i, img in enumerate(df["image"]):
@@ -179,9 +179,9 @@ def validate(df: pd.DataFrame, source: str = "<manifest>", check_files: bool = T
     assigned = df[df["split"] != ""]
     spread = assigned.groupby("patient_id")["split"].nunique()
     for pid in spread[spread > 1].index:
-        problems.append(f"patient {pid} appears in several splits "
-                        f"({', '.join(sorted(assigned[assigned.patient_id == pid].split.unique()))}); "
-                        "re-run `cxrtune data split`")
+        rows = assigned.index[assigned.patient_id == pid]
+        problems.append(f"rows {', '.join(str(i + 2) for i in rows)}: one patient in several splits "
+                        f"({', '.join(sorted(assigned.loc[rows, 'split'].unique()))}); re-run `cxrtune data split`")
     if check_files:
         cols = [c for c in URI_COLUMNS if c in df.columns]
         wanted = {u for c in cols for u in df[c] if u}

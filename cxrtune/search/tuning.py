@@ -95,6 +95,7 @@ class TuneOptions:
     multi_objective: bool = False
     lung_bundle: str | None = None
     wandb_project: str | None = None
+    wandb_images: bool = False  # validation overlays of the manifest's images to W&B: patient images leave the site
     seed: int = 0
     sampler: str = "tpe"  # "tpe" (Bayesian) or "random" (the baseline)
     max_failures: int = 2
@@ -125,6 +126,7 @@ class TuneOptions:
                                                                  "mode has two"),
             (space.objective != "score_mae" or bool(self.lung_bundle),
              "--objective score_mae needs --lung-bundle (a fixed Stage I bundle)"),
+            (not self.wandb_images or bool(self.wandb_project), "--wandb-images needs --wandb-project"),
         )
         for ok, message in checks:
             if not ok:
@@ -286,7 +288,7 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
         if latency is not None:
             metrics["latency_ms"] = latency
         epoch = metrics["epoch"]
-        if o.wandb_project and (epoch == 1 or epoch % 4 == 0 or epoch == epochs):
+        if wants_overlays(o, epoch, epochs):
             metrics[OVERLAY_KEY] = validation_overlays(trainer)
         if clinical is not None:
             metrics["val_score_mae"] = clinical(trainer.eval_model, trainer.pre, cfg.to_dict())
@@ -526,6 +528,13 @@ def _searcher(o: TuneOptions, space: SearchSpace, warm: list[dict] | None = None
     metric, mode = (([space.metric, "latency_ms"], [space.mode, "min"]) if o.multi_objective
                     else (space.metric, space.mode))
     return _search_class()(space, metric=metric, mode=mode, sampler=optuna_sampler(o), **common)
+
+
+def wants_overlays(o: TuneOptions, epoch: int, epochs: int) -> bool:
+    """Whether a trial sends validation overlays (the manifest's own radiographs) to W&B after
+    ``epoch``: only when asked (``--wandb-images``; real images leave the site with them), at the
+    first, every fourth and the last epoch."""
+    return bool(o.wandb_project and o.wandb_images) and (epoch == 1 or epoch % 4 == 0 or epoch == epochs)
 
 
 def _wandb(o: TuneOptions) -> list:
