@@ -1,0 +1,274 @@
+"""What hostile input costs the CPU scorer (issue 21, item 10).
+
+    python bench/hostile.py [--bundle B] [--out /tmp/cxrtune-hostile]
+
+Starts the scorer in-process on 127.0.0.1 (Ray Serve, one ingress and one replica per stage, an
+API key, ``max_in_flight`` 4) with ``--bundle`` or a bundle of tiny random networks (speed and
+refusals do not depend on the weights), sends each case below over real HTTP and reports, per case,
+the HTTP codes, the seconds of the slowest answer and the ingress replica's RSS after it, then a
+summary against the targets: no 5xx, nothing unanswered, every bomb refused in <= 1 s, no case
+over 2 s, ingress RSS growth <= 200 MB, and the planted patient name in no response, no Serve log
+and no temporary file. Prints one JSON object.
+
+Cases: decompression bombs (Deflated DICOM of zeros, a JPEG 2000 frame larger than its header,
+a 16-bit RGBA PNG, a PNG header of 40,000 x 40,000), multi-frame and colour multi-frame DICOM,
+malformed DICOM attributes, truncated PNG/JPEG/DICOM, wrong formats, malformed and oversized
+requests (multipart, chunked, many text fields), bad keys, bursts past admission control, and
+slow uploads beside normal clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+KEY = "hostile-bench-key-0123456789"
+SECRET = "DOE^JOHN^MRN123"
+TARGETS = {"max_5xx": 0, "max_unanswered": 0, "bomb_s": 1.0, "worst_s": 2.0, "rss_growth_mb": 200}
+
+
+def _dicom(pixels, transfer_syntax=None, **tags) -> bytes:
+    """A DX chest PA DICOM holding ``pixels`` (frames first for a multi-frame one), with the
+    planted patient name."""
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID = SECRET, "MRN123"
+    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "DX", "PA", "CHEST"
+    colour = pixels.ndim == 4 or (pixels.ndim == 3 and tags.get("NumberOfFrames") is None and pixels.shape[-1] == 3)
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if colour else pixels.shape[-2:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = (3, "RGB") if colour else (1, "MONOCHROME2")
+    if colour:
+        ds.PlanarConfiguration = 0
+    bits = 16 if pixels.dtype == np.uint16 else 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = pixels.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def cases(normal: bytes) -> dict[str, tuple[str, bytes]]:
+    """name -> (kind, payload): ``bomb`` cases must be refused within the bomb target."""
+    import numpy as np
+    import pydicom
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from cxrtune import images
+
+    out: dict[str, tuple[str, bytes]] = {}
+    zeros = np.zeros((6000, 6000), np.uint16)  # 72 MB of zeros: deflates to ~70 kB
+    out["deflated_dicom_bomb"] = ("bomb", _dicom(zeros, DeflatedExplicitVRLittleEndian))
+    j2k = pydicom.dcmread(get_testdata_file("RG1_J2KR.dcm"))
+    j2k.Rows, j2k.Columns = 64, 64  # the codestream says 1955 x 1841
+    buf = io.BytesIO()
+    j2k.save_as(buf)
+    out["jpeg2000_larger_than_header"] = ("bomb", buf.getvalue())
+    rgba = np.zeros((4096, 4096, 4), np.uint16)
+    out["png_16bit_rgba_4k"] = ("bomb", images.encode_png(rgba))
+    head = bytearray(images.encode_png(np.zeros((8, 8), np.uint8)))
+    head[16:24] = (40000).to_bytes(4, "big") * 2
+    out["png_header_40000x40000"] = ("bomb", bytes(head))
+    g = (np.tile(np.linspace(0, 4095, 512), (512, 1))).astype(np.uint16)
+    out["dicom_48_frames"] = ("input", _dicom(np.stack([g] * 48), NumberOfFrames=48))
+    rgb = np.stack([(g >> 4).astype(np.uint8)] * 3, axis=-1)
+    out["dicom_colour_2_frames"] = ("input", _dicom(np.stack([rgb, rgb]), NumberOfFrames=2))
+    out["dicom_rescale_slope_garbage"] = ("input", _dicom(g, RescaleSlope="1.5", RescaleIntercept="0")
+                                          .replace(b"1.5 ", b"DOE^"))
+    out["png_truncated"] = ("input", normal[: len(normal) // 2])
+    jpeg = io.BytesIO()
+    Image.fromarray((g >> 4).astype(np.uint8)).save(jpeg, format="JPEG")
+    out["jpeg_truncated"] = ("input", jpeg.getvalue()[: len(jpeg.getvalue()) // 3])
+    out["dicom_truncated"] = ("input", _dicom(g)[:-100_000])
+    out["gif"] = ("input", b"GIF89a" + b"\0" * 200)
+    out["text"] = ("input", SECRET.encode() * 50)
+    out["empty"] = ("input", b"")
+    out["zlib_not_png"] = ("input", images.PNG_MAGIC + zlib.compress(b"\0" * 10_000_000))
+    return out
+
+
+def ingress_rss_mb() -> float:
+    import psutil
+
+    rss = [p.memory_info().rss for p in psutil.process_iter(["cmdline"])
+           if "ServeReplica:cxrtune:Ingress" in " ".join(p.info.get("cmdline") or [])]
+    return round(max(rss) / 1e6, 1) if rss else float("nan")
+
+
+def raw_http(port: int, head: bytes, body_chunks, pause_s: float = 0.0, timeout: float = 30) -> tuple[int, float]:
+    """One request written by hand (chunked bodies, trickling clients): (status code, seconds); 0
+    when no answer came."""
+    t = time.perf_counter()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(head)
+            for chunk in body_chunks:
+                s.sendall(chunk)
+                if pause_s:
+                    time.sleep(pause_s)
+            reply = s.recv(64)
+        code = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+    except OSError:
+        code = 0
+    return code, round(time.perf_counter() - t, 3)
+
+
+def main() -> None:
+    import requests
+    from serve_load import free_port
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", help="a bundle to serve (default: tiny random networks)")
+    ap.add_argument("--out", default=tempfile.mkdtemp(prefix="cxrtune-hostile-"))
+    args = ap.parse_args()
+
+    import os
+
+    import ray
+    from ray import serve
+
+    from cxrtune.data.phantom import make_phantom
+    from cxrtune.images import encode_png
+    from cxrtune.serving.app import application
+
+    out = Path(args.out)
+    bundle = args.bundle
+    if not bundle:
+        from serve_gpu import QUICK_PAIR, random_bundle
+
+        bundle = str(random_bundle(out, QUICK_PAIR))
+    os.environ["CXRTUNE_API_KEY"] = KEY
+    ray.init(num_cpus=2, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
+    one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    serve.run(application({"bundle": bundle, "device": "cpu", "max_batch_size": 4, "max_in_flight": 4},
+                          {"Stage1": one, "Stage2": one, "Ingress": {**one, "max_ongoing_requests": 64}}),
+              name="cxrtune", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/score"
+    auth = {"X-API-Key": KEY}
+    normal = encode_png(make_phantom(256, "covid", seed=1).image)
+    for _ in range(3):  # warm-up
+        requests.post(url, data=normal, headers=auth, timeout=60)
+    rss0 = ingress_rss_mb()
+    report: dict[str, dict] = {}
+
+    def record(name: str, kind: str, codes: list[int], seconds: list[float], texts: list[str]) -> None:
+        report[name] = {"kind": kind, "codes": sorted(set(codes)), "seconds": max(seconds), "rss_mb": ingress_rss_mb(),
+                        "secret_echoed": any(SECRET in t or "MRN123" in t for t in texts)}
+
+    for name, (kind, data) in cases(normal).items():
+        t = time.perf_counter()
+        try:
+            r = requests.post(url, data=data, headers=auth, timeout=60)
+            code, text = r.status_code, r.text
+        except requests.RequestException:
+            code, text = 0, ""
+        record(name, kind, [code], [round(time.perf_counter() - t, 3)], [text])
+
+    for name, request in {
+        "multipart_without_file": lambda: requests.post(url, files={"nofile": (None, "x")}, headers=auth, timeout=60),
+        "multipart_broken_boundary": lambda: requests.post(url, data=b"--x\r\nnot a part", headers={
+            **auth, "Content-Type": "multipart/form-data; boundary=x"}, timeout=60),
+        "key_non_ascii": lambda: requests.post(url, data=normal, headers={"X-API-Key": b"\xff" * 20}, timeout=60),
+        "key_wrong": lambda: requests.post(url, data=normal, headers={"X-API-Key": "w" * 30}, timeout=60),
+        "many_text_fields_1000x1MB": lambda: requests.post(
+            url, files=[(f"f{i}", (None, b"a" * 1_000_000)) for i in range(1000)], headers=auth, timeout=120),
+    }.items():
+        t = time.perf_counter()
+        try:
+            r = request()
+            code, text = r.status_code, r.text
+        except requests.RequestException:
+            code, text = 0, ""
+        record(name, "request", [code], [round(time.perf_counter() - t, 3)], [text])
+
+    head = (f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY}\r\n"
+            "Transfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+    chunk = b"%x\r\n%s\r\n" % (1_000_000, b"\0" * 1_000_000)
+    code, seconds = raw_http(port, head, [chunk] * 80 + [b"0\r\n\r\n"])  # 80 MB chunked: over the 64 MB limit
+    record("chunked_80MB", "request", [code], [seconds], [])
+
+    burst: list[tuple[int, float]] = []
+
+    def post_one() -> None:
+        t = time.perf_counter()
+        try:
+            burst.append((requests.post(url, data=normal, headers=auth, timeout=60).status_code,
+                          round(time.perf_counter() - t, 3)))
+        except requests.RequestException:
+            burst.append((0, 0.0))
+    threads = [threading.Thread(target=post_one) for _ in range(24)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    record("burst_24", "burst", [c for c, _ in burst], [s for _, s in burst], [])
+
+    slow_head = (f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY}\r\n"
+                 f"Content-Length: {len(normal)}\r\nContent-Type: image/png\r\n\r\n").encode()
+    trickle = [normal[i:i + 4096] for i in range(0, len(normal), 4096)]
+    slow: list[tuple[int, float]] = []
+    slow_threads = [threading.Thread(target=lambda: slow.append(raw_http(port, slow_head, trickle, pause_s=0.05)))
+                    for _ in range(6)]
+    for th in slow_threads:
+        th.start()
+    time.sleep(0.5)
+    beside = []
+    for _ in range(4):
+        t = time.perf_counter()
+        r = requests.post(url, data=normal, headers=auth, timeout=60)
+        beside.append((r.status_code, round(time.perf_counter() - t, 3)))
+    for th in slow_threads:
+        th.join()
+    record("normal_beside_6_slow_uploads", "request", [c for c, _ in beside], [s for _, s in beside], [])
+    record("slow_uploads_6", "slow", [c for c, _ in slow], [s for _, s in slow], [])
+
+    logs = list(Path("/tmp/ray/session_latest/logs/serve").glob("*")) if Path("/tmp/ray").exists() else []
+    in_logs = any(SECRET.encode() in p.read_bytes() or b"MRN123" in p.read_bytes() for p in logs if p.is_file())
+    in_tmp = any(b"MRN123" in p.read_bytes() for p in Path(tempfile.gettempdir()).glob("tmp*")
+                 if p.is_file() and p.stat().st_size < 200_000_000)
+    serve.shutdown()
+    ray.shutdown()
+
+    timed = {k: v for k, v in report.items() if v["kind"] not in ("slow", "burst")}
+    summary = {
+        "5xx": sum(any(500 <= c < 600 for c in v["codes"]) for v in report.values()),
+        "unanswered": sum(0 in v["codes"] for v in report.values()),
+        "slowest_bomb_s": max(v["seconds"] for v in report.values() if v["kind"] == "bomb"),
+        "worst_s": max(v["seconds"] for v in timed.values()),
+        "rss_growth_mb": round(max(v["rss_mb"] for v in report.values()) - rss0, 1),
+        "secret_in_responses": any(v["secret_echoed"] for v in report.values()),
+        "secret_in_serve_logs": in_logs, "secret_in_temporary_files": in_tmp,
+    }
+    summary["meets_targets"] = (summary["5xx"] <= TARGETS["max_5xx"] and summary["unanswered"] <= TARGETS["max_unanswered"]
+                                and summary["slowest_bomb_s"] <= TARGETS["bomb_s"] and summary["worst_s"] <= TARGETS["worst_s"]
+                                and summary["rss_growth_mb"] <= TARGETS["rss_growth_mb"]
+                                and not (summary["secret_in_responses"] or in_logs or in_tmp))
+    print(json.dumps({"targets": TARGETS, "ingress_rss_start_mb": rss0, "cases": report, "summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
