@@ -103,7 +103,13 @@ def main() -> None:
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
     from cxrtune.data.splits import assign_splits
-    from cxrtune.model.artifacts import make_bundle, read_run_summary, update_bundle, write_run_summary
+    from cxrtune.model.artifacts import (
+        make_bundle,
+        read_checkpoint_meta,
+        read_run_summary,
+        update_bundle,
+        write_run_summary,
+    )
     from cxrtune.model.train import (
         TrainConfig,
         latest_checkpoint,
@@ -176,7 +182,7 @@ def main() -> None:
     # from today's), checked against the label counts its checkpoint recorded.
     run_cfg = TrainConfig.from_dict(summaries["disease"]["config"])
     seen = select_rows(df, run_cfg, "train").index
-    recorded = json.loads((out / "disease" / "best" / "meta.json").read_text()).get("data", {}).get("train_images", {})
+    recorded = read_checkpoint_meta(str(out / "disease" / "best")).data.get("train_images", {})
     counts = {"total": len(seen), **df.loc[seen, "label"].value_counts().to_dict()}
     if recorded and recorded != counts:
         raise SystemExit(f"Stage II's recorded training rows {recorded} are not this manifest's {counts}: "

@@ -71,8 +71,9 @@ def curve(exp_uri: str, metric: str, mode: str) -> list[dict]:
     from ray.tune import ExperimentAnalysis
 
     from cxrtune import storage
+    from cxrtune.search.tuning import load_options
 
-    start = json.loads(storage.read_text(storage.join(exp_uri, "cxrtune.json")))["created"]
+    start = load_options(exp_uri).created
     fs, path = storage.pyarrow_filesystem(exp_uri)
     analysis = ExperimentAnalysis(path, storage_filesystem=fs)
     events = []
