@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import replace
@@ -208,7 +209,10 @@ def main() -> None:
         jsrt = evaluate(scorer, jdf, str(out / "eval-jsrt"), EvaluateOptions(split="test", progress=False)).lung
     brixia = {}
     if (data / "brixia-dev").exists():
-        run_import("readers", str(data / "brixia-dev"), str(out / "brixia.parquet"), progress=False)
+        key_file = out / "study.key"  # a public reference set: a throwaway study key for this run
+        key_file.write_text(secrets.token_hex(32))
+        run_import("readers", str(data / "brixia-dev"), str(out / "brixia.parquet"), progress=False,
+                   pseudonym_key_file=str(key_file))
         bdf = manifest.load_manifest(str(out / "brixia.parquet"))
         if args.quick:
             bdf = bdf.head(20)

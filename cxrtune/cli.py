@@ -231,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dicom: keep secondary captures and ImageType SECONDARY images (dropped by "
                      "default; DERIVED\\PRIMARY is always kept)")
     imp.add_argument("--pseudonym-key-file", metavar="PATH",
-                     help="dicom: the study's pseudonym key (file content; default $CXRTUNE_PSEUDONYM_KEY); "
-                     "required, e.g. `openssl rand -hex 32 > study.key`, shared by every machine of the study")
+                     help="dicom, folder, readers: the study's pseudonym key (file content; default "
+                     "$CXRTUNE_PSEUDONYM_KEY); required, e.g. `openssl rand -hex 32 > study.key`, "
+                     "shared by every machine of the study")
     imp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     imp.set_defaults(func=_data_import)
 

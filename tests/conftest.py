@@ -29,6 +29,16 @@ def cli(*args, env=None, timeout=420, check=True) -> subprocess.CompletedProcess
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+STUDY_KEY = "study-key-for-the-tests-0123456789"  # a pseudonym key (>= 16 characters); never a real one
+
+
+@pytest.fixture
+def study_key(monkeypatch) -> bytes:
+    """The study's pseudonym key in ``$CXRTUNE_PSEUDONYM_KEY``, as the importers of local files need it."""
+    monkeypatch.setenv("CXRTUNE_PSEUDONYM_KEY", STUDY_KEY)
+    return STUDY_KEY.encode()
+
+
 def shared_data() -> Path:
     """``$CXRTUNE_SHARED_DATA`` or ``../shared/data`` beside the project."""
     return Path(os.environ.get("CXRTUNE_SHARED_DATA") or ROOT.parent / "shared" / "data")

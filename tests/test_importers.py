@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,8 +10,11 @@ import pytest
 from cxrtune import images
 from cxrtune.data import manifest
 from cxrtune.data.importers import run_import
+from cxrtune.data.pseudonymised import file_pseudonym
+from cxrtune.dicom import pseudonym
 from cxrtune.errors import CxrtuneError
-from tests.conftest import need_shared
+from tests.conftest import STUDY_KEY, need_shared
+from tests.conftest import cli as run_cli
 
 
 @pytest.mark.realdata
@@ -45,7 +49,7 @@ def test_jsrt_combines_lungs(tmp_path):
     assert np.nonzero(right)[1].mean() < np.nonzero(left)[1].mean()
 
 
-def test_folder_layout(tmp_path):
+def test_folder_layout(tmp_path, study_key):
     src = tmp_path / "site"
     for sub in ("images", "lung_masks", "opacity_masks"):
         (src / sub).mkdir(parents=True)
@@ -56,14 +60,22 @@ def test_folder_layout(tmp_path):
     images.write_png(str(src / "opacity_masks" / "a.png"), np.zeros((32, 32), bool))
     (src / "labels.csv").write_text("image,label,patient_id,zone_A\na.png,normal,P1,0\nb.png,covid,P1,\n"
                                     "ghost.png,covid,P9,\nRoe_Richard,covid,P8,\n")
-    # a DICOM among the PNGs bypasses the DICOM rules and pseudonyms here: left out, its name unsaid
+    # a DICOM among the PNGs bypasses the DICOM rules here: left out, its name unsaid
     (src / "images" / "Doe_Jane.dcm").write_bytes(b"\0" * 128 + b"DICM")
     (src / "images" / "Roe_Richard").write_bytes(b"\0" * 128 + b"DICM")  # DICOM often has no extension
     (src / "images" / "notes.txt").write_text("not an image")
     out = tmp_path / "m.csv"
     result = run_import("folder", str(src), str(out), progress=False, default_label="normal")
     df = manifest.load_manifest(str(out))
-    assert list(df.label) == ["normal", "covid", "normal"] and list(df.patient_id) == ["P1", "P1", "c"]
+    assert list(df.label) == ["normal", "covid", "normal"]
+    assert list(df.patient_id) == [pseudonym(p, "patient", study_key) for p in ("P1", "P1", "c")]
+    # copies under pseudonyms beside the manifest, stored relative to it; the masks follow their image
+    assert pd.read_csv(out).image.str.startswith("images/fil-").all()
+    first = file_pseudonym(src / "images" / "a.png", src, study_key)
+    assert Path(df.image.iloc[0]).name.startswith(first + "-")
+    assert Path(df.lung_mask.iloc[0]).parent == tmp_path / "lung_masks"
+    assert Path(df.lung_mask.iloc[0]).name.startswith(first + "-")
+    assert Path(df.image.iloc[0]).read_bytes() == (src / "images" / "a.png").read_bytes()
     assert df.opacity_mask.iloc[0] != "" and df.opacity_mask.iloc[1] == ""
     assert "Doe_Jane" not in json.dumps(result.excluded) and "Roe_Richard" not in json.dumps(result.excluded)
     assert not df.image.str.contains("Doe_Jane|Roe_Richard|notes").any()
@@ -71,11 +83,26 @@ def test_folder_layout(tmp_path):
     assert "--format dicom" in result.excluded[-2]["reason"]
     assert result.excluded[-1]["file"] == "1 other file(s) in images/"
     result = run_import("folder", str(src), str(out), progress=False)
-    reasons = {e["file"].rsplit("/", 1)[-1]: e["reason"] for e in result.excluded}
-    assert "no label" in reasons["c.png"] and "no such image" in reasons["ghost.png"]
+    reasons = {e["file"]: e["reason"] for e in result.excluded}
+    assert "no label" in reasons[file_pseudonym(src / "images" / "c.png", src, study_key)]
+    assert "no such image" in reasons["labels.csv row 4"]  # ghost.png: named by its row, never its name
+    assert len(list((tmp_path / "images").iterdir())) == 3  # the second import reused the copies
 
 
-def test_relative_source_gives_a_loadable_manifest(tmp_path, monkeypatch):
+def test_folder_import_needs_the_study_key_and_another_folder(tmp_path, monkeypatch):
+    src = tmp_path / "site"
+    (src / "images").mkdir(parents=True)
+    images.write_png(str(src / "images" / "a.png"), np.full((32, 32), 7, np.uint8))
+    monkeypatch.delenv("CXRTUNE_PSEUDONYM_KEY", raising=False)
+    with pytest.raises(CxrtuneError, match="pseudonym key"):
+        run_import("folder", str(src), str(tmp_path / "m.csv"), progress=False, default_label="normal")
+    monkeypatch.setenv("CXRTUNE_PSEUDONYM_KEY", STUDY_KEY)
+    with pytest.raises(CxrtuneError, match="source folder itself"):
+        run_import("folder", str(src), str(src / "m.csv"), progress=False, default_label="normal")
+    assert sorted(p.name for p in (src / "images").iterdir()) == ["a.png"]
+
+
+def test_relative_source_gives_a_loadable_manifest(tmp_path, monkeypatch, study_key):
     src = tmp_path / "site"
     (src / "images").mkdir(parents=True)
     images.write_png(str(src / "images" / "a.png"), np.full((32, 32), 7, np.uint8))
@@ -83,7 +110,41 @@ def test_relative_source_gives_a_loadable_manifest(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "out")
     run_import("folder", "../site", "m.csv", progress=False, default_label="normal")
     df = manifest.load_manifest(str(tmp_path / "out" / "m.csv"))
-    assert df.image.iloc[0] == str(src / "images" / "a.png")
+    assert Path(df.image.iloc[0]).parent == tmp_path / "out" / "images"
+    assert Path(df.image.iloc[0]).read_bytes() == (src / "images" / "a.png").read_bytes()
+
+
+def test_no_name_from_a_file_reaches_manifest_report_or_log(tmp_path):
+    """Files named after a patient (``DOE_JOHN_MRN123``) through `cxrtune data import` of a folder
+    and of reader grades: the name is in no manifest, exclusion report, output file name or log."""
+    planted = "DOE_JOHN_MRN123"
+    site = tmp_path / "site"
+    for sub in ("images", "lung_masks"):
+        (site / sub).mkdir(parents=True)
+    for name in (f"{planted}.png", f"{planted}_2.png", f"{planted}_unlabelled.png"):
+        images.write_png(str(site / "images" / name), np.full((32, 32), 90, np.uint8))
+        images.write_png(str(site / "lung_masks" / name), np.ones((32, 32), bool))
+    (site / "labels.csv").write_text(f"image,label,patient_id\n{planted}.png,covid,{planted}\n"
+                                     f"{planted}_2.png,normal,\n{planted}_gone.png,covid,{planted}\n")
+    grades = ",".join(f"S_{z}" for z in "ABCDEF")
+    (site / "scores.csv").write_text(f"image,patient_id,{grades}\nimages/{planted}.png,{planted},0,1,2,3,0,0\n"
+                                     f"images/{planted}_2.png,,0,1,2,9,0,0\n{planted}_gone.png,,0,0,0,0,0,0\n")
+    out = tmp_path / "out"
+    env = {"CXRTUNE_PSEUDONYM_KEY": STUDY_KEY}
+    runs = [run_cli("-v", "data", "import", "--format", "folder", str(site), "--out", str(out / "folder.csv"), env=env,
+                    check=False),
+            run_cli("-v", "data", "import", "--format", "readers", str(site), "--out", str(out / "readers.csv"),
+                    env=env, check=False)]
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    assert [r.stdout.strip() for r in runs] == ["imported 2, excluded 2, failed 0", "imported 1, excluded 2, failed 0"]
+    written = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}
+    assert {"folder.csv", "folder.excluded.csv", "readers.csv", "readers.excluded.csv"} <= set(written)
+    assert len([k for k in written if k.startswith("images/")]) == 2  # the readers' image is the folder's copy
+    texts = [r.stdout + r.stderr for r in runs] + [p.read_text() for p in written.values() if p.suffix == ".csv"]
+    texts += list(written)  # the names of the files written
+    assert [t for t in texts if "DOE" in t.upper() or "MRN" in t.upper()] == []
+    assert "labels.csv row 4" in written["folder.excluded.csv"].read_text()  # the missing file, by row
+    assert "scores.csv row 3" in written["readers.excluded.csv"].read_text()  # the bad grade, by row
 
 
 def test_unknown_format_and_wrong_folder_are_plain_errors(tmp_path):

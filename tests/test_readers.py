@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from cxrtune.data import manifest
 from cxrtune.data.importers import IMPORTERS
+from cxrtune.dicom import pseudonym
 from cxrtune.errors import CxrtuneError, ManifestError
 from cxrtune.scoring import agreement
 from tests.conftest import need_shared
 
 ZONES = "ABCDEF"
+pytestmark = pytest.mark.usefixtures("study_key")  # the importer pseudonymises with the study key
+
+
+def import_readers(src, tmp_path, **options):
+    """The readers importer with its copies in ``tmp_path/data``."""
+    return IMPORTERS["readers"](str(src), data_dir=str(tmp_path / "data"), progress=False, **options)
 
 
 def _png(path, value=128, suffix=".png"):
@@ -58,12 +67,16 @@ def reader_folder(tmp_path):
     return root
 
 
-def test_import_two_readers(reader_folder):
-    result = IMPORTERS["readers"](str(reader_folder), progress=False)
+def test_import_two_readers(reader_folder, tmp_path, study_key):
+    result = import_readers(reader_folder, tmp_path)
     df = result.manifest
-    assert [p.rsplit("/", 1)[-1] for p in df["image"]] == ["a.png", "b.png", "c.jpg"]
-    assert all(p.startswith("/") for p in df["image"])
-    assert list(df["patient_id"]) == ["a", "b", "c"]
+    copies = [Path(p) for p in df["image"]]  # pseudonymised copies: no source name survives
+    assert [p.parent for p in copies] == [tmp_path / "data" / "images"] * 3
+    assert [p.name.split("-")[:2] == ["fil", pseudonym(rel, "file", study_key)[4:]]
+            for p, rel in zip(copies, ["images/a.png", "images/b.png", "c.jpg"])] == [True] * 3
+    assert [p.suffix for p in copies] == [".png", ".png", ".jpg"]
+    assert copies[0].read_bytes() == (reader_folder / "images" / "a.png").read_bytes()
+    assert list(df["patient_id"]) == [pseudonym(x, "patient", study_key) for x in "abc"]
     assert list(df["label"]) == ["", "", ""]
     assert list(df["source"]) == ["brixia-mini"] * 3
     assert list(df["view"]) == ["unknown"] * 3
@@ -76,51 +89,51 @@ def test_import_two_readers(reader_folder):
     assert [int(df.at[0, f"reader_S_{z}"]) for z in ZONES] == [0, 1, 2, 3, 0, 0]
     assert [int(df.at[1, f"reader_J_{z}"]) for z in ZONES] == [2, 3, 3, 3, 3, 0]
     assert "note" not in df.columns and "S_affected_0_6" not in df.columns
-    reasons = {e["file"]: e["reason"] for e in result.excluded}
-    assert sorted(reasons) == ["images/d.png", "images/e.png", "images/f.png", "images/missing.png"]
-    assert "S_B='4'" in reasons["images/d.png"] and "0-3" in reasons["images/d.png"]
-    assert reasons["images/e.png"] == "reader S: S_affected_0_6='3' but 2 zone(s) graded above 0"
-    assert "S_B=''" in reasons["images/f.png"]
-    assert reasons["images/missing.png"].startswith("image file not found")
+    reasons = {e["file"]: e["reason"] for e in result.excluded}  # CSV rows by number: names can be a patient's
+    assert sorted(reasons) == [f"scores.csv row {n}" for n in (5, 6, 7, 8)]
+    assert "S_B='4'" in reasons["scores.csv row 5"] and "0-3" in reasons["scores.csv row 5"]
+    assert reasons["scores.csv row 6"] == "reader S: S_affected_0_6='3' but 2 zone(s) graded above 0"
+    assert "S_B=''" in reasons["scores.csv row 7"]
+    assert reasons["scores.csv row 8"].startswith("image file not found")
     assert result.failed == []
 
 
-def test_import_labels_and_options(reader_folder):
+def test_import_labels_and_options(reader_folder, tmp_path, study_key):
     table = pd.read_csv(reader_folder / "scores.csv", dtype=str, keep_default_na=False)
     table["label"] = ["covid", "", "normal", "", "", "", ""]
     table["patient_id"] = ["p1", "p1", "", "", "", "", ""]
     table["view"] = ["AP", "", "PA", "", "", "", ""]
     table.to_csv(reader_folder / "other.csv", index=False)
-    result = IMPORTERS["readers"](str(reader_folder), csv="other.csv", default_label="other_disease",
-                                  source="brixia", progress=False)
+    result = import_readers(reader_folder, tmp_path, csv="other.csv", default_label="other_disease",
+                            source="brixia")
     df = result.manifest
     assert list(df["label"]) == ["covid", "other_disease", "normal"]
-    assert list(df["patient_id"]) == ["p1", "p1", "c"]
+    assert list(df["patient_id"]) == [pseudonym(x, "patient", study_key) for x in ("p1", "p1", "c")]
     assert list(df["view"]) == ["AP", "unknown", "PA"]
     assert list(df["source"]) == ["brixia"] * 3
     with pytest.raises(CxrtuneError, match="default-label"):
-        IMPORTERS["readers"](str(reader_folder), default_label="sick", progress=False)
+        import_readers(reader_folder, tmp_path, default_label="sick")
     table["label"] = ["flu", "", "", "", "", "", ""]
     table.to_csv(reader_folder / "bad.csv", index=False)
-    result = IMPORTERS["readers"](str(reader_folder / "bad.csv"), progress=False)
-    assert {e["file"]: e["reason"] for e in result.excluded}["images/a.png"].startswith("unknown label 'flu'")
+    result = import_readers(reader_folder / "bad.csv", tmp_path)
+    assert {e["file"]: e["reason"] for e in result.excluded}["bad.csv row 2"].startswith("unknown label 'flu'")
 
 
 def test_import_layout_errors(tmp_path):
     _png(tmp_path / "x.png")
     pd.DataFrame([{"image": "x.png", "S_A": 1, "S_B": 1}]).to_csv(tmp_path / "scores.csv", index=False)
     with pytest.raises(CxrtuneError, match="S has A, B"):
-        IMPORTERS["readers"](str(tmp_path), progress=False)
+        import_readers(tmp_path, tmp_path / "out")
     pd.DataFrame([{"image": "x.png", "score": 1}]).to_csv(tmp_path / "scores.csv", index=False)
     with pytest.raises(CxrtuneError, match="no reader grade columns"):
-        IMPORTERS["readers"](str(tmp_path), progress=False)
+        import_readers(tmp_path, tmp_path / "out")
     with pytest.raises(CxrtuneError, match="not found"):
-        IMPORTERS["readers"](str(tmp_path), csv="nope.csv", progress=False)
+        import_readers(tmp_path, tmp_path / "out", csv="nope.csv")
 
 
 @pytest.mark.parametrize("name", ["m.parquet", "m.csv"])
 def test_manifest_round_trip_keeps_reader_columns(reader_folder, tmp_path, name):
-    df = IMPORTERS["readers"](str(reader_folder), default_label="covid", progress=False).manifest
+    df = import_readers(reader_folder, tmp_path, default_label="covid").manifest
     df.loc[2, "reader_J_C"] = pd.NA  # a missing grade survives as NA, not 0 or -1
     manifest.save_manifest(df, str(tmp_path / name))
     back = manifest.load_manifest(str(tmp_path / name))
@@ -325,9 +338,9 @@ def test_plot_reader_agreement(tmp_path):
 
 
 @pytest.mark.realdata
-def test_brixia_dev_readers():
+def test_brixia_dev_readers(tmp_path):
     root = need_shared("brixia-dev")
-    result = IMPORTERS["readers"](str(root), progress=False)
+    result = import_readers(root, tmp_path)
     df = result.manifest
     assert len(df) == 89 and result.excluded == [] and df["eval_only"].all()
     assert manifest.readers_in(df) == ["J", "S"]
@@ -348,7 +361,7 @@ def test_run_import_writes_manifest_and_exclusion_report(reader_folder, tmp_path
     back = manifest.load_manifest(out)
     assert manifest.reader_grades(back)["J"][1].tolist() == [2, 3, 3, 3, 3, 0]
     report = pd.read_csv(report_uri(out))
-    assert sorted(report["file"]) == ["images/d.png", "images/e.png", "images/f.png", "images/missing.png"]
+    assert sorted(report["file"]) == [f"scores.csv row {n}" for n in (5, 6, 7, 8)]
 
 
 def test_unlabelled_import_round_trips(reader_folder, tmp_path):

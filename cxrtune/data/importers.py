@@ -26,6 +26,7 @@ from .import_registry import IMAGE_SUFFIXES as IMAGE_SUFFIXES
 from .import_registry import IMPORTERS as IMPORTERS
 from .import_registry import ImportResult as ImportResult
 from .import_registry import importer
+from .pseudonymised import copy_pseudonymised, file_pseudonym, output_folder, write_new
 
 log = logging.getLogger(__name__)
 def _require_dir(path: Path, what: str) -> None:
@@ -117,7 +118,7 @@ FOLDER_LABEL_COLUMNS = ("label", "patient_id", "view", "split", "source", "age",
 
 @importer("folder")
 def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
-                  default_label: str | None = None, **_) -> ImportResult:
+                  default_label: str | None = None, pseudonym_key_file: str | None = None, **_) -> ImportResult:
     """``images/``, optional ``lung_masks/`` and ``opacity_masks/`` (same file names as the
     images) and an optional ``labels.csv`` with an ``image`` column (file name) and any of
     ``label, patient_id, view, split, source, age, sex, site, grade_*, zone_A..F, score``.
@@ -125,12 +126,20 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
     A missing opacity mask file means not annotated; an all-zero file means annotated, no opacity.
     Images with no label in labels.csv get ``default_label`` or, without one, are excluded.
     DICOM files are left out, counted in one exclusion line that names none of them: only
-    ``--format dicom`` applies the exclusion rules and replaces identifiers by pseudonyms.
+    ``--format dicom`` applies the exclusion rules.
+
+    File names and patient ids often name a patient, so, as for DICOM, the study key is needed:
+    patient ids (labels.csv's, else the file name) become keyed pseudonyms, images and masks are
+    copied to ``data_dir/{images,lung_masks,opacity_masks}/<file pseudonym>-<hash><suffix>``, and
+    the exclusion report names a labels.csv row or a file pseudonym, never a name.
     """
-    root = Path(src).resolve()  # manifests hold absolute paths: relative ones follow the manifest
+    key = pseudonym_key(pseudonym_key_file)  # refuse before touching any file
+    root = Path(src).resolve()
     _require_dir(root / "images", "images")
+    out = output_folder(data_dir, root)
     labels_csv = root / "labels.csv"
     table: dict[str, dict] = {}
+    csv_row: dict[str, int] = {}
     if labels_csv.exists():
         lab = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
         if "image" not in lab.columns:
@@ -139,11 +148,14 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
         if unknown:
             raise CxrtuneError(f"{labels_csv}: unknown column(s) {', '.join(unknown)}; "
                                f"allowed: image, {', '.join(FOLDER_LABEL_COLUMNS)}")
-        table = {Path(r["image"]).name: r for r in lab.to_dict("records")}
-    rows, excluded, dicoms, others = [], [], set(), set()  # names left out: counted, never named
-    for img in sorted((root / "images").iterdir()):
-        if not img.is_file():
-            continue
+        records = lab.to_dict("records")
+        table = {Path(r["image"]).name: r for r in records}
+        csv_row = {Path(r["image"]).name: i + 2 for i, r in enumerate(records)}  # as a spreadsheet numbers it
+    rows, excluded, failed, dicoms, others = [], [], [], set(), set()  # names left out: counted, never named
+    written: set[Path] = set()
+    files = sorted(p for p in (root / "images").iterdir() if p.is_file())
+    for img in tqdm(files, desc="folder", unit="img", disable=not progress):
+        file_id = file_pseudonym(img, root, key)
         try:
             with img.open("rb") as f:
                 head = f.read(132)
@@ -158,22 +170,31 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
         meta.pop("image", None)
         if "label" not in meta or not meta["label"]:
             if default_label is None:
-                excluded.append({"file": str(img), "reason": "no label in labels.csv (or pass --default-label)"})
+                where = f"labels.csv row {csv_row[img.name]}" if img.name in csv_row else file_id
+                excluded.append({"file": where, "reason": "no label in labels.csv (or pass --default-label)"})
                 continue
             meta["label"] = default_label
-        lung = root / "lung_masks" / img.name
-        lung = lung if lung.exists() else lung.with_suffix(".png")
-        opac = root / "opacity_masks" / img.name
-        opac = opac if opac.exists() else opac.with_suffix(".png")
-        row = {"image": str(img), "lung_mask": str(lung) if lung.exists() else "",
-               "opacity_mask": str(opac) if opac.exists() else "",
-               "patient_id": img.stem, "source": root.name, "view": "unknown"}
+        try:
+            row = {"image": str(copy_pseudonymised(img, out / "images", file_id, written)), "lung_mask": "",
+                   "opacity_mask": ""}
+            for column, folder in (("lung_mask", "lung_masks"), ("opacity_mask", "opacity_masks")):
+                mask = root / folder / img.name
+                mask = mask if mask.exists() else mask.with_suffix(".png")
+                if mask.exists():
+                    row[column] = str(copy_pseudonymised(mask, out / folder, file_id, written))
+        except CxrtuneError as exc:
+            entry = {"file": file_id, "reason": f"unreadable: {exc}"}
+            excluded.append(entry)
+            failed.append(entry)
+            continue
+        row.update({"source": root.name, "view": "unknown"})
         row.update({k: v for k, v in meta.items() if v != ""})
+        row["patient_id"] = pseudonym(meta.get("patient_id") or img.stem, "patient", key)
         rows.append(row)
     if table:
-        missing = sorted(set(table) - {Path(r["image"]).name for r in rows} - {Path(e["file"]).name for e in excluded}
-                         - dicoms - others)
-        excluded += [{"file": str(root / "images" / m), "reason": "listed in labels.csv but no such image"} for m in missing]
+        seen = {img.name for img in files}
+        excluded += [{"file": f"labels.csv row {csv_row[m]}", "reason": "listed in labels.csv but no such image"}
+                     for m in sorted(set(table) - seen, key=csv_row.__getitem__)]
     if dicoms:  # their names may be a patient's: counted, never listed
         excluded.append({"file": f"{len(dicoms)} DICOM file(s) in images/",
                          "reason": "a folder import takes PNG and JPEG; import DICOM with --format dicom "
@@ -181,7 +202,7 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
     if others:
         excluded.append({"file": f"{len(others)} other file(s) in images/",
                          "reason": "not a PNG or JPEG image (by their leading bytes), or unreadable"})
-    return ImportResult(manifest.new_manifest(rows), excluded)
+    return ImportResult(manifest.new_manifest(rows), excluded, failed)
 
 
 # ------------------------------------------------------------------------------------------ DICOM
@@ -218,9 +239,7 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
     excluded, failed, candidates = [], [], []
 
     def file_id(path: Path) -> str:
-        """Keyed pseudonym of the path relative to SRC: the same on every machine with the key."""
-        rel = path.name if path == root else path.relative_to(root).as_posix()
-        return pseudonym(rel, "file", key)
+        return file_pseudonym(path, root, key)
 
     def scrub(message: str, path: Path) -> str:
         """Remove the path and every folder or file name in it from a message."""
@@ -253,7 +272,7 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
         group_key = header.accession or header.instance or file_id(path)
         by_accession.setdefault(group_key, []).append((path, header))
     rows: list[dict] = []
-    written: set[str] = set()
+    written: set[Path] = set()
     for group in tqdm(by_accession.values(), desc="dicom pixels", unit="study", disable=not progress):
         group.sort(key=lambda ph: (ph[1].series_number, ph[1].instance_number, ph[1].acquired, str(ph[0])))
         kept = None
@@ -274,7 +293,7 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
                 continue  # the next image of the accession is tried
             kept = path
             stem = f"{header.instance or header.accession or 'img'}-{hashlib.sha256(data).hexdigest()[:12]}"
-            target = _free_target(out_dir, stem, data, written)
+            target = write_new(out_dir, stem, data, written)
             rows.append({"image": str(target.resolve()), "label": label,
                          "patient_id": header.patient or header.instance or file_id(path),
                          "source": "dicom", "view": header.view or "unknown",
@@ -283,32 +302,12 @@ def import_dicom(src: str, data_dir: str | None = None, progress: bool = True, m
     return ImportResult(manifest.new_manifest(rows), excluded, failed)
 
 
-def _free_target(out_dir: Path, stem: str, data: bytes, written: set) -> Path:
-    """Write ``data`` to ``out_dir/stem.png``, or ``stem-1.png``... when that name holds different
-    bytes (another import) or was already used by this import; an existing file with the same
-    bytes is reused. A file is never replaced, even by an import running at the same time."""
-    n = 0
-    while True:
-        target = out_dir / (f"{stem}-{n}.png" if n else f"{stem}.png")
-        n += 1
-        if target in written:
-            continue
-        if (not target.exists() and _create_new(target, data)) or target.read_bytes() == data:
-            written.add(target)
-            return target
-
-
-def _create_new(path: Path, data: bytes) -> bool:
-    """Create ``path`` whole, never overwriting (:func:`cxrtune.storage.create_local`)."""
-    try:
-        return storage.create_local(path, data)
-    except OSError as exc:
-        raise CxrtuneError(f"{path}: cannot write ({exc.strerror})") from None
-
-
 def run_import(fmt: str, src: str, out: str, data_dir: str | None = None, progress: bool = True,
                **options) -> ImportResult:
-    """Run one importer, write the manifest and, if anything was excluded, a report beside it."""
+    """Run one importer, write the manifest and, if anything was excluded, a report beside it.
+
+    Paths are written relative to the manifest's folder when every file sits below it (the
+    copies of ``dicom``, ``folder`` and ``readers`` imports, by default), else absolute."""
     if fmt not in IMPORTERS:
         raise CxrtuneError(f"unknown --format {fmt!r}; choose one of {', '.join(sorted(IMPORTERS))}")
 
@@ -318,7 +317,7 @@ def run_import(fmt: str, src: str, out: str, data_dir: str | None = None, progre
                            "push the result with `cxrtune data push`")
     result = IMPORTERS[fmt](src, data_dir=data_dir, progress=progress, **options)
     manifest.validate(result.manifest, out, check_files=True)
-    manifest.save_manifest(result.manifest, out)
+    manifest.save_manifest(manifest.relative_beside(result.manifest, out), out)  # the folder can move
     if result.excluded:
         report = pd.DataFrame(result.excluded, columns=["file", "reason"])
         storage.write_text(report_uri(out), report.to_csv(index=False))

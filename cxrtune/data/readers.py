@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..dicom import pseudonym, pseudonym_key
 from ..errors import CxrtuneError
 from ..zones import ZONE_LETTERS
 from . import manifest
 from .import_registry import IMAGE_SUFFIXES, ImportResult, importer
+from .pseudonymised import copy_pseudonymised, file_pseudonym, output_folder
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +91,19 @@ def _locate_csv(src: str, csv: str | None) -> Path:
 @importer("readers")
 def import_readers(  # noqa: C901 - one refusal per malformed CSV case, each naming the row
         src: str, data_dir: str | None = None, progress: bool = True, csv: str | None = None,
-        default_label: str | None = None, source: str | None = None, **_) -> ImportResult:
+        default_label: str | None = None, source: str | None = None, pseudonym_key_file: str | None = None,
+        **_) -> ImportResult:
     """Images + a CSV of per-zone reader grades -> manifest rows with ``reader_<R>_<zone>`` columns.
 
     ``src`` is the folder (or the CSV itself). Labels come from a ``label`` column, else
     ``default_label``, else stay empty (unlabelled: fine for calibration and agreement, which
     need no diagnosis). ``source`` defaults to the folder's name (e.g. ``brixia-dev``).
+
+    As for the folder importer, the study key is needed: patient ids (the CSV's, else the image's
+    file name) become keyed pseudonyms, images are copied to ``data_dir/images/<file
+    pseudonym>-<hash><suffix>``, and excluded rows are named by their CSV row number.
     """
+    key = pseudonym_key(pseudonym_key_file)  # refuse before touching any file
     table_path = _locate_csv(src, csv)
     folder = table_path.parent
     if default_label is not None and default_label not in manifest.LABELS:
@@ -108,9 +116,12 @@ def import_readers(  # noqa: C901 - one refusal per malformed CSV case, each nam
     if not readers:
         raise CxrtuneError(f"{table_path}: no reader grade columns; expected <READER>_A ... <READER>_F "
                            "(e.g. S_A..S_F), graded 0-3")
+    out = output_folder(data_dir, folder)
     source = source or folder.name
     rows, excluded, seen = [], [], set()
-    for rec in table.to_dict("records"):
+    written: set[Path] = set()
+    for number, rec in enumerate(table.to_dict("records"), start=2):  # row 1 is the header
+        where = f"{table_path.name} row {number}"
         name = str(rec["image"]).strip()
         problems = []
         grades: dict[str, list[int]] = {}
@@ -137,17 +148,23 @@ def import_readers(  # noqa: C901 - one refusal per malformed CSV case, each nam
         if not name:
             problems.append("empty image name")
         elif image is None:
-            problems.append(f"image file not found (looked in {folder} and {folder / 'images'})")
+            problems.append("image file not found (looked beside the CSV and in its images/ folder)")
         elif image.suffix.lower() not in IMAGE_SUFFIXES:
             problems.append(f"not a PNG or JPEG image ({image.suffix})")
         elif str(image) in seen:
             problems.append("duplicate: the image is listed more than once; the first row is kept")
         if problems or image is None:
-            excluded.append({"file": name, "reason": "; ".join(problems)})
+            excluded.append({"file": where, "reason": "; ".join(problems)})
             continue
         seen.add(str(image))
-        row = {"image": str(image), "label": label,
-               "patient_id": str(rec.get("patient_id", "")).strip() or image.stem,
+        file_id = file_pseudonym(image, folder, key) if image.is_relative_to(folder) else pseudonym(name, "file", key)
+        try:
+            copy = copy_pseudonymised(image, out / "images", file_id, written)
+        except CxrtuneError as exc:
+            excluded.append({"file": where, "reason": f"unreadable: {exc}"})
+            continue
+        row = {"image": str(copy), "label": label,
+               "patient_id": pseudonym(str(rec.get("patient_id", "")).strip() or image.stem, "patient", key),
                "source": source, "view": "unknown", "eval_only": True}  # radiologists' grades: never trained on
         row.update({c: str(rec[c]).strip() for c in COPIED_COLUMNS if str(rec.get(c, "")).strip()})
         for r, graded in grades.items():
