@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -105,10 +106,10 @@ def main() -> None:
     from cxrtune.data.importers import run_import
     from cxrtune.data.splits import assign_splits
     from cxrtune.model.artifacts import (
+        derive_bundle,
         make_bundle,
         read_checkpoint_meta,
         read_run_summary,
-        update_bundle,
         write_run_summary,
     )
     from cxrtune.model.train import (
@@ -175,6 +176,8 @@ def main() -> None:
         write_run_summary(str(out / stage), replace(read_run_summary(str(out / stage)), train_minutes=minutes[stage]))
     t2 = time.perf_counter()
     bundle = str(out / "bundle")
+    for old in ("bundle", "bundle-calibrated"):  # this bench's own bundles from an earlier run: bundles are immutable
+        shutil.rmtree(out / old, ignore_errors=True)
     make_bundle(str(out / "lung"), str(out / "disease"), bundle, name="accuracy-cpu" if args.cpu else "accuracy")
     scorer = load_bundle(bundle, batch_size=32)
     # T_cls needs data the classifier never saw: 93 validation Normals alone put it anywhere in
@@ -195,7 +198,8 @@ def main() -> None:
                                                      specificity=args.specificity, limit=64 if args.quick else 1500,
                                                      progress=False))
     opacity = {"opacity_threshold": cal.opacity.threshold, "opacity_calibration": cal.opacity} if cal.opacity else {}
-    update_bundle(bundle, cls_threshold=cal.cls.threshold, cls_calibration=cal.cls,
+    uncalibrated, bundle = bundle, str(out / "bundle-calibrated")  # bundles are immutable: a new one
+    derive_bundle(uncalibrated, bundle, cls_threshold=cal.cls.threshold, cls_calibration=cal.cls,
                   zone_threshold=cal.zone.threshold, zone_calibration=cal.zone, **opacity)
     scorer = load_bundle(bundle, batch_size=32)
     test = evaluate(scorer, df, str(out / "eval"), EvaluateOptions(split="test", progress=False))

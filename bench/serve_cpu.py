@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import json
 import pickle
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -91,7 +92,6 @@ def int8_parity(src: Path, out: Path, calibration: list[str], evaluation: list[s
     """The int8 export against the FP32 one on a bundle with trained weights (parity means nothing
     with random ones): calibrated on ``calibration`` images, compared on ``evaluation`` images
     (Dice of the lung masks and of the unrefined opacity masks, p(disease), score)."""
-    import shutil
 
     import numpy as np
 
@@ -101,10 +101,9 @@ def int8_parity(src: Path, out: Path, calibration: list[str], evaluation: list[s
     from cxrtune.scoring.scorer import load_bundle
 
     bundle = out / "parity-bundle"
-    shutil.rmtree(bundle, ignore_errors=True)
-    shutil.copytree(src, bundle)
+    shutil.rmtree(bundle, ignore_errors=True)  # this bench's own output from an earlier run
     step = max(1, len(calibration) // 32)
-    used = quantize_bundle(str(bundle), [Path(f).read_bytes() for f in calibration[::step][:32]])
+    used = quantize_bundle(str(src), str(bundle), [Path(f).read_bytes() for f in calibration[::step][:32]])
     scans = [load_scan(Path(f).read_bytes()) for f in evaluation]
     fp32, int8 = (load_bundle(str(bundle), device="cpu", runtime=r) for r in ("onnx", "onnx-int8"))
     a, b = fp32.score_scans(scans), int8.score_scans(scans)
@@ -237,13 +236,17 @@ def main() -> None:
     lib_torch = library_path(bundle, payloads, "torch", n)
     print(json.dumps({"library_torch": lib_torch}), file=sys.stderr, flush=True)
     t = time.perf_counter()
-    export_bundle(str(bundle))
+    plain, bundle = bundle, bundle.with_name(bundle.name + "-onnx")
+    shutil.rmtree(bundle, ignore_errors=True)
+    export_bundle(str(plain), str(bundle))  # bundles are immutable: the export is a new one
     export_s = time.perf_counter() - t
     lib_onnx = library_path(bundle, payloads, "onnx", n)
     from cxrtune.scoring.onnx_export import quantize_bundle
 
     t = time.perf_counter()
-    quantize_bundle(str(bundle), payloads[:8])  # speed does not depend on the calibration of random weights
+    fp32, bundle = bundle, bundle.with_name(bundle.name + "-int8")
+    shutil.rmtree(bundle, ignore_errors=True)
+    quantize_bundle(str(fp32), str(bundle), payloads[:8])  # speed does not depend on the calibration of random weights
     int8_s = time.perf_counter() - t
     lib_int8 = library_path(bundle, payloads, "onnx-int8", n)
     print(json.dumps({"library_onnx_int8": lib_int8}), file=sys.stderr, flush=True)

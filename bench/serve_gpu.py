@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ def random_bundle(out: Path, pair) -> Path:
             config=TrainConfig(task=task, model=model_cfg, size=spec["size"]).to_dict(),
             preprocessing=Preprocessing(size=spec["size"], in_channels=3).to_dict()))
         runs[task] = str(out / "runs" / task)
+    shutil.rmtree(out / "bundle", ignore_errors=True)  # this bench's own bundle from an earlier run: bundles are immutable
     make_bundle(runs["lung"], runs["disease"], str(out / "bundle"), zone_threshold=0.3, name="seed004-random")
     return out / "bundle"
 

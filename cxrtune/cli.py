@@ -87,42 +87,44 @@ def _bundle_make(args) -> None:
 
 
 def _bundle_migrate(args) -> None:
-    print(f"bundle {args.uri}: now {artifacts.migrate_bundle(args.uri).format}")
+    print(f"bundle {args.out}: {artifacts.migrate_bundle(args.uri, args.out).format}, made from {args.uri}")
 
 
 def _bundle_export(args) -> None:
-    rec = onnx_export.export(args.uri, args.format, args.calibration, args.calibration_limit)
+    rec = onnx_export.export(args.uri, args.out, args.format, args.calibration, args.calibration_limit)
     if args.format == "onnx":
-        print(f"bundle {args.uri}: exported lung.onnx and disease.onnx (opset {rec['opset']})")
+        print(f"bundle {args.out}: {args.uri} with lung.onnx and disease.onnx (opset {rec['opset']})")
     else:
-        print(f"bundle {args.uri}: exported lung.int8.onnx and disease.int8.onnx, calibrated on "
+        print(f"bundle {args.out}: {args.uri} with lung.int8.onnx and disease.int8.onnx, calibrated on "
               f"{rec['calibration_images']} radiographs (Stage II on {rec['stage2_calibration_images']} lung crops)")
 
 
 def _bundle_legacy(args) -> None:
     """``cxrtune bundle --lung/--migrate/--export``: the flags before the subcommands, kept for one release."""
-    if not (args.migrate or args.export or args.lung or args.disease or args.out):
-        raise CxrtuneError("choose what to do: cxrtune bundle make | migrate | export (see --help)")
     if args.migrate:
-        new, args.uri = "bundle migrate URI", args.migrate
+        new, args.uri = "bundle migrate URI --out NEW", args.migrate
     elif args.export:
-        new, (args.format, args.uri) = "bundle export FORMAT URI", args.export
-    else:
+        new, (args.format, args.uri) = "bundle export FORMAT URI --out NEW", args.export
+    elif args.lung or args.disease or args.out:
         new = "bundle make --lung --disease --out"
+    else:
+        raise CxrtuneError("choose what to do: cxrtune bundle make | migrate | export (see --help)")
     print(f"cxrtune: `cxrtune bundle` with flags is deprecated; use `cxrtune {new}`", file=sys.stderr)
-    if not args.migrate and not args.export and not (args.lung and args.disease and args.out):
-        raise CxrtuneError("cxrtune bundle make needs --lung, --disease and --out")
-    {"bundle migrate URI": _bundle_migrate, "bundle export FORMAT URI": _bundle_export}.get(new, _bundle_make)(args)
+    if not (args.out and (args.migrate or args.export or (args.lung and args.disease))):
+        raise CxrtuneError(f"cxrtune {new} needs all of those (bundles are immutable: --out is a new folder)")
+    {"bundle migrate URI --out NEW": _bundle_migrate, "bundle export FORMAT URI --out NEW": _bundle_export}.get(
+        new, _bundle_make)(args)
 
 
 def _calibrate(args) -> None:
     options = evaluation.CalibrateOptions(
         split=args.split, cls_split=args.cls_split, reference=args.reference, specificity=args.specificity,
         reference_threshold=args.reference_threshold, limit=args.limit, what=tuple(w.strip() for w in args.what.split(",")))
-    outcome = evaluation.calibrate_bundle(args.bundle, manifest.load_manifest(args.manifest), options, args.device)
+    outcome = evaluation.calibrate_bundle(args.bundle, args.out, manifest.load_manifest(args.manifest), options,
+                                          args.device)
     for line, to_stderr in outcome.lines(options.what):
         print(line, file=sys.stderr if to_stderr else sys.stdout)
-    print(f"stored in {args.bundle}")
+    print(f"calibrated bundle: {args.out}")
 
 
 def _score(args) -> None:
@@ -284,13 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     bd = sub.add_parser("bundle", help="make, migrate or export a scorer bundle (Stage I + Stage II)")
     bsub = bd.add_subparsers(dest="bundle_command")
     mk = bsub.add_parser("make", help="package a Stage I and a Stage II run as a scorer bundle")
-    mg = bsub.add_parser("migrate", help="rewrite an older bundle's bundle.json in the current format")
+    mg = bsub.add_parser("migrate", help="copy an older bundle into a new one in the current format, sealed")
     mg.add_argument("uri", help="bundle URI")
+    mg.add_argument("--out", required=True, help="the new bundle's folder (local or s3://): bundles are immutable")
     mg.set_defaults(func=_bundle_migrate)
-    ex = bsub.add_parser("export", help="add an export of both networks: onnx (the CPU fast path) or "
-                                        "onnx-int8 (int8, faster, opt-in; needs --calibration)")
+    ex = bsub.add_parser("export", help="a new bundle with an export of both networks: onnx (the CPU fast path) "
+                                        "or onnx-int8 (int8, faster, opt-in; needs --calibration)")
     ex.add_argument("format", choices=onnx_runtime.ONNX_RUNTIMES)
     ex.add_argument("uri", help="bundle URI")
+    ex.add_argument("--out", required=True, help="the new bundle's folder (local or s3://): bundles are immutable")
     ex.set_defaults(func=_bundle_export)
     for parser in (ex, bd):
         parser.add_argument("--calibration", nargs="+", metavar="PATH",
@@ -299,18 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     for parser, required in ((mk, True), (bd, False)):  # `bundle --lung ...`: the deprecated spelling
         parser.add_argument("--lung", required=required, help="Stage I run URI")
         parser.add_argument("--disease", required=required, help="Stage II run URI")
-        parser.add_argument("--out", required=required, help="bundle folder (local or s3://)")
+        parser.add_argument("--out", required=required, help="the new bundle's folder (local or s3://); refused "
+                            "if it holds anything: bundles are immutable")
         parser.add_argument("--threshold", type=float, default=DEFAULT_ZONE_THRESHOLD,
                             help="zone threshold until calibrated")
         parser.add_argument("--name")
         _gate_flags(parser, bundle=True)
     mk.set_defaults(func=_bundle_make)
-    bd.add_argument("--migrate", metavar="URI", help="deprecated: `cxrtune bundle migrate URI`")
-    bd.add_argument("--export", nargs=2, metavar=("FORMAT", "URI"), help="deprecated: `cxrtune bundle export FORMAT URI`")
+    bd.add_argument("--migrate", metavar="URI", help="deprecated: `cxrtune bundle migrate URI --out NEW`")
+    bd.add_argument("--export", nargs=2, metavar=("FORMAT", "URI"),
+                    help="deprecated: `cxrtune bundle export FORMAT URI --out NEW`")
     bd.set_defaults(func=_bundle_legacy)
 
-    cal = sub.add_parser("calibrate", help="choose T_cls (classifier) and the zone threshold T, with provenance")
+    cal = sub.add_parser("calibrate", help="choose T_cls (classifier) and the zone threshold T, with provenance, "
+                         "into a new bundle")
     cal.add_argument("bundle")
+    cal.add_argument("--out", required=True, help="the calibrated bundle's folder (local or s3://): the bundle "
+                     "calibrated is left as it is")
     cal.add_argument("--manifest", required=True)
     cal.add_argument("--what", default="cls,opacity,zone",
                      help="which thresholds, comma-separated: cls (T_cls), opacity (Stage II's map), zone (T)")

@@ -123,6 +123,29 @@ def phantom_bundle(phantom_dir, tmp_path_factory) -> Path:
     return work / "bundle"
 
 
+def bundle_with_blind_lungs(src: Path, out: Path, **changes) -> Path:
+    """A new bundle made from ``src`` whose lung model sees nothing (its last segmentation-head
+    bias at -1e4), published as any bundle is (hashes, bundle.json last): the no-lungs path.
+    ``changes``: other bundle.json fields (e.g. ``audits``)."""
+    import io
+    from dataclasses import replace
+
+    import torch
+
+    from cxrtune.model.artifacts import bundle_files, publish_bundle, read_bundle_file, read_bundle_meta
+
+    meta = read_bundle_meta(str(src))
+    contents = {f: read_bundle_file(str(src), f, meta) for f in bundle_files(meta) if not f.endswith(".onnx")}
+    state = torch.load(io.BytesIO(contents["lung.pt"]), weights_only=True)
+    bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
+    state[bias] = torch.full_like(state[bias], -1e4)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    contents["lung.pt"] = buffer.getvalue()
+    publish_bundle(str(out), replace(meta, name=out.name, onnx={}, **changes), contents)  # no export of other weights
+    return out
+
+
 def shipped_cpu_config(tmp_path: Path, bundle: Path) -> tuple[Path, int]:
     """serve/config.cpu.yaml with only the bundle and a free port changed, written to ``tmp_path``:
     what the tests deploy through Serve's own config path."""

@@ -4,6 +4,7 @@ mask record and the thin CLI itself."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -22,11 +23,11 @@ from cxrtune.model.artifacts import (
     Calibration,
     CheckpointMeta,
     RunSummary,
+    derive_bundle,
     make_bundle,
     read_bundle_meta,
     read_checkpoint_meta,
     read_run_summary,
-    update_bundle,
     write_checkpoint_meta,
     write_run_summary,
 )
@@ -74,9 +75,41 @@ def test_gated_bundle_is_recorded_or_rolled_back(runs, tmp_path):
     with pytest.raises(GateFailed, match="planted"):
         make_gated_bundle(*runs, str(tmp_path / "b2"), flagged)
     assert not any((tmp_path / "b2" / n).exists() for n in ("bundle.json", "lung.pt", "disease.pt"))
-    with pytest.raises(CxrtuneError, match="holds a bundle already"):  # never over a bundle in use
+    with pytest.raises(CxrtuneError, match="immutable"):  # never over a bundle in use
         make_gated_bundle(*runs, str(tmp_path / "b1"), passing)
     assert read_bundle_meta(str(tmp_path / "b1")).name == "one"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_bundles_are_sealed_and_never_changed_in_place(runs, tmp_path, where, request):
+    """Every file's SHA-256 in bundle.json, written last; an existing bundle is refused; a derived
+    bundle leaves its source as it was; a changed file fails its hash and is never carried on."""
+    from cxrtune import storage
+    from cxrtune.model.artifacts import bundle_hash, read_bundle_file
+
+    root = f"s3://{request.getfixturevalue('bucket')}/bundles" if where == "s3" else str(tmp_path / "bundles")
+    first = make_bundle(*runs, f"{root}/v1")
+    assert first.files == {f: hashlib.sha256(storage.read_bytes(f"{root}/v1/{f}")).hexdigest()
+                           for f in ("lung.pt", "disease.pt")}
+    assert read_bundle_meta(f"{root}/v1").files == first.files and first.format == "cxrtune-bundle/4"
+    published = storage.read_bytes(f"{root}/v1/bundle.json")
+    with pytest.raises(CxrtuneError, match="immutable"):
+        make_bundle(*runs, f"{root}/v1", name="other")
+    derived = derive_bundle(f"{root}/v1", f"{root}/v10", zone_threshold=0.3)  # v1's prefix: not v1 itself
+    assert storage.read_bytes(f"{root}/v1/bundle.json") == published
+    assert (derived.name, derived.zone_threshold, derived.files) == ("v10", 0.3, first.files)
+    assert derived.derived_from == {"name": "v1", "bundle_hash": bundle_hash(f"{root}/v1")}
+    storage.write_bytes(f"{root}/v10/lung.pt", b"weights planted after publication")
+    with pytest.raises(CxrtuneError, match="lung.pt does not match the SHA-256"):
+        read_bundle_file(f"{root}/v10", "lung.pt", read_bundle_meta(f"{root}/v10"))
+    with pytest.raises(CxrtuneError, match="lung.pt does not match the SHA-256"):
+        derive_bundle(f"{root}/v10", f"{root}/v11")
+    assert not list(storage.list_keys(f"{root}/v11/"))
+    storage.write_bytes(f"{root}/half/lung.pt", b"an upload cut off before its bundle.json")
+    with pytest.raises(CxrtuneError, match="bundle.json"):
+        read_bundle_meta(f"{root}/half")
+    if where == "local":  # staged beside the bundle and renamed whole: nothing else is left there
+        assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == ["half", "v1", "v10"]
 
 
 def test_gate_results_go_through_the_checkpoint_schema(runs, tmp_path):
@@ -93,11 +126,15 @@ def test_evaluation_mode_cross_validates_only_a_reader_calibrated_on_the_same_ro
     df = pd.DataFrame({"image": ["a.png"], "split": ["test"]})
     same = EvaluateOptions(split="test")
     assert evaluation_mode(uri, df, same) == (same, None)  # never calibrated: as asked
-    update_bundle(uri, zone_calibration=Calibration(0.2, "min_mae", "reader:S", manifest=manifest_id(df), split="test"))
+    uri, source = str(tmp_path / "b-s"), uri
+    derive_bundle(source, uri, zone_calibration=Calibration(0.2, "min_mae", "reader:S", manifest=manifest_id(df),
+                                                            split="test"))
     options, note = evaluation_mode(uri, df, same)
     assert options.cv_reference == "reader:S" and "cross-validated against reader:S" in note
     assert evaluation_mode(uri, df, EvaluateOptions(split="val")) == (EvaluateOptions(split="val"), None)
-    update_bundle(uri, zone_calibration=Calibration(0.2, "min_mae", "masks", manifest=manifest_id(df), split="test"))
+    uri = str(tmp_path / "b-masks")
+    derive_bundle(source, uri, zone_calibration=Calibration(0.2, "min_mae", "masks", manifest=manifest_id(df),
+                                                            split="test"))
     options, note = evaluation_mode(uri, df, same)
     assert options == same and note.startswith("warning:") and "in-sample" in note
 

@@ -17,8 +17,8 @@ from cxrtune.scoring.onnx_export import calibration_sample
 @pytest.fixture(scope="module")
 def exported(phantom_bundle, tmp_path_factory):
     bundle = tmp_path_factory.mktemp("onnx") / "bundle"
-    shutil.copytree(phantom_bundle, bundle)
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "export", "onnx", str(bundle)],
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "export", "onnx", str(phantom_bundle),
+                        "--out", str(bundle)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     yield bundle
@@ -97,8 +97,8 @@ def test_a_stale_export_is_refused(exported, tmp_path):
 @pytest.fixture(scope="module")
 def int8_exported(exported, phantom_dir, tmp_path_factory):
     bundle = tmp_path_factory.mktemp("int8") / "bundle"
-    shutil.copytree(exported, bundle)
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "export", "onnx-int8", str(bundle),
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "bundle", "export", "onnx-int8", str(exported),
+                        "--out", str(bundle),
                         "--calibration", str(phantom_dir / "images"), "--calibration-limit", "12"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -144,9 +144,12 @@ def test_a_stale_int8_export_is_refused(int8_exported, tmp_path):
     shutil.copy(stale / "lung.onnx", stale / "lung.int8.onnx")  # not the file bundle.json records
     with pytest.raises(CxrtuneError, match="lung.int8.onnx is not the int8 copy"):
         load_bundle(str(stale), device="cpu", runtime="onnx-int8")
-    export_bundle(str(stale))  # a new FP32 export: the int8 copy no longer describes it
+    with pytest.raises(CxrtuneError, match="lung.int8.onnx does not match the SHA-256"):
+        export_bundle(str(stale), str(tmp_path / "from-stale"))  # a changed file is never carried on
+    assert not (tmp_path / "from-stale").exists()
+    export_bundle(str(int8_exported), str(tmp_path / "again"))  # a new FP32 export: the int8 copy no longer describes it
     with pytest.raises(CxrtuneError, match="no int8 export"):
-        load_bundle(str(stale), device="cpu", runtime="onnx-int8")
+        load_bundle(str(tmp_path / "again"), device="cpu", runtime="onnx-int8")
 
 
 def test_int8_calibration_sample_spreads_over_every_input_and_skips_unreadable(tmp_path):

@@ -13,6 +13,7 @@ from cxrtune.data.phantom import make_phantom
 from cxrtune.preprocessing import extract_roi, lung_box
 from cxrtune.scoring.evaluation import choose_cls_threshold
 from cxrtune.scoring.scorer import build_record, score_error
+from tests.conftest import bundle_with_blind_lungs
 
 
 def two_lungs(size: int = 256) -> np.ndarray:
@@ -213,9 +214,10 @@ def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path, capsys):
     (old / "bundle.json").write_text(json.dumps(meta))
     scorer = load_bundle(str(old))
     assert (scorer.thresholds.zone, scorer.thresholds.cls) == (0.23, 0.5)
-    assert main(["bundle", "migrate", str(old)]) == 0
-    new = json.loads((old / "bundle.json").read_text())
-    assert new["format"] == "cxrtune-bundle/3" and "calibration" not in new
+    assert main(["bundle", "migrate", str(old), "--out", str(tmp_path / "old-now")]) == 0
+    new = json.loads((tmp_path / "old-now" / "bundle.json").read_text())
+    assert new["format"] == "cxrtune-bundle/4" and "calibration" not in new
+    assert set(new["files"]) == {"lung.pt", "disease.pt"} and new["derived_from"]["name"] == meta["name"]
     assert new["zone_calibration"] == {**new["zone_calibration"], "threshold": 0.23, "reference": "masks", "n": 12,
                                        "mae": 0.5}
     assert new["model_card"]["thresholds"]["zone_threshold"] == 0.23
@@ -229,18 +231,18 @@ def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path, capsys):
     meta.pop("opacity_calibration", None)
     (two / "bundle.json").write_text(json.dumps(meta))
     assert load_bundle(str(two)).thresholds.opacity == 0.5
-    assert main(["bundle", "--migrate", str(two)]) == 0  # the deprecated spelling still works, and says so
-    assert "deprecated; use `cxrtune bundle migrate URI`" in capsys.readouterr().err
-    new = json.loads((two / "bundle.json").read_text())
-    assert new["format"] == "cxrtune-bundle/3" and new["migrated_from"] == "cxrtune-bundle/2"
+    assert main(["bundle", "--migrate", str(two), "--out", str(tmp_path / "two-now")]) == 0  # the deprecated spelling
+    assert "deprecated; use `cxrtune bundle migrate URI --out NEW`" in capsys.readouterr().err  # works, and says so
+    new = json.loads((tmp_path / "two-now" / "bundle.json").read_text())
+    assert new["format"] == "cxrtune-bundle/4" and new["migrated_from"] == "cxrtune-bundle/2"
     # a /2 bundle that recorded a calibrated cut keeps it
     meta.update(opacity_threshold=0.15, opacity_calibration={"threshold": 0.15, "method": "max_dice", "n": 9})
     (two / "bundle.json").write_text(json.dumps({**meta, "format": "cxrtune-bundle/2"}))
     assert load_bundle(str(two)).thresholds.opacity == 0.15
     # a format newer than this code knows is refused, never scored with defaults
-    meta.update(format="cxrtune-bundle/4")
+    meta.update(format="cxrtune-bundle/5")
     (two / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(CxrtuneError, match="format 'cxrtune-bundle/4'"):
+    with pytest.raises(CxrtuneError, match="format 'cxrtune-bundle/5'"):
         load_bundle(str(two))
 
 
@@ -262,20 +264,13 @@ def test_row_limit_samples_every_label():
 def test_score_mae_gate_counts_unscored_records_as_the_worst_error(phantom_bundle, phantom_dir, tmp_path):
     """A bundle whose Stage I finds no lungs scores nothing: the release gate's MAE is the worst
     error for each reference, so such a bundle cannot pass a gate a working one passes."""
-    import shutil
 
-    import torch
 
     from cxrtune.audit.gates import score_mae
     from cxrtune.data import manifest
     from cxrtune.scoring.scorer import load_bundle, reference_zones
 
-    blind = tmp_path / "blind"
-    shutil.copytree(phantom_bundle, blind)
-    state = torch.load(blind / "lung.pt", weights_only=True)
-    bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
-    state[bias] = torch.full_like(state[bias], -1e4)
-    torch.save(state, blind / "lung.pt")
+    blind = bundle_with_blind_lungs(phantom_bundle, tmp_path / "blind")
     rows = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     refs = [sum(r) for r in (reference_zones(row) for _, row in rows.iterrows()) if r is not None]
     result = score_mae(load_bundle(str(blind), device="cpu"), rows, "")

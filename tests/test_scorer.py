@@ -1,5 +1,6 @@
 """Phantom data end to end: train both stages two epochs, bundle, calibrate, score, evaluate."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 from cxrtune import images
 from cxrtune.scoring.scorer import sweep_threshold
 from tests import golden
+from tests.conftest import bundle_with_blind_lungs
 
 
 def run(*args, cwd=None):
@@ -37,11 +39,16 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     from cxrtune.scoring.evaluation import OPACITY_GRID
     from cxrtune.scoring.scorer import load_bundle
 
-    out = run("calibrate", str(bundle / "bundle"), "--manifest", str(phantom_dir / "manifest.parquet"))
+    source = (bundle / "bundle" / "bundle.json").read_bytes()
+    cal = bundle / "calibrated"
+    out = run("calibrate", str(bundle / "bundle"), "--out", str(cal), "--manifest", str(phantom_dir / "manifest.parquet"))
     assert "zone threshold" in out and "T_cls" in out and "opacity threshold" in out
-    meta = json.loads((bundle / "bundle" / "bundle.json").read_text())
+    assert (bundle / "bundle" / "bundle.json").read_bytes() == source  # a new bundle; the old one as it was
+    meta = json.loads((cal / "bundle.json").read_text())
     zone, cls, opacity = meta["zone_calibration"], meta["cls_calibration"], meta["opacity_calibration"]
-    assert meta["format"] == "cxrtune-bundle/3" and meta["versions"]["cxrtune"]
+    assert meta["format"] == "cxrtune-bundle/4" and meta["versions"]["cxrtune"]
+    assert meta["name"] == "calibrated" and meta["derived_from"]["name"] == "bundle"
+    assert meta["files"] == {f: hashlib.sha256((cal / f).read_bytes()).hexdigest() for f in ("lung.pt", "disease.pt")}
     assert zone["split"] == "train,val" and zone["reference"] == "zones" and zone["method"] == "min_mae"
     assert zone["threshold"] == meta["zone_threshold"] and 0 < meta["zone_threshold"] <= 1
     assert zone["n"] > 0 and zone["mae"] is not None
@@ -53,21 +60,25 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     assert (opacity["method"], opacity["reference"], opacity["split"], opacity["n"]) == ("max_dice", "masks", "val",
                                                                                         with_opacity) and with_opacity
     assert opacity["threshold"] == meta["opacity_threshold"] and opacity["threshold"] in OPACITY_GRID
-    assert 0 <= opacity["dice"] <= 1 and load_bundle(str(bundle / "bundle")).thresholds.opacity == opacity["threshold"]
+    assert 0 <= opacity["dice"] <= 1 and load_bundle(str(cal)).thresholds.opacity == opacity["threshold"]
     golden.check("bundle_json_calibrated", meta)
     card = meta["model_card"]
     assert card["thresholds"]["zone_calibration"]["reference"] == "zones" and card["intended_use"]
     assert card["thresholds"]["opacity_calibration"]["method"] == "max_dice"
-    from cxrtune.model.artifacts import update_bundle
+    from cxrtune.model.artifacts import derive_bundle
 
-    update_bundle(str(bundle / "bundle"), cls_threshold=0.5)  # so that calibrating T_cls moves it
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "calibrate", str(bundle / "bundle"), "--manifest",
-                        str(phantom_dir / "manifest.parquet"), "--what", "cls", "--specificity", "1.0"],
-                       capture_output=True, text=True)
+    derive_bundle(str(cal), str(bundle / "cls-default"), cls_threshold=0.5)  # so that calibrating T_cls moves it
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "calibrate", str(bundle / "cls-default"), "--manifest",
+                        str(phantom_dir / "manifest.parquet"), "--what", "cls", "--specificity", "1.0",
+                        "--out", str(bundle / "cls-calibrated")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    meta = json.loads((bundle / "bundle" / "bundle.json").read_text())
+    meta = json.loads((bundle / "cls-calibrated" / "bundle.json").read_text())
     assert meta["cls_calibration"]["method"] == "specificity" and meta["cls_calibration"]["specificity"] == 1.0
     assert meta["cls_threshold"] != 0.5 and "T_cls changed but T did not" in r.stderr  # T is now stale
+    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "calibrate", str(bundle / "bundle"), "--manifest",
+                        str(phantom_dir / "manifest.parquet"), "--out", str(cal)], capture_output=True, text=True)
+    assert r.returncode == 2 and "immutable" in r.stderr  # never over an existing bundle
+    assert json.loads((cal / "bundle.json").read_text())["cls_calibration"]["method"] == "max_f1"
 
 
 @pytest.mark.slow  # trains both stages through the CLI (the module's bundle)
@@ -211,12 +222,10 @@ def test_clinical_objective_scores_validation_images(phantom_dir, phantom_bundle
 def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, tmp_path):
     """Reader grades in the manifest: calibrate T against reader S, then evaluate against both
     readers with T cross-validated (the same set chose it), by label, with the reader-vs-reader row."""
-    import shutil
 
     from cxrtune.data import manifest
 
     b = tmp_path / "bundle"
-    shutil.copytree(bundle / "bundle", b)
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     for z in "ABCDEF":
         df[f"reader_S_{z}"] = (df[f"zone_{z}"] * 2).astype("Int64")
@@ -225,7 +234,8 @@ def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, 
     df["split"] = ""
     m = tmp_path / "readers.parquet"
     manifest.save_manifest(df, str(m))
-    out = run("calibrate", str(b), "--manifest", str(m), "--what", "zone", "--split", "all", "--reference", "S")
+    out = run("calibrate", str(bundle / "bundle"), "--out", str(b), "--manifest", str(m), "--what", "zone", "--split",
+              "all", "--reference", "S")
     meta = json.loads((b / "bundle.json").read_text())
     assert meta["zone_calibration"]["reference"] == "reader:S" and meta["zone_calibration"]["split"] == "all"
     assert "against reader:S" in out and "T_cls" not in out  # --what zone leaves T_cls as it was
@@ -264,21 +274,14 @@ def test_evaluate_counts_unscored_records_as_the_worst_error(bundle, phantom_dir
     """A model that finds no lungs scores nothing: its MAE counts each record as the worst error
     for its reference (score_error), as the sweep objective and the release gate do, instead of
     reporting a perfect MAE over zero images."""
-    import shutil
 
-    import torch
 
     from cxrtune import storage
     from cxrtune.data import manifest
     from cxrtune.scoring.evaluation import EvaluateOptions, evaluate
     from cxrtune.scoring.scorer import load_bundle, reference_zones
 
-    b = tmp_path / "blind"
-    shutil.copytree(bundle / "bundle", b)
-    state = torch.load(b / "lung.pt", weights_only=True)
-    bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
-    state[bias] = torch.full_like(state[bias], -1e4)  # the lung model sees nothing
-    torch.save(state, b / "lung.pt")
+    b = bundle_with_blind_lungs(bundle / "bundle", tmp_path / "blind")  # the lung model sees nothing
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     result = evaluate(load_bundle(str(b), device="cpu"), df, str(tmp_path / "ev"),
                       EvaluateOptions(split="val,test", progress=False))

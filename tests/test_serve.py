@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file
 
 from cxrtune import images
 from tests import golden
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, bundle_with_blind_lungs, free_port
 
 KEY = "test-key-new-0123456789"
 OLD_KEY = "test-key-old-9876543210"  # a rotation: both live, each with its id in the audit line
@@ -146,11 +146,10 @@ BLIND_GATES = {"hcs>=0.3": {"hcs": 0.41, "value": 0.41, "threshold": 0.3, "passe
 def served_bundle(phantom_bundle, tmp_path_factory):
     """The phantom bundle with a calibrated-looking opacity cut (0.3, not the default 0.5), so
     that a path ignoring the bundle's cut gives a different record."""
-    from cxrtune.model.artifacts import Calibration, update_bundle
+    from cxrtune.model.artifacts import Calibration, derive_bundle
 
     bundle = tmp_path_factory.mktemp("served") / "bundle"
-    shutil.copytree(phantom_bundle, bundle)
-    update_bundle(str(bundle), opacity_threshold=0.3,
+    derive_bundle(str(phantom_bundle), str(bundle), opacity_threshold=0.3,
                   opacity_calibration=Calibration(threshold=0.3, method="max_dice", reference="masks", n=5))
     return bundle
 
@@ -170,15 +169,8 @@ def server(served_bundle, tmp_path_factory):
             "max_upload_bytes": 8_000_000, "max_pixels": 20_000_000, "api_key_env": "CXRTUNE_TEST_API_KEY"}
     serve.run(build_app(args, deployments()), name="cxrtune", route_prefix="/")
     # a bundle whose lung model sees nothing, for the no-lungs path
-    blind = tmp_path_factory.mktemp("blind") / "bundle"
-    shutil.copytree(served_bundle, blind)
-    state = torch.load(blind / "lung.pt", weights_only=True)
-    bias = [k for k in state if k.startswith("segmentation_head") and k.endswith("bias")][-1]
-    state[bias] = torch.full_like(state[bias], -1e4)
-    torch.save(state, blind / "lung.pt")
-    from cxrtune.model.artifacts import update_bundle
-
-    update_bundle(str(blind), audits={"gates": BLIND_GATES})  # what /v1/models must show
+    blind = bundle_with_blind_lungs(served_bundle, tmp_path_factory.mktemp("blind") / "bundle",
+                                    audits={"gates": BLIND_GATES})  # what /v1/models must show
     tiny = {"num_cpus": 0.1}  # the side apps: 3 apps must fit 2 CPUs with the main app scaled to 2 replicas
     serve.run(build_app({**args, "bundle": str(blind)},
                         {k: {**v, "autoscaling_config": None, "ray_actor_options": tiny} if k != "Ingress"

@@ -149,3 +149,68 @@ def test_secure_by_default_an_ingress_without_a_key_refuses_to_start(monkeypatch
     made = local_key({"bundle": "b"}, "127.0.0.1")
     assert made and len(made) >= 16 and os.environ["CXRTUNE_API_KEY"] == made
     assert capsys.readouterr().out.count(made) == 1
+
+
+class _Method:
+    """``handle.method.remote(*args)`` of a Serve handle, answered by ``fn``."""
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self.fn(*args)
+        return call()
+
+
+class FakeStage:
+    """A stage deployment's handle whose replica can (or cannot) load the bundle asked for."""
+    deployment_name = "Stage1"
+
+    def __init__(self, loads: bool):
+        self.ready = _Method(lambda uri, digest: loads)
+        self.run = _Method(lambda item: (item[1], "torch", "output") if loads else ("", "", None))
+
+
+def test_a_stage_that_cannot_load_the_bundle_is_a_retriable_503_and_not_ready():
+    """A replica that cannot load the bundle a request names (changed after deployment, failing its
+    hashes) answers without a result: the request gets a 503 with Retry-After, never a 500, and
+    /readyz says not ready until every stage serves the bundle."""
+    import asyncio
+
+    import numpy as np
+
+    from cxrtune.serving.api import RequestError
+    from cxrtune.serving.settings import ServeSettings
+
+    cls = cloudpickle.loads(cloudpickle.dumps(Ingress.func_or_class))
+    ingress = object.__new__(cls)
+    ingress.s, ingress.bundle_hash = ServeSettings(bundle="/bundles/v2", retry_after_s=7), "abc123"
+    ingress.stage1, ingress.stage2 = FakeStage(True), FakeStage(True)
+    assert asyncio.run(ingress._stage(ingress.stage1, np.zeros((8, 8), np.uint8))) == ("abc123", "torch", "output")
+    assert asyncio.run(ingress.readyz()) == {"status": "ready"}
+    ingress.stage2 = FakeStage(False)
+    with pytest.raises(RequestError) as err:
+        asyncio.run(ingress._stage(ingress.stage2, np.zeros((8, 8), np.uint8)))
+    assert (err.value.status, err.value.retry_after) == (503, 7) and "cannot load" in err.value.detail
+    assert err.value.response("r-1").headers["Retry-After"] == "7"
+    not_ready = asyncio.run(ingress.readyz())
+    assert not_ready.status_code == 503 and b"cannot load the deployed bundle" in not_ready.body
+
+
+def test_a_stage_replica_reports_a_bundle_it_cannot_load_instead_of_raising(tmp_path, caplog):
+    import asyncio
+    import types
+
+    import numpy as np
+
+    from cxrtune.serving.settings import ServeSettings
+    from cxrtune.serving.stages import Stage1
+
+    stage = object.__new__(Stage1.func_or_class)
+    stage.s, stage.scorers, stage.loading = ServeSettings(bundle=str(tmp_path / "live")), {}, asyncio.Lock()
+    stage.batch_sizes = types.SimpleNamespace(observe=lambda n: None)
+    gone = str(tmp_path / "replaced")  # no bundle there (or one that fails its hashes): the load raises
+    assert asyncio.run(stage.ready(gone, "0123456789abcdef")) is False
+    items = [(gone, "0123456789abcdef", np.zeros((8, 8), np.uint8))] * 2
+    assert asyncio.run(stage._forward(items)) == [("", "", None)] * 2
+    assert "cannot load bundle 0123456789ab" in caplog.text

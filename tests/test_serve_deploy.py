@@ -1,10 +1,9 @@
 """Serve's own tools against a real Ray cluster (`ray start --head` with the dashboard and token
-authentication): `serve deploy` of the shipped CPU config, `serve status`, a bundle update under
-load with `cxrtune deploy` (no failed request, no answer mixing two bundles' stages), and
-`serve shutdown`."""
+authentication): `serve deploy` of the shipped CPU config, `serve status`, an update under load
+with `cxrtune deploy` to a calibrated bundle written from the live one, a Stage replica killed
+under load (no failed request, no answer mixing two bundles' stages), and `serve shutdown`."""
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -28,13 +27,13 @@ def cluster(tmp_path_factory):
     """A one-node cluster started as an operator would, with token auth on (Ray 2.60's default
     for local clusters); 4 logical CPUs so a rolling update can place new replicas beside the old."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "CXRTUNE_API_KEY": KEY}  # the replicas inherit the key
-    dash = free_port()
-    r = subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "4", "--port", str(free_port()),
+    dash, gcs = free_port(), free_port()
+    r = subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "4", "--port", str(gcs),
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
                         "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     try:
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env}
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "gcs": f"127.0.0.1:{gcs}"}
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -42,6 +41,16 @@ def cluster(tmp_path_factory):
 def serve_cli(cluster, *args, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "serve"), *args, "--address", cluster["address"]], env=cluster["env"],
                           capture_output=True, text=True, timeout=timeout)
+
+
+KILL_ONE_STAGE1 = """
+import sys
+import ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Stage1#" in a["name"])
+ray.kill(ray.get_actor(names[0], namespace="serve"))
+print(len(names))
+"""
 
 
 def wait_ready(url: str, seconds: float = 240) -> None:
@@ -58,14 +67,18 @@ def wait_ready(url: str, seconds: float = 240) -> None:
 
 @pytest.mark.slow
 def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bundle, phantom_dir, tmp_path):
-    from cxrtune.model.artifacts import bundle_hash, update_bundle
+    from cxrtune.data import manifest
+    from cxrtune.model.artifacts import bundle_hash
+    from cxrtune.scoring.evaluation import CalibrateOptions, calibrate_bundle
     from cxrtune.scoring.onnx_export import export_bundle
 
-    # two bundles with different content hashes; the second has an ONNX export (the CPU fast path)
-    second = tmp_path / "bundle-b"
-    shutil.copytree(phantom_bundle, second)
-    update_bundle(str(second), name="phantom-b")
-    export_bundle(str(second))
+    # the second bundle is written from the live one (bundles never change in place): calibrated,
+    # then with an ONNX export (the CPU fast path); the two have different content hashes
+    calibrated, second = tmp_path / "phantom-calibrated", tmp_path / "phantom-b"
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    calibrate_bundle(str(phantom_bundle), str(calibrated), df,
+                     CalibrateOptions(what=("zone",), split=None, limit=8, progress=False), device="cpu")
+    export_bundle(str(calibrated), str(second))
     hash_a, hash_b = bundle_hash(str(phantom_bundle)), bundle_hash(str(second))
     assert hash_a != hash_b
 
@@ -110,7 +123,12 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
         while time.time() < deadline and not any(
                 a[0] == 200 and a[1]["models"]["bundle_hash"] == hash_b for a in answers[n_at_update:]):
             time.sleep(1)
-        time.sleep(2)
+        kill = subprocess.run([sys.executable, "-c", KILL_ONE_STAGE1, cluster["gcs"]], env=cluster["env"],
+                              capture_output=True, text=True, timeout=120)
+        assert kill.returncode == 0 and int(kill.stdout.split()[-1]) >= 1, kill.stderr[-2000:]
+        n_at_kill = len(answers)
+        time.sleep(8)  # requests keep coming while Serve replaces the killed replica
+        assert len(answers) > n_at_kill
     finally:
         stop.set()
         for t in threads:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -27,9 +28,11 @@ from ..data import manifest as manifests
 from ..errors import CxrtuneError
 from ..model.artifacts import (
     BundleMeta,
+    bundle_files,
     make_bundle,
+    publish_bundle,
+    read_bundle_file,
     read_checkpoint_meta,
-    update_bundle,
     write_checkpoint_meta,
 )
 from ..preprocessing import resize_mask
@@ -186,8 +189,9 @@ def enforce(results: dict) -> None:
 def make_gated_bundle(lung_run: str, disease_run: str, out_uri: str, gates: list[Gate],
                       gate_manifest: str | None = None, gate_limit: int = 64, **bundle_args) -> BundleMeta:
     """:func:`~cxrtune.model.artifacts.make_bundle` behind release gates: the gates are checked
-    before anything is written, run on the new bundle, and recorded in its ``audits``; a bundle
-    refused by a gate (or whose audit could not run) is deleted, so nothing is left to be served.
+    before anything is written and run on a candidate bundle in a temporary folder; only a bundle
+    that passes is published at ``out_uri``, its gate results in ``audits``. A refused bundle (or
+    one whose audit could not run) is never published, so nothing is left to be served.
 
     Args:
         gates: parsed rules (:func:`parse_gate`); none makes a plain bundle.
@@ -198,20 +202,17 @@ def make_gated_bundle(lung_run: str, disease_run: str, out_uri: str, gates: list
     if not gates:
         return make_bundle(lung_run, disease_run, out_uri, **bundle_args)
     check_gates(gates, bundle=True, manifest=gate_manifest)
-    if storage.exists(storage.join(out_uri, "bundle.json")):
-        raise CxrtuneError(f"{out_uri} holds a bundle already: a gated bundle goes to a new --out "
-                           "(a refused one is deleted)")
-    meta = make_bundle(lung_run, disease_run, out_uri, **bundle_args)
-    try:
-        results = run_gates(gates, bundle=out_uri, manifest=gate_manifest, limit=gate_limit)
-        meta = update_bundle(out_uri, audits={**meta.audits, "gates": results})
+    if any(True for _ in storage.list_keys(out_uri.rstrip("/") + "/" if storage.is_s3(out_uri) else out_uri)):
+        raise CxrtuneError(f"{out_uri} already holds files; bundles are immutable: a gated bundle goes to a new --out")
+    name = bundle_args.pop("name", "") or storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1]
+    with tempfile.TemporaryDirectory(prefix="cxrtune-gated-") as tmp:
+        candidate = f"{tmp}/candidate"
+        meta = make_bundle(lung_run, disease_run, candidate, name=name, **bundle_args)
+        results = run_gates(gates, bundle=candidate, manifest=gate_manifest, limit=gate_limit)
         enforce(results)
-    except BaseException:  # refused, or the audit could not run: nothing is left to be served
-        for name in ("bundle.json", "lung.pt", "disease.pt"):
-            if storage.exists(storage.join(out_uri, name)):
-                storage.delete(storage.join(out_uri, name))
-        raise
-    return meta
+        contents = {f: read_bundle_file(candidate, f, meta) for f in bundle_files(meta)}
+        return publish_bundle(out_uri, replace(meta, audits={**meta.audits, "gates": results}), contents)
+
 
 
 def record_gates(checkpoint_uri: str, results: dict) -> None:

@@ -3,13 +3,21 @@
 * A *checkpoint* is a folder: ``model.pt`` (weights), ``meta.json`` (:class:`CheckpointMeta`) and,
   for resuming, ``state.pt``. A run keeps one per epoch and its best epoch in ``best/``.
 * A *bundle* is the unit ``cxrtune score``, ``evaluate``, ``calibrate`` and Serve load:
-  ``bundle.json`` (:class:`BundleMeta`), ``lung.pt``, ``disease.pt``. It carries both stages'
-  checkpoint metadata, the thresholds with how each was calibrated, a model card and audits.
+  ``bundle.json`` (:class:`BundleMeta`), ``lung.pt``, ``disease.pt`` (and any ONNX export). It
+  carries both stages' checkpoint metadata, the thresholds with how each was calibrated, a model
+  card, audits and the SHA-256 of every other file in it.
 
-Older bundles still load: ``cxrtune-bundle/1`` (before calibration provenance and model cards)
-and ``/2`` (before the calibrated opacity threshold: they cut Stage II's map at 0.5, as they were
-calibrated) are upgraded in memory on read, and ``cxrtune bundle migrate URI`` rewrites them.
-A reader refuses a format newer than it knows: older code must not score a /3 bundle at 0.5.
+Bundles are immutable (:func:`publish_bundle`): every command that makes one (``bundle make``,
+``calibrate``, ``bundle export``, ``bundle migrate``) writes a new folder, and ``bundle.json`` is
+written last: it is the publication (locally the folder appears whole, by a rename). A loader
+checks each file against its hash (:func:`read_bundle_file`), so a bundle changed after
+publication, or half-written, does not load.
+
+Older bundles still load: ``cxrtune-bundle/1`` (before calibration provenance and model cards),
+``/2`` (before the calibrated opacity threshold: they cut Stage II's map at 0.5, as they were
+calibrated) and ``/3`` (before file hashes: their files load unchecked) are upgraded in memory on
+read, and ``cxrtune bundle migrate URI --out NEW`` writes them sealed. A reader refuses a format
+newer than it knows: older code must not score a newer bundle by older rules.
 
 Imports no training code: the trainer, the scorer, ``promote`` and Serve all stand on it.
 """
@@ -18,8 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -29,7 +41,9 @@ from ..jsonsafe import json_safe
 from ..zones import DEFAULT_ZONE_THRESHOLD
 
 CHECKPOINT_FORMAT = "cxrtune-checkpoint/1"
-BUNDLE_FORMAT = "cxrtune-bundle/3"
+BUNDLE_FORMAT = "cxrtune-bundle/4"  # /4: bundle.json holds every file's SHA-256 and is written last
+BUNDLE_FILE = "bundle.json"
+
 DEFAULT_CLS_THRESHOLD = 0.5  # seed 004's T_cls until calibrated
 DEFAULT_LUNG_THRESHOLD = 0.5
 DEFAULT_OPACITY_THRESHOLD = 0.5  # on Stage II's opacity probability map, until calibrated
@@ -195,6 +209,8 @@ class BundleMeta:
     versions: dict = field(default_factory=dict)
     format: str = BUNDLE_FORMAT
     migrated_from: str = ""
+    files: dict = field(default_factory=dict)  # every other file of the bundle -> its SHA-256 (hex)
+    derived_from: dict = field(default_factory=dict)  # the bundle this one was made from: name, bundle_hash
 
     def stage(self, name: str) -> CheckpointMeta:
         return {"lung": self.lung, "disease": self.disease}[name]
@@ -211,6 +227,8 @@ class BundleMeta:
             calibrated = isinstance(d.get("opacity_calibration"), dict)
             d = {**d, "format": BUNDLE_FORMAT, "migrated_from": fmt, "model_card": {},  # rebuilt on read
                  **({} if calibrated else {"opacity_threshold": DEFAULT_OPACITY_THRESHOLD, "opacity_calibration": None})}
+        elif fmt == "cxrtune-bundle/3":  # the same fields, no file hashes: its files load unchecked
+            d = {**d, "format": BUNDLE_FORMAT, "migrated_from": fmt, "files": {}}
         elif fmt != BUNDLE_FORMAT:
             raise CxrtuneError(f"{where}: not a cxrtune bundle (format {fmt!r})")
         try:
@@ -267,70 +285,149 @@ def read_bundle_meta(uri: str) -> BundleMeta:
 
     Raises:
         CxrtuneError: missing, not JSON, not a bundle, or a format newer than this cxrtune."""
-    meta = BundleMeta.from_dict(*read_json_object(uri, "bundle.json"))
+    meta = BundleMeta.from_dict(*read_json_object(uri, BUNDLE_FILE))
     if not meta.model_card:
         meta.model_card = model_card(meta)
     return meta
 
 
-def write_bundle_meta(uri: str, meta: BundleMeta) -> None:
-    meta.model_card = model_card(meta)
-    storage.write_text(storage.join(uri, "bundle.json"), json.dumps(meta.to_dict(), indent=2))
+def bundle_files(meta: BundleMeta) -> list[str]:
+    """The files of a bundle besides ``bundle.json``: those it lists with their hashes, or for a
+    bundle older than the hashes, the weights and any ONNX export its metadata names."""
+    if meta.files:
+        return sorted(meta.files)
+    names = ["lung.pt", "disease.pt"]
+    for stage in ("lung", "disease"):
+        for record in (meta.onnx.get(stage), (meta.onnx.get("int8") or {}).get(stage)):
+            if isinstance(record, dict) and record.get("file"):
+                names.append(str(record["file"]))
+    return names
+
+
+def read_bundle_file(uri: str, name: str, meta: BundleMeta) -> bytes:
+    """One file of the bundle at ``uri``, checked against the SHA-256 its ``bundle.json`` lists.
+
+    Raises:
+        CxrtuneError: the file is missing, not listed, or not the one published (changed or
+            half-written): such a bundle is never loaded."""
+    data = storage.read_bytes(storage.join(uri, name))
+    if not meta.files:  # a bundle from before the hashes (format /3 and older): nothing to check against
+        return data
+    expected = meta.files.get(name)
+    if expected is None:
+        raise CxrtuneError(f"bundle {meta.name or uri}: {name} is not listed in its bundle.json; not loading it")
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CxrtuneError(f"bundle {meta.name or uri}: {name} does not match the SHA-256 in its bundle.json "
+                           "(changed after publication, or half-written); not loading it")
+    return data
+
+
+def publish_bundle(out_uri: str, meta: BundleMeta, contents: dict[str, bytes]) -> BundleMeta:
+    """Write a new bundle: ``contents`` (file name -> bytes), then ``bundle.json`` with each file's
+    SHA-256, last. Bundles are never changed in place: an ``out_uri`` that holds anything is refused.
+
+    Locally the bundle is staged in a hidden folder beside ``out_uri`` and renamed into place, so
+    it appears whole or not at all; on S3 ``bundle.json`` is the last object written, and a
+    reader without it sees no bundle.
+
+    Returns:
+        The metadata written (with ``files``, ``format`` and the model card set)."""
+    if any(True for _ in storage.list_keys(out_uri.rstrip("/") + "/" if storage.is_s3(out_uri) else out_uri)):
+        raise CxrtuneError(f"{out_uri} already holds files; bundles are immutable: write the new bundle to a new --out")
+    meta = replace(meta, files={name: hashlib.sha256(data).hexdigest() for name, data in sorted(contents.items())},
+                   format=BUNDLE_FORMAT)
+    meta = replace(meta, model_card=model_card(meta))
+    document = json.dumps(meta.to_dict(), indent=2).encode("utf-8")
+    if storage.is_s3(out_uri):
+        for name, data in contents.items():
+            storage.write_bytes(storage.join(out_uri, name), data)
+        storage.write_bytes(storage.join(out_uri, BUNDLE_FILE), document)  # the publication
+        return meta
+    target = Path(out_uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        for name, data in contents.items():
+            storage.write_bytes(str(staging / name), data)
+        storage.write_bytes(str(staging / BUNDLE_FILE), document)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a bundle folder follows the umask
+        try:
+            os.rename(staging, target)  # replaces only an empty folder; never a bundle
+        except OSError:
+            raise CxrtuneError(f"{out_uri} already holds files; bundles are immutable: "
+                               "write the new bundle to a new --out") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def derive_bundle(src_uri: str, out_uri: str, extra: dict[str, bytes] | None = None, **changes) -> BundleMeta:
+    """A new bundle at ``out_uri`` made from the one at ``src_uri``: its files (each checked
+    against its hash) plus ``extra``, and its metadata with ``changes`` (thresholds,
+    calibrations, audits, ``onnx``). It is named after its folder unless ``name`` is changed, and
+    records where it came from (``derived_from``). The source is left as it was.
+
+    Raises:
+        CxrtuneError: an unknown field, a source that does not verify, or an existing ``out_uri``."""
+    meta = read_bundle_meta(src_uri)
+    unknown = sorted(set(changes) - {f.name for f in fields(BundleMeta)})
+    if unknown:
+        raise CxrtuneError(f"bundle.json has no field(s) {', '.join(unknown)}")
+    contents = {name: read_bundle_file(src_uri, name, meta) for name in bundle_files(meta)}
+    contents.update(extra or {})
+    derived = replace(meta, name=storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1], created=now(),
+                      derived_from={"name": meta.name, "bundle_hash": bundle_hash(src_uri)}, **changes)
+    return publish_bundle(out_uri, derived, contents)
 
 
 def bundle_hash(uri: str) -> str:
     """Content hash of a bundle's weights and metadata (sha256, first 16 hex digits): what records
     and audit lines name, so that two bundles with the same name are still told apart."""
     h = hashlib.sha256()
-    for name in ("bundle.json", "lung.pt", "disease.pt"):
+    for name in (BUNDLE_FILE, "lung.pt", "disease.pt"):
         h.update(storage.read_bytes(storage.join(uri, name)))
     return h.hexdigest()[:16]
 
 
 def make_bundle(lung_run: str, disease_run: str, out_uri: str, zone_threshold: float = DEFAULT_ZONE_THRESHOLD,
-                cls_threshold: float = DEFAULT_CLS_THRESHOLD, name: str = "") -> BundleMeta:
-    """Copy each run's best weights and metadata into a bundle folder.
+                cls_threshold: float = DEFAULT_CLS_THRESHOLD, name: str = "", audits: dict | None = None) -> BundleMeta:
+    """A new bundle (:func:`publish_bundle`) of each run's best weights and metadata.
 
     Args:
         lung_run, disease_run: run folders (``train`` or ``promote``) whose ``best/`` checkpoint is
             a ``lung`` and a ``disease`` one.
         zone_threshold, cls_threshold: T and T_cls until ``cxrtune calibrate`` sets them.
         name: the bundle's name; default: the folder's.
+        audits: what was checked before publication (release gates).
 
     Returns:
         The ``bundle.json`` written."""
-    stages = {}
+    stages, contents = {}, {}
     for stage, run in (("lung", lung_run), ("disease", disease_run)):
         meta = read_checkpoint_meta(storage.join(run, "best"))
         if meta.task != stage:
             raise CxrtuneError(f"{run}: a {meta.task!r} run, but --{stage} needs a {stage!r} run")
         meta.run = run
         stages[stage] = meta
-        storage.write_bytes(storage.join(out_uri, f"{stage}.pt"), storage.read_bytes(storage.join(run, "best", "model.pt")))
+        contents[f"{stage}.pt"] = storage.read_bytes(storage.join(run, "best", "model.pt"))
     bundle = BundleMeta(lung=stages["lung"], disease=stages["disease"],
-                        name=name or storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1],
-                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        zone_threshold=zone_threshold, cls_threshold=cls_threshold, versions=versions())
-    write_bundle_meta(out_uri, bundle)
-    return bundle
+                        name=name or storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1], created=now(),
+                        zone_threshold=zone_threshold, cls_threshold=cls_threshold, versions=versions(),
+                        audits=dict(audits or {}))
+    return publish_bundle(out_uri, bundle, contents)
 
 
-def update_bundle(uri: str, **changes) -> BundleMeta:
-    """Change fields of ``bundle.json`` (thresholds, calibrations, audits) and rewrite its card."""
-    meta = read_bundle_meta(uri)
-    unknown = sorted(set(changes) - {f.name for f in fields(BundleMeta)})
-    if unknown:
-        raise CxrtuneError(f"bundle.json has no field(s) {', '.join(unknown)}")
-    meta = replace(meta, **changes)
-    write_bundle_meta(uri, meta)
-    return meta
-
-
-def migrate_bundle(uri: str) -> BundleMeta:
-    """Rewrite an old bundle's ``bundle.json`` in the current format (weights untouched)."""
-    meta = read_bundle_meta(uri)
-    write_bundle_meta(uri, meta)
-    return meta
+def migrate_bundle(uri: str, out_uri: str) -> BundleMeta:
+    """A copy of an older bundle in the current format, sealed with its files' hashes (weights
+    untouched), at ``out_uri``."""
+    return derive_bundle(uri, out_uri)
 
 
 def now() -> str:

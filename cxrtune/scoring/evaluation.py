@@ -17,7 +17,7 @@ from .. import images, storage, zones
 from ..data import manifest
 from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
-from ..model.artifacts import Calibration, now, read_bundle_meta, update_bundle
+from ..model.artifacts import Calibration, derive_bundle, now, read_bundle_meta
 from ..model.metrics import SegmentationMeter, classification_metrics
 from ..plots import pyplot, save_figure
 from ..preprocessing import load_scan
@@ -209,7 +209,7 @@ class CalibrationResult:
     opacity_curve: list = field(default_factory=list)
 
     def bundle_changes(self) -> dict:
-        """The bundle.json fields this result sets (:func:`~cxrtune.model.artifacts.update_bundle`)."""
+        """The bundle.json fields this result sets (:func:`~cxrtune.model.artifacts.derive_bundle`)."""
         out: dict = {}
         for name in CALIBRATED:
             c = getattr(self, name)
@@ -350,16 +350,17 @@ class BundleCalibration:
         return lines
 
 
-def calibrate_bundle(uri: str, df: pd.DataFrame, options: CalibrateOptions = CalibrateOptions(),
+def calibrate_bundle(uri: str, out_uri: str, df: pd.DataFrame, options: CalibrateOptions = CalibrateOptions(),
                      device: str | None = None) -> BundleCalibration:
-    """``cxrtune calibrate``: :func:`calibrate` the bundle at ``uri`` on ``df`` and store the chosen
-    thresholds with their provenance in its bundle.json."""
+    """``cxrtune calibrate``: :func:`calibrate` the bundle at ``uri`` on ``df`` and publish a new
+    bundle at ``out_uri`` with the chosen thresholds and their provenance (bundles are immutable:
+    the one at ``uri``, perhaps being served, is left as it was)."""
     scorer = load_bundle(uri, device=device)
     before = {"cls": scorer.thresholds.cls, "opacity": scorer.thresholds.opacity}
     result = calibrate(scorer, df, options)
     moved = tuple(name for name in ("cls", "opacity")
                   if getattr(result, name) is not None and getattr(result, name).threshold != before[name])
-    update_bundle(uri, **result.bundle_changes())
+    derive_bundle(uri, out_uri, **result.bundle_changes())
     return BundleCalibration(result, moved if result.zone is None else ())
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .. import storage
 from ..errors import CxrtuneError
-from ..model.artifacts import read_bundle_meta, update_bundle
+from ..model.artifacts import derive_bundle, read_bundle_file, read_bundle_meta
 from ..preprocessing import load_scan
 from .batch_scoring import expand_inputs
 from .onnx_runtime import sha256_hex
@@ -46,17 +46,27 @@ def export_stage(model: torch.nn.Module, size: int, in_channels: int, classifica
         return open(path, "rb").read()
 
 
-def export_bundle(uri: str) -> dict:
-    """Export both stages of the bundle at ``uri`` and record the export in ``bundle.json``."""
+def onnx_files(uri: str) -> tuple[dict, dict[str, bytes]]:
+    """FP32 ONNX exports of both stages of the bundle at ``uri``: what ``bundle.json`` records of
+    them (``onnx``), and the files by name."""
+    meta = read_bundle_meta(uri)
     scorer = load_bundle(uri, device="cpu", runtime="torch")
-    record = {"opset": OPSET, "torch": torch.__version__}
+    record: dict = {"opset": OPSET, "torch": torch.__version__}
+    files: dict[str, bytes] = {}
     for stage in ("lung", "disease"):
         model = scorer.stage(stage)
         data = export_stage(model.model, model.pre.size, model.pre.in_channels, stage == "disease")
-        storage.write_bytes(storage.join(uri, f"{stage}.onnx"), data)
+        files[f"{stage}.onnx"] = data
         record[stage] = {"file": f"{stage}.onnx", "sha256": sha256_hex(data),
-                         "weights_sha256": sha256_hex(storage.read_bytes(storage.join(uri, f"{stage}.pt")))}
-    update_bundle(uri, onnx=record)
+                         "weights_sha256": sha256_hex(read_bundle_file(uri, f"{stage}.pt", meta))}
+    return record, files
+
+
+def export_bundle(uri: str, out_uri: str) -> dict:
+    """A new bundle at ``out_uri``: the one at ``uri`` plus the ONNX export of both stages,
+    recorded in its ``bundle.json``."""
+    record, files = onnx_files(uri)
+    derive_bundle(uri, out_uri, extra=files, onnx=record)
     return record
 
 
@@ -69,10 +79,11 @@ class _Calibration:
         return next(self.items, None)
 
 
-def quantize_bundle(uri: str, calibration: list[bytes], limit: int = 32) -> dict:
-    """int8 copies of the bundle's ONNX export (made first if missing), calibrated on up to
-    ``limit`` radiographs (PNG/JPEG/DICOM bytes) and recorded in ``bundle.json`` under
-    ``onnx.int8`` with the SHA-256 of each file and of the FP32 export it came from."""
+def quantize_bundle(uri: str, out_uri: str, calibration: list[bytes], limit: int = 32) -> dict:
+    """A new bundle at ``out_uri``: the one at ``uri`` with int8 copies of its ONNX export (made
+    first if missing), calibrated on up to ``limit`` radiographs (PNG/JPEG/DICOM bytes) and
+    recorded in ``bundle.json`` under ``onnx.int8`` with the SHA-256 of each file and of the FP32
+    export it came from."""
     from onnxruntime.quantization import (
         QuantFormat,
         QuantType,
@@ -80,10 +91,13 @@ def quantize_bundle(uri: str, calibration: list[bytes], limit: int = 32) -> dict
         quantize_static,
     )
 
-    if not read_bundle_meta(uri).onnx:
-        export_bundle(uri)
-    record = dict(read_bundle_meta(uri).onnx)
-    scorer = load_bundle(uri, device="cpu", runtime="onnx", batch_size=1)
+    meta = read_bundle_meta(uri)
+    if meta.onnx:
+        record = dict(meta.onnx)
+        files = {record[s]["file"]: read_bundle_file(uri, record[s]["file"], meta) for s in ("lung", "disease")}
+    else:
+        record, files = onnx_files(uri)
+    scorer = load_bundle(uri, device="cpu", runtime="torch", batch_size=1)
     images: list[np.ndarray] = []
     for data in calibration:
         if len(images) == limit:
@@ -106,16 +120,16 @@ def quantize_bundle(uri: str, calibration: list[bytes], limit: int = 32) -> dict
         batches = [scorer.model_input(stage, [u8]).numpy() for u8 in inputs[stage]]
         with tempfile.TemporaryDirectory() as tmp:
             with open(f"{tmp}/fp32.onnx", "wb") as f:
-                f.write(storage.read_bytes(storage.join(uri, record[stage]["file"])))
+                f.write(files[record[stage]["file"]])
             quant_pre_process(f"{tmp}/fp32.onnx", f"{tmp}/pre.onnx", skip_symbolic_shape=True)
             quantize_static(f"{tmp}/pre.onnx", f"{tmp}/int8.onnx", _Calibration(batches),
                             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             data = open(f"{tmp}/int8.onnx", "rb").read()
-        storage.write_bytes(storage.join(uri, f"{stage}.int8.onnx"), data)
+        files[f"{stage}.int8.onnx"] = data
         int8[stage] = {"file": f"{stage}.int8.onnx", "sha256": sha256_hex(data), "onnx_sha256": record[stage]["sha256"]}
     record["int8"] = int8
-    update_bundle(uri, onnx=record)
+    derive_bundle(uri, out_uri, extra=files, onnx=record)
     return int8
 
 
@@ -136,13 +150,15 @@ def calibration_sample(inputs: list[str], limit: int) -> list[bytes]:
     return data
 
 
-def export(uri: str, fmt: str, calibration: list[str] | None = None, calibration_limit: int = 32) -> dict:
-    """``cxrtune bundle export``: ``onnx`` (FP32) or ``onnx-int8`` (calibrated on ``calibration``:
-    radiographs like the ones it will score). Returns what bundle.json records of the export."""
+def export(uri: str, out_uri: str, fmt: str, calibration: list[str] | None = None,
+           calibration_limit: int = 32) -> dict:
+    """``cxrtune bundle export``: a new bundle at ``out_uri`` with an ``onnx`` (FP32) or
+    ``onnx-int8`` (calibrated on ``calibration``: radiographs like the ones it will score) export.
+    Returns what its bundle.json records of the export."""
     if fmt == "onnx":
-        return export_bundle(uri)
+        return export_bundle(uri, out_uri)
     if fmt != "onnx-int8":
         raise CxrtuneError(f"export format {fmt!r}: the export formats are onnx and onnx-int8")
     if not calibration:
         raise CxrtuneError("an onnx-int8 export needs --calibration: radiographs like the ones it will score")
-    return quantize_bundle(uri, calibration_sample(calibration, calibration_limit), limit=calibration_limit)
+    return quantize_bundle(uri, out_uri, calibration_sample(calibration, calibration_limit), limit=calibration_limit)

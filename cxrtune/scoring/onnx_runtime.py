@@ -74,13 +74,13 @@ def load_onnx_stage(uri: str, stage: str, export: dict, int8: bool = False) -> O
     info = (export or {}).get(stage) or {}
     if sha256_hex(storage.read_bytes(storage.join(uri, f"{stage}.pt"))) != info.get("weights_sha256"):
         raise CxrtuneError(f"{uri}: {stage}.onnx was exported from other weights; run "
-                           f"`cxrtune bundle export onnx {uri}` again")
+                           f"`cxrtune bundle export onnx {uri} --out NEW` again")
     if int8:
         q = ((export or {}).get("int8") or {}).get(stage) or {}
         data = storage.read_bytes(storage.join(uri, q.get("file", f"{stage}.int8.onnx")))
         if sha256_hex(data) != q.get("sha256") or q.get("onnx_sha256") != info.get("sha256"):
             raise CxrtuneError(f"{uri}: {stage}.int8.onnx is not the int8 copy of this bundle's export; "
-                               f"run `cxrtune bundle export onnx-int8 {uri} --calibration IMAGES` again")
+                               f"run `cxrtune bundle export onnx-int8 {uri} --out NEW --calibration IMAGES` again")
         return OnnxStage(data)
     data = storage.read_bytes(storage.join(uri, info.get("file", f"{stage}.onnx")))
     if sha256_hex(data) != info.get("sha256"):

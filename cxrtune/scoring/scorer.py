@@ -32,13 +32,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import images, storage, zones
+from .. import images, zones
 from ..errors import CxrtuneError
 from ..model.artifacts import (
     BundleMeta,
     CheckpointMeta,
     Thresholds,
     bundle_hash,
+    read_bundle_file,
     read_bundle_meta,
 )
 from ..model.models import ModelConfig, build_model, choose_device
@@ -200,7 +201,7 @@ def _load_stage(uri: str, stage: str, meta: BundleMeta, device: torch.device, ru
     cfg["encoder_weights"] = None  # the bundle's weights replace any pretrained ones
     cfg["classification"] = m.task == "disease"
     model = build_model(ModelConfig(**cfg))
-    state = storage.read_bytes(storage.join(uri, f"{stage}.pt"))
+    state = read_bundle_file(uri, f"{stage}.pt", meta)  # checked against bundle.json's hash
     model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
     # channels_last on every device: on a 2-core CPU, ResNet-18 U-Net/FPN inference 1.23-1.49x (bench/memory_format.py)
     model = model.to(device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # torch's stub lacks memory_format

@@ -230,6 +230,9 @@ class Ingress:
     async def _stage(self, stage: DeploymentHandle, x: np.ndarray):
         """One stage call for this ingress's bundle: ``(bundle hash that answered, runtime, output)``."""
         digest, runtime, out = await self._call(stage, (self.s.bundle, self.bundle_hash, x))
+        if not digest:  # the replica could not load this bundle (its log says why): another may
+            raise RequestError(503, "a scoring replica cannot load the deployed bundle; retry shortly",
+                               self.s.retry_after_s)
         if digest != self.bundle_hash:  # cannot happen: the stage serves the bundle it is asked for
             raise RequestError(500, "a stage answered for another bundle")
         return digest, runtime, out
@@ -350,9 +353,14 @@ class Ingress:
 
     async def readyz(self):
         try:
-            await asyncio.wait_for(asyncio.gather(self.stage1.info.remote(), self.stage2.info.remote()), timeout=5)
+            item = (self.s.bundle, self.bundle_hash)
+            serving = await asyncio.wait_for(asyncio.gather(self.stage1.ready.remote(*item),
+                                                            self.stage2.ready.remote(*item)), timeout=5)
         except Exception:  # noqa: BLE001
             return JSONResponse({"status": "not ready"}, status_code=503)
+        if not all(serving):  # a stage cannot load the bundle this ingress names
+            return JSONResponse({"status": "not ready", "reason": "a stage cannot load the deployed bundle"},
+                                status_code=503)
         return {"status": "ready"}
 
     async def viewer_page(self):

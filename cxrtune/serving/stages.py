@@ -75,13 +75,32 @@ class _Stage:
                     await asyncio.to_thread(self._load, uri, digest)
         return self.scorers[digest]
 
+    async def _loaded(self, uri: str, digest: str):
+        """The scorer of the bundle a request names, or None (logged) when this replica cannot load
+        it: changed since it was deployed, failing its hashes, unreadable. The ingress answers that
+        request with a retriable 503, never a 500, and ``/readyz`` says not ready."""
+        try:
+            return await self._scorer(uri, digest)
+        except Exception as exc:  # noqa: BLE001 - whatever stops a load is that request's 503
+            log.error("%s: cannot load bundle %s (%s)", self.stage, digest[:12], exc)
+            return None
+
+    async def ready(self, uri: str, digest: str) -> bool:
+        """Whether this replica serves the bundle ``(uri, digest)`` (loading it if needed)."""
+        return await self._loaded(uri, digest) is not None
+
     async def _forward(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, str, object]]:
-        """``(bundle URI, bundle hash, lean uint8 input)`` -> ``(bundle hash, runtime, output)``."""
+        """``(bundle URI, bundle hash, lean uint8 input)`` -> ``(bundle hash, runtime, output)``;
+        ``("", "", None)`` for the items of a bundle this replica cannot load."""
         self.batch_sizes.observe(len(items))
         out: list = [None] * len(items)
         for digest in dict.fromkeys(d for _, d, _ in items):  # one forward per bundle in the batch
             idx = [i for i, (_, d, _) in enumerate(items) if d == digest]
-            scorer = await self._scorer(items[idx[0]][0], digest)
+            scorer = await self._loaded(items[idx[0]][0], digest)
+            if scorer is None:
+                for i in idx:
+                    out[i] = ("", "", None)
+                continue
             results = await asyncio.to_thread(scorer.forward, self.stage, [items[i][2] for i in idx])
             loaded = scorer.models.get("bundle_hash")  # hashed from the files when they were loaded
             for i, r in zip(idx, results):
