@@ -22,6 +22,38 @@ def cli(*args, env=None, timeout=420, check=True) -> subprocess.CompletedProcess
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return r
 
+def cli_in_process(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
+    """``cxrtune ARGS`` through :func:`cxrtune.cli.main` in this process: the command's own parser
+    and handlers, without a new interpreter's 6-8 s of imports (most of the suite's CLI calls).
+    stdout, stderr and cxrtune's warnings are captured as the command prints them; asserts success
+    unless ``check=False``. Tests of the process itself (exit status, no traceback, logs) use :func:`cli`."""
+    import contextlib
+    import io
+    import logging
+
+    from cxrtune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)  # what the command's logging.basicConfig would print
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("cxrtune")
+    logger.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                (contextlib.chdir(cwd) if cwd else contextlib.nullcontext()):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        logger.removeHandler(handler)
+    r = subprocess.CompletedProcess([str(a) for a in args], code, out.getvalue(), err.getvalue())
+    if check:
+        assert code == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    return r
+
+
 # Keep every Ray process of the tests on 127.0.0.1. Without this, Ray on Linux resolves "localhost"
 # to the machine's outbound address (e.g. 192.0.2.2) and listens on all interfaces; this switch
 # (named for macOS/Windows, where it is the default) makes it use the loopback address only.

@@ -132,10 +132,10 @@ def audit_config(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("shortcut", [False, True], ids=["clean", "shortcut"])
 def test_hide_and_seek_catches_a_shortcut_and_passes_clean_data(shortcut, audit_config, tmp_path):
-    from tests.conftest import cli
+    from tests.conftest import cli, cli_in_process
 
     data = tmp_path / "phantoms"
-    cli("data", "phantom", "--n", "160", "--size", "96", "--out", str(data), "--seed", "11",
+    cli_in_process("data", "phantom", "--n", "160", "--size", "96", "--out", str(data), "--seed", "11",
         *(["--shortcut"] if shortcut else []), "-q")
     r = cli("audit", "hide-and-seek", "--config", str(audit_config), "--manifest", str(data / "manifest.parquet"),
             "--out", str(tmp_path / "audit"), "--representations", "original,lungs_removed", "--heatmaps", "16",
@@ -172,7 +172,7 @@ def test_gate_rules_parse():
 
 @pytest.mark.slow
 def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle, phantom_dir, tmp_path):
-    from tests.conftest import cli
+    from tests.conftest import cli_in_process as cli  # the command's parser and handlers, in this process
 
     runs = phantom_bundle.parent
     flagged, clean = tmp_path / "flagged.json", tmp_path / "clean.json"
@@ -217,7 +217,7 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
     assert gates[reachable]["hcs"] == pytest.approx(hcs) and gates[reachable]["images"] >= 4
     assert gates[met]["score_mae"] == pytest.approx(mae) and gates[met]["images"] >= 4
     r = cli(*common, "--out", str(out), "--gate", reachable, check=False)  # a gated bundle never overwrites one
-    assert r.returncode == 2 and "holds a bundle already" in r.stderr
+    assert r.returncode == 2 and "immutable" in r.stderr
     assert json.loads((out / "bundle.json").read_text())["audits"]["gates"] == gates
     # promote checks its gates before it writes anything
     r = cli("promote", str(tmp_path / "no-experiment"), "--to", str(tmp_path / "run"),

@@ -116,9 +116,10 @@ def test_sweep_scales_gpu_workers_up_and_down_and_survives_a_lost_node(fake_clus
     with log.open("w") as out:
         sweep = subprocess.Popen([sys.executable, "-m", "cxrtune.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                                  env={**env, "RAY_ADDRESS": address, "CXRTUNE_CLUSTER_CONFIG": str(config)})
-        peak = 0
+        peak, polled = 0, 0.0
         while sweep.poll() is None:
-            peak = max(peak, _workers(address, env))
+            if time.time() - polled > 5:  # `ray status` is a new interpreter: every 5 s, not every second
+                peak, polled = max(peak, _workers(address, env)), time.time()
             running = list((tmp_path / "exps" / "cluster").glob("*/checkpoint_000000"))
             if not killed and running and _worker_raylets():
                 # a node lost mid-trial: SIGKILL one worker's raylet (its trial processes go with it)

@@ -13,7 +13,7 @@ import yaml
 from cxrtune.errors import CxrtuneError
 from cxrtune.search.search_space import load_space, parse_space
 from tests import golden
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, cli_in_process
 
 
 def test_shipped_space_grid_is_seed_000s_27_combinations_per_side():
@@ -211,7 +211,7 @@ def test_grid_sweep_compact_table_and_cross_validation(grading_phantoms, tmp_pat
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert (summary["trials"], summary["errored"], summary["metric"]) == (6, 0, "val_macro_mae")
     exp = str(tmp_path / "results" / "grid")
-    cli("report", exp, "--out", str(tmp_path / "report"))
+    cli_in_process("report", exp, "--out", str(tmp_path / "report"))
     trials = pd.read_csv(tmp_path / "report" / "trials.csv")
     assert len(trials) == 6 and (trials["epochs"] == 3).all()  # every combination trained to the end
     assert sorted(zip(trials["param:roi"], trials["param:balancing"])) == sorted(
@@ -222,10 +222,10 @@ def test_grid_sweep_compact_table_and_cross_validation(grading_phantoms, tmp_pat
         row = next(line for line in md.splitlines() if line.startswith(f"| resnet18 | {t['param:roi']} |"))
         assert cell in row.split(" | ")[2 + ["undersample", "oversample"].index(t["param:balancing"])]
 
-    r = cli("promote", exp, "--to", str(tmp_path / "run"), check=False)
+    r = cli_in_process("promote", exp, "--to", str(tmp_path / "run"), check=False)
     assert r.returncode == 2 and "cxrtune grade cv --experiment" in r.stderr
 
-    cli("grade", "cv", "--experiment", exp, "--top", "2", "--folds", "3", "--by", "label", "--heatmaps", "4",
+    cli_in_process("grade", "cv", "--experiment", exp, "--top", "2", "--folds", "3", "--by", "label", "--heatmaps", "4",
         "--out", str(tmp_path / "cv"))
     results = json.loads((tmp_path / "cv" / "cv.json").read_text())["recipes"]
     golden.check("grade_cv_json", json.loads((tmp_path / "cv" / "cv.json").read_text()))
@@ -253,7 +253,7 @@ def test_grid_sweep_compact_table_and_cross_validation(grading_phantoms, tmp_pat
         (tmp_path / f"{side}.yaml").write_text(yaml.safe_dump(
             {"side": side, "roi": "split", "size": 32, "epochs": 1, "batch_size": 8, "balancing": "none",
              "classifier": {"backbone": "resnet18"}}))
-    cli("grade", "cv", "--config", str(tmp_path / "right.yaml"), str(tmp_path / "left.yaml"), "--manifest", manifest,
+    cli_in_process("grade", "cv", "--config", str(tmp_path / "right.yaml"), str(tmp_path / "left.yaml"), "--manifest", manifest,
         "--folds", "2", "--heatmaps", "3", "--out", str(tmp_path / "both"))
     both = json.loads((tmp_path / "both" / "cv.json").read_text())["both_sides"]
     assert len(both) == 1 and both[0]["images"] >= 1 and 0 <= both[0]["hcs"] <= 1

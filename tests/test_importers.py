@@ -13,7 +13,7 @@ from cxrtune.data.importers import run_import
 from cxrtune.data.pseudonymised import file_pseudonym
 from cxrtune.dicom import pseudonym
 from cxrtune.errors import CxrtuneError
-from tests.conftest import STUDY_KEY, need_shared
+from tests.conftest import STUDY_KEY, cli_in_process, need_shared
 from tests.conftest import cli as run_cli
 
 
@@ -159,15 +159,16 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_phantom_split_validate(tmp_path):
-    r = cli("data", "phantom", "--n", "12", "--size", "64", "--out", str(tmp_path / "ph"), "-q")
+    r = cli_in_process("data", "phantom", "--n", "12", "--size", "64", "--out", str(tmp_path / "ph"), "-q", check=False)
     assert r.returncode == 0, r.stderr
     m = str(tmp_path / "ph" / "manifest.parquet")
-    r = cli("data", "split", m, "--val", "0.2", "--test", "0.2", "--folds", "2", "--tuning-fraction", "0.5")
+    r = cli_in_process("data", "split", m, "--val", "0.2", "--test", "0.2", "--folds", "2", "--tuning-fraction", "0.5",
+                       check=False)
     assert r.returncode == 0, r.stderr
     df = pd.read_parquet(m)
     assert not df.image.iloc[0].startswith("/")  # still relative: the folder can move
     assert (df.fold >= -1).all() and df.tuning.any()
-    assert cli("data", "validate", m).returncode == 0
+    assert cli_in_process("data", "validate", m, check=False).returncode == 0
 
 
 def test_cli_errors_have_no_traceback(tmp_path):
@@ -191,11 +192,11 @@ def test_cli_dicom_flags(tmp_path):
     key = tmp_path / "study.key"
     key.write_text(KEY + "\n")
     base = ["data", "import", "--format", "dicom", str(src), "--pseudonym-key-file", str(key), "-q"]
-    r = cli(*base, "--out", str(tmp_path / "a.csv"))
+    r = cli_in_process(*base, "--out", str(tmp_path / "a.csv"), check=False)
     assert r.returncode == 0 and r.stdout.strip() == "imported 1, excluded 1, failed 0", r.stderr
     assert pd.read_csv(tmp_path / "a.csv", keep_default_na=False).label.tolist() == [""]
-    r = cli(*base, "--out", str(tmp_path / "b.csv"), "--keep-derived", "--default-label", "covid")
+    r = cli_in_process(*base, "--out", str(tmp_path / "b.csv"), "--keep-derived", "--default-label", "covid", check=False)
     assert r.returncode == 0 and r.stdout.strip() == "imported 2, excluded 0, failed 0", r.stderr
     assert pd.read_csv(tmp_path / "b.csv").label.tolist() == ["covid", "covid"]
-    r = cli(*base, "--out", str(tmp_path / "c.csv"), "--drop-derived")
+    r = cli_in_process(*base, "--out", str(tmp_path / "c.csv"), "--drop-derived", check=False)
     assert r.returncode == 2 and "unrecognized arguments: --drop-derived" in r.stderr

@@ -3,8 +3,6 @@
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,13 +10,11 @@ import pytest
 from cxrtune import images
 from cxrtune.scoring.scorer import sweep_threshold
 from tests import golden
-from tests.conftest import bundle_with_blind_lungs
+from tests.conftest import bundle_with_blind_lungs, cli_in_process
 
 
 def run(*args, cwd=None):
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", *args], capture_output=True, text=True, cwd=cwd)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout
+    return cli_in_process(*args, cwd=cwd).stdout
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +64,15 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     from cxrtune.model.artifacts import derive_bundle
 
     derive_bundle(str(cal), str(bundle / "cls-default"), cls_threshold=0.5)  # so that calibrating T_cls moves it
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "calibrate", str(bundle / "cls-default"), "--manifest",
+    r = cli_in_process("calibrate", str(bundle / "cls-default"), "--manifest",
                         str(phantom_dir / "manifest.parquet"), "--what", "cls", "--specificity", "1.0",
-                        "--out", str(bundle / "cls-calibrated")], capture_output=True, text=True)
+                        "--out", str(bundle / "cls-calibrated"), check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((bundle / "cls-calibrated" / "bundle.json").read_text())
     assert meta["cls_calibration"]["method"] == "specificity" and meta["cls_calibration"]["specificity"] == 1.0
     assert meta["cls_threshold"] != 0.5 and "T_cls changed but T did not" in r.stderr  # T is now stale
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "calibrate", str(bundle / "bundle"), "--manifest",
-                        str(phantom_dir / "manifest.parquet"), "--out", str(cal)], capture_output=True, text=True)
+    r = cli_in_process("calibrate", str(bundle / "bundle"), "--manifest",
+                        str(phantom_dir / "manifest.parquet"), "--out", str(cal), check=False)
     assert r.returncode == 2 and "immutable" in r.stderr  # never over an existing bundle
     assert json.loads((cal / "bundle.json").read_text())["cls_calibration"]["method"] == "max_f1"
 
@@ -123,8 +119,8 @@ def test_score_streams_records_and_resumes(bundle, phantom_dir, tmp_path):
     assert len(first) == 2
     # a run cut off mid-line: the cut line is scored again, complete lines are kept as they were
     out.write_text("\n".join(first) + "\n" + '{"image": "' + str(imgs[2])[:10])
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "score", *map(str, imgs), "--bundle",
-                        str(bundle / "bundle"), "--out", str(out)], capture_output=True, text=True)
+    r = cli_in_process("score", *map(str, imgs), "--bundle",
+                        str(bundle / "bundle"), "--out", str(out), check=False)
     assert r.returncode == 2 and "--resume" in r.stderr  # never overwrites without being asked
     stdout = run("score", *map(str, imgs), "--bundle", str(bundle / "bundle"), "--out", str(out), "--resume", "-q")
     assert "already done 2" in stdout
@@ -259,8 +255,8 @@ def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, 
     assert (tmp_path / "ev" / "score_agreement.png").stat().st_size > 1000
     assert (tmp_path / "ev" / "zone_agreement.png").stat().st_size > 1000
     # without the flag, evaluating the very set T was calibrated on is cross-validated all the same
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "evaluate", "--bundle", str(b), "--manifest", str(m),
-                        "--out", str(tmp_path / "ev2"), "--split", "all", "--folds", "3"], capture_output=True, text=True)
+    r = cli_in_process("evaluate", "--bundle", str(b), "--manifest", str(m),
+                        "--out", str(tmp_path / "ev2"), "--split", "all", "--folds", "3", check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "cross-validated against reader:S" in r.stderr
     again = json.loads((tmp_path / "ev2" / "metrics.json").read_text())["readers"]

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -39,6 +40,13 @@ def deployments(ingress: dict | None = None) -> dict:
             "Stage2": {**SMALL, "autoscaling_config": AUTOSCALE}}
 
 
+def ctrl_c_reaches_it() -> None:
+    """In the child before it starts: SIGINT handled by default. A test run in the background
+    (CI without job control) ignores SIGINT, and a child inherits that: Ctrl-C would never stop
+    it, and each test would wait out its 90 s before killing it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # The two `cxrtune serve` tests come first: each starts its own Ray in a subprocess, before the
 # module's in-process instance (the `server` fixture) exists.
 @pytest.mark.slow
@@ -47,7 +55,7 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
     port = free_port()
     log = (Path(str(phantom_bundle)).parent / f"serve-{port}.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "cxrtune.cli", "serve", "--bundle", str(phantom_bundle),
-                             "--host", "127.0.0.1", "--port", str(port)],
+                             "--host", "127.0.0.1", "--port", str(port)], preexec_fn=ctrl_c_reaches_it,
                             stdout=log, stderr=subprocess.STDOUT, text=True)  # a file: a full pipe would block it
     try:
         deadline, ready = time.time() + 240, None
@@ -75,10 +83,11 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
     finally:
         proc.send_signal(2)  # Ctrl-C
         try:
-            proc.wait(timeout=90)
+            assert proc.wait(timeout=90) is not None
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            raise AssertionError("Ctrl-C did not stop it within 90 s") from None
 
 
 @pytest.mark.slow
@@ -104,7 +113,8 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
     serve_cli = str(Path(sys.executable).parent / "serve")
     out = (tmp_path / "serve-run.log").open("w")  # a file, not a pipe: a full pipe would block `serve run`
     proc = subprocess.Popen([serve_cli, "run", str(path)], stdout=out, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path, env={**os.environ, "CXRTUNE_API_KEY": KEY})  # the replicas inherit it
+                            cwd=tmp_path, env={**os.environ, "CXRTUNE_API_KEY": KEY},  # the replicas inherit it
+                            preexec_fn=ctrl_c_reaches_it)
     try:
         deadline, ready = time.time() + 240, False
         while time.time() < deadline and proc.poll() is None and not ready:
@@ -120,10 +130,11 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
     finally:
         proc.send_signal(2)
         try:
-            proc.wait(timeout=90)
+            assert proc.wait(timeout=90) is not None
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            raise AssertionError("Ctrl-C did not stop it within 90 s") from None
 
 
 @pytest.mark.slow

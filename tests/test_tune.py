@@ -47,16 +47,18 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
 
     wandb_dir = tmp_path / "wb"
     wandb_dir.mkdir()
-    creds = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),  # distinctive: grep-able
-             "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30), "AWS_SESSION_TOKEN": secrets.token_urlsafe(40)}
+    aws = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),  # distinctive: grep-able
+           "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30), "AWS_SESSION_TOKEN": secrets.token_urlsafe(40)}
+    creds = {**aws, "WANDB_API_KEY": "canary" + secrets.token_hex(18)}  # a W&B key (40 characters); offline
     warm = tmp_path / "warm.yaml"
     warm.write_text(yaml.safe_dump({"arch": "Linknet", "optimizer": "sgd", "lr": 0.00123}))
     r = cli("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"),
             "--name", "asha", "--storage", f"s3://{bucket}/exps", "--num-samples", "6", "--scheduler", "asha",
             "--max-epochs", "3", "--grace", "1", "--num-cpus", "2", "--max-concurrent", "2",
             "--warm-start", str(warm), "--wandb-project", "cxrtune-test", "--wandb-images",
-            env={"WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": "", "CXRTUNE_OPTUNA_DIR": str(tmp_path / "optuna"),
-                 **creds})
+            env={"WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": creds["WANDB_API_KEY"], "WANDB_MODE": "offline",
+                 "CXRTUNE_OPTUNA_DIR": str(tmp_path / "optuna"), **aws})
+    ray_logs = [f for f in Path("/tmp/ray/session_latest/logs").rglob("*") if f.is_file()]  # the sweep's Ray
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert summary["trials"] == 6 and summary["errored"] == 0
     assert summary["stopped_early"] >= 1  # ASHA cut some trials before 4 epochs
@@ -99,9 +101,11 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     images = [row for run in runs for row in summarize(run)["history"] if "overlays/_type" in row]
     assert images and images[0]["overlays/_type"] == "image-file"  # validation overlays per trial
     assert images[0]["overlays/format"] == "png" and images[0]["overlays/width"] > images[0]["overlays/height"]
-    for f in wandb_dir.rglob("*"):  # no API key anywhere
-        if f.is_file() and f.stat().st_size < 5_000_000:
-            assert b"WANDB_API_KEY=" not in f.read_bytes()
+    assert ray_logs
+    for f in [*wandb_dir.rglob("*"), *ray_logs]:  # no secret in W&B's files or Ray's session logs
+        if f.is_file() and f.stat().st_size < 50_000_000:
+            data = f.read_bytes()
+            assert b"WANDB_API_KEY=" not in data and not [n for n, v in creds.items() if v.encode() in data], f
 
     out = tmp_path / "report"
     cli("report", f"s3://{bucket}/exps/asha", "--out", str(out))

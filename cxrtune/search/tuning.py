@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -540,10 +542,41 @@ def wants_overlays(o: TuneOptions, epoch: int, epochs: int) -> bool:
 def _wandb(o: TuneOptions) -> list:
     if not o.wandb_project:
         return []
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    class KeyFileLoggingActor(_WandbLoggingActor):
+        """Ray's W&B logging actor, reading the API key from a private file on its node (it runs on
+        the driver's) instead of its runtime_env, which Ray's runtime-env agent logs in full."""
+
+        def __init__(self, *args, key_file: str = "", **kwargs):
+            if key_file:
+                os.environ["WANDB_API_KEY"] = Path(key_file).read_text(encoding="utf-8").strip()
+            super().__init__(*args, **kwargs)
 
     class OverlayWandbCallback(WandbLoggerCallback):
-        """Ray's W&B callback, plus the trials' overlay PNGs logged as images."""
+        """Ray's W&B callback, plus the trials' overlay PNGs logged as images; the API key never
+        enters a runtime_env (see :class:`KeyFileLoggingActor`)."""
+        _logger_actor_cls = KeyFileLoggingActor
+        _key_file = ""
+
+        def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
+            key = os.environ.pop("WANDB_API_KEY", None)  # Ray copies it into the actor's runtime_env
+            try:
+                if key and not self._key_file:
+                    folder = tempfile.mkdtemp(prefix="cxrtune-wandb-")  # 0700, on the logging actor's node
+                    self._key_file = os.path.join(folder, "api_key")
+                    with os.fdopen(os.open(self._key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                        f.write(key)
+                extra = {"key_file": self._key_file} if key else {}
+                super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs, **extra)
+            finally:
+                if key is not None:
+                    os.environ["WANDB_API_KEY"] = key
+
+        def on_experiment_end(self, trials, **info):
+            super().on_experiment_end(trials, **info)
+            if self._key_file:
+                shutil.rmtree(os.path.dirname(self._key_file), ignore_errors=True)
 
         def log_trial_result(self, iteration, trial, result):
             if result.get(OVERLAY_KEY):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -140,6 +142,10 @@ def local_key(args: dict, host: str) -> str | None:
     return key
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_local(bundle: str, config: str, host: str | None = None, port: int | None = None,
               blocking: bool = True):
     """Start Ray (if needed) and Serve, and deploy the scorer (``cxrtune serve``)."""
@@ -161,6 +167,8 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
     if blocking:
         print(f"cxrtune scorer at http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/ "
               "(viewer), /openapi.json (API); Ctrl-C stops", flush=True)
+        if threading.current_thread() is threading.main_thread():  # a service manager's stop: as Ctrl-C
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
             while True:
                 time.sleep(3600)
