@@ -214,3 +214,16 @@ def test_a_stage_replica_reports_a_bundle_it_cannot_load_instead_of_raising(tmp_
     items = [(gone, "0123456789abcdef", np.zeros((8, 8), np.uint8))] * 2
     assert asyncio.run(stage._forward(items)) == [("", "", None)] * 2
     assert "cannot load bundle 0123456789ab" in caplog.text
+
+
+def test_a_pinned_bundle_hash_refuses_other_content():
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.serving.settings import ServeSettings, check_pinned
+
+    check_pinned(ServeSettings(bundle="s3://b/bundles/v3"), "anything")  # nothing pinned: any content
+    pinned = ServeSettings(bundle="s3://b/bundles/v3", bundle_hash="0123456789abcdef")
+    check_pinned(pinned, "0123456789abcdef")
+    with pytest.raises(CxrtuneError, match="pins bundle_hash 0123456789abcdef"):
+        check_pinned(pinned, "fedcba9876543210")
+    with pytest.raises(Exception, match="bundle_hsh"):  # a misspelt key is refused, naming it
+        ServeSettings(bundle="b", bundle_hsh="0123456789abcdef")

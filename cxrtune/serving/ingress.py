@@ -72,7 +72,7 @@ from .api import (
     request_id_of,
 )
 from .auth import FailedAttempts, require_keys, security_headers, without_locations
-from .settings import ServeSettings
+from .settings import ServeSettings, check_pinned
 
 log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
 audit = logging.getLogger("ray.serve.cxrtune.audit")  # Serve's replica log handlers carry it to the logs
@@ -109,6 +109,7 @@ class Ingress:
         self.thresholds = Thresholds.of(meta)
         self.pre = {stage: Preprocessing.from_dict(meta.stage(stage).preprocessing) for stage in ("lung", "disease")}
         self.bundle_hash = bundle_hash(self.s.bundle)  # every stage call names it
+        check_pinned(self.s, self.bundle_hash)
         self.record_models = bundle_models(meta, self.bundle_hash)  # what each record names
         self.models = {  # GET /v1/models: that, plus how the bundle was calibrated
             **self.record_models, "zone_threshold": self.thresholds.zone,

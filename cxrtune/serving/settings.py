@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from ..dicom import MAX_DECODED_BYTES, MAX_PIXELS
+from ..errors import CxrtuneError
 from ..preprocessing import WORK_SIZE
 from ..scoring.onnx_runtime import Runtime
 
@@ -17,6 +18,9 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bundle: str
+    # the bundle's content hash (`cxrtune deploy` prints it; records name it): when set, a replica
+    # refuses to start on any other content, so a bundle changed in storage is never served
+    bundle_hash: str | None = None
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     max_upload_bytes: int = 64 * 1024 * 1024
@@ -33,3 +37,13 @@ class ServeSettings(BaseModel):
     max_files_per_batch: int = 16
     max_in_flight: int = 256  # images one ingress replica scores at once (a batch counts each file); more: 503
     retry_after_s: int = 1
+
+
+def check_pinned(settings: ServeSettings, digest: str) -> None:
+    """Refuse a bundle whose content hash is not the one the config pins (``bundle_hash``).
+
+    Raises:
+        CxrtuneError: the hashes differ (both named: they are content hashes, not secrets)."""
+    if settings.bundle_hash and digest != settings.bundle_hash:
+        raise CxrtuneError(f"the bundle at {settings.bundle} has content hash {digest}, but the Serve config pins "
+                           f"bundle_hash {settings.bundle_hash}: it is not the bundle that was released")

@@ -19,7 +19,7 @@ from ray.serve import metrics
 from ..errors import CxrtuneError
 from ..model.artifacts import bundle_hash
 from ..scoring.scorer import load_bundle
-from .settings import ServeSettings
+from .settings import ServeSettings, check_pinned
 
 log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
 
@@ -46,6 +46,7 @@ class _Stage:
             torch.set_num_threads(self.s.threads)  # ONNX Runtime sessions take the same count
         self.scorers: dict = {}  # bundle hash -> Scorer (insertion order: oldest first)
         self.loading = asyncio.Lock()
+        check_pinned(self.s, bundle_hash(self.s.bundle))
         self.own_hash = self._load(self.s.bundle)
         run = getattr(self, "run")  # the subclass's @serve.batch method
         if hasattr(run, "set_max_batch_size"):  # the config's batching, not the decorator's
