@@ -213,8 +213,9 @@ def main() -> None:
         jsrt = evaluate(scorer, jdf, str(out / "eval-jsrt"), EvaluateOptions(split="test", progress=False)).lung
     brixia = {}
     if (data / "brixia-dev").exists():
-        key_file = out / "study.key"  # a public reference set: a throwaway study key for this run
-        key_file.write_text(secrets.token_hex(32))
+        key_file = out / "study.key"  # a public reference set: this bench's own study key, kept across runs
+        if not key_file.exists():  # (a new key would give new pseudonyms, and new copies of every image)
+            key_file.write_text(secrets.token_hex(32))
         run_import("readers", str(data / "brixia-dev"), str(out / "brixia.parquet"), progress=False,
                    pseudonym_key_file=str(key_file))
         bdf = manifest.load_manifest(str(out / "brixia.parquet"))

@@ -108,8 +108,12 @@ def test_bundles_are_sealed_and_never_changed_in_place(runs, tmp_path, where, re
     storage.write_bytes(f"{root}/half/lung.pt", b"an upload cut off before its bundle.json")
     with pytest.raises(CxrtuneError, match="bundle.json"):
         read_bundle_meta(f"{root}/half")
+    unsealed = {**json.loads(published), "files": {}}  # a /4 bundle.json without its hashes
+    storage.write_bytes(f"{root}/unsealed/bundle.json", json.dumps(unsealed).encode())
+    with pytest.raises(CxrtuneError, match="must list the SHA-256"):
+        read_bundle_meta(f"{root}/unsealed")
     if where == "local":  # staged beside the bundle and renamed whole: nothing else is left there
-        assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == ["half", "v1", "v10"]
+        assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == ["half", "unsealed", "v1", "v10"]
 
 
 def test_gate_results_go_through_the_checkpoint_schema(runs, tmp_path):

@@ -121,14 +121,16 @@ def test_no_name_from_a_file_reaches_manifest_report_or_log(tmp_path):
     site = tmp_path / "site"
     for sub in ("images", "lung_masks"):
         (site / sub).mkdir(parents=True)
-    for name in (f"{planted}.png", f"{planted}_2.png", f"{planted}_unlabelled.png"):
+    for name in (f"{planted}.png", f"{planted}_2.png", f"{planted}_unlabelled.png", "DOE.JOHN_MRN123"):
         images.write_png(str(site / "images" / name), np.full((32, 32), 90, np.uint8))
         images.write_png(str(site / "lung_masks" / name), np.ones((32, 32), bool))
     (site / "labels.csv").write_text(f"image,label,patient_id\n{planted}.png,covid,{planted}\n"
-                                     f"{planted}_2.png,normal,\n{planted}_gone.png,covid,{planted}\n")
+                                     f"{planted}_2.png,normal,\n{planted}_gone.png,covid,{planted}\n"
+                                     "DOE.JOHN_MRN123,normal,\n")  # a PNG whose "extension" is a name
     grades = ",".join(f"S_{z}" for z in "ABCDEF")
     (site / "scores.csv").write_text(f"image,patient_id,{grades}\nimages/{planted}.png,{planted},0,1,2,3,0,0\n"
-                                     f"images/{planted}_2.png,,0,1,2,9,0,0\n{planted}_gone.png,,0,0,0,0,0,0\n")
+                                     f"images/{planted}_2.png,,0,1,2,9,0,0\n{planted}_gone.png,,0,0,0,0,0,0\n"
+                                     "images/DOE.JOHN_MRN123,,0,0,0,0,0,0\n")
     out = tmp_path / "out"
     env = {"CXRTUNE_PSEUDONYM_KEY": STUDY_KEY}
     runs = [run_cli("-v", "data", "import", "--format", "folder", str(site), "--out", str(out / "folder.csv"), env=env,
@@ -136,10 +138,10 @@ def test_no_name_from_a_file_reaches_manifest_report_or_log(tmp_path):
             run_cli("-v", "data", "import", "--format", "readers", str(site), "--out", str(out / "readers.csv"),
                     env=env, check=False)]
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
-    assert [r.stdout.strip() for r in runs] == ["imported 2, excluded 2, failed 0", "imported 1, excluded 2, failed 0"]
+    assert [r.stdout.strip() for r in runs] == ["imported 3, excluded 2, failed 0", "imported 1, excluded 3, failed 0"]
     written = {p.relative_to(out).as_posix(): p for p in out.rglob("*") if p.is_file()}
     assert {"folder.csv", "folder.excluded.csv", "readers.csv", "readers.excluded.csv"} <= set(written)
-    assert len([k for k in written if k.startswith("images/")]) == 2  # the readers' image is the folder's copy
+    assert len([k for k in written if k.startswith("images/")]) == 3  # the readers' image is the folder's copy
     texts = [r.stdout + r.stderr for r in runs] + [p.read_text() for p in written.values() if p.suffix == ".csv"]
     texts += list(written)  # the names of the files written
     assert [t for t in texts if "DOE" in t.upper() or "MRN" in t.upper()] == []

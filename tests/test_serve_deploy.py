@@ -43,14 +43,25 @@ def serve_cli(cluster, *args, timeout=180) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-KILL_ONE_STAGE1 = """
+STAGE1_REPLICAS = """
 import sys
 import ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
 names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Stage1#" in a["name"])
-ray.kill(ray.get_actor(names[0], namespace="serve"))
-print(len(names))
+if sys.argv[2] == "kill":  # one replica started after the names given (the update's), SIGKILLed
+    name = next(n for n in names if n not in sys.argv[3:])
+    ray.kill(ray.get_actor(name, namespace="serve"))
+    names = [name]
+print(" ".join(names))
 """
+
+
+def stage1_replicas(cluster, *args: str) -> list[str]:
+    """The Stage1 replica actors' names; with ``kill OLD...``: kills one not among OLD, returns it."""
+    r = subprocess.run([sys.executable, "-c", STAGE1_REPLICAS, cluster["gcs"], *(args or ("list",))],
+                       env=cluster["env"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.split()
 
 
 def wait_ready(url: str, seconds: float = 240) -> None:
@@ -72,16 +83,7 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
     from cxrtune.scoring.evaluation import CalibrateOptions, calibrate_bundle
     from cxrtune.scoring.onnx_export import export_bundle
 
-    # the second bundle is written from the live one (bundles never change in place): calibrated,
-    # then with an ONNX export (the CPU fast path); the two have different content hashes
-    calibrated, second = tmp_path / "phantom-calibrated", tmp_path / "phantom-b"
-    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
-    calibrate_bundle(str(phantom_bundle), str(calibrated), df,
-                     CalibrateOptions(what=("zone",), split=None, limit=8, progress=False), device="cpu")
-    export_bundle(str(calibrated), str(second))
-    hash_a, hash_b = bundle_hash(str(phantom_bundle)), bundle_hash(str(second))
-    assert hash_a != hash_b
-
+    hash_a = bundle_hash(str(phantom_bundle))
     path, port = shipped_cpu_config(tmp_path, phantom_bundle)
     url = f"http://127.0.0.1:{port}"
 
@@ -112,7 +114,16 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
     for t in threads:
         t.start()
     try:
-        time.sleep(3)
+        # under load, the second bundle is written from the live one (bundles never change in
+        # place): calibrated, then with an ONNX export (the CPU fast path); a new content hash
+        calibrated, second = tmp_path / "phantom-calibrated", tmp_path / "phantom-b"
+        df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+        calibrate_bundle(str(phantom_bundle), str(calibrated), df,
+                         CalibrateOptions(what=("zone",), split=None, limit=8, progress=False), device="cpu")
+        export_bundle(str(calibrated), str(second))
+        hash_b = bundle_hash(str(second))
+        assert hash_a != hash_b and len(answers) > 0
+        before_update = stage1_replicas(cluster)
         r = subprocess.run([sys.executable, "-m", "cxrtune.cli", "deploy", "--config", str(path), "--bundle",
                             str(second), "--address", cluster["address"], "--wait", "300"],
                            env=cluster["env"], capture_output=True, text=True, timeout=360)
@@ -123,9 +134,8 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
         while time.time() < deadline and not any(
                 a[0] == 200 and a[1]["models"]["bundle_hash"] == hash_b for a in answers[n_at_update:]):
             time.sleep(1)
-        kill = subprocess.run([sys.executable, "-c", KILL_ONE_STAGE1, cluster["gcs"]], env=cluster["env"],
-                              capture_output=True, text=True, timeout=120)
-        assert kill.returncode == 0 and int(kill.stdout.split()[-1]) >= 1, kill.stderr[-2000:]
+        killed = stage1_replicas(cluster, "kill", *before_update)  # a replica of the update, serving B
+        assert len(killed) == 1 and killed[0] not in before_update
         n_at_kill = len(answers)
         time.sleep(8)  # requests keep coming while Serve replaces the killed replica
         assert len(answers) > n_at_kill

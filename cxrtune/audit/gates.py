@@ -33,6 +33,7 @@ from ..model.artifacts import (
     publish_bundle,
     read_bundle_file,
     read_checkpoint_meta,
+    require_new_bundle,
     write_checkpoint_meta,
 )
 from ..preprocessing import resize_mask
@@ -202,8 +203,7 @@ def make_gated_bundle(lung_run: str, disease_run: str, out_uri: str, gates: list
     if not gates:
         return make_bundle(lung_run, disease_run, out_uri, **bundle_args)
     check_gates(gates, bundle=True, manifest=gate_manifest)
-    if any(True for _ in storage.list_keys(out_uri.rstrip("/") + "/" if storage.is_s3(out_uri) else out_uri)):
-        raise CxrtuneError(f"{out_uri} already holds files; bundles are immutable: a gated bundle goes to a new --out")
+    require_new_bundle(out_uri)
     name = bundle_args.pop("name", "") or storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1]
     with tempfile.TemporaryDirectory(prefix="cxrtune-gated-") as tmp:
         candidate = f"{tmp}/candidate"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .. import storage
 from ..dicom import pseudonym
-from ..errors import CxrtuneError
+from ..errors import CxrtuneError, UnsupportedFormatError
+from ..images import sniff_format
 
 
 def file_pseudonym(path: Path, root: Path, key: bytes) -> str:
@@ -36,17 +37,27 @@ def output_folder(data_dir: str | None, source_root: Path) -> Path:
     return out
 
 
+SUFFIXES = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
+
+
 def copy_pseudonymised(path: Path, out_dir: Path, file_id: str, written: set[Path]) -> Path:
     """Copy ``path`` to ``out_dir/<file_id>-<sha256 of the bytes, 12 hex><suffix>`` and return it.
 
-    The suffix is kept lower-cased (``.png``, ``.jpg``): formats are told apart by content anyway.
-    """
+    The suffix comes from the content (``.png``, ``.jpg``), never from the source name, which may
+    carry a patient's name after its dot (``DOE.JOHN_MRN123``).
+
+    Raises:
+        CxrtuneError: unreadable, or not a PNG, JPEG or DICOM file."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise CxrtuneError(f"{file_id}: cannot read it ({exc.strerror})") from None
+    try:
+        suffix = SUFFIXES[sniff_format(data[:132])]
+    except UnsupportedFormatError:
+        raise CxrtuneError(f"{file_id}: not a PNG, JPEG or DICOM file") from None
     stem = f"{file_id}-{hashlib.sha256(data).hexdigest()[:12]}"
-    return write_new(out_dir, stem, data, written, suffix=path.suffix.lower() or ".png")
+    return write_new(out_dir, stem, data, written, suffix=suffix)
 
 
 def write_new(out_dir: Path, stem: str, data: bytes, written: set[Path], suffix: str = ".png") -> Path:

@@ -150,7 +150,7 @@ def import_readers(  # noqa: C901 - one refusal per malformed CSV case, each nam
         elif image is None:
             problems.append("image file not found (looked beside the CSV and in its images/ folder)")
         elif image.suffix.lower() not in IMAGE_SUFFIXES:
-            problems.append(f"not a PNG or JPEG image ({image.suffix})")
+            problems.append("not a PNG or JPEG image (by its file name's extension)")
         elif str(image) in seen:
             problems.append("duplicate: the image is listed more than once; the first row is kept")
         if problems or image is None:

@@ -231,6 +231,10 @@ class BundleMeta:
             d = {**d, "format": BUNDLE_FORMAT, "migrated_from": fmt, "files": {}}
         elif fmt != BUNDLE_FORMAT:
             raise CxrtuneError(f"{where}: not a cxrtune bundle (format {fmt!r})")
+        elif not (isinstance(d.get("files"), dict) and {"lung.pt", "disease.pt"} <= set(d["files"])):
+            # a /4 bundle is sealed: without its files' hashes, nothing could be checked
+            raise CxrtuneError(f"{where}: a {fmt} bundle.json must list the SHA-256 of lung.pt and disease.pt "
+                               "under 'files'; not loading it")
         try:
             meta = _from_dict(cls, d, where)
             meta.lung = CheckpointMeta.from_dict(d["lung"], f"{where} lung")
@@ -311,7 +315,7 @@ def read_bundle_file(uri: str, name: str, meta: BundleMeta) -> bytes:
         CxrtuneError: the file is missing, not listed, or not the one published (changed or
             half-written): such a bundle is never loaded."""
     data = storage.read_bytes(storage.join(uri, name))
-    if not meta.files:  # a bundle from before the hashes (format /3 and older): nothing to check against
+    if not meta.files and meta.migrated_from:  # read from a /1-/3 bundle.json: no hashes to check against
         return data
     expected = meta.files.get(name)
     if expected is None:
@@ -332,8 +336,7 @@ def publish_bundle(out_uri: str, meta: BundleMeta, contents: dict[str, bytes]) -
 
     Returns:
         The metadata written (with ``files``, ``format`` and the model card set)."""
-    if any(True for _ in storage.list_keys(out_uri.rstrip("/") + "/" if storage.is_s3(out_uri) else out_uri)):
-        raise CxrtuneError(f"{out_uri} already holds files; bundles are immutable: write the new bundle to a new --out")
+    require_new_bundle(out_uri)
     meta = replace(meta, files={name: hashlib.sha256(data).hexdigest() for name, data in sorted(contents.items())},
                    format=BUNDLE_FORMAT)
     meta = replace(meta, model_card=model_card(meta))
@@ -353,13 +356,20 @@ def publish_bundle(out_uri: str, meta: BundleMeta, contents: dict[str, bytes]) -
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a bundle folder follows the umask
         try:
             os.rename(staging, target)  # replaces only an empty folder; never a bundle
-        except OSError:
-            raise CxrtuneError(f"{out_uri} already holds files; bundles are immutable: "
-                               "write the new bundle to a new --out") from None
+        except OSError as exc:
+            require_new_bundle(out_uri)  # written meanwhile by another command: that is the message
+            raise CxrtuneError(f"{out_uri}: cannot publish the bundle there ({exc.strerror})") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return meta
+
+
+def require_new_bundle(out_uri: str) -> None:
+    """Refuse an ``out_uri`` that holds anything: bundles are immutable. Commands call it before
+    their work too (calibration, export), so a refusal costs nothing."""
+    if any(True for _ in storage.list_keys(out_uri.rstrip("/") + "/" if storage.is_s3(out_uri) else out_uri)):
+        raise CxrtuneError(f"{out_uri} already holds files; bundles are immutable: write the new bundle to a new --out")
 
 
 def _umask() -> int:
@@ -368,19 +378,22 @@ def _umask() -> int:
     return mask
 
 
-def derive_bundle(src_uri: str, out_uri: str, extra: dict[str, bytes] | None = None, **changes) -> BundleMeta:
+def derive_bundle(src_uri: str, out_uri: str, extra: dict[str, bytes] | None = None, drop: tuple[str, ...] = (),
+                  **changes) -> BundleMeta:
     """A new bundle at ``out_uri`` made from the one at ``src_uri``: its files (each checked
     against its hash) plus ``extra``, and its metadata with ``changes`` (thresholds,
     calibrations, audits, ``onnx``). It is named after its folder unless ``name`` is changed, and
-    records where it came from (``derived_from``). The source is left as it was.
+    records where it came from (``derived_from``). The source is left as it was. ``drop``: files
+    of the source not carried over (an export they no longer describe).
 
     Raises:
         CxrtuneError: an unknown field, a source that does not verify, or an existing ``out_uri``."""
+    require_new_bundle(out_uri)
     meta = read_bundle_meta(src_uri)
     unknown = sorted(set(changes) - {f.name for f in fields(BundleMeta)})
     if unknown:
         raise CxrtuneError(f"bundle.json has no field(s) {', '.join(unknown)}")
-    contents = {name: read_bundle_file(src_uri, name, meta) for name in bundle_files(meta)}
+    contents = {name: read_bundle_file(src_uri, name, meta) for name in bundle_files(meta) if name not in drop}
     contents.update(extra or {})
     derived = replace(meta, name=storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1], created=now(),
                       derived_from={"name": meta.name, "bundle_hash": bundle_hash(src_uri)}, **changes)
@@ -409,6 +422,7 @@ def make_bundle(lung_run: str, disease_run: str, out_uri: str, zone_threshold: f
 
     Returns:
         The ``bundle.json`` written."""
+    require_new_bundle(out_uri)
     stages, contents = {}, {}
     for stage, run in (("lung", lung_run), ("disease", disease_run)):
         meta = read_checkpoint_meta(storage.join(run, "best"))

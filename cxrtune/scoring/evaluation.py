@@ -17,7 +17,7 @@ from .. import images, storage, zones
 from ..data import manifest
 from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
-from ..model.artifacts import Calibration, derive_bundle, now, read_bundle_meta
+from ..model.artifacts import Calibration, derive_bundle, now, read_bundle_meta, require_new_bundle
 from ..model.metrics import SegmentationMeter, classification_metrics
 from ..plots import pyplot, save_figure
 from ..preprocessing import load_scan
@@ -355,6 +355,7 @@ def calibrate_bundle(uri: str, out_uri: str, df: pd.DataFrame, options: Calibrat
     """``cxrtune calibrate``: :func:`calibrate` the bundle at ``uri`` on ``df`` and publish a new
     bundle at ``out_uri`` with the chosen thresholds and their provenance (bundles are immutable:
     the one at ``uri``, perhaps being served, is left as it was)."""
+    require_new_bundle(out_uri)  # before the work, not after it
     scorer = load_bundle(uri, device=device)
     before = {"cls": scorer.thresholds.cls, "opacity": scorer.thresholds.opacity}
     result = calibrate(scorer, df, options)

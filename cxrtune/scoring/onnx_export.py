@@ -12,7 +12,7 @@ import torch
 
 from .. import storage
 from ..errors import CxrtuneError
-from ..model.artifacts import derive_bundle, read_bundle_file, read_bundle_meta
+from ..model.artifacts import bundle_files, derive_bundle, read_bundle_file, read_bundle_meta, require_new_bundle
 from ..preprocessing import load_scan
 from .batch_scoring import expand_inputs
 from .onnx_runtime import sha256_hex
@@ -65,8 +65,10 @@ def onnx_files(uri: str) -> tuple[dict, dict[str, bytes]]:
 def export_bundle(uri: str, out_uri: str) -> dict:
     """A new bundle at ``out_uri``: the one at ``uri`` plus the ONNX export of both stages,
     recorded in its ``bundle.json``."""
+    require_new_bundle(out_uri)  # before the work, not after it
     record, files = onnx_files(uri)
-    derive_bundle(uri, out_uri, extra=files, onnx=record)
+    stale = tuple(f for f in bundle_files(read_bundle_meta(uri)) if f.endswith(".int8.onnx"))  # of the old export
+    derive_bundle(uri, out_uri, extra=files, drop=stale, onnx=record)
     return record
 
 
@@ -91,6 +93,7 @@ def quantize_bundle(uri: str, out_uri: str, calibration: list[bytes], limit: int
         quantize_static,
     )
 
+    require_new_bundle(out_uri)  # before the work, not after it
     meta = read_bundle_meta(uri)
     if meta.onnx:
         record = dict(meta.onnx)

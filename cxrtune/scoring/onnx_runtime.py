@@ -1,12 +1,13 @@
 """The CPU fast path: a bundle's two networks run with ONNX Runtime (:mod:`.onnx_export` makes them).
 
-``cxrtune bundle export onnx BUNDLE`` writes ``lung.onnx`` and ``disease.onnx`` beside the
-PyTorch weights (dynamic batch, the model's own input size) and records in ``bundle.json`` the
-SHA-256 of each and of the weights they came from, so a stale export is never used. The scorer
+``cxrtune bundle export onnx BUNDLE --out NEW`` writes a new bundle with ``lung.onnx`` and
+``disease.onnx`` beside the PyTorch weights (dynamic batch, the model's own input size) and records
+in its ``bundle.json`` the SHA-256 of each and of the weights they came from, so a stale export is
+never used. The scorer
 takes them with ``runtime="onnx"`` (or ``"auto"``: ONNX on machines without a GPU when the
 bundle has an export). Everything before and after the networks is the same code as with torch.
 
-``cxrtune bundle export onnx-int8 BUNDLE --calibration IMAGES`` adds int8 copies
+``cxrtune bundle export onnx-int8 BUNDLE --out NEW --calibration IMAGES`` writes a new bundle with int8 copies
 (``lung.int8.onnx``, ``disease.int8.onnx``: ONNX Runtime's static QDQ quantization, weights int8 per
 channel with 7-bit range, which ORT advises for CPUs without VNNI, activations uint8), calibrated
 on real radiographs passed through the bundle's own

@@ -360,10 +360,10 @@ def choose_runtime(runtime: str, device: torch.device, meta: BundleMeta) -> str:
         if device.type != "cpu":
             raise CxrtuneError(f"runtime {runtime} runs on the CPU; use torch on a GPU")
         if not meta.onnx:
-            raise CxrtuneError("the bundle has no ONNX export: run `cxrtune bundle export onnx BUNDLE`")
+            raise CxrtuneError("the bundle has no ONNX export: run `cxrtune bundle export onnx BUNDLE --out NEW`")
         if runtime == "onnx-int8" and not meta.onnx.get("int8"):
             raise CxrtuneError("the bundle has no int8 export: run `cxrtune bundle export onnx-int8 BUNDLE "
-                               "--calibration IMAGES`")
+                               "--out NEW --calibration IMAGES`")
         if not onnxruntime_available():
             raise CxrtuneError(f"runtime {runtime} needs onnxruntime: pip install onnxruntime")
     return runtime

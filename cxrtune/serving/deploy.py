@@ -20,10 +20,10 @@ from .. import storage
 from ..cluster import check_fits, init_ray
 from ..config_files import load_yaml
 from ..errors import CxrtuneError
-from ..model.artifacts import bundle_hash, read_bundle_meta
+from ..model.artifacts import bundle_files, bundle_hash, read_bundle_file, read_bundle_meta
 from ..resources import shipped
 from .app import application
-from .settings import ServeSettings
+from .settings import ServeSettings, check_pinned
 
 
 def default_config() -> str:
@@ -89,8 +89,11 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
         ServeDeploySchema.model_validate(cfg)
     except ValidationError as exc:
         raise CxrtuneError(f"{config}: {exc}") from None
-    read_bundle_meta(args["bundle"])  # a bad bundle fails here, not in the replicas
+    meta = read_bundle_meta(args["bundle"])  # a bad bundle fails here, not in the replicas
+    for name in bundle_files(meta):  # each file against its hash, as every replica will check it
+        read_bundle_file(args["bundle"], name, meta)
     digest = bundle_hash(args["bundle"])
+    check_pinned(ServeSettings(**args), digest)
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
     try:
         client = ServeSubmissionClient(address, headers=ray_auth_headers())
