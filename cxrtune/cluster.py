@@ -16,7 +16,7 @@ from .errors import CxrtuneError
 # or its own environment), and the W&B key stays with the driver, whose callback does the logging.
 WORKER_ENV = ("CXRTUNE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION",
               "AWS_DEFAULT_REGION", "CXRTUNE_S3_RETRIES", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY")
-SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY")
+SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "WANDB_API_KEY")
 
 
 def worker_env(extra: dict | None = None) -> dict:
@@ -28,6 +28,23 @@ def worker_env(extra: dict | None = None) -> dict:
     if leaked:
         raise CxrtuneError(f"{', '.join(leaked)} must not travel in a runtime_env; each node uses its own")
     return env
+
+
+def keep_secrets_out_of_trial_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS credentials into every trial actor's runtime_env
+    (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), and Ray's runtime-env agent logs a
+    runtime_env in full. cxrtune's trials use their own node's credentials (the instance role; on
+    one machine, the environment Ray's processes inherited), so that list loses every name in
+    :data:`SECRETS`. Written by hand: Ray has no option for it; a Ray that renames the list fails
+    here by name."""
+    from ray.tune.execution import class_cache
+
+    try:
+        names = class_cache.ENV_VARS_TO_PROPAGATE
+    except AttributeError:
+        raise CxrtuneError("Ray Tune no longer has class_cache.ENV_VARS_TO_PROPAGATE: update "
+                           "cxrtune.cluster.keep_secrets_out_of_trial_runtime_envs") from None
+    class_cache.ENV_VARS_TO_PROPAGATE = set(names) - set(SECRETS)
 
 
 def init_ray(num_cpus: int | None = None, dashboard: bool = False, env: dict | None = None) -> None:

@@ -24,7 +24,8 @@ def bundle(phantom_dir, tmp_path_factory):
     common = ["--config", "configs/phantom_quick.yaml", "--manifest", m]
     run("train", *common, "--out", str(work / "lung"))
     run("train", *common, "--out", str(work / "disease"), "--set", "task=disease", "dlw_alpha=0.05")
-    run("bundle", "make", "--lung", str(work / "lung"), "--disease", str(work / "disease"), "--out", str(work / "bundle"))
+    run("bundle", "make", "--lung", str(work / "lung"), "--disease", str(work / "disease"), "--out", str(work / "made"))
+    run("calibrate", str(work / "made"), "--out", str(work / "bundle"), "--manifest", m)  # what the tests score with
     yield work
     shutil.rmtree(work, ignore_errors=True)  # ~0.7 GB of checkpoints: freed with the module
 
@@ -35,15 +36,15 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     from cxrtune.scoring.evaluation import OPACITY_GRID
     from cxrtune.scoring.scorer import load_bundle
 
-    source = (bundle / "bundle" / "bundle.json").read_bytes()
+    source = (bundle / "made" / "bundle.json").read_bytes()  # as `bundle make` left it
     cal = bundle / "calibrated"
-    out = run("calibrate", str(bundle / "bundle"), "--out", str(cal), "--manifest", str(phantom_dir / "manifest.parquet"))
+    out = run("calibrate", str(bundle / "made"), "--out", str(cal), "--manifest", str(phantom_dir / "manifest.parquet"))
     assert "zone threshold" in out and "T_cls" in out and "opacity threshold" in out
-    assert (bundle / "bundle" / "bundle.json").read_bytes() == source  # a new bundle; the old one as it was
+    assert (bundle / "made" / "bundle.json").read_bytes() == source  # a new bundle; the old one as it was
     meta = json.loads((cal / "bundle.json").read_text())
     zone, cls, opacity = meta["zone_calibration"], meta["cls_calibration"], meta["opacity_calibration"]
     assert meta["format"] == "cxrtune-bundle/4" and meta["versions"]["cxrtune"]
-    assert meta["name"] == "calibrated" and meta["derived_from"]["name"] == "bundle"
+    assert meta["name"] == "calibrated" and meta["derived_from"]["name"] == "made"
     assert meta["files"] == {f: hashlib.sha256((cal / f).read_bytes()).hexdigest() for f in ("lung.pt", "disease.pt")}
     assert zone["split"] == "train,val" and zone["reference"] == "zones" and zone["method"] == "min_mae"
     assert zone["threshold"] == meta["zone_threshold"] and 0 < meta["zone_threshold"] <= 1
@@ -71,7 +72,7 @@ def test_calibrate_stores_the_thresholds_with_provenance(bundle, phantom_dir):
     meta = json.loads((bundle / "cls-calibrated" / "bundle.json").read_text())
     assert meta["cls_calibration"]["method"] == "specificity" and meta["cls_calibration"]["specificity"] == 1.0
     assert meta["cls_threshold"] != 0.5 and "T_cls changed but T did not" in r.stderr  # T is now stale
-    r = cli_in_process("calibrate", str(bundle / "bundle"), "--manifest",
+    r = cli_in_process("calibrate", str(bundle / "made"), "--manifest",
                         str(phantom_dir / "manifest.parquet"), "--out", str(cal), check=False)
     assert r.returncode == 2 and "immutable" in r.stderr  # never over an existing bundle
     assert json.loads((cal / "bundle.json").read_text())["cls_calibration"]["method"] == "max_f1"

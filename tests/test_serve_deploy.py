@@ -119,7 +119,7 @@ def test_serve_deploy_status_update_under_load_and_shutdown(cluster, phantom_bun
         calibrated, second = tmp_path / "phantom-calibrated", tmp_path / "phantom-b"
         df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
         calibrate_bundle(str(phantom_bundle), str(calibrated), df,
-                         CalibrateOptions(what=("zone",), split=None, limit=8, progress=False), device="cpu")
+                         CalibrateOptions(what=("zone",), limit=8, progress=False), device="cpu")
         export_bundle(str(calibrated), str(second))
         hash_b = bundle_hash(str(second))
         assert hash_a != hash_b and len(answers) > 0

@@ -30,7 +30,7 @@ import torch
 from ray.tune import Stopper
 
 from .. import storage
-from ..cluster import check_fits, init_ray, max_parallel
+from ..cluster import check_fits, init_ray, keep_secrets_out_of_trial_runtime_envs, max_parallel
 from ..config_files import known_settings, load_yaml
 from ..data import manifest
 from ..data.phantom import embedded_manifest
@@ -602,6 +602,7 @@ def _ray_init(o: TuneOptions) -> None:
         if not os.environ.get("WANDB_API_KEY"):
             env["WANDB_MODE"] = "offline"
     init_ray(o.num_cpus, env=env)
+    keep_secrets_out_of_trial_runtime_envs()
     check_fits("a trial", o.cpus_per_trial, o.gpus_per_trial,
                "Lower --cpus-per-trial / --gpus-per-trial (0 on a CPU machine), raise --num-cpus, "
                "or run on a cluster (RAY_ADDRESS).")
