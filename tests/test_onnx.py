@@ -144,10 +144,12 @@ def test_a_stale_int8_export_is_refused(int8_exported, tmp_path):
     shutil.copy(stale / "lung.onnx", stale / "lung.int8.onnx")  # not the file bundle.json records
     with pytest.raises(CxrtuneError, match="lung.int8.onnx is not the int8 copy"):
         load_bundle(str(stale), device="cpu", runtime="onnx-int8")
-    with pytest.raises(CxrtuneError, match="lung.int8.onnx does not match the SHA-256"):
-        export_bundle(str(stale), str(tmp_path / "from-stale"))  # a changed file is never carried on
+    shutil.copy(stale / "disease.onnx", stale / "lung.onnx")  # a changed file is never carried on
+    with pytest.raises(CxrtuneError, match="lung.onnx does not match the SHA-256"):
+        export_bundle(str(stale), str(tmp_path / "from-stale"))
     assert not (tmp_path / "from-stale").exists()
     export_bundle(str(int8_exported), str(tmp_path / "again"))  # a new FP32 export: the int8 copy no longer describes it
+    assert not list((tmp_path / "again").glob("*.int8.onnx"))  # and is not carried on
     with pytest.raises(CxrtuneError, match="no int8 export"):
         load_bundle(str(tmp_path / "again"), device="cpu", runtime="onnx-int8")
 
