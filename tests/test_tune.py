@@ -20,7 +20,7 @@ import yaml
 
 from cxrtune import storage
 from tests import golden
-from tests.conftest import cli
+from tests.conftest import cli, cli_in_process
 from tests.wandb_reader import summarize
 
 SPACE = {
@@ -108,7 +108,7 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
             assert b"WANDB_API_KEY=" not in data and not [n for n, v in creds.items() if v.encode() in data], f
 
     out = tmp_path / "report"
-    cli("report", f"s3://{bucket}/exps/asha", "--out", str(out))
+    cli_in_process("report", f"s3://{bucket}/exps/asha", "--out", str(out))
     table = (out / "trials.csv").read_text().splitlines()
     golden.check("report_trials_columns", sorted(table[0].split(",")), exact=True)
     golden.check("report_importance", json.loads((out / "importance.json").read_text()))
@@ -118,10 +118,11 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
     assert imp["evaluator"].startswith("optuna") and set(imp["importance"]) <= {"arch", "optimizer", "lr"}
     assert (out / "correlation.png").exists()
 
-    cli("promote", f"s3://{bucket}/exps/asha", "--to", str(tmp_path / "promoted"))
+    cli_in_process("promote", f"s3://{bucket}/exps/asha", "--to", str(tmp_path / "promoted"))
     meta = json.loads((tmp_path / "promoted" / "best" / "meta.json").read_text())
     assert meta["config"]["task"] == "lung" and (tmp_path / "promoted" / "best" / "model.pt").exists()
-    cli("promote", f"s3://{bucket}/exps/asha", "--to", f"s3://{bucket}/runs/retrained", "--retrain", "--epochs", "1")
+    cli_in_process("promote", f"s3://{bucket}/exps/asha", "--to", f"s3://{bucket}/runs/retrained", "--retrain",
+                   "--epochs", "1")
     run = json.loads(storage.read_text(f"s3://{bucket}/runs/retrained/run.json"))
     assert run["epochs"] == 1 and run["config"]["tuning_subset"] is False
     assert {k: run["config"]["model"][k] for k in ("arch",)} == {"arch": summary["best_config"]["arch"]}
@@ -187,16 +188,16 @@ def test_killed_driver_resumes_an_s3_experiment_with_its_searcher(phantom_dir, b
 
 @pytest.mark.slow
 def test_multi_objective_pareto(phantom_dir, space_file, tmp_path):
-    r = cli("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"), "--name", "mo",
-            "--storage", str(tmp_path / "exps"), "--num-samples", "3", "--scheduler", "asha", "--multi-objective",
-            "--max-epochs", "1", "--num-cpus", "2", check=False)
+    r = cli_in_process("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"), "--name",
+                       "mo", "--storage", str(tmp_path / "exps"), "--num-samples", "3", "--scheduler", "asha",
+                       "--multi-objective", "--max-epochs", "1", "--num-cpus", "2", check=False)  # refused first
     assert r.returncode == 2 and "no ASHA" not in r.stderr and "--scheduler none" in r.stderr
     disease = tmp_path / "disease.yaml"  # Stage II's objective, dice_cls, against latency
     disease.write_text(yaml.safe_dump({**SPACE, "task": "disease", "objective": "dice_cls"}))
     cli("tune", "--space", str(disease), "--manifest", str(phantom_dir / "manifest.parquet"), "--name", "mo",
         "--storage", str(tmp_path / "exps"), "--num-samples", "3", "--scheduler", "none", "--multi-objective",
         "--max-epochs", "1", "--num-cpus", "2", "--latency-batch", "2")
-    cli("report", str(tmp_path / "exps" / "mo"), "--out", str(tmp_path / "rep"))
+    cli_in_process("report", str(tmp_path / "exps" / "mo"), "--out", str(tmp_path / "rep"))
     import pandas as pd
 
     front = pd.read_csv(tmp_path / "rep" / "pareto.csv")
