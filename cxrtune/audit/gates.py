@@ -29,6 +29,7 @@ from ..errors import CxrtuneError
 from ..model.artifacts import (
     BundleMeta,
     bundle_files,
+    folder_name,
     make_bundle,
     publish_bundle,
     read_bundle_file,
@@ -204,7 +205,7 @@ def make_gated_bundle(lung_run: str, disease_run: str, out_uri: str, gates: list
         return make_bundle(lung_run, disease_run, out_uri, **bundle_args)
     check_gates(gates, bundle=True, manifest=gate_manifest)
     require_new_bundle(out_uri)
-    name = bundle_args.pop("name", "") or storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1]
+    name = bundle_args.pop("name", "") or folder_name(out_uri)
     with tempfile.TemporaryDirectory(prefix="cxrtune-gated-") as tmp:
         candidate = f"{tmp}/candidate"
         meta = make_bundle(lung_run, disease_run, candidate, name=name, **bundle_args)

@@ -365,6 +365,11 @@ def publish_bundle(out_uri: str, meta: BundleMeta, contents: dict[str, bytes]) -
     return meta
 
 
+def folder_name(uri: str) -> str:
+    """The last part of a bundle's folder URI: a bundle's default name."""
+    return storage.join(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
 def require_new_bundle(out_uri: str) -> None:
     """Refuse an ``out_uri`` that holds anything: bundles are immutable. Commands call it before
     their work too (calibration, export), so a refusal costs nothing."""
@@ -395,7 +400,7 @@ def derive_bundle(src_uri: str, out_uri: str, extra: dict[str, bytes] | None = N
         raise CxrtuneError(f"bundle.json has no field(s) {', '.join(unknown)}")
     contents = {name: read_bundle_file(src_uri, name, meta) for name in bundle_files(meta) if name not in drop}
     contents.update(extra or {})
-    derived = replace(meta, name=storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1], created=now(),
+    derived = replace(meta, name=folder_name(out_uri), created=now(),
                       derived_from={"name": meta.name, "bundle_hash": bundle_hash(src_uri)}, **changes)
     return publish_bundle(out_uri, derived, contents)
 
@@ -432,7 +437,7 @@ def make_bundle(lung_run: str, disease_run: str, out_uri: str, zone_threshold: f
         stages[stage] = meta
         contents[f"{stage}.pt"] = storage.read_bytes(storage.join(run, "best", "model.pt"))
     bundle = BundleMeta(lung=stages["lung"], disease=stages["disease"],
-                        name=name or storage.join(out_uri).rstrip("/").rsplit("/", 1)[-1], created=now(),
+                        name=name or folder_name(out_uri), created=now(),
                         zone_threshold=zone_threshold, cls_threshold=cls_threshold, versions=versions(),
                         audits=dict(audits or {}))
     return publish_bundle(out_uri, bundle, contents)

@@ -46,7 +46,6 @@ class _Stage:
             torch.set_num_threads(self.s.threads)  # ONNX Runtime sessions take the same count
         self.scorers: dict = {}  # bundle hash -> Scorer (insertion order: oldest first)
         self.loading = asyncio.Lock()
-        check_pinned(self.s, bundle_hash(self.s.bundle))
         self.own_hash = self._load(self.s.bundle)
         run = getattr(self, "run")  # the subclass's @serve.batch method
         if hasattr(run, "set_max_batch_size"):  # the config's batching, not the decorator's
@@ -56,6 +55,8 @@ class _Stage:
 
     def _load(self, uri: str, expected: str | None = None) -> str:
         digest = bundle_hash(uri)
+        if expected is None:  # this replica's own bundle: the config may pin its content
+            check_pinned(self.s, digest)
         if expected and digest != expected:
             raise CxrtuneError(f"the bundle at {uri} changed after it was deployed (hash {digest[:12]}, "
                                f"expected {expected[:12]}); deploy it again")
