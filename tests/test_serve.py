@@ -50,18 +50,27 @@ def ctrl_c_reaches_it() -> None:
 # The two `cxrtune serve` tests come first: each starts its own Ray in a subprocess, before the
 # module's in-process instance (the `server` fixture) exists.
 @pytest.mark.slow
-def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
-    """README's `cxrtune serve --bundle`: the CPU config on this machine, real HTTP, Ctrl-C stops it."""
-    port = free_port()
-    log = (Path(str(phantom_bundle)).parent / f"serve-{port}.log").open("w")
+def test_cxrtune_serve_command_answers_and_stops(phantom_bundle, tmp_path):
+    """README's `cxrtune serve --bundle`: the CPU config on this machine with a TLS certificate and
+    key added to its http_options (self-signed), real HTTPS, Ctrl-C stops it."""
+    import yaml
+
+    from tests.conftest import self_signed_certificate, shipped_cpu_config
+
+    config, port = shipped_cpu_config(tmp_path, phantom_bundle)
+    cert, key = self_signed_certificate(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["http_options"].update(ssl_certfile=str(cert), ssl_keyfile=str(key), request_timeout_s=120)
+    config.write_text(yaml.safe_dump(cfg))
+    log = (tmp_path / f"serve-{port}.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "cxrtune.cli", "serve", "--bundle", str(phantom_bundle),
-                             "--host", "127.0.0.1", "--port", str(port)], preexec_fn=ctrl_c_reaches_it,
+                             "--config", str(config)], preexec_fn=ctrl_c_reaches_it,
                             stdout=log, stderr=subprocess.STDOUT, text=True)  # a file: a full pipe would block it
     try:
         deadline, ready = time.time() + 240, None
         while time.time() < deadline and proc.poll() is None and ready is None:
             try:
-                r = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                r = requests.get(f"https://127.0.0.1:{port}/readyz", timeout=5, verify=cert)
                 ready = r if r.status_code == 200 else None
             except requests.RequestException:  # proxy not up yet, or the app still deploying
                 pass
@@ -71,8 +80,12 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle):
         printed = [line for line in Path(log.name).read_text().splitlines() if line.startswith("API key for this run")]
         assert len(printed) == 1, Path(log.name).read_text()[-3000:]
         made = printed[0].rsplit(" ", 1)[1]
-        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
-        models = requests.get(f"http://127.0.0.1:{port}/v1/models", headers={"X-API-Key": made}, timeout=10).json()
+        assert f"cxrtune scorer at https://127.0.0.1:{port}/" in Path(log.name).read_text()
+        with pytest.raises(requests.RequestException):  # HTTPS only
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        assert requests.get(f"https://127.0.0.1:{port}/v1/models", timeout=10, verify=cert).status_code == 401
+        models = requests.get(f"https://127.0.0.1:{port}/v1/models", headers={"X-API-Key": made}, timeout=10,
+                              verify=cert).json()
         assert models["lung"].startswith("FPN/resnet18") and "zone_threshold" in models
         # the dashboard is on, so Ray's own `serve status` answers (Ray's CLI sends the cluster's
         # token only with RAY_AUTH_MODE=token, as docs/serving.md says)
@@ -110,11 +123,18 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
         assert ingress["max_ongoing_requests"] > app["args"]["max_in_flight"], name
         assert all(d.get("graceful_shutdown_timeout_s", 0) >= 60 for d in app["deployments"]), name
     path, port = shipped_cpu_config(tmp_path, phantom_bundle)
+    # the key reaches the replicas in a file only its owner reads, not in the config the dashboard shows
+    key_file = tmp_path / "api-key"
+    key_file.write_text(KEY)
+    key_file.chmod(0o600)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["applications"][0]["args"]["api_key_file"] = str(key_file)
+    path.write_text(yaml.safe_dump(cfg))
     serve_cli = str(Path(sys.executable).parent / "serve")
     out = (tmp_path / "serve-run.log").open("w")  # a file, not a pipe: a full pipe would block `serve run`
+    env = {k: v for k, v in os.environ.items() if k != "CXRTUNE_API_KEY"}
     proc = subprocess.Popen([serve_cli, "run", str(path)], stdout=out, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path, env={**os.environ, "CXRTUNE_API_KEY": KEY},  # the replicas inherit it
-                            preexec_fn=ctrl_c_reaches_it)
+                            cwd=tmp_path, env=env, preexec_fn=ctrl_c_reaches_it)
     try:
         deadline, ready = time.time() + 240, False
         while time.time() < deadline and proc.poll() is None and not ready:
@@ -127,6 +147,7 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
         png = sorted((phantom_dir / "images").iterdir())[1].read_bytes()
         r = requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60, headers={"X-API-Key": KEY})
         assert r.status_code == 200 and r.json()["status"] in ("scored", "partial", "unscored"), r.text
+        assert requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60).status_code == 401
     finally:
         proc.send_signal(2)
         try:
@@ -189,7 +210,9 @@ def server(served_bundle, tmp_path_factory):
                          for k, v in deployments({"max_ongoing_requests": 1, "max_queued_requests": 1}).items()}),
               name="blind", route_prefix="/blind")
     # one scoring request in flight per ingress replica: cxrtune's own admission control
-    serve.run(build_app({**args, "max_in_flight": 1, "retry_after_s": 2},
+    # and its upload budget: a body falling under 20 kB/s after 1 s is cut off
+    serve.run(build_app({**args, "max_in_flight": 1, "retry_after_s": 2, "upload_grace_s": 1,
+                         "min_upload_bytes_per_s": 20_000, "upload_timeout_s": 30},
                         {k: {**v, "autoscaling_config": None, "ray_actor_options": tiny}
                          for k, v in deployments().items()}),
               name="tight", route_prefix="/tight")
@@ -394,6 +417,95 @@ def test_admission_control_answers_json_503_with_retry_after(server, phantom_dir
     for code, body, retry in answers:
         if code == 503:
             assert set(body) == {"error", "request_id"} and "capacity" in body["error"] and retry == "2"
+
+
+class RawPost:
+    """A POST over a plain socket, sent at the pace the test chooses; it stops sending as soon as
+    the server answers (a server that refuses early answers before the body is all sent)."""
+
+    def __init__(self, server: str, path: str, headers: dict):
+        import socket
+
+        host, port = server.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=60)
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "127.0.0.1", "X-API-Key": KEY, **headers}.items())
+        self.sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
+        self.sent = 0
+
+    def answered(self) -> bool:
+        import select
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def send(self, data: bytes) -> bool:
+        """Send unless the server has answered; False once it has (or has closed)."""
+        if self.answered():
+            return False
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            return False
+        self.sent += len(data)
+        return True
+
+    def status(self) -> int:
+        reply = b""
+        while b"\r\n" not in reply:
+            piece = self.sock.recv(4096)
+            if not piece:
+                break
+            reply += piece
+        self.sock.close()
+        return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+
+
+@pytest.mark.slow
+def test_uploads_are_bounded_while_they_stream(server, phantom_dir):
+    """On the app with max_in_flight 1: a chunked file part over the limit and 1,000 x 1 MB text
+    fields are each refused (413) after a small part of their bytes; six clients trickling bodies
+    are cut off (408) while normal clients are scored beside them; a client that hangs up mid-score
+    does not keep its slot."""
+    path = "/tight/v1/score"
+    chunk = 256 * 1024
+
+    def chunked(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    over = RawPost(server, path, {"Transfer-Encoding": "chunked", "Content-Type": "multipart/form-data; boundary=zz"})
+    over.send(chunked(b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'))
+    # sent at ~50 MB/s (on loopback the proxy would take 64 MB before any answer could come back)
+    while over.sent < 64_000_000 and over.send(chunked(b"\x89PNG" * (chunk // 4))):
+        time.sleep(0.005)
+    assert over.status() == 413 and over.sent < 32_000_000, over.sent  # the limit is 8 MB: refused long before the end
+
+    fields = RawPost(server, path, {"Transfer-Encoding": "chunked", "Content-Type": "multipart/form-data; boundary=zz"})
+    for i in range(1000):
+        if not fields.send(chunked(f'--zz\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\n'.encode()
+                                   + b"t" * 1_000_000 + b"\r\n")):
+            break
+        time.sleep(0.01)
+    assert fields.status() == 413 and fields.sent < 100_000_000, fields.sent  # refused at the first field, not the 1 GB
+
+    png = phantom_png(phantom_dir)
+    tricklers = [RawPost(server, path, {"Content-Type": "image/png", "Content-Length": str(len(png))}) for _ in range(6)]
+    scored, start = [], time.time()
+    while time.time() - start < 4:
+        for t in tricklers:
+            t.send(png[t.sent:t.sent + 10])
+        scored.append(post(f"{server}{path}", png).status_code)
+    assert scored and set(scored) == {200}, scored  # the trickling bodies held no scoring slot
+    assert [t.status() for t in tricklers] == [408] * 6
+
+    gone = RawPost(server, path, {"Content-Type": "image/png", "Content-Length": str(len(png))})
+    gone.send(png)
+    time.sleep(0.2)
+    gone.sock.close()  # hangs up while it is scored
+    codes = []
+    for _ in range(20):
+        codes.append(post(f"{server}{path}", png).status_code)
+        if codes[-1] == 200:
+            break
+        time.sleep(0.5)
+    assert codes[-1] == 200, codes
 
 
 @pytest.mark.slow

@@ -227,3 +227,246 @@ def test_a_pinned_bundle_hash_refuses_other_content():
         check_pinned(pinned, "fedcba9876543210")
     with pytest.raises(Exception, match="bundle_hsh"):  # a misspelt key is refused, naming it
         ServeSettings(bundle="b", bundle_hsh="0123456789abcdef")
+
+
+# ----------------------------------------------------------------------------- the upload and scoring budgets
+LIMITS = dict(max_file_bytes=2_000_000, max_files=4, max_field_bytes=64 * 1024, max_parts=8, timeout_s=30,
+              min_bytes_per_s=1000, grace_s=5)
+
+
+def _multipart(parts: list[tuple[str, str | None, int]], boundary: str = "b0undary", chunk: int = 256 * 1024):
+    """A multipart body made as it is sent, ``(field, filename or None, size)`` per part, and a
+    counter of the bytes handed out so far: what a server has read when it refuses."""
+    sent = {"bytes": 0}
+
+    async def body():
+        for field_name, filename, size in parts:
+            name = f'; filename="{filename}"' if filename is not None else ""
+            head = f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"{name}\r\n\r\n'.encode()
+            sent["bytes"] += len(head)
+            yield head
+            left = size
+            while left:
+                piece = b"x" * min(chunk, left)
+                left -= len(piece)
+                sent["bytes"] += len(piece)
+                yield piece
+            sent["bytes"] += 2
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    return f"multipart/form-data; boundary={boundary}", body(), sent
+
+
+def _read(ctype, body, length=None, limits=None):
+    import asyncio
+
+    from cxrtune.serving.budgets import UploadBudget, UploadLimits, read_upload
+
+    budget = UploadBudget(10**9)
+
+    async def run():
+        with budget.hold() as add:
+            return await read_upload(ctype, length, body, UploadLimits(**(limits or LIMITS)), add)
+    try:
+        return asyncio.run(run())
+    finally:
+        assert budget.held == 0  # every byte a request held is released when it ends
+
+
+def test_uploads_are_refused_as_their_bytes_arrive_with_bounded_memory():
+    """A file part over its cap, 1,000 x 1 MB text fields, too many small fields and a chunked raw
+    body over the cap: each a 413 after reading at most one chunk past the cap, and the memory
+    the parser held stays within the cap (no part is read whole, none is spooled to disk)."""
+    import tempfile
+    import tracemalloc
+
+    from cxrtune.serving.api import RequestError
+
+    ctype, body, _ = _multipart([("file", "a.png", 1_000_000), ("files", "b.png", 900_000)])
+    assert [(n, len(d)) for n, d in _read(ctype, body)] == [("a.png", 1_000_000), ("b.png", 900_000)]
+
+    chunk = 256 * 1024
+    temporary = set(Path(tempfile.gettempdir()).iterdir())
+    cases = {"file part": ([("file", "a.png", 50_000_000)], LIMITS["max_file_bytes"], "a file is over"),
+             "1,000 x 1 MB fields": ([(f"f{i}", None, 1_000_000) for i in range(1000)], LIMITS["max_field_bytes"],
+                                     "a form field is over"),
+             "many fields": ([(f"f{i}", None, 10) for i in range(1000)], 2000, "more than 8 parts")}
+    for case, (parts, cap, message) in cases.items():
+        ctype, body, sent = _multipart(parts)
+        tracemalloc.start()
+        with pytest.raises(RequestError) as refused:
+            _read(ctype, body)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert refused.value.status == 413 and message in refused.value.detail, case
+        assert sent["bytes"] <= cap + chunk + 1024, (case, sent)  # refused as the bytes arrived
+        assert peak < 3 * (cap + chunk) + 2_000_000, (case, peak)
+    assert set(Path(tempfile.gettempdir()).iterdir()) == temporary  # nothing spooled
+
+    async def raw(n):  # a chunked raw body: no Content-Length to check first
+        for _ in range(n):
+            yield b"y" * chunk
+    with pytest.raises(RequestError, match="upload over the limit") as refused:
+        _read("application/octet-stream", raw(100))
+    assert refused.value.status == 413
+    with pytest.raises(RequestError) as refused:  # a declared length over the whole body's cap: before reading
+        _read("application/octet-stream", raw(0), length=str(10**10))
+    assert refused.value.status == 413 and "over the limit" in refused.value.detail
+    ctype, body, _ = _multipart([("file", "a.png", 10)])
+    with pytest.raises(RequestError) as refused:
+        _read(ctype.replace("b0undary", "other"), body)  # a body whose boundary never comes
+    assert refused.value.status == 400
+    ctype, body, _ = _multipart([("note", None, 10)])
+    with pytest.raises(RequestError, match="no file field"):
+        _read(ctype, body)
+
+
+def test_the_upload_budget_refuses_past_the_bytes_all_uploads_hold():
+    from cxrtune.serving.api import RequestError
+    from cxrtune.serving.budgets import UploadBudget
+
+    budget = UploadBudget(1000)
+    with budget.hold() as first:
+        first(600)
+        with budget.hold() as second:
+            with pytest.raises(RequestError) as refused:
+                second(600)
+            assert refused.value.status == 503 and budget.held == 600
+            second(400)
+            assert budget.held == 1000
+        assert budget.held == 600
+    assert budget.held == 0
+
+
+def test_a_trickling_body_is_cut_off():
+    """After the grace period a body must keep to the minimum rate: 1 byte every 50 ms against
+    1 kB/s after 0.2 s is a 408, long before the 30 s timeout."""
+    import asyncio
+    import time
+
+    from cxrtune.serving.api import RequestError
+    from cxrtune.serving.budgets import UploadLimits, paced
+
+    async def trickle():
+        while True:
+            await asyncio.sleep(0.05)
+            yield b"x"
+
+    async def drain(limits):
+        return [c async for c in paced(trickle(), limits)]
+
+    start = time.monotonic()
+    with pytest.raises(RequestError, match="upload too slow") as slow:
+        asyncio.run(drain(UploadLimits(**{**LIMITS, "grace_s": 0.2})))
+    assert slow.value.status == 408 and time.monotonic() - start < 5
+
+    async def fast():
+        for _ in range(3):
+            yield b"x" * 10_000
+    assert asyncio.run(asyncio.wait_for(_collect(paced(fast(), UploadLimits(**LIMITS))), 5)) == [b"x" * 10_000] * 3
+
+
+async def _collect(chunks):
+    return [c async for c in chunks]
+
+
+def test_a_request_cancelled_mid_thread_keeps_its_slots_until_the_thread_ends():
+    """A client that hangs up cancels its request (Serve cancels the task), but a decode already
+    running in a thread goes on: its slots stay counted until it returns, so a new request is
+    refused meanwhile, and the slots come back after it."""
+    import asyncio
+    import threading
+
+    from cxrtune.serving.api import RequestError
+    from cxrtune.serving.budgets import ScoringBudget
+
+    budget = ScoringBudget(limit=1, retry_after_s=1)
+    release, started = threading.Event(), threading.Event()
+
+    def decode():
+        started.set()
+        release.wait(10)
+        return "decoded"
+
+    async def request():
+        with budget.admitted() as ticket:
+            return await ticket.run(decode)
+
+    async def scenario():
+        task = asyncio.create_task(request())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()  # the client hung up
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert budget.in_flight == 1  # the thread still runs: still counted
+        with pytest.raises(RequestError) as full:
+            with budget.admitted():
+                pass
+        assert full.value.status == 503
+        release.set()
+        for _ in range(200):
+            if budget.in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert budget.in_flight == 0
+        assert await request() == "decoded"  # the slot is free again
+
+    asyncio.run(scenario())
+
+
+def test_the_api_key_can_come_from_a_file_only_its_owner_reads(tmp_path, monkeypatch):
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.serving.auth import key_text, require_keys
+    from cxrtune.serving.settings import ServeSettings
+
+    monkeypatch.setenv("CXRTUNE_API_KEY", "from-the-environment-0123")
+    path = tmp_path / "keys"
+    path.write_text("a:" + "k" * 20 + ",b:" + "n" * 20 + "\n")
+    path.chmod(0o644)
+    settings = ServeSettings(bundle="b", api_key_file=str(path))
+    with pytest.raises(CxrtuneError, match="may be read by others") as refused:
+        key_text(settings)
+    assert "k" * 20 not in str(refused.value)
+    path.chmod(0o600)
+    keys = require_keys(settings, key_text(settings))  # the file, not the variable
+    assert keys.match("n" * 20) == "b" and keys.match("from-the-environment-0123") is None
+    with pytest.raises(CxrtuneError, match="cannot read the API key file"):
+        key_text(ServeSettings(bundle="b", api_key_file=str(tmp_path / "missing")))
+    assert key_text(ServeSettings(bundle="b")) == "from-the-environment-0123"
+
+
+def test_cxrtune_serve_passes_every_http_option_and_refuses_unknown_ones():
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.serving.deploy import http_options
+
+    options = http_options({"host": "127.0.0.1", "port": 8443, "request_timeout_s": 30, "keep_alive_timeout_s": 5,
+                            "ssl_certfile": "/etc/cxrtune/cert.pem", "ssl_keyfile": "/etc/cxrtune/key.pem"})
+    assert (options.ssl_certfile, options.ssl_keyfile, options.request_timeout_s, options.keep_alive_timeout_s) == \
+        ("/etc/cxrtune/cert.pem", "/etc/cxrtune/key.pem", 30, 5)
+    with pytest.raises(CxrtuneError, match="unknown http_options in the Serve config: ssl_certfle"):
+        http_options({"ssl_certfle": "/etc/cxrtune/cert.pem"})  # Serve would serve plain HTTP
+    with pytest.raises(CxrtuneError, match="ssl_keyfile and ssl_certfile must be provided together"):
+        http_options({"ssl_certfile": "/etc/cxrtune/cert.pem"})
+
+
+def test_deploy_gives_replicas_the_storage_endpoint_but_never_a_secret(monkeypatch):
+    """The deployed config (which the dashboard shows) carries the S3 endpoint this machine uses,
+    and never the API key or a credential."""
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.serving.deploy import replica_runtime_env
+    from cxrtune.serving.settings import ServeSettings
+
+    monkeypatch.setenv("CXRTUNE_S3_ENDPOINT_URL", "https://s3.hospital.example")
+    monkeypatch.setenv("CXRTUNE_API_KEY", "k" * 20)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary-secret")
+    settings = ServeSettings(bundle="s3://b/bundles/v1", api_key_file="/etc/cxrtune/api-keys")
+    env = replica_runtime_env({"pip": ["x"]}, settings)
+    assert env == {"pip": ["x"], "env_vars": {"CXRTUNE_S3_ENDPOINT_URL": "https://s3.hospital.example"}}
+    given = replica_runtime_env({"env_vars": {"CXRTUNE_S3_ENDPOINT_URL": "https://other"}}, settings)
+    assert given["env_vars"]["CXRTUNE_S3_ENDPOINT_URL"] == "https://other"  # the config's own wins
+    for secret in ("CXRTUNE_API_KEY", "AWS_SECRET_ACCESS_KEY"):
+        with pytest.raises(CxrtuneError, match=f"runtime_env holds {secret}") as refused:
+            replica_runtime_env({"env_vars": {secret: "v" * 20}}, settings)
+        assert "v" * 20 not in str(refused.value)

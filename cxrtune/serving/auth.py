@@ -8,10 +8,12 @@ import base64
 import hashlib
 import hmac
 import logging
+import os
 import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import CxrtuneError
 
@@ -97,8 +99,27 @@ class FailedAttempts:
         return len(seen)
 
 
+def key_text(settings) -> str:
+    """The ingress's key list as written: the contents of ``api_key_file`` when the settings name
+    one (it must be readable by its owner only), else the ``api_key_env`` variable.
+
+    Raises:
+        CxrtuneError: the file is missing, or others may read it."""
+    if not settings.api_key_file:
+        return os.environ.get(settings.api_key_env, "")
+    path = Path(settings.api_key_file).expanduser()
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as exc:
+        raise CxrtuneError(f"cannot read the API key file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise CxrtuneError(f"the API key file {path} may be read by others (mode {mode & 0o777:o}): chmod 600 it")
+    return text.strip()
+
+
 def require_keys(settings, env_value: str) -> ApiKeys:
-    """The ingress's keys from the environment variable the settings name. Secure by default:
+    """The ingress's keys from ``env_value`` (:func:`key_text`). Secure by default:
     with ``auth: key`` (the default) an ingress without a key refuses to start; ``auth: none``
     serves without one, on purpose, and says so in the log (and /healthz).
 
@@ -107,11 +128,11 @@ def require_keys(settings, env_value: str) -> ApiKeys:
     keys = ApiKeys.parse(env_value)
     if settings.auth == "none":
         if keys:
-            raise CxrtuneError(f"auth: none, but {settings.api_key_env} holds a key: choose one")
+            raise CxrtuneError(f"auth: none, but {settings.api_key_file or settings.api_key_env} holds a key: choose one")
         log.warning("authentication is off (auth: none): every /v1 route is open to anyone who reaches it")
         return keys
     if not keys:
-        raise CxrtuneError(f"no API key: set {settings.api_key_env} on the ingress replicas (one key of 16+ "
+        raise CxrtuneError(f"no API key: set {settings.api_key_env} on the ingress replicas, or api_key_file (one key of 16+ "
                            "characters, or ID:KEY,ID:KEY during a rotation; docs/serving.md), or set auth: none "
                            "in the app's args to serve without one")
     return keys

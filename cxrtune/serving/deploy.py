@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.config import HTTPOptions
 
 from .. import storage
-from ..cluster import check_fits, init_ray
+from ..cluster import SECRETS, check_fits, init_ray
 from ..config_files import load_yaml
 from ..errors import CxrtuneError
 from ..model.artifacts import bundle_files, bundle_hash, read_bundle_file, read_bundle_meta
@@ -85,7 +86,8 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
     if args.get("bundle") and not storage.is_s3(args["bundle"]):
         args["bundle"] = str(Path(args["bundle"]).expanduser().resolve())  # replicas run elsewhere
     try:
-        ServeSettings(**args)
+        settings = ServeSettings(**args)
+        app["runtime_env"] = replica_runtime_env(app.get("runtime_env"), settings)
         ServeDeploySchema.model_validate(cfg)
     except ValidationError as exc:
         raise CxrtuneError(f"{config}: {exc}") from None
@@ -93,7 +95,7 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
     for name in bundle_files(meta):  # each file against its hash, as every replica will check it
         read_bundle_file(args["bundle"], name, meta)
     digest = bundle_hash(args["bundle"])
-    check_pinned(ServeSettings(**args), digest)
+    check_pinned(settings, digest)
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
     try:
         client = ServeSubmissionClient(address, headers=ray_auth_headers())
@@ -117,6 +119,31 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
         time.sleep(1.0)
 
 
+STORAGE_ENV = ("CXRTUNE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "CXRTUNE_S3_RETRIES")
+
+
+def replica_runtime_env(runtime_env: dict | None, settings: ServeSettings) -> dict:
+    """The app's ``runtime_env`` with the S3 endpoint and region this machine uses added (not
+    secrets), so the replicas read the bundle from the same storage.
+
+    Anyone with the dashboard's token can read a deployed config, runtime_env included: credentials
+    and the API key never go there (each node signs S3 requests with its instance role; the key
+    comes from ``api_key_file`` or the node's environment, docs/serving.md).
+
+    Raises:
+        CxrtuneError: the config puts a credential or the API key in the runtime_env."""
+    runtime_env = dict(runtime_env or {})
+    env_vars = {k: str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}
+    leaked = sorted(set(env_vars) & {*SECRETS, settings.api_key_env})
+    if leaked:
+        raise CxrtuneError(f"the Serve config's runtime_env holds {', '.join(leaked)}: the dashboard shows it to every "
+                           "client; give the key as api_key_file (or in the nodes' environment), credentials as the "
+                           "nodes' instance role")
+    env_vars.update({k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k) and k not in env_vars})
+    return {**runtime_env, "env_vars": env_vars} if env_vars else runtime_env
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -134,7 +161,7 @@ def local_key(args: dict, host: str) -> str | None:
         settings = ServeSettings(**args)
     except ValidationError:
         return None  # the application builder names what is wrong
-    if settings.auth == "none" or os.environ.get(settings.api_key_env):
+    if settings.auth == "none" or settings.api_key_file or os.environ.get(settings.api_key_env):
         return None
     if host not in LOOPBACK:
         raise CxrtuneError(f"no API key for a scorer listening on {host}: set {settings.api_key_env} (docs/serving.md), "
@@ -143,6 +170,21 @@ def local_key(args: dict, host: str) -> str | None:
     os.environ[settings.api_key_env] = key
     print(f"API key for this run (shown once; send it as X-API-Key): {key}", flush=True)
     return key
+
+
+def http_options(http: dict) -> HTTPOptions:
+    """The config's ``http_options``, all of them (timeouts, TLS certificate and key...), checked
+    as Serve checks them.
+
+    Raises:
+        CxrtuneError: an unknown option, or TLS half configured."""
+    unknown = sorted(set(http) - set(HTTPOptions.model_fields))
+    if unknown:  # Serve would drop them silently: a misspelt ssl_certfile would serve plain HTTP
+        raise CxrtuneError(f"unknown http_options in the Serve config: {', '.join(unknown)}")
+    try:
+        return HTTPOptions(**http)
+    except (ValidationError, ValueError) as exc:
+        raise CxrtuneError(f"bad http_options in the Serve config: {exc}") from None
 
 
 def _interrupt(signum, frame) -> None:
@@ -165,10 +207,11 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
         check_fits(f"a {name} replica", need.get("num_cpus", 0), need.get("num_gpus", 0),
                    "Use a config that fits this machine (serve/config.cpu.yaml without a GPU), "
                    f"or deploy on a cluster; {config} sets it.")
-    serve.start(http_options={k: v for k, v in http.items() if k in ("host", "port", "request_timeout_s")})
+    serve.start(http_options=http_options(http))
     handle = serve.run(app, name="cxrtune", route_prefix="/", blocking=False)
     if blocking:
-        print(f"cxrtune scorer at http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/ "
+        scheme = "https" if http.get("ssl_certfile") else "http"
+        print(f"cxrtune scorer at {scheme}://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/ "
               "(viewer), /openapi.json (API); Ctrl-C stops", flush=True)
         if threading.current_thread() is threading.main_thread():  # a service manager's stop: as Ctrl-C
             signal.signal(signal.SIGTERM, _interrupt)

@@ -8,9 +8,11 @@ lungs found is a 200 with ``status: unscored``, like the CLI; 503 with Retry-Aft
 is full. DICOM tags are never logged or echoed. An optional API key (``X-API-Key``) comes from an
 environment variable.
 
-Admission control: at most ``max_in_flight`` images are scored at once per replica; beyond that
-the client gets cxrtune's JSON 503 with ``Retry-After`` at once (Serve's own
-``max_queued_requests`` stays as the outer guard). An audit trail without patient data: one JSON
+Two budgets (:mod:`.budgets`): an upload is read as it arrives, in memory only, within caps on the
+body, each part, the field count, the bytes all uploads hold, and a minimum rate (408 when it falls
+behind); then at most ``max_in_flight`` images are scored at once per replica, and beyond that the
+client gets cxrtune's JSON 503 with ``Retry-After`` at once (Serve's own ``max_queued_requests``
+stays as the outer guard). An audit trail without patient data: one JSON
 log line per request (logger ``ray.serve.cxrtune.audit``): request id, bundle hash, the SHA-256 of
 the input bytes, HTTP code, record status, score, timings. No name, path or DICOM tag.
 """
@@ -20,11 +22,9 @@ the input bytes, HTTP code, record status, score, timings. No name, path or DICO
 # must find the routes' annotations (Request) as objects, not as names (tests/test_serve_api.py).
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +42,7 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..dicom import Limits
@@ -71,7 +72,8 @@ from .api import (
     install_error_handlers,
     request_id_of,
 )
-from .auth import FailedAttempts, require_keys, security_headers, without_locations
+from .auth import FailedAttempts, key_text, require_keys, security_headers, without_locations
+from .budgets import ScoringBudget, Ticket, UploadBudget, UploadLimits, paced, read_upload
 from .settings import ServeSettings, check_pinned
 
 log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
@@ -103,7 +105,7 @@ def _decode(data: bytes, s: ServeSettings):
 class Ingress:
     def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
         self.s = ServeSettings(**settings)
-        self.keys = require_keys(self.s, os.environ.get(self.s.api_key_env, ""))  # before anything else
+        self.keys = require_keys(self.s, key_text(self.s))  # before anything else
         self.stage1, self.stage2 = stage1, stage2
         meta = read_bundle_meta(self.s.bundle)
         self.thresholds = Thresholds.of(meta)
@@ -123,7 +125,10 @@ class Ingress:
         self.models = without_locations(self.models)  # a client sees no training-run URI or data path
         self.failed_attempts = FailedAttempts()
         self.viewer = (Path(__file__).parent / "viewer.html").read_text()
-        self.in_flight = 0  # one event loop per replica: a plain counter is exact
+        # one event loop per replica: the budgets' plain counters are exact
+        self.upload_limits = UploadLimits.of(self.s)
+        self.uploads = UploadBudget(self.s.upload_budget_bytes)
+        self.scoring = ScoringBudget(self.s.max_in_flight, self.s.retry_after_s)
         self.m_requests = metrics.Counter("cxrtune_requests", description="scoring requests by HTTP code and "
                                           "outcome (record status, or the refusal reason)",
                                           tag_keys=("code", "outcome"))  # type: ignore[arg-type]  # Ray's stub says one key
@@ -131,18 +136,6 @@ class Ingress:
                                          "replica that had them failed", tag_keys=("stage",))
         self.m_ms = metrics.Histogram("cxrtune_step_ms", description="milliseconds per request in each step",
                                       boundaries=MS_BUCKETS, tag_keys=("step",))
-
-    @contextlib.contextmanager
-    def _admitted(self, images: int = 1):
-        """Admission control: at most ``max_in_flight`` images being scored at once, else a 503."""
-        if self.in_flight + images > self.s.max_in_flight:
-            raise RequestError(503, f"the scorer is at capacity ({self.in_flight} images in flight, at most "
-                                    f"{self.s.max_in_flight}); retry shortly", self.s.retry_after_s)
-        self.in_flight += images
-        try:
-            yield
-        finally:
-            self.in_flight -= images
 
     def _audit(self, request_id: str, code: int, data: bytes | None, record: dict | None,
                key_id: str | None = None) -> None:
@@ -178,38 +171,14 @@ class Ingress:
             raise RequestError(401, "missing or wrong X-API-Key")
         return key_id
 
-    async def _body(self, request: Request) -> list[tuple[str, bytes]]:
-        """(name, bytes) of each uploaded file: multipart ``file``/``files`` fields or a raw body.
-        Bodies over the byte limit are refused from Content-Length before they are read."""
-        limit = self.s.max_upload_bytes
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit * self.s.max_files_per_batch:
-            raise RequestError(413, f"request is {int(length) / 1e6:.1f} MB, over the limit")
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=self.s.max_files_per_batch, max_part_size=limit)
-            files = [(getattr(v, "filename", "") or k, await v.read(limit + 1))
-                     for k, v in form.multi_items() if hasattr(v, "read")]
-            if not files:
-                raise RequestError(422, "multipart request has no file field")
-        else:
-            data = bytearray()
-            async for chunk in request.stream():
-                data += chunk
-                if len(data) > limit:
-                    raise RequestError(413, f"upload over the limit of {limit / 1e6:.0f} MB")
-            files = [("body", bytes(data))]
-        return self._checked(files, limit)
-
-    @staticmethod
-    def _checked(files: list[tuple[str, bytes]], limit: int) -> list[tuple[str, bytes]]:
-        """Each file within the byte limit and not empty."""
-        for name, data in files:
-            if len(data) > limit:
-                raise RequestError(413, f"{name}: over the limit of {limit / 1e6:.0f} MB")
-            if not data:
-                raise RequestError(422, f"{name}: empty upload")
-        return files
+    async def _body(self, request: Request, add) -> list[tuple[str, bytes]]:
+        """(name, bytes) of each uploaded file (multipart parts with a filename, or a raw body),
+        read as it arrives within the upload budget (:mod:`.budgets`)."""
+        try:
+            return await read_upload(request.headers.get("content-type", ""), request.headers.get("content-length"),
+                                     paced(request.stream(), self.upload_limits), self.upload_limits, add)
+        except ClientDisconnect:
+            raise RequestError(400, "the client disconnected during the upload") from None
 
     async def _call(self, stage: DeploymentHandle, item):
         """One stage call, retried when the replica that had it dies (a node lost, a replica
@@ -238,26 +207,26 @@ class Ingress:
             raise RequestError(500, "a stage answered for another bundle")
         return digest, runtime, out
 
-    async def _score(self, data: bytes, overlay: bool, request_id: str) -> tuple[dict, bytes | None]:
+    async def _score(self, data: bytes, overlay: bool, request_id: str, ticket: Ticket) -> tuple[dict, bytes | None]:
         """The scoring policy split at the stage boundaries: the ingress prepares each stage's lean
         input and turns its output into masks with the library's own functions."""
 
         t0 = time.perf_counter()
-        scan = await asyncio.to_thread(_decode, data, self.s)
+        scan = await ticket.run(_decode, data, self.s)
         image = scan.image
         t1 = time.perf_counter()
         opacity = p = None
         stages = {"lung": None, "disease": None}
         runtimes = {"lung": None, "disease": None}
         try:
-            x1 = await asyncio.to_thread(stage_input, image, self.pre["lung"])
+            x1 = await ticket.run(stage_input, image, self.pre["lung"])
             stages["lung"], runtimes["lung"], prob = await self._stage(self.stage1, x1)
-            lung = await asyncio.to_thread(lung_output, prob, image.shape, self.thresholds.lung)
+            lung = await ticket.run(lung_output, prob, image.shape, self.thresholds.lung)
             t_mid = time.perf_counter()
             if has_lungs(lung):  # no lungs: an unscored record (HTTP 200), Stage II is not asked
-                x2, box = await asyncio.to_thread(disease_input, image, lung, self.pre["disease"])
+                x2, box = await ticket.run(disease_input, image, lung, self.pre["disease"])
                 stages["disease"], runtimes["disease"], (prob2, p) = await self._stage(self.stage2, x2)
-                opacity, p = await asyncio.to_thread(opacity_output, prob2, p, box, image.shape,
+                opacity, p = await ticket.run(opacity_output, prob2, p, box, image.shape,
                                                      self.thresholds.cls, self.thresholds.opacity)
         except (BackPressureError, DeploymentUnavailableError):
             raise RequestError(503, "the scorer is at capacity; retry shortly", self.s.retry_after_s) from None
@@ -274,7 +243,7 @@ class Ingress:
                 png = encode_overlay(image, detail.lungs, detail.opacity, record)
             return record, png
 
-        record, png = await asyncio.to_thread(finish)
+        record, png = await ticket.run(finish)
         t3 = time.perf_counter()
         record["request_id"] = request_id
         record["timings_ms"] = {"decode": round(1000 * (t1 - t0), 1), "stage1": round(1000 * (t_mid - t1), 1),
@@ -288,9 +257,10 @@ class Ingress:
         data, key_id = None, None
         try:
             key_id = self._check_key(request)
-            with self._admitted():
-                name, data = (await self._body(request))[0]
-                record, png = await self._score(data, overlay, request_id)
+            with self.uploads.hold() as add:  # the upload budget, then the scoring budget
+                name, data = (await self._body(request, add))[0]
+                with self.scoring.admitted() as ticket:
+                    record, png = await self._score(data, overlay, request_id, ticket)
         except RequestError as exc:
             self._audit(request_id, exc.status, data, None, key_id)
             return exc.response(request_id)
@@ -304,31 +274,33 @@ class Ingress:
             record["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
         return JSONResponse(record, headers={"X-Request-Id": request_id})
 
+    async def _score_file(self, rid: str, name: str, data: bytes, overlay: bool, ticket: Ticket,
+                          key_id: str | None) -> dict:
+        """One file of a batch: its record, or its own error (one bad file never fails the others)."""
+        try:
+            record, png = await self._score(data, overlay, rid, ticket)
+        except Exception as exc:
+            err = exc if isinstance(exc, RequestError) else RequestError(500, "internal error")
+            if not isinstance(exc, RequestError):
+                log.exception("request %s failed", rid)
+            self._audit(rid, err.status, data, None, key_id)
+            return {"file": name, "http_status": err.status, "status": "error", "error": err.detail, "request_id": rid}
+        self._audit(rid, 200, data, record, key_id)
+        if png is not None:
+            record["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
+        return {"file": name, "http_status": 200, **record}
+
     async def score_batch(self, request: Request, overlay: bool = OVERLAY):
         request_id = request_id_of(request)
         key_id = None
         try:
             key_id = self._check_key(request)
-            files = await self._body(request)
-            with self._admitted(len(files)):
-
-                async def one(i: int, name: str, data: bytes) -> dict:
-                    rid = f"{request_id}-{i}"
-                    try:
-                        record, png = await self._score(data, overlay, rid)
-                    except Exception as exc:  # one bad file never fails the others
-                        err = exc if isinstance(exc, RequestError) else RequestError(500, "internal error")
-                        if not isinstance(exc, RequestError):
-                            log.exception("request %s failed", rid)
-                        self._audit(rid, err.status, data, None, key_id)
-                        return {"file": name, "http_status": err.status, "status": "error", "error": err.detail,
-                                "request_id": rid}
-                    self._audit(rid, 200, data, record, key_id)
-                    if png is not None:
-                        record["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
-                    return {"file": name, "http_status": 200, **record}
-
-                results = await asyncio.gather(*(one(i, n, d) for i, (n, d) in enumerate(files)))
+            with self.uploads.hold() as add:  # the upload budget, then the scoring budget
+                files = await self._body(request, add)
+                with self.scoring.admitted(len(files)) as ticket:
+                    results = await asyncio.gather(*(self._score_file(f"{request_id}-{i}", name, data, overlay,
+                                                                      ticket, key_id)
+                                                     for i, (name, data) in enumerate(files)))
         except RequestError as exc:
             self._audit(request_id, exc.status, None, None, key_id)
             return exc.response(request_id)

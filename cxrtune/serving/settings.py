@@ -28,6 +28,9 @@ class ServeSettings(BaseModel):
     max_decoded_bytes: int = MAX_DECODED_BYTES  # what a Deflated DICOM may inflate to
     work_size: int = WORK_SIZE  # long side of the working copy (the CLI's too): zones are scale-invariant
     api_key_env: str = "CXRTUNE_API_KEY"
+    # a file on every ingress node holding the key(s) as the variable would (mode 0600 or 0400):
+    # the way to give replicas a key without putting it in the Serve config the dashboard shows
+    api_key_file: str | None = None
     # "key": every /v1 call needs X-API-Key, and an ingress without a key refuses to start;
     # "none": open, on purpose (a warning in the log and on /healthz)
     auth: Literal["key", "none"] = "key"
@@ -35,6 +38,14 @@ class ServeSettings(BaseModel):
     runtime: Runtime = "auto"
     threads: int | None = None  # network threads per stage replica (default: Ray's, from the replica's num_cpus)
     max_files_per_batch: int = 16
+    # the upload budget (cxrtune.serving.budgets): caps checked as the body arrives, kept in memory only
+    max_field_bytes: int = 64 * 1024  # a non-file multipart field
+    max_parts: int = 32  # multipart parts of one request, files and fields
+    upload_budget_bytes: int = 1024 * 1024 * 1024  # request bytes one ingress replica holds at once; more: 503
+    upload_timeout_s: float = 60.0  # a body must arrive within this
+    min_upload_bytes_per_s: float = 64 * 1024  # ...and at this rate on average once the grace period is over
+    upload_grace_s: float = 5.0
+    # the scoring budget
     max_in_flight: int = 256  # images one ingress replica scores at once (a batch counts each file); more: 503
     retry_after_s: int = 1
 
