@@ -13,8 +13,8 @@ and no temporary file. Prints one JSON object.
 Cases: decompression bombs (Deflated DICOM of zeros, a JPEG 2000 frame larger than its header,
 a 16-bit RGBA PNG, a PNG header of 40,000 x 40,000), multi-frame and colour multi-frame DICOM,
 malformed DICOM attributes, truncated PNG/JPEG/DICOM, wrong formats, malformed and oversized
-requests (multipart, chunked, many text fields), bad keys, bursts past admission control, and
-slow uploads beside normal clients.
+requests (multipart, chunked, many text fields, a chunked file part over the limit), bad keys,
+bursts past admission control, slow uploads and trickling clients beside normal clients.
 """
 
 from __future__ import annotations
@@ -119,13 +119,20 @@ def ingress_rss_mb() -> float:
 
 def raw_http(port: int, head: bytes, body_chunks, pause_s: float = 0.0, timeout: float = 30) -> tuple[int, float]:
     """One request written by hand (chunked bodies, trickling clients): (status code, seconds); 0
-    when no answer came."""
+    when no answer came. It stops sending once the server has answered, as a client does."""
+    import select
+
     t = time.perf_counter()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.sendall(head)
             for chunk in body_chunks:
-                s.sendall(chunk)
+                if select.select([s], [], [], 0)[0]:
+                    break  # answered (a refusal before the body was all sent)
+                try:
+                    s.sendall(chunk)
+                except OSError:
+                    break
                 if pause_s:
                     time.sleep(pause_s)
             reply = s.recv(64)
@@ -133,6 +140,10 @@ def raw_http(port: int, head: bytes, body_chunks, pause_s: float = 0.0, timeout:
     except OSError:
         code = 0
     return code, round(time.perf_counter() - t, 3)
+
+
+def _chunked(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 def main() -> None:
@@ -194,8 +205,6 @@ def main() -> None:
             **auth, "Content-Type": "multipart/form-data; boundary=x"}, timeout=60),
         "key_non_ascii": lambda: requests.post(url, data=normal, headers={"X-API-Key": b"\xff" * 20}, timeout=60),
         "key_wrong": lambda: requests.post(url, data=normal, headers={"X-API-Key": "w" * 30}, timeout=60),
-        "many_text_fields_1000x1MB": lambda: requests.post(
-            url, files=[(f"f{i}", (None, b"a" * 1_000_000)) for i in range(1000)], headers=auth, timeout=120),
     }.items():
         t = time.perf_counter()
         try:
@@ -207,9 +216,17 @@ def main() -> None:
 
     head = (f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY}\r\n"
             "Transfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
-    chunk = b"%x\r\n%s\r\n" % (1_000_000, b"\0" * 1_000_000)
+    chunk = _chunked(b"\0" * 1_000_000)
     code, seconds = raw_http(port, head, [chunk] * 80 + [b"0\r\n\r\n"])  # 80 MB chunked: over the 64 MB limit
     record("chunked_80MB", "request", [code], [seconds], [])
+    multipart = head.replace(b"application/octet-stream", b"multipart/form-data; boundary=zz")
+    fields = (_chunked(f'--zz\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\n'.encode() + b"a" * 1_000_000
+                       + b"\r\n") for i in range(1000))
+    code, seconds = raw_http(port, multipart, fields)  # 1,000 x 1 MB text fields, chunked
+    record("many_text_fields_1000x1MB", "request", [code], [seconds], [])
+    part = _chunked(b'--zz\r\nContent-Disposition: form-data; name="file"; filename="' + SECRET.encode() + b'.png"\r\n\r\n')
+    code, seconds = raw_http(port, multipart, [part, *[chunk] * 80])  # one 80 MB file part, chunked
+    record("file_part_80MB_chunked", "request", [code], [seconds], [])
 
     burst: list[tuple[int, float]] = []
 
@@ -245,6 +262,25 @@ def main() -> None:
         th.join()
     record("normal_beside_6_slow_uploads", "request", [c for c, _ in beside], [s for _, s in beside], [])
     record("slow_uploads_6", "slow", [c for c, _ in slow], [s for _, s in slow], [])
+
+    # six clients trickling 10 bytes every 0.5 s (under the minimum rate): cut off with 408 after
+    # the grace period, while normal clients are scored beside them
+    trickling: list[tuple[int, float]] = []
+    drips = [normal[i:i + 10] for i in range(0, len(normal), 10)]
+    trickle_threads = [threading.Thread(target=lambda: trickling.append(raw_http(port, slow_head, drips, pause_s=0.5)))
+                       for _ in range(6)]
+    for th in trickle_threads:
+        th.start()
+    time.sleep(0.5)
+    beside = []
+    for _ in range(4):
+        t = time.perf_counter()
+        r = requests.post(url, data=normal, headers=auth, timeout=60)
+        beside.append((r.status_code, round(time.perf_counter() - t, 3)))
+    for th in trickle_threads:
+        th.join()
+    record("normal_beside_6_trickling_clients", "request", [c for c, _ in beside], [s for _, s in beside], [])
+    record("trickling_clients_6", "slow", [c for c, _ in trickling], [s for _, s in trickling], [])
 
     logs = list(Path("/tmp/ray/session_latest/logs/serve").glob("*")) if Path("/tmp/ray").exists() else []
     in_logs = any(SECRET.encode() in p.read_bytes() or b"MRN123" in p.read_bytes() for p in logs if p.is_file())

@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--sampler", "Optuna sampler (random = the baseline)", choices=["tpe", "random"])
     opt("--max-failures", "retries of a failed trial (a lost node, an error)", type=int)
     opt("--num-cpus", "CPUs for a local Ray instance", type=int)
-    opt("--optuna-storage", "Optuna storage URL (a database); default: a journal file beside the experiment")
+    opt("--optuna-storage", "Optuna storage URL (a database) without its password, which comes from "
+        "CXRTUNE_OPTUNA_PASSWORD or the file CXRTUNE_OPTUNA_PASSWORD_FILE names; default: a journal file beside the experiment")
     tu.add_argument("--warm-start", nargs="+", metavar="CONFIG",
                     help="YAML/JSON files, each a configuration (NAME: value) or a list of them, tried first")
     opt("--latency-batch", "batch size at which --multi-objective times the network", type=int)

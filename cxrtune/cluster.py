@@ -16,7 +16,8 @@ from .errors import CxrtuneError
 # or its own environment), and the W&B key stays with the driver, whose callback does the logging.
 WORKER_ENV = ("CXRTUNE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION",
               "AWS_DEFAULT_REGION", "CXRTUNE_S3_RETRIES", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY")
-SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "WANDB_API_KEY")
+SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "WANDB_API_KEY",
+           "CXRTUNE_OPTUNA_PASSWORD")
 
 
 def worker_env(extra: dict | None = None) -> dict:

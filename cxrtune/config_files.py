@@ -6,6 +6,7 @@ their own versioned, migrating readers in :mod:`cxrtune.model.artifacts`."""
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 from typing import Sequence
 
 import yaml
@@ -78,3 +79,20 @@ def _set_nested(settings: dict, parents: list[str], leaf: str, value) -> dict:
     if not isinstance(inner, dict):
         raise CxrtuneError(f"--set {'.'.join([*parents, leaf])}: {parents[0]} is not a mapping of settings")
     return {**settings, parents[0]: _set_nested(inner, parents[1:], leaf, value)}
+
+
+def read_private_file(path: str, what: str) -> str:
+    """The stripped text of a secret's file (an API key, a database password), which only its
+    owner may read: a file others can read has already leaked, so it is refused.
+
+    Raises:
+        CxrtuneError: missing, unreadable, or readable by group or others (never quoting it)."""
+    file = Path(path).expanduser()
+    try:
+        mode = file.stat().st_mode
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CxrtuneError(f"cannot read the {what} file {file}: {getattr(exc, 'strerror', None) or 'not text'}") from None
+    if mode & 0o077:
+        raise CxrtuneError(f"the {what} file {file} may be read by others (mode {mode & 0o777:o}): chmod 600 it")
+    return text.strip()

@@ -115,6 +115,53 @@ def s3_server():
             os.environ[k] = v
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A temporary PostgreSQL cluster from Debian's package, on 127.0.0.1 and a free port, with
+    password authentication only: ``(URL without the password, canary password)``. Skips with
+    the reason where the package is missing or the server cannot start."""
+    import glob
+    import secrets
+    import shutil
+    import tempfile
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb") or ""]
+    bin_dir = Path(found[-1]).parent
+    if not (bin_dir / "initdb").exists():
+        pytest.skip("PostgreSQL is not installed (Debian's postgresql package; .ci/run installs it)")
+    password = "canary" + secrets.token_hex(12)
+    root = Path(tempfile.mkdtemp(prefix="cxrtune-pg-"))
+    # initdb refuses to run as root: run the server as Debian's postgres user then
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    (root / "pw").write_text(password)
+    if as_owner:
+        shutil.chown(root, "postgres")
+        shutil.chown(root / "pw", "postgres")
+    (root / "pw").chmod(0o600)
+    port = free_port()
+    steps = [[*as_owner, str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "cxrtune", f"--pwfile={root / 'pw'}",
+              "--auth=scram-sha-256", "-E", "UTF8", "--no-sync"],
+             [*as_owner, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-t", "60",
+              "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off", "start"]]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            shutil.rmtree(root, ignore_errors=True)
+            pytest.skip(f"PostgreSQL could not start: {(done.stderr or done.stdout).strip()[-300:]}")
+    (root / "pw").unlink()
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=port, user="cxrtune", password=password, dbname="postgres",
+                         autocommit=True) as conn:  # CREATE DATABASE runs outside a transaction
+        conn.execute("CREATE DATABASE optuna")
+    try:
+        yield f"postgresql://cxrtune@127.0.0.1:{port}/optuna", password
+    finally:
+        subprocess.run([*as_owner, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def bucket(s3_server, request):
     """A fresh bucket per test, named after it."""

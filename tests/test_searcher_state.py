@@ -87,3 +87,40 @@ def test_searcher_survives_rays_save_and_restore(mode, tmp_path, monkeypatch):
     assert states == [optuna.trial.TrialState.COMPLETE] * 3
     values = [t.values for t in after.get_trials()]
     assert values == ([[0.4, 4.0], [0.6, 6.0], [0.5, 5.0]] if o.multi_objective else [[0.4], [0.6], [0.5]])
+
+
+def test_a_database_study_keeps_its_password_out_of_the_url_and_rays_pickles(postgres, tmp_path, monkeypatch):
+    """An Optuna study in a real PostgreSQL: the password comes from CXRTUNE_OPTUNA_PASSWORD, and
+    neither the pickled searcher (tuner.pkl) nor its saved state holds it; a restored searcher
+    reconnects with the password it reads again; a URL holding a password is refused unquoted."""
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.search.study_storage import PASSWORD_ENV
+
+    url, password = postgres
+    monkeypatch.setenv(PASSWORD_ENV, password)
+    o = TuneOptions(**{**options(tmp_path, "tpe").__dict__, "name": "db-study", "optuna_storage": url})
+    searcher = _searcher(o, o.search_space())
+    tuner_pkl = cloudpickle.dumps(searcher)
+    alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
+    alg.searcher.suggest("t1")
+    alg.on_trial_complete("t1", result(o, 0.4))
+    (tmp_path / "state").mkdir()
+    alg.save_to_dir(str(tmp_path / "state"), session_str="s1")
+    saved = [tuner_pkl, *(f.read_bytes() for f in (tmp_path / "state").rglob("*") if f.is_file())]
+    assert len(saved) > 1 and not [b for b in saved if password.encode() in b]
+
+    study = optuna.load_study(study_name="db-study", storage=optuna.storages.RDBStorage(
+        url, engine_kwargs={"connect_args": {"password": password}}))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]  # the study is in the database
+
+    restored = SearchGenerator(ConcurrencyLimiter(cloudpickle.loads(tuner_pkl), max_concurrent=2))
+    restored.restore_from_dir(str(tmp_path / "state"))
+    assert trials_of(study_of(restored)) == trials_of(study)
+
+    with_password = url.replace("cxrtune@", f"cxrtune:{password}@")
+    with pytest.raises(CxrtuneError, match="holds a password") as refused:
+        TuneOptions(**{**o.__dict__, "optuna_storage": with_password})
+    assert password not in str(refused.value)
+    monkeypatch.delenv(PASSWORD_ENV)
+    with pytest.raises(Exception, match="password authentication failed|no password supplied"):
+        _searcher(o, o.search_space())  # the password is nowhere else

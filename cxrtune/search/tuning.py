@@ -47,6 +47,7 @@ from ..scoring.scorer import (
     stage_one_lungs,
 )
 from .search_space import SearchSpace, load_space, parse_space
+from .study_storage import DatabaseStorage, check_storage_url
 
 log = logging.getLogger(__name__)
 EXPERIMENT_FILE = "cxrtune.json"
@@ -102,7 +103,7 @@ class TuneOptions:
     sampler: str = "tpe"  # "tpe" (Bayesian) or "random" (the baseline)
     max_failures: int = 2
     num_cpus: int | None = None  # for a local Ray instance
-    optuna_storage: str | None = None  # a database URL; default: a journal file beside the experiment
+    optuna_storage: str | None = None  # a database URL without its password; default: a journal file beside the experiment
     warm_start: list = field(default_factory=list)  # configurations tried first, besides the space's own
     reference: str = "auto"  # score_mae's reference: a reader id (reader_<ID>_A..F columns), zones, masks or auto
     latency_batch: int = 8  # the latency objective: median ms per image at this (serving) batch size
@@ -133,6 +134,8 @@ class TuneOptions:
         for ok, message in checks:
             if not ok:
                 raise CxrtuneError(message)
+        if self.optuna_storage:
+            check_storage_url(self.optuna_storage)
 
     @property
     def experiment_uri(self) -> str:
@@ -378,15 +381,16 @@ def _scheduler(o: TuneOptions, space: SearchSpace):
 
 
 def optuna_storage(o: TuneOptions):
-    """The study's Optuna storage: ``--optuna-storage URL`` (a database, e.g. postgresql://...
-    or sqlite:///...), else a journal file the driver keeps locally (``local_journal``) and
-    copies beside the experiment as trials finish (``optuna.journal``, S3 included).
+    """The study's Optuna storage: ``--optuna-storage URL`` (a database, e.g. postgresql://USER@HOST/DB
+    or sqlite:///..., its password from the environment: :mod:`.study_storage`), else a journal
+    file the driver keeps locally (``local_journal``) and copies beside the experiment as trials
+    finish (``optuna.journal``, S3 included).
     ``optuna-dashboard`` opens either."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     if o.optuna_storage:
-        return optuna.storages.RDBStorage(o.optuna_storage)
+        return DatabaseStorage(o.optuna_storage)  # the password comes from the environment, never the URL
     # a new sweep's own file (resume restores the study from the copy: CxrtuneOptunaSearch.restore)
     return optuna.storages.JournalStorage(JournalFileBackend(str(local_journal(o))))
 

@@ -13,8 +13,8 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from ..config_files import read_private_file
 from ..errors import CxrtuneError
 
 log = logging.getLogger(__name__)
@@ -107,15 +107,7 @@ def key_text(settings) -> str:
         CxrtuneError: the file is missing, or others may read it."""
     if not settings.api_key_file:
         return os.environ.get(settings.api_key_env, "")
-    path = Path(settings.api_key_file).expanduser()
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text()
-    except OSError as exc:
-        raise CxrtuneError(f"cannot read the API key file {path}: {exc.strerror}") from None
-    if mode & 0o077:
-        raise CxrtuneError(f"the API key file {path} may be read by others (mode {mode & 0o777:o}): chmod 600 it")
-    return text.strip()
+    return read_private_file(settings.api_key_file, "API key")
 
 
 def require_keys(settings, env_value: str) -> ApiKeys:
