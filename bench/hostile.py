@@ -106,6 +106,12 @@ def cases(normal: bytes) -> dict[str, tuple[str, bytes]]:
     out["text"] = ("input", SECRET.encode() * 50)
     out["empty"] = ("input", b"")
     out["zlib_not_png"] = ("input", images.PNG_MAGIC + zlib.compress(b"\0" * 10_000_000))
+    # what is not a frontal CXR: unscored (noise) or refused (a colour photograph), never scored
+    out["uniform_noise_png"] = ("input", images.encode_png(np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8)))
+    import matplotlib
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    out["colour_photograph_jpeg"] = ("input", photo.read_bytes())
     return out
 
 
@@ -198,6 +204,8 @@ def main() -> None:
         except requests.RequestException:
             code, text = 0, ""
         record(name, kind, [code], [round(time.perf_counter() - t, 3)], [text])
+        if code == 200:  # what a scored-looking answer says: noise must be unscored, never scored
+            report[name]["status"] = json.loads(text).get("status")
 
     for name, request in {
         "multipart_without_file": lambda: requests.post(url, files={"nofile": (None, "x")}, headers=auth, timeout=60),

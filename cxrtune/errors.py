@@ -28,3 +28,8 @@ class ImageTooLargeError(CxrtuneError):
 
 class UnsupportedFormatError(CxrtuneError):
     """A file is not PNG, JPEG or DICOM."""
+
+
+class InputRefused(CxrtuneError):
+    """A readable image that the scoring rules refuse (too small, blank, a colour photograph, a
+    DICOM excluded by the rules). Over HTTP: 422."""

@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import storage
 from .dicom import DECODE_SLOTS, Limits, read_dicom
-from .errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+from .errors import ImageDecodeError, ImageTooLargeError, InputRefused, UnsupportedFormatError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -119,8 +119,32 @@ def _to_gray(arr: np.ndarray) -> np.ndarray:
     raise ImageDecodeError(f"unexpected pixel array shape {arr.shape}")
 
 
-def decode_raster(data: bytes, limits: Limits = Limits()) -> np.ndarray:
-    """PNG or JPEG bytes -> the raw pixel array (grey, original dtype)."""
+# A colour image whose pixels stray this far from grey on average (a fraction of full scale) is a
+# photograph, not a radiograph: real CXRs stored as RGB stay under 0.008 (brixia-dev's 89 JPEGs),
+# a colour photograph is near 0.08 (bench/plausibility.py)
+MAX_CHROMA = 0.03
+
+
+def chroma(arr: np.ndarray) -> float:
+    """How far a colour pixel array strays from grey: the mean absolute difference of each channel
+    from the pixel's channel mean, as a fraction of full scale (0 for a grey image)."""
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        return 0.0
+    scale = 65535.0 if arr.dtype == np.uint16 else 255.0
+    step = max(1, int(np.sqrt(arr.shape[0] * arr.shape[1] / 65536)))  # ~256 x 256 samples are plenty
+    rgb = arr[::step, ::step, :3].astype(np.float32) / scale
+    return float(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean())
+
+
+def decode_raster(data: bytes, limits: Limits = Limits(), max_chroma: float | None = None) -> np.ndarray:
+    """PNG or JPEG bytes -> the raw pixel array (grey, original dtype).
+
+    Args:
+        max_chroma: refuse a colour image straying further from grey (:func:`chroma`): a
+            photograph is not a radiograph. None: any colour becomes grey (masks).
+
+    Raises:
+        InputRefused: a colour photograph (only with ``max_chroma``)."""
     fmt = sniff_format(data)
     h, w = _header_size(data, fmt)
     _check_pixels(h, w, limits)
@@ -130,6 +154,8 @@ def decode_raster(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if arr is None or arr.size == 0:
         raise ImageDecodeError(f"corrupt or truncated {fmt.upper()} data")
+    if max_chroma is not None and chroma(arr) > max_chroma:
+        raise InputRefused(f"a colour image (chroma {chroma(arr):.3f} > {max_chroma}): a photograph, not a radiograph")
     return _to_gray(arr)
 
 
@@ -144,7 +170,7 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     if fmt == "dicom":
         return read_dicom(data, limits=limits).pixels
     with DECODE_SLOTS:
-        arr = decode_raster(data, limits)
+        arr = decode_raster(data, limits, max_chroma=MAX_CHROMA)
     if arr.dtype == np.uint16:
         return _to_unit_float(arr, full_scale_16bit(arr, png_significant_bits(data)))
     return _to_unit_float(arr)

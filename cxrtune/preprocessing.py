@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .dicom import Limits, read_dicom
-from .errors import CxrtuneError, ImageDecodeError, ImageTooLargeError
+from .errors import ImageDecodeError, ImageTooLargeError, InputRefused
 from .images import decode_image, sniff_format
 from .zones import clean_lungs
 
@@ -29,11 +29,6 @@ IMAGENET_MEAN = 0.449  # grey equivalent of ImageNet's RGB mean/std, for 1-chann
 IMAGENET_STD = 0.226
 WORK_SIZE = 1024  # long side of the working copy, CLI and Serve alike: zones are scale-invariant
 MIN_SIDE = 32  # a smaller image is not a radiograph
-
-
-class InputRefused(CxrtuneError):
-    """A readable image that the scoring rules refuse (too small, blank, a DICOM excluded by
-    the rules). Over HTTP: 422."""
 
 
 @dataclass

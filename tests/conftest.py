@@ -188,7 +188,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def phantom_bundle(phantom_dir, tmp_path_factory) -> Path:
-    """A scorer bundle trained on the phantoms (both stages, 2 epochs at 64 px)."""
+    """A scorer bundle trained on the phantoms (64 px; Stage I 6 epochs, Stage II 2)."""
     from cxrtune.data import manifest
     from cxrtune.model.artifacts import make_bundle
     from cxrtune.model.train import TrainConfig, train
@@ -196,7 +196,9 @@ def phantom_bundle(phantom_dir, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("bundle")
     df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
     base = {"model": {"arch": "FPN", "encoder": "resnet18"}, "size": 64, "batch_size": 4, "epochs": 2, "lr": 0.003}
-    train(TrainConfig.from_dict({**base, "task": "lung"}), df, str(work / "lung"))
+    # Stage I must find the phantoms' lungs, or the plausibility check refuses every record: at
+    # batch 4 and 2 epochs it marked the whole image (validation Dice 0.30); this reaches ~0.9
+    train(TrainConfig.from_dict({**base, "task": "lung", "batch_size": 2, "lr": 0.01, "epochs": 6}), df, str(work / "lung"))
     train(TrainConfig.from_dict({**base, "task": "disease"}), df, str(work / "disease"))
     make_bundle(str(work / "lung"), str(work / "disease"), str(work / "bundle"))
     return work / "bundle"

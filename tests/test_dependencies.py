@@ -28,7 +28,6 @@ PLUGINS = {
     "pylibjpeg-libjpeg": "pylibjpeg's JPEG baseline/lossless and JPEG-LS decoder",
     "pylibjpeg-openjpeg": "pylibjpeg's JPEG 2000 decoder",
     "wandb": "Ray's WandbLoggerCallback imports it",
-    "python-multipart": "FastAPI/Starlette parse multipart uploads with it",
     "onnx": "torch.onnx.export writes the model through it",
 }
 TEST_PLUGINS = {

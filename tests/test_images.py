@@ -114,7 +114,7 @@ def test_at_most_two_images_decode_at_once(monkeypatch):
     lock = threading.Condition()
     real = images.decode_raster
 
-    def slow_decoder(data, limits):
+    def slow_decoder(data, limits, **options):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
@@ -122,7 +122,7 @@ def test_at_most_two_images_decode_at_once(monkeypatch):
         release.wait(30)
         with lock:
             running[0] -= 1
-        return real(data, limits)
+        return real(data, limits, **options)
     monkeypatch.setattr(images, "decode_raster", slow_decoder)
     png = images.encode_png(np.full((8, 8), 7, np.uint8))
     threads = [threading.Thread(target=images.decode_image, args=(png,)) for _ in range(6)]
@@ -182,3 +182,23 @@ def test_the_decoding_entry_point_lets_only_cxrtunes_errors_out(seed, flips, cut
 
 
 SEEDS = _seed_files()
+
+
+def test_a_colour_photograph_is_refused_but_a_radiograph_stored_as_rgb_is_not():
+    """One rule for colour (docs/scoring.md): luminance, unless the pixels stray far from grey
+    (a photograph). Masks drawn in colour stay masks."""
+    from pathlib import Path
+
+    import matplotlib
+
+    from cxrtune.errors import InputRefused
+
+    photo = (Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").read_bytes()
+    with pytest.raises(InputRefused, match="a photograph, not a radiograph"):
+        images.decode_image(photo)
+    grey = np.tile(np.linspace(0, 255, 256, dtype=np.uint8), (256, 1))
+    tinted = np.stack([grey, grey, np.clip(grey.astype(int) + 3, 0, 255).astype(np.uint8)], axis=-1)  # a slight tint
+    assert images.decode_image(images.encode_png(tinted)).shape == (256, 256)
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[16:48, 16:48, 2] = 255  # a red mask (BGR)
+    assert images.decode_mask(images.encode_png(red)).sum() == 32 * 32

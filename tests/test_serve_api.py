@@ -455,9 +455,11 @@ def test_deploy_gives_replicas_the_storage_endpoint_but_never_a_secret(monkeypat
     """The deployed config (which the dashboard shows) carries the S3 endpoint this machine uses,
     and never the API key or a credential."""
     from cxrtune.errors import CxrtuneError
-    from cxrtune.serving.deploy import replica_runtime_env
+    from cxrtune.serving.deploy import STORAGE_ENV, replica_runtime_env
     from cxrtune.serving.settings import ServeSettings
 
+    for name in STORAGE_ENV:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CXRTUNE_S3_ENDPOINT_URL", "https://s3.hospital.example")
     monkeypatch.setenv("CXRTUNE_API_KEY", "k" * 20)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary-secret")

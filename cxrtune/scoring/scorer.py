@@ -53,6 +53,7 @@ from ..preprocessing import (
 )
 from ..zones import DEFAULT_ZONE_THRESHOLD
 from .onnx_runtime import ONNX_RUNTIMES, RUNTIMES, load_onnx_stage, onnxruntime_available
+from .plausibility import DEFAULT_RULE, PlausibilityRule, measure
 from .record import ScoreRecord
 
 MIN_LUNG_FRACTION = 0.005  # cleaned lungs under this share of the image: no lungs found
@@ -87,22 +88,31 @@ def has_lungs(lung: np.ndarray) -> bool:
     return bool(lung.mean() >= MIN_LUNG_FRACTION)
 
 
+def unscored_reason(image: np.ndarray, lung: np.ndarray, rule: PlausibilityRule = DEFAULT_RULE) -> str | None:
+    """Why an image is not scored, decided after Stage I and before Stage II: no lungs found, or
+    not a frontal chest radiograph (:mod:`.plausibility`); None: score it."""
+    if not has_lungs(lung):
+        return NO_LUNGS
+    return rule.refusal(measure(image, lung))
+
+
 def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float | None, threshold: float,
-                 models: dict | None, scan: Scan | None = None) -> tuple[ScoreRecord, Detail]:
+                 models: dict | None, scan: Scan | None = None, reason: str | None = None) -> tuple[ScoreRecord, Detail]:
     """The record of one image from the two stages' outputs (CLI and HTTP alike), and the masks
     behind it. ``lung`` is the cleaned Stage I mask; ``opacity`` is None when Stage II did not run
     (no lungs). The lungs are split once, for the zones and for any overlay.
 
     Args:
         p_disease: Stage II's p(disease); None when no classifier ran (a record from masks).
-        models: what made the record (:func:`bundle_models`); None leaves the key out (masks)."""
+        models: what made the record (:func:`bundle_models`); None leaves the key out (masks).
+        reason: why Stage II did not run (:func:`unscored_reason`): the unscored record's reason."""
     lungs = zones.split_lungs(lung)
     empty = np.zeros(lung.shape, bool)
     source = {"models": models,
               "input": {"format": scan.format, "width": scan.width, "height": scan.height} if scan is not None else None}
     if opacity is None or lungs.lungs_found == 0 or not has_lungs(lung):
         record = ScoreRecord.model_validate({
-            "status": "unscored", "reason": NO_LUNGS, "score": None, "zones": None, "lungs": None,
+            "status": "unscored", "reason": reason or NO_LUNGS, "score": None, "zones": None, "lungs": None,
             "opacity_percent": None, "threshold": float(threshold), "lungs_found": 0, "disease_probability": None,
             **source})
         return record, Detail(lung, empty, lungs)
@@ -311,7 +321,8 @@ class Scorer:
         t0 = time.perf_counter()
         lungs = self.lung_masks(images) if lungs is None else lungs
         t1 = time.perf_counter()
-        found = [i for i, lung in enumerate(lungs) if has_lungs(lung)]
+        reasons = [unscored_reason(image, lung) for image, lung in zip(images, lungs)]
+        found = [i for i, reason in enumerate(reasons) if reason is None]
         stage2 = dict(zip(found, self.opacity_masks([images[i] for i in found], [lungs[i] for i in found]))) if found else {}
         t2 = time.perf_counter()
         n = len(images)
@@ -321,7 +332,8 @@ class Scorer:
             digest = self.models.get("bundle_hash")
             models = record_models(self.models_info(), {"lung": digest, "disease": digest if i in stage2 else None},
                                    {"lung": self.runtime, "disease": self.runtime if i in stage2 else None})
-            typed, detail = build_record(lung, opacity, p, self.thresholds.zone, models, scans[i] if scans else None)
+            typed, detail = build_record(lung, opacity, p, self.thresholds.zone, models, scans[i] if scans else None,
+                                         reasons[i])
             record = typed.to_dict()
             record["timings_ms"] = {"stage1": round(1000 * (t1 - t0) / n, 2), "stage2": round(1000 * (t2 - t1) / n, 2)}
             results.append((record, detail))

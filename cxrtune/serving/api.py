@@ -53,7 +53,7 @@ class ErrorBody(BaseModel):
 _ERRORS = {400: "malformed request (e.g. a broken multipart body)", 401: "missing or wrong X-API-Key",
            413: "upload or image over the limits", 415: "not PNG, JPEG or DICOM",
            429: "too many failed key checks from this client: retry after Retry-After seconds",
-           422: "unreadable, blank, tiny or refused by the DICOM rules; or invalid query parameters",
+           422: "unreadable, blank, tiny, a colour photograph or refused by the DICOM rules; or invalid query parameters",
            500: "internal error (the request id is in the server's log)",
            503: "at capacity (admission control or a full queue) or a replica failed: retry after Retry-After seconds"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody, "description": text}

@@ -46,19 +46,19 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..dicom import Limits
-from ..errors import ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+from ..errors import ImageDecodeError, ImageTooLargeError, InputRefused, UnsupportedFormatError
 from ..model.artifacts import Thresholds, bundle_hash, read_bundle_meta
-from ..preprocessing import InputRefused, Preprocessing, load_scan
+from ..preprocessing import Preprocessing, load_scan
 from ..scoring.overlay import encode_overlay
 from ..scoring.scorer import (
     build_record,
     bundle_models,
     disease_input,
-    has_lungs,
     lung_output,
     opacity_output,
     record_models,
     stage_input,
+    unscored_reason,
 )
 from .api import (
     BATCH_BODY,
@@ -223,7 +223,8 @@ class Ingress:
             stages["lung"], runtimes["lung"], prob = await self._stage(self.stage1, x1)
             lung = await ticket.run(lung_output, prob, image.shape, self.thresholds.lung)
             t_mid = time.perf_counter()
-            if has_lungs(lung):  # no lungs: an unscored record (HTTP 200), Stage II is not asked
+            reason = await ticket.run(unscored_reason, image, lung)
+            if reason is None:  # no lungs, or not a frontal CXR: an unscored record (HTTP 200), Stage II is not asked
                 x2, box = await ticket.run(disease_input, image, lung, self.pre["disease"])
                 stages["disease"], runtimes["disease"], (prob2, p) = await self._stage(self.stage2, x2)
                 opacity, p = await ticket.run(opacity_output, prob2, p, box, image.shape,
@@ -235,7 +236,7 @@ class Ingress:
         def finish():
             # the bundle behind each stage's answer, and what ran it (int8 answers differ slightly)
             models = record_models(self.record_models, stages, runtimes)
-            typed, detail = build_record(lung, opacity, p, self.thresholds.zone, models, scan)
+            typed, detail = build_record(lung, opacity, p, self.thresholds.zone, models, scan, reason)
             record = typed.to_dict()
             png = None
             if overlay:

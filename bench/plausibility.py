@@ -1,0 +1,169 @@
+"""How often the plausibility check refuses real CXRs, and whether it refuses what is not one (issue 21, item 3).
+
+    python bench/plausibility.py --bundle BUNDLE [--data ../shared/data] [--per-case 50]
+
+Runs the bundle's Stage I and the check (:mod:`cxrtune.scoring.plausibility`) exactly as the
+scoring policy does (decoded by ``load_scan`` at the working size, cleaned lungs), on:
+
+* real frontal CXRs, which it should score: COVID-QU-Ex Val (932), JSRT (247), brixia-dev (89), and
+  pydicom-data's CR chest PA (``RG1_UNCR.dcm``; the SIIM files in ../shared/data/dicom are
+  secondary captures, which the DICOM rules refuse before any check);
+* inputs that are not frontal CXRs, which it should refuse: uniform noise, a photograph (Grace
+  Hopper, shipped with matplotlib), an MRI slice (matplotlib's ``s1045.ima``), the CR chest PA
+  marked MONOCHROME2 over its MONOCHROME1 pixels (shown inverted), and ``--per-case`` real CXRs each inverted, turned
+  90 degrees, cut to their lower half (the upper abdomen of a chest film: a proxy for an abdominal
+  film) and cut to one lung stretched to the full width (a proxy for a lateral film: no lateral
+  CXR is in the data).
+
+The thresholds come from other images: ``--calibration-images`` of COVID-QU-Ex's Train part
+(every k-th), whose measurement quantiles are printed under ``calibration`` (docs/scoring.md says
+how each threshold follows from them). Prints one JSON object: per set the images, refusals and
+their reasons, and the quantiles of each measurement. Target: at most 0.5 % of the
+real CXRs refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pydicom.data import get_testdata_file
+
+from cxrtune.errors import CxrtuneError
+from cxrtune.images import encode_png
+from cxrtune.preprocessing import load_scan
+from cxrtune.scoring.plausibility import DEFAULT_RULE, measure
+from cxrtune.scoring.scorer import NO_LUNGS, has_lungs, load_bundle
+
+TARGET_REFUSED = 0.005
+
+
+def real_sets(data: Path) -> dict[str, list[bytes]]:
+    val = sorted((data / "covid-qu-ex" / "Val").glob("*/images/*.png"))
+    return {"covid-qu-ex-val": [p.read_bytes() for p in val],
+            "jsrt": [p.read_bytes() for p in sorted((data / "jsrt" / "images").glob("*.png"))],
+            "brixia-dev": [p.read_bytes() for p in sorted((data / "brixia-dev" / "images").iterdir())],
+            "dicom-RG1_UNCR": [Path(get_testdata_file("RG1_UNCR.dcm")).read_bytes()]}  # CR chest PA, MONOCHROME1
+
+
+def flipped_photometric() -> bytes:
+    """pydicom-data's CR chest PA (MONOCHROME1) marked MONOCHROME2: an inverted radiograph, as a
+    modality that writes the wrong photometric interpretation sends it."""
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def grey(png: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+def hostile_sets(data: Path, real: dict[str, list[bytes]], per_case: int) -> dict[str, list[bytes]]:
+    import matplotlib
+
+    samples = Path(matplotlib.get_data_path()) / "sample_data"
+    rng = np.random.default_rng(0)
+    pick = [grey(b) for name in ("covid-qu-ex-val", "jsrt") for b in real[name][:: max(1, len(real[name]) // per_case)]]
+    pick = pick[:per_case]
+    mri = np.frombuffer(gzip.open(samples / "s1045.ima.gz").read(), "<u2").reshape(256, 256)
+
+    def lateral_proxy(im: np.ndarray) -> np.ndarray:
+        half = im[:, : im.shape[1] // 2]
+        return cv2.resize(half, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR)
+
+    def abdominal_proxy(im: np.ndarray) -> np.ndarray:
+        return cv2.resize(im[im.shape[0] // 2:], (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR)
+
+    return {"uniform-noise": [encode_png(rng.integers(0, 256, (512, 512), dtype=np.uint8)) for _ in range(5)],
+            "photograph": [(samples / "grace_hopper.jpg").read_bytes()],
+            "mri-slice": [encode_png(mri)],
+            "dicom-RG1_UNCR-marked-MONOCHROME2": [flipped_photometric()],
+            "inverted-cxr": [encode_png(255 - im) for im in pick],
+            "cxr-turned-90": [encode_png(np.ascontiguousarray(np.rot90(im))) for im in pick],
+            "abdominal-proxy": [encode_png(abdominal_proxy(im)) for im in pick],
+            "lateral-proxy": [encode_png(lateral_proxy(im)) for im in pick]}
+
+
+def run(scorer, files: list[bytes]) -> list[tuple[str | None, dict | None]]:
+    """(refusal reason or None, measurements) per file, as the scoring policy decides it."""
+    out: list[tuple[str | None, dict | None]] = []
+    for data in files:
+        try:
+            scan = load_scan(data)
+        except CxrtuneError as exc:  # the input rules (e.g. a secondary capture): not scored either
+            out.append((f"input refused: {exc}", None))
+            continue
+        lung = scorer.lung_masks([scan.image])[0]
+        if not has_lungs(lung):
+            out.append((NO_LUNGS, None))
+            continue
+        m = measure(scan.image, lung)
+        out.append((DEFAULT_RULE.refusal(m), asdict(m)))
+    return out
+
+
+def summary(results: list[tuple[str | None, dict | None]]) -> dict:
+    refused = [r for r, _ in results if r]
+    kinds = Counter(part.split(" (")[0].split(": ", 1)[-1] for r in refused for part in r.split("; "))
+    return {"images": len(results), "refused": len(refused), "rate": round(len(refused) / max(1, len(results)), 4),
+            "reasons": dict(kinds.most_common())}
+
+
+def quantiles_of(measured: list[dict]) -> dict:
+    qs = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
+    return {key: dict(zip(map(str, qs), np.round(np.quantile([m[key] for m in measured], qs), 4).tolist()))
+            for key in measured[0]} if measured else {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--data", default=os.environ.get("CXRTUNE_SHARED_DATA", "../shared/data"))
+    ap.add_argument("--per-case", type=int, default=50)
+    ap.add_argument("--calibration-images", type=int, default=1000, help="COVID-QU-Ex Train images the thresholds come from")
+    args = ap.parse_args()
+    data = Path(args.data)
+    scorer = load_bundle(args.bundle, stages=("lung",), batch_size=8, device="cpu")
+    real = real_sets(data)
+    report: dict[str, dict] = {"real": {}, "not_cxr": {}, "rule": asdict(DEFAULT_RULE)}
+    # the thresholds come from other images than the ones the refusal rate is measured on
+    train = sorted((data / "covid-qu-ex" / "Train").glob("*/images/*.png"))
+    sample = train[:: max(1, len(train) // args.calibration_images)][: args.calibration_images]
+    calibration = [m for _, m in run(scorer, [p.read_bytes() for p in sample]) if m]
+    report["calibration"] = {"images": len(sample), "measured": len(calibration),
+                             "source": "COVID-QU-Ex Train, every k-th image", **quantiles_of(calibration)}
+    measured: list[dict] = []
+    for name, files in real.items():
+        results = run(scorer, files)
+        measured += [m for _, m in results if m]
+        report["real"][name] = summary(results)
+        report["real"][name]["refused_examples"] = [r for r, _ in results if r][:5]
+    for name, files in hostile_sets(data, real, args.per_case).items():
+        report["not_cxr"][name] = summary(run(scorer, files))
+    report["real_measurements"] = quantiles_of(measured)
+    n = sum(v["images"] for v in report["real"].values())
+    refused = sum(v["refused"] for v in report["real"].values())
+    report["summary"] = {"real_images": n, "real_refused": refused, "real_refused_rate": round(refused / max(1, n), 4),
+                         "target_rate": TARGET_REFUSED, "meets_target": refused / max(1, n) <= TARGET_REFUSED,
+                         "not_cxr_refused": {k: v["rate"] for k, v in report["not_cxr"].items()}}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
