@@ -35,18 +35,22 @@ def sniff_format(data: bytes) -> str:
     raise UnsupportedFormatError("not a PNG, JPEG or DICOM file (unrecognised leading bytes)")
 
 
-def _header_size(data: bytes, fmt: str) -> tuple[int, int]:
-    """(height, width) read from the header only."""
+PNG_SAMPLES = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # IHDR colour type -> samples decoded (a palette decodes to BGR)
+
+
+def _header_size(data: bytes, fmt: str) -> tuple[int, int, int]:
+    """(height, width, bytes the decoded array will take) read from the header only."""
     if fmt == "png":
-        if len(data) < 24 or data[12:16] != b"IHDR":
+        if len(data) < 26 or data[12:16] != b"IHDR":
             raise ImageDecodeError("unreadable PNG header (no IHDR)")
         width, height = struct.unpack(">II", data[16:24])
-        return height, width
+        depth, colour = data[24], data[25]
+        return height, width, height * width * PNG_SAMPLES.get(colour, 4) * (2 if depth == 16 else 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                return im.height, im.width
+                return im.height, im.width, im.height * im.width * len(im.getbands())
     except Image.DecompressionBombError:
         raise ImageTooLargeError("image dimensions exceed the pixel limit") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on junk
@@ -146,8 +150,11 @@ def decode_raster(data: bytes, limits: Limits = Limits(), max_chroma: float | No
     Raises:
         InputRefused: a colour photograph (only with ``max_chroma``)."""
     fmt = sniff_format(data)
-    h, w = _header_size(data, fmt)
+    h, w, decoded = _header_size(data, fmt)
     _check_pixels(h, w, limits)
+    if decoded > limits.max_decoded_bytes:  # e.g. a 16-bit RGBA PNG: 8 bytes a pixel
+        raise ImageTooLargeError(f"image would decode to {decoded / 1e6:.0f} MB, over the limit of "
+                                 f"{limits.max_decoded_bytes / 1e6:.0f} MB")
     # JPEG: 8-bit, with its EXIF orientation applied (IMREAD_UNCHANGED would ignore it);
     # PNG: as stored, 16-bit and alpha included
     flags = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH if fmt == "jpeg" else cv2.IMREAD_UNCHANGED

@@ -202,3 +202,20 @@ def test_a_colour_photograph_is_refused_but_a_radiograph_stored_as_rgb_is_not():
     red = np.zeros((64, 64, 3), np.uint8)
     red[16:48, 16:48, 2] = 255  # a red mask (BGR)
     assert images.decode_mask(images.encode_png(red)).sum() == 32 * 32
+
+
+def test_a_png_that_would_decode_past_the_limit_is_refused_before_decoding(monkeypatch):
+    """A 16-bit RGBA PNG takes 8 bytes a pixel: its decoded size comes from IHDR and is checked
+    against ``max_decoded_bytes`` before the decoder runs (a counting decoder is never called)."""
+    from cxrtune.dicom import Limits
+
+    calls = []
+    real = images.cv2.imdecode
+    monkeypatch.setattr(images.cv2, "imdecode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    limits = Limits(max_decoded_bytes=400_000)
+    rgba16 = images.encode_png(np.zeros((256, 256, 4), np.uint16))  # 524 kB decoded, a few kB stored
+    with pytest.raises(images.ImageTooLargeError, match="would decode to 1 MB"):
+        images.decode_image(rgba16, limits)
+    assert calls == []
+    grey8 = np.tile(np.arange(256, dtype=np.uint8), (256, 1))  # 65 kB decoded
+    assert images.decode_image(images.encode_png(grey8), limits).shape == (256, 256) and calls == [1]
