@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 KEY = "hostile-bench-key-0123456789"
 SECRET = "DOE^JOHN^MRN123"
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 TARGETS = {"max_5xx": 0, "max_unanswered": 0, "bomb_s": 1.0, "worst_s": 2.0, "rss_growth_mb": 200}
 
 
@@ -181,9 +182,11 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    # glibc keeps freed memory in per-thread arenas: the ingress's decode threads would each hold on to some
+    # glibc keeps freed memory in per-thread arenas, and after a large block is freed it raises its
+    # mmap threshold, so later large buffers (uploads, decoded frames) land in the heap and stay:
+    # the ingress runs with both fixed (serve/config*.yaml does the same)
     ingress = {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {
-        "num_cpus": 0.5, "runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}}}}
+        "num_cpus": 0.5, "runtime_env": {"env_vars": MALLOC_ENV}}}
     serve.run(application({"bundle": bundle, "device": "cpu", "max_batch_size": 4, "max_in_flight": 4},
                           {"Stage1": one, "Stage2": one, "Ingress": ingress}),
               name="cxrtune", route_prefix="/")

@@ -81,9 +81,20 @@ def parent(uri: str) -> str:
 # --------------------------------------------------------------------------------------------- S3
 
 def endpoint_url() -> str | None:
-    """The S3 endpoint override, if any (``None`` means AWS itself)."""
-    return (os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL") or None)
+    """The S3 endpoint override, if any (``None`` means AWS itself).
+
+    Raises:
+        CxrtuneError: a plain-HTTP endpoint on another machine: radiographs and bundles travel
+            over it, so S3 is HTTPS only, except on this machine (a local test server) or with
+            ``CXRTUNE_S3_ALLOW_HTTP=1`` on purpose."""
+    url = (os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3")
+           or os.environ.get("AWS_ENDPOINT_URL") or None)
+    if url and url.lower().startswith("http://") and os.environ.get("CXRTUNE_S3_ALLOW_HTTP") != "1":
+        host = (urlparse(url).hostname or "").lower()
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise CxrtuneError(f"the S3 endpoint {url} is plain HTTP: use https:// (docs/cluster.md), or set "
+                               "CXRTUNE_S3_ALLOW_HTTP=1 to allow it on a network you trust")
+    return url
 
 
 @dataclass

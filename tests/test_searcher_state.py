@@ -94,7 +94,7 @@ def test_a_database_study_keeps_its_password_out_of_the_url_and_rays_pickles(pos
     neither the pickled searcher (tuner.pkl) nor its saved state holds it; a restored searcher
     reconnects with the password it reads again; a URL holding a password is refused unquoted."""
     from cxrtune.errors import CxrtuneError
-    from cxrtune.search.study_storage import PASSWORD_ENV
+    from cxrtune.search.study_storage import PASSWORD_ENV, PASSWORD_FILE_ENV
 
     url, password = postgres
     monkeypatch.setenv(PASSWORD_ENV, password)
@@ -113,14 +113,20 @@ def test_a_database_study_keeps_its_password_out_of_the_url_and_rays_pickles(pos
         url, engine_kwargs={"connect_args": {"password": password}}))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]  # the study is in the database
 
+    # resumed elsewhere, with the password in an owner-only file instead of the variable
+    monkeypatch.delenv(PASSWORD_ENV)
+    secret_file = tmp_path / "db-password"
+    secret_file.write_text(password + "\n")
+    secret_file.chmod(0o600)
+    monkeypatch.setenv(PASSWORD_FILE_ENV, str(secret_file))
     restored = SearchGenerator(ConcurrencyLimiter(cloudpickle.loads(tuner_pkl), max_concurrent=2))
     restored.restore_from_dir(str(tmp_path / "state"))
     assert trials_of(study_of(restored)) == trials_of(study)
+    monkeypatch.delenv(PASSWORD_FILE_ENV)
 
-    with_password = url.replace("cxrtune@", f"cxrtune:{password}@")
-    with pytest.raises(CxrtuneError, match="holds a password") as refused:
-        TuneOptions(**{**o.__dict__, "optuna_storage": with_password})
-    assert password not in str(refused.value)
-    monkeypatch.delenv(PASSWORD_ENV)
+    for with_password in (url.replace("cxrtune@", f"cxrtune:{password}@"), f"{url}?password={password}"):
+        with pytest.raises(CxrtuneError, match="holds a password") as refused:
+            TuneOptions(**{**o.__dict__, "optuna_storage": with_password})
+        assert password not in str(refused.value)
     with pytest.raises(Exception, match="password authentication failed|no password supplied"):
         _searcher(o, o.search_space())  # the password is nowhere else

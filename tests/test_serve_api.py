@@ -472,3 +472,27 @@ def test_deploy_gives_replicas_the_storage_endpoint_but_never_a_secret(monkeypat
         with pytest.raises(CxrtuneError, match=f"runtime_env holds {secret}") as refused:
             replica_runtime_env({"env_vars": {secret: "v" * 20}}, settings)
         assert "v" * 20 not in str(refused.value)
+
+
+def test_deploy_refuses_a_config_that_shows_a_secret_to_the_dashboard(tmp_path):
+    """Every runtime_env of the deployed config (the app's and each deployment's) and the TLS key's
+    password are shown by the dashboard: a secret there is refused before anything is deployed."""
+    import yaml
+
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.serving.deploy import deploy_config
+
+    base = yaml.safe_load((Path(__file__).parent.parent / "serve" / "config.cpu.yaml").read_text())
+    base["applications"][0]["args"]["bundle"] = str(tmp_path / "no-bundle")
+    leaky_deployment = yaml.safe_load(yaml.safe_dump(base))
+    leaky_deployment["applications"][0]["deployments"][0]["ray_actor_options"]["runtime_env"] = {
+        "env_vars": {"CXRTUNE_API_KEY": "k" * 20}}
+    key_password = yaml.safe_load(yaml.safe_dump(base))
+    key_password["http_options"]["ssl_keyfile_password"] = "p" * 12
+    for cfg, message in ((leaky_deployment, "runtime_env holds CXRTUNE_API_KEY"),
+                         (key_password, "ssl_keyfile_password would be shown")):
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(CxrtuneError, match=message) as refused:
+            deploy_config(str(path), address="http://127.0.0.1:9")  # nothing listens there: never reached
+        assert "k" * 20 not in str(refused.value) and "p" * 12 not in str(refused.value)

@@ -101,3 +101,19 @@ def test_create_local_never_overwrites(tmp_path):
     assert storage.create_local(target, b"second") is False
     assert target.read_bytes() == b"first"
     assert [p.name for p in target.parent.iterdir()] == ["a.png"]  # no temporary file left behind
+
+
+def test_s3_is_https_only_off_this_machine(monkeypatch):
+    """Radiographs and bundles travel to S3: a plain-HTTP endpoint on another host is refused
+    unless allowed on purpose; a local test server (127.0.0.1) is fine."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "CXRTUNE_S3_ALLOW_HTTP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CXRTUNE_S3_ENDPOINT_URL", "http://minio.hospital.example:9000")
+    with pytest.raises(CxrtuneError, match="plain HTTP: use https://"):
+        storage.endpoint_url()
+    monkeypatch.setenv("CXRTUNE_S3_ALLOW_HTTP", "1")
+    assert storage.endpoint_url() == "http://minio.hospital.example:9000"
+    monkeypatch.delenv("CXRTUNE_S3_ALLOW_HTTP")
+    for fine in ("https://minio.hospital.example:9000", "http://127.0.0.1:5000"):
+        monkeypatch.setenv("CXRTUNE_S3_ENDPOINT_URL", fine)
+        assert storage.endpoint_url() == fine

@@ -131,6 +131,7 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
         if f.is_file() and f.stat().st_size < 50_000_000:
             data = f.read_bytes()
             assert b"WANDB_API_KEY=" not in data and not [n for n, v in creds.items() if v.encode() in data], f
+    assert not [n for n, v in creds.items() if v in r.stdout or v in r.stderr]  # nor in what the command printed
 
     out = tmp_path / "report"
     cli_in_process("report", f"s3://{bucket}/exps/asha", "--out", str(out))

@@ -3,7 +3,7 @@
 A sweep records its options in ``cxrtune.json``, hands them to every trial, and Ray pickles the
 searcher (Optuna storage included) into the experiment folder; Optuna's ``RDBStorage`` pickles its
 URL and engine arguments whole. So the URL given to ``--optuna-storage`` must hold no password:
-it is read when the storage connects, from ``CXRTUNE_OPTUNA_PASSWORD`` or the owner-only file
+it is read when the storage is built or unpickled, from ``CXRTUNE_OPTUNA_PASSWORD`` or the owner-only file
 that ``CXRTUNE_OPTUNA_PASSWORD_FILE`` names (PostgreSQL's own ``PGPASSWORD`` and ``~/.pgpass``
 work too, read by libpq). Written by hand: Optuna has no way to keep a secret out of its pickle.
 """
@@ -34,9 +34,10 @@ def check_storage_url(url: str) -> None:
         parsed = make_url(url)
     except ArgumentError:
         raise CxrtuneError("--optuna-storage is not a database URL (e.g. postgresql://USER@HOST:5432/DB)") from None
-    if parsed.password:
+    if parsed.password or any(key.lower() in ("password", "passwd") for key in parsed.query):
+        shown = parsed.set(query={k: v for k, v in parsed.query.items() if k.lower() not in ("password", "passwd")})
         raise CxrtuneError(f"--optuna-storage holds a password: give the URL without it "
-                           f"({parsed.render_as_string(hide_password=True)}) and the password in {PASSWORD_ENV} "
+                           f"({shown.render_as_string(hide_password=True)}) and the password in {PASSWORD_ENV} "
                            f"or a file named by {PASSWORD_FILE_ENV} (docs/cluster.md)")
 
 
@@ -56,7 +57,7 @@ def _connection_args() -> dict[str, Any]:
 
 class DatabaseStorage(optuna.storages.RDBStorage):
     """Optuna's database storage whose URL, and pickled state, hold no password: it is read from
-    the environment (or its file) each time the storage is built or unpickled."""
+    the environment (or its file) when the storage is built or unpickled."""
 
     def __init__(self, url: str):
         check_storage_url(url)

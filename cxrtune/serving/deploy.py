@@ -88,6 +88,12 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
     try:
         settings = ServeSettings(**args)
         app["runtime_env"] = replica_runtime_env(app.get("runtime_env"), settings)
+        for d in app.get("deployments") or []:  # a deployment's own runtime_env is shown as well
+            replica_runtime_env({"env_vars": ((d.get("ray_actor_options") or {}).get("runtime_env") or {})
+                                 .get("env_vars")}, settings)
+        if (cfg.get("http_options") or {}).get("ssl_keyfile_password"):
+            raise CxrtuneError(f"{config}: http_options.ssl_keyfile_password would be shown by the dashboard: use an "
+                               "unencrypted key file readable by Ray's user only")
         ServeDeploySchema.model_validate(cfg)
     except ValidationError as exc:
         raise CxrtuneError(f"{config}: {exc}") from None

@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,7 @@ class Ingress:
         self.viewer = (Path(__file__).parent / "viewer.html").read_text()
         # one event loop per replica: the budgets' plain counters are exact
         self.upload_limits = UploadLimits.of(self.s)
+        self.single_upload = replace(self.upload_limits, max_files=1)  # /v1/score scores one file: takes one
         self.uploads = UploadBudget(self.s.upload_budget_bytes)
         self.scoring = ScoringBudget(self.s.max_in_flight, self.s.retry_after_s)
         self.m_requests = metrics.Counter("cxrtune_requests", description="scoring requests by HTTP code and "
@@ -171,12 +172,12 @@ class Ingress:
             raise RequestError(401, "missing or wrong X-API-Key")
         return key_id
 
-    async def _body(self, request: Request, add) -> list[tuple[str, bytes]]:
+    async def _body(self, request: Request, add, limits: UploadLimits) -> list[tuple[str, bytes]]:
         """(name, bytes) of each uploaded file (multipart parts with a filename, or a raw body),
         read as it arrives within the upload budget (:mod:`.budgets`)."""
         try:
             return await read_upload(request.headers.get("content-type", ""), request.headers.get("content-length"),
-                                     paced(request.stream(), self.upload_limits), self.upload_limits, add)
+                                     paced(request.stream(), limits), limits, add)
         except ClientDisconnect:
             raise RequestError(400, "the client disconnected during the upload") from None
 
@@ -259,7 +260,7 @@ class Ingress:
         try:
             key_id = self._check_key(request)
             with self.uploads.hold() as add:  # the upload budget, then the scoring budget
-                name, data = (await self._body(request, add))[0]
+                name, data = (await self._body(request, add, self.single_upload))[0]
                 with self.scoring.admitted() as ticket:
                     record, png = await self._score(data, overlay, request_id, ticket)
         except RequestError as exc:
@@ -297,7 +298,9 @@ class Ingress:
         try:
             key_id = self._check_key(request)
             with self.uploads.hold() as add:  # the upload budget, then the scoring budget
-                files = await self._body(request, add)
+                files = await self._body(request, add, self.upload_limits)
+                if len(files) > self.s.max_in_flight:  # could never be admitted: not a retry
+                    raise RequestError(413, f"{len(files)} files; this scorer takes at most {self.s.max_in_flight} at once")
                 with self.scoring.admitted(len(files)) as ticket:
                     results = await asyncio.gather(*(self._score_file(f"{request_id}-{i}", name, data, overlay,
                                                                       ticket, key_id)
