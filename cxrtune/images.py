@@ -85,14 +85,14 @@ def full_scale_16bit(arr: np.ndarray, significant_bits: int | None) -> float:
 
     * with an ``sBIT`` chunk whose bits hold the stored maximum: 2^sBIT - 1 (12-bit data stored as
       it is, as PNG allows);
-    * else 2^b - 1 for the smallest b of 10, 12 and 14 bits that holds the stored maximum, when
+    * else 2^b - 1 for the smallest b of 8, 10, 12 and 14 bits that holds the stored maximum, when
       one does: a radiograph whose brightest pixel is under 1/4 of 16-bit full scale is unscaled
-      10-14-bit detector data, not a 16-bit image 94 % black;
+      8-14-bit data (8-bit values copied into a 16-bit file included), not a 16-bit image 94 % black;
     * else 65535 (a writer that scaled to 16 bits, as conforming ones do)."""
     peak = int(arr.max()) if arr.size else 0
     if significant_bits and peak <= (1 << significant_bits) - 1:
         return float((1 << significant_bits) - 1)
-    for bits in (10, 12, 14):
+    for bits in (8, 10, 12, 14):
         if peak <= (1 << bits) - 1:
             return float((1 << bits) - 1)
     return 65535.0

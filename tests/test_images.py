@@ -84,6 +84,8 @@ def test_12_bit_data_in_a_16_bit_png_is_read_at_its_own_scale():
     g10 = (g8.astype(np.int64) * 1023 // 255).astype(np.uint16)
     assert np.abs(images.decode_image(images.encode_png(g10)) - eight).max() < 1 / 255
     assert np.allclose(images.decode_image(_with_sbit(png12, 14)), g12 / 16383.0)
+    # 8-bit values copied into a 16-bit PNG unscaled: read as the 8-bit image, not at 1/4 of full scale
+    assert np.allclose(images.decode_image(images.encode_png(g8.astype(np.uint16))), eight)
 
 
 def test_jpeg_exif_orientation_is_applied():
