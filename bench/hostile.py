@@ -260,39 +260,31 @@ def main() -> None:
 
     slow_head = (f"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY}\r\n"
                  f"Content-Length: {len(normal)}\r\nContent-Type: image/png\r\n\r\n").encode()
-    trickle = [normal[i:i + 4096] for i in range(0, len(normal), 4096)]
-    slow: list[tuple[int, float]] = []
-    slow_threads = [threading.Thread(target=lambda: slow.append(raw_http(port, slow_head, trickle, pause_s=0.05)))
-                    for _ in range(6)]
-    for th in slow_threads:
-        th.start()
-    time.sleep(0.5)
-    beside = []
-    for _ in range(4):
-        t = time.perf_counter()
-        r = requests.post(url, data=normal, headers=auth, timeout=60)
-        beside.append((r.status_code, round(time.perf_counter() - t, 3)))
-    for th in slow_threads:
-        th.join()
+
+    def beside_slow_clients(chunk: int, pause_s: float) -> tuple[list, list]:
+        """Six clients sending ``normal`` ``chunk`` bytes every ``pause_s``, and four normal
+        requests beside them: ((code, s) of the normal ones, (code, s) of the slow ones)."""
+        pieces = [normal[i:i + chunk] for i in range(0, len(normal), chunk)]
+        slow: list[tuple[int, float]] = []
+        threads = [threading.Thread(target=lambda: slow.append(raw_http(port, slow_head, pieces, pause_s=pause_s)))
+                   for _ in range(6)]
+        for th in threads:
+            th.start()
+        time.sleep(0.5)
+        beside = []
+        for _ in range(4):
+            t = time.perf_counter()
+            r = requests.post(url, data=normal, headers=auth, timeout=60)
+            beside.append((r.status_code, round(time.perf_counter() - t, 3)))
+        for th in threads:
+            th.join()
+        return beside, slow
+
+    beside, slow = beside_slow_clients(4096, 0.05)  # 80 kB/s: above the minimum rate
     record("normal_beside_6_slow_uploads", "request", [c for c, _ in beside], [s for _, s in beside], [])
     record("slow_uploads_6", "slow", [c for c, _ in slow], [s for _, s in slow], [])
-
-    # six clients trickling 10 bytes every 0.5 s (under the minimum rate): cut off with 408 after
-    # the grace period, while normal clients are scored beside them
-    trickling: list[tuple[int, float]] = []
-    drips = [normal[i:i + 10] for i in range(0, len(normal), 10)]
-    trickle_threads = [threading.Thread(target=lambda: trickling.append(raw_http(port, slow_head, drips, pause_s=0.5)))
-                       for _ in range(6)]
-    for th in trickle_threads:
-        th.start()
-    time.sleep(0.5)
-    beside = []
-    for _ in range(4):
-        t = time.perf_counter()
-        r = requests.post(url, data=normal, headers=auth, timeout=60)
-        beside.append((r.status_code, round(time.perf_counter() - t, 3)))
-    for th in trickle_threads:
-        th.join()
+    # 10 bytes every 0.5 s (under the minimum rate): cut off with 408 after the grace period
+    beside, trickling = beside_slow_clients(10, 0.5)
     record("normal_beside_6_trickling_clients", "request", [c for c, _ in beside], [s for _, s in beside], [])
     record("trickling_clients_6", "slow", [c for c, _ in trickling], [s for _, s in trickling], [])
 

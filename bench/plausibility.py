@@ -45,7 +45,7 @@ from cxrtune.errors import CxrtuneError
 from cxrtune.images import encode_png
 from cxrtune.preprocessing import load_scan
 from cxrtune.scoring.plausibility import DEFAULT_RULE, measure
-from cxrtune.scoring.scorer import NO_LUNGS, has_lungs, load_bundle
+from cxrtune.scoring.scorer import has_lungs, load_bundle, unscored_reason
 
 TARGET_REFUSED = 0.005
 
@@ -110,11 +110,8 @@ def run(scorer, files: list[bytes]) -> list[tuple[str | None, dict | None]]:
             out.append((f"input refused: {exc}", None))
             continue
         lung = scorer.lung_masks([scan.image])[0]
-        if not has_lungs(lung):
-            out.append((NO_LUNGS, None))
-            continue
-        m = measure(scan.image, lung)
-        out.append((DEFAULT_RULE.refusal(m), asdict(m)))
+        reason = unscored_reason(scan.image, lung)  # the scoring policy's own decision
+        out.append((reason, asdict(measure(scan.image, lung)) if has_lungs(lung) else None))
     return out
 
 

@@ -161,8 +161,9 @@ def decode_raster(data: bytes, limits: Limits = Limits(), max_chroma: float | No
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if arr is None or arr.size == 0:
         raise ImageDecodeError(f"corrupt or truncated {fmt.upper()} data")
-    if max_chroma is not None and chroma(arr) > max_chroma:
-        raise InputRefused(f"a colour image (chroma {chroma(arr):.3f} > {max_chroma}): a photograph, not a radiograph")
+    colour = chroma(arr) if max_chroma is not None else 0.0
+    if max_chroma is not None and colour > max_chroma:
+        raise InputRefused(f"a colour image (chroma {colour:.3f} > {max_chroma}): a photograph, not a radiograph")
     return _to_gray(arr)
 
 

@@ -112,7 +112,3 @@ def measure(image: np.ndarray, lung: np.ndarray) -> Measurements:
                         lung_height=float(rows[-1] - rows[0] + 1) / h, centre_row=float(ys.mean()) / h,
                         midline_share=float(lungs[band].mean()))
 
-
-def refusal(image: np.ndarray, lung: np.ndarray, rule: PlausibilityRule = DEFAULT_RULE) -> str | None:
-    """Why a working image with the cleaned lung mask ``lung`` is not scored, or None to score it."""
-    return rule.refusal(measure(image, lung))

@@ -89,8 +89,7 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
         settings = ServeSettings(**args)
         app["runtime_env"] = replica_runtime_env(app.get("runtime_env"), settings)
         for d in app.get("deployments") or []:  # a deployment's own runtime_env is shown as well
-            replica_runtime_env({"env_vars": ((d.get("ray_actor_options") or {}).get("runtime_env") or {})
-                                 .get("env_vars")}, settings)
+            refuse_secrets(((d.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars"), settings)
         if (cfg.get("http_options") or {}).get("ssl_keyfile_password"):
             raise CxrtuneError(f"{config}: http_options.ssl_keyfile_password would be shown by the dashboard: use an "
                                "unencrypted key file readable by Ray's user only")
@@ -129,6 +128,19 @@ STORAGE_ENV = ("CXRTUNE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_U
                "CXRTUNE_S3_RETRIES")
 
 
+def refuse_secrets(env_vars: dict | None, settings: ServeSettings) -> None:
+    """Refuse a runtime_env's variables that hold a credential or the API key: anyone with the
+    dashboard's token can read a deployed config, runtime_envs included.
+
+    Raises:
+        CxrtuneError: naming the variables, never their values."""
+    leaked = sorted(set(env_vars or {}) & {*SECRETS, settings.api_key_env})
+    if leaked:
+        raise CxrtuneError(f"the Serve config's runtime_env holds {', '.join(leaked)}: the dashboard shows it to every "
+                           "client; give the key as api_key_file (or in the nodes' environment), credentials as the "
+                           "nodes' instance role")
+
+
 def replica_runtime_env(runtime_env: dict | None, settings: ServeSettings) -> dict:
     """The app's ``runtime_env`` with the S3 endpoint and region this machine uses added (not
     secrets), so the replicas read the bundle from the same storage.
@@ -141,11 +153,7 @@ def replica_runtime_env(runtime_env: dict | None, settings: ServeSettings) -> di
         CxrtuneError: the config puts a credential or the API key in the runtime_env."""
     runtime_env = dict(runtime_env or {})
     env_vars = {k: str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}
-    leaked = sorted(set(env_vars) & {*SECRETS, settings.api_key_env})
-    if leaked:
-        raise CxrtuneError(f"the Serve config's runtime_env holds {', '.join(leaked)}: the dashboard shows it to every "
-                           "client; give the key as api_key_file (or in the nodes' environment), credentials as the "
-                           "nodes' instance role")
+    refuse_secrets(env_vars, settings)
     env_vars.update({k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k) and k not in env_vars})
     return {**runtime_env, "env_vars": env_vars} if env_vars else runtime_env
 

@@ -229,7 +229,7 @@ class Ingress:
                 x2, box = await ticket.run(disease_input, image, lung, self.pre["disease"])
                 stages["disease"], runtimes["disease"], (prob2, p) = await self._stage(self.stage2, x2)
                 opacity, p = await ticket.run(opacity_output, prob2, p, box, image.shape,
-                                                     self.thresholds.cls, self.thresholds.opacity)
+                                              self.thresholds.cls, self.thresholds.opacity)
         except (BackPressureError, DeploymentUnavailableError):
             raise RequestError(503, "the scorer is at capacity; retry shortly", self.s.retry_after_s) from None
         t2 = time.perf_counter()
