@@ -5,10 +5,10 @@
 Starts the scorer in-process on 127.0.0.1 (Ray Serve, one ingress and one replica per stage, an
 API key, ``max_in_flight`` 4) with ``--bundle`` or a bundle of tiny random networks (speed and
 refusals do not depend on the weights), sends each case below over real HTTP and reports, per case,
-the HTTP codes, the seconds of the slowest answer and the ingress replica's RSS after it, then a
-summary against the targets: no 5xx, nothing unanswered, every bomb refused in <= 1 s, no case
-over 2 s, ingress RSS growth <= 200 MB, and the planted patient name in no response, no Serve log
-and no temporary file. Prints one JSON object.
+the HTTP codes, the seconds of the slowest answer and the ingress replica's RSS and USS (RSS less
+shared pages such as the object store's) after it, then a summary against the targets: no 5xx,
+nothing unanswered, every bomb refused in <= 1 s, no case over 2 s, ingress RSS growth <= 200 MB,
+and the planted patient name in no response, no Serve log and no temporary file. Prints one JSON object.
 
 Cases: decompression bombs (Deflated DICOM of zeros, a JPEG 2000 frame larger than its header,
 a 16-bit RGBA PNG, a PNG header of 40,000 x 40,000), multi-frame and colour multi-frame DICOM,
@@ -116,12 +116,17 @@ def cases(normal: bytes) -> dict[str, tuple[str, bytes]]:
     return out
 
 
-def ingress_rss_mb() -> float:
+def ingress_memory() -> tuple[float, float]:
+    """The ingress replica's (RSS, USS) in MB: USS leaves out shared pages (the object store's
+    mapping, shared libraries) that RSS counts."""
     import psutil
 
-    rss = [p.memory_info().rss for p in psutil.process_iter(["cmdline"])
-           if "ServeReplica:cxrtune:Ingress" in " ".join(p.info.get("cmdline") or [])]
-    return round(max(rss) / 1e6, 1) if rss else float("nan")
+    found = [p.memory_full_info() for p in psutil.process_iter(["cmdline"])
+             if "ServeReplica:cxrtune:Ingress" in " ".join(p.info.get("cmdline") or [])]
+    if not found:
+        return float("nan"), float("nan")
+    m = max(found, key=lambda m: m.rss)
+    return round(m.rss / 1e6, 1), round(m.uss / 1e6, 1)
 
 
 def raw_http(port: int, head: bytes, body_chunks, pause_s: float = 0.0, timeout: float = 30) -> tuple[int, float]:
@@ -195,11 +200,12 @@ def main() -> None:
     normal = encode_png(make_phantom(256, "covid", seed=1).image)
     for _ in range(3):  # warm-up
         requests.post(url, data=normal, headers=auth, timeout=60)
-    rss0 = ingress_rss_mb()
+    rss0, uss0 = ingress_memory()
     report: dict[str, dict] = {}
 
     def record(name: str, kind: str, codes: list[int], seconds: list[float], texts: list[str]) -> None:
-        report[name] = {"kind": kind, "codes": sorted(set(codes)), "seconds": max(seconds), "rss_mb": ingress_rss_mb(),
+        rss, uss = ingress_memory()
+        report[name] = {"kind": kind, "codes": sorted(set(codes)), "seconds": max(seconds), "rss_mb": rss, "uss_mb": uss,
                         "secret_echoed": any(SECRET in t or "MRN123" in t for t in texts)}
 
     for name, (kind, data) in cases(normal).items():
@@ -304,6 +310,7 @@ def main() -> None:
         "slowest_bomb_s": max(v["seconds"] for v in report.values() if v["kind"] == "bomb"),
         "worst_s": max(v["seconds"] for v in timed.values()),
         "rss_growth_mb": round(max(v["rss_mb"] for v in report.values()) - rss0, 1),
+        "uss_growth_mb": round(max(v["uss_mb"] for v in report.values()) - uss0, 1),
         "secret_in_responses": any(v["secret_echoed"] for v in report.values()),
         "secret_in_serve_logs": in_logs, "secret_in_temporary_files": in_tmp,
     }
@@ -311,7 +318,8 @@ def main() -> None:
                                 and summary["slowest_bomb_s"] <= TARGETS["bomb_s"] and summary["worst_s"] <= TARGETS["worst_s"]
                                 and summary["rss_growth_mb"] <= TARGETS["rss_growth_mb"]
                                 and not (summary["secret_in_responses"] or in_logs or in_tmp))
-    print(json.dumps({"targets": TARGETS, "ingress_rss_start_mb": rss0, "cases": report, "summary": summary}, indent=1))
+    print(json.dumps({"targets": TARGETS, "ingress_rss_start_mb": rss0, "ingress_uss_start_mb": uss0, "cases": report,
+                      "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import struct
 import threading
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,32 +238,84 @@ def _header_fields(ds, key: bytes | str | None) -> DicomHeader:
     )
 
 
-def inflate_capped(data: bytes, cap: int) -> bytes:
+# how much of a Deflated dataset is inflated before its declared size is read from it, and what
+# may follow the declared pixels (the header after Rows, trailing elements)
+HEADER_PROBE_BYTES = 64 * 1024
+HEADER_SLACK_BYTES = 1024 * 1024
+
+
+def inflate_capped(data: bytes, cap: int, declared: Callable[[bytes], int | None] | None = None) -> bytes:
     """Raw DEFLATE ``data`` inflated through a stream that stops past ``cap`` bytes: a
     decompression bomb costs at most ``cap`` + 1 bytes before it is refused.
 
+    Args:
+        declared: called once with the first ``HEADER_PROBE_BYTES`` inflated; it may raise, or
+            return a lower cap (what the dataset declares it holds), or None to keep ``cap``.
+
     Raises:
-        ImageTooLargeError: it inflates to more than ``cap`` bytes.
+        ImageTooLargeError: it inflates to more than the cap.
         ImageDecodeError: not a DEFLATE stream."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     out = bytearray()
     pending = data
+    probe = HEADER_PROBE_BYTES if declared else 0
     try:
         while pending and not inflater.eof:
-            out += inflater.decompress(pending, cap + 1 - len(out))
-            if len(out) > cap:
-                raise ImageTooLargeError(f"Deflated DICOM inflates to more than {cap / 1e6:.0f} MB "
-                                         "(CXRTUNE_MAX_DECODED_BYTES)")
+            until = min(cap + 1, probe) if probe else cap + 1
+            out += inflater.decompress(pending, until - len(out))
             pending = inflater.unconsumed_tail
+            if probe and (len(out) >= probe or inflater.eof or not pending):
+                probe = 0
+                cap = min(cap, declared(bytes(out)) or cap)  # type: ignore[misc]
+            if len(out) > cap:
+                raise ImageTooLargeError(f"Deflated DICOM inflates to more than {cap / 1e6:.1f} MB "
+                                         "(what its header declares, or CXRTUNE_MAX_DECODED_BYTES)")
     except zlib.error:
         raise ImageDecodeError("corrupt Deflated DICOM (not a DEFLATE stream)") from None
     return bytes(out)
 
 
-def _inflated_dataset(fp, stop_before_pixels: bool, cap: int):
+def declared_dataset_bytes(prefix: bytes, max_pixels: int) -> int | None:
+    """What an Explicit VR Little Endian dataset whose first bytes are ``prefix`` may hold, from
+    the Rows, Columns, SamplesPerPixel, BitsAllocated and NumberOfFrames it declares: their pixels
+    plus ``HEADER_SLACK_BYTES``. None when the prefix does not reach Rows and Columns.
+
+    Raises:
+        ImageTooLargeError: it declares a frame of more than ``max_pixels``."""
+    from pydicom.filereader import data_element_generator
+
+    found: dict[int, bytes] = {}
+    wanted = {0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280100}
+    try:
+        for elem in data_element_generator(io.BytesIO(prefix), False, True, stop_when=_pixel_data_tag,
+                                           defer_size=HEADER_PROBE_BYTES):
+            if elem.tag in wanted and isinstance(elem.value, bytes):
+                found[int(elem.tag)] = elem.value
+    except Exception:  # noqa: BLE001 - the prefix ends inside an element: keep what was read
+        pass
+
+    def us(tag: int, default: int) -> int:
+        v = found.get(tag, b"")
+        return int.from_bytes(v[:2], "little") if len(v) >= 2 else default
+    rows, columns = us(0x00280010, 0), us(0x00280011, 0)
+    if not rows or not columns:
+        return None
+    if rows * columns > max_pixels:
+        raise ImageTooLargeError(f"Deflated DICOM declares {columns}x{rows}: over "
+                                 f"{max_pixels / 1e6:.1f} MP (CXRTUNE_MAX_IMAGE_PIXELS)")
+    try:
+        frames = max(1, int(found.get(0x00280008, b"1").decode("ascii", "replace").strip("\0 ") or 1))
+    except ValueError:
+        frames = 1
+    bits = max(1, us(0x00280100, 16))
+    return rows * columns * us(0x00280002, 1) * -(-bits // 8) * frames + HEADER_SLACK_BYTES
+
+
+def _inflated_dataset(fp, stop_before_pixels: bool, limits: Limits):
     """A Deflated Explicit VR Little Endian file read with its dataset inflated here, capped
-    (:func:`inflate_capped`), instead of by pydicom, which inflates it whole before any check.
-    None for any other transfer syntax (``fp`` rewound for pydicom)."""
+    (:func:`inflate_capped`) by ``max_decoded_bytes`` and by what its header declares
+    (:func:`declared_dataset_bytes`), instead of by pydicom, which inflates it whole before any
+    check. None for any other transfer syntax (``fp`` rewound for pydicom)."""
     from pydicom.dataset import FileDataset
     from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
@@ -277,7 +330,8 @@ def _inflated_dataset(fp, stop_before_pixels: bool, cap: int):
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         fp.seek(start)
         return None
-    body = inflate_capped(fp.read(), cap)
+    body = inflate_capped(fp.read(), limits.max_decoded_bytes,
+                          lambda prefix: declared_dataset_bytes(prefix, limits.max_pixels))
     dataset = read_dataset(io.BytesIO(body), is_implicit_VR=False, is_little_endian=True,
                            stop_when=_pixel_data_tag if stop_before_pixels else None)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the inflated bytes are
@@ -298,7 +352,7 @@ def _dcmread(source, stop_before_pixels: bool, limits: Limits | None = None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            inflated = _inflated_dataset(fp, stop_before_pixels, (limits or Limits()).max_decoded_bytes)
+            inflated = _inflated_dataset(fp, stop_before_pixels, limits or Limits())
             if inflated is not None:
                 return inflated
             return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)

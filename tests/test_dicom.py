@@ -516,6 +516,49 @@ def test_deflated_dicom_inflates_through_a_capped_stream(tmp_path, monkeypatch):
         dicom.inflate_capped(b"not deflate at all" * 10, cap)
 
 
+def test_a_deflated_dicom_inflates_no_further_than_its_header_declares(tmp_path, monkeypatch):
+    """The inflated header is read after HEADER_PROBE_BYTES: a declared frame over max_pixels is
+    refused there, and pixels beyond what Rows x Columns declare are never inflated (the cap is the
+    declared size, not max_decoded_bytes)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    def deflated(name: str, rows: int, columns: int, pixel_bytes: int) -> bytes:
+        ds = pydicom.dcmread(make_dicom(tmp_path / f"{name}.dcm", np.zeros((8, 8), np.uint16), BitsStored=12))
+        ds.Rows, ds.Columns = rows, columns
+        ds.PixelData = bytes(pixel_bytes)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(tmp_path / f"{name}.deflated.dcm", enforce_file_format=True)
+        return (tmp_path / f"{name}.deflated.dcm").read_bytes()
+
+    produced: list[int] = []
+    real = dicom.zlib.decompressobj
+
+    class Counting:
+        def __init__(self, *args):
+            self._inflater = real(*args)
+
+        def decompress(self, data, max_length=0):
+            out = self._inflater.decompress(data, max_length)
+            produced.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self._inflater, name)
+    monkeypatch.setattr(dicom.zlib, "decompressobj", Counting)
+    decoded = _counting_pixel_decoder(monkeypatch)
+    huge = deflated("huge", 6000, 6000, 8 * 1024 * 1024)  # declares 36 MP; holds 8 MB of zeros
+    with pytest.raises(dicom.ImageTooLargeError, match="declares 6000x6000"):
+        read_dicom(huge)
+    assert sum(produced) <= dicom.HEADER_PROBE_BYTES
+    produced.clear()
+    lying = deflated("lying", 64, 64, 16 * 1024 * 1024)  # declares 8 kB of pixels; holds 16 MB
+    with pytest.raises(dicom.ImageTooLargeError, match="inflates to more than"):
+        read_dicom(lying)
+    assert sum(produced) <= 64 * 64 * 2 + dicom.HEADER_SLACK_BYTES + 1 and decoded == []
+    honest = deflated("honest", 512, 512, 512 * 512 * 2)
+    assert read_dicom(honest).pixels.shape == (512, 512)
+
+
 def test_codestream_size_is_checked_before_any_pixel_is_decoded(tmp_path, monkeypatch):
     """The decoder allocates what the codestream declares, not what Rows x Columns say: a JPEG 2000
     or JPEG frame larger than its header is refused, and the pixel decoder is never called."""
