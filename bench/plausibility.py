@@ -10,14 +10,19 @@ scoring policy does (decoded by ``load_scan`` at the working size, cleaned lungs
   secondary captures, which the DICOM rules refuse before any check);
 * inputs that are not frontal CXRs, which it should refuse: uniform noise, a photograph (Grace
   Hopper, shipped with matplotlib), an MRI slice (matplotlib's ``s1045.ima``), the CR chest PA
-  marked MONOCHROME2 over its MONOCHROME1 pixels (shown inverted), and ``--per-case`` real CXRs each inverted, turned
-  90 degrees, cut to their lower half (the upper abdomen of a chest film: a proxy for an abdominal
+  marked MONOCHROME2 over its MONOCHROME1 pixels (shown inverted), pydicom-data's CR of a tibia
+  (``RG3_UNCR.dcm``: a real radiograph, not of the chest, its pixels sent as a PNG so that its
+  header's body part cannot refuse it), and ``--per-case`` real CXRs each inverted, turned
+  90 degrees, upside down, cut to their lower half (the upper abdomen of a chest film: a proxy for an abdominal
   film) and cut to one lung stretched to the full width (a proxy for a lateral film: no lateral
   CXR is in the data).
 
 The thresholds come from other images: ``--calibration-images`` of COVID-QU-Ex's Train part
 (every k-th), whose measurement quantiles are printed under ``calibration`` (docs/scoring.md says
-how each threshold follows from them). Prints one JSON object: per set the images, refusals and
+how each threshold follows from them). The appearance model is fitted on the same images, by
+the function ``cxrtune calibrate`` fits it with (a calibrated bundle carries it); each set is
+reported with the six ranges alone (``ranges_only``) and with the model (the check a calibrated
+bundle applies). Prints one JSON object: per set the images, refusals and
 their reasons, and the quantiles of each measurement. Target: at most 0.5 % of the
 real CXRs refused.
 """
@@ -44,7 +49,14 @@ from pydicom.data import get_testdata_file
 from cxrtune.errors import CxrtuneError
 from cxrtune.images import encode_png
 from cxrtune.preprocessing import load_scan
-from cxrtune.scoring.plausibility import DEFAULT_RULE, measure
+from cxrtune.scoring.plausibility import (
+    DEFAULT_CHECK,
+    DEFAULT_RULE,
+    PlausibilityCheck,
+    appearance_vector,
+    fit_appearance,
+    measure,
+)
 from cxrtune.scoring.scorer import has_lungs, load_bundle, unscored_reason
 
 TARGET_REFUSED = 0.005
@@ -68,6 +80,14 @@ def flipped_photometric() -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf)
     return buf.getvalue()
+
+
+def tibia_png() -> bytes:
+    """pydicom-data's CR of a distal tibia, display-ready, as an 8-bit PNG."""
+    from cxrtune.dicom import read_dicom
+
+    pixels = read_dicom(Path(get_testdata_file("RG3_UNCR.dcm")).read_bytes()).pixels
+    return encode_png((255 * pixels).astype(np.uint8))
 
 
 def grey(png: bytes) -> np.ndarray:
@@ -94,25 +114,32 @@ def hostile_sets(data: Path, real: dict[str, list[bytes]], per_case: int) -> dic
             "photograph": [(samples / "grace_hopper.jpg").read_bytes()],
             "mri-slice": [encode_png(mri)],
             "dicom-RG1_UNCR-marked-MONOCHROME2": [flipped_photometric()],
+            "tibia-radiograph-png": [tibia_png()],
+            "cxr-upside-down": [encode_png(np.ascontiguousarray(im[::-1, ::-1])) for im in pick],
             "inverted-cxr": [encode_png(255 - im) for im in pick],
             "cxr-turned-90": [encode_png(np.ascontiguousarray(np.rot90(im))) for im in pick],
             "abdominal-proxy": [encode_png(abdominal_proxy(im)) for im in pick],
             "lateral-proxy": [encode_png(lateral_proxy(im)) for im in pick]}
 
 
-def run(scorer, files: list[bytes]) -> list[tuple[str | None, dict | None]]:
-    """(refusal reason or None, measurements) per file, as the scoring policy decides it."""
-    out: list[tuple[str | None, dict | None]] = []
+def stage_one(scorer, files: list[bytes]) -> list[tuple[str, None] | tuple[np.ndarray, np.ndarray]]:
+    """(working image, cleaned lungs) per file, or (why the input rules refused it, None)."""
+    out: list = []
     for data in files:
         try:
             scan = load_scan(data)
         except CxrtuneError as exc:  # the input rules (e.g. a secondary capture): not scored either
             out.append((f"input refused: {exc}", None))
             continue
-        lung = scorer.lung_masks([scan.image])[0]
-        reason = unscored_reason(scan.image, lung)  # the scoring policy's own decision
-        out.append((reason, asdict(measure(scan.image, lung)) if has_lungs(lung) else None))
+        out.append((scan.image, scorer.lung_masks([scan.image])[0]))
     return out
+
+
+def run(seen: list, check: PlausibilityCheck) -> list[tuple[str | None, dict | None]]:
+    """(refusal reason or None, measurements) per input, as the scoring policy decides it."""
+    return [(image, None) if lung is None else
+            (unscored_reason(image, lung, check), asdict(measure(image, lung)) if has_lungs(lung) else None)
+            for image, lung in seen]
 
 
 def summary(results: list[tuple[str | None, dict | None]]) -> dict:
@@ -142,17 +169,25 @@ def main() -> None:
     # the thresholds come from other images than the ones the refusal rate is measured on
     train = sorted((data / "covid-qu-ex" / "Train").glob("*/images/*.png"))
     sample = train[:: max(1, len(train) // args.calibration_images)][: args.calibration_images]
-    calibration = [m for _, m in run(scorer, [p.read_bytes() for p in sample]) if m]
+    fitted_on = stage_one(scorer, [p.read_bytes() for p in sample])
+    calibration = [m for _, m in run(fitted_on, DEFAULT_CHECK) if m]
+    appearance = fit_appearance(np.array([appearance_vector(i, lung) for i, lung in fitted_on
+                                          if lung is not None and has_lungs(lung)]))
+    check = PlausibilityCheck(appearance=appearance)
     report["calibration"] = {"images": len(sample), "measured": len(calibration),
-                             "source": "COVID-QU-Ex Train, every k-th image", **quantiles_of(calibration)}
+                             "source": "COVID-QU-Ex Train, every k-th image", **quantiles_of(calibration),
+                             "appearance": appearance.summary() if appearance else None}
     measured: list[dict] = []
     for name, files in real.items():
-        results = run(scorer, files)
+        seen = stage_one(scorer, files)
+        results = run(seen, check)
         measured += [m for _, m in results if m]
-        report["real"][name] = summary(results)
-        report["real"][name]["refused_examples"] = [r for r, _ in results if r][:5]
+        report["real"][name] = {**summary(results), "ranges_only": summary(run(seen, DEFAULT_CHECK))["refused"],
+                                "refused_examples": [r for r, _ in results if r][:5]}
     for name, files in hostile_sets(data, real, args.per_case).items():
-        report["not_cxr"][name] = summary(run(scorer, files))
+        seen = stage_one(scorer, files)
+        report["not_cxr"][name] = {**summary(run(seen, check)),
+                                   "ranges_only_rate": summary(run(seen, DEFAULT_CHECK))["rate"]}
     report["real_measurements"] = quantiles_of(measured)
     n = sum(v["images"] for v in report["real"].values())
     refused = sum(v["refused"] for v in report["real"].values())

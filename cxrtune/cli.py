@@ -321,10 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", required=True, help="the calibrated bundle's folder (local or s3://): the bundle "
                      "calibrated is left as it is")
     cal.add_argument("--manifest", required=True)
-    cal.add_argument("--what", default="cls,opacity,zone",
-                     help="which thresholds, comma-separated: cls (T_cls), opacity (Stage II's map), zone (T)")
+    cal.add_argument("--what", default="cls,opacity,zone,appearance",
+                     help="what to calibrate, comma-separated: cls (T_cls), opacity (Stage II's map), zone (T), "
+                          "appearance (the plausibility check's model of frontal CXRs, fitted on --cls-split)")
     cal.add_argument("--split", default="train,val", help="rows for the zone threshold (never test; 'all' = every row)")
-    cal.add_argument("--cls-split", default="val", help="labelled rows for T_cls (validation data)")
+    cal.add_argument("--cls-split", default="val",
+                     help="labelled rows for T_cls, the opacity cut and the appearance model (validation data)")
     cal.add_argument("--specificity", type=float,
                      help="T_cls operating point: this specificity on normals (default: maximum F1)")
     cal.add_argument("--reference", default="auto",

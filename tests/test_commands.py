@@ -144,7 +144,7 @@ def test_evaluation_mode_cross_validates_only_a_reader_calibrated_on_the_same_ro
 
 
 def test_calibration_options_and_result():
-    with pytest.raises(CxrtuneError, match="choose from cls, opacity and zone"):
+    with pytest.raises(CxrtuneError, match="choose from cls, opacity, zone and appearance"):
         CalibrateOptions(what=("cls", "t"))
     zone = Calibration(0.15, "min_mae", "zones")
     result = CalibrationResult(zone=zone)

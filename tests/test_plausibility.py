@@ -3,6 +3,7 @@ unscored with the reason, never scored (cxrtune/scoring/plausibility.py). The ru
 are calibrated on real CXRs by bench/plausibility.py; here each failure it is there for is made
 from a phantom CXR and its true lungs, so each test is exact."""
 
+import gzip
 from pathlib import Path
 
 import matplotlib
@@ -11,8 +12,17 @@ import pytest
 
 from cxrtune.data.phantom import make_phantom
 from cxrtune.images import encode_png
-from cxrtune.scoring.plausibility import DEFAULT_RULE, measure
-from cxrtune.scoring.scorer import NO_LUNGS, build_record, unscored_reason
+from cxrtune.scoring.plausibility import (
+    APPEARANCE_FILE,
+    DEFAULT_RULE,
+    MIN_APPEARANCE_IMAGES,
+    AppearanceModel,
+    PlausibilityCheck,
+    appearance_vector,
+    fit_appearance,
+    measure,
+)
+from cxrtune.scoring.scorer import NO_LUNGS, build_record, load_bundle, unscored_reason
 from cxrtune.zones import clean_lungs
 from tests.conftest import cli_in_process
 
@@ -119,3 +129,69 @@ def test_the_scoring_policy_never_scores_noise_or_a_photograph(phantom_bundle, t
     # a colour photograph is refused when it is decoded (a 422 over HTTP)
     assert records["photo.jpg"]["status"] == "error" and "a photograph, not a radiograph" in records["photo.jpg"]["error"]
     assert records["cxr.png"]["status"] in ("scored", "partial"), records["cxr.png"]
+
+
+@pytest.fixture(scope="module")
+def appearance() -> AppearanceModel:
+    """The appearance model of 220 phantom CXRs and their true lungs (as calibrate fits it on a
+    bundle's validation rows)."""
+    rows = [phantom(seed, ("covid", "normal")[seed % 2]) for seed in range(220)]
+    model = fit_appearance(np.array([appearance_vector(image, lung) for image, lung in rows]))
+    assert model is not None and model.n == 220
+    return model
+
+
+def upside_down(image: np.ndarray, lung: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.ascontiguousarray(image[::-1, ::-1]), clean_lungs(np.ascontiguousarray(lung[::-1, ::-1]))
+
+
+def test_the_appearance_model_refuses_what_the_six_ranges_let_through(appearance):
+    """A film stored upside down and an MRI slice (with lungs where Stage I might put them) pass
+    every range; around their lungs they do not look like the CXRs fitted on. Unseen frontal
+    phantoms do."""
+    check = PlausibilityCheck(appearance=appearance)
+    unseen = [phantom(seed, ("covid", "normal")[seed % 2]) for seed in range(1000, 1020)]
+    assert [check.refusal(image, lung) for image, lung in unseen] == [None] * 20
+    image, lung = phantom(1000)
+    mri = np.frombuffer(gzip.open(SAMPLES / "s1045.ima.gz").read(), "<u2").reshape(256, 256).astype(np.float32)
+    for wrong, its_lungs in (upside_down(image, lung), (mri / mri.max(), lung)):
+        assert DEFAULT_RULE.refusal(measure(wrong, its_lungs)) is None  # the six ranges let it through
+        reason = check.refusal(wrong, its_lungs)
+        assert reason and reason.startswith("not a frontal chest radiograph: ") and "does not look like" in reason
+        assert unscored_reason(wrong, its_lungs, check) == reason
+
+
+def test_the_appearance_model_is_arrays_read_without_pickle_and_needs_enough_images(appearance):
+    again = AppearanceModel.from_bytes(appearance.to_bytes())
+    for name in ("mean", "components", "variances", "limits"):
+        assert np.array_equal(getattr(again, name), getattr(appearance, name))
+    assert again.n == appearance.n and again.summary() == appearance.summary()
+    vectors = np.array([appearance_vector(*phantom(seed)) for seed in range(MIN_APPEARANCE_IMAGES - 1)])
+    assert fit_appearance(vectors) is None  # ten components of 199 images would fit those images
+
+
+def test_calibrate_fits_the_appearance_model_into_the_new_bundle(phantom_bundle, tmp_path):
+    """`cxrtune calibrate --what appearance` on 210 validation phantoms stores the model in the
+    new bundle, listed with its hash; the scorer loaded from it refuses an upside-down phantom
+    that the bundle without it scores."""
+    import json
+
+    from cxrtune.data.phantom import write_phantoms
+
+    df = write_phantoms(tmp_path / "val", 210, size=128, seed=7)
+    df.assign(split="val").to_parquet(tmp_path / "val" / "manifest.parquet")
+    out = tmp_path / "with-appearance"
+    r = cli_in_process("calibrate", str(phantom_bundle), "--out", str(out), "--manifest",
+                       str(tmp_path / "val" / "manifest.parquet"), "--what", "appearance")
+    assert "appearance model: 10 components of" in r.stdout
+    meta = json.loads((out / "bundle.json").read_text())
+    assert APPEARANCE_FILE in meta["files"]
+    calibrated, plain = load_bundle(str(out), device="cpu"), load_bundle(str(phantom_bundle), device="cpu")
+    assert calibrated.plausibility.appearance is not None and calibrated.plausibility.appearance.n >= 200
+    assert plain.plausibility.appearance is None
+    ph = make_phantom(128, "normal", seed=4242)
+    wrong = np.ascontiguousarray(ph.image[::-1, ::-1]).astype(np.float32)
+    (record, _), = calibrated.score_images([wrong])
+    assert record["status"] == "unscored" and "does not look like" in record["reason"], record
+    (right, _), = calibrated.score_images([ph.image.astype(np.float32)])
+    assert right["status"] in ("scored", "partial"), right

@@ -23,6 +23,7 @@ from ..plots import pyplot, save_figure
 from ..preprocessing import load_scan
 from ..zones import DEFAULT_ZONE_THRESHOLD
 from . import agreement
+from .plausibility import APPEARANCE_FILE, MIN_APPEARANCE_IMAGES, AppearanceModel, appearance_vector, fit_appearance
 from .record import STATUSES
 from .scorer import (
     Scorer,
@@ -169,6 +170,7 @@ def choose_opacity_threshold(stats: list[tuple[float, np.ndarray, np.ndarray, in
 
 
 CALIBRATED = ("cls", "opacity", "zone")
+CALIBRATE_WHAT = (*CALIBRATED, "appearance")  # what --what may name: the thresholds, and the appearance model
 
 
 @dataclass(frozen=True)
@@ -182,20 +184,22 @@ class CalibrateOptions:
         reference_threshold: T of the mask-derived reference.
         specificity: T_cls at this specificity instead of maximum F1.
         limit: rows per split at most (a stratified sample).
-        what: which of ``cls``, ``opacity``, ``zone`` to choose."""
+        what: which of ``cls``, ``opacity``, ``zone`` to choose, and ``appearance``: fit the
+            plausibility check's appearance model (:mod:`.plausibility`) on the ``cls_split`` rows."""
     split: str | None = "train,val"
     cls_split: str | None = "val"
     reference: str = "auto"
     reference_threshold: float = DEFAULT_ZONE_THRESHOLD
     specificity: float | None = None
     limit: int | None = None
-    what: tuple[str, ...] = CALIBRATED
+    what: tuple[str, ...] = CALIBRATE_WHAT
     progress: bool = True
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.what) - set(CALIBRATED))
+        unknown = sorted(set(self.what) - set(CALIBRATE_WHAT))
         if unknown or not self.what:
-            raise CxrtuneError(f"--what {','.join(self.what)!r}: choose from cls, opacity and zone (comma-separated)")
+            raise CxrtuneError(f"--what {','.join(self.what)!r}: choose from cls, opacity, zone and appearance "
+                               "(comma-separated)")
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,8 @@ class CalibrationResult:
     zone: Calibration | None = None
     curve: list = field(default_factory=list)
     opacity_curve: list = field(default_factory=list)
+    appearance: AppearanceModel | None = None
+    appearance_images: int = 0  # images with lungs it was (or, below MIN_APPEARANCE_IMAGES, would have been) fitted on
 
     def bundle_changes(self) -> dict:
         """The bundle.json fields this result sets (:func:`~cxrtune.model.artifacts.derive_bundle`)."""
@@ -217,10 +223,36 @@ class CalibrationResult:
                 out.update({f"{name}_threshold": c.threshold, f"{name}_calibration": c})
         return out
 
+    def bundle_contents(self) -> dict[str, bytes]:
+        """The files this result adds to the calibrated bundle: the appearance model, if fitted."""
+        return {APPEARANCE_FILE: self.appearance.to_bytes()} if self.appearance is not None else {}
+
+
+def _refuse_test_rows(what_split: str, chosen: str | None, rows: pd.DataFrame) -> None:
+    # the selected rows are judged, not the selector: ``all`` takes the test rows too
+    n_test = int((rows["split"] == "test").sum()) if "split" in rows else 0
+    if n_test:
+        raise CxrtuneError(f"{what_split} calibration on split(s) {chosen or 'all'!r} takes {n_test} test-split "
+                           "row(s): the test split is never calibrated on (its figures would be in-sample); "
+                           "use train and val rows")
+
+
+def _validation_rows(df: pd.DataFrame, options: CalibrateOptions) -> pd.DataFrame:
+    """The ``cls_split`` rows T_cls, the opacity cut and the appearance model are chosen on (none
+    when neither is asked for, or the manifest has none: they are left as they are)."""
+    if not {"cls", "opacity", "appearance"} & set(options.what):
+        return df.iloc[:0]
+    try:
+        rows = pick_rows(df, options.cls_split, options.limit)
+    except CxrtuneError:
+        return df.iloc[:0]  # no validation rows here (the CLI says what was left as it was)
+    _refuse_test_rows("T_cls", options.cls_split, rows)
+    return rows
+
 
 def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = CalibrateOptions()) -> CalibrationResult:
     """The three thresholds, in this order, each with its provenance
-    (:class:`~cxrtune.model.artifacts.Calibration`).
+    (:class:`~cxrtune.model.artifacts.Calibration`), and the plausibility check's appearance model.
 
     * T_cls on the labelled rows of ``cls_split`` (validation data) at the operating point:
       maximum F1, or ``specificity``. Skipped (kept as it is) when those rows hold no labels.
@@ -231,6 +263,8 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
       reader's grades (``reader:S``), the ``zone_*`` columns or the mask-derived reference
       (``masks``); ``auto`` takes a reader if the manifest has exactly one, else zone columns,
       else masks. Never the test split. Refinement uses the new T_cls and opacity threshold.
+    * The appearance model (:func:`~.plausibility.fit_appearance`) on the ``cls_split`` rows with
+      lungs; none below ``MIN_APPEARANCE_IMAGES`` of them.
 
     The ``cls_split`` rows go through both stages once for the first two; the ``split`` rows are
     scored once, unrefined, for T (T_cls is applied to the stored probabilities). The scorer
@@ -238,23 +272,9 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     split, cls_split, reference, what = options.split, options.cls_split, options.reference, options.what
     limit, progress, reference_threshold = options.limit, options.progress, options.reference_threshold
 
-    def refuse_test_rows(what_split: str, chosen: str | None, rows: pd.DataFrame) -> None:
-        # the selected rows are judged, not the selector: ``all`` takes the test rows too
-        n_test = int((rows["split"] == "test").sum()) if "split" in rows else 0
-        if n_test:
-            raise CxrtuneError(f"{what_split} calibration on split(s) {chosen or 'all'!r} takes {n_test} test-split "
-                               "row(s): the test split is never calibrated on (its figures would be in-sample); "
-                               "use train and val rows")
-
     zone_rows = pick_rows(df, split, limit) if "zone" in what else df.iloc[:0]
-    refuse_test_rows("zone", split, zone_rows)
-    cls_rows = df.iloc[:0]
-    if "cls" in what or "opacity" in what:
-        try:
-            cls_rows = pick_rows(df, cls_split, limit)
-        except CxrtuneError:
-            cls_rows = df.iloc[:0]  # no validation rows here: T_cls is left as it is (the CLI says so)
-        refuse_test_rows("T_cls", cls_split, cls_rows)
+    _refuse_test_rows("zone", split, zone_rows)
+    cls_rows = _validation_rows(df, options)
     cache = storage.ContentCache()
     readers = manifest.readers_in(df)
     if reference == "auto" and len(readers) > 1 and "zone" in what:
@@ -267,8 +287,10 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
             raise CxrtuneError(f"--reference {reference[7:]!r}: the manifest's readers are "
                                f"{', '.join(readers) or 'none (no reader_<ID>_<A-F> columns)'}")
     out: dict = {}
-    probs, opacity_stats = [], []
+    probs, opacity_stats, looks = [], [], []
     for row, image, lung, prob, p in stage2_maps(scorer, cls_rows, cache, progress):
+        if "appearance" in what:
+            looks.append(appearance_vector(image, lung))
         if manifest.is_labelled(row["label"]):
             probs.append((p, int(manifest.is_disease(row["label"]))))
         if "opacity" in what and row.get("opacity_mask", ""):
@@ -277,6 +299,9 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
                 pred = [(prob >= t) & lung for t in OPACITY_GRID]
                 opacity_stats.append((p, np.array([(m & ref).sum() for m in pred], float),
                                       np.array([m.sum() for m in pred], float), int(ref.sum())))
+    if "appearance" in what:
+        out["appearance"] = fit_appearance(np.array(looks)) if looks else None
+        out["appearance_images"] = len(looks)
     t_cls = scorer.thresholds.cls
     if "cls" in what and probs:
         prob, label = (np.array(column) for column in zip(*probs))
@@ -342,6 +367,13 @@ class BundleCalibration:
         if z:
             lines.append((f"zone threshold T {z.threshold:.2f} against {z.reference}: score MAE {z.mae:.3f}, "
                           f"RMSE {z.rmse:.3f} on {z.n} images", False))
+        a = self.result.appearance
+        if a is not None:
+            lines.append((f"appearance model: {len(a.variances)} components of {a.n} validation images, limits "
+                          f"{a.limits[0]:.2f} (residual) and {a.limits[1]:.2f} (distance)", False))
+        elif "appearance" in what:
+            lines.append((f"appearance model not fitted: {self.result.appearance_images} --cls-split image(s) with "
+                          f"lungs, {MIN_APPEARANCE_IMAGES} needed; the check keeps its six ranges only", True))
         moved = {"cls": "T_cls", "opacity": "the opacity threshold"}
         if self.stale_zone_threshold_after:  # T was chosen on records made with the old values
             lines.append((f"warning: {' and '.join(moved[m] for m in self.stale_zone_threshold_after)} changed but "
@@ -361,7 +393,7 @@ def calibrate_bundle(uri: str, out_uri: str, df: pd.DataFrame, options: Calibrat
     result = calibrate(scorer, df, options)
     moved = tuple(name for name in ("cls", "opacity")
                   if getattr(result, name) is not None and getattr(result, name).threshold != before[name])
-    derive_bundle(uri, out_uri, **result.bundle_changes())
+    derive_bundle(uri, out_uri, extra=result.bundle_contents(), **result.bundle_changes())
     return BundleCalibration(result, moved if result.zone is None else ())
 
 

@@ -25,11 +25,19 @@ OpenCV/numpy, each chosen for one failure:
   film shows lung bases at its top edge).
 * ``midline_share``: the lungs' share of the central tenth of the columns. The mediastinum
   separates the lungs of a frontal film; a lateral film's lung field spans the middle.
+
+A calibrated bundle adds an appearance model (:class:`AppearanceModel`, fitted by ``cxrtune
+calibrate`` on its validation rows): the image around the lungs, reduced to 32 x 32 and
+histogram-equalised, must lie near the principal components of the frontal CXRs it was fitted on
+(scikit-learn's PCA; the reconstruction residual and the Mahalanobis distance in the components,
+each against 1.1 x its 99.9th percentile there). It refuses what the six ranges let through: a film
+turned sideways, an MRI slice, an inverted radiograph whose mediastinum the lungs still undercut.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -63,8 +71,8 @@ class PlausibilityRule:
     max_centre_row: float = 0.70
     max_midline_share: float = 0.95  # seen at most 0.789
 
-    def refusal(self, m: Measurements) -> str | None:
-        """The reason the measurements are not a frontal chest radiograph's, or None."""
+    def failures(self, m: Measurements) -> list[str]:
+        """Each range the measurements fall outside, said in words (empty: a frontal CXR's)."""
         checks = (
             (m.roughness <= self.max_roughness, f"the image is noise-like (roughness {m.roughness:.3f} > "
                                                 f"{self.max_roughness})"),
@@ -82,11 +90,115 @@ class PlausibilityRule:
              f"lung fills {m.midline_share:.0%} of the midline (at most {self.max_midline_share:.0%}): "
              "no mediastinum between the lungs, a lateral film?"),
         )
-        failed = [message for ok, message in checks if not ok]
-        return "not a frontal chest radiograph: " + "; ".join(failed) if failed else None
+        return [message for ok, message in checks if not ok]
+
+    def refusal(self, m: Measurements) -> str | None:
+        """The reason the measurements are not a frontal chest radiograph's, or None."""
+        failed = self.failures(m)
+        return NOT_FRONTAL + "; ".join(failed) if failed else None
 
 
 DEFAULT_RULE = PlausibilityRule()
+NOT_FRONTAL = "not a frontal chest radiograph: "
+
+APPEARANCE_FILE = "appearance.npz"  # in a calibrated bundle, listed with its hash in bundle.json
+APPEARANCE_SIZE = 32  # side of the lung-box thumbnail
+APPEARANCE_COMPONENTS = 10
+MIN_APPEARANCE_IMAGES = 200  # fewer: no model (ten components would fit the images, not frontal CXRs)
+APPEARANCE_MARGIN = 1.1  # each limit: this x the 99.9th percentile on the images fitted on
+APPEARANCE_ARRAYS = ("mean", "components", "variances", "limits")
+
+
+def appearance_vector(image: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """The image around the lungs (their bounding box, 15 % wider each way), 32 x 32,
+    histogram-equalised, in [0, 1]: what :class:`AppearanceModel` compares. Cropping to the lungs
+    makes the field of view, the label boxes and the contrast of different sites alike."""
+    ys, xs = np.nonzero(lung)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    my, mx = int(0.15 * (y1 - y0)), int(0.15 * (x1 - x0))
+    crop = image[max(0, y0 - my):min(image.shape[0], y1 + my), max(0, x0 - mx):min(image.shape[1], x1 + mx)]
+    u8 = (np.clip(crop, 0, 1) * 255).astype(np.uint8)
+    small = cv2.resize(u8, (APPEARANCE_SIZE, APPEARANCE_SIZE), interpolation=cv2.INTER_AREA)
+    return cv2.equalizeHist(small).astype(np.float32).ravel() / 255
+
+
+@dataclass(frozen=True, eq=False)
+class AppearanceModel:
+    """Principal components of frontal CXRs' lung-box thumbnails (:func:`appearance_vector`) and the
+    two limits an input must stay within: its reconstruction residual and its Mahalanobis distance
+    in the components. Arrays only: stored as an ``.npz`` read without pickle."""
+    mean: np.ndarray
+    components: np.ndarray  # (k, 1024)
+    variances: np.ndarray  # (k,)
+    limits: np.ndarray  # (max residual, max distance)
+    n: int  # images fitted on
+
+    def distances(self, vector: np.ndarray) -> tuple[float, float]:
+        """(reconstruction residual, Mahalanobis distance in the components) of one vector."""
+        centred = vector - self.mean
+        z = self.components @ centred
+        residual = float(np.linalg.norm(centred - self.components.T @ z))
+        return residual, float(np.sqrt(np.sum(z ** 2 / self.variances)))
+
+    def failure(self, image: np.ndarray, lung: np.ndarray) -> str | None:
+        """Why the image around the lungs does not look like the frontal CXRs fitted on, or None."""
+        residual, distance = self.distances(appearance_vector(image, lung))
+        if residual <= self.limits[0] and distance <= self.limits[1]:
+            return None
+        return (f"the image around the lungs does not look like a frontal CXR (appearance residual {residual:.2f}, "
+                f"limit {self.limits[0]:.2f}; distance {distance:.2f}, limit {self.limits[1]:.2f})")
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, n=np.array(self.n), **{name: getattr(self, name) for name in APPEARANCE_ARRAYS})
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "AppearanceModel":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(**{name: z[name].astype(np.float32) for name in APPEARANCE_ARRAYS}, n=int(z["n"]))
+
+    def summary(self) -> dict:
+        """What /v1/models and the model card say about it."""
+        return {"images": self.n, "components": int(len(self.variances)), "size": APPEARANCE_SIZE,
+                "max_residual": round(float(self.limits[0]), 4), "max_distance": round(float(self.limits[1]), 4)}
+
+
+def fit_appearance(vectors: np.ndarray) -> AppearanceModel | None:
+    """The appearance model of frontal CXRs' :func:`appearance_vector` rows, or None for fewer than
+    ``MIN_APPEARANCE_IMAGES``. Each limit is ``APPEARANCE_MARGIN`` x its 99.9th percentile on them."""
+    from sklearn.decomposition import PCA  # here: only calibration fits; serving only reads
+
+    if len(vectors) < MIN_APPEARANCE_IMAGES:
+        return None
+    pca = PCA(n_components=APPEARANCE_COMPONENTS, random_state=0).fit(vectors)
+    fitted = AppearanceModel(mean=pca.mean_.astype(np.float32), components=pca.components_.astype(np.float32),
+                             variances=pca.explained_variance_.astype(np.float32), limits=np.zeros(2, np.float32),
+                             n=len(vectors))
+    seen = np.array([fitted.distances(v) for v in vectors])
+    limits = (APPEARANCE_MARGIN * np.quantile(seen, 0.999, axis=0)).astype(np.float32)
+    return AppearanceModel(fitted.mean, fitted.components, fitted.variances, limits, len(vectors))
+
+
+@dataclass(frozen=True)
+class PlausibilityCheck:
+    """The whole check one bundle applies: the six ranges, and its appearance model if it has one."""
+    rule: PlausibilityRule = DEFAULT_RULE
+    appearance: AppearanceModel | None = field(default=None, compare=False)
+
+    def refusal(self, image: np.ndarray, lung: np.ndarray) -> str | None:
+        """Why the image and its lungs are not a frontal chest radiograph's, or None."""
+        failed = self.rule.failures(measure(image, lung))
+        appearance = self.appearance.failure(image, lung) if self.appearance is not None else None
+        failed += [appearance] if appearance else []
+        return NOT_FRONTAL + "; ".join(failed) if failed else None
+
+    def summary(self) -> dict:
+        return {"rule": {k: v for k, v in vars(self.rule).items()},
+                "appearance": self.appearance.summary() if self.appearance is not None else None}
+
+
+DEFAULT_CHECK = PlausibilityCheck()
 
 
 def measure(image: np.ndarray, lung: np.ndarray) -> Measurements:

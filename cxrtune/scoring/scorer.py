@@ -53,7 +53,7 @@ from ..preprocessing import (
 )
 from ..zones import DEFAULT_ZONE_THRESHOLD
 from .onnx_runtime import ONNX_RUNTIMES, RUNTIMES, load_onnx_stage, onnxruntime_available
-from .plausibility import DEFAULT_RULE, PlausibilityRule, measure
+from .plausibility import APPEARANCE_FILE, DEFAULT_CHECK, AppearanceModel, PlausibilityCheck
 from .record import ScoreRecord
 
 MIN_LUNG_FRACTION = 0.005  # cleaned lungs under this share of the image: no lungs found
@@ -88,12 +88,20 @@ def has_lungs(lung: np.ndarray) -> bool:
     return bool(lung.mean() >= MIN_LUNG_FRACTION)
 
 
-def unscored_reason(image: np.ndarray, lung: np.ndarray, rule: PlausibilityRule = DEFAULT_RULE) -> str | None:
+def unscored_reason(image: np.ndarray, lung: np.ndarray, check: PlausibilityCheck = DEFAULT_CHECK) -> str | None:
     """Why an image is not scored, decided after Stage I and before Stage II: no lungs found, or
-    not a frontal chest radiograph (:mod:`.plausibility`); None: score it."""
+    not a frontal chest radiograph by the bundle's ``check`` (:mod:`.plausibility`); None: score it."""
     if not has_lungs(lung):
         return NO_LUNGS
-    return rule.refusal(measure(image, lung))
+    return check.refusal(image, lung)
+
+
+def load_plausibility(uri: str, meta: BundleMeta) -> PlausibilityCheck:
+    """The bundle's plausibility check: the six ranges, with the appearance model that ``cxrtune
+    calibrate`` stored in it (checked against its hash), if any."""
+    if APPEARANCE_FILE not in meta.files:
+        return DEFAULT_CHECK
+    return PlausibilityCheck(appearance=AppearanceModel.from_bytes(read_bundle_file(uri, APPEARANCE_FILE, meta)))
 
 
 def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float | None, threshold: float,
@@ -222,7 +230,7 @@ class Scorer:
     """Both stages, loaded once; scores lists of working images in batches (on GPU if any)."""
     def __init__(self, lung: StageModel | None, disease: StageModel | None, thresholds: Thresholds = Thresholds(),
                  device: torch.device | None = None, batch_size: int = 8, models: dict | None = None,
-                 runtime: str = "torch"):
+                 runtime: str = "torch", plausibility: PlausibilityCheck = DEFAULT_CHECK):
         """Either stage may be None where only the other is used (one Serve deployment each).
         ``models`` names them in records (:func:`bundle_models`). A scorer is not changed after it
         is made: :meth:`with_thresholds` and :meth:`with_stage` make new ones."""
@@ -235,6 +243,7 @@ class Scorer:
         self.batch_size = batch_size
         self.models = models or {}
         self.runtime = runtime  # "torch", "onnx" or "onnx-int8": which runs the networks
+        self.plausibility = plausibility  # what decides, before Stage II, that an input is not a frontal CXR
 
     def with_thresholds(self, **changes) -> "Scorer":
         """The same networks with some thresholds changed (``zone``, ``cls``, ``lung``, ``opacity``
@@ -321,7 +330,7 @@ class Scorer:
         t0 = time.perf_counter()
         lungs = self.lung_masks(images) if lungs is None else lungs
         t1 = time.perf_counter()
-        reasons = [unscored_reason(image, lung) for image, lung in zip(images, lungs)]
+        reasons = [unscored_reason(image, lung, self.plausibility) for image, lung in zip(images, lungs)]
         found = [i for i, reason in enumerate(reasons) if reason is None]
         stage2 = dict(zip(found, self.opacity_masks([images[i] for i in found], [lungs[i] for i in found]))) if found else {}
         t2 = time.perf_counter()
@@ -390,7 +399,8 @@ def load_bundle(uri: str, device: str | None = None, batch_size: int = 8,
     runtime = choose_runtime(runtime, dev, meta)
     loaded = {stage: _load_stage(uri, stage, meta, dev, runtime) for stage in stages}
     return Scorer(loaded.get("lung"), loaded.get("disease"), Thresholds.of(meta), device=dev, batch_size=batch_size,
-                  models=bundle_models(meta, bundle_hash(uri)), runtime=runtime)
+                  models=bundle_models(meta, bundle_hash(uri)), runtime=runtime,
+                  plausibility=load_plausibility(uri, meta))
 
 
 def stage_one_lungs(uri: str, batch_size: int = 8) -> Callable[[np.ndarray], np.ndarray]:

@@ -54,6 +54,7 @@ from ..scoring.scorer import (
     build_record,
     bundle_models,
     disease_input,
+    load_plausibility,
     lung_output,
     opacity_output,
     record_models,
@@ -113,12 +114,14 @@ class Ingress:
         self.bundle_hash = bundle_hash(self.s.bundle)  # every stage call names it
         check_pinned(self.s, self.bundle_hash)
         self.record_models = bundle_models(meta, self.bundle_hash)  # what each record names
+        self.plausibility = load_plausibility(self.s.bundle, meta)  # before Stage II: is it a frontal CXR?
         self.models = {  # GET /v1/models: that, plus how the bundle was calibrated
             **self.record_models, "zone_threshold": self.thresholds.zone,
             "zone_calibration": asdict(self.thresholds.zone_calibration) if self.thresholds.zone_calibration else None,
             "cls_calibration": asdict(self.thresholds.cls_calibration) if self.thresholds.cls_calibration else None,
             "opacity_threshold": self.thresholds.opacity,
             "opacity_calibration": asdict(self.thresholds.opacity_calibration) if self.thresholds.opacity_calibration else None,
+            "plausibility": self.plausibility.summary(),
             "model_card": meta.model_card, "audits": meta.audits, "versions": meta.versions,
             "stage_audits": {stage: meta.stage(stage).audits for stage in ("lung", "disease")},  # the runs' own
         }
@@ -224,7 +227,7 @@ class Ingress:
             stages["lung"], runtimes["lung"], prob = await self._stage(self.stage1, x1)
             lung = await ticket.run(lung_output, prob, image.shape, self.thresholds.lung)
             t_mid = time.perf_counter()
-            reason = await ticket.run(unscored_reason, image, lung)
+            reason = await ticket.run(unscored_reason, image, lung, self.plausibility)
             if reason is None:  # no lungs, or not a frontal CXR: an unscored record (HTTP 200), Stage II is not asked
                 x2, box = await ticket.run(disease_input, image, lung, self.pre["disease"])
                 stages["disease"], runtimes["disease"], (prob2, p) = await self._stage(self.stage2, x2)
