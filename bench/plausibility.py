@@ -21,8 +21,10 @@ The thresholds come from other images: ``--calibration-images`` of COVID-QU-Ex's
 (every k-th), whose measurement quantiles are printed under ``calibration`` (docs/scoring.md says
 how each threshold follows from them). The appearance model is fitted on the same images, by
 the function ``cxrtune calibrate`` fits it with (a calibrated bundle carries it); each set is
-reported with the six ranges alone (``ranges_only``) and with the model (the check a calibrated
-bundle applies). Prints one JSON object: per set the images, refusals and
+reported with the eight ranges alone (``ranges_only``) and with the model (the check a calibrated
+bundle applies). ``twelve_bit_png``: ``--per-case`` COVID-QU-Ex Val CXRs scored with both stages
+as 8-bit PNGs and as 12-bit data in 16-bit PNGs (item 3: the same score, zone opacity fractions
+within 0.02). Prints one JSON object: per set the images, refusals and
 their reasons, and the quantiles of each measurement. Target: at most 0.5 % of the
 real CXRs refused.
 """
@@ -57,7 +59,7 @@ from cxrtune.scoring.plausibility import (
     fit_appearance,
     measure,
 )
-from cxrtune.scoring.scorer import has_lungs, load_bundle, unscored_reason
+from cxrtune.scoring.scorer import has_lungs, load_bundle, unscored_reason, zone_fractions
 
 TARGET_REFUSED = 0.005
 
@@ -149,6 +151,30 @@ def summary(results: list[tuple[str | None, dict | None]]) -> dict:
             "reasons": dict(kinds.most_common())}
 
 
+def twelve_bit_png(png8: bytes) -> bytes:
+    """An 8-bit CXR's levels stored as 12-bit data in a 16-bit PNG without sBIT (the writer in the
+    issue: divided by 65535 it was scored 0)."""
+    return encode_png((grey(png8).astype(np.int64) * 4095 // 255).astype(np.uint16))
+
+
+def bit_depth(uri: str, files: list[bytes], n: int) -> dict:
+    """Item 3's 12-bit rule on real CXRs with the bundle's two stages: each 12-bit copy's record
+    against its 8-bit original's (target: the score equal, zone opacity fractions within 0.02)."""
+    scorer = load_bundle(uri, batch_size=8, device="cpu")
+    picked = files[:: max(1, len(files) // n)][:n]
+    same, worst = 0, 0.0
+    for png in picked:
+        (eight, _), (twelve, _) = scorer.score_scans([load_scan(png), load_scan(twelve_bit_png(png))])
+        same += int((eight["status"], eight["score"]) == (twelve["status"], twelve["score"]))
+        a, b = zone_fractions(eight), zone_fractions(twelve)
+        if a is not None and b is not None:
+            worst = max(worst, float(np.nanmax(np.abs(np.array(a, float) - np.array(b, float)))))
+        elif (a is None) != (b is None):
+            worst = float("inf")
+    return {"images": len(picked), "same_status_and_score": same, "max_zone_fraction_difference": round(worst, 4),
+            "meets_target": same == len(picked) and worst <= 0.02}
+
+
 def quantiles_of(measured: list[dict]) -> dict:
     qs = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
     return {key: dict(zip(map(str, qs), np.round(np.quantile([m[key] for m in measured], qs), 4).tolist()))
@@ -189,6 +215,7 @@ def main() -> None:
         report["not_cxr"][name] = {**summary(run(seen, check)),
                                    "ranges_only_rate": summary(run(seen, DEFAULT_CHECK))["rate"]}
     report["real_measurements"] = quantiles_of(measured)
+    report["twelve_bit_png"] = bit_depth(args.bundle, real["covid-qu-ex-val"], args.per_case)
     n = sum(v["images"] for v in report["real"].values())
     refused = sum(v["refused"] for v in report["real"].values())
     report["summary"] = {"real_images": n, "real_refused": refused, "real_refused_rate": round(refused / max(1, n), 4),

@@ -136,7 +136,10 @@ def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE) -> Scan:
         image = decode_image(data, limits)
     check_image(image)
     h, w = image.shape
-    return Scan(to_working_size(image, work_size), fmt, w, h, header)
+    # at 8-bit levels before any resampling, as the 8-bit training images were: a 12- or 16-bit
+    # copy of an image then gets its 8-bit copy's record (resampled at full precision, sub-level
+    # differences flip roundings in Stage II's input and moved a zone's opacity fraction by 0.07)
+    return Scan(to_working_size(from_uint8(to_uint8(image)), work_size), fmt, w, h, header)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -64,6 +64,21 @@ def _with_sbit(png: bytes, bits: int) -> bytes:
     return png[:ihdr_end] + chunk + png[ihdr_end:]
 
 
+def test_a_12_or_16_bit_copy_gives_its_8_bit_copys_working_image_exactly():
+    """What the stages see (the working image, here resized from 1,300 px to 1,024) is the 8-bit
+    copy's to the bit for 12-bit data in a 16-bit PNG and for 16-bit data scaled from 8 bits: the
+    same record follows. (Resampled at 12-bit precision, Stage II's input differed in roundings
+    and a real CXR's zone opacity fraction moved by 0.07: bench/plausibility.py, twelve_bit_png.)"""
+    from cxrtune.preprocessing import load_scan
+
+    rng = np.random.default_rng(3)
+    g8 = cv2.GaussianBlur(rng.integers(0, 256, (1300, 1100), dtype=np.uint8), (0, 0), 3)
+    eight = load_scan(images.encode_png(g8)).image
+    assert eight.shape == (1024, 866)
+    for copy in ((g8.astype(np.int64) * 4095 // 255).astype(np.uint16), g8.astype(np.uint16) * 257):
+        assert np.array_equal(load_scan(images.encode_png(copy)).image, eight)
+
+
 def test_12_bit_data_in_a_16_bit_png_is_read_at_its_own_scale():
     """COVID-QU-Ex-like 8-bit levels stored as 12-bit data in a 16-bit PNG: read as its 8-bit copy
     is (not divided by 65535, which left it at 6 % of full scale and scored as clear lungs)."""

@@ -80,6 +80,23 @@ def test_one_lung_field_across_the_midline_a_lateral_film_is_refused():
     assert "lateral film" in _reason(image, field)
 
 
+def test_lungs_found_beside_the_bones_of_a_limb_are_refused():
+    """A real CR of a tibia (pydicom-data), with "lungs" where the CPU accuracy bundle's Stage I put
+    them: two tall strips of soft tissue beside the bones (bench/plausibility.py). Every other
+    range passes; they are too narrow and too tall for a chest."""
+    import cv2
+    from pydicom.data import get_testdata_file
+
+    from cxrtune.dicom import read_dicom
+
+    image = cv2.resize(read_dicom(get_testdata_file("RG3_UNCR.dcm")).pixels, (256, 256), interpolation=cv2.INTER_AREA)
+    strips = np.zeros(image.shape, bool)
+    strips[16:190, 68:88] = strips[16:180, 96:114] = True
+    reason = _reason(image, strips)
+    assert "of the image's width (at least 37%)" in reason and "times as tall as wide" in reason
+    assert reason.count(";") == 1, reason  # those two only
+
+
 def test_lungs_of_implausible_size_are_refused():
     image, lung = phantom()
     tiny = np.zeros_like(lung)
@@ -99,7 +116,7 @@ def test_measurements_are_the_documented_ones():
     image, lung = phantom()
     m = measure(image, lung)
     assert 0.1 < m.lung_fraction < 0.3 and 0.3 < m.centre_row < 0.6 and m.midline_share < 0.1
-    assert m.contrast > 0.3 and m.roughness < 0.03
+    assert m.contrast > 0.3 and m.roughness < 0.03 and 0.55 < m.lung_width < 0.75 and 0.7 < m.lung_aspect < 0.9
     assert DEFAULT_RULE.refusal(m) is None
 
 
@@ -155,7 +172,7 @@ def test_the_appearance_model_refuses_what_the_six_ranges_let_through(appearance
     image, lung = phantom(1000)
     mri = np.frombuffer(gzip.open(SAMPLES / "s1045.ima.gz").read(), "<u2").reshape(256, 256).astype(np.float32)
     for wrong, its_lungs in (upside_down(image, lung), (mri / mri.max(), lung)):
-        assert DEFAULT_RULE.refusal(measure(wrong, its_lungs)) is None  # the six ranges let it through
+        assert DEFAULT_RULE.refusal(measure(wrong, its_lungs)) is None  # the eight ranges let it through
         reason = check.refusal(wrong, its_lungs)
         assert reason and reason.startswith("not a frontal chest radiograph: ") and "does not look like" in reason
         assert unscored_reason(wrong, its_lungs, check) == reason

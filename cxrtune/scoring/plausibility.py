@@ -2,7 +2,7 @@
 
 Stage I finds "lungs" in whatever it is given: uniform noise, an inverted
 radiograph, a sideways or lateral film. Scored, those give confident nonsense (noise and an
-inverted CXR were scored 6). So after Stage I, and before Stage II, six measurements of the
+inverted CXR were scored 6). So after Stage I, and before Stage II, eight measurements of the
 working image and its cleaned lung mask are checked against ranges calibrated on real CXRs
 (``bench/plausibility.py``; the thresholds, the data and the refusal rate are in
 docs/scoring.md and docs/BENCHMARKS.md). Any one out of range makes the record ``unscored`` with
@@ -21,6 +21,9 @@ OpenCV/numpy, each chosen for one failure:
   lungs filling the frame are not a chest PA/AP.
 * ``lung_height``: the lungs' rows over the image's height (a film turned sideways has short,
   wide lungs).
+* ``lung_width``: the lungs' columns over the image's width (two lungs span most of a chest film;
+  "lungs" found beside the bones of a limb are a narrow strip).
+* ``lung_aspect``: the lungs' rows over their columns (a limb's "lungs" are tall and narrow).
 * ``centre_row``: where the lungs' centre of mass sits, as a fraction of the height (an abdominal
   film shows lung bases at its top edge).
 * ``midline_share``: the lungs' share of the central tenth of the columns. The mediastinum
@@ -30,7 +33,7 @@ A calibrated bundle adds an appearance model (:class:`AppearanceModel`, fitted b
 calibrate`` on its validation rows): the image around the lungs, reduced to 32 x 32 and
 histogram-equalised, must lie near the principal components of the frontal CXRs it was fitted on
 (scikit-learn's PCA; the reconstruction residual and the Mahalanobis distance in the components,
-each against 1.1 x its 99.9th percentile there). It refuses what the six ranges let through: a film
+each against 1.1 x its 99.9th percentile there). It refuses what the eight ranges let through: a film
 turned sideways, an MRI slice, an inverted radiograph whose mediastinum the lungs still undercut.
 """
 
@@ -52,6 +55,8 @@ class Measurements:
     contrast: float
     lung_fraction: float
     lung_height: float
+    lung_width: float
+    lung_aspect: float
     centre_row: float
     midline_share: float
 
@@ -67,6 +72,8 @@ class PlausibilityRule:
     min_lung_fraction: float = 0.029  # seen 0.057-0.579
     max_lung_fraction: float = 0.66
     min_lung_height: float = 0.21  # seen at least 0.336
+    min_lung_width: float = 0.37  # seen at least 0.480
+    max_lung_aspect: float = 1.84  # seen at most 1.68
     min_centre_row: float = 0.14  # seen 0.220-0.626
     max_centre_row: float = 0.70
     max_midline_share: float = 0.95  # seen at most 0.789
@@ -83,6 +90,10 @@ class PlausibilityRule:
              f"{self.min_lung_fraction:.0%}-{self.max_lung_fraction:.0%})"),
             (m.lung_height >= self.min_lung_height, f"the lungs span {m.lung_height:.0%} of the image's height "
                                                     f"(at least {self.min_lung_height:.0%}): turned sideways?"),
+            (m.lung_width >= self.min_lung_width, f"the lungs span {m.lung_width:.0%} of the image's width "
+                                                  f"(at least {self.min_lung_width:.0%}): not a chest film?"),
+            (m.lung_aspect <= self.max_lung_aspect, f"the lungs are {m.lung_aspect:.2f} times as tall as wide (at most "
+                                                    f"{self.max_lung_aspect}): not a chest film?"),
             (self.min_centre_row <= m.centre_row <= self.max_centre_row,
              f"the lungs' centre is at {m.centre_row:.0%} of the height ({self.min_centre_row:.0%}-"
              f"{self.max_centre_row:.0%}): not a chest film?"),
@@ -146,7 +157,7 @@ class AppearanceModel:
         if residual <= self.limits[0] and distance <= self.limits[1]:
             return None
         return (f"the image around the lungs does not look like a frontal CXR (appearance residual {residual:.2f}, "
-                f"limit {self.limits[0]:.2f}; distance {distance:.2f}, limit {self.limits[1]:.2f})")
+                f"limit {self.limits[0]:.2f}, distance {distance:.2f}, limit {self.limits[1]:.2f})")
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -182,7 +193,7 @@ def fit_appearance(vectors: np.ndarray) -> AppearanceModel | None:
 
 @dataclass(frozen=True)
 class PlausibilityCheck:
-    """The whole check one bundle applies: the six ranges, and its appearance model if it has one."""
+    """The whole check one bundle applies: the eight ranges, and its appearance model if it has one."""
     rule: PlausibilityRule = DEFAULT_RULE
     appearance: AppearanceModel | None = field(default=None, compare=False)
 
@@ -212,15 +223,17 @@ def measure(image: np.ndarray, lung: np.ndarray) -> Measurements:
     spread = max(float(high - low), 1e-6)
     roughness = float(np.median(np.abs(small - cv2.GaussianBlur(small, (0, 0), 1.5)))) / spread
     h, w = small.shape
-    rows = np.flatnonzero(lungs.any(axis=1))
+    rows, cols = np.flatnonzero(lungs.any(axis=1)), np.flatnonzero(lungs.any(axis=0))
     if rows.size == 0:
-        return Measurements(roughness, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return Measurements(roughness, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     band = np.zeros_like(lungs)
     band[rows[0]:rows[-1] + 1, int(0.45 * w):int(np.ceil(0.55 * w))] = True
     mediastinum = band & ~lungs
     contrast = (float(small[mediastinum].mean()) - float(small[lungs].mean())) / spread if mediastinum.any() else 0.0
     ys = np.nonzero(lungs)[0]
     return Measurements(roughness=roughness, contrast=contrast, lung_fraction=float(lungs.mean()),
-                        lung_height=float(rows[-1] - rows[0] + 1) / h, centre_row=float(ys.mean()) / h,
+                        lung_height=float(rows[-1] - rows[0] + 1) / h, lung_width=float(cols[-1] - cols[0] + 1) / w,
+                        lung_aspect=float(rows[-1] - rows[0] + 1) / float(cols[-1] - cols[0] + 1),
+                        centre_row=float(ys.mean()) / h,
                         midline_share=float(lungs[band].mean()))
 
