@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -22,6 +23,7 @@ import torch
 from pydicom.data import get_testdata_file
 
 from cxrtune import images
+from cxrtune.scoring.plausibility import DEFAULT_RULE
 from tests import golden
 from tests.conftest import ROOT, bundle_with_blind_lungs, free_port
 
@@ -249,6 +251,8 @@ def test_health_models_and_openapi(server):
     assert models["lung"].startswith("FPN/resnet18") and "zone_threshold" in models
     assert models["opacity_threshold"] == 0.3 and models["opacity_calibration"]["method"] == "max_dice"
     assert models["audits"] == {} and models["stage_audits"] == {"lung": {}, "disease": {}}
+    # the check before Stage II: the ranges; no appearance model (calibrated on 24 phantoms, not 200)
+    assert models["plausibility"] == {"rule": asdict(DEFAULT_RULE), "appearance": None}
     gated = requests.get(f"{server}/blind/v1/models", headers={"X-API-Key": KEY}).json()
     assert gated["audits"] == {"gates": BLIND_GATES}  # the release gates the bundle passed
     spec = requests.get(f"{server}/openapi.json").json()

@@ -40,7 +40,7 @@ turned sideways, an MRI slice, an inverted radiograph whose mediastinum the lung
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
@@ -205,7 +205,7 @@ class PlausibilityCheck:
         return NOT_FRONTAL + "; ".join(failed) if failed else None
 
     def summary(self) -> dict:
-        return {"rule": {k: v for k, v in vars(self.rule).items()},
+        return {"rule": asdict(self.rule),
                 "appearance": self.appearance.summary() if self.appearance is not None else None}
 
 
