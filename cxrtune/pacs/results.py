@@ -1,0 +1,264 @@
+"""A score record as DICOM: a Comprehensive 3D SR holding a TID 1500 measurement report, and a
+binary SEG of the lungs and the opacity, each in its own new series of the source image's study.
+
+Written with highdicom, which builds the templates, the patient and study modules (copied from
+the source) and the references; what is cxrtune's own is the content: which codes, which
+groups, and UIDs that a resend of the same result reproduces (docs/pacs.md has the content tree).
+
+* **Codes.** Standard codes where they exist: SNOMED CT for the procedure, the lungs and yes/no,
+  DCM for opacity, the device observer and the algorithm family, UCUM for units. cxrtune's
+  equal-area zones A-F, its score (affected zones, 0-6; not a Brixia score, whose zones follow
+  anatomical landmarks), its status and its thresholds have no standard code: they are in the
+  private scheme ``99CXRTUNE``, declared in the Coding Scheme Identification Sequence.
+* **Groups (TID 1501).** One for the image: the status (coded), the score when the record is
+  ``scored`` (never a 0 for an unscored one), p(disease), the opacity percent of each lung found,
+  and the three thresholds used; then one per zone that exists: affected (yes/no) and its opacity
+  fraction. Each names the algorithm (TID 4019: bundle name; version = bundle content hash,
+  runtime and cxrtune version), as IHE AI Results asks.
+* **UIDs.** Series and instance UIDs are name-based UUIDs (``2.25.``, PS3.5 B.2) of the source SOP
+  Instance UID, the bundle's content hash, the runtime and the object's kind.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from dataclasses import dataclass
+
+import cv2
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset, dcmread
+from pydicom.sr.codedict import codes
+
+from .. import __version__
+from ..errors import CxrtuneError
+from ..zones import ZONE_LETTERS
+
+SCHEME = "99CXRTUNE"  # private coding scheme: cxrtune's zones, score, status and thresholds
+SCHEME_NAME = "cxrtune result codes"
+MANUFACTURER = "cxrtune"
+UID_NAMESPACE = uuid.UUID("7d4f2c3e-8c1a-5b0e-9f6a-63787274756e")  # cxrtune's, for its derived UIDs
+SR_SERIES_NUMBER, SEG_SERIES_NUMBER = 9101, 9102  # high, so that they sort after the modality's series
+
+
+def _private(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value, SCHEME, meaning)
+
+
+SCORE = _private("score", "Affected equal-area lung zones (0-6)")
+STATUS = _private("status", "cxrtune result status")
+STATUS_VALUES = {s: _private(f"status-{s}", f"cxrtune result {s}") for s in ("scored", "partial", "unscored")}
+ZONE_AFFECTED = _private("zone-affected", "Zone opacity fraction at or above the zone threshold")
+ZONE_OPACITY_FRACTION = _private("zone-opacity-fraction", "Zone opacity fraction")
+LUNG_OPACITY_PERCENT = _private("lung-opacity-percent", "Opacity percent of lung")
+DISEASE_PROBABILITY = _private("disease-probability", "Probability of disease (not normal)")
+THRESHOLDS = {"threshold": _private("zone-threshold", "Zone threshold T"),
+              "cls_threshold": _private("cls-threshold", "Disease probability threshold T_cls"),
+              "opacity_threshold": _private("opacity-threshold", "Opacity probability threshold")}
+_ZONE_PLACE = {"A": "right upper", "B": "right middle", "C": "right lower",
+               "D": "left upper", "E": "left middle", "F": "left lower"}
+ZONES = {z: _private(f"zone-{z}", f"cxrtune equal-area lung zone {z} ({_ZONE_PLACE[z]})") for z in ZONE_LETTERS}
+
+PROCEDURE = hd.sr.CodedConcept("399208008", "SCT", "Plain X-ray of chest")
+RIGHT_LUNG = hd.sr.CodedConcept("3341006", "SCT", "Right lung")
+LEFT_LUNG = hd.sr.CodedConcept("44029006", "SCT", "Left lung")
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
+
+
+@dataclass(frozen=True)
+class AlgorithmIdentity:
+    """Which algorithm made a result (IHE AIR): the bundle's name and content hash, the runtime
+    that ran Stage II (Stage I's when Stage II did not run) and cxrtune's version."""
+    bundle: str
+    bundle_hash: str
+    runtime: str
+    version: str = __version__
+
+    @classmethod
+    def of_record(cls, record: dict) -> "AlgorithmIdentity":
+        models = record.get("models") or {}
+        runtimes = models.get("stage_runtimes") or {}
+        if not models.get("bundle_hash"):
+            raise CxrtuneError("a record without its bundle's content hash cannot be written as DICOM")
+        return cls(str(models.get("bundle") or "cxrtune"), str(models["bundle_hash"]),
+                   str(runtimes.get("disease") or runtimes.get("lung") or "torch"))
+
+    def algorithm_version(self) -> str:
+        return f"{self.bundle_hash} {self.runtime} cxrtune-{self.version}"
+
+
+@dataclass(frozen=True)
+class DicomResults:
+    """The DICOM objects of one record: the SR always, the SEG for a scored or partial record."""
+    sr: Dataset
+    seg: Dataset | None
+
+    def objects(self) -> list[Dataset]:
+        return [self.sr] + ([self.seg] if self.seg is not None else [])
+
+
+def derived_uid(source_uid: str, identity: AlgorithmIdentity, kind: str) -> str:
+    """A UID that the same source, bundle, runtime and object kind always give (a resend of a
+    result is the same object, so a PACS stores it once)."""
+    name = "|".join((str(source_uid), identity.bundle_hash, identity.runtime, kind))
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"  # a UUID-derived UID (PS3.5 B.2), name-based
+
+
+def coding_scheme() -> Dataset:
+    """The Coding Scheme Identification Sequence item that declares ``99CXRTUNE``."""
+    item = Dataset()
+    item.CodingSchemeDesignator = SCHEME
+    item.CodingSchemeName = SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = "cxrtune project"
+    return item
+
+
+def _tracking(source_uid: str, identity: AlgorithmIdentity, name: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=derived_uid(source_uid, identity, f"tracking-{name}"), identifier=name)
+
+
+def _image_group(source: Dataset, record: dict, identity: AlgorithmIdentity,
+                 algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    status = record["status"]
+    measurements = []
+    if status == "scored" and record.get("score") is not None:
+        measurements.append(hd.sr.Measurement(SCORE, float(record["score"]), NO_UNITS))
+    if record.get("disease_probability") is not None:
+        measurements.append(hd.sr.Measurement(DISEASE_PROBABILITY, float(record["disease_probability"]), NO_UNITS))
+    for side, site in (("right", RIGHT_LUNG), ("left", LEFT_LUNG)):
+        lung = (record.get("lungs") or {}).get(side)
+        if lung is not None:
+            measurements.append(hd.sr.Measurement(LUNG_OPACITY_PERCENT, float(lung["opacity_percent"]), PERCENT,
+                                                  finding_sites=[hd.sr.FindingSite(site)]))
+    models = record.get("models") or {}
+    for key, code in THRESHOLDS.items():
+        value = record.get(key) if key == "threshold" else models.get(key)
+        if value is not None:
+            measurements.append(hd.sr.Measurement(code, float(value), NO_UNITS))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(source.SOPInstanceUID, identity, "image"), finding_type=codes.DCM.Opacity,
+        algorithm_id=algorithm, finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)], measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(STATUS, STATUS_VALUES[status])],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
+
+
+def _zone_groups(source: Dataset, record: dict, identity: AlgorithmIdentity,
+                 algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    groups = []
+    for letter in ZONE_LETTERS:
+        zone = (record.get("zones") or {}).get(letter)
+        if not zone or zone.get("affected") is None:  # a lung not found: its zones do not exist
+            continue
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(source.SOPInstanceUID, identity, f"zone {letter}"),
+            finding_type=codes.DCM.Opacity, algorithm_id=algorithm, finding_sites=[hd.sr.FindingSite(ZONES[letter])],
+            measurements=[hd.sr.Measurement(ZONE_OPACITY_FRACTION, float(zone["opacity_fraction"]), NO_UNITS)],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                ZONE_AFFECTED, codes.SCT.Yes if zone["affected"] else codes.SCT.No)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)]))
+    return groups
+
+
+def _library_entry(source: Dataset) -> list[Dataset] | None:
+    """The source as the Image Library (TID 1600) describes it. highdicom's projection-radiograph
+    entry reads Patient Orientation (two values) and Imager Pixel Spacing; a CR may carry its
+    spacing as Pixel Spacing only (pydicom-data's does), which then stands for it. Without an
+    orientation the report has no library (highdicom cannot write the entry)."""
+    if len(source.get("PatientOrientation") or []) != 2:
+        return None
+    header = Dataset()
+    header.update({elem.tag: elem for elem in source if elem.tag < 0x7FE00000})  # no pixel data
+    if "ImagerPixelSpacing" not in header and "PixelSpacing" in header:
+        header.ImagerPixelSpacing = header.PixelSpacing
+    return [header] if "ImagerPixelSpacing" in header else None
+
+
+def measurement_report(source: Dataset, record: dict, identity: AlgorithmIdentity) -> Dataset:
+    """The Comprehensive 3D SR of ``record`` (a score record's dict) about ``source``."""
+    algorithm = hd.sr.AlgorithmIdentification(name=identity.bundle, version=identity.algorithm_version(),
+                                              family=codes.cid7162.ArtificialIntelligence, manufacturer=MANUFACTURER)
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid(source.SOPInstanceUID, identity, "device"), name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER, model_name=identity.bundle, serial_number=identity.bundle_hash))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device), procedure_reported=PROCEDURE,
+        imaging_measurements=[_image_group(source, record, identity, algorithm),
+                              *_zone_groups(source, record, identity, algorithm)],
+        referenced_images=_library_entry(source))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source], content=report[0],
+        series_instance_uid=derived_uid(source.SOPInstanceUID, identity, "sr-series"), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, identity, "sr"), instance_number=1,
+        manufacturer=MANUFACTURER, is_complete=True, series_description="cxrtune lung opacity score")
+    sr.CodingSchemeIdentificationSequence = [coding_scheme()]
+    return sr
+
+
+def _on_source_grid(mask: np.ndarray, source: Dataset) -> np.ndarray:
+    rows, columns = int(source.Rows), int(source.Columns)
+    return cv2.resize(mask.astype(np.uint8), (columns, rows), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def segmentation(source: Dataset, lung: np.ndarray, opacity: np.ndarray, identity: AlgorithmIdentity) -> Dataset:
+    """The binary SEG (segments 1 ``lung``, 2 ``opacity``) of working-size masks, on the source
+    image's grid."""
+    algorithm = hd.AlgorithmIdentificationSequence(name=identity.bundle, family=codes.cid7162.ArtificialIntelligence,
+                                                   version=identity.algorithm_version(), source=MANUFACTURER)
+    segments = [
+        hd.seg.SegmentDescription(1, "lung", codes.SCT.AnatomicalStructure, codes.SCT.Lung,
+                                  hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm),
+        hd.seg.SegmentDescription(2, "opacity", codes.SCT.MorphologicallyAbnormalStructure, codes.DCM.Opacity,
+                                  hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm),
+    ]
+    pixels = np.stack([_on_source_grid(lung, source), _on_source_grid(opacity, source)], axis=-1)[None]
+    seg = hd.seg.Segmentation(
+        source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=derived_uid(source.SOPInstanceUID, identity, "seg-series"), series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, identity, "seg"), instance_number=1,
+        manufacturer=MANUFACTURER, manufacturer_model_name=identity.bundle, software_versions=f"cxrtune {identity.version}",
+        device_serial_number=identity.bundle_hash, series_description="cxrtune lungs and opacity",
+        omit_empty_frames=False)
+    # the General Image module's Type 2C orientation: a projection radiograph has no plane
+    # position, so the source's (or an empty) Patient Orientation stands
+    seg.PatientOrientation = source.get("PatientOrientation", "")
+    if "FrameOfReferenceUID" not in source:
+        # Pixel Measures is required only with a frame of reference; copied from a projection
+        # radiograph it carries the source's Pixel Spacing (zero in pydicom-data's CR) without a
+        # Slice Thickness, and highdicom cannot read such a SEG back
+        for group in seg.SharedFunctionalGroupsSequence:
+            if "PixelMeasuresSequence" in group:
+                del group.PixelMeasuresSequence
+    return seg
+
+
+def dicom_results(source: Dataset | bytes, record: dict, lung: np.ndarray | None = None,
+                  opacity: np.ndarray | None = None) -> DicomResults:
+    """The SR and (for a scored or partial record) the SEG of ``record``, made about the DICOM
+    image ``source`` (its dataset or its bytes) that was scored.
+
+    Args:
+        lung, opacity: the record's masks at its working size (``Detail.lung``, ``Detail.opacity``);
+            needed for the SEG.
+
+    Raises:
+        CxrtuneError: the record has no bundle hash, or a SEG is due and the masks are missing."""
+    ds = dcmread(io.BytesIO(source)) if isinstance(source, (bytes, bytearray)) else source
+    identity = AlgorithmIdentity.of_record(record)
+    sr = measurement_report(ds, record, identity)
+    if record["status"] == "unscored":
+        return DicomResults(sr, None)
+    if lung is None or opacity is None:
+        raise CxrtuneError("the SEG of a scored or partial record needs its lung and opacity masks")
+    return DicomResults(sr, segmentation(ds, lung, opacity, identity))
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    """A DICOM object as a Part 10 file."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

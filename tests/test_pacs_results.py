@@ -1,0 +1,198 @@
+"""Results as DICOM (issue 22, item 1): the TID 1500 SR and the binary SEG of a record, read back
+with highdicom and checked with dicom3tools' dciodvfy against the source they describe.
+
+The source is a copy of pydicom-data's CR chest PA (RG1_UNCR.dcm) with new UIDs and patient; the
+records are built by the scoring policy's own ``build_record`` from masks drawn at the scan's
+working size, so each value read back has a known answer."""
+
+import re
+import shutil
+import subprocess
+
+import cv2
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from cxrtune import zones
+from cxrtune.pacs.results import (
+    SCHEME,
+    SCORE,
+    STATUS,
+    ZONE_AFFECTED,
+    ZONE_OPACITY_FRACTION,
+    ZONES,
+    AlgorithmIdentity,
+    dicom_results,
+    to_bytes,
+)
+from cxrtune.preprocessing import load_scan
+from cxrtune.scoring.scorer import build_record
+
+MODELS = {"lung": "FPN/resnet18", "disease": "Unet/resnet18", "cls_threshold": 0.4, "opacity_threshold": 0.3,
+          "bundle": "cpu-accuracy", "bundle_hash": "0123456789abcdef", "created": "2026-12-03T00:00:00Z",
+          "stage_bundles": {"lung": "0123456789abcdef", "disease": "0123456789abcdef"},
+          "stage_runtimes": {"lung": "onnx-int8", "disease": "onnx-int8"}}
+
+
+def source_copy(patient: str = "CXRTUNE^TEST", seed: int = 0) -> pydicom.Dataset:
+    """RG1_UNCR with new study, series and instance UIDs and a new patient: a distinct instance."""
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID = patient, f"PID{seed:04d}"
+    return ds
+
+
+def drawn_record(ds: pydicom.Dataset, lungs: str = "both", status_reason: str | None = None):
+    """(record dict, Detail) for two (or one) drawn lungs with opacity low in the right lung."""
+    scan = load_scan(to_bytes(ds))
+    h, w = scan.image.shape
+    lung = np.zeros((h, w), np.uint8)
+    if lungs in ("both", "right"):  # the patient's right lung: the image's left
+        cv2.ellipse(lung, (int(w * 0.3), int(h * 0.45)), (int(w * 0.13), int(h * 0.25)), 0, 0, 360, 1, -1)
+    if lungs == "both":
+        cv2.ellipse(lung, (int(w * 0.7), int(h * 0.45)), (int(w * 0.13), int(h * 0.25)), 0, 0, 360, 1, -1)
+    opacity = np.zeros((h, w), bool)
+    opacity[int(h * 0.5):int(h * 0.7), : int(w * 0.5)] = True
+    record, detail = build_record(lung.astype(bool), None if lungs == "none" else opacity, 0.91, 0.1, MODELS, scan,
+                                  reason=status_reason)
+    return record.to_dict(), detail
+
+
+def content_items(ds) -> list[tuple[str, object]]:
+    """(concept name meaning, value) of every item of an SR's content tree, depth first."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+        value = (item.get("TextValue") or (item.ConceptCodeSequence[0].CodeMeaning if "ConceptCodeSequence" in item
+                                           else None))
+        out.append((name, value))
+        out += content_items(item)
+    return out
+
+
+def read_groups(path) -> dict[str, hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """The SR's measurement groups by tracking identifier (``image``, ``zone A``...)."""
+    sr = hd.sr.srread(path)
+    return {str(g.tracking_identifier): g for g in sr.content.get_image_measurement_groups()}
+
+
+def measured(group, code) -> list[float]:
+    return [m.value for m in group.get_measurements(name=code)]
+
+
+def evaluated(group, code) -> list[str]:
+    return [q.value.meaning for q in group.get_qualitative_evaluations(name=code)]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    ds = source_copy()
+    record, detail = drawn_record(ds)
+    out = tmp_path_factory.mktemp("dicom-results")
+    results = dicom_results(to_bytes(ds), record, detail.lung, detail.opacity)
+    (out / "source.dcm").write_bytes(to_bytes(ds))
+    (out / "sr.dcm").write_bytes(to_bytes(results.sr))
+    (out / "seg.dcm").write_bytes(to_bytes(results.seg))
+    return ds, record, detail, results, out
+
+
+def test_the_sr_reads_back_to_the_record(scored):
+    ds, record, _, results, out = scored
+    assert record["status"] == "scored" and record["score"] == 2  # B and C: the drawn opacity
+    groups = read_groups(out / "sr.dcm")
+    image = groups["image"]
+    assert measured(image, SCORE) == [2.0] and evaluated(image, STATUS) == ["cxrtune result scored"]
+    for letter in zones.ZONE_LETTERS:
+        zone, group = record["zones"][letter], groups[f"zone {letter}"]
+        assert group.finding_sites[0].value.value == ZONES[letter].value
+        assert evaluated(group, ZONE_AFFECTED) == ["Yes" if zone["affected"] else "No"]
+        assert measured(group, ZONE_OPACITY_FRACTION) == [pytest.approx(zone["opacity_fraction"])]
+    items = content_items(pydicom.dcmread(out / "sr.dcm"))
+    identity = AlgorithmIdentity.of_record(record)
+    assert ("Algorithm Name", "cpu-accuracy") in items and ("Image Library", None) in items
+    assert ("Algorithm Version", "0123456789abcdef onnx-int8 cxrtune-" + identity.version) in items
+    sr = pydicom.dcmread(out / "sr.dcm")
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert evidence.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    # the source's patient and study, in a new series; the private scheme is declared
+    assert (sr.PatientID, sr.PatientName, sr.StudyInstanceUID) == (ds.PatientID, ds.PatientName, ds.StudyInstanceUID)
+    assert sr.SeriesInstanceUID not in (ds.SeriesInstanceUID, results.seg.SeriesInstanceUID) and sr.Modality == "SR"
+    assert [i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence] == [SCHEME]
+    assert "Brixia" not in str(sr)
+
+
+def test_the_seg_on_the_source_grid_is_the_records_masks(scored):
+    ds, record, detail, results, out = scored
+    seg = hd.seg.segread(out / "seg.dcm")
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["lung", "opacity"]
+    assert seg.StudyInstanceUID == ds.StudyInstanceUID and seg.Modality == "SEG"
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=[ds.SOPInstanceUID], segment_numbers=[1, 2])[0]
+    assert pixels.shape == (ds.Rows, ds.Columns, 2)
+    h, w = detail.lung.shape
+    back = [cv2.resize(pixels[..., i], (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) for i in (0, 1)]
+    for got, want in zip(back, (detail.lung, detail.opacity & detail.lung)):
+        assert 2 * (got & want).sum() / (got.sum() + want.sum()) >= 0.99
+    again = zones.score_lungs(zones.split_lungs(back[0]), back[1], record["threshold"])
+    groups = read_groups(out / "sr.dcm")
+    assert again["score"] == measured(groups["image"], SCORE)[0]
+    for letter in zones.ZONE_LETTERS:
+        affected = evaluated(groups[f"zone {letter}"], ZONE_AFFECTED) == ["Yes"]
+        assert again["zones"][letter]["affected"] == affected, letter
+
+
+def test_partial_records_carry_their_zones_and_unscored_ones_a_status_and_no_score():
+    ds = source_copy("CXRTUNE^PARTIAL", 1)
+    record, detail = drawn_record(ds, lungs="right")
+    assert record["status"] == "partial"
+    results = dicom_results(ds, record, detail.lung, detail.opacity)
+    groups = {str(g.tracking_identifier): g for g in hd.sr.Comprehensive3DSR.from_dataset(results.sr)
+              .content.get_image_measurement_groups()}
+    assert set(groups) == {"image", "zone A", "zone B", "zone C"}  # the right lung's zones only
+    assert measured(groups["image"], SCORE) == [] and evaluated(groups["image"], STATUS) == ["cxrtune result partial"]
+    assert results.seg is not None
+
+    record, detail = drawn_record(ds, lungs="none", status_reason="no lungs found")
+    assert record["status"] == "unscored"
+    results = dicom_results(ds, record)
+    groups = {str(g.tracking_identifier): g for g in hd.sr.Comprehensive3DSR.from_dataset(results.sr)
+              .content.get_image_measurement_groups()}
+    assert set(groups) == {"image"} and measured(groups["image"], SCORE) == []  # never a 0
+    assert evaluated(groups["image"], STATUS) == ["cxrtune result unscored"] and results.seg is None
+
+
+def test_a_resend_of_the_same_result_is_the_same_object(scored):
+    ds, record, detail, results, _ = scored
+    again = dicom_results(ds, record, detail.lung, detail.opacity)
+    assert [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in again.objects()] == \
+        [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in results.objects()]
+    other_runtime = {**record, "models": {**MODELS, "stage_runtimes": {"lung": "torch", "disease": "torch"}}}
+    changed = dicom_results(ds, other_runtime, detail.lung, detail.opacity)
+    assert not {o.SOPInstanceUID for o in changed.objects()} & {o.SOPInstanceUID for o in results.objects()}
+    assert len({o.SOPInstanceUID for o in results.objects()} | {ds.SOPInstanceUID}) == 3
+
+
+def _dciodvfy_errors(path) -> set[tuple[str, str]]:
+    """dciodvfy's errors as (attribute, message), without the path to the attribute: the SEG
+    repeats a source attribute inside a functional group."""
+    run = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
+    errors = set()
+    for line in (run.stdout + run.stderr).splitlines():
+        if line.startswith("Error"):
+            found = re.search(r"([A-Za-z]+)\([0-9a-fA-F]{4},[0-9a-fA-F]{4}\)(?:\[\d+\])?> - (.*)$", line)
+            errors.add((found.group(1), found.group(2)) if found else ("", line))
+    return errors
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dicom3tools' dciodvfy is not installed (Debian package dicom3tools; .ci/run installs it)")
+def test_dciodvfy_finds_no_error_in_either_object_that_the_source_does_not_have(scored):
+    *_, out = scored
+    source = _dciodvfy_errors(out / "source.dcm")
+    assert source  # the check can see errors: RG1_UNCR's Pixel Spacing is zero
+    for name in ("sr.dcm", "seg.dcm"):
+        assert _dciodvfy_errors(out / name) - source == set(), name
