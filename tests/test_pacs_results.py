@@ -18,6 +18,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from cxrtune import zones
+from cxrtune.errors import CxrtuneError
 from cxrtune.pacs.results import (
     SCHEME,
     SCORE,
@@ -174,6 +175,21 @@ def test_a_resend_of_the_same_result_is_the_same_object(scored):
     changed = dicom_results(ds, other_runtime, detail.lung, detail.opacity)
     assert not {o.SOPInstanceUID for o in changed.objects()} & {o.SOPInstanceUID for o in results.objects()}
     assert len({o.SOPInstanceUID for o in results.objects()} | {ds.SOPInstanceUID}) == 3
+
+
+def test_a_source_without_type_2_attributes_gets_them_empty_and_one_without_uids_a_clear_error():
+    ds = source_copy("CXRTUNE^SPARSE", 2)
+    record, detail = drawn_record(ds)
+    for name in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID", "ReferringPhysicianName"):
+        if name in ds:
+            delattr(ds, name)
+    results = dicom_results(ds, record, detail.lung, detail.opacity)
+    assert results.sr.PatientBirthDate == "" and results.seg.StudyDate == ""
+    del ds.StudyInstanceUID
+    with pytest.raises(CxrtuneError, match="it has no StudyInstanceUID"):
+        dicom_results(ds, record, detail.lung, detail.opacity)
+    with pytest.raises(CxrtuneError, match="needs its lung and opacity masks"):
+        dicom_results(source_copy(), record)
 
 
 def _dciodvfy_errors(path) -> set[tuple[str, str]]:

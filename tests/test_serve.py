@@ -331,6 +331,54 @@ def test_dicom_scored_and_identifiers_never_echoed(server, phantom_dir):
             assert SECRET.encode() not in log.read_bytes(), log
 
 
+@pytest.mark.slow
+def test_dicom_results_over_http_go_to_the_caller_and_nowhere_else(server, phantom_dir):
+    """Accept: multipart/related; type="application/dicom" on a DICOM upload: the SR (and the SEG
+    of a scored record) in the source's study, the same objects on a resend; a PNG asking for them
+    is a 406, a DICOM the results cannot reference a 422; no patient name in any Serve log."""
+    import email.parser
+    import io
+
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from cxrtune.pacs.results import SCORE, STATUS
+    from cxrtune.serving.api import DICOM_RESULTS
+
+    img = images.decode_raster(phantom_png(phantom_dir)).astype(np.uint16) * 16
+    data = _dicom(img, BitsStored=12, PatientName=SECRET, PatientID="ID-999", StudyInstanceUID=generate_uid(),
+                  SeriesInstanceUID=generate_uid())
+    accept = {"Accept": DICOM_RESULTS}
+    record = post(f"{server}/v1/score", data).json()
+    answers = [post(f"{server}/v1/score", data, headers=accept) for _ in range(2)]
+
+    def objects(r: requests.Response) -> list:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("multipart/related"), r.text[:300]
+        message = email.parser.BytesParser().parsebytes(f"Content-Type: {r.headers['content-type']}\r\n\r\n".encode()
+                                                        + r.content)
+        return [pydicom.dcmread(io.BytesIO(part.get_payload(decode=True))) for part in message.get_payload()]
+    first, second = objects(answers[0]), objects(answers[1])
+    assert record["status"] == "scored" and [o.Modality for o in first] == ["SR", "SEG"]
+    assert [o.SOPInstanceUID for o in first] == [o.SOPInstanceUID for o in second]  # a resend is the same object
+    source = pydicom.dcmread(io.BytesIO(data))
+    assert {o.StudyInstanceUID for o in first} == {source.StudyInstanceUID} and first[0].PatientName == SECRET
+    image_group = next(g for g in hd.sr.Comprehensive3DSR.from_dataset(first[0]).content.get_image_measurement_groups()
+                       if str(g.tracking_identifier) == "image")
+    assert [m.value for m in image_group.get_measurements(name=SCORE)] == [float(record["score"])]
+    assert [q.value.meaning for q in image_group.get_qualitative_evaluations(name=STATUS)] == ["cxrtune result scored"]
+    assert answers[0].headers["X-Score"] == str(record["score"]) and answers[0].headers["Cache-Control"] == "no-store"
+    png = post(f"{server}/v1/score", phantom_png(phantom_dir), headers=accept)
+    assert png.status_code == 406 and "need a DICOM input" in png.json()["error"]
+    no_study = post(f"{server}/v1/score", _dicom(img, BitsStored=12, PatientName=SECRET), headers=accept)
+    assert no_study.status_code == 422 and "StudyInstanceUID" in no_study.json()["error"]
+    assert SECRET not in no_study.text
+    time.sleep(1)
+    for log in Path("/tmp/ray/session_latest/logs").rglob("*"):
+        if log.is_file() and log.stat().st_size < 50_000_000:
+            assert SECRET.encode() not in log.read_bytes(), log
+
+
 def png_claiming(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -551,7 +599,7 @@ def test_openapi_documents_upload_query_record_and_errors(server):
     assert multipart["properties"]["file"] == {"type": "string", "format": "binary"}
     assert "application/dicom" in op["requestBody"]["content"]
     assert [p["name"] for p in op["parameters"] if p["in"] == "query"] == ["overlay"]
-    assert set(op["responses"]) == {"200", "400", "401", "413", "415", "422", "429", "500", "503"}
+    assert set(op["responses"]) == {"200", "400", "401", "406", "413", "415", "422", "429", "500", "503"}
     assert {"401", "500"} <= set(spec["paths"]["/v1/models"]["get"]["responses"])
     ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
     record = spec["components"]["schemas"][ref]

@@ -32,6 +32,24 @@ def test_routes_take_the_request_and_only_overlay_as_a_query():
     assert {"models", "input", "request_id", "status", "score"} <= set(record["required"])
 
 
+def test_dicom_results_are_negotiated_and_documented():
+    """Accept: multipart/related; type="application/dicom" asks for the SR and SEG (as a DICOMweb
+    client asks for instances); OpenAPI lists that answer and the 406 for a non-DICOM input."""
+    import email.parser
+
+    from cxrtune.serving.api import DICOM_RESULTS, multipart_related, wants_dicom
+
+    assert wants_dicom(DICOM_RESULTS) and wants_dicom('application/json, Multipart/Related; type="application/dicom"')
+    assert not wants_dicom("application/json") and not wants_dicom("image/png, */*")
+    body = multipart_related([b"DICM-one\r\n--x", b"two"], "b0undary")
+    message = email.parser.BytesParser().parsebytes(
+        f'Content-Type: {DICOM_RESULTS}; boundary="b0undary"\r\n\r\n'.encode() + body)
+    assert [(p.get_content_type(), p.get_payload(decode=True)) for p in message.get_payload()] == \
+        [("application/dicom", b"DICM-one\r\n--x"), ("application/dicom", b"two")]
+    op = replica_app([]).openapi()["paths"]["/v1/score"]["post"]
+    assert DICOM_RESULTS in op["responses"]["200"]["content"] and "406" in op["responses"]
+
+
 def test_serve_validates_the_config_args_against_the_settings():
     """Serve checks a config's `args` against build_app's annotation only when it is the class."""
     import inspect

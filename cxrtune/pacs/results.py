@@ -203,7 +203,8 @@ def _on_source_grid(mask: np.ndarray, source: Dataset) -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), (columns, rows), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
-def segmentation(source: Dataset, lung: np.ndarray, opacity: np.ndarray, identity: AlgorithmIdentity) -> Dataset:
+def segmentation(source: Dataset, lung: np.ndarray | None, opacity: np.ndarray | None,
+                 identity: AlgorithmIdentity) -> Dataset:
     """The binary SEG (segments 1 ``lung``, 2 ``opacity``) of working-size masks, on the source
     image's grid."""
     algorithm = hd.AlgorithmIdentificationSequence(name=identity.bundle, family=codes.cid7162.ArtificialIntelligence,
@@ -214,6 +215,7 @@ def segmentation(source: Dataset, lung: np.ndarray, opacity: np.ndarray, identit
         hd.seg.SegmentDescription(2, "opacity", codes.SCT.MorphologicallyAbnormalStructure, codes.DCM.Opacity,
                                   hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm),
     ]
+    assert lung is not None and opacity is not None
     pixels = np.stack([_on_source_grid(lung, source), _on_source_grid(opacity, source)], axis=-1)[None]
     seg = hd.seg.Segmentation(
         source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -236,6 +238,32 @@ def segmentation(source: Dataset, lung: np.ndarray, opacity: np.ndarray, identit
     return seg
 
 
+REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows", "Columns")
+# Type 2 patient and study attributes highdicom copies: a source without them gets them empty, as
+# Type 2 allows, rather than a failure
+TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _usable_source(ds: Dataset) -> Dataset:
+    """The source's header (no pixel data), with its missing Type 2 patient and study attributes
+    empty.
+
+    Raises:
+        CxrtuneError: it lacks a UID or size the results must reference."""
+    missing = [name for name in REQUIRED if not ds.get(name)]
+    if missing:
+        raise CxrtuneError(f"DICOM results cannot reference this image: it has no {', '.join(missing)}")
+    header = Dataset()
+    header.update({elem.tag: elem for elem in ds if elem.tag < 0x7FE00000})
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    for name in TYPE_2:
+        if name not in header:
+            setattr(header, name, "")
+    return header
+
+
 def dicom_results(source: Dataset | bytes, record: dict, lung: np.ndarray | None = None,
                   opacity: np.ndarray | None = None) -> DicomResults:
     """The SR and (for a scored or partial record) the SEG of ``record``, made about the DICOM
@@ -247,14 +275,17 @@ def dicom_results(source: Dataset | bytes, record: dict, lung: np.ndarray | None
 
     Raises:
         CxrtuneError: the record has no bundle hash, or a SEG is due and the masks are missing."""
-    ds = dcmread(io.BytesIO(source)) if isinstance(source, (bytes, bytearray)) else source
+    ds = _usable_source(dcmread(io.BytesIO(source), stop_before_pixels=True)
+                        if isinstance(source, (bytes, bytearray)) else source)
     identity = AlgorithmIdentity.of_record(record)
-    sr = measurement_report(ds, record, identity)
-    if record["status"] == "unscored":
-        return DicomResults(sr, None)
-    if lung is None or opacity is None:
+    if record["status"] != "unscored" and (lung is None or opacity is None):
         raise CxrtuneError("the SEG of a scored or partial record needs its lung and opacity masks")
-    return DicomResults(sr, segmentation(ds, lung, opacity, identity))
+    try:
+        sr = measurement_report(ds, record, identity)
+        seg = segmentation(ds, lung, opacity, identity) if record["status"] != "unscored" else None
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom on a header it cannot use
+        raise CxrtuneError(f"DICOM results cannot be written for this image ({type(exc).__name__})") from None
+    return DicomResults(sr, seg)
 
 
 def to_bytes(ds: Dataset) -> bytes:

@@ -51,6 +51,8 @@ class ErrorBody(BaseModel):
 
 
 _ERRORS = {400: "malformed request (e.g. a broken multipart body)", 401: "missing or wrong X-API-Key",
+           406: "DICOM results asked for (Accept: multipart/related; type=\"application/dicom\") of an input that "
+                "is not DICOM",
            413: "upload or image over the limits", 415: "not PNG, JPEG or DICOM",
            429: "too many failed key checks from this client: retry after Retry-After seconds",
            422: "unreadable, blank, tiny, a colour photograph or refused by the DICOM rules; or invalid query parameters",
@@ -69,8 +71,27 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data
     "type": "object", "required": ["files"],
     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 OVERLAY = Query(False, description="add the overlay PNG (base64 in the record, or the PNG itself with Accept: image/png)")
-REFUSALS = {500: "internal", 400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method", 413: "too_large",
-            415: "unsupported_format", 422: "unreadable_or_refused", 503: "capacity"}
+REFUSALS = {500: "internal", 400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method",
+            406: "not_acceptable", 413: "too_large", 415: "unsupported_format", 422: "unreadable_or_refused", 503: "capacity"}
+DICOM_RESULTS = 'multipart/related; type="application/dicom"'  # what a client Accepts for the SR and SEG
+
+
+def wants_dicom(accept: str) -> bool:
+    """Whether an Accept header asks for the DICOM results (as a DICOMweb client asks for instances)."""
+    return any(part.strip().lower().startswith("multipart/related") and "application/dicom" in part.lower()
+               for part in accept.split(","))
+
+
+def multipart_related(parts: list[bytes], boundary: str) -> bytes:
+    """DICOM objects as one multipart/related body (RFC 2387, as DICOMweb sends instances). Written
+    here: the standard library's email package would re-encode the binary parts."""
+    out = bytearray()
+    for part in parts:
+        out += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii") + part + b"\r\n"
+    out += f"--{boundary}--\r\n".encode("ascii")
+    return bytes(out)
+
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,10 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..dicom import Limits
-from ..errors import ImageDecodeError, ImageTooLargeError, InputRefused, UnsupportedFormatError
+from ..errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, InputRefused, UnsupportedFormatError
+from ..images import sniff_format
 from ..model.artifacts import Thresholds, bundle_hash, read_bundle_meta
+from ..pacs.results import dicom_results, to_bytes
 from ..preprocessing import Preprocessing, load_scan
 from ..scoring.overlay import encode_overlay
 from ..scoring.scorer import (
@@ -63,6 +66,7 @@ from ..scoring.scorer import (
 )
 from .api import (
     BATCH_BODY,
+    DICOM_RESULTS,
     ERROR_RESPONSES,
     OVERLAY,
     REFUSALS,
@@ -71,7 +75,9 @@ from .api import (
     RequestError,
     ScoreRecord,
     install_error_handlers,
+    multipart_related,
     request_id_of,
+    wants_dicom,
 )
 from .auth import FailedAttempts, key_text, require_keys, security_headers, without_locations
 from .budgets import ScoringBudget, Ticket, UploadBudget, UploadLimits, paced, read_upload
@@ -211,9 +217,14 @@ class Ingress:
             raise RequestError(500, "a stage answered for another bundle")
         return digest, runtime, out
 
-    async def _score(self, data: bytes, overlay: bool, request_id: str, ticket: Ticket) -> tuple[dict, bytes | None]:
+    async def _score(self, data: bytes, overlay: bool, request_id: str, ticket: Ticket,
+                     dicom: bool = False) -> tuple[dict, bytes | None, list[bytes]]:
         """The scoring policy split at the stage boundaries: the ingress prepares each stage's lean
-        input and turns its output into masks with the library's own functions."""
+        input and turns its output into masks with the library's own functions.
+
+        Returns:
+            The record, the overlay PNG (when ``overlay``) and the DICOM results, SR then SEG
+            (when ``dicom``: the input is DICOM, checked by the caller)."""
 
         t0 = time.perf_counter()
         scan = await ticket.run(_decode, data, self.s)
@@ -242,19 +253,21 @@ class Ingress:
             models = record_models(self.record_models, stages, runtimes)
             typed, detail = build_record(lung, opacity, p, self.thresholds.zone, models, scan, reason)
             record = typed.to_dict()
-            png = None
-            if overlay:
+            png = encode_overlay(image, detail.lungs, detail.opacity, record) if overlay else None
+            try:
+                parts = [to_bytes(o) for o in dicom_results(data, record, detail.lung, detail.opacity).objects()] \
+                    if dicom else []
+            except CxrtuneError as exc:  # a header the results cannot reference (says which attribute, no value)
+                raise RequestError(422, str(exc)) from None
+            return record, png, parts
 
-                png = encode_overlay(image, detail.lungs, detail.opacity, record)
-            return record, png
-
-        record, png = await ticket.run(finish)
+        record, png, parts = await ticket.run(finish)
         t3 = time.perf_counter()
         record["request_id"] = request_id
         record["timings_ms"] = {"decode": round(1000 * (t1 - t0), 1), "stage1": round(1000 * (t_mid - t1), 1),
                                 "stage2": round(1000 * (t2 - t_mid), 1), "models": round(1000 * (t2 - t1), 1),
                                 "post": round(1000 * (t3 - t2), 1), "total": round(1000 * (t3 - t0), 1)}
-        return record, png
+        return record, png, parts
 
     # ----------------------------------------------------------------------------- routes
     async def score(self, request: Request, overlay: bool = OVERLAY):
@@ -262,18 +275,26 @@ class Ingress:
         data, key_id = None, None
         try:
             key_id = self._check_key(request)
+            dicom = wants_dicom(request.headers.get("accept", ""))
             with self.uploads.hold() as add:  # the upload budget, then the scoring budget
                 name, data = (await self._body(request, add, self.single_upload))[0]
+                if dicom and sniff_format(data) != "dicom":
+                    raise RequestError(406, "DICOM results (Accept: multipart/related; type=\"application/dicom\") "
+                                            "need a DICOM input: they are written into the source's study")
                 with self.scoring.admitted() as ticket:
-                    record, png = await self._score(data, overlay, request_id, ticket)
+                    record, png, parts = await self._score(data, overlay, request_id, ticket, dicom)
         except RequestError as exc:
             self._audit(request_id, exc.status, data, None, key_id)
             return exc.response(request_id)
         self._audit(request_id, 200, data, record, key_id)
+        headers = {"X-Request-Id": request_id, "X-Status": record["status"]}
+        if record["score"] is not None:
+            headers["X-Score"] = str(record["score"])
+        if dicom:  # the SR, then the SEG of a scored or partial record: to this caller only, never stored
+            boundary = uuid.uuid4().hex
+            return Response(multipart_related(parts, boundary), headers=headers,
+                            media_type=f'{DICOM_RESULTS}; boundary="{boundary}"')
         if png is not None and "image/png" in request.headers.get("accept", ""):
-            headers = {"X-Request-Id": request_id, "X-Status": record["status"]}
-            if record["score"] is not None:
-                headers["X-Score"] = str(record["score"])
             return Response(png, media_type="image/png", headers=headers)
         if png is not None:
             record["overlay_png_base64"] = base64.b64encode(png).decode("ascii")
@@ -283,7 +304,7 @@ class Ingress:
                           key_id: str | None) -> dict:
         """One file of a batch: its record, or its own error (one bad file never fails the others)."""
         try:
-            record, png = await self._score(data, overlay, rid, ticket)
+            record, png, _ = await self._score(data, overlay, rid, ticket)
         except Exception as exc:
             err = exc if isinstance(exc, RequestError) else RequestError(500, "internal error")
             if not isinstance(exc, RequestError):
@@ -363,12 +384,17 @@ class Ingress:
             return response
 
         png_or_record: dict[int | str, dict[str, Any]] = {
-            200: {"content": {"image/png": {}}, "description": "the record, or the overlay PNG"}}
+            200: {"content": {"image/png": {}, DICOM_RESULTS: {}},
+                  "description": "the record; the overlay PNG with Accept: image/png and ?overlay=true; or, for a "
+                                 f"DICOM input with Accept: {DICOM_RESULTS}, the DICOM results: a Comprehensive 3D SR "
+                                 "(TID 1500) and, for a scored or partial record, a SEG of the lungs and the opacity, "
+                                 "in new series of the source's study (docs/pacs.md)"}}
         app.post(f"/{API_VERSION}/score", summary="Score one radiograph (multipart `file` or raw body)",
                  response_model=ScoreRecord, openapi_extra=UPLOAD_BODY,
                  responses={**ERROR_RESPONSES, **png_or_record})(self.score)
         app.post(f"/{API_VERSION}/score/batch", summary="Score several files (multipart `files`)",
-                 response_model=BatchResult, openapi_extra=BATCH_BODY, responses=ERROR_RESPONSES)(self.score_batch)
+                 response_model=BatchResult, openapi_extra=BATCH_BODY,
+                 responses={k: v for k, v in ERROR_RESPONSES.items() if k != 406})(self.score_batch)
         app.get(f"/{API_VERSION}/models", summary="The bundle being served, and what each stage runs",
                 responses={401: ERROR_RESPONSES[401], 500: ERROR_RESPONSES[500]})(self.models_route)
         app.get("/healthz", include_in_schema=False)(self.healthz)
