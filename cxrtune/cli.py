@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict
 
 from . import jsonsafe, resources, storage
 from .audit import gates as release_gates
@@ -21,6 +22,8 @@ from .data import importers, manifest, phantom, splits
 from .errors import CxrtuneError
 from .model import artifacts, classify
 from .model import train as training
+from .pacs import listener as pacs_listener
+from .pacs import spool as pacs_spool
 from .scoring import batch_scoring, evaluation, onnx_export, onnx_runtime
 from .scoring import scorer as scorers
 from .search import report as reports
@@ -193,6 +196,23 @@ def _promote(args) -> None:
 
 def _serve(args) -> None:
     serving_deploy.run_local(args.bundle, args.config or serving_deploy.default_config(), host=args.host, port=args.port)
+
+
+def _pacs_listen(args) -> None:
+    settings = pacs_listener.ListenerSettings(
+        ae_title=args.ae_title, host=args.host, port=args.port,
+        callers=tuple(pacs_listener.Peer.parse(c) for c in args.allow),
+        destination=pacs_listener.Peer.parse(args.destination),
+        max_associations=args.max_associations, max_spool_bytes=int(args.max_spool_gb * 1024 ** 3))
+    pacs_listener.run_listener(settings, args.spool, args.bundle, args.pseudonym_key_file, args.device)
+
+
+def _pacs_status(args) -> None:
+    print(json.dumps(asdict(pacs_spool.open_spool(args.spool).status())))
+
+
+def _pacs_retry(args) -> None:
+    print(f"{pacs_spool.open_spool(args.spool).retry_parked()} parked result(s) queued again")
 
 
 def _deploy(args) -> None:
@@ -452,6 +472,30 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--address", help="Ray dashboard URL (default: $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265)")
     dp.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the app to be RUNNING")
     dp.set_defaults(func=_deploy)
+    pc = sub.add_parser("pacs", help="a DICOM listener that scores what it is sent and sends back SR and SEG "
+                                     "(docs/pacs.md)")
+    psub = pc.add_subparsers(dest="pacs_command", required=True)
+    ls = psub.add_parser("listen", help="C-STORE SCP: spool, score, send the results to --destination")
+    ls.add_argument("--bundle", required=True)
+    ls.add_argument("--spool", required=True, help="folder (mode 0700) holding received instances and the outbox")
+    ls.add_argument("--destination", required=True, metavar="AE@HOST:PORT", help="where the SR and SEG are C-STOREd")
+    ls.add_argument("--allow", action="append", required=True, metavar="AE@HOST",
+                    help="a caller that may send (repeat for each); others are refused")
+    ls.add_argument("--ae-title", default="CXRTUNE")
+    ls.add_argument("--host", default="127.0.0.1")
+    ls.add_argument("--port", type=int, default=11112)
+    ls.add_argument("--max-associations", type=int, default=4)
+    ls.add_argument("--max-spool-gb", type=float, default=4.0, help="past it a C-STORE is refused (0xA700)")
+    ls.add_argument("--pseudonym-key-file", help="the study key (or $CXRTUNE_PSEUDONYM_KEY): logs name instances by it")
+    ls.add_argument("--device")
+    ls.set_defaults(func=_pacs_listen)
+    st = psub.add_parser("status", help="what the spool holds: received, queued, parked (with reasons)")
+    st.add_argument("--spool", required=True)
+    st.set_defaults(func=_pacs_status)
+    rt = psub.add_parser("retry", help="queue every parked result again")
+    rt.add_argument("--spool", required=True)
+    rt.set_defaults(func=_pacs_retry)
+
     au = sub.add_parser("audit", help="audits of what models look at (hide-and-seek, heatmap concordance)")
     asub = au.add_subparsers(dest="audit_command", required=True)
     hs = asub.add_parser("hide-and-seek", help="seed 001: train and test a classifier recipe on five "

@@ -63,6 +63,9 @@ KEY_HOWTO = ("create one study key once, e.g. `openssl rand -hex 32 > study.key`
              "same key on every machine importing for the same study, and keep it out of the data and "
              "out of version control")
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # .7 and its multi-frame family .7.1-.7.4
+# DX, mammography and intra-oral images "for processing": raw detector data, not for display
+FOR_PROCESSING_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.2.1",
+                              "1.2.840.10008.5.1.4.1.1.1.3.1"}
 
 FRONTAL_VIEWS = {"PA", "AP"}
 RADIOGRAPHY_MODALITIES = {"CR", "DX", "RG", "DR"}
@@ -165,6 +168,8 @@ class DicomHeader:
             return f"not a chest image (BodyPartExamined {self.body_part})"
         if self.view and self.view not in FRONTAL_VIEWS:
             return f"non-frontal view (ViewPosition {self.view})"
+        if self.sop_class in FOR_PROCESSING_SOP_CLASSES:
+            return f"an image for processing, not for presentation (SOPClassUID {self.sop_class})"
         if not keep_derived:
             if self.secondary_capture:
                 return f"secondary capture (SOPClassUID {self.sop_class}; --keep-derived keeps it)"

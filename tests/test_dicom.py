@@ -224,7 +224,8 @@ def test_post_processing_rules_on_headers():
     assert reason(sop_class=SC).startswith("secondary capture")
     assert reason(sop_class=SC + ".2").startswith("secondary capture")
     assert reason(sop_class="1.2.840.10008.5.1.4.1.1.77.1.4") is None  # VL photographic: a prefix, not SC
-    assert reason(sop_class="1.2.840.10008.5.1.4.1.1.1.1") is None
+    assert reason(sop_class="1.2.840.10008.5.1.4.1.1.1.1") is None  # DX for presentation
+    assert reason(sop_class="1.2.840.10008.5.1.4.1.1.1.1.1").startswith("an image for processing")  # raw detector data
     header = DicomHeader(has_pixels=True, image_type=("DERIVED", "SECONDARY"), sop_class=SC)
     assert header.exclusion_reason(min_age=0, keep_derived=True) is None
 

@@ -22,6 +22,7 @@ groups, and UIDs that a resend of the same result reproduces (docs/pacs.md has t
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -34,6 +35,9 @@ from pydicom.sr.codedict import codes
 from .. import __version__
 from ..errors import CxrtuneError
 from ..zones import ZONE_LETTERS
+
+# highdicom logs each source's UIDs and attribute names at INFO and DEBUG: quiet beside patient data
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 SCHEME = "99CXRTUNE"  # private coding scheme: cxrtune's zones, score, status and thresholds
 SCHEME_NAME = "cxrtune result codes"

@@ -1,0 +1,170 @@
+"""The listener's spool: a folder (mode 0700) that is its only state, so that a restart loses
+nothing and delivery is at least once.
+
+    incoming/  instances received, each fsynced before its C-STORE success response
+    outbox/    results to send (the persistent outbound queue), each with a JSON sidecar holding
+               its attempts, when to try next and the last error
+    parked/    results that failed ``max_attempts`` times, with their reason (``pacs retry``)
+
+Files are named by a hash of their SOP Instance UID (no UID or patient data in a name) and written
+to ``tmp/`` first, fsynced and renamed into place, so a crash leaves a whole file or none. Written
+by hand: no library keeps a DICOM spool with these rules; the folder layout is the API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import CxrtuneError
+
+FOLDERS = ("incoming", "outbox", "parked", "tmp")
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """An outbox item's delivery state (its ``.json`` sidecar)."""
+    attempts: int = 0
+    next_try: float = 0.0  # time.time() before which it is not retried
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class SpoolStatus:
+    """What ``cxrtune pacs status`` prints, and the listener's gauges."""
+    incoming: int
+    outbox: int
+    parked: int
+    bytes: int
+    parked_reasons: dict[str, int]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_name(sop_instance_uid: str) -> str:
+    return hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()[:32] + ".dcm"
+
+
+class Spool:
+    """The folders under ``root``, created with mode 0700 (patient data at rest: owner only)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        for name in FOLDERS:
+            (self.root / name).mkdir(mode=0o700, exist_ok=True)
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    def _write(self, folder: str, name: str, data: bytes) -> Path:
+        tmp = self.root / "tmp" / (name + ".part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final = self.root / folder / name
+        os.replace(tmp, final)
+        _fsync_dir(self.root / folder)
+        return final
+
+    def used_bytes(self) -> int:
+        return sum(p.stat().st_size for name in FOLDERS for p in (self.root / name).iterdir() if p.is_file())
+
+    # ------------------------------------------------------------------ incoming
+    def receive(self, sop_instance_uid: str, data: bytes) -> Path:
+        """Keep one received instance, durably (call before answering the C-STORE)."""
+        return self._write("incoming", file_name(sop_instance_uid), data)
+
+    def received(self) -> list[Path]:
+        """Instances waiting to be scored, oldest first."""
+        return sorted((self.root / "incoming").glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+
+    def done(self, incoming: Path) -> None:
+        """An instance handled (its results queued, or skipped with its reason logged)."""
+        incoming.unlink(missing_ok=True)
+        _fsync_dir(incoming.parent)
+
+    # ------------------------------------------------------------------ outbox
+    def enqueue(self, objects: dict[str, bytes]) -> None:
+        """Queue result objects (SOP Instance UID -> Part 10 bytes) to send. A resent result has the
+        same UIDs, so it replaces its own queued copy."""
+        for uid, data in objects.items():
+            name = file_name(uid)
+            self._write("outbox", name[:-4] + ".json", json.dumps(asdict(Attempts())).encode())
+            self._write("outbox", name, data)
+
+    def due(self, now: float | None = None) -> list[Path]:
+        """Outbox items whose next try has come, oldest first."""
+        now = time.time() if now is None else now
+        return [p for p in sorted((self.root / "outbox").glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+                if self.attempts(p).next_try <= now]
+
+    def attempts(self, item: Path) -> Attempts:
+        try:
+            return Attempts(**json.loads(item.with_suffix(".json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return Attempts()
+
+    def sent(self, item: Path) -> None:
+        item.unlink(missing_ok=True)
+        item.with_suffix(".json").unlink(missing_ok=True)
+        _fsync_dir(item.parent)
+
+    def failed(self, item: Path, reason: str, max_attempts: int, backoff_s: float) -> bool:
+        """Record a failed delivery: retried after ``backoff_s`` x 2^(attempts - 1), or parked after
+        ``max_attempts``. Returns whether it was parked."""
+        before = self.attempts(item)
+        after = Attempts(before.attempts + 1, time.time() + backoff_s * 2 ** before.attempts, reason)
+        if after.attempts >= max_attempts:
+            self._write("parked", item.with_suffix(".json").name, json.dumps(asdict(after)).encode())
+            os.replace(item, self.root / "parked" / item.name)
+            item.with_suffix(".json").unlink(missing_ok=True)
+            _fsync_dir(self.root / "parked")
+            return True
+        self._write("outbox", item.with_suffix(".json").name, json.dumps(asdict(after)).encode())
+        return False
+
+    # ------------------------------------------------------------------ parked
+    def retry_parked(self) -> int:
+        """Move every parked item back to the outbox with its attempts reset (``pacs retry``)."""
+        moved = 0
+        for item in sorted((self.root / "parked").glob("*.dcm")):
+            self._write("outbox", item.with_suffix(".json").name, json.dumps(asdict(Attempts())).encode())
+            os.replace(item, self.root / "outbox" / item.name)
+            item.with_suffix(".json").unlink(missing_ok=True)
+            moved += 1
+        _fsync_dir(self.root / "outbox")
+        return moved
+
+    def status(self) -> SpoolStatus:
+        reasons: dict[str, int] = {}
+        for item in (self.root / "parked").glob("*.dcm"):
+            reason = self.attempts(item).last_error or "unknown"
+            reasons[reason] = reasons.get(reason, 0) + 1
+        return SpoolStatus(incoming=len(list((self.root / "incoming").glob("*.dcm"))),
+                           outbox=len(list((self.root / "outbox").glob("*.dcm"))),
+                           parked=len(list((self.root / "parked").glob("*.dcm"))),
+                           bytes=self.used_bytes(), parked_reasons=reasons)
+
+
+def open_spool(root: str | Path) -> Spool:
+    """The spool at ``root``; refuses one that others can read (it holds patient data)."""
+    path = Path(root)
+    if path.exists() and path.stat().st_mode & 0o077:
+        raise CxrtuneError(f"the spool {path} can be read by others (mode {path.stat().st_mode & 0o777:o}); "
+                           "it holds patient data: chmod 700 it")
+    return Spool(path)
