@@ -1,0 +1,137 @@
+"""The listener against a real PACS (issue 22, item 5a and 5c): Debian's Orthanc on 127.0.0.1 with
+temporary storage. An image uploaded to Orthanc is C-STOREd by Orthanc to `cxrtune pacs listen`
+(a modality added over Orthanc's REST API); the SR and SEG appear in the same study in Orthanc
+and read back to what the library scores for the same file. Skips with the reason where Orthanc
+is not installed."""
+
+import io
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+import requests
+
+from cxrtune.pacs.listener import ListenerSettings, PacsListener, Peer
+from cxrtune.pacs.results import SCORE, STATUS, ZONE_AFFECTED, to_bytes
+from cxrtune.pacs.spool import open_spool
+from cxrtune.preprocessing import load_scan
+from cxrtune.scoring.scorer import load_bundle
+from tests.conftest import free_port
+from tests.test_pacs_listener import KEY, dx, wait_for
+from tests.test_pacs_results import source_copy
+
+ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """Orthanc with the DICOMweb plugin, HTTP and DICOM on free ports of 127.0.0.1, remote access
+    off: ``(REST base URL, its DICOM Peer)``."""
+    if not Path(ORTHANC).exists():
+        pytest.skip("Orthanc is not installed (Debian's orthanc and orthanc-dicomweb; .ci/run installs them)")
+    root = tmp_path_factory.mktemp("orthanc")
+    http_port, dicom_port = free_port(), free_port()
+    config = {"Name": "cxrtune-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+              "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+              "HttpBindAddress": "127.0.0.1", "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+              "DicomAlwaysAllowStore": True, "DicomModalitiesInDatabase": True, "ExecuteLuaEnabled": False,
+              "RestApiWriteToFileSystemEnabled": False, "StorageCompression": False,
+              "Plugins": [DICOMWEB_PLUGIN] if Path(DICOMWEB_PLUGIN).exists() else [],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (root / "config.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w")
+    proc = subprocess.Popen([ORTHANC, str(root / "config.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+
+    def up() -> bool:
+        try:
+            return requests.get(f"{url}/system", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+    if not wait_for(lambda: proc.poll() is not None or up(), 60) or proc.poll() is not None:
+        proc.kill()
+        pytest.skip(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-500:]}")
+    yield url, Peer("ORTHANC", "127.0.0.1", dicom_port)
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def scp(orthanc, phantom_bundle, tmp_path_factory):
+    """`pacs listen` for Orthanc: Orthanc may call it, and it sends its results to Orthanc; Orthanc
+    knows it as the modality ``cxrtune``."""
+    url, peer = orthanc
+    settings = ListenerSettings("CXRTUNE", "127.0.0.1", free_port(), callers=(Peer("ORTHANC", "127.0.0.1"),),
+                                destination=peer, backoff_s=0.2, poll_s=0.05)
+    listener = PacsListener(settings, open_spool(tmp_path_factory.mktemp("spool") / "spool"),
+                            load_bundle(str(phantom_bundle), device="cpu"), KEY).start()
+    requests.put(f"{url}/modalities/cxrtune", json={"AET": "CXRTUNE", "Host": "127.0.0.1", "Port": settings.port},
+                 timeout=10).raise_for_status()
+    yield listener
+    listener.stop()
+
+
+def upload_and_send(url: str, ds: pydicom.Dataset) -> str:
+    """Upload to Orthanc, then have Orthanc C-STORE it to the listener: Orthanc's study id."""
+    stored = requests.post(f"{url}/instances", data=to_bytes(ds), timeout=30)
+    stored.raise_for_status()
+    instance = stored.json()["ID"]
+    sent = requests.post(f"{url}/modalities/cxrtune/store", json={"Resources": [instance], "Synchronous": True},
+                         timeout=60)
+    sent.raise_for_status()
+    return requests.get(f"{url}/instances/{instance}/study", timeout=10).json()["ID"]
+
+
+def study_objects(url: str, study: str) -> list[pydicom.Dataset]:
+    out = []
+    for item in requests.get(f"{url}/studies/{study}/instances", timeout=10).json():
+        out.append(pydicom.dcmread(io.BytesIO(requests.get(f"{url}/instances/{item['ID']}/file", timeout=30).content)))
+    return out
+
+
+def test_orthanc_sends_an_image_and_gets_its_sr_and_seg_in_the_same_study(orthanc, scp, phantom_bundle, tmp_path):
+    url, _ = orthanc
+    sources = [source_copy("CXRTUNE^ORTHANC", 7), dx(tmp_path, "dx")]  # pydicom-data's CR chest PA, a phantom DX
+    expected = []
+    scorer = load_bundle(str(phantom_bundle), device="cpu")
+    for ds in sources:
+        (record, _), = scorer.score_scans([load_scan(to_bytes(ds))])  # what `cxrtune score` gives the same file
+        expected.append(record)
+        study = upload_and_send(url, ds)
+        want = 2 if record["status"] == "unscored" else 3  # the image, its SR, and its SEG when scored
+        assert wait_for(lambda: len(study_objects(url, study)) == want, 90), (record["status"], scp.spool.status())
+        objects = {o.Modality: o for o in study_objects(url, study)}
+        sr = objects["SR"]
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert evidence.ReferencedSOPInstanceUID == ds.SOPInstanceUID and sr.StudyInstanceUID == ds.StudyInstanceUID
+        groups = {str(g.tracking_identifier): g
+                  for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()}
+        assert [q.value.meaning for q in groups["image"].get_qualitative_evaluations(name=STATUS)] == \
+            [f"cxrtune result {record['status']}"]
+        assert [m.value for m in groups["image"].get_measurements(name=SCORE)] == \
+            ([float(record["score"])] if record["status"] == "scored" else [])
+        for letter, zone in (record["zones"] or {}).items():
+            if zone["affected"] is not None:
+                assert [q.value.meaning for q in groups[f"zone {letter}"].get_qualitative_evaluations(
+                    name=ZONE_AFFECTED)] == ["Yes" if zone["affected"] else "No"]
+        if record["status"] != "unscored":
+            assert objects["SEG"].StudyInstanceUID == ds.StudyInstanceUID
+    assert expected[1]["status"] == "scored"  # the phantom DX went the whole way, SEG included
+
+
+def test_a_secondary_capture_sent_by_orthanc_is_skipped_and_gets_no_result(orthanc, scp, tmp_path):
+    url, _ = orthanc
+    capture = dx(tmp_path, "sc", SOPClassUID="1.2.840.10008.5.1.4.1.1.7")
+    capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    study = upload_and_send(url, capture)
+    assert wait_for(lambda: scp.spool.status().incoming == 0)
+    time.sleep(1.0)
+    assert scp.spool.status().outbox == 0 and len(study_objects(url, study)) == 1  # the capture alone
