@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict
 
-from . import jsonsafe, resources, storage
+from . import dicom, jsonsafe, resources, storage
 from .audit import gates as release_gates
 from .audit import grade_cv
 from .audit import hide_and_seek as hide_and_seek_audit
@@ -23,6 +23,7 @@ from .errors import CxrtuneError
 from .model import artifacts, classify
 from .model import train as training
 from .pacs import listener as pacs_listener
+from .pacs import poll as pacs_poll
 from .pacs import spool as pacs_spool
 from .scoring import batch_scoring, evaluation, onnx_export, onnx_runtime
 from .scoring import scorer as scorers
@@ -203,16 +204,32 @@ def _pacs_listen(args) -> None:
         ae_title=args.ae_title, host=args.host, port=args.port,
         callers=tuple(pacs_listener.Peer.parse(c) for c in args.allow),
         destination=pacs_listener.Peer.parse(args.destination),
-        max_associations=args.max_associations, max_spool_bytes=int(args.max_spool_gb * 1024 ** 3))
-    pacs_listener.run_listener(settings, args.spool, args.bundle, args.pseudonym_key_file, args.device)
+        max_associations=args.max_associations, max_spool_bytes=int(args.max_spool_gb * 1024 ** 3),
+        tls=pacs_listener.TlsSettings(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None,
+        endpoint=args.endpoint, max_attempts=args.max_attempts, metrics_port=args.metrics_port)
+    pacs_listener.run_listener(settings, args.spool, args.bundle, args.pseudonym_key_file, args.device, args.api_key_file)
+
+
+def _pacs_poll(args) -> None:
+    settings = pacs_poll.PollSettings(args.dicomweb, window_days=args.window_days)
+    poller = pacs_poll.DicomwebPoller(settings, pacs_spool.open_spool(args.spool),
+                                      scorers.load_bundle(args.bundle, device=args.device),
+                                      dicom.pseudonym_key(args.pseudonym_key_file))
+    if args.once:
+        print(json.dumps(poller.poll_once()))
+    else:
+        pacs_poll.poll_forever(poller, args.interval)
 
 
 def _pacs_status(args) -> None:
-    print(json.dumps(asdict(pacs_spool.open_spool(args.spool).status())))
+    spool = pacs_spool.open_spool(args.spool)
+    print(json.dumps({**asdict(spool.status()), "poll": pacs_poll.poll_status(spool)}))
 
 
 def _pacs_retry(args) -> None:
-    print(f"{pacs_spool.open_spool(args.spool).retry_parked()} parked result(s) queued again")
+    spool = pacs_spool.open_spool(args.spool)
+    print(f"{spool.retry_parked()} parked result(s) queued again; {pacs_poll.retry_parked(spool)} parked "
+          "instance(s) will be polled again")
 
 
 def _deploy(args) -> None:
@@ -476,7 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(docs/pacs.md)")
     psub = pc.add_subparsers(dest="pacs_command", required=True)
     ls = psub.add_parser("listen", help="C-STORE SCP: spool, score, send the results to --destination")
-    ls.add_argument("--bundle", required=True)
+    ls.add_argument("--bundle", help="score with this bundle in this process")
+    ls.add_argument("--endpoint", metavar="URL", help="or score through the served scorer at URL (its API key from "
+                                                      "--api-key-file or $CXRTUNE_API_KEY)")
+    ls.add_argument("--api-key-file", help="an owner-only file holding the served scorer's API key")
+    ls.add_argument("--max-attempts", type=int, default=10,
+                    help="deliveries a result may fail (5 s, 10 s ... up to 15 min apart) before it is parked")
     ls.add_argument("--spool", required=True, help="folder (mode 0700) holding received instances and the outbox")
     ls.add_argument("--destination", required=True, metavar="AE@HOST:PORT", help="where the SR and SEG are C-STOREd")
     ls.add_argument("--allow", action="append", required=True, metavar="AE@HOST",
@@ -488,7 +510,23 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--max-spool-gb", type=float, default=4.0, help="past it a C-STORE is refused (0xA700)")
     ls.add_argument("--pseudonym-key-file", help="the study key (or $CXRTUNE_PSEUDONYM_KEY): logs name instances by it")
     ls.add_argument("--device")
+    ls.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (queue depth, spool bytes, parked) "
+                                                     "at http://HOST:PORT/metrics")
+    ls.add_argument("--tls-cert", help="mutual TLS in and out: this AE's certificate (PEM; needs --tls-key and --tls-ca)")
+    ls.add_argument("--tls-key", help="its private key (an owner-only file)")
+    ls.add_argument("--tls-ca", help="the CA bundle callers' and the destination's certificates must chain to")
     ls.set_defaults(func=_pacs_listen)
+    po = psub.add_parser("poll", help="DICOMweb: find new CR/DX instances (QIDO-RS), score them, store the results "
+                                      "(STOW-RS); the token from $CXRTUNE_DICOMWEB_TOKEN or _TOKEN_FILE")
+    po.add_argument("--dicomweb", required=True, metavar="URL", help="the DICOMweb root, e.g. http://pacs:8042/dicom-web")
+    po.add_argument("--bundle", required=True)
+    po.add_argument("--spool", required=True, help="folder (mode 0700) keeping what was handled and what is parked")
+    po.add_argument("--window-days", type=int, default=1, help="studies dated within this many days are searched")
+    po.add_argument("--interval", type=float, default=30.0, help="seconds between polls")
+    po.add_argument("--once", action="store_true", help="one poll, then print its counts")
+    po.add_argument("--pseudonym-key-file", help="the study key (or $CXRTUNE_PSEUDONYM_KEY): logs name instances by it")
+    po.add_argument("--device")
+    po.set_defaults(func=_pacs_poll)
     st = psub.add_parser("status", help="what the spool holds: received, queued, parked (with reasons)")
     st.add_argument("--spool", required=True)
     st.set_defaults(func=_pacs_status)

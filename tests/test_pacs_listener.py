@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
@@ -16,14 +17,16 @@ from cxrtune.data.phantom import make_phantom
 from cxrtune.pacs.listener import (
     CR_IMAGE,
     DX_FOR_PRESENTATION,
+    NOT_AUTHORISED,
     SECONDARY_CAPTURE,
     VERIFICATION,
     ListenerSettings,
     PacsListener,
     Peer,
 )
-from cxrtune.pacs.results import SCHEME, to_bytes
+from cxrtune.pacs.results import SCHEME, dicom_results, to_bytes
 from cxrtune.pacs.spool import Spool, open_spool
+from cxrtune.preprocessing import load_scan
 from cxrtune.scoring.scorer import load_bundle
 from tests.conftest import free_port
 from tests.test_dicom import make_dicom
@@ -34,19 +37,20 @@ KEY = b"listener-test-study-key-0123456789"
 
 
 class Destination:
-    """A storage SCP standing in for the PACS: keeps what it is sent, answers ``status``."""
+    """A storage SCP standing in for the PACS: keeps what it is sent, answers ``status``;
+    ``accepts``: the SOP classes it takes."""
 
-    def __init__(self, status: int = 0x0000):
+    def __init__(self, status: int = 0x0000, accepts: tuple[str, ...] = (SR_STORAGE, SEG_STORAGE)):
         self.status, self.received = status, []
         self.port = free_port()
         ae = AE(ae_title="PACS")
-        for uid in (SR_STORAGE, SEG_STORAGE):
+        for uid in accepts:
             ae.add_supported_context(uid, ExplicitVRLittleEndian)
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
 
     def _store(self, event) -> int:
-        if self.status in (0x0000, 0xB000):
+        if self.status in (0x0000, 0xB000, 0xB006, 0xB007):
             self.received.append(event.dataset)
         return self.status
 
@@ -76,7 +80,13 @@ def send(port: int, *datasets: pydicom.Dataset, calling: str = "MODALITY",
     if not assoc.is_established:
         return "rejected" if assoc.is_rejected else "aborted"
     try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        statuses = []
+        for ds in datasets:
+            answer = assoc.send_c_store(ds)
+            if "Status" not in answer:  # the association died before the response
+                return "aborted"
+            statuses.append(int(answer.Status))
+        return statuses
     finally:
         assoc.release()
 
@@ -108,9 +118,9 @@ def scorer(phantom_bundle):
 
 
 def listener(scorer, spool: Path, destination: Peer, **changes) -> PacsListener:
-    settings = ListenerSettings(ae_title="CXRTUNE", host="127.0.0.1", port=free_port(),
-                                callers=(Peer("MODALITY", "127.0.0.1"),), destination=destination,
-                                **{"backoff_s": 0.1, "poll_s": 0.05, **changes})
+    settings = ListenerSettings(**{"ae_title": "CXRTUNE", "host": "127.0.0.1", "port": free_port(),
+                                   "callers": (Peer("MODALITY", "127.0.0.1"),), "destination": destination,
+                                   "backoff_s": 0.1, "poll_s": 0.05, **changes})
     return PacsListener(settings, open_spool(spool), scorer, KEY).start()
 
 
@@ -175,12 +185,18 @@ def test_an_unknown_calling_ae_is_rejected_and_an_unknown_address_cut_off(scorer
 
 
 def test_failed_deliveries_back_off_then_park_and_pacs_retry_delivers_them(scorer, tmp_path):
+    import requests
+
     pacs = Destination(status=0xA700)  # the PACS is out of resources
-    scp = listener(scorer, tmp_path / "spool", pacs.peer(), max_attempts=2)
+    metrics = free_port()
+    scp = listener(scorer, tmp_path / "spool", pacs.peer(), max_attempts=2, metrics_port=metrics)
     try:
         assert send(scp.settings.port, dx(tmp_path, "one")) == [0x0000]
         assert wait_for(lambda: scp.spool.status().parked == 2), scp.spool.status()
         assert scp.spool.status().parked_reasons == {"C-STORE status 0xA700": 2}
+        assert wait_for(lambda: "cxrtune_pacs_parked 2.0" in requests.get(f"http://127.0.0.1:{metrics}/metrics").text)
+        page = requests.get(f"http://127.0.0.1:{metrics}/metrics").text
+        assert "cxrtune_pacs_outbox 0.0" in page and "cxrtune_pacs_spool_bytes" in page
         pacs.status = 0xB000  # stored with coercion: a warning is a delivery
         assert scp.spool.retry_parked() == 2
         assert wait_for(lambda: len(pacs.received) == 2 and scp.spool.status().outbox == 0)
@@ -208,6 +224,11 @@ def test_a_restart_delivers_what_was_spooled_before_a_crash(scorer, tmp_path):
     finally:
         scp.stop()
         pacs.stop()
+    fresh = set()
+    for ds in (first, second):  # the same images scored afresh give the same objects
+        (record, detail), = scorer.score_scans([load_scan(to_bytes(ds))])
+        fresh |= {o.SOPInstanceUID for o in dicom_results(to_bytes(ds), record, detail.lung, detail.opacity).objects()}
+    assert fresh == {ds.SOPInstanceUID for ds in pacs.received}
 
 
 def test_a_spool_others_can_read_is_refused(tmp_path):
@@ -250,5 +271,154 @@ def test_cxrtune_pacs_listen_runs_until_sigterm_and_status_reads_its_spool(phant
     assert proc.returncode == 0, err[-2000:]
     assert "cxrtune pacs listener CXRTUNE on 127.0.0.1" in out and PATIENT not in out + err
     status = json.loads(cli_in_process("pacs", "status", "--spool", str(tmp_path / "spool")).stdout)
-    assert status == {"incoming": 0, "outbox": 0, "parked": 0, "bytes": 0, "parked_reasons": {}}
+    assert status == {"incoming": 0, "outbox": 0, "parked": 0, "bytes": 0, "parked_reasons": {},
+                      "poll": {"handled": 0, "failing": 0, "parked": 0, "parked_reasons": {}}}
     assert "0 parked result(s) queued again" in cli_in_process("pacs", "retry", "--spool", str(tmp_path / "spool")).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["spooled", "scored"])
+def test_a_listener_killed_mid_way_loses_nothing_and_a_resend_is_the_same_objects(phantom_bundle, tmp_path, kill_at):
+    """`cxrtune pacs listen` killed after spooling (before its C-STORE response) or after scoring
+    (before sending): restarted on the same spool, every result arrives; the modality's resend of
+    the image it got no answer for gives the same SR and SEG (the same UIDs), not new ones."""
+    import os
+    import subprocess
+    import sys
+
+    pacs, port = Destination(), free_port()
+    source = dx(tmp_path, "one")
+    command = [sys.executable, "-m", "cxrtune.cli", "pacs", "listen", "--bundle", str(phantom_bundle),
+               "--spool", str(tmp_path / "spool"), "--destination", f"PACS@127.0.0.1:{pacs.port}",
+               "--allow", "MODALITY@127.0.0.1", "--port", str(port), "--device", "cpu"]
+    env = {**os.environ, "CXRTUNE_PSEUDONYM_KEY": KEY.decode()}
+
+    def start(**extra) -> subprocess.Popen:
+        proc = subprocess.Popen(command, env={**env, **extra}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        assert wait_for(lambda: proc.poll() is not None or echo(port) == 0x0000, 120), "the listener never answered"
+        return proc
+    try:
+        doomed = start(CXRTUNE_PACS_KILL_AT=kill_at)
+        first = send(port, source)
+        assert doomed.wait(timeout=120) == 137  # killed where it was told
+        assert first == ("aborted" if kill_at == "spooled" else [0x0000])
+        left = Spool(tmp_path / "spool").status()
+        assert (left.incoming, left.outbox) == ((1, 0) if kill_at == "spooled" else (1, 2))
+        restarted = start()
+        try:
+            if kill_at == "spooled":
+                assert send(port, source) == [0x0000]  # the modality resends what got no answer
+            assert wait_for(lambda: {ds.SOPInstanceUID for ds in pacs.received} and
+                            Spool(tmp_path / "spool").status().incoming == 0 and
+                            Spool(tmp_path / "spool").status().outbox == 0, 90)
+        finally:
+            restarted.terminate()
+            restarted.wait(timeout=60)
+    finally:
+        pacs.stop()
+    uids = [ds.SOPInstanceUID for ds in pacs.received]
+    assert len(set(uids)) == 2 and len(uids) >= 2  # one SR and one SEG, however often delivered
+    assert sorted(ds.Modality for ds in pacs.received[:2]) == ["SEG", "SR"]
+
+
+def test_mutual_tls_in_and_out(scorer, tmp_path):
+    """With TLS the listener takes associations only over TLS from a caller with a trusted
+    certificate, and sends its results over TLS; a plain connection and a caller without a
+    certificate get nothing."""
+    import ssl
+
+    from cxrtune.pacs.listener import TlsSettings
+    from tests.conftest import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)  # one CA-signed-by-itself identity for all three here
+    tls = TlsSettings(str(cert), str(key), str(cert))
+    received: list = []
+    pacs_ae = AE(ae_title="PACS")
+    for uid in (SR_STORAGE, SEG_STORAGE):
+        pacs_ae.add_supported_context(uid, ExplicitVRLittleEndian)
+    pacs_port = free_port()
+    pacs = pacs_ae.start_server(("127.0.0.1", pacs_port), block=False, ssl_context=tls.server_context(),
+                                evt_handlers=[(evt.EVT_C_STORE, lambda e: received.append(e.dataset) or 0x0000)])
+    scp = listener(scorer, tmp_path / "spool", Peer("PACS", "127.0.0.1", pacs_port), tls=tls)
+    try:
+        def store(ctx: ssl.SSLContext | None) -> list[int] | str:
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(DX_FOR_PRESENTATION, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", scp.settings.port, ae_title="CXRTUNE",
+                                 tls_args=(ctx, "127.0.0.1") if ctx else None)
+            if not assoc.is_established:
+                return "failed"
+            try:
+                return [int(assoc.send_c_store(dx(tmp_path, "tls")).Status)]
+            finally:
+                assoc.release()
+        anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))  # trusts it, shows nothing
+        assert store(None) == "failed" and store(anonymous) == "failed"
+        assert store(tls.client_context()) == [0x0000]
+        assert wait_for(lambda: len(received) == 2)  # delivered over TLS to a TLS-only PACS
+    finally:
+        scp.stop()
+        pacs.shutdown()
+    key.chmod(0o644)
+    from cxrtune.errors import CxrtuneError
+    with pytest.raises(CxrtuneError, match="may be read by others"):
+        tls.server_context()
+
+
+def test_a_jpeg_2000_image_is_received_and_answered(scorer, tmp_path):
+    """pydicom-data's CR chest PA in JPEG 2000 Lossless (a new instance), sent in its own transfer
+    syntax: received, decoded, and its SR delivered (its SEG too unless the record is unscored)."""
+    from pydicom.uid import JPEG2000Lossless
+
+    pacs = Destination()
+    scp = listener(scorer, tmp_path / "spool", pacs.peer())
+    try:
+        ds = pydicom.dcmread(get_testdata_file("RG1_J2KR.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CR_IMAGE, JPEG2000Lossless)
+        assoc = ae.associate("127.0.0.1", scp.settings.port, ae_title="CXRTUNE")
+        assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == JPEG2000Lossless
+        assert int(assoc.send_c_store(ds).Status) == 0x0000
+        assoc.release()
+        assert wait_for(lambda: any(r.Modality == "SR" for r in pacs.received), 90), scp.spool.status()
+        sr = next(r for r in pacs.received if r.Modality == "SR")
+        assert sr.StudyInstanceUID == ds.StudyInstanceUID
+    finally:
+        scp.stop()
+        pacs.stop()
+
+
+def test_a_destination_without_the_seg_class_parks_the_seg_and_the_sender_goes_on(scorer, tmp_path):
+    """A PACS that takes SR but not SEG: the SR arrives, the SEG is parked with that reason, and the
+    sender keeps delivering (a later image's SR arrives too); a warning status is a delivery."""
+    pacs = Destination(status=0xB006, accepts=(SR_STORAGE,))  # elements discarded: stored, with a warning
+    scp = listener(scorer, tmp_path / "spool", pacs.peer(), max_attempts=1)
+    try:
+        assert send(scp.settings.port, dx(tmp_path, "one")) == [0x0000]
+        assert wait_for(lambda: scp.spool.status().parked == 1 and len(pacs.received) == 1), scp.spool.status()
+        assert scp.spool.status().parked_reasons == {"the destination accepts no Segmentation Storage": 1}
+        assert send(scp.settings.port, dx(tmp_path, "two")) == [0x0000]
+        assert wait_for(lambda: len(pacs.received) == 2 and scp.spool.status().parked == 2)
+        assert {r.Modality for r in pacs.received} == {"SR"}
+    finally:
+        scp.stop()
+        pacs.stop()
+
+
+def test_callers_are_allowed_as_ae_and_address_pairs(scorer, tmp_path):
+    """MODALITY may call from 127.0.0.1 and OTHER from 127.0.0.2; OTHER calling from 127.0.0.1
+    (another caller's address) stores nothing."""
+    pacs = Destination()
+    scp = listener(scorer, tmp_path / "spool", pacs.peer(),
+                   callers=(Peer("MODALITY", "127.0.0.1"), Peer("OTHER", "127.0.0.2")))
+    try:
+        assert send(scp.settings.port, dx(tmp_path, "a"), calling="OTHER") in ("aborted", [NOT_AUTHORISED])
+        assert send(scp.settings.port, dx(tmp_path, "b"), calling="OTHER", source="127.0.0.2") == [0x0000]
+        assert wait_for(lambda: len(pacs.received) == 2)
+        assert scp.spool.status().incoming == 0
+    finally:
+        scp.stop()
+        pacs.stop()

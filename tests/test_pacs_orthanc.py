@@ -22,7 +22,7 @@ from cxrtune.pacs.spool import open_spool
 from cxrtune.preprocessing import load_scan
 from cxrtune.scoring.scorer import load_bundle
 from tests.conftest import free_port
-from tests.test_pacs_listener import KEY, dx, wait_for
+from tests.test_pacs_listener import KEY, PATIENT, dx, wait_for
 from tests.test_pacs_results import source_copy
 
 ORTHANC = "/usr/sbin/Orthanc"
@@ -123,11 +123,17 @@ def test_orthanc_sends_an_image_and_gets_its_sr_and_seg_in_the_same_study(orthan
                 assert [q.value.meaning for q in groups[f"zone {letter}"].get_qualitative_evaluations(
                     name=ZONE_AFFECTED)] == ["Yes" if zone["affected"] else "No"]
         if record["status"] != "unscored":
-            assert objects["SEG"].StudyInstanceUID == ds.StudyInstanceUID
+            seg = objects["SEG"]
+            assert seg.StudyInstanceUID == ds.StudyInstanceUID
+            assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+                ds.SOPInstanceUID
     assert expected[1]["status"] == "scored"  # the phantom DX went the whole way, SEG included
 
 
-def test_a_secondary_capture_sent_by_orthanc_is_skipped_and_gets_no_result(orthanc, scp, tmp_path):
+def test_a_secondary_capture_sent_by_orthanc_is_skipped_and_gets_no_result(orthanc, scp, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="cxrtune.pacs")
     url, _ = orthanc
     capture = dx(tmp_path, "sc", SOPClassUID="1.2.840.10008.5.1.4.1.1.7")
     capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
@@ -135,3 +141,105 @@ def test_a_secondary_capture_sent_by_orthanc_is_skipped_and_gets_no_result(ortha
     assert wait_for(lambda: scp.spool.status().incoming == 0)
     time.sleep(1.0)
     assert scp.spool.status().outbox == 0 and len(study_objects(url, study)) == 1  # the capture alone
+    assert "skipped ins-" in caplog.text and "secondary capture" in caplog.text and PATIENT not in caplog.text
+
+
+class FailingWado:
+    """An HTTP proxy in front of Orthanc's DICOMweb that answers every WADO-RS retrieval 503 (QIDO
+    and STOW pass): a server that finds instances but cannot deliver them."""
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if "/studies/" in self.path:  # a WADO-RS retrieval
+                    outer.refused += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                answer = requests.get(upstream + self.path, headers={"Accept": self.headers.get("Accept", "*/*")},
+                                      timeout=30)
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("Content-Type", "application/dicom+json"))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+        self.refused = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def today() -> str:
+    import datetime
+
+    return datetime.date.today().strftime("%Y%m%d")
+
+
+def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc, scp, tmp_path, caplog):
+    """QIDO-RS finds today's DX instances (earlier tests' have no Study Date, or an old one), WADO-RS
+    brings each, STOW-RS stores its SR and SEG in its study; a second poll finds nothing new; a
+    lateral is skipped by the DICOM rules."""
+    import logging
+
+    from cxrtune.pacs.poll import DicomwebPoller, PollSettings
+    from cxrtune.pacs.spool import Spool
+
+    caplog.set_level(logging.INFO, logger="cxrtune.pacs")
+    url, _ = orthanc
+    frontal, lateral = dx(tmp_path, "polled", StudyDate=today()), dx(tmp_path, "side", StudyDate=today(),
+                                                                       ViewPosition="LL")
+    studies = []
+    for ds in (frontal, lateral):
+        stored = requests.post(f"{url}/instances", data=to_bytes(ds), timeout=30)
+        stored.raise_for_status()
+        studies.append(requests.get(f"{url}/instances/{stored.json()['ID']}/study", timeout=10).json()["ID"])
+    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web"), Spool(tmp_path / "spool"), scp.scorer, KEY)
+    assert poller.poll_once() == {"scored": 1, "skipped": 1, "failed": 0, "parked": 0}
+    objects = {o.Modality: o for o in study_objects(url, studies[0])}
+    assert set(objects) == {"DX", "SR", "SEG"}
+    evidence = objects["SR"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == frontal.SOPInstanceUID
+    assert len(study_objects(url, studies[1])) == 1  # the lateral alone
+    assert poller.poll_once() == {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}  # nothing new
+    assert "non-frontal view" in caplog.text and PATIENT not in caplog.text
+
+
+def test_pacs_poll_retries_a_503_then_parks_the_instance_and_retry_frees_it(orthanc, scp, tmp_path):
+    """Behind a proxy whose WADO-RS answers 503, each of today's instances (the last test's too: a new
+    spool has handled none) is tried twice a poll, parked after two polls, left alone while parked,
+    and polled again after `pacs retry`."""
+    from cxrtune.pacs.poll import DicomwebPoller, PollSettings, poll_status, retry_parked
+    from cxrtune.pacs.spool import Spool
+
+    url, _ = orthanc
+    requests.post(f"{url}/instances", data=to_bytes(dx(tmp_path, "unlucky", StudyDate=today())),
+                  timeout=30).raise_for_status()
+    proxy = FailingWado(url)
+    try:
+        spool = Spool(tmp_path / "spool")
+        poller = DicomwebPoller(PollSettings(f"{proxy.url}/dicom-web", retries=2, backoff_s=0.01, max_attempts=2),
+                                spool, scp.scorer, KEY)
+        first, second = poller.poll_once(), poller.poll_once()
+        assert first["failed"] >= 1 and second["parked"] == first["failed"], (first, second)
+        assert proxy.refused == 2 * 2 * first["failed"]  # two tries a poll, two polls, per instance
+        status = poll_status(spool)
+        assert status["parked"] == first["failed"] and status["parked_reasons"] == {"WADO-RS: HTTP 503": first["failed"]}
+        assert poller.poll_once() == {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}  # parked: not tried again
+        assert retry_parked(spool) == first["failed"]
+    finally:
+        proxy.stop()
+    again = DicomwebPoller(PollSettings(f"{url}/dicom-web"), spool, scp.scorer, KEY).poll_once()
+    assert again["scored"] + again["skipped"] == first["failed"] and again["scored"] >= 1  # today's DX, this one too

@@ -343,8 +343,7 @@ def test_dicom_results_over_http_go_to_the_caller_and_nowhere_else(server, phant
     import pydicom
     from pydicom.uid import generate_uid
 
-    from cxrtune.pacs.results import SCORE, STATUS
-    from cxrtune.serving.api import DICOM_RESULTS
+    from cxrtune.pacs.results import DICOM_RESULTS, SCORE, STATUS
 
     img = images.decode_raster(phantom_png(phantom_dir)).astype(np.uint16) * 16
     data = _dicom(img, BitsStored=12, PatientName=SECRET, PatientID="ID-999", StudyInstanceUID=generate_uid(),
@@ -377,6 +376,35 @@ def test_dicom_results_over_http_go_to_the_caller_and_nowhere_else(server, phant
     for log in Path("/tmp/ray/session_latest/logs").rglob("*"):
         if log.is_file() and log.stat().st_size < 50_000_000:
             assert SECRET.encode() not in log.read_bytes(), log
+
+
+@pytest.mark.slow
+def test_the_pacs_listener_scores_through_the_served_endpoint(server, phantom_dir, tmp_path):
+    """`pacs listen --endpoint`: the listener posts what it receives to /v1/score with its API key,
+    asking for DICOM, and C-STOREs the SR and SEG the scorer answers."""
+    from cxrtune.pacs.listener import ListenerSettings, PacsListener, Peer
+    from cxrtune.pacs.results import to_bytes
+    from cxrtune.pacs.spool import open_spool
+    from tests.test_pacs_listener import KEY as STUDY_KEY
+    from tests.test_pacs_listener import Destination, dx, send, wait_for
+
+    pacs = Destination()
+    settings = ListenerSettings("CXRTUNE", "127.0.0.1", free_port(), (Peer("MODALITY", "127.0.0.1"),), pacs.peer(),
+                                poll_s=0.05, backoff_s=0.2, endpoint=server)
+    scp = PacsListener(settings, open_spool(tmp_path / "spool"), None, STUDY_KEY, api_key=KEY).start()
+    try:
+        source = dx(tmp_path, "served")
+        assert send(settings.port, source) == [0x0000]
+        assert wait_for(lambda: len(pacs.received) == 2, 90), scp.spool.status()
+        assert {r.Modality for r in pacs.received} == {"SR", "SEG"}
+        assert {r.StudyInstanceUID for r in pacs.received} == {source.StudyInstanceUID}
+    finally:
+        scp.stop()
+        pacs.stop()
+    # a key the scorer refuses is the listener's configuration, not the image's fault: kept for later
+    wrong_key = PacsListener(settings, open_spool(tmp_path / "spool2"), None, STUDY_KEY, api_key="not-the-key")
+    spooled = wrong_key.spool.receive(source.SOPInstanceUID, to_bytes(source))
+    assert wrong_key.score_one(spooled) is False and wrong_key.spool.status().incoming == 1
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -37,7 +37,8 @@ def test_dicom_results_are_negotiated_and_documented():
     client asks for instances); OpenAPI lists that answer and the 406 for a non-DICOM input."""
     import email.parser
 
-    from cxrtune.serving.api import DICOM_RESULTS, multipart_related, wants_dicom
+    from cxrtune.pacs.results import DICOM_RESULTS, multipart_related
+    from cxrtune.serving.api import wants_dicom
 
     assert wants_dicom(DICOM_RESULTS) and wants_dicom('application/json, Multipart/Related; type="application/dicom"')
     assert not wants_dicom("application/json") and not wants_dicom("image/png, */*")

@@ -17,11 +17,17 @@ pseudonym (the study key), never by a patient identifier.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import signal
+import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 
+import requests
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from pydicom import Dataset, dcmread
 from pydicom.uid import (
     JPEG2000,
@@ -33,14 +39,24 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 
+from ..config_files import read_private_file
 from ..dicom import pseudonym_key, read_header
 from ..errors import CxrtuneError
 from ..preprocessing import load_scan
 from ..scoring.scorer import Scorer, load_bundle
-from .results import dicom_results, to_bytes
+from .results import DICOM_RESULTS, dicom_results, parts_of, to_bytes
 from .spool import Spool, open_spool
 
 log = logging.getLogger("cxrtune.pacs")
+# Fault injection for the delivery tests (docs/pacs.md): the process exits at once, as if killed,
+# at the named point: ``spooled`` (after spooling, before the C-STORE response) or ``scored``
+# (after the results are queued, before they are sent).
+KILL_AT_ENV = "CXRTUNE_PACS_KILL_AT"
+
+
+def _kill_point(name: str) -> None:
+    if os.environ.get(KILL_AT_ENV) == name:
+        os._exit(137)
 
 # SOP classes by UID (pynetdicom.sop_class makes its names at run time, out of the type checker's sight)
 VERIFICATION = "1.2.840.10008.1.1"
@@ -55,6 +71,7 @@ TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaselin
                      JPEG2000Lossless, JPEG2000)
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # coercion, elements discarded, data set mismatch: stored
 OUT_OF_RESOURCES = 0xA700
+NOT_AUTHORISED = 0x0124  # Refused: not authorised
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,36 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """Mutual TLS on the DICOM connections, in and out (pynetdicom's SSL contexts): this AE's
+    certificate and key, and the CA bundle the callers' and the destination's certificates must
+    chain to. A caller without a trusted certificate is refused at the handshake."""
+    certificate: str
+    key: str  # an owner-only file
+    trusted: str
+
+    def __post_init__(self) -> None:
+        if not (self.certificate and self.key and self.trusted):
+            raise CxrtuneError("TLS needs a certificate, its key and the trusted CA bundle (--tls-cert, --tls-key, "
+                               "--tls-ca)")
+
+    def _context(self, purpose: ssl.Purpose) -> ssl.SSLContext:
+        read_private_file(self.key, "the listener's TLS key")  # refuses a key others can read
+        ctx = ssl.create_default_context(purpose, cafile=self.trusted)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.certificate, self.key)
+        return ctx
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = self._context(ssl.Purpose.CLIENT_AUTH)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        return self._context(ssl.Purpose.SERVER_AUTH)
+
+
+@dataclass(frozen=True)
 class ListenerSettings:
     """What ``cxrtune pacs listen`` runs with.
 
@@ -92,82 +139,170 @@ class ListenerSettings:
     destination: Peer
     max_associations: int = 4
     max_spool_bytes: int = 4 * 1024 ** 3
-    max_attempts: int = 5
+    max_attempts: int = 10  # 5 s, 10 s ... capped at 15 min: about 1.5 h before a result is parked
     backoff_s: float = 5.0
     poll_s: float = 0.2
+    tls: TlsSettings | None = None
+    endpoint: str | None = None  # score through the served scorer (its base URL) instead of in process
+    metrics_port: int | None = None  # Prometheus metrics at http://HOST:PORT/metrics
+
+
+class SpoolGauges:
+    """The spool as Prometheus gauges: what is waiting to be scored, to be sent, parked, and the
+    bytes the spool holds (patient data at rest)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.received = Gauge("cxrtune_pacs_received", "instances waiting to be scored", registry=self.registry)
+        self.outbox = Gauge("cxrtune_pacs_outbox", "result objects waiting to be sent", registry=self.registry)
+        self.parked = Gauge("cxrtune_pacs_parked", "result objects and instances parked", registry=self.registry)
+        self.bytes = Gauge("cxrtune_pacs_spool_bytes", "bytes held in the spool", registry=self.registry)
+
+    def update(self, spool: Spool) -> None:
+        status = spool.status()
+        self.received.set(status.incoming)
+        self.outbox.set(status.outbox)
+        self.parked.set(status.parked)
+        self.bytes.set(status.bytes)
+
+
+class ScoreLater(Exception):
+    """The served scorer could not score now (unreachable, 401/403, 408, 429, 5xx)."""
 
 
 @dataclass
 class PacsListener:
-    """The SCP, the scoring worker and the sender, over one spool."""
+    """The SCP, the scoring worker and the sender, over one spool. ``scorer``: the bundle in this
+    process, or None with ``settings.endpoint`` (and ``api_key``) to score through the served one."""
     settings: ListenerSettings
     spool: Spool
-    scorer: Scorer
+    scorer: Scorer | None
     study_key: bytes
+    api_key: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _server: object = None
+    allowed: set[tuple[str, str]] = field(default_factory=set)
+    gauges: SpoolGauges = field(default_factory=SpoolGauges)
 
     # ------------------------------------------------------------------ receiving
+    def _callers(self) -> set[tuple[str, str]]:
+        """(AE title, IP address) of every configured caller, host names resolved."""
+        return {(c.ae_title, socket.gethostbyname(c.host)) for c in self.settings.callers}
+
     def _on_connection(self, event) -> None:
         """A connection from an address no caller has is closed before any association; an
-        unknown calling AE title from a known address gets A-ASSOCIATE-RJ (``require_calling_aet``)."""
-        if event.address[0] not in {c.host for c in self.settings.callers}:
+        unknown calling AE title gets A-ASSOCIATE-RJ (``require_calling_aet``)."""
+        if event.address[0] not in {address for _, address in self.allowed}:
             log.warning("connection from an address that is not configured: closed")
             event.assoc.kill()
 
+    def _on_established(self, event) -> None:
+        """A known AE title calling from another known caller's address: aborted (AE titles and
+        addresses are allowed in pairs)."""
+        if (event.assoc.requestor.ae_title, event.assoc.requestor.address) not in self.allowed:
+            log.warning("association from a configured AE title at another caller's address: aborted")
+            event.assoc.abort()
+
     def _on_store(self, event) -> int:
+        if (event.assoc.requestor.ae_title, event.assoc.requestor.address) not in self.allowed:
+            return NOT_AUTHORISED
         if self.spool.used_bytes() > self.settings.max_spool_bytes:
             log.warning("spool over %d bytes: C-STORE refused (out of resources)", self.settings.max_spool_bytes)
             return OUT_OF_RESOURCES
         ds: Dataset = event.dataset
         ds.file_meta = event.file_meta
         self.spool.receive(str(ds.SOPInstanceUID), to_bytes(ds))  # fsynced before the success response
+        _kill_point("spooled")
         return 0x0000
 
     # ------------------------------------------------------------------ scoring
-    def score_one(self, path) -> None:
+    def _in_process(self, data: bytes, who: str) -> list[Dataset] | None:
+        """The results from the bundle in this process; None: skipped (the reason logged)."""
+        try:
+            scan = load_scan(data)
+        except CxrtuneError as exc:  # the DICOM rules, a decode failure: that instance only
+            log.info("skipped %s: %s", who, exc)
+            return None
+        assert self.scorer is not None
+        (record, detail), = self.scorer.score_scans([scan])
+        try:
+            results = dicom_results(data, record, detail.lung, detail.opacity)
+        except CxrtuneError as exc:
+            log.warning("no results for %s: %s", who, exc)
+            return None
+        log.info("scored %s: %s, score %s", who, record["status"], record["score"])
+        return results.objects()
+
+    def _over_http(self, data: bytes, who: str) -> list[Dataset] | None:
+        """The results from the served scorer (``POST /v1/score`` asking for DICOM, docs/serving.md);
+        None: refused (4xx: the DICOM rules, an unreadable file), the reason logged.
+
+        Raises:
+            ScoreLater: the endpoint is unreachable, busy or failing, or refuses the API key: the
+                instance stays spooled."""
+        try:
+            answer = requests.post(f"{self.settings.endpoint}/v1/score", data=data, timeout=120,
+                                   headers={"X-API-Key": self.api_key or "", "Accept": DICOM_RESULTS,
+                                            "Content-Type": "application/dicom"})
+        except requests.RequestException as exc:
+            raise ScoreLater(type(exc).__name__) from None
+        if answer.status_code in (401, 403, 408, 429) or answer.status_code >= 500:  # 401/403: fix the key
+            raise ScoreLater(f"HTTP {answer.status_code}")
+        if answer.status_code != 200:
+            error = answer.json().get("error", "") if "json" in answer.headers.get("content-type", "") else ""
+            log.info("skipped %s: HTTP %d %s", who, answer.status_code, error)
+            return None
+        log.info("scored %s: %s, score %s", who, answer.headers.get("X-Status"), answer.headers.get("X-Score"))
+        return [dcmread(io.BytesIO(part)) for part in parts_of(answer.headers["content-type"], answer.content)]
+
+    def score_one(self, path) -> bool:
         """Score one spooled instance and queue its results; what the DICOM rules refuse, or what
-        cannot be read, is skipped with its reason, by pseudonym."""
+        cannot be read, is skipped with its reason, by pseudonym. False: the served scorer could
+        not be reached, and the instance stays spooled for a later try."""
         data = path.read_bytes()
         try:
             who = read_header(data, self.study_key).instance or "an instance without a UID"
         except CxrtuneError as exc:
             log.warning("skipped an unreadable instance: %s", exc)
             self.spool.done(path)
-            return
+            return True
         try:
-            scan = load_scan(data)
-        except CxrtuneError as exc:  # the DICOM rules, a decode failure: that instance only
-            log.info("skipped %s: %s", who, exc)
-            self.spool.done(path)
-            return
-        (record, detail), = self.scorer.score_scans([scan])
-        try:
-            results = dicom_results(data, record, detail.lung, detail.opacity)
-        except CxrtuneError as exc:
-            log.warning("no results for %s: %s", who, exc)
-            self.spool.done(path)
-            return
-        self.spool.enqueue({str(o.SOPInstanceUID): to_bytes(o) for o in results.objects()})
+            objects = self._over_http(data, who) if self.settings.endpoint else self._in_process(data, who)
+        except ScoreLater as exc:
+            log.warning("scoring %s deferred: the scorer at the endpoint answered %s", who, exc)
+            return False
+        if objects:
+            self.spool.enqueue({str(o.SOPInstanceUID): to_bytes(o) for o in objects})
+            _kill_point("scored")
         self.spool.done(path)
-        log.info("scored %s: %s, score %s; %d result object(s) queued", who, record["status"], record["score"],
-                 len(results.objects()))
+        return True
 
     def _score_loop(self) -> None:
         while not self._stop.is_set():
             for path in self.spool.received():
                 if self._stop.is_set():
                     return
-                self.score_one(path)
+                try:
+                    scored = self.score_one(path)
+                except Exception as exc:  # noqa: BLE001 - one instance's failure must not end the worker
+                    # the type only: a message or a traceback may quote the instance's values
+                    log.error("scoring a spooled instance failed (%s): parked", type(exc).__name__)
+                    self.spool.park_received(path, f"scoring failed: {type(exc).__name__}")
+                    continue
+                if not scored:
+                    self._stop.wait(self.settings.backoff_s)  # the endpoint is down: not a busy loop
+                    break
             self._stop.wait(self.settings.poll_s)
 
     # ------------------------------------------------------------------ sending
     def send_one(self, item) -> None:
         """One C-STORE of a queued result to the destination: sent (success or a warning
         status), retried later, or parked."""
-        ds = dcmread(item)
-        reason = self._c_store(ds)
+        try:
+            reason = self._c_store(dcmread(item))
+        except Exception as exc:  # noqa: BLE001 - e.g. no accepted presentation context: a failed delivery
+            reason = f"C-STORE failed: {type(exc).__name__}"
         if reason is None:
             self.spool.sent(item)
             return
@@ -178,11 +313,18 @@ class PacsListener:
     def _c_store(self, ds: Dataset) -> str | None:
         dest = self.settings.destination
         ae = AE(ae_title=self.settings.ae_title)
-        ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30  # type: ignore[assignment]
+        ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        tls = self.settings.tls
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                             tls_args=(tls.client_context(), dest.host) if tls else None)
         if not assoc.is_established:
+            if any(cx.abstract_syntax == ds.SOPClassUID for cx in assoc.rejected_contexts):
+                return f"the destination accepts no {ds.SOPClassUID.name}"
             return "association rejected or aborted" if (assoc.is_rejected or assoc.is_aborted) else "no association"
         try:
+            if not any(cx.abstract_syntax == ds.SOPClassUID for cx in assoc.accepted_contexts):
+                return f"the destination accepts no {ds.SOPClassUID.name}"
             status = assoc.send_c_store(ds)
         finally:
             assoc.release()
@@ -200,6 +342,7 @@ class PacsListener:
                 if self._stop.is_set():
                     return
                 self.send_one(item)
+            self.gauges.update(self.spool)
             self._stop.wait(self.settings.poll_s)
 
     # ------------------------------------------------------------------ lifecycle
@@ -207,15 +350,22 @@ class PacsListener:
         """Serve (in the background) and start the worker and the sender."""
         for noisy in ("pynetdicom", "pynetdicom.assoc", "pynetdicom.events", "pynetdicom.acse", "pynetdicom.dimse"):
             logging.getLogger(noisy).setLevel(logging.WARNING)  # at DEBUG they log UIDs and dataset elements
+        self.allowed = self._callers()
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_associations = self.settings.max_associations
         ae.require_calling_aet = sorted({c.ae_title for c in self.settings.callers})
+        ae.require_called_aet = True  # a caller must address this AE by its title
         ae.add_supported_context(VERIFICATION)
         for sop_class in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        tls = self.settings.tls
         self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
+                                       ssl_context=tls.server_context() if tls else None,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store),
-                                                     (evt.EVT_CONN_OPEN, self._on_connection)])
+                                                     (evt.EVT_CONN_OPEN, self._on_connection),
+                                                     (evt.EVT_ESTABLISHED, self._on_established)])
+        if self.settings.metrics_port:
+            start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.gauges.registry)
         for loop in (self._score_loop, self._send_loop):
             thread = threading.Thread(target=loop, daemon=True, name=f"cxrtune-pacs-{loop.__name__}")
             thread.start()
@@ -234,11 +384,25 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run_listener(settings: ListenerSettings, spool: str, bundle: str, key_file: str | None = None,
-                 device: str | None = None) -> None:
-    """``cxrtune pacs listen``: serve until Ctrl-C or SIGTERM; the spool keeps whatever is left."""
+def endpoint_key(key_file: str | None) -> str:
+    """The served scorer's API key: the owner-only ``key_file``, else ``$CXRTUNE_API_KEY``."""
+    key = read_private_file(key_file, "API key") if key_file else os.environ.get("CXRTUNE_API_KEY", "").strip()
+    if not key:
+        raise CxrtuneError("scoring through --endpoint needs its API key: --api-key-file or $CXRTUNE_API_KEY")
+    return key
+
+
+def run_listener(settings: ListenerSettings, spool: str, bundle: str | None, key_file: str | None = None,
+                 device: str | None = None, api_key_file: str | None = None) -> None:
+    """``cxrtune pacs listen``: serve until Ctrl-C or SIGTERM; the spool keeps whatever is left.
+    Scores with ``bundle`` in this process, or through ``settings.endpoint``."""
     key = pseudonym_key(key_file)  # before anything starts: skipped instances are logged by pseudonym
-    scp = PacsListener(settings, open_spool(spool), load_bundle(bundle, device=device), key).start()
+    if settings.endpoint:
+        scp = PacsListener(settings, open_spool(spool), None, key, endpoint_key(api_key_file)).start()
+    elif bundle:
+        scp = PacsListener(settings, open_spool(spool), load_bundle(bundle, device=device), key).start()
+    else:
+        raise CxrtuneError("give --bundle (score in this process) or --endpoint (score through the served scorer)")
     print(f"cxrtune pacs listener {settings.ae_title} on {settings.host}:{settings.port}, results to "
           f"{settings.destination.ae_title}@{settings.destination.host}:{settings.destination.port}; Ctrl-C stops",
           flush=True)

@@ -21,6 +21,7 @@ groups, and UIDs that a resend of the same result reproduces (docs/pacs.md has t
 
 from __future__ import annotations
 
+import email.parser
 import io
 import logging
 import uuid
@@ -290,6 +291,28 @@ def dicom_results(source: Dataset | bytes, record: dict, lung: np.ndarray | None
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom on a header it cannot use
         raise CxrtuneError(f"DICOM results cannot be written for this image ({type(exc).__name__})") from None
     return DicomResults(sr, seg)
+
+
+DICOM_RESULTS = 'multipart/related; type="application/dicom"'  # how the results travel over HTTP
+
+
+def multipart_related(parts: list[bytes], boundary: str) -> bytes:
+    """DICOM objects as one multipart/related body (RFC 2387, as DICOMweb sends instances). Written
+    here: the standard library's email package would re-encode the binary parts."""
+    out = bytearray()
+    for part in parts:
+        out += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii") + part + b"\r\n"
+    out += f"--{boundary}--\r\n".encode("ascii")
+    return bytes(out)
+
+
+def parts_of(content_type: str, body: bytes) -> list[bytes]:
+    """The parts of a ``multipart/related`` body (the standard library's email parser)."""
+    message = email.parser.BytesParser().parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body)
+    if not message.is_multipart():
+        raise CxrtuneError(f"not a multipart body ({message.get_content_type()})")
+    parts = [part.get_payload(decode=True) for part in message.walk() if not part.is_multipart()]
+    return [part for part in parts if isinstance(part, bytes)]
 
 
 def to_bytes(ds: Dataset) -> bytes:

@@ -17,12 +17,14 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import CxrtuneError
 
 FOLDERS = ("incoming", "outbox", "parked", "tmp")
+MAX_BACKOFF_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -64,25 +66,40 @@ class Spool:
         os.chmod(self.root, 0o700)
         for name in FOLDERS:
             (self.root / name).mkdir(mode=0o700, exist_ok=True)
+        for part in (self.root / "tmp").glob("*.part"):  # half-written before a crash: never published
+            part.unlink(missing_ok=True)
 
     def folder(self, name: str) -> Path:
         return self.root / name
 
     def _write(self, folder: str, name: str, data: bytes) -> Path:
-        tmp = self.root / "tmp" / (name + ".part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = self.root / "tmp" / f"{name}.{uuid.uuid4().hex}.part"  # two writers of one name never share it
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(data)  # all of it, or an OSError (a full disk): never a short file
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         final = self.root / folder / name
         os.replace(tmp, final)
         _fsync_dir(self.root / folder)
         return final
 
+    def write_state(self, name: str, data: bytes) -> None:
+        """A state file at the spool's top (the poller's), replaced atomically."""
+        self._write("", name, data)
+
     def used_bytes(self) -> int:
-        return sum(p.stat().st_size for name in FOLDERS for p in (self.root / name).iterdir() if p.is_file())
+        total = 0
+        for name in FOLDERS:
+            for path in (self.root / name).iterdir():
+                try:
+                    total += path.stat().st_size
+                except FileNotFoundError:  # renamed or removed by another thread meanwhile
+                    pass
+        return total
 
     # ------------------------------------------------------------------ incoming
     def receive(self, sop_instance_uid: str, data: bytes) -> Path:
@@ -92,6 +109,14 @@ class Spool:
     def received(self) -> list[Path]:
         """Instances waiting to be scored, oldest first."""
         return sorted((self.root / "incoming").glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+
+    def park_received(self, incoming: Path, reason: str) -> None:
+        """An instance that cannot be scored (an unexpected failure): kept in ``parked/`` with its
+        reason, out of the worker's way (``pacs retry`` does not bring it back: it is an input)."""
+        self._write("parked", incoming.with_suffix(".json").name,
+                    json.dumps(asdict(Attempts(1, 0.0, reason))).encode())
+        os.replace(incoming, self.root / "parked" / ("received-" + incoming.name))
+        _fsync_dir(self.root / "parked")
 
     def done(self, incoming: Path) -> None:
         """An instance handled (its results queued, or skipped with its reason logged)."""
@@ -128,7 +153,8 @@ class Spool:
         """Record a failed delivery: retried after ``backoff_s`` x 2^(attempts - 1), or parked after
         ``max_attempts``. Returns whether it was parked."""
         before = self.attempts(item)
-        after = Attempts(before.attempts + 1, time.time() + backoff_s * 2 ** before.attempts, reason)
+        wait = min(MAX_BACKOFF_S, backoff_s * 2 ** before.attempts)
+        after = Attempts(before.attempts + 1, time.time() + wait, reason)
         if after.attempts >= max_attempts:
             self._write("parked", item.with_suffix(".json").name, json.dumps(asdict(after)).encode())
             os.replace(item, self.root / "parked" / item.name)

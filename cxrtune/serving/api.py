@@ -73,23 +73,10 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data
 OVERLAY = Query(False, description="add the overlay PNG (base64 in the record, or the PNG itself with Accept: image/png)")
 REFUSALS = {500: "internal", 400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method",
             406: "not_acceptable", 413: "too_large", 415: "unsupported_format", 422: "unreadable_or_refused", 503: "capacity"}
-DICOM_RESULTS = 'multipart/related; type="application/dicom"'  # what a client Accepts for the SR and SEG
-
-
 def wants_dicom(accept: str) -> bool:
     """Whether an Accept header asks for the DICOM results (as a DICOMweb client asks for instances)."""
     return any(part.strip().lower().startswith("multipart/related") and "application/dicom" in part.lower()
                for part in accept.split(","))
-
-
-def multipart_related(parts: list[bytes], boundary: str) -> bytes:
-    """DICOM objects as one multipart/related body (RFC 2387, as DICOMweb sends instances). Written
-    here: the standard library's email package would re-encode the binary parts."""
-    out = bytearray()
-    for part in parts:
-        out += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii") + part + b"\r\n"
-    out += f"--{boundary}--\r\n".encode("ascii")
-    return bytes(out)
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

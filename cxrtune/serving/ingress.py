@@ -50,7 +50,7 @@ from ..dicom import Limits
 from ..errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, InputRefused, UnsupportedFormatError
 from ..images import sniff_format
 from ..model.artifacts import Thresholds, bundle_hash, read_bundle_meta
-from ..pacs.results import dicom_results, to_bytes
+from ..pacs.results import DICOM_RESULTS, dicom_results, multipart_related, to_bytes
 from ..preprocessing import Preprocessing, load_scan
 from ..scoring.overlay import encode_overlay
 from ..scoring.scorer import (
@@ -66,7 +66,6 @@ from ..scoring.scorer import (
 )
 from .api import (
     BATCH_BODY,
-    DICOM_RESULTS,
     ERROR_RESPONSES,
     OVERLAY,
     REFUSALS,
@@ -75,7 +74,6 @@ from .api import (
     RequestError,
     ScoreRecord,
     install_error_handlers,
-    multipart_related,
     request_id_of,
     wants_dicom,
 )

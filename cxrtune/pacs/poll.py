@@ -1,0 +1,254 @@
+"""``cxrtune pacs poll``: find new CR/DX instances on a DICOMweb server (QIDO-RS), retrieve them
+(WADO-RS, Explicit VR Little Endian), score them in this process and store the SR and SEG back
+(STOW-RS), with dicomweb-client.
+
+Which instances are new: each poll searches the instances of CR and DX studies dated within the
+last ``window_days`` (paged by ``page_size``) and skips those in the persisted set of handled
+instances (``poll_state.json`` in the spool: hashes of SOP Instance UIDs, never the UIDs). A
+connection error, a 5xx or a 429 (which dicomweb-client does not retry) is retried with backoff
+within the poll; an instance that still fails is tried again at the next poll, and after
+``max_attempts`` polls it is parked with its reason (``pacs status`` shows it, ``pacs retry``
+lets it be tried again). What the DICOM rules refuse is handled: skipped, logged by pseudonym.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset
+
+from ..config_files import read_private_file
+from ..dicom import read_header
+from ..errors import CxrtuneError
+from ..preprocessing import load_scan
+from ..scoring.scorer import Scorer
+from .results import dicom_results, to_bytes
+from .spool import Spool
+
+log = logging.getLogger("cxrtune.pacs")
+TOKEN_ENV, TOKEN_FILE_ENV = "CXRTUNE_DICOMWEB_TOKEN", "CXRTUNE_DICOMWEB_TOKEN_FILE"
+STATE_FILE = "poll_state.json"
+RETRIED_STATUSES = {408, 429, 500, 502, 503, 504}
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+SOP_INSTANCE_UID, SERIES_INSTANCE_UID, STUDY_INSTANCE_UID = "00080018", "0020000E", "0020000D"
+
+
+class RetriableError(CxrtuneError):
+    """A DICOMweb call that failed after its retries (connection, 5xx, 429) or with another HTTP error."""
+
+
+@dataclass(frozen=True)
+class PollSettings:
+    """What ``cxrtune pacs poll`` runs with (docs/pacs.md)."""
+    url: str
+    window_days: int = 1
+    page_size: int = 100
+    max_attempts: int = 3  # polls an instance may fail before it is parked
+    retries: int = 3  # tries of one call within a poll
+    backoff_s: float = 1.0
+    modalities: tuple[str, ...] = ("CR", "DX")
+
+
+@dataclass
+class PollState:
+    """``poll_state.json``: what every poll has handled, what is failing and what is parked."""
+    handled: set[str] = field(default_factory=set)
+    failures: dict[str, dict] = field(default_factory=dict)  # hash -> {attempts, last_error, where}
+    parked: dict[str, dict] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"handled": sorted(self.handled), "failures": self.failures, "parked": self.parked}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "PollState":
+        d = json.loads(data)
+        return cls(set(d.get("handled", [])), dict(d.get("failures", {})), dict(d.get("parked", {})))
+
+
+def instance_key(sop_instance_uid: str) -> str:
+    return hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()[:32]
+
+
+def dicomweb_session() -> requests.Session:
+    """A session with the bearer token from ``$CXRTUNE_DICOMWEB_TOKEN`` or the owner-only file
+    ``$CXRTUNE_DICOMWEB_TOKEN_FILE`` names (never from a flag, which ``ps`` would show)."""
+    session = requests.Session()
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token and os.environ.get(TOKEN_FILE_ENV):
+        token = read_private_file(os.environ[TOKEN_FILE_ENV], TOKEN_FILE_ENV).strip()
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    return session
+
+
+def _value(item: dict, tag: str) -> str:
+    return str((item.get(tag) or {}).get("Value", [""])[0])
+
+
+@dataclass
+class DicomwebPoller:
+    """One DICOMweb server, polled into one spool folder's state."""
+    settings: PollSettings
+    spool: Spool
+    scorer: Scorer
+    study_key: bytes
+    client: DICOMwebClient | None = None
+
+    def __post_init__(self) -> None:
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # at DEBUG it logs URLs with UIDs
+        if self.client is None:
+            self.client = DICOMwebClient(self.settings.url, session=dicomweb_session())
+        # one retry policy, this one (``_call``): dicomweb-client's own retries 408, 429, 503 and 504
+        # only, with its own waits, and would hide the others
+        self.client.set_http_retry_params(retry=False)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> PollState:
+        return _read_state(self.spool)
+
+    def _save(self, state: PollState) -> None:
+        self.spool.write_state(STATE_FILE, state.to_json())
+
+    # ------------------------------------------------------------------ calls
+    def _call(self, what: str, fn, *args, **kwargs):
+        """``fn`` with retries and backoff on connection errors, 5xx and 429."""
+        for attempt in range(self.settings.retries):
+            try:
+                return fn(*args, **kwargs)
+            except requests.HTTPError as exc:
+                code = exc.response.status_code if exc.response is not None else 0
+                if code not in RETRIED_STATUSES:
+                    raise RetriableError(f"{what}: HTTP {code}") from None
+                reason = f"{what}: HTTP {code}"
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                reason = f"{what}: {type(exc).__name__}"
+            if attempt + 1 < self.settings.retries:
+                time.sleep(self.settings.backoff_s * 2 ** attempt)
+        raise RetriableError(reason)
+
+    def new_instances(self, state: PollState) -> list[tuple[str, str, str]]:
+        """(study, series, SOP instance UID) of the window's CR/DX instances not yet handled or parked."""
+        since = (dt.date.today() - dt.timedelta(days=self.settings.window_days)).strftime("%Y%m%d")
+        found: dict[str, tuple[str, str, str]] = {}
+        assert self.client is not None
+        for modality in self.settings.modalities:
+            offset = 0
+            while True:
+                page = self._call("QIDO-RS", self.client.search_for_instances, offset=offset,
+                                  limit=self.settings.page_size,
+                                  search_filters={"Modality": modality, "StudyDate": f"{since}-"})
+                for item in page:
+                    uids = (_value(item, STUDY_INSTANCE_UID), _value(item, SERIES_INSTANCE_UID),
+                            _value(item, SOP_INSTANCE_UID))
+                    key = instance_key(uids[2])
+                    if all(uids) and key not in state.handled and key not in state.parked:
+                        found[key] = uids
+                if len(page) < self.settings.page_size:
+                    break
+                offset += len(page)
+        return list(found.values())
+
+    # ------------------------------------------------------------------ one instance
+    def handle(self, uids: tuple[str, str, str]) -> str:
+        """Retrieve, score and store one instance: ``scored`` or ``skipped``.
+
+        Raises:
+            RetriableError: a DICOMweb call failed after its retries."""
+        assert self.client is not None
+        ds: Dataset = self._call("WADO-RS", self.client.retrieve_instance, *uids,
+                                 media_types=(("application/dicom", EXPLICIT_VR_LITTLE_ENDIAN),))
+        data = to_bytes(ds)
+        who = read_header(data, self.study_key).instance or "an instance"
+        try:
+            scan = load_scan(data)
+        except CxrtuneError as exc:
+            log.info("skipped %s: %s", who, exc)
+            return "skipped"
+        (record, detail), = self.scorer.score_scans([scan])
+        try:
+            results = dicom_results(data, record, detail.lung, detail.opacity)
+        except CxrtuneError as exc:
+            log.warning("no results for %s: %s", who, exc)
+            return "skipped"
+        self._call("STOW-RS", self.client.store_instances, results.objects())
+        log.info("scored %s: %s, score %s; %d result object(s) stored", who, record["status"], record["score"],
+                 len(results.objects()))
+        return "scored"
+
+    def poll_once(self) -> dict[str, int]:
+        """One poll: every new instance handled, failed (retried next poll) or parked. Counts by outcome."""
+        state = self.state()
+        counts = {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}
+        for uids in self.new_instances(state):
+            key = instance_key(uids[2])
+            try:
+                outcome = self.handle(uids)
+            except RetriableError as exc:
+                failure = state.failures.get(key, {"attempts": 0})
+                failure = {"attempts": failure["attempts"] + 1, "last_error": str(exc)}
+                if failure["attempts"] >= self.settings.max_attempts:
+                    state.parked[key] = {**failure, "uids": list(uids)}
+                    state.failures.pop(key, None)
+                    counts["parked"] += 1
+                    log.warning("parked an instance after %d failed polls: %s", failure["attempts"], exc)
+                else:
+                    state.failures[key] = failure
+                    counts["failed"] += 1
+                self._save(state)
+                continue
+            state.handled.add(key)
+            state.failures.pop(key, None)
+            counts[outcome] += 1
+            self._save(state)  # after each instance: a crash repeats at most the one in hand
+        return counts
+
+
+
+def poll_forever(poller: DicomwebPoller, interval_s: float) -> None:
+    """``cxrtune pacs poll`` without ``--once``: a poll every ``interval_s`` until Ctrl-C."""
+    try:
+        while True:
+            try:
+                counts = poller.poll_once()
+            except RetriableError as exc:  # the search itself failed: the next poll tries again
+                log.warning("poll failed: %s", exc)
+            else:
+                if any(counts.values()):
+                    log.warning("poll: %s", json.dumps(counts))
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        pass
+
+
+def _read_state(spool: Spool) -> PollState:
+    path = spool.root / STATE_FILE
+    return PollState.from_json(path.read_bytes()) if path.exists() else PollState()
+
+
+def retry_parked(spool: Spool) -> int:
+    """Let every parked instance be polled again (``pacs retry``)."""
+    state = _read_state(spool)
+    moved = len(state.parked)
+    if moved:
+        state.parked.clear()
+        spool.write_state(STATE_FILE, state.to_json())
+    return moved
+
+
+def poll_status(spool: Spool) -> dict:
+    """The poll state's counts for ``pacs status``."""
+    state = _read_state(spool)
+    reasons: dict[str, int] = {}
+    for item in state.parked.values():
+        reasons[item["last_error"]] = reasons.get(item["last_error"], 0) + 1
+    return {"handled": len(state.handled), "failing": len(state.failures), "parked": len(state.parked),
+            "parked_reasons": reasons}
+
