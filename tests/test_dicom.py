@@ -478,21 +478,8 @@ def _counting_pixel_decoder(monkeypatch) -> list:
     return calls
 
 
-def test_deflated_dicom_inflates_through_a_capped_stream(tmp_path, monkeypatch):
-    """A Deflated DICOM is inflated here, through a stream that stops past max_decoded_bytes:
-    pydicom would inflate it whole first (a 203 kB upload held 150 MB of zeros)."""
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    zeros = np.zeros((1024, 1024), np.uint16)  # 2 MB of pixels that deflate to a few kB
-    zeros[::7, ::5] = 4095
-    plain = make_dicom(tmp_path / "plain.dcm", zeros, BitsStored=12)
-    ds = pydicom.dcmread(plain)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
-    data = (tmp_path / "deflated.dcm").read_bytes()
-    assert len(data) < 200_000
-    assert np.array_equal(read_dicom(data).pixels, read_dicom(plain).pixels)  # within the default cap
-
+def _counting_inflater(monkeypatch) -> list[int]:
+    """The bytes each DEFLATE call inflates, appended as cxrtune's inflater produces them."""
     produced: list[int] = []
     real = dicom.zlib.decompressobj
 
@@ -508,6 +495,25 @@ def test_deflated_dicom_inflates_through_a_capped_stream(tmp_path, monkeypatch):
         def __getattr__(self, name):
             return getattr(self._inflater, name)
     monkeypatch.setattr(dicom.zlib, "decompressobj", Counting)
+    return produced
+
+
+def test_deflated_dicom_inflates_through_a_capped_stream(tmp_path, monkeypatch):
+    """A Deflated DICOM is inflated here, through a stream that stops past max_decoded_bytes:
+    pydicom would inflate it whole first (a 203 kB upload held 150 MB of zeros)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    zeros = np.zeros((1024, 1024), np.uint16)  # 2 MB of pixels that deflate to a few kB
+    zeros[::7, ::5] = 4095
+    plain = make_dicom(tmp_path / "plain.dcm", zeros, BitsStored=12)
+    ds = pydicom.dcmread(plain)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    data = (tmp_path / "deflated.dcm").read_bytes()
+    assert len(data) < 200_000
+    assert np.array_equal(read_dicom(data).pixels, read_dicom(plain).pixels)  # within the default cap
+
+    produced = _counting_inflater(monkeypatch)
     decoded = _counting_pixel_decoder(monkeypatch)
     cap = 500_000
     with pytest.raises(dicom.ImageTooLargeError, match="inflates to more than"):
@@ -531,21 +537,7 @@ def test_a_deflated_dicom_inflates_no_further_than_its_header_declares(tmp_path,
         ds.save_as(tmp_path / f"{name}.deflated.dcm", enforce_file_format=True)
         return (tmp_path / f"{name}.deflated.dcm").read_bytes()
 
-    produced: list[int] = []
-    real = dicom.zlib.decompressobj
-
-    class Counting:
-        def __init__(self, *args):
-            self._inflater = real(*args)
-
-        def decompress(self, data, max_length=0):
-            out = self._inflater.decompress(data, max_length)
-            produced.append(len(out))
-            return out
-
-        def __getattr__(self, name):
-            return getattr(self._inflater, name)
-    monkeypatch.setattr(dicom.zlib, "decompressobj", Counting)
+    produced = _counting_inflater(monkeypatch)
     decoded = _counting_pixel_decoder(monkeypatch)
     huge = deflated("huge", 6000, 6000, 8 * 1024 * 1024)  # declares 36 MP; holds 8 MB of zeros
     with pytest.raises(dicom.ImageTooLargeError, match="declares 6000x6000"):

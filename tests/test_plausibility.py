@@ -117,7 +117,7 @@ def test_measurements_are_the_documented_ones():
     m = measure(image, lung)
     assert 0.1 < m.lung_fraction < 0.3 and 0.3 < m.centre_row < 0.6 and m.midline_share < 0.1
     assert m.contrast > 0.3 and m.roughness < 0.03 and 0.55 < m.lung_width < 0.75 and 0.7 < m.lung_aspect < 0.9
-    assert DEFAULT_RULE.refusal(m) is None
+    assert DEFAULT_RULE.failures(m) == []
 
 
 def test_the_scoring_policy_never_scores_noise_or_a_photograph(phantom_bundle, tmp_path):
@@ -172,7 +172,7 @@ def test_the_appearance_model_refuses_what_the_six_ranges_let_through(appearance
     image, lung = phantom(1000)
     mri = np.frombuffer(gzip.open(SAMPLES / "s1045.ima.gz").read(), "<u2").reshape(256, 256).astype(np.float32)
     for wrong, its_lungs in (upside_down(image, lung), (mri / mri.max(), lung)):
-        assert DEFAULT_RULE.refusal(measure(wrong, its_lungs)) is None  # the eight ranges let it through
+        assert DEFAULT_RULE.failures(measure(wrong, its_lungs)) == []  # the eight ranges let it through
         reason = check.refusal(wrong, its_lungs)
         assert reason and reason.startswith("not a frontal chest radiograph: ") and "does not look like" in reason
         assert unscored_reason(wrong, its_lungs, check) == reason

@@ -24,6 +24,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 
 import requests
@@ -71,6 +72,7 @@ TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaselin
                      JPEG2000Lossless, JPEG2000)
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # coercion, elements discarded, data set mismatch: stored
 OUT_OF_RESOURCES = 0xA700
+GAUGE_INTERVAL_S = 2.0
 NOT_AUTHORISED = 0x0124  # Refused: not authorised
 
 
@@ -337,12 +339,15 @@ class PacsListener:
         return "no C-STORE response" if code is None else f"C-STORE status 0x{code:04X}"
 
     def _send_loop(self) -> None:
+        measured = 0.0
         while not self._stop.is_set():
             for item in self.spool.due():
                 if self._stop.is_set():
                     return
                 self.send_one(item)
-            self.gauges.update(self.spool)
+            if self.settings.metrics_port and time.monotonic() - measured >= GAUGE_INTERVAL_S:
+                self.gauges.update(self.spool)  # walks the spool: every few seconds, not every poll
+                measured = time.monotonic()
             self._stop.wait(self.settings.poll_s)
 
     # ------------------------------------------------------------------ lifecycle

@@ -166,6 +166,15 @@ def _zone_groups(source: Dataset, record: dict, identity: AlgorithmIdentity,
     return groups
 
 
+def _header_copy(ds: Dataset) -> Dataset:
+    """A new dataset holding ``ds``'s elements before the pixel data, and its file meta."""
+    header = Dataset()
+    header.update({elem.tag: elem for elem in ds if elem.tag < 0x7FE00000})
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
+
+
 def _library_entry(source: Dataset) -> list[Dataset] | None:
     """The source as the Image Library (TID 1600) describes it. highdicom's projection-radiograph
     entry reads Patient Orientation (two values) and Imager Pixel Spacing; a CR may carry its
@@ -173,8 +182,7 @@ def _library_entry(source: Dataset) -> list[Dataset] | None:
     orientation the report has no library (highdicom cannot write the entry)."""
     if len(source.get("PatientOrientation") or []) != 2:
         return None
-    header = Dataset()
-    header.update({elem.tag: elem for elem in source if elem.tag < 0x7FE00000})  # no pixel data
+    header = _header_copy(source)  # a copy: the spacing below is the library's, not the source's
     if "ImagerPixelSpacing" not in header and "PixelSpacing" in header:
         header.ImagerPixelSpacing = header.PixelSpacing
     return [header] if "ImagerPixelSpacing" in header else None
@@ -208,8 +216,7 @@ def _on_source_grid(mask: np.ndarray, source: Dataset) -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), (columns, rows), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
-def segmentation(source: Dataset, lung: np.ndarray | None, opacity: np.ndarray | None,
-                 identity: AlgorithmIdentity) -> Dataset:
+def segmentation(source: Dataset, lung: np.ndarray, opacity: np.ndarray, identity: AlgorithmIdentity) -> Dataset:
     """The binary SEG (segments 1 ``lung``, 2 ``opacity``) of working-size masks, on the source
     image's grid."""
     algorithm = hd.AlgorithmIdentificationSequence(name=identity.bundle, family=codes.cid7162.ArtificialIntelligence,
@@ -220,7 +227,6 @@ def segmentation(source: Dataset, lung: np.ndarray | None, opacity: np.ndarray |
         hd.seg.SegmentDescription(2, "opacity", codes.SCT.MorphologicallyAbnormalStructure, codes.DCM.Opacity,
                                   hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm),
     ]
-    assert lung is not None and opacity is not None
     pixels = np.stack([_on_source_grid(lung, source), _on_source_grid(opacity, source)], axis=-1)[None]
     seg = hd.seg.Segmentation(
         source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -259,10 +265,7 @@ def _usable_source(ds: Dataset) -> Dataset:
     missing = [name for name in REQUIRED if not ds.get(name)]
     if missing:
         raise CxrtuneError(f"DICOM results cannot reference this image: it has no {', '.join(missing)}")
-    header = Dataset()
-    header.update({elem.tag: elem for elem in ds if elem.tag < 0x7FE00000})
-    if hasattr(ds, "file_meta"):
-        header.file_meta = ds.file_meta
+    header = _header_copy(ds)
     for name in TYPE_2:
         if name not in header:
             setattr(header, name, "")
@@ -283,11 +286,14 @@ def dicom_results(source: Dataset | bytes, record: dict, lung: np.ndarray | None
     ds = _usable_source(dcmread(io.BytesIO(source), stop_before_pixels=True)
                         if isinstance(source, (bytes, bytearray)) else source)
     identity = AlgorithmIdentity.of_record(record)
-    if record["status"] != "unscored" and (lung is None or opacity is None):
-        raise CxrtuneError("the SEG of a scored or partial record needs its lung and opacity masks")
+    masks = None
+    if record["status"] != "unscored":
+        if lung is None or opacity is None:
+            raise CxrtuneError("the SEG of a scored or partial record needs its lung and opacity masks")
+        masks = (lung, opacity)
     try:
         sr = measurement_report(ds, record, identity)
-        seg = segmentation(ds, lung, opacity, identity) if record["status"] != "unscored" else None
+        seg = segmentation(ds, *masks, identity) if masks else None
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom on a header it cannot use
         raise CxrtuneError(f"DICOM results cannot be written for this image ({type(exc).__name__})") from None
     return DicomResults(sr, seg)

@@ -103,11 +103,6 @@ class PlausibilityRule:
         )
         return [message for ok, message in checks if not ok]
 
-    def refusal(self, m: Measurements) -> str | None:
-        """The reason the measurements are not a frontal chest radiograph's, or None."""
-        failed = self.failures(m)
-        return NOT_FRONTAL + "; ".join(failed) if failed else None
-
 
 DEFAULT_RULE = PlausibilityRule()
 NOT_FRONTAL = "not a frontal chest radiograph: "
