@@ -17,7 +17,6 @@ from cxrtune.data.phantom import make_phantom
 from cxrtune.pacs.listener import (
     CR_IMAGE,
     DX_FOR_PRESENTATION,
-    NOT_AUTHORISED,
     SECONDARY_CAPTURE,
     VERIFICATION,
     ListenerSettings,
@@ -171,12 +170,12 @@ def test_what_the_dicom_rules_refuse_is_accepted_then_skipped_with_its_reason(sc
     assert PATIENT not in caplog.text
 
 
-def test_an_unknown_calling_ae_is_rejected_and_an_unknown_address_cut_off(scorer, tmp_path):
+def test_an_unknown_calling_ae_or_address_is_rejected(scorer, tmp_path):
     pacs = Destination()
     scp = listener(scorer, tmp_path / "spool", pacs.peer())
     try:
         assert send(scp.settings.port, dx(tmp_path, "x"), calling="INTRUDER") == "rejected"  # A-ASSOCIATE-RJ
-        assert send(scp.settings.port, dx(tmp_path, "y"), source="127.0.0.2") == "aborted"  # not a configured host
+        assert send(scp.settings.port, dx(tmp_path, "y"), source="127.0.0.2") == "rejected"  # not a configured host
         assert send(scp.settings.port, dx(tmp_path, "z")) == [0x0000]  # the configured caller
         assert wait_for(lambda: len(pacs.received) == 2)
     finally:
@@ -410,15 +409,58 @@ def test_a_destination_without_the_seg_class_parks_the_seg_and_the_sender_goes_o
 
 def test_callers_are_allowed_as_ae_and_address_pairs(scorer, tmp_path):
     """MODALITY may call from 127.0.0.1 and OTHER from 127.0.0.2; OTHER calling from 127.0.0.1
-    (another caller's address) stores nothing."""
+    (another caller's address) is rejected."""
     pacs = Destination()
     scp = listener(scorer, tmp_path / "spool", pacs.peer(),
                    callers=(Peer("MODALITY", "127.0.0.1"), Peer("OTHER", "127.0.0.2")))
     try:
-        assert send(scp.settings.port, dx(tmp_path, "a"), calling="OTHER") in ("aborted", [NOT_AUTHORISED])
+        assert send(scp.settings.port, dx(tmp_path, "a"), calling="OTHER") == "rejected"
         assert send(scp.settings.port, dx(tmp_path, "b"), calling="OTHER", source="127.0.0.2") == [0x0000]
         assert wait_for(lambda: len(pacs.received) == 2)
         assert scp.spool.status().incoming == 0
     finally:
         scp.stop()
         pacs.stop()
+
+
+def test_associations_past_the_limit_are_rejected(scorer, tmp_path):
+    """With two associations open, a third gets A-ASSOCIATE-RJ (transient, local limit exceeded);
+    once one is released, a caller gets in again."""
+    pacs = Destination()
+    scp = listener(scorer, tmp_path / "spool", pacs.peer(), max_associations=2)
+    held = []
+    try:
+        for _ in range(2):
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(VERIFICATION)
+            held.append(ae.associate("127.0.0.1", scp.settings.port, ae_title="CXRTUNE"))
+        assert all(assoc.is_established for assoc in held)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(VERIFICATION)
+        third = ae.associate("127.0.0.1", scp.settings.port, ae_title="CXRTUNE")
+        assert third.is_rejected
+        assert (third.acceptor.primitive.result, third.acceptor.primitive.result_source,
+                third.acceptor.primitive.diagnostic) == (0x02, 0x03, 0x02)
+        held.pop().release()
+        assert wait_for(lambda: echo(scp.settings.port) == 0x0000, 10)
+    finally:
+        for assoc in held:
+            assoc.release()
+        scp.stop()
+        pacs.stop()
+
+
+def test_a_full_spool_answers_out_of_resources_and_keeps_what_it_has(scorer, tmp_path):
+    """The destination is down, so the first image's SR and SEG stay in the outbox and fill the
+    spool past its limit: the next C-STORE is answered 0xA700 (out of resources) and not spooled."""
+    down = Peer("PACS", "127.0.0.1", free_port())  # nothing listens there
+    scp = listener(scorer, tmp_path / "spool", down, max_spool_bytes=10_000, backoff_s=60)
+    try:
+        assert send(scp.settings.port, dx(tmp_path, "first")) == [0x0000]
+        assert wait_for(lambda: scp.spool.status().outbox == 2), scp.spool.status()
+        assert scp.spool.used_bytes() > 10_000
+        assert send(scp.settings.port, dx(tmp_path, "second")) == [0xA700]
+        status = scp.spool.status()
+        assert (status.incoming, status.outbox) == (0, 2)  # the first image's results kept, the second not taken
+    finally:
+        scp.stop()

@@ -73,7 +73,6 @@ TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaselin
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # coercion, elements discarded, data set mismatch: stored
 OUT_OF_RESOURCES = 0xA700
 GAUGE_INTERVAL_S = 2.0
-NOT_AUTHORISED = 0x0124  # Refused: not authorised
 
 
 @dataclass(frozen=True)
@@ -128,8 +127,9 @@ class ListenerSettings:
     """What ``cxrtune pacs listen`` runs with.
 
     Args:
-        callers: who may send (AE title and host; the port is theirs): another AE title gets
-            A-ASSOCIATE-RJ, another address a closed connection.
+        callers: who may send (AE title and host, allowed as pairs; the port is theirs): any other
+            pair gets A-ASSOCIATE-RJ.
+        max_associations: more at once get A-ASSOCIATE-RJ (transient, local limit exceeded).
         destination: where the SR and SEG go by C-STORE.
         max_spool_bytes: past it, a C-STORE is answered 0xA700 (out of resources).
         max_attempts, backoff_s: a result that fails ``max_attempts`` deliveries is parked; the
@@ -192,23 +192,17 @@ class PacsListener:
         """(AE title, IP address) of every configured caller, host names resolved."""
         return {(c.ae_title, socket.gethostbyname(c.host)) for c in self.settings.callers}
 
-    def _on_connection(self, event) -> None:
-        """A connection from an address no caller has is closed before any association; an
-        unknown calling AE title gets A-ASSOCIATE-RJ (``require_calling_aet``)."""
-        if event.address[0] not in {address for _, address in self.allowed}:
-            log.warning("connection from an address that is not configured: closed")
-            event.assoc.kill()
-
-    def _on_established(self, event) -> None:
-        """A known AE title calling from another known caller's address: aborted (AE titles and
-        addresses are allowed in pairs)."""
-        if (event.assoc.requestor.ae_title, event.assoc.requestor.address) not in self.allowed:
-            log.warning("association from a configured AE title at another caller's address: aborted")
-            event.assoc.abort()
+    def _on_requested(self, event) -> None:
+        """An A-ASSOCIATE-RQ from an (AE title, address) pair that is not configured gets
+        A-ASSOCIATE-RJ (rejected permanent, calling AE title not recognised) before any negotiation:
+        an unknown AE title, an unknown address, or a known AE title at another caller's address."""
+        calling = event.assoc.requestor.primitive.calling_ae_title.strip()
+        if (calling, event.assoc.requestor.address) not in self.allowed:
+            log.warning("association from a caller that is not configured: rejected")
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()  # waits until the reject is sent, as pynetdicom's own rejections do
 
     def _on_store(self, event) -> int:
-        if (event.assoc.requestor.ae_title, event.assoc.requestor.address) not in self.allowed:
-            return NOT_AUTHORISED
         if self.spool.used_bytes() > self.settings.max_spool_bytes:
             log.warning("spool over %d bytes: C-STORE refused (out of resources)", self.settings.max_spool_bytes)
             return OUT_OF_RESOURCES
@@ -358,7 +352,6 @@ class PacsListener:
         self.allowed = self._callers()
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_associations = self.settings.max_associations
-        ae.require_calling_aet = sorted({c.ae_title for c in self.settings.callers})
         ae.require_called_aet = True  # a caller must address this AE by its title
         ae.add_supported_context(VERIFICATION)
         for sop_class in ACCEPTED_SOP_CLASSES:
@@ -367,8 +360,7 @@ class PacsListener:
         self._server = ae.start_server((self.settings.host, self.settings.port), block=False,
                                        ssl_context=tls.server_context() if tls else None,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store),
-                                                     (evt.EVT_CONN_OPEN, self._on_connection),
-                                                     (evt.EVT_ESTABLISHED, self._on_established)])
+                                                     (evt.EVT_REQUESTED, self._on_requested)])
         if self.settings.metrics_port:
             start_http_server(self.settings.metrics_port, addr=self.settings.host, registry=self.gauges.registry)
         for loop in (self._score_loop, self._send_loop):
