@@ -80,7 +80,7 @@ def writing(sources, records) -> dict:
     times, kinds = [], set()
     for ds, (record, detail) in zip(sources, records):
         t0 = time.perf_counter()
-        objects = dicom_results(ds, record, detail.lung, detail.opacity).objects()
+        objects = dicom_results(ds, record, detail).objects()
         [to_bytes(o) for o in objects]
         times.append(1000 * (time.perf_counter() - t0))
         kinds |= {o.Modality for o in objects}

@@ -199,6 +199,10 @@ def _serve(args) -> None:
     serving_deploy.run_local(args.bundle, args.config or serving_deploy.default_config(), host=args.host, port=args.port)
 
 
+OVERLAY_HELP = ("also send an overlay for viewers that show neither SEG nor SR: a Secondary Capture in its own series, "
+                "\"NOT FOR DIAGNOSTIC USE\" burned in (off by default)")
+
+
 def _pacs_listen(args) -> None:
     settings = pacs_listener.ListenerSettings(
         ae_title=args.ae_title, host=args.host, port=args.port,
@@ -206,12 +210,12 @@ def _pacs_listen(args) -> None:
         destination=pacs_listener.Peer.parse(args.destination),
         max_associations=args.max_associations, max_spool_bytes=int(args.max_spool_gb * 1024 ** 3),
         tls=pacs_listener.TlsSettings(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None,
-        endpoint=args.endpoint, max_attempts=args.max_attempts, metrics_port=args.metrics_port)
+        endpoint=args.endpoint, max_attempts=args.max_attempts, metrics_port=args.metrics_port, overlay=args.overlay)
     pacs_listener.run_listener(settings, args.spool, args.bundle, args.pseudonym_key_file, args.device, args.api_key_file)
 
 
 def _pacs_poll(args) -> None:
-    settings = pacs_poll.PollSettings(args.dicomweb, window_days=args.window_days)
+    settings = pacs_poll.PollSettings(args.dicomweb, window_days=args.window_days, overlay=args.overlay)
     poller = pacs_poll.DicomwebPoller(settings, pacs_spool.open_spool(args.spool),
                                       scorers.load_bundle(args.bundle, device=args.device),
                                       dicom.pseudonym_key(args.pseudonym_key_file))
@@ -515,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--tls-cert", help="mutual TLS in and out: this AE's certificate (PEM; needs --tls-key and --tls-ca)")
     ls.add_argument("--tls-key", help="its private key (an owner-only file)")
     ls.add_argument("--tls-ca", help="the CA bundle callers' and the destination's certificates must chain to")
+    ls.add_argument("--overlay", action="store_true", help=OVERLAY_HELP)
     ls.set_defaults(func=_pacs_listen)
     po = psub.add_parser("poll", help="DICOMweb: find new CR/DX instances (QIDO-RS), score them, store the results "
                                       "(STOW-RS); the token from $CXRTUNE_DICOMWEB_TOKEN or _TOKEN_FILE")
@@ -526,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--once", action="store_true", help="one poll, then print its counts")
     po.add_argument("--pseudonym-key-file", help="the study key (or $CXRTUNE_PSEUDONYM_KEY): logs name instances by it")
     po.add_argument("--device")
+    po.add_argument("--overlay", action="store_true", help=OVERLAY_HELP)
     po.set_defaults(func=_pacs_poll)
     st = psub.add_parser("status", help="what the spool holds: received, queued, parked (with reasons)")
     st.add_argument("--spool", required=True)

@@ -34,6 +34,17 @@ SR_STORAGE, SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.
 PATIENT = "DOE^LISTENER^MRN4711"
 KEY = b"listener-test-study-key-0123456789"
 
+# unique values in the patient and study fields: none may appear in any log (issue 22, item 6)
+MARKERS = {"PatientName": "MARKER^PATIENT^Q7Z3", "PatientID": "MARKERID8K2W", "PatientBirthDate": "19010203",
+           "AccessionNumber": "MARKACC5R1", "OtherPatientIDs": "MARKOTH4J9", "ReferringPhysicianName": "MARKER^DOC^X2R8",
+           "InstitutionName": "MARKER HOSPITAL V6T5"}
+
+
+def assert_no_marker(text: str) -> None:
+    """No marker in ``text``, whole or as its last, unique component (a name written another way)."""
+    for name, value in MARKERS.items():
+        assert value not in text and value.replace("^", " ").split()[-1] not in text, name
+
 
 class Destination:
     """A storage SCP standing in for the PACS: keeps what it is sent, answers ``status``;
@@ -226,7 +237,7 @@ def test_a_restart_delivers_what_was_spooled_before_a_crash(scorer, tmp_path):
     fresh = set()
     for ds in (first, second):  # the same images scored afresh give the same objects
         (record, detail), = scorer.score_scans([load_scan(to_bytes(ds))])
-        fresh |= {o.SOPInstanceUID for o in dicom_results(to_bytes(ds), record, detail.lung, detail.opacity).objects()}
+        fresh |= {o.SOPInstanceUID for o in dicom_results(to_bytes(ds), record, detail).objects()}
     assert fresh == {ds.SOPInstanceUID for ds in pacs.received}
 
 
@@ -464,3 +475,32 @@ def test_a_full_spool_answers_out_of_resources_and_keeps_what_it_has(scorer, tmp
         assert (status.incoming, status.outbox) == (0, 2)  # the first image's results kept, the second not taken
     finally:
         scp.stop()
+
+
+def test_an_instance_whose_scoring_fails_is_parked_with_its_reason(tmp_path):
+    """`pacs status` names why a received instance was parked (its sidecar sits beside it), and
+    `pacs retry`, which queues parked results again, leaves it parked."""
+    spool = Spool(tmp_path / "spool")
+    path = spool.receive("1.2.3.4", b"not really DICOM")
+    spool.park_received(path, "scoring failed: RuntimeError")
+    status = spool.status()
+    assert (status.incoming, status.parked, status.parked_reasons) == (0, 1, {"scoring failed: RuntimeError": 1})
+    assert spool.retry_parked() == 0 and spool.status().outbox == 0  # an input is never sent to the PACS
+
+
+def test_opening_a_running_listeners_spool_does_not_touch_its_writes_in_flight(scorer, tmp_path):
+    """`pacs status` opens the spool of a running listener: a write in flight (in tmp/) is left
+    alone; what a crash left there is removed when a listener starts on the spool."""
+    spool = Spool(tmp_path / "spool")
+    in_flight = spool.folder("tmp") / "x.dcm.0123.part"
+    in_flight.write_bytes(b"half")
+    Spool(tmp_path / "spool").status()
+    open_spool(tmp_path / "spool")
+    assert in_flight.exists()
+    pacs = Destination()
+    scp = listener(scorer, tmp_path / "spool", pacs.peer())
+    try:
+        assert not in_flight.exists()
+    finally:
+        scp.stop()
+        pacs.stop()

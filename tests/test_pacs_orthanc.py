@@ -18,11 +18,11 @@ import requests
 
 from cxrtune.pacs.listener import ListenerSettings, PacsListener, Peer
 from cxrtune.pacs.results import SCORE, STATUS, ZONE_AFFECTED, to_bytes
-from cxrtune.pacs.spool import open_spool
+from cxrtune.pacs.spool import Spool, open_spool
 from cxrtune.preprocessing import load_scan
 from cxrtune.scoring.scorer import load_bundle
 from tests.conftest import free_port
-from tests.test_pacs_listener import KEY, PATIENT, dx, wait_for
+from tests.test_pacs_listener import KEY, MARKERS, PATIENT, assert_no_marker, dx, wait_for
 from tests.test_pacs_results import source_copy
 
 ORTHANC = "/usr/sbin/Orthanc"
@@ -97,6 +97,32 @@ def study_objects(url: str, study: str) -> list[pydicom.Dataset]:
     return out
 
 
+def assert_results_in_orthanc(url: str, study: str, ds: pydicom.Dataset, record: dict) -> dict[str, pydicom.Dataset]:
+    """The study in Orthanc holds ``ds`` and its results, which read back to ``record`` (what
+    `cxrtune score` gives the same file): score, status, zones and the references to ``ds``.
+    Returns the study's objects by modality."""
+    objects = {o.Modality: o for o in study_objects(url, study)}
+    sr = objects["SR"]
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert evidence.ReferencedSOPInstanceUID == ds.SOPInstanceUID and sr.StudyInstanceUID == ds.StudyInstanceUID
+    groups = {str(g.tracking_identifier): g
+              for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()}
+    assert [q.value.meaning for q in groups["image"].get_qualitative_evaluations(name=STATUS)] == \
+        [f"cxrtune result {record['status']}"]
+    assert [m.value for m in groups["image"].get_measurements(name=SCORE)] == \
+        ([float(record["score"])] if record["status"] == "scored" else [])
+    for letter, zone in (record["zones"] or {}).items():
+        if zone["affected"] is not None:
+            assert [q.value.meaning for q in groups[f"zone {letter}"].get_qualitative_evaluations(
+                name=ZONE_AFFECTED)] == ["Yes" if zone["affected"] else "No"]
+    if record["status"] != "unscored":
+        seg = objects["SEG"]
+        assert seg.StudyInstanceUID == ds.StudyInstanceUID
+        assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+            ds.SOPInstanceUID
+    return objects
+
+
 def test_orthanc_sends_an_image_and_gets_its_sr_and_seg_in_the_same_study(orthanc, scp, phantom_bundle, tmp_path):
     url, _ = orthanc
     sources = [source_copy("CXRTUNE^ORTHANC", 7), dx(tmp_path, "dx")]  # pydicom-data's CR chest PA, a phantom DX
@@ -108,25 +134,7 @@ def test_orthanc_sends_an_image_and_gets_its_sr_and_seg_in_the_same_study(orthan
         study = upload_and_send(url, ds)
         want = 2 if record["status"] == "unscored" else 3  # the image, its SR, and its SEG when scored
         assert wait_for(lambda: len(study_objects(url, study)) == want, 90), (record["status"], scp.spool.status())
-        objects = {o.Modality: o for o in study_objects(url, study)}
-        sr = objects["SR"]
-        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-        assert evidence.ReferencedSOPInstanceUID == ds.SOPInstanceUID and sr.StudyInstanceUID == ds.StudyInstanceUID
-        groups = {str(g.tracking_identifier): g
-                  for g in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()}
-        assert [q.value.meaning for q in groups["image"].get_qualitative_evaluations(name=STATUS)] == \
-            [f"cxrtune result {record['status']}"]
-        assert [m.value for m in groups["image"].get_measurements(name=SCORE)] == \
-            ([float(record["score"])] if record["status"] == "scored" else [])
-        for letter, zone in (record["zones"] or {}).items():
-            if zone["affected"] is not None:
-                assert [q.value.meaning for q in groups[f"zone {letter}"].get_qualitative_evaluations(
-                    name=ZONE_AFFECTED)] == ["Yes" if zone["affected"] else "No"]
-        if record["status"] != "unscored":
-            seg = objects["SEG"]
-            assert seg.StudyInstanceUID == ds.StudyInstanceUID
-            assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
-                ds.SOPInstanceUID
+        assert_results_in_orthanc(url, study, ds, record)
     assert expected[1]["status"] == "scored"  # the phantom DX went the whole way, SEG included
 
 
@@ -190,31 +198,35 @@ def today() -> str:
 
 def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc, scp, tmp_path, caplog):
     """QIDO-RS finds today's DX instances (earlier tests' have no Study Date, or an old one), WADO-RS
-    brings each, STOW-RS stores its SR and SEG in its study; a second poll finds nothing new; a
-    lateral is skipped by the DICOM rules."""
+    brings each, STOW-RS stores its SR, SEG and (asked for) overlay in its study; a second poll finds
+    nothing new; a lateral is skipped by the DICOM rules. At DEBUG, no patient marker and no UID of
+    the image is logged (dicomweb-client and urllib3 log URLs holding UIDs)."""
     import logging
 
     from cxrtune.pacs.poll import DicomwebPoller, PollSettings
     from cxrtune.pacs.spool import Spool
 
-    caplog.set_level(logging.INFO, logger="cxrtune.pacs")
+    caplog.set_level(logging.DEBUG)
     url, _ = orthanc
-    frontal, lateral = dx(tmp_path, "polled", StudyDate=today()), dx(tmp_path, "side", StudyDate=today(),
-                                                                       ViewPosition="LL")
+    frontal, lateral = dx(tmp_path, "polled", StudyDate=today(), **MARKERS), dx(tmp_path, "side", StudyDate=today(),
+                                                                                  ViewPosition="LL")
     studies = []
     for ds in (frontal, lateral):
         stored = requests.post(f"{url}/instances", data=to_bytes(ds), timeout=30)
         stored.raise_for_status()
         studies.append(requests.get(f"{url}/instances/{stored.json()['ID']}/study", timeout=10).json()["ID"])
-    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web"), Spool(tmp_path / "spool"), scp.scorer, KEY)
+    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web", overlay=True), Spool(tmp_path / "spool"), scp.scorer, KEY)
     assert poller.poll_once() == {"scored": 1, "skipped": 1, "failed": 0, "parked": 0}
     objects = {o.Modality: o for o in study_objects(url, studies[0])}
-    assert set(objects) == {"DX", "SR", "SEG"}
+    assert set(objects) == {"DX", "SR", "SEG", "OT"}  # OT: the overlay, a secondary capture
+    assert objects["OT"].BurnedInAnnotation == "YES"
     evidence = objects["SR"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == frontal.SOPInstanceUID
     assert len(study_objects(url, studies[1])) == 1  # the lateral alone
     assert poller.poll_once() == {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}  # nothing new
     assert "non-frontal view" in caplog.text and PATIENT not in caplog.text
+    assert_no_marker(caplog.text)
+    assert frontal.SOPInstanceUID not in caplog.text and frontal.StudyInstanceUID not in caplog.text
 
 
 def test_pacs_poll_retries_a_503_then_parks_the_instance_and_retry_frees_it(orthanc, scp, tmp_path):
@@ -243,3 +255,81 @@ def test_pacs_poll_retries_a_503_then_parks_the_instance_and_retry_frees_it(orth
         proxy.stop()
     again = DicomwebPoller(PollSettings(f"{url}/dicom-web"), spool, scp.scorer, KEY).poll_once()
     assert again["scored"] + again["skipped"] == first["failed"] and again["scored"] >= 1  # today's DX, this one too
+
+
+@pytest.mark.slow
+def test_a_listener_killed_at_either_point_delivers_every_result_to_orthanc_once(orthanc, phantom_bundle, tmp_path):
+    """Item 5d against Orthanc, with `cxrtune -v pacs listen` (DEBUG logging) as a process:
+    killed after spooling, before its C-STORE response (Orthanc's send fails); restarted, it
+    scores the spooled image and is killed after queuing the results, before sending; restarted
+    again, it delivers them. Orthanc then resends the image whose send had failed: the results are
+    the same objects (the same UIDs), so the study holds the image, one SR and one SEG, which read
+    back to what `cxrtune score` gives the file. No patient marker is in the listener's log."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from cxrtune.pacs.results import dicom_results
+
+    url, peer = orthanc
+    port = free_port()
+    requests.put(f"{url}/modalities/cxrtune-cli", json={"AET": "CXRTUNECLI", "Host": "127.0.0.1", "Port": port},
+                 timeout=10).raise_for_status()
+    source = dx(tmp_path, "killed", **MARKERS)
+    scorer = load_bundle(str(phantom_bundle), device="cpu")
+    (record, detail), = scorer.score_scans([load_scan(to_bytes(source))])
+    expected = {o.SOPInstanceUID for o in dicom_results(to_bytes(source), record, detail).objects()}
+    stored = requests.post(f"{url}/instances", data=to_bytes(source), timeout=30)
+    stored.raise_for_status()
+    instance = stored.json()["ID"]
+    study = requests.get(f"{url}/instances/{instance}/study", timeout=10).json()["ID"]
+    command = [sys.executable, "-m", "cxrtune.cli", "-v", "pacs", "listen", "--bundle", str(phantom_bundle),
+               "--spool", str(tmp_path / "spool"), "--destination", f"{peer.ae_title}@127.0.0.1:{peer.port}",
+               "--allow", "ORTHANC@127.0.0.1", "--ae-title", "CXRTUNECLI", "--port", str(port), "--device", "cpu"]
+    env = {**os.environ, "CXRTUNE_PSEUDONYM_KEY": KEY.decode()}
+    logs = []
+
+    def start(kill_at: str | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(command, env={**env, **({"CXRTUNE_PACS_KILL_AT": kill_at} if kill_at else {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert wait_for(lambda: proc.poll() is not None or echo_as_orthanc(url) == 200, 120), "never answered"
+        return proc
+
+    def send() -> int:
+        return requests.post(f"{url}/modalities/cxrtune-cli/store", json={"Resources": [instance], "Synchronous": True},
+                             timeout=120).status_code
+
+    def echo_as_orthanc(url: str) -> int:
+        return requests.post(f"{url}/modalities/cxrtune-cli/echo", json={}, timeout=10).status_code
+
+    doomed = start("spooled")
+    assert send() != 200  # killed before its C-STORE response: Orthanc's send failed
+    assert doomed.wait(timeout=60) == 137
+    logs.append(doomed.stdout.read())
+    assert Spool(tmp_path / "spool").status().incoming == 1  # yet the image was kept
+    doomed = start("scored")  # scores the spooled image, then dies before sending
+    assert doomed.wait(timeout=120) == 137
+    logs.append(doomed.stdout.read())
+    # killed after queuing, before forgetting the image: both kept (the image is scored again, to the same UIDs)
+    assert (Spool(tmp_path / "spool").status().incoming, Spool(tmp_path / "spool").status().outbox) == (1, 2)
+    assert len(study_objects(url, study)) == 1  # nothing sent yet
+    survivor = start()
+    try:
+        assert wait_for(lambda: len(study_objects(url, study)) == 3, 90), Spool(tmp_path / "spool").status()
+        assert send() == 200  # Orthanc resends the image it got no answer for
+        # the resent image is spooled before Orthanc's send returns, and leaves incoming/ only once its
+        # results are queued
+        assert wait_for(lambda: (Spool(tmp_path / "spool").status().incoming,
+                                 Spool(tmp_path / "spool").status().outbox) == (0, 0), 90)
+        assert Spool(tmp_path / "spool").status().parked == 0, Spool(tmp_path / "spool").status()
+    finally:
+        survivor.send_signal(signal.SIGTERM)
+        logs.append(survivor.communicate(timeout=60)[0])
+    objects = study_objects(url, study)
+    assert len(objects) == 3 and {o.SOPInstanceUID for o in objects if o.Modality != "DX"} == expected
+    assert_results_in_orthanc(url, study, source, record)
+    logged = "\n".join(logs)
+    assert "INFO cxrtune.pacs: scored ins-" in logged  # the log was written below WARNING: -v is DEBUG
+    assert_no_marker(logged)
+    assert source.SOPInstanceUID not in logged and source.StudyInstanceUID not in logged

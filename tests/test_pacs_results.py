@@ -31,6 +31,7 @@ from cxrtune.pacs.results import (
     to_bytes,
 )
 from cxrtune.preprocessing import load_scan
+from cxrtune.scoring.overlay import render_overlay
 from cxrtune.scoring.scorer import build_record
 
 MODELS = {"lung": "FPN/resnet18", "disease": "Unet/resnet18", "cls_threshold": 0.4, "opacity_threshold": 0.3,
@@ -95,10 +96,11 @@ def scored(tmp_path_factory):
     ds = source_copy()
     record, detail = drawn_record(ds)
     out = tmp_path_factory.mktemp("dicom-results")
-    results = dicom_results(to_bytes(ds), record, detail.lung, detail.opacity)
+    results = dicom_results(to_bytes(ds), record, detail, overlay_of=load_scan(to_bytes(ds)).image)
     (out / "source.dcm").write_bytes(to_bytes(ds))
     (out / "sr.dcm").write_bytes(to_bytes(results.sr))
     (out / "seg.dcm").write_bytes(to_bytes(results.seg))
+    (out / "overlay.dcm").write_bytes(to_bytes(results.overlay))
     return ds, record, detail, results, out
 
 
@@ -150,7 +152,7 @@ def test_partial_records_carry_their_zones_and_unscored_ones_a_status_and_no_sco
     ds = source_copy("CXRTUNE^PARTIAL", 1)
     record, detail = drawn_record(ds, lungs="right")
     assert record["status"] == "partial"
-    results = dicom_results(ds, record, detail.lung, detail.opacity)
+    results = dicom_results(ds, record, detail)
     groups = {str(g.tracking_identifier): g for g in hd.sr.Comprehensive3DSR.from_dataset(results.sr)
               .content.get_image_measurement_groups()}
     assert set(groups) == {"image", "zone A", "zone B", "zone C"}  # the right lung's zones only
@@ -168,13 +170,13 @@ def test_partial_records_carry_their_zones_and_unscored_ones_a_status_and_no_sco
 
 def test_a_resend_of_the_same_result_is_the_same_object(scored):
     ds, record, detail, results, _ = scored
-    again = dicom_results(ds, record, detail.lung, detail.opacity)
+    again = dicom_results(ds, record, detail, overlay_of=load_scan(to_bytes(ds)).image)
     assert [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in again.objects()] == \
         [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in results.objects()]
     other_runtime = {**record, "models": {**MODELS, "stage_runtimes": {"lung": "torch", "disease": "torch"}}}
-    changed = dicom_results(ds, other_runtime, detail.lung, detail.opacity)
+    changed = dicom_results(ds, other_runtime, detail)
     assert not {o.SOPInstanceUID for o in changed.objects()} & {o.SOPInstanceUID for o in results.objects()}
-    assert len({o.SOPInstanceUID for o in results.objects()} | {ds.SOPInstanceUID}) == 3
+    assert len({o.SOPInstanceUID for o in results.objects()} | {ds.SOPInstanceUID}) == 4
 
 
 def test_a_source_without_type_2_attributes_gets_them_empty_and_one_without_uids_a_clear_error():
@@ -183,11 +185,11 @@ def test_a_source_without_type_2_attributes_gets_them_empty_and_one_without_uids
     for name in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID", "ReferringPhysicianName"):
         if name in ds:
             delattr(ds, name)
-    results = dicom_results(ds, record, detail.lung, detail.opacity)
+    results = dicom_results(ds, record, detail)
     assert results.sr.PatientBirthDate == "" and results.seg.StudyDate == ""
     del ds.StudyInstanceUID
     with pytest.raises(CxrtuneError, match="it has no StudyInstanceUID"):
-        dicom_results(ds, record, detail.lung, detail.opacity)
+        dicom_results(ds, record, detail)
     with pytest.raises(CxrtuneError, match="needs its lung and opacity masks"):
         dicom_results(source_copy(), record)
 
@@ -210,5 +212,27 @@ def test_dciodvfy_finds_no_error_in_either_object_that_the_source_does_not_have(
     *_, out = scored
     source = _dciodvfy_errors(out / "source.dcm")
     assert source  # the check can see errors: RG1_UNCR's Pixel Spacing is zero
-    for name in ("sr.dcm", "seg.dcm"):
+    for name in ("sr.dcm", "seg.dcm", "overlay.dcm"):
         assert _dciodvfy_errors(out / name) - source == set(), name
+
+
+def test_the_overlay_is_a_secondary_capture_in_its_own_series_marked_not_for_diagnosis(scored):
+    """Asked for, the overlay is an RGB Secondary Capture in a third series of the source's study:
+    the overlay picture with "NOT FOR DIAGNOSTIC USE" burned in (the banner's second line), Burned
+    In Annotation YES, referencing the source; without ``overlay_of`` there is none."""
+    ds, record, detail, results, out = scored
+    sc = pydicom.dcmread(out / "overlay.dcm")
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.PhotometricInterpretation == "RGB"
+    assert sc.StudyInstanceUID == ds.StudyInstanceUID and sc.PatientID == ds.PatientID
+    assert len({sc.SeriesInstanceUID, results.sr.SeriesInstanceUID, results.seg.SeriesInstanceUID,
+                ds.SeriesInstanceUID}) == 4
+    assert sc.BurnedInAnnotation == "YES" and "NOT FOR DIAGNOSTIC USE" in sc.ImageComments
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    image = load_scan(to_bytes(ds)).image
+    plain = render_overlay(image, detail.lungs, detail.opacity, record)
+    marked = render_overlay(image, detail.lungs, detail.opacity, record, notice="NOT FOR DIAGNOSTIC USE - cxrtune")
+    assert np.array_equal(sc.pixel_array, marked[..., ::-1])  # RGB of what was drawn, notice included
+    line = marked.shape[0] - plain.shape[0]  # the notice's line, between the score's and the image
+    assert line > 0 and (marked[line + 4:2 * line + 8] > 200).sum() > 100  # white text burned in
+    assert dicom_results(ds, record, detail).overlay is None  # off by default
+    assert [o.Modality for o in results.objects()] == ["SR", "SEG", sc.Modality]

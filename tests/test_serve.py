@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -202,7 +203,9 @@ def server(served_bundle, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"bundle": str(served_bundle), "max_batch_size": 4, "device": "cpu",  # as the CLI test's --device cpu
             "max_upload_bytes": 8_000_000, "max_pixels": 20_000_000, "api_key_env": "CXRTUNE_TEST_API_KEY"}
-    serve.run(build_app(args, deployments()), name="cxrtune", route_prefix="/")
+    # the main app logs at DEBUG: the tests that search Ray's logs for patient data search those lines too
+    serve.run(build_app(args, {k: {**v, "logging_config": {"log_level": "DEBUG"}} for k, v in deployments().items()}),
+              name="cxrtune", route_prefix="/")
     # a bundle whose lung model sees nothing, for the no-lungs path
     blind = bundle_with_blind_lungs(served_bundle, tmp_path_factory.mktemp("blind") / "bundle",
                                     audits={"gates": BLIND_GATES})  # what /v1/models must show
@@ -359,6 +362,9 @@ def test_dicom_results_over_http_go_to_the_caller_and_nowhere_else(server, phant
         return [pydicom.dcmread(io.BytesIO(part.get_payload(decode=True))) for part in message.get_payload()]
     first, second = objects(answers[0]), objects(answers[1])
     assert record["status"] == "scored" and [o.Modality for o in first] == ["SR", "SEG"]
+    with_overlay = objects(post(f"{server}/v1/score?overlay=true", data, headers=accept))
+    assert [o.Modality for o in with_overlay] == ["SR", "SEG", "OT"] and with_overlay[2].BurnedInAnnotation == "YES"
+    assert with_overlay[2].StudyInstanceUID == first[0].StudyInstanceUID
     assert [o.SOPInstanceUID for o in first] == [o.SOPInstanceUID for o in second]  # a resend is the same object
     source = pydicom.dcmread(io.BytesIO(data))
     assert {o.StudyInstanceUID for o in first} == {source.StudyInstanceUID} and first[0].PatientName == SECRET
@@ -379,28 +385,45 @@ def test_dicom_results_over_http_go_to_the_caller_and_nowhere_else(server, phant
 
 
 @pytest.mark.slow
-def test_the_pacs_listener_scores_through_the_served_endpoint(server, phantom_dir, tmp_path):
+def test_the_pacs_listener_scores_through_the_served_endpoint(server, phantom_dir, tmp_path, caplog):
     """`pacs listen --endpoint`: the listener posts what it receives to /v1/score with its API key,
     asking for DICOM, and C-STOREs the SR and SEG the scorer answers."""
-    from cxrtune.pacs.listener import ListenerSettings, PacsListener, Peer
+    from cxrtune.pacs.listener import SECONDARY_CAPTURE, ListenerSettings, PacsListener, Peer
     from cxrtune.pacs.results import to_bytes
     from cxrtune.pacs.spool import open_spool
     from tests.test_pacs_listener import KEY as STUDY_KEY
-    from tests.test_pacs_listener import Destination, dx, send, wait_for
+    from tests.test_pacs_listener import (
+        MARKERS,
+        SEG_STORAGE,
+        SR_STORAGE,
+        Destination,
+        assert_no_marker,
+        dx,
+        send,
+        wait_for,
+    )
 
-    pacs = Destination()
+    caplog.set_level(logging.DEBUG)
+    pacs = Destination(accepts=(SR_STORAGE, SEG_STORAGE, SECONDARY_CAPTURE))
     settings = ListenerSettings("CXRTUNE", "127.0.0.1", free_port(), (Peer("MODALITY", "127.0.0.1"),), pacs.peer(),
-                                poll_s=0.05, backoff_s=0.2, endpoint=server)
+                                poll_s=0.05, backoff_s=0.2, endpoint=server, overlay=True)
     scp = PacsListener(settings, open_spool(tmp_path / "spool"), None, STUDY_KEY, api_key=KEY).start()
     try:
-        source = dx(tmp_path, "served")
+        source = dx(tmp_path, "served", **MARKERS)
         assert send(settings.port, source) == [0x0000]
-        assert wait_for(lambda: len(pacs.received) == 2, 90), scp.spool.status()
-        assert {r.Modality for r in pacs.received} == {"SR", "SEG"}
+        assert wait_for(lambda: len(pacs.received) == 3, 90), scp.spool.status()
+        assert {r.Modality for r in pacs.received} == {"SR", "SEG", "OT"}  # OT: the overlay asked for
         assert {r.StudyInstanceUID for r in pacs.received} == {source.StudyInstanceUID}
     finally:
         scp.stop()
         pacs.stop()
+    # the whole path at DEBUG (the listener here, the ingress and stages in Ray): no patient marker logged
+    assert "scored ins-" in caplog.text
+    assert_no_marker(caplog.text)
+    time.sleep(1)
+    for log in Path("/tmp/ray/session_latest/logs").rglob("*"):
+        if log.is_file() and log.stat().st_size < 50_000_000:
+            assert_no_marker(log.read_bytes().decode("utf-8", "replace"))
     # a key the scorer refuses is the listener's configuration, not the image's fault: kept for later
     wrong_key = PacsListener(settings, open_spool(tmp_path / "spool2"), None, STUDY_KEY, api_key="not-the-key")
     spooled = wrong_key.spool.receive(source.SOPInstanceUID, to_bytes(source))

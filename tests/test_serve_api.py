@@ -42,6 +42,9 @@ def test_dicom_results_are_negotiated_and_documented():
 
     assert wants_dicom(DICOM_RESULTS) and wants_dicom('application/json, Multipart/Related; type="application/dicom"')
     assert not wants_dicom("application/json") and not wants_dicom("image/png, */*")
+    assert wants_dicom('multipart/related; type=application/dicom; q=0.5, application/json')
+    assert not wants_dicom('multipart/related; type="application/dicom"; q=0, application/json')  # refused
+    assert not wants_dicom('multipart/related; type="image/jpeg"')  # a rendered frame is not the results
     body = multipart_related([b"DICM-one\r\n--x", b"two"], "b0undary")
     message = email.parser.BytesParser().parsebytes(
         f'Content-Type: {DICOM_RESULTS}; boundary="b0undary"\r\n\r\n'.encode() + body)

@@ -147,6 +147,7 @@ class ListenerSettings:
     tls: TlsSettings | None = None
     endpoint: str | None = None  # score through the served scorer (its base URL) instead of in process
     metrics_port: int | None = None  # Prometheus metrics at http://HOST:PORT/metrics
+    overlay: bool = False  # also send the overlay, a Secondary Capture "not for diagnostic use"
 
 
 class SpoolGauges:
@@ -206,9 +207,8 @@ class PacsListener:
         if self.spool.used_bytes() > self.settings.max_spool_bytes:
             log.warning("spool over %d bytes: C-STORE refused (out of resources)", self.settings.max_spool_bytes)
             return OUT_OF_RESOURCES
-        ds: Dataset = event.dataset
-        ds.file_meta = event.file_meta
-        self.spool.receive(str(ds.SOPInstanceUID), to_bytes(ds))  # fsynced before the success response
+        # the instance as it was sent (no decode, no re-encoding), fsynced before the success response
+        self.spool.receive(str(event.request.AffectedSOPInstanceUID), event.encoded_dataset())
         _kill_point("spooled")
         return 0x0000
 
@@ -223,7 +223,7 @@ class PacsListener:
         assert self.scorer is not None
         (record, detail), = self.scorer.score_scans([scan])
         try:
-            results = dicom_results(data, record, detail.lung, detail.opacity)
+            results = dicom_results(data, record, detail, overlay_of=scan.image if self.settings.overlay else None)
         except CxrtuneError as exc:
             log.warning("no results for %s: %s", who, exc)
             return None
@@ -239,6 +239,7 @@ class PacsListener:
                 instance stays spooled."""
         try:
             answer = requests.post(f"{self.settings.endpoint}/v1/score", data=data, timeout=120,
+                                   params={"overlay": "true"} if self.settings.overlay else None,
                                    headers={"X-API-Key": self.api_key or "", "Accept": DICOM_RESULTS,
                                             "Content-Type": "application/dicom"})
         except requests.RequestException as exc:
@@ -347,6 +348,7 @@ class PacsListener:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "PacsListener":
         """Serve (in the background) and start the worker and the sender."""
+        self.spool.discard_partial_writes()
         for noisy in ("pynetdicom", "pynetdicom.assoc", "pynetdicom.events", "pynetdicom.acse", "pynetdicom.dimse"):
             logging.getLogger(noisy).setLevel(logging.WARNING)  # at DEBUG they log UIDs and dataset elements
         self.allowed = self._callers()

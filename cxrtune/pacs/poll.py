@@ -55,6 +55,7 @@ class PollSettings:
     retries: int = 3  # tries of one call within a poll
     backoff_s: float = 1.0
     modalities: tuple[str, ...] = ("CR", "DX")
+    overlay: bool = False  # also store the overlay, a Secondary Capture "not for diagnostic use"
 
 
 @dataclass
@@ -103,7 +104,9 @@ class DicomwebPoller:
     client: DICOMwebClient | None = None
 
     def __post_init__(self) -> None:
-        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # at DEBUG it logs URLs with UIDs
+        for noisy in ("dicomweb_client", "urllib3.connectionpool"):  # at DEBUG they log URLs with UIDs
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        self.spool.discard_partial_writes()
         if self.client is None:
             self.client = DICOMwebClient(self.settings.url, session=dicomweb_session())
         # one retry policy, this one (``_call``): dicomweb-client's own retries 408, 429, 503 and 504
@@ -174,7 +177,7 @@ class DicomwebPoller:
             return "skipped"
         (record, detail), = self.scorer.score_scans([scan])
         try:
-            results = dicom_results(data, record, detail.lung, detail.opacity)
+            results = dicom_results(data, record, detail, overlay_of=scan.image if self.settings.overlay else None)
         except CxrtuneError as exc:
             log.warning("no results for %s: %s", who, exc)
             return "skipped"

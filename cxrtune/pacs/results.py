@@ -15,6 +15,9 @@ groups, and UIDs that a resend of the same result reproduces (docs/pacs.md has t
   and the three thresholds used; then one per zone that exists: affected (yes/no) and its opacity
   fraction. Each names the algorithm (TID 4019: bundle name; version = bundle content hash,
   runtime and cxrtune version), as IHE AI Results asks.
+* **Overlay (optional, off by default).** For viewers that show neither SEG on CR/DX nor TID 1500:
+  a Secondary Capture in a third series, the overlay picture of ``scoring/overlay.py`` (lungs,
+  zones, opacity, the score) with "NOT FOR DIAGNOSTIC USE" burned in and Burned In Annotation YES.
 * **UIDs.** Series and instance UIDs are name-based UUIDs (``2.25.``, PS3.5 B.2) of the source SOP
   Instance UID, the bundle's content hash, the runtime and the object's kind.
 """
@@ -25,6 +28,7 @@ import email.parser
 import io
 import logging
 import uuid
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -35,6 +39,8 @@ from pydicom.sr.codedict import codes
 
 from .. import __version__
 from ..errors import CxrtuneError
+from ..scoring.overlay import render_overlay
+from ..scoring.scorer import Detail
 from ..zones import ZONE_LETTERS
 
 # highdicom logs each source's UIDs and attribute names at INFO and DEBUG: quiet beside patient data
@@ -44,7 +50,8 @@ SCHEME = "99CXRTUNE"  # private coding scheme: cxrtune's zones, score, status an
 SCHEME_NAME = "cxrtune result codes"
 MANUFACTURER = "cxrtune"
 UID_NAMESPACE = uuid.UUID("7d4f2c3e-8c1a-5b0e-9f6a-63787274756e")  # cxrtune's, for its derived UIDs
-SR_SERIES_NUMBER, SEG_SERIES_NUMBER = 9101, 9102  # high, so that they sort after the modality's series
+SR_SERIES_NUMBER, SEG_SERIES_NUMBER, OVERLAY_SERIES_NUMBER = 9101, 9102, 9103  # after the modality's series
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
 
 
 def _private(value: str, meaning: str) -> hd.sr.CodedConcept:
@@ -96,12 +103,14 @@ class AlgorithmIdentity:
 
 @dataclass(frozen=True)
 class DicomResults:
-    """The DICOM objects of one record: the SR always, the SEG for a scored or partial record."""
+    """The DICOM objects of one record: the SR always, the SEG for a scored or partial record, and
+    the overlay (a Secondary Capture) when asked for one."""
     sr: Dataset
     seg: Dataset | None
+    overlay: Dataset | None = None
 
     def objects(self) -> list[Dataset]:
-        return [self.sr] + ([self.seg] if self.seg is not None else [])
+        return [o for o in (self.sr, self.seg, self.overlay) if o is not None]
 
 
 def derived_uid(source_uid: str, identity: AlgorithmIdentity, kind: str) -> str:
@@ -249,6 +258,36 @@ def segmentation(source: Dataset, lung: np.ndarray, opacity: np.ndarray, identit
     return seg
 
 
+def overlay_capture(source: Dataset, image: np.ndarray, detail: Detail, record: dict,
+                    identity: AlgorithmIdentity) -> Dataset:
+    """The overlay as a Secondary Capture (RGB) in its own series of the source's study, with
+    "NOT FOR DIAGNOSTIC USE" burned into the picture and said in its header.
+
+    Args:
+        image: the record's working image (``Scan.image``), which the overlay is drawn on."""
+    picture = render_overlay(image, detail.lungs, detail.opacity, record, notice=f"{NOT_FOR_DIAGNOSIS} - cxrtune")
+    with warnings.catch_warnings():  # highdicom's warning about an odd person name quotes the name
+        warnings.simplefilter("ignore", UserWarning)
+        sc = hd.sc.SCImage.from_ref_dataset(
+            source, np.ascontiguousarray(picture[..., ::-1]), photometric_interpretation="RGB", bits_allocated=8,
+            coordinate_system="PATIENT", instance_number=1, manufacturer=MANUFACTURER,
+            series_instance_uid=derived_uid(source.SOPInstanceUID, identity, "overlay-series"),
+            series_number=OVERLAY_SERIES_NUMBER, sop_instance_uid=derived_uid(source.SOPInstanceUID, identity, "overlay"),
+            transfer_syntax_uid="1.2.840.10008.1.2.1", patient_orientation=("L", "F"))  # replaced below
+    # the source's orientation as it is (highdicom takes single letters only), or empty (Type 2), as in the SEG
+    sc.PatientOrientation = source.get("PatientOrientation", "")
+    sc.BurnedInAnnotation = "YES"
+    sc.BodyPartExamined = "CHEST"  # unpaired: no Laterality (General Series 2C)
+    sc.SeriesDescription = f"cxrtune overlay - {NOT_FOR_DIAGNOSIS.lower()}"
+    sc.ImageComments = f"{NOT_FOR_DIAGNOSIS}: cxrtune's lungs, zones and opacity drawn on a reduced copy of the image"
+    sc.DerivationDescription = f"cxrtune overlay by {identity.bundle} ({identity.algorithm_version()})"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    return sc
+
+
 REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows", "Columns")
 # Type 2 patient and study attributes highdicom copies: a source without them gets them empty, as
 # Type 2 allows, rather than a failure
@@ -272,31 +311,32 @@ def _usable_source(ds: Dataset) -> Dataset:
     return header
 
 
-def dicom_results(source: Dataset | bytes, record: dict, lung: np.ndarray | None = None,
-                  opacity: np.ndarray | None = None) -> DicomResults:
+def dicom_results(source: Dataset | bytes, record: dict, detail: Detail | None = None,
+                  overlay_of: np.ndarray | None = None) -> DicomResults:
     """The SR and (for a scored or partial record) the SEG of ``record``, made about the DICOM
     image ``source`` (its dataset or its bytes) that was scored.
 
     Args:
-        lung, opacity: the record's masks at its working size (``Detail.lung``, ``Detail.opacity``);
-            needed for the SEG.
+        detail: the record's masks at its working size; needed for the SEG.
+        overlay_of: the record's working image: also write the overlay (scored or partial records;
+            off by default).
 
     Raises:
         CxrtuneError: the record has no bundle hash, or a SEG is due and the masks are missing."""
     ds = _usable_source(dcmread(io.BytesIO(source), stop_before_pixels=True)
                         if isinstance(source, (bytes, bytearray)) else source)
     identity = AlgorithmIdentity.of_record(record)
-    masks = None
-    if record["status"] != "unscored":
-        if lung is None or opacity is None:
-            raise CxrtuneError("the SEG of a scored or partial record needs its lung and opacity masks")
-        masks = (lung, opacity)
+    if record["status"] != "unscored" and detail is None:
+        raise CxrtuneError("the SEG of a scored or partial record needs its lung and opacity masks")
     try:
         sr = measurement_report(ds, record, identity)
-        seg = segmentation(ds, *masks, identity) if masks else None
+        if record["status"] == "unscored" or detail is None:
+            return DicomResults(sr, None)
+        seg = segmentation(ds, detail.lung, detail.opacity, identity)
+        overlay = overlay_capture(ds, overlay_of, detail, record, identity) if overlay_of is not None else None
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom on a header it cannot use
         raise CxrtuneError(f"DICOM results cannot be written for this image ({type(exc).__name__})") from None
-    return DicomResults(sr, seg)
+    return DicomResults(sr, seg, overlay)
 
 
 DICOM_RESULTS = 'multipart/related; type="application/dicom"'  # how the results travel over HTTP

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import CxrtuneError
 
 FOLDERS = ("incoming", "outbox", "parked", "tmp")
+RECEIVED_PREFIX = "received-"  # a parked received instance (an input), beside parked results
 MAX_BACKOFF_S = 900.0
 
 
@@ -66,7 +67,12 @@ class Spool:
         os.chmod(self.root, 0o700)
         for name in FOLDERS:
             (self.root / name).mkdir(mode=0o700, exist_ok=True)
-        for part in (self.root / "tmp").glob("*.part"):  # half-written before a crash: never published
+
+    def discard_partial_writes(self) -> None:
+        """Remove what a crash left half-written in ``tmp/`` (never published). Only the process that
+        writes the spool calls it, at its start: ``pacs status`` and ``pacs retry`` open the spool of
+        a running listener, whose writes in flight are in ``tmp/``."""
+        for part in (self.root / "tmp").glob("*.part"):
             part.unlink(missing_ok=True)
 
     def folder(self, name: str) -> Path:
@@ -106,16 +112,27 @@ class Spool:
         """Keep one received instance, durably (call before answering the C-STORE)."""
         return self._write("incoming", file_name(sop_instance_uid), data)
 
+    @staticmethod
+    def _oldest_first(paths) -> list[Path]:
+        """``paths`` by modification time; one removed meanwhile (by another thread) is left out."""
+        timed = []
+        for path in paths:
+            try:
+                timed.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                pass
+        return [path for _, path in sorted(timed)]
+
     def received(self) -> list[Path]:
         """Instances waiting to be scored, oldest first."""
-        return sorted((self.root / "incoming").glob("*.dcm"), key=lambda p: p.stat().st_mtime)
+        return self._oldest_first((self.root / "incoming").glob("*.dcm"))
 
     def park_received(self, incoming: Path, reason: str) -> None:
         """An instance that cannot be scored (an unexpected failure): kept in ``parked/`` with its
         reason, out of the worker's way (``pacs retry`` does not bring it back: it is an input)."""
-        self._write("parked", incoming.with_suffix(".json").name,
-                    json.dumps(asdict(Attempts(1, 0.0, reason))).encode())
-        os.replace(incoming, self.root / "parked" / ("received-" + incoming.name))
+        parked = self.root / "parked" / (RECEIVED_PREFIX + incoming.name)
+        self._write("parked", parked.with_suffix(".json").name, json.dumps(asdict(Attempts(1, 0.0, reason))).encode())
+        os.replace(incoming, parked)
         _fsync_dir(self.root / "parked")
 
     def done(self, incoming: Path) -> None:
@@ -135,8 +152,7 @@ class Spool:
     def due(self, now: float | None = None) -> list[Path]:
         """Outbox items whose next try has come, oldest first."""
         now = time.time() if now is None else now
-        return [p for p in sorted((self.root / "outbox").glob("*.dcm"), key=lambda p: p.stat().st_mtime)
-                if self.attempts(p).next_try <= now]
+        return [p for p in self._oldest_first((self.root / "outbox").glob("*.dcm")) if self.attempts(p).next_try <= now]
 
     def attempts(self, item: Path) -> Attempts:
         try:
@@ -166,9 +182,12 @@ class Spool:
 
     # ------------------------------------------------------------------ parked
     def retry_parked(self) -> int:
-        """Move every parked item back to the outbox with its attempts reset (``pacs retry``)."""
+        """Move every parked result back to the outbox with its attempts reset (``pacs retry``);
+        parked received instances (``received-*``) are inputs, never sent: they stay."""
         moved = 0
         for item in sorted((self.root / "parked").glob("*.dcm")):
+            if item.name.startswith(RECEIVED_PREFIX):
+                continue
             self._write("outbox", item.with_suffix(".json").name, json.dumps(asdict(Attempts())).encode())
             os.replace(item, self.root / "outbox" / item.name)
             item.with_suffix(".json").unlink(missing_ok=True)

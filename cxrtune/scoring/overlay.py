@@ -13,9 +13,12 @@ OPACITY = (40, 40, 230)
 
 
 def render_overlay(image: np.ndarray, lungs: zones.LungPair, opacity: np.ndarray, record: dict,
-                   min_side: int = 512, max_side: int = 1024) -> np.ndarray:
+                   min_side: int = 512, max_side: int = 1024, notice: str | None = None) -> np.ndarray:
     """BGR uint8 picture of one scored image, its long side scaled into [min_side, max_side],
-    with the score in a banner above the image."""
+    with the score in a banner above the image.
+
+    Args:
+        notice: a second banner line (e.g. "NOT FOR DIAGNOSTIC USE" on the DICOM overlay)."""
     h, w = image.shape
     scale = min(max(1.0, min_side / max(h, w)), max_side / max(h, w))
     size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
@@ -54,8 +57,12 @@ def render_overlay(image: np.ndarray, lungs: zones.LungPair, opacity: np.ndarray
         label = "UNSCORED: no lungs found"
     if record.get("disease_probability") is not None:
         label += f"  p(disease) {record['disease_probability']:.2f}"
-    banner = np.zeros((int(30 * font) + 8, size[0], 3), np.uint8)
+    line = int(30 * font)
+    banner = np.zeros((line * (2 if notice else 1) + 8, size[0], 3), np.uint8)
     cv2.putText(banner, label, (6, int(22 * font) + 2), cv2.FONT_HERSHEY_SIMPLEX, font * 0.7, (255, 255, 255), 1, cv2.LINE_AA)
+    if notice:
+        cv2.putText(banner, notice, (6, line + int(22 * font) + 2), cv2.FONT_HERSHEY_SIMPLEX, font * 0.7,
+                    (255, 255, 255), 2, cv2.LINE_AA)
     return np.vstack([banner, out])
 
 

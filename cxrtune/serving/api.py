@@ -70,13 +70,24 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 BATCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["files"],
     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
-OVERLAY = Query(False, description="add the overlay PNG (base64 in the record, or the PNG itself with Accept: image/png)")
+OVERLAY = Query(False, description="add the overlay PNG (base64 in the record, or the PNG itself with Accept: image/png); "
+                                   "with the DICOM results, the overlay as a Secondary Capture")
 REFUSALS = {500: "internal", 400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method",
             406: "not_acceptable", 413: "too_large", 415: "unsupported_format", 422: "unreadable_or_refused", 503: "capacity"}
 def wants_dicom(accept: str) -> bool:
-    """Whether an Accept header asks for the DICOM results (as a DICOMweb client asks for instances)."""
-    return any(part.strip().lower().startswith("multipart/related") and "application/dicom" in part.lower()
-               for part in accept.split(","))
+    """Whether an Accept header asks for the DICOM results (as a DICOMweb client asks for instances);
+    a media range with ``q=0`` refuses them."""
+    for part in accept.lower().split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media != "multipart/related" or not any(p.replace(" ", "") in ('type="application/dicom"',
+                                                                            "type=application/dicom") for p in params):
+            continue
+        q = next((p.split("=", 1)[1] for p in params if p.replace(" ", "").startswith("q=")), "1")
+        try:
+            return float(q) > 0
+        except ValueError:
+            return False
+    return False
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

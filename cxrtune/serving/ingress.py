@@ -222,7 +222,8 @@ class Ingress:
 
         Returns:
             The record, the overlay PNG (when ``overlay``) and the DICOM results, SR then SEG
-            (when ``dicom``: the input is DICOM, checked by the caller)."""
+            (when ``dicom``: the input is DICOM, checked by the caller), then the overlay as a
+            Secondary Capture (when ``overlay`` too) instead of the PNG."""
 
         t0 = time.perf_counter()
         scan = await ticket.run(_decode, data, self.s)
@@ -251,9 +252,9 @@ class Ingress:
             models = record_models(self.record_models, stages, runtimes)
             typed, detail = build_record(lung, opacity, p, self.thresholds.zone, models, scan, reason)
             record = typed.to_dict()
-            png = encode_overlay(image, detail.lungs, detail.opacity, record) if overlay else None
+            png = encode_overlay(image, detail.lungs, detail.opacity, record) if overlay and not dicom else None
             try:
-                parts = [to_bytes(o) for o in dicom_results(data, record, detail.lung, detail.opacity).objects()] \
+                parts = [to_bytes(o) for o in dicom_results(data, record, detail, image if overlay else None).objects()] \
                     if dicom else []
             except CxrtuneError as exc:  # a header the results cannot reference (says which attribute, no value)
                 raise RequestError(422, str(exc)) from None
@@ -385,8 +386,9 @@ class Ingress:
             200: {"content": {"image/png": {}, DICOM_RESULTS: {}},
                   "description": "the record; the overlay PNG with Accept: image/png and ?overlay=true; or, for a "
                                  f"DICOM input with Accept: {DICOM_RESULTS}, the DICOM results: a Comprehensive 3D SR "
-                                 "(TID 1500) and, for a scored or partial record, a SEG of the lungs and the opacity, "
-                                 "in new series of the source's study (docs/pacs.md)"}}
+                                 "(TID 1500) and, for a scored or partial record, a SEG of the lungs and the opacity "
+                                 "(and with ?overlay=true the overlay as a Secondary Capture marked not for diagnostic "
+                                 "use), in new series of the source's study (docs/pacs.md)"}}
         app.post(f"/{API_VERSION}/score", summary="Score one radiograph (multipart `file` or raw body)",
                  response_model=ScoreRecord, openapi_extra=UPLOAD_BODY,
                  responses={**ERROR_RESPONSES, **png_or_record})(self.score)
