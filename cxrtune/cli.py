@@ -222,7 +222,7 @@ def _pacs_poll(args) -> None:
     if args.once:
         print(json.dumps(poller.poll_once()))
     else:
-        pacs_poll.poll_forever(poller, args.interval)
+        pacs_poll.poll_forever(poller, args.interval, ("127.0.0.1", args.metrics_port) if args.metrics_port else None)
 
 
 def _pacs_status(args) -> None:
@@ -532,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--pseudonym-key-file", help="the study key (or $CXRTUNE_PSEUDONYM_KEY): logs name instances by it")
     po.add_argument("--device")
     po.add_argument("--overlay", action="store_true", help=OVERLAY_HELP)
+    po.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (handled, failing, parked, last poll) "
+                                                     "at http://127.0.0.1:PORT/metrics")
     po.set_defaults(func=_pacs_poll)
     st = psub.add_parser("status", help="what the spool holds: received, queued, parked (with reasons)")
     st.add_argument("--spool", required=True)

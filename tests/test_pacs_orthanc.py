@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import highdicom as hd
+import prometheus_client
 import pydicom
 import pytest
 import requests
@@ -250,6 +251,8 @@ def test_pacs_poll_retries_a_503_then_parks_the_instance_and_retry_frees_it(orth
         status = poll_status(spool)
         assert status["parked"] == first["failed"] and status["parked_reasons"] == {"WADO-RS: HTTP 503": first["failed"]}
         assert poller.poll_once() == {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}  # parked: not tried again
+        metrics = prometheus_client.generate_latest(poller.gauges.registry).decode()
+        assert f"cxrtune_pacs_poll_parked {float(first['failed'])}" in metrics and "cxrtune_pacs_poll_failing 0.0" in metrics
         assert retry_parked(spool) == first["failed"]
     finally:
         proxy.stop()

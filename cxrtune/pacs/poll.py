@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import requests
 from dicomweb_client.api import DICOMwebClient
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from pydicom import Dataset
 
 from ..config_files import read_private_file
@@ -94,6 +95,26 @@ def _value(item: dict, tag: str) -> str:
     return str((item.get(tag) or {}).get("Value", [""])[0])
 
 
+class PollGauges:
+    """The poller's state as Prometheus gauges: instances handled, failing (tried again next poll),
+    parked, and when the last poll ended (a poller that stalls stops moving it)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.handled = Gauge("cxrtune_pacs_poll_handled", "instances handled", registry=self.registry)
+        self.failing = Gauge("cxrtune_pacs_poll_failing", "instances failing, tried again next poll",
+                             registry=self.registry)
+        self.parked = Gauge("cxrtune_pacs_poll_parked", "instances parked", registry=self.registry)
+        self.last_poll = Gauge("cxrtune_pacs_poll_last_end_seconds", "when the last poll ended (Unix time)",
+                               registry=self.registry)
+
+    def update(self, state: PollState) -> None:
+        self.handled.set(len(state.handled))
+        self.failing.set(len(state.failures))
+        self.parked.set(len(state.parked))
+        self.last_poll.set(time.time())
+
+
 @dataclass
 class DicomwebPoller:
     """One DICOMweb server, polled into one spool folder's state."""
@@ -102,6 +123,7 @@ class DicomwebPoller:
     scorer: Scorer
     study_key: bytes
     client: DICOMwebClient | None = None
+    gauges: PollGauges = field(default_factory=PollGauges)
 
     def __post_init__(self) -> None:
         for noisy in ("dicomweb_client", "urllib3.connectionpool"):  # at DEBUG they log URLs with UIDs
@@ -211,12 +233,18 @@ class DicomwebPoller:
             state.failures.pop(key, None)
             counts[outcome] += 1
             self._save(state)  # after each instance: a crash repeats at most the one in hand
+        self.gauges.update(state)
         return counts
 
 
 
-def poll_forever(poller: DicomwebPoller, interval_s: float) -> None:
-    """``cxrtune pacs poll`` without ``--once``: a poll every ``interval_s`` until Ctrl-C."""
+def poll_forever(poller: DicomwebPoller, interval_s: float, metrics: tuple[str, int] | None = None) -> None:
+    """``cxrtune pacs poll`` without ``--once``: a poll every ``interval_s`` until Ctrl-C.
+
+    Args:
+        metrics: (host, port) to serve the Prometheus gauges at ``/metrics``."""
+    if metrics:
+        start_http_server(metrics[1], addr=metrics[0], registry=poller.gauges.registry)
     try:
         while True:
             try:
