@@ -203,7 +203,16 @@ OVERLAY_HELP = ("also send an overlay for viewers that show neither SEG nor SR: 
                 "\"NOT FOR DIAGNOSTIC USE\" burned in (off by default)")
 
 
+def _pacs_service_logging(args) -> None:
+    """A PACS service logs what it scores and skips (INFO, by pseudonym) without ``-v``, and drops
+    library warnings, which quote DICOM values."""
+    if not args.verbose:
+        logging.getLogger("cxrtune.pacs").setLevel(logging.INFO)
+    dicom.drop_warnings()
+
+
 def _pacs_listen(args) -> None:
+    _pacs_service_logging(args)
     settings = pacs_listener.ListenerSettings(
         ae_title=args.ae_title, host=args.host, port=args.port,
         callers=tuple(pacs_listener.Peer.parse(c) for c in args.allow),
@@ -215,6 +224,7 @@ def _pacs_listen(args) -> None:
 
 
 def _pacs_poll(args) -> None:
+    _pacs_service_logging(args)
     settings = pacs_poll.PollSettings(args.dicomweb, window_days=args.window_days, overlay=args.overlay)
     poller = pacs_poll.DicomwebPoller(settings, pacs_spool.open_spool(args.spool),
                                       scorers.load_bundle(args.bundle, device=args.device),
@@ -501,8 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--endpoint", metavar="URL", help="or score through the served scorer at URL (its API key from "
                                                       "--api-key-file or $CXRTUNE_API_KEY)")
     ls.add_argument("--api-key-file", help="an owner-only file holding the served scorer's API key")
-    ls.add_argument("--max-attempts", type=int, default=10,
-                    help="deliveries a result may fail (5 s, 10 s ... up to 15 min apart) before it is parked")
+    ls.add_argument("--max-attempts", type=int, default=20,
+                    help="deliveries a result may fail (5 s, 10 s ... up to 15 min apart: 20 is about 3 h) before it "
+                         "is parked")
     ls.add_argument("--spool", required=True, help="folder (mode 0700) holding received instances and the outbox")
     ls.add_argument("--destination", required=True, metavar="AE@HOST:PORT", help="where the SR and SEG are C-STOREd")
     ls.add_argument("--allow", action="append", required=True, metavar="AE@HOST",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import logging
 import os
 import re
 import struct
@@ -191,6 +192,15 @@ def _int(ds, name: str) -> int:
         return int(ds.get(name, 0) or 0)
     except (TypeError, ValueError):
         return 0
+
+
+def drop_warnings() -> None:
+    """Route Python warnings to logging and drop them, process-wide: pydicom's and highdicom's
+    warnings quote DICOM values (highdicom's about a person name without a caret quotes the name).
+    For the processes that handle patient data (the PACS listener and poller, the Serve ingress);
+    call at their start."""
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)  # warnings are logged at WARNING: dropped
 
 
 def header_of(ds, key: bytes | str | None = None) -> DicomHeader:

@@ -34,8 +34,9 @@ SR_STORAGE, SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.
 PATIENT = "DOE^LISTENER^MRN4711"
 KEY = b"listener-test-study-key-0123456789"
 
-# unique values in the patient and study fields: none may appear in any log (issue 22, item 6)
-MARKERS = {"PatientName": "MARKER^PATIENT^Q7Z3", "PatientID": "MARKERID8K2W", "PatientBirthDate": "19010203",
+# unique values in the patient and study fields: none may appear in any log (issue 22, item 6); a
+# name without a caret, as many modalities write it, makes highdicom warn, quoting it
+MARKERS = {"PatientName": "MARKERPATIENTQ7Z3", "PatientID": "MARKERID8K2W", "PatientBirthDate": "19010203",
            "AccessionNumber": "MARKACC5R1", "OtherPatientIDs": "MARKOTH4J9", "ReferringPhysicianName": "MARKER^DOC^X2R8",
            "InstitutionName": "MARKER HOSPITAL V6T5"}
 
@@ -181,7 +182,8 @@ def test_what_the_dicom_rules_refuse_is_accepted_then_skipped_with_its_reason(sc
     assert PATIENT not in caplog.text
 
 
-def test_an_unknown_calling_ae_or_address_is_rejected(scorer, tmp_path):
+def test_an_unknown_calling_ae_or_address_is_rejected(scorer, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="cxrtune.pacs")
     pacs = Destination()
     scp = listener(scorer, tmp_path / "spool", pacs.peer())
     try:
@@ -189,6 +191,8 @@ def test_an_unknown_calling_ae_or_address_is_rejected(scorer, tmp_path):
         assert send(scp.settings.port, dx(tmp_path, "y"), source="127.0.0.2") == "rejected"  # not a configured host
         assert send(scp.settings.port, dx(tmp_path, "z")) == [0x0000]  # the configured caller
         assert wait_for(lambda: len(pacs.received) == 2)
+        # the admin sees who was refused (AE title and address are not patient data)
+        assert "INTRUDER at 127.0.0.1 rejected" in caplog.text and "MODALITY at 127.0.0.2 rejected" in caplog.text
     finally:
         scp.stop()
         pacs.stop()
@@ -280,6 +284,7 @@ def test_cxrtune_pacs_listen_runs_until_sigterm_and_status_reads_its_spool(phant
         pacs.stop()
     assert proc.returncode == 0, err[-2000:]
     assert "cxrtune pacs listener CXRTUNE on 127.0.0.1" in out and PATIENT not in out + err
+    assert "INFO cxrtune.pacs: scored ins-" in err  # without -v a service still says what it scored
     status = json.loads(cli_in_process("pacs", "status", "--spool", str(tmp_path / "spool")).stdout)
     assert status == {"incoming": 0, "outbox": 0, "parked": 0, "bytes": 0, "parked_reasons": {},
                       "poll": {"handled": 0, "failing": 0, "parked": 0, "parked_reasons": {}}}
@@ -504,3 +509,41 @@ def test_opening_a_running_listeners_spool_does_not_touch_its_writes_in_flight(s
     finally:
         scp.stop()
         pacs.stop()
+
+
+def test_a_permanent_c_store_failure_is_parked_at_once(scorer, tmp_path):
+    """0xC000 (cannot understand) will not mend by retrying: parked after one try, not twenty."""
+    pacs = Destination(status=0xC000)
+    scp = listener(scorer, tmp_path / "spool", pacs.peer(), backoff_s=60)
+    try:
+        assert send(scp.settings.port, dx(tmp_path, "one")) == [0x0000]
+        assert wait_for(lambda: scp.spool.status().parked == 2, 30), scp.spool.status()
+        assert scp.spool.status().parked_reasons == {"C-STORE status 0xC000": 2}
+    finally:
+        scp.stop()
+        pacs.stop()
+
+
+class BrokenScorer:
+    """A scorer that fails unexpectedly, with a patient value in its message."""
+
+    def score_scans(self, scans):
+        raise RuntimeError(f"cannot score {MARKERS['PatientID']}")
+
+
+def test_an_instance_the_scorer_fails_on_is_parked_and_the_worker_goes_on(tmp_path, caplog):
+    """The worker parks what raised (by its exception's type: the message is not logged) and
+    scores the next instance."""
+    caplog.set_level(logging.DEBUG)
+    pacs = Destination()
+    scp = listener(BrokenScorer(), tmp_path / "spool", pacs.peer())
+    try:
+        assert send(scp.settings.port, dx(tmp_path, "one", **MARKERS), dx(tmp_path, "two")) == [0x0000, 0x0000]
+        assert wait_for(lambda: scp.spool.status().parked == 2, 30), scp.spool.status()
+        assert scp.spool.status().parked_reasons == {"scoring failed: RuntimeError": 2}
+        assert scp._threads[0].is_alive()  # the worker is still there
+    finally:
+        scp.stop()
+        pacs.stop()
+    assert "scoring a spooled instance failed (RuntimeError): parked" in caplog.text
+    assert_no_marker(caplog.text)

@@ -27,6 +27,7 @@ from tests.test_pacs_listener import KEY, MARKERS, PATIENT, assert_no_marker, dx
 from tests.test_pacs_results import source_copy
 
 ORTHANC = "/usr/sbin/Orthanc"
+SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
@@ -34,8 +35,9 @@ DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 def orthanc(tmp_path_factory):
     """Orthanc with the DICOMweb plugin, HTTP and DICOM on free ports of 127.0.0.1, remote access
     off: ``(REST base URL, its DICOM Peer)``."""
-    if not Path(ORTHANC).exists():
-        pytest.skip("Orthanc is not installed (Debian's orthanc and orthanc-dicomweb; .ci/run installs them)")
+    if not Path(ORTHANC).exists() or not Path(DICOMWEB_PLUGIN).exists():
+        pytest.skip("Orthanc or its DICOMweb plugin is not installed (Debian's orthanc and orthanc-dicomweb; "
+                    ".ci/run installs them)")
     root = tmp_path_factory.mktemp("orthanc")
     http_port, dicom_port = free_port(), free_port()
     config = {"Name": "cxrtune-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
@@ -43,7 +45,7 @@ def orthanc(tmp_path_factory):
               "HttpBindAddress": "127.0.0.1", "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
               "DicomAlwaysAllowStore": True, "DicomModalitiesInDatabase": True, "ExecuteLuaEnabled": False,
               "RestApiWriteToFileSystemEnabled": False, "StorageCompression": False,
-              "Plugins": [DICOMWEB_PLUGIN] if Path(DICOMWEB_PLUGIN).exists() else [],
+              "Plugins": [DICOMWEB_PLUGIN],
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
     (root / "config.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "w")
@@ -146,11 +148,16 @@ def test_a_secondary_capture_sent_by_orthanc_is_skipped_and_gets_no_result(ortha
     url, _ = orthanc
     capture = dx(tmp_path, "sc", SOPClassUID="1.2.840.10008.5.1.4.1.1.7")
     capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    study = upload_and_send(url, capture)
+    captures = [capture]
+    # the real secondary captures of chest radiographs in ../shared/data/dicom, when it is there
+    captures += [pydicom.dcmread(p) for p in sorted(SHARED_DICOM.glob("*.dcm"))] if SHARED_DICOM.is_dir() else []
+    studies = [upload_and_send(url, ds) for ds in captures]
     assert wait_for(lambda: scp.spool.status().incoming == 0)
     time.sleep(1.0)
-    assert scp.spool.status().outbox == 0 and len(study_objects(url, study)) == 1  # the capture alone
-    assert "skipped ins-" in caplog.text and "secondary capture" in caplog.text and PATIENT not in caplog.text
+    assert scp.spool.status().outbox == 0
+    assert [len(study_objects(url, study)) for study in studies] == [1] * len(captures)  # each capture alone
+    assert caplog.text.count("skipped ins-") == len(captures) and "secondary capture" in caplog.text
+    assert PATIENT not in caplog.text
 
 
 class FailingWado:
@@ -197,7 +204,7 @@ def today() -> str:
     return datetime.date.today().strftime("%Y%m%d")
 
 
-def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc, scp, tmp_path, caplog):
+def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc, scp, tmp_path, caplog, recwarn):
     """QIDO-RS finds today's DX instances (earlier tests' have no Study Date, or an old one), WADO-RS
     brings each, STOW-RS stores its SR, SEG and (asked for) overlay in its study; a second poll finds
     nothing new; a lateral is skipped by the DICOM rules. At DEBUG, no patient marker and no UID of
@@ -221,12 +228,15 @@ def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc,
     objects = {o.Modality: o for o in study_objects(url, studies[0])}
     assert set(objects) == {"DX", "SR", "SEG", "OT"}  # OT: the overlay, a secondary capture
     assert objects["OT"].BurnedInAnnotation == "YES"
+    (record, _), = scp.scorer.score_scans([load_scan(to_bytes(frontal))])  # what `cxrtune score` gives the file
+    assert_results_in_orthanc(url, studies[0], frontal, record)
     evidence = objects["SR"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == frontal.SOPInstanceUID
     assert len(study_objects(url, studies[1])) == 1  # the lateral alone
     assert poller.poll_once() == {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}  # nothing new
     assert "non-frontal view" in caplog.text and PATIENT not in caplog.text
     assert_no_marker(caplog.text)
+    assert_no_marker(" ".join(str(w.message) for w in recwarn))  # highdicom warns quoting a name without a caret
     assert frontal.SOPInstanceUID not in caplog.text and frontal.StudyInstanceUID not in caplog.text
 
 
@@ -336,3 +346,23 @@ def test_a_listener_killed_at_either_point_delivers_every_result_to_orthanc_once
     assert "INFO cxrtune.pacs: scored ins-" in logged  # the log was written below WARNING: -v is DEBUG
     assert_no_marker(logged)
     assert source.SOPInstanceUID not in logged and source.StudyInstanceUID not in logged
+
+
+def test_pacs_poll_parks_an_instance_whose_scoring_fails_and_goes_on(orthanc, scp, tmp_path, caplog):
+    """An unexpected failure (not a DICOMweb call's) fails that instance only: tried again next
+    poll, parked after ``max_attempts``, named by its type (the message may hold patient values)."""
+    import logging
+
+    from cxrtune.pacs.poll import DicomwebPoller, PollSettings, poll_status
+    from tests.test_pacs_listener import BrokenScorer
+
+    caplog.set_level(logging.INFO, logger="cxrtune.pacs")
+    url, _ = orthanc
+    requests.post(f"{url}/instances", data=to_bytes(dx(tmp_path, "doomed", StudyDate=today(), **MARKERS)),
+                  timeout=30).raise_for_status()
+    spool = Spool(tmp_path / "spool")
+    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web", max_attempts=2), spool, BrokenScorer(), KEY)
+    first, second = poller.poll_once(), poller.poll_once()  # today's instances: this one and earlier tests'
+    assert first["failed"] >= 1 and second["parked"] == first["failed"], (first, second)
+    assert poll_status(spool)["parked_reasons"] == {"failed: RuntimeError": first["failed"]}
+    assert_no_marker(caplog.text)

@@ -20,9 +20,12 @@ from pydicom.uid import generate_uid
 from cxrtune import zones
 from cxrtune.errors import CxrtuneError
 from cxrtune.pacs.results import (
+    DISEASE_PROBABILITY,
+    LUNG_OPACITY_PERCENT,
     SCHEME,
     SCORE,
     STATUS,
+    THRESHOLDS,
     ZONE_AFFECTED,
     ZONE_OPACITY_FRACTION,
     ZONES,
@@ -127,6 +130,16 @@ def test_the_sr_reads_back_to_the_record(scored):
     assert sr.SeriesInstanceUID not in (ds.SeriesInstanceUID, results.seg.SeriesInstanceUID) and sr.Modality == "SR"
     assert [i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence] == [SCHEME]
     assert "Brixia" not in str(sr)
+    # per lung opacity %, p(disease) and the thresholds used
+    image = groups["image"]
+    right, left = image.get_measurements(name=LUNG_OPACITY_PERCENT)
+    assert [m.finding_sites[0].value.value for m in (right, left)] == ["3341006", "44029006"]
+    assert (right.value, left.value) == (pytest.approx(record["lungs"]["right"]["opacity_percent"]),
+                                         pytest.approx(record["lungs"]["left"]["opacity_percent"]))
+    assert right.value > 0 and left.value == 0  # the drawn opacity is in the right lung only
+    assert measured(image, DISEASE_PROBABILITY) == [pytest.approx(record["disease_probability"])]
+    assert (measured(image, THRESHOLDS["threshold"]), measured(image, THRESHOLDS["cls_threshold"]),
+            measured(image, THRESHOLDS["opacity_threshold"])) == ([pytest.approx(record["threshold"])], [0.4], [0.3])
 
 
 def test_the_seg_on_the_source_grid_is_the_records_masks(scored):
@@ -235,4 +248,5 @@ def test_the_overlay_is_a_secondary_capture_in_its_own_series_marked_not_for_dia
     line = marked.shape[0] - plain.shape[0]  # the notice's line, between the score's and the image
     assert line > 0 and (marked[line + 4:2 * line + 8] > 200).sum() > 100  # white text burned in
     assert dicom_results(ds, record, detail).overlay is None  # off by default
-    assert [o.Modality for o in results.objects()] == ["SR", "SEG", sc.Modality]
+    assert [o.Modality for o in results.objects()] == ["SR", "SEG", "OT"]  # OT: other, as a secondary capture
+

@@ -2,9 +2,10 @@
 sends and C-STOREs the SR and SEG to a destination AE.
 
 Each instance is written to the spool (fsynced) before its success response; a worker thread
-scores it with the bundle in this process (the library's scoring policy, as ``cxrtune score``),
-queues its results in the spool's outbox and only then forgets the instance; a sender thread
-delivers the outbox with retries and backoff, and parks what keeps failing. A crash at any point
+scores it, with the bundle in this process (the library's scoring policy, as ``cxrtune score``)
+or through the served scorer (``--endpoint``), queues its results in the spool's outbox and only
+then forgets the instance; a sender thread delivers the outbox with retries and backoff, and parks
+what keeps failing (at once what a retry cannot mend). A crash at any point
 leaves the instance or its results in the spool, and a restart goes on from there: delivery is
 at least once, and a resend is the same objects (derived UIDs, ``results.py``), so a PACS stores
 them once.
@@ -41,7 +42,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 
 from ..config_files import read_private_file
-from ..dicom import pseudonym_key, read_header
+from ..dicom import drop_warnings, pseudonym_key, read_header
 from ..errors import CxrtuneError
 from ..preprocessing import load_scan
 from ..scoring.scorer import Scorer, load_bundle
@@ -71,6 +72,14 @@ ACCEPTED_SOP_CLASSES = (CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECOND
 TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLosslessSV1,
                      JPEG2000Lossless, JPEG2000)
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # coercion, elements discarded, data set mismatch: stored
+
+
+def permanent_failure(status: int) -> bool:
+    """A C-STORE failure that a retry cannot mend, parked at once: SOP class not supported
+    (0x0122), data set does not match the SOP class (0xA9xx), cannot understand (0xCxxx). Out of
+    resources (0xA7xx), not authorised (0x0124, a configuration being fixed) and the rest are
+    retried."""
+    return status == 0x0122 or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
 OUT_OF_RESOURCES = 0xA700
 GAUGE_INTERVAL_S = 2.0
 
@@ -141,7 +150,7 @@ class ListenerSettings:
     destination: Peer
     max_associations: int = 4
     max_spool_bytes: int = 4 * 1024 ** 3
-    max_attempts: int = 10  # 5 s, 10 s ... capped at 15 min: about 1.5 h before a result is parked
+    max_attempts: int = 20  # 5 s, 10 s ... capped at 15 min: about 3 h before a result is parked
     backoff_s: float = 5.0
     poll_s: float = 0.2
     tls: TlsSettings | None = None
@@ -199,7 +208,8 @@ class PacsListener:
         an unknown AE title, an unknown address, or a known AE title at another caller's address."""
         calling = event.assoc.requestor.primitive.calling_ae_title.strip()
         if (calling, event.assoc.requestor.address) not in self.allowed:
-            log.warning("association from a caller that is not configured: rejected")
+            log.warning("association from %s at %s rejected: not a configured caller", calling or "(no AE title)",
+                        event.assoc.requestor.address)  # neither is patient data; an admin needs both
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             event.assoc.kill()  # waits until the reject is sent, as pynetdicom's own rejections do
 
@@ -296,18 +306,21 @@ class PacsListener:
     def send_one(self, item) -> None:
         """One C-STORE of a queued result to the destination: sent (success or a warning
         status), retried later, or parked."""
+        permanent = False
         try:
-            reason = self._c_store(dcmread(item))
+            reason, permanent = self._c_store(dcmread(item))
         except Exception as exc:  # noqa: BLE001 - e.g. no accepted presentation context: a failed delivery
             reason = f"C-STORE failed: {type(exc).__name__}"
         if reason is None:
             self.spool.sent(item)
             return
-        parked = self.spool.failed(item, reason, self.settings.max_attempts, self.settings.backoff_s)
+        parked = self.spool.failed(item, reason, 1 if permanent else self.settings.max_attempts,
+                                   self.settings.backoff_s)
         log.warning("delivery to %s failed (%s)%s", self.settings.destination.ae_title, reason,
                     ": parked" if parked else "; will retry")
 
-    def _c_store(self, ds: Dataset) -> str | None:
+    def _c_store(self, ds: Dataset) -> tuple[str | None, bool]:
+        """(why the delivery failed, or None; whether a retry cannot mend it)."""
         dest = self.settings.destination
         ae = AE(ae_title=self.settings.ae_title)
         ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30  # type: ignore[assignment]
@@ -317,21 +330,24 @@ class PacsListener:
                              tls_args=(tls.client_context(), dest.host) if tls else None)
         if not assoc.is_established:
             if any(cx.abstract_syntax == ds.SOPClassUID for cx in assoc.rejected_contexts):
-                return f"the destination accepts no {ds.SOPClassUID.name}"
-            return "association rejected or aborted" if (assoc.is_rejected or assoc.is_aborted) else "no association"
+                return f"the destination accepts no {ds.SOPClassUID.name}", False
+            return ("association rejected or aborted" if (assoc.is_rejected or assoc.is_aborted) else "no association",
+                    False)
         try:
             if not any(cx.abstract_syntax == ds.SOPClassUID for cx in assoc.accepted_contexts):
-                return f"the destination accepts no {ds.SOPClassUID.name}"
+                return f"the destination accepts no {ds.SOPClassUID.name}", False
             status = assoc.send_c_store(ds)
         finally:
             assoc.release()
         code = int(status.Status) if status and "Status" in status else None
         if code == 0x0000:
-            return None
+            return None, False
         if code in WARNING_STATUSES:
             log.warning("destination stored a result with warning status 0x%04X", code)
-            return None
-        return "no C-STORE response" if code is None else f"C-STORE status 0x{code:04X}"
+            return None, False
+        if code is None:
+            return "no C-STORE response", False
+        return f"C-STORE status 0x{code:04X}", permanent_failure(code)
 
     def _send_loop(self) -> None:
         measured = 0.0
@@ -396,6 +412,7 @@ def run_listener(settings: ListenerSettings, spool: str, bundle: str | None, key
     """``cxrtune pacs listen``: serve until Ctrl-C or SIGTERM; the spool keeps whatever is left.
     Scores with ``bundle`` in this process, or through ``settings.endpoint``."""
     key = pseudonym_key(key_file)  # before anything starts: skipped instances are logged by pseudonym
+    drop_warnings()  # library warnings quote DICOM values
     if settings.endpoint:
         scp = PacsListener(settings, open_spool(spool), None, key, endpoint_key(api_key_file)).start()
     elif bundle:

@@ -4,8 +4,9 @@
 
 Which instances are new: each poll searches the instances of CR and DX studies dated within the
 last ``window_days`` (paged by ``page_size``) and skips those in the persisted set of handled
-instances (``poll_state.json`` in the spool: hashes of SOP Instance UIDs, never the UIDs). A
-connection error, a 5xx or a 429 (which dicomweb-client does not retry) is retried with backoff
+instances (``poll_state.json`` in the spool: hashes of SOP Instance UIDs; a parked instance keeps
+its study, series and instance UIDs, to be retrieved again after ``pacs retry``). A connection
+error, a 5xx or a 429 (which dicomweb-client does not retry) is retried with backoff
 within the poll; an instance that still fails is tried again at the next poll, and after
 ``max_attempts`` polls it is parked with its reason (``pacs status`` shows it, ``pacs retry``
 lets it be tried again). What the DICOM rules refuse is handled: skipped, logged by pseudonym.
@@ -36,6 +37,8 @@ from .spool import Spool
 
 log = logging.getLogger("cxrtune.pacs")
 TOKEN_ENV, TOKEN_FILE_ENV = "CXRTUNE_DICOMWEB_TOKEN", "CXRTUNE_DICOMWEB_TOKEN_FILE"
+BASIC_FILE_ENV = "CXRTUNE_DICOMWEB_BASIC_AUTH_FILE"  # an owner-only file holding USER:PASSWORD
+CA_BUNDLE_ENV = "CXRTUNE_DICOMWEB_CA_BUNDLE"  # the CA bundle of an https:// server with a private CA
 STATE_FILE = "poll_state.json"
 RETRIED_STATUSES = {408, 429, 500, 502, 503, 504}
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -80,14 +83,32 @@ def instance_key(sop_instance_uid: str) -> str:
 
 
 def dicomweb_session() -> requests.Session:
-    """A session with the bearer token from ``$CXRTUNE_DICOMWEB_TOKEN`` or the owner-only file
-    ``$CXRTUNE_DICOMWEB_TOKEN_FILE`` names (never from a flag, which ``ps`` would show)."""
+    """A session with the server's credentials, never from a flag (which ``ps`` would show): a
+    bearer token from ``$CXRTUNE_DICOMWEB_TOKEN`` or the owner-only file
+    ``$CXRTUNE_DICOMWEB_TOKEN_FILE`` names, or HTTP Basic (Orthanc's own users) from the owner-only
+    ``USER:PASSWORD`` file ``$CXRTUNE_DICOMWEB_BASIC_AUTH_FILE`` names; and the CA bundle
+    ``$CXRTUNE_DICOMWEB_CA_BUNDLE`` names, for a server whose certificate a private CA signed.
+
+    Raises:
+        CxrtuneError: a credentials file others can read, a Basic file without ``:``, or both
+            kinds of credentials."""
     session = requests.Session()
     token = os.environ.get(TOKEN_ENV, "").strip()
     if not token and os.environ.get(TOKEN_FILE_ENV):
         token = read_private_file(os.environ[TOKEN_FILE_ENV], TOKEN_FILE_ENV).strip()
+    basic = read_private_file(os.environ[BASIC_FILE_ENV], BASIC_FILE_ENV).strip() if os.environ.get(BASIC_FILE_ENV) \
+        else ""
+    if token and basic:
+        raise CxrtuneError(f"give the DICOMweb server a token or Basic credentials ({BASIC_FILE_ENV}), not both")
     if token:
         session.headers["Authorization"] = f"Bearer {token}"
+    if basic:
+        user, colon, password = basic.partition(":")
+        if not colon or not user:
+            raise CxrtuneError(f"{BASIC_FILE_ENV}: the file must hold USER:PASSWORD on one line")
+        session.auth = (user, password)
+    if os.environ.get(CA_BUNDLE_ENV):
+        session.verify = os.environ[CA_BUNDLE_ENV]
     return session
 
 
@@ -203,7 +224,10 @@ class DicomwebPoller:
         except CxrtuneError as exc:
             log.warning("no results for %s: %s", who, exc)
             return "skipped"
-        self._call("STOW-RS", self.client.store_instances, results.objects())
+        answer = self._call("STOW-RS", self.client.store_instances, results.objects())
+        failed = len(answer.get("FailedSOPSequence") or []) if answer is not None else 0
+        if failed:  # a 202: some objects stored, some refused; a retry stores the same objects again
+            raise RetriableError(f"STOW-RS: the server refused {failed} of {len(results.objects())} object(s)")
         log.info("scored %s: %s, score %s; %d result object(s) stored", who, record["status"], record["score"],
                  len(results.objects()))
         return "scored"
@@ -216,14 +240,17 @@ class DicomwebPoller:
             key = instance_key(uids[2])
             try:
                 outcome = self.handle(uids)
-            except RetriableError as exc:
+            except Exception as exc:  # noqa: BLE001 - one instance's failure must not end the poller
+                # a DICOMweb call that failed, or anything unexpected (named by its type only: a
+                # message may quote the instance's values): tried again next poll, then parked
+                error = str(exc) if isinstance(exc, RetriableError) else f"failed: {type(exc).__name__}"
                 failure = state.failures.get(key, {"attempts": 0})
-                failure = {"attempts": failure["attempts"] + 1, "last_error": str(exc)}
+                failure = {"attempts": failure["attempts"] + 1, "last_error": error}
                 if failure["attempts"] >= self.settings.max_attempts:
                     state.parked[key] = {**failure, "uids": list(uids)}
                     state.failures.pop(key, None)
                     counts["parked"] += 1
-                    log.warning("parked an instance after %d failed polls: %s", failure["attempts"], exc)
+                    log.warning("parked an instance after %d failed polls: %s", failure["attempts"], error)
                 else:
                     state.failures[key] = failure
                     counts["failed"] += 1
@@ -249,8 +276,8 @@ def poll_forever(poller: DicomwebPoller, interval_s: float, metrics: tuple[str, 
         while True:
             try:
                 counts = poller.poll_once()
-            except RetriableError as exc:  # the search itself failed: the next poll tries again
-                log.warning("poll failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - the search itself failed: the next poll tries again
+                log.warning("poll failed: %s", exc if isinstance(exc, RetriableError) else type(exc).__name__)
             else:
                 if any(counts.values()):
                     log.warning("poll: %s", json.dumps(counts))

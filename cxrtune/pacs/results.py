@@ -204,7 +204,7 @@ def measurement_report(source: Dataset, record: dict, identity: AlgorithmIdentit
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derived_uid(source.SOPInstanceUID, identity, "device"), name=MANUFACTURER,
+            uid=derived_uid("device", identity, "device"), name=MANUFACTURER,  # one per bundle and runtime
             manufacturer_name=MANUFACTURER, model_name=identity.bundle, serial_number=identity.bundle_hash))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device), procedure_reported=PROCEDURE,
@@ -266,14 +266,12 @@ def overlay_capture(source: Dataset, image: np.ndarray, detail: Detail, record: 
     Args:
         image: the record's working image (``Scan.image``), which the overlay is drawn on."""
     picture = render_overlay(image, detail.lungs, detail.opacity, record, notice=f"{NOT_FOR_DIAGNOSIS} - cxrtune")
-    with warnings.catch_warnings():  # highdicom's warning about an odd person name quotes the name
-        warnings.simplefilter("ignore", UserWarning)
-        sc = hd.sc.SCImage.from_ref_dataset(
-            source, np.ascontiguousarray(picture[..., ::-1]), photometric_interpretation="RGB", bits_allocated=8,
-            coordinate_system="PATIENT", instance_number=1, manufacturer=MANUFACTURER,
-            series_instance_uid=derived_uid(source.SOPInstanceUID, identity, "overlay-series"),
-            series_number=OVERLAY_SERIES_NUMBER, sop_instance_uid=derived_uid(source.SOPInstanceUID, identity, "overlay"),
-            transfer_syntax_uid="1.2.840.10008.1.2.1", patient_orientation=("L", "F"))  # replaced below
+    sc = hd.sc.SCImage.from_ref_dataset(
+        source, np.ascontiguousarray(picture[..., ::-1]), photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", instance_number=1, manufacturer=MANUFACTURER,
+        series_instance_uid=derived_uid(source.SOPInstanceUID, identity, "overlay-series"),
+        series_number=OVERLAY_SERIES_NUMBER, sop_instance_uid=derived_uid(source.SOPInstanceUID, identity, "overlay"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1", patient_orientation=("L", "F"))  # replaced below
     # the source's orientation as it is (highdicom takes single letters only), or empty (Type 2), as in the SEG
     sc.PatientOrientation = source.get("PatientOrientation", "")
     sc.BurnedInAnnotation = "YES"
@@ -329,11 +327,13 @@ def dicom_results(source: Dataset | bytes, record: dict, detail: Detail | None =
     if record["status"] != "unscored" and detail is None:
         raise CxrtuneError("the SEG of a scored or partial record needs its lung and opacity masks")
     try:
-        sr = measurement_report(ds, record, identity)
-        if record["status"] == "unscored" or detail is None:
-            return DicomResults(sr, None)
-        seg = segmentation(ds, detail.lung, detail.opacity, identity)
-        overlay = overlay_capture(ds, overlay_of, detail, record, identity) if overlay_of is not None else None
+        with warnings.catch_warnings():  # highdicom's and pydicom's warnings quote the source's values
+            warnings.simplefilter("ignore")
+            sr = measurement_report(ds, record, identity)
+            if record["status"] == "unscored" or detail is None:
+                return DicomResults(sr, None)
+            seg = segmentation(ds, detail.lung, detail.opacity, identity)
+            overlay = overlay_capture(ds, overlay_of, detail, record, identity) if overlay_of is not None else None
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom on a header it cannot use
         raise CxrtuneError(f"DICOM results cannot be written for this image ({type(exc).__name__})") from None
     return DicomResults(sr, seg, overlay)
@@ -364,5 +364,7 @@ def parts_of(content_type: str, body: bytes) -> list[bytes]:
 def to_bytes(ds: Dataset) -> bytes:
     """A DICOM object as a Part 10 file."""
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    with warnings.catch_warnings():  # pydicom's value checks on writing may quote the values
+        warnings.simplefilter("ignore")
+        ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -46,7 +46,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..dicom import Limits
+from ..dicom import Limits, drop_warnings
 from ..errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, InputRefused, UnsupportedFormatError
 from ..images import sniff_format
 from ..model.artifacts import Thresholds, bundle_hash, read_bundle_meta
@@ -111,6 +111,7 @@ class Ingress:
     def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
         self.s = ServeSettings(**settings)
         self.keys = require_keys(self.s, key_text(self.s))  # before anything else
+        drop_warnings()  # this replica parses uploads: library warnings would quote their values
         self.stage1, self.stage2 = stage1, stage2
         meta = read_bundle_meta(self.s.bundle)
         self.thresholds = Thresholds.of(meta)
