@@ -547,3 +547,35 @@ def test_an_instance_the_scorer_fails_on_is_parked_and_the_worker_goes_on(tmp_pa
         pacs.stop()
     assert "scoring a spooled instance failed (RuntimeError): parked" in caplog.text
     assert_no_marker(caplog.text)
+
+
+def test_a_jpeg_baseline_image_is_received_scored_and_answered(scorer, tmp_path):
+    """A phantom DX compressed as JPEG Baseline (OpenCV's encoder, 8-bit), sent in that transfer
+    syntax: received as sent, decoded, scored; its SR and SEG delivered."""
+    import cv2
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = dx(tmp_path, "jpeg")
+    pixels = (ds.pixel_array >> 4).astype(np.uint8)  # 12-bit to 8-bit
+    ok, jpeg = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok and jpeg.tobytes()[:2] == b"\xff\xd8"
+    ds.PixelData = encapsulate([jpeg.tobytes()])
+    ds["PixelData"].VR = "OB"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    pacs = Destination()
+    scp = listener(scorer, tmp_path / "spool", pacs.peer())
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DX_FOR_PRESENTATION, JPEGBaseline8Bit)
+        assoc = ae.associate("127.0.0.1", scp.settings.port, ae_title="CXRTUNE")
+        assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == JPEGBaseline8Bit
+        assert int(assoc.send_c_store(ds).Status) == 0x0000
+        assoc.release()
+        assert wait_for(lambda: len(pacs.received) == 2, 90), scp.spool.status()
+        assert sorted(r.Modality for r in pacs.received) == ["SEG", "SR"]  # decoded and scored
+    finally:
+        scp.stop()
+        pacs.stop()
