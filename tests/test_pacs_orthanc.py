@@ -218,13 +218,15 @@ def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc,
     url, _ = orthanc
     frontal, lateral = dx(tmp_path, "polled", StudyDate=today(), **MARKERS), dx(tmp_path, "side", StudyDate=today(),
                                                                                   ViewPosition="LL")
+    chest_cr = source_copy("CXRTUNE^POLLED", 11)  # pydicom-data's CR chest PA, as in 5a
+    chest_cr.StudyDate = today()
     studies = []
-    for ds in (frontal, lateral):
+    for ds in (frontal, lateral, chest_cr):
         stored = requests.post(f"{url}/instances", data=to_bytes(ds), timeout=30)
         stored.raise_for_status()
         studies.append(requests.get(f"{url}/instances/{stored.json()['ID']}/study", timeout=10).json()["ID"])
     poller = DicomwebPoller(PollSettings(f"{url}/dicom-web", overlay=True), Spool(tmp_path / "spool"), scp.scorer, KEY)
-    assert poller.poll_once() == {"scored": 1, "skipped": 1, "failed": 0, "parked": 0}
+    assert poller.poll_once() == {"scored": 2, "skipped": 1, "failed": 0, "parked": 0}
     objects = {o.Modality: o for o in study_objects(url, studies[0])}
     assert set(objects) == {"DX", "SR", "SEG", "OT"}  # OT: the overlay, a secondary capture
     assert objects["OT"].BurnedInAnnotation == "YES"
@@ -233,6 +235,8 @@ def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc,
     evidence = objects["SR"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == frontal.SOPInstanceUID
     assert len(study_objects(url, studies[1])) == 1  # the lateral alone
+    (record, _), = scp.scorer.score_scans([load_scan(to_bytes(chest_cr))])
+    assert_results_in_orthanc(url, studies[2], chest_cr, record)  # its SR (and SEG when the record has masks)
     assert poller.poll_once() == {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}  # nothing new
     assert "non-frontal view" in caplog.text and PATIENT not in caplog.text
     assert_no_marker(caplog.text)
