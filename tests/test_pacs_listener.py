@@ -17,6 +17,7 @@ from cxrtune.data.phantom import make_phantom
 from cxrtune.pacs.listener import (
     CR_IMAGE,
     DX_FOR_PRESENTATION,
+    DX_FOR_PROCESSING,
     SECONDARY_CAPTURE,
     VERIFICATION,
     ListenerSettings,
@@ -85,7 +86,7 @@ def send(port: int, *datasets: pydicom.Dataset, calling: str = "MODALITY",
     """C-STORE each dataset to the listener from ``source``: the statuses, or how the association
     failed (``rejected`` or ``aborted``)."""
     ae = AE(ae_title=calling)
-    for uid in (CR_IMAGE, DX_FOR_PRESENTATION, SECONDARY_CAPTURE):
+    for uid in (CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE):
         ae.add_requested_context(uid, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="CXRTUNE", bind_address=(source, 0))
     if not assoc.is_established:
@@ -170,15 +171,19 @@ def test_what_the_dicom_rules_refuse_is_accepted_then_skipped_with_its_reason(sc
         capture = dx(tmp_path, "sc", SOPClassUID=SECONDARY_CAPTURE)
         capture.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
         lateral = dx(tmp_path, "lateral", ViewPosition="LL")
-        assert send(scp.settings.port, capture, lateral) == [0x0000, 0x0000]
+        knee = dx(tmp_path, "knee", BodyPartExamined="KNEE")
+        for_processing = dx(tmp_path, "raw", SOPClassUID=DX_FOR_PROCESSING)
+        for_processing.file_meta.MediaStorageSOPClassUID = DX_FOR_PROCESSING
+        assert send(scp.settings.port, capture, lateral, knee, for_processing) == [0x0000] * 4
         assert wait_for(lambda: scp.spool.status().incoming == 0)
         time.sleep(0.5)
         assert pacs.received == [] and scp.spool.status().outbox == 0
     finally:
         scp.stop()
         pacs.stop()
-    assert caplog.text.count("skipped ins-") == 2
+    assert caplog.text.count("skipped ins-") == 4
     assert "secondary capture" in caplog.text and "non-frontal view (ViewPosition LL)" in caplog.text
+    assert "KNEE" in caplog.text and "for processing" in caplog.text.lower()
     assert PATIENT not in caplog.text
 
 
@@ -576,6 +581,36 @@ def test_a_jpeg_baseline_image_is_received_scored_and_answered(scorer, tmp_path)
         assoc.release()
         assert wait_for(lambda: len(pacs.received) == 2, 90), scp.spool.status()
         assert sorted(r.Modality for r in pacs.received) == ["SEG", "SR"]  # decoded and scored
+    finally:
+        scp.stop()
+        pacs.stop()
+
+
+def test_a_jpeg_lossless_image_is_received_decoded_and_answered(scorer, tmp_path):
+    """pydicom-data's JPEG Lossless SV1 image (an ultrasound frame, relabelled a chest DX: no
+    encoder for this syntax is at hand), sent in its transfer syntax: received, decoded, and its SR
+    delivered (the record may be unscored: it is not a radiograph)."""
+    from pydicom.uid import JPEGLosslessSV1
+
+    ds = pydicom.dcmread(get_testdata_file("JPGLosslessP14SV1_1s_1f_8b.dcm"))
+    assert ds.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition, ds.ImageType = "DX", "CHEST", "PA", ["ORIGINAL", "PRIMARY"]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    pacs = Destination()
+    scp = listener(scorer, tmp_path / "spool", pacs.peer())
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DX_FOR_PRESENTATION, JPEGLosslessSV1)
+        assoc = ae.associate("127.0.0.1", scp.settings.port, ae_title="CXRTUNE")
+        assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == JPEGLosslessSV1
+        assert int(assoc.send_c_store(ds).Status) == 0x0000
+        assoc.release()
+        assert wait_for(lambda: any(r.Modality == "SR" for r in pacs.received), 90), scp.spool.status()
+        sr = next(r for r in pacs.received if r.Modality == "SR")
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert evidence.ReferencedSOPInstanceUID == ds.SOPInstanceUID
     finally:
         scp.stop()
         pacs.stop()

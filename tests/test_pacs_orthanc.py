@@ -161,10 +161,10 @@ def test_a_secondary_capture_sent_by_orthanc_is_skipped_and_gets_no_result(ortha
 
 
 class FailingWado:
-    """An HTTP proxy in front of Orthanc's DICOMweb that answers every WADO-RS retrieval 503 (QIDO
-    and STOW pass): a server that finds instances but cannot deliver them."""
+    """An HTTP proxy in front of Orthanc's DICOMweb that answers every WADO-RS retrieval ``status``
+    (QIDO and STOW pass): a server that finds instances but cannot deliver them."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, status: int = 503):
         import http.server
         import threading
 
@@ -177,7 +177,7 @@ class FailingWado:
             def do_GET(self):
                 if "/studies/" in self.path:  # a WADO-RS retrieval
                     outer.refused += 1
-                    self.send_response(503)
+                    self.send_response(status)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -225,7 +225,9 @@ def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc,
         stored = requests.post(f"{url}/instances", data=to_bytes(ds), timeout=30)
         stored.raise_for_status()
         studies.append(requests.get(f"{url}/instances/{stored.json()['ID']}/study", timeout=10).json()["ID"])
-    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web", overlay=True), Spool(tmp_path / "spool"), scp.scorer, KEY)
+    # two a page: today's DX instances take two pages (paged by offset)
+    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web", overlay=True, page_size=2), Spool(tmp_path / "spool"),
+                            scp.scorer, KEY)
     assert poller.poll_once() == {"scored": 2, "skipped": 1, "failed": 0, "parked": 0}
     objects = {o.Modality: o for o in study_objects(url, studies[0])}
     assert set(objects) == {"DX", "SR", "SEG", "OT"}  # OT: the overlay, a secondary capture
@@ -370,3 +372,26 @@ def test_pacs_poll_parks_an_instance_whose_scoring_fails_and_goes_on(orthanc, sc
     assert first["failed"] >= 1 and second["parked"] == first["failed"], (first, second)
     assert poll_status(spool)["parked_reasons"] == {"failed: RuntimeError": first["failed"]}
     assert_no_marker(caplog.text)
+
+
+def test_pacs_poll_retries_a_429_and_a_connection_error(orthanc, scp, tmp_path):
+    """A 429 (which dicomweb-client does not retry once its retries are off) is tried again within
+    the poll; a server that cannot be reached fails the search after its tries."""
+    from cxrtune.pacs.poll import DicomwebPoller, PollSettings, RetriableError
+
+    url, _ = orthanc
+    requests.post(f"{url}/instances", data=to_bytes(dx(tmp_path, "busy", StudyDate=today())),
+                  timeout=30).raise_for_status()
+    proxy = FailingWado(url, status=429)
+    try:
+        poller = DicomwebPoller(PollSettings(f"{proxy.url}/dicom-web", retries=3, backoff_s=0.01), Spool(tmp_path / "a"),
+                                scp.scorer, KEY)
+        counts = poller.poll_once()
+        assert counts["failed"] >= 1 and proxy.refused == 3 * counts["failed"]  # three tries each
+        assert {f["last_error"] for f in poller.state().failures.values()} == {"WADO-RS: HTTP 429"}
+    finally:
+        proxy.stop()
+    nowhere = DicomwebPoller(PollSettings(f"http://127.0.0.1:{free_port()}/dicom-web", retries=2, backoff_s=0.01),
+                             Spool(tmp_path / "b"), scp.scorer, KEY)
+    with pytest.raises(RetriableError, match="QIDO-RS"):
+        nowhere.poll_once()
