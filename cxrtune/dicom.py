@@ -201,6 +201,7 @@ def drop_warnings() -> None:
     call at their start."""
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)  # warnings are logged at WARNING: dropped
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # pydicom logs its value warnings as well
 
 
 def header_of(ds, key: bytes | str | None = None) -> DicomHeader:

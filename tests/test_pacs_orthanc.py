@@ -225,8 +225,8 @@ def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc,
         stored = requests.post(f"{url}/instances", data=to_bytes(ds), timeout=30)
         stored.raise_for_status()
         studies.append(requests.get(f"{url}/instances/{stored.json()['ID']}/study", timeout=10).json()["ID"])
-    # two a page: today's DX instances take two pages (paged by offset)
-    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web", overlay=True, page_size=2), Spool(tmp_path / "spool"),
+    # one a page: today's two DX instances take two full pages and an empty one (paged by offset)
+    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web", overlay=True, page_size=1), Spool(tmp_path / "spool"),
                             scp.scorer, KEY)
     assert poller.poll_once() == {"scored": 2, "skipped": 1, "failed": 0, "parked": 0}
     objects = {o.Modality: o for o in study_objects(url, studies[0])}
@@ -269,11 +269,13 @@ def test_pacs_poll_retries_a_503_then_parks_the_instance_and_retry_frees_it(orth
         assert poller.poll_once() == {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}  # parked: not tried again
         metrics = prometheus_client.generate_latest(poller.gauges.registry).decode()
         assert f"cxrtune_pacs_poll_parked {float(first['failed'])}" in metrics and "cxrtune_pacs_poll_failing 0.0" in metrics
-        assert retry_parked(spool) == first["failed"]
+        assert retry_parked(spool) == first["failed"] and poll_status(spool)["released"] == first["failed"]
     finally:
         proxy.stop()
-    again = DicomwebPoller(PollSettings(f"{url}/dicom-web"), spool, scp.scorer, KEY).poll_once()
+    # released by their UIDs: polled again even by a poller whose window no longer holds them
+    again = DicomwebPoller(PollSettings(f"{url}/dicom-web", modalities=("MG",)), spool, scp.scorer, KEY).poll_once()
     assert again["scored"] + again["skipped"] == first["failed"] and again["scored"] >= 1  # today's DX, this one too
+    assert poll_status(spool)["released"] == 0 and poll_status(spool)["parked"] == 0
 
 
 @pytest.mark.slow

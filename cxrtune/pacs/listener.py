@@ -37,6 +37,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
 )
 from pynetdicom import AE, evt
@@ -69,8 +71,8 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 # what the listener accepts: CR and DX images (DX for processing, and secondary captures, are
 # accepted so that the sender gets a success, then skipped by the DICOM rules)
 ACCEPTED_SOP_CLASSES = (CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE)
-TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLosslessSV1,
-                     JPEG2000Lossless, JPEG2000)
+TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit,
+                     JPEGLosslessSV1, JPEGLossless, JPEG2000Lossless, JPEG2000)
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # coercion, elements discarded, data set mismatch: stored
 
 
@@ -81,6 +83,7 @@ def permanent_failure(status: int) -> bool:
     retried."""
     return status == 0x0122 or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
 OUT_OF_RESOURCES = 0xA700
+NOT_AUTHORISED = 0x0124  # Refused: not authorised
 GAUGE_INTERVAL_S = 2.0
 
 
@@ -206,14 +209,21 @@ class PacsListener:
         """An A-ASSOCIATE-RQ from an (AE title, address) pair that is not configured gets
         A-ASSOCIATE-RJ (rejected permanent, calling AE title not recognised) before any negotiation:
         an unknown AE title, an unknown address, or a known AE title at another caller's address."""
-        calling = event.assoc.requestor.primitive.calling_ae_title.strip()
-        if (calling, event.assoc.requestor.address) not in self.allowed:
+        try:
+            calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+            address = event.assoc.requestor.address
+            allowed = (calling, address) in self.allowed
+        except Exception:  # noqa: BLE001 - pynetdicom logs a handler's error and goes on: fail closed
+            calling, address, allowed = "(unreadable)", "?", False
+        if not allowed:
             log.warning("association from %s at %s rejected: not a configured caller", calling or "(no AE title)",
-                        event.assoc.requestor.address)  # neither is patient data; an admin needs both
+                        address)  # neither is patient data; an admin needs both
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             event.assoc.kill()  # waits until the reject is sent, as pynetdicom's own rejections do
 
     def _on_store(self, event) -> int:
+        if (event.assoc.requestor.ae_title, event.assoc.requestor.address) not in self.allowed:
+            return NOT_AUTHORISED  # the association check above, again: a C-STORE never gets past both
         if self.spool.used_bytes() > self.settings.max_spool_bytes:
             log.warning("spool over %d bytes: C-STORE refused (out of resources)", self.settings.max_spool_bytes)
             return OUT_OF_RESOURCES

@@ -14,7 +14,9 @@ lets it be tried again). What the DICOM rules refuse is handled: skipped, logged
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -39,8 +41,8 @@ log = logging.getLogger("cxrtune.pacs")
 TOKEN_ENV, TOKEN_FILE_ENV = "CXRTUNE_DICOMWEB_TOKEN", "CXRTUNE_DICOMWEB_TOKEN_FILE"
 BASIC_FILE_ENV = "CXRTUNE_DICOMWEB_BASIC_AUTH_FILE"  # an owner-only file holding USER:PASSWORD
 CA_BUNDLE_ENV = "CXRTUNE_DICOMWEB_CA_BUNDLE"  # the CA bundle of an https:// server with a private CA
-STATE_FILE = "poll_state.json"
-RETRIED_STATUSES = {408, 429, 500, 502, 503, 504}
+STATE_FILE, STATE_LOCK = "poll_state.json", "poll_state.lock"
+RETRIED_STATUSES = {408, 429}  # and every 5xx
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 SOP_INSTANCE_UID, SERIES_INSTANCE_UID, STUDY_INSTANCE_UID = "00080018", "0020000E", "0020000D"
 
@@ -64,18 +66,36 @@ class PollSettings:
 
 @dataclass
 class PollState:
-    """``poll_state.json``: what every poll has handled, what is failing and what is parked."""
+    """``poll_state.json``: what every poll has handled, what is failing, what is parked, and what
+    ``pacs retry`` released (polled by its UIDs whatever the window)."""
     handled: set[str] = field(default_factory=set)
-    failures: dict[str, dict] = field(default_factory=dict)  # hash -> {attempts, last_error, where}
-    parked: dict[str, dict] = field(default_factory=dict)
+    failures: dict[str, dict] = field(default_factory=dict)  # hash -> {attempts, last_error}
+    parked: dict[str, dict] = field(default_factory=dict)  # hash -> {attempts, last_error, uids}
+    retry: dict[str, list[str]] = field(default_factory=dict)  # hash -> [study, series, instance UID]
 
     def to_json(self) -> bytes:
-        return json.dumps({"handled": sorted(self.handled), "failures": self.failures, "parked": self.parked}).encode()
+        return json.dumps({"handled": sorted(self.handled), "failures": self.failures, "parked": self.parked,
+                           "retry": self.retry}).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "PollState":
         d = json.loads(data)
-        return cls(set(d.get("handled", [])), dict(d.get("failures", {})), dict(d.get("parked", {})))
+        return cls(set(d.get("handled", [])), dict(d.get("failures", {})), dict(d.get("parked", {})),
+                   dict(d.get("retry", {})))
+
+
+@contextlib.contextmanager
+def _locked_state(spool: Spool):
+    """The poll state, read and (on leaving) written under an exclusive lock: the poller and
+    ``pacs retry`` may change it at the same time."""
+    with open(spool.root / STATE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            state = _read_state(spool)
+            yield state
+            spool.write_state(STATE_FILE, state.to_json())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def instance_key(sop_instance_uid: str) -> str:
@@ -160,9 +180,6 @@ class DicomwebPoller:
     def state(self) -> PollState:
         return _read_state(self.spool)
 
-    def _save(self, state: PollState) -> None:
-        self.spool.write_state(STATE_FILE, state.to_json())
-
     # ------------------------------------------------------------------ calls
     def _call(self, what: str, fn, *args, **kwargs):
         """``fn`` with retries and backoff on connection errors, 5xx and 429."""
@@ -171,7 +188,7 @@ class DicomwebPoller:
                 return fn(*args, **kwargs)
             except requests.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
-                if code not in RETRIED_STATUSES:
+                if code not in RETRIED_STATUSES and code < 500:
                     raise RetriableError(f"{what}: HTTP {code}") from None
                 reason = f"{what}: HTTP {code}"
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -233,34 +250,39 @@ class DicomwebPoller:
         return "scored"
 
     def poll_once(self) -> dict[str, int]:
-        """One poll: every new instance handled, failed (retried next poll) or parked. Counts by outcome."""
-        state = self.state()
+        """One poll: every new instance, and every one ``pacs retry`` released, handled, failed
+        (retried next poll) or parked. Counts by outcome. The state is updated after each instance
+        (a crash repeats at most the one in hand), under the lock ``pacs retry`` takes too."""
+        snapshot = self.state()
+        candidates = {instance_key(uids[2]): uids for uids in self.new_instances(snapshot)}
+        for key, released in snapshot.retry.items():
+            if len(released) == 3 and key not in snapshot.handled:
+                candidates.setdefault(key, (released[0], released[1], released[2]))
         counts = {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}
-        for uids in self.new_instances(state):
-            key = instance_key(uids[2])
+        for key, uids in candidates.items():
             try:
-                outcome = self.handle(uids)
+                outcome, error = self.handle(uids), None
             except Exception as exc:  # noqa: BLE001 - one instance's failure must not end the poller
                 # a DICOMweb call that failed, or anything unexpected (named by its type only: a
                 # message may quote the instance's values): tried again next poll, then parked
-                error = str(exc) if isinstance(exc, RetriableError) else f"failed: {type(exc).__name__}"
-                failure = state.failures.get(key, {"attempts": 0})
+                outcome, error = "", str(exc) if isinstance(exc, RetriableError) else f"failed: {type(exc).__name__}"
+            with _locked_state(self.spool) as state:
+                state.retry.pop(key, None)
+                if error is None:
+                    state.handled.add(key)
+                    state.failures.pop(key, None)
+                    counts[outcome] += 1
+                    continue
+                failure = state.failures.pop(key, {"attempts": 0})
                 failure = {"attempts": failure["attempts"] + 1, "last_error": error}
                 if failure["attempts"] >= self.settings.max_attempts:
                     state.parked[key] = {**failure, "uids": list(uids)}
-                    state.failures.pop(key, None)
                     counts["parked"] += 1
                     log.warning("parked an instance after %d failed polls: %s", failure["attempts"], error)
                 else:
                     state.failures[key] = failure
                     counts["failed"] += 1
-                self._save(state)
-                continue
-            state.handled.add(key)
-            state.failures.pop(key, None)
-            counts[outcome] += 1
-            self._save(state)  # after each instance: a crash repeats at most the one in hand
-        self.gauges.update(state)
+        self.gauges.update(self.state())
         return counts
 
 
@@ -292,12 +314,15 @@ def _read_state(spool: Spool) -> PollState:
 
 
 def retry_parked(spool: Spool) -> int:
-    """Let every parked instance be polled again (``pacs retry``)."""
-    state = _read_state(spool)
-    moved = len(state.parked)
-    if moved:
+    """Let every parked instance be polled again (``pacs retry``), by its UIDs: whatever the
+    window, at the next poll. Safe beside a running poller (the state's lock)."""
+    if not (spool.root / STATE_FILE).exists():
+        return 0
+    with _locked_state(spool) as state:
+        for key, item in state.parked.items():
+            state.retry[key] = list(item.get("uids", []))
+        moved = len(state.parked)
         state.parked.clear()
-        spool.write_state(STATE_FILE, state.to_json())
     return moved
 
 
@@ -308,5 +333,5 @@ def poll_status(spool: Spool) -> dict:
     for item in state.parked.values():
         reasons[item["last_error"]] = reasons.get(item["last_error"], 0) + 1
     return {"handled": len(state.handled), "failing": len(state.failures), "parked": len(state.parked),
-            "parked_reasons": reasons}
+            "parked_reasons": reasons, "released": len(state.retry)}
 
