@@ -16,6 +16,7 @@ import prometheus_client
 import pydicom
 import pytest
 import requests
+from pydicom.uid import generate_uid
 
 from cxrtune.pacs.listener import ListenerSettings, PacsListener, Peer
 from cxrtune.pacs.results import SCORE, STATUS, ZONE_AFFECTED, to_bytes
@@ -150,7 +151,12 @@ def test_a_secondary_capture_sent_by_orthanc_is_skipped_and_gets_no_result(ortha
     capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     captures = [capture]
     # the real secondary captures of chest radiographs in ../shared/data/dicom, when it is there
-    captures += [pydicom.dcmread(p) for p in sorted(SHARED_DICOM.glob("*.dcm"))] if SHARED_DICOM.is_dir() else []
+    # (its two files are one instance, MONOCHROME1 and 2: each gets its own study, series and instance)
+    for path in sorted(SHARED_DICOM.glob("*.dcm")) if SHARED_DICOM.is_dir() else []:
+        shared = pydicom.dcmread(path)
+        shared.StudyInstanceUID, shared.SeriesInstanceUID = generate_uid(), generate_uid()
+        shared.SOPInstanceUID = shared.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        captures.append(shared)
     studies = [upload_and_send(url, ds) for ds in captures]
     assert wait_for(lambda: scp.spool.status().incoming == 0)
     time.sleep(1.0)

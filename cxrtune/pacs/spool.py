@@ -109,8 +109,10 @@ class Spool:
 
     # ------------------------------------------------------------------ incoming
     def receive(self, sop_instance_uid: str, data: bytes) -> Path:
-        """Keep one received instance, durably (call before answering the C-STORE)."""
-        return self._write("incoming", file_name(sop_instance_uid), data)
+        """Keep one received instance, durably (call before answering the C-STORE). Each arrival has
+        its own file: a resend of an instance being scored (a corrected copy) is scored in turn,
+        not removed with the copy before it."""
+        return self._write("incoming", f"{file_name(sop_instance_uid)[:-4]}-{uuid.uuid4().hex[:12]}.dcm", data)
 
     @staticmethod
     def _oldest_first(paths) -> list[Path]:
