@@ -44,7 +44,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 
 from ..config_files import read_private_file
-from ..dicom import drop_warnings, pseudonym_key, read_header
+from ..dicom import pseudonym_key, read_header
 from ..errors import CxrtuneError
 from ..preprocessing import load_scan
 from ..scoring.scorer import Scorer, load_bundle
@@ -74,6 +74,9 @@ ACCEPTED_SOP_CLASSES = (CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECOND
 TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit,
                      JPEGLosslessSV1, JPEGLossless, JPEG2000Lossless, JPEG2000)
 WARNING_STATUSES = {0xB000, 0xB006, 0xB007}  # coercion, elements discarded, data set mismatch: stored
+OUT_OF_RESOURCES = 0xA700
+NOT_AUTHORISED = 0x0124  # Refused: not authorised
+GAUGE_INTERVAL_S = 2.0
 
 
 def permanent_failure(status: int) -> bool:
@@ -82,9 +85,6 @@ def permanent_failure(status: int) -> bool:
     resources (0xA7xx), not authorised (0x0124, a configuration being fixed) and the rest are
     retried."""
     return status == 0x0122 or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
-OUT_OF_RESOURCES = 0xA700
-NOT_AUTHORISED = 0x0124  # Refused: not authorised
-GAUGE_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -422,7 +422,6 @@ def run_listener(settings: ListenerSettings, spool: str, bundle: str | None, key
     """``cxrtune pacs listen``: serve until Ctrl-C or SIGTERM; the spool keeps whatever is left.
     Scores with ``bundle`` in this process, or through ``settings.endpoint``."""
     key = pseudonym_key(key_file)  # before anything starts: skipped instances are logged by pseudonym
-    drop_warnings()  # library warnings quote DICOM values
     if settings.endpoint:
         scp = PacsListener(settings, open_spool(spool), None, key, endpoint_key(api_key_file)).start()
     elif bundle:
