@@ -103,6 +103,20 @@ def send(port: int, *datasets: pydicom.Dataset, calling: str = "MODALITY",
         assoc.release()
 
 
+def send_compressed(port: int, ds: pydicom.Dataset) -> int:
+    """C-STORE ``ds`` in its own (compressed) transfer syntax, which the listener must accept: the
+    status."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRTUNE")
+    assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == syntax
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
 def echo(port: int) -> int | None:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(VERIFICATION)
@@ -399,12 +413,8 @@ def test_a_jpeg_2000_image_is_received_and_answered(scorer, tmp_path):
         ds = pydicom.dcmread(get_testdata_file("RG1_J2KR.dcm"))
         ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(CR_IMAGE, JPEG2000Lossless)
-        assoc = ae.associate("127.0.0.1", scp.settings.port, ae_title="CXRTUNE")
-        assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == JPEG2000Lossless
-        assert int(assoc.send_c_store(ds).Status) == 0x0000
-        assoc.release()
+        assert ds.file_meta.TransferSyntaxUID == JPEG2000Lossless and ds.SOPClassUID == CR_IMAGE
+        assert send_compressed(scp.settings.port, ds) == 0x0000
         assert wait_for(lambda: any(r.Modality == "SR" for r in pacs.received), 90), scp.spool.status()
         sr = next(r for r in pacs.received if r.Modality == "SR")
         assert sr.StudyInstanceUID == ds.StudyInstanceUID
@@ -575,12 +585,7 @@ def test_a_jpeg_baseline_image_is_received_scored_and_answered(scorer, tmp_path)
     pacs = Destination()
     scp = listener(scorer, tmp_path / "spool", pacs.peer())
     try:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(DX_FOR_PRESENTATION, JPEGBaseline8Bit)
-        assoc = ae.associate("127.0.0.1", scp.settings.port, ae_title="CXRTUNE")
-        assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == JPEGBaseline8Bit
-        assert int(assoc.send_c_store(ds).Status) == 0x0000
-        assoc.release()
+        assert send_compressed(scp.settings.port, ds) == 0x0000
         assert wait_for(lambda: len(pacs.received) == 2, 90), scp.spool.status()
         assert sorted(r.Modality for r in pacs.received) == ["SEG", "SR"]  # decoded and scored
     finally:
@@ -603,12 +608,7 @@ def test_a_jpeg_lossless_image_is_received_decoded_and_answered(scorer, tmp_path
     pacs = Destination()
     scp = listener(scorer, tmp_path / "spool", pacs.peer())
     try:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(DX_FOR_PRESENTATION, JPEGLosslessSV1)
-        assoc = ae.associate("127.0.0.1", scp.settings.port, ae_title="CXRTUNE")
-        assert assoc.is_established and assoc.accepted_contexts[0].transfer_syntax[0] == JPEGLosslessSV1
-        assert int(assoc.send_c_store(ds).Status) == 0x0000
-        assoc.release()
+        assert send_compressed(scp.settings.port, ds) == 0x0000
         assert wait_for(lambda: any(r.Modality == "SR" for r in pacs.received), 90), scp.spool.status()
         sr = next(r for r in pacs.received if r.Modality == "SR")
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
