@@ -2,6 +2,7 @@
 ``fake_multinode`` provider, where the autoscaler must add ``gpu_worker`` nodes when a sweep asks
 for fractional GPUs, run the trials there, and remove the nodes once they sit idle."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -85,16 +87,32 @@ def fake_cluster(tmp_path):  # yields (address, env, autoscaling config path)
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def _worker_raylets() -> list:
-    """The raylet processes of the fake provider's gpu_worker nodes (the head has no GPU)."""
-    import psutil
-
+def _busy_worker_raylets() -> list:
+    """The raylet processes of the fake provider's gpu_worker nodes (the head has no GPU) that hold
+    a trial actor now: a worker process of theirs titled ``ray::...`` other than ``ray::IDLE``."""
     out = []
     for p in psutil.process_iter(["name", "cmdline"]):
         cmd = " ".join(p.info.get("cmdline") or [])
-        if "raylet" in (p.info.get("name") or "") and "GPU" in cmd:
+        if "raylet" not in (p.info.get("name") or "") or "GPU" not in cmd:
+            continue
+        try:
+            titles = [" ".join(c.cmdline()) for c in p.children(recursive=True)]
+        except psutil.Error:
+            continue
+        if any(t.startswith("ray::") and not t.startswith("ray::IDLE") for t in titles):
             out.append(p)
     return out
+
+
+def _trials_mid_way(experiment: Path, epochs: int) -> int:
+    """Trials that have checkpointed at least once and reported fewer than ``epochs`` epochs."""
+    count = 0
+    for trial in experiment.glob("*/"):
+        progress = trial / "progress.csv"
+        if list(trial.glob("checkpoint_*")) and progress.exists():
+            if len(progress.read_text().strip().splitlines()) - 1 < epochs:
+                count += 1
+    return count
 
 
 @pytest.mark.slow
@@ -119,11 +137,15 @@ def test_sweep_scales_gpu_workers_up_and_down_and_survives_a_lost_node(fake_clus
         peak = 0
         while sweep.poll() is None:
             peak = max(peak, _workers(address, env))
-            running = list((tmp_path / "exps" / "cluster").glob("*/checkpoint_000000"))
-            if not killed and running and _worker_raylets():
-                # a node lost mid-trial: SIGKILL one worker's raylet (its trial processes go with it)
-                for p in _worker_raylets()[:1]:
-                    p.kill()
+            if not killed and _trials_mid_way(tmp_path / "exps" / "cluster", epochs=4):
+                # a node lost mid-trial: SIGKILL the raylet of a worker that holds a trial now, and
+                # its worker processes with it, as a lost machine loses them (alone, they run on and
+                # finish before the missed heartbeats mark the node dead); an idle node's loss
+                # would retry nothing
+                for raylet in _busy_worker_raylets()[:1]:
+                    for p in [*raylet.children(recursive=True), raylet]:
+                        with contextlib.suppress(psutil.NoSuchProcess):
+                            p.kill()
                     killed += 1
             time.sleep(1)
     text = log.read_text()
