@@ -59,16 +59,12 @@ def matmul_gflops(seconds: float = 3.0) -> float:
 
 def network_gflops(scorer) -> dict:
     """FLOPs of one forward pass of each network at its input size (GFLOP, multiply-add = 2)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from cxrtune.model.models import model_gmacs
 
     out = {}
     for stage in ("lung", "disease"):
         m = scorer.lung if stage == "lung" else scorer.disease
-        x = torch.zeros(1, m.pre.in_channels, m.pre.size, m.pre.size)
-        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-            m.model(x)
-        out[stage] = fc.get_total_flops() / 1e9
+        out[stage] = 2 * model_gmacs(m.model, m.pre.size, m.pre.in_channels)
     return out
 
 

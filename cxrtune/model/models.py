@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .. import storage
 from ..errors import CxrtuneError
@@ -26,6 +27,43 @@ ARCHITECTURES = {
 }
 
 
+# Named decoder widths (a search space's ``decoder: {type: choice, values: [slim, narrow, standard]}``):
+# ``standard`` is SMP's default decoder, ``narrow`` halves its channel widths, ``slim`` quarters
+# them; a U-Net-style decoder's last stages keep at least 16 channels (``narrow`` U-Net is the CPU
+# accuracy bench's hand-picked decoder, 128-64-32-16-16). Linknet's decoder follows its encoder's
+# widths, so it has ``standard`` only.
+def _unet_widths(k: int) -> tuple[int, ...]:
+    return tuple(max(c // k, 16) for c in (256, 128, 64, 32, 16))
+
+
+DECODER_PRESETS: dict[str, dict[str, dict]] = {
+    "standard": {arch: {} for arch in ARCHITECTURES},
+    **{name: {
+        "Unet": {"decoder_channels": _unet_widths(k)},
+        "UnetPlusPlus": {"decoder_channels": _unet_widths(k)},
+        "MAnet": {"decoder_channels": _unet_widths(k), "decoder_pab_channels": 64 // k},
+        "DeepLabV3": {"decoder_channels": 256 // k},
+        "DeepLabV3Plus": {"decoder_channels": 256 // k},
+        "FPN": {"decoder_pyramid_channels": 256 // k, "decoder_segmentation_channels": 128 // k},
+        "PSPNet": {"psp_out_channels": 512 // k},
+        "PAN": {"decoder_channels": 32 // k},
+    } for name, k in (("narrow", 2), ("slim", 4))},
+}
+
+
+def decoder_options(arch: str, decoder: dict | str) -> dict:
+    """SMP's decoder keyword arguments for ``decoder``: the options themselves, or a preset's name
+    (:data:`DECODER_PRESETS`) resolved for ``arch``."""
+    if isinstance(decoder, dict):
+        return decoder
+    if decoder not in DECODER_PRESETS:
+        raise CxrtuneError(f"unknown decoder preset {decoder!r}; choose one of {', '.join(DECODER_PRESETS)}")
+    if arch not in DECODER_PRESETS[decoder]:
+        raise CxrtuneError(f"{arch} has no {decoder!r} decoder preset (its decoder has no width of its own): "
+                           "use standard")
+    return DECODER_PRESETS[decoder][arch]
+
+
 @dataclass
 class ModelConfig:
     arch: str = "Unet"
@@ -34,7 +72,7 @@ class ModelConfig:
     encoder_weights: str | None = None
     classification: bool = False  # Stage II: add the normal/disease head
     dropout: float = 0.2
-    decoder: dict = field(default_factory=dict)  # the architecture's own decoder options, e.g. decoder_channels
+    decoder: dict | str = field(default_factory=dict)  # the architecture's decoder options, or a preset's name
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,15 +126,32 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     weights = cfg.encoder_weights
     hub_weights = weights if weights in (None, "imagenet") else None
     aux = {"classes": 1, "dropout": cfg.dropout} if cfg.classification else None
+    decoder = decoder_options(cfg.arch, cfg.decoder)
     try:
         model = smp.create_model(ARCHITECTURES[cfg.arch], encoder_name=cfg.encoder,
                                  encoder_weights=hub_weights, in_channels=cfg.in_channels, classes=1,
-                                 aux_params=aux, **cfg.decoder)
+                                 aux_params=aux, **decoder)
     except (KeyError, ValueError, TypeError) as exc:
         raise CxrtuneError(f"cannot build {cfg.arch} with encoder {cfg.encoder!r}: {exc}") from None
     if weights not in (None, "imagenet"):
         load_encoder_weights(model, weights)
     return model
+
+
+def model_gmacs(model: nn.Module, size: int, in_channels: int) -> float:
+    """Multiply-accumulates (x 1e9) of one forward pass on one ``size`` x ``size`` image, counted
+    by torch's FlopCounterMode (2 FLOPs per MAC): the cost axis of multi-objective sweeps, a proxy
+    for served latency whose rank correlation with int8 ONNX latency ``bench/latency_proxy.py``
+    measures (docs/BENCHMARKS.md)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, in_channels, size, size, device=device))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 2e9
 
 
 def choose_device(name: str | None = None) -> torch.device:

@@ -81,18 +81,26 @@ class _Calibration:
         return next(self.items, None)
 
 
+def quantize_stage(fp32: bytes, batches: list[np.ndarray]) -> bytes:
+    """An FP32 ONNX network's int8 copy: ONNX Runtime's static QDQ quantization (per-channel
+    int8 weights, uint8 activations) calibrated on ``batches`` of prepared network inputs."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(f"{tmp}/fp32.onnx", "wb") as f:
+            f.write(fp32)
+        quant_pre_process(f"{tmp}/fp32.onnx", f"{tmp}/pre.onnx", skip_symbolic_shape=True)
+        quantize_static(f"{tmp}/pre.onnx", f"{tmp}/int8.onnx", _Calibration(batches),
+                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return open(f"{tmp}/int8.onnx", "rb").read()
+
+
 def quantize_bundle(uri: str, out_uri: str, calibration: list[bytes], limit: int = 32) -> dict:
     """A new bundle at ``out_uri``: the one at ``uri`` with int8 copies of its ONNX export (made
     first if missing), calibrated on up to ``limit`` radiographs (PNG/JPEG/DICOM bytes) and
     recorded in ``bundle.json`` under ``onnx.int8`` with the SHA-256 of each file and of the FP32
     export it came from."""
-    from onnxruntime.quantization import (
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
     require_new_bundle(out_uri)  # before the work, not after it
     meta = read_bundle_meta(uri)
     if meta.onnx:
@@ -121,14 +129,7 @@ def quantize_bundle(uri: str, out_uri: str, calibration: list[bytes], limit: int
     int8: dict = {"calibration_images": len(images), "stage2_calibration_images": len(inputs["disease"])}
     for stage in ("lung", "disease"):
         batches = [scorer.model_input(stage, [u8]).numpy() for u8 in inputs[stage]]
-        with tempfile.TemporaryDirectory() as tmp:
-            with open(f"{tmp}/fp32.onnx", "wb") as f:
-                f.write(files[record[stage]["file"]])
-            quant_pre_process(f"{tmp}/fp32.onnx", f"{tmp}/pre.onnx", skip_symbolic_shape=True)
-            quantize_static(f"{tmp}/pre.onnx", f"{tmp}/int8.onnx", _Calibration(batches),
-                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            data = open(f"{tmp}/int8.onnx", "rb").read()
+        data = quantize_stage(files[record[stage]["file"]], batches)
         files[f"{stage}.int8.onnx"] = data
         int8[stage] = {"file": f"{stage}.int8.onnx", "sha256": sha256_hex(data), "onnx_sha256": record[stage]["sha256"]}
     record["int8"] = int8

@@ -35,7 +35,7 @@ from ..errors import CxrtuneError
 from ..model.classify import BALANCING
 from ..model.grading import CLASSIFIER_KEYS, GRADE_KEYS, ROI_SCHEMES, SIDES, GradeConfig
 from ..model.losses import CLS_LOSSES, OPTIMIZERS, SEG_LOSSES
-from ..model.models import ARCHITECTURES, ModelConfig
+from ..model.models import ARCHITECTURES, DECODER_PRESETS, ModelConfig
 from ..model.train import TASKS, TrainConfig
 
 TYPES = ("choice", "int", "float", "log-float")
@@ -51,7 +51,8 @@ TASK_OBJECTIVES = {"lung": ("dice",), "disease": ("dice", "dice_cls", "score_mae
 DEFAULT_OBJECTIVE = {"lung": "dice", "disease": "dice_cls", "grade": "macro_mae"}
 CHECK_VALUES = {"arch": set(ARCHITECTURES), "optimizer": set(OPTIMIZERS),
                 "seg_loss": set(SEG_LOSSES), "cls_loss": set(CLS_LOSSES),
-                "roi": set(ROI_SCHEMES), "side": set(SIDES), "balancing": set(BALANCING)}
+                "roi": set(ROI_SCHEMES), "side": set(SIDES), "balancing": set(BALANCING),
+                "decoder": set(DECODER_PRESETS)}
 
 
 @dataclass
@@ -264,9 +265,33 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:  # noqa: C9
     if not isinstance(warm, list) or not all(isinstance(w, dict) for w in warm):
         raise _fail(source, "warm_start", "must be a list of mappings NAME: value")
     space = SearchSpace(task, objective, fixed, params, source, [dict(w) for w in warm])
+    _check_decoder_presets(space)
     for i, point in enumerate(space.warm_start):
         space.optuna_params(point, f"warm_start[{i}]")  # checked now, not when the sweep starts
     return space
+
+
+def _check_decoder_presets(space: SearchSpace) -> None:
+    """A decoder preset must exist for every architecture it can be drawn with (Linknet has
+    ``standard`` only): the refusal comes now, not from a trial that cannot build its model."""
+    by_name = {p.name: p for p in space.params}
+    decoder = by_name.get("decoder")
+    if decoder is None or decoder.type != "choice":
+        return
+    arch = by_name.get("arch")
+    fixed_arch = (space.fixed.get("model") or {}).get("arch", ModelConfig().arch)
+    archs = list(arch.values) if arch is not None and arch.type == "choice" and not arch.given else [fixed_arch]
+    for a in archs:
+        if decoder.given == "arch":
+            values = decoder.values.get(a, decoder.values.get("default")) or []
+        elif decoder.given is None:
+            values = decoder.values
+        else:
+            return
+        missing = [v for v in values if a not in DECODER_PRESETS.get(v, {})]
+        if missing:
+            raise _fail(space.source, "parameters.decoder", f"{a} has no {missing[0]!r} decoder preset; make the "
+                        "decoder a choice given arch (e.g. Linknet: [standard])")
 
 
 def load_space(uri: str) -> SearchSpace:

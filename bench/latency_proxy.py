@@ -1,0 +1,114 @@
+"""Is the multi-objective sweep's cost axis a fair stand-in for served latency? (issue 23, item 3)
+
+    python bench/latency_proxy.py [--space search_spaces/disease_cpu.yaml] [--configs 12] [--threads 1]
+
+A Stage II trial reports ``gmacs``: its network's multiply-accumulates per image at its input size
+(:func:`cxrtune.model.models.model_gmacs`), exact and free of the noise of timing a network while
+other trials share the CPU. This bench measures what that number stands for: for ``--configs``
+configurations drawn from the space (every architecture, encoder and decoder preset it holds at
+least once, input sizes spread over its range; random weights, speed does not depend on them),
+the network is exported to ONNX, quantized to int8 exactly as ``cxrtune bundle export onnx-int8``
+does (:func:`cxrtune.scoring.onnx_export.quantize_stage`) and timed through the served runtime
+(:class:`cxrtune.scoring.onnx_runtime.OnnxStage`) at the CPU Serve config's batch size (4) and
+``--threads`` intra-op threads (a CPU Stage2 replica has num_cpus 0.5: one thread). Rounds are
+interleaved over the configurations, so a drift of the machine touches them all alike; each
+configuration's latency is the median over rounds.
+
+Target: Spearman's rank correlation of GMACs with int8 latency >= 0.9 over >= 8 configurations.
+Prints one JSON object (each configuration's GMACs and ms per image, and the correlations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def draw_configs(space, n: int, seed: int) -> list[dict]:
+    """``n`` configurations (arch, encoder, decoder, size): every architecture and every
+    (architecture, encoder) and (architecture, decoder) value at least once where ``n`` allows,
+    sizes spread evenly over the space's range."""
+    rng = random.Random(seed)
+    by_name = {p.name: p for p in space.params}
+
+    def choices(name: str, arch: str) -> list:
+        p = by_name[name]
+        return list(p.values.get(arch, p.values.get("default")) if p.given else p.values)
+
+    low, high = (int(b) for b in by_name["size"].bounds)
+    step = int(by_name["size"].step or 32)
+    sizes = list(range(low, high + 1, step))
+    pairs = [(a, e) for a in by_name["arch"].values for e in choices("encoder", a)]
+    rng.shuffle(pairs)
+    out = []
+    for i in range(n):
+        arch, encoder = pairs[i % len(pairs)]
+        decoders = choices("decoder", arch)
+        out.append({"arch": arch, "encoder": encoder, "decoder": decoders[i % len(decoders)],
+                    "size": sizes[(i * 3) % len(sizes)]})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--space", default=str(Path(__file__).resolve().parent.parent / "search_spaces" / "disease_cpu.yaml"))
+    ap.add_argument("--configs", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=4, help="the served batch size (serve/config.cpu.yaml)")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of a Stage2 replica")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    from scipy.stats import pearsonr, spearmanr
+
+    from cxrtune.model.models import build_model, model_gmacs
+    from cxrtune.scoring.onnx_export import export_stage, quantize_stage
+    from cxrtune.scoring.onnx_runtime import OnnxStage
+    from cxrtune.search.search_space import load_space
+
+    torch.manual_seed(args.seed)
+    space = load_space(args.space)
+    rows, sessions = [], []
+    for point in draw_configs(space, args.configs, args.seed):
+        cfg = space.train_config(point)
+        model = build_model(cfg.model).eval()
+        channels = cfg.model.in_channels
+        gmacs = model_gmacs(model, cfg.size, channels)
+        fp32 = export_stage(model, cfg.size, channels, classification=True)
+        calibration = [np.random.rand(1, channels, cfg.size, cfg.size).astype(np.float32) for _ in range(4)]
+        session = OnnxStage(quantize_stage(fp32, calibration), threads=args.threads)
+        x = torch.rand(args.batch, channels, cfg.size, cfg.size)
+        session(x)  # warm-up
+        sessions.append((session, x))
+        rows.append({**point, "gmacs": round(gmacs, 4), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3)})
+        print(f"{point}: {gmacs:.3f} GMAC", file=sys.stderr)
+    times: list[list[float]] = [[] for _ in rows]
+    for _ in range(args.rounds):
+        for i, (session, x) in enumerate(sessions):
+            t = time.perf_counter()
+            session(x)
+            times[i].append(1000 * (time.perf_counter() - t) / args.batch)
+    for row, t in zip(rows, times):
+        row["int8_ms_per_image"] = round(float(np.median(t)), 3)
+    gmacs = [r["gmacs"] for r in rows]
+    ms = [r["int8_ms_per_image"] for r in rows]
+    rho = float(spearmanr(gmacs, ms).statistic)
+    print(json.dumps({
+        "bench": "latency_proxy", "date": time.strftime("%Y-%m-%d"), "space": args.space,
+        "runtime": f"onnxruntime int8 (QDQ), batch {args.batch}, {args.threads} thread(s)",
+        "configs": rows, "n": len(rows), "spearman_gmacs_latency": round(rho, 4),
+        "pearson_gmacs_latency": round(float(pearsonr(gmacs, ms).statistic), 4),
+        "targets": {"n>=8": len(rows) >= 8, "spearman>=0.9": rho >= 0.9},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
