@@ -173,7 +173,7 @@ def _tune(args) -> None:
     else:
         given = {k: v for k, v in vars(args).items() if v is not None and k in tuning.TUNE_FLAGS}
         given.update(time_budget_s=parse_duration(args.time_budget),
-                     warm_start=tuning.load_warm_start(args.warm_start or []))
+                     warm_start=tuning.load_warm_start(args.warm_start or []), constraints=args.constraint or [])
         summary = tuning.run_tune(tuning.cli_options(
             given, space=args.space and resources.shipped_or(args.space, "search_spaces"), manifest=args.manifest,
             name=args.name or time.strftime("sweep-%Y%m%d-%H%M%S"),
@@ -189,7 +189,7 @@ def _report(args) -> None:
 def _promote(args) -> None:
     run, results = release_gates.promote_gated(
         [release_gates.parse_gate(g) for g in args.gate or []],
-        lambda: reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs))
+        lambda: reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs, pick=args.pick))
     if results:
         print(f"release gates passed: {', '.join(results)}")
     print(f"promoted to {run}")
@@ -456,7 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--lung-bundle", "fixed Stage I bundle for --objective score_mae")
     opt("--reference", "score_mae's reference: a reader id from the manifest (e.g. S), zones, masks or auto")
     tu.add_argument("--multi-objective", action="store_true", default=None,
-                    help="accuracy vs latency (multi-objective TPE, no ASHA)")
+                    help="accuracy vs cost (the network's GMACs per image, a proxy for served latency): multi-objective "
+                         "TPE; ASHA/HyperBand cut trials on accuracy, and cut trials stay off the front")
+    tu.add_argument("--constraint", action="append", metavar="METRIC<=LIMIT",
+                    help="a limit every trial on the front must meet, e.g. 'val_fp_rate_normal<=0.10' (repeatable); "
+                         "stored in the Optuna study")
     opt("--wandb-project", "log to Weights & Biases (offline without WANDB_API_KEY)")
     tu.add_argument("--wandb-images", action="store_true", default=None,
                     help="also send validation overlays (the manifest's radiographs) to W&B; off by default: "
@@ -469,7 +473,6 @@ def build_parser() -> argparse.ArgumentParser:
         "CXRTUNE_OPTUNA_PASSWORD or the file CXRTUNE_OPTUNA_PASSWORD_FILE names; default: a journal file beside the experiment")
     tu.add_argument("--warm-start", nargs="+", metavar="CONFIG",
                     help="YAML/JSON files, each a configuration (NAME: value) or a list of them, tried first")
-    opt("--latency-batch", "batch size at which --multi-objective times the network", type=int)
     tu.add_argument("--grid", action="store_true", default=None,
                     help="train every combination of the space's choice parameters once (seed 000's 27 per "
                          "lung side with opacity_classification); no sampler, no ASHA/HyperBand")
@@ -481,10 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True)
     rp.set_defaults(func=_report)
 
-    pr = sub.add_parser("promote", help="export the best trial as a run that `cxrtune bundle` takes")
+    pr = sub.add_parser("promote", help="export the best trial (or a picked point of a front) as a run that "
+                                        "`cxrtune bundle` takes")
     pr.add_argument("experiment")
     pr.add_argument("--to", required=True, help="run URI")
     pr.add_argument("--retrain", action="store_true", help="retrain the best config on all training data")
+    pr.add_argument("--pick", metavar="RULE",
+                    help="a multi-objective sweep: which point of the front, e.g. 'fastest:accuracy<=best+0.05' or "
+                         "'most-accurate:cost<=1.5' (docs/search_spaces.md)")
     pr.add_argument("--epochs", type=int)
     _gate_flags(pr, bundle=False)
     pr.set_defaults(func=_promote)

@@ -235,11 +235,22 @@ def test_experiment_options_are_read_strictly(tmp_path):
                                                         "surprise": 1}))
     with pytest.raises(CxrtuneError, match="surprise"):
         load_options(str(tmp_path))
-    (tmp_path / "cxrtune.json").write_text(json.dumps({"format": "cxrtune-experiment/2"}))
+    (tmp_path / "cxrtune.json").write_text(json.dumps({"format": "cxrtune-experiment/3"}))
     with pytest.raises(CxrtuneError, match="newer cxrtune"):
         load_options(str(tmp_path))
     (tmp_path / "cxrtune.json").write_text("{")
     with pytest.raises(CxrtuneError, match="not valid JSON"):
+        load_options(str(tmp_path))
+    # format 1 timed latency (latency_batch): a single-objective experiment reads as it was, a
+    # multi-objective one (latency in ms, not GMACs) is refused by name
+    from cxrtune.search.tuning import EMBEDDED_SPACE
+
+    old = {"format": "cxrtune-experiment/1", "space": EMBEDDED_SPACE, "manifest": "m.parquet", "name": "x",
+           "storage": str(tmp_path), "latency_batch": 8}
+    (tmp_path / "cxrtune.json").write_text(json.dumps(old))
+    assert load_options(str(tmp_path)).name == "x"
+    (tmp_path / "cxrtune.json").write_text(json.dumps({**old, "multi_objective": True, "scheduler": "none"}))
+    with pytest.raises(CxrtuneError, match="multi-objective experiment of format 1"):
         load_options(str(tmp_path))
 
 

@@ -37,8 +37,8 @@ def options(tmp_path, mode: str) -> TuneOptions:
                        num_samples=8, max_epochs=2, seed=3, **MODES[mode])
 
 
-def result(o: TuneOptions, value: float) -> dict:
-    return {"val_dice_f1": value, "latency_ms": 10 * value, "training_iteration": o.max_epochs}
+def result(o: TuneOptions, value: float, epochs: int | None = None) -> dict:
+    return {"val_dice_f1": value, "gmacs": 10 * value, "training_iteration": epochs or o.max_epochs}
 
 
 def study_of(alg: SearchGenerator) -> optuna.Study:
@@ -130,3 +130,43 @@ def test_a_database_study_keeps_its_password_out_of_the_url_and_rays_pickles(pos
         assert password not in str(refused.value)
     with pytest.raises(Exception, match="password authentication failed|no password supplied"):
         _searcher(o, o.search_space())  # the password is nowhere else
+
+
+def test_a_multi_objective_searcher_keeps_constraints_and_pruned_trials_across_resume(tmp_path, monkeypatch):
+    """Several objectives with ASHA and a constraint, saved and restored as a killed driver's sweep
+    is: the constraint (set on each trial before it is told) is stored in the study and survives;
+    a trial stopped before its last epoch is PRUNED without values; ``best_trials`` holds only
+    complete, feasible trials; the restored sampler proposes no configuration twice."""
+    monkeypatch.setenv("CXRTUNE_OPTUNA_DIR", str(tmp_path / "optuna"))
+    o = TuneOptions(space=SPACE, manifest="unused", name="mo-asha", storage=str(tmp_path / "exps"), num_samples=8,
+                    max_epochs=2, seed=5, multi_objective=True, scheduler="asha", grace=1,
+                    constraints=["val_dice_f1>=0.3"])
+    searcher = _searcher(o, o.search_space())
+    tuner_pkl = cloudpickle.dumps(searcher)
+    alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=4))
+    proposed = [alg.searcher.suggest(t) for t in ("t1", "t2", "t3", "t4")]
+    alg.on_trial_complete("t1", result(o, 0.6))  # complete, feasible
+    alg.on_trial_complete("t2", result(o, 0.2))  # complete, violates val_dice_f1 >= 0.3 (and cheaper than t1)
+    alg.on_trial_complete("t3", result(o, 0.9, epochs=1))  # cut by ASHA after epoch 1: never on the front
+    (tmp_path / "state").mkdir()
+    alg.save_to_dir(str(tmp_path / "state"), session_str="s1")
+    local_journal(o).unlink()  # the driver's machine is gone with it
+
+    restored = SearchGenerator(ConcurrencyLimiter(cloudpickle.loads(tuner_pkl), max_concurrent=4))
+    restored.restore_from_dir(str(tmp_path / "state"))
+    study = study_of(restored)
+    T = optuna.trial.TrialState
+    assert [t.state for t in study.get_trials()] == [T.COMPLETE, T.COMPLETE, T.PRUNED, T.RUNNING]
+    assert [t.constraints for t in study.get_trials()[:3]] == [{"val_dice_f1": pytest.approx(-0.3)},
+                                                               {"val_dice_f1": pytest.approx(0.1)},
+                                                               {"val_dice_f1": pytest.approx(-0.6)}]
+    assert study.get_trials()[2].values is None  # pruned: no invented point in objective space
+    more = [restored.searcher.suggest(t) for t in ("t5", "t6", "t7")]
+    restored.on_trial_complete("t4", result(o, 0.5))
+    for i, t in enumerate(("t5", "t6", "t7")):
+        restored.on_trial_complete(t, result(o, 0.35 + 0.1 * i))
+    configs = [tuple(sorted(c.items())) for c in proposed + more]
+    assert len(set(configs)) == len(configs)  # nothing proposed twice across the restart
+    front = {t.number for t in study.best_trials}
+    assert front and 1 not in front and 2 not in front  # the violator and the pruned trial are never on it
+    assert all(t.constraints["val_dice_f1"] <= 0 and t.state == T.COMPLETE for t in study.best_trials)

@@ -9,6 +9,9 @@ StratifiedGroupKFold.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import PurePosixPath
+
 import numpy as np
 import pandas as pd
 
@@ -105,3 +108,14 @@ def split_summary(df: pd.DataFrame) -> dict:
     if "tuning" in df.columns:
         summary["tuning"] = int(df["tuning"].sum())
     return summary
+
+
+def split_hash(df: pd.DataFrame) -> str:
+    """SHA-256 (hex) of which image is in which split and tuning subset: the same for the same
+    assignment wherever the manifest's files live (file names only, in a fixed order), different
+    as soon as one row moves. Recorded with a promoted trial, so its figures can be tied to data."""
+    tuning = df["tuning"].astype(bool) if "tuning" in df.columns else pd.Series(False, index=df.index)
+    split = df["split"] if "split" in df.columns else pd.Series("", index=df.index)
+    lines = sorted(f"{PurePosixPath(str(image)).name}\t{s}\t{int(t)}"
+                   for image, s, t in zip(df["image"], split, tuning))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()

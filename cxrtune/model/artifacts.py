@@ -109,6 +109,7 @@ class CheckpointMeta:
     run: str = ""  # the run it came from (set when bundled)
     data: dict = field(default_factory=dict)  # what it was trained on: manifest, image counts by split and label
     audits: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)  # a promoted trial: the sweep, trial, pick rule, space, sampler, seed, split hash
 
     @property
     def task(self) -> str:
@@ -150,6 +151,7 @@ class RunSummary:
     trial: str | None = None
     metrics: dict | None = None
     train_minutes: float | None = None  # wall-clock training time, where a benchmark measured it
+    search: dict | None = None  # a promoted trial: how the sweep chose it (CheckpointMeta.search)
     format: str = RUN_FORMAT
 
     def to_dict(self) -> dict:
@@ -462,7 +464,8 @@ def model_card(meta: BundleMeta) -> dict:
                 "trained_epochs": m.epoch, "run": m.run,
                 "training_data": m.data or {k: m.config.get(k) for k in ("max_train_images", "tuning_subset")
                                             if m.config.get(k)},
-                "validation_metrics": {k: v for k, v in m.metrics.items() if k.startswith("val_")}}
+                "validation_metrics": {k: v for k, v in m.metrics.items() if k.startswith("val_")},
+                **({"search": m.search} if m.search else {})}
 
     cal = meta.zone_calibration
     return {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -21,14 +21,21 @@ import torch
 
 from .. import storage
 from ..data import manifest
+from ..data.splits import split_hash
 from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
-from ..model.artifacts import RunSummary, read_checkpoint_meta, write_checkpoint_meta, write_run_summary
+from ..model.artifacts import (
+    RunSummary,
+    read_checkpoint_meta,
+    read_run_summary,
+    write_checkpoint_meta,
+    write_run_summary,
+)
 from ..model.grading import GradeConfig, grid_table
 from ..model.models import build_model
 from ..model.train import TrainConfig, train
 from ..plots import figure_png, pyplot
-from .tuning import TuneOptions, load_options
+from .tuning import COST_METRIC, TuneOptions, load_options
 
 IMPORTANCE_FLOOR = 0.05
 AT_BEST = {"grade": ("val_weighted_f1", "val_accuracy")}  # also read at the best epoch, per task
@@ -67,10 +74,26 @@ def trials_table(exp_uri: str) -> tuple[pd.DataFrame, TuneOptions]:
             for extra in AT_BEST.get(space.task, ()):  # e.g. the weighted F1 of the epoch with the best MAE
                 if extra in df:
                     row[f"{extra}@best"] = float(df.loc[at_best, extra])
-        if "latency_ms" in df:
-            row["latency_ms"] = float(df["latency_ms"].iloc[-1])
+        row.update(_front_columns(df, t.status, row["epochs"], o))
         rows.append(row)
     return pd.DataFrame(rows), o
+
+
+def _front_columns(df: pd.DataFrame, status: str, epochs: int, o: TuneOptions) -> dict:
+    """A trial's cost (its last ``gmacs``), each constraint's metric (last value), ``complete``
+    (trained to the sweep's last epoch, not stopped or errored) and ``feasible`` (every constraint
+    met by its last result; a metric never reported fails it)."""
+    space = o.search_space()
+    out: dict = {"complete": status == "TERMINATED" and epochs >= o.epochs(space)}
+    if COST_METRIC in df:
+        out[COST_METRIC] = float(df[COST_METRIC].iloc[-1])
+    feasible = True
+    for c in o.trial_constraints():
+        value = float(df[c.metric].iloc[-1]) if c.metric in df and len(df) else float("nan")
+        out[c.metric] = value
+        feasible = feasible and not math.isnan(value) and c.violation(value) <= 0
+    out["feasible"] = feasible
+    return out
 
 
 def _distributions(space, columns: list[str]) -> dict:
@@ -151,16 +174,85 @@ def _pearson(x: pd.Series, y: pd.Series) -> float | None:
 
 
 def pareto_front(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
-    """Trials no other trial beats on both the metric and latency: Optuna's ``best_trials`` of an
-    in-memory study holding the table's trials (as :func:`importance` does), by latency."""
+    """The complete, feasible trials no other such trial beats on both the metric and the cost
+    (GMACs): Optuna's ``best_trials`` of an in-memory study holding them, sorted by cost. Stopped
+    trials and constraint violators are never on it."""
     import optuna
 
-    sub = table.dropna(subset=[metric, "latency_ms"]) if {metric, "latency_ms"} <= set(table) else table.iloc[0:0]
+    needed = {metric, COST_METRIC, "complete", "feasible"}
+    sub = (table[table["complete"].astype(bool) & table["feasible"].astype(bool)].dropna(subset=[metric, COST_METRIC])
+           if needed <= set(table) else table.iloc[0:0])
     study = optuna.create_study(directions=["maximize" if mode == "max" else "minimize", "minimize"])
-    study.add_trials([optuna.trial.create_trial(values=[float(r[metric]), float(r["latency_ms"])], user_attrs={"row": i})
+    study.add_trials([optuna.trial.create_trial(values=[float(r[metric]), float(r[COST_METRIC])], user_attrs={"row": i})
                       for i, r in sub.iterrows()])
     keep = [t.user_attrs["row"] for t in study.best_trials] if len(sub) else []
-    return sub.loc[keep].sort_values("latency_ms")
+    return sub.loc[keep].sort_values([COST_METRIC, "trial_id"])
+
+
+@dataclass(frozen=True)
+class PickRule:
+    """How ``cxrtune promote --pick`` takes one point of a multi-objective front:
+    ``KIND[:CONDITION,...]``.
+
+    * KIND ``fastest`` (lowest GMACs; ties: the more accurate) or ``most-accurate`` (best
+      objective; ties: the cheaper);
+    * CONDITION ``NAME<=VALUE`` or ``NAME>=VALUE`` over the front's columns, ``accuracy`` naming
+      the objective's metric and ``cost`` the GMACs; VALUE a number, or ``best``, ``best+D``,
+      ``best-D``, ``best`` being that column's best value on the front (lowest for the cost and a
+      minimised metric, highest otherwise).
+
+    E.g. ``fastest:accuracy<=best+0.05`` (the cheapest point within 0.05 of the lowest score MAE),
+    ``most-accurate:cost<=1.5`` or ``most-accurate:val_fp_rate_normal<=0.08``."""
+    kind: str
+    conditions: tuple[tuple[str, str, str], ...]
+    text: str
+
+    KINDS = ("fastest", "most-accurate")
+
+    @classmethod
+    def parse(cls, text: str) -> PickRule:
+        kind, _, rest = text.partition(":")
+        if kind not in cls.KINDS:
+            raise CxrtuneError(f"--pick {text!r}: start with {' or '.join(cls.KINDS)}, e.g. fastest:accuracy<=best+0.05")
+        conditions = []
+        for part in filter(None, (c.strip() for c in rest.split(","))):
+            for op in ("<=", ">="):
+                name, sep, value = part.partition(op)
+                if sep:
+                    conditions.append((name.strip(), op, value.strip()))
+                    break
+            else:
+                raise CxrtuneError(f"--pick {text!r}: condition {part!r} is not NAME<=VALUE or NAME>=VALUE")
+        return cls(kind, tuple(conditions), text)
+
+    def pick(self, front: pd.DataFrame, metric: str, mode: str) -> pd.Series:
+        """The chosen row of ``front`` (:func:`pareto_front`); a clear error when none meets the rule."""
+        if front.empty:
+            raise CxrtuneError("the front is empty: no trial is complete, feasible and scored")
+        aliases = {"accuracy": metric, "cost": COST_METRIC}
+        keep = pd.Series(True, index=front.index)
+        for name, op, value in self.conditions:
+            column = aliases.get(name, name)
+            if column not in front:
+                raise CxrtuneError(f"--pick {self.text!r}: no column {name!r}; use accuracy, cost or one of "
+                                   f"{', '.join(c for c in front.columns if not c.startswith('param:'))}")
+            lowest = column == COST_METRIC or (column == metric and mode == "min")
+            limit = self._limit(value, front[column].min() if lowest else front[column].max())
+            keep &= front[column] <= limit if op == "<=" else front[column] >= limit
+        chosen = front[keep]
+        if chosen.empty:
+            raise CxrtuneError(f"--pick {self.text!r}: no point of the front ({len(front)}) meets it")
+        accuracy = chosen[metric] if mode == "min" else -chosen[metric]
+        order = ([COST_METRIC, "_accuracy"] if self.kind == "fastest" else ["_accuracy", COST_METRIC])
+        return chosen.assign(_accuracy=accuracy).sort_values([*order, "trial_id"]).iloc[0].drop("_accuracy")
+
+    def _limit(self, value: str, best: float) -> float:
+        try:
+            if value.startswith("best"):
+                return best + (float(value[4:]) if value[4:] else 0.0)
+            return float(value)
+        except ValueError:
+            raise CxrtuneError(f"--pick {self.text!r}: {value!r} is not a number, best, best+D or best-D") from None
 
 
 def write_report(exp_uri: str, out_dir: str) -> list[str]:
@@ -211,13 +303,28 @@ def write_report(exp_uri: str, out_dir: str) -> list[str]:
     if o.multi_objective:
         front = pareto_front(table, space.metric, space.mode)
         put("pareto.csv", front.to_csv(index=False).encode())
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        ax.scatter(table["latency_ms"], table[space.metric], c="#bbb", label="trials")
-        ax.plot(front["latency_ms"], front[space.metric], "o-", c="#d62728", label="Pareto front")
-        ax.set(xlabel="latency per image (ms)", ylabel=space.metric, title="Accuracy vs latency")
-        ax.legend()
-        put("pareto.png", figure_png(fig))
+        put("pareto.png", _front_figure(table, front, space.metric, o))
     return written
+
+
+def _front_figure(table: pd.DataFrame, front: pd.DataFrame, metric: str, o: TuneOptions) -> bytes:
+    """Every scored trial by cost and accuracy: complete feasible ones in blue, constraint
+    violators as grey crosses, stopped trials as grey circles, the front in red."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    scored = table.dropna(subset=[metric, COST_METRIC]) if {metric, COST_METRIC} <= set(table) else table.iloc[0:0]
+    complete, feasible = scored["complete"].astype(bool), scored["feasible"].astype(bool)
+    groups = ((complete & feasible, {"c": "#1f77b4", "marker": "o"}, "complete, feasible"),
+              (~feasible, {"c": "#999", "marker": "x"}, "violates one of " + ", ".join(o.constraints or ["its constraints"])),
+              (~complete & feasible, {"facecolors": "none", "edgecolors": "#999", "marker": "o"}, "stopped early"))
+    for keep, style, label in groups:
+        if keep.any():
+            ax.scatter(scored.loc[keep, COST_METRIC], scored.loc[keep, metric], label=label, **style)
+    if len(front):
+        ax.plot(front[COST_METRIC], front[metric], "o-", c="#d62728", label="Pareto front")
+    ax.set(xlabel="GMACs per image (proxy for served latency)", ylabel=metric, title="Accuracy vs cost")
+    ax.legend(fontsize=8)
+    return figure_png(fig)
 
 
 def top_grade_recipes(exp_uri: str, top: int = 5) -> list:
@@ -265,31 +372,56 @@ def grade_cv_inputs(exp_uri: str | None, top: int, recipe_files: Sequence[str] =
     return recipes, manifest.load_manifest(manifest_uri)
 
 
-def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | None = None) -> str:
-    """Export the best trial's best checkpoint as a run (``best/model.pt`` + ``best/meta.json``),
-    or with ``retrain`` train its config again on all training data (not only the tuning subset),
-    with the batch size that fills the GPU as in seed 004."""
+def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | None):
+    """(trial, checkpoint, how it was chosen): the best trial's best checkpoint of a single-
+    objective sweep, or the ``pick`` rule's point of a multi-objective front with its last
+    checkpoint (the epoch its front values come from)."""
+    space = o.search_space()
+    if not o.multi_objective:
+        if pick:
+            raise CxrtuneError("--pick chooses a point of a multi-objective front; this sweep has one objective")
+        trial = analysis.get_best_trial(space.metric, space.mode, scope="all")
+        if trial is None:
+            raise CxrtuneError(f"{exp_uri}: no finished trial reports {space.metric}")
+        return trial, analysis.get_best_checkpoint(trial, space.metric, space.mode), f"best {space.metric}"
+    if not pick:
+        raise CxrtuneError("a multi-objective sweep has no single best trial: choose a point of its front with "
+                           "--pick, e.g. --pick 'fastest:accuracy<=best+0.05' (docs/search_spaces.md)")
+    row = PickRule.parse(pick).pick(pareto_front(table_of(), space.metric, space.mode), space.metric, space.mode)
+    trial = next(t for t in analysis.trials if t.trial_id == row["trial_id"])
+    return trial, analysis.get_last_checkpoint(trial), pick
+
+
+def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | None = None,
+            pick: str | None = None) -> str:
+    """Export the chosen trial's checkpoint as a run (``best/model.pt`` + ``best/meta.json``), or
+    with ``retrain`` train its config again on all training data (not only the tuning subset),
+    with the batch size that fills the GPU as in seed 004. The chosen trial is a single-objective
+    sweep's best, or the ``pick`` rule's point (:class:`PickRule`) of a multi-objective front.
+
+    What chose it (the sweep, trial, rule, space, sampler, seed and the manifest's split hash)
+    goes into the checkpoint's ``search`` metadata and ``run.json``; a bundle's model card shows it."""
     o = load_options(exp_uri)
-    if o.multi_objective:
-        raise CxrtuneError("promote needs a single-objective experiment; pick a Pareto trial from the report")
     analysis, space = _analysis(exp_uri, o)
     if space.task == "grade":
         raise CxrtuneError("a grading sweep has no scorer stage to promote: cross-validate its best recipes "
                            f"with `cxrtune grade cv --experiment {exp_uri}`")
-    trial = analysis.get_best_trial(space.metric, space.mode, scope="all")
-    if trial is None:
-        raise CxrtuneError(f"{exp_uri}: no finished trial reports {space.metric}")
-    ckpt = analysis.get_best_checkpoint(trial, space.metric, space.mode)
+    trial, ckpt, how = _chosen_trial(analysis, lambda: trials_table(exp_uri)[0], o, exp_uri, pick)
     if ckpt is None:
-        raise CxrtuneError(f"{exp_uri}: the best trial has no checkpoint")
+        raise CxrtuneError(f"{exp_uri}: trial {trial.trial_id} has no checkpoint")
+    df = manifest.load_manifest(o.manifest, check_files=False)
+    search = {"experiment": exp_uri, "trial": trial.trial_id, "pick": how, "space": o.space_source,
+              "space_definition": o.space, "objectives": [space.metric, *([COST_METRIC] if o.multi_objective else [])],
+              "constraints": list(o.constraints), "sampler": o.sampler, "scheduler": o.scheduler, "seed": o.seed,
+              "split_hash": split_hash(df), "manifest": o.manifest, "retrained": retrain}
 
     with ckpt.as_directory() as d:
-        meta = read_checkpoint_meta(str(d))
+        meta = replace(read_checkpoint_meta(str(d)), search=search)
         if not retrain:
             storage.write_bytes(storage.join(run_uri, "best", "model.pt"), (Path(d) / "model.pt").read_bytes())
             write_checkpoint_meta(storage.join(run_uri, "best"), meta)
             write_run_summary(run_uri, RunSummary(config=meta.config, promoted_from=exp_uri, trial=trial.trial_id,
-                                                  metrics=meta.metrics))
+                                                  metrics=meta.metrics, search=search))
             return run_uri
     cfg = TrainConfig.from_dict({**meta.config, "tuning_subset": False, "patience": 6})
     if epochs:
@@ -297,6 +429,9 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     cfg = replace(cfg, batch_size=fill_gpu_batch_size(cfg))
 
     train(cfg, manifest.load_manifest(o.manifest), run_uri)
+    best = storage.join(run_uri, "best")
+    write_checkpoint_meta(best, replace(read_checkpoint_meta(best), search=search))
+    write_run_summary(run_uri, replace(read_run_summary(run_uri), search=search))
     return run_uri
 
 

@@ -37,21 +37,27 @@ from ..data.phantom import embedded_manifest
 from ..errors import CxrtuneError
 from ..model.artifacts import DEFAULT_OPACITY_THRESHOLD, check_format, read_json_object
 from ..model.grading import GradeConfig, flat_metrics, train_grader
+from ..model.models import model_gmacs
 from ..model.train import TrainConfig, Trainer, load_training_state, patience_step, remove_orphaned_staging
 from ..preprocessing import load_scan
+from ..scoring.evaluation import choose_cls_threshold
 from ..scoring.scorer import (
     StageModel,
     load_bundle,
     reference_zones,
     score_error,
     stage_one_lungs,
+    sweep_threshold,
+    zone_fractions,
 )
 from .search_space import SearchSpace, load_space, parse_space
 from .study_storage import DatabaseStorage, check_storage_url
 
 log = logging.getLogger(__name__)
 EXPERIMENT_FILE = "cxrtune.json"
-EXPERIMENT_FORMAT = "cxrtune-experiment/1"  # experiments written before it was recorded read as /1
+EXPERIMENT_FORMAT = "cxrtune-experiment/2"  # experiments written before it was recorded read as /1
+COST_METRIC = "gmacs"  # the second objective of --multi-objective: the network's GMACs per image
+UNKNOWN_VIOLATION = 1e6  # a constraint on a metric the trial never reported (finite: storages keep JSON)
 JOURNAL_FILE = "optuna.journal"
 SCHEDULERS = ("asha", "hyperband", "none")
 DEFAULT_EPOCHS = 16
@@ -72,6 +78,36 @@ EMBEDDED_SPACE = {
         "lr": {"type": "log-float", "low": 1e-4, "high": 1e-2},
     },
 }
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A limit on a metric every trial reports (``--constraint 'val_fp_rate_normal<=0.10'``). Set on
+    the Optuna trial before it is told (``Trial.set_constraint``: <= 0 is feasible), so it is stored
+    in the study, survives a resume, steers TPE away from infeasible regions and keeps violators
+    out of ``best_trials`` and the report's front."""
+    metric: str
+    op: str  # "<=" or ">="
+    limit: float
+
+    @classmethod
+    def parse(cls, text: str) -> Constraint:
+        for op in ("<=", ">="):
+            name, sep, limit = str(text).partition(op)
+            if sep:
+                try:
+                    return cls(name.strip(), op, float(limit))
+                except ValueError:
+                    break
+        raise CxrtuneError(f"--constraint {text!r}: expected METRIC<=LIMIT or METRIC>=LIMIT, "
+                           "e.g. val_fp_rate_normal<=0.10")
+
+    def violation(self, value: float) -> float:
+        """How far ``value`` is past the limit (<= 0: feasible)."""
+        return float(value) - self.limit if self.op == "<=" else self.limit - float(value)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.limit:g}"
 
 
 @dataclass(frozen=True)
@@ -106,7 +142,7 @@ class TuneOptions:
     optuna_storage: str | None = None  # a database URL without its password; default: a journal file beside the experiment
     warm_start: list = field(default_factory=list)  # configurations tried first, besides the space's own
     reference: str = "auto"  # score_mae's reference: a reader id (reader_<ID>_A..F columns), zones, masks or auto
-    latency_batch: int = 8  # the latency objective: median ms per image at this (serving) batch size
+    constraints: list = field(default_factory=list)  # "METRIC<=LIMIT" / "METRIC>=LIMIT": feasible trials only on the front
     grid: bool = False  # every combination of the space's choice parameters, once each (seed 000's design)
     space_source: str = ""
     created: float = field(default_factory=time.time)
@@ -118,15 +154,10 @@ class TuneOptions:
         checks = (
             (self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}"),
             (self.sampler in ("tpe", "random"), f"--sampler must be tpe or random, got {self.sampler!r}"),
-            (not self.multi_objective or self.scheduler == "none" or self.grid,
-             "multi-objective mode needs --scheduler none: Ray's OptunaSearch drops intermediate results for "
-             "several objectives, so ASHA/HyperBand cannot compare trials"),
-            (not self.multi_objective or space.objective in ("dice", "dice_cls"),
-             "multi-objective mode supports the dice and dice_cls objectives"),
+            (not self.multi_objective or space.objective in ("dice", "dice_cls", "score_mae"),
+             "multi-objective mode supports the dice, dice_cls and score_mae objectives"),
             (not (self.grid and (self.multi_objective or self.warm_start or space.warm_start)),
              "--grid runs every combination once: it takes no --multi-objective and no warm start"),
-            (self.cut_below is None or not self.multi_objective, "--cut-below judges one metric; multi-objective "
-                                                                 "mode has two"),
             (space.objective != "score_mae" or bool(self.lung_bundle),
              "--objective score_mae needs --lung-bundle (a fixed Stage I bundle)"),
             (not self.wandb_images or bool(self.wandb_project), "--wandb-images needs --wandb-project"),
@@ -136,6 +167,10 @@ class TuneOptions:
                 raise CxrtuneError(message)
         if self.optuna_storage:
             check_storage_url(self.optuna_storage)
+        self.trial_constraints()  # each one parses
+
+    def trial_constraints(self) -> list[Constraint]:
+        return [Constraint.parse(c) for c in self.constraints]
 
     @property
     def experiment_uri(self) -> str:
@@ -161,70 +196,110 @@ class TuneOptions:
 
 # the settings `cxrtune tune` takes as flags of the same name (their defaults are TuneOptions')
 TUNE_FLAGS = {f for f in TuneOptions.__dataclass_fields__} - {
-    "space", "manifest", "name", "storage", "space_source", "created", "time_budget_s", "warm_start"}
+    "space", "manifest", "name", "storage", "space_source", "created", "time_budget_s", "warm_start", "constraints"}
 
 
 # ------------------------------------------------------------------------------------ the trial
 
-def measure_latency_ms(model, size: int, in_channels: int, device, batch: int = 8, repeats: int = 5) -> float:
-    """Milliseconds per image at the serving batch size, the median of ``repeats`` timed forward
-    passes after two warm-ups: the multi-objective's cost axis."""
-    model.eval()
-    x = torch.rand(batch, in_channels, size, size, device=device)
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 2):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append(1000 * (time.perf_counter() - t))
-    model.train()
-    return float(np.median(times)) / batch
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A Stage II trial judged at its own operating point on its validation rows: T_cls at
+    maximum F1 on the labelled rows, then T at minimum score MAE on the rows with a reference,
+    and what the scoring policy gives there."""
+    score_mae: float
+    cls_threshold: float
+    zone_threshold: float
+    f1: float | None
+    fp_rate_normal: float | None  # Normal rows whose record has a score > 0 (unscored: not counted as FP)
+    n: int
+    n_normal: int
+
+    def metrics(self) -> dict:
+        """What the trial reports to Tune (``val_`` names; a missing value as NaN -> 0 is not
+        reported, so a constraint on it fails loudly rather than passing)."""
+        out = {"val_score_mae": self.score_mae, "val_cls_threshold": self.cls_threshold,
+               "val_zone_threshold": self.zone_threshold, "val_n": self.n, "val_n_normal": self.n_normal}
+        if self.f1 is not None:
+            out["val_f1_at_t_cls"] = self.f1  # val_f1 is the trainer's, at 0.5
+        if self.fp_rate_normal is not None:
+            out["val_fp_rate_normal"] = self.fp_rate_normal
+        return out
 
 
 class ClinicalObjective:
     """Validation severity-score MAE of a Stage II trial through a fixed Stage I bundle, scored by
-    the scoring policy (:meth:`cxrtune.scoring.scorer.Scorer.score_images`).
+    the scoring policy (:meth:`cxrtune.scoring.scorer.Scorer.score_images`), at the trial's own
+    operating point (:class:`OperatingPoint`).
 
-    Stage I is fixed, so the validation images (through ``load_scan``), their cleaned lung masks
-    and their reference zones are computed once; each epoch only Stage II runs. T_cls and the
-    zone threshold are the bundle's (not fit on the validation images); the trial's opacity map is
-    cut at the default 0.5, the cut training validates at, not at the bundle's calibrated cut,
-    which belongs to the bundle's own Stage II. A record that is not ``scored`` counts with the
-    worst error its reference allows: a trial gains nothing by failing to score."""
-    def __init__(self, bundle_uri: str, rows, limit: int | None = 64, reference: str = "auto"):
-
-
+    Stage I is fixed, so the validation images (through ``load_scan``), their cleaned lung masks,
+    labels and reference zones are computed once; each epoch runs Stage II twice: once with every
+    opacity map kept (T_cls 0) to choose T_cls (:func:`~cxrtune.scoring.evaluation.choose_cls_threshold`,
+    maximum F1) and T (:func:`~cxrtune.scoring.scorer.sweep_threshold` on the fractions refined at
+    that T_cls), once at (T_cls, T) for the records the MAE and the FP rate on Normal are read from.
+    The opacity map is cut at the default 0.5 (the bundle's calibrated cut belongs to its own
+    Stage II). A record that is not ``scored`` counts with the worst error its reference allows: a
+    trial gains nothing by failing to score. The thresholds are chosen on the rows they are judged
+    on, as calibration later does on its own rows: the objective ranks trials, the bundle's
+    figures come from held-out rows."""
+    def __init__(self, bundle_uri: str, rows, limit: int | None = None, reference: str = "auto"):
         self.bundle = load_bundle(bundle_uri).with_thresholds(opacity=DEFAULT_OPACITY_THRESHOLD)
         cache = storage.ContentCache()
-        self.images, self.refs = [], []
+        self.images: list[np.ndarray] = []
+        self.refs: list[list[int] | None] = []
+        self.labels: list[int | None] = []
         for _, row in rows.iterrows():
             ref = reference_zones(row, cache=cache, reference=reference)
-            if ref is None:
+            label = row.get("label")
+            if ref is None and not manifest.is_labelled(label):
                 continue
             try:
                 self.images.append(load_scan(cache.read_bytes(row["image"])).image)
             except CxrtuneError as exc:  # an unreadable or refused image must not end the sweep
                 log.warning("score_mae: a validation image is skipped: %s", exc)
                 continue
-            self.refs.append(sum(ref))
+            self.refs.append(ref)
+            self.labels.append(int(manifest.is_disease(label)) if manifest.is_labelled(label) else None)
             if limit and len(self.images) >= limit:
                 break
-        if not self.images:
+        if not any(r is not None for r in self.refs):
             raise CxrtuneError(f"score_mae needs validation rows with reference {reference!r} zone scores")
         self.lungs = self.bundle.lung_masks(self.images)
 
-    def __call__(self, model, pre, config: dict) -> float:
+    def __call__(self, model, pre, config: dict) -> OperatingPoint:
+        was_training = model.training
         model.eval()
-        trial = self.bundle.with_stage("disease", StageModel(model, pre, config))
-        errors = [score_error(record, ref)
-                  for (record, _), ref in zip(trial.score_images(self.images, lungs=self.lungs), self.refs)]
-        model.train()
-        return float(np.mean(errors))
+        try:
+            trial = self.bundle.with_stage("disease", StageModel(model, pre, config))
+            every_map = [r for r, _ in trial.with_thresholds(cls=0.0).score_images(self.images, lungs=self.lungs)]
+            t_cls, f1 = self._cls_threshold(every_map)
+            fracs, refs = [], []
+            for record, ref in zip(every_map, self.refs):
+                f = zone_fractions(record)
+                if ref is not None and f is not None:
+                    fracs.append(f if record["disease_probability"] >= t_cls else [0.0] * 6)
+                    refs.append(ref)
+            t_zone = (sweep_threshold(np.array(fracs), np.array(refs))["threshold"] if refs
+                      else self.bundle.thresholds.zone)
+            records = [r for r, _ in trial.with_thresholds(cls=t_cls, zone=t_zone).score_images(self.images,
+                                                                                                 lungs=self.lungs)]
+        finally:
+            model.train(was_training)
+        errors = [score_error(r, sum(ref)) for r, ref in zip(records, self.refs) if ref is not None]
+        normal = [r for r, label in zip(records, self.labels) if label == 0]
+        fp = float(np.mean([(r.get("score") or 0) > 0 for r in normal])) if normal else None
+        return OperatingPoint(score_mae=float(np.mean(errors)), cls_threshold=t_cls, zone_threshold=t_zone,
+                              f1=f1, fp_rate_normal=fp, n=len(errors), n_normal=len(normal))
+
+    def _cls_threshold(self, records: list[dict]) -> tuple[float, float | None]:
+        """T_cls at maximum F1 over the labelled rows Stage II scored; the bundle's own without
+        both classes among them."""
+        pairs = [(r["disease_probability"], label) for r, label in zip(records, self.labels)
+                 if label is not None and r.get("disease_probability") is not None]
+        if len({label for _, label in pairs}) < 2:
+            return self.bundle.thresholds.cls, None
+        prob, label = (np.array(column) for column in zip(*pairs))
+        choice = choose_cls_threshold(prob, label)
+        return choice["threshold"], choice["f1"]
 
 
 OVERLAY_KEY = "overlays_png_b64"
@@ -281,22 +356,21 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             trainer.load_state(load_training_state(str(Path(d) / "state.pt")))
-    latency = (measure_latency_ms(trainer.eval_model, cfg.size, cfg.model.in_channels, trainer.device, o.latency_batch)
-               if o.multi_objective else None)
+    cost = model_gmacs(trainer.eval_model, cfg.size, cfg.model.in_channels) if o.multi_objective else None
     clinical = None
     if space.objective == "score_mae" and o.lung_bundle:  # TuneOptions refuses score_mae without one
-        clinical = ClinicalObjective(o.lung_bundle, trainer.val_ds.df, limit=cfg.max_val_images or 64,
+        clinical = ClinicalObjective(o.lung_bundle, trainer.val_ds.df, limit=cfg.max_val_images,
                                      reference=o.reference)
 
     def on_epoch(metrics: dict, ckpt_dir: Path) -> None:
         metrics = {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-        if latency is not None:
-            metrics["latency_ms"] = latency
+        if cost is not None:
+            metrics[COST_METRIC] = cost
         epoch = metrics["epoch"]
         if wants_overlays(o, epoch, epochs):
             metrics[OVERLAY_KEY] = validation_overlays(trainer)
         if clinical is not None:
-            metrics["val_score_mae"] = clinical(trainer.eval_model, trainer.pre, cfg.to_dict())
+            metrics.update(clinical(trainer.eval_model, trainer.pre, cfg.to_dict()).metrics())
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
     trainer.fit(on_epoch=on_epoch)
@@ -365,18 +439,23 @@ class HopelessTrial:
 
 
 def _scheduler(o: TuneOptions, space: SearchSpace):
-    """Metric and mode come from TuneConfig (Ray refuses them twice)."""
+    """ASHA or HyperBand on the accuracy objective. With one objective its metric and mode come
+    from TuneConfig (Ray refuses them twice); with several, TuneConfig has none, and the
+    scheduler is given the accuracy one: trials are cut on accuracy alone (a trial's cost does not
+    change as it trains), and the searcher tells Optuna the stopped ones as pruned."""
     from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
 
     epochs = o.epochs(space)
+    metric, mode = (space.metric, space.mode) if o.multi_objective else (None, None)
     if o.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=epochs,
-                             grace_period=min(o.grace, epochs), reduction_factor=o.reduction_factor)
+                             grace_period=min(o.grace, epochs), reduction_factor=o.reduction_factor,
+                             metric=metric, mode=mode)
     if o.scheduler == "hyperband":
         log.warning("HyperBand brackets (trials, milestones in epochs): %s",
                     "; ".join(f"{b['trials']} x {b['milestones']}" for b in hyperband_brackets(epochs, o.reduction_factor)))
         return HyperBandScheduler(time_attr="training_iteration", max_t=epochs,
-                                  reduction_factor=o.reduction_factor)
+                                  reduction_factor=o.reduction_factor, metric=metric, mode=mode)
     return None
 
 
@@ -429,18 +508,54 @@ def optuna_sampler(o: TuneOptions):
         return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples), **joint)
 
 
+def pruned_result(metric: str | list[str], ot_trial, result: dict) -> dict | None:
+    """What Ray's ``OptunaSearch.on_trial_complete`` must get for a trial stopped early, so that
+    it tells Optuna PRUNED (see :func:`_search_class`)."""
+    if isinstance(metric, list):
+        return None  # several objectives: pruned, without values
+    # the stopping result never reached on_trial_result: report it, so that Optuna keeps it as the
+    # pruned trial's value (a trial cut at its first rung has no other)
+    value = result.get(metric)
+    if ot_trial is not None and value is not None:
+        try:
+            ot_trial.report(float(value), int(result["training_iteration"]))
+        except Exception as exc:  # noqa: BLE001 - e.g. that step was reported already
+            log.debug("could not report the last value of trial %s: %s", ot_trial.number, exc)
+    return {k: v for k, v in result.items() if k != metric}
+
+
+def set_constraints(ot_trial, result: dict, constraints: tuple[Constraint, ...]) -> None:
+    """Each constraint's violation (<= 0 feasible) from a trial's last result onto its Optuna
+    trial; a metric the trial never reported counts as far past its limit (UNKNOWN_VIOLATION)."""
+    for c in constraints:
+        if c.metric in result:
+            ot_trial.set_constraint(c.metric, c.violation(result[c.metric]))
+        else:
+            log.warning("constraint %s: the trial reported no %s; it counts as infeasible", c, c.metric)
+            ot_trial.set_constraint(c.metric, UNKNOWN_VIOLATION)
+
+
 def _search_class():
     from ray.tune.search.optuna import OptunaSearch
 
     class CxrtuneOptunaSearch(OptunaSearch):
-        """Ray's OptunaSearch, plus: a trial stopped before its last epoch (ASHA, HyperBand, the
-        patience stopper) reaches Optuna as PRUNED, with its last reported value (Ray would tell
-        it COMPLETE, as if it had finished); the journal is copied beside the experiment; a rerun of a
-        trial the study already finished (driver killed in between) leaves the study as it is."""
+        """Ray's OptunaSearch, plus:
 
-        def __init__(self, *args, epochs: int, journal_to: tuple[str, str] | None = None, **kwargs):
+        * a trial stopped before its last epoch (ASHA, HyperBand, the patience stopper) reaches
+          Optuna as PRUNED (Ray would tell it COMPLETE, as if it had finished). With one objective
+          it keeps its last reported value, which TPE ranks pruned trials by. With several, a
+          trial cannot report intermediate values: it is pruned without values, so it is never in
+          ``best_trials`` and TPE counts it among its worse group. A penalty value instead would
+          put an invented point in objective space, which could dominate real trials;
+        * the sweep's constraints (:class:`Constraint`) are set on the Optuna trial from its last
+          result before it is told, so they are stored in the study (and its journal copy);
+        * the journal is copied beside the experiment; a rerun of a trial the study already
+          finished (driver killed in between) leaves the study as it is."""
+
+        def __init__(self, *args, epochs: int, journal_to: tuple[str, str] | None = None,
+                     constraints: tuple[Constraint, ...] = (), **kwargs):
             super().__init__(*args, **kwargs)
-            self.epochs, self.journal_to = epochs, journal_to
+            self.epochs, self.journal_to, self.constraints = epochs, journal_to, tuple(constraints)
 
         def restore(self, checkpoint_path: str):
             """A resumed sweep on another machine (or after the local file was lost) gets the
@@ -466,17 +581,16 @@ def _search_class():
                 self._completed_trials.add(trial_id)  # Ray's own record: its completion is skipped too
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            single = not isinstance(self.metric, list)
-            if single and result and not error and result.get("training_iteration", self.epochs) < self.epochs:
-                # the stopping result never reached on_trial_result: report it, so that Optuna keeps
-                # it as the pruned trial's value (a trial cut at its first rung has no other)
-                ot_trial, value = self._ot_trials.get(trial_id), result.get(self.metric)
-                if ot_trial is not None and value is not None:
-                    try:
-                        ot_trial.report(float(value), int(result["training_iteration"]))
-                    except Exception as exc:  # noqa: BLE001 - e.g. that step was reported already
-                        log.debug("could not report the last value of %s: %s", trial_id, exc)
-                result = {k: v for k, v in result.items() if k != self.metric}  # -> PRUNED
+            from optuna.exceptions import UpdateFinishedTrialError
+
+            ot_trial = self._ot_trials.get(trial_id)
+            if result and not error and ot_trial is not None and trial_id not in self._completed_trials:
+                try:
+                    set_constraints(ot_trial, result, self.constraints)
+                except UpdateFinishedTrialError:  # a rerun of a trial the study finished (see on_trial_result)
+                    pass
+            if result and not error and result.get("training_iteration", self.epochs) < self.epochs:
+                result = pruned_result(self.metric, ot_trial, result)
             super().on_trial_complete(trial_id, result, error)
             self._copy_journal()
 
@@ -529,9 +643,9 @@ def _searcher(o: TuneOptions, space: SearchSpace, warm: list[dict] | None = None
     points = [space.optuna_params(p) for p in [*space.warm_start, *(warm or [])]]
     journal = None if o.optuna_storage else (str(local_journal(o)), storage.join(o.experiment_uri, JOURNAL_FILE))
     common = {"study_name": o.name, "storage": optuna_storage(o), "points_to_evaluate": points or None,
-              "epochs": o.epochs(space), "journal_to": journal}
+              "epochs": o.epochs(space), "journal_to": journal, "constraints": tuple(o.trial_constraints())}
     # a define-by-run searcher does not take metric/mode from TuneConfig: it needs its own
-    metric, mode = (([space.metric, "latency_ms"], [space.mode, "min"]) if o.multi_objective
+    metric, mode = (([space.metric, COST_METRIC], [space.mode, "min"]) if o.multi_objective
                     else (space.metric, space.mode))
     return _search_class()(space, metric=metric, mode=mode, sampler=optuna_sampler(o), **common)
 
@@ -628,7 +742,7 @@ def _run_config(o: TuneOptions, space: SearchSpace):
     stoppers: list = []
     if o.patience and not o.multi_objective and not o.grid:  # a grid trains every combination to the end
         stoppers.append(PatienceStopper(space.metric, space.mode, o.min_delta, o.patience))
-    if o.cut_below is not None and not o.multi_objective:
+    if o.cut_below is not None:
         stoppers.append(FunctionStopper(HopelessTrial(space.metric, space.mode, o.cut_below)))
     checkpoint_config = tune.CheckpointConfig(
         num_to_keep=2, checkpoint_score_attribute=None if o.multi_objective else space.metric,
@@ -708,9 +822,21 @@ def load_options(exp_uri: str) -> TuneOptions:
     if not storage.exists(storage.join(exp_uri, EXPERIMENT_FILE)):
         raise CxrtuneError(f"{exp_uri}: no {EXPERIMENT_FILE}; is this a cxrtune experiment folder (STORAGE/NAME)?")
     data, uri = read_json_object(exp_uri, EXPERIMENT_FILE)
+    if data.get("format", "cxrtune-experiment/1") == "cxrtune-experiment/1":
+        data = _migrate_experiment_1(data, uri)
     check_format(data, uri, EXPERIMENT_FORMAT, "experiment")
     options = {k: v for k, v in data.items() if k != "format"}
     return TuneOptions(**known_settings(TuneOptions, options, f"{uri}: experiment"))
+
+
+def _migrate_experiment_1(data: dict, uri: str) -> dict:
+    """Format 1 -> 2: the cost objective became GMACs (``latency_batch`` went). A single-objective
+    experiment reads as it was; a multi-objective one reported eager latency, which nothing
+    compares with GMACs: it is refused by name."""
+    if data.get("multi_objective"):
+        raise CxrtuneError(f"{uri}: a multi-objective experiment of format 1 (latency in ms, not GMACs): "
+                           "this cxrtune cannot resume or report it; run the sweep again")
+    return {**{k: v for k, v in data.items() if k != "latency_batch"}, "format": EXPERIMENT_FORMAT}
 
 
 def resume_tune(exp_uri: str) -> dict:

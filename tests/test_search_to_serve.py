@@ -1,0 +1,173 @@
+"""One path from a sweep to a served scorer (issue 23): a multi-objective Stage II sweep (score
+MAE at each trial's own operating point against GMACs, ASHA, a constraint) -> ``cxrtune report``
+(its front checked against one computed here from the trials' own result files) -> ``promote
+--pick`` -> ``bundle make`` -> ``calibrate`` -> ``cxrtune serve`` -> a score over HTTP, each
+hand-off asserted: the served Stage II weights are the promoted checkpoint's, and the served
+model card names the promoted trial and how it was chosen."""
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+import yaml
+
+from cxrtune.data import manifest
+from cxrtune.data.splits import split_hash
+from cxrtune.model.artifacts import bundle_hash
+from tests.conftest import cli, cli_in_process, shipped_cpu_config
+from tests.test_serve import ctrl_c_reaches_it
+
+EPOCHS = 2
+SPACE = {
+    "task": "disease", "objective": "score_mae",
+    "fixed": {"batch_size": 4, "size": 64, "model": {"in_channels": 1, "encoder": "resnet18"}},
+    "parameters": {
+        "arch": {"type": "choice", "values": ["FPN", "Unet", "Linknet"]},
+        "decoder": {"type": "choice", "given": "arch", "values": {"Linknet": ["standard"], "default": ["slim", "standard"]}},
+        "lr": {"type": "log-float", "low": 1e-4, "high": 1e-2},
+    },
+    # tried first, one at a time: the first trial to reach ASHA's rung is never cut, so a feasible
+    # point is trained to the end (U-Net, slim decoder: ~0.19 GMACs at 64 px); then a violator
+    "warm_start": [{"arch": "Unet", "decoder": "slim", "lr": 3e-3}, {"arch": "Linknet", "decoder": "standard", "lr": 3e-3}],
+}
+# A minimum-capacity constraint, GMACs >= 0.17: Linknet (~0.16) and FPN with the slim decoder
+# (~0.15), the space's cheapest points, violate it (tests/test_report.py checks that the filter keeps
+# a violator that would lead the front off it)
+MIN_COST = 0.17
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def trial_results(experiment: Path) -> dict[str, list[dict]]:
+    """Each trial's reported results, read from its own ``result.json`` (not through cxrtune)."""
+    out = {}
+    for f in experiment.glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[0]["trial_id"]] = rows
+    return out
+
+
+def independent_front(results: dict[str, list[dict]], constraints) -> set[str]:
+    """Trials trained to the last epoch, meeting every constraint with their last result, that
+    no other such trial beats on both score MAE (lower) and GMACs (lower)."""
+    last = {t: rows[-1] for t, rows in results.items()
+            if rows[-1]["training_iteration"] == EPOCHS and all(ok(rows[-1]) for ok in constraints)}
+
+    def beats(a: dict, b: dict) -> bool:
+        return (a["val_score_mae"] <= b["val_score_mae"] and a["gmacs"] <= b["gmacs"]
+                and (a["val_score_mae"] < b["val_score_mae"] or a["gmacs"] < b["gmacs"]))
+
+    return {t for t, r in last.items() if not any(beats(o, r) for u, o in last.items() if u != t)}
+
+
+@pytest.mark.slow
+def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle, tmp_path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    m = str(phantom_dir / "manifest.parquet")
+    exp = tmp_path / "exps" / "mo"
+    r = cli("tune", "--space", str(space), "--manifest", m, "--name", "mo", "--storage", str(tmp_path / "exps"),
+            "--num-samples", "6", "--scheduler", "asha", "--grace", "1", "--reduction-factor", "2",
+            "--max-epochs", str(EPOCHS), "--multi-objective", "--lung-bundle", str(phantom_bundle),
+            "--constraint", f"gmacs>={MIN_COST}", "--constraint", "val_fp_rate_normal<=1.0",
+            "--num-cpus", "2", "--max-concurrent", "1", "--seed", "3")
+    summary = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert summary["trials"] == 6 and summary["errored"] == 0
+    results = trial_results(exp)
+    assert len(results) == 6
+    for rows in results.values():  # each trial at its own operating point, on every validation row
+        last = rows[-1]
+        # the phantoms' validation split: 5 labelled rows (T_cls), 2 of them Normal (FP rate), 4 with
+        # a zone reference (MAE; the other-pneumonia phantom has none)
+        assert last["val_n"] == 4 and last["val_n_normal"] == 2 and 0 <= last["val_f1_at_t_cls"] <= 1
+        assert 0 <= last["val_cls_threshold"] <= 1 and 0 < last["val_zone_threshold"] <= 1
+        assert last["val_fp_rate_normal"] in (0.0, 0.5, 1.0) and last["gmacs"] > 0
+
+    # the study: constraints stored on every finished trial, stopped trials pruned without values
+    study = optuna.load_study(study_name="mo", storage=optuna.storages.JournalStorage(
+        JournalFileBackend(str(exp / "optuna.journal"))))
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 6 and all(set(t.constraints) == {"gmacs", "val_fp_rate_normal"} for t in finished)
+    stopped = {t for t, rows in results.items() if rows[-1]["training_iteration"] < EPOCHS}
+    assert len([t for t in finished if t.state == optuna.trial.TrialState.PRUNED]) == len(stopped)
+    assert all(t.values is None for t in finished if t.state == optuna.trial.TrialState.PRUNED)
+    assert stopped  # ASHA cut some trial at its rung
+    infeasible = {t for t, rows in results.items() if rows[-1]["gmacs"] < MIN_COST}
+    assert infeasible  # the warm-started Linknet at least
+
+    cli_in_process("report", str(exp), "--out", str(tmp_path / "rep"))
+    front = pd.read_csv(tmp_path / "rep" / "pareto.csv")
+    expected = independent_front(results, [lambda x: x["gmacs"] >= MIN_COST, lambda x: x["val_fp_rate_normal"] <= 1.0])
+    assert expected and set(front["trial_id"]) == expected
+    assert not (set(front["trial_id"]) & (stopped | infeasible))
+    assert (tmp_path / "rep" / "pareto.png").stat().st_size > 1000
+    table = pd.read_csv(tmp_path / "rep" / "trials.csv")
+    assert set(table.loc[~table["feasible"], "trial_id"]) == infeasible
+
+    # promote the cheapest point of the front within any accuracy, recorded with how it was chosen
+    run = tmp_path / "runs" / "picked"
+    refused = cli_in_process("promote", str(exp), "--to", str(run), check=False)
+    assert refused.returncode == 2 and "--pick" in refused.stderr
+    cli_in_process("promote", str(exp), "--to", str(run), "--pick", "fastest:accuracy<=best+6")
+    picked = front.sort_values(["gmacs", "val_score_mae", "trial_id"]).iloc[0]["trial_id"]
+    meta = json.loads((run / "best" / "meta.json").read_text())
+    search = meta["search"]
+    assert search["trial"] == picked and search["pick"] == "fastest:accuracy<=best+6"
+    assert search["sampler"] == "tpe" and search["seed"] == 3 and search["objectives"] == ["val_score_mae", "gmacs"]
+    assert search["split_hash"] == split_hash(manifest.load_manifest(m))
+    assert json.loads((run / "run.json").read_text())["search"] == search
+    trial_dir = next(d for d in exp.iterdir() if d.is_dir() and picked in d.name)
+    last_checkpoint = sorted(trial_dir.glob("checkpoint_*"))[-1]
+    assert sha256(run / "best" / "model.pt") == sha256(last_checkpoint / "model.pt")
+
+    made, calibrated = tmp_path / "made", tmp_path / "calibrated"
+    cli_in_process("bundle", "make", "--lung", str(phantom_bundle.parent / "lung"), "--disease", str(run),
+                   "--out", str(made))
+    cli_in_process("calibrate", str(made), "--out", str(calibrated), "--manifest", m, "--what", "cls,zone")
+    assert sha256(calibrated / "disease.pt") == sha256(last_checkpoint / "model.pt")
+
+    config, port = shipped_cpu_config(tmp_path, calibrated)
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "cxrtune.cli", "serve", "--bundle", str(calibrated),
+                             "--config", str(config)], preexec_fn=ctrl_c_reaches_it,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, ready = time.time() + 240, False
+        while time.time() < deadline and proc.poll() is None and not ready:
+            try:
+                ready = requests.get(f"{base}/readyz", timeout=5).status_code == 200
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        text = Path(log.name).read_text()
+        assert ready, text[-3000:]
+        key = next(line for line in text.splitlines() if line.startswith("API key for this run")).rsplit(" ", 1)[1]
+        models = requests.get(f"{base}/v1/models", headers={"X-API-Key": key}, timeout=10).json()
+        card = models["model_card"]["stages"]["disease"]["search"]
+        assert card["trial"] == picked and card["pick"] == "fastest:accuracy<=best+6"
+        image = sorted((phantom_dir / "images").iterdir())[1]
+        record = requests.post(f"{base}/v1/score", data=image.read_bytes(), headers={"X-API-Key": key},
+                               timeout=60).json()
+        assert record["models"]["bundle_hash"] == bundle_hash(str(calibrated))  # the bundle whose disease.pt is the trial's
+        assert record["status"] in ("scored", "partial", "unscored") and not math.isnan(record["threshold"])
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
