@@ -76,6 +76,75 @@ CPU_DISEASE = {"task": "disease", "model": {"arch": "Unet", "encoder": "resnet18
 QUICK = {"size": 64, "batch_size": 8, "epochs": 1, "num_workers": 0, "max_train_images": 64, "max_val_images": 32}
 
 
+def calibrate_and_evaluate(uncalibrated: Path, calibrated: Path, df, out: Path, data: Path, quick: bool = False,
+                           specificity: float | None = None, cls_calibration: str = "heldout",
+                           eval_prefix: str = "eval") -> dict:
+    """The CPU and GPU modes' calibration and evaluation of a bundle, also what
+    ``bench/search_to_serve.py`` runs on each bundle it compares (the same steps, so their figures
+    compare): T_cls and the opacity cut on every training-part row its Stage II never trained on
+    (its run's stored config says which), T on train+val+held-out rows against the masks, then the
+    official Val part (``test``), JSRT's lungs and brixia-dev (T cross-validated against reader S).
+
+    Returns ``calibration``, ``test`` (EvaluationResult), ``jsrt`` (lung metrics), ``brixia``
+    (summary) and ``heldout_rows``; the evaluations' files go to ``out/<eval_prefix>[-jsrt|-brixia]``."""
+    from cxrtune.data import manifest
+    from cxrtune.data.importers import run_import
+    from cxrtune.model.artifacts import derive_bundle, read_bundle_meta, read_checkpoint_meta
+    from cxrtune.model.train import TrainConfig, select_rows
+    from cxrtune.scoring.evaluation import CalibrateOptions, EvaluateOptions, calibrate, evaluate
+    from cxrtune.scoring.scorer import load_bundle
+
+    scorer = load_bundle(str(uncalibrated), batch_size=32)
+    # T_cls needs data the classifier never saw: 93 validation Normals alone put it anywhere in
+    # 0.33-0.72 across runs, so the train rows beyond Stage II's max_train_images are held out too.
+    # Which rows Stage II trained on comes from the run's stored config (a reused run may differ
+    # from today's), checked against the label counts its checkpoint recorded.
+    disease_run = read_bundle_meta(str(uncalibrated)).disease.run
+    run_cfg = TrainConfig.from_dict(read_checkpoint_meta(f"{disease_run}/best").config)
+    seen = select_rows(df, run_cfg, "train").index
+    recorded = read_checkpoint_meta(f"{disease_run}/best").data.get("train_images", {})
+    counts = {"total": len(seen), **df.loc[seen, "label"].value_counts().to_dict()}
+    if recorded and recorded != counts:
+        raise SystemExit(f"Stage II's recorded training rows {recorded} are not this manifest's {counts}: "
+                         "T_cls would be calibrated on rows it trained on")
+    held = df.index[(df["split"] == "train") & ~df.index.isin(seen)] if cls_calibration == "heldout" else []
+    cal_df = df.copy()
+    cal_df.loc[held, "split"] = "heldout"
+    cal = calibrate(scorer, cal_df, CalibrateOptions(split="train,val,heldout", cls_split="val,heldout", reference="masks",
+                                                     specificity=specificity, limit=64 if quick else 1500,
+                                                     progress=False))
+    opacity = {"opacity_threshold": cal.opacity.threshold, "opacity_calibration": cal.opacity} if cal.opacity else {}
+    derive_bundle(str(uncalibrated), str(calibrated), cls_threshold=cal.cls.threshold, cls_calibration=cal.cls,
+                  zone_threshold=cal.zone.threshold, zone_calibration=cal.zone, **opacity)
+    scorer = load_bundle(str(calibrated), batch_size=32)
+    test = evaluate(scorer, df, str(out / eval_prefix), EvaluateOptions(split="test", progress=False))
+
+    jsrt = {}
+    if (data / "jsrt").exists():
+        run_import("jsrt", str(data / "jsrt"), str(out / "jsrt.parquet"), progress=False)
+        jdf = manifest.load_manifest(str(out / "jsrt.parquet")).assign(split="test")
+        if quick:
+            jdf = jdf.head(8)
+        jsrt = evaluate(scorer, jdf, str(out / f"{eval_prefix}-jsrt"), EvaluateOptions(split="test", progress=False)).lung
+    brixia = {}
+    if (data / "brixia-dev").exists():
+        key_file = out / "study.key"  # a public reference set: this bench's own study key, kept across runs
+        if not key_file.exists():  # (a new key would give new pseudonyms, and new copies of every image)
+            key_file.write_text(secrets.token_hex(32))
+        run_import("readers", str(data / "brixia-dev"), str(out / "brixia.parquet"), progress=False,
+                   pseudonym_key_file=str(key_file))
+        bdf = manifest.load_manifest(str(out / "brixia.parquet"))
+        if quick:
+            bdf = bdf.head(20)
+        ev = evaluate(scorer, bdf, str(out / f"{eval_prefix}-brixia"),
+                      EvaluateOptions(split="all", cv_reference="S", folds=5, progress=False))
+        r = ev.readers or {}
+        brixia = {"status": ev.status, "n": r.get("n"), "cv_thresholds": r.get("cv_thresholds"),
+                  "vs_senior": r.get("readers", {}).get("S", {}), "vs_junior": r.get("readers", {}).get("J", {}),
+                  "junior_vs_senior": r.get("pairs", {}).get("J_vs_S", {})}
+    return {"calibration": cal, "test": test, "jsrt": jsrt, "brixia": brixia, "heldout_rows": len(held)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=os.environ.get("CXRTUNE_SHARED_DATA", "../shared/data"))
@@ -106,9 +175,7 @@ def main() -> None:
     from cxrtune.data.importers import run_import
     from cxrtune.data.splits import assign_splits
     from cxrtune.model.artifacts import (
-        derive_bundle,
         make_bundle,
-        read_checkpoint_meta,
         read_run_summary,
         write_run_summary,
     )
@@ -117,16 +184,8 @@ def main() -> None:
         latest_checkpoint,
         load_training_state,
         native_cpu_bf16,
-        select_rows,
         train,
     )
-    from cxrtune.scoring.evaluation import (
-        CalibrateOptions,
-        EvaluateOptions,
-        calibrate,
-        evaluate,
-    )
-    from cxrtune.scoring.scorer import load_bundle
 
     out = Path(args.out or ("/tmp/cxrtune-accuracy-cpu" if args.cpu else "/tmp/cxrtune-accuracy"))
     out.mkdir(parents=True, exist_ok=True)
@@ -175,58 +234,12 @@ def main() -> None:
         minutes[stage] = round((time.perf_counter() - t) / 60 + earlier, 2)
         write_run_summary(str(out / stage), replace(read_run_summary(str(out / stage)), train_minutes=minutes[stage]))
     t2 = time.perf_counter()
-    bundle = str(out / "bundle")
     for old in ("bundle", "bundle-calibrated"):  # this bench's own bundles from an earlier run: bundles are immutable
         shutil.rmtree(out / old, ignore_errors=True)
-    make_bundle(str(out / "lung"), str(out / "disease"), bundle, name="accuracy-cpu" if args.cpu else "accuracy")
-    scorer = load_bundle(bundle, batch_size=32)
-    # T_cls needs data the classifier never saw: 93 validation Normals alone put it anywhere in
-    # 0.33-0.72 across runs, so the train rows beyond Stage II's max_train_images are held out too.
-    # Which rows Stage II trained on comes from the run's stored config (a reused run may differ
-    # from today's), checked against the label counts its checkpoint recorded.
-    run_cfg = TrainConfig.from_dict(summaries["disease"]["config"])
-    seen = select_rows(df, run_cfg, "train").index
-    recorded = read_checkpoint_meta(str(out / "disease" / "best")).data.get("train_images", {})
-    counts = {"total": len(seen), **df.loc[seen, "label"].value_counts().to_dict()}
-    if recorded and recorded != counts:
-        raise SystemExit(f"Stage II's recorded training rows {recorded} are not this manifest's {counts}: "
-                         "T_cls would be calibrated on rows it trained on")
-    held = df.index[(df["split"] == "train") & ~df.index.isin(seen)] if args.cls_calibration == "heldout" else []
-    cal_df = df.copy()
-    cal_df.loc[held, "split"] = "heldout"
-    cal = calibrate(scorer, cal_df, CalibrateOptions(split="train,val,heldout", cls_split="val,heldout", reference="masks",
-                                                     specificity=args.specificity, limit=64 if args.quick else 1500,
-                                                     progress=False))
-    opacity = {"opacity_threshold": cal.opacity.threshold, "opacity_calibration": cal.opacity} if cal.opacity else {}
-    uncalibrated, bundle = bundle, str(out / "bundle-calibrated")  # bundles are immutable: a new one
-    derive_bundle(uncalibrated, bundle, cls_threshold=cal.cls.threshold, cls_calibration=cal.cls,
-                  zone_threshold=cal.zone.threshold, zone_calibration=cal.zone, **opacity)
-    scorer = load_bundle(bundle, batch_size=32)
-    test = evaluate(scorer, df, str(out / "eval"), EvaluateOptions(split="test", progress=False))
-
-    jsrt = {}
-    if (data / "jsrt").exists():
-        run_import("jsrt", str(data / "jsrt"), str(out / "jsrt.parquet"), progress=False)
-        jdf = manifest.load_manifest(str(out / "jsrt.parquet")).assign(split="test")
-        if args.quick:
-            jdf = jdf.head(8)
-        jsrt = evaluate(scorer, jdf, str(out / "eval-jsrt"), EvaluateOptions(split="test", progress=False)).lung
-    brixia = {}
-    if (data / "brixia-dev").exists():
-        key_file = out / "study.key"  # a public reference set: this bench's own study key, kept across runs
-        if not key_file.exists():  # (a new key would give new pseudonyms, and new copies of every image)
-            key_file.write_text(secrets.token_hex(32))
-        run_import("readers", str(data / "brixia-dev"), str(out / "brixia.parquet"), progress=False,
-                   pseudonym_key_file=str(key_file))
-        bdf = manifest.load_manifest(str(out / "brixia.parquet"))
-        if args.quick:
-            bdf = bdf.head(20)
-        ev = evaluate(scorer, bdf, str(out / "eval-brixia"),
-                      EvaluateOptions(split="all", cv_reference="S", folds=5, progress=False))
-        r = ev.readers or {}
-        brixia = {"status": ev.status, "n": r.get("n"), "cv_thresholds": r.get("cv_thresholds"),
-                  "vs_senior": r.get("readers", {}).get("S", {}), "vs_junior": r.get("readers", {}).get("J", {}),
-                  "junior_vs_senior": r.get("pairs", {}).get("J_vs_S", {})}
+    make_bundle(str(out / "lung"), str(out / "disease"), str(out / "bundle"), name="accuracy-cpu" if args.cpu else "accuracy")
+    measured = calibrate_and_evaluate(out / "bundle", out / "bundle-calibrated", df, out, data, quick=args.quick,
+                                      specificity=args.specificity, cls_calibration=args.cls_calibration)
+    cal, test, jsrt, brixia, held = (measured[k] for k in ("calibration", "test", "jsrt", "brixia", "heldout_rows"))
     t3 = time.perf_counter()
 
     cls = test.classification or {}
@@ -240,7 +253,7 @@ def main() -> None:
         "lung_dice": test.lung["dice"],
         "covid_infection_dice": test.opacity["dice"], "covid_infection_iou": test.opacity["iou"],
         "cls_threshold": cal.cls.threshold, "cls_calibration_f1": cal.cls.f1,
-        "cls_calibration_images": {"n": cal.cls.n, "heldout_train_rows": len(held)},
+        "cls_calibration_images": {"n": cal.cls.n, "heldout_train_rows": held},
         "opacity_threshold": cal.opacity.threshold if cal.opacity else None,
         "opacity_calibration_dice": cal.opacity.dice if cal.opacity else None,
         "normal_vs_disease": cls,

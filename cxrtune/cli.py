@@ -189,7 +189,8 @@ def _report(args) -> None:
 def _promote(args) -> None:
     run, results = release_gates.promote_gated(
         [release_gates.parse_gate(g) for g in args.gate or []],
-        lambda: reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs, pick=args.pick))
+        lambda: reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs, pick=args.pick,
+                                overrides=args.set or ()))
     if results:
         print(f"release gates passed: {', '.join(results)}")
     print(f"promoted to {run}")
@@ -489,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("experiment")
     pr.add_argument("--to", required=True, help="run URI")
     pr.add_argument("--retrain", action="store_true", help="retrain the best config on all training data")
+    pr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="with --retrain: a setting over the trial's config, e.g. max_train_images=2600 or "
+                         "model.encoder_weights=runs/lung (repeatable; recorded)")
     pr.add_argument("--pick", metavar="RULE",
                     help="a multi-objective sweep: which point of the front, e.g. 'fastest:accuracy<=best+0.05' or "
                          "'most-accurate:cost<=1.5' (docs/search_spaces.md)")

@@ -260,6 +260,16 @@ def test_reader_calibration_and_cross_validated_evaluation(bundle, phantom_dir, 
     assert set(readers["readers"]["S"]["by"]["label"]) <= {"covid", "normal", "other_pneumonia"}
     assert (tmp_path / "ev" / "score_agreement.png").stat().st_size > 1000
     assert (tmp_path / "ev" / "zone_agreement.png").stat().st_size > 1000
+    # per image, what a paired comparison of two bundles reads: the scores behind the figures
+    import pandas as pd
+
+    per_image = pd.read_csv(tmp_path / "ev" / "reader_scores.csv")
+    assert len(per_image) == readers["n"] and set(per_image["row"]) == set(df.index[graded])
+    assert per_image["reader_S"].tolist() == (df.loc[per_image["row"], [f"zone_{z}" for z in "ABCDEF"]] > 0).sum(axis=1).tolist()
+    assert (per_image["score"] - per_image["reader_S"]).abs().mean() == pytest.approx(readers["readers"]["S"]["score"]["mae"])
+    scores = pd.read_csv(tmp_path / "ev" / "scores.csv")
+    counted = scores.dropna(subset=["error"])
+    assert (counted["error"] == (counted["score"] - counted["reference_score"]).abs()).all()  # every record scored
     # without the flag, evaluating the very set T was calibrated on is cross-validated all the same
     r = cli_in_process("evaluate", "--bundle", str(b), "--manifest", str(m),
                         "--out", str(tmp_path / "ev2"), "--split", "all", "--folds", "3", check=False)

@@ -133,6 +133,18 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
     last_checkpoint = sorted(trial_dir.glob("checkpoint_*"))[-1]
     assert sha256(run / "best" / "model.pt") == sha256(last_checkpoint / "model.pt")
 
+    # the most accurate point, retrained with settings over its config, recorded with the search
+    refused = cli_in_process("promote", str(exp), "--to", str(tmp_path / "runs" / "x"), "--pick", "most-accurate",
+                             "--set", "max_train_images=8", check=False)
+    assert refused.returncode == 2 and "add --retrain" in refused.stderr
+    cli_in_process("promote", str(exp), "--to", str(tmp_path / "runs" / "accurate"), "--pick", "most-accurate",
+                   "--retrain", "--epochs", "1", "--set", "max_train_images=8")
+    retrained = json.loads((tmp_path / "runs" / "accurate" / "run.json").read_text())
+    most_accurate = front.sort_values(["val_score_mae", "gmacs", "trial_id"]).iloc[0]["trial_id"]
+    assert retrained["config"]["max_train_images"] == 8 and retrained["config"]["tuning_subset"] is False
+    assert retrained["search"]["trial"] == most_accurate and retrained["search"]["overrides"] == ["max_train_images=8"]
+    assert json.loads((tmp_path / "runs" / "accurate" / "best" / "meta.json").read_text())["search"] == retrained["search"]
+
     made, calibrated = tmp_path / "made", tmp_path / "calibrated"
     cli_in_process("bundle", "make", "--lung", str(phantom_bundle.parent / "lung"), "--disease", str(run),
                    "--out", str(made))

@@ -474,8 +474,9 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str,
             probs.append(record["disease_probability"])
             labels.append(int(manifest.is_disease(row["label"])))
         ref = reference_zones(row, reference_threshold, cache)
-        if ref is not None:
-            errors.append(score_error(record, int(np.sum(ref))))
+        error = score_error(record, int(np.sum(ref))) if ref is not None else None
+        if error is not None:
+            errors.append(error)
         if ref is not None and record["status"] == "scored":
             pred_zones.append([int(record["zones"][z]["affected"]) for z in zones.ZONE_LETTERS])
             ref_zones.append(ref)
@@ -486,7 +487,8 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str,
             not_scored_rows.append(row.name)
         records.append({"row": row.name, "label": row["label"], "status": record["status"], "score": record["score"],
                         "opacity_percent": record["opacity_percent"],
-                        "disease_probability": record["disease_probability"]})
+                        "disease_probability": record["disease_probability"],
+                        "reference_score": None if ref is None else int(np.sum(ref)), "error": error})
     table = pd.DataFrame(records)
     normal = table[table["label"] == "normal"] if len(table) else table
     score: dict | None = None
@@ -593,6 +595,10 @@ def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float,
         info["threshold"] = threshold
     info.update(agreement.reader_report(pred, grades, groups=rows.reset_index(drop=True), by=list(by), n_boot=n_boot))
     agreement.plot_reader_agreement(pred, grades, out_dir)
+    per_image = pd.DataFrame({"row": rows.index, "score": (pred > 0).sum(axis=1),
+                              **{f"reader_{r}": (grades[r] > 0).sum(axis=1) for r in readers}})
+    # what a paired comparison of two bundles reads
+    storage.write_text(storage.join(out_dir, "reader_scores.csv"), per_image.to_csv(index=False))
     missed = manifest.reader_grades(not_scored) if not_scored is not None and len(not_scored) else {}
     info["n_not_scored"] = int(len(not_scored)) if not_scored is not None else 0
     info["mae_counting_not_scored"] = {}

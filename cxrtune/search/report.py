@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from .. import storage
+from ..config_files import with_overrides
 from ..data import manifest
 from ..data.splits import split_hash
 from ..errors import CxrtuneError
@@ -393,14 +394,21 @@ def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | 
 
 
 def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | None = None,
-            pick: str | None = None) -> str:
+            pick: str | None = None, overrides: Sequence[str] = ()) -> str:
     """Export the chosen trial's checkpoint as a run (``best/model.pt`` + ``best/meta.json``), or
     with ``retrain`` train its config again on all training data (not only the tuning subset),
     with the batch size that fills the GPU as in seed 004. The chosen trial is a single-objective
     sweep's best, or the ``pick`` rule's point (:class:`PickRule`) of a multi-objective front.
 
     What chose it (the sweep, trial, rule, space, sampler, seed and the manifest's split hash)
-    goes into the checkpoint's ``search`` metadata and ``run.json``; a bundle's model card shows it."""
+    goes into the checkpoint's ``search`` metadata and ``run.json``; a bundle's model card shows it.
+
+    Args:
+        overrides: ``key=value`` settings over the trial's config for ``retrain`` (``cxrtune
+            promote --set``, e.g. ``max_train_images=2600`` or ``model.encoder_weights=RUN``),
+            recorded with the search."""
+    if overrides and not retrain:
+        raise CxrtuneError("--set changes a retrained config: add --retrain")
     o = load_options(exp_uri)
     analysis, space = _analysis(exp_uri, o)
     if space.task == "grade":
@@ -413,7 +421,8 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     search = {"experiment": exp_uri, "trial": trial.trial_id, "pick": how, "space": o.space_source,
               "space_definition": o.space, "objectives": [space.metric, *([COST_METRIC] if o.multi_objective else [])],
               "constraints": list(o.constraints), "sampler": o.sampler, "scheduler": o.scheduler, "seed": o.seed,
-              "split_hash": split_hash(df), "manifest": o.manifest, "retrained": retrain}
+              "split_hash": split_hash(df), "manifest": o.manifest, "retrained": retrain,
+              **({"overrides": list(overrides)} if overrides else {})}
 
     with ckpt.as_directory() as d:
         meta = replace(read_checkpoint_meta(str(d)), search=search)
@@ -423,7 +432,7 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
             write_run_summary(run_uri, RunSummary(config=meta.config, promoted_from=exp_uri, trial=trial.trial_id,
                                                   metrics=meta.metrics, search=search))
             return run_uri
-    cfg = TrainConfig.from_dict({**meta.config, "tuning_subset": False, "patience": 6})
+    cfg = TrainConfig.from_dict(with_overrides({**meta.config, "tuning_subset": False, "patience": 6}, overrides))
     if epochs:
         cfg = replace(cfg, epochs=epochs)
     cfg = replace(cfg, batch_size=fill_gpu_batch_size(cfg))

@@ -1,0 +1,438 @@
+"""The search finds the scorer (issue 23, items 5-6): a real-data Stage II sweep whose front is
+promoted, retrained, bundled, calibrated, exported and served, against the hand-picked bundle.
+
+    python bench/search_to_serve.py --cpu [--data ../shared/data] [--out /tmp/cxrtune-s2s] [--resume]
+    python bench/search_to_serve.py --quick [--out /tmp/cxrtune-s2s-quick]      # checks the script
+
+Stages, each ending with ``OUT/stages/<stage>.json`` (``--resume`` skips the finished ones and
+continues an interrupted sweep or retraining; their compute minutes add up in the result):
+
+1. ``handpicked``: ``bench/accuracy.py --cpu``'s run in ``--accuracy-out`` (its manifest, its
+   Stage I, its calibrated bundle and its result), run here if it is missing. It is reused, never
+   retrained; its Stage I is every bundle's Stage I.
+2. ``sweep``: ``cxrtune tune`` over ``search_spaces/disease_cpu.yaml`` (warm-started with the
+   hand-picked Stage II) on the 50 % tuning subset of COVID-QU-Ex's training part (the accuracy
+   manifest's split, a patient-level tuning subset added), objectives score MAE (each trial at its
+   own operating point through the hand-picked Stage I) and GMACs, constraint FP rate on Normal
+   <= 0.10, ASHA, ``--budget-minutes`` (90) and at most ``--trials`` (24).
+3. ``promote``: ``cxrtune promote --pick`` twice, the fast point (``--fast-rule``) and the
+   accurate one (``--accurate-rule``), each retrained (``--retrain --set``) on the accuracy bench's
+   Stage II rows (its ``max_train_images``, epochs, schedule) within its Stage II minutes; a
+   ResNet-18 starts from the Stage I encoder as the hand-picked one does, others from scratch.
+4. ``bundles``: each point with the hand-picked Stage I, calibrated and evaluated exactly as the
+   accuracy bench does (``accuracy.calibrate_and_evaluate``: T_cls and the opacity cut on its
+   held-out training rows, T against the masks, the official Val part, brixia-dev with T
+   cross-validated against the senior reader), then exported to int8 ONNX; the hand-picked
+   bundle is exported too (a derived bundle; its weights are not touched).
+5. ``serve``: each bundle's Stage II int8 latency at the CPU Serve config's batch (4) and thread
+   (1), interleaved; served end-to-end throughput of the hand-picked and the fast bundle over real
+   HTTP, interleaved A-B-A-B twice (median ratio); the served path's own per-step timings (decode,
+   both stages' int8 networks at batch 4, post-processing, HTTP) and the throughput bound they give
+   on this machine's cores.
+6. ``compare``: per point against the hand-picked bundle, the paired bootstrap (95 % upper bound)
+   of the difference in per-image score error over brixia-dev (against the senior reader, T
+   cross-validated) plus the official Val images with a reference; FP rate on Normal; targets.
+
+brixia-dev chooses nothing here: it is only calibrated on (T, cross-validated) and evaluated.
+Prints one JSON object (also ``OUT/result.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "cxrtune.cli"]
+STAGES = ("handpicked", "sweep", "promote", "bundles", "serve", "compare")
+QUICK_SPACE = {
+    "description": "quick mode: tiny Stage II networks", "task": "disease", "objective": "score_mae",
+    "fixed": {"batch_size": 8, "size": 64, "tuning_subset": True, "num_workers": 0, "model": {"in_channels": 1}},
+    "parameters": {"arch": {"type": "choice", "values": ["Unet", "Linknet"]},
+                   "encoder": {"type": "choice", "values": ["resnet18"]},
+                   "decoder": {"type": "choice", "given": "arch",
+                               "values": {"Linknet": ["standard"], "default": ["slim", "narrow"]}},
+                   "lr": {"type": "log-float", "low": 1e-3, "high": 5e-3}},
+    "warm_start": [{"arch": "Unet", "encoder": "resnet18", "decoder": "narrow", "lr": 2e-3}],
+}
+
+
+class Stages:
+    """Which stages are done (``OUT/stages/<name>.json``, what each produced) and the compute
+    minutes each took, so that ``--resume`` continues at a stage boundary."""
+
+    def __init__(self, out: Path, resume: bool):
+        self.folder = out / "stages"
+        if not resume and self.folder.exists():
+            raise SystemExit(f"{out} holds an earlier run: add --resume to continue it, or choose another --out")
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def done(self, name: str) -> dict | None:
+        path = self.folder / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def finish(self, name: str, result: dict, started: float) -> dict:
+        result = {**result, "minutes": round((time.perf_counter() - started) / 60, 2)}
+        from cxrtune.jsonsafe import json_safe
+
+        (self.folder / f"{name}.json").write_text(json.dumps(json_safe(result), indent=2))
+        print(f"[search_to_serve] {name} done in {result['minutes']} min", file=sys.stderr)
+        return result
+
+
+def run(*args: str, env: dict | None = None) -> str:
+    """A cxrtune command as a user runs it; its output (the command's JSON, if any)."""
+    r = subprocess.run([*CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise SystemExit(f"cxrtune {' '.join(args[:2])} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def handpicked(args, out: Path) -> dict:
+    """The accuracy bench's run (reused; run here if missing): paths and its recorded figures."""
+    acc = Path(args.accuracy_out)
+    if not (acc / "result.json").exists():
+        mode = ["--quick"] if args.quick else ["--cpu"]
+        subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy.py"), *mode, "--data", args.data,
+                        "--out", str(acc), "--resume"], check=True, stdout=subprocess.DEVNULL)
+    result = json.loads((acc / "result.json").read_text())
+    from cxrtune.model.artifacts import read_run_summary
+
+    disease = read_run_summary(str(acc / "disease"))
+    return {"accuracy_out": str(acc), "manifest": str(acc / "cqe-split.parquet"), "lung_run": str(acc / "lung"),
+            "disease_run": str(acc / "disease"), "bundle": str(acc / "bundle-calibrated"),
+            "stage2_config": disease.config, "stage2_train_minutes": disease.train_minutes,
+            "result": {k: result.get(k) for k in ("fp_rate_on_normal", "covid_infection_dice", "normal_vs_disease",
+                                                  "score_vs_mask_reference", "brixia", "train_minutes")}}
+
+
+def tuning_manifest(hand: dict, out: Path) -> str:
+    """The accuracy manifest with a patient-level 50 % tuning subset of its training part (the
+    library's own split function, same seed: the split itself must come out unchanged)."""
+    import pandas as pd
+
+    from cxrtune.data import manifest
+    from cxrtune.data.splits import assign_splits
+
+    df = manifest.load_manifest(hand["manifest"])
+    part = df[df["split"] != "test"]
+    marked = assign_splits(part.drop(columns=["tuning"], errors="ignore"), val=0.1, test=0.0, seed=0, tuning_fraction=0.5)
+    if not (marked["split"].to_numpy() == part["split"].to_numpy()).all():
+        raise SystemExit("the tuning subset would move rows between splits: the accuracy manifest's split "
+                         "was not made by assign_splits(val=0.1, seed=0)")
+    tuned = pd.concat([marked, df[df["split"] == "test"].assign(tuning=False)])
+    path = out / "tuning.parquet"
+    manifest.save_manifest(tuned.loc[df.index], str(path))
+    return str(path)
+
+
+def sweep(args, hand: dict, out: Path) -> dict:
+    exp = out / "exps" / "stage2"
+    if (exp / "cxrtune.json").exists():  # an interrupted sweep: continue it
+        text = run("tune", "--resume", str(exp))
+    else:
+        space = ROOT / "search_spaces" / "disease_cpu.yaml"
+        if args.quick:
+            import yaml
+
+            space = out / "quick_space.yaml"
+            space.write_text(yaml.safe_dump(QUICK_SPACE))
+        flags = ["--num-samples", str(args.trials), "--time-budget", f"{args.budget_minutes}m",
+                 "--max-epochs", str(2 if args.quick else 6), "--grace", "1", "--reduction-factor", "2"]
+        text = run("tune", "--space", str(space), "--manifest", tuning_manifest(hand, out), "--name", "stage2",
+                   "--storage", str(out / "exps"), "--multi-objective", "--scheduler", "asha",
+                   "--lung-bundle", hand["bundle"], "--reference", "masks",
+                   "--constraint", f"val_fp_rate_normal<={args.fp_limit}", "--num-cpus", "2",
+                   "--cpus-per-trial", "1", "--max-concurrent", "2", "--seed", str(args.seed), *flags)
+    summary = json.loads(text[text.index("{\n"):text.rindex("}") + 1])
+    run("report", str(exp), "--out", str(out / "report"))
+    return {"experiment": str(exp), "summary": summary, "report": str(out / "report")}
+
+
+def retrain_settings(hand: dict, encoder: str) -> list[str]:
+    """``promote --set`` pairs: the accuracy bench's Stage II recipe (rows, epochs, schedule,
+    selection, precision) within its Stage II minutes; a ResNet-18 starts from the Stage I encoder."""
+    cfg = hand["stage2_config"]
+    keep = ("max_train_images", "epochs", "lr_schedule", "monitor", "patience", "min_delta", "num_workers", "cpu_amp",
+            "batch_size")
+    pairs = [f"{k}={json.dumps(cfg[k])}" for k in keep if cfg.get(k) is not None]
+    if hand.get("stage2_train_minutes"):
+        pairs.append(f"max_minutes={hand['stage2_train_minutes']}")
+    if encoder == cfg["model"].get("encoder"):
+        pairs.append(f"model.encoder_weights={hand['lung_run']}")
+    return pairs
+
+
+def promote(args, hand: dict, swept: dict, out: Path) -> dict:
+    import pandas as pd
+
+    from cxrtune.search.report import PickRule, pareto_front
+
+    front = pareto_front(pd.read_csv(Path(swept["report"]) / "trials.csv"), "val_score_mae", "min")
+    points = {}
+    for name, rule in (("fast", args.fast_rule), ("accurate", args.accurate_rule)):
+        row = PickRule.parse(rule).pick(front, "val_score_mae", "min")
+        encoder = next((row[c] for c in row.index if c.startswith("param:encoder") and pd.notna(row[c])), "")
+        settings = retrain_settings(hand, str(encoder))
+        run_dir = out / "runs" / name
+        if not (run_dir / "run.json").exists() or args.quick:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            t = time.perf_counter()
+            run("promote", swept["experiment"], "--to", str(run_dir), "--pick", rule, "--retrain",
+                *[a for pair in settings for a in ("--set", pair)])
+            minutes = round((time.perf_counter() - t) / 60, 2)
+        else:
+            minutes = None  # trained before an interruption; its run.json has its epochs
+        summary = json.loads((run_dir / "run.json").read_text())
+        points[name] = {"rule": rule, "trial": row["trial_id"], "sweep_score_mae": float(row["val_score_mae"]),
+                        "gmacs": float(row["gmacs"]), "run": str(run_dir), "retrain_minutes": minutes,
+                        "epochs": summary.get("epochs"), "encoder_init": next((s for s in settings if "encoder_weights" in s),
+                                                                              "from scratch"),
+                        "config": summary["config"]}
+    return {"points": points, "front": front[["trial_id", "val_score_mae", "gmacs"]].to_dict("records")}
+
+
+def bundles(args, hand: dict, promoted: dict, out: Path) -> dict:
+    import accuracy
+
+    from cxrtune.data import manifest
+    from cxrtune.model.artifacts import make_bundle
+    from cxrtune.scoring.onnx_export import export
+
+    df = manifest.load_manifest(hand["manifest"])
+    data = Path(args.data)
+    sample = [str(data / "covid-qu-ex" / "Train")]  # 32 radiographs spread over it, as the serving bench does
+    made = {}
+    for name, point in promoted["points"].items():
+        folder = out / "bundles" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        make_bundle(hand["lung_run"], point["run"], str(folder / "bundle"), name=f"search-{name}")
+        measured = accuracy.calibrate_and_evaluate(folder / "bundle", folder / "bundle-calibrated", df, folder, data,
+                                                   quick=args.quick)
+        export(str(folder / "bundle-calibrated"), str(folder / "bundle-int8"), "onnx-int8", calibration=sample)
+        made[name] = {"bundle": str(folder / "bundle-int8"), "eval": str(folder),
+                      **summary_of(measured)}
+    folder = out / "bundles" / "handpicked"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    export(hand["bundle"], str(folder / "bundle-int8"), "onnx-int8", calibration=sample)
+    made["handpicked"] = {"bundle": str(folder / "bundle-int8"), "eval": hand["accuracy_out"]}
+    return made
+
+
+def summary_of(measured: dict) -> dict:
+    test, cal = measured["test"], measured["calibration"]
+    senior = (measured["brixia"].get("vs_senior") or {}).get("score") or {}
+    return {"fp_rate_on_normal": test.normal_score_fp_rate, "covid_infection_dice": test.opacity.get("dice"),
+            "f1": (test.classification or {}).get("f1"), "cls_threshold": cal.cls.threshold,
+            "zone_threshold": cal.zone.threshold, "val_score": test.get("score"),
+            "brixia_cv_mae_vs_senior": senior.get("mae")}
+
+
+def stage2_latency(bundles_made: dict, rounds: int = 9) -> dict:
+    """Each bundle's int8 networks at the served batch (4) and thread (1), rounds interleaved over
+    the bundles: ms per image, per stage."""
+    import numpy as np
+    import torch
+
+    from cxrtune.model.artifacts import read_bundle_meta
+    from cxrtune.scoring.onnx_runtime import OnnxStage
+
+    sessions = {}
+    for name, made in bundles_made.items():
+        meta = read_bundle_meta(made["bundle"])
+        for stage in ("lung", "disease"):
+            pre = meta.stage(stage).preprocessing
+            data = Path(made["bundle"], meta.onnx["int8"][stage]["file"]).read_bytes()
+            sessions[(name, stage)] = (OnnxStage(data, threads=1),
+                                       torch.rand(4, pre.get("in_channels", 1), pre["size"], pre["size"]))
+    times: dict = {k: [] for k in sessions}
+    for session, x in sessions.values():
+        session(x)  # warm-up
+    for _ in range(rounds):
+        for k, (session, x) in sessions.items():
+            t = time.perf_counter()
+            session(x)
+            times[k].append(1000 * (time.perf_counter() - t) / 4)
+    out: dict = {}
+    for (name, stage), t in times.items():
+        out.setdefault(name, {})[stage] = round(float(np.median(t)), 2)
+    return out
+
+
+def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float, concurrency: int) -> dict:
+    """Served end-to-end images/s, hand-picked (A) and fast (B) bundles interleaved A-B-A-B twice
+    on one Serve instance (the same deployments as bench/serve_cpu.py), and the per-step timings of
+    single unloaded requests."""
+    import numpy as np
+    import ray
+    import requests
+    from ray import serve
+    from serve_load import free_port, run_load
+
+    from cxrtune.serving.app import application as build_app
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    stage = {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}
+    deployments = {"Stage1": stage, "Stage2": stage,
+                   "Ingress": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
+                               "ray_actor_options": {"num_cpus": 0.5}}}
+    rates: dict = {"handpicked": [], "fast": []}
+    steps: dict = {"handpicked": [], "fast": []}
+    try:
+        for name in ["handpicked", "fast"] * 4:
+            settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
+                        "device": "cpu", "runtime": "onnx-int8", "threads": 1, "auth": "none"}
+            serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
+            asyncio.run(run_load(url, payloads, 2, min(5.0, duration), timeout=300))  # warm-up
+            r = asyncio.run(run_load(url, payloads, concurrency, duration, timeout=300))
+            rates[name].append(r["throughput_images_per_s"])
+            if len(steps[name]) < 12:  # unloaded: one request at a time
+                for body in payloads[:6]:
+                    t = time.perf_counter()
+                    answer = requests.post(f"{url}/v1/score", data=body, timeout=120).json()
+                    steps[name].append({**answer["timings_ms"], "client": 1000 * (time.perf_counter() - t)})
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    pairs = [b / a for a, b in zip(rates["handpicked"], rates["fast"])]
+    median_steps = {name: {k: round(float(np.median([s[k] for s in rows])), 1) for k in rows[0]}
+                    for name, rows in steps.items() if rows}
+    return {"images_per_s": rates, "fast_over_handpicked": [round(p, 3) for p in pairs],
+            "median_ratio": round(float(np.median(pairs)), 3), "concurrency": concurrency,
+            "unloaded_steps_ms": median_steps}
+
+
+def throughput_bound(steps: dict, networks: dict, cores: int) -> dict:
+    """Images/s the served path could reach on ``cores`` if every core were busy with its own
+    steps: decode, post-processing and HTTP (the unloaded request's client time beyond the
+    server's total) as measured per request, the two networks at their batched int8 cost."""
+    http = max(steps["client"] - steps["total"], 0.0)
+    per_image = {"decode": steps["decode"], "stage1_int8": networks["lung"], "stage2_int8": networks["disease"],
+                 "post": steps["post"], "http": round(http, 1)}
+    return {"per_image_cpu_ms": per_image, "bound_images_per_s": round(cores * 1000 / sum(per_image.values()), 2)}
+
+
+def paired_errors(hand_eval: Path, point_eval: Path, test_df) -> dict:
+    """Per-image score error of both bundles on the same images: brixia-dev against the senior
+    reader (T cross-validated, ``reader_scores.csv``) and the official Val images with a mask
+    reference (``scores.csv``; a record not scored counts as the worst error)."""
+    import numpy as np
+    import pandas as pd
+    from scipy.stats import bootstrap
+
+    diffs, n = [], {}
+    for sub, key, error in (("eval-brixia", "reader_scores.csv", lambda d: (d["score"] - d["reader_S"]).abs()),
+                            ("eval", "scores.csv", lambda d: d["error"])):
+        a, b = (pd.read_csv(Path(e) / sub / key) for e in (hand_eval, point_eval))
+        a, b = a.assign(err=error(a)).dropna(subset=["err"]), b.assign(err=error(b)).dropna(subset=["err"])
+        both = a.merge(b, on="row", suffixes=("_hand", "_point"))
+        diffs.append((both["err_point"] - both["err_hand"]).to_numpy(float))
+        n[sub] = len(both)
+    d = np.concatenate(diffs)
+    ci = bootstrap((d,), np.mean, confidence_level=0.90, n_resamples=10_000, method="percentile",
+                   random_state=0).confidence_interval  # two-sided 90 % = one-sided 95 % upper bound
+    return {"n": n, "mean_difference": round(float(d.mean()), 4), "upper_95": round(float(ci.high), 4),
+            "lower_95": round(float(ci.low), 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="this 2-core machine (the issue's run)")
+    ap.add_argument("--quick", action="store_true", help="a tiny run that checks the script")
+    ap.add_argument("--data", default=os.environ.get("CXRTUNE_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--accuracy-out", help="bench/accuracy.py's --out (default /tmp/cxrtune-accuracy-cpu)")
+    ap.add_argument("--out", help="default /tmp/cxrtune-s2s[-quick]")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run at its last stage boundary")
+    ap.add_argument("--budget-minutes", type=float, default=90)
+    ap.add_argument("--trials", type=int, default=24)
+    ap.add_argument("--fp-limit", type=float, default=0.10)
+    ap.add_argument("--fast-rule", default="fastest:accuracy<=best+0.10")
+    ap.add_argument("--accurate-rule", default="most-accurate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--serve-seconds", type=float, default=30)
+    ap.add_argument("--concurrency", type=int, default=8)
+    args = ap.parse_args()
+    if args.quick:
+        args.budget_minutes, args.trials, args.serve_seconds = min(args.budget_minutes, 6), min(args.trials, 3), 5
+        args.fp_limit = 1.0  # a handful of validation Normals: any trial may reach the front
+    out = Path(args.out or ("/tmp/cxrtune-s2s-quick" if args.quick else "/tmp/cxrtune-s2s"))
+    args.accuracy_out = args.accuracy_out or str(out / "accuracy" if args.quick else "/tmp/cxrtune-accuracy-cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, args.resume)
+
+    results: dict = {}
+    for name in STAGES:
+        if (done := stages.done(name)) is not None:
+            results[name] = done
+            continue
+        t = time.perf_counter()
+        if name == "handpicked":
+            result = handpicked(args, out)
+        elif name == "sweep":
+            result = sweep(args, results["handpicked"], out)
+        elif name == "promote":
+            result = promote(args, results["handpicked"], results["sweep"], out)
+        elif name == "bundles":
+            result = bundles(args, results["handpicked"], results["promote"], out)
+        elif name == "serve":
+            from cxrtune.scoring.onnx_export import calibration_sample
+
+            made = results["bundles"]
+            payloads = calibration_sample([str(Path(args.data) / "covid-qu-ex" / "Val")], 16)
+            latency = stage2_latency(made)
+            throughput = served_throughput(made, payloads, args.serve_seconds, args.concurrency)
+            bound = {k: throughput_bound(throughput["unloaded_steps_ms"][k], latency[k], os.cpu_count() or 2)
+                     for k in ("handpicked", "fast")}
+            result = {"int8_ms_per_image": latency, "throughput": throughput, "bound": bound}
+        else:
+            from cxrtune.data import manifest
+
+            made, served = results["bundles"], results["serve"]
+            test_df = manifest.load_manifest(results["handpicked"]["manifest"])
+            hand_ms = served["int8_ms_per_image"]["handpicked"]["disease"]
+            compare = {}
+            for point in ("fast", "accurate"):
+                compare[point] = {
+                    "paired_score_error": paired_errors(Path(made["handpicked"]["eval"]), Path(made[point]["eval"]),
+                                                        test_df),
+                    "stage2_int8_speedup": round(hand_ms / served["int8_ms_per_image"][point]["disease"], 2),
+                    "fp_rate_on_normal": made[point]["fp_rate_on_normal"]}
+            fast, accurate = compare["fast"], compare["accurate"]
+            achieved = {k: max(served["throughput"]["images_per_s"][k]) for k in ("handpicked", "fast")}
+            result = {**compare, "served_over_bound": {
+                k: round(achieved[k] / served["bound"][k]["bound_images_per_s"], 3) for k in achieved}}
+            result["targets"] = {
+                "fast: stage2 int8 latency >= 3x lower": fast["stage2_int8_speedup"] >= 3,
+                "fast: served throughput >= 1.15x": served["throughput"]["median_ratio"] >= 1.15,
+                "fast: score error non-inferior (upper 95% <= 0.15)": fast["paired_score_error"]["upper_95"] <= 0.15,
+                "fast: FP rate on Normal <= 0.10": (fast["fp_rate_on_normal"] or 1) <= 0.10,
+                "accurate: lower score error (upper 95% < 0)": accurate["paired_score_error"]["upper_95"] < 0,
+                "served path >= 80% of its bound": all(v >= 0.8 for v in result["served_over_bound"].values()),
+            }
+        results[name] = stages.finish(name, result, t)
+
+    from cxrtune.jsonsafe import json_safe
+
+    summary = {"benchmark": "search_to_serve", "mode": "quick" if args.quick else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "device": f"cpu ({os.cpu_count()} cores)",
+               "compute_minutes": round(sum(results[s].get("minutes", 0) for s in STAGES), 1), **results}
+    (out / "result.json").write_text(json.dumps(json_safe(summary), indent=2))
+    print(json.dumps(json_safe(summary), indent=2))
+
+
+if __name__ == "__main__":
+    main()
