@@ -260,7 +260,7 @@ def main() -> None:
         "fp_rate_on_normal": test.normal_score_fp_rate, "n_normal": test.n_normal,
         "status_counts": test.status,
         "zone_threshold": cal.zone.threshold, "calibration_mae_vs_masks": cal.zone.mae,
-        "score_vs_mask_reference": test.get("score"),
+        "score_vs_mask_reference": test.score,
         "jsrt_lung_dice": jsrt.get("dice"),
         "brixia": brixia,
         "evaluate_minutes": round((t3 - t2) / 60, 2),

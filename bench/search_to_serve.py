@@ -101,23 +101,26 @@ def handpicked(args, out: Path) -> dict:
     """The accuracy bench's run (reused; run here if missing): paths and its recorded figures."""
     acc = Path(args.accuracy_out)
     if not (acc / "result.json").exists():
-        mode = ["--quick"] if args.quick else ["--cpu"]
+        # quick: enough Stage I for lungs to be found at all, or nothing calibrates
+        mode = ["--quick", "--lung-epochs", "6", "--override", '{"max_train_images": 160}'] if args.quick else ["--cpu"]
         subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy.py"), *mode, "--data", args.data,
                         "--out", str(acc), "--resume"], check=True, stdout=subprocess.DEVNULL)
     result = json.loads((acc / "result.json").read_text())
     from cxrtune.model.artifacts import read_run_summary
 
-    disease = read_run_summary(str(acc / "disease"))
+    disease, lung = read_run_summary(str(acc / "disease")), read_run_summary(str(acc / "lung"))
     return {"accuracy_out": str(acc), "manifest": str(acc / "cqe-split.parquet"), "lung_run": str(acc / "lung"),
             "disease_run": str(acc / "disease"), "bundle": str(acc / "bundle-calibrated"),
+            "stage1_encoder": lung.config["model"]["encoder"],
             "stage2_config": disease.config, "stage2_train_minutes": disease.train_minutes,
             "result": {k: result.get(k) for k in ("fp_rate_on_normal", "covid_infection_dice", "normal_vs_disease",
                                                   "score_vs_mask_reference", "brixia", "train_minutes")}}
 
 
 def tuning_manifest(hand: dict, out: Path) -> str:
-    """The accuracy manifest with a patient-level 50 % tuning subset of its training part (the
-    library's own split function, same seed: the split itself must come out unchanged)."""
+    """The accuracy manifest, its split unchanged, with a patient-level, label-stratified 50 %
+    tuning subset of its training part (train and validation rows), drawn by the library's split
+    function (whose own split of these rows is not used)."""
     import pandas as pd
 
     from cxrtune.data import manifest
@@ -125,11 +128,8 @@ def tuning_manifest(hand: dict, out: Path) -> str:
 
     df = manifest.load_manifest(hand["manifest"])
     part = df[df["split"] != "test"]
-    marked = assign_splits(part.drop(columns=["tuning"], errors="ignore"), val=0.1, test=0.0, seed=0, tuning_fraction=0.5)
-    if not (marked["split"].to_numpy() == part["split"].to_numpy()).all():
-        raise SystemExit("the tuning subset would move rows between splits: the accuracy manifest's split "
-                         "was not made by assign_splits(val=0.1, seed=0)")
-    tuned = pd.concat([marked, df[df["split"] == "test"].assign(tuning=False)])
+    drawn = assign_splits(part.drop(columns=["tuning"], errors="ignore"), val=0.1, test=0.0, seed=0, tuning_fraction=0.5)
+    tuned = pd.concat([part.assign(tuning=drawn["tuning"].to_numpy()), df[df["split"] == "test"].assign(tuning=False)])
     path = out / "tuning.parquet"
     manifest.save_manifest(tuned.loc[df.index], str(path))
     return str(path)
@@ -160,14 +160,15 @@ def sweep(args, hand: dict, out: Path) -> dict:
 
 def retrain_settings(hand: dict, encoder: str) -> list[str]:
     """``promote --set`` pairs: the accuracy bench's Stage II recipe (rows, epochs, schedule,
-    selection, precision) within its Stage II minutes; a ResNet-18 starts from the Stage I encoder."""
+    selection, precision) within its Stage II minutes; a point with Stage I's encoder (ResNet-18 on
+    the CPU) starts from Stage I's weights, as the hand-picked Stage II does, others from scratch."""
     cfg = hand["stage2_config"]
     keep = ("max_train_images", "epochs", "lr_schedule", "monitor", "patience", "min_delta", "num_workers", "cpu_amp",
             "batch_size")
     pairs = [f"{k}={json.dumps(cfg[k])}" for k in keep if cfg.get(k) is not None]
     if hand.get("stage2_train_minutes"):
         pairs.append(f"max_minutes={hand['stage2_train_minutes']}")
-    if encoder == cfg["model"].get("encoder"):
+    if encoder == hand["stage1_encoder"] and cfg["model"].get("encoder_weights"):
         pairs.append(f"model.encoder_weights={hand['lung_run']}")
     return pairs
 
@@ -210,7 +211,8 @@ def bundles(args, hand: dict, promoted: dict, out: Path) -> dict:
 
     df = manifest.load_manifest(hand["manifest"])
     data = Path(args.data)
-    sample = [str(data / "covid-qu-ex" / "Train")]  # 32 radiographs spread over it, as the serving bench does
+    # int8 calibration: 32 radiographs spread over the training part's three classes (never a mask)
+    sample = [str(f) for f in sorted((data / "covid-qu-ex" / "Train").glob("*/images"))]
     made = {}
     for name, point in promoted["points"].items():
         folder = out / "bundles" / name
@@ -227,7 +229,7 @@ def bundles(args, hand: dict, promoted: dict, out: Path) -> dict:
     folder.mkdir(parents=True)
     export(hand["bundle"], str(folder / "bundle-int8"), "onnx-int8", calibration=sample)
     made["handpicked"] = {"bundle": str(folder / "bundle-int8"), "eval": hand["accuracy_out"]}
-    return made
+    return {"bundles": made}
 
 
 def summary_of(measured: dict) -> dict:
@@ -235,7 +237,7 @@ def summary_of(measured: dict) -> dict:
     senior = (measured["brixia"].get("vs_senior") or {}).get("score") or {}
     return {"fp_rate_on_normal": test.normal_score_fp_rate, "covid_infection_dice": test.opacity.get("dice"),
             "f1": (test.classification or {}).get("f1"), "cls_threshold": cal.cls.threshold,
-            "zone_threshold": cal.zone.threshold, "val_score": test.get("score"),
+            "zone_threshold": cal.zone.threshold, "val_score": test.score,
             "brixia_cv_mae_vs_senior": senior.get("mae")}
 
 
@@ -323,7 +325,12 @@ def throughput_bound(steps: dict, networks: dict, cores: int) -> dict:
     http = max(steps["client"] - steps["total"], 0.0)
     per_image = {"decode": steps["decode"], "stage1_int8": networks["lung"], "stage2_int8": networks["disease"],
                  "post": steps["post"], "http": round(http, 1)}
-    return {"per_image_cpu_ms": per_image, "bound_images_per_s": round(cores * 1000 / sum(per_image.values()), 2)}
+    # where an unloaded request's stage time goes beyond the networks: the batch wait (20 ms at
+    # most), Serve's calls between the ingress and the stage replicas, and each stage's pre- and
+    # post-processing around its network
+    around = steps["stage1"] + steps["stage2"] - networks["lung"] - networks["disease"]
+    return {"per_image_cpu_ms": per_image, "bound_images_per_s": round(cores * 1000 / sum(per_image.values()), 2),
+            "unloaded_stage_ms_beyond_networks": round(around, 1)}
 
 
 def paired_errors(hand_eval: Path, point_eval: Path, test_df) -> dict:
@@ -391,8 +398,9 @@ def main() -> None:
         elif name == "serve":
             from cxrtune.scoring.onnx_export import calibration_sample
 
-            made = results["bundles"]
-            payloads = calibration_sample([str(Path(args.data) / "covid-qu-ex" / "Val")], 16)
+            made = results["bundles"]["bundles"]
+            val_images = sorted((Path(args.data) / "covid-qu-ex" / "Val").glob("*/images"))
+            payloads = calibration_sample([str(f) for f in val_images], 16)
             latency = stage2_latency(made)
             throughput = served_throughput(made, payloads, args.serve_seconds, args.concurrency)
             bound = {k: throughput_bound(throughput["unloaded_steps_ms"][k], latency[k], os.cpu_count() or 2)
@@ -401,7 +409,7 @@ def main() -> None:
         else:
             from cxrtune.data import manifest
 
-            made, served = results["bundles"], results["serve"]
+            made, served = results["bundles"]["bundles"], results["serve"]
             test_df = manifest.load_manifest(results["handpicked"]["manifest"])
             hand_ms = served["int8_ms_per_image"]["handpicked"]["disease"]
             compare = {}

@@ -23,7 +23,20 @@ rungs at 1, 2 and 4 epochs, patience 3 and trials at Dice < 0.05 after epoch 1 c
 (``--cut-below``). Random search: the same space and budget, no warm start, no early stopping.
 Each method runs once per seed (``--seeds``). The Dice target (``--target``, 0.88 by default) is
 fixed before the runs. Writes ``curves.png`` (best-so-far against wall time, one band per method:
-min-max over seeds, the line the median) beside the JSON.
+min-max over seeds, the line the median) beside the JSON. ``--ablate`` adds three methods that
+each take one ingredient away from TPE + ASHA (its warm start; its cuts; TPE's model, i.e. random
+sampling with the same cuts) and reports each method's speed-up over random search per seed and
+its median and spread over seeds (issue 23, item 7: run with ``--seeds 0 1 2 3 4``).
+
+``--cpu --multi-objective`` (issue 23, item 7): Stage II with two objectives, score MAE (each
+trial at its own operating point through ``--lung-bundle``, the CPU accuracy bench's Stage I)
+and GMACs, constraint FP rate on Normal <= 0.10, on 600 rows of COVID-QU-Ex's training part (20 %
+validating), ``search_spaces/disease_cpu.yaml`` at 96-128 px and 4 epochs, 16 trials two at a
+time in 25 minutes: TPE + ASHA (with the space's warm start) against random search without
+stopping, per seed (``--seeds``). Judged by the hypervolume of the feasible, complete trials in
+(score MAE, GMACs) against wall time (reference point: MAE 3, 1.05 x the costliest feasible
+trial of the comparison). Target: TPE + ASHA's final hypervolume >= random's in every seed, or
+its time to random's final hypervolume <= 0.5 x random's.
 """
 
 from __future__ import annotations
@@ -130,6 +143,22 @@ def cpu_space(shipped: dict, size: int, epochs: int) -> dict:
     return space
 
 
+# The Stage I CPU comparison's methods. The ablations (``--ablate``) take one ingredient of
+# tpe_asha away each, to say where its speed-up comes from: the warm start, the cuts (ASHA, the
+# patience stopper and the hopeless-trial cut) or TPE's model (random sampling with the same cuts).
+CPU_METHODS = {
+    "tpe_asha": {"sampler": "tpe", "scheduler": "asha", "patience": 3, "cut_below": 0.05, "warm_start": True},
+    "tpe_asha_no_warm_start": {"sampler": "tpe", "scheduler": "asha", "patience": 3, "cut_below": 0.05,
+                               "warm_start": False},
+    "tpe_no_cuts": {"sampler": "tpe", "scheduler": "none", "patience": 0, "cut_below": None, "warm_start": True},
+    "random_with_cuts": {"sampler": "random", "scheduler": "asha", "patience": 3, "cut_below": 0.05,
+                         "warm_start": False},
+    "random_no_stopping": {"sampler": "random", "scheduler": "none", "patience": 0, "cut_below": None,
+                           "warm_start": False},
+}
+ABLATIONS = ("tpe_asha_no_warm_start", "tpe_no_cuts", "random_with_cuts")
+
+
 def bands_plot(results: dict, target: float, budget_s: float, path: Path) -> None:
     """Best-so-far Dice against wall time: per method the median over seeds and a min-max band."""
     import matplotlib
@@ -140,7 +169,7 @@ def bands_plot(results: dict, target: float, budget_s: float, path: Path) -> Non
 
     grid = np.linspace(0, budget_s, 200)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (label, runs), color in zip(results.items(), ("tab:blue", "tab:orange")):
+    for (label, runs), color in zip(results.items(), ("tab:blue", "tab:green", "tab:purple", "tab:red", "tab:orange")):
         curves = []
         for run in runs:
             y = np.full(grid.shape, np.nan)
@@ -162,6 +191,8 @@ def bands_plot(results: dict, target: float, budget_s: float, path: Path) -> Non
 def run_cpu(args) -> None:
     """Issue 11, item 8: the speed-up of the service's search over random search on this CPU."""
 
+    import numpy as np
+
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
     from cxrtune.data.splits import assign_splits
@@ -180,11 +211,10 @@ def run_cpu(args) -> None:
     space = cpu_space(load_space(str(ROOT / "search_spaces" / "lung_segmentation.yaml")).to_dict(),
                       args.size, args.max_epochs)
     budget = args.budget_minutes * 60
-    methods = {"tpe_asha": {"sampler": "tpe", "scheduler": "asha", "patience": 3, "cut_below": 0.05},
-               "random_no_stopping": {"sampler": "random", "scheduler": "none", "patience": 0, "cut_below": None}}
+    methods = {m: CPU_METHODS[m] for m in ("tpe_asha", *(ABLATIONS if args.ablate else ()), "random_no_stopping")}
     results: dict = {m: [] for m in methods}
     for k, seed in enumerate(args.seeds):
-        order = list(methods) if k % 2 == 0 else list(methods)[::-1]  # neither method always runs first
+        order = list(methods) if k % 2 == 0 else list(methods)[::-1]  # no method always runs first
         for label in order:
             m = methods[label]
             name = f"cpu-{label}-seed{seed}"
@@ -193,7 +223,7 @@ def run_cpu(args) -> None:
                 import shutil
 
                 shutil.rmtree(exp, ignore_errors=True)  # a fresh experiment, never an old study's
-                run_space = dict(space) if label == "tpe_asha" else {**space, "warm_start": []}
+                run_space = dict(space) if m["warm_start"] else {**space, "warm_start": []}
                 opts = TuneOptions(space=run_space, space_source="lung_segmentation.yaml (CPU cut)",
                                    manifest=str(out / "tuning.parquet"), name=name, storage=str(out / "exps"),
                                    num_samples=args.num_samples, scheduler=m["scheduler"], grace=1, reduction_factor=2,
@@ -223,14 +253,26 @@ def run_cpu(args) -> None:
     bands_plot(results, args.target, budget, out / "curves.png")
 
     per_seed = []
-    for tpe, rnd in zip(results["tpe_asha"], results["random_no_stopping"]):
-        t_tpe, t_rnd = tpe["seconds_to_target"], rnd["seconds_to_target"]
-        per_seed.append({"seed": tpe["seed"], "tpe_asha_s": t_tpe, "random_s": t_rnd,
-                         # a random run that never reached the target counts as the budget: the ratio is then a bound
-                         "speedup": (round((t_rnd if t_rnd is not None else budget) / t_tpe, 2) if t_tpe else None),
-                         "speedup_is_lower_bound": t_rnd is None})
+    for k, rnd in enumerate(results["random_no_stopping"]):
+        t_rnd = rnd["seconds_to_target"]
+        row: dict = {"seed": rnd["seed"], "random_s": t_rnd, "random_reached": t_rnd is not None}
+        for label in methods:
+            if label != "random_no_stopping":
+                t = results[label][k]["seconds_to_target"]
+                # a random run that never reached the target counts as the budget: the ratio is then a bound
+                row[f"{label}_s"] = t
+                row[f"{label}_speedup"] = round((t_rnd if t_rnd is not None else budget) / t, 2) if t else None
+        per_seed.append(row)
+    spread = {}
+    for label in methods:
+        if label != "random_no_stopping":
+            ups = [p[f"{label}_speedup"] for p in per_seed]
+            got = sorted(u for u in ups if u is not None)
+            spread[label] = {"median_speedup": (float(np.median(got)) if len(got) == len(ups) else None),
+                             "min": got[0] if got else None, "max": got[-1] if got else None,
+                             "reached_target": f"{len(got)}/{len(ups)}"}
     tpe_all = all(r["seconds_to_target"] is not None for r in results["tpe_asha"])
-    met = tpe_all and all(p["speedup"] is not None and p["speedup"] >= 2 for p in per_seed)
+    met = tpe_all and all(p["tpe_asha_speedup"] is not None and p["tpe_asha_speedup"] >= 2 for p in per_seed)
     summary = {
         "benchmark": "sweep", "mode": "cpu", "device": f"cpu ({os.cpu_count()} cores)", "stage": "lung",
         "metric": "val_dice", "target": args.target, "budget_minutes": args.budget_minutes, "seeds": args.seeds,
@@ -239,10 +281,120 @@ def run_cpu(args) -> None:
                   "val_images": int((subset["split"] == "val").sum()), "trials_at_once": 2,
                   "max_trials": args.num_samples, "tpe_startup_trials": startup_trials(args.num_samples),
                   "space": space},
-        "results": results, "per_seed": per_seed,
+        "methods": {m: CPU_METHODS[m] for m in methods}, "results": results, "per_seed": per_seed,
+        "speedup_over_random_by_method": spread,
         "targets_met": {"tpe_asha reaches the target in at most half random's time, every seed": met},
         "plot": str(out / "curves.png"),
     }
+    print(json.dumps(json_safe(summary), indent=2))
+
+
+MO_COST_REF = 1.05  # the hypervolume's reference cost: 5 % above the costliest feasible trial of the comparison
+MO_MAE_REF = 3.0  # and its reference score MAE: half the scale, worse than any useful Stage II
+
+
+def hypervolume_curve(exp: Path, start: float, constraint: float) -> list[dict]:
+    """Hypervolume of the feasible, complete trials (FP rate on Normal <= ``constraint``, trained to
+    the last epoch) in (score MAE, GMACs) against wall time: one point per trial as it completes.
+    Read from each trial's own result file; the reference point is set by :func:`mo_summary`."""
+    events = []
+    for f in exp.glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        last = rows[-1] if rows else {}
+        if last.get("training_iteration") == MO_EPOCHS and last.get("val_fp_rate_normal", 1) <= constraint:
+            events.append((last["timestamp"] - start, last["val_score_mae"], last["gmacs"]))
+    return [{"elapsed_s": round(t, 1), "mae": m, "gmacs": g} for t, m, g in sorted(events)]
+
+
+def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Optuna's own hypervolume (WFG; private module, the one Optuna's hypervolume plots use)."""
+    import numpy as np
+    from optuna._hypervolume import compute_hypervolume
+
+    inside = [p for p in points if p[0] < ref[0] and p[1] < ref[1]]
+    return float(compute_hypervolume(np.array(inside), np.array(ref))) if inside else 0.0
+
+
+MO_EPOCHS = 4
+
+
+def run_cpu_mo(args) -> None:
+    """Issue 23, item 7: the multi-objective Stage II search (TPE + ASHA, with the space's warm
+    start) against random search without stopping, on 600 COVID-QU-Ex rows at <= 128 px, 4 epochs,
+    16 trials, two trials at once, judged by the hypervolume of feasible trials against wall time."""
+    import shutil
+
+    import ray
+
+    from cxrtune.data import manifest
+    from cxrtune.data.importers import run_import
+    from cxrtune.data.splits import assign_splits
+    from cxrtune.jsonsafe import json_safe
+    from cxrtune.search.search_space import load_space
+    from cxrtune.search.tuning import TuneOptions, run_tune
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_import("covid-qu-ex", str(Path(args.data) / "covid-qu-ex"), str(out / "cqe.parquet"), progress=False)
+    df = manifest.load_manifest(str(out / "cqe.parquet"))
+    df = df[df["split"] == "train"]  # the official Val part stays out of tuning entirely
+    rows = 48 if args.quick else 600
+    df = assign_splits(df.groupby("label").sample(frac=rows / len(df), random_state=0), val=0.2, test=0.0, seed=0)
+    manifest.save_manifest(df, str(out / "mo.parquet"))
+    space = load_space(str(ROOT / "search_spaces" / "disease_cpu.yaml")).to_dict()
+    space["fixed"].update(epochs=MO_EPOCHS, tuning_subset=False, batch_size=16)
+    space["parameters"]["size"] = {"type": "int", "low": 64 if args.quick else 96, "high": 128, "step": 32}
+    space["warm_start"] = [{**w, "size": 128} for w in space.get("warm_start", [])]
+    budget = args.budget_minutes * 60
+    constraint = 1.0 if args.quick else 0.10
+    methods = {"tpe_asha": {"sampler": "tpe", "scheduler": "asha", "warm": True},
+               "random_no_stopping": {"sampler": "random", "scheduler": "none", "warm": False}}
+    runs: dict = {m: [] for m in methods}
+    for k, seed in enumerate(args.seeds):
+        for label in (list(methods) if k % 2 == 0 else list(methods)[::-1]):
+            m, name = methods[label], f"mo-{label}-seed{seed}"
+            exp = out / "exps" / name
+            if not args.reanalyse:
+                shutil.rmtree(exp, ignore_errors=True)
+                opts = TuneOptions(space=space if m["warm"] else {**space, "warm_start": []},
+                                   space_source="disease_cpu.yaml (<=128 px, 4 epochs)", manifest=str(out / "mo.parquet"),
+                                   name=name, storage=str(out / "exps"), num_samples=args.num_samples,
+                                   scheduler=m["scheduler"], grace=1, reduction_factor=2, max_epochs=MO_EPOCHS,
+                                   cpus_per_trial=1, num_cpus=2, max_concurrent=2, time_budget_s=budget,
+                                   sampler=m["sampler"], seed=seed, multi_objective=True, lung_bundle=args.lung_bundle,
+                                   reference="masks", constraints=[f"val_fp_rate_normal<={constraint}"])
+                run_tune(opts)
+                ray.shutdown()
+            created = json.loads((exp / "cxrtune.json").read_text())["created"]
+            runs[label].append({"seed": seed, "front_events": hypervolume_curve(exp, created, constraint)})
+    costs = [e["gmacs"] for rs in runs.values() for r in rs for e in r["front_events"]]
+    ref = (MO_MAE_REF, MO_COST_REF * max(costs)) if costs else (MO_MAE_REF, 1.0)
+    for rs in runs.values():
+        for r in rs:
+            seen: list = []
+            r["hypervolume_curve"] = []
+            for e in r["front_events"]:
+                seen.append((e["mae"], e["gmacs"]))
+                r["hypervolume_curve"].append({"elapsed_s": e["elapsed_s"], "hv": round(hypervolume(seen, ref), 5)})
+            r["final_hypervolume"] = r["hypervolume_curve"][-1]["hv"] if seen else 0.0
+    per_seed = []
+    for tpe, rnd in zip(runs["tpe_asha"], runs["random_no_stopping"]):
+        final = rnd["final_hypervolume"]
+        reach = next((p["elapsed_s"] for p in tpe["hypervolume_curve"] if p["hv"] >= final and final > 0), None)
+        rnd_time = rnd["hypervolume_curve"][-1]["elapsed_s"] if rnd["hypervolume_curve"] else None
+        per_seed.append({"seed": tpe["seed"], "tpe_asha_hv": tpe["final_hypervolume"], "random_hv": final,
+                         "tpe_time_to_random_final_s": reach, "random_time_to_its_final_s": rnd_time,
+                         "time_ratio": round(reach / rnd_time, 3) if reach is not None and rnd_time else None})
+    met = all(p["tpe_asha_hv"] >= p["random_hv"] or (p["time_ratio"] is not None and p["time_ratio"] <= 0.5)
+              for p in per_seed)
+    summary = {"benchmark": "sweep", "mode": "cpu-multi-objective", "device": f"cpu ({os.cpu_count()} cores)",
+               "stage": "disease", "objectives": ["val_score_mae", "gmacs"],
+               "constraint": f"val_fp_rate_normal<={constraint}", "lung_bundle": args.lung_bundle,
+               "rows": {"train": int((df["split"] == "train").sum()), "val": int((df["split"] == "val").sum())},
+               "budget_minutes": args.budget_minutes, "trials": args.num_samples, "epochs": MO_EPOCHS,
+               "hypervolume_reference": {"score_mae": ref[0], "gmacs": round(ref[1], 4)},
+               "runs": runs, "per_seed": per_seed,
+               "targets_met": {"TPE+ASHA hypervolume >= random's, or its time to random's final <= 0.5x, each seed": met}}
     print(json.dumps(json_safe(summary), indent=2))
 
 
@@ -264,7 +416,17 @@ def main() -> None:
     ap.add_argument("--tuning-fraction", type=float, default=0.16, help="--cpu: share of Train in the tuning subset")
     ap.add_argument("--num-samples", type=int, default=12, help="--cpu: trials at most (sizes TPE's start-up)")
     ap.add_argument("--reanalyse", action="store_true", help="--cpu: no new runs; analyse the runs in --out")
+    ap.add_argument("--ablate", action="store_true",
+                    help="--cpu: also run tpe_asha without its warm start, without its cuts, and random search with them")
+    ap.add_argument("--multi-objective", action="store_true",
+                    help="--cpu: the Stage II multi-objective comparison (issue 23, item 7); needs --lung-bundle")
+    ap.add_argument("--lung-bundle", default="/tmp/cxrtune-accuracy-cpu/bundle-calibrated",
+                    help="--multi-objective: the fixed Stage I (bench/accuracy.py --cpu's bundle)")
     args = ap.parse_args()
+    if args.cpu and args.multi_objective:
+        args.budget_minutes = args.budget_minutes or (3 if args.quick else 25)
+        args.num_samples = 3 if args.quick else 16
+        return run_cpu_mo(args)
     if args.cpu:
         args.target = args.target or 0.88
         args.budget_minutes, args.max_epochs = args.budget_minutes or 8, args.max_epochs or 6
