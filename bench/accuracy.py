@@ -62,13 +62,13 @@ DISEASE = {"task": "disease", "model": {"arch": "Unet", "encoder": "resnet34", "
 # 16 (docs/BENCHMARKS.md, eighth run, 2026-12-01: every target met); without native bf16 fp32 runs
 # about twice as slow and the budget ends it after about 8.
 CPU_LUNG = {"task": "lung", "model": {"arch": "Unet", "encoder": "resnet18", "in_channels": 1,
-                                      "decoder": {"decoder_channels": [128, 64, 32, 16, 16]}},
+                                      "decoder": "narrow"},
             "size": 128, "batch_size": 16, "epochs": 5, "optimizer": "adamw", "lr": 2e-3, "lr_schedule": "cosine",
             "seg_loss": "dice", "patience": 4, "min_delta": 0.001, "num_workers": 0, "max_train_images": 2400,
             "max_minutes": 16}  # no epoch starts that would end past max_minutes
 CPU_BUDGET_MINUTES = 59  # both stages' training; a minute of the 60 is left for what the caps do not see
 CPU_DISEASE = {"task": "disease", "model": {"arch": "Unet", "encoder": "resnet18", "in_channels": 1,
-                                         "decoder": {"decoder_channels": [128, 64, 32, 16, 16]}},
+                                         "decoder": "narrow"},
                "size": 224, "batch_size": 16, "epochs": 17, "optimizer": "adamw", "lr": 2e-3,
                "lr_schedule": "cosine", "seg_loss": "dice_focal", "cls_loss": "bce", "dlw_alpha": 0.05,
                "monitor": "val_loss", "patience": 6, "min_delta": 0.001, "num_workers": 0,

@@ -1,5 +1,7 @@
-"""The multi-objective front and the rules that pick from it, on trials tables made here (the
-sweep that writes such tables for real: tests/test_search_to_serve.py)."""
+"""The small pieces of the multi-objective search, without Ray: the front and the rules that pick
+from it (on trials tables made here; the sweep that writes such tables for real is
+tests/test_search_to_serve.py), constraints, decoder width presets, the GMACs cost and the split
+hash a promoted trial records."""
 
 import pandas as pd
 import pytest
@@ -40,7 +42,7 @@ def test_pick_rules_choose_the_documented_point():
     assert pick("most-accurate:gmacs<=best").pick(front, "val_score_mae", "min")["trial_id"] == "b"
     assert pick("fastest:val_score_mae<=0.5, cost>=0.2").pick(front, "val_score_mae", "min")["trial_id"] == "d"
     for rule, message in (("slowest", "start with fastest or most-accurate"),
-                          ("fastest:accuracy=0.1", "not NAME<=VALUE"),
+                          ("fastest:accuracy=0.1", "expected NAME<=VALUE"),
                           ("fastest:recall<=0.1", "no column 'recall'"),
                           ("fastest:accuracy<=best+x", "not a number"),
                           ("fastest:accuracy<=0.1", "no point of the front")):
@@ -48,3 +50,72 @@ def test_pick_rules_choose_the_documented_point():
             pick(rule).pick(front, "val_score_mae", "min")
     with pytest.raises(CxrtuneError, match="the front is empty"):
         pick("fastest").pick(front.iloc[0:0], "val_score_mae", "min")
+
+
+def test_the_front_and_best_follow_a_maximised_objective():
+    """dice_cls is maximised: the front keeps high-Dice, low-cost trials, and best is the highest."""
+    t = table().assign(val_dice_f1=lambda d: 1 - d["val_score_mae"]).drop(columns="val_score_mae")
+    front = pareto_front(t, "val_dice_f1", "max")
+    assert list(front["trial_id"]) == ["b", "d", "c"]
+    # best = 0.60 (c); within 0.05 of it: d (0.55) and c; the cheaper is d
+    assert PickRule.parse("fastest:accuracy>=best-0.05").pick(front, "val_dice_f1", "max")["trial_id"] == "d"
+    assert PickRule.parse("most-accurate").pick(front, "val_dice_f1", "max")["trial_id"] == "c"
+    with pytest.raises(CxrtuneError, match="'best' is defined for accuracy and cost only"):
+        PickRule.parse("fastest:complete<=best").pick(front, "val_dice_f1", "max")
+
+
+def test_constraints_parse_strictly():
+    from cxrtune.search.tuning import Constraint
+
+    c = Constraint.parse(" val_fp_rate_normal <= 0.10 ")
+    assert (c.metric, c.op, c.limit) == ("val_fp_rate_normal", "<=", 0.10)
+    assert c.violation(0.05) == pytest.approx(-0.05) and c.violation(0.2) == pytest.approx(0.1)
+    assert Constraint.parse("gmacs>=2").violation(1.5) == pytest.approx(0.5)  # short of a minimum: violated
+    for bad in ("<=0.1", "x<=", "x<=nan", "x<=inf", "x=0.1", "x<=ten"):
+        with pytest.raises(CxrtuneError, match="--constraint"):
+            Constraint.parse(bad)
+
+
+@pytest.mark.parametrize("arch", ["Unet", "FPN", "DeepLabV3Plus", "MAnet", "PAN", "PSPNet", "UnetPlusPlus", "Linknet"])
+def test_decoder_presets_build_and_shrink_in_order(arch):
+    """Every preset an architecture has builds; slim < narrow < standard in GMACs; Linknet has
+    standard only, and a space that could draw a preset it lacks is refused when read."""
+    from cxrtune.model.models import DECODER_PRESETS, ModelConfig, build_model, model_gmacs
+
+    presets = [p for p in ("slim", "narrow", "standard") if arch in DECODER_PRESETS[p]]
+    cost = []
+    for preset in presets:
+        model = build_model(ModelConfig(arch=arch, encoder="resnet18", decoder=preset, classification=True)).train()
+        cost.append(model_gmacs(model, 128, 1))
+        assert model.training  # counting leaves the model in the mode it was in
+    assert cost == sorted(cost) and len(set(cost)) == len(cost)
+    if arch == "Linknet":
+        assert presets == ["standard"]
+        with pytest.raises(CxrtuneError, match="Linknet has no 'narrow' decoder preset"):
+            build_model(ModelConfig(arch="Linknet", decoder="narrow"))
+
+
+def test_a_space_that_could_draw_a_missing_preset_is_refused():
+    from cxrtune.search.search_space import parse_space
+
+    base = {"task": "disease", "fixed": {"model": {"in_channels": 1}},
+            "parameters": {"arch": {"type": "choice", "values": ["Unet", "Linknet"]}}}
+    for bad in ({**base, "parameters": {**base["parameters"], "decoder": {"type": "choice", "values": ["slim", "standard"]}}},
+                {**base, "fixed": {"model": {"decoder": "narrow"}}}):
+        with pytest.raises(CxrtuneError, match="Linknet has no"):
+            parse_space(bad)
+    parse_space({**base, "parameters": {**base["parameters"], "decoder": {
+        "type": "choice", "given": "arch", "values": {"Linknet": ["standard"], "default": ["slim", "narrow"]}}}})
+
+
+def test_split_hash_follows_the_assignment_not_the_paths():
+    import pandas as pd
+
+    from cxrtune.data.splits import split_hash
+
+    df = pd.DataFrame({"image": ["/a/x1.png", "/a/x2.png", "/a/x3.png"], "split": ["train", "val", "train"],
+                       "tuning": [True, False, False]})
+    moved = df.assign(image=[f"s3://bucket/{p.rsplit('/', 1)[1]}" for p in df["image"]])
+    assert split_hash(df) == split_hash(moved) == split_hash(df.iloc[::-1])  # where the files are, row order
+    assert split_hash(df) != split_hash(df.assign(split=["train", "train", "train"]))
+    assert split_hash(df) != split_hash(df.assign(tuning=[True, True, False]))

@@ -132,6 +132,12 @@ def test_a_database_study_keeps_its_password_out_of_the_url_and_rays_pickles(pos
         _searcher(o, o.search_space())  # the password is nowhere else
 
 
+def rng_state(sampler) -> list:
+    """The random states of a TPE sampler and of its start-up random sampler, comparable."""
+    return [[int(v) for v in rng.get_state()[1]] + [rng.get_state()[2]]
+            for rng in (sampler._rng.rng, sampler._random_sampler._rng.rng)]
+
+
 def test_a_multi_objective_searcher_keeps_constraints_and_pruned_trials_across_resume(tmp_path, monkeypatch):
     """Several objectives with ASHA and a constraint, saved and restored as a killed driver's sweep
     is: the constraint (set on each trial before it is told) is stored in the study and survives;
@@ -151,10 +157,14 @@ def test_a_multi_objective_searcher_keeps_constraints_and_pruned_trials_across_r
     (tmp_path / "state").mkdir()
     alg.save_to_dir(str(tmp_path / "state"), session_str="s1")
     local_journal(o).unlink()  # the driver's machine is gone with it
+    saved_rng = rng_state(study_of(alg).sampler)
+    fresh = cloudpickle.loads(tuner_pkl)  # the searcher as the sweep started: what a lost state would give
 
     restored = SearchGenerator(ConcurrencyLimiter(cloudpickle.loads(tuner_pkl), max_concurrent=4))
     restored.restore_from_dir(str(tmp_path / "state"))
     study = study_of(restored)
+    # the sampler goes on from where it was, not from its seed again
+    assert rng_state(study.sampler) == saved_rng != rng_state(fresh._ot_study.sampler)
     T = optuna.trial.TrialState
     assert [t.state for t in study.get_trials()] == [T.COMPLETE, T.COMPLETE, T.PRUNED, T.RUNNING]
     assert [t.constraints for t in study.get_trials()[:3]] == [{"val_dice_f1": pytest.approx(-0.3)},

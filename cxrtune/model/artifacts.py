@@ -95,6 +95,34 @@ def read_json_object(folder: str, name: str) -> tuple[dict, str]:
     return data, uri
 
 
+@dataclass(frozen=True)
+class SearchRecord:
+    """How a sweep chose a promoted checkpoint (``cxrtune promote``): stored as ``search`` in its
+    ``meta.json`` and ``run.json``, shown in a bundle's model card. ``split_hash`` is the
+    manifest's split and tuning assignment when the sweep started (``data.splits.split_hash``)."""
+    experiment: str
+    trial: str
+    pick: str  # the --pick rule, or "best METRIC" for one objective
+    space: str  # the space's file (or "embedded default")
+    space_definition: dict
+    objectives: list
+    constraints: list
+    sampler: str
+    scheduler: str
+    seed: int
+    split_hash: str
+    manifest: str
+    retrained: bool
+    overrides: dict = field(default_factory=dict)  # promote --set, KEY -> value
+
+    def to_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchRecord":
+        return _from_dict(cls, d, "search")
+
+
 @dataclass
 class CheckpointMeta:
     """``meta.json`` of a checkpoint: what trained it and how its input is prepared."""

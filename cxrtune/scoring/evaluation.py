@@ -29,6 +29,7 @@ from .scorer import (
     Scorer,
     has_lungs,
     load_bundle,
+    normal_fp_rate,
     reference_zones,
     score_error,
     sweep_threshold,
@@ -507,7 +508,7 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str,
         lung=lung_meter.result(), opacity=opac_meter.result(),
         classification=(classification_metrics(np.array(probs), np.array(labels), scorer.thresholds.cls)
                         if probs else None),
-        normal_score_fp_rate=(float((normal["score"].fillna(0) > 0).mean()) if len(normal) else None),
+        normal_score_fp_rate=normal_fp_rate(normal["score"]) if len(normal) else None,
         n_normal=int(len(normal)), score=score, zones=zone_accuracy,
         status_by_label=({str(k): {str(s): int(n) for s, n in g["status"].value_counts().items()}
                           for k, g in table.groupby("label")} if len(table) else None),

@@ -460,6 +460,14 @@ def score_error(record: dict, reference_score: int) -> int:
     return max(int(reference_score), 6 - int(reference_score))
 
 
+def normal_fp_rate(scores) -> float | None:
+    """The FP rate on Normal: the share of Normal images' records with a score > 0 (a record
+    without a score, partial or unscored, is not a false positive); None without Normal images.
+    ``scores``: those records' scores (None or NaN where there is none)."""
+    values = [0.0 if s is None or s != s else float(s) for s in scores]
+    return float(np.mean([v > 0 for v in values])) if values else None
+
+
 def sweep_threshold(fractions: np.ndarray, refs: np.ndarray, grid: np.ndarray | None = None) -> dict:
     """Choose the zone threshold T by minimum score MAE (ties: lower RMSE, then smaller T).
 

@@ -27,6 +27,7 @@ from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
 from ..model.artifacts import (
     RunSummary,
+    SearchRecord,
     read_checkpoint_meta,
     read_run_summary,
     write_checkpoint_meta,
@@ -36,7 +37,7 @@ from ..model.grading import GradeConfig, grid_table
 from ..model.models import build_model
 from ..model.train import TrainConfig, train
 from ..plots import figure_png, pyplot
-from .tuning import COST_METRIC, TuneOptions, load_options
+from .tuning import COST_METRIC, TuneOptions, load_options, split_condition
 
 IMPORTANCE_FLOOR = 0.05
 AT_BEST = {"grade": ("val_weighted_f1", "val_accuracy")}  # also read at the best epoch, per task
@@ -199,8 +200,9 @@ class PickRule:
       objective; ties: the cheaper);
     * CONDITION ``NAME<=VALUE`` or ``NAME>=VALUE`` over the front's columns, ``accuracy`` naming
       the objective's metric and ``cost`` the GMACs; VALUE a number, or ``best``, ``best+D``,
-      ``best-D``, ``best`` being that column's best value on the front (lowest for the cost and a
-      minimised metric, highest otherwise).
+      ``best-D`` for ``accuracy`` and ``cost`` only, ``best`` being that objective's best value on
+      the front (the lowest cost; the lowest or highest metric, as the objective is minimised or
+      maximised).
 
     E.g. ``fastest:accuracy<=best+0.05`` (the cheapest point within 0.05 of the lowest score MAE),
     ``most-accurate:cost<=1.5`` or ``most-accurate:val_fp_rate_normal<=0.08``."""
@@ -215,16 +217,9 @@ class PickRule:
         kind, _, rest = text.partition(":")
         if kind not in cls.KINDS:
             raise CxrtuneError(f"--pick {text!r}: start with {' or '.join(cls.KINDS)}, e.g. fastest:accuracy<=best+0.05")
-        conditions = []
-        for part in filter(None, (c.strip() for c in rest.split(","))):
-            for op in ("<=", ">="):
-                name, sep, value = part.partition(op)
-                if sep:
-                    conditions.append((name.strip(), op, value.strip()))
-                    break
-            else:
-                raise CxrtuneError(f"--pick {text!r}: condition {part!r} is not NAME<=VALUE or NAME>=VALUE")
-        return cls(kind, tuple(conditions), text)
+        conditions = tuple(split_condition(part, f"--pick {text!r}: condition")
+                           for part in filter(None, (c.strip() for c in rest.split(","))))
+        return cls(kind, conditions, text)
 
     def pick(self, front: pd.DataFrame, metric: str, mode: str) -> pd.Series:
         """The chosen row of ``front`` (:func:`pareto_front`); a clear error when none meets the rule."""
@@ -237,7 +232,10 @@ class PickRule:
             if column not in front:
                 raise CxrtuneError(f"--pick {self.text!r}: no column {name!r}; use accuracy, cost or one of "
                                    f"{', '.join(c for c in front.columns if not c.startswith('param:'))}")
-            lowest = column == COST_METRIC or (column == metric and mode == "min")
+            if value.startswith("best") and column not in (metric, COST_METRIC):
+                raise CxrtuneError(f"--pick {self.text!r}: 'best' is defined for accuracy and cost only; give "
+                                   f"{name} a number")
+            lowest = column == COST_METRIC or mode == "min"
             limit = self._limit(value, front[column].min() if lowest else front[column].max())
             keep &= front[column] <= limit if op == "<=" else front[column] >= limit
         chosen = front[keep]
@@ -417,12 +415,16 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     trial, ckpt, how = _chosen_trial(analysis, lambda: trials_table(exp_uri)[0], o, exp_uri, pick)
     if ckpt is None:
         raise CxrtuneError(f"{exp_uri}: trial {trial.trial_id} has no checkpoint")
-    df = manifest.load_manifest(o.manifest, check_files=False)
-    search = {"experiment": exp_uri, "trial": trial.trial_id, "pick": how, "space": o.space_source,
-              "space_definition": o.space, "objectives": [space.metric, *([COST_METRIC] if o.multi_objective else [])],
-              "constraints": list(o.constraints), "sampler": o.sampler, "scheduler": o.scheduler, "seed": o.seed,
-              "split_hash": split_hash(df), "manifest": o.manifest, "retrained": retrain,
-              **({"overrides": list(overrides)} if overrides else {})}
+    now = split_hash(manifest.load_manifest(o.manifest, check_files=False))
+    if o.split_hash and now != o.split_hash:
+        raise CxrtuneError(f"{o.manifest}: its split or tuning subset changed since the sweep (split hash "
+                           f"{o.split_hash[:12]} then, {now[:12]} now): the promoted trial's figures and any retraining "
+                           "would not be of the data it was chosen on")
+    search = SearchRecord(
+        experiment=exp_uri, trial=trial.trial_id, pick=how, space=o.space_source, space_definition=o.space,
+        objectives=[space.metric, *([COST_METRIC] if o.multi_objective else [])], constraints=list(o.constraints),
+        sampler=o.sampler, scheduler=o.scheduler, seed=o.seed, split_hash=o.split_hash or now, manifest=o.manifest,
+        retrained=retrain, overrides=with_overrides({}, overrides)).to_dict()
 
     with ckpt.as_directory() as d:
         meta = replace(read_checkpoint_meta(str(d)), search=search)

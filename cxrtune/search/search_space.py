@@ -275,17 +275,21 @@ def _check_decoder_presets(space: SearchSpace) -> None:
     """A decoder preset must exist for every architecture it can be drawn with (Linknet has
     ``standard`` only): the refusal comes now, not from a trial that cannot build its model."""
     by_name = {p.name: p for p in space.params}
-    decoder = by_name.get("decoder")
-    if decoder is None or decoder.type != "choice":
-        return
-    arch = by_name.get("arch")
-    fixed_arch = (space.fixed.get("model") or {}).get("arch", ModelConfig().arch)
-    archs = list(arch.values) if arch is not None and arch.type == "choice" and not arch.given else [fixed_arch]
+    decoder, arch = by_name.get("decoder"), by_name.get("arch")
+    fixed_model = space.fixed.get("model") or {}
+    fixed_decoder = fixed_model.get("decoder")
+    if arch is None:
+        archs = [fixed_model.get("arch", ModelConfig().arch)]
+    elif isinstance(arch.values, dict):  # an architecture conditional on another parameter: every branch
+        archs = sorted({a for branch in arch.values.values() for a in branch})
+    else:
+        archs = list(arch.values)
     for a in archs:
-        if decoder.given == "arch":
-            values = decoder.values.get(a, decoder.values.get("default")) or []
-        elif decoder.given is None:
-            values = decoder.values
+        if decoder is not None and decoder.type == "choice" and decoder.given in ("arch", None):
+            values = (decoder.values.get(a, decoder.values.get("default")) or [] if decoder.given == "arch"
+                      else decoder.values)
+        elif decoder is None and isinstance(fixed_decoder, str):
+            values = [fixed_decoder]
         else:
             return
         missing = [v for v in values if a not in DECODER_PRESETS.get(v, {})]

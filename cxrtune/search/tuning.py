@@ -34,6 +34,7 @@ from ..cluster import check_fits, init_ray, keep_secrets_out_of_trial_runtime_en
 from ..config_files import known_settings, load_yaml
 from ..data import manifest
 from ..data.phantom import embedded_manifest
+from ..data.splits import split_hash
 from ..errors import CxrtuneError
 from ..model.artifacts import DEFAULT_OPACITY_THRESHOLD, check_format, read_json_object
 from ..model.grading import GradeConfig, flat_metrics, train_grader
@@ -44,6 +45,7 @@ from ..scoring.evaluation import choose_cls_threshold
 from ..scoring.scorer import (
     StageModel,
     load_bundle,
+    normal_fp_rate,
     reference_zones,
     score_error,
     stage_one_lungs,
@@ -80,6 +82,16 @@ EMBEDDED_SPACE = {
 }
 
 
+def split_condition(text: str, what: str) -> tuple[str, str, str]:
+    """``NAME<=VALUE`` or ``NAME>=VALUE`` as (name, op, value text): the one parser of the
+    conditions of ``--constraint`` and ``promote --pick``; ``what`` names the flag in errors."""
+    for op in ("<=", ">="):
+        name, sep, value = str(text).partition(op)
+        if sep and name.strip() and value.strip():
+            return name.strip(), op, value.strip()
+    raise CxrtuneError(f"{what} {text!r}: expected NAME<=VALUE or NAME>=VALUE")
+
+
 @dataclass(frozen=True)
 class Constraint:
     """A limit on a metric every trial reports (``--constraint 'val_fp_rate_normal<=0.10'``). Set on
@@ -92,15 +104,15 @@ class Constraint:
 
     @classmethod
     def parse(cls, text: str) -> Constraint:
-        for op in ("<=", ">="):
-            name, sep, limit = str(text).partition(op)
-            if sep:
-                try:
-                    return cls(name.strip(), op, float(limit))
-                except ValueError:
-                    break
-        raise CxrtuneError(f"--constraint {text!r}: expected METRIC<=LIMIT or METRIC>=LIMIT, "
-                           "e.g. val_fp_rate_normal<=0.10")
+        name, op, value = split_condition(text, "--constraint")
+        try:
+            limit = float(value)
+        except ValueError:
+            limit = math.nan
+        if not math.isfinite(limit):
+            raise CxrtuneError(f"--constraint {text!r}: the limit must be a finite number, "
+                               "e.g. val_fp_rate_normal<=0.10")
+        return cls(name, op, limit)
 
     def violation(self, value: float) -> float:
         """How far ``value`` is past the limit (<= 0: feasible)."""
@@ -143,6 +155,7 @@ class TuneOptions:
     warm_start: list = field(default_factory=list)  # configurations tried first, besides the space's own
     reference: str = "auto"  # score_mae's reference: a reader id (reader_<ID>_A..F columns), zones, masks or auto
     constraints: list = field(default_factory=list)  # "METRIC<=LIMIT" / "METRIC>=LIMIT": feasible trials only on the front
+    split_hash: str = ""  # the manifest's split and tuning assignment when the sweep started (splits.split_hash)
     grid: bool = False  # every combination of the space's choice parameters, once each (seed 000's design)
     space_source: str = ""
     created: float = field(default_factory=time.time)
@@ -158,6 +171,9 @@ class TuneOptions:
              "multi-objective mode supports the dice, dice_cls and score_mae objectives"),
             (not (self.grid and (self.multi_objective or self.warm_start or space.warm_start)),
              "--grid runs every combination once: it takes no --multi-objective and no warm start"),
+            (not self.constraints or self.multi_objective,
+             "--constraint shapes a multi-objective front (add --multi-objective): with one objective the best "
+             "trial would be chosen whatever its constraints"),
             (space.objective != "score_mae" or bool(self.lung_bundle),
              "--objective score_mae needs --lung-bundle (a fixed Stage I bundle)"),
             (not self.wandb_images or bool(self.wandb_project), "--wandb-images needs --wandb-project"),
@@ -196,7 +212,8 @@ class TuneOptions:
 
 # the settings `cxrtune tune` takes as flags of the same name (their defaults are TuneOptions')
 TUNE_FLAGS = {f for f in TuneOptions.__dataclass_fields__} - {
-    "space", "manifest", "name", "storage", "space_source", "created", "time_budget_s", "warm_start", "constraints"}
+    "space", "manifest", "name", "storage", "space_source", "created", "time_budget_s", "warm_start", "constraints",
+    "split_hash"}
 
 
 # ------------------------------------------------------------------------------------ the trial
@@ -286,7 +303,7 @@ class ClinicalObjective:
             model.train(was_training)
         errors = [score_error(r, sum(ref)) for r, ref in zip(records, self.refs) if ref is not None]
         normal = [r for r, label in zip(records, self.labels) if label == 0]
-        fp = float(np.mean([(r.get("score") or 0) > 0 for r in normal])) if normal else None
+        fp = normal_fp_rate([r.get("score") for r in normal])
         return OperatingPoint(score_mae=float(np.mean(errors)), cls_threshold=t_cls, zone_threshold=t_zone,
                               f1=f1, fp_rate_normal=fp, n=len(errors), n_normal=len(normal))
 
@@ -362,8 +379,13 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
         clinical = ClinicalObjective(o.lung_bundle, trainer.val_ds.df, limit=cfg.max_val_images,
                                      reference=o.reference)
 
+    constrained = {c.metric for c in o.trial_constraints()}
+
     def on_epoch(metrics: dict, ckpt_dir: Path) -> None:
-        metrics = {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        # NaN reaches neither ASHA nor Optuna: 0.0, except a constrained metric, which is left out
+        # (a metric not reported counts as violating its constraint)
+        metrics = {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
+                   if not (k in constrained and isinstance(v, float) and math.isnan(v))}
         if cost is not None:
             metrics[COST_METRIC] = cost
         epoch = metrics["epoch"]
@@ -545,8 +567,10 @@ def _search_class():
           Optuna as PRUNED (Ray would tell it COMPLETE, as if it had finished). With one objective
           it keeps its last reported value, which TPE ranks pruned trials by. With several, a
           trial cannot report intermediate values: it is pruned without values, so it is never in
-          ``best_trials`` and TPE counts it among its worse group. A penalty value instead would
-          put an invented point in objective space, which could dominate real trials;
+          ``best_trials``, and TPE ranks it after every complete feasible trial (its good group is
+          filled from those first, then from pruned trials, then from infeasible ones). A penalty
+          value instead would put an invented point in objective space, which could dominate real
+          trials;
         * the sweep's constraints (:class:`Constraint`) are set on the Optuna trial from its last
           result before it is told, so they are stored in the study (and its journal copy);
         * the journal is copied beside the experiment; a rerun of a trial the study already
@@ -760,6 +784,7 @@ def run_tune(o: TuneOptions) -> dict:
 
     space = o.search_space()
     df = manifest.load_manifest(o.manifest)  # validated once, here, with a clear error
+    o = replace(o, split_hash=split_hash(df))  # what promote checks the manifest against
     param_space = space.grid() if o.grid else None  # refuses a space without a grid before Ray starts
     _ray_init(o)  # before anything is written: a sweep that cannot start leaves no experiment behind
     scheduler = None if o.grid else _scheduler(o, space)
