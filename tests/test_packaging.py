@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 def test_shipped_files_in_the_source_tree():
     assert shipped("serve", "config.cpu.yaml") == ROOT / "serve" / "config.cpu.yaml"
     assert shipped("search_spaces", "lung_segmentation") == ROOT / "search_spaces" / "lung_segmentation.yaml"
-    with pytest.raises(CxrtuneError, match="no shipped search_spaces/nope; shipped: disease_segmentation.yaml"):
+    with pytest.raises(CxrtuneError, match="no shipped search_spaces/nope; shipped: disease_cpu.yaml, disease_segmentation.yaml"):
         shipped("search_spaces", "nope")
 
 
@@ -28,6 +28,7 @@ def test_the_wheel_carries_and_finds_them(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for kind, name in (("serve", "config.yaml"), ("serve", "config.cpu.yaml"),
                        ("search_spaces", "lung_segmentation.yaml"), ("search_spaces", "disease_segmentation.yaml"),
+                       ("search_spaces", "disease_cpu.yaml"),
                        ("configs", "lung_deeplabv3plus_effb1.yaml")):
         assert any(n.endswith(f".data/data/share/cxrtune/{kind}/{name}") for n in names), (kind, name)
     for module in ("cxrtune/py.typed", "cxrtune/serving/viewer.html", "cxrtune/serving/app.py", "cxrtune/scoring/scorer.py",
