@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +269,37 @@ def shipped_cpu_config(tmp_path: Path, bundle: Path) -> tuple[Path, int]:
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, port
+
+
+def ctrl_c_reaches_it() -> None:
+    """In a served child before it starts: SIGINT handled by default. A test run in the background
+    (CI without job control) ignores SIGINT, and a child inherits that: Ctrl-C would never stop
+    it, and each test would wait out its 90 s before killing it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_until_ready(base_url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 240, verify=None) -> None:
+    """Poll ``base_url/readyz`` until the app answers 200, failing with the tail of ``log`` when
+    ``proc`` exits first or ``timeout_s`` passes (``verify``: the CA file for HTTPS)."""
+    import requests
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"{base_url}/readyz", timeout=5, verify=verify).status_code == 200:
+                return
+        except requests.RequestException:  # proxy not up yet, or the app still deploying
+            pass
+        time.sleep(1)
+    raise AssertionError(log.read_text()[-3000:])
+
+
+def stop_with_ctrl_c(proc: subprocess.Popen, timeout_s: float = 90) -> None:
+    """Ctrl-C a served child and wait for it; kill it and fail when it does not stop in time."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"Ctrl-C did not stop it within {timeout_s:.0f} s") from None

@@ -10,7 +10,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -21,8 +20,7 @@ import yaml
 from cxrtune.data import manifest
 from cxrtune.data.splits import split_hash
 from cxrtune.model.artifacts import bundle_hash
-from tests.conftest import cli, cli_in_process, shipped_cpu_config
-from tests.test_serve import ctrl_c_reaches_it
+from tests.conftest import cli, cli_in_process, ctrl_c_reaches_it, shipped_cpu_config, stop_with_ctrl_c, wait_until_ready
 
 EPOCHS = 2
 SPACE = {
@@ -159,15 +157,8 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline, ready = time.time() + 240, False
-        while time.time() < deadline and proc.poll() is None and not ready:
-            try:
-                ready = requests.get(f"{base}/readyz", timeout=5).status_code == 200
-            except requests.RequestException:
-                pass
-            time.sleep(1)
+        wait_until_ready(base, proc, Path(log.name))
         text = Path(log.name).read_text()
-        assert ready, text[-3000:]
         key = next(line for line in text.splitlines() if line.startswith("API key for this run")).rsplit(" ", 1)[1]
         models = requests.get(f"{base}/v1/models", headers={"X-API-Key": key}, timeout=10).json()
         card = models["model_card"]["stages"]["disease"]["search"]
@@ -178,9 +169,4 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
         assert record["models"]["bundle_hash"] == bundle_hash(str(calibrated))  # the bundle whose disease.pt is the trial's
         assert record["status"] in ("scored", "partial", "unscored") and not math.isnan(record["threshold"])
     finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_with_ctrl_c(proc)

@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pydicom.data import get_testdata_file
 from cxrtune import images
 from cxrtune.scoring.plausibility import DEFAULT_RULE
 from tests import golden
-from tests.conftest import ROOT, bundle_with_blind_lungs, free_port
+from tests.conftest import ROOT, bundle_with_blind_lungs, ctrl_c_reaches_it, free_port, stop_with_ctrl_c, wait_until_ready
 
 KEY = "test-key-new-0123456789"
 OLD_KEY = "test-key-old-9876543210"  # a rotation: both live, each with its id in the audit line
@@ -42,13 +41,6 @@ def deployments(ingress: dict | None = None) -> dict:
     return {"Ingress": {**SMALL, "max_ongoing_requests": 32, **(ingress or {})},
             "Stage1": {**SMALL, "autoscaling_config": AUTOSCALE},
             "Stage2": {**SMALL, "autoscaling_config": AUTOSCALE}}
-
-
-def ctrl_c_reaches_it() -> None:
-    """In the child before it starts: SIGINT handled by default. A test run in the background
-    (CI without job control) ignores SIGINT, and a child inherits that: Ctrl-C would never stop
-    it, and each test would wait out its 90 s before killing it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # The two `cxrtune serve` tests come first: each starts its own Ray in a subprocess, before the
@@ -71,19 +63,14 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle, tmp_path):
                              "--config", str(config)], preexec_fn=ctrl_c_reaches_it,
                             stdout=log, stderr=subprocess.STDOUT, text=True)  # a file: a full pipe would block it
     try:
-        deadline, ready = time.time() + 240, None
-        while time.time() < deadline and proc.poll() is None and ready is None:
-            try:
-                r = requests.get(f"https://127.0.0.1:{port}/readyz", timeout=5, verify=cert)
-                ready = r if r.status_code == 200 else None
-            except requests.RequestException:  # proxy not up yet, or the app still deploying
-                pass
-            time.sleep(1)
-        assert ready is not None, Path(log.name).read_text()[-3000:]
+        wait_until_ready(f"https://127.0.0.1:{port}", proc, Path(log.name), verify=cert)
         # no key was given: on 127.0.0.1, `cxrtune serve` made one and printed it once
         printed = [line for line in Path(log.name).read_text().splitlines() if line.startswith("API key for this run")]
         assert len(printed) == 1, Path(log.name).read_text()[-3000:]
         made = printed[0].rsplit(" ", 1)[1]
+        deadline = time.time() + 30  # printed once the app is up: it may follow the first 200 of /readyz
+        while f"cxrtune scorer at https://127.0.0.1:{port}/" not in Path(log.name).read_text() and time.time() < deadline:
+            time.sleep(0.5)
         assert f"cxrtune scorer at https://127.0.0.1:{port}/" in Path(log.name).read_text()
         with pytest.raises(requests.RequestException):  # HTTPS only
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
@@ -98,13 +85,7 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle, tmp_path):
         assert status.returncode == 0 and "cxrtune" in status.stdout and "RUNNING" in status.stdout, \
             status.stdout[-2000:] + status.stderr[-2000:]
     finally:
-        proc.send_signal(2)  # Ctrl-C
-        try:
-            assert proc.wait(timeout=90) is not None
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("Ctrl-C did not stop it within 90 s") from None
+        stop_with_ctrl_c(proc)
 
 
 @pytest.mark.slow
@@ -140,26 +121,13 @@ def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, t
     proc = subprocess.Popen([serve_cli, "run", str(path)], stdout=out, stderr=subprocess.STDOUT, text=True,
                             cwd=tmp_path, env=env, preexec_fn=ctrl_c_reaches_it)
     try:
-        deadline, ready = time.time() + 240, False
-        while time.time() < deadline and proc.poll() is None and not ready:
-            try:
-                ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        assert ready, (tmp_path / "serve-run.log").read_text()[-3000:]
+        wait_until_ready(f"http://127.0.0.1:{port}", proc, tmp_path / "serve-run.log")
         png = sorted((phantom_dir / "images").iterdir())[1].read_bytes()
         r = requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60, headers={"X-API-Key": KEY})
         assert r.status_code == 200 and r.json()["status"] in ("scored", "partial", "unscored"), r.text
         assert requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60).status_code == 401
     finally:
-        proc.send_signal(2)
-        try:
-            assert proc.wait(timeout=90) is not None
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("Ctrl-C did not stop it within 90 s") from None
+        stop_with_ctrl_c(proc)
 
 
 @pytest.mark.slow

@@ -76,7 +76,8 @@ def trials_table(exp_uri: str) -> tuple[pd.DataFrame, TuneOptions]:
             for extra in AT_BEST.get(space.task, ()):  # e.g. the weighted F1 of the epoch with the best MAE
                 if extra in df:
                     row[f"{extra}@best"] = float(df.loc[at_best, extra])
-        row.update(_front_columns(df, t.status, row["epochs"], o))
+        if o.multi_objective:
+            row.update(_front_columns(df, t.status, row["epochs"], o))
         rows.append(row)
     return pd.DataFrame(rows), o
 
