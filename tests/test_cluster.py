@@ -47,6 +47,10 @@ def _fake_config(gcs_port: int, workers: int) -> dict:
     config = prepare_config(_cluster_yaml())
     worker = config["available_node_types"]["gpu_worker"]
     config.pop("docker", None)
+    # no node updaters here, so nothing is copied: the nodes get the token from RAY_AUTH_TOKEN. Kept,
+    # the mount of ~/.ray/auth_token makes the autoscaler hash a file that a fresh machine lacks,
+    # and it fails at start (every trial then waits, PENDING, for a node that never comes)
+    config["file_mounts"] = {}
     config.update(
         max_workers=workers, idle_timeout_minutes=0.05, head_node_type="ray.head.default",
         provider={"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
@@ -134,9 +138,13 @@ def test_sweep_scales_gpu_workers_up_and_down_and_survives_a_lost_node(fake_clus
     with log.open("w") as out:
         sweep = subprocess.Popen([sys.executable, "-m", "cxrtune.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                                  env={**env, "RAY_ADDRESS": address, "CXRTUNE_CLUSTER_CONFIG": str(config)})
-        peak = 0
+        peak, started = 0, time.time()
         while sweep.poll() is None:
             peak = max(peak, _workers(address, env))
+            if not peak and time.time() - started > 180:  # the autoscaler never added a node: say why now
+                sweep.kill()
+                sweep.wait()
+                pytest.fail(f"no gpu_worker node within 180 s:\n{log.read_text()[-3000:]}")
             if not killed and _trials_mid_way(tmp_path / "exps" / "cluster", epochs=4):
                 # a node lost mid-trial: SIGKILL the raylet of a worker that holds a trial now, and
                 # its worker processes with it, as a lost machine loses them (alone, they run on and
