@@ -243,8 +243,9 @@ def _pacs_status(args) -> None:
 
 def _pacs_retry(args) -> None:
     spool = pacs_spool.open_spool(args.spool)
-    print(f"{spool.retry_parked()} parked result(s) queued again; {pacs_poll.retry_parked(spool)} parked "
-          "instance(s) will be polled again")
+    results, inputs = spool.retry_parked()
+    print(f"{results} parked result(s) queued again; {inputs} parked received instance(s) to score again; "
+          f"{pacs_poll.retry_parked(spool)} parked instance(s) will be polled again")
 
 
 def _deploy(args) -> None:
@@ -548,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--dicomweb", required=True, metavar="URL", help="the DICOMweb root, e.g. http://pacs:8042/dicom-web")
     po.add_argument("--bundle", required=True)
     po.add_argument("--spool", required=True, help="folder (mode 0700) keeping what was handled and what is parked")
-    po.add_argument("--window-days", type=int, default=1, help="studies dated within this many days are searched")
+    po.add_argument("--window-days", type=int, default=1,
+                    help="studies dated from this many days before the last complete poll (or today) are searched")
     po.add_argument("--interval", type=float, default=30.0, help="seconds between polls")
     po.add_argument("--once", action="store_true", help="one poll, then print its counts")
     po.add_argument("--pseudonym-key-file", help="the study key (or $CXRTUNE_PSEUDONYM_KEY): logs name instances by it")

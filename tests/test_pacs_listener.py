@@ -233,7 +233,7 @@ def test_failed_deliveries_back_off_then_park_and_pacs_retry_delivers_them(score
         page = requests.get(f"http://127.0.0.1:{metrics}/metrics").text
         assert "cxrtune_pacs_outbox 0.0" in page and "cxrtune_pacs_spool_bytes" in page
         pacs.status = 0xB000  # stored with coercion: a warning is a delivery
-        assert scp.spool.retry_parked() == 2
+        assert scp.spool.retry_parked() == (2, 0)
         assert wait_for(lambda: len(pacs.received) == 2 and scp.spool.status().outbox == 0)
     finally:
         scp.stop()
@@ -499,15 +499,19 @@ def test_a_full_spool_answers_out_of_resources_and_keeps_what_it_has(scorer, tmp
         scp.stop()
 
 
-def test_an_instance_whose_scoring_fails_is_parked_with_its_reason(tmp_path):
+def test_an_instance_whose_scoring_fails_is_parked_with_its_reason_and_pacs_retry_scores_it_again(tmp_path):
     """`pacs status` names why a received instance was parked (its sidecar sits beside it), and
-    `pacs retry`, which queues parked results again, leaves it parked."""
+    `pacs retry` puts it back among the instances to score, bytes unchanged, never in the outbox."""
     spool = Spool(tmp_path / "spool")
     path = spool.receive("1.2.3.4", b"not really DICOM")
     spool.park_received(path, "scoring failed: RuntimeError")
     status = spool.status()
     assert (status.incoming, status.parked, status.parked_reasons) == (0, 1, {"scoring failed: RuntimeError": 1})
-    assert spool.retry_parked() == 0 and spool.status().outbox == 0  # an input is never sent to the PACS
+    assert spool.retry_parked() == (0, 1)
+    status = spool.status()
+    assert (status.incoming, status.outbox, status.parked) == (1, 0, 0)  # an input is never sent to the PACS
+    assert [p.read_bytes() for p in spool.received()] == [b"not really DICOM"]
+    assert list(spool.folder("parked").iterdir()) == []  # its reason went with it
 
 
 def test_opening_a_running_listeners_spool_does_not_touch_its_writes_in_flight(scorer, tmp_path):
@@ -616,3 +620,127 @@ def test_a_jpeg_lossless_image_is_received_decoded_and_answered(scorer, tmp_path
     finally:
         scp.stop()
         pacs.stop()
+
+
+class Answering:
+    """An HTTP server on 127.0.0.1 that answers every POST with ``status`` (a JSON error body):
+    a served scorer that is misconfigured, not yet deployed, or refusing the input."""
+
+    def __init__(self, status: int):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = b'{"error": "answered by the test"}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize(("status", "kept"), [(404, True), (502, True), (401, True), (422, False), (415, False)])
+def test_through_an_endpoint_only_a_refusal_of_the_input_drops_a_spooled_instance(tmp_path, status, kept):
+    """The C-STORE was answered success: a wrong URL (404), a proxy while the app deploys (502) or a
+    wrong key (401) must not lose the instance; only the scorer's refusal of the input itself (422:
+    the DICOM rules; 415) skips it."""
+    endpoint = Answering(status)
+    settings = ListenerSettings(ae_title="CXRTUNE", host="127.0.0.1", port=free_port(), callers=(),
+                                destination=Peer("PACS", "127.0.0.1", free_port()), endpoint=endpoint.url)
+    scp = PacsListener(settings, open_spool(tmp_path / "spool"), None, KEY, api_key="k" * 32)
+    try:
+        path = scp.spool.receive("1.2.3", to_bytes(dx(tmp_path, "one")))
+        assert scp.score_one(path) is (not kept)
+        assert (scp.spool.status().incoming, scp.spool.status().parked) == ((1, 0) if kept else (0, 0))
+    finally:
+        endpoint.stop()
+
+
+def test_an_undecodable_instance_is_parked_and_pacs_retry_scores_it_again(scorer, tmp_path, caplog):
+    """Pixel data that cannot be decoded here (a corrupt file, a codec missing) is not a refusal by
+    the rules: the instance is parked with its reason, not deleted, and `pacs retry` brings it back."""
+    source = dx(tmp_path, "broken", **MARKERS)
+    source.PixelData = source.PixelData[:100]  # the header says 128 x 128 x 16 bits
+    scp = listener(scorer, tmp_path / "spool", Peer("PACS", "127.0.0.1", free_port()))
+    try:
+        assert send(scp.settings.port, source) == [0x0000]
+        assert wait_for(lambda: scp.spool.status().parked == 1, 30), scp.spool.status()
+        reasons = scp.spool.status().parked_reasons
+        assert len(reasons) == 1 and next(iter(reasons)).startswith("cannot decode: ")
+        scp.stop()  # stopped, so that the retried instance is not parked again at once
+        assert scp.spool.retry_parked() == (0, 1) and scp.spool.status().incoming == 1
+    finally:
+        scp.stop()
+    assert_no_marker(caplog.text)
+
+
+def test_a_spool_write_that_fails_answers_out_of_resources(scorer, tmp_path, monkeypatch):
+    """A full disk while spooling is answered 0xA700 (out of resources: the modality retries), not a
+    0xCxxx failure, which many modalities do not resend."""
+    import errno
+
+    scp = listener(scorer, tmp_path / "spool", Peer("PACS", "127.0.0.1", free_port()))
+    try:
+        def full(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(scp.spool, "receive", full)
+        assert send(scp.settings.port, dx(tmp_path, "one")) == [0xA700]
+    finally:
+        scp.stop()
+
+
+def test_the_worker_and_the_sender_outlive_a_failing_spool(scorer, tmp_path, monkeypatch):
+    """A spool operation that fails outside one instance's handling (a full disk while listing or
+    recording) is logged, and both threads go on: the next instance is scored and delivered."""
+    pacs = Destination()
+    scp = listener(scorer, tmp_path / "spool", pacs.peer())
+    failures = {"received": 3, "due": 3}
+    try:
+        for name in failures:
+            real = getattr(scp.spool, name)
+
+            def flaky(*args, _name=name, _real=real, **kwargs):
+                if failures[_name] > 0:
+                    failures[_name] -= 1
+                    raise OSError("disk full")
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(scp.spool, name, flaky)
+        assert wait_for(lambda: failures == {"received": 0, "due": 0}, 30)
+        assert all(thread.is_alive() for thread in scp._threads)
+        assert send(scp.settings.port, dx(tmp_path, "one")) == [0x0000]
+        assert wait_for(lambda: len(pacs.received) == 2, 60), scp.spool.status()
+    finally:
+        scp.stop()
+        pacs.stop()
+
+
+@pytest.mark.parametrize(("url", "allowed"), [("https://scorer.hospital.example:8000", True),
+                                              ("http://127.0.0.1:8000", True), ("http://localhost:8000", True),
+                                              ("http://[::1]:8000", True), ("http://scorer.hospital.example:8000", False),
+                                              ("http://10.1.2.3:8000", False), ("ftp://127.0.0.1", False)])
+def test_the_endpoint_must_not_carry_the_key_in_clear_across_the_network(url, allowed):
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.pacs.listener import check_endpoint
+
+    if allowed:
+        check_endpoint(url)
+    else:
+        with pytest.raises(CxrtuneError, match="in clear"):
+            check_endpoint(url)
+        with pytest.raises(CxrtuneError, match="in clear"):  # the listener's settings check it
+            ListenerSettings(ae_title="CXRTUNE", host="127.0.0.1", port=11112, callers=(),
+                             destination=Peer("PACS", "127.0.0.1"), endpoint=url)

@@ -4,8 +4,10 @@ temporary storage. An image uploaded to Orthanc is C-STOREd by Orthanc to `cxrtu
 and read back to what the library scores for the same file. Skips with the reason where Orthanc
 is not installed."""
 
+import datetime
 import io
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -59,8 +61,8 @@ def orthanc(tmp_path_factory):
         except requests.ConnectionError:
             return False
     if not wait_for(lambda: proc.poll() is not None or up(), 60) or proc.poll() is not None:
-        proc.kill()
-        pytest.skip(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-500:]}")
+        proc.kill()  # installed but not starting: a broken configuration fails, it does not skip
+        pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-500:]}")
     yield url, Peer("ORTHANC", "127.0.0.1", dicom_port)
     proc.terminate()
     proc.wait(timeout=30)
@@ -139,7 +141,7 @@ def test_orthanc_sends_an_image_and_gets_its_sr_and_seg_in_the_same_study(orthan
         want = 2 if record["status"] == "unscored" else 3  # the image, its SR, and its SEG when scored
         assert wait_for(lambda: len(study_objects(url, study)) == want, 90), (record["status"], scp.spool.status())
         assert_results_in_orthanc(url, study, ds, record)
-    assert expected[1]["status"] == "scored"  # the phantom DX went the whole way, SEG included
+    assert [r["status"] for r in expected] == ["scored", "scored"]  # both went the whole way, SEG included
 
 
 def test_a_secondary_capture_sent_by_orthanc_is_skipped_and_gets_no_result(orthanc, scp, tmp_path, caplog):
@@ -166,11 +168,13 @@ def test_a_secondary_capture_sent_by_orthanc_is_skipped_and_gets_no_result(ortha
     assert PATIENT not in caplog.text
 
 
-class FailingWado:
-    """An HTTP proxy in front of Orthanc's DICOMweb that answers every WADO-RS retrieval ``status``
-    (QIDO and STOW pass): a server that finds instances but cannot deliver them."""
+class DicomwebProxy:
+    """An HTTP proxy in front of Orthanc's DICOMweb (GETs only): with ``status``, every WADO-RS
+    retrieval is answered that (a server that finds instances but cannot deliver them); with
+    ``page_cap``, a QIDO-RS search returns at most that many results whatever its ``limit`` (a
+    server capping its pages)."""
 
-    def __init__(self, upstream: str, status: int = 503):
+    def __init__(self, upstream: str, status: int | None = None, page_cap: int | None = None):
         import http.server
         import threading
 
@@ -181,13 +185,16 @@ class FailingWado:
                 pass
 
             def do_GET(self):
-                if "/studies/" in self.path:  # a WADO-RS retrieval
+                path = self.path
+                if page_cap is not None and "/instances?" in path and "/studies/" not in path:  # QIDO-RS
+                    path = re.sub(r"limit=\d+", f"limit={page_cap}", path)
+                if status is not None and "/studies/" in path:  # a WADO-RS retrieval
                     outer.refused += 1
                     self.send_response(status)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                answer = requests.get(upstream + self.path, headers={"Accept": self.headers.get("Accept", "*/*")},
+                answer = requests.get(upstream + path, headers={"Accept": self.headers.get("Accept", "*/*")},
                                       timeout=30)
                 self.send_response(answer.status_code)
                 self.send_header("Content-Type", answer.headers.get("Content-Type", "application/dicom+json"))
@@ -204,10 +211,8 @@ class FailingWado:
         self.server.shutdown()
 
 
-def today() -> str:
-    import datetime
-
-    return datetime.date.today().strftime("%Y%m%d")
+def today(days_ago: int = 0) -> str:
+    return (datetime.date.today() - datetime.timedelta(days=days_ago)).strftime("%Y%m%d")
 
 
 def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc, scp, tmp_path, caplog, recwarn):
@@ -225,16 +230,18 @@ def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc,
     frontal, lateral = dx(tmp_path, "polled", StudyDate=today(), **MARKERS), dx(tmp_path, "side", StudyDate=today(),
                                                                                   ViewPosition="LL")
     chest_cr = source_copy("CXRTUNE^POLLED", 11)  # pydicom-data's CR chest PA, as in 5a
-    chest_cr.StudyDate = today()
+    # and in JPEG 2000, which this Orthanc (no GDCM plugin) cannot transcode: retrieved as stored
+    chest_j2k = source_copy("CXRTUNE^POLLEDJ2K", 12, "RG1_J2KR.dcm")
+    chest_cr.StudyDate = chest_j2k.StudyDate = today()
     studies = []
-    for ds in (frontal, lateral, chest_cr):
+    for ds in (frontal, lateral, chest_cr, chest_j2k):
         stored = requests.post(f"{url}/instances", data=to_bytes(ds), timeout=30)
         stored.raise_for_status()
         studies.append(requests.get(f"{url}/instances/{stored.json()['ID']}/study", timeout=10).json()["ID"])
     # one a page: today's two DX instances take two full pages and an empty one (paged by offset)
     poller = DicomwebPoller(PollSettings(f"{url}/dicom-web", overlay=True, page_size=1), Spool(tmp_path / "spool"),
                             scp.scorer, KEY)
-    assert poller.poll_once() == {"scored": 2, "skipped": 1, "failed": 0, "parked": 0}
+    assert poller.poll_once() == {"scored": 3, "skipped": 1, "failed": 0, "parked": 0}
     objects = {o.Modality: o for o in study_objects(url, studies[0])}
     assert set(objects) == {"DX", "SR", "SEG", "OT"}  # OT: the overlay, a secondary capture
     assert objects["OT"].BurnedInAnnotation == "YES"
@@ -243,8 +250,10 @@ def test_pacs_poll_finds_new_instances_over_dicomweb_and_stores_results(orthanc,
     evidence = objects["SR"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == frontal.SOPInstanceUID
     assert len(study_objects(url, studies[1])) == 1  # the lateral alone
-    (record, _), = scp.scorer.score_scans([load_scan(to_bytes(chest_cr))])
-    assert_results_in_orthanc(url, studies[2], chest_cr, record)  # its SR (and SEG when the record has masks)
+    for study, ds in zip(studies[2:], (chest_cr, chest_j2k)):
+        (record, _), = scp.scorer.score_scans([load_scan(to_bytes(ds))])
+        assert record["status"] == "scored"
+        assert_results_in_orthanc(url, study, ds, record)  # its SR and SEG
     assert poller.poll_once() == {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}  # nothing new
     assert "non-frontal view" in caplog.text and PATIENT not in caplog.text
     assert_no_marker(caplog.text)
@@ -262,7 +271,7 @@ def test_pacs_poll_retries_a_503_then_parks_the_instance_and_retry_frees_it(orth
     url, _ = orthanc
     requests.post(f"{url}/instances", data=to_bytes(dx(tmp_path, "unlucky", StudyDate=today())),
                   timeout=30).raise_for_status()
-    proxy = FailingWado(url)
+    proxy = DicomwebProxy(url, status=503)
     try:
         spool = Spool(tmp_path / "spool")
         poller = DicomwebPoller(PollSettings(f"{proxy.url}/dicom-web", retries=2, backoff_s=0.01, max_attempts=2),
@@ -282,6 +291,61 @@ def test_pacs_poll_retries_a_503_then_parks_the_instance_and_retry_frees_it(orth
     again = DicomwebPoller(PollSettings(f"{url}/dicom-web", modalities=("MG",)), spool, scp.scorer, KEY).poll_once()
     assert again["scored"] + again["skipped"] == first["failed"] and again["scored"] >= 1  # today's DX, this one too
     assert poll_status(spool)["released"] == 0 and poll_status(spool)["parked"] == 0
+
+
+def test_pacs_poll_pages_past_a_server_that_caps_its_pages(orthanc, scp, tmp_path):
+    """A server that returns fewer results than ``limit`` asks (here one a page, behind a proxy) has
+    not run out: the poller goes on until a page comes back empty and finds what a direct search
+    finds."""
+    from cxrtune.pacs.poll import DicomwebPoller, PollSettings, PollState
+
+    url, _ = orthanc
+    for name in ("paged-1", "paged-2"):
+        requests.post(f"{url}/instances", data=to_bytes(dx(tmp_path, name, StudyDate=today())),
+                      timeout=30).raise_for_status()
+    direct = DicomwebPoller(PollSettings(f"{url}/dicom-web"), Spool(tmp_path / "direct"), scp.scorer, KEY)
+    everything = set(direct.new_instances(PollState(), datetime.date.today()))
+    assert len(everything) >= 2
+    proxy = DicomwebProxy(url, page_cap=1)
+    try:
+        capped = DicomwebPoller(PollSettings(f"{proxy.url}/dicom-web", page_size=100), Spool(tmp_path / "capped"),
+                                scp.scorer, KEY)
+        assert set(capped.new_instances(PollState(), datetime.date.today())) == everything
+    finally:
+        proxy.stop()
+
+
+def test_pacs_poll_searches_from_its_cursor_after_an_outage(orthanc, scp, tmp_path):
+    """An instance of a study dated five days ago, with a one-day window: a poller whose last
+    complete poll was ten days ago (it was down) finds it; one that polled today does not."""
+    from cxrtune.pacs.poll import DicomwebPoller, PollSettings, PollState
+
+    url, _ = orthanc
+    late = dx(tmp_path, "late", StudyDate=today(5))
+    requests.post(f"{url}/instances", data=to_bytes(late), timeout=30).raise_for_status()
+    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web", window_days=1), Spool(tmp_path / "spool"), scp.scorer,
+                            KEY)
+    found = {uids[2] for uids in poller.new_instances(PollState(cursor=today(10)), datetime.date.today())}
+    assert late.SOPInstanceUID in found
+    found = {uids[2] for uids in poller.new_instances(PollState(cursor=today()), datetime.date.today())}
+    assert late.SOPInstanceUID not in found
+
+
+def test_cxrtune_pacs_poll_once_scores_prints_its_counts_and_moves_its_cursor(orthanc, phantom_bundle, tmp_path,
+                                                                             monkeypatch):
+    """The command itself: `cxrtune pacs poll --once` with the study key from the environment scores
+    today's instances (the earlier tests' too: a new spool has handled none), prints the counts as
+    JSON, records today as its cursor, and a second poll finds nothing new."""
+    from tests.conftest import cli_in_process
+
+    url, _ = orthanc
+    monkeypatch.setenv("CXRTUNE_PSEUDONYM_KEY", KEY.decode())
+    args = ("pacs", "poll", "--dicomweb", f"{url}/dicom-web", "--bundle", str(phantom_bundle), "--spool",
+            str(tmp_path / "spool"), "--once", "--device", "cpu")
+    first = json.loads(cli_in_process(*args).stdout)
+    assert first["scored"] >= 2 and first["failed"] == first["parked"] == 0, first
+    assert json.loads((tmp_path / "spool" / "poll_state.json").read_text())["cursor"] == today()
+    assert json.loads(cli_in_process(*args).stdout) == {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}
 
 
 @pytest.mark.slow
@@ -390,7 +454,7 @@ def test_pacs_poll_retries_a_429_and_a_connection_error(orthanc, scp, tmp_path):
     url, _ = orthanc
     requests.post(f"{url}/instances", data=to_bytes(dx(tmp_path, "busy", StudyDate=today())),
                   timeout=30).raise_for_status()
-    proxy = FailingWado(url, status=429)
+    proxy = DicomwebProxy(url, status=429)
     try:
         poller = DicomwebPoller(PollSettings(f"{proxy.url}/dicom-web", retries=3, backoff_s=0.01), Spool(tmp_path / "a"),
                                 scp.scorer, KEY)

@@ -5,6 +5,7 @@ The source is a copy of pydicom-data's CR chest PA (RG1_UNCR.dcm) with new UIDs 
 records are built by the scoring policy's own ``build_record`` from masks drawn at the scan's
 working size, so each value read back has a known answer."""
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from cxrtune.pacs.results import (
     ZONE_OPACITY_FRACTION,
     ZONES,
     AlgorithmIdentity,
+    derived_uid,
     dicom_results,
     to_bytes,
 )
@@ -38,14 +40,15 @@ from cxrtune.scoring.overlay import render_overlay
 from cxrtune.scoring.scorer import build_record
 
 MODELS = {"lung": "FPN/resnet18", "disease": "Unet/resnet18", "cls_threshold": 0.4, "opacity_threshold": 0.3,
-          "bundle": "cpu-accuracy", "bundle_hash": "0123456789abcdef", "created": "2026-12-03T00:00:00Z",
+          "lung_threshold": 0.45, "bundle": "cpu-accuracy", "bundle_hash": "0123456789abcdef", "created": "2026-12-03T00:00:00Z",
           "stage_bundles": {"lung": "0123456789abcdef", "disease": "0123456789abcdef"},
           "stage_runtimes": {"lung": "onnx-int8", "disease": "onnx-int8"}}
 
 
-def source_copy(patient: str = "CXRTUNE^TEST", seed: int = 0) -> pydicom.Dataset:
-    """RG1_UNCR with new study, series and instance UIDs and a new patient: a distinct instance."""
-    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+def source_copy(patient: str = "CXRTUNE^TEST", seed: int = 0, name: str = "RG1_UNCR.dcm") -> pydicom.Dataset:
+    """pydicom-data's CR chest PA ``name`` (RG1_UNCR, or RG1_J2KR in JPEG 2000) with new study,
+    series and instance UIDs and a new patient: a distinct instance."""
+    ds = pydicom.dcmread(get_testdata_file(name))
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.PatientName, ds.PatientID = patient, f"PID{seed:04d}"
@@ -139,7 +142,8 @@ def test_the_sr_reads_back_to_the_record(scored):
     assert right.value > 0 and left.value == 0  # the drawn opacity is in the right lung only
     assert measured(image, DISEASE_PROBABILITY) == [pytest.approx(record["disease_probability"])]
     assert (measured(image, THRESHOLDS["threshold"]), measured(image, THRESHOLDS["cls_threshold"]),
-            measured(image, THRESHOLDS["opacity_threshold"])) == ([pytest.approx(record["threshold"])], [0.4], [0.3])
+            measured(image, THRESHOLDS["opacity_threshold"]), measured(image, THRESHOLDS["lung_threshold"])) \
+        == ([pytest.approx(record["threshold"])], [0.4], [0.3], [0.45])
 
 
 def test_the_seg_on_the_source_grid_is_the_records_masks(scored):
@@ -190,6 +194,11 @@ def test_a_resend_of_the_same_result_is_the_same_object(scored):
     changed = dicom_results(ds, other_runtime, detail)
     assert not {o.SOPInstanceUID for o in changed.objects()} & {o.SOPInstanceUID for o in results.objects()}
     assert len({o.SOPInstanceUID for o in results.objects()} | {ds.SOPInstanceUID}) == 4
+    # another cxrtune version may score the image differently: its objects are new ones, never the old UIDs
+    identity = AlgorithmIdentity.of_record(record)
+    assert derived_uid(ds.SOPInstanceUID, identity, "sr") == results.sr.SOPInstanceUID
+    assert derived_uid(ds.SOPInstanceUID, dataclasses.replace(identity, version="0.0.0"), "sr") != \
+        results.sr.SOPInstanceUID
 
 
 def test_a_source_without_type_2_attributes_gets_them_empty_and_one_without_uids_a_clear_error():

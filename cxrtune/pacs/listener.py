@@ -13,12 +13,16 @@ them once.
 Intake: every instance is scored on its own (a study with several frontal images gets results
 for each). What the DICOM rules refuse (lateral, not a chest, secondary capture, DX for
 processing...) is skipped: the C-STORE still succeeds, and the log names the instance by its
-pseudonym (the study key), never by a patient identifier.
+pseudonym (the study key), never by a patient identifier. What cannot be decoded (a codec
+missing, a corrupt file) or fails unexpectedly is parked with its reason, and ``pacs retry``
+scores it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import ipaddress
 import logging
 import os
 import signal
@@ -26,6 +30,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 
 import requests
@@ -45,7 +50,7 @@ from pynetdicom import AE, evt
 
 from ..config_files import read_private_file
 from ..dicom import pseudonym_key, read_header
-from ..errors import CxrtuneError
+from ..errors import CxrtuneError, InputRefused
 from ..preprocessing import load_scan
 from ..scoring.scorer import Scorer, load_bundle
 from .results import DICOM_RESULTS, dicom_results, parts_of, to_bytes
@@ -161,6 +166,10 @@ class ListenerSettings:
     metrics_port: int | None = None  # Prometheus metrics at http://HOST:PORT/metrics
     overlay: bool = False  # also send the overlay, a Secondary Capture "not for diagnostic use"
 
+    def __post_init__(self) -> None:
+        if self.endpoint:
+            check_endpoint(self.endpoint)
+
 
 class SpoolGauges:
     """The spool as Prometheus gauges: what is waiting to be scored, to be sent, parked, and the
@@ -182,7 +191,18 @@ class SpoolGauges:
 
 
 class ScoreLater(Exception):
-    """The served scorer could not score now (unreachable, 401/403, 408, 429, 5xx)."""
+    """The served scorer could not score now (unreachable, or any answer but 200 and the
+    refusals in ``REFUSED_OVER_HTTP``)."""
+
+
+class CannotScore(Exception):
+    """An instance that cannot be scored as it is (not decodable here): parked with this reason."""
+
+
+# what the served scorer answers for an input it will never score (docs/serving.md): not a DICOM
+# it decodes, too large, refused by the rules. Anything else (a wrong URL's 404, a proxy's 502
+# while the app deploys, a bad key) is the endpoint's fault: the instance stays spooled.
+REFUSED_OVER_HTTP = {406, 413, 415, 422}
 
 
 @dataclass
@@ -227,8 +247,12 @@ class PacsListener:
         if self.spool.used_bytes() > self.settings.max_spool_bytes:
             log.warning("spool over %d bytes: C-STORE refused (out of resources)", self.settings.max_spool_bytes)
             return OUT_OF_RESOURCES
-        # the instance as it was sent (no decode, no re-encoding), fsynced before the success response
-        self.spool.receive(str(event.request.AffectedSOPInstanceUID), event.encoded_dataset())
+        try:  # the instance as it was sent (no decode, no re-encoding), fsynced before the success response
+            self.spool.receive(str(event.request.AffectedSOPInstanceUID), event.encoded_dataset())
+        except OSError as exc:  # a full disk, a quota: the sender keeps it and tries again (0xCxxx would not)
+            log.error("spooling an instance failed (%s): C-STORE refused (out of resources)",
+                      exc.strerror or type(exc).__name__)
+            return OUT_OF_RESOURCES
         _kill_point("spooled")
         return 0x0000
 
@@ -237,9 +261,11 @@ class PacsListener:
         """The results from the bundle in this process; None: skipped (the reason logged)."""
         try:
             scan = load_scan(data)
-        except CxrtuneError as exc:  # the DICOM rules, a decode failure: that instance only
+        except InputRefused as exc:  # the DICOM rules, the image rules: that instance only
             log.info("skipped %s: %s", who, exc)
             return None
+        except CxrtuneError as exc:  # a codec missing, a corrupt file: kept, for pacs retry
+            raise CannotScore(str(exc)) from None
         assert self.scorer is not None
         (record, detail), = self.scorer.score_scans([scan])
         try:
@@ -264,12 +290,12 @@ class PacsListener:
                                             "Content-Type": "application/dicom"})
         except requests.RequestException as exc:
             raise ScoreLater(type(exc).__name__) from None
-        if answer.status_code in (401, 403, 408, 429) or answer.status_code >= 500:  # 401/403: fix the key
-            raise ScoreLater(f"HTTP {answer.status_code}")
-        if answer.status_code != 200:
+        if answer.status_code in REFUSED_OVER_HTTP:
             error = answer.json().get("error", "") if "json" in answer.headers.get("content-type", "") else ""
             log.info("skipped %s: HTTP %d %s", who, answer.status_code, error)
             return None
+        if answer.status_code != 200:  # 401/403: fix the key; 404: fix the URL; 5xx: wait
+            raise ScoreLater(f"HTTP {answer.status_code}")
         log.info("scored %s: %s, score %s", who, answer.headers.get("X-Status"), answer.headers.get("X-Score"))
         return [dcmread(io.BytesIO(part)) for part in parts_of(answer.headers["content-type"], answer.content)]
 
@@ -281,14 +307,18 @@ class PacsListener:
         try:
             who = read_header(data, self.study_key).instance or "an instance without a UID"
         except CxrtuneError as exc:
-            log.warning("skipped an unreadable instance: %s", exc)
-            self.spool.done(path)
+            log.warning("parked an unreadable instance: %s", exc)
+            self.spool.park_received(path, f"unreadable: {exc}")
             return True
         try:
             objects = self._over_http(data, who) if self.settings.endpoint else self._in_process(data, who)
         except ScoreLater as exc:
             log.warning("scoring %s deferred: the scorer at the endpoint answered %s", who, exc)
             return False
+        except CannotScore as exc:
+            log.warning("parked %s: %s", who, exc)
+            self.spool.park_received(path, f"cannot decode: {exc}")
+            return True
         if objects:
             self.spool.enqueue({str(o.SOPInstanceUID): to_bytes(o) for o in objects})
             _kill_point("scored")
@@ -297,20 +327,27 @@ class PacsListener:
 
     def _score_loop(self) -> None:
         while not self._stop.is_set():
-            for path in self.spool.received():
-                if self._stop.is_set():
-                    return
-                try:
-                    scored = self.score_one(path)
-                except Exception as exc:  # noqa: BLE001 - one instance's failure must not end the worker
-                    # the type only: a message or a traceback may quote the instance's values
-                    log.error("scoring a spooled instance failed (%s): parked", type(exc).__name__)
-                    self.spool.park_received(path, f"scoring failed: {type(exc).__name__}")
-                    continue
-                if not scored:
-                    self._stop.wait(self.settings.backoff_s)  # the endpoint is down: not a busy loop
-                    break
+            try:
+                self._score_received()
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk while parking: the worker must live on
+                log.error("the scoring worker failed (%s); trying again", type(exc).__name__)
+                self._stop.wait(self.settings.backoff_s)
             self._stop.wait(self.settings.poll_s)
+
+    def _score_received(self) -> None:
+        for path in self.spool.received():
+            if self._stop.is_set():
+                return
+            try:
+                scored = self.score_one(path)
+            except Exception as exc:  # noqa: BLE001 - one instance's failure must not end the worker
+                # the type only: a message or a traceback may quote the instance's values
+                log.error("scoring a spooled instance failed (%s): parked", type(exc).__name__)
+                self.spool.park_received(path, f"scoring failed: {type(exc).__name__}")
+                continue
+            if not scored:
+                self._stop.wait(self.settings.backoff_s)  # the endpoint is down: not a busy loop
+                return
 
     # ------------------------------------------------------------------ sending
     def send_one(self, item) -> None:
@@ -362,13 +399,17 @@ class PacsListener:
     def _send_loop(self) -> None:
         measured = 0.0
         while not self._stop.is_set():
-            for item in self.spool.due():
-                if self._stop.is_set():
-                    return
-                self.send_one(item)
-            if self.settings.metrics_port and time.monotonic() - measured >= GAUGE_INTERVAL_S:
-                self.gauges.update(self.spool)  # walks the spool: every few seconds, not every poll
-                measured = time.monotonic()
+            try:
+                for item in self.spool.due():
+                    if self._stop.is_set():
+                        return
+                    self.send_one(item)
+                if self.settings.metrics_port and time.monotonic() - measured >= GAUGE_INTERVAL_S:
+                    self.gauges.update(self.spool)  # walks the spool: every few seconds, not every poll
+                    measured = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk while recording a try: live on
+                log.error("the sender failed (%s); trying again", type(exc).__name__)
+                self._stop.wait(self.settings.backoff_s)
             self._stop.wait(self.settings.poll_s)
 
     # ------------------------------------------------------------------ lifecycle
@@ -399,14 +440,33 @@ class PacsListener:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._server is not None:
-            self._server.shutdown()  # type: ignore[attr-defined]
+        if self._server is not None:  # once: pynetdicom's shutdown fails when called twice
+            server, self._server = self._server, None
+            server.shutdown()  # type: ignore[attr-defined]
         for thread in self._threads:
             thread.join(timeout=30)
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def check_endpoint(url: str) -> None:
+    """The served scorer's URL: https, or http to this machine only (the API key and the patient's
+    images would otherwise cross the network in clear).
+
+    Raises:
+        CxrtuneError: another scheme, or http to another host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return
+    host = parts.hostname or ""
+    loopback = host == "localhost"
+    with contextlib.suppress(ValueError):
+        loopback = loopback or ipaddress.ip_address(host).is_loopback
+    if parts.scheme != "http" or not loopback:
+        raise CxrtuneError(f"--endpoint {url}: use https:// (or http:// to this machine only): the API key and the "
+                           "images must not cross the network in clear")
 
 
 def endpoint_key(key_file: str | None) -> str:

@@ -1,13 +1,17 @@
 """``cxrtune pacs poll``: find new CR/DX instances on a DICOMweb server (QIDO-RS), retrieve them
-(WADO-RS, Explicit VR Little Endian), score them in this process and store the SR and SEG back
-(STOW-RS), with dicomweb-client.
+(WADO-RS, as stored: cxrtune decodes the usual syntaxes, and a server without a codec for one,
+such as Orthanc without its GDCM plugin for JPEG 2000, cannot transcode it anyway; again in
+Explicit VR Little Endian when cxrtune cannot decode what is stored), score them in this process
+and store the SR and SEG back (STOW-RS), with dicomweb-client.
 
-Which instances are new: each poll searches the instances of CR and DX studies dated within the
-last ``window_days`` (paged by ``page_size``) and skips those in the persisted set of handled
-instances (``poll_state.json`` in the spool: hashes of SOP Instance UIDs; a parked instance keeps
-its study, series and instance UIDs, to be retrieved again after ``pacs retry``). A connection
-error, a 5xx or a 429 (which dicomweb-client does not retry) is retried with backoff
-within the poll; an instance that still fails is tried again at the next poll, and after
+Which instances are new: each poll searches the instances of CR and DX studies dated from the
+cursor on (paged by ``page_size`` until a page comes back empty) and skips those in the persisted
+set of handled instances (``poll_state.json`` in the spool: hashes of SOP Instance UIDs). The
+cursor is the date the last complete poll started, less ``window_days`` (late-arriving studies):
+a poller that was down for a week searches the week when it comes back. A failing or parked
+instance keeps its study, series and instance UIDs, so it is tried again by them whatever the
+dates. A connection error, a 5xx or a 429 (which dicomweb-client does not retry) is retried with
+backoff within the poll; an instance that still fails is tried again at the next poll, and after
 ``max_attempts`` polls it is parked with its reason (``pacs status`` shows it, ``pacs retry``
 lets it be tried again). What the DICOM rules refuse is handled: skipped, logged by pseudonym.
 """
@@ -31,7 +35,7 @@ from pydicom import Dataset
 
 from ..config_files import read_private_file
 from ..dicom import read_header
-from ..errors import CxrtuneError
+from ..errors import CxrtuneError, InputRefused
 from ..preprocessing import load_scan
 from ..scoring.scorer import Scorer
 from .results import dicom_results, to_bytes
@@ -44,6 +48,7 @@ CA_BUNDLE_ENV = "CXRTUNE_DICOMWEB_CA_BUNDLE"  # the CA bundle of an https:// ser
 STATE_FILE, STATE_LOCK = "poll_state.json", "poll_state.lock"
 RETRIED_STATUSES = {408, 429}  # and every 5xx
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+AS_STORED, TRANSCODED = (("application/dicom", "*"),), (("application/dicom", EXPLICIT_VR_LITTLE_ENDIAN),)
 SOP_INSTANCE_UID, SERIES_INSTANCE_UID, STUDY_INSTANCE_UID = "00080018", "0020000E", "0020000D"
 
 
@@ -66,22 +71,32 @@ class PollSettings:
 
 @dataclass
 class PollState:
-    """``poll_state.json``: what every poll has handled, what is failing, what is parked, and what
-    ``pacs retry`` released (polled by its UIDs whatever the window)."""
+    """``poll_state.json``: what every poll has handled, what is failing, what is parked, what
+    ``pacs retry`` released (failing and released instances are polled by their UIDs whatever the
+    dates), and the cursor: the date (YYYYMMDD) the last complete poll started."""
     handled: set[str] = field(default_factory=set)
-    failures: dict[str, dict] = field(default_factory=dict)  # hash -> {attempts, last_error}
+    failures: dict[str, dict] = field(default_factory=dict)  # hash -> {attempts, last_error, uids}
     parked: dict[str, dict] = field(default_factory=dict)  # hash -> {attempts, last_error, uids}
     retry: dict[str, list[str]] = field(default_factory=dict)  # hash -> [study, series, instance UID]
+    cursor: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps({"handled": sorted(self.handled), "failures": self.failures, "parked": self.parked,
-                           "retry": self.retry}).encode()
+                           "retry": self.retry, "cursor": self.cursor}).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "PollState":
         d = json.loads(data)
         return cls(set(d.get("handled", [])), dict(d.get("failures", {})), dict(d.get("parked", {})),
-                   dict(d.get("retry", {})))
+                   dict(d.get("retry", {})), str(d.get("cursor", "")))
+
+    def since(self, today: dt.date, window_days: int) -> str:
+        """The first study date to search: ``window_days`` before today, or before the cursor
+        when the last complete poll is older than today (the poller was down)."""
+        start = today
+        if self.cursor:
+            start = min(start, dt.datetime.strptime(self.cursor, "%Y%m%d").date())
+        return (start - dt.timedelta(days=window_days)).strftime("%Y%m%d")
 
 
 @contextlib.contextmanager
@@ -197,25 +212,30 @@ class DicomwebPoller:
                 time.sleep(self.settings.backoff_s * 2 ** attempt)
         raise RetriableError(reason)
 
-    def new_instances(self, state: PollState) -> list[tuple[str, str, str]]:
-        """(study, series, SOP instance UID) of the window's CR/DX instances not yet handled or parked."""
-        since = (dt.date.today() - dt.timedelta(days=self.settings.window_days)).strftime("%Y%m%d")
+    def new_instances(self, state: PollState, today: dt.date) -> list[tuple[str, str, str]]:
+        """(study, series, SOP instance UID) of the CR/DX instances dated from the cursor on
+        (:meth:`PollState.since`) not yet handled or parked. Pages until one comes back empty: a
+        server may cap a page below ``page_size``."""
+        since = state.since(today, self.settings.window_days)
         found: dict[str, tuple[str, str, str]] = {}
         assert self.client is not None
         for modality in self.settings.modalities:
-            offset = 0
+            offset, seen = 0, set[str]()
             while True:
                 page = self._call("QIDO-RS", self.client.search_for_instances, offset=offset,
                                   limit=self.settings.page_size,
                                   search_filters={"Modality": modality, "StudyDate": f"{since}-"})
+                keys = set()
                 for item in page:
                     uids = (_value(item, STUDY_INSTANCE_UID), _value(item, SERIES_INSTANCE_UID),
                             _value(item, SOP_INSTANCE_UID))
                     key = instance_key(uids[2])
+                    keys.add(key)
                     if all(uids) and key not in state.handled and key not in state.parked:
                         found[key] = uids
-                if len(page) < self.settings.page_size:
+                if not keys - seen:  # empty, or a server that ignores the offset: the last page
                     break
+                seen |= keys
                 offset += len(page)
         return list(found.values())
 
@@ -226,15 +246,25 @@ class DicomwebPoller:
         Raises:
             RetriableError: a DICOMweb call failed after its retries."""
         assert self.client is not None
-        ds: Dataset = self._call("WADO-RS", self.client.retrieve_instance, *uids,
-                                 media_types=(("application/dicom", EXPLICIT_VR_LITTLE_ENDIAN),))
+        ds: Dataset = self._call("WADO-RS", self.client.retrieve_instance, *uids, media_types=AS_STORED)
         data = to_bytes(ds)
         who = read_header(data, self.study_key).instance or "an instance"
         try:
-            scan = load_scan(data)
-        except CxrtuneError as exc:
+            try:
+                scan = load_scan(data)
+            except InputRefused:
+                raise
+            except CxrtuneError:  # a syntax without a decoder here: the server transcodes it, if it can
+                if ds.file_meta.get("TransferSyntaxUID") == EXPLICIT_VR_LITTLE_ENDIAN:
+                    raise
+                ds = self._call("WADO-RS", self.client.retrieve_instance, *uids, media_types=TRANSCODED)
+                data = to_bytes(ds)
+                scan = load_scan(data)
+        except InputRefused as exc:  # the DICOM rules, the image rules: handled
             log.info("skipped %s: %s", who, exc)
             return "skipped"
+        except CxrtuneError as exc:  # not decodable: failed, tried again next poll, then parked with this
+            raise RetriableError(f"cannot decode: {exc}") from None
         (record, detail), = self.scorer.score_scans([scan])
         try:
             results = dicom_results(data, record, detail, overlay_of=scan.image if self.settings.overlay else None)
@@ -253,9 +283,10 @@ class DicomwebPoller:
         """One poll: every new instance, and every one ``pacs retry`` released, handled, failed
         (retried next poll) or parked. Counts by outcome. The state is updated after each instance
         (a crash repeats at most the one in hand), under the lock ``pacs retry`` takes too."""
-        snapshot = self.state()
-        candidates = {instance_key(uids[2]): uids for uids in self.new_instances(snapshot)}
-        for key, released in snapshot.retry.items():
+        snapshot, today = self.state(), dt.date.today()
+        candidates = {instance_key(uids[2]): uids for uids in self.new_instances(snapshot, today)}
+        known = [*snapshot.retry.items(), *((k, f.get("uids", [])) for k, f in snapshot.failures.items())]
+        for key, released in known:  # released by pacs retry, or failing: by their UIDs, whatever the dates
             if len(released) == 3 and key not in snapshot.handled:
                 candidates.setdefault(key, (released[0], released[1], released[2]))
         counts = {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}
@@ -274,14 +305,16 @@ class DicomwebPoller:
                     counts[outcome] += 1
                     continue
                 failure = state.failures.pop(key, {"attempts": 0})
-                failure = {"attempts": failure["attempts"] + 1, "last_error": error}
+                failure = {"attempts": failure["attempts"] + 1, "last_error": error, "uids": list(uids)}
                 if failure["attempts"] >= self.settings.max_attempts:
-                    state.parked[key] = {**failure, "uids": list(uids)}
+                    state.parked[key] = failure
                     counts["parked"] += 1
                     log.warning("parked an instance after %d failed polls: %s", failure["attempts"], error)
                 else:
                     state.failures[key] = failure
                     counts["failed"] += 1
+        with _locked_state(self.spool) as state:  # complete: the next poll searches from today's date
+            state.cursor = max(state.cursor, today.strftime("%Y%m%d"))
         self.gauges.update(self.state())
         return counts
 

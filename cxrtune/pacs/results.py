@@ -12,7 +12,7 @@ groups, and UIDs that a resend of the same result reproduces (docs/pacs.md has t
   private scheme ``99CXRTUNE``, declared in the Coding Scheme Identification Sequence.
 * **Groups (TID 1501).** One for the image: the status (coded), the score when the record is
   ``scored`` (never a 0 for an unscored one), p(disease), the opacity percent of each lung found,
-  and the three thresholds used; then one per zone that exists: affected (yes/no) and its opacity
+  and the four thresholds used (T, T_cls, opacity, Stage I lung); then one per zone that exists: affected (yes/no) and its opacity
   fraction. Each names the algorithm (TID 4019: bundle name; version = bundle content hash,
   runtime and cxrtune version), as IHE AI Results asks.
 * **Overlay (optional, off by default).** For viewers that show neither SEG on CR/DX nor TID 1500:
@@ -67,7 +67,8 @@ LUNG_OPACITY_PERCENT = _private("lung-opacity-percent", "Opacity percent of lung
 DISEASE_PROBABILITY = _private("disease-probability", "Probability of disease (not normal)")
 THRESHOLDS = {"threshold": _private("zone-threshold", "Zone threshold T"),
               "cls_threshold": _private("cls-threshold", "Disease probability threshold T_cls"),
-              "opacity_threshold": _private("opacity-threshold", "Opacity probability threshold")}
+              "opacity_threshold": _private("opacity-threshold", "Opacity probability threshold"),
+              "lung_threshold": _private("lung-threshold", "Lung probability threshold")}
 _ZONE_PLACE = {"A": "right upper", "B": "right middle", "C": "right lower",
                "D": "left upper", "E": "left middle", "F": "left lower"}
 ZONES = {z: _private(f"zone-{z}", f"cxrtune equal-area lung zone {z} ({_ZONE_PLACE[z]})") for z in ZONE_LETTERS}
@@ -114,9 +115,11 @@ class DicomResults:
 
 
 def derived_uid(source_uid: str, identity: AlgorithmIdentity, kind: str) -> str:
-    """A UID that the same source, bundle, runtime and object kind always give (a resend of a
-    result is the same object, so a PACS stores it once)."""
-    name = "|".join((str(source_uid), identity.bundle_hash, identity.runtime, kind))
+    """A UID that the same source, bundle, runtime, cxrtune version and object kind always give (a
+    resend of a result is the same object, so a PACS stores it once). The version is in it because
+    a new cxrtune may score the same image differently (a changed rule), and one UID must never
+    name two different objects: a PACS that keeps the first copy would keep the stale one."""
+    name = "|".join((str(source_uid), identity.bundle_hash, identity.runtime, kind, identity.version))
     return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"  # a UUID-derived UID (PS3.5 B.2), name-based
 
 

@@ -4,7 +4,8 @@ nothing and delivery is at least once.
     incoming/  instances received, each fsynced before its C-STORE success response
     outbox/    results to send (the persistent outbound queue), each with a JSON sidecar holding
                its attempts, when to try next and the last error
-    parked/    results that failed ``max_attempts`` times, with their reason (``pacs retry``)
+    parked/    results that failed ``max_attempts`` times, and received instances that could not
+               be scored, each with its reason (``pacs retry`` sends the one and scores the other again)
 
 Files are named by a hash of their SOP Instance UID (no UID or patient data in a name) and written
 to ``tmp/`` first, fsynced and renamed into place, so a crash leaves a whole file or none. Written
@@ -130,8 +131,9 @@ class Spool:
         return self._oldest_first((self.root / "incoming").glob("*.dcm"))
 
     def park_received(self, incoming: Path, reason: str) -> None:
-        """An instance that cannot be scored (an unexpected failure): kept in ``parked/`` with its
-        reason, out of the worker's way (``pacs retry`` does not bring it back: it is an input)."""
+        """An instance that cannot be scored (undecodable, or an unexpected failure): kept in
+        ``parked/`` with its reason, out of the worker's way, until ``pacs retry`` puts it back in
+        ``incoming/`` (after a codec is installed or a fault mended)."""
         parked = self.root / "parked" / (RECEIVED_PREFIX + incoming.name)
         self._write("parked", parked.with_suffix(".json").name, json.dumps(asdict(Attempts(1, 0.0, reason))).encode())
         os.replace(incoming, parked)
@@ -183,19 +185,23 @@ class Spool:
         return False
 
     # ------------------------------------------------------------------ parked
-    def retry_parked(self) -> int:
-        """Move every parked result back to the outbox with its attempts reset (``pacs retry``);
-        parked received instances (``received-*``) are inputs, never sent: they stay."""
-        moved = 0
+    def retry_parked(self) -> tuple[int, int]:
+        """``pacs retry``: every parked result back to the outbox with its attempts reset, and every
+        parked received instance (``received-*``, an input: never sent) back to ``incoming/``, to be
+        scored again. Returns (results queued, instances to score)."""
+        results = inputs = 0
         for item in sorted((self.root / "parked").glob("*.dcm")):
             if item.name.startswith(RECEIVED_PREFIX):
-                continue
-            self._write("outbox", item.with_suffix(".json").name, json.dumps(asdict(Attempts())).encode())
-            os.replace(item, self.root / "outbox" / item.name)
+                os.replace(item, self.root / "incoming" / item.name[len(RECEIVED_PREFIX):])
+                inputs += 1
+            else:
+                self._write("outbox", item.with_suffix(".json").name, json.dumps(asdict(Attempts())).encode())
+                os.replace(item, self.root / "outbox" / item.name)
+                results += 1
             item.with_suffix(".json").unlink(missing_ok=True)
-            moved += 1
         _fsync_dir(self.root / "outbox")
-        return moved
+        _fsync_dir(self.root / "incoming")
+        return results, inputs
 
     def status(self) -> SpoolStatus:
         reasons: dict[str, int] = {}

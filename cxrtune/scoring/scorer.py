@@ -359,8 +359,8 @@ class Scorer:
 def bundle_models(meta: BundleMeta, content_hash: str = "") -> dict:
     """How records (CLI and HTTP) name a bundle's models."""
     return {"lung": stage_name(meta.lung), "disease": stage_name(meta.disease), "cls_threshold": meta.cls_threshold,
-            "opacity_threshold": meta.opacity_threshold, "bundle": meta.name, "bundle_hash": content_hash,
-            "created": meta.created}
+            "opacity_threshold": meta.opacity_threshold, "lung_threshold": meta.lung_threshold, "bundle": meta.name,
+            "bundle_hash": content_hash, "created": meta.created}
 
 
 def record_models(base: dict, stage_bundles: dict, stage_runtimes: dict) -> dict:
