@@ -520,8 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pc.add_subparsers(dest="pacs_command", required=True)
     ls = psub.add_parser("listen", help="C-STORE SCP: spool, score, send the results to --destination")
     ls.add_argument("--bundle", help="score with this bundle in this process")
-    ls.add_argument("--endpoint", metavar="URL", help="or score through the served scorer at URL (its API key from "
-                                                      "--api-key-file or $CXRTUNE_API_KEY)")
+    ls.add_argument("--endpoint", metavar="URL", help="or score through the served scorer at URL: https://, or http:// "
+                                                      "to this machine only (its API key from --api-key-file or "
+                                                      "$CXRTUNE_API_KEY)")
     ls.add_argument("--api-key-file", help="an owner-only file holding the served scorer's API key")
     ls.add_argument("--max-attempts", type=int, default=20,
                     help="deliveries a result may fail (5 s, 10 s ... up to 15 min apart: 20 is about 3 h) before it "
@@ -562,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = psub.add_parser("status", help="what the spool holds: received, queued, parked (with reasons)")
     st.add_argument("--spool", required=True)
     st.set_defaults(func=_pacs_status)
-    rt = psub.add_parser("retry", help="queue every parked result again")
+    rt = psub.add_parser("retry", help="queue every parked result again, score every parked received instance again, "
+                                       "and let pacs poll retrieve its parked instances again")
     rt.add_argument("--spool", required=True)
     rt.set_defaults(func=_pacs_retry)
 

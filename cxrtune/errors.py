@@ -30,6 +30,11 @@ class UnsupportedFormatError(CxrtuneError):
     """A file is not PNG, JPEG or DICOM."""
 
 
+# how the served scorer's 422 for an image it cannot decode begins (not a refusal by the rules:
+# the PACS listener parks such an instance instead of dropping it)
+DECODE_FAILURE = "cannot decode the image"
+
+
 class InputRefused(CxrtuneError):
     """A readable image that the scoring rules refuse (too small, blank, a colour photograph, a
     DICOM excluded by the rules). Over HTTP: 422."""

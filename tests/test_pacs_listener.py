@@ -2,6 +2,7 @@
 SCU plays the modality, a pynetdicom storage SCP the destination PACS; the listener scores with
 the phantom bundle in process."""
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -570,14 +571,13 @@ def test_an_instance_the_scorer_fails_on_is_parked_and_the_worker_goes_on(tmp_pa
     assert_no_marker(caplog.text)
 
 
-def test_a_jpeg_baseline_image_is_received_scored_and_answered(scorer, tmp_path):
-    """A phantom DX compressed as JPEG Baseline (OpenCV's encoder, 8-bit), sent in that transfer
-    syntax: received as sent, decoded, scored; its SR and SEG delivered."""
+def jpeg_dx(tmp_path: Path, name: str, **tags) -> pydicom.Dataset:
+    """A phantom DX (:func:`dx`) compressed as JPEG Baseline (OpenCV's encoder, 8-bit)."""
     import cv2
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEGBaseline8Bit
 
-    ds = dx(tmp_path, "jpeg")
+    ds = dx(tmp_path, name, **tags)
     pixels = (ds.pixel_array >> 4).astype(np.uint8)  # 12-bit to 8-bit
     ok, jpeg = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 95])
     assert ok and jpeg.tobytes()[:2] == b"\xff\xd8"
@@ -586,6 +586,13 @@ def test_a_jpeg_baseline_image_is_received_scored_and_answered(scorer, tmp_path)
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    return ds
+
+
+def test_a_jpeg_baseline_image_is_received_scored_and_answered(scorer, tmp_path):
+    """A phantom DX compressed as JPEG Baseline (OpenCV's encoder, 8-bit), sent in that transfer
+    syntax: received as sent, decoded, scored; its SR and SEG delivered."""
+    ds = jpeg_dx(tmp_path, "jpeg")
     pacs = Destination()
     scp = listener(scorer, tmp_path / "spool", pacs.peer())
     try:
@@ -623,17 +630,17 @@ def test_a_jpeg_lossless_image_is_received_decoded_and_answered(scorer, tmp_path
 
 
 class Answering:
-    """An HTTP server on 127.0.0.1 that answers every POST with ``status`` (a JSON error body):
-    a served scorer that is misconfigured, not yet deployed, or refusing the input."""
+    """An HTTP server on 127.0.0.1 that answers every POST with ``status`` and the JSON error
+    ``error``: a served scorer that is misconfigured, not yet deployed, or refusing the input."""
 
-    def __init__(self, status: int):
+    def __init__(self, status: int, error: str = "answered by the test"):
         import http.server
         import threading
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                body = b'{"error": "answered by the test"}'
+                body = json.dumps({"error": error}).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -651,19 +658,27 @@ class Answering:
         self.server.shutdown()
 
 
-@pytest.mark.parametrize(("status", "kept"), [(404, True), (502, True), (401, True), (422, False), (415, False)])
-def test_through_an_endpoint_only_a_refusal_of_the_input_drops_a_spooled_instance(tmp_path, status, kept):
-    """The C-STORE was answered success: a wrong URL (404), a proxy while the app deploys (502) or a
-    wrong key (401) must not lose the instance; only the scorer's refusal of the input itself (422:
-    the DICOM rules; 415) skips it."""
-    endpoint = Answering(status)
+@pytest.mark.parametrize(("status", "error", "outcome"), [
+    (404, "Not Found", "kept"), (502, "Bad Gateway", "kept"), (401, "missing or wrong X-API-Key", "kept"),
+    (422, "DICOM not scorable: non-frontal view", "skipped"),
+    (422, "cannot decode the image: cannot decode DICOM pixel data", "parked"), (413, "too large", "parked"),
+    (415, "not PNG, JPEG or DICOM", "parked"), (500, "internal error", "parked")])
+def test_through_an_endpoint_only_a_refusal_by_the_rules_drops_a_spooled_instance(tmp_path, status, error, outcome):
+    """The C-STORE was answered success, so nothing may be lost: a wrong URL (404), a proxy while the
+    app deploys (502) or a wrong key (401) keep the instance for a later try; what the scorer cannot
+    take as it is (an undecodable or oversized file, a 500) is parked with the answer; only a 422
+    refusal by the DICOM rules skips it."""
+    endpoint = Answering(status, error)
     settings = ListenerSettings(ae_title="CXRTUNE", host="127.0.0.1", port=free_port(), callers=(),
                                 destination=Peer("PACS", "127.0.0.1", free_port()), endpoint=endpoint.url)
     scp = PacsListener(settings, open_spool(tmp_path / "spool"), None, KEY, api_key="k" * 32)
     try:
         path = scp.spool.receive("1.2.3", to_bytes(dx(tmp_path, "one")))
-        assert scp.score_one(path) is (not kept)
-        assert (scp.spool.status().incoming, scp.spool.status().parked) == ((1, 0) if kept else (0, 0))
+        assert scp.score_one(path) is (outcome != "kept")
+        status_now = scp.spool.status()
+        assert (status_now.incoming, status_now.parked) == {"kept": (1, 0), "skipped": (0, 0), "parked": (0, 1)}[outcome]
+        if outcome == "parked":
+            assert status_now.parked_reasons == {f"cannot score: HTTP {status} {error}": 1}
     finally:
         endpoint.stop()
 
@@ -678,7 +693,7 @@ def test_an_undecodable_instance_is_parked_and_pacs_retry_scores_it_again(scorer
         assert send(scp.settings.port, source) == [0x0000]
         assert wait_for(lambda: scp.spool.status().parked == 1, 30), scp.spool.status()
         reasons = scp.spool.status().parked_reasons
-        assert len(reasons) == 1 and next(iter(reasons)).startswith("cannot decode: ")
+        assert len(reasons) == 1 and next(iter(reasons)).startswith("cannot score: cannot decode DICOM pixel data")
         scp.stop()  # stopped, so that the retried instance is not parked again at once
         assert scp.spool.retry_parked() == (0, 1) and scp.spool.status().incoming == 1
     finally:
@@ -744,3 +759,28 @@ def test_the_endpoint_must_not_carry_the_key_in_clear_across_the_network(url, al
         with pytest.raises(CxrtuneError, match="in clear"):  # the listener's settings check it
             ListenerSettings(ae_title="CXRTUNE", host="127.0.0.1", port=11112, callers=(),
                              destination=Peer("PACS", "127.0.0.1"), endpoint=url)
+
+
+def test_a_full_disk_while_queuing_results_retries_the_instance_instead_of_parking_it(scorer, tmp_path, monkeypatch):
+    """ENOSPC while the results are queued is the spool's fault, not the instance's: the worker
+    waits and scores it again, and it is delivered once the disk has room; nothing is parked."""
+    import errno
+
+    pacs = Destination()
+    scp = listener(scorer, tmp_path / "spool", pacs.peer())
+    real, full = scp.spool.enqueue, {"left": 2}
+
+    def enqueue(objects):
+        if full["left"] > 0:
+            full["left"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(objects)
+
+    monkeypatch.setattr(scp.spool, "enqueue", enqueue)
+    try:
+        assert send(scp.settings.port, dx(tmp_path, "one")) == [0x0000]
+        assert wait_for(lambda: len(pacs.received) == 2, 60), scp.spool.status()
+        assert full["left"] == 0 and scp.spool.status().parked == 0
+    finally:
+        scp.stop()
+        pacs.stop()

@@ -172,9 +172,11 @@ class DicomwebProxy:
     """An HTTP proxy in front of Orthanc's DICOMweb (GETs only): with ``status``, every WADO-RS
     retrieval is answered that (a server that finds instances but cannot deliver them); with
     ``page_cap``, a QIDO-RS search returns at most that many results whatever its ``limit`` (a
-    server capping its pages)."""
+    server capping its pages); with ``qido_status`` (modality -> status), a search for that
+    modality is answered that status."""
 
-    def __init__(self, upstream: str, status: int | None = None, page_cap: int | None = None):
+    def __init__(self, upstream: str, status: int | None = None, page_cap: int | None = None,
+                 qido_status: dict[str, int] | None = None):
         import http.server
         import threading
 
@@ -188,9 +190,11 @@ class DicomwebProxy:
                 path = self.path
                 if page_cap is not None and "/instances?" in path and "/studies/" not in path:  # QIDO-RS
                     path = re.sub(r"limit=\d+", f"limit={page_cap}", path)
-                if status is not None and "/studies/" in path:  # a WADO-RS retrieval
+                failing = next((code for modality, code in (qido_status or {}).items()
+                                if "/instances?" in path and f"Modality={modality}" in path), None)
+                if failing is not None or (status is not None and "/studies/" in path):  # refused
                     outer.refused += 1
-                    self.send_response(status)
+                    self.send_response(failing if failing is not None else status)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -346,6 +350,79 @@ def test_cxrtune_pacs_poll_once_scores_prints_its_counts_and_moves_its_cursor(or
     assert first["scored"] >= 2 and first["failed"] == first["parked"] == 0, first
     assert json.loads((tmp_path / "spool" / "poll_state.json").read_text())["cursor"] == today()
     assert json.loads(cli_in_process(*args).stdout) == {"scored": 0, "skipped": 0, "failed": 0, "parked": 0}
+
+
+def test_pacs_poll_keeps_its_cursor_when_a_search_fails(orthanc, scp, tmp_path):
+    """A poll whose DX search fails after its CR search succeeded is not complete: the cursor stays
+    where it was, so the next poll searches as far back again."""
+    from cxrtune.pacs.poll import STATE_FILE, DicomwebPoller, PollSettings, PollState, RetriableError
+
+    url, _ = orthanc
+    spool = Spool(tmp_path / "spool")
+    spool.write_state(STATE_FILE, PollState(cursor=today(10)).to_json())
+    proxy = DicomwebProxy(url, qido_status={"DX": 503})
+    try:
+        poller = DicomwebPoller(PollSettings(f"{proxy.url}/dicom-web", retries=1), spool, scp.scorer, KEY)
+        with pytest.raises(RetriableError, match="QIDO-RS: HTTP 503"):
+            poller.poll_once()
+        assert proxy.refused == 1 and poller.state().cursor == today(10)
+    finally:
+        proxy.stop()
+
+
+def test_pacs_poll_retries_a_failing_instance_by_its_uids_whatever_its_date(orthanc, scp, tmp_path):
+    """An instance that failed once, of a study dated long before the search window, is retrieved by
+    its UIDs at the next poll (here one that searches another modality) and handled."""
+    from cxrtune.pacs.poll import STATE_FILE, DicomwebPoller, PollSettings, PollState, instance_key
+
+    url, _ = orthanc
+    old = dx(tmp_path, "failing-old", StudyDate=today(40))
+    requests.post(f"{url}/instances", data=to_bytes(old), timeout=30).raise_for_status()
+    uids = [old.StudyInstanceUID, old.SeriesInstanceUID, old.SOPInstanceUID]
+    spool = Spool(tmp_path / "spool")
+    failing = {instance_key(old.SOPInstanceUID): {"attempts": 1, "last_error": "WADO-RS: HTTP 503", "uids": uids}}
+    spool.write_state(STATE_FILE, PollState(cursor=today(), failures=failing).to_json())
+    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web", modalities=("MG",)), spool, scp.scorer, KEY)
+    assert poller.poll_once() == {"scored": 1, "skipped": 0, "failed": 0, "parked": 0}
+    assert poller.state().failures == {} and instance_key(old.SOPInstanceUID) in poller.state().handled
+
+
+def test_pacs_poll_asks_the_server_to_transcode_only_what_it_cannot_decode(orthanc, scp, tmp_path, monkeypatch):
+    """An instance stored as JPEG Baseline, for which (pretending) cxrtune has no decoder: retrieved
+    as stored, then again in Explicit VR Little Endian (Orthanc transcodes JPEG Baseline), and
+    scored. Where neither decodes, the instance fails "cannot decode" (poll_once then counts it
+    failed, and parks it after its polls)."""
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+
+    import cxrtune.pacs.poll as poll_module
+    from cxrtune.errors import ImageDecodeError
+    from cxrtune.pacs.poll import DicomwebPoller, PollSettings, RetriableError
+    from tests.test_pacs_listener import jpeg_dx
+
+    url, _ = orthanc
+    stored = jpeg_dx(tmp_path, "stored-jpeg", StudyDate=today(3))
+    requests.post(f"{url}/instances", data=to_bytes(stored), timeout=30).raise_for_status()
+    seen, real = [], poll_module.load_scan
+
+    def without_jpeg(data, *args, **kwargs):
+        syntax = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID
+        seen.append(syntax)
+        if syntax != ExplicitVRLittleEndian:
+            raise ImageDecodeError("no decoder for this transfer syntax (the test's)")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(poll_module, "load_scan", without_jpeg)
+    poller = DicomwebPoller(PollSettings(f"{url}/dicom-web"), Spool(tmp_path / "spool"), scp.scorer, KEY)
+    uids = (stored.StudyInstanceUID, stored.SeriesInstanceUID, stored.SOPInstanceUID)
+    assert poller.handle(uids) == "scored"
+    assert seen == [JPEGBaseline8Bit, ExplicitVRLittleEndian]
+
+    def never(data, *args, **kwargs):
+        raise ImageDecodeError("no decoder at all (the test's)")
+
+    monkeypatch.setattr(poll_module, "load_scan", never)
+    with pytest.raises(RetriableError, match="cannot decode: no decoder at all"):
+        poller.handle(uids)
 
 
 @pytest.mark.slow

@@ -14,13 +14,14 @@ Intake: every instance is scored on its own (a study with several frontal images
 for each). What the DICOM rules refuse (lateral, not a chest, secondary capture, DX for
 processing...) is skipped: the C-STORE still succeeds, and the log names the instance by its
 pseudonym (the study key), never by a patient identifier. What cannot be decoded (a codec
-missing, a corrupt file) or fails unexpectedly is parked with its reason, and ``pacs retry``
-scores it again.
+missing, a corrupt file), is too large, or fails unexpectedly (in this process, or the served
+scorer's 500) is parked with its reason, never dropped, and ``pacs retry`` scores it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import ipaddress
 import logging
@@ -50,7 +51,7 @@ from pynetdicom import AE, evt
 
 from ..config_files import read_private_file
 from ..dicom import pseudonym_key, read_header
-from ..errors import CxrtuneError, InputRefused
+from ..errors import DECODE_FAILURE, CxrtuneError, InputRefused
 from ..preprocessing import load_scan
 from ..scoring.scorer import Scorer, load_bundle
 from .results import DICOM_RESULTS, dicom_results, parts_of, to_bytes
@@ -191,18 +192,17 @@ class SpoolGauges:
 
 
 class ScoreLater(Exception):
-    """The served scorer could not score now (unreachable, or any answer but 200 and the
-    refusals in ``REFUSED_OVER_HTTP``)."""
+    """The served scorer could not score now (unreachable, 401/403: the key, 404: the URL, 408,
+    429, 502-504: busy or deploying, ...): the instance stays spooled and is tried again."""
 
 
 class CannotScore(Exception):
-    """An instance that cannot be scored as it is (not decodable here): parked with this reason."""
+    """An instance that cannot be scored as it is (not decodable, too large, or the served scorer's
+    500, a bug): parked with this reason, never dropped; ``pacs retry`` scores it again."""
 
 
-# what the served scorer answers for an input it will never score (docs/serving.md): not a DICOM
-# it decodes, too large, refused by the rules. Anything else (a wrong URL's 404, a proxy's 502
-# while the app deploys, a bad key) is the endpoint's fault: the instance stays spooled.
-REFUSED_OVER_HTTP = {406, 413, 415, 422}
+# what the served scorer answers for an input it cannot take as it is (docs/serving.md): parked
+CANNOT_SCORE_OVER_HTTP = {406, 413, 415, 500}
 
 
 @dataclass
@@ -278,11 +278,11 @@ class PacsListener:
 
     def _over_http(self, data: bytes, who: str) -> list[Dataset] | None:
         """The results from the served scorer (``POST /v1/score`` asking for DICOM, docs/serving.md);
-        None: refused (4xx: the DICOM rules, an unreadable file), the reason logged.
+        None: refused by the rules (a 422 other than a decode failure), the reason logged.
 
         Raises:
-            ScoreLater: the endpoint is unreachable, busy or failing, or refuses the API key: the
-                instance stays spooled."""
+            CannotScore: 406, 413, 415, a 422 for an image it cannot decode, or 500 (a bug).
+            ScoreLater: any other answer, or none: the instance stays spooled."""
         try:
             answer = requests.post(f"{self.settings.endpoint}/v1/score", data=data, timeout=120,
                                    params={"overlay": "true"} if self.settings.overlay else None,
@@ -290,19 +290,25 @@ class PacsListener:
                                             "Content-Type": "application/dicom"})
         except requests.RequestException as exc:
             raise ScoreLater(type(exc).__name__) from None
-        if answer.status_code in REFUSED_OVER_HTTP:
-            error = answer.json().get("error", "") if "json" in answer.headers.get("content-type", "") else ""
-            log.info("skipped %s: HTTP %d %s", who, answer.status_code, error)
+        code = answer.status_code
+        error = ""
+        if code != 200 and "json" in answer.headers.get("content-type", ""):
+            with contextlib.suppress(ValueError, AttributeError):
+                error = str(answer.json().get("error", ""))
+        if code in CANNOT_SCORE_OVER_HTTP or (code == 422 and error.startswith(DECODE_FAILURE)):
+            raise CannotScore(f"HTTP {code} {error}".strip())
+        if code == 422:  # the DICOM rules, the image rules
+            log.info("skipped %s: HTTP %d %s", who, code, error)
             return None
-        if answer.status_code != 200:  # 401/403: fix the key; 404: fix the URL; 5xx: wait
-            raise ScoreLater(f"HTTP {answer.status_code}")
+        if code != 200:  # 401/403: fix the key; 404: fix the URL; 408, 429, 502-504: wait
+            raise ScoreLater(f"HTTP {code}")
         log.info("scored %s: %s, score %s", who, answer.headers.get("X-Status"), answer.headers.get("X-Score"))
         return [dcmread(io.BytesIO(part)) for part in parts_of(answer.headers["content-type"], answer.content)]
 
     def score_one(self, path) -> bool:
-        """Score one spooled instance and queue its results; what the DICOM rules refuse, or what
-        cannot be read, is skipped with its reason, by pseudonym. False: the served scorer could
-        not be reached, and the instance stays spooled for a later try."""
+        """Score one spooled instance and queue its results; what the DICOM rules refuse is skipped
+        with its reason, by pseudonym; what cannot be read or decoded is parked with its reason.
+        False: the served scorer could not score now, and the instance stays spooled for a later try."""
         data = path.read_bytes()
         try:
             who = read_header(data, self.study_key).instance or "an instance without a UID"
@@ -317,7 +323,7 @@ class PacsListener:
             return False
         except CannotScore as exc:
             log.warning("parked %s: %s", who, exc)
-            self.spool.park_received(path, f"cannot decode: {exc}")
+            self.spool.park_received(path, f"cannot score: {exc}")
             return True
         if objects:
             self.spool.enqueue({str(o.SOPInstanceUID): to_bytes(o) for o in objects})
@@ -340,6 +346,12 @@ class PacsListener:
                 return
             try:
                 scored = self.score_one(path)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the spool's fault, not the instance's:
+                    raise  # the loop waits and tries it again
+                log.error("scoring a spooled instance failed (%s): parked", type(exc).__name__)
+                self.spool.park_received(path, f"scoring failed: {type(exc).__name__}")
+                continue
             except Exception as exc:  # noqa: BLE001 - one instance's failure must not end the worker
                 # the type only: a message or a traceback may quote the instance's values
                 log.error("scoring a spooled instance failed (%s): parked", type(exc).__name__)

@@ -36,7 +36,7 @@ from pydicom import Dataset
 from ..config_files import read_private_file
 from ..dicom import read_header
 from ..errors import CxrtuneError, InputRefused
-from ..preprocessing import load_scan
+from ..preprocessing import Scan, load_scan
 from ..scoring.scorer import Scorer
 from .results import dicom_results, to_bytes
 from .spool import Spool
@@ -53,7 +53,22 @@ SOP_INSTANCE_UID, SERIES_INSTANCE_UID, STUDY_INSTANCE_UID = "00080018", "0020000
 
 
 class RetriableError(CxrtuneError):
-    """A DICOMweb call that failed after its retries (connection, 5xx, 429) or with another HTTP error."""
+    """A DICOMweb call that failed after its retries (connection, 5xx, 429) or with another HTTP
+    error (``status``: its HTTP status, 0 without one), or an instance that could not be decoded."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+def _decoded(data: bytes) -> tuple[Scan | None, CxrtuneError | None]:
+    """(the scan, None), or (None, why it could not be decoded); a refusal by the rules propagates."""
+    try:
+        return load_scan(data), None
+    except InputRefused:
+        raise
+    except CxrtuneError as exc:
+        return None, exc
 
 
 @dataclass(frozen=True)
@@ -204,13 +219,13 @@ class DicomwebPoller:
             except requests.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
                 if code not in RETRIED_STATUSES and code < 500:
-                    raise RetriableError(f"{what}: HTTP {code}") from None
-                reason = f"{what}: HTTP {code}"
+                    raise RetriableError(f"{what}: HTTP {code}", code) from None
+                reason, status = f"{what}: HTTP {code}", code
             except (requests.ConnectionError, requests.Timeout) as exc:
-                reason = f"{what}: {type(exc).__name__}"
+                reason, status = f"{what}: {type(exc).__name__}", 0
             if attempt + 1 < self.settings.retries:
                 time.sleep(self.settings.backoff_s * 2 ** attempt)
-        raise RetriableError(reason)
+        raise RetriableError(reason, status)
 
     def new_instances(self, state: PollState, today: dt.date) -> list[tuple[str, str, str]]:
         """(study, series, SOP instance UID) of the CR/DX instances dated from the cursor on
@@ -246,25 +261,26 @@ class DicomwebPoller:
         Raises:
             RetriableError: a DICOMweb call failed after its retries."""
         assert self.client is not None
-        ds: Dataset = self._call("WADO-RS", self.client.retrieve_instance, *uids, media_types=AS_STORED)
+        try:
+            ds: Dataset = self._call("WADO-RS", self.client.retrieve_instance, *uids, media_types=AS_STORED)
+        except RetriableError as exc:
+            if exc.status != 406:  # a server that will not send as stored: in Explicit VR LE, then
+                raise
+            ds = self._call("WADO-RS", self.client.retrieve_instance, *uids, media_types=TRANSCODED)
         data = to_bytes(ds)
         who = read_header(data, self.study_key).instance or "an instance"
         try:
-            try:
-                scan = load_scan(data)
-            except InputRefused:
-                raise
-            except CxrtuneError:  # a syntax without a decoder here: the server transcodes it, if it can
-                if ds.file_meta.get("TransferSyntaxUID") == EXPLICIT_VR_LITTLE_ENDIAN:
-                    raise
+            scan, failure = _decoded(data)
+            if failure is not None and ds.file_meta.get("TransferSyntaxUID") != EXPLICIT_VR_LITTLE_ENDIAN:
+                # a syntax without a decoder here: the server transcodes it, if it can
                 ds = self._call("WADO-RS", self.client.retrieve_instance, *uids, media_types=TRANSCODED)
                 data = to_bytes(ds)
-                scan = load_scan(data)
+                scan, failure = _decoded(data)
         except InputRefused as exc:  # the DICOM rules, the image rules: handled
             log.info("skipped %s: %s", who, exc)
             return "skipped"
-        except CxrtuneError as exc:  # not decodable: failed, tried again next poll, then parked with this
-            raise RetriableError(f"cannot decode: {exc}") from None
+        if scan is None:  # failed: tried again next poll, then parked with this reason
+            raise RetriableError(f"cannot decode: {failure}")
         (record, detail), = self.scorer.score_scans([scan])
         try:
             results = dicom_results(data, record, detail, overlay_of=scan.image if self.settings.overlay else None)

@@ -207,7 +207,7 @@ def measurement_report(source: Dataset, record: dict, identity: AlgorithmIdentit
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derived_uid("device", identity, "device"), name=MANUFACTURER,  # one per bundle and runtime
+            uid=derived_uid("device", identity, "device"), name=MANUFACTURER,  # one per bundle, runtime, version
             manufacturer_name=MANUFACTURER, model_name=identity.bundle, serial_number=identity.bundle_hash))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device), procedure_reported=PROCEDURE,

@@ -191,14 +191,16 @@ class Spool:
         scored again. Returns (results queued, instances to score)."""
         results = inputs = 0
         for item in sorted((self.root / "parked").glob("*.dcm")):
+            # the sidecar first: once the item has moved, a worker may park it again with a new one
             if item.name.startswith(RECEIVED_PREFIX):
+                item.with_suffix(".json").unlink(missing_ok=True)
                 os.replace(item, self.root / "incoming" / item.name[len(RECEIVED_PREFIX):])
                 inputs += 1
             else:
                 self._write("outbox", item.with_suffix(".json").name, json.dumps(asdict(Attempts())).encode())
+                item.with_suffix(".json").unlink(missing_ok=True)
                 os.replace(item, self.root / "outbox" / item.name)
                 results += 1
-            item.with_suffix(".json").unlink(missing_ok=True)
         _fsync_dir(self.root / "outbox")
         _fsync_dir(self.root / "incoming")
         return results, inputs

@@ -43,7 +43,8 @@ class ScoreRecord(BaseModel):
     threshold: float = Field(description="the zone threshold T")
     lungs_found: int
     disease_probability: float | None
-    models: dict | None = Field(None, description="the models, T_cls, the opacity cut and the bundle (name, content "
+    models: dict | None = Field(None, description="the models, T_cls, the opacity cut, the lung threshold and the "
+                                                  "bundle (name, content "
                                                   "hash); `stage_bundles` gives the content hash of the bundle behind "
                                                   "each stage's answer and `stage_runtimes` what ran it (torch, onnx, "
                                                   "onnx-int8); null for a stage that did not run. Absent from a "

@@ -47,7 +47,7 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..dicom import Limits, drop_warnings
-from ..errors import CxrtuneError, ImageDecodeError, ImageTooLargeError, InputRefused, UnsupportedFormatError
+from ..errors import DECODE_FAILURE, CxrtuneError, ImageDecodeError, ImageTooLargeError, InputRefused, UnsupportedFormatError
 from ..images import sniff_format
 from ..model.artifacts import Thresholds, bundle_hash, read_bundle_meta
 from ..pacs.results import DICOM_RESULTS, dicom_results, multipart_related, to_bytes
@@ -102,7 +102,7 @@ def _decode(data: bytes, s: ServeSettings):
     except InputRefused as exc:
         raise RequestError(422, str(exc)) from None
     except ImageDecodeError as exc:
-        raise RequestError(422, f"cannot decode the image: {exc}") from None
+        raise RequestError(422, f"{DECODE_FAILURE}: {exc}") from None
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=1024)  # > max_in_flight: cxrtune answers overload itself
