@@ -346,13 +346,9 @@ class PacsListener:
                 return
             try:
                 scored = self.score_one(path)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the spool's fault, not the instance's:
-                    raise  # the loop waits and tries it again
-                log.error("scoring a spooled instance failed (%s): parked", type(exc).__name__)
-                self.spool.park_received(path, f"scoring failed: {type(exc).__name__}")
-                continue
-            except Exception as exc:  # noqa: BLE001 - one instance's failure must not end the worker
+            except Exception as exc:  # one instance's failure must not end the worker
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise  # the spool's fault, not the instance's: the loop waits and tries it again
                 # the type only: a message or a traceback may quote the instance's values
                 log.error("scoring a spooled instance failed (%s): parked", type(exc).__name__)
                 self.spool.park_received(path, f"scoring failed: {type(exc).__name__}")

@@ -255,25 +255,29 @@ class DicomwebPoller:
         return list(found.values())
 
     # ------------------------------------------------------------------ one instance
+    def _retrieve(self, uids: tuple[str, str, str], media_types) -> Dataset:
+        """One instance by WADO-RS, in ``media_types`` (``AS_STORED`` or ``TRANSCODED``)."""
+        assert self.client is not None
+        return self._call("WADO-RS", self.client.retrieve_instance, *uids, media_types=media_types)
+
     def handle(self, uids: tuple[str, str, str]) -> str:
         """Retrieve, score and store one instance: ``scored`` or ``skipped``.
 
         Raises:
             RetriableError: a DICOMweb call failed after its retries."""
-        assert self.client is not None
         try:
-            ds: Dataset = self._call("WADO-RS", self.client.retrieve_instance, *uids, media_types=AS_STORED)
+            ds = self._retrieve(uids, AS_STORED)
         except RetriableError as exc:
             if exc.status != 406:  # a server that will not send as stored: in Explicit VR LE, then
                 raise
-            ds = self._call("WADO-RS", self.client.retrieve_instance, *uids, media_types=TRANSCODED)
+            ds = self._retrieve(uids, TRANSCODED)
         data = to_bytes(ds)
         who = read_header(data, self.study_key).instance or "an instance"
         try:
             scan, failure = _decoded(data)
             if failure is not None and ds.file_meta.get("TransferSyntaxUID") != EXPLICIT_VR_LITTLE_ENDIAN:
                 # a syntax without a decoder here: the server transcodes it, if it can
-                ds = self._call("WADO-RS", self.client.retrieve_instance, *uids, media_types=TRANSCODED)
+                ds = self._retrieve(uids, TRANSCODED)
                 data = to_bytes(ds)
                 scan, failure = _decoded(data)
         except InputRefused as exc:  # the DICOM rules, the image rules: handled
@@ -287,6 +291,7 @@ class DicomwebPoller:
         except CxrtuneError as exc:
             log.warning("no results for %s: %s", who, exc)
             return "skipped"
+        assert self.client is not None
         answer = self._call("STOW-RS", self.client.store_instances, results.objects())
         failed = len(answer.get("FailedSOPSequence") or []) if answer is not None else 0
         if failed:  # a 202: some objects stored, some refused; a retry stores the same objects again
