@@ -2,8 +2,11 @@
 
 A record's *shape* keeps every key and the kind of every value (``number``, ``str``, ``bool``,
 ``null``) but not the numbers themselves, which move with training; lists keep the distinct shapes
-of their items. ``check(name, value)`` compares against ``tests/golden/NAME.json``; with
-``CXRTUNE_GOLDEN=update`` it rewrites the file instead (review the diff: that is a change users see).
+of their items. Agreement statistics that are undefined when one rater is constant (a
+correlation, a kappa; NaN, written as null) have the kind ``number|null``: whether a phantom
+model's scores vary is training's luck, not a change of shape. ``check(name, value)`` compares
+against ``tests/golden/NAME.json``; with ``CXRTUNE_GOLDEN=update`` it rewrites the file instead
+(review the diff: that is a change users see).
 """
 
 from __future__ import annotations
@@ -13,12 +16,20 @@ import os
 from pathlib import Path
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
+# cxrtune.scoring.agreement's statistics that a constant rater leaves undefined (n > 0).
+MAYBE_UNDEFINED = frozenset({"pearson", "spearman", "kappa_linear", "kappa_quadratic", "spearman_ci",
+                             "kappa_quadratic_ci"})
 
 
-def shape(value):
+def shape(value, key: str | None = None):
     """The key tree of ``value`` with each leaf replaced by its kind."""
+    if key in MAYBE_UNDEFINED:
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return "number|null"
+        if isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (int, float)) for v in value):
+            return ["number|null"] if value else []
     if isinstance(value, dict):
-        return {str(k): shape(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): shape(v, str(k)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
         seen = []
         for item in value:
