@@ -229,7 +229,7 @@ def run_cpu(args) -> None:
             m = methods[label]
             name = f"cpu-{label}-seed{seed}"
             exp = out / "exps" / name
-            if not args.reanalyse:
+            if not args.reanalyse and label in (args.run_only or methods):
                 import shutil
 
                 shutil.rmtree(exp, ignore_errors=True)  # a fresh experiment, never an old study's
@@ -452,9 +452,9 @@ def main() -> None:
                     help="--cpu: also run tpe_asha without its warm start, without its cuts, and random search with them")
     ap.add_argument("--multi-objective", action="store_true",
                     help="--cpu: the Stage II multi-objective comparison (issue 23, item 7); needs --lung-bundle")
-    ap.add_argument("--run-only", nargs="+", choices=["tpe_asha", "random_no_stopping"],
-                    help="--multi-objective: run these methods anew, analyse the others' runs in --out "
-                         "(random search samples without regard to the constraint or the rungs)")
+    ap.add_argument("--run-only", nargs="+", choices=list(CPU_METHODS),
+                    help="--cpu: run these methods anew, analyse the others' runs in --out (with "
+                         "--multi-objective only tpe_asha and random_no_stopping exist)")
     ap.add_argument("--fp-limit", type=float, default=0.5,
                     help="--multi-objective: the constraint on the FP rate on Normal (see above)")
     ap.add_argument("--lung-bundle", default="/tmp/cxrtune-accuracy-cpu/bundle-calibrated",
