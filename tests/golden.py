@@ -24,9 +24,9 @@ MAYBE_UNDEFINED = frozenset({"pearson", "spearman", "kappa_linear", "kappa_quadr
 def shape(value, key: str | None = None):
     """The key tree of ``value`` with each leaf replaced by its kind."""
     if key in MAYBE_UNDEFINED:
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if shape(value) in ("number", "null"):
             return "number|null"
-        if isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (int, float)) for v in value):
+        if isinstance(value, (list, tuple)) and all(shape(v) in ("number", "null") for v in value):
             return ["number|null"] if value else []
     if isinstance(value, dict):
         return {str(k): shape(v, str(k)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
