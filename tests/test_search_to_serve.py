@@ -108,12 +108,12 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
     assert infeasible  # the warm-started Linknet at least
 
     cli_in_process("report", str(exp), "--out", str(tmp_path / "rep"))
-    front = pd.read_csv(tmp_path / "rep" / "pareto.csv")
+    front = pd.read_csv(tmp_path / "rep" / "pareto.csv", dtype={"trial_id": str})  # "12345678" stays an id
     expected = independent_front(results, [lambda x: x["gmacs"] >= MIN_COST, lambda x: x["val_fp_rate_normal"] <= 1.0])
     assert expected and set(front["trial_id"]) == expected
     assert not (set(front["trial_id"]) & (stopped | infeasible))
     assert (tmp_path / "rep" / "pareto.png").stat().st_size > 1000
-    table = pd.read_csv(tmp_path / "rep" / "trials.csv")
+    table = pd.read_csv(tmp_path / "rep" / "trials.csv", dtype={"trial_id": str})
     assert set(table.loc[~table["feasible"], "trial_id"]) == infeasible
 
     # promote the cheapest point of the front within any accuracy, recorded with how it was chosen
