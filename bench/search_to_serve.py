@@ -14,10 +14,11 @@ sums every stage but the reused hand-picked run):
    Stage I, its calibrated bundle and its result), run here if it is missing. It is reused, never
    retrained; its Stage I is every bundle's Stage I.
 2. ``sweep``: ``cxrtune tune`` over ``search_spaces/disease_cpu.yaml`` (warm-started with the
-   hand-picked Stage II) on the 50 % tuning subset of COVID-QU-Ex's training part (the accuracy
-   manifest's split, a patient-level tuning subset added), objectives score MAE (each trial at its
-   own operating point through the hand-picked Stage I) and GMACs, constraint FP rate on Normal
-   <= 0.10, ASHA, ``--budget-minutes`` (90) and at most ``--trials`` (24).
+   hand-picked Stage II; its trials with the hand-picked run's ``cpu_amp``, in ``OUT/space.yaml``)
+   on the 50 % tuning subset of COVID-QU-Ex's training part (the accuracy manifest's split, a
+   patient-level tuning subset added), objectives score MAE (each trial at its own operating
+   point through the hand-picked Stage I) and GMACs, constraint FP rate on Normal <= 0.10, ASHA,
+   ``--budget-minutes`` (90) and at most ``--trials`` (24).
 3. ``promote``: ``cxrtune promote --pick`` twice, the fast point (``--fast-rule``) and the
    accurate one (``--accurate-rule``), each retrained (``--retrain --set``) on the accuracy bench's
    Stage II rows (its ``max_train_images``, epochs, schedule) within its Stage II minutes; a
@@ -162,12 +163,16 @@ def sweep(args, hand: dict, out: Path) -> dict:
     if (exp / "cxrtune.json").exists():  # an interrupted sweep: continue it
         text = run("tune", "--resume", str(exp))
     else:
-        space = ROOT / "search_spaces" / "disease_cpu.yaml"
-        if args.quick:
-            import yaml
+        import yaml
 
+        if args.quick:
             space = out / "quick_space.yaml"
             space.write_text(yaml.safe_dump(QUICK_SPACE))
+        else:  # the shipped CPU space, its trials trained as the hand-picked run is (bf16 autocast)
+            shipped = yaml.safe_load((ROOT / "search_spaces" / "disease_cpu.yaml").read_text())
+            shipped["fixed"]["cpu_amp"] = bool(hand["stage2_config"].get("cpu_amp"))
+            space = out / "space.yaml"
+            space.write_text(yaml.safe_dump(shipped, sort_keys=False))
         flags = ["--num-samples", str(args.trials), "--time-budget", f"{args.budget_minutes}m",
                  "--max-epochs", str(2 if args.quick else 6), "--grace", "1", "--reduction-factor", "2"]
         text = run("tune", "--space", str(space), "--manifest", tuning_manifest(hand, out), "--name", "stage2",
