@@ -17,7 +17,7 @@ sums every stage but the reused hand-picked run):
    hand-picked Stage II; its trials with the hand-picked run's ``cpu_amp``, in ``OUT/space.yaml``)
    on the 50 % tuning subset of COVID-QU-Ex's training part (the accuracy manifest's split, a
    patient-level tuning subset added), objectives score MAE (each trial at its own operating
-   point through the hand-picked Stage I) and GMACs, constraint FP rate on Normal <= 0.10, ASHA,
+   point through the hand-picked Stage I) and GMACs, constraint FP rate on Normal <= ``--fp-limit`` (0.5), ASHA,
    ``--budget-minutes`` (90) and at most ``--trials`` (24).
 3. ``promote``: ``cxrtune promote --pick`` twice, the fast point (``--fast-rule``) and the
    accurate one (``--accurate-rule``), each retrained (``--retrain --set``) on the accuracy bench's
@@ -500,7 +500,11 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run at its last stage boundary")
     ap.add_argument("--budget-minutes", type=float, default=90)
     ap.add_argument("--trials", type=int, default=24)
-    ap.add_argument("--fp-limit", type=float, default=0.10)
+    # the sweep's constraint, on a trial's validation Normals after <= 6 epochs at its own T_cls:
+    # at 0.10 only collapsed trials (empty opacity masks, every score 0) were feasible on
+    # 2026-12-04, and TPE's constrained sampling steered the sweep towards them; 0.10 stays the
+    # target of the retrained, calibrated bundles (bench/sweep.py --multi-objective uses 0.5 too)
+    ap.add_argument("--fp-limit", type=float, default=0.5)
     ap.add_argument("--fast-rule", default="fastest:accuracy<=best+0.10")
     ap.add_argument("--accurate-rule", default="most-accurate")
     ap.add_argument("--seed", type=int, default=0)
