@@ -91,17 +91,20 @@ class Stages:
         session's end) still counts in the stage's minutes, to within 20 s."""
         started = time.perf_counter()
         path = self.folder / f"{name}.attempt-{int(time.time())}"
+        self.stopped = threading.Event()  # set by finish: the stage file holds the minutes from then on
 
-        def beat() -> None:
+        def beat(stopped: threading.Event) -> None:
             while True:
                 path.write_text(f"{(time.perf_counter() - started) / 60:.2f}")
-                time.sleep(20)
+                if stopped.wait(20):
+                    return
 
-        threading.Thread(target=beat, daemon=True).start()
+        threading.Thread(target=beat, args=(self.stopped,), daemon=True).start()
         self.attempt = path
         return started
 
     def finish(self, name: str, result: dict, started: float) -> dict:
+        self.stopped.set()
         earlier = sum(float(p.read_text() or 0) for p in self.folder.glob(f"{name}.attempt-*") if p != self.attempt)
         result = {**result, "minutes": round(earlier + (time.perf_counter() - started) / 60, 2),
                   "interrupted_minutes": round(earlier, 2)}
