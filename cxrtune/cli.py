@@ -468,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also send validation overlays (the manifest's radiographs) to W&B; off by default: "
                          "patient images would leave the site")
     opt("--seed", "sampler seed", type=int)
-    opt("--sampler", "Optuna sampler (random = the baseline)", choices=["tpe", "random"])
+    opt("--sampler", "Optuna sampler: tpe or gp (a Gaussian process), or random (the baseline)",
+        choices=list(tuning.SAMPLERS))
     opt("--max-failures", "retries of a failed trial (a lost node, an error)", type=int)
     opt("--num-cpus", "CPUs for a local Ray instance", type=int)
     opt("--optuna-storage", "Optuna storage URL (a database) without its password, which comes from "

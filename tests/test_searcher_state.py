@@ -27,8 +27,9 @@ SPACE = {
         "lr": {"type": "log-float", "low": 1e-5, "high": 1e-2},
     },
 }
-MODES = {"tpe": {"sampler": "tpe"}, "random": {"sampler": "random"},
+MODES = {"tpe": {"sampler": "tpe"}, "random": {"sampler": "random"}, "gp": {"sampler": "gp"},
          "multi-objective tpe": {"multi_objective": True, "scheduler": "none"},
+         "multi-objective gp": {"multi_objective": True, "scheduler": "none", "sampler": "gp"},
          "multi-objective random": {"multi_objective": True, "scheduler": "none", "sampler": "random"}}
 
 
@@ -78,6 +79,9 @@ def test_searcher_survives_rays_save_and_restore(mode, tmp_path, monkeypatch):
     if o.sampler == "tpe":  # budget-sized start-up; multivariate (Optuna 5's default for one objective)
         assert sampler._n_startup_trials == 2 and sampler._is_multivariate(after)
         assert sampler._group is o.multi_objective  # both objectives over the conditional encoder
+    if o.sampler == "gp":  # the same start-up; the conditional encoder drawn by a univariate TPE
+        assert sampler._n_startup_trials == 2
+        assert isinstance(sampler._independent_sampler, optuna.samplers.TPESampler)
     # the restored searcher goes on: the running trial completes, a new one is proposed and told
     third = restored.searcher.suggest("t3")
     assert third is not None and set(third) >= {"arch", "lr"} and third not in first
@@ -133,12 +137,15 @@ def test_a_database_study_keeps_its_password_out_of_the_url_and_rays_pickles(pos
 
 
 def rng_state(sampler) -> list:
-    """The random states of a TPE sampler and of its start-up random sampler, comparable."""
-    return [[int(v) for v in rng.get_state()[1]] + [rng.get_state()[2]]
-            for rng in (sampler._rng.rng, sampler._random_sampler._rng.rng)]
+    """The random states of a TPE sampler and of its start-up random sampler (of a GP sampler, and
+    of its per-parameter TPE's), comparable."""
+    tpe = getattr(sampler, "_independent_sampler", sampler)
+    rngs = ([sampler._rng.rng] if tpe is not sampler else []) + [tpe._rng.rng, tpe._random_sampler._rng.rng]
+    return [[int(v) for v in rng.get_state()[1]] + [rng.get_state()[2]] for rng in rngs]
 
 
-def test_a_multi_objective_searcher_keeps_constraints_and_pruned_trials_across_resume(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+def test_a_multi_objective_searcher_keeps_constraints_and_pruned_trials_across_resume(sampler, tmp_path, monkeypatch):
     """Several objectives with ASHA and a constraint, saved and restored as a killed driver's sweep
     is: the constraint (set on each trial before it is told) is stored in the study and survives;
     a trial stopped before its last epoch is PRUNED without values; ``best_trials`` holds only
@@ -146,7 +153,7 @@ def test_a_multi_objective_searcher_keeps_constraints_and_pruned_trials_across_r
     monkeypatch.setenv("CXRTUNE_OPTUNA_DIR", str(tmp_path / "optuna"))
     o = TuneOptions(space=SPACE, manifest="unused", name="mo-asha", storage=str(tmp_path / "exps"), num_samples=8,
                     max_epochs=2, seed=5, multi_objective=True, scheduler="asha", grace=1,
-                    constraints=["val_dice_f1>=0.3"])
+                    constraints=["val_dice_f1>=0.3"], sampler=sampler)
     searcher = _searcher(o, o.search_space())
     tuner_pkl = cloudpickle.dumps(searcher)
     alg = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=4))

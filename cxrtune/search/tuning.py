@@ -62,6 +62,7 @@ COST_METRIC = "gmacs"  # the second objective of --multi-objective: the network'
 UNKNOWN_VIOLATION = 1e6  # a constraint on a metric the trial never reported (finite: storages keep JSON)
 JOURNAL_FILE = "optuna.journal"
 SCHEDULERS = ("asha", "hyperband", "none")
+SAMPLERS = ("tpe", "gp", "random")
 DEFAULT_EPOCHS = 16
 EMBEDDED_OPTIONS = {"num_samples": 6, "max_epochs": 4, "grace": 1}  # the embedded default: minutes on a laptop
 
@@ -148,7 +149,7 @@ class TuneOptions:
     wandb_project: str | None = None
     wandb_images: bool = False  # validation overlays of the manifest's images to W&B: patient images leave the site
     seed: int = 0
-    sampler: str = "tpe"  # "tpe" (Bayesian) or "random" (the baseline)
+    sampler: str = "tpe"  # "tpe" or "gp" (Bayesian), or "random" (the baseline)
     max_failures: int = 2
     num_cpus: int | None = None  # for a local Ray instance
     optuna_storage: str | None = None  # a database URL without its password; default: a journal file beside the experiment
@@ -166,7 +167,7 @@ class TuneOptions:
         space = self.search_space()
         checks = (
             (self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}"),
-            (self.sampler in ("tpe", "random"), f"--sampler must be tpe or random, got {self.sampler!r}"),
+            (self.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}"),
             (not self.multi_objective or space.objective in ("dice", "dice_cls", "score_mae"),
              "multi-objective mode supports the dice, dice_cls and score_mae objectives"),
             (not (self.grid and (self.multi_objective or self.warm_start or space.warm_start)),
@@ -511,23 +512,31 @@ def startup_trials(num_samples: int) -> int:
 
 
 def optuna_sampler(o: TuneOptions):
-    """The sweep's Optuna sampler: TPE (``--sampler tpe``) or random search (``random``, the
-    baseline), for one objective or, with ``--multi-objective``, for two.
+    """The sweep's Optuna sampler: TPE (``--sampler tpe``), a Gaussian process (``gp``) or random
+    search (``random``, the baseline), for one objective or, with ``--multi-objective``, for two.
 
-    Several objectives use TPE, not NSGA-II: Ray pickles the searcher, sampler included, each
-    time it saves the experiment, and Optuna 5.1's NSGAIISampler holds a lock that cannot be
-    pickled; TPE also models from its first few trials, where NSGA-II needs several generations
-    that a sweep of tens of trials does not have. With two objectives ``multivariate`` and
+    Several objectives use TPE or the GP, not NSGA-II: Ray pickles the searcher, sampler included,
+    each time it saves the experiment, and Optuna 5.1's NSGAIISampler holds a lock that cannot be
+    pickled; both also model from their first few trials, where NSGA-II needs several generations
+    that a sweep of tens of trials does not have. With two objectives TPE's ``multivariate`` and
     ``group`` are set (Optuna 5 makes one objective's TPE multivariate already), so that
-    conditional spaces (an encoder per architecture) are modelled jointly."""
+    conditional spaces (an encoder per architecture) are modelled jointly. The GP (log expected
+    hypervolume improvement with two objectives, times the probability of meeting the constraints)
+    models only the parameters every trial has; a conditional one (``encoder|FPN``) is drawn by a
+    univariate TPE, which still learns from the trials that had it."""
     import optuna
 
     if o.sampler == "random":
         return optuna.samplers.RandomSampler(seed=o.seed)
+    startup = startup_trials(o.num_samples)
+    if o.sampler == "gp":
+        per_parameter = optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup, multivariate=False)
+        return optuna.samplers.GPSampler(seed=o.seed, n_startup_trials=startup, independent_sampler=per_parameter,
+                                         warn_independent_sampling=False)
     joint: dict[str, Any] = {"multivariate": True, "group": True} if o.multi_objective else {}
     with warnings.catch_warnings():  # `group` is marked experimental in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup_trials(o.num_samples), **joint)
+        return optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup, **joint)
 
 
 def pruned_result(metric: str | list[str], ot_trial, result: dict) -> dict | None:
