@@ -284,23 +284,31 @@ def summary_of(measured: dict) -> dict:
             "brixia_cv_mae_vs_senior": senior.get("mae")}
 
 
+def served_batch() -> int:
+    """The CPU Serve config's batch (serve/config.cpu.yaml): every served measure here uses it."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "serve" / "config.cpu.yaml").read_text())
+    return int(config["applications"][0]["args"]["max_batch_size"])
+
+
 def stage2_latency(bundles_made: dict, rounds: int = 9) -> dict:
-    """Each bundle's int8 networks at the served batch (4) and thread (1), rounds interleaved over
-    the bundles: ms per image, per stage."""
+    """Each bundle's int8 networks at the served batch (:func:`served_batch`) and thread (1),
+    rounds interleaved over the bundles: ms per image, per stage."""
     import numpy as np
     import torch
 
     from cxrtune.model.artifacts import read_bundle_meta
     from cxrtune.scoring.onnx_runtime import OnnxStage
 
-    sessions = {}
+    sessions, batch = {}, served_batch()
     for name, made in bundles_made.items():
         meta = read_bundle_meta(made["bundle"])
         for stage in ("lung", "disease"):
             pre = meta.stage(stage).preprocessing
             data = Path(made["bundle"], meta.onnx["int8"][stage]["file"]).read_bytes()
             sessions[(name, stage)] = (OnnxStage(data, threads=1),
-                                       torch.rand(4, pre.get("in_channels", 1), pre["size"], pre["size"]))
+                                       torch.rand(batch, pre.get("in_channels", 1), pre["size"], pre["size"]))
     times: dict = {k: [] for k in sessions}
     for session, x in sessions.values():
         session(x)  # warm-up
@@ -308,7 +316,7 @@ def stage2_latency(bundles_made: dict, rounds: int = 9) -> dict:
         for k, (session, x) in sessions.items():
             t = time.perf_counter()
             session(x)
-            times[k].append(1000 * (time.perf_counter() - t) / 4)
+            times[k].append(1000 * (time.perf_counter() - t) / batch)
     out: dict = {}
     for (name, stage), t in times.items():
         out.setdefault(name, {})[stage] = round(float(np.median(t)), 2)
@@ -339,7 +347,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     steps: dict = {"handpicked": [], "fast": []}
     try:
         for name in ["handpicked", "fast"] * 4:
-            settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
+            settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": served_batch(), "batch_wait_timeout_s": 0.02,
                         "device": "cpu", "runtime": "onnx-int8", "threads": 1, "auth": "none"}
             serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
             asyncio.run(run_load(url, payloads, 2, min(5.0, duration), timeout=300))  # warm-up
@@ -362,7 +370,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
             "unloaded_steps_ms": median_steps}
 
 
-def served_steps_cpu(bundle: str, payloads: list[bytes], batch: int = 4) -> dict:
+def served_steps_cpu(bundle: str, payloads: list[bytes]) -> dict:
     """The CPU work the served path does per image, timed in this process at one thread with the
     functions the replicas run (what a loaded server spends, without its waits): the ingress's
     decode and its work around each stage (lean inputs, masks, the plausibility check), and each
@@ -386,6 +394,7 @@ def served_steps_cpu(bundle: str, payloads: list[bytes], batch: int = 4) -> dict
     from cxrtune.serving.settings import ServeSettings
 
     torch.set_num_threads(1)  # the CPU Serve config's threads; ONNX Runtime sessions take the same count
+    batch = served_batch()
     s = ServeSettings(bundle=bundle)
     meta = read_bundle_meta(bundle)
     thresholds, plausibility = Thresholds.of(meta), load_plausibility(bundle, meta)
@@ -426,7 +435,7 @@ def served_steps_cpu(bundle: str, payloads: list[bytes], batch: int = 4) -> dict
                 scorer.forward(stage, inputs[i:i + batch])
                 times.append(1000 * (time.perf_counter() - t) / batch)
         out[f"{stage}_forward_batch{batch}"] = round(float(np.median(times)), 2) if times else None
-    out["scored_of"] = [len(lean["disease"]), len(payloads)]
+    out["scored_of"], out["served_batch"] = [len(lean["disease"]), len(payloads)], batch
     return out
 
 
@@ -439,8 +448,8 @@ def throughput_bound(steps: dict, cpu: dict, cores: int) -> dict:
     http = max(steps["client"] - steps["total"], 0.0)
     reach = cpu["scored_of"][0] / max(cpu["scored_of"][1], 1)
     per_image = {"decode": cpu["decode"], "ingress_around_stages": cpu["ingress_around_stages"],
-                 "stage1_forward": cpu["lung_forward_batch4"],
-                 "stage2_forward": round(reach * (cpu["disease_forward_batch4"] or 0.0), 2),
+                 "stage1_forward": cpu[f"lung_forward_batch{cpu['served_batch']}"],
+                 "stage2_forward": round(reach * (cpu[f"disease_forward_batch{cpu['served_batch']}"] or 0.0), 2),
                  "post": steps["post"], "http": round(http, 1)}
     # what an unloaded request's stage time holds beyond that CPU work: the batch wait (20 ms at
     # most per stage) and Serve's calls between the ingress and the stage replicas
