@@ -323,10 +323,37 @@ def stage2_latency(bundles_made: dict, rounds: int = 9) -> dict:
     return out
 
 
+SERVE_ROLES = ("Ingress", "Stage1", "Stage2", "ProxyActor", "ServeController")
+
+
+def cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) every process on this machine has used, summed by its role in the
+    served path: the Serve replicas and actors by name, Ray's other processes (raylet, GCS, the
+    dashboard agents, idle workers), this process (the load client, on the same cores) and the
+    rest. Differences of two readings say where a loaded run's CPU went."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        try:
+            cpu = proc.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        command = " ".join(proc.info["cmdline"] or []) or (proc.info["name"] or "")
+        if proc.pid == os.getpid():
+            role = "load client (this process)"
+        else:
+            role = next((r for r in SERVE_ROLES if r in command), None) or (
+                "ray (other)" if any(k in command for k in ("ray", "gcs_server")) else "other")
+        totals[role] = totals.get(role, 0.0) + cpu.user + cpu.system
+    return totals
+
+
 def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float, concurrency: int) -> dict:
     """Served end-to-end images/s, hand-picked (A) and fast (B) bundles interleaved A-B-A-B twice
     on one Serve instance (the same deployments as bench/serve_cpu.py), and the per-step timings of
-    single unloaded requests."""
+    single unloaded requests. Each loaded run's CPU is read per process (:func:`cpu_seconds_by_role`)
+    and reported per image scored, to say where what the throughput bound does not count goes."""
     import numpy as np
     import ray
     import requests
@@ -345,14 +372,18 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
                                "ray_actor_options": {"num_cpus": 0.5}}}
     rates: dict = {"handpicked": [], "fast": []}
     steps: dict = {"handpicked": [], "fast": []}
+    cpu_ms: dict = {"handpicked": [], "fast": []}
     try:
         for name in ["handpicked", "fast"] * 4:
             settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": served_batch(), "batch_wait_timeout_s": 0.02,
                         "device": "cpu", "runtime": "onnx-int8", "threads": 1, "auth": "none"}
             serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
             asyncio.run(run_load(url, payloads, 2, min(5.0, duration), timeout=300))  # warm-up
+            before = cpu_seconds_by_role()
             r = asyncio.run(run_load(url, payloads, concurrency, duration, timeout=300))
+            after = cpu_seconds_by_role()
             rates[name].append(r["throughput_images_per_s"])
+            cpu_ms[name].append({k: 1000 * (after[k] - before.get(k, 0.0)) / max(r["ok"], 1) for k in after})
             if len(steps[name]) < 12:  # unloaded: one request at a time
                 http = requests.Session()  # kept alive, as the load test's connections are
                 for body in payloads[:6]:
@@ -365,9 +396,12 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     pairs = [b / a for a, b in zip(rates["handpicked"], rates["fast"])]
     median_steps = {name: {k: round(float(np.median([s[k] for s in rows])), 1) for k in rows[0]}
                     for name, rows in steps.items() if rows}
+    # CPU ms per image scored, by role, median over each bundle's loaded runs
+    cpu_by_role = {name: {k: round(float(np.median([run.get(k, 0.0) for run in runs])), 1) for k in runs[-1]}
+                   for name, runs in cpu_ms.items() if runs}
     return {"images_per_s": rates, "fast_over_handpicked": [round(p, 3) for p in pairs],
             "median_ratio": round(float(np.median(pairs)), 3), "concurrency": concurrency,
-            "unloaded_steps_ms": median_steps}
+            "unloaded_steps_ms": median_steps, "loaded_cpu_ms_per_image": cpu_by_role}
 
 
 def served_steps_cpu(bundle: str, payloads: list[bytes]) -> dict:
