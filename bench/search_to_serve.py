@@ -28,12 +28,13 @@ sums every stage but the reused hand-picked run):
    held-out training rows, T against the masks, the official Val part, brixia-dev with T
    cross-validated against the senior reader), then exported to int8 ONNX; the hand-picked
    bundle is exported too (a derived bundle; its weights are not touched).
-5. ``serve``: each bundle's Stage II int8 latency at the CPU Serve config's batch (4) and thread
-   (1), interleaved; served end-to-end throughput of the hand-picked and the fast bundle over real
-   HTTP, interleaved A-B-A-B twice (median ratio); the served path's own per-step timings (decode,
-   both stages' int8 networks at batch 4, post-processing, HTTP) and the throughput bound they give
-   on this machine's cores.
-6. ``compare``: per point against the hand-picked bundle, the paired bootstrap (95 % upper bound)
+5. ``serve``: each bundle's Stage II int8 latency at the batch of serve/config.cpu.yaml (4) and
+   one thread, interleaved; served end-to-end throughput of the hand-picked and the fast bundle
+   over real HTTP, interleaved A-B-A-B twice (median ratio); the served path's own per-step
+   timings (decode, both stages' int8 networks at that batch, post-processing, HTTP) and the
+   throughput bound they give on this machine's cores; each loaded run's CPU per image scored, by
+   process role (``loaded_cpu_ms_per_image``), which says where the rest of the bound goes.
+6. ``compare``: per point against the hand-picked bundle, the paired bootstrap (one-sided 95 % bounds)
    of the difference in per-image score error over brixia-dev (against the senior reader, T
    cross-validated) plus the official Val images with a reference; FP rate on Normal; targets.
 
@@ -140,7 +141,8 @@ def handpicked(args, out: Path) -> dict:
             "stage1_encoder": lung.config["model"]["encoder"],
             "stage2_config": disease.config, "stage2_train_minutes": disease.train_minutes,
             "result": {k: result.get(k) for k in ("fp_rate_on_normal", "covid_infection_dice", "normal_vs_disease",
-                                                  "score_vs_mask_reference", "brixia", "train_minutes")}}
+                                                  "score_vs_mask_reference", "brixia", "train_minutes",
+                                                  "evaluate_minutes")}}
 
 
 def tuning_manifest(hand: dict, out: Path) -> str:
@@ -326,15 +328,15 @@ def stage2_latency(bundles_made: dict, rounds: int = 9) -> dict:
 SERVE_ROLES = ("Ingress", "Stage1", "Stage2", "ProxyActor", "ServeController")
 
 
-def cpu_seconds_by_role() -> dict[str, float]:
-    """CPU seconds (user + system) every process on this machine has used, summed by its role in the
-    served path: the Serve replicas and actors by name, Ray's other processes (raylet, GCS, the
-    dashboard agents, idle workers), this process (the load client, on the same cores) and the
-    rest. Differences of two readings say where a loaded run's CPU went."""
+def cpu_seconds_by_process() -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds (user + system) of every process on this machine, keyed by (pid, start time)
+    so that a reused pid is another process, with its role in the served path: the Serve replicas
+    and actors by name, Ray's other processes (raylet, GCS, the dashboard agents, idle workers),
+    this process (the load client, on the same cores) and the rest."""
     import psutil
 
-    totals: dict[str, float] = {}
-    for proc in psutil.process_iter(["cmdline", "name"]):
+    out: dict[tuple[int, float], tuple[str, float]] = {}
+    for proc in psutil.process_iter(["cmdline", "name", "create_time"]):
         try:
             cpu = proc.cpu_times()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -342,17 +344,30 @@ def cpu_seconds_by_role() -> dict[str, float]:
         command = " ".join(proc.info["cmdline"] or []) or (proc.info["name"] or "")
         if proc.pid == os.getpid():
             role = "load client (this process)"
+        elif command.startswith("ray::"):  # a Ray worker's process title
+            role = next((r for r in SERVE_ROLES if r in command), "ray (other)")
+        elif any(k in command for k in ("/ray/", "gcs_server", "raylet")):
+            role = "ray (other)"
         else:
-            role = next((r for r in SERVE_ROLES if r in command), None) or (
-                "ray (other)" if any(k in command for k in ("ray", "gcs_server")) else "other")
-        totals[role] = totals.get(role, 0.0) + cpu.user + cpu.system
-    return totals
+            role = "other"
+        out[(proc.pid, proc.info["create_time"])] = (role, cpu.user + cpu.system)
+    return out
+
+
+def cpu_seconds_between(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds each role used between two :func:`cpu_seconds_by_process` readings: a process
+    in both counts its difference, one started between them all of its time; one that ended
+    between them (a replaced replica shutting down) counts nothing."""
+    used: dict[str, float] = {}
+    for key, (role, seconds) in after.items():
+        used[role] = used.get(role, 0.0) + seconds - (before[key][1] if key in before else 0.0)
+    return used
 
 
 def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float, concurrency: int) -> dict:
     """Served end-to-end images/s, hand-picked (A) and fast (B) bundles interleaved A-B-A-B twice
     on one Serve instance (the same deployments as bench/serve_cpu.py), and the per-step timings of
-    single unloaded requests. Each loaded run's CPU is read per process (:func:`cpu_seconds_by_role`)
+    single unloaded requests. Each loaded run's CPU is read per process (:func:`cpu_seconds_by_process`)
     and reported per image scored, to say where what the throughput bound does not count goes."""
     import numpy as np
     import ray
@@ -379,11 +394,11 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
                         "device": "cpu", "runtime": "onnx-int8", "threads": 1, "auth": "none"}
             serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
             asyncio.run(run_load(url, payloads, 2, min(5.0, duration), timeout=300))  # warm-up
-            before = cpu_seconds_by_role()
+            before = cpu_seconds_by_process()
             r = asyncio.run(run_load(url, payloads, concurrency, duration, timeout=300))
-            after = cpu_seconds_by_role()
+            used = cpu_seconds_between(before, cpu_seconds_by_process())
             rates[name].append(r["throughput_images_per_s"])
-            cpu_ms[name].append({k: 1000 * (after[k] - before.get(k, 0.0)) / max(r["ok"], 1) for k in after})
+            cpu_ms[name].append({k: 1000 * v / max(r["ok"], 1) for k, v in used.items()})
             if len(steps[name]) < 12:  # unloaded: one request at a time
                 http = requests.Session()  # kept alive, as the load test's connections are
                 for body in payloads[:6]:
@@ -396,9 +411,13 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     pairs = [b / a for a, b in zip(rates["handpicked"], rates["fast"])]
     median_steps = {name: {k: round(float(np.median([s[k] for s in rows])), 1) for k in rows[0]}
                     for name, rows in steps.items() if rows}
-    # CPU ms per image scored, by role, median over each bundle's loaded runs
-    cpu_by_role = {name: {k: round(float(np.median([run.get(k, 0.0) for run in runs])), 1) for k in runs[-1]}
-                   for name, runs in cpu_ms.items() if runs}
+    # CPU ms per image scored, by role, median over each bundle's loaded runs (per role: the
+    # roles' medians need not add up to the median total, which is given too)
+    cpu_by_role = {}
+    for name, runs in cpu_ms.items():
+        roles = sorted({k for run in runs for k in run})
+        cpu_by_role[name] = {k: round(float(np.median([run.get(k, 0.0) for run in runs])), 1) for k in roles}
+        cpu_by_role[name]["total"] = round(float(np.median([sum(run.values()) for run in runs])), 1)
     return {"images_per_s": rates, "fast_over_handpicked": [round(p, 3) for p in pairs],
             "median_ratio": round(float(np.median(pairs)), 3), "concurrency": concurrency,
             "unloaded_steps_ms": median_steps, "loaded_cpu_ms_per_image": cpu_by_role}
@@ -579,9 +598,16 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d"), "device": f"cpu ({os.cpu_count()} cores)",
                # the hand-picked run is reused (trained by bench/accuracy.py), not part of the search's compute
                "compute_minutes": round(sum(results[s].get("minutes", 0) for s in STAGES[1:]), 1),
-               "handpicked_minutes_if_run_here": results["handpicked"].get("minutes"), **results}
+               "handpicked_minutes_if_run_here": handpicked_minutes(results["handpicked"]), **results}
     (out / "result.json").write_text(json.dumps(json_safe(summary), indent=2))
     print(json.dumps(json_safe(summary), indent=2))
+
+
+def handpicked_minutes(hand: dict) -> float | None:
+    """What the reused accuracy bench took (training both stages and evaluating), as measured."""
+    result = hand.get("result") or {}
+    train, evaluate = (result.get("train_minutes") or {}).get("both"), result.get("evaluate_minutes")
+    return None if train is None else round(train + (evaluate or 0.0), 1)
 
 
 def run_stage(name: str, args, out: Path, results: dict) -> dict:

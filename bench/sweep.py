@@ -353,8 +353,8 @@ def constant_score_mae(val) -> dict:
 
 
 def run_cpu_mo(args) -> None:
-    """Issue 23, item 7: the multi-objective Stage II search (TPE + ASHA, with the space's warm
-    start) against random search without stopping, on 600 COVID-QU-Ex rows at <= 128 px, 4 epochs,
+    """Issue 23, item 7: the multi-objective Stage II searches (``--searches``: TPE + ASHA, GP +
+    ASHA, with the space's warm start) against random search without stopping, on 600 COVID-QU-Ex rows at <= 128 px, 4 epochs,
     16 trials, two trials at once, judged by the hypervolume of feasible trials against wall time."""
     import shutil
 
@@ -383,6 +383,9 @@ def run_cpu_mo(args) -> None:
     constraint = 1.0 if args.quick else args.fp_limit
     baseline = constant_score_mae(df[df["split"] == "val"])
     methods = {m: MO_METHODS[m] for m in (*args.searches, "random_no_stopping")}
+    if set(args.run_only or ()) - set(methods):
+        sys.exit(f"--run-only {' '.join(args.run_only)}: not among the compared methods {', '.join(methods)} "
+                 "(add the search to --searches)")
     runs: dict = {m: [] for m in methods}
     for k, seed in enumerate(args.seeds):
         for label in (list(methods) if k % 2 == 0 else list(methods)[::-1]):
