@@ -404,7 +404,7 @@ def test_tune_options_check_themselves_once_before_anything_starts():
     base = {"space": EMBEDDED_SPACE, "manifest": "m.parquet", "name": "n", "storage": "s"}
     TuneOptions(**base)  # the embedded default is fine
     for bad, message in (({"scheduler": "pbt"}, "--scheduler must be one of"),
-                         ({"sampler": "cmaes"}, "--sampler must be tpe or random"),
+                         ({"sampler": "cmaes"}, "--sampler must be one of tpe, gp, random"),
                          ({"constraints": ["val_dice>=0.5"]}, "--constraint shapes a multi-objective front"),
                          ({"multi_objective": True, "constraints": ["val_dice=0.5"]}, "expected NAME<=VALUE"),
                          ({"multi_objective": True, "constraints": ["val_dice>=half"]}, "must be a finite number"),
