@@ -388,9 +388,10 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     rates: dict = {"handpicked": [], "fast": []}
     steps: dict = {"handpicked": [], "fast": []}
     cpu_ms: dict = {"handpicked": [], "fast": []}
+    batch = served_batch()
     try:
         for name in ["handpicked", "fast"] * 4:
-            settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": served_batch(), "batch_wait_timeout_s": 0.02,
+            settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": batch, "batch_wait_timeout_s": 0.02,
                         "device": "cpu", "runtime": "onnx-int8", "threads": 1, "auth": "none"}
             serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
             asyncio.run(run_load(url, payloads, 2, min(5.0, duration), timeout=300))  # warm-up

@@ -354,8 +354,9 @@ def constant_score_mae(val) -> dict:
 
 def run_cpu_mo(args) -> None:
     """Issue 23, item 7: the multi-objective Stage II searches (``--searches``: TPE + ASHA, GP +
-    ASHA, with the space's warm start) against random search without stopping, on 600 COVID-QU-Ex rows at <= 128 px, 4 epochs,
-    16 trials, two trials at once, judged by the hypervolume of feasible trials against wall time."""
+    ASHA, with the space's warm start) against random search without stopping, on 600
+    COVID-QU-Ex rows at <= 128 px, 4 epochs, 16 trials, two trials at once, judged by the
+    hypervolume of feasible trials against wall time."""
     import shutil
 
     import ray
@@ -367,6 +368,10 @@ def run_cpu_mo(args) -> None:
     from cxrtune.search.search_space import load_space
     from cxrtune.search.tuning import TuneOptions, run_tune
 
+    methods = {m: MO_METHODS[m] for m in (*args.searches, "random_no_stopping")}
+    if set(args.run_only or ()) - set(methods):
+        sys.exit(f"--run-only {' '.join(args.run_only)}: not among the compared methods {', '.join(methods)} "
+                 "(add the search to --searches)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run_import("covid-qu-ex", str(Path(args.data) / "covid-qu-ex"), str(out / "cqe.parquet"), progress=False)
@@ -382,10 +387,6 @@ def run_cpu_mo(args) -> None:
     budget = args.budget_minutes * 60
     constraint = 1.0 if args.quick else args.fp_limit
     baseline = constant_score_mae(df[df["split"] == "val"])
-    methods = {m: MO_METHODS[m] for m in (*args.searches, "random_no_stopping")}
-    if set(args.run_only or ()) - set(methods):
-        sys.exit(f"--run-only {' '.join(args.run_only)}: not among the compared methods {', '.join(methods)} "
-                 "(add the search to --searches)")
     runs: dict = {m: [] for m in methods}
     for k, seed in enumerate(args.seeds):
         for label in (list(methods) if k % 2 == 0 else list(methods)[::-1]):
@@ -415,14 +416,18 @@ def run_cpu_mo(args) -> None:
                 seen.append((e["mae"], e["gmacs"]))
                 r["hypervolume_curve"].append({"elapsed_s": e["elapsed_s"], "hv": round(hypervolume(seen, ref), 5)})
             r["final_hypervolume"] = r["hypervolume_curve"][-1]["hv"] if seen else 0.0
+    def time_to(run: dict, hv: float) -> float | None:
+        """When ``run``'s hypervolume first reached ``hv`` (never, for a volume of 0)."""
+        return next((p["elapsed_s"] for p in run["hypervolume_curve"] if p["hv"] >= hv and hv > 0), None)
+
     per_seed = []
     for k, rnd in enumerate(runs["random_no_stopping"]):
         final = rnd["final_hypervolume"]
-        rnd_time = next((p["elapsed_s"] for p in rnd["hypervolume_curve"] if p["hv"] >= final and final > 0), None)
+        rnd_time = time_to(rnd, final)
         row: dict = {"seed": rnd["seed"], "random_hv": final, "random_time_to_its_final_s": rnd_time}
         for label in args.searches:
             run = runs[label][k]
-            reach = next((p["elapsed_s"] for p in run["hypervolume_curve"] if p["hv"] >= final and final > 0), None)
+            reach = time_to(run, final)
             row[label] = {"hv": run["final_hypervolume"], "time_to_random_final_s": reach,
                           "time_ratio": round(reach / rnd_time, 3) if reach is not None and rnd_time else None,
                           # no feasible trial better than the constant on either side: 0 >= 0 says nothing

@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         tu.add_argument(flag, help=f"{help_} (default: {default}{extra})", **kw)
 
     opt("--num-samples", "trials", type=int)
-    opt("--scheduler", "early stopping", choices=["asha", "hyperband", "none"])
+    opt("--scheduler", "early stopping", choices=list(tuning.SCHEDULERS))
     opt("--max-epochs", "I_max, epochs per trial; None: the space's fixed epochs, else 16", type=int)
     opt("--grace", "ASHA grace period in epochs", type=int)
     opt("--reduction-factor", "ASHA/HyperBand reduction factor", type=float)
