@@ -414,8 +414,8 @@ def run_cpu_mo(args) -> None:
                 run_tune(opts)
                 ray.shutdown()
             recorded = json.loads((exp / "cxrtune.json").read_text())
-            runs[label].append({"seed": seed, "run_with": {"constraints": recorded["constraints"], "grace": recorded["grace"],
-                                                              "extra_warm_start": recorded.get("warm_start", [])},
+            run_with = {k: recorded[k] for k in ("constraints", "sampler", "scheduler", "grace")}
+            runs[label].append({"seed": seed, "run_with": {**run_with, "extra_warm_start": recorded.get("warm_start", [])},
                                 "front_events": hypervolume_curve(exp, recorded["created"], constraint)})
     costs = [e["gmacs"] for rs in runs.values() for r in rs for e in r["front_events"]]
     ref = (baseline["mae"], MO_COST_REF * max(costs)) if costs else (baseline["mae"], 1.0)
