@@ -91,6 +91,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_session_logs() -> Path:
+    """The log folder of the newest local Ray session (what ``/tmp/ray/session_latest`` names when it
+    is intact). Found by name, not through that link: Ray does not replace the link once its target
+    is deleted (a /tmp clean-up), and an empty glob would let every no-secret-in-the-logs check pass
+    without reading a log."""
+    sessions = sorted(Path("/tmp/ray").glob("session_2*"))  # session_YYYY-MM-DD_HH-MM-SS_...: sorts by start
+    assert sessions, "no Ray session under /tmp/ray"
+    logs = sessions[-1] / "logs"
+    assert any(f.is_file() for f in logs.rglob("*")), f"no log files in {logs}"
+    return logs
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server over real HTTP on 127.0.0.1; boto3 and pyarrow talk to it unpatched."""

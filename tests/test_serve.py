@@ -25,7 +25,15 @@ from pydicom.data import get_testdata_file
 from cxrtune import images
 from cxrtune.scoring.plausibility import DEFAULT_RULE
 from tests import golden
-from tests.conftest import ROOT, bundle_with_blind_lungs, ctrl_c_reaches_it, free_port, stop_with_ctrl_c, wait_until_ready
+from tests.conftest import (
+    ROOT,
+    bundle_with_blind_lungs,
+    ctrl_c_reaches_it,
+    free_port,
+    ray_session_logs,
+    stop_with_ctrl_c,
+    wait_until_ready,
+)
 
 KEY = "test-key-new-0123456789"
 OLD_KEY = "test-key-old-9876543210"  # a rotation: both live, each with its id in the audit line
@@ -297,7 +305,7 @@ def test_dicom_scored_and_identifiers_never_echoed(server, phantom_dir):
     report = post(f"{server}/v1/score", _dicom(None))
     assert report.status_code == 422 and "no image" in report.json()["error"].lower()
     time.sleep(1)
-    for log in Path("/tmp/ray/session_latest/logs").rglob("*"):
+    for log in ray_session_logs().rglob("*"):
         if log.is_file() and log.stat().st_size < 50_000_000:
             assert SECRET.encode() not in log.read_bytes(), log
 
@@ -347,7 +355,7 @@ def test_dicom_results_over_http_go_to_the_caller_and_nowhere_else(server, phant
     assert no_study.status_code == 422 and "StudyInstanceUID" in no_study.json()["error"]
     assert SECRET not in no_study.text
     time.sleep(1)
-    for log in Path("/tmp/ray/session_latest/logs").rglob("*"):
+    for log in ray_session_logs().rglob("*"):
         if log.is_file() and log.stat().st_size < 50_000_000:
             assert SECRET.encode() not in log.read_bytes(), log
 
@@ -389,7 +397,7 @@ def test_the_pacs_listener_scores_through_the_served_endpoint(server, phantom_di
     assert "scored ins-" in caplog.text
     assert_no_marker(caplog.text)
     time.sleep(1)
-    for log in Path("/tmp/ray/session_latest/logs").rglob("*"):
+    for log in ray_session_logs().rglob("*"):
         if log.is_file() and log.stat().st_size < 50_000_000:
             assert_no_marker(log.read_bytes().decode("utf-8", "replace"))
     # a key the scorer refuses is the listener's configuration, not the image's fault: kept for later
@@ -638,7 +646,7 @@ def test_audit_line_per_request_without_patient_data(server, phantom_dir):
     assert r.status_code == 200
     time.sleep(2)
     lines = []
-    for log in Path("/tmp/ray/session_latest/logs/serve").glob("*Ingress*"):
+    for log in (ray_session_logs() / "serve").glob("*Ingress*"):
         lines += [x for x in log.read_text(errors="replace").splitlines() if '"audit-test-1"' in x]
     assert len(lines) == 1, lines
     entry = json.loads(lines[0][lines[0].index("{\"event\""):])

@@ -20,7 +20,7 @@ import yaml
 
 from cxrtune import storage
 from tests import golden
-from tests.conftest import cli, cli_in_process
+from tests.conftest import cli, cli_in_process, ray_session_logs
 from tests.wandb_reader import summarize
 
 SPACE = {
@@ -75,7 +75,7 @@ def test_asha_sweep_on_s3_with_wandb_report_and_promote(phantom_dir, space_file,
             *(["--optuna-storage", database[0]] if database else []),
             env={"WANDB_DIR": str(wandb_dir), "WANDB_MODE": "offline", "CXRTUNE_OPTUNA_DIR": str(tmp_path / "optuna"),
                  **creds})
-    ray_logs = [f for f in Path("/tmp/ray/session_latest/logs").rglob("*") if f.is_file()]  # the sweep's Ray
+    ray_logs = [f for f in ray_session_logs().rglob("*") if f.is_file()]  # the sweep's Ray
     summary = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert summary["trials"] == 6 and summary["errored"] == 0
     assert summary["stopped_early"] >= 1  # ASHA cut some trials before 4 epochs
