@@ -393,6 +393,9 @@ def run_cpu_mo(args) -> None:
     budget = args.budget_minutes * 60
     constraint = 1.0 if args.quick else args.fp_limit
     baseline = constant_score_mae(df[df["split"] == "val"])
+    warm_encoders = {w.get("encoder") for w in space.get("warm_start", [])}
+    # tpe_encoder_starts: one partial start per encoder the warm start does not use
+    encoder_starts = [{"encoder": e} for e in space["parameters"]["encoder"]["values"] if e not in warm_encoders]
     runs: dict = {m: [] for m in methods}
     for k, seed in enumerate(args.seeds):
         for label in (list(methods) if k % 2 == 0 else list(methods)[::-1]):
@@ -400,11 +403,8 @@ def run_cpu_mo(args) -> None:
             exp = out / "exps" / name
             if not args.reanalyse and label in (args.run_only or methods):
                 shutil.rmtree(exp, ignore_errors=True)
-                warm_encoders = {w.get("encoder") for w in space.get("warm_start", [])}
-                encoder_starts = [{"encoder": e} for e in space["parameters"]["encoder"]["values"]
-                                  if e not in warm_encoders] if m.get("encoder_starts") else []
                 opts = TuneOptions(space=space if m["warm"] else {**space, "warm_start": []},
-                                   warm_start=encoder_starts,
+                                   warm_start=encoder_starts if m.get("encoder_starts") else [],
                                    space_source="disease_cpu.yaml (<=128 px, 4 epochs)", manifest=str(out / "mo.parquet"),
                                    name=name, storage=str(out / "exps"), num_samples=args.num_samples,
                                    scheduler=m["scheduler"], grace=MO_GRACE, reduction_factor=2, max_epochs=MO_EPOCHS,
