@@ -33,7 +33,8 @@ sums every stage but the reused hand-picked run):
    over real HTTP, interleaved A-B-A-B twice (median ratio); the served path's own per-step
    timings (decode, both stages' int8 networks at that batch, post-processing, HTTP) and the
    throughput bound they give on this machine's cores; each loaded run's CPU per image scored, by
-   process role (``loaded_cpu_ms_per_image``), which says where the rest of the bound goes.
+   process role (``loaded_cpu_ms_per_image``), which says where the rest of the bound goes. With
+   ``--stages-in-ingress`` both networks run in the ingress replica (no Stage deployments).
 6. ``compare``: per point against the hand-picked bundle, the paired bootstrap (one-sided 95 % bounds)
    of the difference in per-image score error over brixia-dev (against the senior reader, T
    cross-validated) plus the official Val images with a reference; FP rate on Normal; targets.
@@ -364,9 +365,11 @@ def cpu_seconds_between(before: dict, after: dict) -> dict[str, float]:
     return used
 
 
-def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float, concurrency: int) -> dict:
+def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float, concurrency: int,
+                      stages_in_ingress: bool = False) -> dict:
     """Served end-to-end images/s, hand-picked (A) and fast (B) bundles interleaved A-B-A-B twice
-    on one Serve instance (the same deployments as bench/serve_cpu.py), and the per-step timings of
+    on one Serve instance (the same deployments as bench/serve_cpu.py, or with
+    ``stages_in_ingress`` the ingress alone, running both networks), and the per-step timings of
     single unloaded requests. Each loaded run's CPU is read per process (:func:`cpu_seconds_by_process`)
     and reported per image scored, to say where what the throughput bound does not count goes."""
     import numpy as np
@@ -392,7 +395,8 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     try:
         for name in ["handpicked", "fast"] * 4:
             settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": batch, "batch_wait_timeout_s": 0.02,
-                        "device": "cpu", "runtime": "onnx-int8", "threads": 1, "auth": "none"}
+                        "device": "cpu", "runtime": "onnx-int8", "threads": 1, "auth": "none",
+                        "stages_in_ingress": stages_in_ingress}
             serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
             asyncio.run(run_load(url, payloads, 2, min(5.0, duration), timeout=300))  # warm-up
             before = cpu_seconds_by_process()
@@ -421,6 +425,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
         cpu_by_role[name]["total"] = round(float(np.median([sum(run.values()) for run in runs])), 1)
     return {"images_per_s": rates, "fast_over_handpicked": [round(p, 3) for p in pairs],
             "median_ratio": round(float(np.median(pairs)), 3), "concurrency": concurrency,
+            "stages_in_ingress": stages_in_ingress,
             "unloaded_steps_ms": median_steps, "loaded_cpu_ms_per_image": cpu_by_role}
 
 
@@ -576,6 +581,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve-seconds", type=float, default=30)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--stages-in-ingress", action="store_true",
+                    help="serve both networks in the ingress replica (ServeSettings.stages_in_ingress)")
     args = ap.parse_args()
     if args.quick:
         args.budget_minutes, args.trials, args.serve_seconds = min(args.budget_minutes, 6), min(args.trials, 3), 5
@@ -628,7 +635,7 @@ def run_stage(name: str, args, out: Path, results: dict) -> dict:
         val_images = sorted((Path(args.data) / "covid-qu-ex" / "Val").glob("*/images"))
         payloads = calibration_sample([str(f) for f in val_images], 16)
         latency = stage2_latency(made)
-        throughput = served_throughput(made, payloads, args.serve_seconds, args.concurrency)
+        throughput = served_throughput(made, payloads, args.serve_seconds, args.concurrency, args.stages_in_ingress)
         cpu = {k: served_steps_cpu(made[k]["bundle"], payloads) for k in ("handpicked", "fast")}
         bound = {k: throughput_bound(throughput["unloaded_steps_ms"][k], cpu[k], os.cpu_count() or 2)
                  for k in ("handpicked", "fast")}

@@ -1,5 +1,6 @@
 """The Ray Serve application: an ingress (:mod:`.ingress`) composing a Stage I and a Stage II
-deployment (:mod:`.stages`), configured by :class:`~.settings.ServeSettings`.
+deployment (:mod:`.stages`), or running both stages itself (``stages_in_ingress``), configured
+by :class:`~.settings.ServeSettings`.
 
 ``build_app(args)`` is the application builder that ``serve run`` / ``serve deploy`` import
 (``import_path: cxrtune.serving.app:build_app`` in serve/config.yaml); ``cxrtune serve`` and
@@ -45,7 +46,10 @@ def application(settings: ServeSettings | dict, deployments: dict[str, dict] | N
             raise CxrtuneError(f"runtime {settings.runtime} with bundle {settings.bundle}: {exc}") from None
     plain = settings.model_dump()
     opts = {k: {o: v for o, v in d.items() if o != "name"} for k, d in (deployments or {}).items()}
+    ingress = Ingress.options(**opts.get("Ingress", {}))  # type: ignore[attr-defined]
+    if settings.stages_in_ingress:  # the ingress makes both stages itself
+        return ingress.bind(None, None, plain)
     # Serve's deployment decorator makes Deployment objects, which its stubs do not say
     stage1 = Stage1.options(**opts.get("Stage1", {})).bind(plain)  # type: ignore[attr-defined]
     stage2 = Stage2.options(**opts.get("Stage2", {})).bind(plain)  # type: ignore[attr-defined]
-    return Ingress.options(**opts.get("Ingress", {})).bind(stage1, stage2, plain)  # type: ignore[attr-defined]
+    return ingress.bind(stage1, stage2, plain)

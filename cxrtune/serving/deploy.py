@@ -73,7 +73,7 @@ def deploy_config(config: str, bundle: str | None = None, address: str | None = 
 
     A changed bundle is a rolling update with no downtime: Serve starts replicas with the new
     bundle and retires the old ones once the new are healthy; each old ingress replica finishes
-    its requests on its own bundle (see :class:`_Stage`). Waits until the application is
+    its requests on its own bundle (see :class:`Stage`). Waits until the application is
     RUNNING and returns Serve's status of it."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
     from ray.serve.schema import ServeDeploySchema

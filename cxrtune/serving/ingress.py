@@ -80,6 +80,7 @@ from .api import (
 from .auth import FailedAttempts, key_text, require_keys, security_headers, without_locations
 from .budgets import ScoringBudget, Ticket, UploadBudget, UploadLimits, paced, read_upload
 from .settings import ServeSettings, check_pinned
+from .stages import DiseaseStage, LungStage, Stage
 
 log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
 audit = logging.getLogger("ray.serve.cxrtune.audit")  # Serve's replica log handlers carry it to the logs
@@ -87,6 +88,13 @@ audit.setLevel(logging.INFO)
 API_VERSION = "v1"
 STAGE_RETRIES = 8  # a dead replica's requests are retried with backoff (0.25 s doubling, 5 s at most: ~25 s in all)
 MS_BUCKETS = [5.0, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+
+
+def _ask(stage: "DeploymentHandle | Stage", method: str, *args):
+    """A stage's method: through its deployment's handle, or called directly when the stage runs
+    in this replica (``stages_in_ingress``). Returns an awaitable either way."""
+    fn = getattr(stage, method)
+    return fn(*args) if isinstance(stage, Stage) else fn.remote(*args)
 
 
 def _decode(data: bytes, s: ServeSettings):
@@ -108,11 +116,18 @@ def _decode(data: bytes, s: ServeSettings):
 @serve.deployment(name="Ingress", max_ongoing_requests=1024)  # > max_in_flight: cxrtune answers overload itself
 @serve.ingress()  # the app is built per replica: __serve_build_asgi_app__
 class Ingress:
-    def __init__(self, stage1: DeploymentHandle, stage2: DeploymentHandle, settings: dict):
+    def __init__(self, stage1: DeploymentHandle | None, stage2: DeploymentHandle | None, settings: dict):
         self.s = ServeSettings(**settings)
         self.keys = require_keys(self.s, key_text(self.s))  # before anything else
         drop_warnings()  # this replica parses uploads: library warnings would quote their values
-        self.stage1, self.stage2 = stage1, stage2
+        self.stage1: DeploymentHandle | Stage
+        self.stage2: DeploymentHandle | Stage
+        if self.s.stages_in_ingress:  # both networks in this process: no Serve call between the stages
+            self.stage1, self.stage2 = LungStage(settings), DiseaseStage(settings)
+        elif stage1 is None or stage2 is None:
+            raise CxrtuneError("the ingress needs both stage deployments, or stages_in_ingress")
+        else:
+            self.stage1, self.stage2 = stage1, stage2
         meta = read_bundle_meta(self.s.bundle)
         self.thresholds = Thresholds.of(meta)
         self.pre = {stage: Preprocessing.from_dict(meta.stage(stage).preprocessing) for stage in ("lung", "disease")}
@@ -189,9 +204,12 @@ class Ingress:
         except ClientDisconnect:
             raise RequestError(400, "the client disconnected during the upload") from None
 
-    async def _call(self, stage: DeploymentHandle, item):
+    async def _call(self, stage: DeploymentHandle | Stage, item):
         """One stage call, retried when the replica that had it dies (a node lost, a replica
-        killed): Serve sends the retry to a live or restarted replica, so no request is lost."""
+        killed): Serve sends the retry to a live or restarted replica, so no request is lost. A
+        stage in this replica is called once: if it fails, so does this replica."""
+        if isinstance(stage, Stage):
+            return await stage.run(item)
         died = 0
         for attempt in range(STAGE_RETRIES + 1):
             try:
@@ -206,7 +224,7 @@ class Ingress:
                 self.m_retries.inc(tags={"stage": stage.deployment_name})
                 await asyncio.sleep(min(5.0, 0.25 * 2 ** attempt))
 
-    async def _stage(self, stage: DeploymentHandle, x: np.ndarray):
+    async def _stage(self, stage: DeploymentHandle | Stage, x: np.ndarray):
         """One stage call for this ingress's bundle: ``(bundle hash that answered, runtime, output)``."""
         digest, runtime, out = await self._call(stage, (self.s.bundle, self.bundle_hash, x))
         if not digest:  # the replica could not load this bundle (its log says why): another may
@@ -340,9 +358,9 @@ class Ingress:
         except RequestError as exc:
             return exc.response(request_id_of(request))
         stages = {}
-        for name, handle in (("lung", self.stage1), ("disease", self.stage2)):
+        for name, stage in (("lung", self.stage1), ("disease", self.stage2)):
             try:  # what one replica of each stage runs (bundles loaded, torch or ONNX Runtime)
-                stages[name] = await asyncio.wait_for(handle.info.remote(), timeout=5)
+                stages[name] = await asyncio.wait_for(_ask(stage, "info"), timeout=5)
             except Exception:  # noqa: BLE001
                 stages[name] = None
         return {**self.models, "stages": stages}
@@ -355,8 +373,8 @@ class Ingress:
     async def readyz(self):
         try:
             item = (self.s.bundle, self.bundle_hash)
-            serving = await asyncio.wait_for(asyncio.gather(self.stage1.ready.remote(*item),
-                                                            self.stage2.ready.remote(*item)), timeout=5)
+            serving = await asyncio.wait_for(asyncio.gather(_ask(self.stage1, "ready", *item),
+                                                            _ask(self.stage2, "ready", *item)), timeout=5)
         except Exception:  # noqa: BLE001
             return JSONResponse({"status": "not ready"}, status_code=503)
         if not all(serving):  # a stage cannot load the bundle this ingress names

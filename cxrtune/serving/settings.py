@@ -37,6 +37,9 @@ class ServeSettings(BaseModel):
     device: str | None = None
     runtime: Runtime = "auto"
     threads: int | None = None  # network threads per stage replica (default: Ray's, from the replica's num_cpus)
+    # both networks in the ingress replica, no Stage deployments: one Serve call per image instead
+    # of three, for a small CPU node (docs/serving.md); the stages then scale with the ingress only
+    stages_in_ingress: bool = False
     max_files_per_batch: int = 16
     # the upload budget (cxrtune.serving.budgets): caps checked as the body arrives, kept in memory only
     max_field_bytes: int = 64 * 1024  # a non-file multipart field

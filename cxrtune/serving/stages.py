@@ -1,15 +1,18 @@
-"""The two stage deployments: ``Stage1`` (lungs) and ``Stage2`` (opacity + normal/disease).
+"""The two stages: ``LungStage`` (Stage I) and ``DiseaseStage`` (opacity + normal/disease), and
+their deployments ``Stage1`` and ``Stage2``.
 
 Each loads its network from the bundle once per replica and answers through ``@serve.batch``
 (batch size and wait configurable), channels_last on every device, bf16 autocast and fractional
 GPUs per replica on a GPU. They run only the networks (:meth:`~cxrtune.scoring.scorer.Scorer.forward`);
-the ingress does everything around them.
+the ingress does everything around them. With ``stages_in_ingress`` the ingress makes the two
+classes itself and calls them in its own process (no Stage deployments).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the re
 BATCH_BUCKETS = [1.0, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 
 
-class _Stage:
+class Stage:
     """Shared by both stages: one stage's network, run on the lean inputs the ingress prepared.
 
     Every item names the bundle it is for (URI and content hash): the ingress that made it
@@ -36,6 +39,8 @@ class _Stage:
     use (the two newest stay loaded)."""
     stage = ""
     KEEP = 2
+    # the subclass's @serve.batch method: (bundle URI, bundle hash, lean input) -> (hash, runtime, output)
+    run: Callable[[tuple[str, str, np.ndarray]], Awaitable[tuple[str, str, object]]]
 
     def __init__(self, settings: dict):
         self.batch_sizes = metrics.Histogram("cxrtune_batch_size", description="images per batch a stage ran",
@@ -47,7 +52,7 @@ class _Stage:
         self.scorers: dict = {}  # bundle hash -> Scorer (insertion order: oldest first)
         self.loading = asyncio.Lock()
         self.own_hash = self._load(self.s.bundle)
-        run = getattr(self, "run")  # the subclass's @serve.batch method
+        run = self.run
         if hasattr(run, "set_max_batch_size"):  # the config's batching, not the decorator's
             run.set_max_batch_size(self.s.max_batch_size)
         if hasattr(run, "set_batch_wait_timeout_s"):
@@ -109,13 +114,12 @@ class _Stage:
                 out[i] = (loaded, scorer.runtime, r)
         return out
 
-    def info(self) -> dict:
+    async def info(self) -> dict:
         own = self.scorers.get(self.own_hash)
         return {"bundle_hash": self.own_hash, "loaded": list(self.scorers), "runtime": own.runtime if own else None}
 
 
-@serve.deployment(name="Stage1", max_ongoing_requests=64)
-class Stage1(_Stage):
+class LungStage(Stage):
     """Lung segmentation: the lean uint8 image -> uint8 lung probabilities at its shape."""
     stage = "lung"
 
@@ -124,8 +128,7 @@ class Stage1(_Stage):
         return await self._forward(items)
 
 
-@serve.deployment(name="Stage2", max_ongoing_requests=64)
-class Stage2(_Stage):
+class DiseaseStage(Stage):
     """Opacity segmentation + classification: the lung ROI, uint8 -> (uint8 opacity probabilities
     at its shape, p(disease))."""
     stage = "disease"
@@ -133,3 +136,7 @@ class Stage2(_Stage):
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def run(self, items: list[tuple[str, str, np.ndarray]]) -> list[tuple[str, str, object]]:
         return await self._forward(items)
+
+
+Stage1 = serve.deployment(name="Stage1", max_ongoing_requests=64)(LungStage)
+Stage2 = serve.deployment(name="Stage2", max_ongoing_requests=64)(DiseaseStage)
