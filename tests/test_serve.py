@@ -496,6 +496,40 @@ def test_cli_and_http_give_the_same_record(server, served_bundle, phantom_dir, t
     assert cli[0]["models"]["opacity_threshold"] == 0.3  # both cut at the bundle's 0.3
 
 
+@pytest.mark.slow
+def test_stages_in_the_ingress_serve_the_same_records_from_one_deployment(server, served_bundle, phantom_dir):
+    """``stages_in_ingress``: the app is the ingress alone, running both networks in its own
+    process, and it answers with the records the three-deployment app gives (same bundle, same
+    networks, one scoring policy), batches included; /readyz and /v1/models ask its own stages."""
+    from ray import serve
+
+    from cxrtune.serving.app import application as build_app
+
+    tiny = {"ray_actor_options": {"num_cpus": 0.01}, "max_ongoing_requests": 8, "max_queued_requests": 64}
+    serve.run(build_app({"bundle": str(served_bundle), "max_batch_size": 4, "device": "cpu",
+                         "api_key_env": "CXRTUNE_TEST_API_KEY", "stages_in_ingress": True},
+                        {"Ingress": tiny}), name="inone", route_prefix="/inone")
+    try:
+        assert set(serve.status().applications["inone"].deployments) == {"Ingress"}
+        assert requests.get(f"{server}/inone/readyz").json() == {"status": "ready"}
+        ignore = ("timings_ms", "request_id")
+        pngs = [phantom_png(phantom_dir, i) for i in range(4)]
+        three = [{k: v for k, v in post(f"{server}/v1/score", png).json().items() if k not in ignore} for png in pngs]
+        one = [{k: v for k, v in post(f"{server}/inone/v1/score", png).json().items() if k not in ignore} for png in pngs]
+        assert [r["status"] for r in one] == [r["status"] for r in three] and "scored" in [r["status"] for r in one]
+        for a, b in zip(three, one):
+            _same(a, b)
+        batch = requests.post(f"{server}/inone/v1/score/batch", headers={"X-API-Key": KEY},
+                              files=[("files", (f"{i}.png", png)) for i, png in enumerate(pngs)], timeout=120)
+        assert batch.status_code == 200, batch.text
+        for a, b in zip(three, batch.json()["results"]):
+            _same(a, {k: v for k, v in b.items() if k not in (*ignore, "file", "http_status")})
+        stages = requests.get(f"{server}/inone/v1/models", headers={"X-API-Key": KEY}).json()["stages"]
+        assert stages["lung"]["bundle_hash"] == stages["disease"]["bundle_hash"] == one[0]["models"]["bundle_hash"]
+    finally:
+        serve.delete("inone")
+
+
 def concurrent_posts(url: str, data: bytes, n: int) -> list[tuple[int, dict | None, str | None]]:
     """``n`` simultaneous POSTs: (status, JSON body or None, Retry-After) of each."""
     async def all_of():
