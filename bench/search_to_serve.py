@@ -33,7 +33,9 @@ sums every stage but the reused hand-picked run):
    over real HTTP, interleaved A-B-A-B twice (median ratio); the served path's own per-step
    timings (decode, both stages' int8 networks at that batch, post-processing, HTTP) and the
    throughput bound they give on this machine's cores; each loaded run's CPU per image scored, by
-   process role (``loaded_cpu_ms_per_image``), which says where the rest of the bound goes. With
+   process role (``loaded_cpu_ms_per_image``), which says where the rest of the bound goes, and
+   the same per request for an ingress that only reads the upload and answers (``serve_floor``:
+   Serve's own HTTP path on this machine). With
    ``--stages-in-ingress`` both networks run in the ingress replica (no Stage deployments).
 6. ``compare``: per point against the hand-picked bundle, the paired bootstrap (one-sided 95 % bounds)
    of the difference in per-image score error over brixia-dev (against the senior reader, T
@@ -410,6 +412,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
                     t = time.perf_counter()
                     answer = http.post(f"{url}/v1/score", data=body, timeout=120).json()
                     steps[name].append({**answer["timings_ms"], "client": 1000 * (time.perf_counter() - t)})
+        floor = serve_floor(url, payloads, duration, concurrency)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -426,7 +429,35 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     return {"images_per_s": rates, "fast_over_handpicked": [round(p, 3) for p in pairs],
             "median_ratio": round(float(np.median(pairs)), 3), "concurrency": concurrency,
             "stages_in_ingress": stages_in_ingress,
-            "unloaded_steps_ms": median_steps, "loaded_cpu_ms_per_image": cpu_by_role}
+            "unloaded_steps_ms": median_steps, "loaded_cpu_ms_per_image": cpu_by_role, "serve_floor": floor}
+
+
+def serve_floor(url: str, payloads: list[bytes], duration: float, concurrency: int) -> dict:
+    """What Serve's HTTP path costs by itself on this machine: an ingress of the same shape (one
+    replica, FastAPI) that reads each upload whole and answers a small JSON, loaded as the scorer
+    is; CPU ms per request by process role (:func:`cpu_seconds_by_process`)."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+    from serve_load import run_load
+
+    api = FastAPI()
+
+    @serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=64, max_queued_requests=256,
+                      ray_actor_options={"num_cpus": 0.5})
+    @serve.ingress(api)
+    class ReadAndAnswer:
+        @api.post("/v1/score")
+        async def score(self, request: Request) -> dict:
+            return {"status": "read", "bytes": len(await request.body())}
+
+    serve.run(ReadAndAnswer.bind(), name="cxrtune", route_prefix="/")  # type: ignore[attr-defined]
+    asyncio.run(run_load(url, payloads, 2, min(5.0, duration), timeout=300))
+    before = cpu_seconds_by_process()
+    r = asyncio.run(run_load(url, payloads, concurrency, duration, timeout=300))
+    used = cpu_seconds_between(before, cpu_seconds_by_process())
+    return {"requests_per_s": r["throughput_images_per_s"], "ok": r["ok"],
+            "cpu_ms_per_request": {k: round(1000 * v / max(r["ok"], 1), 2) for k, v in sorted(used.items())},
+            "total": round(1000 * sum(used.values()) / max(r["ok"], 1), 2)}
 
 
 def served_steps_cpu(bundle: str, payloads: list[bytes]) -> dict:
