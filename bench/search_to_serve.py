@@ -433,21 +433,18 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
 
 
 def serve_floor(url: str, payloads: list[bytes], duration: float, concurrency: int) -> dict:
-    """What Serve's HTTP path costs by itself on this machine: an ingress of the same shape (one
-    replica, FastAPI) that reads each upload whole and answers a small JSON, loaded as the scorer
-    is; CPU ms per request by process role (:func:`cpu_seconds_by_process`)."""
-    from fastapi import FastAPI, Request
+    """What Serve's HTTP path costs by itself on this machine: a one-replica ingress that reads
+    each upload whole and answers a small JSON, loaded as the scorer is; CPU ms per request by
+    process role (:func:`cpu_seconds_by_process`)."""
     from ray import serve
     from serve_load import run_load
 
-    api = FastAPI()
-
+    # Serve's plain HTTP deployment (a Starlette request, no FastAPI: this module's postponed
+    # annotations would hide FastAPI's Request type from it)
     @serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=64, max_queued_requests=256,
                       ray_actor_options={"num_cpus": 0.5})
-    @serve.ingress(api)
     class ReadAndAnswer:
-        @api.post("/v1/score")
-        async def score(self, request: Request) -> dict:
+        async def __call__(self, request) -> dict:
             return {"status": "read", "bytes": len(await request.body())}
 
     serve.run(ReadAndAnswer.bind(), name="cxrtune", route_prefix="/")  # type: ignore[attr-defined]
@@ -455,6 +452,8 @@ def serve_floor(url: str, payloads: list[bytes], duration: float, concurrency: i
     before = cpu_seconds_by_process()
     r = asyncio.run(run_load(url, payloads, concurrency, duration, timeout=300))
     used = cpu_seconds_between(before, cpu_seconds_by_process())
+    if r["errors"] or not r["ok"]:
+        raise RuntimeError(f"the read-and-answer ingress failed: {r}")
     return {"requests_per_s": r["throughput_images_per_s"], "ok": r["ok"],
             "cpu_ms_per_request": {k: round(1000 * v / max(r["ok"], 1), 2) for k, v in sorted(used.items())},
             "total": round(1000 * sum(used.values()) / max(r["ok"], 1), 2)}
