@@ -387,9 +387,9 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     stage = {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}
-    deployments = {"Stage1": stage, "Stage2": stage,
-                   "Ingress": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
-                               "ray_actor_options": {"num_cpus": 0.5}}}
+    deployments = {"Ingress": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
+                               "ray_actor_options": {"num_cpus": 0.5}},
+                   **({} if stages_in_ingress else {"Stage1": stage, "Stage2": stage})}
     rates: dict = {"handpicked": [], "fast": []}
     steps: dict = {"handpicked": [], "fast": []}
     cpu_ms: dict = {"handpicked": [], "fast": []}

@@ -64,6 +64,17 @@ def test_serve_validates_the_config_args_against_the_settings():
     assert inspect.signature(build_app).parameters["args"].annotation is ServeSettings
 
 
+def test_stages_in_the_ingress_refuse_options_for_stage_deployments(tmp_path):
+    """With stages_in_ingress the app has no Stage deployments: options for them are refused, as
+    `serve run` refuses them, before any bundle is read."""
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.serving.app import application
+
+    with pytest.raises(CxrtuneError, match="options for Stage1, Stage2, but stages_in_ingress"):
+        application({"bundle": str(tmp_path / "none"), "stages_in_ingress": True},
+                    {"Ingress": {}, "Stage1": {}, "Stage2": {}})
+
+
 def test_errors_outside_the_routes_have_the_one_shape_and_reach_the_ingress():
     refused = []
     client = TestClient(replica_app(refused))

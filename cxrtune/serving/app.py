@@ -38,6 +38,9 @@ def application(settings: ServeSettings | dict, deployments: dict[str, dict] | N
     except ValidationError as exc:
         raise CxrtuneError(f"bad Serve args: {exc}") from None
 
+    if settings.stages_in_ingress and (stray := sorted(set(deployments or {}) - {"Ingress"})):
+        raise CxrtuneError(f"the config has options for {', '.join(stray)}, but stages_in_ingress runs both stages "
+                           "in the Ingress deployment: list the Ingress only (`serve run` refuses them too)")
     meta = read_bundle_meta(settings.bundle)  # fail here, plainly, rather than in three replicas
     if settings.runtime in ONNX_RUNTIMES:  # the scorer's own check, on the CPU these runtimes need
         try:
