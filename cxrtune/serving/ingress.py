@@ -113,6 +113,29 @@ def _decode(data: bytes, s: ServeSettings):
         raise RequestError(422, f"{DECODE_FAILURE}: {exc}") from None
 
 
+class SecureHeaders:
+    """ASGI middleware: the security headers on every response, and ``Cache-Control: no-store`` on
+    ``/v1`` (results and model details stay out of caches). Plain ASGI rather than Starlette's
+    ``BaseHTTPMiddleware``, which runs each request in a task group with its own streams."""
+
+    def __init__(self, app, headers: dict[str, str]):
+        self.app = app
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        extra = self.headers + ([(b"cache-control", b"no-store")] if scope["path"].startswith(f"/{API_VERSION}/") else [])
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                names = {name for name, _ in extra}
+                message = {**message, "headers": [h for h in message.get("headers", []) if h[0].lower() not in names] + extra}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=1024)  # > max_in_flight: cxrtune answers overload itself
 @serve.ingress()  # the app is built per replica: __serve_build_asgi_app__
 class Ingress:
@@ -391,15 +414,7 @@ class Ingress:
         # no /docs or /redoc: FastAPI's pages load their scripts from a CDN (openapi.json stays)
         app = FastAPI(title="cxrtune scorer", version=__version__, docs_url=None, redoc_url=None,
                       description="Two-stage chest X-ray severity scoring: lung zones A-F, a 0-6 score, opacity percent.")
-        headers = security_headers(self.viewer)
-
-        @app.middleware("http")
-        async def secure(request: Request, call_next):
-            response = await call_next(request)
-            response.headers.update(headers)
-            if request.url.path.startswith(f"/{API_VERSION}/"):
-                response.headers["Cache-Control"] = "no-store"  # results and model details stay out of caches
-            return response
+        app.add_middleware(SecureHeaders, headers=security_headers(self.viewer))
 
         png_or_record: dict[int | str, dict[str, Any]] = {
             200: {"content": {"image/png": {}, DICOM_RESULTS: {}},
