@@ -230,7 +230,7 @@ class Ingress:
     async def _call(self, stage: DeploymentHandle | Stage, item):
         """One stage call, retried when the replica that had it dies (a node lost, a replica
         killed): Serve sends the retry to a live or restarted replica, so no request is lost. A
-        stage in this replica is called once: if it fails, so does this replica."""
+        stage in this replica is called once: if it fails, so does the request."""
         if isinstance(stage, Stage):
             return await stage.run(item)
         died = 0

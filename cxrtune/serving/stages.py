@@ -119,6 +119,8 @@ class Stage:
         return {"bundle_hash": self.own_hash, "loaded": list(self.scorers), "runtime": own.runtime if own else None}
 
 
+# Ray's @serve.batch keeps one queue per decorated function, not per instance: one process holds at
+# most one instance of each class (a Stage replica, or an ingress with stages_in_ingress)
 class LungStage(Stage):
     """Lung segmentation: the lean uint8 image -> uint8 lung probabilities at its shape."""
     stage = "lung"
