@@ -126,10 +126,10 @@ class SecureHeaders:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         extra = self.headers + ([(b"cache-control", b"no-store")] if scope["path"].startswith(f"/{API_VERSION}/") else [])
+        names = {name for name, _ in extra}
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                names = {name for name, _ in extra}
                 message = {**message, "headers": [h for h in message.get("headers", []) if h[0].lower() not in names] + extra}
             await send(message)
 

@@ -36,7 +36,7 @@ class ServeSettings(BaseModel):
     auth: Literal["key", "none"] = "key"
     device: str | None = None
     runtime: Runtime = "auto"
-    threads: int | None = None  # network threads per stage replica (default: Ray's, from the replica's num_cpus)
+    threads: int | None = None  # network threads per stage (its replica, or the ingress): default Ray's, from num_cpus
     # both networks in the ingress replica, no Stage deployments: one Serve call per image instead
     # of three, for a small CPU node (docs/serving.md); the stages then scale with the ingress only
     stages_in_ingress: bool = False
