@@ -378,7 +378,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     import ray
     import requests
     from ray import serve
-    from serve_load import free_port, run_load
+    from serve_load import free_port
 
     from cxrtune.serving.app import application as build_app
 
@@ -400,12 +400,9 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
                         "device": "cpu", "runtime": "onnx-int8", "threads": 1, "auth": "none",
                         "stages_in_ingress": stages_in_ingress}
             serve.run(build_app(settings, deployments), name="cxrtune", route_prefix="/")
-            asyncio.run(run_load(url, payloads, 2, min(5.0, duration), timeout=300))  # warm-up
-            before = cpu_seconds_by_process()
-            r = asyncio.run(run_load(url, payloads, concurrency, duration, timeout=300))
-            used = cpu_seconds_between(before, cpu_seconds_by_process())
+            r, per_request = loaded_run(url, payloads, duration, concurrency)
             rates[name].append(r["throughput_images_per_s"])
-            cpu_ms[name].append({k: 1000 * v / max(r["ok"], 1) for k, v in used.items()})
+            cpu_ms[name].append(per_request)
             if len(steps[name]) < 12:  # unloaded: one request at a time
                 http = requests.Session()  # kept alive, as the load test's connections are
                 for body in payloads[:6]:
@@ -432,12 +429,23 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
             "unloaded_steps_ms": median_steps, "loaded_cpu_ms_per_image": cpu_by_role, "serve_floor": floor}
 
 
+def loaded_run(url: str, payloads: list[bytes], duration: float, concurrency: int) -> tuple[dict, dict[str, float]]:
+    """One loaded run of the app at ``url`` after a 5 s warm-up: the load test's result and each
+    process role's CPU ms per answered request (:func:`cpu_seconds_by_process`)."""
+    from serve_load import run_load
+
+    asyncio.run(run_load(url, payloads, 2, min(5.0, duration), timeout=300))  # warm-up
+    before = cpu_seconds_by_process()
+    r = asyncio.run(run_load(url, payloads, concurrency, duration, timeout=300))
+    used = cpu_seconds_between(before, cpu_seconds_by_process())
+    return r, {k: 1000 * v / max(r["ok"], 1) for k, v in used.items()}
+
+
 def serve_floor(url: str, payloads: list[bytes], duration: float, concurrency: int) -> dict:
     """What Serve's HTTP path costs by itself on this machine: a one-replica ingress that reads
     each upload whole and answers a small JSON, loaded as the scorer is; CPU ms per request by
     process role (:func:`cpu_seconds_by_process`)."""
     from ray import serve
-    from serve_load import run_load
 
     # Serve's plain HTTP deployment (a Starlette request, no FastAPI: this module's postponed
     # annotations would hide FastAPI's Request type from it)
@@ -448,15 +456,12 @@ def serve_floor(url: str, payloads: list[bytes], duration: float, concurrency: i
             return {"status": "read", "bytes": len(await request.body())}
 
     serve.run(ReadAndAnswer.bind(), name="cxrtune", route_prefix="/")  # type: ignore[attr-defined]
-    asyncio.run(run_load(url, payloads, 2, min(5.0, duration), timeout=300))
-    before = cpu_seconds_by_process()
-    r = asyncio.run(run_load(url, payloads, concurrency, duration, timeout=300))
-    used = cpu_seconds_between(before, cpu_seconds_by_process())
+    r, per_request = loaded_run(url, payloads, duration, concurrency)
     if r["errors"] or not r["ok"]:
         raise RuntimeError(f"the read-and-answer ingress failed: {r}")
     return {"requests_per_s": r["throughput_images_per_s"], "ok": r["ok"],
-            "cpu_ms_per_request": {k: round(1000 * v / max(r["ok"], 1), 2) for k, v in sorted(used.items())},
-            "total": round(1000 * sum(used.values()) / max(r["ok"], 1), 2)}
+            "cpu_ms_per_request": {k: round(v, 2) for k, v in sorted(per_request.items())},
+            "total": round(sum(per_request.values()), 2)}
 
 
 def served_steps_cpu(bundle: str, payloads: list[bytes]) -> dict:
