@@ -267,8 +267,13 @@ class Ticket:
         not stop a running thread, so the slots stay taken until it returns."""
         self.threads += 1
         future = self.budget._pool.submit(fn, *args)
-        future.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._thread_ended))
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            if future.done():  # returned, raised, or cancelled before it started: its thread is free
+                self._thread_ended()
+            else:  # the caller was cancelled while the thread runs: counted until it returns
+                future.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._thread_ended))
 
     def _thread_ended(self) -> None:
         self.threads -= 1

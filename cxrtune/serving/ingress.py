@@ -267,32 +267,29 @@ class Ingress:
             (when ``dicom``: the input is DICOM, checked by the caller), then the overlay as a
             Secondary Capture (when ``overlay`` too) instead of the PNG."""
 
-        t0 = time.perf_counter()
-        scan = await ticket.run(_decode, data, self.s)
-        image = scan.image
-        t1 = time.perf_counter()
-        opacity = p = None
-        stages = {"lung": None, "disease": None}
-        runtimes = {"lung": None, "disease": None}
-        try:
-            x1 = await ticket.run(stage_input, image, self.pre["lung"])
-            stages["lung"], runtimes["lung"], prob = await self._stage(self.stage1, x1)
-            lung = await ticket.run(lung_output, prob, image.shape, self.thresholds.lung)
-            t_mid = time.perf_counter()
-            reason = await ticket.run(unscored_reason, image, lung, self.plausibility)
-            if reason is None:  # no lungs, or not a frontal CXR: an unscored record (HTTP 200), Stage II is not asked
-                x2, box = await ticket.run(disease_input, image, lung, self.pre["disease"])
-                stages["disease"], runtimes["disease"], (prob2, p) = await self._stage(self.stage2, x2)
-                opacity, p = await ticket.run(opacity_output, prob2, p, box, image.shape,
-                                              self.thresholds.cls, self.thresholds.opacity)
-        except (BackPressureError, DeploymentUnavailableError):
-            raise RequestError(503, "the scorer is at capacity; retry shortly", self.s.retry_after_s) from None
-        t2 = time.perf_counter()
+        s, pre, thresholds = self.s, self.pre, self.thresholds
+        # three thread hand-offs per image, around the two stage calls (each hand-off costs the
+        # event loop a wake-up); the threads stamp their own step boundaries
+        def prepare():  # decode, then Stage I's lean input
+            scan = _decode(data, s)
+            return scan, time.perf_counter(), stage_input(scan.image, pre["lung"])
 
-        def finish():
+        def after_lungs(image, prob):  # the lung mask, the plausibility check, then Stage II's lean input
+            lung = lung_output(prob, image.shape, thresholds.lung)
+            t_mid = time.perf_counter()
+            reason = unscored_reason(image, lung, self.plausibility)
+            x2, box = disease_input(image, lung, pre["disease"]) if reason is None else (None, None)
+            return lung, t_mid, reason, x2, box
+
+        def finish(scan, lung, reason, disease_out, box):  # Stage II's masks, then the record, overlay and DICOM results
+            image, opacity, p = scan.image, None, None
+            if disease_out is not None:
+                prob2, p = disease_out
+                opacity, p = opacity_output(prob2, p, box, image.shape, thresholds.cls, thresholds.opacity)
+            t2 = time.perf_counter()
             # the bundle behind each stage's answer, and what ran it (int8 answers differ slightly)
             models = record_models(self.record_models, stages, runtimes)
-            typed, detail = build_record(lung, opacity, p, self.thresholds.zone, models, scan, reason)
+            typed, detail = build_record(lung, opacity, p, thresholds.zone, models, scan, reason)
             record = typed.to_dict()
             png = encode_overlay(image, detail.lungs, detail.opacity, record) if overlay and not dicom else None
             try:
@@ -300,9 +297,21 @@ class Ingress:
                     if dicom else []
             except CxrtuneError as exc:  # a header the results cannot reference (says which attribute, no value)
                 raise RequestError(422, str(exc)) from None
-            return record, png, parts
+            return t2, record, png, parts
 
-        record, png, parts = await ticket.run(finish)
+        t0 = time.perf_counter()
+        scan, t1, x1 = await ticket.run(prepare)
+        stages: dict[str, str | None] = {"lung": None, "disease": None}
+        runtimes: dict[str, str | None] = {"lung": None, "disease": None}
+        disease_out = None
+        try:
+            stages["lung"], runtimes["lung"], prob = await self._stage(self.stage1, x1)
+            lung, t_mid, reason, x2, box = await ticket.run(after_lungs, scan.image, prob)
+            if reason is None:  # no lungs, or not a frontal CXR: an unscored record (HTTP 200), Stage II is not asked
+                stages["disease"], runtimes["disease"], disease_out = await self._stage(self.stage2, x2)
+        except (BackPressureError, DeploymentUnavailableError):
+            raise RequestError(503, "the scorer is at capacity; retry shortly", self.s.retry_after_s) from None
+        t2, record, png, parts = await ticket.run(finish, scan, lung, reason, disease_out, box)
         t3 = time.perf_counter()
         record["request_id"] = request_id
         record["timings_ms"] = {"decode": round(1000 * (t1 - t0), 1), "stage1": round(1000 * (t_mid - t1), 1),
