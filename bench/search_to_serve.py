@@ -36,7 +36,8 @@ sums every stage but the reused hand-picked run):
    process role (``loaded_cpu_ms_per_image``), which says where the rest of the bound goes, and
    the same per request for an ingress that only reads the upload and answers (``serve_floor``:
    Serve's own HTTP path on this machine). With
-   ``--stages-in-ingress`` both networks run in the ingress replica (no Stage deployments).
+   ``--stages-in-ingress`` both networks run in the ingress replica (no Stage deployments);
+   ``--ingress-replicas N`` runs N ingress replicas.
 6. ``compare``: per point against the hand-picked bundle, the paired bootstrap (one-sided 95 % bounds)
    of the difference in per-image score error over brixia-dev (against the senior reader, T
    cross-validated) plus the official Val images with a reference; FP rate on Normal; targets.
@@ -368,10 +369,10 @@ def cpu_seconds_between(before: dict, after: dict) -> dict[str, float]:
 
 
 def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float, concurrency: int,
-                      stages_in_ingress: bool = False) -> dict:
+                      stages_in_ingress: bool = False, ingress_replicas: int = 1) -> dict:
     """Served end-to-end images/s, hand-picked (A) and fast (B) bundles interleaved A-B-A-B twice
     on one Serve instance (the same deployments as bench/serve_cpu.py, or with
-    ``stages_in_ingress`` the ingress alone, running both networks), and the per-step timings of
+    ``stages_in_ingress`` the ingress alone, running both networks; ``ingress_replicas`` of it), and the per-step timings of
     single unloaded requests. Each loaded run's CPU is read per process (:func:`cpu_seconds_by_process`)
     and reported per image scored, to say where what the throughput bound does not count goes."""
     import numpy as np
@@ -387,7 +388,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     stage = {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}
-    deployments = {"Ingress": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
+    deployments = {"Ingress": {"num_replicas": ingress_replicas, "max_ongoing_requests": 64, "max_queued_requests": 256,
                                "ray_actor_options": {"num_cpus": 0.5}},
                    **({} if stages_in_ingress else {"Stage1": stage, "Stage2": stage})}
     rates: dict = {"handpicked": [], "fast": []}
@@ -425,7 +426,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
         cpu_by_role[name]["total"] = round(float(np.median([sum(run.values()) for run in runs])), 1)
     return {"images_per_s": rates, "fast_over_handpicked": [round(p, 3) for p in pairs],
             "median_ratio": round(float(np.median(pairs)), 3), "concurrency": concurrency,
-            "stages_in_ingress": stages_in_ingress,
+            "stages_in_ingress": stages_in_ingress, "ingress_replicas": ingress_replicas,
             "unloaded_steps_ms": median_steps, "loaded_cpu_ms_per_image": cpu_by_role, "serve_floor": floor}
 
 
@@ -616,6 +617,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve-seconds", type=float, default=30)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--ingress-replicas", type=int, default=1,
+                    help="Ingress replicas in the served runs (each its own process: with the stages in the "
+                         "ingress, 2 on a 2-core node put both cores to work)")
     ap.add_argument("--stages-in-ingress", action="store_true",
                     help="serve both networks in the ingress replica (ServeSettings.stages_in_ingress)")
     args = ap.parse_args()
@@ -670,7 +674,8 @@ def run_stage(name: str, args, out: Path, results: dict) -> dict:
         val_images = sorted((Path(args.data) / "covid-qu-ex" / "Val").glob("*/images"))
         payloads = calibration_sample([str(f) for f in val_images], 16)
         latency = stage2_latency(made)
-        throughput = served_throughput(made, payloads, args.serve_seconds, args.concurrency, args.stages_in_ingress)
+        throughput = served_throughput(made, payloads, args.serve_seconds, args.concurrency, args.stages_in_ingress,
+                                       args.ingress_replicas)
         cpu = {k: served_steps_cpu(made[k]["bundle"], payloads) for k in ("handpicked", "fast")}
         bound = {k: throughput_bound(throughput["unloaded_steps_ms"][k], cpu[k], os.cpu_count() or 2)
                  for k in ("handpicked", "fast")}
