@@ -449,6 +449,47 @@ def test_a_request_cancelled_mid_thread_keeps_its_slots_until_the_thread_ends():
     asyncio.run(scenario())
 
 
+def test_a_request_cancelled_while_queued_for_a_thread_frees_its_slots_at_once():
+    """A request whose thread has not started yet (the pool is busy) is cancelled with its client:
+    its slots come back without waiting for the busy thread, which keeps its own; a request that
+    ends normally leaves nothing counted."""
+    import asyncio
+    import threading
+
+    from cxrtune.serving.budgets import ScoringBudget
+
+    budget = ScoringBudget(limit=2, retry_after_s=1, threads=1)
+    release, started = threading.Event(), threading.Event()
+    queued_ran = threading.Event()
+
+    def busy():
+        started.set()
+        release.wait(10)
+        return "busy"
+
+    async def request(fn):
+        with budget.admitted() as ticket:
+            return await ticket.run(fn)
+
+    async def scenario():
+        first = asyncio.create_task(request(busy))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(request(queued_ran.set))  # waits for the one thread
+        await asyncio.sleep(0.05)
+        assert budget.in_flight == 2
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert budget.in_flight == 1  # at once: only the running thread is still counted
+        release.set()
+        assert await first == "busy"
+        assert budget.in_flight == 0  # a normal end: counted down when its request ends
+        assert not queued_ran.is_set()  # the cancelled call never ran
+
+    asyncio.run(scenario())
+
+
 def test_the_api_key_can_come_from_a_file_only_its_owner_reads(tmp_path, monkeypatch):
     from cxrtune.errors import CxrtuneError
     from cxrtune.serving.auth import key_text, require_keys

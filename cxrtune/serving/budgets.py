@@ -264,9 +264,10 @@ class Ticket:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the budget's threads. Cancelling the caller (the client hung up) does
-        not stop a running thread, so the slots stay taken until it returns."""
-        self.threads += 1
+        not stop a running thread, so the slots stay taken until it returns; a call still waiting
+        for a thread is cancelled with it."""
         future = self.budget._pool.submit(fn, *args)
+        self.threads += 1
         try:
             return await asyncio.wrap_future(future)
         finally:

@@ -269,7 +269,8 @@ class Ingress:
 
         s, pre, thresholds = self.s, self.pre, self.thresholds
         # three thread hand-offs per image, around the two stage calls (each hand-off costs the
-        # event loop a wake-up); the threads stamp their own step boundaries
+        # event loop a wake-up); the threads stamp their own step boundaries, so a thread's wait
+        # for the pool counts toward the step before it
         def prepare():  # decode, then Stage I's lean input
             scan = _decode(data, s)
             return scan, time.perf_counter(), stage_input(scan.image, pre["lung"])
@@ -281,7 +282,8 @@ class Ingress:
             x2, box = disease_input(image, lung, pre["disease"]) if reason is None else (None, None)
             return lung, t_mid, reason, x2, box
 
-        def finish(scan, lung, reason, disease_out, box):  # Stage II's masks, then the record, overlay and DICOM results
+        def finish(scan, lung, reason, stages, runtimes, disease_out, box):
+            # Stage II's masks, then the record, overlay and DICOM results
             image, opacity, p = scan.image, None, None
             if disease_out is not None:
                 prob2, p = disease_out
@@ -307,11 +309,11 @@ class Ingress:
         try:
             stages["lung"], runtimes["lung"], prob = await self._stage(self.stage1, x1)
             lung, t_mid, reason, x2, box = await ticket.run(after_lungs, scan.image, prob)
-            if reason is None:  # no lungs, or not a frontal CXR: an unscored record (HTTP 200), Stage II is not asked
+            if reason is None:  # scorable: ask Stage II (otherwise an unscored record, HTTP 200: no lungs, or not a frontal CXR)
                 stages["disease"], runtimes["disease"], disease_out = await self._stage(self.stage2, x2)
         except (BackPressureError, DeploymentUnavailableError):
             raise RequestError(503, "the scorer is at capacity; retry shortly", self.s.retry_after_s) from None
-        t2, record, png, parts = await ticket.run(finish, scan, lung, reason, disease_out, box)
+        t2, record, png, parts = await ticket.run(finish, scan, lung, reason, stages, runtimes, disease_out, box)
         t3 = time.perf_counter()
         record["request_id"] = request_id
         record["timings_ms"] = {"decode": round(1000 * (t1 - t0), 1), "stage1": round(1000 * (t_mid - t1), 1),
