@@ -267,19 +267,18 @@ class Ingress:
             (when ``dicom``: the input is DICOM, checked by the caller), then the overlay as a
             Secondary Capture (when ``overlay`` too) instead of the PNG."""
 
-        s, pre, thresholds = self.s, self.pre, self.thresholds
         # three thread hand-offs per image, around the two stage calls (each hand-off costs the
         # event loop a wake-up); the threads stamp their own step boundaries, so a thread's wait
         # for the pool counts toward the step before it
         def prepare():  # decode, then Stage I's lean input
-            scan = _decode(data, s)
-            return scan, time.perf_counter(), stage_input(scan.image, pre["lung"])
+            scan = _decode(data, self.s)
+            return scan, time.perf_counter(), stage_input(scan.image, self.pre["lung"])
 
         def after_lungs(image, prob):  # the lung mask, the plausibility check, then Stage II's lean input
-            lung = lung_output(prob, image.shape, thresholds.lung)
+            lung = lung_output(prob, image.shape, self.thresholds.lung)
             t_mid = time.perf_counter()
             reason = unscored_reason(image, lung, self.plausibility)
-            x2, box = disease_input(image, lung, pre["disease"]) if reason is None else (None, None)
+            x2, box = disease_input(image, lung, self.pre["disease"]) if reason is None else (None, None)
             return lung, t_mid, reason, x2, box
 
         def finish(scan, lung, reason, stages, runtimes, disease_out, box):
@@ -287,11 +286,11 @@ class Ingress:
             image, opacity, p = scan.image, None, None
             if disease_out is not None:
                 prob2, p = disease_out
-                opacity, p = opacity_output(prob2, p, box, image.shape, thresholds.cls, thresholds.opacity)
+                opacity, p = opacity_output(prob2, p, box, image.shape, self.thresholds.cls, self.thresholds.opacity)
             t2 = time.perf_counter()
             # the bundle behind each stage's answer, and what ran it (int8 answers differ slightly)
             models = record_models(self.record_models, stages, runtimes)
-            typed, detail = build_record(lung, opacity, p, thresholds.zone, models, scan, reason)
+            typed, detail = build_record(lung, opacity, p, self.thresholds.zone, models, scan, reason)
             record = typed.to_dict()
             png = encode_overlay(image, detail.lungs, detail.opacity, record) if overlay and not dicom else None
             try:
