@@ -375,9 +375,9 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     on one Serve instance (the same deployments as bench/serve_cpu.py, or with
     ``stages_in_ingress`` the ingress alone, running both networks; ``ingress_replicas`` of it).
     After each loaded run: the per-step timings of single unloaded requests and the bound's CPU
-    work (:func:`served_steps_cpu`), so that each run has its own bound (``per_run``). Each loaded
-    run's CPU is read per process (:func:`cpu_seconds_by_process`) and reported per image scored,
-    to say where what the throughput bound does not count goes."""
+    work (:func:`served_steps_cpu`): the bound from their medians (``bound``), and each run against
+    its own (``per_run``). Each loaded run's CPU is read per process (:func:`cpu_seconds_by_process`)
+    and reported per image scored, to say where what the throughput bound does not count goes."""
     import numpy as np
     import ray
     import requests
@@ -435,6 +435,8 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     for runs in per_run.values():
         for run in runs:
             run["served_over_bound"] = round(run["images_per_s"] / run["bound_images_per_s"], 3)
+    steps_cpu_median = {name: medians(runs, 2) for name, runs in steps_cpu.items()}
+    bound = {name: throughput_bound(median_steps[name], steps_cpu_median[name], cores) for name in rates}
     # CPU ms per image scored, by role, median over each bundle's loaded runs (per role: the
     # roles' medians need not add up to the median total, which is given too)
     cpu_by_role = {}
@@ -446,8 +448,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
             "median_ratio": round(float(np.median(pairs)), 3), "concurrency": concurrency,
             "stages_in_ingress": stages_in_ingress, "ingress_replicas": ingress_replicas,
             "unloaded_steps_ms": median_steps, "loaded_cpu_ms_per_image": cpu_by_role, "serve_floor": floor,
-            "served_steps_cpu_ms": {name: medians(runs, 2) for name, runs in steps_cpu.items()},
-            "per_run": per_run}
+            "served_steps_cpu_ms": steps_cpu_median, "bound": bound, "per_run": per_run}
 
 
 def loaded_run(url: str, payloads: list[bytes], duration: float, concurrency: int) -> tuple[dict, dict[str, float]]:
@@ -696,9 +697,9 @@ def run_stage(name: str, args, out: Path, results: dict) -> dict:
         latency = stage2_latency(made)
         throughput = served_throughput(made, payloads, args.serve_seconds, args.concurrency, args.stages_in_ingress,
                                        args.ingress_replicas)
-        cpu = throughput.pop("served_steps_cpu_ms")  # the medians of the measures taken after each loaded run
-        bound = {k: throughput_bound(throughput["unloaded_steps_ms"][k], cpu[k], os.cpu_count() or 2)
-                 for k in ("handpicked", "fast")}
+        # the bound's CPU work (medians of the measures taken after each loaded run) and the bound
+        # they give, at the stage's top level as before
+        cpu, bound = throughput.pop("served_steps_cpu_ms"), throughput.pop("bound")
         result = {"int8_ms_per_image": latency, "throughput": throughput, "served_steps_cpu_ms": cpu,
                   "bound": bound}
     else:
