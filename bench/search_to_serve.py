@@ -38,7 +38,8 @@ sums every stage but the reused hand-picked run):
    the same per request for an ingress that only reads the upload and answers (``serve_floor``:
    Serve's own HTTP path on this machine). With
    ``--stages-in-ingress`` both networks run in the ingress replica (no Stage deployments);
-   ``--ingress-replicas N`` runs N ingress replicas.
+   ``--ingress-replicas N`` runs N ingress replicas; ``--haproxy`` puts HAProxy in front, as
+   ``cxrtune serve --haproxy`` does.
 6. ``compare``: per point against the hand-picked bundle, the paired bootstrap (one-sided 95 % bounds)
    of the difference in per-image score error over brixia-dev (against the senior reader, T
    cross-validated) plus the official Val images with a reference; FP rate on Normal; targets.
@@ -370,10 +371,11 @@ def cpu_seconds_between(before: dict, after: dict) -> dict[str, float]:
 
 
 def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float, concurrency: int,
-                      stages_in_ingress: bool = False, ingress_replicas: int = 1) -> dict:
+                      stages_in_ingress: bool = False, ingress_replicas: int = 1, haproxy: bool = False) -> dict:
     """Served end-to-end images/s, hand-picked (A) and fast (B) bundles interleaved A-B-A-B twice
     on one Serve instance (the same deployments as bench/serve_cpu.py, or with
-    ``stages_in_ingress`` the ingress alone, running both networks; ``ingress_replicas`` of it).
+    ``stages_in_ingress`` the ingress alone, running both networks; ``ingress_replicas`` of it;
+    with ``haproxy``, HAProxy in front: :func:`cxrtune.serving.deploy.haproxy_env`).
     After each loaded run: the per-step timings of single unloaded requests and the bound's CPU
     work (:func:`served_steps_cpu`): the bound from their medians (``bound``), and each run against
     its own (``per_run``). Each loaded run's CPU is read per process (:func:`cpu_seconds_by_process`)
@@ -385,7 +387,10 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     from serve_load import free_port
 
     from cxrtune.serving.app import application as build_app
+    from cxrtune.serving.deploy import haproxy_env
 
+    if haproxy:
+        os.environ.update(haproxy_env({}))  # before Ray starts: its processes inherit it
     ray.init(num_cpus=2, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -446,7 +451,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
         cpu_by_role[name]["total"] = round(float(np.median([sum(run.values()) for run in runs])), 1)
     return {"images_per_s": rates, "fast_over_handpicked": [round(p, 3) for p in pairs],
             "median_ratio": round(float(np.median(pairs)), 3), "concurrency": concurrency,
-            "stages_in_ingress": stages_in_ingress, "ingress_replicas": ingress_replicas,
+            "stages_in_ingress": stages_in_ingress, "ingress_replicas": ingress_replicas, "haproxy": haproxy,
             "unloaded_steps_ms": median_steps, "loaded_cpu_ms_per_image": cpu_by_role, "serve_floor": floor,
             "served_steps_cpu_ms": steps_cpu_median, "bound": bound, "per_run": per_run}
 
@@ -641,6 +646,8 @@ def main() -> None:
     ap.add_argument("--ingress-replicas", type=int, default=1,
                     help="Ingress replicas in the served runs (each its own process: with the stages in the "
                          "ingress, 2 on a 2-core node put both cores to work)")
+    ap.add_argument("--haproxy", action="store_true",
+                    help="HAProxy in front of the ingress replicas in the served runs (cxrtune serve --haproxy)")
     ap.add_argument("--stages-in-ingress", action="store_true",
                     help="serve both networks in the ingress replica (ServeSettings.stages_in_ingress)")
     args = ap.parse_args()
@@ -696,7 +703,7 @@ def run_stage(name: str, args, out: Path, results: dict) -> dict:
         payloads = calibration_sample([str(f) for f in val_images], 16)
         latency = stage2_latency(made)
         throughput = served_throughput(made, payloads, args.serve_seconds, args.concurrency, args.stages_in_ingress,
-                                       args.ingress_replicas)
+                                       args.ingress_replicas, args.haproxy)
         # the bound's CPU work (medians of the measures taken after each loaded run) and the bound
         # they give, at the stage's top level as before
         cpu, bound = throughput.pop("served_steps_cpu_ms"), throughput.pop("bound")

@@ -197,7 +197,8 @@ def _promote(args) -> None:
 
 
 def _serve(args) -> None:
-    serving_deploy.run_local(args.bundle, args.config or serving_deploy.default_config(), host=args.host, port=args.port)
+    serving_deploy.run_local(args.bundle, args.config or serving_deploy.default_config(), host=args.host, port=args.port,
+                             haproxy=args.haproxy)
 
 
 OVERLAY_HELP = ("also send an overlay for viewers that show neither SEG nor SR: a Secondary Capture in its own series, "
@@ -507,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", help="Serve config (default: serve/config.yaml on GPU, serve/config.cpu.yaml on CPU)")
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
+    sv.add_argument("--haproxy", action="store_true",
+                    help="HAProxy in front of the ingress replicas instead of Serve's proxy (needs the haproxy binary; "
+                         "plain HTTP; starts its own Ray instance): more images/s on a small node, docs/serving.md")
     sv.set_defaults(func=_serve)
 
     dp = sub.add_parser("deploy", help="deploy or update the scorer on a running Ray cluster (as `serve deploy`), "

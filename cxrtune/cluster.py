@@ -48,22 +48,26 @@ def keep_secrets_out_of_trial_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = set(names) - set(SECRETS)
 
 
-def init_ray(num_cpus: int | None = None, dashboard: bool = False, env: dict | None = None) -> None:
+def init_ray(num_cpus: int | None = None, dashboard: bool = False, env: dict | None = None,
+             new_instance: bool = False) -> None:
     """Join the cluster that ``RAY_ADDRESS`` or ``ray start`` names, else start a local instance
     (with ``num_cpus``, default all). ``dashboard`` keeps Ray's dashboard on (``cxrtune serve``:
     ``serve status`` and ``serve deploy`` talk to it). Every task and actor of the job gets
     :func:`worker_env` (with ``env``) through the runtime_env, so a trial on another node reads
-    the same S3 endpoint and logs to the same W&B project as the driver."""
+    the same S3 endpoint and logs to the same W&B project as the driver. ``new_instance`` starts a
+    local instance even where ``ray start`` runs one, so that its processes inherit this process's
+    environment (``cxrtune serve --haproxy``)."""
     import ray
 
     if ray.is_initialized():
         return
     vars_ = worker_env(env)
     runtime_env = {"env_vars": vars_} if vars_ else None
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") and not new_instance:
         ray.init(runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True, runtime_env=runtime_env)
+        ray.init(address="local" if new_instance else None, num_cpus=num_cpus, include_dashboard=dashboard,
+                 log_to_driver=True, runtime_env=runtime_env)
 
 
 CLUSTER_CONFIG_ENV = "CXRTUNE_CLUSTER_CONFIG"

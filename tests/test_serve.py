@@ -96,6 +96,65 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle, tmp_path):
         stop_with_ctrl_c(proc)
 
 
+def listener(port: int):
+    """The process listening on 127.0.0.1:``port``, or None."""
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="no haproxy binary (.ci/run installs Debian's haproxy)")
+def test_cxrtune_serve_with_haproxy_in_front(phantom_bundle, phantom_dir, tmp_path):
+    """`cxrtune serve --haproxy`: HAProxy, not Serve's proxy, holds the port and hands requests to
+    the ingress replica's own HTTP server; the app behind it is the same (key, record); Ctrl-C
+    stops HAProxy too."""
+    from tests.conftest import shipped_cpu_config
+
+    config, port = shipped_cpu_config(tmp_path, phantom_bundle)
+    log = tmp_path / "serve-haproxy.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("CXRTUNE_API_KEY", "RAY_ADDRESS")}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cxrtune.cli", "serve", "--haproxy", "--bundle",
+                                 str(phantom_bundle), "--config", str(config)], preexec_fn=ctrl_c_reaches_it,
+                                stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", proc, log)
+        front = listener(port)
+        assert front is not None and front.name() == "haproxy", (front and front.cmdline(), log.read_text()[-3000:])
+        made = next(line for line in log.read_text().splitlines() if line.startswith("API key for this run"))
+        png = sorted((phantom_dir / "images").iterdir())[1].read_bytes()
+        assert requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60).status_code == 401
+        r = requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60,
+                          headers={"X-API-Key": made.rsplit(" ", 1)[1]})
+        assert r.status_code == 200 and r.json()["status"] in ("scored", "partial", "unscored"), r.text
+        assert r.json()["timings_ms"]["total"] > 0 and r.json()["models"]["lung"].startswith("FPN/resnet18")
+    finally:
+        stop_with_ctrl_c(proc)
+    deadline = time.time() + 30
+    while listener(port) is not None and time.time() < deadline:
+        time.sleep(1)
+    assert listener(port) is None
+
+
+def test_haproxy_refuses_tls_and_a_missing_binary(monkeypatch):
+    """Ray's HAProxy frontend speaks plain HTTP: a configured certificate is refused, not dropped."""
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.serving.deploy import haproxy_env
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/usr/sbin/haproxy")
+    assert haproxy_env({"host": "127.0.0.1"})["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    with pytest.raises(CxrtuneError, match="plain HTTP"):
+        haproxy_env({"ssl_certfile": "/etc/cert.pem", "ssl_keyfile": "/etc/key.pem"})
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(CxrtuneError, match="apt install haproxy"):
+        haproxy_env({})
+
+
 @pytest.mark.slow
 def test_serve_run_deploys_the_shipped_cpu_config(phantom_bundle, phantom_dir, tmp_path):
     """Ray Serve's own `serve run` with serve/config.cpu.yaml (bundle and port changed, nothing
