@@ -392,8 +392,8 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
 
     port = free_port()
     http = HTTPOptions(host="127.0.0.1", port=port)
-    if haproxy:
-        os.environ.update(haproxy_env(http))  # before Ray starts: its processes inherit it
+    front = haproxy_env(http) if haproxy else {}
+    os.environ.update(front)  # before Ray starts: its processes inherit it
     ray.init(address="local" if haproxy else None, num_cpus=2, include_dashboard=False)
     serve.start(http_options=http)
     url = f"http://127.0.0.1:{port}"
@@ -429,6 +429,8 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     finally:
         serve.shutdown()
         ray.shutdown()
+        if front:
+            shutil.rmtree(front["CXRTUNE_HAPROXY_DIR"], ignore_errors=True)
     pairs = [b / a for a, b in zip(rates["handpicked"], rates["fast"])]
     def medians(rows: list[dict], digits: int) -> dict:
         return {k: round(float(np.median([r[k] for r in rows])), digits) if isinstance(rows[0][k], float) else rows[0][k]
