@@ -394,8 +394,6 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     http = HTTPOptions(host="127.0.0.1", port=port)
     front = haproxy_env(http) if haproxy else {}
     os.environ.update(front)  # before Ray starts: its processes inherit it
-    ray.init(address="local" if haproxy else None, num_cpus=2, include_dashboard=False)
-    serve.start(http_options=http)
     url = f"http://127.0.0.1:{port}"
     stage = {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}
     deployments = {"Ingress": {"num_replicas": ingress_replicas, "max_ongoing_requests": 64, "max_queued_requests": 256,
@@ -407,6 +405,8 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     cpu_ms: dict = {"handpicked": [], "fast": []}
     batch = served_batch()
     try:
+        ray.init(address="local" if haproxy else None, num_cpus=2, include_dashboard=False)
+        serve.start(http_options=http)
         for name in ["handpicked", "fast"] * 4:
             settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": batch, "batch_wait_timeout_s": 0.02,
                         "device": "cpu", "runtime": "onnx-int8", "threads": 1, "auth": "none",
@@ -427,8 +427,9 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
             steps_cpu[name].append(served_steps_cpu(bundles_made[name]["bundle"], payloads))
         floor = serve_floor(url, payloads, duration, concurrency)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
         if front:
             shutil.rmtree(front["CXRTUNE_HAPROXY_DIR"], ignore_errors=True)
     pairs = [b / a for a, b in zip(rates["handpicked"], rates["fast"])]

