@@ -375,7 +375,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     """Served end-to-end images/s, hand-picked (A) and fast (B) bundles interleaved A-B-A-B twice
     on one Serve instance (the same deployments as bench/serve_cpu.py, or with
     ``stages_in_ingress`` the ingress alone, running both networks; ``ingress_replicas`` of it;
-    with ``haproxy``, HAProxy in front: :func:`cxrtune.serving.deploy.haproxy_env`).
+    with ``haproxy``, HAProxy in front: :func:`cxrtune.serving.deploy.haproxy_front`).
     After each loaded run: the per-step timings of single unloaded requests and the bound's CPU
     work (:func:`served_steps_cpu`): the bound from their medians (``bound``), and each run against
     its own (``per_run``). Each loaded run's CPU is read per process (:func:`cpu_seconds_by_process`)
@@ -388,12 +388,12 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     from serve_load import free_port
 
     from cxrtune.serving.app import application as build_app
-    from cxrtune.serving.deploy import haproxy_env
+    from cxrtune.serving.deploy import haproxy_front
 
     port = free_port()
     http = HTTPOptions(host="127.0.0.1", port=port)
-    front = haproxy_env(http) if haproxy else {}
-    os.environ.update(front)  # before Ray starts: its processes inherit it
+    front = haproxy_front(http) if haproxy else None
+    os.environ.update(front.env if front else {})  # before Ray starts: its processes inherit it
     url = f"http://127.0.0.1:{port}"
     stage = {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}
     deployments = {"Ingress": {"num_replicas": ingress_replicas, "max_ongoing_requests": 64, "max_queued_requests": 256,
@@ -427,11 +427,11 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
             steps_cpu[name].append(served_steps_cpu(bundles_made[name]["bundle"], payloads))
         floor = serve_floor(url, payloads, duration, concurrency)
     finally:
-        if ray.is_initialized():
+        if front:
+            front.stop()
+        elif ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
-        if front:
-            shutil.rmtree(front["CXRTUNE_HAPROXY_DIR"], ignore_errors=True)
     pairs = [b / a for a, b in zip(rates["handpicked"], rates["fast"])]
     def medians(rows: list[dict], digits: int) -> dict:
         return {k: round(float(np.median([r[k] for r in rows])), digits) if isinstance(rows[0][k], float) else rows[0][k]

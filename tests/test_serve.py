@@ -172,15 +172,15 @@ def test_haproxy_is_refused_where_it_would_drop_tls_or_the_client_address():
     from ray.serve.config import HTTPOptions
 
     from cxrtune.errors import CxrtuneError
-    from cxrtune.serving.deploy import haproxy_env
+    from cxrtune.serving.deploy import haproxy_front
 
     with pytest.raises(CxrtuneError, match="plain HTTP"):
-        haproxy_env(HTTPOptions(host="127.0.0.1", ssl_certfile="/etc/cert.pem", ssl_keyfile="/etc/key.pem"))
+        haproxy_front(HTTPOptions(host="127.0.0.1", ssl_certfile="/etc/cert.pem", ssl_keyfile="/etc/key.pem"))
     for host in ("0.0.0.0", "10.1.2.3", "localhost", "::1"):  # Ray's HAProxy reaches replicas on 127.0.0.1
         with pytest.raises(CxrtuneError, match="127.0.0.1 only"):
-            haproxy_env(HTTPOptions(host=host))
-    env = haproxy_env(HTTPOptions(host="127.0.0.1"))
-    private = Path(env["CXRTUNE_HAPROXY_DIR"])
+            haproxy_front(HTTPOptions(host=host))
+    front = haproxy_front(HTTPOptions(host="127.0.0.1"))
+    env, private = front.env, front.folder
     try:
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and private.stat().st_mode & 0o777 == 0o700
         assert all(Path(env[k]).parent == private for k in ("RAY_SERVE_HAPROXY_SOCKET_PATH",

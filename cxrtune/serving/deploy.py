@@ -12,6 +12,7 @@ import signal
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -203,14 +204,42 @@ def http_options(http: dict) -> HTTPOptions:
         raise CxrtuneError(f"bad http_options in the Serve config: {exc}") from None
 
 
-def haproxy_env(http: HTTPOptions) -> dict[str, str]:
-    """The environment that makes Ray Serve (2.56 and later) answer HTTP with HAProxy, which hands
-    each request to an ingress replica's own HTTP server ("direct ingress"), in place of Serve's
-    Python proxy and the Ray call from it to the replica: on a 2-core node about 50 % more images/s
-    (docs/serving.md). Set it before Ray starts: every Serve process reads it once. HAProxy's
-    files go to a new directory only this user can enter (``CXRTUNE_HAPROXY_DIR`` in the result;
-    the caller removes it): Ray's default is a shared /tmp folder, and its admin socket there is
-    world-writable.
+@dataclass(frozen=True)
+class HAProxyFront:
+    """HAProxy in front of Serve's ingress on this machine (:func:`haproxy_front`), its files in
+    ``folder``, which only this user can enter."""
+
+    folder: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What Ray's processes must start with: every Serve process reads it once."""
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(self.folder / "haproxy.cfg"),
+                "RAY_SERVE_HAPROXY_SOCKET_PATH": str(self.folder / "admin.sock"),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(self.folder),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(self.folder / "server-state"),
+                "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(self.folder / "metrics.sock")}
+
+    def stop(self) -> None:
+        """Stop Serve (and so HAProxy, its manager's child) and this process's Ray instance, then
+        remove the folder: HAProxy's manager writes there until it stops."""
+        import ray
+
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):  # not started yet, or already shut down
+                serve.shutdown()
+            ray.shutdown()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def haproxy_front(http: HTTPOptions) -> HAProxyFront:
+    """HAProxy to answer HTTP for Ray Serve (2.56 and later), handing each request to an ingress
+    replica's own HTTP server ("direct ingress"), in place of Serve's Python proxy and the Ray call
+    from it to the replica: on a 2-core node about 50 % more images/s (docs/serving.md). Its files
+    go to a new folder only this user can enter: Ray's default is a shared /tmp folder, and its
+    admin socket there is world-writable. Put :attr:`HAProxyFront.env` in the environment before
+    Ray starts, and :meth:`HAProxyFront.stop` it.
 
     Raises:
         CxrtuneError: TLS in ``http_options`` (Ray's HAProxy frontend speaks plain HTTP, so the
@@ -242,12 +271,7 @@ def haproxy_env(http: HTTPOptions) -> dict[str, str]:
         private.rmdir()
         raise CxrtuneError(f"--haproxy: the temporary folder {private.parent} is too long a path for HAProxy's "
                            "sockets: set TMPDIR to a short one, such as /tmp")
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "CXRTUNE_HAPROXY_DIR": str(private),
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(private / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(private / "admin.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(private),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(private / "server-state"),
-            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(private / "metrics.sock")}
+    return HAProxyFront(private)
 
 
 def _interrupt(signum, frame) -> None:
@@ -257,13 +281,12 @@ def _interrupt(signum, frame) -> None:
 def run_local(bundle: str, config: str, host: str | None = None, port: int | None = None,
               blocking: bool = True, haproxy: bool = False):
     """Start Ray (if needed) and Serve, and deploy the scorer (``cxrtune serve``); with
-    ``haproxy``, a Ray instance of its own whose HTTP front is HAProxy (:func:`haproxy_env`),
-    stopped and its files removed when ``blocking`` ends (a non-blocking caller stops it, and
-    may remove ``os.environ["CXRTUNE_HAPROXY_DIR"]``).
+    ``haproxy``, a Ray instance of its own whose HTTP front is HAProxy (:func:`haproxy_front`),
+    stopped and its files removed when ``blocking`` ends (a non-blocking caller stops it).
 
     Raises:
         CxrtuneError: ``haproxy`` in a process that already runs Ray (the setting would not
-            reach it), and :func:`haproxy_env`'s refusals."""
+            reach it), and :func:`haproxy_front`'s refusals."""
     import ray
 
     http, args, deployments = load_config(config, bundle)
@@ -274,10 +297,10 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
     options = http_options(http)  # the host Serve will use, defaults resolved
     if haproxy and ray.is_initialized():
         raise CxrtuneError("--haproxy needs a Ray instance of its own: this process already runs one")
-    front = haproxy_env(options) if haproxy else {}
-    running = started = False
+    front = haproxy_front(options) if haproxy else None
+    running = False
     try:
-        os.environ.update(front)
+        os.environ.update(front.env if front else {})
         local_key(args, str(options.host))  # None (no HTTP at all) counts as not loopback
         app = application(args, deployments)
         init_ray(dashboard=True, new_instance=haproxy)  # the dashboard: `serve status` and `serve deploy` answer
@@ -287,19 +310,14 @@ def run_local(bundle: str, config: str, host: str | None = None, port: int | Non
                        "Use a config that fits this machine (serve/config.cpu.yaml without a GPU), "
                        f"or deploy on a cluster; {config} sets it.")
         serve.start(http_options=options)
-        started = True
         handle = serve.run(app, name="cxrtune", route_prefix="/", blocking=False)
         running = not blocking
         if blocking:
             _serve_until_interrupted(options, haproxy)
         return handle
     finally:
-        if front and not running:  # its own instance: stopped first, or HAProxy's manager writes there as it goes
-            if started:  # interrupted while deploying: Serve stops HAProxy, its manager's child
-                with contextlib.suppress(Exception):
-                    serve.shutdown()
-            ray.shutdown()
-            shutil.rmtree(front["CXRTUNE_HAPROXY_DIR"], ignore_errors=True)
+        if front and not running:  # stopped, or interrupted while starting: its own instance and files go
+            front.stop()
 
 
 def _serve_until_interrupted(options: HTTPOptions, haproxy: bool) -> None:
