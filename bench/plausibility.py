@@ -17,6 +17,13 @@ scoring policy does (decoded by ``load_scan`` at the working size, cleaned lungs
   film) and cut to one lung stretched to the full width (a proxy for a lateral film: no lateral
   CXR is in the data).
 
+With ``--ct VOLUME.nrrd ...`` (chest CTs, e.g. ``data/lung1_image.nrrd`` and ``lung2_image.nrrd``
+of pyradiomics' source distribution on PyPI, ``pyradiomics-3.1.0.tar.gz``; reading them needs
+``pip install pynrrd``) it also projects each CT into radiographs (``ct_projections``): the
+frontal view (PA, 0 degrees), obliques and the lateral (90 degrees), from a real thorax. The
+frontal projections are the control: a check that refused them would be refusing projections,
+not views.
+
 The thresholds come from other images: ``--calibration-images`` of COVID-QU-Ex's Train part
 (every k-th), whose measurement quantiles are printed under ``calibration`` (docs/scoring.md says
 how each threshold follows from them). The appearance model is fitted on the same images, by
@@ -124,6 +131,36 @@ def hostile_sets(data: Path, real: dict[str, list[bytes]], per_case: int) -> dic
             "lateral-proxy": [encode_png(lateral_proxy(im)) for im in pick]}
 
 
+CT_ANGLES = (0, 15, 30, 45, 60, 75, 90, -90)  # about the long axis: 0 = PA, 90 and -90 = laterals (mirror images)
+
+
+def ct_projections(path: Path, angles: tuple[int, ...] = CT_ANGLES) -> dict[int, bytes]:
+    """Radiographs projected from a chest CT (a digitally reconstructed radiograph, parallel rays):
+    the CT turned by each angle about its long axis, attenuation (HU over water) summed along the
+    beam, each row and column at the CT's in-plane spacing, windowed from the 1st to the 99.5th
+    percentile, bone bright; the patient's right on the image's left, the head at the top. Only
+    the bench needs it, and no library here makes one from a CT.
+
+    Returns:
+        PNG bytes per angle."""
+    import nrrd
+    from scipy.ndimage import rotate
+
+    volume, header = nrrd.read(str(path))  # (x: to the left, y: to the back, z: to the head), LPS
+    spacing = np.abs(np.diag(np.asarray(header["space directions"], float)))
+    mu = np.clip(volume.astype(np.float32), -1000, 3000) / 1000 + 1  # linear attenuation over water's
+    out = {}
+    for angle in angles:
+        turned = rotate(mu, angle, axes=(0, 1), reshape=False, order=1, cval=0.0) if angle else mu
+        line = turned.sum(axis=1) * spacing[1]  # along the beam (y: back to front): rows x, columns z
+        image = line.T[::-1]  # the head at the top
+        rows = int(round(image.shape[0] * spacing[2] / spacing[0]))
+        image = cv2.resize(image, (image.shape[1], rows), interpolation=cv2.INTER_LINEAR)
+        lo, hi = np.percentile(image, [1, 99.5])
+        out[angle] = encode_png((255 * np.clip((image - lo) / (hi - lo), 0, 1)).astype(np.uint8))
+    return out
+
+
 def stage_one(scorer, files: list[bytes]) -> list[tuple[str, None] | tuple[np.ndarray, np.ndarray]]:
     """(working image, cleaned lungs) per file, or (why the input rules refused it, None)."""
     out: list = []
@@ -187,6 +224,7 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("CXRTUNE_SHARED_DATA", "../shared/data"))
     ap.add_argument("--per-case", type=int, default=50)
     ap.add_argument("--calibration-images", type=int, default=1000, help="COVID-QU-Ex Train images the thresholds come from")
+    ap.add_argument("--ct", nargs="*", type=Path, default=[], help="chest CT volumes (NRRD) to project into radiographs")
     args = ap.parse_args()
     data = Path(args.data)
     scorer = load_bundle(args.bundle, stages=("lung",), batch_size=8, device="cpu")
@@ -214,6 +252,14 @@ def main() -> None:
         seen = stage_one(scorer, files)
         report["not_cxr"][name] = {**summary(run(seen, check)),
                                    "ranges_only_rate": summary(run(seen, DEFAULT_CHECK))["rate"]}
+    if args.ct:
+        projected = {path.name: ct_projections(path) for path in args.ct}
+        report["ct_projections"] = {}
+        for angle in CT_ANGLES:
+            results = run(stage_one(scorer, [views[angle] for views in projected.values()]), check)
+            report["ct_projections"][f"{angle}_degrees"] = {
+                **summary(results), "per_volume": {name: reason or "scored" for name, (reason, _) in zip(projected, results)},
+                "measurements": [m for _, m in results]}
     report["real_measurements"] = quantiles_of(measured)
     report["twelve_bit_png"] = bit_depth(args.bundle, real["covid-qu-ex-val"], args.per_case)
     n = sum(v["images"] for v in report["real"].values())
