@@ -246,6 +246,10 @@ def main() -> None:
         seen = stage_one(scorer, files)
         results = run(seen, check)
         measured += [m for _, m in results if m]
+        if appearance is not None:
+            measured_appearance = [dict(zip(("residual", "distance"), appearance.distances(appearance_vector(image, lung))))
+                                   for image, lung in seen if lung is not None and has_lungs(lung)]
+            report.setdefault("real_appearance", []).extend(measured_appearance)
         report["real"][name] = {**summary(results), "ranges_only": summary(run(seen, DEFAULT_CHECK))["refused"],
                                 "refused_examples": [r for r, _ in results if r][:5]}
     for name, files in hostile_sets(data, real, args.per_case).items():
@@ -256,11 +260,17 @@ def main() -> None:
         projected = {path.name: ct_projections(path) for path in args.ct}
         report["ct_projections"] = {}
         for angle in CT_ANGLES:
-            results = run(stage_one(scorer, [views[angle] for views in projected.values()]), check)
+            seen = stage_one(scorer, [views[angle] for views in projected.values()])
+            results = run(seen, check)
+            # how far inside or outside the appearance model's two limits each projection lies
+            margins = [None if lung is None or not has_lungs(lung) or appearance is None else
+                       dict(zip(("residual", "distance"), np.round(appearance.distances(appearance_vector(image, lung)), 3)))
+                       for image, lung in seen]
             report["ct_projections"][f"{angle}_degrees"] = {
                 **summary(results), "per_volume": {name: reason or "scored" for name, (reason, _) in zip(projected, results)},
-                "measurements": [m for _, m in results]}
+                "appearance": margins, "measurements": [m for _, m in results]}
     report["real_measurements"] = quantiles_of(measured)
+    report["real_appearance"] = quantiles_of(report.get("real_appearance", []))
     report["twelve_bit_png"] = bit_depth(args.bundle, real["covid-qu-ex-val"], args.per_case)
     n = sum(v["images"] for v in report["real"].values())
     refused = sum(v["refused"] for v in report["real"].values())
