@@ -183,7 +183,7 @@ def main() -> None:
 
         bundle = str(random_bundle(out, QUICK_PAIR))
     os.environ["CXRTUNE_API_KEY"] = KEY
-    ray.init(num_cpus=2, include_dashboard=False)
+    session_dir = Path(ray.init(num_cpus=2, include_dashboard=False).address_info["session_dir"])
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
@@ -294,8 +294,12 @@ def main() -> None:
     record("normal_beside_6_trickling_clients", "request", [c for c, _ in beside], [s for _, s in beside], [])
     record("trickling_clients_6", "slow", [c for c, _ in trickling], [s for _, s in trickling], [])
 
-    logs = list(Path("/tmp/ray/session_latest/logs/serve").glob("*")) if Path("/tmp/ray").exists() else []
-    in_logs = any(SECRET.encode() in p.read_bytes() or b"MRN123" in p.read_bytes() for p in logs if p.is_file())
+    # this instance's own session, not whatever /tmp/ray/session_latest names; no log read is an error,
+    # not a pass
+    logs = [p for p in (session_dir / "logs" / "serve").glob("*") if p.is_file()]
+    if not logs:
+        raise SystemExit(f"no Serve log under {session_dir}: the no-identifier-in-the-logs check would read nothing")
+    in_logs = any(SECRET.encode() in p.read_bytes() or b"MRN123" in p.read_bytes() for p in logs)
     in_tmp = any(b"MRN123" in p.read_bytes() for p in Path(tempfile.gettempdir()).glob("tmp*")
                  if p.is_file() and p.stat().st_size < 200_000_000)
     serve.shutdown()
