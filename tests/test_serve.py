@@ -113,8 +113,9 @@ def listeners() -> dict[int, psutil.Process]:
 def test_cxrtune_serve_with_haproxy_in_front(phantom_bundle, phantom_dir, tmp_path):
     """`cxrtune serve --haproxy`: HAProxy, not Serve's proxy, holds the port and hands requests to
     the ingress replica's own HTTP server on 127.0.0.1; its files are in a directory only this user
-    enters; the app behind it is the same (key, record), and its key check's lock-out goes by the
-    address a proxy on this host forwards; Ctrl-C stops HAProxy and removes its files."""
+    enters; the app behind it is the same (key, record, upload limits: a chunked body over the cap
+    refused early, trickling clients cut off while others are scored), and its key check's lock-out
+    goes by the address a proxy on this host forwards; Ctrl-C stops HAProxy and removes its files."""
     from tests.conftest import shipped_cpu_config
 
     config, port = shipped_cpu_config(tmp_path, phantom_bundle)
@@ -156,6 +157,24 @@ def test_cxrtune_serve_with_haproxy_in_front(phantom_bundle, phantom_dir, tmp_pa
         assert codes[:20] == [401] * 20 and codes[20] == 429, codes
         assert requests.post(url, data=b"x", timeout=60, headers={"X-API-Key": "wrong-key-0123456789",
                                                                   "X-Forwarded-For": "203.0.113.8"}).status_code == 401
+        # the app's limits hold behind HAProxy: refused early, never a 5xx
+        assert post(url, png[:200], key=key).status_code == 422
+        assert post(url, png_claiming(50_000, 50_000), key=key).status_code == 413
+        server = f"http://127.0.0.1:{port}"
+        over = RawPost(server, "/v1/score", {"Transfer-Encoding": "chunked", "Content-Type": "image/png"}, key=key)
+        block = b"\x89PNG" * (256 * 1024 // 4)
+        while over.sent < 160_000_000 and over.send(f"{len(block):x}\r\n".encode() + block + b"\r\n"):
+            pass
+        assert over.status() == 413 and over.sent < 128_000_000, over.sent  # the shipped limit is 64 MB
+        tricklers = [RawPost(server, "/v1/score", {"Content-Type": "image/png", "Content-Length": str(len(png))},
+                             key=key) for _ in range(3)]
+        scored, start = [], time.time()
+        while time.time() - start < 8:  # past the 5 s grace, far below the 64 kB/s floor
+            for t in tricklers:
+                t.send(png[t.sent:t.sent + 10])
+            scored.append(post(url, png, key=key).status_code)
+        assert scored and set(scored) == {200}, scored
+        assert [t.status() for t in tricklers] == [408] * 3
     finally:
         stop_with_ctrl_c(proc)
     deadline = time.time() + 30
@@ -653,12 +672,12 @@ class RawPost:
     """A POST over a plain socket, sent at the pace the test chooses; it stops sending as soon as
     the server answers (a server that refuses early answers before the body is all sent)."""
 
-    def __init__(self, server: str, path: str, headers: dict):
+    def __init__(self, server: str, path: str, headers: dict, key: str = KEY):
         import socket
 
         host, port = server.removeprefix("http://").split(":")
         self.sock = socket.create_connection((host, int(port)), timeout=60)
-        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "127.0.0.1", "X-API-Key": KEY, **headers}.items())
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "127.0.0.1", "X-API-Key": key, **headers}.items())
         self.sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
         self.sent = 0
 
