@@ -8,7 +8,7 @@ refusals do not depend on the weights), sends each case below over real HTTP and
 the HTTP codes, the seconds of the slowest answer and the ingress replica's RSS and USS (RSS less
 shared pages such as the object store's) after it, then a summary against the targets: no 5xx,
 nothing unanswered, every bomb refused in <= 1 s, no case over 2 s, ingress RSS growth <= 200 MB,
-and the planted patient name in no response, no Serve log and no temporary file. Prints one JSON object.
+and the planted patient name in no response, no log of the Ray session and no temporary file. Prints one JSON object.
 
 Cases: decompression bombs (Deflated DICOM of zeros, a JPEG 2000 frame larger than its header,
 a 16-bit RGBA PNG, a PNG header of 40,000 x 40,000), multi-frame and colour multi-frame DICOM,
@@ -294,16 +294,14 @@ def main() -> None:
     record("normal_beside_6_trickling_clients", "request", [c for c, _ in beside], [s for _, s in beside], [])
     record("trickling_clients_6", "slow", [c for c, _ in trickling], [s for _, s in trickling], [])
 
-    # this instance's own session, not whatever /tmp/ray/session_latest names; no log read is an error,
-    # not a pass
-    logs = [p for p in (session_dir / "logs" / "serve").glob("*") if p.is_file()]
-    if not logs:
-        raise SystemExit(f"no Serve log under {session_dir}: the no-identifier-in-the-logs check would read nothing")
+    serve.shutdown()  # first: buffered request logs are flushed, and the files stay in the session folder
+    ray.shutdown()
+    # every log of this instance's own session (not whatever /tmp/ray/session_latest names): the
+    # replicas' stdout and stderr (worker-*.out/.err) as well as Serve's own files
+    logs = [p for p in (session_dir / "logs").rglob("*") if p.is_file() and p.stat().st_size < 200_000_000]
     in_logs = any(SECRET.encode() in p.read_bytes() or b"MRN123" in p.read_bytes() for p in logs)
     in_tmp = any(b"MRN123" in p.read_bytes() for p in Path(tempfile.gettempdir()).glob("tmp*")
                  if p.is_file() and p.stat().st_size < 200_000_000)
-    serve.shutdown()
-    ray.shutdown()
 
     timed = {k: v for k, v in report.items() if v["kind"] not in ("slow", "burst")}
     summary = {
@@ -316,12 +314,13 @@ def main() -> None:
         "rss_growth_mb": round(max(v["rss_mb"] for v in report.values()) - rss0, 1),
         "uss_growth_mb": round(max(v["uss_mb"] for v in report.values()) - uss0, 1),
         "secret_in_responses": any(v["secret_echoed"] for v in report.values()),
-        "secret_in_serve_logs": in_logs, "secret_in_temporary_files": in_tmp,
+        "ray_logs_read": len(logs), "secret_in_ray_logs": in_logs, "secret_in_temporary_files": in_tmp,
     }
     summary["meets_targets"] = (summary["5xx"] <= TARGETS["max_5xx"] and summary["unanswered"] <= TARGETS["max_unanswered"]
                                 and summary["slowest_bomb_s"] <= TARGETS["bomb_s"] and summary["worst_s"] <= TARGETS["worst_s"]
                                 and summary["rss_growth_mb"] <= TARGETS["rss_growth_mb"]
-                                and not (summary["secret_in_responses"] or in_logs or in_tmp))
+                                and not (summary["secret_in_responses"] or in_logs or in_tmp)
+                                and len(logs) > 0)  # no log read would be no check, not a pass
     print(json.dumps({"targets": TARGETS, "ingress_rss_start_mb": rss0, "ingress_uss_start_mb": uss0, "cases": report,
                       "summary": summary}, indent=1))
 

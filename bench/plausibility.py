@@ -57,7 +57,7 @@ from pydicom.data import get_testdata_file
 
 from cxrtune.errors import CxrtuneError
 from cxrtune.images import encode_png
-from cxrtune.preprocessing import load_scan
+from cxrtune.preprocessing import load_scan, to_uint8
 from cxrtune.scoring.plausibility import (
     DEFAULT_CHECK,
     DEFAULT_RULE,
@@ -147,7 +147,12 @@ def ct_projections(path: Path, angles: tuple[int, ...] = CT_ANGLES) -> dict[int,
     from scipy.ndimage import rotate
 
     volume, header = nrrd.read(str(path))  # (x: to the left, y: to the back, z: to the head), LPS
-    spacing = np.abs(np.diag(np.asarray(header["space directions"], float)))
+    directions = np.asarray(header["space directions"], float)
+    spacing = np.diag(directions)
+    if (header.get("space") != "left-posterior-superior" or not np.allclose(directions, np.diag(spacing))
+            or (spacing <= 0).any() or not np.isclose(spacing[0], spacing[1])):
+        raise ValueError(f"{path}: an axial LPS volume with square pixels is needed, not {header.get('space')} "
+                         f"with directions {directions.tolist()}")
     mu = np.clip(volume.astype(np.float32), -1000, 3000) / 1000 + 1  # linear attenuation over water's
     out = {}
     for angle in angles:
@@ -157,8 +162,16 @@ def ct_projections(path: Path, angles: tuple[int, ...] = CT_ANGLES) -> dict[int,
         rows = int(round(image.shape[0] * spacing[2] / spacing[0]))
         image = cv2.resize(image, (image.shape[1], rows), interpolation=cv2.INTER_LINEAR)
         lo, hi = np.percentile(image, [1, 99.5])
-        out[angle] = encode_png((255 * np.clip((image - lo) / (hi - lo), 0, 1)).astype(np.uint8))
+        out[angle] = encode_png(to_uint8(np.clip((image - lo) / (hi - lo), 0, 1)))
     return out
+
+
+def appearance_margins(appearance, seen: list) -> list[dict | None]:
+    """The appearance model's (residual, distance) of each (image, lungs) Stage I saw; None where it
+    found no lungs."""
+    return [None if lung is None or not has_lungs(lung) else
+            dict(zip(("residual", "distance"), np.round(appearance.distances(appearance_vector(image, lung)), 3)))
+            for image, lung in seen]
 
 
 def stage_one(scorer, files: list[bytes]) -> list[tuple[str, None] | tuple[np.ndarray, np.ndarray]]:
@@ -242,14 +255,13 @@ def main() -> None:
                              "source": "COVID-QU-Ex Train, every k-th image", **quantiles_of(calibration),
                              "appearance": appearance.summary() if appearance else None}
     measured: list[dict] = []
+    real_margins: list[dict] = []
     for name, files in real.items():
         seen = stage_one(scorer, files)
         results = run(seen, check)
         measured += [m for _, m in results if m]
         if appearance is not None:
-            measured_appearance = [dict(zip(("residual", "distance"), appearance.distances(appearance_vector(image, lung))))
-                                   for image, lung in seen if lung is not None and has_lungs(lung)]
-            report.setdefault("real_appearance", []).extend(measured_appearance)
+            real_margins += [m for m in appearance_margins(appearance, seen) if m]
         report["real"][name] = {**summary(results), "ranges_only": summary(run(seen, DEFAULT_CHECK))["refused"],
                                 "refused_examples": [r for r, _ in results if r][:5]}
     for name, files in hostile_sets(data, real, args.per_case).items():
@@ -262,15 +274,17 @@ def main() -> None:
         for angle in CT_ANGLES:
             seen = stage_one(scorer, [views[angle] for views in projected.values()])
             results = run(seen, check)
-            # how far inside or outside the appearance model's two limits each projection lies
-            margins = [None if lung is None or not has_lungs(lung) or appearance is None else
-                       dict(zip(("residual", "distance"), np.round(appearance.distances(appearance_vector(image, lung)), 3)))
-                       for image, lung in seen]
+            # how far inside or outside the appearance model's limits each projection lies, and how
+            # many real CXRs lie as far out (no residual limit can refuse one and score those)
+            margins = appearance_margins(appearance, seen) if appearance is not None else []
             report["ct_projections"][f"{angle}_degrees"] = {
                 **summary(results), "per_volume": {name: reason or "scored" for name, (reason, _) in zip(projected, results)},
-                "appearance": margins, "measurements": [m for _, m in results]}
+                "appearance": margins,
+                "real_cxrs_with_a_residual_as_large": [None if m is None else sum(r["residual"] >= m["residual"]
+                                                                                   for r in real_margins) for m in margins],
+                "measurements": [m for _, m in results]}
     report["real_measurements"] = quantiles_of(measured)
-    report["real_appearance"] = quantiles_of(report.get("real_appearance", []))
+    report["real_appearance"] = quantiles_of(real_margins)
     report["twelve_bit_png"] = bit_depth(args.bundle, real["covid-qu-ex-val"], args.per_case)
     n = sum(v["images"] for v in report["real"].values())
     refused = sum(v["refused"] for v in report["real"].values())
