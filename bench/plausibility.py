@@ -280,8 +280,8 @@ def main() -> None:
             report["ct_projections"][f"{angle}_degrees"] = {
                 **summary(results), "per_volume": {name: reason or "scored" for name, (reason, _) in zip(projected, results)},
                 "appearance": margins,
-                "real_cxrs_with_a_residual_as_large": [None if m is None else sum(r["residual"] >= m["residual"]
-                                                                                   for r in real_margins) for m in margins],
+                "real_cxrs_with_a_residual_as_large": [None if m is None else int(sum(r["residual"] >= m["residual"]
+                                                                                       for r in real_margins)) for m in margins],
                 "measurements": [m for _, m in results]}
     report["real_measurements"] = quantiles_of(measured)
     report["real_appearance"] = quantiles_of(real_margins)
