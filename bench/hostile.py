@@ -1,6 +1,6 @@
 """What hostile input costs the CPU scorer (issue 21, item 10).
 
-    python bench/hostile.py [--bundle B] [--out /tmp/cxrtune-hostile]
+    python bench/hostile.py [--bundle B] [--out /tmp/cxrtune-hostile] [--haproxy]
 
 Starts the scorer in-process on 127.0.0.1 (Ray Serve, one ingress and one replica per stage, an
 API key, ``max_in_flight`` 4) with ``--bundle`` or a bundle of tiny random networks (speed and
@@ -9,6 +9,8 @@ the HTTP codes, the seconds of the slowest answer and the ingress replica's RSS 
 shared pages such as the object store's) after it, then a summary against the targets: no 5xx,
 nothing unanswered, every bomb refused in <= 1 s, no case over 2 s, ingress RSS growth <= 200 MB,
 and the planted patient name in no response, no log of the Ray session and no temporary file. Prints one JSON object.
+``--haproxy`` puts HAProxy in front, as ``cxrtune serve --haproxy`` does: each body then goes
+from HAProxy to the ingress replica's own HTTP server, not through Serve's proxy and the object store.
 
 Cases: decompression bombs (Deflated DICOM of zeros, a JPEG 2000 frame larger than its header,
 a 16-bit RGBA PNG, a PNG header of 40,000 x 40,000), multi-frame and colour multi-frame DICOM,
@@ -165,16 +167,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", help="a bundle to serve (default: tiny random networks)")
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="cxrtune-hostile-"))
+    ap.add_argument("--haproxy", action="store_true", help="HAProxy in front of the ingress (cxrtune serve --haproxy)")
     args = ap.parse_args()
 
+    import atexit
     import os
 
     import ray
     from ray import serve
+    from ray.serve.config import HTTPOptions
 
     from cxrtune.data.phantom import make_phantom
     from cxrtune.images import encode_png
     from cxrtune.serving.app import application
+    from cxrtune.serving.deploy import haproxy_front
 
     out = Path(args.out)
     bundle = args.bundle
@@ -183,9 +189,15 @@ def main() -> None:
 
         bundle = str(random_bundle(out, QUICK_PAIR))
     os.environ["CXRTUNE_API_KEY"] = KEY
-    session_dir = Path(ray.init(num_cpus=2, include_dashboard=False).address_info["session_dir"])
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
+    http = HTTPOptions(host="127.0.0.1", port=port, request_timeout_s=30)
+    front = haproxy_front(http) if args.haproxy else None
+    if front:
+        os.environ.update(front.env)  # before Ray starts: its processes inherit it
+        atexit.register(front.stop)  # its private folder goes however the run ends
+    session_dir = Path(ray.init(address="local" if front else None, num_cpus=2,
+                                include_dashboard=False).address_info["session_dir"])
+    serve.start(http_options=http)
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
     # glibc keeps freed memory in per-thread arenas, and after a large block is freed it raises its
     # mmap threshold, so later large buffers (uploads, decoded frames) land in the heap and stay:
@@ -321,7 +333,8 @@ def main() -> None:
                                 and summary["rss_growth_mb"] <= TARGETS["rss_growth_mb"]
                                 and not (summary["secret_in_responses"] or in_logs or in_tmp)
                                 and len(logs) > 0)  # no log read would be no check, not a pass
-    print(json.dumps({"targets": TARGETS, "ingress_rss_start_mb": rss0, "ingress_uss_start_mb": uss0, "cases": report,
+    print(json.dumps({"targets": TARGETS, "haproxy": args.haproxy, "ingress_rss_start_mb": rss0,
+                      "ingress_uss_start_mb": uss0, "cases": report,
                       "summary": summary}, indent=1))
 
 
