@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import signal
 import socket
 import sys
 import tempfile
@@ -194,9 +195,10 @@ def main() -> None:
     front = haproxy_front(http) if args.haproxy else None
     if front:
         os.environ.update(front.env)  # before Ray starts: its processes inherit it
-        atexit.register(front.stop)  # its private folder goes however the run ends
-    session_dir = Path(ray.init(address="local" if front else None, num_cpus=2,
-                                include_dashboard=False).address_info["session_dir"])
+        atexit.register(front.stop)  # its private folder goes on an error or SIGTERM too (not SIGKILL)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # an instance of its own, never a running cluster
+    session_dir = Path(ray.init(address="local", num_cpus=2, include_dashboard=False).address_info["session_dir"])
     serve.start(http_options=http)
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
     # glibc keeps freed memory in per-thread arenas, and after a large block is freed it raises its
@@ -309,8 +311,10 @@ def main() -> None:
     serve.shutdown()  # first: buffered request logs are flushed, and the files stay in the session folder
     ray.shutdown()
     # every log of this instance's own session (not whatever /tmp/ray/session_latest names): the
-    # replicas' stdout and stderr (worker-*.out/.err) as well as Serve's own files
-    logs = [p for p in (session_dir / "logs").rglob("*") if p.is_file() and p.stat().st_size < 200_000_000]
+    # replicas' stdout and stderr (worker-*.out/.err) as well as Serve's own files; HAProxy's own
+    # files are in its private folder
+    folders = [session_dir / "logs", *([front.folder] if front else [])]
+    logs = [p for folder in folders for p in folder.rglob("*") if p.is_file() and p.stat().st_size < 200_000_000]
     in_logs = any(SECRET.encode() in p.read_bytes() or b"MRN123" in p.read_bytes() for p in logs)
     in_tmp = any(b"MRN123" in p.read_bytes() for p in Path(tempfile.gettempdir()).glob("tmp*")
                  if p.is_file() and p.stat().st_size < 200_000_000)
