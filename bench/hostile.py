@@ -1,6 +1,6 @@
 """What hostile input costs the CPU scorer (issue 21, item 10).
 
-    python bench/hostile.py [--bundle B] [--out /tmp/cxrtune-hostile] [--haproxy]
+    python bench/hostile.py [--bundle B] [--out DIR] [--haproxy]
 
 Starts the scorer in-process on 127.0.0.1 (Ray Serve, one ingress and one replica per stage, an
 API key, ``max_in_flight`` 4) with ``--bundle`` or a bundle of tiny random networks (speed and
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import signal
 import socket
 import sys
@@ -167,7 +168,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", help="a bundle to serve (default: tiny random networks)")
-    ap.add_argument("--out", default=tempfile.mkdtemp(prefix="cxrtune-hostile-"))
+    ap.add_argument("--out", help="where the random bundle goes (default: a temporary folder, removed at exit)")
     ap.add_argument("--haproxy", action="store_true", help="HAProxy in front of the ingress (cxrtune serve --haproxy)")
     args = ap.parse_args()
 
@@ -183,7 +184,9 @@ def main() -> None:
     from cxrtune.serving.app import application
     from cxrtune.serving.deploy import haproxy_front
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cxrtune-hostile-"))
+    if not args.out:
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
     bundle = args.bundle
     if not bundle:
         from serve_gpu import QUICK_PAIR, random_bundle
