@@ -318,7 +318,7 @@ def main() -> None:
     # files are in its private folder
     folders = [session_dir / "logs", *([front.folder] if front else [])]
     logs = [p for folder in folders for p in folder.rglob("*") if p.is_file() and p.stat().st_size < 200_000_000]
-    in_logs = any(SECRET.encode() in p.read_bytes() or b"MRN123" in p.read_bytes() for p in logs)
+    in_logs = any(SECRET.encode() in text or b"MRN123" in text for text in (p.read_bytes() for p in logs))
     in_tmp = any(b"MRN123" in p.read_bytes() for p in Path(tempfile.gettempdir()).glob("tmp*")
                  if p.is_file() and p.stat().st_size < 200_000_000)
 
