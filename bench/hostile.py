@@ -201,7 +201,9 @@ def main() -> None:
         atexit.register(front.stop)  # its private folder goes on an error or SIGTERM too (not SIGKILL)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # an instance of its own, never a running cluster
-    session_dir = Path(ray.init(address="local", num_cpus=2, include_dashboard=False).address_info["session_dir"])
+    from cxrtune.cluster import ray_system_config  # as `cxrtune serve`'s instance
+    session_dir = Path(ray.init(address="local", num_cpus=2, include_dashboard=False,
+                                _system_config=ray_system_config()).address_info["session_dir"])
     serve.start(http_options=http)
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
     # glibc keeps freed memory in per-thread arenas, and after a large block is freed it raises its

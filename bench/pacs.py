@@ -141,7 +141,8 @@ def http(bundle: str, sources) -> dict:
 
     key = "pacs-bench-key-0123456789"
     os.environ["CXRTUNE_API_KEY"] = key
-    ray.init(num_cpus=2, include_dashboard=False)
+    from cxrtune.cluster import ray_system_config  # as `cxrtune serve`'s instance
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _system_config=ray_system_config())
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}

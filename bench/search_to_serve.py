@@ -405,7 +405,8 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     cpu_ms: dict = {"handpicked": [], "fast": []}
     batch = served_batch()
     try:
-        ray.init(address="local" if haproxy else None, num_cpus=2, include_dashboard=False)
+        from cxrtune.cluster import ray_system_config  # as `cxrtune serve`'s instance
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _system_config=ray_system_config())
         serve.start(http_options=http)
         for name in ["handpicked", "fast"] * 4:
             settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": batch, "batch_wait_timeout_s": 0.02,

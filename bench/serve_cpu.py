@@ -153,7 +153,8 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
     from cxrtune.serving.app import application as build_app
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
+        from cxrtune.cluster import ray_system_config  # as `cxrtune serve`'s instance
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _system_config=ray_system_config())
         served.port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": served.port})
     port = served.port

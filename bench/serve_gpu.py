@@ -137,7 +137,8 @@ def main() -> None:
     payloads = collect(args.images)
     files = [f for p in args.images for f in (sorted(Path(p).rglob("*.png")) if Path(p).is_dir() else [Path(p)])]
 
-    ray.init(include_dashboard=False)
+    from cxrtune.cluster import ray_system_config  # as `cxrtune serve`'s instance
+    ray.init(address="local", include_dashboard=False, _system_config=ray_system_config())
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     frac = 1.0 / (2 * args.stage_replicas) if gpu else 0

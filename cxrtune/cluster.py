@@ -48,6 +48,21 @@ def keep_secrets_out_of_trial_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = set(names) - set(SECRETS)
 
 
+INLINE_MESSAGE_BYTES = 128 * 2**20
+
+
+def ray_system_config() -> dict:
+    """The Ray settings of every instance cxrtune starts (a new dict each time: ``ray.init`` adds
+    its own keys to the one it is given). Ray messages up to ``INLINE_MESSAGE_BYTES`` (twice the
+    shipped 64 MB upload cap) travel inline in its calls, not through the shared object store.
+    Serve's proxy hands an upload's body to the ingress replica as the replies of Ray calls;
+    through the object store each large upload left shared pages resident in the replica
+    (bench/hostile.py: RSS growth 175-355 MB), inline it is the replica's private memory, freed
+    after the request (docs/serving.md). cluster.yaml's head command sets the same
+    (``--system-config``); a test keeps the two equal."""
+    return {"max_direct_call_object_size": INLINE_MESSAGE_BYTES, "task_rpc_inlined_bytes_limit": INLINE_MESSAGE_BYTES}
+
+
 def init_ray(num_cpus: int | None = None, dashboard: bool = False, env: dict | None = None,
              new_instance: bool = False) -> None:
     """Join the cluster that ``RAY_ADDRESS`` or ``ray start`` names, else start a local instance
@@ -56,8 +71,10 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, env: dict | N
     :func:`worker_env` (with ``env``) through the runtime_env, so a trial on another node reads
     the same S3 endpoint and logs to the same W&B project as the driver. ``new_instance`` starts a
     local instance even where ``ray start`` runs one, so that its processes inherit this process's
-    environment (``cxrtune serve --haproxy``)."""
+    environment (``cxrtune serve --haproxy``). An instance it starts gets :func:`ray_system_config`;
+    one that ``ray start`` runs has its own (cluster.yaml sets the same)."""
     import ray
+    from ray._private.services import canonicalize_bootstrap_address
 
     if ray.is_initialized():
         return
@@ -66,8 +83,11 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, env: dict | N
     if os.environ.get("RAY_ADDRESS") and not new_instance:
         ray.init(runtime_env=runtime_env)
     else:
+        # what ray.init(address=None) finds: None starts a new instance, else it joins `ray start`'s
+        # (Ray annotates the argument as str; its docstring and ray.init pass None)
+        starts = new_instance or canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
         ray.init(address="local" if new_instance else None, num_cpus=num_cpus, include_dashboard=dashboard,
-                 log_to_driver=True, runtime_env=runtime_env)
+                 log_to_driver=True, runtime_env=runtime_env, _system_config=ray_system_config() if starts else None)
 
 
 CLUSTER_CONFIG_ENV = "CXRTUNE_CLUSTER_CONFIG"

@@ -5,6 +5,7 @@ for fractional GPUs, run the trials there, and remove the nodes once they sit id
 import contextlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -252,7 +253,8 @@ def test_worker_env_carries_settings_never_secrets(monkeypatch):
 def test_the_head_command_of_cluster_yaml_starts_a_dashboard_that_needs_the_token(tmp_path):
     """cluster.yaml's own head command, run here (ports made free, no autoscaler file, one CPU):
     its dashboard and job API answer 401 without the cluster's token and 200 with it. The token
-    is where `ray get-auth-token --generate` puts it and file_mounts copies it from."""
+    is where `ray get-auth-token --generate` puts it and file_mounts copies it from. Its Ray
+    settings are a local instance's (``--system-config``)."""
     import requests
 
     config = _cluster_yaml()
@@ -261,6 +263,10 @@ def test_the_head_command_of_cluster_yaml_starts_a_dashboard_that_needs_the_toke
     workers = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
     assert head.startswith("RAY_AUTH_MODE=token ") and all(c.startswith("RAY_AUTH_MODE=token ") for c in workers)
     assert "--dashboard-host=127.0.0.1" in head
+    from cxrtune.cluster import ray_system_config
+
+    system_config = re.search(r"--system-config='([^']*)'", head)
+    assert system_config and json.loads(system_config.group(1)) == ray_system_config()  # as a local instance's
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
     token = secrets.token_hex(32)

@@ -287,7 +287,9 @@ def server(served_bundle, tmp_path_factory):
     from cxrtune.serving.app import application as build_app
 
     os.environ["CXRTUNE_TEST_API_KEY"] = f"old:{OLD_KEY},new:{KEY}"
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=METRICS_PORT)
+    from cxrtune.cluster import ray_system_config
+
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=METRICS_PORT, _system_config=ray_system_config())
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"bundle": str(served_bundle), "max_batch_size": 4, "device": "cpu",  # as the CLI test's --device cpu
@@ -707,14 +709,28 @@ class RawPost:
         return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
 
 
+def object_store_pages_mb(app: str) -> float:
+    """MB of Ray's object store (its shared-memory file) resident in the app's ingress replicas."""
+    found, pages = False, 0
+    for p in psutil.process_iter(["cmdline"]):
+        if f"ServeReplica:{app}:Ingress" in " ".join(p.info.get("cmdline") or []):
+            found = True
+            with contextlib.suppress(psutil.Error):
+                pages += sum(m.rss for m in p.memory_maps() if "plasma" in m.path)
+    assert found, f"no ingress replica of {app}"
+    return pages / 1e6
+
+
 @pytest.mark.slow
 def test_uploads_are_bounded_while_they_stream(server, phantom_dir):
     """On the app with max_in_flight 1: a chunked file part over the limit and 1,000 x 1 MB text
     fields are each refused (413) after a small part of their bytes; six clients trickling bodies
     are cut off (408) while normal clients are scored beside them; a client that hangs up mid-score
-    does not keep its slot."""
+    does not keep its slot. The bodies reach the ingress inline, not through Ray's object store
+    (cxrtune.cluster.ray_system_config): none of their bytes stays in the replica's shared pages."""
     path = "/tight/v1/score"
     chunk = 256 * 1024
+    store_before = object_store_pages_mb("tight")
 
     def chunked(data: bytes) -> bytes:
         return f"{len(data):x}\r\n".encode() + data + b"\r\n"
@@ -733,6 +749,7 @@ def test_uploads_are_bounded_while_they_stream(server, phantom_dir):
             break
         time.sleep(0.01)
     assert fields.status() == 413 and fields.sent < 100_000_000, fields.sent  # refused at the first field, not the 1 GB
+    assert object_store_pages_mb("tight") - store_before < 1, (store_before, object_store_pages_mb("tight"))
 
     png = phantom_png(phantom_dir)
     tricklers = [RawPost(server, path, {"Content-Type": "image/png", "Content-Length": str(len(png))}) for _ in range(6)]
