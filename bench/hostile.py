@@ -191,7 +191,7 @@ def main() -> None:
     if not bundle:
         from serve_gpu import QUICK_PAIR, random_bundle
 
-        bundle = str(random_bundle(out, QUICK_PAIR))
+        bundle = str(random_bundle(out, QUICK_PAIR)[0])
     os.environ["CXRTUNE_API_KEY"] = KEY
     port = free_port()
     http = HTTPOptions(host="127.0.0.1", port=port, request_timeout_s=30)

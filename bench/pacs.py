@@ -174,7 +174,7 @@ def main() -> None:
     if not bundle:
         from serve_gpu import QUICK_PAIR, random_bundle
 
-        bundle = str(random_bundle(work, QUICK_PAIR))
+        bundle = str(random_bundle(work, QUICK_PAIR)[0])
     scorer = load_bundle(bundle, device="cpu")
     report: dict = {"bundle": "given" if args.bundle else "tiny random networks", "n": args.n}
     report["library"], records = library(scorer, copies(args.n))

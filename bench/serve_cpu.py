@@ -76,12 +76,13 @@ def library_path(bundle: Path, data: list[bytes], runtime: str, n: int) -> dict:
     scorer = load_bundle(str(bundle), device="cpu", batch_size=1, runtime=runtime)
     for d in data[:2]:
         scorer.score_scans([load_scan(d)])
+    scored = 0
     t = time.perf_counter()
     for i in range(n):
-        scorer.score_scans([load_scan(data[i % len(data)])])
+        scored += scorer.score_scans([load_scan(data[i % len(data)])])[0][0]["status"] == "scored"
     wall = time.perf_counter() - t
     return {"runtime": scorer.runtime, "images": n, "images_per_s": round(n / wall, 3),
-            "ms_per_image": round(1000 * wall / n, 1)}
+            "ms_per_image": round(1000 * wall / n, 1), "scored": scored}  # unscored images skip Stage II
 
 
 def int8_parity(src: Path, out: Path, calibration: list[str], evaluation: list[str]) -> dict:
@@ -192,6 +193,8 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
 
 
 def main() -> None:
+    from serve_gpu import TRAIN_DIR
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", nargs="+", required=True, help="real CXR PNG files or folders")
     ap.add_argument("--out", default="/tmp/cxrtune-serve-cpu")
@@ -205,6 +208,8 @@ def main() -> None:
     ap.add_argument("--calibration", help="int8 parity: folder of images to calibrate on (not the --parity-eval ones)")
     ap.add_argument("--parity-eval", help="int8 parity: folder of images to compare on")
     ap.add_argument("--parity-n", type=int, default=60)
+    ap.add_argument("--lung-examples", default=str(TRAIN_DIR),
+                    help="COVID-QU-Ex Train (images and lung masks) that random Stage I's head is fitted to")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.parity_bundle and not (args.calibration and args.parity_eval):
@@ -213,7 +218,7 @@ def main() -> None:
     import os
 
     import torch
-    from serve_gpu import QUICK_PAIR, SEED_PAIR, random_bundle, reference
+    from serve_gpu import QUICK_PAIR, SEED_PAIR, lung_examples, random_bundle, reference
     from serve_load import collect
 
     from cxrtune.jsonsafe import json_safe
@@ -222,7 +227,7 @@ def main() -> None:
 
     pair = QUICK_PAIR if args.quick else SEED_PAIR
     n = 3 if args.quick else args.n
-    bundle = random_bundle(Path(args.out), pair)
+    bundle, lung_fit = random_bundle(Path(args.out), pair, lung_examples(Path(args.lung_examples)))
     payloads = collect(args.images)
     files = [f for p in args.images for f in (sorted(Path(p).rglob("*.png")) if Path(p).is_dir() else [Path(p)])]
 
@@ -284,6 +289,7 @@ def main() -> None:
     result = {
         "benchmark": "serve_cpu", "device": f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__,
         "quick": args.quick, "models": {"lung": pair[0], "disease": pair[1]}, "images": len(payloads),
+        "lung_head_fit": lung_fit,
         "reference_seed_style": ref,
         "library_torch": lib_torch, "library_onnx": lib_onnx, "onnx_export_s": round(export_s, 1),
         "library_onnx_int8": lib_int8, "int8_export_s": round(int8_s, 1), "int8_parity": parity,

@@ -3,7 +3,9 @@
     python bench/serve_gpu.py --images ../shared/data/covid-qu-ex/Val/COVID-19/images [--quick]
 
 * builds a bundle with seed 004's chosen pair and random weights (speed does not depend on them):
-  DeepLabV3+ / EfficientNet-B1 at 512 and MA-Net / RegNetX-064 at 544, 3-channel input;
+  DeepLabV3+ / EfficientNet-B1 at 512 and MA-Net / RegNetX-064 at 544, 3-channel input; Stage I's
+  head is fitted to 16 COVID-QU-Ex Train lung masks (``--lung-examples``), so that the images pass
+  the plausibility check and Stage II runs;
 * deploys it with Ray Serve (batched stages on fractional GPUs) on 127.0.0.1, drives it with
   bench/serve_load.py at rising concurrency to find the peak throughput, then at half the peak
   rate to read p50/p95/p99 latency;
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import time
@@ -30,10 +33,85 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SEED_PAIR = ({"arch": "DeepLabV3Plus", "encoder": "efficientnet-b1", "size": 512},
              {"arch": "MAnet", "encoder": "tu-regnetx_064", "size": 544})
 QUICK_PAIR = ({"arch": "FPN", "encoder": "resnet18", "size": 128}, {"arch": "FPN", "encoder": "resnet18", "size": 128})
+# the default --lung-examples: COVID-QU-Ex's Train part in the shared data
+SHARED_DATA = Path(os.environ.get("CXRTUNE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+TRAIN_DIR = SHARED_DATA / "covid-qu-ex" / "Train"
 
 
-def random_bundle(out: Path, pair) -> Path:
-    """A bundle of two runs with random weights, made by ``make_bundle`` like any other."""
+def lung_examples(train_dir: Path, per_class: int = 8) -> list[tuple[Path, Path]]:
+    """COVID-QU-Ex Train images with their lung masks (``CLASS/images/X.png`` beside
+    ``CLASS/lung masks/X.png``): the first ``per_class`` of Normal and of COVID-19."""
+    pairs = [(f, f.parent.parent / "lung masks" / f.name)
+             for cls in ("Normal", "COVID-19") for f in sorted((train_dir / cls / "images").glob("*.png"))[:per_class]]
+    pairs = [(image, mask) for image, mask in pairs if mask.is_file()]
+    if not pairs:
+        raise SystemExit(f"--lung-examples: no COVID-QU-Ex images with lung masks under {train_dir} "
+                         "(CLASS/images/X.png and CLASS/lung masks/X.png): give the Train folder")
+    return pairs
+
+
+def fit_lung_head(model, size: int, examples: list[tuple[Path, Path]]) -> dict:
+    """Fit a random Stage I's segmentation head to real lung masks: a per-pixel logistic
+    regression (scikit-learn) on its random decoder's features, written into the head's centre
+    tap. Random features keep enough of the image for lung-like masks, so the plausibility check
+    lets the images through and Stage II runs, as with trained weights (a head that marks every
+    pixel as lung is refused, and Stage II's time went unmeasured). Written by hand: speed does not
+    depend on the weights, and no library fits one layer of an SMP model this way.
+
+    Returns:
+        how many of the examples the fitted network's cleaned lungs pass the check on."""
+    import cv2
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from cxrtune import zones
+    from cxrtune.preprocessing import Preprocessing, load_scan, resize_image
+    from cxrtune.scoring.scorer import unscored_reason
+
+    pre = Preprocessing(size=size, in_channels=3)
+    inputs = [(load_scan(image.read_bytes()).image, mask) for image, mask in examples]
+    head = model.segmentation_head[0]
+    k = head.weight.shape[2]  # the head's k x k neighbourhoods of the decoder's features, as it sees them
+    rng, features, labels = np.random.default_rng(0), [], []
+    model.eval()
+    with torch.no_grad():
+        for image, mask in inputs:
+            f = model.decoder(model.encoder(pre.to_tensor(resize_image(image, size))[None]))
+            columns = torch.nn.functional.unfold(f, k, padding=k // 2)[0].T.numpy()  # pixel x (channel, ky, kx)
+            truth = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
+            rows = rng.choice(len(columns), min(len(columns), 200_000 // len(inputs)), replace=False)
+            features.append(columns[rows])
+            labels.append((cv2.resize(truth, f.shape[:1:-1], interpolation=cv2.INTER_NEAREST) > 127).ravel()[rows])
+    x, y = np.concatenate(features), np.concatenate(labels)
+    mean, sd = x.mean(0), x.std(0) + 1e-12  # random decoders' features can be ~1e-4
+    # only the channels within 5x of the widest: int8 exports quantize the features per tensor,
+    # and a weak channel, rounded to a level or two, would carry a large weight of noise
+    channel_sd = sd.reshape(-1, k * k).max(1)
+    keep = np.repeat(channel_sd >= channel_sd.max() / 5, k * k)
+    fit = LogisticRegression(max_iter=1000, class_weight="balanced").fit(((x - mean) / sd)[:, keep], y)
+    weight = np.zeros_like(sd)
+    weight[keep] = fit.coef_[0] / sd[keep]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0] = torch.from_numpy(weight.reshape(head.weight.shape[1:])).float()
+        head.bias[0] = float(fit.intercept_[0] - weight @ mean)
+        passing = 0
+        for image, _ in inputs:
+            p = torch.sigmoid(model(pre.to_tensor(resize_image(image, size))[None]))[0, 0].numpy()
+            lung = zones.clean_lungs(cv2.resize(p, image.shape[::-1]) > 0.5)
+            passing += unscored_reason(image, lung) is None
+    return {"examples": len(inputs), "passing_the_plausibility_check": passing}
+
+
+def random_bundle(out: Path, pair, examples: list[tuple[Path, Path]] | None = None) -> tuple[Path, dict | None]:
+    """A bundle of two runs with random weights, made by ``make_bundle`` like any other. With
+    ``examples`` (:func:`lung_examples`), Stage I's head is fitted to them (:func:`fit_lung_head`), so that images are
+    scored; without, it marks every pixel as lung, and every image is refused as not a frontal
+    CXR before Stage II (enough where Stage II's time is not measured).
+
+    Returns:
+        the bundle, and the head fit's check (None without examples)."""
     import torch
 
     from cxrtune.model.artifacts import CheckpointMeta, make_bundle, write_checkpoint_meta
@@ -41,14 +119,16 @@ def random_bundle(out: Path, pair) -> Path:
     from cxrtune.model.train import TrainConfig
     from cxrtune.preprocessing import Preprocessing
 
-    runs = {}
+    runs, fitted = {}, None
     for task, spec in (("lung", pair[0]), ("disease", pair[1])):
         model_cfg = ModelConfig(arch=spec["arch"], encoder=spec["encoder"], in_channels=3,
                                 classification=task == "disease")
         best = out / "runs" / task / "best"
         best.mkdir(parents=True, exist_ok=True)
         model = build_model(model_cfg)
-        if task == "lung":  # random weights may find no lungs (422); speed needs every image scored
+        if task == "lung" and examples:
+            fitted = fit_lung_head(model, spec["size"], examples)
+        elif task == "lung":  # random weights may find no lungs (422): every pixel is lung
             torch.nn.init.constant_(model.segmentation_head[0].bias, 10.0)
         torch.save(model.state_dict(), best / "model.pt")
         write_checkpoint_meta(str(best), CheckpointMeta(
@@ -57,7 +137,7 @@ def random_bundle(out: Path, pair) -> Path:
         runs[task] = str(out / "runs" / task)
     shutil.rmtree(out / "bundle", ignore_errors=True)  # this bench's own bundle from an earlier run: bundles are immutable
     make_bundle(runs["lung"], runs["disease"], str(out / "bundle"), zone_threshold=0.3, name="seed004-random")
-    return out / "bundle"
+    return out / "bundle", fitted
 
 
 def reference(bundle: Path, files: list[Path], device: str, n: int) -> dict:
@@ -120,6 +200,8 @@ def main() -> None:
     ap.add_argument("--stage-replicas", type=int, default=2, help="replicas per stage (GPU fraction = 1 / (2 x this))")
     ap.add_argument("--ingress-replicas", type=int, default=6)
     ap.add_argument("--reference-images", type=int, default=200)
+    ap.add_argument("--lung-examples", default=str(TRAIN_DIR),
+                    help="COVID-QU-Ex Train (images and lung masks) that random Stage I's head is fitted to")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
 
@@ -133,7 +215,8 @@ def main() -> None:
 
     gpu = torch.cuda.is_available() and not args.quick
     device = "cuda" if gpu else "cpu"
-    bundle = random_bundle(Path(args.out), QUICK_PAIR if args.quick else SEED_PAIR)
+    bundle, lung_fit = random_bundle(Path(args.out), QUICK_PAIR if args.quick else SEED_PAIR,
+                                     lung_examples(Path(args.lung_examples)))
     payloads = collect(args.images)
     files = [f for p in args.images for f in (sorted(Path(p).rglob("*.png")) if Path(p).is_dir() else [Path(p)])]
 
@@ -170,6 +253,7 @@ def main() -> None:
         "benchmark": "serve_gpu", "device": torch.cuda.get_device_name(0) if gpu else "cpu", "quick": args.quick,
         "models": {"lung": SEED_PAIR[0], "disease": SEED_PAIR[1]} if not args.quick else "tiny",
         "images": len(payloads), "batch_size": args.batch_size, "stage_replicas": args.stage_replicas,
+        "lung_head_fit": lung_fit,
         "peak": {"concurrency": peak["concurrency"], "images_per_s": peak["throughput_images_per_s"],
                  "latency_ms": peak["latency_ms"], "errors": peak["errors"]},
         "half_peak_load": {"rate": half["rate_cap"], "images_per_s": half["throughput_images_per_s"],
