@@ -179,6 +179,7 @@ def main() -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions
 
+    from cxrtune.cluster import start_ray
     from cxrtune.data.phantom import make_phantom
     from cxrtune.images import encode_png
     from cxrtune.serving.app import application
@@ -191,7 +192,7 @@ def main() -> None:
     if not bundle:
         from serve_gpu import QUICK_PAIR, random_bundle
 
-        bundle = str(random_bundle(out, QUICK_PAIR)[0])
+        bundle = str(random_bundle(out, QUICK_PAIR))
     os.environ["CXRTUNE_API_KEY"] = KEY
     port = free_port()
     http = HTTPOptions(host="127.0.0.1", port=port, request_timeout_s=30)
@@ -201,9 +202,7 @@ def main() -> None:
         atexit.register(front.stop)  # its private folder goes on an error or SIGTERM too (not SIGKILL)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # an instance of its own, never a running cluster
-    from cxrtune.cluster import ray_system_config  # as `cxrtune serve`'s instance
-    session_dir = Path(ray.init(address="local", num_cpus=2, include_dashboard=False,
-                                _system_config=ray_system_config()).address_info["session_dir"])
+    session_dir = Path(start_ray(num_cpus=2, include_dashboard=False).address_info["session_dir"])
     serve.start(http_options=http)
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
     # glibc keeps freed memory in per-thread arenas, and after a large block is freed it raises its

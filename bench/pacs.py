@@ -137,12 +137,12 @@ def http(bundle: str, sources) -> dict:
     import ray
     from ray import serve
 
+    from cxrtune.cluster import start_ray
     from cxrtune.serving.app import application
 
     key = "pacs-bench-key-0123456789"
     os.environ["CXRTUNE_API_KEY"] = key
-    from cxrtune.cluster import ray_system_config  # as `cxrtune serve`'s instance
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _system_config=ray_system_config())
+    start_ray(num_cpus=2, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
@@ -174,7 +174,7 @@ def main() -> None:
     if not bundle:
         from serve_gpu import QUICK_PAIR, random_bundle
 
-        bundle = str(random_bundle(work, QUICK_PAIR)[0])
+        bundle = str(random_bundle(work, QUICK_PAIR))
     scorer = load_bundle(bundle, device="cpu")
     report: dict = {"bundle": "given" if args.bundle else "tiny random networks", "n": args.n}
     report["library"], records = library(scorer, copies(args.n))

@@ -387,6 +387,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     from ray.serve.config import HTTPOptions
     from serve_load import free_port
 
+    from cxrtune.cluster import start_ray
     from cxrtune.serving.app import application as build_app
     from cxrtune.serving.deploy import haproxy_front
 
@@ -405,8 +406,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     cpu_ms: dict = {"handpicked": [], "fast": []}
     batch = served_batch()
     try:
-        from cxrtune.cluster import ray_system_config  # as `cxrtune serve`'s instance
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _system_config=ray_system_config())
+        start_ray(num_cpus=2, include_dashboard=False)
         serve.start(http_options=http)
         for name in ["handpicked", "fast"] * 4:
             settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": batch, "batch_wait_timeout_s": 0.02,

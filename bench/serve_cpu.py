@@ -151,11 +151,11 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
     from ray import serve
     from serve_load import free_port, run_load
 
+    from cxrtune.cluster import start_ray
     from cxrtune.serving.app import application as build_app
 
     if not ray.is_initialized():
-        from cxrtune.cluster import ray_system_config  # as `cxrtune serve`'s instance
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _system_config=ray_system_config())
+        start_ray(num_cpus=2, include_dashboard=False)
         served.port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": served.port})
     port = served.port
@@ -193,7 +193,7 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
 
 
 def main() -> None:
-    from serve_gpu import TRAIN_DIR
+    from serve_gpu import QUICK_PAIR, SEED_PAIR, TRAIN_DIR, lung_examples, random_bundle, reference
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", nargs="+", required=True, help="real CXR PNG files or folders")
@@ -218,7 +218,6 @@ def main() -> None:
     import os
 
     import torch
-    from serve_gpu import QUICK_PAIR, SEED_PAIR, lung_examples, random_bundle, reference
     from serve_load import collect
 
     from cxrtune.jsonsafe import json_safe
@@ -227,7 +226,7 @@ def main() -> None:
 
     pair = QUICK_PAIR if args.quick else SEED_PAIR
     n = 3 if args.quick else args.n
-    bundle, lung_fit = random_bundle(Path(args.out), pair, lung_examples(Path(args.lung_examples)))
+    bundle = random_bundle(Path(args.out), pair, lung_examples(Path(args.lung_examples)))
     payloads = collect(args.images)
     files = [f for p in args.images for f in (sorted(Path(p).rglob("*.png")) if Path(p).is_dir() else [Path(p)])]
 
@@ -289,7 +288,6 @@ def main() -> None:
     result = {
         "benchmark": "serve_cpu", "device": f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__,
         "quick": args.quick, "models": {"lung": pair[0], "disease": pair[1]}, "images": len(payloads),
-        "lung_head_fit": lung_fit,
         "reference_seed_style": ref,
         "library_torch": lib_torch, "library_onnx": lib_onnx, "onnx_export_s": round(export_s, 1),
         "library_onnx_int8": lib_int8, "int8_export_s": round(int8_s, 1), "int8_parity": parity,

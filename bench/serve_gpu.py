@@ -50,37 +50,35 @@ def lung_examples(train_dir: Path, per_class: int = 8) -> list[tuple[Path, Path]
     return pairs
 
 
-def fit_lung_head(model, size: int, examples: list[tuple[Path, Path]]) -> dict:
+def fit_lung_head(model, size: int, examples: list[tuple[Path, Path]]) -> None:
     """Fit a random Stage I's segmentation head to real lung masks: a per-pixel logistic
-    regression (scikit-learn) on its random decoder's features, written into the head's centre
-    tap. Random features keep enough of the image for lung-like masks, so the plausibility check
-    lets the images through and Stage II runs, as with trained weights (a head that marks every
-    pixel as lung is refused, and Stage II's time went unmeasured). Written by hand: speed does not
-    depend on the weights, and no library fits one layer of an SMP model this way.
-
-    Returns:
-        how many of the examples the fitted network's cleaned lungs pass the check on."""
+    regression (scikit-learn) on its random decoder's features, over the head's k x k taps (3 x 3
+    for U-Net, 1 x 1 for DeepLabV3+ and FPN). Random features keep enough of the image for
+    lung-like masks, so the plausibility check lets the images through and Stage II runs, as with
+    trained weights; a head that marks every pixel as lung is refused, and Stage II's time would
+    go unmeasured. Written by hand: speed does not depend on the weights, and no library fits one
+    layer of an SMP model this way."""
     import cv2
     import numpy as np
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from cxrtune import zones
     from cxrtune.preprocessing import Preprocessing, load_scan, resize_image
-    from cxrtune.scoring.scorer import unscored_reason
 
     pre = Preprocessing(size=size, in_channels=3)
-    inputs = [(load_scan(image.read_bytes()).image, mask) for image, mask in examples]
     head = model.segmentation_head[0]
     k = head.weight.shape[2]  # the head's k x k neighbourhoods of the decoder's features, as it sees them
     rng, features, labels = np.random.default_rng(0), [], []
     model.eval()
     with torch.no_grad():
-        for image, mask in inputs:
-            f = model.decoder(model.encoder(pre.to_tensor(resize_image(image, size))[None]))
-            columns = torch.nn.functional.unfold(f, k, padding=k // 2)[0].T.numpy()  # pixel x (channel, ky, kx)
+        for image, mask in examples:
             truth = cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
-            rows = rng.choice(len(columns), min(len(columns), 200_000 // len(inputs)), replace=False)
+            if truth is None:
+                raise SystemExit(f"--lung-examples: {mask} is not a readable mask")
+            x = pre.to_tensor(resize_image(load_scan(image.read_bytes()).image, size))[None]
+            f = model.decoder(model.encoder(x))
+            columns = torch.nn.functional.unfold(f, k, padding=k // 2)[0].T.numpy()  # pixel x (channel, ky, kx)
+            rows = rng.choice(len(columns), min(len(columns), 200_000 // len(examples)), replace=False)
             features.append(columns[rows])
             labels.append((cv2.resize(truth, f.shape[:1:-1], interpolation=cv2.INTER_NEAREST) > 127).ravel()[rows])
     x, y = np.concatenate(features), np.concatenate(labels)
@@ -93,25 +91,16 @@ def fit_lung_head(model, size: int, examples: list[tuple[Path, Path]]) -> dict:
     weight = np.zeros_like(sd)
     weight[keep] = fit.coef_[0] / sd[keep]
     with torch.no_grad():
-        head.weight.zero_()
         head.weight[0] = torch.from_numpy(weight.reshape(head.weight.shape[1:])).float()
         head.bias[0] = float(fit.intercept_[0] - weight @ mean)
-        passing = 0
-        for image, _ in inputs:
-            p = torch.sigmoid(model(pre.to_tensor(resize_image(image, size))[None]))[0, 0].numpy()
-            lung = zones.clean_lungs(cv2.resize(p, image.shape[::-1]) > 0.5)
-            passing += unscored_reason(image, lung) is None
-    return {"examples": len(inputs), "passing_the_plausibility_check": passing}
 
 
-def random_bundle(out: Path, pair, examples: list[tuple[Path, Path]] | None = None) -> tuple[Path, dict | None]:
-    """A bundle of two runs with random weights, made by ``make_bundle`` like any other. With
-    ``examples`` (:func:`lung_examples`), Stage I's head is fitted to them (:func:`fit_lung_head`), so that images are
-    scored; without, it marks every pixel as lung, and every image is refused as not a frontal
-    CXR before Stage II (enough where Stage II's time is not measured).
-
-    Returns:
-        the bundle, and the head fit's check (None without examples)."""
+def random_bundle(out: Path, pair, examples: list[tuple[Path, Path]] | None = None) -> Path:
+    """A bundle of two runs with random weights (seeded), made by ``make_bundle`` like any other.
+    With ``examples`` (:func:`lung_examples`), Stage I's head is fitted to them
+    (:func:`fit_lung_head`), so that images are scored (:func:`scored_share` says how many);
+    without, it marks every pixel as lung, and every image is refused as not a frontal CXR before
+    Stage II (enough where Stage II's time is not measured)."""
     import torch
 
     from cxrtune.model.artifacts import CheckpointMeta, make_bundle, write_checkpoint_meta
@@ -119,7 +108,8 @@ def random_bundle(out: Path, pair, examples: list[tuple[Path, Path]] | None = No
     from cxrtune.model.train import TrainConfig
     from cxrtune.preprocessing import Preprocessing
 
-    runs, fitted = {}, None
+    torch.manual_seed(0)
+    runs = {}
     for task, spec in (("lung", pair[0]), ("disease", pair[1])):
         model_cfg = ModelConfig(arch=spec["arch"], encoder=spec["encoder"], in_channels=3,
                                 classification=task == "disease")
@@ -127,7 +117,7 @@ def random_bundle(out: Path, pair, examples: list[tuple[Path, Path]] | None = No
         best.mkdir(parents=True, exist_ok=True)
         model = build_model(model_cfg)
         if task == "lung" and examples:
-            fitted = fit_lung_head(model, spec["size"], examples)
+            fit_lung_head(model, spec["size"], examples)
         elif task == "lung":  # random weights may find no lungs (422): every pixel is lung
             torch.nn.init.constant_(model.segmentation_head[0].bias, 10.0)
         torch.save(model.state_dict(), best / "model.pt")
@@ -137,7 +127,18 @@ def random_bundle(out: Path, pair, examples: list[tuple[Path, Path]] | None = No
         runs[task] = str(out / "runs" / task)
     shutil.rmtree(out / "bundle", ignore_errors=True)  # this bench's own bundle from an earlier run: bundles are immutable
     make_bundle(runs["lung"], runs["disease"], str(out / "bundle"), zone_threshold=0.3, name="seed004-random")
-    return out / "bundle", fitted
+    return out / "bundle"
+
+
+def scored_share(bundle: Path, payloads: list[bytes], device: str, runtime: str) -> dict:
+    """How many of ``payloads`` the bundle scores (cxrtune's scoring policy in-process): an
+    unscored image skips Stage II, so a speed measured on it would leave Stage II out."""
+    from cxrtune.preprocessing import load_scan
+    from cxrtune.scoring.scorer import load_bundle
+
+    scorer = load_bundle(str(bundle), device=device, runtime=runtime)
+    records = [record for record, _ in scorer.score_scans([load_scan(p) for p in payloads])]
+    return {"images": len(records), "scored": sum(r["status"] == "scored" for r in records), "runtime": scorer.runtime}
 
 
 def reference(bundle: Path, files: list[Path], device: str, n: int) -> dict:
@@ -210,18 +211,17 @@ def main() -> None:
     from ray import serve
     from serve_load import collect, free_port, run_load
 
+    from cxrtune.cluster import start_ray
     from cxrtune.jsonsafe import json_safe
     from cxrtune.serving.app import application as build_app
 
     gpu = torch.cuda.is_available() and not args.quick
     device = "cuda" if gpu else "cpu"
-    bundle, lung_fit = random_bundle(Path(args.out), QUICK_PAIR if args.quick else SEED_PAIR,
-                                     lung_examples(Path(args.lung_examples)))
+    bundle = random_bundle(Path(args.out), QUICK_PAIR if args.quick else SEED_PAIR, lung_examples(Path(args.lung_examples)))
     payloads = collect(args.images)
     files = [f for p in args.images for f in (sorted(Path(p).rglob("*.png")) if Path(p).is_dir() else [Path(p)])]
 
-    from cxrtune.cluster import ray_system_config  # as `cxrtune serve`'s instance
-    ray.init(address="local", include_dashboard=False, _system_config=ray_system_config())
+    start_ray(include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     frac = 1.0 / (2 * args.stage_replicas) if gpu else 0
@@ -253,7 +253,7 @@ def main() -> None:
         "benchmark": "serve_gpu", "device": torch.cuda.get_device_name(0) if gpu else "cpu", "quick": args.quick,
         "models": {"lung": SEED_PAIR[0], "disease": SEED_PAIR[1]} if not args.quick else "tiny",
         "images": len(payloads), "batch_size": args.batch_size, "stage_replicas": args.stage_replicas,
-        "lung_head_fit": lung_fit,
+        "scored": scored_share(bundle, payloads[:16], device, "torch"),  # Stage II ran on these
         "peak": {"concurrency": peak["concurrency"], "images_per_s": peak["throughput_images_per_s"],
                  "latency_ms": peak["latency_ms"], "errors": peak["errors"]},
         "half_peak_load": {"rate": half["rate_cap"], "images_per_s": half["throughput_images_per_s"],

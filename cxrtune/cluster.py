@@ -52,42 +52,55 @@ INLINE_MESSAGE_BYTES = 128 * 2**20
 
 
 def ray_system_config() -> dict:
-    """The Ray settings of every instance cxrtune starts (a new dict each time: ``ray.init`` adds
-    its own keys to the one it is given). Ray messages up to ``INLINE_MESSAGE_BYTES`` (twice the
-    shipped 64 MB upload cap) travel inline in its calls, not through the shared object store.
-    Serve's proxy hands an upload's body to the ingress replica as the replies of Ray calls;
-    through the object store each large upload left shared pages resident in the replica
-    (bench/hostile.py: RSS growth 175-355 MB), inline it is the replica's private memory, freed
-    after the request (docs/serving.md). cluster.yaml's head command sets the same
-    (``--system-config``); a test keeps the two equal."""
+    """The Ray settings of every instance cxrtune starts: a reply or call of up to
+    ``INLINE_MESSAGE_BYTES`` travels inline, not through the shared object store, so upload bodies
+    that Serve's proxy hands to the ingress neither stay mapped there nor spill to disk
+    (docs/serving.md, back-pressure). cluster.yaml's head command sets the same; a test keeps the
+    two equal. A new dict each time: ``ray.init`` adds its own keys to the one it is given."""
     return {"max_direct_call_object_size": INLINE_MESSAGE_BYTES, "task_rpc_inlined_bytes_limit": INLINE_MESSAGE_BYTES}
+
+
+def start_ray(**init_args):
+    """A new local Ray instance with :func:`ray_system_config`, never a running one: what cxrtune's
+    own commands start, and what the serving benches and tests start to measure them.
+
+    Returns:
+        ``ray.init``'s context (its ``address_info`` names the session's folder)."""
+    import ray
+
+    return ray.init(address="local", _system_config=ray_system_config(), **init_args)
 
 
 def init_ray(num_cpus: int | None = None, dashboard: bool = False, env: dict | None = None,
              new_instance: bool = False) -> None:
     """Join the cluster that ``RAY_ADDRESS`` or ``ray start`` names, else start a local instance
-    (with ``num_cpus``, default all). ``dashboard`` keeps Ray's dashboard on (``cxrtune serve``:
-    ``serve status`` and ``serve deploy`` talk to it). Every task and actor of the job gets
-    :func:`worker_env` (with ``env``) through the runtime_env, so a trial on another node reads
-    the same S3 endpoint and logs to the same W&B project as the driver. ``new_instance`` starts a
-    local instance even where ``ray start`` runs one, so that its processes inherit this process's
-    environment (``cxrtune serve --haproxy``). An instance it starts gets :func:`ray_system_config`;
-    one that ``ray start`` runs has its own (cluster.yaml sets the same)."""
+    (:func:`start_ray`, with ``num_cpus``, default all). ``dashboard`` keeps Ray's dashboard on
+    (``cxrtune serve``: ``serve status`` and ``serve deploy`` talk to it). Every task and actor of
+    the job gets :func:`worker_env` (with ``env``) through the runtime_env, so a trial on another
+    node reads the same S3 endpoint and logs to the same W&B project as the driver.
+    ``new_instance`` starts a local instance even where ``ray start`` runs one, so that its
+    processes inherit this process's environment (``cxrtune serve --haproxy``). A cluster that
+    is joined keeps its own settings (cluster.yaml's head sets :func:`ray_system_config`'s)."""
     import ray
-    from ray._private.services import canonicalize_bootstrap_address
 
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        raise CxrtuneError("Ray no longer has ray._private.services.canonicalize_bootstrap_address: update "
+                           "cxrtune.cluster.init_ray") from None
     if ray.is_initialized():
         return
     vars_ = worker_env(env)
     runtime_env = {"env_vars": vars_} if vars_ else None
-    if os.environ.get("RAY_ADDRESS") and not new_instance:
+    named = os.environ.get("RAY_ADDRESS", "")
+    # a cluster RAY_ADDRESS names, or the instance `ray start` runs here (what ray.init(address=None)
+    # finds; Ray annotates the argument as str, its docstring and ray.init pass None)
+    joins = not new_instance and (named not in ("", "local") or (
+        not named and canonicalize_bootstrap_address(None) is not None))  # type: ignore[arg-type]
+    if joins:
         ray.init(runtime_env=runtime_env)
     else:
-        # what ray.init(address=None) finds: None starts a new instance, else it joins `ray start`'s
-        # (Ray annotates the argument as str; its docstring and ray.init pass None)
-        starts = new_instance or canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
-        ray.init(address="local" if new_instance else None, num_cpus=num_cpus, include_dashboard=dashboard,
-                 log_to_driver=True, runtime_env=runtime_env, _system_config=ray_system_config() if starts else None)
+        start_ray(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env)
 
 
 CLUSTER_CONFIG_ENV = "CXRTUNE_CLUSTER_CONFIG"

@@ -254,7 +254,8 @@ def test_the_head_command_of_cluster_yaml_starts_a_dashboard_that_needs_the_toke
     """cluster.yaml's own head command, run here (ports made free, no autoscaler file, one CPU):
     its dashboard and job API answer 401 without the cluster's token and 200 with it. The token
     is where `ray get-auth-token --generate` puts it and file_mounts copies it from. Its Ray
-    settings are a local instance's (``--system-config``)."""
+    settings (``--system-config``) are those of the instance cxrtune starts where there is none to
+    join; cxrtune's init_ray joins it."""
     import requests
 
     config = _cluster_yaml()
@@ -271,8 +272,8 @@ def test_the_head_command_of_cluster_yaml_starts_a_dashboard_that_needs_the_toke
     (home / ".ray").mkdir(parents=True)
     token = secrets.token_hex(32)
     (home / ".ray" / "auth_token").write_text(token)
-    dash = free_port()
-    command = (head.replace("--port=6379", f"--port={free_port()}")
+    dash, gcs = free_port(), free_port()
+    command = (head.replace("--port=6379", f"--port={gcs}")
                .replace("--autoscaling-config=~/ray_bootstrap_config.yaml", "")
                + f" --dashboard-port={dash} --num-cpus=1 --disable-usage-stats")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
@@ -292,5 +293,25 @@ def test_the_head_command_of_cluster_yaml_starts_a_dashboard_that_needs_the_toke
         assert anonymous.status_code == 401
         assert requests.get(url, headers={"Authorization": "Bearer wrong"}, timeout=5).status_code in (401, 403)
         assert requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5).status_code == 200
+        # cxrtune's init_ray joins it (num_cpus is not passed on), and the head applied the settings
+        joined = _ray_that_init_ray_finds({**env, "RAY_AUTH_MODE": "token"})
+        assert joined["gcs_address"].endswith(f":{gcs}") and joined["settings"] == ray_system_config(), joined
     finally:
         subprocess.run([RAY, "stop", "--force"], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, timeout=120)
+    started_own = _ray_that_init_ray_finds(env)  # nothing to join: an instance of its own, with the same settings
+    assert not started_own["gcs_address"].endswith(f":{gcs}") and started_own["settings"] == ray_system_config()
+
+
+def _ray_that_init_ray_finds(env: dict) -> dict:
+    """In a new process: ``init_ray(num_cpus=1)``, then the GCS address of the instance it is on
+    and that instance's settings of ``ray_system_config``'s keys."""
+    probe = ("import json, ray\n"
+             "from cxrtune.cluster import init_ray, ray_system_config\n"
+             "init_ray(num_cpus=1)\n"
+             "config = ray._private.state.state.get_system_config()\n"
+             "print(json.dumps({'gcs_address': ray.get_runtime_context().gcs_address,\n"
+             "                  'settings': {k: config.get(k) for k in ray_system_config()}}))\n")
+    done = subprocess.run([sys.executable, "-c", probe], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

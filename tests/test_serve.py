@@ -287,9 +287,9 @@ def server(served_bundle, tmp_path_factory):
     from cxrtune.serving.app import application as build_app
 
     os.environ["CXRTUNE_TEST_API_KEY"] = f"old:{OLD_KEY},new:{KEY}"
-    from cxrtune.cluster import ray_system_config
+    from cxrtune.cluster import start_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=METRICS_PORT, _system_config=ray_system_config())
+    start_ray(num_cpus=2, include_dashboard=False, _metrics_export_port=METRICS_PORT)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"bundle": str(served_bundle), "max_batch_size": 4, "device": "cpu",  # as the CLI test's --device cpu
@@ -709,7 +709,7 @@ class RawPost:
         return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
 
 
-def object_store_pages_mb(app: str) -> float:
+def ingress_object_store_resident_mb(app: str) -> float:
     """MB of Ray's object store (its shared-memory file) resident in the app's ingress replicas."""
     found, pages = False, 0
     for p in psutil.process_iter(["cmdline"]):
@@ -727,10 +727,10 @@ def test_uploads_are_bounded_while_they_stream(server, phantom_dir):
     fields are each refused (413) after a small part of their bytes; six clients trickling bodies
     are cut off (408) while normal clients are scored beside them; a client that hangs up mid-score
     does not keep its slot. The bodies reach the ingress inline, not through Ray's object store
-    (cxrtune.cluster.ray_system_config): none of their bytes stays in the replica's shared pages."""
+    (cxrtune.cluster.start_ray): none of their bytes stays in the replica's shared pages."""
     path = "/tight/v1/score"
     chunk = 256 * 1024
-    store_before = object_store_pages_mb("tight")
+    store_before = ingress_object_store_resident_mb("tight")
 
     def chunked(data: bytes) -> bytes:
         return f"{len(data):x}\r\n".encode() + data + b"\r\n"
@@ -749,7 +749,7 @@ def test_uploads_are_bounded_while_they_stream(server, phantom_dir):
             break
         time.sleep(0.01)
     assert fields.status() == 413 and fields.sent < 100_000_000, fields.sent  # refused at the first field, not the 1 GB
-    assert object_store_pages_mb("tight") - store_before < 1, (store_before, object_store_pages_mb("tight"))
+    assert ingress_object_store_resident_mb("tight") - store_before < 1, (store_before, ingress_object_store_resident_mb("tight"))
 
     png = phantom_png(phantom_dir)
     tricklers = [RawPost(server, path, {"Content-Type": "image/png", "Content-Length": str(len(png))}) for _ in range(6)]
