@@ -5,10 +5,11 @@
 Starts the scorer in-process on 127.0.0.1 (Ray Serve, one ingress and one replica per stage, an
 API key, ``max_in_flight`` 4) with ``--bundle`` or a bundle of tiny random networks (speed and
 refusals do not depend on the weights), sends each case below over real HTTP and reports, per case,
-the HTTP codes, the seconds of the slowest answer and the ingress replica's RSS and USS (RSS less
-shared pages such as the object store's) after it, then a summary against the targets: no 5xx,
-nothing unanswered, every bomb refused in <= 1 s, no case over 2 s, ingress RSS growth <= 200 MB,
-and the planted patient name in no response, no log of the Ray session and no temporary file. Prints one JSON object.
+the HTTP codes, the seconds of the slowest answer and the ingress replica's RSS, USS (RSS less
+shared pages such as the object store's) and the object store's pages in its RSS after it, then a
+summary against the targets: no 5xx, nothing unanswered, every bomb refused in <= 1 s, no case over
+2 s, ingress RSS growth <= 200 MB, and the planted patient name in no response, no log of the Ray
+session and no temporary file. Prints one JSON object.
 ``--haproxy`` puts HAProxy in front, as ``cxrtune serve --haproxy`` does: each body then goes
 from HAProxy to the ingress replica's own HTTP server, not through Serve's proxy and the object store.
 
@@ -39,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 KEY = "hostile-bench-key-0123456789"
 SECRET = "DOE^JOHN^MRN123"
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 TARGETS = {"max_5xx": 0, "max_unanswered": 0, "bomb_s": 1.0, "worst_s": 2.0, "rss_growth_mb": 200}
 
 
@@ -120,17 +120,20 @@ def cases(normal: bytes) -> dict[str, tuple[str, bytes]]:
     return out
 
 
-def ingress_memory() -> tuple[float, float]:
-    """The ingress replica's (RSS, USS) in MB: USS leaves out shared pages (the object store's
-    mapping, shared libraries) that RSS counts."""
+def ingress_memory() -> tuple[float, float, float]:
+    """The ingress replica's (RSS, USS, object store) in MB: USS leaves out shared pages (the
+    object store's mapping, shared libraries) that RSS counts; the last is the part of RSS mapped
+    from Ray's object store (``/dev/shm/plasma*``)."""
     import psutil
 
-    found = [p.memory_full_info() for p in psutil.process_iter(["cmdline"])
+    found = [p for p in psutil.process_iter(["cmdline"])
              if "ServeReplica:cxrtune:Ingress" in " ".join(p.info.get("cmdline") or [])]
     if not found:
-        return float("nan"), float("nan")
-    m = max(found, key=lambda m: m.rss)
-    return round(m.rss / 1e6, 1), round(m.uss / 1e6, 1)
+        return float("nan"), float("nan"), float("nan")
+    process = max(found, key=lambda p: p.memory_info().rss)
+    m = process.memory_full_info()
+    store = sum(region.rss for region in process.memory_maps() if "plasma" in region.path)
+    return round(m.rss / 1e6, 1), round(m.uss / 1e6, 1), round(store / 1e6, 1)
 
 
 def raw_http(port: int, head: bytes, body_chunks, pause_s: float = 0.0, timeout: float = 30) -> tuple[int, float]:
@@ -182,8 +185,9 @@ def main() -> None:
     from cxrtune.cluster import start_ray
     from cxrtune.data.phantom import make_phantom
     from cxrtune.images import encode_png
+    from cxrtune.resources import shipped
     from cxrtune.serving.app import application
-    from cxrtune.serving.deploy import haproxy_front
+    from cxrtune.serving.deploy import haproxy_front, load_config
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cxrtune-hostile-"))
     if not args.out:
@@ -205,11 +209,9 @@ def main() -> None:
     session_dir = Path(start_ray(num_cpus=2, include_dashboard=False).address_info["session_dir"])
     serve.start(http_options=http)
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    # glibc keeps freed memory in per-thread arenas, and after a large block is freed it raises its
-    # mmap threshold, so later large buffers (uploads, decoded frames) land in the heap and stay:
-    # the ingress runs with both fixed (serve/config*.yaml does the same)
-    ingress = {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {
-        "num_cpus": 0.5, "runtime_env": {"env_vars": MALLOC_ENV}}}
+    # the ingress's CPUs and environment as the CPU config ships them
+    shipped_options = load_config(str(shipped("serve", "config.cpu.yaml")))[2]["Ingress"]["ray_actor_options"]
+    ingress = {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": shipped_options}
     serve.run(application({"bundle": bundle, "device": "cpu", "max_batch_size": 4, "max_in_flight": 4},
                           {"Stage1": one, "Stage2": one, "Ingress": ingress}),
               name="cxrtune", route_prefix="/")
@@ -218,12 +220,13 @@ def main() -> None:
     normal = encode_png(make_phantom(256, "covid", seed=1).image)
     for _ in range(3):  # warm-up
         requests.post(url, data=normal, headers=auth, timeout=60)
-    rss0, uss0 = ingress_memory()
+    rss0, uss0, store0 = ingress_memory()
     report: dict[str, dict] = {}
 
     def record(name: str, kind: str, codes: list[int], seconds: list[float], texts: list[str]) -> None:
-        rss, uss = ingress_memory()
+        rss, uss, store = ingress_memory()
         report[name] = {"kind": kind, "codes": sorted(set(codes)), "seconds": max(seconds), "rss_mb": rss, "uss_mb": uss,
+                        "store_mb": store,
                         "secret_echoed": any(SECRET in t or "MRN123" in t for t in texts)}
 
     for name, (kind, data) in cases(normal).items():
@@ -333,6 +336,7 @@ def main() -> None:
         "worst_s": max(v["seconds"] for v in timed.values()),
         "rss_growth_mb": round(max(v["rss_mb"] for v in report.values()) - rss0, 1),
         "uss_growth_mb": round(max(v["uss_mb"] for v in report.values()) - uss0, 1),
+        "store_growth_mb": round(max(v["store_mb"] for v in report.values()) - store0, 1),
         "secret_in_responses": any(v["secret_echoed"] for v in report.values()),
         "ray_logs_read": len(logs), "secret_in_ray_logs": in_logs, "secret_in_temporary_files": in_tmp,
     }
@@ -342,7 +346,7 @@ def main() -> None:
                                 and not (summary["secret_in_responses"] or in_logs or in_tmp)
                                 and len(logs) > 0)  # no log read would be no check, not a pass
     print(json.dumps({"targets": TARGETS, "haproxy": args.haproxy, "ingress_rss_start_mb": rss0,
-                      "ingress_uss_start_mb": uss0, "cases": report,
+                      "ingress_uss_start_mb": uss0, "ingress_store_start_mb": store0, "cases": report,
                       "summary": summary}, indent=1))
 
 

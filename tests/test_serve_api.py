@@ -372,6 +372,73 @@ def test_the_upload_budget_refuses_past_the_bytes_all_uploads_hold():
     assert budget.held == 0
 
 
+def test_after_an_oversized_body_the_freed_heap_goes_back_to_the_system():
+    """The middleware trims once a request whose body passed ``after_bytes`` has ended (a refusal
+    included), in its own thread, never for a smaller body, and one trim at a time; and the trim
+    returns glibc's freed heap: in a process holding 280 MB of freed 100 kB blocks (in the heap,
+    under glibc's mmap threshold), RSS falls by most of it."""
+    import asyncio
+    import platform
+    import subprocess
+    import sys
+    import threading
+
+    from cxrtune.serving.api import RequestError
+    from cxrtune.serving.budgets import ReturnFreedHeap
+
+    trimmed: list[str] = []
+    done = threading.Event()
+
+    def trim():
+        trimmed.append(threading.current_thread().name)
+        done.set()
+
+    async def app(scope, receive, send):  # reads the whole body, then refuses it as the ingress would
+        while (await receive()).get("more_body"):
+            pass
+        raise RequestError(413, "over the limit")
+
+    def request(middleware, sizes):
+        messages = iter([{"type": "http.request", "body": b"x" * n, "more_body": i < len(sizes) - 1}
+                         for i, n in enumerate(sizes)])
+
+        async def receive():
+            return next(messages)
+        with pytest.raises(RequestError):
+            asyncio.run(middleware({"type": "http"}, receive, None))
+    middleware = ReturnFreedHeap(app, after_bytes=1000, trim=trim)
+    request(middleware, [400, 599])
+    assert not done.wait(0.2) and trimmed == []
+    request(middleware, [400, 600])
+    assert done.wait(5) and len(trimmed) == 1 and trimmed[0].startswith("cxrtune-trim")
+
+    gate, calls = threading.Event(), []
+    slow = ReturnFreedHeap(app, after_bytes=1000, trim=lambda: (calls.append(1), gate.wait(5)))
+    request(slow, [2000])
+    request(slow, [2000])  # while the first trim runs: none queued behind it
+    gate.set()
+    slow.pool.shutdown(wait=True)
+    assert calls == [1]
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    probe = """if True:
+        import psutil
+        from cxrtune.serving.budgets import return_freed_heap
+        kept, freed = [], []
+        for i in range(3200):
+            (kept if i % 8 == 0 else freed).append(bytes([i % 251]) * 100_000)
+        del freed
+        before = psutil.Process().memory_info().rss
+        return_freed_heap()
+        print((before - psutil.Process().memory_info().rss) / 1e6)
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    returned_mb = float(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                       check=True).stdout)
+    assert returned_mb > 200, returned_mb
+
+
 def test_a_trickling_body_is_cut_off():
     """After the grace period a body must keep to the minimum rate: 1 byte every 50 ms against
     1 kB/s after 0.2 s is a 408, long before the 30 s timeout."""

@@ -5,8 +5,9 @@ patient data: Starlette's form parser writes parts over 1 MB to temporary files)
 caps: the whole body (chunked bodies included), each file part, each non-file field, the number of
 parts, and the bytes all uploads of the replica hold at once. A body must also arrive at a minimum
 rate (after a grace period) and within a timeout, so trickling clients are cut off instead of
-holding memory. Multipart is parsed by python-multipart's streaming parser; the caps around it are
-written here because no library enforces them while streaming.
+holding memory. After a request whose body passed 16 MiB, the heap pages it leaves go back to the
+system (:class:`ReturnFreedHeap`). Multipart is parsed by python-multipart's streaming
+parser; the caps around it are written here because no library enforces them while streaming.
 
 **Scoring budget.** At most ``max_in_flight`` images are scored at once. A request holds its slots
 until every thread it started has ended: a client that hangs up cancels the rest of its work (Serve
@@ -19,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,6 +57,68 @@ class UploadLimits:
     def max_body_bytes(self) -> int:
         """The whole body: every file and field at its cap, and their part headers."""
         return (self.max_files * self.max_file_bytes + self.max_parts * (self.max_field_bytes + MAX_PART_HEADER_BYTES))
+
+
+log = logging.getLogger("ray.serve.cxrtune")  # under ray.serve: lands in the replica's Serve log
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only: None on musl or macOS
+if _MALLOC_TRIM is not None:
+    _MALLOC_TRIM.argtypes, _MALLOC_TRIM.restype = [ctypes.c_size_t], ctypes.c_int
+
+
+def return_freed_heap() -> None:
+    """Give the pages of freed heap memory back to the system (glibc's ``malloc_trim``); nothing
+    to do off glibc. Written by hand: no library wraps ``malloc_trim``."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class ReturnFreedHeap:
+    """ASGI middleware: after a request whose body passed ``after_bytes``, the freed heap goes back
+    to the system, in a thread of its own, at most one trim at a time.
+
+    Serve's proxy hands a body to the ingress replica as a series of Ray replies, kept inline by
+    :func:`cxrtune.cluster.ray_system_config`; glibc kept the freed pages of those allocations, and
+    a few oversized uploads left the replica up to 205 MB larger to the end of a hostile-input run
+    (docs/BENCHMARKS.md). The trim runs once the request has ended, when its buffers are free. A
+    trim holds each glibc arena while it walks it, so it is kept off ordinary uploads: a CXR of the
+    benches holds well under 16 MiB, though an uncompressed DX of 3000 x 3000 at 16 bits, or a
+    batch of three 7 MB CRs, passes it."""
+
+    def __init__(self, app, after_bytes: int = 16 * 1024 * 1024, trim: Callable[[], None] = return_freed_heap):
+        self.app, self.after_bytes, self.trim = app, after_bytes, trim
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrtune-trim")
+        self.pending = False  # set on the event loop, cleared by the trim's thread
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counting() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
+
+        try:
+            await self.app(scope, counting, send)
+        finally:
+            if received >= self.after_bytes and not self.pending:
+                self.pending = True
+                with contextlib.suppress(RuntimeError):  # the interpreter is shutting down: nothing to return
+                    self.pool.submit(self._trim, received)
+
+    def _trim(self, received: int) -> None:
+        start = time.perf_counter()
+        try:
+            self.trim()
+            log.info("returned freed heap to the system after a %.0f MB body in %.1f ms",
+                     received / 1e6, 1000 * (time.perf_counter() - start))
+        except Exception:  # a failed trim costs memory, never a request
+            log.exception("returning freed heap failed")
+        finally:
+            self.pending = False
 
 
 @dataclass

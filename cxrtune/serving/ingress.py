@@ -78,7 +78,7 @@ from .api import (
     wants_dicom,
 )
 from .auth import FailedAttempts, key_text, require_keys, security_headers, without_locations
-from .budgets import ScoringBudget, Ticket, UploadBudget, UploadLimits, paced, read_upload
+from .budgets import ReturnFreedHeap, ScoringBudget, Ticket, UploadBudget, UploadLimits, paced, read_upload
 from .settings import ServeSettings, check_pinned
 from .stages import DiseaseStage, LungStage, Stage
 
@@ -425,6 +425,7 @@ class Ingress:
         app = FastAPI(title="cxrtune scorer", version=__version__, docs_url=None, redoc_url=None,
                       description="Two-stage chest X-ray severity scoring: lung zones A-F, a 0-6 score, opacity percent.")
         app.add_middleware(SecureHeaders, headers=security_headers(self.viewer))
+        app.add_middleware(ReturnFreedHeap)  # after an oversized body: glibc's freed heap back to the system
 
         png_or_record: dict[int | str, dict[str, Any]] = {
             200: {"content": {"image/png": {}, DICOM_RESULTS: {}},
