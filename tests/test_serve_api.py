@@ -373,10 +373,11 @@ def test_the_upload_budget_refuses_past_the_bytes_all_uploads_hold():
 
 
 def test_after_an_oversized_body_the_freed_heap_goes_back_to_the_system():
-    """The middleware trims once a request whose body passed ``after_bytes`` has ended (a refusal
-    included), in its own thread, never for a smaller body, and one trim at a time; and the trim
-    returns glibc's freed heap: in a process holding 280 MB of freed 100 kB blocks (in the heap,
-    under glibc's mmap threshold), RSS falls by most of it."""
+    """The ingress's app has the middleware; it trims once the app has answered a request whose
+    body reached ``after_bytes`` (a refusal included), in its own thread, never for a smaller body;
+    one trim runs at a time and one more may wait; and the trim returns glibc's freed heap: in a
+    process holding 280 MB of freed 100 kB blocks (in the heap, under glibc's mmap threshold), RSS
+    falls by most of it."""
     import asyncio
     import platform
     import subprocess
@@ -386,16 +387,20 @@ def test_after_an_oversized_body_the_freed_heap_goes_back_to_the_system():
     from cxrtune.serving.api import RequestError
     from cxrtune.serving.budgets import ReturnFreedHeap
 
-    trimmed: list[str] = []
+    assert ReturnFreedHeap in [m.cls for m in replica_app([]).user_middleware]
+    answered: list[bool] = []
+    trimmed: list[tuple[str, bool]] = []
     done = threading.Event()
 
     def trim():
-        trimmed.append(threading.current_thread().name)
+        trimmed.append((threading.current_thread().name, answered[-1]))
         done.set()
 
     async def app(scope, receive, send):  # reads the whole body, then refuses it as the ingress would
+        answered.append(False)
         while (await receive()).get("more_body"):
             pass
+        answered[-1] = True
         raise RequestError(413, "over the limit")
 
     def request(middleware, sizes):
@@ -410,15 +415,16 @@ def test_after_an_oversized_body_the_freed_heap_goes_back_to_the_system():
     request(middleware, [400, 599])
     assert not done.wait(0.2) and trimmed == []
     request(middleware, [400, 600])
-    assert done.wait(5) and len(trimmed) == 1 and trimmed[0].startswith("cxrtune-trim")
+    assert done.wait(5) and len(trimmed) == 1
+    assert trimmed[0][0].startswith("cxrtune-trim") and trimmed[0][1]  # its own thread, after the answer
 
     gate, calls = threading.Event(), []
     slow = ReturnFreedHeap(app, after_bytes=1000, trim=lambda: (calls.append(1), gate.wait(5)))
-    request(slow, [2000])
-    request(slow, [2000])  # while the first trim runs: none queued behind it
+    for _ in range(4):  # the first trim runs until the gate opens: one waits, the others add nothing
+        request(slow, [2000])
     gate.set()
     slow.pool.shutdown(wait=True)
-    assert calls == [1]
+    assert calls == [1, 1] and slow.scheduled == 0
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")

@@ -5,7 +5,7 @@ patient data: Starlette's form parser writes parts over 1 MB to temporary files)
 caps: the whole body (chunked bodies included), each file part, each non-file field, the number of
 parts, and the bytes all uploads of the replica hold at once. A body must also arrive at a minimum
 rate (after a grace period) and within a timeout, so trickling clients are cut off instead of
-holding memory. After a request whose body passed 16 MiB, the heap pages it leaves go back to the
+holding memory. After a request whose body reached 16 MiB, the heap pages it leaves go back to the
 system (:class:`ReturnFreedHeap`). Multipart is parsed by python-multipart's streaming
 parser; the caps around it are written here because no library enforces them while streaming.
 
@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,21 +74,23 @@ def return_freed_heap() -> None:
 
 
 class ReturnFreedHeap:
-    """ASGI middleware: after a request whose body passed ``after_bytes``, the freed heap goes back
-    to the system, in a thread of its own, at most one trim at a time.
+    """ASGI middleware: once the app has answered a request whose body reached ``after_bytes``, the
+    freed heap goes back to the system, in a thread of its own: one trim at a time, and at most one
+    waiting behind it, so a request that ends during a trim still gets one after it.
 
     Serve's proxy hands a body to the ingress replica as a series of Ray replies, kept inline by
     :func:`cxrtune.cluster.ray_system_config`; glibc kept the freed pages of those allocations, and
     a few oversized uploads left the replica up to 205 MB larger to the end of a hostile-input run
-    (docs/BENCHMARKS.md). The trim runs once the request has ended, when its buffers are free. A
-    trim holds each glibc arena while it walks it, so it is kept off ordinary uploads: a CXR of the
-    benches holds well under 16 MiB, though an uncompressed DX of 3000 x 3000 at 16 bits, or a
-    batch of three 7 MB CRs, passes it."""
+    (docs/BENCHMARKS.md). Only the bytes the app reads are counted: what Serve queued for a request
+    that was refused early is not. A trim holds each glibc arena while it walks it, so it is kept
+    off ordinary uploads: a PNG or JPEG CXR is far below 16 MiB, though an uncompressed DX of 3000 x
+    3000 at 16 bits, or a batch of three 7 MB CRs, reaches it."""
 
     def __init__(self, app, after_bytes: int = 16 * 1024 * 1024, trim: Callable[[], None] = return_freed_heap):
         self.app, self.after_bytes, self.trim = app, after_bytes, trim
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrtune-trim")
-        self.pending = False  # set on the event loop, cleared by the trim's thread
+        self.lock = threading.Lock()
+        self.scheduled = 0  # trims running or waiting: at most 2
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -104,10 +107,19 @@ class ReturnFreedHeap:
         try:
             await self.app(scope, counting, send)
         finally:
-            if received >= self.after_bytes and not self.pending:
-                self.pending = True
-                with contextlib.suppress(RuntimeError):  # the interpreter is shutting down: nothing to return
-                    self.pool.submit(self._trim, received)
+            if received >= self.after_bytes:
+                self._schedule(received)
+
+    def _schedule(self, received: int) -> None:
+        with self.lock:
+            if self.scheduled >= 2:  # one waiting already: it runs after this request's buffers are freed
+                return
+            self.scheduled += 1
+        try:
+            self.pool.submit(self._trim, received)
+        except RuntimeError:  # the pool is shut down (the interpreter is exiting): nothing to return
+            with self.lock:
+                self.scheduled -= 1
 
     def _trim(self, received: int) -> None:
         start = time.perf_counter()
@@ -118,7 +130,8 @@ class ReturnFreedHeap:
         except Exception:  # a failed trim costs memory, never a request
             log.exception("returning freed heap failed")
         finally:
-            self.pending = False
+            with self.lock:
+                self.scheduled -= 1
 
 
 @dataclass
