@@ -167,7 +167,7 @@ def _chunked(data: bytes) -> bytes:
 
 def main() -> None:
     import requests
-    from serve_load import free_port
+    from serve_load import free_port, shipped_ingress_options
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", help="a bundle to serve (default: tiny random networks)")
@@ -185,9 +185,8 @@ def main() -> None:
     from cxrtune.cluster import start_ray
     from cxrtune.data.phantom import make_phantom
     from cxrtune.images import encode_png
-    from cxrtune.resources import shipped
     from cxrtune.serving.app import application
-    from cxrtune.serving.deploy import haproxy_front, load_config
+    from cxrtune.serving.deploy import haproxy_front
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cxrtune-hostile-"))
     if not args.out:
@@ -209,9 +208,7 @@ def main() -> None:
     session_dir = Path(start_ray(num_cpus=2, include_dashboard=False).address_info["session_dir"])
     serve.start(http_options=http)
     one = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}
-    # the ingress's CPUs and environment as the CPU config ships them
-    shipped_options = load_config(str(shipped("serve", "config.cpu.yaml")))[2]["Ingress"]["ray_actor_options"]
-    ingress = {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": shipped_options}
+    ingress = {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": shipped_ingress_options()}
     serve.run(application({"bundle": bundle, "device": "cpu", "max_batch_size": 4, "max_in_flight": 4},
                           {"Stage1": one, "Stage2": one, "Ingress": ingress}),
               name="cxrtune", route_prefix="/")

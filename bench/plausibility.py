@@ -28,7 +28,7 @@ The thresholds come from other images: ``--calibration-images`` of COVID-QU-Ex's
 (every k-th), whose measurement quantiles are printed under ``calibration`` (docs/scoring.md says
 how each threshold follows from them). The appearance model is fitted on the same images, by
 the function ``cxrtune calibrate`` fits it with (a calibrated bundle carries it); each set is
-reported with the eight ranges alone (``ranges_only``) and with the model (the check a calibrated
+reported with the nine ranges alone (``ranges_only``) and with the model (the check a calibrated
 bundle applies). ``twelve_bit_png``: ``--per-case`` COVID-QU-Ex Val CXRs scored with both stages
 as 8-bit PNGs and as 12-bit data in 16-bit PNGs (item 3: the same score, zone opacity fractions
 within 0.02). Prints one JSON object: per set the images, refusals and
@@ -227,8 +227,9 @@ def bit_depth(uri: str, files: list[bytes], n: int) -> dict:
 
 def quantiles_of(measured: list[dict]) -> dict:
     qs = (0.0, 0.001, 0.01, 0.5, 0.99, 0.999, 1.0)
-    return {key: dict(zip(map(str, qs), np.round(np.quantile([m[key] for m in measured], qs), 4).tolist()))
-            for key in measured[0]} if measured else {}
+    columns = {key: [m[key] for m in measured if m[key] is not None] for key in (measured[0] if measured else {})}
+    return {key: dict(zip(map(str, qs), np.round(np.quantile(values, qs), 4).tolist())) for key, values in columns.items()
+            if values}
 
 
 def main() -> None:

@@ -385,7 +385,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     import requests
     from ray import serve
     from ray.serve.config import HTTPOptions
-    from serve_load import free_port
+    from serve_load import free_port, shipped_ingress_options
 
     from cxrtune.cluster import start_ray
     from cxrtune.serving.app import application as build_app
@@ -398,7 +398,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     url = f"http://127.0.0.1:{port}"
     stage = {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.5}}
     deployments = {"Ingress": {"num_replicas": ingress_replicas, "max_ongoing_requests": 64, "max_queued_requests": 256,
-                               "ray_actor_options": {"num_cpus": 0.5}},
+                               "ray_actor_options": shipped_ingress_options()},
                    **({} if stages_in_ingress else {"Stage1": stage, "Stage2": stage})}
     rates: dict = {"handpicked": [], "fast": []}
     steps: dict = {"handpicked": [], "fast": []}  # per run: its unloaded requests' timings
@@ -479,11 +479,12 @@ def serve_floor(url: str, payloads: list[bytes], duration: float, concurrency: i
     each upload whole and answers a small JSON, loaded as the scorer is; CPU ms per request by
     process role (:func:`cpu_seconds_by_process`)."""
     from ray import serve
+    from serve_load import shipped_ingress_options
 
     # Serve's plain HTTP deployment (a Starlette request, no FastAPI: this module's postponed
     # annotations would hide FastAPI's Request type from it)
     @serve.deployment(name="Ingress", num_replicas=1, max_ongoing_requests=64, max_queued_requests=256,
-                      ray_actor_options={"num_cpus": 0.5})
+                      ray_actor_options=shipped_ingress_options())
     class ReadAndAnswer:
         async def __call__(self, request) -> dict:
             return {"status": "read", "bytes": len(await request.body())}

@@ -149,7 +149,7 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
            runtime: str) -> dict:
     import ray
     from ray import serve
-    from serve_load import free_port, run_load
+    from serve_load import free_port, run_load, shipped_ingress_options
 
     from cxrtune.cluster import start_ray
     from cxrtune.serving.app import application as build_app
@@ -163,7 +163,7 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
              "ray_actor_options": {"num_cpus": 0.5}}
     deployments = {"Stage1": stage, "Stage2": stage,
                    "Ingress": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
-                               "ray_actor_options": {"num_cpus": 0.5}}}
+                               "ray_actor_options": shipped_ingress_options()}}
     settings = {"bundle": str(bundle), "max_batch_size": 4, "batch_wait_timeout_s": 0.02, "device": "cpu",
                 "runtime": runtime, "threads": threads,
                 "auth": "none"}  # a throughput measure on 127.0.0.1: no key on purpose

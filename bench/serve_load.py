@@ -29,6 +29,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shipped_ingress_options() -> dict:
+    """The ingress's ``ray_actor_options`` in the shipped CPU Serve config (its CPUs and glibc
+    settings), so that a bench serves through the ingress users deploy, not a copy that drifts."""
+    from cxrtune.resources import shipped
+    from cxrtune.serving.deploy import load_config
+
+    return load_config(str(shipped("serve", "config.cpu.yaml")))[2]["Ingress"]["ray_actor_options"]
+
+
 def collect(paths: list[str]) -> list[bytes]:
     files = []
     for p in paths:

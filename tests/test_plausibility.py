@@ -80,6 +80,45 @@ def test_one_lung_field_across_the_midline_a_lateral_film_is_refused():
     assert "lateral film" in _reason(image, field)
 
 
+def _two_fields(left: int) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth film with two dark "lungs" that never touch: the first spans columns 40-130, the
+    second, lower, columns ``left`` to ``left`` + 90, and where they share columns the first steps
+    around the second. Stage I's two "lungs" overlap in columns so in laterals projected from CTs
+    (bench/plausibility.py --ct)."""
+    import cv2
+
+    lung = np.zeros((256, 256), bool)
+    lung[40:181, 40:131] = True
+    lung[95:181, left - 5:131] = False
+    lung[100:231, left:left + 91] = True
+    image = cv2.GaussianBlur(np.where(lung, 0.3, 0.8).astype(np.float32), (0, 0), 4)
+    return image, clean_lungs(lung)
+
+
+def test_two_lungs_one_behind_the_other_a_lateral_view_is_refused():
+    """Boxes overlapping by 21 of 256 columns (8 %): every other range passes, the gap alone refuses it;
+    lungs side by side with a mediastinum between are scored."""
+    image, lung = _two_fields(110)
+    m = measure(image, lung)
+    assert m.lung_gap == pytest.approx(-21 / 256)
+    reason = _reason(image, lung)
+    assert "one behind the other" in reason and ";" not in reason, reason
+    image, lung = _two_fields(150)  # 19 columns apart
+    assert measure(image, lung).lung_gap == pytest.approx(19 / 256) and unscored_reason(image, lung) is None
+
+
+def test_one_lung_has_no_gap_and_is_not_refused_for_it():
+    """A hemithorax that Stage I leaves out (a whited-out lung) must still be scored: one blob has
+    no gap to judge."""
+    image, lung = phantom()
+    import cv2
+
+    _, labels = cv2.connectedComponents(lung.astype(np.uint8))
+    one = labels == 1
+    m = measure(image, one)
+    assert m.lung_gap is None and not any("one behind the other" in f for f in DEFAULT_RULE.failures(m))
+
+
 def test_lungs_found_beside_the_bones_of_a_limb_are_refused():
     """A real CR of a tibia (pydicom-data), with "lungs" where the CPU accuracy bundle's Stage I put
     them: two tall strips of soft tissue beside the bones (bench/plausibility.py). Every other
@@ -117,6 +156,7 @@ def test_measurements_are_the_documented_ones():
     m = measure(image, lung)
     assert 0.1 < m.lung_fraction < 0.3 and 0.3 < m.centre_row < 0.6 and m.midline_share < 0.1
     assert m.contrast > 0.3 and m.roughness < 0.03 and 0.55 < m.lung_width < 0.75 and 0.7 < m.lung_aspect < 0.9
+    assert 0.05 < m.lung_gap < 0.2
     assert DEFAULT_RULE.failures(m) == []
 
 

@@ -374,7 +374,7 @@ class BundleCalibration:
                           f"{a.limits[0]:.2f} (residual) and {a.limits[1]:.2f} (distance)", False))
         elif "appearance" in what:
             lines.append((f"appearance model not fitted: {self.result.appearance_images} --cls-split image(s) with "
-                          f"lungs, {MIN_APPEARANCE_IMAGES} needed; the check keeps its eight ranges only", True))
+                          f"lungs, {MIN_APPEARANCE_IMAGES} needed; the check keeps its nine ranges only", True))
         moved = {"cls": "T_cls", "opacity": "the opacity threshold"}
         if self.stale_zone_threshold_after:  # T was chosen on records made with the old values
             lines.append((f"warning: {' and '.join(moved[m] for m in self.stale_zone_threshold_after)} changed but "

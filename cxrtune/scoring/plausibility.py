@@ -2,7 +2,7 @@
 
 Stage I finds "lungs" in whatever it is given: uniform noise, an inverted
 radiograph, a sideways or lateral film. Scored, those give confident nonsense (noise and an
-inverted CXR were scored 6). So after Stage I, and before Stage II, eight measurements of the
+inverted CXR were scored 6). So after Stage I, and before Stage II, nine measurements of the
 working image and its cleaned lung mask are checked against ranges calibrated on real CXRs
 (``bench/plausibility.py``; the thresholds, the data and the refusal rate are in
 docs/scoring.md and docs/BENCHMARKS.md). Any one out of range makes the record ``unscored`` with
@@ -28,12 +28,16 @@ OpenCV/numpy, each chosen for one failure:
   film shows lung bases at its top edge).
 * ``midline_share``: the lungs' share of the central tenth of the columns. The mediastinum
   separates the lungs of a frontal film; a lateral film's lung field spans the middle.
+* ``lung_gap``: the columns between the two lungs' boxes over the image's width (negative where
+  they overlap; None for one lung, which a whited-out hemithorax can leave). The mediastinum lies
+  between a frontal film's lungs; the two "lungs" Stage I draws in a lateral view can lie one in
+  front of the other.
 
 A calibrated bundle adds an appearance model (:class:`AppearanceModel`, fitted by ``cxrtune
 calibrate`` on its validation rows): the image around the lungs, reduced to 32 x 32 and
 histogram-equalised, must lie near the principal components of the frontal CXRs it was fitted on
 (scikit-learn's PCA; the reconstruction residual and the Mahalanobis distance in the components,
-each against 1.1 x its 99.9th percentile there). It refuses what the eight ranges let through: a film
+each against 1.1 x its 99.9th percentile there). It refuses what the nine ranges let through: a film
 turned sideways, an MRI slice, an inverted radiograph whose mediastinum the lungs still undercut.
 """
 
@@ -59,6 +63,7 @@ class Measurements:
     lung_aspect: float
     centre_row: float
     midline_share: float
+    lung_gap: float | None
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,8 @@ class PlausibilityRule:
     """The ranges a frontal CXR's measurements fall in. Calibrated on 1,000 COVID-QU-Ex Train
     images with the CPU accuracy bundle's Stage I (``bench/plausibility.py``, 2026-12-03): each
     bound is the extreme seen there moved outward by a quarter of the central 98 % range; for the
-    lungs' share, where that would reach 0, half the smallest share seen (docs/scoring.md)."""
+    lungs' share, where that would reach 0, half the smallest share seen (docs/scoring.md). The
+    lungs' gap, added later, the same way through another run of that bundle's recipe (2026-12-05)."""
     max_roughness: float = 0.031  # seen at most 0.027
     min_contrast: float = 0.026  # seen at least 0.116
     min_lung_fraction: float = 0.029  # seen 0.057-0.579
@@ -77,6 +83,7 @@ class PlausibilityRule:
     min_centre_row: float = 0.14  # seen 0.220-0.626
     max_centre_row: float = 0.70
     max_midline_share: float = 0.95  # seen at most 0.789
+    min_lung_gap: float = -0.02  # seen at least 0.012
 
     def failures(self, m: Measurements) -> list[str]:
         """Each range the measurements fall outside, said in words (empty: a frontal CXR's)."""
@@ -100,6 +107,9 @@ class PlausibilityRule:
             (m.midline_share <= self.max_midline_share,
              f"lung fills {m.midline_share:.0%} of the midline (at most {self.max_midline_share:.0%}): "
              "no mediastinum between the lungs, a lateral film?"),
+            (m.lung_gap is None or m.lung_gap >= self.min_lung_gap,
+             f"the lungs overlap in {-(m.lung_gap or 0):.0%} of the image's width (at most {-self.min_lung_gap:.0%}): "
+             "one behind the other, a lateral film?"),
         )
         return [message for ok, message in checks if not ok]
 
@@ -188,7 +198,7 @@ def fit_appearance(vectors: np.ndarray) -> AppearanceModel | None:
 
 @dataclass(frozen=True)
 class PlausibilityCheck:
-    """The whole check one bundle applies: the eight ranges, and its appearance model if it has one."""
+    """The whole check one bundle applies: the nine ranges, and its appearance model if it has one."""
     rule: PlausibilityRule = DEFAULT_RULE
     appearance: AppearanceModel | None = field(default=None, compare=False)
 
@@ -220,7 +230,7 @@ def measure(image: np.ndarray, lung: np.ndarray) -> Measurements:
     h, w = small.shape
     rows, cols = np.flatnonzero(lungs.any(axis=1)), np.flatnonzero(lungs.any(axis=0))
     if rows.size == 0:
-        return Measurements(roughness, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return Measurements(roughness, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)
     band = np.zeros_like(lungs)
     band[rows[0]:rows[-1] + 1, int(0.45 * w):int(np.ceil(0.55 * w))] = True
     mediastinum = band & ~lungs
@@ -230,5 +240,17 @@ def measure(image: np.ndarray, lung: np.ndarray) -> Measurements:
                         lung_height=float(rows[-1] - rows[0] + 1) / h, lung_width=float(cols[-1] - cols[0] + 1) / w,
                         lung_aspect=float(rows[-1] - rows[0] + 1) / float(cols[-1] - cols[0] + 1),
                         centre_row=float(ys.mean()) / h,
-                        midline_share=float(lungs[band].mean()))
+                        midline_share=float(lungs[band].mean()), lung_gap=lung_gap(lung))
+
+
+def lung_gap(lung: np.ndarray) -> float | None:
+    """The columns between the boxes of the two largest lung blobs over the mask's width (negative:
+    they overlap), measured at the mask's own size; None with fewer than two blobs."""
+    n, _, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(lung, dtype=np.uint8), connectivity=8)
+    if n < 3:
+        return None
+    two = 1 + np.argsort(-stats[1:, cv2.CC_STAT_AREA])[:2]
+    (_, a1), (b0, _) = sorted((int(stats[i, cv2.CC_STAT_LEFT]), int(stats[i, cv2.CC_STAT_LEFT] + stats[i, cv2.CC_STAT_WIDTH]))
+                               for i in two)
+    return (b0 - a1) / lung.shape[1]
 

@@ -97,7 +97,7 @@ def unscored_reason(image: np.ndarray, lung: np.ndarray, check: PlausibilityChec
 
 
 def load_plausibility(uri: str, meta: BundleMeta) -> PlausibilityCheck:
-    """The bundle's plausibility check: the eight ranges, with the appearance model that ``cxrtune
+    """The bundle's plausibility check: the nine ranges, with the appearance model that ``cxrtune
     calibrate`` stored in it (checked against its hash), if any."""
     if APPEARANCE_FILE not in meta.files:
         return DEFAULT_CHECK
