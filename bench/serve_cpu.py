@@ -146,7 +146,10 @@ def payload_bytes(bundle: Path, data: bytes) -> dict:
 
 
 def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration: float, threads: int,
-           runtime: str) -> dict:
+           runtime: str, ingress_env: dict[str, str] | None = None) -> dict:
+    """The app served on 127.0.0.1 with the CPU shapes (one replica per stage, batch 4), loaded at
+    each concurrency, then at half the peak's rate. ``ingress_env``: the ingress's environment
+    variables in place of the shipped config's."""
     import ray
     from ray import serve
     from serve_load import free_port, run_load, shipped_ingress_options
@@ -163,7 +166,7 @@ def served(bundle: Path, payloads: list[bytes], concurrency: list[int], duration
              "ray_actor_options": {"num_cpus": 0.5}}
     deployments = {"Stage1": stage, "Stage2": stage,
                    "Ingress": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
-                               "ray_actor_options": shipped_ingress_options()}}
+                               "ray_actor_options": shipped_ingress_options(ingress_env)}}
     settings = {"bundle": str(bundle), "max_batch_size": 4, "batch_wait_timeout_s": 0.02, "device": "cpu",
                 "runtime": runtime, "threads": threads,
                 "auth": "none"}  # a throughput measure on 127.0.0.1: no key on purpose

@@ -29,13 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shipped_ingress_options() -> dict:
+def shipped_ingress_options(env_vars: dict[str, str] | None = None) -> dict:
     """The ingress's ``ray_actor_options`` in the shipped CPU Serve config (its CPUs and glibc
-    settings), so that a bench serves through the ingress users deploy, not a copy that drifts."""
+    settings), so that a bench serves through the ingress users deploy, not a copy that drifts;
+    ``env_vars`` replaces its environment variables (bench/ingress_env_ab.py compares them)."""
     from cxrtune.resources import shipped
     from cxrtune.serving.deploy import load_config
 
-    return load_config(str(shipped("serve", "config.cpu.yaml")))[2]["Ingress"]["ray_actor_options"]
+    options = load_config(str(shipped("serve", "config.cpu.yaml")))[2]["Ingress"]["ray_actor_options"]
+    if env_vars is None:
+        return options
+    return {**options, "runtime_env": {**options.get("runtime_env", {}), "env_vars": dict(env_vars)}}
 
 
 def collect(paths: list[str]) -> list[bytes]:
