@@ -1,3 +1,3 @@
 """cxrtune: hyperparameter search on Ray for chest X-ray severity scoring."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
