@@ -11,8 +11,8 @@ not change the speed) as int8 ONNX, batch 4, one thread per stage, through
 ``bench/serve_cpu.py``'s ``served()``: concurrency 4 for ``--duration`` s after a warm-up, then
 half that rate. ``--arm NAME=JSON`` gives the ingress's environment variables; ``--arm shipped``
 (no value) is the shipped CPU config's. The arms run in rounds, the order reversed every other
-round (A B, B A, ...; an even number of rounds puts each arm first equally often) so that drift in
-the machine favours none. Prints one JSON object: the environment each arm ran with, its runs,
+round (A B, B A, ...; with two arms and an even number of rounds each goes first equally often)
+so that drift in the machine favours none. Prints one JSON object: the environment each arm ran with, its runs,
 each round's ratio of every arm to the first, and their medians.
 """
 

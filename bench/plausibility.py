@@ -150,7 +150,10 @@ def read_ct(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
+        series = reader.GetGDCMSeriesIDs(str(path))
+        if len(series) != 1:
+            raise ValueError(f"{path}: one DICOM series is needed, found {len(series)}")
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
         volume = reader.Execute()
     else:
         volume = sitk.ReadImage(str(path))
@@ -166,15 +169,20 @@ def read_ct(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def ct_projections(path: Path, angles: tuple[int, ...] = CT_ANGLES) -> dict[int, bytes]:
     """Radiographs projected from a CT (:func:`read_ct`; a digitally reconstructed radiograph,
     parallel rays): the CT turned by each angle about its long axis, attenuation summed along the
-    beam, each row and column at the CT's in-plane spacing, windowed from the 1st to the 99.5th
-    percentile, bone bright; the patient's right on the image's left, the head at the top. Only
-    the bench needs it, and no library here makes one from a CT.
+    beam (the axial plane first padded with air to a square, so that a lateral view keeps a
+    wider-than-deep field whole; an oblique one still loses the square's corners), each row and
+    column at the CT's in-plane spacing, windowed from the 1st to the 99.5th percentile, bone
+    bright; the patient's right on the image's left, the head at the top. Only the bench needs it,
+    and no library here makes one from a CT.
 
     Returns:
         PNG bytes per angle."""
     from scipy.ndimage import rotate
 
     mu, spacing = read_ct(path)
+    _, ny, nx = mu.shape
+    side = max(ny, nx)
+    mu = np.pad(mu, ((0, 0), ((side - ny) // 2, (side - ny + 1) // 2), ((side - nx) // 2, (side - nx + 1) // 2)))
     out = {}
     for angle in angles:
         turned = rotate(mu, -angle, axes=(1, 2), reshape=False, order=1, cval=0.0) if angle else mu  # x toward y
@@ -191,9 +199,10 @@ def projection_report(scorer, check: PlausibilityCheck, real_margins: list[dict]
     """Per angle: the check's verdict on each volume's projection (:func:`ct_projections`), the
     measurements, and how far inside or outside the appearance model's limits each lies, with how
     many real CXRs lie as far out (no residual limit can refuse one and score those)."""
-    projected = {f"{path.parent.name}/{path.name}": ct_projections(path, angles) for path in volumes}
-    if len(projected) < len(volumes):
-        raise ValueError("two volumes with the same folder and name: give them apart")
+    names = [str(Path(path.resolve().parent.name) / path.name) for path in volumes]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two volumes with the same folder and name: {names}")
+    projected = {name: ct_projections(path, angles) for name, path in zip(names, volumes)}
     report = {}
     for angle in angles:
         seen = stage_one(scorer, [views[angle] for views in projected.values()])

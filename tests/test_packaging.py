@@ -1,12 +1,14 @@
 """The wheel cluster.yaml installs carries serve/, search_spaces/ and configs/, and cxrtune finds
 them in an installed wheel, away from the source tree."""
 
+import re
 import subprocess
 import sys
 import zipfile
 
 import pytest
 
+import cxrtune
 from cxrtune.errors import CxrtuneError
 from cxrtune.resources import shipped
 from tests.conftest import ROOT
@@ -25,6 +27,9 @@ def test_the_wheel_carries_and_finds_them(tmp_path):
                         str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("cxrtune-*.whl"))
+    assert wheel.name == f"cxrtune-{cxrtune.__version__}-py3-none-any.whl"  # pyproject reads the one version
+    installed = re.findall(r"cxrtune-[^/\s]+\.whl", (ROOT / "cluster.yaml").read_text())
+    assert installed and set(installed) == {wheel.name}  # the wheel cluster.yaml installs is this one
     names = zipfile.ZipFile(wheel).namelist()
     for kind, name in (("serve", "config.yaml"), ("serve", "config.cpu.yaml"),
                        ("search_spaces", "lung_segmentation.yaml"), ("search_spaces", "disease_segmentation.yaml"),

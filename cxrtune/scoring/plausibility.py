@@ -31,9 +31,10 @@ OpenCV/numpy, each chosen for one failure:
 * ``lung_gap``: the columns between the two lungs' boxes over the image's width (negative where
   they overlap), measured on the mask at its own size. The mediastinum lies between a frontal
   film's lungs; the two "lungs" Stage I draws in a lateral view can lie one in front of the other.
-  None for one lung: a whited-out hemithorax can leave one, and so can the lung cleanup, which
-  drops a second blob overlapping the first by more than half its own width; so a larger overlap
-  than the cleanup keeps is not judged here.
+  None for one lung: a whited-out hemithorax can leave one, and so can Stage I's two "lungs" when
+  they touch (one blob) or when the lung cleanup drops the second (overlapping the first by more
+  than half its own width, or level with it over less than half its height); those are not
+  judged here.
 
 A calibrated bundle adds an appearance model (:class:`AppearanceModel`, fitted by ``cxrtune
 calibrate`` on its validation rows): the image around the lungs, reduced to 32 x 32 and
