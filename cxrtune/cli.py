@@ -123,7 +123,8 @@ def _bundle_legacy(args) -> None:
 def _calibrate(args) -> None:
     options = evaluation.CalibrateOptions(
         split=args.split, cls_split=args.cls_split, reference=args.reference, specificity=args.specificity,
-        reference_threshold=args.reference_threshold, limit=args.limit, what=tuple(w.strip() for w in args.what.split(",")))
+        reference_threshold=args.reference_threshold, limit=args.limit, what=tuple(w.strip() for w in args.what.split(",")),
+        not_frontal=tuple(args.not_frontal or ()))
     outcome = evaluation.calibrate_bundle(args.bundle, args.out, manifest.load_manifest(args.manifest), options,
                                           args.device)
     for line, to_stderr in outcome.lines(options.what):
@@ -378,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--what", default="cls,opacity,zone,appearance",
                      help="what to calibrate, comma-separated: cls (T_cls), opacity (Stage II's map), zone (T), "
                           "appearance (the plausibility check's model of frontal CXRs, fitted on --cls-split)")
+    cal.add_argument("--not-frontal", nargs="+", metavar="PATH",
+                     help="radiographs known not to be frontal CXRs (a site's laterals: files, folders, s3:// "
+                          "prefixes or manifests): fit the plausibility check's view model against --cls-split")
     cal.add_argument("--split", default="train,val", help="rows for the zone threshold (never test; 'all' = every row)")
     cal.add_argument("--cls-split", default="val",
                      help="labelled rows for T_cls, the opacity cut and the appearance model (validation data)")

@@ -114,8 +114,10 @@ def check_image(image: np.ndarray) -> None:
         raise InputRefused("blank image: every pixel has the same value")
 
 
-def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE) -> Scan:
+def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE, header_rules: bool = True) -> Scan:
     """Bytes (PNG 8/16-bit, JPEG, DICOM) -> a checked :class:`Scan` at the working size.
+    ``header_rules=False`` reads a DICOM that the header rules would refuse (a lateral view: the
+    not-frontal radiographs that ``cxrtune calibrate --not-frontal`` fits on); the limits hold.
 
     Raises UnsupportedFormatError (not an image), ImageTooLargeError (bytes or pixels over
     ``limits``), ImageDecodeError (corrupt) or :class:`InputRefused` (rules)."""
@@ -128,7 +130,7 @@ def load_scan(data: bytes, limits=None, work_size: int = WORK_SIZE) -> Scan:
     header = None
     if fmt == "dicom":
         dcm = read_dicom(data, limits=limits)
-        reason = dcm.header.exclusion_reason(min_age=0)  # age is not a reason to refuse a score
+        reason = dcm.header.exclusion_reason(min_age=0) if header_rules else None  # age refuses no score
         if reason:
             raise InputRefused(f"DICOM not scorable: {reason}")
         image, header = dcm.pixels, dcm.header

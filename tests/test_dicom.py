@@ -26,7 +26,7 @@ from cxrtune.dicom import (
     read_dicom,
     read_header,
 )
-from cxrtune.errors import CxrtuneError, ImageDecodeError
+from cxrtune.errors import CxrtuneError, ImageDecodeError, ImageTooLargeError
 from tests.conftest import need_shared
 
 SECRET_ID = "PATIENT-SECRET-4711"
@@ -84,6 +84,20 @@ def make_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
 def gradient(bits: int = 12) -> np.ndarray:
     y, x = np.mgrid[0:64, 0:48]
     return ((x + 2 * y) / (47 + 126) * (2**bits - 1)).astype(np.uint16)
+
+
+def test_a_lateral_is_refused_for_scoring_and_read_for_the_view_model_without_the_header_rules(tmp_path):
+    """Scoring refuses a DICOM whose ViewPosition says lateral; `calibrate --not-frontal` reads it
+    (header_rules=False), with the pixel limits still in force."""
+    from cxrtune.preprocessing import InputRefused, Limits, load_scan
+
+    data = make_dicom(tmp_path / "lateral.dcm", (gradient() >> 4).astype(np.uint8), ViewPosition="LL").read_bytes()
+    with pytest.raises(InputRefused, match=r"non-frontal view \(ViewPosition LL\)"):
+        load_scan(data)
+    scan = load_scan(data, header_rules=False)
+    assert scan.format == "dicom" and (scan.height, scan.width) == (64, 48)
+    with pytest.raises(ImageTooLargeError, match="over the pixel limit"):
+        load_scan(data, Limits(max_pixels=1000), header_rules=False)
 
 
 def test_monochrome1_with_inverted_values_is_the_same_picture(tmp_path):

@@ -14,12 +14,18 @@ from cxrtune.data.phantom import make_phantom
 from cxrtune.images import encode_png
 from cxrtune.scoring.plausibility import (
     APPEARANCE_FILE,
+    DEFAULT_CHECK,
     DEFAULT_RULE,
     MIN_APPEARANCE_IMAGES,
+    MIN_NOT_FRONTAL_IMAGES,
+    NOT_FRONTAL,
+    VIEW_FILE,
     AppearanceModel,
     PlausibilityCheck,
+    ViewModel,
     appearance_vector,
     fit_appearance,
+    fit_view,
     measure,
 )
 from cxrtune.scoring.scorer import NO_LUNGS, build_record, load_bundle, unscored_reason
@@ -228,28 +234,94 @@ def test_the_appearance_model_is_arrays_read_without_pickle_and_needs_enough_ima
     assert fit_appearance(vectors) is None  # ten components of 199 images would fit those images
 
 
-def test_calibrate_fits_the_appearance_model_into_the_new_bundle(phantom_bundle, tmp_path):
-    """`cxrtune calibrate --what appearance` on 210 validation phantoms stores the model in the
-    new bundle, listed with its hash; the scorer loaded from it refuses an upside-down phantom
-    that the bundle without it scores."""
+def test_calibrate_fits_the_appearance_and_view_models_into_the_new_bundle(phantom_bundle, tmp_path):
+    """`cxrtune calibrate --what appearance --not-frontal DIR` on 210 validation phantoms and 30
+    phantom laterals (beside one corrupt file, skipped) stores both models in the new bundle,
+    listed with their hashes; the scorer loaded from it refuses an upside-down phantom that the
+    bundle without them scores, and laterals it was not fitted on for their view."""
     import json
 
     from cxrtune.data.phantom import write_phantoms
 
     df = write_phantoms(tmp_path / "val", 210, size=128, seed=7)
     df.assign(split="val").to_parquet(tmp_path / "val" / "manifest.parquet")
+    laterals = tmp_path / "laterals"
+    laterals.mkdir()
+    for seed in range(30):
+        (laterals / f"{seed}.png").write_bytes(encode_png((lateral(seed, 128) * 255).astype(np.uint8)))
+    (laterals / "cut.png").write_bytes((laterals / "0.png").read_bytes()[:200])
     out = tmp_path / "with-appearance"
     r = cli_in_process("calibrate", str(phantom_bundle), "--out", str(out), "--manifest",
-                       str(tmp_path / "val" / "manifest.parquet"), "--what", "appearance")
+                       str(tmp_path / "val" / "manifest.parquet"), "--what", "appearance", "--not-frontal", str(laterals))
     assert "appearance model: 10 components of" in r.stdout
+    assert "view model: 210 validation images against 30 not-frontal ones" in r.stdout
+    assert "; 1 not-frontal file(s) skipped" in r.stdout  # the corrupt one
     meta = json.loads((out / "bundle.json").read_text())
-    assert APPEARANCE_FILE in meta["files"]
+    assert APPEARANCE_FILE in meta["files"] and VIEW_FILE in meta["files"]
     calibrated, plain = load_bundle(str(out), device="cpu"), load_bundle(str(phantom_bundle), device="cpu")
     assert calibrated.plausibility.appearance is not None and calibrated.plausibility.appearance.n >= 200
-    assert plain.plausibility.appearance is None
+    assert calibrated.plausibility.view is not None and calibrated.plausibility.view.n_not_frontal == 30
+    assert plain.plausibility.appearance is None and plain.plausibility.view is None
     ph = make_phantom(128, "normal", seed=4242)
     wrong = np.ascontiguousarray(ph.image[::-1, ::-1]).astype(np.float32)
     (record, _), = calibrated.score_images([wrong])
     assert record["status"] == "unscored" and "does not look like" in record["reason"], record
     (right, _), = calibrated.score_images([ph.image.astype(np.float32)])
     assert right["status"] in ("scored", "partial"), right
+    unseen = [record for record, _ in calibrated.score_images([lateral(seed, 128) for seed in range(600, 610)])]
+    assert all("looks like the not-frontal views" in record["reason"] for record in unseen), unseen
+
+
+def lateral(seed: int, size: int = 256) -> np.ndarray:
+    """A phantom lateral chest film: one lung field across the middle, the spine bright behind it,
+    the heart in front and below, facing left or right by the seed."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    spine, front = rng.uniform(0.74, 0.82), rng.uniform(0.14, 0.22)
+    body = (xs > front - 0.06) & (xs < spine + 0.1)
+    img = np.where(body, 0.45, 0.04).astype(np.float32)
+    field = (xs > front + 0.04) & (xs < spine - 0.03) & (ys > 0.12) & (ys < 0.78 - 0.25 * (xs - 0.5) ** 2)
+    img = np.where(field, 0.2 + 0.08 * ys, img)
+    img = np.where(np.abs(xs - spine - 0.04) < 0.035, 0.8 - 0.1 * (np.sin(ys * 60) > 0.6), img)  # vertebrae
+    heart = ((xs - front - 0.3) / 0.17) ** 2 + ((ys - 0.55) / 0.22) ** 2 < 1
+    img = np.where(heart & field, 0.5, img) + rng.normal(0, 0.01, img.shape).astype(np.float32)
+    img = np.clip(img, 0, 1)
+    return np.ascontiguousarray(img[:, ::-1]) if seed % 2 else img
+
+
+@pytest.fixture(scope="module")
+def view(appearance) -> ViewModel:
+    """The view model of the 220 frontal phantoms against 40 phantom laterals, with the frontal
+    phantoms' true lungs standing for the "lungs" Stage I draws on a lateral (as calibrate fits it
+    on a bundle's validation rows against a site's laterals)."""
+    frontal = [phantom(seed, ("covid", "normal")[seed % 2]) for seed in range(220)]
+    others = [appearance_vector(lateral(seed), frontal[seed][1]) for seed in range(40)]
+    model = fit_view(np.array([appearance_vector(image, lung) for image, lung in frontal]), np.array(others))
+    assert model is not None and (model.n_frontal, model.n_not_frontal) == (220, 40)
+    return model
+
+
+def test_the_view_model_refuses_laterals_it_was_not_fitted_on_and_scores_frontal_cxrs(appearance, view):
+    check = PlausibilityCheck(appearance=appearance, view=view)
+    unseen = [phantom(seed, ("covid", "normal")[seed % 2]) for seed in range(1000, 1020)]
+    assert [check.refusal(image, lung) for image, lung in unseen] == [None] * 20
+    for seed in range(500, 510):
+        reason = check.refusal(lateral(seed), unseen[seed % 20][1])
+        assert reason and "looks like the not-frontal views the bundle was calibrated with" in reason, reason
+        # the nine ranges let it through; the view model alone refuses it
+        assert DEFAULT_CHECK.refusal(lateral(seed), unseen[seed % 20][1]) is None
+        assert PlausibilityCheck(view=view).refusal(lateral(seed), unseen[seed % 20][1]) == (
+            NOT_FRONTAL + view.failure(lateral(seed), unseen[seed % 20][1]))
+
+
+def test_the_view_model_is_arrays_read_without_pickle_and_needs_enough_images(view):
+    again = ViewModel.from_bytes(view.to_bytes())
+    for name in ("weights", "bias", "limit"):
+        assert np.array_equal(getattr(again, name), getattr(view, name))
+    assert again.summary() == view.summary() == {"frontal_images": 220, "not_frontal_images": 40,
+                                                 "limit": round(float(view.limit[0]), 4)}
+    frontal = np.array([appearance_vector(*phantom(seed)) for seed in range(MIN_APPEARANCE_IMAGES)])
+    lungs = phantom(0)[1]
+    few = np.array([appearance_vector(lateral(seed), lungs) for seed in range(MIN_NOT_FRONTAL_IMAGES - 1)])
+    assert fit_view(frontal, few) is None  # a handful of laterals is one patient's, not a view's
+    assert fit_view(frontal[:-1], np.vstack([few, few[:1]])) is None

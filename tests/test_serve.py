@@ -346,7 +346,7 @@ def test_health_models_and_openapi(server):
     assert models["opacity_threshold"] == 0.3 and models["opacity_calibration"]["method"] == "max_dice"
     assert models["audits"] == {} and models["stage_audits"] == {"lung": {}, "disease": {}}
     # the check before Stage II: the ranges; no appearance model (calibrated on 24 phantoms, not 200)
-    assert models["plausibility"] == {"rule": asdict(DEFAULT_RULE), "appearance": None}
+    assert models["plausibility"] == {"rule": asdict(DEFAULT_RULE), "appearance": None, "view": None}
     gated = requests.get(f"{server}/blind/v1/models", headers={"X-API-Key": KEY}).json()
     assert gated["audits"] == {"gates": BLIND_GATES}  # the release gates the bundle passed
     spec = requests.get(f"{server}/openapi.json").json()

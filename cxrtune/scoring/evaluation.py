@@ -23,7 +23,18 @@ from ..plots import pyplot, save_figure
 from ..preprocessing import load_scan
 from ..zones import DEFAULT_ZONE_THRESHOLD
 from . import agreement
-from .plausibility import APPEARANCE_FILE, MIN_APPEARANCE_IMAGES, AppearanceModel, appearance_vector, fit_appearance
+from .batch_scoring import expand_inputs
+from .plausibility import (
+    APPEARANCE_FILE,
+    MIN_APPEARANCE_IMAGES,
+    MIN_NOT_FRONTAL_IMAGES,
+    VIEW_FILE,
+    AppearanceModel,
+    ViewModel,
+    appearance_vector,
+    fit_appearance,
+    fit_view,
+)
 from .record import STATUSES
 from .scorer import (
     Scorer,
@@ -186,7 +197,10 @@ class CalibrateOptions:
         specificity: T_cls at this specificity instead of maximum F1.
         limit: rows per split at most (a stratified sample).
         what: which of ``cls``, ``opacity``, ``zone`` to choose, and ``appearance``: fit the
-            plausibility check's appearance model (:mod:`.plausibility`) on the ``cls_split`` rows."""
+            plausibility check's appearance model (:mod:`.plausibility`) on the ``cls_split`` rows.
+        not_frontal: radiographs known not to be frontal CXRs (files, folders, ``s3://``
+            prefixes or manifests; a site's laterals): with ``appearance``, fit the check's view
+            model on the ``cls_split`` rows against them."""
     split: str | None = "train,val"
     cls_split: str | None = "val"
     reference: str = "auto"
@@ -194,6 +208,7 @@ class CalibrateOptions:
     specificity: float | None = None
     limit: int | None = None
     what: tuple[str, ...] = CALIBRATE_WHAT
+    not_frontal: tuple[str, ...] = ()
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -201,6 +216,8 @@ class CalibrateOptions:
         if unknown or not self.what:
             raise CxrtuneError(f"--what {','.join(self.what)!r}: choose from cls, opacity, zone and appearance "
                                "(comma-separated)")
+        if self.not_frontal and "appearance" not in self.what:
+            raise CxrtuneError("--not-frontal fits the view model beside the appearance model: add appearance to --what")
 
 
 @dataclass(frozen=True)
@@ -214,6 +231,9 @@ class CalibrationResult:
     opacity_curve: list = field(default_factory=list)
     appearance: AppearanceModel | None = None
     appearance_images: int = 0  # images with lungs it was (or, below MIN_APPEARANCE_IMAGES, would have been) fitted on
+    view: ViewModel | None = None
+    not_frontal_images: int = 0  # --not-frontal images with lungs the view model was (or would have been) fitted on
+    not_frontal_unread: int = 0  # --not-frontal files not read (corrupt, not an image) or without lungs
 
     def bundle_changes(self) -> dict:
         """The bundle.json fields this result sets (:func:`~cxrtune.model.artifacts.derive_bundle`)."""
@@ -225,8 +245,9 @@ class CalibrationResult:
         return out
 
     def bundle_contents(self) -> dict[str, bytes]:
-        """The files this result adds to the calibrated bundle: the appearance model, if fitted."""
-        return {APPEARANCE_FILE: self.appearance.to_bytes()} if self.appearance is not None else {}
+        """The files this result adds to the calibrated bundle: the appearance and view models, if fitted."""
+        return {name: model.to_bytes() for name, model in ((APPEARANCE_FILE, self.appearance), (VIEW_FILE, self.view))
+                if model is not None}
 
 
 def _refuse_test_rows(what_split: str, chosen: str | None, rows: pd.DataFrame) -> None:
@@ -265,7 +286,10 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
       (``masks``); ``auto`` takes a reader if the manifest has exactly one, else zone columns,
       else masks. Never the test split. Refinement uses the new T_cls and opacity threshold.
     * The appearance model (:func:`~.plausibility.fit_appearance`) on the ``cls_split`` rows with
-      lungs; none below ``MIN_APPEARANCE_IMAGES`` of them.
+      lungs; none below ``MIN_APPEARANCE_IMAGES`` of them. With ``not_frontal``, the view model
+      (:func:`~.plausibility.fit_view`) of those rows against the not-frontal radiographs with
+      lungs: each is read without the DICOM header rules (a lateral's ViewPosition would refuse
+      it); one that cannot be read is counted and skipped.
 
     The ``cls_split`` rows go through both stages once for the first two; the ``split`` rows are
     scored once, unrefined, for T (T_cls is applied to the stored probabilities). The scorer
@@ -303,6 +327,10 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     if "appearance" in what:
         out["appearance"] = fit_appearance(np.array(looks)) if looks else None
         out["appearance_images"] = len(looks)
+    if options.not_frontal:
+        others, out["not_frontal_unread"] = not_frontal_vectors(scorer, options.not_frontal, progress)
+        out["not_frontal_images"] = len(others)
+        out["view"] = fit_view(np.array(looks), np.array(others))
     t_cls = scorer.thresholds.cls
     if "cls" in what and probs:
         prob, label = (np.array(column) for column in zip(*probs))
@@ -343,6 +371,27 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     return CalibrationResult(**out)
 
 
+def not_frontal_vectors(scorer: Scorer, paths: tuple[str, ...], progress: bool) -> tuple[list[np.ndarray], int]:
+    """The :func:`~.plausibility.appearance_vector` of each radiograph under ``paths`` whose lungs
+    Stage I finds, read without the DICOM header rules, and how many files gave none (unreadable,
+    not an image, no lungs: skipped, each logged by its reason alone, since a path may name a patient)."""
+    vectors: list[np.ndarray] = []
+    uris = expand_inputs(list(paths))
+    unread = 0
+    for start in tqdm(range(0, len(uris), scorer.batch_size), desc="not-frontal", disable=not progress):
+        scans = []
+        for uri in uris[start:start + scorer.batch_size]:
+            try:
+                scans.append(load_scan(storage.read_bytes(uri), header_rules=False).image)
+            except CxrtuneError as exc:
+                unread += 1
+                log.warning("a --not-frontal file is skipped: %s", exc)
+        lungs = scorer.lung_masks(scans) if scans else []
+        vectors += [appearance_vector(image, lung) for image, lung in zip(scans, lungs) if has_lungs(lung)]
+        unread += sum(not has_lungs(lung) for lung in lungs)
+    return vectors, unread
+
+
 @dataclass(frozen=True)
 class BundleCalibration:
     """:func:`calibrate_bundle`'s outcome: the result, and the thresholds that moved while T
@@ -375,6 +424,14 @@ class BundleCalibration:
         elif "appearance" in what:
             lines.append((f"appearance model not fitted: {self.result.appearance_images} --cls-split image(s) with "
                           f"lungs, {MIN_APPEARANCE_IMAGES} needed; the check keeps its nine ranges only", True))
+        v, r = self.result.view, self.result
+        if v is not None:
+            lines.append((f"view model: {v.n_frontal} validation images against {v.n_not_frontal} not-frontal ones "
+                          f"(limit {v.limit[0]:.2f}); {r.not_frontal_unread} not-frontal file(s) skipped", False))
+        elif r.not_frontal_images or r.not_frontal_unread:
+            lines.append((f"view model not fitted: {r.appearance_images} validation and {r.not_frontal_images} "
+                          f"not-frontal image(s) with lungs ({r.not_frontal_unread} skipped), {MIN_APPEARANCE_IMAGES} "
+                          f"and {MIN_NOT_FRONTAL_IMAGES} needed", True))
         moved = {"cls": "T_cls", "opacity": "the opacity threshold"}
         if self.stale_zone_threshold_after:  # T was chosen on records made with the old values
             lines.append((f"warning: {' and '.join(moved[m] for m in self.stale_zone_threshold_after)} changed but "

@@ -42,6 +42,14 @@ histogram-equalised, must lie near the principal components of the frontal CXRs 
 (scikit-learn's PCA; the reconstruction residual and the Mahalanobis distance in the components,
 each against 1.1 x its 99.9th percentile there). It refuses what the nine ranges let through: a film
 turned sideways, an MRI slice, an inverted radiograph whose mediastinum the lungs still undercut.
+
+What neither refuses reliably is a lateral film: a one-class model of frontal CXRs, fitted on
+frontal CXRs alone, let half the laterals projected from chest CTs through (docs/scoring.md). So a
+bundle may also hold a view model (:class:`ViewModel`), fitted by ``cxrtune calibrate
+--not-frontal`` on the validation rows against radiographs known not to be frontal CXRs: a site's
+own laterals, found in its PACS by ViewPosition. It is scikit-learn's logistic regression on the
+same thumbnails, its limit set on the frontal rows' cross-validated scores, so that a frontal CXR
+it was not fitted on is refused as rarely as by the ranges.
 """
 
 from __future__ import annotations
@@ -199,22 +207,94 @@ def fit_appearance(vectors: np.ndarray) -> AppearanceModel | None:
     return AppearanceModel(fitted.mean, fitted.components, fitted.variances, limits, len(vectors))
 
 
+VIEW_FILE = "view.npz"  # in a bundle calibrated with --not-frontal, listed with its hash in bundle.json
+MIN_NOT_FRONTAL_IMAGES = 20  # fewer: no view model (a handful of laterals is one patient's, not a view's)
+VIEW_REGULARISATION = 0.1  # logistic regression's C: thousands of frontal rows against tens to hundreds of others
+VIEW_ARRAYS = ("weights", "bias", "limit")
+
+
+@dataclass(frozen=True, eq=False)
+class ViewModel:
+    """A linear score on :func:`appearance_vector` that is high for the not-frontal radiographs it
+    was fitted on (a site's laterals) and low for its frontal CXRs, and the limit above which an
+    input is refused. Arrays only: stored as an ``.npz`` read without pickle."""
+    weights: np.ndarray  # (1024,)
+    bias: np.ndarray  # (1,)
+    limit: np.ndarray  # (1,)
+    n_frontal: int
+    n_not_frontal: int
+
+    def score(self, vector: np.ndarray) -> float:
+        """The log-odds that ``vector`` is one of the not-frontal kind."""
+        return float(vector @ self.weights + self.bias[0])
+
+    def failure(self, image: np.ndarray, lung: np.ndarray) -> str | None:
+        """Why the image around the lungs looks like the not-frontal views fitted on, or None."""
+        score = self.score(appearance_vector(image, lung))
+        if score <= self.limit[0]:
+            return None
+        return (f"the image around the lungs looks like the not-frontal views the bundle was calibrated with "
+                f"(view score {score:.2f}, limit {self.limit[0]:.2f}): a lateral film?")
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, n=np.array([self.n_frontal, self.n_not_frontal]), **{name: getattr(self, name) for name in VIEW_ARRAYS})
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ViewModel":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            n_frontal, n_not_frontal = (int(v) for v in z["n"])
+            return cls(**{name: z[name].astype(np.float32) for name in VIEW_ARRAYS}, n_frontal=n_frontal,
+                       n_not_frontal=n_not_frontal)
+
+    def summary(self) -> dict:
+        """What /v1/models and the model card say about it."""
+        return {"frontal_images": self.n_frontal, "not_frontal_images": self.n_not_frontal,
+                "limit": round(float(self.limit[0]), 4)}
+
+
+def fit_view(frontal: np.ndarray, not_frontal: np.ndarray) -> ViewModel | None:
+    """The view model of frontal CXRs' :func:`appearance_vector` rows against not-frontal ones
+    (balanced logistic regression), or None with fewer than ``MIN_APPEARANCE_IMAGES`` frontal or
+    ``MIN_NOT_FRONTAL_IMAGES`` other rows. The limit is the 99.9th percentile of the frontal rows'
+    five-fold cross-validated scores (scores of models not fitted on them), moved up by a quarter of
+    those scores' central 98 % range: the ranges' own rule (:class:`PlausibilityRule`)."""
+    from sklearn.linear_model import LogisticRegression  # here: only calibration fits; serving only reads
+    from sklearn.model_selection import cross_val_predict
+
+    if len(frontal) < MIN_APPEARANCE_IMAGES or len(not_frontal) < MIN_NOT_FRONTAL_IMAGES:
+        return None
+    x = np.vstack([frontal, not_frontal]).astype(np.float64)
+    y = np.r_[np.zeros(len(frontal)), np.ones(len(not_frontal))]
+    model = LogisticRegression(C=VIEW_REGULARISATION, class_weight="balanced", max_iter=5000)
+    unseen = cross_val_predict(model, x, y, cv=5, method="decision_function")[: len(frontal)]
+    low, high, top = np.quantile(unseen, (0.01, 0.99, 0.999))
+    model.fit(x, y)
+    return ViewModel(weights=model.coef_[0].astype(np.float32), bias=model.intercept_.astype(np.float32),
+                     limit=np.array([top + 0.25 * (high - low)], np.float32), n_frontal=len(frontal),
+                     n_not_frontal=len(not_frontal))
+
+
 @dataclass(frozen=True)
 class PlausibilityCheck:
-    """The whole check one bundle applies: the nine ranges, and its appearance model if it has one."""
+    """The whole check one bundle applies: the nine ranges, and its appearance and view models if
+    it has them."""
     rule: PlausibilityRule = DEFAULT_RULE
     appearance: AppearanceModel | None = field(default=None, compare=False)
+    view: ViewModel | None = field(default=None, compare=False)
 
     def refusal(self, image: np.ndarray, lung: np.ndarray) -> str | None:
         """Why the image and its lungs are not a frontal chest radiograph's, or None."""
         failed = self.rule.failures(measure(image, lung))
-        appearance = self.appearance.failure(image, lung) if self.appearance is not None else None
-        failed += [appearance] if appearance else []
+        failed += [reason for model in (self.appearance, self.view) if model is not None
+                   for reason in (model.failure(image, lung),) if reason]
         return NOT_FRONTAL + "; ".join(failed) if failed else None
 
     def summary(self) -> dict:
         return {"rule": asdict(self.rule),
-                "appearance": self.appearance.summary() if self.appearance is not None else None}
+                "appearance": self.appearance.summary() if self.appearance is not None else None,
+                "view": self.view.summary() if self.view is not None else None}
 
 
 DEFAULT_CHECK = PlausibilityCheck()

@@ -53,7 +53,7 @@ from ..preprocessing import (
 )
 from ..zones import DEFAULT_ZONE_THRESHOLD
 from .onnx_runtime import ONNX_RUNTIMES, RUNTIMES, load_onnx_stage, onnxruntime_available
-from .plausibility import APPEARANCE_FILE, DEFAULT_CHECK, AppearanceModel, PlausibilityCheck
+from .plausibility import APPEARANCE_FILE, DEFAULT_CHECK, VIEW_FILE, AppearanceModel, PlausibilityCheck, ViewModel
 from .record import ScoreRecord
 
 MIN_LUNG_FRACTION = 0.005  # cleaned lungs under this share of the image: no lungs found
@@ -97,11 +97,14 @@ def unscored_reason(image: np.ndarray, lung: np.ndarray, check: PlausibilityChec
 
 
 def load_plausibility(uri: str, meta: BundleMeta) -> PlausibilityCheck:
-    """The bundle's plausibility check: the nine ranges, with the appearance model that ``cxrtune
-    calibrate`` stored in it (checked against its hash), if any."""
-    if APPEARANCE_FILE not in meta.files:
+    """The bundle's plausibility check: the nine ranges, with the appearance and view models that
+    ``cxrtune calibrate`` stored in it (each checked against its hash), if any."""
+    if APPEARANCE_FILE not in meta.files and VIEW_FILE not in meta.files:
         return DEFAULT_CHECK
-    return PlausibilityCheck(appearance=AppearanceModel.from_bytes(read_bundle_file(uri, APPEARANCE_FILE, meta)))
+    appearance = (AppearanceModel.from_bytes(read_bundle_file(uri, APPEARANCE_FILE, meta))
+                  if APPEARANCE_FILE in meta.files else None)
+    view = ViewModel.from_bytes(read_bundle_file(uri, VIEW_FILE, meta)) if VIEW_FILE in meta.files else None
+    return PlausibilityCheck(appearance=appearance, view=view)
 
 
 def build_record(lung: np.ndarray, opacity: np.ndarray | None, p_disease: float | None, threshold: float,
