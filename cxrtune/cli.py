@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "prefixes or manifests): fit the plausibility check's view model against --cls-split")
     cal.add_argument("--split", default="train,val", help="rows for the zone threshold (never test; 'all' = every row)")
     cal.add_argument("--cls-split", default="val",
-                     help="labelled rows for T_cls, the opacity cut and the appearance model (validation data)")
+                     help="labelled rows for T_cls, the opacity cut and the appearance and view models (validation data)")
     cal.add_argument("--specificity", type=float,
                      help="T_cls operating point: this specificity on normals (default: maximum F1)")
     cal.add_argument("--reference", default="auto",

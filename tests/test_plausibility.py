@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from cxrtune.data.phantom import make_phantom
+from cxrtune.errors import CxrtuneError
 from cxrtune.images import encode_png
+from cxrtune.scoring.evaluation import CalibrateOptions
 from cxrtune.scoring.plausibility import (
     APPEARANCE_FILE,
     DEFAULT_CHECK,
@@ -31,6 +33,7 @@ from cxrtune.scoring.plausibility import (
 from cxrtune.scoring.scorer import NO_LUNGS, build_record, load_bundle, unscored_reason
 from cxrtune.zones import clean_lungs
 from tests.conftest import cli_in_process
+from tests.test_dicom import make_dicom
 
 SAMPLES = Path(matplotlib.get_data_path()) / "sample_data"
 
@@ -245,22 +248,26 @@ def test_calibrate_fits_the_appearance_and_view_models_into_the_new_bundle(phant
 
     df = write_phantoms(tmp_path / "val", 210, size=128, seed=7)
     df.assign(split="val").to_parquet(tmp_path / "val" / "manifest.parquet")
-    laterals = tmp_path / "laterals"
+    laterals = tmp_path / "DOE_JOHN_laterals"
     laterals.mkdir()
     for seed in range(30):
         (laterals / f"{seed}.png").write_bytes(encode_png((lateral(seed, 128) * 255).astype(np.uint8)))
     (laterals / "cut.png").write_bytes((laterals / "0.png").read_bytes()[:200])
+    # from a PACS export: a lateral DICOM (read, though scoring refuses it) and a PA one (left out)
+    make_dicom(laterals / "ll.dcm", (lateral(30, 128) * 255).astype(np.uint8), ViewPosition="LL")
+    make_dicom(laterals / "pa.dcm", (make_phantom(128, "normal", seed=99).image * 255).astype(np.uint8))
     out = tmp_path / "with-appearance"
     r = cli_in_process("calibrate", str(phantom_bundle), "--out", str(out), "--manifest",
                        str(tmp_path / "val" / "manifest.parquet"), "--what", "appearance", "--not-frontal", str(laterals))
     assert "appearance model: 10 components of" in r.stdout
-    assert "view model: 210 validation images against 30 not-frontal ones" in r.stdout
-    assert "; 1 not-frontal file(s) skipped" in r.stdout  # the corrupt one
+    assert "view model: 210 validation images against 31 not-frontal ones" in r.stdout
+    assert "; 2 not-frontal file(s) skipped" in r.stdout  # the corrupt one, and the PA
+    assert "--not-frontal row 30 not scored: " in r.stderr and "DOE_JOHN" not in r.stderr + r.stdout
     meta = json.loads((out / "bundle.json").read_text())
     assert APPEARANCE_FILE in meta["files"] and VIEW_FILE in meta["files"]
     calibrated, plain = load_bundle(str(out), device="cpu"), load_bundle(str(phantom_bundle), device="cpu")
     assert calibrated.plausibility.appearance is not None and calibrated.plausibility.appearance.n >= 200
-    assert calibrated.plausibility.view is not None and calibrated.plausibility.view.n_not_frontal == 30
+    assert calibrated.plausibility.view is not None and calibrated.plausibility.view.n_not_frontal == 31
     assert plain.plausibility.appearance is None and plain.plausibility.view is None
     ph = make_phantom(128, "normal", seed=4242)
     wrong = np.ascontiguousarray(ph.image[::-1, ::-1]).astype(np.float32)
@@ -270,6 +277,15 @@ def test_calibrate_fits_the_appearance_and_view_models_into_the_new_bundle(phant
     assert right["status"] in ("scored", "partial"), right
     unseen = [record for record, _ in calibrated.score_images([lateral(seed, 128) for seed in range(600, 610)])]
     assert all("looks like the not-frontal views" in record["reason"] for record in unseen), unseen
+    # the appearance refitted without --not-frontal: the old view model (its limit set on other
+    # rows) is not carried over, and calibrate says so
+    again = tmp_path / "appearance-again"
+    r = cli_in_process("calibrate", str(out), "--out", str(again), "--manifest",
+                       str(tmp_path / "val" / "manifest.parquet"), "--what", "appearance")
+    assert "not carried over from the source bundle: view.npz" in r.stderr
+    files = json.loads((again / "bundle.json").read_text())["files"]
+    assert APPEARANCE_FILE in files and VIEW_FILE not in files
+    assert load_bundle(str(again), device="cpu").plausibility.view is None
 
 
 def lateral(seed: int, size: int = 256) -> np.ndarray:
@@ -290,7 +306,7 @@ def lateral(seed: int, size: int = 256) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def view(appearance) -> ViewModel:
+def view() -> ViewModel:
     """The view model of the 220 frontal phantoms against 40 phantom laterals, with the frontal
     phantoms' true lungs standing for the "lungs" Stage I draws on a lateral (as calibrate fits it
     on a bundle's validation rows against a site's laterals)."""
@@ -311,7 +327,7 @@ def test_the_view_model_refuses_laterals_it_was_not_fitted_on_and_scores_frontal
         # the nine ranges let it through; the view model alone refuses it
         assert DEFAULT_CHECK.refusal(lateral(seed), unseen[seed % 20][1]) is None
         assert PlausibilityCheck(view=view).refusal(lateral(seed), unseen[seed % 20][1]) == (
-            NOT_FRONTAL + view.failure(lateral(seed), unseen[seed % 20][1]))
+            NOT_FRONTAL + view.failure(appearance_vector(lateral(seed), unseen[seed % 20][1])))
 
 
 def test_the_view_model_is_arrays_read_without_pickle_and_needs_enough_images(view):
@@ -319,9 +335,12 @@ def test_the_view_model_is_arrays_read_without_pickle_and_needs_enough_images(vi
     for name in ("weights", "bias", "limit"):
         assert np.array_equal(getattr(again, name), getattr(view, name))
     assert again.summary() == view.summary() == {"frontal_images": 220, "not_frontal_images": 40,
-                                                 "limit": round(float(view.limit[0]), 4)}
+                                                 "limit": round(float(view.limit[0]), 4), "cv_refused": 1.0}
     frontal = np.array([appearance_vector(*phantom(seed)) for seed in range(MIN_APPEARANCE_IMAGES)])
     lungs = phantom(0)[1]
     few = np.array([appearance_vector(lateral(seed), lungs) for seed in range(MIN_NOT_FRONTAL_IMAGES - 1)])
     assert fit_view(frontal, few) is None  # a handful of laterals is one patient's, not a view's
     assert fit_view(frontal[:-1], np.vstack([few, few[:1]])) is None
+    assert fit_view(frontal, np.vstack([few, few[:1]])) is not None
+    with pytest.raises(CxrtuneError, match="add appearance to --what"):
+        CalibrateOptions(what=("zone",), not_frontal=("laterals/",))

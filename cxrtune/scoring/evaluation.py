@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .. import images, storage, zones
 from ..data import manifest
+from ..dicom import FRONTAL_VIEWS
 from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
 from ..model.artifacts import Calibration, derive_bundle, now, read_bundle_meta, require_new_bundle
@@ -65,22 +66,23 @@ def pick_rows(df: pd.DataFrame, split: str | None, limit: int | None) -> pd.Data
     return rows
 
 
-def readable_scans(rows: pd.DataFrame, cache):
-    """(row, scan) per row whose image reads and passes the input rules (:func:`load_scan`);
-    the others are logged by row number (never by path) and skipped."""
+def readable_scans(rows: pd.DataFrame, cache, header_rules: bool = True, kind: str = "manifest"):
+    """(row, scan) per row whose image reads and passes the input rules (:func:`load_scan`; the
+    DICOM header rules only with ``header_rules``); the others are logged by ``kind`` and row
+    number (never by path) and skipped."""
     for i, (_, row) in enumerate(rows.iterrows()):
         try:
             data = cache.read_bytes(row["image"])
         except Exception as exc:  # noqa: BLE001 - one row's failure; its message may name the path
-            log.warning("manifest row %d not read (%s)", i, type(exc).__name__)
+            log.warning("%s row %d not read (%s)", kind, i, type(exc).__name__)
             continue
         try:
-            scan = load_scan(data)
+            scan = load_scan(data, header_rules=header_rules)
         except CxrtuneError as exc:  # a plain reason, naming nothing of the file
-            log.warning("manifest row %d not scored: %s", i, exc)
+            log.warning("%s row %d not scored: %s", kind, i, exc)
             continue
         except Exception as exc:  # noqa: BLE001 - a decoder's own failure: that row only
-            log.warning("manifest row %d not scored (%s)", i, type(exc).__name__)
+            log.warning("%s row %d not scored (%s)", kind, i, type(exc).__name__)
             continue
         yield row, scan
 
@@ -95,10 +97,12 @@ def score_rows(scorer: Scorer, rows: pd.DataFrame, cache, progress: bool):
             yield row, scan.image, record, detail
 
 
-def batched_scans(rows: pd.DataFrame, cache, batch_size: int, desc: str, progress: bool):
+def batched_scans(rows: pd.DataFrame, cache, batch_size: int, desc: str, progress: bool, header_rules: bool = True,
+                  kind: str = "manifest"):
     """:func:`readable_scans` in lists of ``batch_size`` (the last one shorter), with a progress bar."""
     pending, batch = [], max(1, batch_size)
-    for item in tqdm(readable_scans(rows, cache), total=len(rows), desc=desc, unit="image", disable=not progress):
+    scans = readable_scans(rows, cache, header_rules, kind)
+    for item in tqdm(scans, total=len(rows), desc=desc, unit="image", disable=not progress):
         pending.append(item)
         if len(pending) == batch:
             yield pending
@@ -232,8 +236,8 @@ class CalibrationResult:
     appearance: AppearanceModel | None = None
     appearance_images: int = 0  # images with lungs it was (or, below MIN_APPEARANCE_IMAGES, would have been) fitted on
     view: ViewModel | None = None
-    not_frontal_images: int = 0  # --not-frontal images with lungs the view model was (or would have been) fitted on
-    not_frontal_unread: int = 0  # --not-frontal files not read (corrupt, not an image) or without lungs
+    not_frontal_files: int = 0  # files --not-frontal named
+    not_frontal_images: int = 0  # of them, read, not frontal by their header, with lungs: what the view model was fitted on
 
     def bundle_changes(self) -> dict:
         """The bundle.json fields this result sets (:func:`~cxrtune.model.artifacts.derive_bundle`)."""
@@ -274,7 +278,8 @@ def _validation_rows(df: pd.DataFrame, options: CalibrateOptions) -> pd.DataFram
 
 def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = CalibrateOptions()) -> CalibrationResult:
     """The three thresholds, in this order, each with its provenance
-    (:class:`~cxrtune.model.artifacts.Calibration`), and the plausibility check's appearance model.
+    (:class:`~cxrtune.model.artifacts.Calibration`), and the plausibility check's appearance and
+    view models.
 
     * T_cls on the labelled rows of ``cls_split`` (validation data) at the operating point:
       maximum F1, or ``specificity``. Skipped (kept as it is) when those rows hold no labels.
@@ -287,9 +292,8 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
       else masks. Never the test split. Refinement uses the new T_cls and opacity threshold.
     * The appearance model (:func:`~.plausibility.fit_appearance`) on the ``cls_split`` rows with
       lungs; none below ``MIN_APPEARANCE_IMAGES`` of them. With ``not_frontal``, the view model
-      (:func:`~.plausibility.fit_view`) of those rows against the not-frontal radiographs with
-      lungs: each is read without the DICOM header rules (a lateral's ViewPosition would refuse
-      it); one that cannot be read is counted and skipped.
+      (:func:`~.plausibility.fit_view`) of those rows against the not-frontal radiographs
+      (:func:`not_frontal_vectors`).
 
     The ``cls_split`` rows go through both stages once for the first two; the ``split`` rows are
     scored once, unrefined, for T (T_cls is applied to the stored probabilities). The scorer
@@ -297,6 +301,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     split, cls_split, reference, what = options.split, options.cls_split, options.reference, options.what
     limit, progress, reference_threshold = options.limit, options.progress, options.reference_threshold
 
+    not_frontal = expand_inputs(list(options.not_frontal)) if options.not_frontal else []  # a wrong path fails now
     zone_rows = pick_rows(df, split, limit) if "zone" in what else df.iloc[:0]
     _refuse_test_rows("zone", split, zone_rows)
     cls_rows = _validation_rows(df, options)
@@ -327,10 +332,12 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     if "appearance" in what:
         out["appearance"] = fit_appearance(np.array(looks)) if looks else None
         out["appearance_images"] = len(looks)
-    if options.not_frontal:
-        others, out["not_frontal_unread"] = not_frontal_vectors(scorer, options.not_frontal, progress)
-        out["not_frontal_images"] = len(others)
-        out["view"] = fit_view(np.array(looks), np.array(others))
+    if not_frontal:
+        out["not_frontal_files"] = len(not_frontal)
+        if len(looks) >= MIN_APPEARANCE_IMAGES:  # else no view model can be fitted: Stage I is spared them
+            others = not_frontal_vectors(scorer, not_frontal, cache, progress)
+            out["not_frontal_images"] = len(others)
+            out["view"] = fit_view(np.array(looks), np.array(others))
     t_cls = scorer.thresholds.cls
     if "cls" in what and probs:
         prob, label = (np.array(column) for column in zip(*probs))
@@ -371,25 +378,20 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     return CalibrationResult(**out)
 
 
-def not_frontal_vectors(scorer: Scorer, paths: tuple[str, ...], progress: bool) -> tuple[list[np.ndarray], int]:
-    """The :func:`~.plausibility.appearance_vector` of each radiograph under ``paths`` whose lungs
-    Stage I finds, read without the DICOM header rules, and how many files gave none (unreadable,
-    not an image, no lungs: skipped, each logged by its reason alone, since a path may name a patient)."""
+def not_frontal_vectors(scorer: Scorer, uris: list[str], cache, progress: bool) -> list[np.ndarray]:
+    """The :func:`~.plausibility.appearance_vector` of each not-frontal radiograph whose lungs
+    Stage I finds. Read without the DICOM header rules (a lateral's ViewPosition refuses it for
+    scoring), but a DICOM whose ViewPosition says PA or AP is left out: a frontal film among a PACS
+    export's laterals would teach the model that frontal films are not. The others are skipped as
+    :func:`readable_scans` skips them."""
     vectors: list[np.ndarray] = []
-    uris = expand_inputs(list(paths))
-    unread = 0
-    for start in tqdm(range(0, len(uris), scorer.batch_size), desc="not-frontal", disable=not progress):
-        scans = []
-        for uri in uris[start:start + scorer.batch_size]:
-            try:
-                scans.append(load_scan(storage.read_bytes(uri), header_rules=False).image)
-            except CxrtuneError as exc:
-                unread += 1
-                log.warning("a --not-frontal file is skipped: %s", exc)
-        lungs = scorer.lung_masks(scans) if scans else []
-        vectors += [appearance_vector(image, lung) for image, lung in zip(scans, lungs) if has_lungs(lung)]
-        unread += sum(not has_lungs(lung) for lung in lungs)
-    return vectors, unread
+    rows = pd.DataFrame({"image": uris})
+    for pending in batched_scans(rows, cache, scorer.batch_size, "not-frontal", progress, header_rules=False,
+                                 kind="--not-frontal"):
+        scans = [scan for _, scan in pending if scan.dicom is None or scan.dicom.view not in FRONTAL_VIEWS]
+        lungs = scorer.lung_masks([scan.image for scan in scans]) if scans else []
+        vectors += [appearance_vector(scan.image, lung) for scan, lung in zip(scans, lungs) if has_lungs(lung)]
+    return vectors
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,7 @@ class BundleCalibration:
     stayed (T was chosen on records made with their old values: recalibrate it)."""
     result: CalibrationResult
     stale_zone_threshold_after: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()  # the source's plausibility models that a refit replaced with none
 
     def lines(self, what: tuple[str, ...]) -> list[tuple[str, bool]]:
         """What ``cxrtune calibrate`` says: (line, to stderr) per threshold chosen, or left as it was
@@ -425,13 +428,19 @@ class BundleCalibration:
             lines.append((f"appearance model not fitted: {self.result.appearance_images} --cls-split image(s) with "
                           f"lungs, {MIN_APPEARANCE_IMAGES} needed; the check keeps its nine ranges only", True))
         v, r = self.result.view, self.result
+        skipped = r.not_frontal_files - r.not_frontal_images
         if v is not None:
             lines.append((f"view model: {v.n_frontal} validation images against {v.n_not_frontal} not-frontal ones "
-                          f"(limit {v.limit[0]:.2f}); {r.not_frontal_unread} not-frontal file(s) skipped", False))
-        elif r.not_frontal_images or r.not_frontal_unread:
+                          f"(limit {v.limit[0]:.2f}; in cross-validation it refuses {v.cv_refused[0]:.0%} of the "
+                          f"not-frontal ones); {skipped} not-frontal file(s) skipped (unread, frontal by their "
+                          "header, or no lungs found)", False))
+        elif r.not_frontal_files:
             lines.append((f"view model not fitted: {r.appearance_images} validation and {r.not_frontal_images} "
-                          f"not-frontal image(s) with lungs ({r.not_frontal_unread} skipped), {MIN_APPEARANCE_IMAGES} "
-                          f"and {MIN_NOT_FRONTAL_IMAGES} needed", True))
+                          f"not-frontal image(s) with lungs, {MIN_APPEARANCE_IMAGES} and {MIN_NOT_FRONTAL_IMAGES} "
+                          "needed", True))
+        if self.dropped:
+            lines.append((f"not carried over from the source bundle: {', '.join(self.dropped)} (fitted on other rows, "
+                          "and not refitted here)", True))
         moved = {"cls": "T_cls", "opacity": "the opacity threshold"}
         if self.stale_zone_threshold_after:  # T was chosen on records made with the old values
             lines.append((f"warning: {' and '.join(moved[m] for m in self.stale_zone_threshold_after)} changed but "
@@ -451,8 +460,11 @@ def calibrate_bundle(uri: str, out_uri: str, df: pd.DataFrame, options: Calibrat
     result = calibrate(scorer, df, options)
     moved = tuple(name for name in ("cls", "opacity")
                   if getattr(result, name) is not None and getattr(result, name).threshold != before[name])
-    derive_bundle(uri, out_uri, extra=result.bundle_contents(), **result.bundle_changes())
-    return BundleCalibration(result, moved if result.zone is None else ())
+    # refitting the plausibility models replaces the source's: one not fitted again is not carried over
+    refit = ((APPEARANCE_FILE, result.appearance), (VIEW_FILE, result.view)) if "appearance" in options.what else ()
+    dropped = tuple(name for name, model in refit if model is None and name in read_bundle_meta(uri).files)
+    derive_bundle(uri, out_uri, extra=result.bundle_contents(), drop=dropped, **result.bundle_changes())
+    return BundleCalibration(result, moved if result.zone is None else (), dropped)
 
 
 @dataclass(frozen=True)

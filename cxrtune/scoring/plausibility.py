@@ -48,14 +48,15 @@ frontal CXRs alone, let half the laterals projected from chest CTs through (docs
 bundle may also hold a view model (:class:`ViewModel`), fitted by ``cxrtune calibrate
 --not-frontal`` on the validation rows against radiographs known not to be frontal CXRs: a site's
 own laterals, found in its PACS by ViewPosition. It is scikit-learn's logistic regression on the
-same thumbnails, its limit set on the frontal rows' cross-validated scores, so that a frontal CXR
-it was not fitted on is refused as rarely as by the ranges.
+same thumbnails, its limit set on the frontal rows' cross-validated scores (scores of models not
+fitted on them).
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -136,6 +137,19 @@ APPEARANCE_MARGIN = 1.1  # each limit: this x the 99.9th percentile on the image
 APPEARANCE_ARRAYS = ("mean", "components", "variances", "limits")
 
 
+def _npz(**arrays: Any) -> bytes:
+    """Arrays as an ``.npz`` file's bytes (what a bundle stores: no pickle)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _from_npz(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` a bundle stores, read without pickle."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {name: z[name] for name in z.files}
+
+
 def appearance_vector(image: np.ndarray, lung: np.ndarray) -> np.ndarray:
     """The image around the lungs (their bounding box, 15 % wider each way), 32 x 32,
     histogram-equalised, in [0, 1]: what :class:`AppearanceModel` compares. Cropping to the lungs
@@ -167,26 +181,25 @@ class AppearanceModel:
         residual = float(np.linalg.norm(centred - self.components.T @ z))
         return residual, float(np.sqrt(np.sum(z ** 2 / self.variances)))
 
-    def failure(self, image: np.ndarray, lung: np.ndarray) -> str | None:
-        """Why the image around the lungs does not look like the frontal CXRs fitted on, or None."""
-        residual, distance = self.distances(appearance_vector(image, lung))
+    def failure(self, vector: np.ndarray) -> str | None:
+        """Why the image around the lungs (its :func:`appearance_vector`) does not look like the
+        frontal CXRs fitted on, or None."""
+        residual, distance = self.distances(vector)
         if residual <= self.limits[0] and distance <= self.limits[1]:
             return None
         return (f"the image around the lungs does not look like a frontal CXR (appearance residual {residual:.2f}, "
                 f"limit {self.limits[0]:.2f}, distance {distance:.2f}, limit {self.limits[1]:.2f})")
 
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, n=np.array(self.n), **{name: getattr(self, name) for name in APPEARANCE_ARRAYS})
-        return buf.getvalue()
+        return _npz(n=np.array(self.n), **{name: getattr(self, name) for name in APPEARANCE_ARRAYS})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "AppearanceModel":
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return cls(**{name: z[name].astype(np.float32) for name in APPEARANCE_ARRAYS}, n=int(z["n"]))
+        arrays = _from_npz(data)
+        return cls(**{name: arrays[name].astype(np.float32) for name in APPEARANCE_ARRAYS}, n=int(arrays["n"]))
 
     def summary(self) -> dict:
-        """What /v1/models and the model card say about it."""
+        """What /v1/models says about it."""
         return {"images": self.n, "components": int(len(self.variances)), "size": APPEARANCE_SIZE,
                 "max_residual": round(float(self.limits[0]), 4), "max_distance": round(float(self.limits[1]), 4)}
 
@@ -210,7 +223,7 @@ def fit_appearance(vectors: np.ndarray) -> AppearanceModel | None:
 VIEW_FILE = "view.npz"  # in a bundle calibrated with --not-frontal, listed with its hash in bundle.json
 MIN_NOT_FRONTAL_IMAGES = 20  # fewer: no view model (a handful of laterals is one patient's, not a view's)
 VIEW_REGULARISATION = 0.1  # logistic regression's C: thousands of frontal rows against tens to hundreds of others
-VIEW_ARRAYS = ("weights", "bias", "limit")
+VIEW_ARRAYS = ("weights", "bias", "limit", "cv_refused")
 
 
 @dataclass(frozen=True, eq=False)
@@ -221,6 +234,7 @@ class ViewModel:
     weights: np.ndarray  # (1024,)
     bias: np.ndarray  # (1,)
     limit: np.ndarray  # (1,)
+    cv_refused: np.ndarray  # (1,): the share of the not-frontal rows refused in cross-validation
     n_frontal: int
     n_not_frontal: int
 
@@ -228,30 +242,29 @@ class ViewModel:
         """The log-odds that ``vector`` is one of the not-frontal kind."""
         return float(vector @ self.weights + self.bias[0])
 
-    def failure(self, image: np.ndarray, lung: np.ndarray) -> str | None:
-        """Why the image around the lungs looks like the not-frontal views fitted on, or None."""
-        score = self.score(appearance_vector(image, lung))
+    def failure(self, vector: np.ndarray) -> str | None:
+        """Why the image around the lungs (its :func:`appearance_vector`) looks like the
+        not-frontal views fitted on, or None."""
+        score = self.score(vector)
         if score <= self.limit[0]:
             return None
         return (f"the image around the lungs looks like the not-frontal views the bundle was calibrated with "
                 f"(view score {score:.2f}, limit {self.limit[0]:.2f}): a lateral film?")
 
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, n=np.array([self.n_frontal, self.n_not_frontal]), **{name: getattr(self, name) for name in VIEW_ARRAYS})
-        return buf.getvalue()
+        return _npz(n=np.array([self.n_frontal, self.n_not_frontal]), **{name: getattr(self, name) for name in VIEW_ARRAYS})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ViewModel":
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            n_frontal, n_not_frontal = (int(v) for v in z["n"])
-            return cls(**{name: z[name].astype(np.float32) for name in VIEW_ARRAYS}, n_frontal=n_frontal,
-                       n_not_frontal=n_not_frontal)
+        arrays = _from_npz(data)
+        n_frontal, n_not_frontal = (int(v) for v in arrays["n"])
+        return cls(**{name: arrays[name].astype(np.float32) for name in VIEW_ARRAYS}, n_frontal=n_frontal,
+                   n_not_frontal=n_not_frontal)
 
     def summary(self) -> dict:
-        """What /v1/models and the model card say about it."""
+        """What /v1/models says about it."""
         return {"frontal_images": self.n_frontal, "not_frontal_images": self.n_not_frontal,
-                "limit": round(float(self.limit[0]), 4)}
+                "limit": round(float(self.limit[0]), 4), "cv_refused": round(float(self.cv_refused[0]), 4)}
 
 
 def fit_view(frontal: np.ndarray, not_frontal: np.ndarray) -> ViewModel | None:
@@ -259,7 +272,9 @@ def fit_view(frontal: np.ndarray, not_frontal: np.ndarray) -> ViewModel | None:
     (balanced logistic regression), or None with fewer than ``MIN_APPEARANCE_IMAGES`` frontal or
     ``MIN_NOT_FRONTAL_IMAGES`` other rows. The limit is the 99.9th percentile of the frontal rows'
     five-fold cross-validated scores (scores of models not fitted on them), moved up by a quarter of
-    those scores' central 98 % range: the ranges' own rule (:class:`PlausibilityRule`)."""
+    those scores' central 98 % range (the margin the ranges take beyond the extremes seen,
+    :class:`PlausibilityRule`). ``cv_refused``: the not-frontal rows' cross-validated scores over
+    that limit, a site's measure of whether its model refuses its own laterals."""
     from sklearn.linear_model import LogisticRegression  # here: only calibration fits; serving only reads
     from sklearn.model_selection import cross_val_predict
 
@@ -268,12 +283,14 @@ def fit_view(frontal: np.ndarray, not_frontal: np.ndarray) -> ViewModel | None:
     x = np.vstack([frontal, not_frontal]).astype(np.float64)
     y = np.r_[np.zeros(len(frontal)), np.ones(len(not_frontal))]
     model = LogisticRegression(C=VIEW_REGULARISATION, class_weight="balanced", max_iter=5000)
-    unseen = cross_val_predict(model, x, y, cv=5, method="decision_function")[: len(frontal)]
-    low, high, top = np.quantile(unseen, (0.01, 0.99, 0.999))
+    unseen = cross_val_predict(model, x, y, cv=5, method="decision_function")
+    low, high, top = np.quantile(unseen[: len(frontal)], (0.01, 0.99, 0.999))
+    limit = top + 0.25 * (high - low)
     model.fit(x, y)
     return ViewModel(weights=model.coef_[0].astype(np.float32), bias=model.intercept_.astype(np.float32),
-                     limit=np.array([top + 0.25 * (high - low)], np.float32), n_frontal=len(frontal),
-                     n_not_frontal=len(not_frontal))
+                     limit=np.array([limit], np.float32),
+                     cv_refused=np.array([np.mean(unseen[len(frontal):] > limit)], np.float32),
+                     n_frontal=len(frontal), n_not_frontal=len(not_frontal))
 
 
 @dataclass(frozen=True)
@@ -287,8 +304,10 @@ class PlausibilityCheck:
     def refusal(self, image: np.ndarray, lung: np.ndarray) -> str | None:
         """Why the image and its lungs are not a frontal chest radiograph's, or None."""
         failed = self.rule.failures(measure(image, lung))
-        failed += [reason for model in (self.appearance, self.view) if model is not None
-                   for reason in (model.failure(image, lung),) if reason]
+        models = [model for model in (self.appearance, self.view) if model is not None]
+        if models:
+            vector = appearance_vector(image, lung)
+            failed += [reason for reason in (model.failure(vector) for model in models) if reason]
         return NOT_FRONTAL + "; ".join(failed) if failed else None
 
     def summary(self) -> dict:
