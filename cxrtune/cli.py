@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "appearance (the plausibility check's model of frontal CXRs, fitted on --cls-split)")
     cal.add_argument("--not-frontal", nargs="+", metavar="PATH",
                      help="radiographs known not to be frontal CXRs (a site's laterals: files, folders, s3:// "
-                          "prefixes or manifests): fit the plausibility check's view model against --cls-split")
+                          "prefixes or manifests): fit the plausibility check's view model against --cls-split; "
+                          "without it, calibrating appearance again drops the bundle's view model")
     cal.add_argument("--split", default="train,val", help="rows for the zone threshold (never test; 'all' = every row)")
     cal.add_argument("--cls-split", default="val",
                      help="labelled rows for T_cls, the opacity cut and the appearance and view models (validation data)")

@@ -4,6 +4,8 @@ are calibrated on real CXRs by bench/plausibility.py; here each failure it is th
 from a phantom CXR and its true lungs, so each test is exact."""
 
 import gzip
+import io
+import re
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +23,7 @@ from cxrtune.scoring.plausibility import (
     MIN_APPEARANCE_IMAGES,
     MIN_NOT_FRONTAL_IMAGES,
     NOT_FRONTAL,
+    VIEW_ARRAYS,
     VIEW_FILE,
     AppearanceModel,
     PlausibilityCheck,
@@ -239,7 +242,8 @@ def test_the_appearance_model_is_arrays_read_without_pickle_and_needs_enough_ima
 
 def test_calibrate_fits_the_appearance_and_view_models_into_the_new_bundle(phantom_bundle, tmp_path):
     """`cxrtune calibrate --what appearance --not-frontal DIR` on 210 validation phantoms and 30
-    phantom laterals (beside one corrupt file, skipped) stores both models in the new bundle,
+    phantom laterals (beside a lateral DICOM, read, and a PA DICOM and a corrupt file, left out)
+    stores both models in the new bundle,
     listed with their hashes; the scorer loaded from it refuses an upside-down phantom that the
     bundle without them scores, and laterals it was not fitted on for their view."""
     import json
@@ -261,8 +265,11 @@ def test_calibrate_fits_the_appearance_and_view_models_into_the_new_bundle(phant
                        str(tmp_path / "val" / "manifest.parquet"), "--what", "appearance", "--not-frontal", str(laterals))
     assert "appearance model: 10 components of" in r.stdout
     assert "view model: 210 validation images against 31 not-frontal ones" in r.stdout
-    assert "; 2 not-frontal file(s) skipped" in r.stdout  # the corrupt one, and the PA
-    assert "--not-frontal row 30 not scored: " in r.stderr and "DOE_JOHN" not in r.stderr + r.stdout
+    assert re.search(r"in cross-validation it refuses \d+% of the not-frontal ones\); 2 not-frontal file\(s\) skipped",
+                     r.stdout), r.stdout
+    assert "--not-frontal row 30 not scored: " in r.stderr  # cut.png, in the sorted order
+    assert "--not-frontal row 32 left out: a frontal film by its header (ViewPosition PA)" in r.stderr
+    assert "DOE_JOHN" not in r.stderr + r.stdout
     meta = json.loads((out / "bundle.json").read_text())
     assert APPEARANCE_FILE in meta["files"] and VIEW_FILE in meta["files"]
     calibrated, plain = load_bundle(str(out), device="cpu"), load_bundle(str(phantom_bundle), device="cpu")
@@ -286,6 +293,12 @@ def test_calibrate_fits_the_appearance_and_view_models_into_the_new_bundle(phant
     files = json.loads((again / "bundle.json").read_text())["files"]
     assert APPEARANCE_FILE in files and VIEW_FILE not in files
     assert load_bundle(str(again), device="cpu").plausibility.view is None
+    # calibrating a threshold alone keeps both models
+    kept = tmp_path / "cls-only"
+    r = cli_in_process("calibrate", str(out), "--out", str(kept), "--manifest", str(tmp_path / "val" / "manifest.parquet"),
+                       "--what", "cls", "--limit", "20")
+    files = json.loads((kept / "bundle.json").read_text())["files"]
+    assert APPEARANCE_FILE in files and VIEW_FILE in files and "not carried over" not in r.stderr
 
 
 def lateral(seed: int, size: int = 256) -> np.ndarray:
@@ -332,8 +345,14 @@ def test_the_view_model_refuses_laterals_it_was_not_fitted_on_and_scores_frontal
 
 def test_the_view_model_is_arrays_read_without_pickle_and_needs_enough_images(view):
     again = ViewModel.from_bytes(view.to_bytes())
-    for name in ("weights", "bias", "limit"):
+    for name in VIEW_ARRAYS:
         assert np.array_equal(getattr(again, name), getattr(view, name))
+    with np.load(io.BytesIO(view.to_bytes())) as z:
+        older = {name: z[name] for name in z.files if name != "cv_refused"}
+    buf = io.BytesIO()
+    np.savez(buf, **older)
+    with pytest.raises(CxrtuneError, match="view.npz lacks cv_refused: calibrate it again"):
+        ViewModel.from_bytes(buf.getvalue())
     assert again.summary() == view.summary() == {"frontal_images": 220, "not_frontal_images": 40,
                                                  "limit": round(float(view.limit[0]), 4), "cv_refused": 1.0}
     frontal = np.array([appearance_vector(*phantom(seed)) for seed in range(MIN_APPEARANCE_IMAGES)])

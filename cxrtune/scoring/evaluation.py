@@ -237,7 +237,7 @@ class CalibrationResult:
     appearance_images: int = 0  # images with lungs it was (or, below MIN_APPEARANCE_IMAGES, would have been) fitted on
     view: ViewModel | None = None
     not_frontal_files: int = 0  # files --not-frontal named
-    not_frontal_images: int = 0  # of them, read, not frontal by their header, with lungs: what the view model was fitted on
+    not_frontal_images: int | None = None  # of them, read, not frontal by their header, with lungs (None: not read)
 
     def bundle_changes(self) -> dict:
         """The bundle.json fields this result sets (:func:`~cxrtune.model.artifacts.derive_bundle`)."""
@@ -293,7 +293,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     * The appearance model (:func:`~.plausibility.fit_appearance`) on the ``cls_split`` rows with
       lungs; none below ``MIN_APPEARANCE_IMAGES`` of them. With ``not_frontal``, the view model
       (:func:`~.plausibility.fit_view`) of those rows against the not-frontal radiographs
-      (:func:`not_frontal_vectors`).
+      (:func:`not_frontal_vectors`), which are not read when there are too few of those rows.
 
     The ``cls_split`` rows go through both stages once for the first two; the ``split`` rows are
     scored once, unrefined, for T (T_cls is applied to the stored probabilities). The scorer
@@ -335,7 +335,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     if not_frontal:
         out["not_frontal_files"] = len(not_frontal)
         if len(looks) >= MIN_APPEARANCE_IMAGES:  # else no view model can be fitted: Stage I is spared them
-            others = not_frontal_vectors(scorer, not_frontal, cache, progress)
+            others = not_frontal_vectors(scorer, not_frontal, progress)
             out["not_frontal_images"] = len(others)
             out["view"] = fit_view(np.array(looks), np.array(others))
     t_cls = scorer.thresholds.cls
@@ -378,33 +378,46 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     return CalibrationResult(**out)
 
 
-def not_frontal_vectors(scorer: Scorer, uris: list[str], cache, progress: bool) -> list[np.ndarray]:
+def not_frontal_vectors(scorer: Scorer, uris: list[str], progress: bool) -> list[np.ndarray]:
     """The :func:`~.plausibility.appearance_vector` of each not-frontal radiograph whose lungs
     Stage I finds. Read without the DICOM header rules (a lateral's ViewPosition refuses it for
     scoring), but a DICOM whose ViewPosition says PA or AP is left out: a frontal film among a PACS
-    export's laterals would teach the model that frontal films are not. The others are skipped as
-    :func:`readable_scans` skips them."""
+    export's laterals would teach the model that frontal films are not. Read straight from storage
+    (no local copy: PACS files carry identifiers). Each one left out is logged by its row, its
+    place among ``uris``, never by path."""
     vectors: list[np.ndarray] = []
     rows = pd.DataFrame({"image": uris})
-    for pending in batched_scans(rows, cache, scorer.batch_size, "not-frontal", progress, header_rules=False,
+    for pending in batched_scans(rows, storage, scorer.batch_size, "not-frontal", progress, header_rules=False,
                                  kind="--not-frontal"):
-        scans = [scan for _, scan in pending if scan.dicom is None or scan.dicom.view not in FRONTAL_VIEWS]
-        lungs = scorer.lung_masks([scan.image for scan in scans]) if scans else []
-        vectors += [appearance_vector(scan.image, lung) for scan, lung in zip(scans, lungs) if has_lungs(lung)]
+        scans = []
+        for row, scan in pending:
+            if scan.dicom is not None and scan.dicom.view in FRONTAL_VIEWS:
+                log.warning("--not-frontal row %d left out: a frontal film by its header (ViewPosition %s)", row.name,
+                            scan.dicom.view)
+            else:
+                scans.append((row.name, scan))
+        lungs = scorer.lung_masks([scan.image for _, scan in scans]) if scans else []
+        for (i, scan), lung in zip(scans, lungs):
+            if has_lungs(lung):
+                vectors.append(appearance_vector(scan.image, lung))
+            else:
+                log.warning("--not-frontal row %d left out: Stage I found no lungs", i)
     return vectors
 
 
 @dataclass(frozen=True)
 class BundleCalibration:
-    """:func:`calibrate_bundle`'s outcome: the result, and the thresholds that moved while T
-    stayed (T was chosen on records made with their old values: recalibrate it)."""
+    """:func:`calibrate_bundle`'s outcome: the result, the thresholds that moved while T stayed
+    (T was chosen on records made with their old values: recalibrate it), and the source's
+    plausibility models not carried over."""
     result: CalibrationResult
     stale_zone_threshold_after: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()  # the source's plausibility models that a refit replaced with none
 
     def lines(self, what: tuple[str, ...]) -> list[tuple[str, bool]]:
-        """What ``cxrtune calibrate`` says: (line, to stderr) per threshold chosen, or left as it was
-        of those asked for (``what``), and a warning when T is stale."""
+        """What ``cxrtune calibrate`` says: (line, to stderr) per threshold or plausibility model
+        chosen, or left as it was of those asked for (``what``), the models not carried over, and a
+        warning when T is stale."""
         c, o, z = self.result.cls, self.result.opacity, self.result.zone
         lines: list[tuple[str, bool]] = []
         if c:
@@ -428,16 +441,18 @@ class BundleCalibration:
             lines.append((f"appearance model not fitted: {self.result.appearance_images} --cls-split image(s) with "
                           f"lungs, {MIN_APPEARANCE_IMAGES} needed; the check keeps its nine ranges only", True))
         v, r = self.result.view, self.result
-        skipped = r.not_frontal_files - r.not_frontal_images
+        skipped = r.not_frontal_files - (r.not_frontal_images or 0)
         if v is not None:
             lines.append((f"view model: {v.n_frontal} validation images against {v.n_not_frontal} not-frontal ones "
                           f"(limit {v.limit[0]:.2f}; in cross-validation it refuses {v.cv_refused[0]:.0%} of the "
                           f"not-frontal ones); {skipped} not-frontal file(s) skipped (unread, frontal by their "
                           "header, or no lungs found)", False))
+        elif r.not_frontal_files and r.not_frontal_images is None:
+            lines.append((f"view model not fitted: {r.appearance_images} validation image(s) with lungs, "
+                          f"{MIN_APPEARANCE_IMAGES} needed; the --not-frontal files were not read", True))
         elif r.not_frontal_files:
-            lines.append((f"view model not fitted: {r.appearance_images} validation and {r.not_frontal_images} "
-                          f"not-frontal image(s) with lungs, {MIN_APPEARANCE_IMAGES} and {MIN_NOT_FRONTAL_IMAGES} "
-                          "needed", True))
+            lines.append((f"view model not fitted: {r.not_frontal_images} not-frontal image(s) with lungs "
+                          f"({skipped} of {r.not_frontal_files} file(s) skipped), {MIN_NOT_FRONTAL_IMAGES} needed", True))
         if self.dropped:
             lines.append((f"not carried over from the source bundle: {', '.join(self.dropped)} (fitted on other rows, "
                           "and not refitted here)", True))
@@ -453,7 +468,9 @@ def calibrate_bundle(uri: str, out_uri: str, df: pd.DataFrame, options: Calibrat
                      device: str | None = None) -> BundleCalibration:
     """``cxrtune calibrate``: :func:`calibrate` the bundle at ``uri`` on ``df`` and publish a new
     bundle at ``out_uri`` with the chosen thresholds and their provenance (bundles are immutable:
-    the one at ``uri``, perhaps being served, is left as it was)."""
+    the one at ``uri``, perhaps being served, is left as it was). With ``appearance`` in
+    ``what``, the plausibility models are refitted: one not fitted again (too few images, or the
+    view model without ``not_frontal``) is not carried over from the source."""
     require_new_bundle(out_uri)  # before the work, not after it
     scorer = load_bundle(uri, device=device)
     before = {"cls": scorer.thresholds.cls, "opacity": scorer.thresholds.opacity}

@@ -61,6 +61,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..errors import CxrtuneError
+
 CHECK_SIZE = 256  # long side at which the measurements are made (the scale of Stage I's input)
 
 
@@ -144,10 +146,13 @@ def _npz(**arrays: Any) -> bytes:
     return buf.getvalue()
 
 
-def _from_npz(data: bytes) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` a bundle stores, read without pickle."""
+def _from_npz(data: bytes, names: tuple[str, ...], file: str) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of an ``.npz`` a bundle stores as ``file``, read without pickle."""
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {name: z[name] for name in z.files}
+        missing = sorted(set(names) - set(z.files))
+        if missing:
+            raise CxrtuneError(f"the bundle's {file} lacks {', '.join(missing)}: calibrate it again")
+        return {name: z[name] for name in names}
 
 
 def appearance_vector(image: np.ndarray, lung: np.ndarray) -> np.ndarray:
@@ -195,7 +200,7 @@ class AppearanceModel:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "AppearanceModel":
-        arrays = _from_npz(data)
+        arrays = _from_npz(data, (*APPEARANCE_ARRAYS, "n"), APPEARANCE_FILE)
         return cls(**{name: arrays[name].astype(np.float32) for name in APPEARANCE_ARRAYS}, n=int(arrays["n"]))
 
     def summary(self) -> dict:
@@ -256,7 +261,7 @@ class ViewModel:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ViewModel":
-        arrays = _from_npz(data)
+        arrays = _from_npz(data, (*VIEW_ARRAYS, "n"), VIEW_FILE)
         n_frontal, n_not_frontal = (int(v) for v in arrays["n"])
         return cls(**{name: arrays[name].astype(np.float32) for name in VIEW_ARRAYS}, n_frontal=n_frontal,
                    n_not_frontal=n_not_frontal)
