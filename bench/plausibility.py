@@ -255,6 +255,7 @@ def view_folds(scorer, appearance, frontal: np.ndarray, real_seen: dict[str, lis
         scores = {f"{a}_degrees": None if view is None or lung is None or not has_lungs(lung) else
                   round(view.score(appearance_vector(image, lung)), 2) for a, (image, lung) in verdicts_of[held].items()}
         folds[held] = {"not_frontal_views": len(others), "limit": None if view is None else round(float(view.limit[0]), 3),
+                       "cv_refused": None if view is None else round(float(view.cv_refused[0]), 4),
                        "views": verdicts, "view_scores": scores, "real_refused": real}
         for angle, verdict in verdicts.items():
             kind = ("abdominal" if held in abdominal_names else "chest_lateral" if angle in ("90_degrees", "-90_degrees")
