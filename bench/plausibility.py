@@ -202,22 +202,30 @@ def ct_projections(path: Path, angles: tuple[int, ...] = CT_ANGLES) -> dict[int,
     return out
 
 
-def projection_report(scorer, check: PlausibilityCheck, real_margins: list[dict], volumes: list[Path],
+def volume_name(path: Path) -> str:
+    """A CT's name in the report: its folder and file (two example CTs share a file name)."""
+    return str(Path(path.resolve().parent.name) / path.name)
+
+
+def projected_and_seen(scorer, volumes: list[Path], angles: tuple[int, ...]) -> dict[str, dict[int, tuple]]:
+    """Per volume (:func:`volume_name`): Stage I's (image, lungs) on its projection at each angle
+    (:func:`ct_projections`, :func:`stage_one`), made once for every report that needs it."""
+    return {volume_name(path): dict(zip(angles, stage_one(scorer, list(ct_projections(path, angles).values()))))
+            for path in volumes}
+
+
+def projection_report(check: PlausibilityCheck, real_margins: list[dict], seen_of: dict[str, dict[int, tuple]],
                       angles: tuple[int, ...]) -> dict:
-    """Per angle: the check's verdict on each volume's projection (:func:`ct_projections`), the
+    """Per angle: the check's verdict on each volume's projection (:func:`projected_and_seen`), the
     measurements, and how far inside or outside the appearance model's limits each lies, with how
     many real CXRs lie as far out (no residual limit can refuse one and score those)."""
-    names = [str(Path(path.resolve().parent.name) / path.name) for path in volumes]
-    if len(set(names)) < len(names):
-        raise ValueError(f"two volumes with the same folder and name: {names}")
-    projected = {name: ct_projections(path, angles) for name, path in zip(names, volumes)}
     report = {}
     for angle in angles:
-        seen = stage_one(scorer, [views[angle] for views in projected.values()])
+        seen = [views[angle] for views in seen_of.values()]
         results = run(seen, check)
         margins = appearance_margins(check.appearance, seen) if check.appearance is not None else []
         report[f"{angle}_degrees"] = {
-            **summary(results), "per_volume": {name: reason or "scored" for name, (reason, _) in zip(projected, results)},
+            **summary(results), "per_volume": {name: reason or "scored" for name, (reason, _) in zip(seen_of, results)},
             "appearance": margins,
             "real_cxrs_with_a_residual_as_large": [None if m is None else int(sum(r["residual"] >= m["residual"]
                                                                                    for r in real_margins)) for m in margins],
@@ -228,22 +236,19 @@ def projection_report(scorer, check: PlausibilityCheck, real_margins: list[dict]
 NOT_FRONTAL_ANGLES = tuple(range(60, 121, 5)) + tuple(range(-60, -121, -5))  # what a site's laterals stand for
 
 
-def view_folds(scorer, appearance, frontal: np.ndarray, real_seen: dict[str, list], chest: list[Path],
-               abdominal: list[Path]) -> dict:
+def view_folds(appearance, frontal: np.ndarray, real_seen: dict[str, list], chest: dict[str, dict[int, tuple]],
+               abdominal: dict[str, dict[int, tuple]]) -> dict:
     """Leave one CT out (the module's docstring): per CT held out, the view model's size and limit,
-    its score and the whole check's verdict on each of the CT's views (``CT_ANGLES``, or ``ABDOMINAL_ANGLES`` for an
-    abdominal CT) and the real CXRs it refuses; then the totals over the folds."""
-    volumes = [(path, False) for path in chest] + [(path, True) for path in abdominal]
-    vectors, verdicts_of, abdominal_names = {}, {}, set()
-    for path, is_abdominal in volumes:
-        tested = ABDOMINAL_ANGLES if is_abdominal else CT_ANGLES
-        angles = sorted(set(NOT_FRONTAL_ANGLES) | set(tested))
-        seen = dict(zip(angles, stage_one(scorer, list(ct_projections(path, tuple(angles)).values()))))
-        name = str(Path(path.resolve().parent.name) / path.name)
-        negatives = angles if is_abdominal else NOT_FRONTAL_ANGLES
-        vectors[name] = [appearance_vector(*seen[a]) for a in negatives if seen[a][1] is not None and has_lungs(seen[a][1])]
-        verdicts_of[name] = {a: seen[a] for a in tested}
-        abdominal_names |= {name} if is_abdominal else set()
+    its score and the whole check's verdict on each of the CT's views (``CT_ANGLES``, or
+    ``ABDOMINAL_ANGLES`` for an abdominal CT) and the real CXRs it refuses; then the totals over
+    the folds. ``chest``, ``abdominal``: :func:`projected_and_seen` at those angles and
+    ``NOT_FRONTAL_ANGLES``."""
+    vectors, verdicts_of = {}, {}
+    for seen_of, tested, is_abdominal in ((chest, CT_ANGLES, False), (abdominal, ABDOMINAL_ANGLES, True)):
+        for name, seen in seen_of.items():
+            negatives = seen if is_abdominal else NOT_FRONTAL_ANGLES
+            vectors[name] = [appearance_vector(*seen[a]) for a in negatives if seen[a][1] is not None and has_lungs(seen[a][1])]
+            verdicts_of[name] = {a: seen[a] for a in tested}
     folds, tally = {}, Counter()
     for held in vectors:
         others = np.array([v for name, vs in vectors.items() if name != held for v in vs])
@@ -258,7 +263,7 @@ def view_folds(scorer, appearance, frontal: np.ndarray, real_seen: dict[str, lis
                        "cv_refused": None if view is None else round(float(view.cv_refused[0]), 4),
                        "views": verdicts, "view_scores": scores, "real_refused": real}
         for angle, verdict in verdicts.items():
-            kind = ("abdominal" if held in abdominal_names else "chest_lateral" if angle in ("90_degrees", "-90_degrees")
+            kind = ("abdominal" if held in abdominal else "chest_lateral" if angle in ("90_degrees", "-90_degrees")
                     else "chest_frontal" if angle in ("0_degrees", "15_degrees", "30_degrees") else "chest_oblique")
             tally[f"{kind}_{'scored' if verdict == 'scored' else 'refused'}"] += 1
     return {"angles": list(NOT_FRONTAL_ANGLES), "folds": folds, "views": dict(sorted(tally.items())),
@@ -342,6 +347,9 @@ def main() -> None:
     ap.add_argument("--abdominal-ct", nargs="*", type=Path, default=[],
                     help="CTs of the abdomen and pelvis below the lungs, projected into abdominal films")
     args = ap.parse_args()
+    names = [volume_name(path) for path in args.ct + args.abdominal_ct]
+    if len(set(names)) < len(names):
+        ap.error(f"two CTs with the same folder and name: {names}")
     data = Path(args.data)
     scorer = load_bundle(args.bundle, stages=("lung",), batch_size=8, device="cpu")
     real = real_sets(data)
@@ -372,14 +380,18 @@ def main() -> None:
         seen = stage_one(scorer, files)
         report["not_cxr"][name] = {**summary(run(seen, check)),
                                    "ranges_only_rate": summary(run(seen, DEFAULT_CHECK))["rate"]}
+    folds = len(args.ct) + len(args.abdominal_ct) >= 2 and appearance is not None
+    extra = NOT_FRONTAL_ANGLES if folds else ()  # each CT projected and seen once, for both reports
+    seen_of = {}
     for key, volumes, angles in (("ct_projections", args.ct, CT_ANGLES),
                                  ("abdominal_ct_projections", args.abdominal_ct, ABDOMINAL_ANGLES)):
+        seen_of[key] = projected_and_seen(scorer, volumes, tuple(sorted(set(angles) | set(extra))))
         if volumes:
-            report[key] = projection_report(scorer, check, real_margins, volumes, angles)
-    if len(args.ct) + len(args.abdominal_ct) >= 2 and appearance is not None:
+            report[key] = projection_report(check, real_margins, seen_of[key], angles)
+    if folds:
         frontal = np.array([appearance_vector(i, lung) for i, lung in fitted_on if lung is not None and has_lungs(lung)])
-        report["view_model_leave_one_ct_out"] = view_folds(scorer, appearance, frontal, real_seen, args.ct,
-                                                           args.abdominal_ct)
+        report["view_model_leave_one_ct_out"] = view_folds(appearance, frontal, real_seen, seen_of["ct_projections"],
+                                                           seen_of["abdominal_ct_projections"])
     report["real_measurements"] = quantiles_of(measured)
     report["real_appearance"] = quantiles_of(real_margins)
     report["twelve_bit_png"] = bit_depth(args.bundle, real["covid-qu-ex-val"], args.per_case)
