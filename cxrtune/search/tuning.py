@@ -150,6 +150,7 @@ class TuneOptions:
     wandb_images: bool = False  # validation overlays of the manifest's images to W&B: patient images leave the site
     seed: int = 0
     sampler: str = "tpe"  # "tpe" or "gp" (Bayesian), or "random" (the baseline)
+    startup_trials: int | None = None  # the sampler's random start-up trials; None: sized to the budget
     max_failures: int = 2
     num_cpus: int | None = None  # for a local Ray instance
     optuna_storage: str | None = None  # a database URL without its password; default: a journal file beside the experiment
@@ -178,6 +179,8 @@ class TuneOptions:
             (space.objective != "score_mae" or bool(self.lung_bundle),
              "--objective score_mae needs --lung-bundle (a fixed Stage I bundle)"),
             (not self.wandb_images or bool(self.wandb_project), "--wandb-images needs --wandb-project"),
+            (self.startup_trials is None or 1 <= self.startup_trials <= self.num_samples,
+             f"--startup-trials must be between 1 and --num-samples ({self.num_samples}), got {self.startup_trials}"),
         )
         for ok, message in checks:
             if not ok:
@@ -528,7 +531,7 @@ def optuna_sampler(o: TuneOptions):
 
     if o.sampler == "random":
         return optuna.samplers.RandomSampler(seed=o.seed)
-    startup = startup_trials(o.num_samples)
+    startup = o.startup_trials or startup_trials(o.num_samples)
     if o.sampler == "gp":
         per_parameter = optuna.samplers.TPESampler(seed=o.seed, n_startup_trials=startup, multivariate=False)
         return optuna.samplers.GPSampler(seed=o.seed, n_startup_trials=startup, independent_sampler=per_parameter,
