@@ -9,6 +9,8 @@ without starting Ray.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import optuna
 import pytest
 from ray import cloudpickle
@@ -199,3 +201,33 @@ def test_a_multi_objective_searcher_keeps_constraints_and_pruned_trials_across_r
         again.restore_from_dir(str(tmp_path / "state"))
         assert again.searcher.suggest("t8") is not None
         assert "gp:relative_params:0" in study_of(again).get_trials()[-1].system_attrs
+
+
+def test_a_start_up_set_by_hand_draws_random_searchs_configurations_after_the_warm_start(tmp_path, monkeypatch):
+    """``--startup-trials``: TPE draws its start-up as random search with the same seed does, and
+    the warm start uses none of those draws, so bench/sweep.py's ``tpe_half_startup`` and its
+    random search share their first configurations and differ only in what TPE draws after."""
+    from cxrtune.errors import CxrtuneError
+
+    monkeypatch.setenv("CXRTUNE_OPTUNA_DIR", str(tmp_path / "optuna"))
+    tpe = replace(options(tmp_path, "multi-objective tpe"), name="tpe", startup_trials=5)
+    rnd = replace(options(tmp_path, "multi-objective random"), name="random")
+    assert optuna_sampler(tpe)._n_startup_trials == 5
+    assert optuna_sampler(replace(tpe, startup_trials=None))._n_startup_trials == 2  # a quarter of 8 trials
+
+    def drawn(o: TuneOptions, warm_start: list[dict], n: int) -> list[dict]:
+        searcher = _searcher(o, o.search_space(), warm_start)
+        configs = []
+        for k in range(n):
+            config = searcher.suggest(f"t{k}")
+            configs.append(config)
+            searcher.on_trial_complete(f"t{k}", result(o, 0.1 + 0.05 * k))
+        return configs
+
+    tpe_configs = drawn(tpe, [{"arch": "FPN", "encoder": "resnet34", "lr": 1e-3}], 5)
+    random_configs = drawn(rnd, [], 4)
+    assert tpe_configs[0] == {"arch": "FPN", "encoder|FPN": "resnet34", "lr": 1e-3}
+    assert tpe_configs[1:] == random_configs and len({c["lr"] for c in random_configs}) == 4
+    for bad in (0, 9):
+        with pytest.raises(CxrtuneError, match="--startup-trials must be between 1 and --num-samples"):
+            replace(tpe, startup_trials=bad)
