@@ -337,8 +337,9 @@ MO_EPOCHS = 4
 # TPE whose start-up spans the cost axis: besides the warm start, one partial start per other encoder
 # (the rest drawn at random), no ASHA (its 2-epoch rung cut the eventual best Stage II, and with 16
 # trials at most the cuts buy no extra trials), and TPE without ASHA whose random start-up is half the
-# trials (the warm start included) instead of the service's quarter: with the same seed its random
-# draws are random search's first ones, so the two runs differ only in what TPE draws afterwards;
+# trials (the warm start included; Optuna counts finished trials, so with two at a time one more is
+# drawn at random) instead of the service's quarter: with the same seed its random draws are random
+# search's first ones, so the two runs differ only in what TPE draws afterwards;
 # and the same with a second constraint, score MAE <= the constant score's: a trial that learnt
 # nothing (all zeros, MAE 2.7) of a cheap network is otherwise on the front of the raw objectives,
 # and TPE's good set, at one or two trials of sixteen, can be that trial alone
@@ -420,7 +421,7 @@ def run_cpu_mo(args) -> None:
                                    scheduler=m["scheduler"], grace=MO_GRACE, reduction_factor=2, max_epochs=MO_EPOCHS,
                                    cpus_per_trial=1, num_cpus=2, max_concurrent=2, time_budget_s=budget,
                                    sampler=m["sampler"], seed=seed, multi_objective=True, lung_bundle=args.lung_bundle,
-                                   startup_trials=args.num_samples // 2 if m.get("half_startup") else None,
+                                   startup_trials=max(1, args.num_samples // 2) if m.get("half_startup") else None,
                                    reference="masks", constraints=[f"val_fp_rate_normal<={constraint}", *(
                                        [f"val_score_mae<={baseline['mae']}"] if m.get("beats_constant") else [])])
                 run_tune(opts)

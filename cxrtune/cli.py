@@ -476,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--seed", "sampler seed", type=int)
     opt("--sampler", "Optuna sampler: tpe or gp (a Gaussian process), or random (the baseline)",
         choices=list(tuning.SAMPLERS))
-    opt("--startup-trials", "random start-up trials of TPE or the GP, warm starts included; None: a quarter of "
-        "--num-samples, 2-10", type=int)
+    opt("--startup-trials", "finished trials (warm starts included) before TPE or the GP models; None: a quarter "
+        "of --num-samples, 2-10", type=int)
     opt("--max-failures", "retries of a failed trial (a lost node, an error)", type=int)
     opt("--num-cpus", "CPUs for a local Ray instance", type=int)
     opt("--optuna-storage", "Optuna storage URL (a database) without its password, which comes from "

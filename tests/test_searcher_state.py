@@ -214,6 +214,8 @@ def test_a_start_up_set_by_hand_draws_random_searchs_configurations_after_the_wa
     rnd = replace(options(tmp_path, "multi-objective random"), name="random")
     assert optuna_sampler(tpe)._n_startup_trials == 5
     assert optuna_sampler(replace(tpe, startup_trials=None))._n_startup_trials == 2  # a quarter of 8 trials
+    gp = optuna_sampler(replace(tpe, sampler="gp"))
+    assert gp._n_startup_trials == 5 and gp._independent_sampler._n_startup_trials == 5
 
     def drawn(o: TuneOptions, warm_start: list[dict], n: int) -> list[dict]:
         searcher = _searcher(o, o.search_space(), warm_start)
