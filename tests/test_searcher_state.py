@@ -205,8 +205,9 @@ def test_a_multi_objective_searcher_keeps_constraints_and_pruned_trials_across_r
 
 def test_a_start_up_set_by_hand_draws_random_searchs_configurations_after_the_warm_start(tmp_path, monkeypatch):
     """``--startup-trials``: TPE draws its start-up as random search with the same seed does, and
-    the warm start uses none of those draws, so bench/sweep.py's ``tpe_half_startup`` and its
-    random search share their first configurations and differ only in what TPE draws after."""
+    a warm start that sets every parameter uses none of those draws, so bench/sweep.py's
+    ``tpe_half_startup`` and its random search share their first configurations and differ only
+    in what TPE draws after."""
     from cxrtune.errors import CxrtuneError
 
     monkeypatch.setenv("CXRTUNE_OPTUNA_DIR", str(tmp_path / "optuna"))
@@ -221,8 +222,7 @@ def test_a_start_up_set_by_hand_draws_random_searchs_configurations_after_the_wa
         searcher = _searcher(o, o.search_space(), warm_start)
         configs = []
         for k in range(n):
-            config = searcher.suggest(f"t{k}")
-            configs.append(config)
+            configs.append(searcher.suggest(f"t{k}"))
             searcher.on_trial_complete(f"t{k}", result(o, 0.1 + 0.05 * k))
         return configs
 
