@@ -28,23 +28,23 @@ each take one ingredient away from TPE + ASHA (its warm start; its cuts; TPE's m
 sampling with the same cuts and warm start) and reports each method's speed-up over random search per seed and
 its median and spread over seeds (issue 23, item 7: run with ``--seeds 0 1 2 3 4``).
 
-``--cpu --multi-objective`` (issue 23, item 7): Stage II with two objectives, score MAE (each
-trial at its own operating point through ``--lung-bundle``, the CPU accuracy bench's Stage I)
-and GMACs, constraint FP rate on Normal <= ``--fp-limit``, on 600 rows of COVID-QU-Ex's training
-part (20 % validating), ``search_spaces/disease_cpu.yaml`` at 96-128 px and 4 epochs, 16 trials two
-at a time in 25 minutes: TPE + ASHA (rungs at 2 and 4 epochs, with the space's warm start) against
-random search without stopping, per seed (``--seeds``); ``--searches gp_asha`` (or ``tpe_asha
-gp_asha``) compares Optuna's Gaussian-process sampler (``--sampler gp``) with the same warm start and
-cuts, and ``--searches tpe_encoder_starts`` TPE without ASHA whose start-up trials are the warm start
-and one partial start per other encoder (so that the cheap encoders are tried before TPE models),
-and ``--searches tpe_half_startup`` TPE without ASHA whose random start-up is half the trials
-(``tpe_half_startup_beats_constant``: also constrained to beat the constant score's MAE).
-Judged by the hypervolume of the feasible, complete trials in (score MAE, GMACs) against
-wall time. Reference point: the MAE of the best constant score on the same validation rows (a
-trial adds volume only by beating it) and 1.05 x the costliest feasible trial of the comparison.
-Target, per search: its final hypervolume >= random's in every seed, or its time to random's
-final hypervolume <= 0.5 x random's; a seed where neither method has a feasible trial
-better than the constant is not comparable and fails the target.
+``--cpu --multi-objective`` (issue 23, item 7): Stage II with two objectives, score MAE (each trial
+at its own operating point through ``--lung-bundle``, the CPU accuracy bench's Stage I) and GMACs,
+constraint FP rate on Normal <= ``--fp-limit``, on 600 rows of COVID-QU-Ex's training part (20 %
+validating), ``search_spaces/disease_cpu.yaml`` at 96-128 px and 4 epochs, 16 trials two at a time
+in 25 minutes (``--num-samples 24 --budget-minutes 40``: the 24-trial budget): TPE + ASHA (rungs at
+2 and 4 epochs, with the space's warm start) against random search without stopping, per seed
+(``--seeds``); ``--searches gp_asha`` (or ``tpe_asha gp_asha``) compares Optuna's Gaussian-process
+sampler (``--sampler gp``) with the same warm start and cuts, and ``--searches tpe_encoder_starts``
+TPE without ASHA whose start-up trials are the warm start and one partial start per other encoder
+(so that the cheap encoders are tried before TPE models), and ``--searches tpe_half_startup`` TPE
+without ASHA whose random start-up is half the trials (``tpe_half_startup_beats_constant``: also
+constrained to beat the constant score's MAE). Judged by the hypervolume of the feasible, complete
+trials in (score MAE, GMACs) against wall time. Reference point: the MAE of the best constant score
+on the same validation rows (a trial adds volume only by beating it) and 1.05 x the costliest
+feasible trial of the comparison. Target, per search: its final hypervolume >= random's in every
+seed, or its time to random's final hypervolume <= 0.5 x random's; a seed where neither method has a
+feasible trial better than the constant is not comparable and fails the target.
 
 Why these settings (first run at size, 2026-12-04, docs/BENCHMARKS.md): with the clinical limit
 (FP rate 0.10) every trained 4-epoch trial was infeasible (0.40-0.80 at its maximum-F1 T_cls) and
@@ -490,7 +490,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="--cpu: one run per method and seed")
     ap.add_argument("--size", type=int, default=96, help="--cpu: input size")
     ap.add_argument("--tuning-fraction", type=float, default=0.16, help="--cpu: share of Train in the tuning subset")
-    ap.add_argument("--num-samples", type=int, default=12, help="--cpu: trials at most (sizes TPE's start-up)")
+    ap.add_argument("--num-samples", type=int,
+                    help="--cpu: trials at most (sizes TPE's start-up; default 12; --multi-objective: 16)")
     ap.add_argument("--reanalyse", action="store_true", help="--cpu: no new runs; analyse the runs in --out")
     ap.add_argument("--ablate", action="store_true",
                     help="--cpu: also run tpe_asha without its warm start, without its cuts, and random search with them")
@@ -508,10 +509,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.cpu and args.multi_objective:
         args.budget_minutes = args.budget_minutes or (3 if args.quick else 25)
-        args.num_samples = 3 if args.quick else 16
+        args.num_samples = 3 if args.quick else args.num_samples or 16
         return run_cpu_mo(args)
     if args.cpu:
-        args.target = args.target or 0.88
+        args.target, args.num_samples = args.target or 0.88, args.num_samples or 12
         args.budget_minutes, args.max_epochs = args.budget_minutes or 8, args.max_epochs or 6
         return run_cpu(args)
     args.budget_minutes, args.max_epochs = args.budget_minutes or 12, args.max_epochs or 16
