@@ -372,8 +372,8 @@ def constant_score_mae(val) -> dict:
 def run_cpu_mo(args) -> None:
     """Issue 23, item 7: the multi-objective Stage II searches (``--searches``: TPE + ASHA, GP +
     ASHA, with the space's warm start) against random search without stopping, on 600
-    COVID-QU-Ex rows at <= 128 px, 4 epochs, 16 trials, two trials at once, judged by the
-    hypervolume of feasible trials against wall time."""
+    COVID-QU-Ex rows at <= 128 px, 4 epochs, ``--num-samples`` trials (16 by default), two at once,
+    judged by the hypervolume of feasible trials against wall time."""
     import shutil
 
     import ray
