@@ -6,6 +6,9 @@ named by ``RAY_ADDRESS``, or a cluster-launcher node (``ray up`` leaves ``~/ray_
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from .config_files import load_yaml
@@ -165,3 +168,27 @@ def check_fits(what: str, cpus: float, gpus: float, hint: str) -> None:
         if asked > have.get(resource, 0):
             raise CxrtuneError(f"{what} asks for {asked:g} {resource}s but this Ray instance has "
                                f"{have.get(resource, 0):g}: it could never start. {hint}")
+
+
+def ray_temp_dir() -> str:
+    """Where Ray on this machine keeps its sessions, object spill files and Tune's staged results."""
+    return os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+
+
+def full_disk(paths: Iterable[str]) -> str | None:
+    """The first of ``paths`` (local folders, which need not exist yet) on a disk fuller than Ray's
+    ``RAY_local_fs_capacity_threshold`` (0.95), said for people; None where all have room. Past it
+    Ray fails to create objects and trials fail to write their checkpoints, and a sweep then ends
+    with no result instead of an error (written by hand: Ray only logs it in its own raylet log).
+    """
+    threshold = float(os.environ.get("RAY_local_fs_capacity_threshold", "0.95"))
+    for given in paths:
+        path = Path(given).absolute()
+        while not path.exists():
+            path = path.parent
+        usage = shutil.disk_usage(path)
+        if usage.free <= (1 - threshold) * usage.total:
+            return (f"{given}: the disk is {1 - usage.free / usage.total:.1%} full ({usage.free / 2**30:.2f} GiB free of "
+                    f"{usage.total / 2**30:.0f} GiB); Ray fails to create objects, and trials to write checkpoints, "
+                    f"on a disk over {threshold:.0%} full (RAY_local_fs_capacity_threshold). Free space there first")
+    return None

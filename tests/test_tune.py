@@ -232,7 +232,50 @@ def test_trial_that_cannot_fit_fails_fast(phantom_dir, space_file, tmp_path):
     assert r.returncode == 2 and "a trial asks for 1000 GPUs" in r.stderr and "Traceback" not in r.stderr
     r = cli(*common, "--cpus-per-trial", "2", check=False, timeout=120)
     assert r.returncode == 2 and "2 CPUs but this Ray instance has 1" in r.stderr
+    # a disk past Ray's threshold (here: any disk, at a threshold of 0) fails trials' writes: refused
+    r = cli(*common, env={"RAY_local_fs_capacity_threshold": "0"}, check=False, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("cxrtune: error: the sweep cannot start: ") and " full (" in r.stderr, r.stderr
+    assert "RAY_local_fs_capacity_threshold" in r.stderr
     assert not (tmp_path / "exps").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_a_sweep_is_an_error_that_names_it(phantom_dir, space_file, tmp_path):
+    """Storage on a real 3 MiB filesystem: room to start, none for a checkpoint. The sweep exits
+    with the full disk named, not with a summary of 0 trials (the CI failure of 2026-12-06, when
+    the machine's disk filled)."""
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(tiny)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        r = cli("tune", "--space", space_file, "--manifest", str(phantom_dir / "manifest.parquet"), "--name", "full",
+                "--storage", str(tiny / "exps"), "--num-samples", "2", "--scheduler", "none", "--max-epochs", "2",
+                "--num-cpus", "2", "--max-failures", "0", check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(tiny)], check=True)
+    assert r.returncode == 2, (r.returncode, r.stdout[-1500:], r.stderr[-1500:])
+    last = r.stderr.strip().splitlines()[-1]  # the message, no traceback of cxrtune's after it
+    assert last.startswith("cxrtune: error: ") and "{\n" not in r.stdout  # and no summary
+    assert f"{tiny / 'exps'}: the disk is 100.0% full" in last and "Free space there first" in last, last
+
+
+@pytest.mark.slow
+def test_a_sweep_in_which_no_trial_reports_is_an_error(phantom_dir, space_file, tmp_path):
+    """Every image corrupt: each trial fails before its first epoch. The sweep exits 2 saying so,
+    not 0 with a summary of 0 trials."""
+    bad = tmp_path / "bad"
+    shutil.copytree(phantom_dir, bad)
+    for image in (bad / "images").glob("*.png"):
+        image.write_bytes(b"not a PNG" * 10)
+    r = cli("tune", "--space", space_file, "--manifest", str(bad / "manifest.parquet"), "--name", "bad",
+            "--storage", str(tmp_path / "exps"), "--num-samples", "2", "--scheduler", "none", "--max-epochs", "1",
+            "--num-cpus", "2", "--max-failures", "0", check=False)
+    assert r.returncode == 2 and "{\n" not in r.stdout, (r.returncode, r.stdout[-1500:])
+    assert r.stderr.strip().splitlines()[-1] == (f"cxrtune: error: {tmp_path / 'exps' / 'bad'}: no trial reported a "
+                                                 "result (2 of 2 errored; their error files are in the trial folders)")
 
 
 @pytest.mark.slow

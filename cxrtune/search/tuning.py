@@ -30,7 +30,7 @@ import torch
 from ray.tune import Stopper
 
 from .. import storage
-from ..cluster import check_fits, init_ray, keep_secrets_out_of_trial_runtime_envs, max_parallel
+from ..cluster import check_fits, full_disk, init_ray, keep_secrets_out_of_trial_runtime_envs, max_parallel, ray_temp_dir
 from ..config_files import known_settings, load_yaml
 from ..data import manifest
 from ..data.phantom import embedded_manifest
@@ -749,7 +749,14 @@ def _wandb(o: TuneOptions) -> list:
     return [OverlayWandbCallback(project=o.wandb_project, group=o.name, log_config=True, **kwargs)]
 
 
+def _local_disks(o: TuneOptions) -> list[str]:
+    """The local folders a sweep's driver and trials write to: Ray's, and its storage unless on S3."""
+    return [ray_temp_dir()] + ([] if storage.is_s3(o.storage) else [o.storage])
+
+
 def _ray_init(o: TuneOptions) -> None:
+    if problem := full_disk(_local_disks(o)):
+        raise CxrtuneError(f"the sweep cannot start: {problem}")
     env = {}
     if o.wandb_project:
         env["WANDB_PROJECT"] = o.wandb_project
@@ -820,7 +827,18 @@ def run_tune(o: TuneOptions) -> dict:
         log.warning("grid mode: %d combinations, each trained to the end (no ASHA/HyperBand, no sampler)",
                     int(np.prod([len(p.values) for p in space.params])))
     log.info("sweep %s over %d rows, up to %d trials at once", o.name, len(df), concurrent)
-    return summarize(tuner.fit(), o, space, {"max_concurrent": concurrent})
+    return summarize(_fit(tuner, o), o, space, {"max_concurrent": concurrent})
+
+
+def _fit(tuner, o: TuneOptions):
+    """``tuner.fit()``; where it fails on a disk that filled up during the sweep (Ray's results
+    of trials that could not write then fail to load), the full disk is named as the cause."""
+    try:
+        return tuner.fit()
+    except Exception as exc:
+        if problem := full_disk(_local_disks(o)):
+            raise CxrtuneError(f"the sweep stopped: {problem}") from exc
+        raise
 
 
 def cli_options(flags: dict, space: str | None, manifest: str | None, name: str, storage: str) -> TuneOptions:
@@ -887,7 +905,7 @@ def resume_tune(exp_uri: str) -> dict:
     fs, path = storage.pyarrow_filesystem(exp_uri)
     tuner = tune.Tuner.restore(path, _trainable(o, space), resume_unfinished=True, resume_errored=False,
                                restart_errored=True, storage_filesystem=fs)
-    return summarize(tuner.fit(), o, space)
+    return summarize(_fit(tuner, o), o, space)
 
 
 def summarize(results, o: TuneOptions, space: SearchSpace, extra: dict | None = None) -> dict:
@@ -898,6 +916,11 @@ def summarize(results, o: TuneOptions, space: SearchSpace, extra: dict | None = 
         log.info("removed %d local epoch folders of killed trials", removed)
     df = results.get_dataframe()
     n_errors = sum(1 for r in results if r.error)
+    if not len(df):  # nothing to summarize, promote or report: a failure, however it came about
+        problem = full_disk(_local_disks(o))
+        raise CxrtuneError(f"{o.experiment_uri}: no trial reported a result ({n_errors} of {len(results)} errored"
+                           + (f"; their error files are in the trial folders). {problem}" if problem else
+                              "; their error files are in the trial folders)"))
     iters = df["training_iteration"] if "training_iteration" in df else []
     stopped = int(sum(1 for i in iters if i < o.epochs(space)))
     hours = float(df["time_total_s"].sum()) / 3600 if "time_total_s" in df else 0.0
