@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -171,24 +170,49 @@ def check_fits(what: str, cpus: float, gpus: float, hint: str) -> None:
 
 
 def ray_temp_dir() -> str:
-    """Where Ray on this machine keeps its sessions, object spill files and Tune's staged results."""
-    return os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    """Where Ray on this machine keeps its sessions, spilled objects and Tune's staged results, in
+    Ray's own order on Linux (``ray._common.utils.get_user_temp_dir``): RAY_TMPDIR, TMPDIR, /tmp."""
+    return os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+
+
+def capacity_threshold() -> float:
+    """Ray's ``RAY_local_fs_capacity_threshold``: the fraction of a disk in use past which Ray
+    calls it full (0.95 unless set)."""
+    text = os.environ.get("RAY_local_fs_capacity_threshold", "0.95")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # also NaN
+        raise CxrtuneError(f"RAY_local_fs_capacity_threshold={text!r}: give a fraction of the disk, such as 0.95")
+    return value
+
+
+def disk_is_full(free: int, total: int, threshold: float) -> bool:
+    """Ray's rule (its file_system_monitor): full when no more than ``1 - threshold`` of the disk is
+    free; a threshold of 1 or more turns the check off; a disk of no capacity is full."""
+    return threshold < 1 and (total <= 0 or free <= (1 - threshold) * total)
 
 
 def full_disk(paths: Iterable[str]) -> str | None:
-    """The first of ``paths`` (local folders, which need not exist yet) on a disk fuller than Ray's
-    ``RAY_local_fs_capacity_threshold`` (0.95), said for people; None where all have room. Past it
-    Ray fails to create objects and trials fail to write their checkpoints, and a sweep then ends
-    with no result instead of an error (written by hand: Ray only logs it in its own raylet log).
+    """The first of ``paths`` (local folders, which need not exist yet) on a disk that Ray calls
+    full (:func:`disk_is_full`), said for people; None where all have room. On such a disk Ray
+    fails to create objects and trials fail to write their checkpoints, and a sweep then ends with
+    no result; Ray says so only in its raylet's log (written by hand: nothing in Ray checks first).
+    A disk that cannot be measured is not called full.
     """
-    threshold = float(os.environ.get("RAY_local_fs_capacity_threshold", "0.95"))
+    threshold = capacity_threshold()
     for given in paths:
-        path = Path(given).absolute()
-        while not path.exists():
-            path = path.parent
-        usage = shutil.disk_usage(path)
-        if usage.free <= (1 - threshold) * usage.total:
-            return (f"{given}: the disk is {1 - usage.free / usage.total:.1%} full ({usage.free / 2**30:.2f} GiB free of "
+        path = Path(given).resolve()
+        try:
+            while not path.exists():
+                path = path.parent
+            usage = shutil.disk_usage(path)
+        except OSError:
+            continue
+        if disk_is_full(usage.free, usage.total, threshold):
+            used = 1 - usage.free / usage.total if usage.total > 0 else 1.0
+            return (f"{given}: the disk is {used:.1%} full ({usage.free / 2**30:.2f} GiB free of "
                     f"{usage.total / 2**30:.0f} GiB); Ray fails to create objects, and trials to write checkpoints, "
                     f"on a disk over {threshold:.0%} full (RAY_local_fs_capacity_threshold). Free space there first")
     return None

@@ -249,6 +249,31 @@ def test_worker_env_carries_settings_never_secrets(monkeypatch):
         worker_env({"AWS_SECRET_ACCESS_KEY": "x"})
 
 
+def test_a_disk_past_rays_threshold_is_named_before_a_sweep_writes_there(monkeypatch, tmp_path):
+    """Ray's rule, its boundary and its off switch; the folders a sweep's driver checks (never
+    S3); a real disk measured at thresholds that call it full and not."""
+    from cxrtune.cluster import disk_is_full, full_disk
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.search.tuning import local_disks
+
+    assert disk_is_full(250, 1000, 0.75) and not disk_is_full(251, 1000, 0.75)  # 25 % free is full at 0.75
+    assert not disk_is_full(0, 1000, 1.0) and disk_is_full(0, 0, 0.95)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the documented override of gettempdir()
+    assert local_disks("s3://bucket/exps") == [str(tmp_path / "ray"), str(tmp_path)]
+    assert local_disks(str(tmp_path / "exps")) == [str(tmp_path / "ray"), str(tmp_path), str(tmp_path / "exps")]
+    missing = tmp_path / "not" / "yet"  # measured at the folder it will be made in
+    monkeypatch.setenv("RAY_local_fs_capacity_threshold", "0")
+    problem = full_disk(["s3-is-never-passed-here", str(missing)]) or ""
+    assert problem.startswith("s3-is-never-passed-here: the disk is ")  # a relative path: the working folder's disk
+    assert full_disk([str(missing)]).startswith(f"{missing}: the disk is ")
+    monkeypatch.setenv("RAY_local_fs_capacity_threshold", "1")
+    assert full_disk([str(missing)]) is None
+    monkeypatch.setenv("RAY_local_fs_capacity_threshold", "ninety")
+    with pytest.raises(CxrtuneError, match="RAY_local_fs_capacity_threshold='ninety'"):
+        full_disk([str(missing)])
+
+
 @pytest.mark.slow
 def test_the_head_command_of_cluster_yaml_starts_a_dashboard_that_needs_the_token(tmp_path):
     """cluster.yaml's own head command, run here (ports made free, no autoscaler file, one CPU):

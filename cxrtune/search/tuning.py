@@ -749,13 +749,16 @@ def _wandb(o: TuneOptions) -> list:
     return [OverlayWandbCallback(project=o.wandb_project, group=o.name, log_config=True, **kwargs)]
 
 
-def _local_disks(o: TuneOptions) -> list[str]:
-    """The local folders a sweep's driver and trials write to: Ray's, and its storage unless on S3."""
-    return [ray_temp_dir()] + ([] if storage.is_s3(o.storage) else [o.storage])
+def local_disks(storage_uri: str) -> list[str]:
+    """The folders on this machine that a sweep writes to: Ray's temp dir, the system's (where each
+    epoch's checkpoint is staged) and the storage unless it is on S3. Only the driver's machine:
+    the disks of a joined cluster's other nodes are theirs to watch."""
+    return list(dict.fromkeys([ray_temp_dir(), tempfile.gettempdir(), *([] if storage.is_s3(storage_uri)
+                                                                         else [storage_uri])]))
 
 
-def _ray_init(o: TuneOptions) -> None:
-    if problem := full_disk(_local_disks(o)):
+def _ray_init(o: TuneOptions, disks: list[str]) -> None:
+    if problem := full_disk(disks):
         raise CxrtuneError(f"the sweep cannot start: {problem}")
     env = {}
     if o.wandb_project:
@@ -805,7 +808,8 @@ def run_tune(o: TuneOptions) -> dict:
     df = manifest.load_manifest(o.manifest)  # validated once, here, with a clear error
     o = replace(o, split_hash=split_hash(df))  # what promote checks the manifest against
     param_space = space.grid() if o.grid else None  # refuses a space without a grid before Ray starts
-    _ray_init(o)  # before anything is written: a sweep that cannot start leaves no experiment behind
+    disks = local_disks(o.storage)
+    _ray_init(o, disks)  # before anything is written: a sweep that cannot start leaves no experiment behind
     scheduler = None if o.grid else _scheduler(o, space)
     if storage.exists(storage.join(o.experiment_uri, EXPERIMENT_FILE)):  # its study, trials and journal are its own
         raise CxrtuneError(f"{o.experiment_uri} exists: continue it with `cxrtune tune --resume {o.experiment_uri}` "
@@ -827,18 +831,28 @@ def run_tune(o: TuneOptions) -> dict:
         log.warning("grid mode: %d combinations, each trained to the end (no ASHA/HyperBand, no sampler)",
                     int(np.prod([len(p.values) for p in space.params])))
     log.info("sweep %s over %d rows, up to %d trials at once", o.name, len(df), concurrent)
-    return summarize(_fit(tuner, o), o, space, {"max_concurrent": concurrent})
+    return summarize(_fit(tuner, o.experiment_uri, disks), o, space, {"max_concurrent": concurrent})
 
 
-def _fit(tuner, o: TuneOptions):
-    """``tuner.fit()``; where it fails on a disk that filled up during the sweep (Ray's results
-    of trials that could not write then fail to load), the full disk is named as the cause."""
+def _fit(tuner, exp_uri: str, disks: list[str]):
+    """``tuner.fit()``, refusing a sweep with no result to summarize, promote or report, and naming
+    a full disk (of ``disks``) where there is one: on a disk that filled up, trials fail to write
+    and Ray's results of them may fail to load, or load empty."""
     try:
-        return tuner.fit()
+        results = tuner.fit()
     except Exception as exc:
-        if problem := full_disk(_local_disks(o)):
-            raise CxrtuneError(f"the sweep stopped: {problem}") from exc
+        if problem := full_disk(disks):
+            raise CxrtuneError(f"the sweep stopped ({type(exc).__name__}: {exc}); a likely cause: {problem}") from exc
         raise
+    if results.get_dataframe().empty:  # (an errored trial's metrics hold Ray's own keys, reported or not)
+        n, failed = len(results), sum(1 for r in results if r.error)
+        why = ("no trial ran" if not n else
+               f"all {n} trials failed before reporting; their error files are in the trial folders" if failed == n
+               else f"no trial reported a result ({failed} of {n} failed; the others ended first: the time budget, "
+                    "or an interruption)")
+        problem = full_disk(disks)
+        raise CxrtuneError(f"{exp_uri}: {why}" + (f". {problem}" if problem else ""))
+    return results
 
 
 def cli_options(flags: dict, space: str | None, manifest: str | None, name: str, storage: str) -> TuneOptions:
@@ -901,11 +915,12 @@ def resume_tune(exp_uri: str) -> dict:
 
     o = load_options(exp_uri)
     space = o.search_space()
-    _ray_init(o)
+    disks = local_disks(storage.parent(exp_uri))  # where it is now, wherever it started
+    _ray_init(o, disks)
     fs, path = storage.pyarrow_filesystem(exp_uri)
     tuner = tune.Tuner.restore(path, _trainable(o, space), resume_unfinished=True, resume_errored=False,
                                restart_errored=True, storage_filesystem=fs)
-    return summarize(_fit(tuner, o), o, space)
+    return summarize(_fit(tuner, exp_uri, disks), o, space)
 
 
 def summarize(results, o: TuneOptions, space: SearchSpace, extra: dict | None = None) -> dict:
@@ -916,11 +931,6 @@ def summarize(results, o: TuneOptions, space: SearchSpace, extra: dict | None = 
         log.info("removed %d local epoch folders of killed trials", removed)
     df = results.get_dataframe()
     n_errors = sum(1 for r in results if r.error)
-    if not len(df):  # nothing to summarize, promote or report: a failure, however it came about
-        problem = full_disk(_local_disks(o))
-        raise CxrtuneError(f"{o.experiment_uri}: no trial reported a result ({n_errors} of {len(results)} errored"
-                           + (f"; their error files are in the trial folders). {problem}" if problem else
-                              "; their error files are in the trial folders)"))
     iters = df["training_iteration"] if "training_iteration" in df else []
     stopped = int(sum(1 for i in iters if i < o.epochs(space)))
     hours = float(df["time_total_s"].sum()) / 3600 if "time_total_s" in df else 0.0
