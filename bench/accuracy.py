@@ -13,7 +13,9 @@ only (after it); top-level keys only (a "model" key replaces the whole model dic
 * trains Stage I (lungs) and Stage II (opacity + normal/disease) from scratch (no pretrained
   weights) and bundles them; ``--reuse`` keeps runs already trained in ``--out``, ``--resume``
   continues an interrupted one from its last epoch;
-* calibrates T_cls (maximum F1, or ``--specificity``) and then the opacity threshold (maximum
+* calibrates T_cls (maximum F1, or ``--specificity``; with ``--normal-fp-limit`` among the
+  thresholds at which the held-out Normals' FP rate has a one-sided 95 % upper bound <= the limit:
+  ``cxrtune calibrate --normal-fp-limit``) and then the opacity threshold (maximum
   mean Dice) on every training-part row Stage II never trained on: the validation rows and, in
   CPU mode, the train rows beyond ``max_train_images`` (``--cls-calibration val``: the validation
   rows only); and the zone threshold T on train+validation against the mask-derived reference;
@@ -78,6 +80,7 @@ QUICK = {"size": 64, "batch_size": 8, "epochs": 1, "num_workers": 0, "max_train_
 
 def calibrate_and_evaluate(uncalibrated: Path, calibrated: Path, df, out: Path, data: Path, quick: bool = False,
                            specificity: float | None = None, cls_calibration: str = "heldout",
+                           normal_fp_limit: float | None = None,
                            eval_prefix: str = "eval") -> dict:
     """The CPU and GPU modes' calibration and evaluation of a bundle, also what
     ``bench/search_to_serve.py`` runs on each bundle it compares (the same steps, so their figures
@@ -111,7 +114,8 @@ def calibrate_and_evaluate(uncalibrated: Path, calibrated: Path, df, out: Path, 
     cal_df = df.copy()
     cal_df.loc[held, "split"] = "heldout"
     cal = calibrate(scorer, cal_df, CalibrateOptions(split="train,val,heldout", cls_split="val,heldout", reference="masks",
-                                                     specificity=specificity, limit=64 if quick else 1500,
+                                                     specificity=specificity, normal_fp_limit=normal_fp_limit,
+                                                     limit=64 if quick else 1500,
                                                      progress=False))
     opacity = {"opacity_threshold": cal.opacity.threshold, "opacity_calibration": cal.opacity} if cal.opacity else {}
     derive_bundle(str(uncalibrated), str(calibrated), cls_threshold=cal.cls.threshold, cls_calibration=cal.cls,
@@ -156,6 +160,8 @@ def main() -> None:
                     help="continue an interrupted run in --out from its last epoch checkpoint (its earlier "
                          "epochs' seconds count towards the training time)")
     ap.add_argument("--specificity", type=float, help="T_cls operating point (default: maximum F1)")
+    ap.add_argument("--normal-fp-limit", type=float, metavar="RATE",
+                    help="T_cls under a limit on the held-out Normals' FP rate (one-sided 95 %% upper bound)")
     ap.add_argument("--cls-calibration", choices=("heldout", "val"), default="heldout",
                     help="T_cls on every row Stage II did not train on (default) or on the validation rows only")
     ap.add_argument("--stage2-init", choices=("lung", "none"), default="lung",
@@ -238,7 +244,8 @@ def main() -> None:
         shutil.rmtree(out / old, ignore_errors=True)
     make_bundle(str(out / "lung"), str(out / "disease"), str(out / "bundle"), name="accuracy-cpu" if args.cpu else "accuracy")
     measured = calibrate_and_evaluate(out / "bundle", out / "bundle-calibrated", df, out, data, quick=args.quick,
-                                      specificity=args.specificity, cls_calibration=args.cls_calibration)
+                                      specificity=args.specificity, cls_calibration=args.cls_calibration,
+                                      normal_fp_limit=args.normal_fp_limit)
     cal, test, jsrt, brixia, held = (measured[k] for k in ("calibration", "test", "jsrt", "brixia", "heldout_rows"))
     t3 = time.perf_counter()
 
@@ -253,6 +260,8 @@ def main() -> None:
         "lung_dice": test.lung["dice"],
         "covid_infection_dice": test.opacity["dice"], "covid_infection_iou": test.opacity["iou"],
         "cls_threshold": cal.cls.threshold, "cls_calibration_f1": cal.cls.f1,
+        "normal_fp_limit": args.normal_fp_limit,
+        "heldout_normal_fp": {k: getattr(cal.cls, k) for k in ("normal_fp_rate", "normal_fp_upper", "n_normal")},
         "cls_calibration_images": {"n": cal.cls.n, "heldout_train_rows": held},
         "opacity_threshold": cal.opacity.threshold if cal.opacity else None,
         "opacity_calibration_dice": cal.opacity.dice if cal.opacity else None,

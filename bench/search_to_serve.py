@@ -27,8 +27,9 @@ sums every stage but the reused hand-picked run):
 4. ``bundles``: each point with the hand-picked Stage I, calibrated and evaluated exactly as the
    accuracy bench does (``accuracy.calibrate_and_evaluate``: T_cls and the opacity cut on its
    held-out training rows, T against the masks, the official Val part, brixia-dev with T
-   cross-validated against the senior reader), then exported to int8 ONNX; the hand-picked
-   bundle is exported too (a derived bundle; its weights are not touched).
+   cross-validated against the senior reader; ``--normal-fp-limit``: T_cls under that limit on the
+   held-out Normals' FP rate, for the hand-picked bundle too), then exported to int8 ONNX; the
+   hand-picked bundle is exported too (a derived bundle; its weights are not touched).
 5. ``serve``: each bundle's Stage II int8 latency at the batch of serve/config.cpu.yaml (4) and
    one thread, interleaved; served end-to-end throughput of the hand-picked and the fast bundle
    over real HTTP, interleaved A-B-A-B twice (median ratio); the served path's own per-step
@@ -134,12 +135,17 @@ def run(*args: str, env: dict | None = None) -> str:
 def handpicked(args, out: Path) -> dict:
     """The accuracy bench's run (reused; run here if missing): paths and its recorded figures."""
     acc = Path(args.accuracy_out)
+    limit = ["--normal-fp-limit", str(args.normal_fp_limit)] if args.normal_fp_limit is not None else []
+    # quick: enough Stage I for lungs to be found at all, or nothing calibrates
+    mode = ["--quick", "--lung-epochs", "6", "--override", '{"max_train_images": 160}'] if args.quick else ["--cpu"]
     if not (acc / "result.json").exists():
-        # quick: enough Stage I for lungs to be found at all, or nothing calibrates
-        mode = ["--quick", "--lung-epochs", "6", "--override", '{"max_train_images": 160}'] if args.quick else ["--cpu"]
-        subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy.py"), *mode, "--data", args.data,
+        subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy.py"), *mode, *limit, "--data", args.data,
                         "--out", str(acc), "--resume"], check=True, stdout=subprocess.DEVNULL)
     result = json.loads((acc / "result.json").read_text())
+    if result.get("normal_fp_limit") != args.normal_fp_limit:  # every bundle compared is calibrated one way
+        raise SystemExit(f"{acc}: the hand-picked bundle was calibrated with normal_fp_limit "
+                         f"{result.get('normal_fp_limit')}, this run asks for {args.normal_fp_limit}: recalibrate it "
+                         f"with bench/accuracy.py {mode[0]} --reuse --out {acc} {' '.join(limit)}")
     from cxrtune.model.artifacts import read_run_summary
 
     disease, lung = read_run_summary(str(acc / "disease")), read_run_summary(str(acc / "lung"))
@@ -272,7 +278,7 @@ def bundles(args, hand: dict, promoted: dict, out: Path) -> dict:
         folder.mkdir(parents=True)
         make_bundle(hand["lung_run"], point["run"], str(folder / "bundle"), name=f"search-{name}")
         measured = accuracy.calibrate_and_evaluate(folder / "bundle", folder / "bundle-calibrated", df, folder, data,
-                                                   quick=args.quick)
+                                                   quick=args.quick, normal_fp_limit=args.normal_fp_limit)
         export(str(folder / "bundle-calibrated"), str(folder / "bundle-int8"), "onnx-int8", calibration=sample)
         made[name] = {"bundle": str(folder / "bundle-int8"), "eval": str(folder),
                       **summary_of(measured)}
@@ -646,6 +652,9 @@ def main() -> None:
     # 2026-12-04, and TPE's constrained sampling steered the sweep towards them; 0.10 stays the
     # target of the retrained, calibrated bundles (bench/sweep.py --multi-objective uses 0.5 too)
     ap.add_argument("--fp-limit", type=float, default=0.5)
+    ap.add_argument("--normal-fp-limit", type=float, metavar="RATE",
+                    help="every bundle's T_cls under this limit on its held-out Normals' FP rate (one-sided 95 %% "
+                         "upper bound; bench/accuracy.py --normal-fp-limit); default: maximum F1 alone")
     # ASHA's first rung, in epochs: at 1 (2026-12-04) one epoch of a from-scratch network against one
     # of another decided what was trained at all, and the warm start was cut after its first
     ap.add_argument("--grace", type=int, default=2, help="the sweep's ASHA grace period in epochs (of 6)")

@@ -123,6 +123,7 @@ def _bundle_legacy(args) -> None:
 def _calibrate(args) -> None:
     options = evaluation.CalibrateOptions(
         split=args.split, cls_split=args.cls_split, reference=args.reference, specificity=args.specificity,
+        normal_fp_limit=args.normal_fp_limit,
         reference_threshold=args.reference_threshold, limit=args.limit, what=tuple(w.strip() for w in args.what.split(",")),
         not_frontal=tuple(args.not_frontal or ()))
     outcome = evaluation.calibrate_bundle(args.bundle, args.out, manifest.load_manifest(args.manifest), options,
@@ -388,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="labelled rows for T_cls, the opacity cut and the appearance and view models (validation data)")
     cal.add_argument("--specificity", type=float,
                      help="T_cls operating point: this specificity on normals (default: maximum F1)")
+    cal.add_argument("--normal-fp-limit", type=float, metavar="RATE",
+                     help="T_cls at its operating point among those where the --cls-split Normal images' FP rate "
+                          "(score > 0 at the final thresholds) has a one-sided 95%% upper bound <= RATE, e.g. 0.10")
     cal.add_argument("--reference", default="auto",
                      help="zone reference: a reader id from the manifest (e.g. S), 'zones', 'masks' or 'auto'")
     cal.add_argument("--reference-threshold", type=float, default=DEFAULT_ZONE_THRESHOLD,

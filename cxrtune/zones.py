@@ -167,14 +167,23 @@ def score_masks(lung_mask: np.ndarray, opacity_mask: np.ndarray, threshold: floa
     return score_lungs(split_lungs(lung_mask), opacity_mask, threshold)
 
 
+def zone_opacity(zones: dict[str, np.ndarray], opacity_mask: np.ndarray) -> dict[str, tuple[int, float]]:
+    """Each zone's (area in pixels, share of those pixels that ``opacity_mask`` covers; 0 with no
+    area), keyed by Brixia letter: a zone with area is affected when its share is >= T.
+    ``zones``: :func:`zone_masks` (made once for several masks)."""
+    opacity = np.asarray(opacity_mask, dtype=bool)
+    out = {}
+    for letter, zone in zones.items():
+        area = int(zone.sum())
+        out[letter] = (area, float((opacity & zone).sum() / area) if area else 0.0)
+    return out
+
+
 def score_lungs(lungs: LungPair, opacity_mask: np.ndarray, threshold: float) -> dict:
     """:func:`score_masks` for lungs already split (callers that also draw them split once)."""
     opacity = np.asarray(opacity_mask, dtype=bool)
-    zones = {}
-    for letter, zone in zone_masks(lungs).items():
-        area = int(zone.sum())
-        frac = float((opacity & zone).sum() / area) if area else 0.0
-        zones[letter] = {"affected": bool(area > 0 and frac >= threshold), "opacity_fraction": round(frac, 4)}
+    zones = {letter: {"affected": bool(area > 0 and frac >= threshold), "opacity_fraction": round(frac, 4)}
+             for letter, (area, frac) in zone_opacity(zone_masks(lungs), opacity).items()}
     per_lung = {}
     for side, lung in (("right", lungs.right), ("left", lungs.left)):
         area = int(lung.sum())

@@ -188,6 +188,82 @@ def test_cls_threshold_operating_points():
     assert strict["threshold"] == 0.6 and strict["specificity"] == 1.0 and strict["sensitivity"] == 0.8
 
 
+def test_normal_fp_limit_bounds_the_rate_from_above_and_raises_t_cls_past_the_normals_it_must_drop():
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.scoring.evaluation import normal_fp_floor, normal_fp_upper
+
+    assert normal_fp_upper(0, 30) == pytest.approx(1 - 0.05 ** (1 / 30))  # one-sided 95 %, exact
+    assert [round(normal_fp_upper(k, 100), 4) for k in range(3)] == [0.0295, 0.0466, 0.0616]
+    flagged = np.array([0.5, 0.8, 0.3, 0.9, 0.8])  # p of the Normals that score > 0 when refinement lets them
+    assert normal_fp_floor(flagged, 100, 0.06) == 0.8  # one may stay (upper 0.047): T_cls > 0.8 keeps only 0.9
+    assert normal_fp_floor(flagged, 100, 0.07) == 0.8  # two may (0.062), but the tie at 0.8 goes together
+    assert normal_fp_floor(flagged, 100, 0.10) == 0.3  # four may (0.089), five may not (0.102)
+    assert normal_fp_floor(flagged, 100, 0.11) == -np.inf
+    assert normal_fp_floor(flagged[:0], 29, 0.10) == -np.inf
+    with pytest.raises(CxrtuneError, match="28 Normal image.*cannot show an FP rate on Normal <= 0.1"):
+        normal_fp_floor(flagged, 28, 0.10)  # even none flagged: upper 0.101
+
+
+def test_max_zone_shares_say_when_the_scoring_policy_scores_a_normal_above_0():
+    from cxrtune.scoring.evaluation import OPACITY_GRID, max_zone_shares
+    from cxrtune.scoring.scorer import build_record
+
+    rng = np.random.default_rng(0)
+    cuts = OPACITY_GRID.tolist()
+    for case in range(40):
+        lung = np.zeros((64, 64), bool)
+        lung[8:56, 6:28] = True
+        if case % 4:  # one lung in a quarter of the cases: a partial record, never a false positive
+            lung[8 + case % 7:56, 36:58] = True
+        prob = rng.random((64, 64)) ** (1 + case % 5)
+        shares = max_zone_shares(lung, prob, cuts)
+        for i in (0, 5, 9, 18):
+            for t in (0.05, 0.2, 0.5):
+                record, _ = build_record(lung, prob >= cuts[i], 0.9, t, None)
+                assert (shares[i] >= t) == (record.score is not None and record.score > 0), (case, i, t)
+
+
+def test_t_cls_under_a_normal_fp_limit_is_chosen_again_with_t_until_the_normals_meet_it():
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.scoring.evaluation import CalibrateOptions, ZoneRows, _under_normal_fp_limit
+
+    prob = np.array([0.1, 0.2, 0.35, 0.4, 0.6, 0.7, 0.8, 0.9])
+    label = np.array([0, 0, 1, 0, 1, 1, 1, 1])
+    assert choose_cls_threshold(prob, label, above=0.4)["threshold"] == 0.6  # max F1 (0.35) is not above
+    with pytest.raises(CxrtuneError, match="exceed every p.disease.*above 0.9000 to meet --normal-fp-limit"):
+        choose_cls_threshold(prob, label, above=0.9)
+    # 40 Normals, share of their most opaque zone at two cuts; at the cut used (index 1): 0.5 for
+    # the Normals with p 0.4 and 0.2, none elsewhere. At T 0.3 the max-F1 T_cls (0.35) lets the 0.4
+    # one score > 0: 1 of 40 (upper 0.11 > limit 0.10), so T_cls must pass 0.4
+    normals = [(0.4, np.array([0.9, 0.5])), (0.2, np.array([0.9, 0.5]))] + [(0.1, np.array([0.9, 0.0]))] * 38
+    choice, sweep, fp = _under_normal_fp_limit(normals, 1, 0.3, (prob, label), 0.10, None)
+    assert choice["threshold"] == 0.6 and sweep is None
+    assert fp == {"normal_fp_limit": 0.10, "normal_fp_rate": 0.0, "normal_fp_upper": pytest.approx(1 - 0.05 ** (1 / 40)),
+                  "n_normal": 40}
+    choice, _, fp = _under_normal_fp_limit(normals, 1, 0.6, (prob, label), 0.10, None)  # T above both shares
+    assert choice["threshold"] == 0.35 and fp["normal_fp_rate"] == 0.0  # max F1 holds: nothing to raise
+    # T chosen again at the final T_cls: row A (p 0.5, no reference opacity) is refined away at 0.6
+    # but not at 0.35, where it costs a third of the MAE at every T <= 0.3 (T 0.01 flags both
+    # opaque Normals, and the one with p 0.4 is over 0.35)
+    zone_rows = ZoneRows(fractions=np.array([[0.5, 0, 0, 0, 0, 0], [0.3, 0, 0, 0, 0, 0], [0.3, 0, 0, 0, 0, 0]]),
+                         p=np.array([0.5, 0.7, 0.8]), refs=np.array([[0] * 6, [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]]),
+                         reference="masks")
+    assert zone_rows.sweep(0.35)["mae"] == pytest.approx(1 / 3) and zone_rows.sweep(0.35)["threshold"] == 0.01
+    choice, sweep, fp = _under_normal_fp_limit(normals, 1, zone_rows, (prob, label), 0.10, None)
+    assert choice["threshold"] == 0.6 and fp["normal_fp_rate"] == 0.0
+    assert sweep == zone_rows.sweep(0.6) and sweep["mae"] == 0.0
+    # a Normal whose p is the max-F1 T_cls itself scores > 0 there (p >= T_cls): T_cls must pass it
+    tied = (np.array([0.1, 0.4, 0.4, 0.6]), np.array([0, 0, 1, 1]))
+    assert choose_cls_threshold(*tied)["threshold"] == 0.4
+    choice, _, fp = _under_normal_fp_limit(normals[:1] + normals[2:] + normals[2:3], 1, 0.3, tied, 0.10, None)
+    assert choice["threshold"] == 0.6 and fp["normal_fp_rate"] == 0.0 and fp["n_normal"] == 40
+    # 1 of 40 has upper 0.11 <= 0.2: max F1 stays
+    choice, _, fp = _under_normal_fp_limit(normals, 1, 0.3, (prob, label), 0.2, None)
+    assert choice["threshold"] == 0.35 and fp["normal_fp_rate"] == 1 / 40
+    with pytest.raises(CxrtuneError, match="a rate between 0 and 1 that T_cls meets"):
+        CalibrateOptions(normal_fp_limit=0.1, what=("zone",))
+
+
 def test_inference_does_not_import_training():
     code = ("import sys, cxrtune.scoring.scorer, cxrtune.serving.app, cxrtune.preprocessing, cxrtune.model.artifacts, "
             "cxrtune.scoring.batch_scoring, cxrtune.pacs.results; "

@@ -165,6 +165,42 @@ def test_evaluate_writes_metrics_and_plots(bundle, phantom_dir):
     assert (out / "score_density.png").stat().st_size > 1000 and (out / "zone_confusion.png").exists()
 
 
+@pytest.mark.slow  # trains both stages through the CLI (the module's bundle)
+def test_calibrate_under_a_normal_fp_limit_is_held_by_the_bundle_it_makes(bundle, phantom_dir):
+    import pandas as pd
+
+    from cxrtune.data import manifest
+
+    m = str(phantom_dir / "manifest.parquet")
+    df = manifest.load_manifest(m)
+    normals = int(((df["label"] == "normal") & df["split"].isin(["train", "val"])).sum())
+    # 0.45: with these 8 Normals not one may score > 0 (upper bound 0.31 at 0 of 8, 0.47 at 1 of 8)
+    out = bundle / "fp-limited"
+    r = cli_in_process("calibrate", str(bundle / "made"), "--out", str(out), "--manifest", m, "--cls-split",
+                       "train,val", "--what", "cls,opacity,zone", "--normal-fp-limit", "0.45", check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cls = json.loads((out / "bundle.json").read_text())["cls_calibration"]
+    assert normals == 8 and cls["n_normal"] == normals  # Stage I finds every phantom's lungs
+    assert cls["normal_fp_limit"] == 0.45 and cls["normal_fp_rate"] == 0.0
+    assert cls["normal_fp_upper"] == pytest.approx(1 - 0.05 ** (1 / 8))
+    assert "FP rate on Normal 0.000 on 8 Normal images" in r.stdout
+    # the bundle it made, scored independently by `cxrtune evaluate`, holds it on those rows
+    run("evaluate", "--bundle", str(out), "--manifest", m, "--out", str(bundle / "fp-eval"), "--split", "train,val")
+    scores = pd.read_csv(bundle / "fp-eval" / "scores.csv")
+    normal = scores[scores["label"] == "normal"]
+    assert len(normal) == normals and (normal["score"].fillna(0) > 0).sum() == 0
+    from cxrtune.model.artifacts import derive_bundle
+
+    derive_bundle(str(out), str(bundle / "fp-moved"), zone_threshold=0.99)  # so that calibrating T moves it
+    r = cli_in_process("calibrate", str(bundle / "fp-moved"), "--out", str(bundle / "fp-stale"), "--manifest", m,
+                       "--what", "zone", check=False)
+    assert r.returncode == 0 and "stored FP rate on Normal was measured at the old opacity cut and T" in r.stderr
+    r = cli_in_process("calibrate", str(bundle / "made"), "--out", str(bundle / "fp-refused"), "--manifest", m,
+                       "--normal-fp-limit", "0.10", check=False)  # the val split's 2 Normals cannot show 0.10
+    assert r.returncode == 2 and "2 Normal image(s) with lungs cannot show an FP rate on Normal <= 0.1" in r.stderr
+    assert not (bundle / "fp-refused").exists()
+
+
 def test_score_masks_cli(tmp_path):
     lung = np.zeros((90, 90), bool)
     lung[10:80, 5:40] = True

@@ -215,6 +215,11 @@ class Calibration:
     sensitivity: float | None = None
     target: float | None = None  # the asked-for specificity
     dice: float | None = None  # opacity threshold: mean Dice over the images with opacity in their reference
+    # T_cls under a limit on the FP rate on Normal (score > 0) of the split's Normal images, at the final thresholds
+    normal_fp_limit: float | None = None
+    normal_fp_rate: float | None = None
+    normal_fp_upper: float | None = None  # its one-sided 95 % upper bound (Clopper-Pearson)
+    n_normal: int | None = None
     created: str = ""
 
 

@@ -131,16 +131,20 @@ def same_rows(split_a: str | None, split_b: str | None) -> bool:
     return "all" in a or "all" in b or bool(a & b)
 
 
-def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float | None = None) -> dict:
+def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float | None = None,
+                         above: float = -np.inf) -> dict:
     """T_cls at a stated operating point: maximum F1 (default), or the lowest threshold whose
     specificity on the normal images is >= ``specificity`` with the best sensitivity there (if none
     reaches it, the best specificity). Candidates: every distinct probability (scikit-learn's ROC
-    curve); ties go to the lowest threshold."""
+    curve) greater than ``above`` (:func:`normal_fp_floor`); ties go to the lowest threshold."""
     prob, label = np.asarray(prob, float), np.asarray(label, int)
     if len(set(label)) < 2:
         raise CxrtuneError("T_cls needs labelled normal and disease images in the calibration rows")
     fpr, tpr, thresholds = roc_curve(label, prob, drop_intermediate=False)
-    keep = np.isfinite(thresholds)  # the first point (nothing called disease) is not a candidate
+    keep = np.isfinite(thresholds) & (thresholds > above)  # the first point (nothing called disease) is not one
+    if not keep.any():
+        raise CxrtuneError(f"T_cls would have to exceed every p(disease) in the calibration rows (it must be above "
+                           f"{above:.4f} to meet --normal-fp-limit): no operating point is left")
     fpr, tpr, thresholds = fpr[keep], tpr[keep], thresholds[keep]
     positives, negatives = int(label.sum()), int((label == 0).sum())
     tp, fp = tpr * positives, fpr * negatives
@@ -153,6 +157,49 @@ def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float
         best = np.lexsort((thresholds, -np.round(f1, 12)))[0]
     return {"threshold": float(thresholds[best]), "f1": float(f1[best]), "specificity": float(spec[best]),
             "sensitivity": float(tpr[best])}
+
+
+NORMAL_FP_CONFIDENCE = 0.95  # the one-sided level of the FP rate on Normal's upper bound under a limit
+
+
+def normal_fp_upper(false_positives: int, normals: int) -> float:
+    """The one-sided 95 % upper bound (Clopper-Pearson, scipy) of an FP rate on Normal seen as
+    ``false_positives`` of ``normals`` images."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(false_positives, normals).proportion_ci(confidence_level=2 * NORMAL_FP_CONFIDENCE - 1,
+                                                            method="exact")
+    return float(ci.high)
+
+
+def normal_fp_floor(flagged: np.ndarray, normals: int, limit: float) -> float:
+    """The value T_cls must be above for the FP rate on Normal's upper bound
+    (:func:`normal_fp_upper`) to be <= ``limit``; -inf when any T_cls is.
+
+    Args:
+        flagged: p(disease) of the Normal images that score > 0 whenever Stage II's map counts
+            (p >= T_cls): at T_cls the false positives are those with p >= T_cls.
+        normals: the Normal images, flagged or not."""
+    flagged = np.sort(np.asarray(flagged, float))[::-1]
+    if normal_fp_upper(0, normals) > limit:
+        raise CxrtuneError(f"{normals} Normal image(s) with lungs cannot show an FP rate on Normal <= {limit} at "
+                           f"{NORMAL_FP_CONFIDENCE:.0%} even with none scored > 0: calibrate on more Normal rows")
+    most = 0  # the most false positives the bound allows (it rises with their count)
+    while most < len(flagged) and normal_fp_upper(most + 1, normals) <= limit:
+        most += 1
+    return -np.inf if most >= len(flagged) else float(flagged[most])
+
+
+def max_zone_shares(lung: np.ndarray, prob: np.ndarray, cuts: list[float]) -> np.ndarray:
+    """Per opacity cut, the largest zone share of ``prob >= cut`` within the lungs: the image scores > 0
+    at that cut whenever this is >= T and p(disease) >= T_cls. 0 at every cut when the record would not
+    be scored (one lung: a partial record has no score, so it is never a false positive)."""
+    lungs = zones.split_lungs(lung)
+    if lungs.lungs_found != 2:
+        return np.zeros(len(cuts))
+    six = zones.zone_masks(lungs)
+    return np.array([max((share for area, share in zones.zone_opacity(six, (prob >= cut) & lung).values() if area),
+                         default=0.0) for cut in cuts])
 
 
 OPACITY_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate opacity thresholds
@@ -199,6 +246,9 @@ class CalibrateOptions:
         reference: ``auto``, ``zones``, ``masks`` or a reader id (``S`` or ``reader:S``).
         reference_threshold: T of the mask-derived reference.
         specificity: T_cls at this specificity instead of maximum F1.
+        normal_fp_limit: T_cls at its operating point among the thresholds at which the
+            ``cls_split`` Normal images' FP rate (score > 0 at the bundle's final T_cls, opacity cut
+            and T) has a one-sided 95 % upper bound <= this (:func:`calibrate`).
         limit: rows per split at most (a stratified sample).
         what: which of ``cls``, ``opacity``, ``zone`` to choose, and ``appearance``: fit the
             plausibility check's appearance model (:mod:`.plausibility`) on the ``cls_split`` rows.
@@ -210,6 +260,7 @@ class CalibrateOptions:
     reference: str = "auto"
     reference_threshold: float = DEFAULT_ZONE_THRESHOLD
     specificity: float | None = None
+    normal_fp_limit: float | None = None
     limit: int | None = None
     what: tuple[str, ...] = CALIBRATE_WHAT
     not_frontal: tuple[str, ...] = ()
@@ -220,6 +271,9 @@ class CalibrateOptions:
         if unknown or not self.what:
             raise CxrtuneError(f"--what {','.join(self.what)!r}: choose from cls, opacity, zone and appearance "
                                "(comma-separated)")
+        if self.normal_fp_limit is not None and not (0 < self.normal_fp_limit < 1 and "cls" in self.what):
+            raise CxrtuneError(f"--normal-fp-limit {self.normal_fp_limit}: a rate between 0 and 1 that T_cls meets, "
+                               "so cls must be in --what")
         if self.not_frontal and "appearance" not in self.what:
             raise CxrtuneError("--not-frontal fits the view model beside the appearance model: add appearance to --what")
 
@@ -276,6 +330,87 @@ def _validation_rows(df: pd.DataFrame, options: CalibrateOptions) -> pd.DataFram
     return rows
 
 
+@dataclass(frozen=True)
+class ZoneRows:
+    """The ``split`` rows T is chosen on, scored once, unrefined: per row its six zone fractions,
+    p(disease) and reference zones; ``reference`` says which reference they gave."""
+    fractions: np.ndarray
+    p: np.ndarray
+    refs: np.ndarray
+    reference: str
+
+    def sweep(self, cls_threshold: float) -> dict:
+        """T by minimum score MAE, refined at ``cls_threshold`` (Eq. 1-2: under it, no opacity)."""
+        return sweep_threshold(np.where((self.p >= cls_threshold)[:, None], self.fractions, 0.0), self.refs)
+
+
+def _resolve_reference(reference: str, readers: list[str], what: tuple[str, ...]) -> str:
+    """``--reference`` as :func:`reference_zones` takes it: ``reader:<ID>``, ``zones``, ``masks`` or ``auto``."""
+    if reference == "auto" and len(readers) > 1 and "zone" in what:
+        raise CxrtuneError(f"the manifest has several readers ({', '.join(readers)}): choose one with --reference")
+    if reference == "auto":
+        return f"reader:{readers[0]}" if len(readers) == 1 else "auto"
+    if reference in ("zones", "masks"):
+        return reference
+    reference = "reader:" + reference.split(":", 1)[-1]
+    if reference[7:] not in readers:
+        raise CxrtuneError(f"--reference {reference[7:]!r}: the manifest's readers are "
+                           f"{', '.join(readers) or 'none (no reader_<ID>_<A-F> columns)'}")
+    return reference
+
+
+def _zone_rows(scorer: Scorer, rows: pd.DataFrame, cache, reference: str, reference_threshold: float,
+               progress: bool) -> ZoneRows:
+    """Score ``rows`` once, every opacity map counting (T_cls is applied later, to the stored p)."""
+    fracs, p, refs, kinds = [], [], [], set()
+    every_mask = scorer.with_thresholds(cls=0.0)
+    for row, _, record, _ in score_rows(every_mask, rows, cache, progress):
+        zone_ref = reference_zones(row, reference_threshold, cache, reference=reference)
+        f = zone_fractions(record)
+        if zone_ref is None or f is None:
+            continue
+        if reference == "auto":  # which one this row gave: zone columns, else masks
+            kinds.add("zones" if reference_zones(row, reference_threshold, cache, reference="zones") else "masks")
+        fracs.append(f)
+        p.append(record["disease_probability"])
+        refs.append(zone_ref)
+    if not refs:
+        raise CxrtuneError(f"no scored row has a {reference!r} reference (reader grades, zone_A..zone_F or "
+                           "both reference masks); zone calibration needs labelled images")
+    return ZoneRows(np.array(fracs), np.array(p, float), np.array(refs),
+                    reference if reference != "auto" else "+".join(sorted(kinds)))
+
+
+def _under_normal_fp_limit(normals: list[tuple[float, np.ndarray]], cut_index: int, zone: ZoneRows | float,
+                           cls: tuple[np.ndarray, np.ndarray], limit: float,
+                           specificity: float | None) -> tuple[dict, dict | None, dict]:
+    """T_cls (and T, when it is being chosen) raised until the Normals' FP rate meets ``limit``: a
+    greedy search, pass by pass past the Normals that break it at the current T. T moves with
+    T_cls, so a lower T_cls that meets the limit with its own T may be passed over.
+
+    Args:
+        normals: per labelled Normal image with lungs, (p(disease), :func:`max_zone_shares` at every cut).
+        cut_index: the opacity cut's index in those shares.
+        zone: the zone rows T is chosen on, or T itself when it is not being chosen.
+        cls: the labelled rows' (p(disease), label) T_cls is chosen on, at ``specificity`` or maximum F1.
+    Returns:
+        T_cls's :func:`choose_cls_threshold` choice, T's sweep (None when not chosen), and the FP
+        fields of T_cls's :class:`Calibration`."""
+    shares = np.array([s[cut_index] for _, s in normals])
+    p_normal = np.array([p for p, _ in normals])
+    floor = -np.inf
+    while True:  # each pass raises T_cls's floor, so it ends (or no candidate is left: an error)
+        choice = choose_cls_threshold(*cls, specificity=specificity, above=floor)
+        sweep = zone.sweep(choice["threshold"]) if isinstance(zone, ZoneRows) else None
+        flagged = p_normal[shares >= (sweep["threshold"] if sweep else zone)]
+        floor = normal_fp_floor(flagged, len(normals), limit)
+        if choice["threshold"] > floor:
+            break
+    k = int((flagged >= choice["threshold"]).sum())
+    return choice, sweep, {"normal_fp_limit": limit, "normal_fp_rate": k / len(normals),
+                           "normal_fp_upper": normal_fp_upper(k, len(normals)), "n_normal": len(normals)}
+
+
 def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = CalibrateOptions()) -> CalibrationResult:
     """The three thresholds, in this order, each with its provenance
     (:class:`~cxrtune.model.artifacts.Calibration`), and the plausibility check's appearance and
@@ -290,6 +425,12 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
       reader's grades (``reader:S``), the ``zone_*`` columns or the mask-derived reference
       (``masks``); ``auto`` takes a reader if the manifest has exactly one, else zone columns,
       else masks. Never the test split. Refinement uses the new T_cls and opacity threshold.
+    * With ``normal_fp_limit``: the ``cls_split`` Normal images' FP rate (score > 0) at the three
+      chosen thresholds must have a one-sided 95 % upper bound <= the limit. Where it does not,
+      T_cls is chosen again at its operating point above the lowest value that meets the limit
+      (:func:`normal_fp_floor`), and T again at that T_cls, until it holds; the opacity cut is kept
+      (it is chosen on the disease images; its stored Dice is at the final T_cls). T_cls is the lever
+      because it is the operating point on Normal images: a Normal refined away scores 0.
     * The appearance model (:func:`~.plausibility.fit_appearance`) on the ``cls_split`` rows with
       lungs; none below ``MIN_APPEARANCE_IMAGES`` of them. With ``not_frontal``, the view model
       (:func:`~.plausibility.fit_view`) of those rows against the not-frontal radiographs
@@ -306,23 +447,17 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     _refuse_test_rows("zone", split, zone_rows)
     cls_rows = _validation_rows(df, options)
     cache = storage.ContentCache()
-    readers = manifest.readers_in(df)
-    if reference == "auto" and len(readers) > 1 and "zone" in what:
-        raise CxrtuneError(f"the manifest has several readers ({', '.join(readers)}): choose one with --reference")
-    if reference == "auto":
-        reference = f"reader:{readers[0]}" if len(readers) == 1 else "auto"
-    elif reference not in ("zones", "masks"):
-        reference = "reader:" + reference.split(":", 1)[-1]
-        if reference[7:] not in readers:
-            raise CxrtuneError(f"--reference {reference[7:]!r}: the manifest's readers are "
-                               f"{', '.join(readers) or 'none (no reader_<ID>_<A-F> columns)'}")
+    reference = _resolve_reference(reference, manifest.readers_in(df), what)
     out: dict = {}
-    probs, opacity_stats, looks = [], [], []
+    probs, opacity_stats, looks, normals = [], [], [], []
+    cuts = sorted({*OPACITY_GRID.tolist(), scorer.thresholds.opacity})  # the opacity cut is one of these
     for row, image, lung, prob, p in stage2_maps(scorer, cls_rows, cache, progress):
         if "appearance" in what:
             looks.append(appearance_vector(image, lung))
         if manifest.is_labelled(row["label"]):
             probs.append((p, int(manifest.is_disease(row["label"]))))
+            if options.normal_fp_limit is not None and not manifest.is_disease(row["label"]):
+                normals.append((p, max_zone_shares(lung, prob, cuts)))
         if "opacity" in what and row.get("opacity_mask", ""):
             ref = _resized(images.read_mask(row["opacity_mask"], cache), image.shape)
             if ref.any():
@@ -338,41 +473,42 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
             others = not_frontal_vectors(scorer, not_frontal, progress)
             out["not_frontal_images"] = len(others)
             out["view"] = fit_view(np.array(looks), np.array(others))
-    t_cls = scorer.thresholds.cls
+    cls_choice, fp = None, None
+    cls_labels = (np.array([p for p, _ in probs], float), np.array([y for _, y in probs], int))
     if "cls" in what and probs:
-        prob, label = (np.array(column) for column in zip(*probs))
-        choice = choose_cls_threshold(prob, label, specificity=options.specificity)
-        t_cls = choice["threshold"]
-        out["cls"] = Calibration(threshold=t_cls, method="specificity" if options.specificity is not None else "max_f1",
-                                 reference="labels", n=len(probs), manifest=manifest_id(df),
-                                 split=cls_split or "all", f1=choice["f1"], specificity=choice["specificity"],
-                                 sensitivity=choice["sensitivity"], target=options.specificity, created=now())
+        cls_choice = choose_cls_threshold(*cls_labels, specificity=options.specificity)
+    if options.normal_fp_limit is not None:  # refused now, before the zone rows are scored
+        if not normals or cls_choice is None:
+            raise CxrtuneError(f"--normal-fp-limit needs labelled Normal and disease images with lungs in "
+                               f"--cls-split {cls_split or 'all'!r}")
+        normal_fp_floor(np.array([]), len(normals), options.normal_fp_limit)  # enough Normals to show the limit
+    t_cls = cls_choice["threshold"] if cls_choice else scorer.thresholds.cls
     if opacity_stats:
         choice = choose_opacity_threshold(opacity_stats, t_cls)
         scorer = scorer.with_thresholds(opacity=choice["threshold"])  # the zone rows below are refined with it
-        out["opacity"] = Calibration(threshold=choice["threshold"], method="max_dice", reference="masks",
-                                     n=choice["n"], manifest=manifest_id(df), split=cls_split or "all",
-                                     dice=choice["dice"], created=now())
-        out["opacity_curve"] = choice["curve"]
-    if "zone" in what:
-        fracs, refs, kinds = [], [], set()
-        every_mask = scorer.with_thresholds(cls=0.0)  # T_cls is chosen apart from T
-        for row, _, record, _ in score_rows(every_mask, zone_rows, cache, progress):
-            zone_ref = reference_zones(row, reference_threshold, cache, reference=reference)
-            f = zone_fractions(record)
-            if zone_ref is None or f is None:
-                continue
-            if reference == "auto":  # which one this row gave: zone columns, else masks
-                kinds.add("zones" if reference_zones(row, reference_threshold, cache, reference="zones") else "masks")
-            fracs.append(f if record["disease_probability"] >= t_cls else [0.0] * 6)  # Eq. 1-2 with the new T_cls
-            refs.append(zone_ref)
-        if not refs:
-            raise CxrtuneError(f"no scored row has a {reference!r} reference (reader grades, zone_A..zone_F or "
-                               "both reference masks); zone calibration needs labelled images")
-        sweep = sweep_threshold(np.array(fracs), np.array(refs))
-        kind = reference if reference != "auto" else "+".join(sorted(kinds))
-        out["zone"] = Calibration(threshold=sweep["threshold"], method="min_mae", reference=kind, n=sweep["n"],
-                                  manifest=manifest_id(df), split=split or "all", mae=sweep["mae"],
+    zone_rows_seen = (_zone_rows(scorer, zone_rows, cache, reference, reference_threshold, progress)
+                      if "zone" in what else None)
+    sweep = zone_rows_seen.sweep(t_cls) if zone_rows_seen is not None else None
+    if options.normal_fp_limit is not None:
+        cls_choice, sweep, fp = _under_normal_fp_limit(
+            normals, cuts.index(scorer.thresholds.opacity), zone_rows_seen or scorer.thresholds.zone, cls_labels,
+            options.normal_fp_limit, options.specificity)
+        t_cls = cls_choice["threshold"]
+    if cls_choice is not None:
+        out["cls"] = Calibration(threshold=t_cls, method="specificity" if options.specificity is not None else "max_f1",
+                                 reference="labels", n=len(probs), manifest=manifest_id(df),
+                                 split=cls_split or "all", f1=cls_choice["f1"], specificity=cls_choice["specificity"],
+                                 sensitivity=cls_choice["sensitivity"], target=options.specificity, created=now(),
+                                 **(fp or {}))
+    if opacity_stats:
+        out["opacity_curve"] = choose_opacity_threshold(opacity_stats, t_cls)["curve"]  # at the final T_cls
+        dice = next(c["dice"] for c in out["opacity_curve"] if c["threshold"] == scorer.thresholds.opacity)
+        out["opacity"] = Calibration(threshold=scorer.thresholds.opacity, method="max_dice", reference="masks",
+                                     n=len(opacity_stats), manifest=manifest_id(df), split=cls_split or "all",
+                                     dice=dice, created=now())
+    if sweep is not None and zone_rows_seen is not None:
+        out["zone"] = Calibration(threshold=sweep["threshold"], method="min_mae", reference=zone_rows_seen.reference,
+                                  n=sweep["n"], manifest=manifest_id(df), split=split or "all", mae=sweep["mae"],
                                   rmse=sweep["rmse"], created=now())
         out["curve"] = sweep["curve"]
     return CalibrationResult(**out)
@@ -413,6 +549,7 @@ class BundleCalibration:
     result: CalibrationResult
     stale_zone_threshold_after: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()  # the source's plausibility models that a refit replaced with none
+    stale_normal_fp: bool = False  # T_cls kept its FP rate on Normal while the opacity cut or T moved
 
     def lines(self, what: tuple[str, ...]) -> list[tuple[str, bool]]:
         """What ``cxrtune calibrate`` says: (line, to stderr) per threshold or plausibility model
@@ -423,6 +560,10 @@ class BundleCalibration:
         if c:
             lines.append((f"T_cls {c.threshold:.3f} ({c.method}): F1 {c.f1:.3f}, specificity {c.specificity:.3f}, "
                           f"sensitivity {c.sensitivity:.3f} on {c.n} labelled images", False))
+            if c.normal_fp_limit is not None:
+                lines.append((f"  FP rate on Normal {c.normal_fp_rate:.3f} on {c.n_normal} Normal images at the final "
+                              f"thresholds, one-sided 95 % upper bound {c.normal_fp_upper:.3f} <= limit "
+                              f"{c.normal_fp_limit}", False))
         elif "cls" in what:
             lines.append(("T_cls unchanged: no labelled normal and disease images in --cls-split", True))
         if o:
@@ -461,6 +602,9 @@ class BundleCalibration:
             lines.append((f"warning: {' and '.join(moved[m] for m in self.stale_zone_threshold_after)} changed but "
                           "T did not: T was calibrated with the old value(s); recalibrate it (--what zone, or the "
                           "default cls,opacity,zone)", True))
+        if self.stale_normal_fp:
+            lines.append(("warning: T_cls's stored FP rate on Normal was measured at the old opacity cut and T, which "
+                          "changed: recalibrate cls with --normal-fp-limit to hold the limit again", True))
         return lines
 
 
@@ -473,15 +617,18 @@ def calibrate_bundle(uri: str, out_uri: str, df: pd.DataFrame, options: Calibrat
     view model without ``not_frontal``) is not carried over from the source."""
     require_new_bundle(out_uri)  # before the work, not after it
     scorer = load_bundle(uri, device=device)
-    before = {"cls": scorer.thresholds.cls, "opacity": scorer.thresholds.opacity}
+    before = {"cls": scorer.thresholds.cls, "opacity": scorer.thresholds.opacity, "zone": scorer.thresholds.zone}
     result = calibrate(scorer, df, options)
-    moved = tuple(name for name in ("cls", "opacity")
+    moved = tuple(name for name in ("cls", "opacity", "zone")
                   if getattr(result, name) is not None and getattr(result, name).threshold != before[name])
+    kept_cls = scorer.thresholds.cls_calibration if result.cls is None else None
+    stale_fp = bool(kept_cls and kept_cls.normal_fp_limit is not None and {"opacity", "zone"} & set(moved))
     # refitting the plausibility models replaces the source's: one not fitted again is not carried over
     refit = ((APPEARANCE_FILE, result.appearance), (VIEW_FILE, result.view)) if "appearance" in options.what else ()
     dropped = tuple(name for name, model in refit if model is None and name in read_bundle_meta(uri).files)
     derive_bundle(uri, out_uri, extra=result.bundle_contents(), drop=dropped, **result.bundle_changes())
-    return BundleCalibration(result, moved if result.zone is None else (), dropped)
+    return BundleCalibration(result, tuple(m for m in moved if m != "zone") if result.zone is None else (), dropped,
+                             stale_fp)
 
 
 @dataclass(frozen=True)
