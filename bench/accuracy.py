@@ -13,12 +13,12 @@ only (after it); top-level keys only (a "model" key replaces the whole model dic
 * trains Stage I (lungs) and Stage II (opacity + normal/disease) from scratch (no pretrained
   weights) and bundles them; ``--reuse`` keeps runs already trained in ``--out``, ``--resume``
   continues an interrupted one from its last epoch;
-* calibrates T_cls (maximum F1, or ``--specificity``; with ``--normal-fp-limit`` among the
-  thresholds at which the held-out Normals' FP rate has a one-sided 95 % upper bound <= the limit:
-  ``cxrtune calibrate --normal-fp-limit``) and then the opacity threshold (maximum
+* calibrates T_cls (maximum F1, or ``--specificity``) and then the opacity threshold (maximum
   mean Dice) on every training-part row Stage II never trained on: the validation rows and, in
   CPU mode, the train rows beyond ``max_train_images`` (``--cls-calibration val``: the validation
   rows only); and the zone threshold T on train+validation against the mask-derived reference;
+  with ``--normal-fp-limit``, T_cls and T then hold the held-out Normals' FP rate to that one-sided
+  95 % upper bound (``cxrtune calibrate --normal-fp-limit``);
 * evaluates on the test set through the scoring policy: lung Dice, COVID-19 infection Dice (over
   non-empty references), F1 at T_cls, the FP rate on Normal (share of Normal images whose record
   has score > 0); scores JSRT's lungs with the Stage I model;
@@ -61,7 +61,7 @@ DISEASE = {"task": "disease", "model": {"arch": "Unet", "encoder": "resnet34", "
 # of lowest validation loss (seg + cls, unweighted): F1 at 0.5 made (Dice + F1) / 2 a noisy pick.
 # Stage II at 224 px, 17 epochs planned: with bf16 autocast on a CPU with native bf16 (AVX-512
 # BF16 or AMX) ~190 s an epoch, so ``max_minutes`` (what Stage I left of the budget) ends it after
-# 16 (docs/BENCHMARKS.md, eighth run, 2026-12-01: every target met); without native bf16 fp32 runs
+# 16 (docs/benchmarks/2026-12-01-to-03.md, eighth run, 2026-12-01: every target met); without native bf16 fp32 runs
 # about twice as slow and the budget ends it after about 8.
 CPU_LUNG = {"task": "lung", "model": {"arch": "Unet", "encoder": "resnet18", "in_channels": 1,
                                       "decoder": "narrow"},

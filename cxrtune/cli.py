@@ -390,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--specificity", type=float,
                      help="T_cls operating point: this specificity on normals (default: maximum F1)")
     cal.add_argument("--normal-fp-limit", type=float, metavar="RATE",
-                     help="T_cls at its operating point among those where the --cls-split Normal images' FP rate "
-                          "(score > 0 at the final thresholds) has a one-sided 95%% upper bound <= RATE, e.g. 0.10")
+                     help="hold the --cls-split Normal images' FP rate (score > 0 at the final thresholds) to a "
+                          "one-sided 95%% upper bound <= RATE, e.g. 0.10: where max F1 and min MAE break it, T_cls "
+                          "and T of least score MAE that meet it (docs/scoring.md)")
     cal.add_argument("--reference", default="auto",
                      help="zone reference: a reader id from the manifest (e.g. S), 'zones', 'masks' or 'auto'")
     cal.add_argument("--reference-threshold", type=float, default=DEFAULT_ZONE_THRESHOLD,

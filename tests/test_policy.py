@@ -223,7 +223,7 @@ def test_max_zone_shares_say_when_the_scoring_policy_scores_a_normal_above_0():
                 assert (shares[i] >= t) == (record.score is not None and record.score > 0), (case, i, t)
 
 
-def test_t_cls_under_a_normal_fp_limit_is_chosen_again_with_t_until_the_normals_meet_it():
+def test_a_normal_fp_limit_takes_the_least_error_thresholds_that_meet_it():
     from cxrtune.errors import CxrtuneError
     from cxrtune.scoring.evaluation import CalibrateOptions, ZoneRows, _under_normal_fp_limit
 
@@ -257,6 +257,19 @@ def test_t_cls_under_a_normal_fp_limit_is_chosen_again_with_t_until_the_normals_
     assert choose_cls_threshold(*tied)["threshold"] == 0.4
     choice, _, fp = _under_normal_fp_limit(normals[:1] + normals[2:] + normals[2:3], 1, 0.3, tied, 0.10, None)
     assert choice["threshold"] == 0.6 and fp["normal_fp_rate"] == 0.0 and fp["n_normal"] == 40
+    # where the limit binds, every (T_cls, T) pair is tried: here a stricter T costs no error at all,
+    # while raising T_cls past the confident Normal (p 0.9, one zone 20 % opaque) would refine every
+    # diseased zone row away (MAE 1)
+    confident = (np.array([0.1, 0.2, 0.35, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95]), np.array([0, 0, 1, 0, 1, 1, 1, 0, 1]))
+    diseased = ZoneRows(fractions=np.array([[0.6, 0, 0, 0, 0, 0]] * 2), p=np.array([0.5, 0.8]),
+                        refs=np.array([[1, 0, 0, 0, 0, 0]] * 2), reference="masks")
+    assert diseased.sweep(0.35)["threshold"] == 0.01 and diseased.sweep(0.96)["mae"] == 1.0
+    for t_cls in (0.35, 0.5, 0.8, 0.96):  # every pair at once, as the sweep gives them (a row at p = T_cls stays)
+        assert diseased.mae_surface(np.array([t_cls]))[0].tolist() == [r["mae"] for r in diseased.sweep(t_cls)["curve"]]
+    lone = [(0.9, np.array([0.9, 0.2]))] + [(0.1, np.array([0.9, 0.0]))] * 39
+    choice, sweep, fp = _under_normal_fp_limit(lone, 1, diseased, confident, 0.10, None)
+    assert choice == choose_cls_threshold(*confident) and choice["threshold"] == 0.35  # max F1 kept
+    assert (sweep["threshold"], sweep["mae"], fp["normal_fp_rate"]) == (0.21, 0.0, 0.0)  # the least T past 0.2
     # 1 of 40 has upper 0.11 <= 0.2: max F1 stays
     choice, _, fp = _under_normal_fp_limit(normals, 1, 0.3, (prob, label), 0.2, None)
     assert choice["threshold"] == 0.35 and fp["normal_fp_rate"] == 1 / 40

@@ -38,6 +38,7 @@ from .plausibility import (
 )
 from .record import STATUSES
 from .scorer import (
+    ZONE_GRID,
     Scorer,
     has_lungs,
     load_bundle,
@@ -131,25 +132,38 @@ def same_rows(split_a: str | None, split_b: str | None) -> bool:
     return "all" in a or "all" in b or bool(a & b)
 
 
-def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float | None = None,
-                         above: float = -np.inf) -> dict:
-    """T_cls at a stated operating point: maximum F1 (default), or the lowest threshold whose
-    specificity on the normal images is >= ``specificity`` with the best sensitivity there (if none
-    reaches it, the best specificity). Candidates: every distinct probability (scikit-learn's ROC
-    curve) greater than ``above`` (:func:`normal_fp_floor`); ties go to the lowest threshold."""
+def cls_operating_points(prob: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
+    """Every candidate T_cls (each distinct probability: scikit-learn's ROC curve, ascending
+    sensitivity) with its F1, specificity and sensitivity on the labelled rows."""
     prob, label = np.asarray(prob, float), np.asarray(label, int)
     if len(set(label)) < 2:
         raise CxrtuneError("T_cls needs labelled normal and disease images in the calibration rows")
     fpr, tpr, thresholds = roc_curve(label, prob, drop_intermediate=False)
-    keep = np.isfinite(thresholds) & (thresholds > above)  # the first point (nothing called disease) is not one
-    if not keep.any():
-        raise CxrtuneError(f"T_cls would have to exceed every p(disease) in the calibration rows (it must be above "
-                           f"{above:.4f} to meet --normal-fp-limit): no operating point is left")
+    keep = np.isfinite(thresholds)  # the first point (nothing called disease) is not one
     fpr, tpr, thresholds = fpr[keep], tpr[keep], thresholds[keep]
     positives, negatives = int(label.sum()), int((label == 0).sum())
     tp, fp = tpr * positives, fpr * negatives
-    f1 = 2 * tp / np.maximum(2 * tp + fp + (positives - tp), 1)
-    spec = 1 - fpr
+    return {"threshold": thresholds, "f1": 2 * tp / np.maximum(2 * tp + fp + (positives - tp), 1),
+            "specificity": 1 - fpr, "sensitivity": tpr}
+
+
+def _operating_point(points: dict[str, np.ndarray], i: int) -> dict:
+    return {"threshold": float(points["threshold"][i]), **{k: float(points[k][i]) for k in
+                                                            ("f1", "specificity", "sensitivity")}}
+
+
+def choose_cls_threshold(prob: np.ndarray, label: np.ndarray, specificity: float | None = None,
+                         above: float = -np.inf) -> dict:
+    """T_cls at a stated operating point: maximum F1 (default), or the lowest threshold whose
+    specificity on the normal images is >= ``specificity`` with the best sensitivity there (if none
+    reaches it, the best specificity). Candidates: :func:`cls_operating_points` greater than
+    ``above`` (:func:`normal_fp_floor`); ties go to the lowest threshold."""
+    points = cls_operating_points(prob, label)
+    keep = points["threshold"] > above
+    if not keep.any():
+        raise CxrtuneError(f"T_cls would have to exceed every p(disease) in the calibration rows (it must be above "
+                           f"{above:.4f} to meet --normal-fp-limit): no operating point is left")
+    thresholds, f1, spec, tpr = (points[k][keep] for k in ("threshold", "f1", "specificity", "sensitivity"))
     if specificity is not None:
         met = spec >= specificity
         best = np.lexsort((thresholds, -np.where(met, tpr, spec), ~met))[0]
@@ -343,6 +357,17 @@ class ZoneRows:
         """T by minimum score MAE, refined at ``cls_threshold`` (Eq. 1-2: under it, no opacity)."""
         return sweep_threshold(np.where((self.p >= cls_threshold)[:, None], self.fractions, 0.0), self.refs)
 
+    def mae_surface(self, cls_thresholds: np.ndarray, grid: np.ndarray = ZONE_GRID) -> np.ndarray:
+        """Score MAE at every (T_cls, T) pair (len(cls_thresholds) x len(grid)) at once: a row
+        refined away (p < T_cls) scores 0, the others count their zones >= T."""
+        ref = self.refs.sum(axis=1)
+        kept = np.abs((self.fractions[:, :, None] >= grid[None, None, :]).sum(axis=1) - ref[:, None])  # N x G
+        order = np.argsort(self.p, kind="stable")
+        kept_from = np.vstack([np.zeros(len(grid)), np.cumsum(kept[order], axis=0)])  # rows < i, by p
+        zeroed_before = np.concatenate([[0.0], np.cumsum(np.abs(ref[order]))])
+        below = np.searchsorted(self.p[order], cls_thresholds, side="left")  # rows with p < T_cls
+        return (kept_from[-1] - kept_from[below] + zeroed_before[below][:, None]) / len(ref)
+
 
 def _resolve_reference(reference: str, readers: list[str], what: tuple[str, ...]) -> str:
     """``--reference`` as :func:`reference_zones` takes it: ``reader:<ID>``, ``zones``, ``masks`` or ``auto``."""
@@ -384,9 +409,10 @@ def _zone_rows(scorer: Scorer, rows: pd.DataFrame, cache, reference: str, refere
 def _under_normal_fp_limit(normals: list[tuple[float, np.ndarray]], cut_index: int, zone: ZoneRows | float,
                            cls: tuple[np.ndarray, np.ndarray], limit: float,
                            specificity: float | None) -> tuple[dict, dict | None, dict]:
-    """T_cls (and T, when it is being chosen) raised until the Normals' FP rate meets ``limit``: a
-    greedy search, pass by pass past the Normals that break it at the current T. T moves with
-    T_cls, so a lower T_cls that meets the limit with its own T may be passed over.
+    """T_cls and T (when it is being chosen) such that the Normals' FP rate meets ``limit``: as
+    chosen without it where they do; else, with T chosen, the pair of least score MAE that meets
+    it (:func:`_least_mae_under_limit`), and with T fixed, T_cls at its operating point above the
+    Normals that break it (:func:`normal_fp_floor`: exact, as the count only falls as T_cls rises).
 
     Args:
         normals: per labelled Normal image with lungs, (p(disease), :func:`max_zone_shares` at every cut).
@@ -398,17 +424,47 @@ def _under_normal_fp_limit(normals: list[tuple[float, np.ndarray]], cut_index: i
         fields of T_cls's :class:`Calibration`."""
     shares = np.array([s[cut_index] for _, s in normals])
     p_normal = np.array([p for p, _ in normals])
-    floor = -np.inf
-    while True:  # each pass raises T_cls's floor, so it ends (or no candidate is left: an error)
-        choice = choose_cls_threshold(*cls, specificity=specificity, above=floor)
-        sweep = zone.sweep(choice["threshold"]) if isinstance(zone, ZoneRows) else None
-        flagged = p_normal[shares >= (sweep["threshold"] if sweep else zone)]
+    choice = choose_cls_threshold(*cls, specificity=specificity)
+    if isinstance(zone, ZoneRows):
+        sweep = zone.sweep(choice["threshold"])
+        flagged = p_normal[shares >= sweep["threshold"]]
+        if choice["threshold"] <= normal_fp_floor(flagged, len(normals), limit):  # the limit binds
+            choice, sweep = _least_mae_under_limit(p_normal, shares, zone, cls, limit)
+            flagged = p_normal[shares >= sweep["threshold"]]
+    else:  # T stays: the FP count falls as T_cls rises, so the floor is exact
+        sweep, flagged = None, p_normal[shares >= zone]
         floor = normal_fp_floor(flagged, len(normals), limit)
-        if choice["threshold"] > floor:
-            break
+        if choice["threshold"] <= floor:
+            choice = choose_cls_threshold(*cls, specificity=specificity, above=floor)
     k = int((flagged >= choice["threshold"]).sum())
     return choice, sweep, {"normal_fp_limit": limit, "normal_fp_rate": k / len(normals),
                            "normal_fp_upper": normal_fp_upper(k, len(normals)), "n_normal": len(normals)}
+
+
+def _least_mae_under_limit(p_normal: np.ndarray, shares: np.ndarray, zone: ZoneRows,
+                           cls: tuple[np.ndarray, np.ndarray], limit: float) -> tuple[dict, dict]:
+    """The (T_cls, T) pair of least score MAE on the zone rows among those at which the Normals'
+    FP rate meets ``limit`` (ties: the higher F1, then the smaller T); every pair is tried.
+
+    Returns:
+        T_cls's operating point and T's sweep at that T_cls, with T the pair's."""
+    points = cls_operating_points(*cls)
+    most = 0  # the most false positives the bound allows
+    while most < len(p_normal) and normal_fp_upper(most + 1, len(p_normal)) <= limit:
+        most += 1
+    flags = (shares[None, :] >= ZONE_GRID[:, None]).astype(int)  # G x Normals
+    passing = (p_normal[None, :] >= points["threshold"][:, None]).astype(int)  # C x Normals
+    feasible = passing @ flags.T <= most  # C x G
+    if not feasible.any():
+        raise CxrtuneError("no (T_cls, T) pair meets --normal-fp-limit on the --cls-split Normals")
+    mae = np.where(feasible, zone.mae_surface(points["threshold"]), np.inf)
+    c, g = np.unravel_index(np.lexsort((np.broadcast_to(ZONE_GRID, mae.shape).ravel(),
+                                        -np.repeat(np.round(points["f1"], 12), len(ZONE_GRID)),
+                                        np.round(mae, 12).ravel()))[0], mae.shape)
+    choice = _operating_point(points, int(c))
+    sweep = zone.sweep(choice["threshold"])
+    at = next(row for row in sweep["curve"] if row["threshold"] == float(ZONE_GRID[g]))
+    return choice, {**sweep, "threshold": at["threshold"], "mae": at["mae"], "rmse": at["rmse"]}
 
 
 def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = CalibrateOptions()) -> CalibrationResult:
@@ -425,12 +481,11 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
       reader's grades (``reader:S``), the ``zone_*`` columns or the mask-derived reference
       (``masks``); ``auto`` takes a reader if the manifest has exactly one, else zone columns,
       else masks. Never the test split. Refinement uses the new T_cls and opacity threshold.
-    * With ``normal_fp_limit``: the ``cls_split`` Normal images' FP rate (score > 0) at the three
+    * With ``normal_fp_limit``: the ``cls_split`` Normal images' FP rate (score > 0) at the
       chosen thresholds must have a one-sided 95 % upper bound <= the limit. Where it does not,
-      T_cls is chosen again at its operating point above the lowest value that meets the limit
-      (:func:`normal_fp_floor`), and T again at that T_cls, until it holds; the opacity cut is kept
-      (it is chosen on the disease images; its stored Dice is at the final T_cls). T_cls is the lever
-      because it is the operating point on Normal images: a Normal refined away scores 0.
+      T_cls and T are chosen together: the pair of least score MAE on the ``split`` rows among
+      those that meet it (:func:`_least_mae_under_limit`). The opacity cut is kept (it is chosen on
+      the disease images; its stored Dice is at the final T_cls).
     * The appearance model (:func:`~.plausibility.fit_appearance`) on the ``cls_split`` rows with
       lungs; none below ``MIN_APPEARANCE_IMAGES`` of them. With ``not_frontal``, the view model
       (:func:`~.plausibility.fit_view`) of those rows against the not-frontal radiographs

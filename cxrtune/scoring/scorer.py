@@ -471,13 +471,16 @@ def normal_fp_rate(scores) -> float | None:
     return float(np.mean([v > 0 for v in values])) if values else None
 
 
+ZONE_GRID = np.round(np.arange(0.01, 1.0001, 0.01), 4)  # candidate zone thresholds T (seed 004 Table 9)
+
+
 def sweep_threshold(fractions: np.ndarray, refs: np.ndarray, grid: np.ndarray | None = None) -> dict:
     """Choose the zone threshold T by minimum score MAE (ties: lower RMSE, then smaller T).
 
     ``fractions`` (N x 6) are predicted opacity fractions, ``refs`` (N x 6) reference zone scores.
     The grid starts above 0, so a zone with no opacity (or no lung) is never counted.
     """
-    grid = np.round(np.arange(0.01, 1.0001, 0.01), 4) if grid is None else grid
+    grid = ZONE_GRID if grid is None else grid
     ref_scores = refs.sum(axis=1)
     rows = []
     for t in grid:
