@@ -213,7 +213,7 @@ def test_max_zone_shares_say_when_the_scoring_policy_scores_a_normal_above_0():
     for case in range(40):
         lung = np.zeros((64, 64), bool)
         lung[8:56, 6:28] = True
-        if case % 4:  # one lung in a quarter of the cases: a partial record, never a false positive
+        if case % 4:  # else one lung (a quarter of the cases): a partial record, never a false positive
             lung[8 + case % 7:56, 36:58] = True
         prob = rng.random((64, 64)) ** (1 + case % 5)
         shares = max_zone_shares(lung, prob, cuts)
@@ -265,11 +265,22 @@ def test_a_normal_fp_limit_takes_the_least_error_thresholds_that_meet_it():
                         refs=np.array([[1, 0, 0, 0, 0, 0]] * 2), reference="masks")
     assert diseased.sweep(0.35)["threshold"] == 0.01 and diseased.sweep(0.96)["mae"] == 1.0
     for t_cls in (0.35, 0.5, 0.8, 0.96):  # every pair at once, as the sweep gives them (a row at p = T_cls stays)
-        assert diseased.mae_surface(np.array([t_cls]))[0].tolist() == [r["mae"] for r in diseased.sweep(t_cls)["curve"]]
+        mae, rmse = diseased.error_surfaces(np.array([t_cls]))
+        curve = diseased.sweep(t_cls)["curve"]
+        assert mae[0].tolist() == [r["mae"] for r in curve] and rmse[0].tolist() == [r["rmse"] for r in curve]
     lone = [(0.9, np.array([0.9, 0.2]))] + [(0.1, np.array([0.9, 0.0]))] * 39
     choice, sweep, fp = _under_normal_fp_limit(lone, 1, diseased, confident, 0.10, None)
     assert choice == choose_cls_threshold(*confident) and choice["threshold"] == 0.35  # max F1 kept
     assert (sweep["threshold"], sweep["mae"], fp["normal_fp_rate"]) == (0.21, 0.0, 0.0)  # the least T past 0.2
+    # never below the operating point: the lower T_cls (0.2) that would keep a diseased row of p 0.25
+    # is not taken, though its error is lower (and a specificity target keeps its T_cls as the start)
+    low = ZoneRows(fractions=np.array([[0.6, 0, 0, 0, 0, 0]] * 3), p=np.array([0.25, 0.5, 0.8]),
+                   refs=np.array([[1, 0, 0, 0, 0, 0]] * 3), reference="masks")
+    choice, sweep, _ = _under_normal_fp_limit(lone, 1, low, confident, 0.10, None)
+    assert choice["threshold"] == 0.35 and sweep["mae"] == pytest.approx(1 / 3) and low.sweep(0.2)["mae"] == 0
+    strict = choose_cls_threshold(*confident, specificity=0.7)
+    choice, _, _ = _under_normal_fp_limit(lone, 1, low, confident, 0.10, 0.7)
+    assert choice["threshold"] >= strict["threshold"] == 0.6
     # 1 of 40 has upper 0.11 <= 0.2: max F1 stays
     choice, _, fp = _under_normal_fp_limit(normals, 1, 0.3, (prob, label), 0.2, None)
     assert choice["threshold"] == 0.35 and fp["normal_fp_rate"] == 1 / 40

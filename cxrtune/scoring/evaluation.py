@@ -357,16 +357,20 @@ class ZoneRows:
         """T by minimum score MAE, refined at ``cls_threshold`` (Eq. 1-2: under it, no opacity)."""
         return sweep_threshold(np.where((self.p >= cls_threshold)[:, None], self.fractions, 0.0), self.refs)
 
-    def mae_surface(self, cls_thresholds: np.ndarray, grid: np.ndarray = ZONE_GRID) -> np.ndarray:
-        """Score MAE at every (T_cls, T) pair (len(cls_thresholds) x len(grid)) at once: a row
-        refined away (p < T_cls) scores 0, the others count their zones >= T."""
+    def error_surfaces(self, cls_thresholds: np.ndarray, grid: np.ndarray = ZONE_GRID) -> tuple[np.ndarray, np.ndarray]:
+        """Score MAE and RMSE at every (T_cls, T) pair (len(cls_thresholds) x len(grid)) at once,
+        as :meth:`sweep` gives them one T_cls at a time: a row refined away (p < T_cls) scores 0,
+        the others count their zones >= T."""
         ref = self.refs.sum(axis=1)
-        kept = np.abs((self.fractions[:, :, None] >= grid[None, None, :]).sum(axis=1) - ref[:, None])  # N x G
+        kept = (self.fractions[:, :, None] >= grid[None, None, :]).sum(axis=1) - ref[:, None]  # N x G errors
         order = np.argsort(self.p, kind="stable")
-        kept_from = np.vstack([np.zeros(len(grid)), np.cumsum(kept[order], axis=0)])  # rows < i, by p
-        zeroed_before = np.concatenate([[0.0], np.cumsum(np.abs(ref[order]))])
         below = np.searchsorted(self.p[order], cls_thresholds, side="left")  # rows with p < T_cls
-        return (kept_from[-1] - kept_from[below] + zeroed_before[below][:, None]) / len(ref)
+        surfaces = []
+        for power in (1, 2):
+            kept_before = np.vstack([np.zeros(len(grid)), np.cumsum(np.abs(kept[order]) ** power, axis=0)])
+            zeroed_before = np.concatenate([[0.0], np.cumsum(np.abs(ref[order]) ** power)])
+            surfaces.append((kept_before[-1] - kept_before[below] + zeroed_before[below][:, None]) / len(ref))
+        return surfaces[0], np.sqrt(surfaces[1])
 
 
 def _resolve_reference(reference: str, readers: list[str], what: tuple[str, ...]) -> str:
@@ -429,7 +433,7 @@ def _under_normal_fp_limit(normals: list[tuple[float, np.ndarray]], cut_index: i
         sweep = zone.sweep(choice["threshold"])
         flagged = p_normal[shares >= sweep["threshold"]]
         if choice["threshold"] <= normal_fp_floor(flagged, len(normals), limit):  # the limit binds
-            choice, sweep = _least_mae_under_limit(p_normal, shares, zone, cls, limit)
+            choice, sweep = _least_mae_under_limit(p_normal, shares, zone, cls, limit, choice["threshold"])
             flagged = p_normal[shares >= sweep["threshold"]]
     else:  # T stays: the FP count falls as T_cls rises, so the floor is exact
         sweep, flagged = None, p_normal[shares >= zone]
@@ -442,25 +446,29 @@ def _under_normal_fp_limit(normals: list[tuple[float, np.ndarray]], cut_index: i
 
 
 def _least_mae_under_limit(p_normal: np.ndarray, shares: np.ndarray, zone: ZoneRows,
-                           cls: tuple[np.ndarray, np.ndarray], limit: float) -> tuple[dict, dict]:
+                           cls: tuple[np.ndarray, np.ndarray], limit: float, start: float) -> tuple[dict, dict]:
     """The (T_cls, T) pair of least score MAE on the zone rows among those at which the Normals'
-    FP rate meets ``limit`` (ties: the higher F1, then the smaller T); every pair is tried.
+    FP rate meets ``limit``, T_cls at ``start`` (the operating point chosen without the limit) or
+    above: the limit only tightens it. Ties: the lower RMSE (as :meth:`ZoneRows.sweep`), the higher
+    F1, the smaller T, the lower T_cls.
 
     Returns:
         T_cls's operating point and T's sweep at that T_cls, with T the pair's."""
     points = cls_operating_points(*cls)
+    points = {k: v[points["threshold"] >= start] for k, v in points.items()}
     most = 0  # the most false positives the bound allows
     while most < len(p_normal) and normal_fp_upper(most + 1, len(p_normal)) <= limit:
         most += 1
-    flags = (shares[None, :] >= ZONE_GRID[:, None]).astype(int)  # G x Normals
-    passing = (p_normal[None, :] >= points["threshold"][:, None]).astype(int)  # C x Normals
+    flags = (shares[None, :] >= ZONE_GRID[:, None]).astype(np.float32)  # G x Normals
+    passing = (p_normal[None, :] >= points["threshold"][:, None]).astype(np.float32)  # C x Normals
     feasible = passing @ flags.T <= most  # C x G
     if not feasible.any():
         raise CxrtuneError("no (T_cls, T) pair meets --normal-fp-limit on the --cls-split Normals")
-    mae = np.where(feasible, zone.mae_surface(points["threshold"]), np.inf)
-    c, g = np.unravel_index(np.lexsort((np.broadcast_to(ZONE_GRID, mae.shape).ravel(),
-                                        -np.repeat(np.round(points["f1"], 12), len(ZONE_GRID)),
-                                        np.round(mae, 12).ravel()))[0], mae.shape)
+    mae, rmse = (np.where(feasible, np.round(e, 12), np.inf) for e in zone.error_surfaces(points["threshold"]))
+    shape, grid = mae.shape, len(ZONE_GRID)
+    c, g = np.unravel_index(np.lexsort((np.repeat(points["threshold"], grid), np.broadcast_to(ZONE_GRID, shape).ravel(),
+                                        -np.repeat(np.round(points["f1"], 12), grid), rmse.ravel(), mae.ravel()))[0],
+                            shape)
     choice = _operating_point(points, int(c))
     sweep = zone.sweep(choice["threshold"])
     at = next(row for row in sweep["curve"] if row["threshold"] == float(ZONE_GRID[g]))
