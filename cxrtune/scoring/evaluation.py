@@ -195,13 +195,23 @@ def normal_fp_floor(flagged: np.ndarray, normals: int, limit: float) -> float:
             (p >= T_cls): at T_cls the false positives are those with p >= T_cls.
         normals: the Normal images, flagged or not."""
     flagged = np.sort(np.asarray(flagged, float))[::-1]
+    most = most_false_positives(normals, limit, len(flagged))
+    return -np.inf if most >= len(flagged) else float(flagged[most])
+
+
+def most_false_positives(normals: int, limit: float, at_most: int) -> int:
+    """The most of ``normals`` Normal images that may score > 0 with the FP rate's upper bound
+    (:func:`normal_fp_upper`, which rises with their count) <= ``limit``, counted up to ``at_most``.
+
+    Raises:
+        CxrtuneError: not even none would do: too few Normals to show the limit."""
     if normal_fp_upper(0, normals) > limit:
         raise CxrtuneError(f"{normals} Normal image(s) with lungs cannot show an FP rate on Normal <= {limit} at "
                            f"{NORMAL_FP_CONFIDENCE:.0%} even with none scored > 0: calibrate on more Normal rows")
-    most = 0  # the most false positives the bound allows (it rises with their count)
-    while most < len(flagged) and normal_fp_upper(most + 1, normals) <= limit:
+    most = 0
+    while most < at_most and normal_fp_upper(most + 1, normals) <= limit:
         most += 1
-    return -np.inf if most >= len(flagged) else float(flagged[most])
+    return most
 
 
 def max_zone_shares(lung: np.ndarray, prob: np.ndarray, cuts: list[float]) -> np.ndarray:
@@ -260,9 +270,9 @@ class CalibrateOptions:
         reference: ``auto``, ``zones``, ``masks`` or a reader id (``S`` or ``reader:S``).
         reference_threshold: T of the mask-derived reference.
         specificity: T_cls at this specificity instead of maximum F1.
-        normal_fp_limit: T_cls at its operating point among the thresholds at which the
-            ``cls_split`` Normal images' FP rate (score > 0 at the bundle's final T_cls, opacity cut
-            and T) has a one-sided 95 % upper bound <= this (:func:`calibrate`).
+        normal_fp_limit: the ``cls_split`` Normal images' FP rate (score > 0 at the final
+            thresholds) must have a one-sided 95 % upper bound <= this: where the operating point
+            and T break it, T_cls and T are chosen again (:func:`calibrate`).
         limit: rows per split at most (a stratified sample).
         what: which of ``cls``, ``opacity``, ``zone`` to choose, and ``appearance``: fit the
             plausibility check's appearance model (:mod:`.plausibility`) on the ``cls_split`` rows.
@@ -456,9 +466,7 @@ def _least_mae_under_limit(p_normal: np.ndarray, shares: np.ndarray, zone: ZoneR
         T_cls's operating point and T's sweep at that T_cls, with T the pair's."""
     points = cls_operating_points(*cls)
     points = {k: v[points["threshold"] >= start] for k, v in points.items()}
-    most = 0  # the most false positives the bound allows
-    while most < len(p_normal) and normal_fp_upper(most + 1, len(p_normal)) <= limit:
-        most += 1
+    most = most_false_positives(len(p_normal), limit, len(p_normal))
     flags = (shares[None, :] >= ZONE_GRID[:, None]).astype(np.float32)  # G x Normals
     passing = (p_normal[None, :] >= points["threshold"][:, None]).astype(np.float32)  # C x Normals
     feasible = passing @ flags.T <= most  # C x G
@@ -544,7 +552,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
         if not normals or cls_choice is None:
             raise CxrtuneError(f"--normal-fp-limit needs labelled Normal and disease images with lungs in "
                                f"--cls-split {cls_split or 'all'!r}")
-        normal_fp_floor(np.array([]), len(normals), options.normal_fp_limit)  # enough Normals to show the limit
+        most_false_positives(len(normals), options.normal_fp_limit, 0)  # enough Normals to show the limit?
     t_cls = cls_choice["threshold"] if cls_choice else scorer.thresholds.cls
     if opacity_stats:
         choice = choose_opacity_threshold(opacity_stats, t_cls)
