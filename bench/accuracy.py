@@ -80,12 +80,12 @@ QUICK = {"size": 64, "batch_size": 8, "epochs": 1, "num_workers": 0, "max_train_
 
 def calibrate_and_evaluate(uncalibrated: Path, calibrated: Path, df, out: Path, data: Path, quick: bool = False,
                            specificity: float | None = None, cls_calibration: str = "heldout",
-                           normal_fp_limit: float | None = None,
+                           normal_fp_limit: float | None = None, zone_split: str = "train,val,heldout",
                            eval_prefix: str = "eval") -> dict:
     """The CPU and GPU modes' calibration and evaluation of a bundle, also what
     ``bench/search_to_serve.py`` runs on each bundle it compares (the same steps, so their figures
     compare): T_cls and the opacity cut on every training-part row its Stage II never trained on
-    (its run's stored config says which), T on train+val+held-out rows against the masks, then the
+    (its run's stored config says which), T on train+val+held-out rows (``zone_split``) against the masks, then the
     official Val part (``test``), JSRT's lungs and brixia-dev (T cross-validated against reader S).
 
     Returns ``calibration``, ``test`` (EvaluationResult), ``jsrt`` (lung metrics), ``brixia``
@@ -113,7 +113,7 @@ def calibrate_and_evaluate(uncalibrated: Path, calibrated: Path, df, out: Path, 
     held = df.index[(df["split"] == "train") & ~df.index.isin(seen)] if cls_calibration == "heldout" else []
     cal_df = df.copy()
     cal_df.loc[held, "split"] = "heldout"
-    cal = calibrate(scorer, cal_df, CalibrateOptions(split="train,val,heldout", cls_split="val,heldout", reference="masks",
+    cal = calibrate(scorer, cal_df, CalibrateOptions(split=zone_split, cls_split="val,heldout", reference="masks",
                                                      specificity=specificity, normal_fp_limit=normal_fp_limit,
                                                      limit=64 if quick else 1500,
                                                      progress=False))
@@ -160,6 +160,9 @@ def main() -> None:
                     help="continue an interrupted run in --out from its last epoch checkpoint (its earlier "
                          "epochs' seconds count towards the training time)")
     ap.add_argument("--specificity", type=float, help="T_cls operating point (default: maximum F1)")
+    ap.add_argument("--zone-split", default="train,val,heldout",
+                    help="rows T (and, under --normal-fp-limit, T_cls with it) is chosen on; 'val,heldout': only "
+                         "rows Stage II did not train on")
     ap.add_argument("--normal-fp-limit", type=float, metavar="RATE",
                     help="T_cls under a limit on the held-out Normals' FP rate (one-sided 95 %% upper bound)")
     ap.add_argument("--cls-calibration", choices=("heldout", "val"), default="heldout",
@@ -245,7 +248,7 @@ def main() -> None:
     make_bundle(str(out / "lung"), str(out / "disease"), str(out / "bundle"), name="accuracy-cpu" if args.cpu else "accuracy")
     measured = calibrate_and_evaluate(out / "bundle", out / "bundle-calibrated", df, out, data, quick=args.quick,
                                       specificity=args.specificity, cls_calibration=args.cls_calibration,
-                                      normal_fp_limit=args.normal_fp_limit)
+                                      normal_fp_limit=args.normal_fp_limit, zone_split=args.zone_split)
     cal, test, jsrt, brixia, held = (measured[k] for k in ("calibration", "test", "jsrt", "brixia", "heldout_rows"))
     t3 = time.perf_counter()
 
@@ -260,7 +263,7 @@ def main() -> None:
         "lung_dice": test.lung["dice"],
         "covid_infection_dice": test.opacity["dice"], "covid_infection_iou": test.opacity["iou"],
         "cls_threshold": cal.cls.threshold, "cls_calibration_f1": cal.cls.f1,
-        "normal_fp_limit": args.normal_fp_limit,
+        "normal_fp_limit": args.normal_fp_limit, "zone_split": args.zone_split,
         "heldout_normal_fp": {k: getattr(cal.cls, k) for k in ("normal_fp_rate", "normal_fp_upper", "n_normal")},
         "cls_calibration_images": {"n": cal.cls.n, "heldout_train_rows": held},
         "opacity_threshold": cal.opacity.threshold if cal.opacity else None,
