@@ -559,12 +559,13 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
         scorer = scorer.with_thresholds(opacity=choice["threshold"])  # the zone rows below are refined with it
     zone_rows_seen = (_zone_rows(scorer, zone_rows, cache, reference, reference_threshold, progress)
                       if "zone" in what else None)
-    sweep = zone_rows_seen.sweep(t_cls) if zone_rows_seen is not None else None
-    if options.normal_fp_limit is not None:
+    if options.normal_fp_limit is not None:  # chooses T too (as without the limit, where that meets it)
         cls_choice, sweep, fp = _under_normal_fp_limit(
             normals, cuts.index(scorer.thresholds.opacity), zone_rows_seen or scorer.thresholds.zone, cls_labels,
             options.normal_fp_limit, options.specificity)
         t_cls = cls_choice["threshold"]
+    else:
+        sweep = zone_rows_seen.sweep(t_cls) if zone_rows_seen is not None else None
     if cls_choice is not None:
         out["cls"] = Calibration(threshold=t_cls, method="specificity" if options.specificity is not None else "max_f1",
                                  reference="labels", n=len(probs), manifest=manifest_id(df),
