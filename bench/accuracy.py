@@ -78,14 +78,19 @@ CPU_DISEASE = {"task": "disease", "model": {"arch": "Unet", "encoder": "resnet18
 QUICK = {"size": 64, "batch_size": 8, "epochs": 1, "num_workers": 0, "max_train_images": 64, "max_val_images": 32}
 
 
+# the rows T is chosen on against the masks: every training-part row by default (--zone-split
+# val,heldout: only rows Stage II did not train on)
+ZONE_SPLIT = "train,val,heldout"
+
+
 def calibrate_and_evaluate(uncalibrated: Path, calibrated: Path, df, out: Path, data: Path, quick: bool = False,
                            specificity: float | None = None, cls_calibration: str = "heldout",
-                           normal_fp_limit: float | None = None, zone_split: str = "train,val,heldout",
+                           normal_fp_limit: float | None = None, zone_split: str = ZONE_SPLIT,
                            eval_prefix: str = "eval") -> dict:
     """The CPU and GPU modes' calibration and evaluation of a bundle, also what
     ``bench/search_to_serve.py`` runs on each bundle it compares (the same steps, so their figures
     compare): T_cls and the opacity cut on every training-part row its Stage II never trained on
-    (its run's stored config says which), T on train+val+held-out rows (``zone_split``) against the masks, then the
+    (its run's stored config says which), T on the ``zone_split`` rows against the masks, then the
     official Val part (``test``), JSRT's lungs and brixia-dev (T cross-validated against reader S).
 
     Returns ``calibration``, ``test`` (EvaluationResult), ``jsrt`` (lung metrics), ``brixia``
@@ -160,7 +165,7 @@ def main() -> None:
                     help="continue an interrupted run in --out from its last epoch checkpoint (its earlier "
                          "epochs' seconds count towards the training time)")
     ap.add_argument("--specificity", type=float, help="T_cls operating point (default: maximum F1)")
-    ap.add_argument("--zone-split", default="train,val,heldout",
+    ap.add_argument("--zone-split", default=ZONE_SPLIT,
                     help="rows T (and, under --normal-fp-limit, T_cls with it) is chosen on; 'val,heldout': only "
                          "rows Stage II did not train on")
     ap.add_argument("--normal-fp-limit", type=float, metavar="RATE",
