@@ -1,6 +1,7 @@
 """Is the multi-objective sweep's cost axis a fair stand-in for served latency? (issue 23, item 3)
 
     python bench/latency_proxy.py [--space search_spaces/disease_cpu.yaml] [--configs 12] [--threads 1]
+    python bench/latency_proxy.py --table search_spaces/disease_cpu.int8_ms.csv
 
 A Stage II trial reports ``gmacs``: its network's multiply-accumulates per image at its input size
 (:func:`cxrtune.model.models.model_gmacs`), exact and free of the noise of timing a network while
@@ -16,6 +17,13 @@ configuration's latency is the median over rounds.
 
 Target: Spearman's rank correlation of GMACs with int8 latency >= 0.9 over >= 8 configurations.
 Prints one JSON object (each configuration's GMACs and ms per image, and the correlations).
+
+``--table CSV`` measures every (architecture, encoder, decoder, size) of the space instead and
+writes them as the latency table that ``cxrtune report --latency-table`` and ``promote
+--latency-table`` read (:mod:`cxrtune.search.latency_table`): issue 23 item 3's lookup table
+measured once. The configurations are timed in blocks of ``--block``, interleaved within a block,
+each block also timing the space's first warm-start configuration (the hand-picked network) so
+that a drift between blocks shows in ``reference_ms``.
 """
 
 from __future__ import annotations
@@ -55,6 +63,81 @@ def draw_configs(space, n: int, seed: int) -> list[dict]:
     return out
 
 
+def all_configs(space) -> list[dict]:
+    """Every (arch, encoder, decoder, size) of the space, in the space's order."""
+    by_name = {p.name: p for p in space.params}
+
+    def choices(name: str, arch: str) -> list:
+        p = by_name[name]
+        return list(p.values.get(arch, p.values.get("default")) if p.given else p.values)
+
+    low, high = (int(b) for b in by_name["size"].bounds)
+    step = int(by_name["size"].step or 32)
+    return [{"arch": a, "encoder": e, "decoder": d, "size": s}
+            for a in by_name["arch"].values for e in choices("encoder", a) for d in choices("decoder", a)
+            for s in range(low, high + 1, step)]
+
+
+def measure(space, points: list[dict], batch: int, threads: int, rounds: int) -> list[dict]:
+    """Each point's GMACs and median int8 ms per image, rounds interleaved over the points."""
+    import numpy as np
+    import torch
+
+    from cxrtune.model.models import build_model, model_gmacs
+    from cxrtune.scoring.onnx_export import export_stage, quantize_stage
+    from cxrtune.scoring.onnx_runtime import OnnxStage
+
+    rows, sessions = [], []
+    for point in points:
+        cfg = space.train_config(point)
+        model = build_model(cfg.model).eval()
+        channels = cfg.model.in_channels
+        gmacs = model_gmacs(model, cfg.size, channels)
+        fp32 = export_stage(model, cfg.size, channels, classification=True)
+        calibration = [np.random.rand(1, channels, cfg.size, cfg.size).astype(np.float32) for _ in range(4)]
+        session = OnnxStage(quantize_stage(fp32, calibration), threads=threads)
+        x = torch.rand(batch, channels, cfg.size, cfg.size)
+        session(x)  # warm-up
+        sessions.append((session, x))
+        rows.append({**point, "gmacs": round(gmacs, 4), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3)})
+        print(f"{point}: {gmacs:.3f} GMAC", file=sys.stderr)
+    times: list[list[float]] = [[] for _ in rows]
+    for _ in range(rounds):
+        for i, (session, x) in enumerate(sessions):
+            t = time.perf_counter()
+            session(x)
+            times[i].append(1000 * (time.perf_counter() - t) / batch)
+    for row, t in zip(rows, times):
+        row["int8_ms_per_image"] = round(float(np.median(t)), 3)
+    return rows
+
+
+def write_table(space, args) -> None:
+    """Every configuration of the space, in blocks with the hand-picked network as a reference."""
+    import pandas as pd
+
+    from cxrtune.search.latency_table import TABLE_COLUMNS
+
+    reference = {k: space.warm_start[0][k] for k in ("arch", "encoder", "decoder", "size")}
+    points = all_configs(space)
+    rows, reference_ms = [], []
+    started = time.time()
+    for start in range(0, len(points), args.block):
+        block = measure(space, [reference, *points[start:start + args.block]], args.batch, args.threads, args.rounds)
+        reference_ms.append(block[0]["int8_ms_per_image"])
+        rows.extend(block[1:])
+    table = pd.DataFrame(rows)[list(TABLE_COLUMNS)]
+    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.table, index=False)
+    print(json.dumps({
+        "bench": "latency_proxy", "mode": "table", "date": time.strftime("%Y-%m-%d"), "space": args.space,
+        "runtime": f"onnxruntime int8 (QDQ), batch {args.batch}, {args.threads} thread(s)", "rounds": args.rounds,
+        "table": args.table, "n": len(table), "minutes": round((time.time() - started) / 60, 2),
+        "reference": reference, "reference_ms": reference_ms,
+        "int8_ms_range": [float(table["int8_ms_per_image"].min()), float(table["int8_ms_per_image"].max())],
+    }, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--space", default=str(Path(__file__).resolve().parent.parent / "search_spaces" / "disease_cpu.yaml"))
@@ -63,41 +146,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of a Stage2 replica")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", help="measure every configuration of the space and write this latency table (CSV)")
+    ap.add_argument("--block", type=int, default=40, help="--table: configurations interleaved at once")
     args = ap.parse_args()
 
-    import numpy as np
     import torch
     from scipy.stats import pearsonr, spearmanr
 
-    from cxrtune.model.models import build_model, model_gmacs
-    from cxrtune.scoring.onnx_export import export_stage, quantize_stage
-    from cxrtune.scoring.onnx_runtime import OnnxStage
     from cxrtune.search.search_space import load_space
 
     torch.manual_seed(args.seed)
     space = load_space(args.space)
-    rows, sessions = [], []
-    for point in draw_configs(space, args.configs, args.seed):
-        cfg = space.train_config(point)
-        model = build_model(cfg.model).eval()
-        channels = cfg.model.in_channels
-        gmacs = model_gmacs(model, cfg.size, channels)
-        fp32 = export_stage(model, cfg.size, channels, classification=True)
-        calibration = [np.random.rand(1, channels, cfg.size, cfg.size).astype(np.float32) for _ in range(4)]
-        session = OnnxStage(quantize_stage(fp32, calibration), threads=args.threads)
-        x = torch.rand(args.batch, channels, cfg.size, cfg.size)
-        session(x)  # warm-up
-        sessions.append((session, x))
-        rows.append({**point, "gmacs": round(gmacs, 4), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3)})
-        print(f"{point}: {gmacs:.3f} GMAC", file=sys.stderr)
-    times: list[list[float]] = [[] for _ in rows]
-    for _ in range(args.rounds):
-        for i, (session, x) in enumerate(sessions):
-            t = time.perf_counter()
-            session(x)
-            times[i].append(1000 * (time.perf_counter() - t) / args.batch)
-    for row, t in zip(rows, times):
-        row["int8_ms_per_image"] = round(float(np.median(t)), 3)
+    if args.table:
+        write_table(space, args)
+        return
+    rows = measure(space, draw_configs(space, args.configs, args.seed), args.batch, args.threads, args.rounds)
     gmacs = [r["gmacs"] for r in rows]
     ms = [r["int8_ms_per_image"] for r in rows]
     rho = float(spearmanr(gmacs, ms).statistic)

@@ -20,8 +20,10 @@ sums every stage but the reused hand-picked run):
    point through the hand-picked Stage I) and GMACs, constraint FP rate on Normal <= ``--fp-limit`` (0.5), ASHA
    (first rung after ``--grace`` epochs, 2, of 6),
    ``--budget-minutes`` (90) and at most ``--trials`` (24).
-3. ``promote``: ``cxrtune promote --pick`` twice, the fast point (``--fast-rule``) and the
-   accurate one (``--accurate-rule``), each retrained (``--retrain --set``) on the accuracy bench's
+3. ``promote``: ``cxrtune report`` on the sweep, its front over GMACs, or over the int8 ms
+   measured per network with ``--latency-table`` (``bench/latency_proxy.py --table``; the rules'
+   ``cost`` is then ``int8_ms``); ``cxrtune promote --pick`` twice, the fast point
+   (``--fast-rule``) and the accurate one (``--accurate-rule``), each retrained (``--retrain --set``) on the accuracy bench's
    Stage II rows (its ``max_train_images``, epochs, schedule) within its Stage II minutes; a
    ResNet-18 starts from the Stage I encoder as the hand-picked one does, others from scratch.
 4. ``bundles``: each point with the hand-picked Stage I, calibrated and evaluated exactly as the
@@ -199,8 +201,7 @@ def sweep(args, hand: dict, out: Path) -> dict:
                    "--constraint", f"val_fp_rate_normal<={args.fp_limit}", "--num-cpus", "2",
                    "--cpus-per-trial", "1", "--max-concurrent", "2", "--seed", str(args.seed), *flags)
     summary = json.loads(text[text.index("{\n"):text.rindex("}") + 1])
-    run("report", str(exp), "--out", str(out / "report"))
-    return {"experiment": str(exp), "summary": summary, "report": str(out / "report")}
+    return {"experiment": str(exp), "summary": summary}
 
 
 def retrain_settings(hand: dict, encoder: str) -> list[str]:
@@ -221,13 +222,17 @@ def retrain_settings(hand: dict, encoder: str) -> list[str]:
 def promote(args, hand: dict, swept: dict, out: Path) -> dict:
     import pandas as pd
 
-    from cxrtune.search.report import PickRule, pareto_front
+    from cxrtune.search.report import PickRule, front_cost, pareto_front
 
+    table_flags = ["--latency-table", args.latency_table] if args.latency_table else []
+    report = out / "report"
+    run("report", swept["experiment"], "--out", str(report), *table_flags)
+    cost = front_cost(args.latency_table)
     # trial ids as written (an all-digit or "1e..." id would otherwise read as a number)
-    front = pareto_front(pd.read_csv(Path(swept["report"]) / "trials.csv", dtype={"trial_id": str}), "val_score_mae", "min")
+    front = pareto_front(pd.read_csv(report / "trials.csv", dtype={"trial_id": str}), "val_score_mae", "min", cost)
     points = {}
     for name, rule in (("fast", args.fast_rule), ("accurate", args.accurate_rule)):
-        row = PickRule.parse(rule).pick(front, "val_score_mae", "min")
+        row = PickRule.parse(rule).pick(front, "val_score_mae", "min", cost)
         if name == "accurate" and row["trial_id"] == points["fast"]["trial"]:
             # the most accurate point is also the fastest within its rule: one retraining serves both
             points[name] = {**points["fast"], "rule": rule, "same_as": "fast"}
@@ -238,7 +243,7 @@ def promote(args, hand: dict, swept: dict, out: Path) -> dict:
         if not (run_dir / "run.json").exists() or args.quick:
             shutil.rmtree(run_dir, ignore_errors=True)
             t = time.perf_counter()
-            run("promote", swept["experiment"], "--to", str(run_dir), "--pick", rule, "--retrain",
+            run("promote", swept["experiment"], "--to", str(run_dir), "--pick", rule, *table_flags, "--retrain",
                 *[a for pair in settings for a in ("--set", pair)])
             minutes = round((time.perf_counter() - t) / 60, 2)
             (out / "runs" / f"{name}-minutes.json").write_text(json.dumps(minutes))
@@ -250,11 +255,13 @@ def promote(args, hand: dict, swept: dict, out: Path) -> dict:
         if str(promoted) != str(row["trial_id"]):  # the Stage I start above was chosen for row's encoder
             raise SystemExit(f"promote --pick {rule!r} took trial {promoted}, this script {row['trial_id']}")
         points[name] = {"rule": rule, "trial": row["trial_id"], "sweep_score_mae": float(row["val_score_mae"]),
-                        "gmacs": float(row["gmacs"]), "run": str(run_dir), "retrain_minutes": minutes,
+                        "gmacs": float(row["gmacs"]), **({cost: float(row[cost])} if cost != "gmacs" else {}),
+                        "run": str(run_dir), "retrain_minutes": minutes,
                         "epochs": summary.get("epochs"), "encoder_init": next((s for s in settings if "encoder_weights" in s),
                                                                               "from scratch"),
                         "config": summary["config"]}
-    return {"points": points, "front": front[["trial_id", "val_score_mae", "gmacs"]].to_dict("records")}
+    return {"points": points, "report": str(report), "latency_table": args.latency_table, "front_cost": cost,
+            "front": front[["trial_id", "val_score_mae", *dict.fromkeys(["gmacs", cost])]].to_dict("records")}
 
 
 def bundles(args, hand: dict, promoted: dict, out: Path) -> dict:
@@ -658,6 +665,9 @@ def main() -> None:
     # ASHA's first rung, in epochs: at 1 (2026-12-04) one epoch of a from-scratch network against one
     # of another decided what was trained at all, and the warm start was cut after its first
     ap.add_argument("--grace", type=int, default=2, help="the sweep's ASHA grace period in epochs (of 6)")
+    ap.add_argument("--latency-table", metavar="CSV",
+                    help="draw the front over the int8 ms measured per network (bench/latency_proxy.py --table) "
+                         "instead of GMACs: the rules' cost is then int8_ms")
     ap.add_argument("--fast-rule", default="fastest:accuracy<=best+0.10")
     ap.add_argument("--accurate-rule", default="most-accurate")
     ap.add_argument("--seed", type=int, default=0)

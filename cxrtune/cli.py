@@ -184,7 +184,7 @@ def _tune(args) -> None:
 
 
 def _report(args) -> None:
-    out = reports.write_report(args.experiment, args.out)
+    out = reports.write_report(args.experiment, args.out, latency_table=args.latency_table)
     print(f"report in {args.out}: {', '.join(out)}")
 
 
@@ -192,7 +192,7 @@ def _promote(args) -> None:
     run, results = release_gates.promote_gated(
         [release_gates.parse_gate(g) for g in args.gate or []],
         lambda: reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs, pick=args.pick,
-                                overrides=args.set or ()))
+                                overrides=args.set or (), latency_table=args.latency_table))
     if results:
         print(f"release gates passed: {', '.join(results)}")
     print(f"promoted to {run}")
@@ -203,6 +203,8 @@ def _serve(args) -> None:
                              haproxy=args.haproxy)
 
 
+LATENCY_TABLE_HELP = ("a multi-objective sweep: draw its front over the int8 latency measured per network in this "
+                      "table (bench/latency_proxy.py --table) instead of GMACs; the rule's cost is then int8_ms")
 OVERLAY_HELP = ("also send an overlay for viewers that show neither SEG nor SR: a Secondary Capture in its own series, "
                 "\"NOT FOR DIAGNOSTIC USE\" burned in (off by default)")
 
@@ -498,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="trials table, hyperparameter importance and correlation plots")
     rp.add_argument("experiment", help="experiment URI (STORAGE/NAME)")
     rp.add_argument("--out", required=True)
+    rp.add_argument("--latency-table", metavar="CSV", help=LATENCY_TABLE_HELP)
     rp.set_defaults(func=_report)
 
     pr = sub.add_parser("promote", help="export the best trial (or a picked point of a front) as a run that "
@@ -511,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pick", metavar="RULE",
                     help="a multi-objective sweep: which point of the front, e.g. 'fastest:accuracy<=best+0.05' or "
                          "'most-accurate:cost<=1.5' (docs/search_spaces.md)")
+    pr.add_argument("--latency-table", metavar="CSV", help=LATENCY_TABLE_HELP)
     pr.add_argument("--epochs", type=int)
     _gate_flags(pr, bundle=False)
     pr.set_defaults(func=_promote)

@@ -64,6 +64,48 @@ def test_the_front_and_best_follow_a_maximised_objective():
         PickRule.parse("fastest:complete<=best").pick(front, "val_dice_f1", "max")
 
 
+def test_a_measured_latency_table_redraws_the_front_and_the_rules_cost(tmp_path):
+    """Over a latency table the front's cost is each network's measured ``int8_ms``, looked up by
+    (arch, encoder, decoder, size) from the trial's parameters over the space's fixed settings: a
+    network cheap in GMACs but slow on the CPU leaves the front, and ``fastest`` and ``cost``
+    follow the measured column."""
+    from cxrtune.search.latency_table import load_latency_table
+    from cxrtune.search.search_space import parse_space
+
+    space = parse_space({"task": "disease", "fixed": {"size": 128, "model": {"in_channels": 1, "encoder": "resnet18"}},
+                         "parameters": {"arch": {"type": "choice", "values": ["Unet", "Linknet"]},
+                                        "decoder": {"type": "choice", "given": "arch",
+                                                    "values": {"Linknet": ["standard"], "default": ["slim", "narrow"]}},
+                                        "size": {"type": "int", "low": 128, "high": 160, "step": 32}}})
+    networks = {"b": ("Linknet", 128), "c": ("Unet", 160), "d": ("Unet", 128)}  # b: fewest GMACs, slowest here
+    ms = {("Linknet", "standard", 128): 9.0, ("Unet", "narrow", 160): 4.0, ("Unet", "narrow", 128): 2.0,
+          ("Linknet", "standard", 160): 12.0, ("Unet", "slim", 128): 1.5, ("Unet", "slim", 160): 3.0}
+    csv = tmp_path / "table.csv"
+    pd.DataFrame([{"arch": a, "encoder": "resnet18", "decoder": d, "size": z, "gmacs": 0.0, "params_m": 0.0,
+                   "int8_ms_per_image": v} for (a, d, z), v in ms.items()]).to_csv(csv, index=False)
+    latency = load_latency_table(str(csv))
+    t = table()[lambda d: d["trial_id"].isin(networks)].reset_index(drop=True)
+    t["param:arch"] = [networks[i][0] for i in t["trial_id"]]
+    t["param:decoder|Unet"] = ["narrow" if a == "Unet" else float("nan") for a in t["param:arch"]]
+    t["param:decoder|Linknet"] = ["standard" if a == "Linknet" else float("nan") for a in t["param:arch"]]
+    t["param:size"] = [float(networks[i][1]) for i in t["trial_id"]]  # as a CSV reads it back
+    t["int8_ms"] = latency.trial_latency(t, space)
+    assert dict(zip(t["trial_id"], t["int8_ms"])) == {"b": 9.0, "c": 4.0, "d": 2.0}
+    assert list(pareto_front(t, "val_score_mae", "min")["trial_id"]) == ["b", "d", "c"]  # over GMACs
+    front = pareto_front(t, "val_score_mae", "min", "int8_ms")
+    assert list(front["trial_id"]) == ["d", "c"]  # b: slower than d and less accurate
+    assert PickRule.parse("fastest").pick(front, "val_score_mae", "min", "int8_ms")["trial_id"] == "d"
+    assert PickRule.parse("most-accurate:cost<=3").pick(front, "val_score_mae", "min", "int8_ms")["trial_id"] == "d"
+    assert PickRule.parse("most-accurate:int8_ms<=best+2").pick(front, "val_score_mae", "min", "int8_ms")["trial_id"] == "c"
+
+    unknown = t.assign(**{"param:size": 192.0})
+    with pytest.raises(CxrtuneError, match="no latency for Linknet/resnet18/standard/192"):
+        latency.trial_latency(unknown, space)
+    csv.write_text("arch,encoder,size,int8_ms_per_image\nUnet,resnet18,128,2.0\n")
+    with pytest.raises(CxrtuneError, match="needs the columns decoder"):
+        load_latency_table(str(csv))
+
+
 def test_constraints_parse_strictly():
     from cxrtune.search.tuning import Constraint
 

@@ -55,15 +55,15 @@ def trial_results(experiment: Path) -> dict[str, list[dict]]:
     return out
 
 
-def independent_front(results: dict[str, list[dict]], constraints) -> set[str]:
+def independent_front(results: dict[str, list[dict]], constraints, cost=lambda r: r["gmacs"]) -> set[str]:
     """Trials trained to the last epoch, meeting every constraint with their last result, that
-    no other such trial beats on both score MAE (lower) and GMACs (lower)."""
+    no other such trial beats on both score MAE (lower) and ``cost`` (lower; GMACs by default)."""
     last = {t: rows[-1] for t, rows in results.items()
             if rows[-1]["training_iteration"] == EPOCHS and all(ok(rows[-1]) for ok in constraints)}
 
     def beats(a: dict, b: dict) -> bool:
-        return (a["val_score_mae"] <= b["val_score_mae"] and a["gmacs"] <= b["gmacs"]
-                and (a["val_score_mae"] < b["val_score_mae"] or a["gmacs"] < b["gmacs"]))
+        return (a["val_score_mae"] <= b["val_score_mae"] and cost(a) <= cost(b)
+                and (a["val_score_mae"] < b["val_score_mae"] or cost(a) < cost(b)))
 
     return {t for t, r in last.items() if not any(beats(o, r) for u, o in last.items() if u != t)}
 
@@ -116,6 +116,29 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
     table = pd.read_csv(tmp_path / "rep" / "trials.csv", dtype={"trial_id": str})
     assert set(table.loc[~table["feasible"], "trial_id"]) == infeasible
 
+    # the front over a latency table measured per network (made here: U-Net fast, FPN slow, the
+    # reverse of their GMACs), each trial's network read from its own config
+    ms = {("FPN", "slim"): 9.0, ("FPN", "standard"): 8.0, ("Unet", "slim"): 2.0, ("Unet", "standard"): 1.0,
+          ("Linknet", "standard"): 0.5}
+    latency_csv = tmp_path / "int8_ms.csv"
+    pd.DataFrame([{"arch": a, "encoder": "resnet18", "decoder": d, "size": 64, "gmacs": 0.0, "params_m": 0.0,
+                   "int8_ms_per_image": v} for (a, d), v in ms.items()]).to_csv(latency_csv, index=False)
+
+    def measured(row: dict) -> float:
+        arch = row["config"]["arch"]
+        return ms[(arch, row["config"].get(f"decoder|{arch}", row["config"].get("decoder")))]
+
+    cli_in_process("report", str(exp), "--out", str(tmp_path / "rep-ms"), "--latency-table", str(latency_csv))
+    front_ms = pd.read_csv(tmp_path / "rep-ms" / "pareto.csv", dtype={"trial_id": str})
+    assert set(front_ms["trial_id"]) == independent_front(
+        results, [lambda x: x["gmacs"] >= MIN_COST, lambda x: x["val_fp_rate_normal"] <= 1.0], cost=measured)
+    assert dict(zip(front_ms["trial_id"], front_ms["int8_ms"])) == {t: measured(results[t][-1]) for t in front_ms["trial_id"]}
+    run_ms = tmp_path / "runs" / "picked-ms"
+    cli_in_process("promote", str(exp), "--to", str(run_ms), "--pick", "fastest", "--latency-table", str(latency_csv))
+    search_ms = json.loads((run_ms / "run.json").read_text())["search"]
+    assert search_ms["trial"] == front_ms.sort_values(["int8_ms", "val_score_mae", "trial_id"]).iloc[0]["trial_id"]
+    assert search_ms["latency_table"] == str(latency_csv) and search_ms["pick"] == "fastest"
+
     # promote the cheapest point of the front within any accuracy, recorded with how it was chosen
     run = tmp_path / "runs" / "picked"
     refused = cli_in_process("promote", str(exp), "--to", str(run), check=False)
@@ -127,6 +150,7 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
     assert search["trial"] == picked and search["pick"] == "fastest:accuracy<=best+6"
     assert search["sampler"] == "tpe" and search["seed"] == 3 and search["objectives"] == ["val_score_mae", "gmacs"]
     assert search["split_hash"] == split_hash(manifest.load_manifest(m))  # recorded when the sweep started
+    assert search["latency_table"] == ""  # the front was over GMACs
     assert json.loads((run / "run.json").read_text())["search"] == search
     trial_dir = next(d for d in exp.iterdir() if d.is_dir() and picked in d.name)
     last_checkpoint = sorted(trial_dir.glob("checkpoint_*"))[-1]

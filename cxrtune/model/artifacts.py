@@ -114,6 +114,7 @@ class SearchRecord:
     manifest: str
     retrained: bool
     overrides: dict = field(default_factory=dict)  # promote --set, KEY -> value
+    latency_table: str = ""  # promote --latency-table: the pick's front was over its measured int8 ms
 
     def to_dict(self) -> dict:
         return json_safe(asdict(self))

@@ -37,6 +37,7 @@ from ..model.grading import GradeConfig, grid_table
 from ..model.models import build_model
 from ..model.train import TrainConfig, train
 from ..plots import figure_png, pyplot
+from .latency_table import TRIAL_COLUMN, LatencyTable, load_latency_table
 from .tuning import COST_METRIC, TuneOptions, load_options, split_condition
 
 IMPORTANCE_FLOOR = 0.05
@@ -55,9 +56,12 @@ def _analysis(exp_uri: str, o: TuneOptions):
         raise CxrtuneError(f"{exp_uri}: cannot read the Tune experiment ({type(exc).__name__}: {exc})") from None
 
 
-def trials_table(exp_uri: str) -> tuple[pd.DataFrame, TuneOptions]:
-    """One row per trial: its sampled parameters, status, epochs, last and best metric."""
+def trials_table(exp_uri: str, latency: LatencyTable | None = None) -> tuple[pd.DataFrame, TuneOptions]:
+    """One row per trial: its sampled parameters, status, epochs, last and best metric; with a
+    ``latency`` table, each trial's measured ``int8_ms`` too."""
     o = load_options(exp_uri)
+    if latency is not None and not o.multi_objective:
+        raise CxrtuneError("a latency table gives a multi-objective front its measured cost; this sweep has one objective")
     analysis, space = _analysis(exp_uri, o)
     rows = []
     frames = analysis.trial_dataframes
@@ -79,7 +83,10 @@ def trials_table(exp_uri: str) -> tuple[pd.DataFrame, TuneOptions]:
         if o.multi_objective:
             row.update(_front_columns(df, t.status, row["epochs"], o))
         rows.append(row)
-    return pd.DataFrame(rows), o
+    table = pd.DataFrame(rows)
+    if latency is not None and len(table):
+        table[TRIAL_COLUMN] = latency.trial_latency(table, space)
+    return table, o
 
 
 def _front_columns(df: pd.DataFrame, status: str, epochs: int, o: TuneOptions) -> dict:
@@ -176,20 +183,20 @@ def _pearson(x: pd.Series, y: pd.Series) -> float | None:
     return None if math.isnan(r) else r
 
 
-def pareto_front(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
-    """The complete, feasible trials no other such trial beats on both the metric and the cost
-    (GMACs): Optuna's ``best_trials`` of an in-memory study holding them, sorted by cost. Stopped
-    trials and constraint violators are never on it."""
+def pareto_front(table: pd.DataFrame, metric: str, mode: str, cost: str = COST_METRIC) -> pd.DataFrame:
+    """The complete, feasible trials no other such trial beats on both the metric and the ``cost``
+    column (GMACs, or a latency table's ``int8_ms``): Optuna's ``best_trials`` of an in-memory study
+    holding them, sorted by cost. Stopped trials and constraint violators are never on it."""
     import optuna
 
-    needed = {metric, COST_METRIC, "complete", "feasible"}
-    sub = (table[table["complete"].astype(bool) & table["feasible"].astype(bool)].dropna(subset=[metric, COST_METRIC])
+    needed = {metric, cost, "complete", "feasible"}
+    sub = (table[table["complete"].astype(bool) & table["feasible"].astype(bool)].dropna(subset=[metric, cost])
            if needed <= set(table) else table.iloc[0:0])
     study = optuna.create_study(directions=["maximize" if mode == "max" else "minimize", "minimize"])
-    study.add_trials([optuna.trial.create_trial(values=[float(r[metric]), float(r[COST_METRIC])], user_attrs={"row": i})
+    study.add_trials([optuna.trial.create_trial(values=[float(r[metric]), float(r[cost])], user_attrs={"row": i})
                       for i, r in sub.iterrows()])
     keep = [t.user_attrs["row"] for t in study.best_trials] if len(sub) else []
-    return sub.loc[keep].sort_values([COST_METRIC, "trial_id"])
+    return sub.loc[keep].sort_values([cost, "trial_id"])
 
 
 @dataclass(frozen=True)
@@ -197,16 +204,18 @@ class PickRule:
     """How ``cxrtune promote --pick`` takes one point of a multi-objective front:
     ``KIND[:CONDITION,...]``.
 
-    * KIND ``fastest`` (lowest GMACs; ties: the more accurate) or ``most-accurate`` (best
+    * KIND ``fastest`` (lowest cost; ties: the more accurate) or ``most-accurate`` (best
       objective; ties: the cheaper);
     * CONDITION ``NAME<=VALUE`` or ``NAME>=VALUE`` over the front's columns, ``accuracy`` naming
-      the objective's metric and ``cost`` the GMACs; VALUE a number, or ``best``, ``best+D``,
+      the objective's metric and ``cost`` the front's cost (GMACs, or ``int8_ms`` when the front
+      was drawn with a latency table); VALUE a number, or ``best``, ``best+D``,
       ``best-D`` for ``accuracy`` and ``cost`` only, ``best`` being that objective's best value on
       the front (the lowest cost; the lowest or highest metric, as the objective is minimised or
       maximised).
 
     E.g. ``fastest:accuracy<=best+0.05`` (the cheapest point within 0.05 of the lowest score MAE),
-    ``most-accurate:cost<=1.5`` or ``most-accurate:val_fp_rate_normal<=0.08``."""
+    ``most-accurate:cost<=1.5``, ``most-accurate:int8_ms<=3.0`` or
+    ``most-accurate:val_fp_rate_normal<=0.08``."""
     kind: str
     conditions: tuple[tuple[str, str, str], ...]
     text: str
@@ -222,28 +231,29 @@ class PickRule:
                            for part in filter(None, (c.strip() for c in rest.split(","))))
         return cls(kind, conditions, text)
 
-    def pick(self, front: pd.DataFrame, metric: str, mode: str) -> pd.Series:
-        """The chosen row of ``front`` (:func:`pareto_front`); a clear error when none meets the rule."""
+    def pick(self, front: pd.DataFrame, metric: str, mode: str, cost: str = COST_METRIC) -> pd.Series:
+        """The chosen row of ``front`` (:func:`pareto_front` over the same ``cost``); a clear error
+        when none meets the rule."""
         if front.empty:
             raise CxrtuneError("the front is empty: no trial is complete, feasible and scored")
-        aliases = {"accuracy": metric, "cost": COST_METRIC}
+        aliases = {"accuracy": metric, "cost": cost}
         keep = pd.Series(True, index=front.index)
         for name, op, value in self.conditions:
             column = aliases.get(name, name)
             if column not in front:
                 raise CxrtuneError(f"--pick {self.text!r}: no column {name!r}; use accuracy, cost or one of "
                                    f"{', '.join(c for c in front.columns if not c.startswith('param:'))}")
-            if value.startswith("best") and column not in (metric, COST_METRIC):
+            if value.startswith("best") and column not in (metric, cost):
                 raise CxrtuneError(f"--pick {self.text!r}: 'best' is defined for accuracy and cost only; give "
                                    f"{name} a number")
-            lowest = column == COST_METRIC or mode == "min"
+            lowest = column == cost or mode == "min"
             limit = self._limit(value, front[column].min() if lowest else front[column].max())
             keep &= front[column] <= limit if op == "<=" else front[column] >= limit
         chosen = front[keep]
         if chosen.empty:
             raise CxrtuneError(f"--pick {self.text!r}: no point of the front ({len(front)}) meets it")
         accuracy = chosen[metric] if mode == "min" else -chosen[metric]
-        order = ([COST_METRIC, "_accuracy"] if self.kind == "fastest" else ["_accuracy", COST_METRIC])
+        order = ([cost, "_accuracy"] if self.kind == "fastest" else ["_accuracy", cost])
         return chosen.assign(_accuracy=accuracy).sort_values([*order, "trial_id"]).iloc[0].drop("_accuracy")
 
     def _limit(self, value: str, best: float) -> float:
@@ -255,12 +265,16 @@ class PickRule:
             raise CxrtuneError(f"--pick {self.text!r}: {value!r} is not a number, best, best+D or best-D") from None
 
 
-def write_report(exp_uri: str, out_dir: str) -> list[str]:
+def write_report(exp_uri: str, out_dir: str, latency_table: str | None = None) -> list[str]:
     """``cxrtune report``: the trials table, importance and correlation (JSON and plots), the Pareto
-    front of a multi-objective sweep and the grading grid. Returns the files written in ``out_dir``."""
+    front of a multi-objective sweep and the grading grid. Returns the files written in ``out_dir``.
+
+    Args:
+        latency_table: a measured latency table (:mod:`.latency_table`): the trials gain
+            ``int8_ms`` and the front is drawn over it instead of GMACs."""
     plt = pyplot()
 
-    table, o = trials_table(exp_uri)
+    table, o = trials_table(exp_uri, load_latency_table(latency_table) if latency_table else None)
     if table.empty:
         raise CxrtuneError(f"{exp_uri}: the experiment has no trials yet")
     space = o.search_space()
@@ -301,28 +315,36 @@ def write_report(exp_uri: str, out_dir: str) -> list[str]:
         ax.set(xlabel="Pearson r with " + metric, title="Linear correlation")
         put("correlation.png", figure_png(fig))
     if o.multi_objective:
-        front = pareto_front(table, space.metric, space.mode)
+        cost = front_cost(latency_table)
+        front = pareto_front(table, space.metric, space.mode, cost)
         put("pareto.csv", front.to_csv(index=False).encode())
-        put("pareto.png", _front_figure(table, front, space.metric, o))
+        put("pareto.png", _front_figure(table, front, space.metric, o, cost))
     return written
 
 
-def _front_figure(table: pd.DataFrame, front: pd.DataFrame, metric: str, o: TuneOptions) -> bytes:
+def front_cost(latency_table: str | None) -> str:
+    """The column a front's cost is read from: measured ``int8_ms`` with a latency table, else GMACs."""
+    return TRIAL_COLUMN if latency_table else COST_METRIC
+
+
+def _front_figure(table: pd.DataFrame, front: pd.DataFrame, metric: str, o: TuneOptions, cost: str) -> bytes:
     """Every scored trial by cost and accuracy: complete feasible ones in blue, constraint
     violators as grey crosses, stopped trials as grey circles, the front in red."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    scored = table.dropna(subset=[metric, COST_METRIC]) if {metric, COST_METRIC} <= set(table) else table.iloc[0:0]
+    scored = table.dropna(subset=[metric, cost]) if {metric, cost} <= set(table) else table.iloc[0:0]
     complete, feasible = scored["complete"].astype(bool), scored["feasible"].astype(bool)
     groups = ((complete & feasible, {"c": "#1f77b4", "marker": "o"}, "complete, feasible"),
               (~feasible, {"c": "#999", "marker": "x"}, "violates one of " + ", ".join(o.constraints or ["its constraints"])),
               (~complete & feasible, {"facecolors": "none", "edgecolors": "#999", "marker": "o"}, "stopped early"))
     for keep, style, label in groups:
         if keep.any():
-            ax.scatter(scored.loc[keep, COST_METRIC], scored.loc[keep, metric], label=label, **style)
+            ax.scatter(scored.loc[keep, cost], scored.loc[keep, metric], label=label, **style)
     if len(front):
-        ax.plot(front[COST_METRIC], front[metric], "o-", c="#d62728", label="Pareto front")
-    ax.set(xlabel="GMACs per image (proxy for served latency)", ylabel=metric, title="Accuracy vs cost")
+        ax.plot(front[cost], front[metric], "o-", c="#d62728", label="Pareto front")
+    xlabel = ("int8 ms per image, measured (latency table)" if cost == TRIAL_COLUMN
+              else "GMACs per image (proxy for served latency)")
+    ax.set(xlabel=xlabel, ylabel=metric, title="Accuracy vs cost")
     ax.legend(fontsize=8)
     return figure_png(fig)
 
@@ -372,10 +394,10 @@ def grade_cv_inputs(exp_uri: str | None, top: int, recipe_files: Sequence[str] =
     return recipes, manifest.load_manifest(manifest_uri)
 
 
-def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | None):
+def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | None, cost: str = COST_METRIC):
     """(trial, checkpoint, how it was chosen): the best trial's best checkpoint of a single-
-    objective sweep, or the ``pick`` rule's point of a multi-objective front with its last
-    checkpoint (the epoch its front values come from)."""
+    objective sweep, or the ``pick`` rule's point of a multi-objective front over ``cost`` with
+    its last checkpoint (the epoch its front values come from)."""
     space = o.search_space()
     if not o.multi_objective:
         if pick:
@@ -387,13 +409,14 @@ def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | 
     if not pick:
         raise CxrtuneError("a multi-objective sweep has no single best trial: choose a point of its front with "
                            "--pick, e.g. --pick 'fastest:accuracy<=best+0.05' (docs/search_spaces.md)")
-    row = PickRule.parse(pick).pick(pareto_front(table_of(), space.metric, space.mode), space.metric, space.mode)
+    front = pareto_front(table_of(), space.metric, space.mode, cost)
+    row = PickRule.parse(pick).pick(front, space.metric, space.mode, cost)
     trial = next(t for t in analysis.trials if t.trial_id == row["trial_id"])
     return trial, analysis.get_last_checkpoint(trial), pick
 
 
 def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | None = None,
-            pick: str | None = None, overrides: Sequence[str] = ()) -> str:
+            pick: str | None = None, overrides: Sequence[str] = (), latency_table: str | None = None) -> str:
     """Export the chosen trial's checkpoint as a run (``best/model.pt`` + ``best/meta.json``), or
     with ``retrain`` train its config again on all training data (not only the tuning subset),
     with the batch size that fills the GPU as in seed 004. The chosen trial is a single-objective
@@ -405,7 +428,9 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     Args:
         overrides: ``key=value`` settings over the trial's config for ``retrain`` (``cxrtune
             promote --set``, e.g. ``max_train_images=2600`` or ``model.encoder_weights=RUN``),
-            recorded with the search."""
+            recorded with the search.
+        latency_table: ``pick`` chooses on the front over this table's measured ``int8_ms``
+            (:func:`write_report`'s), recorded with the search."""
     if overrides and not retrain:
         raise CxrtuneError("--set changes a retrained config: add --retrain")
     o = load_options(exp_uri)
@@ -413,7 +438,9 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     if space.task == "grade":
         raise CxrtuneError("a grading sweep has no scorer stage to promote: cross-validate its best recipes "
                            f"with `cxrtune grade cv --experiment {exp_uri}`")
-    trial, ckpt, how = _chosen_trial(analysis, lambda: trials_table(exp_uri)[0], o, exp_uri, pick)
+    latency = load_latency_table(latency_table) if latency_table else None
+    trial, ckpt, how = _chosen_trial(analysis, lambda: trials_table(exp_uri, latency)[0], o, exp_uri, pick,
+                                     front_cost(latency_table))
     if ckpt is None:
         raise CxrtuneError(f"{exp_uri}: trial {trial.trial_id} has no checkpoint")
     now = split_hash(manifest.load_manifest(o.manifest, check_files=False))
@@ -425,7 +452,7 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
         experiment=exp_uri, trial=trial.trial_id, pick=how, space=o.space_source, space_definition=o.space,
         objectives=[space.metric, *([COST_METRIC] if o.multi_objective else [])], constraints=list(o.constraints),
         sampler=o.sampler, scheduler=o.scheduler, seed=o.seed, split_hash=o.split_hash or now, manifest=o.manifest,
-        retrained=retrain, overrides=with_overrides({}, overrides)).to_dict()
+        retrained=retrain, overrides=with_overrides({}, overrides), latency_table=latency_table or "").to_dict()
 
     with ckpt.as_directory() as d:
         meta = replace(read_checkpoint_meta(str(d)), search=search)
