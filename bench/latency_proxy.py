@@ -23,7 +23,8 @@ writes them as the latency table that ``cxrtune report --latency-table`` and ``p
 --latency-table`` read (:mod:`cxrtune.search.latency_table`): issue 23 item 3's lookup table
 measured once. The configurations are timed in blocks of ``--block``, interleaved within a block,
 each block also timing the space's first warm-start configuration (the hand-picked network) so
-that a drift between blocks shows in ``reference_ms``.
+that a drift between blocks shows in ``reference_ms``. The table's ``batch`` and ``threads``
+columns say how it was measured.
 """
 
 from __future__ import annotations
@@ -63,21 +64,6 @@ def draw_configs(space, n: int, seed: int) -> list[dict]:
     return out
 
 
-def all_configs(space) -> list[dict]:
-    """Every (arch, encoder, decoder, size) of the space, in the space's order."""
-    by_name = {p.name: p for p in space.params}
-
-    def choices(name: str, arch: str) -> list:
-        p = by_name[name]
-        return list(p.values.get(arch, p.values.get("default")) if p.given else p.values)
-
-    low, high = (int(b) for b in by_name["size"].bounds)
-    step = int(by_name["size"].step or 32)
-    return [{"arch": a, "encoder": e, "decoder": d, "size": s}
-            for a in by_name["arch"].values for e in choices("encoder", a) for d in choices("decoder", a)
-            for s in range(low, high + 1, step)]
-
-
 def measure(space, points: list[dict], batch: int, threads: int, rounds: int) -> list[dict]:
     """Each point's GMACs and median int8 ms per image, rounds interleaved over the points."""
     import numpy as np
@@ -86,6 +72,7 @@ def measure(space, points: list[dict], batch: int, threads: int, rounds: int) ->
     from cxrtune.model.models import build_model, model_gmacs
     from cxrtune.scoring.onnx_export import export_stage, quantize_stage
     from cxrtune.scoring.onnx_runtime import OnnxStage
+    from cxrtune.search.latency_table import KEY_COLUMNS, network_key
 
     rows, sessions = [], []
     for point in points:
@@ -99,7 +86,8 @@ def measure(space, points: list[dict], batch: int, threads: int, rounds: int) ->
         x = torch.rand(batch, channels, cfg.size, cfg.size)
         session(x)  # warm-up
         sessions.append((session, x))
-        rows.append({**point, "gmacs": round(gmacs, 4), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3)})
+        params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+        rows.append({**dict(zip(KEY_COLUMNS, network_key(cfg, str(point)))), "gmacs": round(gmacs, 4), "params_m": params_m})
         print(f"{point}: {gmacs:.3f} GMAC", file=sys.stderr)
     times: list[list[float]] = [[] for _ in rows]
     for _ in range(rounds):
@@ -116,17 +104,19 @@ def write_table(space, args) -> None:
     """Every configuration of the space, in blocks with the hand-picked network as a reference."""
     import pandas as pd
 
-    from cxrtune.search.latency_table import TABLE_COLUMNS
+    from cxrtune.search.latency_table import KEY_COLUMNS, TABLE_COLUMNS
 
-    reference = {k: space.warm_start[0][k] for k in ("arch", "encoder", "decoder", "size")}
-    points = all_configs(space)
+    points = space.network_points()
+    # the first warm start (the hand-picked network) times every block, else the space's first network
+    reference = {k: v for k, v in space.warm_start[0].items() if k in KEY_COLUMNS} if space.warm_start else points[0]
     rows, reference_ms = [], []
     started = time.time()
     for start in range(0, len(points), args.block):
         block = measure(space, [reference, *points[start:start + args.block]], args.batch, args.threads, args.rounds)
         reference_ms.append(block[0]["int8_ms_per_image"])
+        reference = {k: block[0][k] for k in KEY_COLUMNS}
         rows.extend(block[1:])
-    table = pd.DataFrame(rows)[list(TABLE_COLUMNS)]
+    table = pd.DataFrame(rows).assign(batch=args.batch, threads=args.threads)[list(TABLE_COLUMNS)]
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.table, index=False)
     print(json.dumps({

@@ -17,12 +17,14 @@ sums every stage but the reused hand-picked run):
    hand-picked Stage II; its trials with the hand-picked run's ``cpu_amp``, in ``OUT/space.yaml``)
    on the 50 % tuning subset of COVID-QU-Ex's training part (the accuracy manifest's split, a
    patient-level tuning subset added), objectives score MAE (each trial at its own operating
-   point through the hand-picked Stage I) and GMACs, constraint FP rate on Normal <= ``--fp-limit`` (0.5), ASHA
+   point through the hand-picked Stage I) and the int8 ms measured per network
+   (``--latency-table``, by default ``search_spaces/disease_cpu.int8_ms.csv``; ``''``: GMACs),
+   constraint FP rate on Normal <= ``--fp-limit`` (0.5), ASHA
    (first rung after ``--grace`` epochs, 2, of 6),
    ``--budget-minutes`` (90) and at most ``--trials`` (24).
-3. ``promote``: ``cxrtune report`` on the sweep, its front over GMACs, or over the int8 ms
-   measured per network with ``--latency-table`` (``bench/latency_proxy.py --table``; the rules'
-   ``cost`` is then ``int8_ms``); ``cxrtune promote --pick`` twice, the fast point
+3. ``promote``: ``cxrtune report`` on the sweep, its front over the int8 ms of
+   ``--latency-table`` (a sweep run on GMACs too; the rules' ``cost`` is then ``int8_ms``), or
+   over GMACs without one; ``cxrtune promote --pick`` twice, the fast point
    (``--fast-rule``) and the accurate one (``--accurate-rule``), each retrained (``--retrain --set``) on the accuracy bench's
    Stage II rows (its ``max_train_images``, epochs, schedule) within its Stage II minutes; a
    ResNet-18 starts from the Stage I encoder as the hand-picked one does, others from scratch.
@@ -199,7 +201,8 @@ def sweep(args, hand: dict, out: Path) -> dict:
                    "--storage", str(out / "exps"), "--multi-objective", "--scheduler", "asha",
                    "--lung-bundle", hand["bundle"], "--reference", "masks",
                    "--constraint", f"val_fp_rate_normal<={args.fp_limit}", "--num-cpus", "2",
-                   "--cpus-per-trial", "1", "--max-concurrent", "2", "--seed", str(args.seed), *flags)
+                   "--cpus-per-trial", "1", "--max-concurrent", "2", "--seed", str(args.seed), *flags,
+                   *(["--latency-table", args.latency_table] if args.latency_table else []))
     summary = json.loads(text[text.index("{\n"):text.rindex("}") + 1])
     return {"experiment": str(exp), "summary": summary}
 
@@ -223,11 +226,12 @@ def promote(args, hand: dict, swept: dict, out: Path) -> dict:
     import pandas as pd
 
     from cxrtune.search.report import PickRule, front_cost, pareto_front
+    from cxrtune.search.tuning import load_options
 
     table_flags = ["--latency-table", args.latency_table] if args.latency_table else []
     report = out / "report"
     run("report", swept["experiment"], "--out", str(report), *table_flags)
-    cost = front_cost(args.latency_table)
+    cost = front_cost(load_options(swept["experiment"]), args.latency_table)
     # trial ids as written (an all-digit or "1e..." id would otherwise read as a number)
     front = pareto_front(pd.read_csv(report / "trials.csv", dtype={"trial_id": str}), "val_score_mae", "min", cost)
     points = {}
@@ -666,8 +670,9 @@ def main() -> None:
     # of another decided what was trained at all, and the warm start was cut after its first
     ap.add_argument("--grace", type=int, default=2, help="the sweep's ASHA grace period in epochs (of 6)")
     ap.add_argument("--latency-table", metavar="CSV",
-                    help="draw the front over the int8 ms measured per network (bench/latency_proxy.py --table) "
-                         "instead of GMACs: the rules' cost is then int8_ms")
+                    help="the int8 ms measured per network (bench/latency_proxy.py --table) as the cost instead of "
+                         "GMACs: a new sweep's objective, and the front the rules pick from (cost = int8_ms); "
+                         "default with --cpu: search_spaces/disease_cpu.int8_ms.csv; '' for GMACs")
     ap.add_argument("--fast-rule", default="fastest:accuracy<=best+0.10")
     ap.add_argument("--accurate-rule", default="most-accurate")
     ap.add_argument("--seed", type=int, default=0)
@@ -685,6 +690,8 @@ def main() -> None:
         args.budget_minutes, args.trials, args.serve_seconds = min(args.budget_minutes, 6), min(args.trials, 3), 5
         args.grace = 1  # of 2 epochs
         args.fp_limit = 1.0  # a handful of validation Normals: any trial may reach the front
+    if args.latency_table is None and not args.quick:  # the quick space's networks are not in it: GMACs
+        args.latency_table = str(ROOT / "search_spaces" / "disease_cpu.int8_ms.csv")
     out = Path(args.out or ("/tmp/cxrtune-s2s-quick" if args.quick else "/tmp/cxrtune-s2s"))
     args.accuracy_out = args.accuracy_out or str(out / "accuracy" if args.quick else "/tmp/cxrtune-accuracy-cpu")
     out.mkdir(parents=True, exist_ok=True)

@@ -204,7 +204,8 @@ def _serve(args) -> None:
 
 
 LATENCY_TABLE_HELP = ("a multi-objective sweep: draw its front over the int8 latency measured per network in this "
-                      "table (bench/latency_proxy.py --table) instead of GMACs; the rule's cost is then int8_ms")
+                      "table (bench/latency_proxy.py --table) instead of its own cost; the rule's cost is then "
+                      "int8_ms (a sweep run with --latency-table uses its own table without this)")
 OVERLAY_HELP = ("also send an overlay for viewers that show neither SEG nor SR: a Secondary Capture in its own series, "
                 "\"NOT FOR DIAGNOSTIC USE\" burned in (off by default)")
 
@@ -471,8 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--lung-bundle", "fixed Stage I bundle for --objective score_mae")
     opt("--reference", "score_mae's reference: a reader id from the manifest (e.g. S), zones, masks or auto")
     tu.add_argument("--multi-objective", action="store_true", default=None,
-                    help="accuracy vs cost (the network's GMACs per image, a proxy for served latency): multi-objective "
-                         "TPE; ASHA/HyperBand cut trials on accuracy, and cut trials stay off the front")
+                    help="accuracy vs cost (the network's GMACs per image, or its measured int8 ms with "
+                         "--latency-table): multi-objective TPE; ASHA/HyperBand cut trials on accuracy, and cut trials "
+                         "stay off the front")
+    opt("--latency-table", "with --multi-objective: the cost is each network's int8 ms measured in this table "
+        "(bench/latency_proxy.py --table), not its GMACs")
     tu.add_argument("--constraint", action="append", metavar="METRIC<=LIMIT",
                     help="a limit every trial on the front must meet, e.g. 'val_fp_rate_normal<=0.10' (repeatable); "
                          "stored in the Optuna study")

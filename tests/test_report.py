@@ -25,43 +25,43 @@ def table() -> pd.DataFrame:
 
 
 def test_the_front_holds_complete_feasible_non_dominated_trials_only():
-    front = pareto_front(table(), "val_score_mae", "min")
+    front = pareto_front(table(), "val_score_mae", "min", "gmacs")
     assert list(front["trial_id"]) == ["b", "d", "c"]  # by cost
     everything = table().assign(complete=True, feasible=True)
-    assert list(pareto_front(everything, "val_score_mae", "min")["trial_id"]) == ["a", "e"]  # what the filters keep off
+    assert list(pareto_front(everything, "val_score_mae", "min", "gmacs")["trial_id"]) == ["a", "e"]  # what the filters keep off
 
 
 def test_pick_rules_choose_the_documented_point():
-    front = pareto_front(table(), "val_score_mae", "min")
+    front = pareto_front(table(), "val_score_mae", "min", "gmacs")
     pick = PickRule.parse
-    assert pick("fastest").pick(front, "val_score_mae", "min")["trial_id"] == "b"
-    assert pick("most-accurate").pick(front, "val_score_mae", "min")["trial_id"] == "c"
+    assert pick("fastest").pick(front, "val_score_mae", "min", "gmacs")["trial_id"] == "b"
+    assert pick("most-accurate").pick(front, "val_score_mae", "min", "gmacs")["trial_id"] == "c"
     # the cheapest within 0.05 of the best MAE (0.40): d (0.45 at 0.25 GMACs)
-    assert pick("fastest:accuracy<=best+0.05").pick(front, "val_score_mae", "min")["trial_id"] == "d"
-    assert pick("most-accurate:cost<=0.26").pick(front, "val_score_mae", "min")["trial_id"] == "d"
-    assert pick("most-accurate:gmacs<=best").pick(front, "val_score_mae", "min")["trial_id"] == "b"
-    assert pick("fastest:val_score_mae<=0.5, cost>=0.2").pick(front, "val_score_mae", "min")["trial_id"] == "d"
+    assert pick("fastest:accuracy<=best+0.05").pick(front, "val_score_mae", "min", "gmacs")["trial_id"] == "d"
+    assert pick("most-accurate:cost<=0.26").pick(front, "val_score_mae", "min", "gmacs")["trial_id"] == "d"
+    assert pick("most-accurate:gmacs<=best").pick(front, "val_score_mae", "min", "gmacs")["trial_id"] == "b"
+    assert pick("fastest:val_score_mae<=0.5, cost>=0.2").pick(front, "val_score_mae", "min", "gmacs")["trial_id"] == "d"
     for rule, message in (("slowest", "start with fastest or most-accurate"),
                           ("fastest:accuracy=0.1", "expected NAME<=VALUE"),
                           ("fastest:recall<=0.1", "no column 'recall'"),
                           ("fastest:accuracy<=best+x", "not a number"),
                           ("fastest:accuracy<=0.1", "no point of the front")):
         with pytest.raises(CxrtuneError, match=message):
-            pick(rule).pick(front, "val_score_mae", "min")
+            pick(rule).pick(front, "val_score_mae", "min", "gmacs")
     with pytest.raises(CxrtuneError, match="the front is empty"):
-        pick("fastest").pick(front.iloc[0:0], "val_score_mae", "min")
+        pick("fastest").pick(front.iloc[0:0], "val_score_mae", "min", "gmacs")
 
 
 def test_the_front_and_best_follow_a_maximised_objective():
     """dice_cls is maximised: the front keeps high-Dice, low-cost trials, and best is the highest."""
     t = table().assign(val_dice_f1=lambda d: 1 - d["val_score_mae"]).drop(columns="val_score_mae")
-    front = pareto_front(t, "val_dice_f1", "max")
+    front = pareto_front(t, "val_dice_f1", "max", "gmacs")
     assert list(front["trial_id"]) == ["b", "d", "c"]
     # best = 0.60 (c); within 0.05 of it: d (0.55) and c; the cheaper is d
-    assert PickRule.parse("fastest:accuracy>=best-0.05").pick(front, "val_dice_f1", "max")["trial_id"] == "d"
-    assert PickRule.parse("most-accurate").pick(front, "val_dice_f1", "max")["trial_id"] == "c"
+    assert PickRule.parse("fastest:accuracy>=best-0.05").pick(front, "val_dice_f1", "max", "gmacs")["trial_id"] == "d"
+    assert PickRule.parse("most-accurate").pick(front, "val_dice_f1", "max", "gmacs")["trial_id"] == "c"
     with pytest.raises(CxrtuneError, match="'best' is defined for accuracy and cost only"):
-        PickRule.parse("fastest:complete<=best").pick(front, "val_dice_f1", "max")
+        PickRule.parse("fastest:complete<=best").pick(front, "val_dice_f1", "max", "gmacs")
 
 
 def test_a_measured_latency_table_redraws_the_front_and_the_rules_cost(tmp_path):
@@ -69,6 +69,8 @@ def test_a_measured_latency_table_redraws_the_front_and_the_rules_cost(tmp_path)
     (arch, encoder, decoder, size) from the trial's parameters over the space's fixed settings: a
     network cheap in GMACs but slow on the CPU leaves the front, and ``fastest`` and ``cost``
     follow the measured column."""
+    from dataclasses import replace
+
     from cxrtune.search.latency_table import load_latency_table
     from cxrtune.search.search_space import parse_space
 
@@ -82,7 +84,7 @@ def test_a_measured_latency_table_redraws_the_front_and_the_rules_cost(tmp_path)
           ("Linknet", "standard", 160): 12.0, ("Unet", "slim", 128): 1.5, ("Unet", "slim", 160): 3.0}
     csv = tmp_path / "table.csv"
     pd.DataFrame([{"arch": a, "encoder": "resnet18", "decoder": d, "size": z, "gmacs": 0.0, "params_m": 0.0,
-                   "int8_ms_per_image": v} for (a, d, z), v in ms.items()]).to_csv(csv, index=False)
+                   "int8_ms_per_image": v, "batch": 4, "threads": 1} for (a, d, z), v in ms.items()]).to_csv(csv, index=False)
     latency = load_latency_table(str(csv))
     t = table()[lambda d: d["trial_id"].isin(networks)].reset_index(drop=True)
     t["param:arch"] = [networks[i][0] for i in t["trial_id"]]
@@ -91,19 +93,69 @@ def test_a_measured_latency_table_redraws_the_front_and_the_rules_cost(tmp_path)
     t["param:size"] = [float(networks[i][1]) for i in t["trial_id"]]  # as a CSV reads it back
     t["int8_ms"] = latency.trial_latency(t, space)
     assert dict(zip(t["trial_id"], t["int8_ms"])) == {"b": 9.0, "c": 4.0, "d": 2.0}
-    assert list(pareto_front(t, "val_score_mae", "min")["trial_id"]) == ["b", "d", "c"]  # over GMACs
+    assert list(pareto_front(t, "val_score_mae", "min", "gmacs")["trial_id"]) == ["b", "d", "c"]  # over GMACs
     front = pareto_front(t, "val_score_mae", "min", "int8_ms")
     assert list(front["trial_id"]) == ["d", "c"]  # b: slower than d and less accurate
     assert PickRule.parse("fastest").pick(front, "val_score_mae", "min", "int8_ms")["trial_id"] == "d"
     assert PickRule.parse("most-accurate:cost<=3").pick(front, "val_score_mae", "min", "int8_ms")["trial_id"] == "d"
     assert PickRule.parse("most-accurate:int8_ms<=best+2").pick(front, "val_score_mae", "min", "int8_ms")["trial_id"] == "c"
 
+    # every network the space can draw (Unet: 2 decoders x 2 sizes; Linknet: 1 x 2) is in the table,
+    # which a sweep checks before it starts; one missing is named
+    assert len(space.network_points()) == 6
+    latency.check_covers(space)
+    partial = replace(latency, ms={k: v for k, v in latency.ms.items() if k[2] != "slim"})
+    with pytest.raises(CxrtuneError, match="no latency for Unet/resnet18/slim/128"):
+        partial.check_covers(space)
+
     unknown = t.assign(**{"param:size": 192.0})
     with pytest.raises(CxrtuneError, match="no latency for Linknet/resnet18/standard/192"):
         latency.trial_latency(unknown, space)
-    csv.write_text("arch,encoder,size,int8_ms_per_image\nUnet,resnet18,128,2.0\n")
-    with pytest.raises(CxrtuneError, match="needs the columns decoder"):
-        load_latency_table(str(csv))
+    header = "arch,encoder,decoder,size,int8_ms_per_image,batch,threads\n"
+    for text, message in (("arch,encoder,size,int8_ms_per_image\nUnet,resnet18,128,2.0\n", "needs the columns decoder"),
+                          (header, "no rows"),
+                          (header + "Unet,resnet18,slim,128,2.0,4,1\nUnet,resnet18,slim,160,2.0,8,1\n", "batch sizes"),
+                          (header + "Unet,resnet18,slim,,2.0,4,1\n", "size is missing"),
+                          (header + "Unet,resnet18,slim,128.5,2.0,4,1\n", "not a whole number"),
+                          (header + "Unet,resnet18,slim,128,nan,4,1\n", "not positive"),
+                          (header + "Unet,resnet18,slim,128,0,4,1\n", "not positive"),
+                          (header + "Unet,resnet18,slim,128,2.0,4,1\nUnet,resnet18,slim,128.0,3.0,4,1\n", "twice")):
+        csv.write_text(text)
+        with pytest.raises(CxrtuneError, match=message):
+            load_latency_table(str(csv))
+
+
+def test_the_front_cost_follows_the_sweep_and_a_table_given():
+    """A GMACs sweep's front is over gmacs, a sweep run with a table over int8_ms, and a table given
+    to report or promote redraws a multi-objective front only: one objective has no front."""
+    from cxrtune.search.report import front_cost
+    from cxrtune.search.tuning import EMBEDDED_SPACE, TuneOptions
+
+    base = {"space": EMBEDDED_SPACE, "manifest": "m.parquet", "name": "n", "storage": "s"}
+    assert front_cost(TuneOptions(**base, multi_objective=True)) == "gmacs"
+    assert front_cost(TuneOptions(**base, multi_objective=True), "t.csv") == "int8_ms"
+    assert front_cost(TuneOptions(**base, multi_objective=True, latency_table="t.csv")) == "int8_ms"
+    with pytest.raises(CxrtuneError, match="this sweep has one objective"):
+        front_cost(TuneOptions(**base), "t.csv")
+
+
+def test_the_shipped_latency_table_covers_the_shipped_cpu_space():
+    """search_spaces/disease_cpu.int8_ms.csv holds every network disease_cpu.yaml can draw (a sweep
+    with it would otherwise refuse to start), measured at the CPU Serve config's batch and threads."""
+    from pathlib import Path
+
+    import yaml
+
+    from cxrtune.search.latency_table import load_latency_table
+    from cxrtune.search.search_space import load_space
+
+    root = Path(__file__).resolve().parent.parent
+    space = load_space(str(root / "search_spaces" / "disease_cpu.yaml"))
+    table = load_latency_table(str(root / "search_spaces" / "disease_cpu.int8_ms.csv"))
+    table.check_covers(space)
+    assert len(space.network_points()) == len(table.ms) == 200
+    served = yaml.safe_load((root / "serve" / "config.cpu.yaml").read_text())
+    assert (table.batch, table.threads) == (served["applications"][0]["args"]["max_batch_size"], 1)
 
 
 def test_constraints_parse_strictly():

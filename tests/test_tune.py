@@ -451,6 +451,7 @@ def test_tune_options_check_themselves_once_before_anything_starts():
     for bad, message in (({"scheduler": "pbt"}, "--scheduler must be one of"),
                          ({"sampler": "cmaes"}, "--sampler must be one of tpe, gp, random"),
                          ({"constraints": ["val_dice>=0.5"]}, "--constraint shapes a multi-objective front"),
+                         ({"latency_table": "t.csv"}, "--latency-table gives a multi-objective sweep its cost"),
                          ({"multi_objective": True, "constraints": ["val_dice=0.5"]}, "expected NAME<=VALUE"),
                          ({"multi_objective": True, "constraints": ["val_dice>=half"]}, "must be a finite number"),
                          ({"grid": True, "warm_start": [{"lr": 0.1}]}, "--grid runs every combination once"),

@@ -114,7 +114,8 @@ class SearchRecord:
     manifest: str
     retrained: bool
     overrides: dict = field(default_factory=dict)  # promote --set, KEY -> value
-    latency_table: str = ""  # promote --latency-table: the pick's front was over its measured int8 ms
+    latency_table: str = ""  # the table the pick's front took its measured int8 ms from ("": GMACs)
+    latency_table_sha256: str = ""
 
     def to_dict(self) -> dict:
         return json_safe(asdict(self))

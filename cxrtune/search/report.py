@@ -38,7 +38,8 @@ from ..model.models import build_model
 from ..model.train import TrainConfig, train
 from ..plots import figure_png, pyplot
 from .latency_table import TRIAL_COLUMN, LatencyTable, load_latency_table
-from .tuning import COST_METRIC, TuneOptions, load_options, split_condition
+from .search_space import settings_of
+from .tuning import COST_METRIC, LATENCY_TABLE_FILE, TuneOptions, load_options, split_condition
 
 IMPORTANCE_FLOOR = 0.05
 AT_BEST = {"grade": ("val_weighted_f1", "val_accuracy")}  # also read at the best epoch, per task
@@ -58,10 +59,8 @@ def _analysis(exp_uri: str, o: TuneOptions):
 
 def trials_table(exp_uri: str, latency: LatencyTable | None = None) -> tuple[pd.DataFrame, TuneOptions]:
     """One row per trial: its sampled parameters, status, epochs, last and best metric; with a
-    ``latency`` table, each trial's measured ``int8_ms`` too."""
+    ``latency`` table and several objectives, each trial's measured ``int8_ms`` from it."""
     o = load_options(exp_uri)
-    if latency is not None and not o.multi_objective:
-        raise CxrtuneError("a latency table gives a multi-objective front its measured cost; this sweep has one objective")
     analysis, space = _analysis(exp_uri, o)
     rows = []
     frames = analysis.trial_dataframes
@@ -84,7 +83,7 @@ def trials_table(exp_uri: str, latency: LatencyTable | None = None) -> tuple[pd.
             row.update(_front_columns(df, t.status, row["epochs"], o))
         rows.append(row)
     table = pd.DataFrame(rows)
-    if latency is not None and len(table):
+    if latency is not None and o.multi_objective and len(table):
         table[TRIAL_COLUMN] = latency.trial_latency(table, space)
     return table, o
 
@@ -95,8 +94,9 @@ def _front_columns(df: pd.DataFrame, status: str, epochs: int, o: TuneOptions) -
     met by its last result; a metric never reported fails it)."""
     space = o.search_space()
     out: dict = {"complete": status == "TERMINATED" and epochs >= o.epochs(space)}
-    if COST_METRIC in df:
-        out[COST_METRIC] = float(df[COST_METRIC].iloc[-1])
+    for cost in dict.fromkeys([COST_METRIC, o.cost_metric]):
+        if cost in df:
+            out[cost] = float(df[cost].iloc[-1])
     feasible = True
     for c in o.trial_constraints():
         value = float(df[c.metric].iloc[-1]) if c.metric in df and len(df) else float("nan")
@@ -183,7 +183,7 @@ def _pearson(x: pd.Series, y: pd.Series) -> float | None:
     return None if math.isnan(r) else r
 
 
-def pareto_front(table: pd.DataFrame, metric: str, mode: str, cost: str = COST_METRIC) -> pd.DataFrame:
+def pareto_front(table: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.DataFrame:
     """The complete, feasible trials no other such trial beats on both the metric and the ``cost``
     column (GMACs, or a latency table's ``int8_ms``): Optuna's ``best_trials`` of an in-memory study
     holding them, sorted by cost. Stopped trials and constraint violators are never on it."""
@@ -231,7 +231,7 @@ class PickRule:
                            for part in filter(None, (c.strip() for c in rest.split(","))))
         return cls(kind, conditions, text)
 
-    def pick(self, front: pd.DataFrame, metric: str, mode: str, cost: str = COST_METRIC) -> pd.Series:
+    def pick(self, front: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.Series:
         """The chosen row of ``front`` (:func:`pareto_front` over the same ``cost``); a clear error
         when none meets the rule."""
         if front.empty:
@@ -275,6 +275,7 @@ def write_report(exp_uri: str, out_dir: str, latency_table: str | None = None) -
     plt = pyplot()
 
     table, o = trials_table(exp_uri, load_latency_table(latency_table) if latency_table else None)
+    cost = front_cost(o, latency_table)
     if table.empty:
         raise CxrtuneError(f"{exp_uri}: the experiment has no trials yet")
     space = o.search_space()
@@ -315,16 +316,19 @@ def write_report(exp_uri: str, out_dir: str, latency_table: str | None = None) -
         ax.set(xlabel="Pearson r with " + metric, title="Linear correlation")
         put("correlation.png", figure_png(fig))
     if o.multi_objective:
-        cost = front_cost(latency_table)
         front = pareto_front(table, space.metric, space.mode, cost)
         put("pareto.csv", front.to_csv(index=False).encode())
         put("pareto.png", _front_figure(table, front, space.metric, o, cost))
     return written
 
 
-def front_cost(latency_table: str | None) -> str:
-    """The column a front's cost is read from: measured ``int8_ms`` with a latency table, else GMACs."""
-    return TRIAL_COLUMN if latency_table else COST_METRIC
+def front_cost(o: TuneOptions, latency_table: str | None = None) -> str:
+    """The column a front's cost is read from: measured ``int8_ms`` with a latency table (given
+    here, or the sweep's own), else GMACs. A table given for a sweep without a front is refused."""
+    if latency_table and not o.multi_objective:
+        raise CxrtuneError("--latency-table redraws a multi-objective front over measured latency; this sweep has "
+                           "one objective")
+    return TRIAL_COLUMN if latency_table else o.cost_metric
 
 
 def _front_figure(table: pd.DataFrame, front: pd.DataFrame, metric: str, o: TuneOptions, cost: str) -> bytes:
@@ -360,16 +364,13 @@ def top_grade_recipes(exp_uri: str, top: int = 5) -> list:
     if target not in table or table[target].isna().all():
         raise CxrtuneError(f"{exp_uri}: no trial has reported {space.metric} yet")
     done = table[table[target].notna()].sort_values([target, "trial_id"], kind="stable")  # ties: a fixed order
-    params = [c for c in done.columns if c.startswith("param:")]
     side_col = "param:side" if "param:side" in done else None
     groups = done.groupby(side_col, sort=False) if side_col else [(None, done)]
     out = []
     for _, block in groups:
         for _, row in block.head(top).iterrows():
-            sampled = {c.split(":", 1)[1].split("|", 1)[0]: row[c] for c in params if pd.notna(row[c])}
-            sampled = {k: (v.item() if hasattr(v, "item") else v) for k, v in sampled.items()}
             # as many epochs as the sweep trained it for
-            out.append(replace(space.train_config(sampled), epochs=o.train_epochs(space)))
+            out.append(replace(space.train_config(settings_of(row, "param:")), epochs=o.train_epochs(space)))
     return out
 
 
@@ -394,7 +395,7 @@ def grade_cv_inputs(exp_uri: str | None, top: int, recipe_files: Sequence[str] =
     return recipes, manifest.load_manifest(manifest_uri)
 
 
-def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | None, cost: str = COST_METRIC):
+def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | None, cost: str):
     """(trial, checkpoint, how it was chosen): the best trial's best checkpoint of a single-
     objective sweep, or the ``pick`` rule's point of a multi-objective front over ``cost`` with
     its last checkpoint (the epoch its front values come from)."""
@@ -430,7 +431,8 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
             promote --set``, e.g. ``max_train_images=2600`` or ``model.encoder_weights=RUN``),
             recorded with the search.
         latency_table: ``pick`` chooses on the front over this table's measured ``int8_ms``
-            (:func:`write_report`'s), recorded with the search."""
+            (:func:`write_report`'s); the table the front's cost came from, this or the sweep's
+            own, is recorded with the search with its SHA-256."""
     if overrides and not retrain:
         raise CxrtuneError("--set changes a retrained config: add --retrain")
     o = load_options(exp_uri)
@@ -438,9 +440,11 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
     if space.task == "grade":
         raise CxrtuneError("a grading sweep has no scorer stage to promote: cross-validate its best recipes "
                            f"with `cxrtune grade cv --experiment {exp_uri}`")
+    cost = front_cost(o, latency_table)
     latency = load_latency_table(latency_table) if latency_table else None
-    trial, ckpt, how = _chosen_trial(analysis, lambda: trials_table(exp_uri, latency)[0], o, exp_uri, pick,
-                                     front_cost(latency_table))
+    trial, ckpt, how = _chosen_trial(analysis, lambda: trials_table(exp_uri, latency)[0], o, exp_uri, pick, cost)
+    if latency is None and o.latency_table:  # the sweep's own table: the copy its trials read
+        latency = load_latency_table(storage.join(exp_uri, LATENCY_TABLE_FILE))
     if ckpt is None:
         raise CxrtuneError(f"{exp_uri}: trial {trial.trial_id} has no checkpoint")
     now = split_hash(manifest.load_manifest(o.manifest, check_files=False))
@@ -450,9 +454,10 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
                            "would not be of the data it was chosen on")
     search = SearchRecord(
         experiment=exp_uri, trial=trial.trial_id, pick=how, space=o.space_source, space_definition=o.space,
-        objectives=[space.metric, *([COST_METRIC] if o.multi_objective else [])], constraints=list(o.constraints),
+        objectives=[space.metric, *([o.cost_metric] if o.multi_objective else [])], constraints=list(o.constraints),
         sampler=o.sampler, scheduler=o.scheduler, seed=o.seed, split_hash=o.split_hash or now, manifest=o.manifest,
-        retrained=retrain, overrides=with_overrides({}, overrides), latency_table=latency_table or "").to_dict()
+        retrained=retrain, overrides=with_overrides({}, overrides),
+        latency_table=latency.source if latency else "", latency_table_sha256=latency.sha256 if latency else "").to_dict()
 
     with ckpt.as_directory() as d:
         meta = replace(read_checkpoint_meta(str(d)), search=search)

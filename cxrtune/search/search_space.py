@@ -27,8 +27,9 @@ branch is its own Optuna parameter (``encoder|Unet``) so the sampler models them
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Mapping
 
 from ..config_files import load_yaml
 from ..errors import CxrtuneError
@@ -53,6 +54,18 @@ CHECK_VALUES = {"arch": set(ARCHITECTURES), "optimizer": set(OPTIMIZERS),
                 "seg_loss": set(SEG_LOSSES), "cls_loss": set(CLS_LOSSES),
                 "roi": set(ROI_SCHEMES), "side": set(SIDES), "balancing": set(BALANCING),
                 "decoder": set(DECODER_PRESETS)}
+
+
+def settings_of(params: Mapping[str, Any], prefix: str = "") -> dict:
+    """Sampled settings under their own names from Optuna's (``encoder|Unet`` -> ``encoder``), as
+    Tune's config holds them, or a trials table's row with ``prefix`` ``param:``: a value a trial
+    lacks (the table's NaN) left out, numpy scalars made plain."""
+    out = {}
+    for key, value in params.items():
+        if not str(key).startswith(prefix) or value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        out[str(key)[len(prefix):].split("|", 1)[0]] = value.item() if hasattr(value, "item") else value
+    return out
 
 
 @dataclass
@@ -134,6 +147,36 @@ class SearchSpace:
                 raise _fail(self.source, where, f"{p.name}={value!r} is outside [{p.low}, {p.high}]")
             out[name] = value
         return out
+
+    def network_points(self) -> list[dict]:
+        """Every network the space can draw, as points over its network parameters (arch,
+        encoder, decoder, size; those it fixes come from ``fixed:`` in :meth:`train_config`):
+        what a latency table must hold. A numeric one must be a finite set (an int with a step)."""
+        network = ("arch", "encoder", "decoder", "size")
+        varied = {p.name for p in self.params} & {"in_channels", "classification"}
+        if varied:
+            raise _fail(self.source, f"parameters.{sorted(varied)[0]}", "a latency table is keyed by arch, encoder, "
+                        "decoder and size: fix this setting under fixed:")
+        points: list[dict] = [{}]
+        for p in (p for p in self.params if p.name in network):
+            name = p.name
+            if p.type == "float" or p.type == "log-float":
+                raise _fail(self.source, f"parameters.{name}", "a network setting drawn from a continuous range "
+                            "has no finite set of networks to measure: make it a choice or an int with a step")
+            grown = []
+            for point in points:
+                values = p.values
+                if p.given:
+                    if p.given not in point:
+                        raise _fail(self.source, f"parameters.{name}.given", "a network setting may depend on "
+                                    "another network setting only (arch, encoder, decoder, size)")
+                    values = p.values.get(point[p.given], p.values.get("default"))
+                if p.type == "int":
+                    low, high = (int(b) for b in p.bounds)
+                    values = list(range(low, high + 1, int(p.step or 1)))
+                grown += [{**point, name: v} for v in values] if values else [point]
+            points = grown
+        return points
 
     def __call__(self, trial) -> None:
         """Ray's OptunaSearch define-by-run hook (a picklable object, since Tune saves the searcher)."""

@@ -52,15 +52,18 @@ from ..scoring.scorer import (
     sweep_threshold,
     zone_fractions,
 )
-from .search_space import SearchSpace, load_space, parse_space
+from .latency_table import TRIAL_COLUMN, load_latency_table, parse_latency_table
+from .search_space import SearchSpace, load_space, parse_space, settings_of
 from .study_storage import DatabaseStorage, check_storage_url
 
 log = logging.getLogger(__name__)
 EXPERIMENT_FILE = "cxrtune.json"
 EXPERIMENT_FORMAT = "cxrtune-experiment/2"  # experiments written before it was recorded read as /1
-COST_METRIC = "gmacs"  # the second objective of --multi-objective: the network's GMACs per image
+COST_METRIC = "gmacs"  # the second objective of --multi-objective: the network's GMACs per image, unless
+# a latency table gives each network's measured int8 ms (TuneOptions.cost_metric)
 UNKNOWN_VIOLATION = 1e6  # a constraint on a metric the trial never reported (finite: storages keep JSON)
 JOURNAL_FILE = "optuna.journal"
+LATENCY_TABLE_FILE = "latency_table.csv"  # the sweep's copy of --latency-table, which its trials read
 SCHEDULERS = ("asha", "hyperband", "none")
 SAMPLERS = ("tpe", "gp", "random")
 DEFAULT_EPOCHS = 16
@@ -145,6 +148,7 @@ class TuneOptions:
     time_budget_s: float | None = None
     objective: str | None = None
     multi_objective: bool = False
+    latency_table: str = ""  # the second objective: the int8 ms measured per network in this table, not GMACs
     lung_bundle: str | None = None
     wandb_project: str | None = None
     wandb_images: bool = False  # validation overlays of the manifest's images to W&B: patient images leave the site
@@ -173,6 +177,8 @@ class TuneOptions:
              "multi-objective mode supports the dice, dice_cls and score_mae objectives"),
             (not (self.grid and (self.multi_objective or self.warm_start or space.warm_start)),
              "--grid runs every combination once: it takes no --multi-objective and no warm start"),
+            (not self.latency_table or self.multi_objective,
+             "--latency-table gives a multi-objective sweep its cost: add --multi-objective"),
             (not self.constraints or self.multi_objective,
              "--constraint shapes a multi-objective front (add --multi-objective): with one objective the best "
              "trial would be chosen whatever its constraints"),
@@ -188,6 +194,11 @@ class TuneOptions:
         if self.optuna_storage:
             check_storage_url(self.optuna_storage)
         self.trial_constraints()  # each one parses
+
+    @property
+    def cost_metric(self) -> str:
+        """The second objective's metric: ``int8_ms`` with a latency table, else ``gmacs``."""
+        return TRIAL_COLUMN if self.latency_table else COST_METRIC
 
     def trial_constraints(self) -> list[Constraint]:
         return [Constraint.parse(c) for c in self.constraints]
@@ -353,11 +364,6 @@ def validation_overlays(trainer, n: int = 3) -> str:
     return base64.b64encode(buf.tobytes()).decode("ascii") if ok else ""
 
 
-def _sampled(config: dict) -> dict:
-    """Tune's config holds Optuna's names; conditional ones look like ``encoder|Unet``."""
-    return {k.split("|", 1)[0]: v for k, v in config.items()}
-
-
 def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     """The Tune function trainable: one config, trained epoch by epoch, reported to Tune. The
     search space arrives parsed (``tune.with_parameters``), never re-read."""
@@ -367,7 +373,7 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
     o = TuneOptions(**opts)
     if space.task == "grade":
         return run_grade_trial(config, o, space)
-    sampled = space.train_config(_sampled(config))
+    sampled = space.train_config(settings_of(config))
     assert isinstance(sampled, TrainConfig)  # a segmentation space (grade spaces went above)
     epochs = o.epochs(space)
     cfg = replace(sampled, epochs=epochs, patience=epochs + 1, seed=o.seed)  # Tune's stoppers stop trials
@@ -378,6 +384,8 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
         with ckpt.as_directory() as d:
             trainer.load_state(load_training_state(str(Path(d) / "state.pt")))
     cost = model_gmacs(trainer.eval_model, cfg.size, cfg.model.in_channels) if o.multi_objective else None
+    measured = (load_latency_table(storage.join(o.experiment_uri, LATENCY_TABLE_FILE)).latency_of(cfg, "this trial")
+                if o.latency_table else None)
     clinical = None
     if space.objective == "score_mae" and o.lung_bundle:  # TuneOptions refuses score_mae without one
         clinical = ClinicalObjective(o.lung_bundle, trainer.val_ds.df, limit=cfg.max_val_images,
@@ -391,7 +399,9 @@ def run_trial(config: dict, opts: dict, space: SearchSpace) -> None:
         metrics = {k: (0.0 if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
                    if not (k in constrained and isinstance(v, float) and math.isnan(v))}
         if cost is not None:
-            metrics[COST_METRIC] = cost
+            metrics[COST_METRIC] = cost  # reported with a latency table too: a constraint may use it
+        if measured is not None:
+            metrics[TRIAL_COLUMN] = measured
         epoch = metrics["epoch"]
         if wants_overlays(o, epoch, epochs):
             metrics[OVERLAY_KEY] = validation_overlays(trainer)
@@ -410,7 +420,7 @@ def run_grade_trial(config: dict, o: TuneOptions, space: SearchSpace) -> None:
     from ray import tune
 
 
-    sampled = space.train_config(_sampled(config))
+    sampled = space.train_config(settings_of(config))
     assert isinstance(sampled, GradeConfig)  # run_trial sends grade spaces here
     cfg = replace(sampled, epochs=o.train_epochs(space), seed=o.seed)
     df = manifest.load_manifest(o.manifest, check_files=False)
@@ -681,7 +691,7 @@ def _searcher(o: TuneOptions, space: SearchSpace, warm: list[dict] | None = None
     common = {"study_name": o.name, "storage": optuna_storage(o), "points_to_evaluate": points or None,
               "epochs": o.epochs(space), "journal_to": journal, "constraints": tuple(o.trial_constraints())}
     # a define-by-run searcher does not take metric/mode from TuneConfig: it needs its own
-    metric, mode = (([space.metric, COST_METRIC], [space.mode, "min"]) if o.multi_objective
+    metric, mode = (([space.metric, o.cost_metric], [space.mode, "min"]) if o.multi_objective
                     else (space.metric, space.mode))
     return _search_class()(space, metric=metric, mode=mode, sampler=optuna_sampler(o), **common)
 
@@ -808,6 +818,9 @@ def run_tune(o: TuneOptions) -> dict:
     df = manifest.load_manifest(o.manifest)  # validated once, here, with a clear error
     o = replace(o, split_hash=split_hash(df))  # what promote checks the manifest against
     param_space = space.grid() if o.grid else None  # refuses a space without a grid before Ray starts
+    latency_table = storage.read_bytes(o.latency_table) if o.latency_table else None
+    if latency_table is not None:  # every network the space can draw is measured, or nothing starts
+        parse_latency_table(latency_table, o.latency_table).check_covers(space)
     disks = local_disks(o.storage)
     _ray_init(o, disks)  # before anything is written: a sweep that cannot start leaves no experiment behind
     scheduler = None if o.grid else _scheduler(o, space)
@@ -817,6 +830,8 @@ def run_tune(o: TuneOptions) -> dict:
     storage.ensure_bucket(o.storage)
     options = {"format": EXPERIMENT_FORMAT, **asdict(o)}
     storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(options, indent=2))
+    if latency_table is not None:  # kept with the experiment: the trials, on any node, read it from there
+        storage.write_bytes(storage.join(o.experiment_uri, LATENCY_TABLE_FILE), latency_table)
     # Ray keeps one trial pending for a custom searcher unless told otherwise: an autoscaler would
     # then grow the cluster one trial at a time. Enough pending trials to fill the cluster at its
     # largest, and no more (more would make TPE propose blind, before results come back).
@@ -942,7 +957,7 @@ def summarize(results, o: TuneOptions, space: SearchSpace, extra: dict | None = 
     if not o.multi_objective and len(df):
         best = results.get_best_result(space.metric, space.mode, scope="all")
         summary["best_metric"] = float(best.metrics_dataframe[space.metric].agg(space.mode))
-        summary["best_config"] = _sampled(best.config)
+        summary["best_config"] = settings_of(best.config)
         summary["best_trial"] = best.path
     storage.write_text(storage.join(o.experiment_uri, "summary.json"), json.dumps(summary, indent=2, default=str))
     return summary
