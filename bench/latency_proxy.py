@@ -109,12 +109,12 @@ def write_table(space, args) -> None:
     points = space.network_points()
     # the first warm start (the hand-picked network) times every block, else the space's first network
     reference = {k: v for k, v in space.warm_start[0].items() if k in KEY_COLUMNS} if space.warm_start else points[0]
-    rows, reference_ms = [], []
+    rows, reference_ms, reference_key = [], [], {}
     started = time.time()
     for start in range(0, len(points), args.block):
         block = measure(space, [reference, *points[start:start + args.block]], args.batch, args.threads, args.rounds)
         reference_ms.append(block[0]["int8_ms_per_image"])
-        reference = {k: block[0][k] for k in KEY_COLUMNS}
+        reference_key = {k: block[0][k] for k in KEY_COLUMNS}
         rows.extend(block[1:])
     table = pd.DataFrame(rows).assign(batch=args.batch, threads=args.threads)[list(TABLE_COLUMNS)]
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def write_table(space, args) -> None:
         "bench": "latency_proxy", "mode": "table", "date": time.strftime("%Y-%m-%d"), "space": args.space,
         "runtime": f"onnxruntime int8 (QDQ), batch {args.batch}, {args.threads} thread(s)", "rounds": args.rounds,
         "table": args.table, "n": len(table), "minutes": round((time.time() - started) / 60, 2),
-        "reference": reference, "reference_ms": reference_ms,
+        "reference": reference_key, "reference_ms": reference_ms,
         "int8_ms_range": [float(table["int8_ms_per_image"].min()), float(table["int8_ms_per_image"].max())],
     }, indent=2))
 
