@@ -225,15 +225,15 @@ def retrain_settings(hand: dict, encoder: str) -> list[str]:
 def promote(args, hand: dict, swept: dict, out: Path) -> dict:
     import pandas as pd
 
-    from cxrtune.search.report import PickRule, front_cost, pareto_front
+    from cxrtune.search.report import PickRule, front_cost
     from cxrtune.search.tuning import load_options
 
     table_flags = ["--latency-table", args.latency_table] if args.latency_table else []
     report = out / "report"
     run("report", swept["experiment"], "--out", str(report), *table_flags)
     cost = front_cost(load_options(swept["experiment"]), args.latency_table)
-    # trial ids as written (an all-digit or "1e..." id would otherwise read as a number)
-    front = pareto_front(pd.read_csv(report / "trials.csv", dtype={"trial_id": str}), "val_score_mae", "min", cost)
+    # the front the report drew; trial ids as written (an all-digit or "1e..." id would otherwise read as a number)
+    front = pd.read_csv(report / "pareto.csv", dtype={"trial_id": str})
     points = {}
     for name, rule in (("fast", args.fast_rule), ("accurate", args.accurate_rule)):
         row = PickRule.parse(rule).pick(front, "val_score_mae", "min", cost)

@@ -46,13 +46,17 @@ class LatencyTable:
         """Each trial's measured latency, its network read from its parameters (``param:NAME``
         columns) over the space's fixed settings. A trial whose network the table does not hold is
         an error that names it: a table measured over another space."""
-        out = []
-        for _, row in trials.iterrows():
-            cfg = space.train_config(settings_of(row, "param:"))
-            if not isinstance(cfg, TrainConfig):
-                raise CxrtuneError("a grading sweep trains no segmentation network: a latency table has nothing to key")
-            out.append(self.latency_of(cfg, f"trial {row.get('trial_id')}"))
+        out = [self.latency_at(space, settings_of(row, "param:"), f"trial {row.get('trial_id')}")
+               for _, row in trials.iterrows()]
         return pd.Series(out, index=trials.index, name=TRIAL_COLUMN, dtype=float)
+
+    def latency_at(self, space: SearchSpace, point: dict, what: str) -> float:
+        """The measured latency of the network ``point`` draws from ``space`` (its fixed settings
+        under the point's)."""
+        cfg = space.train_config(point)
+        if not isinstance(cfg, TrainConfig):
+            raise CxrtuneError("a grading sweep trains no segmentation network: a latency table has nothing to key")
+        return self.latency_of(cfg, what)
 
     def latency_of(self, cfg: TrainConfig, what: str) -> float:
         """The measured latency of ``cfg``'s network; an error naming ``what`` when the table lacks it."""
@@ -65,9 +69,7 @@ class LatencyTable:
     def check_covers(self, space: SearchSpace) -> None:
         """Refuse, before a sweep starts, a table that lacks a network the space can draw."""
         for point in space.network_points():
-            cfg = space.train_config(point)
-            if isinstance(cfg, TrainConfig):
-                self.latency_of(cfg, f"a network of {space.source or 'the space'}")
+            self.latency_at(space, point, f"a network of {space.source or 'the space'}")
 
 
 def network_key(cfg: TrainConfig, what: str) -> Key:

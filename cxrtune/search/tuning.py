@@ -830,7 +830,7 @@ def run_tune(o: TuneOptions) -> dict:
     storage.ensure_bucket(o.storage)
     options = {"format": EXPERIMENT_FORMAT, **asdict(o)}
     storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(options, indent=2))
-    if latency_table is not None:  # kept with the experiment: the trials, on any node, read it from there
+    if latency_table is not None:  # kept with the experiment: the trials read it wherever its storage reaches
         storage.write_bytes(storage.join(o.experiment_uri, LATENCY_TABLE_FILE), latency_table)
     # Ray keeps one trial pending for a custom searcher unless told otherwise: an autoscaler would
     # then grow the cluster one trial at a time. Enough pending trials to fill the cluster at its
