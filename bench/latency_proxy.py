@@ -2,6 +2,7 @@
 
     python bench/latency_proxy.py [--space search_spaces/disease_cpu.yaml] [--configs 12] [--threads 1]
     python bench/latency_proxy.py --table search_spaces/disease_cpu.int8_ms.csv
+    python bench/latency_proxy.py --table search_spaces/disease_cpu.int8_ms.csv --sizes 96 --append
 
 A Stage II trial reports ``gmacs``: its network's multiply-accumulates per image at its input size
 (:func:`cxrtune.model.models.model_gmacs`), exact and free of the noise of timing a network while
@@ -24,7 +25,10 @@ writes them as the latency table that ``cxrtune report --latency-table`` and ``p
 measured once. The configurations are timed in blocks of ``--block``, interleaved within a block,
 each block also timing the space's first warm-start configuration (the hand-picked network) so
 that a drift between blocks shows in ``reference_ms``. The table's ``batch`` and ``threads``
-columns say how it was measured.
+columns say how it was measured. ``--sizes`` measures the space's networks at other input sizes
+(``bench/sweep.py --cpu --multi-objective`` trains at 96-128 px, below the space's 128-256), and
+``--append`` adds the rows to an existing table measured at the same batch and threads (a network
+already there is measured again and replaced).
 """
 
 from __future__ import annotations
@@ -50,9 +54,7 @@ def draw_configs(space, n: int, seed: int) -> list[dict]:
         p = by_name[name]
         return list(p.values.get(arch, p.values.get("default")) if p.given else p.values)
 
-    low, high = (int(b) for b in by_name["size"].bounds)
-    step = int(by_name["size"].step or 32)
-    sizes = list(range(low, high + 1, step))
+    sizes = sorted({point["size"] for point in space.network_points()})
     pairs = [(a, e) for a in by_name["arch"].values for e in choices("encoder", a)]
     rng.shuffle(pairs)
     out = []
@@ -100,15 +102,13 @@ def measure(space, points: list[dict], batch: int, threads: int, rounds: int) ->
     return rows
 
 
-def write_table(space, args) -> None:
-    """Every configuration of the space, in blocks with the hand-picked network as a reference."""
+def write_table(space, reference: dict, args) -> None:
+    """Every configuration of the space, in blocks with ``reference`` (a network point) timed in each."""
     import pandas as pd
 
     from cxrtune.search.latency_table import KEY_COLUMNS, TABLE_COLUMNS
 
     points = space.network_points()
-    # the first warm start (the hand-picked network) times every block, else the space's first network
-    reference = {k: v for k, v in space.warm_start[0].items() if k in KEY_COLUMNS} if space.warm_start else points[0]
     rows, reference_ms, reference_key = [], [], {}
     started = time.time()
     for start in range(0, len(points), args.block):
@@ -117,12 +117,19 @@ def write_table(space, args) -> None:
         reference_key = {k: block[0][k] for k in KEY_COLUMNS}
         rows.extend(block[1:])
     table = pd.DataFrame(rows).assign(batch=args.batch, threads=args.threads)[list(TABLE_COLUMNS)]
+    measured = len(table)
+    if args.append and Path(args.table).exists():
+        old = pd.read_csv(args.table)
+        if set(zip(old["batch"], old["threads"])) != {(args.batch, args.threads)}:
+            sys.exit(f"{args.table} was measured at another batch size or thread count: write a new table")
+        replaced = old.set_index(list(KEY_COLUMNS)).index.isin(table.set_index(list(KEY_COLUMNS)).index)
+        table = pd.concat([old[~replaced], table], ignore_index=True)
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.table, index=False)
     print(json.dumps({
         "bench": "latency_proxy", "mode": "table", "date": time.strftime("%Y-%m-%d"), "space": args.space,
         "runtime": f"onnxruntime int8 (QDQ), batch {args.batch}, {args.threads} thread(s)", "rounds": args.rounds,
-        "table": args.table, "n": len(table), "minutes": round((time.time() - started) / 60, 2),
+        "table": args.table, "measured": measured, "n": len(table), "minutes": round((time.time() - started) / 60, 2),
         "reference": reference_key, "reference_ms": reference_ms,
         "int8_ms_range": [float(table["int8_ms_per_image"].min()), float(table["int8_ms_per_image"].max())],
     }, indent=2))
@@ -138,17 +145,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", help="measure every configuration of the space and write this latency table (CSV)")
     ap.add_argument("--block", type=int, default=40, help="--table: configurations interleaved at once")
+    ap.add_argument("--sizes", type=int, nargs="+", help="measure at these input sizes instead of the space's")
+    ap.add_argument("--append", action="store_true", help="--table: add the rows to the table's existing ones")
     args = ap.parse_args()
 
     import torch
     from scipy.stats import pearsonr, spearmanr
 
-    from cxrtune.search.search_space import load_space
+    from cxrtune.search.search_space import load_space, parse_space
 
     torch.manual_seed(args.seed)
     space = load_space(args.space)
+    # the first warm start (the hand-picked network, at its own size) times every block of a table,
+    # else the space's first network
+    reference = ({k: v for k, v in space.warm_start[0].items() if k in ("arch", "encoder", "decoder", "size")}
+                 if space.warm_start else space.network_points()[0])
+    if args.sizes:
+        data = {**space.to_dict(), "warm_start": []}
+        data["parameters"]["size"] = {"type": "choice", "values": args.sizes}
+        space = parse_space(data, f"{args.space} at {'/'.join(map(str, args.sizes))} px")
     if args.table:
-        write_table(space, args)
+        write_table(space, reference, args)
         return
     rows = measure(space, draw_configs(space, args.configs, args.seed), args.batch, args.threads, args.rounds)
     gmacs = [r["gmacs"] for r in rows]

@@ -29,22 +29,25 @@ sampling with the same cuts and warm start) and reports each method's speed-up o
 its median and spread over seeds (issue 23, item 7: run with ``--seeds 0 1 2 3 4``).
 
 ``--cpu --multi-objective`` (issue 23, item 7): Stage II with two objectives, score MAE (each trial
-at its own operating point through ``--lung-bundle``, the CPU accuracy bench's Stage I) and GMACs,
-constraint FP rate on Normal <= ``--fp-limit``, on 600 rows of COVID-QU-Ex's training part (20 %
-validating), ``search_spaces/disease_cpu.yaml`` at 96-128 px and 4 epochs, 16 trials two at a time
-in 25 minutes (``--num-samples 24 --budget-minutes 40``: the 24-trial budget): TPE + ASHA (rungs at
-2 and 4 epochs, with the space's warm start) against random search without stopping, per seed
-(``--seeds``); ``--searches gp_asha`` (or ``tpe_asha gp_asha``) compares Optuna's Gaussian-process
-sampler (``--sampler gp``) with the same warm start and cuts, and ``--searches tpe_encoder_starts``
-TPE without ASHA whose start-up trials are the warm start and one partial start per other encoder
-(so that the cheap encoders are tried before TPE models), and ``--searches tpe_half_startup`` TPE
-without ASHA whose random start-up is half the trials (``tpe_half_startup_beats_constant``: also
-constrained to beat the constant score's MAE). Judged by the hypervolume of the feasible, complete
-trials in (score MAE, GMACs) against wall time. Reference point: the MAE of the best constant score
-on the same validation rows (a trial adds volume only by beating it) and 1.05 x the costliest
-feasible trial of the comparison. Target, per search: its final hypervolume >= random's in every
-seed, or its time to random's final hypervolume <= 0.5 x random's; a seed where neither method has a
-feasible trial better than the constant is not comparable and fails the target.
+at its own operating point through ``--lung-bundle``, the CPU accuracy bench's Stage I) and served
+cost: the network's int8 ms per image in ``--latency-table`` (the shipped table, which holds the
+space's networks at 96 px too: ``bench/latency_proxy.py --sizes 96 --append``), or its GMACs with
+``--latency-table ''`` (the runs before 2026-12-07), constraint FP rate on Normal <= ``--fp-limit``,
+on 600 rows of COVID-QU-Ex's training part (20 % validating), ``search_spaces/disease_cpu.yaml`` at
+96-128 px and 4 epochs, 16 trials two at a time in 25 minutes (``--num-samples 24 --budget-minutes
+40``: the 24-trial budget): TPE + ASHA (rungs at 2 and 4 epochs, with the space's warm start)
+against random search without stopping, per seed (``--seeds``); ``--searches gp_asha`` (or
+``tpe_asha gp_asha``) compares Optuna's Gaussian-process sampler (``--sampler gp``) with the same
+warm start and cuts, and ``--searches tpe_encoder_starts`` TPE without ASHA whose start-up trials
+are the warm start and one partial start per other encoder (so that the cheap encoders are tried
+before TPE models), and ``--searches tpe_half_startup`` TPE without ASHA whose random start-up is
+half the trials (``tpe_half_startup_beats_constant``: also constrained to beat the constant score's
+MAE). Judged by the hypervolume of the feasible, complete trials in (score MAE, cost) against wall
+time. Reference point: the MAE of the best constant score on the same validation rows (a trial adds
+volume only by beating it) and 1.05 x the costliest feasible trial of the comparison. Target, per
+search: its final hypervolume >= random's in every seed, or its time to random's final hypervolume
+<= 0.5 x random's; a seed where neither method has a feasible trial better than the constant is not
+comparable and fails the target.
 
 Why these settings (first run at size, 2026-12-04, docs/BENCHMARKS.md): with the clinical limit
 (FP rate 0.10) every trained 4-epoch trial was infeasible (0.40-0.80 at its maximum-F1 T_cls) and
@@ -309,17 +312,21 @@ MO_COST_REF = 1.05  # the hypervolume's reference cost: 5 % above the costliest 
 MO_GRACE = 2  # ASHA's first rung: after 1 epoch nearly every Stage II still scores all zeros
 
 
-def hypervolume_curve(exp: Path, start: float, constraint: float) -> list[dict]:
-    """Hypervolume of the feasible, complete trials (FP rate on Normal <= ``constraint``, trained to
-    the last epoch) in (score MAE, GMACs) against wall time: one point per trial as it completes.
-    Read from each trial's own result file; the reference point is set by :func:`mo_summary`."""
+def hypervolume_curve(exp: Path, start: float, constraint: float, cost: str) -> list[dict]:
+    """The feasible, complete trials (FP rate on Normal <= ``constraint``, trained to the last
+    epoch) as (score MAE, ``cost``) points in the order they completed, with the wall time of each:
+    what the hypervolume curve of :func:`run_cpu_mo` grows from. Read from each trial's own result
+    file; a run whose trials did not report ``cost`` (a GMACs sweep read over a latency table) is
+    an error that says so."""
     events = []
     for f in exp.glob("*/result.json"):
         rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         last = rows[-1] if rows else {}
         if last.get("training_iteration") == MO_EPOCHS and last.get("val_fp_rate_normal", 1) <= constraint:
-            events.append((last["timestamp"] - start, last["val_score_mae"], last["gmacs"]))
-    return [{"elapsed_s": round(t, 1), "mae": m, "gmacs": g} for t, m, g in sorted(events)]
+            if cost not in last:
+                sys.exit(f"{f}: its trial reported no {cost} (a run with another cost: see --latency-table)")
+            events.append((last["timestamp"] - start, last["val_score_mae"], last[cost]))
+    return [{"elapsed_s": round(t, 1), "mae": m, "cost": c} for t, m, c in sorted(events)]
 
 
 def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
@@ -382,8 +389,9 @@ def run_cpu_mo(args) -> None:
     from cxrtune.data.importers import run_import
     from cxrtune.data.splits import assign_splits
     from cxrtune.jsonsafe import json_safe
+    from cxrtune.search.latency_table import TRIAL_COLUMN
     from cxrtune.search.search_space import load_space
-    from cxrtune.search.tuning import TuneOptions, run_tune
+    from cxrtune.search.tuning import COST_METRIC, TuneOptions, run_tune
 
     methods = {m: MO_METHODS[m] for m in (*args.searches, "random_no_stopping")}
     if set(args.run_only or ()) - set(methods):
@@ -399,10 +407,11 @@ def run_cpu_mo(args) -> None:
     manifest.save_manifest(df, str(out / "mo.parquet"))
     space = load_space(str(ROOT / "search_spaces" / "disease_cpu.yaml")).to_dict()
     space["fixed"].update(epochs=MO_EPOCHS, tuning_subset=False, batch_size=16)
-    space["parameters"]["size"] = {"type": "int", "low": 64 if args.quick else 96, "high": 128, "step": 32}
+    space["parameters"]["size"] = {"type": "int", "low": 96, "high": 128, "step": 32}
     space["warm_start"] = [{**w, "size": 128} for w in space.get("warm_start", [])]
     budget = args.budget_minutes * 60
     constraint = 1.0 if args.quick else args.fp_limit
+    cost = TRIAL_COLUMN if args.latency_table else COST_METRIC  # what TuneOptions.cost_metric will be
     baseline = constant_score_mae(df[df["split"] == "val"])
     warm_encoders = {w.get("encoder") for w in space.get("warm_start", [])}
     # tpe_encoder_starts: one partial start per encoder the warm start does not use
@@ -421,6 +430,7 @@ def run_cpu_mo(args) -> None:
                                    scheduler=m["scheduler"], grace=MO_GRACE, reduction_factor=2, max_epochs=MO_EPOCHS,
                                    cpus_per_trial=1, num_cpus=2, max_concurrent=2, time_budget_s=budget,
                                    sampler=m["sampler"], seed=seed, multi_objective=True, lung_bundle=args.lung_bundle,
+                                   latency_table=args.latency_table,
                                    startup_trials=max(1, args.num_samples // 2) if m.get("half_startup") else None,
                                    reference="masks", constraints=[f"val_fp_rate_normal<={constraint}", *(
                                        [f"val_score_mae<={baseline['mae']}"] if m.get("beats_constant") else [])])
@@ -429,15 +439,15 @@ def run_cpu_mo(args) -> None:
             recorded = json.loads((exp / "cxrtune.json").read_text())
             run_with = {k: recorded.get(k) for k in ("constraints", "sampler", "scheduler", "grace", "startup_trials")}
             runs[label].append({"seed": seed, "run_with": {**run_with, "extra_warm_start": recorded.get("warm_start", [])},
-                                "front_events": hypervolume_curve(exp, recorded["created"], constraint)})
-    costs = [e["gmacs"] for rs in runs.values() for r in rs for e in r["front_events"]]
+                                "front_events": hypervolume_curve(exp, recorded["created"], constraint, cost)})
+    costs = [e["cost"] for rs in runs.values() for r in rs for e in r["front_events"]]
     ref = (baseline["mae"], MO_COST_REF * max(costs)) if costs else (baseline["mae"], 1.0)
     for rs in runs.values():
         for r in rs:
             seen: list = []
             r["hypervolume_curve"] = []
             for e in r["front_events"]:
-                seen.append((e["mae"], e["gmacs"]))
+                seen.append((e["mae"], e["cost"]))
                 r["hypervolume_curve"].append({"elapsed_s": e["elapsed_s"], "hv": round(hypervolume(seen, ref), 5)})
             r["final_hypervolume"] = r["hypervolume_curve"][-1]["hv"] if seen else 0.0
     def time_to(run: dict, hv: float) -> float | None:
@@ -461,12 +471,12 @@ def run_cpu_mo(args) -> None:
         p[label]["time_ratio"] is not None and p[label]["time_ratio"] <= 0.5)) for p in per_seed)
         for label in args.searches}
     summary = {"benchmark": "sweep", "mode": "cpu-multi-objective", "device": f"cpu ({os.cpu_count()} cores)",
-               "stage": "disease", "objectives": ["val_score_mae", "gmacs"],
+               "stage": "disease", "objectives": ["val_score_mae", cost], "latency_table": args.latency_table,
                "constraint": f"val_fp_rate_normal<={constraint}", "lung_bundle": args.lung_bundle,
                "rows": {"train": int((df["split"] == "train").sum()), "val": int((df["split"] == "val").sum())},
                "budget_minutes": args.budget_minutes, "trials": args.num_samples, "epochs": MO_EPOCHS,
                "constant_baseline": baseline,
-               "hypervolume_reference": {"score_mae": ref[0], "gmacs": round(ref[1], 4)},
+               "hypervolume_reference": {"score_mae": ref[0], cost: round(ref[1], 4)},
                "runs": runs, "per_seed": per_seed,
                "methods": methods,
                "targets_met": {f"{label}: hypervolume >= random's, or its time to random's final <= 0.5x, each seed": ok
@@ -504,6 +514,8 @@ def main() -> None:
                     default=["tpe_asha"], help="--multi-objective: the searches each compared with random search")
     ap.add_argument("--fp-limit", type=float, default=0.5,
                     help="--multi-objective: the constraint on the FP rate on Normal (see above)")
+    ap.add_argument("--latency-table", default=str(ROOT / "search_spaces" / "disease_cpu.int8_ms.csv"),
+                    help="--multi-objective: the cost is int8 ms from this table ('': GMACs)")
     ap.add_argument("--lung-bundle", default="/tmp/cxrtune-accuracy-cpu/bundle-calibrated",
                     help="--multi-objective: the fixed Stage I (bench/accuracy.py --cpu's bundle)")
     args = ap.parse_args()
