@@ -106,8 +106,14 @@ def write_table(space, reference: dict, args) -> None:
     """Every configuration of the space, in blocks with ``reference`` (a network point) timed in each."""
     import pandas as pd
 
-    from cxrtune.search.latency_table import KEY_COLUMNS, TABLE_COLUMNS
+    from cxrtune.search.latency_table import KEY_COLUMNS, TABLE_COLUMNS, load_latency_table
 
+    appended = args.append and Path(args.table).exists()
+    if appended:  # checked whole, as a sweep will read it, before minutes of measuring
+        existing = load_latency_table(args.table)
+        if (existing.batch, existing.threads) != (args.batch, args.threads):
+            sys.exit(f"{args.table} was measured at batch {existing.batch}, {existing.threads} thread(s): "
+                     "write a new table")
     points = space.network_points()
     rows, reference_ms, reference_key = [], [], {}
     started = time.time()
@@ -118,16 +124,15 @@ def write_table(space, reference: dict, args) -> None:
         rows.extend(block[1:])
     table = pd.DataFrame(rows).assign(batch=args.batch, threads=args.threads)[list(TABLE_COLUMNS)]
     measured = len(table)
-    if args.append and Path(args.table).exists():
+    if appended:
         old = pd.read_csv(args.table)
-        if set(zip(old["batch"], old["threads"])) != {(args.batch, args.threads)}:
-            sys.exit(f"{args.table} was measured at another batch size or thread count: write a new table")
         replaced = old.set_index(list(KEY_COLUMNS)).index.isin(table.set_index(list(KEY_COLUMNS)).index)
         table = pd.concat([old[~replaced], table], ignore_index=True)
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.table, index=False)
     print(json.dumps({
         "bench": "latency_proxy", "mode": "table", "date": time.strftime("%Y-%m-%d"), "space": args.space,
+        "sizes": args.sizes or "the space's", "appended": appended,
         "runtime": f"onnxruntime int8 (QDQ), batch {args.batch}, {args.threads} thread(s)", "rounds": args.rounds,
         "table": args.table, "measured": measured, "n": len(table), "minutes": round((time.time() - started) / 60, 2),
         "reference": reference_key, "reference_ms": reference_ms,
@@ -148,22 +153,25 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", help="measure at these input sizes instead of the space's")
     ap.add_argument("--append", action="store_true", help="--table: add the rows to the table's existing ones")
     args = ap.parse_args()
+    if args.append and not args.table:
+        ap.error("--append adds to a --table")
+    if args.table and args.sizes and Path(args.table).exists() and not args.append:
+        ap.error(f"{args.table} exists: --sizes adds rows to it with --append (or write a new table)")
 
     import torch
     from scipy.stats import pearsonr, spearmanr
 
-    from cxrtune.search.search_space import load_space, parse_space
+    from cxrtune.search.latency_table import KEY_COLUMNS
+    from cxrtune.search.search_space import load_space
 
     torch.manual_seed(args.seed)
     space = load_space(args.space)
     # the first warm start (the hand-picked network, at its own size) times every block of a table,
     # else the space's first network
-    reference = ({k: v for k, v in space.warm_start[0].items() if k in ("arch", "encoder", "decoder", "size")}
+    reference = ({k: v for k, v in space.warm_start[0].items() if k in KEY_COLUMNS}
                  if space.warm_start else space.network_points()[0])
     if args.sizes:
-        data = {**space.to_dict(), "warm_start": []}
-        data["parameters"]["size"] = {"type": "choice", "values": args.sizes}
-        space = parse_space(data, f"{args.space} at {'/'.join(map(str, args.sizes))} px")
+        space = space.at_sizes(args.sizes)
     if args.table:
         write_table(space, reference, args)
         return

@@ -47,7 +47,9 @@ time. Reference point: the MAE of the best constant score on the same validation
 volume only by beating it) and 1.05 x the costliest feasible trial of the comparison. Target, per
 search: its final hypervolume >= random's in every seed, or its time to random's final hypervolume
 <= 0.5 x random's; a seed where neither method has a feasible trial better than the constant is not
-comparable and fails the target.
+comparable and fails the target. Volumes over int8 ms cannot be set beside the GMACs ones of the runs
+before 2026-12-07 (reanalyse those with ``--latency-table ''``; a run swept over the other cost is
+refused).
 
 Why these settings (first run at size, 2026-12-04, docs/BENCHMARKS.md): with the clinical limit
 (FP rate 0.10) every trained 4-epoch trial was infeasible (0.40-0.80 at its maximum-F1 T_cls) and
@@ -388,15 +390,27 @@ def run_cpu_mo(args) -> None:
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
     from cxrtune.data.splits import assign_splits
+    from cxrtune.errors import CxrtuneError
     from cxrtune.jsonsafe import json_safe
-    from cxrtune.search.latency_table import TRIAL_COLUMN
-    from cxrtune.search.search_space import load_space
+    from cxrtune.search.latency_table import TRIAL_COLUMN, load_latency_table
+    from cxrtune.search.search_space import load_space, parse_space
     from cxrtune.search.tuning import COST_METRIC, TuneOptions, run_tune
 
     methods = {m: MO_METHODS[m] for m in (*args.searches, "random_no_stopping")}
     if set(args.run_only or ()) - set(methods):
         sys.exit(f"--run-only {' '.join(args.run_only)}: not among the compared methods {', '.join(methods)} "
                  "(add the search to --searches)")
+    space = load_space(str(ROOT / "search_spaces" / "disease_cpu.yaml")).to_dict()
+    space["fixed"].update(epochs=MO_EPOCHS, tuning_subset=False, batch_size=16)
+    space["parameters"]["size"] = {"type": "int", "low": 64 if args.quick and not args.latency_table else 96,
+                                   "high": 128, "step": 32}
+    space["warm_start"] = [{**w, "size": 128} for w in space.get("warm_start", [])]
+    if args.latency_table and not args.reanalyse:  # before any earlier run is replaced
+        try:
+            load_latency_table(args.latency_table).check_covers(parse_space(space, "the comparison's space"))
+        except CxrtuneError as exc:
+            sys.exit(f"{exc} (a space's networks at other sizes: bench/latency_proxy.py --table "
+                     f"{args.latency_table} --sizes S ... --append)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run_import("covid-qu-ex", str(Path(args.data) / "covid-qu-ex"), str(out / "cqe.parquet"), progress=False)
@@ -405,10 +419,6 @@ def run_cpu_mo(args) -> None:
     rows = 48 if args.quick else 600
     df = assign_splits(df.groupby("label").sample(frac=rows / len(df), random_state=0), val=0.2, test=0.0, seed=0)
     manifest.save_manifest(df, str(out / "mo.parquet"))
-    space = load_space(str(ROOT / "search_spaces" / "disease_cpu.yaml")).to_dict()
-    space["fixed"].update(epochs=MO_EPOCHS, tuning_subset=False, batch_size=16)
-    space["parameters"]["size"] = {"type": "int", "low": 96, "high": 128, "step": 32}
-    space["warm_start"] = [{**w, "size": 128} for w in space.get("warm_start", [])]
     budget = args.budget_minutes * 60
     constraint = 1.0 if args.quick else args.fp_limit
     cost = TRIAL_COLUMN if args.latency_table else COST_METRIC  # what TuneOptions.cost_metric will be
@@ -437,7 +447,11 @@ def run_cpu_mo(args) -> None:
                 run_tune(opts)
                 ray.shutdown()
             recorded = json.loads((exp / "cxrtune.json").read_text())
-            run_with = {k: recorded.get(k) for k in ("constraints", "sampler", "scheduler", "grace", "startup_trials")}
+            if (TRIAL_COLUMN if recorded.get("latency_table") else COST_METRIC) != cost:
+                sys.exit(f"{exp} swept over {recorded.get('latency_table') or 'GMACs'}, not this comparison's "
+                         f"{cost}: set --latency-table as its runs were")
+            run_with = {k: recorded.get(k) for k in ("constraints", "sampler", "scheduler", "grace", "startup_trials",
+                                                     "latency_table")}
             runs[label].append({"seed": seed, "run_with": {**run_with, "extra_warm_start": recorded.get("warm_start", [])},
                                 "front_events": hypervolume_curve(exp, recorded["created"], constraint, cost)})
     costs = [e["cost"] for rs in runs.values() for r in rs for e in r["front_events"]]
@@ -514,12 +528,14 @@ def main() -> None:
                     default=["tpe_asha"], help="--multi-objective: the searches each compared with random search")
     ap.add_argument("--fp-limit", type=float, default=0.5,
                     help="--multi-objective: the constraint on the FP rate on Normal (see above)")
-    ap.add_argument("--latency-table", default=str(ROOT / "search_spaces" / "disease_cpu.int8_ms.csv"),
-                    help="--multi-objective: the cost is int8 ms from this table ('': GMACs)")
+    ap.add_argument("--latency-table", help="--multi-objective: the cost is int8 ms from this table ('': GMACs; "
+                    "default: search_spaces/disease_cpu.int8_ms.csv, --quick: GMACs)")
     ap.add_argument("--lung-bundle", default="/tmp/cxrtune-accuracy-cpu/bundle-calibrated",
                     help="--multi-objective: the fixed Stage I (bench/accuracy.py --cpu's bundle)")
     args = ap.parse_args()
     if args.cpu and args.multi_objective:
+        if args.latency_table is None:
+            args.latency_table = "" if args.quick else str(ROOT / "search_spaces" / "disease_cpu.int8_ms.csv")
         args.budget_minutes = args.budget_minutes or (3 if args.quick else 25)
         args.num_samples = 3 if args.quick else args.num_samples or 16
         return run_cpu_mo(args)

@@ -206,6 +206,14 @@ class SearchSpace:
                             "give this one a value under fixed: or make it a choice")
         return {p.name: tune.grid_search(list(p.values)) for p in self.params}
 
+    def at_sizes(self, sizes: list[int]) -> SearchSpace:
+        """The same space drawing its input size from ``sizes``: its networks at other sizes, for a
+        latency table (``bench/latency_proxy.py --sizes``) or a check that one covers a bench's
+        sizes. Its warm starts are left out: their sizes need not be among ``sizes``."""
+        data = {**self.to_dict(), "warm_start": []}
+        data["parameters"]["size"] = {"type": "choice", "values": list(sizes)}
+        return parse_space(data, f"{self.source or 'the space'} at {'/'.join(map(str, sizes))} px")
+
     def to_dict(self) -> dict:
         params = {}
         for p in self.params:
