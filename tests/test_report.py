@@ -141,7 +141,9 @@ def test_the_front_cost_follows_the_sweep_and_a_table_given():
 
 def test_the_shipped_latency_table_covers_the_shipped_cpu_space():
     """search_spaces/disease_cpu.int8_ms.csv holds every network disease_cpu.yaml can draw (a sweep
-    with it would otherwise refuse to start), measured at the CPU Serve config's batch and threads."""
+    with it would otherwise refuse to start), and the same networks at 96 px, which the sampler
+    comparison (bench/sweep.py --cpu --multi-objective, 96-128 px) draws too; all measured at the
+    CPU Serve config's batch and threads."""
     from pathlib import Path
 
     import yaml
@@ -153,7 +155,8 @@ def test_the_shipped_latency_table_covers_the_shipped_cpu_space():
     space = load_space(str(root / "search_spaces" / "disease_cpu.yaml"))
     table = load_latency_table(str(root / "search_spaces" / "disease_cpu.int8_ms.csv"))
     table.check_covers(space)
-    assert len(space.network_points()) == len(table.ms) == 200
+    table.check_covers(space.at_sizes([96, 128]))
+    assert len(space.network_points()) == 200 and len(table.ms) == 240
     served = yaml.safe_load((root / "serve" / "config.cpu.yaml").read_text())
     assert (table.batch, table.threads) == (served["applications"][0]["args"]["max_batch_size"], 1)
 
