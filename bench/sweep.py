@@ -394,7 +394,7 @@ def run_cpu_mo(args) -> None:
     from cxrtune.jsonsafe import json_safe
     from cxrtune.search.latency_table import TRIAL_COLUMN, load_latency_table
     from cxrtune.search.search_space import load_space, parse_space
-    from cxrtune.search.tuning import COST_METRIC, TuneOptions, run_tune
+    from cxrtune.search.tuning import COST_METRIC, TuneOptions, load_options, run_tune
 
     methods = {m: MO_METHODS[m] for m in (*args.searches, "random_no_stopping")}
     if set(args.run_only or ()) - set(methods):
@@ -446,14 +446,14 @@ def run_cpu_mo(args) -> None:
                                        [f"val_score_mae<={baseline['mae']}"] if m.get("beats_constant") else [])])
                 run_tune(opts)
                 ray.shutdown()
-            recorded = json.loads((exp / "cxrtune.json").read_text())
-            if (TRIAL_COLUMN if recorded.get("latency_table") else COST_METRIC) != cost:
-                sys.exit(f"{exp} swept over {recorded.get('latency_table') or 'GMACs'}, not this comparison's "
+            recorded = load_options(str(exp))
+            if recorded.cost_metric != cost:
+                sys.exit(f"{exp} swept over {recorded.latency_table or 'GMACs'}, not this comparison's "
                          f"{cost}: set --latency-table as its runs were")
-            run_with = {k: recorded.get(k) for k in ("constraints", "sampler", "scheduler", "grace", "startup_trials",
-                                                     "latency_table")}
-            runs[label].append({"seed": seed, "run_with": {**run_with, "extra_warm_start": recorded.get("warm_start", [])},
-                                "front_events": hypervolume_curve(exp, recorded["created"], constraint, cost)})
+            run_with = {k: getattr(recorded, k) for k in ("constraints", "sampler", "scheduler", "grace",
+                                                          "startup_trials", "latency_table")}
+            runs[label].append({"seed": seed, "run_with": {**run_with, "extra_warm_start": recorded.warm_start},
+                                "front_events": hypervolume_curve(exp, recorded.created, constraint, cost)})
     costs = [e["cost"] for rs in runs.values() for r in rs for e in r["front_events"]]
     ref = (baseline["mae"], MO_COST_REF * max(costs)) if costs else (baseline["mae"], 1.0)
     for rs in runs.values():
