@@ -392,9 +392,9 @@ def run_cpu_mo(args) -> None:
     from cxrtune.data.splits import assign_splits
     from cxrtune.errors import CxrtuneError
     from cxrtune.jsonsafe import json_safe
-    from cxrtune.search.latency_table import TRIAL_COLUMN, load_latency_table
+    from cxrtune.search.latency_table import load_latency_table
     from cxrtune.search.search_space import load_space, parse_space
-    from cxrtune.search.tuning import COST_METRIC, TuneOptions, load_options, run_tune
+    from cxrtune.search.tuning import TuneOptions, cost_metric_for, load_options, run_tune
 
     methods = {m: MO_METHODS[m] for m in (*args.searches, "random_no_stopping")}
     if set(args.run_only or ()) - set(methods):
@@ -421,7 +421,7 @@ def run_cpu_mo(args) -> None:
     manifest.save_manifest(df, str(out / "mo.parquet"))
     budget = args.budget_minutes * 60
     constraint = 1.0 if args.quick else args.fp_limit
-    cost = TRIAL_COLUMN if args.latency_table else COST_METRIC  # what TuneOptions.cost_metric will be
+    cost = cost_metric_for(args.latency_table)  # what each run's TuneOptions.cost_metric will be
     baseline = constant_score_mae(df[df["split"] == "val"])
     warm_encoders = {w.get("encoder") for w in space.get("warm_start", [])}
     # tpe_encoder_starts: one partial start per encoder the warm start does not use

@@ -39,7 +39,7 @@ from ..model.train import TrainConfig, train
 from ..plots import figure_png, pyplot
 from .latency_table import TRIAL_COLUMN, LatencyTable, load_latency_table
 from .search_space import settings_of
-from .tuning import COST_METRIC, LATENCY_TABLE_FILE, TuneOptions, load_options, split_condition
+from .tuning import COST_METRIC, LATENCY_TABLE_FILE, TuneOptions, cost_metric_for, load_options, split_condition
 
 IMPORTANCE_FLOOR = 0.05
 AT_BEST = {"grade": ("val_weighted_f1", "val_accuracy")}  # also read at the best epoch, per task
@@ -328,7 +328,7 @@ def front_cost(o: TuneOptions, latency_table: str | None = None) -> str:
     if latency_table and not o.multi_objective:
         raise CxrtuneError("--latency-table redraws a multi-objective front over measured latency; this sweep has "
                            "one objective")
-    return TRIAL_COLUMN if latency_table else o.cost_metric
+    return cost_metric_for(latency_table or o.latency_table)
 
 
 def _front_figure(table: pd.DataFrame, front: pd.DataFrame, metric: str, o: TuneOptions, cost: str) -> bytes:

@@ -86,6 +86,12 @@ EMBEDDED_SPACE = {
 }
 
 
+def cost_metric_for(latency_table: str | None) -> str:
+    """The second objective's metric: ``int8_ms`` with a latency table, else ``gmacs``. The one
+    rule, for a sweep's options and for a script that has none yet."""
+    return TRIAL_COLUMN if latency_table else COST_METRIC
+
+
 def split_condition(text: str, what: str) -> tuple[str, str, str]:
     """``NAME<=VALUE`` or ``NAME>=VALUE`` as (name, op, value text): the one parser of the
     conditions of ``--constraint`` and ``promote --pick``; ``what`` names the flag in errors."""
@@ -197,8 +203,8 @@ class TuneOptions:
 
     @property
     def cost_metric(self) -> str:
-        """The second objective's metric: ``int8_ms`` with a latency table, else ``gmacs``."""
-        return TRIAL_COLUMN if self.latency_table else COST_METRIC
+        """The second objective's metric (see :func:`cost_metric_for`)."""
+        return cost_metric_for(self.latency_table)
 
     def trial_constraints(self) -> list[Constraint]:
         return [Constraint.parse(c) for c in self.constraints]
