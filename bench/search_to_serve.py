@@ -14,7 +14,8 @@ sums every stage but the reused hand-picked run):
    Stage I, its calibrated bundle and its result), run here if it is missing. It is reused, never
    retrained; its Stage I is every bundle's Stage I.
 2. ``sweep``: ``cxrtune tune`` over ``search_spaces/disease_cpu.yaml`` (warm-started with the
-   hand-picked Stage II; its trials with the hand-picked run's ``cpu_amp``, in ``OUT/space.yaml``)
+   hand-picked Stage II; its trials with the hand-picked run's ``cpu_amp``, and a ResNet-18 trial
+   from the Stage I encoder as its retraining will start, in ``OUT/space.yaml``)
    on the 50 % tuning subset of COVID-QU-Ex's training part (the accuracy manifest's split, a
    patient-level tuning subset added), objectives score MAE (each trial at its own operating
    point through the hand-picked Stage I) and the int8 ms measured per network
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import shutil
@@ -76,11 +78,12 @@ QUICK_SPACE = {
     "description": "quick mode: tiny Stage II networks", "task": "disease", "objective": "score_mae",
     "fixed": {"batch_size": 8, "size": 64, "tuning_subset": True, "num_workers": 0, "model": {"in_channels": 1}},
     "parameters": {"arch": {"type": "choice", "values": ["Unet", "Linknet"]},
-                   "encoder": {"type": "choice", "values": ["resnet18"]},
+                   "encoder": {"type": "choice", "values": ["resnet34", "resnet18"]},
                    "decoder": {"type": "choice", "given": "arch",
                                "values": {"Linknet": ["standard"], "default": ["slim", "narrow"]}},
                    "lr": {"type": "log-float", "low": 1e-3, "high": 5e-3}},
-    "warm_start": [{"arch": "Unet", "encoder": "resnet18", "decoder": "narrow", "lr": 2e-3}],
+    # the quick hand-picked Stage II (bench/accuracy.py --quick: ResNet-34, from the Stage I encoder)
+    "warm_start": [{"arch": "Unet", "encoder": "resnet34", "decoder": "narrow", "lr": 2e-3}],
 }
 
 
@@ -188,13 +191,16 @@ def sweep(args, hand: dict, out: Path) -> dict:
         import yaml
 
         if args.quick:
-            space = out / "quick_space.yaml"
-            space.write_text(yaml.safe_dump(QUICK_SPACE))
+            space, spec = out / "quick_space.yaml", copy.deepcopy(QUICK_SPACE)
         else:  # the shipped CPU space, its trials trained as the hand-picked run is (bf16 autocast)
-            shipped = yaml.safe_load((ROOT / "search_spaces" / "disease_cpu.yaml").read_text())
-            shipped["fixed"]["cpu_amp"] = bool(hand["stage2_config"].get("cpu_amp"))
+            spec = yaml.safe_load((ROOT / "search_spaces" / "disease_cpu.yaml").read_text())
+            spec["fixed"]["cpu_amp"] = bool(hand["stage2_config"].get("cpu_amp"))
             space = out / "space.yaml"
-            space.write_text(yaml.safe_dump(shipped, sort_keys=False))
+        starts = stage1_starts(hand)
+        if starts:  # each trial starts as its retraining will: the sweep ranks networks as they will be trained
+            spec["parameters"]["encoder_weights"] = {"type": "choice", "given": "encoder",
+                                                      "values": {encoder: [run_dir] for encoder, run_dir in starts.items()}}
+        space.write_text(yaml.safe_dump(spec, sort_keys=False))
         flags = ["--num-samples", str(args.trials), "--time-budget", f"{args.budget_minutes}m",
                  "--max-epochs", str(2 if args.quick else 6), "--grace", str(args.grace), "--reduction-factor", "2"]
         text = run("tune", "--space", str(space), "--manifest", tuning_manifest(hand, out), "--name", "stage2",
@@ -207,18 +213,28 @@ def sweep(args, hand: dict, out: Path) -> dict:
     return {"experiment": str(exp), "summary": summary}
 
 
+def stage1_starts(hand: dict) -> dict[str, str]:
+    """Encoder -> the run whose encoder weights a Stage II network with that encoder starts from:
+    Stage I's encoder (ResNet-18 on the CPU) starts from Stage I's run, as the hand-picked Stage II
+    does, in the sweep's trials and in the retraining alike; others from scratch. Empty when the
+    hand-picked Stage II itself started from scratch."""
+    if not hand["stage2_config"]["model"].get("encoder_weights"):
+        return {}
+    return {hand["stage1_encoder"]: hand["lung_run"]}
+
+
 def retrain_settings(hand: dict, encoder: str) -> list[str]:
     """``promote --set`` pairs: the accuracy bench's Stage II recipe (rows, epochs, schedule,
-    selection, precision) within its Stage II minutes; a point with Stage I's encoder (ResNet-18 on
-    the CPU) starts from Stage I's weights, as the hand-picked Stage II does, others from scratch."""
+    selection, precision) within its Stage II minutes, from :func:`stage1_starts`' weights."""
     cfg = hand["stage2_config"]
     keep = ("max_train_images", "epochs", "lr_schedule", "monitor", "patience", "min_delta", "num_workers", "cpu_amp",
             "batch_size", "seed")  # the seed draws the 2,600 rows: the hand-picked run's rows
     pairs = [f"{k}={json.dumps(cfg[k])}" for k in keep if cfg.get(k) is not None]
     if hand.get("stage2_train_minutes"):
         pairs.append(f"max_minutes={hand['stage2_train_minutes']}")
-    if encoder == hand["stage1_encoder"] and cfg["model"].get("encoder_weights"):
-        pairs.append(f"model.encoder_weights={hand['lung_run']}")
+    start = stage1_starts(hand).get(encoder)
+    if start:
+        pairs.append(f"model.encoder_weights={start}")
     return pairs
 
 

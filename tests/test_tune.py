@@ -365,6 +365,24 @@ def test_space_errors_name_the_key(tmp_path):
         assert space.params
 
 
+def test_a_start_given_the_encoder_reaches_that_encoders_trials_only():
+    """A sweep's trials can start as their retraining will (bench/search_to_serve.py): the encoder
+    weights a choice given the encoder, one run for ResNet-18, none for the others."""
+    from optuna.trial import FixedTrial
+
+    from cxrtune.search.search_space import parse_space
+
+    space = parse_space({"task": "disease", "fixed": {"model": {"in_channels": 1}}, "parameters": {
+        "encoder": {"type": "choice", "values": ["resnet18", "mobilenet_v2"]},
+        "encoder_weights": {"type": "choice", "given": "encoder", "values": {"resnet18": ["runs/lung"]}}},
+        "warm_start": [{"encoder": "resnet18"}]}, "s")
+    started = space.train_config(space.suggest(FixedTrial({"encoder": "resnet18", "encoder_weights|resnet18": "runs/lung"})))
+    scratch = space.train_config(space.suggest(FixedTrial({"encoder": "mobilenet_v2"})))
+    assert (started.model.encoder, started.model.encoder_weights) == ("resnet18", "runs/lung")
+    assert (scratch.model.encoder, scratch.model.encoder_weights) == ("mobilenet_v2", None)
+    assert space.optuna_params(space.warm_start[0]) == {"encoder": "resnet18"}  # its start is drawn: one value
+
+
 def _with_reader(phantom_dir: Path, out: Path, grade: int) -> str:
     """The phantom manifest with a reader P who gives every zone ``grade`` (0-3)."""
     from cxrtune.data import manifest
