@@ -14,8 +14,9 @@ sums every stage but the reused hand-picked run):
    Stage I, its calibrated bundle and its result), run here if it is missing. It is reused, never
    retrained; its Stage I is every bundle's Stage I.
 2. ``sweep``: ``cxrtune tune`` over ``search_spaces/disease_cpu.yaml`` (warm-started with the
-   hand-picked Stage II; its trials with the hand-picked run's ``cpu_amp``, and a ResNet-18 trial
-   from the Stage I encoder as its retraining will start, in ``OUT/space.yaml``)
+   hand-picked Stage II; its trials with the hand-picked run's ``cpu_amp``, and each trial with
+   Stage I's encoder (ResNet-18) starting from Stage I's encoder weights, as its retraining will,
+   when the hand-picked Stage II did; in ``OUT/space.yaml``)
    on the 50 % tuning subset of COVID-QU-Ex's training part (the accuracy manifest's split, a
    patient-level tuning subset added), objectives score MAE (each trial at its own operating
    point through the hand-picked Stage I) and the int8 ms measured per network
@@ -82,7 +83,7 @@ QUICK_SPACE = {
                    "decoder": {"type": "choice", "given": "arch",
                                "values": {"Linknet": ["standard"], "default": ["slim", "narrow"]}},
                    "lr": {"type": "log-float", "low": 1e-3, "high": 5e-3}},
-    # the quick hand-picked Stage II (bench/accuracy.py --quick: ResNet-34, from the Stage I encoder)
+    # the quick hand-picked Stage II's encoder and start (bench/accuracy.py --quick: ResNet-34 from Stage I's)
     "warm_start": [{"arch": "Unet", "encoder": "resnet34", "decoder": "narrow", "lr": 2e-3}],
 }
 
@@ -210,22 +211,28 @@ def sweep(args, hand: dict, out: Path) -> dict:
                    "--cpus-per-trial", "1", "--max-concurrent", "2", "--seed", str(args.seed), *flags,
                    *(["--latency-table", args.latency_table] if args.latency_table else []))
     summary = json.loads(text[text.index("{\n"):text.rindex("}") + 1])
-    return {"experiment": str(exp), "summary": summary}
+    from cxrtune.search.tuning import load_options
+
+    # from the space the sweep saved: a sweep begun by an earlier version of this script trained every trial from scratch
+    starts = load_options(str(exp)).space["parameters"].get("encoder_weights", {}).get("values", {})
+    return {"experiment": str(exp), "summary": summary, "trial_starts": starts}
 
 
 def stage1_starts(hand: dict) -> dict[str, str]:
     """Encoder -> the run whose encoder weights a Stage II network with that encoder starts from:
     Stage I's encoder (ResNet-18 on the CPU) starts from Stage I's run, as the hand-picked Stage II
     does, in the sweep's trials and in the retraining alike; others from scratch. Empty when the
-    hand-picked Stage II itself started from scratch."""
-    if not hand["stage2_config"]["model"].get("encoder_weights"):
+    hand-picked Stage II itself started from scratch (or from hub weights)."""
+    if hand["stage2_config"]["model"].get("encoder_weights") in (None, "imagenet"):
         return {}
     return {hand["stage1_encoder"]: hand["lung_run"]}
 
 
 def retrain_settings(hand: dict, encoder: str) -> list[str]:
     """``promote --set`` pairs: the accuracy bench's Stage II recipe (rows, epochs, schedule,
-    selection, precision) within its Stage II minutes, from :func:`stage1_starts`' weights."""
+    selection, precision) within its Stage II minutes, from :func:`stage1_starts`' weights (a
+    trial of this script's sweep holds the same start in its config; one of a sweep begun before
+    its trials started so does not)."""
     cfg = hand["stage2_config"]
     keep = ("max_train_images", "epochs", "lr_schedule", "monitor", "patience", "min_delta", "num_workers", "cpu_amp",
             "batch_size", "seed")  # the seed draws the 2,600 rows: the hand-picked run's rows
@@ -242,6 +249,7 @@ def promote(args, hand: dict, swept: dict, out: Path) -> dict:
     import pandas as pd
 
     from cxrtune.search.report import PickRule, front_cost
+    from cxrtune.search.search_space import settings_of
     from cxrtune.search.tuning import load_options
 
     table_flags = ["--latency-table", args.latency_table] if args.latency_table else []
@@ -257,8 +265,8 @@ def promote(args, hand: dict, swept: dict, out: Path) -> dict:
             # the most accurate point is also the fastest within its rule: one retraining serves both
             points[name] = {**points["fast"], "rule": rule, "same_as": "fast"}
             continue
-        encoder = next((row[c] for c in row.index if c.startswith("param:encoder") and pd.notna(row[c])), "")
-        settings = retrain_settings(hand, str(encoder))
+        encoder = str(settings_of(row.to_dict(), "param:").get("encoder", ""))
+        settings = retrain_settings(hand, encoder)
         run_dir = out / "runs" / name
         if not (run_dir / "run.json").exists() or args.quick:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -277,8 +285,8 @@ def promote(args, hand: dict, swept: dict, out: Path) -> dict:
         points[name] = {"rule": rule, "trial": row["trial_id"], "sweep_score_mae": float(row["val_score_mae"]),
                         "gmacs": float(row["gmacs"]), **({cost: float(row[cost])} if cost != "gmacs" else {}),
                         "run": str(run_dir), "retrain_minutes": minutes,
-                        "epochs": summary.get("epochs"), "encoder_init": next((s for s in settings if "encoder_weights" in s),
-                                                                              "from scratch"),
+                        "epochs": summary.get("epochs"),
+                        "encoder_init": stage1_starts(hand).get(encoder) or "from scratch",
                         "config": summary["config"]}
     return {"points": points, "report": str(report), "latency_table": args.latency_table, "front_cost": cost,
             "front": front[["trial_id", "val_score_mae", *dict.fromkeys(["gmacs", cost])]].to_dict("records")}

@@ -367,20 +367,26 @@ def test_space_errors_name_the_key(tmp_path):
 
 def test_a_start_given_the_encoder_reaches_that_encoders_trials_only():
     """A sweep's trials can start as their retraining will (bench/search_to_serve.py): the encoder
-    weights a choice given the encoder, one run for ResNet-18, none for the others."""
-    from optuna.trial import FixedTrial
+    weights a choice given the encoder, one run for ResNet-18, none for the others. Each trial is
+    asked of a real Optuna study and its config rebuilt from Optuna's names, as a trial's is; the
+    warm start, which does not name the start, is given it."""
+    import optuna
 
-    from cxrtune.search.search_space import parse_space
+    from cxrtune.search.search_space import parse_space, settings_of
 
     space = parse_space({"task": "disease", "fixed": {"model": {"in_channels": 1}}, "parameters": {
         "encoder": {"type": "choice", "values": ["resnet18", "mobilenet_v2"]},
         "encoder_weights": {"type": "choice", "given": "encoder", "values": {"resnet18": ["runs/lung"]}}},
         "warm_start": [{"encoder": "resnet18"}]}, "s")
-    started = space.train_config(space.suggest(FixedTrial({"encoder": "resnet18", "encoder_weights|resnet18": "runs/lung"})))
-    scratch = space.train_config(space.suggest(FixedTrial({"encoder": "mobilenet_v2"})))
-    assert (started.model.encoder, started.model.encoder_weights) == ("resnet18", "runs/lung")
-    assert (scratch.model.encoder, scratch.model.encoder_weights) == ("mobilenet_v2", None)
-    assert space.optuna_params(space.warm_start[0]) == {"encoder": "resnet18"}  # its start is drawn: one value
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial(space.optuna_params(space.warm_start[0]))
+    study.enqueue_trial({"encoder": "mobilenet_v2"})
+    models = []
+    for _ in range(2):
+        trial = study.ask()
+        space.suggest(trial)
+        models.append(space.train_config(settings_of(trial.params)).model)
+    assert [(m.encoder, m.encoder_weights) for m in models] == [("resnet18", "runs/lung"), ("mobilenet_v2", None)]
 
 
 def _with_reader(phantom_dir: Path, out: Path, grade: int) -> str:
