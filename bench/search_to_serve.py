@@ -223,7 +223,9 @@ def stage1_starts(hand: dict) -> dict[str, str]:
     Stage I's encoder (ResNet-18 on the CPU) starts from Stage I's run, as the hand-picked Stage II
     does, in the sweep's trials and in the retraining alike; others from scratch. Empty when the
     hand-picked Stage II itself started from scratch (or from hub weights)."""
-    if hand["stage2_config"]["model"].get("encoder_weights") in (None, "imagenet"):
+    from cxrtune.model.models import HUB_WEIGHTS
+
+    if hand["stage2_config"]["model"].get("encoder_weights") in HUB_WEIGHTS:
         return {}
     return {hand["stage1_encoder"]: hand["lung_run"]}
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from ..errors import CxrtuneError
-from .models import load_encoder_weights
+from .models import HUB_WEIGHTS, load_encoder_weights
 
 BACKBONES = ("resnet50", "vgg16", "densenet121")  # seed 000's three; any SMP encoder name also works
 
@@ -39,7 +39,7 @@ class Classifier(nn.Module):
         from segmentation_models_pytorch.base import ClassificationHead
 
         super().__init__()
-        hub = cfg.weights if cfg.weights in (None, "imagenet") else None
+        hub = cfg.weights if cfg.weights in HUB_WEIGHTS else None
         try:
             self.encoder = smp.encoders.get_encoder(cfg.backbone, in_channels=cfg.in_channels, depth=5, weights=hub)
         except (KeyError, ValueError, TypeError) as exc:
@@ -72,7 +72,7 @@ def build_classifier(cfg: ClassifierConfig) -> Classifier:
     if cfg.num_classes < 2:
         raise CxrtuneError(f"a classifier needs at least 2 classes, got {cfg.num_classes}")
     model = Classifier(cfg)
-    if cfg.weights not in (None, "imagenet"):
+    if cfg.weights not in HUB_WEIGHTS:
 
         load_encoder_weights(model, cfg.weights)
     return model

@@ -64,6 +64,10 @@ def decoder_options(arch: str, decoder: dict | str) -> dict:
     return DECODER_PRESETS[decoder][arch]
 
 
+# encoder weights a model builder takes from the hub (or none); any other value is a run or state dict to load
+HUB_WEIGHTS = (None, "imagenet")
+
+
 @dataclass
 class ModelConfig:
     arch: str = "Unet"
@@ -124,7 +128,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.in_channels not in (1, 3):
         raise CxrtuneError(f"in_channels must be 1 or 3, got {cfg.in_channels}")
     weights = cfg.encoder_weights
-    hub_weights = weights if weights in (None, "imagenet") else None
+    hub_weights = weights if weights in HUB_WEIGHTS else None
     aux = {"classes": 1, "dropout": cfg.dropout} if cfg.classification else None
     decoder = decoder_options(cfg.arch, cfg.decoder)
     try:
@@ -133,7 +137,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
                                  aux_params=aux, **decoder)
     except (KeyError, ValueError, TypeError) as exc:
         raise CxrtuneError(f"cannot build {cfg.arch} with encoder {cfg.encoder!r}: {exc}") from None
-    if weights not in (None, "imagenet"):
+    if weights not in HUB_WEIGHTS:
         load_encoder_weights(model, weights)
     return model
 
