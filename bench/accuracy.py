@@ -86,36 +86,29 @@ ZONE_SPLIT = "train,val,heldout"
 def calibrate_and_evaluate(uncalibrated: Path, calibrated: Path, df, out: Path, data: Path, quick: bool = False,
                            specificity: float | None = None, cls_calibration: str = "heldout",
                            normal_fp_limit: float | None = None, zone_split: str = ZONE_SPLIT,
-                           eval_prefix: str = "eval") -> dict:
+                           eval_prefix: str = "eval", heldout_eval: bool = False) -> dict:
     """The CPU and GPU modes' calibration and evaluation of a bundle, also what
     ``bench/search_to_serve.py`` runs on each bundle it compares (the same steps, so their figures
     compare): T_cls and the opacity cut on every training-part row its Stage II never trained on
     (its run's stored config says which), T on the ``zone_split`` rows against the masks, then the
     official Val part (``test``), JSRT's lungs and brixia-dev (T cross-validated against reader S).
 
+    Args:
+        heldout_eval: also evaluate the calibrated bundle on the held-out training rows
+            (:func:`evaluate_heldout`), returned as ``heldout``.
+
     Returns ``calibration``, ``test`` (EvaluationResult), ``jsrt`` (lung metrics), ``brixia``
     (summary) and ``heldout_rows``; the evaluations' files go to ``out/<eval_prefix>[-jsrt|-brixia]``."""
     from cxrtune.data import manifest
     from cxrtune.data.importers import run_import
-    from cxrtune.model.artifacts import derive_bundle, read_bundle_meta, read_checkpoint_meta
-    from cxrtune.model.train import TrainConfig, select_rows
+    from cxrtune.model.artifacts import derive_bundle
     from cxrtune.scoring.evaluation import CalibrateOptions, EvaluateOptions, calibrate, evaluate
     from cxrtune.scoring.scorer import load_bundle
 
     scorer = load_bundle(str(uncalibrated), batch_size=32)
     # T_cls needs data the classifier never saw: 93 validation Normals alone put it anywhere in
     # 0.33-0.72 across runs, so the train rows beyond Stage II's max_train_images are held out too.
-    # Which rows Stage II trained on comes from the run's stored config (a reused run may differ
-    # from today's), checked against the label counts its checkpoint recorded.
-    disease_run = read_bundle_meta(str(uncalibrated)).disease.run
-    run_cfg = TrainConfig.from_dict(read_checkpoint_meta(f"{disease_run}/best").config)
-    seen = select_rows(df, run_cfg, "train").index
-    recorded = read_checkpoint_meta(f"{disease_run}/best").data.get("train_images", {})
-    counts = {"total": len(seen), **df.loc[seen, "label"].value_counts().to_dict()}
-    if recorded and recorded != counts:
-        raise SystemExit(f"Stage II's recorded training rows {recorded} are not this manifest's {counts}: "
-                         "T_cls would be calibrated on rows it trained on")
-    held = df.index[(df["split"] == "train") & ~df.index.isin(seen)] if cls_calibration == "heldout" else []
+    held = heldout_rows(uncalibrated, df) if cls_calibration == "heldout" else []
     cal_df = df.copy()
     cal_df.loc[held, "split"] = "heldout"
     cal = calibrate(scorer, cal_df, CalibrateOptions(split=zone_split, cls_split="val,heldout", reference="masks",
@@ -151,7 +144,44 @@ def calibrate_and_evaluate(uncalibrated: Path, calibrated: Path, df, out: Path, 
         brixia = {"status": ev.status, "n": r.get("n"), "cv_thresholds": r.get("cv_thresholds"),
                   "vs_senior": r.get("readers", {}).get("S", {}), "vs_junior": r.get("readers", {}).get("J", {}),
                   "junior_vs_senior": r.get("pairs", {}).get("J_vs_S", {})}
-    return {"calibration": cal, "test": test, "jsrt": jsrt, "brixia": brixia, "heldout_rows": len(held)}
+    heldout = {"heldout": evaluate_heldout(calibrated, df, out / f"{eval_prefix}-heldout", quick)} if heldout_eval else {}
+    return {"calibration": cal, "test": test, "jsrt": jsrt, "brixia": brixia, "heldout_rows": len(held), **heldout}
+
+
+def heldout_rows(bundle: Path, df):
+    """The training-part rows the bundle's Stage II never trained on (the rows beyond its
+    ``max_train_images``). Which rows it trained on comes from the run's stored config (a reused
+    run may differ from today's), checked against the label counts its checkpoint recorded."""
+    from cxrtune.model.artifacts import read_bundle_meta, read_checkpoint_meta
+    from cxrtune.model.train import TrainConfig, select_rows
+
+    disease_run = read_bundle_meta(str(bundle)).disease.run
+    run_cfg = TrainConfig.from_dict(read_checkpoint_meta(f"{disease_run}/best").config)
+    seen = select_rows(df, run_cfg, "train").index
+    recorded = read_checkpoint_meta(f"{disease_run}/best").data.get("train_images", {})
+    counts = {"total": len(seen), **df.loc[seen, "label"].value_counts().to_dict()}
+    if recorded and recorded != counts:
+        raise SystemExit(f"Stage II's recorded training rows {recorded} are not this manifest's {counts}: "
+                         "T_cls would be calibrated on rows it trained on")
+    return df.index[(df["split"] == "train") & ~df.index.isin(seen)]
+
+
+def evaluate_heldout(calibrated: Path, df, out: Path, quick: bool = False):
+    """A calibrated bundle on its held-out training rows (:func:`heldout_rows`) against the masks:
+    the rows that choose among retrained candidates (bench/search_to_serve.py), never the official
+    Val part or brixia-dev. T_cls and the opacity cut were chosen on these rows, and T on a sample
+    of the training part that holds some of them: one threshold each, on about 1,100 rows.
+
+    Returns:
+        The EvaluationResult (its files in ``out``)."""
+    from cxrtune.scoring.evaluation import EvaluateOptions, evaluate
+    from cxrtune.scoring.scorer import load_bundle
+
+    held = heldout_rows(calibrated, df)
+    marked = df.copy()
+    marked.loc[held, "split"] = "heldout"
+    return evaluate(load_bundle(str(calibrated), batch_size=32), marked, str(out),
+                    EvaluateOptions(split="heldout", limit=64 if quick else None, progress=False))
 
 
 def main() -> None:

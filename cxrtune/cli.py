@@ -192,7 +192,7 @@ def _promote(args) -> None:
     run, results = release_gates.promote_gated(
         [release_gates.parse_gate(g) for g in args.gate or []],
         lambda: reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs, pick=args.pick,
-                                overrides=args.set or (), latency_table=args.latency_table))
+                                overrides=args.set or (), latency_table=args.latency_table, trial_id=args.trial))
     if results:
         print(f"release gates passed: {', '.join(results)}")
     print(f"promoted to {run}")
@@ -518,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pick", metavar="RULE",
                     help="a multi-objective sweep: which point of the front, e.g. 'fastest:accuracy<=best+0.05' or "
                          "'most-accurate:cost<=1.5' (docs/search_spaces.md)")
+    pr.add_argument("--trial", metavar="ID",
+                    help="promote this trial (an id of the report's trials.csv) instead of the best or a --pick")
     pr.add_argument("--latency-table", metavar="CSV", help=LATENCY_TABLE_HELP)
     pr.add_argument("--epochs", type=int)
     _gate_flags(pr, bundle=False)

@@ -176,6 +176,20 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
     last_checkpoint = sorted(trial_dir.glob("checkpoint_*"))[-1]
     assert sha256(run / "best" / "model.pt") == sha256(last_checkpoint / "model.pt")
 
+    # any trial by its id, on the front or not (a candidate to be compared after retraining)
+    named = sorted(infeasible)[0]
+    refused = cli_in_process("promote", str(exp), "--to", str(tmp_path / "runs" / "x"), "--trial", named,
+                             "--pick", "most-accurate", check=False)
+    assert refused.returncode == 2 and "give one" in refused.stderr
+    refused = cli_in_process("promote", str(exp), "--to", str(tmp_path / "runs" / "x"), "--trial", "nosuch", check=False)
+    assert refused.returncode == 2 and "no trial 'nosuch'" in refused.stderr
+    cli_in_process("promote", str(exp), "--to", str(tmp_path / "runs" / "named"), "--trial", named)
+    named_search = json.loads((tmp_path / "runs" / "named" / "run.json").read_text())["search"]
+    assert named_search["trial"] == named and named_search["pick"] == f"trial {named}"
+    named_dir = next(d for d in exp.iterdir() if d.is_dir() and named in d.name)
+    assert sha256(tmp_path / "runs" / "named" / "best" / "model.pt") == sha256(
+        sorted(named_dir.glob("checkpoint_*"))[-1] / "model.pt")
+
     # the most accurate point, retrained with settings over its config, recorded with the search
     refused = cli_in_process("promote", str(exp), "--to", str(tmp_path / "runs" / "x"), "--pick", "most-accurate",
                              "--set", "max_train_images=8", check=False)

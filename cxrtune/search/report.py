@@ -395,11 +395,23 @@ def grade_cv_inputs(exp_uri: str | None, top: int, recipe_files: Sequence[str] =
     return recipes, manifest.load_manifest(manifest_uri)
 
 
-def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | None, cost: str):
+def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | None, cost: str,
+                  trial_id: str | None = None):
     """(trial, checkpoint, how it was chosen): the best trial's best checkpoint of a single-
     objective sweep, or the ``pick`` rule's point of a multi-objective front over ``cost`` with
-    its last checkpoint (the epoch its front values come from)."""
+    its last checkpoint (the epoch its front values come from); or the trial named ``trial_id``,
+    its checkpoint chosen the same way."""
     space = o.search_space()
+    if trial_id is not None:
+        if pick:
+            raise CxrtuneError("--trial names the trial to promote; --pick chooses one from the front: give one")
+        trial = next((t for t in analysis.trials if t.trial_id == trial_id), None)
+        if trial is None:
+            raise CxrtuneError(f"{exp_uri}: no trial {trial_id!r}; the report's trials.csv lists its "
+                               f"{len(analysis.trials)} trials' ids")
+        ckpt = (analysis.get_last_checkpoint(trial) if o.multi_objective
+                else analysis.get_best_checkpoint(trial, space.metric, space.mode))
+        return trial, ckpt, f"trial {trial_id}"
     if not o.multi_objective:
         if pick:
             raise CxrtuneError("--pick chooses a point of a multi-objective front; this sweep has one objective")
@@ -417,11 +429,13 @@ def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | 
 
 
 def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | None = None,
-            pick: str | None = None, overrides: Sequence[str] = (), latency_table: str | None = None) -> str:
+            pick: str | None = None, overrides: Sequence[str] = (), latency_table: str | None = None,
+            trial_id: str | None = None) -> str:
     """Export the chosen trial's checkpoint as a run (``best/model.pt`` + ``best/meta.json``), or
     with ``retrain`` train its config again on all training data (not only the tuning subset),
     with the batch size that fills the GPU as in seed 004. The chosen trial is a single-objective
-    sweep's best, or the ``pick`` rule's point (:class:`PickRule`) of a multi-objective front.
+    sweep's best, the ``pick`` rule's point (:class:`PickRule`) of a multi-objective front, or
+    the trial named ``trial_id`` (e.g. one of several candidates to be compared after retraining).
 
     What chose it (the sweep, trial, rule, space, sampler, seed and the manifest's split hash)
     goes into the checkpoint's ``search`` metadata and ``run.json``; a bundle's model card shows it.
@@ -442,7 +456,8 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
                            f"with `cxrtune grade cv --experiment {exp_uri}`")
     cost = front_cost(o, latency_table)
     latency = load_latency_table(latency_table) if latency_table else None
-    trial, ckpt, how = _chosen_trial(analysis, lambda: trials_table(exp_uri, latency)[0], o, exp_uri, pick, cost)
+    trial, ckpt, how = _chosen_trial(analysis, lambda: trials_table(exp_uri, latency)[0], o, exp_uri, pick, cost,
+                                     trial_id)
     if latency is None and o.latency_table:  # the sweep's own table: the copy its trials read
         latency = load_latency_table(storage.join(exp_uri, LATENCY_TABLE_FILE))
     if ckpt is None:
