@@ -32,7 +32,8 @@ sums every stage but the reused hand-picked run):
    ResNet-18 starts from the Stage I encoder as the hand-picked one does, others from scratch.
    With ``--accurate-candidates K`` > 1 the accurate rule gives way to K candidates: the sweep's K
    most accurate complete, feasible trials but the hand-picked configuration, each retrained so
-   (``promote --trial``); the accurate point's retraining time is theirs together.
+   (``promote --trial``) within 1/K of the hand-picked Stage II's minutes (the fast point, when it
+   is one, as it was retrained); the accurate point's retraining time is theirs together.
 4. ``bundles``: each point with the hand-picked Stage I, calibrated and evaluated exactly as the
    accuracy bench does (``accuracy.calibrate_and_evaluate``: T_cls and the opacity cut on its
    held-out training rows, T against the masks, the official Val part, brixia-dev with T
@@ -41,8 +42,10 @@ sums every stage but the reused hand-picked run):
    hand-picked bundle is exported too (a derived bundle; its weights are not touched). With
    candidates, each is also evaluated on those held-out training rows (``accuracy.evaluate_heldout``,
    against the masks; the hand-picked bundle too, for reference), and the one with the lowest
-   score error there is the accurate point: the 90-132 validation rows a sweep trial is judged on
-   rank points about 0.2 MAE apart by the training seed alone.
+   score error there is the accurate point (ties: the one first in the sweep's order): the
+   90-132 validation rows a sweep trial is judged on rank points about 0.2 MAE apart by the
+   training seed alone. Each bundle's three thresholds were calibrated on rows that include
+   these, the same way for every candidate; they are checked to be the same rows for all.
 5. ``serve``: each bundle's Stage II int8 latency at the batch of serve/config.cpu.yaml (4) and
    one thread, interleaved; served end-to-end throughput of the hand-picked and the fast bundle
    over real HTTP, interleaved A-B-A-B twice (median ratio); the served path's own per-step
@@ -237,17 +240,17 @@ def stage1_starts(hand: dict) -> dict[str, str]:
     return {hand["stage1_encoder"]: hand["lung_run"]}
 
 
-def retrain_settings(hand: dict, encoder: str) -> list[str]:
+def retrain_settings(hand: dict, encoder: str, share: float = 1.0) -> list[str]:
     """``promote --set`` pairs: the accuracy bench's Stage II recipe (rows, epochs, schedule,
-    selection, precision) within its Stage II minutes, from :func:`stage1_starts`' weights (a
-    trial of this script's sweep holds the same start in its config; one of a sweep begun before
-    its trials started so does not)."""
+    selection, precision) within ``share`` of its Stage II minutes, from :func:`stage1_starts`'
+    weights (a trial of this script's sweep holds the same start in its config; one of a sweep
+    begun before its trials started so does not)."""
     cfg = hand["stage2_config"]
     keep = ("max_train_images", "epochs", "lr_schedule", "monitor", "patience", "min_delta", "num_workers", "cpu_amp",
             "batch_size", "seed")  # the seed draws the 2,600 rows: the hand-picked run's rows
     pairs = [f"{k}={json.dumps(cfg[k])}" for k in keep if cfg.get(k) is not None]
     if hand.get("stage2_train_minutes"):
-        pairs.append(f"max_minutes={hand['stage2_train_minutes']}")
+        pairs.append(f"max_minutes={round(hand['stage2_train_minutes'] * share, 2)}")
     start = stage1_starts(hand).get(encoder)
     if start:
         pairs.append(f"model.encoder_weights={start}")
@@ -282,13 +285,18 @@ def promote(args, hand: dict, swept: dict, out: Path) -> dict:
     result = {"points": points}
     if args.accurate_candidates > 1:
         table = pd.read_csv(report / "trials.csv", dtype={"trial_id": str})
+        warm = [*options.search_space().warm_start, *options.warm_start]
+        rows = accurate_candidates(table, warm, args.accurate_candidates, cost)
+        if not rows:
+            raise SystemExit(f"{swept['experiment']}: no complete, feasible trial besides the warm start to retrain")
         candidates = []
-        for row in accurate_candidates(table, options.space.get("warm_start") or [], args.accurate_candidates, cost):
+        for row in rows:
             if row["trial_id"] == points["fast"]["trial"]:  # retrained already: the same run serves both
                 candidates.append({**points["fast"], "rule": "candidate", "same_as": "fast"})
-            else:
+            else:  # an equal share of the hand-picked Stage II's minutes each: together no longer than it
                 candidates.append(retrain_point(args, hand, swept, out, f"candidate-{row['trial_id']}",
-                                                ["--trial", row["trial_id"]], row, cost))
+                                                ["--trial", row["trial_id"]], row, cost,
+                                                share=1 / args.accurate_candidates))
         result["candidates"] = candidates
     return {**result, "report": str(report), "latency_table": args.latency_table, "front_cost": cost,
             "front": front[["trial_id", "val_score_mae", *dict.fromkeys(["gmacs", cost])]].to_dict("records")}
@@ -296,8 +304,10 @@ def promote(args, hand: dict, swept: dict, out: Path) -> dict:
 
 def accurate_candidates(table, warm_starts: list[dict], k: int, cost: str) -> list:
     """The ``k`` most accurate complete, feasible trials of the sweep (lowest score MAE; ties: the
-    cheaper, then the id), the first being the front's most accurate point, leaving out the
-    warm-start configurations (the hand-picked one is compared as its own bundle, trained once).
+    cheaper, then the id), leaving out the warm-start configurations (the hand-picked one is
+    compared as its own bundle, trained once; a warm start is told by every setting it names, so
+    a partial one leaves out every trial that shares those settings); the first is the front's
+    most accurate point unless that is a warm start.
 
     Written here: Optuna's ``best_trials`` gives the front, not a ranking of the trials behind it."""
     import math
@@ -309,20 +319,22 @@ def accurate_candidates(table, warm_starts: list[dict], k: int, cost: str) -> li
         return any(all(math.isclose(settings[key], v) if isinstance(v, float) and isinstance(settings.get(key), float)
                        else settings.get(key) == v for key, v in start.items()) for start in warm_starts)
 
-    done = table[table["complete"].astype(bool) & table["feasible"].astype(bool)].dropna(subset=["val_score_mae"])
+    done = table[table["complete"].astype(bool) & table["feasible"].astype(bool)].dropna(subset=["val_score_mae", cost])
     ranked = done.sort_values(["val_score_mae", cost, "trial_id"])
     return [row for _, row in ranked.iterrows() if not warm(row)][:k]
 
 
-def retrain_point(args, hand: dict, swept: dict, out: Path, name: str, how: list[str], row, cost: str) -> dict:
+def retrain_point(args, hand: dict, swept: dict, out: Path, name: str, how: list[str], row, cost: str,
+                  share: float = 1.0) -> dict:
     """``cxrtune promote`` of the trial in ``row`` (chosen by ``how``: ``--pick RULE`` or
-    ``--trial ID``), retrained on the accuracy bench's rows (:func:`retrain_settings`) into
-    ``OUT/runs/<name>``; kept as it is when an interrupted run retrained it already."""
+    ``--trial ID``), retrained on the accuracy bench's rows within ``share`` of its Stage II
+    minutes (:func:`retrain_settings`) into ``OUT/runs/<name>``; kept as it is when an interrupted
+    run retrained it already."""
     from cxrtune.search.search_space import settings_of
 
     table_flags = ["--latency-table", args.latency_table] if args.latency_table else []
     encoder = str(settings_of(row.to_dict(), "param:").get("encoder", ""))
-    settings = retrain_settings(hand, encoder)
+    settings = retrain_settings(hand, encoder, share)
     run_dir = out / "runs" / name
     if not (run_dir / "run.json").exists() or args.quick:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -374,7 +386,7 @@ def bundles(args, hand: dict, promoted: dict, out: Path) -> dict:
                                                    quick=args.quick, normal_fp_limit=args.normal_fp_limit,
                                                    heldout_eval=bool(candidates))
         return {"bundle": str(folder / "bundle-calibrated"), "eval": str(folder), "trial": point["trial"],
-                **summary_of(measured)}
+                "heldout_rows": heldout_digest(folder / "bundle", df), **summary_of(measured)}
 
     for name, point in promoted["points"].items():
         made[name] = calibrated(name, point)
@@ -385,6 +397,9 @@ def bundles(args, hand: dict, promoted: dict, out: Path) -> dict:
         made["accurate"] = {**tried[chosen], "chosen_from": len(tried)}
         hand_heldout = accuracy.evaluate_heldout(Path(hand["bundle"]), df, out / "bundles" / "handpicked-heldout",
                                                  args.quick)
+        chosen_on = {t["heldout_rows"] for t in tried} | {heldout_digest(Path(hand["bundle"]), df)}
+        if len(chosen_on) != 1:  # each bundle's held-out rows follow from its run's seed and max_train_images
+            raise SystemExit(f"the candidates and the hand-picked bundle hold out different training rows: {chosen_on}")
         result["candidates"] = [{"trial": c["trial"], "sweep_score_mae": c["sweep_score_mae"],
                                  "retrain_minutes": c["retrain_minutes"], "chosen": i == chosen,
                                  **{k: t[k] for k in ("heldout_score", "val_score", "brixia_cv_mae_vs_senior",
@@ -401,6 +416,17 @@ def bundles(args, hand: dict, promoted: dict, out: Path) -> dict:
     export(hand["bundle"], str(folder / "bundle-int8"), "onnx-int8", calibration=sample)
     made["handpicked"] = {"bundle": str(folder / "bundle-int8"), "eval": hand["accuracy_out"]}
     return {"bundles": made, **result}
+
+
+def heldout_digest(bundle: Path, df) -> str:
+    """Which training rows the bundle's Stage II held out (``accuracy.heldout_rows``): their count
+    and a SHA-256 of their ids, so that bundles compared on them are known to share them."""
+    import hashlib
+
+    import accuracy
+
+    rows = accuracy.heldout_rows(bundle, df)
+    return f"{len(rows)}:{hashlib.sha256(','.join(map(str, rows)).encode()).hexdigest()[:16]}"
 
 
 def summary_of(measured: dict) -> dict:
@@ -780,8 +806,10 @@ def main() -> None:
     ap.add_argument("--accurate-rule", default="most-accurate")
     ap.add_argument("--accurate-candidates", type=int, default=1, metavar="K",
                     help="with K > 1, the accurate point is the best on the held-out training rows (never Val or "
-                         "brixia-dev) of the sweep's K most accurate complete, feasible trials, the hand-picked "
-                         "configuration left out, each retrained; its retraining time is theirs together")
+                         "brixia-dev; each bundle's thresholds were calibrated on rows including them) of the "
+                         "sweep's K most accurate complete, feasible trials, the hand-picked configuration left "
+                         "out, each retrained within 1/K of the hand-picked Stage II's minutes; its retraining "
+                         "time is theirs together")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve-seconds", type=float, default=30)
     ap.add_argument("--concurrency", type=int, default=8)
@@ -797,6 +825,8 @@ def main() -> None:
         args.budget_minutes, args.trials, args.serve_seconds = min(args.budget_minutes, 6), min(args.trials, 3), 5
         args.grace = 1  # of 2 epochs
         args.fp_limit = 1.0  # a handful of validation Normals: any trial may reach the front
+    if args.accurate_candidates < 1:
+        raise SystemExit("--accurate-candidates: 1 (the accurate rule's point) or more")
     if args.accurate_candidates > 1 and args.accurate_rule != "most-accurate":
         raise SystemExit("--accurate-candidates ranks every complete, feasible trial by accuracy: it replaces "
                          "--accurate-rule, which must stay most-accurate")
@@ -806,6 +836,11 @@ def main() -> None:
     args.accuracy_out = args.accuracy_out or str(out / "accuracy" if args.quick else "/tmp/cxrtune-accuracy-cpu")
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, args.resume)
+    promoted = stages.done("promote")
+    if promoted is not None and bool(promoted.get("candidates")) != (args.accurate_candidates > 1):
+        raise SystemExit(f"{out}: its promote stage chose the accurate point "
+                         f"{'from candidates' if promoted.get('candidates') else 'by its rule'}; this run asks "
+                         f"otherwise: choose another --out (its handpicked and sweep stage files may be copied)")
 
     results: dict = {}
     for name in STAGES:
