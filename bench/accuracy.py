@@ -179,10 +179,14 @@ def evaluate_heldout(calibrated: Path, df, out: Path, quick: bool = False):
     from cxrtune.scoring.scorer import load_bundle
 
     held = heldout_rows(calibrated, df)
+    if len(held) == 0 and not quick:
+        raise SystemExit(f"{calibrated}: its Stage II trained on every training row; none is held out")
     marked = df.copy()
     marked.loc[held, "split"] = "heldout"
+    # quick mode trains on all of its 60 training rows: its validation rows stand in, to check the script
+    split = "heldout" if len(held) else "val"
     return evaluate(load_bundle(str(calibrated), batch_size=32), marked, str(out),
-                    EvaluateOptions(split="heldout", limit=64 if quick else None, progress=False))
+                    EvaluateOptions(split=split, limit=64 if quick else None, progress=False))
 
 
 def main() -> None:
