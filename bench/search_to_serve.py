@@ -30,6 +30,8 @@ sums every stage but the reused hand-picked run):
    (``--fast-rule``) and the accurate one (``--accurate-rule``), each retrained (``--retrain --set``) on the accuracy bench's
    Stage II rows (its ``max_train_images``, epochs, schedule) within its Stage II minutes; a
    ResNet-18 starts from the Stage I encoder as the hand-picked one does, others from scratch.
+   When no point of the front meets the fast rule, the run goes on without a fast point
+   (``fast_rule_unmet``; served, the hand-picked bundle alone; its targets reported not met).
    With ``--accurate-candidates K`` > 1 the accurate rule gives way to K candidates: the sweep's K
    most accurate complete, feasible trials but the hand-picked configuration, each retrained so
    (``promote --trial``) within 1/K of the hand-picked Stage II's minutes (the fast point, when it
@@ -48,7 +50,8 @@ sums every stage but the reused hand-picked run):
    these, the same way for every candidate; they are checked to be the same rows for all.
 5. ``serve``: each bundle's Stage II int8 latency at the batch of serve/config.cpu.yaml (4) and
    one thread, interleaved; served end-to-end throughput of the hand-picked and the fast bundle
-   over real HTTP, interleaved A-B-A-B twice (median ratio); the served path's own per-step
+   over real HTTP, interleaved A-B-A-B twice (median ratio; without a fast point the hand-picked
+   bundle alone, and no ratio); the served path's own per-step
    timings (decode, both stages' int8 networks at that batch, post-processing, HTTP), measured
    after each loaded run, and the throughput bound they give on this machine's cores (from their
    medians, and per run); each loaded run's CPU per image scored, by
@@ -258,12 +261,13 @@ def retrain_settings(hand: dict, encoder: str, share: float = 1.0) -> list[str]:
 
 
 def promote(args, hand: dict, swept: dict, out: Path) -> dict:
-    """The fast and the accurate point, each retrained (:func:`retrain_point`); with
+    """The fast and the accurate point, each retrained (:func:`retrain_point`); no fast point, and
+    ``fast_rule_unmet`` saying why, when no point of the front meets the fast rule; with
     ``--accurate-candidates K`` > 1 the accurate point is chosen later, in ``bundles``, from the
     K retrained candidates of :func:`accurate_candidates` (``candidates``)."""
     import pandas as pd
 
-    from cxrtune.search.report import PickRule, front_cost
+    from cxrtune.search.report import NoPointMeetsRule, PickRule, front_cost
     from cxrtune.search.tuning import load_options
 
     table_flags = ["--latency-table", args.latency_table] if args.latency_table else []
@@ -274,15 +278,21 @@ def promote(args, hand: dict, swept: dict, out: Path) -> dict:
     # the front the report drew; trial ids as written (an all-digit or "1e..." id would otherwise read as a number)
     front = pd.read_csv(report / "pareto.csv", dtype={"trial_id": str})
     points: dict = {}
+    result: dict = {"points": points, "fast_rule": args.fast_rule}
     rules = (("fast", args.fast_rule), *([("accurate", args.accurate_rule)] if args.accurate_candidates == 1 else []))
     for name, rule in rules:
-        row = PickRule.parse(rule).pick(front, "val_score_mae", "min", cost)
-        if name == "accurate" and row["trial_id"] == points["fast"]["trial"]:
+        try:
+            row = PickRule.parse(rule).pick(front, "val_score_mae", "min", cost)
+        except NoPointMeetsRule as e:  # the search found no point within the fast rule: its targets are not met
+            if name != "fast":
+                raise
+            result["fast_rule_unmet"] = str(e)
+            continue
+        if name == "accurate" and row["trial_id"] == points.get("fast", {}).get("trial"):
             # the most accurate point is also the fastest within its rule: one retraining serves both
             points[name] = {**points["fast"], "rule": rule, "same_as": "fast"}
             continue
         points[name] = retrain_point(args, hand, swept, out, name, ["--pick", rule], row, cost)
-    result = {"points": points}
     if args.accurate_candidates > 1:
         table = pd.read_csv(report / "trials.csv", dtype={"trial_id": str})
         warm = [*options.search_space().warm_start, *options.warm_start]
@@ -291,7 +301,7 @@ def promote(args, hand: dict, swept: dict, out: Path) -> dict:
             raise SystemExit(f"{swept['experiment']}: no complete, feasible trial besides the warm start to retrain")
         candidates = []
         for row in rows:
-            if row["trial_id"] == points["fast"]["trial"]:  # retrained already: the same run serves both
+            if row["trial_id"] == points.get("fast", {}).get("trial"):  # retrained already: one run serves both
                 candidates.append({**points["fast"], "rule": "candidate", "same_as": "fast"})
             else:  # an equal share of the hand-picked Stage II's minutes each: together no longer than it
                 candidates.append(retrain_point(args, hand, swept, out, f"candidate-{row['trial_id']}",
@@ -520,8 +530,9 @@ def cpu_seconds_between(before: dict, after: dict) -> dict[str, float]:
 def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float, concurrency: int,
                       stages_in_ingress: bool = False, ingress_replicas: int = 1, haproxy: bool = False) -> dict:
     """Served end-to-end images/s, hand-picked (A) and fast (B) bundles interleaved A-B-A-B twice
-    on one Serve instance (the same deployments as bench/serve_cpu.py, or with
-    ``stages_in_ingress`` the ingress alone, running both networks; ``ingress_replicas`` of it;
+    (without a fast bundle, the hand-picked one alone, four times) on one Serve instance (the
+    same deployments as bench/serve_cpu.py, or with ``stages_in_ingress`` the ingress alone,
+    running both networks; ``ingress_replicas`` of it;
     with ``haproxy``, HAProxy in front: :func:`cxrtune.serving.deploy.haproxy_front`).
     After each loaded run: the per-step timings of single unloaded requests and the bound's CPU
     work (:func:`served_steps_cpu`): the bound from their medians (``bound``), and each run against
@@ -547,15 +558,16 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
     deployments = {"Ingress": {"num_replicas": ingress_replicas, "max_ongoing_requests": 64, "max_queued_requests": 256,
                                "ray_actor_options": shipped_ingress_options()},
                    **({} if stages_in_ingress else {"Stage1": stage, "Stage2": stage})}
-    rates: dict = {"handpicked": [], "fast": []}
-    steps: dict = {"handpicked": [], "fast": []}  # per run: its unloaded requests' timings
-    steps_cpu: dict = {"handpicked": [], "fast": []}  # per run: the bound's CPU work, measured right after it
-    cpu_ms: dict = {"handpicked": [], "fast": []}
+    names = [name for name in ("handpicked", "fast") if name in bundles_made]  # no fast point: the hand-picked alone
+    rates: dict = {name: [] for name in names}
+    steps: dict = {name: [] for name in names}  # per run: its unloaded requests' timings
+    steps_cpu: dict = {name: [] for name in names}  # per run: the bound's CPU work, measured right after it
+    cpu_ms: dict = {name: [] for name in names}
     batch = served_batch()
     try:
         start_ray(num_cpus=2, include_dashboard=False)
         serve.start(http_options=http)
-        for name in ["handpicked", "fast"] * 4:
+        for name in names * 4:
             settings = {"bundle": bundles_made[name]["bundle"], "max_batch_size": batch, "batch_wait_timeout_s": 0.02,
                         "device": "cpu", "runtime": "onnx-int8", "threads": 1, "auth": "none",
                         "stages_in_ingress": stages_in_ingress}
@@ -580,7 +592,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
         elif ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
-    pairs = [b / a for a, b in zip(rates["handpicked"], rates["fast"])]
+    pairs = [b / a for a, b in zip(rates["handpicked"], rates.get("fast", []))]
     def medians(rows: list[dict], digits: int) -> dict:
         return {k: round(float(np.median([r[k] for r in rows])), digits) if isinstance(rows[0][k], float) else rows[0][k]
                 for k in rows[0]}
@@ -603,7 +615,7 @@ def served_throughput(bundles_made: dict, payloads: list[bytes], duration: float
         cpu_by_role[name] = {k: round(float(np.median([run.get(k, 0.0) for run in runs])), 1) for k in roles}
         cpu_by_role[name]["total"] = round(float(np.median([sum(run.values()) for run in runs])), 1)
     return {"images_per_s": rates, "fast_over_handpicked": [round(p, 3) for p in pairs],
-            "median_ratio": round(float(np.median(pairs)), 3), "concurrency": concurrency,
+            "median_ratio": round(float(np.median(pairs)), 3) if pairs else None, "concurrency": concurrency,
             "stages_in_ingress": stages_in_ingress, "ingress_replicas": ingress_replicas, "haproxy": haproxy,
             "unloaded_steps_ms": median_steps, "loaded_cpu_ms_per_image": cpu_by_role, "serve_floor": floor,
             "served_steps_cpu_ms": steps_cpu_median, "bound": bound, "per_run": per_run}
@@ -825,6 +837,14 @@ def main() -> None:
         args.budget_minutes, args.trials, args.serve_seconds = min(args.budget_minutes, 6), min(args.trials, 3), 5
         args.grace = 1  # of 2 epochs
         args.fp_limit = 1.0  # a handful of validation Normals: any trial may reach the front
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.search.report import PickRule
+
+    for rule in (args.fast_rule, args.accurate_rule):  # a malformed rule fails now, not after the sweep
+        try:
+            PickRule.parse(rule)
+        except CxrtuneError as e:
+            raise SystemExit(str(e)) from None
     if args.accurate_candidates < 1:
         raise SystemExit("--accurate-candidates: 1 (the accurate rule's point) or more")
     if args.accurate_candidates > 1 and args.accurate_rule != "most-accurate":
@@ -837,6 +857,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, args.resume)
     promoted = stages.done("promote")
+    if promoted is not None and promoted.get("fast_rule", promoted["points"].get("fast", {}).get("rule")) != args.fast_rule:
+        raise SystemExit(f"{out}: its promote stage took the fast point by another rule than {args.fast_rule!r}: "
+                         "choose another --out (its handpicked and sweep stage files may be copied)")
     if promoted is not None and bool(promoted.get("candidates")) != (args.accurate_candidates > 1):
         raise SystemExit(f"{out}: its promote stage chose the accurate point "
                          f"{'from candidates' if promoted.get('candidates') else 'by its rule'}; this run asks "
@@ -908,7 +931,7 @@ def run_stage(name: str, args, out: Path, results: dict) -> dict:
         hand_minutes = results["handpicked"]["stage2_train_minutes"]
         hand_ms = served["int8_ms_per_image"]["handpicked"]["disease"]
         compare = {}
-        for point in ("fast", "accurate"):
+        for point in (p for p in ("fast", "accurate") if p in made):
             compare[point] = {
                 "trial": made[point].get("trial"),
                 "paired_score_error": paired_errors(Path(made["handpicked"]["eval"]), Path(made[point]["eval"])),
@@ -916,9 +939,11 @@ def run_stage(name: str, args, out: Path, results: dict) -> dict:
                 "fp_rate_on_normal": made[point]["fp_rate_on_normal"],
                 "retrain_minutes": retrain_minutes(results["promote"], point),
                 "handpicked_train_minutes": hand_minutes}
-        fast, accurate = compare["fast"], compare["accurate"]
+        accurate = compare["accurate"]
+        fast = compare.get("fast") or {"not_met": results["promote"].get("fast_rule_unmet") or "no fast point"}
+        compare["fast"] = fast
         # the median of the four interleaved runs of each bundle, not the luckiest
-        achieved = {k: float(np.median(served["throughput"]["images_per_s"][k])) for k in ("handpicked", "fast")}
+        achieved = {k: float(np.median(runs)) for k, runs in served["throughput"]["images_per_s"].items()}
         result = {**compare, "served_over_bound": {
             k: round(achieved[k] / served["bound"][k]["bound_images_per_s"], 3) for k in achieved},
             # each loaded run against the bound measured right after it (absent from readings
@@ -926,11 +951,13 @@ def run_stage(name: str, args, out: Path, results: dict) -> dict:
             "served_over_bound_per_run_median": {
                 k: round(float(np.median([r["served_over_bound"] for r in runs])), 3)
                 for k, runs in served["throughput"].get("per_run", {}).items()}}
+        found = "not_met" not in fast  # without a fast point, none of its targets is met
         result["targets"] = {
-            "fast: stage2 int8 latency >= 3x lower": fast["stage2_int8_speedup"] >= 3,
-            "fast: served throughput >= 1.15x": served["throughput"]["median_ratio"] >= 1.15,
-            "fast: score error non-inferior (upper 95% <= 0.15)": fast["paired_score_error"]["upper_95"] <= 0.15,
-            "fast: FP rate on Normal <= 0.10": fast["fp_rate_on_normal"] is not None and fast["fp_rate_on_normal"] <= 0.10,
+            "fast: stage2 int8 latency >= 3x lower": found and fast["stage2_int8_speedup"] >= 3,
+            "fast: served throughput >= 1.15x": found and served["throughput"]["median_ratio"] >= 1.15,
+            "fast: score error non-inferior (upper 95% <= 0.15)": found and fast["paired_score_error"]["upper_95"] <= 0.15,
+            "fast: FP rate on Normal <= 0.10": (found and fast["fp_rate_on_normal"] is not None
+                                                and fast["fp_rate_on_normal"] <= 0.10),
             "accurate: lower score error (upper 95% < 0)": accurate["paired_score_error"]["upper_95"] < 0,
             # the retraining's wall time includes promote's start and the run's upload; a minute's slack
             "accurate: no more retraining time": (None not in (accurate["retrain_minutes"], hand_minutes)

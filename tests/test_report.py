@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from cxrtune.errors import CxrtuneError
-from cxrtune.search.report import PickRule, pareto_front
+from cxrtune.search.report import NoPointMeetsRule, PickRule, pareto_front
 
 # trial, score MAE (lower is better), GMACs, trained to the end, meets the constraints
 ROWS = [("a", 0.50, 0.10, True, False),   # cheapest and good, but a constraint violator
@@ -46,8 +46,10 @@ def test_pick_rules_choose_the_documented_point():
                           ("fastest:recall<=0.1", "no column 'recall'"),
                           ("fastest:accuracy<=best+x", "not a number"),
                           ("fastest:accuracy<=0.1", "no point of the front")):
-        with pytest.raises(CxrtuneError, match=message):
+        with pytest.raises(CxrtuneError, match=message) as refused:
             pick(rule).pick(front, "val_score_mae", "min", "gmacs")
+        # only a well-formed rule that the sweep leaves unmet is a finding (search_to_serve goes on without it)
+        assert isinstance(refused.value, NoPointMeetsRule) == (message == "no point of the front")
     with pytest.raises(CxrtuneError, match="the front is empty"):
         pick("fastest").pick(front.iloc[0:0], "val_score_mae", "min", "gmacs")
 

@@ -199,6 +199,11 @@ def pareto_front(table: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.D
     return sub.loc[keep].sort_values([cost, "trial_id"])
 
 
+class NoPointMeetsRule(CxrtuneError):
+    """A well-formed ``--pick`` rule that no point of the front meets: a finding about the sweep,
+    not a mistake in the rule."""
+
+
 @dataclass(frozen=True)
 class PickRule:
     """How ``cxrtune promote --pick`` takes one point of a multi-objective front:
@@ -251,7 +256,7 @@ class PickRule:
             keep &= front[column] <= limit if op == "<=" else front[column] >= limit
         chosen = front[keep]
         if chosen.empty:
-            raise CxrtuneError(f"--pick {self.text!r}: no point of the front ({len(front)}) meets it")
+            raise NoPointMeetsRule(f"--pick {self.text!r}: no point of the front ({len(front)}) meets it")
         accuracy = chosen[metric] if mode == "min" else -chosen[metric]
         order = ([cost, "_accuracy"] if self.kind == "fastest" else ["_accuracy", cost])
         return chosen.assign(_accuracy=accuracy).sort_values([*order, "trial_id"]).iloc[0].drop("_accuracy")
