@@ -414,23 +414,30 @@ def _chosen_trial(analysis, table_of, o: TuneOptions, exp_uri: str, pick: str | 
         if trial is None:
             raise CxrtuneError(f"{exp_uri}: no trial {trial_id!r}; the report's trials.csv lists its "
                                f"{len(analysis.trials)} trials' ids")
-        ckpt = (analysis.get_last_checkpoint(trial) if o.multi_objective
-                else analysis.get_best_checkpoint(trial, space.metric, space.mode))
-        return trial, ckpt, f"trial {trial_id}"
+        return trial, _promoted_checkpoint(analysis, trial, o), f"trial {trial_id}"
     if not o.multi_objective:
         if pick:
             raise CxrtuneError("--pick chooses a point of a multi-objective front; this sweep has one objective")
         trial = analysis.get_best_trial(space.metric, space.mode, scope="all")
         if trial is None:
             raise CxrtuneError(f"{exp_uri}: no finished trial reports {space.metric}")
-        return trial, analysis.get_best_checkpoint(trial, space.metric, space.mode), f"best {space.metric}"
+        return trial, _promoted_checkpoint(analysis, trial, o), f"best {space.metric}"
     if not pick:
         raise CxrtuneError("a multi-objective sweep has no single best trial: choose a point of its front with "
                            "--pick, e.g. --pick 'fastest:accuracy<=best+0.05' (docs/search_spaces.md)")
     front = pareto_front(table_of(), space.metric, space.mode, cost)
     row = PickRule.parse(pick).pick(front, space.metric, space.mode, cost)
     trial = next(t for t in analysis.trials if t.trial_id == row["trial_id"])
-    return trial, analysis.get_last_checkpoint(trial), pick
+    return trial, _promoted_checkpoint(analysis, trial, o), pick
+
+
+def _promoted_checkpoint(analysis, trial, o: TuneOptions):
+    """The checkpoint that stands for ``trial``: its last in a multi-objective sweep (the epoch its
+    front values come from), its best by the objective in a single-objective one."""
+    if o.multi_objective:
+        return analysis.get_last_checkpoint(trial)
+    space = o.search_space()
+    return analysis.get_best_checkpoint(trial, space.metric, space.mode)
 
 
 def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | None = None,
