@@ -65,8 +65,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Ray refuses to write on a disk over 95 % full (RAY_local_fs_capacity_threshold; 1 - free/size),
 # and so does the sweep's check before it starts (cxrtune.cluster). On a large disk shared with
 # other work, as CI's is, that is under 12.6 GB free of 252 GB: room to spare for the suite, which
-# writes about 3 GiB (README), yet every sweep test would be refused. 0.99 still refuses a disk about to
-# fill. The tests of the limit itself set their own value.
+# writes about 3 GiB (README), yet every sweep test would be refused. 0.99 still refuses a disk
+# about to fill. The tests of the limit itself set their own value.
 os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.99")
 
 
