@@ -189,8 +189,14 @@ def test_killed_driver_resumes_an_s3_experiment_with_its_searcher(phantom_dir, b
         time.sleep(1)
     before = _trials_past(bucket, "exps/resume/", "checkpoint_000001")
     assert len(before) >= 2, "sweep did not get going"
-    time.sleep(3)  # let Tune save its experiment state to S3 once more
+    # kill once the experiment state on S3 names those trials (Tune uploads it in the background)
+    deadline, state = time.time() + 120, ""
+    while time.time() < deadline and not all(trial in state for trial in before):
+        states = sorted(k for k in storage.list_keys(f"{exp}/") if "/experiment_state" in k)
+        state = storage.read_text(states[-1]) if states else ""
+        time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
+    assert all(trial in state for trial in before), f"Tune's state on S3 did not name {before} in 120 s"
     proc.wait()
 
     # a fresh driver elsewhere: the local Optuna journal is gone, the copy beside the experiment is not
