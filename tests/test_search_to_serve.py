@@ -20,7 +20,7 @@ import yaml
 
 from cxrtune.data import manifest
 from cxrtune.data.splits import split_hash
-from cxrtune.model.artifacts import bundle_hash
+from cxrtune.model.artifacts import bundle_hash, read_bundle_meta
 from cxrtune.search.report import pareto_front
 from tests.conftest import cli, cli_in_process, ctrl_c_reaches_it, shipped_cpu_config, stop_with_ctrl_c, wait_until_ready
 
@@ -169,6 +169,7 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
     assert search["trial"] == picked and search["pick"] == "fastest:accuracy<=best+6"
     assert search["sampler"] == "tpe" and search["seed"] == 3 and search["objectives"] == ["val_score_mae", "int8_ms"]
     assert search["split_hash"] == split_hash(manifest.load_manifest(m))  # recorded when the sweep started
+    assert search["space"] == str(space) and search["space_definition"] == yaml.safe_load(space.read_text())
     kept = exp / "latency_table.csv"  # the sweep's own table, as its trials read it
     assert search["latency_table"] == str(kept) and search["latency_table_sha256"] == sha256(latency_csv)
     assert json.loads((run / "run.json").read_text())["search"] == search
@@ -207,6 +208,10 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
                    "--out", str(made))
     cli_in_process("calibrate", str(made), "--out", str(calibrated), "--manifest", m, "--what", "cls,zone")
     assert sha256(calibrated / "disease.pt") == sha256(last_checkpoint / "model.pt")
+    served_meta = read_bundle_meta(str(calibrated))
+    assert served_meta.model_card["stages"]["disease"]["search"] == search  # the card, whole
+    # the hash the serving loader checks disease.pt against before it loads it, and bundle_hash covers
+    assert served_meta.files["disease.pt"] == sha256(last_checkpoint / "model.pt")
 
     config, port = shipped_cpu_config(tmp_path, calibrated)
     log = (tmp_path / "serve.log").open("w")
@@ -221,6 +226,9 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
         models = requests.get(f"{base}/v1/models", headers={"X-API-Key": key}, timeout=10).json()
         card = models["model_card"]["stages"]["disease"]["search"]
         assert card["trial"] == picked and card["pick"] == "fastest:accuracy<=best+6"
+        for what in ("sampler", "seed", "split_hash", "space_definition", "objectives", "constraints"):
+            assert card[what] == search[what], what  # how the point was found, shown to clients
+        assert "space" not in card and "manifest" not in card  # paths are not shown to clients
         image = sorted((phantom_dir / "images").iterdir())[1]
         record = requests.post(f"{base}/v1/score", data=image.read_bytes(), headers={"X-API-Key": key},
                                timeout=60).json()
