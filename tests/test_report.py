@@ -1,4 +1,4 @@
-"""The small pieces of the multi-objective search, without Ray: the front and the rules that pick
+"""The small pieces of the multi-objective search, without Ray: the front, its figure and the rules that pick
 from it (on trials tables made here; the sweep that writes such tables for real is
 tests/test_search_to_serve.py), constraints, decoder width presets, the GMACs cost and the split
 hash a promoted trial records."""
@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from cxrtune.errors import CxrtuneError
-from cxrtune.search.report import NoPointMeetsRule, PickRule, pareto_front
+from cxrtune.plots import figure_png
+from cxrtune.search.report import NoPointMeetsRule, PickRule, front_figure, pareto_front
 
 # trial, score MAE (lower is better), GMACs, trained to the end, meets the constraints
 ROWS = [("a", 0.50, 0.10, True, False),   # cheapest and good, but a constraint violator
@@ -29,6 +30,27 @@ def test_the_front_holds_complete_feasible_non_dominated_trials_only():
     assert list(front["trial_id"]) == ["b", "d", "c"]  # by cost
     everything = table().assign(complete=True, feasible=True)
     assert list(pareto_front(everything, "val_score_mae", "min", "gmacs")["trial_id"]) == ["a", "e"]  # what the filters keep off
+
+
+def test_the_front_figure_greys_violators_and_stopped_trials():
+    """pareto.png: what each trial is drawn as, read from the figure's artists."""
+    from matplotlib.colors import to_rgba
+
+    front = pareto_front(table(), "val_score_mae", "min", "gmacs")
+    fig = front_figure(table(), front, "val_score_mae", ["gmacs>=0.12"], "gmacs")
+    ax = fig.axes[0]
+    drawn = {c.get_label(): c for c in ax.collections}
+    grey, blue = to_rgba("#999"), to_rgba("#1f77b4")
+    violators, stopped = drawn["violates one of gmacs>=0.12"], drawn["stopped early"]
+    assert violators.get_offsets().tolist() == [[0.10, 0.50]] and tuple(violators.get_facecolors()[0]) == grey  # a
+    assert stopped.get_offsets().tolist() == [[0.20, 0.30]] and tuple(stopped.get_edgecolors()[0]) == grey  # e
+    assert len(stopped.get_facecolors()) == 0  # an open circle
+    assert sorted(map(tuple, drawn["complete, feasible"].get_offsets().tolist())) == sorted(
+        (g, m) for _, m, g, c, f in ROWS if c and f)
+    assert tuple(drawn["complete, feasible"].get_facecolors()[0]) == blue
+    (line,) = ax.get_lines()
+    assert line.get_xdata().tolist() == [0.15, 0.25, 0.30] and to_rgba(line.get_color()) == to_rgba("#d62728")
+    figure_png(fig)  # renders, and closes the figure
 
 
 def test_pick_rules_choose_the_documented_point():

@@ -323,7 +323,7 @@ def write_report(exp_uri: str, out_dir: str, latency_table: str | None = None) -
     if o.multi_objective:
         front = pareto_front(table, space.metric, space.mode, cost)
         put("pareto.csv", front.to_csv(index=False).encode())
-        put("pareto.png", _front_figure(table, front, space.metric, o, cost))
+        put("pareto.png", figure_png(front_figure(table, front, space.metric, o.constraints, cost)))
     return written
 
 
@@ -336,15 +336,18 @@ def front_cost(o: TuneOptions, latency_table: str | None = None) -> str:
     return cost_metric_for(latency_table or o.latency_table)
 
 
-def _front_figure(table: pd.DataFrame, front: pd.DataFrame, metric: str, o: TuneOptions, cost: str) -> bytes:
+def front_figure(table: pd.DataFrame, front: pd.DataFrame, metric: str, constraints: Sequence[str], cost: str):
     """Every scored trial by cost and accuracy: complete feasible ones in blue, constraint
-    violators as grey crosses, stopped trials as grey circles, the front in red."""
+    violators as grey crosses, stopped trials as grey circles, the front in red.
+
+    Returns:
+        The matplotlib figure (``figure_png`` renders it)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     scored = table.dropna(subset=[metric, cost]) if {metric, cost} <= set(table) else table.iloc[0:0]
     complete, feasible = scored["complete"].astype(bool), scored["feasible"].astype(bool)
     groups = ((complete & feasible, {"c": "#1f77b4", "marker": "o"}, "complete, feasible"),
-              (~feasible, {"c": "#999", "marker": "x"}, "violates one of " + ", ".join(o.constraints or ["its constraints"])),
+              (~feasible, {"c": "#999", "marker": "x"}, "violates one of " + ", ".join(constraints or ["its constraints"])),
               (~complete & feasible, {"facecolors": "none", "edgecolors": "#999", "marker": "o"}, "stopped early"))
     for keep, style, label in groups:
         if keep.any():
@@ -355,7 +358,7 @@ def _front_figure(table: pd.DataFrame, front: pd.DataFrame, metric: str, o: Tune
               else "GMACs per image (proxy for served latency)")
     ax.set(xlabel=xlabel, ylabel=metric, title="Accuracy vs cost")
     ax.legend(fontsize=8)
-    return figure_png(fig)
+    return fig
 
 
 def top_grade_recipes(exp_uri: str, top: int = 5) -> list:
