@@ -174,6 +174,9 @@ def main() -> None:
     ap.add_argument("--out", help="where the random bundle goes (default: a temporary folder, removed at exit)")
     ap.add_argument("--haproxy", action="store_true", help="HAProxy in front of the ingress (cxrtune serve --haproxy)")
     args = ap.parse_args()
+    from json_stdout import reserve_stdout  # bench/, beside this script
+
+    json_out = reserve_stdout()  # Ray prints to stdout: keep it for the JSON
 
     import atexit
     import os
@@ -344,7 +347,7 @@ def main() -> None:
                                 and len(logs) > 0)  # no log read would be no check, not a pass
     print(json.dumps({"targets": TARGETS, "haproxy": args.haproxy, "ingress_rss_start_mb": rss0,
                       "ingress_uss_start_mb": uss0, "ingress_store_start_mb": store0, "cases": report,
-                      "summary": summary}, indent=1))
+                      "summary": summary}, indent=1), file=json_out, flush=True)
 
 
 if __name__ == "__main__":

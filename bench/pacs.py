@@ -169,6 +169,9 @@ def main() -> None:
     ap.add_argument("--orthanc", help="an Orthanc REST URL with the DICOMweb plugin at /dicom-web")
     ap.add_argument("--serve", action="store_true", help="also through Ray Serve over HTTP")
     args = ap.parse_args()
+    from json_stdout import reserve_stdout  # bench/, beside this script
+
+    json_out = reserve_stdout()  # Ray prints to stdout: keep it for the JSON
     work = Path(tempfile.mkdtemp(prefix="cxrtune-pacs-bench-"))
     bundle = args.bundle
     if not bundle:
@@ -184,7 +187,7 @@ def main() -> None:
         report["poll"] = poll(scorer, copies(args.n), args.orthanc, work)
     if args.serve:
         report["http"] = http(bundle, copies(args.n))
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1), file=json_out, flush=True)
 
 
 if __name__ == "__main__":

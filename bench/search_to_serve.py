@@ -833,6 +833,9 @@ def main() -> None:
     ap.add_argument("--stages-in-ingress", action="store_true",
                     help="serve both networks in the ingress replica (ServeSettings.stages_in_ingress)")
     args = ap.parse_args()
+    from json_stdout import reserve_stdout  # bench/, beside this script
+
+    json_out = reserve_stdout()  # Ray prints to stdout: keep it for the JSON
     if args.quick:
         args.budget_minutes, args.trials, args.serve_seconds = min(args.budget_minutes, 6), min(args.trials, 3), 5
         args.grace = 1  # of 2 epochs
@@ -881,7 +884,7 @@ def main() -> None:
                "compute_minutes": round(sum(results[s].get("minutes", 0) for s in STAGES[1:]), 1),
                "handpicked_minutes_if_run_here": handpicked_minutes(results["handpicked"]), **results}
     (out / "result.json").write_text(json.dumps(json_safe(summary), indent=2))
-    print(json.dumps(json_safe(summary), indent=2))
+    print(json.dumps(json_safe(summary), indent=2), file=json_out, flush=True)
 
 
 def handpicked_minutes(hand: dict) -> float | None:

@@ -215,6 +215,9 @@ def main() -> None:
                     help="COVID-QU-Ex Train (images and lung masks) that random Stage I's head is fitted to")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    from json_stdout import reserve_stdout  # bench/, beside this script
+
+    json_out = reserve_stdout()  # Ray prints to stdout: keep it for the JSON
     if args.parity_bundle and not (args.calibration and args.parity_eval):
         ap.error("--parity-bundle needs --calibration and --parity-eval (folders of PNGs, not the same images)")
 
@@ -306,7 +309,7 @@ def main() -> None:
         "targets_met": {"served (FP32 ONNX) >= 1.4x seed style": ratio >= 1.4,
                         "served (int8 ONNX) >= 1.4x seed style": ratio_int8 >= 1.4},
     }
-    print(json.dumps(json_safe(result), indent=2), flush=True)
+    print(json.dumps(json_safe(result), indent=2), file=json_out, flush=True)
     import ray
     from ray import serve
 

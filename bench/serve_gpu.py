@@ -205,6 +205,9 @@ def main() -> None:
                     help="COVID-QU-Ex Train (images and lung masks) that random Stage I's head is fitted to")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    from json_stdout import reserve_stdout  # bench/, beside this script
+
+    json_out = reserve_stdout()  # Ray prints to stdout: keep it for the JSON
 
     import ray
     import torch
@@ -265,7 +268,7 @@ def main() -> None:
         "sweep": [{"concurrency": r["concurrency"], "images_per_s": r["throughput_images_per_s"],
                    "p50": r["latency_ms"]["p50"], "p99": r["latency_ms"]["p99"], "errors": r["errors"]} for r in sweep],
     }
-    print(json.dumps(json_safe(result), indent=2))
+    print(json.dumps(json_safe(result), indent=2), file=json_out, flush=True)
 
 
 if __name__ == "__main__":
