@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30, help="seconds per load level")
     ap.add_argument("--out", default="/tmp/cxrtune-ingress-env-ab")
     args = ap.parse_args()
+    from json_stdout import reserve_stdout  # bench/, beside this script
+
+    json_out = reserve_stdout()  # Ray prints to stdout: keep it for the JSON
     try:
         arms = [parse_arm(a) for a in args.arm]
     except ValueError as exc:  # json.JSONDecodeError is one
@@ -90,7 +93,7 @@ def main() -> None:
     print(json.dumps({"benchmark": "ingress_env_ab", "images": len(payloads), "ingress_env_vars": used, "runs": runs,
                       "errors": sum(r["errors"] for arm in runs.values() for r in arm), f"ratio_to_{first}": ratios,
                       f"median_ratio_to_{first}": {name: statistics.median(r) if r else None for name, r in ratios.items()}},
-                     indent=1), flush=True)
+                     indent=1), file=json_out, flush=True)
     import ray
     from ray import serve
 

@@ -209,7 +209,7 @@ def bands_plot(results: dict, target: float, budget_s: float, path: Path) -> Non
     fig.savefig(path, dpi=120)
 
 
-def run_cpu(args) -> None:
+def run_cpu(args, json_out) -> None:
     """Issue 11, item 8: the speed-up of the service's search over random search on this CPU."""
 
     import numpy as np
@@ -307,7 +307,7 @@ def run_cpu(args) -> None:
         "targets_met": {"tpe_asha reaches the target in at most half random's time, every seed": met},
         "plot": str(out / "curves.png"),
     }
-    print(json.dumps(json_safe(summary), indent=2))
+    print(json.dumps(json_safe(summary), indent=2), file=json_out, flush=True)
 
 
 MO_COST_REF = 1.05  # the hypervolume's reference cost: 5 % above the costliest feasible trial of the comparison
@@ -378,7 +378,7 @@ def constant_score_mae(val) -> dict:
     return {"score": best, "mae": round(errors[best], 4), "all_zero_mae": round(errors[0], 4), "n": len(scores)}
 
 
-def run_cpu_mo(args) -> None:
+def run_cpu_mo(args, json_out) -> None:
     """Issue 23, item 7: the multi-objective Stage II searches (``--searches``: TPE + ASHA, GP +
     ASHA, with the space's warm start) against random search without stopping, on 600
     COVID-QU-Ex rows at <= 128 px, 4 epochs, ``--num-samples`` trials (16 by default), two at once,
@@ -495,7 +495,7 @@ def run_cpu_mo(args) -> None:
                "methods": methods,
                "targets_met": {f"{label}: hypervolume >= random's, or its time to random's final <= 0.5x, each seed": ok
                                for label, ok in met.items()}}
-    print(json.dumps(json_safe(summary), indent=2))
+    print(json.dumps(json_safe(summary), indent=2), file=json_out, flush=True)
 
 
 def main() -> None:
@@ -533,16 +533,19 @@ def main() -> None:
     ap.add_argument("--lung-bundle", default="/tmp/cxrtune-accuracy-cpu/bundle-calibrated",
                     help="--multi-objective: the fixed Stage I (bench/accuracy.py --cpu's bundle)")
     args = ap.parse_args()
+    from json_stdout import reserve_stdout  # bench/, beside this script
+
+    json_out = reserve_stdout()  # Ray prints to stdout: keep it for the JSON
     if args.cpu and args.multi_objective:
         if args.latency_table is None:
             args.latency_table = "" if args.quick else str(ROOT / "search_spaces" / "disease_cpu.int8_ms.csv")
         args.budget_minutes = args.budget_minutes or (3 if args.quick else 25)
         args.num_samples = 3 if args.quick else args.num_samples or 16
-        return run_cpu_mo(args)
+        return run_cpu_mo(args, json_out)
     if args.cpu:
         args.target, args.num_samples = args.target or 0.88, args.num_samples or 12
         args.budget_minutes, args.max_epochs = args.budget_minutes or 8, args.max_epochs or 6
-        return run_cpu(args)
+        return run_cpu(args, json_out)
     args.budget_minutes, args.max_epochs = args.budget_minutes or 12, args.max_epochs or 16
 
     import pandas as pd
@@ -596,7 +599,7 @@ def main() -> None:
                           "seconds_to_target": reach, "best_config": summary.get("best_config"), "curve": points}
     print(json.dumps(json_safe({"benchmark": "sweep", "stage": args.stage, "metric": metric, "target": target,
                                 "budget_minutes": args.budget_minutes, "gpus_per_trial": gpus, "quick": args.quick,
-                                "results": results}), indent=2))
+                                "results": results}), indent=2), file=json_out, flush=True)
 
 
 if __name__ == "__main__":
