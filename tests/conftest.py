@@ -18,8 +18,13 @@ pytest_plugins = ["tests.coverage_floor"]  # the inner loop's coverage floor per
 
 def cli(*args, env=None, timeout=420, check=True) -> subprocess.CompletedProcess:
     """``cxrtune ARGS`` in a subprocess, as a user runs it; asserts success unless ``check=False``."""
-    r = subprocess.run([sys.executable, "-m", "cxrtune.cli", *args], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})}, timeout=timeout)
+    try:
+        r = subprocess.run([sys.executable, "-m", "cxrtune.cli", *args], capture_output=True, text=True,
+                           env={**os.environ, **(env or {})}, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # say what the command was doing, not only that it ran long
+        out, err = (b.decode(errors="replace") if isinstance(b, bytes) else (b or "") for b in (exc.stdout, exc.stderr))
+        raise AssertionError(f"cxrtune {' '.join(map(str, args))} ran past {timeout} s\nstdout: ...{out[-3000:]}"
+                             f"\nstderr: ...{err[-3000:]}") from None
     if check:
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return r
