@@ -552,8 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "$CXRTUNE_API_KEY)")
     ls.add_argument("--api-key-file", help="an owner-only file holding the served scorer's API key")
     ls.add_argument("--max-attempts", type=int, default=20,
-                    help="deliveries a result may fail (5 s, 10 s ... up to 15 min apart: 20 is about 3 h) before it "
-                         "is parked")
+                    help="deliveries a result may fail, or scorings the served scorer may defer an instance (408, "
+                         "replicas that died under it), 5 s, 10 s ... up to 15 min apart (20 is about 3 h), "
+                         "before it is parked")
     ls.add_argument("--spool", required=True, help="folder (mode 0700) holding received instances and the outbox")
     ls.add_argument("--destination", required=True, metavar="AE@HOST:PORT", help="where the SR and SEG are C-STOREd")
     ls.add_argument("--allow", action="append", required=True, metavar="AE@HOST",

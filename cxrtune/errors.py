@@ -33,6 +33,9 @@ class UnsupportedFormatError(CxrtuneError):
 # how the served scorer's 422 for an image it cannot decode begins (not a refusal by the rules:
 # the PACS listener parks such an instance instead of dropping it)
 DECODE_FAILURE = "cannot decode the image"
+# how its 503 for a request under which stage replicas died begins: the input may be what kills
+# them, so the PACS listener counts it against that instance instead of waiting on it for ever
+REPLICA_FAILED = "a scoring replica failed"
 
 
 class InputRefused(CxrtuneError):

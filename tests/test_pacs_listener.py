@@ -4,6 +4,7 @@ the phantom bundle in process."""
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from cxrtune.pacs.listener import (
     ListenerSettings,
     PacsListener,
     Peer,
+    ScoreLater,
 )
 from cxrtune.pacs.results import SCHEME, dicom_results, to_bytes
 from cxrtune.pacs.spool import Spool, open_spool
@@ -660,6 +662,8 @@ class Answering:
 
 @pytest.mark.parametrize(("status", "error", "outcome"), [
     (404, "Not Found", "kept"), (502, "Bad Gateway", "kept"), (401, "missing or wrong X-API-Key", "kept"),
+    (503, "the scorer is at capacity; retry shortly", "kept"), (408, "Request timed out", "deferred"),
+    (503, "a scoring replica failed; retry shortly", "deferred"),
     (422, "DICOM not scorable: non-frontal view", "skipped"),
     (422, "cannot decode the image: cannot decode DICOM pixel data", "parked"), (413, "too large", "parked"),
     (415, "not PNG, JPEG or DICOM", "parked"), (500, "internal error", "parked")])
@@ -667,7 +671,8 @@ def test_through_an_endpoint_only_a_refusal_by_the_rules_drops_a_spooled_instanc
     """The C-STORE was answered success, so nothing may be lost: a wrong URL (404), a proxy while the
     app deploys (502) or a wrong key (401) keep the instance for a later try; what the scorer cannot
     take as it is (an undecodable or oversized file, a 500) is parked with the answer; only a 422
-    refusal by the DICOM rules skips it."""
+    refusal by the DICOM rules skips it. An answer that may be the instance's doing (408, replicas that
+    died under it) defers that instance alone, its try counted, so the instances behind it go on."""
     endpoint = Answering(status, error)
     settings = ListenerSettings(ae_title="CXRTUNE", host="127.0.0.1", port=free_port(), callers=(),
                                 destination=Peer("PACS", "127.0.0.1", free_port()), endpoint=endpoint.url)
@@ -676,7 +681,11 @@ def test_through_an_endpoint_only_a_refusal_by_the_rules_drops_a_spooled_instanc
         path = scp.spool.receive("1.2.3", to_bytes(dx(tmp_path, "one")))
         assert scp.score_one(path) is (outcome != "kept")
         status_now = scp.spool.status()
-        assert (status_now.incoming, status_now.parked) == {"kept": (1, 0), "skipped": (0, 0), "parked": (0, 1)}[outcome]
+        assert (status_now.incoming, status_now.parked) == {"kept": (1, 0), "deferred": (1, 0), "skipped": (0, 0),
+                                                            "parked": (0, 1)}[outcome]
+        tries = scp.spool.attempts(path)
+        assert (tries.attempts, tries.last_error) == ((1, f"deferred: HTTP {status}") if outcome == "deferred" else (0, ""))
+        assert scp.spool.received() == ([] if outcome == "deferred" else [path][:status_now.incoming])  # waits its backoff
         if outcome == "parked":
             assert status_now.parked_reasons == {f"cannot score: HTTP {status} {error}": 1}
     finally:
@@ -784,3 +793,35 @@ def test_a_full_disk_while_queuing_results_retries_the_instance_instead_of_parki
     finally:
         scp.stop()
         pacs.stop()
+
+
+def test_an_instance_the_scorer_keeps_deferring_holds_up_nothing_and_is_parked_after_its_tries(tmp_path, monkeypatch):
+    """An instance under which the served scorer's replicas keep dying (or that keeps timing out)
+    does not block the queue: the instance behind it is scored in the same pass, and the deferred
+    one is tried again after its backoff, then parked with its reason after ``max_attempts``
+    (``pacs retry`` scores it again)."""
+    settings = ListenerSettings(ae_title="CXRTUNE", host="127.0.0.1", port=free_port(), callers=(),
+                                destination=Peer("PACS", "127.0.0.1", free_port()), endpoint="http://127.0.0.1:9",
+                                max_attempts=2, backoff_s=0.0)
+    scp = PacsListener(settings, open_spool(tmp_path / "spool"), None, KEY, api_key="k" * 32)
+    deferred = to_bytes(dx(tmp_path, "first"))
+    first = scp.spool.receive("1.2.3", deferred)
+    os.utime(first, (1, 1))  # the oldest: scored first
+    second = scp.spool.receive("1.2.4", to_bytes(dx(tmp_path, "second")))
+    tried = []
+
+    def over_http(data, who):
+        tried.append(data == deferred)
+        if data == deferred:
+            raise ScoreLater("HTTP 503", this_instance=True)
+        return []
+
+    monkeypatch.setattr(scp, "_over_http", over_http)
+    scp._score_received()
+    assert tried == [True, False] and not second.exists()  # the second went on past the first
+    assert scp.spool.status().incoming == 1 and scp.spool.attempts(first).attempts == 1
+    scp._score_received()  # its second try: parked, never dropped
+    status = scp.spool.status()
+    assert (status.incoming, status.parked, status.parked_reasons) == (0, 1, {"deferred: HTTP 503": 1})
+    assert scp.spool.retry_parked() == (0, 1) and scp.spool.received()[0].read_bytes() == deferred
+    assert scp.spool.attempts(scp.spool.received()[0]).attempts == 0  # its tries start again

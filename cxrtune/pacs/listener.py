@@ -51,7 +51,7 @@ from pynetdicom import AE, evt
 
 from ..config_files import read_private_file
 from ..dicom import pseudonym_key, read_header
-from ..errors import DECODE_FAILURE, CxrtuneError, InputRefused
+from ..errors import DECODE_FAILURE, REPLICA_FAILED, CxrtuneError, InputRefused
 from ..preprocessing import load_scan
 from ..scoring.scorer import Scorer, load_bundle
 from .results import DICOM_RESULTS, dicom_results, parts_of, to_bytes
@@ -150,8 +150,9 @@ class ListenerSettings:
         max_associations: more at once get A-ASSOCIATE-RJ (transient, local limit exceeded).
         destination: where the SR and SEG go by C-STORE.
         max_spool_bytes: past it, a C-STORE is answered 0xA700 (out of resources).
-        max_attempts, backoff_s: a result that fails ``max_attempts`` deliveries is parked; the
-            n-th retry waits ``backoff_s`` x 2^(n-1)."""
+        max_attempts, backoff_s: a result that fails ``max_attempts`` deliveries, or an instance
+            the served scorer defers that often (:class:`ScoreLater`'s ``this_instance``), is
+            parked; the n-th retry waits ``backoff_s`` x 2^(n-1)."""
     ae_title: str
     host: str
     port: int
@@ -193,7 +194,14 @@ class SpoolGauges:
 
 class ScoreLater(Exception):
     """The served scorer could not score now (unreachable, 401/403: the key, 404: the URL, 408,
-    429, 502-504: busy or deploying, ...): the instance stays spooled and is tried again."""
+    429, 502-504: busy or deploying, ...): the instance stays spooled and is tried again.
+    ``this_instance``: the answer may be the instance's doing (408, no answer within the read
+    timeout, replicas that died under it), so its tries are counted and it waits its own backoff,
+    while the instances behind it go on."""
+
+    def __init__(self, reason: str, this_instance: bool = False):
+        super().__init__(reason)
+        self.this_instance = this_instance
 
 
 class CannotScore(Exception):
@@ -288,6 +296,8 @@ class PacsListener:
                                    params={"overlay": "true"} if self.settings.overlay else None,
                                    headers={"X-API-Key": self.api_key or "", "Accept": DICOM_RESULTS,
                                             "Content-Type": "application/dicom"})
+        except requests.ReadTimeout:  # connected, but no answer in time: this instance may be the slow one
+            raise ScoreLater("ReadTimeout", this_instance=True) from None
         except requests.RequestException as exc:
             raise ScoreLater(type(exc).__name__) from None
         code = answer.status_code
@@ -301,14 +311,16 @@ class PacsListener:
             log.info("skipped %s: HTTP %d %s", who, code, error)
             return None
         if code != 200:  # 401/403: fix the key; 404: fix the URL; 408, 429, 502-504: wait
-            raise ScoreLater(f"HTTP {code}")
+            raise ScoreLater(f"HTTP {code}", this_instance=code == 408 or (code == 503 and error.startswith(REPLICA_FAILED)))
         log.info("scored %s: %s, score %s", who, answer.headers.get("X-Status"), answer.headers.get("X-Score"))
         return [dcmread(io.BytesIO(part)) for part in parts_of(answer.headers["content-type"], answer.content)]
 
     def score_one(self, path) -> bool:
         """Score one spooled instance and queue its results; what the DICOM rules refuse is skipped
         with its reason, by pseudonym; what cannot be read or decoded is parked with its reason.
-        False: the served scorer could not score now, and the instance stays spooled for a later try."""
+        False: the served scorer could not score now, and the instance stays spooled for a later try.
+        An instance the scorer may be failing on (:class:`ScoreLater`'s ``this_instance``) is tried
+        again after its own backoff and parked after ``max_attempts``: True, the next one goes on."""
         data = path.read_bytes()
         try:
             who = read_header(data, self.study_key).instance or "an instance without a UID"
@@ -319,8 +331,13 @@ class PacsListener:
         try:
             objects = self._over_http(data, who) if self.settings.endpoint else self._in_process(data, who)
         except ScoreLater as exc:
-            log.warning("scoring %s deferred: the scorer at the endpoint answered %s", who, exc)
-            return False
+            if not exc.this_instance:
+                log.warning("scoring %s deferred: the scorer at the endpoint answered %s", who, exc)
+                return False
+            parked = self.spool.failed(path, f"deferred: {exc}", self.settings.max_attempts, self.settings.backoff_s)
+            log.warning("scoring %s deferred (the scorer at the endpoint answered %s)%s", who, exc,
+                        ": parked after too many tries" if parked else "; the instances behind it go on")
+            return True
         except CannotScore as exc:
             log.warning("parked %s: %s", who, exc)
             self.spool.park_received(path, f"cannot score: {exc}")

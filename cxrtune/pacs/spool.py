@@ -1,7 +1,8 @@
 """The listener's spool: a folder (mode 0700) that is its only state, so that a restart loses
 nothing and delivery is at least once.
 
-    incoming/  instances received, each fsynced before its C-STORE success response
+    incoming/  instances received, each fsynced before its C-STORE success response (one the
+               scorer deferred has a JSON sidecar of its tries, as an outbox item has)
     outbox/    results to send (the persistent outbound queue), each with a JSON sidecar holding
                its attempts, when to try next and the last error
     parked/    results that failed ``max_attempts`` times, and received instances that could not
@@ -31,7 +32,8 @@ MAX_BACKOFF_S = 900.0
 
 @dataclass(frozen=True)
 class Attempts:
-    """An outbox item's delivery state (its ``.json`` sidecar)."""
+    """An outbox item's delivery state, or a deferred received instance's scoring tries (its
+    ``.json`` sidecar)."""
     attempts: int = 0
     next_try: float = 0.0  # time.time() before which it is not retried
     last_error: str = ""
@@ -126,9 +128,10 @@ class Spool:
                 pass
         return [path for _, path in sorted(timed)]
 
-    def received(self) -> list[Path]:
-        """Instances waiting to be scored, oldest first."""
-        return self._oldest_first((self.root / "incoming").glob("*.dcm"))
+    def received(self, now: float | None = None) -> list[Path]:
+        """Instances waiting to be scored whose next try has come (one deferred by the scorer
+        waits its backoff: :meth:`failed`), oldest first."""
+        return self._due("incoming", now)
 
     def park_received(self, incoming: Path, reason: str) -> None:
         """An instance that cannot be scored (undecodable, or an unexpected failure): kept in
@@ -137,11 +140,13 @@ class Spool:
         parked = self.root / "parked" / (RECEIVED_PREFIX + incoming.name)
         self._write("parked", parked.with_suffix(".json").name, json.dumps(asdict(Attempts(1, 0.0, reason))).encode())
         os.replace(incoming, parked)
+        incoming.with_suffix(".json").unlink(missing_ok=True)
         _fsync_dir(self.root / "parked")
 
     def done(self, incoming: Path) -> None:
         """An instance handled (its results queued, or skipped with its reason logged)."""
         incoming.unlink(missing_ok=True)
+        incoming.with_suffix(".json").unlink(missing_ok=True)
         _fsync_dir(incoming.parent)
 
     # ------------------------------------------------------------------ outbox
@@ -155,8 +160,11 @@ class Spool:
 
     def due(self, now: float | None = None) -> list[Path]:
         """Outbox items whose next try has come, oldest first."""
+        return self._due("outbox", now)
+
+    def _due(self, folder: str, now: float | None) -> list[Path]:
         now = time.time() if now is None else now
-        return [p for p in self._oldest_first((self.root / "outbox").glob("*.dcm")) if self.attempts(p).next_try <= now]
+        return [p for p in self._oldest_first((self.root / folder).glob("*.dcm")) if self.attempts(p).next_try <= now]
 
     def attempts(self, item: Path) -> Attempts:
         try:
@@ -170,18 +178,21 @@ class Spool:
         _fsync_dir(item.parent)
 
     def failed(self, item: Path, reason: str, max_attempts: int, backoff_s: float) -> bool:
-        """Record a failed delivery: retried after ``backoff_s`` x 2^(attempts - 1), or parked after
-        ``max_attempts``. Returns whether it was parked."""
+        """Record a failed try of an outbox item's delivery, or of a received instance's scoring:
+        retried after ``backoff_s`` x 2^(attempts - 1), or parked after ``max_attempts`` (a
+        received one as ``received-*``, which ``pacs retry`` puts back to be scored). Returns
+        whether it was parked."""
         before = self.attempts(item)
         wait = min(MAX_BACKOFF_S, backoff_s * 2 ** before.attempts)
         after = Attempts(before.attempts + 1, time.time() + wait, reason)
         if after.attempts >= max_attempts:
-            self._write("parked", item.with_suffix(".json").name, json.dumps(asdict(after)).encode())
-            os.replace(item, self.root / "parked" / item.name)
+            parked = self.root / "parked" / ((RECEIVED_PREFIX if item.parent.name == "incoming" else "") + item.name)
+            self._write("parked", parked.with_suffix(".json").name, json.dumps(asdict(after)).encode())
+            os.replace(item, parked)
             item.with_suffix(".json").unlink(missing_ok=True)
             _fsync_dir(self.root / "parked")
             return True
-        self._write("outbox", item.with_suffix(".json").name, json.dumps(asdict(after)).encode())
+        self._write(item.parent.name, item.with_suffix(".json").name, json.dumps(asdict(after)).encode())
         return False
 
     # ------------------------------------------------------------------ parked

@@ -47,7 +47,15 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..dicom import Limits, drop_warnings
-from ..errors import DECODE_FAILURE, CxrtuneError, ImageDecodeError, ImageTooLargeError, InputRefused, UnsupportedFormatError
+from ..errors import (
+    DECODE_FAILURE,
+    REPLICA_FAILED,
+    CxrtuneError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    InputRefused,
+    UnsupportedFormatError,
+)
 from ..images import sniff_format
 from ..model.artifacts import Thresholds, bundle_hash, read_bundle_meta
 from ..pacs.results import DICOM_RESULTS, dicom_results, multipart_related, to_bytes
@@ -242,7 +250,7 @@ class Ingress:
                 # replicas (out of memory, a crash) must not take down one after another
                 died += isinstance(exc, RayActorError) and not isinstance(exc, ActorUnavailableError)
                 if attempt == STAGE_RETRIES or died > 1:
-                    raise RequestError(503, "a scoring replica failed; retry shortly", self.s.retry_after_s) from None
+                    raise RequestError(503, f"{REPLICA_FAILED}; retry shortly", self.s.retry_after_s) from None
                 log.warning("a %s replica failed; retrying (attempt %d)", stage.deployment_name, attempt + 2)
                 self.m_retries.inc(tags={"stage": stage.deployment_name})
                 await asyncio.sleep(min(5.0, 0.25 * 2 ** attempt))
