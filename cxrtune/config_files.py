@@ -5,9 +5,11 @@ their own versioned, migrating readers in :mod:`cxrtune.model.artifacts`."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
+from types import UnionType
+from typing import Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -40,7 +42,9 @@ def load_yaml(uri: str, expect: type | None = dict):
 
 def known_settings(cls, data, what: str) -> dict:
     """``data`` checked against the fields of dataclass ``cls``: a mapping whose every key is a
-    field, else a :class:`CxrtuneError` naming the unknown keys and the known ones. Returns a copy."""
+    field, else a :class:`CxrtuneError` naming the unknown keys and the known ones; and each value
+    of a plain str, int, float or bool field (or one of these or None) of that type
+    (:func:`typed_value`). Returns a copy, its numbers converted."""
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -49,7 +53,40 @@ def known_settings(cls, data, what: str) -> dict:
     unknown = sorted(set(data) - known)
     if unknown:
         raise CxrtuneError(f"unknown {what} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return dict(data)
+    try:
+        hints = get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that names a type only type checkers import
+        hints = {}
+    return {key: typed_value(value, hints.get(key), f"{what} setting {key}") for key, value in data.items()}
+
+
+SCALARS = (str, int, float, bool)
+
+
+def typed_value(value, hint, what: str):
+    """``value`` as the scalar type ``hint`` declares (str, int, float, bool, optionally None), or
+    unchanged where ``hint`` is another type. YAML 1.1, which PyYAML reads, takes ``1e-4`` (no
+    dot) for a string: a string that reads as a number is taken as that number, ``1.0`` for an
+    int as 1; anything else of the wrong type is refused.
+
+    Raises:
+        CxrtuneError: naming ``what``, the type wanted and the value given."""
+    args = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    wanted = [a for a in args if a is not type(None)]
+    if value is None and type(None) in args or len(wanted) != 1 or wanted[0] not in SCALARS:
+        return value
+    kind = wanted[0]
+    if kind is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        return value
+    name = {str: "text", int: "a whole number", float: "a number", bool: "true or false"}[kind]
+    raise CxrtuneError(f"{what} must be {name}, got {value!r}")
 
 
 def with_overrides(settings: dict, pairs: Sequence[str]) -> dict:

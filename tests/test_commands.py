@@ -230,6 +230,22 @@ def test_command_line_overrides_are_parsed_strictly():
         with_overrides(base, ["lr.x=1"])
 
 
+def test_settings_are_checked_against_their_types_and_1e_4_is_a_number():
+    """`--set lr=1e-4` (the --help's own example) is a number although YAML 1.1 reads it as text;
+    a value of the wrong type is refused by name before a model is built, not a TypeError in the
+    optimizer."""
+    from cxrtune.model.train import TrainConfig
+
+    cfg = TrainConfig().with_overrides(["lr=1e-4", "epochs=3.0", "max_minutes=2", "model.encoder=resnet34"])
+    assert (cfg.lr, cfg.epochs, cfg.max_minutes, cfg.model.encoder) == (1e-4, 3, 2.0, "resnet34")
+    assert isinstance(cfg.lr, float) and isinstance(cfg.epochs, int)
+    for pair, message in [("lr=fast", "training setting lr must be a number, got 'fast'"),
+                          ("epochs=2.5", "epochs must be a whole number"), ("seed=true", "seed must be a whole number"),
+                          ("augment=maybe", "augment must be true or false"), ("model.arch=3", "arch must be text")]:
+        with pytest.raises(CxrtuneError, match=message):
+            TrainConfig().with_overrides([pair])
+
+
 def test_experiment_options_are_read_strictly(tmp_path):
     (tmp_path / "cxrtune.json").write_text(json.dumps({"space": {}, "manifest": "m.parquet", "name": "x",
                                                         "surprise": 1}))

@@ -373,6 +373,20 @@ def test_space_errors_name_the_key(tmp_path):
         parse_space({**SPACE, "parameters": {"arch": {"type": "choice", "values": ["Unett"]}}})
     with pytest.raises(CxrtuneError, match=r"parameters.encoder.given"):
         parse_space({**SPACE, "parameters": {"encoder": {"type": "choice", "given": "arch", "values": {"x": ["a"]}}}})
+    # a fixed value is checked as a drawn one is, its type too: refused now, not by every trial
+    with pytest.raises(CxrtuneError, match=r"fixed.seg_loss: unknown value\(s\) \['dicee'\]"):
+        parse_space({**SPACE, "fixed": {**SPACE["fixed"], "seg_loss": "dicee"}})
+    with pytest.raises(CxrtuneError, match=r"fixed.model.arch: unknown value\(s\) \['UNet'\]"):
+        parse_space({**SPACE, "fixed": {**SPACE["fixed"], "model": {"arch": "UNet"}}})
+    with pytest.raises(CxrtuneError, match=r"fixed: training setting lr must be a number, got 'fast'"):
+        parse_space({**SPACE, "fixed": {**SPACE["fixed"], "lr": "fast"}})
+    with pytest.raises(CxrtuneError, match=r"warm_start\[0\]: lr must be a number, got 'x'"):
+        parse_space({**SPACE, "warm_start": [{"lr": "x"}]})
+    lr_param = next(p for p in parse_space(SPACE).params if p.name == "lr")
+    low = f"{lr_param.low:.0e}".replace("e-0", "e-")  # text as YAML 1.1 reads 1e-4
+    space = parse_space({**SPACE, "fixed": {**SPACE["fixed"], "weight_decay": "1e-5"}, "warm_start": [{"lr": low}]})
+    assert space.train_config({}).weight_decay == 1e-5
+    assert space.optuna_params(space.warm_start[0]) == {"lr": pytest.approx(lr_param.low)}
     for f in Path(__file__).parent.parent.glob("search_spaces/*.yaml"):
         space = load_space(str(f))
         assert space.params

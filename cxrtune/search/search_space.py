@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from ..config_files import load_yaml
+from ..config_files import load_yaml, typed_value
 from ..errors import CxrtuneError
 from ..model.classify import BALANCING
 from ..model.grading import CLASSIFIER_KEYS, GRADE_KEYS, ROI_SCHEMES, SIDES, GradeConfig
@@ -143,6 +143,11 @@ class SearchSpace:
                 name = f"{p.name}|{parent}"
             if p.type == "choice" and value not in (allowed or []):
                 raise _fail(self.source, where, f"{p.name}={value!r} is not among its choices")
+            if p.type != "choice":  # YAML 1.1 reads 1e-3 as text: a number, as a training setting takes it
+                try:
+                    value = typed_value(value, int if p.type == "int" else float, p.name)
+                except CxrtuneError as exc:
+                    raise _fail(self.source, where, str(exc)) from None
             if p.type != "choice" and not (p.low <= value <= p.high):
                 raise _fail(self.source, where, f"{p.name}={value!r} is outside [{p.low}, {p.high}]")
             out[name] = value
@@ -315,7 +320,15 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:  # noqa: C9
     warm = data.get("warm_start") or []
     if not isinstance(warm, list) or not all(isinstance(w, dict) for w in warm):
         raise _fail(source, "warm_start", "must be a list of mappings NAME: value")
+    for k, v in {**fixed, **(fixed.get(nested) or {})}.items():  # a fixed value as a drawn one is checked
+        if isinstance(v, str):
+            _check_values(source, f"fixed.{nested + '.' if k in nested_keys and k not in recipe_keys else ''}{k}",
+                          k, [v])
     space = SearchSpace(task, objective, fixed, params, source, [dict(w) for w in warm])
+    try:  # and the settings' types: a trial would fail on them only after Ray had started
+        space.train_config({})
+    except CxrtuneError as exc:
+        raise _fail(source, "fixed", str(exc)) from None
     _check_decoder_presets(space)
     for i, point in enumerate(space.warm_start):
         space.optuna_params(point, f"warm_start[{i}]")  # checked now, not when the sweep starts
