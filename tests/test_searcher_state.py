@@ -135,7 +135,8 @@ def test_a_database_study_keeps_its_password_out_of_the_url_and_rays_pickles(pos
         with pytest.raises(CxrtuneError, match="holds a password") as refused:
             TuneOptions(**{**o.__dict__, "optuna_storage": with_password})
         assert password not in str(refused.value)
-    with pytest.raises(Exception, match="password authentication failed|no password supplied"):
+    with pytest.raises(CxrtuneError, match=f"cannot open the Optuna storage {url}: .*"
+                                           "(password authentication failed|no password supplied)"):
         _searcher(o, o.search_space())  # the password is nowhere else
 
 

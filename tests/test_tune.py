@@ -251,6 +251,12 @@ def test_trial_that_cannot_fit_fails_fast(phantom_dir, space_file, tmp_path):
     assert r.stderr.startswith("cxrtune: error: the sweep cannot start: ") and " full (" in r.stderr, r.stderr
     assert "RAY_local_fs_capacity_threshold" in r.stderr
     assert not (tmp_path / "exps").exists()  # nothing written
+    # an Optuna storage that cannot be opened: refused before the experiment is written, so the
+    # same --name, corrected, starts (no "exists: continue it with --resume" for a sweep that never ran)
+    r = cli(*common, "--optuna-storage", f"sqlite:///{tmp_path}/no/such/folder/optuna.db", check=False, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("cxrtune: error: cannot open the Optuna storage sqlite:///")
+    assert not (tmp_path / "exps").exists()
 
 
 @pytest.mark.slow
@@ -506,6 +512,8 @@ def test_tune_options_check_themselves_once_before_anything_starts():
                          ({"multi_objective": True, "constraints": ["val_dice=0.5"]}, "expected NAME<=VALUE"),
                          ({"multi_objective": True, "constraints": ["val_dice>=half"]}, "must be a finite number"),
                          ({"grid": True, "warm_start": [{"lr": 0.1}]}, "--grid runs every combination once"),
+                         ({"warm_start": [{"lr": 1e-3}, {"size": 1000}]}, r"--warm-start point 1: size=1000 is outside"),
+                         ({"warm_start": [{"depth": 3}]}, "--warm-start point 0: 'depth' is not a parameter"),
                          ({"space": {**EMBEDDED_SPACE, "task": "disease"}, "objective": "score_mae"},
                           "needs --lung-bundle"),
                          ({"wandb_images": True}, "--wandb-images needs --wandb-project")):

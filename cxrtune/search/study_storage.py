@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from ..config_files import read_private_file
 from ..errors import CxrtuneError
@@ -61,7 +61,11 @@ class DatabaseStorage(optuna.storages.RDBStorage):
 
     def __init__(self, url: str):
         check_storage_url(url)
-        super().__init__(url, engine_kwargs=_connection_args())
+        try:
+            super().__init__(url, engine_kwargs=_connection_args())
+        except SQLAlchemyError as exc:  # the database's own words (the URL holds no password), no traceback
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise CxrtuneError(f"cannot open the Optuna storage {url}: {reason}") from None
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()

@@ -200,6 +200,8 @@ class TuneOptions:
         if self.optuna_storage:
             check_storage_url(self.optuna_storage)
         self.trial_constraints()  # each one parses
+        for i, point in enumerate(self.warm_start):  # each one is a point of the space
+            space.optuna_params(point, f"--warm-start point {i}")
 
     @property
     def cost_metric(self) -> str:
@@ -833,6 +835,8 @@ def run_tune(o: TuneOptions) -> dict:
     if storage.exists(storage.join(o.experiment_uri, EXPERIMENT_FILE)):  # its study, trials and journal are its own
         raise CxrtuneError(f"{o.experiment_uri} exists: continue it with `cxrtune tune --resume {o.experiment_uri}` "
                            "or choose another --name")
+    # the searcher checks the warm start and opens the Optuna storage: a sweep it refuses keeps its name
+    searcher = None if o.grid else _searcher(o, space, o.warm_start)
     storage.ensure_bucket(o.storage)
     options = {"format": EXPERIMENT_FORMAT, **asdict(o)}
     storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(options, indent=2))
@@ -844,7 +848,7 @@ def run_tune(o: TuneOptions) -> dict:
     concurrent = o.max_concurrent or max_parallel(o.cpus_per_trial, o.gpus_per_trial)
     tune_config = tune.TuneConfig(
         metric=None if o.multi_objective else space.metric, mode=None if o.multi_objective else space.mode,
-        search_alg=None if o.grid else _searcher(o, space, o.warm_start), scheduler=scheduler,
+        search_alg=searcher, scheduler=scheduler,
         num_samples=1 if o.grid else o.num_samples, max_concurrent_trials=concurrent, time_budget_s=o.time_budget_s)
     tuner = tune.Tuner(_trainable(o, space), param_space=param_space, tune_config=tune_config,
                        run_config=_run_config(o, space))
