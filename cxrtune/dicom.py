@@ -270,7 +270,7 @@ def inflate_capped(data: bytes, cap: int, declared: Callable[[bytes], int | None
 
     Raises:
         ImageTooLargeError: it inflates to more than the cap.
-        ImageDecodeError: not a DEFLATE stream."""
+        ImageDecodeError: not a DEFLATE stream, or one without its final block."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     out = bytearray()
     pending = data
@@ -288,6 +288,8 @@ def inflate_capped(data: bytes, cap: int, declared: Callable[[bytes], int | None
                                          "(what its header declares, or CXRTUNE_MAX_DECODED_BYTES)")
     except zlib.error:
         raise ImageDecodeError("corrupt Deflated DICOM (not a DEFLATE stream)") from None
+    if not inflater.eof:  # cut short, or never closed: pydicom, which inflates it again for results, refuses it
+        raise ImageDecodeError("corrupt Deflated DICOM (its DEFLATE stream does not end)")
     return bytes(out)
 
 

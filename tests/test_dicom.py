@@ -535,6 +535,16 @@ def test_deflated_dicom_inflates_through_a_capped_stream(tmp_path, monkeypatch):
     assert 0 < sum(produced) <= cap + 1 and decoded == []
     with pytest.raises(ImageDecodeError, match="DEFLATE"):
         dicom.inflate_capped(b"not deflate at all" * 10, cap)
+    # a stream without its final block (flushed, never finished) inflates, but is not whole
+    import zlib
+
+    payload = b"\x00" * 1000
+    unfinished = zlib.compressobj(wbits=-15)
+    unfinished = unfinished.compress(payload) + unfinished.flush(zlib.Z_SYNC_FLUSH)
+    with pytest.raises(ImageDecodeError, match="does not end"):
+        dicom.inflate_capped(unfinished, cap)
+    whole = zlib.compressobj(wbits=-15)
+    assert dicom.inflate_capped(whole.compress(payload) + whole.flush(), cap) == payload
 
 
 def test_a_deflated_dicom_inflates_no_further_than_its_header_declares(tmp_path, monkeypatch):

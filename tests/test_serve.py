@@ -473,6 +473,8 @@ def test_dicom_results_over_http_go_to_the_caller_and_nowhere_else(server, phant
     assert answers[0].headers["X-Score"] == str(record["score"]) and answers[0].headers["Cache-Control"] == "no-store"
     png = post(f"{server}/v1/score", phantom_png(phantom_dir), headers=accept)
     assert png.status_code == 406 and "need a DICOM input" in png.json()["error"]
+    unknown = post(f"{server}/v1/score", b"hello, not an image", headers=accept)  # the client's fault: not a 500
+    assert unknown.status_code == 415 and "send PNG (8/16-bit), JPEG or DICOM" in unknown.json()["error"]
     no_study = post(f"{server}/v1/score", _dicom(img, BitsStored=12, PatientName=SECRET), headers=accept)
     assert no_study.status_code == 422 and "StudyInstanceUID" in no_study.json()["error"]
     assert SECRET not in no_study.text

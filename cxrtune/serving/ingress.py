@@ -121,6 +121,14 @@ def _decode(data: bytes, s: ServeSettings):
         raise RequestError(422, f"{DECODE_FAILURE}: {exc}") from None
 
 
+def _format_of(data: bytes) -> str:
+    """:func:`sniff_format`, bytes of no format it knows being the client's 415 (as in :func:`_decode`)."""
+    try:
+        return sniff_format(data)
+    except UnsupportedFormatError as exc:
+        raise RequestError(415, f"{exc}; send PNG (8/16-bit), JPEG or DICOM") from None
+
+
 class SecureHeaders:
     """ASGI middleware: the security headers on every response, and ``Cache-Control: no-store`` on
     ``/v1`` (results and model details stay out of caches). Plain ASGI rather than Starlette's
@@ -337,7 +345,7 @@ class Ingress:
             dicom = wants_dicom(request.headers.get("accept", ""))
             with self.uploads.hold() as add:  # the upload budget, then the scoring budget
                 name, data = (await self._body(request, add, self.single_upload))[0]
-                if dicom and sniff_format(data) != "dicom":
+                if dicom and _format_of(data) != "dicom":
                     raise RequestError(406, "DICOM results (Accept: multipart/related; type=\"application/dicom\") "
                                             "need a DICOM input: they are written into the source's study")
                 with self.scoring.admitted() as ticket:
