@@ -98,10 +98,13 @@ def test_api_keys_rotate_compare_on_bytes_and_are_never_quoted():
     assert single.match(new) == single.keys[0][0] and single.keys[0][0].startswith("key-") and new not in single.keys[0][0]
     assert not ApiKeys.parse("")
     for bad, why in ((f"a:{old},b:{new},c:{new}x", "at most 2"), ("short-key", "shorter than 16"),
-                     (f"a:{old},a:{new}", "share an id")):
+                     (f"a:{old},a:{new}", "share an id"), ("s3cretprefix:short", "API key 1 of 1 is shorter than 16")):
         with pytest.raises(CxrtuneError, match=why) as err:
             ApiKeys.parse(bad)
-        assert old not in str(err.value) and new not in str(err.value) and "short-key" not in str(err.value)
+        message = str(err.value)
+        assert not [part for part in (old, new, "short-key", "s3cretprefix") if part in message]
+    colon = "Pr1vate#Part:" + "r" * 20  # a key holding a colon, not ID:KEY: the whole of it is the key
+    assert ApiKeys.parse(colon).match(colon) and not ApiKeys.parse(colon).match("r" * 20)
 
 
 def test_failed_key_checks_are_limited_per_client():
@@ -114,6 +117,11 @@ def test_failed_key_checks_are_limited_per_client():
     assert attempts.blocked_for("10.0.0.9", now=3.0) == pytest.approx(7.0)
     assert attempts.blocked_for("10.0.0.8", now=3.0) == 0  # another client is not held up
     assert attempts.blocked_for("10.0.0.9", now=10.5) == 0  # the first failure left the window
+    # clients that fail once and never come back are forgotten once their failures leave the window
+    for i in range(1000):
+        attempts.failed(f"10.1.{i >> 8}.{i & 255}", now=20.0)
+    assert len(attempts._seen) >= 1000
+    assert attempts.blocked_for("10.0.0.7", now=40.0) == 0 and len(attempts._seen) == 0
 
 
 def test_models_shown_to_clients_carry_no_location():

@@ -20,6 +20,7 @@ from ..errors import CxrtuneError
 log = logging.getLogger(__name__)
 MAX_KEYS = 2  # the live key and its successor, during a rotation
 MIN_KEY_CHARS = 16
+KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what an ID of ID:KEY may be (not secret: it is logged)
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,20 @@ class ApiKeys:
     @classmethod
     def parse(cls, text: str) -> "ApiKeys":
         """Raises CxrtuneError for more than two keys, an empty or short key, or a repeated id,
-        without quoting any key."""
+        without quoting any key, or any part of one: an entry whose text before a ``:`` is not an
+        id (letters, digits, ``._-``) is a key holding a colon, and a short key is named by its
+        place in the list, since the text taken for its id may be a secret split in two."""
         entries = [e.strip() for e in text.split(",") if e.strip()]
         if len(entries) > MAX_KEYS:
             raise CxrtuneError(f"{len(entries)} API keys given; at most {MAX_KEYS} are live at once (a rotation)")
         keys = []
-        for entry in entries:
+        for place, entry in enumerate(entries, 1):
             key_id, sep, key = entry.partition(":")
-            if not sep:
+            if not sep or not KEY_ID.fullmatch(key_id):
                 key_id, key = "key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
             if len(key) < MIN_KEY_CHARS:
-                raise CxrtuneError(f"API key {key_id!r} is shorter than {MIN_KEY_CHARS} characters")
+                raise CxrtuneError(f"API key {place} of {len(entries)} is shorter than {MIN_KEY_CHARS} characters "
+                                   "(written ID:KEY, the KEY)")
             keys.append((key_id, key.encode()))
         if len({k for k, _ in keys}) != len(keys):
             raise CxrtuneError("two API keys share an id")
@@ -75,8 +79,18 @@ class FailedAttempts:
     limit: int = 20
     window_s: float = 60.0
     _seen: dict[str, deque] = field(default_factory=dict)
+    _last_sweep: float = float("-inf")
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop every client without a failure in the window, once a window at most: a client
+        that never comes back would otherwise be kept for ever (many addresses, many entries)."""
+        if now - self._last_sweep >= self.window_s:
+            self._last_sweep = now
+            for client in [c for c, seen in self._seen.items() if not seen or now - seen[-1] > self.window_s]:
+                del self._seen[client]
 
     def _recent(self, client: str, now: float) -> deque:
+        self._forget_idle(now)
         seen = self._seen.setdefault(client, deque())
         while seen and now - seen[0] > self.window_s:
             seen.popleft()
