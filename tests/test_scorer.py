@@ -412,3 +412,52 @@ def test_one_bad_input_is_its_own_error_line_and_resume_keeps_refusals(tmp_path,
     kept = [json.loads(line)["image"] for line in batch_scoring.complete_lines(str(out))]
     assert kept == ["a", "b"]
 
+
+
+def test_a_folder_yields_dicom_files_by_content_and_an_overlay_that_fails_is_that_images_line(tmp_path, monkeypatch,
+                                                                                              caplog):
+    """PACS exports name DICOM files `IM000001` or by UID (`1.2.840...1234`): `cxrtune score FOLDER`
+    finds them by their preamble, and counts (never names) what is not an image. An overlay that
+    cannot be written is that image's retriable error line; the run goes on."""
+    from cxrtune import storage
+    from cxrtune.scoring import batch_scoring
+    from tests.test_dicom import make_dicom
+
+    folder = tmp_path / "export"
+    (folder / "series").mkdir(parents=True)
+    pixels = (np.tile(np.linspace(0, 1, 64), (64, 1)) * 4095).astype(np.uint16)
+    make_dicom(folder / "a.dcm", pixels, BitsStored=12)
+    for name in ("IM000001", "series/1.2.840.1234"):
+        shutil.copy(folder / "a.dcm", folder / name)
+    (folder / "DICOMDIR.txt").write_text("not an image")
+    images.write_png(str(folder / "b.png"), np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1)))
+    with caplog.at_level("WARNING", logger="cxrtune"):
+        found = batch_scoring.expand_inputs([str(folder)])
+    assert sorted(found) == sorted(str(folder / n) for n in ("IM000001", "a.dcm", "b.png", "series/1.2.840.1234"))
+    assert "1 file(s) in a given folder are neither" in caplog.text and "DICOMDIR" not in caplog.text
+
+    class Scorer:
+        batch_size = 2
+
+        def score_scans(self, scans):
+            return [({"status": "scored", "score": 1}, type("Detail", (), {"lungs": None, "opacity": None}))
+                    for _ in scans]
+
+    monkeypatch.setattr(batch_scoring, "encode_overlay", lambda *args: b"overlay")
+    written, overlays = storage.write_bytes, []
+
+    def write_bytes(uri, data):  # the second overlay meets a full disk
+        if uri.endswith(".overlay.png"):
+            overlays.append(uri)
+            if len(overlays) == 2:
+                raise OSError(28, "No space left on device")
+        return written(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    inputs = [str(folder / "a.dcm"), str(folder / "b.png")]
+    counts = batch_scoring.score_files(Scorer(), inputs, str(tmp_path / "out.jsonl"), overlays=str(tmp_path / "ov"),
+                                       progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert counts["scored"] == 1 and counts["error"] == 1
+    assert [(line["image"], line["status"]) for line in lines] == [(inputs[0], "scored"), (inputs[1], "error")]
+    assert lines[1]["retriable"] and lines[1]["error"] == "its overlay could not be written (OSError)"

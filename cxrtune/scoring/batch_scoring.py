@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from .. import storage
 from ..data import manifest
-from ..errors import CxrtuneError
+from ..errors import CxrtuneError, UnsupportedFormatError
+from ..images import sniff_format
 from ..preprocessing import Scan, load_scan
 from .overlay import encode_overlay
 from .record import ErrorRecord
@@ -48,7 +49,7 @@ def expand_inputs(paths: list[str], manifest_uri: str | None = None) -> list[str
             continue
         path = Path(p)
         if path.is_dir():
-            out += sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SCORABLE)
+            out += _folder_images(path)
         elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
             out += _manifest_images(p)
         elif path.is_file():
@@ -60,6 +61,33 @@ def expand_inputs(paths: list[str], manifest_uri: str | None = None) -> list[str
     if not out:
         raise CxrtuneError("no PNG, JPEG or DICOM files among the given inputs")
     return list(dict.fromkeys(out))
+
+
+def _folder_images(folder: Path) -> list[str]:
+    """The PNG, JPEG and DICOM files under ``folder``: by extension, and, for any other name, a
+    DICOM file's preamble (``DICM`` at byte 128): PACS exports name files ``IM000001`` or by their
+    UIDs (``1.2.840...1234``). What is neither is logged as a count, not read."""
+    images, other = [], 0
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file():
+            continue
+        if f.suffix.lower() in SCORABLE:
+            images.append(str(f))
+            continue
+        try:
+            with open(f, "rb") as handle:
+                is_dicom = sniff_format(handle.read(132)) == "dicom"
+        except (OSError, UnsupportedFormatError):
+            is_dicom = False
+        if is_dicom:
+            images.append(str(f))
+        else:
+            other += 1
+    if other:
+        # a count only: a folder's or a file's name may carry a patient's
+        log.warning("%d file(s) in a given folder are neither PNG, JPEG nor DICOM by name or content: not scored",
+                    other)
+    return images
 
 
 def _manifest_images(uri: str) -> list[str]:
@@ -119,14 +147,20 @@ def score_files(scorer: Scorer, uris: list[str], out_uri: str, overlays: str | N
                         f.write(json.dumps({"image": uri, **outcome.to_dict()}) + "\n")
                         continue
                     record, detail = outcome
-                    counts[record["status"]] += 1
                     line = {"image": uri, **record}
                     if overlays:
-
                         # named by a hash of the URI: unique across folders; file names can carry identifiers
                         line["overlay"] = hashlib.sha256(uri.encode()).hexdigest()[:20] + ".overlay.png"
-                        storage.write_bytes(storage.join(overlays, line["overlay"]),
-                                            encode_overlay(scan.image, detail.lungs, detail.opacity, record))
+                        try:
+                            storage.write_bytes(storage.join(overlays, line["overlay"]),
+                                                encode_overlay(scan.image, detail.lungs, detail.opacity, record))
+                        except (OSError, CxrtuneError) as exc:  # that image's line; --resume scores it again
+                            counts["error"] += 1
+                            error = ErrorRecord(error=f"its overlay could not be written ({type(exc).__name__})",
+                                                retriable=True)
+                            f.write(json.dumps({"image": uri, **error.to_dict()}) + "\n")
+                            continue
+                    counts[record["status"]] += 1
                     f.write(json.dumps(line) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
