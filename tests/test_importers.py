@@ -202,3 +202,24 @@ def test_cli_dicom_flags(tmp_path):
     assert pd.read_csv(tmp_path / "b.csv").label.tolist() == ["covid", "covid"]
     r = cli_in_process(*base, "--out", str(tmp_path / "c.csv"), "--drop-derived", check=False)
     assert r.returncode == 2 and "unrecognized arguments: --drop-derived" in r.stderr
+
+
+def test_label_and_grade_csvs_from_excel_are_read_or_refused_by_name(tmp_path, study_key):
+    """Excel writes "CSV UTF-8" with a byte-order mark (read), and plain "CSV" in a Windows code
+    page (refused, saying how to save it); an empty or ragged CSV is refused by name, never a
+    pandas traceback."""
+    src = tmp_path / "site"
+    (src / "images").mkdir(parents=True)
+    images.write_png(str(src / "images" / "a.png"), np.full((32, 32), 100, np.uint8))
+    labels = src / "labels.csv"
+    labels.write_bytes("image,label,site\na.png,covid,Clínica\n".encode("utf-8-sig"))
+    df = run_import("folder", str(src), str(tmp_path / "m.csv"), progress=False).manifest
+    assert list(df.label) == ["covid"] and list(df.site) == ["Clínica"]
+    for content, why in (("image,label,site\na.png,covid,Clínica\n".encode("cp1252"), "not UTF-8 .*save it as CSV UTF-8"),
+                         (b"", "EmptyDataError"), (b'image,label\n"a.png,covid\n', "ParserError")):
+        labels.write_bytes(content)
+        with pytest.raises(CxrtuneError, match=f"labels.csv: not a readable CSV table.*{why}"):
+            run_import("folder", str(src), str(tmp_path / "m.csv"), progress=False)
+    (src / "scores.csv").write_bytes("image,S_A\na.png,1\n".encode("cp1252") + "é\n".encode("cp1252"))
+    with pytest.raises(CxrtuneError, match="scores.csv: not a readable CSV table: not UTF-8"):
+        run_import("readers", str(src), str(tmp_path / "r.csv"), progress=False)

@@ -141,7 +141,7 @@ def import_folder(src: str, data_dir: str | None = None, progress: bool = True,
     table: dict[str, dict] = {}
     csv_row: dict[str, int] = {}
     if labels_csv.exists():
-        lab = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+        lab = manifest.read_csv_table(labels_csv.read_bytes(), str(labels_csv))
         if "image" not in lab.columns:
             raise CxrtuneError(f"{labels_csv}: needs an 'image' column with the image file names")
         unknown = [c for c in lab.columns if c != "image" and c not in FOLDER_LABEL_COLUMNS]

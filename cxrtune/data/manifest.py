@@ -114,13 +114,28 @@ def _coerce(df: pd.DataFrame) -> pd.DataFrame:
 
 def _read_table(uri: str) -> pd.DataFrame:
     data = storage.read_bytes(uri)
+    if data[:4] != b"PAR1":
+        return read_csv_table(data, uri, "a readable Parquet or CSV manifest")
     try:
-        if data[:4] == b"PAR1":
-            return pd.read_parquet(io.BytesIO(data))
-        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+        return pd.read_parquet(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001
         raise CxrtuneError(f"{uri}: not a readable Parquet or CSV manifest ({type(exc).__name__}: "
                            f"{str(exc)[:200]})") from None
+
+
+def read_csv_table(data: bytes, uri: str, what: str = "a readable CSV table") -> pd.DataFrame:
+    """A CSV's cells as text (empty cells as ""), the one way cxrtune reads the CSVs users give
+    (manifests, labels.csv, readers' grades). UTF-8, with or without a byte-order mark.
+
+    Raises:
+        CxrtuneError: naming ``uri``: not UTF-8 (an Excel export in a Windows code page: save it as
+            "CSV UTF-8"), empty, or rows of unequal length (pandas' own words, which quote no cell)."""
+    try:
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CxrtuneError(f"{uri}: not {what}: not UTF-8 (byte {exc.start}); save it as CSV UTF-8") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise CxrtuneError(f"{uri}: not {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def load_manifest(uri: str, check_files: bool = True) -> pd.DataFrame:

@@ -108,7 +108,7 @@ def import_readers(  # noqa: C901 - one refusal per malformed CSV case, each nam
     folder = table_path.parent
     if default_label is not None and default_label not in manifest.LABELS:
         raise CxrtuneError(f"--default-label {default_label!r} is not one of {', '.join(manifest.LABELS)}")
-    table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+    table = manifest.read_csv_table(table_path.read_bytes(), str(table_path))
     table.columns = [str(c).strip() for c in table.columns]
     if "image" not in table.columns:
         raise CxrtuneError(f"{table_path}: needs an 'image' column (columns: {', '.join(table.columns)})")
