@@ -171,6 +171,12 @@ def parse_duration(text: str | None) -> float | None:
 
 def _tune(args) -> None:
     if args.resume:
+        ignored = sorted(k for k, v in vars(args).items() if v is not None and k in (
+            *tuning.TUNE_FLAGS, "space", "manifest", "name", "storage", "time_budget", "constraint", "warm_start"))
+        if ignored:  # said, not dropped: a resumed sweep runs with the options it was started with
+            raise CxrtuneError(f"--resume continues a sweep with the options it started with ({args.resume}/"
+                               f"{tuning.EXPERIMENT_FILE}); it takes no other option: drop "
+                               + ", ".join("--" + k.replace("_", "-") for k in ignored))
         summary = tuning.resume_tune(args.resume)
     else:
         given = {k: v for k, v in vars(args).items() if v is not None and k in tuning.TUNE_FLAGS}

@@ -249,6 +249,21 @@ def test_unlabelled_rows_never_train_the_classifier(phantom_dir):
     assert (rows["label"] != "").all() and len(rows) == (df[df.split == "train"]["label"] != "").sum()
 
 
+def test_a_tuning_subset_asked_of_a_manifest_without_one_is_refused(phantom_dir):
+    """A shipped space tunes on the manifest's tuning subset: a manifest that marks none is refused,
+    not trained on whole at several times the compute the space was sized for."""
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.model.train import select_rows
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    cfg = TrainConfig.from_dict({"task": "lung", "tuning_subset": True})
+    with pytest.raises(CxrtuneError, match="marks no tuning subset .*--tuning-fraction"):
+        select_rows(df.drop(columns=["tuning"], errors="ignore"), cfg, "train")
+    marked = df.assign(tuning=[i % 2 == 0 for i in range(len(df))])
+    rows = select_rows(marked, cfg, "train")
+    assert rows["tuning"].all() and len(rows) == (marked[marked.split == "train"]["tuning"]).sum()
+
+
 def test_eval_only_rows_never_train(phantom_dir):
     """Reader-graded reference sets (brixia-dev) are for calibration and evaluation only."""
     from cxrtune.model.train import select_rows

@@ -530,3 +530,32 @@ def test_patient_images_reach_wandb_only_when_asked():
     assert not any(wants_overlays(TuneOptions(**base), e, 9) for e in range(1, 10))
     asked = TuneOptions(**base, wandb_images=True)
     assert [e for e in range(1, 10) if wants_overlays(asked, e, 9)] == [1, 4, 8, 9]
+
+
+def test_a_resume_takes_no_other_option_and_refuses_a_manifest_split_again(phantom_dir, tmp_path):
+    """`tune --resume` runs with the options the sweep started with: another option is refused by
+    name, not dropped; and a manifest whose split changed since is refused before Ray starts, as
+    new trials would train and validate on other rows than the finished ones."""
+    import pandas as pd
+
+    from cxrtune.data.splits import split_hash
+    from cxrtune.search.tuning import EMBEDDED_SPACE, EXPERIMENT_FILE, EXPERIMENT_FORMAT, TuneOptions
+    from tests.conftest import cli_in_process
+
+    df = pd.read_parquet(phantom_dir / "manifest.parquet")
+    for column in ("image", "lung_mask", "opacity_mask"):  # the copy elsewhere names the same files
+        df[column] = [str(phantom_dir / v) if v else v for v in df[column]]
+    manifest_copy = tmp_path / "manifest.parquet"
+    df.to_parquet(manifest_copy)
+    o = TuneOptions(space=EMBEDDED_SPACE, manifest=str(manifest_copy), name="again", storage=str(tmp_path),
+                    split_hash=split_hash(pd.read_parquet(manifest_copy)))
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / EXPERIMENT_FILE).write_text(json.dumps({"format": EXPERIMENT_FORMAT, **o.__dict__}))
+    r = cli_in_process("tune", "--resume", tmp_path / "again", "--num-samples", "40", "--scheduler", "none",
+                       check=False)
+    assert r.returncode == 2 and "it takes no other option: drop --num-samples, --scheduler" in r.stderr, r.stderr
+    moved = df.copy()
+    moved.loc[moved.index[:3], "split"] = "test" if (moved["split"].iloc[:3] != "test").all() else "train"
+    moved.to_parquet(manifest_copy)
+    r = cli_in_process("tune", "--resume", tmp_path / "again", check=False)
+    assert r.returncode == 2 and "its split or tuning subset changed since the sweep started" in r.stderr, r.stderr

@@ -139,12 +139,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+TUNING_SUBSET_MISSING = ("tuning_subset is set but the manifest marks no tuning subset (no 'tuning' column): "
+                         "mark one with `cxrtune data split --tuning-fraction F`, or set tuning_subset: false")
+
+
 def select_rows(df: pd.DataFrame, cfg: TrainConfig, split: str) -> pd.DataFrame:
     """The rows a task trains or validates on in ``split``: never ``eval_only`` rows; the tuning
     subset when ``cfg.tuning_subset``; for Stage I rows with a lung mask, for Stage II rows with a
     diagnosis."""
     rows = manifest.without_eval_only(df[df["split"] == split])
-    if cfg.tuning_subset and "tuning" in rows.columns:
+    if cfg.tuning_subset:
+        if "tuning" not in rows.columns:  # not all rows instead: 2-10x the compute the space was sized for
+            raise CxrtuneError(TUNING_SUBSET_MISSING)
         rows = rows[rows["tuning"]]
     if cfg.task == "lung":
         rows = rows[rows["lung_mask"] != ""]

@@ -39,7 +39,14 @@ from ..errors import CxrtuneError
 from ..model.artifacts import DEFAULT_OPACITY_THRESHOLD, check_format, read_json_object
 from ..model.grading import GradeConfig, flat_metrics, train_grader
 from ..model.models import model_gmacs
-from ..model.train import TrainConfig, Trainer, load_training_state, patience_step, remove_orphaned_staging
+from ..model.train import (
+    TUNING_SUBSET_MISSING,
+    TrainConfig,
+    Trainer,
+    load_training_state,
+    patience_step,
+    remove_orphaned_staging,
+)
 from ..preprocessing import load_scan
 from ..scoring.evaluation import choose_cls_threshold
 from ..scoring.scorer import (
@@ -825,6 +832,9 @@ def run_tune(o: TuneOptions) -> dict:
     space = o.search_space()
     df = manifest.load_manifest(o.manifest)  # validated once, here, with a clear error
     o = replace(o, split_hash=split_hash(df))  # what promote checks the manifest against
+    # every trial would refuse such a manifest: refused once, now
+    if getattr(space.train_config({}), "tuning_subset", False) and "tuning" not in df.columns:
+        raise CxrtuneError(f"{o.manifest}: {TUNING_SUBSET_MISSING}")
     param_space = space.grid() if o.grid else None  # refuses a space without a grid before Ray starts
     latency_table = storage.read_bytes(o.latency_table) if o.latency_table else None
     if latency_table is not None:  # every network the space can draw is measured, or nothing starts
@@ -940,6 +950,11 @@ def resume_tune(exp_uri: str) -> dict:
 
     o = load_options(exp_uri)
     space = o.search_space()
+    now = split_hash(manifest.load_manifest(o.manifest))
+    if o.split_hash and now != o.split_hash:  # new trials would train and validate on other rows than the old
+        raise CxrtuneError(f"{o.manifest}: its split or tuning subset changed since the sweep started (split hash "
+                           f"{now[:12]}, the sweep's {o.split_hash[:12]}): put the manifest back as it was, or start "
+                           "a new sweep on it")
     disks = local_disks(storage.parent(exp_uri))  # where it is now, wherever it started
     _ray_init(o, disks)
     fs, path = storage.pyarrow_filesystem(exp_uri)
