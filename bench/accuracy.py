@@ -272,6 +272,8 @@ def main() -> None:
             reused = read_run_summary(str(out / stage))
             summaries[stage], minutes[stage] = reused.to_dict(), reused.train_minutes
             continue
+        if not args.resume:  # a fresh run of this bench replaces its own earlier stage (a new run's folder is empty)
+            shutil.rmtree(out / stage, ignore_errors=True)
         # a resumed run: the epochs before the interruption count, as their recorded seconds
         last = latest_checkpoint(str(out / stage)) if args.resume else None
         earlier = sum(h["epoch_seconds"] for h in load_training_state(f"{last}/state.pt")["history"]) / 60 if last else 0.0

@@ -190,6 +190,9 @@ def test_sweep_report_promote_bundle_calibrate_serve(phantom_dir, phantom_bundle
     named_dir = next(d for d in exp.iterdir() if d.is_dir() and named in d.name)
     assert sha256(tmp_path / "runs" / "named" / "best" / "model.pt") == sha256(
         sorted(named_dir.glob("checkpoint_*"))[-1] / "model.pt")
+    refused = cli_in_process("promote", str(exp), "--to", str(run), "--trial", named, check=False)  # a run is there
+    assert refused.returncode == 2 and "holds a run already" in refused.stderr
+    assert sha256(run / "best" / "model.pt") == sha256(last_checkpoint / "model.pt")  # untouched
 
     # the most accurate point, retrained with settings over its config, recorded with the search
     refused = cli_in_process("promote", str(exp), "--to", str(tmp_path / "runs" / "x"), "--pick", "most-accurate",

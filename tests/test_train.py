@@ -207,6 +207,16 @@ def test_a_loss_monitor_is_minimised(phantom_dir, tmp_path, monkeypatch):
     assert TrainConfig.from_dict({"task": "disease"}).monitor == "val_dice_f1"
     summary = train(cfg, df, str(tmp_path / "run"))
     assert summary["best"] == {"value": 0.6, "epoch": 2}
+    # a new run into that folder is refused: its epochs would mix with these, a later --resume would
+    # take this run's newest checkpoint for its own
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(CxrtuneError, match="run holds a run already: choose another folder"):
+        train(cfg, df, str(tmp_path / "run"))
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+    (tmp_path / "partial" / "checkpoints" / "epoch_0001").mkdir(parents=True)  # a killed run's first epoch
+    (tmp_path / "partial" / "checkpoints" / "epoch_0001" / "model.pt").write_bytes(b"weights")
+    with pytest.raises(CxrtuneError, match="holds a run already"):
+        train(cfg, df, str(tmp_path / "partial"))
     bad = TrainConfig.from_dict({"task": "lung", "size": 64, "epochs": 1, "monitor": "val_f1",
                                  "model": {"arch": "FPN", "encoder": "resnet18"}})
     with pytest.raises(CxrtuneError, match="monitor 'val_f1' is not a validation metric of a lung run"):

@@ -489,6 +489,19 @@ def upload_checkpoint(local: Path, run_uri: str, epoch: int) -> None:
 COMPLETION_MARKER = "meta.json"  # written last by upload_checkpoint
 
 
+def refuse_an_existing_run(run_uri: str) -> None:
+    """A new run never writes into another's folder: its epochs would mix with the other's, and a
+    later ``--resume`` would pick up the other's newest checkpoint.
+
+    Raises:
+        CxrtuneError: ``run_uri`` holds a run (``run.json``, ``best/`` or ``checkpoints/``)."""
+    for name in ("run.json", "best", "checkpoints"):
+        uri = storage.join(run_uri, name)
+        if storage.exists(uri) or next(iter(storage.list_keys(uri + "/")), None) is not None:
+            raise CxrtuneError(f"{run_uri} holds a run already: choose another folder, or continue that run with "
+                               "`cxrtune train --resume`")
+
+
 def latest_checkpoint(run_uri: str) -> str | None:
     """The newest complete ``checkpoints/epoch_NNNN`` folder under a run (its completion marker
     and ``state.pt`` both there), or None."""
@@ -560,6 +573,8 @@ def train(cfg: TrainConfig, df: pd.DataFrame, out_uri: str, resume: bool = False
 
     Returns:
         ``run.json``'s content: ``config``, ``best`` (``epoch``, ``value``), ``epochs``, ``history``."""
+    if not resume:
+        refuse_an_existing_run(out_uri)
     trainer = Trainer(cfg, df)
     if resume:
         last = latest_checkpoint(out_uri)

@@ -35,7 +35,7 @@ from ..model.artifacts import (
 )
 from ..model.grading import GradeConfig, grid_table
 from ..model.models import build_model
-from ..model.train import TrainConfig, train
+from ..model.train import TrainConfig, refuse_an_existing_run, train
 from ..plots import figure_png, pyplot
 from .latency_table import TRIAL_COLUMN, LatencyTable, load_latency_table
 from .search_space import settings_of
@@ -464,6 +464,7 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
             own, is recorded with the search with its SHA-256."""
     if overrides and not retrain:
         raise CxrtuneError("--set changes a retrained config: add --retrain")
+    refuse_an_existing_run(run_uri)  # a promoted run is new: another's best/ is never overwritten half-way
     o = load_options(exp_uri)
     analysis, space = _analysis(exp_uri, o)
     if space.task == "grade":
