@@ -74,6 +74,9 @@ def main() -> None:
         server.start()
         os.environ.update(CXRTUNE_S3_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                           AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        from cxrtune import storage
+
+        storage.s3_client().create_bucket(Bucket="cxrtune-bench")  # its own server: cxrtune creates no bucket
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

@@ -346,18 +346,24 @@ def existing(uris: Iterable[str]) -> set[str]:
     return found
 
 
-def ensure_bucket(uri: str) -> None:
-    """Create the bucket of an S3 URI if it does not exist (local paths: nothing to do)."""
+def require_bucket(uri: str) -> None:
+    """Check that the bucket of an S3 URI exists and answers (local paths: nothing to do). It is
+    never created here: a mistyped name would get a new bucket without the site's policies
+    (docs/cluster.md), and the radiographs pushed there with it.
+
+    Raises:
+        CxrtuneError: no such bucket, or S3 refused to say (permissions, endpoint)."""
     if not is_s3(uri):
         return
     bucket, _ = split_s3(uri)
-    client = s3_client()
     try:
-        client.head_bucket(Bucket=bucket)
+        s3_client().head_bucket(Bucket=bucket)
     except Exception as exc:
-        if not _is_not_found(exc):
-            raise _wrap_s3_error(exc, uri, "open the bucket") from exc
-        client.create_bucket(Bucket=bucket)
+        if _is_not_found(exc):
+            raise CxrtuneError(f"{uri}: there is no bucket {bucket!r} on S3 ({ENDPOINT_ENV}="
+                               f"{endpoint_url() or 'AWS'}); cxrtune creates none: check the name, or create it "
+                               "with the site's policies (docs/cluster.md)") from None
+        raise _wrap_s3_error(exc, uri, "open the bucket") from exc
 
 
 def pyarrow_filesystem(uri: str):

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from cxrtune import storage
 from cxrtune.data import manifest
 from cxrtune.data.dataset import CXRDataset
-from cxrtune.errors import ManifestError
+from cxrtune.errors import CxrtuneError, ManifestError
 from cxrtune.preprocessing import Preprocessing
 
 
@@ -74,6 +74,11 @@ def test_push_then_train_reader_caches(phantom_dir, bucket, tmp_path):
     assert len(keys) == counts["objects"] and all(k.endswith(".png") for k in keys)
     again = manifest.push_manifest(df, f"s3://{bucket}/data", out, progress=False)
     assert again["uploaded"] == 0 and again["skipped"] == counts["objects"]
+    # a mistyped bucket is an error, not a new bucket without the site's policies holding the images
+    buckets = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    with pytest.raises(CxrtuneError, match=f"there is no bucket '{bucket}x' on S3 .*cxrtune creates none"):
+        manifest.push_manifest(df, f"s3://{bucket}x/data", f"s3://{bucket}x/m.parquet", progress=False)
+    assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == buckets
     n_objects = counts["objects"]
 
     remote = manifest.load_manifest(out)

@@ -283,7 +283,7 @@ def push_manifest(df: pd.DataFrame, dest_prefix: str, out_uri: str, workers: int
     """
     if not storage.is_s3(dest_prefix):
         raise CxrtuneError(f"push destination must be s3://bucket/prefix, got {dest_prefix!r}")
-    storage.ensure_bucket(dest_prefix)
+    storage.require_bucket(dest_prefix)
     present = set(storage.list_keys(dest_prefix.rstrip("/") + "/"))
     cols = [c for c in URI_COLUMNS if c in df.columns]
     sources = sorted({u for c in cols for u in df[c] if u})

@@ -847,7 +847,7 @@ def run_tune(o: TuneOptions) -> dict:
                            "or choose another --name")
     # the searcher checks the warm start and opens the Optuna storage: a sweep it refuses keeps its name
     searcher = None if o.grid else _searcher(o, space, o.warm_start)
-    storage.ensure_bucket(o.storage)
+    storage.require_bucket(o.storage)
     options = {"format": EXPERIMENT_FORMAT, **asdict(o)}
     storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(options, indent=2))
     if latency_table is not None:  # kept with the experiment: the trials read it wherever its storage reaches
