@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator, TypeVar
 from urllib.parse import urlparse
 
@@ -397,21 +397,47 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cxrtune")
 
 
+def content_addressed(uri: str) -> bool:
+    """Whether an S3 key names its own content, as ``cxrtune data push`` writes them
+    (``.../<sha256[:2]>/<sha256>.<ext>``): what it holds cannot change under that name."""
+    key = PurePosixPath(split_s3(uri)[1]) if is_s3(uri) else PurePosixPath(uri)
+    stem = key.name.split(".", 1)[0]
+    return len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) and key.parent.name == stem[:2]
+
+
 class ContentCache:
-    """A local copy of remote objects, keyed by URI.
+    """A local copy of remote objects, keyed by endpoint, URI and version.
 
     The first read of an ``s3://`` URI downloads it under a temporary name and renames it into
     the cache; later reads (the second epoch, another trial on the same node) are local reads and
-    make no S3 request. Local paths are read directly and never copied.
+    make no S3 request. A key that does not name its own content (:func:`content_addressed`:
+    a manifest written by hand over a bucket) may be overwritten, so its version (ETag) is asked
+    once per cache object, one HEAD request, and a new version is fetched anew; within one cache
+    object (a trial, an evaluation) an object is read as it was first read. Local paths are read
+    directly and never copied.
     """
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root is not None else default_cache_dir()
+        self._versions: dict[str, str] = {}
 
     def local_path(self, uri: str) -> Path:
-        digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()
+        version = "" if not is_s3(uri) or content_addressed(uri) else self._version(uri)
+        digest = hashlib.sha256(f"{endpoint_url() or ''}|{uri}|{version}".encode("utf-8")).hexdigest()
         suffix = Path(split_s3(uri)[1]).suffix[:8] if is_s3(uri) else ""
         return self.root / digest[:2] / f"{digest}{suffix}"
+
+    def _version(self, uri: str) -> str:
+        if uri not in self._versions:
+            bucket, key = split_s3(uri)
+            try:
+                head = with_retries(lambda: s3_client().head_object(Bucket=bucket, Key=key), uri)
+            except CxrtuneError:
+                raise
+            except Exception as exc:
+                raise _wrap_s3_error(exc, uri, "look up") from exc
+            self._versions[uri] = str(head.get("ETag", ""))
+        return self._versions[uri]
 
     def fetch(self, uri: str) -> str:
         """A local file path holding the object's bytes."""

@@ -66,6 +66,28 @@ def test_cache_second_read_makes_no_request(bucket, tmp_path):
     assert not list((tmp_path / "c").rglob("*.part"))
 
 
+def test_an_object_overwritten_under_its_name_is_fetched_anew(bucket, tmp_path):
+    """A manifest written by hand over a bucket names objects that may be replaced (a corrected
+    mask): the next cache reads the new version, not the old copy. A pushed, content-addressed key
+    cannot change, and is read without asking for its version."""
+    uri = f"s3://{bucket}/masks/p1.png"
+    storage.write_bytes(uri, b"version 1")
+    assert storage.ContentCache(tmp_path / "c").read_bytes(uri) == b"version 1"
+    storage.write_bytes(uri, b"version 2, corrected")
+    cache = storage.ContentCache(tmp_path / "c")  # a new run on the same node
+    assert cache.read_bytes(uri) == b"version 2, corrected"
+    storage.s3_stats.reset()
+    assert cache.read_bytes(uri) == b"version 2, corrected" and storage.s3_stats.requests == 0  # asked once
+
+    digest = "ab" + "0" * 62
+    pushed = f"s3://{bucket}/data/masks/ab/{digest}.png"
+    assert storage.content_addressed(pushed) and not storage.content_addressed(uri)
+    storage.write_bytes(pushed, b"mask")
+    storage.s3_stats.reset()
+    assert storage.ContentCache(tmp_path / "c").read_bytes(pushed) == b"mask"
+    assert storage.s3_stats.requests == storage.s3_stats.gets == 1  # no HEAD
+
+
 def test_retries_transient_errors_then_succeeds():
     from botocore.exceptions import ConnectionClosedError
 
