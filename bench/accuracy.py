@@ -280,7 +280,7 @@ def main() -> None:
         if stage == "disease" and args.cpu and "max_minutes" not in cfg:
             cfg["max_minutes"] = round(CPU_BUDGET_MINUTES - (minutes.get("lung") or 0) - earlier, 2)
         t = time.perf_counter()
-        summaries[stage] = train(TrainConfig.from_dict(cfg), df, str(out / stage), resume=bool(last),
+        summaries[stage] = train(TrainConfig.from_dict(cfg), df, str(out / stage), resume=args.resume,
                                  progress=not args.quick)
         minutes[stage] = round((time.perf_counter() - t) / 60 + earlier, 2)
         write_run_summary(str(out / stage), replace(read_run_summary(str(out / stage)), train_minutes=minutes[stage]))

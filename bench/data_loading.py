@@ -41,7 +41,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="model input size")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", default="0,2", help="DataLoader worker counts to try")
-    ap.add_argument("--endpoint", help="S3 endpoint to use instead of a local moto server")
+    ap.add_argument("--endpoint", help="S3 endpoint to use instead of a local moto server (its bucket "
+                                       "cxrtune-bench must exist: cxrtune creates no bucket)")
     args = ap.parse_args()
 
     import torch

@@ -195,6 +195,7 @@ def _report(args) -> None:
 
 
 def _promote(args) -> None:
+    training.refuse_an_existing_run(args.to)  # before the release gates' minutes of scoring
     run, results = release_gates.promote_gated(
         [release_gates.parse_gate(g) for g in args.gate or []],
         lambda: reports.promote(args.experiment, args.to, retrain=args.retrain, epochs=args.epochs, pick=args.pick,

@@ -53,10 +53,7 @@ def known_settings(cls, data, what: str) -> dict:
     unknown = sorted(set(data) - known)
     if unknown:
         raise CxrtuneError(f"unknown {what} setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    try:
-        hints = get_type_hints(cls)
-    except (NameError, TypeError):  # an annotation that names a type only type checkers import
-        hints = {}
+    hints = get_type_hints(cls)  # an annotation that cannot be resolved is a bug, not a reason to skip the checks
     return {key: typed_value(value, hints.get(key), f"{what} setting {key}") for key, value in data.items()}
 
 
@@ -66,8 +63,8 @@ SCALARS = (str, int, float, bool)
 def typed_value(value, hint, what: str):
     """``value`` as the scalar type ``hint`` declares (str, int, float, bool, optionally None), or
     unchanged where ``hint`` is another type. YAML 1.1, which PyYAML reads, takes ``1e-4`` (no
-    dot) for a string: a string that reads as a number is taken as that number, ``1.0`` for an
-    int as 1; anything else of the wrong type is refused.
+    dot) for a string: for a float, a string that reads as a number is taken as that number; for
+    an int, ``1.0`` is taken as 1; anything else of the wrong type is refused.
 
     Raises:
         CxrtuneError: naming ``what``, the type wanted and the value given."""

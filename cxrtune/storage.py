@@ -6,7 +6,8 @@ from the usual AWS environment or config files; none are ever logged.
 
 Reads for training go through :class:`ContentCache`: objects are fetched once into a local cache
 directory and every later read is a local file read. Keys written by ``cxrtune data push`` are
-content-addressed (their name is the SHA-256 of their bytes), so a cached copy can never be stale.
+content-addressed (their name is the SHA-256 of their bytes), so a cached copy can never be stale;
+any other key is cached under its ETag, asked once per cache object.
 Every write lands under a temporary name first and is renamed into place, so no reader ever sees a
 partial file.
 """
@@ -412,8 +413,9 @@ class ContentCache:
     the cache; later reads (the second epoch, another trial on the same node) are local reads and
     make no S3 request. A key that does not name its own content (:func:`content_addressed`:
     a manifest written by hand over a bucket) may be overwritten, so its version (ETag) is asked
-    once per cache object, one HEAD request, and a new version is fetched anew; within one cache
-    object (a trial, an evaluation) an object is read as it was first read. Local paths are read
+    once per cache object (each process holds its own copy: a data-loading worker too), one HEAD
+    request, and a new version is fetched anew; within one cache object an object is read as it
+    was first read. Local paths are read
     directly and never copied.
     """
 

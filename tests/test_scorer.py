@@ -429,12 +429,16 @@ def test_a_folder_yields_dicom_files_by_content_and_an_overlay_that_fails_is_tha
     make_dicom(folder / "a.dcm", pixels, BitsStored=12)
     for name in ("IM000001", "series/1.2.840.1234"):
         shutil.copy(folder / "a.dcm", folder / name)
-    (folder / "DICOMDIR.txt").write_text("not an image")
+    shutil.copy(folder / "a.dcm", folder / "DICOMDIR")  # the export's index: DICOM, but no image
+    (folder / "Doe_Jane.txt").write_text("not an image")
     images.write_png(str(folder / "b.png"), np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1)))
+    shutil.copy(folder / "b.png", folder / "thumbnail")  # a PNG without its extension
     with caplog.at_level("WARNING", logger="cxrtune"):
         found = batch_scoring.expand_inputs([str(folder)])
-    assert sorted(found) == sorted(str(folder / n) for n in ("IM000001", "a.dcm", "b.png", "series/1.2.840.1234"))
-    assert "1 file(s) in a given folder are neither" in caplog.text and "DICOMDIR" not in caplog.text
+    assert sorted(found) == sorted(str(folder / n) for n in ("IM000001", "a.dcm", "b.png", "series/1.2.840.1234",
+                                                             "thumbnail"))
+    assert "2 file(s) in a given folder are not PNG, JPEG or DICOM images" in caplog.text
+    assert "Doe_Jane" not in caplog.text
 
     class Scorer:
         batch_size = 2

@@ -532,10 +532,12 @@ def test_patient_images_reach_wandb_only_when_asked():
     assert [e for e in range(1, 10) if wants_overlays(asked, e, 9)] == [1, 4, 8, 9]
 
 
-def test_a_resume_takes_no_other_option_and_refuses_a_manifest_split_again(phantom_dir, tmp_path):
+def test_sweeps_and_promotions_that_would_mix_data_are_refused_before_they_start(phantom_dir, tmp_path):
     """`tune --resume` runs with the options the sweep started with: another option is refused by
     name, not dropped; and a manifest whose split changed since is refused before Ray starts, as
-    new trials would train and validate on other rows than the finished ones."""
+    new trials would train and validate on other rows than the finished ones. A sweep asking for a
+    tuning subset the manifest lacks, and a promotion into a folder that holds a run, are refused
+    before anything runs."""
     import pandas as pd
 
     from cxrtune.data.splits import split_hash
@@ -559,3 +561,19 @@ def test_a_resume_takes_no_other_option_and_refuses_a_manifest_split_again(phant
     moved.to_parquet(manifest_copy)
     r = cli_in_process("tune", "--resume", tmp_path / "again", check=False)
     assert r.returncode == 2 and "its split or tuning subset changed since the sweep started" in r.stderr, r.stderr
+
+    # a space that tunes on the tuning subset, over a manifest that marks none: refused before Ray
+    # starts, not by each trial; nothing written
+    subset = tmp_path / "subset.yaml"
+    subset.write_text(yaml.safe_dump({**EMBEDDED_SPACE, "fixed": {**EMBEDDED_SPACE["fixed"], "tuning_subset": True}}))
+    r = cli_in_process("tune", "--space", subset, "--manifest", manifest_copy, "--name", "subset", "--storage",
+                       tmp_path / "exps", check=False)
+    assert r.returncode == 2 and "marks no tuning subset" in r.stderr and not (tmp_path / "exps").exists(), r.stderr
+
+    # promote into a folder that holds a run: refused first, before its release gates are scored
+    (tmp_path / "run" / "best").mkdir(parents=True)
+    (tmp_path / "run" / "best" / "model.pt").write_bytes(b"weights")
+    r = cli_in_process("promote", tmp_path / "again", "--to", tmp_path / "run", "--gate", "hide-and-seek=x.json",
+                       check=False)
+    assert r.returncode == 2 and "run holds a run already: choose another folder" in r.stderr, r.stderr
+    assert (tmp_path / "run" / "best" / "model.pt").read_bytes() == b"weights"

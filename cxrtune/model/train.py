@@ -498,8 +498,8 @@ def refuse_an_existing_run(run_uri: str) -> None:
     for name in ("run.json", "best", "checkpoints"):
         uri = storage.join(run_uri, name)
         if storage.exists(uri) or next(iter(storage.list_keys(uri + "/")), None) is not None:
-            raise CxrtuneError(f"{run_uri} holds a run already: choose another folder, or continue that run with "
-                               "`cxrtune train --resume`")
+            raise CxrtuneError(f"{run_uri} holds a run already: choose another folder (a `cxrtune train` run "
+                               "there continues with --resume)")
 
 
 def latest_checkpoint(run_uri: str) -> str | None:

@@ -195,9 +195,10 @@ class SpoolGauges:
 class ScoreLater(Exception):
     """The served scorer could not score now (unreachable, 401/403: the key, 404: the URL, 408,
     429, 502-504: busy or deploying, ...): the instance stays spooled and is tried again.
-    ``this_instance``: the answer may be the instance's doing (408, no answer within the read
+    ``this_instance``: the answer may be the instance's doing (Serve's 408 for a request past its
     timeout, replicas that died under it), so its tries are counted and it waits its own backoff,
-    while the instances behind it go on."""
+    while the instances behind it go on. No answer at all is the endpoint's state, not the instance's:
+    the worker waits, and no instance is charged."""
 
     def __init__(self, reason: str, this_instance: bool = False):
         super().__init__(reason)
@@ -296,9 +297,7 @@ class PacsListener:
                                    params={"overlay": "true"} if self.settings.overlay else None,
                                    headers={"X-API-Key": self.api_key or "", "Accept": DICOM_RESULTS,
                                             "Content-Type": "application/dicom"})
-        except requests.ReadTimeout:  # connected, but no answer in time: this instance may be the slow one
-            raise ScoreLater("ReadTimeout", this_instance=True) from None
-        except requests.RequestException as exc:
+        except requests.RequestException as exc:  # no answer (a scorer that hangs, for every instance): wait
             raise ScoreLater(type(exc).__name__) from None
         code = answer.status_code
         error = ""

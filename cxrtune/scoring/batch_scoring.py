@@ -64,9 +64,10 @@ def expand_inputs(paths: list[str], manifest_uri: str | None = None) -> list[str
 
 
 def _folder_images(folder: Path) -> list[str]:
-    """The PNG, JPEG and DICOM files under ``folder``: by extension, and, for any other name, a
-    DICOM file's preamble (``DICM`` at byte 128): PACS exports name files ``IM000001`` or by their
-    UIDs (``1.2.840...1234``). What is neither is logged as a count, not read."""
+    """The PNG, JPEG and DICOM files under ``folder``: by extension, and, for any other name, by
+    their leading bytes (a DICOM file's preamble): PACS exports name files ``IM000001`` or by their
+    UIDs (``1.2.840...1234``). A ``DICOMDIR`` (the export's index, DICOM but no image) and what is
+    none of these are logged as a count, never by name."""
     images, other = [], 0
     for f in sorted(folder.rglob("*")):
         if not f.is_file():
@@ -76,16 +77,17 @@ def _folder_images(folder: Path) -> list[str]:
             continue
         try:
             with open(f, "rb") as handle:
-                is_dicom = sniff_format(handle.read(132)) == "dicom"
+                sniff_format(handle.read(132))
+            is_image = f.name.upper() != "DICOMDIR"
         except (OSError, UnsupportedFormatError):
-            is_dicom = False
-        if is_dicom:
+            is_image = False
+        if is_image:
             images.append(str(f))
         else:
             other += 1
     if other:
         # a count only: a folder's or a file's name may carry a patient's
-        log.warning("%d file(s) in a given folder are neither PNG, JPEG nor DICOM by name or content: not scored",
+        log.warning("%d file(s) in a given folder are not PNG, JPEG or DICOM images (or are a DICOMDIR): not scored",
                     other)
     return images
 

@@ -22,7 +22,6 @@ import torch
 from .. import storage
 from ..config_files import with_overrides
 from ..data import manifest
-from ..data.splits import split_hash
 from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
 from ..model.artifacts import (
@@ -39,7 +38,15 @@ from ..model.train import TrainConfig, refuse_an_existing_run, train
 from ..plots import figure_png, pyplot
 from .latency_table import TRIAL_COLUMN, LatencyTable, load_latency_table
 from .search_space import settings_of
-from .tuning import COST_METRIC, LATENCY_TABLE_FILE, TuneOptions, cost_metric_for, load_options, split_condition
+from .tuning import (
+    COST_METRIC,
+    LATENCY_TABLE_FILE,
+    TuneOptions,
+    check_split_unchanged,
+    cost_metric_for,
+    load_options,
+    split_condition,
+)
 
 IMPORTANCE_FLOOR = 0.05
 AT_BEST = {"grade": ("val_weighted_f1", "val_accuracy")}  # also read at the best epoch, per task
@@ -478,11 +485,8 @@ def promote(exp_uri: str, run_uri: str, retrain: bool = False, epochs: int | Non
         latency = load_latency_table(storage.join(exp_uri, LATENCY_TABLE_FILE))
     if ckpt is None:
         raise CxrtuneError(f"{exp_uri}: trial {trial.trial_id} has no checkpoint")
-    now = split_hash(manifest.load_manifest(o.manifest, check_files=False))
-    if o.split_hash and now != o.split_hash:
-        raise CxrtuneError(f"{o.manifest}: its split or tuning subset changed since the sweep (split hash "
-                           f"{o.split_hash[:12]} then, {now[:12]} now): the promoted trial's figures and any retraining "
-                           "would not be of the data it was chosen on")
+    now = check_split_unchanged(o, "the promoted trial's figures and any retraining would not be of the data it "
+                                   "was chosen on")
     search = SearchRecord(
         experiment=exp_uri, trial=trial.trial_id, pick=how, space=o.space_source, space_definition=o.space,
         objectives=[space.metric, *([o.cost_metric] if o.multi_objective else [])], constraints=list(o.constraints),

@@ -840,6 +840,7 @@ def run_tune(o: TuneOptions) -> dict:
     if latency_table is not None:  # every network the space can draw is measured, or nothing starts
         parse_latency_table(latency_table, o.latency_table).check_covers(space)
     disks = local_disks(o.storage)
+    storage.require_bucket(o.storage)  # a mistyped bucket, said before Ray starts or the study is made
     _ray_init(o, disks)  # before anything is written: a sweep that cannot start leaves no experiment behind
     scheduler = None if o.grid else _scheduler(o, space)
     if storage.exists(storage.join(o.experiment_uri, EXPERIMENT_FILE)):  # its study, trials and journal are its own
@@ -847,7 +848,6 @@ def run_tune(o: TuneOptions) -> dict:
                            "or choose another --name")
     # the searcher checks the warm start and opens the Optuna storage: a sweep it refuses keeps its name
     searcher = None if o.grid else _searcher(o, space, o.warm_start)
-    storage.require_bucket(o.storage)
     options = {"format": EXPERIMENT_FORMAT, **asdict(o)}
     storage.write_text(storage.join(o.experiment_uri, EXPERIMENT_FILE), json.dumps(options, indent=2))
     if latency_table is not None:  # kept with the experiment: the trials read it wherever its storage reaches
@@ -921,6 +921,19 @@ def load_warm_start(uris: list[str]) -> list[dict]:
     return points
 
 
+def check_split_unchanged(o: TuneOptions, why: str) -> str:
+    """The manifest's split hash now, checked against the one the sweep started with (resume,
+    promote). Returns it.
+
+    Raises:
+        CxrtuneError: the split or tuning subset changed; ``why`` says what that would spoil."""
+    now = split_hash(manifest.load_manifest(o.manifest, check_files=False))
+    if o.split_hash and now != o.split_hash:
+        raise CxrtuneError(f"{o.manifest}: its split or tuning subset changed since the sweep started (split hash "
+                           f"{o.split_hash[:12]} then, {now[:12]} now): {why}")
+    return now
+
+
 def load_options(exp_uri: str) -> TuneOptions:
     """The options a sweep was started with, from its ``cxrtune.json`` (what resume and report read)."""
     if not storage.exists(storage.join(exp_uri, EXPERIMENT_FILE)):
@@ -950,11 +963,8 @@ def resume_tune(exp_uri: str) -> dict:
 
     o = load_options(exp_uri)
     space = o.search_space()
-    now = split_hash(manifest.load_manifest(o.manifest))
-    if o.split_hash and now != o.split_hash:  # new trials would train and validate on other rows than the old
-        raise CxrtuneError(f"{o.manifest}: its split or tuning subset changed since the sweep started (split hash "
-                           f"{now[:12]}, the sweep's {o.split_hash[:12]}): put the manifest back as it was, or start "
-                           "a new sweep on it")
+    check_split_unchanged(o, "new trials would train and validate on other rows than the finished ones: put the "
+                          "manifest back as it was, or start a new sweep on it")
     disks = local_disks(storage.parent(exp_uri))  # where it is now, wherever it started
     _ray_init(o, disks)
     fs, path = storage.pyarrow_filesystem(exp_uri)

@@ -44,6 +44,9 @@ class ApiKeys:
         keys = []
         for place, entry in enumerate(entries, 1):
             key_id, sep, key = entry.partition(":")
+            if sep and not KEY_ID.fullmatch(key_id):  # said, so that an ID:KEY written so is not a silent 401
+                log.warning("API key %d of %d holds a ':' after text that is not an id (letters, digits, ._-): "
+                            "the whole of it is the key", place, len(entries))
             if not sep or not KEY_ID.fullmatch(key_id):
                 key_id, key = "key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
             if len(key) < MIN_KEY_CHARS:
