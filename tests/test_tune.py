@@ -206,6 +206,19 @@ def test_killed_driver_resumes_an_s3_experiment_with_its_searcher(phantom_dir, b
     assert before <= done, f"Tune's state on S3 did not hold {before} as finished in 120 s"
     proc.wait()
 
+    # Tune uploads its experiment state and the searcher's in the background, one file after the
+    # other: a kill between them leaves a searcher state from another moment, whose concurrency
+    # limiter holds a finished trial live (the CI hang of 2026-12-07). Made certain here: the saved
+    # limiter also holds a finished trial live; the resumed sweep must drop it, not wait for ever
+    import ray.cloudpickle as cloudpickle
+
+    saved = sorted(k for k in storage.list_keys(f"{exp}/") if "/search_gen_state-" in k)[-1]
+    state = cloudpickle.loads(storage.read_bytes(saved))
+    limiter = state["name:ConcurrencyLimiter"]
+    limiter["live_trials"] = {*limiter["live_trials"], sorted(before)[0].split("_")[2]}  # run_trial_<id>_<n>_...
+    limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
+    storage.write_bytes(saved, cloudpickle.dumps(state))
+
     # a fresh driver elsewhere: the local Optuna journal is gone, the copy beside the experiment is not
     import shutil
 

@@ -804,7 +804,37 @@ def _trainable(o: TuneOptions, space: SearchSpace):
     return tune.with_resources(tune.with_parameters(run_trial, opts=asdict(o), space=space), resources)
 
 
-def _run_config(o: TuneOptions, space: SearchSpace):
+def _live_trials_callback(limiter):
+    """A Tune callback that keeps ``limiter``'s (a :class:`~ray.tune.search.ConcurrencyLimiter`)
+    live trials what Tune's are, at the start of every step.
+
+    Tune uploads its experiment state and the searcher's state as separate files, in the
+    background: a driver killed between the two leaves a searcher state from another moment,
+    whose live trials name one that has since finished (or one Tune never recorded). Restored so,
+    the limiter counts it live for ever, is always full, and the resumed sweep waits for ever
+    without proposing a trial (the CI failure of 2026-12-07). So a trial the limiter holds live
+    that Tune holds finished, or does not hold, is dropped. Written by hand: Ray reconciles
+    nothing on restore. Both are in the tuner's one pickle, so a restored sweep's callback holds
+    the restored limiter."""
+    from ray.tune import Callback
+
+    class LiveTrials(Callback):
+        def __init__(self, limiter):
+            self.limiter = limiter
+
+        def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+            unfinished = {t.trial_id for t in trials if not t.is_finished()}
+            stale = set(self.limiter.live_trials) - unfinished
+            if stale:
+                log.warning("the restored searcher held trial(s) %s live, which Tune holds finished or never "
+                            "started: dropped, so that it proposes again", ", ".join(sorted(stale)))
+                self.limiter.live_trials = set(self.limiter.live_trials) - stale
+                self.limiter.num_unfinished_live_trials = len(self.limiter.live_trials)
+
+    return LiveTrials(limiter)
+
+
+def _run_config(o: TuneOptions, space: SearchSpace, callbacks: list | None = None):
     from ray import tune
 
     fs, path = storage.pyarrow_filesystem(o.storage)
@@ -822,12 +852,13 @@ def _run_config(o: TuneOptions, space: SearchSpace):
     return tune.RunConfig(name=o.name, storage_path=path, storage_filesystem=fs,
                           failure_config=tune.FailureConfig(max_failures=o.max_failures),
                           checkpoint_config=checkpoint_config, stop=stop,
-                          callbacks=_wandb(o), verbose=1)
+                          callbacks=[*_wandb(o), *(callbacks or [])], verbose=1)
 
 
 def run_tune(o: TuneOptions) -> dict:
     """Start a sweep; returns the closing summary (also written to ``summary.json``)."""
     from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
 
     space = o.search_space()
     df = manifest.load_manifest(o.manifest)  # validated once, here, with a clear error
@@ -856,12 +887,14 @@ def run_tune(o: TuneOptions) -> dict:
     # then grow the cluster one trial at a time. Enough pending trials to fill the cluster at its
     # largest, and no more (more would make TPE propose blind, before results come back).
     concurrent = o.max_concurrent or max_parallel(o.cpus_per_trial, o.gpus_per_trial)
+    # the limiter Tune would add for max_concurrent_trials, made here so that a callback keeps it true
+    limiter = None if searcher is None else ConcurrencyLimiter(searcher, max_concurrent=concurrent)
     tune_config = tune.TuneConfig(
         metric=None if o.multi_objective else space.metric, mode=None if o.multi_objective else space.mode,
-        search_alg=searcher, scheduler=scheduler,
+        search_alg=limiter, scheduler=scheduler,
         num_samples=1 if o.grid else o.num_samples, max_concurrent_trials=concurrent, time_budget_s=o.time_budget_s)
     tuner = tune.Tuner(_trainable(o, space), param_space=param_space, tune_config=tune_config,
-                       run_config=_run_config(o, space))
+                       run_config=_run_config(o, space, [] if limiter is None else [_live_trials_callback(limiter)]))
     if o.grid:
         log.warning("grid mode: %d combinations, each trained to the end (no ASHA/HyperBand, no sampler)",
                     int(np.prod([len(p.values) for p in space.params])))
