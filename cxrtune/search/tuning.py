@@ -634,6 +634,9 @@ def _search_class():
             checkpoint, and its results must leave the finished study trial as it is."""
             from optuna.exceptions import UpdateFinishedTrialError
 
+            if trial_id not in self._ot_trials:  # see _unknown
+                self._unknown(trial_id)
+                return
             try:
                 super().on_trial_result(trial_id, result)
             except UpdateFinishedTrialError:
@@ -641,8 +644,21 @@ def _search_class():
                          trial_id)
                 self._completed_trials.add(trial_id)  # Ray's own record: its completion is skipped too
 
+        def _unknown(self, trial_id: str) -> None:
+            """A trial Tune restored that this searcher never suggested: its state was saved a
+            step before Tune's (a driver killed between the two uploads). Ray's OptunaSearch would
+            raise KeyError and end the resumed sweep; the trial runs on, untold to the study."""
+            if trial_id not in self._completed_trials:
+                log.warning("trial %s is not in the restored searcher (saved before it was proposed): it runs, "
+                            "but the Optuna study does not learn from it", trial_id)
+                self._completed_trials.add(trial_id)
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             from optuna.exceptions import UpdateFinishedTrialError
+
+            if trial_id not in self._ot_trials:
+                self._unknown(trial_id)
+                return
 
             ot_trial = self._ot_trials.get(trial_id)
             if result and not error and ot_trial is not None and trial_id not in self._completed_trials:
@@ -892,7 +908,8 @@ def run_tune(o: TuneOptions) -> dict:
     tune_config = tune.TuneConfig(
         metric=None if o.multi_objective else space.metric, mode=None if o.multi_objective else space.mode,
         search_alg=limiter, scheduler=scheduler,
-        num_samples=1 if o.grid else o.num_samples, max_concurrent_trials=concurrent, time_budget_s=o.time_budget_s)
+        num_samples=1 if o.grid else o.num_samples, max_concurrent_trials=concurrent if limiter is None else None,
+        time_budget_s=o.time_budget_s)
     tuner = tune.Tuner(_trainable(o, space), param_space=param_space, tune_config=tune_config,
                        run_config=_run_config(o, space, [] if limiter is None else [_live_trials_callback(limiter)]))
     if o.grid:
