@@ -398,9 +398,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cxrtune")
 
 
+def content_key(prefix: str, kind: str, data: bytes, suffix: str) -> str:
+    """The key ``cxrtune data push`` stores ``data`` under: ``PREFIX/KIND/<sha256[:2]>/<sha256><suffix>``,
+    a name that says what it holds (:func:`content_addressed` recognises it)."""
+    digest = hashlib.sha256(data).hexdigest()
+    return join(prefix, kind, digest[:2], digest + suffix)
+
+
 def content_addressed(uri: str) -> bool:
-    """Whether an S3 key names its own content, as ``cxrtune data push`` writes them
-    (``.../<sha256[:2]>/<sha256>.<ext>``): what it holds cannot change under that name."""
+    """Whether an S3 key names its own content, as :func:`content_key` writes them: what it holds
+    cannot change under that name."""
     key = PurePosixPath(split_s3(uri)[1]) if is_s3(uri) else PurePosixPath(uri)
     stem = key.name.split(".", 1)[0]
     return len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) and key.parent.name == stem[:2]
@@ -415,8 +422,7 @@ class ContentCache:
     a manifest written by hand over a bucket) may be overwritten, so its version (ETag) is asked
     once per cache object (each process holds its own copy: a data-loading worker too), one HEAD
     request, and a new version is fetched anew; within one cache object an object is read as it
-    was first read. Local paths are read
-    directly and never copied.
+    was first read. Local paths are read directly and never copied.
     """
 
     def __init__(self, root: str | os.PathLike | None = None):

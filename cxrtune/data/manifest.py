@@ -24,7 +24,6 @@ on: calibration and evaluation only, set by the readers importer), ``reader_<R>_
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -267,9 +266,8 @@ def relative_to(df: pd.DataFrame, base: str) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------ push
 
 def _content_key(prefix: str, kind: str, data: bytes, uri: str) -> str:
-    digest = hashlib.sha256(data).hexdigest()
     ext = Path(storage.split_s3(uri)[1] if storage.is_s3(uri) else uri).suffix.lower() or ".bin"
-    return storage.join(prefix, kind, digest[:2], digest + ext)
+    return storage.content_key(prefix, kind, data, ext)
 
 
 def push_manifest(df: pd.DataFrame, dest_prefix: str, out_uri: str, workers: int = 8,

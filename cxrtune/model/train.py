@@ -139,8 +139,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-TUNING_SUBSET_MISSING = ("tuning_subset is set but the manifest marks no tuning subset (no 'tuning' column): "
-                         "mark one with `cxrtune data split --tuning-fraction F`, or set tuning_subset: false")
+def check_tuning_subset(cfg, df: pd.DataFrame, source: str = "") -> None:
+    """A config that trains on the tuning subset (``tuning_subset``) needs a manifest that marks
+    one, not all rows instead: 2-10x the compute the space was sized for.
+
+    Raises:
+        CxrtuneError: the manifest (``source``, when named) has no ``tuning`` column."""
+    if getattr(cfg, "tuning_subset", False) and "tuning" not in df.columns:  # a GradeConfig has none
+        raise CxrtuneError(f"{source + ': ' if source else ''}tuning_subset is set but the manifest marks no tuning "
+                           "subset (no 'tuning' column): mark one with `cxrtune data split --tuning-fraction F`, "
+                           "or set tuning_subset: false")
 
 
 def select_rows(df: pd.DataFrame, cfg: TrainConfig, split: str) -> pd.DataFrame:
@@ -148,9 +156,8 @@ def select_rows(df: pd.DataFrame, cfg: TrainConfig, split: str) -> pd.DataFrame:
     subset when ``cfg.tuning_subset``; for Stage I rows with a lung mask, for Stage II rows with a
     diagnosis."""
     rows = manifest.without_eval_only(df[df["split"] == split])
+    check_tuning_subset(cfg, rows)
     if cfg.tuning_subset:
-        if "tuning" not in rows.columns:  # not all rows instead: 2-10x the compute the space was sized for
-            raise CxrtuneError(TUNING_SUBSET_MISSING)
         rows = rows[rows["tuning"]]
     if cfg.task == "lung":
         rows = rows[rows["lung_mask"] != ""]

@@ -148,8 +148,8 @@ class SearchSpace:
                     value = typed_value(value, int if p.type == "int" else float, p.name)
                 except CxrtuneError as exc:
                     raise _fail(self.source, where, str(exc)) from None
-            if p.type != "choice" and not (p.low <= value <= p.high):
-                raise _fail(self.source, where, f"{p.name}={value!r} is outside [{p.low}, {p.high}]")
+                if not p.low <= value <= p.high:
+                    raise _fail(self.source, where, f"{p.name}={value!r} is outside [{p.low}, {p.high}]")
             out[name] = value
         return out
 
@@ -320,10 +320,11 @@ def parse_space(data: dict, source: str = "<space>") -> SearchSpace:  # noqa: C9
     warm = data.get("warm_start") or []
     if not isinstance(warm, list) or not all(isinstance(w, dict) for w in warm):
         raise _fail(source, "warm_start", "must be a list of mappings NAME: value")
-    for k, v in {**fixed, **(fixed.get(nested) or {})}.items():  # a fixed value as a drawn one is checked
-        if isinstance(v, str):
-            _check_values(source, f"fixed.{nested + '.' if k in nested_keys and k not in recipe_keys else ''}{k}",
-                          k, [v])
+    fixed_values = [*((f"fixed.{k}", k, v) for k, v in fixed.items()),
+                    *((f"fixed.{nested}.{k}", k, v) for k, v in (fixed.get(nested) or {}).items())]
+    for key, name, value in fixed_values:  # a fixed value as a drawn one is checked
+        if isinstance(value, str):
+            _check_values(source, key, name, [value])
     space = SearchSpace(task, objective, fixed, params, source, [dict(w) for w in warm])
     try:  # and the settings' types: a trial would fail on them only after Ray had started
         space.train_config({})

@@ -40,9 +40,9 @@ from ..model.artifacts import DEFAULT_OPACITY_THRESHOLD, check_format, read_json
 from ..model.grading import GradeConfig, flat_metrics, train_grader
 from ..model.models import model_gmacs
 from ..model.train import (
-    TUNING_SUBSET_MISSING,
     TrainConfig,
     Trainer,
+    check_tuning_subset,
     load_training_state,
     patience_step,
     remove_orphaned_staging,
@@ -879,9 +879,7 @@ def run_tune(o: TuneOptions) -> dict:
     space = o.search_space()
     df = manifest.load_manifest(o.manifest)  # validated once, here, with a clear error
     o = replace(o, split_hash=split_hash(df))  # what promote checks the manifest against
-    # every trial would refuse such a manifest: refused once, now
-    if getattr(space.train_config({}), "tuning_subset", False) and "tuning" not in df.columns:
-        raise CxrtuneError(f"{o.manifest}: {TUNING_SUBSET_MISSING}")
+    check_tuning_subset(space.train_config({}), df, o.manifest)  # once, now: every trial would refuse it
     param_space = space.grid() if o.grid else None  # refuses a space without a grid before Ray starts
     latency_table = storage.read_bytes(o.latency_table) if o.latency_table else None
     if latency_table is not None:  # every network the space can draw is measured, or nothing starts

@@ -47,7 +47,8 @@ class ApiKeys:
             if sep and not KEY_ID.fullmatch(key_id):  # said, so that an ID:KEY written so is not a silent 401
                 log.warning("API key %d of %d holds a ':' after text that is not an id (letters, digits, ._-): "
                             "the whole of it is the key", place, len(entries))
-            if not sep or not KEY_ID.fullmatch(key_id):
+                sep = ""
+            if not sep:
                 key_id, key = "key-" + hashlib.sha256(entry.encode()).hexdigest()[:8], entry
             if len(key) < MIN_KEY_CHARS:
                 raise CxrtuneError(f"API key {place} of {len(entries)} is shorter than {MIN_KEY_CHARS} characters "

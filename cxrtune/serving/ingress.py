@@ -112,7 +112,7 @@ def _decode(data: bytes, s: ServeSettings):
         return load_scan(data, Limits(max_bytes=s.max_upload_bytes, max_pixels=s.max_pixels,
                                       max_decoded_bytes=s.max_decoded_bytes), s.work_size)
     except UnsupportedFormatError as exc:
-        raise RequestError(415, f"{exc}; send PNG (8/16-bit), JPEG or DICOM") from None
+        raise _unsupported(exc) from None
     except ImageTooLargeError as exc:
         raise RequestError(413, str(exc)) from None
     except InputRefused as exc:
@@ -121,12 +121,16 @@ def _decode(data: bytes, s: ServeSettings):
         raise RequestError(422, f"{DECODE_FAILURE}: {exc}") from None
 
 
+def _unsupported(exc: UnsupportedFormatError) -> RequestError:
+    return RequestError(415, f"{exc}; send PNG (8/16-bit), JPEG or DICOM")
+
+
 def _format_of(data: bytes) -> str:
     """:func:`sniff_format`, bytes of no format it knows being the client's 415 (as in :func:`_decode`)."""
     try:
         return sniff_format(data)
     except UnsupportedFormatError as exc:
-        raise RequestError(415, f"{exc}; send PNG (8/16-bit), JPEG or DICOM") from None
+        raise _unsupported(exc) from None
 
 
 class SecureHeaders:
