@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -465,3 +467,29 @@ def test_a_folder_yields_dicom_files_by_content_and_an_overlay_that_fails_is_tha
     assert counts["scored"] == 1 and counts["error"] == 1
     assert [(line["image"], line["status"]) for line in lines] == [(inputs[0], "scored"), (inputs[1], "error")]
     assert lines[1]["retriable"] and lines[1]["error"] == "its overlay could not be written (OSError)"
+
+
+def test_an_s3_out_whose_last_upload_fails_keeps_the_records_and_says_where(tmp_path, bucket):
+    """The bucket of an S3 ``--out`` goes away before the last upload: the run fails with an
+    error naming where the scored records are kept, and they are all there."""
+    from cxrtune import storage
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.scoring import batch_scoring
+
+    inputs = []
+    for name in ("a.png", "b.png"):
+        images.write_png(str(tmp_path / name), np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1)))
+        inputs.append(str(tmp_path / name))
+
+    class Scorer:  # the site's administrator removes the bucket while the run scores
+        batch_size = 2
+
+        def score_scans(self, scans):
+            storage.s3_client().delete_bucket(Bucket=bucket)
+            return [({"status": "scored", "score": 1}, None) for _ in scans]
+
+    with pytest.raises(CxrtuneError, match=r"could not be uploaded to s3://.*they are kept in (\S+);") as failed:
+        batch_scoring.score_files(Scorer(), inputs, f"s3://{bucket}/out.jsonl", progress=False)
+    kept = re.search(r"they are kept in (\S+);", str(failed.value)).group(1)
+    assert [json.loads(line)["image"] for line in Path(kept).read_text().splitlines()] == inputs
+    shutil.rmtree(Path(kept).parent)

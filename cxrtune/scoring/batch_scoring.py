@@ -173,9 +173,20 @@ def score_files(scorer: Scorer, uris: list[str], out_uri: str, overlays: str | N
     finally:  # a crash or Ctrl-C: what was scored still reaches an S3 --out
         bar.close()
         if local != out_uri:
-            storage.write_bytes(out_uri, Path(local).read_bytes())
-            shutil.rmtree(Path(local).parent, ignore_errors=True)
+            _upload_records(local, out_uri)
     return counts
+
+
+def _upload_records(local: str, out_uri: str) -> None:
+    """The local records' last upload to an S3 ``--out``; if it fails they are kept (in a folder
+    only this user can read: image URIs may name patients) and the error says where."""
+    try:
+        storage.write_bytes(out_uri, Path(local).read_bytes())
+    except Exception as exc:
+        raise CxrtuneError(f"the records could not be uploaded to {out_uri} ({type(exc).__name__}): they are kept "
+                           f"in {local}; copy them there, or score again with --resume (it keeps what the last "
+                           "upload holds and scores the rest)") from exc
+    shutil.rmtree(Path(local).parent, ignore_errors=True)
 
 
 def read_scan(uri: str) -> Scan | ErrorRecord:
