@@ -2,8 +2,8 @@
 
 Written by hand because no library does it; connected components come from OpenCV.
 
-* :func:`split_lungs` keeps the two largest blobs of the lung mask; the blob on the image's left is
-  the patient's right lung on a standard frontal view.
+* :func:`split_lungs` finds the two lungs in Stage I's mask (rules below); the lung on the
+  image's left is the patient's right lung on a standard frontal view.
 * :func:`equal_area_zones` cuts one lung by two horizontal lines into three parts of equal area from
   its row-wise cumulative sum (the paper's two binary searches find the same rows), which is
   invariant to translation and scaling and needs no alignment network.
@@ -13,13 +13,17 @@ Written by hand because no library does it; connected components come from OpenC
 
 Defined behaviour on odd masks (never an exception):
 * no lung pixels: both lungs empty, every zone unaffected, ``lungs_found`` 0;
-* :func:`clean_lungs` first drops Stage I specks: blobs under ``MIN_LUNG_BLOB_FRACTION`` of the
-  *image* (not of the largest blob: a white-out lung that Stage I under-segments is small and
-  must survive) and any blob that sits in the column range of a larger one (fragments of the same
-  lung, stray marks above or below it); at most two blobs remain;
-* one blob: if it straddles the image centre it is taken as two merged lungs and cut at the column
-  with the fewest lung pixels in its central part; otherwise it is one lung, on the side of its
-  centroid, and the other lung is empty (``lungs_found`` 1);
+* specks go first: blobs under ``MIN_LUNG_BLOB_FRACTION`` of the *image* (not of the largest blob:
+  a white-out lung that Stage I under-segments is small and must survive);
+* the largest blob, if it is two merged lungs (it straddles the image centre and narrows to a
+  bridge there), is cut at the column with the fewest lung pixels in its central part, and nothing
+  else is kept (a speck beside merged lungs is not a lung);
+* otherwise the other lung is the largest blob beside it and level with it; with two lungs, a
+  blob in one lung's columns and level with the other lung is a fragment of that lung and joins
+  it (its zones are cut over all its parts); anything else (stray marks above or below a lung) is
+  dropped;
+* one blob that is not two merged lungs (a single lung pushed over the centre included) is one
+  lung, on the side of its centroid, and the other lung is empty (``lungs_found`` 1);
 * a horizontally flipped image has its sides swapped, as it should: sides are read off the image.
 """
 
@@ -47,75 +51,90 @@ class LungPair:
     lungs_found: int
 
 
-def _merged_split_column(blob: np.ndarray) -> int:
+MERGED_WAIST = 0.5  # a blob is two merged lungs only where it narrows below this share of its median column
+
+
+def _merged_pair_cut(blob: np.ndarray) -> int | None:
+    """The column that cuts one blob into two merged lungs, or None if it is one lung. Merged
+    lungs straddle the image centre, span more than 0.35 of its width and have a waist: in their
+    central part a column holds under ``MERGED_WAIST`` of a typical column's lung pixels (the
+    bridge). A single lung pushed over the centre (a shifted mediastinum) has none."""
+    width = blob.shape[1]
     cols = np.flatnonzero(blob.any(axis=0))
     x0, x1 = int(cols[0]), int(cols[-1]) + 1
-    width = x1 - x0
-    lo, hi = x0 + int(0.3 * width), x0 + int(0.7 * width)
+    if not (x0 < width / 2 < x1 - 1 and (x1 - 1 - x0) > 0.35 * width):
+        return None
+    lo, hi = x0 + int(0.3 * (x1 - x0)), x0 + int(0.7 * (x1 - x0))
     counts = blob[:, lo:hi].sum(axis=0)
-    return lo + int(np.argmin(counts)) if hi > lo else (x0 + x1) // 2
+    heights = blob[:, x0:x1].sum(axis=0)
+    if counts.min() >= MERGED_WAIST * np.median(heights[heights > 0]):
+        return None
+    return lo + int(np.argmin(counts))
 
 
-def clean_lungs(lung_mask: np.ndarray) -> np.ndarray:
-    """Stage I's mask -> at most two lung blobs (bool). The lung cleanup of the scoring policy:
-    the ROI crop, the split and the zones all use its output, in training and in use.
-
-    Keeps the largest blob, then the largest other blob that lies beside it: overlapping at most
-    half of its own width with the first blob's columns, and at least half of its own height with
-    the first blob's rows (a marker or label above or below is not a lung). Blobs under ``MIN_LUNG_BLOB_FRACTION``
-    of the image are specks. Size is never judged against the other lung, so a small, fully
-    opaque lung is kept."""
-    mask = np.ascontiguousarray(lung_mask > 0, dtype=np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if n <= 1:
-        return np.zeros(mask.shape, dtype=bool)
-    min_area = max(1.0, MIN_LUNG_BLOB_FRACTION * mask.size)
-    blobs = sorted((int(stats[i, cv2.CC_STAT_AREA]), i) for i in range(1, n)
-                   if stats[i, cv2.CC_STAT_AREA] >= min_area)
-    if not blobs:
-        return np.zeros(mask.shape, dtype=bool)
-    blobs.reverse()
-    first = blobs[0][1]
-    fx0, fy0 = stats[first, cv2.CC_STAT_LEFT], stats[first, cv2.CC_STAT_TOP]
-    fx1, fy1 = fx0 + stats[first, cv2.CC_STAT_WIDTH], fy0 + stats[first, cv2.CC_STAT_HEIGHT]
-    keep = [first]
-    for _, i in blobs[1:]:
-        x0, w = stats[i, cv2.CC_STAT_LEFT], stats[i, cv2.CC_STAT_WIDTH]
-        y0, h = stats[i, cv2.CC_STAT_TOP], stats[i, cv2.CC_STAT_HEIGHT]
-        beside = max(0, min(fx1, x0 + w) - max(fx0, x0)) <= 0.5 * w
-        level = max(0, min(fy1, y0 + h) - max(fy0, y0)) >= 0.5 * h
-        if beside and level:
-            keep.append(i)
-            break
-    return np.isin(labels, keep)
+def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
+    return max(0, min(a1, b1) - max(a0, b0))
 
 
 def split_lungs(lung_mask: np.ndarray) -> LungPair:
-    """Cleaned lung mask (:func:`clean_lungs`) -> (patient's right, patient's left)."""
-    mask = clean_lungs(lung_mask).astype(np.uint8)
+    """Stage I's mask -> (patient's right, patient's left): the lung cleanup and split of the
+    scoring policy (the module's docstring lists the rules; :func:`clean_lungs` is their union).
+
+    The largest blob is kept. If it is two merged lungs it is cut at its waist, and that is all.
+    Otherwise the largest other blob beside it (overlapping at most half of its own width with
+    the first blob's columns) and level with it (at least half of its own height in the first
+    blob's rows) is the other lung; a marker above or below is not. With two lungs, a further blob
+    in one lung's columns and level with the other lung is a fragment of that lung (Stage I broke
+    it, e.g. at a consolidation it missed) and joins it. Blobs under ``MIN_LUNG_BLOB_FRACTION`` of
+    the image are specks. Size is never judged against the other lung, so a small, fully opaque
+    lung is kept."""
+    mask = np.ascontiguousarray(lung_mask > 0, dtype=np.uint8)
     empty = np.zeros(mask.shape, dtype=bool)
     n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if n <= 1:
+    min_area = max(1.0, MIN_LUNG_BLOB_FRACTION * mask.size)
+    blobs = [i for _, i in sorted(((int(stats[i, cv2.CC_STAT_AREA]), i) for i in range(1, n)
+                                   if stats[i, cv2.CC_STAT_AREA] >= min_area), reverse=True)]
+    if not blobs:
         return LungPair(empty, empty.copy(), 0)
-    keep = list(range(1, n))
-    width = mask.shape[1]
-    if len(keep) == 2:
-        a, b = keep
-        if centroids[a][0] > centroids[b][0]:
-            a, b = b, a
-        return LungPair(labels == a, labels == b, 2)
-    blob = labels == keep[0]
-    cols = np.flatnonzero(blob.any(axis=0))
-    if cols[0] < width / 2 < cols[-1] and (cols[-1] - cols[0]) > 0.35 * width:
-        cut = _merged_split_column(blob)
-        right = blob.copy()
+    first = labels == blobs[0]
+    cut = _merged_pair_cut(first)
+    if cut is not None:
+        right = first.copy()
         right[:, cut:] = False
-        left = blob.copy()
-        left[:, :cut] = False
-        return LungPair(right, left, 2)
-    if centroids[keep[0]][0] < width / 2:
-        return LungPair(blob, empty, 1)
-    return LungPair(empty, blob, 1)
+        return LungPair(right, first & ~right, 2)
+
+    def columns(i: int) -> tuple[int, int]:
+        return stats[i, cv2.CC_STAT_LEFT], stats[i, cv2.CC_STAT_LEFT] + stats[i, cv2.CC_STAT_WIDTH]
+
+    def rows(i: int) -> tuple[int, int]:
+        return stats[i, cv2.CC_STAT_TOP], stats[i, cv2.CC_STAT_TOP] + stats[i, cv2.CC_STAT_HEIGHT]
+
+    def in_columns_of(i: int, lung: int) -> bool:
+        return _overlap(*columns(i), *columns(lung)) > 0.5 * stats[i, cv2.CC_STAT_WIDTH]
+
+    def level_with(i: int, lung: int) -> bool:
+        return _overlap(*rows(i), *rows(lung)) >= 0.5 * stats[i, cv2.CC_STAT_HEIGHT]
+
+    second = next((i for i in blobs[1:] if not in_columns_of(i, blobs[0]) and level_with(i, blobs[0])), None)
+    if second is None:
+        return LungPair(first, empty, 1) if centroids[blobs[0]][0] < mask.shape[1] / 2 else LungPair(empty, first, 1)
+    parts = {blobs[0]: [blobs[0]], second: [second]}
+    for i in blobs[1:]:
+        if i == second:
+            continue
+        for lung, other in ((blobs[0], second), (second, blobs[0])):
+            if in_columns_of(i, lung) and level_with(i, other):
+                parts[lung].append(i)
+                break
+    a, b = (blobs[0], second) if centroids[blobs[0]][0] < centroids[second][0] else (second, blobs[0])
+    return LungPair(np.isin(labels, parts[a]), np.isin(labels, parts[b]), 2)
+
+
+def clean_lungs(lung_mask: np.ndarray) -> np.ndarray:
+    """Stage I's mask -> its lungs (bool), the union of :func:`split_lungs`: the lung cleanup of
+    the scoring policy, which the ROI crop, the split and the zones use, in training and in use."""
+    pair = split_lungs(lung_mask)
+    return pair.right | pair.left
 
 
 def equal_area_zones(lung: np.ndarray) -> tuple[int, int]:

@@ -103,3 +103,42 @@ def test_rotated_image_keeps_two_lungs_and_equal_zones():
     y1, y2 = zones.equal_area_zones(pair.right)
     areas = [pair.right[:y1].sum(), pair.right[y1:y2].sum(), pair.right[y2:].sum()]
     assert max(areas) - min(areas) <= 2 * pair.right.sum(axis=1).max()
+
+
+def test_one_lung_over_the_centre_is_one_lung_and_merged_lungs_are_cut_at_their_waist():
+    """A single lung pushed over the image centre (a shifted mediastinum, the other lung missed)
+    has no waist: it is one lung, not two halves of it; two lungs joined by a bridge are cut
+    there, and a speck beside them is no second lung."""
+    one = np.zeros((256, 256), bool)
+    yy, xx = np.mgrid[:256, :256]
+    one[((yy - 128) / 90.0) ** 2 + ((xx - 95) / 52.0) ** 2 <= 1] = True  # columns 43-147
+    pair = zones.split_lungs(one)
+    assert pair.lungs_found == 1 and pair.right.sum() == one.sum() and not pair.left.any()
+    merged = np.zeros((200, 200), bool)
+    merged[30:170, 20:98] = True
+    merged[40:160, 102:180] = True
+    merged[60:70, 98:102] = True  # the bridge
+    merged[80:100, 185:195] = True  # a speck beside them, at lung level
+    pair = zones.split_lungs(merged)
+    assert pair.lungs_found == 2
+    assert pair.right[:, :98].sum() == merged[:, :98].sum() and not pair.right[:, 102:].any()
+    assert pair.left[:, 102:180].sum() == merged[:, 102:180].sum() and not pair.left[:, 185:].any()
+
+
+def test_a_lung_broken_in_two_keeps_both_parts_and_a_mark_above_it_is_dropped():
+    """Stage I broke the patient's right lung at a consolidation: both parts are that lung and the
+    opacity in the upper one scores zone A; a marker above the other lung is not lung."""
+    lung = np.zeros((200, 200), bool)
+    lung[30:80, 20:85] = True  # right lung, upper part
+    lung[100:170, 20:85] = True  # right lung, lower part
+    lung[30:170, 115:180] = True  # left lung, whole
+    lung[5:20, 120:140] = True  # a side marker above the left lung
+    pair = zones.split_lungs(lung)
+    assert pair.lungs_found == 2
+    assert pair.right.sum() == lung[30:170, 20:85].sum() and not pair.right[:, 100:].any()
+    assert pair.left.sum() == lung[30:170, 115:180].sum()
+    opacity = np.zeros_like(lung)
+    opacity[30:80, 20:85] = True
+    record = zones.score_masks(lung, opacity, 0.5)
+    assert record["zones"]["A"]["affected"] and record["score"] == 1
+    assert zones.clean_lungs(lung).sum() == pair.right.sum() + pair.left.sum()
