@@ -6,6 +6,7 @@ records are built by the scoring policy's own ``build_record`` from masks drawn 
 working size, so each value read back has a known answer."""
 
 import dataclasses
+import io
 import re
 import shutil
 import subprocess
@@ -214,6 +215,31 @@ def test_a_source_without_type_2_attributes_gets_them_empty_and_one_without_uids
         dicom_results(ds, record, detail)
     with pytest.raises(CxrtuneError, match="needs its lung and opacity masks"):
         dicom_results(source_copy(), record)
+
+
+def test_archive_values_highdicom_refuses_are_emptied_and_a_radiographs_frame_of_reference_dropped(tmp_path):
+    """Headers common in real archives (PatientSex "U", a StudyDate with dashes, a CR/DX that
+    carries a frame of reference) get results, as the standard allows them: readable back, with
+    no error dciodvfy does not also find in the source; a source without a modality, a clear error."""
+    ds = source_copy("CXRTUNE^LEGACY", 3)
+    record, detail = drawn_record(ds)
+    ds.PatientSex, ds.StudyDate, ds.StudyTime, ds.PatientBirthDate = "U", "2024-01-01", "25:61", "19XX"
+    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator, ds.PixelSpacing = generate_uid(), "", [0.14, 0.14]
+    results = dicom_results(ds, record, detail)
+    for obj in (results.sr, results.seg):
+        assert (obj.PatientSex, obj.StudyDate, obj.StudyTime, obj.PatientBirthDate) == ("", "", "", "")
+        assert (obj.PatientID, obj.StudyInstanceUID) == (ds.PatientID, ds.StudyInstanceUID)
+    assert "FrameOfReferenceUID" not in results.seg
+    assert hd.seg.segread(io.BytesIO(to_bytes(results.seg))).number_of_segments == 2
+    if shutil.which("dciodvfy"):
+        for name, obj in (("source.dcm", ds), ("sr.dcm", results.sr), ("seg.dcm", results.seg)):
+            (tmp_path / name).write_bytes(to_bytes(obj))
+        source = _dciodvfy_errors(tmp_path / "source.dcm")
+        for name in ("sr.dcm", "seg.dcm"):
+            assert _dciodvfy_errors(tmp_path / name) - source == set(), name
+    del ds.Modality
+    with pytest.raises(CxrtuneError, match="it has no Modality"):
+        dicom_results(ds, record, detail)
 
 
 def _dciodvfy_errors(path) -> set[tuple[str, str]]:

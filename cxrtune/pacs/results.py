@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import cv2
 import highdicom as hd
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset, dcmread, valuerep
 from pydicom.sr.codedict import codes
 
 from .. import __version__
@@ -251,10 +251,11 @@ def segmentation(source: Dataset, lung: np.ndarray, opacity: np.ndarray, identit
     # the General Image module's Type 2C orientation: a projection radiograph has no plane
     # position, so the source's (or an empty) Patient Orientation stands
     seg.PatientOrientation = source.get("PatientOrientation", "")
+    # Pixel Measures is required only with a frame of reference, which a projection radiograph's
+    # results do not carry (:func:`_usable_source`); copied from one it holds the source's Pixel
+    # Spacing (zero in pydicom-data's CR) without a Slice Thickness: dciodvfy refuses it, and
+    # highdicom cannot read such a SEG back
     if "FrameOfReferenceUID" not in source:
-        # Pixel Measures is required only with a frame of reference; copied from a projection
-        # radiograph it carries the source's Pixel Spacing (zero in pydicom-data's CR) without a
-        # Slice Thickness, and highdicom cannot read such a SEG back
         for group in seg.SharedFunctionalGroupsSequence:
             if "PixelMeasuresSequence" in group:
                 del group.PixelMeasuresSequence
@@ -289,19 +290,35 @@ def overlay_capture(source: Dataset, image: np.ndarray, detail: Detail, record: 
     return sc
 
 
-REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows", "Columns")
-# Type 2 patient and study attributes highdicom copies: a source without them gets them empty, as
-# Type 2 allows, rather than a failure
+REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "Rows", "Columns")
+# Type 2 patient and study attributes highdicom copies: a source without them, or with a value
+# highdicom refuses, gets them empty, as Type 2 allows, rather than a failure
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "ReferringPhysicianName", "StudyID", "AccessionNumber")
+PATIENT_SEX = ("M", "F", "O")  # the standard's values; archives also hold "U", "X", lower case...
+DATE_TIME_VRS = {"DA": valuerep.DA, "TM": valuerep.TM, "DT": valuerep.DT}
+
+
+def _conformant(elem) -> bool:
+    """Whether a date or time element's value reads as its VR says ("2024-01-01" in a DA does not)."""
+    reader = DATE_TIME_VRS.get(elem.VR)
+    if reader is None or elem.VM != 1 or not elem.value:
+        return True
+    try:
+        reader(elem.value)
+    except ValueError:
+        return False
+    return True
 
 
 def _usable_source(ds: Dataset) -> Dataset:
-    """The source's header (no pixel data), with its missing Type 2 patient and study attributes
-    empty.
+    """The source's header (no pixel data) as the results copy it: its Type 2 patient and study
+    attributes present, emptied where missing or not conformant (highdicom refuses a PatientSex
+    of "U" or a StudyDate of "2024-01-01", and the image would get no results), and no frame of
+    reference on a projection radiograph (no plane position): a SEG of it has none either.
 
     Raises:
-        CxrtuneError: it lacks a UID or size the results must reference."""
+        CxrtuneError: it lacks a UID, modality or size the results must reference."""
     missing = [name for name in REQUIRED if not ds.get(name)]
     if missing:
         raise CxrtuneError(f"DICOM results cannot reference this image: it has no {', '.join(missing)}")
@@ -309,6 +326,17 @@ def _usable_source(ds: Dataset) -> Dataset:
     for name in TYPE_2:
         if name not in header:
             setattr(header, name, "")
+    if str(header.PatientSex).upper() not in PATIENT_SEX:
+        header.PatientSex = ""
+    else:
+        header.PatientSex = str(header.PatientSex).upper()
+    for elem in list(header):
+        if not _conformant(elem):
+            elem.value = ""
+    if "ImagePositionPatient" not in header:
+        for name in ("FrameOfReferenceUID", "PositionReferenceIndicator"):
+            if name in header:
+                delattr(header, name)
     return header
 
 
