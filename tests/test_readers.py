@@ -320,6 +320,28 @@ def test_reader_report_drops_missing_grades_and_is_json_safe():
     json.dumps(report, allow_nan=False)
 
 
+def test_one_readers_gaps_take_no_image_from_another_readers_figures(tmp_path):
+    """Reader J left zone A of images 5-9 ungraded, the very images the model gets wrong: the model
+    against S is still judged on all ten images S graded, scored or not counted alike, and the
+    per-image file leaves J's score empty there."""
+    from cxrtune.scoring.evaluation import _reader_figures
+
+    n = 10
+    rows = pd.DataFrame({f"reader_{r}_{z}": [1] * n for r in "JS" for z in "ABCDEF"}, dtype="Int64")
+    rows.loc[5:, "reader_J_A"] = pd.NA
+    fractions = np.ones((n, 6))
+    fractions[5:, :3] = 0.0  # images 5-9: the model misses the right lung (3 zones)
+    info = _reader_figures(rows, fractions, 0.5, ["J", "S"], (), None, 3, 0, str(tmp_path))
+    assert info["n"] == n and info["n_incomplete_grades"] == {"J": 5, "S": 0}
+    assert info["readers"]["S"]["score"]["n"] == n and info["readers"]["S"]["score"]["mae"] == pytest.approx(1.5)
+    assert info["readers"]["J"]["score"]["n"] == 5 and info["readers"]["J"]["score"]["mae"] == 0.0
+    assert info["mae_counting_not_scored"] == {"J": 0.0, "S": pytest.approx(1.5)}
+    per_image = pd.read_csv(tmp_path / "reader_scores.csv")
+    assert per_image["reader_S"].tolist() == [6] * n and per_image["reader_J"].isna().tolist() == [False] * 5 + [True] * 5
+    cv = _reader_figures(rows, fractions, 0.5, ["J", "S"], (), "reader:J", 2, 0, str(tmp_path / "cv"))
+    assert cv["n"] == 5 and cv["readers"]["S"]["score"]["n"] == 5  # J's cross-validation predicts J's images only
+
+
 def test_best_constant():
     assert agreement.best_constant(np.array([6, 6, 6, 0, 1])) == {"constant": 6, "mae": pytest.approx(11 / 5)}
     assert agreement.best_constant(np.array([2, 3])) == {"constant": 2, "mae": 0.5}

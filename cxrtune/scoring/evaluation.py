@@ -876,41 +876,47 @@ def evaluate_bundle(uri: str, df: pd.DataFrame, out_dir: str, options: EvaluateO
 def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float, readers: list[str],
                     by: tuple[str, ...], cv_reference: str | None, folds: int, n_boot: int, out_dir: str,
                     not_scored: pd.DataFrame | None = None) -> dict:
-    """The agreement figures are over the scored records; ``mae_counting_not_scored`` adds the
-    partial/unscored ones at the worst error for each reader's score (:func:`score_error`)."""
+    """The agreement figures are over the scored records, each comparison over the images both of
+    its sides graded (one reader's gaps never take images from another reader's figures); under
+    ``cv_reference`` over the images that reader graded (the only ones the cross-validation
+    predicts). ``mae_counting_not_scored`` adds the partial/unscored images each reader graded, at
+    the worst error for that reader's score (:func:`score_error`)."""
     missing = [c for c in by if c not in rows.columns]
     if missing:
         raise CxrtuneError(f"--by {', '.join(missing)}: no such manifest column")
     grades = manifest.reader_grades(rows)
-    complete = np.all([np.all(grades[r] >= 0, axis=1) for r in readers], axis=0)
-    rows, fractions = rows[complete], fractions[complete]
-    grades = {r: g[complete] for r, g in grades.items()}
-    info: dict = {"n": int(complete.sum()), "n_incomplete_grades": int((~complete).sum())}
+    info: dict = {}
     if cv_reference:
         reader = cv_reference.split(":", 1)[-1]
         if reader not in grades:
             raise CxrtuneError(f"--cv-reference {cv_reference!r}: the manifest's readers are {', '.join(readers)}")
+        keep = np.all(grades[reader] >= 0, axis=1)
+        rows, fractions, grades = rows[keep], fractions[keep], {r: g[keep] for r, g in grades.items()}
         if len(fractions) < 2 * folds:
-            raise CxrtuneError(f"cross-validation over {folds} folds needs at least {2 * folds} scored images with "
-                               f"reader grades; {len(fractions)} here (use --folds)")
+            raise CxrtuneError(f"cross-validation over {folds} folds needs at least {2 * folds} scored images "
+                               f"graded by {reader}; {len(fractions)} here (use --folds)")
         pred, thresholds = agreement.cross_validated_predictions(fractions, grades[reader] > 0, folds=folds)
         info.update(threshold="cross-validated", cv_reference=reader, cv_folds=folds,
                     cv_thresholds=[float(t) for t in thresholds])
     else:
         pred = fractions >= threshold
         info["threshold"] = threshold
+    graded = {r: np.all(g >= 0, axis=1) for r, g in grades.items()}
+    info.update(n=int(len(rows)), n_incomplete_grades={r: int((~graded[r]).sum()) for r in readers})
     info.update(agreement.reader_report(pred, grades, groups=rows.reset_index(drop=True), by=list(by), n_boot=n_boot))
     agreement.plot_reader_agreement(pred, grades, out_dir)
-    per_image = pd.DataFrame({"row": rows.index, "score": (pred > 0).sum(axis=1),
-                              **{f"reader_{r}": (grades[r] > 0).sum(axis=1) for r in readers}})
+    score = (pred > 0).sum(axis=1)
+    reader_scores = {r: np.where(graded[r], (grades[r] > 0).sum(axis=1), -1) for r in readers}
+    per_image = pd.DataFrame({"row": rows.index, "score": score,  # a reader's score is empty where it did not grade
+                              **{f"reader_{r}": pd.Series(reader_scores[r], dtype="Int64").mask(~graded[r]).to_numpy()
+                                 for r in readers}})
     # what a paired comparison of two bundles reads
     storage.write_text(storage.join(out_dir, "reader_scores.csv"), per_image.to_csv(index=False))
     missed = manifest.reader_grades(not_scored) if not_scored is not None and len(not_scored) else {}
     info["n_not_scored"] = int(len(not_scored)) if not_scored is not None else 0
     info["mae_counting_not_scored"] = {}
     for reader in readers:
-        ref = (grades[reader] > 0).sum(axis=1)
-        err = list(np.abs((pred > 0).sum(axis=1) - ref))
+        err = list(np.abs(score - reader_scores[reader])[graded[reader]])
         if reader in missed:
             g = missed[reader][np.all(missed[reader] >= 0, axis=1)]
             err += [score_error({"status": "unscored"}, int(r)) for r in (g > 0).sum(axis=1)]
