@@ -30,6 +30,12 @@ def test_the_front_holds_complete_feasible_non_dominated_trials_only():
     assert list(front["trial_id"]) == ["b", "d", "c"]  # by cost
     everything = table().assign(complete=True, feasible=True)
     assert list(pareto_front(everything, "val_score_mae", "min", "gmacs")["trial_id"]) == ["a", "e"]  # what the filters keep off
+    errored = pd.DataFrame([{"trial_id": "h", "complete": False, "feasible": True}])  # none reported its figures
+    assert pareto_front(errored, "val_score_mae", "min", "gmacs").empty
+    figure_png(front_figure(errored, pareto_front(errored, "val_score_mae", "min", "gmacs"), "val_score_mae", [], "gmacs"))
+    with pytest.raises(CxrtuneError, match="the front is empty"):
+        PickRule.parse("fastest").pick(pareto_front(errored, "val_score_mae", "min", "gmacs"), "val_score_mae", "min",
+                                       "gmacs")
 
 
 def test_the_front_figure_greys_violators_and_stopped_trials():

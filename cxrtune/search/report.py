@@ -196,9 +196,10 @@ def pareto_front(table: pd.DataFrame, metric: str, mode: str, cost: str) -> pd.D
     holding them, sorted by cost. Stopped trials and constraint violators are never on it."""
     import optuna
 
-    needed = {metric, cost, "complete", "feasible"}
-    sub = (table[table["complete"].astype(bool) & table["feasible"].astype(bool)].dropna(subset=[metric, cost])
-           if needed <= set(table) else table.iloc[0:0])
+    needed = {metric, cost, "complete", "feasible", "trial_id"}
+    if not needed <= set(table):  # no trial has reported them yet (a sweep just started, or every trial failed)
+        return pd.DataFrame(columns=[*table.columns, *sorted(needed - set(table))])
+    sub = table[table["complete"].astype(bool) & table["feasible"].astype(bool)].dropna(subset=[metric, cost])
     study = optuna.create_study(directions=["maximize" if mode == "max" else "minimize", "minimize"])
     study.add_trials([optuna.trial.create_trial(values=[float(r[metric]), float(r[cost])], user_attrs={"row": i})
                       for i, r in sub.iterrows()])
