@@ -52,3 +52,52 @@ def test_basic_credentials_from_an_owner_only_file_and_a_private_ca(clean_env, t
     clean_env.setenv(TOKEN_ENV, "tok")
     with pytest.raises(CxrtuneError, match="not both"):
         dicomweb_session()
+
+
+def test_a_body_cut_off_is_tried_again_and_a_server_that_ignores_offsets_is_named(tmp_path, caplog):
+    """A real HTTP server on 127.0.0.1 that cuts its first QIDO-RS answer off mid-body (tried again
+    within the poll, as a connection error is) and then answers every page with the same
+    instances, whatever the offset (the poller stops and says why, rather than starving quietly)."""
+    import datetime as dt
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cxrtune.pacs.poll import DicomwebPoller, PollSettings, PollState
+    from cxrtune.pacs.spool import Spool
+
+    instances = [{tag: {"vr": "UI", "Value": [f"1.2.826.0.1.{i}.{n}"]} for n, tag in enumerate(
+        ("0020000D", "0020000E", "00080018"))} for i in range(3)]
+    body, asked = json.dumps(instances).encode(), []
+
+    class IgnoresOffsets(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            if len(asked) == 1:  # a chunk that never ends: the connection drops mid-body
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x\r\n" % len(body) + body[:10])
+                self.close_connection = True
+                return
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), IgnoresOffsets)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        poller = DicomwebPoller(PollSettings(url=f"http://127.0.0.1:{server.server_port}", page_size=3, backoff_s=0.01,
+                                             modalities=("CR",)), Spool(tmp_path / "spool"), scorer=None,
+                                study_key=b"k" * 32)
+        with caplog.at_level("WARNING", logger="cxrtune"):
+            found = poller.new_instances(PollState(), dt.date.today())
+    finally:
+        server.shutdown()
+    assert sorted(uids[2] for uids in found) == [f"1.2.826.0.1.{i}.2" for i in range(3)]
+    assert len(asked) == 3 and "offset=3" in asked[2]
+    assert "seems to ignore QIDO-RS offsets" in caplog.text

@@ -212,7 +212,7 @@ class DicomwebPoller:
 
     # ------------------------------------------------------------------ calls
     def _call(self, what: str, fn, *args, **kwargs):
-        """``fn`` with retries and backoff on connection errors, 5xx and 429."""
+        """``fn`` with retries and backoff on connection errors, bodies cut off, 5xx and 429."""
         for attempt in range(self.settings.retries):
             try:
                 return fn(*args, **kwargs)
@@ -221,7 +221,8 @@ class DicomwebPoller:
                 if code not in RETRIED_STATUSES and code < 500:
                     raise RetriableError(f"{what}: HTTP {code}", code) from None
                 reason, status = f"{what}: HTTP {code}", code
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as exc:  # the last two: a body cut off mid-way
                 reason, status = f"{what}: {type(exc).__name__}", 0
             if attempt + 1 < self.settings.retries:
                 time.sleep(self.settings.backoff_s * 2 ** attempt)
@@ -249,6 +250,10 @@ class DicomwebPoller:
                     if all(uids) and key not in state.handled and key not in state.parked:
                         found[key] = uids
                 if not keys - seen:  # empty, or a server that ignores the offset: the last page
+                    if page:
+                        log.warning("the DICOMweb server sent the same %s instances again for offset %d: it seems "
+                                    "to ignore QIDO-RS offsets, and instances past its first page are not found",
+                                    modality, offset)
                     break
                 seen |= keys
                 offset += len(page)
