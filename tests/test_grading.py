@@ -258,3 +258,46 @@ def test_grid_sweep_compact_table_and_cross_validation(grading_phantoms, tmp_pat
     both = json.loads((tmp_path / "both" / "cv.json").read_text())["both_sides"]
     assert len(both) == 1 and both[0]["images"] >= 1 and 0 <= both[0]["hcs"] <= 1
     assert len(list((tmp_path / "both" / "heatmaps").glob("recipes1+2_both_row*.png"))) == both[0]["images"]
+
+
+def test_rows_grading_cannot_use_are_left_out_by_position_never_by_path(tmp_path, caplog):
+    """An image that cannot be read (its path names a patient) and a lung mask of another size (it
+    cropped the wrong columns, or broke the trial) are left out; the log names rows by position."""
+    from cxrtune import images
+    from cxrtune.model.grading import load_grade_data
+
+    image = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (128, 1))
+    lung = np.zeros((128, 64), np.float32)
+    lung[20:100, 5:28] = lung[20:100, 36:60] = 1
+    images.write_png(str(tmp_path / "a.png"), image)
+    images.write_png(str(tmp_path / "lung.png"), lung)
+    images.write_png(str(tmp_path / "small-lung.png"), lung[::2, ::2])
+    rows = pd.DataFrame({"image": [str(tmp_path / "Doe_Jane_MRN123.png"), str(tmp_path / "a.png"), str(tmp_path / "a.png")],
+                         "lung_mask": [str(tmp_path / "lung.png"), str(tmp_path / "small-lung.png"),
+                                       str(tmp_path / "lung.png")], "grade_right": [1, 2, 3]})
+    with caplog.at_level("WARNING", logger="cxrtune"):
+        data = load_grade_data(rows, "right", "split", 32)
+    assert data.grades.tolist() == [3]
+    assert "2 row(s) left out, e.g. row 0: unreadable" in caplog.text and "Doe_Jane" not in caplog.text
+    with pytest.raises(CxrtuneError, match="no row could be prepared"):
+        load_grade_data(rows.iloc[[1]], "right", "split", 32)
+    assert "row 0: lung mask 32x64 on a 64x128 image" in caplog.text
+
+
+def test_grade_cv_over_rows_with_grades_and_no_lung_masks_draws_no_heatmap(tmp_path):
+    """ROI none needs no lung mask, and rows graded in the manifest need none for their grades: the
+    cross-validation runs; its heatmaps, which are judged against the lungs, are left out."""
+    from cxrtune import images
+    from cxrtune.audit.grade_cv import cross_validate
+    from cxrtune.model.classifiers import ClassifierConfig
+    from cxrtune.model.grading import GradeConfig
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        images.write_png(str(tmp_path / f"{i}.png"), rng.random((48, 48), dtype=np.float32))
+    df = pd.DataFrame({"image": [str(tmp_path / f"{i}.png") for i in range(8)], "patient_id": [f"p{i}" for i in range(8)],
+                       "grade_right": [0, 1, 2, 3] * 2, "grade_left": [0] * 8, "label": ["covid"] * 8})
+    cfg = GradeConfig(classifier=ClassifierConfig("resnet18", num_classes=4), side="right", roi="none", size=32,
+                      epochs=1, head_epochs=0, batch_size=4, balancing="none", augment=False)
+    result = cross_validate(cfg, df, folds=2, heatmap_images=4)
+    assert result["images"] == 8 and result["heatmaps"] == {} and result["hcs"] == {"mean": None, "images": 0}

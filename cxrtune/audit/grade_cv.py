@@ -88,7 +88,10 @@ def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int
             for i, hmap in zip(picked, heat):
                 row = data.rows.iloc[i]
                 image = read_image(row["image"])
-                lung = find_lungs(image) if find_lungs is not None else read_mask(row["lung_mask"]).astype(bool)
+                lung_uri = row.get("lung_mask", "")
+                if find_lungs is None and not (isinstance(lung_uri, str) and lung_uri):
+                    continue  # ROI none over rows without lung masks: no lungs to judge a heatmap against
+                lung = find_lungs(image) if find_lungs is not None else read_mask(lung_uri).astype(bool)
                 maps[data.rows.index[i]] = (to_uint8(image), heatmap_in_image(hmap, image.shape, lung, cfg.side, cfg.roi),
                                             lung)
     summary = {m: {"mean": float(np.nanmean([f[m] for f in per_fold])), "sd": float(np.nanstd([f[m] for f in per_fold]))}

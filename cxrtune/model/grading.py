@@ -103,7 +103,8 @@ def grade_labels(df: pd.DataFrame, read_mask) -> pd.DataFrame:
             try:
                 grades = mask_grades(read_mask(row["lung_mask"]), read_mask(row["opacity_mask"]))
             except (CxrtuneError, ValueError) as exc:  # unreadable, or masks of different shapes
-                log.warning("grading: a row's masks give no grade: %s", exc)
+                # by type only: a read error's message quotes the path, which may name a patient
+                log.warning("grading: the masks of row %s give no grade (%s)", i, type(exc).__name__)
                 continue
             out["grade_right"], out["grade_left"], out["grade_source"] = grades["right"], grades["left"], "masks"
         else:
@@ -162,7 +163,7 @@ def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int,
     ``split``) or an unreadable image is left out with a warning, never guessed."""
     graded = graded[graded[f"grade_{side}"].notna()]  # no grade for this side: nothing to learn or test
     images, keep, skipped = [], [], []
-    for i, row in graded.iterrows():
+    for position, (i, row) in enumerate(graded.iterrows()):
         try:
             image = read_image(row["image"])
             if roi == "none":
@@ -171,13 +172,20 @@ def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int,
                 lung = find_lungs(image)
             else:
                 lung = read_mask(row["lung_mask"])
+        except (CxrtuneError, KeyError, TypeError) as exc:  # its message may quote a path, which may name a patient
+            skipped.append(f"row {position}: unreadable ({type(exc).__name__})")
+            continue
+        try:
             if lung is not None and not lung.any():
                 raise CxrtuneError("empty lung mask")
+            if lung is not None and lung.shape != image.shape:  # a mask of another image, or of another size
+                raise CxrtuneError(f"lung mask {lung.shape[1]}x{lung.shape[0]} on a "
+                                   f"{image.shape[1]}x{image.shape[0]} image")
             images.append(to_uint8(grading_input(image, lung, side, roi, size)))
             keep.append(i)
-        except (CxrtuneError, KeyError, TypeError) as exc:
-            skipped.append(str(exc))
-    if skipped:  # messages name files by URI only through the manifest's own paths, never patients
+        except CxrtuneError as exc:  # cxrtune's own reasons: no path in them
+            skipped.append(f"row {position}: {exc}")
+    if skipped:
         log.warning("grading (%s, %s): %d row(s) left out, e.g. %s", side, roi, len(skipped), skipped[0])
     if not keep:
         raise CxrtuneError(f"no row could be prepared for the {side} lung in ROI scheme {roi!r}")
