@@ -171,6 +171,34 @@ def test_gate_rules_parse():
 
 
 @pytest.mark.slow
+def test_the_score_gate_reads_the_only_reader_and_never_judges_training_rows(phantom_bundle, phantom_dir, tmp_path):
+    """A readers-only gate manifest (what the readers importer writes) is judged against its reader
+    without naming it; with two readers one must be named; a manifest of training rows only is
+    refused, and otherwise the gate scores none of them."""
+    from cxrtune.audit.gates import Gate, run_gates
+    from cxrtune.data import manifest
+    from cxrtune.errors import CxrtuneError
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    readers = df.drop(columns=[c for c in df.columns if c.startswith("zone_")] + ["opacity_mask"])
+    for z in "ABCDEF":
+        readers[f"reader_S_{z}"] = 3  # every zone affected: the reader's score is 6
+    manifest.save_manifest(readers, str(tmp_path / "one.parquet"))
+    measured = run_gates([Gate("score_mae", 6.0)], bundle=str(phantom_bundle), manifest=str(tmp_path / "one.parquet"),
+                         limit=64)["score_mae<=6"]
+    assert measured["reference"] == "reader:S" and measured["images"] == (df["split"] != "train").sum()
+    for z in "ABCDEF":
+        readers[f"reader_J_{z}"] = 0
+    manifest.save_manifest(readers, str(tmp_path / "two.parquet"))
+    with pytest.raises(CxrtuneError, match=r"several readers \(J, S\): name one"):
+        run_gates([Gate("score_mae", 6.0)], bundle=str(phantom_bundle), manifest=str(tmp_path / "two.parquet"))
+    assert run_gates([Gate("score_mae", 6.0, "J")], bundle=str(phantom_bundle), manifest=str(tmp_path / "two.parquet"),
+                     limit=64)["score_mae<=6:J"]["reference"] == "reader:J"
+    manifest.save_manifest(df.assign(split="train"), str(tmp_path / "train.parquet"))
+    with pytest.raises(CxrtuneError, match="training rows only"):
+        run_gates([Gate("score_mae", 6.0)], bundle=str(phantom_bundle), manifest=str(tmp_path / "train.parquet"))
+
+
 def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle, phantom_dir, tmp_path):
     from tests.conftest import cli_in_process as cli  # the command's parser and handlers, in this process
 

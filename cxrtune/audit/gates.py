@@ -10,7 +10,11 @@ Rules (``--gate`` may be given several times):
 * ``hide-and-seek=REPORT``: a report of ``cxrtune audit hide-and-seek`` (it audits the recipe and
   the data, and runs once); a flagged report fails.
 * ``score_mae<=X`` or ``score_mae<=X:READER``: the bundle's score MAE on the gate manifest against a
-  reader's grades (``reader_<ID>_A..F``), else the zone columns or masks. Bundles only.
+  reader's grades (``reader_<ID>_A..F``; without READER the manifest's only reader, and several
+  must be told apart), else the zone columns or masks. Bundles only.
+
+Bundle gates score the gate manifest's rows outside its training split (at most ``--gate-limit``
+of them): a gate passed on images the model trained on would say nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from ..model.artifacts import (
     write_checkpoint_meta,
 )
 from ..preprocessing import resize_mask
-from ..scoring.evaluation import pick_rows, readable_scans, score_rows
+from ..scoring.evaluation import pick_rows, readable_scans, resolve_reference, score_rows
 from ..scoring.scorer import (
     disease_input,
     has_lungs,
@@ -107,18 +111,27 @@ def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
 
 
 def score_mae(scorer, rows, reader: str) -> dict:
-    """The bundle's score MAE on the rows that have a reference (a reader's, else zones/masks); a
-    partial or unscored record counts as the worst error for its reference (``score_error``)."""
+    """The bundle's score MAE on the rows that have a reference: ``reader``'s grades, else the
+    manifest's only reader's, else zones/masks (as ``evaluate`` and ``calibrate`` choose); a
+    partial or unscored record counts as the worst error for its reference (``score_error``).
+
+    Raises:
+        CxrtuneError: no reader named and the manifest has several, or no row has a reference."""
+    readers = manifests.readers_in(rows)
+    if not reader and len(readers) > 1:
+        raise CxrtuneError(f"the gate manifest has several readers ({', '.join(readers)}): name one, "
+                           "score_mae<=X:READER")
+    reference = resolve_reference(reader or "auto", readers, ())
     errors, not_scored = [], 0
     for row, _, record, _ in score_rows(scorer, rows, storage.ContentCache(), progress=False):
-        ref = reference_zones(row, reference=reader or "auto")
+        ref = reference_zones(row, reference=reference)
         if ref is not None:
             errors.append(score_error(record, sum(ref)))
             not_scored += record["status"] != "scored"
     if not errors:
         raise CxrtuneError("the score_mae gate found no row with a reference in the gate manifest")
     return {"score_mae": float(np.mean(errors)), "images": len(errors), "not_scored": not_scored,
-            "reference": reader or "auto"}
+            "reference": reference}
 
 
 def check_gates(gates: list[Gate], bundle: bool, manifest: str | None) -> None:
@@ -151,7 +164,12 @@ def run_gates(gates: list[Gate], bundle: str | None = None, manifest: str | None
         if not loaded:
 
             loaded["scorer"] = load_bundle(bundle, device="cpu", runtime="torch", batch_size=8)
-            loaded["rows"] = pick_rows(manifests.load_manifest(manifest), None, limit)
+            df = manifests.load_manifest(manifest)
+            held_out = df[df["split"] != "train"] if "split" in df.columns else df
+            if held_out.empty:
+                raise CxrtuneError(f"{manifest}: the gate manifest holds training rows only, and a gate judged on "
+                                   "them would flatter the model: give one with val or test rows")
+            loaded["rows"] = pick_rows(held_out, None, limit)
         return loaded["scorer"], loaded["rows"]
 
     check_gates(gates, bool(bundle), manifest)

@@ -383,8 +383,9 @@ class ZoneRows:
         return surfaces[0], np.sqrt(surfaces[1])
 
 
-def _resolve_reference(reference: str, readers: list[str], what: tuple[str, ...]) -> str:
-    """``--reference`` as :func:`reference_zones` takes it: ``reader:<ID>``, ``zones``, ``masks`` or ``auto``."""
+def resolve_reference(reference: str, readers: list[str], what: tuple[str, ...]) -> str:
+    """``--reference`` as :func:`reference_zones` takes it: ``reader:<ID>``, ``zones``, ``masks`` or
+    ``auto`` (the only reader, if one; several must be told apart when ``what`` holds ``zone``)."""
     if reference == "auto" and len(readers) > 1 and "zone" in what:
         raise CxrtuneError(f"the manifest has several readers ({', '.join(readers)}): choose one with --reference")
     if reference == "auto":
@@ -518,7 +519,7 @@ def calibrate(scorer: Scorer, df: pd.DataFrame, options: CalibrateOptions = Cali
     _refuse_test_rows("zone", split, zone_rows)
     cls_rows = _validation_rows(df, options)
     cache = storage.ContentCache()
-    reference = _resolve_reference(reference, manifest.readers_in(df), what)
+    reference = resolve_reference(reference, manifest.readers_in(df), what)
     out: dict = {}
     probs, opacity_stats, looks, normals = [], [], [], []
     cuts = sorted({*OPACITY_GRID.tolist(), scorer.thresholds.opacity})  # the opacity cut is one of these
