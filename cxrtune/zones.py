@@ -201,7 +201,9 @@ def zone_opacity(zones: dict[str, np.ndarray], opacity_mask: np.ndarray) -> dict
 def score_lungs(lungs: LungPair, opacity_mask: np.ndarray, threshold: float) -> dict:
     """:func:`score_masks` for lungs already split (callers that also draw them split once)."""
     opacity = np.asarray(opacity_mask, dtype=bool)
-    zones = {letter: {"affected": bool(area > 0 and frac >= threshold), "opacity_fraction": round(frac, 4)}
+    # judged on the fraction as the record shows it (4 places), which calibration also reads: a
+    # zone the record shows at 0.1000 is affected at T = 0.1 whatever the digits beyond
+    zones = {letter: {"affected": bool(area > 0 and round(frac, 4) >= threshold), "opacity_fraction": round(frac, 4)}
              for letter, (area, frac) in zone_opacity(zone_masks(lungs), opacity).items()}
     per_lung = {}
     for side, lung in (("right", lungs.right), ("left", lungs.left)):

@@ -142,3 +142,20 @@ def test_a_lung_broken_in_two_keeps_both_parts_and_a_mark_above_it_is_dropped():
     record = zones.score_masks(lung, opacity, 0.5)
     assert record["zones"]["A"]["affected"] and record["score"] == 1
     assert zones.clean_lungs(lung).sum() == pair.right.sum() + pair.left.sum()
+
+
+def test_a_zone_is_affected_as_its_shown_fraction_says():
+    """A fraction of 0.0999906 is shown (and read by calibration) as 0.1: at T = 0.1 the zone is
+    affected, so the record never contradicts itself."""
+    lung = np.zeros((400, 600), bool)
+    lung[:, :267] = True  # patient's right lung: 106,800 pixels, zone A a third of it
+    lung[:, 333:] = True
+    right = zones.split_lungs(lung).right
+    y_top, _ = zones.equal_area_zones(right)
+    opacity = np.zeros_like(lung)
+    zone_a = np.argwhere(right[:y_top])
+    need = int(np.ceil(0.0999906 * len(zone_a)))
+    opacity[tuple(zone_a[:need].T)] = True
+    record = zones.score_masks(lung, opacity, 0.1)
+    assert record["zones"]["A"]["opacity_fraction"] == 0.1 and 0.09999 < need / len(zone_a) < 0.1
+    assert record["zones"]["A"]["affected"]
