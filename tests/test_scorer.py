@@ -164,7 +164,22 @@ def test_evaluate_writes_metrics_and_plots(bundle, phantom_dir):
     assert sum(metrics["status"].values()) == metrics["n_read"] == df["split"].isin(["val", "test"]).sum()
     assert metrics["n_normal"] == ((df["label"] == "normal") & df["split"].isin(["val", "test"])).sum()
     assert {"mae", "rmse", "pearson", "kappa_linear", "kappa_quadratic"} <= set(metrics["score"])
+    labelled = df["split"].isin(["val", "test"]) & df["label"].map(manifest.is_labelled)
+    assert metrics["classification"]["n"] + metrics["classification"]["n_not_classified"] == labelled.sum()
     assert (out / "score_density.png").stat().st_size > 1000 and (out / "zone_confusion.png").exists()
+
+
+def test_classification_counts_the_images_it_could_not_classify_as_wrong():
+    """Two disease images Stage II never saw (white-out lungs that Stage I missed) do not vanish
+    from the figures: beside F1 over the classified images, they count as misses."""
+    from cxrtune.scoring.evaluation import _classification
+
+    figures = _classification([0.9, 0.1], [1, 0], [1, 1], 0.5)
+    assert figures["f1"] == 1.0 and (figures["n"], figures["n_not_classified"]) == (2, 2)
+    assert figures["counting_not_classified"]["recall"] == pytest.approx(1 / 3)
+    assert figures["counting_not_classified"]["f1"] == pytest.approx(0.5)
+    assert _classification([0.9], [1], [0], 0.5)["counting_not_classified"]["precision"] == 0.5  # a normal: a false alarm
+    assert _classification([], [], [], 0.5) is None
 
 
 @pytest.mark.slow  # trains both stages through the CLI (the module's bundle)

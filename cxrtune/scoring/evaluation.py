@@ -769,6 +769,7 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str,
     rows = pick_rows(df, split, options.limit)
     lung_meter, opac_meter = SegmentationMeter(), SegmentationMeter()
     probs, labels, pred_zones, ref_zones, records, errors = [], [], [], [], [], []
+    unclassified: list[int] = []  # labelled images Stage II never classified (1: disease)
     statuses = {s: 0 for s in STATUSES}
     reader_rows, reader_fracs, not_scored_rows = [], [], []
     for row, img, record, detail in score_rows(scorer, rows, cache, progress):
@@ -780,6 +781,8 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str,
         if manifest.is_labelled(row["label"]) and record["disease_probability"] is not None:
             probs.append(record["disease_probability"])
             labels.append(int(manifest.is_disease(row["label"])))
+        elif manifest.is_labelled(row["label"]):
+            unclassified.append(int(manifest.is_disease(row["label"])))
         ref = reference_zones(row, reference_threshold, cache)
         error = score_error(record, int(np.sum(ref))) if ref is not None else None
         if error is not None:
@@ -812,8 +815,7 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str,
         n_images=len(rows), n_read=len(table), split=split, zone_threshold=scorer.thresholds.zone,
         cls_threshold=scorer.thresholds.cls, models=scorer.models_info(), status=statuses,
         lung=lung_meter.result(), opacity=opac_meter.result(),
-        classification=(classification_metrics(np.array(probs), np.array(labels), scorer.thresholds.cls)
-                        if probs else None),
+        classification=_classification(probs, labels, unclassified, scorer.thresholds.cls),
         normal_score_fp_rate=normal_fp_rate(normal["score"]) if len(normal) else None,
         n_normal=int(len(normal)), score=score, zones=zone_accuracy,
         status_by_label=({str(k): {str(s): int(n) for s, n in g["status"].value_counts().items()}
@@ -824,6 +826,21 @@ def evaluate(scorer: Scorer, df: pd.DataFrame, out_dir: str,
     storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(json_safe(result.to_dict()), indent=2))
     storage.write_text(storage.join(out_dir, "scores.csv"), table.to_csv(index=False))
     return result
+
+
+def _classification(probs: list[float], labels: list[int], unclassified: list[int], threshold: float) -> dict | None:
+    """Classification at T_cls over the images Stage II classified, with ``n`` and
+    ``n_not_classified``, and ``counting_not_classified``: the same with each labelled image left
+    unscored counted wrong (a disease image as normal, a normal one as disease), the rule of
+    ``mae_counting_not_scored``: the images a model fails on are often the sick ones (white-out lungs)."""
+    if not probs and not unclassified:
+        return None
+    out = {**(classification_metrics(np.array(probs), np.array(labels), threshold) if probs else {}),
+           "n": len(probs), "n_not_classified": len(unclassified)}
+    worst = [0.0 if disease else 1.0 for disease in unclassified]
+    out["counting_not_classified"] = classification_metrics(np.array(probs + worst), np.array(labels + unclassified),
+                                                            threshold)
+    return out
 
 
 @dataclass(frozen=True)
