@@ -69,7 +69,8 @@ def test_grid_table_is_the_papers_layout():
 
 
 def test_patient_folds_and_subgroup_table():
-    from cxrtune.model.grading import patient_folds, subgroup_table
+    from cxrtune.data.splits import patient_folds
+    from cxrtune.model.grading import subgroup_table
 
     rows = pd.DataFrame({"patient_id": [f"p{i // 2}" for i in range(40)],
                          "sex": ["F", "M"] * 10 + [""] * 20})

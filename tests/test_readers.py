@@ -340,6 +340,10 @@ def test_one_readers_gaps_take_no_image_from_another_readers_figures(tmp_path):
     assert per_image["reader_S"].tolist() == [6] * n and per_image["reader_J"].isna().tolist() == [False] * 5 + [True] * 5
     cv = _reader_figures(rows, fractions, 0.5, ["J", "S"], (), "reader:J", 2, 0, str(tmp_path / "cv"))
     assert cv["n"] == 5 and cv["readers"]["S"]["score"]["n"] == 5  # J's cross-validation predicts J's images only
+    assert cv["cv_folds_by"] == "image"
+    twins = _reader_figures(rows.assign(patient_id=[f"p{i // 2}" for i in range(n)]), fractions, 0.5, ["J", "S"], (),
+                            "reader:S", 2, 0, str(tmp_path / "twins"))
+    assert twins["cv_folds_by"] == "patient"  # a patient's two films are held out together
 
 
 def test_best_constant():

@@ -15,6 +15,7 @@ import torch
 
 from .. import storage, zones
 from ..data.manifest import without_eval_only
+from ..data.splits import patient_folds
 from ..errors import CxrtuneError
 from ..images import read_image, read_mask
 from ..jsonsafe import json_safe
@@ -28,7 +29,6 @@ from ..model.grading import (
     grade_metrics,
     load_grade_data,
     midline,
-    patient_folds,
     subgroup_table,
 )
 from ..preprocessing import Preprocessing, to_uint8

@@ -119,3 +119,22 @@ def split_hash(df: pd.DataFrame) -> str:
     lines = sorted(f"{PurePosixPath(str(image)).name}\t{s}\t{int(t)}"
                    for image, s, t in zip(df["image"], split, tuning))
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def patient_folds(rows: pd.DataFrame, grades: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold 0..k-1 per row: patient-level (no patient in two folds; each row its own patient
+    without a ``patient_id`` column), stratified by ``grades`` (any class per row: a grade, a
+    score) with scikit-learn's StratifiedGroupKFold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    patients = rows["patient_id"].astype(str).to_numpy() if "patient_id" in rows else np.arange(len(rows)).astype(str)
+    if folds < 2:
+        raise CxrtuneError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    if len(set(patients)) < folds:
+        raise CxrtuneError(f"{folds}-fold cross-validation needs at least {folds} patients, "
+                           f"found {len(set(patients))}")
+    out = np.full(len(rows), -1)
+    for k, (_, held) in enumerate(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+                                   .split(np.zeros(len(rows)), grades, groups=patients)):
+        out[held] = k
+    return out

@@ -241,24 +241,6 @@ def train_grader(cfg: GradeConfig, df: pd.DataFrame, on_epoch: Callable[[int, di
     return model, dict(last)
 
 
-def patient_folds(rows: pd.DataFrame, grades: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold 0..k-1 per row: patient-level (no patient in two folds), stratified by grade
-    (scikit-learn's StratifiedGroupKFold)."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    patients = rows["patient_id"].astype(str).to_numpy() if "patient_id" in rows else np.arange(len(rows)).astype(str)
-    if folds < 2:
-        raise CxrtuneError(f"--folds {folds}: cross-validation needs at least 2 folds")
-    if len(set(patients)) < folds:
-        raise CxrtuneError(f"{folds}-fold cross-validation needs at least {folds} patients, "
-                           f"found {len(set(patients))}")
-    out = np.full(len(rows), -1)
-    for k, (_, held) in enumerate(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-                                   .split(np.zeros(len(rows)), grades, groups=patients)):
-        out[held] = k
-    return out
-
-
 def subgroup_table(rows: pd.DataFrame, grades: np.ndarray, prob: np.ndarray, column: str) -> list[dict]:
     """Metrics per value of manifest ``column`` (sex, site, label...), over the given predictions."""
     if column not in rows.columns:

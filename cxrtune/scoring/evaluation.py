@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .. import images, storage, zones
 from ..data import manifest
+from ..data.splits import patient_folds
 from ..dicom import FRONTAL_VIEWS
 from ..errors import CxrtuneError
 from ..jsonsafe import json_safe
@@ -913,9 +914,13 @@ def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float,
         if len(fractions) < 2 * folds:
             raise CxrtuneError(f"cross-validation over {folds} folds needs at least {2 * folds} scored images "
                                f"graded by {reader}; {len(fractions)} here (use --folds)")
-        pred, thresholds = agreement.cross_validated_predictions(fractions, grades[reader] > 0, folds=folds)
+        # a patient's several films are held out together, or T is chosen on their twins
+        by_patient = "patient_id" in rows.columns and rows["patient_id"].astype(str).duplicated().any()
+        fold_ids = patient_folds(rows, (grades[reader] > 0).sum(axis=1), folds, seed=0) if by_patient else None
+        pred, thresholds = agreement.cross_validated_predictions(fractions, grades[reader] > 0, folds=folds,
+                                                                 fold_ids=fold_ids)
         info.update(threshold="cross-validated", cv_reference=reader, cv_folds=folds,
-                    cv_thresholds=[float(t) for t in thresholds])
+                    cv_folds_by="patient" if by_patient else "image", cv_thresholds=[float(t) for t in thresholds])
     else:
         pred = fractions >= threshold
         info["threshold"] = threshold
