@@ -39,10 +39,11 @@ def test_heatmap_concordance_score():
     lung = np.zeros((10, 10), bool)
     lung[2:8, 1:5] = True
     inside = np.where(lung, 0.5, 0.0)
-    assert concordance(inside, lung) == {"hcs": 1.0, "hcs_pixels": 1.0}
+    assert concordance(inside, lung) == {"hcs": 1.0, "hcs_pixels": 1.0, "hcs_chance": 0.24}
     outside = np.zeros((10, 10))
     outside[0, 9] = 1.0
-    assert concordance(outside, lung) == {"hcs": 0.0, "hcs_pixels": 0.0}
+    assert concordance(outside, lung) == {"hcs": 0.0, "hcs_pixels": 0.0, "hcs_chance": 0.24}
+    assert concordance(np.ones((10, 10)), lung)["hcs"] == pytest.approx(0.24)  # a heatmap that looks everywhere
     half = inside.copy()
     half[9, 5:9] = 3.0  # 12 units of heat outside against 12 inside; 4 pixels against 24
     assert concordance(half, lung)["hcs"] == pytest.approx(0.5)
@@ -243,6 +244,7 @@ def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle
     assert set(gates) == {reachable, f"hide-and-seek={clean}", met}
     assert all(g["passed"] for g in gates.values())
     assert gates[reachable]["hcs"] == pytest.approx(hcs) and gates[reachable]["images"] >= 4
+    assert 0 < gates[reachable]["hcs_chance"] < 1  # the lungs' share of the crop: the bar a rule must clear
     assert gates[met]["score_mae"] == pytest.approx(mae) and gates[met]["images"] >= 4
     r = cli(*common, "--out", str(out), "--gate", reachable, check=False)  # a gated bundle never overwrites one
     assert r.returncode == 2 and "immutable" in r.stderr

@@ -107,7 +107,8 @@ def bundle_concordance(scorer, images: list[np.ndarray]) -> dict:
     if not values:
         raise CxrtuneError("the HCS gate found lungs in none of the gate manifest's images")
     return {"hcs": float(np.mean([v["hcs"] for v in values])),
-            "hcs_pixels": float(np.mean([v["hcs_pixels"] for v in values])), "images": len(values)}
+            "hcs_pixels": float(np.mean([v["hcs_pixels"] for v in values])),
+            "hcs_chance": float(np.mean([v["hcs_chance"] for v in values])), "images": len(values)}
 
 
 def score_mae(scorer, rows, reader: str) -> dict:

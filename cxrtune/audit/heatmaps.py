@@ -116,12 +116,15 @@ def average_heatmaps(*maps: np.ndarray) -> np.ndarray:
 
 
 def concordance(heat: np.ndarray, lung: np.ndarray) -> dict:
-    """HCS of one heatmap against a lung mask of the same shape (see the module's docstring)."""
+    """HCS of one heatmap against a lung mask of the same shape (see the module's docstring), and
+    ``hcs_chance``: the lungs' share of the frame, the HCS of a heatmap that looks everywhere alike
+    (a rule ``hcs>=X`` says something only for X above it)."""
     lung = lung.astype(bool)
     total = float(heat.sum())
     nonzero = heat > NONZERO
     return {"hcs": float((heat * lung).sum() / total) if total > 0 else 0.0,
-            "hcs_pixels": float((nonzero & lung).sum() / nonzero.sum()) if nonzero.any() else 0.0}
+            "hcs_pixels": float((nonzero & lung).sum() / nonzero.sum()) if nonzero.any() else 0.0,
+            "hcs_chance": float(lung.mean()) if lung.size else 0.0}
 
 
 def heatmap_png(image: np.ndarray, heat: np.ndarray, lung: np.ndarray | None = None, hcs: float | None = None) -> bytes:
