@@ -251,3 +251,18 @@ def test_a_restored_trial_the_searcher_never_proposed_runs_untold(mode, tmp_path
     assert caplog.text.count("trial ghost is not in the restored searcher") == 1
     alg.on_trial_complete("t1", result(o, 0.4))
     assert [t.state for t in study_of(alg).trials] == [optuna.trial.TrialState.COMPLETE]  # t1 only
+
+
+def test_a_storage_url_with_any_password_parameter_or_a_bad_port_is_refused_unquoted():
+    """libpq's sslpassword (a client key's passphrase) is a secret as much as password is; a port
+    that is no number is a clear error, not a ValueError."""
+    from cxrtune.errors import CxrtuneError
+    from cxrtune.search.study_storage import check_storage_url
+
+    for url in ("postgresql://u@db:5432/optuna?sslpassword=s3cret", "postgresql://u@db/optuna?PassWord=s3cret"):
+        with pytest.raises(CxrtuneError, match="holds a password") as refused:
+            check_storage_url(url)
+        assert "s3cret" not in str(refused.value)
+    with pytest.raises(CxrtuneError, match="not a database URL"):
+        check_storage_url("postgresql://u@db:abc/optuna")
+    check_storage_url("postgresql://u@db:5432/optuna?sslmode=verify-full")

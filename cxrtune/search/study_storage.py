@@ -32,13 +32,19 @@ def check_storage_url(url: str) -> None:
         CxrtuneError: not a database URL, or one with a password."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise CxrtuneError("--optuna-storage is not a database URL (e.g. postgresql://USER@HOST:5432/DB)") from None
-    if parsed.password or any(key.lower() in ("password", "passwd") for key in parsed.query):
-        shown = parsed.set(query={k: v for k, v in parsed.query.items() if k.lower() not in ("password", "passwd")})
+    if parsed.password or any(_secret(key) for key in parsed.query):
+        shown = parsed.set(query={k: v for k, v in parsed.query.items() if not _secret(k)})
         raise CxrtuneError(f"--optuna-storage holds a password: give the URL without it "
                            f"({shown.render_as_string(hide_password=True)}) and the password in {PASSWORD_ENV} "
                            f"or a file named by {PASSWORD_FILE_ENV} (docs/cluster.md)")
+
+
+def _secret(query_key: str) -> bool:
+    """A URL query key that names a secret: password, passwd, sslpassword (a client key's
+    passphrase), or any other holding one of them."""
+    return any(word in query_key.lower() for word in ("password", "passwd"))
 
 
 def database_password() -> str | None:
