@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ENDPOINT_ENV = "CXRTUNE_S3_ENDPOINT_URL"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+UMASK = os.umask(0o022)  # the process's, read once at import: umask() can only be read by setting it,
+os.umask(UMASK)  # which other threads would see for a moment
 CACHE_ENV = "CXRTUNE_CACHE_DIR"
 RETRIES_ENV = "CXRTUNE_S3_RETRIES"
 
@@ -226,7 +226,7 @@ def _staged(path: Path, data: bytes) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; finished files follow the umask
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; finished files follow the umask
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -80,6 +80,30 @@ def test_gated_bundle_is_recorded_or_rolled_back(runs, tmp_path):
     assert read_bundle_meta(str(tmp_path / "b1")).name == "one"
 
 
+def test_an_s3_bundle_upload_cut_short_leaves_the_name_free(runs, bucket, monkeypatch):
+    """The second weights file fails to upload: what was written is removed, so the same --out
+    can be written again; files without a bundle.json are named as an unfinished upload."""
+    from cxrtune import storage
+
+    out, written = f"s3://{bucket}/bundles/v1", storage.write_bytes
+
+    def failing_second(uri, data):
+        if uri.endswith("/disease.pt"):
+            raise CxrtuneError("S3 said no")
+        return written(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", failing_second)
+    with pytest.raises(CxrtuneError, match="S3 said no"):
+        make_bundle(*runs, out)
+    assert list(storage.list_keys(out + "/")) == []
+    monkeypatch.setattr(storage, "write_bytes", written)
+    written(f"{out}/lung.pt", b"left by an upload that was killed")
+    with pytest.raises(CxrtuneError, match="no bundle.json: an upload that did not finish"):
+        make_bundle(*runs, out)
+    storage.delete(f"{out}/lung.pt")
+    assert make_bundle(*runs, out).files.keys() == {"lung.pt", "disease.pt"}
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_bundles_are_sealed_and_never_changed_in_place(runs, tmp_path, where, request):
     """Every file's SHA-256 in bundle.json, written last; an existing bundle is refused; a derived

@@ -119,7 +119,7 @@ def test_create_local_never_overwrites(tmp_path):
     (two imports at once): create_local refuses an existing path and leaves it as it was."""
     target = tmp_path / "sub" / "a.png"
     assert storage.create_local(target, b"first") is True
-    assert target.read_bytes() == b"first" and (target.stat().st_mode & 0o777) == 0o666 & ~storage._UMASK
+    assert target.read_bytes() == b"first" and (target.stat().st_mode & 0o777) == 0o666 & ~storage.UMASK
     assert storage.create_local(target, b"second") is False
     assert target.read_bytes() == b"first"
     assert [p.name for p in target.parent.iterdir()] == ["a.png"]  # no temporary file left behind

@@ -24,6 +24,7 @@ Imports no training code: the trainer, the scorer, ``promote`` and Serve all sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -379,9 +380,17 @@ def publish_bundle(out_uri: str, meta: BundleMeta, contents: dict[str, bytes]) -
     meta = replace(meta, model_card=model_card(meta))
     document = json.dumps(meta.to_dict(), indent=2).encode("utf-8")
     if storage.is_s3(out_uri):
-        for name, data in contents.items():
-            storage.write_bytes(storage.join(out_uri, name), data)
-        storage.write_bytes(storage.join(out_uri, BUNDLE_FILE), document)  # the publication
+        written = []
+        try:
+            for name, data in contents.items():
+                written.append(storage.join(out_uri, name))
+                storage.write_bytes(written[-1], data)
+            storage.write_bytes(storage.join(out_uri, BUNDLE_FILE), document)  # the publication
+        except Exception:
+            for uri in written:  # best effort: leave the name free for the next attempt
+                with contextlib.suppress(Exception):
+                    storage.delete(uri)
+            raise
         return meta
     target = Path(out_uri)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -390,7 +399,7 @@ def publish_bundle(out_uri: str, meta: BundleMeta, contents: dict[str, bytes]) -
         for name, data in contents.items():
             storage.write_bytes(str(staging / name), data)
         storage.write_bytes(str(staging / BUNDLE_FILE), document)
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; a bundle folder follows the umask
+        os.chmod(staging, 0o777 & ~storage.UMASK)  # mkdtemp makes 0700; a bundle folder follows the umask
         try:
             os.rename(staging, target)  # replaces only an empty folder; never a bundle
         except OSError as exc:
@@ -411,13 +420,10 @@ def require_new_bundle(out_uri: str) -> None:
     """Refuse an ``out_uri`` that holds anything: bundles are immutable. Commands call it before
     their work too (calibration, export), so a refusal costs nothing."""
     if any(True for _ in storage.list_keys(out_uri.rstrip("/") + "/" if storage.is_s3(out_uri) else out_uri)):
+        if not storage.exists(storage.join(out_uri, BUNDLE_FILE)):
+            raise CxrtuneError(f"{out_uri} holds files but no {BUNDLE_FILE}: an upload that did not finish, or "
+                               "something else; delete them, or write the bundle to a new --out")
         raise CxrtuneError(f"{out_uri} already holds files; bundles are immutable: write the new bundle to a new --out")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def derive_bundle(src_uri: str, out_uri: str, extra: dict[str, bytes] | None = None, drop: tuple[str, ...] = (),
