@@ -15,8 +15,8 @@ Defined behaviour on odd masks (never an exception):
 * no lung pixels: both lungs empty, every zone unaffected, ``lungs_found`` 0;
 * specks go first: blobs under ``MIN_LUNG_BLOB_FRACTION`` of the *image* (not of the largest blob:
   a white-out lung that Stage I under-segments is small and must survive);
-* the largest blob, if it is two merged lungs (it straddles the image centre and narrows to a
-  bridge there), is cut at the column with the fewest lung pixels in its central part, and nothing
+* the largest blob, if it is two merged lungs (it straddles the image centre, and its column
+  heights dip between two peaks there), is cut at the column with the fewest lung pixels in its central part, and nothing
   else is kept (a speck beside merged lungs is not a lung);
 * otherwise the other lung is the largest blob beside it and level with it; with two lungs, a
   blob in one lung's columns and level with the other lung is a fragment of that lung and joins
@@ -51,25 +51,26 @@ class LungPair:
     lungs_found: int
 
 
-MERGED_WAIST = 0.5  # a blob is two merged lungs only where it narrows below this share of its median column
+MERGED_VALLEY = 0.75  # two merged lungs dip below this share of the lower of their two peaks between them
 
 
 def _merged_pair_cut(blob: np.ndarray) -> int | None:
     """The column that cuts one blob into two merged lungs, or None if it is one lung. Merged
-    lungs straddle the image centre, span more than 0.35 of its width and have a waist: in their
-    central part a column holds under ``MERGED_WAIST`` of a typical column's lung pixels (the
-    bridge). A single lung pushed over the centre (a shifted mediastinum) has none."""
+    lungs straddle the image centre, span more than 0.35 of its width, and their column heights
+    (lung pixels per column) dip between two peaks: the lowest column of the blob's central part
+    holds under ``MERGED_VALLEY`` of the lower peak on either side of it. A single lung pushed over
+    the centre (a shifted mediastinum) rises to one peak and has no such valley."""
     width = blob.shape[1]
     cols = np.flatnonzero(blob.any(axis=0))
     x0, x1 = int(cols[0]), int(cols[-1]) + 1
     if not (x0 < width / 2 < x1 - 1 and (x1 - 1 - x0) > 0.35 * width):
         return None
+    heights = blob.sum(axis=0)
     lo, hi = x0 + int(0.3 * (x1 - x0)), x0 + int(0.7 * (x1 - x0))
-    counts = blob[:, lo:hi].sum(axis=0)
-    heights = blob[:, x0:x1].sum(axis=0)
-    if counts.min() >= MERGED_WAIST * np.median(heights[heights > 0]):
+    cut = lo + int(np.argmin(heights[lo:hi]))
+    if heights[cut] >= MERGED_VALLEY * min(heights[x0:cut].max(initial=0), heights[cut:x1].max(initial=0)):
         return None
-    return lo + int(np.argmin(counts))
+    return cut
 
 
 def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:

@@ -242,6 +242,29 @@ def test_archive_values_highdicom_refuses_are_emptied_and_a_radiographs_frame_of
         dicom_results(ds, record, detail)
 
 
+@pytest.mark.parametrize("charset, patient, bundle, declared", [
+    (None, "CXRTUNE^TEST", "modèle-poumon", "ISO_IR 192"),  # the default repertoire holds no è
+    ("ISO_IR 100", "Müller^Jürgen", "modèle-poumon", "ISO_IR 100"),  # Latin-1 holds both
+    ("ISO_IR 100", "Müller^Jürgen", "肺モデル", "ISO_IR 192"),  # Latin-1 cannot hold the name
+])
+def test_a_bundle_named_in_any_language_is_written_in_a_declared_character_set(charset, patient, bundle, declared):
+    """A site names its bundle in its own language: the SR and SEG declare a character set that
+    holds the name and the source's patient name alike, and both read back as they were."""
+    ds = source_copy(patient)
+    if charset:
+        ds.SpecificCharacterSet = charset
+    elif "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
+    ds = pydicom.dcmread(io.BytesIO(to_bytes(ds)))
+    record, detail = drawn_record(ds)
+    record["models"] = {**record["models"], "bundle": bundle}
+    results = dicom_results(ds, record, detail)
+    for obj in (results.sr, results.seg):
+        back = pydicom.dcmread(io.BytesIO(to_bytes(obj)))
+        assert back.SpecificCharacterSet == declared and str(back.PatientName) == patient
+        assert any(isinstance(e.value, str) and bundle in e.value for e in back.iterall())
+
+
 def _dciodvfy_errors(path) -> set[tuple[str, str]]:
     """dciodvfy's errors as (attribute, message), without the path to the attribute: the SEG
     repeats a source attribute inside a functional group."""

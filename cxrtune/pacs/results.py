@@ -35,6 +35,7 @@ import cv2
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset, dcmread, valuerep
+from pydicom.charset import convert_encodings
 from pydicom.sr.codedict import codes
 
 from .. import __version__
@@ -340,6 +341,22 @@ def _usable_source(ds: Dataset) -> Dataset:
     return header
 
 
+def _character_set(source: Dataset, text: str) -> str | None:
+    """The character set the results must declare to hold ``text`` (the bundle's name, which a
+    site may write in any language) beside the source's own values: None where the source's
+    (or the default repertoire, without one) holds it, else UTF-8 (ISO_IR 192), which holds both."""
+    if text.isascii():
+        return None
+    declared = source.get("SpecificCharacterSet")
+    if declared:
+        try:  # the first (or only) repertoire strictly: pydicom's own encoder replaces what it cannot hold
+            text.encode(convert_encodings(declared)[0])
+            return None
+        except (UnicodeError, LookupError, ValueError):
+            pass
+    return "ISO_IR 192"
+
+
 def dicom_results(source: Dataset | bytes, record: dict, detail: Detail | None = None,
                   overlay_of: np.ndarray | None = None) -> DicomResults:
     """The SR and (for a scored or partial record) the SEG of ``record``, made about the DICOM
@@ -361,12 +378,17 @@ def dicom_results(source: Dataset | bytes, record: dict, detail: Detail | None =
         with warnings.catch_warnings():  # highdicom's and pydicom's warnings quote the source's values
             warnings.simplefilter("ignore")
             sr = measurement_report(ds, record, identity)
-            if record["status"] == "unscored" or detail is None:
-                return DicomResults(sr, None)
-            seg = segmentation(ds, detail.lung, detail.opacity, identity)
-            overlay = overlay_capture(ds, overlay_of, detail, record, identity) if overlay_of is not None else None
+            seg = overlay = None
+            if record["status"] != "unscored" and detail is not None:
+                seg = segmentation(ds, detail.lung, detail.opacity, identity)
+                if overlay_of is not None:
+                    overlay = overlay_capture(ds, overlay_of, detail, record, identity)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom on a header it cannot use
         raise CxrtuneError(f"DICOM results cannot be written for this image ({type(exc).__name__})") from None
+    charset = _character_set(ds, identity.bundle)
+    for obj in (sr, seg, overlay):
+        if charset and obj is not None:
+            obj.SpecificCharacterSet = charset
     return DicomResults(sr, seg, overlay)
 
 
