@@ -343,7 +343,13 @@ def test_older_bundles_load_and_migrate(phantom_bundle, tmp_path, capsys):
     # a format newer than this code knows is refused, never scored with defaults
     meta.update(format="cxrtune-bundle/5")
     (two / "bundle.json").write_text(json.dumps(meta))
-    with pytest.raises(CxrtuneError, match="format 'cxrtune-bundle/5'"):
+    with pytest.raises(CxrtuneError, match="format 'cxrtune-bundle/5', this cxrtune reads cxrtune-bundle/4 "
+                                           r"\(a newer cxrtune wrote it\?\)"):
+        load_bundle(str(two))
+    # a calibration without its method: the file's fault, named, not a TypeError
+    meta.update(format="cxrtune-bundle/3", zone_calibration={"threshold": 0.2})
+    (two / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(CxrtuneError, match="malformed bundle metadata"):
         load_bundle(str(two))
 
 

@@ -268,6 +268,8 @@ class BundleMeta:
         elif fmt == "cxrtune-bundle/3":  # the same fields, no file hashes: its files load unchecked
             d = {**d, "format": BUNDLE_FORMAT, "migrated_from": fmt, "files": {}}
         elif fmt != BUNDLE_FORMAT:
+            if isinstance(fmt, str):
+                check_format(d, where, BUNDLE_FORMAT, "bundle")  # a newer cxrtune's bundle is named as such
             raise CxrtuneError(f"{where}: not a cxrtune bundle (format {fmt!r})")
         elif not (isinstance(d.get("files"), dict) and {"lung.pt", "disease.pt"} <= set(d["files"])):
             # a /4 bundle is sealed: without its files' hashes, nothing could be checked
@@ -277,11 +279,11 @@ class BundleMeta:
             meta = _from_dict(cls, d, where)
             meta.lung = CheckpointMeta.from_dict(d["lung"], f"{where} lung")
             meta.disease = CheckpointMeta.from_dict(d["disease"], f"{where} disease")
+            for key in ("zone_calibration", "cls_calibration", "opacity_calibration"):
+                if isinstance(d.get(key), dict):
+                    setattr(meta, key, _from_dict(Calibration, d[key], f"{where} {key}"))
         except (KeyError, TypeError) as exc:
             raise CxrtuneError(f"{where}: malformed bundle metadata ({exc})") from None
-        for key in ("zone_calibration", "cls_calibration", "opacity_calibration"):
-            if isinstance(d.get(key), dict):
-                setattr(meta, key, _from_dict(Calibration, d[key], where))
         return meta
 
 
