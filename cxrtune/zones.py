@@ -15,9 +15,10 @@ Defined behaviour on odd masks (never an exception):
 * no lung pixels: both lungs empty, every zone unaffected, ``lungs_found`` 0;
 * specks go first: blobs under ``MIN_LUNG_BLOB_FRACTION`` of the *image* (not of the largest blob:
   a white-out lung that Stage I under-segments is small and must survive);
-* the largest blob, if it is two merged lungs (it straddles the image centre, and its column
-  heights dip between two peaks there), is cut at the column with the fewest lung pixels in its central part, and nothing
-  else is kept (a speck beside merged lungs is not a lung);
+* the largest blob is two merged lungs when it straddles the image centre, its column heights
+  dip between two peaks there, neither half is a speck, and no lung stands beside it (a blob
+  beside it under ``MERGED_SPECK`` of the smaller half is a speck, dropped): it is cut at the
+  column with the fewest lung pixels in its central part;
 * otherwise the other lung is the largest blob beside it and level with it; with two lungs, a
   blob in one lung's columns and level with the other lung is a fragment of that lung and joins
   it (its zones are cut over all its parts); anything else (stray marks above or below a lung) is
@@ -52,6 +53,7 @@ class LungPair:
 
 
 MERGED_VALLEY = 0.75  # two merged lungs dip below this share of the lower of their two peaks between them
+MERGED_SPECK = 0.5  # beside merged lungs, a blob under this share of the smaller one is a speck, not a lung
 
 
 def _merged_pair_cut(blob: np.ndarray) -> int | None:
@@ -81,8 +83,9 @@ def split_lungs(lung_mask: np.ndarray) -> LungPair:
     """Stage I's mask -> (patient's right, patient's left): the lung cleanup and split of the
     scoring policy (the module's docstring lists the rules; :func:`clean_lungs` is their union).
 
-    The largest blob is kept. If it is two merged lungs it is cut at its waist, and that is all.
-    Otherwise the largest other blob beside it (overlapping at most half of its own width with
+    The largest blob is kept. If it is two merged lungs (a valley between two peaks of its column
+    heights, and no lung beside it) it is cut there, and that is all. Otherwise the largest other
+    blob beside it (overlapping at most half of its own width with
     the first blob's columns) and level with it (at least half of its own height in the first
     blob's rows) is the other lung; a marker above or below is not. With two lungs, a further blob
     in one lung's columns and level with the other lung is a fragment of that lung (Stage I broke
@@ -98,11 +101,6 @@ def split_lungs(lung_mask: np.ndarray) -> LungPair:
     if not blobs:
         return LungPair(empty, empty.copy(), 0)
     first = labels == blobs[0]
-    cut = _merged_pair_cut(first)
-    if cut is not None:
-        right = first.copy()
-        right[:, cut:] = False
-        return LungPair(right, first & ~right, 2)
 
     def columns(i: int) -> tuple[int, int]:
         return stats[i, cv2.CC_STAT_LEFT], stats[i, cv2.CC_STAT_LEFT] + stats[i, cv2.CC_STAT_WIDTH]
@@ -117,6 +115,16 @@ def split_lungs(lung_mask: np.ndarray) -> LungPair:
         return _overlap(*rows(i), *rows(lung)) >= 0.5 * stats[i, cv2.CC_STAT_HEIGHT]
 
     second = next((i for i in blobs[1:] if not in_columns_of(i, blobs[0]) and level_with(i, blobs[0])), None)
+    cut = _merged_pair_cut(first)
+    if cut is not None:
+        right = first.copy()
+        right[:, cut:] = False
+        left = first & ~right
+        smaller = min(int(right.sum()), int(left.sum()))
+        # two lungs, unless a half is a speck, or a lung stands beside the blob (then the blob is
+        # one lung with a dip, e.g. a consolidation Stage I missed from below)
+        if smaller >= min_area and (second is None or stats[second, cv2.CC_STAT_AREA] < MERGED_SPECK * smaller):
+            return LungPair(right, left, 2)
     if second is None:
         return LungPair(first, empty, 1) if centroids[blobs[0]][0] < mask.shape[1] / 2 else LungPair(empty, first, 1)
     parts = {blobs[0]: [blobs[0]], second: [second]}
@@ -188,23 +196,23 @@ def score_masks(lung_mask: np.ndarray, opacity_mask: np.ndarray, threshold: floa
 
 
 def zone_opacity(zones: dict[str, np.ndarray], opacity_mask: np.ndarray) -> dict[str, tuple[int, float]]:
-    """Each zone's (area in pixels, share of those pixels that ``opacity_mask`` covers; 0 with no
-    area), keyed by Brixia letter: a zone with area is affected when its share is >= T.
+    """Each zone's (area in pixels, share of those pixels that ``opacity_mask`` covers, to the 4
+    places a record shows; 0 with no area), keyed by Brixia letter: a zone with area is affected
+    when its share is >= T. Rounded here, once, so that the record, calibration and the reader
+    figures judge the same number: a zone a record shows at 0.1000 is affected at T = 0.1.
     ``zones``: :func:`zone_masks` (made once for several masks)."""
     opacity = np.asarray(opacity_mask, dtype=bool)
     out = {}
     for letter, zone in zones.items():
         area = int(zone.sum())
-        out[letter] = (area, float((opacity & zone).sum() / area) if area else 0.0)
+        out[letter] = (area, round(float((opacity & zone).sum() / area), 4) if area else 0.0)
     return out
 
 
 def score_lungs(lungs: LungPair, opacity_mask: np.ndarray, threshold: float) -> dict:
     """:func:`score_masks` for lungs already split (callers that also draw them split once)."""
     opacity = np.asarray(opacity_mask, dtype=bool)
-    # judged on the fraction as the record shows it (4 places), which calibration also reads: a
-    # zone the record shows at 0.1000 is affected at T = 0.1 whatever the digits beyond
-    zones = {letter: {"affected": bool(area > 0 and round(frac, 4) >= threshold), "opacity_fraction": round(frac, 4)}
+    zones = {letter: {"affected": bool(area > 0 and frac >= threshold), "opacity_fraction": frac}
              for letter, (area, frac) in zone_opacity(zone_masks(lungs), opacity).items()}
     per_lung = {}
     for side, lung in (("right", lungs.right), ("left", lungs.left)):

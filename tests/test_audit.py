@@ -200,6 +200,7 @@ def test_the_score_gate_reads_the_only_reader_and_never_judges_training_rows(pha
         run_gates([Gate("score_mae", 6.0)], bundle=str(phantom_bundle), manifest=str(tmp_path / "train.parquet"))
 
 
+@pytest.mark.slow
 def test_release_gates_refuse_with_numbers_and_record_what_passed(phantom_bundle, phantom_dir, tmp_path):
     from tests.conftest import cli_in_process as cli  # the command's parser and handlers, in this process
 

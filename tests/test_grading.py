@@ -261,9 +261,9 @@ def test_grid_sweep_compact_table_and_cross_validation(grading_phantoms, tmp_pat
     assert len(list((tmp_path / "both" / "heatmaps").glob("recipes1+2_both_row*.png"))) == both[0]["images"]
 
 
-def test_rows_grading_cannot_use_are_left_out_by_position_never_by_path(tmp_path, caplog):
+def test_rows_grading_cannot_use_are_left_out_by_row_never_by_path(tmp_path, caplog):
     """An image that cannot be read (its path names a patient) and a lung mask of another size (it
-    cropped the wrong columns, or broke the trial) are left out; the log names rows by position."""
+    cropped the wrong columns, or broke the trial) are left out; the log names rows by their label."""
     from cxrtune import images
     from cxrtune.model.grading import load_grade_data
 
@@ -282,12 +282,13 @@ def test_rows_grading_cannot_use_are_left_out_by_position_never_by_path(tmp_path
     assert "2 row(s) left out, e.g. row 0: unreadable" in caplog.text and "Doe_Jane" not in caplog.text
     with pytest.raises(CxrtuneError, match="no row could be prepared"):
         load_grade_data(rows.iloc[[1]], "right", "split", 32)
-    assert "row 0: lung mask 32x64 on a 64x128 image" in caplog.text
+    assert "row 1: lung mask 32x64 on a 64x128 image" in caplog.text  # the manifest's row, as grade_labels names it
 
 
 def test_grade_cv_over_rows_with_grades_and_no_lung_masks_draws_no_heatmap(tmp_path):
     """ROI none needs no lung mask, and rows graded in the manifest need none for their grades: the
-    cross-validation runs; its heatmaps, which are judged against the lungs, are left out."""
+    cross-validation runs; its heatmaps, which are judged against the lungs, are drawn only where
+    a row's mask can be read and fits its image."""
     from cxrtune import images
     from cxrtune.audit.grade_cv import cross_validate
     from cxrtune.model.classifiers import ClassifierConfig
@@ -302,3 +303,10 @@ def test_grade_cv_over_rows_with_grades_and_no_lung_masks_draws_no_heatmap(tmp_p
                       epochs=1, head_epochs=0, batch_size=4, balancing="none", augment=False)
     result = cross_validate(cfg, df, folds=2, heatmap_images=4)
     assert result["images"] == 8 and result["heatmaps"] == {} and result["hcs"] == {"mean": None, "images": 0}
+    lung = np.zeros((48, 48), np.float32)
+    lung[8:40, 4:20] = lung[8:40, 28:44] = 1
+    images.write_png(str(tmp_path / "lung.png"), lung)
+    images.write_png(str(tmp_path / "small.png"), lung[::2, ::2])
+    masks = [""] * 4 + [str(tmp_path / "Doe_Jane.png")] * 2 + [str(tmp_path / "small.png"), str(tmp_path / "lung.png")]
+    result = cross_validate(cfg, df.assign(lung_mask=masks), folds=2, heatmap_images=8)
+    assert list(result["heatmaps"]) == [7] and result["hcs"]["images"] == 1  # missing, too small: left out

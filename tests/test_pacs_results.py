@@ -246,6 +246,7 @@ def test_archive_values_highdicom_refuses_are_emptied_and_a_radiographs_frame_of
     (None, "CXRTUNE^TEST", "modèle-poumon", "ISO_IR 192"),  # the default repertoire holds no è
     ("ISO_IR 100", "Müller^Jürgen", "modèle-poumon", "ISO_IR 100"),  # Latin-1 holds both
     ("ISO_IR 100", "Müller^Jürgen", "肺モデル", "ISO_IR 192"),  # Latin-1 cannot hold the name
+    ("ISO_IR 6", "CXRTUNE^TEST", "modèle-poumon", "ISO_IR 192"),  # the default repertoire, declared: ASCII only
 ])
 def test_a_bundle_named_in_any_language_is_written_in_a_declared_character_set(charset, patient, bundle, declared):
     """A site names its bundle in its own language: the SR and SEG declare a character set that

@@ -321,7 +321,7 @@ def test_reader_report_drops_missing_grades_and_is_json_safe():
     json.dumps(report, allow_nan=False)
 
 
-def test_one_readers_gaps_take_no_image_from_another_readers_figures(tmp_path):
+def test_one_readers_gaps_take_no_image_from_another_readers_figures(tmp_path, monkeypatch):
     """Reader J left zone A of images 5-9 ungraded, the very images the model gets wrong: the model
     against S is still judged on all ten images S graded, scored or not counted alike, and the
     per-image file leaves J's score empty there."""
@@ -342,9 +342,18 @@ def test_one_readers_gaps_take_no_image_from_another_readers_figures(tmp_path):
     cv = _reader_figures(rows, fractions, 0.5, ["J", "S"], (), "reader:J", 2, 0, str(tmp_path / "cv"))
     assert cv["n"] == 5 and cv["readers"]["S"]["score"]["n"] == 5  # J's cross-validation predicts J's images only
     assert cv["cv_folds_by"] == "image"
+    real, folds_used = agreement.cross_validated_predictions, []
+
+    def recorded(*args, fold_ids=None, **kwargs):
+        folds_used.append(fold_ids)
+        return real(*args, fold_ids=fold_ids, **kwargs)
+
+    monkeypatch.setattr(agreement, "cross_validated_predictions", recorded)
     twins = _reader_figures(rows.assign(patient_id=[f"p{i // 2}" for i in range(n)]), fractions, 0.5, ["J", "S"], (),
                             "reader:S", 2, 0, str(tmp_path / "twins"))
-    assert twins["cv_folds_by"] == "patient"  # a patient's two films are held out together
+    assert twins["cv_folds_by"] == "patient"
+    (fold_ids,) = folds_used  # a patient's two films are held out together, and both folds hold out some
+    assert all(fold_ids[2 * k] == fold_ids[2 * k + 1] for k in range(n // 2)) and set(fold_ids) == {0, 1}
 
 
 def test_best_constant():

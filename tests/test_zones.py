@@ -159,3 +159,27 @@ def test_a_zone_is_affected_as_its_shown_fraction_says():
     record = zones.score_masks(lung, opacity, 0.1)
     assert record["zones"]["A"]["opacity_fraction"] == 0.1 and 0.09999 < need / len(zone_a) < 0.1
     assert record["zones"]["A"]["affected"]
+    from cxrtune.scoring.evaluation import max_zone_shares  # what calibration's FP count reads: the same 0.1
+
+    assert max_zone_shares(lung, opacity.astype(np.float32), [0.5]).tolist() == [0.1]
+
+
+def test_a_lung_with_a_dip_beside_the_other_lung_is_not_cut_and_two_humped_merged_lungs_are():
+    """A lung over the centre whose column heights dip (a consolidation Stage I missed from below)
+    stays one lung while the other lung stands beside it; two lungs merged over the mediastinum
+    whose heights dip to 0.64 of their peaks (above half their median column) are cut there."""
+    dipped = np.zeros((200, 200), bool)
+    dipped[30:170, 30:110] = True
+    dipped[60:170, 62:72] = False  # heights 30 against peaks of 140
+    dipped[40:160, 130:180] = True  # the other lung
+    pair = zones.split_lungs(dipped)
+    assert pair.lungs_found == 2
+    assert pair.right.sum() == dipped[:, :120].sum() and pair.left.sum() == dipped[:, 120:].sum()
+    humps = np.zeros((200, 200), bool)
+    for x in range(30, 170):  # column heights: two humps of 140 rows, 90 rows between them
+        height = 90 + int(50 * abs(np.sin(np.pi * (x - 30) / 70)))
+        humps[100 - height // 2:100 + (height + 1) // 2, x] = True
+    heights = humps.sum(axis=0)[30:170]
+    assert heights.min() / heights.max() < 0.75 and heights.min() > 0.5 * np.median(heights)
+    pair = zones.split_lungs(humps)
+    assert pair.lungs_found == 2 and abs(int(pair.right.sum()) - int(pair.left.sum())) < 0.1 * humps.sum()

@@ -56,6 +56,20 @@ def heatmap_in_image(heat: np.ndarray, shape: tuple[int, int], lung: np.ndarray 
     return out
 
 
+def _reference_lungs(row: pd.Series, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A row's reference lung mask for its heatmap's HCS, or None where it has none that fits its
+    image (ROI ``none`` trains without reading masks, so they are first read here)."""
+    uri = row.get("lung_mask", "")
+    if not (isinstance(uri, str) and uri):
+        return None
+    try:
+        lung = read_mask(uri).astype(bool)
+    except CxrtuneError as exc:  # by type only: the message may quote a path that names a patient
+        log.warning("grading cross-validation: a heatmap's lung mask cannot be read (%s)", type(exc).__name__)
+        return None
+    return lung if lung.shape == tuple(shape) else None
+
+
 def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int = 0,
                    by: tuple[str, ...] = (), heatmap_images: int = 8) -> dict:
     """Seed 000's patient-level K-fold cross-validation of one recipe on the non-test rows: each
@@ -88,10 +102,9 @@ def cross_validate(cfg: GradeConfig, df: pd.DataFrame, folds: int = 5, seed: int
             for i, hmap in zip(picked, heat):
                 row = data.rows.iloc[i]
                 image = read_image(row["image"])
-                lung_uri = row.get("lung_mask", "")
-                if find_lungs is None and not (isinstance(lung_uri, str) and lung_uri):
-                    continue  # ROI none over rows without lung masks: no lungs to judge a heatmap against
-                lung = find_lungs(image) if find_lungs is not None else read_mask(lung_uri).astype(bool)
+                lung = find_lungs(image) if find_lungs is not None else _reference_lungs(row, image.shape)
+                if lung is None:
+                    continue  # no lungs to judge a heatmap against (ROI none needs no mask to train)
                 maps[data.rows.index[i]] = (to_uint8(image), heatmap_in_image(hmap, image.shape, lung, cfg.side, cfg.roi),
                                             lung)
     summary = {m: {"mean": float(np.nanmean([f[m] for f in per_fold])), "sd": float(np.nanstd([f[m] for f in per_fold]))}

@@ -163,7 +163,7 @@ def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int,
     ``split``) or an unreadable image is left out with a warning, never guessed."""
     graded = graded[graded[f"grade_{side}"].notna()]  # no grade for this side: nothing to learn or test
     images, keep, skipped = [], [], []
-    for position, (i, row) in enumerate(graded.iterrows()):
+    for i, row in graded.iterrows():
         try:
             image = read_image(row["image"])
             if roi == "none":
@@ -173,7 +173,7 @@ def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int,
             else:
                 lung = read_mask(row["lung_mask"])
         except (CxrtuneError, KeyError, TypeError) as exc:  # its message may quote a path, which may name a patient
-            skipped.append(f"row {position}: unreadable ({type(exc).__name__})")
+            skipped.append(f"row {i}: unreadable ({type(exc).__name__})")  # the manifest's row label
             continue
         try:
             if lung is not None and not lung.any():
@@ -184,7 +184,7 @@ def load_grade_data(graded: pd.DataFrame, side: str, roi: str, size: int,
             images.append(to_uint8(grading_input(image, lung, side, roi, size)))
             keep.append(i)
         except CxrtuneError as exc:  # cxrtune's own reasons: no path in them
-            skipped.append(f"row {position}: {exc}")
+            skipped.append(f"row {i}: {exc}")
     if skipped:
         log.warning("grading (%s, %s): %d row(s) left out, e.g. %s", side, roi, len(skipped), skipped[0])
     if not keep:

@@ -296,6 +296,7 @@ REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClass
 # highdicom refuses, gets them empty, as Type 2 allows, rather than a failure
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "ReferringPhysicianName", "StudyID", "AccessionNumber")
+DEFAULT_REPERTOIRE = ("", "ISO_IR 6", "ISO 2022 IR 6")  # SpecificCharacterSet terms for plain ASCII
 PATIENT_SEX = ("M", "F", "O")  # the standard's values; archives also hold "U", "X", lower case...
 DATE_TIME_VRS = {"DA": valuerep.DA, "TM": valuerep.TM, "DT": valuerep.DT}
 
@@ -315,7 +316,8 @@ def _conformant(elem) -> bool:
 def _usable_source(ds: Dataset) -> Dataset:
     """The source's header (no pixel data) as the results copy it: its Type 2 patient and study
     attributes present, emptied where missing or not conformant (highdicom refuses a PatientSex
-    of "U" or a StudyDate of "2024-01-01", and the image would get no results), and no frame of
+    of "U" or a StudyDate of "2024-01-01", and the image would get no results), the default
+    character set unsaid (highdicom refuses "ISO_IR 6" said outright), and no frame of
     reference on a projection radiograph (no plane position): a SEG of it has none either.
 
     Raises:
@@ -334,6 +336,8 @@ def _usable_source(ds: Dataset) -> Dataset:
     for elem in list(header):
         if not _conformant(elem):
             elem.value = ""
+    if header.get("SpecificCharacterSet") in DEFAULT_REPERTOIRE:  # said outright; highdicom takes it unsaid
+        del header.SpecificCharacterSet
     if "ImagePositionPatient" not in header:
         for name in ("FrameOfReferenceUID", "PositionReferenceIndicator"):
             if name in header:
@@ -347,10 +351,15 @@ def _character_set(source: Dataset, text: str) -> str | None:
     (or the default repertoire, without one) holds it, else UTF-8 (ISO_IR 192), which holds both."""
     if text.isascii():
         return None
-    declared = source.get("SpecificCharacterSet")
-    if declared:
-        try:  # the first (or only) repertoire strictly: pydicom's own encoder replaces what it cannot hold
-            text.encode(convert_encodings(declared)[0])
+    declared = source.get("SpecificCharacterSet") or ""
+    terms = [declared] if isinstance(declared, str) else list(declared)
+    # one single-byte repertoire beyond ASCII, checked strictly (pydicom's own encoder replaces what
+    # it cannot hold, and reads the default repertoire as Latin-1); code extensions (ISO 2022) and
+    # ISO_IR 13 (half-width katakana, not Shift-JIS as its codec) are not judged: UTF-8 holds all
+    if len(terms) == 1 and terms[0] not in (*DEFAULT_REPERTOIRE, "ISO_IR 13") \
+            and not terms[0].startswith("ISO 2022"):
+        try:
+            text.encode(convert_encodings(terms[0])[0])
             return None
         except (UnicodeError, LookupError, ValueError):
             pass
