@@ -185,10 +185,15 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
 
 
 def decode_mask(data: bytes, limits: Limits = Limits()) -> np.ndarray:
-    """Mask bytes -> 2-D bool (any non-zero pixel is inside)."""
+    """Mask bytes -> 2-D bool. A mask of at most three levels (binary, or labelled: 0, one lung,
+    the other) is inside wherever non-zero; one of more levels (a JPEG's ringing, anti-aliased
+    edges) is inside from half its brightest level up, or its edges would swell the mask."""
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(f"mask file is {len(data) / 1e6:.1f} MB, over the limit")
-    return decode_raster(data, limits) > 0
+    arr = decode_raster(data, limits)
+    if len(np.unique(arr)) <= 3:
+        return arr > 0
+    return arr >= (int(arr.max()) + 1) // 2
 
 
 def _read(uri: str, cache: storage.ContentCache | None, decode) -> np.ndarray:

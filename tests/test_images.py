@@ -236,3 +236,18 @@ def test_a_png_that_would_decode_past_the_limit_is_refused_before_decoding(monke
     assert calls == []
     grey8 = np.tile(np.arange(256, dtype=np.uint8), (256, 1))  # 65 kB decoded
     assert images.decode_image(images.encode_png(grey8), limits).shape == (256, 256) and calls == [1]
+
+
+def test_a_jpeg_mask_keeps_its_shape_and_a_labelled_one_both_lungs():
+    """A mask saved as JPEG rings around its edges (values 1-127 around a 255 blob): read at half
+    its brightest level it keeps its area; a labelled mask (0, 1 right lung, 2 left) keeps both."""
+    import cv2
+
+    blob = np.zeros((64, 64), np.uint8)
+    blob[17:47, 17:47] = 255  # 900 pixels
+    ok, jpeg = cv2.imencode(".jpg", blob, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    assert ok and (cv2.imdecode(jpeg, cv2.IMREAD_GRAYSCALE) > 0).sum() > 950  # what "> 0" read: swollen
+    assert abs(int(images.decode_mask(jpeg.tobytes()).sum()) - 900) <= 10
+    labelled = np.zeros((64, 64), np.uint8)
+    labelled[10:50, 5:25], labelled[10:50, 40:60] = 1, 2
+    assert images.decode_mask(images.encode_png(labelled)).sum() == 1600

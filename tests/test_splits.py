@@ -47,3 +47,18 @@ def test_bad_fractions_are_plain_errors():
         assign_splits(df, val=0.6, test=0.5)
     with pytest.raises(CxrtuneError, match="--folds"):
         assign_splits(df, folds=1)
+
+
+def test_a_manifests_row_order_never_changes_a_split():
+    """Patients with two disease labels in equal numbers (a tie): listing the rows in another order
+    (a glob, an S3 listing) leaves every patient's split, fold and tuning membership as it was."""
+    rows = []
+    for p in range(120):
+        labels = [["covid", "other_pneumonia"], ["normal"], ["covid"], ["other_pneumonia", "covid"]][p % 4]
+        rows += [{"image": f"/x/{p}_{k}.png", "label": label, "patient_id": f"p{p}"} for k, label in enumerate(labels)]
+    df = new_manifest(rows)
+    a = assign_splits(df, val=0.1, test=0.2, folds=5, seed=0, tuning_fraction=0.5)
+    b = assign_splits(new_manifest(rows[::-1]), val=0.1, test=0.2, folds=5, seed=0, tuning_fraction=0.5)
+    per_patient = [x.drop_duplicates("patient_id").set_index("patient_id")[["split", "fold", "tuning"]].sort_index()
+                   for x in (a, b)]
+    pd.testing.assert_frame_equal(*per_patient)

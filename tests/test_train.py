@@ -65,6 +65,10 @@ def test_bad_settings_name_the_key():
     for budget in (0, -3.5):  # a spent budget is an error, not "no budget"
         with pytest.raises(CxrtuneError, match="max_minutes must be > 0"):
             TrainConfig.from_dict({"max_minutes": budget})
+    with pytest.raises(CxrtuneError, match="monitor must name a validation metric"):
+        TrainConfig.from_dict({"monitor": "train_loss"})  # best/ would follow the training loss
+    with pytest.raises(CxrtuneError, match="size must be a multiple of 32, got 300"):
+        TrainConfig.from_dict({"size": 300})  # FPN, Linknet, DeepLabV3+... fail on it at the first batch
 
 
 def test_both_stages_train_checkpoint_and_resume(phantom_dir, bucket):
@@ -239,6 +243,8 @@ def test_encoder_transfer_from_a_cxrtune_run(tmp_path):
     with pytest.raises(CxrtuneError, match="other shapes"):
         build_model(ModelConfig(arch="Unet", encoder="resnet18", in_channels=3,
                                 encoder_weights=str(tmp_path / "run" / "best" / "model.pt")))
+    with pytest.raises(CxrtuneError, match="tensors are not in it .*another encoder"):  # half random, unsaid
+        build_model(ModelConfig(arch="Unet", encoder="resnet34", encoder_weights=str(tmp_path / "run")))
 
 
 def test_patience_rule_is_shared_with_the_tune_stopper():
@@ -257,6 +263,25 @@ def test_unlabelled_rows_never_train_the_classifier(phantom_dir):
     df.loc[df.index[:3], "label"] = ""
     rows = select_rows(df, TrainConfig.from_dict({"task": "disease"}), "train")
     assert (rows["label"] != "").all() and len(rows) == (df[df.split == "train"]["label"] != "").sum()
+    train = df[(df.split == "train") & (df.label != "")].index
+    df.loc[train[:2], "lung_mask"] = ""  # no lungs to crop to: Stage II would see the whole radiograph
+    rows = select_rows(df, TrainConfig.from_dict({"task": "disease"}), "train")
+    assert set(rows.index) == set(train[2:])
+
+
+def test_a_last_batch_of_one_image_is_left_to_the_next_epoch(phantom_dir):
+    """DeepLabV3+'s decoder has BatchNorm after a global pool, which fails on a batch of one in
+    training mode: a train set one image over a whole number of batches trains without it."""
+    from cxrtune.model.train import Trainer, select_rows
+
+    df = manifest.load_manifest(str(phantom_dir / "manifest.parquet"))
+    base = {"task": "lung", "size": 64, "epochs": 1, "augment": False,
+            "model": {"arch": "DeepLabV3Plus", "encoder": "resnet18"}}
+    n = len(select_rows(df, TrainConfig.from_dict(base), "train"))
+    cfg = TrainConfig.from_dict({**base, "batch_size": n - 1})  # n = (n - 1) + 1
+    trainer = Trainer(cfg, df)
+    assert trainer.train_loader.drop_last and len(trainer.train_loader) == 1
+    trainer.fit()
 
 
 def test_a_tuning_subset_asked_of_a_manifest_without_one_is_refused(phantom_dir):

@@ -19,12 +19,14 @@ from ..errors import CxrtuneError
 
 
 def _patient_strata(df: pd.DataFrame) -> pd.Series:
-    """One label per patient: the most frequent non-normal label, else ``normal``, else ``""``
+    """One label per patient: the most frequent non-normal label (of equally frequent ones, the
+    first by name: a manifest's row order never changes a split), else ``normal``, else ``""``
     (unlabelled images form their own stratum and never outvote a patient's labelled ones)."""
     def pick(labels: pd.Series) -> str:
         labelled = labels[labels != ""]
         disease = labelled[labelled != "normal"]
-        return (disease if len(disease) else labelled if len(labelled) else labels).value_counts().index[0]
+        counts = (disease if len(disease) else labelled if len(labelled) else labels).value_counts()
+        return sorted(counts.index[counts == counts.max()])[0]  # a tie goes by name, never by row order
 
     return df.groupby("patient_id")["label"].agg(pick)
 

@@ -116,6 +116,10 @@ def load_encoder_weights(model: nn.Module, uri: str) -> None:
                            f"(e.g. {clash[0]}): another encoder or in_channels")
     if not set(state) & set(own):
         raise CxrtuneError(f"{uri}: no tensor matches the encoder's parameter names")
+    missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
+    if missing:  # e.g. a ResNet-18's tensors in a ResNet-34: the rest would stay random, unsaid
+        raise CxrtuneError(f"{uri}: {len(missing)} of this encoder's {len(own)} tensors are not in it "
+                           f"(e.g. {missing[0]}): another encoder")
     encoder.load_state_dict(state, strict=False)  # SMP encoders drop their unused head keys
 
 

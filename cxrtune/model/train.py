@@ -98,6 +98,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.monitor:
             self.monitor = "val_dice" if self.task == "lung" else "val_dice_f1"
+        if not self.monitor.startswith("val_"):  # best/ and patience follow validation, never training
+            raise CxrtuneError(f"monitor must name a validation metric (val_...), got {self.monitor!r}")
+        if self.size % 32:  # the encoders halve the input five times; some decoders fail on the rest
+            raise CxrtuneError(f"size must be a multiple of 32, got {self.size}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise CxrtuneError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
         if self.max_minutes is not None and not self.max_minutes > 0:  # 0 would read as "no budget"
@@ -153,22 +157,22 @@ def check_tuning_subset(cfg, df: pd.DataFrame, source: str = "") -> None:
 
 def select_rows(df: pd.DataFrame, cfg: TrainConfig, split: str) -> pd.DataFrame:
     """The rows a task trains or validates on in ``split``: never ``eval_only`` rows; the tuning
-    subset when ``cfg.tuning_subset``; for Stage I rows with a lung mask, for Stage II rows with a
-    diagnosis."""
+    subset when ``cfg.tuning_subset``; rows with a lung mask (Stage I's target, and Stage II's
+    ROI: without one Stage II would learn from whole radiographs, which it never sees in use),
+    for Stage II with a diagnosis."""
     rows = manifest.without_eval_only(df[df["split"] == split])
     check_tuning_subset(cfg, rows)
     if cfg.tuning_subset:
         rows = rows[rows["tuning"]]
-    if cfg.task == "lung":
-        rows = rows[rows["lung_mask"] != ""]
-    else:  # the classifier never trains or validates on rows without a diagnosis
+    rows = rows[rows["lung_mask"] != ""]  # Stage I's target; Stage II's ROI, as the scorer crops it in use
+    if cfg.task != "lung":  # the classifier never trains or validates on rows without a diagnosis
         rows = rows[rows["label"].astype(str) != ""]
     limit = cfg.max_train_images if split == "train" else cfg.max_val_images
     if limit:
         rows = rows.sample(n=min(limit, len(rows)), random_state=cfg.seed) if len(rows) > limit else rows
     if rows.empty:
         raise CxrtuneError(f"no {split} rows for task {cfg.task!r} in the manifest "
-                           "(run `cxrtune data split`, and check lung masks for Stage I)")
+                           "(run `cxrtune data split`, and check the rows' lung masks)")
     return rows
 
 
@@ -207,7 +211,10 @@ class Trainer:
                         for name, ds in (("train", self.train_ds), ("val", self.val_ds))},
                      "sources": sorted(set(ds_df for ds_df in self.train_ds.df.get("source", []) if ds_df))}
         gen = torch.Generator().manual_seed(cfg.seed)
-        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+        # a last batch of one image fails in training mode where a decoder has BatchNorm after a
+        # global pool (DeepLabV3, DeepLabV3+, PAN): that one image waits for the next epoch's order
+        lone_last = len(self.train_ds) > cfg.batch_size and len(self.train_ds) % cfg.batch_size == 1
+        self.train_loader = DataLoader(self.train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=lone_last,
                                        num_workers=cfg.num_workers, generator=gen, worker_init_fn=seed_worker,
                                        pin_memory=self.device.type == "cuda",
                                        persistent_workers=cfg.num_workers > 0)
