@@ -85,9 +85,9 @@ def split_lungs(lung_mask: np.ndarray) -> LungPair:
 
     The largest blob is kept. If it is two merged lungs (a valley between two peaks of its column
     heights, and no lung beside it) it is cut there, and that is all. Otherwise the largest other
-    blob beside it (overlapping at most half of its own width with
-    the first blob's columns) and level with it (at least half of its own height in the first
-    blob's rows) is the other lung; a marker above or below is not. With two lungs, a further blob
+    blob beside it (overlapping at most half of its own width with the first blob's columns) and
+    level with it (at least half of its own height in the first blob's rows) is the other lung; a
+    marker above or below is not. With two lungs, a further blob
     in one lung's columns and level with the other lung is a fragment of that lung (Stage I broke
     it, e.g. at a consolidation it missed) and joins it. Blobs under ``MIN_LUNG_BLOB_FRACTION`` of
     the image are specks. Size is never judged against the other lung, so a small, fully opaque

@@ -329,10 +329,8 @@ def _usable_source(ds: Dataset) -> Dataset:
     for name in TYPE_2:
         if name not in header:
             setattr(header, name, "")
-    if str(header.PatientSex).upper() not in PATIENT_SEX:
-        header.PatientSex = ""
-    else:
-        header.PatientSex = str(header.PatientSex).upper()
+    sex = str(header.PatientSex).upper()
+    header.PatientSex = sex if sex in PATIENT_SEX else ""
     for elem in list(header):
         if not _conformant(elem):
             elem.value = ""

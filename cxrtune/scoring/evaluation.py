@@ -929,7 +929,7 @@ def _reader_figures(rows: pd.DataFrame, fractions: np.ndarray, threshold: float,
     info.update(agreement.reader_report(pred, grades, groups=rows.reset_index(drop=True), by=list(by), n_boot=n_boot))
     agreement.plot_reader_agreement(pred, grades, out_dir)
     score = (pred > 0).sum(axis=1)
-    reader_scores = {r: np.where(graded[r], (grades[r] > 0).sum(axis=1), -1) for r in readers}
+    reader_scores = {r: (grades[r] > 0).sum(axis=1) for r in readers}  # read only where graded[r]
     per_image = pd.DataFrame({"row": rows.index, "score": score,  # a reader's score is empty where it did not grade
                               **{f"reader_{r}": pd.Series(reader_scores[r], dtype="Int64").mask(~graded[r]).to_numpy()
                                  for r in readers}})
